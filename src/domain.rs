@@ -1,0 +1,579 @@
+//! The domain vocabulary: checkout ids, statuses, money, Firestore coordinates.
+//!
+//! Owns: small validated types that every other module speaks. Values are parsed here, at the
+//! edge, so the rest of the crate can trust them.
+//! Must never: do I/O, or import another module of this crate.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+/// Why a value could not become a domain type. The message names the value and what was wanted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} '{value}' is invalid: {reason}")]
+pub struct InvalidValue {
+    /// Which kind of value it was ("checkout id", "currency", ...).
+    pub what: &'static str,
+    /// The offending value, shortened if long, with control characters escaped.
+    pub value: String,
+    /// What a valid value looks like.
+    pub reason: &'static str,
+}
+
+impl InvalidValue {
+    fn new(what: &'static str, value: &str, reason: &'static str) -> Self {
+        InvalidValue {
+            what,
+            value: printable(value),
+            reason,
+        }
+    }
+}
+
+/// Renders untrusted text for a message: at most 80 characters, control characters escaped.
+pub fn printable(value: &str) -> String {
+    let mut out: String = value.chars().take(80).flat_map(char::escape_debug).collect();
+    if value.chars().count() > 80 {
+        out.push('…');
+    }
+    out
+}
+
+/// A paymennt checkout id, such as `1653241101733169556`.
+///
+/// paymennt's ids are long decimal numbers sent as strings. We accept ASCII letters, digits, `-`
+/// and `_` (1 to 64 of them) so the id is always safe in a URL path and a log line.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct CheckoutId(String);
+
+impl CheckoutId {
+    /// The id as paymennt wrote it.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for CheckoutId {
+    type Err = InvalidValue;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let ok = !value.is_empty()
+            && value.len() <= 64
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if ok {
+            Ok(CheckoutId(value.to_owned()))
+        } else {
+            Err(InvalidValue::new(
+                "checkout id",
+                value,
+                "expected 1 to 64 ASCII letters, digits, '-' or '_'",
+            ))
+        }
+    }
+}
+
+impl TryFrom<String> for CheckoutId {
+    type Error = InvalidValue;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse()
+    }
+}
+
+impl From<CheckoutId> for String {
+    fn from(id: CheckoutId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for CheckoutId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The status of a checkout, as paymennt reports it.
+///
+/// paymennt documents two spellings: `PARTIALLY_REFUNDED` in its guides and examples, and
+/// `Partially refunded` in the OpenAPI enum. Both parse to the same variant. A status we do not
+/// know is kept verbatim in [`CheckoutStatus::Unknown`] rather than rejected, so a new status on
+/// paymennt's side never stops the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CheckoutStatus {
+    /// New checkout; the customer has not paid.
+    Pending,
+    /// Authorized; a capture or cancel is expected before it expires.
+    Authorized,
+    /// Waiting for confirmation from the payment method.
+    PendingConfirmation,
+    /// The customer completed the payment.
+    Paid,
+    /// The payment failed and paymennt could not recover it.
+    Failed,
+    /// The customer cancelled the checkout.
+    Cancelled,
+    /// The checkout expired without being processed.
+    Expired,
+    /// Fully refunded.
+    Refunded,
+    /// Partially refunded.
+    PartiallyRefunded,
+    /// The payment was charged back.
+    Chargeback,
+    /// A status paywatch does not know, kept as paymennt sent it.
+    Unknown(String),
+}
+
+impl CheckoutStatus {
+    /// Every status paywatch knows, in the order paymennt documents them.
+    pub const KNOWN: [CheckoutStatus; 10] = [
+        CheckoutStatus::Pending,
+        CheckoutStatus::Authorized,
+        CheckoutStatus::PendingConfirmation,
+        CheckoutStatus::Paid,
+        CheckoutStatus::Failed,
+        CheckoutStatus::Cancelled,
+        CheckoutStatus::Expired,
+        CheckoutStatus::Refunded,
+        CheckoutStatus::PartiallyRefunded,
+        CheckoutStatus::Chargeback,
+    ];
+
+    /// Parses either documented spelling; anything else becomes `Unknown` (never an error).
+    pub fn parse(text: &str) -> CheckoutStatus {
+        let canonical: String = text
+            .trim()
+            .chars()
+            .map(|c| match c {
+                ' ' | '-' => '_',
+                c => c.to_ascii_uppercase(),
+            })
+            .collect();
+        match canonical.as_str() {
+            "PENDING" => CheckoutStatus::Pending,
+            "AUTHORIZED" => CheckoutStatus::Authorized,
+            "PENDING_CONFIRMATION" => CheckoutStatus::PendingConfirmation,
+            "PAID" => CheckoutStatus::Paid,
+            "FAILED" => CheckoutStatus::Failed,
+            "CANCELLED" | "CANCELED" => CheckoutStatus::Cancelled,
+            "EXPIRED" => CheckoutStatus::Expired,
+            "REFUNDED" => CheckoutStatus::Refunded,
+            "PARTIALLY_REFUNDED" => CheckoutStatus::PartiallyRefunded,
+            "CHARGEBACK" => CheckoutStatus::Chargeback,
+            _ => CheckoutStatus::Unknown(text.to_owned()),
+        }
+    }
+
+    /// The upper-case spelling paymennt's guides use (`PARTIALLY_REFUNDED`).
+    pub fn as_str(&self) -> &str {
+        match self {
+            CheckoutStatus::Pending => "PENDING",
+            CheckoutStatus::Authorized => "AUTHORIZED",
+            CheckoutStatus::PendingConfirmation => "PENDING_CONFIRMATION",
+            CheckoutStatus::Paid => "PAID",
+            CheckoutStatus::Failed => "FAILED",
+            CheckoutStatus::Cancelled => "CANCELLED",
+            CheckoutStatus::Expired => "EXPIRED",
+            CheckoutStatus::Refunded => "REFUNDED",
+            CheckoutStatus::PartiallyRefunded => "PARTIALLY_REFUNDED",
+            CheckoutStatus::Chargeback => "CHARGEBACK",
+            CheckoutStatus::Unknown(text) => text,
+        }
+    }
+
+    /// The spelling of the OpenAPI enum (`Partially refunded`).
+    pub fn spec_spelling(&self) -> &str {
+        match self {
+            CheckoutStatus::Pending => "Pending",
+            CheckoutStatus::Authorized => "Authorized",
+            CheckoutStatus::PendingConfirmation => "Pending confirmation",
+            CheckoutStatus::Paid => "Paid",
+            CheckoutStatus::Failed => "Failed",
+            CheckoutStatus::Cancelled => "Cancelled",
+            CheckoutStatus::Expired => "Expired",
+            CheckoutStatus::Refunded => "Refunded",
+            CheckoutStatus::PartiallyRefunded => "Partially refunded",
+            CheckoutStatus::Chargeback => "Chargeback",
+            CheckoutStatus::Unknown(text) => text,
+        }
+    }
+
+    /// A status after which nothing more will happen to the checkout, so it stops being watched.
+    ///
+    /// PAID and PARTIALLY_REFUNDED are not final: refunds may follow, and the daemon keeps
+    /// watching them for the configured refund-watch period.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            CheckoutStatus::Failed
+                | CheckoutStatus::Cancelled
+                | CheckoutStatus::Expired
+                | CheckoutStatus::Refunded
+                | CheckoutStatus::Chargeback
+        )
+    }
+
+    /// A status that is watched only for the refund-watch period (money has moved).
+    pub fn is_settled(&self) -> bool {
+        matches!(
+            self,
+            CheckoutStatus::Paid | CheckoutStatus::PartiallyRefunded
+        )
+    }
+}
+
+impl fmt::Display for CheckoutStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for CheckoutStatus {
+    type Err = std::convert::Infallible;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(CheckoutStatus::parse(text))
+    }
+}
+
+impl Serialize for CheckoutStatus {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for CheckoutStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Ok(CheckoutStatus::parse(&text))
+    }
+}
+
+/// An ISO 4217 currency code: three upper-case ASCII letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Currency([u8; 3]);
+
+impl Currency {
+    /// The code, e.g. `AED`.
+    pub fn as_str(&self) -> &str {
+        // The bytes are checked ASCII letters in `from_str`.
+        std::str::from_utf8(&self.0).unwrap_or("???")
+    }
+}
+
+impl FromStr for Currency {
+    type Err = InvalidValue;
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        let bytes = value.as_bytes();
+        if bytes.len() == 3 && bytes.iter().all(u8::is_ascii_alphabetic) {
+            let mut code = [0u8; 3];
+            for (slot, byte) in code.iter_mut().zip(bytes) {
+                *slot = byte.to_ascii_uppercase();
+            }
+            Ok(Currency(code))
+        } else {
+            Err(InvalidValue::new(
+                "currency",
+                value,
+                "expected a 3-letter ISO 4217 code such as AED",
+            ))
+        }
+    }
+}
+
+impl TryFrom<String> for Currency {
+    type Error = InvalidValue;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse()
+    }
+}
+
+impl From<Currency> for String {
+    fn from(code: Currency) -> String {
+        code.as_str().to_owned()
+    }
+}
+
+impl fmt::Display for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A positive amount of money: an exact decimal, never a float.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Amount(Decimal);
+
+impl Amount {
+    /// Accepts any decimal greater than zero.
+    pub fn new(value: Decimal) -> Result<Amount, InvalidValue> {
+        if value > Decimal::ZERO {
+            Ok(Amount(value))
+        } else {
+            Err(InvalidValue::new(
+                "amount",
+                &value.to_string(),
+                "expected a number greater than 0",
+            ))
+        }
+    }
+
+    /// The exact value.
+    pub fn value(&self) -> Decimal {
+        self.0
+    }
+}
+
+impl FromStr for Amount {
+    type Err = InvalidValue;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let value = parse_decimal(text).ok_or_else(|| {
+            InvalidValue::new("amount", text, "expected a decimal number such as 100.00")
+        })?;
+        Amount::new(value)
+    }
+}
+
+impl fmt::Display for Amount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Parses a decimal written as JSON or by a person: `19.99`, `100`, `1.5e2`. Exact, no float.
+pub fn parse_decimal(text: &str) -> Option<Decimal> {
+    let text = text.trim();
+    if text.is_empty() || text.len() > 64 {
+        return None;
+    }
+    if text.contains(['e', 'E']) {
+        Decimal::from_scientific(text).ok()
+    } else {
+        Decimal::from_str_exact(text).ok()
+    }
+}
+
+/// Formats money for a person: at least two decimals (`100.00`), more if the value has them.
+pub fn format_money(value: Decimal) -> String {
+    let mut shown = value.normalize();
+    if shown.scale() < 2 {
+        shown.rescale(2);
+    }
+    shown.to_string()
+}
+
+/// Where the nudge that led to a verification came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// A change on the checkout's Firestore document.
+    Firestore,
+    /// The periodic (or startup) reconciler.
+    Reconcile,
+    /// A person: `paywatch link create`, `paywatch track`.
+    Manual,
+}
+
+impl Source {
+    /// The lower-case name stored in the ledger.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Source::Firestore => "firestore",
+            Source::Reconcile => "reconcile",
+            Source::Manual => "manual",
+        }
+    }
+}
+
+impl FromStr for Source {
+    type Err = InvalidValue;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "firestore" => Ok(Source::Firestore),
+            "reconcile" => Ok(Source::Reconcile),
+            "manual" => Ok(Source::Manual),
+            other => Err(InvalidValue::new(
+                "source",
+                other,
+                "expected firestore, reconcile or manual",
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a checkout's Firestore document lives, as paymennt names it in a create-link response.
+///
+/// `firebaseDatabase` is the Google Cloud project id (paymennt's test value is `pc-test-734bc`);
+/// the document is always in that project's `(default)` database.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FirestoreLocation {
+    /// The project id (`firebaseDatabase`).
+    pub project: String,
+    /// The collection (`firebaseCollection`).
+    pub collection: String,
+    /// The document id (`firebaseDocument`).
+    pub document: String,
+}
+
+impl FirestoreLocation {
+    /// Validates the three coordinates, naming the field at fault.
+    pub fn new(
+        project: &str,
+        collection: &str,
+        document: &str,
+    ) -> Result<FirestoreLocation, InvalidValue> {
+        let project_ok = (1..=100).contains(&project.len())
+            && project
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' || b == b':');
+        if !project_ok {
+            return Err(InvalidValue::new(
+                "firebaseDatabase",
+                project,
+                "expected a Google Cloud project id such as pc-test-734bc",
+            ));
+        }
+        for (what, value) in [
+            ("firebaseCollection", collection),
+            ("firebaseDocument", document),
+        ] {
+            let ok = !value.is_empty()
+                && value.len() <= 1500
+                && value != "."
+                && value != ".."
+                && !value.contains('/')
+                && !value.chars().any(char::is_control);
+            if !ok {
+                return Err(InvalidValue::new(
+                    if what == "firebaseCollection" {
+                        "firebaseCollection"
+                    } else {
+                        "firebaseDocument"
+                    },
+                    value,
+                    "expected a single Firestore path segment (no '/')",
+                ));
+            }
+        }
+        Ok(FirestoreLocation {
+            project: project.to_owned(),
+            collection: collection.to_owned(),
+            document: document.to_owned(),
+        })
+    }
+
+    /// `projects/{project}/databases/(default)`: the `database` of a ListenRequest.
+    pub fn database_name(&self) -> String {
+        format!("projects/{}/databases/(default)", self.project)
+    }
+
+    /// The document's full resource name, as a Listen `DocumentsTarget` wants it.
+    pub fn document_name(&self) -> String {
+        format!(
+            "{}/documents/{}/{}",
+            self.database_name(),
+            self.collection,
+            self.document
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_accepts_both_documented_spellings() {
+        assert_eq!(
+            CheckoutStatus::parse("PARTIALLY_REFUNDED"),
+            CheckoutStatus::PartiallyRefunded
+        );
+        assert_eq!(
+            CheckoutStatus::parse("Partially refunded"),
+            CheckoutStatus::PartiallyRefunded
+        );
+        assert_eq!(
+            CheckoutStatus::parse("Pending confirmation"),
+            CheckoutStatus::PendingConfirmation
+        );
+        assert_eq!(CheckoutStatus::parse("Paid"), CheckoutStatus::Paid);
+        for status in CheckoutStatus::KNOWN {
+            assert_eq!(CheckoutStatus::parse(status.as_str()), status);
+            assert_eq!(CheckoutStatus::parse(status.spec_spelling()), status);
+        }
+    }
+
+    #[test]
+    fn unknown_status_is_kept_verbatim() {
+        let status = CheckoutStatus::parse("On hold (manual review)");
+        assert_eq!(
+            status,
+            CheckoutStatus::Unknown("On hold (manual review)".into())
+        );
+        assert_eq!(status.as_str(), "On hold (manual review)");
+        assert!(!status.is_final());
+    }
+
+    #[test]
+    fn decimals_are_exact() {
+        assert_eq!(parse_decimal("19.99").map(|d| d.to_string()), Some("19.99".into()));
+        assert_eq!(parse_decimal("100.00").map(|d| d.to_string()), Some("100.00".into()));
+        assert_eq!(parse_decimal("1.5e2").map(|d| d.to_string()), Some("150".into()));
+        assert_eq!(
+            parse_decimal("0.1").and_then(|a| parse_decimal("0.2").map(|b| a + b)),
+            parse_decimal("0.3")
+        );
+        assert_eq!(parse_decimal("abc"), None);
+        assert_eq!(parse_decimal(""), None);
+        assert_eq!(format_money(Decimal::new(100, 0)), "100.00");
+        assert_eq!(format_money(Decimal::new(12345, 3)), "12.345");
+    }
+
+    #[test]
+    fn amount_must_be_positive() {
+        assert!("-1".parse::<Amount>().is_err());
+        assert!("0".parse::<Amount>().is_err());
+        let error = "12,5".parse::<Amount>().unwrap_err();
+        assert!(error.to_string().contains("'12,5'"), "{error}");
+        assert_eq!("0.01".parse::<Amount>().map(|a| a.to_string()), Ok("0.01".into()));
+    }
+
+    #[test]
+    fn checkout_id_rejects_path_tricks() {
+        assert!("1653241101733169556".parse::<CheckoutId>().is_ok());
+        assert!("../admin".parse::<CheckoutId>().is_err());
+        assert!("".parse::<CheckoutId>().is_err());
+        assert!("a b".parse::<CheckoutId>().is_err());
+    }
+
+    #[test]
+    fn currency_is_three_letters() {
+        assert_eq!("aed".parse::<Currency>().map(|c| c.to_string()), Ok("AED".into()));
+        assert!("AEDX".parse::<Currency>().is_err());
+        assert!("A1D".parse::<Currency>().is_err());
+    }
+
+    #[test]
+    fn firestore_location_names_the_document() {
+        let location = FirestoreLocation::new("pc-test-734bc", "checkouts", "abc123")
+            .expect("valid coordinates");
+        assert_eq!(
+            location.document_name(),
+            "projects/pc-test-734bc/databases/(default)/documents/checkouts/abc123"
+        );
+        let error = FirestoreLocation::new("p", "a/b", "d").unwrap_err();
+        assert_eq!(error.what, "firebaseCollection");
+        let error = FirestoreLocation::new("p", "c", "").unwrap_err();
+        assert_eq!(error.what, "firebaseDocument");
+    }
+}

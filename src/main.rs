@@ -1,0 +1,24 @@
+//! The `paywatch` binary: parse the command line, run it, and choose the exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use paywatch::cli::{self, Cli};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("paywatch: cannot start the async runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(cli::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("paywatch: {error:#}");
+            cli::exit_code(&error)
+        }
+    }
+}

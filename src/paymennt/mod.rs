@@ -1,0 +1,6 @@
+//! paymennt's Merchant API: the wire format and the client.
+//!
+//! Owns: everything that speaks HTTP to paymennt.
+//! Must never: touch the ledger, or log a credential.
+
+pub mod wire;

@@ -1,0 +1,457 @@
+//! paymennt's JSON on the wire: the response wrapper, checkouts, the create-link request.
+//!
+//! Owns: serde shapes matching `shared/paymennt/openapi.yaml`, shared by the client (which reads
+//! them) and the sandbox (which writes them), plus the parse from a wire checkout to trusted
+//! [`CheckoutFacts`].
+//! Must never: hold money in a float, or fail on a status it does not know.
+
+use std::fmt;
+
+use rust_decimal::Decimal;
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::value::RawValue;
+
+use crate::domain::{
+    CheckoutId, CheckoutStatus, Currency, FirestoreLocation, InvalidValue, parse_decimal,
+};
+
+/// paymennt's response wrapper: `{success, elapsed, error, result}`.
+#[derive(Debug, Deserialize)]
+pub struct Envelope {
+    /// Whether the operation succeeded.
+    #[serde(default)]
+    pub success: bool,
+    /// Server-side milliseconds.
+    #[serde(default)]
+    pub elapsed: Option<i64>,
+    /// The error message when `success` is false.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// The result object, kept as raw JSON so amounts keep their exact digits.
+    #[serde(default)]
+    pub result: Option<Box<RawValue>>,
+}
+
+/// The wrapper as the sandbox writes it: `result` on success, `error` on failure.
+#[derive(Debug, Serialize)]
+pub struct EnvelopeOut<T: Serialize> {
+    /// Whether the operation succeeded.
+    pub success: bool,
+    /// Server-side milliseconds.
+    pub elapsed: i64,
+    /// The error message when `success` is false.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The result object.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<T>,
+}
+
+/// A decimal carried as a JSON number with its exact digits (`19.99` stays `19.99`).
+///
+/// Reading goes through the number's source text rather than an `f64`; writing emits the
+/// decimal's own text as a JSON number. Strings holding a number are accepted too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct JsonDecimal(pub Decimal);
+
+impl Serialize for JsonDecimal {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match RawValue::from_string(self.0.to_string()) {
+            Ok(raw) => raw.serialize(serializer),
+            Err(_) => serializer.serialize_str(&self.0.to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonDecimal {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = <&RawValue>::deserialize(deserializer)?;
+        let text = raw.get().trim();
+        let text = text
+            .strip_prefix('"')
+            .and_then(|t| t.strip_suffix('"'))
+            .unwrap_or(text);
+        parse_decimal(text)
+            .map(JsonDecimal)
+            .ok_or_else(|| de::Error::custom(format_args!("expected a number, got {text}")))
+    }
+}
+
+/// An id that paymennt sends as a string; a bare JSON number is accepted as well.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct WireId(pub String);
+
+impl<'de> Deserialize<'de> for WireId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct IdVisitor;
+        impl Visitor<'_> for IdVisitor {
+            type Value = WireId;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an id as a string or an integer")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<WireId, E> {
+                Ok(WireId(v.to_owned()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<WireId, E> {
+                Ok(WireId(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<WireId, E> {
+                Ok(WireId(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(IdVisitor)
+    }
+}
+
+/// A checkout as Create payment link, Get Checkout, cancel and refund return it
+/// (`CheckoutLinkResponse` / `CheckoutResponse`). Every field is optional on the wire; what we
+/// need is checked in [`Checkout::facts`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Checkout {
+    /// Checkout id (a long decimal number as a string).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<WireId>,
+    /// Short human-readable key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_id: Option<String>,
+    /// 48 hex characters; used in the redirect URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkout_key: Option<String>,
+    /// The merchant's request id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// The merchant's order id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<String>,
+    /// ISO 4217 code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+    /// The amount the customer must pay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<JsonDecimal>,
+    /// Cash amount to be collected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cash_amount: Option<JsonDecimal>,
+    /// Current status, in either documented spelling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<CheckoutStatus>,
+    /// Total refunded so far, in the checkout currency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_refunded: Option<JsonDecimal>,
+    /// The payment page for the customer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_url: Option<String>,
+    /// Payment method used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_payment_method: Option<String>,
+    /// The customer (kept as sent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer: Option<serde_json::Value>,
+    /// Subscription the checkout was issued for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscription_id: Option<String>,
+    /// Billing address (kept as sent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub billing_address: Option<serde_json::Value>,
+    /// Delivery address (kept as sent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery_address: Option<serde_json::Value>,
+    /// Firebase project id holding the checkout's document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firebase_database: Option<String>,
+    /// Firestore collection of the document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firebase_collection: Option<String>,
+    /// Firestore document id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firebase_document: Option<String>,
+    /// Creation time, ISO 8601.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+    /// Branch id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch_id: Option<WireId>,
+    /// Branch name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch_name: Option<String>,
+}
+
+/// Why a checkout from the wire cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckoutShapeError {
+    /// A field paywatch needs is absent or null.
+    #[error("the checkout has no '{0}' field")]
+    Missing(&'static str),
+    /// A field is present but not usable.
+    #[error(transparent)]
+    Invalid(#[from] InvalidValue),
+}
+
+/// The parts of a checkout paywatch relies on, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckoutFacts {
+    /// paymennt's checkout id.
+    pub id: CheckoutId,
+    /// The merchant's order id (any text; never interpreted).
+    pub order_id: Option<String>,
+    /// The merchant's request id.
+    pub request_id: Option<String>,
+    /// The short display id.
+    pub display_id: Option<String>,
+    /// The amount to pay, exact.
+    pub amount: Decimal,
+    /// Its currency.
+    pub currency: Currency,
+    /// The status as the wire said it (trusted only if it came from Get Checkout).
+    pub status: Option<CheckoutStatus>,
+    /// Refunded so far.
+    pub total_refunded: Option<Decimal>,
+    /// The payment page URL.
+    pub redirect_url: Option<String>,
+    /// Where its Firestore document lives.
+    pub location: FirestoreLocation,
+}
+
+impl Checkout {
+    /// Checks the fields paywatch needs, naming the first one that is missing or invalid.
+    pub fn facts(&self) -> Result<CheckoutFacts, CheckoutShapeError> {
+        use CheckoutShapeError::Missing;
+        let id: CheckoutId = self.id.as_ref().ok_or(Missing("id"))?.0.parse()?;
+        let amount = self.amount.ok_or(Missing("amount"))?.0;
+        let currency: Currency = self.currency.as_deref().ok_or(Missing("currency"))?.parse()?;
+        let project = self
+            .firebase_database
+            .as_deref()
+            .ok_or(Missing("firebaseDatabase"))?;
+        let collection = self
+            .firebase_collection
+            .as_deref()
+            .ok_or(Missing("firebaseCollection"))?;
+        let document = self
+            .firebase_document
+            .as_deref()
+            .ok_or(Missing("firebaseDocument"))?;
+        let location = FirestoreLocation::new(project, collection, document)?;
+        Ok(CheckoutFacts {
+            id,
+            order_id: self.order_id.clone(),
+            request_id: self.request_id.clone(),
+            display_id: self.display_id.clone(),
+            amount,
+            currency,
+            status: self.status.clone(),
+            total_refunded: self.total_refunded.map(|d| d.0),
+            redirect_url: self.redirect_url.clone(),
+            location,
+        })
+    }
+}
+
+/// A page of checkouts (`PageResponseCheckoutResponse`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckoutPage {
+    /// Page number, from 0.
+    #[serde(default)]
+    pub page: i64,
+    /// Page size.
+    #[serde(default)]
+    pub size: i64,
+    /// Number of pages.
+    #[serde(default)]
+    pub total_pages: i64,
+    /// Number of matching checkouts.
+    #[serde(default)]
+    pub total_elements: i64,
+    /// The checkouts on this page.
+    #[serde(default)]
+    pub content: Vec<Checkout>,
+}
+
+/// Create payment link request (`CheckoutPaymentLinkRequest`), every field of the spec.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkRequest {
+    /// Unique id of this request (required).
+    pub request_id: String,
+    /// The merchant's order id (required).
+    pub order_id: String,
+    /// Description of the order (required).
+    pub description: String,
+    /// ISO 4217 currency (required).
+    pub currency: String,
+    /// Amount, greater than zero (required).
+    pub amount: JsonDecimal,
+    /// Order totals.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totals: Option<Totals>,
+    /// Items of the order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<Item>,
+    /// Let paymennt send the link by SMS.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub send_sms: bool,
+    /// Let paymennt send the link by email.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub send_email: bool,
+    /// The customer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer: Option<Customer>,
+    /// Billing address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub billing_address: Option<Address>,
+    /// Delivery address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery_address: Option<Address>,
+    /// paymennt branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch_id: Option<i64>,
+    /// Payment methods shown, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_payment_methods: Vec<String>,
+    /// Payment method active at first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_payment_method: Option<String>,
+    /// Minutes until the link expires (15..=10080).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in: Option<i64>,
+    /// ISO 639-1 language of the payment page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+}
+
+/// Order totals (`CheckoutRequestTotals`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Totals {
+    /// Sum of line items.
+    pub subtotal: JsonDecimal,
+    /// Tax.
+    pub tax: JsonDecimal,
+    /// Shipping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shipping: Option<JsonDecimal>,
+    /// Handling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handling: Option<JsonDecimal>,
+    /// Discount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discount: Option<JsonDecimal>,
+    /// Skip paymennt's totals validation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_totals_validation: Option<bool>,
+}
+
+impl Default for JsonDecimal {
+    fn default() -> Self {
+        JsonDecimal(Decimal::ZERO)
+    }
+}
+
+/// An order item (`CheckoutRequestItem`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Item {
+    /// Item name.
+    pub name: String,
+    /// Merchant SKU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sku: Option<String>,
+    /// Unit price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unitprice: Option<JsonDecimal>,
+    /// Quantity.
+    pub quantity: JsonDecimal,
+    /// Line total.
+    pub linetotal: JsonDecimal,
+}
+
+/// The customer (`CheckoutCustomer`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Customer {
+    /// The merchant's customer id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// First name.
+    pub first_name: String,
+    /// Last name.
+    pub last_name: String,
+    /// Email.
+    pub email: String,
+    /// Phone with country code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
+}
+
+/// An address (`CheckoutAddress`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Address {
+    /// Person's name.
+    pub name: String,
+    /// Line 1.
+    pub address1: String,
+    /// Line 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address2: Option<String>,
+    /// City.
+    pub city: String,
+    /// State.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Zip code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zip: Option<String>,
+    /// ISO 3166-1 alpha-2 or alpha-3 country.
+    pub country: String,
+}
+
+/// A webhook registration (`GET/POST /webhooks`), kept loose: paywatch only lists them.
+pub type Webhook = serde_json::Value;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_keep_their_digits() {
+        let checkout: Checkout =
+            serde_json::from_str(r#"{"id":"1","amount":19.99,"totalRefunded":0.10,"cashAmount":"5"}"#)
+                .expect("parses");
+        assert_eq!(checkout.amount.map(|a| a.0.to_string()), Some("19.99".into()));
+        assert_eq!(checkout.total_refunded.map(|a| a.0.to_string()), Some("0.10".into()));
+        assert_eq!(checkout.cash_amount.map(|a| a.0.to_string()), Some("5".into()));
+        let written = serde_json::to_string(&JsonDecimal(Decimal::new(1999, 2))).expect("writes");
+        assert_eq!(written, "19.99");
+    }
+
+    #[test]
+    fn numeric_ids_are_accepted() {
+        let checkout: Checkout =
+            serde_json::from_str(r#"{"id":1653241101733169556}"#).expect("parses");
+        assert_eq!(checkout.id, Some(WireId("1653241101733169556".into())));
+    }
+
+    #[test]
+    fn facts_name_the_missing_field() {
+        let checkout: Checkout = serde_json::from_str(
+            r#"{"id":"1","amount":1,"currency":"AED","firebaseDatabase":"p","firebaseCollection":"c"}"#,
+        )
+        .expect("parses");
+        assert_eq!(
+            checkout.facts(),
+            Err(CheckoutShapeError::Missing("firebaseDocument"))
+        );
+    }
+
+    #[test]
+    fn status_in_spec_spelling_parses() {
+        let checkout: Checkout =
+            serde_json::from_str(r#"{"status":"Partially refunded"}"#).expect("parses");
+        assert_eq!(checkout.status, Some(CheckoutStatus::PartiallyRefunded));
+    }
+}
