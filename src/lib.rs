@@ -15,5 +15,7 @@
 
 pub mod domain;
 pub mod paymennt;
+pub mod sandbox;
+pub mod sources;
 pub mod cli;
 pub mod settings;

@@ -1,0 +1,24 @@
+//! Sources of nudges: things that say "this checkout may have changed, go and verify it".
+//!
+//! Owns: the Firestore listener and the reconciler.
+//! Must never: decide a checkout's status. A nudge carries no status; only the verifier,
+//! through Get Checkout, learns one.
+
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+
+use crate::domain::{CheckoutId, Source};
+
+/// "Checkout X may have changed": the only thing a source sends to the verifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nudge {
+    /// The checkout to verify.
+    pub checkout_id: CheckoutId,
+    /// What noticed the change.
+    pub source: Source,
+    /// When paywatch noticed it (for latency figures).
+    pub seen_at: Instant,
+    /// When the change happened upstream, if known (a Firestore document's update_time).
+    pub changed_at: Option<DateTime<Utc>>,
+}
