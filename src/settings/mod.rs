@@ -1,9 +1,881 @@
 //! Configuration: the TOML file, `PAYWATCH_<SECTION>__<KEY>` overrides, and secrets.
 //!
-//! Owns: loading and validating settings.
+//! Owns: loading, checking and describing settings. Layers, later wins: built-in defaults, the
+//! TOML file, then environment variables. Unknown keys are errors: a typo in a payment daemon's
+//! config must not be silently ignored.
 //! Must never: let a secret reach Debug output, a log line or an error message.
 
-/// A config problem: exit code 2.
+pub mod secret;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::domain::CheckoutStatus;
+pub use secret::Secret;
+
+/// Where the config file is looked for when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/paywatch/paywatch.toml";
+
+/// The systemd credential name of the paymennt API secret (`LoadCredential=paymennt-api-secret:…`).
+pub const CREDENTIAL_API_SECRET: &str = "paymennt-api-secret";
+/// The systemd credential name of the paymennt API key.
+pub const CREDENTIAL_API_KEY: &str = "paymennt-api-key";
+/// The systemd credential name of the Google service-account file.
+pub const CREDENTIAL_FIRESTORE: &str = "firestore-service-account";
+
+/// A config problem: it names the file or variable, the key and the bad value. Exit code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct SettingsError(pub String);
+
+fn err(message: impl Into<String>) -> SettingsError {
+    SettingsError(message.into())
+}
+
+/// All settings, checked.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The file these settings came from, if any.
+    #[serde(skip)]
+    pub origin: Option<PathBuf>,
+    /// `[ledger]`.
+    #[serde(default)]
+    pub ledger: LedgerSettings,
+    /// `[paymennt]`.
+    #[serde(default)]
+    pub paymennt: PaymenntSettings,
+    /// `[firestore]`.
+    #[serde(default)]
+    pub firestore: FirestoreSettings,
+    /// `[reconcile]`.
+    #[serde(default)]
+    pub reconcile: ReconcileSettings,
+    /// `[daemon]`.
+    #[serde(default)]
+    pub daemon: DaemonSettings,
+    /// `[log]`.
+    #[serde(default)]
+    pub log: LogSettings,
+    /// How many hook commands may run at once, over all hooks.
+    #[serde(default = "default_hooks_concurrency")]
+    pub hooks_concurrency: usize,
+    /// `[[hooks]]`.
+    #[serde(default)]
+    pub hooks: Vec<HookSettings>,
+}
+
+fn default_hooks_concurrency() -> usize {
+    4
+}
+
+/// `[ledger]`: the SQLite ledger.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerSettings {
+    /// The database file. Created, with its directory, if missing.
+    #[serde(default = "default_ledger_path")]
+    pub path: PathBuf,
+}
+
+fn default_ledger_path() -> PathBuf {
+    PathBuf::from("/var/lib/paywatch/paywatch.db")
+}
+
+impl Default for LedgerSettings {
+    fn default() -> Self {
+        LedgerSettings {
+            path: default_ledger_path(),
+        }
+    }
+}
+
+/// paymennt's two environments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PaymenntEnvironment {
+    /// `https://api.test.paymennt.com/mer/v2.0/`
+    Test,
+    /// `https://api.paymennt.com/mer/v2.0/`
+    Live,
+}
+
+/// `[paymennt]`: the Merchant API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymenntSettings {
+    /// `test` or `live`; chooses the base URL unless `base_url` is set.
+    #[serde(default = "default_environment")]
+    pub environment: PaymenntEnvironment,
+    /// Overrides the base URL (the sandbox: `http://127.0.0.1:8790/mer/v2.0/`).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// The API key (`X-Paymennt-Api-Key`).
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    /// A file holding the API key.
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    /// The API secret (`X-Paymennt-Api-Secret`). Prefer `api_secret_file` or a credential.
+    #[serde(default)]
+    pub api_secret: Option<Secret>,
+    /// A file holding the API secret.
+    #[serde(default)]
+    pub api_secret_file: Option<PathBuf>,
+    /// TCP and TLS connect timeout.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Timeout of one whole request.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Retries after the first attempt, for network errors, 5xx and 429.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// Get Checkout calls in flight at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+}
+
+fn default_environment() -> PaymenntEnvironment {
+    PaymenntEnvironment::Test
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_max_retries() -> u32 {
+    4
+}
+fn default_concurrency() -> usize {
+    8
+}
+
+impl Default for PaymenntSettings {
+    fn default() -> Self {
+        PaymenntSettings {
+            environment: default_environment(),
+            base_url: None,
+            api_key: None,
+            api_key_file: None,
+            api_secret: None,
+            api_secret_file: None,
+            connect_timeout: default_connect_timeout(),
+            request_timeout: default_request_timeout(),
+            max_retries: default_max_retries(),
+            concurrency: default_concurrency(),
+        }
+    }
+}
+
+/// The API key and secret, resolved from their sources.
+#[derive(Debug, Clone)]
+pub struct ApiCredentials {
+    /// `X-Paymennt-Api-Key`.
+    pub key: Secret,
+    /// `X-Paymennt-Api-Secret`.
+    pub secret: Secret,
+}
+
+impl PaymenntSettings {
+    /// The base URL in use, always ending in `/`.
+    pub fn base_url(&self) -> String {
+        let url = match (&self.base_url, self.environment) {
+            (Some(url), _) => url.clone(),
+            (None, PaymenntEnvironment::Test) => "https://api.test.paymennt.com/mer/v2.0/".into(),
+            (None, PaymenntEnvironment::Live) => "https://api.paymennt.com/mer/v2.0/".into(),
+        };
+        if url.ends_with('/') {
+            url
+        } else {
+            format!("{url}/")
+        }
+    }
+
+    /// Resolves the key and secret: the value in the config or environment, else the file named
+    /// by `*_file`, else the systemd credential.
+    ///
+    /// # Errors
+    ///
+    /// Names the key that is missing or the file that cannot be read; never the value.
+    pub fn credentials(&self) -> Result<ApiCredentials, SettingsError> {
+        let key = resolve_secret(
+            "paymennt.api_key",
+            self.api_key.as_ref(),
+            self.api_key_file.as_deref(),
+            CREDENTIAL_API_KEY,
+        )?;
+        let secret = resolve_secret(
+            "paymennt.api_secret",
+            self.api_secret.as_ref(),
+            self.api_secret_file.as_deref(),
+            CREDENTIAL_API_SECRET,
+        )?;
+        Ok(ApiCredentials { key, secret })
+    }
+}
+
+fn resolve_secret(
+    key: &str,
+    value: Option<&Secret>,
+    file: Option<&Path>,
+    credential: &str,
+) -> Result<Secret, SettingsError> {
+    if let Some(value) = value {
+        if value.expose().is_empty() {
+            return Err(err(format!("'{key}' is empty")));
+        }
+        return Ok(value.clone());
+    }
+    if let Some(file) = file {
+        return secret::read_secret_file(file)
+            .map_err(|problem| err(format!("{key}_file: {problem}")));
+    }
+    if let Some(path) = secret::systemd_credential(credential) {
+        return secret::read_secret_file(&path)
+            .map_err(|problem| err(format!("systemd credential '{credential}': {problem}")));
+    }
+    let env = format!("PAYWATCH_{}", key.to_uppercase().replace('.', "__"));
+    Err(err(format!(
+        "'{key}' is not set\n\nset it in the config file, as '{key}_file', in {env}, \
+         or as the systemd credential '{credential}'"
+    )))
+}
+
+/// How listen targets are laid out on gRPC streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StreamMode {
+    /// Many targets per stream, added and removed on live streams.
+    Multiplexed,
+    /// One stream per checkout with target id 1, as the official server SDKs do.
+    PerDocument,
+}
+
+impl StreamMode {
+    /// The config spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StreamMode::Multiplexed => "multiplexed",
+            StreamMode::PerDocument => "per-document",
+        }
+    }
+}
+
+/// `[firestore]`: the Listen connection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirestoreSettings {
+    /// Service-account JSON file. Else the systemd credential `firestore-service-account`, else
+    /// `GOOGLE_APPLICATION_CREDENTIALS`. Not needed for a loopback endpoint.
+    #[serde(default)]
+    pub credentials: Option<PathBuf>,
+    /// Overrides `https://firestore.googleapis.com` (an emulator or the sandbox). Plaintext
+    /// `http://` only on loopback.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// `multiplexed` or `per-document`.
+    #[serde(default = "default_stream_mode")]
+    pub stream_mode: StreamMode,
+    /// Most targets on one multiplexed stream.
+    #[serde(default = "default_targets_per_stream")]
+    pub targets_per_stream: usize,
+    /// Most streams on one HTTP/2 connection (Google's front end allows 100).
+    #[serde(default = "default_streams_per_connection")]
+    pub streams_per_connection: usize,
+    /// A stream with no message for this long is reopened (the server heartbeats every ~30s).
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How long a PAID checkout stays watched for refunds.
+    #[serde(default = "default_refund_watch", with = "humantime_serde")]
+    pub refund_watch: Duration,
+}
+
+fn default_stream_mode() -> StreamMode {
+    StreamMode::Multiplexed
+}
+fn default_targets_per_stream() -> usize {
+    500
+}
+fn default_streams_per_connection() -> usize {
+    100
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_refund_watch() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
+}
+
+impl Default for FirestoreSettings {
+    fn default() -> Self {
+        FirestoreSettings {
+            credentials: None,
+            endpoint: None,
+            stream_mode: default_stream_mode(),
+            targets_per_stream: default_targets_per_stream(),
+            streams_per_connection: default_streams_per_connection(),
+            idle_timeout: default_idle_timeout(),
+            refund_watch: default_refund_watch(),
+        }
+    }
+}
+
+impl FirestoreSettings {
+    /// The endpoint in use.
+    pub fn endpoint(&self) -> String {
+        self.endpoint
+            .clone()
+            .unwrap_or_else(|| "https://firestore.googleapis.com".into())
+    }
+
+    /// The service-account file to use, if any: `credentials`, the systemd credential, or
+    /// `GOOGLE_APPLICATION_CREDENTIALS`.
+    pub fn credentials_file(&self) -> Option<PathBuf> {
+        self.credentials
+            .clone()
+            .or_else(|| secret::systemd_credential(CREDENTIAL_FIRESTORE))
+            .or_else(|| std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").map(PathBuf::from))
+    }
+}
+
+/// `[reconcile]`: the periodic Get Checkout sweep over open checkouts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileSettings {
+    /// Time between sweeps.
+    #[serde(default = "default_reconcile_interval", with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+fn default_reconcile_interval() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for ReconcileSettings {
+    fn default() -> Self {
+        ReconcileSettings {
+            interval: default_reconcile_interval(),
+        }
+    }
+}
+
+/// `[daemon]`: process behaviour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSettings {
+    /// On SIGTERM, how long in-flight verifications and hooks may take before exit.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for DaemonSettings {
+    fn default() -> Self {
+        DaemonSettings {
+            drain_timeout: default_drain_timeout(),
+        }
+    }
+}
+
+/// Log output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// A tracing filter: `info`, `debug`, `paywatch=debug,info`. `RUST_LOG` wins.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// `text` or `json`.
+    #[serde(default = "default_log_format")]
+    pub format: LogFormat,
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_log_format() -> LogFormat {
+    LogFormat::Text
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            level: default_log_level(),
+            format: default_log_format(),
+        }
+    }
+}
+
+/// One `[[hooks]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookSettings {
+    /// A unique name, used in logs, the ledger and `PAYWATCH_HOOK`.
+    pub name: String,
+    /// The argv to run: an array, never a shell string. The first element is an absolute path
+    /// or a program found on PATH.
+    pub command: Vec<String>,
+    /// Which verified statuses fire it; empty means all.
+    #[serde(default)]
+    pub statuses: Vec<String>,
+    /// How long one run may take before its process group is terminated.
+    #[serde(default = "default_hook_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Attempts before a delivery is dead.
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    /// Age after which a failing delivery is dead.
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+    /// Extra fixed environment variables for the command.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Exit codes that mean "do not retry".
+    #[serde(default)]
+    pub permanent_exit_codes: Vec<i32>,
+}
+
+fn default_hook_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl HookSettings {
+    /// The parsed status filter; empty means every status.
+    pub fn status_filter(&self) -> Vec<CheckoutStatus> {
+        self.statuses
+            .iter()
+            .map(|s| CheckoutStatus::parse(s))
+            .collect()
+    }
+
+    /// Whether a verified status fires this hook.
+    pub fn fires_on(&self, status: &CheckoutStatus) -> bool {
+        self.statuses.is_empty() || self.status_filter().iter().any(|s| s == status)
+    }
+}
+
+/// The config file to read: `--config`, else the default path if it exists.
+fn choose_file(explicit: Option<&Path>) -> Result<Option<PathBuf>, SettingsError> {
+    match explicit {
+        Some(path) => {
+            if !path.exists() {
+                return Err(err(format!(
+                    "config file '{}' does not exist",
+                    path.display()
+                )));
+            }
+            Ok(Some(path.to_path_buf()))
+        }
+        None => {
+            let default = Path::new(DEFAULT_CONFIG_PATH);
+            Ok(default.exists().then(|| default.to_path_buf()))
+        }
+    }
+}
+
+/// Environment variables that are not settings even though they start with `PAYWATCH_`:
+/// the config path, and the variables paywatch gives to hooks (a hook may call paywatch).
+fn is_setting_variable(rest: &str) -> bool {
+    rest.contains("__") || rest == "HOOKS_CONCURRENCY"
+}
+
+/// The `PAYWATCH_<SECTION>__<KEY>` variables, as config keys (`paymennt.base_url`).
+fn environment_overrides(
+    variables: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> BTreeMap<String, (String, String)> {
+    let mut overrides = BTreeMap::new();
+    for (name, value) in variables {
+        let (Some(name), Some(value)) = (name.to_str(), value.to_str()) else {
+            continue;
+        };
+        let Some(rest) = name.strip_prefix("PAYWATCH_") else {
+            continue;
+        };
+        if !is_setting_variable(rest) {
+            continue;
+        }
+        let key = rest.to_lowercase().replace("__", ".");
+        overrides.insert(key, (name.to_owned(), value.to_owned()));
+    }
+    overrides
+}
+
+/// Every key the file or the environment may set, for the unknown-key check.
+const KNOWN_KEYS: &[&str] = &[
+    "ledger.path",
+    "paymennt.environment",
+    "paymennt.base_url",
+    "paymennt.api_key",
+    "paymennt.api_key_file",
+    "paymennt.api_secret",
+    "paymennt.api_secret_file",
+    "paymennt.connect_timeout",
+    "paymennt.request_timeout",
+    "paymennt.max_retries",
+    "paymennt.concurrency",
+    "firestore.credentials",
+    "firestore.endpoint",
+    "firestore.stream_mode",
+    "firestore.targets_per_stream",
+    "firestore.streams_per_connection",
+    "firestore.idle_timeout",
+    "firestore.refund_watch",
+    "reconcile.interval",
+    "daemon.drain_timeout",
+    "log.level",
+    "log.format",
+    "hooks_concurrency",
+];
+
+const HOOK_KEYS: &[&str] = &[
+    "name",
+    "command",
+    "statuses",
+    "timeout",
+    "max_attempts",
+    "max_age",
+    "env",
+    "permanent_exit_codes",
+];
+
+/// Reports keys no setting has, with the closest known key as a suggestion.
+fn check_keys(table: &toml::Table, origin: &str) -> Result<(), SettingsError> {
+    for (section, value) in table {
+        match (section.as_str(), value) {
+            ("hooks", toml::Value::Array(hooks)) => {
+                for (index, hook) in hooks.iter().enumerate() {
+                    let toml::Value::Table(hook) = hook else {
+                        return Err(err(format!(
+                            "{origin}: 'hooks' entry {} must be a table ([[hooks]])",
+                            index + 1
+                        )));
+                    };
+                    for key in hook.keys() {
+                        if !HOOK_KEYS.contains(&key.as_str()) {
+                            return Err(unknown_key(
+                                origin,
+                                &format!("hooks[{index}].{key}"),
+                                key,
+                                HOOK_KEYS,
+                            ));
+                        }
+                    }
+                }
+            }
+            (section, toml::Value::Table(keys)) => {
+                for key in keys.keys() {
+                    let full = format!("{section}.{key}");
+                    if !KNOWN_KEYS.contains(&full.as_str()) {
+                        return Err(unknown_key(origin, &full, &full, KNOWN_KEYS));
+                    }
+                }
+            }
+            (key, _) => {
+                if !KNOWN_KEYS.contains(&key) {
+                    return Err(unknown_key(origin, key, key, KNOWN_KEYS));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unknown_key(origin: &str, shown: &str, key: &str, known: &[&str]) -> SettingsError {
+    let suggestion = known
+        .iter()
+        .map(|candidate| (edit_distance(key, candidate), candidate))
+        .filter(|(distance, _)| *distance <= 3)
+        .min()
+        .map(|(_, candidate)| format!("\n\ndid you mean '{candidate}'?"))
+        .unwrap_or_default();
+    err(format!("{origin}: unknown key '{shown}'{suggestion}"))
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            current.push(
+                (previous[j] + cost)
+                    .min(previous[j + 1] + 1)
+                    .min(current[j] + 1),
+            );
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+/// Turns a `config` error into one that names where the bad value came from.
+fn describe_config_error(
+    error: config::ConfigError,
+    origin: &str,
+    overrides: &BTreeMap<String, (String, String)>,
+) -> SettingsError {
+    let text = error.to_string();
+    // `config` ends type errors with "for key `a.b`"; if an environment variable set that key,
+    // name the variable rather than the file.
+    let from = overrides
+        .iter()
+        .find(|(key, _)| text.contains(&format!("`{key}`")))
+        .map(|(_, (name, _))| format!("environment variable {name}"))
+        .unwrap_or_else(|| origin.to_owned());
+    err(format!("{from}: {text}"))
+}
+
+impl Settings {
+    /// Loads settings: defaults, then the file, then `PAYWATCH_*` variables; then checks them.
+    ///
+    /// With `explicit` unset, `/etc/paywatch/paywatch.toml` is read if it exists.
+    ///
+    /// # Errors
+    ///
+    /// A [`SettingsError`] naming the file or variable, the key and the bad value.
+    pub fn load(explicit: Option<&Path>) -> Result<Settings, SettingsError> {
+        Settings::load_with_env(explicit, std::env::vars_os())
+    }
+
+    /// [`Settings::load`] with the environment given rather than read from the process.
+    ///
+    /// # Errors
+    ///
+    /// As [`Settings::load`].
+    pub fn load_with_env(
+        explicit: Option<&Path>,
+        variables: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+    ) -> Result<Settings, SettingsError> {
+        let file = choose_file(explicit)?;
+        let mut builder = config::Config::builder();
+        let origin = match &file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|error| {
+                    err(format!(
+                        "cannot read config file '{}': {error}",
+                        path.display()
+                    ))
+                })?;
+                let origin = path.display().to_string();
+                let table: toml::Table = text.parse().map_err(|error: toml::de::Error| {
+                    err(
+                        format!("{origin}: invalid TOML: {}", error.message().trim())
+                            + &line_hint(&text, error.span()),
+                    )
+                })?;
+                check_keys(&table, &origin)?;
+                builder =
+                    builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
+                origin
+            }
+            None => "built-in defaults".to_owned(),
+        };
+        let overrides = environment_overrides(variables);
+        for (key, (name, _)) in &overrides {
+            if !KNOWN_KEYS.contains(&key.as_str()) {
+                return Err(unknown_key(
+                    &format!("environment variable {name}"),
+                    key,
+                    key,
+                    KNOWN_KEYS,
+                ));
+            }
+        }
+        let env_map: std::collections::HashMap<String, String> = overrides
+            .iter()
+            .map(|(_, (name, value))| (name.clone(), value.clone()))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("PAYWATCH")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env_map)),
+        );
+        let merged = builder
+            .build()
+            .map_err(|error| describe_config_error(error, &origin, &overrides))?;
+        let mut settings: Settings = merged
+            .try_deserialize()
+            .map_err(|error| describe_config_error(error, &origin, &overrides))?;
+        settings.origin = file;
+        settings.validate(&origin)?;
+        Ok(settings)
+    }
+
+    /// Checks what types cannot: ranges, URLs, hook names and commands.
+    fn validate(&self, origin: &str) -> Result<(), SettingsError> {
+        let positive = [
+            ("paymennt.connect_timeout", self.paymennt.connect_timeout),
+            ("paymennt.request_timeout", self.paymennt.request_timeout),
+            ("firestore.idle_timeout", self.firestore.idle_timeout),
+            ("reconcile.interval", self.reconcile.interval),
+        ];
+        for (key, value) in positive {
+            if value.is_zero() {
+                return Err(err(format!("{origin}: '{key}' must be greater than 0")));
+            }
+        }
+        let counts = [
+            ("paymennt.concurrency", self.paymennt.concurrency),
+            (
+                "firestore.targets_per_stream",
+                self.firestore.targets_per_stream,
+            ),
+            (
+                "firestore.streams_per_connection",
+                self.firestore.streams_per_connection,
+            ),
+            ("hooks_concurrency", self.hooks_concurrency),
+        ];
+        for (key, value) in counts {
+            if value == 0 {
+                return Err(err(format!("{origin}: '{key}' must be at least 1")));
+            }
+        }
+        if let Some(url) = &self.paymennt.base_url {
+            check_url(origin, "paymennt.base_url", url)?;
+        }
+        if let Some(url) = &self.firestore.endpoint {
+            check_url(origin, "firestore.endpoint", url)?;
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(err(format!(
+                "{origin}: 'log.level' value '{}' is not a valid filter\n\nuse a level such as info or debug",
+                crate::domain::printable(&self.log.level)
+            )));
+        }
+        let mut names = BTreeSet::new();
+        for (index, hook) in self.hooks.iter().enumerate() {
+            let at = format!("hooks[{index}]");
+            if hook.name.trim().is_empty() {
+                return Err(err(format!("{origin}: '{at}.name' is empty")));
+            }
+            if !names.insert(hook.name.clone()) {
+                return Err(err(format!(
+                    "{origin}: hook name '{}' is used twice",
+                    hook.name
+                )));
+            }
+            if hook
+                .command
+                .first()
+                .is_none_or(|program| program.is_empty())
+            {
+                return Err(err(format!(
+                    "{origin}: '{at}.command' of hook '{}' is empty\n\ngive an argv array such as [\"/usr/local/bin/mark-paid\", \"--verbose\"]",
+                    hook.name
+                )));
+            }
+            for status in hook.status_filter() {
+                if let CheckoutStatus::Unknown(text) = status {
+                    return Err(err(format!(
+                        "{origin}: '{at}.statuses' of hook '{}' has unknown status '{}'\n\nknown statuses: {}",
+                        hook.name,
+                        crate::domain::printable(&text),
+                        CheckoutStatus::KNOWN
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+            }
+            if hook.max_attempts == Some(0) {
+                return Err(err(format!(
+                    "{origin}: '{at}.max_attempts' must be at least 1"
+                )));
+            }
+            if hook.timeout.is_zero() {
+                return Err(err(format!(
+                    "{origin}: '{at}.timeout' must be greater than 0"
+                )));
+            }
+            for key in hook.env.keys() {
+                if key.is_empty()
+                    || key.contains('=')
+                    || key.contains('\0')
+                    || key.starts_with("PAYWATCH_")
+                {
+                    return Err(err(format!(
+                        "{origin}: '{at}.env' has invalid variable name '{}' (PAYWATCH_* names are reserved)",
+                        crate::domain::printable(key)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The hook with this name.
+    pub fn hook(&self, name: &str) -> Option<&HookSettings> {
+        self.hooks.iter().find(|hook| hook.name == name)
+    }
+
+    /// Where these settings came from, for messages.
+    pub fn origin_name(&self) -> String {
+        self.origin
+            .as_ref()
+            .map(|path| path.display().to_string())
+            .unwrap_or_else(|| "built-in defaults".into())
+    }
+}
+
+fn line_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(span) = span else {
+        return String::new();
+    };
+    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+    format!(" (line {line})")
+}
+
+/// Whether `host` is a loopback name or address.
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
+}
+
+/// Accepts `https://…`, or `http://…` only on a loopback host (no plaintext over a network).
+fn check_url(origin: &str, key: &str, url: &str) -> Result<(), SettingsError> {
+    let parsed = reqwest::Url::parse(url).map_err(|error| {
+        err(format!(
+            "{origin}: '{key}' value '{}' is not a URL: {error}",
+            crate::domain::printable(url)
+        ))
+    })?;
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if parsed.host_str().is_some_and(is_loopback_host) => Ok(()),
+        "http" => Err(err(format!(
+            "{origin}: '{key}' value '{url}' uses plaintext http to a non-loopback host\n\nuse https, or a 127.0.0.1 / localhost address"
+        ))),
+        other => Err(err(format!(
+            "{origin}: '{key}' value '{url}' has unsupported scheme '{other}'"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests;

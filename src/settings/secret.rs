@@ -1,0 +1,137 @@
+//! Secrets: values that must never be printed, and where they are read from.
+//!
+//! Owns: the [`Secret`] newtype and reading secrets from files and systemd credentials.
+//! Must never: put a secret's value in Debug output, Display output or an error message.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+
+/// A secret string. Debug and Display print `[redacted]`; only [`Secret::expose`] gives the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value. Call it only where the secret is sent to paymennt.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The last four characters, for `check-config` ("…c3f1"), when the value is long enough
+    /// that they give nothing away.
+    pub fn hint(&self) -> String {
+        let chars: Vec<char> = self.0.chars().collect();
+        if chars.len() >= 16 {
+            let tail: String = chars[chars.len() - 4..].iter().collect();
+            format!("…{tail}")
+        } else {
+            "[redacted]".to_owned()
+        }
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Accepts any scalar, so a mistyped secret (a bare number in TOML) can never produce a type
+/// error that quotes the value.
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SecretVisitor;
+        impl Visitor<'_> for SecretVisitor {
+            type Value = Secret;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Secret, E> {
+                Ok(Secret::new(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Secret, E> {
+                Ok(Secret::new(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Secret, E> {
+                Ok(Secret::new(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Secret, E> {
+                Ok(Secret::new(v.to_string()))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Secret, E> {
+                Ok(Secret::new(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(SecretVisitor)
+    }
+}
+
+/// Reads a secret from a file: the whole file, with one trailing newline (or CRLF) removed.
+///
+/// # Errors
+///
+/// The message names the file and the OS error, never the contents.
+pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
+    let bytes = std::fs::read(path)
+        .map_err(|error| format!("cannot read '{}': {error}", path.display()))?;
+    let text =
+        String::from_utf8(bytes).map_err(|_| format!("'{}' is not UTF-8 text", path.display()))?;
+    let trimmed = text
+        .strip_suffix("\r\n")
+        .or_else(|| text.strip_suffix('\n'))
+        .unwrap_or(&text);
+    if trimmed.is_empty() {
+        return Err(format!("'{}' is empty", path.display()));
+    }
+    Ok(Secret::new(trimmed))
+}
+
+/// The path of a systemd credential (`LoadCredential=NAME:...`), if `$CREDENTIALS_DIRECTORY` is
+/// set and the credential exists.
+pub fn systemd_credential(name: &str) -> Option<PathBuf> {
+    let directory = std::env::var_os("CREDENTIALS_DIRECTORY")?;
+    let path = Path::new(&directory).join(name);
+    path.exists().then_some(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_and_display_hide_the_value() {
+        let secret = Secret::new("sk_live_very_secret_value");
+        assert_eq!(format!("{secret:?}"), "[redacted]");
+        assert_eq!(format!("{secret}"), "[redacted]");
+        assert!(!secret.hint().contains("very"));
+    }
+
+    #[test]
+    fn secret_file_drops_one_trailing_newline() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "abc\n").expect("write");
+        assert_eq!(
+            read_secret_file(&path).map(|s| s.expose().to_owned()),
+            Ok("abc".into())
+        );
+        std::fs::write(&path, "").expect("write");
+        assert!(read_secret_file(&path).is_err());
+        let missing = dir.path().join("missing");
+        let error = read_secret_file(&missing).expect_err("missing file");
+        assert!(error.contains("missing"), "{error}");
+    }
+}

@@ -1,0 +1,221 @@
+//! Config loading: layers, unknown keys, bad values, secrets.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use super::*;
+
+fn write_config(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("paywatch.toml");
+    std::fs::write(&path, text).expect("write config");
+    (dir, path)
+}
+
+fn load(text: &str, env: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+    let (_dir, path) = write_config(text);
+    let env: Vec<(OsString, OsString)> = env
+        .iter()
+        .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+        .collect();
+    Settings::load_with_env(Some(&path), env)
+}
+
+#[test]
+fn the_shipped_example_loads() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/paywatch.toml");
+    let text = std::fs::read_to_string(example).expect("config/paywatch.toml exists");
+    // Hook programs are resolved when the daemon starts, so the example's paths need not exist.
+    let settings = load(&text, &[]).expect("example config is valid");
+    assert_eq!(
+        settings.ledger.path,
+        PathBuf::from("/var/lib/paywatch/paywatch.db")
+    );
+}
+
+#[test]
+fn defaults_apply_and_durations_parse() {
+    let settings = load(
+        "[reconcile]\ninterval = \"90s\"\n[daemon]\ndrain_timeout = \"2m\"\n",
+        &[],
+    )
+    .expect("valid");
+    assert_eq!(settings.reconcile.interval, Duration::from_secs(90));
+    assert_eq!(settings.daemon.drain_timeout, Duration::from_secs(120));
+    assert_eq!(
+        settings.paymennt.base_url(),
+        "https://api.test.paymennt.com/mer/v2.0/"
+    );
+    assert_eq!(settings.firestore.stream_mode, StreamMode::Multiplexed);
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let settings = load(
+        "[ledger]\npath = \"/tmp/a.db\"\n",
+        &[
+            ("PAYWATCH_LEDGER__PATH", "/tmp/b.db"),
+            ("PAYWATCH_FIRESTORE__STREAM_MODE", "per-document"),
+            (
+                "PAYWATCH_PAYMENNT__BASE_URL",
+                "http://127.0.0.1:8790/mer/v2.0",
+            ),
+            ("PAYWATCH_HOOKS_CONCURRENCY", "9"),
+            // Variables paywatch gives to hooks are not settings.
+            ("PAYWATCH_EVENT_ID", "evt_1"),
+        ],
+    )
+    .expect("valid");
+    assert_eq!(settings.ledger.path, PathBuf::from("/tmp/b.db"));
+    assert_eq!(settings.firestore.stream_mode, StreamMode::PerDocument);
+    assert_eq!(
+        settings.paymennt.base_url(),
+        "http://127.0.0.1:8790/mer/v2.0/"
+    );
+    assert_eq!(settings.hooks_concurrency, 9);
+}
+
+#[test]
+fn unknown_key_is_an_error_naming_file_and_key() {
+    let (_dir, path) = write_config("[paymennt]\napi_scret = \"x\"\n");
+    let error = Settings::load_with_env(Some(&path), Vec::new()).expect_err("unknown key");
+    let text = error.to_string();
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(text.contains("paymennt.api_scret"), "{text}");
+    assert!(
+        text.contains("did you mean 'paymennt.api_secret'"),
+        "{text}"
+    );
+
+    let error = load(
+        "[[hooks]]\nname = \"a\"\ncommand = [\"/bin/true\"]\ntimout = \"3s\"\n",
+        &[],
+    )
+    .expect_err("unknown hook key");
+    assert!(error.to_string().contains("hooks[0].timout"), "{error}");
+
+    let error = load("", &[("PAYWATCH_LEDGER__PAHT", "/x")]).expect_err("unknown env key");
+    assert!(
+        error.to_string().contains("PAYWATCH_LEDGER__PAHT"),
+        "{error}"
+    );
+}
+
+#[test]
+fn bad_duration_names_key_and_value() {
+    let error = load("[reconcile]\ninterval = \"soon\"\n", &[]).expect_err("bad duration");
+    let text = error.to_string();
+    assert!(text.contains("reconcile.interval"), "{text}");
+    assert!(text.contains("soon"), "{text}");
+}
+
+#[test]
+fn bad_value_from_environment_names_the_variable() {
+    let error = load("", &[("PAYWATCH_RECONCILE__INTERVAL", "often")]).expect_err("bad duration");
+    assert!(
+        error.to_string().contains("PAYWATCH_RECONCILE__INTERVAL"),
+        "{error}"
+    );
+}
+
+#[test]
+fn missing_required_hook_field_is_named() {
+    let error = load("[[hooks]]\nname = \"mark-paid\"\n", &[]).expect_err("missing command");
+    assert!(error.to_string().contains("command"), "{error}");
+}
+
+#[test]
+fn invalid_toml_gives_the_line() {
+    let error = load("[ledger]\npath = \n", &[]).expect_err("invalid toml");
+    assert!(error.to_string().contains("line 2"), "{error}");
+}
+
+#[test]
+fn plaintext_only_on_loopback() {
+    assert!(
+        load(
+            "[paymennt]\nbase_url = \"http://127.0.0.1:1/mer/v2.0/\"\n",
+            &[]
+        )
+        .is_ok()
+    );
+    let error = load(
+        "[paymennt]\nbase_url = \"http://api.paymennt.com/mer/v2.0/\"\n",
+        &[],
+    )
+    .expect_err("plaintext to a remote host");
+    assert!(error.to_string().contains("paymennt.base_url"), "{error}");
+    let error = load("[firestore]\nendpoint = \"http://10.0.0.1:8080\"\n", &[])
+        .expect_err("plaintext to a remote host");
+    assert!(error.to_string().contains("firestore.endpoint"), "{error}");
+}
+
+#[test]
+fn hook_status_typo_is_an_error() {
+    let error = load(
+        "[[hooks]]\nname = \"a\"\ncommand = [\"/bin/true\"]\nstatuses = [\"PAYED\"]\n",
+        &[],
+    )
+    .expect_err("unknown status");
+    assert!(error.to_string().contains("PAYED"), "{error}");
+}
+
+#[test]
+fn missing_config_file_is_an_error() {
+    let error = Settings::load_with_env(Some(Path::new("/nonexistent/paywatch.toml")), Vec::new())
+        .expect_err("missing file");
+    assert!(
+        error.to_string().contains("/nonexistent/paywatch.toml"),
+        "{error}"
+    );
+}
+
+#[test]
+fn secrets_resolve_from_file_and_never_print() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret_path = dir.path().join("secret");
+    std::fs::write(&secret_path, "topsecretvalue-123\n").expect("write");
+    let text = format!(
+        "[paymennt]\napi_key = \"key-1\"\napi_secret_file = \"{}\"\n",
+        secret_path.display()
+    );
+    let settings = load(&text, &[]).expect("valid");
+    let credentials = settings.paymennt.credentials().expect("resolves");
+    assert_eq!(credentials.secret.expose(), "topsecretvalue-123");
+    let debug = format!("{settings:?} {credentials:?}");
+    assert!(!debug.contains("topsecretvalue"), "{debug}");
+    assert!(!debug.contains("key-1"), "{debug}");
+}
+
+#[test]
+fn unreadable_secret_file_is_named() {
+    let settings = load(
+        "[paymennt]\napi_key = \"k\"\napi_secret_file = \"/nonexistent/secret\"\n",
+        &[],
+    )
+    .expect("valid");
+    let error = settings.paymennt.credentials().expect_err("unreadable");
+    assert!(error.to_string().contains("/nonexistent/secret"), "{error}");
+    assert!(error.to_string().contains("api_secret_file"), "{error}");
+}
+
+#[test]
+fn a_secret_with_a_bad_type_is_not_quoted() {
+    let settings = load(
+        "[paymennt]\napi_key = \"k\"\napi_secret = 987654321987\n",
+        &[],
+    )
+    .expect("valid");
+    let error = format!("{settings:?}");
+    assert!(!error.contains("987654321987"));
+}
+
+#[test]
+fn missing_secret_says_where_to_put_it() {
+    let settings = load("[paymennt]\napi_key = \"k\"\n", &[]).expect("valid");
+    let error = settings.paymennt.credentials().expect_err("no secret");
+    assert!(
+        error.to_string().contains("PAYWATCH_PAYMENNT__API_SECRET"),
+        "{error}"
+    );
+}
