@@ -3,4 +3,7 @@
 //! Owns: everything that speaks HTTP to paymennt.
 //! Must never: touch the ledger, or log a credential.
 
+pub mod client;
 pub mod wire;
+
+pub use client::{Client, Error, RetryPolicy, SearchQuery, VerifiedCheckout};

@@ -1,0 +1,459 @@
+//! The HTTP client for paymennt's Merchant API.
+//!
+//! Owns: requests to paymennt (auth headers, timeouts, retries) and the only constructor of
+//! [`VerifiedCheckout`]: a checkout status counts as verified only when it came from here.
+//! Must never: retry a 4xx other than 429, put a credential in an error or log, or hold money
+//! in a float.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rand::Rng;
+use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::{StatusCode, Url};
+
+use super::wire::{
+    Checkout, CheckoutFacts, CheckoutPage, CheckoutShapeError, Envelope, LinkRequest,
+};
+use crate::domain::{CheckoutId, CheckoutStatus};
+use crate::settings::{ApiCredentials, PaymenntSettings, SettingsError};
+
+/// Why a call to paymennt failed. [`Error::is_retryable`] says whether trying again may help.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// paymennt refused the request (HTTP 4xx other than 429, or `success: false`).
+    #[error("paymennt refused the request (HTTP {status}): {message}")]
+    Rejected {
+        /// HTTP status.
+        status: u16,
+        /// paymennt's `error` message.
+        message: String,
+    },
+    /// paymennt failed (HTTP 5xx).
+    #[error("paymennt failed (HTTP {status}): {message}")]
+    Server {
+        /// HTTP status.
+        status: u16,
+        /// paymennt's `error` message, or the start of the body.
+        message: String,
+    },
+    /// Too many requests (HTTP 429).
+    #[error("paymennt is rate limiting us (HTTP 429){}", retry_after.map(|d| format!("; retry after {}s", d.as_secs())).unwrap_or_default())]
+    RateLimited {
+        /// The `Retry-After` delay, if given.
+        retry_after: Option<Duration>,
+    },
+    /// The request timed out.
+    #[error("paymennt did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The connection failed (DNS, connect, TLS, reset).
+    #[error("cannot reach paymennt: {0}")]
+    Network(String),
+    /// The answer was not the JSON paymennt documents.
+    #[error("paymennt's answer could not be read: {0}")]
+    Malformed(String),
+    /// The checkout lacks a field paywatch needs.
+    #[error("paymennt's checkout is unusable: {0}")]
+    Shape(#[from] CheckoutShapeError),
+}
+
+impl Error {
+    /// Whether the same request may succeed later: network errors, timeouts, 5xx and 429.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Error::Server { .. }
+                | Error::RateLimited { .. }
+                | Error::Timeout(_)
+                | Error::Network(_)
+        )
+    }
+
+    /// The delay paymennt asked for (429 `Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::RateLimited { retry_after } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// Whether paymennt said the checkout does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Rejected { message, .. } if message.to_ascii_lowercase().contains("not found"))
+    }
+}
+
+/// A checkout as Get Checkout (or Create payment link) returned it: the only kind of status
+/// paywatch records or hands to a hook.
+///
+/// It can only be built inside this module, from an authenticated paymennt response.
+#[derive(Debug, Clone)]
+pub struct VerifiedCheckout {
+    facts: CheckoutFacts,
+    status: CheckoutStatus,
+    wire: Checkout,
+    raw_json: String,
+    verified_at: DateTime<Utc>,
+}
+
+impl VerifiedCheckout {
+    fn from_result(raw_json: &str) -> Result<VerifiedCheckout, Error> {
+        let wire: Checkout = serde_json::from_str(raw_json)
+            .map_err(|error| Error::Malformed(format!("checkout: {error}")))?;
+        let facts = wire.facts()?;
+        let status = facts
+            .status
+            .clone()
+            .ok_or(Error::Shape(CheckoutShapeError::Missing("status")))?;
+        Ok(VerifiedCheckout {
+            facts,
+            status,
+            wire,
+            raw_json: raw_json.to_owned(),
+            verified_at: Utc::now(),
+        })
+    }
+
+    /// The checked fields.
+    pub fn facts(&self) -> &CheckoutFacts {
+        &self.facts
+    }
+
+    /// The verified status.
+    pub fn status(&self) -> &CheckoutStatus {
+        &self.status
+    }
+
+    /// The checkout id.
+    pub fn id(&self) -> &CheckoutId {
+        &self.facts.id
+    }
+
+    /// The decoded wire object.
+    pub fn wire(&self) -> &Checkout {
+        &self.wire
+    }
+
+    /// The `result` object exactly as paymennt sent it.
+    pub fn raw_json(&self) -> &str {
+        &self.raw_json
+    }
+
+    /// When the answer arrived.
+    pub fn verified_at(&self) -> DateTime<Utc> {
+        self.verified_at
+    }
+}
+
+/// Search filters for `GET /checkout`.
+#[derive(Debug, Clone, Default)]
+pub struct SearchQuery {
+    /// Filter by order id.
+    pub order_id: Option<String>,
+    /// Filter by request id.
+    pub request_id: Option<String>,
+    /// Filter by statuses (sent comma-separated).
+    pub statuses: Vec<CheckoutStatus>,
+    /// Page number, from 0.
+    pub page: Option<u32>,
+    /// Page size.
+    pub size: Option<u32>,
+}
+
+/// Retry timing: exponential from `base`, capped at `max`, with full jitter.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// The first delay.
+    pub base: Duration,
+    /// The largest delay (also caps a 429's Retry-After).
+    pub max: Duration,
+}
+
+impl RetryPolicy {
+    /// The delay before retry number `retry` (0-based), given what the error asked for.
+    pub fn delay(&self, retry: u32, error: &Error) -> Duration {
+        if let Some(asked) = error.retry_after() {
+            return asked.min(self.max);
+        }
+        let exponential = self.base.saturating_mul(2u32.saturating_pow(retry.min(16)));
+        let capped = exponential.min(self.max);
+        // Full jitter: anywhere in [capped/2, capped], so bursts of clients spread out.
+        let low = capped / 2;
+        let spread = capped.saturating_sub(low).as_millis() as u64;
+        low + Duration::from_millis(rand::rng().random_range(0..=spread))
+    }
+}
+
+/// A paymennt API client. Cheap to clone; clones share the connection pool.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    request_timeout: Duration,
+    retry: RetryPolicy,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Builds a client from settings, resolving the API credentials.
+    ///
+    /// # Errors
+    ///
+    /// A [`SettingsError`] when the credentials cannot be resolved or the base URL is invalid.
+    pub fn from_settings(settings: &PaymenntSettings) -> Result<Client, SettingsError> {
+        let credentials = settings.credentials()?;
+        Client::new(
+            &settings.base_url(),
+            &credentials,
+            settings.connect_timeout,
+            settings.request_timeout,
+            RetryPolicy {
+                max_retries: settings.max_retries,
+                base: Duration::from_millis(250),
+                max: Duration::from_secs(30),
+            },
+        )
+    }
+
+    /// Builds a client for `base_url` (ending in `/mer/v2.0/`).
+    ///
+    /// # Errors
+    ///
+    /// A [`SettingsError`] naming the bad URL or credential (never its value).
+    pub fn new(
+        base_url: &str,
+        credentials: &ApiCredentials,
+        connect_timeout: Duration,
+        request_timeout: Duration,
+        retry: RetryPolicy,
+    ) -> Result<Client, SettingsError> {
+        let normalized = if base_url.ends_with('/') {
+            base_url.to_owned()
+        } else {
+            format!("{base_url}/")
+        };
+        let base = Url::parse(&normalized).map_err(|error| {
+            SettingsError(format!(
+                "paymennt base URL '{base_url}' is invalid: {error}"
+            ))
+        })?;
+        let mut headers = HeaderMap::new();
+        let mut key = HeaderValue::from_str(credentials.key.expose()).map_err(|_| {
+            SettingsError(
+                "'paymennt.api_key' contains characters not allowed in an HTTP header".into(),
+            )
+        })?;
+        key.set_sensitive(true);
+        let mut secret = HeaderValue::from_str(credentials.secret.expose()).map_err(|_| {
+            SettingsError(
+                "'paymennt.api_secret' contains characters not allowed in an HTTP header".into(),
+            )
+        })?;
+        secret.set_sensitive(true);
+        headers.insert("X-Paymennt-Api-Key", key);
+        headers.insert("X-Paymennt-Api-Secret", secret);
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .connect_timeout(connect_timeout)
+            .timeout(request_timeout)
+            .user_agent(concat!("paywatch/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|error| SettingsError(format!("cannot build the HTTP client: {error}")))?;
+        Ok(Client {
+            http,
+            base,
+            request_timeout,
+            retry,
+        })
+    }
+
+    /// The base URL in use.
+    pub fn base_url(&self) -> &str {
+        self.base.as_str()
+    }
+
+    /// Get Checkout: `GET /checkout/{checkoutId}`, with retries.
+    ///
+    /// # Errors
+    ///
+    /// The last attempt's [`Error`].
+    pub async fn get_checkout(&self, id: &CheckoutId) -> Result<VerifiedCheckout, Error> {
+        let raw = self
+            .call(|| {
+                self.http
+                    .get(self.url(&format!("checkout/{}", id.as_str())))
+            })
+            .await?;
+        let verified = VerifiedCheckout::from_result(&raw)?;
+        if verified.id() != id {
+            return Err(Error::Malformed(format!(
+                "asked for checkout {id}, paymennt answered with checkout {}",
+                verified.id()
+            )));
+        }
+        Ok(verified)
+    }
+
+    /// Create payment link: `POST /checkout/link`.
+    ///
+    /// Retried only on errors that cannot have created a link (connect failures, 429, 503);
+    /// paymennt rejects a repeated `requestId`, so a blind retry could not double-charge anyway.
+    ///
+    /// # Errors
+    ///
+    /// The last attempt's [`Error`].
+    pub async fn create_link(&self, request: &LinkRequest) -> Result<VerifiedCheckout, Error> {
+        let raw = self
+            .call(|| self.http.post(self.url("checkout/link")).json(request))
+            .await?;
+        VerifiedCheckout::from_result(&raw)
+    }
+
+    /// Search checkouts: `GET /checkout`.
+    ///
+    /// # Errors
+    ///
+    /// The last attempt's [`Error`].
+    pub async fn search(&self, query: &SearchQuery) -> Result<CheckoutPage, Error> {
+        let mut pairs: Vec<(&str, String)> = Vec::new();
+        if let Some(order_id) = &query.order_id {
+            pairs.push(("orderId", order_id.clone()));
+        }
+        if let Some(request_id) = &query.request_id {
+            pairs.push(("requestId", request_id.clone()));
+        }
+        if !query.statuses.is_empty() {
+            let joined: Vec<&str> = query.statuses.iter().map(CheckoutStatus::as_str).collect();
+            pairs.push(("status", joined.join(",")));
+        }
+        if let Some(page) = query.page {
+            pairs.push(("page", page.to_string()));
+        }
+        if let Some(size) = query.size {
+            pairs.push(("size", size.to_string()));
+        }
+        let raw = self
+            .call(|| self.http.get(self.url("checkout")).query(&pairs))
+            .await?;
+        serde_json::from_str(&raw)
+            .map_err(|error| Error::Malformed(format!("checkout page: {error}")))
+    }
+
+    fn url(&self, path: &str) -> Url {
+        // `path` is built from validated ids only, so joining cannot fail or escape the base.
+        self.base.join(path).unwrap_or_else(|_| self.base.clone())
+    }
+
+    /// Sends a request, retrying what may succeed later; returns the `result` JSON text.
+    async fn call(&self, build: impl Fn() -> reqwest::RequestBuilder) -> Result<String, Error> {
+        let mut retry = 0;
+        loop {
+            match self.attempt(build()).await {
+                Ok(result) => return Ok(result),
+                Err(error) if error.is_retryable() && retry < self.retry.max_retries => {
+                    let delay = self.retry.delay(retry, &error);
+                    tracing::debug!(%error, retry = retry + 1, delay_ms = delay.as_millis() as u64, "retrying paymennt call");
+                    tokio::time::sleep(delay).await;
+                    retry += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    async fn attempt(&self, request: reqwest::RequestBuilder) -> Result<String, Error> {
+        let response = request
+            .send()
+            .await
+            .map_err(|error| self.transport_error(error))?;
+        let status = response.status();
+        let retry_after = parse_retry_after(response.headers());
+        let body = response
+            .bytes()
+            .await
+            .map_err(|error| self.transport_error(error))?;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            return Err(Error::RateLimited { retry_after });
+        }
+        let envelope: Result<Envelope, _> = serde_json::from_slice(&body);
+        let message = |envelope: &Result<Envelope, serde_json::Error>| match envelope {
+            Ok(Envelope {
+                error: Some(message),
+                ..
+            }) => message.clone(),
+            _ => body_excerpt(&body),
+        };
+        if status.is_server_error() {
+            return Err(Error::Server {
+                status: status.as_u16(),
+                message: message(&envelope),
+            });
+        }
+        if status.is_client_error() {
+            return Err(Error::Rejected {
+                status: status.as_u16(),
+                message: message(&envelope),
+            });
+        }
+        let envelope = envelope.map_err(|error| {
+            Error::Malformed(format!("{error}; body starts {}", body_excerpt(&body)))
+        })?;
+        if !envelope.success {
+            return Err(Error::Rejected {
+                status: status.as_u16(),
+                message: envelope
+                    .error
+                    .unwrap_or_else(|| "success is false and no error was given".into()),
+            });
+        }
+        envelope
+            .result
+            .map(|raw| raw.get().to_owned())
+            .ok_or_else(|| Error::Malformed("success is true but there is no result".into()))
+    }
+
+    fn transport_error(&self, error: reqwest::Error) -> Error {
+        if error.is_timeout() {
+            Error::Timeout(self.request_timeout)
+        } else {
+            // Without the URL: it is ours and shown elsewhere; the cause chain says what failed.
+            let error = error.without_url();
+            let mut text = error.to_string();
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            Error::Network(text)
+        }
+    }
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is rare for APIs; it is treated as absent).
+fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// The start of a body for an error message, printable.
+fn body_excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
+    if text.trim().is_empty() {
+        "(empty body)".into()
+    } else {
+        crate::domain::printable(text.trim())
+    }
+}
+
+#[cfg(test)]
+mod tests;

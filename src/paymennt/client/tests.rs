@@ -1,0 +1,312 @@
+//! The client against a scripted HTTP server on loopback.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+
+use super::*;
+use crate::settings::Secret;
+
+/// One scripted answer: status, extra header, body, delay.
+#[derive(Clone)]
+struct Answer {
+    status: u16,
+    retry_after: Option<&'static str>,
+    body: String,
+    delay: Duration,
+}
+
+fn answer(status: u16, body: &str) -> Answer {
+    Answer {
+        status,
+        retry_after: None,
+        body: body.to_owned(),
+        delay: Duration::ZERO,
+    }
+}
+
+#[derive(Default)]
+struct Script {
+    answers: Mutex<VecDeque<Answer>>,
+    seen: Mutex<Vec<(String, HeaderMap, Instant)>>,
+}
+
+async fn serve(State(script): State<Arc<Script>>, request: axum::extract::Request) -> Response {
+    let uri = request.uri().to_string();
+    script
+        .seen
+        .lock()
+        .expect("lock")
+        .push((uri, request.headers().clone(), Instant::now()));
+    let next = script.answers.lock().expect("lock").pop_front();
+    let Some(next) = next else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "script exhausted").into_response();
+    };
+    tokio::time::sleep(next.delay).await;
+    let mut response = (
+        StatusCode::from_u16(next.status).expect("status"),
+        [("content-type", "application/json")],
+        next.body,
+    )
+        .into_response();
+    if let Some(value) = next.retry_after {
+        response
+            .headers_mut()
+            .insert("retry-after", value.parse().expect("header"));
+    }
+    response
+}
+
+async fn start(answers: Vec<Answer>) -> (Client, Arc<Script>) {
+    let script = Arc::new(Script {
+        answers: Mutex::new(answers.into()),
+        ..Script::default()
+    });
+    let app = Router::new()
+        .fallback(any(serve))
+        .with_state(script.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let credentials = ApiCredentials {
+        key: Secret::new("test-key"),
+        secret: Secret::new("test-secret"),
+    };
+    let client = Client::new(
+        &format!("http://{addr}/mer/v2.0"),
+        &credentials,
+        Duration::from_secs(2),
+        Duration::from_millis(500),
+        RetryPolicy {
+            max_retries: 3,
+            base: Duration::from_millis(10),
+            max: Duration::from_secs(2),
+        },
+    )
+    .expect("client");
+    (client, script)
+}
+
+const CHECKOUT: &str = r#"{"success":true,"elapsed":12,"result":{"id":"1653241101733169556","requestId":"ORD-1234-r1","orderId":"ORD-1234","currency":"AED","amount":19.99,"status":"PENDING","totalRefunded":0.0,"firebaseDatabase":"pc-test-734bc","firebaseCollection":"checkouts","firebaseDocument":"doc1"}}"#;
+
+fn id() -> CheckoutId {
+    "1653241101733169556".parse().expect("id")
+}
+
+#[tokio::test]
+async fn get_checkout_sends_auth_headers_and_keeps_exact_amount() {
+    let (client, script) = start(vec![answer(200, CHECKOUT)]).await;
+    let checkout = client.get_checkout(&id()).await.expect("success");
+    assert_eq!(checkout.facts().amount.to_string(), "19.99");
+    assert_eq!(checkout.status(), &CheckoutStatus::Pending);
+    assert!(checkout.raw_json().contains("19.99"));
+    let seen = script.seen.lock().expect("lock");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].0, "/mer/v2.0/checkout/1653241101733169556");
+    assert_eq!(
+        seen[0].1.get("x-paymennt-api-key").map(|v| v.as_bytes()),
+        Some(&b"test-key"[..])
+    );
+    assert_eq!(
+        seen[0].1.get("x-paymennt-api-secret").map(|v| v.as_bytes()),
+        Some(&b"test-secret"[..])
+    );
+}
+
+#[tokio::test]
+async fn http_400_carries_paymennts_message_and_is_not_retried() {
+    let body = r#"{"success":false,"elapsed":3,"error":"Checkout not found for API merchant"}"#;
+    let (client, script) = start(vec![answer(400, body), answer(200, CHECKOUT)]).await;
+    let error = client.get_checkout(&id()).await.expect_err("400");
+    assert!(!error.is_retryable());
+    assert!(error.is_not_found());
+    assert!(
+        error
+            .to_string()
+            .contains("Checkout not found for API merchant"),
+        "{error}"
+    );
+    assert_eq!(
+        script.seen.lock().expect("lock").len(),
+        1,
+        "a 4xx must not be retried"
+    );
+}
+
+#[tokio::test]
+async fn success_false_with_http_200_is_an_error() {
+    let body = r#"{"success":false,"elapsed":3,"error":"Invalid request"}"#;
+    let (client, _script) = start(vec![answer(200, body)]).await;
+    let error = client.get_checkout(&id()).await.expect_err("success false");
+    assert!(error.to_string().contains("Invalid request"), "{error}");
+}
+
+#[tokio::test]
+async fn http_500_is_retried_then_succeeds() {
+    let failure = r#"{"success":false,"error":"internal"}"#;
+    let (client, script) = start(vec![
+        answer(500, failure),
+        answer(502, "oops"),
+        answer(200, CHECKOUT),
+    ])
+    .await;
+    let checkout = client
+        .get_checkout(&id())
+        .await
+        .expect("third attempt succeeds");
+    assert_eq!(checkout.id(), &id());
+    assert_eq!(script.seen.lock().expect("lock").len(), 3);
+}
+
+#[tokio::test]
+async fn retries_stop_at_the_limit() {
+    let failure = r#"{"success":false,"error":"internal"}"#;
+    let answers = vec![answer(500, failure); 6];
+    let (client, script) = start(answers).await;
+    let error = client.get_checkout(&id()).await.expect_err("all fail");
+    assert!(error.is_retryable());
+    assert_eq!(
+        script.seen.lock().expect("lock").len(),
+        4,
+        "1 attempt + 3 retries"
+    );
+}
+
+#[tokio::test]
+async fn http_429_honours_retry_after() {
+    let limited = Answer {
+        status: 429,
+        retry_after: Some("1"),
+        body: "{}".into(),
+        delay: Duration::ZERO,
+    };
+    let (client, script) = start(vec![limited, answer(200, CHECKOUT)]).await;
+    client
+        .get_checkout(&id())
+        .await
+        .expect("succeeds after waiting");
+    let seen = script.seen.lock().expect("lock");
+    assert_eq!(seen.len(), 2);
+    let waited = seen[1].2.duration_since(seen[0].2);
+    assert!(
+        waited >= Duration::from_millis(950),
+        "waited only {waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_answer_times_out_and_is_retried() {
+    let slow = Answer {
+        status: 200,
+        retry_after: None,
+        body: CHECKOUT.into(),
+        delay: Duration::from_secs(3),
+    };
+    let (client, script) = start(vec![slow, answer(200, CHECKOUT)]).await;
+    client
+        .get_checkout(&id())
+        .await
+        .expect("second attempt succeeds");
+    assert_eq!(script.seen.lock().expect("lock").len(), 2);
+}
+
+#[tokio::test]
+async fn connection_refused_is_a_retryable_network_error() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    let credentials = ApiCredentials {
+        key: Secret::new("k"),
+        secret: Secret::new("s"),
+    };
+    let client = Client::new(
+        &format!("http://{addr}/mer/v2.0/"),
+        &credentials,
+        Duration::from_secs(1),
+        Duration::from_secs(1),
+        RetryPolicy {
+            max_retries: 1,
+            base: Duration::from_millis(5),
+            max: Duration::from_millis(10),
+        },
+    )
+    .expect("client");
+    let error = client.get_checkout(&id()).await.expect_err("refused");
+    assert!(matches!(error, Error::Network(_)), "{error:?}");
+    assert!(error.is_retryable());
+    assert!(!error.to_string().contains('s') || !error.to_string().contains("secret"));
+}
+
+#[tokio::test]
+async fn a_checkout_without_coordinates_is_rejected_by_name() {
+    let body =
+        r#"{"success":true,"result":{"id":"1","amount":1,"currency":"AED","status":"PAID"}}"#;
+    let (client, _script) = start(vec![answer(200, body)]).await;
+    let error = client
+        .get_checkout(&"1".parse().expect("id"))
+        .await
+        .expect_err("no firebase fields");
+    assert!(error.to_string().contains("firebaseDatabase"), "{error}");
+}
+
+#[tokio::test]
+async fn unknown_status_is_kept() {
+    let body = CHECKOUT.replace("\"PENDING\"", "\"On hold\"");
+    let (client, _script) = start(vec![answer(200, &body)]).await;
+    let checkout = client
+        .get_checkout(&id())
+        .await
+        .expect("unknown status is fine");
+    assert_eq!(
+        checkout.status(),
+        &CheckoutStatus::Unknown("On hold".into())
+    );
+}
+
+#[tokio::test]
+async fn search_sends_the_filters() {
+    let page = r#"{"success":true,"result":{"page":0,"size":20,"totalPages":1,"totalElements":0,"content":[]}}"#;
+    let (client, script) = start(vec![answer(200, page)]).await;
+    let query = SearchQuery {
+        order_id: Some("ORD 1&2".into()),
+        statuses: vec![CheckoutStatus::Paid, CheckoutStatus::PartiallyRefunded],
+        ..SearchQuery::default()
+    };
+    let result = client.search(&query).await.expect("page");
+    assert_eq!(result.total_elements, 0);
+    let seen = script.seen.lock().expect("lock");
+    assert_eq!(
+        seen[0].0,
+        "/mer/v2.0/checkout?orderId=ORD+1%262&status=PAID%2CPARTIALLY_REFUNDED"
+    );
+}
+
+#[test]
+fn backoff_grows_and_is_capped() {
+    let policy = RetryPolicy {
+        max_retries: 10,
+        base: Duration::from_millis(100),
+        max: Duration::from_secs(1),
+    };
+    let error = Error::Network("x".into());
+    for retry in 0..10 {
+        let delay = policy.delay(retry, &error);
+        let ceiling = (Duration::from_millis(100) * 2u32.pow(retry)).min(Duration::from_secs(1));
+        assert!(
+            delay <= ceiling && delay >= ceiling / 2,
+            "retry {retry}: {delay:?}"
+        );
+    }
+    let limited = Error::RateLimited {
+        retry_after: Some(Duration::from_secs(120)),
+    };
+    assert_eq!(policy.delay(0, &limited), Duration::from_secs(1));
+}
