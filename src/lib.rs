@@ -15,6 +15,7 @@
 
 pub mod cli;
 pub mod domain;
+pub mod ledger;
 pub mod paymennt;
 pub mod sandbox;
 pub mod settings;

@@ -114,6 +114,12 @@ impl VerifiedCheckout {
         })
     }
 
+    /// A verified checkout from a literal result object, for unit tests only.
+    #[cfg(test)]
+    pub(crate) fn for_tests(raw_json: &str) -> VerifiedCheckout {
+        VerifiedCheckout::from_result(raw_json).expect("test checkout JSON is valid")
+    }
+
     /// The checked fields.
     pub fn facts(&self) -> &CheckoutFacts {
         &self.facts

@@ -1,0 +1,855 @@
+//! The SQLite ledger: checkouts, their verified history, the hook outbox and resume state.
+//!
+//! Owns: every SQL statement in paywatch. Each public method is one transaction, so writes
+//! that belong together (a transition and its hook deliveries) land together or not at all.
+//! Must never: record a status that did not come from Get Checkout. [`Ledger::apply`] takes a
+//! [`VerifiedCheckout`], which only the paymennt client can build.
+//!
+//! The connection sits behind a std `Mutex`: every call is short and synchronous. Async code
+//! calls the ledger from `spawn_blocking` so the runtime's threads never wait on the disk.
+
+mod migrate;
+mod outbox;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde::Serialize;
+
+use crate::domain::{CheckoutId, CheckoutStatus, FirestoreLocation, Source};
+use crate::paymennt::VerifiedCheckout;
+use crate::paymennt::wire::CheckoutFacts;
+use crate::settings::HookSettings;
+
+pub use migrate::SCHEMA_VERSION;
+pub use outbox::{Delivery, DeliveryFilter, DeliveryState, DeliveryUpdate};
+
+/// A ledger failure. The message names the database file.
+#[derive(Debug, thiserror::Error)]
+#[error("ledger {path}: {message}")]
+pub struct LedgerError {
+    /// The database file (or `:memory:`).
+    pub path: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// The result type of ledger calls.
+pub type Result<T> = std::result::Result<T, LedgerError>;
+
+/// A handle on the ledger. Cheap to clone; clones share one connection.
+#[derive(Clone)]
+pub struct Ledger {
+    connection: Arc<Mutex<Connection>>,
+    path: Arc<str>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger").field("path", &self.path).finish()
+    }
+}
+
+/// How a checkout came to be tracked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackedVia {
+    /// `paywatch link create`.
+    LinkCreate,
+    /// `paywatch track FILE`.
+    Track,
+    /// `paywatch track --checkout-id`.
+    TrackFetch,
+}
+
+impl TrackedVia {
+    fn as_str(self) -> &'static str {
+        match self {
+            TrackedVia::LinkCreate => "link-create",
+            TrackedVia::Track => "track",
+            TrackedVia::TrackFetch => "track-fetch",
+        }
+    }
+}
+
+/// Whether `track` added a checkout or already had it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackOutcome {
+    /// The checkout is new to the ledger.
+    Added,
+    /// The checkout was already tracked; nothing changed.
+    AlreadyTracked,
+}
+
+/// A checkout as the ledger holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckoutRecord {
+    /// paymennt's checkout id.
+    pub id: String,
+    /// The merchant's order id.
+    pub order_id: Option<String>,
+    /// The merchant's request id.
+    pub request_id: Option<String>,
+    /// paymennt's short display id.
+    pub display_id: Option<String>,
+    /// The last verified status; `None` until verified.
+    pub status: Option<String>,
+    /// The amount, exact decimal text.
+    pub amount: String,
+    /// ISO 4217 currency.
+    pub currency: String,
+    /// Total refunded, exact decimal text.
+    pub total_refunded: Option<String>,
+    /// The payment page.
+    pub redirect_url: Option<String>,
+    /// Whether the daemon listens to its document.
+    pub watched: bool,
+    /// For PAID checkouts: when watching for refunds ends.
+    pub watch_until: Option<String>,
+    /// Where its Firestore document lives.
+    pub firebase: FirebaseCoordinates,
+    /// How it was tracked.
+    pub tracked_via: String,
+    /// When it was tracked.
+    pub created_at: String,
+    /// When the row last changed.
+    pub updated_at: String,
+    /// When its status was last verified.
+    pub verified_at: Option<String>,
+}
+
+/// The three Firebase coordinates, as paymennt names them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FirebaseCoordinates {
+    /// `firebaseDatabase` (the Google Cloud project id).
+    pub database: String,
+    /// `firebaseCollection`.
+    pub collection: String,
+    /// `firebaseDocument`.
+    pub document: String,
+}
+
+impl CheckoutRecord {
+    /// The document location (validated when the checkout was tracked).
+    pub fn location(&self) -> Option<FirestoreLocation> {
+        FirestoreLocation::new(
+            &self.firebase.database,
+            &self.firebase.collection,
+            &self.firebase.document,
+        )
+        .ok()
+    }
+}
+
+/// One verified status change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TransitionRecord {
+    /// Sequence number (increasing over the whole ledger).
+    pub id: i64,
+    /// The checkout.
+    pub checkout_id: String,
+    /// Status before; `None` for the first verified status.
+    pub from: Option<String>,
+    /// Status after.
+    pub to: String,
+    /// What led to the verification.
+    pub source: String,
+    /// When the change happened upstream, if known.
+    pub changed_at: Option<String>,
+    /// When Get Checkout confirmed it.
+    pub verified_at: String,
+    /// Milliseconds from change to verification, if known.
+    pub latency_ms: Option<i64>,
+    /// The Get Checkout result, verbatim.
+    #[serde(skip)]
+    pub verified_json: String,
+}
+
+/// What [`Ledger::apply`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    /// The status changed: a transition and its hook deliveries were written.
+    Transition {
+        /// The new transition.
+        transition: TransitionRecord,
+        /// Event ids of the deliveries queued for it.
+        deliveries: Vec<String>,
+        /// Whether the checkout is still watched.
+        watched: bool,
+    },
+    /// The verified status equals the recorded one; only the verification time was updated.
+    Unchanged,
+}
+
+/// A checkout the listener should watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchEntry {
+    /// The checkout.
+    pub checkout_id: CheckoutId,
+    /// Its document.
+    pub location: FirestoreLocation,
+    /// The last persisted resume token, if any.
+    pub resume_token: Option<Vec<u8>>,
+    /// Whether a change was seen but not yet verified, or no status is recorded yet.
+    pub needs_verify: bool,
+}
+
+/// Filters for [`Ledger::list`].
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only these statuses (any of them); empty means all. `UNVERIFIED` matches no status yet.
+    pub statuses: Vec<String>,
+    /// Only this order id.
+    pub order_id: Option<String>,
+    /// Only watched (open) checkouts.
+    pub watched_only: bool,
+    /// At most this many rows (newest first).
+    pub limit: Option<usize>,
+}
+
+/// Counts for the status line and `check-config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LedgerCounts {
+    /// All checkouts.
+    pub checkouts: i64,
+    /// Watched checkouts.
+    pub watched: i64,
+    /// Deliveries pending or running.
+    pub hooks_pending: i64,
+    /// Dead deliveries.
+    pub hooks_dead: i64,
+}
+
+/// Formats a time the way the ledger stores it: RFC 3339, UTC, milliseconds.
+pub fn timestamp(time: DateTime<Utc>) -> String {
+    time.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn now() -> String {
+    timestamp(Utc::now())
+}
+
+impl Ledger {
+    /// Opens (creating if needed) the ledger at `path`: the directory is created, the file is
+    /// made mode 0600, WAL and a busy timeout are turned on, and migrations run.
+    ///
+    /// # Errors
+    ///
+    /// Names the path and what failed (directory not writable, newer schema, ...).
+    pub fn open(path: &Path) -> Result<Ledger> {
+        let shown = path.display().to_string();
+        let fail = |message: String| LedgerError {
+            path: shown.clone(),
+            message,
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|error| {
+                fail(format!(
+                    "cannot create directory '{}': {error}",
+                    parent.display()
+                ))
+            })?;
+        }
+        create_private_file(path)
+            .map_err(|error| fail(format!("cannot create the file: {error}")))?;
+        let connection =
+            Connection::open(path).map_err(|error| fail(format!("cannot open: {error}")))?;
+        Ledger::configure(connection, shown.clone())
+    }
+
+    /// An in-memory ledger, for tests.
+    ///
+    /// # Errors
+    ///
+    /// Only if SQLite itself fails.
+    pub fn open_in_memory() -> Result<Ledger> {
+        let connection = Connection::open_in_memory().map_err(|error| LedgerError {
+            path: ":memory:".into(),
+            message: error.to_string(),
+        })?;
+        Ledger::configure(connection, ":memory:".into())
+    }
+
+    fn configure(mut connection: Connection, path: String) -> Result<Ledger> {
+        let fail = |message: String| LedgerError {
+            path: path.clone(),
+            message,
+        };
+        connection
+            .busy_timeout(Duration::from_secs(10))
+            .map_err(|error| fail(error.to_string()))?;
+        connection
+            .execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+            )
+            .map_err(|error| fail(format!("cannot configure: {error}")))?;
+        migrate::migrate(&mut connection).map_err(fail)?;
+        Ok(Ledger {
+            connection: Arc::new(Mutex::new(connection)),
+            path: path.into(),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(&*self.path)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
+        // back on drop), so a poisoned lock is safe to keep using.
+        self.connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn error(&self, context: &str, error: impl std::fmt::Display) -> LedgerError {
+        LedgerError {
+            path: self.path.to_string(),
+            message: format!("{context}: {error}"),
+        }
+    }
+
+    /// Records a checkout to watch. Tracking the same checkout again changes nothing.
+    ///
+    /// The status in `facts` is not recorded: only a verified status is. It stays empty until
+    /// the daemon (or `track --checkout-id`) verifies it.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn track(&self, facts: &CheckoutFacts, via: TrackedVia) -> Result<TrackOutcome> {
+        let mut connection = self.lock();
+        let transaction = connection
+            .transaction()
+            .map_err(|e| self.error("track", e))?;
+        let outcome = track_in(&transaction, facts, via).map_err(|e| self.error("track", e))?;
+        transaction.commit().map_err(|e| self.error("track", e))?;
+        Ok(outcome)
+    }
+
+    /// Records a verified checkout: tracks it if new, and if its status differs from the
+    /// recorded one, appends a transition and queues one delivery per matching hook, all in
+    /// one transaction.
+    ///
+    /// `refund_watch` is how long a PAID checkout stays watched.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures; nothing is written then.
+    pub fn apply(
+        &self,
+        verified: &VerifiedCheckout,
+        source: Source,
+        changed_at: Option<DateTime<Utc>>,
+        hooks: &[HookSettings],
+        refund_watch: Duration,
+    ) -> Result<ApplyOutcome> {
+        let mut connection = self.lock();
+        let transaction = connection
+            .transaction()
+            .map_err(|e| self.error("apply", e))?;
+        let outcome = apply_in(
+            &transaction,
+            verified,
+            source,
+            changed_at,
+            hooks,
+            refund_watch,
+        )
+        .map_err(|e| self.error("apply", e))?;
+        transaction.commit().map_err(|e| self.error("apply", e))?;
+        Ok(outcome)
+    }
+
+    /// Notes that a change was seen on these checkouts and is not yet verified, so a crash
+    /// before verification is caught by the reconciler at the next start.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn mark_needs_verify(&self, ids: &[CheckoutId]) -> Result<()> {
+        let mut connection = self.lock();
+        let transaction = connection
+            .transaction()
+            .map_err(|e| self.error("mark", e))?;
+        {
+            let mut statement = transaction
+                .prepare_cached(
+                    "UPDATE checkouts SET needs_verify = 1 WHERE id = ?1 AND needs_verify = 0",
+                )
+                .map_err(|e| self.error("mark", e))?;
+            for id in ids {
+                statement
+                    .execute([id.as_str()])
+                    .map_err(|e| self.error("mark", e))?;
+            }
+        }
+        transaction.commit().map_err(|e| self.error("mark", e))
+    }
+
+    /// Persists resume tokens after a consistent snapshot (only for still-watched checkouts).
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn save_resume_tokens(
+        &self,
+        tokens: &[(CheckoutId, Vec<u8>)],
+        read_time: Option<DateTime<Utc>>,
+    ) -> Result<()> {
+        let mut connection = self.lock();
+        let transaction = connection
+            .transaction()
+            .map_err(|e| self.error("save tokens", e))?;
+        {
+            let mut statement = transaction
+                .prepare_cached(
+                    "INSERT INTO listen_targets (checkout_id, resume_token, read_time, updated_at)
+                     SELECT id, ?2, ?3, ?4 FROM checkouts WHERE id = ?1 AND watched = 1
+                     ON CONFLICT (checkout_id) DO UPDATE SET
+                        resume_token = excluded.resume_token,
+                        read_time = excluded.read_time,
+                        updated_at = excluded.updated_at",
+                )
+                .map_err(|e| self.error("save tokens", e))?;
+            let read_time = read_time.map(timestamp);
+            let updated = now();
+            for (id, token) in tokens {
+                statement
+                    .execute(params![id.as_str(), token, read_time, updated])
+                    .map_err(|e| self.error("save tokens", e))?;
+            }
+        }
+        transaction
+            .commit()
+            .map_err(|e| self.error("save tokens", e))
+    }
+
+    /// Drops a checkout's resume token (after a RESET or an existence-filter mismatch).
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn forget_resume_token(&self, id: &CheckoutId) -> Result<()> {
+        self.lock()
+            .execute(
+                "DELETE FROM listen_targets WHERE checkout_id = ?1",
+                [id.as_str()],
+            )
+            .map(|_| ())
+            .map_err(|e| self.error("forget token", e))
+    }
+
+    /// Every watched checkout with its document and resume token.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn watch_set(&self) -> Result<Vec<WatchEntry>> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare_cached(
+                "SELECT c.id, c.firebase_database, c.firebase_collection, c.firebase_document,
+                        t.resume_token, c.needs_verify, c.status
+                 FROM checkouts c LEFT JOIN listen_targets t ON t.checkout_id = c.id
+                 WHERE c.watched = 1 ORDER BY c.created_at, c.id",
+            )
+            .map_err(|e| self.error("watch set", e))?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, String>(3)?,
+                    row.get::<_, Option<Vec<u8>>>(4)?,
+                    row.get::<_, bool>(5)?,
+                    row.get::<_, Option<String>>(6)?,
+                ))
+            })
+            .map_err(|e| self.error("watch set", e))?;
+        let mut entries = Vec::new();
+        for row in rows {
+            let (id, database, collection, document, token, needs_verify, status) =
+                row.map_err(|e| self.error("watch set", e))?;
+            // Rows were validated on the way in; a row edited by hand into garbage is skipped
+            // with a warning rather than stopping the daemon.
+            let (Ok(checkout_id), Ok(location)) = (
+                id.parse::<CheckoutId>(),
+                FirestoreLocation::new(&database, &collection, &document),
+            ) else {
+                tracing::warn!(checkout = %crate::domain::printable(&id), "skipping a ledger row with an invalid id or Firebase coordinates");
+                continue;
+            };
+            entries.push(WatchEntry {
+                checkout_id,
+                location,
+                resume_token: token,
+                needs_verify: needs_verify || status.is_none(),
+            });
+        }
+        Ok(entries)
+    }
+
+    /// Stops watching PAID checkouts whose refund-watch period has ended; returns their ids.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn expire_refund_watch(&self, now_time: DateTime<Utc>) -> Result<Vec<CheckoutId>> {
+        let mut connection = self.lock();
+        let transaction = connection
+            .transaction()
+            .map_err(|e| self.error("refund watch", e))?;
+        let ids: Vec<String> = {
+            let mut statement = transaction
+                .prepare_cached("SELECT id FROM checkouts WHERE watched = 1 AND watch_until IS NOT NULL AND watch_until <= ?1")
+                .map_err(|e| self.error("refund watch", e))?;
+            let rows = statement
+                .query_map([timestamp(now_time)], |row| row.get(0))
+                .map_err(|e| self.error("refund watch", e))?;
+            rows.collect::<std::result::Result<_, _>>()
+                .map_err(|e| self.error("refund watch", e))?
+        };
+        for id in &ids {
+            transaction
+                .execute(
+                    "UPDATE checkouts SET watched = 0, updated_at = ?2 WHERE id = ?1",
+                    params![id, now()],
+                )
+                .map_err(|e| self.error("refund watch", e))?;
+            transaction
+                .execute("DELETE FROM listen_targets WHERE checkout_id = ?1", [id])
+                .map_err(|e| self.error("refund watch", e))?;
+        }
+        transaction
+            .commit()
+            .map_err(|e| self.error("refund watch", e))?;
+        Ok(ids.into_iter().filter_map(|id| id.parse().ok()).collect())
+    }
+
+    /// One checkout.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn checkout(&self, id: &CheckoutId) -> Result<Option<CheckoutRecord>> {
+        let connection = self.lock();
+        connection
+            .query_row(
+                &format!("{CHECKOUT_COLUMNS} WHERE id = ?1"),
+                [id.as_str()],
+                checkout_from_row,
+            )
+            .optional()
+            .map_err(|e| self.error("read checkout", e))
+    }
+
+    /// Checkouts matching `filter`, newest first.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn list(&self, filter: &ListFilter) -> Result<Vec<CheckoutRecord>> {
+        let mut sql = format!("{CHECKOUT_COLUMNS} WHERE 1 = 1");
+        let mut values: Vec<String> = Vec::new();
+        if !filter.statuses.is_empty() {
+            let mut parts = Vec::new();
+            for status in &filter.statuses {
+                if status.eq_ignore_ascii_case("UNVERIFIED") {
+                    parts.push("status IS NULL".to_owned());
+                } else {
+                    values.push(CheckoutStatus::parse(status).as_str().to_owned());
+                    parts.push(format!("status = ?{}", values.len()));
+                }
+            }
+            sql.push_str(&format!(" AND ({})", parts.join(" OR ")));
+        }
+        if let Some(order_id) = &filter.order_id {
+            values.push(order_id.clone());
+            sql.push_str(&format!(" AND order_id = ?{}", values.len()));
+        }
+        if filter.watched_only {
+            sql.push_str(" AND watched = 1");
+        }
+        sql.push_str(" ORDER BY created_at DESC, id DESC");
+        if let Some(limit) = filter.limit {
+            sql.push_str(&format!(" LIMIT {limit}"));
+        }
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare(&sql)
+            .map_err(|e| self.error("list", e))?;
+        let rows = statement
+            .query_map(rusqlite::params_from_iter(values.iter()), checkout_from_row)
+            .map_err(|e| self.error("list", e))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.error("list", e))
+    }
+
+    /// A checkout's transitions, oldest first.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn transitions(&self, id: &CheckoutId) -> Result<Vec<TransitionRecord>> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare_cached(&format!(
+                "{TRANSITION_COLUMNS} WHERE checkout_id = ?1 ORDER BY id"
+            ))
+            .map_err(|e| self.error("transitions", e))?;
+        let rows = statement
+            .query_map([id.as_str()], transition_from_row)
+            .map_err(|e| self.error("transitions", e))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.error("transitions", e))
+    }
+
+    /// Counts for status lines.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn counts(&self) -> Result<LedgerCounts> {
+        let connection = self.lock();
+        connection
+            .query_row(
+                "SELECT (SELECT count(*) FROM checkouts),
+                        (SELECT count(*) FROM checkouts WHERE watched = 1),
+                        (SELECT count(*) FROM hook_deliveries WHERE state IN ('pending', 'running')),
+                        (SELECT count(*) FROM hook_deliveries WHERE state = 'dead')",
+                [],
+                |row| {
+                    Ok(LedgerCounts {
+                        checkouts: row.get(0)?,
+                        watched: row.get(1)?,
+                        hooks_pending: row.get(2)?,
+                        hooks_dead: row.get(3)?,
+                    })
+                },
+            )
+            .map_err(|e| self.error("counts", e))
+    }
+
+    /// SQLite's `data_version`: changes when another connection (a CLI `track`) commits.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn data_version(&self) -> Result<i64> {
+        self.lock()
+            .query_row("PRAGMA data_version", [], |row| row.get(0))
+            .map_err(|e| self.error("data_version", e))
+    }
+}
+
+/// Creates the file with mode 0600 if it does not exist (SQLite would create it 0644).
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+fn track_in(
+    transaction: &rusqlite::Transaction<'_>,
+    facts: &CheckoutFacts,
+    via: TrackedVia,
+) -> rusqlite::Result<TrackOutcome> {
+    let time = now();
+    let inserted = transaction.execute(
+        "INSERT INTO checkouts (id, order_id, request_id, display_id, amount, currency, status,
+                total_refunded, redirect_url, firebase_database, firebase_collection,
+                firebase_document, watched, needs_verify, tracked_via, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7, ?8, ?9, ?10, ?11, 1, 1, ?12, ?13, ?13)
+         ON CONFLICT (id) DO NOTHING",
+        params![
+            facts.id.as_str(),
+            facts.order_id,
+            facts.request_id,
+            facts.display_id,
+            facts.amount.to_string(),
+            facts.currency.as_str(),
+            facts.total_refunded.map(|d| d.to_string()),
+            facts.redirect_url,
+            facts.location.project,
+            facts.location.collection,
+            facts.location.document,
+            via.as_str(),
+            time,
+        ],
+    )?;
+    Ok(if inserted == 1 {
+        TrackOutcome::Added
+    } else {
+        TrackOutcome::AlreadyTracked
+    })
+}
+
+fn apply_in(
+    transaction: &rusqlite::Transaction<'_>,
+    verified: &VerifiedCheckout,
+    source: Source,
+    changed_at: Option<DateTime<Utc>>,
+    hooks: &[HookSettings],
+    refund_watch: Duration,
+) -> rusqlite::Result<ApplyOutcome> {
+    let facts = verified.facts();
+    let status = verified.status();
+    let id = facts.id.as_str();
+    let via = match source {
+        Source::Manual => TrackedVia::TrackFetch,
+        _ => TrackedVia::Track,
+    };
+    track_in(transaction, facts, via)?;
+    let previous: Option<String> =
+        transaction.query_row("SELECT status FROM checkouts WHERE id = ?1", [id], |row| {
+            row.get(0)
+        })?;
+    let verified_at = verified.verified_at();
+    let verified_text = timestamp(verified_at);
+    let previous_status = previous.as_deref().map(CheckoutStatus::parse);
+    if previous_status.as_ref() == Some(status) {
+        transaction.execute(
+            "UPDATE checkouts SET verified_at = ?2, needs_verify = 0, total_refunded = ?3,
+                    updated_at = ?2 WHERE id = ?1",
+            params![
+                id,
+                verified_text,
+                facts.total_refunded.map(|d| d.to_string())
+            ],
+        )?;
+        return Ok(ApplyOutcome::Unchanged);
+    }
+    let (watched, watch_until) = if status.is_final() {
+        (false, None)
+    } else if status.is_settled() {
+        let until = chrono::Duration::from_std(refund_watch)
+            .ok()
+            .and_then(|d| verified_at.checked_add_signed(d))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        (true, Some(timestamp(until)))
+    } else {
+        (true, None)
+    };
+    transaction.execute(
+        "UPDATE checkouts SET status = ?2, verified_at = ?3, needs_verify = 0, total_refunded = ?4,
+                watched = ?5, watch_until = ?6, updated_at = ?3,
+                order_id = coalesce(order_id, ?7), request_id = coalesce(request_id, ?8),
+                redirect_url = coalesce(redirect_url, ?9)
+         WHERE id = ?1",
+        params![
+            id,
+            status.as_str(),
+            verified_text,
+            facts.total_refunded.map(|d| d.to_string()),
+            watched,
+            watch_until,
+            facts.order_id,
+            facts.request_id,
+            facts.redirect_url,
+        ],
+    )?;
+    if !watched {
+        transaction.execute("DELETE FROM listen_targets WHERE checkout_id = ?1", [id])?;
+    }
+    let latency_ms = changed_at.map(|changed| (verified_at - changed).num_milliseconds().max(0));
+    transaction.execute(
+        "INSERT INTO transitions (checkout_id, from_status, to_status, source, changed_at,
+                verified_at, latency_ms, verified_json)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            id,
+            previous,
+            status.as_str(),
+            source.as_str(),
+            changed_at.map(timestamp),
+            verified_text,
+            latency_ms,
+            verified.raw_json(),
+        ],
+    )?;
+    let transition_id = transaction.last_insert_rowid();
+    let mut deliveries = Vec::new();
+    for hook in hooks.iter().filter(|hook| hook.fires_on(status)) {
+        deliveries.push(outbox::queue_in(
+            transaction,
+            transition_id,
+            id,
+            &hook.name,
+            false,
+        )?);
+    }
+    let transition = transaction.query_row(
+        &format!("{TRANSITION_COLUMNS} WHERE id = ?1"),
+        [transition_id],
+        transition_from_row,
+    )?;
+    Ok(ApplyOutcome::Transition {
+        transition,
+        deliveries,
+        watched,
+    })
+}
+
+const CHECKOUT_COLUMNS: &str =
+    "SELECT id, order_id, request_id, display_id, status, amount, currency,
+        total_refunded, redirect_url, watched, watch_until, firebase_database, firebase_collection,
+        firebase_document, tracked_via, created_at, updated_at, verified_at FROM checkouts";
+
+fn checkout_from_row(row: &Row<'_>) -> rusqlite::Result<CheckoutRecord> {
+    Ok(CheckoutRecord {
+        id: row.get(0)?,
+        order_id: row.get(1)?,
+        request_id: row.get(2)?,
+        display_id: row.get(3)?,
+        status: row.get(4)?,
+        amount: row.get(5)?,
+        currency: row.get(6)?,
+        total_refunded: row.get(7)?,
+        redirect_url: row.get(8)?,
+        watched: row.get(9)?,
+        watch_until: row.get(10)?,
+        firebase: FirebaseCoordinates {
+            database: row.get(11)?,
+            collection: row.get(12)?,
+            document: row.get(13)?,
+        },
+        tracked_via: row.get(14)?,
+        created_at: row.get(15)?,
+        updated_at: row.get(16)?,
+        verified_at: row.get(17)?,
+    })
+}
+
+const TRANSITION_COLUMNS: &str =
+    "SELECT id, checkout_id, from_status, to_status, source, changed_at,
+        verified_at, latency_ms, verified_json FROM transitions";
+
+fn transition_from_row(row: &Row<'_>) -> rusqlite::Result<TransitionRecord> {
+    Ok(TransitionRecord {
+        id: row.get(0)?,
+        checkout_id: row.get(1)?,
+        from: row.get(2)?,
+        to: row.get(3)?,
+        source: row.get(4)?,
+        changed_at: row.get(5)?,
+        verified_at: row.get(6)?,
+        latency_ms: row.get(7)?,
+        verified_json: row.get(8)?,
+    })
+}
+
+#[cfg(test)]
+mod tests;

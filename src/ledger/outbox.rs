@@ -1,0 +1,447 @@
+//! The hook outbox: deliveries queued with their transition, and their progress.
+//!
+//! Owns: the `hook_deliveries` table. A delivery is at-least-once: it is `running` while a
+//! command runs, and a `running` row found at start (the daemon died) goes back to `pending`.
+//! Must never: change a transition, or hand out two deliveries of one checkout and hook at once.
+
+use chrono::{DateTime, Utc};
+use rusqlite::{OptionalExtension, Row, Transaction, params};
+use serde::Serialize;
+
+use super::{Ledger, Result, now, timestamp};
+use crate::domain::CheckoutId;
+
+/// A delivery's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryState {
+    /// Waiting for its next attempt.
+    Pending,
+    /// Its command is running.
+    Running,
+    /// Its command exited 0.
+    Delivered,
+    /// Given up: out of attempts, too old, or a permanent exit code.
+    Dead,
+}
+
+impl DeliveryState {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Running => "running",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Dead => "dead",
+        }
+    }
+
+    /// Parses the stored spelling (also what `--state` accepts).
+    pub fn parse(text: &str) -> Option<DeliveryState> {
+        match text {
+            "pending" => Some(DeliveryState::Pending),
+            "running" => Some(DeliveryState::Running),
+            "delivered" => Some(DeliveryState::Delivered),
+            "dead" => Some(DeliveryState::Dead),
+            _ => None,
+        }
+    }
+}
+
+/// A delivery with what its hook needs to know about the transition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Delivery {
+    /// Stable across attempts and restarts; hooks de-duplicate on it.
+    pub event_id: String,
+    /// The hook's name.
+    pub hook: String,
+    /// The checkout.
+    pub checkout_id: String,
+    /// The merchant's order id.
+    pub order_id: Option<String>,
+    /// The merchant's request id.
+    pub request_id: Option<String>,
+    /// The transition.
+    pub transition_id: i64,
+    /// Status before.
+    pub previous_status: Option<String>,
+    /// Status after.
+    pub status: String,
+    /// What led to the verification.
+    pub source: String,
+    /// When it was verified.
+    pub verified_at: String,
+    /// The amount, exact decimal text.
+    pub amount: String,
+    /// ISO 4217 currency.
+    pub currency: String,
+    /// State.
+    pub state: DeliveryState,
+    /// Attempts started so far.
+    pub attempts: u32,
+    /// When the next attempt is due.
+    pub next_attempt_at: String,
+    /// The last attempt's exit code.
+    pub last_exit_code: Option<i32>,
+    /// The last attempt's failure, described.
+    pub last_error: Option<String>,
+    /// Whether `hooks replay` made it.
+    pub replay: bool,
+    /// When it was queued.
+    pub created_at: String,
+    /// When it was delivered.
+    pub delivered_at: Option<String>,
+    /// The verified checkout JSON, verbatim.
+    #[serde(skip)]
+    pub verified_json: String,
+}
+
+/// How an attempt ended, as the dispatcher decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryUpdate {
+    /// Exit 0.
+    Delivered,
+    /// Failed; try again at `next_attempt_at`.
+    Retry {
+        /// When to try again.
+        next_attempt_at: DateTime<Utc>,
+        /// Exit code, if it exited.
+        exit_code: Option<i32>,
+        /// What happened.
+        error: String,
+    },
+    /// Failed for good.
+    Dead {
+        /// Exit code, if it exited.
+        exit_code: Option<i32>,
+        /// What happened.
+        error: String,
+    },
+}
+
+/// Filters for [`Ledger::deliveries`].
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    /// Only this state.
+    pub state: Option<DeliveryState>,
+    /// Only this checkout.
+    pub checkout_id: Option<String>,
+    /// At most this many rows (newest first).
+    pub limit: Option<usize>,
+}
+
+/// Queues one delivery in the caller's transaction; returns its event id.
+pub(super) fn queue_in(
+    transaction: &Transaction<'_>,
+    transition_id: i64,
+    checkout_id: &str,
+    hook: &str,
+    replay: bool,
+) -> rusqlite::Result<String> {
+    let event_id = format!("evt_{}", uuid::Uuid::now_v7().simple());
+    let time = now();
+    transaction.execute(
+        "INSERT INTO hook_deliveries (event_id, transition_id, checkout_id, hook, state, attempts,
+                next_attempt_at, replay, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5, ?6, ?5, ?5)",
+        params![event_id, transition_id, checkout_id, hook, time, replay],
+    )?;
+    Ok(event_id)
+}
+
+const DELIVERY_COLUMNS: &str = "SELECT d.event_id, d.hook, d.checkout_id, c.order_id, c.request_id,
+        d.transition_id, t.from_status, t.to_status, t.source, t.verified_at, c.amount, c.currency,
+        d.state, d.attempts, d.next_attempt_at, d.last_exit_code, d.last_error, d.replay,
+        d.created_at, d.delivered_at, t.verified_json
+    FROM hook_deliveries d
+    JOIN transitions t ON t.id = d.transition_id
+    JOIN checkouts c ON c.id = d.checkout_id";
+
+fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<Delivery> {
+    let state: String = row.get(12)?;
+    Ok(Delivery {
+        event_id: row.get(0)?,
+        hook: row.get(1)?,
+        checkout_id: row.get(2)?,
+        order_id: row.get(3)?,
+        request_id: row.get(4)?,
+        transition_id: row.get(5)?,
+        previous_status: row.get(6)?,
+        status: row.get(7)?,
+        source: row.get(8)?,
+        verified_at: row.get(9)?,
+        amount: row.get(10)?,
+        currency: row.get(11)?,
+        state: DeliveryState::parse(&state).unwrap_or(DeliveryState::Pending),
+        attempts: row.get(13)?,
+        next_attempt_at: row.get(14)?,
+        last_exit_code: row.get(15)?,
+        last_error: row.get(16)?,
+        replay: row.get(17)?,
+        created_at: row.get(18)?,
+        delivered_at: row.get(19)?,
+        verified_json: row.get(20)?,
+    })
+}
+
+impl Ledger {
+    /// Puts deliveries left `running` by a daemon that died back to `pending`, due now.
+    /// Returns how many.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn recover_running_deliveries(&self) -> Result<usize> {
+        let time = now();
+        self.lock()
+            .execute(
+                "UPDATE hook_deliveries SET state = 'pending', next_attempt_at = ?1, updated_at = ?1,
+                        last_error = coalesce(last_error, 'interrupted: paywatch stopped while the hook ran')
+                 WHERE state = 'running'",
+                [time],
+            )
+            .map_err(|e| self.error("recover deliveries", e))
+    }
+
+    /// Claims up to `limit` due deliveries, marking them `running` and counting the attempt.
+    ///
+    /// A delivery is due when its time has come and no earlier delivery of the same checkout
+    /// and hook is still pending or running, so one checkout's events reach a hook in order.
+    /// `busy` lists (checkout, hook) pairs the caller is already running.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn claim_due_deliveries(
+        &self,
+        now_time: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Delivery>> {
+        let mut connection = self.lock();
+        let transaction = connection
+            .transaction()
+            .map_err(|e| self.error("claim", e))?;
+        let due: Vec<Delivery> = {
+            let mut statement = transaction
+                .prepare_cached(&format!(
+                    "{DELIVERY_COLUMNS}
+                     WHERE d.state = 'pending' AND d.next_attempt_at <= ?1
+                       AND NOT EXISTS (
+                           SELECT 1 FROM hook_deliveries e
+                           WHERE e.checkout_id = d.checkout_id AND e.hook = d.hook
+                             AND e.state IN ('pending', 'running') AND e.rowid < d.rowid)
+                     ORDER BY d.next_attempt_at, d.rowid LIMIT ?2"
+                ))
+                .map_err(|e| self.error("claim", e))?;
+            let rows = statement
+                .query_map(
+                    params![timestamp(now_time), limit as i64],
+                    delivery_from_row,
+                )
+                .map_err(|e| self.error("claim", e))?;
+            rows.collect::<std::result::Result<_, _>>()
+                .map_err(|e| self.error("claim", e))?
+        };
+        let time = now();
+        let mut claimed = Vec::with_capacity(due.len());
+        for mut delivery in due {
+            transaction
+                .execute(
+                    "UPDATE hook_deliveries SET state = 'running', attempts = attempts + 1, updated_at = ?2
+                     WHERE event_id = ?1",
+                    params![delivery.event_id, time],
+                )
+                .map_err(|e| self.error("claim", e))?;
+            delivery.state = DeliveryState::Running;
+            delivery.attempts += 1;
+            claimed.push(delivery);
+        }
+        transaction.commit().map_err(|e| self.error("claim", e))?;
+        Ok(claimed)
+    }
+
+    /// Records how an attempt ended.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn finish_delivery(&self, event_id: &str, update: &DeliveryUpdate) -> Result<()> {
+        let time = now();
+        let connection = self.lock();
+        let result = match update {
+            DeliveryUpdate::Delivered => connection.execute(
+                "UPDATE hook_deliveries SET state = 'delivered', delivered_at = ?2, updated_at = ?2,
+                        last_exit_code = 0, last_error = NULL WHERE event_id = ?1",
+                params![event_id, time],
+            ),
+            DeliveryUpdate::Retry { next_attempt_at, exit_code, error } => connection.execute(
+                "UPDATE hook_deliveries SET state = 'pending', next_attempt_at = ?2, last_exit_code = ?3,
+                        last_error = ?4, updated_at = ?5 WHERE event_id = ?1",
+                params![event_id, timestamp(*next_attempt_at), exit_code, error, time],
+            ),
+            DeliveryUpdate::Dead { exit_code, error } => connection.execute(
+                "UPDATE hook_deliveries SET state = 'dead', last_exit_code = ?2, last_error = ?3,
+                        updated_at = ?4 WHERE event_id = ?1",
+                params![event_id, exit_code, error, time],
+            ),
+        };
+        result
+            .map(|_| ())
+            .map_err(|e| self.error("finish delivery", e))
+    }
+
+    /// Revives a dead delivery (or hurries a pending one): pending, due now, attempts reset.
+    /// Returns false if there is no such event or it is delivered or running.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn retry_delivery(&self, event_id: &str) -> Result<bool> {
+        let time = now();
+        self.lock()
+            .execute(
+                "UPDATE hook_deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?2, updated_at = ?2
+                 WHERE event_id = ?1 AND state IN ('dead', 'pending')",
+                params![event_id, time],
+            )
+            .map(|changed| changed == 1)
+            .map_err(|e| self.error("retry delivery", e))
+    }
+
+    /// Revives every dead delivery; returns how many.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn retry_dead_deliveries(&self) -> Result<usize> {
+        let time = now();
+        self.lock()
+            .execute(
+                "UPDATE hook_deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?1, updated_at = ?1
+                 WHERE state = 'dead'",
+                [time],
+            )
+            .map_err(|e| self.error("retry dead deliveries", e))
+    }
+
+    /// Queues new deliveries (new event ids, marked replay) of past transitions verified at or
+    /// after `since`, for `hooks` (names), optionally only for one status. Returns the event ids.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn replay_deliveries(
+        &self,
+        since: DateTime<Utc>,
+        status: Option<&str>,
+        hooks: &[(String, Vec<String>)],
+    ) -> Result<Vec<String>> {
+        let mut connection = self.lock();
+        let transaction = connection
+            .transaction()
+            .map_err(|e| self.error("replay", e))?;
+        let transitions: Vec<(i64, String, String)> = {
+            let mut statement = transaction
+                .prepare(
+                    "SELECT id, checkout_id, to_status FROM transitions
+                     WHERE verified_at >= ?1 AND (?2 IS NULL OR to_status = ?2) ORDER BY id",
+                )
+                .map_err(|e| self.error("replay", e))?;
+            let rows = statement
+                .query_map(params![timestamp(since), status], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                })
+                .map_err(|e| self.error("replay", e))?;
+            rows.collect::<std::result::Result<_, _>>()
+                .map_err(|e| self.error("replay", e))?
+        };
+        let mut events = Vec::new();
+        for (transition_id, checkout_id, to_status) in transitions {
+            for (hook, statuses) in hooks {
+                if statuses.is_empty() || statuses.iter().any(|s| s == &to_status) {
+                    events.push(
+                        queue_in(&transaction, transition_id, &checkout_id, hook, true)
+                            .map_err(|e| self.error("replay", e))?,
+                    );
+                }
+            }
+        }
+        transaction.commit().map_err(|e| self.error("replay", e))?;
+        Ok(events)
+    }
+
+    /// Deliveries matching `filter`, newest first.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<Delivery>> {
+        let connection = self.lock();
+        let limit = filter.limit.map(|l| l as i64).unwrap_or(-1);
+        let mut statement = connection
+            .prepare_cached(&format!(
+                "{DELIVERY_COLUMNS} WHERE (?1 IS NULL OR d.state = ?1) AND (?2 IS NULL OR d.checkout_id = ?2)
+                 ORDER BY d.rowid DESC LIMIT ?3"
+            ))
+            .map_err(|e| self.error("deliveries", e))?;
+        let rows = statement
+            .query_map(
+                params![
+                    filter.state.map(DeliveryState::as_str),
+                    filter.checkout_id,
+                    limit
+                ],
+                delivery_from_row,
+            )
+            .map_err(|e| self.error("deliveries", e))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.error("deliveries", e))
+    }
+
+    /// One delivery.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn delivery(&self, event_id: &str) -> Result<Option<Delivery>> {
+        self.lock()
+            .query_row(
+                &format!("{DELIVERY_COLUMNS} WHERE d.event_id = ?1"),
+                [event_id],
+                delivery_from_row,
+            )
+            .optional()
+            .map_err(|e| self.error("delivery", e))
+    }
+
+    /// The earliest time a pending delivery is due, for the dispatcher's timer.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn next_delivery_due(&self) -> Result<Option<DateTime<Utc>>> {
+        let next: Option<String> = self
+            .lock()
+            .query_row(
+                "SELECT min(next_attempt_at) FROM hook_deliveries WHERE state = 'pending'",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(|e| self.error("next due", e))?;
+        Ok(next
+            .and_then(|text| DateTime::parse_from_rfc3339(&text).ok())
+            .map(|t| t.with_timezone(&Utc)))
+    }
+
+    /// Transitions of one checkout as deliveries would see them, for `events`.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn deliveries_of(&self, checkout_id: &CheckoutId) -> Result<Vec<Delivery>> {
+        self.deliveries(&DeliveryFilter {
+            checkout_id: Some(checkout_id.to_string()),
+            ..DeliveryFilter::default()
+        })
+    }
+}

@@ -1,0 +1,450 @@
+//! Ledger: migrations, tracking, transitions, outbox, resume state.
+
+use std::os::unix::fs::PermissionsExt;
+
+use super::*;
+use crate::paymennt::wire::Checkout;
+
+fn checkout_json(id: &str, status: &str) -> String {
+    format!(
+        r#"{{"id":"{id}","orderId":"ORD-{id}","requestId":"REQ-{id}","currency":"AED","amount":100.00,"status":"{status}","totalRefunded":0,"firebaseDatabase":"pc-test-734bc","firebaseCollection":"checkouts","firebaseDocument":"doc-{id}"}}"#
+    )
+}
+
+fn verified(id: &str, status: &str) -> VerifiedCheckout {
+    VerifiedCheckout::for_tests(&checkout_json(id, status))
+}
+
+fn facts(id: &str) -> CheckoutFacts {
+    let wire: Checkout = serde_json::from_str(&checkout_json(id, "PENDING")).expect("json");
+    wire.facts().expect("facts")
+}
+
+fn hook(name: &str, statuses: &[&str]) -> HookSettings {
+    HookSettings {
+        name: name.into(),
+        command: vec!["/bin/true".into()],
+        statuses: statuses.iter().map(|s| s.to_string()).collect(),
+        timeout: Duration::from_secs(5),
+        max_attempts: None,
+        max_age: None,
+        env: Default::default(),
+        permanent_exit_codes: vec![],
+    }
+}
+
+const WATCH: Duration = Duration::from_secs(3600);
+
+#[test]
+fn open_creates_a_private_file_and_migrates_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("sub/dir/paywatch.db");
+    let ledger = Ledger::open(&path).expect("open");
+    ledger.track(&facts("1"), TrackedVia::Track).expect("track");
+    drop(ledger);
+    let mode = std::fs::metadata(&path)
+        .expect("exists")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    // Reopening keeps the data and does not re-run migrations.
+    let ledger = Ledger::open(&path).expect("reopen");
+    assert_eq!(ledger.counts().expect("counts").checkouts, 1);
+    let version: i64 = ledger
+        .lock()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .expect("version");
+    assert_eq!(version, SCHEMA_VERSION);
+    let journal: String = ledger
+        .lock()
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .expect("mode");
+    assert_eq!(journal, "wal");
+}
+
+#[test]
+fn a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("paywatch.db");
+    drop(Ledger::open(&path).expect("open"));
+    let connection = Connection::open(&path).expect("raw open");
+    connection
+        .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+        .expect("bump");
+    drop(connection);
+    let error = Ledger::open(&path).expect_err("newer schema");
+    assert!(error.to_string().contains("newer paywatch"), "{error}");
+}
+
+#[test]
+fn tracking_twice_is_not_an_error_and_records_no_status() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    assert_eq!(
+        ledger.track(&facts("1"), TrackedVia::Track).expect("track"),
+        TrackOutcome::Added
+    );
+    assert_eq!(
+        ledger.track(&facts("1"), TrackedVia::Track).expect("track"),
+        TrackOutcome::AlreadyTracked
+    );
+    let record = ledger
+        .checkout(&"1".parse().expect("id"))
+        .expect("read")
+        .expect("exists");
+    assert_eq!(
+        record.status, None,
+        "a tracked response's status is not verified"
+    );
+    assert_eq!(record.amount, "100.00");
+    assert!(record.watched);
+    assert_eq!(
+        ledger
+            .transitions(&"1".parse().expect("id"))
+            .expect("transitions"),
+        vec![]
+    );
+}
+
+#[test]
+fn apply_records_transitions_only_on_change_and_queues_matching_hooks() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let hooks = [hook("all", &[]), hook("paid-only", &["PAID"])];
+    let id: CheckoutId = "7".parse().expect("id");
+    let first = ledger
+        .apply(
+            &verified("7", "PENDING"),
+            Source::Reconcile,
+            None,
+            &hooks,
+            WATCH,
+        )
+        .expect("apply");
+    let ApplyOutcome::Transition { deliveries, .. } = first else {
+        panic!("first status is a transition")
+    };
+    assert_eq!(
+        deliveries.len(),
+        1,
+        "only the all-statuses hook fires on PENDING"
+    );
+    assert_eq!(
+        ledger
+            .apply(
+                &verified("7", "PENDING"),
+                Source::Firestore,
+                None,
+                &hooks,
+                WATCH
+            )
+            .expect("apply"),
+        ApplyOutcome::Unchanged
+    );
+    let changed_at = Utc::now() - chrono::Duration::milliseconds(150);
+    let paid = ledger
+        .apply(
+            &verified("7", "Paid"),
+            Source::Firestore,
+            Some(changed_at),
+            &hooks,
+            WATCH,
+        )
+        .expect("apply");
+    let ApplyOutcome::Transition {
+        transition,
+        deliveries,
+        watched,
+    } = paid
+    else {
+        panic!("PAID is a transition")
+    };
+    assert_eq!(deliveries.len(), 2);
+    assert!(watched, "PAID stays watched for refunds");
+    assert_eq!(transition.from.as_deref(), Some("PENDING"));
+    assert_eq!(transition.to, "PAID");
+    assert_eq!(transition.source, "firestore");
+    assert!(transition.latency_ms.is_some_and(|ms| ms >= 150));
+    let history = ledger.transitions(&id).expect("history");
+    assert_eq!(
+        history.iter().map(|t| t.to.as_str()).collect::<Vec<_>>(),
+        ["PENDING", "PAID"]
+    );
+    assert!(
+        history[1].verified_json.contains("\"Paid\""),
+        "the raw verified JSON is kept verbatim"
+    );
+    let record = ledger.checkout(&id).expect("read").expect("exists");
+    assert!(record.watch_until.is_some());
+}
+
+#[test]
+fn final_status_stops_watching_and_drops_the_token() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let id: CheckoutId = "9".parse().expect("id");
+    ledger.track(&facts("9"), TrackedVia::Track).expect("track");
+    ledger
+        .save_resume_tokens(&[(id.clone(), vec![1, 2, 3])], None)
+        .expect("save");
+    assert_eq!(
+        ledger.watch_set().expect("set")[0].resume_token,
+        Some(vec![1, 2, 3])
+    );
+    ledger
+        .apply(
+            &verified("9", "FAILED"),
+            Source::Firestore,
+            None,
+            &[],
+            WATCH,
+        )
+        .expect("apply");
+    assert!(ledger.watch_set().expect("set").is_empty());
+    let tokens: i64 = ledger
+        .lock()
+        .query_row("SELECT count(*) FROM listen_targets", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(tokens, 0);
+}
+
+#[test]
+fn transitions_are_append_only() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    ledger
+        .apply(&verified("1", "PAID"), Source::Manual, None, &[], WATCH)
+        .expect("apply");
+    let update = ledger
+        .lock()
+        .execute("UPDATE transitions SET to_status = 'FAILED'", []);
+    assert!(update.is_err());
+    let delete = ledger.lock().execute("DELETE FROM transitions", []);
+    assert!(delete.is_err());
+}
+
+#[test]
+fn needs_verify_survives_until_verified() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let id: CheckoutId = "3".parse().expect("id");
+    ledger
+        .apply(
+            &verified("3", "PENDING"),
+            Source::Reconcile,
+            None,
+            &[],
+            WATCH,
+        )
+        .expect("apply");
+    assert!(!ledger.watch_set().expect("set")[0].needs_verify);
+    ledger
+        .mark_needs_verify(std::slice::from_ref(&id))
+        .expect("mark");
+    assert!(ledger.watch_set().expect("set")[0].needs_verify);
+    ledger
+        .apply(
+            &verified("3", "PENDING"),
+            Source::Reconcile,
+            None,
+            &[],
+            WATCH,
+        )
+        .expect("apply");
+    assert!(!ledger.watch_set().expect("set")[0].needs_verify);
+}
+
+#[test]
+fn refund_watch_expires() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    ledger
+        .apply(
+            &verified("5", "PAID"),
+            Source::Reconcile,
+            None,
+            &[],
+            Duration::from_secs(60),
+        )
+        .expect("apply");
+    assert!(
+        ledger
+            .expire_refund_watch(Utc::now())
+            .expect("expire")
+            .is_empty()
+    );
+    let later = Utc::now() + chrono::Duration::seconds(61);
+    assert_eq!(
+        ledger.expire_refund_watch(later).expect("expire"),
+        vec!["5".parse::<CheckoutId>().expect("id")]
+    );
+    assert!(ledger.watch_set().expect("set").is_empty());
+}
+
+#[test]
+fn list_filters_by_status_and_order() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    ledger
+        .apply(&verified("1", "PAID"), Source::Reconcile, None, &[], WATCH)
+        .expect("apply");
+    ledger
+        .apply(
+            &verified("2", "PENDING"),
+            Source::Reconcile,
+            None,
+            &[],
+            WATCH,
+        )
+        .expect("apply");
+    ledger.track(&facts("3"), TrackedVia::Track).expect("track");
+    let paid = ledger
+        .list(&ListFilter {
+            statuses: vec!["paid".into()],
+            ..ListFilter::default()
+        })
+        .expect("list");
+    assert_eq!(
+        paid.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        ["1"]
+    );
+    let unverified = ledger
+        .list(&ListFilter {
+            statuses: vec!["UNVERIFIED".into()],
+            ..ListFilter::default()
+        })
+        .expect("list");
+    assert_eq!(
+        unverified.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        ["3"]
+    );
+    let by_order = ledger
+        .list(&ListFilter {
+            order_id: Some("ORD-2".into()),
+            ..ListFilter::default()
+        })
+        .expect("list");
+    assert_eq!(by_order.len(), 1);
+}
+
+#[test]
+fn deliveries_are_claimed_in_order_per_checkout_and_hook() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let hooks = [hook("h", &[])];
+    ledger
+        .apply(
+            &verified("1", "PENDING"),
+            Source::Reconcile,
+            None,
+            &hooks,
+            WATCH,
+        )
+        .expect("apply");
+    ledger
+        .apply(
+            &verified("1", "PAID"),
+            Source::Firestore,
+            None,
+            &hooks,
+            WATCH,
+        )
+        .expect("apply");
+    ledger
+        .apply(
+            &verified("2", "PAID"),
+            Source::Firestore,
+            None,
+            &hooks,
+            WATCH,
+        )
+        .expect("apply");
+    let later = Utc::now() + chrono::Duration::seconds(1);
+    let first = ledger.claim_due_deliveries(later, 10).expect("claim");
+    // Checkout 1's PAID waits behind its PENDING; checkout 2 runs in parallel.
+    let mut claimed: Vec<(String, String)> = first
+        .iter()
+        .map(|d| (d.checkout_id.clone(), d.status.clone()))
+        .collect();
+    claimed.sort();
+    assert_eq!(
+        claimed,
+        [
+            ("1".to_string(), "PENDING".to_string()),
+            ("2".to_string(), "PAID".to_string())
+        ]
+    );
+    assert!(
+        ledger
+            .claim_due_deliveries(later, 10)
+            .expect("claim")
+            .is_empty(),
+        "nothing more until they finish"
+    );
+    let pending_one = first.iter().find(|d| d.checkout_id == "1").expect("one");
+    ledger
+        .finish_delivery(&pending_one.event_id, &DeliveryUpdate::Delivered)
+        .expect("finish");
+    let second = ledger.claim_due_deliveries(later, 10).expect("claim");
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].status, "PAID");
+    assert_eq!(second[0].previous_status.as_deref(), Some("PENDING"));
+    assert_eq!(second[0].attempts, 1);
+}
+
+#[test]
+fn running_deliveries_are_recovered_and_dead_ones_revived() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    ledger
+        .apply(
+            &verified("1", "PAID"),
+            Source::Reconcile,
+            None,
+            &[hook("h", &[])],
+            WATCH,
+        )
+        .expect("apply");
+    let later = Utc::now() + chrono::Duration::seconds(1);
+    let claimed = ledger.claim_due_deliveries(later, 10).expect("claim");
+    let event_id = claimed[0].event_id.clone();
+    assert_eq!(ledger.recover_running_deliveries().expect("recover"), 1);
+    let again = ledger.claim_due_deliveries(later, 10).expect("claim");
+    assert_eq!(
+        again[0].event_id, event_id,
+        "the same event id on every attempt"
+    );
+    assert_eq!(again[0].attempts, 2);
+    ledger
+        .finish_delivery(
+            &event_id,
+            &DeliveryUpdate::Dead {
+                exit_code: Some(3),
+                error: "exit 3".into(),
+            },
+        )
+        .expect("dead");
+    assert_eq!(ledger.counts().expect("counts").hooks_dead, 1);
+    assert!(ledger.retry_delivery(&event_id).expect("retry"));
+    let revived = ledger.delivery(&event_id).expect("read").expect("exists");
+    assert_eq!(revived.state, DeliveryState::Pending);
+    assert_eq!(revived.attempts, 0);
+    assert!(!ledger.retry_delivery("evt_missing").expect("retry"));
+}
+
+#[test]
+fn replay_queues_new_events_for_past_transitions() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    ledger
+        .apply(&verified("1", "PAID"), Source::Reconcile, None, &[], WATCH)
+        .expect("apply");
+    ledger
+        .apply(
+            &verified("2", "FAILED"),
+            Source::Reconcile,
+            None,
+            &[],
+            WATCH,
+        )
+        .expect("apply");
+    let since = Utc::now() - chrono::Duration::hours(1);
+    let events = ledger
+        .replay_deliveries(since, Some("PAID"), &[("h".into(), vec![])])
+        .expect("replay");
+    assert_eq!(events.len(), 1);
+    let delivery = ledger.delivery(&events[0]).expect("read").expect("exists");
+    assert!(delivery.replay);
+    assert_eq!(delivery.checkout_id, "1");
+}
