@@ -556,7 +556,7 @@ mod tests {
     fn amount_must_be_positive() {
         assert!("-1".parse::<Amount>().is_err());
         assert!("0".parse::<Amount>().is_err());
-        let error = "12,5".parse::<Amount>().unwrap_err();
+        let error = "12,5".parse::<Amount>().expect_err("invalid");
         assert!(error.to_string().contains("'12,5'"), "{error}");
         assert_eq!(
             "0.01".parse::<Amount>().map(|a| a.to_string()),
@@ -590,9 +590,9 @@ mod tests {
             location.document_name(),
             "projects/pc-test-734bc/databases/(default)/documents/checkouts/abc123"
         );
-        let error = FirestoreLocation::new("p", "a/b", "d").unwrap_err();
+        let error = FirestoreLocation::new("p", "a/b", "d").expect_err("invalid");
         assert_eq!(error.what, "firebaseCollection");
-        let error = FirestoreLocation::new("p", "c", "").unwrap_err();
+        let error = FirestoreLocation::new("p", "c", "").expect_err("invalid");
         assert_eq!(error.what, "firebaseDocument");
     }
 }

@@ -173,7 +173,7 @@ pub enum ApplyOutcome {
     /// The status changed: a transition and its hook deliveries were written.
     Transition {
         /// The new transition.
-        transition: TransitionRecord,
+        transition: Box<TransitionRecord>,
         /// Event ids of the deliveries queued for it.
         deliveries: Vec<String>,
         /// Whether the checkout is still watched.
@@ -797,7 +797,7 @@ fn apply_in(
         transition_from_row,
     )?;
     Ok(ApplyOutcome::Transition {
-        transition,
+        transition: Box::new(transition),
         deliveries,
         watched,
     })
