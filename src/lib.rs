@@ -16,6 +16,7 @@
 pub mod cli;
 pub mod domain;
 pub mod ledger;
+pub mod logging;
 pub mod paymennt;
 pub mod sandbox;
 pub mod settings;

@@ -1,0 +1,152 @@
+//! Log output: human text on a terminal, syslog-prioritised lines under journald, or JSON.
+//!
+//! Owns: the tracing subscriber and the filter handle used to change the level on reload.
+//! Must never: print secrets (callers never log them; nothing here adds any).
+
+use std::fmt;
+
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::{DefaultFields, Format, Full, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::reload;
+use tracing_subscriber::{EnvFilter, Registry, prelude::*};
+
+use crate::settings::LogFormat;
+
+/// Changes the log filter of the running process (SIGHUP reload).
+#[derive(Clone)]
+pub struct LogHandle {
+    reload: Option<reload::Handle<EnvFilter, Registry>>,
+}
+
+impl fmt::Debug for LogHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogHandle").finish_non_exhaustive()
+    }
+}
+
+impl LogHandle {
+    /// A handle that changes nothing (when logging was set up elsewhere, as in tests).
+    pub fn detached() -> LogHandle {
+        LogHandle { reload: None }
+    }
+
+    /// Sets a new filter unless `RUST_LOG` is set (the environment wins).
+    ///
+    /// # Errors
+    ///
+    /// An invalid filter string.
+    pub fn set_level(&self, level: &str) -> Result<(), String> {
+        if std::env::var_os("RUST_LOG").is_some() {
+            return Ok(());
+        }
+        let filter = EnvFilter::try_new(level).map_err(|error| format!("log level '{level}': {error}"))?;
+        if let Some(handle) = &self.reload {
+            handle.reload(filter).map_err(|error| error.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether stderr is connected to the journal: `JOURNAL_STREAM` is set and names our stderr.
+pub fn stderr_is_journal() -> bool {
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((device, inode)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self/fd/2 is our stderr; journald passes "device:inode" of the stream it gave us.
+    match std::fs::metadata("/proc/self/fd/2") {
+        Ok(meta) => meta.dev().to_string() == device && meta.ino().to_string() == inode,
+        // Cannot check (no /proc): trust the variable.
+        Err(_) => true,
+    }
+}
+
+/// Installs the global subscriber, writing to stderr.
+///
+/// `level` is used unless `RUST_LOG` is set. Under journald (text format) lines carry the
+/// `<N>` syslog priority prefix and no timestamp, so `journalctl -p warning` works.
+pub fn init(level: &str, format: LogFormat) -> LogHandle {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|value| EnvFilter::try_new(value).ok())
+        .or_else(|| EnvFilter::try_new(level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let journal = stderr_is_journal();
+    let result = match format {
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(filter)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+        LogFormat::Text if journal => tracing_subscriber::registry()
+            .with(filter)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .event_format(JournalFormat(Format::default().without_time().with_ansi(false)))
+                    .with_ansi(false)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+        LogFormat::Text => tracing_subscriber::registry()
+            .with(filter)
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init(),
+    };
+    match result {
+        Ok(()) => LogHandle { reload: Some(handle) },
+        // Already initialised (tests, or a library user): leave theirs in place.
+        Err(_) => LogHandle::detached(),
+    }
+}
+
+/// The syslog priority journald reads from a `<N>` line prefix (sd-daemon(3)).
+pub fn syslog_priority(level: &Level) -> u8 {
+    match *level {
+        Level::ERROR => 3,
+        Level::WARN => 4,
+        Level::INFO => 6,
+        Level::DEBUG | Level::TRACE => 7,
+    }
+}
+
+/// Text lines with a `<N>` priority prefix and no timestamp, for journald.
+struct JournalFormat(Format<Full, ()>);
+
+impl<S, N> FormatEvent<S, N> for JournalFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+        write!(writer, "<{}>", syslog_priority(event.metadata().level()))?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
+// Keeps `DefaultFields` in the public signature stable if the field formatter changes.
+#[allow(dead_code)]
+type Fields = DefaultFields;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priorities_match_syslog() {
+        assert_eq!(syslog_priority(&Level::ERROR), 3);
+        assert_eq!(syslog_priority(&Level::WARN), 4);
+        assert_eq!(syslog_priority(&Level::INFO), 6);
+        assert_eq!(syslog_priority(&Level::DEBUG), 7);
+    }
+}
