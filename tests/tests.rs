@@ -1,1 +1,3 @@
+//! paywatch integration tests: all in one binary (see `[[test]]` in Cargo.toml).
 
+mod interop;

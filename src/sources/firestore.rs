@@ -44,7 +44,6 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-pub(crate) use connect::Connector;
 pub use connect::FirestoreAuth;
 pub use pool::{Listener, ListenerHandle};
 
