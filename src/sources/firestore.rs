@@ -35,6 +35,8 @@
 
 mod backoff;
 mod connect;
+#[cfg(test)]
+mod fake;
 mod pool;
 mod state;
 mod stream;

@@ -32,8 +32,8 @@ use crate::sources::Nudge;
 pub(crate) enum Action {
     /// Send this event on the listener's channel.
     Emit(ListenEvent),
-    /// Send this request on the open Listen stream.
-    Send(ListenRequest),
+    /// Send this request on the open Listen stream (boxed: requests are large, events small).
+    Send(Box<ListenRequest>),
     /// The stream is healthy (a token or CURRENT arrived): start the next backoff from scratch.
     ResetBackoff,
 }
@@ -685,7 +685,7 @@ impl StreamState {
                     self.by_checkout.insert(entry.checkout_id.clone(), new_id);
                     self.targets.insert(new_id, entry);
                     let request = self.add_request(new_id);
-                    out.push(Action::Send(request));
+                    out.push(Action::Send(Box::new(request)));
                 }
                 Code::InvalidArgument
                 | Code::FailedPrecondition
@@ -720,7 +720,7 @@ impl StreamState {
         // Bounded: there are fewer targets than ids, so a free id turns up.
         loop {
             let id = self.next_id;
-            self.next_id = if self.next_id >= i32::MAX {
+            self.next_id = if self.next_id == i32::MAX {
                 1
             } else {
                 self.next_id + 1
@@ -949,7 +949,12 @@ mod tests {
 
         fn connect(&mut self) -> Vec<Seen> {
             let requests = self.state.connect();
-            seen(&requests.into_iter().map(Action::Send).collect::<Vec<_>>())
+            seen(
+                &requests
+                    .into_iter()
+                    .map(|r| Action::Send(Box::new(r)))
+                    .collect::<Vec<_>>(),
+            )
         }
     }
 
@@ -1212,7 +1217,7 @@ mod tests {
         ]);
         let add = h.state.add(watch("b", None));
         assert_eq!(
-            seen(&[Action::Send(add.expect("connected: AddTarget"))]),
+            seen(&[Action::Send(Box::new(add.expect("connected: AddTarget")))]),
             vec![Seen::Add(2, None)]
         );
         // The global marker right after b's ADD must not checkpoint b (not CURRENT yet).
@@ -1226,7 +1231,9 @@ mod tests {
         );
         let remove = h.state.remove(&id("a"));
         assert_eq!(
-            seen(&[Action::Send(remove.expect("connected: RemoveTarget"))]),
+            seen(&[Action::Send(Box::new(
+                remove.expect("connected: RemoveTarget")
+            ))]),
             vec![Seen::Remove(1)]
         );
         assert_eq!(h.state.len(), 1);
@@ -1235,7 +1242,7 @@ mod tests {
         assert_eq!(got, vec![]);
         let add = h.state.add(watch("c", None));
         assert_eq!(
-            seen(&[Action::Send(add.expect("connected"))]),
+            seen(&[Action::Send(Box::new(add.expect("connected")))]),
             vec![Seen::Add(3, None)],
             "id 1 is not reused before its REMOVE"
         );

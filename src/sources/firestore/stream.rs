@@ -268,7 +268,7 @@ impl Session<'_> {
                                 }
                             }
                             Action::Send(request) => {
-                                let _ = requests.send(request);
+                                let _ = requests.send(*request);
                             }
                             Action::ResetBackoff => backoff.reset(),
                         }
