@@ -188,3 +188,16 @@ pub enum ListenEvent {
         retry_in: Duration,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_mode_config_spelling() {
+        let modes: Vec<StreamMode> =
+            serde_json::from_str(r#"["multiplexed", "per-document"]"#).expect("both spellings");
+        assert_eq!(modes, [StreamMode::Multiplexed, StreamMode::PerDocument]);
+        assert!(serde_json::from_str::<StreamMode>(r#""per_document""#).is_err());
+    }
+}

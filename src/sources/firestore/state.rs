@@ -232,6 +232,14 @@ impl StreamState {
             .any(|t| t.session.as_ref().is_some_and(|s| s.resumed))
     }
 
+    /// Targets sent on this session that the server has not acknowledged with ADD.
+    pub(crate) fn unacknowledged(&self) -> usize {
+        self.targets
+            .values()
+            .filter(|t| !t.removing && t.session.as_ref().is_some_and(|s| !s.acked))
+            .count()
+    }
+
     /// Whether the tokens were already dropped once after INVALID_ARGUMENT.
     pub(crate) fn retried_without_tokens(&self) -> bool {
         self.retried_without_tokens
@@ -772,6 +780,41 @@ fn changed(checkout_id: &CheckoutId, now: Instant, changed_at: Option<DateTime<U
         seen_at: now,
         changed_at,
     }))
+}
+
+/// A one-line description of a response for debug logs (never the document's fields).
+pub(crate) fn summary(response: &ListenResponse) -> String {
+    match &response.response_type {
+        Some(listen_response::ResponseType::TargetChange(c)) => format!(
+            "{} {:?} token={}B read_time={}",
+            TargetChangeType::try_from(c.target_change_type)
+                .map(|t| t.as_str_name())
+                .unwrap_or("UNKNOWN"),
+            c.target_ids,
+            c.resume_token.len(),
+            c.read_time.is_some()
+        ),
+        Some(listen_response::ResponseType::DocumentChange(c)) => format!(
+            "DocumentChange {} targets={:?} removed={:?}",
+            printable(c.document.as_ref().map(|d| d.name.as_str()).unwrap_or("")),
+            c.target_ids,
+            c.removed_target_ids
+        ),
+        Some(listen_response::ResponseType::DocumentDelete(d)) => format!(
+            "DocumentDelete {} removed={:?}",
+            printable(&d.document),
+            d.removed_target_ids
+        ),
+        Some(listen_response::ResponseType::DocumentRemove(d)) => format!(
+            "DocumentRemove {} removed={:?}",
+            printable(&d.document),
+            d.removed_target_ids
+        ),
+        Some(listen_response::ResponseType::Filter(f)) => {
+            format!("ExistenceFilter target={} count={}", f.target_id, f.count)
+        }
+        None => "empty".to_owned(),
+    }
 }
 
 /// A protobuf timestamp as UTC, None when out of range.

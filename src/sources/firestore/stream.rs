@@ -21,7 +21,7 @@ use tonic::{Code, Status};
 
 use super::backoff::Backoff;
 use super::pool::{Connection, ProjectShared, Shared};
-use super::state::{Action, Disposition, Fault, StreamState, classify, permanent_message};
+use super::state::{Action, Disposition, Fault, StreamState, classify, permanent_message, summary};
 use super::{ListenEvent, WatchTarget};
 use crate::domain::{CheckoutId, printable};
 
@@ -254,7 +254,7 @@ impl Session<'_> {
                         }
                         Err(status) => return self.on_status(status, state, backoff).await,
                     };
-                    tracing::debug!(project = %project, stream = self.key, ?response, "listen response");
+                    tracing::debug!(project = %project, stream = self.key, "listen response: {}", summary(&response));
                     if self.project.failed.swap(false, Ordering::SeqCst) {
                         tracing::info!(project = %project, "Firestore accepts this project again");
                     }
@@ -280,6 +280,13 @@ impl Session<'_> {
                     deadline = Instant::now() + idle;
                 }
                 _ = tokio::time::sleep_until(deadline) => {
+                    let unacknowledged = state.unacknowledged();
+                    if unacknowledged > 0 {
+                        tracing::warn!(project = %project, stream = self.key, unacknowledged,
+                            "the server never acknowledged (ADD) some targets of this stream; an \
+                             emulator that reads only the first request of a stream does this: use \
+                             [firestore] stream_mode = \"per-document\" with it");
+                    }
                     let delay = backoff.next_delay();
                     tracing::warn!(project = %project, stream = self.key, targets = state.len(),
                         retry_in = ?delay, "listen stream silent for {idle:?}; reopening it");
