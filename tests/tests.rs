@@ -1,1 +1,3 @@
 //! End-to-end tests: one binary for every surface (the ripgrep shape).
+
+mod interop;

@@ -3,4 +3,5 @@
 //! Owns: the fake services used by `paywatch demo`, `paywatch sandbox`, the tests and benchmarks.
 //! Must never: depend on the daemon's pipeline (sources, verifier, ledger, hooks).
 
+pub mod external;
 pub mod sink;

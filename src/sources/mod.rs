@@ -4,6 +4,8 @@
 //! Must never: decide a checkout's status. A nudge carries no status; only the verifier,
 //! through Get Checkout, learns one.
 
+pub mod firestore;
+
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};

@@ -1,0 +1,203 @@
+//! The Firestore listener: watches checkout documents over Firestore's gRPC `Listen` API.
+//!
+//! Owns: the Listen streams and their HTTP/2 connections (one pool per Firebase project, so
+//! checkouts of several projects are watched at once), credentials (a service-account file or
+//! the Application Default Credentials, refreshed by google-cloud-auth before they expire),
+//! resume tokens in memory, reconnects with exponential backoff and jitter, and an idle watchdog
+//! that reopens streams that went silent.
+//!
+//! Must never: decide a checkout's status, read a document's fields as a status, or touch the
+//! ledger. It only emits [`ListenEvent`]s on a channel: "verify this checkout"
+//! ([`ListenEvent::Changed`]), "these resume tokens are safe to persist"
+//! ([`ListenEvent::Checkpoint`]), "discard this token" ([`ListenEvent::ForgetToken`]) and
+//! health reports. The daemon persists tokens and passes them back in [`WatchTarget`].
+//!
+//! # Ordering
+//! Events of one checkout come from one stream task and keep their order on the channel. A
+//! [`ListenEvent::Checkpoint`] is sent only after every `Changed` it covers: persist its tokens
+//! only once the earlier `Changed` nudges of those checkouts are safe (verified, or queued
+//! durably). Tokens are offered only for targets that were CURRENT at a consistent snapshot
+//! (the global `NO_CHANGE` with a read time), so a resumed stream can never skip a document's
+//! initial state.
+//!
+//! # Stream modes
+//! - [`StreamMode::Multiplexed`]: per project, streams of up to `targets_per_stream` targets
+//!   (one `DocumentsTarget` per checkout, ids chosen here, never 0, reused only after REMOVE),
+//!   added and removed on the live stream.
+//! - [`StreamMode::PerDocument`]: one stream per checkout with target id 1, as the official
+//!   server SDKs do; for emulators that read only the first request of a stream.
+//!
+//! In both modes no HTTP/2 connection carries more than `streams_per_connection` streams:
+//! Google's front end allows about 100 and tonic queues the next stream silently.
+//!
+//! See `/work/shared/notes/firestore-listen.md` for the protocol and `docs/firestore-interop.md`
+//! for what the emulators do differently.
+
+mod backoff;
+mod connect;
+#[cfg(test)]
+mod fake;
+mod pool;
+mod state;
+mod stream;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub use connect::FirestoreAuth;
+pub use pool::{Listener, ListenerHandle};
+
+use crate::domain::{CheckoutId, FirestoreLocation};
+use crate::sources::Nudge;
+
+/// How checkouts are spread over Listen streams (`[firestore] stream_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StreamMode {
+    /// Many targets per stream, added and removed on the live stream (for thousands of checkouts).
+    #[default]
+    Multiplexed,
+    /// One stream per checkout, target id 1 (for emulators that support only that).
+    PerDocument,
+}
+
+/// What the listener needs to know to run. `Default` gives the production values.
+#[derive(Debug, Clone)]
+pub struct ListenerOptions {
+    /// Where Firestore is: `https://firestore.googleapis.com`, or `http://127.0.0.1:PORT` for an
+    /// emulator or the sandbox (plaintext is refused for anything but a loopback address).
+    pub endpoint: String,
+    /// How to authenticate.
+    pub auth: FirestoreAuth,
+    /// How checkouts are spread over streams.
+    pub mode: StreamMode,
+    /// Multiplexed mode: the most targets one stream carries.
+    pub targets_per_stream: usize,
+    /// The most Listen streams one HTTP/2 connection carries (Google's front end allows ~100).
+    pub streams_per_connection: usize,
+    /// A stream with no message for this long is reopened (production heartbeats every ~30 s).
+    pub idle_timeout: Duration,
+    /// The first reconnect delay after the immediate retry.
+    pub backoff_initial: Duration,
+    /// The longest reconnect delay; also the retry period of a project that failed permanently.
+    pub backoff_max: Duration,
+    /// A target whose only news is a heartbeat token is checkpointed at most this often
+    /// (changes are checkpointed at the next snapshot whatever this says).
+    pub checkpoint_interval: Duration,
+}
+
+impl Default for ListenerOptions {
+    fn default() -> Self {
+        ListenerOptions {
+            endpoint: DEFAULT_ENDPOINT.to_owned(),
+            auth: FirestoreAuth::ApplicationDefault,
+            mode: StreamMode::Multiplexed,
+            targets_per_stream: 500,
+            streams_per_connection: 100,
+            idle_timeout: Duration::from_secs(120),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            checkpoint_interval: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The production Firestore endpoint.
+pub const DEFAULT_ENDPOINT: &str = "https://firestore.googleapis.com";
+
+impl ListenerOptions {
+    /// Options for a loopback emulator or sandbox: no credentials, short timers.
+    pub fn local(endpoint: &str, mode: StreamMode) -> ListenerOptions {
+        ListenerOptions {
+            endpoint: endpoint.to_owned(),
+            auth: FirestoreAuth::None,
+            mode,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            ..ListenerOptions::default()
+        }
+    }
+}
+
+/// A checkout to watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchTarget {
+    /// The checkout.
+    pub checkout_id: CheckoutId,
+    /// Its document (the project picks the database and the connection pool).
+    pub location: FirestoreLocation,
+    /// The token from its last [`ListenEvent::Checkpoint`], if any: only changes after it are
+    /// reported. Without one, the first snapshot is reported as a change.
+    pub resume_token: Option<Vec<u8>>,
+}
+
+/// What the listener tells the daemon.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ListenEvent {
+    /// Verify this checkout: a document change, delete or remove; the first snapshot of a target
+    /// added without a token (even if the document is missing); a RESET; an existence-filter
+    /// mismatch.
+    Changed(Nudge),
+    /// A consistent snapshot: these tokens may be persisted, once the `Changed` events sent
+    /// before this one are handled. Only targets that were CURRENT on their stream are listed.
+    Checkpoint {
+        /// The token to resume each checkout with.
+        tokens: Vec<(CheckoutId, Vec<u8>)>,
+        /// The snapshot's read time.
+        read_time: Option<DateTime<Utc>>,
+    },
+    /// Discard this checkout's persisted token (RESET, filter mismatch, token refused).
+    ForgetToken(CheckoutId),
+    /// Firestore stopped watching this one document for good (e.g. NOT_FOUND for the target);
+    /// the other checkouts are unaffected. Only the reconciler will notice its changes now.
+    TargetFailed {
+        /// The checkout.
+        checkout_id: CheckoutId,
+        /// What Firestore said.
+        message: String,
+    },
+    /// A project's database refuses us (UNAUTHENTICATED, PERMISSION_DENIED, no database). Sent
+    /// once per failure; the listener keeps retrying every `backoff_max` and sends
+    /// [`ListenEvent::Connected`] when it recovers.
+    PermanentFailure {
+        /// The project id.
+        project: String,
+        /// What failed and what to check, for the operator.
+        message: String,
+    },
+    /// A Listen stream opened.
+    Connected {
+        /// The project id.
+        project: String,
+        /// The stream's number (unique within this listener, for logs).
+        stream: u64,
+        /// How many checkouts it carries.
+        targets: usize,
+    },
+    /// A Listen stream closed and will be reopened.
+    Disconnected {
+        /// The project id.
+        project: String,
+        /// The stream's number.
+        stream: u64,
+        /// Why it closed.
+        reason: String,
+        /// When it is reopened.
+        retry_in: Duration,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_mode_config_spelling() {
+        let modes: Vec<StreamMode> =
+            serde_json::from_str(r#"["multiplexed", "per-document"]"#).expect("both spellings");
+        assert_eq!(modes, [StreamMode::Multiplexed, StreamMode::PerDocument]);
+        assert!(serde_json::from_str::<StreamMode>(r#""per_document""#).is_err());
+    }
+}

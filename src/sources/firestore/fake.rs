@@ -1,0 +1,477 @@
+//! Tests of the stream tasks and pool against a scripted Listen server on loopback.
+//!
+//! The fake hands each incoming Listen call to the test (headers, request stream, response
+//! sender), so a test plays the server's side message by message: headers, resume after an
+//! error, permanent failures, INVALID_ARGUMENT on resume, live AddTarget/RemoveTarget.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use gcloud_sdk::google::firestore::v1::{
+    Document, DocumentChange, ListenRequest, ListenResponse, TargetChange, listen_request,
+    listen_response, target, target_change::TargetChangeType,
+};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{ListenEvent, Listener, ListenerHandle, ListenerOptions, StreamMode, WatchTarget};
+use crate::domain::{CheckoutId, FirestoreLocation};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// One Listen call received by the fake.
+struct Call {
+    headers: tonic::metadata::MetadataMap,
+    requests: Streaming<ListenRequest>,
+    responses: mpsc::Sender<Result<ListenResponse, Status>>,
+}
+
+impl Call {
+    async fn request(&mut self) -> ListenRequest {
+        timeout(DEADLINE, self.requests.message())
+            .await
+            .expect("a request in time")
+            .expect("no error on the request stream")
+            .expect("the client keeps the stream open")
+    }
+
+    /// The next request must add a target: returns (id, document, resume token).
+    async fn add(&mut self) -> (i32, String, Option<Vec<u8>>) {
+        let request = self.request().await;
+        assert_eq!(request.database, "projects/p/databases/(default)");
+        match request.target_change {
+            Some(listen_request::TargetChange::AddTarget(t)) => {
+                let Some(target::TargetType::Documents(docs)) = t.target_type else {
+                    panic!("a documents target");
+                };
+                let token = match t.resume_type {
+                    Some(target::ResumeType::ResumeToken(token)) => Some(token),
+                    _ => None,
+                };
+                assert_eq!(docs.documents.len(), 1);
+                (t.target_id, docs.documents[0].clone(), token)
+            }
+            other => panic!("expected AddTarget, got {other:?}"),
+        }
+    }
+
+    async fn send(&self, response: ListenResponse) {
+        self.responses
+            .send(Ok(response))
+            .await
+            .expect("client reads");
+    }
+
+    async fn fail(&self, status: Status) {
+        self.responses
+            .send(Err(status))
+            .await
+            .expect("client reads");
+    }
+
+    /// ADD, optional document, CURRENT and a global marker with `token`.
+    async fn initial(&self, id: i32, document: Option<&str>, token: &[u8]) {
+        self.send(tc(TargetChangeType::Add, &[id], b"")).await;
+        if let Some(name) = document {
+            self.send(doc(name, id)).await;
+        }
+        self.send(tc(TargetChangeType::Current, &[id], token)).await;
+        self.send(tc(TargetChangeType::NoChange, &[], token)).await;
+    }
+}
+
+fn tc(kind: TargetChangeType, ids: &[i32], token: &[u8]) -> ListenResponse {
+    ListenResponse {
+        response_type: Some(listen_response::ResponseType::TargetChange(TargetChange {
+            target_change_type: kind as i32,
+            target_ids: ids.to_vec(),
+            cause: None,
+            resume_token: token.to_vec(),
+            read_time: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 0,
+            }),
+        })),
+    }
+}
+
+fn doc(name: &str, id: i32) -> ListenResponse {
+    ListenResponse {
+        response_type: Some(listen_response::ResponseType::DocumentChange(
+            DocumentChange {
+                document: Some(Document {
+                    name: name.to_owned(),
+                    fields: Default::default(),
+                    create_time: None,
+                    update_time: Some(prost_types::Timestamp {
+                        seconds: 1_700_000_000,
+                        nanos: 0,
+                    }),
+                }),
+                target_ids: vec![id],
+                removed_target_ids: vec![],
+            },
+        )),
+    }
+}
+
+/// The fake `google.firestore.v1.Firestore` service: Listen only.
+#[derive(Clone)]
+struct FakeFirestore {
+    calls: mpsc::UnboundedSender<Call>,
+}
+
+impl tonic::server::NamedService for FakeFirestore {
+    const NAME: &'static str = "google.firestore.v1.Firestore";
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for FakeFirestore {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let listen = Listen {
+            calls: self.calls.clone(),
+        };
+        Box::pin(async move {
+            if request.uri().path() != "/google.firestore.v1.Firestore/Listen" {
+                return Ok(Status::unimplemented("fake: Listen only").into_http());
+            }
+            let codec = tonic_prost::ProstCodec::<ListenResponse, ListenRequest>::default();
+            Ok(tonic::server::Grpc::new(codec)
+                .streaming(listen, request)
+                .await)
+        })
+    }
+}
+
+struct Listen {
+    calls: mpsc::UnboundedSender<Call>,
+}
+
+impl tonic::server::StreamingService<ListenRequest> for Listen {
+    type Response = ListenResponse;
+    type ResponseStream = ReceiverStream<Result<ListenResponse, Status>>;
+    type Future = BoxFuture<Result<Response<Self::ResponseStream>, Status>>;
+
+    fn call(&mut self, request: Request<Streaming<ListenRequest>>) -> Self::Future {
+        let (responses, stream) = mpsc::channel(64);
+        let headers = request.metadata().clone();
+        let call = Call {
+            headers,
+            requests: request.into_inner(),
+            responses,
+        };
+        let sent = self.calls.send(call);
+        Box::pin(async move {
+            sent.map_err(|_| Status::unavailable("fake: test gone"))?;
+            Ok(Response::new(ReceiverStream::new(stream)))
+        })
+    }
+}
+
+/// A fake server on a loopback port, and the calls it receives.
+struct Fake {
+    endpoint: String,
+    calls: mpsc::UnboundedReceiver<Call>,
+    stop: CancellationToken,
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Fake {
+    async fn start() -> Fake {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let address = listener.local_addr().expect("address");
+        let (sender, calls) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let shutdown = stop.clone();
+        tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let _ = tonic::transport::Server::builder()
+                .add_service(FakeFirestore { calls: sender })
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                .await;
+        });
+        Fake {
+            endpoint: format!("http://{address}"),
+            calls,
+            stop,
+        }
+    }
+
+    async fn call(&mut self) -> Call {
+        timeout(DEADLINE, self.calls.recv())
+            .await
+            .expect("a Listen call in time")
+            .expect("server running")
+    }
+}
+
+struct Running {
+    handle: ListenerHandle,
+    events: mpsc::Receiver<ListenEvent>,
+    cancel: CancellationToken,
+}
+
+impl Running {
+    fn start(endpoint: &str, configure: impl FnOnce(&mut ListenerOptions)) -> Running {
+        let mut options = ListenerOptions::local(endpoint, StreamMode::PerDocument);
+        options.backoff_initial = Duration::from_millis(20);
+        options.backoff_max = Duration::from_millis(200);
+        configure(&mut options);
+        let (sender, events) = mpsc::channel(256);
+        let cancel = CancellationToken::new();
+        let handle = Listener::start(options, sender, cancel.clone()).expect("start");
+        Running {
+            handle,
+            events,
+            cancel,
+        }
+    }
+
+    fn watch(&self, name: &str, token: Option<&[u8]>) {
+        self.handle.watch(WatchTarget {
+            checkout_id: id(name),
+            location: FirestoreLocation::new("p", "checkouts", name).expect("location"),
+            resume_token: token.map(<[u8]>::to_vec),
+        });
+    }
+
+    async fn next(&mut self) -> ListenEvent {
+        timeout(DEADLINE, self.events.recv())
+            .await
+            .expect("an event in time")
+            .expect("channel open")
+    }
+
+    /// The next event that is not Connected/Disconnected.
+    async fn next_news(&mut self) -> ListenEvent {
+        loop {
+            match self.next().await {
+                ListenEvent::Connected { .. } | ListenEvent::Disconnected { .. } => continue,
+                event => return event,
+            }
+        }
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        timeout(DEADLINE, self.handle.closed())
+            .await
+            .expect("tasks end after cancel");
+    }
+}
+
+fn id(name: &str) -> CheckoutId {
+    name.parse().expect("checkout id")
+}
+
+fn document(name: &str) -> String {
+    format!("projects/p/databases/(default)/documents/checkouts/{name}")
+}
+
+fn is_changed(event: &ListenEvent, name: &str) -> bool {
+    matches!(event, ListenEvent::Changed(n) if n.checkout_id == id(name))
+}
+
+#[tokio::test]
+async fn headers_first_snapshot_and_resume_after_a_stream_error() {
+    let mut fake = Fake::start().await;
+    let mut listener = Running::start(&fake.endpoint, |_| {});
+    listener.watch("a", None);
+
+    let mut call = fake.call().await;
+    assert_eq!(
+        call.headers
+            .get("google-cloud-resource-prefix")
+            .and_then(|v| v.to_str().ok()),
+        Some("projects/p/databases/(default)")
+    );
+    assert_eq!(
+        call.headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer owner")
+    );
+    assert_eq!(
+        call.add().await,
+        (1, document("a"), None),
+        "per-document: id 1"
+    );
+    call.initial(1, Some(&document("a")), b"t1").await;
+    assert!(matches!(
+        listener.next().await,
+        ListenEvent::Connected { targets: 1, .. }
+    ));
+    assert!(is_changed(&listener.next().await, "a"));
+    assert_eq!(
+        listener.next().await,
+        ListenEvent::Checkpoint {
+            tokens: vec![(id("a"), b"t1".to_vec())],
+            read_time: chrono::DateTime::from_timestamp(1_700_000_000, 0),
+        }
+    );
+    assert_eq!(listener.handle.open_streams(), 1);
+
+    call.fail(Status::unavailable("backend restarting")).await;
+    let event = listener.next().await;
+    assert!(
+        matches!(&event, ListenEvent::Disconnected { reason, .. } if reason.contains("Unavailable")),
+        "{event:?}"
+    );
+    let mut call = fake.call().await;
+    assert_eq!(
+        call.add().await,
+        (1, document("a"), Some(b"t1".to_vec())),
+        "resumed with the checkpointed token"
+    );
+    // Unchanged while away: no document, so no Changed; just a new checkpoint.
+    call.initial(1, None, b"t2").await;
+    assert!(matches!(
+        listener.next().await,
+        ListenEvent::Connected { .. }
+    ));
+    assert_eq!(
+        listener.next().await,
+        ListenEvent::Checkpoint {
+            tokens: vec![(id("a"), b"t2".to_vec())],
+            read_time: chrono::DateTime::from_timestamp(1_700_000_000, 0),
+        }
+    );
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn permanent_failure_is_reported_once_per_project_and_recovers() {
+    let mut fake = Fake::start().await;
+    let mut listener = Running::start(&fake.endpoint, |_| {});
+    listener.watch("a", None);
+    listener.watch("b", None);
+    // Two streams (per-document), each refused twice.
+    for _ in 0..4 {
+        let call = fake.call().await;
+        call.fail(Status::permission_denied(
+            "Missing or insufficient permissions.",
+        ))
+        .await;
+    }
+    let mut failures = Vec::new();
+    while let Ok(event) = listener.events.try_recv() {
+        if let ListenEvent::PermanentFailure { project, message } = event {
+            failures.push((project, message));
+        }
+    }
+    assert_eq!(failures.len(), 1, "{failures:#?}");
+    assert_eq!(failures[0].0, "p");
+    assert!(
+        failures[0].1.contains("roles/datastore.viewer"),
+        "{}",
+        failures[0].1
+    );
+    // The project comes back (e.g. IAM fixed): the next attempt works.
+    let mut call = fake.call().await;
+    let (target, name, _) = call.add().await;
+    call.initial(target, Some(&name), b"t").await;
+    let checkout = if name == document("a") { "a" } else { "b" };
+    assert!(is_changed(&listener.next_news().await, checkout));
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_argument_on_resume_forgets_tokens_and_retries_at_once() {
+    let mut fake = Fake::start().await;
+    let mut listener = Running::start(&fake.endpoint, |_| {});
+    listener.watch("a", Some(b"expired"));
+    let mut call = fake.call().await;
+    assert_eq!(call.add().await.2, Some(b"expired".to_vec()));
+    call.fail(Status::invalid_argument("resume token expired"))
+        .await;
+    assert_eq!(
+        listener.next_news().await,
+        ListenEvent::ForgetToken(id("a"))
+    );
+    let mut call = fake.call().await;
+    assert_eq!(call.add().await, (1, document("a"), None));
+    call.initial(1, None, b"fresh").await;
+    // Without a token the first snapshot is verified, even though the document is missing.
+    assert!(is_changed(&listener.next_news().await, "a"));
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn multiplexed_targets_are_added_and_removed_on_the_live_stream() {
+    let mut fake = Fake::start().await;
+    let mut listener = Running::start(&fake.endpoint, |o| {
+        o.mode = StreamMode::Multiplexed;
+        o.targets_per_stream = 2;
+    });
+    listener.watch("a", None);
+    let mut call = fake.call().await;
+    assert_eq!(call.add().await, (1, document("a"), None));
+    call.initial(1, Some(&document("a")), b"t1").await;
+    assert!(is_changed(&listener.next_news().await, "a"));
+    listener.watch("b", None);
+    assert_eq!(call.add().await, (2, document("b"), None), "same stream");
+    listener.watch("c", None);
+    let mut second = fake.call().await;
+    assert_eq!(
+        second.add().await,
+        (1, document("c"), None),
+        "a full stream: a new one"
+    );
+    listener.handle.unwatch(&id("a"));
+    let request = call.request().await;
+    assert_eq!(
+        request.target_change,
+        Some(listen_request::TargetChange::RemoveTarget(1))
+    );
+    assert_eq!(listener.handle.watched(), 2);
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn connection_refused_is_retried_and_cancel_ends_the_tasks() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut listener = Running::start(&format!("http://127.0.0.1:{port}"), |_| {});
+    listener.watch("a", None);
+    for _ in 0..2 {
+        let event = listener.next().await;
+        assert!(
+            matches!(&event, ListenEvent::Disconnected { reason, .. } if reason.contains("could not connect")),
+            "{event:?}"
+        );
+    }
+    assert_eq!(listener.handle.open_streams(), 0);
+    assert_eq!(listener.handle.watched(), 1);
+    listener.stop().await;
+}
+
+#[tokio::test]
+async fn plaintext_to_a_remote_host_is_refused_at_start() {
+    let (sender, _events) = mpsc::channel(1);
+    let options = ListenerOptions::local("http://203.0.113.5:8080", StreamMode::Multiplexed);
+    let error = Listener::start(options, sender, CancellationToken::new()).expect_err("refused");
+    assert!(error.to_string().contains("refusing plaintext"), "{error}");
+}

@@ -1,0 +1,339 @@
+//! The listener's handle: which checkout is on which stream, which stream on which connection.
+//!
+//! Per project (database) a pool of connections and streams. A new checkout goes to the first
+//! stream of its project with room (`targets_per_stream`, or 1 in per-document mode); if none
+//! has room a stream task is started on the first connection with fewer than
+//! `streams_per_connection` streams, or on a new connection. A stream whose last checkout is
+//! unwatched is closed, so its slot on the connection frees up.
+//!
+//! The bookkeeping sits behind a std `Mutex` held only for short, await-free sections, so
+//! [`ListenerHandle::watch`] and [`ListenerHandle::unwatch`] are plain functions.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::connect::{Client, Connector};
+use super::stream::{StreamCommand, StreamTask};
+use super::{ListenEvent, ListenerOptions, StreamMode, WatchTarget};
+use crate::domain::{CheckoutId, FirestoreLocation};
+
+/// The Firestore listener. See the module documentation of [`crate::sources::firestore`].
+pub struct Listener;
+
+impl Listener {
+    /// Validates the options, loads the credentials and returns a handle with nothing watched.
+    /// Streams open as checkouts are watched. Must be called inside a Tokio runtime.
+    ///
+    /// Events go to `events`; when its receiver is dropped the streams stop. `cancel` stops
+    /// everything; then await [`ListenerHandle::closed`].
+    ///
+    /// # Errors
+    /// A bad endpoint (plaintext to a non-loopback host), an unreadable or invalid
+    /// service-account file, unusable Application Default Credentials, or zero limits.
+    pub fn start(
+        options: ListenerOptions,
+        events: mpsc::Sender<ListenEvent>,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<ListenerHandle> {
+        if options.targets_per_stream == 0 || options.streams_per_connection == 0 {
+            anyhow::bail!("targets_per_stream and streams_per_connection must be at least 1");
+        }
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            anyhow::anyhow!("the Firestore listener must be started inside a Tokio runtime")
+        })?;
+        let connector = Connector::new(&options.endpoint, &options.auth)?;
+        tracing::info!(endpoint = %connector.endpoint(), mode = ?options.mode, "firestore listener started");
+        Ok(ListenerHandle {
+            shared: Arc::new(Shared {
+                options,
+                connector,
+                events,
+                cancel,
+                tracker: TaskTracker::new(),
+                runtime,
+                registry: Mutex::new(Registry::default()),
+                open_streams: AtomicUsize::new(0),
+            }),
+        })
+    }
+}
+
+/// Controls a running listener: watch and unwatch checkouts, read counters, wait for the end.
+#[derive(Clone)]
+pub struct ListenerHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ListenerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerHandle")
+            .field("endpoint", &self.shared.connector.endpoint())
+            .field("watched", &self.watched())
+            .field("open_streams", &self.open_streams())
+            .finish()
+    }
+}
+
+impl ListenerHandle {
+    /// Starts watching a checkout's document. Watching a checkout again at the same location
+    /// does nothing; at another location it moves. Ignored after cancellation.
+    pub fn watch(&self, target: WatchTarget) {
+        let shared = &self.shared;
+        if shared.cancel.is_cancelled() {
+            return;
+        }
+        let mut registry = shared.registry();
+        if let Some(placement) = registry.checkouts.get(&target.checkout_id) {
+            if placement.location == target.location {
+                return;
+            }
+            registry.unwatch(&target.checkout_id);
+        }
+        let capacity = match shared.options.mode {
+            StreamMode::Multiplexed => shared.options.targets_per_stream,
+            StreamMode::PerDocument => 1,
+        };
+        let project_name = target.location.project.clone();
+        let next_key = registry.next_stream;
+        let pool = registry
+            .projects
+            .entry(project_name.clone())
+            .or_insert_with(|| ProjectPool::new(&project_name));
+        let existing = pool
+            .streams
+            .iter_mut()
+            .find(|(_, slot)| slot.targets < capacity)
+            .map(|(key, _)| *key);
+        let key = match existing {
+            Some(key) => key,
+            None => {
+                let connection = pool.connection(shared.options.streams_per_connection);
+                let (commands, receiver) = mpsc::unbounded_channel();
+                let task = StreamTask {
+                    shared: Arc::clone(shared),
+                    project: Arc::clone(&pool.shared),
+                    connection,
+                    key: next_key,
+                    commands: receiver,
+                };
+                shared.tracker.spawn_on(task.run(), &shared.runtime);
+                pool.streams.insert(
+                    next_key,
+                    StreamSlot {
+                        commands,
+                        targets: 0,
+                    },
+                );
+                registry.next_stream += 1;
+                next_key
+            }
+        };
+        let Some(pool) = registry.projects.get_mut(&project_name) else {
+            return;
+        };
+        let Some(slot) = pool.streams.get_mut(&key) else {
+            return;
+        };
+        slot.targets += 1;
+        let checkout_id = target.checkout_id.clone();
+        let location = target.location.clone();
+        // The task lives until Close or cancellation; a failed send means it is gone already.
+        let _ = slot.commands.send(StreamCommand::Add(target));
+        registry.checkouts.insert(
+            checkout_id,
+            Placement {
+                location,
+                stream: key,
+            },
+        );
+    }
+
+    /// Stops watching a checkout (e.g. it reached a final state). Unknown ids are ignored.
+    pub fn unwatch(&self, checkout_id: &CheckoutId) {
+        self.shared.registry().unwatch(checkout_id);
+    }
+
+    /// How many checkouts are watched.
+    pub fn watched(&self) -> usize {
+        self.shared.registry().checkouts.len()
+    }
+
+    /// How many Listen streams are open right now.
+    pub fn open_streams(&self) -> usize {
+        self.shared.open_streams.load(Ordering::SeqCst)
+    }
+
+    /// How many HTTP/2 connections the pools hold (for tests and the status line).
+    pub fn connections(&self) -> usize {
+        self.shared
+            .registry()
+            .projects
+            .values()
+            .map(|p| p.connections.len())
+            .sum()
+    }
+
+    /// Waits until every stream task has ended. Call after cancelling the token given to
+    /// [`Listener::start`]; without that this waits for ever.
+    pub async fn closed(self) {
+        self.shared.tracker.close();
+        self.shared.tracker.wait().await;
+    }
+}
+
+/// What every stream task shares.
+pub(crate) struct Shared {
+    /// The listener's options.
+    pub(crate) options: ListenerOptions,
+    /// Opens connections with the credentials.
+    pub(crate) connector: Connector,
+    /// Where events go.
+    pub(crate) events: mpsc::Sender<ListenEvent>,
+    /// Stops everything.
+    pub(crate) cancel: CancellationToken,
+    /// The stream tasks.
+    tracker: TaskTracker,
+    /// Where stream tasks are spawned (watch may be called outside a runtime context).
+    runtime: tokio::runtime::Handle,
+    /// Which checkout is where.
+    registry: Mutex<Registry>,
+    /// Open Listen streams.
+    pub(crate) open_streams: AtomicUsize,
+}
+
+impl Shared {
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // The sections under the lock cannot leave the registry half-updated in a way that
+        // matters more than stopping the daemon would.
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Per-project state the stream tasks share.
+pub(crate) struct ProjectShared {
+    /// The project id.
+    pub(crate) name: String,
+    /// A permanent failure was reported and not yet recovered from (report it once).
+    pub(crate) failed: AtomicBool,
+}
+
+/// One HTTP/2 connection of a project's pool.
+pub(crate) struct Connection {
+    /// Its number within the project, for logs.
+    pub(crate) index: usize,
+    /// Stream tasks using it (counted when assigned, released when the task ends).
+    pub(crate) streams: AtomicUsize,
+    /// The client, connected on first use and then shared by its streams.
+    client: tokio::sync::Mutex<Option<Client>>,
+}
+
+impl Connection {
+    /// The connection's client, connecting first if needed.
+    pub(crate) async fn client(
+        &self,
+        connector: &Connector,
+        project: &str,
+    ) -> anyhow::Result<Client> {
+        let mut client = self.client.lock().await;
+        if let Some(client) = client.as_ref() {
+            return Ok(client.clone());
+        }
+        let fresh = connector.client(project).await?;
+        *client = Some(fresh.clone());
+        Ok(fresh)
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    /// Pools by project id.
+    projects: HashMap<String, ProjectPool>,
+    /// Where each watched checkout is.
+    checkouts: HashMap<CheckoutId, Placement>,
+    /// The next stream number.
+    next_stream: u64,
+}
+
+impl Registry {
+    fn unwatch(&mut self, checkout_id: &CheckoutId) {
+        let Some(placement) = self.checkouts.remove(checkout_id) else {
+            return;
+        };
+        let Some(pool) = self.projects.get_mut(&placement.location.project) else {
+            return;
+        };
+        let Some(slot) = pool.streams.get_mut(&placement.stream) else {
+            return;
+        };
+        slot.targets = slot.targets.saturating_sub(1);
+        if slot.targets == 0 {
+            let _ = slot.commands.send(StreamCommand::Close);
+            pool.streams.remove(&placement.stream);
+        } else {
+            let _ = slot
+                .commands
+                .send(StreamCommand::Remove(checkout_id.clone()));
+        }
+    }
+}
+
+struct Placement {
+    /// The document watched.
+    location: FirestoreLocation,
+    /// The stream carrying it.
+    stream: u64,
+}
+
+struct ProjectPool {
+    shared: Arc<ProjectShared>,
+    connections: Vec<Arc<Connection>>,
+    /// Open stream tasks by number (ordered, so new targets fill the oldest streams first).
+    streams: BTreeMap<u64, StreamSlot>,
+}
+
+impl ProjectPool {
+    fn new(project: &str) -> ProjectPool {
+        ProjectPool {
+            shared: Arc::new(ProjectShared {
+                name: project.to_owned(),
+                failed: AtomicBool::new(false),
+            }),
+            connections: Vec::new(),
+            streams: BTreeMap::new(),
+        }
+    }
+
+    /// A connection with room for one more stream, counted for it.
+    fn connection(&mut self, limit: usize) -> Arc<Connection> {
+        for connection in &self.connections {
+            let taken = connection
+                .streams
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n < limit).then_some(n + 1)
+                });
+            if taken.is_ok() {
+                return Arc::clone(connection);
+            }
+        }
+        let connection = Arc::new(Connection {
+            index: self.connections.len(),
+            streams: AtomicUsize::new(1),
+            client: tokio::sync::Mutex::new(None),
+        });
+        tracing::debug!(project = %self.shared.name, connection = connection.index, "new firestore connection");
+        self.connections.push(Arc::clone(&connection));
+        connection
+    }
+}
+
+struct StreamSlot {
+    /// Commands to the stream task.
+    commands: mpsc::UnboundedSender<StreamCommand>,
+    /// Checkouts assigned to it.
+    targets: usize,
+}

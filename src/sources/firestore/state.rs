@@ -1,0 +1,1463 @@
+//! The per-stream protocol state machine: Listen responses in, [`ListenEvent`]s and requests out.
+//!
+//! Pure: no I/O, no clock of its own (the caller passes `now`), so the unit tests below can feed
+//! scripted [`ListenResponse`] sequences and check every event. The stream task in `stream.rs`
+//! owns one [`StreamState`] per Listen stream and carries out its [`Action`]s in order.
+//!
+//! The rules follow `/work/shared/notes/firestore-listen.md` sections 1.5, 1.6 and 4:
+//! - a document event (change, delete, remove) for a target is a [`ListenEvent::Changed`] at once;
+//! - a target added without a resume token, or RESET, is verified once it is CURRENT even when no
+//!   document came (a missing document produces no event in production);
+//! - resume tokens are adopted, and offered as a [`ListenEvent::Checkpoint`], only at a global
+//!   consistent snapshot (`NO_CHANGE`, no target ids, with a read time) and only for targets that
+//!   have been CURRENT on this stream session;
+//! - RESET and existence-filter mismatches drop the token ([`ListenEvent::ForgetToken`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use gcloud_sdk::google::firestore::v1::{
+    ListenRequest, ListenResponse, Target, TargetChange, listen_request, listen_response, target,
+    target_change::TargetChangeType,
+};
+use tonic::Code;
+
+use super::{ListenEvent, WatchTarget};
+use crate::domain::{CheckoutId, Source, printable};
+use crate::sources::Nudge;
+
+/// Something the stream task must do, in this order, after feeding the state machine.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Action {
+    /// Send this event on the listener's channel.
+    Emit(ListenEvent),
+    /// Send this request on the open Listen stream (boxed: requests are large, events small).
+    Send(Box<ListenRequest>),
+    /// The stream is healthy (a token or CURRENT arrived): start the next backoff from scratch.
+    ResetBackoff,
+}
+
+/// Why the stream must be closed, decided from a response (not from the transport).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// Reopen the stream after the usual backoff.
+    Transient(String),
+    /// The database refuses us (a target REMOVE with PERMISSION_DENIED or UNAUTHENTICATED).
+    Permanent {
+        /// The status code the server gave.
+        code: Code,
+        /// The server's message.
+        message: String,
+    },
+}
+
+/// How the stream task should treat a gRPC status that ended the stream (or failed to open it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Disposition {
+    /// Reopen after the next backoff delay.
+    Transient,
+    /// Reopen after the maximum backoff delay (RESOURCE_EXHAUSTED).
+    Exhausted,
+    /// Forget every resume token of the stream and reopen at once (INVALID_ARGUMENT on resume).
+    RetryWithoutTokens,
+    /// The database refuses us: report once, then retry rarely.
+    Permanent,
+}
+
+/// Classifies a status that ended a Listen stream.
+///
+/// - `resumed`: some target on the stream was added with a resume token;
+/// - `retried_without_tokens`: the stream already dropped its tokens once after INVALID_ARGUMENT;
+/// - `authenticated_before`: the stream had received a message, so the credentials were accepted
+///   (an UNAUTHENTICATED then means the access token expired under a long-lived stream, which the
+///   official Node SDK retries; UNAUTHENTICATED on open means the credentials are refused).
+pub(crate) fn classify(
+    code: Code,
+    message: &str,
+    resumed: bool,
+    retried_without_tokens: bool,
+    authenticated_before: bool,
+) -> Disposition {
+    match code {
+        Code::Unauthenticated if authenticated_before => Disposition::Transient,
+        Code::Unauthenticated | Code::PermissionDenied => Disposition::Permanent,
+        Code::NotFound if is_missing_database(message) => Disposition::Permanent,
+        Code::FailedPrecondition if message.to_ascii_lowercase().contains("datastore mode") => {
+            Disposition::Permanent
+        }
+        Code::InvalidArgument if resumed && !retried_without_tokens => {
+            Disposition::RetryWithoutTokens
+        }
+        Code::InvalidArgument => Disposition::Permanent,
+        Code::ResourceExhausted => Disposition::Exhausted,
+        _ => Disposition::Transient,
+    }
+}
+
+/// A NOT_FOUND about the database or project (permanent), rather than about a target that the
+/// server removed while our RemoveTarget was in flight (transient, see note 1.5 item 7).
+fn is_missing_database(message: &str) -> bool {
+    let message = message.to_ascii_lowercase();
+    message.contains("database") || message.contains("project")
+}
+
+/// The operator-facing text for a permanent failure: what happened, then what to check.
+pub(crate) fn permanent_message(
+    project: &str,
+    endpoint: &str,
+    code: Code,
+    message: &str,
+) -> String {
+    let detail = printable(message);
+    let (what, check) = match code {
+        Code::Unauthenticated => (
+            "Firestore rejected the credentials",
+            "check that [firestore] credentials (or GOOGLE_APPLICATION_CREDENTIALS) names a valid \
+             service-account key that has not been deleted or disabled",
+        ),
+        Code::PermissionDenied => (
+            "the service account may not read this project's Firestore",
+            "grant the service account roles/datastore.viewer (or roles/datastore.user) on the \
+             project, and check that the Cloud Firestore API is enabled for it",
+        ),
+        Code::NotFound => (
+            "the project has no Firestore (default) database",
+            "check firebaseDatabase in the create-link response and that the project has a \
+             Firestore database in Native mode",
+        ),
+        Code::FailedPrecondition => (
+            "the project's database is in Datastore mode, which has no Listen",
+            "use a project whose (default) database is in Firestore Native mode",
+        ),
+        _ => (
+            "Firestore refused the Listen request",
+            "check the project id and the document paths of the checkouts in this project",
+        ),
+    };
+    format!(
+        "{what}: project '{project}' at {endpoint} answered {code:?}: {detail}\n\n{check}; \
+         paywatch keeps retrying this project every backoff_max"
+    )
+}
+
+/// A target's progress on the current stream session.
+#[derive(Debug, Clone, Default)]
+struct Session {
+    /// The server acknowledged the AddTarget (`ADD`).
+    acked: bool,
+    /// The target has been CURRENT since it was added (or last RESET) on this session.
+    current: bool,
+    /// It was added with a resume token.
+    resumed: bool,
+    /// A verification is owed once the target is CURRENT, unless a document event pays it first
+    /// (added without a token, or RESET).
+    verify_at_current: bool,
+    /// A token that applies to this target, not yet adopted (adoption waits for a snapshot).
+    pending_token: Option<Vec<u8>>,
+    /// Something happened since the last checkpoint (document event, CURRENT, RESET): the next
+    /// snapshot checkpoints this target whatever the interval.
+    dirty: bool,
+}
+
+/// One watched checkout on this stream.
+#[derive(Debug, Clone)]
+struct TargetEntry {
+    /// The checkout this target watches.
+    checkout_id: CheckoutId,
+    /// The document's full resource name.
+    document: String,
+    /// The token to resume with on the next session; adopted only at a snapshot while CURRENT.
+    resume_token: Option<Vec<u8>>,
+    /// Whether the document exists, as far as this process has seen (None: not known).
+    exists: Option<bool>,
+    /// When this target's token was last offered in a Checkpoint.
+    last_checkpoint: Option<Instant>,
+    /// Progress on the open session; None while disconnected or not yet sent.
+    session: Option<Session>,
+    /// RemoveTarget was sent; events for it are ignored until its REMOVE.
+    removing: bool,
+}
+
+/// The protocol state of one Listen stream (all its targets), across reconnects.
+#[derive(Debug)]
+pub(crate) struct StreamState {
+    /// `projects/{p}/databases/(default)`, sent on every request.
+    database: String,
+    /// Targets by the id we chose. Removed targets stay until the server's REMOVE (or reconnect).
+    targets: BTreeMap<i32, TargetEntry>,
+    /// The live (not removing) target of each checkout.
+    by_checkout: HashMap<CheckoutId, i32>,
+    /// The next id to try; ids are never 0 and never reused while in use.
+    next_id: i32,
+    /// A Listen stream is open and the targets have been sent on it.
+    connected: bool,
+    /// Minimum time between checkpoints of a target whose only news is a heartbeat token.
+    checkpoint_interval: Duration,
+    /// The tokens were dropped once after INVALID_ARGUMENT; a second one is permanent.
+    retried_without_tokens: bool,
+    /// A message arrived on the current session.
+    heard_from_server: bool,
+}
+
+impl StreamState {
+    /// An empty, disconnected stream for `database`.
+    pub(crate) fn new(database: String, checkpoint_interval: Duration) -> StreamState {
+        StreamState {
+            database,
+            targets: BTreeMap::new(),
+            by_checkout: HashMap::new(),
+            next_id: 1,
+            connected: false,
+            checkpoint_interval,
+            retried_without_tokens: false,
+            heard_from_server: false,
+        }
+    }
+
+    /// Live targets (not counting ones being removed).
+    pub(crate) fn len(&self) -> usize {
+        self.by_checkout.len()
+    }
+
+    /// Whether a message arrived on the current session (the credentials were accepted).
+    pub(crate) fn heard_from_server(&self) -> bool {
+        self.heard_from_server
+    }
+
+    /// Whether a target of the current session was added with a resume token.
+    pub(crate) fn resumed(&self) -> bool {
+        self.targets
+            .values()
+            .any(|t| t.session.as_ref().is_some_and(|s| s.resumed))
+    }
+
+    /// Targets sent on this session that the server has not acknowledged with ADD.
+    pub(crate) fn unacknowledged(&self) -> usize {
+        self.targets
+            .values()
+            .filter(|t| !t.removing && t.session.as_ref().is_some_and(|s| !s.acked))
+            .count()
+    }
+
+    /// Whether the tokens were already dropped once after INVALID_ARGUMENT.
+    pub(crate) fn retried_without_tokens(&self) -> bool {
+        self.retried_without_tokens
+    }
+
+    /// Starts watching a checkout. Returns the AddTarget to send if a stream is open.
+    /// A checkout already watched here is left as it is.
+    pub(crate) fn add(&mut self, target: WatchTarget) -> Option<ListenRequest> {
+        if self.by_checkout.contains_key(&target.checkout_id) {
+            return None;
+        }
+        let id = self.allocate_id();
+        let entry = TargetEntry {
+            checkout_id: target.checkout_id.clone(),
+            document: target.location.document_name(),
+            resume_token: target.resume_token.filter(|t| !t.is_empty()),
+            exists: None,
+            last_checkpoint: None,
+            session: None,
+            removing: false,
+        };
+        self.by_checkout.insert(target.checkout_id, id);
+        self.targets.insert(id, entry);
+        if self.connected {
+            Some(self.add_request(id))
+        } else {
+            None
+        }
+    }
+
+    /// Stops watching a checkout. Returns the RemoveTarget to send if a stream is open.
+    pub(crate) fn remove(&mut self, checkout_id: &CheckoutId) -> Option<ListenRequest> {
+        let id = self.by_checkout.remove(checkout_id)?;
+        let sent = self.targets.get(&id).is_some_and(|t| t.session.is_some());
+        if self.connected && sent {
+            if let Some(entry) = self.targets.get_mut(&id) {
+                entry.removing = true;
+            }
+            Some(self.request(listen_request::TargetChange::RemoveTarget(id)))
+        } else {
+            self.targets.remove(&id);
+            None
+        }
+    }
+
+    /// A new stream session is opening: every target is (re)added, with its token if it has one.
+    pub(crate) fn connect(&mut self) -> Vec<ListenRequest> {
+        // Targets being removed are gone with the old stream: their ids are free again.
+        self.targets.retain(|_, t| !t.removing);
+        self.connected = true;
+        self.heard_from_server = false;
+        let ids: Vec<i32> = self.targets.keys().copied().collect();
+        ids.into_iter().map(|id| self.add_request(id)).collect()
+    }
+
+    /// The stream closed: tokens not adopted at a snapshot are dropped with the session.
+    pub(crate) fn disconnect(&mut self) {
+        self.connected = false;
+        self.targets.retain(|_, t| !t.removing);
+        for target in self.targets.values_mut() {
+            target.session = None;
+        }
+    }
+
+    /// After INVALID_ARGUMENT on a resumed stream: drop every token (the next session re-adds
+    /// every target without one, so each is verified again).
+    pub(crate) fn forget_all_tokens(&mut self, out: &mut Vec<Action>) {
+        self.retried_without_tokens = true;
+        for target in self.targets.values_mut() {
+            if target.resume_token.take().is_some() {
+                out.push(Action::Emit(ListenEvent::ForgetToken(
+                    target.checkout_id.clone(),
+                )));
+            }
+        }
+    }
+
+    /// Feeds one response. Events and requests are appended to `out` in the order they must be
+    /// carried out. An error means the stream must be closed (after the actions in `out`).
+    pub(crate) fn on_response(
+        &mut self,
+        response: ListenResponse,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) -> Result<(), Fault> {
+        self.heard_from_server = true;
+        let Some(response) = response.response_type else {
+            tracing::debug!("listen response without a type; ignored");
+            return Ok(());
+        };
+        match response {
+            listen_response::ResponseType::TargetChange(change) => {
+                self.on_target_change(change, now, out)
+            }
+            listen_response::ResponseType::DocumentChange(change) => {
+                let changed_at = change
+                    .document
+                    .as_ref()
+                    .and_then(|d| d.update_time.as_ref())
+                    .and_then(to_datetime);
+                let name = change.document.map(|d| d.name).unwrap_or_default();
+                for id in change.target_ids.iter() {
+                    self.document_event(*id, &name, Some(true), changed_at, now, out);
+                }
+                for id in change.removed_target_ids.iter() {
+                    if !change.target_ids.contains(id) {
+                        self.document_event(*id, &name, Some(false), changed_at, now, out);
+                    }
+                }
+                if change.target_ids.is_empty() && change.removed_target_ids.is_empty() {
+                    self.document_event_by_name(&name, Some(true), changed_at, now, out);
+                }
+                Ok(())
+            }
+            listen_response::ResponseType::DocumentDelete(delete) => {
+                let at = delete.read_time.as_ref().and_then(to_datetime);
+                self.removal(&delete.document, &delete.removed_target_ids, at, now, out);
+                Ok(())
+            }
+            listen_response::ResponseType::DocumentRemove(remove) => {
+                let at = remove.read_time.as_ref().and_then(to_datetime);
+                self.removal(&remove.document, &remove.removed_target_ids, at, now, out);
+                Ok(())
+            }
+            listen_response::ResponseType::Filter(filter) => {
+                self.on_filter(filter.target_id, filter.count, now, out);
+                Ok(())
+            }
+        }
+    }
+
+    fn removal(
+        &mut self,
+        name: &str,
+        ids: &[i32],
+        at: Option<DateTime<Utc>>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        if ids.is_empty() {
+            self.document_event_by_name(name, Some(false), at, now, out);
+        } else {
+            for id in ids {
+                self.document_event(*id, name, Some(false), at, now, out);
+            }
+        }
+    }
+
+    fn document_event_by_name(
+        &mut self,
+        name: &str,
+        exists: Option<bool>,
+        changed_at: Option<DateTime<Utc>>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let ids: Vec<i32> = self
+            .targets
+            .iter()
+            .filter(|(_, t)| t.document == name)
+            .map(|(id, _)| *id)
+            .collect();
+        if ids.is_empty() {
+            tracing::debug!(document = %printable(name), "document event for no target; ignored");
+        }
+        for id in ids {
+            self.document_event(id, name, exists, changed_at, now, out);
+        }
+    }
+
+    fn document_event(
+        &mut self,
+        id: i32,
+        name: &str,
+        exists: Option<bool>,
+        changed_at: Option<DateTime<Utc>>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(target) = self.targets.get_mut(&id) else {
+            tracing::debug!(
+                target_id = id,
+                "document event for an unknown target; ignored"
+            );
+            return;
+        };
+        if target.removing {
+            return;
+        }
+        if !name.is_empty() && name != target.document {
+            // Not expected for a one-document target; verify anyway, it costs one Get Checkout.
+            tracing::debug!(target_id = id, document = %printable(name), "document event names another document");
+        }
+        target.exists = exists;
+        if let Some(session) = target.session.as_mut() {
+            session.verify_at_current = false;
+            session.dirty = true;
+        }
+        out.push(changed(&target.checkout_id, now, changed_at));
+    }
+
+    fn on_filter(&mut self, id: i32, count: i32, now: Instant, out: &mut Vec<Action>) {
+        let Some(target) = self.targets.get_mut(&id) else {
+            tracing::debug!(
+                target_id = id,
+                "existence filter for an unknown target; ignored"
+            );
+            return;
+        };
+        if target.removing {
+            return;
+        }
+        let server_exists = count > 0;
+        // An unknown local state with count 1 is consistent: a changed document would have been
+        // sent before the filter. Count 0 with an unknown state may hide a delete: verify.
+        let mismatch = match target.exists {
+            Some(known) => known != server_exists,
+            None => !server_exists,
+        };
+        if !mismatch {
+            return;
+        }
+        tracing::debug!(target_id = id, count, "existence filter mismatch");
+        if target.resume_token.take().is_some() {
+            out.push(Action::Emit(ListenEvent::ForgetToken(
+                target.checkout_id.clone(),
+            )));
+        }
+        target.exists = Some(server_exists);
+        if let Some(session) = target.session.as_mut() {
+            session.pending_token = None;
+            session.verify_at_current = false;
+            session.dirty = true;
+        }
+        out.push(changed(&target.checkout_id, now, None));
+    }
+
+    fn on_target_change(
+        &mut self,
+        change: TargetChange,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) -> Result<(), Fault> {
+        let kind = TargetChangeType::try_from(change.target_change_type);
+        let token = (!change.resume_token.is_empty()).then_some(change.resume_token);
+        match kind {
+            Ok(TargetChangeType::NoChange) => {
+                if change.target_ids.is_empty() {
+                    if token.is_some() {
+                        out.push(Action::ResetBackoff);
+                    }
+                    for target in self.targets.values_mut() {
+                        if let (Some(session), Some(token)) = (target.session.as_mut(), &token)
+                            && session.acked
+                        {
+                            session.pending_token = Some(token.clone());
+                        }
+                    }
+                    if let Some(read_time) = change.read_time.as_ref() {
+                        self.snapshot(to_datetime(read_time), now, out);
+                    }
+                } else {
+                    self.apply_token(&change.target_ids, token, out);
+                }
+            }
+            Ok(TargetChangeType::Add) => {
+                for id in &change.target_ids {
+                    match self.targets.get_mut(id).and_then(|t| t.session.as_mut()) {
+                        Some(session) => session.acked = true,
+                        None => tracing::debug!(target_id = id, "ADD for an unknown target"),
+                    }
+                }
+                self.apply_token(&change.target_ids, token, out);
+            }
+            Ok(TargetChangeType::Current) => {
+                let ids = self.ids_or_all(&change.target_ids);
+                for id in &ids {
+                    let Some(target) = self.targets.get_mut(id) else {
+                        continue;
+                    };
+                    if target.removing {
+                        continue;
+                    }
+                    let Some(session) = target.session.as_mut() else {
+                        continue;
+                    };
+                    // Tolerated: CURRENT before ADD (the ADD was lost or never sent).
+                    session.acked = true;
+                    if !session.current {
+                        session.current = true;
+                        session.dirty = true;
+                    }
+                    if session.verify_at_current {
+                        session.verify_at_current = false;
+                        // CURRENT without the document: it does not exist (note 1.5 item 2).
+                        if target.exists.is_none() {
+                            target.exists = Some(false);
+                        }
+                        out.push(changed(&target.checkout_id, now, None));
+                    }
+                }
+                out.push(Action::ResetBackoff);
+                self.apply_token(&ids, token, out);
+                // A CURRENT with empty target ids and a read time is a consistent snapshot too.
+                if change.target_ids.is_empty()
+                    && let Some(read_time) = change.read_time.as_ref()
+                {
+                    self.snapshot(to_datetime(read_time), now, out);
+                }
+            }
+            Ok(TargetChangeType::Reset) => {
+                for id in self.ids_or_all(&change.target_ids) {
+                    let Some(target) = self.targets.get_mut(&id) else {
+                        continue;
+                    };
+                    if target.removing {
+                        continue;
+                    }
+                    if target.resume_token.take().is_some() {
+                        out.push(Action::Emit(ListenEvent::ForgetToken(
+                            target.checkout_id.clone(),
+                        )));
+                    }
+                    target.exists = None;
+                    if let Some(session) = target.session.as_mut() {
+                        session.current = false;
+                        session.pending_token = None;
+                        session.verify_at_current = true;
+                        session.dirty = true;
+                    }
+                }
+            }
+            Ok(TargetChangeType::Remove) => {
+                return self.on_remove(&change.target_ids, change.cause, out);
+            }
+            Err(_) => {
+                tracing::debug!(
+                    kind = change.target_change_type,
+                    "unknown target change type; ignored"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A token sent for explicit targets: kept until the next snapshot adopts it.
+    fn apply_token(&mut self, ids: &[i32], token: Option<Vec<u8>>, out: &mut Vec<Action>) {
+        let Some(token) = token else { return };
+        let mut applied = false;
+        for id in ids {
+            if let Some(session) = self.targets.get_mut(id).and_then(|t| t.session.as_mut()) {
+                session.pending_token = Some(token.clone());
+                applied = true;
+            }
+        }
+        if applied {
+            out.push(Action::ResetBackoff);
+        }
+    }
+
+    /// The given ids, or every target sent on this session when the list is empty.
+    fn ids_or_all(&self, ids: &[i32]) -> Vec<i32> {
+        if ids.is_empty() {
+            self.targets
+                .iter()
+                .filter(|(_, t)| t.session.as_ref().is_some_and(|s| s.acked))
+                .map(|(id, _)| *id)
+                .collect()
+        } else {
+            ids.to_vec()
+        }
+    }
+
+    /// A global consistent snapshot: adopt tokens of CURRENT targets and offer them.
+    fn snapshot(&mut self, read_time: Option<DateTime<Utc>>, now: Instant, out: &mut Vec<Action>) {
+        let mut tokens = Vec::new();
+        for target in self.targets.values_mut() {
+            if target.removing {
+                continue;
+            }
+            let Some(session) = target.session.as_mut() else {
+                continue;
+            };
+            if !session.current {
+                continue;
+            }
+            let Some(token) = session.pending_token.take() else {
+                continue;
+            };
+            target.resume_token = Some(token.clone());
+            let due = session.dirty
+                || target
+                    .last_checkpoint
+                    .is_none_or(|at| now.saturating_duration_since(at) >= self.checkpoint_interval);
+            if due {
+                session.dirty = false;
+                target.last_checkpoint = Some(now);
+                tokens.push((target.checkout_id.clone(), token));
+            }
+        }
+        // A healthy snapshot: INVALID_ARGUMENT from now on is a new problem.
+        self.retried_without_tokens = false;
+        if !tokens.is_empty() {
+            out.push(Action::Emit(ListenEvent::Checkpoint { tokens, read_time }));
+        }
+    }
+
+    fn on_remove(
+        &mut self,
+        ids: &[i32],
+        cause: Option<gcloud_sdk::google::rpc::Status>,
+        out: &mut Vec<Action>,
+    ) -> Result<(), Fault> {
+        let cause = cause.filter(|c| c.code != 0);
+        for id in self.ids_or_all(ids) {
+            let Some(target) = self.targets.get(&id) else {
+                tracing::debug!(target_id = id, "REMOVE for an unknown target");
+                continue;
+            };
+            if target.removing {
+                // Our own RemoveTarget, acknowledged: the id is free.
+                self.targets.remove(&id);
+                continue;
+            }
+            let Some(cause) = cause.as_ref() else {
+                return Err(Fault::Transient(format!(
+                    "the server removed target {id} without a cause"
+                )));
+            };
+            let code = Code::from_i32(cause.code);
+            let resumed = target.session.as_ref().is_some_and(|s| s.resumed);
+            match code {
+                Code::PermissionDenied | Code::Unauthenticated => {
+                    return Err(Fault::Permanent {
+                        code,
+                        message: cause.message.clone(),
+                    });
+                }
+                Code::InvalidArgument | Code::FailedPrecondition if resumed => {
+                    // The token was refused: re-add the target without it (new id), verify.
+                    let Some(mut entry) = self.targets.remove(&id) else {
+                        continue;
+                    };
+                    if entry.resume_token.take().is_some() {
+                        out.push(Action::Emit(ListenEvent::ForgetToken(
+                            entry.checkout_id.clone(),
+                        )));
+                    }
+                    entry.session = None;
+                    let new_id = self.allocate_id();
+                    self.by_checkout.insert(entry.checkout_id.clone(), new_id);
+                    self.targets.insert(new_id, entry);
+                    let request = self.add_request(new_id);
+                    out.push(Action::Send(Box::new(request)));
+                }
+                Code::InvalidArgument
+                | Code::FailedPrecondition
+                | Code::NotFound
+                | Code::Unimplemented => {
+                    // This target cannot work; the others on the stream are fine.
+                    let Some(entry) = self.targets.remove(&id) else {
+                        continue;
+                    };
+                    self.by_checkout.remove(&entry.checkout_id);
+                    out.push(Action::Emit(ListenEvent::TargetFailed {
+                        checkout_id: entry.checkout_id,
+                        message: format!(
+                            "Firestore stopped watching document '{}': {code:?}: {}",
+                            printable(&entry.document),
+                            printable(&cause.message)
+                        ),
+                    }));
+                }
+                _ => {
+                    return Err(Fault::Transient(format!(
+                        "the server removed target {id}: {code:?}: {}",
+                        printable(&cause.message)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn allocate_id(&mut self) -> i32 {
+        // Bounded: there are fewer targets than ids, so a free id turns up.
+        loop {
+            let id = self.next_id;
+            self.next_id = if self.next_id == i32::MAX {
+                1
+            } else {
+                self.next_id + 1
+            };
+            if !self.targets.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    /// Marks `id` as sent on this session and builds its AddTarget.
+    fn add_request(&mut self, id: i32) -> ListenRequest {
+        let (document, token) = match self.targets.get_mut(&id) {
+            Some(target) => {
+                target.session = Some(Session {
+                    resumed: target.resume_token.is_some(),
+                    verify_at_current: target.resume_token.is_none(),
+                    ..Session::default()
+                });
+                (target.document.clone(), target.resume_token.clone())
+            }
+            None => (String::new(), None),
+        };
+        self.request(listen_request::TargetChange::AddTarget(Target {
+            target_id: id,
+            once: false,
+            expected_count: None,
+            target_type: Some(target::TargetType::Documents(target::DocumentsTarget {
+                documents: vec![document],
+            })),
+            resume_type: token.map(target::ResumeType::ResumeToken),
+        }))
+    }
+
+    fn request(&self, change: listen_request::TargetChange) -> ListenRequest {
+        ListenRequest {
+            database: self.database.clone(),
+            labels: Default::default(),
+            request_options: None,
+            target_change: Some(change),
+        }
+    }
+}
+
+fn changed(checkout_id: &CheckoutId, now: Instant, changed_at: Option<DateTime<Utc>>) -> Action {
+    Action::Emit(ListenEvent::Changed(Nudge {
+        checkout_id: checkout_id.clone(),
+        source: Source::Firestore,
+        seen_at: now,
+        changed_at,
+    }))
+}
+
+/// A one-line description of a response for debug logs (never the document's fields).
+pub(crate) fn summary(response: &ListenResponse) -> String {
+    match &response.response_type {
+        Some(listen_response::ResponseType::TargetChange(c)) => format!(
+            "{} {:?} token={}B read_time={}",
+            TargetChangeType::try_from(c.target_change_type)
+                .map(|t| t.as_str_name())
+                .unwrap_or("UNKNOWN"),
+            c.target_ids,
+            c.resume_token.len(),
+            c.read_time.is_some()
+        ),
+        Some(listen_response::ResponseType::DocumentChange(c)) => format!(
+            "DocumentChange {} targets={:?} removed={:?}",
+            printable(c.document.as_ref().map(|d| d.name.as_str()).unwrap_or("")),
+            c.target_ids,
+            c.removed_target_ids
+        ),
+        Some(listen_response::ResponseType::DocumentDelete(d)) => format!(
+            "DocumentDelete {} removed={:?}",
+            printable(&d.document),
+            d.removed_target_ids
+        ),
+        Some(listen_response::ResponseType::DocumentRemove(d)) => format!(
+            "DocumentRemove {} removed={:?}",
+            printable(&d.document),
+            d.removed_target_ids
+        ),
+        Some(listen_response::ResponseType::Filter(f)) => {
+            format!("ExistenceFilter target={} count={}", f.target_id, f.count)
+        }
+        None => "empty".to_owned(),
+    }
+}
+
+/// A protobuf timestamp as UTC, None when out of range.
+pub(crate) fn to_datetime(timestamp: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    let nanos = u32::try_from(timestamp.nanos).ok()?;
+    DateTime::from_timestamp(timestamp.seconds, nanos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::FirestoreLocation;
+    use gcloud_sdk::google::firestore::v1::{
+        Document, DocumentChange, DocumentDelete, ExistenceFilter,
+    };
+
+    const DB: &str = "projects/p/databases/(default)";
+
+    fn id(n: &str) -> CheckoutId {
+        n.parse().expect("valid checkout id")
+    }
+
+    fn doc(n: &str) -> String {
+        format!("{DB}/documents/checkouts/{n}")
+    }
+
+    fn watch(n: &str, token: Option<&[u8]>) -> WatchTarget {
+        WatchTarget {
+            checkout_id: id(n),
+            location: FirestoreLocation::new("p", "checkouts", n).expect("valid location"),
+            resume_token: token.map(<[u8]>::to_vec),
+        }
+    }
+
+    fn tc(kind: TargetChangeType, ids: &[i32], token: &[u8], read: Option<i64>) -> ListenResponse {
+        ListenResponse {
+            response_type: Some(listen_response::ResponseType::TargetChange(TargetChange {
+                target_change_type: kind as i32,
+                target_ids: ids.to_vec(),
+                cause: None,
+                resume_token: token.to_vec(),
+                read_time: read.map(|s| prost_types::Timestamp {
+                    seconds: s,
+                    nanos: 0,
+                }),
+            })),
+        }
+    }
+
+    fn change(n: &str, ids: &[i32], updated: i64) -> ListenResponse {
+        ListenResponse {
+            response_type: Some(listen_response::ResponseType::DocumentChange(
+                DocumentChange {
+                    document: Some(Document {
+                        name: doc(n),
+                        fields: Default::default(),
+                        create_time: None,
+                        update_time: Some(prost_types::Timestamp {
+                            seconds: updated,
+                            nanos: 0,
+                        }),
+                    }),
+                    target_ids: ids.to_vec(),
+                    removed_target_ids: vec![],
+                },
+            )),
+        }
+    }
+
+    fn delete(n: &str, ids: &[i32]) -> ListenResponse {
+        ListenResponse {
+            response_type: Some(listen_response::ResponseType::DocumentDelete(
+                DocumentDelete {
+                    document: doc(n),
+                    removed_target_ids: ids.to_vec(),
+                    read_time: None,
+                },
+            )),
+        }
+    }
+
+    fn filter(target: i32, count: i32) -> ListenResponse {
+        ListenResponse {
+            response_type: Some(listen_response::ResponseType::Filter(ExistenceFilter {
+                target_id: target,
+                count,
+                unchanged_names: None,
+            })),
+        }
+    }
+
+    fn remove_with(ids: &[i32], code: Code, message: &str) -> ListenResponse {
+        ListenResponse {
+            response_type: Some(listen_response::ResponseType::TargetChange(TargetChange {
+                target_change_type: TargetChangeType::Remove as i32,
+                target_ids: ids.to_vec(),
+                cause: Some(gcloud_sdk::google::rpc::Status {
+                    code: code as i32,
+                    message: message.into(),
+                    details: vec![],
+                }),
+                resume_token: vec![],
+                read_time: None,
+            })),
+        }
+    }
+
+    /// A compact view of the emitted actions, for assertions.
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        Changed(String, Option<i64>),
+        Checkpoint(Vec<(String, Vec<u8>)>),
+        Forget(String),
+        Failed(String),
+        Add(i32, Option<Vec<u8>>),
+        Remove(i32),
+    }
+
+    fn seen(actions: &[Action]) -> Vec<Seen> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Emit(ListenEvent::Changed(n)) => Some(Seen::Changed(
+                    n.checkout_id.to_string(),
+                    n.changed_at.map(|t| t.timestamp()),
+                )),
+                Action::Emit(ListenEvent::Checkpoint { tokens, .. }) => Some(Seen::Checkpoint(
+                    tokens
+                        .iter()
+                        .map(|(c, t)| (c.to_string(), t.clone()))
+                        .collect(),
+                )),
+                Action::Emit(ListenEvent::ForgetToken(c)) => Some(Seen::Forget(c.to_string())),
+                Action::Emit(ListenEvent::TargetFailed { checkout_id, .. }) => {
+                    Some(Seen::Failed(checkout_id.to_string()))
+                }
+                Action::Send(request) => match &request.target_change {
+                    Some(listen_request::TargetChange::AddTarget(t)) => Some(Seen::Add(
+                        t.target_id,
+                        match &t.resume_type {
+                            Some(target::ResumeType::ResumeToken(tok)) => Some(tok.clone()),
+                            _ => None,
+                        },
+                    )),
+                    Some(listen_request::TargetChange::RemoveTarget(id)) => Some(Seen::Remove(*id)),
+                    None => None,
+                },
+                _ => None,
+            })
+            .collect()
+    }
+
+    struct Harness {
+        state: StreamState,
+        now: Instant,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            Harness {
+                state: StreamState::new(DB.into(), Duration::from_secs(300)),
+                now: Instant::now(),
+            }
+        }
+
+        fn feed(&mut self, responses: Vec<ListenResponse>) -> Vec<Seen> {
+            let mut out = Vec::new();
+            for response in responses {
+                self.state
+                    .on_response(response, self.now, &mut out)
+                    .expect("no fault");
+            }
+            seen(&out)
+        }
+
+        fn connect(&mut self) -> Vec<Seen> {
+            let requests = self.state.connect();
+            seen(
+                &requests
+                    .into_iter()
+                    .map(|r| Action::Send(Box::new(r)))
+                    .collect::<Vec<_>>(),
+            )
+        }
+    }
+
+    use TargetChangeType::{Add, Current, NoChange, Reset};
+
+    #[test]
+    fn fresh_existing_document_is_changed_then_checkpointed() {
+        let mut h = Harness::new();
+        assert_eq!(h.state.add(watch("a", None)), None, "not connected yet");
+        assert_eq!(h.connect(), vec![Seen::Add(1, None)]);
+        let seen = h.feed(vec![
+            tc(Add, &[1], b"", None),
+            change("a", &[1], 100),
+            tc(Current, &[1], b"t1", Some(100)),
+        ]);
+        assert_eq!(seen, vec![Seen::Changed("a".into(), Some(100))]);
+        let seen = h.feed(vec![tc(NoChange, &[], b"t2", Some(101))]);
+        assert_eq!(
+            seen,
+            vec![Seen::Checkpoint(vec![("a".into(), b"t2".to_vec())])]
+        );
+    }
+
+    #[test]
+    fn fresh_missing_document_is_verified_at_current() {
+        let mut h = Harness::new();
+        h.state.add(watch("a", None));
+        h.connect();
+        let seen = h.feed(vec![
+            tc(Add, &[1], b"", None),
+            tc(Current, &[1], b"t1", Some(100)),
+            tc(NoChange, &[], b"t1", Some(100)),
+        ]);
+        assert_eq!(
+            seen,
+            vec![
+                Seen::Changed("a".into(), None),
+                Seen::Checkpoint(vec![("a".into(), b"t1".to_vec())])
+            ]
+        );
+    }
+
+    #[test]
+    fn resumed_unchanged_document_is_not_verified() {
+        let mut h = Harness::new();
+        h.state.add(watch("a", Some(b"old")));
+        assert_eq!(h.connect(), vec![Seen::Add(1, Some(b"old".to_vec()))]);
+        let seen = h.feed(vec![
+            tc(Add, &[1], b"", None),
+            tc(Current, &[1], b"t5", Some(200)),
+            tc(NoChange, &[], b"t6", Some(200)),
+        ]);
+        assert_eq!(
+            seen,
+            vec![Seen::Checkpoint(vec![("a".into(), b"t6".to_vec())])]
+        );
+    }
+
+    #[test]
+    fn resumed_changed_document_is_verified() {
+        let mut h = Harness::new();
+        h.state.add(watch("a", Some(b"old")));
+        h.connect();
+        let seen = h.feed(vec![
+            tc(Add, &[1], b"", None),
+            change("a", &[1], 150),
+            tc(Current, &[1], b"t5", Some(200)),
+        ]);
+        assert_eq!(seen, vec![Seen::Changed("a".into(), Some(150))]);
+    }
+
+    #[test]
+    fn token_before_current_is_never_checkpointed() {
+        // Note 1.5 item 5 / 1.6 caveat: a global marker between ADD and CURRENT of a fresh target.
+        let mut h = Harness::new();
+        h.state.add(watch("a", None));
+        h.connect();
+        let seen = h.feed(vec![
+            tc(Add, &[1], b"", None),
+            tc(NoChange, &[], b"early", Some(50)),
+        ]);
+        assert_eq!(seen, vec![], "no checkpoint before CURRENT");
+        // A reconnect now must not resume from the early token.
+        h.state.disconnect();
+        assert_eq!(h.connect(), vec![Seen::Add(1, None)]);
+    }
+
+    #[test]
+    fn heartbeat_checkpoints_are_rate_limited_but_changes_are_not() {
+        let mut h = Harness::new();
+        h.state.add(watch("a", None));
+        h.connect();
+        h.feed(vec![
+            tc(Add, &[1], b"", None),
+            tc(Current, &[1], b"t1", Some(100)),
+            tc(NoChange, &[], b"t1", Some(100)),
+        ]);
+        // A heartbeat 30 s later: token adopted in memory, not offered.
+        h.now += Duration::from_secs(30);
+        assert_eq!(h.feed(vec![tc(NoChange, &[], b"t2", Some(130))]), vec![]);
+        // A change: offered at the next snapshot whatever the interval.
+        let seen = h.feed(vec![
+            change("a", &[1], 140),
+            tc(NoChange, &[], b"t3", Some(140)),
+        ]);
+        assert_eq!(
+            seen,
+            vec![
+                Seen::Changed("a".into(), Some(140)),
+                Seen::Checkpoint(vec![("a".into(), b"t3".to_vec())])
+            ]
+        );
+        // Five minutes of heartbeats later the token is offered again.
+        h.now += Duration::from_secs(301);
+        assert_eq!(
+            h.feed(vec![tc(NoChange, &[], b"t9", Some(500))]),
+            vec![Seen::Checkpoint(vec![("a".into(), b"t9".to_vec())])]
+        );
+        // And the in-memory token follows heartbeats for reconnects.
+        h.state.disconnect();
+        assert_eq!(h.connect(), vec![Seen::Add(1, Some(b"t9".to_vec()))]);
+    }
+
+    #[test]
+    fn delete_is_a_change() {
+        let mut h = Harness::new();
+        h.state.add(watch("a", None));
+        h.connect();
+        h.feed(vec![
+            tc(Add, &[1], b"", None),
+            change("a", &[1], 100),
+            tc(Current, &[1], b"t1", Some(100)),
+            tc(NoChange, &[], b"t1", Some(100)),
+        ]);
+        let seen = h.feed(vec![delete("a", &[1]), tc(NoChange, &[], b"t2", Some(110))]);
+        assert_eq!(
+            seen,
+            vec![
+                Seen::Changed("a".into(), None),
+                Seen::Checkpoint(vec![("a".into(), b"t2".to_vec())])
+            ]
+        );
+    }
+
+    #[test]
+    fn delete_of_missing_document_in_initial_state_is_one_change() {
+        // skunkteam's emulator sends DocumentDelete for a missing document (note 1.5 item 2).
+        let mut h = Harness::new();
+        h.state.add(watch("a", None));
+        h.connect();
+        let seen = h.feed(vec![
+            tc(Add, &[1], b"", None),
+            delete("a", &[1]),
+            tc(Current, &[1], b"t1", Some(100)),
+            tc(NoChange, &[], b"t1", Some(100)),
+        ]);
+        assert_eq!(
+            seen,
+            vec![
+                Seen::Changed("a".into(), None),
+                Seen::Checkpoint(vec![("a".into(), b"t1".to_vec())])
+            ]
+        );
+    }
+
+    #[test]
+    fn reset_forgets_token_and_verifies_once() {
+        let mut h = Harness::new();
+        h.state.add(watch("a", Some(b"old")));
+        h.connect();
+        h.feed(vec![
+            tc(Add, &[1], b"", None),
+            tc(Current, &[1], b"", None),
+            tc(NoChange, &[], b"t1", Some(100)),
+        ]);
+        // The npm emulator's way to report a change: RESET, full state, CURRENT, marker.
+        let seen = h.feed(vec![
+            tc(Reset, &[1], b"", Some(110)),
+            change("a", &[1], 110),
+            tc(Current, &[1], b"", Some(110)),
+            tc(NoChange, &[], b"t2", Some(110)),
+        ]);
+        assert_eq!(
+            seen,
+            vec![
+                Seen::Forget("a".into()),
+                Seen::Changed("a".into(), Some(110)),
+                Seen::Checkpoint(vec![("a".into(), b"t2".to_vec())])
+            ]
+        );
+        // RESET then no document (deleted): verified at CURRENT.
+        let seen = h.feed(vec![
+            tc(Reset, &[1], b"", Some(120)),
+            tc(Current, &[1], b"", Some(120)),
+            tc(NoChange, &[], b"", Some(120)),
+        ]);
+        assert_eq!(
+            seen,
+            vec![Seen::Forget("a".into()), Seen::Changed("a".into(), None)]
+        );
+    }
+
+    #[test]
+    fn emulator_without_tokens_still_verifies_and_never_checkpoints() {
+        let mut h = Harness::new();
+        h.state.add(watch("a", None));
+        h.connect();
+        let seen = h.feed(vec![
+            tc(Add, &[1], b"", None),
+            change("a", &[1], 100),
+            tc(Current, &[1], b"", Some(100)),
+            tc(NoChange, &[], b"", Some(100)),
+        ]);
+        assert_eq!(seen, vec![Seen::Changed("a".into(), Some(100))]);
+    }
+
+    #[test]
+    fn existence_filter_mismatch_forgets_and_verifies() {
+        let mut h = Harness::new();
+        h.state.add(watch("a", Some(b"old")));
+        h.state.add(watch("b", Some(b"old")));
+        h.connect();
+        // count 1 with an unknown local state: consistent, nothing to do.
+        // count 0 with an unknown local state: may hide a delete made while we were away.
+        let seen = h.feed(vec![
+            tc(Add, &[1], b"", None),
+            tc(Add, &[2], b"", None),
+            filter(1, 1),
+            filter(2, 0),
+            tc(Current, &[1, 2], b"t", Some(100)),
+            tc(NoChange, &[], b"t", Some(100)),
+        ]);
+        assert_eq!(
+            seen,
+            vec![
+                Seen::Forget("b".into()),
+                Seen::Changed("b".into(), None),
+                Seen::Checkpoint(vec![
+                    ("a".into(), b"t".to_vec()),
+                    ("b".into(), b"t".to_vec())
+                ])
+            ]
+        );
+        // Known state: a count that agrees is nothing, one that disagrees is a change.
+        let seen = h.feed(vec![filter(2, 0), filter(1, 0)]);
+        assert_eq!(
+            seen,
+            vec![Seen::Forget("a".into()), Seen::Changed("a".into(), None)]
+        );
+    }
+
+    #[test]
+    fn multiplexed_add_and_remove_on_a_live_stream() {
+        let mut h = Harness::new();
+        h.state.add(watch("a", None));
+        h.connect();
+        h.feed(vec![
+            tc(Add, &[1], b"", None),
+            tc(Current, &[1], b"t1", Some(100)),
+        ]);
+        let add = h.state.add(watch("b", None));
+        assert_eq!(
+            seen(&[Action::Send(Box::new(add.expect("connected: AddTarget")))]),
+            vec![Seen::Add(2, None)]
+        );
+        // The global marker right after b's ADD must not checkpoint b (not CURRENT yet).
+        let got = h.feed(vec![
+            tc(Add, &[2], b"", None),
+            tc(NoChange, &[], b"t2", Some(101)),
+        ]);
+        assert_eq!(
+            got,
+            vec![Seen::Checkpoint(vec![("a".into(), b"t2".to_vec())])]
+        );
+        let remove = h.state.remove(&id("a"));
+        assert_eq!(
+            seen(&[Action::Send(Box::new(
+                remove.expect("connected: RemoveTarget")
+            ))]),
+            vec![Seen::Remove(1)]
+        );
+        assert_eq!(h.state.len(), 1);
+        // In-flight events for the removed target are ignored; its id stays taken until REMOVE.
+        let got = h.feed(vec![change("a", &[1], 102)]);
+        assert_eq!(got, vec![]);
+        let add = h.state.add(watch("c", None));
+        assert_eq!(
+            seen(&[Action::Send(Box::new(add.expect("connected")))]),
+            vec![Seen::Add(3, None)],
+            "id 1 is not reused before its REMOVE"
+        );
+        h.feed(vec![tc(TargetChangeType::Remove, &[1], b"", None)]);
+        assert!(!h.state.targets.contains_key(&1));
+    }
+
+    #[test]
+    fn removal_cause_decides_per_code() {
+        let mut h = Harness::new();
+        h.state.add(watch("a", Some(b"stale")));
+        h.state.add(watch("b", None));
+        h.connect();
+        let mut out = Vec::new();
+        let now = h.now;
+        h.state
+            .on_response(tc(Add, &[1, 2], b"", None), now, &mut out)
+            .expect("ok");
+        // INVALID_ARGUMENT on a resumed target: forget the token and re-add it without one.
+        h.state
+            .on_response(
+                remove_with(&[1], Code::InvalidArgument, "bad token"),
+                now,
+                &mut out,
+            )
+            .expect("handled");
+        // NOT_FOUND on a fresh target: that target fails, the stream goes on.
+        h.state
+            .on_response(remove_with(&[2], Code::NotFound, "gone"), now, &mut out)
+            .expect("handled");
+        assert_eq!(
+            seen(&out),
+            vec![
+                Seen::Forget("a".into()),
+                Seen::Add(3, None),
+                Seen::Failed("b".into())
+            ]
+        );
+        assert_eq!(h.state.len(), 1);
+        // UNAVAILABLE: reopen the stream; PERMISSION_DENIED: permanent.
+        let fault = h
+            .state
+            .on_response(remove_with(&[3], Code::Unavailable, "busy"), now, &mut out)
+            .expect_err("transient fault");
+        assert!(matches!(fault, Fault::Transient(_)), "{fault:?}");
+        let fault = h
+            .state
+            .on_response(
+                remove_with(&[3], Code::PermissionDenied, "no"),
+                now,
+                &mut out,
+            )
+            .expect_err("permanent fault");
+        assert!(matches!(fault, Fault::Permanent { .. }), "{fault:?}");
+    }
+
+    #[test]
+    fn reconnect_resumes_each_target_with_its_own_token() {
+        let mut h = Harness::new();
+        h.state.add(watch("a", None));
+        h.state.add(watch("b", Some(b"b0")));
+        h.connect();
+        h.feed(vec![
+            tc(Add, &[1, 2], b"", None),
+            change("a", &[1], 100),
+            tc(Current, &[1], b"", None),
+            tc(NoChange, &[], b"g1", Some(100)),
+        ]);
+        h.state.disconnect();
+        assert_eq!(
+            h.connect(),
+            vec![
+                Seen::Add(1, Some(b"g1".to_vec())),
+                Seen::Add(2, Some(b"b0".to_vec()))
+            ],
+            "b was never CURRENT: it keeps the token it came with"
+        );
+    }
+
+    #[test]
+    fn forget_all_tokens_for_invalid_argument_retry() {
+        let mut h = Harness::new();
+        h.state.add(watch("a", Some(b"x")));
+        h.state.add(watch("b", None));
+        h.connect();
+        assert!(h.state.resumed());
+        h.state.disconnect();
+        let mut out = Vec::new();
+        h.state.forget_all_tokens(&mut out);
+        assert_eq!(seen(&out), vec![Seen::Forget("a".into())]);
+        assert!(h.state.retried_without_tokens());
+        assert_eq!(h.connect(), vec![Seen::Add(1, None), Seen::Add(2, None)]);
+        assert!(!h.state.resumed());
+    }
+
+    #[test]
+    fn unknown_and_odd_messages_are_tolerated() {
+        let mut h = Harness::new();
+        h.state.add(watch("a", None));
+        h.connect();
+        let seen = h.feed(vec![
+            ListenResponse {
+                response_type: None,
+            },
+            tc(Add, &[99], b"", None),
+            change("zzz", &[42], 1),
+            filter(42, 3),
+            ListenResponse {
+                response_type: Some(listen_response::ResponseType::TargetChange(TargetChange {
+                    target_change_type: 17,
+                    ..Default::default()
+                })),
+            },
+            // CURRENT with no ids and no token (applies to every target), before any ADD.
+            tc(Current, &[], b"", None),
+        ]);
+        assert_eq!(
+            seen,
+            vec![],
+            "nothing acked yet, so an empty CURRENT applies to none"
+        );
+        let seen = h.feed(vec![tc(Add, &[1], b"", None), tc(Current, &[], b"", None)]);
+        assert_eq!(seen, vec![Seen::Changed("a".into(), None)]);
+    }
+
+    #[test]
+    fn status_classification() {
+        use Disposition::*;
+        assert_eq!(
+            classify(Code::Unauthenticated, "", false, false, false),
+            Permanent
+        );
+        assert_eq!(
+            classify(Code::Unauthenticated, "", false, false, true),
+            Transient
+        );
+        assert_eq!(
+            classify(Code::PermissionDenied, "", false, false, true),
+            Permanent
+        );
+        assert_eq!(
+            classify(
+                Code::NotFound,
+                "The database (default) does not exist for project p",
+                false,
+                false,
+                false
+            ),
+            Permanent
+        );
+        assert_eq!(
+            classify(Code::NotFound, "target 3", false, false, true),
+            Transient
+        );
+        assert_eq!(
+            classify(Code::InvalidArgument, "", true, false, true),
+            RetryWithoutTokens
+        );
+        assert_eq!(
+            classify(Code::InvalidArgument, "", true, true, true),
+            Permanent
+        );
+        assert_eq!(
+            classify(Code::ResourceExhausted, "", false, false, true),
+            Exhausted
+        );
+        assert_eq!(
+            classify(Code::Unavailable, "", false, false, true),
+            Transient
+        );
+        assert_eq!(classify(Code::Internal, "", false, false, false), Transient);
+        let message = permanent_message("p", "https://x", Code::PermissionDenied, "denied");
+        assert!(message.contains("project 'p'") && message.contains("roles/datastore.viewer"));
+    }
+}

@@ -1,0 +1,384 @@
+//! One Listen stream: a task that opens it, feeds its [`StreamState`], and reopens it.
+//!
+//! The task owns the stream's targets across reconnects. It takes commands (add, remove,
+//! close) from the pool, sends the state machine's requests on the open stream, and sends its
+//! events on the listener's channel in order (waiting when the channel is full, which in turn
+//! stops reading the stream: gRPC flow control pushes back to the server).
+//!
+//! Reconnects: backoff with jitter (see `backoff.rs`); RESOURCE_EXHAUSTED and permanent
+//! failures wait the maximum; INVALID_ARGUMENT on a resumed stream drops the tokens and retries
+//! at once, a second time is permanent. A stream with no message for `idle_timeout` is reopened.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use gcloud_sdk::google::firestore::v1::ListenRequest;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Code, Status};
+
+use super::backoff::Backoff;
+use super::pool::{Connection, ProjectShared, Shared};
+use super::state::{Action, Disposition, Fault, StreamState, classify, permanent_message, summary};
+use super::{ListenEvent, WatchTarget};
+use crate::domain::{CheckoutId, printable};
+
+/// What the pool asks of a stream task.
+#[derive(Debug)]
+pub(crate) enum StreamCommand {
+    /// Watch this checkout on this stream.
+    Add(WatchTarget),
+    /// Stop watching it.
+    Remove(CheckoutId),
+    /// The stream has no targets left: end the task.
+    Close,
+}
+
+/// How a session (one opened stream) ended.
+enum SessionEnd {
+    /// Reopen after this delay.
+    Retry(Duration, String),
+    /// End the task (cancelled, closed, or the daemon dropped the event receiver).
+    Stop,
+}
+
+/// Counts a stream against its connection for as long as the task lives.
+struct ConnectionLease(Arc<Connection>);
+
+impl Drop for ConnectionLease {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Counts an open session in [`Shared::open_streams`].
+struct OpenGuard<'a>(&'a Shared);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The task of one Listen stream.
+pub(crate) struct StreamTask {
+    /// The listener's shared parts (options, connector, events channel, cancel token).
+    pub(crate) shared: Arc<Shared>,
+    /// The project's shared parts (its permanent-failure flag).
+    pub(crate) project: Arc<ProjectShared>,
+    /// The connection this stream uses (already counted by the pool).
+    pub(crate) connection: Arc<Connection>,
+    /// This stream's number, for logs.
+    pub(crate) key: u64,
+    /// Commands from the pool.
+    pub(crate) commands: mpsc::UnboundedReceiver<StreamCommand>,
+}
+
+impl StreamTask {
+    /// Runs until cancelled or closed.
+    pub(crate) async fn run(self) {
+        let StreamTask {
+            shared,
+            project,
+            connection,
+            key,
+            mut commands,
+        } = self;
+        let _lease = ConnectionLease(Arc::clone(&connection));
+        let options = &shared.options;
+        let mut state = StreamState::new(
+            format!("projects/{}/databases/(default)", project.name),
+            options.checkpoint_interval,
+        );
+        let mut backoff = Backoff::new(options.backoff_initial, options.backoff_max);
+        let mut delay = Duration::ZERO;
+        let session = Session {
+            shared: &shared,
+            project: &project,
+            connection: &connection,
+            key,
+        };
+        loop {
+            if !session.wait(delay, &mut state, &mut commands).await {
+                break;
+            }
+            match session.run(&mut state, &mut commands, &mut backoff).await {
+                SessionEnd::Stop => break,
+                SessionEnd::Retry(next, reason) => {
+                    state.disconnect();
+                    delay = next;
+                    let event = ListenEvent::Disconnected {
+                        project: project.name.clone(),
+                        stream: key,
+                        reason: reason.clone(),
+                        retry_in: next,
+                    };
+                    if !session.emit(event).await {
+                        break;
+                    }
+                }
+            }
+        }
+        tracing::debug!(project = %project.name, stream = key, "listen stream task ended");
+    }
+}
+
+/// The borrowed context of a stream task, with the steps of its loop.
+struct Session<'a> {
+    shared: &'a Shared,
+    project: &'a ProjectShared,
+    connection: &'a Arc<Connection>,
+    key: u64,
+}
+
+impl Session<'_> {
+    /// Waits `delay` while applying commands; false when the task must end.
+    async fn wait(
+        &self,
+        delay: Duration,
+        state: &mut StreamState,
+        commands: &mut mpsc::UnboundedReceiver<StreamCommand>,
+    ) -> bool {
+        let until = Instant::now() + delay;
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shared.cancel.cancelled() => return false,
+                command = commands.recv() => match command {
+                    None | Some(StreamCommand::Close) => return false,
+                    Some(StreamCommand::Add(target)) => { state.add(target); }
+                    Some(StreamCommand::Remove(id)) => { state.remove(&id); }
+                },
+                _ = tokio::time::sleep_until(until) => return true,
+            }
+        }
+    }
+
+    /// Sends an event unless cancelled; false when the task must end.
+    async fn emit(&self, event: ListenEvent) -> bool {
+        tokio::select! {
+            biased;
+            _ = self.shared.cancel.cancelled() => false,
+            sent = self.shared.events.send(event) => sent.is_ok(),
+        }
+    }
+
+    /// Opens the stream, runs it until it ends, and says what next.
+    async fn run(
+        &self,
+        state: &mut StreamState,
+        commands: &mut mpsc::UnboundedReceiver<StreamCommand>,
+        backoff: &mut Backoff,
+    ) -> SessionEnd {
+        let shared = self.shared;
+        let project = &self.project.name;
+        let idle = shared.options.idle_timeout;
+        let client = tokio::select! {
+            biased;
+            _ = shared.cancel.cancelled() => return SessionEnd::Stop,
+            client = self.connection.client(&shared.connector, project) => client,
+        };
+        let mut client = match client {
+            Ok(client) => client,
+            Err(error) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(project = %project, stream = self.key, connection = self.connection.index,
+                    retry_in = ?delay, "could not connect to Firestore: {error:#}");
+                return SessionEnd::Retry(delay, format!("{error:#}"));
+            }
+        };
+
+        let (requests, outgoing) = mpsc::unbounded_channel::<ListenRequest>();
+        for request in state.connect() {
+            // The receiver is alive: it is moved into the call below.
+            let _ = requests.send(request);
+        }
+        let targets = state.len();
+        tracing::debug!(project = %project, stream = self.key, targets, "opening listen stream");
+        let opened = tokio::select! {
+            biased;
+            _ = shared.cancel.cancelled() => return SessionEnd::Stop,
+            opened = tokio::time::timeout(idle, client.listen(UnboundedReceiverStream::new(outgoing))) => opened,
+        };
+        let mut responses = match opened {
+            Err(_) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(project = %project, stream = self.key, retry_in = ?delay,
+                    "Firestore did not answer the listen call within {idle:?}");
+                return SessionEnd::Retry(delay, "no answer to the listen call".into());
+            }
+            Ok(Err(status)) => return self.on_status(status, state, backoff).await,
+            Ok(Ok(response)) => response.into_inner(),
+        };
+        shared.open_streams.fetch_add(1, Ordering::SeqCst);
+        let _open = OpenGuard(shared);
+        tracing::info!(project = %project, stream = self.key, connection = self.connection.index,
+            targets, "listen stream open");
+        if !self
+            .emit(ListenEvent::Connected {
+                project: project.clone(),
+                stream: self.key,
+                targets,
+            })
+            .await
+        {
+            return SessionEnd::Stop;
+        }
+
+        let mut deadline = Instant::now() + idle;
+        let mut actions = Vec::new();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shared.cancel.cancelled() => return SessionEnd::Stop,
+                command = commands.recv() => {
+                    let request = match command {
+                        None | Some(StreamCommand::Close) => return SessionEnd::Stop,
+                        Some(StreamCommand::Add(target)) => state.add(target),
+                        Some(StreamCommand::Remove(id)) => state.remove(&id),
+                    };
+                    if let Some(request) = request {
+                        let _ = requests.send(request);
+                    }
+                }
+                message = responses.message() => {
+                    let response = match message {
+                        Ok(Some(response)) => response,
+                        Ok(None) => {
+                            let delay = backoff.next_delay();
+                            tracing::info!(project = %project, stream = self.key, retry_in = ?delay,
+                                "listen stream ended by the server");
+                            return SessionEnd::Retry(delay, "the server ended the stream".into());
+                        }
+                        Err(status) => return self.on_status(status, state, backoff).await,
+                    };
+                    tracing::debug!(project = %project, stream = self.key, "listen response: {}", summary(&response));
+                    if self.project.failed.swap(false, Ordering::SeqCst) {
+                        tracing::info!(project = %project, "Firestore accepts this project again");
+                    }
+                    actions.clear();
+                    let fault = state.on_response(response, std::time::Instant::now(), &mut actions);
+                    for action in actions.drain(..) {
+                        match action {
+                            Action::Emit(event) => {
+                                if !self.emit(event).await {
+                                    return SessionEnd::Stop;
+                                }
+                            }
+                            Action::Send(request) => {
+                                let _ = requests.send(*request);
+                            }
+                            Action::ResetBackoff => backoff.reset(),
+                        }
+                    }
+                    if let Err(fault) = fault {
+                        return self.on_fault(fault, backoff).await;
+                    }
+                    // Counted after the events were handed over: a full channel is not silence.
+                    deadline = Instant::now() + idle;
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    let unacknowledged = state.unacknowledged();
+                    if unacknowledged > 0 {
+                        tracing::warn!(project = %project, stream = self.key, unacknowledged,
+                            "the server never acknowledged (ADD) some targets of this stream; an \
+                             emulator that reads only the first request of a stream does this: use \
+                             [firestore] stream_mode = \"per-document\" with it");
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(project = %project, stream = self.key, targets = state.len(),
+                        retry_in = ?delay, "listen stream silent for {idle:?}; reopening it");
+                    return SessionEnd::Retry(delay, format!("no message for {idle:?}"));
+                }
+            }
+        }
+    }
+
+    /// A fault decided by the state machine from a response.
+    async fn on_fault(&self, fault: Fault, backoff: &mut Backoff) -> SessionEnd {
+        match fault {
+            Fault::Transient(reason) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(project = %self.project.name, stream = self.key, retry_in = ?delay,
+                    "reopening listen stream: {reason}");
+                SessionEnd::Retry(delay, reason)
+            }
+            Fault::Permanent { code, message } => self.permanent(code, &message, backoff).await,
+        }
+    }
+
+    /// A status that ended (or refused) the stream.
+    async fn on_status(
+        &self,
+        status: Status,
+        state: &mut StreamState,
+        backoff: &mut Backoff,
+    ) -> SessionEnd {
+        let code = status.code();
+        let message = status.message().to_owned();
+        let disposition = classify(
+            code,
+            &message,
+            state.resumed(),
+            state.retried_without_tokens(),
+            state.heard_from_server(),
+        );
+        let reason = format!("{code:?}: {}", printable(&message));
+        match disposition {
+            Disposition::Transient => {
+                let delay = backoff.next_delay();
+                tracing::warn!(project = %self.project.name, stream = self.key, targets = state.len(),
+                    retry_in = ?delay, "listen stream failed: {reason}");
+                SessionEnd::Retry(delay, reason)
+            }
+            Disposition::Exhausted => {
+                let delay = backoff.max_delay();
+                tracing::warn!(project = %self.project.name, stream = self.key, retry_in = ?delay,
+                    "Firestore quota exhausted; backing off: {reason}");
+                SessionEnd::Retry(delay, reason)
+            }
+            Disposition::RetryWithoutTokens => {
+                tracing::warn!(project = %self.project.name, stream = self.key,
+                    "Firestore refused the resume tokens ({reason}); retrying once without them, \
+                     which re-verifies every checkout on this stream");
+                let mut actions = Vec::new();
+                state.forget_all_tokens(&mut actions);
+                for action in actions {
+                    if let Action::Emit(event) = action
+                        && !self.emit(event).await
+                    {
+                        return SessionEnd::Stop;
+                    }
+                }
+                SessionEnd::Retry(Duration::ZERO, reason)
+            }
+            Disposition::Permanent => self.permanent(code, &message, backoff).await,
+        }
+    }
+
+    /// Reports a permanent failure once per project, then retries rarely.
+    async fn permanent(&self, code: Code, message: &str, backoff: &mut Backoff) -> SessionEnd {
+        let delay = backoff.max_delay();
+        let text = permanent_message(
+            &self.project.name,
+            self.shared.connector.endpoint(),
+            code,
+            message,
+        );
+        if !self.project.failed.swap(true, Ordering::SeqCst) {
+            tracing::error!(project = %self.project.name, "{text}");
+            let event = ListenEvent::PermanentFailure {
+                project: self.project.name.clone(),
+                message: text,
+            };
+            if !self.emit(event).await {
+                return SessionEnd::Stop;
+            }
+        } else {
+            tracing::debug!(project = %self.project.name, stream = self.key, "still refused: {code:?}");
+        }
+        SessionEnd::Retry(delay, format!("{code:?}: {}", printable(message)))
+    }
+}
