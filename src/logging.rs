@@ -41,7 +41,8 @@ impl LogHandle {
         if std::env::var_os("RUST_LOG").is_some() {
             return Ok(());
         }
-        let filter = EnvFilter::try_new(level).map_err(|error| format!("log level '{level}': {error}"))?;
+        let filter =
+            EnvFilter::try_new(level).map_err(|error| format!("log level '{level}': {error}"))?;
         if let Some(handle) = &self.reload {
             handle.reload(filter).map_err(|error| error.to_string())?;
         }
@@ -93,7 +94,9 @@ pub fn init(level: &str, format: LogFormat) -> LogHandle {
             .with(filter)
             .with(
                 tracing_subscriber::fmt::layer()
-                    .event_format(JournalFormat(Format::default().without_time().with_ansi(false)))
+                    .event_format(JournalFormat(
+                        Format::default().without_time().with_ansi(false),
+                    ))
                     .with_ansi(false)
                     .with_writer(std::io::stderr),
             )
@@ -104,7 +107,9 @@ pub fn init(level: &str, format: LogFormat) -> LogHandle {
             .try_init(),
     };
     match result {
-        Ok(()) => LogHandle { reload: Some(handle) },
+        Ok(()) => LogHandle {
+            reload: Some(handle),
+        },
         // Already initialised (tests, or a library user): leave theirs in place.
         Err(_) => LogHandle::detached(),
     }
@@ -128,7 +133,12 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
         write!(writer, "<{}>", syslog_priority(event.metadata().level()))?;
         self.0.format_event(ctx, writer, event)
     }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::domain::CheckoutStatus;
+pub use crate::sources::firestore::StreamMode;
 pub use secret::Secret;
 
 /// Where the config file is looked for when `--config` is not given.
@@ -244,26 +245,6 @@ fn resolve_secret(
         "'{key}' is not set\n\nset it in the config file, as '{key}_file', in {env}, \
          or as the systemd credential '{credential}'"
     )))
-}
-
-/// How listen targets are laid out on gRPC streams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum StreamMode {
-    /// Many targets per stream, added and removed on live streams.
-    Multiplexed,
-    /// One stream per checkout with target id 1, as the official server SDKs do.
-    PerDocument,
-}
-
-impl StreamMode {
-    /// The config spelling.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            StreamMode::Multiplexed => "multiplexed",
-            StreamMode::PerDocument => "per-document",
-        }
-    }
 }
 
 /// `[firestore]`: the Listen connection.

@@ -63,6 +63,16 @@ pub enum StreamMode {
     PerDocument,
 }
 
+impl StreamMode {
+    /// The config spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StreamMode::Multiplexed => "multiplexed",
+            StreamMode::PerDocument => "per-document",
+        }
+    }
+}
+
 /// What the listener needs to know to run. `Default` gives the production values.
 #[derive(Debug, Clone)]
 pub struct ListenerOptions {
