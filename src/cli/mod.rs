@@ -2,11 +2,18 @@
 //!
 //! Owns: everything the user types and everything printed to stdout.
 //! Must never: choose the process exit code (main does, from [`exit_code`]).
+#![allow(clippy::print_stdout)]
+
+pub mod checkouts;
+pub mod output;
+pub mod sandbox;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+use crate::settings::{LogFormat, Settings};
 
 /// An error in what the user gave us (arguments, config, input files): exit code 2.
 ///
@@ -31,9 +38,13 @@ pub fn exit_code(error: &anyhow::Error) -> ExitCode {
 #[derive(Debug, Parser)]
 #[command(name = "paywatch", version, about, long_about = None)]
 pub struct Cli {
-    /// Config file (default /etc/paywatch/paywatch.toml).
+    /// Config file (default /etc/paywatch/paywatch.toml, if it exists).
     #[arg(long, global = true, env = "PAYWATCH_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
+
+    /// Log format (overrides [log] format).
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
 
     /// What to do.
     #[command(subcommand)]
@@ -43,15 +54,51 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Create payment links.
+    #[command(subcommand)]
+    Link(LinkCommand),
+    /// Start watching a checkout: from a create-link response, or by id.
+    Track(checkouts::TrackArgs),
+    /// Show one checkout.
+    Status(checkouts::StatusArgs),
+    /// List checkouts.
+    List(checkouts::ListArgs),
+    /// Show a checkout's verified status changes and hook deliveries.
+    Events(checkouts::EventsArgs),
     /// Run a local stand-in for paymennt's API and Firestore (or drive a running one).
     Sandbox(sandbox::SandboxArgs),
 }
 
+/// `paywatch link ...`.
+#[derive(Debug, Subcommand)]
+pub enum LinkCommand {
+    /// Create a payment link, record it, print its payment page URL.
+    Create(Box<checkouts::LinkCreateArgs>),
+}
+
+fn load_settings(cli: &Cli) -> anyhow::Result<Settings> {
+    Ok(Settings::load(cli.config.as_deref())?)
+}
+
+/// Logging for short commands: warnings only unless RUST_LOG says otherwise.
+fn quiet_logging(cli: &Cli) {
+    crate::logging::init("warn", cli.log_format.unwrap_or(LogFormat::Text));
+}
+
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Sandbox(_) => {}
+        _ => quiet_logging(&cli),
+    }
     match cli.command {
+        Command::Link(LinkCommand::Create(ref args)) => {
+            checkouts::link_create(&load_settings(&cli)?, args).await
+        }
+        Command::Track(ref args) => checkouts::track(&load_settings(&cli)?, args).await,
+        Command::Status(ref args) => checkouts::status(&load_settings(&cli)?, args),
+        Command::List(ref args) => checkouts::list(&load_settings(&cli)?, args),
+        Command::Events(ref args) => checkouts::events(&load_settings(&cli)?, args),
         Command::Sandbox(args) => sandbox::run(args).await,
     }
 }
-
-pub mod sandbox;

@@ -1,0 +1,607 @@
+//! `link create`, `track`, `status`, `list`, `events`: creating, tracking and reading checkouts.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use super::{UsageError, output};
+use crate::domain::{Amount, CheckoutId, Currency, Source, printable};
+use crate::ledger::{ApplyOutcome, Ledger, ListFilter, TrackOutcome, TrackedVia};
+use crate::paymennt::wire::{Address, Checkout, Customer, Envelope, JsonDecimal, LinkRequest};
+use crate::paymennt::{Client, VerifiedCheckout};
+use crate::settings::Settings;
+
+/// Arguments of `paywatch link create`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LinkCreateArgs {
+    /// The merchant's order id.
+    #[arg(long = "order", value_name = "ID")]
+    pub order_id: String,
+    /// The amount, e.g. 100.00 (greater than 0).
+    #[arg(long)]
+    pub amount: String,
+    /// ISO 4217 currency, e.g. AED.
+    #[arg(long)]
+    pub currency: String,
+    /// Unique id of this request (default: the order id plus a unique suffix).
+    #[arg(long)]
+    pub request_id: Option<String>,
+    /// Description of the order (default: "Order ID").
+    #[arg(long)]
+    pub description: Option<String>,
+    /// Customer first name.
+    #[arg(long)]
+    pub first_name: Option<String>,
+    /// Customer last name.
+    #[arg(long)]
+    pub last_name: Option<String>,
+    /// Customer email.
+    #[arg(long)]
+    pub email: Option<String>,
+    /// Customer phone with international code, e.g. 971500000000.
+    #[arg(long)]
+    pub phone: Option<String>,
+    /// Billing address: name.
+    #[arg(long)]
+    pub billing_name: Option<String>,
+    /// Billing address: line 1.
+    #[arg(long)]
+    pub billing_address1: Option<String>,
+    /// Billing address: line 2.
+    #[arg(long)]
+    pub billing_address2: Option<String>,
+    /// Billing address: city.
+    #[arg(long)]
+    pub billing_city: Option<String>,
+    /// Billing address: state.
+    #[arg(long)]
+    pub billing_state: Option<String>,
+    /// Billing address: zip code.
+    #[arg(long)]
+    pub billing_zip: Option<String>,
+    /// Billing address: country (ISO 3166-1 alpha-2 or alpha-3).
+    #[arg(long)]
+    pub billing_country: Option<String>,
+    /// Let paymennt send the link by SMS (needs --phone).
+    #[arg(long)]
+    pub send_sms: bool,
+    /// Let paymennt send the link by email (needs --email).
+    #[arg(long)]
+    pub send_email: bool,
+    /// Minutes until the link expires (15 to 10080).
+    #[arg(long, value_name = "MINUTES")]
+    pub expires_in: Option<i64>,
+    /// Payment page language (ISO 639-1, e.g. EN, AR).
+    #[arg(long)]
+    pub language: Option<String>,
+    /// Print paymennt's full response as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl LinkCreateArgs {
+    /// Checks locally what the spec requires, before any call.
+    fn to_request(&self) -> Result<LinkRequest, UsageError> {
+        let usage = |message: String| UsageError(message);
+        if self.order_id.trim().is_empty() {
+            return Err(usage("--order must not be empty".into()));
+        }
+        let amount: Amount = self
+            .amount
+            .parse()
+            .map_err(|e| usage(format!("--amount: {e}")))?;
+        let currency: Currency = self
+            .currency
+            .parse()
+            .map_err(|e| usage(format!("--currency: {e}")))?;
+        if let Some(minutes) = self.expires_in
+            && !(15..=10080).contains(&minutes)
+        {
+            return Err(usage(format!(
+                "--expires-in {minutes} is out of range: paymennt accepts 15 to 10080 minutes"
+            )));
+        }
+        if let Some(language) = &self.language
+            && !(2..=3).contains(&language.len())
+        {
+            return Err(usage(format!(
+                "--language '{}' must be a 2-letter ISO 639-1 code",
+                printable(language)
+            )));
+        }
+        let customer = match (&self.first_name, &self.last_name, &self.email) {
+            (None, None, None) if self.phone.is_none() => None,
+            (Some(first), Some(last), Some(email)) => Some(Customer {
+                id: None,
+                first_name: first.clone(),
+                last_name: last.clone(),
+                email: email.clone(),
+                phone: self.phone.clone(),
+            }),
+            _ => {
+                return Err(usage(
+                    "a customer needs --first-name, --last-name and --email together (paymennt requires all three)".into(),
+                ));
+            }
+        };
+        if self.send_sms && self.phone.is_none() {
+            return Err(usage("--send-sms needs --phone".into()));
+        }
+        if self.send_email && self.email.is_none() {
+            return Err(usage("--send-email needs --email".into()));
+        }
+        let billing_given = [
+            &self.billing_name,
+            &self.billing_address1,
+            &self.billing_city,
+            &self.billing_country,
+        ]
+        .iter()
+        .any(|v| v.is_some())
+            || self.billing_address2.is_some()
+            || self.billing_state.is_some()
+            || self.billing_zip.is_some();
+        let billing_address = if billing_given {
+            match (
+                &self.billing_name,
+                &self.billing_address1,
+                &self.billing_city,
+                &self.billing_country,
+            ) {
+                (Some(name), Some(line1), Some(city), Some(country)) => Some(Address {
+                    name: name.clone(),
+                    address1: line1.clone(),
+                    address2: self.billing_address2.clone(),
+                    city: city.clone(),
+                    state: self.billing_state.clone(),
+                    zip: self.billing_zip.clone(),
+                    country: country.clone(),
+                }),
+                _ => {
+                    return Err(usage(
+                        "a billing address needs --billing-name, --billing-address1, --billing-city and --billing-country".into(),
+                    ));
+                }
+            }
+        } else {
+            None
+        };
+        let request_id = self.request_id.clone().unwrap_or_else(|| {
+            format!(
+                "{}-{}",
+                self.order_id,
+                &uuid::Uuid::now_v7().simple().to_string()[20..]
+            )
+        });
+        Ok(LinkRequest {
+            request_id,
+            order_id: self.order_id.clone(),
+            description: self
+                .description
+                .clone()
+                .unwrap_or_else(|| format!("Order {}", self.order_id)),
+            currency: currency.to_string(),
+            amount: JsonDecimal(amount.value()),
+            send_sms: self.send_sms,
+            send_email: self.send_email,
+            customer,
+            billing_address,
+            expires_in: self.expires_in,
+            language: self.language.clone(),
+            ..LinkRequest::default()
+        })
+    }
+}
+
+/// Opens the ledger named by the settings, with the path in any error.
+pub fn open_ledger(settings: &Settings) -> anyhow::Result<Ledger> {
+    Ok(Ledger::open(&settings.ledger.path)?)
+}
+
+/// Opens the ledger for reading; a missing file is explained rather than created.
+fn open_existing_ledger(settings: &Settings) -> anyhow::Result<Ledger> {
+    let path = &settings.ledger.path;
+    if !path.exists() {
+        anyhow::bail!(
+            "no ledger at '{}'\n\nnothing has been tracked yet with this config ({}); check [ledger] path",
+            path.display(),
+            settings.origin_name()
+        );
+    }
+    open_ledger(settings)
+}
+
+/// Records a verified checkout in the ledger, as a person's action.
+fn record_verified(
+    settings: &Settings,
+    ledger: &Ledger,
+    verified: &VerifiedCheckout,
+) -> anyhow::Result<ApplyOutcome> {
+    Ok(ledger.apply(
+        verified,
+        Source::Manual,
+        None,
+        &settings.hooks,
+        settings.firestore.refund_watch,
+    )?)
+}
+
+/// `paywatch link create`.
+pub async fn link_create(settings: &Settings, args: &LinkCreateArgs) -> anyhow::Result<()> {
+    let request = args.to_request()?;
+    let client = Client::from_settings(&settings.paymennt)?;
+    // Open the ledger first: a ledger we cannot write must stop us before a link exists.
+    let ledger = open_ledger(settings)?;
+    let verified = client
+        .create_link(&request)
+        .await
+        .context("creating the payment link")?;
+    if let Err(error) = record_verified(settings, &ledger, &verified) {
+        anyhow::bail!(
+            "payment link {} was created but could not be recorded: {error:#}\n\nrecord it with: paywatch track --checkout-id {}",
+            verified.id(),
+            verified.id()
+        );
+    }
+    if args.json {
+        let value: &serde_json::value::RawValue = serde_json::from_str(verified.raw_json())?;
+        output::json(&value)
+    } else {
+        let url = verified.facts().redirect_url.clone().unwrap_or_default();
+        output::write_out(&url)?;
+        tracing::info!(checkout = %verified.id(), order = %printable(&request.order_id), "payment link created and tracked");
+        Ok(())
+    }
+}
+
+/// Arguments of `paywatch track`.
+#[derive(Debug, clap::Args)]
+pub struct TrackArgs {
+    /// A create-link or Get Checkout response (the wrapper or the bare result); `-` for stdin.
+    #[arg(value_name = "FILE|-", conflicts_with = "checkout_id")]
+    pub file: Option<PathBuf>,
+    /// Fetch the checkout with Get Checkout and record it (verified).
+    #[arg(long, value_name = "ID")]
+    pub checkout_id: Option<String>,
+    /// Print the tracked checkout as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Reads a response and returns the checkout inside it, naming what is wrong if anything is.
+pub fn parse_response(text: &str, origin: &str) -> Result<Checkout, UsageError> {
+    let usage = |message: String| UsageError(format!("{origin}: {message}"));
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| usage(format!("not valid JSON: {e}")))?;
+    let object = value
+        .as_object()
+        .ok_or_else(|| usage("expected a JSON object (a paymennt response)".into()))?;
+    let result_text = if object.contains_key("success") || object.contains_key("result") {
+        let envelope: Envelope = serde_json::from_str(text)
+            .map_err(|e| usage(format!("not a paymennt response: {e}")))?;
+        if !envelope.success {
+            let message = envelope.error.unwrap_or_else(|| "no error message".into());
+            return Err(usage(format!(
+                "the response is a paymennt error (success: false): {}",
+                printable(&message)
+            )));
+        }
+        envelope
+            .result
+            .map(|raw| raw.get().to_owned())
+            .ok_or_else(|| usage("the response has no 'result'".into()))?
+    } else {
+        text.to_owned()
+    };
+    serde_json::from_str(&result_text)
+        .map_err(|e| usage(format!("the checkout cannot be read: {e}")))
+}
+
+/// `paywatch track`.
+pub async fn track(settings: &Settings, args: &TrackArgs) -> anyhow::Result<()> {
+    if let Some(id) = &args.checkout_id {
+        let id: CheckoutId = id
+            .parse()
+            .map_err(|e| UsageError(format!("--checkout-id: {e}")))?;
+        let client = Client::from_settings(&settings.paymennt)?;
+        let ledger = open_ledger(settings)?;
+        let verified = client
+            .get_checkout(&id)
+            .await
+            .with_context(|| format!("fetching checkout {id}"))?;
+        let outcome = record_verified(settings, &ledger, &verified)?;
+        let note = match outcome {
+            ApplyOutcome::Transition { .. } => "recorded",
+            ApplyOutcome::Unchanged => "unchanged",
+        };
+        return finish_track(
+            &ledger,
+            &id,
+            args.json,
+            &format!("tracking checkout {id}: {} ({note})", verified.status()),
+        );
+    }
+    let (text, origin) = match args.file.as_deref() {
+        None => {
+            return Err(UsageError(
+                "give a response FILE, '-' for stdin, or --checkout-id ID".into(),
+            )
+            .into());
+        }
+        Some(path) if path.as_os_str() == "-" => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|e| UsageError(format!("cannot read stdin: {e}")))?;
+            (text, "stdin".to_owned())
+        }
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| UsageError(format!("cannot read '{}': {e}", path.display())))?;
+            (text, path.display().to_string())
+        }
+    };
+    let checkout = parse_response(&text, &origin)?;
+    let facts = checkout
+        .facts()
+        .map_err(|e| UsageError(format!("{origin}: {e}")))?;
+    Amount::new(facts.amount).map_err(|e| UsageError(format!("{origin}: {e}")))?;
+    let ledger = open_ledger(settings)?;
+    let outcome = ledger.track(&facts, TrackedVia::Track)?;
+    let note = match outcome {
+        TrackOutcome::Added => "now watched; its status will be verified with Get Checkout",
+        TrackOutcome::AlreadyTracked => "already tracked",
+    };
+    finish_track(
+        &ledger,
+        &facts.id,
+        args.json,
+        &format!("tracking checkout {}: {note}", facts.id),
+    )
+}
+
+fn finish_track(ledger: &Ledger, id: &CheckoutId, json: bool, message: &str) -> anyhow::Result<()> {
+    if json {
+        let record = ledger
+            .checkout(id)?
+            .with_context(|| format!("checkout {id} vanished from the ledger"))?;
+        output::json(&record)
+    } else {
+        output::write_out(message)
+    }
+}
+
+/// Arguments of `paywatch status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The checkout id.
+    pub checkout_id: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_id(text: &str) -> Result<CheckoutId, UsageError> {
+    text.parse().map_err(|e| UsageError(format!("{e}")))
+}
+
+fn not_tracked(id: &CheckoutId) -> anyhow::Error {
+    anyhow::anyhow!(
+        "checkout {id} is not tracked\n\ntrack it with: paywatch track --checkout-id {id}"
+    )
+}
+
+/// `paywatch status`.
+pub fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
+    let id = parse_id(&args.checkout_id)?;
+    let ledger = open_existing_ledger(settings)?;
+    let record = ledger.checkout(&id)?.ok_or_else(|| not_tracked(&id))?;
+    if args.json {
+        output::json(&record)
+    } else {
+        let transitions = ledger.transitions(&id)?;
+        output::write_out(&output::checkout_detail(&record, &transitions))
+    }
+}
+
+/// Arguments of `paywatch list`.
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// Only this status (repeatable; UNVERIFIED for checkouts not yet verified).
+    #[arg(long = "status", value_name = "S")]
+    pub statuses: Vec<String>,
+    /// Only this order id.
+    #[arg(long = "order", value_name = "ID")]
+    pub order_id: Option<String>,
+    /// Only checkouts still watched.
+    #[arg(long)]
+    pub open: bool,
+    /// At most this many (newest first).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Print JSON (an array).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `paywatch list`.
+pub fn list(settings: &Settings, args: &ListArgs) -> anyhow::Result<()> {
+    for status in &args.statuses {
+        if !status.eq_ignore_ascii_case("UNVERIFIED")
+            && matches!(
+                crate::domain::CheckoutStatus::parse(status),
+                crate::domain::CheckoutStatus::Unknown(_)
+            )
+        {
+            return Err(UsageError(format!(
+                "--status '{}' is not a known status\n\nknown: {}, UNVERIFIED",
+                printable(status),
+                crate::domain::CheckoutStatus::KNOWN
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .into());
+        }
+    }
+    let ledger = open_existing_ledger(settings)?;
+    let filter = ListFilter {
+        statuses: args.statuses.clone(),
+        order_id: args.order_id.clone(),
+        watched_only: args.open,
+        limit: args.limit,
+    };
+    let records = ledger.list(&filter)?;
+    if args.json {
+        output::json(&records)
+    } else {
+        output::write_out(&output::checkout_table(&records))
+    }
+}
+
+/// Arguments of `paywatch events`.
+#[derive(Debug, clap::Args)]
+pub struct EventsArgs {
+    /// The checkout id.
+    pub checkout_id: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct EventsJson<'a> {
+    checkout_id: &'a str,
+    transitions: Vec<output::TransitionJson<'a>>,
+    deliveries: &'a [crate::ledger::Delivery],
+}
+
+/// `paywatch events`.
+pub fn events(settings: &Settings, args: &EventsArgs) -> anyhow::Result<()> {
+    let id = parse_id(&args.checkout_id)?;
+    let ledger = open_existing_ledger(settings)?;
+    if ledger.checkout(&id)?.is_none() {
+        return Err(not_tracked(&id));
+    }
+    let transitions = ledger.transitions(&id)?;
+    let deliveries = ledger.deliveries_of(&id)?;
+    if args.json {
+        let mut items = Vec::new();
+        for record in &transitions {
+            let checkout: &serde_json::value::RawValue =
+                serde_json::from_str(&record.verified_json)
+                    .with_context(|| format!("transition {} holds invalid JSON", record.id))?;
+            items.push(output::TransitionJson { record, checkout });
+        }
+        output::json(&EventsJson {
+            checkout_id: id.as_str(),
+            transitions: items,
+            deliveries: &deliveries,
+        })
+    } else {
+        output::write_out(&output::transition_lines(&transitions, &deliveries))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrapper_and_bare_result_both_parse() {
+        let bare = r#"{"id":"1","amount":5,"currency":"AED","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d"}"#;
+        let wrapped = format!(r#"{{"success":true,"elapsed":3,"result":{bare}}}"#);
+        assert!(parse_response(bare, "f").expect("bare").facts().is_ok());
+        assert!(
+            parse_response(&wrapped, "f")
+                .expect("wrapped")
+                .facts()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn an_error_response_is_rejected_with_its_message() {
+        let error = parse_response(r#"{"success":false,"error":"Invalid amount"}"#, "resp.json")
+            .expect_err("error");
+        assert!(error.to_string().contains("Invalid amount"), "{error}");
+        assert!(error.to_string().contains("resp.json"), "{error}");
+    }
+
+    #[test]
+    fn malformed_json_is_named() {
+        let error = parse_response("{\"id\": ", "resp.json").expect_err("malformed");
+        assert!(error.to_string().contains("not valid JSON"), "{error}");
+    }
+
+    #[test]
+    fn link_arguments_are_checked_before_any_call() {
+        let base = LinkCreateArgs {
+            order_id: "ORD-1".into(),
+            amount: "100.00".into(),
+            currency: "AED".into(),
+            request_id: None,
+            description: None,
+            first_name: None,
+            last_name: None,
+            email: None,
+            phone: None,
+            billing_name: None,
+            billing_address1: None,
+            billing_address2: None,
+            billing_city: None,
+            billing_state: None,
+            billing_zip: None,
+            billing_country: None,
+            send_sms: false,
+            send_email: false,
+            expires_in: None,
+            language: None,
+            json: false,
+        };
+        let request = base.to_request().expect("valid");
+        assert_eq!(request.amount.0.to_string(), "100.00");
+        assert!(request.request_id.starts_with("ORD-1-"));
+        let negative = LinkCreateArgs {
+            amount: "-5".into(),
+            ..base.clone()
+        };
+        assert!(
+            negative
+                .to_request()
+                .expect_err("negative")
+                .to_string()
+                .contains("--amount")
+        );
+        let currency = LinkCreateArgs {
+            currency: "DIRHAM".into(),
+            ..base.clone()
+        };
+        assert!(
+            currency
+                .to_request()
+                .expect_err("currency")
+                .to_string()
+                .contains("--currency")
+        );
+        let expiry = LinkCreateArgs {
+            expires_in: Some(10),
+            ..base.clone()
+        };
+        assert!(
+            expiry
+                .to_request()
+                .expect_err("expiry")
+                .to_string()
+                .contains("15 to 10080")
+        );
+        let sms = LinkCreateArgs {
+            send_sms: true,
+            ..base.clone()
+        };
+        assert!(sms.to_request().is_err());
+    }
+}
