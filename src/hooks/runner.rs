@@ -1125,11 +1125,15 @@ mod tests {
     async fn leftovers_of_a_finished_hook_are_cleaned_up() {
         let dir = tempdir();
         // The background child keeps stdout open and ignores SIGTERM: the runner must neither
-        // wait for it forever nor leave it running.
+        // wait for it forever nor leave it running. The hook exits only once the child has
+        // installed its trap, or the SIGTERM alone could end it.
         let mut command = script(
             dir.path(),
             "leaves.sh",
-            "(trap '' TERM; sleep 1000) &\necho $! > \"$1/child.pid\"\nexit 0\n",
+            "(trap '' TERM; touch \"$1/armed\"; exec sleep 1000) &\n\
+             echo $! > \"$1/child.pid\"\n\
+             while [ ! -e \"$1/armed\" ]; do sleep 0.01; done\n\
+             exit 0\n",
         );
         command.kill_grace = Duration::from_millis(200);
         let started = StdInstant::now();
