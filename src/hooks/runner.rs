@@ -1108,6 +1108,12 @@ mod tests {
             "SIGKILL only after the grace period: {:?}",
             started.elapsed()
         );
+        // ... and at once then: well before the 5 s reap bound that a missed SIGKILL would hit.
+        assert!(
+            outcome.duration < Duration::from_secs(3),
+            "reaped soon after SIGKILL: {:?}",
+            outcome.duration
+        );
         assert!(
             outcome
                 .describe()
@@ -1308,6 +1314,14 @@ mod tests {
             tail.push(chunk);
         }
         assert_eq!(tail.into_string(), "…ghij");
+
+        // Memory stays bounded however much is written in small pieces.
+        let mut tail = Tail::new(4);
+        for _ in 0..1000 {
+            tail.push(b"abc");
+            assert!(tail.bytes.len() <= 8, "{}", tail.bytes.len());
+        }
+        assert_eq!(tail.into_string(), "…cabc");
 
         let mut tail = Tail::new(4);
         tail.push(b"0123456789");
