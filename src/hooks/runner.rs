@@ -764,6 +764,13 @@ mod tests {
         CancellationToken::new()
     }
 
+    /// Awaits a run, failing the test instead of hanging if the runner never returns.
+    async fn bounded(run: impl Future<Output = HookOutcome>) -> HookOutcome {
+        tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("the runner returned within 30 s")
+    }
+
     /// Waits for `condition` with a deadline, polling.
     async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
         let deadline = StdInstant::now() + Duration::from_secs(10);
@@ -827,7 +834,7 @@ mod tests {
     async fn exit_zero_is_delivered() {
         let dir = tempdir();
         let command = script(dir.path(), "ok.sh", "echo done\necho warn >&2\nexit 0\n");
-        let outcome = run(&command, &event(), &never()).await;
+        let outcome = bounded(run(&command, &event(), &never())).await;
         assert_eq!(outcome.ending, Ending::Exited(0), "{}", outcome.describe());
         assert!(outcome.delivered());
         assert_eq!(outcome.exit_code(), Some(0));
@@ -841,7 +848,7 @@ mod tests {
     async fn nonzero_exit_is_reported_exactly() {
         let dir = tempdir();
         let command = script(dir.path(), "three.sh", "exit 3\n");
-        let outcome = run(&command, &event(), &never()).await;
+        let outcome = bounded(run(&command, &event(), &never())).await;
         assert_eq!(outcome.ending, Ending::Exited(3));
         assert!(!outcome.delivered());
         assert_eq!(outcome.exit_code(), Some(3));
@@ -852,7 +859,7 @@ mod tests {
     async fn a_crash_is_reported_as_a_signal() {
         let dir = tempdir();
         let command = script(dir.path(), "crash.sh", "kill -SEGV $$\n");
-        let outcome = run(&command, &event(), &never()).await;
+        let outcome = bounded(run(&command, &event(), &never())).await;
         assert_eq!(outcome.ending, Ending::Signalled(11));
         assert_eq!(outcome.exit_code(), None);
         assert_eq!(outcome.describe(), "killed by SIGSEGV");
@@ -871,7 +878,7 @@ mod tests {
              printf 'STDOUT-END\\n'\n\
              exit 3\n",
         );
-        let outcome = run(&command, &event(), &never()).await;
+        let outcome = bounded(run(&command, &event(), &never())).await;
         assert_eq!(outcome.ending, Ending::Exited(3), "{}", outcome.describe());
         for (tail, end, line) in [
             (&outcome.stdout_tail, "STDOUT-END\n", "0123456789abcdef\n"),
@@ -905,7 +912,7 @@ mod tests {
             ("WITH_NUL".to_owned(), "a\0b".to_owned()),
         ]);
         let event = event();
-        let outcome = run(&command, &event, &never()).await;
+        let outcome = bounded(run(&command, &event, &never())).await;
         assert_eq!(outcome.ending, Ending::Exited(0), "{}", outcome.stderr_tail);
 
         let vars: BTreeMap<&str, &str> = outcome
@@ -962,7 +969,7 @@ mod tests {
         command.args = vec![copy.display().to_string()];
         let mut event = event();
         event.attempt = 4;
-        let outcome = run(&command, &event, &never()).await;
+        let outcome = bounded(run(&command, &event, &never())).await;
         assert_eq!(outcome.ending, Ending::Exited(0), "{}", outcome.stderr_tail);
 
         let written = std::fs::read(&copy).expect("the hook copied stdin");
@@ -992,7 +999,7 @@ mod tests {
         // Larger than a pipe buffer, so the write really meets a closed pipe.
         let big = format!("{{\"padding\":\"{}\"}}", "x".repeat(1 << 20));
         event.checkout = serde_json::value::RawValue::from_string(big).expect("valid JSON");
-        let outcome = run(&command, &event, &never()).await;
+        let outcome = bounded(run(&command, &event, &never())).await;
         assert_eq!(outcome.ending, Ending::Exited(0), "{}", outcome.describe());
     }
 
@@ -1010,7 +1017,7 @@ mod tests {
         );
         env_dump.args = vec!["-0".into()];
         env_dump.working_dir = dir.path().to_path_buf();
-        let outcome = run(&env_dump, &event, &never()).await;
+        let outcome = bounded(run(&env_dump, &event, &never())).await;
         assert_eq!(outcome.ending, Ending::Exited(0));
         let order_id = outcome
             .stdout_tail
@@ -1023,7 +1030,7 @@ mod tests {
         let mut tee = HookCommand::new("tee", resolve_program("tee", None).expect("tee"));
         tee.args = vec![copy.display().to_string()];
         tee.working_dir = dir.path().to_path_buf();
-        let outcome = run(&tee, &event, &never()).await;
+        let outcome = bounded(run(&tee, &event, &never())).await;
         assert_eq!(outcome.ending, Ending::Exited(0));
         let value: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&copy).expect("copied")).expect("valid JSON");
@@ -1044,7 +1051,7 @@ mod tests {
         event.order_id = Some("A\0B".to_owned());
         let mut env_dump = HookCommand::new("env-dump", resolve_program("env", None).expect("env"));
         env_dump.args = vec!["-0".into()];
-        let outcome = run(&env_dump, &event, &never()).await;
+        let outcome = bounded(run(&env_dump, &event, &never())).await;
         assert_eq!(outcome.ending, Ending::Exited(0), "{}", outcome.describe());
         assert!(
             outcome
@@ -1064,7 +1071,7 @@ mod tests {
             "sleep 1000 &\necho $! > \"$1/child.pid\"\necho started\nsleep 1000\n",
         );
         command.timeout = Duration::from_millis(300);
-        let outcome = run(&command, &event(), &never()).await;
+        let outcome = bounded(run(&command, &event(), &never())).await;
         let Ending::TimedOut(termination) = outcome.ending else {
             panic!("expected a timeout, got {}", outcome.describe());
         };
@@ -1098,7 +1105,7 @@ mod tests {
         command.timeout = Duration::from_millis(500);
         command.kill_grace = Duration::from_millis(200);
         let started = StdInstant::now();
-        let outcome = run(&command, &event(), &never()).await;
+        let outcome = bounded(run(&command, &event(), &never())).await;
         let Ending::TimedOut(termination) = outcome.ending else {
             panic!("expected a timeout, got {}", outcome.describe());
         };
@@ -1143,7 +1150,7 @@ mod tests {
         );
         command.kill_grace = Duration::from_millis(200);
         let started = StdInstant::now();
-        let outcome = run(&command, &event(), &never()).await;
+        let outcome = bounded(run(&command, &event(), &never())).await;
         assert_eq!(outcome.ending, Ending::Exited(0), "{}", outcome.describe());
         assert!(started.elapsed() < Duration::from_secs(5));
         let child = read_pid(&dir.path().join("child.pid"));
@@ -1163,7 +1170,7 @@ mod tests {
         let stop = CancellationToken::new();
         let ready = dir.path().join("ready");
         let event = event();
-        let (outcome, ()) = tokio::join!(run(&command, &event, &stop), async {
+        let (outcome, ()) = tokio::join!(bounded(run(&command, &event, &stop)), async {
             eventually("the hook to start", || ready.exists()).await;
             stop.cancel();
         });
@@ -1188,7 +1195,7 @@ mod tests {
         let command = script(dir.path(), "touch.sh", "touch \"$1/ran\"\n");
         let stop = CancellationToken::new();
         stop.cancel();
-        let outcome = run(&command, &event(), &stop).await;
+        let outcome = bounded(run(&command, &event(), &stop)).await;
         assert_eq!(outcome.ending, Ending::Stopped(None));
         assert_eq!(outcome.pid, None);
         assert!(!dir.path().join("ran").exists());
@@ -1220,7 +1227,7 @@ mod tests {
         let path = dir.path().join("not-executable");
         std::fs::write(&path, "#!/bin/sh\nexit 0\n").expect("write");
         let command = HookCommand::new("broken", &path);
-        let outcome = run(&command, &event(), &never()).await;
+        let outcome = bounded(run(&command, &event(), &never())).await;
         let Ending::SpawnFailed(message) = &outcome.ending else {
             panic!("expected a spawn failure, got {}", outcome.describe());
         };
@@ -1238,7 +1245,7 @@ mod tests {
     async fn an_invalid_env_name_fails_before_spawning() {
         let mut command = HookCommand::new("bad-env", "/bin/true");
         command.env.insert("A=B".into(), "x".into());
-        let outcome = run(&command, &event(), &never()).await;
+        let outcome = bounded(run(&command, &event(), &never())).await;
         let Ending::SpawnFailed(message) = &outcome.ending else {
             panic!("expected a spawn failure, got {}", outcome.describe());
         };
