@@ -33,6 +33,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
+use std::fmt;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -75,7 +76,10 @@ const REAP_AFTER_KILL: Duration = Duration::from_secs(5);
 const TRUNCATED: &str = "…";
 
 /// One configured hook, ready to run.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Its `Debug` shows the names of the configured `env`, never the values (a hook's env is where
+/// a merchant puts their own tokens).
+#[derive(Clone, PartialEq, Eq)]
 pub struct HookCommand {
     /// The hook's configured name (also `PAYWATCH_HOOK`).
     pub name: String,
@@ -106,6 +110,20 @@ impl HookCommand {
             timeout: DEFAULT_TIMEOUT,
             kill_grace: DEFAULT_KILL_GRACE,
         }
+    }
+}
+
+impl fmt::Debug for HookCommand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HookCommand")
+            .field("name", &self.name)
+            .field("program", &self.program)
+            .field("args", &self.args)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("working_dir", &self.working_dir)
+            .field("timeout", &self.timeout)
+            .field("kill_grace", &self.kill_grace)
+            .finish()
     }
 }
 
@@ -1242,7 +1260,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_invalid_env_name_fails_before_spawning() {
+    async fn configured_env_is_checked_and_its_values_never_shown() {
         let mut command = HookCommand::new("bad-env", "/bin/true");
         command.env.insert("A=B".into(), "x".into());
         let outcome = bounded(run(&command, &event(), &never())).await;
@@ -1250,6 +1268,12 @@ mod tests {
             panic!("expected a spawn failure, got {}", outcome.describe());
         };
         assert!(message.contains("'A=B'"), "{message}");
+        command.env.insert("SHOP_TOKEN".into(), "tok-s3cret".into());
+        let shown = format!("{command:?}");
+        assert!(
+            shown.contains("SHOP_TOKEN") && !shown.contains("tok-s3cret"),
+            "{shown}"
+        );
         assert!(validate_env_name("SHOP_URL").is_ok());
         assert!(validate_env_name("").is_err());
     }
