@@ -47,7 +47,7 @@ use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::{ChildStdin, Command};
+use tokio::process::{Child, ChildStdin, Command};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
@@ -458,30 +458,13 @@ pub async fn run(
                 let after = spawned_at.elapsed();
                 group.signal(Signal::SIGTERM);
                 let grace_end = Instant::now() + command.kill_grace;
-                let exited = pipes
-                    .drive(async {
-                        tokio::select! {
-                            biased;
-                            status = child.wait() => Some(status),
-                            () = sleep_until(grace_end) => None,
-                        }
-                    })
-                    .await;
-                let killed = exited.is_none();
+                // Its exit status no longer matters: the ending is the timeout or the stop.
+                let killed = reap_by(&mut child, &mut pipes, grace_end).await.is_none();
                 if killed {
                     group.signal(Signal::SIGKILL);
                     let reap_end = Instant::now() + REAP_AFTER_KILL;
-                    let reaped = pipes
-                        .drive(async {
-                            tokio::select! {
-                                biased;
-                                status = child.wait() => Some(status),
-                                () = sleep_until(reap_end) => None,
-                            }
-                        })
-                        .await;
-                    if let Some(Err(error)) = reaped {
-                        tracing::debug!(event_id = %event.event_id, %error, "waiting for a killed hook failed");
+                    if reap_by(&mut child, &mut pipes, reap_end).await.is_none() {
+                        tracing::debug!(event_id, pid, "a SIGKILLed hook was not reaped in time");
                     }
                 }
                 let termination = Termination {
@@ -531,6 +514,24 @@ pub async fn run(
         "hook ended"
     );
     outcome
+}
+
+/// Waits for the hook's main process until `deadline`, keeping the pipes moving; `None` if it
+/// is still running then.
+async fn reap_by(
+    child: &mut Child,
+    pipes: &mut Pipes<'_>,
+    deadline: Instant,
+) -> Option<io::Result<ExitStatus>> {
+    pipes
+        .drive(async {
+            tokio::select! {
+                biased;
+                status = child.wait() => Some(status),
+                () = sleep_until(deadline) => None,
+            }
+        })
+        .await
 }
 
 /// What ended the first wait.
@@ -846,6 +847,13 @@ mod tests {
             .trim()
             .parse()
             .expect("a pid")
+    }
+
+    #[test]
+    fn a_run_can_be_spawned_on_the_runtime() {
+        fn assert_send<T: Send>(_: &T) {}
+        let (command, event, stop) = (HookCommand::new("x", "/bin/true"), event(), never());
+        assert_send(&run(&command, &event, &stop));
     }
 
     #[tokio::test]
