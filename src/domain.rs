@@ -34,11 +34,7 @@ impl InvalidValue {
 
 /// Renders untrusted text for a message: at most 80 characters, control characters escaped.
 pub fn printable(value: &str) -> String {
-    let mut out: String = value
-        .chars()
-        .take(80)
-        .flat_map(char::escape_debug)
-        .collect();
+    let mut out: String = value.chars().take(80).flat_map(char::escape_debug).collect();
     if value.chars().count() > 80 {
         out.push('…');
     }
@@ -437,9 +433,9 @@ impl FirestoreLocation {
         document: &str,
     ) -> Result<FirestoreLocation, InvalidValue> {
         let project_ok = (1..=100).contains(&project.len())
-            && project.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' || b == b':'
-            });
+            && project
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' || b == b':');
         if !project_ok {
             return Err(InvalidValue::new(
                 "firebaseDatabase",
@@ -530,18 +526,9 @@ mod tests {
 
     #[test]
     fn decimals_are_exact() {
-        assert_eq!(
-            parse_decimal("19.99").map(|d| d.to_string()),
-            Some("19.99".into())
-        );
-        assert_eq!(
-            parse_decimal("100.00").map(|d| d.to_string()),
-            Some("100.00".into())
-        );
-        assert_eq!(
-            parse_decimal("1.5e2").map(|d| d.to_string()),
-            Some("150".into())
-        );
+        assert_eq!(parse_decimal("19.99").map(|d| d.to_string()), Some("19.99".into()));
+        assert_eq!(parse_decimal("100.00").map(|d| d.to_string()), Some("100.00".into()));
+        assert_eq!(parse_decimal("1.5e2").map(|d| d.to_string()), Some("150".into()));
         assert_eq!(
             parse_decimal("0.1").and_then(|a| parse_decimal("0.2").map(|b| a + b)),
             parse_decimal("0.3")
@@ -558,10 +545,7 @@ mod tests {
         assert!("0".parse::<Amount>().is_err());
         let error = "12,5".parse::<Amount>().unwrap_err();
         assert!(error.to_string().contains("'12,5'"), "{error}");
-        assert_eq!(
-            "0.01".parse::<Amount>().map(|a| a.to_string()),
-            Ok("0.01".into())
-        );
+        assert_eq!("0.01".parse::<Amount>().map(|a| a.to_string()), Ok("0.01".into()));
     }
 
     #[test]
@@ -574,10 +558,7 @@ mod tests {
 
     #[test]
     fn currency_is_three_letters() {
-        assert_eq!(
-            "aed".parse::<Currency>().map(|c| c.to_string()),
-            Ok("AED".into())
-        );
+        assert_eq!("aed".parse::<Currency>().map(|c| c.to_string()), Ok("AED".into()));
         assert!("AEDX".parse::<Currency>().is_err());
         assert!("A1D".parse::<Currency>().is_err());
     }

@@ -13,10 +13,10 @@
 //! - [`sandbox`]: a local stand-in for paymennt's API and Firestore's Listen.
 //! - [`hooks`]: running the merchant's commands.
 
-pub mod cli;
 pub mod domain;
 pub mod hooks;
 pub mod paymennt;
 pub mod sandbox;
-pub mod settings;
 pub mod sources;
+pub mod cli;
+pub mod settings;

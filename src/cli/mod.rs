@@ -17,14 +17,10 @@ pub struct UsageError(pub String);
 
 /// Exit code for an error: 2 if any cause in its chain is a usage or config error, else 1.
 pub fn exit_code(error: &anyhow::Error) -> ExitCode {
-    let usage = error
-        .chain()
-        .any(|cause| cause.is::<UsageError>() || cause.is::<crate::settings::SettingsError>());
-    if usage {
-        ExitCode::from(2)
-    } else {
-        ExitCode::from(1)
-    }
+    let usage = error.chain().any(|cause| {
+        cause.is::<UsageError>() || cause.is::<crate::settings::SettingsError>()
+    });
+    if usage { ExitCode::from(2) } else { ExitCode::from(1) }
 }
 
 /// paywatch: watch paymennt payment links and act on verified payments.

@@ -221,11 +221,7 @@ impl Checkout {
         use CheckoutShapeError::Missing;
         let id: CheckoutId = self.id.as_ref().ok_or(Missing("id"))?.0.parse()?;
         let amount = self.amount.ok_or(Missing("amount"))?.0;
-        let currency: Currency = self
-            .currency
-            .as_deref()
-            .ok_or(Missing("currency"))?
-            .parse()?;
+        let currency: Currency = self.currency.as_deref().ok_or(Missing("currency"))?.parse()?;
         let project = self
             .firebase_database
             .as_deref()
@@ -423,22 +419,12 @@ mod tests {
 
     #[test]
     fn amounts_keep_their_digits() {
-        let checkout: Checkout = serde_json::from_str(
-            r#"{"id":"1","amount":19.99,"totalRefunded":0.10,"cashAmount":"5"}"#,
-        )
-        .expect("parses");
-        assert_eq!(
-            checkout.amount.map(|a| a.0.to_string()),
-            Some("19.99".into())
-        );
-        assert_eq!(
-            checkout.total_refunded.map(|a| a.0.to_string()),
-            Some("0.10".into())
-        );
-        assert_eq!(
-            checkout.cash_amount.map(|a| a.0.to_string()),
-            Some("5".into())
-        );
+        let checkout: Checkout =
+            serde_json::from_str(r#"{"id":"1","amount":19.99,"totalRefunded":0.10,"cashAmount":"5"}"#)
+                .expect("parses");
+        assert_eq!(checkout.amount.map(|a| a.0.to_string()), Some("19.99".into()));
+        assert_eq!(checkout.total_refunded.map(|a| a.0.to_string()), Some("0.10".into()));
+        assert_eq!(checkout.cash_amount.map(|a| a.0.to_string()), Some("5".into()));
         let written = serde_json::to_string(&JsonDecimal(Decimal::new(1999, 2))).expect("writes");
         assert_eq!(written, "19.99");
     }
