@@ -15,8 +15,12 @@
 
 pub mod cli;
 pub mod domain;
+<<<<<<< HEAD
 pub mod ledger;
 pub mod logging;
+=======
+pub mod hooks;
+>>>>>>> hooks
 pub mod paymennt;
 pub mod sandbox;
 pub mod settings;

@@ -1,0 +1,1378 @@
+//! Running one hook command once, to an exact outcome.
+//!
+//! Owns: spawning the hook's argv, its environment, feeding the event to stdin, keeping the
+//! tails of stdout and stderr, the timeout, shutdown, and making sure nothing the hook started
+//! outlives it. The dispatcher owns retries and what an outcome means for a delivery.
+//!
+//! Must never: run a shell (the argv is executed directly, so an order id like `$(touch x)` is
+//! only text), pass on the daemon's environment (it may hold the paymennt secret), or log the
+//! event's checkout (this module logs at debug only, and never the stdin document).
+//!
+//! # How a hook runs
+//!
+//! - **Program**: [`HookCommand::program`] is an absolute path, found once by
+//!   [`resolve_program`] when the settings are loaded.
+//! - **Environment**: cleared, then `PATH` (the daemon's, else [`DEFAULT_PATH`]), `LANG` (the
+//!   daemon's, else [`DEFAULT_LANG`]), the hook's configured `env` (which may override those
+//!   two), then the event's `PAYWATCH_*` variables ([`HookEvent::env_vars`]), which always win.
+//!   An environment cannot hold a NUL byte, so each NUL in a value becomes U+FFFD.
+//! - **Working directory**: [`HookCommand::working_dir`], `/` unless configured, so a hook never
+//!   depends on where the daemon was started. Hooks should use absolute paths.
+//! - **stdin**: the event JSON ([`HookEvent::to_json`]), then end of file. A hook that does not
+//!   read it is fine: a broken pipe is ignored.
+//! - **stdout, stderr**: read concurrently to end of file, so a noisy hook never blocks on a full
+//!   pipe (ripgrep's `crates/cli/src/process.rs` idea); only the last [`TAIL_BYTES`] of each are
+//!   kept, as lossy UTF-8 with a leading `…` when earlier output was dropped. The tails are the
+//!   hook's text: log them with `?` (escaped), not `%`.
+//! - **Process group**: the hook leads a new process group, and the group is the hook. At the
+//!   timeout, or when the stop token is cancelled, the group gets SIGTERM, and SIGKILL once the
+//!   grace period has passed; anything of the group still alive after the main process ended
+//!   (a `sleep &` left behind) gets SIGTERM, then SIGKILL when the output pipes close or the grace
+//!   period ends. A hook that must start long-lived work should hand it to a service manager
+//!   (`systemd-run`), not background it. If the [`run`] future is dropped, the group is SIGKILLed.
+
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use crate::hooks::event::HookEvent;
+
+/// How much of each of stdout and stderr is kept: the last 8 KiB.
+pub const TAIL_BYTES: usize = 8 * 1024;
+
+/// A hook's `PATH` when the daemon has none.
+pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// A hook's `LANG` when the daemon has none.
+pub const DEFAULT_LANG: &str = "C.UTF-8";
+
+/// The timeout of [`HookCommand::new`].
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The grace period between SIGTERM and SIGKILL of [`HookCommand::new`].
+pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// How long to wait for the kernel to reap a SIGKILLed hook before giving up on its status
+/// (a process stuck in uninterruptible sleep); the drop guard still kills it.
+const REAP_AFTER_KILL: Duration = Duration::from_secs(5);
+
+/// The marker in front of a tail whose beginning was dropped.
+const TRUNCATED: &str = "…";
+
+/// One configured hook, ready to run.
+///
+/// Its `Debug` shows the names of the configured `env`, never the values (a hook's env is where
+/// a merchant puts their own tokens).
+#[derive(Clone, PartialEq, Eq)]
+pub struct HookCommand {
+    /// The hook's configured name (also `PAYWATCH_HOOK`).
+    pub name: String,
+    /// The program, an absolute path from [`resolve_program`].
+    pub program: PathBuf,
+    /// The arguments after the program, passed as they are (no shell, no expansion).
+    pub args: Vec<String>,
+    /// Extra environment variables from the hook's configuration.
+    pub env: BTreeMap<String, String>,
+    /// The directory the hook runs in; `/` by default.
+    pub working_dir: PathBuf,
+    /// How long the hook may run before it is terminated.
+    pub timeout: Duration,
+    /// How long after SIGTERM the hook may take to exit before SIGKILL.
+    pub kill_grace: Duration,
+}
+
+impl HookCommand {
+    /// A hook with no arguments, no extra environment, working directory `/`,
+    /// [`DEFAULT_TIMEOUT`] and [`DEFAULT_KILL_GRACE`].
+    pub fn new(name: impl Into<String>, program: impl Into<PathBuf>) -> HookCommand {
+        HookCommand {
+            name: name.into(),
+            program: program.into(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            working_dir: PathBuf::from("/"),
+            timeout: DEFAULT_TIMEOUT,
+            kill_grace: DEFAULT_KILL_GRACE,
+        }
+    }
+}
+
+impl fmt::Debug for HookCommand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HookCommand")
+            .field("name", &self.name)
+            .field("program", &self.program)
+            .field("args", &self.args)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("working_dir", &self.working_dir)
+            .field("timeout", &self.timeout)
+            .field("kill_grace", &self.kill_grace)
+            .finish()
+    }
+}
+
+/// Why a hook's program could not be found. Each message names the program.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResolveError {
+    /// The command's argv is empty or its first element is "".
+    #[error("hook command has no program: its first element must name one")]
+    Empty,
+    /// A relative path with a `/`, which would depend on the daemon's working directory.
+    #[error(
+        "hook program '{0}' is a relative path: give an absolute path, or a bare name to look up on PATH"
+    )]
+    Relative(String),
+    /// A bare name that no absolute `PATH` directory holds.
+    #[error("hook program '{program}' was not found on PATH ({path})")]
+    NotOnPath {
+        /// The name looked up.
+        program: String,
+        /// The PATH searched.
+        path: String,
+    },
+    /// The absolute path does not exist.
+    #[error("hook program '{}' does not exist", .0.display())]
+    Missing(PathBuf),
+    /// The path is a directory or another non-file.
+    #[error("hook program '{}' is not a regular file", .0.display())]
+    NotAFile(PathBuf),
+    /// The file has no execute permission bit.
+    #[error("hook program '{}' is not executable: try chmod +x '{}'", .0.display(), .0.display())]
+    NotExecutable(PathBuf),
+    /// The file could not be inspected (permission denied on a directory, I/O error).
+    #[error("could not check hook program '{}': {source}", path.display())]
+    Unreadable {
+        /// The path checked.
+        path: PathBuf,
+        /// What went wrong.
+        source: io::Error,
+    },
+}
+
+/// Finds the program of a hook's argv: `argv0` if absolute, else the first executable file
+/// named `argv0` in an absolute directory of `path_var` ([`DEFAULT_PATH`] if unset or empty).
+///
+/// Pass the `PATH` the hook will get, so the hook runs what was checked. Empty and relative
+/// `PATH` entries are skipped (they would mean the working directory). Symlinks are kept, not
+/// canonicalized, so multi-call binaries still see their name.
+///
+/// # Errors
+///
+/// A [`ResolveError`] naming the program: empty, relative with a `/`, missing, not a regular
+/// file, not executable, or not found on PATH.
+pub fn resolve_program(argv0: &str, path_var: Option<&OsStr>) -> Result<PathBuf, ResolveError> {
+    if argv0.is_empty() {
+        return Err(ResolveError::Empty);
+    }
+    let program = Path::new(argv0);
+    if program.is_absolute() {
+        check_executable(program)?;
+        return Ok(program.to_path_buf());
+    }
+    if argv0.contains('/') {
+        return Err(ResolveError::Relative(argv0.to_owned()));
+    }
+    let path_var = path_var
+        .filter(|path| !path.is_empty())
+        .unwrap_or(OsStr::new(DEFAULT_PATH));
+    let mut not_executable = None;
+    for dir in std::env::split_paths(path_var) {
+        if !dir.is_absolute() {
+            continue;
+        }
+        let candidate = dir.join(argv0);
+        match check_executable(&candidate) {
+            Ok(()) => return Ok(candidate),
+            Err(ResolveError::NotExecutable(path)) => {
+                not_executable.get_or_insert(path);
+            }
+            Err(_) => {}
+        }
+    }
+    Err(match not_executable {
+        Some(path) => ResolveError::NotExecutable(path),
+        None => ResolveError::NotOnPath {
+            program: argv0.to_owned(),
+            path: path_var.to_string_lossy().into_owned(),
+        },
+    })
+}
+
+fn check_executable(path: &Path) -> Result<(), ResolveError> {
+    let metadata = match std::fs::metadata(path) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            return Err(ResolveError::Missing(path.to_path_buf()));
+        }
+        Err(source) => {
+            return Err(ResolveError::Unreadable {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    if !metadata.is_file() {
+        return Err(ResolveError::NotAFile(path.to_path_buf()));
+    }
+    if metadata.permissions().mode() & 0o111 == 0 {
+        return Err(ResolveError::NotExecutable(path.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// Checks a configured environment variable name: not empty, no `=`, no NUL.
+///
+/// # Errors
+///
+/// A lowercase message naming the variable.
+pub fn validate_env_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.contains(['=', '\0']) {
+        Err(format!(
+            "environment variable name '{}' is invalid: it must be non-empty, without '=' or NUL",
+            crate::domain::printable(name)
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// How a hook run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// The hook exited by itself with this code (0 = delivered).
+    Exited(i32),
+    /// The hook was killed by a signal paywatch did not send (a crash, the OOM killer).
+    Signalled(i32),
+    /// The hook ran past its timeout and was terminated.
+    TimedOut(Termination),
+    /// The stop token was cancelled (shutdown): the hook was terminated, or, if `None`, never
+    /// started because the token was already cancelled.
+    Stopped(Option<Termination>),
+    /// The program could not be started; the message names it.
+    SpawnFailed(String),
+    /// Waiting for the hook failed; its result is unknown (treat as not delivered).
+    WaitFailed(String),
+}
+
+/// How paywatch ended a hook it had to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Termination {
+    /// How long the hook had run when it got SIGTERM.
+    pub after: Duration,
+    /// Whether it needed SIGKILL (it outlived the grace period after SIGTERM).
+    pub killed: bool,
+    /// The grace period between SIGTERM and SIGKILL.
+    pub grace: Duration,
+}
+
+impl Termination {
+    fn describe(&self) -> String {
+        if self.killed {
+            format!(
+                "killed by SIGKILL after ignoring SIGTERM for {}",
+                humantime::format_duration(self.grace)
+            )
+        } else {
+            "ended by SIGTERM".to_owned()
+        }
+    }
+}
+
+/// What happened when a hook ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookOutcome {
+    /// How it ended.
+    pub ending: Ending,
+    /// From spawn until the main process was reaped (zero if it never started).
+    pub duration: Duration,
+    /// The last [`TAIL_BYTES`] of stdout, lossy UTF-8, starting with `…` if cut.
+    pub stdout_tail: String,
+    /// The last [`TAIL_BYTES`] of stderr, lossy UTF-8, starting with `…` if cut.
+    pub stderr_tail: String,
+    /// The hook's process id (and process group id), if it started.
+    pub pid: Option<u32>,
+}
+
+impl HookOutcome {
+    fn not_started(ending: Ending) -> HookOutcome {
+        HookOutcome {
+            ending,
+            duration: Duration::ZERO,
+            stdout_tail: String::new(),
+            stderr_tail: String::new(),
+            pid: None,
+        }
+    }
+
+    /// Exit 0: the hook took the event. Anything else is for the dispatcher to retry or bury.
+    pub fn delivered(&self) -> bool {
+        self.ending == Ending::Exited(0)
+    }
+
+    /// The exit code if the hook exited by itself (to match `permanent_exit_codes`).
+    pub fn exit_code(&self) -> Option<i32> {
+        match self.ending {
+            Ending::Exited(code) => Some(code),
+            _ => None,
+        }
+    }
+
+    /// One line for logs and the ledger: `exit 3`, `killed by SIGSEGV`,
+    /// `timed out after 30s; killed by SIGKILL after ignoring SIGTERM for 5s`,
+    /// `spawn failed: could not start '/x': ...`.
+    pub fn describe(&self) -> String {
+        match &self.ending {
+            Ending::Exited(code) => format!("exit {code}"),
+            Ending::Signalled(signal) => format!("killed by {}", signal_name(*signal)),
+            Ending::TimedOut(termination) => format!(
+                "timed out after {}; {}",
+                humantime::format_duration(termination.after),
+                termination.describe()
+            ),
+            Ending::Stopped(Some(termination)) => format!(
+                "stopped by shutdown after {}; {}",
+                humantime::format_duration(termination.after),
+                termination.describe()
+            ),
+            Ending::Stopped(None) => "not started: shutting down".to_owned(),
+            Ending::SpawnFailed(message) => format!("spawn failed: {message}"),
+            Ending::WaitFailed(message) => format!("wait failed: {message}"),
+        }
+    }
+}
+
+fn signal_name(signal: i32) -> String {
+    match Signal::try_from(signal) {
+        Ok(known) => known.as_str().to_owned(),
+        Err(_) => format!("signal {signal}"),
+    }
+}
+
+/// Runs `command` once for `event` and reports exactly how it ended. Never panics on the hook's
+/// behaviour and always returns within about `timeout + 2 × kill_grace` (plus a bounded reap
+/// wait for a process the kernel cannot kill at once).
+///
+/// If `stop` is cancelled while the hook runs, the hook is terminated as at a timeout and the
+/// ending is [`Ending::Stopped`]; if it is already cancelled, the hook is not started.
+pub async fn run(
+    command: &HookCommand,
+    event: &HookEvent,
+    stop: &CancellationToken,
+) -> HookOutcome {
+    if stop.is_cancelled() {
+        return HookOutcome::not_started(Ending::Stopped(None));
+    }
+    let mut process = match build_command(command, event) {
+        Ok(process) => process,
+        Err(message) => return HookOutcome::not_started(Ending::SpawnFailed(message)),
+    };
+    let spawned_at = Instant::now();
+    let mut child = match process.spawn() {
+        Ok(child) => child,
+        Err(error) => {
+            return HookOutcome::not_started(Ending::SpawnFailed(format!(
+                "could not start '{}' in '{}': {error}",
+                command.program.display(),
+                command.working_dir.display()
+            )));
+        }
+    };
+    let Some(pid) = child.id() else {
+        // Only a reaped child has no id, and nothing has waited for this one yet.
+        return HookOutcome::not_started(Ending::WaitFailed(
+            "the hook had no process id right after spawning".to_owned(),
+        ));
+    };
+    let mut group = GroupGuard::new(pid);
+    tracing::debug!(
+        event_id = %event.event_id,
+        hook = %command.name,
+        pid,
+        program = %command.program.display(),
+        attempt = event.attempt,
+        "hook started"
+    );
+
+    let json = event.to_json();
+    let mut stdout_tail = Tail::new(TAIL_BYTES);
+    let mut stderr_tail = Tail::new(TAIL_BYTES);
+    let (ending, reaped_at) = {
+        let (stdin, stdout, stderr) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take());
+        let (json, event_id) = (&json, event.event_id.as_str());
+        let (out, err) = (&mut stdout_tail, &mut stderr_tail);
+        let mut pipes = Pipes {
+            future: Box::pin(async move {
+                tokio::join!(
+                    feed(stdin, json, event_id),
+                    pump(stdout, out),
+                    pump(stderr, err)
+                );
+            }),
+            done: false,
+        };
+
+        let deadline = spawned_at + command.timeout;
+        let first = pipes
+            .drive(async {
+                tokio::select! {
+                    biased;
+                    status = child.wait() => First::Exited(status),
+                    () = stop.cancelled() => First::Stop,
+                    () = sleep_until(deadline) => First::Timeout,
+                }
+            })
+            .await;
+
+        let stopping = matches!(first, First::Stop);
+        let (ending, reaped_at, leftovers, linger_end) = match first {
+            First::Exited(status) => {
+                let reaped_at = Instant::now();
+                // The group outlives its leader only if the hook left something behind.
+                let leftovers = group.signal(Signal::SIGTERM);
+                (
+                    ending_of(status),
+                    reaped_at,
+                    leftovers,
+                    reaped_at + command.kill_grace,
+                )
+            }
+            First::Stop | First::Timeout => {
+                let after = spawned_at.elapsed();
+                group.signal(Signal::SIGTERM);
+                let grace_end = Instant::now() + command.kill_grace;
+                // Its exit status no longer matters: the ending is the timeout or the stop.
+                let killed = reap_by(&mut child, &mut pipes, grace_end).await.is_none();
+                if killed {
+                    group.signal(Signal::SIGKILL);
+                    let reap_end = Instant::now() + REAP_AFTER_KILL;
+                    if reap_by(&mut child, &mut pipes, reap_end).await.is_none() {
+                        tracing::debug!(event_id, pid, "a SIGKILLed hook was not reaped in time");
+                    }
+                }
+                let termination = Termination {
+                    after,
+                    killed,
+                    grace: command.kill_grace,
+                };
+                let ending = if stopping {
+                    Ending::Stopped(Some(termination))
+                } else {
+                    Ending::TimedOut(termination)
+                };
+                // After SIGKILL, give the dying group a moment to close the pipes, so what is
+                // already buffered in them is not lost.
+                let linger_end = if killed {
+                    Instant::now() + command.kill_grace
+                } else {
+                    grace_end
+                };
+                (ending, Instant::now(), true, linger_end)
+            }
+        };
+
+        // Collect what the group still writes until the pipes close (every writer gone) or the
+        // grace period ends, then make sure nothing of the group survives.
+        pipes.finish(linger_end).await;
+        if leftovers {
+            group.signal(Signal::SIGKILL);
+        }
+        (ending, reaped_at)
+    };
+    group.disarm();
+
+    let outcome = HookOutcome {
+        ending,
+        duration: reaped_at.saturating_duration_since(spawned_at),
+        stdout_tail: stdout_tail.into_string(),
+        stderr_tail: stderr_tail.into_string(),
+        pid: Some(pid),
+    };
+    tracing::debug!(
+        event_id = %event.event_id,
+        hook = %command.name,
+        pid,
+        ending = %outcome.describe(),
+        duration_ms = outcome.duration.as_millis() as u64,
+        "hook ended"
+    );
+    outcome
+}
+
+/// Waits for the hook's main process until `deadline`, keeping the pipes moving; `None` if it
+/// is still running then.
+async fn reap_by(
+    child: &mut Child,
+    pipes: &mut Pipes<'_>,
+    deadline: Instant,
+) -> Option<io::Result<ExitStatus>> {
+    pipes
+        .drive(async {
+            tokio::select! {
+                biased;
+                status = child.wait() => Some(status),
+                () = sleep_until(deadline) => None,
+            }
+        })
+        .await
+}
+
+/// What ended the first wait.
+enum First {
+    Exited(io::Result<ExitStatus>),
+    Stop,
+    Timeout,
+}
+
+fn ending_of(status: io::Result<ExitStatus>) -> Ending {
+    match status {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => Ending::Exited(code),
+            (None, Some(signal)) => Ending::Signalled(signal),
+            (None, None) => Ending::WaitFailed(format!("unexpected wait status {status}")),
+        },
+        Err(error) => Ending::WaitFailed(error.to_string()),
+    }
+}
+
+fn build_command(command: &HookCommand, event: &HookEvent) -> Result<Command, String> {
+    let mut process = Command::new(&command.program);
+    process
+        .args(&command.args)
+        .env_clear()
+        .current_dir(&command.working_dir)
+        .process_group(0)
+        .kill_on_drop(true)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (key, value) in environment(command, event)? {
+        process.env(key, value);
+    }
+    Ok(process)
+}
+
+/// The hook's whole environment, in the order it is applied (later entries win).
+fn environment(
+    command: &HookCommand,
+    event: &HookEvent,
+) -> Result<Vec<(OsString, OsString)>, String> {
+    let inherited = |name: &str, default: &str| {
+        std::env::var_os(name)
+            .filter(|value| !value.is_empty())
+            .unwrap_or_else(|| default.into())
+    };
+    let mut vars = vec![
+        ("PATH".into(), inherited("PATH", DEFAULT_PATH)),
+        ("LANG".into(), inherited("LANG", DEFAULT_LANG)),
+    ];
+    for (key, value) in &command.env {
+        validate_env_name(key)?;
+        vars.push((key.into(), without_nul(value).into()));
+    }
+    for (key, value) in event.env_vars() {
+        vars.push((key.into(), without_nul(&value).into()));
+    }
+    Ok(vars)
+}
+
+/// An environment value cannot hold NUL: each one becomes U+FFFD (the JSON keeps it exactly).
+fn without_nul(value: &str) -> String {
+    value.replace('\0', "\u{FFFD}")
+}
+
+/// Writes the event to the hook's stdin, then closes it (by dropping it).
+async fn feed(stdin: Option<ChildStdin>, json: &[u8], event_id: &str) {
+    let Some(mut stdin) = stdin else { return };
+    match stdin.write_all(json).await {
+        Ok(()) => {}
+        // The hook exited or closed stdin without reading it all: its choice.
+        Err(error) if error.kind() == io::ErrorKind::BrokenPipe => {
+            tracing::debug!(%event_id, "hook did not read all of stdin");
+        }
+        Err(error) => tracing::debug!(%event_id, %error, "writing the hook's stdin failed"),
+    }
+}
+
+/// Reads a pipe to end of file, keeping its tail.
+async fn pump(reader: Option<impl AsyncRead + Unpin>, tail: &mut Tail) {
+    let Some(mut reader) = reader else { return };
+    let mut chunk = vec![0u8; 8 * 1024];
+    loop {
+        match reader.read(&mut chunk).await {
+            Ok(0) => break,
+            Ok(n) => tail.push(&chunk[..n]),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => {
+                tracing::debug!(%error, "reading a hook's output failed");
+                break;
+            }
+        }
+    }
+}
+
+/// The stdin feeder and both output pumps, driven while the runner waits for something else.
+struct Pipes<'a> {
+    future: Pin<Box<dyn Future<Output = ()> + Send + 'a>>,
+    done: bool,
+}
+
+impl Pipes<'_> {
+    /// Keeps the pipes moving until they are all done or `deadline` passes.
+    async fn finish(&mut self, deadline: Instant) {
+        if self.done {
+            return;
+        }
+        tokio::select! {
+            biased;
+            () = &mut self.future => self.done = true,
+            () = sleep_until(deadline) => {}
+        }
+    }
+
+    /// Awaits `until` while keeping the pipes moving.
+    async fn drive<T>(&mut self, until: impl Future<Output = T>) -> T {
+        let mut until = std::pin::pin!(until);
+        loop {
+            tokio::select! {
+                biased;
+                value = &mut until => return value,
+                () = &mut self.future, if !self.done => self.done = true,
+            }
+        }
+    }
+}
+
+/// The hook's process group, SIGKILLed on drop unless disarmed (so a dropped [`run`] future
+/// leaves nothing behind; `kill_on_drop` alone would reach only the main process).
+struct GroupGuard {
+    pgid: Option<Pid>,
+}
+
+impl GroupGuard {
+    fn new(pid: u32) -> GroupGuard {
+        GroupGuard {
+            pgid: i32::try_from(pid).ok().map(Pid::from_raw),
+        }
+    }
+
+    /// Sends `signal` to the group; true if the group still had a member to receive it.
+    fn signal(&self, signal: Signal) -> bool {
+        let Some(pgid) = self.pgid else { return false };
+        match killpg(pgid, signal) {
+            Ok(()) => true,
+            Err(Errno::ESRCH) => false,
+            Err(error) => {
+                tracing::debug!(pgid = pgid.as_raw(), signal = signal.as_str(), %error, "signalling a hook's process group failed");
+                false
+            }
+        }
+    }
+
+    /// The runner is done with the group; its id may be reused from now on.
+    fn disarm(&mut self) {
+        self.pgid = None;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.signal(Signal::SIGKILL);
+    }
+}
+
+/// The last `cap` bytes of a stream.
+#[derive(Debug)]
+struct Tail {
+    bytes: Vec<u8>,
+    cap: usize,
+    total: u64,
+}
+
+impl Tail {
+    fn new(cap: usize) -> Tail {
+        Tail {
+            bytes: Vec::new(),
+            cap,
+            total: 0,
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        self.total += chunk.len() as u64;
+        if chunk.len() >= self.cap {
+            self.bytes.clear();
+            self.bytes
+                .extend_from_slice(&chunk[chunk.len() - self.cap..]);
+            return;
+        }
+        self.bytes.extend_from_slice(chunk);
+        // Trim only when twice the cap, so the copy is amortized over many small chunks.
+        if self.bytes.len() > 2 * self.cap {
+            let excess = self.bytes.len() - self.cap;
+            self.bytes.drain(..excess);
+        }
+    }
+
+    /// Lossy UTF-8 of the kept bytes, with [`TRUNCATED`] in front if earlier bytes were dropped
+    /// (and no half character after it).
+    fn into_string(self) -> String {
+        let mut kept = &self.bytes[self.bytes.len().saturating_sub(self.cap)..];
+        if self.total == kept.len() as u64 {
+            return String::from_utf8_lossy(kept).into_owned();
+        }
+        // Skip the continuation bytes (at most 3) of a character cut at the start.
+        for _ in 0..3 {
+            match kept.split_first() {
+                Some((byte, rest)) if byte & 0b1100_0000 == 0b1000_0000 => kept = rest,
+                _ => break,
+            }
+        }
+        format!("{TRUNCATED}{}", String::from_utf8_lossy(kept))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::CheckoutStatus;
+    use std::collections::BTreeSet;
+    use std::time::Instant as StdInstant;
+
+    /// Writes a shell script into `dir` and returns the argv `/bin/sh SCRIPT ARGS..`.
+    ///
+    /// The hook's program is `/bin/sh` rather than the script itself: exec'ing a file this test
+    /// process has just written can fail with ETXTBSY when another test thread forks meanwhile.
+    fn script(dir: &Path, name: &str, body: &str) -> HookCommand {
+        let path = dir.join(name);
+        std::fs::write(&path, body).expect("write the script");
+        let mut command = HookCommand::new("test-hook", "/bin/sh");
+        command.args = vec![path.display().to_string(), dir.display().to_string()];
+        command.working_dir = dir.to_path_buf();
+        command.timeout = Duration::from_secs(20);
+        command.kill_grace = Duration::from_millis(200);
+        command
+    }
+
+    fn tempdir() -> tempfile::TempDir {
+        tempfile::tempdir().expect("a temporary directory")
+    }
+
+    fn event() -> HookEvent {
+        HookEvent::synthetic("test-hook", CheckoutStatus::Paid)
+    }
+
+    fn never() -> CancellationToken {
+        CancellationToken::new()
+    }
+
+    /// Awaits a run, failing the test instead of hanging if the runner never returns.
+    async fn bounded(run: impl Future<Output = HookOutcome>) -> HookOutcome {
+        tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("the runner returned within 30 s")
+    }
+
+    /// Waits for `condition` with a deadline, polling.
+    async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = StdInstant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(StdInstant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Processes of process group `pgid` that are still running (zombies do not count: this
+    /// container's init may be slow to reap orphans, and a zombie runs nothing).
+    fn live_members(pgid: u32) -> Vec<u32> {
+        let mut members = Vec::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return members;
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after the last ')'.
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let state = fields.first().copied().unwrap_or("");
+            let pgrp = fields.get(2).and_then(|s| s.parse::<u32>().ok());
+            if pgrp == Some(pgid) && state != "Z" && state != "X" {
+                members.push(pid);
+            }
+        }
+        members
+    }
+
+    fn is_running(pid: u32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state != "Z" && state != "X"),
+            Err(_) => false,
+        }
+    }
+
+    fn read_pid(path: &Path) -> u32 {
+        std::fs::read_to_string(path)
+            .expect("the hook wrote its child's pid")
+            .trim()
+            .parse()
+            .expect("a pid")
+    }
+
+    #[test]
+    fn a_run_can_be_spawned_on_the_runtime() {
+        fn assert_send<T: Send>(_: &T) {}
+        let (command, event, stop) = (HookCommand::new("x", "/bin/true"), event(), never());
+        assert_send(&run(&command, &event, &stop));
+    }
+
+    #[tokio::test]
+    async fn exit_zero_is_delivered() {
+        let dir = tempdir();
+        let command = script(dir.path(), "ok.sh", "echo done\necho warn >&2\nexit 0\n");
+        let outcome = bounded(run(&command, &event(), &never())).await;
+        assert_eq!(outcome.ending, Ending::Exited(0), "{}", outcome.describe());
+        assert!(outcome.delivered());
+        assert_eq!(outcome.exit_code(), Some(0));
+        assert_eq!(outcome.stdout_tail, "done\n");
+        assert_eq!(outcome.stderr_tail, "warn\n");
+        assert_eq!(outcome.describe(), "exit 0");
+        assert!(outcome.pid.is_some());
+    }
+
+    #[tokio::test]
+    async fn nonzero_exit_is_reported_exactly() {
+        let dir = tempdir();
+        let command = script(dir.path(), "three.sh", "exit 3\n");
+        let outcome = bounded(run(&command, &event(), &never())).await;
+        assert_eq!(outcome.ending, Ending::Exited(3));
+        assert!(!outcome.delivered());
+        assert_eq!(outcome.exit_code(), Some(3));
+        assert_eq!(outcome.describe(), "exit 3");
+    }
+
+    #[tokio::test]
+    async fn a_crash_is_reported_as_a_signal() {
+        let dir = tempdir();
+        let command = script(dir.path(), "crash.sh", "kill -SEGV $$\n");
+        let outcome = bounded(run(&command, &event(), &never())).await;
+        assert_eq!(outcome.ending, Ending::Signalled(11));
+        assert_eq!(outcome.exit_code(), None);
+        assert_eq!(outcome.describe(), "killed by SIGSEGV");
+    }
+
+    #[tokio::test]
+    async fn a_noisy_hook_neither_deadlocks_nor_grows_the_tails() {
+        let dir = tempdir();
+        // stderr first: a runner that read stdout to the end before stderr would deadlock here.
+        let command = script(
+            dir.path(),
+            "noisy.sh",
+            "yes fedcba9876543210 | head -c 1048576 >&2\n\
+             printf 'STDERR-END\\n' >&2\n\
+             yes 0123456789abcdef | head -c 1048576\n\
+             printf 'STDOUT-END\\n'\n\
+             exit 3\n",
+        );
+        let outcome = bounded(run(&command, &event(), &never())).await;
+        assert_eq!(outcome.ending, Ending::Exited(3), "{}", outcome.describe());
+        for (tail, end, line) in [
+            (&outcome.stdout_tail, "STDOUT-END\n", "0123456789abcdef\n"),
+            (&outcome.stderr_tail, "STDERR-END\n", "fedcba9876543210\n"),
+        ] {
+            assert!(tail.starts_with(TRUNCATED), "marked as cut");
+            assert!(tail.ends_with(end), "the end is kept");
+            assert_eq!(
+                tail.len(),
+                TRUNCATED.len() + TAIL_BYTES,
+                "exactly the last 8 KiB"
+            );
+            assert!(tail.contains(line));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_environment_is_exactly_the_documented_one() {
+        let dir = tempdir();
+        let mut command = HookCommand::new(
+            "env-dump",
+            resolve_program("env", None).expect("env is installed"),
+        );
+        command.args = vec!["-0".into()];
+        command.working_dir = dir.path().to_path_buf();
+        command.env = BTreeMap::from([
+            (
+                "SHOP_URL".to_owned(),
+                "https://shop.example/api?x=1&y=$HOME".to_owned(),
+            ),
+            ("WITH_NUL".to_owned(), "a\0b".to_owned()),
+        ]);
+        let event = event();
+        let outcome = bounded(run(&command, &event, &never())).await;
+        assert_eq!(outcome.ending, Ending::Exited(0), "{}", outcome.stderr_tail);
+
+        let vars: BTreeMap<&str, &str> = outcome
+            .stdout_tail
+            .split_terminator('\0')
+            .map(|line| line.split_once('=').expect("NAME=value"))
+            .collect();
+        let mut expected: BTreeMap<String, String> = BTreeMap::new();
+        expected.insert(
+            "PATH".into(),
+            std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.into()),
+        );
+        expected.insert(
+            "LANG".into(),
+            std::env::var("LANG").unwrap_or_else(|_| DEFAULT_LANG.into()),
+        );
+        expected.insert(
+            "SHOP_URL".into(),
+            "https://shop.example/api?x=1&y=$HOME".into(),
+        );
+        expected.insert("WITH_NUL".into(), "a\u{FFFD}b".into());
+        expected.extend(event.env_vars());
+        let expected: BTreeMap<&str, &str> = expected
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(vars, expected);
+
+        // And the test process does have variables (cargo sets several) that did not leak.
+        let ours: BTreeSet<String> = std::env::vars_os()
+            .filter_map(|(k, _)| k.into_string().ok())
+            .filter(|k| !expected.contains_key(k.as_str()))
+            .collect();
+        assert!(
+            ours.contains("CARGO_MANIFEST_DIR") || ours.contains("HOME"),
+            "the test process has a variable to leak: {ours:?}"
+        );
+        for name in &ours {
+            assert!(
+                !vars.contains_key(name.as_str()),
+                "{name} leaked to the hook"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_event_arrives_on_stdin() {
+        let dir = tempdir();
+        let copy = dir.path().join("stdin.json");
+        let mut command = HookCommand::new(
+            "tee",
+            resolve_program("tee", None).expect("tee is installed"),
+        );
+        command.args = vec![copy.display().to_string()];
+        let mut event = event();
+        event.attempt = 4;
+        let outcome = bounded(run(&command, &event, &never())).await;
+        assert_eq!(outcome.ending, Ending::Exited(0), "{}", outcome.stderr_tail);
+
+        let written = std::fs::read(&copy).expect("the hook copied stdin");
+        assert_eq!(written, event.to_json(), "one JSON document, byte for byte");
+        assert_eq!(outcome.stdout_tail.as_bytes(), written, "tee echoed it");
+        let value: serde_json::Value = serde_json::from_slice(&written).expect("valid JSON");
+        assert_eq!(value["event_id"], event.event_id.as_str());
+        assert_eq!(value["hook"], "test-hook");
+        assert_eq!(value["status"], "PAID");
+        assert_eq!(value["previous_status"], "PENDING");
+        assert_eq!(value["attempt"], 4);
+        assert_eq!(value["test"], true);
+        let checkout = serde_json::to_string(&value["checkout"]).expect("serializes");
+        let original: serde_json::Value =
+            serde_json::from_str(event.checkout.get()).expect("valid JSON");
+        assert_eq!(
+            checkout,
+            serde_json::to_string(&original).expect("serializes")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hook_that_ignores_stdin_is_fine() {
+        let dir = tempdir();
+        let command = script(dir.path(), "ignore.sh", "exec 0<&-\nexit 0\n");
+        let mut event = event();
+        // Larger than a pipe buffer, so the write really meets a closed pipe.
+        let big = format!("{{\"padding\":\"{}\"}}", "x".repeat(1 << 20));
+        event.checkout = serde_json::value::RawValue::from_string(big).expect("valid JSON");
+        let outcome = bounded(run(&command, &event, &never())).await;
+        assert_eq!(outcome.ending, Ending::Exited(0), "{}", outcome.describe());
+    }
+
+    #[tokio::test]
+    async fn hostile_text_is_inert_and_unchanged() {
+        let dir = tempdir();
+        let hostile = "$(touch pwned) `touch pwned2`; touch pwned3 'single' \"double\"\nline2 \\x41 %s \u{202e}\u{FFFD}é";
+        let mut event = event();
+        event.order_id = Some(hostile.to_owned());
+        event.request_id = Some("; touch pwned4 #".to_owned());
+
+        let mut env_dump = HookCommand::new(
+            "env-dump",
+            resolve_program("env", None).expect("env is installed"),
+        );
+        env_dump.args = vec!["-0".into()];
+        env_dump.working_dir = dir.path().to_path_buf();
+        let outcome = bounded(run(&env_dump, &event, &never())).await;
+        assert_eq!(outcome.ending, Ending::Exited(0));
+        let order_id = outcome
+            .stdout_tail
+            .split_terminator('\0')
+            .find_map(|var| var.strip_prefix("PAYWATCH_ORDER_ID="))
+            .expect("the order id is set");
+        assert_eq!(order_id, hostile);
+
+        let copy = dir.path().join("stdin.json");
+        let mut tee = HookCommand::new("tee", resolve_program("tee", None).expect("tee"));
+        tee.args = vec![copy.display().to_string()];
+        tee.working_dir = dir.path().to_path_buf();
+        let outcome = bounded(run(&tee, &event, &never())).await;
+        assert_eq!(outcome.ending, Ending::Exited(0));
+        let value: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&copy).expect("copied")).expect("valid JSON");
+        assert_eq!(value["order_id"], hostile);
+        assert_eq!(value["request_id"], "; touch pwned4 #");
+
+        let created: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .flatten()
+            .map(|entry| entry.file_name())
+            .collect();
+        assert_eq!(created, vec![std::ffi::OsString::from("stdin.json")]);
+    }
+
+    #[tokio::test]
+    async fn a_nul_in_the_order_id_is_replaced_in_env_only() {
+        let mut event = event();
+        event.order_id = Some("A\0B".to_owned());
+        let mut env_dump = HookCommand::new("env-dump", resolve_program("env", None).expect("env"));
+        env_dump.args = vec!["-0".into()];
+        let outcome = bounded(run(&env_dump, &event, &never())).await;
+        assert_eq!(outcome.ending, Ending::Exited(0), "{}", outcome.describe());
+        assert!(
+            outcome
+                .stdout_tail
+                .split_terminator('\0')
+                .any(|var| var == "PAYWATCH_ORDER_ID=A\u{FFFD}B")
+        );
+        assert!(String::from_utf8_lossy(&event.to_json()).contains(r#""order_id":"A\u0000B""#));
+    }
+
+    #[tokio::test]
+    async fn a_timeout_terminates_the_whole_group() {
+        let dir = tempdir();
+        let mut command = script(
+            dir.path(),
+            "slow.sh",
+            "sleep 1000 &\necho $! > \"$1/child.pid\"\necho started\nsleep 1000\n",
+        );
+        command.timeout = Duration::from_millis(300);
+        let outcome = bounded(run(&command, &event(), &never())).await;
+        let Ending::TimedOut(termination) = outcome.ending else {
+            panic!("expected a timeout, got {}", outcome.describe());
+        };
+        assert!(!termination.killed, "sh and sleep die on SIGTERM");
+        assert!(termination.after >= Duration::from_millis(300));
+        assert!(
+            outcome.duration < Duration::from_secs(5),
+            "{:?}",
+            outcome.duration
+        );
+        assert_eq!(outcome.stdout_tail, "started\n");
+        assert!(!outcome.delivered());
+        let description = outcome.describe();
+        assert!(description.starts_with("timed out after "), "{description}");
+        assert!(description.ends_with("; ended by SIGTERM"), "{description}");
+
+        let child = read_pid(&dir.path().join("child.pid"));
+        let pgid = outcome.pid.expect("started");
+        eventually("the background child to die", || !is_running(child)).await;
+        eventually("the group to be empty", || live_members(pgid).is_empty()).await;
+    }
+
+    #[tokio::test]
+    async fn a_hook_ignoring_sigterm_is_killed_after_the_grace_period() {
+        let dir = tempdir();
+        let mut command = script(
+            dir.path(),
+            "stubborn.sh",
+            "trap '' TERM\nsleep 1000 &\necho $! > \"$1/child.pid\"\nsleep 1000\n",
+        );
+        command.timeout = Duration::from_millis(500);
+        command.kill_grace = Duration::from_millis(200);
+        let started = StdInstant::now();
+        let outcome = bounded(run(&command, &event(), &never())).await;
+        let Ending::TimedOut(termination) = outcome.ending else {
+            panic!("expected a timeout, got {}", outcome.describe());
+        };
+        assert!(termination.killed, "{}", outcome.describe());
+        assert!(
+            started.elapsed() >= Duration::from_millis(700),
+            "SIGKILL only after the grace period: {:?}",
+            started.elapsed()
+        );
+        // ... and at once then: well before the 5 s reap bound that a missed SIGKILL would hit.
+        assert!(
+            outcome.duration < Duration::from_secs(3),
+            "reaped soon after SIGKILL: {:?}",
+            outcome.duration
+        );
+        assert!(
+            outcome
+                .describe()
+                .ends_with("killed by SIGKILL after ignoring SIGTERM for 200ms"),
+            "{}",
+            outcome.describe()
+        );
+        let child = read_pid(&dir.path().join("child.pid"));
+        eventually("the background child to die", || !is_running(child)).await;
+        let pgid = outcome.pid.expect("started");
+        eventually("the group to be empty", || live_members(pgid).is_empty()).await;
+    }
+
+    #[tokio::test]
+    async fn leftovers_of_a_finished_hook_are_cleaned_up() {
+        let dir = tempdir();
+        // The background child keeps stdout open and ignores SIGTERM: the runner must neither
+        // wait for it forever nor leave it running. The hook exits only once the child has
+        // installed its trap, or the SIGTERM alone could end it.
+        let mut command = script(
+            dir.path(),
+            "leaves.sh",
+            "(trap '' TERM; touch \"$1/armed\"; exec sleep 1000) &\n\
+             echo $! > \"$1/child.pid\"\n\
+             while [ ! -e \"$1/armed\" ]; do sleep 0.01; done\n\
+             exit 0\n",
+        );
+        command.kill_grace = Duration::from_millis(200);
+        let started = StdInstant::now();
+        let outcome = bounded(run(&command, &event(), &never())).await;
+        assert_eq!(outcome.ending, Ending::Exited(0), "{}", outcome.describe());
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let child = read_pid(&dir.path().join("child.pid"));
+        eventually("the leftover to die", || !is_running(child)).await;
+        let pgid = outcome.pid.expect("started");
+        eventually("the group to be empty", || live_members(pgid).is_empty()).await;
+    }
+
+    #[tokio::test]
+    async fn cancelling_the_stop_token_terminates_the_hook() {
+        let dir = tempdir();
+        let command = script(
+            dir.path(),
+            "wait.sh",
+            "sleep 1000 &\necho $! > \"$1/child.pid\"\ntouch \"$1/ready\"\nsleep 1000\n",
+        );
+        let stop = CancellationToken::new();
+        let ready = dir.path().join("ready");
+        let event = event();
+        let (outcome, ()) = tokio::join!(bounded(run(&command, &event, &stop)), async {
+            eventually("the hook to start", || ready.exists()).await;
+            stop.cancel();
+        });
+        let Ending::Stopped(Some(termination)) = outcome.ending else {
+            panic!("expected a stop, got {}", outcome.describe());
+        };
+        assert!(!termination.killed);
+        assert!(
+            outcome.duration < Duration::from_secs(10),
+            "not the 20s timeout"
+        );
+        assert!(outcome.describe().starts_with("stopped by shutdown after "));
+        let child = read_pid(&dir.path().join("child.pid"));
+        eventually("the background child to die", || !is_running(child)).await;
+        let pgid = outcome.pid.expect("started");
+        eventually("the group to be empty", || live_members(pgid).is_empty()).await;
+    }
+
+    #[tokio::test]
+    async fn an_already_cancelled_token_starts_nothing() {
+        let dir = tempdir();
+        let command = script(dir.path(), "touch.sh", "touch \"$1/ran\"\n");
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let outcome = bounded(run(&command, &event(), &stop)).await;
+        assert_eq!(outcome.ending, Ending::Stopped(None));
+        assert_eq!(outcome.pid, None);
+        assert!(!dir.path().join("ran").exists());
+        assert_eq!(outcome.describe(), "not started: shutting down");
+    }
+
+    #[tokio::test]
+    async fn dropping_the_run_kills_the_group() {
+        let dir = tempdir();
+        let command = script(
+            dir.path(),
+            "wait.sh",
+            "sleep 1000 &\necho $! > \"$1/child.pid\"\ntouch \"$1/ready\"\nsleep 1000\n",
+        );
+        let ready = dir.path().join("ready");
+        let event = event();
+        let stop = never();
+        tokio::select! {
+            _ = run(&command, &event, &stop) => panic!("the hook sleeps for 1000s"),
+            () = eventually("the hook to start", || ready.exists()) => {}
+        }
+        let child = read_pid(&dir.path().join("child.pid"));
+        eventually("the background child to die", || !is_running(child)).await;
+    }
+
+    #[tokio::test]
+    async fn a_non_executable_program_fails_to_spawn_naming_it() {
+        let dir = tempdir();
+        let path = dir.path().join("not-executable");
+        std::fs::write(&path, "#!/bin/sh\nexit 0\n").expect("write");
+        let command = HookCommand::new("broken", &path);
+        let outcome = bounded(run(&command, &event(), &never())).await;
+        let Ending::SpawnFailed(message) = &outcome.ending else {
+            panic!("expected a spawn failure, got {}", outcome.describe());
+        };
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(
+            outcome
+                .describe()
+                .starts_with("spawn failed: could not start '")
+        );
+        assert!(!outcome.delivered());
+        assert_eq!(outcome.pid, None);
+    }
+
+    #[tokio::test]
+    async fn configured_env_is_checked_and_its_values_never_shown() {
+        let mut command = HookCommand::new("bad-env", "/bin/true");
+        command.env.insert("A=B".into(), "x".into());
+        let outcome = bounded(run(&command, &event(), &never())).await;
+        let Ending::SpawnFailed(message) = &outcome.ending else {
+            panic!("expected a spawn failure, got {}", outcome.describe());
+        };
+        assert!(message.contains("'A=B'"), "{message}");
+        command.env.insert("SHOP_TOKEN".into(), "tok-s3cret".into());
+        let shown = format!("{command:?}");
+        assert!(
+            shown.contains("SHOP_TOKEN") && !shown.contains("tok-s3cret"),
+            "{shown}"
+        );
+        assert!(validate_env_name("SHOP_URL").is_ok());
+        assert!(validate_env_name("").is_err());
+    }
+
+    #[test]
+    fn resolve_finds_absolute_and_bare_names() {
+        assert_eq!(
+            resolve_program("/bin/sh", None).expect("found"),
+            PathBuf::from("/bin/sh")
+        );
+        let dir = tempdir();
+        let program = dir.path().join("notify-shop");
+        std::fs::write(&program, "#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let path = std::env::join_paths([Path::new("relative/dir"), dir.path()]).expect("a PATH");
+        assert_eq!(
+            resolve_program("notify-shop", Some(&path)).expect("found on PATH"),
+            program
+        );
+    }
+
+    #[test]
+    fn resolve_errors_name_the_program() {
+        let dir = tempdir();
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, "data").expect("write");
+        std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let path = dir.path().as_os_str();
+
+        let error = resolve_program("nope-not-here", Some(path)).expect_err("not on PATH");
+        assert!(matches!(error, ResolveError::NotOnPath { .. }), "{error}");
+        assert!(error.to_string().contains("'nope-not-here'"), "{error}");
+
+        let error = resolve_program("bin/hook", Some(path)).expect_err("relative");
+        assert!(matches!(error, ResolveError::Relative(_)), "{error}");
+        assert!(error.to_string().contains("'bin/hook'"), "{error}");
+
+        let missing = dir.path().join("missing");
+        let error = resolve_program(&missing.display().to_string(), None).expect_err("missing");
+        assert!(matches!(error, ResolveError::Missing(_)), "{error}");
+        assert!(error.to_string().contains(&missing.display().to_string()));
+
+        let error = resolve_program(&plain.display().to_string(), None).expect_err("not exec");
+        assert!(matches!(error, ResolveError::NotExecutable(_)), "{error}");
+        assert!(error.to_string().contains(&plain.display().to_string()));
+
+        let error = resolve_program("plain", Some(path)).expect_err("on PATH, not exec");
+        assert!(matches!(error, ResolveError::NotExecutable(_)), "{error}");
+
+        let error =
+            resolve_program(&dir.path().display().to_string(), None).expect_err("a directory");
+        assert!(matches!(error, ResolveError::NotAFile(_)), "{error}");
+
+        assert!(matches!(
+            resolve_program("", None),
+            Err(ResolveError::Empty)
+        ));
+    }
+
+    #[test]
+    fn tail_keeps_the_end_and_marks_the_cut() {
+        let mut tail = Tail::new(4);
+        tail.push(b"ab");
+        tail.push(b"c");
+        assert_eq!(tail.into_string(), "abc");
+
+        let mut tail = Tail::new(4);
+        for chunk in [&b"ab"[..], b"cd", b"ef", b"g", b"h", b"ij"] {
+            tail.push(chunk);
+        }
+        assert_eq!(tail.into_string(), "…ghij");
+
+        // Memory stays bounded however much is written in small pieces.
+        let mut tail = Tail::new(4);
+        for _ in 0..1000 {
+            tail.push(b"abc");
+            assert!(tail.bytes.len() <= 8, "{}", tail.bytes.len());
+        }
+        assert_eq!(tail.into_string(), "…cabc");
+
+        let mut tail = Tail::new(4);
+        tail.push(b"0123456789");
+        assert_eq!(tail.into_string(), "…6789");
+
+        // "é" is two bytes: a cut through it leaves no replacement character behind.
+        let mut tail = Tail::new(4);
+        tail.push("xxé".as_bytes());
+        tail.push("abc".as_bytes());
+        assert_eq!(tail.into_string(), "…abc");
+        let mut tail = Tail::new(4);
+        tail.push("xéé".as_bytes());
+        assert_eq!(tail.into_string(), "…éé");
+    }
+}
