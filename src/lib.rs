@@ -15,12 +15,9 @@
 
 pub mod cli;
 pub mod domain;
-<<<<<<< HEAD
+pub mod hooks;
 pub mod ledger;
 pub mod logging;
-=======
-pub mod hooks;
->>>>>>> hooks
 pub mod paymennt;
 pub mod sandbox;
 pub mod settings;
