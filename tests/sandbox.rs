@@ -129,7 +129,10 @@ impl Rest {
 /// Asserts paymennt's error wrapper: `success: false`, a numeric `elapsed`, the message.
 fn assert_error_wrapper(json: &Json, message_part: &str) {
     assert_eq!(json["success"], json!(false), "{json}");
-    assert!(json["elapsed"].is_i64(), "elapsed must be an integer: {json}");
+    assert!(
+        json["elapsed"].is_i64(),
+        "elapsed must be an integer: {json}"
+    );
     let message = json["error"].as_str().expect("error is a string");
     assert!(
         message.contains(message_part),
@@ -163,8 +166,14 @@ fn assert_checkout_shape(result: &Json, sandbox: &Sandbox) {
     assert_eq!(text("orderId"), "ORD-7");
     assert_eq!(text("currency"), "AED");
     assert!(result["amount"].is_number(), "amount is a JSON number");
-    assert!(result["totalRefunded"].is_number(), "totalRefunded is a JSON number");
-    assert!(result["cashAmount"].is_number(), "cashAmount is a JSON number");
+    assert!(
+        result["totalRefunded"].is_number(),
+        "totalRefunded is a JSON number"
+    );
+    assert!(
+        result["cashAmount"].is_number(),
+        "cashAmount is a JSON number"
+    );
     assert_eq!(text("status"), "PENDING");
     let timestamp = text("timestamp");
     assert!(
@@ -205,7 +214,13 @@ async fn sandbox_rest_create_link_and_get_checkout_match_the_spec() {
     assert_eq!(fetched["success"], json!(true));
     assert_checkout_shape(&fetched["result"], &sandbox);
     assert!(text.contains(r#""amount":100.10"#), "{text}");
-    for name in ["id", "checkoutKey", "displayId", "firebaseDocument", "timestamp"] {
+    for name in [
+        "id",
+        "checkoutKey",
+        "displayId",
+        "firebaseDocument",
+        "timestamp",
+    ] {
         assert_eq!(fetched["result"][name], result[name], "{name} is stable");
     }
     // The redirect URL serves a payment page.
@@ -228,7 +243,11 @@ async fn sandbox_rest_refuses_missing_or_wrong_credentials() {
     assert_eq!(status, 401);
     assert_error_wrapper(&json, "X-Paymennt-Api-Key");
     let (status, _, json) = rest
-        .send(rest.client.get(&url).header("X-Paymennt-Api-Key", &rest.key))
+        .send(
+            rest.client
+                .get(&url)
+                .header("X-Paymennt-Api-Key", &rest.key),
+        )
         .await;
     assert_eq!(status, 401, "missing secret");
     assert_error_wrapper(&json, "Unauthorized");
@@ -252,8 +271,14 @@ async fn sandbox_rest_validation_errors_use_the_wrapper() {
     let cases: Vec<(Json, &str)> = vec![
         (without(&base, "orderId"), "orderId is required"),
         (without(&base, "requestId"), "requestId is required"),
-        (with(&base, "amount", json!(0)), "amount must be greater than 0"),
-        (with(&base, "amount", json!(-5.5)), "amount must be greater than 0"),
+        (
+            with(&base, "amount", json!(0)),
+            "amount must be greater than 0",
+        ),
+        (
+            with(&base, "amount", json!(-5.5)),
+            "amount must be greater than 0",
+        ),
         (with(&base, "expiresIn", json!(14)), "expiresIn"),
         (with(&base, "expiresIn", json!(10081)), "expiresIn"),
         (with(&base, "currency", json!("DIRHAM")), "currency"),
@@ -308,11 +333,15 @@ async fn sandbox_rest_cancel_refund_and_search() {
     let (b, _) = create(&sandbox, "ORD-B").await;
     let (c, _) = create(&sandbox, "ORD-C").await;
 
-    let cancel = rest.client.post(format!("{}checkout/{a}/cancel", rest.base));
+    let cancel = rest
+        .client
+        .post(format!("{}checkout/{a}/cancel", rest.base));
     let (status, text, json) = rest.send(rest.authed(cancel)).await;
     assert_eq!(status, 200, "{text}");
     assert_eq!(json["result"]["status"], "CANCELLED");
-    let again = rest.client.post(format!("{}checkout/{a}/cancel", rest.base));
+    let again = rest
+        .client
+        .post(format!("{}checkout/{a}/cancel", rest.base));
     let (status, _, json) = rest.send(rest.authed(again)).await;
     assert_eq!(status, 400, "a cancelled checkout cannot be cancelled");
     assert_error_wrapper(&json, "CANCELLED");
@@ -322,7 +351,11 @@ async fn sandbox_rest_cancel_refund_and_search() {
         rest.authed(
             rest.client
                 .post(format!("{}checkout/{b}/refund", rest.base))
-                .query(&[("amount", amount), ("currency", currency), ("note", "Out of stock")]),
+                .query(&[
+                    ("amount", amount),
+                    ("currency", currency),
+                    ("note", "Out of stock"),
+                ]),
         )
     };
     let (status, _, json) = rest.send(refund("10", "USD")).await;
@@ -579,12 +612,19 @@ fn kind(change: &TargetChange) -> TargetChangeType {
 fn assert_global_marker(change: &TargetChange) {
     assert_eq!(kind(change), TargetChangeType::NoChange, "{change:?}");
     assert!(change.target_ids.is_empty(), "global: no target ids");
-    assert!(!change.resume_token.is_empty(), "the marker carries a token");
+    assert!(
+        !change.resume_token.is_empty(),
+        "the marker carries a token"
+    );
     assert!(change.read_time.is_some(), "the marker carries a read time");
 }
 
 fn status_field(document: &Document) -> String {
-    match document.fields.get("status").and_then(|v| v.value_type.clone()) {
+    match document
+        .fields
+        .get("status")
+        .and_then(|v| v.value_type.clone())
+    {
         Some(ValueType::StringValue(status)) => status,
         other => panic!("status field missing or not a string: {other:?}"),
     }
@@ -755,7 +795,10 @@ async fn sandbox_listen_two_targets_on_one_stream() {
     assert_eq!(target_ids, vec![10, 12]);
     let later = stream.next_target_change().await;
     assert_global_marker(&later);
-    assert!(read_micros(&later) >= read_micros(&marker), "read time monotonic");
+    assert!(
+        read_micros(&later) >= read_micros(&marker),
+        "read time monotonic"
+    );
     sandbox.shutdown().await;
 }
 
@@ -772,7 +815,10 @@ async fn sandbox_listen_per_document_streams_use_target_one() {
     stream_b.initial(1).await;
     sandbox.state().fail(&b).await.expect("failed");
     let (document, target_ids) = stream_b.next_document().await;
-    assert_eq!((document.name.as_str(), target_ids), (name_b.as_str(), vec![1]));
+    assert_eq!(
+        (document.name.as_str(), target_ids),
+        (name_b.as_str(), vec![1])
+    );
     assert_eq!(status_field(&document), "FAILED");
     sandbox.state().pay(&a).await.expect("paid");
     // Stream A saw nothing about B: its next document is A's payment.
@@ -803,7 +849,10 @@ async fn sandbox_listen_rejects_wrong_databases_and_names() {
             RequestedChange::AddTarget(documents_target(1, &[&name], None)),
         )
         .await;
-    assert_eq!(malformed_database.error().await.code(), Code::InvalidArgument);
+    assert_eq!(
+        malformed_database.error().await.code(),
+        Code::InvalidArgument
+    );
 
     for bad in [
         "checkouts/abc".to_owned(),
@@ -1011,7 +1060,11 @@ async fn sandbox_expiry_changes_the_checkout_and_its_document() {
         .expect("id")
         .parse()
         .expect("valid id");
-    let name = sandbox.state().location(&id).expect("known").document_name();
+    let name = sandbox
+        .state()
+        .location(&id)
+        .expect("known")
+        .document_name();
     let mut stream = Stream::open(&sandbox).await;
     stream.add(1, &[&name], None).await;
     let (documents, _) = stream.initial(1).await;
@@ -1095,7 +1148,11 @@ async fn sandbox_admin_endpoints_drive_the_state() {
         .send()
         .await
         .expect("sent");
-    assert_eq!(response.status().as_u16(), 400, "unknown fault names are refused");
+    assert_eq!(
+        response.status().as_u16(),
+        400,
+        "unknown fault names are refused"
+    );
     sandbox.shutdown().await;
 }
 
