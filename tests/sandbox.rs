@@ -680,6 +680,11 @@ async fn sandbox_listen_resume_token_skips_old_changes() {
     first.add(1, &[&name], None).await;
     let (_, pending_token) = first.initial(1).await;
     drop(first);
+    let pending_read_time = sandbox
+        .documents()
+        .get(&name)
+        .and_then(|document| document.update_time)
+        .expect("the PENDING document's update time");
 
     sandbox.state().pay(&id).await.expect("paid");
 
@@ -700,6 +705,22 @@ async fn sandbox_listen_resume_token_skips_old_changes() {
     let (document, _) = third.next_document().await;
     assert_eq!(status_field(&document), "REFUNDED");
     assert_global_marker(&third.next_target_change().await);
+
+    // A read time works like a token: the payment happened after the first CURRENT's time.
+    let mut by_time = Stream::open(&sandbox).await;
+    by_time
+        .send(RequestedChange::AddTarget(Target {
+            resume_type: Some(ResumeType::ReadTime(pending_read_time)),
+            ..documents_target(1, &[&name], None)
+        }))
+        .await;
+    let (documents, _) = by_time.initial(1).await;
+    assert_eq!(
+        documents.len(),
+        1,
+        "the refund and payment came after that time"
+    );
+    assert_eq!(status_field(&documents[0]), "REFUNDED");
 
     // An undecodable token fails the stream.
     let mut fourth = Stream::open(&sandbox).await;
@@ -1255,4 +1276,36 @@ async fn sandbox_shutdown_ends_streams_with_unavailable() {
         .await
         .expect("shutdown finishes")
         .expect("no panic");
+}
+
+#[tokio::test]
+async fn sandbox_listen_once_targets_end_after_current() {
+    let sandbox = start().await;
+    let (_, name) = create(&sandbox, "ORD-ONCE").await;
+    let mut stream = Stream::open(&sandbox).await;
+    stream
+        .send(RequestedChange::AddTarget(Target {
+            once: true,
+            ..documents_target(6, &[&name], None)
+        }))
+        .await;
+    assert_eq!(
+        kind(&stream.next_target_change().await),
+        TargetChangeType::Add
+    );
+    let (document, _) = stream.next_document().await;
+    assert_eq!(document.name, name);
+    assert_eq!(
+        kind(&stream.next_target_change().await),
+        TargetChangeType::Current
+    );
+    let removed = stream.next_target_change().await;
+    assert_eq!(kind(&removed), TargetChangeType::Remove);
+    assert_eq!(removed.target_ids, vec![6]);
+    assert!(removed.cause.is_none());
+    assert_global_marker(&stream.next_target_change().await);
+    // The id is free again.
+    stream.add(6, &[&name], None).await;
+    stream.initial(6).await;
+    sandbox.shutdown().await;
 }

@@ -141,11 +141,13 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
 /// Runs the sandbox until Ctrl-C or SIGTERM.
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // The daemon's logging may already be set up; the sandbox's own logs are its user interface.
+    // Logs go to stderr: stdout carries only the config snippet, so it can be redirected.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_writer(std::io::stderr)
         .try_init();
     let options = SandboxOptions {
         api_listen: args.api_listen,
@@ -235,7 +237,7 @@ async fn drive(command: &SandboxCommand) -> anyhow::Result<String> {
         .send()
         .await
         .with_context(|| {
-            format!("cannot reach the sandbox at {base}\n\nis `paywatch sandbox` running there?")
+            format!("cannot reach the sandbox at {base} (is `paywatch sandbox` running there?)")
         })?;
     let status = response.status();
     let body = response
@@ -252,8 +254,15 @@ async fn drive(command: &SandboxCommand) -> anyhow::Result<String> {
         let message = envelope
             .error
             .unwrap_or_else(|| format!("HTTP {status} without a message"));
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Err(UsageError(format!(
+                "no checkout '{id}' in the sandbox at {base}\n\n\
+                 list them with: curl {base}_sandbox/checkouts"
+            ))
+            .into());
+        }
         if status.is_client_error() {
-            return Err(UsageError(format!("cannot {verb} checkout {id}: {message}")).into());
+            return Err(UsageError(format!("checkout {id}: {message}")).into());
         }
         anyhow::bail!("the sandbox failed to {verb} checkout {id}: {message}");
     }
@@ -388,7 +397,12 @@ mod tests {
             .await
             .expect_err("unknown id");
         assert!(unknown.is::<UsageError>(), "{unknown:#}");
-        assert!(unknown.to_string().contains("no checkout"), "{unknown:#}");
+        assert!(
+            unknown
+                .to_string()
+                .starts_with("no checkout '1653241101733169556'"),
+            "{unknown:#}"
+        );
         let twice = drive(&SandboxCommand::Cancel(target(&id)))
             .await
             .expect_err("cannot cancel a refunded checkout");

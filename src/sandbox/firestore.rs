@@ -416,8 +416,9 @@ impl ListenSession {
                     message = status.message(),
                     "sandbox firestore: Listen stream ended with an error"
                 );
-                // The client may already be gone; nothing else to do then.
-                let _ = self.out.send(Err(status)).await;
+                // Never wait here: a client that stopped reading must not hold up shutdown. If
+                // its buffer is full the stream just ends when the sender is dropped.
+                let _ = self.out.try_send(Err(status));
             }
             Stop::Gone => {
                 tracing::info!(
@@ -671,8 +672,14 @@ impl ListenSession {
         self.last_read_micros
     }
 
+    /// Sends one response, waiting while the client is slow, but never past shutdown.
     async fn send(&self, response: ListenResponse) -> Result<(), Stop> {
-        self.out.send(Ok(response)).await.map_err(|_| Stop::Gone)
+        tokio::select! {
+            sent = self.out.send(Ok(response)) => sent.map_err(|_| Stop::Gone),
+            () = self.inner.shutdown.cancelled() => {
+                Err(Stop::Fail(Status::unavailable("the sandbox is shutting down")))
+            }
+        }
     }
 }
 

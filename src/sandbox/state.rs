@@ -742,9 +742,8 @@ fn transition(record: &mut CheckoutRecord, action: CheckoutAction) -> Result<(),
     use CheckoutStatus as S;
     let refused = || {
         SandboxError::BadRequest(format!(
-            "Cannot {} checkout {} in status {}",
+            "Cannot {} a checkout in status {}",
             action.verb(),
-            record.id,
             record.status
         ))
     };
