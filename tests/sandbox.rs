@@ -480,12 +480,23 @@ impl Stream {
         let mut client = FirestoreClient::connect(sandbox.firestore_endpoint())
             .await
             .expect("connects");
+        tokio::time::timeout(DEADLINE, Stream::open_on(&mut client, sandbox, metadata))
+            .await
+            .expect("Listen answers in time")
+    }
+
+    /// Opens a stream on an existing client (and so on its connection).
+    async fn open_on(
+        client: &mut FirestoreClient<tonic::transport::Channel>,
+        sandbox: &Sandbox,
+        metadata: tonic::metadata::MetadataMap,
+    ) -> Stream {
         let (requests, receiver) = mpsc::channel(16);
         let mut request = tonic::Request::new(ReceiverStream::new(receiver));
         *request.metadata_mut() = metadata;
-        let responses = tokio::time::timeout(DEADLINE, client.listen(request))
+        let responses = client
+            .listen(request)
             .await
-            .expect("Listen answers in time")
             .expect("Listen accepted")
             .into_inner();
         Stream {
@@ -1307,5 +1318,46 @@ async fn sandbox_listen_once_targets_end_after_current() {
     // The id is free again.
     stream.add(6, &[&name], None).await;
     stream.initial(6).await;
+    sandbox.shutdown().await;
+}
+
+#[tokio::test]
+async fn sandbox_listen_caps_streams_per_connection_at_100() {
+    let sandbox = start().await;
+    let (_, name) = create(&sandbox, "ORD-CAP").await;
+    let channel = tonic::transport::Endpoint::from_shared(sandbox.firestore_endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connects");
+    let mut client = FirestoreClient::new(channel);
+    let mut streams = Vec::new();
+    for _ in 0..100 {
+        let mut stream = tokio::time::timeout(
+            DEADLINE,
+            Stream::open_on(&mut client, &sandbox, tonic::metadata::MetadataMap::new()),
+        )
+        .await
+        .expect("one of the first 100 streams");
+        stream.add(1, &[&name], None).await;
+        stream.initial(1).await;
+        streams.push(stream);
+    }
+    // The 101st waits for a free slot, as on Google's front end. (A negative: bounded wait.)
+    let blocked = tokio::time::timeout(
+        Duration::from_millis(200),
+        Stream::open_on(&mut client, &sandbox, tonic::metadata::MetadataMap::new()),
+    )
+    .await;
+    assert!(blocked.is_err(), "the 101st stream must wait");
+    drop(streams.pop());
+    let mut stream = tokio::time::timeout(
+        DEADLINE,
+        Stream::open_on(&mut client, &sandbox, tonic::metadata::MetadataMap::new()),
+    )
+    .await
+    .expect("a slot freed up");
+    stream.add(1, &[&name], None).await;
+    stream.initial(1).await;
     sandbox.shutdown().await;
 }
