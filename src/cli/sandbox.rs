@@ -162,6 +162,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         heartbeat_interval: args.heartbeat,
         ..SandboxOptions::default()
     };
+    if !options.api_listen.ip().is_loopback() {
+        tracing::warn!(
+            address = %options.api_listen,
+            "sandbox: the admin endpoints (/_sandbox/) have no authentication; \
+             anyone who can reach this address can pay or refund checkouts"
+        );
+    }
     let sandbox = Sandbox::start(options).await?;
     {
         let mut out = std::io::stdout().lock();
