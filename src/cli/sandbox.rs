@@ -304,8 +304,10 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<SandboxArgs, clap::Error> {
         let cli = Cli::try_parse_from(args)?;
-        let Command::Sandbox(args) = cli.command;
-        Ok(args)
+        match cli.command {
+            Command::Sandbox(args) => Ok(args),
+            other => panic!("parsed as {other:?}, not sandbox"),
+        }
     }
 
     #[test]
