@@ -5,6 +5,7 @@
 #![allow(clippy::print_stdout)]
 
 pub mod checkouts;
+pub mod daemon;
 pub mod output;
 pub mod sandbox;
 
@@ -54,6 +55,10 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon: watch checkouts, verify changes, record them, run hooks.
+    Run,
+    /// Show paywatch at work: a sandbox, a daemon and scripted payments (no config needed).
+    Demo(daemon::DemoArgs),
     /// Create payment links.
     #[command(subcommand)]
     Link(LinkCommand),
@@ -67,6 +72,9 @@ pub enum Command {
     Events(checkouts::EventsArgs),
     /// Run a local stand-in for paymennt's API and Firestore (or drive a running one).
     Sandbox(sandbox::SandboxArgs),
+    /// The demo's hook (used by `paywatch demo`).
+    #[command(hide = true)]
+    DemoHook(daemon::DemoHookArgs),
 }
 
 /// `paywatch link ...`.
@@ -88,10 +96,18 @@ fn quiet_logging(cli: &Cli) {
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Sandbox(_) => {}
+        Command::Sandbox(_) | Command::Run | Command::Demo(_) => {}
         _ => quiet_logging(&cli),
     }
     match cli.command {
+        Command::Run => {
+            let settings = load_settings(&cli)?;
+            let format = cli.log_format.unwrap_or(settings.log.format);
+            let log = crate::logging::init(&settings.log.level, format);
+            daemon::run(settings, log).await
+        }
+        Command::Demo(ref args) => daemon::demo(args).await,
+        Command::DemoHook(ref args) => daemon::demo_hook(args),
         Command::Link(LinkCommand::Create(ref args)) => {
             checkouts::link_create(&load_settings(&cli)?, args).await
         }
