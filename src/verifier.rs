@@ -32,7 +32,11 @@ pub struct VerifierConfig {
 
 /// How often and how soon a checkout whose verification failed is tried again (on top of the
 /// client's own retries). After the last, the reconciler's next sweep catches it.
-const RETRY_DELAYS: [Duration; 3] = [Duration::from_secs(5), Duration::from_secs(30), Duration::from_secs(120)];
+const RETRY_DELAYS: [Duration; 3] = [
+    Duration::from_secs(5),
+    Duration::from_secs(30),
+    Duration::from_secs(120),
+];
 
 /// Running figures, for the status line and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -179,7 +183,12 @@ impl Verifier {
         }
     }
 
-    fn start(self: &Arc<Self>, nudge: Nudge, calls: &mut JoinSet<Finished>, abort: &CancellationToken) {
+    fn start(
+        self: &Arc<Self>,
+        nudge: Nudge,
+        calls: &mut JoinSet<Finished>,
+        abort: &CancellationToken,
+    ) {
         let this = Arc::clone(self);
         let abort = abort.clone();
         calls.spawn(async move {
@@ -194,7 +203,9 @@ impl Verifier {
 
     /// One verification. Returns the nudge if it should be retried.
     async fn verify(&self, nudge: Nudge) -> Option<Nudge> {
-        let Ok(_permit) = self.concurrency.acquire().await else { return None };
+        let Ok(_permit) = self.concurrency.acquire().await else {
+            return None;
+        };
         self.stats.send_modify(|stats| stats.calls += 1);
         let verified = match self.client.get_checkout(&nudge.checkout_id).await {
             Ok(verified) => verified,
@@ -214,20 +225,38 @@ impl Verifier {
         let changed_at = nudge.changed_at;
         let for_ledger = verified.clone();
         let applied = tokio::task::spawn_blocking(move || {
-            ledger.apply(&for_ledger, source, changed_at, &config.hooks, config.refund_watch)
+            ledger.apply(
+                &for_ledger,
+                source,
+                changed_at,
+                &config.hooks,
+                config.refund_watch,
+            )
         })
         .await;
         match applied {
-            Ok(Ok(ApplyOutcome::Transition { transition, deliveries, .. })) => {
+            Ok(Ok(ApplyOutcome::Transition {
+                transition,
+                deliveries,
+                ..
+            })) => {
                 let elapsed = nudge.seen_at.elapsed();
-                log_transition(&verified, transition.from.as_deref(), source, transition.latency_ms, elapsed, deliveries.len());
+                log_transition(
+                    &verified,
+                    transition.from.as_deref(),
+                    source,
+                    transition.latency_ms,
+                    elapsed,
+                    deliveries.len(),
+                );
                 self.stats.send_modify(|stats| {
                     stats.transitions += 1;
                     if verified.status() == &crate::domain::CheckoutStatus::Paid {
                         stats.last_payment = Some(Utc::now());
                     }
                 });
-                self.ledger_changed.send_modify(|generation| *generation += 1);
+                self.ledger_changed
+                    .send_modify(|generation| *generation += 1);
             }
             Ok(Ok(ApplyOutcome::Unchanged)) => {
                 tracing::debug!(checkout = %verified.id(), status = %verified.status(), %source, "verified; unchanged");
@@ -255,11 +284,18 @@ fn log_transition(
 ) {
     let facts = verified.facts();
     let status = verified.status();
-    let order = facts.order_id.as_deref().map(printable).unwrap_or_else(|| "-".into());
+    let order = facts
+        .order_id
+        .as_deref()
+        .map(printable)
+        .unwrap_or_else(|| "-".into());
     let was = previous.unwrap_or("untracked");
     let timing = match (source, latency_ms) {
         (Source::Firestore, Some(ms)) => format!("verified {ms} ms after the change"),
-        (Source::Firestore, None) => format!("verified {} ms after the notification", since_seen.as_millis()),
+        (Source::Firestore, None) => format!(
+            "verified {} ms after the notification",
+            since_seen.as_millis()
+        ),
         (Source::Reconcile, _) => "found by the reconciler".to_owned(),
         (Source::Manual, _) => "recorded by hand".to_owned(),
     };
@@ -270,7 +306,11 @@ fn log_transition(
         facts.currency
     );
     if let Some(refunded) = facts.total_refunded.filter(|r| !r.is_zero()) {
-        line.push_str(&format!(" refunded={} {}", format_money(refunded), facts.currency));
+        line.push_str(&format!(
+            " refunded={} {}",
+            format_money(refunded),
+            facts.currency
+        ));
     }
     tracing::info!(target: "paywatch::payment", %source, hooks, "{line}");
 }

@@ -1,4 +1,6 @@
 //! End-to-end tests: one binary for every surface (the ripgrep shape).
 
+mod common;
+mod daemon;
 mod interop;
 mod sandbox;

@@ -21,7 +21,11 @@ use crate::settings::Settings;
 pub async fn run(settings: Settings, log: LogHandle) -> anyhow::Result<()> {
     let (controls, control_receiver) = mpsc::channel(8);
     let _signals = daemon::signals::forward(controls).context("cannot install signal handlers")?;
-    let options = RunOptions { config_path: settings.origin.clone(), log, status: None };
+    let options = RunOptions {
+        config_path: settings.origin.clone(),
+        log,
+        status: None,
+    };
     daemon::run(settings, control_receiver, options).await
 }
 
@@ -44,11 +48,20 @@ const STEP: Duration = Duration::from_millis(700);
 
 /// `paywatch demo`.
 pub async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
-    crate::logging::init("info,paywatch::sandbox=warn,paywatch::sources=warn", crate::settings::LogFormat::Text);
-    let sandbox = Sandbox::start(SandboxOptions { expiry_minute: DEMO_MINUTE, ..SandboxOptions::default() })
-        .await
-        .context("starting the sandbox")?;
-    let workdir = tempfile::Builder::new().prefix("paywatch-demo-").tempdir().context("creating a temporary directory")?;
+    crate::logging::init(
+        "info,paywatch::sandbox=warn,paywatch::sources=warn",
+        crate::settings::LogFormat::Text,
+    );
+    let sandbox = Sandbox::start(SandboxOptions {
+        expiry_minute: DEMO_MINUTE,
+        ..SandboxOptions::default()
+    })
+    .await
+    .context("starting the sandbox")?;
+    let workdir = tempfile::Builder::new()
+        .prefix("paywatch-demo-")
+        .tempdir()
+        .context("creating a temporary directory")?;
     let hook_log = workdir.path().join("hook.log");
     let config_path = write_demo_config(workdir.path(), &sandbox, &hook_log, &args.stream_mode)?;
     // The demo must not pick up the operator's PAYWATCH_* variables.
@@ -62,16 +75,25 @@ pub async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
 
     let (controls, control_receiver) = mpsc::channel(8);
     let (status_sender, mut status) = watch::channel(DaemonStatus::default());
-    let options = RunOptions { config_path: Some(config_path), log: LogHandle::detached(), status: Some(status_sender) };
+    let options = RunOptions {
+        config_path: Some(config_path),
+        log: LogHandle::detached(),
+        status: Some(status_sender),
+    };
     let daemon = tokio::spawn(daemon::run(settings.clone(), control_receiver, options));
-    status.wait_for(|s| s.ready).await.context("the daemon stopped during startup")?;
+    status
+        .wait_for(|s| s.ready)
+        .await
+        .context("the daemon stopped during startup")?;
 
     let tail = tokio::spawn(tail_hook_log(hook_log.clone()));
     let outcome = script(&settings, &sandbox).await;
     tokio::time::sleep(STEP).await;
 
     if args.keep_running && outcome.is_ok() {
-        output::write_out("\nthe demo keeps running; drive it with `paywatch sandbox pay ID --sandbox URL` or Ctrl-C to stop")?;
+        output::write_out(
+            "\nthe demo keeps running; drive it with `paywatch sandbox pay ID --sandbox URL` or Ctrl-C to stop",
+        )?;
         output::write_out(&format!("sandbox admin: {}", sandbox.admin_url()))?;
         let _ = tokio::signal::ctrl_c().await;
     }
@@ -85,7 +107,12 @@ pub async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_demo_config(dir: &Path, sandbox: &Sandbox, hook_log: &Path, stream_mode: &str) -> anyhow::Result<PathBuf> {
+fn write_demo_config(
+    dir: &Path,
+    sandbox: &Sandbox,
+    hook_log: &Path,
+    stream_mode: &str,
+) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the paywatch binary for the demo hook")?;
     let quote = |text: &str| toml::Value::String(text.to_owned()).to_string();
     let config = format!(
@@ -114,7 +141,13 @@ fn write_demo_config(dir: &Path, sandbox: &Sandbox, hook_log: &Path, stream_mode
 async fn script(settings: &Settings, sandbox: &Sandbox) -> anyhow::Result<()> {
     let client = Client::from_settings(&settings.paymennt)?;
     let ledger = Ledger::open(&settings.ledger.path)?;
-    let orders = [("ORD-1001", "100.00"), ("ORD-1002", "49.90"), ("ORD-1003", "15.00"), ("ORD-1004", "250.00"), ("ORD-1005", "9.99")];
+    let orders = [
+        ("ORD-1001", "100.00"),
+        ("ORD-1002", "49.90"),
+        ("ORD-1003", "15.00"),
+        ("ORD-1004", "250.00"),
+        ("ORD-1005", "9.99"),
+    ];
     let mut ids = Vec::new();
     for (index, (order, amount)) in orders.iter().enumerate() {
         let request = LinkRequest {
@@ -127,12 +160,25 @@ async fn script(settings: &Settings, sandbox: &Sandbox) -> anyhow::Result<()> {
             expires_in: (index == orders.len() - 1).then_some(15),
             ..LinkRequest::default()
         };
-        let verified = client.create_link(&request).await.context("creating a demo link")?;
-        ledger.apply(&verified, crate::domain::Source::Manual, None, &settings.hooks, settings.firestore.refund_watch)?;
-        output::write_out(&format!("created link for {order} ({amount} AED): {}", verified.facts().redirect_url.clone().unwrap_or_default()))?;
+        let verified = client
+            .create_link(&request)
+            .await
+            .context("creating a demo link")?;
+        ledger.apply(
+            &verified,
+            crate::domain::Source::Manual,
+            None,
+            &settings.hooks,
+            settings.firestore.refund_watch,
+        )?;
+        output::write_out(&format!(
+            "created link for {order} ({amount} AED): {}",
+            verified.facts().redirect_url.clone().unwrap_or_default()
+        ))?;
         ids.push(verified.id().clone());
     }
-    let [paid, failed, cancelled, refunded, expired] = <[CheckoutId; 5]>::try_from(ids).map_err(|_| anyhow::anyhow!("expected five demo links"))?;
+    let [paid, failed, cancelled, refunded, expired] = <[CheckoutId; 5]>::try_from(ids)
+        .map_err(|_| anyhow::anyhow!("expected five demo links"))?;
     let state = sandbox.state();
     tokio::time::sleep(STEP).await;
 
@@ -171,7 +217,9 @@ async fn wait_for(ledger: &Ledger, id: &CheckoutId, status: &CheckoutStatus) -> 
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("the daemon did not record {status} for checkout {id} within 15 s (ledger says {current:?})");
+            anyhow::bail!(
+                "the daemon did not record {status} for checkout {id} within 15 s (ledger says {current:?})"
+            );
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -224,9 +272,18 @@ pub struct DemoHookArgs {
 pub fn demo_hook(args: &DemoHookArgs) -> anyhow::Result<()> {
     use std::io::Write;
     let mut input = String::new();
-    std::io::stdin().read_to_string(&mut input).context("reading the event from stdin")?;
-    let event: serde_json::Value = serde_json::from_str(&input).context("the event on stdin is not JSON")?;
-    let field = |name: &str| event.get(name).and_then(|v| v.as_str()).unwrap_or("-").to_owned();
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .context("reading the event from stdin")?;
+    let event: serde_json::Value =
+        serde_json::from_str(&input).context("the event on stdin is not JSON")?;
+    let field = |name: &str| {
+        event
+            .get(name)
+            .and_then(|v| v.as_str())
+            .unwrap_or("-")
+            .to_owned()
+    };
     let amount = field("amount");
     let line = format!(
         "{} received {} {}: order {} {} {} (was {}; attempt {})",
@@ -236,7 +293,10 @@ pub fn demo_hook(args: &DemoHookArgs) -> anyhow::Result<()> {
         field("order_id"),
         parse_decimal(&amount).map(format_money).unwrap_or(amount),
         field("currency"),
-        event.get("previous_status").and_then(|v| v.as_str()).unwrap_or("none"),
+        event
+            .get("previous_status")
+            .and_then(|v| v.as_str())
+            .unwrap_or("none"),
         event.get("attempt").and_then(|v| v.as_u64()).unwrap_or(0),
     );
     let mut file = std::fs::OpenOptions::new()

@@ -25,7 +25,9 @@ use crate::logging::LogHandle;
 use crate::paymennt::Client;
 use crate::settings::{Settings, is_loopback_host};
 use crate::sources::Nudge;
-use crate::sources::firestore::{FirestoreAuth, ListenEvent, Listener, ListenerHandle, ListenerOptions, WatchTarget};
+use crate::sources::firestore::{
+    FirestoreAuth, ListenEvent, Listener, ListenerHandle, ListenerOptions, WatchTarget,
+};
 use crate::verifier::{Verifier, VerifierConfig, VerifierStats};
 
 /// What the outside world asks of a running daemon (signals, tests, the demo).
@@ -91,13 +93,18 @@ pub fn listener_options(settings: &Settings) -> anyhow::Result<ListenerOptions> 
 }
 
 fn verifier_config(settings: &Settings) -> VerifierConfig {
-    VerifierConfig { hooks: Arc::new(settings.hooks.clone()), refund_watch: settings.firestore.refund_watch }
+    VerifierConfig {
+        hooks: Arc::new(settings.hooks.clone()),
+        refund_watch: settings.firestore.refund_watch,
+    }
 }
 
 async fn blocking<T: Send + 'static>(
     task: impl FnOnce() -> crate::ledger::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
-    Ok(tokio::task::spawn_blocking(task).await.context("ledger task panicked")??)
+    Ok(tokio::task::spawn_blocking(task)
+        .await
+        .context("ledger task panicked")??)
 }
 
 /// Runs the daemon until [`Control::Shutdown`] (or the control channel closes), then drains.
@@ -106,7 +113,11 @@ async fn blocking<T: Send + 'static>(
 ///
 /// Startup failures (ledger, credentials, listener); once running, failures are logged and
 /// retried, never returned.
-pub async fn run(settings: Settings, mut control: mpsc::Receiver<Control>, options: RunOptions) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    mut control: mpsc::Receiver<Control>,
+    options: RunOptions,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut settings = settings;
 
@@ -121,8 +132,12 @@ pub async fn run(settings: Settings, mut control: mpsc::Receiver<Control>, optio
     let sources = CancellationToken::new();
     let (listen_events, listen_receiver) = mpsc::channel::<ListenEvent>(4096);
     let listener_options = listener_options(&settings)?;
-    let listener = Listener::start(listener_options.clone(), listen_events, sources.child_token())
-        .context("starting the Firestore listener")?;
+    let listener = Listener::start(
+        listener_options.clone(),
+        listen_events,
+        sources.child_token(),
+    )
+    .context("starting the Firestore listener")?;
     let reader = ledger.clone();
     let initial = blocking(move || reader.watch_set()).await?;
     let mut watched: HashMap<CheckoutId, FirestoreLocation> = HashMap::new();
@@ -152,7 +167,12 @@ pub async fn run(settings: Settings, mut control: mpsc::Receiver<Control>, optio
     let verifier_task = tokio::spawn(verifier.run(nudge_receiver, verifier_abort.clone()));
 
     let mut tasks = JoinSet::new();
-    tasks.spawn(consume_listen_events(listen_receiver, ledger.clone(), nudge_sender.clone(), sources.clone()));
+    tasks.spawn(consume_listen_events(
+        listen_receiver,
+        ledger.clone(),
+        nudge_sender.clone(),
+        sources.clone(),
+    ));
     let watched_count = Arc::new(std::sync::atomic::AtomicUsize::new(watched.len()));
     tasks.spawn(sync_watch_set(
         ledger.clone(),
@@ -219,8 +239,13 @@ pub async fn run(settings: Settings, mut control: mpsc::Receiver<Control>, optio
     while tasks.join_next().await.is_some() {}
     let deadline = tokio::time::Instant::now() + drain;
     let mut verifier_task = verifier_task;
-    if tokio::time::timeout_at(deadline, &mut verifier_task).await.is_err() {
-        tracing::warn!("drain timeout reached; abandoning verifications still in flight (the reconciler redoes them at next start)");
+    if tokio::time::timeout_at(deadline, &mut verifier_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "drain timeout reached; abandoning verifications still in flight (the reconciler redoes them at next start)"
+        );
         verifier_abort.cancel();
         let _ = verifier_task.await;
     }
@@ -254,14 +279,21 @@ fn reload(
     if fresh.ledger.path != settings.ledger.path {
         restart_needed.push("[ledger]");
     }
-    if fresh.paymennt.base_url() != settings.paymennt.base_url() || fresh.paymennt.concurrency != settings.paymennt.concurrency {
+    if fresh.paymennt.base_url() != settings.paymennt.base_url()
+        || fresh.paymennt.concurrency != settings.paymennt.concurrency
+    {
         restart_needed.push("[paymennt]");
     }
-    if fresh.firestore.endpoint() != settings.firestore.endpoint() || fresh.firestore.stream_mode != settings.firestore.stream_mode {
+    if fresh.firestore.endpoint() != settings.firestore.endpoint()
+        || fresh.firestore.stream_mode != settings.firestore.stream_mode
+    {
         restart_needed.push("[firestore]");
     }
     if !restart_needed.is_empty() {
-        tracing::warn!("config reload: changes to {} take effect only after a restart", restart_needed.join(", "));
+        tracing::warn!(
+            "config reload: changes to {} take effect only after a restart",
+            restart_needed.join(", ")
+        );
     }
     tracing::info!(hooks = fresh.hooks.len(), reconcile_interval = ?fresh.reconcile.interval, level = %fresh.log.level, "config reloaded");
     *settings = fresh;
@@ -309,7 +341,9 @@ async fn consume_listen_events(
                 }
                 ListenEvent::Checkpoint { tokens, read_time } => {
                     let saver = ledger.clone();
-                    if let Err(error) = blocking(move || saver.save_resume_tokens(&tokens, read_time)).await {
+                    if let Err(error) =
+                        blocking(move || saver.save_resume_tokens(&tokens, read_time)).await
+                    {
                         tracing::error!("cannot save resume tokens: {error:#}");
                     }
                 }
@@ -319,16 +353,28 @@ async fn consume_listen_events(
                         tracing::error!("cannot forget a resume token: {error:#}");
                     }
                 }
-                ListenEvent::TargetFailed { checkout_id, message } => {
+                ListenEvent::TargetFailed {
+                    checkout_id,
+                    message,
+                } => {
                     tracing::warn!(checkout = %checkout_id, "Firestore stopped watching this checkout: {message}; the reconciler still checks it every interval");
                 }
                 ListenEvent::PermanentFailure { project, message } => {
                     tracing::error!(project = %project, "Firestore refuses us: {message}");
                 }
-                ListenEvent::Connected { project, stream, targets } => {
+                ListenEvent::Connected {
+                    project,
+                    stream,
+                    targets,
+                } => {
                     tracing::info!(project = %project, stream, targets, "Firestore stream connected");
                 }
-                ListenEvent::Disconnected { project, stream, reason, retry_in } => {
+                ListenEvent::Disconnected {
+                    project,
+                    stream,
+                    reason,
+                    retry_in,
+                } => {
                     tracing::warn!(project = %project, stream, retry_in_ms = retry_in.as_millis() as u64, "Firestore stream disconnected: {reason}");
                 }
             }
@@ -375,8 +421,15 @@ async fn sync_watch_set(
                 continue;
             }
         };
-        let mut desired: HashMap<CheckoutId, _> = entries.into_iter().map(|entry| (entry.checkout_id.clone(), entry)).collect();
-        let gone: Vec<CheckoutId> = watched.keys().filter(|id| !desired.contains_key(*id)).cloned().collect();
+        let mut desired: HashMap<CheckoutId, _> = entries
+            .into_iter()
+            .map(|entry| (entry.checkout_id.clone(), entry))
+            .collect();
+        let gone: Vec<CheckoutId> = watched
+            .keys()
+            .filter(|id| !desired.contains_key(*id))
+            .cloned()
+            .collect();
         for id in gone {
             tracing::info!(checkout = %id, "no longer watched");
             listener.unwatch(&id);
@@ -386,7 +439,11 @@ async fn sync_watch_set(
             if watched.get(&id) != Some(&entry.location) {
                 tracing::info!(checkout = %id, document = %entry.location.document_name(), "now watching");
                 watched.insert(id.clone(), entry.location.clone());
-                listener.watch(WatchTarget { checkout_id: id, location: entry.location, resume_token: entry.resume_token });
+                listener.watch(WatchTarget {
+                    checkout_id: id,
+                    location: entry.location,
+                    resume_token: entry.resume_token,
+                });
             }
         }
         watched_count.store(watched.len(), std::sync::atomic::Ordering::Relaxed);

@@ -72,7 +72,12 @@ async fn end_refund_watch(ledger: &Ledger, ledger_changed: &watch::Sender<u64>) 
 
 /// Nudges open checkouts (only those needing it, if `only_needed`). Sending waits when the
 /// verifier is busy, which bounds the sweep's pace to the verifier's concurrency.
-async fn sweep(ledger: &Ledger, nudges: &mpsc::Sender<Nudge>, only_needed: bool, cancel: &CancellationToken) {
+async fn sweep(
+    ledger: &Ledger,
+    nudges: &mpsc::Sender<Nudge>,
+    only_needed: bool,
+    cancel: &CancellationToken,
+) {
     let reader = ledger.clone();
     let entries = match tokio::task::spawn_blocking(move || reader.watch_set()).await {
         Ok(Ok(entries)) => entries,
@@ -85,14 +90,22 @@ async fn sweep(ledger: &Ledger, nudges: &mpsc::Sender<Nudge>, only_needed: bool,
             return;
         }
     };
-    let chosen: Vec<_> = entries.into_iter().filter(|entry| !only_needed || entry.needs_verify).collect();
+    let chosen: Vec<_> = entries
+        .into_iter()
+        .filter(|entry| !only_needed || entry.needs_verify)
+        .collect();
     tracing::info!(
         checkouts = chosen.len(),
         kind = if only_needed { "startup" } else { "periodic" },
         "reconciling open checkouts with Get Checkout"
     );
     for entry in chosen {
-        let nudge = Nudge { checkout_id: entry.checkout_id, source: Source::Reconcile, seen_at: Instant::now(), changed_at: None };
+        let nudge = Nudge {
+            checkout_id: entry.checkout_id,
+            source: Source::Reconcile,
+            seen_at: Instant::now(),
+            changed_at: None,
+        };
         tokio::select! {
             () = cancel.cancelled() => return,
             sent = nudges.send(nudge) => if sent.is_err() { return },
