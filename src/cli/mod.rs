@@ -4,6 +4,7 @@
 //! Must never: choose the process exit code (main does, from [`exit_code`]).
 #![allow(clippy::print_stdout)]
 
+pub mod check_config;
 pub mod checkouts;
 pub mod daemon;
 pub mod output;
@@ -70,6 +71,8 @@ pub enum Command {
     List(checkouts::ListArgs),
     /// Show a checkout's verified status changes and hook deliveries.
     Events(checkouts::EventsArgs),
+    /// Check the config, credentials and hook commands (and, with --online, paymennt and Firestore).
+    CheckConfig(check_config::CheckConfigArgs),
     /// Run a local stand-in for paymennt's API and Firestore (or drive a running one).
     Sandbox(sandbox::SandboxArgs),
     /// The demo's hook (used by `paywatch demo`).
@@ -108,6 +111,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(ref args) => daemon::demo(args).await,
         Command::DemoHook(ref args) => daemon::demo_hook(args),
+        Command::CheckConfig(ref args) => check_config::run(cli.config.as_deref(), args).await,
         Command::Link(LinkCommand::Create(ref args)) => {
             checkouts::link_create(&load_settings(&cli)?, args).await
         }
