@@ -12,6 +12,7 @@
 //! - [`paymennt`]: the HTTP client for paymennt's Merchant API and its wire types.
 //! - [`sandbox`]: a local stand-in for paymennt's API and Firestore's Listen.
 //! - [`hooks`]: running the merchant's commands.
+//! - [`daemon`]: `paywatch run`; [`daemon::notify`] speaks sd_notify to systemd.
 
 pub mod cli;
 pub mod daemon;

@@ -20,7 +20,13 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("paywatch: {error:#}");
+            // Under journald, give the fatal error its syslog priority (err) like every log line.
+            let priority = if paywatch::logging::stderr_is_journal() {
+                "<3>"
+            } else {
+                ""
+            };
+            eprintln!("{priority}paywatch: {error:#}");
             cli::exit_code(&error)
         }
     }

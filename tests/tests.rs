@@ -5,3 +5,4 @@ mod common;
 mod daemon;
 mod interop;
 mod sandbox;
+mod service;

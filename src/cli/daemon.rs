@@ -25,6 +25,7 @@ pub async fn run(settings: Settings, log: LogHandle) -> anyhow::Result<()> {
         config_path: settings.origin.clone(),
         log,
         status: None,
+        notifier: daemon::notify::Notifier::from_env(),
     };
     daemon::run(settings, control_receiver, options).await
 }
@@ -79,6 +80,7 @@ pub async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         config_path: Some(config_path),
         log: LogHandle::detached(),
         status: Some(status_sender),
+        notifier: daemon::notify::Notifier::disabled(),
     };
     let daemon = tokio::spawn(daemon::run(settings.clone(), control_receiver, options));
     status

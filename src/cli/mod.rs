@@ -44,7 +44,7 @@ pub struct Cli {
     #[arg(long, global = true, env = "PAYWATCH_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
 
-    /// Log format (overrides [log] format).
+    /// Log format (overrides `format` in the config's `[log]` section).
     #[arg(long, global = true, value_enum)]
     pub log_format: Option<LogFormat>,
 

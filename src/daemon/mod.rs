@@ -7,6 +7,7 @@
 //!
 //! [`run`] reads top to bottom as the startup order, and its end is the shutdown order.
 
+pub mod notify;
 pub mod signals;
 
 use std::collections::HashMap;
@@ -63,7 +64,12 @@ pub struct RunOptions {
     pub log: LogHandle,
     /// Where to publish [`DaemonStatus`] (tests and the demo watch it).
     pub status: Option<watch::Sender<DaemonStatus>>,
+    /// systemd notifications (READY, STATUS, WATCHDOG, RELOADING, STOPPING).
+    pub notifier: notify::Notifier,
 }
+
+/// How often the systemd STATUS= line is refreshed.
+const STATUS_LINE_EVERY: Duration = Duration::from_secs(5);
 
 /// Builds the listener's options from settings.
 ///
@@ -217,22 +223,57 @@ pub async fn run(
         }
     };
     publish(true);
+    let notifier = options.notifier.clone();
+    notifier.ready();
+    let watchdog_cancel = CancellationToken::new();
+    let liveness_ledger = ledger.clone();
+    let watchdog = tokio::spawn(notify::watchdog_loop(
+        notifier.clone(),
+        move || {
+            // The ledger thread answering is the liveness proof: it is what can wedge.
+            let ledger = liveness_ledger.clone();
+            async move {
+                matches!(
+                    tokio::task::spawn_blocking(move || ledger.data_version()).await,
+                    Ok(Ok(_))
+                )
+            }
+        },
+        watchdog_cancel.clone(),
+    ));
 
     // 6. Run until told to stop.
     let mut status_tick = tokio::time::interval(Duration::from_millis(200));
+    let mut status_line_tick = tokio::time::interval(STATUS_LINE_EVERY);
     loop {
         tokio::select! {
             command = control.recv() => match command {
                 Some(Control::Reload) => {
+                    notifier.reloading();
                     reload(&mut settings, &options, &config_sender, &interval_sender);
+                    notifier.ready();
                 }
                 Some(Control::Shutdown) | None => break,
             },
             _ = status_tick.tick() => publish(true),
+            _ = status_line_tick.tick(), if notifier.is_enabled() => {
+                let counts = ledger.clone();
+                let hooks_pending = blocking(move || counts.counts()).await.map(|c| c.hooks_pending).unwrap_or(0);
+                let last_payment = verifier_stats
+                    .borrow()
+                    .last_payment
+                    .and_then(|at| (chrono::Utc::now() - at).to_std().ok());
+                notifier.status(&notify::StatusSummary {
+                    watching: watched_count.load(std::sync::atomic::Ordering::Relaxed),
+                    last_payment,
+                    hooks_pending: usize::try_from(hooks_pending).unwrap_or(0),
+                }.to_string());
+            }
         }
     }
 
     // 7. Drain: stop taking new work, let verifications finish, then stop.
+    notifier.stopping();
     let drain = settings.daemon.drain_timeout;
     tracing::info!(drain_timeout = ?drain, "shutting down: finishing in-flight verifications");
     sources.cancel();
@@ -250,6 +291,9 @@ pub async fn run(
         let _ = verifier_task.await;
     }
     listener.closed().await;
+    // Last: systemd enforces the watchdog until the process exits.
+    watchdog_cancel.cancel();
+    let _ = watchdog.await;
     publish(false);
     tracing::info!("paywatch stopped");
     Ok(())

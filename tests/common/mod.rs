@@ -110,6 +110,7 @@ impl Daemon {
             config_path: Some(config_path.to_path_buf()),
             log: LogHandle::detached(),
             status: Some(sender),
+            notifier: paywatch::daemon::notify::Notifier::disabled(),
         };
         let task = tokio::spawn(daemon::run(settings.clone(), receiver, options));
         tokio::time::timeout(DEADLINE, status.wait_for(|s| s.ready))
