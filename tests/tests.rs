@@ -1,3 +1,4 @@
 //! End-to-end tests: one binary for every surface (the ripgrep shape).
 
+mod hooks;
 mod interop;

@@ -5,6 +5,7 @@
 #![allow(clippy::print_stdout)]
 
 pub mod checkouts;
+pub mod hooks;
 pub mod output;
 pub mod sandbox;
 
@@ -67,6 +68,9 @@ pub enum Command {
     Events(checkouts::EventsArgs),
     /// Run a local stand-in for paymennt's API and Firestore (or drive a running one).
     Sandbox(sandbox::SandboxArgs),
+    /// Hook deliveries: list, retry, replay, and test a hook before going live.
+    #[command(subcommand)]
+    Hooks(hooks::HooksCommand),
 }
 
 /// `paywatch link ...`.
@@ -100,5 +104,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List(ref args) => checkouts::list(&load_settings(&cli)?, args),
         Command::Events(ref args) => checkouts::events(&load_settings(&cli)?, args),
         Command::Sandbox(args) => sandbox::run(args).await,
+        Command::Hooks(ref command) => hooks::run(&load_settings(&cli)?, command).await,
     }
 }
