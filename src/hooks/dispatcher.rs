@@ -466,10 +466,10 @@ fn log_outcome(delivery: &Delivery, outcome: &HookOutcome, update: &DeliveryUpda
     );
     match update {
         DeliveryUpdate::Delivered => tracing::info!(
-            event_id,
-            hook,
-            checkout,
-            status,
+            %event_id,
+            %hook,
+            %checkout,
+            %status,
             attempt,
             exit_code = 0,
             duration_ms,
@@ -487,13 +487,13 @@ fn log_outcome(delivery: &Delivery, outcome: &HookOutcome, update: &DeliveryUpda
             let retry_in = humantime::format_duration(Duration::from_secs(retry_in.as_secs()));
             if matches!(outcome.ending, runner::Ending::Stopped(_)) {
                 tracing::warn!(
-                    event_id, hook, checkout, status, attempt, duration_ms,
+                    %event_id, %hook, %checkout, %status, attempt, duration_ms,
                     outcome = %error,
                     "hook interrupted by shutdown; it runs again at the next start"
                 );
             } else {
                 tracing::warn!(
-                    event_id, hook, checkout, status, attempt, exit_code, duration_ms,
+                    %event_id, %hook, %checkout, %status, attempt, exit_code, duration_ms,
                     outcome = %error,
                     retry_in = %retry_in,
                     stderr = ?log_tail(&outcome.stderr_tail),
@@ -502,7 +502,7 @@ fn log_outcome(delivery: &Delivery, outcome: &HookOutcome, update: &DeliveryUpda
             }
         }
         DeliveryUpdate::Dead { error, .. } => tracing::error!(
-            event_id, hook, checkout, status, attempt, exit_code, duration_ms,
+            %event_id, %hook, %checkout, %status, attempt, exit_code, duration_ms,
             outcome = %error,
             stderr = ?log_tail(&outcome.stderr_tail),
             "hook delivery dead; once fixed, run: paywatch hooks retry {event_id}"

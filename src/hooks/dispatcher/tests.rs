@@ -600,3 +600,139 @@ fn backoff_doubles_to_a_cap_and_resets() {
     backoff.reset();
     assert_eq!(backoff.next(), Duration::from_millis(200));
 }
+
+/// A log sink for one test: a thread-local subscriber (the test runtime is single-threaded,
+/// so the dispatcher's tasks log into it).
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn each_attempt_logs_one_line_and_a_dead_one_says_how_to_retry() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let fx = Fixture::new();
+    let mut spec = hook(
+        fx.path(),
+        "logged",
+        r#"[ "$PAYWATCH_STATUS" = PAID ] && exit 0
+echo "db is down" >&2
+[ "$PAYWATCH_ATTEMPT" = 1 ] && exit 1
+exit 64
+"#,
+    );
+    spec.policy.permanent_exit_codes = vec![64];
+    let pending = fx.transition("77", "PENDING", "ORD-77", &["logged"]);
+    let paid = fx.transition("77", "PAID", "ORD-77", &["logged"]);
+    let running = fx.start(vec![spec], 1);
+    fx.until_state(&pending[0], DeliveryState::Dead).await;
+    fx.until_state(&paid[0], DeliveryState::Delivered).await;
+    running.stop().await;
+
+    let logs = captured.text();
+    let outcomes: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.contains("event_id="))
+        .collect();
+    assert_eq!(outcomes.len(), 3, "one line per attempt:\n{logs}");
+    let common = |line: &str, event: &str, status: &str, attempt: u32| {
+        for field in [
+            format!("event_id={event}"),
+            "hook=logged".to_owned(),
+            "checkout=77".to_owned(),
+            format!("status={status}"),
+            format!("attempt={attempt}"),
+            "duration_ms=".to_owned(),
+        ] {
+            assert!(line.contains(&field), "{field} missing in {line}");
+        }
+    };
+    assert!(outcomes[0].contains(" WARN "), "{}", outcomes[0]);
+    assert!(outcomes[0].contains("hook failed; will retry"));
+    assert!(outcomes[0].contains("exit_code=1"));
+    assert!(
+        outcomes[0].contains("stderr=\"db is down\""),
+        "{}",
+        outcomes[0]
+    );
+    common(outcomes[0], &pending[0], "PENDING", 1);
+    assert!(outcomes[1].contains(" ERROR "), "{}", outcomes[1]);
+    assert!(
+        outcomes[1].contains(&format!(
+            "hook delivery dead; once fixed, run: paywatch hooks retry {}",
+            pending[0]
+        )),
+        "{}",
+        outcomes[1]
+    );
+    assert!(outcomes[1].contains("exit_code=64"));
+    common(outcomes[1], &pending[0], "PENDING", 2);
+    assert!(outcomes[2].contains(" INFO "), "{}", outcomes[2]);
+    assert!(outcomes[2].contains("hook delivered"));
+    assert!(outcomes[2].contains("exit_code=0"));
+    common(outcomes[2], &paid[0], "PAID", 1);
+    assert!(
+        !logs.contains("secret.customer@example.com") && !logs.contains("ORD-77"),
+        "the checkout is never logged at info:\n{logs}"
+    );
+}
+
+#[test]
+fn the_next_due_time_ignores_events_queued_behind_a_retrying_one() {
+    let fx = Fixture::new();
+    let first = fx.transition("1", "PENDING", "ORD-1", &["h"]);
+    fx.transition("1", "PAID", "ORD-1", &["h"]);
+    let claimed = fx
+        .ledger
+        .claim_due_deliveries(Utc::now(), 10)
+        .expect("claim");
+    assert_eq!(claimed.len(), 1, "only the head of the queue");
+    assert_eq!(
+        fx.ledger.next_delivery_due().expect("next"),
+        None,
+        "PAID waits for the running PENDING: nothing is due"
+    );
+    let later = Utc::now() + chrono::Duration::minutes(10);
+    fx.ledger
+        .finish_delivery(
+            &first[0],
+            &DeliveryUpdate::Retry {
+                next_attempt_at: later,
+                exit_code: Some(1),
+                error: "exit 1".into(),
+            },
+        )
+        .expect("retry later");
+    let due = fx.ledger.next_delivery_due().expect("next").expect("due");
+    assert_eq!(
+        crate::ledger::timestamp(due),
+        crate::ledger::timestamp(later),
+        "the PENDING retry, not the PAID behind it"
+    );
+}
