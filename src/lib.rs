@@ -14,6 +14,7 @@
 //! - [`hooks`]: running the merchant's commands.
 
 pub mod cli;
+pub mod daemon;
 pub mod domain;
 pub mod hooks;
 pub mod ledger;
@@ -22,3 +23,4 @@ pub mod paymennt;
 pub mod sandbox;
 pub mod settings;
 pub mod sources;
+pub mod verifier;

@@ -4,7 +4,9 @@
 //! Must never: choose the process exit code (main does, from [`exit_code`]).
 #![allow(clippy::print_stdout)]
 
+pub mod check_config;
 pub mod checkouts;
+pub mod daemon;
 pub mod hooks;
 pub mod output;
 pub mod sandbox;
@@ -55,6 +57,10 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon: watch checkouts, verify changes, record them, run hooks.
+    Run,
+    /// Show paywatch at work: a sandbox, a daemon and scripted payments (no config needed).
+    Demo(daemon::DemoArgs),
     /// Create payment links.
     #[command(subcommand)]
     Link(LinkCommand),
@@ -66,11 +72,16 @@ pub enum Command {
     List(checkouts::ListArgs),
     /// Show a checkout's verified status changes and hook deliveries.
     Events(checkouts::EventsArgs),
+    /// Check the config, credentials and hook commands (and, with --online, paymennt and Firestore).
+    CheckConfig(check_config::CheckConfigArgs),
     /// Run a local stand-in for paymennt's API and Firestore (or drive a running one).
     Sandbox(sandbox::SandboxArgs),
     /// Hook deliveries: list, retry, replay, and test a hook before going live.
     #[command(subcommand)]
     Hooks(hooks::HooksCommand),
+    /// The demo's hook (used by `paywatch demo`).
+    #[command(hide = true)]
+    DemoHook(daemon::DemoHookArgs),
 }
 
 /// `paywatch link ...`.
@@ -92,10 +103,19 @@ fn quiet_logging(cli: &Cli) {
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Sandbox(_) => {}
+        Command::Sandbox(_) | Command::Run | Command::Demo(_) => {}
         _ => quiet_logging(&cli),
     }
     match cli.command {
+        Command::Run => {
+            let settings = load_settings(&cli)?;
+            let format = cli.log_format.unwrap_or(settings.log.format);
+            let log = crate::logging::init(&settings.log.level, format);
+            daemon::run(settings, log).await
+        }
+        Command::Demo(ref args) => daemon::demo(args).await,
+        Command::DemoHook(ref args) => daemon::demo_hook(args),
+        Command::CheckConfig(ref args) => check_config::run(cli.config.as_deref(), args).await,
         Command::Link(LinkCommand::Create(ref args)) => {
             checkouts::link_create(&load_settings(&cli)?, args).await
         }

@@ -1,10 +1,441 @@
 //! `paywatch sandbox`: run the sandbox in the foreground, or drive a running one.
+//!
+//! Owns: the sandbox's command-line arguments, the foreground run (until Ctrl-C or SIGTERM) with
+//! the config snippet a daemon needs, and the `pay|fail|cancel|expire|authorize|refund ID`
+//! subcommands, which call a running sandbox's admin endpoints.
+//! Must never: reach into a running sandbox other than through its HTTP admin endpoints.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Subcommand, ValueEnum};
+
+use crate::cli::UsageError;
+use crate::domain::{Amount, CheckoutId, format_money};
+use crate::paymennt::wire::{Checkout, Envelope};
+use crate::sandbox::{
+    DEFAULT_API_KEY, DEFAULT_API_SECRET, DEFAULT_PROJECT_ID, Sandbox, SandboxOptions,
+    StatusSpelling,
+};
+
+/// The address `paywatch sandbox` serves its HTTP side on, and the subcommands' default target.
+const DEFAULT_API_LISTEN: &str = "127.0.0.1:8790";
+/// The address `paywatch sandbox` serves its Firestore on.
+const DEFAULT_FIRESTORE_LISTEN: &str = "127.0.0.1:8791";
+/// The running sandbox the subcommands talk to by default.
+const DEFAULT_SANDBOX_URL: &str = "http://127.0.0.1:8790";
 
 /// Arguments of `paywatch sandbox`.
 #[derive(Debug, clap::Args)]
-pub struct SandboxArgs {}
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SandboxArgs {
+    /// Drive a running sandbox instead of starting one.
+    #[command(subcommand)]
+    pub action: Option<SandboxCommand>,
+
+    /// How to run the sandbox (without a subcommand).
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Options of the foreground sandbox.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address of the Merchant API (and admin endpoints, and payment page).
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_API_LISTEN)]
+    pub api_listen: SocketAddr,
+
+    /// Address of the Firestore Listen server (gRPC, plaintext).
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_FIRESTORE_LISTEN)]
+    pub firestore_listen: SocketAddr,
+
+    /// The X-Paymennt-Api-Key the sandbox accepts.
+    #[arg(long, value_name = "KEY", default_value = DEFAULT_API_KEY)]
+    pub api_key: String,
+
+    /// The X-Paymennt-Api-Secret the sandbox accepts.
+    #[arg(long, value_name = "SECRET", default_value = DEFAULT_API_SECRET, hide_default_value = true)]
+    pub api_secret: String,
+
+    /// The Firebase project id answered as firebaseDatabase.
+    #[arg(long, value_name = "PROJECT", default_value = DEFAULT_PROJECT_ID)]
+    pub project: String,
+
+    /// How statuses are spelled: upper (PARTIALLY_REFUNDED) or spec (Partially refunded).
+    #[arg(long, value_enum, default_value_t = SpellingArg::Upper)]
+    pub status_spelling: SpellingArg,
+
+    /// How often idle Listen streams get a heartbeat (e.g. 30s, 500ms).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub heartbeat: Duration,
+}
+
+/// `--status-spelling` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SpellingArg {
+    /// PARTIALLY_REFUNDED, as paymennt's guides write it.
+    Upper,
+    /// Partially refunded, as the OpenAPI enum writes it.
+    Spec,
+}
+
+/// The subcommands that drive a running sandbox.
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Mark a checkout paid (PENDING or AUTHORIZED to PAID).
+    Pay(ActionArgs),
+    /// Make a checkout's payment fail (PENDING or AUTHORIZED to FAILED).
+    Fail(ActionArgs),
+    /// Cancel a checkout (PENDING or AUTHORIZED to CANCELLED).
+    Cancel(ActionArgs),
+    /// Expire a checkout now (PENDING or AUTHORIZED to EXPIRED).
+    Expire(ActionArgs),
+    /// Authorize a checkout (PENDING to AUTHORIZED).
+    Authorize(ActionArgs),
+    /// Refund a paid checkout: all that is left, or --amount.
+    Refund(RefundArgs),
+}
+
+/// A checkout and the sandbox that holds it.
+#[derive(Debug, clap::Args)]
+pub struct ActionArgs {
+    /// The checkout id.
+    pub id: String,
+
+    /// The running sandbox's HTTP address.
+    #[arg(long, value_name = "URL", default_value = DEFAULT_SANDBOX_URL)]
+    pub sandbox: String,
+}
+
+/// A refund: the checkout, and how much (default: everything left).
+#[derive(Debug, clap::Args)]
+pub struct RefundArgs {
+    /// The checkout and the sandbox.
+    #[command(flatten)]
+    pub target: ActionArgs,
+
+    /// Refund only this much (a decimal such as 10.50).
+    #[arg(long, value_name = "AMOUNT")]
+    pub amount: Option<String>,
+}
 
 /// Runs `paywatch sandbox`.
-pub async fn run(_args: SandboxArgs) -> anyhow::Result<()> {
-    anyhow::bail!("the sandbox is not built yet")
+///
+/// # Errors
+///
+/// A [`UsageError`] for a bad id, amount or URL, or an action the checkout's status does not
+/// allow; a runtime error if the sandbox cannot bind its addresses or cannot be reached.
+pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
+    match args.action {
+        None => serve(args.serve).await,
+        Some(command) => {
+            let line = drive(&command).await?;
+            writeln!(std::io::stdout().lock(), "{line}").context("cannot write to stdout")?;
+            Ok(())
+        }
+    }
+}
+
+/// Runs the sandbox until Ctrl-C or SIGTERM.
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // The daemon's logging may already be set up; the sandbox's own logs are its user interface.
+    // Logs go to stderr: stdout carries only the config snippet, so it can be redirected.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let options = SandboxOptions {
+        api_listen: args.api_listen,
+        firestore_listen: args.firestore_listen,
+        api_key: args.api_key,
+        api_secret: args.api_secret,
+        project_id: args.project,
+        status_spelling: match args.status_spelling {
+            SpellingArg::Upper => StatusSpelling::Upper,
+            SpellingArg::Spec => StatusSpelling::Spec,
+        },
+        heartbeat_interval: args.heartbeat,
+        ..SandboxOptions::default()
+    };
+    if !options.api_listen.ip().is_loopback() {
+        tracing::warn!(
+            address = %options.api_listen,
+            "sandbox: the admin endpoints (/_sandbox/) have no authentication; \
+             anyone who can reach this address can pay or refund checkouts"
+        );
+    }
+    let sandbox = Sandbox::start(options).await?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "paywatch sandbox: Merchant API at {}, Firestore at {}\n\n\
+             # Add to the daemon's config:\n{}\n\
+             # Drive it: paywatch sandbox pay|fail|cancel|expire|authorize|refund ID --sandbox http://{}\n\
+             # Payment pages: the redirectUrl of each link. Stop with Ctrl-C.",
+            sandbox.api_base_url(),
+            sandbox.firestore_endpoint(),
+            sandbox.daemon_config_toml(),
+            sandbox.api_addr(),
+        )
+        .context("cannot write to stdout")?;
+        out.flush().context("cannot write to stdout")?;
+    }
+    shutdown_signal().await?;
+    tracing::info!("sandbox: stopping");
+    sandbox.shutdown().await;
+    Ok(())
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("cannot listen for Ctrl-C")?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}
+
+/// Calls the admin endpoint for `command`; returns the line to print.
+async fn drive(command: &SandboxCommand) -> anyhow::Result<String> {
+    let (verb, target, amount) = match command {
+        SandboxCommand::Pay(target) => ("pay", target, None),
+        SandboxCommand::Fail(target) => ("fail", target, None),
+        SandboxCommand::Cancel(target) => ("cancel", target, None),
+        SandboxCommand::Expire(target) => ("expire", target, None),
+        SandboxCommand::Authorize(target) => ("authorize", target, None),
+        SandboxCommand::Refund(refund) => ("refund", &refund.target, refund.amount.as_deref()),
+    };
+    let id: CheckoutId = target
+        .id
+        .parse()
+        .map_err(|error| UsageError(format!("{error}")))?;
+    let amount: Option<Amount> = amount
+        .map(str::parse)
+        .transpose()
+        .map_err(|error| UsageError(format!("--amount: {error}")))?;
+    let base = reqwest::Url::parse(&target.sandbox)
+        .ok()
+        .filter(|url| matches!(url.scheme(), "http" | "https") && url.host().is_some())
+        .ok_or_else(|| {
+            UsageError(format!(
+                "--sandbox '{}' is not an http URL such as {DEFAULT_SANDBOX_URL}",
+                crate::domain::printable(&target.sandbox)
+            ))
+        })?;
+    let mut url = base
+        .join(&format!("_sandbox/checkouts/{id}/{verb}"))
+        .map_err(|error| UsageError(format!("--sandbox: {error}")))?;
+    if let Some(amount) = amount {
+        url.query_pairs_mut()
+            .append_pair("amount", &amount.value().to_string());
+    }
+
+    let response = reqwest::Client::new()
+        .post(url)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .with_context(|| {
+            format!("cannot reach the sandbox at {base} (is `paywatch sandbox` running there?)")
+        })?;
+    let status = response.status();
+    let body = response
+        .text()
+        .await
+        .with_context(|| format!("cannot read the sandbox's answer from {base}"))?;
+    let envelope: Envelope = serde_json::from_str(&body).with_context(|| {
+        format!(
+            "{base} answered HTTP {status} with something that is not a sandbox answer\n\n\
+             is it a paywatch sandbox?"
+        )
+    })?;
+    if !envelope.success {
+        let message = envelope
+            .error
+            .unwrap_or_else(|| format!("HTTP {status} without a message"));
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Err(UsageError(format!(
+                "no checkout '{id}' in the sandbox at {base}\n\n\
+                 list them with: curl {base}_sandbox/checkouts"
+            ))
+            .into());
+        }
+        if status.is_client_error() {
+            return Err(UsageError(format!("checkout {id}: {message}")).into());
+        }
+        anyhow::bail!("the sandbox failed to {verb} checkout {id}: {message}");
+    }
+    let checkout: Checkout = envelope
+        .result
+        .as_deref()
+        .map(|raw| serde_json::from_str(raw.get()))
+        .transpose()
+        .context("the sandbox's answer has no readable checkout")?
+        .unwrap_or_default();
+    let status = checkout
+        .status
+        .as_ref()
+        .map_or("?".to_owned(), |status| status.as_str().to_owned());
+    let currency = checkout.currency.unwrap_or_default();
+    let mut line = format!("checkout {id}: {status}");
+    if let Some(amount) = checkout.amount {
+        line.push_str(&format!(" ({} {currency}", format_money(amount.0)));
+        if let Some(refunded) = checkout.total_refunded.filter(|r| !r.0.is_zero()) {
+            line.push_str(&format!(", {} refunded", format_money(refunded.0)));
+        }
+        line.push(')');
+    }
+    Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<SandboxArgs, clap::Error> {
+        let cli = Cli::try_parse_from(args)?;
+        match cli.command {
+            Command::Sandbox(args) => Ok(args),
+            other => panic!("parsed as {other:?}, not sandbox"),
+        }
+    }
+
+    #[test]
+    fn serve_options_have_defaults() {
+        let args = parse(&["paywatch", "sandbox"]).expect("parses");
+        assert!(args.action.is_none());
+        assert_eq!(args.serve.api_listen.to_string(), DEFAULT_API_LISTEN);
+        assert_eq!(
+            args.serve.firestore_listen.to_string(),
+            DEFAULT_FIRESTORE_LISTEN
+        );
+        assert_eq!(args.serve.status_spelling, SpellingArg::Upper);
+        let args = parse(&[
+            "paywatch",
+            "sandbox",
+            "--api-listen",
+            "127.0.0.1:9000",
+            "--status-spelling",
+            "spec",
+            "--heartbeat",
+            "500ms",
+        ])
+        .expect("parses");
+        assert_eq!(args.serve.api_listen.port(), 9000);
+        assert_eq!(args.serve.heartbeat, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn subcommands_parse_and_reject_serve_options() {
+        let args =
+            parse(&["paywatch", "sandbox", "refund", "123", "--amount", "1.50"]).expect("parses");
+        match args.action {
+            Some(SandboxCommand::Refund(refund)) => {
+                assert_eq!(refund.target.id, "123");
+                assert_eq!(refund.amount.as_deref(), Some("1.50"));
+                assert_eq!(refund.target.sandbox, DEFAULT_SANDBOX_URL);
+            }
+            other => panic!("expected refund, got {other:?}"),
+        }
+        assert!(
+            parse(&[
+                "paywatch",
+                "sandbox",
+                "--api-listen",
+                "127.0.0.1:1",
+                "pay",
+                "1"
+            ])
+            .is_err()
+        );
+        assert!(
+            parse(&["paywatch", "sandbox", "pay"]).is_err(),
+            "the id is required"
+        );
+    }
+
+    #[tokio::test]
+    async fn actions_drive_a_running_sandbox() {
+        let sandbox = Sandbox::start(SandboxOptions::default())
+            .await
+            .expect("sandbox starts");
+        let checkout = sandbox
+            .state()
+            .create_link(&crate::paymennt::wire::LinkRequest {
+                request_id: "R".into(),
+                order_id: "O".into(),
+                description: "D".into(),
+                currency: "AED".into(),
+                amount: crate::paymennt::wire::JsonDecimal("20.00".parse().expect("decimal")),
+                ..Default::default()
+            })
+            .await
+            .expect("created");
+        let id = checkout.id.expect("id").0;
+        let url = format!("http://{}", sandbox.api_addr());
+        let target = |id: &str| ActionArgs {
+            id: id.to_owned(),
+            sandbox: url.clone(),
+        };
+        let line = drive(&SandboxCommand::Pay(target(&id)))
+            .await
+            .expect("paid");
+        assert_eq!(line, format!("checkout {id}: PAID (20.00 AED)"));
+        let line = drive(&SandboxCommand::Refund(RefundArgs {
+            target: target(&id),
+            amount: Some("5".into()),
+        }))
+        .await
+        .expect("refunded");
+        assert_eq!(
+            line,
+            format!("checkout {id}: PARTIALLY_REFUNDED (20.00 AED, 5.00 refunded)")
+        );
+
+        let unknown = drive(&SandboxCommand::Pay(target("1653241101733169556")))
+            .await
+            .expect_err("unknown id");
+        assert!(unknown.is::<UsageError>(), "{unknown:#}");
+        assert!(
+            unknown
+                .to_string()
+                .starts_with("no checkout '1653241101733169556'"),
+            "{unknown:#}"
+        );
+        let twice = drive(&SandboxCommand::Cancel(target(&id)))
+            .await
+            .expect_err("cannot cancel a refunded checkout");
+        assert!(twice.is::<UsageError>(), "{twice:#}");
+        let bad_id = drive(&SandboxCommand::Pay(target("../x")))
+            .await
+            .expect_err("bad id");
+        assert!(bad_id.is::<UsageError>());
+        let bad_amount = drive(&SandboxCommand::Refund(RefundArgs {
+            target: target(&id),
+            amount: Some("-1".into()),
+        }))
+        .await
+        .expect_err("bad amount");
+        assert!(bad_amount.is::<UsageError>());
+        sandbox.shutdown().await;
+
+        let gone = drive(&SandboxCommand::Pay(target(&id)))
+            .await
+            .expect_err("the sandbox is gone");
+        assert!(!gone.is::<UsageError>(), "unreachable is a runtime error");
+        assert!(
+            format!("{gone:#}").contains("cannot reach the sandbox"),
+            "{gone:#}"
+        );
+    }
 }

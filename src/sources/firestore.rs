@@ -46,7 +46,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-pub use connect::FirestoreAuth;
+pub use connect::{FirestoreAuth, check_credentials};
 pub use pool::{Listener, ListenerHandle};
 
 use crate::domain::{CheckoutId, FirestoreLocation};

@@ -6,6 +6,8 @@
 
 pub mod firestore;
 
+pub mod reconcile;
+
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};

@@ -122,6 +122,72 @@ impl Connector {
     }
 }
 
+/// Checks Firestore credentials for `paywatch check-config`: loads them (offline) and, with
+/// `online`, obtains one access token. Returns what was checked, for the report.
+///
+/// # Errors
+/// The credentials cannot be loaded, or no token could be obtained.
+pub async fn check_credentials(
+    endpoint: &str,
+    auth: &FirestoreAuth,
+    online: bool,
+) -> anyhow::Result<String> {
+    validate_endpoint(endpoint)?;
+    let (credentials, described) = match auth {
+        FirestoreAuth::None => {
+            return Ok(format!(
+                "needs no credentials for the loopback endpoint {endpoint}"
+            ));
+        }
+        FirestoreAuth::ServiceAccountFile(path) => {
+            let credentials = service_account_file(path)?;
+            let email = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+                .and_then(|json| {
+                    json.get("client_email")
+                        .and_then(|v| v.as_str())
+                        .map(str::to_owned)
+                })
+                .unwrap_or_else(|| "unknown account".into());
+            (
+                credentials,
+                format!("uses service account {email} from '{}'", path.display()),
+            )
+        }
+        FirestoreAuth::ApplicationDefault => {
+            let credentials = credentials::Builder::default()
+                .with_scopes(SCOPES)
+                .build()
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "could not load the Google Application Default Credentials: {e}"
+                    )
+                })?;
+            (credentials, "has no service-account file; Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS, gcloud, or the metadata server)".to_owned())
+        }
+    };
+    if online {
+        let headers = credentials
+            .headers(http::Extensions::new())
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("could not obtain an access token for {described}: {e}")
+            })?;
+        if let gcloud_sdk::google_cloud_auth::credentials::CacheableResource::New { data, .. } =
+            headers
+            && !data.contains_key(http::header::AUTHORIZATION)
+        {
+            bail!("{described} produced no authorization header");
+        }
+        return Ok(format!("{described}: access token obtained"));
+    }
+    Ok(match auth {
+        FirestoreAuth::ApplicationDefault => format!("{described}; check them with --online"),
+        _ => format!("{described}: key loaded"),
+    })
+}
+
 fn service_account_file(path: &std::path::Path) -> anyhow::Result<credentials::Credentials> {
     let text = std::fs::read_to_string(path).with_context(|| {
         format!(

@@ -1,0 +1,194 @@
+//! `paywatch check-config [--online]`: the operator's pre-flight before enabling the service.
+//!
+//! Offline it parses the config and checks that the files it names are readable, hook commands
+//! exist and are executable, and the ledger directory is writable. With `--online` it also
+//! makes one authenticated call to paymennt and obtains one Firestore access token.
+
+use std::path::Path;
+use std::time::Instant;
+
+use super::{UsageError, output};
+use crate::daemon::listener_options;
+use crate::hooks::runner::{DEFAULT_PATH, resolve_program};
+use crate::paymennt::{Client, SearchQuery};
+use crate::settings::Settings;
+
+/// Arguments of `paywatch check-config`.
+#[derive(Debug, clap::Args)]
+pub struct CheckConfigArgs {
+    /// Also call paymennt once and obtain a Firestore access token.
+    #[arg(long)]
+    pub online: bool,
+}
+
+/// One line of the report.
+struct Check {
+    ok: bool,
+    what: String,
+}
+
+fn check(ok: bool, what: impl Into<String>) -> Check {
+    Check {
+        ok,
+        what: what.into(),
+    }
+}
+
+/// Whether a new file can be created in `dir` (or the nearest existing ancestor, which the
+/// ledger would create the rest under).
+fn directory_writable(dir: &Path) -> Result<String, String> {
+    let mut existing = dir;
+    while !existing.exists() {
+        existing = existing
+            .parent()
+            .ok_or_else(|| format!("no existing parent of '{}'", dir.display()))?;
+    }
+    let probe = tempfile::Builder::new()
+        .prefix(".paywatch-check-")
+        .tempfile_in(existing)
+        .map_err(|error| format!("'{}' is not writable: {error}", existing.display()))?;
+    drop(probe);
+    Ok(if existing == dir {
+        format!("'{}' is writable", dir.display())
+    } else {
+        format!(
+            "'{}' will be created under writable '{}'",
+            dir.display(),
+            existing.display()
+        )
+    })
+}
+
+/// `paywatch check-config`.
+pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Result<()> {
+    let settings = Settings::load(config)?;
+    let mut checks = vec![check(
+        true,
+        format!("config {} parsed", settings.origin_name()),
+    )];
+
+    let ledger_path = &settings.ledger.path;
+    let ledger_dir = ledger_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match directory_writable(ledger_dir) {
+        Ok(text) => checks.push(check(true, format!("ledger directory {text}"))),
+        Err(text) => checks.push(check(false, format!("ledger directory {text}\n      check [ledger] path, or the service's StateDirectory"))),
+    }
+    if ledger_path.exists() {
+        let readable = std::fs::File::open(ledger_path);
+        checks.push(check(
+            readable.is_ok(),
+            match readable {
+                Ok(_) => format!("ledger '{}' exists and is readable", ledger_path.display()),
+                Err(error) => format!(
+                    "ledger '{}' cannot be opened: {error}",
+                    ledger_path.display()
+                ),
+            },
+        ));
+    }
+
+    let credentials = settings.paymennt.credentials();
+    match &credentials {
+        Ok(found) => checks.push(check(
+            true,
+            format!(
+                "paymennt API key {} and secret {} found",
+                found.key.hint(),
+                found.secret.hint()
+            ),
+        )),
+        Err(error) => checks.push(check(false, format!("paymennt credentials: {error}"))),
+    }
+
+    let listener = listener_options(&settings);
+    let firestore = match &listener {
+        Ok(options) => {
+            crate::sources::firestore::check_credentials(&options.endpoint, &options.auth, false)
+                .await
+        }
+        Err(error) => Err(anyhow::anyhow!("{error:#}")),
+    };
+    checks.push(match &firestore {
+        Ok(text) => check(true, format!("firestore {text}")),
+        Err(error) => check(false, format!("firestore credentials: {error:#}")),
+    });
+
+    let path_var = std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
+    for hook in &settings.hooks {
+        let program = hook.command.first().map(String::as_str).unwrap_or_default();
+        checks.push(match resolve_program(program, Some(&path_var)) {
+            Ok(path) => check(
+                true,
+                format!("hook '{}' runs {}", hook.name, path.display()),
+            ),
+            Err(error) => check(false, format!("hook '{}': {error}", hook.name)),
+        });
+    }
+
+    let offline_failures = checks.iter().filter(|c| !c.ok).count();
+    let mut online_failures = 0;
+    if args.online {
+        match Client::from_settings(&settings.paymennt) {
+            Ok(client) => {
+                let started = Instant::now();
+                let query = SearchQuery {
+                    size: Some(1),
+                    ..SearchQuery::default()
+                };
+                let result = client.search(&query).await;
+                let ok = result.is_ok();
+                online_failures += usize::from(!ok);
+                checks.push(check(
+                    ok,
+                    match result {
+                        Ok(_) => format!(
+                            "paymennt answered an authenticated search at {} in {} ms",
+                            client.base_url(),
+                            started.elapsed().as_millis()
+                        ),
+                        Err(error) => format!("paymennt at {}: {error}", client.base_url()),
+                    },
+                ));
+            }
+            Err(error) => {
+                online_failures += 1;
+                checks.push(check(false, format!("paymennt: not called: {error}")));
+            }
+        }
+        if let Ok(options) = &listener {
+            let result = crate::sources::firestore::check_credentials(
+                &options.endpoint,
+                &options.auth,
+                true,
+            )
+            .await;
+            online_failures += usize::from(result.is_err());
+            checks.push(match result {
+                Ok(text) => check(true, format!("firestore {text}")),
+                Err(error) => check(false, format!("firestore: {error:#}")),
+            });
+        }
+    }
+
+    let report: Vec<String> = checks
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {}",
+                if c.ok { "ok  " } else { "FAIL" },
+                c.what.replace("\n\n", "; ").replace('\n', " ")
+            )
+        })
+        .collect();
+    output::write_out(&report.join("\n"))?;
+    if offline_failures > 0 {
+        return Err(UsageError(format!("{offline_failures} configuration check(s) failed")).into());
+    }
+    if online_failures > 0 {
+        anyhow::bail!("{online_failures} online check(s) failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,451 @@
+//! The daemon: startup in order, the running pipeline, reload, and the drain on shutdown.
+//!
+//! Owns: wiring sources -> verifier -> ledger -> hooks, the watch set kept in step with the
+//! ledger, the listener's events (nudges, resume tokens), and the process lifecycle.
+//! Must never: decide a status (the verifier does, through Get Checkout), or exit without
+//! letting in-flight verifications and hooks finish within the drain timeout.
+//!
+//! [`run`] reads top to bottom as the startup order, and its end is the shutdown order.
+
+pub mod signals;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{CheckoutId, FirestoreLocation};
+use crate::ledger::Ledger;
+use crate::logging::LogHandle;
+use crate::paymennt::Client;
+use crate::settings::{Settings, is_loopback_host};
+use crate::sources::Nudge;
+use crate::sources::firestore::{
+    FirestoreAuth, ListenEvent, Listener, ListenerHandle, ListenerOptions, WatchTarget,
+};
+use crate::verifier::{Verifier, VerifierConfig, VerifierStats};
+
+/// What the outside world asks of a running daemon (signals, tests, the demo).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Drain and exit (SIGTERM, SIGINT).
+    Shutdown,
+    /// Re-read the config file (SIGHUP).
+    Reload,
+}
+
+/// How often the watch set is compared with the ledger when nothing told us it changed
+/// (a `paywatch track` in another process commits to the ledger file).
+const WATCH_SYNC_POLL: Duration = Duration::from_millis(250);
+
+/// Figures the daemon publishes while it runs (status line, tests).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DaemonStatus {
+    /// Checkouts currently watched.
+    pub watched: usize,
+    /// Whether startup finished.
+    pub ready: bool,
+    /// Verifier figures.
+    pub verifier: VerifierStats,
+}
+
+/// Options that are not in the config file.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The config file, re-read on reload (None: no file, reload re-applies the environment).
+    pub config_path: Option<PathBuf>,
+    /// The log filter handle, for reloading the level.
+    pub log: LogHandle,
+    /// Where to publish [`DaemonStatus`] (tests and the demo watch it).
+    pub status: Option<watch::Sender<DaemonStatus>>,
+}
+
+/// Builds the listener's options from settings.
+///
+/// # Errors
+///
+/// A service-account file is needed for a non-loopback endpoint and none was configured.
+pub fn listener_options(settings: &Settings) -> anyhow::Result<ListenerOptions> {
+    let endpoint = settings.firestore.endpoint();
+    let loopback = reqwest::Url::parse(&endpoint)
+        .ok()
+        .and_then(|url| url.host_str().map(is_loopback_host))
+        .unwrap_or(false);
+    let auth = match settings.firestore.credentials_file() {
+        Some(path) => FirestoreAuth::ServiceAccountFile(path),
+        None if loopback => FirestoreAuth::None,
+        None => FirestoreAuth::ApplicationDefault,
+    };
+    Ok(ListenerOptions {
+        endpoint,
+        auth,
+        mode: settings.firestore.stream_mode,
+        targets_per_stream: settings.firestore.targets_per_stream,
+        streams_per_connection: settings.firestore.streams_per_connection,
+        idle_timeout: settings.firestore.idle_timeout,
+        ..ListenerOptions::default()
+    })
+}
+
+fn verifier_config(settings: &Settings) -> VerifierConfig {
+    VerifierConfig {
+        hooks: Arc::new(settings.hooks.clone()),
+        refund_watch: settings.firestore.refund_watch,
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    task: impl FnOnce() -> crate::ledger::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    Ok(tokio::task::spawn_blocking(task)
+        .await
+        .context("ledger task panicked")??)
+}
+
+/// Runs the daemon until [`Control::Shutdown`] (or the control channel closes), then drains.
+///
+/// # Errors
+///
+/// Startup failures (ledger, credentials, listener); once running, failures are logged and
+/// retried, never returned.
+pub async fn run(
+    settings: Settings,
+    mut control: mpsc::Receiver<Control>,
+    options: RunOptions,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut settings = settings;
+
+    // 1. The ledger, with anything a previous run left half-done put back in line.
+    let path = settings.ledger.path.clone();
+    let ledger = blocking(move || Ledger::open(&path)).await?;
+
+    // 2. paymennt.
+    let client = Client::from_settings(&settings.paymennt)?;
+
+    // 3. Firestore: start the listener and subscribe to every watched checkout.
+    let sources = CancellationToken::new();
+    let (listen_events, listen_receiver) = mpsc::channel::<ListenEvent>(4096);
+    let listener_options = listener_options(&settings)?;
+    let listener = Listener::start(
+        listener_options.clone(),
+        listen_events,
+        sources.child_token(),
+    )
+    .context("starting the Firestore listener")?;
+    let reader = ledger.clone();
+    let initial = blocking(move || reader.watch_set()).await?;
+    let mut watched: HashMap<CheckoutId, FirestoreLocation> = HashMap::new();
+    let needing = initial.iter().filter(|entry| entry.needs_verify).count();
+    for entry in initial {
+        watched.insert(entry.checkout_id.clone(), entry.location.clone());
+        listener.watch(WatchTarget {
+            checkout_id: entry.checkout_id,
+            location: entry.location,
+            resume_token: entry.resume_token,
+        });
+    }
+
+    // 4. The verifier, fed by the listener's events and the reconciler.
+    let (config_sender, config_receiver) = watch::channel(verifier_config(&settings));
+    let (ledger_changed, _) = watch::channel(0u64);
+    let (nudge_sender, nudge_receiver) = mpsc::channel::<Nudge>(1024);
+    let verifier = Verifier::new(
+        client.clone(),
+        ledger.clone(),
+        config_receiver,
+        settings.paymennt.concurrency,
+        ledger_changed.clone(),
+    );
+    let verifier_stats = verifier.stats();
+    let verifier_abort = CancellationToken::new();
+    let verifier_task = tokio::spawn(verifier.run(nudge_receiver, verifier_abort.clone()));
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(consume_listen_events(
+        listen_receiver,
+        ledger.clone(),
+        nudge_sender.clone(),
+        sources.clone(),
+    ));
+    let watched_count = Arc::new(std::sync::atomic::AtomicUsize::new(watched.len()));
+    tasks.spawn(sync_watch_set(
+        ledger.clone(),
+        listener.clone(),
+        watched,
+        ledger_changed.subscribe(),
+        watched_count.clone(),
+        sources.clone(),
+    ));
+
+    // 5. The reconciler: at start for checkouts that need it, then every interval.
+    let (interval_sender, interval_receiver) = watch::channel(settings.reconcile.interval);
+    tasks.spawn(crate::sources::reconcile::run(
+        ledger.clone(),
+        nudge_sender.clone(),
+        interval_receiver,
+        ledger_changed.clone(),
+        sources.clone(),
+    ));
+    drop(nudge_sender);
+
+    tracing::info!(
+        checkouts = watched_count.load(std::sync::atomic::Ordering::Relaxed),
+        need_verification = needing,
+        stream_mode = settings.firestore.stream_mode.as_str(),
+        firestore = %listener_options.endpoint,
+        paymennt = %client.base_url(),
+        ledger = %ledger.path().display(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "paywatch is running: watching {} checkouts over Firestore ({}), verifying with {}",
+        watched_count.load(std::sync::atomic::Ordering::Relaxed),
+        settings.firestore.stream_mode.as_str(),
+        client.base_url()
+    );
+    let publish = |ready: bool| {
+        if let Some(status) = &options.status {
+            status.send_replace(DaemonStatus {
+                watched: watched_count.load(std::sync::atomic::Ordering::Relaxed),
+                ready,
+                verifier: verifier_stats.borrow().clone(),
+            });
+        }
+    };
+    publish(true);
+
+    // 6. Run until told to stop.
+    let mut status_tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            command = control.recv() => match command {
+                Some(Control::Reload) => {
+                    reload(&mut settings, &options, &config_sender, &interval_sender);
+                }
+                Some(Control::Shutdown) | None => break,
+            },
+            _ = status_tick.tick() => publish(true),
+        }
+    }
+
+    // 7. Drain: stop taking new work, let verifications finish, then stop.
+    let drain = settings.daemon.drain_timeout;
+    tracing::info!(drain_timeout = ?drain, "shutting down: finishing in-flight verifications");
+    sources.cancel();
+    while tasks.join_next().await.is_some() {}
+    let deadline = tokio::time::Instant::now() + drain;
+    let mut verifier_task = verifier_task;
+    if tokio::time::timeout_at(deadline, &mut verifier_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "drain timeout reached; abandoning verifications still in flight (the reconciler redoes them at next start)"
+        );
+        verifier_abort.cancel();
+        let _ = verifier_task.await;
+    }
+    listener.closed().await;
+    publish(false);
+    tracing::info!("paywatch stopped");
+    Ok(())
+}
+
+/// Applies a re-read config: hooks, log level and reconcile interval change at once; other
+/// sections need a restart, which is said in the log.
+fn reload(
+    settings: &mut Settings,
+    options: &RunOptions,
+    config: &watch::Sender<VerifierConfig>,
+    interval: &watch::Sender<Duration>,
+) {
+    let fresh = match Settings::load(options.config_path.as_deref()) {
+        Ok(fresh) => fresh,
+        Err(error) => {
+            tracing::error!("config reload failed; keeping the running config: {error}");
+            return;
+        }
+    };
+    if let Err(error) = options.log.set_level(&fresh.log.level) {
+        tracing::error!("config reload: {error}; keeping the log level");
+    }
+    config.send_replace(verifier_config(&fresh));
+    interval.send_replace(fresh.reconcile.interval);
+    let mut restart_needed = Vec::new();
+    if fresh.ledger.path != settings.ledger.path {
+        restart_needed.push("[ledger]");
+    }
+    if fresh.paymennt.base_url() != settings.paymennt.base_url()
+        || fresh.paymennt.concurrency != settings.paymennt.concurrency
+    {
+        restart_needed.push("[paymennt]");
+    }
+    if fresh.firestore.endpoint() != settings.firestore.endpoint()
+        || fresh.firestore.stream_mode != settings.firestore.stream_mode
+    {
+        restart_needed.push("[firestore]");
+    }
+    if !restart_needed.is_empty() {
+        tracing::warn!(
+            "config reload: changes to {} take effect only after a restart",
+            restart_needed.join(", ")
+        );
+    }
+    tracing::info!(hooks = fresh.hooks.len(), reconcile_interval = ?fresh.reconcile.interval, level = %fresh.log.level, "config reloaded");
+    *settings = fresh;
+}
+
+/// Turns the listener's events into nudges and persisted resume state, in order.
+///
+/// Changed checkouts are marked `needs_verify` in the ledger before their nudge is sent and
+/// before any later checkpoint is saved: if the daemon dies after a token is saved but before
+/// the verification, the reconciler's startup sweep still verifies them.
+async fn consume_listen_events(
+    mut events: mpsc::Receiver<ListenEvent>,
+    ledger: Ledger,
+    nudges: mpsc::Sender<Nudge>,
+    cancel: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(512);
+    loop {
+        batch.clear();
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            received = events.recv_many(&mut batch, 512) => if received == 0 { return },
+        }
+        let changed: Vec<CheckoutId> = batch
+            .iter()
+            .filter_map(|event| match event {
+                ListenEvent::Changed(nudge) => Some(nudge.checkout_id.clone()),
+                _ => None,
+            })
+            .collect();
+        if !changed.is_empty() {
+            let marker = ledger.clone();
+            if let Err(error) = blocking(move || marker.mark_needs_verify(&changed)).await {
+                tracing::error!("cannot note pending verifications: {error:#}");
+            }
+        }
+        for event in batch.drain(..) {
+            match event {
+                ListenEvent::Changed(nudge) => {
+                    tracing::debug!(checkout = %nudge.checkout_id, changed_at = ?nudge.changed_at, "document changed");
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        sent = nudges.send(nudge) => if sent.is_err() { return },
+                    }
+                }
+                ListenEvent::Checkpoint { tokens, read_time } => {
+                    let saver = ledger.clone();
+                    if let Err(error) =
+                        blocking(move || saver.save_resume_tokens(&tokens, read_time)).await
+                    {
+                        tracing::error!("cannot save resume tokens: {error:#}");
+                    }
+                }
+                ListenEvent::ForgetToken(id) => {
+                    let forgetter = ledger.clone();
+                    if let Err(error) = blocking(move || forgetter.forget_resume_token(&id)).await {
+                        tracing::error!("cannot forget a resume token: {error:#}");
+                    }
+                }
+                ListenEvent::TargetFailed {
+                    checkout_id,
+                    message,
+                } => {
+                    tracing::warn!(checkout = %checkout_id, "Firestore stopped watching this checkout: {message}; the reconciler still checks it every interval");
+                }
+                ListenEvent::PermanentFailure { project, message } => {
+                    tracing::error!(project = %project, "Firestore refuses us: {message}");
+                }
+                ListenEvent::Connected {
+                    project,
+                    stream,
+                    targets,
+                } => {
+                    tracing::info!(project = %project, stream, targets, "Firestore stream connected");
+                }
+                ListenEvent::Disconnected {
+                    project,
+                    stream,
+                    reason,
+                    retry_in,
+                } => {
+                    tracing::warn!(project = %project, stream, retry_in_ms = retry_in.as_millis() as u64, "Firestore stream disconnected: {reason}");
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the listener's targets equal to the ledger's watched checkouts: new ones (tracked by
+/// `paywatch track` in another process, or first seen by a verification) are added, finished
+/// ones removed.
+async fn sync_watch_set(
+    ledger: Ledger,
+    listener: ListenerHandle,
+    mut watched: HashMap<CheckoutId, FirestoreLocation>,
+    mut ledger_changed: watch::Receiver<u64>,
+    watched_count: Arc<std::sync::atomic::AtomicUsize>,
+    cancel: CancellationToken,
+) {
+    let reader = ledger.clone();
+    let mut last_version = blocking(move || reader.data_version()).await.unwrap_or(0);
+    let mut poll = tokio::time::interval(WATCH_SYNC_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            changed = ledger_changed.changed() => if changed.is_err() { return },
+            _ = poll.tick() => {
+                let reader = ledger.clone();
+                match blocking(move || reader.data_version()).await {
+                    Ok(version) if version != last_version => last_version = version,
+                    Ok(_) => continue,
+                    Err(error) => {
+                        tracing::error!("cannot check the ledger for new checkouts: {error:#}");
+                        continue;
+                    }
+                }
+            }
+        }
+        let reader = ledger.clone();
+        let entries = match blocking(move || reader.watch_set()).await {
+            Ok(entries) => entries,
+            Err(error) => {
+                tracing::error!("cannot read the watch set: {error:#}");
+                continue;
+            }
+        };
+        let mut desired: HashMap<CheckoutId, _> = entries
+            .into_iter()
+            .map(|entry| (entry.checkout_id.clone(), entry))
+            .collect();
+        let gone: Vec<CheckoutId> = watched
+            .keys()
+            .filter(|id| !desired.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            tracing::info!(checkout = %id, "no longer watched");
+            listener.unwatch(&id);
+            watched.remove(&id);
+        }
+        for (id, entry) in desired.drain() {
+            if watched.get(&id) != Some(&entry.location) {
+                tracing::info!(checkout = %id, document = %entry.location.document_name(), "now watching");
+                watched.insert(id.clone(), entry.location.clone());
+                listener.watch(WatchTarget {
+                    checkout_id: id,
+                    location: entry.location,
+                    resume_token: entry.resume_token,
+                });
+            }
+        }
+        watched_count.store(watched.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+}

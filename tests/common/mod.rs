@@ -1,0 +1,192 @@
+//! Shared test helpers: a sandbox, a daemon on a temporary ledger, and waiting with deadlines.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use paywatch::daemon::{self, Control, DaemonStatus, RunOptions};
+use paywatch::domain::CheckoutId;
+use paywatch::ledger::{Ledger, TrackedVia};
+use paywatch::logging::LogHandle;
+use paywatch::paymennt::wire::{JsonDecimal, LinkRequest};
+use paywatch::sandbox::{Sandbox, SandboxOptions};
+use paywatch::settings::Settings;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+/// How long a condition may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Polls `check` until it returns `Some`, failing the test with `what` after `deadline`.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A sandbox with quick timers for tests.
+pub async fn sandbox() -> Sandbox {
+    Sandbox::start(SandboxOptions {
+        heartbeat_interval: Duration::from_secs(2),
+        expiry_minute: Duration::from_millis(10),
+        ..SandboxOptions::default()
+    })
+    .await
+    .expect("sandbox starts")
+}
+
+/// Writes a config for a daemon pointed at `sandbox`, with `extra` TOML appended (whole
+/// sections only, after the ones written here), and loads it without the process environment.
+pub fn settings(
+    dir: &Path,
+    sandbox: &Sandbox,
+    stream_mode: &str,
+    extra: &str,
+) -> (Settings, PathBuf) {
+    let path = dir.join("paywatch.toml");
+    let text = config_text(
+        dir,
+        &sandbox.api_base_url(),
+        &sandbox.firestore_endpoint(),
+        sandbox.api_key(),
+        sandbox.api_secret(),
+        stream_mode,
+        extra,
+    );
+    std::fs::write(&path, text).expect("write config");
+    let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("test config is valid");
+    (settings, path)
+}
+
+/// The config text used by [`settings`].
+pub fn config_text(
+    dir: &Path,
+    base_url: &str,
+    endpoint: &str,
+    key: &str,
+    secret: &str,
+    stream_mode: &str,
+    extra: &str,
+) -> String {
+    format!(
+        "[ledger]\npath = \"{ledger}\"\n\n\
+         [paymennt]\nbase_url = \"{base_url}\"\napi_key = \"{key}\"\napi_secret = \"{secret}\"\nmax_retries = 5\nconcurrency = 16\n\n\
+         [firestore]\nendpoint = \"{endpoint}\"\nstream_mode = \"{stream_mode}\"\nidle_timeout = \"10s\"\n\n\
+         [reconcile]\ninterval = \"1h\"\n\n\
+         [daemon]\ndrain_timeout = \"5s\"\n\n\
+         [log]\nlevel = \"info\"\n\n{extra}",
+        ledger = dir.join("paywatch.db").display(),
+    )
+}
+
+/// A daemon running in this process.
+pub struct Daemon {
+    controls: mpsc::Sender<Control>,
+    /// The daemon's published status.
+    pub status: watch::Receiver<DaemonStatus>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Daemon {
+    /// Starts the daemon and waits until it is ready.
+    pub async fn start(settings: &Settings, config_path: &Path) -> Daemon {
+        let (controls, receiver) = mpsc::channel(8);
+        let (sender, mut status) = watch::channel(DaemonStatus::default());
+        let options = RunOptions {
+            config_path: Some(config_path.to_path_buf()),
+            log: LogHandle::detached(),
+            status: Some(sender),
+        };
+        let task = tokio::spawn(daemon::run(settings.clone(), receiver, options));
+        tokio::time::timeout(DEADLINE, status.wait_for(|s| s.ready))
+            .await
+            .expect("daemon ready in time")
+            .expect("daemon running");
+        Daemon {
+            controls,
+            status,
+            task,
+        }
+    }
+
+    /// Sends a control.
+    pub async fn control(&self, control: Control) {
+        self.controls.send(control).await.expect("daemon listening");
+    }
+
+    /// Drains and waits for the daemon to stop.
+    pub async fn stop(self) {
+        let _ = self.controls.send(Control::Shutdown).await;
+        tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("daemon stops in time")
+            .expect("task")
+            .expect("daemon ok");
+    }
+}
+
+/// A link request for tests.
+pub fn link_request(order_id: &str, amount: &str) -> LinkRequest {
+    LinkRequest {
+        request_id: format!("{order_id}-r1"),
+        order_id: order_id.to_owned(),
+        description: "Test order".into(),
+        currency: "AED".into(),
+        amount: JsonDecimal(amount.parse().expect("decimal")),
+        ..LinkRequest::default()
+    }
+}
+
+/// Creates a link in the sandbox and tracks its response in the ledger (as `paywatch track`).
+pub async fn create_and_track(sandbox: &Sandbox, ledger: &Ledger, order_id: &str) -> CheckoutId {
+    let checkout = sandbox
+        .state()
+        .create_link(&link_request(order_id, "100.00"))
+        .await
+        .expect("link created");
+    let facts = checkout.facts().expect("sandbox checkouts are complete");
+    ledger.track(&facts, TrackedVia::Track).expect("tracked");
+    facts.id
+}
+
+/// The ledger's status for a checkout.
+pub fn status_of(ledger: &Ledger, id: &CheckoutId) -> Option<String> {
+    ledger
+        .checkout(id)
+        .expect("ledger read")
+        .and_then(|record| record.status)
+}
+
+/// Waits until the ledger shows `status` for `id`.
+pub async fn wait_status(ledger: &Ledger, id: &CheckoutId, status: &str) {
+    wait_for(
+        &format!("checkout {id} to be {status}"),
+        DEADLINE,
+        || async { (status_of(ledger, id).as_deref() == Some(status)).then_some(()) },
+    )
+    .await;
+}
+
+/// The statuses in a checkout's verified history.
+pub fn history(ledger: &Ledger, id: &CheckoutId) -> Vec<String> {
+    ledger
+        .transitions(id)
+        .expect("ledger read")
+        .into_iter()
+        .map(|t| t.to)
+        .collect()
+}

@@ -1,0 +1,408 @@
+//! The daemon end to end against the in-process sandbox, in both stream modes: payments reach
+//! the ledger verified, restarts resume, faults are survived, lies are not recorded, signals
+//! drain and reload.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use paywatch::ledger::Ledger;
+
+use crate::common::{
+    self, DEADLINE, Daemon, create_and_track, history, status_of, wait_for, wait_status,
+};
+
+const MODES: [&str; 2] = ["multiplexed", "per-document"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn track_then_pay_records_paid_with_its_history_in_both_modes() {
+    for mode in MODES {
+        let sandbox = common::sandbox().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (settings, path) = common::settings(dir.path(), &sandbox, mode, "");
+        let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+        let id = create_and_track(&sandbox, &ledger, "ORD-1").await;
+        let daemon = Daemon::start(&settings, &path).await;
+        wait_status(&ledger, &id, "PENDING").await;
+        sandbox.state().pay(&id).await.expect("pay");
+        wait_status(&ledger, &id, "PAID").await;
+        assert_eq!(history(&ledger, &id), ["PENDING", "PAID"], "mode {mode}");
+        let paid = ledger
+            .transitions(&id)
+            .expect("transitions")
+            .pop()
+            .expect("paid transition");
+        assert_eq!(paid.source, "firestore", "mode {mode}");
+        assert!(
+            paid.latency_ms.is_some(),
+            "a Firestore change has a measured latency"
+        );
+        assert!(
+            paid.verified_json.contains("\"PAID\""),
+            "the verified JSON is kept"
+        );
+        daemon.stop().await;
+        sandbox.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_checkouts_are_watched_and_all_payments_arrive_in_both_modes() {
+    const CHECKOUTS: usize = 1000;
+    for mode in MODES {
+        let sandbox = common::sandbox().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (settings, path) = common::settings(dir.path(), &sandbox, mode, "");
+        let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+        let mut ids = Vec::with_capacity(CHECKOUTS);
+        for n in 0..CHECKOUTS {
+            ids.push(create_and_track(&sandbox, &ledger, &format!("ORD-{n}")).await);
+        }
+        let started = Instant::now();
+        let daemon = Daemon::start(&settings, &path).await;
+        let mut status = daemon.status.clone();
+        tokio::time::timeout(DEADLINE, status.wait_for(|s| s.watched == CHECKOUTS))
+            .await
+            .expect("all watched")
+            .expect("status");
+        wait_for(
+            "every checkout verified PENDING",
+            Duration::from_secs(60),
+            || async {
+                let unverified = ledger
+                    .list(&paywatch::ledger::ListFilter {
+                        statuses: vec!["UNVERIFIED".into()],
+                        ..Default::default()
+                    })
+                    .expect("list");
+                unverified.is_empty().then_some(())
+            },
+        )
+        .await;
+        for id in &ids {
+            sandbox.state().pay(id).await.expect("pay");
+        }
+        wait_for(
+            "every payment recorded",
+            Duration::from_secs(60),
+            || async {
+                let paid = ledger
+                    .list(&paywatch::ledger::ListFilter {
+                        statuses: vec!["PAID".into()],
+                        ..Default::default()
+                    })
+                    .expect("list");
+                (paid.len() == CHECKOUTS).then_some(())
+            },
+        )
+        .await;
+        eprintln!(
+            "{mode}: {CHECKOUTS} checkouts watched, verified and paid in {:?}",
+            started.elapsed()
+        );
+        daemon.stop().await;
+        sandbox.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_tracked_while_running_is_watched_within_a_second() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
+    let daemon = Daemon::start(&settings, &path).await;
+    // Another connection to the ledger file, as `paywatch track` in another process would be.
+    let cli_ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let tracked_at = Instant::now();
+    let id = create_and_track(&sandbox, &cli_ledger, "ORD-LATE").await;
+    let mut status = daemon.status.clone();
+    tokio::time::timeout(Duration::from_secs(1), status.wait_for(|s| s.watched == 1))
+        .await
+        .expect("watched within one second")
+        .expect("status");
+    eprintln!("tracked checkout watched after {:?}", tracked_at.elapsed());
+    wait_status(&cli_ledger, &id, "PENDING").await;
+    sandbox.state().pay(&id).await.expect("pay");
+    wait_status(&cli_ledger, &id, "PAID").await;
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_without_reverifying_and_catches_changes_made_while_down() {
+    for mode in MODES {
+        let sandbox = common::sandbox().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (settings, path) = common::settings(dir.path(), &sandbox, mode, "");
+        let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+        let mut ids = Vec::new();
+        for n in 0..5 {
+            ids.push(create_and_track(&sandbox, &ledger, &format!("ORD-{n}")).await);
+        }
+        let daemon = Daemon::start(&settings, &path).await;
+        for id in &ids {
+            wait_status(&ledger, id, "PENDING").await;
+        }
+        wait_for("resume tokens persisted", DEADLINE, || async {
+            let set = ledger.watch_set().expect("watch set");
+            set.iter()
+                .all(|entry| entry.resume_token.is_some() && !entry.needs_verify)
+                .then_some(())
+        })
+        .await;
+        daemon.stop().await;
+
+        let calls_before: Vec<u64> = ids
+            .iter()
+            .map(|id| sandbox.state().get_checkout_calls(id))
+            .collect();
+        sandbox
+            .state()
+            .pay(&ids[0])
+            .await
+            .expect("pay while the daemon is down");
+
+        let daemon = Daemon::start(&settings, &path).await;
+        wait_status(&ledger, &ids[0], "PAID").await;
+        daemon.stop().await;
+        let calls_after: Vec<u64> = ids
+            .iter()
+            .map(|id| sandbox.state().get_checkout_calls(id))
+            .collect();
+        assert!(
+            calls_after[0] > calls_before[0],
+            "the changed checkout was verified"
+        );
+        assert_eq!(
+            calls_after[1..],
+            calls_before[1..],
+            "mode {mode}: unchanged checkouts were not re-verified"
+        );
+        assert_eq!(history(&ledger, &ids[0]), ["PENDING", "PAID"]);
+        sandbox.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_closed_by_the_server_reconnect_and_catch_up() {
+    for mode in MODES {
+        let sandbox = common::sandbox().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (settings, path) = common::settings(dir.path(), &sandbox, mode, "");
+        let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+        let first = create_and_track(&sandbox, &ledger, "ORD-A").await;
+        let second = create_and_track(&sandbox, &ledger, "ORD-B").await;
+        let daemon = Daemon::start(&settings, &path).await;
+        wait_status(&ledger, &first, "PENDING").await;
+        wait_status(&ledger, &second, "PENDING").await;
+        sandbox.faults().close_listen_streams();
+        // A change right after the drop: delivered once the stream is back (resumed by token).
+        sandbox.state().pay(&first).await.expect("pay");
+        wait_status(&ledger, &first, "PAID").await;
+        sandbox.faults().close_listen_streams();
+        sandbox.state().fail(&second).await.expect("fail");
+        wait_status(&ledger, &second, "FAILED").await;
+        daemon.stop().await;
+        sandbox.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_errors_are_retried_and_never_produce_an_unverified_record() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let id = create_and_track(&sandbox, &ledger, "ORD-500").await;
+    let daemon = Daemon::start(&settings, &path).await;
+    wait_status(&ledger, &id, "PENDING").await;
+    sandbox.faults().fail_next_api_requests(3);
+    let calls = sandbox.state().get_checkout_calls(&id);
+    sandbox.state().pay(&id).await.expect("pay");
+    wait_status(&ledger, &id, "PAID").await;
+    assert!(
+        sandbox.state().get_checkout_calls(&id) >= calls + 4,
+        "three 500s, then the answer"
+    );
+    assert_eq!(history(&ledger, &id), ["PENDING", "PAID"]);
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_claiming_paid_while_the_api_says_pending_records_nothing() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let id = create_and_track(&sandbox, &ledger, "ORD-LIE").await;
+    let daemon = Daemon::start(&settings, &path).await;
+    wait_status(&ledger, &id, "PENDING").await;
+    let calls = sandbox.state().get_checkout_calls(&id);
+    sandbox
+        .state()
+        .lie_document(&id, "PAID")
+        .await
+        .expect("lying document");
+    // The daemon reacts to the change by asking paymennt, which says PENDING.
+    wait_for(
+        "the lie to be checked with Get Checkout",
+        DEADLINE,
+        || async { (sandbox.state().get_checkout_calls(&id) > calls).then_some(()) },
+    )
+    .await;
+    daemon.stop().await;
+    assert_eq!(status_of(&ledger, &id).as_deref(), Some("PENDING"));
+    assert_eq!(history(&ledger, &id), ["PENDING"]);
+    sandbox.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_changes_costs_at_most_one_extra_call() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let id = create_and_track(&sandbox, &ledger, "ORD-BURST").await;
+    let daemon = Daemon::start(&settings, &path).await;
+    wait_status(&ledger, &id, "PENDING").await;
+    // Slow answers, so the burst lands while a call is in flight.
+    sandbox.faults().set_api_latency(Duration::from_millis(300));
+    let calls = sandbox.state().get_checkout_calls(&id);
+    for _ in 0..10 {
+        sandbox
+            .state()
+            .lie_document(&id, "PENDING")
+            .await
+            .expect("document write");
+    }
+    sandbox.state().pay(&id).await.expect("pay");
+    wait_status(&ledger, &id, "PAID").await;
+    daemon.stop().await;
+    let extra = sandbox.state().get_checkout_calls(&id) - calls;
+    assert!(extra <= 3, "11 changes in a burst cost {extra} calls");
+    sandbox.shutdown().await;
+}
+
+/// A `paywatch run` child process with its stderr lines collected.
+struct Process {
+    child: Child,
+    lines: std_mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Process {
+    fn start(config: &std::path::Path) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_paywatch"))
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .env_remove("RUST_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("paywatch starts");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (sender, lines) = std_mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Process {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a log line containing `text`.
+    fn expect_line(&mut self, text: &str) {
+        let until = Instant::now() + DEADLINE;
+        while Instant::now() < until {
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
+                let found = line.contains(text);
+                self.seen.push(line);
+                if found {
+                    return;
+                }
+            }
+        }
+        panic!(
+            "no log line containing {text:?}; saw:\n{}",
+            self.seen.join("\n")
+        );
+    }
+
+    fn signal(&self, signal: Signal) {
+        let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits"));
+        kill(pid, signal).expect("signal sent");
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let until = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < until, "paywatch did not exit in time");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_a_bad_config_is_rejected_then_sigterm_drains() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let id = create_and_track(&sandbox, &ledger, "ORD-SIG").await;
+    let mut process = tokio::task::block_in_place(|| {
+        let mut process = Process::start(&path);
+        process.expect_line("paywatch is running");
+        process
+    });
+    wait_status(&ledger, &id, "PENDING").await;
+
+    let good = std::fs::read_to_string(&path)
+        .expect("config")
+        .replace("interval = \"1h\"", "interval = \"2h\"");
+    std::fs::write(&path, &good).expect("rewrite config");
+    tokio::task::block_in_place(|| {
+        process.signal(Signal::SIGHUP);
+        process.expect_line("config reloaded");
+    });
+
+    std::fs::write(&path, format!("{good}\n[bogus]\nkey = 1\n")).expect("break config");
+    tokio::task::block_in_place(|| {
+        process.signal(Signal::SIGHUP);
+        process.expect_line("config reload failed");
+    });
+    // Still running on the old config: a payment is recorded.
+    sandbox.state().pay(&id).await.expect("pay");
+    wait_status(&ledger, &id, "PAID").await;
+
+    let status = tokio::task::block_in_place(|| {
+        process.signal(Signal::SIGTERM);
+        process.expect_line("paywatch stopped");
+        process.wait_exit()
+    });
+    assert!(status.success(), "exit status {status:?}");
+    sandbox.shutdown().await;
+}
