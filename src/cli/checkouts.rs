@@ -201,7 +201,7 @@ pub fn open_ledger(settings: &Settings) -> anyhow::Result<Ledger> {
 }
 
 /// Opens the ledger for reading; a missing file is explained rather than created.
-fn open_existing_ledger(settings: &Settings) -> anyhow::Result<Ledger> {
+pub(super) fn open_existing_ledger(settings: &Settings) -> anyhow::Result<Ledger> {
     let path = &settings.ledger.path;
     if !path.exists() {
         anyhow::bail!(

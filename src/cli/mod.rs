@@ -7,6 +7,7 @@
 pub mod check_config;
 pub mod checkouts;
 pub mod daemon;
+pub mod hooks;
 pub mod output;
 pub mod sandbox;
 
@@ -75,6 +76,9 @@ pub enum Command {
     CheckConfig(check_config::CheckConfigArgs),
     /// Run a local stand-in for paymennt's API and Firestore (or drive a running one).
     Sandbox(sandbox::SandboxArgs),
+    /// Hook deliveries: list, retry, replay, and test a hook before going live.
+    #[command(subcommand)]
+    Hooks(hooks::HooksCommand),
     /// The demo's hook (used by `paywatch demo`).
     #[command(hide = true)]
     DemoHook(daemon::DemoHookArgs),
@@ -120,5 +124,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List(ref args) => checkouts::list(&load_settings(&cli)?, args),
         Command::Events(ref args) => checkouts::events(&load_settings(&cli)?, args),
         Command::Sandbox(args) => sandbox::run(args).await,
+        Command::Hooks(ref command) => hooks::run(&load_settings(&cli)?, command).await,
     }
 }

@@ -207,7 +207,6 @@ impl Ledger {
     ///
     /// A delivery is due when its time has come and no earlier delivery of the same checkout
     /// and hook is still pending or running, so one checkout's events reach a hook in order.
-    /// `busy` lists (checkout, hook) pairs the caller is already running.
     ///
     /// # Errors
     ///
@@ -414,7 +413,11 @@ impl Ledger {
             .map_err(|e| self.error("delivery", e))
     }
 
-    /// The earliest time a pending delivery is due, for the dispatcher's timer.
+    /// The earliest time a pending delivery can be claimed, for the dispatcher's timer.
+    ///
+    /// Only deliveries at the head of their checkout and hook's queue count (the ones
+    /// [`Ledger::claim_due_deliveries`] could hand out): a later event waiting behind one that is
+    /// running or retrying later is not due, so the dispatcher never wakes for it in vain.
     ///
     /// # Errors
     ///
@@ -423,7 +426,12 @@ impl Ledger {
         let next: Option<String> = self
             .lock()
             .query_row(
-                "SELECT min(next_attempt_at) FROM hook_deliveries WHERE state = 'pending'",
+                "SELECT min(d.next_attempt_at) FROM hook_deliveries d
+                 WHERE d.state = 'pending'
+                   AND NOT EXISTS (
+                       SELECT 1 FROM hook_deliveries e
+                       WHERE e.checkout_id = d.checkout_id AND e.hook = d.hook
+                         AND e.state IN ('pending', 'running') AND e.rowid < d.rowid)",
                 [],
                 |row| row.get(0),
             )

@@ -1,0 +1,611 @@
+//! `hooks list`, `hooks retry`, `hooks replay`, `hooks test`: the hook outbox from the command
+//! line.
+//!
+//! Owns: reading and reviving deliveries in the ledger, queueing replays, and rehearsing a hook
+//! with a synthetic event. The ledger is the only channel to a running daemon: its dispatcher
+//! looks for due deliveries every second, so a retry or replay starts within about a second
+//! (or at the next start if no daemon runs).
+//! Must never: run a hook for a real delivery (only the daemon's dispatcher does, so a delivery
+//! is never run twice at once), or mark anything delivered.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use clap::Subcommand;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use super::{UsageError, checkouts, output};
+use crate::domain::{CheckoutStatus, printable};
+use crate::hooks::runner::{self, Ending};
+use crate::hooks::{HookEvent, HookSpec};
+use crate::ledger::{DeliveryFilter, DeliveryState, Ledger};
+use crate::settings::{Settings, SettingsError};
+
+/// `paywatch hooks ...`.
+#[derive(Debug, Subcommand)]
+pub enum HooksCommand {
+    /// List hook deliveries, newest first.
+    List(ListArgs),
+    /// Deliver a dead (or pending) delivery again now, with the same event id; its attempt
+    /// count starts again.
+    Retry(RetryArgs),
+    /// Queue new deliveries (new event ids) of status changes verified since a time, for a
+    /// merchant whose system lost data.
+    Replay(ReplayArgs),
+    /// Run a hook once with a realistic synthetic event marked as a test (`"test": true`,
+    /// PAYWATCH_TEST=1), to check a script before going live. The ledger is not touched.
+    Test(TestArgs),
+}
+
+/// Arguments of `paywatch hooks list`.
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// Only deliveries in this state.
+    #[arg(long, value_name = "STATE", value_parser = ["pending", "running", "delivered", "dead"])]
+    pub state: Option<String>,
+    /// Only this checkout's deliveries.
+    #[arg(long, value_name = "ID")]
+    pub checkout: Option<String>,
+    /// At most this many (the newest); 0 for all.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub limit: usize,
+    /// Print JSON (an array of deliveries).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `paywatch hooks retry`.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct RetryArgs {
+    /// The delivery's event id (`evt_...`, from `hooks list` or the log).
+    #[arg(value_name = "EVENT_ID")]
+    pub event_id: Option<String>,
+    /// Every dead delivery.
+    #[arg(long)]
+    pub all_dead: bool,
+}
+
+/// Arguments of `paywatch hooks replay`.
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// Status changes verified at or after this time: RFC 3339 (2024-05-01T10:00:00Z), a date
+    /// (2024-05-01, UTC midnight) or a duration back from now (2h, 3days).
+    #[arg(long, value_name = "TIME")]
+    pub since: String,
+    /// Only changes to this status (PAID, REFUNDED, ...).
+    #[arg(long, value_name = "S")]
+    pub status: Option<String>,
+    /// Only this hook (repeatable); default every configured hook. Each hook still gets only
+    /// the statuses it is configured for.
+    #[arg(long = "hook", value_name = "NAME")]
+    pub hooks: Vec<String>,
+    /// Print the queued event ids as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `paywatch hooks test`.
+#[derive(Debug, clap::Args)]
+pub struct TestArgs {
+    /// The hook's configured name.
+    pub name: String,
+    /// The status of the synthetic event.
+    #[arg(long, value_name = "S", default_value = "PAID")]
+    pub status: String,
+}
+
+/// Runs `paywatch hooks ...`.
+///
+/// # Errors
+///
+/// Usage errors (unknown hook, bad time or status) exit 2; a missing event, a failed test
+/// run or a ledger failure exits 1.
+pub async fn run(settings: &Settings, command: &HooksCommand) -> anyhow::Result<()> {
+    match command {
+        HooksCommand::List(args) => list(settings, args),
+        HooksCommand::Retry(args) => {
+            let ledger = checkouts::open_existing_ledger(settings)?;
+            output::write_out(&retry(&ledger, args)?)
+        }
+        HooksCommand::Replay(args) => {
+            let ledger = checkouts::open_existing_ledger(settings)?;
+            let report = replay(&ledger, settings, args, Utc::now())?;
+            if args.json {
+                output::json(&report)
+            } else {
+                output::write_out(&report.describe())
+            }
+        }
+        HooksCommand::Test(args) => test(settings, args).await,
+    }
+}
+
+fn list(settings: &Settings, args: &ListArgs) -> anyhow::Result<()> {
+    let ledger = checkouts::open_existing_ledger(settings)?;
+    let deliveries = ledger.deliveries(&DeliveryFilter {
+        state: args.state.as_deref().and_then(DeliveryState::parse),
+        checkout_id: args.checkout.clone(),
+        limit: (args.limit > 0).then_some(args.limit),
+    })?;
+    if args.json {
+        output::json(&deliveries)
+    } else {
+        output::write_out(&output::delivery_table(&deliveries))
+    }
+}
+
+/// `hooks retry`: revives and returns what to print.
+fn retry(ledger: &Ledger, args: &RetryArgs) -> anyhow::Result<String> {
+    let Some(event_id) = &args.event_id else {
+        let count = ledger.retry_dead_deliveries()?;
+        return Ok(if count == 0 {
+            "no dead deliveries".to_owned()
+        } else {
+            format!(
+                "queued {count} dead deliver{} again; a running paywatch starts them within a second",
+                if count == 1 { "y" } else { "ies" }
+            )
+        });
+    };
+    let event = printable(event_id);
+    let Some(delivery) = ledger.delivery(event_id)? else {
+        anyhow::bail!(
+            "no hook delivery with event id '{event}'\n\nlist them with: paywatch hooks list"
+        );
+    };
+    match delivery.state {
+        DeliveryState::Delivered => anyhow::bail!(
+            "event '{event}' was already delivered{}\n\nto send past status changes again, use: paywatch hooks replay --since TIME --hook {}",
+            delivery
+                .delivered_at
+                .as_deref()
+                .map(|at| format!(" at {at}"))
+                .unwrap_or_default(),
+            delivery.hook
+        ),
+        DeliveryState::Running => anyhow::bail!(
+            "event '{event}' is running now; if it fails it is retried by itself\n\nsee its outcome with: paywatch hooks list --checkout {}",
+            delivery.checkout_id
+        ),
+        DeliveryState::Pending | DeliveryState::Dead => {}
+    }
+    if !ledger.retry_delivery(event_id)? {
+        anyhow::bail!(
+            "event '{event}' changed while being retried (a daemon just ran it)\n\nsee it with: paywatch hooks list --checkout {}",
+            delivery.checkout_id
+        );
+    }
+    Ok(format!(
+        "queued {} again (hook {}, checkout {}, {}); a running paywatch starts it within a second",
+        delivery.event_id, delivery.hook, delivery.checkout_id, delivery.status
+    ))
+}
+
+/// What `hooks replay` queued.
+#[derive(Debug, Serialize)]
+struct ReplayReport {
+    /// The time the replay started from, RFC 3339.
+    since: String,
+    /// The new deliveries' event ids.
+    queued: Vec<String>,
+    /// The hooks replayed to.
+    hooks: Vec<String>,
+}
+
+impl ReplayReport {
+    fn describe(&self) -> String {
+        if self.queued.is_empty() {
+            format!(
+                "no verified status change since {} matches; nothing queued",
+                self.since
+            )
+        } else {
+            format!(
+                "queued {} deliver{} of status changes since {} (hooks: {}); a running paywatch starts them within a second",
+                self.queued.len(),
+                if self.queued.len() == 1 { "y" } else { "ies" },
+                self.since,
+                self.hooks.join(", ")
+            )
+        }
+    }
+}
+
+/// `hooks replay`: queues new deliveries.
+fn replay(
+    ledger: &Ledger,
+    settings: &Settings,
+    args: &ReplayArgs,
+    now: DateTime<Utc>,
+) -> anyhow::Result<ReplayReport> {
+    let since = parse_since(&args.since, now)?;
+    let status = args.status.as_deref().map(parse_status).transpose()?;
+    if settings.hooks.is_empty() {
+        return Err(UsageError(format!(
+            "no hooks are configured in {}\n\nadd a [[hooks]] table, then replay",
+            settings.origin_name()
+        ))
+        .into());
+    }
+    for name in &args.hooks {
+        if settings.hook(name).is_none() {
+            return Err(unknown_hook(settings, name).into());
+        }
+    }
+    let hooks: Vec<(String, Vec<String>)> = settings
+        .hooks
+        .iter()
+        .filter(|hook| args.hooks.is_empty() || args.hooks.contains(&hook.name))
+        .map(|hook| {
+            let statuses = hook
+                .status_filter()
+                .iter()
+                .map(|s| s.as_str().to_owned())
+                .collect();
+            (hook.name.clone(), statuses)
+        })
+        .collect();
+    let queued =
+        ledger.replay_deliveries(since, status.as_ref().map(CheckoutStatus::as_str), &hooks)?;
+    Ok(ReplayReport {
+        since: crate::ledger::timestamp(since),
+        queued,
+        hooks: hooks.into_iter().map(|(name, _)| name).collect(),
+    })
+}
+
+/// `--since`: RFC 3339, a date (UTC midnight), or a duration back from `now`.
+fn parse_since(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, UsageError> {
+    let trimmed = text.trim();
+    if let Ok(time) = DateTime::parse_from_rfc3339(trimmed) {
+        return Ok(time.with_timezone(&Utc));
+    }
+    if let Ok(date) = NaiveDate::parse_from_str(trimmed, "%Y-%m-%d")
+        && let Some(midnight) = date.and_hms_opt(0, 0, 0)
+    {
+        return Ok(midnight.and_utc());
+    }
+    let relative = trimmed.strip_suffix(" ago").unwrap_or(trimmed);
+    if let Ok(duration) = humantime::parse_duration(relative)
+        && let Ok(duration) = chrono::Duration::from_std(duration)
+        && let Some(time) = now.checked_sub_signed(duration)
+    {
+        return Ok(time);
+    }
+    Err(UsageError(format!(
+        "--since '{}' is not a time\n\ngive an RFC 3339 time (2024-05-01T10:00:00Z), a date (2024-05-01, UTC) or a duration back from now (2h, 3days)",
+        printable(text)
+    )))
+}
+
+fn parse_status(text: &str) -> Result<CheckoutStatus, UsageError> {
+    match CheckoutStatus::parse(text) {
+        CheckoutStatus::Unknown(_) => Err(UsageError(format!(
+            "--status '{}' is not a checkout status\n\nknown statuses: {}",
+            printable(text),
+            known_statuses()
+        ))),
+        status => Ok(status),
+    }
+}
+
+fn known_statuses() -> String {
+    CheckoutStatus::KNOWN
+        .iter()
+        .map(CheckoutStatus::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn unknown_hook(settings: &Settings, name: &str) -> UsageError {
+    let names: Vec<&str> = settings.hooks.iter().map(|h| h.name.as_str()).collect();
+    let known = if names.is_empty() {
+        format!("no hooks are configured in {}", settings.origin_name())
+    } else {
+        format!(
+            "hooks configured in {}: {}",
+            settings.origin_name(),
+            names.join(", ")
+        )
+    };
+    UsageError(format!("no hook named '{}'\n\n{known}", printable(name)))
+}
+
+/// `hooks test`: runs the hook once with a synthetic event; fails unless it exits 0.
+async fn test(settings: &Settings, args: &TestArgs) -> anyhow::Result<()> {
+    let status = parse_status(&args.status)?;
+    let hook = settings
+        .hook(&args.name)
+        .ok_or_else(|| unknown_hook(settings, &args.name))?;
+    let spec = HookSpec::resolve(hook, std::env::var_os("PATH").as_deref())
+        .map_err(|message| SettingsError(format!("{}: {message}", settings.origin_name())))?;
+    if !hook.statuses.is_empty() && !hook.fires_on(&status) {
+        tracing::warn!(
+            hook = %hook.name,
+            status = %status,
+            "this hook is not configured for this status; real deliveries of it would not happen"
+        );
+    }
+    let event = HookEvent::synthetic(&hook.name, status);
+    let stop = CancellationToken::new();
+    let ctrl_c = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                stop.cancel();
+            }
+        })
+    };
+    let outcome = runner::run(&spec.command, &event, &stop).await;
+    ctrl_c.abort();
+    output::write_out(&test_report(&spec, &event, &outcome))?;
+    if outcome.delivered() {
+        return Ok(());
+    }
+    let consequence = match (&outcome.ending, outcome.exit_code()) {
+        (Ending::Stopped(_), _) => "",
+        (_, Some(code)) if spec.policy.permanent_exit_codes.contains(&code) => {
+            " (a permanent exit code: a real delivery would be dead at once)"
+        }
+        _ => " (a real delivery would be retried)",
+    };
+    anyhow::bail!(
+        "hook '{}' did not take the test event: {}{consequence}",
+        hook.name,
+        outcome.describe()
+    )
+}
+
+fn test_report(spec: &HookSpec, event: &HookEvent, outcome: &runner::HookOutcome) -> String {
+    let command = &spec.command;
+    let mut argv = vec![command.program.display().to_string()];
+    argv.extend(command.args.iter().map(|arg| printable(arg)));
+    let verdict = if outcome.delivered() {
+        "delivered"
+    } else {
+        "NOT delivered"
+    };
+    let mut lines = vec![
+        format!("hook     {}", command.name),
+        format!("command  {}", argv.join(" ")),
+        format!(
+            "event    {} (test) {} -> {}, order {}",
+            event.event_id,
+            event
+                .previous_status
+                .as_ref()
+                .map(CheckoutStatus::as_str)
+                .unwrap_or("-"),
+            event.status,
+            event.order_id.as_deref().unwrap_or("-")
+        ),
+        format!(
+            "result   {verdict}: {} after {} ms",
+            outcome.describe(),
+            outcome.duration.as_millis()
+        ),
+    ];
+    for (name, tail) in [
+        ("stdout", &outcome.stdout_tail),
+        ("stderr", &outcome.stderr_tail),
+    ] {
+        if tail.is_empty() {
+            lines.push(format!("{name}   (empty)"));
+        } else {
+            lines.push(format!("{name}:"));
+            lines.extend(tail.trim_end().lines().map(|line| format!("  {line}")));
+        }
+    }
+    lines.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::domain::Source;
+    use crate::ledger::{ApplyOutcome, DeliveryUpdate};
+    use crate::paymennt::VerifiedCheckout;
+    use crate::settings::HookSettings;
+
+    fn hook(name: &str, statuses: &[&str]) -> HookSettings {
+        HookSettings {
+            name: name.into(),
+            command: vec!["/bin/true".into()],
+            statuses: statuses.iter().map(|s| s.to_string()).collect(),
+            timeout: Duration::from_secs(5),
+            max_attempts: None,
+            max_age: None,
+            env: Default::default(),
+            permanent_exit_codes: vec![],
+        }
+    }
+
+    fn settings(hooks: Vec<HookSettings>) -> Settings {
+        let mut settings = Settings::load_with_env(None, Vec::new()).expect("defaults load");
+        settings.hooks = hooks;
+        settings
+    }
+
+    fn transition(ledger: &Ledger, id: &str, status: &str, hooks: &[HookSettings]) -> Vec<String> {
+        let json = format!(
+            r#"{{"id":"{id}","orderId":"O-{id}","currency":"AED","amount":1,"status":"{status}","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d{id}"}}"#
+        );
+        let outcome = ledger
+            .apply(
+                &VerifiedCheckout::for_tests(&json),
+                Source::Reconcile,
+                None,
+                hooks,
+                Duration::from_secs(60),
+            )
+            .expect("apply");
+        let ApplyOutcome::Transition { deliveries, .. } = outcome else {
+            panic!("no change");
+        };
+        deliveries
+    }
+
+    fn kill(ledger: &Ledger, event_id: &str) {
+        ledger
+            .finish_delivery(
+                event_id,
+                &DeliveryUpdate::Dead {
+                    exit_code: Some(1),
+                    error: "exit 1".into(),
+                },
+            )
+            .expect("dead");
+    }
+
+    fn retry_args(event_id: Option<&str>) -> RetryArgs {
+        RetryArgs {
+            event_id: event_id.map(str::to_owned),
+            all_dead: event_id.is_none(),
+        }
+    }
+
+    #[test]
+    fn retry_revives_a_dead_delivery_and_explains_every_other_case() {
+        let ledger = Ledger::open_in_memory().expect("ledger");
+        let hooks = [hook("h", &[])];
+        let event = transition(&ledger, "1", "PAID", &hooks).remove(0);
+        kill(&ledger, &event);
+
+        let message = retry(&ledger, &retry_args(Some(&event))).expect("revived");
+        assert!(message.starts_with(&format!("queued {event} again (hook h, checkout 1, PAID)")));
+        let revived = ledger.delivery(&event).expect("read").expect("exists");
+        assert_eq!(revived.state, DeliveryState::Pending);
+        assert_eq!(revived.attempts, 0);
+
+        let error = retry(&ledger, &retry_args(Some("evt_nope"))).expect_err("unknown");
+        assert_eq!(
+            error.to_string(),
+            "no hook delivery with event id 'evt_nope'\n\nlist them with: paywatch hooks list"
+        );
+        assert_eq!(
+            crate::cli::exit_code(&error),
+            std::process::ExitCode::from(1)
+        );
+
+        let claimed = ledger.claim_due_deliveries(Utc::now(), 10).expect("claim");
+        assert_eq!(claimed.len(), 1);
+        let error = retry(&ledger, &retry_args(Some(&event))).expect_err("running");
+        assert!(error.to_string().contains("is running now"), "{error}");
+
+        ledger
+            .finish_delivery(&event, &DeliveryUpdate::Delivered)
+            .expect("delivered");
+        let error = retry(&ledger, &retry_args(Some(&event))).expect_err("delivered");
+        assert!(
+            error.to_string().contains("was already delivered at 20"),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains("paywatch hooks replay"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn retry_all_dead_counts() {
+        let ledger = Ledger::open_in_memory().expect("ledger");
+        let hooks = [hook("a", &[]), hook("b", &[])];
+        assert_eq!(
+            retry(&ledger, &retry_args(None)).expect("none"),
+            "no dead deliveries"
+        );
+        for event in transition(&ledger, "1", "PAID", &hooks) {
+            kill(&ledger, &event);
+        }
+        let message = retry(&ledger, &retry_args(None)).expect("two");
+        assert!(
+            message.starts_with("queued 2 dead deliveries again"),
+            "{message}"
+        );
+        assert_eq!(ledger.counts().expect("counts").hooks_dead, 0);
+    }
+
+    #[test]
+    fn replay_queues_new_events_per_hook_status_filter() {
+        let ledger = Ledger::open_in_memory().expect("ledger");
+        let hooks = vec![hook("all", &[]), hook("paid", &["paid"])];
+        transition(&ledger, "1", "PENDING", &[]);
+        transition(&ledger, "1", "PAID", &[]);
+        transition(&ledger, "2", "FAILED", &[]);
+        let settings = settings(hooks);
+        let now = Utc::now();
+        let args = |since: &str, status: Option<&str>, hooks: &[&str]| ReplayArgs {
+            since: since.into(),
+            status: status.map(str::to_owned),
+            hooks: hooks.iter().map(|s| s.to_string()).collect(),
+            json: false,
+        };
+
+        let report = replay(&ledger, &settings, &args("1h", None, &[]), now).expect("replay");
+        assert_eq!(report.queued.len(), 4, "3 changes to 'all', PAID to 'paid'");
+        assert!(report.describe().starts_with("queued 4 deliveries"));
+        let delivery = ledger
+            .delivery(&report.queued[0])
+            .expect("read")
+            .expect("exists");
+        assert!(delivery.replay);
+        assert_eq!(delivery.state, DeliveryState::Pending);
+
+        let report = replay(
+            &ledger,
+            &settings,
+            &args("1h", Some("paid"), &["paid"]),
+            now,
+        )
+        .expect("replay");
+        assert_eq!(report.queued.len(), 1);
+        assert_eq!(report.hooks, ["paid"]);
+
+        let future = (now + chrono::Duration::hours(1)).to_rfc3339();
+        let report = replay(&ledger, &settings, &args(&future, None, &[]), now).expect("replay");
+        assert!(report.queued.is_empty());
+        assert!(report.describe().contains("nothing queued"));
+
+        let error = replay(&ledger, &settings, &args("1h", None, &["nope"]), now)
+            .expect_err("unknown hook");
+        assert_eq!(
+            error.to_string(),
+            "no hook named 'nope'\n\nhooks configured in built-in defaults: all, paid"
+        );
+        assert_eq!(
+            crate::cli::exit_code(&error),
+            std::process::ExitCode::from(2)
+        );
+        let error =
+            replay(&ledger, &settings, &args("1h", Some("SHIPPED"), &[]), now).expect_err("status");
+        assert!(
+            error.to_string().contains("known statuses: PENDING"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn since_accepts_rfc3339_dates_and_durations_back() {
+        let now = DateTime::parse_from_rfc3339("2024-05-03T12:00:00Z")
+            .expect("time")
+            .with_timezone(&Utc);
+        let at = |text: &str| parse_since(text, now).map(crate::ledger::timestamp);
+        assert_eq!(
+            at("2024-05-01T10:00:00+02:00").expect("rfc 3339"),
+            "2024-05-01T08:00:00.000Z"
+        );
+        assert_eq!(at("2024-05-01").expect("date"), "2024-05-01T00:00:00.000Z");
+        assert_eq!(at("2h").expect("hours"), "2024-05-03T10:00:00.000Z");
+        assert_eq!(at("3days").expect("days"), "2024-04-30T12:00:00.000Z");
+        assert_eq!(at("1h 30m ago").expect("ago"), "2024-05-03T10:30:00.000Z");
+        let error = at("yesterday").expect_err("not a time");
+        assert!(
+            error
+                .to_string()
+                .starts_with("--since 'yesterday' is not a time\n\n"),
+            "{error}"
+        );
+    }
+}

@@ -1,0 +1,263 @@
+//! Hooks ready to run: `[[hooks]]` settings turned into resolved commands and retry policies.
+//!
+//! Owns: the settings-time checks a hook needs before it can run (its program exists and is
+//! executable, found once now rather than at every run; its environment names are valid; its
+//! timeout is positive) and the [`HookSet`] the dispatcher looks hooks up in.
+//! Must never: run anything, or resolve a program again later (a hook runs the file that was
+//! checked when the settings were loaded; SIGHUP reloads resolve again).
+
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::sync::Arc;
+
+use crate::hooks::retry::{DEFAULT_MAX_ATTEMPTS, RetryPolicy, RetrySchedule};
+use crate::hooks::runner::{HookCommand, resolve_program, validate_env_name};
+use crate::settings::{HookSettings, Settings, SettingsError};
+
+/// One hook: what to run and how to retry it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HookSpec {
+    /// The command, its program an absolute path.
+    pub command: HookCommand,
+    /// How failed deliveries are retried and given up.
+    pub policy: RetryPolicy,
+}
+
+impl HookSpec {
+    /// Resolves one `[[hooks]]` entry. The program is looked up on the `PATH` the hook will
+    /// get: its own `env.PATH` if configured, else `path_var` (the daemon's).
+    ///
+    /// # Errors
+    ///
+    /// A lowercase message naming the hook and what is wrong with it (without the config origin).
+    pub fn resolve(settings: &HookSettings, path_var: Option<&OsStr>) -> Result<HookSpec, String> {
+        let name = &settings.name;
+        let argv0 = settings.command.first().map(String::as_str).unwrap_or("");
+        let hook_path = settings.env.get("PATH").map(OsString::from);
+        let path_var = hook_path.as_deref().or(path_var);
+        let program =
+            resolve_program(argv0, path_var).map_err(|error| format!("hook '{name}': {error}"))?;
+        if settings.timeout.is_zero() {
+            return Err(format!("hook '{name}': 'timeout' must be greater than 0"));
+        }
+        if settings.max_attempts == Some(0) {
+            return Err(format!("hook '{name}': 'max_attempts' must be at least 1"));
+        }
+        for key in settings.env.keys() {
+            validate_env_name(key).map_err(|error| format!("hook '{name}': {error}"))?;
+        }
+        let mut command = HookCommand::new(name.clone(), program);
+        command.args = settings.command.iter().skip(1).cloned().collect();
+        command.env = settings.env.clone();
+        command.timeout = settings.timeout;
+        Ok(HookSpec {
+            command,
+            policy: RetryPolicy {
+                max_attempts: settings.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+                max_age: settings.max_age,
+                permanent_exit_codes: settings.permanent_exit_codes.clone(),
+                schedule: RetrySchedule::standard(),
+            },
+        })
+    }
+}
+
+/// The configured hooks by name, as the dispatcher sees them. Cheap to share: each hook is an
+/// `Arc`, and a reload builds a new set.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HookSet {
+    hooks: BTreeMap<String, Arc<HookSpec>>,
+}
+
+impl HookSet {
+    /// The hooks of `settings`, resolved against this process's `PATH`.
+    ///
+    /// # Errors
+    ///
+    /// A [`SettingsError`] (exit code 2) naming the config file, the hook and the problem.
+    pub fn from_settings(settings: &Settings) -> Result<HookSet, SettingsError> {
+        HookSet::resolve(
+            &settings.hooks,
+            std::env::var_os("PATH").as_deref(),
+            &settings.origin_name(),
+        )
+    }
+
+    /// Resolves every hook against `path_var`; `origin` names the config in errors.
+    ///
+    /// # Errors
+    ///
+    /// As [`HookSet::from_settings`], for the first hook that cannot run.
+    pub fn resolve(
+        hooks: &[HookSettings],
+        path_var: Option<&OsStr>,
+        origin: &str,
+    ) -> Result<HookSet, SettingsError> {
+        let mut set = HookSet::default();
+        for (index, hook) in hooks.iter().enumerate() {
+            let spec = HookSpec::resolve(hook, path_var).map_err(|message| {
+                SettingsError(format!(
+                    "{origin}: {message}\n\nfix 'hooks[{index}].command' (an absolute path, or a program on PATH)"
+                ))
+            })?;
+            set.hooks.insert(hook.name.clone(), Arc::new(spec));
+        }
+        Ok(set)
+    }
+
+    /// A set of already-built hooks (tests, embedding). A later hook with a name already used
+    /// replaces the earlier one.
+    pub fn new(specs: impl IntoIterator<Item = HookSpec>) -> HookSet {
+        HookSet {
+            hooks: specs
+                .into_iter()
+                .map(|spec| (spec.command.name.clone(), Arc::new(spec)))
+                .collect(),
+        }
+    }
+
+    /// The same hooks with every retry schedule replaced (tests use millisecond steps).
+    pub fn with_schedule(self, schedule: RetrySchedule) -> HookSet {
+        HookSet::new(self.hooks.into_values().map(|spec| {
+            let mut spec = Arc::unwrap_or_clone(spec);
+            spec.policy.schedule = schedule.clone();
+            spec
+        }))
+    }
+
+    /// The hook with this name.
+    pub fn get(&self, name: &str) -> Option<Arc<HookSpec>> {
+        self.hooks.get(name).cloned()
+    }
+
+    /// The names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.hooks.keys().map(String::as_str)
+    }
+
+    /// How many hooks there are.
+    pub fn len(&self) -> usize {
+        self.hooks.len()
+    }
+
+    /// Whether no hook is configured.
+    pub fn is_empty(&self) -> bool {
+        self.hooks.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
+
+    use super::*;
+
+    fn hook(name: &str, command: &[&str]) -> HookSettings {
+        HookSettings {
+            name: name.into(),
+            command: command.iter().map(|s| s.to_string()).collect(),
+            statuses: vec![],
+            timeout: Duration::from_secs(7),
+            max_attempts: None,
+            max_age: None,
+            env: Default::default(),
+            permanent_exit_codes: vec![],
+        }
+    }
+
+    #[test]
+    fn a_bare_name_is_resolved_on_path_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let program = dir.path().join("mark-paid");
+        std::fs::write(&program, "#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut settings = hook("mark", &["mark-paid", "--db", "shop $(x)"]);
+        settings.max_attempts = Some(3);
+        settings.max_age = Some(Duration::from_secs(60));
+        settings.permanent_exit_codes = vec![64];
+        settings.env.insert("SHOP".into(), "prod".into());
+        let set = HookSet::resolve(&[settings], Some(dir.path().as_os_str()), "test.toml")
+            .expect("resolves");
+        let spec = set.get("mark").expect("by name");
+        assert_eq!(spec.command.program, program);
+        assert_eq!(spec.command.args, ["--db", "shop $(x)"]);
+        assert_eq!(spec.command.timeout, Duration::from_secs(7));
+        assert_eq!(
+            spec.command.env.get("SHOP").map(String::as_str),
+            Some("prod")
+        );
+        assert_eq!(spec.policy.max_attempts, 3);
+        assert_eq!(spec.policy.max_age, Some(Duration::from_secs(60)));
+        assert_eq!(spec.policy.permanent_exit_codes, [64]);
+        assert_eq!(set.names().collect::<Vec<_>>(), ["mark"]);
+    }
+
+    #[test]
+    fn defaults_apply_and_the_hooks_own_path_wins() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let program = dir.path().join("notify");
+        std::fs::write(&program, "#!/bin/sh\n").expect("write");
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut settings = hook("n", &["notify"]);
+        settings
+            .env
+            .insert("PATH".into(), dir.path().display().to_string());
+        let set = HookSet::resolve(&[settings], Some(OsStr::new("/nonexistent")), "t")
+            .expect("found on the hook's PATH");
+        let spec = set.get("n").expect("by name");
+        assert_eq!(spec.command.program, program);
+        assert_eq!(spec.policy.max_attempts, DEFAULT_MAX_ATTEMPTS);
+        assert_eq!(spec.policy.schedule, RetrySchedule::standard());
+    }
+
+    #[test]
+    fn errors_name_the_config_the_hook_and_the_fix() {
+        let error = HookSet::resolve(
+            &[hook("ok", &["/bin/sh"]), hook("typo", &["mark-piad", "x"])],
+            Some(OsStr::new("/usr/bin:/bin")),
+            "/etc/paywatch/paywatch.toml",
+        )
+        .expect_err("not on PATH");
+        assert_eq!(
+            error.to_string(),
+            "/etc/paywatch/paywatch.toml: hook 'typo': hook program 'mark-piad' was not found on PATH (/usr/bin:/bin)\n\nfix 'hooks[1].command' (an absolute path, or a program on PATH)"
+        );
+
+        let mut zero = hook("z", &["/bin/sh"]);
+        zero.timeout = Duration::ZERO;
+        let error = HookSet::resolve(&[zero], None, "t").expect_err("zero timeout");
+        assert!(
+            error
+                .to_string()
+                .contains("'timeout' must be greater than 0"),
+            "{error}"
+        );
+
+        let mut env = hook("e", &["/bin/sh"]);
+        env.env.insert("A=B".into(), "x".into());
+        let error = HookSet::resolve(&[env], None, "t").expect_err("bad env name");
+        assert!(error.to_string().contains("'A=B' is invalid"), "{error}");
+
+        let error = HookSet::resolve(&[hook("r", &["bin/x"])], None, "t").expect_err("relative");
+        assert!(error.to_string().contains("relative path"), "{error}");
+    }
+
+    #[test]
+    fn a_schedule_can_be_injected() {
+        let schedule = RetrySchedule::new(vec![Duration::from_millis(1)], 0.0);
+        let set = HookSet::resolve(
+            &[hook("a", &["/bin/sh"]), hook("b", &["/bin/sh"])],
+            None,
+            "t",
+        )
+        .expect("resolves")
+        .with_schedule(schedule.clone());
+        assert_eq!(set.len(), 2);
+        for name in ["a", "b"] {
+            assert_eq!(set.get(name).expect("hook").policy.schedule, schedule);
+        }
+        assert!(set.get("c").is_none());
+        assert!(HookSet::default().is_empty());
+    }
+}

@@ -1,0 +1,548 @@
+//! The hook dispatcher: the delivery loop of the ledger's transactional outbox.
+//!
+//! Owns: claiming due deliveries from the ledger, running each with [`runner::run`] under a
+//! concurrency limit, recording each attempt's outcome as the hook's [`RetryPolicy`] decides,
+//! logging one line per attempt, recovering deliveries a dead daemon left `running`, and the
+//! drain on shutdown.
+//! Must never: run anything that is not a delivery row of the ledger (so never an unverified
+//! status: only [`Ledger::apply`], which takes a verified checkout, queues deliveries), run a
+//! shell, run two deliveries of one checkout and hook at once or out of order, or log the
+//! checkout JSON (it may hold customer details).
+//!
+//! # Delivery
+//!
+//! At-least-once. A delivery is marked `running` (and its attempt counted) in the same ledger
+//! transaction that claims it, and its outcome is written before the next event of the same
+//! checkout and hook can be claimed, so one checkout's events reach a hook one at a time, in
+//! transition order ([`Ledger::claim_due_deliveries`] enforces it); different checkouts run in
+//! parallel up to the concurrency limit. A delivery that was `running` when the daemon died is
+//! put back to `pending` by [`Dispatcher::run`] before its first claim, and runs again with
+//! the same event id: a hook de-duplicates on `PAYWATCH_EVENT_ID`.
+//!
+//! # The loop
+//!
+//! Claim as many due deliveries as there are free slots, start each, then sleep until the first
+//! of: a [`DispatcherHandle::wake`] (the verifier recorded a transition, a hook finished, a
+//! reload), the next delivery's due time, the poll interval ([`POLL_INTERVAL`], so deliveries
+//! queued by another process, such as `paywatch hooks retry` or `track --checkout-id`, start
+//! within a second), or shutdown. A ledger failure is logged and the loop backs off (up to
+//! 30 s); it never ends the dispatcher.
+//!
+//! # Hooks removed from the configuration
+//!
+//! A delivery whose hook is no longer configured (renamed or removed, then SIGHUP) is marked
+//! dead with an error naming the hook, and logged at error level with the command that revives
+//! it once the hook is back. Dead rather than pending: a pending row nobody can run would be
+//! claimed and skipped forever, and it would hide in `hooks list --state pending`.
+//!
+//! # Shutdown
+//!
+//! ```no_run
+//! # async fn daemon(dispatcher: paywatch::hooks::Dispatcher, drain: std::time::Duration) {
+//! use tokio_util::sync::CancellationToken;
+//! let (shutdown, kill) = (CancellationToken::new(), CancellationToken::new());
+//! let handle = dispatcher.handle(); // give to the verifier: handle.wake() after each transition
+//! let mut task = tokio::spawn(dispatcher.run(shutdown.clone(), kill.clone()));
+//! // ... SIGHUP: handle.reload(HookSet::from_settings(&new_settings)?)
+//! // SIGTERM: stop claiming; running hooks may finish until the drain timeout, then are stopped
+//! // (SIGTERM, then SIGKILL after their grace period) and recorded as pending, due at the next start.
+//! shutdown.cancel();
+//! if tokio::time::timeout(drain, &mut task).await.is_err() {
+//!     kill.cancel();
+//!     let _ = task.await;
+//! }
+//! # }
+//! ```
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::value::RawValue;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::domain::{CheckoutStatus, parse_decimal};
+use crate::hooks::config::{HookSet, HookSpec};
+use crate::hooks::event::HookEvent;
+use crate::hooks::retry::RetryPolicy;
+use crate::hooks::runner::{self, HookOutcome};
+use crate::ledger::{Delivery, DeliveryUpdate, Ledger};
+
+/// How often the dispatcher looks for due deliveries when nothing wakes it.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The longest wait after a ledger failure before trying again.
+const MAX_LEDGER_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The shortest wait when the ledger says a delivery is due but the claim found none (a row
+/// queued between the two queries, or a clock step): never spin.
+const MIN_WAIT: Duration = Duration::from_millis(20);
+
+/// How much of a hook's stderr goes into a log line.
+const LOG_TAIL_BYTES: usize = 1024;
+
+/// What the dispatcher and its handles share.
+struct Shared {
+    /// Wakes the loop: a transition was recorded, a hook finished, the hooks were reloaded.
+    /// `Notify` keeps one wake-up for a loop that is not waiting yet, so none is lost.
+    wake: Notify,
+    /// The hooks deliveries are looked up in. Read once per claim; replaced by a reload.
+    /// A std lock: held only to clone or swap the `Arc`, never across an await.
+    hooks: RwLock<Arc<HookSet>>,
+}
+
+impl Shared {
+    fn hooks(&self) -> Arc<HookSet> {
+        self.hooks
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+}
+
+/// The delivery loop. Build it with [`Dispatcher::new`], hand out [`Dispatcher::handle`]s, then
+/// start it with [`Dispatcher::run`].
+pub struct Dispatcher {
+    /// Where deliveries are claimed and recorded.
+    ledger: Ledger,
+    /// Shared with the handles.
+    shared: Arc<Shared>,
+    /// How many hooks may run at once, over all hooks.
+    concurrency: usize,
+    /// The idle poll interval.
+    poll: Duration,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("ledger", &self.ledger)
+            .field("concurrency", &self.concurrency)
+            .field("poll", &self.poll)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A cheap, cloneable handle on a dispatcher: wake it, or give it new hooks.
+#[derive(Clone)]
+pub struct DispatcherHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for DispatcherHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DispatcherHandle").finish_non_exhaustive()
+    }
+}
+
+impl DispatcherHandle {
+    /// Asks the dispatcher to look for due deliveries now. Call it after recording a
+    /// transition. Cheap; wakes coalesce.
+    pub fn wake(&self) {
+        self.shared.wake.notify_one();
+    }
+
+    /// Replaces the hooks (SIGHUP). Deliveries claimed from now on use the new definitions;
+    /// running ones finish with the old. A delivery whose hook is gone becomes dead (see the
+    /// module doc).
+    pub fn reload(&self, hooks: HookSet) {
+        *self
+            .shared
+            .hooks
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(hooks);
+        self.wake();
+    }
+
+    /// The hooks in use now.
+    pub fn hooks(&self) -> Arc<HookSet> {
+        self.shared.hooks()
+    }
+}
+
+impl Dispatcher {
+    /// A dispatcher over `ledger` running `hooks`, at most `concurrency` at once (at least 1).
+    pub fn new(ledger: Ledger, hooks: HookSet, concurrency: usize) -> Dispatcher {
+        Dispatcher {
+            ledger,
+            shared: Arc::new(Shared {
+                wake: Notify::new(),
+                hooks: RwLock::new(Arc::new(hooks)),
+            }),
+            concurrency: concurrency.max(1),
+            poll: POLL_INTERVAL,
+        }
+    }
+
+    /// The same dispatcher with another idle poll interval (tests; at least 1 ms).
+    pub fn with_poll_interval(mut self, poll: Duration) -> Dispatcher {
+        self.poll = poll.max(Duration::from_millis(1));
+        self
+    }
+
+    /// A handle to wake the dispatcher and reload its hooks, usable while it runs.
+    pub fn handle(&self) -> DispatcherHandle {
+        DispatcherHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Replaces the hooks; see [`DispatcherHandle::reload`].
+    pub fn reload(&self, hooks: HookSet) {
+        self.handle().reload(hooks);
+    }
+
+    /// Runs the loop until `shutdown` (or `kill`) is cancelled, then waits for running hooks.
+    ///
+    /// First puts deliveries left `running` by a previous process back to `pending` (retrying
+    /// until the ledger answers), and only then claims: run one dispatcher per ledger.
+    ///
+    /// After `shutdown`, nothing new is claimed and running hooks go on; cancelling `kill`
+    /// (the drain timeout passed) stops them (SIGTERM to each hook's process group, SIGKILL
+    /// after its grace period) and they are recorded as pending, due at once, so the next start
+    /// runs them again. Returns when every started hook's outcome has been recorded (or its
+    /// recording given up on, which leaves the row `running` for the next start to recover).
+    pub async fn run(self, shutdown: CancellationToken, kill: CancellationToken) {
+        let Dispatcher {
+            ledger,
+            shared,
+            concurrency,
+            poll,
+        } = self;
+        let slots = Arc::new(Semaphore::new(concurrency));
+        let tasks = TaskTracker::new();
+        let mut recovered = false;
+        let mut backoff = Backoff::default();
+        tracing::debug!(concurrency, "hook dispatcher started");
+        loop {
+            if shutdown.is_cancelled() || kill.is_cancelled() {
+                break;
+            }
+            let mut wait = poll;
+            if !recovered {
+                match blocking(&ledger, Ledger::recover_running_deliveries).await {
+                    Ok(count) => {
+                        recovered = true;
+                        backoff.reset();
+                        if count > 0 {
+                            tracing::info!(
+                                deliveries = count,
+                                "hook deliveries interrupted by the last stop will run again"
+                            );
+                        }
+                    }
+                    Err(error) => {
+                        wait = backoff.next();
+                        tracing::error!(%error, retry_in_ms = wait.as_millis() as u64,
+                            "cannot recover interrupted hook deliveries; no hook runs until this works");
+                    }
+                }
+            }
+            let free = slots.available_permits();
+            if recovered && free > 0 {
+                let now = Utc::now();
+                match blocking(&ledger, move |l| l.claim_due_deliveries(now, free)).await {
+                    Ok(claimed) => {
+                        backoff.reset();
+                        let count = claimed.len();
+                        let hooks = shared.hooks();
+                        for delivery in claimed {
+                            // Only this loop takes permits, so `free` of them are there.
+                            let permit = slots
+                                .clone()
+                                .acquire_owned()
+                                .await
+                                .expect("the dispatcher never closes its semaphore");
+                            let spec = hooks.get(&delivery.hook);
+                            tasks.spawn(attempt(
+                                ledger.clone(),
+                                shared.clone(),
+                                spec,
+                                delivery,
+                                kill.clone(),
+                                permit,
+                            ));
+                        }
+                        if count < free {
+                            wait = wait.min(next_due_wait(&ledger, poll, count == 0).await);
+                        }
+                    }
+                    Err(error) => {
+                        wait = backoff.next();
+                        tracing::error!(%error, retry_in_ms = wait.as_millis() as u64,
+                            "cannot claim hook deliveries");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = kill.cancelled() => break,
+                _ = shared.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        tasks.close();
+        if !tasks.is_empty() {
+            tracing::info!(running = tasks.len(), "waiting for running hooks to finish");
+        }
+        tasks.wait().await;
+        tracing::debug!("hook dispatcher stopped");
+    }
+}
+
+/// How long to sleep until the next delivery is due, at most `poll`.
+async fn next_due_wait(ledger: &Ledger, poll: Duration, claimed_none: bool) -> Duration {
+    match blocking(ledger, Ledger::next_delivery_due).await {
+        Ok(Some(due)) => {
+            let wait = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            let wait = if claimed_none {
+                wait.max(MIN_WAIT)
+            } else {
+                wait
+            };
+            wait.min(poll)
+        }
+        Ok(None) => poll,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read when the next hook delivery is due");
+            poll
+        }
+    }
+}
+
+/// Exponential backoff for ledger failures: 100 ms doubling to [`MAX_LEDGER_BACKOFF`].
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let delay = Duration::from_millis(100).saturating_mul(1 << self.failures.min(10));
+        delay.min(MAX_LEDGER_BACKOFF)
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// Runs a ledger call on the blocking pool (the ledger is synchronous SQLite).
+async fn blocking<T, F>(ledger: &Ledger, call: F) -> Result<T, String>
+where
+    T: Send + 'static,
+    F: FnOnce(&Ledger) -> crate::ledger::Result<T> + Send + 'static,
+{
+    let ledger = ledger.clone();
+    match tokio::task::spawn_blocking(move || call(&ledger)).await {
+        Ok(result) => result.map_err(|error| error.to_string()),
+        Err(error) => Err(format!("the ledger call did not finish: {error}")),
+    }
+}
+
+/// One attempt of one claimed delivery: run, decide, log, record, then free the slot and wake
+/// the loop (in that order, so the next event of this checkout is claimable when it looks).
+async fn attempt(
+    ledger: Ledger,
+    shared: Arc<Shared>,
+    spec: Option<Arc<HookSpec>>,
+    delivery: Delivery,
+    kill: CancellationToken,
+    permit: OwnedSemaphorePermit,
+) {
+    let update = match prepare(&delivery, spec) {
+        Ok((spec, event)) => {
+            let outcome = runner::run(&spec.command, &event, &kill).await;
+            let update = decide(&spec.policy, &delivery, &outcome);
+            log_outcome(&delivery, &outcome, &update);
+            update
+        }
+        Err(error) => {
+            tracing::error!(
+                event_id = %delivery.event_id,
+                hook = %delivery.hook,
+                checkout = %delivery.checkout_id,
+                status = %delivery.status,
+                attempt = delivery.attempts,
+                error = %error,
+                "hook delivery dead; once fixed, run: paywatch hooks retry {}",
+                delivery.event_id
+            );
+            DeliveryUpdate::Dead {
+                exit_code: None,
+                error,
+            }
+        }
+    };
+    record(&ledger, &delivery, update).await;
+    drop(permit);
+    shared.wake.notify_one();
+}
+
+/// The hook and the event of a claimed delivery, or why it cannot run at all.
+fn prepare(
+    delivery: &Delivery,
+    spec: Option<Arc<HookSpec>>,
+) -> Result<(Arc<HookSpec>, HookEvent), String> {
+    let spec = spec.ok_or_else(|| {
+        format!(
+            "hook '{}' is not configured (removed or renamed?)",
+            crate::domain::printable(&delivery.hook)
+        )
+    })?;
+    let event = event_for(delivery)
+        .map_err(|error| format!("the ledger row cannot become a hook event: {error}"))?;
+    Ok((spec, event))
+}
+
+/// The event a hook receives for a delivery row.
+///
+/// # Errors
+///
+/// Names the column that does not parse (only a ledger written by something else could).
+pub fn event_for(delivery: &Delivery) -> Result<HookEvent, String> {
+    let time = |what: &str, text: &str| {
+        DateTime::parse_from_rfc3339(text)
+            .map(|time| time.with_timezone(&Utc))
+            .map_err(|error| format!("{what} '{}': {error}", crate::domain::printable(text)))
+    };
+    Ok(HookEvent {
+        event_id: delivery.event_id.clone(),
+        hook: delivery.hook.clone(),
+        checkout_id: delivery
+            .checkout_id
+            .parse()
+            .map_err(|error| format!("{error}"))?,
+        order_id: delivery.order_id.clone(),
+        request_id: delivery.request_id.clone(),
+        status: CheckoutStatus::parse(&delivery.status),
+        previous_status: delivery
+            .previous_status
+            .as_deref()
+            .map(CheckoutStatus::parse),
+        amount: parse_decimal(&delivery.amount).ok_or_else(|| {
+            format!(
+                "amount '{}' is not a decimal",
+                crate::domain::printable(&delivery.amount)
+            )
+        })?,
+        currency: delivery
+            .currency
+            .parse()
+            .map_err(|error| format!("{error}"))?,
+        source: delivery
+            .source
+            .parse()
+            .map_err(|error| format!("{error}"))?,
+        verified_at: time("verified_at", &delivery.verified_at)?,
+        attempt: delivery.attempts,
+        test: false,
+        checkout: RawValue::from_string(delivery.verified_json.clone())
+            .map_err(|error| format!("the verified checkout is not JSON: {error}"))?,
+    })
+}
+
+fn decide(policy: &RetryPolicy, delivery: &Delivery, outcome: &HookOutcome) -> DeliveryUpdate {
+    let now = Utc::now();
+    let queued_at = DateTime::parse_from_rfc3339(&delivery.created_at)
+        .map(|time| time.with_timezone(&Utc))
+        .unwrap_or(now);
+    policy.decide(outcome, delivery.attempts, queued_at, now)
+}
+
+/// One line per attempt: info when delivered, warn when retried, error when dead.
+fn log_outcome(delivery: &Delivery, outcome: &HookOutcome, update: &DeliveryUpdate) {
+    let duration_ms = outcome.duration.as_millis() as u64;
+    let exit_code = outcome.exit_code();
+    let (event_id, hook, checkout, status, attempt) = (
+        delivery.event_id.as_str(),
+        delivery.hook.as_str(),
+        delivery.checkout_id.as_str(),
+        delivery.status.as_str(),
+        delivery.attempts,
+    );
+    match update {
+        DeliveryUpdate::Delivered => tracing::info!(
+            %event_id,
+            %hook,
+            %checkout,
+            %status,
+            attempt,
+            exit_code = 0,
+            duration_ms,
+            replay = delivery.replay,
+            "hook delivered"
+        ),
+        DeliveryUpdate::Retry {
+            next_attempt_at,
+            error,
+            ..
+        } => {
+            let retry_in = (*next_attempt_at - Utc::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO);
+            let retry_in = humantime::format_duration(Duration::from_secs(retry_in.as_secs()));
+            if matches!(outcome.ending, runner::Ending::Stopped(_)) {
+                tracing::warn!(
+                    %event_id, %hook, %checkout, %status, attempt, duration_ms,
+                    outcome = %error,
+                    "hook interrupted by shutdown; it runs again at the next start"
+                );
+            } else {
+                tracing::warn!(
+                    %event_id, %hook, %checkout, %status, attempt, exit_code, duration_ms,
+                    outcome = %error,
+                    retry_in = %retry_in,
+                    stderr = ?log_tail(&outcome.stderr_tail),
+                    "hook failed; will retry"
+                );
+            }
+        }
+        DeliveryUpdate::Dead { error, .. } => tracing::error!(
+            %event_id, %hook, %checkout, %status, attempt, exit_code, duration_ms,
+            outcome = %error,
+            stderr = ?log_tail(&outcome.stderr_tail),
+            "hook delivery dead; once fixed, run: paywatch hooks retry {event_id}"
+        ),
+    }
+}
+
+/// The end of a hook's output, at most [`LOG_TAIL_BYTES`], cut at a character boundary.
+fn log_tail(text: &str) -> &str {
+    let text = text.trim_end();
+    let mut start = text.len().saturating_sub(LOG_TAIL_BYTES);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+/// Writes an attempt's outcome, trying a few times: a row left `running` blocks its checkout's
+/// later events for this hook until the next start recovers it.
+async fn record(ledger: &Ledger, delivery: &Delivery, update: DeliveryUpdate) {
+    let mut backoff = Backoff::default();
+    let update = Arc::new(update);
+    for _ in 0..5 {
+        let (event_id, update) = (delivery.event_id.clone(), update.clone());
+        match blocking(ledger, move |l| l.finish_delivery(&event_id, &update)).await {
+            Ok(()) => return,
+            Err(error) => {
+                let wait = backoff.next();
+                tracing::warn!(event_id = %delivery.event_id, %error, "cannot record a hook outcome; trying again");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    tracing::error!(
+        event_id = %delivery.event_id,
+        hook = %delivery.hook,
+        checkout = %delivery.checkout_id,
+        "cannot record a hook outcome; the delivery stays running and runs again after a restart"
+    );
+}
+
+#[cfg(test)]
+mod tests;
