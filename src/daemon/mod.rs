@@ -21,6 +21,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{CheckoutId, FirestoreLocation};
+use crate::hooks::config::HookSet;
+use crate::hooks::dispatcher::{Dispatcher, DispatcherHandle};
 use crate::ledger::Ledger;
 use crate::logging::LogHandle;
 use crate::paymennt::Client;
@@ -131,8 +133,9 @@ pub async fn run(
     let path = settings.ledger.path.clone();
     let ledger = blocking(move || Ledger::open(&path)).await?;
 
-    // 2. paymennt.
+    // 2. paymennt, and the hook commands (resolved now, so a missing program stops startup).
     let client = Client::from_settings(&settings.paymennt)?;
+    let hooks = HookSet::from_settings(&settings)?;
 
     // 3. Firestore: start the listener and subscribe to every watched checkout.
     let sources = CancellationToken::new();
@@ -200,6 +203,19 @@ pub async fn run(
     ));
     drop(nudge_sender);
 
+    // 6. The hook dispatcher: delivers the outbox, woken after each transition.
+    let dispatcher = Dispatcher::new(ledger.clone(), hooks, settings.hooks_concurrency);
+    let dispatcher_handle = dispatcher.handle();
+    let dispatcher_stop = CancellationToken::new();
+    let dispatcher_kill = CancellationToken::new();
+    let dispatcher_task =
+        tokio::spawn(dispatcher.run(dispatcher_stop.clone(), dispatcher_kill.clone()));
+    tasks.spawn(wake_dispatcher(
+        ledger_changed.subscribe(),
+        dispatcher_handle.clone(),
+        sources.clone(),
+    ));
+
     tracing::info!(
         checkouts = watched_count.load(std::sync::atomic::Ordering::Relaxed),
         need_verification = needing,
@@ -242,7 +258,7 @@ pub async fn run(
         watchdog_cancel.clone(),
     ));
 
-    // 6. Run until told to stop.
+    // 7. Run until told to stop.
     let mut status_tick = tokio::time::interval(Duration::from_millis(200));
     let mut status_line_tick = tokio::time::interval(STATUS_LINE_EVERY);
     loop {
@@ -250,7 +266,7 @@ pub async fn run(
             command = control.recv() => match command {
                 Some(Control::Reload) => {
                     notifier.reloading();
-                    reload(&mut settings, &options, &config_sender, &interval_sender);
+                    reload(&mut settings, &options, &config_sender, &interval_sender, &dispatcher_handle);
                     notifier.ready();
                 }
                 Some(Control::Shutdown) | None => break,
@@ -272,13 +288,14 @@ pub async fn run(
         }
     }
 
-    // 7. Drain: stop taking new work, let verifications finish, then stop.
+    // 8. Drain: stop taking new work, let verifications and running hooks finish, then stop.
     notifier.stopping();
     let drain = settings.daemon.drain_timeout;
-    tracing::info!(drain_timeout = ?drain, "shutting down: finishing in-flight verifications");
-    sources.cancel();
-    while tasks.join_next().await.is_some() {}
+    tracing::info!(drain_timeout = ?drain, "shutting down: finishing in-flight verifications and running hooks");
     let deadline = tokio::time::Instant::now() + drain;
+    sources.cancel();
+    dispatcher_stop.cancel();
+    while tasks.join_next().await.is_some() {}
     let mut verifier_task = verifier_task;
     if tokio::time::timeout_at(deadline, &mut verifier_task)
         .await
@@ -289,6 +306,17 @@ pub async fn run(
         );
         verifier_abort.cancel();
         let _ = verifier_task.await;
+    }
+    let mut dispatcher_task = dispatcher_task;
+    if tokio::time::timeout_at(deadline, &mut dispatcher_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "drain timeout reached; stopping running hooks (they run again at next start)"
+        );
+        dispatcher_kill.cancel();
+        let _ = dispatcher_task.await;
     }
     listener.closed().await;
     // Last: systemd enforces the watchdog until the process exits.
@@ -306,14 +334,20 @@ fn reload(
     options: &RunOptions,
     config: &watch::Sender<VerifierConfig>,
     interval: &watch::Sender<Duration>,
+    dispatcher: &DispatcherHandle,
 ) {
-    let fresh = match Settings::load(options.config_path.as_deref()) {
-        Ok(fresh) => fresh,
+    let loaded = Settings::load(options.config_path.as_deref())
+        .and_then(|fresh| HookSet::from_settings(&fresh).map(|hooks| (fresh, hooks)));
+    let (fresh, hooks) = match loaded {
+        Ok(loaded) => loaded,
         Err(error) => {
             tracing::error!("config reload failed; keeping the running config: {error}");
             return;
         }
     };
+    // The verifier's hook list (which deliveries are queued) and the dispatcher's (how they
+    // run) change together.
+    dispatcher.reload(hooks);
     if let Err(error) = options.log.set_level(&fresh.log.level) {
         tracing::error!("config reload: {error}; keeping the log level");
     }
@@ -341,6 +375,23 @@ fn reload(
     }
     tracing::info!(hooks = fresh.hooks.len(), reconcile_interval = ?fresh.reconcile.interval, level = %fresh.log.level, "config reloaded");
     *settings = fresh;
+}
+
+/// Wakes the dispatcher whenever the verifier records a transition.
+async fn wake_dispatcher(
+    mut ledger_changed: watch::Receiver<u64>,
+    dispatcher: DispatcherHandle,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            changed = ledger_changed.changed() => match changed {
+                Ok(()) => dispatcher.wake(),
+                Err(_) => return,
+            },
+        }
+    }
 }
 
 /// Turns the listener's events into nudges and persisted resume state, in order.

@@ -27,7 +27,10 @@ use tokio::sync::{mpsc, watch};
 const PHASE_LIMIT: Duration = Duration::from_secs(300);
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn config(dir: &Path, sandbox: &Sandbox, mode: &str) -> std::path::PathBuf {
@@ -67,14 +70,23 @@ async fn create_tracked(sandbox: &Sandbox, ledger: &Ledger, count: usize) -> Vec
 async fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> Duration {
     let started = Instant::now();
     while !done() {
-        assert!(started.elapsed() < PHASE_LIMIT, "{what} took longer than {PHASE_LIMIT:?}");
+        assert!(
+            started.elapsed() < PHASE_LIMIT,
+            "{what} took longer than {PHASE_LIMIT:?}"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     started.elapsed()
 }
 
 fn count(ledger: &Ledger, status: &str) -> usize {
-    ledger.list(&ListFilter { statuses: vec![status.into()], ..ListFilter::default() }).expect("list").len()
+    ledger
+        .list(&ListFilter {
+            statuses: vec![status.into()],
+            ..ListFilter::default()
+        })
+        .expect("list")
+        .len()
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -87,7 +99,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Latency of single payments (one at a time) and throughput of a burst, in-process.
 async fn latency_and_throughput(mode: &str, payments: usize) {
-    let sandbox = Sandbox::start(SandboxOptions::default()).await.expect("sandbox");
+    let sandbox = Sandbox::start(SandboxOptions::default())
+        .await
+        .expect("sandbox");
     let dir = tempfile::tempdir().expect("tempdir");
     let path = config(dir.path(), &sandbox, mode);
     let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("settings");
@@ -96,12 +110,18 @@ async fn latency_and_throughput(mode: &str, payments: usize) {
 
     let (controls, receiver) = mpsc::channel(4);
     let (sender, mut status) = watch::channel(DaemonStatus::default());
-    let options = RunOptions { config_path: Some(path), log: LogHandle::detached(), status: Some(sender), notifier: Notifier::disabled() };
+    let options = RunOptions {
+        config_path: Some(path),
+        log: LogHandle::detached(),
+        status: Some(sender),
+        notifier: Notifier::disabled(),
+    };
     let started = Instant::now();
     let task = tokio::spawn(daemon::run(settings, receiver, options));
     status.wait_for(|s| s.ready).await.expect("ready");
     let startup = started.elapsed();
-    let verified_all = wait_until("initial verification", || count(&ledger, "UNVERIFIED") == 0).await;
+    let verified_all =
+        wait_until("initial verification", || count(&ledger, "UNVERIFIED") == 0).await;
     println!(
         "[{mode}] startup {:.1} ms; {} checkouts subscribed and verified PENDING in {:.0} ms",
         startup.as_secs_f64() * 1e3,
@@ -120,7 +140,10 @@ async fn latency_and_throughput(mode: &str, payments: usize) {
             if status.as_deref() == Some("PAID") {
                 break;
             }
-            assert!(Instant::now() < deadline, "payment {id} not recorded in 10 s");
+            assert!(
+                Instant::now() < deadline,
+                "payment {id} not recorded in 10 s"
+            );
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
         end_to_end.push(paid_at.elapsed().as_secs_f64() * 1e3);
@@ -128,7 +151,13 @@ async fn latency_and_throughput(mode: &str, payments: usize) {
     end_to_end.sort_by(f64::total_cmp);
     let mut recorded: Vec<f64> = ids[..payments]
         .iter()
-        .filter_map(|id| ledger.transitions(id).expect("transitions").last().and_then(|t| t.latency_ms))
+        .filter_map(|id| {
+            ledger
+                .transitions(id)
+                .expect("transitions")
+                .last()
+                .and_then(|t| t.latency_ms)
+        })
         .map(|ms| ms as f64)
         .collect();
     recorded.sort_by(f64::total_cmp);
@@ -184,13 +213,18 @@ impl Drop for Running {
 
 /// The daemon as its own process watching `checkouts` checkouts: resident memory.
 async fn memory(mode: &str, checkouts: usize) {
-    let sandbox = Sandbox::start(SandboxOptions::default()).await.expect("sandbox");
+    let sandbox = Sandbox::start(SandboxOptions::default())
+        .await
+        .expect("sandbox");
     let dir = tempfile::tempdir().expect("tempdir");
     let path = config(dir.path(), &sandbox, mode);
     let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
     let created = Instant::now();
     create_tracked(&sandbox, &ledger, checkouts).await;
-    println!("[{mode}] created and tracked {checkouts} links in {:.1} s", created.elapsed().as_secs_f64());
+    println!(
+        "[{mode}] created and tracked {checkouts} links in {:.1} s",
+        created.elapsed().as_secs_f64()
+    );
 
     let child = Command::new(env!("CARGO_BIN_EXE_paywatch"))
         .arg("--config")
@@ -208,7 +242,10 @@ async fn memory(mode: &str, checkouts: usize) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle = rss_kib(pid).unwrap_or(0);
     let started = Instant::now();
-    wait_until("all checkouts verified", || count(&ledger, "UNVERIFIED") == 0).await;
+    wait_until("all checkouts verified", || {
+        count(&ledger, "UNVERIFIED") == 0
+    })
+    .await;
     let verified_in = started.elapsed();
     // Let the first-snapshot burst settle before reading the steady-state figure.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -225,7 +262,10 @@ async fn memory(mode: &str, checkouts: usize) {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let mode = std::env::var("PAYWATCH_BENCH_MODE").unwrap_or_else(|_| "multiplexed".into());
     let payments = env_usize("PAYWATCH_BENCH_LATENCY_PAYMENTS", 300);
     let checkouts = env_usize("PAYWATCH_BENCH_CHECKOUTS", 10_000);
