@@ -406,3 +406,111 @@ async fn sighup_reloads_and_a_bad_config_is_rejected_then_sigterm_drains() {
     assert!(status.success(), "exit status {status:?}");
     sandbox.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_a_hook_runs_then_restart_delivers_it_exactly_once_as_delivered() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runs = dir.path().join("runs");
+    let first = dir.path().join("first");
+    let script = dir.path().join("hook.sh");
+    // First run: note itself and block (as if the merchant's system hung). Later runs: succeed.
+    std::fs::write(
+        &script,
+        format!(
+            "echo \"$PAYWATCH_EVENT_ID $PAYWATCH_STATUS $$\" >> '{runs}'\nif [ ! -e '{first}' ]; then touch '{first}'; exec sleep 60; fi\nexit 0\n",
+            runs = runs.display(),
+            first = first.display()
+        ),
+    )
+    .expect("hook script");
+    let hooks = format!(
+        "[[hooks]]\nname = \"mark-paid\"\ncommand = [\"/bin/sh\", \"{}\"]\nstatuses = [\"PAID\"]\ntimeout = \"120s\"\n",
+        script.display()
+    );
+    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", &hooks);
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let id = create_and_track(&sandbox, &ledger, "ORD-KILL").await;
+
+    let mut process = tokio::task::block_in_place(|| {
+        let mut process = Process::start(&path);
+        process.expect_line("paywatch is running");
+        process
+    });
+    wait_status(&ledger, &id, "PENDING").await;
+    sandbox.state().pay(&id).await.expect("pay");
+    let run_lines = || {
+        std::fs::read_to_string(&runs)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    wait_for("the hook to start", DEADLINE, || async {
+        (run_lines().len() == 1).then_some(())
+    })
+    .await;
+
+    tokio::task::block_in_place(|| {
+        process.signal(Signal::SIGKILL);
+        process.wait_exit();
+    });
+    // The orphaned hook (its own process group) is ended, as a reboot would.
+    let orphan: i32 = run_lines()[0]
+        .split_whitespace()
+        .nth(2)
+        .and_then(|pid| pid.parse().ok())
+        .expect("hook pid");
+    let _ = kill(Pid::from_raw(-orphan), Signal::SIGKILL);
+
+    let deliveries = ledger.deliveries_of(&id).expect("deliveries");
+    assert_eq!(deliveries.len(), 1);
+    assert_eq!(
+        deliveries[0].state,
+        paywatch::ledger::DeliveryState::Running,
+        "the daemon died mid-delivery"
+    );
+    let event_id = deliveries[0].event_id.clone();
+
+    let mut process = tokio::task::block_in_place(|| {
+        let mut process = Process::start(&path);
+        process.expect_line("paywatch is running");
+        process
+    });
+    wait_for(
+        "the delivery to complete after restart",
+        DEADLINE,
+        || async {
+            let delivery = ledger.delivery(&event_id).expect("read")?;
+            (delivery.state == paywatch::ledger::DeliveryState::Delivered).then_some(())
+        },
+    )
+    .await;
+    let status = tokio::task::block_in_place(|| {
+        process.signal(Signal::SIGTERM);
+        process.wait_exit()
+    });
+    assert!(status.success());
+
+    let lines = run_lines();
+    assert_eq!(
+        lines.len(),
+        2,
+        "at least once: run again after the restart, and only once more: {lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|line| line.starts_with(&format!("{event_id} PAID"))),
+        "same event id each time: {lines:?}"
+    );
+    let deliveries = ledger.deliveries_of(&id).expect("deliveries");
+    assert_eq!(deliveries.len(), 1, "recorded once");
+    assert_eq!(deliveries[0].attempts, 2);
+    assert_eq!(
+        history(&ledger, &id),
+        ["PENDING", "PAID"],
+        "the verified transition survived the kill"
+    );
+    sandbox.shutdown().await;
+}
