@@ -9,10 +9,18 @@
 //! ```
 //!
 //! - [`domain`]: checkout ids, statuses, money, Firestore coordinates. No I/O.
-//! - [`paymennt`]: the HTTP client for paymennt's Merchant API and its wire types.
+//! - [`settings`]: the TOML config, `PAYWATCH_*` overrides, secrets.
+//! - [`paymennt`]: the HTTP client for paymennt's Merchant API and its wire types; the only
+//!   place a [`paymennt::VerifiedCheckout`] can be built.
+//! - [`sources`]: what nudges the verifier: the Firestore listener and the reconciler.
+//! - [`verifier`]: Get Checkout for each nudge, one call per checkout at a time.
+//! - [`ledger`]: the SQLite ledger: checkouts, verified transitions, the hook outbox, resume
+//!   tokens. All SQL lives here.
+//! - [`hooks`]: the outbox dispatcher and the runner of the merchant's commands.
+//! - [`daemon`]: startup, reload, drain, signals, systemd notifications.
 //! - [`sandbox`]: a local stand-in for paymennt's API and Firestore's Listen.
-//! - [`hooks`]: running the merchant's commands.
-//! - [`daemon`]: `paywatch run`; [`daemon::notify`] speaks sd_notify to systemd.
+//! - [`cli`]: the command line; the only module that prints to stdout.
+//! - [`logging`]: text, journald and JSON log output.
 
 pub mod cli;
 pub mod daemon;

@@ -248,7 +248,7 @@ impl HookEvent {
         let checkout =
             serde_json::value::to_raw_value(&checkout).expect("a wire checkout always serializes");
         HookEvent {
-            event_id: event_id.to_string(),
+            event_id: format!("evt_test_{}", event_id.simple()),
             hook: hook.to_owned(),
             checkout_id,
             order_id: Some(order_id),
