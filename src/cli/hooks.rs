@@ -409,19 +409,6 @@ mod tests {
     use crate::paymennt::VerifiedCheckout;
     use crate::settings::HookSettings;
 
-    fn hook(name: &str, statuses: &[&str]) -> HookSettings {
-        HookSettings {
-            name: name.into(),
-            command: vec!["/bin/true".into()],
-            statuses: statuses.iter().map(|s| s.to_string()).collect(),
-            timeout: Duration::from_secs(5),
-            max_attempts: None,
-            max_age: None,
-            env: Default::default(),
-            permanent_exit_codes: vec![],
-        }
-    }
-
     fn settings(hooks: Vec<HookSettings>) -> Settings {
         let mut settings = Settings::load_with_env(None, Vec::new()).expect("defaults load");
         settings.hooks = hooks;
@@ -464,6 +451,10 @@ mod tests {
             event_id: event_id.map(str::to_owned),
             all_dead: event_id.is_none(),
         }
+    }
+
+    fn hook(name: &str, statuses: &[&str]) -> HookSettings {
+        HookSettings::for_tests(name, statuses)
     }
 
     #[test]

@@ -750,7 +750,7 @@ impl Tail {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::domain::CheckoutStatus;
     use std::collections::BTreeSet;
@@ -831,7 +831,8 @@ mod tests {
         members
     }
 
-    fn is_running(pid: u32) -> bool {
+    /// Whether `pid` is alive (zombies count as dead), for tests here and in the dispatcher.
+    pub(crate) fn is_running(pid: u32) -> bool {
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             Ok(stat) => stat
                 .rsplit_once(')')

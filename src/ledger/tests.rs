@@ -20,20 +20,11 @@ fn facts(id: &str) -> CheckoutFacts {
     wire.facts().expect("facts")
 }
 
-fn hook(name: &str, statuses: &[&str]) -> HookSettings {
-    HookSettings {
-        name: name.into(),
-        command: vec!["/bin/true".into()],
-        statuses: statuses.iter().map(|s| s.to_string()).collect(),
-        timeout: Duration::from_secs(5),
-        max_attempts: None,
-        max_age: None,
-        env: Default::default(),
-        permanent_exit_codes: vec![],
-    }
-}
-
 const WATCH: Duration = Duration::from_secs(3600);
+
+fn hook(name: &str, statuses: &[&str]) -> HookSettings {
+    HookSettings::for_tests(name, statuses)
+}
 
 #[test]
 fn open_creates_a_private_file_and_migrates_once() {

@@ -438,6 +438,21 @@ fn default_hook_timeout() -> Duration {
 }
 
 impl HookSettings {
+    /// A hook running `/bin/true` for `statuses` (empty: all), for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(name: &str, statuses: &[&str]) -> HookSettings {
+        HookSettings {
+            name: name.into(),
+            command: vec!["/bin/true".into()],
+            statuses: statuses.iter().map(|s| s.to_string()).collect(),
+            timeout: Duration::from_secs(5),
+            max_attempts: None,
+            max_age: None,
+            env: BTreeMap::new(),
+            permanent_exit_codes: vec![],
+        }
+    }
+
     /// The parsed status filter; empty means every status.
     pub fn status_filter(&self) -> Vec<CheckoutStatus> {
         self.statuses

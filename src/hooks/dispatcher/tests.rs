@@ -11,6 +11,7 @@ use super::*;
 use crate::domain::Source;
 use crate::hooks::retry::RetrySchedule;
 use crate::hooks::runner::HookCommand;
+use crate::hooks::runner::tests::is_running;
 use crate::ledger::{DeliveryFilter, DeliveryState};
 use crate::paymennt::VerifiedCheckout;
 use crate::settings::HookSettings;
@@ -187,16 +188,6 @@ async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     while !condition() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-fn is_running(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
     }
 }
 
