@@ -514,3 +514,34 @@ async fn kill_9_while_a_hook_runs_then_restart_delivers_it_exactly_once_as_deliv
     );
     sandbox.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_ledger_is_refused() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
+    let daemon = Daemon::start(&settings, &path).await;
+    let (_controls, receiver) = tokio::sync::mpsc::channel(1);
+    let options = paywatch::daemon::RunOptions {
+        config_path: Some(path.clone()),
+        log: paywatch::logging::LogHandle::detached(),
+        status: None,
+        notifier: paywatch::daemon::notify::Notifier::disabled(),
+    };
+    let second = tokio::time::timeout(
+        DEADLINE,
+        paywatch::daemon::run(settings.clone(), receiver, options),
+    )
+    .await
+    .expect("the second daemon gives up at once");
+    let error = second.expect_err("refused");
+    assert!(
+        format!("{error:#}").contains("already running"),
+        "{error:#}"
+    );
+    daemon.stop().await;
+    // Once the first has stopped, the ledger is free again.
+    let again = Daemon::start(&settings, &path).await;
+    again.stop().await;
+    sandbox.shutdown().await;
+}

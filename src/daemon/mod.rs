@@ -129,9 +129,10 @@ pub async fn run(
     let started = Instant::now();
     let mut settings = settings;
 
-    // 1. The ledger, with anything a previous run left half-done put back in line.
+    // 1. The ledger, held by this daemon alone (two would run each other's hooks twice).
     let path = settings.ledger.path.clone();
     let ledger = blocking(move || Ledger::open(&path)).await?;
+    let _daemon_lock = lock_ledger(&settings.ledger.path)?;
 
     // 2. paymennt, and the hook commands (resolved now, so a missing program stops startup).
     let client = Client::from_settings(&settings.paymennt)?;
@@ -375,6 +376,32 @@ fn reload(
     }
     tracing::info!(hooks = fresh.hooks.len(), reconcile_interval = ?fresh.reconcile.interval, level = %fresh.log.level, "config reloaded");
     *settings = fresh;
+}
+
+/// Takes an exclusive lock on `<ledger>.lock` for the daemon's lifetime (released when the
+/// returned file is dropped or the process dies). CLI commands do not take it: they may run
+/// beside the daemon.
+fn lock_ledger(ledger: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let mut name = ledger.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open the daemon lock '{}'", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another paywatch daemon is already running on the ledger '{}' (it holds '{}')\n\nstop it first, or give this one its own [ledger] path",
+            ledger.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(error).with_context(|| format!("cannot lock '{}'", path.display()))
+        }
+    }
 }
 
 /// Wakes the dispatcher whenever the verifier records a transition.
