@@ -628,12 +628,33 @@ fn describe_config_error(
     origin: &str,
     overrides: &BTreeMap<String, (String, String)>,
 ) -> SettingsError {
-    let text = error.to_string();
+    let mut text = error.to_string();
+    // serde's wording for an unknown enum value is about Rust, not the config: say which
+    // values the key accepts.
+    const CHOICES: &[(&str, &str)] = &[
+        ("firestore.stream_mode", "multiplexed, per-document"),
+        ("log.format", "text, json"),
+        ("paymennt.environment", "test, live"),
+    ];
+    if let Some((_, rest)) = text.split_once("does not have variant constructor ")
+        && let Some((value, key)) = rest.split_once(" for key `")
+    {
+        let key = key.trim_end_matches('`');
+        let choices = CHOICES
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, c)| *c)
+            .unwrap_or("see config/paywatch.toml");
+        text = format!(
+            "'{key}' value '{}' is not one of: {choices}",
+            crate::domain::printable(value)
+        );
+    }
     // `config` ends type errors with "for key `a.b`"; if an environment variable set that key,
     // name the variable rather than the file.
     let from = overrides
         .iter()
-        .find(|(key, _)| text.contains(&format!("`{key}`")))
+        .find(|(key, _)| text.contains(&format!("`{key}`")) || text.contains(&format!("'{key}'")))
         .map(|(_, (name, _))| format!("environment variable {name}"))
         .unwrap_or_else(|| origin.to_owned());
     err(format!("{from}: {text}"))

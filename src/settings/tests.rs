@@ -219,3 +219,21 @@ fn missing_secret_says_where_to_put_it() {
         "{error}"
     );
 }
+
+#[test]
+fn an_unknown_choice_lists_the_accepted_values() {
+    let error = load("[firestore]\nstream_mode = \"fast\"\n", &[]).expect_err("bad mode");
+    let text = error.to_string();
+    assert!(
+        text.contains(
+            "'firestore.stream_mode' value 'fast' is not one of: multiplexed, per-document"
+        ),
+        "{text}"
+    );
+    let error = load("", &[("PAYWATCH_LOG__FORMAT", "xml")]).expect_err("bad format");
+    assert!(
+        error.to_string().contains("PAYWATCH_LOG__FORMAT"),
+        "{error}"
+    );
+    assert!(error.to_string().contains("text, json"), "{error}");
+}
