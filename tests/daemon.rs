@@ -296,7 +296,12 @@ struct Process {
 
 impl Process {
     fn start(config: &std::path::Path) -> Process {
+        Process::start_with(config, &[])
+    }
+
+    fn start_with(config: &std::path::Path, global_args: &[&str]) -> Process {
         let mut child = Command::new(env!("CARGO_BIN_EXE_paywatch"))
+            .args(global_args)
             .arg("--config")
             .arg(config)
             .arg("run")
@@ -543,5 +548,47 @@ async fn a_second_daemon_on_the_same_ledger_is_refused() {
     // Once the first has stopped, the ledger is free again.
     let again = Daemon::start(&settings, &path).await;
     again.stop().await;
+    sandbox.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_format_writes_one_object_per_line_with_the_payment_line() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let id = create_and_track(&sandbox, &ledger, "ORD-JSON").await;
+    let mut process = tokio::task::block_in_place(|| {
+        let mut process = Process::start_with(&path, &["--log-format", "json"]);
+        process.expect_line("paywatch is running");
+        process
+    });
+    wait_status(&ledger, &id, "PENDING").await;
+    sandbox.state().pay(&id).await.expect("pay");
+    tokio::task::block_in_place(|| {
+        process.expect_line("PAID checkout=");
+        process.signal(Signal::SIGTERM);
+        process.expect_line("paywatch stopped");
+    });
+    let paid = process
+        .seen
+        .iter()
+        .find(|line| line.contains("PAID checkout="))
+        .expect("payment line");
+    let object: serde_json::Value =
+        serde_json::from_str(paid).expect("each line is one JSON object");
+    let message = object["message"].as_str().expect("message field");
+    assert!(
+        message.starts_with(&format!(
+            "PAID checkout={id} order=ORD-JSON 100.00 AED (was PENDING; verified "
+        )),
+        "{message}"
+    );
+    assert_eq!(object["level"], "INFO");
+    assert_eq!(object["source"], "firestore");
+    for line in &process.seen {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
     sandbox.shutdown().await;
 }
