@@ -71,25 +71,36 @@ pub struct Verifier {
     config: watch::Receiver<VerifierConfig>,
     concurrency: Arc<Semaphore>,
     ledger_changed: watch::Sender<u64>,
+    watch_set_changed: watch::Sender<u64>,
     stats: watch::Sender<VerifierStats>,
+}
+
+/// Where the verifier says what it changed, so the stages after it can follow.
+#[derive(Debug, Clone)]
+pub struct VerifierSignals {
+    /// Bumped after every transition (the hook dispatcher wakes on it).
+    pub ledger_changed: watch::Sender<u64>,
+    /// Bumped when a transition ended a checkout's watch (the listener drops its target).
+    pub watch_set_changed: watch::Sender<u64>,
 }
 
 impl Verifier {
     /// A verifier calling `client`, recording into `ledger`, with at most `concurrency` calls in
-    /// flight. `ledger_changed` is bumped after each transition (hooks and the watch set follow).
+    /// flight, telling the later stages through `signals`.
     pub fn new(
         client: Client,
         ledger: Ledger,
         config: watch::Receiver<VerifierConfig>,
         concurrency: usize,
-        ledger_changed: watch::Sender<u64>,
+        signals: VerifierSignals,
     ) -> Verifier {
         Verifier {
             client,
             ledger,
             config,
             concurrency: Arc::new(Semaphore::new(concurrency.max(1))),
-            ledger_changed,
+            ledger_changed: signals.ledger_changed,
+            watch_set_changed: signals.watch_set_changed,
             stats: watch::channel(VerifierStats::default()).0,
         }
     }
@@ -238,7 +249,7 @@ impl Verifier {
             Ok(Ok(ApplyOutcome::Transition {
                 transition,
                 deliveries,
-                ..
+                watched,
             })) => {
                 let elapsed = nudge.seen_at.elapsed();
                 log_transition(
@@ -257,6 +268,10 @@ impl Verifier {
                 });
                 self.ledger_changed
                     .send_modify(|generation| *generation += 1);
+                if !watched {
+                    self.watch_set_changed
+                        .send_modify(|generation| *generation += 1);
+                }
             }
             Ok(Ok(ApplyOutcome::Unchanged)) => {
                 tracing::debug!(checkout = %verified.id(), status = %verified.status(), %source, "verified; unchanged");

@@ -31,7 +31,7 @@ use crate::sources::Nudge;
 use crate::sources::firestore::{
     FirestoreAuth, ListenEvent, Listener, ListenerHandle, ListenerOptions, WatchTarget,
 };
-use crate::verifier::{Verifier, VerifierConfig, VerifierStats};
+use crate::verifier::{Verifier, VerifierConfig, VerifierSignals, VerifierStats};
 
 /// What the outside world asks of a running daemon (signals, tests, the demo).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,13 +164,17 @@ pub async fn run(
     // 4. The verifier, fed by the listener's events and the reconciler.
     let (config_sender, config_receiver) = watch::channel(verifier_config(&settings));
     let (ledger_changed, _) = watch::channel(0u64);
+    let (watch_set_changed, _) = watch::channel(0u64);
     let (nudge_sender, nudge_receiver) = mpsc::channel::<Nudge>(1024);
     let verifier = Verifier::new(
         client.clone(),
         ledger.clone(),
         config_receiver,
         settings.paymennt.concurrency,
-        ledger_changed.clone(),
+        VerifierSignals {
+            ledger_changed: ledger_changed.clone(),
+            watch_set_changed: watch_set_changed.clone(),
+        },
     );
     let verifier_stats = verifier.stats();
     let verifier_abort = CancellationToken::new();
@@ -188,7 +192,7 @@ pub async fn run(
         ledger.clone(),
         listener.clone(),
         watched,
-        ledger_changed.subscribe(),
+        watch_set_changed.subscribe(),
         watched_count.clone(),
         sources.clone(),
     ));
@@ -199,7 +203,7 @@ pub async fn run(
         ledger.clone(),
         nudge_sender.clone(),
         interval_receiver,
-        ledger_changed.clone(),
+        watch_set_changed.clone(),
         sources.clone(),
     ));
     drop(nudge_sender);
@@ -423,9 +427,11 @@ async fn wake_dispatcher(
 
 /// Turns the listener's events into nudges and persisted resume state, in order.
 ///
-/// Changed checkouts are marked `needs_verify` in the ledger before their nudge is sent and
-/// before any later checkpoint is saved: if the daemon dies after a token is saved but before
-/// the verification, the reconciler's startup sweep still verifies them.
+/// Changed checkouts are nudged at once, then marked `needs_verify` in the ledger before any
+/// later checkpoint is saved: if the daemon dies after a token is saved but before the
+/// verification, the reconciler's startup sweep still verifies them. (A verification that
+/// finished before the mark is not undone by it: the mark applies only to checkouts last
+/// verified before the change was seen.)
 async fn consume_listen_events(
     mut events: mpsc::Receiver<ListenEvent>,
     ledger: Ledger,
@@ -439,28 +445,30 @@ async fn consume_listen_events(
             () = cancel.cancelled() => return,
             received = events.recv_many(&mut batch, 512) => if received == 0 { return },
         }
-        let changed: Vec<CheckoutId> = batch
-            .iter()
-            .filter_map(|event| match event {
-                ListenEvent::Changed(nudge) => Some(nudge.checkout_id.clone()),
-                _ => None,
-            })
-            .collect();
+        // Nudges go out first: verification starts at once, whatever the disk is doing.
+        let seen_at = chrono::Utc::now();
+        let mut changed = Vec::new();
+        for event in &batch {
+            if let ListenEvent::Changed(nudge) = event {
+                tracing::debug!(checkout = %nudge.checkout_id, changed_at = ?nudge.changed_at, "document changed");
+                changed.push(nudge.checkout_id.clone());
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    sent = nudges.send(nudge.clone()) => if sent.is_err() { return },
+                }
+            }
+        }
+        // Then, before any checkpoint of this batch is saved, the changes are noted durably.
         if !changed.is_empty() {
             let marker = ledger.clone();
-            if let Err(error) = blocking(move || marker.mark_needs_verify(&changed)).await {
+            if let Err(error) = blocking(move || marker.mark_needs_verify(&changed, seen_at)).await
+            {
                 tracing::error!("cannot note pending verifications: {error:#}");
             }
         }
         for event in batch.drain(..) {
             match event {
-                ListenEvent::Changed(nudge) => {
-                    tracing::debug!(checkout = %nudge.checkout_id, changed_at = ?nudge.changed_at, "document changed");
-                    tokio::select! {
-                        () = cancel.cancelled() => return,
-                        sent = nudges.send(nudge) => if sent.is_err() { return },
-                    }
-                }
+                ListenEvent::Changed(_) => {}
                 ListenEvent::Checkpoint { tokens, read_time } => {
                     let saver = ledger.clone();
                     if let Err(error) =
@@ -511,7 +519,7 @@ async fn sync_watch_set(
     ledger: Ledger,
     listener: ListenerHandle,
     mut watched: HashMap<CheckoutId, FirestoreLocation>,
-    mut ledger_changed: watch::Receiver<u64>,
+    mut watch_set_changed: watch::Receiver<u64>,
     watched_count: Arc<std::sync::atomic::AtomicUsize>,
     cancel: CancellationToken,
 ) {
@@ -522,7 +530,7 @@ async fn sync_watch_set(
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
-            changed = ledger_changed.changed() => if changed.is_err() { return },
+            changed = watch_set_changed.changed() => if changed.is_err() { return },
             _ = poll.tick() => {
                 let reader = ledger.clone();
                 match blocking(move || reader.data_version()).await {

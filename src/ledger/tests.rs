@@ -225,8 +225,16 @@ fn needs_verify_survives_until_verified() {
         )
         .expect("apply");
     assert!(!ledger.watch_set().expect("set")[0].needs_verify);
+    // A change seen before the last verification is already reflected by it.
+    let before = Utc::now() - chrono::Duration::seconds(60);
     ledger
-        .mark_needs_verify(std::slice::from_ref(&id))
+        .mark_needs_verify(std::slice::from_ref(&id), before)
+        .expect("mark");
+    assert!(!ledger.watch_set().expect("set")[0].needs_verify);
+    // A change seen after it is not.
+    let after = Utc::now() + chrono::Duration::seconds(1);
+    ledger
+        .mark_needs_verify(std::slice::from_ref(&id), after)
         .expect("mark");
     assert!(ledger.watch_set().expect("set")[0].needs_verify);
     ledger

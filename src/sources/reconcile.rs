@@ -23,12 +23,12 @@ use crate::sources::Nudge;
 /// token and nothing pending are left to Firestore, so a restart does not re-verify every
 /// unchanged checkout. Later sweeps, every `interval`, nudge every watched checkout.
 ///
-/// `ledger_changed` is bumped when refund watches end, so the watch set is updated.
+/// `watch_set_changed` is bumped when refund watches end, so the watch set is updated.
 pub async fn run(
     ledger: Ledger,
     nudges: mpsc::Sender<Nudge>,
     mut interval: watch::Receiver<Duration>,
-    ledger_changed: watch::Sender<u64>,
+    watch_set_changed: watch::Sender<u64>,
     cancel: CancellationToken,
 ) {
     sweep(&ledger, &nudges, true, &cancel).await;
@@ -47,7 +47,7 @@ pub async fn run(
                     break;
                 }
                 _ = ticker.tick() => {
-                    end_refund_watch(&ledger, &ledger_changed).await;
+                    end_refund_watch(&ledger, &watch_set_changed).await;
                     sweep(&ledger, &nudges, false, &cancel).await;
                 }
             }
@@ -55,14 +55,14 @@ pub async fn run(
     }
 }
 
-async fn end_refund_watch(ledger: &Ledger, ledger_changed: &watch::Sender<u64>) {
+async fn end_refund_watch(ledger: &Ledger, watch_set_changed: &watch::Sender<u64>) {
     let ledger = ledger.clone();
     match tokio::task::spawn_blocking(move || ledger.expire_refund_watch(Utc::now())).await {
         Ok(Ok(ended)) if !ended.is_empty() => {
             for id in &ended {
                 tracing::info!(checkout = %id, "refund watch ended; no longer watched");
             }
-            ledger_changed.send_modify(|generation| *generation += 1);
+            watch_set_changed.send_modify(|generation| *generation += 1);
         }
         Ok(Ok(_)) => {}
         Ok(Err(error)) => tracing::error!(%error, "cannot end refund watches"),
