@@ -116,6 +116,8 @@ impl Verifier {
         let this = Arc::new(self);
         let mut slots: HashMap<CheckoutId, Slot> = HashMap::new();
         let mut calls: JoinSet<Finished> = JoinSet::new();
+        // Which checkout each call task serves, so a task that panicked still frees its slot.
+        let mut call_owners: HashMap<tokio::task::Id, CheckoutId> = HashMap::new();
         let mut retries: JoinSet<Nudge> = JoinSet::new();
         // Consecutive failed verifications per checkout, for the retry schedule.
         let mut failures: HashMap<CheckoutId, usize> = HashMap::new();
@@ -126,7 +128,7 @@ impl Verifier {
             }
             tokio::select! {
                 nudge = nudges.recv(), if open => match nudge {
-                    Some(nudge) => this.accept(nudge, &mut slots, &mut calls, &abort),
+                    Some(nudge) => this.accept(nudge, &mut slots, &mut calls, &mut call_owners, &abort),
                     None => {
                         open = false;
                         // Pending retries are dropped: the checkout keeps needs_verify and the
@@ -135,10 +137,20 @@ impl Verifier {
                     }
                 },
                 Some(Ok(nudge)) = retries.join_next(), if open => {
-                    this.accept(nudge, &mut slots, &mut calls, &abort);
+                    this.accept(nudge, &mut slots, &mut calls, &mut call_owners, &abort);
                 }
-                Some(joined) = calls.join_next() => {
-                    let Ok(finished) = joined else { continue };
+                Some(joined) = calls.join_next_with_id() => {
+                    let finished = match joined {
+                        Ok((id, finished)) => {
+                            call_owners.remove(&id);
+                            finished
+                        }
+                        Err(error) => {
+                            let Some(checkout_id) = call_owners.remove(&error.id()) else { continue };
+                            tracing::error!(checkout = %checkout_id, %error, "a verification task failed; the reconciler will retry it");
+                            Finished { checkout_id, retry: None }
+                        }
+                    };
                     match finished.retry {
                         Some(nudge) => {
                             let count = failures.entry(finished.checkout_id.clone()).or_default();
@@ -158,7 +170,7 @@ impl Verifier {
                         None => { failures.remove(&finished.checkout_id); }
                     }
                     match slots.get_mut(&finished.checkout_id).and_then(|slot| slot.waiting.take()) {
-                        Some(next) => this.start(next, &mut calls, &abort),
+                        Some(next) => this.start(next, &mut calls, &mut call_owners, &abort),
                         None => { slots.remove(&finished.checkout_id); }
                     }
                 }
@@ -176,6 +188,7 @@ impl Verifier {
         nudge: Nudge,
         slots: &mut HashMap<CheckoutId, Slot>,
         calls: &mut JoinSet<Finished>,
+        call_owners: &mut HashMap<tokio::task::Id, CheckoutId>,
         abort: &CancellationToken,
     ) {
         match slots.get_mut(&nudge.checkout_id) {
@@ -189,7 +202,7 @@ impl Verifier {
             }
             None => {
                 slots.insert(nudge.checkout_id.clone(), Slot::default());
-                self.start(nudge, calls, abort);
+                self.start(nudge, calls, call_owners, abort);
             }
         }
     }
@@ -198,11 +211,13 @@ impl Verifier {
         self: &Arc<Self>,
         nudge: Nudge,
         calls: &mut JoinSet<Finished>,
+        call_owners: &mut HashMap<tokio::task::Id, CheckoutId>,
         abort: &CancellationToken,
     ) {
         let this = Arc::clone(self);
         let abort = abort.clone();
-        calls.spawn(async move {
+        let owner = nudge.checkout_id.clone();
+        let handle = calls.spawn(async move {
             let checkout_id = nudge.checkout_id.clone();
             let retry = tokio::select! {
                 retry = this.verify(nudge) => retry,
@@ -210,6 +225,7 @@ impl Verifier {
             };
             Finished { checkout_id, retry }
         });
+        call_owners.insert(handle.id(), owner);
     }
 
     /// One verification. Returns the nudge if it should be retried.
