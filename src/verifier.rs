@@ -228,6 +228,28 @@ impl Verifier {
         call_owners.insert(handle.id(), owner);
     }
 
+    /// Counts a "not found" answer; after a few in a row the checkout is no longer watched.
+    async fn count_not_found(&self, id: &CheckoutId) {
+        let ledger = self.ledger.clone();
+        let for_ledger = id.clone();
+        match tokio::task::spawn_blocking(move || ledger.note_not_found(&for_ledger)).await {
+            Ok(Ok((count, true))) => {
+                tracing::error!(
+                    checkout = %id,
+                    "paymennt said {count} times in a row that this checkout does not exist; it is no longer watched\n\n\
+                     check that it belongs to this API key's merchant and [paymennt] environment, then run: paywatch track --checkout-id {id}"
+                );
+                self.watch_set_changed
+                    .send_modify(|generation| *generation += 1);
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::error!(checkout = %id, %error, "cannot count a not-found answer")
+            }
+            Err(error) => tracing::error!(checkout = %id, %error, "ledger task failed"),
+        }
+    }
+
     /// One verification. Returns the nudge if it should be retried.
     async fn verify(&self, nudge: Nudge) -> Option<Nudge> {
         let Ok(_permit) = self.concurrency.acquire().await else {
@@ -243,6 +265,9 @@ impl Verifier {
                     return Some(nudge);
                 }
                 tracing::error!(checkout = %nudge.checkout_id, source = %nudge.source, %error, "Get Checkout refused; nothing recorded");
+                if error.is_not_found() {
+                    self.count_not_found(&nudge.checkout_id).await;
+                }
                 return None;
             }
         };
@@ -291,6 +316,9 @@ impl Verifier {
             }
             Ok(Ok(ApplyOutcome::Unchanged)) => {
                 tracing::debug!(checkout = %verified.id(), status = %verified.status(), %source, "verified; unchanged");
+            }
+            Ok(Ok(ApplyOutcome::Stale)) => {
+                tracing::debug!(checkout = %verified.id(), %source, "answer older than one already recorded; ignored");
             }
             Ok(Err(error)) => {
                 tracing::error!(checkout = %nudge.checkout_id, %error, "cannot record the verified status; will try again");

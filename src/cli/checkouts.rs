@@ -315,6 +315,7 @@ pub async fn track(settings: &Settings, args: &TrackArgs) -> anyhow::Result<()> 
         let note = match outcome {
             ApplyOutcome::Transition { .. } => "recorded",
             ApplyOutcome::Unchanged => "unchanged",
+            ApplyOutcome::Stale => "a newer answer was already recorded",
         };
         return finish_track(
             &ledger,

@@ -6,7 +6,10 @@
 use rusqlite::Connection;
 
 /// The migrations, in order; migration `n` (1-based) brings the schema to `user_version = n`.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_init.sql"),
+    include_str!("migrations/0002_verification_times.sql"),
+];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -181,6 +181,8 @@ pub enum ApplyOutcome {
     },
     /// The verified status equals the recorded one; only the verification time was updated.
     Unchanged,
+    /// The answer is older than one already applied (its request was sent earlier); ignored.
+    Stale,
 }
 
 /// A checkout the listener should watch.
@@ -221,6 +223,9 @@ pub struct LedgerCounts {
     /// Dead deliveries.
     pub hooks_dead: i64,
 }
+
+/// How many "checkout not found" answers in a row stop a checkout being watched.
+pub const NOT_FOUND_LIMIT: u32 = 3;
 
 /// Formats a time the way the ledger stores it: RFC 3339, UTC, milliseconds.
 pub fn timestamp(time: DateTime<Utc>) -> String {
@@ -297,6 +302,19 @@ impl Ledger {
         PathBuf::from(&*self.path)
     }
 
+    /// Starts a write transaction that takes the write lock at once (`BEGIN IMMEDIATE`), so a
+    /// read followed by a write cannot fail with SQLITE_BUSY when another connection (a CLI
+    /// command) committed in between; it waits for the busy timeout instead.
+    fn write<'c>(
+        &self,
+        connection: &'c mut Connection,
+        context: &str,
+    ) -> Result<rusqlite::Transaction<'c>> {
+        connection
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| self.error(context, e))
+    }
+
     fn lock(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
         // back on drop), so a poisoned lock is safe to keep using.
@@ -322,9 +340,7 @@ impl Ledger {
     /// SQL failures.
     pub fn track(&self, facts: &CheckoutFacts, via: TrackedVia) -> Result<TrackOutcome> {
         let mut connection = self.lock();
-        let transaction = connection
-            .transaction()
-            .map_err(|e| self.error("track", e))?;
+        let transaction = self.write(&mut connection, "track")?;
         let outcome = track_in(&transaction, facts, via).map_err(|e| self.error("track", e))?;
         transaction.commit().map_err(|e| self.error("track", e))?;
         Ok(outcome)
@@ -348,9 +364,7 @@ impl Ledger {
         refund_watch: Duration,
     ) -> Result<ApplyOutcome> {
         let mut connection = self.lock();
-        let transaction = connection
-            .transaction()
-            .map_err(|e| self.error("apply", e))?;
+        let transaction = self.write(&mut connection, "apply")?;
         let outcome = apply_in(
             &transaction,
             verified,
@@ -365,34 +379,75 @@ impl Ledger {
     }
 
     /// Notes that a change was seen on these checkouts at `seen_at` and is not yet verified, so
-    /// a crash before verification is caught by the reconciler at the next start. A checkout
-    /// verified at or after `seen_at` (to the millisecond) already reflects the change, or is
-    /// the verification this change asked for, and is left alone. (A verification answered in
-    /// the same millisecond just before the change was seen is the one case missed; the next
-    /// periodic reconcile covers it.)
+    /// a crash before verification is caught by the reconciler at the next start.
+    ///
+    /// Only a verification whose request was sent after `seen_at` clears the note
+    /// ([`Ledger::apply`]); one already applied with such a request means this note is not
+    /// needed. Times are compared in microseconds, so the order of the two writes does not
+    /// matter.
     ///
     /// # Errors
     ///
     /// SQL failures.
     pub fn mark_needs_verify(&self, ids: &[CheckoutId], seen_at: DateTime<Utc>) -> Result<()> {
         let mut connection = self.lock();
-        let transaction = connection
-            .transaction()
-            .map_err(|e| self.error("mark", e))?;
+        let transaction = self.write(&mut connection, "mark")?;
         {
             let mut statement = transaction
                 .prepare_cached(
-                    "UPDATE checkouts SET needs_verify = 1
-                     WHERE id = ?1 AND needs_verify = 0 AND (verified_at IS NULL OR verified_at < ?2)",
+                    "UPDATE checkouts SET needs_verify = 1,
+                            needs_verify_since_us = coalesce(needs_verify_since_us, ?2)
+                     WHERE id = ?1 AND (verify_requested_us IS NULL OR verify_requested_us < ?2)",
                 )
                 .map_err(|e| self.error("mark", e))?;
             for id in ids {
                 statement
-                    .execute(params![id.as_str(), timestamp(seen_at)])
+                    .execute(params![id.as_str(), micros(seen_at)])
                     .map_err(|e| self.error("mark", e))?;
             }
         }
         transaction.commit().map_err(|e| self.error("mark", e))
+    }
+
+    /// Counts a Get Checkout answer saying the checkout does not exist. After
+    /// [`NOT_FOUND_LIMIT`] in a row the checkout stops being watched (a mistyped or foreign id
+    /// would otherwise be asked about forever). Returns the count and whether it was unwatched.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn note_not_found(&self, id: &CheckoutId) -> Result<(u32, bool)> {
+        let mut connection = self.lock();
+        let transaction = self.write(&mut connection, "not found")?;
+        let count: Option<u32> = transaction
+            .query_row(
+                "UPDATE checkouts SET not_found_count = not_found_count + 1 WHERE id = ?1
+                 RETURNING not_found_count",
+                [id.as_str()],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(|e| self.error("not found", e))?;
+        let count = count.unwrap_or(0);
+        let unwatch = count >= NOT_FOUND_LIMIT;
+        if unwatch {
+            transaction
+                .execute(
+                    "UPDATE checkouts SET watched = 0, needs_verify = 0, updated_at = ?2 WHERE id = ?1",
+                    params![id.as_str(), now()],
+                )
+                .map_err(|e| self.error("not found", e))?;
+            transaction
+                .execute(
+                    "DELETE FROM listen_targets WHERE checkout_id = ?1",
+                    [id.as_str()],
+                )
+                .map_err(|e| self.error("not found", e))?;
+        }
+        transaction
+            .commit()
+            .map_err(|e| self.error("not found", e))?;
+        Ok((count, unwatch))
     }
 
     /// Persists resume tokens after a consistent snapshot (only for still-watched checkouts).
@@ -406,9 +461,7 @@ impl Ledger {
         read_time: Option<DateTime<Utc>>,
     ) -> Result<()> {
         let mut connection = self.lock();
-        let transaction = connection
-            .transaction()
-            .map_err(|e| self.error("save tokens", e))?;
+        let transaction = self.write(&mut connection, "save tokens")?;
         {
             let mut statement = transaction
                 .prepare_cached(
@@ -506,9 +559,7 @@ impl Ledger {
     /// SQL failures.
     pub fn expire_refund_watch(&self, now_time: DateTime<Utc>) -> Result<Vec<CheckoutId>> {
         let mut connection = self.lock();
-        let transaction = connection
-            .transaction()
-            .map_err(|e| self.error("refund watch", e))?;
+        let transaction = self.write(&mut connection, "refund watch")?;
         let ids: Vec<String> = {
             let mut statement = transaction
                 .prepare_cached("SELECT id FROM checkouts WHERE watched = 1 AND watch_until IS NOT NULL AND watch_until <= ?1")
@@ -667,11 +718,38 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Microseconds since the epoch: how verification times are compared exactly.
+fn micros(time: DateTime<Utc>) -> i64 {
+    time.timestamp_micros()
+}
+
+/// Why a checkout cannot be inserted: it has nowhere to be watched.
+#[derive(Debug)]
+struct NoLocation(CheckoutId);
+
+impl std::fmt::Display for NoLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "checkout {} is not tracked and paymennt's answer has no Firebase coordinates \
+             (firebaseDatabase, firebaseCollection, firebaseDocument); track its create-link response",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for NoLocation {}
+
 fn track_in(
     transaction: &rusqlite::Transaction<'_>,
     facts: &CheckoutFacts,
     via: TrackedVia,
 ) -> rusqlite::Result<TrackOutcome> {
+    let Some(location) = &facts.location else {
+        return Err(rusqlite::Error::ToSqlConversionFailure(Box::new(
+            NoLocation(facts.id.clone()),
+        )));
+    };
     let time = now();
     let inserted = transaction.execute(
         "INSERT INTO checkouts (id, order_id, request_id, display_id, amount, currency, status,
@@ -688,9 +766,9 @@ fn track_in(
             facts.currency.as_str(),
             facts.total_refunded.map(|d| d.to_string()),
             facts.redirect_url,
-            facts.location.project,
-            facts.location.collection,
-            facts.location.document,
+            location.project,
+            location.collection,
+            location.document,
             via.as_str(),
             time,
         ],
@@ -713,28 +791,59 @@ fn apply_in(
     let facts = verified.facts();
     let status = verified.status();
     let id = facts.id.as_str();
-    let via = match source {
-        Source::Manual => TrackedVia::TrackFetch,
-        _ => TrackedVia::Track,
+    let requested_us = micros(verified.requested_at());
+    let existing: Option<(Option<String>, Option<i64>)> = transaction
+        .query_row(
+            "SELECT status, verify_requested_us FROM checkouts WHERE id = ?1",
+            [id],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?;
+    let previous = match existing {
+        None => {
+            let via = match source {
+                Source::Manual => TrackedVia::TrackFetch,
+                _ => TrackedVia::Track,
+            };
+            track_in(transaction, facts, via)?;
+            None
+        }
+        // An answer to a request sent before the one already applied says nothing newer, and
+        // could say something older: it is ignored.
+        Some((_, Some(applied_us))) if applied_us > requested_us => return Ok(ApplyOutcome::Stale),
+        Some((status, _)) => status,
     };
-    track_in(transaction, facts, via)?;
-    let previous: Option<String> =
-        transaction.query_row("SELECT status FROM checkouts WHERE id = ?1", [id], |row| {
-            row.get(0)
-        })?;
     let verified_at = verified.verified_at();
     let verified_text = timestamp(verified_at);
+    // What paymennt said about the order replaces what a tracked response claimed; the change
+    // flag clears only if this request was sent after the earliest change not yet verified.
+    transaction.execute(
+        "UPDATE checkouts SET
+                order_id = coalesce(?2, order_id), request_id = coalesce(?3, request_id),
+                display_id = coalesce(?4, display_id), amount = ?5, currency = ?6,
+                total_refunded = ?7, redirect_url = coalesce(?8, redirect_url),
+                verified_at = ?9, verify_requested_us = ?10, not_found_count = 0,
+                needs_verify = CASE WHEN needs_verify_since_us IS NULL OR needs_verify_since_us <= ?10
+                                    THEN 0 ELSE needs_verify END,
+                needs_verify_since_us = CASE WHEN needs_verify_since_us <= ?10
+                                    THEN NULL ELSE needs_verify_since_us END,
+                updated_at = ?9
+         WHERE id = ?1",
+        params![
+            id,
+            facts.order_id,
+            facts.request_id,
+            facts.display_id,
+            facts.amount.to_string(),
+            facts.currency.as_str(),
+            facts.total_refunded.map(|d| d.to_string()),
+            facts.redirect_url,
+            verified_text,
+            requested_us,
+        ],
+    )?;
     let previous_status = previous.as_deref().map(CheckoutStatus::parse);
     if previous_status.as_ref() == Some(status) {
-        transaction.execute(
-            "UPDATE checkouts SET verified_at = ?2, needs_verify = 0, total_refunded = ?3,
-                    updated_at = ?2 WHERE id = ?1",
-            params![
-                id,
-                verified_text,
-                facts.total_refunded.map(|d| d.to_string())
-            ],
-        )?;
         return Ok(ApplyOutcome::Unchanged);
     }
     let (watched, watch_until) = if status.is_final() {
@@ -749,22 +858,8 @@ fn apply_in(
         (true, None)
     };
     transaction.execute(
-        "UPDATE checkouts SET status = ?2, verified_at = ?3, needs_verify = 0, total_refunded = ?4,
-                watched = ?5, watch_until = ?6, updated_at = ?3,
-                order_id = coalesce(order_id, ?7), request_id = coalesce(request_id, ?8),
-                redirect_url = coalesce(redirect_url, ?9)
-         WHERE id = ?1",
-        params![
-            id,
-            status.as_str(),
-            verified_text,
-            facts.total_refunded.map(|d| d.to_string()),
-            watched,
-            watch_until,
-            facts.order_id,
-            facts.request_id,
-            facts.redirect_url,
-        ],
+        "UPDATE checkouts SET status = ?2, watched = ?3, watch_until = ?4 WHERE id = ?1",
+        params![id, status.as_str(), watched, watch_until],
     )?;
     if !watched {
         transaction.execute("DELETE FROM listen_targets WHERE checkout_id = ?1", [id])?;

@@ -217,9 +217,7 @@ impl Ledger {
         limit: usize,
     ) -> Result<Vec<Delivery>> {
         let mut connection = self.lock();
-        let transaction = connection
-            .transaction()
-            .map_err(|e| self.error("claim", e))?;
+        let transaction = self.write(&mut connection, "claim")?;
         let due: Vec<Delivery> = {
             let mut statement = transaction
                 .prepare_cached(&format!(
@@ -336,9 +334,7 @@ impl Ledger {
         hooks: &[(String, Vec<String>)],
     ) -> Result<Vec<String>> {
         let mut connection = self.lock();
-        let transaction = connection
-            .transaction()
-            .map_err(|e| self.error("replay", e))?;
+        let transaction = self.write(&mut connection, "replay")?;
         let transitions: Vec<(i64, String, String)> = {
             let mut statement = transaction
                 .prepare(

@@ -212,44 +212,6 @@ fn transitions_are_append_only() {
 }
 
 #[test]
-fn needs_verify_survives_until_verified() {
-    let ledger = Ledger::open_in_memory().expect("ledger");
-    let id: CheckoutId = "3".parse().expect("id");
-    ledger
-        .apply(
-            &verified("3", "PENDING"),
-            Source::Reconcile,
-            None,
-            &[],
-            WATCH,
-        )
-        .expect("apply");
-    assert!(!ledger.watch_set().expect("set")[0].needs_verify);
-    // A change seen before the last verification is already reflected by it.
-    let before = Utc::now() - chrono::Duration::seconds(60);
-    ledger
-        .mark_needs_verify(std::slice::from_ref(&id), before)
-        .expect("mark");
-    assert!(!ledger.watch_set().expect("set")[0].needs_verify);
-    // A change seen after it is not.
-    let after = Utc::now() + chrono::Duration::seconds(1);
-    ledger
-        .mark_needs_verify(std::slice::from_ref(&id), after)
-        .expect("mark");
-    assert!(ledger.watch_set().expect("set")[0].needs_verify);
-    ledger
-        .apply(
-            &verified("3", "PENDING"),
-            Source::Reconcile,
-            None,
-            &[],
-            WATCH,
-        )
-        .expect("apply");
-    assert!(!ledger.watch_set().expect("set")[0].needs_verify);
-}
-
-#[test]
 fn refund_watch_expires() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     ledger
@@ -446,4 +408,173 @@ fn replay_queues_new_events_for_past_transitions() {
     let delivery = ledger.delivery(&events[0]).expect("read").expect("exists");
     assert!(delivery.replay);
     assert_eq!(delivery.checkout_id, "1");
+}
+
+fn verified_at(id: &str, status: &str, requested_at: DateTime<Utc>) -> VerifiedCheckout {
+    VerifiedCheckout::for_tests_requested_at(&checkout_json(id, status), requested_at)
+}
+
+#[test]
+fn an_answer_to_an_older_request_is_ignored() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let now = Utc::now();
+    let newer = verified_at("1", "PAID", now);
+    let older = verified_at("1", "PENDING", now - chrono::Duration::milliseconds(5));
+    ledger
+        .apply(&newer, Source::Firestore, None, &[], WATCH)
+        .expect("apply");
+    assert_eq!(
+        ledger
+            .apply(&older, Source::Manual, None, &[], WATCH)
+            .expect("apply"),
+        ApplyOutcome::Stale
+    );
+    assert_eq!(history(&ledger, "1"), ["PAID"]);
+}
+
+fn history(ledger: &Ledger, id: &str) -> Vec<String> {
+    ledger
+        .transitions(&id.parse().expect("id"))
+        .expect("transitions")
+        .into_iter()
+        .map(|t| t.to)
+        .collect()
+}
+
+#[test]
+fn a_verification_requested_before_a_change_does_not_clear_it() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let id: CheckoutId = "4".parse().expect("id");
+    let start = Utc::now();
+    ledger
+        .apply(
+            &verified_at("4", "PENDING", start),
+            Source::Reconcile,
+            None,
+            &[],
+            WATCH,
+        )
+        .expect("apply");
+    // A call goes out, then the document changes, then the call answers (old status).
+    let in_flight = start + chrono::Duration::microseconds(10);
+    let change_seen = start + chrono::Duration::microseconds(20);
+    ledger
+        .mark_needs_verify(std::slice::from_ref(&id), change_seen)
+        .expect("mark");
+    ledger
+        .apply(
+            &verified_at("4", "PENDING", in_flight),
+            Source::Firestore,
+            None,
+            &[],
+            WATCH,
+        )
+        .expect("apply");
+    assert!(
+        ledger.watch_set().expect("set")[0].needs_verify,
+        "the change is still unverified"
+    );
+    // The verification the change asked for clears it.
+    ledger
+        .apply(
+            &verified_at("4", "PAID", change_seen + chrono::Duration::microseconds(5)),
+            Source::Firestore,
+            None,
+            &[],
+            WATCH,
+        )
+        .expect("apply");
+    assert!(!ledger.watch_set().expect("set")[0].needs_verify);
+    // A mark arriving after the verification that covered it changes nothing.
+    ledger
+        .mark_needs_verify(std::slice::from_ref(&id), change_seen)
+        .expect("mark");
+    assert!(!ledger.watch_set().expect("set")[0].needs_verify);
+}
+
+#[test]
+fn verified_facts_replace_what_a_tracked_response_claimed() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let claimed: Checkout = serde_json::from_str(
+        r#"{"id":"8","orderId":"ORD-FAKE","amount":1.00,"currency":"USD","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d"}"#,
+    )
+    .expect("json");
+    ledger
+        .track(&claimed.facts().expect("facts"), TrackedVia::Track)
+        .expect("track");
+    ledger
+        .apply(
+            &verified("8", "PAID"),
+            Source::Firestore,
+            None,
+            &[hook("h", &[])],
+            WATCH,
+        )
+        .expect("apply");
+    let record = ledger
+        .checkout(&"8".parse().expect("id"))
+        .expect("read")
+        .expect("exists");
+    assert_eq!(
+        (
+            record.order_id.as_deref(),
+            record.amount.as_str(),
+            record.currency.as_str()
+        ),
+        (Some("ORD-8"), "100.00", "AED")
+    );
+    let delivery = ledger
+        .claim_due_deliveries(Utc::now() + chrono::Duration::seconds(1), 1)
+        .expect("claim")
+        .pop()
+        .expect("one delivery");
+    assert_eq!(
+        (delivery.order_id.as_deref(), delivery.amount.as_str()),
+        (Some("ORD-8"), "100.00")
+    );
+}
+
+#[test]
+fn repeated_not_found_stops_watching() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let id: CheckoutId = "6".parse().expect("id");
+    ledger.track(&facts("6"), TrackedVia::Track).expect("track");
+    for expected in 1..NOT_FOUND_LIMIT {
+        assert_eq!(ledger.note_not_found(&id).expect("note"), (expected, false));
+    }
+    assert_eq!(
+        ledger.note_not_found(&id).expect("note"),
+        (NOT_FOUND_LIMIT, true)
+    );
+    assert!(ledger.watch_set().expect("set").is_empty());
+}
+
+#[test]
+fn an_answer_without_coordinates_updates_a_tracked_checkout_but_cannot_add_one() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let bare = r#"{"id":"9","amount":100.00,"currency":"AED","status":"PAID"}"#;
+    let error = ledger
+        .apply(
+            &VerifiedCheckout::for_tests(bare),
+            Source::Manual,
+            None,
+            &[],
+            WATCH,
+        )
+        .expect_err("nowhere to watch it");
+    assert!(
+        error.to_string().contains("no Firebase coordinates"),
+        "{error}"
+    );
+    ledger.track(&facts("9"), TrackedVia::Track).expect("track");
+    ledger
+        .apply(
+            &VerifiedCheckout::for_tests(bare),
+            Source::Manual,
+            None,
+            &[],
+            WATCH,
+        )
+        .expect("apply");
+    assert_eq!(history(&ledger, "9"), ["PAID"]);
 }

@@ -93,14 +93,15 @@ pub struct VerifiedCheckout {
     status: CheckoutStatus,
     wire: Checkout,
     raw_json: String,
+    requested_at: DateTime<Utc>,
     verified_at: DateTime<Utc>,
 }
 
 impl VerifiedCheckout {
-    fn from_result(raw_json: &str) -> Result<VerifiedCheckout, Error> {
+    fn from_result(raw_json: &str, requested_at: DateTime<Utc>) -> Result<VerifiedCheckout, Error> {
         let wire: Checkout = serde_json::from_str(raw_json)
             .map_err(|error| Error::Malformed(format!("checkout: {error}")))?;
-        let facts = wire.facts()?;
+        let facts = wire.answer_facts()?;
         let status = facts
             .status
             .clone()
@@ -110,6 +111,7 @@ impl VerifiedCheckout {
             status,
             wire,
             raw_json: raw_json.to_owned(),
+            requested_at,
             verified_at: Utc::now(),
         })
     }
@@ -117,7 +119,16 @@ impl VerifiedCheckout {
     /// A verified checkout from a literal result object, for unit tests only.
     #[cfg(test)]
     pub(crate) fn for_tests(raw_json: &str) -> VerifiedCheckout {
-        VerifiedCheckout::from_result(raw_json).expect("test checkout JSON is valid")
+        VerifiedCheckout::from_result(raw_json, Utc::now()).expect("test checkout JSON is valid")
+    }
+
+    /// [`VerifiedCheckout::for_tests`] with a given request time.
+    #[cfg(test)]
+    pub(crate) fn for_tests_requested_at(
+        raw_json: &str,
+        requested_at: DateTime<Utc>,
+    ) -> VerifiedCheckout {
+        VerifiedCheckout::from_result(raw_json, requested_at).expect("test checkout JSON is valid")
     }
 
     /// The checked fields.
@@ -148,6 +159,12 @@ impl VerifiedCheckout {
     /// When the answer arrived.
     pub fn verified_at(&self) -> DateTime<Utc> {
         self.verified_at
+    }
+
+    /// When the request was first sent (before any retry): the answer reflects every change
+    /// committed at paymennt before this time.
+    pub fn requested_at(&self) -> DateTime<Utc> {
+        self.requested_at
     }
 }
 
@@ -293,13 +310,14 @@ impl Client {
     ///
     /// The last attempt's [`Error`].
     pub async fn get_checkout(&self, id: &CheckoutId) -> Result<VerifiedCheckout, Error> {
+        let requested_at = Utc::now();
         let raw = self
             .call(|| {
                 self.http
                     .get(self.url(&format!("checkout/{}", id.as_str())))
             })
             .await?;
-        let verified = VerifiedCheckout::from_result(&raw)?;
+        let verified = VerifiedCheckout::from_result(&raw, requested_at)?;
         if verified.id() != id {
             return Err(Error::Malformed(format!(
                 "asked for checkout {id}, paymennt answered with checkout {}",
@@ -318,10 +336,11 @@ impl Client {
     ///
     /// The last attempt's [`Error`].
     pub async fn create_link(&self, request: &LinkRequest) -> Result<VerifiedCheckout, Error> {
+        let requested_at = Utc::now();
         let raw = self
             .call(|| self.http.post(self.url("checkout/link")).json(request))
             .await?;
-        VerifiedCheckout::from_result(&raw)
+        VerifiedCheckout::from_result(&raw, requested_at)
     }
 
     /// Search checkouts: `GET /checkout`.

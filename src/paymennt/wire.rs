@@ -211,13 +211,34 @@ pub struct CheckoutFacts {
     pub total_refunded: Option<Decimal>,
     /// The payment page URL.
     pub redirect_url: Option<String>,
-    /// Where its Firestore document lives.
-    pub location: FirestoreLocation,
+    /// Where its Firestore document lives. Always present from [`Checkout::facts`]; may be
+    /// absent from [`Checkout::answer_facts`] (a Get Checkout answer need not repeat it).
+    pub location: Option<FirestoreLocation>,
 }
 
 impl Checkout {
-    /// Checks the fields paywatch needs, naming the first one that is missing or invalid.
+    /// Checks the fields paywatch needs to track a checkout, the Firebase coordinates included,
+    /// naming the first one that is missing or invalid.
     pub fn facts(&self) -> Result<CheckoutFacts, CheckoutShapeError> {
+        use CheckoutShapeError::Missing;
+        let facts = self.answer_facts()?;
+        if facts.location.is_none() {
+            let missing = [
+                ("firebaseDatabase", &self.firebase_database),
+                ("firebaseCollection", &self.firebase_collection),
+                ("firebaseDocument", &self.firebase_document),
+            ]
+            .into_iter()
+            .find(|(_, value)| value.is_none())
+            .map_or("firebaseDatabase", |(name, _)| name);
+            return Err(Missing(missing));
+        }
+        Ok(facts)
+    }
+
+    /// Checks the fields of an answer about a checkout paywatch already tracks: like
+    /// [`Checkout::facts`], but the Firebase coordinates may be absent (not partial or invalid).
+    pub fn answer_facts(&self) -> Result<CheckoutFacts, CheckoutShapeError> {
         use CheckoutShapeError::Missing;
         let id: CheckoutId = self.id.as_ref().ok_or(Missing("id"))?.0.parse()?;
         let amount = self.amount.ok_or(Missing("amount"))?.0;
@@ -226,19 +247,19 @@ impl Checkout {
             .as_deref()
             .ok_or(Missing("currency"))?
             .parse()?;
-        let project = self
-            .firebase_database
-            .as_deref()
-            .ok_or(Missing("firebaseDatabase"))?;
-        let collection = self
-            .firebase_collection
-            .as_deref()
-            .ok_or(Missing("firebaseCollection"))?;
-        let document = self
-            .firebase_document
-            .as_deref()
-            .ok_or(Missing("firebaseDocument"))?;
-        let location = FirestoreLocation::new(project, collection, document)?;
+        let location = match (
+            self.firebase_database.as_deref(),
+            self.firebase_collection.as_deref(),
+            self.firebase_document.as_deref(),
+        ) {
+            (None, None, None) => None,
+            (Some(project), Some(collection), Some(document)) => {
+                Some(FirestoreLocation::new(project, collection, document)?)
+            }
+            (None, _, _) => return Err(Missing("firebaseDatabase")),
+            (_, None, _) => return Err(Missing("firebaseCollection")),
+            (_, _, None) => return Err(Missing("firebaseDocument")),
+        };
         Ok(CheckoutFacts {
             id,
             order_id: self.order_id.clone(),

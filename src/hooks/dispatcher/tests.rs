@@ -115,7 +115,7 @@ impl Fixture {
             .expect("apply")
         {
             crate::ledger::ApplyOutcome::Transition { deliveries, .. } => deliveries,
-            crate::ledger::ApplyOutcome::Unchanged => panic!("{id} {status} is no change"),
+            other => panic!("{id} {status} is no change: {other:?}"),
         }
     }
 

@@ -246,15 +246,22 @@ async fn connection_refused_is_a_retryable_network_error() {
 }
 
 #[tokio::test]
-async fn a_checkout_without_coordinates_is_rejected_by_name() {
+async fn an_answer_may_omit_the_coordinates_but_not_half_of_them() {
+    // Get Checkout need not repeat where the document is (the create-link response said so).
     let body =
         r#"{"success":true,"result":{"id":"1","amount":1,"currency":"AED","status":"PAID"}}"#;
-    let (client, _script) = start(vec![answer(200, body)]).await;
+    let partial = r#"{"success":true,"result":{"id":"1","amount":1,"currency":"AED","status":"PAID","firebaseDatabase":"p"}}"#;
+    let (client, _script) = start(vec![answer(200, body), answer(200, partial)]).await;
+    let verified = client
+        .get_checkout(&"1".parse().expect("id"))
+        .await
+        .expect("no coordinates is fine for an answer");
+    assert_eq!(verified.facts().location, None);
     let error = client
         .get_checkout(&"1".parse().expect("id"))
         .await
-        .expect_err("no firebase fields");
-    assert!(error.to_string().contains("firebaseDatabase"), "{error}");
+        .expect_err("half the coordinates");
+    assert!(error.to_string().contains("firebaseCollection"), "{error}");
 }
 
 #[tokio::test]
