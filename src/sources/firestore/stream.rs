@@ -8,6 +8,12 @@
 //! Reconnects: backoff with jitter (see `backoff.rs`); RESOURCE_EXHAUSTED and permanent
 //! failures wait the maximum; INVALID_ARGUMENT on a resumed stream drops the tokens and retries
 //! at once, a second time is permanent. A stream with no message for `idle_timeout` is reopened.
+//!
+//! Unacknowledged targets (multiplexed mode): a target whose `ADD` has not come `add_ack_timeout`
+//! after its AddTarget went out, while the server did acknowledge another target on the same
+//! session, is removed from the stream and handed back to the pool, which watches it on a fresh
+//! stream (see `pool.rs`). Production acknowledges every AddTarget within moments, so this never
+//! fires there; the npm emulator reads only the first request of a stream.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -22,7 +28,7 @@ use tonic::{Code, Status};
 use super::backoff::Backoff;
 use super::pool::{Connection, ProjectShared, Shared};
 use super::state::{Action, Disposition, Fault, StreamState, classify, permanent_message, summary};
-use super::{ListenEvent, WatchTarget};
+use super::{ListenEvent, StreamMode, WatchTarget};
 use crate::domain::{CheckoutId, printable};
 
 /// What the pool asks of a stream task.
@@ -127,7 +133,7 @@ impl StreamTask {
 
 /// The borrowed context of a stream task, with the steps of its loop.
 struct Session<'a> {
-    shared: &'a Shared,
+    shared: &'a Arc<Shared>,
     project: &'a ProjectShared,
     connection: &'a Arc<Connection>,
     key: u64,
@@ -227,9 +233,17 @@ impl Session<'_> {
             return SessionEnd::Stop;
         }
 
+        state.note_sent(std::time::Instant::now());
+        let ack_timeout = shared.options.add_ack_timeout;
+        let multiplexed = shared.options.mode == StreamMode::Multiplexed;
         let mut deadline = Instant::now() + idle;
         let mut actions = Vec::new();
         loop {
+            let ack_deadline = if multiplexed {
+                state.next_ack_deadline(ack_timeout).map(Instant::from_std)
+            } else {
+                None
+            };
             tokio::select! {
                 biased;
                 _ = shared.cancel.cancelled() => return SessionEnd::Stop,
@@ -241,6 +255,7 @@ impl Session<'_> {
                     };
                     if let Some(request) = request {
                         let _ = requests.send(request);
+                        state.note_sent(std::time::Instant::now());
                     }
                 }
                 message = responses.message() => {
@@ -271,21 +286,33 @@ impl Session<'_> {
                                 let _ = requests.send(*request);
                             }
                             Action::ResetBackoff => backoff.reset(),
+                            Action::LiveAddAcknowledged => self.project.live_add_acknowledged(),
                         }
                     }
+                    state.note_sent(std::time::Instant::now());
                     if let Err(fault) = fault {
                         return self.on_fault(fault, backoff).await;
                     }
                     // Counted after the events were handed over: a full channel is not silence.
                     deadline = Instant::now() + idle;
                 }
+                _ = tokio::time::sleep_until(ack_deadline.unwrap_or(deadline)), if ack_deadline.is_some() => {
+                    let (moved, removals) = state.take_unacknowledged(std::time::Instant::now(), ack_timeout);
+                    for request in removals {
+                        let _ = requests.send(request);
+                    }
+                    if !moved.is_empty() {
+                        tracing::info!(project = %project, stream = self.key, targets = moved.len(),
+                            "the server did not acknowledge (ADD) targets added to this stream within \
+                             {ack_timeout:?}; watching them on a fresh stream");
+                        shared.relocate(project, self.key, moved);
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     let unacknowledged = state.unacknowledged();
                     if unacknowledged > 0 {
                         tracing::warn!(project = %project, stream = self.key, unacknowledged,
-                            "the server never acknowledged (ADD) some targets of this stream; an \
-                             emulator that reads only the first request of a stream does this: use \
-                             [firestore] stream_mode = \"per-document\" with it");
+                            "the server never acknowledged (ADD) some targets of this stream");
                     }
                     let delay = backoff.next_delay();
                     tracing::warn!(project = %project, stream = self.key, targets = state.len(),
