@@ -272,7 +272,8 @@ pub struct FirestoreSettings {
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Multiplexed mode: a target the server has not acknowledged after this long moves to a
-    /// fresh stream (some emulators read only a stream's first request).
+    /// fresh stream (some emulators read only a stream's first request). At most half of
+    /// `idle_timeout` is used.
     #[serde(default = "default_add_ack_timeout", with = "humantime_serde")]
     pub add_ack_timeout: Duration,
     /// How long a PAID checkout stays watched for refunds.

@@ -96,7 +96,8 @@ pub struct ListenerOptions {
     /// Multiplexed mode: a target added to a stream whose `ADD` has not come after this long
     /// (while the server acknowledged another target on that stream) is moved to a fresh stream;
     /// after a few such targets the project falls back to one target per stream. Production
-    /// acknowledges within moments; the npm emulator never acknowledges a live add.
+    /// acknowledges within moments; the npm emulator never acknowledges a live add. At most
+    /// half of `idle_timeout` is used.
     pub add_ack_timeout: Duration,
     /// The first reconnect delay after the immediate retry.
     pub backoff_initial: Duration,

@@ -234,7 +234,8 @@ impl Session<'_> {
         }
 
         state.note_sent(std::time::Instant::now());
-        let ack_timeout = shared.options.add_ack_timeout;
+        // Below the idle timeout, or a silent stream would be reopened before it fires.
+        let ack_timeout = shared.options.add_ack_timeout.min(idle / 2);
         let multiplexed = shared.options.mode == StreamMode::Multiplexed;
         let mut deadline = Instant::now() + idle;
         let mut actions = Vec::new();
