@@ -94,7 +94,8 @@ pub struct ListenerOptions {
     /// A stream with no message for this long is reopened (production heartbeats every ~30 s).
     pub idle_timeout: Duration,
     /// Multiplexed mode: a target added to a stream whose `ADD` has not come after this long
-    /// (while the server acknowledged another target on that stream) is moved to a fresh stream;
+    /// (while the server acknowledged another target on that stream, and the stream has been
+    /// quiet this long too) is moved to a fresh stream;
     /// after a few such targets the project falls back to one target per stream. Production
     /// acknowledges within moments; the npm emulator never acknowledges a live add. At most
     /// half of `idle_timeout` is used.

@@ -562,6 +562,41 @@ async fn acknowledged_live_adds_stay_on_their_stream() {
     listener.stop().await;
 }
 
+/// A stream still delivering other messages is not quiet: a slow ADD behind them is waited for
+/// (production under backpressure), however long past the ack timeout it comes.
+#[tokio::test]
+async fn a_slow_add_on_a_busy_stream_is_waited_for() {
+    const ACK_TIMEOUT: Duration = Duration::from_millis(200);
+    let mut fake = Fake::start().await;
+    let mut listener = Running::start(&fake.endpoint, |o| {
+        o.mode = StreamMode::Multiplexed;
+        o.add_ack_timeout = ACK_TIMEOUT;
+    });
+    listener.watch("a", None);
+    let mut call = fake.call().await;
+    assert_eq!(call.add().await.0, 1);
+    call.initial(1, Some(&document("a")), b"").await;
+    assert!(is_changed(&listener.next_news().await, "a"));
+    listener.watch("b", None);
+    assert_eq!(call.add().await, (2, document("b"), None));
+    // Messages keep coming (about a) for three ack timeouts before b's ADD.
+    let until = tokio::time::Instant::now() + ACK_TIMEOUT * 3;
+    while tokio::time::Instant::now() < until {
+        call.send(tc(TargetChangeType::NoChange, &[1], b"")).await;
+        tokio::time::sleep(ACK_TIMEOUT / 4).await;
+    }
+    call.initial(2, None, b"").await;
+    assert!(is_changed(&listener.next_news().await, "b"));
+    assert!(
+        timeout(ACK_TIMEOUT * 2, call.requests.message())
+            .await
+            .is_err(),
+        "no RemoveTarget"
+    );
+    assert!(fake.calls.try_recv().is_err(), "no second stream");
+    listener.stop().await;
+}
+
 #[tokio::test]
 async fn connection_refused_is_retried_and_cancel_ends_the_tasks() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -11,9 +11,10 @@
 //!
 //! Unacknowledged targets (multiplexed mode): a target whose `ADD` has not come `add_ack_timeout`
 //! after its AddTarget went out, while the server did acknowledge another target on the same
-//! session, is removed from the stream and handed back to the pool, which watches it on a fresh
-//! stream (see `pool.rs`). Production acknowledges every AddTarget within moments, so this never
-//! fires there; the npm emulator reads only the first request of a stream.
+//! session and the stream has been quiet for `add_ack_timeout` too (a backlog still being
+//! delivered is not silence), is removed from the stream and handed back to the pool, which
+//! watches it on a fresh stream (see `pool.rs`). Production acknowledges every AddTarget within
+//! moments, so this never fires there; the npm emulator reads only the first request of a stream.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -238,10 +239,16 @@ impl Session<'_> {
         let ack_timeout = shared.options.add_ack_timeout.min(idle / 2);
         let multiplexed = shared.options.mode == StreamMode::Multiplexed;
         let mut deadline = Instant::now() + idle;
+        // When the last response was handled: a target counts as unacknowledged only once the
+        // stream has also been quiet for the ack timeout, so a stream still delivering a backlog
+        // (the daemon busy, flow control holding the server back) never loses targets.
+        let mut progress = Instant::now();
         let mut actions = Vec::new();
         loop {
             let ack_deadline = if multiplexed {
-                state.next_ack_deadline(ack_timeout).map(Instant::from_std)
+                state
+                    .next_ack_deadline(ack_timeout)
+                    .map(|at| Instant::from_std(at).max(progress + ack_timeout))
             } else {
                 None
             };
@@ -295,7 +302,8 @@ impl Session<'_> {
                         return self.on_fault(fault, backoff).await;
                     }
                     // Counted after the events were handed over: a full channel is not silence.
-                    deadline = Instant::now() + idle;
+                    progress = Instant::now();
+                    deadline = progress + idle;
                 }
                 _ = tokio::time::sleep_until(ack_deadline.unwrap_or(deadline)), if ack_deadline.is_some() => {
                     let (moved, removals) = state.take_unacknowledged(std::time::Instant::now(), ack_timeout);
