@@ -628,6 +628,7 @@ impl Stack {
         std::fs::write(&path, text).expect("write config");
         let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("valid config");
         assert_eq!(settings.firestore.endpoint(), emulator.endpoint);
+        assert_eq!(settings.firestore.add_ack_timeout, Duration::from_secs(1));
         let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
         Some(Stack {
             _emulator: emulator,
