@@ -45,6 +45,10 @@ const PROJECT: &str = "paywatch-interop";
 /// How long any single expected thing may take.
 const DEADLINE: Duration = Duration::from_secs(15);
 
+/// Held by the tests that open 200 streams, so two of them never share the 2 CPUs of a small CI
+/// machine with each other (each has its own emulator, a single-threaded Node process).
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A running emulator; killed on drop (and it exits by itself when our stdin pipe closes).
 struct Emulator {
     child: tokio::process::Child,
@@ -317,6 +321,7 @@ async fn restart_reports_changes_made_while_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_documents_per_document_mode_all_report() {
+    let _heavy = HEAVY.lock().await;
     let Some(emulator) = emulator().await else {
         return;
     };
@@ -890,6 +895,7 @@ async fn interop_daemon_restart_resumes_by_the_full_resend_in_both_modes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interop_daemon_two_hundred_checkouts_all_complete_in_both_modes() {
     const CHECKOUTS: usize = 200;
+    let _heavy = HEAVY.lock().await;
     for mode in MODES {
         let Some(stack) = Stack::start(mode, Duration::from_secs(60)).await else {
             return;
