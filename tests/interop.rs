@@ -1,17 +1,21 @@
-//! Interop: the Firestore listener and `ExternalFirestore` against an independent emulator, the
-//! npm package `@firestore-emulator/server` (tests/interop/, pinned in package-lock.json).
+//! Interop: paywatch's Firestore side against an independent emulator, the npm package
+//! `@firestore-emulator/server` (tests/interop/, pinned in package-lock.json): the listener and
+//! `ExternalFirestore` on their own, and the whole daemon (Firestore endpoint = the emulator,
+//! paymennt API = the sandbox, which writes its documents into the emulator) in both modes.
 //!
-//! Setup once: `cd tests/interop && npm ci`. Without Node or node_modules these tests print a
+//! Setup once: `npm ci --prefix tests/interop`. Without Node or node_modules these tests print a
 //! skip message and pass, except under `CI=true`, where that is a failure.
 //!
 //! The emulator differs from production in ways these tests pin down (docs/firestore-interop.md):
-//! it never sends resume tokens (so no Checkpoint ever carries one), it reports every change as a
-//! RESET followed by the full state, it reads only the first request of a Listen stream (so a
-//! multiplexed stream carries one target), and it sends no heartbeats.
+//! it never sends resume tokens (so no Checkpoint ever carries one and a restart resumes by the
+//! full resend), it reports every change as a RESET followed by the full state, it reads only the
+//! first request of a Listen stream (so multiplexed mode falls back to one target per stream),
+//! and it sends no heartbeats.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use gcloud_sdk::google::firestore::v1::{
@@ -19,8 +23,12 @@ use gcloud_sdk::google::firestore::v1::{
     listen_request, listen_response, target, target_change::TargetChangeType, value,
 };
 use paywatch::domain::{CheckoutId, FirestoreLocation};
+use paywatch::ledger::{Ledger, ListFilter, TrackedVia};
+use paywatch::paymennt::wire::LinkRequest;
 use paywatch::sandbox::external::ExternalFirestore;
 use paywatch::sandbox::sink::DocumentSink;
+use paywatch::sandbox::{Sandbox, SandboxOptions};
+use paywatch::settings::Settings;
 use paywatch::sources::firestore::{
     ListenEvent, Listener, ListenerHandle, ListenerOptions, StreamMode, WatchTarget,
 };
@@ -29,11 +37,17 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
+use crate::common::{self, Daemon, history, wait_status};
+
 /// The project every interop document lives in.
 const PROJECT: &str = "paywatch-interop";
 
 /// How long any single expected thing may take.
 const DEADLINE: Duration = Duration::from_secs(15);
+
+/// Held by the tests that open 200 streams, so two of them never share the 2 CPUs of a small CI
+/// machine with each other (each has its own emulator, a single-threaded Node process).
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A running emulator; killed on drop (and it exits by itself when our stdin pipe closes).
 struct Emulator {
@@ -307,6 +321,7 @@ async fn restart_reports_changes_made_while_down() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_documents_per_document_mode_all_report() {
+    let _heavy = HEAVY.lock().await;
     let Some(emulator) = emulator().await else {
         return;
     };
@@ -387,6 +402,61 @@ async fn silent_stream_is_reopened_by_the_idle_watchdog() {
         .await
         .expect("update");
     listener.changed(document).await;
+    listener.stop().await;
+}
+
+/// Multiplexed mode against the emulator, which reads only a stream's first request: targets
+/// added to a live stream are never acknowledged, move to fresh streams after `add_ack_timeout`,
+/// and the project falls back to one target per stream. Every document is watched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multiplexed_mode_falls_back_to_one_target_per_stream() {
+    let Some(emulator) = emulator().await else {
+        return;
+    };
+    let sink = ExternalFirestore::new(&emulator.endpoint).expect("sink");
+    let documents: Vec<String> = (0..5).map(|i| format!("fallback-{i}")).collect();
+    for document in &documents {
+        sink.put(&location(document), &fields("PENDING"))
+            .await
+            .expect("create");
+    }
+    let mut options = ListenerOptions::local(&emulator.endpoint, StreamMode::Multiplexed);
+    options.add_ack_timeout = Duration::from_millis(500);
+    let mut listener = Running::start(options);
+    let started = Instant::now();
+    listener.watch(&documents[0], None);
+    listener.changed(&documents[0]).await;
+    assert_eq!(listener.handle.open_streams(), 1);
+    // Live adds on the open stream: never acknowledged by the emulator.
+    for document in &documents[1..] {
+        listener.watch(document, None);
+    }
+    let mut waiting: HashSet<CheckoutId> = documents[1..].iter().map(|d| checkout(d)).collect();
+    listener
+        .until("a first Changed for each live-added document", |e| {
+            if let ListenEvent::Changed(n) = e {
+                waiting.remove(&n.checkout_id);
+            }
+            waiting.is_empty()
+        })
+        .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "only after the ack timeout"
+    );
+    assert_eq!(listener.handle.watched(), 5);
+    assert_eq!(listener.handle.open_streams(), 5, "one target per stream");
+    // Changes reach every one of them, and unwatching closes a stream.
+    sink.put(&location(&documents[4]), &fields("PAID"))
+        .await
+        .expect("update");
+    listener.changed(&documents[4]).await;
+    listener.handle.unwatch(&checkout(&documents[4]));
+    let start = Instant::now();
+    while listener.handle.open_streams() != 4 {
+        assert!(start.elapsed() < DEADLINE, "the unwatched stream closes");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     listener.stop().await;
 }
 
@@ -509,4 +579,358 @@ async fn take_described(responses: &mut tonic::Streaming<ListenResponse>, n: usi
         });
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// The daemon against the emulator: paywatch's Firestore endpoint is the emulator, its paymennt
+// API is the sandbox, and the sandbox writes its checkout documents into the emulator.
+// ---------------------------------------------------------------------------------------------
+
+/// Both stream modes, as the config spells them.
+const MODES: [&str; 2] = ["multiplexed", "per-document"];
+
+/// The multiplexed fallback's ack timeout in these tests (production default: 10 s).
+const ADD_ACK_TIMEOUT: &str = "1s";
+
+/// An emulator, a sandbox writing into it, and a daemon config pointed at both.
+struct Stack {
+    // Dropped last: the sandbox and daemon talk to it.
+    _emulator: Emulator,
+    sandbox: Sandbox,
+    ledger: Ledger,
+    settings: Settings,
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Stack {
+    /// None when the emulator is unavailable (skipped, see [`emulator`]).
+    async fn start(mode: &str, expiry_minute: Duration) -> Option<Stack> {
+        let emulator = emulator().await?;
+        let sink = ExternalFirestore::new(&emulator.endpoint).expect("sink");
+        let sandbox = Sandbox::start(SandboxOptions {
+            expiry_minute,
+            document_sink: Some(Arc::new(sink)),
+            ..SandboxOptions::default()
+        })
+        .await
+        .expect("sandbox starts");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = common::config_text(
+            dir.path(),
+            &sandbox.api_base_url(),
+            &emulator.endpoint,
+            sandbox.api_key(),
+            sandbox.api_secret(),
+            mode,
+            "",
+        )
+        .replace(
+            "[firestore]\n",
+            &format!("[firestore]\nadd_ack_timeout = \"{ADD_ACK_TIMEOUT}\"\n"),
+        );
+        let path = dir.path().join("paywatch.toml");
+        std::fs::write(&path, text).expect("write config");
+        let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("valid config");
+        assert_eq!(settings.firestore.endpoint(), emulator.endpoint);
+        assert_eq!(settings.firestore.add_ack_timeout, Duration::from_secs(1));
+        let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+        Some(Stack {
+            _emulator: emulator,
+            sandbox,
+            ledger,
+            settings,
+            path,
+            _dir: dir,
+        })
+    }
+
+    async fn daemon(&self) -> Daemon {
+        Daemon::start(&self.settings, &self.path).await
+    }
+
+    async fn track(&self, order: &str) -> CheckoutId {
+        common::create_and_track(&self.sandbox, &self.ledger, order).await
+    }
+
+    /// A link that expires after `minutes` sandbox minutes, tracked.
+    async fn track_expiring(&self, order: &str, minutes: i64) -> CheckoutId {
+        let request = LinkRequest {
+            expires_in: Some(minutes),
+            ..common::link_request(order, "100.00")
+        };
+        let checkout = self
+            .sandbox
+            .state()
+            .create_link(&request)
+            .await
+            .expect("link created");
+        let facts = checkout.facts().expect("complete");
+        self.ledger
+            .track(&facts, TrackedVia::Track)
+            .expect("tracked");
+        facts.id
+    }
+
+    fn calls(&self, id: &CheckoutId) -> u64 {
+        self.sandbox.state().get_checkout_calls(id)
+    }
+
+    /// The source of the transition to `status`.
+    fn source_of(&self, id: &CheckoutId, status: &str) -> String {
+        self.ledger
+            .transitions(id)
+            .expect("transitions")
+            .into_iter()
+            .find(|t| t.to == status)
+            .unwrap_or_else(|| panic!("{id} has a transition to {status}"))
+            .source
+    }
+
+    fn count(&self, status: &str) -> usize {
+        self.ledger
+            .list(&ListFilter {
+                statuses: vec![status.into()],
+                ..Default::default()
+            })
+            .expect("list")
+            .len()
+    }
+
+    async fn stop(self) {
+        self.sandbox.shutdown().await;
+    }
+}
+
+/// Waits until the daemon watches exactly `n` checkouts.
+async fn wait_watched(daemon: &Daemon, n: usize) {
+    let mut status = daemon.status.clone();
+    timeout(common::DEADLINE, status.wait_for(|s| s.watched == n))
+        .await
+        .unwrap_or_else(|_| panic!("the daemon watches {n} checkouts in time"))
+        .expect("daemon status");
+}
+
+/// A link's first snapshot, pay, fail, partial and full refund, and expiry each reach the ledger
+/// verified, with the right history, through the emulator's Listen in both modes; a document
+/// deleted upstream is re-verified, records nothing and later changes still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interop_daemon_records_every_lifecycle_in_both_modes() {
+    for mode in MODES {
+        let started = Instant::now();
+        // One sandbox minute = 400 ms: the expiring link (15 minutes, paymennt's minimum)
+        // expires 6 s after creation.
+        let Some(stack) = Stack::start(mode, Duration::from_millis(400)).await else {
+            return;
+        };
+        // Created first, so it is the first target of the first stream in multiplexed mode and
+        // is verified PENDING well before it expires.
+        let expiring = stack.track_expiring("ORD-EXPIRE", 15).await;
+        let paid = stack.track("ORD-PAY").await;
+        let failed = stack.track("ORD-FAIL").await;
+        let deleted = stack.track("ORD-DELETE").await;
+        let daemon = stack.daemon().await;
+        for id in [&expiring, &paid, &failed, &deleted] {
+            wait_status(&stack.ledger, id, "PENDING").await;
+        }
+
+        // A link created while the daemon runs: its document is watched (first snapshot).
+        let cli_ledger = Ledger::open(&stack.settings.ledger.path).expect("ledger");
+        let late = common::create_and_track(&stack.sandbox, &cli_ledger, "ORD-LATE").await;
+        wait_watched(&daemon, 5).await;
+        wait_status(&stack.ledger, &late, "PENDING").await;
+        stack.sandbox.state().pay(&late).await.expect("pay");
+        wait_status(&stack.ledger, &late, "PAID").await;
+
+        stack.sandbox.state().pay(&paid).await.expect("pay");
+        wait_status(&stack.ledger, &paid, "PAID").await;
+        stack
+            .sandbox
+            .state()
+            .refund(&paid, Some("40.00".parse().expect("decimal")))
+            .await
+            .expect("partial refund");
+        wait_status(&stack.ledger, &paid, "PARTIALLY_REFUNDED").await;
+        stack
+            .sandbox
+            .state()
+            .refund(&paid, None)
+            .await
+            .expect("refund");
+        wait_status(&stack.ledger, &paid, "REFUNDED").await;
+        assert_eq!(
+            history(&stack.ledger, &paid),
+            ["PENDING", "PAID", "PARTIALLY_REFUNDED", "REFUNDED"],
+            "{mode}"
+        );
+        for status in ["PAID", "PARTIALLY_REFUNDED", "REFUNDED"] {
+            assert_eq!(
+                stack.source_of(&paid, status),
+                "firestore",
+                "{mode} {status}"
+            );
+        }
+
+        stack.sandbox.state().fail(&failed).await.expect("fail");
+        wait_status(&stack.ledger, &failed, "FAILED").await;
+        assert_eq!(
+            history(&stack.ledger, &failed),
+            ["PENDING", "FAILED"],
+            "{mode}"
+        );
+
+        // Deleted upstream: a nudge like any change. Get Checkout still says PENDING, so nothing
+        // is recorded and the checkout stays watched; a later payment rewrites the document.
+        let calls = stack.calls(&deleted);
+        stack
+            .sandbox
+            .state()
+            .delete_document(&deleted)
+            .await
+            .expect("delete upstream");
+        common::wait_for("the delete to be re-verified", common::DEADLINE, || async {
+            (stack.calls(&deleted) > calls).then_some(())
+        })
+        .await;
+        assert_eq!(
+            common::status_of(&stack.ledger, &deleted).as_deref(),
+            Some("PENDING")
+        );
+        stack.sandbox.state().pay(&deleted).await.expect("pay");
+        wait_status(&stack.ledger, &deleted, "PAID").await;
+        assert_eq!(
+            history(&stack.ledger, &deleted),
+            ["PENDING", "PAID"],
+            "{mode}"
+        );
+        assert_eq!(stack.source_of(&deleted, "PAID"), "firestore");
+
+        // The sandbox's timer expires the link; the document change brings EXPIRED.
+        wait_status(&stack.ledger, &expiring, "EXPIRED").await;
+        assert_eq!(
+            history(&stack.ledger, &expiring),
+            ["PENDING", "EXPIRED"],
+            "{mode}"
+        );
+        assert_eq!(stack.source_of(&expiring, "EXPIRED"), "firestore");
+
+        // Still watched: PAID (late), PAID (deleted); the final ones were dropped.
+        wait_watched(&daemon, 2).await;
+        daemon.stop().await;
+        stack.stop().await;
+        eprintln!(
+            "{mode}: lifecycles against the emulator in {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+/// Stop the daemon, pay while it is down, restart: PAID is recorded. The emulator has no resume
+/// tokens, so the restart resumes by the full resend: every checkout is reported changed and
+/// re-verified (against the sandbox or production only the changed one is: see tests/daemon.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interop_daemon_restart_resumes_by_the_full_resend_in_both_modes() {
+    for mode in MODES {
+        let Some(stack) = Stack::start(mode, Duration::from_secs(60)).await else {
+            return;
+        };
+        let mut ids = Vec::new();
+        for n in 0..4 {
+            ids.push(stack.track(&format!("ORD-{n}")).await);
+        }
+        let daemon = stack.daemon().await;
+        // Each checkout is verified twice: by the reconciler's startup sweep (no status yet) and
+        // for its first snapshot from Listen. Stop once both are done and nothing is pending.
+        common::wait_for("first snapshots verified", common::DEADLINE, || async {
+            let set = stack.ledger.watch_set().expect("watch set");
+            let done =
+                ids.iter().all(|id| stack.calls(id) >= 2) && set.iter().all(|e| !e.needs_verify);
+            done.then_some(())
+        })
+        .await;
+        daemon.stop().await;
+        let set = stack.ledger.watch_set().expect("watch set");
+        assert_eq!(set.len(), 4);
+        assert!(
+            set.iter()
+                .all(|e| e.resume_token.is_none() && !e.needs_verify),
+            "{mode}: verified, and no token to resume with (the emulator sends none)"
+        );
+        let before: Vec<u64> = ids.iter().map(|id| stack.calls(id)).collect();
+        stack
+            .sandbox
+            .state()
+            .pay(&ids[0])
+            .await
+            .expect("pay while down");
+
+        let daemon = stack.daemon().await;
+        wait_status(&stack.ledger, &ids[0], "PAID").await;
+        assert_eq!(
+            history(&stack.ledger, &ids[0]),
+            ["PENDING", "PAID"],
+            "{mode}"
+        );
+        // Nothing needed verifying at start, so every further Get Checkout comes from the
+        // listener reporting the checkout changed (the reconciler's startup sweep may carry out
+        // such a nudge itself, as the change also marks the checkout needs_verify first).
+        for id in &ids[1..] {
+            let before = before[ids.iter().position(|x| x == id).expect("listed")];
+            common::wait_for(
+                "the full resend to re-verify an unchanged checkout",
+                common::DEADLINE,
+                || async { (stack.calls(id) > before).then_some(()) },
+            )
+            .await;
+            assert_eq!(history(&stack.ledger, id), ["PENDING"], "{mode}");
+        }
+        daemon.stop().await;
+        stack.stop().await;
+    }
+}
+
+/// 200 checkouts watched at once, verified, paid, all recorded, in both modes. In multiplexed
+/// mode the emulator acknowledges only each stream's first target, so this also runs the
+/// listener's fallback to one target per stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interop_daemon_two_hundred_checkouts_all_complete_in_both_modes() {
+    const CHECKOUTS: usize = 200;
+    let _heavy = HEAVY.lock().await;
+    for mode in MODES {
+        let Some(stack) = Stack::start(mode, Duration::from_secs(60)).await else {
+            return;
+        };
+        let mut ids = Vec::with_capacity(CHECKOUTS);
+        for n in 0..CHECKOUTS {
+            ids.push(stack.track(&format!("ORD-{n}")).await);
+        }
+        let started = Instant::now();
+        let daemon = stack.daemon().await;
+        wait_watched(&daemon, CHECKOUTS).await;
+        common::wait_for(
+            "every checkout verified PENDING",
+            common::DEADLINE,
+            || async { (stack.count("PENDING") == CHECKOUTS).then_some(()) },
+        )
+        .await;
+        let verified = started.elapsed();
+        for id in &ids {
+            stack.sandbox.state().pay(id).await.expect("pay");
+        }
+        common::wait_for("every payment recorded", common::DEADLINE, || async {
+            (stack.count("PAID") == CHECKOUTS).then_some(())
+        })
+        .await;
+        for id in &ids {
+            assert_eq!(history(&stack.ledger, id), ["PENDING", "PAID"], "{mode}");
+            // Each payment came through the emulator's Listen (the reconciler ran only at start).
+            assert_eq!(stack.source_of(id, "PAID"), "firestore", "{mode}");
+        }
+        eprintln!(
+            "{mode}: {CHECKOUTS} checkouts verified after {verified:?}, all paid after {:?}",
+            started.elapsed()
+        );
+        daemon.stop().await;
+        stack.stop().await;
+    }
 }

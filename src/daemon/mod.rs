@@ -96,6 +96,7 @@ pub fn listener_options(settings: &Settings) -> anyhow::Result<ListenerOptions> 
         targets_per_stream: settings.firestore.targets_per_stream,
         streams_per_connection: settings.firestore.streams_per_connection,
         idle_timeout: settings.firestore.idle_timeout,
+        add_ack_timeout: settings.firestore.add_ack_timeout,
         ..ListenerOptions::default()
     })
 }

@@ -271,6 +271,11 @@ pub struct FirestoreSettings {
     /// A stream with no message for this long is reopened (the server heartbeats every ~30s).
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Multiplexed mode: a target the server has not acknowledged after this long moves to a
+    /// fresh stream (some emulators read only a stream's first request). At most half of
+    /// `idle_timeout` is used.
+    #[serde(default = "default_add_ack_timeout", with = "humantime_serde")]
+    pub add_ack_timeout: Duration,
     /// How long a PAID checkout stays watched for refunds.
     #[serde(default = "default_refund_watch", with = "humantime_serde")]
     pub refund_watch: Duration,
@@ -288,6 +293,9 @@ fn default_streams_per_connection() -> usize {
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(120)
 }
+fn default_add_ack_timeout() -> Duration {
+    Duration::from_secs(10)
+}
 fn default_refund_watch() -> Duration {
     Duration::from_secs(30 * 24 * 3600)
 }
@@ -301,6 +309,7 @@ impl Default for FirestoreSettings {
             targets_per_stream: default_targets_per_stream(),
             streams_per_connection: default_streams_per_connection(),
             idle_timeout: default_idle_timeout(),
+            add_ack_timeout: default_add_ack_timeout(),
             refund_watch: default_refund_watch(),
         }
     }
@@ -532,6 +541,7 @@ const KNOWN_KEYS: &[&str] = &[
     "firestore.targets_per_stream",
     "firestore.streams_per_connection",
     "firestore.idle_timeout",
+    "firestore.add_ack_timeout",
     "firestore.refund_watch",
     "reconcile.interval",
     "daemon.drain_timeout",
@@ -744,6 +754,7 @@ impl Settings {
             ("paymennt.connect_timeout", self.paymennt.connect_timeout),
             ("paymennt.request_timeout", self.paymennt.request_timeout),
             ("firestore.idle_timeout", self.firestore.idle_timeout),
+            ("firestore.add_ack_timeout", self.firestore.add_ack_timeout),
             ("reconcile.interval", self.reconcile.interval),
         ];
         for (key, value) in positive {

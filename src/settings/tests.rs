@@ -47,6 +47,7 @@ fn defaults_apply_and_durations_parse() {
         "https://api.test.paymennt.com/mer/v2.0/"
     );
     assert_eq!(settings.firestore.stream_mode, StreamMode::Multiplexed);
+    assert_eq!(settings.firestore.add_ack_timeout, Duration::from_secs(10));
 }
 
 #[test]

@@ -23,9 +23,13 @@
 //! # Stream modes
 //! - [`StreamMode::Multiplexed`]: per project, streams of up to `targets_per_stream` targets
 //!   (one `DocumentsTarget` per checkout, ids chosen here, never 0, reused only after REMOVE),
-//!   added and removed on the live stream.
+//!   added and removed on the live stream. A server that never acknowledges targets added to
+//!   a live stream (the npm emulator reads only a stream's first request) is detected after
+//!   `add_ack_timeout`: those targets move to fresh streams, and the project falls back to one
+//!   target per stream (see `pool.rs`).
 //! - [`StreamMode::PerDocument`]: one stream per checkout with target id 1, as the official
-//!   server SDKs do; for emulators that read only the first request of a stream.
+//!   server SDKs do; with emulators that read only the first request of a stream it avoids the
+//!   `add_ack_timeout` wait of the multiplexed fallback.
 //!
 //! In both modes no HTTP/2 connection carries more than `streams_per_connection` streams:
 //! Google's front end allows about 100 and tonic queues the next stream silently.
@@ -89,6 +93,13 @@ pub struct ListenerOptions {
     pub streams_per_connection: usize,
     /// A stream with no message for this long is reopened (production heartbeats every ~30 s).
     pub idle_timeout: Duration,
+    /// Multiplexed mode: a target added to a stream whose `ADD` has not come after this long
+    /// (while the server acknowledged another target on that stream, and the stream has been
+    /// quiet this long too) is moved to a fresh stream;
+    /// after a few such targets the project falls back to one target per stream. Production
+    /// acknowledges within moments; the npm emulator never acknowledges a live add. At most
+    /// half of `idle_timeout` is used.
+    pub add_ack_timeout: Duration,
     /// The first reconnect delay after the immediate retry.
     pub backoff_initial: Duration,
     /// The longest reconnect delay; also the retry period of a project that failed permanently.
@@ -107,6 +118,7 @@ impl Default for ListenerOptions {
             targets_per_stream: 500,
             streams_per_connection: 100,
             idle_timeout: Duration::from_secs(120),
+            add_ack_timeout: Duration::from_secs(10),
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             checkpoint_interval: Duration::from_secs(300),
@@ -124,6 +136,7 @@ impl ListenerOptions {
             endpoint: endpoint.to_owned(),
             auth: FirestoreAuth::None,
             mode,
+            add_ack_timeout: Duration::from_secs(2),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
             ..ListenerOptions::default()

@@ -448,6 +448,155 @@ async fn multiplexed_targets_are_added_and_removed_on_the_live_stream() {
     listener.stop().await;
 }
 
+/// The npm emulator reads only the first request of a stream. Multiplexed mode must still watch
+/// everything: unacknowledged live adds move to fresh streams, then one target per stream.
+#[tokio::test]
+async fn targets_a_server_never_acknowledges_move_to_fresh_streams_then_one_per_stream() {
+    const ACK_TIMEOUT: Duration = Duration::from_millis(300);
+    let mut fake = Fake::start().await;
+    let mut listener = Running::start(&fake.endpoint, |o| {
+        o.mode = StreamMode::Multiplexed;
+        o.targets_per_stream = 10;
+        o.add_ack_timeout = ACK_TIMEOUT;
+    });
+    listener.watch("a", None);
+    let mut first = fake.call().await;
+    assert_eq!(first.add().await, (1, document("a"), None));
+    first.initial(1, Some(&document("a")), b"").await;
+    assert!(is_changed(&listener.next_news().await, "a"));
+
+    // Three live adds the server ignores: each is removed after the timeout and re-added as the
+    // first request of a fresh stream, where it is acknowledged.
+    let mut open = Vec::new();
+    for (n, name) in ["b", "c", "d"].into_iter().enumerate() {
+        listener.watch(name, None);
+        let (target, added, _) = first.add().await;
+        assert_eq!(added, document(name), "a live add on the first stream");
+        let sent = tokio::time::Instant::now();
+        let request = first.request().await;
+        assert_eq!(
+            request.target_change,
+            Some(listen_request::TargetChange::RemoveTarget(target)),
+            "the unacknowledged target is removed properly (the server may have it)"
+        );
+        assert!(
+            sent.elapsed() >= ACK_TIMEOUT.mul_f32(0.9),
+            "not before the timeout"
+        );
+        let mut fresh = fake.call().await;
+        assert_eq!(fresh.add().await, (1, document(name), None), "round {n}");
+        fresh.initial(1, Some(&document(name)), b"").await;
+        assert!(is_changed(&listener.next_news().await, name));
+        open.push(fresh);
+    }
+    assert_eq!(listener.handle.watched(), 4);
+
+    // Degraded: a new checkout gets its own stream at once, with no live add.
+    let asked = tokio::time::Instant::now();
+    listener.watch("e", None);
+    let mut own = fake.call().await;
+    assert_eq!(own.add().await, (1, document("e"), None));
+    assert!(asked.elapsed() < ACK_TIMEOUT, "no ack timeout to wait for");
+    own.initial(1, None, b"").await;
+    assert!(is_changed(&listener.next_news().await, "e"));
+    assert!(
+        timeout(Duration::from_millis(50), first.requests.message())
+            .await
+            .is_err(),
+        "nothing more is added to the first stream"
+    );
+    assert_eq!(listener.handle.open_streams(), 5);
+
+    // Unwatching a checkout alone on its stream closes that stream; no RemoveTarget is needed.
+    listener.handle.unwatch(&id("e"));
+    let ended = timeout(DEADLINE, own.requests.message())
+        .await
+        .expect("the stream ends in time");
+    assert!(
+        !matches!(ended, Ok(Some(_))),
+        "the client hung up rather than sending {ended:?}"
+    );
+    let start = tokio::time::Instant::now();
+    while listener.handle.open_streams() != 4 {
+        assert!(start.elapsed() < DEADLINE, "the stream closes");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    listener.stop().await;
+}
+
+/// Production acknowledges live adds: nothing moves and the multiplexed stream keeps them all.
+#[tokio::test]
+async fn acknowledged_live_adds_stay_on_their_stream() {
+    const ACK_TIMEOUT: Duration = Duration::from_millis(200);
+    let mut fake = Fake::start().await;
+    let mut listener = Running::start(&fake.endpoint, |o| {
+        o.mode = StreamMode::Multiplexed;
+        o.add_ack_timeout = ACK_TIMEOUT;
+    });
+    listener.watch("a", None);
+    let mut call = fake.call().await;
+    assert_eq!(call.add().await.0, 1);
+    call.initial(1, Some(&document("a")), b"").await;
+    assert!(is_changed(&listener.next_news().await, "a"));
+    for (n, name) in ["b", "c", "d", "e"].into_iter().enumerate() {
+        listener.watch(name, None);
+        let (target, added, _) = call.add().await;
+        assert_eq!(
+            (target, added),
+            (i32::try_from(n).expect("small") + 2, document(name))
+        );
+        // Slower than usual but within the timeout.
+        tokio::time::sleep(ACK_TIMEOUT / 2).await;
+        call.initial(target, None, b"").await;
+        assert!(is_changed(&listener.next_news().await, name));
+    }
+    // Well past the timeout: no RemoveTarget, no new stream.
+    assert!(
+        timeout(ACK_TIMEOUT * 3, call.requests.message())
+            .await
+            .is_err(),
+        "no request after the acknowledged adds"
+    );
+    assert!(fake.calls.try_recv().is_err(), "no second stream");
+    assert_eq!(listener.handle.open_streams(), 1);
+    listener.stop().await;
+}
+
+/// A stream still delivering other messages is not quiet: a slow ADD behind them is waited for
+/// (production under backpressure), however long past the ack timeout it comes.
+#[tokio::test]
+async fn a_slow_add_on_a_busy_stream_is_waited_for() {
+    const ACK_TIMEOUT: Duration = Duration::from_millis(200);
+    let mut fake = Fake::start().await;
+    let mut listener = Running::start(&fake.endpoint, |o| {
+        o.mode = StreamMode::Multiplexed;
+        o.add_ack_timeout = ACK_TIMEOUT;
+    });
+    listener.watch("a", None);
+    let mut call = fake.call().await;
+    assert_eq!(call.add().await.0, 1);
+    call.initial(1, Some(&document("a")), b"").await;
+    assert!(is_changed(&listener.next_news().await, "a"));
+    listener.watch("b", None);
+    assert_eq!(call.add().await, (2, document("b"), None));
+    // Messages keep coming (about a) for three ack timeouts before b's ADD.
+    let until = tokio::time::Instant::now() + ACK_TIMEOUT * 3;
+    while tokio::time::Instant::now() < until {
+        call.send(tc(TargetChangeType::NoChange, &[1], b"")).await;
+        tokio::time::sleep(ACK_TIMEOUT / 4).await;
+    }
+    call.initial(2, None, b"").await;
+    assert!(is_changed(&listener.next_news().await, "b"));
+    assert!(
+        timeout(ACK_TIMEOUT * 2, call.requests.message())
+            .await
+            .is_err(),
+        "no RemoveTarget"
+    );
+    assert!(fake.calls.try_recv().is_err(), "no second stream");
+    listener.stop().await;
+}
+
 #[tokio::test]
 async fn connection_refused_is_retried_and_cancel_ends_the_tasks() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

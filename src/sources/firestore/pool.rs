@@ -6,10 +6,17 @@
 //! `streams_per_connection` streams, or on a new connection. A stream whose last checkout is
 //! unwatched is closed, so its slot on the connection frees up.
 //!
+//! Multiplexed mode with a server that ignores targets added to a live stream (the npm
+//! emulator): a stream hands back the targets the server never acknowledged
+//! ([`Shared::relocate`]); they go to fresh streams, where they are in the first request. After
+//! [`UNACKED_ADDS_BEFORE_ONE_PER_STREAM`] such targets with no live add acknowledged in between,
+//! the project is watched with one target per stream (warned once). A server that acknowledges
+//! live adds (production) never triggers any of this.
+//!
 //! The bookkeeping sits behind a std `Mutex` held only for short, await-free sections, so
 //! [`ListenerHandle::watch`] and [`ListenerHandle::unwatch`] are plain functions.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -94,63 +101,7 @@ impl ListenerHandle {
             }
             registry.unwatch(&target.checkout_id);
         }
-        let capacity = match shared.options.mode {
-            StreamMode::Multiplexed => shared.options.targets_per_stream,
-            StreamMode::PerDocument => 1,
-        };
-        let project_name = target.location.project.clone();
-        let next_key = registry.next_stream;
-        let pool = registry
-            .projects
-            .entry(project_name.clone())
-            .or_insert_with(|| ProjectPool::new(&project_name));
-        let existing = pool
-            .streams
-            .iter_mut()
-            .find(|(_, slot)| slot.targets < capacity)
-            .map(|(key, _)| *key);
-        let key = match existing {
-            Some(key) => key,
-            None => {
-                let connection = pool.connection(shared.options.streams_per_connection);
-                let (commands, receiver) = mpsc::unbounded_channel();
-                let task = StreamTask {
-                    shared: Arc::clone(shared),
-                    project: Arc::clone(&pool.shared),
-                    connection,
-                    key: next_key,
-                    commands: receiver,
-                };
-                shared.tracker.spawn_on(task.run(), &shared.runtime);
-                pool.streams.insert(
-                    next_key,
-                    StreamSlot {
-                        commands,
-                        targets: 0,
-                    },
-                );
-                registry.next_stream += 1;
-                next_key
-            }
-        };
-        let Some(pool) = registry.projects.get_mut(&project_name) else {
-            return;
-        };
-        let Some(slot) = pool.streams.get_mut(&key) else {
-            return;
-        };
-        slot.targets += 1;
-        let checkout_id = target.checkout_id.clone();
-        let location = target.location.clone();
-        // The task lives until Close or cancellation; a failed send means it is gone already.
-        let _ = slot.commands.send(StreamCommand::Add(target));
-        registry.checkouts.insert(
-            checkout_id,
-            Placement {
-                location,
-                stream: key,
-            },
-        );
+        shared.place(&mut registry, target, None);
     }
 
     /// Stops watching a checkout (e.g. it reached a final state). Unknown ids are ignored.
@@ -212,7 +163,147 @@ impl Shared {
         // matters more than stopping the daemon would.
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Puts a checkout on a stream of its project with room, or on a new stream.
+    ///
+    /// `fresh`: only streams in this set may take it (new ones are added to it), so relocated
+    /// targets never land on a stream that is already open.
+    fn place(
+        self: &Arc<Self>,
+        registry: &mut Registry,
+        target: WatchTarget,
+        mut fresh: Option<&mut HashSet<u64>>,
+    ) {
+        let project_name = target.location.project.clone();
+        let next_key = registry.next_stream;
+        let pool = registry
+            .projects
+            .entry(project_name.clone())
+            .or_insert_with(|| ProjectPool::new(&project_name));
+        let capacity = match self.options.mode {
+            StreamMode::Multiplexed if !pool.shared.one_per_stream.load(Ordering::SeqCst) => {
+                self.options.targets_per_stream
+            }
+            StreamMode::Multiplexed | StreamMode::PerDocument => 1,
+        };
+        let existing = pool
+            .streams
+            .iter()
+            .find(|(key, slot)| {
+                slot.targets < capacity && fresh.as_ref().is_none_or(|set| set.contains(key))
+            })
+            .map(|(key, _)| *key);
+        let key = match existing {
+            Some(key) => key,
+            None => {
+                let connection = pool.connection(self.options.streams_per_connection);
+                let (commands, receiver) = mpsc::unbounded_channel();
+                let task = StreamTask {
+                    shared: Arc::clone(self),
+                    project: Arc::clone(&pool.shared),
+                    connection,
+                    key: next_key,
+                    commands: receiver,
+                };
+                self.tracker.spawn_on(task.run(), &self.runtime);
+                pool.streams.insert(
+                    next_key,
+                    StreamSlot {
+                        commands,
+                        targets: 0,
+                    },
+                );
+                registry.next_stream += 1;
+                if let Some(set) = fresh.as_mut() {
+                    set.insert(next_key);
+                }
+                next_key
+            }
+        };
+        let Some(pool) = registry.projects.get_mut(&project_name) else {
+            return;
+        };
+        let Some(slot) = pool.streams.get_mut(&key) else {
+            return;
+        };
+        slot.targets += 1;
+        let checkout_id = target.checkout_id.clone();
+        let location = target.location.clone();
+        // The task lives until Close or cancellation; a failed send means it is gone already.
+        let _ = slot.commands.send(StreamCommand::Add(target));
+        registry.checkouts.insert(
+            checkout_id,
+            Placement {
+                location,
+                stream: key,
+            },
+        );
+    }
+
+    /// Stream `from` took these targets off because the server never acknowledged them: watch
+    /// each on a fresh stream. Counts them against the project; from
+    /// [`UNACKED_ADDS_BEFORE_ONE_PER_STREAM`] on (with no live add acknowledged in between) the
+    /// project gets one target per stream for the rest of the run, since its server evidently
+    /// ignores targets added to a live stream.
+    ///
+    /// A checkout unwatched (or moved) meanwhile is left alone. A checkout unwatched and watched
+    /// again in the instant between the stream taking it off and this call may end up watched
+    /// on two streams until `from` closes: extra nudges, never a missed change.
+    pub(crate) fn relocate(self: &Arc<Self>, project: &str, from: u64, targets: Vec<WatchTarget>) {
+        if self.cancel.is_cancelled() {
+            return;
+        }
+        let mut registry = self.registry();
+        let targets: Vec<WatchTarget> = targets
+            .into_iter()
+            .filter(|t| {
+                registry
+                    .checkouts
+                    .get(&t.checkout_id)
+                    .is_some_and(|p| p.stream == from && p.location == t.location)
+            })
+            .collect();
+        let Some(pool) = registry.projects.get_mut(project) else {
+            return;
+        };
+        if targets.is_empty() {
+            return;
+        }
+        let strikes = pool
+            .shared
+            .unacknowledged_adds
+            .fetch_add(targets.len(), Ordering::SeqCst)
+            + targets.len();
+        if strikes >= UNACKED_ADDS_BEFORE_ONE_PER_STREAM
+            && !pool.shared.one_per_stream.swap(true, Ordering::SeqCst)
+        {
+            tracing::warn!(project = %project, unacknowledged = strikes,
+                "the Firestore server ignores targets added to a live stream; falling back to one \
+                 target per stream for project {project} (an emulator that reads only the first \
+                 request of a stream does this; stream_mode = \"per-document\" avoids the wait)");
+        }
+        for target in &targets {
+            registry.checkouts.remove(&target.checkout_id);
+        }
+        if let Some(pool) = registry.projects.get_mut(project)
+            && let Some(slot) = pool.streams.get_mut(&from)
+        {
+            slot.targets = slot.targets.saturating_sub(targets.len());
+            if slot.targets == 0 {
+                let _ = slot.commands.send(StreamCommand::Close);
+                pool.streams.remove(&from);
+            }
+        }
+        let mut fresh = HashSet::new();
+        for target in targets {
+            self.place(&mut registry, target, Some(&mut fresh));
+        }
+    }
 }
+
+/// Unacknowledged live adds (in a row, per project) after which a multiplexed project falls back
+/// to one target per stream.
+pub(crate) const UNACKED_ADDS_BEFORE_ONE_PER_STREAM: usize = 3;
 
 /// Per-project state the stream tasks share.
 pub(crate) struct ProjectShared {
@@ -220,6 +311,17 @@ pub(crate) struct ProjectShared {
     pub(crate) name: String,
     /// A permanent failure was reported and not yet recovered from (report it once).
     pub(crate) failed: AtomicBool,
+    /// Targets the server did not acknowledge since it last acknowledged a live add.
+    unacknowledged_adds: AtomicUsize,
+    /// The server ignores targets added to a live stream: one target per stream from now on.
+    pub(crate) one_per_stream: AtomicBool,
+}
+
+impl ProjectShared {
+    /// The server acknowledged a target added to a live stream: it multiplexes.
+    pub(crate) fn live_add_acknowledged(&self) {
+        self.unacknowledged_adds.store(0, Ordering::SeqCst);
+    }
 }
 
 /// One HTTP/2 connection of a project's pool.
@@ -302,6 +404,8 @@ impl ProjectPool {
             shared: Arc::new(ProjectShared {
                 name: project.to_owned(),
                 failed: AtomicBool::new(false),
+                unacknowledged_adds: AtomicUsize::new(0),
+                one_per_stream: AtomicBool::new(false),
             }),
             connections: Vec::new(),
             streams: BTreeMap::new(),

@@ -11,9 +11,13 @@
 //! - resume tokens are adopted, and offered as a [`ListenEvent::Checkpoint`], only at a global
 //!   consistent snapshot (`NO_CHANGE`, no target ids, with a read time) and only for targets that
 //!   have been CURRENT on this stream session;
-//! - RESET and existence-filter mismatches drop the token ([`ListenEvent::ForgetToken`]).
+//! - RESET and existence-filter mismatches drop the token ([`ListenEvent::ForgetToken`]);
+//! - a target whose `ADD` does not come within the ack timeout, on a session where the server
+//!   did acknowledge an earlier target, is taken off the stream ([`StreamState::take_unacknowledged`])
+//!   for the pool to place on a fresh stream: some servers (the npm emulator) read only the first
+//!   request of a stream. Its id stays reserved until a `REMOVE` or the next session.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -24,7 +28,7 @@ use gcloud_sdk::google::firestore::v1::{
 use tonic::Code;
 
 use super::{ListenEvent, WatchTarget};
-use crate::domain::{CheckoutId, Source, printable};
+use crate::domain::{CheckoutId, FirestoreLocation, Source, printable};
 use crate::sources::Nudge;
 
 /// Something the stream task must do, in this order, after feeding the state machine.
@@ -36,6 +40,9 @@ pub(crate) enum Action {
     Send(Box<ListenRequest>),
     /// The stream is healthy (a token or CURRENT arrived): start the next backoff from scratch.
     ResetBackoff,
+    /// The server acknowledged (`ADD`) a target that was not the first request of the session:
+    /// it reads targets added to a live stream. Sent at most once per session.
+    LiveAddAcknowledged,
 }
 
 /// Why the stream must be closed, decided from a response (not from the transport).
@@ -146,6 +153,10 @@ pub(crate) fn permanent_message(
 struct Session {
     /// The server acknowledged the AddTarget (`ADD`).
     acked: bool,
+    /// Its AddTarget was the first request of the session.
+    first: bool,
+    /// When its AddTarget went out (stamped by [`StreamState::note_sent`]).
+    sent_at: Option<Instant>,
     /// The target has been CURRENT since it was added (or last RESET) on this session.
     current: bool,
     /// It was added with a resume token.
@@ -167,6 +178,8 @@ struct TargetEntry {
     checkout_id: CheckoutId,
     /// The document's full resource name.
     document: String,
+    /// The document's location (handed back when the target moves to another stream).
+    location: FirestoreLocation,
     /// The token to resume with on the next session; adopted only at a snapshot while CURRENT.
     resume_token: Option<Vec<u8>>,
     /// Whether the document exists, as far as this process has seen (None: not known).
@@ -198,6 +211,16 @@ pub(crate) struct StreamState {
     retried_without_tokens: bool,
     /// A message arrived on the current session.
     heard_from_server: bool,
+    /// AddTargets built on the current session (the first one is the stream's first request).
+    session_adds: usize,
+    /// Targets the server acknowledged (ADD, or CURRENT without ADD) on the current session.
+    session_acks: usize,
+    /// [`Action::LiveAddAcknowledged`] was already emitted on the current session.
+    live_add_reported: bool,
+    /// AddTargets built but not yet stamped with their send time.
+    unstamped: Vec<i32>,
+    /// Stamped AddTargets in send order (oldest first), pruned lazily once acknowledged.
+    awaiting_ack: VecDeque<(Instant, i32)>,
 }
 
 impl StreamState {
@@ -212,6 +235,11 @@ impl StreamState {
             checkpoint_interval,
             retried_without_tokens: false,
             heard_from_server: false,
+            session_adds: 0,
+            session_acks: 0,
+            live_add_reported: false,
+            unstamped: Vec::new(),
+            awaiting_ack: VecDeque::new(),
         }
     }
 
@@ -255,6 +283,7 @@ impl StreamState {
         let entry = TargetEntry {
             checkout_id: target.checkout_id.clone(),
             document: target.location.document_name(),
+            location: target.location,
             resume_token: target.resume_token.filter(|t| !t.is_empty()),
             exists: None,
             last_checkpoint: None,
@@ -291,6 +320,7 @@ impl StreamState {
         self.targets.retain(|_, t| !t.removing);
         self.connected = true;
         self.heard_from_server = false;
+        self.reset_session_counters();
         let ids: Vec<i32> = self.targets.keys().copied().collect();
         ids.into_iter().map(|id| self.add_request(id)).collect()
     }
@@ -298,10 +328,97 @@ impl StreamState {
     /// The stream closed: tokens not adopted at a snapshot are dropped with the session.
     pub(crate) fn disconnect(&mut self) {
         self.connected = false;
+        self.reset_session_counters();
         self.targets.retain(|_, t| !t.removing);
         for target in self.targets.values_mut() {
             target.session = None;
         }
+    }
+
+    fn reset_session_counters(&mut self) {
+        self.session_adds = 0;
+        self.session_acks = 0;
+        self.live_add_reported = false;
+        self.unstamped.clear();
+        self.awaiting_ack.clear();
+    }
+
+    /// The AddTargets built since the last call have been sent at `now`: their ack clocks start.
+    pub(crate) fn note_sent(&mut self, now: Instant) {
+        for id in self.unstamped.drain(..) {
+            if let Some(session) = self.targets.get_mut(&id).and_then(|t| t.session.as_mut())
+                && session.sent_at.is_none()
+            {
+                session.sent_at = Some(now);
+                self.awaiting_ack.push_back((now, id));
+            }
+        }
+    }
+
+    /// Whether `id` is a live target of this session, sent at `sent_at`, still unacknowledged.
+    fn still_awaiting(&self, id: i32, sent_at: Instant) -> bool {
+        self.targets.get(&id).is_some_and(|t| {
+            !t.removing
+                && t.session
+                    .as_ref()
+                    .is_some_and(|s| !s.acked && s.sent_at == Some(sent_at))
+        })
+    }
+
+    /// When the oldest unacknowledged AddTarget runs out of `timeout`, if the server has shown on
+    /// this session that it answers (acknowledged some target). None: nothing to watch for.
+    pub(crate) fn next_ack_deadline(&mut self, timeout: Duration) -> Option<Instant> {
+        if !self.connected || self.session_acks == 0 {
+            return None;
+        }
+        while let Some(&(sent_at, id)) = self.awaiting_ack.front() {
+            if self.still_awaiting(id, sent_at) {
+                return Some(sent_at + timeout);
+            }
+            self.awaiting_ack.pop_front();
+        }
+        None
+    }
+
+    /// Takes off this stream every target whose ADD has not come within `timeout` although the
+    /// server acknowledged another target on this session, for the pool to watch elsewhere.
+    ///
+    /// Returns the targets (with their resume tokens) and the RemoveTargets to send: the server
+    /// may have the target after all (a slow ADD), so it is removed properly and its id stays
+    /// reserved until the server's REMOVE or the next session, never reused before. A server that
+    /// ignores the RemoveTarget too leaves only that reserved id behind, dropped at reconnect.
+    pub(crate) fn take_unacknowledged(
+        &mut self,
+        now: Instant,
+        timeout: Duration,
+    ) -> (Vec<WatchTarget>, Vec<ListenRequest>) {
+        let mut moved = Vec::new();
+        let mut requests = Vec::new();
+        if !self.connected || self.session_acks == 0 {
+            return (moved, requests);
+        }
+        while let Some(&(sent_at, id)) = self.awaiting_ack.front() {
+            if !self.still_awaiting(id, sent_at) {
+                self.awaiting_ack.pop_front();
+                continue;
+            }
+            if sent_at + timeout > now {
+                break;
+            }
+            self.awaiting_ack.pop_front();
+            let Some(entry) = self.targets.get_mut(&id) else {
+                continue;
+            };
+            entry.removing = true;
+            self.by_checkout.remove(&entry.checkout_id);
+            moved.push(WatchTarget {
+                checkout_id: entry.checkout_id.clone(),
+                location: entry.location.clone(),
+                resume_token: entry.resume_token.clone(),
+            });
+            requests.push(self.request(listen_request::TargetChange::RemoveTarget(id)));
+        }
+        (moved, requests)
     }
 
     /// After INVALID_ARGUMENT on a resumed stream: drop every token (the next session re-adds
@@ -508,7 +625,16 @@ impl StreamState {
             Ok(TargetChangeType::Add) => {
                 for id in &change.target_ids {
                     match self.targets.get_mut(id).and_then(|t| t.session.as_mut()) {
-                        Some(session) => session.acked = true,
+                        Some(session) => {
+                            if !session.acked {
+                                session.acked = true;
+                                self.session_acks += 1;
+                            }
+                            if !session.first && !self.live_add_reported {
+                                self.live_add_reported = true;
+                                out.push(Action::LiveAddAcknowledged);
+                            }
+                        }
                         None => tracing::debug!(target_id = id, "ADD for an unknown target"),
                     }
                 }
@@ -527,7 +653,10 @@ impl StreamState {
                         continue;
                     };
                     // Tolerated: CURRENT before ADD (the ADD was lost or never sent).
-                    session.acked = true;
+                    if !session.acked {
+                        session.acked = true;
+                        self.session_acks += 1;
+                    }
                     if !session.current {
                         session.current = true;
                         session.dirty = true;
@@ -746,8 +875,11 @@ impl StreamState {
                 target.session = Some(Session {
                     resumed: target.resume_token.is_some(),
                     verify_at_current: target.resume_token.is_none(),
+                    first: self.session_adds == 0,
                     ..Session::default()
                 });
+                self.session_adds += 1;
+                self.unstamped.push(id);
                 (target.document.clone(), target.resume_token.clone())
             }
             None => (String::new(), None),
@@ -1291,6 +1423,107 @@ mod tests {
         );
         h.feed(vec![tc(TargetChangeType::Remove, &[1], b"", None)]);
         assert!(!h.state.targets.contains_key(&1));
+    }
+
+    #[test]
+    fn unacknowledged_live_add_is_taken_off_the_stream_with_its_token() {
+        let mut h = Harness::new();
+        let timeout = Duration::from_secs(2);
+        h.state.add(watch("a", None));
+        h.connect();
+        h.state.note_sent(h.now);
+        assert_eq!(
+            h.state.next_ack_deadline(timeout),
+            None,
+            "no evidence before the server acknowledged anything"
+        );
+        let (moved, _) = h.state.take_unacknowledged(h.now + timeout * 10, timeout);
+        assert!(
+            moved.is_empty(),
+            "a silent server is the idle watchdog's business"
+        );
+        h.feed(vec![tc(Add, &[1], b"", None), tc(Current, &[1], b"", None)]);
+        assert_eq!(h.state.next_ack_deadline(timeout), None, "all acknowledged");
+
+        let add = h.state.add(watch("b", Some(b"tb"))).expect("connected");
+        assert_eq!(
+            seen(&[Action::Send(Box::new(add))]),
+            vec![Seen::Add(2, Some(b"tb".to_vec()))]
+        );
+        let sent = h.now + Duration::from_secs(1);
+        h.state.note_sent(sent);
+        assert_eq!(h.state.next_ack_deadline(timeout), Some(sent + timeout));
+        let (moved, removals) = h.state.take_unacknowledged(sent + timeout / 2, timeout);
+        assert!(moved.is_empty() && removals.is_empty(), "not overdue yet");
+
+        let (moved, removals) = h.state.take_unacknowledged(sent + timeout, timeout);
+        assert_eq!(
+            moved,
+            vec![watch("b", Some(b"tb"))],
+            "handed back with its token"
+        );
+        assert_eq!(
+            seen(
+                &removals
+                    .into_iter()
+                    .map(|r| Action::Send(Box::new(r)))
+                    .collect::<Vec<_>>()
+            ),
+            vec![Seen::Remove(2)]
+        );
+        assert_eq!(h.state.len(), 1);
+        assert_eq!(h.state.next_ack_deadline(timeout), None);
+        // A late ADD and events for it are ignored; its id is not reused before REMOVE.
+        assert_eq!(
+            h.feed(vec![tc(Add, &[2], b"", None), change("b", &[2], 5)]),
+            vec![]
+        );
+        let add = h.state.add(watch("c", None)).expect("connected");
+        assert_eq!(
+            seen(&[Action::Send(Box::new(add))]),
+            vec![Seen::Add(3, None)]
+        );
+        // The next session forgets the reserved id: only a and c are re-added.
+        h.state.disconnect();
+        assert_eq!(h.connect(), vec![Seen::Add(1, None), Seen::Add(3, None)]);
+    }
+
+    #[test]
+    fn acknowledged_live_add_is_reported_once_per_session_and_never_moved() {
+        let mut h = Harness::new();
+        let timeout = Duration::from_secs(2);
+        h.state.add(watch("a", None));
+        h.state.add(watch("b", None));
+        h.connect();
+        h.state.note_sent(h.now);
+        let mut out = Vec::new();
+        for response in [
+            tc(Add, &[1], b"", None),
+            tc(Add, &[2], b"", None),
+            tc(Current, &[1, 2], b"", None),
+        ] {
+            h.state
+                .on_response(response, h.now, &mut out)
+                .expect("no fault");
+        }
+        let reported = out
+            .iter()
+            .filter(|a| **a == Action::LiveAddAcknowledged)
+            .count();
+        assert_eq!(reported, 1, "b was the session's second request: {out:?}");
+        h.state.add(watch("c", None));
+        h.state.note_sent(h.now);
+        let mut out = Vec::new();
+        h.state
+            .on_response(tc(Add, &[3], b"", None), h.now, &mut out)
+            .expect("no fault");
+        assert!(
+            !out.contains(&Action::LiveAddAcknowledged),
+            "once per session"
+        );
+        let (moved, _) = h.state.take_unacknowledged(h.now + timeout * 10, timeout);
+        assert!(moved.is_empty());
+        assert_eq!(h.state.next_ack_deadline(timeout), None);
     }
 
     #[test]

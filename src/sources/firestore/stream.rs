@@ -8,6 +8,13 @@
 //! Reconnects: backoff with jitter (see `backoff.rs`); RESOURCE_EXHAUSTED and permanent
 //! failures wait the maximum; INVALID_ARGUMENT on a resumed stream drops the tokens and retries
 //! at once, a second time is permanent. A stream with no message for `idle_timeout` is reopened.
+//!
+//! Unacknowledged targets (multiplexed mode): a target whose `ADD` has not come `add_ack_timeout`
+//! after its AddTarget went out, while the server did acknowledge another target on the same
+//! session and the stream has been quiet for `add_ack_timeout` too (a backlog still being
+//! delivered is not silence), is removed from the stream and handed back to the pool, which
+//! watches it on a fresh stream (see `pool.rs`). Production acknowledges every AddTarget within
+//! moments, so this never fires there; the npm emulator reads only the first request of a stream.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -22,7 +29,7 @@ use tonic::{Code, Status};
 use super::backoff::Backoff;
 use super::pool::{Connection, ProjectShared, Shared};
 use super::state::{Action, Disposition, Fault, StreamState, classify, permanent_message, summary};
-use super::{ListenEvent, WatchTarget};
+use super::{ListenEvent, StreamMode, WatchTarget};
 use crate::domain::{CheckoutId, printable};
 
 /// What the pool asks of a stream task.
@@ -127,7 +134,7 @@ impl StreamTask {
 
 /// The borrowed context of a stream task, with the steps of its loop.
 struct Session<'a> {
-    shared: &'a Shared,
+    shared: &'a Arc<Shared>,
     project: &'a ProjectShared,
     connection: &'a Arc<Connection>,
     key: u64,
@@ -227,9 +234,24 @@ impl Session<'_> {
             return SessionEnd::Stop;
         }
 
+        state.note_sent(std::time::Instant::now());
+        // Below the idle timeout, or a silent stream would be reopened before it fires.
+        let ack_timeout = shared.options.add_ack_timeout.min(idle / 2);
+        let multiplexed = shared.options.mode == StreamMode::Multiplexed;
         let mut deadline = Instant::now() + idle;
+        // When the last response was handled: a target counts as unacknowledged only once the
+        // stream has also been quiet for the ack timeout, so a stream still delivering a backlog
+        // (the daemon busy, flow control holding the server back) never loses targets.
+        let mut progress = Instant::now();
         let mut actions = Vec::new();
         loop {
+            let ack_deadline = if multiplexed {
+                state
+                    .next_ack_deadline(ack_timeout)
+                    .map(|at| Instant::from_std(at).max(progress + ack_timeout))
+            } else {
+                None
+            };
             tokio::select! {
                 biased;
                 _ = shared.cancel.cancelled() => return SessionEnd::Stop,
@@ -241,6 +263,7 @@ impl Session<'_> {
                     };
                     if let Some(request) = request {
                         let _ = requests.send(request);
+                        state.note_sent(std::time::Instant::now());
                     }
                 }
                 message = responses.message() => {
@@ -271,21 +294,34 @@ impl Session<'_> {
                                 let _ = requests.send(*request);
                             }
                             Action::ResetBackoff => backoff.reset(),
+                            Action::LiveAddAcknowledged => self.project.live_add_acknowledged(),
                         }
                     }
+                    state.note_sent(std::time::Instant::now());
                     if let Err(fault) = fault {
                         return self.on_fault(fault, backoff).await;
                     }
                     // Counted after the events were handed over: a full channel is not silence.
-                    deadline = Instant::now() + idle;
+                    progress = Instant::now();
+                    deadline = progress + idle;
+                }
+                _ = tokio::time::sleep_until(ack_deadline.unwrap_or(deadline)), if ack_deadline.is_some() => {
+                    let (moved, removals) = state.take_unacknowledged(std::time::Instant::now(), ack_timeout);
+                    for request in removals {
+                        let _ = requests.send(request);
+                    }
+                    if !moved.is_empty() {
+                        tracing::info!(project = %project, stream = self.key, targets = moved.len(),
+                            "the server did not acknowledge (ADD) targets added to this stream within \
+                             {ack_timeout:?}; watching them on a fresh stream");
+                        shared.relocate(project, self.key, moved);
+                    }
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     let unacknowledged = state.unacknowledged();
                     if unacknowledged > 0 {
                         tracing::warn!(project = %project, stream = self.key, unacknowledged,
-                            "the server never acknowledged (ADD) some targets of this stream; an \
-                             emulator that reads only the first request of a stream does this: use \
-                             [firestore] stream_mode = \"per-document\" with it");
+                            "the server never acknowledged (ADD) some targets of this stream");
                     }
                     let delay = backoff.next_delay();
                     tracing::warn!(project = %project, stream = self.key, targets = state.len(),
