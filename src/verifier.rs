@@ -1,17 +1,26 @@
 //! The verifier: turns "checkout X may have changed" into a verified status in the ledger.
 //!
 //! Owns: calling Get Checkout for each nudge, with at most one call in flight per checkout
-//! (a burst of nudges costs at most one extra call), a global concurrency limit, and the
-//! operator's payment log line.
+//! (a burst of nudges costs at most one extra call), a global concurrency limit, the order in
+//! which waiting checkouts are verified, and the operator's payment log line.
 //! Must never: record anything that Get Checkout did not say. Nudges carry no status; the only
 //! status that reaches the ledger is the one in a [`VerifiedCheckout`].
+//!
+//! # Scheduling
+//!
+//! Nudges arrive on two channels. *Urgent* ones (a Firestore change, a person) are always
+//! taken at once and verified before any *sweep* nudge (the reconciler), so a payment never
+//! waits behind a sweep of thousands of open checkouts. Sweep nudges are taken only while few
+//! are queued, which makes the reconciler wait: its pace is the verifier's. At most
+//! `concurrency` calls run at once; a checkout waiting in a queue is queued once however many
+//! nudges name it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +33,8 @@ use crate::sources::Nudge;
 /// What the verifier needs from the (reloadable) configuration.
 #[derive(Debug, Clone)]
 pub struct VerifierConfig {
+    /// The paymennt client (rebuilt on reload, so rotated credentials take effect).
+    pub client: Client,
     /// Hooks, for queueing deliveries with each transition.
     pub hooks: Arc<Vec<HookSettings>>,
     /// How long a PAID checkout stays watched.
@@ -51,30 +62,6 @@ pub struct VerifierStats {
     pub last_payment: Option<DateTime<Utc>>,
 }
 
-/// A verification finished: what to do next for that checkout.
-struct Finished {
-    checkout_id: CheckoutId,
-    /// The nudge to retry later (the call failed in a way that may pass), if any.
-    retry: Option<Nudge>,
-}
-
-/// A checkout's place in the verifier: busy, with maybe one nudge waiting behind the call.
-#[derive(Default)]
-struct Slot {
-    waiting: Option<Nudge>,
-}
-
-/// The verifier task. Build with [`Verifier::new`], then [`Verifier::run`].
-pub struct Verifier {
-    client: Client,
-    ledger: Ledger,
-    config: watch::Receiver<VerifierConfig>,
-    concurrency: Arc<Semaphore>,
-    ledger_changed: watch::Sender<u64>,
-    watch_set_changed: watch::Sender<u64>,
-    stats: watch::Sender<VerifierStats>,
-}
-
 /// Where the verifier says what it changed, so the stages after it can follow.
 #[derive(Debug, Clone)]
 pub struct VerifierSignals {
@@ -84,21 +71,145 @@ pub struct VerifierSignals {
     pub watch_set_changed: watch::Sender<u64>,
 }
 
+/// A verification finished: what to do next for that checkout.
+struct Finished {
+    checkout_id: CheckoutId,
+    /// The nudge to retry later (the call failed in a way that may pass), if any.
+    retry: Option<Nudge>,
+}
+
+/// Whether a nudge jumps the sweep queue.
+fn is_urgent(nudge: &Nudge) -> bool {
+    nudge.source != Source::Reconcile
+}
+
+/// A checkout's place in the verifier.
+enum Slot {
+    /// In a queue, waiting for a free call.
+    Queued(Nudge),
+    /// A call is in flight; at most one nudge waits behind it (the change may have landed after
+    /// paymennt answered).
+    Running(Option<Nudge>),
+}
+
+/// The scheduler's state: slots, the two queues, retries and the calls in flight.
+struct Schedule {
+    slots: HashMap<CheckoutId, Slot>,
+    urgent: VecDeque<CheckoutId>,
+    sweep: VecDeque<CheckoutId>,
+    /// Consecutive failed verifications per checkout, for the retry schedule.
+    failures: HashMap<CheckoutId, usize>,
+}
+
+impl Schedule {
+    fn enqueue(&mut self, id: CheckoutId, urgent: bool) {
+        if urgent {
+            self.urgent.push_back(id);
+        } else {
+            self.sweep.push_back(id);
+        }
+    }
+
+    /// Takes a nudge: queues its checkout, or coalesces it with what is already there.
+    fn accept(&mut self, nudge: Nudge) {
+        let urgent = is_urgent(&nudge);
+        match self.slots.get_mut(&nudge.checkout_id) {
+            None => {
+                let id = nudge.checkout_id.clone();
+                self.slots.insert(id.clone(), Slot::Queued(nudge));
+                self.enqueue(id, urgent);
+            }
+            Some(Slot::Queued(queued)) => {
+                // Already waiting. An urgent nudge promotes a sweep one (and carries the change
+                // time); the stale sweep queue entry is skipped when reached.
+                if urgent && !is_urgent(queued) {
+                    let id = nudge.checkout_id.clone();
+                    *queued = nudge;
+                    self.urgent.push_back(id);
+                }
+            }
+            Some(Slot::Running(waiting)) => {
+                let replace = match waiting {
+                    None => true,
+                    Some(behind) => urgent && !is_urgent(behind),
+                };
+                if replace {
+                    tracing::debug!(checkout = %nudge.checkout_id, source = %nudge.source, "nudge waits behind the call in flight");
+                    *waiting = Some(nudge);
+                }
+            }
+        }
+    }
+
+    /// The next queued nudge to verify, urgent ones first; marks its checkout running.
+    fn next(&mut self, sweeps_allowed: bool) -> Option<Nudge> {
+        loop {
+            let id = match self.urgent.pop_front() {
+                Some(id) => id,
+                None if sweeps_allowed => self.sweep.pop_front()?,
+                None => return None,
+            };
+            if let Some(slot) = self.slots.get_mut(&id)
+                && matches!(slot, Slot::Queued(_))
+                && let Slot::Queued(nudge) = std::mem::replace(slot, Slot::Running(None))
+            {
+                return Some(nudge);
+            }
+            // A duplicate entry for a checkout already started: skip it.
+        }
+    }
+
+    /// A call ended: queue the nudge that waited behind it, or free the slot.
+    fn finish(&mut self, id: &CheckoutId) {
+        match self.slots.remove(id) {
+            Some(Slot::Running(Some(next))) => {
+                let urgent = is_urgent(&next);
+                self.slots.insert(id.clone(), Slot::Queued(next));
+                self.enqueue(id.clone(), urgent);
+            }
+            Some(Slot::Queued(nudge)) => {
+                // Cannot happen (only running checkouts finish); keep the nudge rather than lose it.
+                let urgent = is_urgent(&nudge);
+                self.slots.insert(id.clone(), Slot::Queued(nudge));
+                self.enqueue(id.clone(), urgent);
+            }
+            Some(Slot::Running(None)) | None => {}
+        }
+    }
+
+    /// Drops queued sweep work (the drain: the next start's reconciler redoes it).
+    fn drop_sweeps(&mut self) {
+        for id in self.sweep.drain(..) {
+            if matches!(self.slots.get(&id), Some(Slot::Queued(nudge)) if !is_urgent(nudge)) {
+                self.slots.remove(&id);
+            }
+        }
+    }
+}
+
+/// The verifier task. Build with [`Verifier::new`], then [`Verifier::run`].
+pub struct Verifier {
+    ledger: Ledger,
+    config: watch::Receiver<VerifierConfig>,
+    concurrency: usize,
+    ledger_changed: watch::Sender<u64>,
+    watch_set_changed: watch::Sender<u64>,
+    stats: watch::Sender<VerifierStats>,
+}
+
 impl Verifier {
-    /// A verifier calling `client`, recording into `ledger`, with at most `concurrency` calls in
-    /// flight, telling the later stages through `signals`.
+    /// A verifier recording into `ledger` with the client and hooks of `config`, at most
+    /// `concurrency` calls in flight, telling the later stages through `signals`.
     pub fn new(
-        client: Client,
         ledger: Ledger,
         config: watch::Receiver<VerifierConfig>,
         concurrency: usize,
         signals: VerifierSignals,
     ) -> Verifier {
         Verifier {
-            client,
             ledger,
             config,
-            concurrency: Arc::new(Semaphore::new(concurrency.max(1))),
+            concurrency: concurrency.max(1),
             ledger_changed: signals.ledger_changed,
             watch_set_changed: signals.watch_set_changed,
             stats: watch::channel(VerifierStats::default()).0,
@@ -110,35 +221,65 @@ impl Verifier {
         self.stats.subscribe()
     }
 
-    /// Verifies nudges until `nudges` closes (all senders dropped), then finishes the calls in
-    /// flight. `abort` cancels the calls in flight (the drain deadline passed).
-    pub async fn run(self, mut nudges: mpsc::Receiver<Nudge>, abort: CancellationToken) {
+    /// Verifies nudges until both channels close (all senders dropped), then finishes the
+    /// calls in flight and the urgent nudges already queued; queued sweep nudges are dropped.
+    /// `abort` cancels everything at once (the drain deadline passed).
+    pub async fn run(
+        self,
+        mut urgent: mpsc::Receiver<Nudge>,
+        mut sweep: mpsc::Receiver<Nudge>,
+        abort: CancellationToken,
+    ) {
         let this = Arc::new(self);
-        let mut slots: HashMap<CheckoutId, Slot> = HashMap::new();
+        let mut schedule = Schedule {
+            slots: HashMap::new(),
+            urgent: VecDeque::new(),
+            sweep: VecDeque::new(),
+            failures: HashMap::new(),
+        };
         let mut calls: JoinSet<Finished> = JoinSet::new();
         // Which checkout each call task serves, so a task that panicked still frees its slot.
         let mut call_owners: HashMap<tokio::task::Id, CheckoutId> = HashMap::new();
         let mut retries: JoinSet<Nudge> = JoinSet::new();
-        // Consecutive failed verifications per checkout, for the retry schedule.
-        let mut failures: HashMap<CheckoutId, usize> = HashMap::new();
-        let mut open = true;
+        let (mut urgent_open, mut sweep_open) = (true, true);
+        let concurrency = this.concurrency;
         loop {
-            if !open && calls.is_empty() {
+            let draining = !urgent_open && !sweep_open;
+            if draining {
+                retries.abort_all();
+                schedule.drop_sweeps();
+            }
+            while calls.len() < concurrency {
+                let Some(nudge) = schedule.next(!draining) else {
+                    break;
+                };
+                let owner = nudge.checkout_id.clone();
+                let task = Arc::clone(&this);
+                let abort = abort.clone();
+                let handle = calls.spawn(async move {
+                    let checkout_id = nudge.checkout_id.clone();
+                    let retry = tokio::select! {
+                        retry = task.verify(nudge) => retry,
+                        () = abort.cancelled() => None,
+                    };
+                    Finished { checkout_id, retry }
+                });
+                call_owners.insert(handle.id(), owner);
+            }
+            if draining && calls.is_empty() {
                 return;
             }
             tokio::select! {
-                nudge = nudges.recv(), if open => match nudge {
-                    Some(nudge) => this.accept(nudge, &mut slots, &mut calls, &mut call_owners, &abort),
-                    None => {
-                        open = false;
-                        // Pending retries are dropped: the checkout keeps needs_verify and the
-                        // reconciler picks it up at the next start.
-                        retries.abort_all();
-                    }
+                nudge = urgent.recv(), if urgent_open => match nudge {
+                    Some(nudge) => schedule.accept(nudge),
+                    None => urgent_open = false,
                 },
-                Some(Ok(nudge)) = retries.join_next(), if open => {
-                    this.accept(nudge, &mut slots, &mut calls, &mut call_owners, &abort);
-                }
+                // Sweep nudges are taken only while few wait: the reconciler blocks until then.
+                nudge = sweep.recv(), if sweep_open && schedule.sweep.len() < concurrency => match nudge {
+                    Some(nudge) => schedule.accept(nudge),
+                    None => sweep_open = false,
+                },
+                Some(Ok(nudge)) = retries.join_next(), if !draining => schedule.accept(nudge),
                 Some(joined) = calls.join_next_with_id() => {
                     let finished = match joined {
                         Ok((id, finished)) => {
@@ -153,79 +294,31 @@ impl Verifier {
                     };
                     match finished.retry {
                         Some(nudge) => {
-                            let count = failures.entry(finished.checkout_id.clone()).or_default();
+                            let count = schedule.failures.entry(finished.checkout_id.clone()).or_default();
                             *count += 1;
-                            // A reconcile nudge is not retried here: the next sweep is its retry.
-                            let delay = RETRY_DELAYS.get(*count - 1).filter(|_| nudge.source != Source::Reconcile);
-                            if let (Some(delay), true) = (delay, open) {
-                                let delay = *delay;
-                                retries.spawn(async move {
-                                    tokio::time::sleep(delay).await;
-                                    Nudge { seen_at: Instant::now(), ..nudge }
-                                });
-                            } else {
-                                failures.remove(&finished.checkout_id);
+                            // A sweep nudge is not retried here: the next sweep is its retry.
+                            let delay = RETRY_DELAYS.get(*count - 1).filter(|_| is_urgent(&nudge));
+                            match delay {
+                                Some(delay) if !draining => {
+                                    let delay = *delay;
+                                    retries.spawn(async move {
+                                        tokio::time::sleep(delay).await;
+                                        Nudge { seen_at: Instant::now(), ..nudge }
+                                    });
+                                }
+                                _ => { schedule.failures.remove(&finished.checkout_id); }
                             }
                         }
-                        None => { failures.remove(&finished.checkout_id); }
+                        None => { schedule.failures.remove(&finished.checkout_id); }
                     }
-                    match slots.get_mut(&finished.checkout_id).and_then(|slot| slot.waiting.take()) {
-                        Some(next) => this.start(next, &mut calls, &mut call_owners, &abort),
-                        None => { slots.remove(&finished.checkout_id); }
-                    }
+                    schedule.finish(&finished.checkout_id);
                 }
                 () = abort.cancelled() => {
                     calls.abort_all();
                     return;
                 }
-                else => return,
             }
         }
-    }
-
-    fn accept(
-        self: &Arc<Self>,
-        nudge: Nudge,
-        slots: &mut HashMap<CheckoutId, Slot>,
-        calls: &mut JoinSet<Finished>,
-        call_owners: &mut HashMap<tokio::task::Id, CheckoutId>,
-        abort: &CancellationToken,
-    ) {
-        match slots.get_mut(&nudge.checkout_id) {
-            Some(slot) => {
-                // A call is in flight: keep one nudge to run after it (the change may have
-                // landed after paymennt answered); later ones in the burst add nothing.
-                if slot.waiting.is_none() {
-                    tracing::debug!(checkout = %nudge.checkout_id, source = %nudge.source, "coalesced nudge behind the call in flight");
-                    slot.waiting = Some(nudge);
-                }
-            }
-            None => {
-                slots.insert(nudge.checkout_id.clone(), Slot::default());
-                self.start(nudge, calls, call_owners, abort);
-            }
-        }
-    }
-
-    fn start(
-        self: &Arc<Self>,
-        nudge: Nudge,
-        calls: &mut JoinSet<Finished>,
-        call_owners: &mut HashMap<tokio::task::Id, CheckoutId>,
-        abort: &CancellationToken,
-    ) {
-        let this = Arc::clone(self);
-        let abort = abort.clone();
-        let owner = nudge.checkout_id.clone();
-        let handle = calls.spawn(async move {
-            let checkout_id = nudge.checkout_id.clone();
-            let retry = tokio::select! {
-                retry = this.verify(nudge) => retry,
-                () = abort.cancelled() => None,
-            };
-            Finished { checkout_id, retry }
-        });
-        call_owners.insert(handle.id(), owner);
     }
 
     /// Counts a "not found" answer; after a few in a row the checkout is no longer watched.
@@ -252,11 +345,9 @@ impl Verifier {
 
     /// One verification. Returns the nudge if it should be retried.
     async fn verify(&self, nudge: Nudge) -> Option<Nudge> {
-        let Ok(_permit) = self.concurrency.acquire().await else {
-            return None;
-        };
         self.stats.send_modify(|stats| stats.calls += 1);
-        let verified = match self.client.get_checkout(&nudge.checkout_id).await {
+        let client = self.config.borrow().client.clone();
+        let verified = match client.get_checkout(&nudge.checkout_id).await {
             Ok(verified) => verified,
             Err(error) => {
                 self.stats.send_modify(|stats| stats.failures += 1);
@@ -372,4 +463,109 @@ fn log_transition(
         ));
     }
     tracing::info!(target: "paywatch::payment", %source, hooks, "{line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nudge(id: &str, source: Source) -> Nudge {
+        Nudge {
+            checkout_id: id.parse().expect("id"),
+            source,
+            seen_at: Instant::now(),
+            changed_at: None,
+        }
+    }
+
+    fn schedule() -> Schedule {
+        Schedule {
+            slots: HashMap::new(),
+            urgent: VecDeque::new(),
+            sweep: VecDeque::new(),
+            failures: HashMap::new(),
+        }
+    }
+
+    fn next_id(schedule: &mut Schedule) -> Option<String> {
+        schedule.next(true).map(|n| n.checkout_id.to_string())
+    }
+
+    #[test]
+    fn a_firestore_change_jumps_a_sweep() {
+        let mut schedule = schedule();
+        for id in ["1", "2", "3"] {
+            schedule.accept(nudge(id, Source::Reconcile));
+        }
+        schedule.accept(nudge("9", Source::Firestore));
+        assert_eq!(next_id(&mut schedule).as_deref(), Some("9"));
+        assert_eq!(next_id(&mut schedule).as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn a_queued_checkout_is_queued_once_and_promoted_by_an_urgent_nudge() {
+        let mut schedule = schedule();
+        schedule.accept(nudge("1", Source::Reconcile));
+        schedule.accept(nudge("2", Source::Reconcile));
+        schedule.accept(nudge("2", Source::Reconcile));
+        schedule.accept(nudge("2", Source::Firestore));
+        let first = schedule.next(true).expect("one queued");
+        assert_eq!(first.checkout_id.as_str(), "2");
+        assert_eq!(
+            first.source,
+            Source::Firestore,
+            "the urgent nudge (with its change time) is kept"
+        );
+        assert_eq!(next_id(&mut schedule).as_deref(), Some("1"));
+        assert_eq!(
+            next_id(&mut schedule),
+            None,
+            "the stale sweep entry for 2 is skipped"
+        );
+    }
+
+    #[test]
+    fn a_burst_while_running_costs_one_more_call() {
+        let mut schedule = schedule();
+        schedule.accept(nudge("1", Source::Firestore));
+        let running = schedule.next(true).expect("starts");
+        for _ in 0..10 {
+            schedule.accept(nudge("1", Source::Firestore));
+        }
+        assert_eq!(
+            next_id(&mut schedule),
+            None,
+            "never two calls for one checkout"
+        );
+        schedule.finish(&running.checkout_id);
+        assert_eq!(
+            next_id(&mut schedule).as_deref(),
+            Some("1"),
+            "one call after the burst"
+        );
+        schedule.finish(&running.checkout_id);
+        assert_eq!(next_id(&mut schedule), None);
+        assert!(schedule.slots.is_empty());
+    }
+
+    #[test]
+    fn sweeps_wait_while_draining_and_are_dropped() {
+        let mut schedule = schedule();
+        schedule.accept(nudge("1", Source::Reconcile));
+        schedule.accept(nudge("2", Source::Firestore));
+        assert_eq!(
+            schedule
+                .next(false)
+                .map(|n| n.checkout_id.to_string())
+                .as_deref(),
+            Some("2")
+        );
+        assert!(schedule.next(false).is_none());
+        schedule.drop_sweeps();
+        assert!(
+            !schedule
+                .slots
+                .contains_key(&"1".parse::<CheckoutId>().expect("id"))
+        );
+    }
 }

@@ -101,8 +101,9 @@ pub fn listener_options(settings: &Settings) -> anyhow::Result<ListenerOptions> 
     })
 }
 
-fn verifier_config(settings: &Settings) -> VerifierConfig {
+fn verifier_config(settings: &Settings, client: Client) -> VerifierConfig {
     VerifierConfig {
+        client,
         hooks: Arc::new(settings.hooks.clone()),
         refund_watch: settings.firestore.refund_watch,
     }
@@ -163,12 +164,15 @@ pub async fn run(
     }
 
     // 4. The verifier, fed by the listener's events and the reconciler.
-    let (config_sender, config_receiver) = watch::channel(verifier_config(&settings));
+    let (config_sender, config_receiver) =
+        watch::channel(verifier_config(&settings, client.clone()));
     let (ledger_changed, _) = watch::channel(0u64);
     let (watch_set_changed, _) = watch::channel(0u64);
+    // Urgent nudges (Firestore changes) and sweep nudges (the reconciler) travel apart, so a
+    // payment never queues behind a sweep.
     let (nudge_sender, nudge_receiver) = mpsc::channel::<Nudge>(1024);
+    let (sweep_sender, sweep_receiver) = mpsc::channel::<Nudge>(64);
     let verifier = Verifier::new(
-        client.clone(),
         ledger.clone(),
         config_receiver,
         settings.paymennt.concurrency,
@@ -179,7 +183,8 @@ pub async fn run(
     );
     let verifier_stats = verifier.stats();
     let verifier_abort = CancellationToken::new();
-    let verifier_task = tokio::spawn(verifier.run(nudge_receiver, verifier_abort.clone()));
+    let verifier_task =
+        tokio::spawn(verifier.run(nudge_receiver, sweep_receiver, verifier_abort.clone()));
 
     let mut tasks = JoinSet::new();
     tasks.spawn(consume_listen_events(
@@ -202,7 +207,7 @@ pub async fn run(
     let (interval_sender, interval_receiver) = watch::channel(settings.reconcile.interval);
     tasks.spawn(crate::sources::reconcile::run(
         ledger.clone(),
-        nudge_sender.clone(),
+        sweep_sender,
         interval_receiver,
         watch_set_changed.clone(),
         sources.clone(),
@@ -300,7 +305,6 @@ pub async fn run(
     tracing::info!(drain_timeout = ?drain, "shutting down: finishing in-flight verifications and running hooks");
     let deadline = tokio::time::Instant::now() + drain;
     sources.cancel();
-    dispatcher_stop.cancel();
     while tasks.join_next().await.is_some() {}
     let mut verifier_task = verifier_task;
     if tokio::time::timeout_at(deadline, &mut verifier_task)
@@ -313,6 +317,9 @@ pub async fn run(
         verifier_abort.cancel();
         let _ = verifier_task.await;
     }
+    // Only now does the dispatcher stop claiming: while verifications drain, the deliveries
+    // they queue can still start (on its poll tick) and finish within the same deadline.
+    dispatcher_stop.cancel();
     let mut dispatcher_task = dispatcher_task;
     if tokio::time::timeout_at(deadline, &mut dispatcher_task)
         .await
@@ -342,9 +349,13 @@ fn reload(
     interval: &watch::Sender<Duration>,
     dispatcher: &DispatcherHandle,
 ) {
-    let loaded = Settings::load(options.config_path.as_deref())
-        .and_then(|fresh| HookSet::from_settings(&fresh).map(|hooks| (fresh, hooks)));
-    let (fresh, hooks) = match loaded {
+    let loaded = Settings::load(options.config_path.as_deref()).and_then(|fresh| {
+        let hooks = HookSet::from_settings(&fresh)?;
+        // Rebuilt, so rotated API credentials (a new secret file) take effect now.
+        let client = Client::from_settings(&fresh.paymennt)?;
+        Ok((fresh, hooks, client))
+    });
+    let (fresh, hooks, client) = match loaded {
         Ok(loaded) => loaded,
         Err(error) => {
             tracing::error!("config reload failed; keeping the running config: {error}");
@@ -357,20 +368,20 @@ fn reload(
     if let Err(error) = options.log.set_level(&fresh.log.level) {
         tracing::error!("config reload: {error}; keeping the log level");
     }
-    config.send_replace(verifier_config(&fresh));
+    config.send_replace(verifier_config(&fresh, client));
     interval.send_replace(fresh.reconcile.interval);
     let mut restart_needed = Vec::new();
     if fresh.ledger.path != settings.ledger.path {
         restart_needed.push("[ledger]");
     }
-    if fresh.paymennt.base_url() != settings.paymennt.base_url()
-        || fresh.paymennt.concurrency != settings.paymennt.concurrency
-    {
-        restart_needed.push("[paymennt]");
+    if fresh.paymennt.concurrency != settings.paymennt.concurrency {
+        restart_needed.push("paymennt.concurrency");
     }
-    if fresh.firestore.endpoint() != settings.firestore.endpoint()
-        || fresh.firestore.stream_mode != settings.firestore.stream_mode
-    {
+    if fresh.hooks_concurrency != settings.hooks_concurrency {
+        restart_needed.push("hooks_concurrency");
+    }
+    // The listener keeps its connections and credentials; compare what it was built from.
+    if listener_options_key(settings) != listener_options_key(&fresh) {
         restart_needed.push("[firestore]");
     }
     if !restart_needed.is_empty() {
@@ -381,6 +392,11 @@ fn reload(
     }
     tracing::info!(hooks = fresh.hooks.len(), reconcile_interval = ?fresh.reconcile.interval, level = %fresh.log.level, "config reloaded");
     *settings = fresh;
+}
+
+/// What the listener was built from, comparable across reloads (credentials by file path).
+fn listener_options_key(settings: &Settings) -> String {
+    format!("{:?}", listener_options(settings).ok())
 }
 
 /// Takes an exclusive lock on `<ledger>.lock` for the daemon's lifetime (released when the
@@ -440,6 +456,9 @@ async fn consume_listen_events(
     cancel: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(512);
+    // Set when noting pending verifications failed: no token may be saved past an unnoted
+    // change until a later note succeeds (the token would let a restart skip it).
+    let mut unnoted_changes = false;
     loop {
         batch.clear();
         tokio::select! {
@@ -462,14 +481,20 @@ async fn consume_listen_events(
         // Then, before any checkpoint of this batch is saved, the changes are noted durably.
         if !changed.is_empty() {
             let marker = ledger.clone();
-            if let Err(error) = blocking(move || marker.mark_needs_verify(&changed, seen_at)).await
-            {
-                tracing::error!("cannot note pending verifications: {error:#}");
+            match blocking(move || marker.mark_needs_verify(&changed, seen_at)).await {
+                Ok(()) => unnoted_changes = false,
+                Err(error) => {
+                    unnoted_changes = true;
+                    tracing::error!(
+                        "cannot note pending verifications; resume tokens are not saved until it works: {error:#}"
+                    );
+                }
             }
         }
         for event in batch.drain(..) {
             match event {
                 ListenEvent::Changed(_) => {}
+                ListenEvent::Checkpoint { .. } if unnoted_changes => {}
                 ListenEvent::Checkpoint { tokens, read_time } => {
                     let saver = ledger.clone();
                     if let Err(error) =

@@ -27,6 +27,9 @@ pub const CREDENTIAL_API_KEY: &str = "paymennt-api-key";
 /// The systemd credential name of the Google service-account file.
 pub const CREDENTIAL_FIRESTORE: &str = "firestore-service-account";
 
+/// The longest duration any setting accepts (ten years).
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
+
 /// A config problem: it names the file or variable, the key and the bad value. Exit code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -734,7 +737,9 @@ impl Settings {
             config::Environment::with_prefix("PAYWATCH")
                 .prefix_separator("_")
                 .separator("__")
-                .try_parsing(true)
+                // No type guessing: a secret such as "00123" must stay a string. The config crate
+                // still converts strings for numeric and boolean settings.
+                .try_parsing(false)
                 .source(Some(env_map)),
         );
         let merged = builder
@@ -760,6 +765,47 @@ impl Settings {
         for (key, value) in positive {
             if value.is_zero() {
                 return Err(err(format!("{origin}: '{key}' must be greater than 0")));
+            }
+        }
+        // Timers are added to clock readings; an absurd value must be refused here rather than
+        // overflow (and panic) deep inside a running daemon.
+        let mut bounded = vec![
+            (
+                "paymennt.connect_timeout".to_owned(),
+                self.paymennt.connect_timeout,
+            ),
+            (
+                "paymennt.request_timeout".to_owned(),
+                self.paymennt.request_timeout,
+            ),
+            (
+                "firestore.idle_timeout".to_owned(),
+                self.firestore.idle_timeout,
+            ),
+            (
+                "firestore.add_ack_timeout".to_owned(),
+                self.firestore.add_ack_timeout,
+            ),
+            (
+                "firestore.refund_watch".to_owned(),
+                self.firestore.refund_watch,
+            ),
+            ("reconcile.interval".to_owned(), self.reconcile.interval),
+            ("daemon.drain_timeout".to_owned(), self.daemon.drain_timeout),
+        ];
+        for (index, hook) in self.hooks.iter().enumerate() {
+            bounded.push((format!("hooks[{index}].timeout"), hook.timeout));
+            if let Some(max_age) = hook.max_age {
+                bounded.push((format!("hooks[{index}].max_age"), max_age));
+            }
+        }
+        for (key, value) in bounded {
+            if value > MAX_DURATION {
+                return Err(err(format!(
+                    "{origin}: '{key}' value '{}' is too long (at most {})",
+                    humantime::format_duration(value),
+                    humantime::format_duration(MAX_DURATION)
+                )));
             }
         }
         let counts = [

@@ -238,3 +238,28 @@ fn an_unknown_choice_lists_the_accepted_values() {
     );
     assert!(error.to_string().contains("text, json"), "{error}");
 }
+
+#[test]
+fn absurd_durations_are_refused() {
+    let error = load("[reconcile]\ninterval = \"500years\"\n", &[]).expect_err("too long");
+    assert!(
+        error.to_string().contains("'reconcile.interval'"),
+        "{error}"
+    );
+    assert!(error.to_string().contains("too long"), "{error}");
+}
+
+#[test]
+fn a_numeric_looking_secret_from_the_environment_stays_verbatim() {
+    let settings = load(
+        "[paymennt]\napi_key = \"k\"\n",
+        &[
+            ("PAYWATCH_PAYMENNT__API_SECRET", "00123"),
+            ("PAYWATCH_PAYMENNT__API_KEY", "1e5"),
+        ],
+    )
+    .expect("valid");
+    let credentials = settings.paymennt.credentials().expect("resolves");
+    assert_eq!(credentials.secret.expose(), "00123");
+    assert_eq!(credentials.key.expose(), "1e5");
+}
