@@ -211,24 +211,12 @@ impl Drop for Running {
     }
 }
 
-/// The daemon as its own process watching `checkouts` checkouts: resident memory.
-async fn memory(mode: &str, checkouts: usize) {
-    let sandbox = Sandbox::start(SandboxOptions::default())
-        .await
-        .expect("sandbox");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = config(dir.path(), &sandbox, mode);
-    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
-    let created = Instant::now();
-    create_tracked(&sandbox, &ledger, checkouts).await;
-    println!(
-        "[{mode}] created and tracked {checkouts} links in {:.1} s",
-        created.elapsed().as_secs_f64()
-    );
-
+/// Starts `paywatch run` on `config`, waits until nothing in `ledger` is unverified and the
+/// first-snapshot burst has settled, and returns its resident memory in KiB and the time taken.
+async fn settled_daemon_rss(config: &Path, ledger: &Ledger) -> (u64, Duration) {
     let child = Command::new(env!("CARGO_BIN_EXE_paywatch"))
         .arg("--config")
-        .arg(&path)
+        .arg(config)
         .arg("run")
         .env_remove("RUST_LOG")
         .env_remove("NOTIFY_SOCKET")
@@ -238,26 +226,45 @@ async fn memory(mode: &str, checkouts: usize) {
         .spawn()
         .expect("paywatch run");
     let running = Running(child);
-    let pid = running.0.id();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let idle = rss_kib(pid).unwrap_or(0);
     let started = Instant::now();
     wait_until("all checkouts verified", || {
-        count(&ledger, "UNVERIFIED") == 0
+        count(ledger, "UNVERIFIED") == 0
     })
     .await;
     let verified_in = started.elapsed();
-    // Let the first-snapshot burst settle before reading the steady-state figure.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let steady = rss_kib(pid).unwrap_or(0);
-    println!(
-        "[{mode}] daemon watching {checkouts} checkouts: all verified in {:.1} s; RSS {:.1} MiB (at start {:.1} MiB; {:.2} KiB per checkout)",
-        verified_in.as_secs_f64(),
-        steady as f64 / 1024.0,
-        idle as f64 / 1024.0,
-        steady.saturating_sub(idle) as f64 / checkouts as f64
-    );
+    let rss = rss_kib(running.0.id()).unwrap_or(0);
     drop(running);
+    (rss, verified_in)
+}
+
+/// The daemon as its own process: resident memory with no checkout, then watching `checkouts`.
+async fn memory(mode: &str, checkouts: usize) {
+    let sandbox = Sandbox::start(SandboxOptions::default())
+        .await
+        .expect("sandbox");
+    let empty_dir = tempfile::tempdir().expect("tempdir");
+    let empty_config = config(empty_dir.path(), &sandbox, mode);
+    let empty_ledger = Ledger::open(&empty_dir.path().join("paywatch.db")).expect("ledger");
+    let (baseline, _) = settled_daemon_rss(&empty_config, &empty_ledger).await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = config(dir.path(), &sandbox, mode);
+    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+    let created = Instant::now();
+    create_tracked(&sandbox, &ledger, checkouts).await;
+    println!(
+        "[{mode}] created and tracked {checkouts} links in {:.1} s",
+        created.elapsed().as_secs_f64()
+    );
+    let (loaded, verified_in) = settled_daemon_rss(&path, &ledger).await;
+    println!(
+        "[{mode}] daemon watching {checkouts} checkouts: all subscribed and verified in {:.1} s; RSS {:.1} MiB (empty daemon {:.1} MiB; {:.2} KiB per watched checkout)",
+        verified_in.as_secs_f64(),
+        loaded as f64 / 1024.0,
+        baseline as f64 / 1024.0,
+        loaded.saturating_sub(baseline) as f64 / checkouts as f64
+    );
     sandbox.shutdown().await;
 }
 
