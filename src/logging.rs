@@ -6,7 +6,7 @@
 use std::fmt;
 
 use tracing::{Event, Level, Subscriber};
-use tracing_subscriber::fmt::format::{DefaultFields, Format, Full, Writer};
+use tracing_subscriber::fmt::format::{Format, Full, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::reload;
@@ -143,10 +143,6 @@ where
         self.0.format_event(ctx, writer, event)
     }
 }
-
-// Keeps `DefaultFields` in the public signature stable if the field formatter changes.
-#[allow(dead_code)]
-type Fields = DefaultFields;
 
 #[cfg(test)]
 mod tests {
