@@ -624,3 +624,67 @@ async fn plaintext_to_a_remote_host_is_refused_at_start() {
     let error = Listener::start(options, sender, CancellationToken::new()).expect_err("refused");
     assert!(error.to_string().contains("refusing plaintext"), "{error}");
 }
+
+#[tokio::test]
+async fn checkouts_of_two_projects_are_watched_at_once_each_with_its_database() {
+    let mut fake = Fake::start().await;
+    let mut listener = Running::start(&fake.endpoint, |options| {
+        options.mode = StreamMode::Multiplexed;
+    });
+    for (project, name) in [("shop-eu", "a"), ("shop-us", "b")] {
+        listener.handle.watch(WatchTarget {
+            checkout_id: id(name),
+            location: FirestoreLocation::new(project, "checkouts", name).expect("location"),
+            resume_token: None,
+        });
+    }
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let mut call = fake.call().await;
+        let prefix = call
+            .headers
+            .get("google-cloud-resource-prefix")
+            .and_then(|v| v.to_str().ok())
+            .expect("resource prefix header")
+            .to_owned();
+        let request = call.request().await;
+        assert_eq!(
+            request.database, prefix,
+            "each stream names its own database"
+        );
+        let Some(listen_request::TargetChange::AddTarget(target)) = request.target_change else {
+            panic!("expected AddTarget");
+        };
+        let Some(target::TargetType::Documents(docs)) = target.target_type else {
+            panic!("a documents target");
+        };
+        assert!(
+            docs.documents[0].starts_with(&format!("{prefix}/documents/")),
+            "{docs:?}"
+        );
+        call.initial(target.target_id, None, b"t").await;
+        seen.push((prefix, call));
+    }
+    seen.sort_by(|a, b| a.0.cmp(&b.0));
+    let prefixes: Vec<&str> = seen.iter().map(|(prefix, _)| prefix.as_str()).collect();
+    assert_eq!(
+        prefixes,
+        [
+            "projects/shop-eu/databases/(default)",
+            "projects/shop-us/databases/(default)"
+        ]
+    );
+    let mut changed = Vec::new();
+    while changed.len() < 2 {
+        if let ListenEvent::Changed(nudge) = listener.next_news().await {
+            changed.push(nudge.checkout_id.to_string());
+        }
+    }
+    changed.sort();
+    assert_eq!(
+        changed,
+        ["a", "b"],
+        "both projects' first snapshots are reported"
+    );
+    listener.stop().await;
+}
