@@ -10,8 +10,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use gcloud_sdk::google::firestore::v1::{
-    Document, DocumentChange, ListenRequest, ListenResponse, TargetChange, listen_request,
-    listen_response, target, target_change::TargetChangeType,
+    Document, DocumentChange, ListenRequest, ListenResponse, listen_request, listen_response,
+    target, target_change::TargetChangeType,
 };
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -86,18 +86,7 @@ impl Call {
 }
 
 fn tc(kind: TargetChangeType, ids: &[i32], token: &[u8]) -> ListenResponse {
-    ListenResponse {
-        response_type: Some(listen_response::ResponseType::TargetChange(TargetChange {
-            target_change_type: kind as i32,
-            target_ids: ids.to_vec(),
-            cause: None,
-            resume_token: token.to_vec(),
-            read_time: Some(prost_types::Timestamp {
-                seconds: 1_700_000_000,
-                nanos: 0,
-            }),
-        })),
-    }
+    super::state::tests::tc(kind, ids, token, Some(1_700_000_000))
 }
 
 fn doc(name: &str, id: i32) -> ListenResponse {

@@ -956,7 +956,7 @@ pub(crate) fn to_datetime(timestamp: &prost_types::Timestamp) -> Option<DateTime
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::domain::FirestoreLocation;
     use gcloud_sdk::google::firestore::v1::{
@@ -981,7 +981,13 @@ mod tests {
         }
     }
 
-    fn tc(kind: TargetChangeType, ids: &[i32], token: &[u8], read: Option<i64>) -> ListenResponse {
+    /// A `TargetChange` response; `read` is the read time in seconds. Shared with `fake.rs`.
+    pub(in crate::sources::firestore) fn tc(
+        kind: TargetChangeType,
+        ids: &[i32],
+        token: &[u8],
+        read: Option<i64>,
+    ) -> ListenResponse {
         ListenResponse {
             response_type: Some(listen_response::ResponseType::TargetChange(TargetChange {
                 target_change_type: kind as i32,
