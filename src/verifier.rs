@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{CheckoutId, Source, format_money, printable};
-use crate::ledger::{ApplyOutcome, Ledger};
+use crate::ledger::{ApplyOutcome, Ledger, NotFoundOutcome};
 use crate::paymennt::{Client, VerifiedCheckout};
 use crate::settings::HookSettings;
 use crate::sources::Nudge;
@@ -321,12 +321,18 @@ impl Verifier {
         }
     }
 
-    /// Counts a "not found" answer; after a few in a row the checkout is no longer watched.
-    async fn count_not_found(&self, id: &CheckoutId) {
+    /// Counts a "not found" answer; after a few in a row the checkout is no longer watched,
+    /// unless many checkouts look gone at once (a configuration problem: all stay watched).
+    async fn count_not_found(
+        &self,
+        id: &CheckoutId,
+        client: &Client,
+        error: &crate::paymennt::Error,
+    ) {
         let ledger = self.ledger.clone();
         let for_ledger = id.clone();
         match tokio::task::spawn_blocking(move || ledger.note_not_found(&for_ledger)).await {
-            Ok(Ok((count, true))) => {
+            Ok(Ok(NotFoundOutcome::Unwatched { count })) => {
                 tracing::error!(
                     checkout = %id,
                     "paymennt said {count} times in a row that this checkout does not exist; it is no longer watched\n\n\
@@ -335,7 +341,19 @@ impl Verifier {
                 self.watch_set_changed
                     .send_modify(|generation| *generation += 1);
             }
-            Ok(Ok(_)) => {}
+            Ok(Ok(NotFoundOutcome::ManyLookGone(gone))) => {
+                tracing::error!(
+                    checkout = %id,
+                    base_url = %client.base_url(),
+                    "{} of {} watched checkouts look gone at once (the latest answer from {}: {error}); \
+                     that is a configuration problem, not vanished checkouts, so all stay watched\n\n\
+                     check [paymennt] base_url, environment and that the API key belongs to the merchant that created them; run: paywatch check-config --online",
+                    gone.checkouts,
+                    gone.watched,
+                    client.base_url(),
+                );
+            }
+            Ok(Ok(NotFoundOutcome::Counted { .. })) => {}
             Ok(Err(error)) => {
                 tracing::error!(checkout = %id, %error, "cannot count a not-found answer")
             }
@@ -347,17 +365,35 @@ impl Verifier {
     async fn verify(&self, nudge: Nudge) -> Option<Nudge> {
         self.stats.send_modify(|stats| stats.calls += 1);
         let client = self.config.borrow().client.clone();
-        let verified = match client.get_checkout(&nudge.checkout_id).await {
+        // The ticket orders this answer against every other (never a clock).
+        let ticketer = self.ledger.clone();
+        let ticket = match tokio::task::spawn_blocking(move || ticketer.issue_ticket()).await {
+            Ok(Ok(ticket)) => ticket,
+            Ok(Err(error)) => {
+                tracing::error!(checkout = %nudge.checkout_id, %error, "cannot take a verification ticket; will try again");
+                return Some(nudge);
+            }
+            Err(error) => {
+                tracing::error!(checkout = %nudge.checkout_id, %error, "ledger task failed; will try again");
+                return Some(nudge);
+            }
+        };
+        let verified = match client.get_checkout(&nudge.checkout_id, ticket).await {
             Ok(verified) => verified,
             Err(error) => {
                 self.stats.send_modify(|stats| stats.failures += 1);
+                if error.is_retryable() && error.is_configuration_problem() {
+                    tracing::error!(checkout = %nudge.checkout_id, source = %nudge.source, base_url = %client.base_url(), %error, "Get Checkout failed; will try again");
+                    return Some(nudge);
+                }
                 if error.is_retryable() {
                     tracing::warn!(checkout = %nudge.checkout_id, source = %nudge.source, %error, "Get Checkout failed; will try again");
                     return Some(nudge);
                 }
-                tracing::error!(checkout = %nudge.checkout_id, source = %nudge.source, %error, "Get Checkout refused; nothing recorded");
+                tracing::error!(checkout = %nudge.checkout_id, source = %nudge.source, base_url = %client.base_url(), %error, "Get Checkout refused; nothing recorded");
                 if error.is_not_found() {
-                    self.count_not_found(&nudge.checkout_id).await;
+                    self.count_not_found(&nudge.checkout_id, &client, &error)
+                        .await;
                 }
                 return None;
             }
@@ -406,10 +442,13 @@ impl Verifier {
                 }
             }
             Ok(Ok(ApplyOutcome::Unchanged)) => {
-                tracing::debug!(checkout = %verified.id(), status = %verified.status(), %source, "verified; unchanged");
+                tracing::debug!(checkout = %verified.id(), status = %printable(verified.status().as_str()), %source, "verified; unchanged");
             }
             Ok(Ok(ApplyOutcome::Stale)) => {
-                tracing::debug!(checkout = %verified.id(), %source, "answer older than one already recorded; ignored");
+                // Cannot happen with one ledger handing out tickets, unless another process
+                // verified this checkout meanwhile; whatever the cause, ask again.
+                tracing::warn!(checkout = %verified.id(), %source, ticket = %verified.ticket(), "answer to a request older than one already recorded; ignored, the checkout stays marked and is verified again");
+                return Some(nudge);
             }
             Ok(Err(error)) => {
                 tracing::error!(checkout = %nudge.checkout_id, %error, "cannot record the verified status; will try again");
@@ -433,13 +472,14 @@ fn log_transition(
     hooks: usize,
 ) {
     let facts = verified.facts();
-    let status = verified.status();
+    // paymennt's text is escaped: a newline in a status must not start a forged line.
+    let status = printable(verified.status().as_str());
     let order = facts
         .order_id
         .as_deref()
         .map(printable)
         .unwrap_or_else(|| "-".into());
-    let was = previous.unwrap_or("untracked");
+    let was = previous.map_or_else(|| "untracked".to_owned(), printable);
     let timing = match (source, latency_ms) {
         (Source::Firestore, Some(ms)) => format!("verified {ms} ms after the change"),
         (Source::Firestore, None) => format!(

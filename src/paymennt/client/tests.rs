@@ -97,6 +97,10 @@ async fn start(answers: Vec<Answer>) -> (Client, Arc<Script>) {
 
 const CHECKOUT: &str = r#"{"success":true,"elapsed":12,"result":{"id":"1653241101733169556","requestId":"ORD-1234-r1","orderId":"ORD-1234","currency":"AED","amount":19.99,"status":"PENDING","totalRefunded":0.0,"firebaseDatabase":"pc-test-734bc","firebaseCollection":"checkouts","firebaseDocument":"doc1"}}"#;
 
+fn ticket() -> VerifyTicket {
+    VerifyTicket::new(1)
+}
+
 fn id() -> CheckoutId {
     "1653241101733169556".parse().expect("id")
 }
@@ -104,7 +108,7 @@ fn id() -> CheckoutId {
 #[tokio::test]
 async fn get_checkout_sends_auth_headers_and_keeps_exact_amount() {
     let (client, script) = start(vec![answer(200, CHECKOUT)]).await;
-    let checkout = client.get_checkout(&id()).await.expect("success");
+    let checkout = client.get_checkout(&id(), ticket()).await.expect("success");
     assert_eq!(checkout.facts().amount.to_string(), "19.99");
     assert_eq!(checkout.status(), &CheckoutStatus::Pending);
     assert!(checkout.raw_json().contains("19.99"));
@@ -125,7 +129,7 @@ async fn get_checkout_sends_auth_headers_and_keeps_exact_amount() {
 async fn http_400_carries_paymennts_message_and_is_not_retried() {
     let body = r#"{"success":false,"elapsed":3,"error":"Checkout not found for API merchant"}"#;
     let (client, script) = start(vec![answer(400, body), answer(200, CHECKOUT)]).await;
-    let error = client.get_checkout(&id()).await.expect_err("400");
+    let error = client.get_checkout(&id(), ticket()).await.expect_err("400");
     assert!(!error.is_retryable());
     assert!(error.is_not_found());
     assert!(
@@ -145,7 +149,10 @@ async fn http_400_carries_paymennts_message_and_is_not_retried() {
 async fn success_false_with_http_200_is_an_error() {
     let body = r#"{"success":false,"elapsed":3,"error":"Invalid request"}"#;
     let (client, _script) = start(vec![answer(200, body)]).await;
-    let error = client.get_checkout(&id()).await.expect_err("success false");
+    let error = client
+        .get_checkout(&id(), ticket())
+        .await
+        .expect_err("success false");
     assert!(error.to_string().contains("Invalid request"), "{error}");
 }
 
@@ -159,7 +166,7 @@ async fn http_500_is_retried_then_succeeds() {
     ])
     .await;
     let checkout = client
-        .get_checkout(&id())
+        .get_checkout(&id(), ticket())
         .await
         .expect("third attempt succeeds");
     assert_eq!(checkout.id(), &id());
@@ -171,7 +178,10 @@ async fn retries_stop_at_the_limit() {
     let failure = r#"{"success":false,"error":"internal"}"#;
     let answers = vec![answer(500, failure); 6];
     let (client, script) = start(answers).await;
-    let error = client.get_checkout(&id()).await.expect_err("all fail");
+    let error = client
+        .get_checkout(&id(), ticket())
+        .await
+        .expect_err("all fail");
     assert!(error.is_retryable());
     assert_eq!(
         script.seen.lock().expect("lock").len(),
@@ -190,7 +200,7 @@ async fn http_429_honours_retry_after() {
     };
     let (client, script) = start(vec![limited, answer(200, CHECKOUT)]).await;
     client
-        .get_checkout(&id())
+        .get_checkout(&id(), ticket())
         .await
         .expect("succeeds after waiting");
     let seen = script.seen.lock().expect("lock");
@@ -212,7 +222,7 @@ async fn a_slow_answer_times_out_and_is_retried() {
     };
     let (client, script) = start(vec![slow, answer(200, CHECKOUT)]).await;
     client
-        .get_checkout(&id())
+        .get_checkout(&id(), ticket())
         .await
         .expect("second attempt succeeds");
     assert_eq!(script.seen.lock().expect("lock").len(), 2);
@@ -239,7 +249,10 @@ async fn connection_refused_is_a_retryable_network_error() {
         },
     )
     .expect("client");
-    let error = client.get_checkout(&id()).await.expect_err("refused");
+    let error = client
+        .get_checkout(&id(), ticket())
+        .await
+        .expect_err("refused");
     assert!(matches!(error, Error::Network(_)), "{error:?}");
     assert!(error.is_retryable());
     assert!(!error.to_string().contains('s') || !error.to_string().contains("secret"));
@@ -253,12 +266,12 @@ async fn an_answer_may_omit_the_coordinates_but_not_half_of_them() {
     let partial = r#"{"success":true,"result":{"id":"1","amount":1,"currency":"AED","status":"PAID","firebaseDatabase":"p"}}"#;
     let (client, _script) = start(vec![answer(200, body), answer(200, partial)]).await;
     let verified = client
-        .get_checkout(&"1".parse().expect("id"))
+        .get_checkout(&"1".parse().expect("id"), ticket())
         .await
         .expect("no coordinates is fine for an answer");
     assert_eq!(verified.facts().location, None);
     let error = client
-        .get_checkout(&"1".parse().expect("id"))
+        .get_checkout(&"1".parse().expect("id"), ticket())
         .await
         .expect_err("half the coordinates");
     assert!(error.to_string().contains("firebaseCollection"), "{error}");
@@ -269,7 +282,7 @@ async fn unknown_status_is_kept() {
     let body = CHECKOUT.replace("\"PENDING\"", "\"On hold\"");
     let (client, _script) = start(vec![answer(200, &body)]).await;
     let checkout = client
-        .get_checkout(&id())
+        .get_checkout(&id(), ticket())
         .await
         .expect("unknown status is fine");
     assert_eq!(
