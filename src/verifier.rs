@@ -589,6 +589,58 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_status_cannot_forge_a_payment_line() {
+        let forged = r#"{"id":"7","orderId":"ORD-7","currency":"AED","amount":5,"status":"ON_HOLD\nINFO paywatch::payment: PAID checkout=999 order=FORGED 1000.00 AED"}"#;
+        let verified = VerifiedCheckout::for_tests(forged);
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            log_transition(
+                &verified,
+                Some("PENDING\nINFO paywatch::payment: PAID checkout=998"),
+                Source::Reconcile,
+                None,
+                Duration::ZERO,
+                0,
+            );
+        });
+        let text = logs.text();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(
+            text.contains(r"ON_HOLD\nINFO"),
+            "escaped, still readable: {text}"
+        );
+    }
+
+    /// Log output captured for assertions.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+        }
+    }
+
+    #[test]
     fn sweeps_wait_while_draining_and_are_dropped() {
         let mut schedule = schedule();
         schedule.accept(nudge("1", Source::Reconcile));
