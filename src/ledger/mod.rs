@@ -301,6 +301,32 @@ impl Ledger {
         Ledger::configure(connection, shown.clone())
     }
 
+    /// Opens an existing ledger for reading only, without migrating it (`check-config` looks
+    /// at it while a daemon may be running on it).
+    ///
+    /// # Errors
+    ///
+    /// Names the path and what failed.
+    pub fn open_read_only(path: &Path) -> Result<Ledger> {
+        let shown = path.display().to_string();
+        let connection = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .and_then(|connection| {
+            connection.busy_timeout(Duration::from_secs(10))?;
+            Ok(connection)
+        })
+        .map_err(|error| LedgerError {
+            path: shown.clone(),
+            message: format!("cannot open for reading: {error}"),
+        })?;
+        Ok(Ledger {
+            connection: Arc::new(Mutex::new(connection)),
+            path: shown.into(),
+        })
+    }
+
     /// An in-memory ledger, for tests.
     ///
     /// # Errors
