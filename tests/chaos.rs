@@ -584,3 +584,107 @@ fn first_mismatch(
         .find(|d| !completed.contains(&d.event_id))
         .map(|d| format!("the hook has no record of completing {}", d.event_id))
 }
+
+/// Counts, straight from the ledger file, transitions without their delivery and deliveries
+/// without their transition (with one hook on every status, each transition has exactly one).
+fn orphans(path: &Path) -> (i64, i64, i64) {
+    let connection = rusqlite::Connection::open(path).expect("open the ledger file");
+    let count = |sql: &str| -> i64 {
+        connection
+            .query_row(sql, [], |row| row.get(0))
+            .expect("count")
+    };
+    (
+        count("SELECT count(*) FROM transitions"),
+        count(
+            "SELECT count(*) FROM transitions t
+             WHERE NOT EXISTS (SELECT 1 FROM hook_deliveries d WHERE d.transition_id = t.id)",
+        ),
+        count(
+            "SELECT count(*) FROM hook_deliveries d
+             WHERE NOT EXISTS (SELECT 1 FROM transitions t WHERE t.id = d.transition_id)",
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_during_a_burst_never_splits_a_transition_from_its_deliveries() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runs = dir.path().join("runs");
+    let hook = write_hook(dir.path(), &runs);
+    let extra = format!(
+        "[[hooks]]\nname = \"record\"\ncommand = [\"/bin/sh\", \"{}\"]\n",
+        hook.display()
+    );
+    let (settings, config) = common::settings(dir.path(), &sandbox, "multiplexed", &extra);
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let mut ids = Vec::new();
+    for n in 0..240 {
+        ids.push(common::create_and_track(&sandbox, &ledger, &format!("ORD-BURST-{n}")).await);
+    }
+    let daemon_log = dir.path().join("daemon.log");
+    let mut process = DaemonProcess::start(&config, &daemon_log);
+    for id in &ids {
+        common::wait_status(&ledger, id, "PENDING").await;
+    }
+    // Three bursts of 80 payments, each cut short by a SIGKILL as soon as it starts being
+    // recorded, then a restart before the next.
+    let mut cut_mid_burst = 0;
+    for burst in ids.chunks(80) {
+        let before = orphans(&settings.ledger.path).0;
+        let payments = {
+            let state = sandbox.state().clone();
+            let burst = burst.to_vec();
+            tokio::spawn(async move {
+                for id in &burst {
+                    state.pay(id).await.expect("pay");
+                }
+            })
+        };
+        common::wait_for(
+            "the burst to start being recorded",
+            common::DEADLINE,
+            || {
+                let recorded = orphans(&settings.ledger.path).0;
+                async move { (recorded > before).then_some(()) }
+            },
+        )
+        .await;
+        tokio::task::block_in_place(|| process.kill_9());
+        let (transitions, without_delivery, without_transition) = orphans(&settings.ledger.path);
+        assert_eq!(
+            (without_delivery, without_transition),
+            (0, 0),
+            "a transition and its deliveries are one transaction"
+        );
+        if transitions - before < 80 {
+            cut_mid_burst += 1;
+        }
+        payments.await.expect("payments made");
+        process = DaemonProcess::start(&config, &daemon_log);
+    }
+    eprintln!("durability: {cut_mid_burst} of 3 kills landed mid-burst");
+    // The last restart finishes the job: every payment recorded once, every delivery delivered.
+    for id in &ids {
+        common::wait_status(&ledger, id, "PAID").await;
+    }
+    common::wait_for("every delivery to be delivered", common::DEADLINE, || {
+        let undelivered = ledger
+            .deliveries(&DeliveryFilter::default())
+            .expect("deliveries")
+            .into_iter()
+            .filter(|d| d.state != DeliveryState::Delivered)
+            .count();
+        async move { (undelivered == 0).then_some(()) }
+    })
+    .await;
+    tokio::task::block_in_place(|| process.stop());
+    for id in &ids {
+        assert_eq!(common::history(&ledger, id), ["PENDING", "PAID"], "{id}");
+    }
+    let (transitions, without_delivery, without_transition) = orphans(&settings.ledger.path);
+    assert_eq!(transitions, 480);
+    assert_eq!((without_delivery, without_transition), (0, 0));
+    sandbox.shutdown().await;
+}
