@@ -471,6 +471,18 @@ fn log_transition(
     since_seen: Duration,
     hooks: usize,
 ) {
+    let line = payment_line(verified, previous, source, latency_ms, since_seen);
+    tracing::info!(target: "paywatch::payment", %source, hooks, "{line}");
+}
+
+/// The text of the operator's line; always one line, whatever paymennt sent.
+fn payment_line(
+    verified: &VerifiedCheckout,
+    previous: Option<&str>,
+    source: Source,
+    latency_ms: Option<i64>,
+    since_seen: Duration,
+) -> String {
     let facts = verified.facts();
     // paymennt's text is escaped: a newline in a status must not start a forged line.
     let status = printable(verified.status().as_str());
@@ -502,7 +514,7 @@ fn log_transition(
             facts.currency
         ));
     }
-    tracing::info!(target: "paywatch::payment", %source, hooks, "{line}");
+    line
 }
 
 #[cfg(test)]
@@ -590,54 +602,21 @@ mod tests {
 
     #[test]
     fn an_unknown_status_cannot_forge_a_payment_line() {
-        let forged = r#"{"id":"7","orderId":"ORD-7","currency":"AED","amount":5,"status":"ON_HOLD\nINFO paywatch::payment: PAID checkout=999 order=FORGED 1000.00 AED"}"#;
+        let forged = r#"{"id":"7","orderId":"ORD-7\nPAID checkout=997","currency":"AED","amount":5,"status":"ON_HOLD\nINFO paywatch::payment: PAID checkout=999 order=FORGED 1000.00 AED"}"#;
         let verified = VerifiedCheckout::for_tests(forged);
-        let logs = Captured::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
-            log_transition(
-                &verified,
-                Some("PENDING\nINFO paywatch::payment: PAID checkout=998"),
-                Source::Reconcile,
-                None,
-                Duration::ZERO,
-                0,
-            );
-        });
-        let text = logs.text();
-        assert_eq!(text.lines().count(), 1, "{text}");
-        assert!(
-            text.contains(r"ON_HOLD\nINFO"),
-            "escaped, still readable: {text}"
+        let line = payment_line(
+            &verified,
+            Some("PENDING\nINFO paywatch::payment: PAID checkout=998"),
+            Source::Reconcile,
+            None,
+            Duration::ZERO,
         );
-    }
-
-    /// Log output captured for assertions.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Captured {
-        fn text(&self) -> String {
-            String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
-        }
+        assert_eq!(line.lines().count(), 1, "{line}");
+        assert!(!line.contains('\r'), "{line}");
+        assert!(
+            line.starts_with(r"ON_HOLD\nINFO"),
+            "escaped, still readable: {line}"
+        );
     }
 
     #[test]
