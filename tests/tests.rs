@@ -9,4 +9,5 @@ mod hooks;
 mod interop;
 mod properties;
 mod sandbox;
+mod secrets;
 mod service;
