@@ -619,6 +619,104 @@ mod tests {
         );
     }
 
+    /// A verifier whose paymennt runs `meanwhile`, then answers with `body` (HTTP 200, JSON).
+    async fn verifier_answering(
+        ledger: &Ledger,
+        body: &'static str,
+        meanwhile: impl Fn() + Clone + Send + Sync + 'static,
+    ) -> Verifier {
+        let app = axum::Router::new().fallback(move || {
+            let meanwhile = meanwhile.clone();
+            async move {
+                meanwhile();
+                ([("content-type", "application/json")], body)
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let credentials = crate::settings::ApiCredentials {
+            key: crate::settings::Secret::new("k"),
+            secret: crate::settings::Secret::new("s"),
+        };
+        let client = Client::new(
+            &format!("http://{addr}/mer/v2.0/"),
+            &credentials,
+            Duration::from_secs(2),
+            Duration::from_secs(2),
+            crate::paymennt::RetryPolicy {
+                max_retries: 0,
+                base: Duration::from_millis(5),
+                max: Duration::from_millis(10),
+            },
+        )
+        .expect("client");
+        let config = VerifierConfig {
+            client,
+            hooks: Arc::new(Vec::new()),
+            refund_watch: Duration::from_secs(3600),
+        };
+        let (_sender, receiver) = watch::channel(config);
+        // The receiver keeps the last value after the sender is dropped.
+        Verifier::new(
+            ledger.clone(),
+            receiver,
+            1,
+            VerifierSignals {
+                ledger_changed: watch::channel(0).0,
+                watch_set_changed: watch::channel(0).0,
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn a_stale_answer_keeps_the_checkout_marked_and_is_retried() {
+        const CHECKOUT: &str = r#"{"id":"5","orderId":"ORD-5","currency":"AED","amount":5,"status":"PENDING","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d5"}"#;
+        const PAID: &str = r#"{"success":true,"result":{"id":"5","orderId":"ORD-5","currency":"AED","amount":5,"status":"PAID","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d5"}}"#;
+        let ledger = Ledger::open_in_memory().expect("ledger");
+        let id: CheckoutId = "5".parse().expect("id");
+        // While our request is in flight, another process verifies the checkout with a later
+        // ticket, and then a change is seen: our answer is stale and must clear nothing.
+        let other = ledger.clone();
+        let meanwhile = move || {
+            let ticket = other.issue_ticket().expect("ticket");
+            let answer = VerifiedCheckout::for_tests_with(CHECKOUT, ticket, Utc::now());
+            other
+                .apply(
+                    &answer,
+                    Source::Manual,
+                    None,
+                    &[],
+                    Duration::from_secs(3600),
+                )
+                .expect("apply");
+            let seen = other.last_ticket().expect("counter");
+            other
+                .mark_needs_verify(&["5".parse().expect("id")], seen)
+                .expect("mark");
+        };
+        let verifier = verifier_answering(&ledger, PAID, meanwhile).await;
+        let retry = verifier.verify(nudge("5", Source::Firestore)).await;
+        assert!(retry.is_some(), "a stale answer is retried");
+        let entry = ledger.watch_set().expect("set");
+        assert_eq!(entry[0].checkout_id, id);
+        assert!(
+            entry[0].needs_verify,
+            "the checkout stays marked for verification"
+        );
+        assert_eq!(
+            ledger
+                .checkout(&id)
+                .expect("read")
+                .and_then(|c| c.status)
+                .as_deref(),
+            Some("PENDING"),
+            "the stale PAID was not recorded; the retry will ask again"
+        );
+    }
+
     #[test]
     fn sweeps_wait_while_draining_and_are_dropped() {
         let mut schedule = schedule();
