@@ -121,7 +121,8 @@ impl Error {
     }
 
     /// Whether the answer points at the configuration rather than at one checkout: something
-    /// other than paymennt answered, or it redirected us elsewhere.
+    /// other than paymennt answered, redirected us elsewhere, or sent more than any answer of
+    /// paymennt's would be.
     pub fn is_configuration_problem(&self) -> bool {
         matches!(
             self,
