@@ -1,56 +1,430 @@
-//! Benchmarks that print figures: payment latency, throughput, startup, and the daemon's memory
-//! per watched checkout.
+//! The benchmark an operator reads before choosing paywatch: latency, throughput, memory and
+//! start-up, each against the machine's own floor, measured in one run.
 //!
-//! Run: `cargo bench --bench pipeline` (release build). Sizes and limits come from the
-//! environment: `PAYWATCH_BENCH_LATENCY_PAYMENTS` (default 300), `PAYWATCH_BENCH_CHECKOUTS`
-//! (default 10000, the memory run), `PAYWATCH_BENCH_MODE` (multiplexed | per-document).
+//! Run: `cargo bench --bench pipeline` (release build). `PAYWATCH_BENCH_SMOKE=1` uses tiny sizes
+//! (well under a minute). Sizes come from the environment (defaults in brackets):
+//!
+//! - `PAYWATCH_BENCH_AT_100` [1000]: changes paced at 100/s (change-to-ledger);
+//! - `PAYWATCH_BENCH_AT_1000` [5000]: changes paced at 1,000/s;
+//! - `PAYWATCH_BENCH_HOOK_CHANGES` [500]: changes paced at 100/s with a time-stamping hook;
+//! - `PAYWATCH_BENCH_THROUGHPUT` [5000]: payments in the hooks-off burst;
+//! - `PAYWATCH_BENCH_HOOK_DELIVERIES` [2000]: payments in the burst with a trivial hook;
+//! - `PAYWATCH_BENCH_MULTIPLEXED` [1000,10000,50000]: watched checkouts, memory runs;
+//! - `PAYWATCH_BENCH_PER_DOCUMENT` [1000,5000]: the same in per-document mode;
+//! - `PAYWATCH_BENCH_STARTUP` [10000]: checkouts for start-up and the reconcile sweep;
+//! - `PAYWATCH_BENCH_FLOOR_SAMPLES` [300]: samples per floor;
+//! - `PAYWATCH_BENCH_DIR` [the temp dir]: where ledgers whose commits are timed live (a real
+//!   disk: commit latency is part of the figures); `PAYWATCH_BENCH_SCRATCH` [/dev/shm if present]:
+//!   where ledgers are built and where the memory runs keep theirs.
+//!
 //! Everything runs on loopback against the in-process sandbox; every loop is bounded in count
-//! and time.
+//! and time. Latency runs use a daemon in this process (a tracing layer observes each PAID
+//! line, logged right after its ledger commit returns); throughput, memory and start-up run
+//! `paywatch run` as a child, so its CPU time and memory are its own.
 
 #![allow(clippy::print_stdout)]
 
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use gcloud_sdk::google::firestore::v1::firestore_client::FirestoreClient;
+use gcloud_sdk::google::firestore::v1::listen_request::TargetChange as RequestedChange;
+use gcloud_sdk::google::firestore::v1::listen_response::ResponseType;
+use gcloud_sdk::google::firestore::v1::target::{DocumentsTarget, TargetType};
+use gcloud_sdk::google::firestore::v1::value::ValueType;
+use gcloud_sdk::google::firestore::v1::{ListenRequest, Target, Value};
 use paywatch::daemon::notify::Notifier;
 use paywatch::daemon::{self, Control, DaemonStatus, RunOptions};
-use paywatch::domain::CheckoutId;
-use paywatch::ledger::{Ledger, ListFilter, TrackedVia};
+use paywatch::domain::{CheckoutId, VerifyTicket};
+use paywatch::ledger::{Ledger, TrackedVia};
 use paywatch::logging::LogHandle;
+use paywatch::paymennt::Client;
 use paywatch::paymennt::wire::{JsonDecimal, LinkRequest};
 use paywatch::sandbox::{Sandbox, SandboxOptions};
 use paywatch::settings::Settings;
+use tokio::net::UnixDatagram;
 use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// No single phase may take longer than this.
 const PHASE_LIMIT: Duration = Duration::from_secs(300);
+/// How long after the last paced change its observations may still arrive.
+const STRAGGLER_LIMIT: Duration = Duration::from_secs(30);
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+// ---------------------------------------------------------------------------------------------
+// Sizes
+
+struct Sizes {
+    at_100: usize,
+    at_1000: usize,
+    hook_changes: usize,
+    throughput: usize,
+    hook_deliveries: usize,
+    multiplexed: Vec<usize>,
+    per_document: Vec<usize>,
+    startup: usize,
+    floor_samples: usize,
 }
 
-fn config(dir: &Path, sandbox: &Sandbox, mode: &str) -> std::path::PathBuf {
+fn env_usize(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}: '{text}' is not a whole number")),
+        Err(_) => default,
+    }
+}
+
+fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
+    match std::env::var(name) {
+        Ok(text) => text
+            .split(',')
+            .map(|part| {
+                part.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{name}: '{part}' is not a whole number"))
+            })
+            .collect(),
+        Err(_) => default.to_vec(),
+    }
+}
+
+impl Sizes {
+    fn from_env() -> (Sizes, bool) {
+        let smoke = std::env::var("PAYWATCH_BENCH_SMOKE").is_ok_and(|v| v == "1");
+        let d = |full: usize, tiny: usize| if smoke { tiny } else { full };
+        let sizes = Sizes {
+            at_100: env_usize("PAYWATCH_BENCH_AT_100", d(1000, 50)),
+            at_1000: env_usize("PAYWATCH_BENCH_AT_1000", d(5000, 200)),
+            hook_changes: env_usize("PAYWATCH_BENCH_HOOK_CHANGES", d(500, 30)),
+            throughput: env_usize("PAYWATCH_BENCH_THROUGHPUT", d(5000, 200)),
+            hook_deliveries: env_usize("PAYWATCH_BENCH_HOOK_DELIVERIES", d(2000, 50)),
+            multiplexed: env_list(
+                "PAYWATCH_BENCH_MULTIPLEXED",
+                if smoke {
+                    &[100, 300]
+                } else {
+                    &[1000, 10_000, 50_000]
+                },
+            ),
+            per_document: env_list(
+                "PAYWATCH_BENCH_PER_DOCUMENT",
+                if smoke { &[50, 100] } else { &[1000, 5000] },
+            ),
+            startup: env_usize("PAYWATCH_BENCH_STARTUP", d(10_000, 200)),
+            floor_samples: env_usize("PAYWATCH_BENCH_FLOOR_SAMPLES", d(300, 30)).max(2),
+        };
+        (sizes, smoke)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics and the report
+
+#[derive(Clone, Copy, Default)]
+struct Spread {
+    p50: f64,
+    p99: f64,
+    max: f64,
+    count: usize,
+}
+
+/// p50/p99/max in milliseconds.
+fn spread(samples: &[Duration]) -> Spread {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    ms.sort_by(f64::total_cmp);
+    let at = |p: f64| {
+        if ms.is_empty() {
+            return f64::NAN;
+        }
+        let index = ((ms.len() - 1) as f64 * p).round() as usize;
+        ms[index.min(ms.len() - 1)]
+    };
+    Spread {
+        p50: at(0.5),
+        p99: at(0.99),
+        max: ms.last().copied().unwrap_or(f64::NAN),
+        count: ms.len(),
+    }
+}
+
+/// Whether smaller or larger is better (and so how the multiple of the floor is taken).
+#[derive(Clone, Copy, PartialEq)]
+enum Better {
+    Lower,
+    Higher,
+}
+
+struct Row {
+    figure: String,
+    value: f64,
+    unit: &'static str,
+    better: Better,
+    floor: Option<f64>,
+    target: Option<f64>,
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+}
+
+impl Report {
+    fn add(
+        &mut self,
+        figure: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+        better: Better,
+        floor: Option<f64>,
+        target: Option<f64>,
+    ) {
+        let row = Row {
+            figure: figure.into(),
+            value,
+            unit,
+            better,
+            floor,
+            target,
+        };
+        println!("  {}", row.line());
+        self.rows.push(row);
+    }
+
+    fn latency(&mut self, what: &str, spread: Spread, floor: f64, targets: [Option<f64>; 3]) {
+        let n = spread.count;
+        let [p50, p99, max] = targets;
+        self.add(
+            format!("{what} p50 (n={n})"),
+            spread.p50,
+            "ms",
+            Better::Lower,
+            Some(floor),
+            p50,
+        );
+        self.add(
+            format!("{what} p99"),
+            spread.p99,
+            "ms",
+            Better::Lower,
+            Some(floor),
+            p99,
+        );
+        self.add(
+            format!("{what} max"),
+            spread.max,
+            "ms",
+            Better::Lower,
+            Some(floor),
+            max,
+        );
+    }
+
+    fn print_table(&self) {
+        println!();
+        println!("| figure | value | floor | × floor | target | met |");
+        println!("|---|---:|---:|---:|---:|:---:|");
+        for row in &self.rows {
+            println!("{}", row.line());
+        }
+    }
+}
+
+fn number(value: f64) -> String {
+    if !value.is_finite() {
+        "—".into()
+    } else if value.abs() >= 100.0 {
+        format!("{value:.0}")
+    } else if value.abs() >= 10.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+impl Row {
+    fn line(&self) -> String {
+        let floor = self
+            .floor
+            .map_or_else(|| "—".into(), |f| format!("{} {}", number(f), self.unit));
+        // The multiple says how many times worse than the floor: value ÷ floor for times and
+        // sizes, floor ÷ value for rates.
+        let multiple = self.floor.map_or_else(
+            || "—".into(),
+            |f| match self.better {
+                Better::Lower => format!("×{}", number(self.value / f)),
+                Better::Higher => format!("×{}", number(f / self.value)),
+            },
+        );
+        let (target, met) = match self.target {
+            None => ("—".into(), "—"),
+            Some(t) => {
+                let met = match self.better {
+                    Better::Lower => self.value <= t,
+                    Better::Higher => self.value >= t,
+                };
+                let sign = if self.better == Better::Lower {
+                    "≤"
+                } else {
+                    "≥"
+                };
+                (
+                    format!("{sign} {} {}", number(t), self.unit),
+                    if met { "yes" } else { "**no**" },
+                )
+            }
+        };
+        format!(
+            "| {} | {} {} | {floor} | {multiple} | {target} | {met} |",
+            self.figure,
+            number(self.value),
+            self.unit
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Observing "transition committed" in this process
+
+/// When each checkout's PAID transition was committed, as seen by [`PaidObserver`].
+fn paid_seen() -> &'static Mutex<HashMap<String, Instant>> {
+    static SEEN: OnceLock<Mutex<HashMap<String, Instant>>> = OnceLock::new();
+    SEEN.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// A tracing layer that listens only to the verifier's operator line (`paywatch::payment`),
+/// which is logged right after the ledger commit of a transition returns, and notes when each
+/// `PAID checkout=…` line arrived. Every other callsite is disabled, so it costs nothing else.
+struct PaidObserver;
+
+const PAYMENT_TARGET: &str = "paywatch::payment";
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PaidObserver {
+    fn register_callsite(
+        &self,
+        metadata: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        if metadata.target() == PAYMENT_TARGET {
+            tracing::subscriber::Interest::always()
+        } else {
+            tracing::subscriber::Interest::never()
+        }
+    }
+
+    fn enabled(&self, metadata: &tracing::Metadata<'_>, _: Context<'_, S>) -> bool {
+        metadata.target() == PAYMENT_TARGET
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+        let at = Instant::now();
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        if let Some(rest) = message.0.strip_prefix("PAID checkout=")
+            && let Some(id) = rest.split(' ').next()
+            && let Ok(mut seen) = paid_seen().lock()
+        {
+            seen.entry(id.to_owned()).or_insert(at);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The time-stamping hook: this same executable, run as `<bench> --hook-stamp <file>`
+
+/// If run as the hook, appends "<checkout id> <realtime ns at start>" to the file and exits.
+fn hook_stamp_mode() {
+    let started = SystemTime::now();
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() != Some(std::ffi::OsStr::new("--hook-stamp")) {
+        return;
+    }
+    let nanos = started
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let checkout = std::env::var("PAYWATCH_CHECKOUT_ID").unwrap_or_default();
+    let code = match args.next() {
+        Some(path) => {
+            let written = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut file| file.write_all(format!("{checkout} {nanos}\n").as_bytes()));
+            // The event arrives on stdin; read it so the dispatcher's write never meets a
+            // closed pipe.
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            i32::from(written.is_err())
+        }
+        None => 2,
+    };
+    std::process::exit(code);
+}
+
+fn realtime_nanos(at: SystemTime) -> i128 {
+    at.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Set-up helpers
+
+struct Hook {
+    command: Vec<String>,
+}
+
+fn write_config(
+    dir: &Path,
+    ledger: &Path,
+    sandbox: &Sandbox,
+    mode: &str,
+    hook: Option<&Hook>,
+) -> PathBuf {
     let path = dir.join("paywatch.toml");
-    let text = format!(
+    let mut text = format!(
         "[ledger]\npath = \"{}\"\n[paymennt]\nbase_url = \"{}\"\napi_key = \"{}\"\napi_secret = \"{}\"\nconcurrency = 16\n\
          [firestore]\nendpoint = \"{}\"\nstream_mode = \"{mode}\"\n[reconcile]\ninterval = \"1h\"\n[log]\nlevel = \"warn\"\n",
-        dir.join("paywatch.db").display(),
+        ledger.display(),
         sandbox.api_base_url(),
         sandbox.api_key(),
         sandbox.api_secret(),
         sandbox.firestore_endpoint()
     );
+    if let Some(hook) = hook {
+        let argv: Vec<String> = hook.command.iter().map(|a| format!("{a:?}")).collect();
+        text.push_str(&format!(
+            "[[hooks]]\nname = \"bench\"\ncommand = [{}]\nstatuses = [\"PAID\"]\n",
+            argv.join(", ")
+        ));
+    }
     std::fs::write(&path, text).expect("config written");
     path
 }
 
-async fn create_tracked(sandbox: &Sandbox, ledger: &Ledger, count: usize) -> Vec<CheckoutId> {
+/// Creates `count` new payment links in the sandbox and tracks them in `ledger`.
+async fn create_tracked(
+    sandbox: &Sandbox,
+    ledger: &Ledger,
+    first: usize,
+    count: usize,
+) -> Vec<CheckoutId> {
     let mut ids = Vec::with_capacity(count);
-    for n in 0..count {
+    for n in first..first + count {
         let request = LinkRequest {
             request_id: format!("BENCH-{n}-r1"),
             order_id: format!("BENCH-{n}"),
@@ -67,217 +441,1018 @@ async fn create_tracked(sandbox: &Sandbox, ledger: &Ledger, count: usize) -> Vec
     ids
 }
 
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> Duration {
+/// Tracks checkouts the sandbox already has in `ledger`.
+fn track_existing(sandbox: &Sandbox, ledger: &Ledger, ids: &[CheckoutId]) {
+    for id in ids {
+        let facts = sandbox
+            .state()
+            .checkout(id)
+            .expect("sandbox checkout")
+            .facts()
+            .expect("facts");
+        ledger.track(&facts, TrackedVia::Track).expect("track");
+    }
+}
+
+/// A ledger of `count` new checkouts, built in `scratch` (tmpfs: no fsync per track) and then
+/// copied to `dest`, where the daemon under test will commit to it.
+async fn ledger_on_disk(
+    sandbox: &Sandbox,
+    scratch: &Path,
+    dest: &Path,
+    first: usize,
+    count: usize,
+) -> Vec<CheckoutId> {
+    let build = tempfile::tempdir_in(scratch).expect("scratch dir");
+    let built = build.path().join("paywatch.db");
+    let ids = {
+        let ledger = Ledger::open(&built).expect("scratch ledger");
+        create_tracked(sandbox, &ledger, first, count).await
+    };
+    // The last connection closed: SQLite has checkpointed the WAL into the file.
+    std::fs::copy(&built, dest).expect("ledger copied");
+    for suffix in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{suffix}", built.display()));
+        if side.exists() {
+            std::fs::copy(&side, format!("{}{suffix}", dest.display())).expect("copied");
+        }
+    }
+    ids
+}
+
+/// Waits until `done` holds for every id, checking each in turn (cheap: one read per id plus
+/// one per poll). Returns the time taken.
+async fn wait_each(
+    what: &str,
+    ids: &[CheckoutId],
+    limit: Duration,
+    mut done: impl FnMut(&CheckoutId) -> bool,
+) -> Duration {
     let started = Instant::now();
-    while !done() {
+    let mut next = 0;
+    while next < ids.len() {
+        if done(&ids[next]) {
+            next += 1;
+            continue;
+        }
         assert!(
-            started.elapsed() < PHASE_LIMIT,
-            "{what} took longer than {PHASE_LIMIT:?}"
+            started.elapsed() < limit,
+            "{what}: {} of {} done after {limit:?}",
+            next,
+            ids.len()
         );
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     started.elapsed()
 }
 
-fn count(ledger: &Ledger, status: &str) -> usize {
-    ledger
-        .list(&ListFilter {
-            statuses: vec![status.into()],
-            ..ListFilter::default()
-        })
-        .expect("list")
-        .len()
+fn status_of(ledger: &Ledger, id: &CheckoutId) -> Option<String> {
+    ledger.checkout(id).ok().flatten().and_then(|c| c.status)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
+fn find_program(name: &str) -> String {
+    for dir in ["/usr/bin", "/bin", "/usr/local/bin"] {
+        let path = Path::new(dir).join(name);
+        if path.exists() {
+            return path.display().to_string();
+        }
     }
-    let index = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
+    panic!("'{name}' not found in /usr/bin, /bin or /usr/local/bin");
 }
 
-/// Latency of single payments (one at a time) and throughput of a burst, in-process.
-async fn latency_and_throughput(mode: &str, payments: usize) {
-    let sandbox = Sandbox::start(SandboxOptions::default())
-        .await
-        .expect("sandbox");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = config(dir.path(), &sandbox, mode);
-    let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("settings");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
-    let ids = create_tracked(&sandbox, &ledger, payments * 2).await;
+// ---------------------------------------------------------------------------------------------
+// The machine
 
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn print_machine() {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let total = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .map(|rest| rest.trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    println!("machine: {cores} cores ({model}), memory {total}");
+    println!("loadavg at start: {}", loadavg());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. The floor
+
+struct Floors {
+    commit: Spread,
+    spawn: Spread,
+    http: Spread,
+    listen: Spread,
+}
+
+impl Floors {
+    /// The least a change can take to reach the ledger: the Listen message, one Get Checkout,
+    /// one commit.
+    fn change_to_ledger(&self) -> f64 {
+        self.listen.p50 + self.http.p50 + self.commit.p50
+    }
+}
+
+async fn floors(sandbox: &Sandbox, disk: &Path, samples: usize) -> Floors {
+    println!("\n## floor (n={samples} each)");
+    // One SQLite commit with the ledger's settings: WAL, synchronous=FULL, one row per commit.
+    let file = tempfile::tempdir_in(disk).expect("dir");
+    let connection = rusqlite::Connection::open(file.path().join("floor.db")).expect("sqlite");
+    connection
+        .execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
+             CREATE TABLE rows (id INTEGER PRIMARY KEY, body TEXT NOT NULL);",
+        )
+        .expect("schema");
+    let mut commits = Vec::with_capacity(samples);
+    for n in 0..samples + 5 {
+        let started = Instant::now();
+        connection
+            .execute(
+                "INSERT INTO rows (body) VALUES (?1)",
+                [format!("row {n} of the floor")],
+            )
+            .expect("insert");
+        if n >= 5 {
+            commits.push(started.elapsed());
+        }
+    }
+    drop(connection);
+    let commit = spread(&commits);
+    print_floor("SQLite commit (WAL, synchronous=FULL)", commit);
+
+    // One spawn and wait of a trivial process.
+    let true_program = find_program("true");
+    let mut spawns = Vec::with_capacity(samples);
+    for n in 0..samples + 3 {
+        let started = Instant::now();
+        let status = tokio::process::Command::new(&true_program)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .expect("spawn true");
+        assert!(status.success(), "true failed");
+        if n >= 3 {
+            spawns.push(started.elapsed());
+        }
+    }
+    let spawn = spread(&spawns);
+    print_floor("spawn + wait of `true`", spawn);
+
+    // One loopback HTTP round trip to the sandbox API: Get Checkout, kept-alive connection.
+    let setup = tempfile::tempdir().expect("dir");
+    let config = write_config(
+        setup.path(),
+        &setup.path().join("unused.db"),
+        sandbox,
+        "multiplexed",
+        None,
+    );
+    let settings = Settings::load_with_env(Some(&config), Vec::new()).expect("settings");
+    let client = Client::from_settings(&settings.paymennt).expect("client");
+    let scratch_ledger = Ledger::open_in_memory().expect("ledger");
+    let id = create_tracked(sandbox, &scratch_ledger, 900_000_000, 1)
+        .await
+        .pop()
+        .expect("one checkout");
+    let mut trips = Vec::with_capacity(samples);
+    for n in 0..samples + 10 {
+        let started = Instant::now();
+        client
+            .get_checkout(&id, VerifyTicket::new(n as i64 + 1))
+            .await
+            .expect("get checkout");
+        if n >= 10 {
+            trips.push(started.elapsed());
+        }
+    }
+    let http = spread(&trips);
+    print_floor("HTTP round trip (Get Checkout)", http);
+
+    // One gRPC message on a Listen stream: document committed -> DocumentChange received.
+    let document = sandbox
+        .state()
+        .location(&id)
+        .expect("location")
+        .document_name();
+    let floor_document = match document.rsplit_once('/') {
+        Some((collection, _)) => format!("{collection}/bench-floor"),
+        None => panic!("document name '{document}' has no collection"),
+    };
+    let mut grpc = FirestoreClient::connect(sandbox.firestore_endpoint())
+        .await
+        .expect("grpc connects");
+    let (requests, receiver) = mpsc::channel(4);
+    let mut responses = grpc
+        .listen(ReceiverStream::new(receiver))
+        .await
+        .expect("listen")
+        .into_inner();
+    let put = |n: i64| {
+        let fields = BTreeMap::from([(
+            "n".to_owned(),
+            Value {
+                value_type: Some(ValueType::IntegerValue(n)),
+            },
+        )]);
+        sandbox.documents().put_document(&floor_document, &fields);
+    };
+    put(0);
+    requests
+        .send(ListenRequest {
+            database: sandbox.database_name(),
+            target_change: Some(RequestedChange::AddTarget(Target {
+                target_id: 1,
+                target_type: Some(TargetType::Documents(DocumentsTarget {
+                    documents: vec![floor_document.clone()],
+                })),
+                ..Target::default()
+            })),
+            ..ListenRequest::default()
+        })
+        .await
+        .expect("add target");
+    // The initial state: wait for the first document, then let the markers pass.
+    next_document(&mut responses).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut messages = Vec::with_capacity(samples);
+    for n in 1..=samples as i64 + 5 {
+        let started = Instant::now();
+        put(n);
+        next_document(&mut responses).await;
+        if n > 5 {
+            messages.push(started.elapsed());
+        }
+    }
+    drop(requests);
+    let listen = spread(&messages);
+    print_floor("Listen message (commit -> DocumentChange)", listen);
+    Floors {
+        commit,
+        spawn,
+        http,
+        listen,
+    }
+}
+
+async fn next_document(
+    responses: &mut tonic::Streaming<gcloud_sdk::google::firestore::v1::ListenResponse>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let message = tokio::time::timeout(left, responses.message())
+            .await
+            .expect("a Listen message within 10 s")
+            .expect("no stream error")
+            .expect("stream open");
+        if let Some(ResponseType::DocumentChange(_)) = message.response_type {
+            return;
+        }
+    }
+}
+
+fn print_floor(what: &str, s: Spread) {
+    println!(
+        "  {what}: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        s.p50, s.p99, s.max
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1-2. Latency, open loop, in this process
+
+struct InProcess {
+    controls: mpsc::Sender<Control>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start_in_process(config: &Path) -> InProcess {
+    let settings = Settings::load_with_env(Some(config), Vec::new()).expect("settings");
     let (controls, receiver) = mpsc::channel(4);
     let (sender, mut status) = watch::channel(DaemonStatus::default());
     let options = RunOptions {
-        config_path: Some(path),
+        config_path: Some(config.to_path_buf()),
         log: LogHandle::detached(),
         status: Some(sender),
         notifier: Notifier::disabled(),
     };
-    let started = Instant::now();
     let task = tokio::spawn(daemon::run(settings, receiver, options));
-    status.wait_for(|s| s.ready).await.expect("ready");
-    let startup = started.elapsed();
-    let verified_all =
-        wait_until("initial verification", || count(&ledger, "UNVERIFIED") == 0).await;
-    println!(
-        "[{mode}] startup {:.1} ms; {} checkouts subscribed and verified PENDING in {:.0} ms",
-        startup.as_secs_f64() * 1e3,
-        ids.len(),
-        (startup + verified_all).as_secs_f64() * 1e3
-    );
+    tokio::time::timeout(PHASE_LIMIT, status.wait_for(|s| s.ready))
+        .await
+        .expect("daemon ready in time")
+        .expect("daemon running");
+    InProcess { controls, task }
+}
 
-    // One payment at a time: sandbox pay -> document change -> Listen -> Get Checkout -> ledger.
-    let mut end_to_end = Vec::with_capacity(payments);
-    for id in &ids[..payments] {
-        let paid_at = Instant::now();
-        sandbox.state().pay(id).await.expect("pay");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let status = ledger.checkout(id).expect("read").and_then(|c| c.status);
-            if status.as_deref() == Some("PAID") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "payment {id} not recorded in 10 s"
-            );
-            tokio::time::sleep(Duration::from_micros(200)).await;
-        }
-        end_to_end.push(paid_at.elapsed().as_secs_f64() * 1e3);
+impl InProcess {
+    async fn stop(self) {
+        let _ = self.controls.send(Control::Shutdown).await;
+        let _ = tokio::time::timeout(PHASE_LIMIT, self.task).await;
     }
-    end_to_end.sort_by(f64::total_cmp);
-    let mut recorded: Vec<f64> = ids[..payments]
-        .iter()
-        .filter_map(|id| {
-            ledger
-                .transitions(id)
-                .expect("transitions")
-                .last()
-                .and_then(|t| t.latency_ms)
-        })
-        .map(|ms| ms as f64)
-        .collect();
-    recorded.sort_by(f64::total_cmp);
-    println!(
-        "[{mode}] single payments (n={payments}): pay -> PAID in ledger p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        percentile(&end_to_end, 0.5),
-        percentile(&end_to_end, 0.9),
-        percentile(&end_to_end, 0.99),
-        end_to_end.last().copied().unwrap_or(0.0)
-    );
-    println!(
-        "[{mode}] recorded latency (document update_time -> verified): p50 {:.0} ms, p99 {:.0} ms",
-        percentile(&recorded, 0.5),
-        percentile(&recorded, 0.99)
-    );
+}
 
-    // A burst: every remaining checkout paid at once.
-    let burst = &ids[payments..];
+/// When each change was made: monotonic (for the ledger) and realtime (for the hook).
+struct Paced {
+    changed: Vec<(Instant, SystemTime)>,
+    /// The most a change started behind its schedule.
+    max_lag: Duration,
+}
+
+/// Pays `ids` open-loop: change i is due at start + i / rate, whatever happened to the ones
+/// before (a late change does not delay the schedule; it is counted in `max_lag`).
+async fn paced(sandbox: &Sandbox, ids: &[CheckoutId], rate: f64) -> Paced {
+    let start = tokio::time::Instant::now() + Duration::from_millis(10);
+    let mut changed = Vec::with_capacity(ids.len());
+    let mut max_lag = Duration::ZERO;
+    for (i, id) in ids.iter().enumerate() {
+        let due = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due).await;
+        max_lag = max_lag.max(tokio::time::Instant::now().saturating_duration_since(due));
+        let at = (Instant::now(), SystemTime::now());
+        sandbox.state().pay(id).await.expect("pay");
+        changed.push(at);
+    }
+    Paced { changed, max_lag }
+}
+
+/// Waits for every id's PAID commit to be observed; returns change-to-ledger latencies.
+async fn ledger_latencies(ids: &[CheckoutId], paced: &Paced) -> Vec<Duration> {
     let started = Instant::now();
-    for id in burst {
-        sandbox.state().pay(id).await.expect("pay");
+    loop {
+        let seen = paid_seen().lock().expect("observer lock").clone();
+        if ids.iter().all(|id| seen.contains_key(id.as_str())) {
+            return ids
+                .iter()
+                .zip(&paced.changed)
+                .map(|(id, (at, _))| seen[id.as_str()].saturating_duration_since(*at))
+                .collect();
+        }
+        let missing = ids
+            .iter()
+            .filter(|id| !seen.contains_key(id.as_str()))
+            .count();
+        assert!(
+            started.elapsed() < STRAGGLER_LIMIT,
+            "{missing} of {} PAID transitions not seen after {STRAGGLER_LIMIT:?}",
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let target = ids.len();
-    wait_until("burst", || count(&ledger, "PAID") == target).await;
-    let elapsed = started.elapsed();
+}
+
+/// Waits for every id's hook to have stamped its start; returns change-to-hook latencies.
+async fn hook_latencies(stamps: &Path, ids: &[CheckoutId], paced: &Paced) -> Vec<Duration> {
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(stamps).unwrap_or_default();
+        let mut by_id: HashMap<&str, i128> = HashMap::new();
+        for line in text.lines() {
+            if let Some((id, nanos)) = line.split_once(' ')
+                && let Ok(nanos) = nanos.parse::<i128>()
+            {
+                by_id.entry(id).or_insert(nanos);
+            }
+        }
+        if ids.iter().all(|id| by_id.contains_key(id.as_str())) {
+            return ids
+                .iter()
+                .zip(&paced.changed)
+                .map(|(id, (_, at))| {
+                    let nanos = (by_id[id.as_str()] - realtime_nanos(*at)).max(0);
+                    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+                })
+                .collect();
+        }
+        assert!(
+            started.elapsed() < STRAGGLER_LIMIT,
+            "{} of {} hooks stamped after {STRAGGLER_LIMIT:?}",
+            by_id.len(),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn latency(
+    sandbox: &Sandbox,
+    sizes: &Sizes,
+    disk: &Path,
+    scratch: &Path,
+    floors: &Floors,
+    report: &mut Report,
+) {
+    let total = sizes.at_100 + sizes.at_1000 + sizes.hook_changes;
     println!(
-        "[{mode}] burst of {} payments recorded in {:.0} ms ({:.0} payments/s)",
-        burst.len(),
-        elapsed.as_secs_f64() * 1e3,
-        burst.len() as f64 / elapsed.as_secs_f64()
+        "\n## change-to-ledger and change-to-hook (daemon in this process, ledger on disk, {total} checkouts watched, multiplexed)"
     );
-    let _ = controls.send(Control::Shutdown).await;
-    let _ = task.await;
-    sandbox.shutdown().await;
-}
+    let dir = tempfile::tempdir_in(disk).expect("dir");
+    let db = dir.path().join("paywatch.db");
+    let ids = ledger_on_disk(sandbox, scratch, &db, 0, total).await;
+    let ledger = Ledger::open(&db).expect("ledger");
+    let (at_100, rest) = ids.split_at(sizes.at_100);
+    let (at_1000, with_hook) = rest.split_at(sizes.at_1000);
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+    let config = write_config(dir.path(), &db, sandbox, "multiplexed", None);
+    let running = start_in_process(&config).await;
+    wait_each("initial verification", &ids, PHASE_LIMIT, |id| {
+        status_of(&ledger, id).is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let floor = floors.change_to_ledger();
+    for (rate, chunk, targets) in [
+        (100.0, at_100, [Some(1.5), Some(4.0), None]),
+        (1000.0, at_1000, [None, Some(10.0), None]),
+    ] {
+        let paced = paced(sandbox, chunk, rate).await;
+        let latencies = ledger_latencies(chunk, &paced).await;
+        println!(
+            "  at {rate}/s: schedule lag max {:.2} ms",
+            paced.max_lag.as_secs_f64() * 1e3
+        );
+        report.latency(
+            &format!("change→ledger @{rate}/s"),
+            spread(&latencies),
+            floor,
+            targets,
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    running.stop().await;
+
+    // The same ledger, now with a hook that stamps its own start.
+    let stamps = dir.path().join("hook-stamps");
+    let exe = std::env::current_exe().expect("own executable");
+    let hook = Hook {
+        command: vec![
+            exe.display().to_string(),
+            "--hook-stamp".into(),
+            stamps.display().to_string(),
+        ],
+    };
+    let config = write_config(dir.path(), &db, sandbox, "multiplexed", Some(&hook));
+    let running = start_in_process(&config).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let paced = paced(sandbox, with_hook, 100.0).await;
+    let to_ledger = ledger_latencies(with_hook, &paced).await;
+    let to_hook = hook_latencies(&stamps, with_hook, &paced).await;
+    report.latency(
+        "change→ledger @100/s, hook on",
+        spread(&to_ledger),
+        floor,
+        [None, None, None],
+    );
+    report.latency(
+        "change→hook start @100/s",
+        spread(&to_hook),
+        floor + floors.spawn.p50,
+        [None, Some(6.0), None],
+    );
+    running.stop().await;
 }
 
-/// Starts `paywatch run` on `config`, waits until nothing in `ledger` is unverified and the
-/// first-snapshot burst has settled, and returns its resident memory in KiB and the time taken.
-async fn settled_daemon_rss(config: &Path, ledger: &Ledger) -> (u64, Duration) {
+// ---------------------------------------------------------------------------------------------
+// Child daemons: throughput, memory, start-up
+
+struct ChildDaemon {
+    child: Child,
+    notify: UnixDatagram,
+    spawned: Instant,
+    _socket_dir: tempfile::TempDir,
+}
+
+fn spawn_daemon(config: &Path) -> ChildDaemon {
+    let socket_dir = tempfile::tempdir().expect("dir");
+    let socket_path = socket_dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&socket_path).expect("notify socket");
+    let spawned = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_paywatch"))
         .arg("--config")
         .arg(config)
         .arg("run")
         .env_remove("RUST_LOG")
-        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .env("NOTIFY_SOCKET", &socket_path)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("paywatch run");
-    let running = Running(child);
-    let started = Instant::now();
-    wait_until("all checkouts verified", || {
-        count(ledger, "UNVERIFIED") == 0
-    })
-    .await;
-    let verified_in = started.elapsed();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss = rss_kib(running.0.id()).unwrap_or(0);
-    drop(running);
-    (rss, verified_in)
+    ChildDaemon {
+        child,
+        notify,
+        spawned,
+        _socket_dir: socket_dir,
+    }
 }
 
-/// The daemon as its own process: resident memory with no checkout, then watching `checkouts`.
-async fn memory(mode: &str, checkouts: usize) {
-    let sandbox = Sandbox::start(SandboxOptions::default())
-        .await
-        .expect("sandbox");
-    let empty_dir = tempfile::tempdir().expect("tempdir");
-    let empty_config = config(empty_dir.path(), &sandbox, mode);
-    let empty_ledger = Ledger::open(&empty_dir.path().join("paywatch.db")).expect("ledger");
-    let (baseline, _) = settled_daemon_rss(&empty_config, &empty_ledger).await;
+impl ChildDaemon {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = config(dir.path(), &sandbox, mode);
-    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
-    let created = Instant::now();
-    create_tracked(&sandbox, &ledger, checkouts).await;
+    /// Waits for READY=1 on the notify socket; returns the time since spawn.
+    async fn ready(&mut self) -> Duration {
+        let mut buffer = vec![0u8; 4096];
+        let deadline = Instant::now() + PHASE_LIMIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let size = tokio::time::timeout(left, self.notify.recv(&mut buffer))
+                .await
+                .expect("READY within the phase limit")
+                .expect("notify socket");
+            let text = String::from_utf8_lossy(&buffer[..size]);
+            if text.lines().any(|line| line == "READY=1") {
+                return self.spawned.elapsed();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("paywatch run exited before READY: {status}");
+            }
+        }
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("process status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// User + system CPU time so far (from /proc/<pid>/stat, in USER_HZ = 100 ticks per s).
+    fn cpu(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("process stat");
+        let after_name = stat.rsplit_once(") ").map(|(_, rest)| rest).expect("stat");
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks = |index: usize| fields[index].parse::<u64>().expect("ticks");
+        // Fields 14 and 15 (utime, stime); the slice starts at field 3.
+        Duration::from_millis((ticks(11) + ticks(12)) * 10)
+    }
+
+    /// SIGTERM, then waits for it to drain and exit (SIGKILL after the phase limit).
+    async fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid()).expect("pid"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let started = Instant::now();
+        while started.elapsed() < PHASE_LIMIT {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChildDaemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// 3. Sustained throughput: a burst of payments, hooks off, then with a trivial hook.
+async fn throughput(
+    sandbox: &Sandbox,
+    sizes: &Sizes,
+    disk: &Path,
+    scratch: &Path,
+    floors: &Floors,
+    report: &mut Report,
+) {
+    println!("\n## sustained throughput (paywatch run as a child process, ledger on disk)");
+    let true_program = find_program("true");
+    let mut first = 1_000_000;
+    for (count, hook) in [
+        (sizes.throughput, None),
+        (
+            sizes.hook_deliveries,
+            Some(Hook {
+                command: vec![true_program.clone()],
+            }),
+        ),
+    ] {
+        let dir = tempfile::tempdir_in(disk).expect("dir");
+        let db = dir.path().join("paywatch.db");
+        let ids = ledger_on_disk(sandbox, scratch, &db, first, count).await;
+        first += count;
+        let ledger = Ledger::open(&db).expect("ledger");
+        let config = write_config(dir.path(), &db, sandbox, "multiplexed", hook.as_ref());
+        let mut daemon = spawn_daemon(&config);
+        daemon.ready().await;
+        wait_each("initial verification", &ids, PHASE_LIMIT, |id| {
+            status_of(&ledger, id).is_some()
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let cpu_before = daemon.cpu();
+        let started = Instant::now();
+        for id in &ids {
+            sandbox.state().pay(id).await.expect("pay");
+        }
+        let paid_in = started.elapsed();
+        wait_each("burst recorded", &ids, PHASE_LIMIT, |id| {
+            status_of(&ledger, id).as_deref() == Some("PAID")
+        })
+        .await;
+        let mut elapsed = started.elapsed();
+        if hook.is_some() {
+            let limit = Instant::now() + PHASE_LIMIT;
+            loop {
+                let counts = ledger.counts().expect("counts");
+                if counts.hooks_pending == 0 {
+                    assert_eq!(counts.hooks_dead, 0, "hook deliveries died");
+                    break;
+                }
+                assert!(Instant::now() < limit, "hooks still pending");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            elapsed = started.elapsed();
+        }
+        let cpu = daemon.cpu().saturating_sub(cpu_before);
+        let rate = count as f64 / elapsed.as_secs_f64();
+        println!(
+            "  {count} payments made in {:.0} ms; all done in {:.0} ms; daemon CPU {:.0} ms",
+            paid_in.as_secs_f64() * 1e3,
+            elapsed.as_secs_f64() * 1e3,
+            cpu.as_secs_f64() * 1e3
+        );
+        if hook.is_none() {
+            report.add(
+                format!("verified transitions/s, hooks off (n={count})"),
+                rate,
+                "/s",
+                Better::Higher,
+                Some(1e3 / floors.commit.p50),
+                Some(5000.0),
+            );
+            report.add(
+                "CPU per 1,000 transitions, hooks off",
+                cpu.as_secs_f64() * 1e3 * 1000.0 / count as f64,
+                "ms",
+                Better::Lower,
+                None,
+                None,
+            );
+        } else {
+            report.add(
+                format!("hook deliveries/s, trivial hook (n={count})"),
+                rate,
+                "/s",
+                Better::Higher,
+                Some(1e3 / floors.spawn.p50),
+                Some(1000.0),
+            );
+            report.add(
+                "CPU per 1,000 transitions + deliveries",
+                cpu.as_secs_f64() * 1e3 * 1000.0 / count as f64,
+                "ms",
+                Better::Lower,
+                None,
+                None,
+            );
+        }
+        daemon.stop().await;
+    }
+}
+
+struct MemoryPoint {
+    mode: &'static str,
+    checkouts: usize,
+    rss_kib: u64,
+    ready: Duration,
+    verified: Duration,
+}
+
+/// Runs `paywatch run` on `config` until READY and every id verified, lets the first-snapshot
+/// burst settle, and reads its resident memory.
+async fn measure_daemon(
+    config: &Path,
+    ledger: &Ledger,
+    ids: &[CheckoutId],
+) -> (u64, Duration, Duration) {
+    let mut daemon = spawn_daemon(config);
+    let ready = daemon.ready().await;
+    wait_each("all checkouts verified", ids, PHASE_LIMIT, |id| {
+        status_of(ledger, id).is_some()
+    })
+    .await;
+    let verified = daemon.spawned.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss = daemon.rss_kib();
+    daemon.stop().await;
+    (rss, ready, verified)
+}
+
+/// 4. Memory: idle, then growing numbers of watched checkouts in both stream modes.
+async fn memory(sandbox: &Sandbox, sizes: &Sizes, scratch: &Path, report: &mut Report) {
     println!(
-        "[{mode}] created and tracked {checkouts} links in {:.1} s",
-        created.elapsed().as_secs_f64()
+        "\n## memory (paywatch run as a child process; ledgers on {})",
+        scratch.display()
     );
-    let (loaded, verified_in) = settled_daemon_rss(&path, &ledger).await;
+    let mut points = Vec::new();
+    let idle_dir = tempfile::tempdir_in(scratch).expect("dir");
+    let idle_db = idle_dir.path().join("paywatch.db");
+    let idle_ledger = Ledger::open(&idle_db).expect("ledger");
+    let idle_config = write_config(idle_dir.path(), &idle_db, sandbox, "multiplexed", None);
+    let (idle, ready, verified) = measure_daemon(&idle_config, &idle_ledger, &[]).await;
+    report.add(
+        "RSS idle (no checkout)",
+        idle as f64 / 1024.0,
+        "MiB",
+        Better::Lower,
+        None,
+        Some(15.0),
+    );
+    points.push(MemoryPoint {
+        mode: "—",
+        checkouts: 0,
+        rss_kib: idle,
+        ready,
+        verified,
+    });
+
+    let mut all: Vec<CheckoutId> = Vec::new();
+    let multiplexed_dir = tempfile::tempdir_in(scratch).expect("dir");
+    let multiplexed_db = multiplexed_dir.path().join("paywatch.db");
+    let multiplexed_ledger = Ledger::open(&multiplexed_db).expect("ledger");
+    let largest_multiplexed = sizes.multiplexed.iter().copied().max().unwrap_or(0);
+    for &size in &sizes.multiplexed {
+        if size > all.len() {
+            let more = create_tracked(
+                sandbox,
+                &multiplexed_ledger,
+                2_000_000 + all.len(),
+                size - all.len(),
+            )
+            .await;
+            all.extend(more);
+        }
+        let config = write_config(
+            multiplexed_dir.path(),
+            &multiplexed_db,
+            sandbox,
+            "multiplexed",
+            None,
+        );
+        let (rss, ready, verified) =
+            measure_daemon(&config, &multiplexed_ledger, &all[..size]).await;
+        points.push(MemoryPoint {
+            mode: "multiplexed",
+            checkouts: size,
+            rss_kib: rss,
+            ready,
+            verified,
+        });
+        let per = (rss.saturating_sub(idle) * 1024) as f64 / size as f64;
+        println!(
+            "  multiplexed {size}: RSS {:.1} MiB, {per:.0} bytes per checkout",
+            rss as f64 / 1024.0
+        );
+        if size == largest_multiplexed {
+            report.add(
+                format!("bytes per watched checkout, multiplexed ({size})"),
+                per / 1024.0,
+                "KiB",
+                Better::Lower,
+                None,
+                Some(2.0),
+            );
+        }
+    }
+
+    let per_document_dir = tempfile::tempdir_in(scratch).expect("dir");
+    let per_document_db = per_document_dir.path().join("paywatch.db");
+    let per_document_ledger = Ledger::open(&per_document_db).expect("ledger");
+    let mut tracked = 0;
+    let largest_per_document = sizes.per_document.iter().copied().max().unwrap_or(0);
+    for &size in &sizes.per_document {
+        if size > all.len() {
+            let more = create_tracked(
+                sandbox,
+                &multiplexed_ledger,
+                2_000_000 + all.len(),
+                size - all.len(),
+            )
+            .await;
+            all.extend(more);
+        }
+        if size > tracked {
+            track_existing(sandbox, &per_document_ledger, &all[tracked..size]);
+            tracked = size;
+        }
+        let config = write_config(
+            per_document_dir.path(),
+            &per_document_db,
+            sandbox,
+            "per-document",
+            None,
+        );
+        let (rss, ready, verified) =
+            measure_daemon(&config, &per_document_ledger, &all[..size]).await;
+        points.push(MemoryPoint {
+            mode: "per-document",
+            checkouts: size,
+            rss_kib: rss,
+            ready,
+            verified,
+        });
+        let per = (rss.saturating_sub(idle) * 1024) as f64 / size as f64;
+        println!(
+            "  per-document {size}: RSS {:.1} MiB, {per:.0} bytes per checkout",
+            rss as f64 / 1024.0
+        );
+        if size == largest_per_document {
+            report.add(
+                format!("bytes per watched checkout, per-document ({size})"),
+                per / 1024.0,
+                "KiB",
+                Better::Lower,
+                None,
+                Some(8.0),
+            );
+        }
+    }
+
+    println!("\nscaling (RSS read 2 s after every checkout was verified):\n");
     println!(
-        "[{mode}] daemon watching {checkouts} checkouts: all subscribed and verified in {:.1} s; RSS {:.1} MiB (empty daemon {:.1} MiB; {:.2} KiB per watched checkout)",
-        verified_in.as_secs_f64(),
-        loaded as f64 / 1024.0,
-        baseline as f64 / 1024.0,
-        loaded.saturating_sub(baseline) as f64 / checkouts as f64
+        "| mode | checkouts | RSS | bytes per checkout over idle | READY after | all verified after |"
     );
-    sandbox.shutdown().await;
+    println!("|---|---:|---:|---:|---:|---:|");
+    for point in &points {
+        let per = if point.checkouts == 0 {
+            "—".to_owned()
+        } else {
+            format!(
+                "{:.0}",
+                (point.rss_kib.saturating_sub(idle) * 1024) as f64 / point.checkouts as f64
+            )
+        };
+        println!(
+            "| {} | {} | {:.1} MiB | {per} | {:.0} ms | {:.0} ms |",
+            point.mode,
+            point.checkouts,
+            point.rss_kib as f64 / 1024.0,
+            point.ready.as_secs_f64() * 1e3,
+            point.verified.as_secs_f64() * 1e3
+        );
+    }
+}
+
+/// 5. Start-up to every checkout subscribed and verified, then one reconcile sweep over all.
+async fn startup(
+    sandbox: &Sandbox,
+    sizes: &Sizes,
+    disk: &Path,
+    scratch: &Path,
+    floors: &Floors,
+    report: &mut Report,
+) {
+    let count = sizes.startup;
+    println!(
+        "\n## start-up and reconcile sweep ({count} open checkouts, paywatch run as a child, ledger on disk)"
+    );
+    let dir = tempfile::tempdir_in(disk).expect("dir");
+    let db = dir.path().join("paywatch.db");
+    let ids = ledger_on_disk(sandbox, scratch, &db, 3_000_000, count).await;
+    let ledger = Ledger::open(&db).expect("ledger");
+    let config = write_config(dir.path(), &db, sandbox, "multiplexed", None);
+
+    let mut daemon = spawn_daemon(&config);
+    let ready = daemon.ready().await;
+    wait_each("all checkouts verified", &ids, PHASE_LIMIT, |id| {
+        status_of(&ledger, id).is_some()
+    })
+    .await;
+    let verified = daemon.spawned.elapsed();
+    println!(
+        "  READY after {:.0} ms; all {count} subscribed and verified after {:.0} ms",
+        ready.as_secs_f64() * 1e3,
+        verified.as_secs_f64() * 1e3
+    );
+    report.add(
+        format!("process start → {count} subscribed and verified"),
+        verified.as_secs_f64(),
+        "s",
+        Better::Lower,
+        Some(count as f64 * floors.commit.p50 / 1e3),
+        Some(2.0),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    daemon.stop().await;
+
+    // Every checkout marked as needing verification: the next start sweeps them all.
+    let calls_before: Vec<u64> = ids
+        .iter()
+        .map(|id| sandbox.state().get_checkout_calls(id))
+        .collect();
+    ledger
+        .mark_needs_verify(&ids, ledger.last_ticket().expect("ticket"))
+        .expect("marked");
+    let mut daemon = spawn_daemon(&config);
+    daemon.ready().await;
+    let swept_from = Instant::now();
+    let mut index = 0;
+    wait_each("reconcile sweep", &ids, PHASE_LIMIT, |id| {
+        let done = sandbox.state().get_checkout_calls(id) > calls_before[index];
+        if done {
+            index += 1;
+        }
+        done
+    })
+    .await;
+    let swept = swept_from.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls: u64 = ids
+        .iter()
+        .zip(&calls_before)
+        .map(|(id, before)| sandbox.state().get_checkout_calls(id) - before)
+        .sum();
+    println!(
+        "  reconcile sweep over {count}: {calls} Get Checkout calls, every checkout asked within {:.0} ms of READY",
+        swept.as_secs_f64() * 1e3
+    );
+    report.add(
+        format!("reconcile sweep over {count} ({calls} calls)"),
+        swept.as_secs_f64(),
+        "s",
+        Better::Lower,
+        Some(count as f64 * floors.http.p50 / 1e3),
+        None,
+    );
+    daemon.stop().await;
 }
 
 fn main() {
+    hook_stamp_mode();
+    tracing_subscriber::registry().with(PaidObserver).init();
+    let (sizes, smoke) = Sizes::from_env();
+    let disk = std::env::var_os("PAYWATCH_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let scratch = std::env::var_os("PAYWATCH_BENCH_SCRATCH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let shm = PathBuf::from("/dev/shm");
+            if shm.is_dir() { shm } else { disk.clone() }
+        });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let mode = std::env::var("PAYWATCH_BENCH_MODE").unwrap_or_else(|_| "multiplexed".into());
-    let payments = env_usize("PAYWATCH_BENCH_LATENCY_PAYMENTS", 300);
-    let checkouts = env_usize("PAYWATCH_BENCH_CHECKOUTS", 10_000);
+    println!(
+        "# paywatch pipeline benchmark{}",
+        if smoke { " (smoke sizes)" } else { "" }
+    );
+    print_machine();
+    println!(
+        "ledgers under test in {}; built in {}",
+        disk.display(),
+        scratch.display()
+    );
+    let started = Instant::now();
     runtime.block_on(async {
-        latency_and_throughput(&mode, payments).await;
-        memory(&mode, checkouts).await;
+        let sandbox = Sandbox::start(SandboxOptions::default())
+            .await
+            .expect("sandbox");
+        let mut report = Report::default();
+        let floors = floors(&sandbox, &disk, sizes.floor_samples).await;
+        latency(&sandbox, &sizes, &disk, &scratch, &floors, &mut report).await;
+        throughput(&sandbox, &sizes, &disk, &scratch, &floors, &mut report).await;
+        startup(&sandbox, &sizes, &disk, &scratch, &floors, &mut report).await;
+        memory(&sandbox, &sizes, &scratch, &mut report).await;
+        report.print_table();
+        println!(
+            "\nfloors: change→ledger = Listen message + HTTP round trip + commit (p50s) = {:.3} ms; \
+             change→hook adds one spawn ({:.3} ms); transitions/s ≤ 1 / commit; deliveries/s ≤ 1 / spawn; \
+             start-up ≥ one commit per checkout; sweep ≥ one HTTP round trip per checkout (serial).",
+            floors.change_to_ledger(),
+            floors.spawn.p50
+        );
+        sandbox.shutdown().await;
     });
+    println!("loadavg at end: {}", loadavg());
+    println!("whole run: {:.0} s", started.elapsed().as_secs_f64());
 }
