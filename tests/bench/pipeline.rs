@@ -594,7 +594,7 @@ async fn floors(sandbox: &Sandbox, disk: &Path, samples: usize) -> Floors {
     assert_eq!(checkpoint.0, 0, "the floor's WAL checkpoint was blocked");
     // Back to back (what bounds throughput), then one every 10 ms (what a change at 100/s
     // meets: on ext4 a commit right after another also pays for a journal commit).
-    let mut commit_once = |n: usize| {
+    let commit_once = |n: usize| {
         let started = Instant::now();
         connection
             .execute(
