@@ -480,6 +480,30 @@ async fn ledger_on_disk(
     ids
 }
 
+/// Waits until the sandbox has answered no Get Checkout for any of `ids` for 500 ms: the start-up
+/// sweep and the re-verifications the first Listen snapshots cause are over. Returns the time.
+async fn settle(sandbox: &Sandbox, ids: &[CheckoutId]) -> Duration {
+    let started = Instant::now();
+    let total = || {
+        ids.iter()
+            .map(|id| sandbox.state().get_checkout_calls(id))
+            .sum::<u64>()
+    };
+    let mut last = total();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = total();
+        if now == last {
+            return started.elapsed();
+        }
+        last = now;
+        assert!(
+            started.elapsed() < PHASE_LIMIT,
+            "Get Checkout calls still going on after {PHASE_LIMIT:?}"
+        );
+    }
+}
+
 /// Waits until `done` holds for every id, checking each in turn (cheap: one read per id plus
 /// one per poll). Returns the time taken.
 async fn wait_each(
@@ -925,7 +949,11 @@ async fn latency(
         status_of(&ledger, id).is_some()
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let quiet = settle(sandbox, &ids).await;
+    println!(
+        "  no Get Checkout for 500 ms after {:.1} s: start-up work done",
+        quiet.as_secs_f64()
+    );
     let floor = floors.change_to_ledger();
     for (rate, chunk, targets) in [
         (100.0, at_100, [Some(1.5), Some(4.0), None]),
@@ -943,7 +971,7 @@ async fn latency(
             floor,
             targets,
         );
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        settle(sandbox, &ids).await;
     }
     running.stop().await;
 
@@ -959,7 +987,7 @@ async fn latency(
     };
     let config = write_config(dir.path(), &db, sandbox, "multiplexed", Some(&hook));
     let running = start_in_process(&config).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    settle(sandbox, &ids).await;
     let paced = paced(sandbox, with_hook, 100.0).await;
     let to_ledger = ledger_latencies(with_hook, &paced).await;
     let to_hook = hook_latencies(&stamps, with_hook, &paced).await;
@@ -1118,7 +1146,7 @@ async fn throughput(
             status_of(&ledger, id).is_some()
         })
         .await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        settle(sandbox, &ids).await;
         let cpu_before = daemon.cpu();
         let started = Instant::now();
         for id in &ids {
@@ -1201,6 +1229,7 @@ struct MemoryPoint {
 /// Runs `paywatch run` on `config` until READY and every id verified, lets the first-snapshot
 /// burst settle, and reads its resident memory.
 async fn measure_daemon(
+    sandbox: &Sandbox,
     config: &Path,
     ledger: &Ledger,
     ids: &[CheckoutId],
@@ -1212,7 +1241,7 @@ async fn measure_daemon(
     })
     .await;
     let verified = daemon.spawned.elapsed();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    settle(sandbox, ids).await;
     let rss = daemon.rss_kib();
     daemon.stop().await;
     (rss, ready, verified)
@@ -1229,7 +1258,7 @@ async fn memory(sandbox: &Sandbox, sizes: &Sizes, scratch: &Path, report: &mut R
     let idle_db = idle_dir.path().join("paywatch.db");
     let idle_ledger = Ledger::open(&idle_db).expect("ledger");
     let idle_config = write_config(idle_dir.path(), &idle_db, sandbox, "multiplexed", None);
-    let (idle, ready, verified) = measure_daemon(&idle_config, &idle_ledger, &[]).await;
+    let (idle, ready, verified) = measure_daemon(sandbox, &idle_config, &idle_ledger, &[]).await;
     report.add(
         "RSS idle (no checkout)",
         idle as f64 / 1024.0,
@@ -1270,7 +1299,7 @@ async fn memory(sandbox: &Sandbox, sizes: &Sizes, scratch: &Path, report: &mut R
             None,
         );
         let (rss, ready, verified) =
-            measure_daemon(&config, &multiplexed_ledger, &all[..size]).await;
+            measure_daemon(sandbox, &config, &multiplexed_ledger, &all[..size]).await;
         points.push(MemoryPoint {
             mode: "multiplexed",
             checkouts: size,
@@ -1323,7 +1352,7 @@ async fn memory(sandbox: &Sandbox, sizes: &Sizes, scratch: &Path, report: &mut R
             None,
         );
         let (rss, ready, verified) =
-            measure_daemon(&config, &per_document_ledger, &all[..size]).await;
+            measure_daemon(sandbox, &config, &per_document_ledger, &all[..size]).await;
         points.push(MemoryPoint {
             mode: "per-document",
             checkouts: size,
@@ -1412,7 +1441,15 @@ async fn startup(
         Some(count as f64 * floors.commit.p50 / 1e3),
         Some(2.0),
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let quiet = settle(sandbox, &ids).await;
+    let startup_calls: u64 = ids
+        .iter()
+        .map(|id| sandbox.state().get_checkout_calls(id))
+        .sum();
+    println!(
+        "  start-up made {startup_calls} Get Checkout calls for {count} checkouts; quiet {:.1} s after READY + verified",
+        quiet.as_secs_f64()
+    );
     daemon.stop().await;
 
     // Every checkout marked as needing verification: the next start sweeps them all.
@@ -1436,7 +1473,7 @@ async fn startup(
     })
     .await;
     let swept = swept_from.elapsed();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    settle(sandbox, &ids).await;
     let calls: u64 = ids
         .iter()
         .zip(&calls_before)
