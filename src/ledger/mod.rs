@@ -421,24 +421,25 @@ impl Ledger {
         Ok(outcome)
     }
 
-    /// Discovery's cursor: the highest checkout id it has handled (`afterId` of its next search).
+    /// Discovery's cursor for one checkout type: the highest checkout id it has handled
+    /// (`afterId` of its next search).
     ///
     /// # Errors
     ///
     /// SQL failures.
-    pub fn discovery_cursor(&self) -> Result<Option<String>> {
+    pub fn discovery_cursor(&self, kind: &str) -> Result<Option<String>> {
         self.lock()
             .query_row(
-                "SELECT after_id FROM discovery_cursor WHERE id = 1",
-                [],
+                "SELECT after_id FROM discovery_cursor WHERE kind = ?1",
+                [kind],
                 |row| row.get(0),
             )
             .optional()
             .map_err(|e| self.error("discovery cursor", e))
     }
 
-    /// Tracks checkouts found by discovery (`tracked_via = "discovery"`) and moves the cursor to
-    /// `cursor`, in one transaction: a crash leaves both or neither, so a restart neither misses
+    /// Tracks checkouts found by discovery (`tracked_via = "discovery"`) and moves the cursor of
+    /// checkout type `kind` to `cursor`, in one transaction: a crash leaves both or neither, so a restart neither misses
     /// nor repeats one. A checkout without Firebase coordinates is tracked with empty ones: the
     /// reconciler checks it, the listener cannot. Already tracked checkouts are left as they are.
     ///
@@ -448,6 +449,7 @@ impl Ledger {
     pub fn record_discovered(
         &self,
         found: &[CheckoutFacts],
+        kind: &str,
         cursor: &str,
     ) -> Result<Vec<Discovered>> {
         let mut connection = self.lock();
@@ -464,10 +466,10 @@ impl Ledger {
         }
         transaction
             .execute(
-                "INSERT INTO discovery_cursor (id, after_id, updated_at) VALUES (1, ?1, ?2)
-                 ON CONFLICT (id) DO UPDATE SET after_id = excluded.after_id,
+                "INSERT INTO discovery_cursor (kind, after_id, updated_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (kind) DO UPDATE SET after_id = excluded.after_id,
                     updated_at = excluded.updated_at",
-                params![cursor, now()],
+                params![kind, cursor, now()],
             )
             .map_err(|e| self.error("discovery", e))?;
         transaction

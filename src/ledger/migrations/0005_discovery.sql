@@ -1,10 +1,10 @@
 -- Why: discovery tracks checkouts created anywhere (Search Checkouts with afterId), and a refund
 -- that leaves the status unchanged (a second partial refund) is history of its own.
 --
--- discovery_cursor: the highest checkout id discovery has handled, so a restart resumes with
--- afterId = after_id and neither misses nor repeats a checkout. One row at most.
+-- discovery_cursor: per checkout type, the highest checkout id discovery has handled, so a
+-- restart resumes with afterId = after_id and neither misses nor repeats a checkout.
 CREATE TABLE discovery_cursor (
-    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    kind       TEXT PRIMARY KEY,
     after_id   TEXT NOT NULL,
     updated_at TEXT NOT NULL
 );
