@@ -3,6 +3,7 @@
 mod cli;
 mod common;
 mod daemon;
+mod discovery;
 mod hooks;
 mod interop;
 mod sandbox;

@@ -1024,7 +1024,9 @@ fn apply_in(
             changed_at,
             previous.as_deref(),
             (refunded_from, refunded_to),
-            hooks.iter().filter(|hook| hook.fires_on(&CheckoutStatus::PartiallyRefunded)),
+            hooks
+                .iter()
+                .filter(|hook| hook.fires_on(&CheckoutStatus::PartiallyRefunded)),
             true,
         );
     }

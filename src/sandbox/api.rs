@@ -361,7 +361,9 @@ fn search(state: &SandboxState, query: &HashMap<String, String>) -> Result<Check
     }
     let kind = match query.get("type").map(|t| t.trim()) {
         None | Some("") => None,
-        Some(kind) if crate::paymennt::wire::CHECKOUT_TYPES.contains(&kind) => Some(kind.to_owned()),
+        Some(kind) if crate::paymennt::wire::CHECKOUT_TYPES.contains(&kind) => {
+            Some(kind.to_owned())
+        }
         Some(other) => {
             return Err(format!(
                 "type '{}' is not one of {}",
@@ -372,9 +374,11 @@ fn search(state: &SandboxState, query: &HashMap<String, String>) -> Result<Check
     };
     let after_id = match query.get("afterId") {
         None => None,
-        Some(text) => Some(text.trim().parse::<u128>().map_err(|_| {
-            format!("afterId '{}' must be a whole number", printable(text))
-        })?),
+        Some(text) => Some(
+            text.trim()
+                .parse::<u128>()
+                .map_err(|_| format!("afterId '{}' must be a whole number", printable(text)))?,
+        ),
     };
     let after_timestamp = match query.get("afterTimestamp") {
         None => None,

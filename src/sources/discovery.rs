@@ -235,10 +235,9 @@ async fn discover_type(
         };
         let recorder = ledger.clone();
         let owned_kind = kind.to_owned();
-        let recorded = blocking(move || {
-            recorder.record_discovered(&found, &owned_kind, &cursor.to_string())
-        })
-        .await?;
+        let recorded =
+            blocking(move || recorder.record_discovered(&found, &owned_kind, &cursor.to_string()))
+                .await?;
         for discovered in recorded {
             if discovered.outcome != TrackOutcome::Added {
                 continue;

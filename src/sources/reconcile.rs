@@ -164,7 +164,15 @@ pub async fn sweep(
         }
     }
     if !compared.is_empty() {
-        search_pages(client, page_size, &mut compared, &mut chosen, &mut report, health).await;
+        search_pages(
+            client,
+            page_size,
+            &mut compared,
+            &mut chosen,
+            &mut report,
+            health,
+        )
+        .await;
     }
     report.not_returned = compared.len();
     chosen.extend(compared.into_keys());
