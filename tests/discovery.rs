@@ -443,3 +443,60 @@ async fn two_partial_refunds_are_two_hook_deliveries_with_their_totals() {
     daemon.stop().await;
     sandbox.shutdown().await;
 }
+
+/// The figures in README's "API calls" section: one sweep over 10,000 open checkouts with
+/// nothing changed, by search (default page size) and with search refused (one Get Checkout
+/// each, as every sweep was before search). Slow (10,000 verifications to set up), so ignored:
+/// `cargo test --test integration discovery::sweep_cost_figures -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: 10,000 checkouts to set up"]
+#[allow(clippy::print_stdout)] // the figures are this test's output
+async fn sweep_cost_figures() {
+    const OPEN: usize = 10_000;
+    let page = paywatch::settings::Settings::load_with_env(None, Vec::new())
+        .map(|settings| settings.reconcile.page_size)
+        .unwrap_or(100);
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+    let client = client(&sandbox);
+    open_checkouts(&sandbox, &ledger, &client, OPEN).await;
+    let (_urgent, sweep, abort) = verifier(&ledger, &client);
+    let mut figures = Vec::new();
+    for refused in [false, true] {
+        sandbox.faults().refuse_search(refused);
+        let searches = sandbox.faults().search_calls();
+        let calls = sandbox.faults().total_get_checkout_calls();
+        let report = reconcile::sweep(
+            &ledger,
+            &client,
+            &sweep,
+            page,
+            &mut SearchHealth::default(),
+            &CancellationToken::new(),
+        )
+        .await;
+        let expected_calls = report.nudged() as u64;
+        wait_for("the sweep's calls", Duration::from_secs(300), || async {
+            (sandbox.faults().total_get_checkout_calls() - calls >= expected_calls).then_some(())
+        })
+        .await;
+        let searches = sandbox.faults().search_calls() - searches;
+        let calls = sandbox.faults().total_get_checkout_calls() - calls;
+        figures.push((refused, searches, calls));
+        println!(
+            "sweep over {OPEN} open checkouts, page_size {page}, search {}: {searches} searches + {calls} Get Checkout = {} calls; x12 sweeps/hour (interval 5m) = {} calls/hour",
+            if refused {
+                "refused (per-checkout, as before)"
+            } else {
+                "used"
+            },
+            searches + calls,
+            (searches + calls) * 12
+        );
+    }
+    assert_eq!(figures[0], (false, OPEN.div_ceil(page as usize) as u64, 0));
+    assert_eq!(figures[1], (true, 1, OPEN as u64));
+    abort.cancel();
+    sandbox.shutdown().await;
+}
