@@ -128,6 +128,20 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
         });
     }
 
+    checks.push(check(
+        true,
+        if settings.discovery.is_enabled(&settings.paymennt) {
+            format!(
+                "discovery is on: checkouts of type {} created anywhere are tracked, searched every {}",
+                settings.discovery.types.join(", "),
+                humantime::format_duration(settings.discovery.interval)
+            )
+        } else {
+            "discovery is off: only checkouts given to paywatch (track, link create) are watched"
+                .to_owned()
+        },
+    ));
+
     let offline_failures = checks.iter().filter(|c| !c.ok).count();
     let mut online_failures = 0;
     if args.online {
@@ -149,7 +163,11 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
                             client.base_url(),
                             started.elapsed().as_millis()
                         ),
-                        Err(error) => format!("paymennt at {}: {error}", client.base_url()),
+                        Err(error) => format!(
+                            "paymennt at {}: {error}\n\nSearch Checkouts is what discovery and reconcile sweeps use; \
+                             without it discovery finds nothing and sweeps fall back to one Get Checkout per open checkout",
+                            client.base_url()
+                        ),
                     },
                 ));
             }
