@@ -216,6 +216,23 @@ async fn a_refused_search_falls_back_to_one_get_checkout_per_open_checkout() {
     )
     .await;
     assert_eq!(sandbox.faults().search_calls() - searches_before, 1);
+    assert!(
+        report.fallback_warned,
+        "the first failing sweep says so at warn"
+    );
+    let again = reconcile::sweep(
+        &ledger,
+        &client,
+        &sweep,
+        10,
+        &mut health,
+        &CancellationToken::new(),
+    )
+    .await;
+    assert!(
+        again.fallback && !again.fallback_warned,
+        "said once: {again:?}"
+    );
 
     // Once search is allowed again, the next sweep uses it.
     sandbox.faults().refuse_search(false);
@@ -230,6 +247,7 @@ async fn a_refused_search_falls_back_to_one_get_checkout_per_open_checkout() {
     .await;
     assert!(!report.fallback, "{report:?}");
     assert_eq!(report.nudged(), 0, "nothing changed since: {report:?}");
+    assert_eq!(report.searches, 3, "30 open checkouts, pages of 10");
     abort.cancel();
     sandbox.shutdown().await;
 }

@@ -107,6 +107,8 @@ pub struct SweepReport {
     pub unverified: usize,
     /// Whether search failed or was refused, so every open checkout was nudged.
     pub fallback: bool,
+    /// Whether this sweep said so at warn: only the first of a run of failing sweeps does.
+    pub fallback_warned: bool,
 }
 
 impl SweepReport {
@@ -231,6 +233,7 @@ async fn search_pages(
                 report.fallback = true;
                 if !health.failing {
                     health.failing = true;
+                    report.fallback_warned = true;
                     tracing::warn!(
                         "Search Checkouts failed: {error}\n\n\
                          the reconciler verifies every open checkout with Get Checkout instead (one call each per sweep) until search works; \
