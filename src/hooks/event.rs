@@ -278,7 +278,7 @@ impl HookEvent {
             previous_status,
             amount,
             currency,
-            total_refunded: paid.then_some(refunded),
+            total_refunded: Some(refunded),
             refund_amount: refund.then_some(refunded),
             source: Source::Manual,
             verified_at,
@@ -455,5 +455,9 @@ mod tests {
         assert_ne!(first.event_id, e.event_id, "a fresh event id each time");
         let refund = HookEvent::synthetic("ship", CheckoutStatus::Refunded);
         assert_eq!(refund.previous_status, Some(CheckoutStatus::Paid));
+        let partial = HookEvent::synthetic("ship", CheckoutStatus::PartiallyRefunded);
+        assert_eq!(partial.total_refunded, Some(Decimal::new(2500, 2)));
+        assert_eq!(partial.refund_amount, partial.total_refunded);
+        assert_eq!(e.refund_amount, None, "a payment refunds nothing");
     }
 }

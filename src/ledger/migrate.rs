@@ -9,7 +9,6 @@ use rusqlite::Connection;
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_verification_times.sql"),
-    // 0003 and 0004 are added on other branches; the lead renumbers at merge.
     include_str!("migrations/0005_discovery.sql"),
 ];
 
