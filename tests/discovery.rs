@@ -518,3 +518,63 @@ async fn sweep_cost_figures() {
     abort.cancel();
     sandbox.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_daemon_discovers_what_was_created_while_it_was_down() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, path) = common::settings(
+        dir.path(),
+        &sandbox,
+        "multiplexed",
+        "[discovery]\ninterval = \"1s\"\npage_size = 1\n",
+    );
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let api = client(&sandbox);
+    let mut created = Vec::new();
+    let daemon = Daemon::start(&settings, &path).await;
+    for index in 0..2 {
+        let checkout = api
+            .create_link(&link_request(&format!("ORD-UP{index}"), "10.00"))
+            .await
+            .expect("link");
+        created.push(checkout.id().clone());
+    }
+    for id in &created {
+        wait_status(&ledger, id, "PENDING").await;
+    }
+    daemon.stop().await;
+    for index in 0..2 {
+        let checkout = api
+            .create_link(&link_request(&format!("ORD-DOWN{index}"), "10.00"))
+            .await
+            .expect("link");
+        created.push(checkout.id().clone());
+    }
+    let daemon = Daemon::start(&settings, &path).await;
+    for id in &created[2..] {
+        wait_status(&ledger, id, "PENDING").await;
+    }
+    let tracked = ledger
+        .list(&paywatch::ledger::ListFilter::default())
+        .expect("list");
+    assert_eq!(tracked.len(), 4, "each checkout once");
+    assert!(
+        tracked
+            .iter()
+            .all(|record| record.tracked_via == "discovery")
+    );
+    for id in &created {
+        assert_eq!(
+            ledger.transitions(id).expect("history").len(),
+            1,
+            "verified once, never re-imported: {id}"
+        );
+    }
+    assert_eq!(
+        ledger.discovery_cursor("LINK").expect("read").as_deref(),
+        Some(created[3].as_str())
+    );
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}
