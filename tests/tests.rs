@@ -1,5 +1,6 @@
 //! End-to-end tests: one binary for every surface (the ripgrep shape).
 
+mod bad_input;
 mod chaos;
 mod cli;
 mod common;
@@ -9,4 +10,5 @@ mod hooks;
 mod interop;
 mod properties;
 mod sandbox;
+mod secrets;
 mod service;
