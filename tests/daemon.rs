@@ -552,6 +552,47 @@ async fn a_second_daemon_on_the_same_ledger_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_refused_the_lock_never_opens_or_migrates_the_ledger() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = common::config_text(
+        dir.path(),
+        "http://127.0.0.1:9/mer/v2.0/",
+        "http://127.0.0.1:9",
+        "key",
+        "secret",
+        "multiplexed",
+        "",
+    );
+    let path = dir.path().join("paywatch.toml");
+    std::fs::write(&path, text).expect("write config");
+    let settings =
+        paywatch::settings::Settings::load_with_env(Some(&path), Vec::new()).expect("valid");
+    // Another daemon holds the lock (here: this test).
+    let lock = std::fs::File::create(dir.path().join("paywatch.db.lock")).expect("lock file");
+    lock.try_lock().expect("locked");
+    let (_controls, receiver) = tokio::sync::mpsc::channel(1);
+    let options = paywatch::daemon::RunOptions {
+        config_path: Some(path.clone()),
+        log: paywatch::logging::LogHandle::detached(),
+        status: None,
+        notifier: paywatch::daemon::notify::Notifier::disabled(),
+    };
+    let refused =
+        tokio::time::timeout(DEADLINE, paywatch::daemon::run(settings, receiver, options))
+            .await
+            .expect("refused at once");
+    let error = refused.expect_err("refused");
+    assert!(
+        format!("{error:#}").contains("already running"),
+        "{error:#}"
+    );
+    assert!(
+        !dir.path().join("paywatch.db").exists(),
+        "the ledger was created (and migrated) before the lock was checked"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_log_format_writes_one_object_per_line_with_the_payment_line() {
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");

@@ -131,10 +131,11 @@ pub async fn run(
     let started = Instant::now();
     let mut settings = settings;
 
-    // 1. The ledger, held by this daemon alone (two would run each other's hooks twice).
+    // 1. The ledger, held by this daemon alone (two would run each other's hooks twice). The
+    // lock comes first: a second daemon must not migrate a ledger another one is using.
+    let _daemon_lock = lock_ledger(&settings.ledger.path)?;
     let path = settings.ledger.path.clone();
     let ledger = blocking(move || Ledger::open(&path)).await?;
-    let _daemon_lock = lock_ledger(&settings.ledger.path)?;
 
     // 2. paymennt, and the hook commands (resolved now, so a missing program stops startup).
     let client = Client::from_settings(&settings.paymennt)?;
@@ -406,6 +407,10 @@ fn lock_ledger(ledger: &std::path::Path) -> anyhow::Result<std::fs::File> {
     let mut name = ledger.as_os_str().to_owned();
     name.push(".lock");
     let path = PathBuf::from(name);
+    if let Some(parent) = ledger.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create directory '{}'", parent.display()))?;
+    }
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

@@ -416,8 +416,9 @@ impl Default for LogSettings {
     }
 }
 
-/// One `[[hooks]]` entry.
-#[derive(Debug, Clone, Deserialize)]
+/// One `[[hooks]]` entry. Its `Debug` shows the names of `env`, never the values (a hook's env
+/// is where a merchant puts their own tokens).
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HookSettings {
     /// A unique name, used in logs, the ledger and `PAYWATCH_HOOK`.
@@ -443,6 +444,21 @@ pub struct HookSettings {
     /// Exit codes that mean "do not retry".
     #[serde(default)]
     pub permanent_exit_codes: Vec<i32>,
+}
+
+impl std::fmt::Debug for HookSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookSettings")
+            .field("name", &self.name)
+            .field("command", &self.command)
+            .field("statuses", &self.statuses)
+            .field("timeout", &self.timeout)
+            .field("max_attempts", &self.max_attempts)
+            .field("max_age", &self.max_age)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("permanent_exit_codes", &self.permanent_exit_codes)
+            .finish()
+    }
 }
 
 fn default_hook_timeout() -> Duration {

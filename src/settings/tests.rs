@@ -263,3 +263,16 @@ fn a_numeric_looking_secret_from_the_environment_stays_verbatim() {
     assert_eq!(credentials.secret.expose(), "00123");
     assert_eq!(credentials.key.expose(), "1e5");
 }
+
+#[test]
+fn hook_settings_debug_shows_env_names_but_never_values() {
+    let settings = load(
+        "[[hooks]]\nname = \"a\"\ncommand = [\"/bin/true\"]\nenv = { SHOP_TOKEN = \"tok-very-secret\" }\n",
+        &[],
+    )
+    .expect("valid");
+    for shown in [format!("{settings:?}"), format!("{:?}", settings.hooks[0])] {
+        assert!(shown.contains("SHOP_TOKEN"), "{shown}");
+        assert!(!shown.contains("tok-very-secret"), "{shown}");
+    }
+}
