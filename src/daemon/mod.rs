@@ -130,6 +130,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut settings = settings;
+    keep_memory_private();
 
     // 1. The ledger, held by this daemon alone (two would run each other's hooks twice). The
     // lock comes first: a second daemon must not migrate a ledger another one is using.
@@ -339,6 +340,20 @@ pub async fn run(
     publish(false);
     tracing::info!("paywatch stopped");
     Ok(())
+}
+
+/// Makes this process non-dumpable (`PR_SET_DUMPABLE` 0): processes of the same user, hooks
+/// included, can then no longer read `/proc/<pid>/environ`, `/proc/<pid>/mem` or attach a
+/// debugger, so the API secret in our environment or memory stays ours. It also turns off core
+/// dumps, which would hold the same secrets. Hooks themselves are dumpable again after `exec`.
+fn keep_memory_private() {
+    match nix::sys::prctl::set_dumpable(false) {
+        Ok(()) => tracing::debug!("process memory and environment are private (non-dumpable)"),
+        Err(error) => tracing::warn!(
+            "cannot make paywatch non-dumpable ({error}): hooks running as this user could read \
+             its environment and memory; run hooks under another user (docs/running-as-a-service.md)"
+        ),
+    }
 }
 
 /// Applies a re-read config: hooks, log level and reconcile interval change at once; other
