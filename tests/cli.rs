@@ -316,6 +316,35 @@ fn check_config_finds_a_hook_program_on_the_hooks_own_path() {
     assert!(!stdout(&check).contains("hook-token-value"));
 }
 
+#[test]
+fn an_out_of_range_setting_exits_2_naming_key_value_and_bound() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = offline_config(dir.path());
+    let text = std::fs::read_to_string(&config).expect("read");
+    // Above tokio's semaphore maximum this used to panic the hook dispatcher at run time.
+    std::fs::write(
+        &config,
+        format!("hooks_concurrency = 2305843009213693952\n{text}"),
+    )
+    .expect("write");
+    for args in [&["check-config"][..], &["run"][..]] {
+        let output = paywatch(&config, args, None);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains(
+                "'hooks_concurrency' value '2305843009213693952' is too large (at most 256)"
+            ),
+            "{}",
+            stderr(&output)
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_create_track_and_events_against_the_sandbox() {
     let sandbox = common::sandbox().await;
