@@ -653,6 +653,32 @@ async fn a_second_daemon_on_the_same_ledger_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_dies_stops_the_daemon_with_an_error_naming_it() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
+    // Loading refuses this now; set directly, it panics the hook dispatcher's semaphore, which
+    // used to leave the daemon running with no hook ever delivered.
+    settings.hooks_concurrency = usize::MAX;
+    let (_controls, receiver) = tokio::sync::mpsc::channel(1);
+    let options = paywatch::daemon::RunOptions {
+        config_path: Some(path.clone()),
+        log: paywatch::logging::LogHandle::detached(),
+        status: None,
+        notifier: paywatch::daemon::notify::Notifier::disabled(),
+    };
+    let ended = tokio::time::timeout(DEADLINE, paywatch::daemon::run(settings, receiver, options))
+        .await
+        .expect("the daemon stops by itself, at once");
+    let error = format!("{:#}", ended.expect_err("stops with an error (exit 1)"));
+    assert!(
+        error.contains("the hook dispatcher task panicked"),
+        "{error}"
+    );
+    sandbox.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_refused_the_lock_never_opens_or_migrates_the_ledger() {
     let dir = tempfile::tempdir().expect("tempdir");
     let text = common::config_text(

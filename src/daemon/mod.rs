@@ -9,6 +9,7 @@
 
 pub mod notify;
 pub mod signals;
+pub mod supervisor;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -131,6 +132,8 @@ pub async fn run(
     let started = Instant::now();
     let mut settings = settings;
     keep_memory_private();
+    // Every long-lived task runs under it: one that ends or panics stops the daemon (exit 1).
+    let mut supervisor = supervisor::Supervisor::new();
 
     // 1. The ledger, held by this daemon alone (two would run each other's hooks twice). The
     // lock comes first: a second daemon must not migrate a ledger another one is using.
@@ -185,34 +188,50 @@ pub async fn run(
     );
     let verifier_stats = verifier.stats();
     let verifier_abort = CancellationToken::new();
-    let verifier_task =
-        tokio::spawn(verifier.run(nudge_receiver, sweep_receiver, verifier_abort.clone()));
+    let verifier_task = tokio::spawn(supervisor.supervise(
+        "verifier",
+        verifier.run(nudge_receiver, sweep_receiver, verifier_abort.clone()),
+    ));
 
     let mut tasks = JoinSet::new();
-    tasks.spawn(consume_listen_events(
-        listen_receiver,
-        ledger.clone(),
-        nudge_sender.clone(),
+    tasks.spawn(supervisor.supervise(
+        "listener events",
+        consume_listen_events(
+            listen_receiver,
+            ledger.clone(),
+            nudge_sender.clone(),
+            sources.clone(),
+        ),
+    ));
+    tasks.spawn(watch_listener(
+        listener.clone(),
+        supervisor.reporter(),
         sources.clone(),
     ));
     let watched_count = Arc::new(std::sync::atomic::AtomicUsize::new(watched.len()));
-    tasks.spawn(sync_watch_set(
-        ledger.clone(),
-        listener.clone(),
-        watched,
-        watch_set_changed.subscribe(),
-        watched_count.clone(),
-        sources.clone(),
+    tasks.spawn(supervisor.supervise(
+        "watch-set sync",
+        sync_watch_set(
+            ledger.clone(),
+            listener.clone(),
+            watched,
+            watch_set_changed.subscribe(),
+            watched_count.clone(),
+            sources.clone(),
+        ),
     ));
 
     // 5. The reconciler: at start for checkouts that need it, then every interval.
     let (interval_sender, interval_receiver) = watch::channel(settings.reconcile.interval);
-    tasks.spawn(crate::sources::reconcile::run(
-        ledger.clone(),
-        sweep_sender,
-        interval_receiver,
-        watch_set_changed.clone(),
-        sources.clone(),
+    tasks.spawn(supervisor.supervise(
+        "reconciler",
+        crate::sources::reconcile::run(
+            ledger.clone(),
+            sweep_sender,
+            interval_receiver,
+            watch_set_changed.clone(),
+            sources.clone(),
+        ),
     ));
     drop(nudge_sender);
 
@@ -221,12 +240,17 @@ pub async fn run(
     let dispatcher_handle = dispatcher.handle();
     let dispatcher_stop = CancellationToken::new();
     let dispatcher_kill = CancellationToken::new();
-    let dispatcher_task =
-        tokio::spawn(dispatcher.run(dispatcher_stop.clone(), dispatcher_kill.clone()));
-    tasks.spawn(wake_dispatcher(
-        ledger_changed.subscribe(),
-        dispatcher_handle.clone(),
-        sources.clone(),
+    let dispatcher_task = tokio::spawn(supervisor.supervise(
+        "hook dispatcher",
+        dispatcher.run(dispatcher_stop.clone(), dispatcher_kill.clone()),
+    ));
+    tasks.spawn(supervisor.supervise(
+        "hook dispatcher wake-up",
+        wake_dispatcher(
+            ledger_changed.subscribe(),
+            dispatcher_handle.clone(),
+            sources.clone(),
+        ),
     ));
 
     tracing::info!(
@@ -256,26 +280,41 @@ pub async fn run(
     notifier.ready();
     let watchdog_cancel = CancellationToken::new();
     let liveness_ledger = ledger.clone();
-    let watchdog = tokio::spawn(notify::watchdog_loop(
+    let healthy = supervisor.health();
+    let watchdog_loop = notify::watchdog_loop(
         notifier.clone(),
         move || {
-            // The ledger thread answering is the liveness proof: it is what can wedge.
+            // Every supervised task alive, and the ledger thread answering (it is what can
+            // wedge): one failed task and systemd hears no more pings.
             let ledger = liveness_ledger.clone();
+            let healthy = healthy.clone();
             async move {
-                matches!(
-                    tokio::task::spawn_blocking(move || ledger.data_version()).await,
-                    Ok(Ok(_))
-                )
+                healthy()
+                    && matches!(
+                        tokio::task::spawn_blocking(move || ledger.data_version()).await,
+                        Ok(Ok(_))
+                    )
             }
         },
         watchdog_cancel.clone(),
-    ));
+    );
+    // Without a systemd watchdog the loop returns at once, which is no failure.
+    let watchdog = if notifier.watchdog_interval().is_some() {
+        tokio::spawn(supervisor.supervise("watchdog", watchdog_loop))
+    } else {
+        tokio::spawn(watchdog_loop)
+    };
 
     // 7. Run until told to stop.
     let mut status_tick = tokio::time::interval(Duration::from_millis(200));
     let mut status_line_tick = tokio::time::interval(STATUS_LINE_EVERY);
+    let mut failure = None;
     loop {
         tokio::select! {
+            failed = supervisor.failed() => {
+                failure = Some(failed);
+                break;
+            }
             command = control.recv() => match command {
                 Some(Control::Reload) => {
                     notifier.reloading();
@@ -303,6 +342,7 @@ pub async fn run(
 
     // 8. Drain: stop taking new work, let verifications and running hooks finish, then stop.
     notifier.stopping();
+    supervisor.stopping();
     let drain = settings.daemon.drain_timeout;
     tracing::info!(drain_timeout = ?drain, "shutting down: finishing in-flight verifications and running hooks");
     let deadline = tokio::time::Instant::now() + drain;
@@ -338,8 +378,25 @@ pub async fn run(
     watchdog_cancel.cancel();
     let _ = watchdog.await;
     publish(false);
+    if let Some(failure) = failure.or_else(|| supervisor.failure()) {
+        tracing::error!("paywatch stopped because {failure}");
+        anyhow::bail!("{failure}; paywatch stopped so that its service manager restarts it");
+    }
     tracing::info!("paywatch stopped");
     Ok(())
+}
+
+/// Reports the listener as failed when one of its stream tasks panics (the checkouts on that
+/// stream would never be watched again).
+async fn watch_listener(
+    listener: ListenerHandle,
+    reporter: supervisor::FailureReporter,
+    cancel: CancellationToken,
+) {
+    tokio::select! {
+        () = cancel.cancelled() => {}
+        how = listener.failed() => reporter.report("listener", how),
+    }
 }
 
 /// Makes this process non-dumpable (`PR_SET_DUMPABLE` 0): processes of the same user, hooks
