@@ -11,7 +11,7 @@ pub mod notify;
 pub mod signals;
 pub mod supervisor;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -519,6 +519,10 @@ async fn wake_dispatcher(
     }
 }
 
+/// How often changes that could not be noted (the ledger was busy) are noted again when no
+/// new event comes.
+const NOTE_RETRY: Duration = Duration::from_secs(1);
+
 /// Turns the listener's events into nudges and persisted resume state, in order.
 ///
 /// Changed checkouts are nudged at once, then marked `needs_verify` in the ledger before any
@@ -526,6 +530,11 @@ async fn wake_dispatcher(
 /// verification, the reconciler's startup sweep still verifies them. (A verification that
 /// finished before the mark is not undone by it: the mark applies only to checkouts last
 /// verified before the change was seen.)
+///
+/// A checkout whose change could not be noted (the ledger busy or failing) keeps its own
+/// retry: it is noted again with every later batch and every [`NOTE_RETRY`] until that works,
+/// and until then no resume token of that checkout is saved (the token would let a restart
+/// skip the change). Other checkouts' tokens are saved as usual.
 async fn consume_listen_events(
     mut events: mpsc::Receiver<ListenEvent>,
     ledger: Ledger,
@@ -533,14 +542,15 @@ async fn consume_listen_events(
     cancel: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(512);
-    // Set when noting pending verifications failed: no token may be saved past an unnoted
-    // change until a later note succeeds (the token would let a restart skip it).
-    let mut unnoted_changes = false;
+    let mut unnoted: HashSet<CheckoutId> = HashSet::new();
+    let mut retry = tokio::time::interval(NOTE_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         batch.clear();
         tokio::select! {
             () = cancel.cancelled() => return,
             received = events.recv_many(&mut batch, 512) => if received == 0 { return },
+            _ = retry.tick(), if !unnoted.is_empty() => {}
         }
         // Nudges go out first: verification starts at once, whatever the disk is doing.
         let seen_at = chrono::Utc::now();
@@ -548,22 +558,37 @@ async fn consume_listen_events(
         for event in &batch {
             if let ListenEvent::Changed(nudge) = event {
                 tracing::debug!(checkout = %nudge.checkout_id, changed_at = ?nudge.changed_at, "document changed");
-                changed.push(nudge.checkout_id.clone());
+                if !unnoted.contains(&nudge.checkout_id) {
+                    changed.push(nudge.checkout_id.clone());
+                }
                 tokio::select! {
                     () = cancel.cancelled() => return,
                     sent = nudges.send(nudge.clone()) => if sent.is_err() { return },
                 }
             }
         }
-        // Then, before any checkpoint of this batch is saved, the changes are noted durably.
+        // Then, before any checkpoint of this batch is saved, the changes are noted durably,
+        // with those that earlier notes failed to record.
+        changed.extend(unnoted.iter().cloned());
         if !changed.is_empty() {
             let marker = ledger.clone();
-            match blocking(move || marker.mark_needs_verify(&changed, seen_at)).await {
-                Ok(()) => unnoted_changes = false,
+            let noting = changed.clone();
+            match blocking(move || marker.mark_needs_verify(&noting, seen_at)).await {
+                Ok(()) => {
+                    if !unnoted.is_empty() {
+                        tracing::info!(
+                            checkouts = unnoted.len(),
+                            "pending verifications noted after an earlier failure"
+                        );
+                    }
+                    unnoted.clear();
+                }
                 Err(error) => {
-                    unnoted_changes = true;
+                    unnoted.extend(changed);
                     tracing::error!(
-                        "cannot note pending verifications; resume tokens are not saved until it works: {error:#}"
+                        checkouts = unnoted.len(),
+                        "cannot note pending verifications; retrying every {}s, and their resume tokens are not saved until it works: {error:#}",
+                        NOTE_RETRY.as_secs()
                     );
                 }
             }
@@ -571,8 +596,14 @@ async fn consume_listen_events(
         for event in batch.drain(..) {
             match event {
                 ListenEvent::Changed(_) => {}
-                ListenEvent::Checkpoint { .. } if unnoted_changes => {}
                 ListenEvent::Checkpoint { tokens, read_time } => {
+                    let tokens: Vec<(CheckoutId, Vec<u8>)> = tokens
+                        .into_iter()
+                        .filter(|(id, _)| !unnoted.contains(id))
+                        .collect();
+                    if tokens.is_empty() {
+                        continue;
+                    }
                     let saver = ledger.clone();
                     if let Err(error) =
                         blocking(move || saver.save_resume_tokens(&tokens, read_time)).await
@@ -682,3 +713,6 @@ async fn sync_watch_set(
         watched_count.store(watched.len(), std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests;
