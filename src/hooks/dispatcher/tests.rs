@@ -489,6 +489,41 @@ async fn a_delivery_interrupted_by_a_crash_runs_again_at_start_and_is_delivered_
 }
 
 #[tokio::test]
+async fn an_outcome_the_ledger_refused_is_recorded_by_the_running_dispatcher() {
+    let fx = Fixture::new();
+    let spec = hook(
+        fx.path(),
+        "note",
+        "echo \"$PAYWATCH_CHECKOUT_ID $PAYWATCH_ATTEMPT\" >> \"$1/calls\"\n",
+    );
+    let first = fx.transition("1", "PAID", "ORD-1", &["note"]);
+    let second = fx.transition("2", "PAID", "ORD-2", &["note"]);
+    // The ledger refuses to record checkout 1's outcome (a full or failing disk).
+    let other = rusqlite::Connection::open(fx.ledger.path()).expect("second connection");
+    other
+        .execute_batch(
+            "CREATE TRIGGER refuse_outcome BEFORE UPDATE OF state ON hook_deliveries
+             WHEN OLD.checkout_id = '1' AND NEW.state <> 'running'
+             BEGIN SELECT RAISE(ABORT, 'disk I/O error (test)'); END;",
+        )
+        .expect("trigger");
+    // One slot: checkout 2's hook can start only once checkout 1's attempt has given up
+    // writing its outcome and freed the slot.
+    let running = fx.start(vec![spec], 1);
+    fx.until_state(&second[0], DeliveryState::Delivered).await;
+    assert_eq!(fx.delivery(&first[0]).state, DeliveryState::Running);
+
+    // The ledger recovers: the running dispatcher writes the outcome, no restart needed.
+    other
+        .execute_batch("DROP TRIGGER refuse_outcome")
+        .expect("drop trigger");
+    let delivered = fx.until_state(&first[0], DeliveryState::Delivered).await;
+    running.stop().await;
+    assert_eq!(delivered.attempts, 1, "recorded, not run again");
+    assert_eq!(fx.lines("calls"), ["1 1", "2 1"]);
+}
+
+#[tokio::test]
 async fn shutdown_lets_a_running_hook_finish() {
     let fx = Fixture::new();
     let spec = hook(
