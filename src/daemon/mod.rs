@@ -552,8 +552,24 @@ async fn consume_listen_events(
             received = events.recv_many(&mut batch, 512) => if received == 0 { return },
             _ = retry.tick(), if !unnoted.is_empty() => {}
         }
+        // Where the ticket counter stands before any nudge of this batch goes out: every
+        // verification the nudges cause gets a later ticket, and only such a one clears the note.
+        // Changes retried from earlier batches take this (later) ticket too: that can only
+        // mark more, never less.
+        let seen_after =
+            if !unnoted.is_empty() || batch.iter().any(|e| matches!(e, ListenEvent::Changed(_))) {
+                let reader = ledger.clone();
+                match blocking(move || reader.last_ticket()).await {
+                    Ok(ticket) => Some(ticket),
+                    Err(error) => {
+                        tracing::error!("cannot read the verification ticket counter: {error:#}");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
         // Nudges go out first: verification starts at once, whatever the disk is doing.
-        let seen_at = chrono::Utc::now();
         let mut changed = Vec::new();
         for event in &batch {
             if let ListenEvent::Changed(nudge) = event {
@@ -573,7 +589,13 @@ async fn consume_listen_events(
         if !changed.is_empty() {
             let marker = ledger.clone();
             let noting = changed.clone();
-            match blocking(move || marker.mark_needs_verify(&noting, seen_at)).await {
+            let noted = match seen_after {
+                Some(seen_after) => {
+                    blocking(move || marker.mark_needs_verify(&noting, seen_after)).await
+                }
+                None => Err(anyhow::anyhow!("the ticket counter could not be read")),
+            };
+            match noted {
                 Ok(()) => {
                     if !unnoted.is_empty() {
                         tracing::info!(
