@@ -8,10 +8,16 @@ use crate::paymennt::VerifiedCheckout;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
-fn verified(id: &str) -> VerifiedCheckout {
-    VerifiedCheckout::for_tests(&format!(
-        r#"{{"id":"{id}","orderId":"ORD-{id}","requestId":"REQ-{id}","currency":"AED","amount":10.00,"status":"PENDING","totalRefunded":0,"firebaseDatabase":"pc-test-734bc","firebaseCollection":"checkouts","firebaseDocument":"doc-{id}"}}"#
-    ))
+/// A verified checkout whose request took the ledger's next ticket (as the verifier's do).
+fn verified(ledger: &Ledger, id: &str) -> VerifiedCheckout {
+    let ticket = ledger.issue_ticket().expect("ticket");
+    VerifiedCheckout::for_tests_with(
+        &format!(
+            r#"{{"id":"{id}","orderId":"ORD-{id}","requestId":"REQ-{id}","currency":"AED","amount":10.00,"status":"PENDING","totalRefunded":0,"firebaseDatabase":"pc-test-734bc","firebaseCollection":"checkouts","firebaseDocument":"doc-{id}"}}"#
+        ),
+        ticket,
+        chrono::Utc::now(),
+    )
 }
 
 fn id(text: &str) -> CheckoutId {
@@ -72,7 +78,7 @@ async fn a_change_that_could_not_be_noted_keeps_its_own_retry_and_blocks_only_it
     for checkout in ["1", "2", "3"] {
         ledger
             .apply(
-                &verified(checkout),
+                &verified(&ledger, checkout),
                 Source::Reconcile,
                 None,
                 &[],
