@@ -3,6 +3,7 @@
 mod cli;
 mod common;
 mod daemon;
+mod firestore_auth;
 mod hooks;
 mod interop;
 mod sandbox;

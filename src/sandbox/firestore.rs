@@ -87,8 +87,10 @@ pub struct SeenHeaders {
     pub method: &'static str,
     /// The `google-cloud-resource-prefix` header, if sent.
     pub resource_prefix: Option<String>,
-    /// The `authorization` header, if sent (the sandbox never checks it).
+    /// The `authorization` header, if sent (checked only in `rules` and `iam` modes).
     pub authorization: Option<String>,
+    /// The `x-goog-api-key` header (the Firebase Web API key), if sent.
+    pub api_key: Option<String>,
 }
 
 /// The record of call headers, shared by the service and the sandbox handle.
@@ -232,6 +234,7 @@ fn seen_headers(method: &'static str, metadata: &tonic::metadata::MetadataMap) -
         method,
         resource_prefix: text("google-cloud-resource-prefix"),
         authorization: text("authorization"),
+        api_key: text("x-goog-api-key"),
     }
 }
 
@@ -840,6 +843,7 @@ mod tests {
                 method: "Listen",
                 resource_prefix: None,
                 authorization: None,
+                api_key: None,
             });
         }
         assert_eq!(log.all().len(), HEADERS_KEPT);

@@ -107,6 +107,9 @@ pub struct SandboxOptions {
     /// Serve the built-in Firestore over TLS with this certificate (its endpoint becomes
     /// `https://localhost:PORT`).
     pub firestore_tls: Option<ServerTls>,
+    /// Serve the HTTP side over TLS with this certificate (its URLs become
+    /// `https://localhost:PORT/...`).
+    pub api_tls: Option<ServerTls>,
 }
 
 /// A server certificate and key (PEM), e.g. from [`TestCertificates`].
@@ -146,6 +149,7 @@ impl Default for SandboxOptions {
             web_api_key: auth::DEFAULT_WEB_API_KEY.into(),
             firebase_token_lifetime: Duration::from_secs(3600),
             firestore_tls: None,
+            api_tls: None,
         }
     }
 }
@@ -167,6 +171,7 @@ impl std::fmt::Debug for SandboxOptions {
             .field("firestore_auth", &self.firestore_auth)
             .field("firebase_token_lifetime", &self.firebase_token_lifetime)
             .field("firestore_tls", &self.firestore_tls.is_some())
+            .field("api_tls", &self.api_tls.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -187,6 +192,7 @@ pub struct Sandbox {
     firebase_auth: FirebaseAuth,
     caller: Arc<CallerCheck>,
     firestore_tls: bool,
+    api_tls: bool,
     firestore_auth: FirestoreAuthCheck,
     /// Cancelled to stop servers, streams, timers and delayed writes.
     shutdown: CancellationToken,
@@ -282,7 +288,12 @@ impl Sandbox {
         })
         .merge(firebase_auth.router());
         let api_stop = shutdown.clone();
+        let api_tls = options.api_tls.as_ref().map(tls_acceptor).transpose()?;
         let api_server = tokio::spawn(async move {
+            if let Some(acceptor) = api_tls {
+                serve_tls(api_listener, acceptor, app, api_stop).await;
+                return;
+            }
             // Small responses must not wait for Nagle's algorithm.
             let listener = axum::serve::ListenerExt::tap_io(api_listener, |tcp| {
                 let _ = tcp.set_nodelay(true);
@@ -336,6 +347,7 @@ impl Sandbox {
             firebase_auth,
             caller,
             firestore_tls: options.firestore_tls.is_some(),
+            api_tls: options.api_tls.is_some(),
             firestore_auth: options.firestore_auth,
             shutdown,
             servers: vec![api_server, grpc_server],
@@ -345,12 +357,21 @@ impl Sandbox {
     /// The Merchant API base URL, e.g. `http://127.0.0.1:8790/mer/v2.0/` (the daemon's
     /// `[paymennt] base_url`).
     pub fn api_base_url(&self) -> String {
-        format!("http://{}{}/", self.api_addr, api::API_BASE_PATH)
+        format!("{}{}/", self.http_origin(), api::API_BASE_PATH)
+    }
+
+    /// `http://127.0.0.1:PORT`, or with TLS `https://localhost:PORT`.
+    fn http_origin(&self) -> String {
+        if self.api_tls {
+            format!("https://localhost:{}", self.api_addr.port())
+        } else {
+            format!("http://{}", self.api_addr)
+        }
     }
 
     /// The admin base URL, e.g. `http://127.0.0.1:8790/_sandbox/`.
     pub fn admin_url(&self) -> String {
-        format!("http://{}/_sandbox/", self.api_addr)
+        format!("{}/_sandbox/", self.http_origin())
     }
 
     /// The HTTP side's address.
@@ -385,12 +406,12 @@ impl Sandbox {
 
     /// The daemon's `[firestore] identity_endpoint` for this sandbox.
     pub fn identity_endpoint(&self) -> String {
-        format!("http://{}{}", self.api_addr, auth::IDENTITY_PATH)
+        format!("{}{}", self.http_origin(), auth::IDENTITY_PATH)
     }
 
     /// The daemon's `[firestore] token_endpoint` for this sandbox.
     pub fn token_endpoint(&self) -> String {
-        format!("http://{}{}", self.api_addr, auth::TOKEN_PATH)
+        format!("{}{}", self.http_origin(), auth::TOKEN_PATH)
     }
 
     /// The project id (`firebaseDatabase`).
@@ -490,6 +511,60 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         // Best effort: the tasks see the token and stop on their own.
         self.shutdown.cancel();
+    }
+}
+
+/// A TLS acceptor for a certificate and key in PEM.
+fn tls_acceptor(tls: &ServerTls) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(tls.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("the sandbox API's TLS certificate is not PEM")?;
+    let key = PrivateKeyDer::from_pem_slice(tls.key_pem.as_bytes())
+        .context("the sandbox API's TLS key is not PEM")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("the sandbox API's TLS certificate or key is unusable")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves `app` over TLS until `stop` is cancelled (open connections end with their clients).
+async fn serve_tls(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: axum::Router,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((tcp, _)) = accepted else { continue };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+            tokio::select! {
+                () = stop.cancelled() => {}
+                _ = connection => {}
+            }
+        });
     }
 }
 
