@@ -213,9 +213,9 @@ async fn missing_or_unreadable_credentials_stop_startup_with_a_config_error() {
     );
     let options = paywatch::daemon::listener_options(&settings).expect("file exists");
     let (sender, _events) = tokio::sync::mpsc::channel(8);
-    let error = Listener::start(options, sender, CancellationToken::new())
-        .err()
-        .expect("an unusable key stops startup");
+    let Err(error) = Listener::start(options, sender, CancellationToken::new()) else {
+        panic!("an unusable key stops startup");
+    };
     let text = format!("{error:#}");
     assert!(
         text.contains("garbage.json") && !text.contains("secret-material"),

@@ -306,9 +306,9 @@ impl ServiceInner {
     /// Whether the sandbox's security rules let a caller read `name`: a checkout document by
     /// its exact name (`<database>/documents/<collection>/<id>`), nothing else.
     fn readable_by_rules(&self, name: &str) -> bool {
-        name.strip_prefix(&self.readable_prefix).is_some_and(|id| {
-            !id.is_empty() && !id.contains('/') && !(id.starts_with("__") && id.ends_with("__"))
-        })
+        let reserved = |id: &str| id.starts_with("__") && id.ends_with("__");
+        name.strip_prefix(&self.readable_prefix)
+            .is_some_and(|id| !id.is_empty() && !id.contains('/') && !reserved(id))
     }
 }
 
@@ -802,6 +802,14 @@ fn document_delete(name: &str, removed_target_ids: Vec<i32>, micros: i64) -> Lis
     }
 }
 
+/// Sleeps until `at`, or for ever when there is no such time.
+async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -847,13 +855,5 @@ mod tests {
             });
         }
         assert_eq!(log.all().len(), HEADERS_KEPT);
-    }
-}
-
-/// Sleeps until `at`, or for ever when there is no such time.
-async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
