@@ -416,6 +416,21 @@ mod tests {
         .expect("parses");
         assert_eq!(args.serve.api_listen.port(), 9000);
         assert_eq!(args.serve.heartbeat, Duration::from_millis(500));
+        assert_eq!(args.serve.firestore_auth, FirestoreAuthArg::Open);
+        let args = parse(&[
+            "paywatch",
+            "sandbox",
+            "--firestore-auth",
+            "rules",
+            "--require-sign-in",
+            "--token-lifetime",
+            "5s",
+        ])
+        .expect("parses");
+        assert_eq!(args.serve.firestore_auth, FirestoreAuthArg::Rules);
+        assert!(args.serve.require_sign_in);
+        assert_eq!(args.serve.token_lifetime, Duration::from_secs(5));
+        assert!(parse(&["paywatch", "sandbox", "--firestore-auth", "oauth"]).is_err());
     }
 
     #[test]
