@@ -283,7 +283,7 @@ async fn without_ca_file_the_test_ca_is_not_trusted() {
     let client = paywatch::paymennt::Client::from_settings(&settings.paymennt).expect("client");
     let id: paywatch::domain::CheckoutId = "1".parse().expect("id");
     let error = client
-        .get_checkout(&id)
+        .get_checkout(&id, paywatch::domain::VerifyTicket::new(1))
         .await
         .expect_err("an unknown CA is refused");
     let text = format!("{error:#}").to_lowercase();

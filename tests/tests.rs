@@ -8,6 +8,7 @@ mod daemon;
 mod firestore_auth;
 mod hooks;
 mod interop;
+mod misconfigured;
 mod properties;
 mod sandbox;
 mod secrets;
