@@ -30,6 +30,7 @@ pub mod documents;
 pub mod external;
 pub mod faults;
 pub mod firestore;
+pub mod pay_page;
 pub mod sink;
 pub mod state;
 
