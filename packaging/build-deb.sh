@@ -10,8 +10,10 @@
 # `cargo deb --no-build` last.
 #
 # Usage:  packaging/build-deb.sh                 (release profile; cargo install cargo-deb first)
-#         PROFILE=dev packaging/build-deb.sh     (reuses the debug build, e.g. of `cargo test`;
-#                                                 CI does this to save a release build)
+#         PROFILE=dev packaging/build-deb.sh     (packages the debug binary `cargo test` builds,
+#                                                 with the same features, so after the tests it
+#                                                 builds nothing; CI does this to save a release
+#                                                 build. Not for servers.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +28,11 @@ command -v cargo-deb >/dev/null 2>&1 || {
     exit 2
 }
 
-cargo build --locked --profile "$profile" --bin paywatch
+if [ "$profile" = dev ]; then
+    cargo test --locked --no-run --test integration
+else
+    cargo build --locked --profile "$profile" --bin paywatch
+fi
 bin=target/$dir/paywatch
 out=target/packaging
 rm -rf "$out"

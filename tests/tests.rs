@@ -1,5 +1,6 @@
 //! End-to-end tests: one binary for every surface (the ripgrep shape).
 
+mod browser;
 mod cli;
 mod common;
 mod daemon;
