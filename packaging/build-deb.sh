@@ -46,7 +46,8 @@ mkdir -p "$out/man" "$out/completions" "$out/systemd"
 unit=$out/systemd/paywatch.service
 sed -E \
     -e 's#^ExecStart=/usr/local/bin/paywatch #ExecStart=/usr/bin/paywatch #' \
-    -e 's#^DynamicUser=yes$#DynamicUser=yes\n# Packaged: /etc/paywatch/paywatch.toml is 0640 root:paywatch.\nSupplementaryGroups=paywatch#' \
+    -e '/^DynamicUser=yes$/a # Packaged: /etc/paywatch/paywatch.toml is 0640, group paywatch.' \
+    -e '/^DynamicUser=yes$/a SupplementaryGroups=paywatch' \
     systemd/paywatch.service >"$unit"
 grep -q '^ExecStart=/usr/bin/paywatch ' "$unit" || {
     echo "build-deb: could not point ExecStart= at /usr/bin/paywatch in $unit" >&2

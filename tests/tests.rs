@@ -6,5 +6,6 @@ mod common;
 mod daemon;
 mod hooks;
 mod interop;
+mod logging;
 mod sandbox;
 mod service;
