@@ -1,11 +1,15 @@
 //! End-to-end tests: one binary for every surface (the ripgrep shape).
 
+mod bad_input;
 mod browser;
+mod chaos;
 mod cli;
 mod common;
 mod daemon;
 mod hooks;
 mod interop;
 mod logging;
+mod properties;
 mod sandbox;
+mod secrets;
 mod service;
