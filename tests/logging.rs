@@ -19,7 +19,10 @@ const RUNNING: &str = "paywatch is running";
 /// `paywatch` with none of the variables that change its output.
 fn paywatch() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_paywatch"));
-    command.env_remove("RUST_LOG").env_remove("NO_COLOR").env_remove("JOURNAL_STREAM");
+    command
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .env_remove("JOURNAL_STREAM");
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("PAYWATCH_") {
             command.env_remove(name);
@@ -64,7 +67,10 @@ fn on_a_terminal(config: &Path, output: &Path, no_color: bool) -> String {
         quote(Path::new(env!("CARGO_BIN_EXE_paywatch"))),
         quote(config)
     ));
-    command.arg(output).env_remove("RUST_LOG").env_remove("JOURNAL_STREAM");
+    command
+        .arg(output)
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM");
     if no_color {
         command.env("NO_COLOR", "1");
     } else {
@@ -84,9 +90,14 @@ async fn daemon_log_lines_suit_a_terminal_the_journal_and_a_file() {
     let file = dir.path().join("plain.log");
     let mut command = paywatch();
     command.args(["--config"]).arg(&config).arg("run");
-    command.stderr(std::fs::File::create(&file).expect("log file")).stdout(Stdio::null());
+    command
+        .stderr(std::fs::File::create(&file).expect("log file"))
+        .stdout(Stdio::null());
     let plain = run_until_started(command, &file);
-    assert!(!plain.contains(ESCAPE), "ANSI escapes in a file:\n{plain:?}");
+    assert!(
+        !plain.contains(ESCAPE),
+        "ANSI escapes in a file:\n{plain:?}"
+    );
     assert!(plain.contains(" INFO "), "{plain}");
 
     // journald: JOURNAL_STREAM names stderr's device and inode.
@@ -100,12 +111,18 @@ async fn daemon_log_lines_suit_a_terminal_the_journal_and_a_file() {
         .stderr(stderr)
         .stdout(Stdio::null());
     let journal = run_until_started(command, &journal_file);
-    assert!(!journal.contains(ESCAPE), "ANSI escapes in the journal:\n{journal:?}");
+    assert!(
+        !journal.contains(ESCAPE),
+        "ANSI escapes in the journal:\n{journal:?}"
+    );
     let started = journal
         .lines()
         .find(|line| line.contains(RUNNING))
         .expect("start line");
-    assert!(started.starts_with("<6>"), "not priority-prefixed: {started}");
+    assert!(
+        started.starts_with("<6>"),
+        "not priority-prefixed: {started}"
+    );
 
     // A terminal: colours, unless NO_COLOR is set.
     if Command::new("script").arg("--version").output().is_err() {
@@ -116,9 +133,15 @@ async fn daemon_log_lines_suit_a_terminal_the_journal_and_a_file() {
         eprintln!("terminal case skipped: util-linux `script` is not installed");
     } else {
         let coloured = on_a_terminal(&config, &dir.path().join("tty.log"), false);
-        assert!(coloured.contains(ESCAPE), "no colours on a terminal:\n{coloured:?}");
+        assert!(
+            coloured.contains(ESCAPE),
+            "no colours on a terminal:\n{coloured:?}"
+        );
         let no_color = on_a_terminal(&config, &dir.path().join("tty-nc.log"), true);
-        assert!(!no_color.contains(ESCAPE), "colours despite NO_COLOR:\n{no_color:?}");
+        assert!(
+            !no_color.contains(ESCAPE),
+            "colours despite NO_COLOR:\n{no_color:?}"
+        );
     }
     sandbox.shutdown().await;
 }
@@ -133,8 +156,14 @@ fn the_demo_through_pipes_is_plain_readable_text() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "demo failed:\n{stdout}\n{stderr}");
-    assert!(!stdout.contains(ESCAPE), "ANSI escapes in the narration:\n{stdout:?}");
-    assert!(!stderr.contains(ESCAPE), "ANSI escapes in the log:\n{stderr:?}");
+    assert!(
+        !stdout.contains(ESCAPE),
+        "ANSI escapes in the narration:\n{stdout:?}"
+    );
+    assert!(
+        !stderr.contains(ESCAPE),
+        "ANSI escapes in the log:\n{stderr:?}"
+    );
     assert!(stdout.contains("customer pays ORD-1001"), "{stdout}");
     assert!(stdout.contains("ledger summary"), "{stdout}");
     assert!(stderr.contains("PAID checkout="), "{stderr}");
