@@ -9,6 +9,7 @@ mod daemon;
 mod hooks;
 mod interop;
 mod logging;
+mod misconfigured;
 mod properties;
 mod sandbox;
 mod secrets;
