@@ -237,7 +237,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "paywatch sandbox: Merchant API at {}, Firestore at {}\n\n\
              # Add to the daemon's config:\n{}\n\
              # Drive it: paywatch sandbox pay|fail|cancel|expire|authorize|refund ID --sandbox http://{}\n\
-             # Payment pages: the redirectUrl of each link. Stop with Ctrl-C.",
+             # Payment pages: the redirectUrl of each link; test card 4242 4242 4242 4242, 12/25, \
+             CVV 100 (4000 0000 0000 0002 is declined). Stop with Ctrl-C.",
             sandbox.api_base_url(),
             sandbox.firestore_endpoint(),
             sandbox.daemon_config_toml() + &credentials_line,

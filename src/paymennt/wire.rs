@@ -357,6 +357,10 @@ pub struct LinkRequest {
     /// ISO 639-1 language of the payment page.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub language: Option<String>,
+    /// Where the payment page sends the customer after a successful or failed payment.
+    /// paymennt's spec lists it on web checkouts; the sandbox also takes it on links.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub return_url: Option<String>,
 }
 
 /// Order totals (`CheckoutRequestTotals`).

@@ -1,5 +1,5 @@
 //! The sandbox's HTTP side: paymennt's Merchant API under `/mer/v2.0/`, the admin endpoints under
-//! `/_sandbox/`, and a tiny payment page under `/pay/`.
+//! `/_sandbox/`, and the payment page under `/pay/` ([`crate::sandbox::pay_page`]).
 //!
 //! Owns: routes, request parsing, paymennt's `{success, elapsed, error, result}` wrapper, the API
 //! key check, and applying injected API faults (latency, 500, 429) and the Get Checkout counter.
@@ -29,14 +29,15 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::Serialize;
 
-use crate::domain::{CheckoutId, CheckoutStatus, Currency, format_money, parse_decimal, printable};
+use crate::domain::{CheckoutId, CheckoutStatus, Currency, parse_decimal, printable};
 use crate::paymennt::wire::{CheckoutPage, EnvelopeOut, LinkRequest};
 use crate::sandbox::faults::{ApiFault, FaultSettings, FaultUpdate};
+use crate::sandbox::pay_page;
 use crate::sandbox::state::{CheckoutAction, SandboxError, SandboxState, SearchFilter};
 
 /// The Merchant API's base path (the daemon's `base_url` ends with it plus `/`).
@@ -110,8 +111,11 @@ pub fn router(context: ApiContext) -> Router {
     Router::new()
         .nest(API_BASE_PATH, merchant)
         .nest("/_sandbox", admin)
-        .route("/pay/{checkout_key}", get(pay_page))
-        .route("/pay/{checkout_key}/{action}", post(pay_page_action))
+        .route(
+            "/pay/{checkout_key}",
+            get(pay_page::show).post(pay_page::pay),
+        )
+        .route("/pay/{checkout_key}/cancel", post(pay_page::cancel))
         .with_state(context)
 }
 
@@ -715,79 +719,6 @@ async fn admin_update_faults(
     }
 }
 
-async fn pay_page(State(context): State<ApiContext>, Path(checkout_key): Path<String>) -> Response {
-    let Some(checkout) = context
-        .state
-        .id_for_key(&checkout_key)
-        .and_then(|id| context.state.checkout(&id))
-    else {
-        return (StatusCode::NOT_FOUND, Html("<h1>No such payment link</h1>")).into_response();
-    };
-    let text = |value: Option<&str>| html_escape(value.unwrap_or(""));
-    let amount = checkout
-        .amount
-        .map(|a| format_money(a.0))
-        .unwrap_or_default();
-    let status = checkout
-        .status
-        .as_ref()
-        .map(|s| s.as_str().to_owned())
-        .unwrap_or_default();
-    let key = html_escape(&checkout_key);
-    let page = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>paymennt sandbox</title></head>\
-         <body style=\"font-family:sans-serif;max-width:30em;margin:2em auto\">\
-         <h1>paymennt sandbox</h1>\
-         <p>Order <b>{order}</b> (checkout {id})</p>\
-         <p style=\"font-size:1.5em\">{amount} {currency}</p>\
-         <p>Status: <b>{status}</b></p>\
-         <form method=\"post\" action=\"/pay/{key}/pay\"><button>Pay</button></form>\
-         <form method=\"post\" action=\"/pay/{key}/fail\"><button>Fail</button></form>\
-         <form method=\"post\" action=\"/pay/{key}/cancel\"><button>Cancel</button></form>\
-         <p><small>Nothing here moves real money.</small></p></body></html>",
-        order = text(checkout.order_id.as_deref()),
-        id = text(checkout.id.as_ref().map(|id| id.0.as_str())),
-        currency = text(checkout.currency.as_deref()),
-        status = html_escape(&status),
-    );
-    Html(page).into_response()
-}
-
-async fn pay_page_action(
-    State(context): State<ApiContext>,
-    Path((checkout_key, verb)): Path<(String, String)>,
-) -> Response {
-    let Some(id) = context.state.id_for_key(&checkout_key) else {
-        return (StatusCode::NOT_FOUND, Html("<h1>No such payment link</h1>")).into_response();
-    };
-    let action = match verb.as_str() {
-        "pay" => CheckoutAction::Pay,
-        "fail" => CheckoutAction::Fail,
-        "cancel" => CheckoutAction::Cancel,
-        _ => return (StatusCode::NOT_FOUND, Html("<h1>No such action</h1>")).into_response(),
-    };
-    if let Err(error) = context.state.apply(&id, action).await {
-        let page = format!("<p>{}</p>", html_escape(&error.to_string()));
-        return (StatusCode::BAD_REQUEST, Html(page)).into_response();
-    }
-    Redirect::to(&format!("/pay/{checkout_key}")).into_response()
-}
-
-fn html_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -910,13 +841,5 @@ mod tests {
         assert_eq!(get_checkout_target("/checkout/42/cancel"), None);
         assert_eq!(get_checkout_target("/checkout/link/"), None);
         assert_eq!(get_checkout_target("/checkout"), None);
-    }
-
-    #[test]
-    fn html_is_escaped() {
-        assert_eq!(
-            html_escape("<b>\"x\"&'"),
-            "&lt;b&gt;&quot;x&quot;&amp;&#39;"
-        );
     }
 }

@@ -7,7 +7,8 @@
 //!
 //! - [`state`]: checkouts and their lifecycle; writes each checkout's document through a
 //!   [`DocumentSink`] after every change.
-//! - [`api`]: the Merchant API (`/mer/v2.0/`), admin endpoints (`/_sandbox/`), payment page.
+//! - [`api`]: the Merchant API (`/mer/v2.0/`), admin endpoints (`/_sandbox/`), routes.
+//! - [`pay_page`]: the payment page (`/pay/{key}`) with its card form and test cards.
 //! - [`documents`]: the built-in Firestore's document store (the default [`DocumentSink`]).
 //! - [`firestore`]: the built-in Firestore's gRPC service (Listen, GetDocument), optionally
 //!   over TLS.
@@ -33,6 +34,7 @@ pub mod documents;
 pub mod external;
 pub mod faults;
 pub mod firestore;
+pub mod pay_page;
 pub mod sink;
 pub mod state;
 

@@ -173,6 +173,8 @@ struct CheckoutRecord {
     billing_address: Option<serde_json::Value>,
     delivery_address: Option<serde_json::Value>,
     branch_id: Option<i64>,
+    /// Where the payment page sends the customer afterwards (`returnUrl`), if given.
+    return_url: Option<String>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     location: FirestoreLocation,
@@ -299,6 +301,7 @@ impl SandboxState {
                     .as_ref()
                     .and_then(|a| serde_json::to_value(a).ok()),
                 branch_id: request.branch_id,
+                return_url: valid.return_url,
                 created_at: now,
                 updated_at: now,
                 location,
@@ -350,6 +353,14 @@ impl SandboxState {
             .by_id
             .get(id)
             .map(|record| record.location.clone())
+    }
+
+    /// The link's `returnUrl`, if it was given.
+    pub fn return_url(&self, id: &CheckoutId) -> Option<String> {
+        self.checkouts()
+            .by_id
+            .get(id)
+            .and_then(|record| record.return_url.clone())
     }
 
     /// The id of the checkout with this `checkoutKey` (from a redirect URL).
@@ -715,6 +726,7 @@ impl SandboxState {
 struct ValidLink {
     amount: Decimal,
     currency: Currency,
+    return_url: Option<String>,
 }
 
 fn validate_link_request(request: &LinkRequest) -> Result<ValidLink, SandboxError> {
@@ -747,7 +759,23 @@ fn validate_link_request(request: &LinkRequest) -> Result<ValidLink, SandboxErro
             "expiresIn must be between 15 and 10080 minutes, got {minutes}"
         )));
     }
-    Ok(ValidLink { amount, currency })
+    let return_url = match request.return_url.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(text) => match reqwest::Url::parse(text) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => Some(url.to_string()),
+            _ => {
+                return Err(SandboxError::BadRequest(format!(
+                    "returnUrl '{}' must be an http or https URL",
+                    crate::domain::printable(text)
+                )));
+            }
+        },
+    };
+    Ok(ValidLink {
+        amount,
+        currency,
+        return_url,
+    })
 }
 
 /// Moves `record` by `action`, or explains why it cannot move.
