@@ -87,6 +87,17 @@ pub fn checkout_detail(record: &CheckoutRecord, transitions: &[TransitionRecord]
         "document     projects/{}/databases/(default)/documents/{}/{}",
         record.firebase.database, record.firebase.collection, record.firebase.document
     ));
+    if let Some(refused) = &record.listen_refused {
+        lines.push(format!(
+            "listen       REFUSED by Firestore: {}: {} (since {}, {} time(s); next try {}); \
+             the reconciler still checks this checkout",
+            printable(&refused.code),
+            printable(&refused.message),
+            refused.first_refused_at,
+            refused.count,
+            refused.next_retry_at.as_deref().unwrap_or("unknown")
+        ));
+    }
     lines.push(format!(
         "tracked      {} ({})",
         record.created_at, record.tracked_via

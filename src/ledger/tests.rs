@@ -578,3 +578,60 @@ fn an_answer_without_coordinates_updates_a_tracked_checkout_but_cannot_add_one()
         .expect("apply");
     assert_eq!(history(&ledger, "9"), ["PAID"]);
 }
+
+#[test]
+fn listen_refusals_are_noted_counted_shown_and_cleared() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("open");
+    ledger.track(&facts("1"), TrackedVia::Track).expect("track");
+    ledger.track(&facts("2"), TrackedVia::Track).expect("track");
+    let id: CheckoutId = "1".parse().expect("id");
+    let document = "projects/pc-test-734bc/databases/(default)/documents/checkouts/doc-1";
+    ledger
+        .note_listen_refusal(&id, "PERMISSION_DENIED", "denied", document, None)
+        .expect("note");
+    ledger
+        .note_listen_refusal(
+            &id,
+            "PERMISSION_DENIED",
+            "still denied",
+            document,
+            Some(Utc::now()),
+        )
+        .expect("note again");
+    // A checkout the ledger does not have is ignored, not an error.
+    let unknown: CheckoutId = "9".parse().expect("id");
+    ledger
+        .note_listen_refusal(&unknown, "NOT_FOUND", "x", document, None)
+        .expect("unknown id");
+
+    let record = ledger.checkout(&id).expect("read").expect("tracked");
+    let refusal = record.listen_refused.expect("refusal shown");
+    assert_eq!(refusal.code, "PERMISSION_DENIED");
+    assert_eq!(refusal.message, "still denied");
+    assert_eq!(refusal.document, document);
+    assert_eq!(refusal.count, 2);
+    assert!(refusal.next_retry_at.is_some());
+    // The join does not disturb list filters or other checkouts.
+    let listed = ledger
+        .list(&ListFilter {
+            watched_only: true,
+            ..ListFilter::default()
+        })
+        .expect("list");
+    assert_eq!(listed.len(), 2);
+    let other = listed.iter().find(|r| r.id == "2").expect("listed");
+    assert!(other.listen_refused.is_none());
+    let json = serde_json::to_value(other).expect("json");
+    assert!(json.get("listen_refused").is_none(), "{json}");
+
+    ledger.clear_listen_refusal(&id).expect("clear");
+    let record = ledger.checkout(&id).expect("read").expect("tracked");
+    assert!(record.listen_refused.is_none());
+    ledger
+        .note_listen_refusal(&id, "NOT_FOUND", "gone", document, None)
+        .expect("note");
+    ledger.clear_listen_refusals().expect("clear all");
+    let record = ledger.checkout(&id).expect("read").expect("tracked");
+    assert!(record.listen_refused.is_none());
+}

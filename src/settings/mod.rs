@@ -262,6 +262,10 @@ pub struct FirestoreSettings {
     /// `http://` only on loopback.
     #[serde(default)]
     pub endpoint: Option<String>,
+    /// The Firestore database id the checkout documents are in (`(default)`; paymennt's
+    /// create-link response names the project, never a database).
+    #[serde(default = "default_database")]
+    pub database: String,
     /// `multiplexed` or `per-document`.
     #[serde(default = "default_stream_mode")]
     pub stream_mode: StreamMode,
@@ -284,6 +288,9 @@ pub struct FirestoreSettings {
     pub refund_watch: Duration,
 }
 
+fn default_database() -> String {
+    crate::domain::DEFAULT_DATABASE.to_owned()
+}
 fn default_stream_mode() -> StreamMode {
     StreamMode::Multiplexed
 }
@@ -308,6 +315,7 @@ impl Default for FirestoreSettings {
         FirestoreSettings {
             credentials: None,
             endpoint: None,
+            database: default_database(),
             stream_mode: default_stream_mode(),
             targets_per_stream: default_targets_per_stream(),
             streams_per_connection: default_streams_per_connection(),
@@ -540,6 +548,7 @@ const KNOWN_KEYS: &[&str] = &[
     "paymennt.concurrency",
     "firestore.credentials",
     "firestore.endpoint",
+    "firestore.database",
     "firestore.stream_mode",
     "firestore.targets_per_stream",
     "firestore.streams_per_connection",
@@ -830,6 +839,14 @@ impl Settings {
         }
         if let Some(url) = &self.firestore.endpoint {
             check_url(origin, "firestore.endpoint", url)?;
+        }
+        if let Err(error) =
+            crate::domain::check_database_id("firestore.database", &self.firestore.database)
+        {
+            return Err(err(format!(
+                "{origin}: '{}' value '{}' is invalid: {}",
+                error.what, error.value, error.reason
+            )));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(err(format!(

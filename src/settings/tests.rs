@@ -263,3 +263,17 @@ fn a_numeric_looking_secret_from_the_environment_stays_verbatim() {
     assert_eq!(credentials.secret.expose(), "00123");
     assert_eq!(credentials.key.expose(), "1e5");
 }
+
+#[test]
+fn firestore_database_defaults_and_is_checked() {
+    let settings = load("", &[]).expect("valid");
+    assert_eq!(settings.firestore.database, "(default)");
+    let settings = load("[firestore]\ndatabase = \"payments-eu\"\n", &[]).expect("valid");
+    assert_eq!(settings.firestore.database, "payments-eu");
+    let error = load("[firestore]\ndatabase = \"Bad/Db\"\n", &[]).expect_err("bad database");
+    let text = error.to_string();
+    assert!(
+        text.contains("'firestore.database' value 'Bad/Db' is invalid"),
+        "{text}"
+    );
+}
