@@ -784,7 +784,7 @@ async fn unauthenticated_after_a_healthy_stream_is_retried_before_it_is_reported
         let call = fake.call().await;
         call.fail(Status::unauthenticated("token expired")).await;
     }
-    let mut call = fake.call().await;
+    let call = fake.call().await;
     let mut news = Vec::new();
     while let Ok(event) = listener.events.try_recv() {
         if !matches!(
