@@ -127,6 +127,21 @@ const BAD_RESPONSES: &[(&str, &str, &str)] = &[
         r#"{"id":"../../admin","amount":1,"currency":"AED","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d"}"#,
         "checkout id",
     ),
+    (
+        "reserved document id",
+        r#"{"id":"3","amount":1,"currency":"AED","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"__name__"}"#,
+        "firebaseDocument '__name__' is invalid: ids of the form __...__ are reserved",
+    ),
+    (
+        "document id with a slash",
+        r#"{"id":"4","amount":1,"currency":"AED","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"a/b"}"#,
+        "firebaseDocument 'a/b' is invalid",
+    ),
+    (
+        "empty collection",
+        r#"{"id":"5","amount":1,"currency":"AED","firebaseDatabase":"p","firebaseCollection":"","firebaseDocument":"d"}"#,
+        "firebaseCollection '' is invalid",
+    ),
     ("not an object", r#"[1,2,3]"#, "JSON object"),
 ];
 
