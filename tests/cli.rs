@@ -386,3 +386,122 @@ async fn link_create_track_and_events_against_the_sandbox() {
     );
     sandbox.shutdown().await;
 }
+
+/// `check-config --online` proves Firestore access by opening a Listen on a tracked checkout's
+/// document: CURRENT in so many ms, or the exact refusal with a next step for the auth mode and
+/// a non-zero exit. Nothing is written to the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_online_proves_firestore_access_or_names_the_refusal() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, config) = common::settings(dir.path(), &sandbox, "multiplexed", "");
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let first = common::create_and_track(&sandbox, &ledger, "ORD-C1").await;
+    let second = common::create_and_track(&sandbox, &ledger, "ORD-C2").await;
+    let document_of = |id| {
+        ledger
+            .checkout(id)
+            .expect("read")
+            .expect("tracked")
+            .firebase
+            .document
+    };
+    let (first_document, second_document) = (document_of(&first), document_of(&second));
+    drop(ledger);
+    let ledger_bytes = || std::fs::read(&settings.ledger.path).expect("ledger file");
+    let before = ledger_bytes();
+    let run = |args: Vec<String>| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            paywatch(&config, &args, None)
+        })
+    };
+
+    // Access: one Listen for the project, CURRENT in some milliseconds.
+    let output = run(vec!["check-config".into(), "--online".into()])
+        .await
+        .expect("join");
+    assert!(
+        output.status.success(),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let text = stdout(&output);
+    let line = text
+        .lines()
+        .find(|line| line.contains("firestore access"))
+        .unwrap_or_else(|| panic!("an access line in {text}"));
+    assert!(
+        line.starts_with("ok   firestore access with auth=none: Listen on checkout")
+            && line.contains("was CURRENT in")
+            && line.contains(" ms (document exists)"),
+        "{line}"
+    );
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains("firestore access"))
+            .count(),
+        1,
+        "one project, one check: {text}"
+    );
+
+    // Refused: the exact code and message, the next step for auth=none, a non-zero exit.
+    sandbox.faults().refuse_listen_document(&first_document);
+    let output = run(vec![
+        "check-config".into(),
+        "--online".into(),
+        "--checkout-id".into(),
+        first.to_string(),
+    ])
+    .await
+    .expect("join");
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    let text = stdout(&output);
+    let line = text
+        .lines()
+        .find(|line| line.contains("firestore access"))
+        .unwrap_or_else(|| panic!("an access line in {text}"));
+    assert!(
+        line.starts_with(&format!(
+            "FAIL firestore access refused for checkout {first}'s document"
+        )) && line.contains(&first_document)
+            && line.contains("PERMISSION_DENIED: Missing or insufficient permissions.")
+            && line.contains("PERMISSION_DENIED with auth=none:")
+            && line.contains("firebase-anonymous"),
+        "{line}"
+    );
+
+    // --checkout-id picks the document: the other one is readable.
+    assert_ne!(first_document, second_document);
+    let output = run(vec![
+        "check-config".into(),
+        "--online".into(),
+        "--checkout-id".into(),
+        second.to_string(),
+    ])
+    .await
+    .expect("join");
+    assert!(output.status.success(), "{}", stdout(&output));
+    assert!(stdout(&output).contains(&format!("Listen on checkout {second}'s document")));
+
+    // An untracked id is a usage error.
+    let output = run(vec![
+        "check-config".into(),
+        "--online".into(),
+        "--checkout-id".into(),
+        "999".into(),
+    ])
+    .await
+    .expect("join");
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("not tracked"),
+        "{}",
+        stderr(&output)
+    );
+
+    assert!(before == ledger_bytes(), "check-config wrote to the ledger");
+    sandbox.shutdown().await;
+}

@@ -286,6 +286,35 @@ impl Ledger {
         Ledger::configure(connection, shown.clone())
     }
 
+    /// Opens an existing ledger for reading only: no file, directory or migration is written
+    /// (for `check-config`, which must change nothing). Only queries that work on every schema
+    /// version are meant to be used on it ([`Ledger::probe_documents`]).
+    ///
+    /// # Errors
+    ///
+    /// The file is missing or cannot be opened.
+    pub fn open_read_only(path: &Path) -> Result<Ledger> {
+        let shown = path.display().to_string();
+        let connection = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|error| LedgerError {
+            path: shown.clone(),
+            message: format!("cannot open for reading: {error}"),
+        })?;
+        connection
+            .busy_timeout(Duration::from_secs(10))
+            .map_err(|error| LedgerError {
+                path: shown.clone(),
+                message: error.to_string(),
+            })?;
+        Ok(Ledger {
+            connection: Arc::new(Mutex::new(connection)),
+            path: shown.into(),
+        })
+    }
+
     /// An in-memory ledger, for tests.
     ///
     /// # Errors
@@ -589,6 +618,53 @@ impl Ledger {
             .execute("DELETE FROM listen_refusals", [])
             .map(|_| ())
             .map_err(|e| self.error("clear listen refusals", e))
+    }
+
+    /// One checkout per Firebase project (a watched one if the project has any, else the newest),
+    /// or just `only`, with its document: what `check-config --online` opens a Listen on.
+    /// Reads the `checkouts` table only, so it works on any schema version.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn probe_documents(
+        &self,
+        only: Option<&CheckoutId>,
+    ) -> Result<Vec<(CheckoutId, FirestoreLocation)>> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare(
+                "SELECT id, firebase_database, firebase_collection, firebase_document
+                 FROM checkouts WHERE ?1 IS NULL OR id = ?1
+                 ORDER BY watched DESC, created_at DESC, id",
+            )
+            .map_err(|e| self.error("probe documents", e))?;
+        let rows = statement
+            .query_map([only.map(CheckoutId::as_str)], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, String>(3)?,
+                ))
+            })
+            .map_err(|e| self.error("probe documents", e))?;
+        let mut seen = std::collections::HashSet::new();
+        let mut documents = Vec::new();
+        for row in rows {
+            let (id, project, collection, document) =
+                row.map_err(|e| self.error("probe documents", e))?;
+            if !seen.insert(project.clone()) {
+                continue;
+            }
+            if let (Ok(id), Ok(location)) = (
+                id.parse::<CheckoutId>(),
+                FirestoreLocation::new(&project, &collection, &document),
+            ) {
+                documents.push((id, location));
+            }
+        }
+        Ok(documents)
     }
 
     /// Every watched checkout with its document and resume token.

@@ -635,3 +635,50 @@ fn listen_refusals_are_noted_counted_shown_and_cleared() {
     let record = ledger.checkout(&id).expect("read").expect("tracked");
     assert!(record.listen_refused.is_none());
 }
+
+#[test]
+fn probe_documents_picks_one_checkout_per_project_read_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("paywatch.db");
+    let ledger = Ledger::open(&path).expect("open");
+    ledger.track(&facts("1"), TrackedVia::Track).expect("track");
+    ledger.track(&facts("2"), TrackedVia::Track).expect("track");
+    let other = checkout_json("3", "PENDING").replace("pc-test-734bc", "other-project");
+    let wire: Checkout = serde_json::from_str(&other).expect("json");
+    ledger
+        .track(&wire.facts().expect("facts"), TrackedVia::Track)
+        .expect("track");
+    drop(ledger);
+    let modified = std::fs::metadata(&path).expect("file").modified().ok();
+    let reader = Ledger::open_read_only(&path).expect("read only");
+    let mut probes: Vec<(String, String)> = reader
+        .probe_documents(None)
+        .expect("probe")
+        .into_iter()
+        .map(|(id, location)| (location.project, id.to_string()))
+        .collect();
+    probes.sort();
+    assert_eq!(probes.len(), 2, "{probes:?}");
+    assert_eq!(probes[0].0, "other-project");
+    assert_eq!(probes[1].0, "pc-test-734bc");
+    let only: CheckoutId = "2".parse().expect("id");
+    let probes = reader.probe_documents(Some(&only)).expect("probe");
+    assert_eq!(probes.len(), 1);
+    assert_eq!(probes[0].0, only);
+    let unknown: CheckoutId = "404".parse().expect("id");
+    assert!(
+        reader
+            .probe_documents(Some(&unknown))
+            .expect("probe")
+            .is_empty()
+    );
+    assert!(
+        reader.track(&facts("4"), TrackedVia::Track).is_err(),
+        "read only"
+    );
+    assert_eq!(
+        std::fs::metadata(&path).expect("file").modified().ok(),
+        modified
+    );
+    assert!(Ledger::open_read_only(&dir.path().join("missing.db")).is_err());
+}

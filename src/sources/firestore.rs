@@ -42,6 +42,7 @@ mod connect;
 #[cfg(test)]
 mod fake;
 mod pool;
+mod probe;
 mod shared;
 mod state;
 mod stream;
@@ -53,6 +54,7 @@ use serde::{Deserialize, Serialize};
 
 pub use connect::{FirestoreAuth, check_credentials};
 pub use pool::{Listener, ListenerHandle};
+pub use probe::{AccessFailure, AccessProof, access_hint, prove_access};
 
 use crate::domain::{CheckoutId, FirestoreLocation};
 use crate::sources::Nudge;
