@@ -1,9 +1,13 @@
 //! End-to-end tests: one binary for every surface (the ripgrep shape).
 
+mod bad_input;
+mod chaos;
 mod cli;
 mod common;
 mod daemon;
 mod hooks;
 mod interop;
+mod properties;
 mod sandbox;
+mod secrets;
 mod service;

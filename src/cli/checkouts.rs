@@ -315,8 +315,19 @@ pub fn parse_response(text: &str, origin: &str) -> Result<Checkout, UsageError> 
     } else {
         text.to_owned()
     };
-    serde_json::from_str(&result_text)
-        .map_err(|e| usage(format!("the checkout cannot be read: {e}")))
+    // The path names the field at fault ("amount: expected a number, got abc").
+    let mut deserializer = serde_json::Deserializer::from_str(&result_text);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        if field == "." {
+            usage(format!("the checkout cannot be read: {inner}"))
+        } else {
+            usage(format!(
+                "the checkout cannot be read: field '{field}': {inner}"
+            ))
+        }
+    })
 }
 
 /// `paywatch track`.

@@ -40,6 +40,37 @@ pub struct LedgerError {
 /// The result type of ledger calls.
 pub type Result<T> = std::result::Result<T, LedgerError>;
 
+/// What the operator can do about an SQLite failure, as a blank line and a next step; empty
+/// when the error is not one an operator can act on (or not an SQLite error at all).
+fn next_step(error: &(dyn std::any::Any + 'static)) -> &'static str {
+    use rusqlite::ErrorCode;
+    let Some(code) = error
+        .downcast_ref::<rusqlite::Error>()
+        .and_then(rusqlite::Error::sqlite_error_code)
+    else {
+        return "";
+    };
+    match code {
+        ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => {
+            "\n\nanother process held a write lock on the ledger for over 10 s (a backup tool, an \
+             sqlite3 shell?); let it finish and try again"
+        }
+        ErrorCode::ReadOnly => {
+            "\n\nthe ledger is read-only for this user: paywatch writes the file and its -wal and \
+             -shm files beside it; check their owner and mode and the directory's"
+        }
+        ErrorCode::NotADatabase => {
+            "\n\nthis file is not a paywatch ledger (or it is damaged); check [ledger] path, or \
+             restore the ledger from a backup (paywatch never overwrites it)"
+        }
+        ErrorCode::DiskFull => "\n\nthe disk holding the ledger is full",
+        ErrorCode::CannotOpen | ErrorCode::PermissionDenied => {
+            "\n\ncheck that the ledger's directory exists and this user may write to it"
+        }
+        _ => "",
+    }
+}
+
 /// A handle on the ledger. Cheap to clone; clones share one connection.
 #[derive(Clone)]
 pub struct Ledger {
@@ -281,8 +312,8 @@ impl Ledger {
         }
         create_private_file(path)
             .map_err(|error| fail(format!("cannot create the file: {error}")))?;
-        let connection =
-            Connection::open(path).map_err(|error| fail(format!("cannot open: {error}")))?;
+        let connection = Connection::open(path)
+            .map_err(|error| fail(format!("cannot open: {error}{}", next_step(&error))))?;
         Ledger::configure(connection, shown.clone())
     }
 
@@ -340,7 +371,7 @@ impl Ledger {
             .execute_batch(
                 "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
             )
-            .map_err(|error| fail(format!("cannot configure: {error}")))?;
+            .map_err(|error| fail(format!("cannot configure: {error}{}", next_step(&error))))?;
         migrate::migrate(&mut connection).map_err(fail)?;
         Ok(Ledger {
             connection: Arc::new(Mutex::new(connection)),
@@ -374,10 +405,10 @@ impl Ledger {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn error(&self, context: &str, error: impl std::fmt::Display) -> LedgerError {
+    fn error(&self, context: &str, error: impl std::fmt::Display + 'static) -> LedgerError {
         LedgerError {
             path: self.path.to_string(),
-            message: format!("{context}: {error}"),
+            message: format!("{context}: {error}{}", next_step(&error)),
         }
     }
 
