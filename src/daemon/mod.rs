@@ -651,6 +651,11 @@ async fn sync_watch_set(
             tracing::info!(checkout = %id, "no longer watched");
             listener.unwatch(&id);
             watched.remove(&id);
+            // A refusal of a document no longer watched is no longer news for `status`.
+            let clearer = ledger.clone();
+            if let Err(error) = blocking(move || clearer.clear_listen_refusal(&id)).await {
+                tracing::error!("cannot clear a Firestore refusal in the ledger: {error:#}");
+            }
         }
         for (id, entry) in desired.drain() {
             let location = in_database(entry.location, &database);

@@ -9,7 +9,9 @@
 //! Must never: decide a checkout's status, read a document's fields as a status, or touch the
 //! ledger. It only emits [`ListenEvent`]s on a channel: "verify this checkout"
 //! ([`ListenEvent::Changed`]), "these resume tokens are safe to persist"
-//! ([`ListenEvent::Checkpoint`]), "discard this token" ([`ListenEvent::ForgetToken`]) and
+//! ([`ListenEvent::Checkpoint`]), "discard this token" ([`ListenEvent::ForgetToken`]),
+//! "Firestore refuses this one document" ([`ListenEvent::TargetRefused`], retried with a long
+//! backoff while the stream's other checkouts carry on; [`ListenEvent::TargetRecovered`]) and
 //! health reports. The daemon persists tokens and passes them back in [`WatchTarget`].
 //!
 //! # Ordering
