@@ -505,3 +505,72 @@ async fn check_config_online_proves_firestore_access_or_names_the_refusal() {
     assert!(before == ledger_bytes(), "check-config wrote to the ledger");
     sandbox.shutdown().await;
 }
+
+/// A paymennt stand-in on loopback that answers every request with `body` (HTTP 200).
+async fn canned_paymennt(body: &'static str) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let address = listener.local_addr().expect("address");
+    let app = axum::Router::new().fallback(move || async move {
+        (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+    });
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{address}/mer/v2.0/"), server)
+}
+
+/// paymennt answering with a Firestore document that cannot exist: `track --checkout-id` and
+/// `link create` exit 2 naming the field and the value, and record nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impossible_document_in_paymennts_answer_is_a_usage_error() {
+    const ANSWER: &str = r#"{"success":true,"elapsed":1,"result":{"id":"7001","orderId":"ORD-7","requestId":"ORD-7-r1","currency":"AED","amount":10,"status":"PENDING","firebaseDatabase":"pc-test-734bc","firebaseCollection":"checkouts","firebaseDocument":"__reserved__"}}"#;
+    let (base_url, server) = canned_paymennt(ANSWER).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("paywatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[ledger]\npath = \"{}\"\n[paymennt]\nbase_url = \"{base_url}\"\napi_key = \"k\"\napi_secret = \"s\"\nmax_retries = 0\n",
+            dir.path().join("paywatch.db").display()
+        ),
+    )
+    .expect("config written");
+    for args in [
+        vec!["track", "--checkout-id", "7001"],
+        vec![
+            "link",
+            "create",
+            "--order",
+            "ORD-7",
+            "--amount",
+            "10",
+            "--currency",
+            "AED",
+        ],
+    ] {
+        let config = config.clone();
+        let args_shown = args.join(" ");
+        let output = tokio::task::spawn_blocking(move || paywatch(&config, &args, None))
+            .await
+            .expect("join");
+        let text = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{args_shown}: {text}");
+        assert!(
+            text.contains(
+                "firebaseDocument '__reserved__' is invalid: ids of the form __...__ are reserved"
+            ),
+            "{args_shown}: {text}"
+        );
+    }
+    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+    assert!(
+        ledger.list(&Default::default()).expect("list").is_empty(),
+        "nothing recorded"
+    );
+    server.abort();
+}

@@ -435,7 +435,11 @@ pub fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
         output::json(&record)
     } else {
         let transitions = ledger.transitions(&id)?;
-        output::write_out(&output::checkout_detail(&record, &transitions))
+        output::write_out(&output::checkout_detail(
+            &record,
+            &transitions,
+            &settings.firestore.database,
+        ))
     }
 }
 

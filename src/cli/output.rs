@@ -39,7 +39,11 @@ fn status_text(status: Option<&str>) -> String {
 }
 
 /// `paywatch status ID`, for people.
-pub fn checkout_detail(record: &CheckoutRecord, transitions: &[TransitionRecord]) -> String {
+pub fn checkout_detail(
+    record: &CheckoutRecord,
+    transitions: &[TransitionRecord],
+    database: &str,
+) -> String {
     let mut lines = vec![
         format!("checkout     {}", record.id),
         format!("status       {}", status_text(record.status.as_deref())),
@@ -84,7 +88,7 @@ pub fn checkout_detail(record: &CheckoutRecord, transitions: &[TransitionRecord]
         }
     ));
     lines.push(format!(
-        "document     projects/{}/databases/(default)/documents/{}/{}",
+        "document     projects/{}/databases/{database}/documents/{}/{}",
         record.firebase.database, record.firebase.collection, record.firebase.document
     ));
     if let Some(refused) = &record.listen_refused {
