@@ -7,6 +7,7 @@ mod common;
 mod daemon;
 mod hooks;
 mod interop;
+mod misconfigured;
 mod properties;
 mod sandbox;
 mod secrets;

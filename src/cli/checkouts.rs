@@ -253,8 +253,9 @@ pub async fn link_create(settings: &Settings, args: &LinkCreateArgs) -> anyhow::
     let client = Client::from_settings(&settings.paymennt)?;
     // Open the ledger first: a ledger we cannot write must stop us before a link exists.
     let ledger = open_ledger(settings)?;
+    let ticket = ledger.issue_ticket()?;
     let verified = client
-        .create_link(&request)
+        .create_link(&request, ticket)
         .await
         .map_err(|error| impossible_name(error, "paymennt created the link, but its response"))
         .context("creating the payment link")?;
@@ -338,8 +339,9 @@ pub async fn track(settings: &Settings, args: &TrackArgs) -> anyhow::Result<()> 
             .map_err(|e| UsageError(format!("--checkout-id: {e}")))?;
         let client = Client::from_settings(&settings.paymennt)?;
         let ledger = open_ledger(settings)?;
+        let ticket = ledger.issue_ticket()?;
         let verified = client
-            .get_checkout(&id)
+            .get_checkout(&id, ticket)
             .await
             .map_err(|error| impossible_name(error, &format!("Get Checkout {id}")))
             .with_context(|| format!("fetching checkout {id}"))?;
