@@ -760,3 +760,108 @@ async fn json_log_format_writes_one_object_per_line_with_the_payment_line() {
     }
     sandbox.shutdown().await;
 }
+
+/// `paywatch --config CONFIG status ID [--json]`, run as the operator would.
+fn status_command(config: &std::path::Path, id: &str, json: bool) -> std::process::Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_paywatch"));
+    command
+        .arg("--config")
+        .arg(config)
+        .args(["status", id])
+        .env_remove("RUST_LOG");
+    if json {
+        command.arg("--json");
+    }
+    command.output().expect("paywatch status runs")
+}
+
+/// Firestore refuses one document (as a project's security rules can): only that checkout is
+/// refused, noted in the ledger and shown by `status`; the other checkout on the same
+/// multiplexed stream is still paid through Firestore, and the refused one through the
+/// reconciler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_refused_document_leaves_the_other_checkouts_of_its_stream_alone() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
+    settings.reconcile.interval = Duration::from_secs(2);
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let open = create_and_track(&sandbox, &ledger, "ORD-OPEN").await;
+    let refused = create_and_track(&sandbox, &ledger, "ORD-REFUSED").await;
+    let document = ledger
+        .checkout(&refused)
+        .expect("read")
+        .expect("tracked")
+        .firebase
+        .document;
+    sandbox.faults().refuse_listen_document(&document);
+    let daemon = Daemon::start(&settings, &path).await;
+
+    // The refusal is noted for that checkout alone.
+    let refusal = wait_for("the refusal to be noted", DEADLINE, || async {
+        ledger
+            .checkout(&refused)
+            .expect("read")
+            .and_then(|record| record.listen_refused)
+    })
+    .await;
+    assert_eq!(refusal.code, "PERMISSION_DENIED");
+    assert!(
+        refusal.document.ends_with(&format!("/{document}")),
+        "{refusal:?}"
+    );
+    assert!(
+        refusal.message.contains("insufficient permissions"),
+        "{refusal:?}"
+    );
+    wait_status(&ledger, &open, "PENDING").await;
+    let record = ledger.checkout(&open).expect("read").expect("tracked");
+    assert!(record.listen_refused.is_none());
+
+    // The other checkout is paid through its (still open) Firestore stream.
+    sandbox.state().pay(&open).await.expect("pay");
+    wait_status(&ledger, &open, "PAID").await;
+    let paid = ledger
+        .transitions(&open)
+        .expect("transitions")
+        .pop()
+        .expect("paid");
+    assert_eq!(
+        paid.source, "firestore",
+        "noticed by the stream, not the sweep"
+    );
+
+    // `status` shows the refusal, as text and JSON.
+    let (config, id) = (path.clone(), refused.to_string());
+    let text = tokio::task::spawn_blocking(move || status_command(&config, &id, false))
+        .await
+        .expect("join");
+    assert!(
+        text.status.success(),
+        "{}",
+        String::from_utf8_lossy(&text.stderr)
+    );
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(
+        text.contains("REFUSED by Firestore: PERMISSION_DENIED"),
+        "{text}"
+    );
+    let (config, id) = (path.clone(), refused.to_string());
+    let json = tokio::task::spawn_blocking(move || status_command(&config, &id, true))
+        .await
+        .expect("join");
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).expect("status --json");
+    assert_eq!(json["listen_refused"]["code"], "PERMISSION_DENIED");
+
+    // The refused checkout is still covered: the reconciler records its payment.
+    sandbox.state().pay(&refused).await.expect("pay");
+    wait_status(&ledger, &refused, "PAID").await;
+    let paid = ledger
+        .transitions(&refused)
+        .expect("transitions")
+        .pop()
+        .expect("paid");
+    assert_eq!(paid.source, "reconcile");
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}

@@ -149,15 +149,20 @@ pub async fn run(
         sources.child_token(),
     )
     .context("starting the Firestore listener")?;
+    // Refusals noted by an earlier run are asked about afresh (and noted again if refused).
+    let clearer = ledger.clone();
+    blocking(move || clearer.clear_listen_refusals()).await?;
+    let database = settings.firestore.database.clone();
     let reader = ledger.clone();
     let initial = blocking(move || reader.watch_set()).await?;
     let mut watched: HashMap<CheckoutId, FirestoreLocation> = HashMap::new();
     let needing = initial.iter().filter(|entry| entry.needs_verify).count();
     for entry in initial {
-        watched.insert(entry.checkout_id.clone(), entry.location.clone());
+        let location = in_database(entry.location, &database);
+        watched.insert(entry.checkout_id.clone(), location.clone());
         listener.watch(WatchTarget {
             checkout_id: entry.checkout_id,
-            location: entry.location,
+            location,
             resume_token: entry.resume_token,
         });
     }
@@ -208,6 +213,7 @@ pub async fn run(
         sync_watch_set(
             ledger.clone(),
             listener.clone(),
+            database,
             watched,
             watch_set_changed.subscribe(),
             watched_count.clone(),
@@ -669,11 +675,53 @@ async fn consume_listen_events(
                         tracing::error!("cannot forget a resume token: {error:#}");
                     }
                 }
-                ListenEvent::TargetFailed {
+                ListenEvent::TargetRefused {
                     checkout_id,
+                    document,
+                    code,
                     message,
+                    refusals,
+                    retry_in,
                 } => {
-                    tracing::warn!(checkout = %checkout_id, "Firestore stopped watching this checkout: {message}; the reconciler still checks it every interval");
+                    let retry_text =
+                        humantime::format_duration(Duration::from_secs(retry_in.as_secs()));
+                    if refusals == 1 {
+                        tracing::warn!(checkout = %checkout_id, document = %document, code,
+                            "Firestore refuses to watch this checkout's document: {code}: {message}; \
+                             the other checkouts are unaffected, the reconciler still checks this one \
+                             every interval, and paywatch asks Firestore again in {retry_text} \
+                             (check the project's security rules or IAM for this document)");
+                    } else {
+                        tracing::debug!(checkout = %checkout_id, code, refusals, "Firestore still refuses this checkout's document: {message}");
+                    }
+                    let next_retry_at = chrono::Duration::from_std(retry_in)
+                        .ok()
+                        .and_then(|delay| chrono::Utc::now().checked_add_signed(delay));
+                    let noter = ledger.clone();
+                    if let Err(error) = blocking(move || {
+                        noter.note_listen_refusal(
+                            &checkout_id,
+                            code,
+                            &message,
+                            &document,
+                            next_retry_at,
+                        )
+                    })
+                    .await
+                    {
+                        tracing::error!("cannot note a Firestore refusal in the ledger: {error:#}");
+                    }
+                }
+                ListenEvent::TargetRecovered { checkout_id } => {
+                    tracing::info!(checkout = %checkout_id, "Firestore watches this checkout's document again");
+                    let clearer = ledger.clone();
+                    if let Err(error) =
+                        blocking(move || clearer.clear_listen_refusal(&checkout_id)).await
+                    {
+                        tracing::error!(
+                            "cannot clear a Firestore refusal in the ledger: {error:#}"
+                        );
+                    }
                 }
                 ListenEvent::PermanentFailure { project, message } => {
                     tracing::error!(project = %project, "Firestore refuses us: {message}");
@@ -698,12 +746,25 @@ async fn consume_listen_events(
     }
 }
 
+/// A checkout's location in the configured database (`[firestore] database`, validated when
+/// the settings were loaded; paymennt's responses name no database).
+fn in_database(location: FirestoreLocation, database: &str) -> FirestoreLocation {
+    match location.clone().with_database(database) {
+        Ok(located) => located,
+        Err(error) => {
+            tracing::error!("{error}; watching the (default) database instead");
+            location
+        }
+    }
+}
+
 /// Keeps the listener's targets equal to the ledger's watched checkouts: new ones (tracked by
 /// `paywatch track` in another process, or first seen by a verification) are added, finished
 /// ones removed.
 async fn sync_watch_set(
     ledger: Ledger,
     listener: ListenerHandle,
+    database: String,
     mut watched: HashMap<CheckoutId, FirestoreLocation>,
     mut watch_set_changed: watch::Receiver<u64>,
     watched_count: Arc<std::sync::atomic::AtomicUsize>,
@@ -750,14 +811,20 @@ async fn sync_watch_set(
             tracing::info!(checkout = %id, "no longer watched");
             listener.unwatch(&id);
             watched.remove(&id);
+            // A refusal of a document no longer watched is no longer news for `status`.
+            let clearer = ledger.clone();
+            if let Err(error) = blocking(move || clearer.clear_listen_refusal(&id)).await {
+                tracing::error!("cannot clear a Firestore refusal in the ledger: {error:#}");
+            }
         }
         for (id, entry) in desired.drain() {
-            if watched.get(&id) != Some(&entry.location) {
-                tracing::info!(checkout = %id, document = %entry.location.document_name(), "now watching");
-                watched.insert(id.clone(), entry.location.clone());
+            let location = in_database(entry.location, &database);
+            if watched.get(&id) != Some(&location) {
+                tracing::info!(checkout = %id, document = %location.document_name(), "now watching");
+                watched.insert(id.clone(), location.clone());
                 listener.watch(WatchTarget {
                     checkout_id: id,
-                    location: entry.location,
+                    location,
                     resume_token: entry.resume_token,
                 });
             }

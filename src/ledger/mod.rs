@@ -152,6 +152,28 @@ pub struct CheckoutRecord {
     pub updated_at: String,
     /// When its status was last verified.
     pub verified_at: Option<String>,
+    /// Firestore refuses to watch its document (the reconciler still checks it), if so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen_refused: Option<ListenRefusal>,
+}
+
+/// Firestore's refusal to watch one checkout's document, as last reported by the listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ListenRefusal {
+    /// The gRPC code name, e.g. `PERMISSION_DENIED`.
+    pub code: String,
+    /// Firestore's message.
+    pub message: String,
+    /// The document's full resource name.
+    pub document: String,
+    /// When it was first refused (in this run of refusals).
+    pub first_refused_at: String,
+    /// When it was last refused.
+    pub last_refused_at: String,
+    /// Refusals in a row.
+    pub count: i64,
+    /// When the listener asks again.
+    pub next_retry_at: Option<String>,
 }
 
 /// The three Firebase coordinates, as paymennt names them.
@@ -811,6 +833,121 @@ impl Ledger {
             .map_err(|e| self.error("forget token", e))
     }
 
+    /// Notes that Firestore refused to watch a checkout's document (see [`ListenRefusal`]).
+    /// A checkout not in the ledger is ignored.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn note_listen_refusal(
+        &self,
+        id: &CheckoutId,
+        code: &str,
+        message: &str,
+        document: &str,
+        next_retry_at: Option<DateTime<Utc>>,
+    ) -> Result<()> {
+        let at = now();
+        self.lock()
+            .execute(
+                "INSERT INTO listen_refusals (checkout_id, refusal_code, refusal_message,
+                    refused_document, first_refused_at, last_refused_at, refusal_count, next_retry_at)
+                 SELECT id, ?2, ?3, ?4, ?5, ?5, 1, ?6 FROM checkouts WHERE id = ?1
+                 ON CONFLICT (checkout_id) DO UPDATE SET
+                    refusal_code = excluded.refusal_code,
+                    refusal_message = excluded.refusal_message,
+                    refused_document = excluded.refused_document,
+                    last_refused_at = excluded.last_refused_at,
+                    refusal_count = refusal_count + 1,
+                    next_retry_at = excluded.next_retry_at",
+                params![
+                    id.as_str(),
+                    code,
+                    message,
+                    document,
+                    at,
+                    next_retry_at.map(timestamp)
+                ],
+            )
+            .map(|_| ())
+            .map_err(|e| self.error("note listen refusal", e))
+    }
+
+    /// Forgets a checkout's listen refusal (Firestore accepts its document again).
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn clear_listen_refusal(&self, id: &CheckoutId) -> Result<()> {
+        self.lock()
+            .execute(
+                "DELETE FROM listen_refusals WHERE checkout_id = ?1",
+                [id.as_str()],
+            )
+            .map(|_| ())
+            .map_err(|e| self.error("clear listen refusal", e))
+    }
+
+    /// Forgets every listen refusal (at daemon start: the new listener asks Firestore afresh
+    /// and notes what it refuses again).
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn clear_listen_refusals(&self) -> Result<()> {
+        self.lock()
+            .execute("DELETE FROM listen_refusals", [])
+            .map(|_| ())
+            .map_err(|e| self.error("clear listen refusals", e))
+    }
+
+    /// One checkout per Firebase project (a watched one if the project has any, else the newest),
+    /// or just `only`, with its document: what `check-config --online` opens a Listen on.
+    /// Reads the `checkouts` table only, so it works on any schema version.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn probe_documents(
+        &self,
+        only: Option<&CheckoutId>,
+    ) -> Result<Vec<(CheckoutId, FirestoreLocation)>> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare(
+                "SELECT id, firebase_database, firebase_collection, firebase_document
+                 FROM checkouts WHERE ?1 IS NULL OR id = ?1
+                 ORDER BY watched DESC, created_at DESC, id",
+            )
+            .map_err(|e| self.error("probe documents", e))?;
+        let rows = statement
+            .query_map([only.map(CheckoutId::as_str)], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, String>(3)?,
+                ))
+            })
+            .map_err(|e| self.error("probe documents", e))?;
+        let mut seen = std::collections::HashSet::new();
+        let mut documents = Vec::new();
+        for row in rows {
+            let (id, project, collection, document) =
+                row.map_err(|e| self.error("probe documents", e))?;
+            if !seen.insert(project.clone()) {
+                continue;
+            }
+            if let (Ok(id), Ok(location)) = (
+                id.parse::<CheckoutId>(),
+                FirestoreLocation::new(&project, &collection, &document),
+            ) {
+                documents.push((id, location));
+            }
+        }
+        Ok(documents)
+    }
+
     /// Every watched checkout with its document and resume token.
     ///
     /// # Errors
@@ -1323,10 +1460,14 @@ fn record_entry<'h>(
     })
 }
 
+// The refusal columns have names of their own, so the filters of `list` stay unambiguous.
 const CHECKOUT_COLUMNS: &str =
     "SELECT id, order_id, request_id, display_id, status, amount, currency,
         total_refunded, redirect_url, watched, watch_until, firebase_database, firebase_collection,
-        firebase_document, tracked_via, created_at, updated_at, verified_at FROM checkouts";
+        firebase_document, tracked_via, created_at, updated_at, verified_at,
+        refusal_code, refusal_message, refused_document, first_refused_at, last_refused_at,
+        refusal_count, next_retry_at
+     FROM checkouts LEFT JOIN listen_refusals ON listen_refusals.checkout_id = checkouts.id";
 
 fn checkout_from_row(row: &Row<'_>) -> rusqlite::Result<CheckoutRecord> {
     Ok(CheckoutRecord {
@@ -1350,6 +1491,18 @@ fn checkout_from_row(row: &Row<'_>) -> rusqlite::Result<CheckoutRecord> {
         created_at: row.get(15)?,
         updated_at: row.get(16)?,
         verified_at: row.get(17)?,
+        listen_refused: match row.get::<_, Option<String>>(18)? {
+            None => None,
+            Some(code) => Some(ListenRefusal {
+                code,
+                message: row.get(19)?,
+                document: row.get(20)?,
+                first_refused_at: row.get(21)?,
+                last_refused_at: row.get(22)?,
+                count: row.get(23)?,
+                next_retry_at: row.get(24)?,
+            }),
+        },
     })
 }
 

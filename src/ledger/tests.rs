@@ -1072,3 +1072,107 @@ fn discovered_checkouts_move_the_cursor_with_them_and_without_coordinates_are_no
         "discovery"
     );
 }
+
+#[test]
+fn listen_refusals_are_noted_counted_shown_and_cleared() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("open");
+    ledger.track(&facts("1"), TrackedVia::Track).expect("track");
+    ledger.track(&facts("2"), TrackedVia::Track).expect("track");
+    let id: CheckoutId = "1".parse().expect("id");
+    let document = "projects/pc-test-734bc/databases/(default)/documents/checkouts/doc-1";
+    ledger
+        .note_listen_refusal(&id, "PERMISSION_DENIED", "denied", document, None)
+        .expect("note");
+    ledger
+        .note_listen_refusal(
+            &id,
+            "PERMISSION_DENIED",
+            "still denied",
+            document,
+            Some(Utc::now()),
+        )
+        .expect("note again");
+    // A checkout the ledger does not have is ignored, not an error.
+    let unknown: CheckoutId = "9".parse().expect("id");
+    ledger
+        .note_listen_refusal(&unknown, "NOT_FOUND", "x", document, None)
+        .expect("unknown id");
+
+    let record = ledger.checkout(&id).expect("read").expect("tracked");
+    let refusal = record.listen_refused.expect("refusal shown");
+    assert_eq!(refusal.code, "PERMISSION_DENIED");
+    assert_eq!(refusal.message, "still denied");
+    assert_eq!(refusal.document, document);
+    assert_eq!(refusal.count, 2);
+    assert!(refusal.next_retry_at.is_some());
+    // The join does not disturb list filters or other checkouts.
+    let listed = ledger
+        .list(&ListFilter {
+            watched_only: true,
+            ..ListFilter::default()
+        })
+        .expect("list");
+    assert_eq!(listed.len(), 2);
+    let other = listed.iter().find(|r| r.id == "2").expect("listed");
+    assert!(other.listen_refused.is_none());
+    let json = serde_json::to_value(other).expect("json");
+    assert!(json.get("listen_refused").is_none(), "{json}");
+
+    ledger.clear_listen_refusal(&id).expect("clear");
+    let record = ledger.checkout(&id).expect("read").expect("tracked");
+    assert!(record.listen_refused.is_none());
+    ledger
+        .note_listen_refusal(&id, "NOT_FOUND", "gone", document, None)
+        .expect("note");
+    ledger.clear_listen_refusals().expect("clear all");
+    let record = ledger.checkout(&id).expect("read").expect("tracked");
+    assert!(record.listen_refused.is_none());
+}
+
+#[test]
+fn probe_documents_picks_one_checkout_per_project_read_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("paywatch.db");
+    let ledger = Ledger::open(&path).expect("open");
+    ledger.track(&facts("1"), TrackedVia::Track).expect("track");
+    ledger.track(&facts("2"), TrackedVia::Track).expect("track");
+    let other = checkout_json("3", "PENDING").replace("pc-test-734bc", "other-project");
+    let wire: Checkout = serde_json::from_str(&other).expect("json");
+    ledger
+        .track(&wire.facts().expect("facts"), TrackedVia::Track)
+        .expect("track");
+    drop(ledger);
+    let modified = std::fs::metadata(&path).expect("file").modified().ok();
+    let reader = Ledger::open_read_only(&path).expect("read only");
+    let mut probes: Vec<(String, String)> = reader
+        .probe_documents(None)
+        .expect("probe")
+        .into_iter()
+        .map(|(id, location)| (location.project, id.to_string()))
+        .collect();
+    probes.sort();
+    assert_eq!(probes.len(), 2, "{probes:?}");
+    assert_eq!(probes[0].0, "other-project");
+    assert_eq!(probes[1].0, "pc-test-734bc");
+    let only: CheckoutId = "2".parse().expect("id");
+    let probes = reader.probe_documents(Some(&only)).expect("probe");
+    assert_eq!(probes.len(), 1);
+    assert_eq!(probes[0].0, only);
+    let unknown: CheckoutId = "404".parse().expect("id");
+    assert!(
+        reader
+            .probe_documents(Some(&unknown))
+            .expect("probe")
+            .is_empty()
+    );
+    assert!(
+        reader.track(&facts("4"), TrackedVia::Track).is_err(),
+        "read only"
+    );
+    assert_eq!(
+        std::fs::metadata(&path).expect("file").modified().ok(),
+        modified
+    );
+    assert!(Ledger::open_read_only(&dir.path().join("missing.db")).is_err());
+}

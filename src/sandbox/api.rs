@@ -16,7 +16,7 @@
 //! | `POST /_sandbox/documents/{id}` body `{"status": "PAID"}` | sets the document's status, not the checkout's (a lying document) |
 //! | `DELETE /_sandbox/documents/{id}` | deletes the document upstream; the checkout stays |
 //! | `GET /_sandbox/faults` | fault settings and Get Checkout counts |
-//! | `POST /_sandbox/faults` body [`FaultUpdate`] | changes faults; `{"close_listen_streams": true}` drops Listen streams |
+//! | `POST /_sandbox/faults` body [`FaultUpdate`] | changes faults; `{"close_listen_streams": true}` drops Listen streams; `{"refuse_listen_documents": ["doc-id"]}` refuses those documents' Listen targets (PERMISSION_DENIED) |
 //!
 //! Admin answers use the same wrapper; an unknown checkout is HTTP 404 there.
 

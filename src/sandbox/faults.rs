@@ -1,6 +1,6 @@
-//! Injected faults: API errors and latency, throttling, dropped Listen streams, slow document
-//! writes, a refused Search Checkouts, and the Get Checkout and Search call counters tests
-//! assert on.
+//! Injected faults: API errors and latency, throttling, dropped Listen streams, Listen targets
+//! refused per document, slow document writes, a refused Search Checkouts, and the Get Checkout
+//! and Search call counters tests assert on.
 //!
 //! Owns: the fault settings (set at start through [`FaultSettings`], changed at run time through
 //! [`Faults`] or `POST /_sandbox/faults`) and the per-checkout Get Checkout counters.
@@ -39,6 +39,10 @@ pub struct FaultSettings {
     pub document_write_delay_ms: u64,
     /// Search Checkouts is answered with HTTP 403 (an API key without that permission).
     pub refuse_search: bool,
+    /// Listen refuses targets naming these documents (full names, or the last path segment,
+    /// i.e. the document id) with a `REMOVE` carrying PERMISSION_DENIED, as a project whose
+    /// security rules deny that one document would; the stream and its other targets go on.
+    pub refuse_listen_documents: Vec<String>,
 }
 
 /// A partial update of [`FaultSettings`]: the body of `POST /_sandbox/faults`.
@@ -62,6 +66,8 @@ pub struct FaultUpdate {
     pub document_write_delay_ms: Option<u64>,
     /// See [`FaultSettings::refuse_search`].
     pub refuse_search: Option<bool>,
+    /// See [`FaultSettings::refuse_listen_documents`] (replaces the list).
+    pub refuse_listen_documents: Option<Vec<String>>,
     /// Drop every open Listen stream with UNAVAILABLE now.
     pub close_listen_streams: bool,
 }
@@ -150,6 +156,7 @@ impl Faults {
                 api_latency_ms,
                 document_write_delay_ms,
                 refuse_search,
+                refuse_listen_documents,
                 close_listen_streams: _,
             } = update;
             if let Some(v) = refuse_search {
@@ -172,6 +179,9 @@ impl Faults {
             }
             if let Some(v) = document_write_delay_ms {
                 settings.document_write_delay_ms = v;
+            }
+            if let Some(v) = refuse_listen_documents {
+                settings.refuse_listen_documents = v;
             }
             settings.clone()
         };
@@ -247,6 +257,32 @@ impl Faults {
             return ApiFault::ServerError;
         }
         ApiFault::None
+    }
+
+    /// Listen refuses targets naming this document (its id, or its full name) from now on.
+    pub fn refuse_listen_document(&self, document: &str) {
+        let mut settings = self.settings_lock();
+        if !settings
+            .refuse_listen_documents
+            .iter()
+            .any(|d| d == document)
+        {
+            settings.refuse_listen_documents.push(document.to_owned());
+        }
+    }
+
+    /// Listen accepts every document again.
+    pub fn accept_all_listen_documents(&self) {
+        self.settings_lock().refuse_listen_documents.clear();
+    }
+
+    /// Whether Listen must refuse a target naming `name` (a full document name).
+    pub(crate) fn listen_refuses(&self, name: &str) -> bool {
+        let id = name.rsplit('/').next().unwrap_or(name);
+        self.settings_lock()
+            .refuse_listen_documents
+            .iter()
+            .any(|refused| refused == name || refused == id)
     }
 
     /// Drops every open Listen stream with UNAVAILABLE. Streams opened afterwards are unaffected.
@@ -379,6 +415,27 @@ mod tests {
             })
             .expect_err("rate above 1");
         assert!(error.contains("api_error_rate"), "{error}");
+    }
+
+    #[test]
+    fn listen_refusals_match_the_id_or_the_full_name() {
+        let faults = Faults::new(FaultSettings::default());
+        let name = "projects/p/databases/(default)/documents/checkouts/doc-1";
+        assert!(!faults.listen_refuses(name));
+        faults.refuse_listen_document("doc-1");
+        assert!(faults.listen_refuses(name));
+        assert!(
+            !faults.listen_refuses("projects/p/databases/(default)/documents/checkouts/doc-10")
+        );
+        faults.accept_all_listen_documents();
+        let settings = faults
+            .update(FaultUpdate {
+                refuse_listen_documents: Some(vec![name.to_owned()]),
+                ..FaultUpdate::default()
+            })
+            .expect("valid update");
+        assert_eq!(settings.refuse_listen_documents, [name]);
+        assert!(faults.listen_refuses(name));
     }
 
     #[test]

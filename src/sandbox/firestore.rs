@@ -33,6 +33,10 @@
 //!   INVALID_ARGUMENT (the `firestore` crate then drops its tokens and retries once).
 //! - shutdown, or [`crate::sandbox::faults::Faults::close_listen_streams`]: UNAVAILABLE.
 //!
+//! A target naming a document listed in the `refuse_listen_documents` fault is answered with
+//! `REMOVE` carrying PERMISSION_DENIED ("Missing or insufficient permissions.", Firestore's
+//! words for a security-rules denial); the stream and its other targets carry on.
+//!
 //! `target_id` 0 is supported: the server assigns the lowest free id and reports it in `ADD`;
 //! afterwards a non-zero id is answered with `REMOVE` carrying an INVALID_ARGUMENT cause, as the
 //! proto says. Query targets are answered with `REMOVE` carrying an UNIMPLEMENTED cause (other
@@ -540,6 +544,22 @@ impl ListenSession {
             if !names.contains(&name) {
                 names.push(name);
             }
+        }
+        if names
+            .iter()
+            .any(|name| self.inner.faults.listen_refuses(name))
+        {
+            tracing::info!(
+                stream = self.stream_id,
+                target = target_id,
+                "sandbox firestore: target refused (injected fault)"
+            );
+            let cause = RpcStatus {
+                code: Code::PermissionDenied as i32,
+                message: "Missing or insufficient permissions.".into(),
+                details: Vec::new(),
+            };
+            return self.send(remove_with_cause(target_id, cause)).await;
         }
         let resume = match resume_type {
             None => None,

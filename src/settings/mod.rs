@@ -351,6 +351,10 @@ pub struct FirestoreSettings {
     /// `http://` only on loopback.
     #[serde(default)]
     pub endpoint: Option<String>,
+    /// The Firestore database id the checkout documents are in (`(default)`; paymennt's
+    /// create-link response names the project, never a database).
+    #[serde(default = "default_database")]
+    pub database: String,
     /// `multiplexed` or `per-document`.
     #[serde(default = "default_stream_mode")]
     pub stream_mode: StreamMode,
@@ -438,6 +442,9 @@ pub const DEFAULT_IDENTITY_ENDPOINT: &str = "https://identitytoolkit.googleapis.
 /// Firebase Auth's production token endpoint.
 pub const DEFAULT_TOKEN_ENDPOINT: &str = "https://securetoken.googleapis.com/v1/token";
 
+fn default_database() -> String {
+    crate::domain::DEFAULT_DATABASE.to_owned()
+}
 fn default_stream_mode() -> StreamMode {
     StreamMode::Multiplexed
 }
@@ -462,6 +469,7 @@ impl Default for FirestoreSettings {
         FirestoreSettings {
             credentials: None,
             endpoint: None,
+            database: default_database(),
             stream_mode: default_stream_mode(),
             targets_per_stream: default_targets_per_stream(),
             streams_per_connection: default_streams_per_connection(),
@@ -895,6 +903,7 @@ const KNOWN_KEYS: &[&str] = &[
     "paymennt.ca_file",
     "firestore.credentials",
     "firestore.endpoint",
+    "firestore.database",
     "firestore.stream_mode",
     "firestore.targets_per_stream",
     "firestore.streams_per_connection",
@@ -1305,6 +1314,14 @@ impl Settings {
                 read_ca_file(file)
                     .map_err(|problem| err(format!("{origin}: '{key}': {problem}")))?;
             }
+        }
+        if let Err(error) =
+            crate::domain::check_database_id("firestore.database", &self.firestore.database)
+        {
+            return Err(err(format!(
+                "{origin}: '{}' value '{}' is invalid: {}",
+                error.what, error.value, error.reason
+            )));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(err(format!(

@@ -569,3 +569,17 @@ fn the_firebase_api_key_is_a_secret_and_new_urls_and_ca_files_are_checked() {
     .expect_err("not PEM");
     assert!(error.to_string().contains("no PEM certificate"), "{error}");
 }
+
+#[test]
+fn firestore_database_defaults_and_is_checked() {
+    let settings = load("", &[]).expect("valid");
+    assert_eq!(settings.firestore.database, "(default)");
+    let settings = load("[firestore]\ndatabase = \"payments-eu\"\n", &[]).expect("valid");
+    assert_eq!(settings.firestore.database, "payments-eu");
+    let error = load("[firestore]\ndatabase = \"Bad/Db\"\n", &[]).expect_err("bad database");
+    let text = error.to_string();
+    assert!(
+        text.contains("'firestore.database' value 'Bad/Db' is invalid"),
+        "{text}"
+    );
+}

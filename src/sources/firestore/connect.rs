@@ -190,14 +190,15 @@ impl Connector {
         self.renewed.clone()
     }
 
-    /// Opens a new HTTP/2 connection to the endpoint for `project`'s (default) database.
+    /// Opens a new HTTP/2 connection to the endpoint for `database`
+    /// (`projects/{project}/databases/{database}`, also the `google-cloud-resource-prefix`).
     ///
     /// # Errors
     /// The connection could not be made (network, TLS, refused); worth retrying.
-    pub(crate) async fn client(&self, project: &str) -> anyhow::Result<Client> {
-        let prefix = format!("projects/{project}/databases/(default)");
+    pub(crate) async fn client(&self, database: &str) -> anyhow::Result<Client> {
+        let prefix = database.to_owned();
         let mut layer = GoogleAuthMiddlewareLayer::new(Arc::clone(&self.auth), Some(prefix))
-            .with_context(|| format!("invalid project id '{project}' for a request header"))?;
+            .with_context(|| format!("invalid database name '{database}' for a request header"))?;
         layer.set_additional_headers(self.extra_headers.clone());
         // The channel settings of gcloud-sdk's own channel, plus our TLS roots.
         let mut channel = Channel::from_shared(self.endpoint.clone())
