@@ -441,22 +441,88 @@ impl fmt::Display for Source {
     }
 }
 
-/// Where a checkout's Firestore document lives, as paymennt names it in a create-link response.
+/// The database every checkout document is in unless `[firestore] database` says otherwise.
+pub const DEFAULT_DATABASE: &str = "(default)";
+
+/// The longest Firestore document or collection id, in bytes (Firestore's documented limit).
+const MAX_SEGMENT_BYTES: usize = 1500;
+
+/// Checks a Firestore database id: `(default)`, or 4 to 63 lowercase ASCII letters, digits and
+/// '-', starting with a letter and not ending with '-' (Firestore's naming rules).
 ///
-/// `firebaseDatabase` is the Google Cloud project id (paymennt's test value is `pc-test-734bc`);
-/// the document is always in that project's `(default)` database.
+/// # Errors
+/// The id, named as `what` (e.g. "[firestore] database"), with what a valid one looks like.
+pub fn check_database_id(what: &'static str, id: &str) -> Result<(), InvalidValue> {
+    let bytes = id.as_bytes();
+    let ok = id == DEFAULT_DATABASE
+        || ((4..=63).contains(&bytes.len())
+            && bytes.first().is_some_and(u8::is_ascii_lowercase)
+            && bytes.last().is_some_and(|b| *b != b'-')
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidValue::new(
+            what,
+            id,
+            "expected (default), or 4 to 63 lowercase letters, digits and '-', starting with a \
+             letter",
+        ))
+    }
+}
+
+/// Checks one Firestore path segment (a collection or document id) against Firestore's rules:
+/// 1 to 1500 bytes, no '/', not `.` or `..`, not reserved (`__.*__`), no control characters.
+fn check_segment(what: &'static str, value: &str) -> Result<(), InvalidValue> {
+    let reason = if value.is_empty() {
+        Some("it is empty; expected a single Firestore path segment")
+    } else if value.len() > MAX_SEGMENT_BYTES {
+        Some("it is longer than Firestore's 1500-byte limit for an id")
+    } else if value.contains('/') {
+        Some("it contains '/'; expected a single Firestore path segment")
+    } else if value == "." || value == ".." {
+        Some("Firestore does not allow '.' or '..' as an id")
+    } else if value.len() >= 4 && value.starts_with("__") && value.ends_with("__") {
+        Some("ids of the form __...__ are reserved by Firestore")
+    } else if value.chars().any(char::is_control) {
+        Some("it contains control characters")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(InvalidValue::new(what, value, reason)),
+        None => Ok(()),
+    }
+}
+
+/// Where a checkout's Firestore document lives, as paymennt names it in a create-link response,
+/// plus the database id.
+///
+/// `firebaseDatabase` is the Google Cloud project id (paymennt's test value is `pc-test-734bc`).
+/// paymennt does not name a database: the document is in `(default)` unless `[firestore]
+/// database` says otherwise ([`FirestoreLocation::with_database`]). Every name is checked here,
+/// so an impossible one is refused before anything is sent to Firestore.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FirestoreLocation {
     /// The project id (`firebaseDatabase`).
     pub project: String,
+    /// The database id: `(default)` unless configured.
+    #[serde(default = "default_database")]
+    pub database: String,
     /// The collection (`firebaseCollection`).
     pub collection: String,
     /// The document id (`firebaseDocument`).
     pub document: String,
 }
 
+fn default_database() -> String {
+    DEFAULT_DATABASE.to_owned()
+}
+
 impl FirestoreLocation {
-    /// Validates the three coordinates, naming the field at fault.
+    /// Validates the three coordinates, naming the field at fault. The database is `(default)`.
     pub fn new(
         project: &str,
         collection: &str,
@@ -473,38 +539,31 @@ impl FirestoreLocation {
                 "expected a Google Cloud project id such as pc-test-734bc",
             ));
         }
-        for (what, value) in [
-            ("firebaseCollection", collection),
-            ("firebaseDocument", document),
-        ] {
-            let ok = !value.is_empty()
-                && value.len() <= 1500
-                && value != "."
-                && value != ".."
-                && !value.contains('/')
-                && !value.chars().any(char::is_control);
-            if !ok {
-                return Err(InvalidValue::new(
-                    if what == "firebaseCollection" {
-                        "firebaseCollection"
-                    } else {
-                        "firebaseDocument"
-                    },
-                    value,
-                    "expected a single Firestore path segment (no '/')",
-                ));
-            }
-        }
+        check_segment("firebaseCollection", collection)?;
+        check_segment("firebaseDocument", document)?;
+        // With ids of at most 1500 bytes the full name stays under Firestore's 6 KiB limit.
         Ok(FirestoreLocation {
             project: project.to_owned(),
+            database: default_database(),
             collection: collection.to_owned(),
             document: document.to_owned(),
         })
     }
 
-    /// `projects/{project}/databases/(default)`: the `database` of a ListenRequest.
+    /// The same document in database `database` (`[firestore] database`).
+    ///
+    /// # Errors
+    /// An invalid database id.
+    pub fn with_database(mut self, database: &str) -> Result<FirestoreLocation, InvalidValue> {
+        check_database_id("database", database)?;
+        database.clone_into(&mut self.database);
+        Ok(self)
+    }
+
+    /// `projects/{project}/databases/{database}`: the `database` of a ListenRequest and the
+    /// `google-cloud-resource-prefix` header.
     pub fn database_name(&self) -> String {
-        format!("projects/{}/databases/(default)", self.project)
+        format!("projects/{}/databases/{}", self.project, self.database)
     }
 
     /// The document's full resource name, as a Listen `DocumentsTarget` wants it.
@@ -620,5 +679,49 @@ mod tests {
         assert_eq!(error.what, "firebaseCollection");
         let error = FirestoreLocation::new("p", "c", "").expect_err("invalid");
         assert_eq!(error.what, "firebaseDocument");
+    }
+
+    #[test]
+    fn impossible_document_names_are_refused_naming_field_and_value() {
+        let refused = [
+            ("c", "__reserved__", "firebaseDocument", "reserved"),
+            ("__name__", "d", "firebaseCollection", "reserved"),
+            ("c", "", "firebaseDocument", "empty"),
+            ("c", "a/b", "firebaseDocument", "'/'"),
+            ("c", "..", "firebaseDocument", "'..'"),
+            ("c", "tab\there", "firebaseDocument", "control"),
+        ];
+        for (collection, document, field, reason) in refused {
+            let error = FirestoreLocation::new("p", collection, document).expect_err(document);
+            assert_eq!(error.what, field, "{error}");
+            assert!(error.to_string().contains(reason), "{error}");
+        }
+        let long = "x".repeat(1501);
+        let error = FirestoreLocation::new("p", "c", &long).expect_err("overlong");
+        assert!(error.to_string().contains("1500-byte"), "{error}");
+        // Not reserved: underscores only at one end, or too short to be __x__.
+        for fine in ["__x", "x__", "__", "___", "a__b__"] {
+            assert!(FirestoreLocation::new("p", "c", fine).is_ok(), "{fine}");
+        }
+        assert!(FirestoreLocation::new("p", "c", &"y".repeat(1500)).is_ok());
+    }
+
+    #[test]
+    fn database_id_is_carried_in_every_name() {
+        let location = FirestoreLocation::new("p", "checkouts", "d").expect("valid");
+        assert_eq!(location.database, "(default)");
+        let named = location
+            .with_database("payments-eu")
+            .expect("valid database");
+        assert_eq!(named.database_name(), "projects/p/databases/payments-eu");
+        assert_eq!(
+            named.document_name(),
+            "projects/p/databases/payments-eu/documents/checkouts/d"
+        );
+        for bad in ["", "Bad", "ab", "1abc", "abc-", "a/bc", "(other)"] {
+            let error = check_database_id("[firestore] database", bad).expect_err(bad);
+            assert_eq!(error.what, "[firestore] database");
+        }
+        assert!(check_database_id("[firestore] database", "(default)").is_ok());
     }
 }

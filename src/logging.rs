@@ -1,7 +1,10 @@
-//! Log output: human text on a terminal, syslog-prioritised lines under journald, or JSON.
+//! Log output fit for where it goes: coloured text on a terminal, syslog-prioritised lines under
+//! journald, plain text into a file or pipe, or JSON.
 //!
-//! Owns: the tracing subscriber and the filter handle used to change the level on reload.
-//! Must never: print secrets (callers never log them; nothing here adds any).
+//! Owns: the tracing subscriber, the choice of text style ([`TextStyle::choose`]) and the filter
+//! handle used to change the level on reload.
+//! Must never: print secrets (callers never log them; nothing here adds any), or write ANSI
+//! escapes anywhere but a terminal.
 
 use std::fmt;
 
@@ -67,6 +70,54 @@ pub fn stderr_is_journal() -> bool {
     }
 }
 
+/// How text log lines look, chosen from where stderr goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextStyle {
+    /// A terminal: timestamps and ANSI colours.
+    Colour,
+    /// journald: a `<N>` syslog priority prefix, no timestamp (the journal adds one), no colour.
+    Journal,
+    /// A file or a pipe: timestamps, no ANSI escapes.
+    Plain,
+}
+
+/// The facts about stderr and the environment that decide the [`TextStyle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputFacts {
+    /// stderr is the journal's stream (`JOURNAL_STREAM` names it).
+    pub journal: bool,
+    /// stderr is a terminal.
+    pub terminal: bool,
+    /// `NO_COLOR` is set to a non-empty value (no-color.org).
+    pub no_color: bool,
+}
+
+impl OutputFacts {
+    /// The facts of this process, read now.
+    pub fn of_this_process() -> OutputFacts {
+        use std::io::IsTerminal;
+        OutputFacts {
+            journal: stderr_is_journal(),
+            terminal: std::io::stderr().is_terminal(),
+            no_color: std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty()),
+        }
+    }
+}
+
+impl TextStyle {
+    /// The journal wins (its stream is never a terminal, but a terminal program may have been
+    /// started with the variable inherited); colours only on a terminal without `NO_COLOR`.
+    pub fn choose(facts: OutputFacts) -> TextStyle {
+        if facts.journal {
+            TextStyle::Journal
+        } else if facts.terminal && !facts.no_color {
+            TextStyle::Colour
+        } else {
+            TextStyle::Plain
+        }
+    }
+}
+
 /// Installs the global subscriber, writing to stderr.
 ///
 /// `level` is used unless `RUST_LOG` is set. Under journald (text format) lines carry the
@@ -78,7 +129,7 @@ pub fn init(level: &str, format: LogFormat) -> LogHandle {
         .or_else(|| EnvFilter::try_new(level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
-    let journal = stderr_is_journal();
+    let style = TextStyle::choose(OutputFacts::of_this_process());
     let result = match format {
         LogFormat::Json => tracing_subscriber::registry()
             .with(filter)
@@ -90,7 +141,7 @@ pub fn init(level: &str, format: LogFormat) -> LogHandle {
                     .with_writer(std::io::stderr),
             )
             .try_init(),
-        LogFormat::Text if journal => tracing_subscriber::registry()
+        LogFormat::Text if style == TextStyle::Journal => tracing_subscriber::registry()
             .with(filter)
             .with(
                 tracing_subscriber::fmt::layer()
@@ -103,7 +154,11 @@ pub fn init(level: &str, format: LogFormat) -> LogHandle {
             .try_init(),
         LogFormat::Text => tracing_subscriber::registry()
             .with(filter)
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(style == TextStyle::Colour)
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
     };
     match result {
@@ -154,5 +209,28 @@ mod tests {
         assert_eq!(syslog_priority(&Level::WARN), 4);
         assert_eq!(syslog_priority(&Level::INFO), 6);
         assert_eq!(syslog_priority(&Level::DEBUG), 7);
+    }
+
+    fn style(journal: bool, terminal: bool, no_color: bool) -> TextStyle {
+        TextStyle::choose(OutputFacts {
+            journal,
+            terminal,
+            no_color,
+        })
+    }
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        assert_eq!(style(false, true, false), TextStyle::Colour);
+        assert_eq!(style(false, true, true), TextStyle::Plain);
+        assert_eq!(style(false, false, false), TextStyle::Plain);
+        assert_eq!(style(false, false, true), TextStyle::Plain);
+    }
+
+    #[test]
+    fn the_journal_always_gets_priority_prefixed_lines() {
+        assert_eq!(style(true, false, false), TextStyle::Journal);
+        assert_eq!(style(true, true, false), TextStyle::Journal);
+        assert_eq!(style(true, false, true), TextStyle::Journal);
     }
 }

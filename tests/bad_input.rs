@@ -115,6 +115,14 @@ fn cases(dir: &Path) -> Vec<Case> {
             shows: "firebaseCollection",
         },
         Case {
+            name: "reserved Firestore document id",
+            args: track(),
+            stdin: br#"{"id":"2010","amount":1,"currency":"AED","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"__x__"}"#.to_vec(),
+            config: String::new(),
+            exit: 2,
+            shows: "firebaseDocument '__x__' is invalid: ids of the form __...__ are reserved by Firestore",
+        },
+        Case {
             name: "non-numeric amount",
             args: track(),
             stdin: response("2003", "\"ten\"", "PENDING", "ORD-3"),

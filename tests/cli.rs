@@ -127,6 +127,21 @@ const BAD_RESPONSES: &[(&str, &str, &str)] = &[
         r#"{"id":"../../admin","amount":1,"currency":"AED","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d"}"#,
         "checkout id",
     ),
+    (
+        "reserved document id",
+        r#"{"id":"3","amount":1,"currency":"AED","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"__name__"}"#,
+        "firebaseDocument '__name__' is invalid: ids of the form __...__ are reserved",
+    ),
+    (
+        "document id with a slash",
+        r#"{"id":"4","amount":1,"currency":"AED","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"a/b"}"#,
+        "firebaseDocument 'a/b' is invalid",
+    ),
+    (
+        "empty collection",
+        r#"{"id":"5","amount":1,"currency":"AED","firebaseDatabase":"p","firebaseCollection":"","firebaseDocument":"d"}"#,
+        "firebaseCollection '' is invalid",
+    ),
     ("not an object", r#"[1,2,3]"#, "JSON object"),
 ];
 
@@ -289,6 +304,62 @@ fn config_errors_exit_2_and_runtime_failures_exit_1() {
     );
 }
 
+#[test]
+fn check_config_finds_a_hook_program_on_the_hooks_own_path() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = dir.path().join("hook-bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    let program = bin.join("mark-paid-somewhere");
+    std::fs::write(&program, "#!/bin/sh\nexit 0\n").expect("write");
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let config = offline_config(dir.path());
+    let mut text = std::fs::read_to_string(&config).expect("read");
+    text.push_str(&format!(
+        "\n[[hooks]]\nname = \"mine\"\ncommand = [\"mark-paid-somewhere\"]\nenv = {{ PATH = \"{}\", TOKEN = \"hook-token-value\" }}\n",
+        bin.display()
+    ));
+    std::fs::write(&config, text).expect("write");
+    let check = paywatch(&config, &["check-config"], None);
+    let expected = format!("ok   hook 'mine' runs {}", program.display());
+    assert!(
+        stdout(&check).contains(&expected),
+        "the daemon would run it, so check-config must find it: {}\n{}",
+        stdout(&check),
+        stderr(&check)
+    );
+    assert!(!stdout(&check).contains("hook-token-value"));
+}
+
+#[test]
+fn an_out_of_range_setting_exits_2_naming_key_value_and_bound() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = offline_config(dir.path());
+    let text = std::fs::read_to_string(&config).expect("read");
+    // Above tokio's semaphore maximum this used to panic the hook dispatcher at run time.
+    std::fs::write(
+        &config,
+        format!("hooks_concurrency = 2305843009213693952\n{text}"),
+    )
+    .expect("write");
+    for args in [&["check-config"][..], &["run"][..]] {
+        let output = paywatch(&config, args, None);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains(
+                "'hooks_concurrency' value '2305843009213693952' is too large (at most 256)"
+            ),
+            "{}",
+            stderr(&output)
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_create_track_and_events_against_the_sandbox() {
     let sandbox = common::sandbox().await;
@@ -320,6 +391,14 @@ async fn link_create_track_and_events_against_the_sandbox() {
     let id = response["id"].as_str().expect("id").to_owned();
     assert_eq!(response["amount"].to_string(), "19.99");
     assert_eq!(response["currency"], "AED");
+    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+    let record = ledger
+        .checkout(&id.parse().expect("id"))
+        .expect("read")
+        .expect("tracked");
+    assert_eq!(record.tracked_via, "link-create");
+    assert_eq!(record.status.as_deref(), Some("PENDING"));
+    drop(ledger);
 
     sandbox
         .state()
@@ -369,5 +448,198 @@ async fn link_create_track_and_events_against_the_sandbox() {
         "{}",
         stdout(&check)
     );
+    assert!(
+        stdout(&check).contains("ok   discovery is "),
+        "check-config says whether discovery runs: {}",
+        stdout(&check)
+    );
     sandbox.shutdown().await;
+}
+
+/// `check-config --online` proves Firestore access by opening a Listen on a tracked checkout's
+/// document: CURRENT in so many ms, or the exact refusal with a next step for the auth mode and
+/// a non-zero exit. Nothing is written to the ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_online_proves_firestore_access_or_names_the_refusal() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, config) = common::settings(dir.path(), &sandbox, "multiplexed", "");
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let first = common::create_and_track(&sandbox, &ledger, "ORD-C1").await;
+    let second = common::create_and_track(&sandbox, &ledger, "ORD-C2").await;
+    let document_of = |id| {
+        ledger
+            .checkout(id)
+            .expect("read")
+            .expect("tracked")
+            .firebase
+            .document
+    };
+    let (first_document, second_document) = (document_of(&first), document_of(&second));
+    drop(ledger);
+    let ledger_bytes = || std::fs::read(&settings.ledger.path).expect("ledger file");
+    let before = ledger_bytes();
+    let run = |args: Vec<String>| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            paywatch(&config, &args, None)
+        })
+    };
+
+    // Access: one Listen for the project, CURRENT in some milliseconds.
+    let output = run(vec!["check-config".into(), "--online".into()])
+        .await
+        .expect("join");
+    assert!(
+        output.status.success(),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let text = stdout(&output);
+    let line = text
+        .lines()
+        .find(|line| line.contains("firestore access"))
+        .unwrap_or_else(|| panic!("an access line in {text}"));
+    assert!(
+        line.starts_with("ok   firestore access with auth=none: Listen on checkout")
+            && line.contains("was CURRENT in")
+            && line.contains(" ms (document exists)"),
+        "{line}"
+    );
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains("firestore access"))
+            .count(),
+        1,
+        "one project, one check: {text}"
+    );
+
+    // Refused: the exact code and message, the next step for auth=none, a non-zero exit.
+    sandbox.faults().refuse_listen_document(&first_document);
+    let output = run(vec![
+        "check-config".into(),
+        "--online".into(),
+        "--checkout-id".into(),
+        first.to_string(),
+    ])
+    .await
+    .expect("join");
+    assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
+    let text = stdout(&output);
+    let line = text
+        .lines()
+        .find(|line| line.contains("firestore access"))
+        .unwrap_or_else(|| panic!("an access line in {text}"));
+    assert!(
+        line.starts_with(&format!(
+            "FAIL firestore access refused for checkout {first}'s document"
+        )) && line.contains(&first_document)
+            && line.contains("PERMISSION_DENIED: Missing or insufficient permissions.")
+            && line.contains("PERMISSION_DENIED with auth=none:")
+            && line.contains("firebase-anonymous"),
+        "{line}"
+    );
+
+    // --checkout-id picks the document: the other one is readable.
+    assert_ne!(first_document, second_document);
+    let output = run(vec![
+        "check-config".into(),
+        "--online".into(),
+        "--checkout-id".into(),
+        second.to_string(),
+    ])
+    .await
+    .expect("join");
+    assert!(output.status.success(), "{}", stdout(&output));
+    assert!(stdout(&output).contains(&format!("Listen on checkout {second}'s document")));
+
+    // An untracked id is a usage error.
+    let output = run(vec![
+        "check-config".into(),
+        "--online".into(),
+        "--checkout-id".into(),
+        "999".into(),
+    ])
+    .await
+    .expect("join");
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("not tracked"),
+        "{}",
+        stderr(&output)
+    );
+
+    assert!(before == ledger_bytes(), "check-config wrote to the ledger");
+    sandbox.shutdown().await;
+}
+
+/// A paymennt stand-in on loopback that answers every request with `body` (HTTP 200).
+async fn canned_paymennt(body: &'static str) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let address = listener.local_addr().expect("address");
+    let app = axum::Router::new().fallback(move || async move {
+        (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+    });
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{address}/mer/v2.0/"), server)
+}
+
+/// paymennt answering with a Firestore document that cannot exist: `track --checkout-id` and
+/// `link create` exit 2 naming the field and the value, and record nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impossible_document_in_paymennts_answer_is_a_usage_error() {
+    const ANSWER: &str = r#"{"success":true,"elapsed":1,"result":{"id":"7001","orderId":"ORD-7","requestId":"ORD-7-r1","currency":"AED","amount":10,"status":"PENDING","firebaseDatabase":"pc-test-734bc","firebaseCollection":"checkouts","firebaseDocument":"__reserved__"}}"#;
+    let (base_url, server) = canned_paymennt(ANSWER).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("paywatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[ledger]\npath = \"{}\"\n[paymennt]\nbase_url = \"{base_url}\"\napi_key = \"k\"\napi_secret = \"s\"\nmax_retries = 0\n",
+            dir.path().join("paywatch.db").display()
+        ),
+    )
+    .expect("config written");
+    for args in [
+        vec!["track", "--checkout-id", "7001"],
+        vec![
+            "link",
+            "create",
+            "--order",
+            "ORD-7",
+            "--amount",
+            "10",
+            "--currency",
+            "AED",
+        ],
+    ] {
+        let config = config.clone();
+        let args_shown = args.join(" ");
+        let output = tokio::task::spawn_blocking(move || paywatch(&config, &args, None))
+            .await
+            .expect("join");
+        let text = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{args_shown}: {text}");
+        assert!(
+            text.contains(
+                "firebaseDocument '__reserved__' is invalid: ids of the form __...__ are reserved"
+            ),
+            "{args_shown}: {text}"
+        );
+    }
+    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+    assert!(
+        ledger.list(&Default::default()).expect("list").is_empty(),
+        "nothing recorded"
+    );
+    server.abort();
 }

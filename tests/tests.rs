@@ -1,12 +1,16 @@
 //! End-to-end tests: one binary for every surface (the ripgrep shape).
 
 mod bad_input;
+mod browser;
 mod chaos;
 mod cli;
 mod common;
 mod daemon;
+mod discovery;
+mod firestore_auth;
 mod hooks;
 mod interop;
+mod logging;
 mod misconfigured;
 mod properties;
 mod sandbox;

@@ -4,36 +4,160 @@
 //! exist and are executable, and the ledger directory is writable. With `--online` it also
 //! makes one authenticated call to paymennt (naming an address that does not answer as
 //! paymennt), asks paymennt about one watched checkout and reports when many look gone at once,
-//! and obtains one Firestore access token.
+//! obtains one Firestore access token, and proves access to the checkout documents: for each
+//! Firebase project among the tracked checkouts (or the one given with `--checkout-id`) it
+//! opens a Listen on one document with the configured auth and reports CURRENT (in how many
+//! ms) or the exact refusal with a next step for the auth mode. Nothing is written: the ledger
+//! is opened read-only.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{UsageError, output};
 use crate::daemon::listener_options;
-use crate::hooks::runner::{DEFAULT_PATH, resolve_program};
+use crate::domain::CheckoutId;
+use crate::hooks::config::HookSpec;
+use crate::hooks::runner::DEFAULT_PATH;
 use crate::ledger::Ledger;
 use crate::paymennt::{Client, SearchQuery};
 use crate::settings::Settings;
+use crate::sources::firestore::{
+    AccessFailure, FirestoreAuth, ListenerOptions, access_hint, prove_access,
+};
 
 /// Arguments of `paywatch check-config`.
 #[derive(Debug, clap::Args)]
 pub struct CheckConfigArgs {
-    /// Also call paymennt once and obtain a Firestore access token.
+    /// Also call paymennt once, obtain a Firestore access token, and open a Listen on one
+    /// tracked checkout document per Firebase project.
     #[arg(long)]
     pub online: bool,
+    /// With --online: prove Firestore access with this tracked checkout's document only.
+    #[arg(long, value_name = "ID", requires = "online")]
+    pub checkout_id: Option<String>,
 }
+
+/// How long the Listen of one access check may take.
+const ACCESS_CHECK_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// One line of the report.
 struct Check {
     ok: bool,
     what: String,
+    /// Neither passed nor failed: nothing could be checked.
+    skipped: bool,
 }
 
 fn check(ok: bool, what: impl Into<String>) -> Check {
     Check {
         ok,
         what: what.into(),
+        skipped: false,
+    }
+}
+
+/// The `[firestore] auth` mode (its config spelling) that `auth` was built for.
+fn auth_mode_name(auth: &FirestoreAuth) -> &'static str {
+    match auth {
+        FirestoreAuth::ServiceAccountFile(_) => "service-account",
+        FirestoreAuth::ApplicationDefault => "application-default",
+        FirestoreAuth::None { .. } => "none",
+        FirestoreAuth::FirebaseAnonymous { .. } => "firebase-anonymous",
+    }
+}
+
+/// Proves Firestore access for each project among the tracked checkouts (or for `only`):
+/// returns the report lines and whether any access was refused or failed.
+async fn access_checks(
+    settings: &crate::settings::Settings,
+    options: &ListenerOptions,
+    only: Option<&CheckoutId>,
+) -> Result<Vec<Check>, UsageError> {
+    let path = &settings.ledger.path;
+    if !path.exists() {
+        if let Some(id) = only {
+            return Err(UsageError(format!(
+                "--checkout-id {id}: no ledger at '{}', so nothing is tracked; track it first \
+                 (paywatch track --checkout-id {id})",
+                path.display()
+            )));
+        }
+        return Ok(vec![skipped(
+            "firestore access not checked: no tracked checkout yet; track one, then run \
+             check-config --online again",
+        )]);
+    }
+    let documents = Ledger::open_read_only(path)
+        .and_then(|ledger| ledger.probe_documents(only))
+        .map_err(|error| UsageError(format!("cannot read the tracked checkouts: {error}")))?;
+    if documents.is_empty() {
+        if let Some(id) = only {
+            return Err(UsageError(format!(
+                "--checkout-id {id}: not tracked in '{}'; track it first (paywatch track \
+                 --checkout-id {id})",
+                path.display()
+            )));
+        }
+        return Ok(vec![skipped(
+            "firestore access not checked: no tracked checkout yet; track one, then run \
+             check-config --online again",
+        )]);
+    }
+    let mode = auth_mode_name(&options.auth);
+    let mut checks = Vec::new();
+    for (checkout_id, location) in documents {
+        let location = match location.with_database(&settings.firestore.database) {
+            Ok(location) => location,
+            Err(error) => {
+                checks.push(check(false, format!("firestore access: {error}")));
+                continue;
+            }
+        };
+        let document = location.document_name();
+        let result = prove_access(
+            &options.endpoint,
+            &options.auth,
+            options.ca_file.as_deref(),
+            &location,
+            ACCESS_CHECK_TIMEOUT,
+        )
+        .await;
+        checks.push(match result {
+            Ok(proof) => check(
+                true,
+                format!(
+                    "firestore access with auth={mode}: Listen on checkout {checkout_id}'s \
+                     document '{document}' was CURRENT in {} ms (document {})",
+                    proof.elapsed.as_millis(),
+                    if proof.exists { "exists" } else { "missing" }
+                ),
+            ),
+            Err(AccessFailure::Refused { code, message }) => check(
+                false,
+                format!(
+                    "firestore access refused for checkout {checkout_id}'s document \
+                     '{document}': {code}: {message}\n{}",
+                    access_hint(mode, code)
+                ),
+            ),
+            Err(AccessFailure::Unreachable(error) | AccessFailure::NoAnswer(error)) => check(
+                false,
+                format!(
+                    "firestore access not proven for checkout {checkout_id}'s document \
+                     '{document}' at {}: {error}",
+                    options.endpoint
+                ),
+            ),
+        });
+    }
+    Ok(checks)
+}
+
+fn skipped(what: &str) -> Check {
+    Check {
+        ok: true,
+        what: what.to_owned(),
+        skipped: true,
     }
 }
 
@@ -172,8 +296,13 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
     let listener = listener_options(&settings);
     let firestore = match &listener {
         Ok(options) => {
-            crate::sources::firestore::check_credentials(&options.endpoint, &options.auth, false)
-                .await
+            crate::sources::firestore::check_credentials(
+                &options.endpoint,
+                &options.auth,
+                options.ca_file.as_deref(),
+                false,
+            )
+            .await
         }
         Err(error) => Err(anyhow::anyhow!("{error:#}")),
     };
@@ -182,17 +311,35 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
         Err(error) => check(false, format!("firestore credentials: {error:#}")),
     });
 
+    // Resolved exactly as the daemon does: on the hook's own env.PATH when it sets one.
     let path_var = std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
     for hook in &settings.hooks {
-        let program = hook.command.first().map(String::as_str).unwrap_or_default();
-        checks.push(match resolve_program(program, Some(&path_var)) {
-            Ok(path) => check(
+        checks.push(match HookSpec::resolve(hook, Some(&path_var)) {
+            Ok(spec) => check(
                 true,
-                format!("hook '{}' runs {}", hook.name, path.display()),
+                format!(
+                    "hook '{}' runs {}",
+                    hook.name,
+                    spec.command.program.display()
+                ),
             ),
-            Err(error) => check(false, format!("hook '{}': {error}", hook.name)),
+            Err(error) => check(false, error),
         });
     }
+
+    checks.push(check(
+        true,
+        if settings.discovery.is_enabled(&settings.paymennt) {
+            format!(
+                "discovery is on: checkouts of type {} created anywhere are tracked, searched every {}",
+                settings.discovery.types.join(", "),
+                humantime::format_duration(settings.discovery.interval)
+            )
+        } else {
+            "discovery is off: only checkouts given to paywatch (track, link create) are watched"
+                .to_owned()
+        },
+    ));
 
     let offline_failures = checks.iter().filter(|c| !c.ok).count();
     let mut online_failures = 0;
@@ -219,7 +366,11 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
                             "paymennt at {}: this address does not answer as paymennt's API: {error}",
                             client.base_url()
                         ),
-                        Err(error) => format!("paymennt at {}: {error}", client.base_url()),
+                        Err(error) => format!(
+                            "paymennt at {}: {error}\n\nSearch Checkouts is what discovery and reconcile sweeps use; \
+                             without it discovery finds nothing and sweeps fall back to one Get Checkout per open checkout",
+                            client.base_url()
+                        ),
                     },
                 ));
                 if ok && ledger_path.exists() {
@@ -237,6 +388,7 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
             let result = crate::sources::firestore::check_credentials(
                 &options.endpoint,
                 &options.auth,
+                options.ca_file.as_deref(),
                 true,
             )
             .await;
@@ -245,6 +397,17 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
                 Ok(text) => check(true, format!("firestore {text}")),
                 Err(error) => check(false, format!("firestore: {error:#}")),
             });
+            let only = args
+                .checkout_id
+                .as_deref()
+                .map(|id| {
+                    id.parse::<CheckoutId>()
+                        .map_err(|e| UsageError(format!("--checkout-id: {e}")))
+                })
+                .transpose()?;
+            let access = access_checks(&settings, options, only.as_ref()).await?;
+            online_failures += access.iter().filter(|c| !c.ok).count();
+            checks.extend(access);
         }
     }
 
@@ -253,7 +416,11 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
         .map(|c| {
             format!(
                 "{} {}",
-                if c.ok { "ok  " } else { "FAIL" },
+                match (c.ok, c.skipped) {
+                    (_, true) => "skip",
+                    (true, false) => "ok  ",
+                    (false, false) => "FAIL",
+                },
                 c.what.replace("\n\n", "; ").replace('\n', " ")
             )
         })

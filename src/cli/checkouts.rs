@@ -228,6 +228,25 @@ fn record_verified(
     )?)
 }
 
+/// A paymennt answer naming a Firestore document that cannot exist (a reserved `__...__` id, a
+/// '/' in an id, ...) is a usage error (exit 2): paywatch cannot watch it, and it is never sent
+/// to Firestore. Other errors pass through.
+fn impossible_name(error: crate::paymennt::Error, origin: &str) -> anyhow::Error {
+    use crate::paymennt::wire::CheckoutShapeError;
+    match error {
+        crate::paymennt::Error::Shape(CheckoutShapeError::Invalid(invalid))
+            if invalid.what.starts_with("firebase") =>
+        {
+            UsageError(format!(
+                "{origin}: {invalid}\n\npaywatch cannot watch this checkout's Firestore document; \
+             check the value with paymennt"
+            ))
+            .into()
+        }
+        other => other.into(),
+    }
+}
+
 /// `paywatch link create`.
 pub async fn link_create(settings: &Settings, args: &LinkCreateArgs) -> anyhow::Result<()> {
     let request = args.to_request()?;
@@ -238,8 +257,15 @@ pub async fn link_create(settings: &Settings, args: &LinkCreateArgs) -> anyhow::
     let verified = client
         .create_link(&request, ticket)
         .await
+        .map_err(|error| impossible_name(error, "paymennt created the link, but its response"))
         .context("creating the payment link")?;
-    if let Err(error) = record_verified(settings, &ledger, &verified) {
+    // Tracked first, so the ledger says how it came (`link-create`); the answer is then
+    // recorded as a person's verification, as `track` does.
+    let recorded = ledger
+        .track(verified.facts(), TrackedVia::LinkCreate)
+        .map_err(anyhow::Error::from)
+        .and_then(|_| record_verified(settings, &ledger, &verified));
+    if let Err(error) = recorded {
         anyhow::bail!(
             "payment link {} was created but could not be recorded: {error:#}\n\nrecord it with: paywatch track --checkout-id {}",
             verified.id(),
@@ -323,6 +349,7 @@ pub async fn track(settings: &Settings, args: &TrackArgs) -> anyhow::Result<()> 
         let verified = client
             .get_checkout(&id, ticket)
             .await
+            .map_err(|error| impossible_name(error, &format!("Get Checkout {id}")))
             .with_context(|| format!("fetching checkout {id}"))?;
         let outcome = record_verified(settings, &ledger, &verified)?;
         let note = match outcome {
@@ -416,7 +443,11 @@ pub fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
         output::json(&record)
     } else {
         let transitions = ledger.transitions(&id)?;
-        output::write_out(&output::checkout_detail(&record, &transitions))
+        output::write_out(&output::checkout_detail(
+            &record,
+            &transitions,
+            &settings.firestore.database,
+        ))
     }
 }
 

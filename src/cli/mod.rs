@@ -7,6 +7,7 @@
 pub mod check_config;
 pub mod checkouts;
 pub mod daemon;
+pub mod generate;
 pub mod hooks;
 pub mod output;
 pub mod sandbox;
@@ -55,6 +56,8 @@ pub struct Cli {
 }
 
 /// The subcommands.
+// Parsed once per process: the size of the sandbox's many options does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: watch checkouts, verify changes, record them, run hooks.
@@ -79,6 +82,11 @@ pub enum Command {
     /// Hook deliveries: list, retry, replay, and test a hook before going live.
     #[command(subcommand)]
     Hooks(hooks::HooksCommand),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions(generate::CompletionsArgs),
+    /// Write the man pages into a directory (used when packaging).
+    #[command(hide = true)]
+    Man(generate::ManArgs),
     /// The demo's hook (used by `paywatch demo`).
     #[command(hide = true)]
     DemoHook(daemon::DemoHookArgs),
@@ -103,7 +111,11 @@ fn quiet_logging(cli: &Cli) {
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
-        Command::Sandbox(_) | Command::Run | Command::Demo(_) => {}
+        Command::Sandbox(_)
+        | Command::Run
+        | Command::Demo(_)
+        | Command::Completions(_)
+        | Command::Man(_) => {}
         _ => quiet_logging(&cli),
     }
     match cli.command {
@@ -115,6 +127,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(ref args) => daemon::demo(args).await,
         Command::DemoHook(ref args) => daemon::demo_hook(args),
+        Command::Completions(ref args) => generate::print_completions(args),
+        Command::Man(ref args) => generate::man(args),
         Command::CheckConfig(ref args) => check_config::run(cli.config.as_deref(), args).await,
         Command::Link(LinkCommand::Create(ref args)) => {
             checkouts::link_create(&load_settings(&cli)?, args).await

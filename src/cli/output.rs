@@ -39,7 +39,11 @@ fn status_text(status: Option<&str>) -> String {
 }
 
 /// `paywatch status ID`, for people.
-pub fn checkout_detail(record: &CheckoutRecord, transitions: &[TransitionRecord]) -> String {
+pub fn checkout_detail(
+    record: &CheckoutRecord,
+    transitions: &[TransitionRecord],
+    database: &str,
+) -> String {
     let mut lines = vec![
         format!("checkout     {}", record.id),
         format!("status       {}", status_text(record.status.as_deref())),
@@ -84,9 +88,20 @@ pub fn checkout_detail(record: &CheckoutRecord, transitions: &[TransitionRecord]
         }
     ));
     lines.push(format!(
-        "document     projects/{}/databases/(default)/documents/{}/{}",
+        "document     projects/{}/databases/{database}/documents/{}/{}",
         record.firebase.database, record.firebase.collection, record.firebase.document
     ));
+    if let Some(refused) = &record.listen_refused {
+        lines.push(format!(
+            "listen       REFUSED by Firestore: {}: {} (since {}, {} time(s); next try {}); \
+             the reconciler still checks this checkout",
+            printable(&refused.code),
+            printable(&refused.message),
+            refused.first_refused_at,
+            refused.count,
+            refused.next_retry_at.as_deref().unwrap_or("unknown")
+        ));
+    }
     lines.push(format!(
         "tracked      {} ({})",
         record.created_at, record.tracked_via
@@ -145,8 +160,12 @@ pub fn transition_lines(transitions: &[TransitionRecord], deliveries: &[Delivery
             .latency_ms
             .map(|ms| format!(", {ms} ms after the change"))
             .unwrap_or_default();
+        let refunded = match (&transition.refunded_from, &transition.refunded_to) {
+            (Some(from), Some(to)) => format!("  refunded {} -> {}", money(from), money(to)),
+            _ => String::new(),
+        };
         lines.push(format!(
-            "#{:<6} {}  {} -> {}  (source {}{latency})",
+            "#{:<6} {}  {} -> {}{refunded}  (source {}{latency})",
             transition.id,
             transition.verified_at,
             status_text(transition.from.as_deref()),

@@ -10,6 +10,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_verification_times.sql"),
     include_str!("migrations/0003_verify_tickets.sql"),
+    include_str!("migrations/0004_discovery.sql"),
+    include_str!("migrations/0005_listen_refusals.sql"),
 ];
 
 /// The schema version this build writes.

@@ -240,6 +240,13 @@ impl VerifiedCheckout {
 /// Search filters for `GET /checkout`.
 #[derive(Debug, Clone, Default)]
 pub struct SearchQuery {
+    /// Filter by checkout type (`LINK`, `WEB`, ...).
+    pub kind: Option<String>,
+    /// Only checkouts with a greater id (`afterId`).
+    pub after_id: Option<u128>,
+    /// Only checkouts created after this time (`afterTimestamp`, sent as
+    /// `yyyy-mm-dd HH:MM:SS` UTC, the format paymennt's spec documents).
+    pub after_timestamp: Option<DateTime<Utc>>,
     /// Filter by order id.
     pub order_id: Option<String>,
     /// Filter by request id.
@@ -251,6 +258,9 @@ pub struct SearchQuery {
     /// Page size.
     pub size: Option<u32>,
 }
+
+/// `afterTimestamp`'s format in paymennt's spec (`yyyy-mm-dd HH:MM:SS`).
+pub const AFTER_TIMESTAMP_FORMAT: &str = "%Y-%m-%d %H:%M:%S";
 
 /// Retry timing: exponential from `base`, capped at `max`, with full jitter.
 #[derive(Debug, Clone, Copy)]
@@ -303,7 +313,7 @@ impl Client {
     /// A [`SettingsError`] when the credentials cannot be resolved or the base URL is invalid.
     pub fn from_settings(settings: &PaymenntSettings) -> Result<Client, SettingsError> {
         let credentials = settings.credentials()?;
-        Client::new(
+        let client = Client::new(
             &settings.base_url(),
             &credentials,
             settings.connect_timeout,
@@ -313,7 +323,38 @@ impl Client {
                 base: Duration::from_millis(250),
                 max: Duration::from_secs(30),
             },
-        )
+        )?;
+        match &settings.ca_file {
+            Some(path) => client.trusting_ca_file(path, &credentials, settings.connect_timeout),
+            None => Ok(client),
+        }
+    }
+
+    /// This client, also trusting the CA certificates of the PEM file `path` (`[paymennt]
+    /// ca_file`) on top of the built-in roots.
+    ///
+    /// # Errors
+    ///
+    /// A [`SettingsError`] naming the file when it cannot be read or holds no certificate.
+    fn trusting_ca_file(
+        self,
+        path: &std::path::Path,
+        credentials: &ApiCredentials,
+        connect_timeout: Duration,
+    ) -> Result<Client, SettingsError> {
+        let pem = crate::settings::read_ca_file(path)
+            .map_err(|problem| SettingsError(format!("'paymennt.ca_file': {problem}")))?;
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|error| {
+            SettingsError(format!(
+                "'paymennt.ca_file': the CA file '{}' is not valid PEM: {error}",
+                path.display()
+            ))
+        })?;
+        let http = http_builder(credentials, connect_timeout, self.request_timeout)?
+            .tls_certs_merge(certificates)
+            .build()
+            .map_err(|error| SettingsError(format!("cannot build the HTTP client: {error}")))?;
+        Ok(Client { http, ..self })
     }
 
     /// Builds a client for `base_url` (ending in `/mer/v2.0/`).
@@ -357,29 +398,7 @@ impl Client {
                 )));
             }
         }
-        let mut headers = HeaderMap::new();
-        let mut key = HeaderValue::from_str(credentials.key.expose()).map_err(|_| {
-            SettingsError(
-                "'paymennt.api_key' contains characters not allowed in an HTTP header".into(),
-            )
-        })?;
-        key.set_sensitive(true);
-        let mut secret = HeaderValue::from_str(credentials.secret.expose()).map_err(|_| {
-            SettingsError(
-                "'paymennt.api_secret' contains characters not allowed in an HTTP header".into(),
-            )
-        })?;
-        secret.set_sensitive(true);
-        headers.insert("X-Paymennt-Api-Key", key);
-        headers.insert("X-Paymennt-Api-Secret", secret);
-        let http = reqwest::Client::builder()
-            .default_headers(headers)
-            .connect_timeout(connect_timeout)
-            .timeout(request_timeout)
-            // Never follow a redirect: the credential headers would go along to the host it
-            // names. A 3xx is an error naming its Location.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("paywatch/", env!("CARGO_PKG_VERSION")))
+        let http = http_builder(credentials, connect_timeout, request_timeout)?
             .build()
             .map_err(|error| SettingsError(format!("cannot build the HTTP client: {error}")))?;
         Ok(Client {
@@ -447,6 +466,18 @@ impl Client {
     /// The last attempt's [`Error`].
     pub async fn search(&self, query: &SearchQuery) -> Result<CheckoutPage, Error> {
         let mut pairs: Vec<(&str, String)> = Vec::new();
+        if let Some(kind) = &query.kind {
+            pairs.push(("type", kind.clone()));
+        }
+        if let Some(after_id) = query.after_id {
+            pairs.push(("afterId", after_id.to_string()));
+        }
+        if let Some(after) = query.after_timestamp {
+            pairs.push((
+                "afterTimestamp",
+                after.format(AFTER_TIMESTAMP_FORMAT).to_string(),
+            ));
+        }
         if let Some(order_id) = &query.order_id {
             pairs.push(("orderId", order_id.clone()));
         }
@@ -642,6 +673,35 @@ fn body_excerpt(body: &[u8]) -> String {
     } else {
         crate::domain::printable(text.trim())
     }
+}
+
+/// The HTTP client builder with the API credentials as default headers and the timeouts.
+fn http_builder(
+    credentials: &ApiCredentials,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+) -> Result<reqwest::ClientBuilder, SettingsError> {
+    let mut headers = HeaderMap::new();
+    let mut key = HeaderValue::from_str(credentials.key.expose()).map_err(|_| {
+        SettingsError("'paymennt.api_key' contains characters not allowed in an HTTP header".into())
+    })?;
+    key.set_sensitive(true);
+    let mut secret = HeaderValue::from_str(credentials.secret.expose()).map_err(|_| {
+        SettingsError(
+            "'paymennt.api_secret' contains characters not allowed in an HTTP header".into(),
+        )
+    })?;
+    secret.set_sensitive(true);
+    headers.insert("X-Paymennt-Api-Key", key);
+    headers.insert("X-Paymennt-Api-Secret", secret);
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .connect_timeout(connect_timeout)
+        .timeout(request_timeout)
+        // Never follow a redirect: the credential headers would go along to the host it
+        // names. A 3xx is an error naming its Location.
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("paywatch/", env!("CARGO_PKG_VERSION"))))
 }
 
 #[cfg(test)]

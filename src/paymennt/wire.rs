@@ -283,6 +283,9 @@ impl Checkout {
     }
 }
 
+/// The checkout types of paymennt's spec (`type` of Search Checkouts).
+pub const CHECKOUT_TYPES: [&str; 5] = ["QR", "WEB", "MOBILE", "LINK", "TERMINAL"];
+
 /// A page of checkouts (`PageResponseCheckoutResponse`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -354,6 +357,10 @@ pub struct LinkRequest {
     /// ISO 639-1 language of the payment page.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub language: Option<String>,
+    /// Where the payment page sends the customer after a successful or failed payment.
+    /// paymennt's spec lists it on web checkouts; the sandbox also takes it on links.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub return_url: Option<String>,
 }
 
 /// Order totals (`CheckoutRequestTotals`).

@@ -1,5 +1,5 @@
 //! The sandbox's HTTP side: paymennt's Merchant API under `/mer/v2.0/`, the admin endpoints under
-//! `/_sandbox/`, and a tiny payment page under `/pay/`.
+//! `/_sandbox/`, and the payment page under `/pay/` ([`crate::sandbox::pay_page`]).
 //!
 //! Owns: routes, request parsing, paymennt's `{success, elapsed, error, result}` wrapper, the API
 //! key check, and applying injected API faults (latency, 500, 429) and the Get Checkout counter.
@@ -16,7 +16,7 @@
 //! | `POST /_sandbox/documents/{id}` body `{"status": "PAID"}` | sets the document's status, not the checkout's (a lying document) |
 //! | `DELETE /_sandbox/documents/{id}` | deletes the document upstream; the checkout stays |
 //! | `GET /_sandbox/faults` | fault settings and Get Checkout counts |
-//! | `POST /_sandbox/faults` body [`FaultUpdate`] | changes faults; `{"close_listen_streams": true}` drops Listen streams |
+//! | `POST /_sandbox/faults` body [`FaultUpdate`] | changes faults; `{"close_listen_streams": true}` drops Listen streams; `{"refuse_listen_documents": ["doc-id"]}` refuses those documents' Listen targets (PERMISSION_DENIED) |
 //!
 //! Admin answers use the same wrapper; an unknown checkout is HTTP 404 there.
 
@@ -29,14 +29,15 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::Serialize;
 
-use crate::domain::{CheckoutId, CheckoutStatus, Currency, format_money, parse_decimal, printable};
+use crate::domain::{CheckoutId, CheckoutStatus, Currency, parse_decimal, printable};
 use crate::paymennt::wire::{CheckoutPage, EnvelopeOut, LinkRequest};
 use crate::sandbox::faults::{ApiFault, FaultSettings, FaultUpdate};
+use crate::sandbox::pay_page;
 use crate::sandbox::state::{CheckoutAction, SandboxError, SandboxState, SearchFilter};
 
 /// The Merchant API's base path (the daemon's `base_url` ends with it plus `/`).
@@ -110,8 +111,11 @@ pub fn router(context: ApiContext) -> Router {
     Router::new()
         .nest(API_BASE_PATH, merchant)
         .nest("/_sandbox", admin)
-        .route("/pay/{checkout_key}", get(pay_page))
-        .route("/pay/{checkout_key}/{action}", post(pay_page_action))
+        .route(
+            "/pay/{checkout_key}",
+            get(pay_page::show).post(pay_page::pay),
+        )
+        .route("/pay/{checkout_key}/cancel", post(pay_page::cancel))
         .with_state(context)
 }
 
@@ -126,6 +130,10 @@ async fn merchant_gate(
         && let Some(checkout_id) = get_checkout_target(request.uri().path())
     {
         context.state.faults().count_get_checkout(checkout_id);
+    }
+    let is_search = request.method() == Method::GET && is_search_path(request.uri().path());
+    if is_search {
+        context.state.faults().count_search();
     }
     let latency = context.state.faults().api_latency();
     if !latency.is_zero() {
@@ -161,6 +169,13 @@ async fn merchant_gate(
             "Unauthorized: missing or invalid X-Paymennt-Api-Key / X-Paymennt-Api-Secret",
         );
     }
+    if is_search && context.state.faults().search_refused() {
+        return failure(
+            start,
+            StatusCode::FORBIDDEN,
+            "Forbidden: this API key may not search checkouts (refused by the sandbox)",
+        );
+    }
     request.extensions_mut().insert(start);
     next.run(request).await
 }
@@ -178,6 +193,12 @@ fn get_checkout_target(path: &str) -> Option<&str> {
     let path = path.strip_prefix(API_BASE_PATH).unwrap_or(path);
     let id = path.strip_prefix("/checkout/")?;
     (!id.is_empty() && !id.contains('/')).then_some(id)
+}
+
+/// Whether a path is Search Checkouts (`/checkout`, with or without the base path).
+fn is_search_path(path: &str) -> bool {
+    let path = path.strip_prefix(API_BASE_PATH).unwrap_or(path);
+    path == "/checkout" || path == "/checkout/"
 }
 
 fn authorized(headers: &HeaderMap, credentials: &ApiCredentials) -> bool {
@@ -305,6 +326,10 @@ async fn search_checkouts(
     }
 }
 
+/// Search Checkouts as paymennt's OpenAPI spec describes it: `type`, `orderId`, `requestId`,
+/// `status` (a comma-separated list, either spelling), `afterId`, `afterTimestamp`
+/// (`yyyy-mm-dd HH:MM:SS`, UTC), `page` (from 0) and `size` (at least 1, default 20); results
+/// ordered by id. Anything malformed is a 400 naming the parameter.
 fn search(state: &SandboxState, query: &HashMap<String, String>) -> Result<CheckoutPage, String> {
     let number = |name: &str, default: i64, min: i64| -> Result<i64, String> {
         match query.get(name) {
@@ -323,7 +348,7 @@ fn search(state: &SandboxState, query: &HashMap<String, String>) -> Result<Check
         }
     };
     let page = number("page", 0, 0)?;
-    let size = number("size", 20, 1)?.min(1000);
+    let size = number("size", 20, 1)?;
     let mut statuses = Vec::new();
     if let Some(list) = query.get("status") {
         for text in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
@@ -338,10 +363,47 @@ fn search(state: &SandboxState, query: &HashMap<String, String>) -> Result<Check
             }
         }
     }
+    let kind = match query.get("type").map(|t| t.trim()) {
+        None | Some("") => None,
+        Some(kind) if crate::paymennt::wire::CHECKOUT_TYPES.contains(&kind) => {
+            Some(kind.to_owned())
+        }
+        Some(other) => {
+            return Err(format!(
+                "type '{}' is not one of {}",
+                printable(other),
+                crate::paymennt::wire::CHECKOUT_TYPES.join(", ")
+            ));
+        }
+    };
+    let after_id = match query.get("afterId") {
+        None => None,
+        Some(text) => Some(
+            text.trim()
+                .parse::<u128>()
+                .map_err(|_| format!("afterId '{}' must be a whole number", printable(text)))?,
+        ),
+    };
+    let after_timestamp = match query.get("afterTimestamp") {
+        None => None,
+        Some(text) => Some(
+            chrono::NaiveDateTime::parse_from_str(text.trim(), "%Y-%m-%d %H:%M:%S")
+                .map_err(|_| {
+                    format!(
+                        "afterTimestamp '{}' must be a date and time as yyyy-mm-dd HH:MM:SS",
+                        printable(text)
+                    )
+                })?
+                .and_utc(),
+        ),
+    };
     let filter = SearchFilter {
         order_id: query.get("orderId").cloned(),
         request_id: query.get("requestId").cloned(),
         statuses,
+        kind,
+        after_id,
+        after_timestamp,
     };
     let matching = state.search(&filter);
     let total = i64::try_from(matching.len()).unwrap_or(i64::MAX);
@@ -616,7 +678,12 @@ async fn admin_delete_document(
 #[derive(Debug, Serialize)]
 struct FaultsOut {
     settings: FaultSettings,
+    /// Get Checkout requests since the sandbox started, per checkout id.
     get_checkout_calls: HashMap<String, u64>,
+    /// Get Checkout requests since the sandbox started, in total.
+    get_checkout_calls_total: u64,
+    /// Search Checkouts requests since the sandbox started.
+    search_calls: u64,
 }
 
 async fn admin_faults(
@@ -629,6 +696,8 @@ async fn admin_faults(
         FaultsOut {
             settings: faults.settings(),
             get_checkout_calls: faults.get_checkout_call_counts(),
+            get_checkout_calls_total: faults.total_get_checkout_calls(),
+            search_calls: faults.search_calls(),
         },
     )
 }
@@ -648,79 +717,6 @@ async fn admin_update_faults(
         Ok(settings) => success(start, settings),
         Err(message) => failure(start, StatusCode::BAD_REQUEST, &message),
     }
-}
-
-async fn pay_page(State(context): State<ApiContext>, Path(checkout_key): Path<String>) -> Response {
-    let Some(checkout) = context
-        .state
-        .id_for_key(&checkout_key)
-        .and_then(|id| context.state.checkout(&id))
-    else {
-        return (StatusCode::NOT_FOUND, Html("<h1>No such payment link</h1>")).into_response();
-    };
-    let text = |value: Option<&str>| html_escape(value.unwrap_or(""));
-    let amount = checkout
-        .amount
-        .map(|a| format_money(a.0))
-        .unwrap_or_default();
-    let status = checkout
-        .status
-        .as_ref()
-        .map(|s| s.as_str().to_owned())
-        .unwrap_or_default();
-    let key = html_escape(&checkout_key);
-    let page = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>paymennt sandbox</title></head>\
-         <body style=\"font-family:sans-serif;max-width:30em;margin:2em auto\">\
-         <h1>paymennt sandbox</h1>\
-         <p>Order <b>{order}</b> (checkout {id})</p>\
-         <p style=\"font-size:1.5em\">{amount} {currency}</p>\
-         <p>Status: <b>{status}</b></p>\
-         <form method=\"post\" action=\"/pay/{key}/pay\"><button>Pay</button></form>\
-         <form method=\"post\" action=\"/pay/{key}/fail\"><button>Fail</button></form>\
-         <form method=\"post\" action=\"/pay/{key}/cancel\"><button>Cancel</button></form>\
-         <p><small>Nothing here moves real money.</small></p></body></html>",
-        order = text(checkout.order_id.as_deref()),
-        id = text(checkout.id.as_ref().map(|id| id.0.as_str())),
-        currency = text(checkout.currency.as_deref()),
-        status = html_escape(&status),
-    );
-    Html(page).into_response()
-}
-
-async fn pay_page_action(
-    State(context): State<ApiContext>,
-    Path((checkout_key, verb)): Path<(String, String)>,
-) -> Response {
-    let Some(id) = context.state.id_for_key(&checkout_key) else {
-        return (StatusCode::NOT_FOUND, Html("<h1>No such payment link</h1>")).into_response();
-    };
-    let action = match verb.as_str() {
-        "pay" => CheckoutAction::Pay,
-        "fail" => CheckoutAction::Fail,
-        "cancel" => CheckoutAction::Cancel,
-        _ => return (StatusCode::NOT_FOUND, Html("<h1>No such action</h1>")).into_response(),
-    };
-    if let Err(error) = context.state.apply(&id, action).await {
-        let page = format!("<p>{}</p>", html_escape(&error.to_string()));
-        return (StatusCode::BAD_REQUEST, Html(page)).into_response();
-    }
-    Redirect::to(&format!("/pay/{checkout_key}")).into_response()
-}
-
-fn html_escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -845,13 +841,5 @@ mod tests {
         assert_eq!(get_checkout_target("/checkout/42/cancel"), None);
         assert_eq!(get_checkout_target("/checkout/link/"), None);
         assert_eq!(get_checkout_target("/checkout"), None);
-    }
-
-    #[test]
-    fn html_is_escaped() {
-        assert_eq!(
-            html_escape("<b>\"x\"&'"),
-            "&lt;b&gt;&quot;x&quot;&amp;&#39;"
-        );
     }
 }

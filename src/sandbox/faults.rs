@@ -1,5 +1,6 @@
-//! Injected faults: API errors and latency, throttling, dropped Listen streams, slow document
-//! writes, and the Get Checkout call counter tests assert on.
+//! Injected faults: API errors and latency, throttling, dropped Listen streams, Listen targets
+//! refused per document, slow document writes, a refused Search Checkouts, and the Get Checkout
+//! and Search call counters tests assert on.
 //!
 //! Owns: the fault settings (set at start through [`FaultSettings`], changed at run time through
 //! [`Faults`] or `POST /_sandbox/faults`) and the per-checkout Get Checkout counters.
@@ -10,6 +11,7 @@
 //! benchmarks.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -35,6 +37,12 @@ pub struct FaultSettings {
     pub api_latency_ms: u64,
     /// How long after a checkout changes its Firestore document is written.
     pub document_write_delay_ms: u64,
+    /// Search Checkouts is answered with HTTP 403 (an API key without that permission).
+    pub refuse_search: bool,
+    /// Listen refuses targets naming these documents (full names, or the last path segment,
+    /// i.e. the document id) with a `REMOVE` carrying PERMISSION_DENIED, as a project whose
+    /// security rules deny that one document would; the stream and its other targets go on.
+    pub refuse_listen_documents: Vec<String>,
 }
 
 /// A partial update of [`FaultSettings`]: the body of `POST /_sandbox/faults`.
@@ -56,6 +64,10 @@ pub struct FaultUpdate {
     pub api_latency_ms: Option<u64>,
     /// See [`FaultSettings::document_write_delay_ms`].
     pub document_write_delay_ms: Option<u64>,
+    /// See [`FaultSettings::refuse_search`].
+    pub refuse_search: Option<bool>,
+    /// See [`FaultSettings::refuse_listen_documents`] (replaces the list).
+    pub refuse_listen_documents: Option<Vec<String>>,
     /// Drop every open Listen stream with UNAVAILABLE now.
     pub close_listen_streams: bool,
 }
@@ -85,6 +97,8 @@ struct FaultsInner {
     settings: Mutex<FaultSettings>,
     /// Get Checkout requests received, per checkout id as written in the URL.
     get_checkout_calls: Mutex<HashMap<String, u64>>,
+    /// Search Checkouts requests received.
+    search_calls: AtomicU64,
     /// Bumped to make every open Listen stream fail with UNAVAILABLE.
     close_streams: watch::Sender<u64>,
 }
@@ -97,6 +111,7 @@ impl Faults {
             inner: Arc::new(FaultsInner {
                 settings: Mutex::new(settings),
                 get_checkout_calls: Mutex::new(HashMap::new()),
+                search_calls: AtomicU64::new(0),
                 close_streams,
             }),
         }
@@ -140,8 +155,13 @@ impl Faults {
                 retry_after_seconds,
                 api_latency_ms,
                 document_write_delay_ms,
+                refuse_search,
+                refuse_listen_documents,
                 close_listen_streams: _,
             } = update;
+            if let Some(v) = refuse_search {
+                settings.refuse_search = v;
+            }
             if let Some(v) = api_error_rate {
                 settings.api_error_rate = v;
             }
@@ -160,12 +180,25 @@ impl Faults {
             if let Some(v) = document_write_delay_ms {
                 settings.document_write_delay_ms = v;
             }
+            if let Some(v) = refuse_listen_documents {
+                settings.refuse_listen_documents = v;
+            }
             settings.clone()
         };
         if update.close_listen_streams {
             self.close_listen_streams();
         }
         Ok(settings)
+    }
+
+    /// Search Checkouts is answered with HTTP 403 while `refused`.
+    pub fn refuse_search(&self, refused: bool) {
+        self.settings_lock().refuse_search = refused;
+    }
+
+    /// Whether Search Checkouts is refused.
+    pub fn search_refused(&self) -> bool {
+        self.settings_lock().refuse_search
     }
 
     /// The next `count` Merchant API requests get HTTP 500.
@@ -226,6 +259,32 @@ impl Faults {
         ApiFault::None
     }
 
+    /// Listen refuses targets naming this document (its id, or its full name) from now on.
+    pub fn refuse_listen_document(&self, document: &str) {
+        let mut settings = self.settings_lock();
+        if !settings
+            .refuse_listen_documents
+            .iter()
+            .any(|d| d == document)
+        {
+            settings.refuse_listen_documents.push(document.to_owned());
+        }
+    }
+
+    /// Listen accepts every document again.
+    pub fn accept_all_listen_documents(&self) {
+        self.settings_lock().refuse_listen_documents.clear();
+    }
+
+    /// Whether Listen must refuse a target naming `name` (a full document name).
+    pub(crate) fn listen_refuses(&self, name: &str) -> bool {
+        let id = name.rsplit('/').next().unwrap_or(name);
+        self.settings_lock()
+            .refuse_listen_documents
+            .iter()
+            .any(|refused| refused == name || refused == id)
+    }
+
     /// Drops every open Listen stream with UNAVAILABLE. Streams opened afterwards are unaffected.
     pub fn close_listen_streams(&self) {
         self.inner
@@ -246,6 +305,16 @@ impl Faults {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         *calls.entry(checkout_id.to_owned()).or_default() += 1;
+    }
+
+    /// Counts one Search Checkouts request.
+    pub(crate) fn count_search(&self) {
+        self.inner.search_calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Search Checkouts requests received since the sandbox started (refused ones included).
+    pub fn search_calls(&self) -> u64 {
+        self.inner.search_calls.load(Ordering::Relaxed)
     }
 
     /// How many Get Checkout requests arrived for `checkout_id`.
@@ -346,6 +415,27 @@ mod tests {
             })
             .expect_err("rate above 1");
         assert!(error.contains("api_error_rate"), "{error}");
+    }
+
+    #[test]
+    fn listen_refusals_match_the_id_or_the_full_name() {
+        let faults = Faults::new(FaultSettings::default());
+        let name = "projects/p/databases/(default)/documents/checkouts/doc-1";
+        assert!(!faults.listen_refuses(name));
+        faults.refuse_listen_document("doc-1");
+        assert!(faults.listen_refuses(name));
+        assert!(
+            !faults.listen_refuses("projects/p/databases/(default)/documents/checkouts/doc-10")
+        );
+        faults.accept_all_listen_documents();
+        let settings = faults
+            .update(FaultUpdate {
+                refuse_listen_documents: Some(vec![name.to_owned()]),
+                ..FaultUpdate::default()
+            })
+            .expect("valid update");
+        assert_eq!(settings.refuse_listen_documents, [name]);
+        assert!(faults.listen_refuses(name));
     }
 
     #[test]

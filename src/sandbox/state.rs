@@ -173,6 +173,8 @@ struct CheckoutRecord {
     billing_address: Option<serde_json::Value>,
     delivery_address: Option<serde_json::Value>,
     branch_id: Option<i64>,
+    /// Where the payment page sends the customer afterwards (`returnUrl`), if given.
+    return_url: Option<String>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     location: FirestoreLocation,
@@ -206,6 +208,12 @@ pub struct SearchFilter {
     pub request_id: Option<String>,
     /// Only these statuses (empty = any).
     pub statuses: Vec<CheckoutStatus>,
+    /// Only this checkout type (every sandbox checkout is a `LINK`).
+    pub kind: Option<String>,
+    /// Only checkouts whose id is greater.
+    pub after_id: Option<u128>,
+    /// Only checkouts created after this time.
+    pub after_timestamp: Option<DateTime<Utc>>,
 }
 
 impl SandboxState {
@@ -293,6 +301,7 @@ impl SandboxState {
                     .as_ref()
                     .and_then(|a| serde_json::to_value(a).ok()),
                 branch_id: request.branch_id,
+                return_url: valid.return_url,
                 created_at: now,
                 updated_at: now,
                 location,
@@ -346,6 +355,14 @@ impl SandboxState {
             .map(|record| record.location.clone())
     }
 
+    /// The link's `returnUrl`, if it was given.
+    pub fn return_url(&self, id: &CheckoutId) -> Option<String> {
+        self.checkouts()
+            .by_id
+            .get(id)
+            .and_then(|record| record.return_url.clone())
+    }
+
     /// The id of the checkout with this `checkoutKey` (from a redirect URL).
     pub fn id_for_key(&self, checkout_key: &str) -> Option<CheckoutId> {
         self.checkouts().by_key.get(checkout_key).cloned()
@@ -361,13 +378,12 @@ impl SandboxState {
         self.inner.faults.get_checkout_calls(id.as_str())
     }
 
-    /// Checkouts matching `filter`, newest first.
+    /// Checkouts matching `filter`, by id (ids grow with creation, as paymennt's do).
     pub fn search(&self, filter: &SearchFilter) -> Vec<Checkout> {
         let checkouts = self.checkouts();
-        checkouts
+        let mut found: Vec<&CheckoutRecord> = checkouts
             .order
             .iter()
-            .rev()
             .filter_map(|id| checkouts.by_id.get(id))
             .filter(|record| {
                 filter
@@ -379,9 +395,17 @@ impl SandboxState {
                         .as_ref()
                         .is_none_or(|request_id| &record.request_id == request_id)
                     && (filter.statuses.is_empty() || filter.statuses.contains(&record.status))
+                    && filter.kind.as_deref().is_none_or(|kind| kind == "LINK")
+                    && filter
+                        .after_id
+                        .is_none_or(|after| numeric_id(&record.id) > Some(after))
+                    && filter
+                        .after_timestamp
+                        .is_none_or(|after| record.created_at > after)
             })
-            .map(|record| self.wire(record))
-            .collect()
+            .collect();
+        found.sort_by_key(|record| numeric_id(&record.id));
+        found.into_iter().map(|record| self.wire(record)).collect()
     }
 
     /// Applies `action` to the checkout and writes its document.
@@ -702,6 +726,7 @@ impl SandboxState {
 struct ValidLink {
     amount: Decimal,
     currency: Currency,
+    return_url: Option<String>,
 }
 
 fn validate_link_request(request: &LinkRequest) -> Result<ValidLink, SandboxError> {
@@ -734,7 +759,23 @@ fn validate_link_request(request: &LinkRequest) -> Result<ValidLink, SandboxErro
             "expiresIn must be between 15 and 10080 minutes, got {minutes}"
         )));
     }
-    Ok(ValidLink { amount, currency })
+    let return_url = match request.return_url.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(text) => match reqwest::Url::parse(text) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => Some(url.to_string()),
+            _ => {
+                return Err(SandboxError::BadRequest(format!(
+                    "returnUrl '{}' must be an http or https URL",
+                    crate::domain::printable(text)
+                )));
+            }
+        },
+    };
+    Ok(ValidLink {
+        amount,
+        currency,
+        return_url,
+    })
 }
 
 /// Moves `record` by `action`, or explains why it cannot move.
@@ -817,9 +858,22 @@ fn unique_numeric_id(now: DateTime<Utc>) -> String {
     format!("{millis}{random:06}")
 }
 
+/// A checkout id as a number (sandbox ids always are).
+fn numeric_id(id: &CheckoutId) -> Option<u128> {
+    id.as_str().parse().ok()
+}
+
+/// A fresh id greater than every id so far: paymennt's ids grow with creation, which is what
+/// Search Checkouts' `afterId` relies on.
 fn unique_checkout_id(checkouts: &Checkouts, now: DateTime<Utc>) -> CheckoutId {
+    let newest = checkouts.order.last().and_then(numeric_id);
     loop {
-        let candidate = unique_numeric_id(now);
+        let mut candidate = unique_numeric_id(now);
+        if let (Some(newest), Ok(number)) = (newest, candidate.parse::<u128>())
+            && number <= newest
+        {
+            candidate = (newest + 1).to_string();
+        }
         if let Ok(id) = candidate.parse::<CheckoutId>()
             && !checkouts.by_id.contains_key(&id)
         {

@@ -30,6 +30,87 @@ pub const CREDENTIAL_FIRESTORE: &str = "firestore-service-account";
 /// The longest duration any setting accepts (ten years).
 pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
 
+/// The accepted range of each duration setting (`hooks[N].x` as `hooks.x`), lowest first.
+pub const DURATION_BOUNDS: &[(&str, Duration, Duration)] = &[
+    (
+        "paymennt.connect_timeout",
+        Duration::from_millis(100),
+        Duration::from_secs(300),
+    ),
+    (
+        "paymennt.request_timeout",
+        Duration::from_millis(100),
+        Duration::from_secs(600),
+    ),
+    (
+        "firestore.idle_timeout",
+        Duration::from_secs(1),
+        Duration::from_secs(3600),
+    ),
+    (
+        "firestore.add_ack_timeout",
+        Duration::from_millis(100),
+        Duration::from_secs(600),
+    ),
+    ("firestore.refund_watch", Duration::ZERO, MAX_DURATION),
+    (
+        "reconcile.interval",
+        Duration::from_secs(1),
+        Duration::from_secs(24 * 3600),
+    ),
+    (
+        "daemon.drain_timeout",
+        Duration::ZERO,
+        Duration::from_secs(3600),
+    ),
+    (
+        "hooks.timeout",
+        Duration::from_millis(100),
+        Duration::from_secs(24 * 3600),
+    ),
+    (
+        "hooks.max_age",
+        Duration::from_secs(1),
+        Duration::from_secs(366 * 24 * 3600),
+    ),
+];
+
+/// The accepted range of each numeric setting (`hooks[N].x` as `hooks.x`), lowest first.
+pub const COUNT_BOUNDS: &[(&str, u64, u64)] = &[
+    ("paymennt.max_retries", 0, 20),
+    ("paymennt.concurrency", 1, 256),
+    ("firestore.targets_per_stream", 1, 10_000),
+    ("firestore.streams_per_connection", 1, 1000),
+    ("hooks_concurrency", 1, 256),
+    ("hooks.max_attempts", 1, 1000),
+];
+
+/// The key as the bound tables spell it: `hooks[3].timeout` is `hooks.timeout`.
+fn bound_key(key: &str) -> String {
+    match key.split_once("].") {
+        Some((_, field)) if key.starts_with("hooks[") => format!("hooks.{field}"),
+        _ => key.to_owned(),
+    }
+}
+
+fn duration_bounds(key: &str) -> (Duration, Duration) {
+    let key = bound_key(key);
+    DURATION_BOUNDS
+        .iter()
+        .find(|(name, _, _)| *name == key)
+        .map(|(_, min, max)| (*min, *max))
+        .unwrap_or((Duration::ZERO, MAX_DURATION))
+}
+
+fn count_bounds(key: &str) -> (u64, u64) {
+    let key = bound_key(key);
+    COUNT_BOUNDS
+        .iter()
+        .find(|(name, _, _)| *name == key)
+        .map(|(_, min, max)| (*min, *max))
+        .unwrap_or((1, 1000))
+}
+
 /// A config problem: it names the file or variable, the key and the bad value. Exit code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -58,6 +139,9 @@ pub struct Settings {
     /// `[reconcile]`.
     #[serde(default)]
     pub reconcile: ReconcileSettings,
+    /// `[discovery]`.
+    #[serde(default)]
+    pub discovery: DiscoverySettings,
     /// `[daemon]`.
     #[serde(default)]
     pub daemon: DaemonSettings,
@@ -141,6 +225,10 @@ pub struct PaymenntSettings {
     /// Get Checkout calls in flight at once.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// A PEM file of CA certificates trusted for the API's TLS, in addition to the built-in
+    /// roots (a TLS-inspecting proxy, or a test CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_environment() -> PaymenntEnvironment {
@@ -172,6 +260,7 @@ impl Default for PaymenntSettings {
             request_timeout: default_request_timeout(),
             max_retries: default_max_retries(),
             concurrency: default_concurrency(),
+            ca_file: None,
         }
     }
 }
@@ -262,6 +351,10 @@ pub struct FirestoreSettings {
     /// `http://` only on loopback.
     #[serde(default)]
     pub endpoint: Option<String>,
+    /// The Firestore database id the checkout documents are in (`(default)`; paymennt's
+    /// create-link response names the project, never a database).
+    #[serde(default = "default_database")]
+    pub database: String,
     /// `multiplexed` or `per-document`.
     #[serde(default = "default_stream_mode")]
     pub stream_mode: StreamMode,
@@ -282,8 +375,76 @@ pub struct FirestoreSettings {
     /// How long a PAID checkout stays watched for refunds.
     #[serde(default = "default_refund_watch", with = "humantime_serde")]
     pub refund_watch: Duration,
+    /// How paywatch authenticates to Firestore; see [`FirestoreSettings::auth_mode`] for the
+    /// default.
+    #[serde(default)]
+    pub auth: Option<FirestoreAuthMode>,
+    /// The Firebase Web API key of the project holding the checkout documents: sent as
+    /// `x-goog-api-key` in `none` mode, and used to sign in for `firebase-anonymous`.
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    /// Firebase Auth's Identity Toolkit base URL (`accounts:signUp`), for `firebase-anonymous`.
+    #[serde(default)]
+    pub identity_endpoint: Option<String>,
+    /// Firebase Auth's token endpoint (refreshes ID tokens), for `firebase-anonymous`.
+    #[serde(default)]
+    pub token_endpoint: Option<String>,
+    /// A PEM file of CA certificates trusted for Firestore's TLS (and the two Firebase Auth
+    /// endpoints), in addition to the built-in roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
+/// `[firestore] auth`: who paywatch is to Firestore.
+///
+/// The spellings ([`FirestoreAuthMode::as_str`]) are part of the config format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FirestoreAuthMode {
+    /// A Google service-account key file: an OAuth identity, checked by IAM.
+    ServiceAccount,
+    /// Google's Application Default Credentials, metadata server included; only when asked for.
+    ApplicationDefault,
+    /// No credentials: the project's security rules decide (optionally with the Web API key).
+    None,
+    /// An anonymous Firebase Auth user: rules that need `request.auth != null`.
+    FirebaseAnonymous,
+}
+
+impl FirestoreAuthMode {
+    /// Every mode, in the order the docs list them.
+    pub const ALL: [FirestoreAuthMode; 4] = [
+        FirestoreAuthMode::ServiceAccount,
+        FirestoreAuthMode::ApplicationDefault,
+        FirestoreAuthMode::None,
+        FirestoreAuthMode::FirebaseAnonymous,
+    ];
+
+    /// The config spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FirestoreAuthMode::ServiceAccount => "service-account",
+            FirestoreAuthMode::ApplicationDefault => "application-default",
+            FirestoreAuthMode::None => "none",
+            FirestoreAuthMode::FirebaseAnonymous => "firebase-anonymous",
+        }
+    }
+}
+
+impl std::fmt::Display for FirestoreAuthMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Firebase Auth's production Identity Toolkit base URL.
+pub const DEFAULT_IDENTITY_ENDPOINT: &str = "https://identitytoolkit.googleapis.com/v1";
+/// Firebase Auth's production token endpoint.
+pub const DEFAULT_TOKEN_ENDPOINT: &str = "https://securetoken.googleapis.com/v1/token";
+
+fn default_database() -> String {
+    crate::domain::DEFAULT_DATABASE.to_owned()
+}
 fn default_stream_mode() -> StreamMode {
     StreamMode::Multiplexed
 }
@@ -308,12 +469,18 @@ impl Default for FirestoreSettings {
         FirestoreSettings {
             credentials: None,
             endpoint: None,
+            database: default_database(),
             stream_mode: default_stream_mode(),
             targets_per_stream: default_targets_per_stream(),
             streams_per_connection: default_streams_per_connection(),
             idle_timeout: default_idle_timeout(),
             add_ack_timeout: default_add_ack_timeout(),
             refund_watch: default_refund_watch(),
+            auth: None,
+            api_key: None,
+            identity_endpoint: None,
+            token_endpoint: None,
+            ca_file: None,
         }
     }
 }
@@ -334,6 +501,121 @@ impl FirestoreSettings {
             .or_else(|| secret::systemd_credential(CREDENTIAL_FIRESTORE))
             .or_else(|| std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").map(PathBuf::from))
     }
+
+    /// The auth mode in force: `auth` when set; else `service-account` when a key file is
+    /// configured (`credentials`), found as the systemd credential `firestore-service-account`,
+    /// or named by `GOOGLE_APPLICATION_CREDENTIALS`; else `none`.
+    pub fn auth_mode(&self) -> FirestoreAuthMode {
+        match self.auth {
+            Some(mode) => mode,
+            None if self.credentials_file().is_some() => FirestoreAuthMode::ServiceAccount,
+            None => FirestoreAuthMode::None,
+        }
+    }
+
+    /// The Identity Toolkit base URL in use, without a trailing `/`.
+    pub fn identity_endpoint(&self) -> String {
+        self.identity_endpoint
+            .as_deref()
+            .unwrap_or(DEFAULT_IDENTITY_ENDPOINT)
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
+    /// The token endpoint in use.
+    pub fn token_endpoint(&self) -> String {
+        self.token_endpoint
+            .clone()
+            .unwrap_or_else(|| DEFAULT_TOKEN_ENDPOINT.to_owned())
+    }
+
+    /// Resolves `auth` into what the listener needs, checking that the mode's credentials
+    /// exist and can be read (their contents are checked when the listener starts).
+    ///
+    /// # Errors
+    ///
+    /// Names the mode, what was looked for and where; never a secret's value.
+    pub fn resolve_auth(&self) -> Result<crate::sources::firestore::FirestoreAuth, SettingsError> {
+        use crate::sources::firestore::FirestoreAuth;
+        let mode = self.auth_mode();
+        let api_key = match &self.api_key {
+            Some(key) if key.expose().trim().is_empty() => {
+                return Err(err(
+                    "'firestore.api_key' is empty\n\nset the Firebase Web API key of the project holding the checkout documents, or remove the key",
+                ));
+            }
+            other => other.clone(),
+        };
+        match mode {
+            FirestoreAuthMode::ServiceAccount => {
+                let Some(path) = self.credentials_file() else {
+                    return Err(err(
+                        "firestore auth 'service-account' needs a key file, and none was found: \
+                         looked for 'firestore.credentials', the systemd credential \
+                         'firestore-service-account' and GOOGLE_APPLICATION_CREDENTIALS\n\n\
+                         set one of them, or choose another 'firestore.auth' (see \
+                         docs/running-as-a-service.md, \"Which Firestore auth mode do I need?\")",
+                    ));
+                };
+                if let Err(error) = std::fs::metadata(&path).and_then(|meta| {
+                    if meta.is_file() {
+                        std::fs::File::open(&path).map(drop)
+                    } else {
+                        Err(std::io::Error::other("not a regular file"))
+                    }
+                }) {
+                    return Err(err(format!(
+                        "firestore auth 'service-account': cannot read the key file '{}' ({}): \
+                         {error}\n\ncheck the path and that the paywatch user may read it",
+                        path.display(),
+                        self.credentials_source(&path)
+                    )));
+                }
+                Ok(FirestoreAuth::ServiceAccountFile(path))
+            }
+            FirestoreAuthMode::ApplicationDefault => {
+                if let Some(path) = std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS") {
+                    let path = PathBuf::from(path);
+                    if let Err(error) = std::fs::File::open(&path) {
+                        return Err(err(format!(
+                            "firestore auth 'application-default': cannot read '{}' named by \
+                             GOOGLE_APPLICATION_CREDENTIALS: {error}\n\nfix or unset the variable",
+                            path.display()
+                        )));
+                    }
+                }
+                Ok(FirestoreAuth::ApplicationDefault)
+            }
+            FirestoreAuthMode::None => Ok(FirestoreAuth::None { api_key }),
+            FirestoreAuthMode::FirebaseAnonymous => {
+                let Some(api_key) = api_key else {
+                    return Err(err(
+                        "firestore auth 'firebase-anonymous' needs 'firestore.api_key' (the \
+                         Firebase Web API key of the project holding the checkout documents), \
+                         and it is not set\n\nset it in the config file or in \
+                         PAYWATCH_FIRESTORE__API_KEY; paymennt's payment page carries it in its \
+                         Firebase configuration",
+                    ));
+                };
+                Ok(FirestoreAuth::FirebaseAnonymous {
+                    api_key,
+                    identity_endpoint: self.identity_endpoint(),
+                    token_endpoint: self.token_endpoint(),
+                })
+            }
+        }
+    }
+
+    /// Where a key file path came from, for messages.
+    fn credentials_source(&self, path: &Path) -> &'static str {
+        if self.credentials.as_deref() == Some(path) {
+            "from 'firestore.credentials'"
+        } else if secret::systemd_credential(CREDENTIAL_FIRESTORE).as_deref() == Some(path) {
+            "the systemd credential 'firestore-service-account'"
+        } else {
+            "from GOOGLE_APPLICATION_CREDENTIALS"
+        }
+    }
 }
 
 /// `[reconcile]`: the periodic Get Checkout sweep over open checkouts.
@@ -343,6 +625,69 @@ pub struct ReconcileSettings {
     /// Time between sweeps.
     #[serde(default = "default_reconcile_interval", with = "humantime_serde")]
     pub interval: Duration,
+    /// Checkouts per Search Checkouts page in a sweep.
+    #[serde(default = "default_page_size")]
+    pub page_size: u32,
+}
+
+fn default_page_size() -> u32 {
+    100
+}
+
+/// The largest page size paywatch asks paymennt for.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+/// `[discovery]`: tracking checkouts created anywhere, found with Search Checkouts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverySettings {
+    /// On or off; unset means on when paymennt credentials are configured.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Checkout types to track (paymennt's `type`: QR, WEB, MOBILE, LINK, TERMINAL).
+    #[serde(default = "default_discovery_types")]
+    pub types: Vec<String>,
+    /// Time between searches.
+    #[serde(default = "default_discovery_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// How far back a first start (no stored cursor) looks.
+    #[serde(default = "default_discovery_lookback", with = "humantime_serde")]
+    pub lookback: Duration,
+    /// Checkouts per Search Checkouts page.
+    #[serde(default = "default_page_size")]
+    pub page_size: u32,
+}
+
+fn default_discovery_types() -> Vec<String> {
+    vec!["LINK".to_owned()]
+}
+
+fn default_discovery_interval() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_discovery_lookback() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+
+impl Default for DiscoverySettings {
+    fn default() -> Self {
+        DiscoverySettings {
+            enabled: None,
+            types: default_discovery_types(),
+            interval: default_discovery_interval(),
+            lookback: default_discovery_lookback(),
+            page_size: default_page_size(),
+        }
+    }
+}
+
+impl DiscoverySettings {
+    /// Whether discovery runs: as configured, else when paymennt credentials are set.
+    pub fn is_enabled(&self, paymennt: &PaymenntSettings) -> bool {
+        self.enabled
+            .unwrap_or_else(|| paymennt.credentials().is_ok())
+    }
 }
 
 fn default_reconcile_interval() -> Duration {
@@ -353,6 +698,7 @@ impl Default for ReconcileSettings {
     fn default() -> Self {
         ReconcileSettings {
             interval: default_reconcile_interval(),
+            page_size: default_page_size(),
         }
     }
 }
@@ -416,8 +762,9 @@ impl Default for LogSettings {
     }
 }
 
-/// One `[[hooks]]` entry.
-#[derive(Debug, Clone, Deserialize)]
+/// One `[[hooks]]` entry. Its `Debug` shows the names of `env`, never the values (a hook's env
+/// is where a merchant puts their own tokens).
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HookSettings {
     /// A unique name, used in logs, the ledger and `PAYWATCH_HOOK`.
@@ -443,6 +790,21 @@ pub struct HookSettings {
     /// Exit codes that mean "do not retry".
     #[serde(default)]
     pub permanent_exit_codes: Vec<i32>,
+}
+
+impl std::fmt::Debug for HookSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookSettings")
+            .field("name", &self.name)
+            .field("command", &self.command)
+            .field("statuses", &self.statuses)
+            .field("timeout", &self.timeout)
+            .field("max_attempts", &self.max_attempts)
+            .field("max_age", &self.max_age)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("permanent_exit_codes", &self.permanent_exit_codes)
+            .finish()
+    }
 }
 
 fn default_hook_timeout() -> Duration {
@@ -538,15 +900,28 @@ const KNOWN_KEYS: &[&str] = &[
     "paymennt.request_timeout",
     "paymennt.max_retries",
     "paymennt.concurrency",
+    "paymennt.ca_file",
     "firestore.credentials",
     "firestore.endpoint",
+    "firestore.database",
     "firestore.stream_mode",
     "firestore.targets_per_stream",
     "firestore.streams_per_connection",
     "firestore.idle_timeout",
     "firestore.add_ack_timeout",
     "firestore.refund_watch",
+    "firestore.auth",
+    "firestore.api_key",
+    "firestore.identity_endpoint",
+    "firestore.token_endpoint",
+    "firestore.ca_file",
     "reconcile.interval",
+    "reconcile.page_size",
+    "discovery.enabled",
+    "discovery.types",
+    "discovery.interval",
+    "discovery.lookback",
+    "discovery.page_size",
     "daemon.drain_timeout",
     "log.level",
     "log.format",
@@ -646,6 +1021,10 @@ fn describe_config_error(
     // values the key accepts.
     const CHOICES: &[(&str, &str)] = &[
         ("firestore.stream_mode", "multiplexed, per-document"),
+        (
+            "firestore.auth",
+            "service-account, application-default, none, firebase-anonymous",
+        ),
         ("log.format", "text, json"),
         ("paymennt.environment", "test, live"),
     ];
@@ -749,27 +1128,26 @@ impl Settings {
             .try_deserialize()
             .map_err(|error| describe_config_error(error, &origin, &overrides))?;
         settings.origin = file;
-        settings.validate(&origin)?;
+        settings.validate(&origin, &overrides)?;
         Ok(settings)
     }
 
     /// Checks what types cannot: ranges, URLs, hook names and commands.
-    fn validate(&self, origin: &str) -> Result<(), SettingsError> {
-        let positive = [
-            ("paymennt.connect_timeout", self.paymennt.connect_timeout),
-            ("paymennt.request_timeout", self.paymennt.request_timeout),
-            ("firestore.idle_timeout", self.firestore.idle_timeout),
-            ("firestore.add_ack_timeout", self.firestore.add_ack_timeout),
-            ("reconcile.interval", self.reconcile.interval),
-        ];
-        for (key, value) in positive {
-            if value.is_zero() {
-                return Err(err(format!("{origin}: '{key}' must be greater than 0")));
-            }
-        }
-        // Timers are added to clock readings; an absurd value must be refused here rather than
-        // overflow (and panic) deep inside a running daemon.
-        let mut bounded = vec![
+    ///
+    /// Every number and duration has a lower and an upper bound ([`DURATION_BOUNDS`],
+    /// [`COUNT_BOUNDS`]): an absurd value is refused here, naming the key, the value and the
+    /// bound, rather than overflow a timer or panic a task deep inside a running daemon.
+    fn validate(
+        &self,
+        origin: &str,
+        overrides: &BTreeMap<String, (String, String)>,
+    ) -> Result<(), SettingsError> {
+        // A value set by an environment variable is reported under the variable's name.
+        let from = |key: &str| match overrides.get(key) {
+            Some((name, _)) => format!("environment variable {name}"),
+            None => origin.to_owned(),
+        };
+        let mut durations = vec![
             (
                 "paymennt.connect_timeout".to_owned(),
                 self.paymennt.connect_timeout,
@@ -793,36 +1171,127 @@ impl Settings {
             ("reconcile.interval".to_owned(), self.reconcile.interval),
             ("daemon.drain_timeout".to_owned(), self.daemon.drain_timeout),
         ];
+        let mut counts = vec![
+            (
+                "paymennt.max_retries".to_owned(),
+                u64::from(self.paymennt.max_retries),
+            ),
+            (
+                "paymennt.concurrency".to_owned(),
+                self.paymennt.concurrency as u64,
+            ),
+            (
+                "firestore.targets_per_stream".to_owned(),
+                self.firestore.targets_per_stream as u64,
+            ),
+            (
+                "firestore.streams_per_connection".to_owned(),
+                self.firestore.streams_per_connection as u64,
+            ),
+            (
+                "hooks_concurrency".to_owned(),
+                self.hooks_concurrency as u64,
+            ),
+        ];
         for (index, hook) in self.hooks.iter().enumerate() {
-            bounded.push((format!("hooks[{index}].timeout"), hook.timeout));
+            durations.push((format!("hooks[{index}].timeout"), hook.timeout));
             if let Some(max_age) = hook.max_age {
-                bounded.push((format!("hooks[{index}].max_age"), max_age));
+                durations.push((format!("hooks[{index}].max_age"), max_age));
+            }
+            if let Some(max_attempts) = hook.max_attempts {
+                counts.push((
+                    format!("hooks[{index}].max_attempts"),
+                    u64::from(max_attempts),
+                ));
+            }
+            for code in &hook.permanent_exit_codes {
+                if !(1..=255).contains(code) {
+                    return Err(err(format!(
+                        "{origin}: 'hooks[{index}].permanent_exit_codes' value '{code}' is not an exit code a hook can end with (1 to 255)"
+                    )));
+                }
             }
         }
-        for (key, value) in bounded {
-            if value > MAX_DURATION {
+        for (key, value) in durations {
+            let (min, max) = duration_bounds(&key);
+            let shown = humantime::format_duration(value);
+            if value < min {
                 return Err(err(format!(
-                    "{origin}: '{key}' value '{}' is too long (at most {})",
-                    humantime::format_duration(value),
-                    humantime::format_duration(MAX_DURATION)
+                    "{}: '{key}' value '{shown}' is too short (at least {})",
+                    from(&key),
+                    humantime::format_duration(min)
+                )));
+            }
+            if value > max {
+                return Err(err(format!(
+                    "{}: '{key}' value '{shown}' is too long (at most {})",
+                    from(&key),
+                    humantime::format_duration(max)
                 )));
             }
         }
-        let counts = [
-            ("paymennt.concurrency", self.paymennt.concurrency),
-            (
-                "firestore.targets_per_stream",
-                self.firestore.targets_per_stream,
-            ),
-            (
-                "firestore.streams_per_connection",
-                self.firestore.streams_per_connection,
-            ),
-            ("hooks_concurrency", self.hooks_concurrency),
-        ];
         for (key, value) in counts {
-            if value == 0 {
-                return Err(err(format!("{origin}: '{key}' must be at least 1")));
+            let (min, max) = count_bounds(&key);
+            if value < min {
+                return Err(err(format!(
+                    "{}: '{key}' value '{value}' is too small (at least {min})",
+                    from(&key)
+                )));
+            }
+            if value > max {
+                return Err(err(format!(
+                    "{}: '{key}' value '{value}' is too large (at most {max})",
+                    from(&key)
+                )));
+            }
+        }
+        let ranges = [
+            (
+                "discovery.interval",
+                self.discovery.interval,
+                Duration::from_secs(1),
+                Duration::from_secs(24 * 3600),
+            ),
+            (
+                "discovery.lookback",
+                self.discovery.lookback,
+                Duration::ZERO,
+                Duration::from_secs(366 * 24 * 3600),
+            ),
+        ];
+        for (key, value, low, high) in ranges {
+            if value < low || value > high {
+                return Err(err(format!(
+                    "{origin}: '{key}' value '{}' is out of range ({} to {})",
+                    humantime::format_duration(value),
+                    humantime::format_duration(low),
+                    humantime::format_duration(high)
+                )));
+            }
+        }
+        for (key, value) in [
+            ("reconcile.page_size", self.reconcile.page_size),
+            ("discovery.page_size", self.discovery.page_size),
+        ] {
+            if !(1..=MAX_PAGE_SIZE).contains(&value) {
+                return Err(err(format!(
+                    "{origin}: '{key}' value '{value}' is out of range (1 to {MAX_PAGE_SIZE})"
+                )));
+            }
+        }
+        if self.discovery.types.is_empty() {
+            return Err(err(format!(
+                "{origin}: 'discovery.types' is empty\n\nlist at least one of {}, or set discovery.enabled = false",
+                crate::paymennt::wire::CHECKOUT_TYPES.join(", ")
+            )));
+        }
+        for kind in &self.discovery.types {
+            if !crate::paymennt::wire::CHECKOUT_TYPES.contains(&kind.as_str()) {
+                return Err(err(format!(
+                    "{origin}: 'discovery.types' has unknown type '{}'\n\nknown types: {}",
+                    crate::domain::printable(kind),
+                    crate::paymennt::wire::CHECKOUT_TYPES.join(", ")
+                )));
             }
         }
         if let Some(url) = &self.paymennt.base_url {
@@ -830,6 +1299,29 @@ impl Settings {
         }
         if let Some(url) = &self.firestore.endpoint {
             check_url(origin, "firestore.endpoint", url)?;
+        }
+        if let Some(url) = &self.firestore.identity_endpoint {
+            check_url(origin, "firestore.identity_endpoint", url)?;
+        }
+        if let Some(url) = &self.firestore.token_endpoint {
+            check_url(origin, "firestore.token_endpoint", url)?;
+        }
+        for (key, file) in [
+            ("firestore.ca_file", &self.firestore.ca_file),
+            ("paymennt.ca_file", &self.paymennt.ca_file),
+        ] {
+            if let Some(file) = file {
+                read_ca_file(file)
+                    .map_err(|problem| err(format!("{origin}: '{key}': {problem}")))?;
+            }
+        }
+        if let Err(error) =
+            crate::domain::check_database_id("firestore.database", &self.firestore.database)
+        {
+            return Err(err(format!(
+                "{origin}: '{}' value '{}' is invalid: {}",
+                error.what, error.value, error.reason
+            )));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(err(format!(
@@ -873,16 +1365,6 @@ impl Settings {
                     )));
                 }
             }
-            if hook.max_attempts == Some(0) {
-                return Err(err(format!(
-                    "{origin}: '{at}.max_attempts' must be at least 1"
-                )));
-            }
-            if hook.timeout.is_zero() {
-                return Err(err(format!(
-                    "{origin}: '{at}.timeout' must be greater than 0"
-                )));
-            }
             for key in hook.env.keys() {
                 if key.is_empty()
                     || key.contains('=')
@@ -919,6 +1401,23 @@ fn line_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     };
     let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
     format!(" (line {line})")
+}
+
+/// Reads a PEM file of CA certificates (`ca_file`), checking it holds at least one.
+///
+/// # Errors
+///
+/// The file cannot be read, or holds no PEM certificate; the message names the file.
+pub fn read_ca_file(path: &Path) -> Result<Vec<u8>, String> {
+    let pem = std::fs::read(path)
+        .map_err(|error| format!("cannot read the CA file '{}': {error}", path.display()))?;
+    if reqwest::Certificate::from_pem_bundle(&pem).map_or(true, |certs| certs.is_empty()) {
+        return Err(format!(
+            "the CA file '{}' holds no PEM certificate (\"-----BEGIN CERTIFICATE-----\")",
+            path.display()
+        ));
+    }
+    Ok(pem)
 }
 
 /// Whether `host` is a loopback name or address.

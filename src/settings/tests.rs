@@ -263,3 +263,323 @@ fn a_numeric_looking_secret_from_the_environment_stays_verbatim() {
     assert_eq!(credentials.secret.expose(), "00123");
     assert_eq!(credentials.key.expose(), "1e5");
 }
+
+#[test]
+fn discovery_defaults_follow_the_credentials_and_every_number_is_bounded() {
+    let settings = load("", &[]).expect("valid");
+    assert_eq!(settings.discovery.types, ["LINK"]);
+    assert_eq!(settings.discovery.interval, Duration::from_secs(30));
+    assert_eq!(
+        settings.discovery.lookback,
+        Duration::from_secs(7 * 24 * 3600)
+    );
+    assert_eq!(settings.reconcile.page_size, 100);
+    assert!(
+        !settings.discovery.is_enabled(&settings.paymennt),
+        "no credentials: off"
+    );
+    let with_credentials =
+        load("[paymennt]\napi_key = \"k\"\napi_secret = \"s\"\n", &[]).expect("valid");
+    assert!(
+        with_credentials
+            .discovery
+            .is_enabled(&with_credentials.paymennt)
+    );
+    let off = load(
+        "[paymennt]\napi_key = \"k\"\napi_secret = \"s\"\n[discovery]\nenabled = false\n",
+        &[],
+    )
+    .expect("valid");
+    assert!(!off.discovery.is_enabled(&off.paymennt));
+    for (text, named) in [
+        ("[discovery]\ninterval = \"0s\"\n", "'discovery.interval'"),
+        (
+            "[discovery]\ninterval = \"2days\"\n",
+            "'discovery.interval'",
+        ),
+        (
+            "[discovery]\nlookback = \"400days\"\n",
+            "'discovery.lookback'",
+        ),
+        ("[discovery]\npage_size = 0\n", "'discovery.page_size'"),
+        ("[reconcile]\npage_size = 1001\n", "'reconcile.page_size'"),
+        ("[discovery]\ntypes = []\n", "'discovery.types'"),
+        ("[discovery]\ntypes = [\"LINKS\"]\n", "'LINKS'"),
+    ] {
+        let error = load(text, &[]).expect_err(text).to_string();
+        assert!(error.contains(named), "{text}: {error}");
+    }
+}
+
+#[test]
+fn hook_settings_debug_shows_env_names_but_never_values() {
+    let settings = load(
+        "[[hooks]]\nname = \"a\"\ncommand = [\"/bin/true\"]\nenv = { SHOP_TOKEN = \"tok-very-secret\" }\n",
+        &[],
+    )
+    .expect("valid");
+    for shown in [format!("{settings:?}"), format!("{:?}", settings.hooks[0])] {
+        assert!(shown.contains("SHOP_TOKEN"), "{shown}");
+        assert!(!shown.contains("tok-very-secret"), "{shown}");
+    }
+}
+
+#[test]
+fn every_number_and_duration_is_bounded_and_the_error_names_key_value_and_bound() {
+    const HOOK: &str = "[[hooks]]\nname = \"a\"\ncommand = [\"/bin/true\"]\n";
+    // (config text, key, value as shown, bound as shown)
+    let cases = [
+        (
+            "hooks_concurrency = 100000\n",
+            "hooks_concurrency",
+            "100000",
+            "at most 256",
+        ),
+        (
+            "hooks_concurrency = 0\n",
+            "hooks_concurrency",
+            "0",
+            "at least 1",
+        ),
+        (
+            "[paymennt]\nmax_retries = 1000\n",
+            "paymennt.max_retries",
+            "1000",
+            "at most 20",
+        ),
+        (
+            "[paymennt]\nconcurrency = 100000\n",
+            "paymennt.concurrency",
+            "100000",
+            "at most 256",
+        ),
+        (
+            "[paymennt]\nconcurrency = 0\n",
+            "paymennt.concurrency",
+            "0",
+            "at least 1",
+        ),
+        (
+            "[paymennt]\nconnect_timeout = \"0s\"\n",
+            "paymennt.connect_timeout",
+            "0s",
+            "at least 100ms",
+        ),
+        (
+            "[paymennt]\nconnect_timeout = \"2h\"\n",
+            "paymennt.connect_timeout",
+            "2h",
+            "at most 5m",
+        ),
+        (
+            "[paymennt]\nrequest_timeout = \"1day\"\n",
+            "paymennt.request_timeout",
+            "1day",
+            "at most 10m",
+        ),
+        (
+            "[firestore]\ntargets_per_stream = 1000000\n",
+            "firestore.targets_per_stream",
+            "1000000",
+            "at most 10000",
+        ),
+        (
+            "[firestore]\nstreams_per_connection = 0\n",
+            "firestore.streams_per_connection",
+            "0",
+            "at least 1",
+        ),
+        (
+            "[firestore]\nstreams_per_connection = 5000\n",
+            "firestore.streams_per_connection",
+            "5000",
+            "at most 1000",
+        ),
+        (
+            "[firestore]\nidle_timeout = \"10ms\"\n",
+            "firestore.idle_timeout",
+            "10ms",
+            "at least 1s",
+        ),
+        (
+            "[firestore]\nidle_timeout = \"2days\"\n",
+            "firestore.idle_timeout",
+            "2days",
+            "at most 1h",
+        ),
+        (
+            "[firestore]\nadd_ack_timeout = \"1h\"\n",
+            "firestore.add_ack_timeout",
+            "1h",
+            "at most 10m",
+        ),
+        (
+            "[firestore]\nrefund_watch = \"20years\"\n",
+            "firestore.refund_watch",
+            "20years",
+            "at most",
+        ),
+        (
+            "[reconcile]\ninterval = \"10ms\"\n",
+            "reconcile.interval",
+            "10ms",
+            "at least 1s",
+        ),
+        (
+            "[reconcile]\ninterval = \"30days\"\n",
+            "reconcile.interval",
+            "30days",
+            "at most 1day",
+        ),
+        (
+            "[daemon]\ndrain_timeout = \"1day\"\n",
+            "daemon.drain_timeout",
+            "1day",
+            "at most 1h",
+        ),
+    ];
+    for (text, key, value, bound) in cases {
+        let error = load(text, &[]).expect_err(key).to_string();
+        for part in [format!("'{key}'"), format!("'{value}'"), bound.to_owned()] {
+            assert!(error.contains(&part), "{key}: {part} missing from: {error}");
+        }
+    }
+    let hook_cases = [
+        (
+            "timeout = \"2days\"\n",
+            "hooks[0].timeout",
+            "2days",
+            "at most 1day",
+        ),
+        (
+            "timeout = \"0s\"\n",
+            "hooks[0].timeout",
+            "0s",
+            "at least 100ms",
+        ),
+        (
+            "max_attempts = 0\n",
+            "hooks[0].max_attempts",
+            "0",
+            "at least 1",
+        ),
+        (
+            "max_attempts = 4000000000\n",
+            "hooks[0].max_attempts",
+            "4000000000",
+            "at most 1000",
+        ),
+        (
+            "max_age = \"5years\"\n",
+            "hooks[0].max_age",
+            "5years",
+            "at most",
+        ),
+        (
+            "permanent_exit_codes = [0]\n",
+            "hooks[0].permanent_exit_codes",
+            "0",
+            "1 to 255",
+        ),
+        (
+            "permanent_exit_codes = [300]\n",
+            "hooks[0].permanent_exit_codes",
+            "300",
+            "1 to 255",
+        ),
+    ];
+    for (text, key, value, bound) in hook_cases {
+        let error = load(&format!("{HOOK}{text}"), &[])
+            .expect_err(key)
+            .to_string();
+        for part in [format!("'{key}'"), format!("'{value}'"), bound.to_owned()] {
+            assert!(error.contains(&part), "{key}: {part} missing from: {error}");
+        }
+    }
+    // From the environment, the variable is named.
+    let error = load("", &[("PAYWATCH_HOOKS_CONCURRENCY", "70000")])
+        .expect_err("too many")
+        .to_string();
+    assert!(error.contains("PAYWATCH_HOOKS_CONCURRENCY"), "{error}");
+    assert!(error.contains("at most 256"), "{error}");
+    // The shipped defaults sit inside every bound.
+    load("", &[]).expect("defaults are valid");
+}
+
+#[test]
+fn firestore_auth_modes_parse_and_an_unknown_one_lists_the_choices() {
+    for mode in FirestoreAuthMode::ALL {
+        let settings =
+            load(&format!("[firestore]\nauth = \"{}\"\n", mode.as_str()), &[]).expect("valid");
+        assert_eq!(settings.firestore.auth_mode(), mode);
+    }
+    let error = load("[firestore]\nauth = \"oauth\"\n", &[]).expect_err("unknown mode");
+    let text = error.to_string();
+    assert!(
+        text.contains("'firestore.auth' value 'oauth'")
+            && text.contains("service-account, application-default, none, firebase-anonymous"),
+        "{text}"
+    );
+}
+
+#[test]
+fn firestore_auth_defaults_to_service_account_only_with_a_key_file() {
+    let settings = load(
+        "[firestore]\ncredentials = \"/etc/paywatch/key.json\"\n",
+        &[],
+    )
+    .expect("valid");
+    assert_eq!(
+        settings.firestore.auth_mode(),
+        FirestoreAuthMode::ServiceAccount
+    );
+    let settings = load("[firestore]\nauth = \"none\"\n", &[]).expect("valid");
+    assert_eq!(settings.firestore.auth_mode(), FirestoreAuthMode::None);
+}
+
+#[test]
+fn the_firebase_api_key_is_a_secret_and_new_urls_and_ca_files_are_checked() {
+    let settings = load(
+        "[firestore]\nauth = \"firebase-anonymous\"\napi_key = \"AIza-secret-value\"\n",
+        &[],
+    )
+    .expect("valid");
+    assert!(!format!("{settings:?}").contains("AIza-secret-value"));
+    let error = load(
+        "[firestore]\ntoken_endpoint = \"http://example.com/token\"\n",
+        &[],
+    )
+    .expect_err("plaintext to a remote host");
+    assert!(
+        error.to_string().contains("firestore.token_endpoint"),
+        "{error}"
+    );
+    let error =
+        load("[paymennt]\nca_file = \"/nonexistent/ca.pem\"\n", &[]).expect_err("missing CA file");
+    assert!(
+        error.to_string().contains("'paymennt.ca_file'")
+            && error.to_string().contains("/nonexistent/ca.pem"),
+        "{error}"
+    );
+    let (_dir, not_pem) = write_config("not a certificate");
+    let error = load(
+        &format!("[firestore]\nca_file = \"{}\"\n", not_pem.display()),
+        &[],
+    )
+    .expect_err("not PEM");
+    assert!(error.to_string().contains("no PEM certificate"), "{error}");
+}
+
+#[test]
+fn firestore_database_defaults_and_is_checked() {
+    let settings = load("", &[]).expect("valid");
+    assert_eq!(settings.firestore.database, "(default)");
+    let settings = load("[firestore]\ndatabase = \"payments-eu\"\n", &[]).expect("valid");
+    assert_eq!(settings.firestore.database, "payments-eu");
+    let error = load("[firestore]\ndatabase = \"Bad/Db\"\n", &[]).expect_err("bad database");
+    let text = error.to_string();
+    assert!(
+        text.contains("'firestore.database' value 'Bad/Db' is invalid"),
+        "{text}"
+    );
+}

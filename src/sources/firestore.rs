@@ -1,15 +1,19 @@
 //! The Firestore listener: watches checkout documents over Firestore's gRPC `Listen` API.
 //!
 //! Owns: the Listen streams and their HTTP/2 connections (one pool per Firebase project, so
-//! checkouts of several projects are watched at once), credentials (a service-account file or
-//! the Application Default Credentials, refreshed by google-cloud-auth before they expire),
+//! checkouts of several projects are watched at once), credentials (per `[firestore] auth`: a
+//! service-account file or the Application Default Credentials, refreshed by google-cloud-auth;
+//! none; or an anonymous Firebase Auth user, renewed by `firebase_auth.rs`, whose renewal
+//! reopens the streams on the new token),
 //! resume tokens in memory, reconnects with exponential backoff and jitter, and an idle watchdog
 //! that reopens streams that went silent.
 //!
 //! Must never: decide a checkout's status, read a document's fields as a status, or touch the
 //! ledger. It only emits [`ListenEvent`]s on a channel: "verify this checkout"
 //! ([`ListenEvent::Changed`]), "these resume tokens are safe to persist"
-//! ([`ListenEvent::Checkpoint`]), "discard this token" ([`ListenEvent::ForgetToken`]) and
+//! ([`ListenEvent::Checkpoint`]), "discard this token" ([`ListenEvent::ForgetToken`]),
+//! "Firestore refuses this one document" ([`ListenEvent::TargetRefused`], retried with a long
+//! backoff while the stream's other checkouts carry on; [`ListenEvent::TargetRecovered`]) and
 //! health reports. The daemon persists tokens and passes them back in [`WatchTarget`].
 //!
 //! # Ordering
@@ -41,7 +45,10 @@ mod backoff;
 mod connect;
 #[cfg(test)]
 mod fake;
+mod firebase_auth;
 mod pool;
+mod probe;
+mod shared;
 mod state;
 mod stream;
 
@@ -52,6 +59,7 @@ use serde::{Deserialize, Serialize};
 
 pub use connect::{FirestoreAuth, check_credentials};
 pub use pool::{Listener, ListenerHandle};
+pub use probe::{AccessFailure, AccessProof, access_hint, prove_access};
 
 use crate::domain::{CheckoutId, FirestoreLocation};
 use crate::sources::Nudge;
@@ -85,6 +93,8 @@ pub struct ListenerOptions {
     pub endpoint: String,
     /// How to authenticate.
     pub auth: FirestoreAuth,
+    /// Extra CA certificates (PEM) trusted for the endpoint's TLS (`[firestore] ca_file`).
+    pub ca_file: Option<std::path::PathBuf>,
     /// How checkouts are spread over streams.
     pub mode: StreamMode,
     /// Multiplexed mode: the most targets one stream carries.
@@ -104,6 +114,11 @@ pub struct ListenerOptions {
     pub backoff_initial: Duration,
     /// The longest reconnect delay; also the retry period of a project that failed permanently.
     pub backoff_max: Duration,
+    /// The first delay before a document Firestore refused (a target `REMOVE` with a cause) is
+    /// asked for again; doubles with each refusal in a row up to `refused_retry_max`.
+    pub refused_retry_initial: Duration,
+    /// The longest delay between two requests for a refused document.
+    pub refused_retry_max: Duration,
     /// A target whose only news is a heartbeat token is checkpointed at most this often
     /// (changes are checkpointed at the next snapshot whatever this says).
     pub checkpoint_interval: Duration,
@@ -114,6 +129,7 @@ impl Default for ListenerOptions {
         ListenerOptions {
             endpoint: DEFAULT_ENDPOINT.to_owned(),
             auth: FirestoreAuth::ApplicationDefault,
+            ca_file: None,
             mode: StreamMode::Multiplexed,
             targets_per_stream: 500,
             streams_per_connection: 100,
@@ -121,6 +137,8 @@ impl Default for ListenerOptions {
             add_ack_timeout: Duration::from_secs(10),
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
+            refused_retry_initial: Duration::from_secs(5 * 60),
+            refused_retry_max: Duration::from_secs(60 * 60),
             checkpoint_interval: Duration::from_secs(300),
         }
     }
@@ -134,11 +152,13 @@ impl ListenerOptions {
     pub fn local(endpoint: &str, mode: StreamMode) -> ListenerOptions {
         ListenerOptions {
             endpoint: endpoint.to_owned(),
-            auth: FirestoreAuth::None,
+            auth: FirestoreAuth::none(),
             mode,
             add_ack_timeout: Duration::from_secs(2),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(2),
+            refused_retry_initial: Duration::from_secs(2),
+            refused_retry_max: Duration::from_secs(10),
             ..ListenerOptions::default()
         }
     }
@@ -149,7 +169,7 @@ impl ListenerOptions {
 pub struct WatchTarget {
     /// The checkout.
     pub checkout_id: CheckoutId,
-    /// Its document (the project picks the database and the connection pool).
+    /// Its document (its project and database pick the connection pool).
     pub location: FirestoreLocation,
     /// The token from its last [`ListenEvent::Checkpoint`], if any: only changes after it are
     /// reported. Without one, the first snapshot is reported as a change.
@@ -173,15 +193,30 @@ pub enum ListenEvent {
     },
     /// Discard this checkout's persisted token (RESET, filter mismatch, token refused).
     ForgetToken(CheckoutId),
-    /// Firestore stopped watching this one document for good (e.g. NOT_FOUND for the target);
-    /// the other checkouts are unaffected. Only the reconciler will notice its changes now.
-    TargetFailed {
+    /// Firestore refused to watch this one document (a `REMOVE` with a cause such as
+    /// PERMISSION_DENIED or NOT_FOUND for its target); the stream and its other checkouts carry
+    /// on. The listener asks again after `retry_in` (a long backoff, growing with each refusal);
+    /// meanwhile only the reconciler notices its changes. Sent at every refusal.
+    TargetRefused {
         /// The checkout.
         checkout_id: CheckoutId,
-        /// What Firestore said.
+        /// The document's full resource name.
+        document: String,
+        /// The gRPC code name of the cause, e.g. `PERMISSION_DENIED`.
+        code: &'static str,
+        /// Firestore's message (printable).
         message: String,
+        /// Refusals in a row (1 for the first: log that one, and any change of `code`).
+        refusals: u32,
+        /// When the listener asks again.
+        retry_in: Duration,
     },
-    /// A project's database refuses us (UNAUTHENTICATED, PERMISSION_DENIED, no database). Sent
+    /// A document refused earlier is watched again (its target became CURRENT).
+    TargetRecovered {
+        /// The checkout.
+        checkout_id: CheckoutId,
+    },
+    /// A database refuses us (UNAUTHENTICATED, PERMISSION_DENIED, no database). Sent
     /// once per failure; the listener keeps retrying every `backoff_max` and sends
     /// [`ListenEvent::Connected`] when it recovers.
     PermanentFailure {

@@ -324,7 +324,7 @@ async fn headers_first_snapshot_and_resume_after_a_stream_error() {
     call.fail(Status::unavailable("backend restarting")).await;
     let event = listener.next().await;
     assert!(
-        matches!(&event, ListenEvent::Disconnected { reason, .. } if reason.contains("Unavailable")),
+        matches!(&event, ListenEvent::Disconnected { reason, .. } if reason.contains("UNAVAILABLE")),
         "{event:?}"
     );
     let mut call = fake.call().await;
@@ -674,6 +674,170 @@ async fn checkouts_of_two_projects_are_watched_at_once_each_with_its_database() 
         changed,
         ["a", "b"],
         "both projects' first snapshots are reported"
+    );
+    listener.stop().await;
+}
+
+fn remove_with_cause(id: i32, code: tonic::Code, message: &str) -> ListenResponse {
+    ListenResponse {
+        response_type: Some(listen_response::ResponseType::TargetChange(
+            gcloud_sdk::google::firestore::v1::TargetChange {
+                target_change_type: TargetChangeType::Remove as i32,
+                target_ids: vec![id],
+                cause: Some(gcloud_sdk::google::rpc::Status {
+                    code: code as i32,
+                    message: message.into(),
+                    details: vec![],
+                }),
+                resume_token: vec![],
+                read_time: None,
+            },
+        )),
+    }
+}
+
+/// One document refused by the project's rules must not take the stream's other checkouts
+/// down: the refused one is reported and asked for again on the same open stream.
+#[tokio::test]
+async fn a_refused_target_leaves_the_stream_and_its_other_targets_alone() {
+    let mut fake = Fake::start().await;
+    let mut listener = Running::start(&fake.endpoint, |o| {
+        o.mode = StreamMode::Multiplexed;
+        o.refused_retry_initial = Duration::from_millis(300);
+    });
+    listener.watch("a", None);
+    let mut call = fake.call().await;
+    assert_eq!(call.add().await, (1, document("a"), None));
+    call.initial(1, None, b"t1").await;
+    assert!(is_changed(&listener.next_news().await, "a"));
+    assert!(matches!(
+        listener.next_news().await,
+        ListenEvent::Checkpoint { .. }
+    ));
+    listener.watch("denied", None);
+    assert_eq!(call.add().await, (2, document("denied"), None));
+    call.send(tc(TargetChangeType::Add, &[2], b"")).await;
+    call.send(remove_with_cause(
+        2,
+        tonic::Code::PermissionDenied,
+        "Missing or insufficient permissions.",
+    ))
+    .await;
+    let event = listener.next_news().await;
+    let ListenEvent::TargetRefused {
+        checkout_id,
+        document: name,
+        code,
+        message,
+        refusals,
+        ..
+    } = event
+    else {
+        panic!("expected TargetRefused, got {event:?}");
+    };
+    assert_eq!(
+        (checkout_id, name.as_str(), code, refusals),
+        (
+            id("denied"),
+            document("denied").as_str(),
+            "PERMISSION_DENIED",
+            1
+        )
+    );
+    assert!(message.contains("insufficient permissions"), "{message}");
+    // The stream carries on: a change of the other document is reported at once.
+    call.send(doc(&document("a"), 1)).await;
+    assert!(is_changed(&listener.next_news().await, "a"));
+    assert_eq!(
+        listener.handle.watched(),
+        2,
+        "the refused one is still watched"
+    );
+    // After the retry delay the refused document is asked for again, on the same stream.
+    let (target, name, _) = call.add().await;
+    assert_eq!((target, name), (3, document("denied")));
+    call.initial(3, Some(&document("denied")), b"t3").await;
+    assert!(is_changed(&listener.next_news().await, "denied"));
+    assert_eq!(
+        listener.next_news().await,
+        ListenEvent::TargetRecovered {
+            checkout_id: id("denied")
+        }
+    );
+    listener.stop().await;
+}
+
+/// UNAUTHENTICATED on a stream that was working (an access token expired under it) is retried
+/// quietly; only when it persists is it reported, once.
+#[tokio::test]
+async fn unauthenticated_after_a_healthy_stream_is_retried_before_it_is_reported() {
+    let mut fake = Fake::start().await;
+    let mut listener = Running::start(&fake.endpoint, |_| {});
+    listener.watch("a", None);
+    let mut call = fake.call().await;
+    let (target, _, _) = call.add().await;
+    call.initial(target, None, b"t1").await;
+    assert!(is_changed(&listener.next_news().await, "a"));
+    call.fail(Status::unauthenticated("token expired")).await;
+    // Refused at open AUTH_RETRIES - 1 more times: still retried, nothing reported.
+    for _ in 1..super::state::AUTH_RETRIES {
+        let call = fake.call().await;
+        call.fail(Status::unauthenticated("token expired")).await;
+    }
+    let call = fake.call().await;
+    let mut news = Vec::new();
+    while let Ok(event) = listener.events.try_recv() {
+        if !matches!(
+            event,
+            ListenEvent::Connected { .. }
+                | ListenEvent::Disconnected { .. }
+                | ListenEvent::Checkpoint { .. }
+        ) {
+            news.push(event);
+        }
+    }
+    assert_eq!(news, vec![], "no permanent failure yet");
+    // Once more: it persists, so it is reported.
+    call.fail(Status::unauthenticated("token expired")).await;
+    let event = listener.next_news().await;
+    assert!(
+        matches!(&event, ListenEvent::PermanentFailure { message, .. } if message.contains("UNAUTHENTICATED")),
+        "{event:?}"
+    );
+    listener.stop().await;
+}
+
+/// `[firestore] database`: the database id is in the header, the request and the names.
+#[tokio::test]
+async fn a_named_database_is_used_in_every_name_and_header() {
+    let mut fake = Fake::start().await;
+    let listener = Running::start(&fake.endpoint, |_| {});
+    let location = FirestoreLocation::new("p", "checkouts", "a")
+        .and_then(|l| l.with_database("payments-eu"))
+        .expect("location");
+    listener.handle.watch(WatchTarget {
+        checkout_id: id("a"),
+        location,
+        resume_token: None,
+    });
+    let mut call = fake.call().await;
+    assert_eq!(
+        call.headers
+            .get("google-cloud-resource-prefix")
+            .and_then(|v| v.to_str().ok()),
+        Some("projects/p/databases/payments-eu")
+    );
+    let request = call.request().await;
+    assert_eq!(request.database, "projects/p/databases/payments-eu");
+    let Some(listen_request::TargetChange::AddTarget(target)) = request.target_change else {
+        panic!("expected AddTarget");
+    };
+    let Some(target::TargetType::Documents(docs)) = target.target_type else {
+        panic!("a documents target");
+    };
+    assert_eq!(
+        docs.documents,
+        ["projects/p/databases/payments-eu/documents/checkouts/a"]
     );
     listener.stop().await;
 }

@@ -1,7 +1,7 @@
 //! The listener's handle: which checkout is on which stream, which stream on which connection.
 //!
-//! Per project (database) a pool of connections and streams. A new checkout goes to the first
-//! stream of its project with room (`targets_per_stream`, or 1 in per-document mode); if none
+//! Per database (`projects/{p}/databases/{d}`) a pool of connections and streams. A new
+//! checkout goes to the first stream of its database with room (`targets_per_stream`, or 1 in per-document mode); if none
 //! has room a stream task is started on the first connection with fewer than
 //! `streams_per_connection` streams, or on a new connection. A stream whose last checkout is
 //! unwatched is closed, so its slot on the connection frees up.
@@ -15,17 +15,22 @@
 //!
 //! The bookkeeping sits behind a std `Mutex` held only for short, await-free sections, so
 //! [`ListenerHandle::watch`] and [`ListenerHandle::unwatch`] are plain functions.
+//!
+//! Dependencies run one way: this module starts stream tasks (`stream.rs`), which know nothing
+//! of it; a stream hands targets back through the [`Relocate`] callback it was given. The types
+//! both use live in `shared.rs`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::connect::{Client, Connector};
-use super::stream::{StreamCommand, StreamTask};
+use super::connect::Connector;
+use super::shared::{Connection, Context, DatabaseShared};
+use super::stream::{Relocate, StreamCommand, StreamTask};
 use super::{ListenEvent, ListenerOptions, StreamMode, WatchTarget};
 use crate::domain::{CheckoutId, FirestoreLocation};
 
@@ -53,18 +58,22 @@ impl Listener {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             anyhow::anyhow!("the Firestore listener must be started inside a Tokio runtime")
         })?;
-        let connector = Connector::new(&options.endpoint, &options.auth)?;
+        let connector =
+            Connector::new(&options.endpoint, &options.auth, options.ca_file.as_deref())?;
         tracing::info!(endpoint = %connector.endpoint(), mode = ?options.mode, "firestore listener started");
         Ok(ListenerHandle {
             shared: Arc::new(Shared {
-                options,
-                connector,
-                events,
-                cancel,
+                context: Arc::new(Context {
+                    options,
+                    connector,
+                    events,
+                    cancel,
+                    open_streams: AtomicUsize::new(0),
+                }),
                 tracker: TaskTracker::new(),
+                failure: tokio::sync::watch::Sender::new(None),
                 runtime,
                 registry: Mutex::new(Registry::default()),
-                open_streams: AtomicUsize::new(0),
             }),
         })
     }
@@ -79,7 +88,7 @@ pub struct ListenerHandle {
 impl std::fmt::Debug for ListenerHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ListenerHandle")
-            .field("endpoint", &self.shared.connector.endpoint())
+            .field("endpoint", &self.shared.context.connector.endpoint())
             .field("watched", &self.watched())
             .field("open_streams", &self.open_streams())
             .finish()
@@ -91,7 +100,7 @@ impl ListenerHandle {
     /// does nothing; at another location it moves. Ignored after cancellation.
     pub fn watch(&self, target: WatchTarget) {
         let shared = &self.shared;
-        if shared.cancel.is_cancelled() {
+        if shared.context.cancel.is_cancelled() {
             return;
         }
         let mut registry = shared.registry();
@@ -116,7 +125,7 @@ impl ListenerHandle {
 
     /// How many Listen streams are open right now.
     pub fn open_streams(&self) -> usize {
-        self.shared.open_streams.load(Ordering::SeqCst)
+        self.shared.context.open_streams.load(Ordering::SeqCst)
     }
 
     /// How many HTTP/2 connections the pools hold (for tests and the status line).
@@ -129,6 +138,21 @@ impl ListenerHandle {
             .sum()
     }
 
+    /// Waits until a stream task panics, and says how (its checkouts are then no longer
+    /// watched, so the daemon must stop and be restarted). Pending for ever otherwise.
+    pub async fn failed(&self) -> String {
+        let mut failure = self.shared.failure.subscribe();
+        let text = failure
+            .wait_for(Option::is_some)
+            .await
+            .map(|text| text.clone().unwrap_or_default());
+        match text {
+            Ok(text) => text,
+            // The sender lives as long as the listener: never, in practice.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
     /// Waits until every stream task has ended. Call after cancelling the token given to
     /// [`Listener::start`]; without that this waits for ever.
     pub async fn closed(self) {
@@ -137,24 +161,18 @@ impl ListenerHandle {
     }
 }
 
-/// What every stream task shares.
-pub(crate) struct Shared {
-    /// The listener's options.
-    pub(crate) options: ListenerOptions,
-    /// Opens connections with the credentials.
-    pub(crate) connector: Connector,
-    /// Where events go.
-    pub(crate) events: mpsc::Sender<ListenEvent>,
-    /// Stops everything.
-    pub(crate) cancel: CancellationToken,
+/// The pool's state: the stream tasks' context, and which checkout is on which stream.
+struct Shared {
+    /// What the stream tasks share.
+    context: Arc<Context>,
     /// The stream tasks.
     tracker: TaskTracker,
+    /// Set when a stream task panicked (see [`ListenerHandle::failed`]).
+    failure: tokio::sync::watch::Sender<Option<String>>,
     /// Where stream tasks are spawned (watch may be called outside a runtime context).
     runtime: tokio::runtime::Handle,
     /// Which checkout is where.
     registry: Mutex<Registry>,
-    /// Open Listen streams.
-    pub(crate) open_streams: AtomicUsize,
 }
 
 impl Shared {
@@ -174,15 +192,16 @@ impl Shared {
         target: WatchTarget,
         mut fresh: Option<&mut HashSet<u64>>,
     ) {
-        let project_name = target.location.project.clone();
+        let database = target.location.database_name();
         let next_key = registry.next_stream;
+        let options = &self.context.options;
         let pool = registry
             .projects
-            .entry(project_name.clone())
-            .or_insert_with(|| ProjectPool::new(&project_name));
-        let capacity = match self.options.mode {
+            .entry(database.clone())
+            .or_insert_with(|| DatabasePool::new(&target.location.project, &database));
+        let capacity = match options.mode {
             StreamMode::Multiplexed if !pool.shared.one_per_stream.load(Ordering::SeqCst) => {
-                self.options.targets_per_stream
+                options.targets_per_stream
             }
             StreamMode::Multiplexed | StreamMode::PerDocument => 1,
         };
@@ -196,16 +215,39 @@ impl Shared {
         let key = match existing {
             Some(key) => key,
             None => {
-                let connection = pool.connection(self.options.streams_per_connection);
+                let connection = pool.connection(options.streams_per_connection);
                 let (commands, receiver) = mpsc::unbounded_channel();
+                let pool_shared = Arc::clone(self);
+                let relocate: Relocate = Arc::new(move |database, from, targets| {
+                    pool_shared.relocate(database, from, targets);
+                });
                 let task = StreamTask {
-                    shared: Arc::clone(self),
-                    project: Arc::clone(&pool.shared),
+                    context: Arc::clone(&self.context),
+                    database: Arc::clone(&pool.shared),
                     connection,
                     key: next_key,
                     commands: receiver,
+                    relocate,
                 };
-                self.tracker.spawn_on(task.run(), &self.runtime);
+                let shared = Arc::clone(self);
+                let project = target.location.project.clone();
+                self.tracker.spawn_on(
+                    async move {
+                        use futures::FutureExt;
+                        let run = std::panic::AssertUnwindSafe(task.run()).catch_unwind();
+                        if let Err(panic) = run.await {
+                            let text = panic
+                                .downcast_ref::<&str>()
+                                .map(|text| (*text).to_owned())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "a non-text panic".to_owned());
+                            shared.failure.send_replace(Some(format!(
+                                "a Listen stream task of project {project} panicked: {text}"
+                            )));
+                        }
+                    },
+                    &self.runtime,
+                );
                 pool.streams.insert(
                     next_key,
                     StreamSlot {
@@ -220,7 +262,7 @@ impl Shared {
                 next_key
             }
         };
-        let Some(pool) = registry.projects.get_mut(&project_name) else {
+        let Some(pool) = registry.projects.get_mut(&database) else {
             return;
         };
         let Some(slot) = pool.streams.get_mut(&key) else {
@@ -249,8 +291,8 @@ impl Shared {
     /// A checkout unwatched (or moved) meanwhile is left alone. A checkout unwatched and watched
     /// again in the instant between the stream taking it off and this call may end up watched
     /// on two streams until `from` closes: extra nudges, never a missed change.
-    pub(crate) fn relocate(self: &Arc<Self>, project: &str, from: u64, targets: Vec<WatchTarget>) {
-        if self.cancel.is_cancelled() {
+    fn relocate(self: &Arc<Self>, database: &str, from: u64, targets: Vec<WatchTarget>) {
+        if self.context.cancel.is_cancelled() {
             return;
         }
         let mut registry = self.registry();
@@ -263,7 +305,7 @@ impl Shared {
                     .is_some_and(|p| p.stream == from && p.location == t.location)
             })
             .collect();
-        let Some(pool) = registry.projects.get_mut(project) else {
+        let Some(pool) = registry.projects.get_mut(database) else {
             return;
         };
         if targets.is_empty() {
@@ -277,15 +319,15 @@ impl Shared {
         if strikes >= UNACKED_ADDS_BEFORE_ONE_PER_STREAM
             && !pool.shared.one_per_stream.swap(true, Ordering::SeqCst)
         {
-            tracing::warn!(project = %project, unacknowledged = strikes,
+            tracing::warn!(database = %database, unacknowledged = strikes,
                 "the Firestore server ignores targets added to a live stream; falling back to one \
-                 target per stream for project {project} (an emulator that reads only the first \
+                 target per stream for {database} (an emulator that reads only the first \
                  request of a stream does this; stream_mode = \"per-document\" avoids the wait)");
         }
         for target in &targets {
             registry.checkouts.remove(&target.checkout_id);
         }
-        if let Some(pool) = registry.projects.get_mut(project)
+        if let Some(pool) = registry.projects.get_mut(database)
             && let Some(slot) = pool.streams.get_mut(&from)
         {
             slot.targets = slot.targets.saturating_sub(targets.len());
@@ -305,56 +347,10 @@ impl Shared {
 /// to one target per stream.
 pub(crate) const UNACKED_ADDS_BEFORE_ONE_PER_STREAM: usize = 3;
 
-/// Per-project state the stream tasks share.
-pub(crate) struct ProjectShared {
-    /// The project id.
-    pub(crate) name: String,
-    /// A permanent failure was reported and not yet recovered from (report it once).
-    pub(crate) failed: AtomicBool,
-    /// Targets the server did not acknowledge since it last acknowledged a live add.
-    unacknowledged_adds: AtomicUsize,
-    /// The server ignores targets added to a live stream: one target per stream from now on.
-    pub(crate) one_per_stream: AtomicBool,
-}
-
-impl ProjectShared {
-    /// The server acknowledged a target added to a live stream: it multiplexes.
-    pub(crate) fn live_add_acknowledged(&self) {
-        self.unacknowledged_adds.store(0, Ordering::SeqCst);
-    }
-}
-
-/// One HTTP/2 connection of a project's pool.
-pub(crate) struct Connection {
-    /// Its number within the project, for logs.
-    pub(crate) index: usize,
-    /// Stream tasks using it (counted when assigned, released when the task ends).
-    pub(crate) streams: AtomicUsize,
-    /// The client, connected on first use and then shared by its streams.
-    client: tokio::sync::Mutex<Option<Client>>,
-}
-
-impl Connection {
-    /// The connection's client, connecting first if needed.
-    pub(crate) async fn client(
-        &self,
-        connector: &Connector,
-        project: &str,
-    ) -> anyhow::Result<Client> {
-        let mut client = self.client.lock().await;
-        if let Some(client) = client.as_ref() {
-            return Ok(client.clone());
-        }
-        let fresh = connector.client(project).await?;
-        *client = Some(fresh.clone());
-        Ok(fresh)
-    }
-}
-
 #[derive(Default)]
 struct Registry {
-    /// Pools by project id.
-    projects: HashMap<String, ProjectPool>,
+    /// Pools by database (`projects/{p}/databases/{d}`).
+    projects: HashMap<String, DatabasePool>,
     /// Where each watched checkout is.
     checkouts: HashMap<CheckoutId, Placement>,
     /// The next stream number.
@@ -366,7 +362,7 @@ impl Registry {
         let Some(placement) = self.checkouts.remove(checkout_id) else {
             return;
         };
-        let Some(pool) = self.projects.get_mut(&placement.location.project) else {
+        let Some(pool) = self.projects.get_mut(&placement.location.database_name()) else {
             return;
         };
         let Some(slot) = pool.streams.get_mut(&placement.stream) else {
@@ -391,22 +387,17 @@ struct Placement {
     stream: u64,
 }
 
-struct ProjectPool {
-    shared: Arc<ProjectShared>,
+struct DatabasePool {
+    shared: Arc<DatabaseShared>,
     connections: Vec<Arc<Connection>>,
     /// Open stream tasks by number (ordered, so new targets fill the oldest streams first).
     streams: BTreeMap<u64, StreamSlot>,
 }
 
-impl ProjectPool {
-    fn new(project: &str) -> ProjectPool {
-        ProjectPool {
-            shared: Arc::new(ProjectShared {
-                name: project.to_owned(),
-                failed: AtomicBool::new(false),
-                unacknowledged_adds: AtomicUsize::new(0),
-                one_per_stream: AtomicBool::new(false),
-            }),
+impl DatabasePool {
+    fn new(project: &str, database: &str) -> DatabasePool {
+        DatabasePool {
+            shared: Arc::new(DatabaseShared::new(project, database)),
             connections: Vec::new(),
             streams: BTreeMap::new(),
         }
@@ -424,12 +415,8 @@ impl ProjectPool {
                 return Arc::clone(connection);
             }
         }
-        let connection = Arc::new(Connection {
-            index: self.connections.len(),
-            streams: AtomicUsize::new(1),
-            client: tokio::sync::Mutex::new(None),
-        });
-        tracing::debug!(project = %self.shared.name, connection = connection.index, "new firestore connection");
+        let connection = Arc::new(Connection::new(self.connections.len()));
+        tracing::debug!(database = %self.shared.database, connection = connection.index, "new firestore connection");
         self.connections.push(Arc::clone(&connection));
         connection
     }

@@ -12,6 +12,10 @@
 //!   consistent snapshot (`NO_CHANGE`, no target ids, with a read time) and only for targets that
 //!   have been CURRENT on this stream session;
 //! - RESET and existence-filter mismatches drop the token ([`ListenEvent::ForgetToken`]);
+//! - a target `REMOVE` with a cause (PERMISSION_DENIED for one document, NOT_FOUND, ...) refuses
+//!   that checkout only ([`ListenEvent::TargetRefused`]): it is parked and asked for again after
+//!   a long, growing delay ([`StreamState::retry_refused`]) while the stream and its other
+//!   targets carry on; once it is CURRENT again, [`ListenEvent::TargetRecovered`];
 //! - a target whose `ADD` does not come within the ack timeout, on a session where the server
 //!   did acknowledge an earlier target, is taken off the stream ([`StreamState::take_unacknowledged`])
 //!   for the pool to place on a fresh stream: some servers (the npm emulator) read only the first
@@ -50,13 +54,6 @@ pub(crate) enum Action {
 pub(crate) enum Fault {
     /// Reopen the stream after the usual backoff.
     Transient(String),
-    /// The database refuses us (a target REMOVE with PERMISSION_DENIED or UNAUTHENTICATED).
-    Permanent {
-        /// The status code the server gave.
-        code: Code,
-        /// The server's message.
-        message: String,
-    },
 }
 
 /// How the stream task should treat a gRPC status that ended the stream (or failed to open it).
@@ -68,32 +65,56 @@ pub(crate) enum Disposition {
     Exhausted,
     /// Forget every resume token of the stream and reopen at once (INVALID_ARGUMENT on resume).
     RetryWithoutTokens,
+    /// UNAUTHENTICATED or PERMISSION_DENIED after the stream was healthy: an access token may
+    /// have expired under it. Reopen after the next backoff delay, quietly, a few times.
+    AuthRetry,
     /// The database refuses us: report once, then retry rarely.
     Permanent,
 }
 
-/// Classifies a status that ended a Listen stream.
+/// Consecutive UNAUTHENTICATED / PERMISSION_DENIED endings, counted from the one that hit a
+/// healthy stream, after which the refusal is reported as permanent.
+pub(crate) const AUTH_RETRIES: u32 = 3;
+
+/// What a stream task knows when a status ends its stream.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct StreamHistory {
+    /// Some target on the stream was added with a resume token.
+    pub(crate) resumed: bool,
+    /// The stream already dropped its tokens once after INVALID_ARGUMENT.
+    pub(crate) retried_without_tokens: bool,
+    /// A message arrived on this session: the server accepted the stream and its credentials.
+    pub(crate) heard_from_server: bool,
+    /// A RemoveTarget of ours was not yet answered.
+    pub(crate) removal_in_flight: bool,
+    /// UNAUTHENTICATED / PERMISSION_DENIED endings in a row, counted since one hit a healthy
+    /// stream (0: none, or the last one was on a stream that never worked).
+    pub(crate) auth_retries: u32,
+}
+
+/// Classifies a status that ended a Listen stream (by its gRPC code and the stream's history,
+/// never by the message text).
 ///
-/// - `resumed`: some target on the stream was added with a resume token;
-/// - `retried_without_tokens`: the stream already dropped its tokens once after INVALID_ARGUMENT;
-/// - `authenticated_before`: the stream had received a message, so the credentials were accepted
-///   (an UNAUTHENTICATED then means the access token expired under a long-lived stream, which the
-///   official Node SDK retries; UNAUTHENTICATED on open means the credentials are refused).
-pub(crate) fn classify(
-    code: Code,
-    message: &str,
-    resumed: bool,
-    retried_without_tokens: bool,
-    authenticated_before: bool,
-) -> Disposition {
+/// - UNAUTHENTICATED / PERMISSION_DENIED on a stream that was healthy: the access token may have
+///   expired under a long-lived stream (the official Node SDK retries UNAUTHENTICATED), so it is
+///   retried, [`AUTH_RETRIES`] times in a row, before it counts as a refusal. On a stream that
+///   never worked the credentials are refused: permanent.
+/// - NOT_FOUND after the server spoke, or while a RemoveTarget was in flight: the server had
+///   already removed a target we removed (note 1.5 item 7): reopen. NOT_FOUND for a stream
+///   that never worked: the database does not exist: permanent.
+pub(crate) fn classify(code: Code, message: &str, history: &StreamHistory) -> Disposition {
+    let auth_retry = history.heard_from_server || (1..AUTH_RETRIES).contains(&history.auth_retries);
     match code {
-        Code::Unauthenticated if authenticated_before => Disposition::Transient,
+        Code::Unauthenticated | Code::PermissionDenied if auth_retry => Disposition::AuthRetry,
         Code::Unauthenticated | Code::PermissionDenied => Disposition::Permanent,
-        Code::NotFound if is_missing_database(message) => Disposition::Permanent,
+        Code::NotFound if history.heard_from_server || history.removal_in_flight => {
+            Disposition::Transient
+        }
+        Code::NotFound => Disposition::Permanent,
         Code::FailedPrecondition if message.to_ascii_lowercase().contains("datastore mode") => {
             Disposition::Permanent
         }
-        Code::InvalidArgument if resumed && !retried_without_tokens => {
+        Code::InvalidArgument if history.resumed && !history.retried_without_tokens => {
             Disposition::RetryWithoutTokens
         }
         Code::InvalidArgument => Disposition::Permanent,
@@ -102,16 +123,33 @@ pub(crate) fn classify(
     }
 }
 
-/// A NOT_FOUND about the database or project (permanent), rather than about a target that the
-/// server removed while our RemoveTarget was in flight (transient, see note 1.5 item 7).
-fn is_missing_database(message: &str) -> bool {
-    let message = message.to_ascii_lowercase();
-    message.contains("database") || message.contains("project")
+/// The gRPC name of a status code, as Google documents it (`PERMISSION_DENIED`).
+pub(crate) fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
 }
 
-/// The operator-facing text for a permanent failure: what happened, then what to check.
+/// The operator-facing text for a permanent failure of `database`
+/// (`projects/{p}/databases/{d}`): what happened, then what to check.
 pub(crate) fn permanent_message(
-    project: &str,
+    database: &str,
     endpoint: &str,
     code: Code,
     message: &str,
@@ -129,22 +167,23 @@ pub(crate) fn permanent_message(
              project, and check that the Cloud Firestore API is enabled for it",
         ),
         Code::NotFound => (
-            "the project has no Firestore (default) database",
-            "check firebaseDatabase in the create-link response and that the project has a \
-             Firestore database in Native mode",
+            "the database does not exist",
+            "check firebaseDatabase in the create-link response, [firestore] database, and that \
+             the project has that Firestore database in Native mode",
         ),
         Code::FailedPrecondition => (
-            "the project's database is in Datastore mode, which has no Listen",
-            "use a project whose (default) database is in Firestore Native mode",
+            "the database is in Datastore mode, which has no Listen",
+            "use a database in Firestore Native mode",
         ),
         _ => (
             "Firestore refused the Listen request",
             "check the project id and the document paths of the checkouts in this project",
         ),
     };
+    let code = code_name(code);
     format!(
-        "{what}: project '{project}' at {endpoint} answered {code:?}: {detail}\n\n{check}; \
-         paywatch keeps retrying this project every backoff_max"
+        "{what}: '{database}' at {endpoint} answered {code}: {detail}\n\n{check}; \
+         paywatch keeps retrying this database every backoff_max"
     )
 }
 
@@ -190,6 +229,18 @@ struct TargetEntry {
     session: Option<Session>,
     /// RemoveTarget was sent; events for it are ignored until its REMOVE.
     removing: bool,
+    /// Firestore refused this target this many times in a row (0: not refused since it was
+    /// last CURRENT).
+    refusals: u32,
+}
+
+/// A checkout whose target Firestore removed with a cause: parked until `retry_at`.
+#[derive(Debug, Clone)]
+struct RefusedTarget {
+    /// The target, with its token.
+    entry: TargetEntry,
+    /// When to send its AddTarget again.
+    retry_at: Instant,
 }
 
 /// The protocol state of one Listen stream (all its targets), across reconnects.
@@ -221,11 +272,20 @@ pub(crate) struct StreamState {
     unstamped: Vec<i32>,
     /// Stamped AddTargets in send order (oldest first), pruned lazily once acknowledged.
     awaiting_ack: VecDeque<(Instant, i32)>,
+    /// Checkouts Firestore refused, parked until their retry time (they hold no target id).
+    refused: HashMap<CheckoutId, RefusedTarget>,
+    /// The first and the longest delay before a refused target is asked for again.
+    refused_retry: (Duration, Duration),
 }
 
 impl StreamState {
-    /// An empty, disconnected stream for `database`.
-    pub(crate) fn new(database: String, checkpoint_interval: Duration) -> StreamState {
+    /// An empty, disconnected stream for `database`. A refused target is asked for again after
+    /// `refused_retry.0`, doubling with each refusal in a row up to `refused_retry.1`.
+    pub(crate) fn new(
+        database: String,
+        checkpoint_interval: Duration,
+        refused_retry: (Duration, Duration),
+    ) -> StreamState {
         StreamState {
             database,
             targets: BTreeMap::new(),
@@ -240,12 +300,54 @@ impl StreamState {
             live_add_reported: false,
             unstamped: Vec::new(),
             awaiting_ack: VecDeque::new(),
+            refused: HashMap::new(),
+            refused_retry,
         }
     }
 
-    /// Live targets (not counting ones being removed).
+    /// Checkouts watched by this stream (not counting ones being removed), refused ones included.
     pub(crate) fn len(&self) -> usize {
-        self.by_checkout.len()
+        self.by_checkout.len() + self.refused.len()
+    }
+
+    /// Checkouts Firestore refused, waiting for their retry.
+    #[cfg(test)]
+    pub(crate) fn refused(&self) -> usize {
+        self.refused.len()
+    }
+
+    /// Whether a RemoveTarget of ours is not yet answered.
+    pub(crate) fn removal_in_flight(&self) -> bool {
+        self.targets.values().any(|t| t.removing)
+    }
+
+    /// When the earliest refused target is due to be asked for again.
+    pub(crate) fn next_refused_retry(&self) -> Option<Instant> {
+        self.refused.values().map(|r| r.retry_at).min()
+    }
+
+    /// Asks again for every refused target due at `now`: they get fresh ids. Returns the
+    /// AddTargets to send if a stream is open (else they go out at the next [`Self::connect`]).
+    pub(crate) fn retry_refused(&mut self, now: Instant) -> Vec<ListenRequest> {
+        let due: Vec<CheckoutId> = self
+            .refused
+            .iter()
+            .filter(|(_, r)| r.retry_at <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut requests = Vec::new();
+        for checkout_id in due {
+            let Some(refused) = self.refused.remove(&checkout_id) else {
+                continue;
+            };
+            let id = self.allocate_id();
+            self.by_checkout.insert(checkout_id, id);
+            self.targets.insert(id, refused.entry);
+            if self.connected {
+                requests.push(self.add_request(id));
+            }
+        }
+        requests
     }
 
     /// Whether a message arrived on the current session (the credentials were accepted).
@@ -276,7 +378,9 @@ impl StreamState {
     /// Starts watching a checkout. Returns the AddTarget to send if a stream is open.
     /// A checkout already watched here is left as it is.
     pub(crate) fn add(&mut self, target: WatchTarget) -> Option<ListenRequest> {
-        if self.by_checkout.contains_key(&target.checkout_id) {
+        if self.by_checkout.contains_key(&target.checkout_id)
+            || self.refused.contains_key(&target.checkout_id)
+        {
             return None;
         }
         let id = self.allocate_id();
@@ -289,6 +393,7 @@ impl StreamState {
             last_checkpoint: None,
             session: None,
             removing: false,
+            refusals: 0,
         };
         self.by_checkout.insert(target.checkout_id, id);
         self.targets.insert(id, entry);
@@ -301,6 +406,9 @@ impl StreamState {
 
     /// Stops watching a checkout. Returns the RemoveTarget to send if a stream is open.
     pub(crate) fn remove(&mut self, checkout_id: &CheckoutId) -> Option<ListenRequest> {
+        if self.refused.remove(checkout_id).is_some() {
+            return None;
+        }
         let id = self.by_checkout.remove(checkout_id)?;
         let sent = self.targets.get(&id).is_some_and(|t| t.session.is_some());
         if self.connected && sent {
@@ -661,6 +769,12 @@ impl StreamState {
                         session.current = true;
                         session.dirty = true;
                     }
+                    if target.refusals > 0 {
+                        target.refusals = 0;
+                        out.push(Action::Emit(ListenEvent::TargetRecovered {
+                            checkout_id: target.checkout_id.clone(),
+                        }));
+                    }
                     if session.verify_at_current {
                         session.verify_at_current = false;
                         // CURRENT without the document: it does not exist (note 1.5 item 2).
@@ -702,7 +816,7 @@ impl StreamState {
                 }
             }
             Ok(TargetChangeType::Remove) => {
-                return self.on_remove(&change.target_ids, change.cause, out);
+                return self.on_remove(&change.target_ids, change.cause, now, out);
             }
             Err(_) => {
                 tracing::debug!(
@@ -780,6 +894,7 @@ impl StreamState {
         &mut self,
         ids: &[i32],
         cause: Option<gcloud_sdk::google::rpc::Status>,
+        now: Instant,
         out: &mut Vec<Action>,
     ) -> Result<(), Fault> {
         let cause = cause.filter(|c| c.code != 0);
@@ -801,12 +916,6 @@ impl StreamState {
             let code = Code::from_i32(cause.code);
             let resumed = target.session.as_ref().is_some_and(|s| s.resumed);
             match code {
-                Code::PermissionDenied | Code::Unauthenticated => {
-                    return Err(Fault::Permanent {
-                        code,
-                        message: cause.message.clone(),
-                    });
-                }
                 Code::InvalidArgument | Code::FailedPrecondition if resumed => {
                     // The token was refused: re-add the target without it (new id), verify.
                     let Some(mut entry) = self.targets.remove(&id) else {
@@ -824,33 +933,54 @@ impl StreamState {
                     let request = self.add_request(new_id);
                     out.push(Action::Send(Box::new(request)));
                 }
-                Code::InvalidArgument
-                | Code::FailedPrecondition
+                Code::PermissionDenied
+                | Code::Unauthenticated
                 | Code::NotFound
+                | Code::InvalidArgument
+                | Code::FailedPrecondition
                 | Code::Unimplemented => {
-                    // This target cannot work; the others on the stream are fine.
-                    let Some(entry) = self.targets.remove(&id) else {
-                        continue;
-                    };
-                    self.by_checkout.remove(&entry.checkout_id);
-                    out.push(Action::Emit(ListenEvent::TargetFailed {
-                        checkout_id: entry.checkout_id,
-                        message: format!(
-                            "Firestore stopped watching document '{}': {code:?}: {}",
-                            printable(&entry.document),
-                            printable(&cause.message)
-                        ),
-                    }));
+                    // Firestore refuses this one document (security rules, IAM conditions, a
+                    // name it cannot serve): park it; the stream and its other targets go on.
+                    self.refuse(id, code, &cause.message, now, out);
                 }
                 _ => {
                     return Err(Fault::Transient(format!(
-                        "the server removed target {id}: {code:?}: {}",
+                        "the server removed target {id}: {}: {}",
+                        code_name(code),
                         printable(&cause.message)
                     )));
                 }
             }
         }
         Ok(())
+    }
+
+    /// Parks target `id` as refused and reports it; its id is free (the server removed it).
+    fn refuse(&mut self, id: i32, code: Code, message: &str, now: Instant, out: &mut Vec<Action>) {
+        let Some(mut entry) = self.targets.remove(&id) else {
+            return;
+        };
+        self.by_checkout.remove(&entry.checkout_id);
+        entry.session = None;
+        entry.refusals = entry.refusals.saturating_add(1);
+        let (initial, max) = self.refused_retry;
+        let doublings = entry.refusals.saturating_sub(1).min(16);
+        let retry_in = initial.saturating_mul(1 << doublings).min(max);
+        out.push(Action::Emit(ListenEvent::TargetRefused {
+            checkout_id: entry.checkout_id.clone(),
+            document: entry.document.clone(),
+            code: code_name(code),
+            message: printable(message),
+            refusals: entry.refusals,
+            retry_in,
+        }));
+        self.refused.insert(
+            entry.checkout_id.clone(),
+            RefusedTarget {
+                entry,
+                retry_at: now + retry_in,
+            },
+        );
     }
 
     fn allocate_id(&mut self) -> i32 {
@@ -1066,7 +1196,8 @@ pub(super) mod tests {
         Changed(String, Option<i64>),
         Checkpoint(Vec<(String, Vec<u8>)>),
         Forget(String),
-        Failed(String),
+        Refused(String, &'static str, u32, u64),
+        Recovered(String),
         Add(i32, Option<Vec<u8>>),
         Remove(i32),
     }
@@ -1086,8 +1217,20 @@ pub(super) mod tests {
                         .collect(),
                 )),
                 Action::Emit(ListenEvent::ForgetToken(c)) => Some(Seen::Forget(c.to_string())),
-                Action::Emit(ListenEvent::TargetFailed { checkout_id, .. }) => {
-                    Some(Seen::Failed(checkout_id.to_string()))
+                Action::Emit(ListenEvent::TargetRefused {
+                    checkout_id,
+                    code,
+                    refusals,
+                    retry_in,
+                    ..
+                }) => Some(Seen::Refused(
+                    checkout_id.to_string(),
+                    code,
+                    *refusals,
+                    retry_in.as_secs(),
+                )),
+                Action::Emit(ListenEvent::TargetRecovered { checkout_id }) => {
+                    Some(Seen::Recovered(checkout_id.to_string()))
                 }
                 Action::Send(request) => match &request.target_change {
                     Some(listen_request::TargetChange::AddTarget(t)) => Some(Seen::Add(
@@ -1113,7 +1256,11 @@ pub(super) mod tests {
     impl Harness {
         fn new() -> Harness {
             Harness {
-                state: StreamState::new(DB.into(), Duration::from_secs(300)),
+                state: StreamState::new(
+                    DB.into(),
+                    Duration::from_secs(300),
+                    (Duration::from_secs(60), Duration::from_secs(200)),
+                ),
                 now: Instant::now(),
             }
         }
@@ -1537,11 +1684,12 @@ pub(super) mod tests {
         let mut h = Harness::new();
         h.state.add(watch("a", Some(b"stale")));
         h.state.add(watch("b", None));
+        h.state.add(watch("c", None));
         h.connect();
         let mut out = Vec::new();
         let now = h.now;
         h.state
-            .on_response(tc(Add, &[1, 2], b"", None), now, &mut out)
+            .on_response(tc(Add, &[1, 2, 3], b"", None), now, &mut out)
             .expect("ok");
         // INVALID_ARGUMENT on a resumed target: forget the token and re-add it without one.
         h.state
@@ -1551,34 +1699,153 @@ pub(super) mod tests {
                 &mut out,
             )
             .expect("handled");
-        // NOT_FOUND on a fresh target: that target fails, the stream goes on.
+        // NOT_FOUND and PERMISSION_DENIED: that target is refused, the stream goes on.
         h.state
             .on_response(remove_with(&[2], Code::NotFound, "gone"), now, &mut out)
             .expect("handled");
+        h.state
+            .on_response(
+                remove_with(&[3], Code::PermissionDenied, "rules say no"),
+                now,
+                &mut out,
+            )
+            .expect("a per-target refusal never fails the stream");
         assert_eq!(
             seen(&out),
             vec![
                 Seen::Forget("a".into()),
-                Seen::Add(3, None),
-                Seen::Failed("b".into())
+                Seen::Add(4, None),
+                Seen::Refused("b".into(), "NOT_FOUND", 1, 60),
+                Seen::Refused("c".into(), "PERMISSION_DENIED", 1, 60),
             ]
         );
-        assert_eq!(h.state.len(), 1);
-        // UNAVAILABLE: reopen the stream; PERMISSION_DENIED: permanent.
+        assert_eq!(
+            h.state.len(),
+            3,
+            "refused checkouts still belong to the stream"
+        );
+        assert_eq!(h.state.refused(), 2);
+        // UNAVAILABLE as a cause: reopen the stream.
         let fault = h
             .state
-            .on_response(remove_with(&[3], Code::Unavailable, "busy"), now, &mut out)
+            .on_response(remove_with(&[4], Code::Unavailable, "busy"), now, &mut out)
             .expect_err("transient fault");
         assert!(matches!(fault, Fault::Transient(_)), "{fault:?}");
-        let fault = h
-            .state
+    }
+
+    #[test]
+    fn a_refused_target_is_retried_with_a_growing_delay_and_recovers() {
+        let mut h = Harness::new();
+        h.state.add(watch("ok", None));
+        h.state.add(watch("denied", Some(b"t0")));
+        h.connect();
+        let t0 = h.now;
+        h.feed(vec![tc(Add, &[1, 2], b"", None)]);
+        let mut out = Vec::new();
+        h.state
             .on_response(
-                remove_with(&[3], Code::PermissionDenied, "no"),
-                now,
+                remove_with(&[2], Code::PermissionDenied, "no"),
+                t0,
                 &mut out,
             )
-            .expect_err("permanent fault");
-        assert!(matches!(fault, Fault::Permanent { .. }), "{fault:?}");
+            .expect("per target");
+        assert_eq!(
+            seen(&out),
+            vec![Seen::Refused("denied".into(), "PERMISSION_DENIED", 1, 60)]
+        );
+        // The other target carries on: its document and snapshot are reported as usual.
+        let later = h.feed(vec![
+            change("ok", &[1], 100),
+            tc(Current, &[1], b"", None),
+            tc(NoChange, &[], b"g1", Some(100)),
+        ]);
+        assert_eq!(
+            later,
+            vec![
+                Seen::Changed("ok".into(), Some(100)),
+                Seen::Checkpoint(vec![("ok".into(), b"g1".to_vec())])
+            ]
+        );
+        // Not due yet: nothing to send. Then due: re-added with a fresh id and its own token.
+        assert_eq!(
+            h.state.next_refused_retry(),
+            Some(t0 + Duration::from_secs(60))
+        );
+        assert!(
+            h.state
+                .retry_refused(t0 + Duration::from_secs(59))
+                .is_empty()
+        );
+        let t1 = t0 + Duration::from_secs(60);
+        let retried: Vec<Action> = h
+            .state
+            .retry_refused(t1)
+            .into_iter()
+            .map(|r| Action::Send(Box::new(r)))
+            .collect();
+        assert_eq!(seen(&retried), vec![Seen::Add(3, Some(b"t0".to_vec()))]);
+        assert_eq!(h.state.refused(), 0);
+        // Refused again: the delay doubles (capped at the maximum).
+        let mut out = Vec::new();
+        h.state
+            .on_response(
+                remove_with(&[3], Code::PermissionDenied, "no"),
+                t1,
+                &mut out,
+            )
+            .expect("per target");
+        assert_eq!(
+            seen(&out),
+            vec![Seen::Refused("denied".into(), "PERMISSION_DENIED", 2, 120)]
+        );
+        let t2 = t1 + Duration::from_secs(120);
+        let retried = h.state.retry_refused(t2);
+        assert_eq!(retried.len(), 1);
+        let mut out = Vec::new();
+        h.state
+            .on_response(
+                remove_with(&[4], Code::PermissionDenied, "no"),
+                t2,
+                &mut out,
+            )
+            .expect("per target");
+        assert_eq!(
+            seen(&out),
+            vec![Seen::Refused("denied".into(), "PERMISSION_DENIED", 3, 200)]
+        );
+        // While disconnected the retry waits for the stream; a reconnect leaves it parked.
+        h.state.disconnect();
+        assert_eq!(h.connect(), vec![Seen::Add(1, Some(b"g1".to_vec()))]);
+        let t3 = t2 + Duration::from_secs(200);
+        assert_eq!(h.state.retry_refused(t3).len(), 1);
+        // Accepted at last: recovered, once.
+        let recovered = h.feed(vec![tc(Add, &[5], b"", None), tc(Current, &[5], b"", None)]);
+        assert_eq!(recovered, vec![Seen::Recovered("denied".into())]);
+        let again = h.feed(vec![tc(Current, &[5], b"", None)]);
+        assert_eq!(again, vec![]);
+    }
+
+    #[test]
+    fn a_refused_target_can_be_unwatched_and_watched_again() {
+        let mut h = Harness::new();
+        h.state.add(watch("a", None));
+        h.connect();
+        let mut out = Vec::new();
+        h.state
+            .on_response(remove_with(&[1], Code::NotFound, "x"), h.now, &mut out)
+            .expect("per target");
+        assert_eq!(h.state.len(), 1);
+        assert!(
+            h.state.add(watch("a", None)).is_none(),
+            "already watched (refused)"
+        );
+        assert!(
+            h.state.remove(&id("a")).is_none(),
+            "nothing to send for a parked target"
+        );
+        assert_eq!(h.state.len(), 0);
+        assert_eq!(h.state.next_refused_retry(), None);
+        assert!(h.state.add(watch("a", None)).is_some(), "watched afresh");
     }
 
     #[test]
@@ -1653,50 +1920,67 @@ pub(super) mod tests {
     #[test]
     fn status_classification() {
         use Disposition::*;
+        let fresh = StreamHistory::default();
+        let healthy = StreamHistory {
+            heard_from_server: true,
+            ..StreamHistory::default()
+        };
+        let after = |auth_retries| StreamHistory {
+            auth_retries,
+            ..StreamHistory::default()
+        };
+        // Credentials refused on a stream that never worked: permanent.
+        assert_eq!(classify(Code::Unauthenticated, "", &fresh), Permanent);
+        assert_eq!(classify(Code::PermissionDenied, "", &fresh), Permanent);
+        // On a healthy stream (a token expired?): retried, AUTH_RETRIES times in a row.
+        assert_eq!(classify(Code::Unauthenticated, "", &healthy), AuthRetry);
+        assert_eq!(classify(Code::PermissionDenied, "", &healthy), AuthRetry);
+        assert_eq!(classify(Code::Unauthenticated, "", &after(1)), AuthRetry);
         assert_eq!(
-            classify(Code::Unauthenticated, "", false, false, false),
-            Permanent
+            classify(Code::PermissionDenied, "", &after(AUTH_RETRIES - 1)),
+            AuthRetry
         );
         assert_eq!(
-            classify(Code::Unauthenticated, "", false, false, true),
+            classify(Code::PermissionDenied, "", &after(AUTH_RETRIES)),
+            Permanent
+        );
+        // NOT_FOUND by code and history, whatever the text says.
+        let text = "The database (default) does not exist for project p";
+        assert_eq!(classify(Code::NotFound, text, &fresh), Permanent);
+        assert_eq!(classify(Code::NotFound, "target 3", &fresh), Permanent);
+        assert_eq!(classify(Code::NotFound, text, &healthy), Transient);
+        let removing = StreamHistory {
+            removal_in_flight: true,
+            ..StreamHistory::default()
+        };
+        assert_eq!(
+            classify(Code::NotFound, "database project", &removing),
             Transient
         );
+        let resumed = StreamHistory {
+            resumed: true,
+            heard_from_server: true,
+            ..StreamHistory::default()
+        };
         assert_eq!(
-            classify(Code::PermissionDenied, "", false, false, true),
-            Permanent
-        );
-        assert_eq!(
-            classify(
-                Code::NotFound,
-                "The database (default) does not exist for project p",
-                false,
-                false,
-                false
-            ),
-            Permanent
-        );
-        assert_eq!(
-            classify(Code::NotFound, "target 3", false, false, true),
-            Transient
-        );
-        assert_eq!(
-            classify(Code::InvalidArgument, "", true, false, true),
+            classify(Code::InvalidArgument, "", &resumed),
             RetryWithoutTokens
         );
-        assert_eq!(
-            classify(Code::InvalidArgument, "", true, true, true),
-            Permanent
+        let retried = StreamHistory {
+            retried_without_tokens: true,
+            ..resumed
+        };
+        assert_eq!(classify(Code::InvalidArgument, "", &retried), Permanent);
+        assert_eq!(classify(Code::ResourceExhausted, "", &healthy), Exhausted);
+        assert_eq!(classify(Code::Unavailable, "", &healthy), Transient);
+        assert_eq!(classify(Code::Internal, "", &fresh), Transient);
+        let message = permanent_message(DB, "https://x", Code::PermissionDenied, "denied");
+        assert!(
+            message.contains("'projects/p/databases/(default)'")
+                && message.contains("PERMISSION_DENIED")
+                && message.contains("roles/datastore.viewer"),
+            "{message}"
         );
-        assert_eq!(
-            classify(Code::ResourceExhausted, "", false, false, true),
-            Exhausted
-        );
-        assert_eq!(
-            classify(Code::Unavailable, "", false, false, true),
-            Transient
-        );
-        assert_eq!(classify(Code::Internal, "", false, false, false), Transient);
-        let message = permanent_message("p", "https://x", Code::PermissionDenied, "denied");
-        assert!(message.contains("project 'p'") && message.contains("roles/datastore.viewer"));
+        assert_eq!(code_name(Code::NotFound), "NOT_FOUND");
     }
 }

@@ -7,7 +7,12 @@
 //!
 //! Reconnects: backoff with jitter (see `backoff.rs`); RESOURCE_EXHAUSTED and permanent
 //! failures wait the maximum; INVALID_ARGUMENT on a resumed stream drops the tokens and retries
-//! at once, a second time is permanent. A stream with no message for `idle_timeout` is reopened.
+//! at once, a second time is permanent; UNAUTHENTICATED / PERMISSION_DENIED on a stream that
+//! was healthy is retried quietly a few times (an access token may have expired) before it is
+//! reported. A stream with no message for `idle_timeout` is reopened.
+//!
+//! Refused targets (a `REMOVE` with a cause for one document) are parked by the state machine;
+//! this task asks for them again when their (long) retry time comes, on the open stream.
 //!
 //! Unacknowledged targets (multiplexed mode): a target whose `ADD` has not come `add_ack_timeout`
 //! after its AddTarget went out, while the server did acknowledge another target on the same
@@ -27,10 +32,17 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Code, Status};
 
 use super::backoff::Backoff;
-use super::pool::{Connection, ProjectShared, Shared};
-use super::state::{Action, Disposition, Fault, StreamState, classify, permanent_message, summary};
+use super::shared::{Connection, Context, DatabaseShared};
+use super::state::{
+    AUTH_RETRIES, Action, Disposition, Fault, StreamHistory, StreamState, classify, code_name,
+    permanent_message, summary,
+};
 use super::{ListenEvent, StreamMode, WatchTarget};
 use crate::domain::{CheckoutId, printable};
+
+/// Hands targets a stream took off (never acknowledged by the server) back to whoever placed
+/// them: `(database, stream key, targets)`. Given by the pool, so this module needs no pool.
+pub(crate) type Relocate = Arc<dyn Fn(&str, u64, Vec<WatchTarget>) + Send + Sync>;
 
 /// What the pool asks of a stream task.
 #[derive(Debug)]
@@ -60,8 +72,8 @@ impl Drop for ConnectionLease {
     }
 }
 
-/// Counts an open session in [`Shared::open_streams`].
-struct OpenGuard<'a>(&'a Shared);
+/// Counts an open session in [`Context::open_streams`].
+struct OpenGuard<'a>(&'a Context);
 
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
@@ -72,52 +84,61 @@ impl Drop for OpenGuard<'_> {
 /// The task of one Listen stream.
 pub(crate) struct StreamTask {
     /// The listener's shared parts (options, connector, events channel, cancel token).
-    pub(crate) shared: Arc<Shared>,
-    /// The project's shared parts (its permanent-failure flag).
-    pub(crate) project: Arc<ProjectShared>,
+    pub(crate) context: Arc<Context>,
+    /// The database's shared parts (its name, its permanent-failure flag).
+    pub(crate) database: Arc<DatabaseShared>,
     /// The connection this stream uses (already counted by the pool).
     pub(crate) connection: Arc<Connection>,
     /// This stream's number, for logs.
     pub(crate) key: u64,
     /// Commands from the pool.
     pub(crate) commands: mpsc::UnboundedReceiver<StreamCommand>,
+    /// Where targets the server never acknowledged go.
+    pub(crate) relocate: Relocate,
 }
 
 impl StreamTask {
     /// Runs until cancelled or closed.
     pub(crate) async fn run(self) {
         let StreamTask {
-            shared,
-            project,
+            context,
+            database,
             connection,
             key,
             mut commands,
+            relocate,
         } = self;
         let _lease = ConnectionLease(Arc::clone(&connection));
-        let options = &shared.options;
+        let options = &context.options;
         let mut state = StreamState::new(
-            format!("projects/{}/databases/(default)", project.name),
+            database.database.clone(),
             options.checkpoint_interval,
+            (options.refused_retry_initial, options.refused_retry_max),
         );
         let mut backoff = Backoff::new(options.backoff_initial, options.backoff_max);
         let mut delay = Duration::ZERO;
+        let mut auth_retries = 0;
         let session = Session {
-            shared: &shared,
-            project: &project,
+            context: &context,
+            database: &database,
             connection: &connection,
             key,
+            relocate: &relocate,
         };
         loop {
             if !session.wait(delay, &mut state, &mut commands).await {
                 break;
             }
-            match session.run(&mut state, &mut commands, &mut backoff).await {
+            match session
+                .run(&mut state, &mut commands, &mut backoff, &mut auth_retries)
+                .await
+            {
                 SessionEnd::Stop => break,
                 SessionEnd::Retry(next, reason) => {
                     state.disconnect();
                     delay = next;
                     let event = ListenEvent::Disconnected {
-                        project: project.name.clone(),
+                        project: database.project.clone(),
                         stream: key,
                         reason: reason.clone(),
                         retry_in: next,
@@ -128,16 +149,17 @@ impl StreamTask {
                 }
             }
         }
-        tracing::debug!(project = %project.name, stream = key, "listen stream task ended");
+        tracing::debug!(database = %database.database, stream = key, "listen stream task ended");
     }
 }
 
 /// The borrowed context of a stream task, with the steps of its loop.
 struct Session<'a> {
-    shared: &'a Arc<Shared>,
-    project: &'a ProjectShared,
+    context: &'a Context,
+    database: &'a DatabaseShared,
     connection: &'a Arc<Connection>,
     key: u64,
+    relocate: &'a Relocate,
 }
 
 impl Session<'_> {
@@ -152,7 +174,7 @@ impl Session<'_> {
         loop {
             tokio::select! {
                 biased;
-                _ = self.shared.cancel.cancelled() => return false,
+                _ = self.context.cancel.cancelled() => return false,
                 command = commands.recv() => match command {
                     None | Some(StreamCommand::Close) => return false,
                     Some(StreamCommand::Add(target)) => { state.add(target); }
@@ -167,8 +189,8 @@ impl Session<'_> {
     async fn emit(&self, event: ListenEvent) -> bool {
         tokio::select! {
             biased;
-            _ = self.shared.cancel.cancelled() => false,
-            sent = self.shared.events.send(event) => sent.is_ok(),
+            _ = self.context.cancel.cancelled() => false,
+            sent = self.context.events.send(event) => sent.is_ok(),
         }
     }
 
@@ -178,14 +200,15 @@ impl Session<'_> {
         state: &mut StreamState,
         commands: &mut mpsc::UnboundedReceiver<StreamCommand>,
         backoff: &mut Backoff,
+        auth_retries: &mut u32,
     ) -> SessionEnd {
-        let shared = self.shared;
-        let project = &self.project.name;
+        let shared = self.context;
+        let project = &self.database.project;
         let idle = shared.options.idle_timeout;
         let client = tokio::select! {
             biased;
             _ = shared.cancel.cancelled() => return SessionEnd::Stop,
-            client = self.connection.client(&shared.connector, project) => client,
+            client = self.connection.client(&shared.connector, &self.database.database) => client,
         };
         let mut client = match client {
             Ok(client) => client,
@@ -216,7 +239,7 @@ impl Session<'_> {
                     "Firestore did not answer the listen call within {idle:?}");
                 return SessionEnd::Retry(delay, "no answer to the listen call".into());
             }
-            Ok(Err(status)) => return self.on_status(status, state, backoff).await,
+            Ok(Err(status)) => return self.on_status(status, state, backoff, auth_retries).await,
             Ok(Ok(response)) => response.into_inner(),
         };
         shared.open_streams.fetch_add(1, Ordering::SeqCst);
@@ -244,6 +267,10 @@ impl Session<'_> {
         // (the daemon busy, flow control holding the server back) never loses targets.
         let mut progress = Instant::now();
         let mut actions = Vec::new();
+        // Renewed credentials (firebase-anonymous): Firestore checks a stream's token when it
+        // opens and ends a stream that outlives it, so reopen on the new token (resuming).
+        let mut renewed = shared.connector.renewed();
+        renewed.borrow_and_update();
         loop {
             let ack_deadline = if multiplexed {
                 state
@@ -252,6 +279,7 @@ impl Session<'_> {
             } else {
                 None
             };
+            let refused_retry = state.next_refused_retry().map(Instant::from_std);
             tokio::select! {
                 biased;
                 _ = shared.cancel.cancelled() => return SessionEnd::Stop,
@@ -275,11 +303,11 @@ impl Session<'_> {
                                 "listen stream ended by the server");
                             return SessionEnd::Retry(delay, "the server ended the stream".into());
                         }
-                        Err(status) => return self.on_status(status, state, backoff).await,
+                        Err(status) => return self.on_status(status, state, backoff, auth_retries).await,
                     };
                     tracing::debug!(project = %project, stream = self.key, "listen response: {}", summary(&response));
-                    if self.project.failed.swap(false, Ordering::SeqCst) {
-                        tracing::info!(project = %project, "Firestore accepts this project again");
+                    if self.database.failed.swap(false, Ordering::SeqCst) {
+                        tracing::info!(database = %self.database.database, "Firestore accepts this database again");
                     }
                     actions.clear();
                     let fault = state.on_response(response, std::time::Instant::now(), &mut actions);
@@ -294,12 +322,12 @@ impl Session<'_> {
                                 let _ = requests.send(*request);
                             }
                             Action::ResetBackoff => backoff.reset(),
-                            Action::LiveAddAcknowledged => self.project.live_add_acknowledged(),
+                            Action::LiveAddAcknowledged => self.database.live_add_acknowledged(),
                         }
                     }
                     state.note_sent(std::time::Instant::now());
                     if let Err(fault) = fault {
-                        return self.on_fault(fault, backoff).await;
+                        return self.on_fault(fault, backoff);
                     }
                     // Counted after the events were handed over: a full channel is not silence.
                     progress = Instant::now();
@@ -314,8 +342,24 @@ impl Session<'_> {
                         tracing::info!(project = %project, stream = self.key, targets = moved.len(),
                             "the server did not acknowledge (ADD) targets added to this stream within \
                              {ack_timeout:?}; watching them on a fresh stream");
-                        shared.relocate(project, self.key, moved);
+                        (self.relocate)(&self.database.database, self.key, moved);
                     }
+                }
+                Ok(()) = renewed.changed() => {
+                    tracing::info!(project = %project, stream = self.key,
+                        "the Firebase ID token was renewed; reopening the listen stream on it");
+                    return SessionEnd::Retry(Duration::ZERO, "the credentials were renewed".into());
+                }
+                _ = tokio::time::sleep_until(refused_retry.unwrap_or(deadline)), if refused_retry.is_some() => {
+                    let requests_due = state.retry_refused(std::time::Instant::now());
+                    if !requests_due.is_empty() {
+                        tracing::debug!(project = %project, stream = self.key, targets = requests_due.len(),
+                            "asking Firestore again for refused documents");
+                    }
+                    for request in requests_due {
+                        let _ = requests.send(request);
+                    }
+                    state.note_sent(std::time::Instant::now());
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     let unacknowledged = state.unacknowledged();
@@ -333,15 +377,14 @@ impl Session<'_> {
     }
 
     /// A fault decided by the state machine from a response.
-    async fn on_fault(&self, fault: Fault, backoff: &mut Backoff) -> SessionEnd {
+    fn on_fault(&self, fault: Fault, backoff: &mut Backoff) -> SessionEnd {
         match fault {
             Fault::Transient(reason) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(project = %self.project.name, stream = self.key, retry_in = ?delay,
+                tracing::warn!(database = %self.database.database, stream = self.key, retry_in = ?delay,
                     "reopening listen stream: {reason}");
                 SessionEnd::Retry(delay, reason)
             }
-            Fault::Permanent { code, message } => self.permanent(code, &message, backoff).await,
         }
     }
 
@@ -351,32 +394,51 @@ impl Session<'_> {
         status: Status,
         state: &mut StreamState,
         backoff: &mut Backoff,
+        auth_retries: &mut u32,
     ) -> SessionEnd {
         let code = status.code();
         let message = status.message().to_owned();
-        let disposition = classify(
-            code,
-            &message,
-            state.resumed(),
-            state.retried_without_tokens(),
-            state.heard_from_server(),
-        );
-        let reason = format!("{code:?}: {}", printable(&message));
+        let history = StreamHistory {
+            resumed: state.resumed(),
+            retried_without_tokens: state.retried_without_tokens(),
+            heard_from_server: state.heard_from_server(),
+            removal_in_flight: state.removal_in_flight(),
+            auth_retries: *auth_retries,
+        };
+        let disposition = classify(code, &message, &history);
+        let reason = format!("{}: {}", code_name(code), printable(&message));
+        let database = &self.database.database;
+        if disposition != Disposition::AuthRetry && history.heard_from_server {
+            *auth_retries = 0;
+        }
         match disposition {
             Disposition::Transient => {
                 let delay = backoff.next_delay();
-                tracing::warn!(project = %self.project.name, stream = self.key, targets = state.len(),
+                tracing::warn!(database = %database, stream = self.key, targets = state.len(),
                     retry_in = ?delay, "listen stream failed: {reason}");
+                SessionEnd::Retry(delay, reason)
+            }
+            Disposition::AuthRetry => {
+                *auth_retries = if history.heard_from_server {
+                    1
+                } else {
+                    *auth_retries + 1
+                };
+                let delay = backoff.next_delay();
+                tracing::warn!(database = %database, stream = self.key, retry_in = ?delay,
+                    attempt = *auth_retries, of = AUTH_RETRIES,
+                    "Firestore refused the credentials of a stream that was working ({reason}); \
+                     an access token may have expired, reopening with fresh credentials");
                 SessionEnd::Retry(delay, reason)
             }
             Disposition::Exhausted => {
                 let delay = backoff.max_delay();
-                tracing::warn!(project = %self.project.name, stream = self.key, retry_in = ?delay,
+                tracing::warn!(database = %database, stream = self.key, retry_in = ?delay,
                     "Firestore quota exhausted; backing off: {reason}");
                 SessionEnd::Retry(delay, reason)
             }
             Disposition::RetryWithoutTokens => {
-                tracing::warn!(project = %self.project.name, stream = self.key,
+                tracing::warn!(database = %database, stream = self.key,
                     "Firestore refused the resume tokens ({reason}); retrying once without them, \
                      which re-verifies every checkout on this stream");
                 let mut actions = Vec::new();
@@ -394,27 +456,26 @@ impl Session<'_> {
         }
     }
 
-    /// Reports a permanent failure once per project, then retries rarely.
+    /// Reports a permanent failure once per database, then retries rarely.
     async fn permanent(&self, code: Code, message: &str, backoff: &mut Backoff) -> SessionEnd {
         let delay = backoff.max_delay();
-        let text = permanent_message(
-            &self.project.name,
-            self.shared.connector.endpoint(),
-            code,
-            message,
-        );
-        if !self.project.failed.swap(true, Ordering::SeqCst) {
-            tracing::error!(project = %self.project.name, "{text}");
+        let database = &self.database.database;
+        let text = permanent_message(database, self.context.connector.endpoint(), code, message);
+        if !self.database.failed.swap(true, Ordering::SeqCst) {
+            tracing::error!(database = %database, "{text}");
             let event = ListenEvent::PermanentFailure {
-                project: self.project.name.clone(),
+                project: self.database.project.clone(),
                 message: text,
             };
             if !self.emit(event).await {
                 return SessionEnd::Stop;
             }
         } else {
-            tracing::debug!(project = %self.project.name, stream = self.key, "still refused: {code:?}");
+            tracing::debug!(database = %database, stream = self.key, "still refused: {}", code_name(code));
         }
-        SessionEnd::Retry(delay, format!("{code:?}: {}", printable(message)))
+        SessionEnd::Retry(
+            delay,
+            format!("{}: {}", code_name(code), printable(message)),
+        )
     }
 }

@@ -1,0 +1,95 @@
+//! What the pool and its stream tasks share: the listener's context, a database's shared
+//! flags, and the HTTP/2 connections.
+//!
+//! Owns: these types only. `pool.rs` creates them and starts stream tasks; `stream.rs` uses them.
+//! Must never: import `pool.rs` or `stream.rs` (the dependency runs pool -> stream -> shared).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::connect::{Client, Connector};
+use super::{ListenEvent, ListenerOptions};
+
+/// What every stream task of a listener needs.
+pub(crate) struct Context {
+    /// The listener's options.
+    pub(crate) options: ListenerOptions,
+    /// Opens connections with the credentials.
+    pub(crate) connector: Connector,
+    /// Where events go.
+    pub(crate) events: mpsc::Sender<ListenEvent>,
+    /// Stops everything.
+    pub(crate) cancel: CancellationToken,
+    /// Open Listen streams.
+    pub(crate) open_streams: AtomicUsize,
+}
+
+/// Per-database state the stream tasks share.
+pub(crate) struct DatabaseShared {
+    /// The project id (for logs and events).
+    pub(crate) project: String,
+    /// `projects/{project}/databases/{database}`.
+    pub(crate) database: String,
+    /// A permanent failure was reported and not yet recovered from (report it once).
+    pub(crate) failed: AtomicBool,
+    /// Targets the server did not acknowledge since it last acknowledged a live add.
+    pub(crate) unacknowledged_adds: AtomicUsize,
+    /// The server ignores targets added to a live stream: one target per stream from now on.
+    pub(crate) one_per_stream: AtomicBool,
+}
+
+impl DatabaseShared {
+    /// Fresh state for the database `database` of `project`.
+    pub(crate) fn new(project: &str, database: &str) -> DatabaseShared {
+        DatabaseShared {
+            project: project.to_owned(),
+            database: database.to_owned(),
+            failed: AtomicBool::new(false),
+            unacknowledged_adds: AtomicUsize::new(0),
+            one_per_stream: AtomicBool::new(false),
+        }
+    }
+
+    /// The server acknowledged a target added to a live stream: it multiplexes.
+    pub(crate) fn live_add_acknowledged(&self) {
+        self.unacknowledged_adds.store(0, Ordering::SeqCst);
+    }
+}
+
+/// One HTTP/2 connection of a database's pool.
+pub(crate) struct Connection {
+    /// Its number within the pool, for logs.
+    pub(crate) index: usize,
+    /// Stream tasks using it (counted when assigned, released when the task ends).
+    pub(crate) streams: AtomicUsize,
+    /// The client, connected on first use and then shared by its streams.
+    client: tokio::sync::Mutex<Option<Client>>,
+}
+
+impl Connection {
+    /// A connection not yet connected, already counting one stream.
+    pub(crate) fn new(index: usize) -> Connection {
+        Connection {
+            index,
+            streams: AtomicUsize::new(1),
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The connection's client for `database`, connecting first if needed.
+    pub(crate) async fn client(
+        &self,
+        connector: &Connector,
+        database: &str,
+    ) -> anyhow::Result<Client> {
+        let mut client = self.client.lock().await;
+        if let Some(client) = client.as_ref() {
+            return Ok(client.clone());
+        }
+        let fresh = connector.client(database).await?;
+        *client = Some(fresh.clone());
+        Ok(fresh)
+    }
+}
