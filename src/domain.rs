@@ -380,6 +380,8 @@ pub enum Source {
     Reconcile,
     /// A person: `paywatch link create`, `paywatch track`.
     Manual,
+    /// A webhook notification from paymennt (`POST /webhooks/paymennt`): a nudge only.
+    Webhook,
 }
 
 impl Source {
@@ -389,6 +391,7 @@ impl Source {
             Source::Firestore => "firestore",
             Source::Reconcile => "reconcile",
             Source::Manual => "manual",
+            Source::Webhook => "webhook",
         }
     }
 }
@@ -400,10 +403,11 @@ impl FromStr for Source {
             "firestore" => Ok(Source::Firestore),
             "reconcile" => Ok(Source::Reconcile),
             "manual" => Ok(Source::Manual),
+            "webhook" => Ok(Source::Webhook),
             other => Err(InvalidValue::new(
                 "source",
                 other,
-                "expected firestore, reconcile or manual",
+                "expected firestore, reconcile, manual or webhook",
             )),
         }
     }

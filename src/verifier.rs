@@ -448,6 +448,7 @@ fn log_transition(
         ),
         (Source::Reconcile, _) => "found by the reconciler".to_owned(),
         (Source::Manual, _) => "recorded by hand".to_owned(),
+        (Source::Webhook, _) => format!("verified {} ms after the webhook", since_seen.as_millis()),
     };
     let mut line = format!(
         "{status} checkout={} order={order} {} {} (was {was}; {timing})",
