@@ -27,6 +27,11 @@ pub const CREDENTIAL_API_KEY: &str = "paymennt-api-key";
 /// The systemd credential name of the Google service-account file.
 pub const CREDENTIAL_FIRESTORE: &str = "firestore-service-account";
 
+/// The systemd credential name of the HTTP listener's bearer token (`POST /v1/checkouts`).
+pub const CREDENTIAL_HTTP_TOKEN: &str = "paywatch-http-token";
+/// The systemd credential name of the webhook HMAC key (the `hmacKey` paymennt returned).
+pub const CREDENTIAL_WEBHOOK_HMAC_KEY: &str = "paywatch-webhook-hmac-key";
+
 /// The longest duration any setting accepts (ten years).
 pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
 
@@ -64,6 +69,9 @@ pub struct Settings {
     /// `[log]`.
     #[serde(default)]
     pub log: LogSettings,
+    /// `[http]`.
+    #[serde(default)]
+    pub http: HttpSettings,
     /// How many hook commands may run at once, over all hooks.
     #[serde(default = "default_hooks_concurrency")]
     pub hooks_concurrency: usize,
@@ -282,6 +290,14 @@ pub struct FirestoreSettings {
     /// How long a PAID checkout stays watched for refunds.
     #[serde(default = "default_refund_watch", with = "humantime_serde")]
     pub refund_watch: Duration,
+    /// Whether to listen to Firestore at all. `false`: changes arrive only through webhooks
+    /// (`[http]`) and the reconciler.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_stream_mode() -> StreamMode {
@@ -314,6 +330,7 @@ impl Default for FirestoreSettings {
             idle_timeout: default_idle_timeout(),
             add_ack_timeout: default_add_ack_timeout(),
             refund_watch: default_refund_watch(),
+            enabled: true,
         }
     }
 }
@@ -376,6 +393,125 @@ impl Default for DaemonSettings {
             drain_timeout: default_drain_timeout(),
         }
     }
+}
+
+/// `[http]`: the optional HTTP listener (webhook intake, track endpoint, health checks).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Address to listen on, e.g. `127.0.0.1:8788`. Unset: no listener.
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Bearer token of `POST /v1/checkouts`. Unset (and no file or credential): that endpoint is
+    /// off.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    /// A file holding the bearer token.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// The `hmacKey` paymennt returned for the webhook: signatures are checked with it.
+    #[serde(default)]
+    pub webhook_hmac_key: Option<Secret>,
+    /// A file holding the webhook HMAC key.
+    #[serde(default)]
+    pub webhook_hmac_key_file: Option<PathBuf>,
+    /// The request header carrying a webhook's HMAC-SHA256 signature.
+    #[serde(default = "default_signature_header")]
+    pub webhook_signature_header: String,
+    /// The largest request body accepted, in bytes.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Webhook notifications accepted per minute from one source address.
+    #[serde(default = "default_webhook_rate_per_address")]
+    pub webhook_rate_per_address: u32,
+    /// Webhook notifications accepted per minute for one checkout.
+    #[serde(default = "default_webhook_rate_per_checkout")]
+    pub webhook_rate_per_checkout: u32,
+    /// `/readyz` fails once Get Checkout has failed without a success for this long.
+    #[serde(default = "default_verify_failing_after", with = "humantime_serde")]
+    pub verify_failing_after: Duration,
+}
+
+fn default_signature_header() -> String {
+    "X-Paymennt-Signature".into()
+}
+fn default_max_body_bytes() -> usize {
+    64 * 1024
+}
+fn default_webhook_rate_per_address() -> u32 {
+    120
+}
+fn default_webhook_rate_per_checkout() -> u32 {
+    10
+}
+fn default_verify_failing_after() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            listen: None,
+            token: None,
+            token_file: None,
+            webhook_hmac_key: None,
+            webhook_hmac_key_file: None,
+            webhook_signature_header: default_signature_header(),
+            max_body_bytes: default_max_body_bytes(),
+            webhook_rate_per_address: default_webhook_rate_per_address(),
+            webhook_rate_per_checkout: default_webhook_rate_per_checkout(),
+            verify_failing_after: default_verify_failing_after(),
+        }
+    }
+}
+
+/// Bounds of `http.max_body_bytes`.
+pub const MAX_BODY_BYTES_RANGE: std::ops::RangeInclusive<usize> = 1024..=(10 * 1024 * 1024);
+/// Bounds of the `http.webhook_rate_*` settings (per minute).
+pub const WEBHOOK_RATE_RANGE: std::ops::RangeInclusive<u32> = 1..=1_000_000;
+
+impl HttpSettings {
+    /// The bearer token of the track endpoint: `token`, else `token_file`, else the systemd
+    /// credential `paywatch-http-token`; `None` when none is configured (the endpoint is off).
+    ///
+    /// # Errors
+    ///
+    /// An empty value or an unreadable file, named (never the value).
+    pub fn token(&self) -> Result<Option<Secret>, SettingsError> {
+        resolve_optional_secret(
+            "http.token",
+            self.token.as_ref(),
+            self.token_file.as_deref(),
+            CREDENTIAL_HTTP_TOKEN,
+        )
+    }
+
+    /// The webhook HMAC key: `webhook_hmac_key`, else its file, else the systemd credential
+    /// `paywatch-webhook-hmac-key`; `None` when none is configured.
+    ///
+    /// # Errors
+    ///
+    /// An empty value or an unreadable file, named (never the value).
+    pub fn webhook_hmac_key(&self) -> Result<Option<Secret>, SettingsError> {
+        resolve_optional_secret(
+            "http.webhook_hmac_key",
+            self.webhook_hmac_key.as_ref(),
+            self.webhook_hmac_key_file.as_deref(),
+            CREDENTIAL_WEBHOOK_HMAC_KEY,
+        )
+    }
+}
+
+fn resolve_optional_secret(
+    key: &str,
+    value: Option<&Secret>,
+    file: Option<&Path>,
+    credential: &str,
+) -> Result<Option<Secret>, SettingsError> {
+    if value.is_none() && file.is_none() && secret::systemd_credential(credential).is_none() {
+        return Ok(None);
+    }
+    resolve_secret(key, value, file, credential).map(Some)
 }
 
 /// Log output formats.
@@ -546,10 +682,21 @@ const KNOWN_KEYS: &[&str] = &[
     "firestore.idle_timeout",
     "firestore.add_ack_timeout",
     "firestore.refund_watch",
+    "firestore.enabled",
     "reconcile.interval",
     "daemon.drain_timeout",
     "log.level",
     "log.format",
+    "http.listen",
+    "http.token",
+    "http.token_file",
+    "http.webhook_hmac_key",
+    "http.webhook_hmac_key_file",
+    "http.webhook_signature_header",
+    "http.max_body_bytes",
+    "http.webhook_rate_per_address",
+    "http.webhook_rate_per_checkout",
+    "http.verify_failing_after",
     "hooks_concurrency",
 ];
 
@@ -761,6 +908,7 @@ impl Settings {
             ("firestore.idle_timeout", self.firestore.idle_timeout),
             ("firestore.add_ack_timeout", self.firestore.add_ack_timeout),
             ("reconcile.interval", self.reconcile.interval),
+            ("http.verify_failing_after", self.http.verify_failing_after),
         ];
         for (key, value) in positive {
             if value.is_zero() {
@@ -792,6 +940,10 @@ impl Settings {
             ),
             ("reconcile.interval".to_owned(), self.reconcile.interval),
             ("daemon.drain_timeout".to_owned(), self.daemon.drain_timeout),
+            (
+                "http.verify_failing_after".to_owned(),
+                self.http.verify_failing_after,
+            ),
         ];
         for (index, hook) in self.hooks.iter().enumerate() {
             bounded.push((format!("hooks[{index}].timeout"), hook.timeout));
@@ -824,6 +976,38 @@ impl Settings {
             if value == 0 {
                 return Err(err(format!("{origin}: '{key}' must be at least 1")));
             }
+        }
+        if !MAX_BODY_BYTES_RANGE.contains(&self.http.max_body_bytes) {
+            return Err(err(format!(
+                "{origin}: 'http.max_body_bytes' value '{}' is out of range ({} to {})",
+                self.http.max_body_bytes,
+                MAX_BODY_BYTES_RANGE.start(),
+                MAX_BODY_BYTES_RANGE.end()
+            )));
+        }
+        for (key, value) in [
+            (
+                "http.webhook_rate_per_address",
+                self.http.webhook_rate_per_address,
+            ),
+            (
+                "http.webhook_rate_per_checkout",
+                self.http.webhook_rate_per_checkout,
+            ),
+        ] {
+            if !WEBHOOK_RATE_RANGE.contains(&value) {
+                return Err(err(format!(
+                    "{origin}: '{key}' value '{value}' is out of range ({} to {} per minute)",
+                    WEBHOOK_RATE_RANGE.start(),
+                    WEBHOOK_RATE_RANGE.end()
+                )));
+            }
+        }
+        if http::HeaderName::from_bytes(self.http.webhook_signature_header.as_bytes()).is_err() {
+            return Err(err(format!(
+                "{origin}: 'http.webhook_signature_header' value '{}' is not a valid HTTP header name",
+                crate::domain::printable(&self.http.webhook_signature_header)
+            )));
         }
         if let Some(url) = &self.paymennt.base_url {
             check_url(origin, "paymennt.base_url", url)?;
