@@ -60,6 +60,9 @@ pub struct VerifierStats {
     pub failures: u64,
     /// When the last PAID was recorded.
     pub last_payment: Option<DateTime<Utc>>,
+    /// Since when Get Checkout has been failing (network, 5xx, 429, refused credentials) with
+    /// no success in between; `None` while it works. "Not found" answers are not failures.
+    pub failing_since: Option<DateTime<Utc>>,
 }
 
 /// Where the verifier says what it changed, so the stages after it can follow.
@@ -348,9 +351,21 @@ impl Verifier {
         self.stats.send_modify(|stats| stats.calls += 1);
         let client = self.config.borrow().client.clone();
         let verified = match client.get_checkout(&nudge.checkout_id).await {
-            Ok(verified) => verified,
+            Ok(verified) => {
+                self.stats
+                    .send_if_modified(|stats| stats.failing_since.take().is_some());
+                verified
+            }
             Err(error) => {
-                self.stats.send_modify(|stats| stats.failures += 1);
+                let answered = error.is_not_found();
+                self.stats.send_modify(|stats| {
+                    stats.failures += 1;
+                    if answered {
+                        stats.failing_since = None;
+                    } else if stats.failing_since.is_none() {
+                        stats.failing_since = Some(Utc::now());
+                    }
+                });
                 if error.is_retryable() {
                     tracing::warn!(checkout = %nudge.checkout_id, source = %nudge.source, %error, "Get Checkout failed; will try again");
                     return Some(nudge);

@@ -35,6 +35,9 @@ pub struct FaultSettings {
     pub api_latency_ms: u64,
     /// How long after a checkout changes its Firestore document is written.
     pub document_write_delay_ms: u64,
+    /// New Listen calls are refused with UNAVAILABLE while set (with `close_listen_streams`:
+    /// Firestore is down until this is cleared).
+    pub refuse_listen: bool,
 }
 
 /// A partial update of [`FaultSettings`]: the body of `POST /_sandbox/faults`.
@@ -56,6 +59,8 @@ pub struct FaultUpdate {
     pub api_latency_ms: Option<u64>,
     /// See [`FaultSettings::document_write_delay_ms`].
     pub document_write_delay_ms: Option<u64>,
+    /// See [`FaultSettings::refuse_listen`].
+    pub refuse_listen: Option<bool>,
     /// Drop every open Listen stream with UNAVAILABLE now.
     pub close_listen_streams: bool,
 }
@@ -140,8 +145,12 @@ impl Faults {
                 retry_after_seconds,
                 api_latency_ms,
                 document_write_delay_ms,
+                refuse_listen,
                 close_listen_streams: _,
             } = update;
+            if let Some(v) = refuse_listen {
+                settings.refuse_listen = v;
+            }
             if let Some(v) = api_error_rate {
                 settings.api_error_rate = v;
             }
@@ -193,6 +202,16 @@ impl Faults {
     /// Checkout documents are written `delay` after the checkout changes.
     pub fn set_document_write_delay(&self, delay: Duration) {
         self.settings_lock().document_write_delay_ms = millis(delay);
+    }
+
+    /// Refuses new Listen calls (UNAVAILABLE) while `refuse` is true.
+    pub fn set_refuse_listen(&self, refuse: bool) {
+        self.settings_lock().refuse_listen = refuse;
+    }
+
+    /// Whether new Listen calls are refused.
+    pub fn refuse_listen(&self) -> bool {
+        self.settings_lock().refuse_listen
     }
 
     /// The added API latency.

@@ -293,10 +293,7 @@ mod tests {
                 "{body}"
             );
         }
-        assert_eq!(
-            checkout_id_of(br#"{"event":"test"}"#).expect("no id"),
-            None
-        );
+        assert_eq!(checkout_id_of(br#"{"event":"test"}"#).expect("no id"), None);
     }
 
     #[test]
@@ -330,7 +327,11 @@ mod tests {
             body
         ));
         assert!(!signature_matches(&key, signature.as_bytes(), b"{}"));
-        assert!(!signature_matches(&Secret::new("other"), signature.as_bytes(), body));
+        assert!(!signature_matches(
+            &Secret::new("other"),
+            signature.as_bytes(),
+            body
+        ));
         assert!(!signature_matches(&key, b"not hex", body));
     }
 }

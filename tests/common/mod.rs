@@ -111,6 +111,7 @@ impl Daemon {
             log: LogHandle::detached(),
             status: Some(sender),
             notifier: paywatch::daemon::notify::Notifier::disabled(),
+            http_addr: None,
         };
         let task = tokio::spawn(daemon::run(settings.clone(), receiver, options));
         tokio::time::timeout(DEADLINE, status.wait_for(|s| s.ready))
