@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod hooks;
 pub mod output;
 pub mod sandbox;
+pub mod webhooks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -79,6 +80,9 @@ pub enum Command {
     /// Hook deliveries: list, retry, replay, and test a hook before going live.
     #[command(subcommand)]
     Hooks(hooks::HooksCommand),
+    /// paymennt webhooks: register paywatch's address, list, test, disable.
+    #[command(subcommand)]
+    Webhooks(webhooks::WebhooksCommand),
     /// The demo's hook (used by `paywatch demo`).
     #[command(hide = true)]
     DemoHook(daemon::DemoHookArgs),
@@ -125,5 +129,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events(ref args) => checkouts::events(&load_settings(&cli)?, args),
         Command::Sandbox(args) => sandbox::run(args).await,
         Command::Hooks(ref command) => hooks::run(&load_settings(&cli)?, command).await,
+        Command::Webhooks(ref command) => webhooks::run(&load_settings(&cli)?, command).await,
     }
 }

@@ -13,7 +13,8 @@ use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 
 use super::wire::{
-    Checkout, CheckoutFacts, CheckoutPage, CheckoutShapeError, Envelope, LinkRequest,
+    Checkout, CheckoutFacts, CheckoutPage, CheckoutShapeError, Envelope, LinkRequest, Webhook,
+    WebhookId,
 };
 use crate::domain::{CheckoutId, CheckoutStatus};
 use crate::settings::{ApiCredentials, PaymenntSettings, SettingsError};
@@ -166,6 +167,10 @@ impl VerifiedCheckout {
     pub fn requested_at(&self) -> DateTime<Utc> {
         self.requested_at
     }
+}
+
+fn webhook_of(raw: &str) -> Result<Webhook, Error> {
+    serde_json::from_str(raw).map_err(|error| Error::Malformed(format!("webhook: {error}")))
 }
 
 /// Search filters for `GET /checkout`.
@@ -373,6 +378,78 @@ impl Client {
             .map_err(|error| Error::Malformed(format!("checkout page: {error}")))
     }
 
+    /// Create new webhook: `POST /webhooks` with `{"address": …}`. The answer holds the
+    /// webhook's `hmacKey`.
+    ///
+    /// # Errors
+    ///
+    /// The last attempt's [`Error`].
+    pub async fn create_webhook(&self, address: &str) -> Result<Webhook, Error> {
+        let body = serde_json::json!({ "address": address });
+        let raw = self
+            .call(|| self.http.post(self.url("webhooks")).json(&body))
+            .await?;
+        webhook_of(&raw)
+    }
+
+    /// List webhooks: `GET /webhooks`. paymennt's spec answers an array of wrappers; a single
+    /// wrapper whose `result` is an array is read too.
+    ///
+    /// # Errors
+    ///
+    /// The last attempt's [`Error`].
+    pub async fn list_webhooks(&self) -> Result<Vec<Webhook>, Error> {
+        let body = self
+            .call_raw(|| {
+                self.http
+                    .get(self.url("webhooks"))
+                    .query(&[("page", "0"), ("size", "1000")])
+            })
+            .await?;
+        if let Ok(wrappers) = serde_json::from_slice::<Vec<serde_json::Value>>(&body) {
+            return wrappers
+                .iter()
+                .map(|wrapper| {
+                    result_of(wrapper.to_string().as_bytes()).and_then(|raw| webhook_of(&raw))
+                })
+                .collect();
+        }
+        let raw = result_of(&body)?;
+        serde_json::from_str(&raw).map_err(|error| Error::Malformed(format!("webhooks: {error}")))
+    }
+
+    /// `POST /webhooks/{id}/{action}` for `test` (a test call to its address), `disable`,
+    /// `enable`, `delete`; and `GET /webhooks/{id}` for `get`.
+    ///
+    /// # Errors
+    ///
+    /// The last attempt's [`Error`]; an unknown action is refused before any call.
+    pub async fn webhook_action(&self, id: &WebhookId, action: &str) -> Result<Webhook, Error> {
+        let raw = match action {
+            "get" => {
+                self.call(|| {
+                    self.http
+                        .get(self.url(&format!("webhooks/{}", id.as_str())))
+                })
+                .await?
+            }
+            "test" | "disable" | "enable" | "delete" => {
+                self.call(|| {
+                    self.http
+                        .post(self.url(&format!("webhooks/{}/{action}", id.as_str())))
+                })
+                .await?
+            }
+            other => {
+                return Err(Error::Rejected {
+                    status: 0,
+                    message: format!("unknown webhook action '{other}'"),
+                });
+            }
+        };
+        webhook_of(&raw)
+    }
+
     fn url(&self, path: &str) -> Url {
         // `path` is built from validated ids only, so joining cannot fail or escape the base.
         self.base.join(path).unwrap_or_else(|_| self.base.clone())
@@ -395,7 +472,28 @@ impl Client {
         }
     }
 
-    async fn attempt(&self, request: reqwest::RequestBuilder) -> Result<String, Error> {
+    /// Sends a request, retrying what may succeed later; returns the whole body of a 2xx answer.
+    async fn call_raw(
+        &self,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<Vec<u8>, Error> {
+        let mut retry = 0;
+        loop {
+            match self.attempt_raw(build()).await {
+                Ok(body) => return Ok(body),
+                Err(error) if error.is_retryable() && retry < self.retry.max_retries => {
+                    let delay = self.retry.delay(retry, &error);
+                    tracing::debug!(%error, retry = retry + 1, delay_ms = delay.as_millis() as u64, "retrying paymennt call");
+                    tokio::time::sleep(delay).await;
+                    retry += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// One request: the body of a 2xx answer, or the error its status and wrapper say.
+    async fn attempt_raw(&self, request: reqwest::RequestBuilder) -> Result<Vec<u8>, Error> {
         let response = request
             .send()
             .await
@@ -409,41 +507,31 @@ impl Client {
         if status == StatusCode::TOO_MANY_REQUESTS {
             return Err(Error::RateLimited { retry_after });
         }
-        let envelope: Result<Envelope, _> = serde_json::from_slice(&body);
-        let message = |envelope: &Result<Envelope, serde_json::Error>| match envelope {
+        if status.is_success() {
+            return Ok(body.to_vec());
+        }
+        let message = match serde_json::from_slice::<Envelope>(&body) {
             Ok(Envelope {
                 error: Some(message),
                 ..
-            }) => message.clone(),
+            }) => message,
             _ => body_excerpt(&body),
         };
         if status.is_server_error() {
             return Err(Error::Server {
                 status: status.as_u16(),
-                message: message(&envelope),
+                message,
             });
         }
-        if status.is_client_error() {
-            return Err(Error::Rejected {
-                status: status.as_u16(),
-                message: message(&envelope),
-            });
-        }
-        let envelope = envelope.map_err(|error| {
-            Error::Malformed(format!("{error}; body starts {}", body_excerpt(&body)))
-        })?;
-        if !envelope.success {
-            return Err(Error::Rejected {
-                status: status.as_u16(),
-                message: envelope
-                    .error
-                    .unwrap_or_else(|| "success is false and no error was given".into()),
-            });
-        }
-        envelope
-            .result
-            .map(|raw| raw.get().to_owned())
-            .ok_or_else(|| Error::Malformed("success is true but there is no result".into()))
+        Err(Error::Rejected {
+            status: status.as_u16(),
+            message,
+        })
+    }
+
+    async fn attempt(&self, request: reqwest::RequestBuilder) -> Result<String, Error> {
+        let body = self.attempt_raw(request).await?;
+        result_of(&body)
     }
 
     fn transport_error(&self, error: reqwest::Error) -> Error {
@@ -462,6 +550,25 @@ impl Client {
             Error::Network(text)
         }
     }
+}
+
+/// The `result` of a 2xx answer's wrapper, as JSON text.
+fn result_of(body: &[u8]) -> Result<String, Error> {
+    let envelope: Envelope = serde_json::from_slice(body).map_err(|error| {
+        Error::Malformed(format!("{error}; body starts {}", body_excerpt(body)))
+    })?;
+    if !envelope.success {
+        return Err(Error::Rejected {
+            status: 200,
+            message: envelope
+                .error
+                .unwrap_or_else(|| "success is false and no error was given".into()),
+        });
+    }
+    envelope
+        .result
+        .map(|raw| raw.get().to_owned())
+        .ok_or_else(|| Error::Malformed("success is true but there is no result".into()))
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is rare for APIs; it is treated as absent).
