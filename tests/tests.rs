@@ -4,6 +4,7 @@ mod cli;
 mod common;
 mod daemon;
 mod hooks;
+mod http;
 mod interop;
 mod sandbox;
 mod service;
