@@ -216,3 +216,33 @@ impl Health {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn readiness_names_startup_and_a_verifier_failing_past_the_threshold() {
+        let ledger = Ledger::open_in_memory().expect("ledger");
+        let (stats, receiver) = watch::channel(VerifierStats::default());
+        let health = Health::new(ledger, None, receiver, Duration::from_secs(60));
+        let before = health.readiness();
+        assert!(!before.ready);
+        assert_eq!(before.problems, ["startup has not finished"]);
+        assert_eq!(before.streams, None, "Firestore off: no streams to count");
+        health.set_started(true);
+        assert!(health.readiness().ready);
+        // Failing for less than the threshold is not yet a problem; longer is.
+        stats.send_modify(|s| s.failing_since = Some(chrono::Utc::now()));
+        assert!(health.readiness().ready);
+        stats.send_modify(|s| {
+            s.failing_since = Some(chrono::Utc::now() - chrono::Duration::seconds(61))
+        });
+        let failing = health.readiness();
+        assert!(!failing.ready);
+        assert!(failing.problems[0].contains("Get Checkout has been failing"));
+        stats.send_modify(|s| s.failing_since = None);
+        assert!(health.readiness().ready);
+        assert!(health.liveness().await.ok);
+    }
+}
