@@ -204,7 +204,11 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
                 checks.push(check(false, format!("paymennt: not called: {error}")));
             }
         }
-        if let Ok(options) = listener.as_ref().filter(|_| settings.firestore.enabled) {
+        if let Some(options) = listener
+            .as_ref()
+            .ok()
+            .filter(|_| settings.firestore.enabled)
+        {
             let result = crate::sources::firestore::check_credentials(
                 &options.endpoint,
                 &options.auth,
