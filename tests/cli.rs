@@ -409,10 +409,8 @@ async fn webhooks_register_list_test_disable_keep_the_hmac_key_out_of_output_unl
     assert_eq!(json["id"], hook.id);
     assert_eq!(json["enabled"], true);
     assert!(json.get("hmacKey").is_none(), "{json}");
-    for output in [&registered] {
-        assert!(!stdout(output).contains(&hook.hmac_key));
-        assert!(!stderr(output).contains(&hook.hmac_key));
-    }
+    assert!(!stdout(&registered).contains(&hook.hmac_key));
+    assert!(!stderr(&registered).contains(&hook.hmac_key));
     let listed = run(args(&["webhooks", "list"])).await.expect("ran");
     assert!(listed.status.success(), "{}", stderr(&listed));
     assert!(stdout(&listed).contains(&hook.id), "{}", stdout(&listed));
