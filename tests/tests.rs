@@ -1,10 +1,15 @@
 //! End-to-end tests: one binary for every surface (the ripgrep shape).
 
+mod bad_input;
+mod chaos;
 mod cli;
 mod common;
 mod daemon;
 mod hooks;
 mod http;
 mod interop;
+mod misconfigured;
+mod properties;
 mod sandbox;
+mod secrets;
 mod service;

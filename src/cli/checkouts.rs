@@ -237,8 +237,9 @@ pub async fn link_create(settings: &Settings, args: &LinkCreateArgs) -> anyhow::
     let client = Client::from_settings(&settings.paymennt)?;
     // Open the ledger first: a ledger we cannot write must stop us before a link exists.
     let ledger = open_ledger(settings)?;
+    let ticket = ledger.issue_ticket()?;
     let verified = client
-        .create_link(&request)
+        .create_link(&request, ticket)
         .await
         .context("creating the payment link")?;
     if let Err(error) = record_verified(settings, &ledger, &verified) {
@@ -275,7 +276,15 @@ pub struct TrackArgs {
 
 /// Reads a response and returns the checkout inside it, naming what is wrong if anything is.
 pub fn parse_response(text: &str, origin: &str) -> Result<Checkout, UsageError> {
-    let usage = |message: String| UsageError(format!("{origin}: {message}"));
+    read_response(text, origin).map_err(|rejected| UsageError(rejected.message))
+}
+
+/// [`parse_response`], keeping the field at fault apart.
+fn read_response(text: &str, origin: &str) -> Result<Checkout, RejectedInput> {
+    let usage = |message: String| RejectedInput {
+        message: format!("{origin}: {message}"),
+        field: None,
+    };
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| usage(format!("not valid JSON: {e}")))?;
     let object = value
@@ -298,8 +307,22 @@ pub fn parse_response(text: &str, origin: &str) -> Result<Checkout, UsageError> 
     } else {
         text.to_owned()
     };
-    serde_json::from_str(&result_text)
-        .map_err(|e| usage(format!("the checkout cannot be read: {e}")))
+    // The path names the field at fault ("amount: expected a number, got abc").
+    let mut deserializer = serde_json::Deserializer::from_str(&result_text);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        if field == "." {
+            usage(format!("the checkout cannot be read: {inner}"))
+        } else {
+            RejectedInput {
+                field: Some(field.clone()),
+                ..usage(format!(
+                    "the checkout cannot be read: field '{field}': {inner}"
+                ))
+            }
+        }
+    })
 }
 
 /// Why a create-link or Get Checkout response cannot be tracked.
@@ -318,10 +341,7 @@ pub struct RejectedInput {
 ///
 /// A [`RejectedInput`] naming the origin, the problem and, where there is one, the field.
 pub fn track_input(text: &str, origin: &str) -> Result<CheckoutFacts, RejectedInput> {
-    let checkout = parse_response(text, origin).map_err(|error| RejectedInput {
-        message: error.0,
-        field: None,
-    })?;
+    let checkout = read_response(text, origin)?;
     let facts = checkout.facts().map_err(|error| RejectedInput {
         message: format!("{origin}: {error}"),
         field: Some(match &error {
@@ -344,8 +364,9 @@ pub async fn track(settings: &Settings, args: &TrackArgs) -> anyhow::Result<()> 
             .map_err(|e| UsageError(format!("--checkout-id: {e}")))?;
         let client = Client::from_settings(&settings.paymennt)?;
         let ledger = open_ledger(settings)?;
+        let ticket = ledger.issue_ticket()?;
         let verified = client
-            .get_checkout(&id)
+            .get_checkout(&id, ticket)
             .await
             .with_context(|| format!("fetching checkout {id}"))?;
         let outcome = record_verified(settings, &ledger, &verified)?;
