@@ -4,7 +4,8 @@
 //! Owns: routes, request parsing, paymennt's `{success, elapsed, error, result}` wrapper, the API
 //! key check, and applying injected API faults (latency, 500, 429) and the Get Checkout counter.
 //! Must never: change a checkout except through [`SandboxState`], or answer with anything but the
-//! wrapper on the Merchant API (no plain-text rejections, not even for malformed JSON).
+//! wrapper on the Merchant API (no plain-text rejections, not even for malformed JSON; `GET
+//! /webhooks` answers an array of wrappers, as paymennt's spec says).
 //!
 //! # Admin endpoints (no authentication: the sandbox is a loopback tool; never expose it)
 //!
