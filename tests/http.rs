@@ -493,3 +493,47 @@ async fn readiness_flips_when_every_stream_drops_and_back_after_reconnect() {
     daemon.stop().await;
     sandbox.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_tracked_over_http_is_verified_at_once_even_with_firestore_off() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Firestore off and the reconciler an hour away: only the endpoint's own nudge can verify.
+    let token_file = dir.path().join("http-token");
+    std::fs::write(&token_file, "file-token-abcdef\n").expect("token file");
+    let (settings, path) = config(
+        dir.path(),
+        &sandbox,
+        "enabled = false",
+        &format!(
+            "listen = \"127.0.0.1:0\"\ntoken_file = \"{}\"",
+            token_file.display()
+        ),
+    );
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let daemon = Daemon::start(&settings, &path).await;
+    let checkout = sandbox
+        .state()
+        .create_link(&common::link_request("ORD-NOW", "10.00"))
+        .await
+        .expect("link");
+    let id: CheckoutId = checkout.id.clone().expect("id").0.parse().expect("id");
+    let bare = serde_json::to_string(&checkout).expect("json");
+    let (code, body) = post(
+        &format!("{}/v1/checkouts", daemon.http_url()),
+        bare,
+        &[("Authorization", "Bearer file-token-abcdef")],
+    )
+    .await;
+    assert_eq!(code, 201, "the bare result and a token from a file: {body}");
+    assert_eq!(body["status"], Value::Null, "a claim is not a status");
+    wait_status(&ledger, &id, "PENDING").await;
+    let mut status = daemon.status.clone();
+    tokio::time::timeout(DEADLINE, status.wait_for(|s| s.watched == 1))
+        .await
+        .expect("in the watch set")
+        .expect("status");
+    assert_eq!(calls(&sandbox, &id), 1);
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}
