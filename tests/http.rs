@@ -274,6 +274,9 @@ async fn oversized_malformed_and_badly_signed_notifications_are_refused() {
     assert_eq!(body["action"], "verifying with Get Checkout");
     let (code, body) = get(&format!("{}/nothing", daemon.http_url())).await;
     assert_eq!(code, 404, "{body}");
+    let (code, body) = get(&url).await;
+    assert_eq!(code, 405, "{body}");
+    assert!(body["error"].as_str().expect("message").contains("POST"));
     daemon.stop().await;
     sandbox.shutdown().await;
 }

@@ -43,6 +43,7 @@ pub fn router(context: Arc<HttpContext>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(context)
 }
@@ -56,6 +57,13 @@ async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
         "no such endpoint: paywatch serves POST /webhooks/paymennt, POST /v1/checkouts, GET /healthz and GET /readyz",
+    )
+}
+
+async fn method_not_allowed() -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed: webhooks and checkouts take POST, /healthz and /readyz take GET",
     )
 }
 

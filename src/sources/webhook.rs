@@ -73,7 +73,20 @@ pub struct WebhookIntake {
     hmac_key: Option<Secret>,
     per_address: DefaultKeyedRateLimiter<IpAddr>,
     per_checkout: DefaultKeyedRateLimiter<CheckoutId>,
+    /// Refusals (rate limits, bad signatures) are warned about at most once a minute, so a
+    /// flood of them cannot flood the log.
+    refusals: std::sync::Mutex<Refusals>,
 }
+
+/// Refusals since the last warning.
+#[derive(Default)]
+struct Refusals {
+    last_warning: Option<Instant>,
+    unreported: u64,
+}
+
+/// How often refused notifications are warned about.
+const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for WebhookIntake {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -104,7 +117,27 @@ impl WebhookIntake {
             hmac_key: settings.webhook_hmac_key()?,
             per_address: RateLimiter::keyed(per_minute(settings.webhook_rate_per_address)),
             per_checkout: RateLimiter::keyed(per_minute(settings.webhook_rate_per_checkout)),
+            refusals: std::sync::Mutex::new(Refusals::default()),
         })
+    }
+
+    /// Warns about a refusal, or counts it if a warning went out within the last minute.
+    fn refused(&self, from: IpAddr, what: &str) {
+        let mut refusals = self
+            .refusals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let due = refusals
+            .last_warning
+            .is_none_or(|at| at.elapsed() >= REFUSAL_WARNING_EVERY);
+        if due {
+            let earlier = std::mem::take(&mut refusals.unreported);
+            refusals.last_warning = Some(Instant::now());
+            tracing::warn!(%from, refused_since_last_warning = earlier, "webhook notification refused: {what}");
+        } else {
+            refusals.unreported += 1;
+            tracing::debug!(%from, "webhook notification refused: {what}");
+        }
     }
 
     /// Whether signatures are checked (a key is configured).
@@ -116,7 +149,10 @@ impl WebhookIntake {
     pub async fn receive(&self, from: IpAddr, signature: Option<&[u8]>, body: &[u8]) -> Intake {
         let seen_at = Instant::now();
         if let Err(retry_after) = check(&self.per_address, &from) {
-            tracing::warn!(%from, "webhook notifications from this address are over the rate limit ([http] webhook_rate_per_address)");
+            self.refused(
+                from,
+                "too many from this address ([http] webhook_rate_per_address)",
+            );
             return Intake::RateLimited {
                 scope: "address",
                 retry_after,
@@ -125,7 +161,7 @@ impl WebhookIntake {
         match (signature, &self.hmac_key) {
             (Some(signature), Some(key)) => {
                 if !signature_matches(key, signature, body) {
-                    tracing::warn!(%from, "webhook notification refused: its signature does not match [http] webhook_hmac_key (check that the key is the hmacKey paymennt returned for this webhook)");
+                    self.refused(from, "its signature does not match [http] webhook_hmac_key (check that the key is the hmacKey paymennt returned for this webhook: paywatch webhooks list --show-hmac-key)");
                     return Intake::BadSignature;
                 }
             }
@@ -143,7 +179,10 @@ impl WebhookIntake {
             Err(message) => return Intake::Malformed(message),
         };
         if let Err(retry_after) = check(&self.per_checkout, &id) {
-            tracing::warn!(checkout = %id, %from, "webhook notifications for this checkout are over the rate limit ([http] webhook_rate_per_checkout)");
+            self.refused(
+                from,
+                &format!("too many for checkout {id} ([http] webhook_rate_per_checkout)"),
+            );
             return Intake::RateLimited {
                 scope: "checkout",
                 retry_after,
