@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use super::{UsageError, output};
 use crate::daemon::listener_options;
-use crate::hooks::runner::{DEFAULT_PATH, resolve_program};
+use crate::hooks::config::HookSpec;
+use crate::hooks::runner::DEFAULT_PATH;
 use crate::ledger::Ledger;
 use crate::paymennt::{Client, SearchQuery};
 use crate::settings::Settings;
@@ -223,22 +224,39 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
     } else if !settings.firestore.enabled {
         checks.push(check(
             false,
-            "[firestore] enabled = false and no [http] listen: only the reconciler will notice changes
-      set [http] listen and register it with paywatch webhooks register",
+            "[firestore] enabled = false and no [http] listen: only the reconciler (and discovery) will notice changes\n      set [http] listen and register it with paywatch webhooks register",
         ));
     }
 
+    // Resolved exactly as the daemon does: on the hook's own env.PATH when it sets one.
     let path_var = std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
     for hook in &settings.hooks {
-        let program = hook.command.first().map(String::as_str).unwrap_or_default();
-        checks.push(match resolve_program(program, Some(&path_var)) {
-            Ok(path) => check(
+        checks.push(match HookSpec::resolve(hook, Some(&path_var)) {
+            Ok(spec) => check(
                 true,
-                format!("hook '{}' runs {}", hook.name, path.display()),
+                format!(
+                    "hook '{}' runs {}",
+                    hook.name,
+                    spec.command.program.display()
+                ),
             ),
-            Err(error) => check(false, format!("hook '{}': {error}", hook.name)),
+            Err(error) => check(false, error),
         });
     }
+
+    checks.push(check(
+        true,
+        if settings.discovery.is_enabled(&settings.paymennt) {
+            format!(
+                "discovery is on: checkouts of type {} created anywhere are tracked, searched every {}",
+                settings.discovery.types.join(", "),
+                humantime::format_duration(settings.discovery.interval)
+            )
+        } else {
+            "discovery is off: only checkouts given to paywatch (track, link create) are watched"
+                .to_owned()
+        },
+    ));
 
     let offline_failures = checks.iter().filter(|c| !c.ok).count();
     let mut online_failures = 0;
@@ -265,7 +283,11 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
                             "paymennt at {}: this address does not answer as paymennt's API: {error}",
                             client.base_url()
                         ),
-                        Err(error) => format!("paymennt at {}: {error}", client.base_url()),
+                        Err(error) => format!(
+                            "paymennt at {}: {error}\n\nSearch Checkouts is what discovery and reconcile sweeps use; \
+                             without it discovery finds nothing and sweeps fall back to one Get Checkout per open checkout",
+                            client.base_url()
+                        ),
                     },
                 ));
                 if ok && ledger_path.exists() {

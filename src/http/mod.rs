@@ -15,7 +15,6 @@ use anyhow::Context as _;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::health::Health;
@@ -112,29 +111,19 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 /// Serves `context`'s routes on `listener` until `stop`, then lets requests in flight finish.
-pub fn spawn(
-    listener: TcpListener,
-    context: Arc<HttpContext>,
-    stop: CancellationToken,
-) -> JoinHandle<()> {
+/// Returning before `stop` is a failure (the daemon's supervisor reports it).
+pub async fn serve(listener: TcpListener, context: Arc<HttpContext>, stop: CancellationToken) {
     let app: Router = routes::router(context);
-    tokio::spawn(async move {
-        let addr = listener.local_addr().ok();
-        let served = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop.clone().cancelled_owned())
-        .await;
-        match served {
-            Ok(()) if stop.is_cancelled() => tracing::debug!(?addr, "HTTP listener stopped"),
-            Ok(()) => tracing::error!(
-                ?addr,
-                "the HTTP listener stopped unexpectedly; webhooks and health checks are unanswered until a restart"
-            ),
-            Err(error) => {
-                tracing::error!(?addr, %error, "the HTTP listener failed; webhooks and health checks are unanswered until a restart")
-            }
-        }
-    })
+    let addr = listener.local_addr().ok();
+    let served = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop.clone().cancelled_owned())
+    .await;
+    match served {
+        Ok(()) if stop.is_cancelled() => tracing::debug!(?addr, "HTTP listener stopped"),
+        Ok(()) => tracing::error!(?addr, "the HTTP listener stopped unexpectedly"),
+        Err(error) => tracing::error!(?addr, %error, "the HTTP listener failed"),
+    }
 }

@@ -10,6 +10,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_verification_times.sql"),
     include_str!("migrations/0003_verify_tickets.sql"),
+    include_str!("migrations/0004_discovery.sql"),
     // Numbered 0008 to leave room for migrations written at the same time on other branches;
     // its place in this list (not its file name) is its version.
     include_str!("migrations/0008_webhook_source.sql"),

@@ -35,6 +35,95 @@ pub const CREDENTIAL_WEBHOOK_HMAC_KEY: &str = "paywatch-webhook-hmac-key";
 /// The longest duration any setting accepts (ten years).
 pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
 
+/// The accepted range of each duration setting (`hooks[N].x` as `hooks.x`), lowest first.
+pub const DURATION_BOUNDS: &[(&str, Duration, Duration)] = &[
+    (
+        "paymennt.connect_timeout",
+        Duration::from_millis(100),
+        Duration::from_secs(300),
+    ),
+    (
+        "paymennt.request_timeout",
+        Duration::from_millis(100),
+        Duration::from_secs(600),
+    ),
+    (
+        "firestore.idle_timeout",
+        Duration::from_secs(1),
+        Duration::from_secs(3600),
+    ),
+    (
+        "firestore.add_ack_timeout",
+        Duration::from_millis(100),
+        Duration::from_secs(600),
+    ),
+    ("firestore.refund_watch", Duration::ZERO, MAX_DURATION),
+    (
+        "reconcile.interval",
+        Duration::from_secs(1),
+        Duration::from_secs(24 * 3600),
+    ),
+    (
+        "daemon.drain_timeout",
+        Duration::ZERO,
+        Duration::from_secs(3600),
+    ),
+    (
+        "hooks.timeout",
+        Duration::from_millis(100),
+        Duration::from_secs(24 * 3600),
+    ),
+    (
+        "hooks.max_age",
+        Duration::from_secs(1),
+        Duration::from_secs(366 * 24 * 3600),
+    ),
+    (
+        "http.verify_failing_after",
+        Duration::from_secs(1),
+        Duration::from_secs(24 * 3600),
+    ),
+];
+
+/// The accepted range of each numeric setting (`hooks[N].x` as `hooks.x`), lowest first.
+pub const COUNT_BOUNDS: &[(&str, u64, u64)] = &[
+    ("paymennt.max_retries", 0, 20),
+    ("paymennt.concurrency", 1, 256),
+    ("firestore.targets_per_stream", 1, 10_000),
+    ("firestore.streams_per_connection", 1, 1000),
+    ("hooks_concurrency", 1, 256),
+    ("hooks.max_attempts", 1, 1000),
+    ("http.max_body_bytes", 1024, 10 * 1024 * 1024),
+    ("http.webhook_rate_per_address", 1, 1_000_000),
+    ("http.webhook_rate_per_checkout", 1, 1_000_000),
+];
+
+/// The key as the bound tables spell it: `hooks[3].timeout` is `hooks.timeout`.
+fn bound_key(key: &str) -> String {
+    match key.split_once("].") {
+        Some((_, field)) if key.starts_with("hooks[") => format!("hooks.{field}"),
+        _ => key.to_owned(),
+    }
+}
+
+fn duration_bounds(key: &str) -> (Duration, Duration) {
+    let key = bound_key(key);
+    DURATION_BOUNDS
+        .iter()
+        .find(|(name, _, _)| *name == key)
+        .map(|(_, min, max)| (*min, *max))
+        .unwrap_or((Duration::ZERO, MAX_DURATION))
+}
+
+fn count_bounds(key: &str) -> (u64, u64) {
+    let key = bound_key(key);
+    COUNT_BOUNDS
+        .iter()
+        .find(|(name, _, _)| *name == key)
+        .map(|(_, min, max)| (*min, *max))
+        .unwrap_or((1, 1000))
+}
+
 /// A config problem: it names the file or variable, the key and the bad value. Exit code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -63,6 +152,9 @@ pub struct Settings {
     /// `[reconcile]`.
     #[serde(default)]
     pub reconcile: ReconcileSettings,
+    /// `[discovery]`.
+    #[serde(default)]
+    pub discovery: DiscoverySettings,
     /// `[daemon]`.
     #[serde(default)]
     pub daemon: DaemonSettings,
@@ -360,6 +452,69 @@ pub struct ReconcileSettings {
     /// Time between sweeps.
     #[serde(default = "default_reconcile_interval", with = "humantime_serde")]
     pub interval: Duration,
+    /// Checkouts per Search Checkouts page in a sweep.
+    #[serde(default = "default_page_size")]
+    pub page_size: u32,
+}
+
+fn default_page_size() -> u32 {
+    100
+}
+
+/// The largest page size paywatch asks paymennt for.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+/// `[discovery]`: tracking checkouts created anywhere, found with Search Checkouts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverySettings {
+    /// On or off; unset means on when paymennt credentials are configured.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Checkout types to track (paymennt's `type`: QR, WEB, MOBILE, LINK, TERMINAL).
+    #[serde(default = "default_discovery_types")]
+    pub types: Vec<String>,
+    /// Time between searches.
+    #[serde(default = "default_discovery_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// How far back a first start (no stored cursor) looks.
+    #[serde(default = "default_discovery_lookback", with = "humantime_serde")]
+    pub lookback: Duration,
+    /// Checkouts per Search Checkouts page.
+    #[serde(default = "default_page_size")]
+    pub page_size: u32,
+}
+
+fn default_discovery_types() -> Vec<String> {
+    vec!["LINK".to_owned()]
+}
+
+fn default_discovery_interval() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_discovery_lookback() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+
+impl Default for DiscoverySettings {
+    fn default() -> Self {
+        DiscoverySettings {
+            enabled: None,
+            types: default_discovery_types(),
+            interval: default_discovery_interval(),
+            lookback: default_discovery_lookback(),
+            page_size: default_page_size(),
+        }
+    }
+}
+
+impl DiscoverySettings {
+    /// Whether discovery runs: as configured, else when paymennt credentials are set.
+    pub fn is_enabled(&self, paymennt: &PaymenntSettings) -> bool {
+        self.enabled
+            .unwrap_or_else(|| paymennt.credentials().is_ok())
+    }
 }
 
 fn default_reconcile_interval() -> Duration {
@@ -370,6 +525,7 @@ impl Default for ReconcileSettings {
     fn default() -> Self {
         ReconcileSettings {
             interval: default_reconcile_interval(),
+            page_size: default_page_size(),
         }
     }
 }
@@ -465,11 +621,6 @@ impl Default for HttpSettings {
     }
 }
 
-/// Bounds of `http.max_body_bytes`.
-pub const MAX_BODY_BYTES_RANGE: std::ops::RangeInclusive<usize> = 1024..=(10 * 1024 * 1024);
-/// Bounds of the `http.webhook_rate_*` settings (per minute).
-pub const WEBHOOK_RATE_RANGE: std::ops::RangeInclusive<u32> = 1..=1_000_000;
-
 impl HttpSettings {
     /// The bearer token of the track endpoint: `token`, else `token_file`, else the systemd
     /// credential `paywatch-http-token`; `None` when none is configured (the endpoint is off).
@@ -552,8 +703,9 @@ impl Default for LogSettings {
     }
 }
 
-/// One `[[hooks]]` entry.
-#[derive(Debug, Clone, Deserialize)]
+/// One `[[hooks]]` entry. Its `Debug` shows the names of `env`, never the values (a hook's env
+/// is where a merchant puts their own tokens).
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HookSettings {
     /// A unique name, used in logs, the ledger and `PAYWATCH_HOOK`.
@@ -579,6 +731,21 @@ pub struct HookSettings {
     /// Exit codes that mean "do not retry".
     #[serde(default)]
     pub permanent_exit_codes: Vec<i32>,
+}
+
+impl std::fmt::Debug for HookSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookSettings")
+            .field("name", &self.name)
+            .field("command", &self.command)
+            .field("statuses", &self.statuses)
+            .field("timeout", &self.timeout)
+            .field("max_attempts", &self.max_attempts)
+            .field("max_age", &self.max_age)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("permanent_exit_codes", &self.permanent_exit_codes)
+            .finish()
+    }
 }
 
 fn default_hook_timeout() -> Duration {
@@ -684,6 +851,12 @@ const KNOWN_KEYS: &[&str] = &[
     "firestore.refund_watch",
     "firestore.enabled",
     "reconcile.interval",
+    "reconcile.page_size",
+    "discovery.enabled",
+    "discovery.types",
+    "discovery.interval",
+    "discovery.lookback",
+    "discovery.page_size",
     "daemon.drain_timeout",
     "log.level",
     "log.format",
@@ -896,28 +1069,26 @@ impl Settings {
             .try_deserialize()
             .map_err(|error| describe_config_error(error, &origin, &overrides))?;
         settings.origin = file;
-        settings.validate(&origin)?;
+        settings.validate(&origin, &overrides)?;
         Ok(settings)
     }
 
     /// Checks what types cannot: ranges, URLs, hook names and commands.
-    fn validate(&self, origin: &str) -> Result<(), SettingsError> {
-        let positive = [
-            ("paymennt.connect_timeout", self.paymennt.connect_timeout),
-            ("paymennt.request_timeout", self.paymennt.request_timeout),
-            ("firestore.idle_timeout", self.firestore.idle_timeout),
-            ("firestore.add_ack_timeout", self.firestore.add_ack_timeout),
-            ("reconcile.interval", self.reconcile.interval),
-            ("http.verify_failing_after", self.http.verify_failing_after),
-        ];
-        for (key, value) in positive {
-            if value.is_zero() {
-                return Err(err(format!("{origin}: '{key}' must be greater than 0")));
-            }
-        }
-        // Timers are added to clock readings; an absurd value must be refused here rather than
-        // overflow (and panic) deep inside a running daemon.
-        let mut bounded = vec![
+    ///
+    /// Every number and duration has a lower and an upper bound ([`DURATION_BOUNDS`],
+    /// [`COUNT_BOUNDS`]): an absurd value is refused here, naming the key, the value and the
+    /// bound, rather than overflow a timer or panic a task deep inside a running daemon.
+    fn validate(
+        &self,
+        origin: &str,
+        overrides: &BTreeMap<String, (String, String)>,
+    ) -> Result<(), SettingsError> {
+        // A value set by an environment variable is reported under the variable's name.
+        let from = |key: &str| match overrides.get(key) {
+            Some((name, _)) => format!("environment variable {name}"),
+            None => origin.to_owned(),
+        };
+        let mut durations = vec![
             (
                 "paymennt.connect_timeout".to_owned(),
                 self.paymennt.connect_timeout,
@@ -945,61 +1116,138 @@ impl Settings {
                 self.http.verify_failing_after,
             ),
         ];
+        let mut counts = vec![
+            (
+                "paymennt.max_retries".to_owned(),
+                u64::from(self.paymennt.max_retries),
+            ),
+            (
+                "paymennt.concurrency".to_owned(),
+                self.paymennt.concurrency as u64,
+            ),
+            (
+                "firestore.targets_per_stream".to_owned(),
+                self.firestore.targets_per_stream as u64,
+            ),
+            (
+                "firestore.streams_per_connection".to_owned(),
+                self.firestore.streams_per_connection as u64,
+            ),
+            (
+                "hooks_concurrency".to_owned(),
+                self.hooks_concurrency as u64,
+            ),
+            (
+                "http.max_body_bytes".to_owned(),
+                self.http.max_body_bytes as u64,
+            ),
+            (
+                "http.webhook_rate_per_address".to_owned(),
+                u64::from(self.http.webhook_rate_per_address),
+            ),
+            (
+                "http.webhook_rate_per_checkout".to_owned(),
+                u64::from(self.http.webhook_rate_per_checkout),
+            ),
+        ];
         for (index, hook) in self.hooks.iter().enumerate() {
-            bounded.push((format!("hooks[{index}].timeout"), hook.timeout));
+            durations.push((format!("hooks[{index}].timeout"), hook.timeout));
             if let Some(max_age) = hook.max_age {
-                bounded.push((format!("hooks[{index}].max_age"), max_age));
+                durations.push((format!("hooks[{index}].max_age"), max_age));
+            }
+            if let Some(max_attempts) = hook.max_attempts {
+                counts.push((
+                    format!("hooks[{index}].max_attempts"),
+                    u64::from(max_attempts),
+                ));
+            }
+            for code in &hook.permanent_exit_codes {
+                if !(1..=255).contains(code) {
+                    return Err(err(format!(
+                        "{origin}: 'hooks[{index}].permanent_exit_codes' value '{code}' is not an exit code a hook can end with (1 to 255)"
+                    )));
+                }
             }
         }
-        for (key, value) in bounded {
-            if value > MAX_DURATION {
+        for (key, value) in durations {
+            let (min, max) = duration_bounds(&key);
+            let shown = humantime::format_duration(value);
+            if value < min {
                 return Err(err(format!(
-                    "{origin}: '{key}' value '{}' is too long (at most {})",
-                    humantime::format_duration(value),
-                    humantime::format_duration(MAX_DURATION)
+                    "{}: '{key}' value '{shown}' is too short (at least {})",
+                    from(&key),
+                    humantime::format_duration(min)
+                )));
+            }
+            if value > max {
+                return Err(err(format!(
+                    "{}: '{key}' value '{shown}' is too long (at most {})",
+                    from(&key),
+                    humantime::format_duration(max)
                 )));
             }
         }
-        let counts = [
-            ("paymennt.concurrency", self.paymennt.concurrency),
-            (
-                "firestore.targets_per_stream",
-                self.firestore.targets_per_stream,
-            ),
-            (
-                "firestore.streams_per_connection",
-                self.firestore.streams_per_connection,
-            ),
-            ("hooks_concurrency", self.hooks_concurrency),
-        ];
         for (key, value) in counts {
-            if value == 0 {
-                return Err(err(format!("{origin}: '{key}' must be at least 1")));
+            let (min, max) = count_bounds(&key);
+            if value < min {
+                return Err(err(format!(
+                    "{}: '{key}' value '{value}' is too small (at least {min})",
+                    from(&key)
+                )));
+            }
+            if value > max {
+                return Err(err(format!(
+                    "{}: '{key}' value '{value}' is too large (at most {max})",
+                    from(&key)
+                )));
             }
         }
-        if !MAX_BODY_BYTES_RANGE.contains(&self.http.max_body_bytes) {
-            return Err(err(format!(
-                "{origin}: 'http.max_body_bytes' value '{}' is out of range ({} to {})",
-                self.http.max_body_bytes,
-                MAX_BODY_BYTES_RANGE.start(),
-                MAX_BODY_BYTES_RANGE.end()
-            )));
+        let ranges = [
+            (
+                "discovery.interval",
+                self.discovery.interval,
+                Duration::from_secs(1),
+                Duration::from_secs(24 * 3600),
+            ),
+            (
+                "discovery.lookback",
+                self.discovery.lookback,
+                Duration::ZERO,
+                Duration::from_secs(366 * 24 * 3600),
+            ),
+        ];
+        for (key, value, low, high) in ranges {
+            if value < low || value > high {
+                return Err(err(format!(
+                    "{origin}: '{key}' value '{}' is out of range ({} to {})",
+                    humantime::format_duration(value),
+                    humantime::format_duration(low),
+                    humantime::format_duration(high)
+                )));
+            }
         }
         for (key, value) in [
-            (
-                "http.webhook_rate_per_address",
-                self.http.webhook_rate_per_address,
-            ),
-            (
-                "http.webhook_rate_per_checkout",
-                self.http.webhook_rate_per_checkout,
-            ),
+            ("reconcile.page_size", self.reconcile.page_size),
+            ("discovery.page_size", self.discovery.page_size),
         ] {
-            if !WEBHOOK_RATE_RANGE.contains(&value) {
+            if !(1..=MAX_PAGE_SIZE).contains(&value) {
                 return Err(err(format!(
-                    "{origin}: '{key}' value '{value}' is out of range ({} to {} per minute)",
-                    WEBHOOK_RATE_RANGE.start(),
-                    WEBHOOK_RATE_RANGE.end()
+                    "{origin}: '{key}' value '{value}' is out of range (1 to {MAX_PAGE_SIZE})"
+                )));
+            }
+        }
+        if self.discovery.types.is_empty() {
+            return Err(err(format!(
+                "{origin}: 'discovery.types' is empty\n\nlist at least one of {}, or set discovery.enabled = false",
+                crate::paymennt::wire::CHECKOUT_TYPES.join(", ")
+            )));
+        }
+        for kind in &self.discovery.types {
+            if !crate::paymennt::wire::CHECKOUT_TYPES.contains(&kind.as_str()) {
+                return Err(err(format!(
+                    "{origin}: 'discovery.types' has unknown type '{}'\n\nknown types: {}",
+                    crate::domain::printable(kind),
+                    crate::paymennt::wire::CHECKOUT_TYPES.join(", ")
                 )));
             }
         }
@@ -1056,16 +1304,6 @@ impl Settings {
                             .join(", ")
                     )));
                 }
-            }
-            if hook.max_attempts == Some(0) {
-                return Err(err(format!(
-                    "{origin}: '{at}.max_attempts' must be at least 1"
-                )));
-            }
-            if hook.timeout.is_zero() {
-                return Err(err(format!(
-                    "{origin}: '{at}.timeout' must be greater than 0"
-                )));
             }
             for key in hook.env.keys() {
                 if key.is_empty()
