@@ -156,6 +156,7 @@ pub async fn run(
     let sources = CancellationToken::new();
     let (listen_events, listen_receiver) = mpsc::channel::<ListenEvent>(4096);
     let listener_options = listener_options(&settings)?;
+    let mut idle_listen_events = None;
     let listener = if settings.firestore.enabled {
         Some(
             Listener::start(
@@ -166,7 +167,8 @@ pub async fn run(
             .context("starting the Firestore listener")?,
         )
     } else {
-        drop(listen_events);
+        // Kept open (never sent on) so the supervised event task runs until shutdown.
+        idle_listen_events = Some(listen_events);
         tracing::warn!(
             "[firestore] enabled = false: changes arrive only through webhooks ([http]) and the reconciler every {:?}",
             settings.reconcile.interval
@@ -478,6 +480,7 @@ pub async fn run(
     if let Some(listener) = listener {
         listener.closed().await;
     }
+    drop(idle_listen_events);
     // Last: systemd enforces the watchdog until the process exits.
     watchdog_cancel.cancel();
     let _ = watchdog.await;
