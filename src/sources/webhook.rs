@@ -202,9 +202,10 @@ impl WebhookIntake {
             }
         };
         if !tracked {
-            // The seam for discovery: an untracked id is where "track checkouts first seen in
-            // a notification" would take over. Without it, nothing is done and nothing is
-            // called: an unknown id must not cost a Get Checkout.
+            // The seam for discovery (`crate::sources::discovery`): with discovery on, this is
+            // where an early discovery round would be woken (coalesced, and spaced so a flood of
+            // forged ids cannot turn into a flood of searches). Not wired yet: nothing is done
+            // and nothing is called, so an unknown id costs no paymennt call at all.
             tracing::info!(checkout = %id, %from, "webhook notification for a checkout that is not tracked; ignored");
             return Intake::Unknown(id);
         }
