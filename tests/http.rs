@@ -98,8 +98,13 @@ async fn with_firestore_off_payments_still_arrive_through_signed_webhooks() {
     assert_eq!(daemon.http_url(), format!("http://127.0.0.1:{port}"));
     // The startup sweep verifies it; no Listen call is ever made.
     wait_status(&ledger, &id, "PENDING").await;
+    let paid_at = std::time::Instant::now();
     sandbox.state().pay(&id).await.expect("pay");
     wait_status(&ledger, &id, "PAID").await;
+    eprintln!(
+        "webhook only: PAID recorded {:?} after the payment (signed notification, Get Checkout, ledger)",
+        paid_at.elapsed()
+    );
     let paid = ledger
         .transitions(&id)
         .expect("transitions")
