@@ -176,8 +176,13 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
             Ok("off ([firestore] enabled = false): no credentials needed".to_owned())
         }
         Ok(options) => {
-            crate::sources::firestore::check_credentials(&options.endpoint, &options.auth, false)
-                .await
+            crate::sources::firestore::check_credentials(
+                &options.endpoint,
+                &options.auth,
+                options.ca_file.as_deref(),
+                false,
+            )
+            .await
         }
         Err(error) => Err(anyhow::anyhow!("{error:#}")),
     };
@@ -309,6 +314,7 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
             let result = crate::sources::firestore::check_credentials(
                 &options.endpoint,
                 &options.auth,
+                options.ca_file.as_deref(),
                 true,
             )
             .await;

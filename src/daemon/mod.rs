@@ -30,11 +30,11 @@ use crate::http::{HttpContext, NewlyTracked};
 use crate::ledger::Ledger;
 use crate::logging::LogHandle;
 use crate::paymennt::Client;
-use crate::settings::{Settings, is_loopback_host};
+use crate::settings::Settings;
 use crate::sources::Nudge;
 use crate::sources::discovery::DiscoveryConfig;
 use crate::sources::firestore::{
-    FirestoreAuth, ListenEvent, Listener, ListenerHandle, ListenerOptions, WatchTarget,
+    ListenEvent, Listener, ListenerHandle, ListenerOptions, WatchTarget,
 };
 use crate::verifier::{Verifier, VerifierConfig, VerifierSignals, VerifierStats};
 
@@ -84,21 +84,14 @@ const STATUS_LINE_EVERY: Duration = Duration::from_secs(5);
 ///
 /// # Errors
 ///
-/// A service-account file is needed for a non-loopback endpoint and none was configured.
+/// The auth mode's credentials are missing or unreadable (a [`crate::settings::SettingsError`],
+/// exit code 2).
 pub fn listener_options(settings: &Settings) -> anyhow::Result<ListenerOptions> {
-    let endpoint = settings.firestore.endpoint();
-    let loopback = reqwest::Url::parse(&endpoint)
-        .ok()
-        .and_then(|url| url.host_str().map(is_loopback_host))
-        .unwrap_or(false);
-    let auth = match settings.firestore.credentials_file() {
-        Some(path) => FirestoreAuth::ServiceAccountFile(path),
-        None if loopback => FirestoreAuth::None,
-        None => FirestoreAuth::ApplicationDefault,
-    };
+    let auth = settings.firestore.resolve_auth()?;
     Ok(ListenerOptions {
-        endpoint,
+        endpoint: settings.firestore.endpoint(),
         auth,
+        ca_file: settings.firestore.ca_file.clone(),
         mode: settings.firestore.stream_mode,
         targets_per_stream: settings.firestore.targets_per_stream,
         streams_per_connection: settings.firestore.streams_per_connection,
@@ -155,16 +148,20 @@ pub async fn run(
     //    checkout.
     let sources = CancellationToken::new();
     let (listen_events, listen_receiver) = mpsc::channel::<ListenEvent>(4096);
-    let listener_options = listener_options(&settings)?;
+    // With Firestore off its options are not even built: no Firestore credentials are needed.
+    let firestore_options = if settings.firestore.enabled {
+        Some(listener_options(&settings)?)
+    } else {
+        None
+    };
+    let firestore_endpoint = firestore_options
+        .as_ref()
+        .map_or_else(|| "off".to_owned(), |found| found.endpoint.clone());
     let mut idle_listen_events = None;
-    let listener = if settings.firestore.enabled {
+    let listener = if let Some(found) = firestore_options {
         Some(
-            Listener::start(
-                listener_options.clone(),
-                listen_events,
-                sources.child_token(),
-            )
-            .context("starting the Firestore listener")?,
+            Listener::start(found, listen_events, sources.child_token())
+                .context("starting the Firestore listener")?,
         )
     } else {
         // Kept open (never sent on) so the supervised event task runs until shutdown.
@@ -350,7 +347,7 @@ pub async fn run(
         checkouts = watched_count.load(std::sync::atomic::Ordering::Relaxed),
         need_verification = needing,
         stream_mode = settings.firestore.stream_mode.as_str(),
-        firestore = %if listener.is_some() { listener_options.endpoint.as_str() } else { "off" },
+        firestore = %firestore_endpoint,
         paymennt = %client.base_url(),
         ledger = %ledger.path().display(),
         startup_ms = started.elapsed().as_millis() as u64,
