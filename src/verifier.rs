@@ -60,6 +60,9 @@ pub struct VerifierStats {
     pub failures: u64,
     /// When the last PAID was recorded.
     pub last_payment: Option<DateTime<Utc>>,
+    /// Since when Get Checkout has been failing (network, 5xx, 429, refused credentials) with
+    /// no success in between; `None` while it works. "Not found" answers are not failures.
+    pub failing_since: Option<DateTime<Utc>>,
 }
 
 /// Where the verifier says what it changed, so the stages after it can follow.
@@ -379,9 +382,21 @@ impl Verifier {
             }
         };
         let verified = match client.get_checkout(&nudge.checkout_id, ticket).await {
-            Ok(verified) => verified,
+            Ok(verified) => {
+                self.stats
+                    .send_if_modified(|stats| stats.failing_since.take().is_some());
+                verified
+            }
             Err(error) => {
-                self.stats.send_modify(|stats| stats.failures += 1);
+                let answered = error.is_not_found();
+                self.stats.send_modify(|stats| {
+                    stats.failures += 1;
+                    if answered {
+                        stats.failing_since = None;
+                    } else if stats.failing_since.is_none() {
+                        stats.failing_since = Some(Utc::now());
+                    }
+                });
                 if error.is_retryable() && error.is_configuration_problem() {
                     tracing::error!(checkout = %nudge.checkout_id, source = %nudge.source, base_url = %client.base_url(), %error, "Get Checkout failed; will try again");
                     return Some(nudge);
@@ -500,6 +515,7 @@ fn payment_line(
         ),
         (Source::Reconcile, _) => "found by the reconciler".to_owned(),
         (Source::Manual, _) => "recorded by hand".to_owned(),
+        (Source::Webhook, _) => format!("verified {} ms after the webhook", since_seen.as_millis()),
     };
     let mut line = format!(
         "{status} checkout={} order={order} {} {} (was {was}; {timing})",

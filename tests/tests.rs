@@ -9,6 +9,7 @@ mod daemon;
 mod discovery;
 mod firestore_auth;
 mod hooks;
+mod http;
 mod interop;
 mod logging;
 mod misconfigured;

@@ -1150,6 +1150,18 @@ impl Ledger {
             .query_row("PRAGMA data_version", [], |row| row.get(0))
             .map_err(|e| self.error("data_version", e))
     }
+
+    /// Takes the write lock and releases it without writing: proof that a write would go
+    /// through (the health check).
+    ///
+    /// # Errors
+    ///
+    /// The file is read-only, locked by another writer past the busy timeout, or gone bad.
+    pub fn check_writable(&self) -> Result<()> {
+        self.lock()
+            .execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
+            .map_err(|e| self.error("write check", e))
+    }
 }
 
 /// Creates the file with mode 0600 if it does not exist (SQLite would create it 0644).

@@ -255,6 +255,11 @@ impl StreamingService<ListenRequest> for ListenMethod {
             inner
                 .headers
                 .record(seen_headers("Listen", request.metadata()));
+            if inner.faults.refuse_listen() {
+                return Err(Status::unavailable(
+                    "the sandbox refuses Listen calls (injected fault)",
+                ));
+            }
             let admitted = inner.caller.admit(request.metadata())?;
             let (out, receiver) = mpsc::channel(STREAM_BUFFER);
             let stream_id = inner.next_stream.fetch_add(1, Ordering::Relaxed);

@@ -109,6 +109,8 @@ pub struct Daemon {
     controls: mpsc::Sender<Control>,
     /// The daemon's published status.
     pub status: watch::Receiver<DaemonStatus>,
+    /// The HTTP listener's address, once bound (`[http] listen`).
+    pub http: watch::Receiver<Option<std::net::SocketAddr>>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -117,11 +119,13 @@ impl Daemon {
     pub async fn start(settings: &Settings, config_path: &Path) -> Daemon {
         let (controls, receiver) = mpsc::channel(8);
         let (sender, mut status) = watch::channel(DaemonStatus::default());
+        let (http_sender, http) = watch::channel(None);
         let options = RunOptions {
             config_path: Some(config_path.to_path_buf()),
             log: LogHandle::detached(),
             status: Some(sender),
             notifier: paywatch::daemon::notify::Notifier::disabled(),
+            http_addr: Some(http_sender),
         };
         let task = tokio::spawn(daemon::run(settings.clone(), receiver, options));
         tokio::time::timeout(DEADLINE, status.wait_for(|s| s.ready))
@@ -131,8 +135,15 @@ impl Daemon {
         Daemon {
             controls,
             status,
+            http,
             task,
         }
+    }
+
+    /// The base URL of the daemon's HTTP listener (`http://127.0.0.1:PORT`).
+    pub fn http_url(&self) -> String {
+        let addr = (*self.http.borrow()).expect("the daemon has an HTTP listener ([http] listen)");
+        format!("http://{addr}")
     }
 
     /// Sends a control.
