@@ -532,6 +532,7 @@ async fn a_second_daemon_on_the_same_ledger_is_refused() {
         log: paywatch::logging::LogHandle::detached(),
         status: None,
         notifier: paywatch::daemon::notify::Notifier::disabled(),
+        metrics: paywatch::metrics::Metrics::new(),
     };
     let second = tokio::time::timeout(
         DEADLINE,

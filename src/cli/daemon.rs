@@ -26,6 +26,7 @@ pub async fn run(settings: Settings, log: LogHandle) -> anyhow::Result<()> {
         log,
         status: None,
         notifier: daemon::notify::Notifier::from_env(),
+        metrics: crate::metrics::Metrics::new(),
     };
     daemon::run(settings, control_receiver, options).await
 }
@@ -81,6 +82,7 @@ pub async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         log: LogHandle::detached(),
         status: Some(status_sender),
         notifier: daemon::notify::Notifier::disabled(),
+        metrics: crate::metrics::Metrics::new(),
     };
     let daemon = tokio::spawn(daemon::run(settings.clone(), control_receiver, options));
     status

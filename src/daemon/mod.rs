@@ -25,6 +25,7 @@ use crate::hooks::config::HookSet;
 use crate::hooks::dispatcher::{Dispatcher, DispatcherHandle};
 use crate::ledger::Ledger;
 use crate::logging::LogHandle;
+use crate::metrics::Metrics;
 use crate::paymennt::Client;
 use crate::settings::{Settings, is_loopback_host};
 use crate::sources::Nudge;
@@ -68,6 +69,8 @@ pub struct RunOptions {
     pub status: Option<watch::Sender<DaemonStatus>>,
     /// systemd notifications (READY, STATUS, WATCHDOG, RELOADING, STOPPING).
     pub notifier: notify::Notifier,
+    /// Where this daemon's figures are counted (served at `/metrics`; see [`crate::metrics`]).
+    pub metrics: Metrics,
 }
 
 /// How often the systemd STATUS= line is refreshed.
@@ -137,7 +140,8 @@ pub async fn run(
     let _daemon_lock = lock_ledger(&settings.ledger.path)?;
 
     // 2. paymennt, and the hook commands (resolved now, so a missing program stops startup).
-    let client = Client::from_settings(&settings.paymennt)?;
+    let metrics = options.metrics.clone();
+    let client = Client::from_settings(&settings.paymennt)?.with_metrics(metrics.clone());
     let hooks = HookSet::from_settings(&settings)?;
 
     // 3. Firestore: start the listener and subscribe to every watched checkout.
@@ -145,7 +149,10 @@ pub async fn run(
     let (listen_events, listen_receiver) = mpsc::channel::<ListenEvent>(4096);
     let listener_options = listener_options(&settings)?;
     let listener = Listener::start(
-        listener_options.clone(),
+        ListenerOptions {
+            metrics: metrics.clone(),
+            ..listener_options.clone()
+        },
         listen_events,
         sources.child_token(),
     )
@@ -180,7 +187,8 @@ pub async fn run(
             ledger_changed: ledger_changed.clone(),
             watch_set_changed: watch_set_changed.clone(),
         },
-    );
+    )
+    .with_metrics(metrics.clone());
     let verifier_stats = verifier.stats();
     let verifier_abort = CancellationToken::new();
     let verifier_task =
@@ -192,6 +200,7 @@ pub async fn run(
         ledger.clone(),
         nudge_sender.clone(),
         sources.clone(),
+        metrics.clone(),
     ));
     let watched_count = Arc::new(std::sync::atomic::AtomicUsize::new(watched.len()));
     tasks.spawn(sync_watch_set(
@@ -211,11 +220,13 @@ pub async fn run(
         interval_receiver,
         watch_set_changed.clone(),
         sources.clone(),
+        metrics.clone(),
     ));
     drop(nudge_sender);
 
     // 6. The hook dispatcher: delivers the outbox, woken after each transition.
-    let dispatcher = Dispatcher::new(ledger.clone(), hooks, settings.hooks_concurrency);
+    let dispatcher = Dispatcher::new(ledger.clone(), hooks, settings.hooks_concurrency)
+        .with_metrics(metrics.clone());
     let dispatcher_handle = dispatcher.handle();
     let dispatcher_stop = CancellationToken::new();
     let dispatcher_kill = CancellationToken::new();
@@ -352,7 +363,7 @@ fn reload(
     let loaded = Settings::load(options.config_path.as_deref()).and_then(|fresh| {
         let hooks = HookSet::from_settings(&fresh)?;
         // Rebuilt, so rotated API credentials (a new secret file) take effect now.
-        let client = Client::from_settings(&fresh.paymennt)?;
+        let client = Client::from_settings(&fresh.paymennt)?.with_metrics(options.metrics.clone());
         Ok((fresh, hooks, client))
     });
     let (fresh, hooks, client) = match loaded {
@@ -454,6 +465,7 @@ async fn consume_listen_events(
     ledger: Ledger,
     nudges: mpsc::Sender<Nudge>,
     cancel: CancellationToken,
+    metrics: Metrics,
 ) {
     let mut batch = Vec::with_capacity(512);
     // Set when noting pending verifications failed: no token may be saved past an unnoted
@@ -513,9 +525,11 @@ async fn consume_listen_events(
                     checkout_id,
                     message,
                 } => {
+                    metrics.listen_target_refused();
                     tracing::warn!(checkout = %checkout_id, "Firestore stopped watching this checkout: {message}; the reconciler still checks it every interval");
                 }
                 ListenEvent::PermanentFailure { project, message } => {
+                    metrics.listen_project_refused(&project);
                     tracing::error!(project = %project, "Firestore refuses us: {message}");
                 }
                 ListenEvent::Connected {
@@ -531,6 +545,7 @@ async fn consume_listen_events(
                     reason,
                     retry_in,
                 } => {
+                    metrics.listen_reconnect(&project);
                     tracing::warn!(project = %project, stream, retry_in_ms = retry_in.as_millis() as u64, "Firestore stream disconnected: {reason}");
                 }
             }

@@ -69,6 +69,7 @@ use crate::hooks::event::HookEvent;
 use crate::hooks::retry::RetryPolicy;
 use crate::hooks::runner::{self, HookOutcome};
 use crate::ledger::{Delivery, DeliveryUpdate, Ledger};
+use crate::metrics::Metrics;
 
 /// How often the dispatcher looks for due deliveries when nothing wakes it.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -113,6 +114,8 @@ pub struct Dispatcher {
     concurrency: usize,
     /// The idle poll interval.
     poll: Duration,
+    /// Where attempts are counted and timed.
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -173,7 +176,14 @@ impl Dispatcher {
             }),
             concurrency: concurrency.max(1),
             poll: POLL_INTERVAL,
+            metrics: Metrics::disabled(),
         }
+    }
+
+    /// The same dispatcher, counting and timing attempts in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Dispatcher {
+        self.metrics = metrics;
+        self
     }
 
     /// The same dispatcher with another idle poll interval (tests; at least 1 ms).
@@ -210,6 +220,7 @@ impl Dispatcher {
             shared,
             concurrency,
             poll,
+            metrics,
         } = self;
         let slots = Arc::new(Semaphore::new(concurrency));
         let tasks = TaskTracker::new();
@@ -263,6 +274,7 @@ impl Dispatcher {
                                 delivery,
                                 kill.clone(),
                                 permit,
+                                metrics.clone(),
                             ));
                         }
                         if count < free {
@@ -352,11 +364,13 @@ async fn attempt(
     delivery: Delivery,
     kill: CancellationToken,
     permit: OwnedSemaphorePermit,
+    metrics: Metrics,
 ) {
     let update = match prepare(&delivery, spec) {
         Ok((spec, event)) => {
             let outcome = runner::run(&spec.command, &event, &kill).await;
             let update = decide(&spec.policy, &delivery, &outcome);
+            metrics.hook_attempt(&delivery.hook, &update, Some(outcome.duration));
             log_outcome(&delivery, &outcome, &update);
             update
         }
@@ -371,10 +385,12 @@ async fn attempt(
                 "hook delivery dead; once fixed, run: paywatch hooks retry {}",
                 delivery.event_id
             );
-            DeliveryUpdate::Dead {
+            let update = DeliveryUpdate::Dead {
                 exit_code: None,
                 error,
-            }
+            };
+            metrics.hook_attempt(&delivery.hook, &update, None);
+            update
         }
     };
     record(&ledger, &delivery, update).await;

@@ -16,6 +16,7 @@ use super::wire::{
     Checkout, CheckoutFacts, CheckoutPage, CheckoutShapeError, Envelope, LinkRequest,
 };
 use crate::domain::{CheckoutId, CheckoutStatus};
+use crate::metrics::{Metrics, PaymenntCall};
 use crate::settings::{ApiCredentials, PaymenntSettings, SettingsError};
 
 /// Why a call to paymennt failed. [`Error::is_retryable`] says whether trying again may help.
@@ -216,6 +217,7 @@ pub struct Client {
     base: Url,
     request_timeout: Duration,
     retry: RetryPolicy,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for Client {
@@ -296,7 +298,13 @@ impl Client {
             base,
             request_timeout,
             retry,
+            metrics: Metrics::disabled(),
         })
+    }
+
+    /// The same client, timing its Get Checkout and Search calls in `metrics`.
+    pub fn with_metrics(self, metrics: Metrics) -> Client {
+        Client { metrics, ..self }
     }
 
     /// The base URL in use.
@@ -310,6 +318,14 @@ impl Client {
     ///
     /// The last attempt's [`Error`].
     pub async fn get_checkout(&self, id: &CheckoutId) -> Result<VerifiedCheckout, Error> {
+        let started = std::time::Instant::now();
+        let result = self.fetch_checkout(id).await;
+        self.metrics
+            .paymennt_call(PaymenntCall::GetCheckout, &result, started.elapsed());
+        result
+    }
+
+    async fn fetch_checkout(&self, id: &CheckoutId) -> Result<VerifiedCheckout, Error> {
         let requested_at = Utc::now();
         let raw = self
             .call(|| {
@@ -349,6 +365,14 @@ impl Client {
     ///
     /// The last attempt's [`Error`].
     pub async fn search(&self, query: &SearchQuery) -> Result<CheckoutPage, Error> {
+        let started = std::time::Instant::now();
+        let result = self.search_once(query).await;
+        self.metrics
+            .paymennt_call(PaymenntCall::Search, &result, started.elapsed());
+        result
+    }
+
+    async fn search_once(&self, query: &SearchQuery) -> Result<CheckoutPage, Error> {
         let mut pairs: Vec<(&str, String)> = Vec::new();
         if let Some(order_id) = &query.order_id {
             pairs.push(("orderId", order_id.clone()));

@@ -107,6 +107,8 @@ pub struct ListenerOptions {
     /// A target whose only news is a heartbeat token is checkpointed at most this often
     /// (changes are checkpointed at the next snapshot whatever this says).
     pub checkpoint_interval: Duration,
+    /// Where streams are counted (open streams, the age of each stream's last message).
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Default for ListenerOptions {
@@ -122,6 +124,7 @@ impl Default for ListenerOptions {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             checkpoint_interval: Duration::from_secs(300),
+            metrics: crate::metrics::Metrics::disabled(),
         }
     }
 }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::Source;
 use crate::ledger::Ledger;
+use crate::metrics::{Metrics, SweepKind};
 use crate::sources::Nudge;
 
 /// Runs the reconciler until `cancel`.
@@ -23,15 +24,17 @@ use crate::sources::Nudge;
 /// token and nothing pending are left to Firestore, so a restart does not re-verify every
 /// unchanged checkout. Later sweeps, every `interval`, nudge every watched checkout.
 ///
-/// `watch_set_changed` is bumped when refund watches end, so the watch set is updated.
+/// `watch_set_changed` is bumped when refund watches end, so the watch set is updated. Sweeps
+/// are counted in `metrics`.
 pub async fn run(
     ledger: Ledger,
     nudges: mpsc::Sender<Nudge>,
     mut interval: watch::Receiver<Duration>,
     watch_set_changed: watch::Sender<u64>,
     cancel: CancellationToken,
+    metrics: Metrics,
 ) {
-    sweep(&ledger, &nudges, true, &cancel).await;
+    sweep(&ledger, &nudges, true, &cancel, &metrics).await;
     loop {
         let period = *interval.borrow_and_update();
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -48,7 +51,7 @@ pub async fn run(
                 }
                 _ = ticker.tick() => {
                     end_refund_watch(&ledger, &watch_set_changed).await;
-                    sweep(&ledger, &nudges, false, &cancel).await;
+                    sweep(&ledger, &nudges, false, &cancel, &metrics).await;
                 }
             }
         }
@@ -77,6 +80,7 @@ async fn sweep(
     nudges: &mpsc::Sender<Nudge>,
     only_needed: bool,
     cancel: &CancellationToken,
+    metrics: &Metrics,
 ) {
     let reader = ledger.clone();
     let entries = match tokio::task::spawn_blocking(move || reader.watch_set()).await {
@@ -94,6 +98,12 @@ async fn sweep(
         .into_iter()
         .filter(|entry| !only_needed || entry.needs_verify)
         .collect();
+    let kind = if only_needed {
+        SweepKind::Startup
+    } else {
+        SweepKind::Periodic
+    };
+    metrics.reconcile_sweep(kind, chosen.len());
     tracing::info!(
         checkouts = chosen.len(),
         kind = if only_needed { "startup" } else { "periodic" },

@@ -115,6 +115,7 @@ async fn latency_and_throughput(mode: &str, payments: usize) {
         log: LogHandle::detached(),
         status: Some(sender),
         notifier: Notifier::disabled(),
+        metrics: paywatch::metrics::Metrics::new(),
     };
     let started = Instant::now();
     let task = tokio::spawn(daemon::run(settings, receiver, options));

@@ -10,6 +10,7 @@ use paywatch::daemon::{self, Control, DaemonStatus, RunOptions};
 use paywatch::domain::CheckoutId;
 use paywatch::ledger::{Ledger, TrackedVia};
 use paywatch::logging::LogHandle;
+use paywatch::metrics::Metrics;
 use paywatch::paymennt::wire::{JsonDecimal, LinkRequest};
 use paywatch::sandbox::{Sandbox, SandboxOptions};
 use paywatch::settings::Settings;
@@ -98,6 +99,8 @@ pub struct Daemon {
     controls: mpsc::Sender<Control>,
     /// The daemon's published status.
     pub status: watch::Receiver<DaemonStatus>,
+    /// The daemon's metrics (what `/metrics` serves).
+    pub metrics: Metrics,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -106,11 +109,13 @@ impl Daemon {
     pub async fn start(settings: &Settings, config_path: &Path) -> Daemon {
         let (controls, receiver) = mpsc::channel(8);
         let (sender, mut status) = watch::channel(DaemonStatus::default());
+        let metrics = Metrics::new();
         let options = RunOptions {
             config_path: Some(config_path.to_path_buf()),
             log: LogHandle::detached(),
             status: Some(sender),
             notifier: paywatch::daemon::notify::Notifier::disabled(),
+            metrics: metrics.clone(),
         };
         let task = tokio::spawn(daemon::run(settings.clone(), receiver, options));
         tokio::time::timeout(DEADLINE, status.wait_for(|s| s.ready))
@@ -120,6 +125,7 @@ impl Daemon {
         Daemon {
             controls,
             status,
+            metrics,
             task,
         }
     }

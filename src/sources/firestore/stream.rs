@@ -94,6 +94,7 @@ impl StreamTask {
             mut commands,
         } = self;
         let _lease = ConnectionLease(Arc::clone(&connection));
+        let _clock = shared.options.metrics.listen_stream(&project.name, key);
         let options = &shared.options;
         let mut state = StreamState::new(
             format!("projects/{}/databases/(default)", project.name),
@@ -221,6 +222,7 @@ impl Session<'_> {
         };
         shared.open_streams.fetch_add(1, Ordering::SeqCst);
         let _open = OpenGuard(shared);
+        let _open_metric = shared.options.metrics.listen_stream_open(project);
         tracing::info!(project = %project, stream = self.key, connection = self.connection.index,
             targets, "listen stream open");
         if !self
@@ -277,6 +279,7 @@ impl Session<'_> {
                         }
                         Err(status) => return self.on_status(status, state, backoff).await,
                     };
+                    shared.options.metrics.listen_message(self.key);
                     tracing::debug!(project = %project, stream = self.key, "listen response: {}", summary(&response));
                     if self.project.failed.swap(false, Ordering::SeqCst) {
                         tracing::info!(project = %project, "Firestore accepts this project again");
