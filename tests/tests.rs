@@ -5,5 +5,6 @@ mod common;
 mod daemon;
 mod hooks;
 mod interop;
+mod metrics;
 mod sandbox;
 mod service;

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod exposition;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
