@@ -146,6 +146,12 @@ async fn the_exposition_parses_and_moves_with_a_payment() {
             .expect("streams counted per project")
             >= 1.0
     );
+    assert!(
+        after
+            .value("paywatch_listen_reconnects_total", &project_label)
+            .is_some(),
+        "a project's reconnect counter exists from its first stream on"
+    );
     let stream_ages: Vec<f64> = after
         .named("paywatch_listen_last_message_age_seconds")
         .filter(|sample| sample.labels.get("project") == Some(&project))
@@ -185,6 +191,43 @@ async fn the_exposition_parses_and_moves_with_a_payment() {
         assert!(family.starts_with("paywatch_"), "{family}");
         assert!(!info.help.is_empty(), "{family} has no help");
     }
+
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_the_server_drops_are_counted_as_reconnects_and_reopen() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let id = create_and_track(&sandbox, &ledger, "ORD-METRICS-2").await;
+    let project = sandbox.project_id().to_owned();
+    let daemon = Daemon::start(&settings, &path).await;
+    wait_status(&ledger, &id, "PENDING").await;
+    let project_label = [("project", project.as_str())];
+    let before = scrape(&daemon, &ledger, &[id.as_str()]).await;
+    let reconnects = before
+        .value("paywatch_listen_reconnects_total", &project_label)
+        .expect("counter exists");
+
+    sandbox.faults().close_listen_streams();
+    wait_for(
+        "the drop counted and the stream reopened",
+        DEADLINE,
+        || async {
+            let now = scrape(&daemon, &ledger, &[id.as_str()]).await;
+            let counted = now
+                .value("paywatch_listen_reconnects_total", &project_label)
+                .is_some_and(|count| count > reconnects);
+            let open = now
+                .value("paywatch_listen_streams_open", &project_label)
+                .is_some_and(|count| count >= 1.0);
+            (counted && open).then_some(())
+        },
+    )
+    .await;
 
     daemon.stop().await;
     sandbox.shutdown().await;

@@ -474,6 +474,12 @@ impl Metrics {
     /// reported (from now) until the returned guard is dropped.
     pub fn listen_stream(&self, project: &str, stream: u64) -> ListenStreamGuard {
         if let Some(inner) = &self.inner {
+            // The project's counters exist (at 0) from its first stream on.
+            let label = ProjectLabel {
+                project: project.to_owned(),
+            };
+            let _ = inner.listen_reconnects.get_or_create(&label);
+            let _ = inner.listen_project_refusals.get_or_create(&label);
             inner.clocks().insert(
                 stream,
                 StreamClock {
