@@ -239,8 +239,8 @@ impl std::fmt::Debug for Metrics {
 impl Metrics {
     /// A fresh registry with every metric registered (and the usual label values at zero).
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("paywatch");
-        let inner = Inner {
+        let mut inner = Inner {
+            registry: Registry::with_prefix("paywatch"),
             scrape: Mutex::new(()),
             stream_clocks: Mutex::new(HashMap::new()),
             checkouts_watched: Family::default(),
@@ -261,94 +261,93 @@ impl Metrics {
             hook_oldest_undelivered_age: Seconds::default(),
             paid_hooks_undelivered: Gauge::default(),
             pending_oldest_age: Seconds::default(),
-            registry: Registry::default(),
         };
-        registry.register(
+        inner.registry.register(
             "checkouts_watched",
             "Checkouts watched now, by verified status (UNVERIFIED: none yet)",
             inner.checkouts_watched.clone(),
         );
-        registry.register(
+        inner.registry.register(
             "checkout_pending_oldest_age_seconds",
             "Age of the oldest watched checkout whose verified status is PENDING, since it was tracked (0: none)",
             inner.pending_oldest_age.clone(),
         );
-        registry.register(
+        inner.registry.register(
             "verifications",
             "Verifications started (one Get Checkout call each), by what nudged them",
             inner.verifications.clone(),
         );
-        registry.register(
+        inner.registry.register(
             "transitions",
             "Verified status changes recorded, by new status and source",
             inner.transitions.clone(),
         );
-        registry.register(
+        inner.registry.register(
             "paymennt_request_duration_seconds",
             "paymennt API calls (retries included) and their latency, by call and outcome",
             inner.paymennt_duration.clone(),
         );
-        registry.register(
+        inner.registry.register(
             "reconcile_sweeps",
             "Reconciler sweeps started, by kind",
             inner.reconcile_sweeps.clone(),
         );
-        registry.register(
+        inner.registry.register(
             "reconcile_nudges",
             "Checkouts the reconciler's sweeps nudged (each costs at most one Get Checkout call), by kind",
             inner.reconcile_nudges.clone(),
         );
-        registry.register(
+        inner.registry.register(
             "listen_streams_open",
             "Firestore Listen streams open now, by project",
             inner.listen_streams_open.clone(),
         );
-        registry.register(
+        inner.registry.register(
             "listen_reconnects",
             "Firestore Listen streams that closed and are reopened, by project",
             inner.listen_reconnects.clone(),
         );
-        registry.register(
+        inner.registry.register(
             "listen_project_refusals",
             "Times Firestore refused a project's database (credentials, permissions, no database), by project",
             inner.listen_project_refusals.clone(),
         );
-        registry.register(
+        inner.registry.register(
             "listen_targets_refused",
             "Checkout documents Firestore stopped watching (the reconciler still checks them)",
             inner.listen_targets_refused.clone(),
         );
-        registry.register(
+        inner.registry.register(
             "listen_last_message_age_seconds",
             "Seconds since each Listen stream's last message (or since it started), by project and stream number",
             inner.listen_message_age.clone(),
         );
-        registry.register(
+        inner.registry.register(
             "resume_token_oldest_age_seconds",
             "Age of the least recently saved resume token of a watched checkout (0: none saved)",
             inner.resume_token_age.clone(),
         );
-        registry.register(
+        inner.registry.register(
             "hook_attempts",
             "Hook delivery attempts, by hook and outcome (delivered, retry, dead)",
             inner.hook_attempts.clone(),
         );
-        registry.register(
+        inner.registry.register(
             "hook_attempt_duration_seconds",
             "Latency of hook delivery attempts, by hook",
             inner.hook_duration.clone(),
         );
-        registry.register(
+        inner.registry.register(
             "hook_deliveries",
             "Hook deliveries not delivered, by hook and state (pending, running, dead)",
             inner.hook_deliveries.clone(),
         );
-        registry.register(
+        inner.registry.register(
             "hook_oldest_undelivered_age_seconds",
             "Age of the oldest hook delivery still to be tried (pending or running), since it was queued (0: none)",
             inner.hook_oldest_undelivered_age.clone(),
         );
-        registry.register(
+        inner.registry.register(
             "paid_checkouts_hooks_undelivered",
             "Checkouts verified PAID whose hook deliveries for it are not all delivered",
             inner.paid_hooks_undelivered.clone(),
@@ -366,7 +365,6 @@ impl Metrics {
             let _ = inner.reconcile_sweeps.get_or_create(&label);
             let _ = inner.reconcile_nudges.get_or_create(&label);
         }
-        let inner = Inner { registry, ..inner };
         Metrics {
             inner: Some(Arc::new(inner)),
         }
