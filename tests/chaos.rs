@@ -1,0 +1,690 @@
+//! The chaos run: PRODUCT.md's promises under kills, API faults, dropped streams and a flaky hook.
+//!
+//! A seeded schedule (the seed is printed; set `PAYWATCH_CHAOS_SEED` to replay one) authorizes,
+//! pays, fails, cancels, expires and refunds (in full and in part) several hundred sandbox
+//! checkouts while a real `paywatch run` process is killed with SIGKILL dozens of times, the
+//! sandbox answers a share of API calls with 500s, 429s and late answers past the request timeout,
+//! every Listen stream is dropped now and then, and the hook fails a share of first attempts.
+//! Then it checks, against the sandbox's own record of each checkout:
+//!
+//! - the ledger's status and refunded total equal the sandbox's, for every checkout;
+//! - each checkout's history is one unbroken chain of verified transitions (no gaps, no
+//!   repeats), holding only statuses the sandbox really gave that checkout;
+//! - every transition has its delivery, every delivery reached `delivered`, and the hook itself
+//!   recorded a successful run of each (duplicates are allowed by at-least-once, and counted);
+//! - `PRAGMA integrity_check` is ok.
+//!
+//! `PAYWATCH_CHAOS=long` runs ten times the size. Figures are printed to stderr: run with
+//! `cargo test --test integration chaos -- --nocapture` to see them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rust_decimal::Decimal;
+use rust_decimal::prelude::ToPrimitive;
+
+use paywatch::domain::{CheckoutId, CheckoutStatus};
+use paywatch::ledger::{DeliveryFilter, DeliveryState, Ledger};
+use paywatch::sandbox::faults::FaultUpdate;
+use paywatch::sandbox::{Sandbox, SandboxOptions};
+
+use crate::common;
+
+/// How big one run is.
+#[derive(Debug, Clone, Copy)]
+struct Profile {
+    name: &'static str,
+    checkouts: usize,
+    actions: usize,
+    /// Mean pause between two actions.
+    pace: Duration,
+    /// Chance, per action, that the daemon is killed right after it.
+    kill_chance: f64,
+    /// How long the ledger may take to agree with the sandbox once the changes stop.
+    settle_deadline: Duration,
+}
+
+impl Profile {
+    fn from_env() -> Profile {
+        let short = Profile {
+            name: "short",
+            checkouts: 300,
+            actions: 900,
+            pace: Duration::from_millis(25),
+            kill_chance: 0.045,
+            settle_deadline: Duration::from_secs(120),
+        };
+        match std::env::var("PAYWATCH_CHAOS").as_deref() {
+            Ok("long") => Profile {
+                name: "long",
+                checkouts: short.checkouts * 10,
+                actions: short.actions * 10,
+                kill_chance: short.kill_chance / 2.0,
+                settle_deadline: Duration::from_secs(600),
+                ..short
+            },
+            _ => short,
+        }
+    }
+}
+
+/// Figures of one run, printed at the end.
+#[derive(Debug, Default)]
+struct Figures {
+    actions_applied: usize,
+    kills: usize,
+    kills_with_committed_unstarted_hooks: usize,
+    kills_while_hooks_ran: usize,
+    api_error_bursts: usize,
+    throttle_bursts: usize,
+    slow_api_windows: usize,
+    stream_drops: usize,
+}
+
+/// A `paywatch run` child process; killed (SIGKILL) on drop.
+struct DaemonProcess {
+    child: Child,
+}
+
+impl DaemonProcess {
+    fn start(config: &Path, log: &Path) -> DaemonProcess {
+        let stderr = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("daemon log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_paywatch"))
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .env_remove("RUST_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("paywatch starts");
+        DaemonProcess { child }
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits"))
+    }
+
+    /// SIGKILL, then reap.
+    fn kill_9(mut self) {
+        let _ = kill(self.pid(), Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    fn stop(mut self) {
+        kill(self.pid(), Signal::SIGTERM).expect("SIGTERM sent");
+        let until = Instant::now() + common::DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "paywatch exited with {status} on SIGTERM");
+                return;
+            }
+            assert!(Instant::now() < until, "paywatch did not drain in time");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The hook: records each run as `EVENT CHECKOUT STATUS ATTEMPT ok|fail`, sometimes lingers
+/// (so kills land while hooks run), and fails about one first attempt in seven.
+fn write_hook(dir: &Path, runs: &Path) -> PathBuf {
+    let script = dir.join("hook.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "r=$(od -An -N1 -tu1 /dev/urandom | tr -d ' ')\n\
+             outcome=ok\n\
+             if [ \"$PAYWATCH_ATTEMPT\" = 1 ] && [ \"$r\" -lt 36 ]; then outcome=fail; fi\n\
+             if [ \"$r\" -gt 200 ]; then sleep 0.05; fi\n\
+             echo \"$PAYWATCH_EVENT_ID $PAYWATCH_CHECKOUT_ID $PAYWATCH_STATUS $PAYWATCH_ATTEMPT $outcome\" >> '{runs}'\n\
+             [ \"$outcome\" = ok ]\n",
+            runs = runs.display()
+        ),
+    )
+    .expect("hook script");
+    script
+}
+
+/// One line of the hook's record.
+struct HookRun {
+    event_id: String,
+    ok: bool,
+}
+
+fn hook_runs(runs: &Path) -> Vec<HookRun> {
+    std::fs::read_to_string(runs)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.len() == 5).then(|| HookRun {
+                event_id: fields[0].to_owned(),
+                ok: fields[4] == "ok",
+            })
+        })
+        .collect()
+}
+
+/// A random action that the checkout's current status allows.
+fn pick_action(rng: &mut StdRng, status: &CheckoutStatus, left: Decimal) -> Option<&'static str> {
+    use CheckoutStatus as S;
+    let choices: &[&str] = match status {
+        S::Pending => &["authorize", "pay", "pay", "pay", "fail", "cancel", "expire"],
+        S::Authorized => &["pay", "pay", "fail", "cancel", "expire"],
+        S::Paid | S::PartiallyRefunded if left > Decimal::ONE => {
+            &["partial-refund", "partial-refund", "refund"]
+        }
+        S::Paid | S::PartiallyRefunded => &["refund"],
+        _ => return None,
+    };
+    Some(choices[rng.random_range(0..choices.len())])
+}
+
+fn decimal(text: Option<&str>) -> Decimal {
+    text.and_then(|t| t.parse().ok()).unwrap_or(Decimal::ZERO)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_kills_faults_and_drops_lose_nothing() {
+    let profile = Profile::from_env();
+    let seed: u64 = std::env::var("PAYWATCH_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!(
+        "chaos: profile {} seed {seed} (replay with PAYWATCH_CHAOS_SEED={seed})",
+        profile.name
+    );
+    let mut rng = StdRng::seed_from_u64(seed);
+
+    let sandbox = Sandbox::start(SandboxOptions {
+        heartbeat_interval: Duration::from_secs(2),
+        expiry_minute: Duration::from_millis(10),
+        ..SandboxOptions::default()
+    })
+    .await
+    .expect("sandbox starts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runs = dir.path().join("runs");
+    let daemon_log = dir.path().join("daemon.log");
+    let hook = write_hook(dir.path(), &runs);
+    let extra = format!(
+        "[[hooks]]\nname = \"record\"\ncommand = [\"/bin/sh\", \"{}\"]\ntimeout = \"30s\"\n",
+        hook.display()
+    );
+    let config = dir.path().join("paywatch.toml");
+    let text = common::config_text(
+        dir.path(),
+        &sandbox.api_base_url(),
+        &sandbox.firestore_endpoint(),
+        sandbox.api_key(),
+        sandbox.api_secret(),
+        "multiplexed",
+        &extra,
+    )
+    .replace("interval = \"1h\"", "interval = \"5s\"")
+    .replace(
+        "max_retries = 5",
+        "max_retries = 5\nrequest_timeout = \"1s\"\nconnect_timeout = \"1s\"",
+    );
+    std::fs::write(&config, text).expect("config");
+    let settings =
+        paywatch::settings::Settings::load_with_env(Some(&config), Vec::new()).expect("config ok");
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+
+    // The checkouts, tracked as `paywatch track` would, and what the sandbox gave each.
+    let mut ids: Vec<CheckoutId> = Vec::with_capacity(profile.checkouts);
+    let mut given: HashMap<CheckoutId, BTreeSet<String>> = HashMap::new();
+    let mut partial_refunds: HashMap<CheckoutId, usize> = HashMap::new();
+    for n in 0..profile.checkouts {
+        let id = common::create_and_track(&sandbox, &ledger, &format!("ORD-CHAOS-{n}")).await;
+        given
+            .entry(id.clone())
+            .or_default()
+            .insert("PENDING".into());
+        ids.push(id);
+    }
+
+    let mut figures = Figures::default();
+    let started = Instant::now();
+    let mut daemon = Some(DaemonProcess::start(&config, &daemon_log));
+
+    for _ in 0..profile.actions {
+        // One action on a random checkout that still has a move left.
+        let id = &ids[rng.random_range(0..ids.len())];
+        let checkout = sandbox.state().checkout(id).expect("sandbox knows it");
+        let status = checkout.status.clone().unwrap_or(CheckoutStatus::Pending);
+        let left = checkout.amount.map(|a| a.0).unwrap_or_default()
+            - checkout.total_refunded.map(|a| a.0).unwrap_or_default();
+        if let Some(action) = pick_action(&mut rng, &status, left) {
+            let state = sandbox.state();
+            let outcome = match action {
+                "authorize" => state.authorize(id).await,
+                "pay" => state.pay(id).await,
+                "fail" => state.fail(id).await,
+                "cancel" => state.cancel(id).await,
+                "expire" => state.expire(id).await,
+                "partial-refund" => {
+                    // Strictly less than what is left, so the status stays partially refunded.
+                    let cents_left = (left * Decimal::ONE_HUNDRED).trunc().to_i64().unwrap_or(2);
+                    let amount = Decimal::new(rng.random_range(1..cents_left.max(2)), 2);
+                    *partial_refunds.entry(id.clone()).or_default() += 1;
+                    state.refund(id, Some(amount)).await
+                }
+                _ => state.refund(id, None).await,
+            };
+            let after = outcome.expect("the schedule only picks allowed moves");
+            if let Some(status) = after.status {
+                given
+                    .entry(id.clone())
+                    .or_default()
+                    .insert(status.as_str().to_owned());
+            }
+            figures.actions_applied += 1;
+        }
+
+        // Faults, each with its own small chance per action.
+        let faults = sandbox.faults();
+        let roll: f64 = rng.random();
+        if roll < 0.02 {
+            faults.fail_next_api_requests(rng.random_range(1..=6));
+            figures.api_error_bursts += 1;
+        } else if roll < 0.03 {
+            faults.throttle_next_api_requests(rng.random_range(1..=3), 1);
+            figures.throttle_bursts += 1;
+        } else if roll < 0.035 {
+            // Later than the daemon's 1 s request timeout: the call times out and is retried.
+            faults.set_api_latency(Duration::from_millis(1_200));
+            figures.slow_api_windows += 1;
+        } else if roll < 0.06 {
+            faults.set_api_latency(Duration::ZERO);
+        } else if roll < 0.075 {
+            faults
+                .update(FaultUpdate {
+                    close_listen_streams: true,
+                    ..FaultUpdate::default()
+                })
+                .expect("fault update");
+            figures.stream_drops += 1;
+        }
+        faults.set_api_error_rate(if rng.random::<f64>() < 0.5 { 0.05 } else { 0.0 });
+
+        // A kill right after a change: sometimes at once (between the ledger commit and the
+        // hook start), sometimes a little later (while hooks run).
+        if rng.random::<f64>() < profile.kill_chance {
+            let wait = Duration::from_millis(rng.random_range(0..40));
+            tokio::time::sleep(wait).await;
+            if let Some(process) = daemon.take() {
+                tokio::task::block_in_place(|| process.kill_9());
+            }
+            figures.kills += 1;
+            let running = ledger
+                .deliveries(&DeliveryFilter {
+                    state: Some(DeliveryState::Running),
+                    ..DeliveryFilter::default()
+                })
+                .expect("read deliveries");
+            let pending = ledger
+                .deliveries(&DeliveryFilter {
+                    state: Some(DeliveryState::Pending),
+                    ..DeliveryFilter::default()
+                })
+                .expect("read deliveries");
+            if !running.is_empty() {
+                figures.kills_while_hooks_ran += 1;
+            }
+            if pending.iter().any(|d| d.attempts == 0) {
+                figures.kills_with_committed_unstarted_hooks += 1;
+            }
+            // Down for a moment: changes made meanwhile must be caught on restart.
+            tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
+            daemon = Some(DaemonProcess::start(&config, &daemon_log));
+        }
+
+        let pause = rng.random_range(0..=2 * profile.pace.as_millis() as u64);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+
+    // Calm: no more faults; the daemon must now converge on its own.
+    let last_change = Instant::now();
+    let faults = sandbox.faults();
+    faults.set_api_error_rate(0.0);
+    faults.set_api_latency(Duration::ZERO);
+    faults.fail_next_api_requests(0);
+    faults.throttle_next_api_requests(0, 1);
+
+    let consistent = common_wait(profile.settle_deadline, || {
+        let mismatch = first_mismatch(&sandbox, &ledger, &ids, &runs);
+        match mismatch {
+            None => Some(()),
+            Some(_) => None,
+        }
+    })
+    .await;
+    if consistent.is_none() {
+        let why = first_mismatch(&sandbox, &ledger, &ids, &runs).unwrap_or_default();
+        let log = std::fs::read_to_string(&daemon_log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        panic!(
+            "seed {seed}: the ledger did not agree with the sandbox within {:?}: {why}\n\
+             daemon log (last lines, newest first):\n{}",
+            profile.settle_deadline,
+            tail.join("\n")
+        );
+    }
+    let settle_time = last_change.elapsed();
+    if let Some(process) = daemon.take() {
+        tokio::task::block_in_place(|| process.stop());
+    }
+
+    // The history: one unbroken chain per checkout, only statuses the sandbox gave it.
+    let mut transitions = 0usize;
+    let mut refund_entries = 0usize;
+    for id in &ids {
+        let history = ledger.transitions(id).expect("transitions");
+        let mut previous: Option<String> = None;
+        for (n, transition) in history.iter().enumerate() {
+            assert_eq!(
+                transition.from, previous,
+                "seed {seed}: checkout {id}: transition {n} does not follow the one before: {history:?}"
+            );
+            assert!(
+                given[id].contains(&transition.to),
+                "seed {seed}: checkout {id}: {} was never the sandbox's status (it gave {:?})",
+                transition.to,
+                given[id]
+            );
+            if transition.from.as_deref() == Some(transition.to.as_str()) {
+                assert_eq!(
+                    transition.to, "PARTIALLY_REFUNDED",
+                    "seed {seed}: checkout {id}: a repeated status: {history:?}"
+                );
+                refund_entries += 1;
+            }
+            previous = Some(transition.to.clone());
+        }
+        let repeats = history
+            .iter()
+            .filter(|t| t.from.as_deref() == Some(t.to.as_str()))
+            .count();
+        assert!(
+            repeats <= partial_refunds.get(id).copied().unwrap_or(0),
+            "seed {seed}: checkout {id}: more refund entries than refunds: {history:?}"
+        );
+        transitions += history.len();
+    }
+
+    // Deliveries: one per transition, all delivered, each seen by the hook itself.
+    let runs_seen = hook_runs(&runs);
+    let mut ok_runs: BTreeMap<&str, usize> = BTreeMap::new();
+    for run in runs_seen.iter().filter(|run| run.ok) {
+        *ok_runs.entry(run.event_id.as_str()).or_default() += 1;
+    }
+    let mut deliveries = 0usize;
+    for id in &ids {
+        let history = ledger.transitions(id).expect("transitions");
+        let of_checkout = ledger.deliveries_of(id).expect("deliveries");
+        for transition in &history {
+            let matching: Vec<_> = of_checkout
+                .iter()
+                .filter(|d| d.transition_id == transition.id && !d.replay)
+                .collect();
+            assert_eq!(
+                matching.len(),
+                1,
+                "seed {seed}: checkout {id}: transition {} has {} deliveries",
+                transition.id,
+                matching.len()
+            );
+            let delivery = matching[0];
+            assert_eq!(delivery.state, DeliveryState::Delivered, "seed {seed}");
+            assert!(
+                ok_runs.contains_key(delivery.event_id.as_str()),
+                "seed {seed}: the hook never completed {} ({id} {})",
+                delivery.event_id,
+                transition.to
+            );
+        }
+        assert_eq!(
+            of_checkout.len(),
+            history.len(),
+            "seed {seed}: checkout {id}: a delivery without its transition"
+        );
+        deliveries += of_checkout.len();
+    }
+    let duplicates: usize = ok_runs.values().map(|n| n - 1).sum();
+    let hook_failures = runs_seen.iter().filter(|run| !run.ok).count();
+
+    let integrity: String = rusqlite::Connection::open(&settings.ledger.path)
+        .expect("open the ledger file")
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .expect("integrity_check");
+    assert_eq!(integrity, "ok", "seed {seed}");
+
+    let paid = ids.iter().filter(|id| given[*id].contains("PAID")).count();
+    eprintln!(
+        "chaos figures (seed {seed}, profile {}):\n\
+         \x20 checkouts {} ({paid} paid at some point), actions applied {}, in {:.1} s\n\
+         \x20 verified transitions {transitions} (of which refund-only entries {refund_entries}), deliveries {deliveries}\n\
+         \x20 daemon kills (SIGKILL) {}: with a committed transition whose hook had not started {}, while a hook ran {}\n\
+         \x20 API faults: 500 bursts {}, 429 bursts {}, timeout windows {}, plus a 5% random 500 rate half the time\n\
+         \x20 Listen stream drops {}\n\
+         \x20 hook runs {}: failed first attempts {hook_failures}, duplicate successful deliveries {duplicates}\n\
+         \x20 last change to a fully consistent ledger: {} ms\n\
+         \x20 integrity_check: {integrity}",
+        profile.name,
+        ids.len(),
+        figures.actions_applied,
+        last_change.duration_since(started).as_secs_f64(),
+        figures.kills,
+        figures.kills_with_committed_unstarted_hooks,
+        figures.kills_while_hooks_ran,
+        figures.api_error_bursts,
+        figures.throttle_bursts,
+        figures.slow_api_windows,
+        figures.stream_drops,
+        runs_seen.len(),
+        settle_time.as_millis(),
+    );
+    assert!(
+        figures.kills >= 10,
+        "seed {seed}: only {} kills",
+        figures.kills
+    );
+    sandbox.shutdown().await;
+}
+
+/// Polls `check` every 200 ms until it returns `Some` or `deadline` passes.
+async fn common_wait<T>(deadline: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The first way the ledger (or the hook's record) disagrees with the sandbox, if any.
+fn first_mismatch(
+    sandbox: &Sandbox,
+    ledger: &Ledger,
+    ids: &[CheckoutId],
+    runs: &Path,
+) -> Option<String> {
+    for id in ids {
+        let truth = sandbox.state().checkout(id)?;
+        let record = match ledger.checkout(id) {
+            Ok(Some(record)) => record,
+            other => return Some(format!("checkout {id}: ledger read gave {other:?}")),
+        };
+        let want_status = truth.status.as_ref().map(|s| s.as_str().to_owned());
+        if record.status != want_status {
+            return Some(format!(
+                "checkout {id}: ledger {:?}, sandbox {want_status:?}",
+                record.status
+            ));
+        }
+        let want_refunded = truth.total_refunded.map(|a| a.0).unwrap_or_default();
+        if decimal(record.total_refunded.as_deref()) != want_refunded {
+            return Some(format!(
+                "checkout {id}: ledger refunded {:?}, sandbox {want_refunded}",
+                record.total_refunded
+            ));
+        }
+    }
+    let undelivered = ledger
+        .deliveries(&DeliveryFilter::default())
+        .ok()?
+        .into_iter()
+        .find(|d| d.state != DeliveryState::Delivered);
+    if let Some(delivery) = undelivered {
+        return Some(format!(
+            "delivery {} ({} {}) is {:?} after {} attempts",
+            delivery.event_id,
+            delivery.checkout_id,
+            delivery.status,
+            delivery.state,
+            delivery.attempts
+        ));
+    }
+    let completed: BTreeSet<String> = hook_runs(runs)
+        .into_iter()
+        .filter(|run| run.ok)
+        .map(|run| run.event_id)
+        .collect();
+    let delivered = ledger.deliveries(&DeliveryFilter::default()).ok()?;
+    delivered
+        .iter()
+        .find(|d| !completed.contains(&d.event_id))
+        .map(|d| format!("the hook has no record of completing {}", d.event_id))
+}
+
+/// Counts, straight from the ledger file, transitions without their delivery and deliveries
+/// without their transition (with one hook on every status, each transition has exactly one).
+fn orphans(path: &Path) -> (i64, i64, i64) {
+    let connection = rusqlite::Connection::open(path).expect("open the ledger file");
+    let count = |sql: &str| -> i64 {
+        connection
+            .query_row(sql, [], |row| row.get(0))
+            .expect("count")
+    };
+    (
+        count("SELECT count(*) FROM transitions"),
+        count(
+            "SELECT count(*) FROM transitions t
+             WHERE NOT EXISTS (SELECT 1 FROM hook_deliveries d WHERE d.transition_id = t.id)",
+        ),
+        count(
+            "SELECT count(*) FROM hook_deliveries d
+             WHERE NOT EXISTS (SELECT 1 FROM transitions t WHERE t.id = d.transition_id)",
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_during_a_burst_never_splits_a_transition_from_its_deliveries() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runs = dir.path().join("runs");
+    let hook = write_hook(dir.path(), &runs);
+    let extra = format!(
+        "[[hooks]]\nname = \"record\"\ncommand = [\"/bin/sh\", \"{}\"]\n",
+        hook.display()
+    );
+    let (settings, config) = common::settings(dir.path(), &sandbox, "multiplexed", &extra);
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let mut ids = Vec::new();
+    for n in 0..240 {
+        ids.push(common::create_and_track(&sandbox, &ledger, &format!("ORD-BURST-{n}")).await);
+    }
+    let daemon_log = dir.path().join("daemon.log");
+    let mut process = DaemonProcess::start(&config, &daemon_log);
+    for id in &ids {
+        common::wait_status(&ledger, id, "PENDING").await;
+    }
+    // Three bursts of 80 payments, each cut short by a SIGKILL as soon as it starts being
+    // recorded, then a restart before the next.
+    let mut cut_mid_burst = 0;
+    for burst in ids.chunks(80) {
+        let before = orphans(&settings.ledger.path).0;
+        let payments = {
+            let state = sandbox.state().clone();
+            let burst = burst.to_vec();
+            tokio::spawn(async move {
+                for id in &burst {
+                    state.pay(id).await.expect("pay");
+                }
+            })
+        };
+        common::wait_for(
+            "the burst to start being recorded",
+            common::DEADLINE,
+            || {
+                let recorded = orphans(&settings.ledger.path).0;
+                async move { (recorded > before).then_some(()) }
+            },
+        )
+        .await;
+        tokio::task::block_in_place(|| process.kill_9());
+        let (transitions, without_delivery, without_transition) = orphans(&settings.ledger.path);
+        assert_eq!(
+            (without_delivery, without_transition),
+            (0, 0),
+            "a transition and its deliveries are one transaction"
+        );
+        if transitions - before < 80 {
+            cut_mid_burst += 1;
+        }
+        payments.await.expect("payments made");
+        process = DaemonProcess::start(&config, &daemon_log);
+    }
+    eprintln!("durability: {cut_mid_burst} of 3 kills landed mid-burst");
+    // The last restart finishes the job: every payment recorded once, every delivery delivered.
+    for id in &ids {
+        common::wait_status(&ledger, id, "PAID").await;
+    }
+    common::wait_for("every delivery to be delivered", common::DEADLINE, || {
+        let undelivered = ledger
+            .deliveries(&DeliveryFilter::default())
+            .expect("deliveries")
+            .into_iter()
+            .filter(|d| d.state != DeliveryState::Delivered)
+            .count();
+        async move { (undelivered == 0).then_some(()) }
+    })
+    .await;
+    tokio::task::block_in_place(|| process.stop());
+    for id in &ids {
+        assert_eq!(common::history(&ledger, id), ["PENDING", "PAID"], "{id}");
+    }
+    let (transitions, without_delivery, without_transition) = orphans(&settings.ledger.path);
+    assert_eq!(transitions, 480);
+    assert_eq!((without_delivery, without_transition), (0, 0));
+    sandbox.shutdown().await;
+}
