@@ -374,3 +374,44 @@ async fn two_registries_do_not_share_counts() {
     assert_eq!(sample(&first_text, series), Some(1.0));
     assert_eq!(sample(&second_text, series), None);
 }
+
+#[tokio::test]
+async fn the_http_answer_is_the_text_format_or_a_503_naming_the_problem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("paywatch.db");
+    let ledger = Ledger::open(&path).expect("ledger");
+    apply(&ledger, "chk-1", "PENDING", &[]);
+    let metrics = Metrics::new();
+
+    let response = metrics.response(&ledger).await;
+    assert_eq!(response.status(), http::StatusCode::OK);
+    assert_eq!(
+        response.headers().get(http::header::CONTENT_TYPE),
+        Some(&http::HeaderValue::from_static(CONTENT_TYPE))
+    );
+    assert_eq!(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8");
+    let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    let text = String::from_utf8(body.to_vec()).expect("utf-8");
+    assert!(
+        text.contains("# TYPE paywatch_checkouts_watched gauge\n"),
+        "{text}"
+    );
+
+    // A row edited by hand into garbage: the scrape fails loudly instead of serving zeros.
+    let raw = rusqlite::Connection::open(&path).expect("raw open");
+    raw.execute("UPDATE checkouts SET created_at = 'yesterday'", [])
+        .expect("corrupt");
+    let response = metrics.response(&ledger).await;
+    assert_eq!(response.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+    let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    let text = String::from_utf8(body.to_vec()).expect("utf-8");
+    assert!(
+        text.contains("cannot read the ledger for /metrics")
+            && text.contains("checkouts.created_at 'yesterday'"),
+        "{text}"
+    );
+}
