@@ -26,7 +26,8 @@
 //!   refusals, and the last message of each stream (the listener and the daemon's event loop);
 //!   hook attempts by hook and outcome with their latency (the dispatcher); sweeps and the
 //!   checkouts they nudge (the reconciler).
-//! - Read from the ledger at scrape time: watched checkouts by status, undelivered deliveries by
+//! - Read from the ledger at scrape time (on a connection of its own, so a scrape never holds
+//!   up the pipeline's writes): watched checkouts by status, undelivered deliveries by
 //!   hook and state, the age of the oldest delivery still to be tried, PAID checkouts whose hooks
 //!   have not all been delivered, the age of the oldest watched PENDING checkout, and the age of
 //!   the oldest resume token. They describe what is stored, so they are right after a restart
