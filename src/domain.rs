@@ -370,6 +370,32 @@ pub fn format_money(value: Decimal) -> String {
     shown.to_string()
 }
 
+/// A verification request's place in the order of all requests, handed out by the ledger
+/// before the request is sent ([`crate::ledger::Ledger::issue_ticket`]).
+///
+/// Answers are ordered by ticket, never by a clock: a wall clock can step backwards (NTP, a VM
+/// restore); the ledger's counter cannot, across restarts too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VerifyTicket(i64);
+
+impl VerifyTicket {
+    /// A ticket with this number (the ledger's counter value).
+    pub fn new(number: i64) -> VerifyTicket {
+        VerifyTicket(number)
+    }
+
+    /// The number.
+    pub fn number(self) -> i64 {
+        self.0
+    }
+}
+
+impl fmt::Display for VerifyTicket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
 /// Where the nudge that led to a verification came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

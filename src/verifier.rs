@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{CheckoutId, Source, format_money, printable};
-use crate::ledger::{ApplyOutcome, Ledger};
+use crate::ledger::{ApplyOutcome, Ledger, NotFoundOutcome};
 use crate::metrics::Metrics;
 use crate::paymennt::{Client, VerifiedCheckout};
 use crate::settings::HookSettings;
@@ -329,12 +329,18 @@ impl Verifier {
         }
     }
 
-    /// Counts a "not found" answer; after a few in a row the checkout is no longer watched.
-    async fn count_not_found(&self, id: &CheckoutId) {
+    /// Counts a "not found" answer; after a few in a row the checkout is no longer watched,
+    /// unless many checkouts look gone at once (a configuration problem: all stay watched).
+    async fn count_not_found(
+        &self,
+        id: &CheckoutId,
+        client: &Client,
+        error: &crate::paymennt::Error,
+    ) {
         let ledger = self.ledger.clone();
         let for_ledger = id.clone();
         match tokio::task::spawn_blocking(move || ledger.note_not_found(&for_ledger)).await {
-            Ok(Ok((count, true))) => {
+            Ok(Ok(NotFoundOutcome::Unwatched { count })) => {
                 tracing::error!(
                     checkout = %id,
                     "paymennt said {count} times in a row that this checkout does not exist; it is no longer watched\n\n\
@@ -343,7 +349,19 @@ impl Verifier {
                 self.watch_set_changed
                     .send_modify(|generation| *generation += 1);
             }
-            Ok(Ok(_)) => {}
+            Ok(Ok(NotFoundOutcome::ManyLookGone(gone))) => {
+                tracing::error!(
+                    checkout = %id,
+                    base_url = %client.base_url(),
+                    "{} of {} watched checkouts look gone at once (the latest answer from {}: {error}); \
+                     that is a configuration problem, not vanished checkouts, so all stay watched\n\n\
+                     check [paymennt] base_url, environment and that the API key belongs to the merchant that created them; run: paywatch check-config --online",
+                    gone.checkouts,
+                    gone.watched,
+                    client.base_url(),
+                );
+            }
+            Ok(Ok(NotFoundOutcome::Counted { .. })) => {}
             Ok(Err(error)) => {
                 tracing::error!(checkout = %id, %error, "cannot count a not-found answer")
             }
@@ -356,17 +374,35 @@ impl Verifier {
         self.stats.send_modify(|stats| stats.calls += 1);
         self.metrics.verification(nudge.source);
         let client = self.config.borrow().client.clone();
-        let verified = match client.get_checkout(&nudge.checkout_id).await {
+        // The ticket orders this answer against every other (never a clock).
+        let ticketer = self.ledger.clone();
+        let ticket = match tokio::task::spawn_blocking(move || ticketer.issue_ticket()).await {
+            Ok(Ok(ticket)) => ticket,
+            Ok(Err(error)) => {
+                tracing::error!(checkout = %nudge.checkout_id, %error, "cannot take a verification ticket; will try again");
+                return Some(nudge);
+            }
+            Err(error) => {
+                tracing::error!(checkout = %nudge.checkout_id, %error, "ledger task failed; will try again");
+                return Some(nudge);
+            }
+        };
+        let verified = match client.get_checkout(&nudge.checkout_id, ticket).await {
             Ok(verified) => verified,
             Err(error) => {
                 self.stats.send_modify(|stats| stats.failures += 1);
+                if error.is_retryable() && error.is_configuration_problem() {
+                    tracing::error!(checkout = %nudge.checkout_id, source = %nudge.source, base_url = %client.base_url(), %error, "Get Checkout failed; will try again");
+                    return Some(nudge);
+                }
                 if error.is_retryable() {
                     tracing::warn!(checkout = %nudge.checkout_id, source = %nudge.source, %error, "Get Checkout failed; will try again");
                     return Some(nudge);
                 }
-                tracing::error!(checkout = %nudge.checkout_id, source = %nudge.source, %error, "Get Checkout refused; nothing recorded");
+                tracing::error!(checkout = %nudge.checkout_id, source = %nudge.source, base_url = %client.base_url(), %error, "Get Checkout refused; nothing recorded");
                 if error.is_not_found() {
-                    self.count_not_found(&nudge.checkout_id).await;
+                    self.count_not_found(&nudge.checkout_id, &client, &error)
+                        .await;
                 }
                 return None;
             }
@@ -416,10 +452,13 @@ impl Verifier {
                 }
             }
             Ok(Ok(ApplyOutcome::Unchanged)) => {
-                tracing::debug!(checkout = %verified.id(), status = %verified.status(), %source, "verified; unchanged");
+                tracing::debug!(checkout = %verified.id(), status = %printable(verified.status().as_str()), %source, "verified; unchanged");
             }
             Ok(Ok(ApplyOutcome::Stale)) => {
-                tracing::debug!(checkout = %verified.id(), %source, "answer older than one already recorded; ignored");
+                // Cannot happen with one ledger handing out tickets, unless another process
+                // verified this checkout meanwhile; whatever the cause, ask again.
+                tracing::warn!(checkout = %verified.id(), %source, ticket = %verified.ticket(), "answer to a request older than one already recorded; ignored, the checkout stays marked and is verified again");
+                return Some(nudge);
             }
             Ok(Err(error)) => {
                 tracing::error!(checkout = %nudge.checkout_id, %error, "cannot record the verified status; will try again");
@@ -442,14 +481,27 @@ fn log_transition(
     since_seen: Duration,
     hooks: usize,
 ) {
+    let line = payment_line(verified, previous, source, latency_ms, since_seen);
+    tracing::info!(target: "paywatch::payment", %source, hooks, "{line}");
+}
+
+/// The text of the operator's line; always one line, whatever paymennt sent.
+fn payment_line(
+    verified: &VerifiedCheckout,
+    previous: Option<&str>,
+    source: Source,
+    latency_ms: Option<i64>,
+    since_seen: Duration,
+) -> String {
     let facts = verified.facts();
-    let status = verified.status();
+    // paymennt's text is escaped: a newline in a status must not start a forged line.
+    let status = printable(verified.status().as_str());
     let order = facts
         .order_id
         .as_deref()
         .map(printable)
         .unwrap_or_else(|| "-".into());
-    let was = previous.unwrap_or("untracked");
+    let was = previous.map_or_else(|| "untracked".to_owned(), printable);
     let timing = match (source, latency_ms) {
         (Source::Firestore, Some(ms)) => format!("verified {ms} ms after the change"),
         (Source::Firestore, None) => format!(
@@ -472,7 +524,7 @@ fn log_transition(
             facts.currency
         ));
     }
-    tracing::info!(target: "paywatch::payment", %source, hooks, "{line}");
+    line
 }
 
 #[cfg(test)]
@@ -556,6 +608,123 @@ mod tests {
         schedule.finish(&running.checkout_id);
         assert_eq!(next_id(&mut schedule), None);
         assert!(schedule.slots.is_empty());
+    }
+
+    #[test]
+    fn an_unknown_status_cannot_forge_a_payment_line() {
+        let forged = r#"{"id":"7","orderId":"ORD-7\nPAID checkout=997","currency":"AED","amount":5,"status":"ON_HOLD\nINFO paywatch::payment: PAID checkout=999 order=FORGED 1000.00 AED"}"#;
+        let verified = VerifiedCheckout::for_tests(forged);
+        let line = payment_line(
+            &verified,
+            Some("PENDING\nINFO paywatch::payment: PAID checkout=998"),
+            Source::Reconcile,
+            None,
+            Duration::ZERO,
+        );
+        assert_eq!(line.lines().count(), 1, "{line}");
+        assert!(!line.contains('\r'), "{line}");
+        assert!(
+            line.starts_with(r"ON_HOLD\nINFO"),
+            "escaped, still readable: {line}"
+        );
+    }
+
+    /// A verifier whose paymennt runs `meanwhile`, then answers with `body` (HTTP 200, JSON).
+    async fn verifier_answering(
+        ledger: &Ledger,
+        body: &'static str,
+        meanwhile: impl Fn() + Clone + Send + Sync + 'static,
+    ) -> Verifier {
+        let app = axum::Router::new().fallback(move || {
+            let meanwhile = meanwhile.clone();
+            async move {
+                meanwhile();
+                ([("content-type", "application/json")], body)
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let credentials = crate::settings::ApiCredentials {
+            key: crate::settings::Secret::new("k"),
+            secret: crate::settings::Secret::new("s"),
+        };
+        let client = Client::new(
+            &format!("http://{addr}/mer/v2.0/"),
+            &credentials,
+            Duration::from_secs(2),
+            Duration::from_secs(2),
+            crate::paymennt::RetryPolicy {
+                max_retries: 0,
+                base: Duration::from_millis(5),
+                max: Duration::from_millis(10),
+            },
+        )
+        .expect("client");
+        let config = VerifierConfig {
+            client,
+            hooks: Arc::new(Vec::new()),
+            refund_watch: Duration::from_secs(3600),
+        };
+        let (_sender, receiver) = watch::channel(config);
+        // The receiver keeps the last value after the sender is dropped.
+        Verifier::new(
+            ledger.clone(),
+            receiver,
+            1,
+            VerifierSignals {
+                ledger_changed: watch::channel(0).0,
+                watch_set_changed: watch::channel(0).0,
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn a_stale_answer_keeps_the_checkout_marked_and_is_retried() {
+        const CHECKOUT: &str = r#"{"id":"5","orderId":"ORD-5","currency":"AED","amount":5,"status":"PENDING","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d5"}"#;
+        const PAID: &str = r#"{"success":true,"result":{"id":"5","orderId":"ORD-5","currency":"AED","amount":5,"status":"PAID","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d5"}}"#;
+        let ledger = Ledger::open_in_memory().expect("ledger");
+        let id: CheckoutId = "5".parse().expect("id");
+        // While our request is in flight, another process verifies the checkout with a later
+        // ticket, and then a change is seen: our answer is stale and must clear nothing.
+        let other = ledger.clone();
+        let meanwhile = move || {
+            let ticket = other.issue_ticket().expect("ticket");
+            let answer = VerifiedCheckout::for_tests_with(CHECKOUT, ticket, Utc::now());
+            other
+                .apply(
+                    &answer,
+                    Source::Manual,
+                    None,
+                    &[],
+                    Duration::from_secs(3600),
+                )
+                .expect("apply");
+            let seen = other.last_ticket().expect("counter");
+            other
+                .mark_needs_verify(&["5".parse().expect("id")], seen)
+                .expect("mark");
+        };
+        let verifier = verifier_answering(&ledger, PAID, meanwhile).await;
+        let retry = verifier.verify(nudge("5", Source::Firestore)).await;
+        assert!(retry.is_some(), "a stale answer is retried");
+        let entry = ledger.watch_set().expect("set");
+        assert_eq!(entry[0].checkout_id, id);
+        assert!(
+            entry[0].needs_verify,
+            "the checkout stays marked for verification"
+        );
+        assert_eq!(
+            ledger
+                .checkout(&id)
+                .expect("read")
+                .and_then(|c| c.status)
+                .as_deref(),
+            Some("PENDING"),
+            "the stale PAID was not recorded; the retry will ask again"
+        );
     }
 
     #[test]

@@ -288,14 +288,14 @@ async fn a_burst_of_changes_costs_at_most_one_extra_call() {
 }
 
 /// A `paywatch run` child process with its stderr lines collected.
-struct Process {
+pub(crate) struct Process {
     child: Child,
     lines: std_mpsc::Receiver<String>,
     seen: Vec<String>,
 }
 
 impl Process {
-    fn start(config: &std::path::Path) -> Process {
+    pub(crate) fn start(config: &std::path::Path) -> Process {
         Process::start_with(config, &[])
     }
 
@@ -330,7 +330,7 @@ impl Process {
     }
 
     /// Waits for a log line containing `text`.
-    fn expect_line(&mut self, text: &str) {
+    pub(crate) fn expect_line(&mut self, text: &str) {
         let until = Instant::now() + DEADLINE;
         while Instant::now() < until {
             if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
@@ -347,12 +347,12 @@ impl Process {
         );
     }
 
-    fn signal(&self, signal: Signal) {
+    pub(crate) fn signal(&self, signal: Signal) {
         let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits"));
         kill(pid, signal).expect("signal sent");
     }
 
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
+    pub(crate) fn wait_exit(&mut self) -> std::process::ExitStatus {
         let until = Instant::now() + DEADLINE;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {

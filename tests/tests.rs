@@ -1,5 +1,6 @@
 //! End-to-end tests: one binary for every surface (the ripgrep shape).
 
+mod bad_input;
 mod chaos;
 mod cli;
 mod common;
@@ -7,6 +8,8 @@ mod daemon;
 mod hooks;
 mod interop;
 mod metrics;
+mod misconfigured;
 mod properties;
 mod sandbox;
+mod secrets;
 mod service;

@@ -2,7 +2,9 @@
 //!
 //! Offline it parses the config and checks that the files it names are readable, hook commands
 //! exist and are executable, and the ledger directory is writable. With `--online` it also
-//! makes one authenticated call to paymennt and obtains one Firestore access token.
+//! makes one authenticated call to paymennt (naming an address that does not answer as
+//! paymennt), asks paymennt about one watched checkout and reports when many look gone at once,
+//! and obtains one Firestore access token.
 
 use std::path::Path;
 use std::time::Instant;
@@ -10,6 +12,7 @@ use std::time::Instant;
 use super::{UsageError, output};
 use crate::daemon::listener_options;
 use crate::hooks::runner::{DEFAULT_PATH, resolve_program};
+use crate::ledger::Ledger;
 use crate::paymennt::{Client, SearchQuery};
 use crate::settings::Settings;
 
@@ -57,6 +60,69 @@ fn directory_writable(dir: &Path) -> Result<String, String> {
             existing.display()
         )
     })
+}
+
+/// Whether paymennt knows the checkouts the ledger watches: many that look gone at once (the
+/// daemon's count), or one that paymennt says does not exist now, point at the configuration
+/// (another environment or merchant), not at vanished checkouts.
+async fn check_watched(client: &Client, ledger_path: &Path) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let path = ledger_path.to_owned();
+    let read = tokio::task::spawn_blocking(move || {
+        let ledger = Ledger::open_read_only(&path)?;
+        Ok::<_, crate::ledger::LedgerError>((ledger.looking_gone()?, ledger.watch_set()?))
+    })
+    .await;
+    let (gone, watched) = match read {
+        Ok(Ok(read)) => read,
+        Ok(Err(error)) => return vec![check(false, format!("watched checkouts: {error}"))],
+        Err(error) => return vec![check(false, format!("watched checkouts: {error}"))],
+    };
+    if gone.is_configuration_problem() {
+        checks.push(check(
+            false,
+            format!(
+                "{} of {} watched checkouts look gone: paymennt at {} said they do not exist\n\n\
+                 that points at the configuration, not vanished checkouts: check [paymennt] base_url, environment and that the API key belongs to the merchant that created them",
+                gone.checkouts,
+                gone.watched,
+                client.base_url()
+            ),
+        ));
+    }
+    let Some(sample) = watched.first() else {
+        return checks;
+    };
+    // A ticket is only for ordering answers the ledger records; this one records nothing.
+    let ticket = crate::domain::VerifyTicket::new(0);
+    checks.push(match client.get_checkout(&sample.checkout_id, ticket).await {
+        Ok(verified) => check(
+            true,
+            format!(
+                "paymennt knows watched checkout {} ({})",
+                verified.id(),
+                crate::domain::printable(verified.status().as_str())
+            ),
+        ),
+        Err(error) if error.is_not_found() => check(
+            false,
+            format!(
+                "paymennt at {} says watched checkout {} does not exist: {error}\n\n\
+                 check [paymennt] base_url, environment and that the API key belongs to the merchant that created it",
+                client.base_url(),
+                sample.checkout_id
+            ),
+        ),
+        Err(error) => check(
+            false,
+            format!(
+                "paymennt at {}: Get Checkout {}: {error}",
+                client.base_url(),
+                sample.checkout_id
+            ),
+        ),
+    });
+    checks
 }
 
 /// `paywatch check-config`.
@@ -149,9 +215,18 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
                             client.base_url(),
                             started.elapsed().as_millis()
                         ),
+                        Err(error) if error.is_configuration_problem() => format!(
+                            "paymennt at {}: this address does not answer as paymennt's API: {error}",
+                            client.base_url()
+                        ),
                         Err(error) => format!("paymennt at {}: {error}", client.base_url()),
                     },
                 ));
+                if ok && ledger_path.exists() {
+                    let watched = check_watched(&client, ledger_path).await;
+                    online_failures += watched.iter().filter(|c| !c.ok).count();
+                    checks.extend(watched);
+                }
             }
             Err(error) => {
                 online_failures += 1;

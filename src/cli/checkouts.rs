@@ -234,8 +234,9 @@ pub async fn link_create(settings: &Settings, args: &LinkCreateArgs) -> anyhow::
     let client = Client::from_settings(&settings.paymennt)?;
     // Open the ledger first: a ledger we cannot write must stop us before a link exists.
     let ledger = open_ledger(settings)?;
+    let ticket = ledger.issue_ticket()?;
     let verified = client
-        .create_link(&request)
+        .create_link(&request, ticket)
         .await
         .context("creating the payment link")?;
     if let Err(error) = record_verified(settings, &ledger, &verified) {
@@ -295,8 +296,19 @@ pub fn parse_response(text: &str, origin: &str) -> Result<Checkout, UsageError> 
     } else {
         text.to_owned()
     };
-    serde_json::from_str(&result_text)
-        .map_err(|e| usage(format!("the checkout cannot be read: {e}")))
+    // The path names the field at fault ("amount: expected a number, got abc").
+    let mut deserializer = serde_json::Deserializer::from_str(&result_text);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        if field == "." {
+            usage(format!("the checkout cannot be read: {inner}"))
+        } else {
+            usage(format!(
+                "the checkout cannot be read: field '{field}': {inner}"
+            ))
+        }
+    })
 }
 
 /// `paywatch track`.
@@ -307,8 +319,9 @@ pub async fn track(settings: &Settings, args: &TrackArgs) -> anyhow::Result<()> 
             .map_err(|e| UsageError(format!("--checkout-id: {e}")))?;
         let client = Client::from_settings(&settings.paymennt)?;
         let ledger = open_ledger(settings)?;
+        let ticket = ledger.issue_ticket()?;
         let verified = client
-            .get_checkout(&id)
+            .get_checkout(&id, ticket)
             .await
             .with_context(|| format!("fetching checkout {id}"))?;
         let outcome = record_verified(settings, &ledger, &verified)?;

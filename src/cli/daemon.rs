@@ -164,8 +164,9 @@ async fn script(settings: &Settings, sandbox: &Sandbox) -> anyhow::Result<()> {
             expires_in: (index == orders.len() - 1).then_some(15),
             ..LinkRequest::default()
         };
+        let ticket = ledger.issue_ticket()?;
         let verified = client
-            .create_link(&request)
+            .create_link(&request, ticket)
             .await
             .context("creating a demo link")?;
         ledger.apply(

@@ -477,8 +477,21 @@ async fn consume_listen_events(
             () = cancel.cancelled() => return,
             received = events.recv_many(&mut batch, 512) => if received == 0 { return },
         }
+        // Where the ticket counter stands before any nudge of this batch goes out: every
+        // verification the nudges cause gets a later ticket, and only such a one clears the note.
+        let seen_after = if batch.iter().any(|e| matches!(e, ListenEvent::Changed(_))) {
+            let reader = ledger.clone();
+            match blocking(move || reader.last_ticket()).await {
+                Ok(ticket) => Some(ticket),
+                Err(error) => {
+                    tracing::error!("cannot read the verification ticket counter: {error:#}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         // Nudges go out first: verification starts at once, whatever the disk is doing.
-        let seen_at = chrono::Utc::now();
         let mut changed = Vec::new();
         for event in &batch {
             if let ListenEvent::Changed(nudge) = event {
@@ -493,7 +506,13 @@ async fn consume_listen_events(
         // Then, before any checkpoint of this batch is saved, the changes are noted durably.
         if !changed.is_empty() {
             let marker = ledger.clone();
-            match blocking(move || marker.mark_needs_verify(&changed, seen_at)).await {
+            let noted = match seen_after {
+                Some(seen_after) => {
+                    blocking(move || marker.mark_needs_verify(&changed, seen_after)).await
+                }
+                None => Err(anyhow::anyhow!("the ticket counter could not be read")),
+            };
+            match noted {
                 Ok(()) => unnoted_changes = false,
                 Err(error) => {
                     unnoted_changes = true;

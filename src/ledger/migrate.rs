@@ -9,6 +9,7 @@ use rusqlite::Connection;
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_verification_times.sql"),
+    include_str!("migrations/0003_verify_tickets.sql"),
 ];
 
 /// The schema version this build writes.

@@ -20,7 +20,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 
-use crate::domain::{CheckoutId, CheckoutStatus, FirestoreLocation, Source};
+use crate::domain::{CheckoutId, CheckoutStatus, FirestoreLocation, Source, VerifyTicket};
 use crate::paymennt::VerifiedCheckout;
 use crate::paymennt::wire::CheckoutFacts;
 use crate::settings::HookSettings;
@@ -41,6 +41,37 @@ pub struct LedgerError {
 
 /// The result type of ledger calls.
 pub type Result<T> = std::result::Result<T, LedgerError>;
+
+/// What the operator can do about an SQLite failure, as a blank line and a next step; empty
+/// when the error is not one an operator can act on (or not an SQLite error at all).
+fn next_step(error: &(dyn std::any::Any + 'static)) -> &'static str {
+    use rusqlite::ErrorCode;
+    let Some(code) = error
+        .downcast_ref::<rusqlite::Error>()
+        .and_then(rusqlite::Error::sqlite_error_code)
+    else {
+        return "";
+    };
+    match code {
+        ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => {
+            "\n\nanother process held a write lock on the ledger for over 10 s (a backup tool, an \
+             sqlite3 shell?); let it finish and try again"
+        }
+        ErrorCode::ReadOnly => {
+            "\n\nthe ledger is read-only for this user: paywatch writes the file and its -wal and \
+             -shm files beside it; check their owner and mode and the directory's"
+        }
+        ErrorCode::NotADatabase => {
+            "\n\nthis file is not a paywatch ledger (or it is damaged); check [ledger] path, or \
+             restore the ledger from a backup (paywatch never overwrites it)"
+        }
+        ErrorCode::DiskFull => "\n\nthe disk holding the ledger is full",
+        ErrorCode::CannotOpen | ErrorCode::PermissionDenied => {
+            "\n\ncheck that the ledger's directory exists and this user may write to it"
+        }
+        _ => "",
+    }
+}
 
 /// A handle on the ledger. Cheap to clone; clones share one connection.
 #[derive(Clone)]
@@ -183,8 +214,45 @@ pub enum ApplyOutcome {
     },
     /// The verified status equals the recorded one; only the verification time was updated.
     Unchanged,
-    /// The answer is older than one already applied (its request was sent earlier); ignored.
+    /// The answer is older than one already applied (its request has an earlier ticket); it
+    /// was ignored and changed nothing: a pending verification stays pending.
     Stale,
+}
+
+/// What [`Ledger::note_not_found`] did with paymennt's "checkout not found".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotFoundOutcome {
+    /// Counted; the checkout is still watched.
+    Counted {
+        /// Not-found answers in a row for this checkout.
+        count: u32,
+    },
+    /// [`NOT_FOUND_LIMIT`] answers in a row: the checkout is no longer watched (a pending
+    /// verification stays noted).
+    Unwatched {
+        /// Not-found answers in a row for this checkout.
+        count: u32,
+    },
+    /// Many watched checkouts look gone at once: that is a configuration problem (another
+    /// environment, merchant or address), not checkouts vanishing. Nothing is unwatched.
+    ManyLookGone(LookingGone),
+}
+
+/// Watched checkouts whose latest answer from paymennt was "checkout not found".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LookingGone {
+    /// Watched checkouts paymennt last said do not exist.
+    pub checkouts: i64,
+    /// All watched checkouts.
+    pub watched: i64,
+}
+
+impl LookingGone {
+    /// Five or more at once, or (two or more and) a tenth of the watched set: then paymennt is
+    /// not saying that checkouts vanished, the configuration points at the wrong place.
+    pub fn is_configuration_problem(&self) -> bool {
+        self.checkouts >= 5 || (self.checkouts >= 2 && self.checkouts * 10 >= self.watched)
+    }
 }
 
 /// A checkout the listener should watch.
@@ -261,9 +329,35 @@ impl Ledger {
         }
         create_private_file(path)
             .map_err(|error| fail(format!("cannot create the file: {error}")))?;
-        let connection =
-            Connection::open(path).map_err(|error| fail(format!("cannot open: {error}")))?;
+        let connection = Connection::open(path)
+            .map_err(|error| fail(format!("cannot open: {error}{}", next_step(&error))))?;
         Ledger::configure(connection, shown.clone())
+    }
+
+    /// Opens an existing ledger for reading only, without migrating it (`check-config` looks
+    /// at it while a daemon may be running on it).
+    ///
+    /// # Errors
+    ///
+    /// Names the path and what failed.
+    pub fn open_read_only(path: &Path) -> Result<Ledger> {
+        let shown = path.display().to_string();
+        let connection = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .and_then(|connection| {
+            connection.busy_timeout(Duration::from_secs(10))?;
+            Ok(connection)
+        })
+        .map_err(|error| LedgerError {
+            path: shown.clone(),
+            message: format!("cannot open for reading: {error}"),
+        })?;
+        Ok(Ledger {
+            connection: Arc::new(Mutex::new(connection)),
+            path: shown.into(),
+        })
     }
 
     /// An in-memory ledger, for tests.
@@ -291,7 +385,7 @@ impl Ledger {
             .execute_batch(
                 "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
             )
-            .map_err(|error| fail(format!("cannot configure: {error}")))?;
+            .map_err(|error| fail(format!("cannot configure: {error}{}", next_step(&error))))?;
         migrate::migrate(&mut connection).map_err(fail)?;
         Ok(Ledger {
             connection: Arc::new(Mutex::new(connection)),
@@ -325,10 +419,10 @@ impl Ledger {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn error(&self, context: &str, error: impl std::fmt::Display) -> LedgerError {
+    fn error(&self, context: &str, error: impl std::fmt::Display + 'static) -> LedgerError {
         LedgerError {
             path: self.path.to_string(),
-            message: format!("{context}: {error}"),
+            message: format!("{context}: {error}{}", next_step(&error)),
         }
     }
 
@@ -380,45 +474,97 @@ impl Ledger {
         Ok(outcome)
     }
 
-    /// Notes that a change was seen on these checkouts at `seen_at` and is not yet verified, so
-    /// a crash before verification is caught by the reconciler at the next start.
-    ///
-    /// Only a verification whose request was sent after `seen_at` clears the note
-    /// ([`Ledger::apply`]); one already applied with such a request means this note is not
-    /// needed. Times are compared in microseconds, so the order of the two writes does not
-    /// matter.
+    /// Hands out the next verification ticket: take one before sending Get Checkout (or
+    /// Create payment link) and the answer is ordered by it. The counter lives in the ledger, so
+    /// it only grows, across restarts and across processes sharing the file.
     ///
     /// # Errors
     ///
     /// SQL failures.
-    pub fn mark_needs_verify(&self, ids: &[CheckoutId], seen_at: DateTime<Utc>) -> Result<()> {
+    pub fn issue_ticket(&self) -> Result<VerifyTicket> {
+        let mut connection = self.lock();
+        // This commit skips its fsync (synchronous NORMAL). That is safe: a ticket matters only
+        // once a later commit stores it (a verification, a change note), and in WAL mode that
+        // commit's fsync makes every earlier frame durable, this one included. A ticket lost in
+        // a crash was stored nowhere, so handing it out again is harmless.
+        connection
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| self.error("ticket", e))?;
+        let issued = (|| {
+            let transaction = self.write(&mut connection, "ticket")?;
+            let last: i64 = transaction
+                .query_row(
+                    "UPDATE verify_tickets SET last = last + 1 WHERE id = 1 RETURNING last",
+                    [],
+                    |row| row.get(0),
+                )
+                .map_err(|e| self.error("ticket", e))?;
+            transaction.commit().map_err(|e| self.error("ticket", e))?;
+            Ok(VerifyTicket::new(last))
+        })();
+        connection
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| self.error("ticket", e))?;
+        issued
+    }
+
+    /// The last ticket handed out: every ticket issued after this call is greater. Read when a
+    /// change is seen, before its nudge goes out, and give it to [`Ledger::mark_needs_verify`].
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn last_ticket(&self) -> Result<VerifyTicket> {
+        self.lock()
+            .query_row("SELECT last FROM verify_tickets WHERE id = 1", [], |row| {
+                row.get(0)
+            })
+            .map(VerifyTicket::new)
+            .map_err(|e| self.error("ticket", e))
+    }
+
+    /// Notes that a change was seen on these checkouts, when the ticket counter stood at
+    /// `seen_after` ([`Ledger::last_ticket`]), and is not yet verified, so a crash before
+    /// verification is caught by the reconciler at the next start.
+    ///
+    /// Only a verification requested with a later ticket clears the note ([`Ledger::apply`]);
+    /// one already applied with such a ticket means this note is not needed. Tickets are exact,
+    /// so the order of the two writes does not matter.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn mark_needs_verify(&self, ids: &[CheckoutId], seen_after: VerifyTicket) -> Result<()> {
         let mut connection = self.lock();
         let transaction = self.write(&mut connection, "mark")?;
         {
             let mut statement = transaction
                 .prepare_cached(
                     "UPDATE checkouts SET needs_verify = 1,
-                            needs_verify_since_us = coalesce(needs_verify_since_us, ?2)
-                     WHERE id = ?1 AND (verify_requested_us IS NULL OR verify_requested_us < ?2)",
+                            needs_verify_after = coalesce(needs_verify_after, ?2)
+                     WHERE id = ?1
+                       AND (verify_requested_ticket IS NULL OR verify_requested_ticket <= ?2)",
                 )
                 .map_err(|e| self.error("mark", e))?;
             for id in ids {
                 statement
-                    .execute(params![id.as_str(), micros(seen_at)])
+                    .execute(params![id.as_str(), seen_after.number()])
                     .map_err(|e| self.error("mark", e))?;
             }
         }
         transaction.commit().map_err(|e| self.error("mark", e))
     }
 
-    /// Counts a Get Checkout answer saying the checkout does not exist. After
-    /// [`NOT_FOUND_LIMIT`] in a row the checkout stops being watched (a mistyped or foreign id
-    /// would otherwise be asked about forever). Returns the count and whether it was unwatched.
+    /// Counts paymennt's answer that the checkout does not exist. After [`NOT_FOUND_LIMIT`] in a
+    /// row the checkout stops being watched (a mistyped or foreign id would otherwise be asked
+    /// about forever) -- unless many watched checkouts look gone at once
+    /// ([`LookingGone::is_configuration_problem`]): then nothing is unwatched. Unwatching never
+    /// clears a pending verification.
     ///
     /// # Errors
     ///
     /// SQL failures.
-    pub fn note_not_found(&self, id: &CheckoutId) -> Result<(u32, bool)> {
+    pub fn note_not_found(&self, id: &CheckoutId) -> Result<NotFoundOutcome> {
         let mut connection = self.lock();
         let transaction = self.write(&mut connection, "not found")?;
         let count: Option<u32> = transaction
@@ -431,11 +577,18 @@ impl Ledger {
             .optional()
             .map_err(|e| self.error("not found", e))?;
         let count = count.unwrap_or(0);
+        let looking_gone = looking_gone_in(&transaction).map_err(|e| self.error("not found", e))?;
+        if looking_gone.is_configuration_problem() {
+            transaction
+                .commit()
+                .map_err(|e| self.error("not found", e))?;
+            return Ok(NotFoundOutcome::ManyLookGone(looking_gone));
+        }
         let unwatch = count >= NOT_FOUND_LIMIT;
         if unwatch {
             transaction
                 .execute(
-                    "UPDATE checkouts SET watched = 0, needs_verify = 0, updated_at = ?2 WHERE id = ?1",
+                    "UPDATE checkouts SET watched = 0, updated_at = ?2 WHERE id = ?1",
                     params![id.as_str(), now()],
                 )
                 .map_err(|e| self.error("not found", e))?;
@@ -449,7 +602,20 @@ impl Ledger {
         transaction
             .commit()
             .map_err(|e| self.error("not found", e))?;
-        Ok((count, unwatch))
+        Ok(if unwatch {
+            NotFoundOutcome::Unwatched { count }
+        } else {
+            NotFoundOutcome::Counted { count }
+        })
+    }
+
+    /// How many watched checkouts paymennt last said do not exist (`check-config` reports it).
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn looking_gone(&self) -> Result<LookingGone> {
+        looking_gone_in(&self.lock()).map_err(|e| self.error("looking gone", e))
     }
 
     /// Persists resume tokens after a consistent snapshot (only for still-watched checkouts).
@@ -555,6 +721,8 @@ impl Ledger {
     }
 
     /// Stops watching PAID checkouts whose refund-watch period has ended; returns their ids.
+    /// A checkout with a change not yet verified stays watched until it is verified (the
+    /// change may be the refund).
     ///
     /// # Errors
     ///
@@ -564,7 +732,7 @@ impl Ledger {
         let transaction = self.write(&mut connection, "refund watch")?;
         let ids: Vec<String> = {
             let mut statement = transaction
-                .prepare_cached("SELECT id FROM checkouts WHERE watched = 1 AND watch_until IS NOT NULL AND watch_until <= ?1")
+                .prepare_cached("SELECT id FROM checkouts WHERE watched = 1 AND needs_verify = 0 AND watch_until IS NOT NULL AND watch_until <= ?1")
                 .map_err(|e| self.error("refund watch", e))?;
             let rows = statement
                 .query_map([timestamp(now_time)], |row| row.get(0))
@@ -720,9 +888,18 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Microseconds since the epoch: how verification times are compared exactly.
-fn micros(time: DateTime<Utc>) -> i64 {
-    time.timestamp_micros()
+fn looking_gone_in(connection: &Connection) -> rusqlite::Result<LookingGone> {
+    connection.query_row(
+        "SELECT count(*) FILTER (WHERE not_found_count > 0), count(*)
+         FROM checkouts WHERE watched = 1",
+        [],
+        |row| {
+            Ok(LookingGone {
+                checkouts: row.get(0)?,
+                watched: row.get(1)?,
+            })
+        },
+    )
 }
 
 /// Why a checkout cannot be inserted: it has nowhere to be watched.
@@ -793,10 +970,10 @@ fn apply_in(
     let facts = verified.facts();
     let status = verified.status();
     let id = facts.id.as_str();
-    let requested_us = micros(verified.requested_at());
+    let ticket = verified.ticket().number();
     let existing: Option<(Option<String>, Option<i64>)> = transaction
         .query_row(
-            "SELECT status, verify_requested_us FROM checkouts WHERE id = ?1",
+            "SELECT status, verify_requested_ticket FROM checkouts WHERE id = ?1",
             [id],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )
@@ -812,23 +989,24 @@ fn apply_in(
         }
         // An answer to a request sent before the one already applied says nothing newer, and
         // could say something older: it is ignored.
-        Some((_, Some(applied_us))) if applied_us > requested_us => return Ok(ApplyOutcome::Stale),
+        Some((_, Some(applied))) if applied > ticket => return Ok(ApplyOutcome::Stale),
         Some((status, _)) => status,
     };
     let verified_at = verified.verified_at();
     let verified_text = timestamp(verified_at);
     // What paymennt said about the order replaces what a tracked response claimed; the change
-    // flag clears only if this request was sent after the earliest change not yet verified.
+    // flag clears only if this request's ticket was issued after the earliest change not yet
+    // verified was seen.
     transaction.execute(
         "UPDATE checkouts SET
                 order_id = coalesce(?2, order_id), request_id = coalesce(?3, request_id),
                 display_id = coalesce(?4, display_id), amount = ?5, currency = ?6,
                 total_refunded = ?7, redirect_url = coalesce(?8, redirect_url),
-                verified_at = ?9, verify_requested_us = ?10, not_found_count = 0,
-                needs_verify = CASE WHEN needs_verify_since_us IS NULL OR needs_verify_since_us <= ?10
+                verified_at = ?9, verify_requested_ticket = ?10, not_found_count = 0,
+                needs_verify = CASE WHEN needs_verify_after IS NULL OR needs_verify_after < ?10
                                     THEN 0 ELSE needs_verify END,
-                needs_verify_since_us = CASE WHEN needs_verify_since_us <= ?10
-                                    THEN NULL ELSE needs_verify_since_us END,
+                needs_verify_after = CASE WHEN needs_verify_after < ?10
+                                    THEN NULL ELSE needs_verify_after END,
                 updated_at = ?9
          WHERE id = ?1",
         params![
@@ -841,7 +1019,7 @@ fn apply_in(
             facts.total_refunded.map(|d| d.to_string()),
             facts.redirect_url,
             verified_text,
-            requested_us,
+            ticket,
         ],
     )?;
     let previous_status = previous.as_deref().map(CheckoutStatus::parse);

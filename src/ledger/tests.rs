@@ -410,26 +410,156 @@ fn replay_queues_new_events_for_past_transitions() {
     assert_eq!(delivery.checkout_id, "1");
 }
 
-fn verified_at(id: &str, status: &str, requested_at: DateTime<Utc>) -> VerifiedCheckout {
-    VerifiedCheckout::for_tests_requested_at(&checkout_json(id, status), requested_at)
+/// An answer to a request sent with `ticket`, verified when the wall clock read `clock`.
+fn answer(id: &str, status: &str, ticket: VerifyTicket, clock: DateTime<Utc>) -> VerifiedCheckout {
+    VerifiedCheckout::for_tests_with(&checkout_json(id, status), ticket, clock)
+}
+
+fn needs_verify(ledger: &Ledger, id: &str) -> bool {
+    ledger
+        .lock()
+        .query_row(
+            "SELECT needs_verify FROM checkouts WHERE id = ?1",
+            [id],
+            |row| row.get(0),
+        )
+        .expect("row")
 }
 
 #[test]
 fn an_answer_to_an_older_request_is_ignored() {
     let ledger = Ledger::open_in_memory().expect("ledger");
+    let first = ledger.issue_ticket().expect("ticket");
+    let second = ledger.issue_ticket().expect("ticket");
+    assert!(second > first);
     let now = Utc::now();
-    let newer = verified_at("1", "PAID", now);
-    let older = verified_at("1", "PENDING", now - chrono::Duration::milliseconds(5));
     ledger
-        .apply(&newer, Source::Firestore, None, &[], WATCH)
+        .apply(
+            &answer("1", "PAID", second, now),
+            Source::Firestore,
+            None,
+            &[],
+            WATCH,
+        )
         .expect("apply");
     assert_eq!(
         ledger
-            .apply(&older, Source::Manual, None, &[], WATCH)
+            .apply(
+                &answer("1", "PENDING", first, now),
+                Source::Manual,
+                None,
+                &[],
+                WATCH
+            )
             .expect("apply"),
         ApplyOutcome::Stale
     );
     assert_eq!(history(&ledger, "1"), ["PAID"]);
+}
+
+#[test]
+fn a_clock_stepped_back_does_not_make_a_paid_answer_stale() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let before_step = Utc::now();
+    let pending = ledger.issue_ticket().expect("ticket");
+    ledger
+        .apply(
+            &answer("1", "PENDING", pending, before_step),
+            Source::Reconcile,
+            None,
+            &[],
+            WATCH,
+        )
+        .expect("apply");
+    // NTP (or a VM restore) steps the clock back an hour; the customer pays.
+    let after_step = before_step - chrono::Duration::hours(1);
+    let change_seen = ledger.last_ticket().expect("counter");
+    ledger
+        .mark_needs_verify(&["1".parse().expect("id")], change_seen)
+        .expect("mark");
+    let paid = ledger.issue_ticket().expect("ticket");
+    let outcome = ledger
+        .apply(
+            &answer("1", "PAID", paid, after_step),
+            Source::Firestore,
+            None,
+            &[],
+            WATCH,
+        )
+        .expect("apply");
+    assert!(
+        matches!(outcome, ApplyOutcome::Transition { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(history(&ledger, "1"), ["PENDING", "PAID"]);
+    assert!(!needs_verify(&ledger, "1"), "the change is verified");
+}
+
+#[test]
+fn tickets_keep_growing_across_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("paywatch.db");
+    let ledger = Ledger::open(&path).expect("open");
+    ledger.issue_ticket().expect("ticket");
+    let before = ledger.issue_ticket().expect("ticket");
+    // A change note stores a ticket, durably.
+    ledger.track(&facts("1"), TrackedVia::Track).expect("track");
+    ledger
+        .mark_needs_verify(&["1".parse().expect("id")], before)
+        .expect("mark");
+    drop(ledger);
+    let reopened = Ledger::open(&path).expect("reopen");
+    assert_eq!(reopened.last_ticket().expect("counter"), before);
+    assert!(reopened.issue_ticket().expect("ticket") > before);
+}
+
+#[test]
+fn a_stale_answer_keeps_the_checkout_marked_for_verification() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let id: CheckoutId = "3".parse().expect("id");
+    let now = Utc::now();
+    let early = ledger.issue_ticket().expect("ticket");
+    let late = ledger.issue_ticket().expect("ticket");
+    ledger
+        .apply(
+            &answer("3", "PENDING", late, now),
+            Source::Manual,
+            None,
+            &[],
+            WATCH,
+        )
+        .expect("apply");
+    let seen = ledger.last_ticket().expect("counter");
+    ledger
+        .mark_needs_verify(std::slice::from_ref(&id), seen)
+        .expect("mark");
+    assert_eq!(
+        ledger
+            .apply(
+                &answer("3", "PAID", early, now),
+                Source::Firestore,
+                None,
+                &[],
+                WATCH
+            )
+            .expect("apply"),
+        ApplyOutcome::Stale
+    );
+    assert!(needs_verify(&ledger, "3"), "a stale answer clears nothing");
+    assert!(ledger.watch_set().expect("set")[0].needs_verify);
+    // The retry, with a fresh ticket, is recorded and clears the mark.
+    let retry = ledger.issue_ticket().expect("ticket");
+    ledger
+        .apply(
+            &answer("3", "PAID", retry, now),
+            Source::Firestore,
+            None,
+            &[],
+            WATCH,
+        )
+        .expect("apply");
+    assert_eq!(history(&ledger, "3"), ["PENDING", "PAID"]);
+    assert!(!needs_verify(&ledger, "3"));
 }
 
 fn history(ledger: &Ledger, id: &str) -> Vec<String> {
@@ -445,10 +575,11 @@ fn history(ledger: &Ledger, id: &str) -> Vec<String> {
 fn a_verification_requested_before_a_change_does_not_clear_it() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let id: CheckoutId = "4".parse().expect("id");
-    let start = Utc::now();
+    let now = Utc::now();
+    let first = ledger.issue_ticket().expect("ticket");
     ledger
         .apply(
-            &verified_at("4", "PENDING", start),
+            &answer("4", "PENDING", first, now),
             Source::Reconcile,
             None,
             &[],
@@ -456,14 +587,14 @@ fn a_verification_requested_before_a_change_does_not_clear_it() {
         )
         .expect("apply");
     // A call goes out, then the document changes, then the call answers (old status).
-    let in_flight = start + chrono::Duration::microseconds(10);
-    let change_seen = start + chrono::Duration::microseconds(20);
+    let in_flight = ledger.issue_ticket().expect("ticket");
+    let change_seen = ledger.last_ticket().expect("counter");
     ledger
         .mark_needs_verify(std::slice::from_ref(&id), change_seen)
         .expect("mark");
     ledger
         .apply(
-            &verified_at("4", "PENDING", in_flight),
+            &answer("4", "PENDING", in_flight, now),
             Source::Firestore,
             None,
             &[],
@@ -475,9 +606,10 @@ fn a_verification_requested_before_a_change_does_not_clear_it() {
         "the change is still unverified"
     );
     // The verification the change asked for clears it.
+    let asked = ledger.issue_ticket().expect("ticket");
     ledger
         .apply(
-            &verified_at("4", "PAID", change_seen + chrono::Duration::microseconds(5)),
+            &answer("4", "PAID", asked, now),
             Source::Firestore,
             None,
             &[],
@@ -535,17 +667,142 @@ fn verified_facts_replace_what_a_tracked_response_claimed() {
 }
 
 #[test]
-fn repeated_not_found_stops_watching() {
+fn repeated_not_found_stops_watching_but_keeps_a_pending_verification() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let id: CheckoutId = "6".parse().expect("id");
     ledger.track(&facts("6"), TrackedVia::Track).expect("track");
-    for expected in 1..NOT_FOUND_LIMIT {
-        assert_eq!(ledger.note_not_found(&id).expect("note"), (expected, false));
+    assert!(needs_verify(&ledger, "6"), "tracked, not yet verified");
+    for count in 1..NOT_FOUND_LIMIT {
+        assert_eq!(
+            ledger.note_not_found(&id).expect("note"),
+            NotFoundOutcome::Counted { count }
+        );
     }
     assert_eq!(
         ledger.note_not_found(&id).expect("note"),
-        (NOT_FOUND_LIMIT, true)
+        NotFoundOutcome::Unwatched {
+            count: NOT_FOUND_LIMIT
+        }
     );
+    assert!(ledger.watch_set().expect("set").is_empty());
+    assert!(
+        needs_verify(&ledger, "6"),
+        "unwatching never clears a pending verification"
+    );
+}
+
+#[test]
+fn many_checkouts_looking_gone_at_once_stay_watched() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let ids: Vec<CheckoutId> = (1..=6)
+        .map(|n| n.to_string().parse().expect("id"))
+        .collect();
+    for id in &ids {
+        ledger
+            .track(&facts(id.as_str()), TrackedVia::Track)
+            .expect("track");
+    }
+    // Three sweeps in which paymennt says every one of them does not exist.
+    let mut outcomes = Vec::new();
+    for _ in 0..NOT_FOUND_LIMIT + 1 {
+        for id in &ids {
+            outcomes.push(ledger.note_not_found(id).expect("note"));
+        }
+    }
+    assert_eq!(ledger.watch_set().expect("set").len(), 6, "{outcomes:?}");
+    assert!(
+        !outcomes
+            .iter()
+            .any(|o| matches!(o, NotFoundOutcome::Unwatched { .. })),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        outcomes.last(),
+        Some(&NotFoundOutcome::ManyLookGone(LookingGone {
+            checkouts: 6,
+            watched: 6
+        }))
+    );
+    assert!(
+        ledger
+            .looking_gone()
+            .expect("read")
+            .is_configuration_problem()
+    );
+    // A verified answer for one of them means it is not gone.
+    ledger
+        .apply(
+            &verified("1", "PENDING"),
+            Source::Reconcile,
+            None,
+            &[],
+            WATCH,
+        )
+        .expect("apply");
+    assert_eq!(ledger.looking_gone().expect("read").checkouts, 5);
+}
+
+#[test]
+fn one_missing_checkout_among_many_is_not_a_configuration_problem() {
+    let cases = [
+        (1, 1, false),
+        (1, 30, false),
+        (2, 20, true),
+        (2, 21, false),
+        (5, 1000, true),
+        (4, 1000, false),
+    ];
+    for (checkouts, watched, expected) in cases {
+        assert_eq!(
+            LookingGone { checkouts, watched }.is_configuration_problem(),
+            expected,
+            "{checkouts} of {watched}"
+        );
+    }
+}
+
+#[test]
+fn a_refund_watch_does_not_end_while_a_change_is_unverified() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let id: CheckoutId = "5".parse().expect("id");
+    let paid = ledger.issue_ticket().expect("ticket");
+    ledger
+        .apply(
+            &answer("5", "PAID", paid, Utc::now()),
+            Source::Reconcile,
+            None,
+            &[],
+            Duration::from_secs(60),
+        )
+        .expect("apply");
+    // The document changes (a refund?) just before the watch ends.
+    let seen = ledger.last_ticket().expect("counter");
+    ledger
+        .mark_needs_verify(std::slice::from_ref(&id), seen)
+        .expect("mark");
+    let later = Utc::now() + chrono::Duration::seconds(61);
+    assert!(
+        ledger
+            .expire_refund_watch(later)
+            .expect("expire")
+            .is_empty()
+    );
+    assert!(
+        ledger.watch_set().expect("set")[0].needs_verify,
+        "still watched and pending"
+    );
+    // Once verified, the watch ends.
+    let verified_again = ledger.issue_ticket().expect("ticket");
+    ledger
+        .apply(
+            &answer("5", "PAID", verified_again, Utc::now()),
+            Source::Reconcile,
+            None,
+            &[],
+            Duration::from_secs(60),
+        )
+        .expect("apply");
+    assert_eq!(ledger.expire_refund_watch(later).expect("expire"), vec![id]);
     assert!(ledger.watch_set().expect("set").is_empty());
 }
 

@@ -709,6 +709,10 @@ fn paymennt_outcome<T>(result: &Result<T, crate::paymennt::Error>) -> &'static s
         Err(Error::Timeout(_)) => "timeout",
         Err(Error::Network(_)) => "network",
         Err(Error::Malformed(_) | Error::Shape(_)) => "malformed",
+        // Something other than paymennt answered: a configuration problem, not a checkout's.
+        Err(Error::NotPaymennt { .. } | Error::Redirected { .. } | Error::TooLarge { .. }) => {
+            "not_paymennt"
+        }
     }
 }
 

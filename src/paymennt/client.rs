@@ -2,33 +2,82 @@
 //!
 //! Owns: requests to paymennt (auth headers, timeouts, retries) and the only constructor of
 //! [`VerifiedCheckout`]: a checkout status counts as verified only when it came from here.
-//! Must never: retry a 4xx other than 429, put a credential in an error or log, or hold money
-//! in a float.
+//! Must never: retry a 4xx other than 429, put a credential in an error or log, send one to
+//! another host (redirects are not followed; plaintext only to loopback), read an unbounded
+//! body, or hold money in a float. Text paymennt sends is escaped before it reaches an error.
+//!
+//! Only paymennt's own JSON answer (`{success: false, error}` on a JSON response) counts as
+//! paymennt refusing a request; anything else (an HTML 404 page, a proxy, a maintenance page,
+//! a wrong path in `base_url`) is [`Error::NotPaymennt`], a failure to retry that names the base
+//! URL, never "this checkout does not exist".
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rand::Rng;
-use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue, LOCATION, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 
-use super::wire::{
-    Checkout, CheckoutFacts, CheckoutPage, CheckoutShapeError, Envelope, LinkRequest,
-};
-use crate::domain::{CheckoutId, CheckoutStatus};
+use super::wire::{Checkout, CheckoutFacts, CheckoutPage, CheckoutShapeError, LinkRequest};
+use crate::domain::{CheckoutId, CheckoutStatus, VerifyTicket, printable};
 use crate::metrics::{Metrics, PaymenntCall};
-use crate::settings::{ApiCredentials, PaymenntSettings, SettingsError};
+use crate::settings::{ApiCredentials, PaymenntSettings, SettingsError, is_loopback_host};
+
+/// The largest answer body read; reading stops (and the call fails) past it. A checkout is a
+/// few KiB and a search page of 100 checkouts well under this.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// Why a call to paymennt failed. [`Error::is_retryable`] says whether trying again may help.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// paymennt refused the request (HTTP 4xx other than 429, or `success: false`).
+    /// paymennt refused the request: its own JSON wrapper with `success: false` and an `error`
+    /// (HTTP 4xx other than 429, or 2xx).
     #[error("paymennt refused the request (HTTP {status}): {message}")]
     Rejected {
         /// HTTP status.
         status: u16,
-        /// paymennt's `error` message.
+        /// paymennt's `error` message, escaped.
         message: String,
+    },
+    /// The answer is not paymennt's API: not its JSON wrapper (an HTML error page, a proxy or
+    /// maintenance page, a wrong path in `base_url`). Retried: it says nothing about a checkout.
+    #[error(
+        "the answer from {base_url} is not paymennt's API (HTTP {status}, content type '{content_type}'): {excerpt}\n\n\
+         check [paymennt] base_url (paymennt's ends in /mer/v2.0/) and any proxy in between"
+    )]
+    NotPaymennt {
+        /// The base URL in use.
+        base_url: String,
+        /// HTTP status.
+        status: u16,
+        /// The `Content-Type` header, escaped (empty if absent).
+        content_type: String,
+        /// The start of the body, escaped.
+        excerpt: String,
+    },
+    /// The answer was a redirect. Redirects are never followed: the API key and secret would go
+    /// along to whatever host it names.
+    #[error(
+        "paymennt's address answered HTTP {status}, a redirect to '{location}'; it is not followed, so the API credentials never go to another host\n\n\
+         check [paymennt] base_url (use the address the redirect names if you trust it)"
+    )]
+    Redirected {
+        /// HTTP status.
+        status: u16,
+        /// The `Location` header, escaped.
+        location: String,
+    },
+    /// The answer body is larger than [`MAX_BODY_BYTES`]; reading stopped there.
+    #[error(
+        "the answer from {base_url} is larger than {limit} bytes; reading stopped\n\ncheck [paymennt] base_url"
+    )]
+    TooLarge {
+        /// The base URL in use.
+        base_url: String,
+        /// The limit, in bytes.
+        limit: usize,
     },
     /// paymennt failed (HTTP 5xx).
     #[error("paymennt failed (HTTP {status}): {message}")]
@@ -59,7 +108,8 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether the same request may succeed later: network errors, timeouts, 5xx and 429.
+    /// Whether the same request may succeed later: network errors, timeouts, 5xx, 429, and an
+    /// answer that is not paymennt's (a proxy or maintenance page may go away).
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
@@ -67,6 +117,17 @@ impl Error {
                 | Error::RateLimited { .. }
                 | Error::Timeout(_)
                 | Error::Network(_)
+                | Error::NotPaymennt { .. }
+        )
+    }
+
+    /// Whether the answer points at the configuration rather than at one checkout: something
+    /// other than paymennt answered, redirected us elsewhere, or sent more than any answer of
+    /// paymennt's would be.
+    pub fn is_configuration_problem(&self) -> bool {
+        matches!(
+            self,
+            Error::NotPaymennt { .. } | Error::Redirected { .. } | Error::TooLarge { .. }
         )
     }
 
@@ -78,9 +139,11 @@ impl Error {
         }
     }
 
-    /// Whether paymennt said the checkout does not exist.
+    /// Whether paymennt itself said the checkout does not exist: its JSON wrapper with
+    /// `success: false` and its not-found error (paymennt's OpenAPI spec: "Checkout not found
+    /// for API merchant"). Nothing else counts: an HTML 404 page is [`Error::NotPaymennt`].
     pub fn is_not_found(&self) -> bool {
-        matches!(self, Error::Rejected { message, .. } if message.to_ascii_lowercase().contains("not found"))
+        matches!(self, Error::Rejected { message, .. } if message.to_ascii_lowercase().contains("checkout not found"))
     }
 }
 
@@ -94,12 +157,12 @@ pub struct VerifiedCheckout {
     status: CheckoutStatus,
     wire: Checkout,
     raw_json: String,
-    requested_at: DateTime<Utc>,
+    ticket: VerifyTicket,
     verified_at: DateTime<Utc>,
 }
 
 impl VerifiedCheckout {
-    fn from_result(raw_json: &str, requested_at: DateTime<Utc>) -> Result<VerifiedCheckout, Error> {
+    fn from_result(raw_json: &str, ticket: VerifyTicket) -> Result<VerifiedCheckout, Error> {
         let wire: Checkout = serde_json::from_str(raw_json)
             .map_err(|error| Error::Malformed(format!("checkout: {error}")))?;
         let facts = wire.answer_facts()?;
@@ -112,7 +175,7 @@ impl VerifiedCheckout {
             status,
             wire,
             raw_json: raw_json.to_owned(),
-            requested_at,
+            ticket,
             verified_at: Utc::now(),
         })
     }
@@ -120,16 +183,22 @@ impl VerifiedCheckout {
     /// A verified checkout from a literal result object, for unit tests only.
     #[cfg(test)]
     pub(crate) fn for_tests(raw_json: &str) -> VerifiedCheckout {
-        VerifiedCheckout::from_result(raw_json, Utc::now()).expect("test checkout JSON is valid")
+        VerifiedCheckout::from_result(raw_json, VerifyTicket::new(i64::MAX))
+            .expect("test checkout JSON is valid")
     }
 
-    /// [`VerifiedCheckout::for_tests`] with a given request time.
+    /// [`VerifiedCheckout::for_tests`] for a request sent with `ticket`, verified at
+    /// `verified_at` (a wall clock that may have stepped).
     #[cfg(test)]
-    pub(crate) fn for_tests_requested_at(
+    pub(crate) fn for_tests_with(
         raw_json: &str,
-        requested_at: DateTime<Utc>,
+        ticket: VerifyTicket,
+        verified_at: DateTime<Utc>,
     ) -> VerifiedCheckout {
-        VerifiedCheckout::from_result(raw_json, requested_at).expect("test checkout JSON is valid")
+        let mut verified =
+            VerifiedCheckout::from_result(raw_json, ticket).expect("test checkout JSON is valid");
+        verified.verified_at = verified_at;
+        verified
     }
 
     /// The checked fields.
@@ -162,10 +231,10 @@ impl VerifiedCheckout {
         self.verified_at
     }
 
-    /// When the request was first sent (before any retry): the answer reflects every change
-    /// committed at paymennt before this time.
-    pub fn requested_at(&self) -> DateTime<Utc> {
-        self.requested_at
+    /// The ledger's ticket for the request, taken before it was first sent (before any retry):
+    /// the answer reflects every change committed at paymennt before the ticket was issued.
+    pub fn ticket(&self) -> VerifyTicket {
+        self.ticket
     }
 }
 
@@ -268,9 +337,28 @@ impl Client {
         };
         let base = Url::parse(&normalized).map_err(|error| {
             SettingsError(format!(
-                "paymennt base URL '{base_url}' is invalid: {error}"
+                "paymennt base URL '{}' is invalid: {error}",
+                printable(base_url)
             ))
         })?;
+        // The credentials go in every request: never in plaintext over a network.
+        match base.scheme() {
+            "https" => {}
+            "http" if base.host_str().is_some_and(is_loopback_host) => {}
+            "http" => {
+                return Err(SettingsError(format!(
+                    "paymennt base URL '{}' uses plaintext http to a non-loopback host; the API credentials would cross the network unencrypted\n\nuse https, or a 127.0.0.1 / localhost address",
+                    printable(base_url)
+                )));
+            }
+            other => {
+                return Err(SettingsError(format!(
+                    "paymennt base URL '{}' has unsupported scheme '{}'\n\nuse https",
+                    printable(base_url),
+                    printable(other)
+                )));
+            }
+        }
         let mut headers = HeaderMap::new();
         let mut key = HeaderValue::from_str(credentials.key.expose()).map_err(|_| {
             SettingsError(
@@ -290,6 +378,9 @@ impl Client {
             .default_headers(headers)
             .connect_timeout(connect_timeout)
             .timeout(request_timeout)
+            // Never follow a redirect: the credential headers would go along to the host it
+            // names. A 3xx is an error naming its Location.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("paywatch/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|error| SettingsError(format!("cannot build the HTTP client: {error}")))?;
@@ -317,23 +408,30 @@ impl Client {
     /// # Errors
     ///
     /// The last attempt's [`Error`].
-    pub async fn get_checkout(&self, id: &CheckoutId) -> Result<VerifiedCheckout, Error> {
+    pub async fn get_checkout(
+        &self,
+        id: &CheckoutId,
+        ticket: VerifyTicket,
+    ) -> Result<VerifiedCheckout, Error> {
         let started = std::time::Instant::now();
-        let result = self.fetch_checkout(id).await;
+        let result = self.fetch_checkout(id, ticket).await;
         self.metrics
             .paymennt_call(PaymenntCall::GetCheckout, &result, started.elapsed());
         result
     }
 
-    async fn fetch_checkout(&self, id: &CheckoutId) -> Result<VerifiedCheckout, Error> {
-        let requested_at = Utc::now();
+    async fn fetch_checkout(
+        &self,
+        id: &CheckoutId,
+        ticket: VerifyTicket,
+    ) -> Result<VerifiedCheckout, Error> {
         let raw = self
             .call(|| {
                 self.http
                     .get(self.url(&format!("checkout/{}", id.as_str())))
             })
             .await?;
-        let verified = VerifiedCheckout::from_result(&raw, requested_at)?;
+        let verified = VerifiedCheckout::from_result(&raw, ticket)?;
         if verified.id() != id {
             return Err(Error::Malformed(format!(
                 "asked for checkout {id}, paymennt answered with checkout {}",
@@ -351,12 +449,15 @@ impl Client {
     /// # Errors
     ///
     /// The last attempt's [`Error`].
-    pub async fn create_link(&self, request: &LinkRequest) -> Result<VerifiedCheckout, Error> {
-        let requested_at = Utc::now();
+    pub async fn create_link(
+        &self,
+        request: &LinkRequest,
+        ticket: VerifyTicket,
+    ) -> Result<VerifiedCheckout, Error> {
         let raw = self
             .call(|| self.http.post(self.url("checkout/link")).json(request))
             .await?;
-        VerifiedCheckout::from_result(&raw, requested_at)
+        VerifiedCheckout::from_result(&raw, ticket)
     }
 
     /// Search checkouts: `GET /checkout`.
@@ -425,49 +526,95 @@ impl Client {
             .await
             .map_err(|error| self.transport_error(error))?;
         let status = response.status();
+        if status.is_redirection() {
+            let location = response
+                .headers()
+                .get(LOCATION)
+                .map(|value| printable(&String::from_utf8_lossy(value.as_bytes())))
+                .unwrap_or_else(|| "(no Location header)".into());
+            return Err(Error::Redirected {
+                status: status.as_u16(),
+                location,
+            });
+        }
         let retry_after = parse_retry_after(response.headers());
-        let body = response
-            .bytes()
-            .await
-            .map_err(|error| self.transport_error(error))?;
+        let content_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+            .unwrap_or_default();
+        let body = self.read_body(response).await?;
         if status == StatusCode::TOO_MANY_REQUESTS {
             return Err(Error::RateLimited { retry_after });
         }
-        let envelope: Result<Envelope, _> = serde_json::from_slice(&body);
-        let message = |envelope: &Result<Envelope, serde_json::Error>| match envelope {
-            Ok(Envelope {
-                error: Some(message),
-                ..
-            }) => message.clone(),
-            _ => body_excerpt(&body),
-        };
+        // paymennt's own answer: JSON (its spec: "Content type for responses will always be
+        // application/json") in its wrapper, which always says `success`.
+        let wrapper = is_json(&content_type)
+            .then(|| serde_json::from_slice::<Wrapper>(&body).ok())
+            .flatten()
+            .filter(|wrapper| wrapper.success.is_some());
         if status.is_server_error() {
             return Err(Error::Server {
                 status: status.as_u16(),
-                message: message(&envelope),
+                message: match wrapper.and_then(|w| w.error) {
+                    Some(message) => printable(&message),
+                    None => body_excerpt(&body),
+                },
             });
         }
-        if status.is_client_error() {
-            return Err(Error::Rejected {
+        let not_paymennt = || Error::NotPaymennt {
+            base_url: self.base.to_string(),
+            status: status.as_u16(),
+            content_type: printable(&content_type),
+            excerpt: body_excerpt(&body),
+        };
+        if !(status.is_success() || status.is_client_error()) {
+            return Err(not_paymennt());
+        }
+        match wrapper {
+            Some(Wrapper {
+                success: Some(false),
+                error: Some(message),
+                ..
+            }) => Err(Error::Rejected {
                 status: status.as_u16(),
-                message: message(&envelope),
-            });
+                message: printable(&message),
+            }),
+            Some(Wrapper {
+                success: Some(true),
+                result,
+                ..
+            }) if status.is_success() => result
+                .map(|raw| raw.get().to_owned())
+                .ok_or_else(|| Error::Malformed("success is true but there is no result".into())),
+            _ => Err(not_paymennt()),
         }
-        let envelope = envelope.map_err(|error| {
-            Error::Malformed(format!("{error}; body starts {}", body_excerpt(&body)))
-        })?;
-        if !envelope.success {
-            return Err(Error::Rejected {
-                status: status.as_u16(),
-                message: envelope
-                    .error
-                    .unwrap_or_else(|| "success is false and no error was given".into()),
-            });
+    }
+
+    /// Reads the body chunk by chunk, stopping as soon as it passes [`MAX_BODY_BYTES`].
+    async fn read_body(&self, mut response: reqwest::Response) -> Result<Vec<u8>, Error> {
+        let too_large = || Error::TooLarge {
+            base_url: self.base.to_string(),
+            limit: MAX_BODY_BYTES,
+        };
+        if response
+            .content_length()
+            .is_some_and(|length| length > MAX_BODY_BYTES as u64)
+        {
+            return Err(too_large());
         }
-        envelope
-            .result
-            .map(|raw| raw.get().to_owned())
-            .ok_or_else(|| Error::Malformed("success is true but there is no result".into()))
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|error| self.transport_error(error))?
+        {
+            if body.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
     }
 
     fn transport_error(&self, error: reqwest::Error) -> Error {
@@ -486,6 +633,27 @@ impl Client {
             Error::Network(text)
         }
     }
+}
+
+/// paymennt's answer wrapper, as read here: `success` must be present for it to count.
+#[derive(Deserialize)]
+struct Wrapper {
+    success: Option<bool>,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    result: Option<Box<RawValue>>,
+}
+
+/// Whether a `Content-Type` is JSON (`application/json`, with or without parameters).
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json" || essence.ends_with("+json")
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is rare for APIs; it is treated as absent).

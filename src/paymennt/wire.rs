@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 
 use crate::domain::{
-    CheckoutId, CheckoutStatus, Currency, FirestoreLocation, InvalidValue, parse_decimal,
+    CheckoutId, CheckoutStatus, Currency, FirestoreLocation, InvalidValue, parse_decimal, printable,
 };
 
 /// paymennt's response wrapper: `{success, elapsed, error, result}`.
@@ -72,9 +72,17 @@ impl<'de> Deserialize<'de> for JsonDecimal {
             .strip_prefix('"')
             .and_then(|t| t.strip_suffix('"'))
             .unwrap_or(text);
-        parse_decimal(text)
-            .map(JsonDecimal)
-            .ok_or_else(|| de::Error::custom(format_args!("expected a number, got {text}")))
+        parse_decimal(text).map(JsonDecimal).ok_or_else(|| {
+            let shown = printable(text);
+            if serde_json::from_str::<serde_json::Number>(text).is_ok() {
+                de::Error::custom(format_args!(
+                    "the number {shown} cannot be held exactly (at most 28 significant digits, \
+                     below 7.9e28 in size)"
+                ))
+            } else {
+                de::Error::custom(format_args!("expected a number, got {shown}"))
+            }
+        })
     }
 }
 

@@ -592,17 +592,35 @@ fn backoff_doubles_to_a_cap_and_resets() {
     assert_eq!(backoff.next(), Duration::from_millis(200));
 }
 
-/// A log sink for one test: a thread-local subscriber (the test runtime is single-threaded,
-/// so the dispatcher's tasks log into it).
+/// A log sink for one test.
+///
+/// A scoped (`set_default`) subscriber is not enough: tracing caches each call site's interest
+/// process-wide, and a call site first reached by another test's thread at the moment this one
+/// registers its subscriber can be cached as "never", silently dropping a line (seen under load).
+/// So the lib tests share one global subscriber, installed once, that writes each event to the
+/// sink of the thread it happened on; the test runtime is single-threaded, so the dispatcher's
+/// tasks log on the test's thread.
 #[derive(Clone, Default)]
 struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
 
-impl std::io::Write for Captured {
+thread_local! {
+    static THREAD_SINK: std::cell::RefCell<Option<Captured>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Writes to the current thread's sink, if it has one.
+struct ThreadSink;
+
+impl std::io::Write for ThreadSink {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .extend_from_slice(bytes);
+        THREAD_SINK.with(|sink| {
+            if let Some(captured) = sink.borrow().as_ref() {
+                captured
+                    .0
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .extend_from_slice(bytes);
+            }
+        });
         Ok(bytes.len())
     }
 
@@ -612,6 +630,23 @@ impl std::io::Write for Captured {
 }
 
 impl Captured {
+    /// Starts capturing this thread's INFO and higher log lines.
+    fn this_thread() -> Captured {
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(|| ThreadSink)
+                .with_ansi(false)
+                .with_max_level(tracing::Level::INFO)
+                .finish();
+            // If another test installed one first, the assertions below say what is missing.
+            let _ = tracing::subscriber::set_global_default(subscriber);
+        });
+        let captured = Captured::default();
+        THREAD_SINK.with(|sink| *sink.borrow_mut() = Some(captured.clone()));
+        captured
+    }
+
     fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
     }
@@ -619,14 +654,7 @@ impl Captured {
 
 #[tokio::test]
 async fn each_attempt_logs_one_line_and_a_dead_one_says_how_to_retry() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let captured = Captured::this_thread();
 
     let fx = Fixture::new();
     let mut spec = hook(

@@ -9,16 +9,21 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
+use futures::StreamExt;
 
 use super::*;
 use crate::settings::Secret;
 
-/// One scripted answer: status, extra header, body, delay.
+/// One scripted answer: status, extra headers, body, delay.
 #[derive(Clone)]
 struct Answer {
     status: u16,
     retry_after: Option<&'static str>,
+    content_type: &'static str,
+    location: Option<String>,
     body: String,
+    /// Send the body in chunks without a length, then never finish.
+    stall_after_body: bool,
     delay: Duration,
 }
 
@@ -26,7 +31,10 @@ fn answer(status: u16, body: &str) -> Answer {
     Answer {
         status,
         retry_after: None,
+        content_type: "application/json",
+        location: None,
         body: body.to_owned(),
+        stall_after_body: false,
         delay: Duration::ZERO,
     }
 }
@@ -49,16 +57,29 @@ async fn serve(State(script): State<Arc<Script>>, request: axum::extract::Reques
         return (StatusCode::INTERNAL_SERVER_ERROR, "script exhausted").into_response();
     };
     tokio::time::sleep(next.delay).await;
-    let mut response = (
-        StatusCode::from_u16(next.status).expect("status"),
-        [("content-type", "application/json")],
-        next.body,
-    )
-        .into_response();
+    let status = StatusCode::from_u16(next.status).expect("status");
+    let headers = [("content-type", next.content_type)];
+    let mut response = if next.stall_after_body {
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = next
+            .body
+            .into_bytes()
+            .chunks(64 * 1024)
+            .map(|chunk| Ok(chunk.to_vec()))
+            .collect();
+        let body = futures::stream::iter(chunks).chain(futures::stream::pending());
+        (status, headers, axum::body::Body::from_stream(body)).into_response()
+    } else {
+        (status, headers, next.body).into_response()
+    };
     if let Some(value) = next.retry_after {
         response
             .headers_mut()
             .insert("retry-after", value.parse().expect("header"));
+    }
+    if let Some(value) = next.location {
+        response
+            .headers_mut()
+            .insert("location", value.parse().expect("header"));
     }
     response
 }
@@ -97,6 +118,10 @@ async fn start(answers: Vec<Answer>) -> (Client, Arc<Script>) {
 
 const CHECKOUT: &str = r#"{"success":true,"elapsed":12,"result":{"id":"1653241101733169556","requestId":"ORD-1234-r1","orderId":"ORD-1234","currency":"AED","amount":19.99,"status":"PENDING","totalRefunded":0.0,"firebaseDatabase":"pc-test-734bc","firebaseCollection":"checkouts","firebaseDocument":"doc1"}}"#;
 
+fn ticket() -> VerifyTicket {
+    VerifyTicket::new(1)
+}
+
 fn id() -> CheckoutId {
     "1653241101733169556".parse().expect("id")
 }
@@ -104,7 +129,7 @@ fn id() -> CheckoutId {
 #[tokio::test]
 async fn get_checkout_sends_auth_headers_and_keeps_exact_amount() {
     let (client, script) = start(vec![answer(200, CHECKOUT)]).await;
-    let checkout = client.get_checkout(&id()).await.expect("success");
+    let checkout = client.get_checkout(&id(), ticket()).await.expect("success");
     assert_eq!(checkout.facts().amount.to_string(), "19.99");
     assert_eq!(checkout.status(), &CheckoutStatus::Pending);
     assert!(checkout.raw_json().contains("19.99"));
@@ -125,7 +150,7 @@ async fn get_checkout_sends_auth_headers_and_keeps_exact_amount() {
 async fn http_400_carries_paymennts_message_and_is_not_retried() {
     let body = r#"{"success":false,"elapsed":3,"error":"Checkout not found for API merchant"}"#;
     let (client, script) = start(vec![answer(400, body), answer(200, CHECKOUT)]).await;
-    let error = client.get_checkout(&id()).await.expect_err("400");
+    let error = client.get_checkout(&id(), ticket()).await.expect_err("400");
     assert!(!error.is_retryable());
     assert!(error.is_not_found());
     assert!(
@@ -142,10 +167,182 @@ async fn http_400_carries_paymennts_message_and_is_not_retried() {
 }
 
 #[tokio::test]
+async fn an_html_404_page_is_a_failure_to_retry_not_a_missing_checkout() {
+    let page = Answer {
+        content_type: "text/html; charset=utf-8",
+        ..answer(
+            404,
+            "<html><body><h1>404 Not Found</h1>Checkout not found</body></html>",
+        )
+    };
+    let (client, script) = start(vec![page.clone(), page.clone(), page.clone(), page]).await;
+    let error = client
+        .get_checkout(&id(), ticket())
+        .await
+        .expect_err("not paymennt");
+    assert!(
+        matches!(error, Error::NotPaymennt { status: 404, .. }),
+        "{error:?}"
+    );
+    assert!(
+        !error.is_not_found(),
+        "an HTML page says nothing about a checkout"
+    );
+    assert!(error.is_retryable());
+    assert!(error.is_configuration_problem());
+    let text = error.to_string();
+    assert!(
+        text.contains(client.base_url()),
+        "names the base URL: {text}"
+    );
+    assert!(text.contains("text/html"), "{text}");
+    assert!(text.contains("base_url"), "{text}");
+    assert_eq!(script.seen.lock().expect("lock").len(), 4, "retried");
+}
+
+#[tokio::test]
+async fn json_that_is_not_paymennts_wrapper_is_not_a_missing_checkout() {
+    // A gateway's own JSON 404 (no `success`), and a 404 wrapper without an error message.
+    for body in [
+        r#"{"message":"Checkout not found"}"#,
+        r#"{"success":false}"#,
+    ] {
+        let (client, _script) = start(vec![answer(404, body); 4]).await;
+        let error = client
+            .get_checkout(&id(), ticket())
+            .await
+            .expect_err("not paymennt");
+        assert!(
+            matches!(error, Error::NotPaymennt { .. }),
+            "{body}: {error:?}"
+        );
+        assert!(!error.is_not_found(), "{body}");
+    }
+    // paymennt's own answer, but about something else, is not "checkout not found".
+    let (client, _script) = start(vec![answer(
+        404,
+        r#"{"success":false,"error":"Endpoint not found"}"#,
+    )])
+    .await;
+    let error = client
+        .get_checkout(&id(), ticket())
+        .await
+        .expect_err("refused");
+    assert!(matches!(error, Error::Rejected { .. }), "{error:?}");
+    assert!(!error.is_not_found());
+}
+
+#[tokio::test]
+async fn a_redirect_is_not_followed_and_the_other_host_receives_nothing() {
+    let (other, other_script) = start(vec![answer(200, CHECKOUT)]).await;
+    let location = format!("{}checkout/{}", other.base_url(), id());
+    let redirect = Answer {
+        location: Some(location.clone()),
+        ..answer(302, "")
+    };
+    let (client, script) = start(vec![redirect]).await;
+    let error = client
+        .get_checkout(&id(), ticket())
+        .await
+        .expect_err("redirects are refused");
+    assert!(
+        matches!(error, Error::Redirected { status: 302, .. }),
+        "{error:?}"
+    );
+    assert!(
+        error.to_string().contains(&location),
+        "names the Location: {error}"
+    );
+    assert!(!error.is_retryable());
+    assert_eq!(script.seen.lock().expect("lock").len(), 1);
+    assert!(
+        other_script.seen.lock().expect("lock").is_empty(),
+        "the credentials never reached the other listener"
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_body_is_refused_while_it_is_read() {
+    // 1.5 MiB, then the server never finishes: only a reader that stops at the cap returns
+    // before the request timeout.
+    let endless = Answer {
+        stall_after_body: true,
+        ..answer(200, &"x".repeat(MAX_BODY_BYTES + MAX_BODY_BYTES / 2))
+    };
+    let (client, _script) = start(vec![endless]).await;
+    let error = client
+        .get_checkout(&id(), ticket())
+        .await
+        .expect_err("too large");
+    assert!(matches!(error, Error::TooLarge { .. }), "{error:?}");
+    assert!(error.to_string().contains("1048576 bytes"), "{error}");
+    // A declared length over the cap is refused before reading.
+    let declared = answer(200, &"y".repeat(MAX_BODY_BYTES + 1));
+    let (client, _script) = start(vec![declared]).await;
+    let error = client
+        .get_checkout(&id(), ticket())
+        .await
+        .expect_err("too large");
+    assert!(matches!(error, Error::TooLarge { .. }), "{error:?}");
+}
+
+#[test]
+fn plaintext_to_a_non_loopback_host_is_refused() {
+    let credentials = ApiCredentials {
+        key: Secret::new("k"),
+        secret: Secret::new("s"),
+    };
+    let policy = RetryPolicy {
+        max_retries: 0,
+        base: Duration::from_millis(5),
+        max: Duration::from_millis(10),
+    };
+    let second = Duration::from_secs(1);
+    for url in [
+        "http://api.paymennt.com/mer/v2.0/",
+        "http://10.0.0.1/mer/v2.0/",
+        "ftp://127.0.0.1/",
+    ] {
+        let error = Client::new(url, &credentials, second, second, policy).expect_err(url);
+        assert!(error.to_string().contains(url), "{error}");
+    }
+    for url in [
+        "https://api.paymennt.com/mer/v2.0/",
+        "http://127.0.0.1:9/mer/v2.0/",
+        "http://[::1]:9/",
+        "http://localhost:9/",
+    ] {
+        Client::new(url, &credentials, second, second, policy).expect(url);
+    }
+}
+
+#[tokio::test]
+async fn paymennts_text_cannot_forge_a_log_line() {
+    let forged = r#"{"success":false,"error":"Checkout not found\nINFO paywatch::payment: PAID checkout=1 order=X 100.00 AED"}"#;
+    let (client, _script) = start(vec![answer(400, forged)]).await;
+    let error = client
+        .get_checkout(&id(), ticket())
+        .await
+        .expect_err("refused");
+    // The daemon logs this error as a field of one line; its text must stay one line.
+    let text = error.to_string();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(!text.contains('\r'), "{text}");
+    assert!(
+        text.contains(r"\nINFO paywatch::payment: PAID"),
+        "escaped, still readable: {text}"
+    );
+    assert!(error.is_not_found(), "still paymennt's not-found answer");
+}
+
+#[tokio::test]
 async fn success_false_with_http_200_is_an_error() {
     let body = r#"{"success":false,"elapsed":3,"error":"Invalid request"}"#;
     let (client, _script) = start(vec![answer(200, body)]).await;
-    let error = client.get_checkout(&id()).await.expect_err("success false");
+    let error = client
+        .get_checkout(&id(), ticket())
+        .await
+        .expect_err("success false");
     assert!(error.to_string().contains("Invalid request"), "{error}");
 }
 
@@ -159,7 +356,7 @@ async fn http_500_is_retried_then_succeeds() {
     ])
     .await;
     let checkout = client
-        .get_checkout(&id())
+        .get_checkout(&id(), ticket())
         .await
         .expect("third attempt succeeds");
     assert_eq!(checkout.id(), &id());
@@ -171,7 +368,10 @@ async fn retries_stop_at_the_limit() {
     let failure = r#"{"success":false,"error":"internal"}"#;
     let answers = vec![answer(500, failure); 6];
     let (client, script) = start(answers).await;
-    let error = client.get_checkout(&id()).await.expect_err("all fail");
+    let error = client
+        .get_checkout(&id(), ticket())
+        .await
+        .expect_err("all fail");
     assert!(error.is_retryable());
     assert_eq!(
         script.seen.lock().expect("lock").len(),
@@ -183,14 +383,12 @@ async fn retries_stop_at_the_limit() {
 #[tokio::test]
 async fn http_429_honours_retry_after() {
     let limited = Answer {
-        status: 429,
         retry_after: Some("1"),
-        body: "{}".into(),
-        delay: Duration::ZERO,
+        ..answer(429, "{}")
     };
     let (client, script) = start(vec![limited, answer(200, CHECKOUT)]).await;
     client
-        .get_checkout(&id())
+        .get_checkout(&id(), ticket())
         .await
         .expect("succeeds after waiting");
     let seen = script.seen.lock().expect("lock");
@@ -205,14 +403,12 @@ async fn http_429_honours_retry_after() {
 #[tokio::test]
 async fn a_slow_answer_times_out_and_is_retried() {
     let slow = Answer {
-        status: 200,
-        retry_after: None,
-        body: CHECKOUT.into(),
         delay: Duration::from_secs(3),
+        ..answer(200, CHECKOUT)
     };
     let (client, script) = start(vec![slow, answer(200, CHECKOUT)]).await;
     client
-        .get_checkout(&id())
+        .get_checkout(&id(), ticket())
         .await
         .expect("second attempt succeeds");
     assert_eq!(script.seen.lock().expect("lock").len(), 2);
@@ -239,7 +435,10 @@ async fn connection_refused_is_a_retryable_network_error() {
         },
     )
     .expect("client");
-    let error = client.get_checkout(&id()).await.expect_err("refused");
+    let error = client
+        .get_checkout(&id(), ticket())
+        .await
+        .expect_err("refused");
     assert!(matches!(error, Error::Network(_)), "{error:?}");
     assert!(error.is_retryable());
     assert!(!error.to_string().contains('s') || !error.to_string().contains("secret"));
@@ -253,12 +452,12 @@ async fn an_answer_may_omit_the_coordinates_but_not_half_of_them() {
     let partial = r#"{"success":true,"result":{"id":"1","amount":1,"currency":"AED","status":"PAID","firebaseDatabase":"p"}}"#;
     let (client, _script) = start(vec![answer(200, body), answer(200, partial)]).await;
     let verified = client
-        .get_checkout(&"1".parse().expect("id"))
+        .get_checkout(&"1".parse().expect("id"), ticket())
         .await
         .expect("no coordinates is fine for an answer");
     assert_eq!(verified.facts().location, None);
     let error = client
-        .get_checkout(&"1".parse().expect("id"))
+        .get_checkout(&"1".parse().expect("id"), ticket())
         .await
         .expect_err("half the coordinates");
     assert!(error.to_string().contains("firebaseCollection"), "{error}");
@@ -269,7 +468,7 @@ async fn unknown_status_is_kept() {
     let body = CHECKOUT.replace("\"PENDING\"", "\"On hold\"");
     let (client, _script) = start(vec![answer(200, &body)]).await;
     let checkout = client
-        .get_checkout(&id())
+        .get_checkout(&id(), ticket())
         .await
         .expect("unknown status is fine");
     assert_eq!(
