@@ -369,5 +369,10 @@ async fn link_create_track_and_events_against_the_sandbox() {
         "{}",
         stdout(&check)
     );
+    assert!(
+        stdout(&check).contains("ok   discovery is "),
+        "check-config says whether discovery runs: {}",
+        stdout(&check)
+    );
     sandbox.shutdown().await;
 }

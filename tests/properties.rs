@@ -172,6 +172,8 @@ proptest! {
             ("paymennt", "request_timeout"),
             ("paymennt", "connect_timeout"),
             ("daemon", "drain_timeout"),
+            ("discovery", "interval"),
+            ("discovery", "lookback"),
         ]),
         value in prop_oneof![
             "[0-9]{1,25}(ns|us|ms|s|m|h|d|days|w|y|years)?",
@@ -195,7 +197,7 @@ proptest! {
         Just(i64::MIN), Just(-1i64), Just(0i64), Just(i64::from(u32::MAX) + 1), Just(i64::MAX),
         any::<i64>(),
     ]) {
-        for (section, name) in [("", "hooks_concurrency"), ("[paymennt]", "concurrency"), ("[paymennt]", "max_retries")] {
+        for (section, name) in [("", "hooks_concurrency"), ("[paymennt]", "concurrency"), ("[paymennt]", "max_retries"), ("[reconcile]", "page_size"), ("[discovery]", "page_size")] {
             let outcome = load_config(&format!("{section}\n{name} = {value}\n"));
             if let Err(message) = outcome {
                 prop_assert!(message.contains(name), "{section}.{name} = {value}: {message}");

@@ -1361,3 +1361,94 @@ async fn sandbox_listen_caps_streams_per_connection_at_100() {
     stream.initial(1).await;
     sandbox.shutdown().await;
 }
+
+#[tokio::test]
+async fn sandbox_rest_search_filters_pages_and_counts_as_the_spec_says() {
+    let sandbox = start().await;
+    let rest = Rest::new(&sandbox);
+    let mut ids = Vec::new();
+    for order in ["ORD-1", "ORD-2", "ORD-3"] {
+        ids.push(create(&sandbox, order).await.0);
+    }
+    sandbox.state().pay(&ids[1]).await.expect("paid");
+    sandbox
+        .state()
+        .refund(&ids[1], Some("1.00".parse().expect("decimal")))
+        .await
+        .expect("partial refund");
+    let found = |json: &Json| -> Vec<String> {
+        json["result"]["content"]
+            .as_array()
+            .expect("content")
+            .iter()
+            .filter_map(|checkout| checkout["id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let all: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+    assert_eq!(found(&rest.search(&[]).await), all, "ordered by id");
+    assert_eq!(
+        found(&rest.search(&[("afterId", ids[0].as_str())]).await),
+        all[1..]
+    );
+    assert_eq!(found(&rest.search(&[("type", "LINK")]).await), all);
+    assert!(found(&rest.search(&[("type", "WEB")]).await).is_empty());
+    for spelling in ["PARTIALLY_REFUNDED", "Partially refunded"] {
+        assert_eq!(
+            found(&rest.search(&[("status", spelling)]).await),
+            all[1..2]
+        );
+    }
+    assert_eq!(
+        found(
+            &rest
+                .search(&[("afterTimestamp", "2000-01-01 00:00:00")])
+                .await
+        ),
+        all
+    );
+    assert!(
+        found(
+            &rest
+                .search(&[("afterTimestamp", "2999-01-01 00:00:00")])
+                .await
+        )
+        .is_empty()
+    );
+    let paged = rest.search(&[("size", "1"), ("page", "2")]).await;
+    assert_eq!(found(&paged), all[2..]);
+    assert_eq!(paged["result"]["totalPages"], 3);
+    for (name, value) in [
+        ("afterTimestamp", "2026-11-30T10:00:00Z"),
+        ("afterId", "abc"),
+        ("type", "BOGUS"),
+        ("page", "-1"),
+        ("size", "0"),
+    ] {
+        let request = rest
+            .client
+            .get(format!("{}checkout", rest.base))
+            .query(&[(name, value)]);
+        let (status, text, json) = rest.send(rest.authed(request)).await;
+        assert_eq!(status, 400, "{name}={value}: {text}");
+        assert_error_wrapper(&json, name);
+    }
+    // 9 searches that answered 200 above, 5 refused: every one is counted, on the handle and
+    // on the admin endpoint.
+    assert_eq!(sandbox.faults().search_calls(), 14);
+    rest.get_checkout(ids[0].as_str()).await;
+    let admin = reqwest::get(format!("{}faults", sandbox.admin_url()))
+        .await
+        .expect("admin answers")
+        .json::<Json>()
+        .await
+        .expect("json");
+    assert_eq!(admin["result"]["search_calls"], 14, "{admin}");
+    assert_eq!(admin["result"]["get_checkout_calls_total"], 1, "{admin}");
+
+    sandbox.faults().refuse_search(true);
+    let request = rest.client.get(format!("{}checkout", rest.base));
+    let (status, _, json) = rest.send(rest.authed(request)).await;
+    assert_eq!(status, 403);
+    assert_error_wrapper(&json, "search");
+    sandbox.shutdown().await;
+}

@@ -5,6 +5,7 @@ mod chaos;
 mod cli;
 mod common;
 mod daemon;
+mod discovery;
 mod hooks;
 mod interop;
 mod metrics;

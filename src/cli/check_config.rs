@@ -194,6 +194,20 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
         });
     }
 
+    checks.push(check(
+        true,
+        if settings.discovery.is_enabled(&settings.paymennt) {
+            format!(
+                "discovery is on: checkouts of type {} created anywhere are tracked, searched every {}",
+                settings.discovery.types.join(", "),
+                humantime::format_duration(settings.discovery.interval)
+            )
+        } else {
+            "discovery is off: only checkouts given to paywatch (track, link create) are watched"
+                .to_owned()
+        },
+    ));
+
     let offline_failures = checks.iter().filter(|c| !c.ok).count();
     let mut online_failures = 0;
     if args.online {
@@ -219,7 +233,11 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
                             "paymennt at {}: this address does not answer as paymennt's API: {error}",
                             client.base_url()
                         ),
-                        Err(error) => format!("paymennt at {}: {error}", client.base_url()),
+                        Err(error) => format!(
+                            "paymennt at {}: {error}\n\nSearch Checkouts is what discovery and reconcile sweeps use; \
+                             without it discovery finds nothing and sweeps fall back to one Get Checkout per open checkout",
+                            client.base_url()
+                        ),
                     },
                 ));
                 if ok && ledger_path.exists() {

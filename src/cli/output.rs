@@ -145,8 +145,12 @@ pub fn transition_lines(transitions: &[TransitionRecord], deliveries: &[Delivery
             .latency_ms
             .map(|ms| format!(", {ms} ms after the change"))
             .unwrap_or_default();
+        let refunded = match (&transition.refunded_from, &transition.refunded_to) {
+            (Some(from), Some(to)) => format!("  refunded {} -> {}", money(from), money(to)),
+            _ => String::new(),
+        };
         lines.push(format!(
-            "#{:<6} {}  {} -> {}  (source {}{latency})",
+            "#{:<6} {}  {} -> {}{refunded}  (source {}{latency})",
             transition.id,
             transition.verified_at,
             status_text(transition.from.as_deref()),

@@ -29,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::paymennt::Client;
 use crate::settings::{Settings, is_loopback_host};
 use crate::sources::Nudge;
+use crate::sources::discovery::DiscoveryConfig;
 use crate::sources::firestore::{
     FirestoreAuth, ListenEvent, Listener, ListenerHandle, ListenerOptions, WatchTarget,
 };
@@ -212,16 +213,41 @@ pub async fn run(
         sources.clone(),
     ));
 
-    // 5. The reconciler: at start for checkouts that need it, then every interval.
+    // 5. The reconciler: at start for checkouts that need it, then every interval; and
+    //    discovery, which tracks checkouts created anywhere.
     let (interval_sender, interval_receiver) = watch::channel(settings.reconcile.interval);
+    let (client_sender, client_receiver) = watch::channel(client.clone());
     tasks.spawn(crate::sources::reconcile::run(
         ledger.clone(),
-        sweep_sender,
+        client_receiver.clone(),
+        sweep_sender.clone(),
         interval_receiver,
+        settings.reconcile.page_size,
         watch_set_changed.clone(),
         sources.clone(),
         metrics.clone(),
     ));
+    let discovery_enabled = settings.discovery.is_enabled(&settings.paymennt);
+    if discovery_enabled {
+        tasks.spawn(crate::sources::discovery::run(
+            ledger.clone(),
+            client_receiver,
+            DiscoveryConfig {
+                types: settings.discovery.types.clone(),
+                interval: settings.discovery.interval,
+                lookback: settings.discovery.lookback,
+                page_size: settings.discovery.page_size,
+            },
+            sweep_sender,
+            watch_set_changed.clone(),
+            sources.clone(),
+        ));
+    } else {
+        drop(sweep_sender);
+        tracing::info!(
+            "discovery is off: only checkouts given to paywatch (track, link create) are watched"
+        );
+    }
     drop(nudge_sender);
 
     // 6. The hook dispatcher: delivers the outbox, woken after each transition.
@@ -288,7 +314,7 @@ pub async fn run(
             command = control.recv() => match command {
                 Some(Control::Reload) => {
                     notifier.reloading();
-                    reload(&mut settings, &options, &config_sender, &interval_sender, &dispatcher_handle);
+                    reload(&mut settings, &options, &config_sender, &interval_sender, &client_sender, &dispatcher_handle);
                     notifier.ready();
                 }
                 Some(Control::Shutdown) | None => break,
@@ -358,6 +384,7 @@ fn reload(
     options: &RunOptions,
     config: &watch::Sender<VerifierConfig>,
     interval: &watch::Sender<Duration>,
+    client_sender: &watch::Sender<Client>,
     dispatcher: &DispatcherHandle,
 ) {
     let loaded = Settings::load(options.config_path.as_deref()).and_then(|fresh| {
@@ -379,6 +406,7 @@ fn reload(
     if let Err(error) = options.log.set_level(&fresh.log.level) {
         tracing::error!("config reload: {error}; keeping the log level");
     }
+    client_sender.send_replace(client.clone());
     config.send_replace(verifier_config(&fresh, client));
     interval.send_replace(fresh.reconcile.interval);
     let mut restart_needed = Vec::new();
@@ -390,6 +418,12 @@ fn reload(
     }
     if fresh.hooks_concurrency != settings.hooks_concurrency {
         restart_needed.push("hooks_concurrency");
+    }
+    if fresh.reconcile.page_size != settings.reconcile.page_size {
+        restart_needed.push("reconcile.page_size");
+    }
+    if format!("{:?}", fresh.discovery) != format!("{:?}", settings.discovery) {
+        restart_needed.push("[discovery]");
     }
     // The listener keeps its connections and credentials; compare what it was built from.
     if listener_options_key(settings) != listener_options_key(&fresh) {

@@ -425,6 +425,15 @@ pub fn event_for(delivery: &Delivery) -> Result<HookEvent, String> {
             .map(|time| time.with_timezone(&Utc))
             .map_err(|error| format!("{what} '{}': {error}", crate::domain::printable(text)))
     };
+    let money = |what: &str, text: Option<&str>| match text {
+        None => Ok(None),
+        Some(text) => parse_decimal(text).map(Some).ok_or_else(|| {
+            format!(
+                "{what} '{}' is not a decimal",
+                crate::domain::printable(text)
+            )
+        }),
+    };
     Ok(HookEvent {
         event_id: delivery.event_id.clone(),
         hook: delivery.hook.clone(),
@@ -449,6 +458,14 @@ pub fn event_for(delivery: &Delivery) -> Result<HookEvent, String> {
             .currency
             .parse()
             .map_err(|error| format!("{error}"))?,
+        total_refunded: money("refunded_to", delivery.refunded_to.as_deref())?,
+        refund_amount: match (
+            money("refunded_from", delivery.refunded_from.as_deref())?,
+            money("refunded_to", delivery.refunded_to.as_deref())?,
+        ) {
+            (Some(from), Some(to)) => Some(to - from),
+            _ => None,
+        },
         source: delivery
             .source
             .parse()

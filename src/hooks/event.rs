@@ -25,6 +25,8 @@
 //! | `previous_status` | the status paywatch knew before, or `null` for the first one seen      |
 //! | `amount`          | a string holding the exact decimal amount (`"100.00"`), never a float  |
 //! | `currency`        | ISO 4217 code (`"AED"`)                                                |
+//! | `total_refunded`  | the refunded total Get Checkout gave (`"25.00"`), or `null`            |
+//! | `refund_amount`   | what this entry added to the refunded total (`"10.00"`), or `null`     |
 //! | `source`          | what led to the verification: `firestore`, `reconcile` or `manual`     |
 //! | `verified_at`     | when Get Checkout returned this status, RFC 3339 UTC with milliseconds |
 //! | `attempt`         | 1 for the first delivery, 2 for the first retry, ...                   |
@@ -41,7 +43,10 @@ use crate::paymennt::wire::{Checkout, JsonDecimal, WireId};
 /// The version written in the `version` key of every event.
 pub const EVENT_FORMAT_VERSION: u32 = 1;
 
-/// One delivery of one verified status change to one hook.
+/// One delivery of one verified status change (or refund) to one hook.
+///
+/// A refund that leaves the status unchanged (a second partial refund) is an event of its own:
+/// `status` and `previous_status` are equal, `refund_amount` says how much more was refunded.
 ///
 /// The dispatcher builds it from an outbox row; [`HookEvent::synthetic`] builds a test one.
 #[derive(Debug, Clone)]
@@ -64,6 +69,10 @@ pub struct HookEvent {
     pub amount: Decimal,
     /// The checkout currency.
     pub currency: Currency,
+    /// The refunded total Get Checkout gave with this entry.
+    pub total_refunded: Option<Decimal>,
+    /// How much this entry added to the refunded total (set only when it changed).
+    pub refund_amount: Option<Decimal>,
     /// What led to the verification.
     pub source: Source,
     /// When Get Checkout returned the status.
@@ -91,6 +100,8 @@ struct Document<'a> {
     previous_status: Option<&'a str>,
     amount: String,
     currency: &'a str,
+    total_refunded: Option<String>,
+    refund_amount: Option<String>,
     source: &'a str,
     verified_at: String,
     attempt: u32,
@@ -112,6 +123,8 @@ impl HookEvent {
             previous_status: self.previous_status.as_ref().map(CheckoutStatus::as_str),
             amount: format_money(self.amount),
             currency: self.currency.as_str(),
+            total_refunded: self.total_refunded.map(format_money),
+            refund_amount: self.refund_amount.map(format_money),
             source: self.source.as_str(),
             verified_at: self
                 .verified_at
@@ -130,12 +143,14 @@ impl HookEvent {
     ///
     /// `PAYWATCH_EVENT_ID`, `PAYWATCH_HOOK`, `PAYWATCH_CHECKOUT_ID`, `PAYWATCH_ORDER_ID`,
     /// `PAYWATCH_REQUEST_ID`, `PAYWATCH_STATUS`, `PAYWATCH_PREVIOUS_STATUS`, `PAYWATCH_AMOUNT`
-    /// (exact decimal text, as in the JSON), `PAYWATCH_CURRENCY`, `PAYWATCH_ATTEMPT` and
+    /// (exact decimal text, as in the JSON), `PAYWATCH_CURRENCY`, `PAYWATCH_TOTAL_REFUNDED`,
+    /// `PAYWATCH_REFUND_AMOUNT` (as the JSON's `total_refunded`, `refund_amount`), `PAYWATCH_ATTEMPT` and
     /// `PAYWATCH_TEST` (`1` for a `hooks test` event, else `0`). An absent value is the empty
     /// string. Values are the merchant's text unchanged; the runner replaces a NUL byte (which an
     /// environment cannot hold) with U+FFFD, and the JSON on stdin keeps it exactly.
     pub fn env_vars(&self) -> Vec<(String, String)> {
-        let vars: [(&str, String); 11] = [
+        let money = |value: Option<Decimal>| value.map(format_money).unwrap_or_default();
+        let vars: [(&str, String); 13] = [
             ("PAYWATCH_EVENT_ID", self.event_id.clone()),
             ("PAYWATCH_HOOK", self.hook.clone()),
             ("PAYWATCH_CHECKOUT_ID", self.checkout_id.to_string()),
@@ -157,6 +172,8 @@ impl HookEvent {
             ),
             ("PAYWATCH_AMOUNT", format_money(self.amount)),
             ("PAYWATCH_CURRENCY", self.currency.to_string()),
+            ("PAYWATCH_TOTAL_REFUNDED", money(self.total_refunded)),
+            ("PAYWATCH_REFUND_AMOUNT", money(self.refund_amount)),
             ("PAYWATCH_ATTEMPT", self.attempt.to_string()),
             (
                 "PAYWATCH_TEST",
@@ -204,6 +221,10 @@ impl HookEvent {
                 | CheckoutStatus::Refunded
                 | CheckoutStatus::PartiallyRefunded
                 | CheckoutStatus::Chargeback
+        );
+        let refund = matches!(
+            status,
+            CheckoutStatus::Refunded | CheckoutStatus::PartiallyRefunded
         );
         let checkout_key = "7a3ce540effe3c9a568a577d1f717e5267e73dc503663d4f";
         let checkout = Checkout {
@@ -257,6 +278,8 @@ impl HookEvent {
             previous_status,
             amount,
             currency,
+            total_refunded: Some(refunded),
+            refund_amount: refund.then_some(refunded),
             source: Source::Manual,
             verified_at,
             attempt: 1,
@@ -286,6 +309,8 @@ mod tests {
             previous_status: Some(CheckoutStatus::Pending),
             amount: Decimal::new(19990, 3),
             currency: "AED".parse().expect("valid currency"),
+            total_refunded: Some(Decimal::new(500, 2)),
+            refund_amount: Some(Decimal::new(5, 0)),
             source: Source::Firestore,
             verified_at: DateTime::parse_from_rfc3339("2025-01-02T03:04:05.678Z")
                 .expect("valid time")
@@ -324,6 +349,8 @@ mod tests {
             "previous_status",
             "amount",
             "currency",
+            "total_refunded",
+            "refund_amount",
             "source",
             "verified_at",
             "attempt",
@@ -349,6 +376,8 @@ mod tests {
         assert_eq!(value["previous_status"], "PENDING");
         assert_eq!(value["amount"], "19.99");
         assert_eq!(value["currency"], "AED");
+        assert_eq!(value["total_refunded"], "5.00");
+        assert_eq!(value["refund_amount"], "5.00");
         assert_eq!(value["source"], "firestore");
         assert_eq!(value["verified_at"], "2025-01-02T03:04:05.678Z");
         assert_eq!(value["attempt"], 2);
@@ -379,6 +408,8 @@ mod tests {
             ("PAYWATCH_PREVIOUS_STATUS", "PENDING"),
             ("PAYWATCH_AMOUNT", "19.99"),
             ("PAYWATCH_CURRENCY", "AED"),
+            ("PAYWATCH_TOTAL_REFUNDED", "5.00"),
+            ("PAYWATCH_REFUND_AMOUNT", "5.00"),
             ("PAYWATCH_ATTEMPT", "2"),
             ("PAYWATCH_TEST", "0"),
         ];
@@ -424,5 +455,9 @@ mod tests {
         assert_ne!(first.event_id, e.event_id, "a fresh event id each time");
         let refund = HookEvent::synthetic("ship", CheckoutStatus::Refunded);
         assert_eq!(refund.previous_status, Some(CheckoutStatus::Paid));
+        let partial = HookEvent::synthetic("ship", CheckoutStatus::PartiallyRefunded);
+        assert_eq!(partial.total_refunded, Some(Decimal::new(2500, 2)));
+        assert_eq!(partial.refund_amount, partial.total_refunded);
+        assert_eq!(e.refund_amount, None, "a payment refunds nothing");
     }
 }

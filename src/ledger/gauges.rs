@@ -25,7 +25,7 @@ pub struct LedgerGauges {
     pub undelivered_by_hook: Vec<UndeliveredCount>,
     /// When the oldest delivery still to be tried (`pending` or `running`) was queued.
     pub oldest_undelivered: Option<DateTime<Utc>>,
-    /// Checkouts with a PAID transition whose hook deliveries are not all delivered.
+    /// Checkouts whose transition to PAID has hook deliveries not all delivered.
     pub paid_with_undelivered_hooks: i64,
     /// When the oldest watched checkout whose verified status is PENDING was tracked.
     pub oldest_pending: Option<DateTime<Utc>>,
@@ -122,7 +122,8 @@ impl Ledger {
             .query_row(
                 "SELECT count(DISTINCT d.checkout_id) FROM hook_deliveries d
                  JOIN transitions t ON t.id = d.transition_id
-                 WHERE d.state IN ('pending', 'running', 'dead') AND t.to_status = 'PAID'",
+                 WHERE d.state IN ('pending', 'running', 'dead') AND t.to_status = 'PAID'
+                   AND t.from_status IS NOT 'PAID'",
                 [],
                 |row| row.get(0),
             )

@@ -10,6 +10,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_verification_times.sql"),
     include_str!("migrations/0003_verify_tickets.sql"),
+    include_str!("migrations/0004_discovery.sql"),
 ];
 
 /// The schema version this build writes.

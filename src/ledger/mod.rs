@@ -95,6 +95,8 @@ pub enum TrackedVia {
     Track,
     /// `paywatch track --checkout-id`.
     TrackFetch,
+    /// Found by discovery (Search Checkouts).
+    Discovery,
 }
 
 impl TrackedVia {
@@ -103,6 +105,7 @@ impl TrackedVia {
             TrackedVia::LinkCreate => "link-create",
             TrackedVia::Track => "track",
             TrackedVia::TrackFetch => "track-fetch",
+            TrackedVia::Discovery => "discovery",
         }
     }
 }
@@ -195,15 +198,27 @@ pub struct TransitionRecord {
     pub verified_at: String,
     /// Milliseconds from change to verification, if known.
     pub latency_ms: Option<i64>,
+    /// The refunded total recorded before, when this entry changed it (exact decimal text).
+    pub refunded_from: Option<String>,
+    /// The refunded total Get Checkout gave with this entry (exact decimal text).
+    pub refunded_to: Option<String>,
     /// The Get Checkout result, verbatim.
     #[serde(skip)]
     pub verified_json: String,
 }
 
+impl TransitionRecord {
+    /// Whether this entry is a refund that left the status unchanged.
+    pub fn is_refund_only(&self) -> bool {
+        self.from.as_deref() == Some(self.to.as_str()) && self.refunded_from.is_some()
+    }
+}
+
 /// What [`Ledger::apply`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApplyOutcome {
-    /// The status changed: a transition and its hook deliveries were written.
+    /// The status or the refunded total changed: a history entry and its hook deliveries were
+    /// written (a refund that left the status unchanged goes to hooks of PARTIALLY_REFUNDED).
     Transition {
         /// The new transition.
         transition: Box<TransitionRecord>,
@@ -266,6 +281,33 @@ pub struct WatchEntry {
     pub resume_token: Option<Vec<u8>>,
     /// Whether a change was seen but not yet verified, or no status is recorded yet.
     pub needs_verify: bool,
+}
+
+/// An open (watched) checkout as the reconciler compares it with a search result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenCheckout {
+    /// The checkout.
+    pub checkout_id: CheckoutId,
+    /// The last verified status; `None` until verified.
+    pub status: Option<CheckoutStatus>,
+    /// The last verified refunded total (zero when paymennt gave none).
+    pub total_refunded: rust_decimal::Decimal,
+    /// Whether it must be verified with Get Checkout whatever a search says: a change was seen
+    /// but not verified, or no status is recorded yet.
+    pub needs_verify: bool,
+    /// Whether it has a Firestore document to listen to (discovered checkouts may not).
+    pub listened: bool,
+}
+
+/// What [`Ledger::record_discovered`] did with one checkout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovered {
+    /// The checkout.
+    pub checkout_id: CheckoutId,
+    /// Added, or already tracked.
+    pub outcome: TrackOutcome,
+    /// Whether it has Firebase coordinates (else it is checked by the reconciler only).
+    pub listened: bool,
 }
 
 /// Filters for [`Ledger::list`].
@@ -437,7 +479,8 @@ impl Ledger {
     pub fn track(&self, facts: &CheckoutFacts, via: TrackedVia) -> Result<TrackOutcome> {
         let mut connection = self.lock();
         let transaction = self.write(&mut connection, "track")?;
-        let outcome = track_in(&transaction, facts, via).map_err(|e| self.error("track", e))?;
+        let outcome =
+            track_in(&transaction, facts, via, false).map_err(|e| self.error("track", e))?;
         transaction.commit().map_err(|e| self.error("track", e))?;
         Ok(outcome)
     }
@@ -472,6 +515,106 @@ impl Ledger {
         .map_err(|e| self.error("apply", e))?;
         transaction.commit().map_err(|e| self.error("apply", e))?;
         Ok(outcome)
+    }
+
+    /// Discovery's cursor for one checkout type: the highest checkout id it has handled
+    /// (`afterId` of its next search).
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn discovery_cursor(&self, kind: &str) -> Result<Option<String>> {
+        self.lock()
+            .query_row(
+                "SELECT after_id FROM discovery_cursor WHERE kind = ?1",
+                [kind],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(|e| self.error("discovery cursor", e))
+    }
+
+    /// Tracks checkouts found by discovery (`tracked_via = "discovery"`) and moves the cursor of
+    /// checkout type `kind` to `cursor`, in one transaction: a crash leaves both or neither, so a restart neither misses
+    /// nor repeats one. A checkout without Firebase coordinates is tracked with empty ones: the
+    /// reconciler checks it, the listener cannot. Already tracked checkouts are left as they are.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures; nothing is written then.
+    pub fn record_discovered(
+        &self,
+        found: &[CheckoutFacts],
+        kind: &str,
+        cursor: &str,
+    ) -> Result<Vec<Discovered>> {
+        let mut connection = self.lock();
+        let transaction = self.write(&mut connection, "discovery")?;
+        let mut recorded = Vec::with_capacity(found.len());
+        for facts in found {
+            let outcome = track_in(&transaction, facts, TrackedVia::Discovery, true)
+                .map_err(|e| self.error("discovery", e))?;
+            recorded.push(Discovered {
+                checkout_id: facts.id.clone(),
+                outcome,
+                listened: facts.location.is_some(),
+            });
+        }
+        transaction
+            .execute(
+                "INSERT INTO discovery_cursor (kind, after_id, updated_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (kind) DO UPDATE SET after_id = excluded.after_id,
+                    updated_at = excluded.updated_at",
+                params![kind, cursor, now()],
+            )
+            .map_err(|e| self.error("discovery", e))?;
+        transaction
+            .commit()
+            .map_err(|e| self.error("discovery", e))?;
+        Ok(recorded)
+    }
+
+    /// Every watched checkout with what the reconciler compares (listened to or not), by id.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn open_checkouts(&self) -> Result<Vec<OpenCheckout>> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare_cached(
+                "SELECT id, status, total_refunded, needs_verify, firebase_database <> ''
+                 FROM checkouts WHERE watched = 1 ORDER BY id",
+            )
+            .map_err(|e| self.error("open checkouts", e))?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, Option<String>>(1)?,
+                    row.get::<_, Option<String>>(2)?,
+                    row.get::<_, bool>(3)?,
+                    row.get::<_, bool>(4)?,
+                ))
+            })
+            .map_err(|e| self.error("open checkouts", e))?;
+        let mut open = Vec::new();
+        for row in rows {
+            let (id, status, refunded, needs_verify, listened) =
+                row.map_err(|e| self.error("open checkouts", e))?;
+            let Ok(checkout_id) = id.parse::<CheckoutId>() else {
+                tracing::warn!(checkout = %crate::domain::printable(&id), "skipping a ledger row with an invalid id");
+                continue;
+            };
+            open.push(OpenCheckout {
+                checkout_id,
+                needs_verify: needs_verify || status.is_none(),
+                status: status.as_deref().map(CheckoutStatus::parse),
+                total_refunded: refunded_total(refunded.as_deref()),
+                listened,
+            });
+        }
+        Ok(open)
     }
 
     /// Hands out the next verification ticket: take one before sending Get Checkout (or
@@ -681,7 +824,7 @@ impl Ledger {
                 "SELECT c.id, c.firebase_database, c.firebase_collection, c.firebase_document,
                         t.resume_token, c.needs_verify, c.status
                  FROM checkouts c LEFT JOIN listen_targets t ON t.checkout_id = c.id
-                 WHERE c.watched = 1 ORDER BY c.created_at, c.id",
+                 WHERE c.watched = 1 AND c.firebase_database <> '' ORDER BY c.created_at, c.id",
             )
             .map_err(|e| self.error("watch set", e))?;
         let rows = statement
@@ -902,6 +1045,12 @@ fn looking_gone_in(connection: &Connection) -> rusqlite::Result<LookingGone> {
     )
 }
 
+/// A refunded total as the ledger stores it; absent or unreadable counts as zero.
+fn refunded_total(text: Option<&str>) -> rust_decimal::Decimal {
+    text.and_then(crate::domain::parse_decimal)
+        .unwrap_or(rust_decimal::Decimal::ZERO)
+}
+
 /// Why a checkout cannot be inserted: it has nowhere to be watched.
 #[derive(Debug)]
 struct NoLocation(CheckoutId);
@@ -923,11 +1072,20 @@ fn track_in(
     transaction: &rusqlite::Transaction<'_>,
     facts: &CheckoutFacts,
     via: TrackedVia,
+    reconcile_only_allowed: bool,
 ) -> rusqlite::Result<TrackOutcome> {
-    let Some(location) = &facts.location else {
-        return Err(rusqlite::Error::ToSqlConversionFailure(Box::new(
-            NoLocation(facts.id.clone()),
-        )));
+    let (project, collection, document) = match &facts.location {
+        Some(location) => (
+            location.project.as_str(),
+            location.collection.as_str(),
+            location.document.as_str(),
+        ),
+        None if reconcile_only_allowed => ("", "", ""),
+        None => {
+            return Err(rusqlite::Error::ToSqlConversionFailure(Box::new(
+                NoLocation(facts.id.clone()),
+            )));
+        }
     };
     let time = now();
     let inserted = transaction.execute(
@@ -945,9 +1103,9 @@ fn track_in(
             facts.currency.as_str(),
             facts.total_refunded.map(|d| d.to_string()),
             facts.redirect_url,
-            location.project,
-            location.collection,
-            location.document,
+            project,
+            collection,
+            document,
             via.as_str(),
             time,
         ],
@@ -971,27 +1129,32 @@ fn apply_in(
     let status = verified.status();
     let id = facts.id.as_str();
     let ticket = verified.ticket().number();
-    let existing: Option<(Option<String>, Option<i64>)> = transaction
+    let existing: Option<(Option<String>, Option<i64>, Option<String>)> = transaction
         .query_row(
-            "SELECT status, verify_requested_ticket FROM checkouts WHERE id = ?1",
+            "SELECT status, verify_requested_ticket, total_refunded FROM checkouts WHERE id = ?1",
             [id],
-            |row| Ok((row.get(0)?, row.get(1)?)),
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
         )
         .optional()?;
-    let previous = match existing {
+    let (previous, previous_refunded) = match existing {
         None => {
             let via = match source {
                 Source::Manual => TrackedVia::TrackFetch,
                 _ => TrackedVia::Track,
             };
-            track_in(transaction, facts, via)?;
-            None
+            track_in(transaction, facts, via, false)?;
+            (None, None)
         }
         // An answer to a request sent before the one already applied says nothing newer, and
         // could say something older: it is ignored.
-        Some((_, Some(applied))) if applied > ticket => return Ok(ApplyOutcome::Stale),
-        Some((status, _)) => status,
+        Some((_, Some(applied), _)) if applied > ticket => return Ok(ApplyOutcome::Stale),
+        Some((status, _, refunded)) => (status, refunded),
     };
+    // A change of the refunded total counts only once a status was verified: before that, the
+    // recorded total is a tracked claim, not history.
+    let refunded_now = facts.total_refunded.unwrap_or(rust_decimal::Decimal::ZERO);
+    let refunded_before = refunded_total(previous_refunded.as_deref());
+    let refund_changed = previous.is_some() && refunded_now != refunded_before;
     let verified_at = verified.verified_at();
     let verified_text = timestamp(verified_at);
     // What paymennt said about the order replaces what a tracked response claimed; the change
@@ -1023,8 +1186,27 @@ fn apply_in(
         ],
     )?;
     let previous_status = previous.as_deref().map(CheckoutStatus::parse);
-    if previous_status.as_ref() == Some(status) {
+    let status_changed = previous_status.as_ref() != Some(status);
+    if !status_changed && !refund_changed {
         return Ok(ApplyOutcome::Unchanged);
+    }
+    let refunded_from = refund_changed.then(|| refunded_before.to_string());
+    let refunded_to = facts.total_refunded.map(|d| d.to_string());
+    if !status_changed {
+        // A refund that left the status as it was (a second partial refund): its own entry,
+        // for the hooks of PARTIALLY_REFUNDED. The watch is unchanged.
+        return record_entry(
+            transaction,
+            verified,
+            source,
+            changed_at,
+            previous.as_deref(),
+            (refunded_from, refunded_to),
+            hooks
+                .iter()
+                .filter(|hook| hook.fires_on(&CheckoutStatus::PartiallyRefunded)),
+            true,
+        );
     }
     let (watched, watch_until) = if status.is_final() {
         (false, None)
@@ -1044,25 +1226,53 @@ fn apply_in(
     if !watched {
         transaction.execute("DELETE FROM listen_targets WHERE checkout_id = ?1", [id])?;
     }
+    record_entry(
+        transaction,
+        verified,
+        source,
+        changed_at,
+        previous.as_deref(),
+        (refunded_from, refunded_to),
+        hooks.iter().filter(|hook| hook.fires_on(status)),
+        watched,
+    )
+}
+
+/// Appends one history entry and queues a delivery for each of `hooks`.
+#[allow(clippy::too_many_arguments)]
+fn record_entry<'h>(
+    transaction: &rusqlite::Transaction<'_>,
+    verified: &VerifiedCheckout,
+    source: Source,
+    changed_at: Option<DateTime<Utc>>,
+    previous: Option<&str>,
+    (refunded_from, refunded_to): (Option<String>, Option<String>),
+    hooks: impl Iterator<Item = &'h HookSettings>,
+    watched: bool,
+) -> rusqlite::Result<ApplyOutcome> {
+    let id = verified.id().as_str();
+    let verified_at = verified.verified_at();
     let latency_ms = changed_at.map(|changed| (verified_at - changed).num_milliseconds().max(0));
     transaction.execute(
         "INSERT INTO transitions (checkout_id, from_status, to_status, source, changed_at,
-                verified_at, latency_ms, verified_json)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                verified_at, latency_ms, verified_json, refunded_from, refunded_to)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         params![
             id,
             previous,
-            status.as_str(),
+            verified.status().as_str(),
             source.as_str(),
             changed_at.map(timestamp),
-            verified_text,
+            timestamp(verified_at),
             latency_ms,
             verified.raw_json(),
+            refunded_from,
+            refunded_to,
         ],
     )?;
     let transition_id = transaction.last_insert_rowid();
     let mut deliveries = Vec::new();
-    for hook in hooks.iter().filter(|hook| hook.fires_on(status)) {
+    for hook in hooks {
         deliveries.push(outbox::queue_in(
             transaction,
             transition_id,
@@ -1115,7 +1325,7 @@ fn checkout_from_row(row: &Row<'_>) -> rusqlite::Result<CheckoutRecord> {
 
 const TRANSITION_COLUMNS: &str =
     "SELECT id, checkout_id, from_status, to_status, source, changed_at,
-        verified_at, latency_ms, verified_json FROM transitions";
+        verified_at, latency_ms, verified_json, refunded_from, refunded_to FROM transitions";
 
 fn transition_from_row(row: &Row<'_>) -> rusqlite::Result<TransitionRecord> {
     Ok(TransitionRecord {
@@ -1128,6 +1338,8 @@ fn transition_from_row(row: &Row<'_>) -> rusqlite::Result<TransitionRecord> {
         verified_at: row.get(6)?,
         latency_ms: row.get(7)?,
         verified_json: row.get(8)?,
+        refunded_from: row.get(9)?,
+        refunded_to: row.get(10)?,
     })
 }
 

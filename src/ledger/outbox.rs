@@ -91,6 +91,10 @@ pub struct Delivery {
     pub created_at: String,
     /// When it was delivered.
     pub delivered_at: Option<String>,
+    /// The refunded total before this entry, when the entry changed it (exact decimal text).
+    pub refunded_from: Option<String>,
+    /// The refunded total Get Checkout gave with this entry (exact decimal text).
+    pub refunded_to: Option<String>,
     /// The verified checkout JSON, verbatim.
     #[serde(skip)]
     pub verified_json: String,
@@ -152,7 +156,7 @@ pub(super) fn queue_in(
 const DELIVERY_COLUMNS: &str = "SELECT d.event_id, d.hook, d.checkout_id, c.order_id, c.request_id,
         d.transition_id, t.from_status, t.to_status, t.source, t.verified_at, c.amount, c.currency,
         d.state, d.attempts, d.next_attempt_at, d.last_exit_code, d.last_error, d.replay,
-        d.created_at, d.delivered_at, t.verified_json
+        d.created_at, d.delivered_at, t.verified_json, t.refunded_from, t.refunded_to
     FROM hook_deliveries d
     JOIN transitions t ON t.id = d.transition_id
     JOIN checkouts c ON c.id = d.checkout_id";
@@ -181,6 +185,8 @@ fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<Delivery> {
         created_at: row.get(18)?,
         delivered_at: row.get(19)?,
         verified_json: row.get(20)?,
+        refunded_from: row.get(21)?,
+        refunded_to: row.get(22)?,
     })
 }
 

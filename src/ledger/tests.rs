@@ -835,3 +835,121 @@ fn an_answer_without_coordinates_updates_a_tracked_checkout_but_cannot_add_one()
         .expect("apply");
     assert_eq!(history(&ledger, "9"), ["PAID"]);
 }
+
+fn refunded(id: &str, status: &str, total: &str) -> VerifiedCheckout {
+    VerifiedCheckout::for_tests(&checkout_json(id, status).replace(
+        r#""totalRefunded":0"#,
+        &format!(r#""totalRefunded":{total}"#),
+    ))
+}
+
+#[test]
+fn a_refund_that_keeps_the_status_is_an_entry_for_partially_refunded_hooks() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let hooks = [
+        hook("refunds", &["PARTIALLY_REFUNDED"]),
+        hook("paid", &["PAID"]),
+    ];
+    let apply = |checkout: &VerifiedCheckout| {
+        ledger
+            .apply(checkout, Source::Firestore, None, &hooks, WATCH)
+            .expect("apply")
+    };
+    apply(&verified("1", "PAID"));
+    let first = apply(&refunded("1", "PARTIALLY_REFUNDED", "10.00"));
+    let ApplyOutcome::Transition { deliveries, .. } = &first else {
+        panic!("a status change: {first:?}");
+    };
+    assert_eq!(deliveries.len(), 1);
+    let second = apply(&refunded("1", "PARTIALLY_REFUNDED", "25.50"));
+    let ApplyOutcome::Transition {
+        transition,
+        deliveries,
+        watched,
+    } = &second
+    else {
+        panic!("a refund of its own: {second:?}");
+    };
+    assert!(transition.is_refund_only());
+    assert_eq!(transition.refunded_from.as_deref(), Some("10.00"));
+    assert_eq!(transition.refunded_to.as_deref(), Some("25.50"));
+    assert_eq!(deliveries.len(), 1, "only the PARTIALLY_REFUNDED hook");
+    assert!(watched);
+    let delivery = ledger
+        .delivery(&deliveries[0])
+        .expect("read")
+        .expect("queued");
+    assert_eq!(delivery.hook, "refunds");
+    assert_eq!(
+        (
+            delivery.refunded_from.as_deref(),
+            delivery.refunded_to.as_deref()
+        ),
+        (Some("10.00"), Some("25.50"))
+    );
+    assert_eq!(
+        apply(&refunded("1", "PARTIALLY_REFUNDED", "25.50")),
+        ApplyOutcome::Unchanged,
+        "the same total again is nothing new"
+    );
+    let id: CheckoutId = "1".parse().expect("id");
+    assert_eq!(ledger.transitions(&id).expect("history").len(), 3);
+}
+
+#[test]
+fn discovered_checkouts_move_the_cursor_with_them_and_without_coordinates_are_not_listened_to() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    assert_eq!(ledger.discovery_cursor("LINK").expect("read"), None);
+    let wire: Checkout =
+        serde_json::from_str(r#"{"id":"7","currency":"AED","amount":5,"status":"PENDING"}"#)
+            .expect("json");
+    let bare = wire.answer_facts().expect("facts without coordinates");
+    let found = ledger
+        .record_discovered(&[facts("5"), bare], "LINK", "7")
+        .expect("record");
+    assert_eq!(
+        found
+            .iter()
+            .map(|d| (d.checkout_id.as_str(), d.outcome, d.listened))
+            .collect::<Vec<_>>(),
+        [
+            ("5", TrackOutcome::Added, true),
+            ("7", TrackOutcome::Added, false)
+        ]
+    );
+    assert_eq!(
+        ledger.discovery_cursor("LINK").expect("read").as_deref(),
+        Some("7")
+    );
+    assert_eq!(
+        ledger.discovery_cursor("WEB").expect("read"),
+        None,
+        "per type"
+    );
+    let again = ledger
+        .record_discovered(&[facts("5")], "LINK", "9")
+        .expect("record");
+    assert_eq!(again[0].outcome, TrackOutcome::AlreadyTracked);
+    assert_eq!(
+        ledger.discovery_cursor("LINK").expect("read").as_deref(),
+        Some("9")
+    );
+    let watched: Vec<String> = ledger
+        .watch_set()
+        .expect("watch set")
+        .into_iter()
+        .map(|entry| entry.checkout_id.to_string())
+        .collect();
+    assert_eq!(watched, ["5"], "no document to listen to for 7");
+    let open = ledger.open_checkouts().expect("open");
+    assert_eq!(open.len(), 2, "the reconciler checks both");
+    assert!(open.iter().all(|checkout| checkout.needs_verify));
+    assert_eq!(
+        ledger
+            .checkout(&"7".parse().expect("id"))
+            .expect("read")
+            .expect("tracked")
+            .tracked_via,
+        "discovery"
+    );
+}

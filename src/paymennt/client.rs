@@ -241,6 +241,13 @@ impl VerifiedCheckout {
 /// Search filters for `GET /checkout`.
 #[derive(Debug, Clone, Default)]
 pub struct SearchQuery {
+    /// Filter by checkout type (`LINK`, `WEB`, ...).
+    pub kind: Option<String>,
+    /// Only checkouts with a greater id (`afterId`).
+    pub after_id: Option<u128>,
+    /// Only checkouts created after this time (`afterTimestamp`, sent as
+    /// `yyyy-mm-dd HH:MM:SS` UTC, the format paymennt's spec documents).
+    pub after_timestamp: Option<DateTime<Utc>>,
     /// Filter by order id.
     pub order_id: Option<String>,
     /// Filter by request id.
@@ -252,6 +259,9 @@ pub struct SearchQuery {
     /// Page size.
     pub size: Option<u32>,
 }
+
+/// `afterTimestamp`'s format in paymennt's spec (`yyyy-mm-dd HH:MM:SS`).
+pub const AFTER_TIMESTAMP_FORMAT: &str = "%Y-%m-%d %H:%M:%S";
 
 /// Retry timing: exponential from `base`, capped at `max`, with full jitter.
 #[derive(Debug, Clone, Copy)]
@@ -475,6 +485,18 @@ impl Client {
 
     async fn search_once(&self, query: &SearchQuery) -> Result<CheckoutPage, Error> {
         let mut pairs: Vec<(&str, String)> = Vec::new();
+        if let Some(kind) = &query.kind {
+            pairs.push(("type", kind.clone()));
+        }
+        if let Some(after_id) = query.after_id {
+            pairs.push(("afterId", after_id.to_string()));
+        }
+        if let Some(after) = query.after_timestamp {
+            pairs.push((
+                "afterTimestamp",
+                after.format(AFTER_TIMESTAMP_FORMAT).to_string(),
+            ));
+        }
         if let Some(order_id) = &query.order_id {
             pairs.push(("orderId", order_id.clone()));
         }

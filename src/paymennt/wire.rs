@@ -283,6 +283,9 @@ impl Checkout {
     }
 }
 
+/// The checkout types of paymennt's spec (`type` of Search Checkouts).
+pub const CHECKOUT_TYPES: [&str; 5] = ["QR", "WEB", "MOBILE", "LINK", "TERMINAL"];
+
 /// A page of checkouts (`PageResponseCheckoutResponse`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -127,6 +127,10 @@ async fn merchant_gate(
     {
         context.state.faults().count_get_checkout(checkout_id);
     }
+    let is_search = request.method() == Method::GET && is_search_path(request.uri().path());
+    if is_search {
+        context.state.faults().count_search();
+    }
     let latency = context.state.faults().api_latency();
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -161,6 +165,13 @@ async fn merchant_gate(
             "Unauthorized: missing or invalid X-Paymennt-Api-Key / X-Paymennt-Api-Secret",
         );
     }
+    if is_search && context.state.faults().search_refused() {
+        return failure(
+            start,
+            StatusCode::FORBIDDEN,
+            "Forbidden: this API key may not search checkouts (refused by the sandbox)",
+        );
+    }
     request.extensions_mut().insert(start);
     next.run(request).await
 }
@@ -178,6 +189,12 @@ fn get_checkout_target(path: &str) -> Option<&str> {
     let path = path.strip_prefix(API_BASE_PATH).unwrap_or(path);
     let id = path.strip_prefix("/checkout/")?;
     (!id.is_empty() && !id.contains('/')).then_some(id)
+}
+
+/// Whether a path is Search Checkouts (`/checkout`, with or without the base path).
+fn is_search_path(path: &str) -> bool {
+    let path = path.strip_prefix(API_BASE_PATH).unwrap_or(path);
+    path == "/checkout" || path == "/checkout/"
 }
 
 fn authorized(headers: &HeaderMap, credentials: &ApiCredentials) -> bool {
@@ -305,6 +322,10 @@ async fn search_checkouts(
     }
 }
 
+/// Search Checkouts as paymennt's OpenAPI spec describes it: `type`, `orderId`, `requestId`,
+/// `status` (a comma-separated list, either spelling), `afterId`, `afterTimestamp`
+/// (`yyyy-mm-dd HH:MM:SS`, UTC), `page` (from 0) and `size` (at least 1, default 20); results
+/// ordered by id. Anything malformed is a 400 naming the parameter.
 fn search(state: &SandboxState, query: &HashMap<String, String>) -> Result<CheckoutPage, String> {
     let number = |name: &str, default: i64, min: i64| -> Result<i64, String> {
         match query.get(name) {
@@ -323,7 +344,7 @@ fn search(state: &SandboxState, query: &HashMap<String, String>) -> Result<Check
         }
     };
     let page = number("page", 0, 0)?;
-    let size = number("size", 20, 1)?.min(1000);
+    let size = number("size", 20, 1)?;
     let mut statuses = Vec::new();
     if let Some(list) = query.get("status") {
         for text in list.split(',').map(str::trim).filter(|t| !t.is_empty()) {
@@ -338,10 +359,47 @@ fn search(state: &SandboxState, query: &HashMap<String, String>) -> Result<Check
             }
         }
     }
+    let kind = match query.get("type").map(|t| t.trim()) {
+        None | Some("") => None,
+        Some(kind) if crate::paymennt::wire::CHECKOUT_TYPES.contains(&kind) => {
+            Some(kind.to_owned())
+        }
+        Some(other) => {
+            return Err(format!(
+                "type '{}' is not one of {}",
+                printable(other),
+                crate::paymennt::wire::CHECKOUT_TYPES.join(", ")
+            ));
+        }
+    };
+    let after_id = match query.get("afterId") {
+        None => None,
+        Some(text) => Some(
+            text.trim()
+                .parse::<u128>()
+                .map_err(|_| format!("afterId '{}' must be a whole number", printable(text)))?,
+        ),
+    };
+    let after_timestamp = match query.get("afterTimestamp") {
+        None => None,
+        Some(text) => Some(
+            chrono::NaiveDateTime::parse_from_str(text.trim(), "%Y-%m-%d %H:%M:%S")
+                .map_err(|_| {
+                    format!(
+                        "afterTimestamp '{}' must be a date and time as yyyy-mm-dd HH:MM:SS",
+                        printable(text)
+                    )
+                })?
+                .and_utc(),
+        ),
+    };
     let filter = SearchFilter {
         order_id: query.get("orderId").cloned(),
         request_id: query.get("requestId").cloned(),
         statuses,
+        kind,
+        after_id,
+        after_timestamp,
     };
     let matching = state.search(&filter);
     let total = i64::try_from(matching.len()).unwrap_or(i64::MAX);
@@ -616,7 +674,12 @@ async fn admin_delete_document(
 #[derive(Debug, Serialize)]
 struct FaultsOut {
     settings: FaultSettings,
+    /// Get Checkout requests since the sandbox started, per checkout id.
     get_checkout_calls: HashMap<String, u64>,
+    /// Get Checkout requests since the sandbox started, in total.
+    get_checkout_calls_total: u64,
+    /// Search Checkouts requests since the sandbox started.
+    search_calls: u64,
 }
 
 async fn admin_faults(
@@ -629,6 +692,8 @@ async fn admin_faults(
         FaultsOut {
             settings: faults.settings(),
             get_checkout_calls: faults.get_checkout_call_counts(),
+            get_checkout_calls_total: faults.total_get_checkout_calls(),
+            search_calls: faults.search_calls(),
         },
     )
 }

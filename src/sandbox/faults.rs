@@ -1,5 +1,6 @@
 //! Injected faults: API errors and latency, throttling, dropped Listen streams, slow document
-//! writes, and the Get Checkout call counter tests assert on.
+//! writes, a refused Search Checkouts, and the Get Checkout and Search call counters tests
+//! assert on.
 //!
 //! Owns: the fault settings (set at start through [`FaultSettings`], changed at run time through
 //! [`Faults`] or `POST /_sandbox/faults`) and the per-checkout Get Checkout counters.
@@ -10,6 +11,7 @@
 //! benchmarks.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -35,6 +37,8 @@ pub struct FaultSettings {
     pub api_latency_ms: u64,
     /// How long after a checkout changes its Firestore document is written.
     pub document_write_delay_ms: u64,
+    /// Search Checkouts is answered with HTTP 403 (an API key without that permission).
+    pub refuse_search: bool,
 }
 
 /// A partial update of [`FaultSettings`]: the body of `POST /_sandbox/faults`.
@@ -56,6 +60,8 @@ pub struct FaultUpdate {
     pub api_latency_ms: Option<u64>,
     /// See [`FaultSettings::document_write_delay_ms`].
     pub document_write_delay_ms: Option<u64>,
+    /// See [`FaultSettings::refuse_search`].
+    pub refuse_search: Option<bool>,
     /// Drop every open Listen stream with UNAVAILABLE now.
     pub close_listen_streams: bool,
 }
@@ -85,6 +91,8 @@ struct FaultsInner {
     settings: Mutex<FaultSettings>,
     /// Get Checkout requests received, per checkout id as written in the URL.
     get_checkout_calls: Mutex<HashMap<String, u64>>,
+    /// Search Checkouts requests received.
+    search_calls: AtomicU64,
     /// Bumped to make every open Listen stream fail with UNAVAILABLE.
     close_streams: watch::Sender<u64>,
 }
@@ -97,6 +105,7 @@ impl Faults {
             inner: Arc::new(FaultsInner {
                 settings: Mutex::new(settings),
                 get_checkout_calls: Mutex::new(HashMap::new()),
+                search_calls: AtomicU64::new(0),
                 close_streams,
             }),
         }
@@ -140,8 +149,12 @@ impl Faults {
                 retry_after_seconds,
                 api_latency_ms,
                 document_write_delay_ms,
+                refuse_search,
                 close_listen_streams: _,
             } = update;
+            if let Some(v) = refuse_search {
+                settings.refuse_search = v;
+            }
             if let Some(v) = api_error_rate {
                 settings.api_error_rate = v;
             }
@@ -166,6 +179,16 @@ impl Faults {
             self.close_listen_streams();
         }
         Ok(settings)
+    }
+
+    /// Search Checkouts is answered with HTTP 403 while `refused`.
+    pub fn refuse_search(&self, refused: bool) {
+        self.settings_lock().refuse_search = refused;
+    }
+
+    /// Whether Search Checkouts is refused.
+    pub fn search_refused(&self) -> bool {
+        self.settings_lock().refuse_search
     }
 
     /// The next `count` Merchant API requests get HTTP 500.
@@ -246,6 +269,16 @@ impl Faults {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         *calls.entry(checkout_id.to_owned()).or_default() += 1;
+    }
+
+    /// Counts one Search Checkouts request.
+    pub(crate) fn count_search(&self) {
+        self.inner.search_calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Search Checkouts requests received since the sandbox started (refused ones included).
+    pub fn search_calls(&self) -> u64 {
+        self.inner.search_calls.load(Ordering::Relaxed)
     }
 
     /// How many Get Checkout requests arrived for `checkout_id`.

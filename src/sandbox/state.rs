@@ -206,6 +206,12 @@ pub struct SearchFilter {
     pub request_id: Option<String>,
     /// Only these statuses (empty = any).
     pub statuses: Vec<CheckoutStatus>,
+    /// Only this checkout type (every sandbox checkout is a `LINK`).
+    pub kind: Option<String>,
+    /// Only checkouts whose id is greater.
+    pub after_id: Option<u128>,
+    /// Only checkouts created after this time.
+    pub after_timestamp: Option<DateTime<Utc>>,
 }
 
 impl SandboxState {
@@ -361,13 +367,12 @@ impl SandboxState {
         self.inner.faults.get_checkout_calls(id.as_str())
     }
 
-    /// Checkouts matching `filter`, newest first.
+    /// Checkouts matching `filter`, by id (ids grow with creation, as paymennt's do).
     pub fn search(&self, filter: &SearchFilter) -> Vec<Checkout> {
         let checkouts = self.checkouts();
-        checkouts
+        let mut found: Vec<&CheckoutRecord> = checkouts
             .order
             .iter()
-            .rev()
             .filter_map(|id| checkouts.by_id.get(id))
             .filter(|record| {
                 filter
@@ -379,9 +384,17 @@ impl SandboxState {
                         .as_ref()
                         .is_none_or(|request_id| &record.request_id == request_id)
                     && (filter.statuses.is_empty() || filter.statuses.contains(&record.status))
+                    && filter.kind.as_deref().is_none_or(|kind| kind == "LINK")
+                    && filter
+                        .after_id
+                        .is_none_or(|after| numeric_id(&record.id) > Some(after))
+                    && filter
+                        .after_timestamp
+                        .is_none_or(|after| record.created_at > after)
             })
-            .map(|record| self.wire(record))
-            .collect()
+            .collect();
+        found.sort_by_key(|record| numeric_id(&record.id));
+        found.into_iter().map(|record| self.wire(record)).collect()
     }
 
     /// Applies `action` to the checkout and writes its document.
@@ -817,9 +830,22 @@ fn unique_numeric_id(now: DateTime<Utc>) -> String {
     format!("{millis}{random:06}")
 }
 
+/// A checkout id as a number (sandbox ids always are).
+fn numeric_id(id: &CheckoutId) -> Option<u128> {
+    id.as_str().parse().ok()
+}
+
+/// A fresh id greater than every id so far: paymennt's ids grow with creation, which is what
+/// Search Checkouts' `afterId` relies on.
 fn unique_checkout_id(checkouts: &Checkouts, now: DateTime<Utc>) -> CheckoutId {
+    let newest = checkouts.order.last().and_then(numeric_id);
     loop {
-        let candidate = unique_numeric_id(now);
+        let mut candidate = unique_numeric_id(now);
+        if let (Some(newest), Ok(number)) = (newest, candidate.parse::<u128>())
+            && number <= newest
+        {
+            candidate = (newest + 1).to_string();
+        }
         if let Ok(id) = candidate.parse::<CheckoutId>()
             && !checkouts.by_id.contains_key(&id)
         {

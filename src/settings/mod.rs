@@ -58,6 +58,9 @@ pub struct Settings {
     /// `[reconcile]`.
     #[serde(default)]
     pub reconcile: ReconcileSettings,
+    /// `[discovery]`.
+    #[serde(default)]
+    pub discovery: DiscoverySettings,
     /// `[daemon]`.
     #[serde(default)]
     pub daemon: DaemonSettings,
@@ -343,6 +346,69 @@ pub struct ReconcileSettings {
     /// Time between sweeps.
     #[serde(default = "default_reconcile_interval", with = "humantime_serde")]
     pub interval: Duration,
+    /// Checkouts per Search Checkouts page in a sweep.
+    #[serde(default = "default_page_size")]
+    pub page_size: u32,
+}
+
+fn default_page_size() -> u32 {
+    100
+}
+
+/// The largest page size paywatch asks paymennt for.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+/// `[discovery]`: tracking checkouts created anywhere, found with Search Checkouts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverySettings {
+    /// On or off; unset means on when paymennt credentials are configured.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    /// Checkout types to track (paymennt's `type`: QR, WEB, MOBILE, LINK, TERMINAL).
+    #[serde(default = "default_discovery_types")]
+    pub types: Vec<String>,
+    /// Time between searches.
+    #[serde(default = "default_discovery_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// How far back a first start (no stored cursor) looks.
+    #[serde(default = "default_discovery_lookback", with = "humantime_serde")]
+    pub lookback: Duration,
+    /// Checkouts per Search Checkouts page.
+    #[serde(default = "default_page_size")]
+    pub page_size: u32,
+}
+
+fn default_discovery_types() -> Vec<String> {
+    vec!["LINK".to_owned()]
+}
+
+fn default_discovery_interval() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_discovery_lookback() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+
+impl Default for DiscoverySettings {
+    fn default() -> Self {
+        DiscoverySettings {
+            enabled: None,
+            types: default_discovery_types(),
+            interval: default_discovery_interval(),
+            lookback: default_discovery_lookback(),
+            page_size: default_page_size(),
+        }
+    }
+}
+
+impl DiscoverySettings {
+    /// Whether discovery runs: as configured, else when paymennt credentials are set.
+    pub fn is_enabled(&self, paymennt: &PaymenntSettings) -> bool {
+        self.enabled
+            .unwrap_or_else(|| paymennt.credentials().is_ok())
+    }
 }
 
 fn default_reconcile_interval() -> Duration {
@@ -353,6 +419,7 @@ impl Default for ReconcileSettings {
     fn default() -> Self {
         ReconcileSettings {
             interval: default_reconcile_interval(),
+            page_size: default_page_size(),
         }
     }
 }
@@ -547,6 +614,12 @@ const KNOWN_KEYS: &[&str] = &[
     "firestore.add_ack_timeout",
     "firestore.refund_watch",
     "reconcile.interval",
+    "reconcile.page_size",
+    "discovery.enabled",
+    "discovery.types",
+    "discovery.interval",
+    "discovery.lookback",
+    "discovery.page_size",
     "daemon.drain_timeout",
     "log.level",
     "log.format",
@@ -823,6 +896,55 @@ impl Settings {
         for (key, value) in counts {
             if value == 0 {
                 return Err(err(format!("{origin}: '{key}' must be at least 1")));
+            }
+        }
+        let ranges = [
+            (
+                "discovery.interval",
+                self.discovery.interval,
+                Duration::from_secs(1),
+                Duration::from_secs(24 * 3600),
+            ),
+            (
+                "discovery.lookback",
+                self.discovery.lookback,
+                Duration::ZERO,
+                Duration::from_secs(366 * 24 * 3600),
+            ),
+        ];
+        for (key, value, low, high) in ranges {
+            if value < low || value > high {
+                return Err(err(format!(
+                    "{origin}: '{key}' value '{}' is out of range ({} to {})",
+                    humantime::format_duration(value),
+                    humantime::format_duration(low),
+                    humantime::format_duration(high)
+                )));
+            }
+        }
+        for (key, value) in [
+            ("reconcile.page_size", self.reconcile.page_size),
+            ("discovery.page_size", self.discovery.page_size),
+        ] {
+            if !(1..=MAX_PAGE_SIZE).contains(&value) {
+                return Err(err(format!(
+                    "{origin}: '{key}' value '{value}' is out of range (1 to {MAX_PAGE_SIZE})"
+                )));
+            }
+        }
+        if self.discovery.types.is_empty() {
+            return Err(err(format!(
+                "{origin}: 'discovery.types' is empty\n\nlist at least one of {}, or set discovery.enabled = false",
+                crate::paymennt::wire::CHECKOUT_TYPES.join(", ")
+            )));
+        }
+        for kind in &self.discovery.types {
+            if !crate::paymennt::wire::CHECKOUT_TYPES.contains(&kind.as_str()) {
+                return Err(err(format!(
+                    "{origin}: 'discovery.types' has unknown type '{}'\n\nknown types: {}",
+                    crate::domain::printable(kind),
+                    crate::paymennt::wire::CHECKOUT_TYPES.join(", ")
+                )));
             }
         }
         if let Some(url) = &self.paymennt.base_url {

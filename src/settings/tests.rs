@@ -263,3 +263,50 @@ fn a_numeric_looking_secret_from_the_environment_stays_verbatim() {
     assert_eq!(credentials.secret.expose(), "00123");
     assert_eq!(credentials.key.expose(), "1e5");
 }
+
+#[test]
+fn discovery_defaults_follow_the_credentials_and_every_number_is_bounded() {
+    let settings = load("", &[]).expect("valid");
+    assert_eq!(settings.discovery.types, ["LINK"]);
+    assert_eq!(settings.discovery.interval, Duration::from_secs(30));
+    assert_eq!(
+        settings.discovery.lookback,
+        Duration::from_secs(7 * 24 * 3600)
+    );
+    assert_eq!(settings.reconcile.page_size, 100);
+    assert!(
+        !settings.discovery.is_enabled(&settings.paymennt),
+        "no credentials: off"
+    );
+    let with_credentials =
+        load("[paymennt]\napi_key = \"k\"\napi_secret = \"s\"\n", &[]).expect("valid");
+    assert!(
+        with_credentials
+            .discovery
+            .is_enabled(&with_credentials.paymennt)
+    );
+    let off = load(
+        "[paymennt]\napi_key = \"k\"\napi_secret = \"s\"\n[discovery]\nenabled = false\n",
+        &[],
+    )
+    .expect("valid");
+    assert!(!off.discovery.is_enabled(&off.paymennt));
+    for (text, named) in [
+        ("[discovery]\ninterval = \"0s\"\n", "'discovery.interval'"),
+        (
+            "[discovery]\ninterval = \"2days\"\n",
+            "'discovery.interval'",
+        ),
+        (
+            "[discovery]\nlookback = \"400days\"\n",
+            "'discovery.lookback'",
+        ),
+        ("[discovery]\npage_size = 0\n", "'discovery.page_size'"),
+        ("[reconcile]\npage_size = 1001\n", "'reconcile.page_size'"),
+        ("[discovery]\ntypes = []\n", "'discovery.types'"),
+        ("[discovery]\ntypes = [\"LINKS\"]\n", "'LINKS'"),
+    ] {
+        let error = load(text, &[]).expect_err(text).to_string();
+        assert!(error.contains(named), "{text}: {error}");
+    }
+}

@@ -1,11 +1,11 @@
 //! Sources of nudges: things that say "this checkout may have changed, go and verify it".
 //!
-//! Owns: the Firestore listener and the reconciler.
+//! Owns: the Firestore listener, the reconciler and discovery.
 //! Must never: decide a checkout's status. A nudge carries no status; only the verifier,
 //! through Get Checkout, learns one.
 
+pub mod discovery;
 pub mod firestore;
-
 pub mod reconcile;
 
 use std::time::Instant;

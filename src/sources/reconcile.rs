@@ -1,20 +1,28 @@
-//! The reconciler: a Get Checkout sweep over open checkouts, at start and on an interval.
+//! The reconciler: catches whatever the Firestore stream missed (a change while the daemon was
+//! down, a target Firestore dropped, a verification that kept failing), at start and on an
+//! interval.
 //!
 //! Owns: deciding which checkouts to nudge and when, and ending the refund watch of PAID
-//! checkouts. It catches whatever the Firestore stream missed (a change while the daemon was
-//! down, a target Firestore dropped, a verification that kept failing).
-//! Must never: call paymennt itself or decide a status: it only sends nudges.
+//! checkouts. A periodic sweep asks Search Checkouts for the open checkouts a page at a time
+//! and nudges only those whose searched status or refunded total differs from the ledger's,
+//! those the search did not return, and those with a change not yet verified. If search fails
+//! or is refused, every open checkout is nudged, as before search was used.
+//! Must never: decide a status: a search result is a hint; only the verifier's Get Checkout is
+//! recorded.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use rust_decimal::Decimal;
 use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::Source;
-use crate::ledger::Ledger;
+use crate::domain::{CheckoutId, CheckoutStatus, Source};
+use crate::ledger::{Ledger, OpenCheckout};
 use crate::metrics::{Metrics, SweepKind};
+use crate::paymennt::{Client, SearchQuery};
 use crate::sources::Nudge;
 
 /// Runs the reconciler until `cancel`.
@@ -22,24 +30,30 @@ use crate::sources::Nudge;
 /// The first sweep, at start, nudges only checkouts that need it: never verified, or changed
 /// without a verification recorded (the daemon stopped in between). Checkouts with a resume
 /// token and nothing pending are left to Firestore, so a restart does not re-verify every
-/// unchanged checkout. Later sweeps, every `interval`, nudge every watched checkout.
+/// unchanged checkout. Later sweeps, every `interval`, compare every open checkout with Search
+/// Checkouts ([`sweep`]), `page_size` per page.
 ///
 /// `watch_set_changed` is bumped when refund watches end, so the watch set is updated. Sweeps
-/// are counted in `metrics`.
+/// and the checkouts they nudge are counted in `metrics`.
+// Each argument is a distinct handle or channel of the daemon's wiring.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     ledger: Ledger,
+    client: watch::Receiver<Client>,
     nudges: mpsc::Sender<Nudge>,
     mut interval: watch::Receiver<Duration>,
+    page_size: u32,
     watch_set_changed: watch::Sender<u64>,
     cancel: CancellationToken,
     metrics: Metrics,
 ) {
-    sweep(&ledger, &nudges, true, &cancel, &metrics).await;
+    startup_sweep(&ledger, &nudges, &cancel, &metrics).await;
+    let mut health = SearchHealth::default();
     loop {
         let period = *interval.borrow_and_update();
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         // IMPORTANT: skip missed ticks. After a suspend or a long stall, one sweep catches up;
-        // a burst of back-to-back sweeps would only multiply Get Checkout calls.
+        // a burst of back-to-back sweeps would only multiply API calls.
         ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
         loop {
             tokio::select! {
@@ -51,7 +65,9 @@ pub async fn run(
                 }
                 _ = ticker.tick() => {
                     end_refund_watch(&ledger, &watch_set_changed).await;
-                    sweep(&ledger, &nudges, false, &cancel, &metrics).await;
+                    let current = client.borrow().clone();
+                    let report = sweep(&ledger, &current, &nudges, page_size, &mut health, &cancel).await;
+                    metrics.reconcile_sweep(SweepKind::Periodic, report.nudged());
                 }
             }
         }
@@ -73,45 +89,251 @@ async fn end_refund_watch(ledger: &Ledger, watch_set_changed: &watch::Sender<u64
     }
 }
 
-/// Nudges open checkouts (only those needing it, if `only_needed`). Sending waits when the
-/// verifier is busy, which bounds the sweep's pace to the verifier's concurrency.
-async fn sweep(
+/// Whether Search Checkouts worked at the last sweep, so a failure is said once (warn) and a
+/// recovery once (info), not at every sweep.
+#[derive(Debug, Clone, Default)]
+pub struct SearchHealth {
+    failing: bool,
+}
+
+/// What one sweep did: the calls it made and why.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Open checkouts.
+    pub open: usize,
+    /// Search Checkouts calls.
+    pub searches: u32,
+    /// Open checkouts the searches returned.
+    pub returned: usize,
+    /// Nudged because the searched status or refunded total differed from the ledger's.
+    pub differing: usize,
+    /// Nudged because the search did not return them (closed since, or search failed).
+    pub not_returned: usize,
+    /// Nudged because a change was seen but not verified, or no status is recorded yet.
+    pub unverified: usize,
+    /// Whether search failed or was refused, so every open checkout was nudged.
+    pub fallback: bool,
+    /// Whether this sweep said so at warn: only the first of a run of failing sweeps does.
+    pub fallback_warned: bool,
+}
+
+impl SweepReport {
+    /// Nudges sent: at most this many Get Checkout calls follow.
+    pub fn nudged(&self) -> usize {
+        self.differing + self.not_returned + self.unverified
+    }
+}
+
+/// The statuses a search asks for: every known status that keeps a checkout watched.
+fn open_statuses() -> Vec<CheckoutStatus> {
+    CheckoutStatus::KNOWN
+        .iter()
+        .filter(|status| !status.is_final())
+        .cloned()
+        .collect()
+}
+
+/// Whether a search result says something the ledger does not know.
+fn differs(ledger: &OpenCheckout, searched: &crate::paymennt::wire::Checkout) -> bool {
+    let status_differs = searched.status.as_ref() != ledger.status.as_ref();
+    let refunded = searched
+        .total_refunded
+        .map(|total| total.0)
+        .unwrap_or(Decimal::ZERO);
+    status_differs || refunded != ledger.total_refunded
+}
+
+/// One periodic sweep: Search Checkouts page by page (ids ascending, `afterId` keyset), then a
+/// nudge for each open checkout that differs, was not returned, or has a change not verified.
+/// Returns the calls it made; logs them (info) as one line.
+pub async fn sweep(
     ledger: &Ledger,
+    client: &Client,
     nudges: &mpsc::Sender<Nudge>,
-    only_needed: bool,
+    page_size: u32,
+    health: &mut SearchHealth,
     cancel: &CancellationToken,
-    metrics: &Metrics,
+) -> SweepReport {
+    let Some(open) = open_checkouts(ledger).await else {
+        return SweepReport::default();
+    };
+    let mut report = SweepReport {
+        open: open.len(),
+        ..SweepReport::default()
+    };
+    let mut chosen: Vec<CheckoutId> = Vec::new();
+    let mut compared: HashMap<CheckoutId, OpenCheckout> = HashMap::new();
+    for checkout in open {
+        if checkout.needs_verify {
+            report.unverified += 1;
+            chosen.push(checkout.checkout_id);
+        } else {
+            compared.insert(checkout.checkout_id.clone(), checkout);
+        }
+    }
+    if !compared.is_empty() {
+        search_pages(
+            client,
+            page_size,
+            &mut compared,
+            &mut chosen,
+            &mut report,
+            health,
+        )
+        .await;
+    }
+    report.not_returned = compared.len();
+    chosen.extend(compared.into_keys());
+    tracing::info!(
+        open = report.open,
+        searches = report.searches,
+        returned = report.returned,
+        differing = report.differing,
+        not_returned = report.not_returned,
+        unverified = report.unverified,
+        get_checkout = report.nudged(),
+        fallback = report.fallback,
+        "reconcile sweep: {} searches and {} Get Checkout calls for {} open checkouts",
+        report.searches,
+        report.nudged(),
+        report.open
+    );
+    send(nudges, chosen, cancel).await;
+    report
+}
+
+/// Pages through Search Checkouts; checkouts it returns leave `compared`, into `chosen` if they
+/// differ. Stops at the last open checkout's id, at a short page, or once searching would cost
+/// more than verifying the rest one by one.
+async fn search_pages(
+    client: &Client,
+    page_size: u32,
+    compared: &mut HashMap<CheckoutId, OpenCheckout>,
+    chosen: &mut Vec<CheckoutId>,
+    report: &mut SweepReport,
+    health: &mut SearchHealth,
 ) {
+    let numeric = |id: &CheckoutId| id.as_str().parse::<u128>().ok();
+    let lowest = compared.keys().filter_map(numeric).min();
+    let highest = compared.keys().filter_map(numeric).max();
+    let mut after_id = lowest.map(|low| low.saturating_sub(1));
+    let mut page_number = 0u32;
+    let statuses = open_statuses();
+    loop {
+        // A search costs as much as a Get Checkout: when fewer checkouts are left to compare
+        // than searches made, verifying them one by one is no dearer.
+        if compared.is_empty() || report.searches as usize >= compared.len() {
+            break;
+        }
+        let query = SearchQuery {
+            statuses: statuses.clone(),
+            after_id,
+            page: Some(page_number),
+            size: Some(page_size),
+            ..SearchQuery::default()
+        };
+        report.searches += 1;
+        let page = match client.search(&query).await {
+            Ok(page) => page,
+            Err(error) => {
+                report.fallback = true;
+                if !health.failing {
+                    health.failing = true;
+                    report.fallback_warned = true;
+                    tracing::warn!(
+                        "Search Checkouts failed: {error}\n\n\
+                         the reconciler verifies every open checkout with Get Checkout instead (one call each per sweep) until search works; \
+                         check that the API key may search checkouts"
+                    );
+                } else {
+                    tracing::debug!(%error, "Search Checkouts still failing; verifying one by one");
+                }
+                return;
+            }
+        };
+        if health.failing {
+            health.failing = false;
+            tracing::info!("Search Checkouts works again; sweeps verify only what changed");
+        }
+        let mut page_highest = None;
+        for checkout in &page.content {
+            let Some(id) = checkout
+                .id
+                .as_ref()
+                .and_then(|id| id.0.parse::<CheckoutId>().ok())
+            else {
+                continue;
+            };
+            page_highest = page_highest.max(numeric(&id));
+            if let Some(known) = compared.remove(&id) {
+                report.returned += 1;
+                if differs(&known, checkout) {
+                    report.differing += 1;
+                    chosen.push(id);
+                }
+            }
+        }
+        let short = page.content.len() < page_size as usize;
+        let past_last = matches!((page_highest, highest), (Some(seen), Some(last)) if seen >= last);
+        if short || past_last {
+            break;
+        }
+        match page_highest {
+            // Keyset paging: stable while checkouts change status between pages.
+            Some(seen) if after_id.is_none_or(|after| seen > after) => {
+                after_id = Some(seen);
+                page_number = 0;
+            }
+            _ => page_number = page_number.saturating_add(1),
+        }
+    }
+}
+
+async fn open_checkouts(ledger: &Ledger) -> Option<Vec<OpenCheckout>> {
     let reader = ledger.clone();
-    let entries = match tokio::task::spawn_blocking(move || reader.watch_set()).await {
-        Ok(Ok(entries)) => entries,
+    match tokio::task::spawn_blocking(move || reader.open_checkouts()).await {
+        Ok(Ok(open)) => Some(open),
         Ok(Err(error)) => {
             tracing::error!(%error, "reconciler cannot read open checkouts");
-            return;
+            None
         }
         Err(error) => {
             tracing::error!(%error, "reconciler task failed");
-            return;
+            None
         }
+    }
+}
+
+/// The first sweep: nudges checkouts never verified or changed without a verification.
+async fn startup_sweep(
+    ledger: &Ledger,
+    nudges: &mpsc::Sender<Nudge>,
+    cancel: &CancellationToken,
+    metrics: &Metrics,
+) {
+    let Some(open) = open_checkouts(ledger).await else {
+        return;
     };
-    let chosen: Vec<_> = entries
+    let chosen: Vec<CheckoutId> = open
         .into_iter()
-        .filter(|entry| !only_needed || entry.needs_verify)
+        .filter(|checkout| checkout.needs_verify)
+        .map(|checkout| checkout.checkout_id)
         .collect();
-    let kind = if only_needed {
-        SweepKind::Startup
-    } else {
-        SweepKind::Periodic
-    };
-    metrics.reconcile_sweep(kind, chosen.len());
+    metrics.reconcile_sweep(SweepKind::Startup, chosen.len());
     tracing::info!(
         checkouts = chosen.len(),
-        kind = if only_needed { "startup" } else { "periodic" },
+        kind = "startup",
         "reconciling open checkouts with Get Checkout"
     );
-    for entry in chosen {
+    send(nudges, chosen, cancel).await;
+}
+
+/// Sends a sweep nudge for each checkout. Sending waits when the verifier is busy, which bounds
+/// the sweep's pace to the verifier's concurrency.
+async fn send(nudges: &mpsc::Sender<Nudge>, chosen: Vec<CheckoutId>, cancel: &CancellationToken) {
+    for checkout_id in chosen {
         let nudge = Nudge {
-            checkout_id: entry.checkout_id,
+            checkout_id,
             source: Source::Reconcile,
             seen_at: Instant::now(),
             changed_at: None,

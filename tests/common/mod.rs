@@ -91,9 +91,20 @@ pub fn config_text(
          [firestore]\nendpoint = \"{endpoint}\"\nstream_mode = \"{stream_mode}\"\nidle_timeout = \"10s\"\n\n\
          [reconcile]\ninterval = \"1h\"\n\n\
          [daemon]\ndrain_timeout = \"5s\"\n\n\
-         [log]\nlevel = \"info\"\n\n{extra}",
+         [log]\nlevel = \"info\"\n\n{discovery}{extra}",
         ledger = dir.join("paywatch.db").display(),
+        discovery = discovery_default(extra),
     )
+}
+
+/// Discovery is off in tests unless `extra` has a `[discovery]` section: a test that does not
+/// exercise it must not see every sandbox checkout tracked behind its back.
+fn discovery_default(extra: &str) -> &'static str {
+    if extra.contains("[discovery]") {
+        ""
+    } else {
+        "[discovery]\nenabled = false\n\n"
+    }
 }
 
 /// A daemon running in this process.
