@@ -289,6 +289,62 @@ fn config_errors_exit_2_and_runtime_failures_exit_1() {
     );
 }
 
+#[test]
+fn check_config_finds_a_hook_program_on_the_hooks_own_path() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = dir.path().join("hook-bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    let program = bin.join("mark-paid-somewhere");
+    std::fs::write(&program, "#!/bin/sh\nexit 0\n").expect("write");
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let config = offline_config(dir.path());
+    let mut text = std::fs::read_to_string(&config).expect("read");
+    text.push_str(&format!(
+        "\n[[hooks]]\nname = \"mine\"\ncommand = [\"mark-paid-somewhere\"]\nenv = {{ PATH = \"{}\", TOKEN = \"hook-token-value\" }}\n",
+        bin.display()
+    ));
+    std::fs::write(&config, text).expect("write");
+    let check = paywatch(&config, &["check-config"], None);
+    let expected = format!("ok   hook 'mine' runs {}", program.display());
+    assert!(
+        stdout(&check).contains(&expected),
+        "the daemon would run it, so check-config must find it: {}\n{}",
+        stdout(&check),
+        stderr(&check)
+    );
+    assert!(!stdout(&check).contains("hook-token-value"));
+}
+
+#[test]
+fn an_out_of_range_setting_exits_2_naming_key_value_and_bound() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = offline_config(dir.path());
+    let text = std::fs::read_to_string(&config).expect("read");
+    // Above tokio's semaphore maximum this used to panic the hook dispatcher at run time.
+    std::fs::write(
+        &config,
+        format!("hooks_concurrency = 2305843009213693952\n{text}"),
+    )
+    .expect("write");
+    for args in [&["check-config"][..], &["run"][..]] {
+        let output = paywatch(&config, args, None);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains(
+                "'hooks_concurrency' value '2305843009213693952' is too large (at most 256)"
+            ),
+            "{}",
+            stderr(&output)
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_create_track_and_events_against_the_sandbox() {
     let sandbox = common::sandbox().await;
@@ -320,6 +376,14 @@ async fn link_create_track_and_events_against_the_sandbox() {
     let id = response["id"].as_str().expect("id").to_owned();
     assert_eq!(response["amount"].to_string(), "19.99");
     assert_eq!(response["currency"], "AED");
+    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+    let record = ledger
+        .checkout(&id.parse().expect("id"))
+        .expect("read")
+        .expect("tracked");
+    assert_eq!(record.tracked_via, "link-create");
+    assert_eq!(record.status.as_deref(), Some("PENDING"));
+    drop(ledger);
 
     sandbox
         .state()

@@ -296,11 +296,27 @@ pub(crate) struct Process {
 
 impl Process {
     pub(crate) fn start(config: &std::path::Path) -> Process {
-        Process::start_with(config, &[])
+        Process::start_with(config, &[], &[], &[])
     }
 
-    fn start_with(config: &std::path::Path, global_args: &[&str]) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_paywatch"))
+    /// Starts `LAUNCHER... paywatch GLOBAL_ARGS --config CONFIG run` with `env` added.
+    fn start_with(
+        config: &std::path::Path,
+        global_args: &[&str],
+        env: &[(&str, &str)],
+        launcher: &[&str],
+    ) -> Process {
+        let binary = env!("CARGO_BIN_EXE_paywatch");
+        let mut command = match launcher.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let mut child = command
+            .envs(env.iter().copied())
             .args(global_args)
             .arg("--config")
             .arg(config)
@@ -521,6 +537,91 @@ async fn kill_9_while_a_hook_runs_then_restart_delivers_it_exactly_once_as_deliv
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hook_cannot_read_the_daemons_environment_or_memory() {
+    use std::os::unix::fs::MetadataExt;
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out");
+    let script = dir.path().join("hook.sh");
+    // The hook tries the daemon (its parent) the ways a same-user process could.
+    std::fs::write(
+        &script,
+        format!(
+            "for f in environ mem cmdline; do\n  if cat /proc/$PPID/$f > '{out}.$f' 2>> '{out}.err'; then echo \"$f readable\" >> '{out}'; else echo \"$f denied\" >> '{out}'; fi\ndone\n",
+            out = out.display()
+        ),
+    )
+    .expect("hook script");
+    let hooks = format!(
+        "[[hooks]]\nname = \"nosy\"\ncommand = [\"/bin/sh\", \"{}\"]\nstatuses = [\"PAID\"]\n",
+        script.display()
+    );
+    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", &hooks);
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let id = create_and_track(&sandbox, &ledger, "ORD-NOSY").await;
+    // Root (with CAP_SYS_PTRACE) may read any process, so as root the daemon and its hook run
+    // as an unprivileged user, as in production; otherwise as this test's own user.
+    let root = std::fs::metadata("/proc/self").expect("proc").uid() == 0;
+    let launcher: &[&str] = if root {
+        for name in ["", "paywatch.db", "paywatch.db-wal", "paywatch.db-shm"] {
+            let file = dir.path().join(name);
+            if file.exists() {
+                std::os::unix::fs::chown(&file, Some(65534), Some(65534)).expect("chown");
+            }
+        }
+        &[
+            "/usr/bin/setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+        ]
+    } else {
+        &[]
+    };
+    let secret = sandbox.api_secret().to_owned();
+    let mut process = tokio::task::block_in_place(|| {
+        let mut process = Process::start_with(
+            &path,
+            &[],
+            &[("PAYWATCH_PAYMENNT__API_SECRET", secret.as_str())],
+            launcher,
+        );
+        process.expect_line("paywatch is running");
+        process
+    });
+    wait_status(&ledger, &id, "PENDING").await;
+    sandbox.state().pay(&id).await.expect("pay");
+    let report = wait_for("the hook to run", DEADLINE, || async {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        (text.lines().count() == 3).then_some(text)
+    })
+    .await;
+    tokio::task::block_in_place(|| {
+        process.signal(Signal::SIGTERM);
+        process.wait_exit();
+    });
+    assert_eq!(
+        report, "environ denied\nmem denied\ncmdline readable\n",
+        "cmdline is public; environ and memory are not"
+    );
+    for name in ["environ", "mem", "err", "cmdline"] {
+        let seen = std::fs::read(format!("{}.{name}", out.display())).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&seen).contains(&secret),
+            "the secret reached the hook through {name}"
+        );
+    }
+    let environ = std::fs::read(format!("{}.environ", out.display())).unwrap_or_default();
+    assert!(
+        environ.is_empty(),
+        "the hook read {} bytes of environ",
+        environ.len()
+    );
+    sandbox.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_daemon_on_the_same_ledger_is_refused() {
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -553,6 +654,75 @@ async fn a_second_daemon_on_the_same_ledger_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_dies_stops_the_daemon_with_an_error_naming_it() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
+    // Loading refuses this now; set directly, it panics the hook dispatcher's semaphore, which
+    // used to leave the daemon running with no hook ever delivered.
+    settings.hooks_concurrency = usize::MAX;
+    let (_controls, receiver) = tokio::sync::mpsc::channel(1);
+    let options = paywatch::daemon::RunOptions {
+        config_path: Some(path.clone()),
+        log: paywatch::logging::LogHandle::detached(),
+        status: None,
+        notifier: paywatch::daemon::notify::Notifier::disabled(),
+        metrics: paywatch::metrics::Metrics::new(),
+    };
+    let ended = tokio::time::timeout(DEADLINE, paywatch::daemon::run(settings, receiver, options))
+        .await
+        .expect("the daemon stops by itself, at once");
+    let error = format!("{:#}", ended.expect_err("stops with an error (exit 1)"));
+    assert!(
+        error.contains("the hook dispatcher task panicked"),
+        "{error}"
+    );
+    sandbox.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_refused_the_lock_never_opens_or_migrates_the_ledger() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = common::config_text(
+        dir.path(),
+        "http://127.0.0.1:9/mer/v2.0/",
+        "http://127.0.0.1:9",
+        "key",
+        "secret",
+        "multiplexed",
+        "",
+    );
+    let path = dir.path().join("paywatch.toml");
+    std::fs::write(&path, text).expect("write config");
+    let settings =
+        paywatch::settings::Settings::load_with_env(Some(&path), Vec::new()).expect("valid");
+    // Another daemon holds the lock (here: this test).
+    let lock = std::fs::File::create(dir.path().join("paywatch.db.lock")).expect("lock file");
+    lock.try_lock().expect("locked");
+    let (_controls, receiver) = tokio::sync::mpsc::channel(1);
+    let options = paywatch::daemon::RunOptions {
+        config_path: Some(path.clone()),
+        log: paywatch::logging::LogHandle::detached(),
+        status: None,
+        notifier: paywatch::daemon::notify::Notifier::disabled(),
+        metrics: paywatch::metrics::Metrics::new(),
+    };
+    let refused =
+        tokio::time::timeout(DEADLINE, paywatch::daemon::run(settings, receiver, options))
+            .await
+            .expect("refused at once");
+    let error = refused.expect_err("refused");
+    assert!(
+        format!("{error:#}").contains("already running"),
+        "{error:#}"
+    );
+    assert!(
+        !dir.path().join("paywatch.db").exists(),
+        "the ledger was created (and migrated) before the lock was checked"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_log_format_writes_one_object_per_line_with_the_payment_line() {
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -560,7 +730,7 @@ async fn json_log_format_writes_one_object_per_line_with_the_payment_line() {
     let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-JSON").await;
     let mut process = tokio::task::block_in_place(|| {
-        let mut process = Process::start_with(&path, &["--log-format", "json"]);
+        let mut process = Process::start_with(&path, &["--log-format", "json"], &[], &[]);
         process.expect_line("paywatch is running");
         process
     });

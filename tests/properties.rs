@@ -15,7 +15,7 @@ use paywatch::domain::{
     Amount, CheckoutId, CheckoutStatus, Currency, FirestoreLocation, format_money, parse_decimal,
 };
 use paywatch::paymennt::wire::{Checkout, JsonDecimal};
-use paywatch::settings::Settings;
+use paywatch::settings::{COUNT_BOUNDS, Settings};
 
 /// A decimal with up to 28 significant digits and up to 10 decimals, positive or negative.
 fn any_decimal() -> impl Strategy<Value = Decimal> {
@@ -193,14 +193,31 @@ proptest! {
     }
 
     #[test]
-    fn numeric_settings_out_of_range_name_their_key(value in prop_oneof![
-        Just(i64::MIN), Just(-1i64), Just(0i64), Just(i64::from(u32::MAX) + 1), Just(i64::MAX),
+    fn numeric_settings_are_accepted_exactly_within_their_bounds(value in prop_oneof![
+        Just(i64::MIN), Just(-1i64), Just(0i64), Just(1i64), Just(20i64), Just(21i64),
+        Just(256i64), Just(257i64), Just(i64::from(u32::MAX) + 1), Just(i64::MAX),
+        -10i64..2000,
         any::<i64>(),
     ]) {
-        for (section, name) in [("", "hooks_concurrency"), ("[paymennt]", "concurrency"), ("[paymennt]", "max_retries"), ("[reconcile]", "page_size"), ("[discovery]", "page_size")] {
+        for (bound_key, section, name) in [
+            ("hooks_concurrency", "", "hooks_concurrency"),
+            ("paymennt.concurrency", "[paymennt]", "concurrency"),
+            ("paymennt.max_retries", "[paymennt]", "max_retries"),
+            ("firestore.targets_per_stream", "[firestore]", "targets_per_stream"),
+        ] {
+            let (_, min, max) = COUNT_BOUNDS
+                .iter()
+                .find(|(key, _, _)| *key == bound_key)
+                .copied()
+                .ok_or_else(|| TestCaseError::fail(format!("no bound for {bound_key}")))?;
+            let within = u64::try_from(value).is_ok_and(|v| (min..=max).contains(&v));
             let outcome = load_config(&format!("{section}\n{name} = {value}\n"));
-            if let Err(message) = outcome {
-                prop_assert!(message.contains(name), "{section}.{name} = {value}: {message}");
+            match outcome {
+                Ok(_) => prop_assert!(within, "{bound_key} = {value} accepted outside {min}..={max}"),
+                Err(message) => {
+                    prop_assert!(!within, "{bound_key} = {value} refused within bounds: {message}");
+                    prop_assert!(message.contains(name), "{bound_key} = {value}: {message}");
+                }
             }
         }
     }

@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use super::{UsageError, output};
 use crate::daemon::listener_options;
-use crate::hooks::runner::{DEFAULT_PATH, resolve_program};
+use crate::hooks::config::HookSpec;
+use crate::hooks::runner::DEFAULT_PATH;
 use crate::ledger::Ledger;
 use crate::paymennt::{Client, SearchQuery};
 use crate::settings::Settings;
@@ -182,15 +183,19 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
         Err(error) => check(false, format!("firestore credentials: {error:#}")),
     });
 
+    // Resolved exactly as the daemon does: on the hook's own env.PATH when it sets one.
     let path_var = std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
     for hook in &settings.hooks {
-        let program = hook.command.first().map(String::as_str).unwrap_or_default();
-        checks.push(match resolve_program(program, Some(&path_var)) {
-            Ok(path) => check(
+        checks.push(match HookSpec::resolve(hook, Some(&path_var)) {
+            Ok(spec) => check(
                 true,
-                format!("hook '{}' runs {}", hook.name, path.display()),
+                format!(
+                    "hook '{}' runs {}",
+                    hook.name,
+                    spec.command.program.display()
+                ),
             ),
-            Err(error) => check(false, format!("hook '{}': {error}", hook.name)),
+            Err(error) => check(false, error),
         });
     }
 

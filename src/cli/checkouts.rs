@@ -239,7 +239,13 @@ pub async fn link_create(settings: &Settings, args: &LinkCreateArgs) -> anyhow::
         .create_link(&request, ticket)
         .await
         .context("creating the payment link")?;
-    if let Err(error) = record_verified(settings, &ledger, &verified) {
+    // Tracked first, so the ledger says how it came (`link-create`); the answer is then
+    // recorded as a person's verification, as `track` does.
+    let recorded = ledger
+        .track(verified.facts(), TrackedVia::LinkCreate)
+        .map_err(anyhow::Error::from)
+        .and_then(|_| record_verified(settings, &ledger, &verified));
+    if let Err(error) = recorded {
         anyhow::bail!(
             "payment link {} was created but could not be recorded: {error:#}\n\nrecord it with: paywatch track --checkout-id {}",
             verified.id(),

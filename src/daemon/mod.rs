@@ -9,8 +9,9 @@
 
 pub mod notify;
 pub mod signals;
+pub mod supervisor;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -134,11 +135,15 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut settings = settings;
+    keep_memory_private();
+    // Every long-lived task runs under it: one that ends or panics stops the daemon (exit 1).
+    let mut supervisor = supervisor::Supervisor::new();
 
-    // 1. The ledger, held by this daemon alone (two would run each other's hooks twice).
+    // 1. The ledger, held by this daemon alone (two would run each other's hooks twice). The
+    // lock comes first: a second daemon must not migrate a ledger another one is using.
+    let _daemon_lock = lock_ledger(&settings.ledger.path)?;
     let path = settings.ledger.path.clone();
     let ledger = blocking(move || Ledger::open(&path)).await?;
-    let _daemon_lock = lock_ledger(&settings.ledger.path)?;
 
     // 2. paymennt, and the hook commands (resolved now, so a missing program stops startup).
     let metrics = options.metrics.clone();
@@ -192,55 +197,74 @@ pub async fn run(
     .with_metrics(metrics.clone());
     let verifier_stats = verifier.stats();
     let verifier_abort = CancellationToken::new();
-    let verifier_task =
-        tokio::spawn(verifier.run(nudge_receiver, sweep_receiver, verifier_abort.clone()));
+    let verifier_task = tokio::spawn(supervisor.supervise(
+        "verifier",
+        verifier.run(nudge_receiver, sweep_receiver, verifier_abort.clone()),
+    ));
 
     let mut tasks = JoinSet::new();
-    tasks.spawn(consume_listen_events(
-        listen_receiver,
-        ledger.clone(),
-        nudge_sender.clone(),
+    tasks.spawn(supervisor.supervise(
+        "listener events",
+        consume_listen_events(
+            listen_receiver,
+            ledger.clone(),
+            nudge_sender.clone(),
+            sources.clone(),
+            metrics.clone(),
+        ),
+    ));
+    tasks.spawn(watch_listener(
+        listener.clone(),
+        supervisor.reporter(),
         sources.clone(),
-        metrics.clone(),
     ));
     let watched_count = Arc::new(std::sync::atomic::AtomicUsize::new(watched.len()));
-    tasks.spawn(sync_watch_set(
-        ledger.clone(),
-        listener.clone(),
-        watched,
-        watch_set_changed.subscribe(),
-        watched_count.clone(),
-        sources.clone(),
+    tasks.spawn(supervisor.supervise(
+        "watch-set sync",
+        sync_watch_set(
+            ledger.clone(),
+            listener.clone(),
+            watched,
+            watch_set_changed.subscribe(),
+            watched_count.clone(),
+            sources.clone(),
+        ),
     ));
 
     // 5. The reconciler: at start for checkouts that need it, then every interval; and
     //    discovery, which tracks checkouts created anywhere.
     let (interval_sender, interval_receiver) = watch::channel(settings.reconcile.interval);
     let (client_sender, client_receiver) = watch::channel(client.clone());
-    tasks.spawn(crate::sources::reconcile::run(
-        ledger.clone(),
-        client_receiver.clone(),
-        sweep_sender.clone(),
-        interval_receiver,
-        settings.reconcile.page_size,
-        watch_set_changed.clone(),
-        sources.clone(),
-        metrics.clone(),
+    tasks.spawn(supervisor.supervise(
+        "reconciler",
+        crate::sources::reconcile::run(
+            ledger.clone(),
+            client_receiver.clone(),
+            sweep_sender.clone(),
+            interval_receiver,
+            settings.reconcile.page_size,
+            watch_set_changed.clone(),
+            sources.clone(),
+            metrics.clone(),
+        ),
     ));
     let discovery_enabled = settings.discovery.is_enabled(&settings.paymennt);
     if discovery_enabled {
-        tasks.spawn(crate::sources::discovery::run(
-            ledger.clone(),
-            client_receiver,
-            DiscoveryConfig {
-                types: settings.discovery.types.clone(),
-                interval: settings.discovery.interval,
-                lookback: settings.discovery.lookback,
-                page_size: settings.discovery.page_size,
-            },
-            sweep_sender,
-            watch_set_changed.clone(),
-            sources.clone(),
+        tasks.spawn(supervisor.supervise(
+            "discovery",
+            crate::sources::discovery::run(
+                ledger.clone(),
+                client_receiver,
+                DiscoveryConfig {
+                    types: settings.discovery.types.clone(),
+                    interval: settings.discovery.interval,
+                    lookback: settings.discovery.lookback,
+                    page_size: settings.discovery.page_size,
+                },
+                sweep_sender,
+                watch_set_changed.clone(),
+                sources.clone(),
+            ),
         ));
     } else {
         drop(sweep_sender);
@@ -256,12 +280,17 @@ pub async fn run(
     let dispatcher_handle = dispatcher.handle();
     let dispatcher_stop = CancellationToken::new();
     let dispatcher_kill = CancellationToken::new();
-    let dispatcher_task =
-        tokio::spawn(dispatcher.run(dispatcher_stop.clone(), dispatcher_kill.clone()));
-    tasks.spawn(wake_dispatcher(
-        ledger_changed.subscribe(),
-        dispatcher_handle.clone(),
-        sources.clone(),
+    let dispatcher_task = tokio::spawn(supervisor.supervise(
+        "hook dispatcher",
+        dispatcher.run(dispatcher_stop.clone(), dispatcher_kill.clone()),
+    ));
+    tasks.spawn(supervisor.supervise(
+        "hook dispatcher wake-up",
+        wake_dispatcher(
+            ledger_changed.subscribe(),
+            dispatcher_handle.clone(),
+            sources.clone(),
+        ),
     ));
 
     tracing::info!(
@@ -291,26 +320,41 @@ pub async fn run(
     notifier.ready();
     let watchdog_cancel = CancellationToken::new();
     let liveness_ledger = ledger.clone();
-    let watchdog = tokio::spawn(notify::watchdog_loop(
+    let healthy = supervisor.health();
+    let watchdog_loop = notify::watchdog_loop(
         notifier.clone(),
         move || {
-            // The ledger thread answering is the liveness proof: it is what can wedge.
+            // Every supervised task alive, and the ledger thread answering (it is what can
+            // wedge): one failed task and systemd hears no more pings.
             let ledger = liveness_ledger.clone();
+            let healthy = healthy.clone();
             async move {
-                matches!(
-                    tokio::task::spawn_blocking(move || ledger.data_version()).await,
-                    Ok(Ok(_))
-                )
+                healthy()
+                    && matches!(
+                        tokio::task::spawn_blocking(move || ledger.data_version()).await,
+                        Ok(Ok(_))
+                    )
             }
         },
         watchdog_cancel.clone(),
-    ));
+    );
+    // Without a systemd watchdog the loop returns at once, which is no failure.
+    let watchdog = if notifier.watchdog_interval().is_some() {
+        tokio::spawn(supervisor.supervise("watchdog", watchdog_loop))
+    } else {
+        tokio::spawn(watchdog_loop)
+    };
 
     // 7. Run until told to stop.
     let mut status_tick = tokio::time::interval(Duration::from_millis(200));
     let mut status_line_tick = tokio::time::interval(STATUS_LINE_EVERY);
+    let mut failure = None;
     loop {
         tokio::select! {
+            failed = supervisor.failed() => {
+                failure = Some(failed);
+                break;
+            }
             command = control.recv() => match command {
                 Some(Control::Reload) => {
                     notifier.reloading();
@@ -338,6 +382,7 @@ pub async fn run(
 
     // 8. Drain: stop taking new work, let verifications and running hooks finish, then stop.
     notifier.stopping();
+    supervisor.stopping();
     let drain = settings.daemon.drain_timeout;
     tracing::info!(drain_timeout = ?drain, "shutting down: finishing in-flight verifications and running hooks");
     let deadline = tokio::time::Instant::now() + drain;
@@ -373,8 +418,39 @@ pub async fn run(
     watchdog_cancel.cancel();
     let _ = watchdog.await;
     publish(false);
+    if let Some(failure) = failure.or_else(|| supervisor.failure()) {
+        tracing::error!("paywatch stopped because {failure}");
+        anyhow::bail!("{failure}; paywatch stopped so that its service manager restarts it");
+    }
     tracing::info!("paywatch stopped");
     Ok(())
+}
+
+/// Reports the listener as failed when one of its stream tasks panics (the checkouts on that
+/// stream would never be watched again).
+async fn watch_listener(
+    listener: ListenerHandle,
+    reporter: supervisor::FailureReporter,
+    cancel: CancellationToken,
+) {
+    tokio::select! {
+        () = cancel.cancelled() => {}
+        how = listener.failed() => reporter.report("listener", how),
+    }
+}
+
+/// Makes this process non-dumpable (`PR_SET_DUMPABLE` 0): processes of the same user, hooks
+/// included, can then no longer read `/proc/<pid>/environ`, `/proc/<pid>/mem` or attach a
+/// debugger, so the API secret in our environment or memory stays ours. It also turns off core
+/// dumps, which would hold the same secrets. Hooks themselves are dumpable again after `exec`.
+fn keep_memory_private() {
+    match nix::sys::prctl::set_dumpable(false) {
+        Ok(()) => tracing::debug!("process memory and environment are private (non-dumpable)"),
+        Err(error) => tracing::warn!(
+            "cannot make paywatch non-dumpable ({error}): hooks running as this user could read \
+             its environment and memory; run hooks under another user (docs/running-as-a-service.md)"
+        ),
+    }
 }
 
 /// Applies a re-read config: hooks, log level and reconcile interval change at once; other
@@ -451,6 +527,10 @@ fn lock_ledger(ledger: &std::path::Path) -> anyhow::Result<std::fs::File> {
     let mut name = ledger.as_os_str().to_owned();
     name.push(".lock");
     let path = PathBuf::from(name);
+    if let Some(parent) = ledger.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create directory '{}'", parent.display()))?;
+    }
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -487,6 +567,10 @@ async fn wake_dispatcher(
     }
 }
 
+/// How often changes that could not be noted (the ledger was busy) are noted again when no
+/// new event comes.
+const NOTE_RETRY: Duration = Duration::from_secs(1);
+
 /// Turns the listener's events into nudges and persisted resume state, in order.
 ///
 /// Changed checkouts are nudged at once, then marked `needs_verify` in the ledger before any
@@ -494,6 +578,11 @@ async fn wake_dispatcher(
 /// verification, the reconciler's startup sweep still verifies them. (A verification that
 /// finished before the mark is not undone by it: the mark applies only to checkouts last
 /// verified before the change was seen.)
+///
+/// A checkout whose change could not be noted (the ledger busy or failing) keeps its own
+/// retry: it is noted again with every later batch and every [`NOTE_RETRY`] until that works,
+/// and until then no resume token of that checkout is saved (the token would let a restart
+/// skip the change). Other checkouts' tokens are saved as usual.
 async fn consume_listen_events(
     mut events: mpsc::Receiver<ListenEvent>,
     ledger: Ledger,
@@ -502,56 +591,75 @@ async fn consume_listen_events(
     metrics: Metrics,
 ) {
     let mut batch = Vec::with_capacity(512);
-    // Set when noting pending verifications failed: no token may be saved past an unnoted
-    // change until a later note succeeds (the token would let a restart skip it).
-    let mut unnoted_changes = false;
+    let mut unnoted: HashSet<CheckoutId> = HashSet::new();
+    let mut retry = tokio::time::interval(NOTE_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         batch.clear();
         tokio::select! {
             () = cancel.cancelled() => return,
             received = events.recv_many(&mut batch, 512) => if received == 0 { return },
+            _ = retry.tick(), if !unnoted.is_empty() => {}
         }
         // Where the ticket counter stands before any nudge of this batch goes out: every
         // verification the nudges cause gets a later ticket, and only such a one clears the note.
-        let seen_after = if batch.iter().any(|e| matches!(e, ListenEvent::Changed(_))) {
-            let reader = ledger.clone();
-            match blocking(move || reader.last_ticket()).await {
-                Ok(ticket) => Some(ticket),
-                Err(error) => {
-                    tracing::error!("cannot read the verification ticket counter: {error:#}");
-                    None
+        // Changes retried from earlier batches take this (later) ticket too: that can only
+        // mark more, never less.
+        let seen_after =
+            if !unnoted.is_empty() || batch.iter().any(|e| matches!(e, ListenEvent::Changed(_))) {
+                let reader = ledger.clone();
+                match blocking(move || reader.last_ticket()).await {
+                    Ok(ticket) => Some(ticket),
+                    Err(error) => {
+                        tracing::error!("cannot read the verification ticket counter: {error:#}");
+                        None
+                    }
                 }
-            }
-        } else {
-            None
-        };
+            } else {
+                None
+            };
         // Nudges go out first: verification starts at once, whatever the disk is doing.
         let mut changed = Vec::new();
         for event in &batch {
             if let ListenEvent::Changed(nudge) = event {
                 tracing::debug!(checkout = %nudge.checkout_id, changed_at = ?nudge.changed_at, "document changed");
-                changed.push(nudge.checkout_id.clone());
+                if !unnoted.contains(&nudge.checkout_id) {
+                    changed.push(nudge.checkout_id.clone());
+                }
                 tokio::select! {
                     () = cancel.cancelled() => return,
                     sent = nudges.send(nudge.clone()) => if sent.is_err() { return },
                 }
             }
         }
-        // Then, before any checkpoint of this batch is saved, the changes are noted durably.
+        // Then, before any checkpoint of this batch is saved, the changes are noted durably,
+        // with those that earlier notes failed to record.
+        changed.extend(unnoted.iter().cloned());
         if !changed.is_empty() {
             let marker = ledger.clone();
+            let noting = changed.clone();
             let noted = match seen_after {
                 Some(seen_after) => {
-                    blocking(move || marker.mark_needs_verify(&changed, seen_after)).await
+                    blocking(move || marker.mark_needs_verify(&noting, seen_after)).await
                 }
                 None => Err(anyhow::anyhow!("the ticket counter could not be read")),
             };
             match noted {
-                Ok(()) => unnoted_changes = false,
+                Ok(()) => {
+                    if !unnoted.is_empty() {
+                        tracing::info!(
+                            checkouts = unnoted.len(),
+                            "pending verifications noted after an earlier failure"
+                        );
+                    }
+                    unnoted.clear();
+                }
                 Err(error) => {
-                    unnoted_changes = true;
+                    unnoted.extend(changed);
                     tracing::error!(
-                        "cannot note pending verifications; resume tokens are not saved until it works: {error:#}"
+                        checkouts = unnoted.len(),
+                        "cannot note pending verifications; retrying every {}s, and their resume tokens are not saved until it works: {error:#}",
+                        NOTE_RETRY.as_secs()
                     );
                 }
             }
@@ -559,8 +667,14 @@ async fn consume_listen_events(
         for event in batch.drain(..) {
             match event {
                 ListenEvent::Changed(_) => {}
-                ListenEvent::Checkpoint { .. } if unnoted_changes => {}
                 ListenEvent::Checkpoint { tokens, read_time } => {
+                    let tokens: Vec<(CheckoutId, Vec<u8>)> = tokens
+                        .into_iter()
+                        .filter(|(id, _)| !unnoted.contains(id))
+                        .collect();
+                    if tokens.is_empty() {
+                        continue;
+                    }
                     let saver = ledger.clone();
                     if let Err(error) =
                         blocking(move || saver.save_resume_tokens(&tokens, read_time)).await
@@ -673,3 +787,6 @@ async fn sync_watch_set(
         watched_count.store(watched.len(), std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -54,7 +54,7 @@
 //! # }
 //! ```
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -92,9 +92,26 @@ struct Shared {
     /// The hooks deliveries are looked up in. Read once per claim; replaced by a reload.
     /// A std lock: held only to clone or swap the `Arc`, never across an await.
     hooks: RwLock<Arc<HookSet>>,
+    /// Outcomes an attempt could not write (the ledger failing): the loop writes them as soon
+    /// as the ledger takes them, so no delivery stays `running` until the next start. A std
+    /// lock, never held across an await.
+    unrecorded: Mutex<Vec<Unrecorded>>,
+}
+
+/// An attempt's outcome still to be written.
+#[derive(Debug, Clone)]
+struct Unrecorded {
+    delivery: Delivery,
+    update: Arc<DeliveryUpdate>,
 }
 
 impl Shared {
+    fn unrecorded(&self) -> std::sync::MutexGuard<'_, Vec<Unrecorded>> {
+        self.unrecorded
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn hooks(&self) -> Arc<HookSet> {
         self.hooks
             .read()
@@ -173,6 +190,7 @@ impl Dispatcher {
             shared: Arc::new(Shared {
                 wake: Notify::new(),
                 hooks: RwLock::new(Arc::new(hooks)),
+                unrecorded: Mutex::new(Vec::new()),
             }),
             concurrency: concurrency.max(1),
             poll: POLL_INTERVAL,
@@ -212,8 +230,10 @@ impl Dispatcher {
     /// After `shutdown`, nothing new is claimed and running hooks go on; cancelling `kill`
     /// (the drain timeout passed) stops them (SIGTERM to each hook's process group, SIGKILL
     /// after its grace period) and they are recorded as pending, due at once, so the next start
-    /// runs them again. Returns when every started hook's outcome has been recorded (or its
-    /// recording given up on, which leaves the row `running` for the next start to recover).
+    /// runs them again. Returns when every started hook's outcome has been recorded (or the
+    /// ledger refused it to the end, which leaves the row `running` for the next start to
+    /// recover). While running, an outcome the ledger refused is written again by this loop,
+    /// with backoff, as soon as the ledger takes it.
     pub async fn run(self, shutdown: CancellationToken, kill: CancellationToken) {
         let Dispatcher {
             ledger,
@@ -226,12 +246,18 @@ impl Dispatcher {
         let tasks = TaskTracker::new();
         let mut recovered = false;
         let mut backoff = Backoff::default();
+        let mut record_backoff = Backoff::default();
         tracing::debug!(concurrency, "hook dispatcher started");
         loop {
             if shutdown.is_cancelled() || kill.is_cancelled() {
                 break;
             }
             let mut wait = poll;
+            if !write_unrecorded(&ledger, &shared).await {
+                wait = wait.min(record_backoff.next());
+            } else {
+                record_backoff.reset();
+            }
             if !recovered {
                 match blocking(&ledger, Ledger::recover_running_deliveries).await {
                     Ok(count) => {
@@ -300,6 +326,16 @@ impl Dispatcher {
             tracing::info!(running = tasks.len(), "waiting for running hooks to finish");
         }
         tasks.wait().await;
+        if !write_unrecorded(&ledger, &shared).await {
+            for stranded in shared.unrecorded().iter() {
+                tracing::error!(
+                    event_id = %stranded.delivery.event_id,
+                    hook = %stranded.delivery.hook,
+                    checkout = %stranded.delivery.checkout_id,
+                    "cannot record a hook outcome before stopping; the delivery stays running and runs again at the next start"
+                );
+            }
+        }
         tracing::debug!("hook dispatcher stopped");
     }
 }
@@ -393,7 +429,7 @@ async fn attempt(
             update
         }
     };
-    record(&ledger, &delivery, update).await;
+    record(&ledger, &shared, delivery, update).await;
     drop(permit);
     shared.wake.notify_one();
 }
@@ -553,14 +589,19 @@ fn log_tail(text: &str) -> &str {
     &text[start..]
 }
 
-/// Writes an attempt's outcome, trying a few times: a row left `running` blocks its checkout's
-/// later events for this hook until the next start recovers it.
-async fn record(ledger: &Ledger, delivery: &Delivery, update: DeliveryUpdate) {
+/// How often an attempt tries to write its outcome before handing it to the loop.
+const RECORD_TRIES: u32 = 3;
+
+/// Writes an attempt's outcome, trying a few times; if the ledger still refuses, hands it to
+/// the dispatcher loop ([`write_unrecorded`]), which keeps trying with backoff. Until it is
+/// written the row stays `running`, which holds back its checkout's later events for this
+/// hook (their order must hold), but never until the next start.
+async fn record(ledger: &Ledger, shared: &Shared, delivery: Delivery, update: DeliveryUpdate) {
     let mut backoff = Backoff::default();
     let update = Arc::new(update);
-    for _ in 0..5 {
-        let (event_id, update) = (delivery.event_id.clone(), update.clone());
-        match blocking(ledger, move |l| l.finish_delivery(&event_id, &update)).await {
+    for _ in 0..RECORD_TRIES {
+        let (event_id, written) = (delivery.event_id.clone(), update.clone());
+        match blocking(ledger, move |l| l.finish_delivery(&event_id, &written)).await {
             Ok(()) => return,
             Err(error) => {
                 let wait = backoff.next();
@@ -573,8 +614,40 @@ async fn record(ledger: &Ledger, delivery: &Delivery, update: DeliveryUpdate) {
         event_id = %delivery.event_id,
         hook = %delivery.hook,
         checkout = %delivery.checkout_id,
-        "cannot record a hook outcome; the delivery stays running and runs again after a restart"
+        "cannot record a hook outcome; the dispatcher keeps trying (check the ledger's disk); \
+         until then this checkout's later events for this hook wait"
     );
+    shared.unrecorded().push(Unrecorded { delivery, update });
+    shared.wake.notify_one();
+}
+
+/// Writes the outcomes attempts could not. Returns whether none is left.
+async fn write_unrecorded(ledger: &Ledger, shared: &Shared) -> bool {
+    let pending: Vec<Unrecorded> = shared.unrecorded().clone();
+    if pending.is_empty() {
+        return true;
+    }
+    let mut written = Vec::new();
+    for stranded in pending {
+        let (event_id, update) = (stranded.delivery.event_id.clone(), stranded.update.clone());
+        match blocking(ledger, move |l| l.finish_delivery(&event_id, &update)).await {
+            Ok(()) => {
+                tracing::info!(
+                    event_id = %stranded.delivery.event_id,
+                    hook = %stranded.delivery.hook,
+                    checkout = %stranded.delivery.checkout_id,
+                    "hook outcome recorded after the ledger recovered"
+                );
+                written.push(stranded.delivery.event_id);
+            }
+            Err(error) => {
+                tracing::warn!(event_id = %stranded.delivery.event_id, %error, "still cannot record a hook outcome");
+            }
+        }
+    }
+    let mut unrecorded = shared.unrecorded();
+    unrecorded.retain(|stranded| !written.contains(&stranded.delivery.event_id));
+    unrecorded.is_empty()
 }
 
 #[cfg(test)]

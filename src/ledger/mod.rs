@@ -371,6 +371,7 @@ impl Ledger {
         }
         create_private_file(path)
             .map_err(|error| fail(format!("cannot create the file: {error}")))?;
+        tighten_permissions(path);
         let connection = Connection::open(path)
             .map_err(|error| fail(format!("cannot open: {error}{}", next_step(&error))))?;
         Ledger::configure(connection, shown.clone())
@@ -1028,6 +1029,37 @@ fn create_private_file(path: &Path) -> std::io::Result<()> {
         Ok(_) => Ok(()),
         Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(error) => Err(error),
+    }
+}
+
+/// Makes an existing ledger file and its `-wal` and `-shm` companions mode 0600 if group or
+/// others could read them (a file made by hand, by a restore, or by an older paywatch). SQLite
+/// gives new `-wal` and `-shm` files the database file's mode, so this keeps them private too.
+/// A file we may not change (another user's) is left as it is, with a warning.
+fn tighten_permissions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        let file = PathBuf::from(name);
+        let Ok(metadata) = std::fs::metadata(&file) else {
+            continue;
+        };
+        let mode = metadata.permissions().mode() & 0o777;
+        if mode & 0o077 == 0 {
+            continue;
+        }
+        match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+            Ok(()) => tracing::info!(
+                file = %file.display(),
+                "ledger file was mode {mode:o}, readable by others; it is now 0600"
+            ),
+            Err(error) => tracing::warn!(
+                file = %file.display(),
+                "ledger file is mode {mode:o}, readable by others, and cannot be made 0600: {error}; \
+                 check its owner and run chmod 600 on it"
+            ),
+        }
     }
 }
 

@@ -153,6 +153,15 @@ pub(super) fn queue_in(
     Ok(event_id)
 }
 
+/// A pending delivery `d` may run: no other delivery of its checkout and hook is running (a
+/// revived older one must not overlap a later one already started), and none queued before it
+/// is still pending (so a revived older delivery goes before later ones not yet delivered).
+/// Queue order is the row order: a delivery's first queueing, never its revival, places it.
+const HEAD_OF_QUEUE: &str = "NOT EXISTS (
+        SELECT 1 FROM hook_deliveries e
+        WHERE e.checkout_id = d.checkout_id AND e.hook = d.hook AND e.rowid <> d.rowid
+          AND (e.state = 'running' OR (e.state = 'pending' AND e.rowid < d.rowid)))";
+
 const DELIVERY_COLUMNS: &str = "SELECT d.event_id, d.hook, d.checkout_id, c.order_id, c.request_id,
         d.transition_id, t.from_status, t.to_status, t.source, t.verified_at, c.amount, c.currency,
         d.state, d.attempts, d.next_attempt_at, d.last_exit_code, d.last_error, d.replay,
@@ -211,8 +220,9 @@ impl Ledger {
 
     /// Claims up to `limit` due deliveries, marking them `running` and counting the attempt.
     ///
-    /// A delivery is due when its time has come and no earlier delivery of the same checkout
-    /// and hook is still pending or running, so one checkout's events reach a hook in order.
+    /// A delivery is due when its time has come, no other delivery of the same checkout and
+    /// hook is running, and no earlier one is still pending: one checkout's events reach a hook
+    /// one at a time and in queue order, a revived (`hooks retry`) older one included.
     ///
     /// # Errors
     ///
@@ -229,10 +239,7 @@ impl Ledger {
                 .prepare_cached(&format!(
                     "{DELIVERY_COLUMNS}
                      WHERE d.state = 'pending' AND d.next_attempt_at <= ?1
-                       AND NOT EXISTS (
-                           SELECT 1 FROM hook_deliveries e
-                           WHERE e.checkout_id = d.checkout_id AND e.hook = d.hook
-                             AND e.state IN ('pending', 'running') AND e.rowid < d.rowid)
+                       AND {HEAD_OF_QUEUE}
                      ORDER BY d.next_attempt_at, d.rowid LIMIT ?2"
                 ))
                 .map_err(|e| self.error("claim", e))?;
@@ -428,12 +435,10 @@ impl Ledger {
         let next: Option<String> = self
             .lock()
             .query_row(
-                "SELECT min(d.next_attempt_at) FROM hook_deliveries d
-                 WHERE d.state = 'pending'
-                   AND NOT EXISTS (
-                       SELECT 1 FROM hook_deliveries e
-                       WHERE e.checkout_id = d.checkout_id AND e.hook = d.hook
-                         AND e.state IN ('pending', 'running') AND e.rowid < d.rowid)",
+                &format!(
+                    "SELECT min(d.next_attempt_at) FROM hook_deliveries d
+                     WHERE d.state = 'pending' AND {HEAD_OF_QUEUE}"
+                ),
                 [],
                 |row| row.get(0),
             )

@@ -55,6 +55,33 @@ fn open_creates_a_private_file_and_migrates_once() {
 }
 
 #[test]
+fn an_existing_ledger_and_its_wal_and_shm_are_made_private_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("paywatch.db");
+    let ledger = Ledger::open(&path).expect("open");
+    ledger.track(&facts("1"), TrackedVia::Track).expect("track");
+    let companions: Vec<std::path::PathBuf> = ["", "-wal", "-shm"]
+        .iter()
+        .map(|suffix| dir.path().join(format!("paywatch.db{suffix}")))
+        .collect();
+    // Opened by hand or restored with loose modes while the WAL is still there.
+    for file in &companions {
+        assert!(file.exists(), "{} exists while open", file.display());
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+    let again = Ledger::open(&path).expect("reopen");
+    for file in &companions {
+        let mode = std::fs::metadata(file)
+            .expect("exists")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{}", file.display());
+    }
+    drop((ledger, again));
+}
+
+#[test]
 fn a_newer_schema_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("paywatch.db");
@@ -383,6 +410,98 @@ fn running_deliveries_are_recovered_and_dead_ones_revived() {
     assert_eq!(revived.state, DeliveryState::Pending);
     assert_eq!(revived.attempts, 0);
     assert!(!ledger.retry_delivery("evt_missing").expect("retry"));
+}
+
+/// Records `status` for checkout 1 with hook "h" and returns its event id.
+fn queue_one(ledger: &Ledger, status: &str) -> String {
+    match ledger
+        .apply(
+            &verified("1", status),
+            Source::Firestore,
+            None,
+            &[hook("h", &[])],
+            WATCH,
+        )
+        .expect("apply")
+    {
+        ApplyOutcome::Transition { deliveries, .. } => deliveries[0].clone(),
+        other => panic!("{status} is no change: {other:?}"),
+    }
+}
+
+fn claimed_statuses(ledger: &Ledger) -> Vec<String> {
+    let later = Utc::now() + chrono::Duration::seconds(1);
+    ledger
+        .claim_due_deliveries(later, 10)
+        .expect("claim")
+        .into_iter()
+        .map(|d| d.status)
+        .collect()
+}
+
+fn dead(ledger: &Ledger, event_id: &str) {
+    ledger
+        .finish_delivery(
+            event_id,
+            &DeliveryUpdate::Dead {
+                exit_code: Some(3),
+                error: "exit 3".into(),
+            },
+        )
+        .expect("dead");
+}
+
+#[test]
+fn a_revived_older_delivery_never_runs_beside_a_later_running_one() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let paid = queue_one(&ledger, "PAID");
+    assert_eq!(claimed_statuses(&ledger), ["PAID"]);
+    dead(&ledger, &paid);
+    let refunded = queue_one(&ledger, "REFUNDED");
+    assert_eq!(
+        claimed_statuses(&ledger),
+        ["REFUNDED"],
+        "REFUNDED is running"
+    );
+    // `hooks retry` on the dead PAID while REFUNDED runs: PAID must wait.
+    assert!(ledger.retry_delivery(&paid).expect("retry"));
+    assert!(
+        claimed_statuses(&ledger).is_empty(),
+        "never two deliveries of one checkout and hook at once"
+    );
+    assert_eq!(ledger.next_delivery_due().expect("next due"), None);
+    ledger
+        .finish_delivery(&refunded, &DeliveryUpdate::Delivered)
+        .expect("finish");
+    assert_eq!(claimed_statuses(&ledger), ["PAID"]);
+}
+
+#[test]
+fn a_revived_older_delivery_runs_before_a_later_pending_one() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let paid = queue_one(&ledger, "PAID");
+    assert_eq!(claimed_statuses(&ledger), ["PAID"]);
+    dead(&ledger, &paid);
+    let refunded = queue_one(&ledger, "REFUNDED");
+    // REFUNDED failed once and waits for its retry; PAID is revived meanwhile.
+    assert_eq!(claimed_statuses(&ledger), ["REFUNDED"]);
+    ledger
+        .finish_delivery(
+            &refunded,
+            &DeliveryUpdate::Retry {
+                next_attempt_at: Utc::now(),
+                exit_code: Some(1),
+                error: "exit 1".into(),
+            },
+        )
+        .expect("retry later");
+    assert!(ledger.retry_delivery(&paid).expect("retry"));
+    assert_eq!(claimed_statuses(&ledger), ["PAID"], "PAID first");
+    assert!(claimed_statuses(&ledger).is_empty(), "REFUNDED waits");
+    ledger
+        .finish_delivery(&paid, &DeliveryUpdate::Delivered)
+        .expect("finish");
+    assert_eq!(claimed_statuses(&ledger), ["REFUNDED"]);
 }
 
 #[test]

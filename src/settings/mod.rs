@@ -30,6 +30,87 @@ pub const CREDENTIAL_FIRESTORE: &str = "firestore-service-account";
 /// The longest duration any setting accepts (ten years).
 pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
 
+/// The accepted range of each duration setting (`hooks[N].x` as `hooks.x`), lowest first.
+pub const DURATION_BOUNDS: &[(&str, Duration, Duration)] = &[
+    (
+        "paymennt.connect_timeout",
+        Duration::from_millis(100),
+        Duration::from_secs(300),
+    ),
+    (
+        "paymennt.request_timeout",
+        Duration::from_millis(100),
+        Duration::from_secs(600),
+    ),
+    (
+        "firestore.idle_timeout",
+        Duration::from_secs(1),
+        Duration::from_secs(3600),
+    ),
+    (
+        "firestore.add_ack_timeout",
+        Duration::from_millis(100),
+        Duration::from_secs(600),
+    ),
+    ("firestore.refund_watch", Duration::ZERO, MAX_DURATION),
+    (
+        "reconcile.interval",
+        Duration::from_secs(1),
+        Duration::from_secs(24 * 3600),
+    ),
+    (
+        "daemon.drain_timeout",
+        Duration::ZERO,
+        Duration::from_secs(3600),
+    ),
+    (
+        "hooks.timeout",
+        Duration::from_millis(100),
+        Duration::from_secs(24 * 3600),
+    ),
+    (
+        "hooks.max_age",
+        Duration::from_secs(1),
+        Duration::from_secs(366 * 24 * 3600),
+    ),
+];
+
+/// The accepted range of each numeric setting (`hooks[N].x` as `hooks.x`), lowest first.
+pub const COUNT_BOUNDS: &[(&str, u64, u64)] = &[
+    ("paymennt.max_retries", 0, 20),
+    ("paymennt.concurrency", 1, 256),
+    ("firestore.targets_per_stream", 1, 10_000),
+    ("firestore.streams_per_connection", 1, 1000),
+    ("hooks_concurrency", 1, 256),
+    ("hooks.max_attempts", 1, 1000),
+];
+
+/// The key as the bound tables spell it: `hooks[3].timeout` is `hooks.timeout`.
+fn bound_key(key: &str) -> String {
+    match key.split_once("].") {
+        Some((_, field)) if key.starts_with("hooks[") => format!("hooks.{field}"),
+        _ => key.to_owned(),
+    }
+}
+
+fn duration_bounds(key: &str) -> (Duration, Duration) {
+    let key = bound_key(key);
+    DURATION_BOUNDS
+        .iter()
+        .find(|(name, _, _)| *name == key)
+        .map(|(_, min, max)| (*min, *max))
+        .unwrap_or((Duration::ZERO, MAX_DURATION))
+}
+
+fn count_bounds(key: &str) -> (u64, u64) {
+    let key = bound_key(key);
+    COUNT_BOUNDS
+        .iter()
+        .find(|(name, _, _)| *name == key)
+        .map(|(_, min, max)| (*min, *max))
+        .unwrap_or((1, 1000))
+}
+
 /// A config problem: it names the file or variable, the key and the bad value. Exit code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -483,8 +564,9 @@ impl Default for LogSettings {
     }
 }
 
-/// One `[[hooks]]` entry.
-#[derive(Debug, Clone, Deserialize)]
+/// One `[[hooks]]` entry. Its `Debug` shows the names of `env`, never the values (a hook's env
+/// is where a merchant puts their own tokens).
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HookSettings {
     /// A unique name, used in logs, the ledger and `PAYWATCH_HOOK`.
@@ -510,6 +592,21 @@ pub struct HookSettings {
     /// Exit codes that mean "do not retry".
     #[serde(default)]
     pub permanent_exit_codes: Vec<i32>,
+}
+
+impl std::fmt::Debug for HookSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookSettings")
+            .field("name", &self.name)
+            .field("command", &self.command)
+            .field("statuses", &self.statuses)
+            .field("timeout", &self.timeout)
+            .field("max_attempts", &self.max_attempts)
+            .field("max_age", &self.max_age)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("permanent_exit_codes", &self.permanent_exit_codes)
+            .finish()
+    }
 }
 
 fn default_hook_timeout() -> Duration {
@@ -822,27 +919,26 @@ impl Settings {
             .try_deserialize()
             .map_err(|error| describe_config_error(error, &origin, &overrides))?;
         settings.origin = file;
-        settings.validate(&origin)?;
+        settings.validate(&origin, &overrides)?;
         Ok(settings)
     }
 
     /// Checks what types cannot: ranges, URLs, hook names and commands.
-    fn validate(&self, origin: &str) -> Result<(), SettingsError> {
-        let positive = [
-            ("paymennt.connect_timeout", self.paymennt.connect_timeout),
-            ("paymennt.request_timeout", self.paymennt.request_timeout),
-            ("firestore.idle_timeout", self.firestore.idle_timeout),
-            ("firestore.add_ack_timeout", self.firestore.add_ack_timeout),
-            ("reconcile.interval", self.reconcile.interval),
-        ];
-        for (key, value) in positive {
-            if value.is_zero() {
-                return Err(err(format!("{origin}: '{key}' must be greater than 0")));
-            }
-        }
-        // Timers are added to clock readings; an absurd value must be refused here rather than
-        // overflow (and panic) deep inside a running daemon.
-        let mut bounded = vec![
+    ///
+    /// Every number and duration has a lower and an upper bound ([`DURATION_BOUNDS`],
+    /// [`COUNT_BOUNDS`]): an absurd value is refused here, naming the key, the value and the
+    /// bound, rather than overflow a timer or panic a task deep inside a running daemon.
+    fn validate(
+        &self,
+        origin: &str,
+        overrides: &BTreeMap<String, (String, String)>,
+    ) -> Result<(), SettingsError> {
+        // A value set by an environment variable is reported under the variable's name.
+        let from = |key: &str| match overrides.get(key) {
+            Some((name, _)) => format!("environment variable {name}"),
+            None => origin.to_owned(),
+        };
+        let mut durations = vec![
             (
                 "paymennt.connect_timeout".to_owned(),
                 self.paymennt.connect_timeout,
@@ -866,36 +962,78 @@ impl Settings {
             ("reconcile.interval".to_owned(), self.reconcile.interval),
             ("daemon.drain_timeout".to_owned(), self.daemon.drain_timeout),
         ];
+        let mut counts = vec![
+            (
+                "paymennt.max_retries".to_owned(),
+                u64::from(self.paymennt.max_retries),
+            ),
+            (
+                "paymennt.concurrency".to_owned(),
+                self.paymennt.concurrency as u64,
+            ),
+            (
+                "firestore.targets_per_stream".to_owned(),
+                self.firestore.targets_per_stream as u64,
+            ),
+            (
+                "firestore.streams_per_connection".to_owned(),
+                self.firestore.streams_per_connection as u64,
+            ),
+            (
+                "hooks_concurrency".to_owned(),
+                self.hooks_concurrency as u64,
+            ),
+        ];
         for (index, hook) in self.hooks.iter().enumerate() {
-            bounded.push((format!("hooks[{index}].timeout"), hook.timeout));
+            durations.push((format!("hooks[{index}].timeout"), hook.timeout));
             if let Some(max_age) = hook.max_age {
-                bounded.push((format!("hooks[{index}].max_age"), max_age));
+                durations.push((format!("hooks[{index}].max_age"), max_age));
+            }
+            if let Some(max_attempts) = hook.max_attempts {
+                counts.push((
+                    format!("hooks[{index}].max_attempts"),
+                    u64::from(max_attempts),
+                ));
+            }
+            for code in &hook.permanent_exit_codes {
+                if !(1..=255).contains(code) {
+                    return Err(err(format!(
+                        "{origin}: 'hooks[{index}].permanent_exit_codes' value '{code}' is not an exit code a hook can end with (1 to 255)"
+                    )));
+                }
             }
         }
-        for (key, value) in bounded {
-            if value > MAX_DURATION {
+        for (key, value) in durations {
+            let (min, max) = duration_bounds(&key);
+            let shown = humantime::format_duration(value);
+            if value < min {
                 return Err(err(format!(
-                    "{origin}: '{key}' value '{}' is too long (at most {})",
-                    humantime::format_duration(value),
-                    humantime::format_duration(MAX_DURATION)
+                    "{}: '{key}' value '{shown}' is too short (at least {})",
+                    from(&key),
+                    humantime::format_duration(min)
+                )));
+            }
+            if value > max {
+                return Err(err(format!(
+                    "{}: '{key}' value '{shown}' is too long (at most {})",
+                    from(&key),
+                    humantime::format_duration(max)
                 )));
             }
         }
-        let counts = [
-            ("paymennt.concurrency", self.paymennt.concurrency),
-            (
-                "firestore.targets_per_stream",
-                self.firestore.targets_per_stream,
-            ),
-            (
-                "firestore.streams_per_connection",
-                self.firestore.streams_per_connection,
-            ),
-            ("hooks_concurrency", self.hooks_concurrency),
-        ];
         for (key, value) in counts {
-            if value == 0 {
-                return Err(err(format!("{origin}: '{key}' must be at least 1")));
+            let (min, max) = count_bounds(&key);
+            if value < min {
+                return Err(err(format!(
+                    "{}: '{key}' value '{value}' is too small (at least {min})",
+                    from(&key)
+                )));
+            }
+            if value > max {
+                return Err(err(format!(
+                    "{}: '{key}' value '{value}' is too large (at most {max})",
+                    from(&key)
+                )));
             }
         }
         let ranges = [
@@ -994,16 +1132,6 @@ impl Settings {
                             .join(", ")
                     )));
                 }
-            }
-            if hook.max_attempts == Some(0) {
-                return Err(err(format!(
-                    "{origin}: '{at}.max_attempts' must be at least 1"
-                )));
-            }
-            if hook.timeout.is_zero() {
-                return Err(err(format!(
-                    "{origin}: '{at}.timeout' must be greater than 0"
-                )));
             }
             for key in hook.env.keys() {
                 if key.is_empty()

@@ -310,3 +310,198 @@ fn discovery_defaults_follow_the_credentials_and_every_number_is_bounded() {
         assert!(error.contains(named), "{text}: {error}");
     }
 }
+
+#[test]
+fn hook_settings_debug_shows_env_names_but_never_values() {
+    let settings = load(
+        "[[hooks]]\nname = \"a\"\ncommand = [\"/bin/true\"]\nenv = { SHOP_TOKEN = \"tok-very-secret\" }\n",
+        &[],
+    )
+    .expect("valid");
+    for shown in [format!("{settings:?}"), format!("{:?}", settings.hooks[0])] {
+        assert!(shown.contains("SHOP_TOKEN"), "{shown}");
+        assert!(!shown.contains("tok-very-secret"), "{shown}");
+    }
+}
+
+#[test]
+fn every_number_and_duration_is_bounded_and_the_error_names_key_value_and_bound() {
+    const HOOK: &str = "[[hooks]]\nname = \"a\"\ncommand = [\"/bin/true\"]\n";
+    // (config text, key, value as shown, bound as shown)
+    let cases = [
+        (
+            "hooks_concurrency = 100000\n",
+            "hooks_concurrency",
+            "100000",
+            "at most 256",
+        ),
+        (
+            "hooks_concurrency = 0\n",
+            "hooks_concurrency",
+            "0",
+            "at least 1",
+        ),
+        (
+            "[paymennt]\nmax_retries = 1000\n",
+            "paymennt.max_retries",
+            "1000",
+            "at most 20",
+        ),
+        (
+            "[paymennt]\nconcurrency = 100000\n",
+            "paymennt.concurrency",
+            "100000",
+            "at most 256",
+        ),
+        (
+            "[paymennt]\nconcurrency = 0\n",
+            "paymennt.concurrency",
+            "0",
+            "at least 1",
+        ),
+        (
+            "[paymennt]\nconnect_timeout = \"0s\"\n",
+            "paymennt.connect_timeout",
+            "0s",
+            "at least 100ms",
+        ),
+        (
+            "[paymennt]\nconnect_timeout = \"2h\"\n",
+            "paymennt.connect_timeout",
+            "2h",
+            "at most 5m",
+        ),
+        (
+            "[paymennt]\nrequest_timeout = \"1day\"\n",
+            "paymennt.request_timeout",
+            "1day",
+            "at most 10m",
+        ),
+        (
+            "[firestore]\ntargets_per_stream = 1000000\n",
+            "firestore.targets_per_stream",
+            "1000000",
+            "at most 10000",
+        ),
+        (
+            "[firestore]\nstreams_per_connection = 0\n",
+            "firestore.streams_per_connection",
+            "0",
+            "at least 1",
+        ),
+        (
+            "[firestore]\nstreams_per_connection = 5000\n",
+            "firestore.streams_per_connection",
+            "5000",
+            "at most 1000",
+        ),
+        (
+            "[firestore]\nidle_timeout = \"10ms\"\n",
+            "firestore.idle_timeout",
+            "10ms",
+            "at least 1s",
+        ),
+        (
+            "[firestore]\nidle_timeout = \"2days\"\n",
+            "firestore.idle_timeout",
+            "2days",
+            "at most 1h",
+        ),
+        (
+            "[firestore]\nadd_ack_timeout = \"1h\"\n",
+            "firestore.add_ack_timeout",
+            "1h",
+            "at most 10m",
+        ),
+        (
+            "[firestore]\nrefund_watch = \"20years\"\n",
+            "firestore.refund_watch",
+            "20years",
+            "at most",
+        ),
+        (
+            "[reconcile]\ninterval = \"10ms\"\n",
+            "reconcile.interval",
+            "10ms",
+            "at least 1s",
+        ),
+        (
+            "[reconcile]\ninterval = \"30days\"\n",
+            "reconcile.interval",
+            "30days",
+            "at most 1day",
+        ),
+        (
+            "[daemon]\ndrain_timeout = \"1day\"\n",
+            "daemon.drain_timeout",
+            "1day",
+            "at most 1h",
+        ),
+    ];
+    for (text, key, value, bound) in cases {
+        let error = load(text, &[]).expect_err(key).to_string();
+        for part in [format!("'{key}'"), format!("'{value}'"), bound.to_owned()] {
+            assert!(error.contains(&part), "{key}: {part} missing from: {error}");
+        }
+    }
+    let hook_cases = [
+        (
+            "timeout = \"2days\"\n",
+            "hooks[0].timeout",
+            "2days",
+            "at most 1day",
+        ),
+        (
+            "timeout = \"0s\"\n",
+            "hooks[0].timeout",
+            "0s",
+            "at least 100ms",
+        ),
+        (
+            "max_attempts = 0\n",
+            "hooks[0].max_attempts",
+            "0",
+            "at least 1",
+        ),
+        (
+            "max_attempts = 4000000000\n",
+            "hooks[0].max_attempts",
+            "4000000000",
+            "at most 1000",
+        ),
+        (
+            "max_age = \"5years\"\n",
+            "hooks[0].max_age",
+            "5years",
+            "at most",
+        ),
+        (
+            "permanent_exit_codes = [0]\n",
+            "hooks[0].permanent_exit_codes",
+            "0",
+            "1 to 255",
+        ),
+        (
+            "permanent_exit_codes = [300]\n",
+            "hooks[0].permanent_exit_codes",
+            "300",
+            "1 to 255",
+        ),
+    ];
+    for (text, key, value, bound) in hook_cases {
+        let error = load(&format!("{HOOK}{text}"), &[])
+            .expect_err(key)
+            .to_string();
+        for part in [format!("'{key}'"), format!("'{value}'"), bound.to_owned()] {
+            assert!(error.contains(&part), "{key}: {part} missing from: {error}");
+        }
+    }
+    // From the environment, the variable is named.
+    let error = load("", &[("PAYWATCH_HOOKS_CONCURRENCY", "70000")])
+        .expect_err("too many")
+        .to_string();
+    assert!(error.contains("PAYWATCH_HOOKS_CONCURRENCY"), "{error}");
+    assert!(error.contains("at most 256"), "{error}");
+    // The shipped defaults sit inside every bound.
+    load("", &[]).expect("defaults are valid");
+}

@@ -489,6 +489,104 @@ async fn a_delivery_interrupted_by_a_crash_runs_again_at_start_and_is_delivered_
 }
 
 #[tokio::test]
+async fn an_outcome_the_ledger_refused_is_recorded_by_the_running_dispatcher() {
+    let fx = Fixture::new();
+    let spec = hook(
+        fx.path(),
+        "note",
+        "echo \"$PAYWATCH_CHECKOUT_ID $PAYWATCH_ATTEMPT\" >> \"$1/calls\"\n",
+    );
+    let first = fx.transition("1", "PAID", "ORD-1", &["note"]);
+    let second = fx.transition("2", "PAID", "ORD-2", &["note"]);
+    // The ledger refuses to record checkout 1's outcome (a full or failing disk).
+    let other = rusqlite::Connection::open(fx.ledger.path()).expect("second connection");
+    other
+        .execute_batch(
+            "CREATE TRIGGER refuse_outcome BEFORE UPDATE OF state ON hook_deliveries
+             WHEN OLD.checkout_id = '1' AND NEW.state <> 'running'
+             BEGIN SELECT RAISE(ABORT, 'disk I/O error (test)'); END;",
+        )
+        .expect("trigger");
+    // One slot: checkout 2's hook can start only once checkout 1's attempt has given up
+    // writing its outcome and freed the slot.
+    let running = fx.start(vec![spec], 1);
+    fx.until_state(&second[0], DeliveryState::Delivered).await;
+    assert_eq!(fx.delivery(&first[0]).state, DeliveryState::Running);
+
+    // The ledger recovers: the running dispatcher writes the outcome, no restart needed.
+    other
+        .execute_batch("DROP TRIGGER refuse_outcome")
+        .expect("drop trigger");
+    let delivered = fx.until_state(&first[0], DeliveryState::Delivered).await;
+    running.stop().await;
+    assert_eq!(delivered.attempts, 1, "recorded, not run again");
+    assert_eq!(fx.lines("calls"), ["1 1", "2 1"]);
+}
+
+#[tokio::test]
+async fn a_revived_older_delivery_waits_for_the_later_one_running_and_never_overlaps_it() {
+    let fx = Fixture::new();
+    // REFUNDED blocks until released; every run notes its start and end.
+    let spec = hook(
+        fx.path(),
+        "order",
+        r#"echo "start $PAYWATCH_STATUS" >> "$1/calls"
+if [ "$PAYWATCH_STATUS" = REFUNDED ]; then
+  while [ ! -e "$1/release" ]; do sleep 0.02; done
+fi
+echo "end $PAYWATCH_STATUS" >> "$1/calls"
+"#,
+    );
+    let paid = fx.transition("1", "PAID", "ORD-1", &["order"]);
+    let refunded = fx.transition("1", "REFUNDED", "ORD-1", &["order"]);
+    // PAID went dead earlier (say the merchant's system was down for days).
+    let claimed = fx
+        .ledger
+        .claim_due_deliveries(Utc::now(), 10)
+        .expect("claim");
+    assert_eq!(claimed[0].event_id, paid[0]);
+    fx.ledger
+        .finish_delivery(
+            &paid[0],
+            &DeliveryUpdate::Dead {
+                exit_code: Some(1),
+                error: "exit 1".into(),
+            },
+        )
+        .expect("dead");
+    let running = fx.start(vec![spec], 4);
+    fx.until_state(&refunded[0], DeliveryState::Running).await;
+    eventually("REFUNDED to start", || {
+        fx.lines("calls") == ["start REFUNDED"]
+    })
+    .await;
+
+    // `paywatch hooks retry` on PAID while REFUNDED runs.
+    assert!(fx.ledger.retry_delivery(&paid[0]).expect("retry"));
+    running.handle.wake();
+    // For ten poll intervals PAID must stay pending (it used to start at once, beside REFUNDED).
+    let until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < until {
+        assert_eq!(
+            fx.delivery(&paid[0]).state,
+            DeliveryState::Pending,
+            "PAID started while REFUNDED was running: {:?}",
+            fx.lines("calls")
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    std::fs::write(fx.file("release"), "").expect("release");
+    fx.until_state(&paid[0], DeliveryState::Delivered).await;
+    fx.until_state(&refunded[0], DeliveryState::Delivered).await;
+    running.stop().await;
+    assert_eq!(
+        fx.lines("calls"),
+        ["start REFUNDED", "end REFUNDED", "start PAID", "end PAID"],
+        "one at a time"
+    );
+}
+
+#[tokio::test]
 async fn shutdown_lets_a_running_hook_finish() {
     let fx = Fixture::new();
     let spec = hook(

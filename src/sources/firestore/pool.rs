@@ -62,6 +62,7 @@ impl Listener {
                 events,
                 cancel,
                 tracker: TaskTracker::new(),
+                failure: tokio::sync::watch::Sender::new(None),
                 runtime,
                 registry: Mutex::new(Registry::default()),
                 open_streams: AtomicUsize::new(0),
@@ -129,6 +130,21 @@ impl ListenerHandle {
             .sum()
     }
 
+    /// Waits until a stream task panics, and says how (its checkouts are then no longer
+    /// watched, so the daemon must stop and be restarted). Pending for ever otherwise.
+    pub async fn failed(&self) -> String {
+        let mut failure = self.shared.failure.subscribe();
+        let text = failure
+            .wait_for(Option::is_some)
+            .await
+            .map(|text| text.clone().unwrap_or_default());
+        match text {
+            Ok(text) => text,
+            // The sender lives as long as the listener: never, in practice.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
     /// Waits until every stream task has ended. Call after cancelling the token given to
     /// [`Listener::start`]; without that this waits for ever.
     pub async fn closed(self) {
@@ -149,6 +165,8 @@ pub(crate) struct Shared {
     pub(crate) cancel: CancellationToken,
     /// The stream tasks.
     tracker: TaskTracker,
+    /// Set when a stream task panicked (see [`ListenerHandle::failed`]).
+    failure: tokio::sync::watch::Sender<Option<String>>,
     /// Where stream tasks are spawned (watch may be called outside a runtime context).
     runtime: tokio::runtime::Handle,
     /// Which checkout is where.
@@ -205,7 +223,25 @@ impl Shared {
                     key: next_key,
                     commands: receiver,
                 };
-                self.tracker.spawn_on(task.run(), &self.runtime);
+                let shared = Arc::clone(self);
+                let project = project_name.clone();
+                self.tracker.spawn_on(
+                    async move {
+                        use futures::FutureExt;
+                        let run = std::panic::AssertUnwindSafe(task.run()).catch_unwind();
+                        if let Err(panic) = run.await {
+                            let text = panic
+                                .downcast_ref::<&str>()
+                                .map(|text| (*text).to_owned())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "a non-text panic".to_owned());
+                            shared.failure.send_replace(Some(format!(
+                                "a Listen stream task of project {project} panicked: {text}"
+                            )));
+                        }
+                    },
+                    &self.runtime,
+                );
                 pool.streams.insert(
                     next_key,
                     StreamSlot {
