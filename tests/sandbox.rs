@@ -1452,3 +1452,55 @@ async fn sandbox_rest_search_filters_pages_and_counts_as_the_spec_says() {
     assert_error_wrapper(&json, "search");
     sandbox.shutdown().await;
 }
+
+#[tokio::test]
+async fn sandbox_rules_serve_checkout_documents_by_exact_name_and_deny_the_rest() {
+    let sandbox = Sandbox::start(SandboxOptions {
+        firestore_auth: paywatch::sandbox::FirestoreAuthCheck::Rules {
+            require_sign_in: false,
+        },
+        ..options()
+    })
+    .await
+    .expect("sandbox starts");
+    let (_, name) = create(&sandbox, "ORD-RULES").await;
+    let mut stream = Stream::open(&sandbox).await;
+    stream.add(1, &[&name], None).await;
+    let (documents, _) = stream.initial(1).await;
+    assert_eq!(documents.len(), 1, "a checkout document by its exact name");
+
+    // Another collection, and a sub-collection under the checkout: denied, the stream carries on.
+    let elsewhere = format!("{}/documents/orders/x", sandbox.database_name());
+    let nested = format!("{name}/private/secret");
+    for (target_id, document) in [(2, elsewhere.as_str()), (3, nested.as_str())] {
+        stream.add(target_id, &[document], None).await;
+        let change = stream.next_target_change().await;
+        assert_eq!(kind(&change), TargetChangeType::Remove);
+        assert_eq!(change.target_ids, vec![target_id]);
+        let cause = change.cause.expect("a cause");
+        assert_eq!(cause.code, Code::PermissionDenied as i32);
+    }
+    assert_eq!(sandbox.auth_counts().denied_targets, 2);
+
+    // A token not issued by the sandbox's Firebase Auth is refused before the stream starts.
+    let mut client = FirestoreClient::connect(sandbox.firestore_endpoint())
+        .await
+        .expect("connects");
+    let (_requests, receiver) = mpsc::channel::<ListenRequest>(1);
+    let mut request = tonic::Request::new(ReceiverStream::new(receiver));
+    request.metadata_mut().insert(
+        "authorization",
+        "Bearer forged".parse().expect("ascii header"),
+    );
+    let status = client.listen(request).await.expect_err("refused");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let status = client
+        .get_document(GetDocumentRequest {
+            name: elsewhere,
+            ..GetDocumentRequest::default()
+        })
+        .await
+        .expect_err("denied by the rules");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    sandbox.shutdown().await;
+}

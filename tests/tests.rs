@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod daemon;
 mod discovery;
+mod firestore_auth;
 mod hooks;
 mod interop;
 mod metrics;

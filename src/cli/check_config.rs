@@ -173,8 +173,13 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
     let listener = listener_options(&settings);
     let firestore = match &listener {
         Ok(options) => {
-            crate::sources::firestore::check_credentials(&options.endpoint, &options.auth, false)
-                .await
+            crate::sources::firestore::check_credentials(
+                &options.endpoint,
+                &options.auth,
+                options.ca_file.as_deref(),
+                false,
+            )
+            .await
         }
         Err(error) => Err(anyhow::anyhow!("{error:#}")),
     };
@@ -260,6 +265,7 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
             let result = crate::sources::firestore::check_credentials(
                 &options.endpoint,
                 &options.auth,
+                options.ca_file.as_deref(),
                 true,
             )
             .await;

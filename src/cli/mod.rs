@@ -55,6 +55,8 @@ pub struct Cli {
 }
 
 /// The subcommands.
+// Parsed once per process: the size of the sandbox's many options does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: watch checkouts, verify changes, record them, run hooks.

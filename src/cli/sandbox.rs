@@ -16,8 +16,8 @@ use crate::cli::UsageError;
 use crate::domain::{Amount, CheckoutId, format_money};
 use crate::paymennt::wire::{Checkout, Envelope};
 use crate::sandbox::{
-    DEFAULT_API_KEY, DEFAULT_API_SECRET, DEFAULT_PROJECT_ID, Sandbox, SandboxOptions,
-    StatusSpelling,
+    DEFAULT_API_KEY, DEFAULT_API_SECRET, DEFAULT_PROJECT_ID, FirestoreAuthCheck, Sandbox,
+    SandboxOptions, StatusSpelling, TestServiceAccount,
 };
 
 /// The address `paywatch sandbox` serves its HTTP side on, and the subcommands' default target.
@@ -70,6 +70,42 @@ pub struct ServeArgs {
     /// How often idle Listen streams get a heartbeat (e.g. 30s, 500ms).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub heartbeat: Duration,
+
+    /// How the Firestore checks callers: open (anyone), rules (checkout documents by exact
+    /// name, unauthenticated or with a Firebase ID token), iam (a test service account's JWT).
+    #[arg(long, value_enum, default_value_t = FirestoreAuthArg::Open)]
+    pub firestore_auth: FirestoreAuthArg,
+
+    /// With --firestore-auth rules: also require a Firebase ID token (request.auth != null).
+    #[arg(long)]
+    pub require_sign_in: bool,
+
+    /// The Firebase Web API key the sandbox's Firebase Auth accepts.
+    #[arg(long, value_name = "KEY", default_value = crate::sandbox::auth::DEFAULT_WEB_API_KEY)]
+    pub web_api_key: String,
+
+    /// How long the sandbox's Firebase ID tokens last (e.g. 1h, 30s).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub token_lifetime: Duration,
+
+    /// With --firestore-auth iam: where to write the generated test service-account key.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "paywatch-sandbox-service-account.json"
+    )]
+    pub service_account_file: std::path::PathBuf,
+}
+
+/// `--firestore-auth` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FirestoreAuthArg {
+    /// Anyone, any or no credentials (an emulator).
+    Open,
+    /// Security rules: checkout documents by exact name only.
+    Rules,
+    /// IAM: only a test service account's self-signed JWT.
+    Iam,
 }
 
 /// `--status-spelling` values.
@@ -149,7 +185,31 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .try_init();
+    if args.token_lifetime < Duration::from_secs(1)
+        || args.token_lifetime > Duration::from_secs(24 * 3600)
+    {
+        return Err(UsageError("--token-lifetime must be between 1s and 24h".into()).into());
+    }
+    let mut credentials_line = String::new();
+    let firestore_auth = match args.firestore_auth {
+        FirestoreAuthArg::Open => FirestoreAuthCheck::Open,
+        FirestoreAuthArg::Rules => FirestoreAuthCheck::Rules {
+            require_sign_in: args.require_sign_in,
+        },
+        FirestoreAuthArg::Iam => {
+            let account = TestServiceAccount::generate(&args.project)?;
+            write_private_file(&args.service_account_file, &account.key_json)?;
+            credentials_line = format!(
+                "credentials = \"{}\"\n",
+                args.service_account_file.display()
+            );
+            FirestoreAuthCheck::Iam(account.iam)
+        }
+    };
     let options = SandboxOptions {
+        firestore_auth,
+        web_api_key: args.web_api_key,
+        firebase_token_lifetime: args.token_lifetime,
         api_listen: args.api_listen,
         firestore_listen: args.firestore_listen,
         api_key: args.api_key,
@@ -180,7 +240,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
              # Payment pages: the redirectUrl of each link. Stop with Ctrl-C.",
             sandbox.api_base_url(),
             sandbox.firestore_endpoint(),
-            sandbox.daemon_config_toml(),
+            sandbox.daemon_config_toml() + &credentials_line,
             sandbox.api_addr(),
         )
         .context("cannot write to stdout")?;
@@ -190,6 +250,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("sandbox: stopping");
     sandbox.shutdown().await;
     Ok(())
+}
+
+/// Writes the test service-account key readable by its owner only.
+fn write_private_file(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| {
+            format!(
+                "cannot write the test service-account key '{}'",
+                path.display()
+            )
+        })?;
+    file.write_all(text.as_bytes()).with_context(|| {
+        format!(
+            "cannot write the test service-account key '{}'",
+            path.display()
+        )
+    })
 }
 
 /// Waits for Ctrl-C or SIGTERM.
@@ -333,6 +416,21 @@ mod tests {
         .expect("parses");
         assert_eq!(args.serve.api_listen.port(), 9000);
         assert_eq!(args.serve.heartbeat, Duration::from_millis(500));
+        assert_eq!(args.serve.firestore_auth, FirestoreAuthArg::Open);
+        let args = parse(&[
+            "paywatch",
+            "sandbox",
+            "--firestore-auth",
+            "rules",
+            "--require-sign-in",
+            "--token-lifetime",
+            "5s",
+        ])
+        .expect("parses");
+        assert_eq!(args.serve.firestore_auth, FirestoreAuthArg::Rules);
+        assert!(args.serve.require_sign_in);
+        assert_eq!(args.serve.token_lifetime, Duration::from_secs(5));
+        assert!(parse(&["paywatch", "sandbox", "--firestore-auth", "oauth"]).is_err());
     }
 
     #[test]

@@ -28,11 +28,11 @@ use crate::ledger::Ledger;
 use crate::logging::LogHandle;
 use crate::metrics::Metrics;
 use crate::paymennt::Client;
-use crate::settings::{Settings, is_loopback_host};
+use crate::settings::Settings;
 use crate::sources::Nudge;
 use crate::sources::discovery::DiscoveryConfig;
 use crate::sources::firestore::{
-    FirestoreAuth, ListenEvent, Listener, ListenerHandle, ListenerOptions, WatchTarget,
+    ListenEvent, Listener, ListenerHandle, ListenerOptions, WatchTarget,
 };
 use crate::verifier::{Verifier, VerifierConfig, VerifierSignals, VerifierStats};
 
@@ -82,21 +82,14 @@ const STATUS_LINE_EVERY: Duration = Duration::from_secs(5);
 ///
 /// # Errors
 ///
-/// A service-account file is needed for a non-loopback endpoint and none was configured.
+/// The auth mode's credentials are missing or unreadable (a [`crate::settings::SettingsError`],
+/// exit code 2).
 pub fn listener_options(settings: &Settings) -> anyhow::Result<ListenerOptions> {
-    let endpoint = settings.firestore.endpoint();
-    let loopback = reqwest::Url::parse(&endpoint)
-        .ok()
-        .and_then(|url| url.host_str().map(is_loopback_host))
-        .unwrap_or(false);
-    let auth = match settings.firestore.credentials_file() {
-        Some(path) => FirestoreAuth::ServiceAccountFile(path),
-        None if loopback => FirestoreAuth::None,
-        None => FirestoreAuth::ApplicationDefault,
-    };
+    let auth = settings.firestore.resolve_auth()?;
     Ok(ListenerOptions {
-        endpoint,
+        endpoint: settings.firestore.endpoint(),
         auth,
+        ca_file: settings.firestore.ca_file.clone(),
         mode: settings.firestore.stream_mode,
         targets_per_stream: settings.firestore.targets_per_stream,
         streams_per_connection: settings.firestore.streams_per_connection,

@@ -315,7 +315,7 @@ impl Client {
     /// A [`SettingsError`] when the credentials cannot be resolved or the base URL is invalid.
     pub fn from_settings(settings: &PaymenntSettings) -> Result<Client, SettingsError> {
         let credentials = settings.credentials()?;
-        Client::new(
+        let client = Client::new(
             &settings.base_url(),
             &credentials,
             settings.connect_timeout,
@@ -325,7 +325,38 @@ impl Client {
                 base: Duration::from_millis(250),
                 max: Duration::from_secs(30),
             },
-        )
+        )?;
+        match &settings.ca_file {
+            Some(path) => client.trusting_ca_file(path, &credentials, settings.connect_timeout),
+            None => Ok(client),
+        }
+    }
+
+    /// This client, also trusting the CA certificates of the PEM file `path` (`[paymennt]
+    /// ca_file`) on top of the built-in roots.
+    ///
+    /// # Errors
+    ///
+    /// A [`SettingsError`] naming the file when it cannot be read or holds no certificate.
+    fn trusting_ca_file(
+        self,
+        path: &std::path::Path,
+        credentials: &ApiCredentials,
+        connect_timeout: Duration,
+    ) -> Result<Client, SettingsError> {
+        let pem = crate::settings::read_ca_file(path)
+            .map_err(|problem| SettingsError(format!("'paymennt.ca_file': {problem}")))?;
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|error| {
+            SettingsError(format!(
+                "'paymennt.ca_file': the CA file '{}' is not valid PEM: {error}",
+                path.display()
+            ))
+        })?;
+        let http = http_builder(credentials, connect_timeout, self.request_timeout)?
+            .tls_certs_merge(certificates)
+            .build()
+            .map_err(|error| SettingsError(format!("cannot build the HTTP client: {error}")))?;
+        Ok(Client { http, ..self })
     }
 
     /// Builds a client for `base_url` (ending in `/mer/v2.0/`).
@@ -369,29 +400,7 @@ impl Client {
                 )));
             }
         }
-        let mut headers = HeaderMap::new();
-        let mut key = HeaderValue::from_str(credentials.key.expose()).map_err(|_| {
-            SettingsError(
-                "'paymennt.api_key' contains characters not allowed in an HTTP header".into(),
-            )
-        })?;
-        key.set_sensitive(true);
-        let mut secret = HeaderValue::from_str(credentials.secret.expose()).map_err(|_| {
-            SettingsError(
-                "'paymennt.api_secret' contains characters not allowed in an HTTP header".into(),
-            )
-        })?;
-        secret.set_sensitive(true);
-        headers.insert("X-Paymennt-Api-Key", key);
-        headers.insert("X-Paymennt-Api-Secret", secret);
-        let http = reqwest::Client::builder()
-            .default_headers(headers)
-            .connect_timeout(connect_timeout)
-            .timeout(request_timeout)
-            // Never follow a redirect: the credential headers would go along to the host it
-            // names. A 3xx is an error naming its Location.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("paywatch/", env!("CARGO_PKG_VERSION")))
+        let http = http_builder(credentials, connect_timeout, request_timeout)?
             .build()
             .map_err(|error| SettingsError(format!("cannot build the HTTP client: {error}")))?;
         Ok(Client {
@@ -692,6 +701,35 @@ fn body_excerpt(body: &[u8]) -> String {
     } else {
         crate::domain::printable(text.trim())
     }
+}
+
+/// The HTTP client builder with the API credentials as default headers and the timeouts.
+fn http_builder(
+    credentials: &ApiCredentials,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+) -> Result<reqwest::ClientBuilder, SettingsError> {
+    let mut headers = HeaderMap::new();
+    let mut key = HeaderValue::from_str(credentials.key.expose()).map_err(|_| {
+        SettingsError("'paymennt.api_key' contains characters not allowed in an HTTP header".into())
+    })?;
+    key.set_sensitive(true);
+    let mut secret = HeaderValue::from_str(credentials.secret.expose()).map_err(|_| {
+        SettingsError(
+            "'paymennt.api_secret' contains characters not allowed in an HTTP header".into(),
+        )
+    })?;
+    secret.set_sensitive(true);
+    headers.insert("X-Paymennt-Api-Key", key);
+    headers.insert("X-Paymennt-Api-Secret", secret);
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .connect_timeout(connect_timeout)
+        .timeout(request_timeout)
+        // Never follow a redirect: the credential headers would go along to the host it
+        // names. A 3xx is an error naming its Location.
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("paywatch/", env!("CARGO_PKG_VERSION"))))
 }
 
 #[cfg(test)]

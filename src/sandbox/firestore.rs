@@ -4,8 +4,9 @@
 //! Owns: the gRPC service (routing by path, as tonic-build's server stubs would; gcloud-sdk only
 //! generates clients), one task per Listen stream, the Listen wire sequences, resume tokens, the
 //! heartbeat, and the record of call headers seen.
-//! Must never: validate credentials (any or no `authorization` is accepted, like an emulator),
-//! or change a document.
+//! Must never: change a document. Callers are checked by [`crate::sandbox::auth`] (`open`
+//! accepts any or no `authorization`, like an emulator; `rules` and `iam` check as production
+//! does, and a stream outliving its caller's token ends UNAUTHENTICATED).
 //!
 //! # Behaviour, and the choices where production is not documented
 //!
@@ -64,6 +65,7 @@ use tonic::server::{Grpc, NamedService, StreamingService, UnaryService};
 use tonic::{Code, Status, Streaming};
 use tonic_prost::ProstCodec;
 
+use crate::sandbox::auth::{Admitted, CallerCheck, PERMISSION_DENIED_MESSAGE};
 use crate::sandbox::documents::{
     DocumentStore, ResumePoint, StoreView, micros_from_timestamp, timestamp_from_micros,
 };
@@ -85,8 +87,10 @@ pub struct SeenHeaders {
     pub method: &'static str,
     /// The `google-cloud-resource-prefix` header, if sent.
     pub resource_prefix: Option<String>,
-    /// The `authorization` header, if sent (the sandbox never checks it).
+    /// The `authorization` header, if sent (checked only in `rules` and `iam` modes).
     pub authorization: Option<String>,
+    /// The `x-goog-api-key` header (the Firebase Web API key), if sent.
+    pub api_key: Option<String>,
 }
 
 /// The record of call headers, shared by the service and the sandbox handle.
@@ -125,6 +129,8 @@ pub struct FirestoreConfig {
     pub project_id: String,
     /// How often an idle stream gets a global NO_CHANGE marker with a fresh token.
     pub heartbeat_interval: Duration,
+    /// The collection of checkout documents (what `rules` lets callers read).
+    pub collection: String,
 }
 
 /// The `google.firestore.v1.Firestore` service: give it to `tonic::transport::Server`.
@@ -138,6 +144,9 @@ struct ServiceInner {
     /// `projects/<project>/databases/(default)`.
     database: String,
     heartbeat_interval: Duration,
+    /// `<database>/documents/<collection>/`: the prefix of readable documents under `rules`.
+    readable_prefix: String,
+    caller: Arc<CallerCheck>,
     faults: Faults,
     headers: HeadersLog,
     /// Ends every stream (UNAVAILABLE) when cancelled.
@@ -155,13 +164,17 @@ impl FirestoreService {
         store: Arc<DocumentStore>,
         faults: Faults,
         headers: HeadersLog,
+        caller: Arc<CallerCheck>,
         shutdown: CancellationToken,
     ) -> FirestoreService {
+        let database = format!("projects/{}/databases/(default)", config.project_id);
         FirestoreService {
             inner: Arc::new(ServiceInner {
                 store,
-                database: format!("projects/{}/databases/(default)", config.project_id),
+                readable_prefix: format!("{database}/documents/{}/", config.collection),
+                database,
                 heartbeat_interval: config.heartbeat_interval,
+                caller,
                 faults,
                 headers,
                 shutdown,
@@ -221,6 +234,7 @@ fn seen_headers(method: &'static str, metadata: &tonic::metadata::MetadataMap) -
         method,
         resource_prefix: text("google-cloud-resource-prefix"),
         authorization: text("authorization"),
+        api_key: text("x-goog-api-key"),
     }
 }
 
@@ -237,9 +251,10 @@ impl StreamingService<ListenRequest> for ListenMethod {
             inner
                 .headers
                 .record(seen_headers("Listen", request.metadata()));
+            let admitted = inner.caller.admit(request.metadata())?;
             let (out, receiver) = mpsc::channel(STREAM_BUFFER);
             let stream_id = inner.next_stream.fetch_add(1, Ordering::Relaxed);
-            let session = ListenSession::new(inner.clone(), stream_id, out);
+            let session = ListenSession::new(inner.clone(), stream_id, out, admitted);
             inner.tasks.spawn(session.run(request.into_inner()));
             Ok(tonic::Response::new(ReceiverStream::new(receiver)))
         })
@@ -258,7 +273,11 @@ impl UnaryService<GetDocumentRequest> for GetDocumentMethod {
             inner
                 .headers
                 .record(seen_headers("GetDocument", request.metadata()));
+            let admitted = inner.caller.admit(request.metadata())?;
             let name = request.into_inner().name;
+            if admitted.rules && !inner.readable_by_rules(&name) {
+                return Err(Status::permission_denied(PERMISSION_DENIED_MESSAGE));
+            }
             match check_document_name(&inner.database, &name) {
                 Ok(()) => {}
                 Err(status) if status.code() == Code::InvalidArgument => {
@@ -280,6 +299,16 @@ impl UnaryService<GetDocumentRequest> for GetDocumentMethod {
                 .map(tonic::Response::new)
                 .ok_or_else(|| Status::not_found(format!("Document \"{name}\" not found.")))
         })
+    }
+}
+
+impl ServiceInner {
+    /// Whether the sandbox's security rules let a caller read `name`: a checkout document by
+    /// its exact name (`<database>/documents/<collection>/<id>`), nothing else.
+    fn readable_by_rules(&self, name: &str) -> bool {
+        let reserved = |id: &str| id.starts_with("__") && id.ends_with("__");
+        name.strip_prefix(&self.readable_prefix)
+            .is_some_and(|id| !id.is_empty() && !id.contains('/') && !reserved(id))
     }
 }
 
@@ -353,6 +382,8 @@ struct ListenSession {
     last_read_micros: i64,
     /// A target with id 0 was added: the server assigns ids from now on.
     server_assigns_ids: bool,
+    /// Who opened the stream: whether rules apply, and when its token expires.
+    admitted: Admitted,
 }
 
 impl ListenSession {
@@ -360,6 +391,7 @@ impl ListenSession {
         inner: Arc<ServiceInner>,
         stream_id: u64,
         out: mpsc::Sender<Result<ListenResponse, Status>>,
+        admitted: Admitted,
     ) -> ListenSession {
         let position = inner.store.read(|view| view.snapshot().0);
         ListenSession {
@@ -371,6 +403,7 @@ impl ListenSession {
             position,
             last_read_micros: 0,
             server_assigns_ids: false,
+            admitted,
         }
     }
 
@@ -386,6 +419,7 @@ impl ListenSession {
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut requests_open = true;
+        let token_expires = self.admitted.expires_at;
         let outcome = loop {
             let step = tokio::select! {
                 biased;
@@ -403,6 +437,10 @@ impl ListenSession {
                 },
                 Ok(()) = commits.changed() => self.deliver(false).await,
                 _ = heartbeat.tick() => self.deliver(true).await,
+                () = sleep_until_or_never(token_expires) => {
+                    self.inner.caller.expired_streams.fetch_add(1, Ordering::SeqCst);
+                    Err(Stop::Fail(Status::unauthenticated("Missing or invalid authentication.")))
+                }
             };
             if let Err(stop) = step {
                 break stop;
@@ -466,6 +504,9 @@ impl ListenSession {
             )));
         }
         let documents = match target_type {
+            Some(TargetType::Query(_)) if self.admitted.rules => {
+                return self.deny_target(target_id).await;
+            }
             Some(TargetType::Documents(documents)) => documents.documents,
             Some(TargetType::Query(_)) => {
                 let cause = RpcStatus {
@@ -485,6 +526,13 @@ impl ListenSession {
             return Err(fail_invalid(
                 "the documents target lists no documents".into(),
             ));
+        }
+        if self.admitted.rules
+            && !documents
+                .iter()
+                .all(|name| self.inner.readable_by_rules(name))
+        {
+            return self.deny_target(target_id).await;
         }
         let mut names: Vec<String> = Vec::with_capacity(documents.len());
         for name in documents {
@@ -576,6 +624,21 @@ impl ListenSession {
             Some((token, read_micros)),
         ))
         .await
+    }
+
+    /// The rules refuse this target: REMOVE with a PERMISSION_DENIED cause, as Firestore
+    /// tells a listener its target is not allowed (the other targets carry on).
+    async fn deny_target(&mut self, target_id: i32) -> Result<(), Stop> {
+        self.inner
+            .caller
+            .denied_targets
+            .fetch_add(1, Ordering::SeqCst);
+        let cause = RpcStatus {
+            code: Code::PermissionDenied as i32,
+            message: PERMISSION_DENIED_MESSAGE.into(),
+            details: Vec::new(),
+        };
+        self.send(remove_with_cause(target_id, cause)).await
     }
 
     async fn remove_target(&mut self, target_id: i32) -> Result<(), Stop> {
@@ -739,6 +802,14 @@ fn document_delete(name: &str, removed_target_ids: Vec<i32>, micros: i64) -> Lis
     }
 }
 
+/// Sleeps until `at`, or for ever when there is no such time.
+async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -780,6 +851,7 @@ mod tests {
                 method: "Listen",
                 resource_prefix: None,
                 authorization: None,
+                api_key: None,
             });
         }
         assert_eq!(log.all().len(), HEADERS_KEPT);

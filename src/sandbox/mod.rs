@@ -9,7 +9,9 @@
 //!   [`DocumentSink`] after every change.
 //! - [`api`]: the Merchant API (`/mer/v2.0/`), admin endpoints (`/_sandbox/`), payment page.
 //! - [`documents`]: the built-in Firestore's document store (the default [`DocumentSink`]).
-//! - [`firestore`]: the built-in Firestore's gRPC service (Listen, GetDocument).
+//! - [`firestore`]: the built-in Firestore's gRPC service (Listen, GetDocument), optionally
+//!   over TLS.
+//! - [`auth`]: who may call it (`open`, `rules`, `iam`), and a stand-in for Firebase Auth.
 //! - [`faults`]: injected API errors, throttling, latency, dropped streams, slow writes.
 //! - [`sink`]: the [`DocumentSink`] trait, so an external Firestore can take the documents.
 //! - [`external`]: a [`DocumentSink`] writing into an external Firestore (an emulator).
@@ -26,6 +28,7 @@
 //! ```
 
 pub mod api;
+pub mod auth;
 pub mod documents;
 pub mod external;
 pub mod faults;
@@ -44,6 +47,9 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::sandbox::auth::{
+    AuthCounts, FirebaseAuth, FirestoreAuthCheck, IamKey, TestCertificates, TestServiceAccount,
+};
 pub use crate::sandbox::documents::DocumentStore;
 pub use crate::sandbox::faults::{FaultSettings, FaultUpdate, Faults};
 pub use crate::sandbox::firestore::SeenHeaders;
@@ -51,6 +57,7 @@ pub use crate::sandbox::sink::DocumentSink;
 pub use crate::sandbox::state::{CheckoutAction, SandboxError, SandboxState, StatusSpelling};
 
 use crate::sandbox::api::{ApiContext, ApiCredentials};
+use crate::sandbox::auth::CallerCheck;
 use crate::sandbox::firestore::{FirestoreConfig, FirestoreService, HeadersLog};
 use crate::sandbox::state::StateConfig;
 
@@ -91,6 +98,36 @@ pub struct SandboxOptions {
     /// Where checkout documents go. `None`: the built-in Firestore. `Some`: an external one (an
     /// emulator); the built-in Firestore is still served but stays empty.
     pub document_sink: Option<Arc<dyn DocumentSink>>,
+    /// How the built-in Firestore checks callers.
+    pub firestore_auth: FirestoreAuthCheck,
+    /// The Firebase Web API key the sandbox's Firebase Auth accepts.
+    pub web_api_key: String,
+    /// How long the ID tokens of the sandbox's Firebase Auth last (whole seconds).
+    pub firebase_token_lifetime: Duration,
+    /// Serve the built-in Firestore over TLS with this certificate (its endpoint becomes
+    /// `https://localhost:PORT`).
+    pub firestore_tls: Option<ServerTls>,
+    /// Serve the HTTP side over TLS with this certificate (its URLs become
+    /// `https://localhost:PORT/...`).
+    pub api_tls: Option<ServerTls>,
+}
+
+/// A server certificate and key (PEM), e.g. from [`TestCertificates`].
+#[derive(Clone)]
+pub struct ServerTls {
+    /// The certificate chain.
+    pub cert_pem: String,
+    /// The private key.
+    pub key_pem: String,
+}
+
+impl From<&TestCertificates> for ServerTls {
+    fn from(certificates: &TestCertificates) -> ServerTls {
+        ServerTls {
+            cert_pem: certificates.server_cert_pem.clone(),
+            key_pem: certificates.server_key_pem.clone(),
+        }
+    }
 }
 
 impl Default for SandboxOptions {
@@ -108,6 +145,11 @@ impl Default for SandboxOptions {
             expiry_minute: Duration::from_secs(60),
             faults: FaultSettings::default(),
             document_sink: None,
+            firestore_auth: FirestoreAuthCheck::Open,
+            web_api_key: auth::DEFAULT_WEB_API_KEY.into(),
+            firebase_token_lifetime: Duration::from_secs(3600),
+            firestore_tls: None,
+            api_tls: None,
         }
     }
 }
@@ -126,7 +168,11 @@ impl std::fmt::Debug for SandboxOptions {
             .field("expiry_minute", &self.expiry_minute)
             .field("faults", &self.faults)
             .field("external_document_sink", &self.document_sink.is_some())
-            .finish()
+            .field("firestore_auth", &self.firestore_auth)
+            .field("firebase_token_lifetime", &self.firebase_token_lifetime)
+            .field("firestore_tls", &self.firestore_tls.is_some())
+            .field("api_tls", &self.api_tls.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -143,6 +189,11 @@ pub struct Sandbox {
     store: Arc<DocumentStore>,
     headers: HeadersLog,
     firestore: FirestoreService,
+    firebase_auth: FirebaseAuth,
+    caller: Arc<CallerCheck>,
+    firestore_tls: bool,
+    api_tls: bool,
+    firestore_auth: FirestoreAuthCheck,
     /// Cancelled to stop servers, streams, timers and delayed writes.
     shutdown: CancellationToken,
     /// The two server tasks.
@@ -197,16 +248,36 @@ impl Sandbox {
             shutdown.clone(),
         );
         let headers = HeadersLog::default();
+        let firebase_auth = FirebaseAuth::new(
+            options.web_api_key.clone(),
+            options.project_id.clone(),
+            options.firebase_token_lifetime,
+        );
+        firebase_auth.set_token_lifetime(options.firebase_token_lifetime);
+        let caller = Arc::new(CallerCheck::new(
+            options.firestore_auth.clone(),
+            firebase_auth.clone(),
+        ));
         let firestore = FirestoreService::new(
             FirestoreConfig {
                 project_id: options.project_id.clone(),
                 heartbeat_interval: options.heartbeat_interval,
+                collection: options.collection.clone(),
             },
             store.clone(),
             faults.clone(),
             headers.clone(),
+            caller.clone(),
             shutdown.clone(),
         );
+        let mut grpc_builder = tonic::transport::Server::builder();
+        if let Some(tls) = &options.firestore_tls {
+            grpc_builder = grpc_builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(
+                    tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
+                ))
+                .context("the sandbox Firestore's TLS certificate or key is unusable")?;
+        }
 
         let app = api::router(ApiContext {
             state: state.clone(),
@@ -214,9 +285,15 @@ impl Sandbox {
                 api_key: options.api_key.clone(),
                 api_secret: options.api_secret.clone(),
             }),
-        });
+        })
+        .merge(firebase_auth.router());
         let api_stop = shutdown.clone();
+        let api_tls = options.api_tls.as_ref().map(tls_acceptor).transpose()?;
         let api_server = tokio::spawn(async move {
+            if let Some(acceptor) = api_tls {
+                serve_tls(api_listener, acceptor, app, api_stop).await;
+                return;
+            }
             // Small responses must not wait for Nagle's algorithm.
             let listener = axum::serve::ListenerExt::tap_io(api_listener, |tcp| {
                 let _ = tcp.set_nodelay(true);
@@ -238,7 +315,7 @@ impl Sandbox {
             });
             // Google's front end allows about 100 concurrent streams per connection; tonic has no
             // limit by default, which would hide a client's 101st-stream hang.
-            let result = tonic::transport::Server::builder()
+            let result = grpc_builder
                 .max_concurrent_streams(100)
                 .add_service(grpc_service)
                 .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned())
@@ -251,6 +328,8 @@ impl Sandbox {
             api = %api_addr,
             firestore = %firestore_addr,
             project = %options.project_id,
+            firestore_auth = options.firestore_auth.as_str(),
+            firestore_tls = options.firestore_tls.is_some(),
             external_documents = options.document_sink.is_some(),
             "sandbox: started"
         );
@@ -265,6 +344,11 @@ impl Sandbox {
             store,
             headers,
             firestore,
+            firebase_auth,
+            caller,
+            firestore_tls: options.firestore_tls.is_some(),
+            api_tls: options.api_tls.is_some(),
+            firestore_auth: options.firestore_auth,
             shutdown,
             servers: vec![api_server, grpc_server],
         })
@@ -273,12 +357,21 @@ impl Sandbox {
     /// The Merchant API base URL, e.g. `http://127.0.0.1:8790/mer/v2.0/` (the daemon's
     /// `[paymennt] base_url`).
     pub fn api_base_url(&self) -> String {
-        format!("http://{}{}/", self.api_addr, api::API_BASE_PATH)
+        format!("{}{}/", self.http_origin(), api::API_BASE_PATH)
+    }
+
+    /// `http://127.0.0.1:PORT`, or with TLS `https://localhost:PORT`.
+    fn http_origin(&self) -> String {
+        if self.api_tls {
+            format!("https://localhost:{}", self.api_addr.port())
+        } else {
+            format!("http://{}", self.api_addr)
+        }
     }
 
     /// The admin base URL, e.g. `http://127.0.0.1:8790/_sandbox/`.
     pub fn admin_url(&self) -> String {
-        format!("http://{}/_sandbox/", self.api_addr)
+        format!("{}/_sandbox/", self.http_origin())
     }
 
     /// The HTTP side's address.
@@ -291,10 +384,34 @@ impl Sandbox {
         self.firestore_addr
     }
 
-    /// The built-in Firestore's endpoint, e.g. `http://127.0.0.1:8791` (the daemon's
-    /// `[firestore] endpoint`).
+    /// The built-in Firestore's endpoint, e.g. `http://127.0.0.1:8791`, or with TLS
+    /// `https://localhost:8791` (the daemon's `[firestore] endpoint`).
     pub fn firestore_endpoint(&self) -> String {
-        format!("http://{}", self.firestore_addr)
+        if self.firestore_tls {
+            format!("https://localhost:{}", self.firestore_addr.port())
+        } else {
+            format!("http://{}", self.firestore_addr)
+        }
+    }
+
+    /// The sandbox's Firebase Auth (token lifetime, refusal switches, counters).
+    pub fn firebase_auth(&self) -> &FirebaseAuth {
+        &self.firebase_auth
+    }
+
+    /// Counters of Firebase Auth and of the built-in Firestore's caller checks.
+    pub fn auth_counts(&self) -> AuthCounts {
+        self.caller.counts()
+    }
+
+    /// The daemon's `[firestore] identity_endpoint` for this sandbox.
+    pub fn identity_endpoint(&self) -> String {
+        format!("{}{}", self.http_origin(), auth::IDENTITY_PATH)
+    }
+
+    /// The daemon's `[firestore] token_endpoint` for this sandbox.
+    pub fn token_endpoint(&self) -> String {
+        format!("{}{}", self.http_origin(), auth::TOKEN_PATH)
     }
 
     /// The project id (`firebaseDatabase`).
@@ -337,10 +454,29 @@ impl Sandbox {
         self.headers.all()
     }
 
-    /// The `[paymennt]` and `[firestore]` TOML a daemon needs to use this sandbox.
+    /// The `[paymennt]` and `[firestore]` TOML a daemon needs to use this sandbox (in `iam`
+    /// mode the `credentials` line naming the test key file is left to the caller).
     pub fn daemon_config_toml(&self) -> String {
+        let auth = match &self.firestore_auth {
+            FirestoreAuthCheck::Open => String::new(),
+            FirestoreAuthCheck::Rules {
+                require_sign_in: false,
+            } => format!(
+                "auth = \"none\"\napi_key = \"{}\"\n",
+                toml_escape(self.firebase_auth.web_api_key())
+            ),
+            FirestoreAuthCheck::Rules {
+                require_sign_in: true,
+            } => format!(
+                "auth = \"firebase-anonymous\"\napi_key = \"{}\"\nidentity_endpoint = \"{}\"\ntoken_endpoint = \"{}\"\n",
+                toml_escape(self.firebase_auth.web_api_key()),
+                self.identity_endpoint(),
+                self.token_endpoint()
+            ),
+            FirestoreAuthCheck::Iam(_) => "auth = \"service-account\"\n".to_owned(),
+        };
         format!(
-            "[paymennt]\nbase_url = \"{}\"\napi_key = \"{}\"\napi_secret = \"{}\"\n\n[firestore]\nendpoint = \"{}\"\n",
+            "[paymennt]\nbase_url = \"{}\"\napi_key = \"{}\"\napi_secret = \"{}\"\n\n[firestore]\nendpoint = \"{}\"\n{auth}",
             self.api_base_url(),
             toml_escape(&self.api_key),
             toml_escape(&self.api_secret),
@@ -375,6 +511,60 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         // Best effort: the tasks see the token and stop on their own.
         self.shutdown.cancel();
+    }
+}
+
+/// A TLS acceptor for a certificate and key in PEM.
+fn tls_acceptor(tls: &ServerTls) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(tls.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("the sandbox API's TLS certificate is not PEM")?;
+    let key = PrivateKeyDer::from_pem_slice(tls.key_pem.as_bytes())
+        .context("the sandbox API's TLS key is not PEM")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .context("the sandbox API's TLS certificate or key is unusable")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves `app` over TLS until `stop` is cancelled (open connections end with their clients).
+async fn serve_tls(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: axum::Router,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((tcp, _)) = accepted else { continue };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+            tokio::select! {
+                () = stop.cancelled() => {}
+                _ = connection => {}
+            }
+        });
     }
 }
 

@@ -225,6 +225,10 @@ pub struct PaymenntSettings {
     /// Get Checkout calls in flight at once.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// A PEM file of CA certificates trusted for the API's TLS, in addition to the built-in
+    /// roots (a TLS-inspecting proxy, or a test CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_environment() -> PaymenntEnvironment {
@@ -256,6 +260,7 @@ impl Default for PaymenntSettings {
             request_timeout: default_request_timeout(),
             max_retries: default_max_retries(),
             concurrency: default_concurrency(),
+            ca_file: None,
         }
     }
 }
@@ -366,7 +371,72 @@ pub struct FirestoreSettings {
     /// How long a PAID checkout stays watched for refunds.
     #[serde(default = "default_refund_watch", with = "humantime_serde")]
     pub refund_watch: Duration,
+    /// How paywatch authenticates to Firestore; see [`FirestoreSettings::auth_mode`] for the
+    /// default.
+    #[serde(default)]
+    pub auth: Option<FirestoreAuthMode>,
+    /// The Firebase Web API key of the project holding the checkout documents: sent as
+    /// `x-goog-api-key` in `none` mode, and used to sign in for `firebase-anonymous`.
+    #[serde(default)]
+    pub api_key: Option<Secret>,
+    /// Firebase Auth's Identity Toolkit base URL (`accounts:signUp`), for `firebase-anonymous`.
+    #[serde(default)]
+    pub identity_endpoint: Option<String>,
+    /// Firebase Auth's token endpoint (refreshes ID tokens), for `firebase-anonymous`.
+    #[serde(default)]
+    pub token_endpoint: Option<String>,
+    /// A PEM file of CA certificates trusted for Firestore's TLS (and the two Firebase Auth
+    /// endpoints), in addition to the built-in roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
+
+/// `[firestore] auth`: who paywatch is to Firestore.
+///
+/// The spellings ([`FirestoreAuthMode::as_str`]) are part of the config format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FirestoreAuthMode {
+    /// A Google service-account key file: an OAuth identity, checked by IAM.
+    ServiceAccount,
+    /// Google's Application Default Credentials, metadata server included; only when asked for.
+    ApplicationDefault,
+    /// No credentials: the project's security rules decide (optionally with the Web API key).
+    None,
+    /// An anonymous Firebase Auth user: rules that need `request.auth != null`.
+    FirebaseAnonymous,
+}
+
+impl FirestoreAuthMode {
+    /// Every mode, in the order the docs list them.
+    pub const ALL: [FirestoreAuthMode; 4] = [
+        FirestoreAuthMode::ServiceAccount,
+        FirestoreAuthMode::ApplicationDefault,
+        FirestoreAuthMode::None,
+        FirestoreAuthMode::FirebaseAnonymous,
+    ];
+
+    /// The config spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FirestoreAuthMode::ServiceAccount => "service-account",
+            FirestoreAuthMode::ApplicationDefault => "application-default",
+            FirestoreAuthMode::None => "none",
+            FirestoreAuthMode::FirebaseAnonymous => "firebase-anonymous",
+        }
+    }
+}
+
+impl std::fmt::Display for FirestoreAuthMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Firebase Auth's production Identity Toolkit base URL.
+pub const DEFAULT_IDENTITY_ENDPOINT: &str = "https://identitytoolkit.googleapis.com/v1";
+/// Firebase Auth's production token endpoint.
+pub const DEFAULT_TOKEN_ENDPOINT: &str = "https://securetoken.googleapis.com/v1/token";
 
 fn default_stream_mode() -> StreamMode {
     StreamMode::Multiplexed
@@ -398,6 +468,11 @@ impl Default for FirestoreSettings {
             idle_timeout: default_idle_timeout(),
             add_ack_timeout: default_add_ack_timeout(),
             refund_watch: default_refund_watch(),
+            auth: None,
+            api_key: None,
+            identity_endpoint: None,
+            token_endpoint: None,
+            ca_file: None,
         }
     }
 }
@@ -417,6 +492,121 @@ impl FirestoreSettings {
             .clone()
             .or_else(|| secret::systemd_credential(CREDENTIAL_FIRESTORE))
             .or_else(|| std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").map(PathBuf::from))
+    }
+
+    /// The auth mode in force: `auth` when set; else `service-account` when a key file is
+    /// configured (`credentials`), found as the systemd credential `firestore-service-account`,
+    /// or named by `GOOGLE_APPLICATION_CREDENTIALS`; else `none`.
+    pub fn auth_mode(&self) -> FirestoreAuthMode {
+        match self.auth {
+            Some(mode) => mode,
+            None if self.credentials_file().is_some() => FirestoreAuthMode::ServiceAccount,
+            None => FirestoreAuthMode::None,
+        }
+    }
+
+    /// The Identity Toolkit base URL in use, without a trailing `/`.
+    pub fn identity_endpoint(&self) -> String {
+        self.identity_endpoint
+            .as_deref()
+            .unwrap_or(DEFAULT_IDENTITY_ENDPOINT)
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
+    /// The token endpoint in use.
+    pub fn token_endpoint(&self) -> String {
+        self.token_endpoint
+            .clone()
+            .unwrap_or_else(|| DEFAULT_TOKEN_ENDPOINT.to_owned())
+    }
+
+    /// Resolves `auth` into what the listener needs, checking that the mode's credentials
+    /// exist and can be read (their contents are checked when the listener starts).
+    ///
+    /// # Errors
+    ///
+    /// Names the mode, what was looked for and where; never a secret's value.
+    pub fn resolve_auth(&self) -> Result<crate::sources::firestore::FirestoreAuth, SettingsError> {
+        use crate::sources::firestore::FirestoreAuth;
+        let mode = self.auth_mode();
+        let api_key = match &self.api_key {
+            Some(key) if key.expose().trim().is_empty() => {
+                return Err(err(
+                    "'firestore.api_key' is empty\n\nset the Firebase Web API key of the project holding the checkout documents, or remove the key",
+                ));
+            }
+            other => other.clone(),
+        };
+        match mode {
+            FirestoreAuthMode::ServiceAccount => {
+                let Some(path) = self.credentials_file() else {
+                    return Err(err(
+                        "firestore auth 'service-account' needs a key file, and none was found: \
+                         looked for 'firestore.credentials', the systemd credential \
+                         'firestore-service-account' and GOOGLE_APPLICATION_CREDENTIALS\n\n\
+                         set one of them, or choose another 'firestore.auth' (see \
+                         docs/running-as-a-service.md, \"Which Firestore auth mode do I need?\")",
+                    ));
+                };
+                if let Err(error) = std::fs::metadata(&path).and_then(|meta| {
+                    if meta.is_file() {
+                        std::fs::File::open(&path).map(drop)
+                    } else {
+                        Err(std::io::Error::other("not a regular file"))
+                    }
+                }) {
+                    return Err(err(format!(
+                        "firestore auth 'service-account': cannot read the key file '{}' ({}): \
+                         {error}\n\ncheck the path and that the paywatch user may read it",
+                        path.display(),
+                        self.credentials_source(&path)
+                    )));
+                }
+                Ok(FirestoreAuth::ServiceAccountFile(path))
+            }
+            FirestoreAuthMode::ApplicationDefault => {
+                if let Some(path) = std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS") {
+                    let path = PathBuf::from(path);
+                    if let Err(error) = std::fs::File::open(&path) {
+                        return Err(err(format!(
+                            "firestore auth 'application-default': cannot read '{}' named by \
+                             GOOGLE_APPLICATION_CREDENTIALS: {error}\n\nfix or unset the variable",
+                            path.display()
+                        )));
+                    }
+                }
+                Ok(FirestoreAuth::ApplicationDefault)
+            }
+            FirestoreAuthMode::None => Ok(FirestoreAuth::None { api_key }),
+            FirestoreAuthMode::FirebaseAnonymous => {
+                let Some(api_key) = api_key else {
+                    return Err(err(
+                        "firestore auth 'firebase-anonymous' needs 'firestore.api_key' (the \
+                         Firebase Web API key of the project holding the checkout documents), \
+                         and it is not set\n\nset it in the config file or in \
+                         PAYWATCH_FIRESTORE__API_KEY; paymennt's payment page carries it in its \
+                         Firebase configuration",
+                    ));
+                };
+                Ok(FirestoreAuth::FirebaseAnonymous {
+                    api_key,
+                    identity_endpoint: self.identity_endpoint(),
+                    token_endpoint: self.token_endpoint(),
+                })
+            }
+        }
+    }
+
+    /// Where a key file path came from, for messages.
+    fn credentials_source(&self, path: &Path) -> &'static str {
+        if self.credentials.as_deref() == Some(path) {
+            "from 'firestore.credentials'"
+        } else if secret::systemd_credential(CREDENTIAL_FIRESTORE).as_deref() == Some(path) {
+            "the systemd credential 'firestore-service-account'"
+        } else {
+            "from GOOGLE_APPLICATION_CREDENTIALS"
+        }
     }
 }
 
@@ -702,6 +892,7 @@ const KNOWN_KEYS: &[&str] = &[
     "paymennt.request_timeout",
     "paymennt.max_retries",
     "paymennt.concurrency",
+    "paymennt.ca_file",
     "firestore.credentials",
     "firestore.endpoint",
     "firestore.stream_mode",
@@ -710,6 +901,11 @@ const KNOWN_KEYS: &[&str] = &[
     "firestore.idle_timeout",
     "firestore.add_ack_timeout",
     "firestore.refund_watch",
+    "firestore.auth",
+    "firestore.api_key",
+    "firestore.identity_endpoint",
+    "firestore.token_endpoint",
+    "firestore.ca_file",
     "reconcile.interval",
     "reconcile.page_size",
     "discovery.enabled",
@@ -816,6 +1012,10 @@ fn describe_config_error(
     // values the key accepts.
     const CHOICES: &[(&str, &str)] = &[
         ("firestore.stream_mode", "multiplexed, per-document"),
+        (
+            "firestore.auth",
+            "service-account, application-default, none, firebase-anonymous",
+        ),
         ("log.format", "text, json"),
         ("paymennt.environment", "test, live"),
     ];
@@ -1091,6 +1291,21 @@ impl Settings {
         if let Some(url) = &self.firestore.endpoint {
             check_url(origin, "firestore.endpoint", url)?;
         }
+        if let Some(url) = &self.firestore.identity_endpoint {
+            check_url(origin, "firestore.identity_endpoint", url)?;
+        }
+        if let Some(url) = &self.firestore.token_endpoint {
+            check_url(origin, "firestore.token_endpoint", url)?;
+        }
+        for (key, file) in [
+            ("firestore.ca_file", &self.firestore.ca_file),
+            ("paymennt.ca_file", &self.paymennt.ca_file),
+        ] {
+            if let Some(file) = file {
+                read_ca_file(file)
+                    .map_err(|problem| err(format!("{origin}: '{key}': {problem}")))?;
+            }
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(err(format!(
                 "{origin}: 'log.level' value '{}' is not a valid filter\n\nuse a level such as info or debug",
@@ -1169,6 +1384,23 @@ fn line_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     };
     let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
     format!(" (line {line})")
+}
+
+/// Reads a PEM file of CA certificates (`ca_file`), checking it holds at least one.
+///
+/// # Errors
+///
+/// The file cannot be read, or holds no PEM certificate; the message names the file.
+pub fn read_ca_file(path: &Path) -> Result<Vec<u8>, String> {
+    let pem = std::fs::read(path)
+        .map_err(|error| format!("cannot read the CA file '{}': {error}", path.display()))?;
+    if reqwest::Certificate::from_pem_bundle(&pem).map_or(true, |certs| certs.is_empty()) {
+        return Err(format!(
+            "the CA file '{}' holds no PEM certificate (\"-----BEGIN CERTIFICATE-----\")",
+            path.display()
+        ));
+    }
+    Ok(pem)
 }
 
 /// Whether `host` is a loopback name or address.

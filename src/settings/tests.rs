@@ -505,3 +505,67 @@ fn every_number_and_duration_is_bounded_and_the_error_names_key_value_and_bound(
     // The shipped defaults sit inside every bound.
     load("", &[]).expect("defaults are valid");
 }
+
+#[test]
+fn firestore_auth_modes_parse_and_an_unknown_one_lists_the_choices() {
+    for mode in FirestoreAuthMode::ALL {
+        let settings =
+            load(&format!("[firestore]\nauth = \"{}\"\n", mode.as_str()), &[]).expect("valid");
+        assert_eq!(settings.firestore.auth_mode(), mode);
+    }
+    let error = load("[firestore]\nauth = \"oauth\"\n", &[]).expect_err("unknown mode");
+    let text = error.to_string();
+    assert!(
+        text.contains("'firestore.auth' value 'oauth'")
+            && text.contains("service-account, application-default, none, firebase-anonymous"),
+        "{text}"
+    );
+}
+
+#[test]
+fn firestore_auth_defaults_to_service_account_only_with_a_key_file() {
+    let settings = load(
+        "[firestore]\ncredentials = \"/etc/paywatch/key.json\"\n",
+        &[],
+    )
+    .expect("valid");
+    assert_eq!(
+        settings.firestore.auth_mode(),
+        FirestoreAuthMode::ServiceAccount
+    );
+    let settings = load("[firestore]\nauth = \"none\"\n", &[]).expect("valid");
+    assert_eq!(settings.firestore.auth_mode(), FirestoreAuthMode::None);
+}
+
+#[test]
+fn the_firebase_api_key_is_a_secret_and_new_urls_and_ca_files_are_checked() {
+    let settings = load(
+        "[firestore]\nauth = \"firebase-anonymous\"\napi_key = \"AIza-secret-value\"\n",
+        &[],
+    )
+    .expect("valid");
+    assert!(!format!("{settings:?}").contains("AIza-secret-value"));
+    let error = load(
+        "[firestore]\ntoken_endpoint = \"http://example.com/token\"\n",
+        &[],
+    )
+    .expect_err("plaintext to a remote host");
+    assert!(
+        error.to_string().contains("firestore.token_endpoint"),
+        "{error}"
+    );
+    let error =
+        load("[paymennt]\nca_file = \"/nonexistent/ca.pem\"\n", &[]).expect_err("missing CA file");
+    assert!(
+        error.to_string().contains("'paymennt.ca_file'")
+            && error.to_string().contains("/nonexistent/ca.pem"),
+        "{error}"
+    );
+    let (_dir, not_pem) = write_config("not a certificate");
+    let error = load(
+        &format!("[firestore]\nca_file = \"{}\"\n", not_pem.display()),
+        &[],
+    )
+    .expect_err("not PEM");
+    assert!(error.to_string().contains("no PEM certificate"), "{error}");
+}

@@ -1,8 +1,10 @@
 //! The Firestore listener: watches checkout documents over Firestore's gRPC `Listen` API.
 //!
 //! Owns: the Listen streams and their HTTP/2 connections (one pool per Firebase project, so
-//! checkouts of several projects are watched at once), credentials (a service-account file or
-//! the Application Default Credentials, refreshed by google-cloud-auth before they expire),
+//! checkouts of several projects are watched at once), credentials (per `[firestore] auth`: a
+//! service-account file or the Application Default Credentials, refreshed by google-cloud-auth;
+//! none; or an anonymous Firebase Auth user, renewed by `firebase_auth.rs`, whose renewal
+//! reopens the streams on the new token),
 //! resume tokens in memory, reconnects with exponential backoff and jitter, and an idle watchdog
 //! that reopens streams that went silent.
 //!
@@ -41,6 +43,7 @@ mod backoff;
 mod connect;
 #[cfg(test)]
 mod fake;
+mod firebase_auth;
 mod pool;
 mod state;
 mod stream;
@@ -85,6 +88,8 @@ pub struct ListenerOptions {
     pub endpoint: String,
     /// How to authenticate.
     pub auth: FirestoreAuth,
+    /// Extra CA certificates (PEM) trusted for the endpoint's TLS (`[firestore] ca_file`).
+    pub ca_file: Option<std::path::PathBuf>,
     /// How checkouts are spread over streams.
     pub mode: StreamMode,
     /// Multiplexed mode: the most targets one stream carries.
@@ -116,6 +121,7 @@ impl Default for ListenerOptions {
         ListenerOptions {
             endpoint: DEFAULT_ENDPOINT.to_owned(),
             auth: FirestoreAuth::ApplicationDefault,
+            ca_file: None,
             mode: StreamMode::Multiplexed,
             targets_per_stream: 500,
             streams_per_connection: 100,
@@ -137,7 +143,7 @@ impl ListenerOptions {
     pub fn local(endpoint: &str, mode: StreamMode) -> ListenerOptions {
         ListenerOptions {
             endpoint: endpoint.to_owned(),
-            auth: FirestoreAuth::None,
+            auth: FirestoreAuth::none(),
             mode,
             add_ack_timeout: Duration::from_secs(2),
             backoff_initial: Duration::from_millis(100),

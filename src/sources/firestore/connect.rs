@@ -1,22 +1,33 @@
-//! Endpoints, credentials and gRPC clients for Firestore.
+//! Endpoints, credentials, TLS and gRPC clients for Firestore.
 //!
 //! One [`Connector`] per listener (or per [`crate::sandbox::external::ExternalFirestore`]): it
 //! validates the endpoint once (TLS anywhere, plaintext only on loopback), loads the credentials
-//! once (their access token is cached and refreshed before expiry by google-cloud-auth and
-//! shared by every connection), and opens one HTTP/2 connection per [`Connector::client`] call,
-//! with the `google-cloud-resource-prefix` header of the project's database on every call.
+//! of the auth mode once (their token is cached and refreshed before expiry and shared by every
+//! connection), reads the extra CA certificates once (`ca_file`), and opens one HTTP/2
+//! connection per [`Connector::client`] call, with the `google-cloud-resource-prefix` header of
+//! the project's database on every call.
+//!
+//! Must never: send `authorization: Bearer owner` anywhere but to a plaintext loopback
+//! endpoint in `none` mode, or put a key, token or API key in a log line or error.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use gcloud_sdk::google::firestore::v1::firestore_client::FirestoreClient;
 use gcloud_sdk::google_cloud_auth::credentials::{
     self, anonymous, service_account::AccessSpecifier,
 };
-use gcloud_sdk::{GoogleApi, GoogleAuthHeaders, GoogleAuthMiddleware, GoogleAuthMiddlewareLayer};
+use gcloud_sdk::{GoogleAuthHeaders, GoogleAuthMiddleware, GoogleAuthMiddlewareLayer};
 use http::{HeaderMap, HeaderValue, Uri};
+use tokio::sync::watch;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tower_layer::Layer as _;
+
+use super::firebase_auth::FirebaseAnonymous;
+use crate::settings::{FirestoreAuthMode, Secret};
 
 /// The OAuth scopes Firestore accepts (the Node SDK asks for both).
 const SCOPES: [&str; 2] = [
@@ -24,20 +35,56 @@ const SCOPES: [&str; 2] = [
     "https://www.googleapis.com/auth/datastore",
 ];
 
+/// The header the Firebase SDKs carry the Web API key in.
+pub(crate) const API_KEY_HEADER: &str = "x-goog-api-key";
+
 /// A Firestore client over one HTTP/2 connection, with authentication and routing headers.
 pub(crate) type Client = FirestoreClient<GoogleAuthMiddleware>;
 
-/// How the listener authenticates to Firestore.
+/// How the listener authenticates to Firestore (`[firestore] auth`, resolved by
+/// [`crate::settings::FirestoreSettings::resolve_auth`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FirestoreAuth {
-    /// A service-account key file (`[firestore] credentials`).
+    /// A service-account key file: a self-signed JWT per hour, checked by IAM.
     ServiceAccountFile(PathBuf),
     /// The Application Default Credentials: `GOOGLE_APPLICATION_CREDENTIALS`, then gcloud's
     /// well-known file, then the metadata server.
     ApplicationDefault,
-    /// No credentials, for a loopback emulator or the sandbox: sends `authorization: Bearer owner`
-    /// (what the official SDKs send to emulators).
-    None,
+    /// No `authorization` header: the project's security rules see an unauthenticated caller.
+    /// With `api_key`, it goes in `x-goog-api-key` as the Firebase SDKs send it. To a
+    /// plaintext loopback endpoint (an emulator) `authorization: Bearer owner` is sent, the
+    /// emulators' convention.
+    None {
+        /// The Firebase Web API key.
+        api_key: Option<Secret>,
+    },
+    /// An anonymous Firebase Auth user: `accounts:signUp`, then the ID token as the bearer,
+    /// refreshed before it expires.
+    FirebaseAnonymous {
+        /// The Firebase Web API key.
+        api_key: Secret,
+        /// Identity Toolkit base URL (`.../v1`).
+        identity_endpoint: String,
+        /// Secure Token endpoint (`.../v1/token`).
+        token_endpoint: String,
+    },
+}
+
+impl FirestoreAuth {
+    /// The config spelling of this mode.
+    pub fn mode(&self) -> FirestoreAuthMode {
+        match self {
+            FirestoreAuth::ServiceAccountFile(_) => FirestoreAuthMode::ServiceAccount,
+            FirestoreAuth::ApplicationDefault => FirestoreAuthMode::ApplicationDefault,
+            FirestoreAuth::None { .. } => FirestoreAuthMode::None,
+            FirestoreAuth::FirebaseAnonymous { .. } => FirestoreAuthMode::FirebaseAnonymous,
+        }
+    }
+
+    /// No credentials and no API key (the sandbox, emulators).
+    pub fn none() -> FirestoreAuth {
+        FirestoreAuth::None { api_key: None }
+    }
 }
 
 /// Opens authenticated Firestore clients to one endpoint.
@@ -45,10 +92,17 @@ pub enum FirestoreAuth {
 pub(crate) struct Connector {
     /// The validated endpoint URL.
     endpoint: String,
+    /// TLS settings for an `https://` endpoint (built-in roots plus `ca_file`).
+    tls: Option<ClientTlsConfig>,
     /// Shared by every connection, so the token is fetched and refreshed once.
     auth: Arc<GoogleAuthHeaders>,
-    /// Fixed headers (the emulator's `Bearer owner`).
+    /// Fixed headers (`x-goog-api-key`, the emulator's `Bearer owner`).
     extra_headers: HeaderMap,
+    /// Changes each time the credentials were renewed ahead of expiry (firebase-anonymous):
+    /// open streams are reopened with the new token.
+    renewed: watch::Receiver<u64>,
+    /// Keeps the firebase-anonymous refresher alive as long as a connector is.
+    _anonymous: Option<FirebaseAnonymous>,
 }
 
 impl std::fmt::Debug for Connector {
@@ -56,51 +110,84 @@ impl std::fmt::Debug for Connector {
         // Never print credentials.
         f.debug_struct("Connector")
             .field("endpoint", &self.endpoint)
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl Connector {
-    /// Validates `endpoint` and loads the credentials.
+    /// Validates `endpoint`, reads `ca_file` and loads the credentials.
     ///
     /// Must run inside a Tokio runtime (the credentials spawn their refresh task).
     ///
     /// # Errors
-    /// A malformed endpoint, plaintext to a non-loopback host, an unreadable or invalid
-    /// service-account file, or unusable Application Default Credentials.
-    pub(crate) fn new(endpoint: &str, auth: &FirestoreAuth) -> anyhow::Result<Connector> {
+    /// A malformed endpoint, plaintext to a non-loopback host, an unreadable CA file, an
+    /// unreadable or invalid service-account file, or unusable Application Default
+    /// Credentials.
+    pub(crate) fn new(
+        endpoint: &str,
+        auth: &FirestoreAuth,
+        ca_file: Option<&Path>,
+    ) -> anyhow::Result<Connector> {
         let endpoint = validate_endpoint(endpoint)?;
+        let ca_pem = read_ca(ca_file)?;
+        let tls = tls_config(&endpoint, ca_pem.as_deref())?;
         let mut extra_headers = HeaderMap::new();
+        let (_, never_renewed) = watch::channel(0u64);
+        let mut renewed = never_renewed;
+        let mut anonymous_session = None;
         let credentials = match auth {
             FirestoreAuth::ServiceAccountFile(path) => service_account_file(path)?,
-            FirestoreAuth::ApplicationDefault => credentials::Builder::default()
-                .with_scopes(SCOPES)
-                .build()
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "could not load the Google Application Default Credentials: {e}\n\n\
-                         set [firestore] credentials to a service-account key file, or \
-                         GOOGLE_APPLICATION_CREDENTIALS"
-                    )
-                })?,
-            FirestoreAuth::None => {
-                extra_headers.insert(
-                    http::header::AUTHORIZATION,
-                    HeaderValue::from_static("Bearer owner"),
-                );
+            FirestoreAuth::ApplicationDefault => application_default()?,
+            FirestoreAuth::None { api_key } => {
+                if let Some(key) = api_key {
+                    extra_headers.insert(API_KEY_HEADER, api_key_header(key)?);
+                }
+                if endpoint.starts_with("http://") {
+                    // `validate_endpoint` admits plaintext only to loopback: an emulator.
+                    extra_headers.insert(
+                        http::header::AUTHORIZATION,
+                        HeaderValue::from_static("Bearer owner"),
+                    );
+                }
                 anonymous::Builder::new().build()
+            }
+            FirestoreAuth::FirebaseAnonymous {
+                api_key,
+                identity_endpoint,
+                token_endpoint,
+            } => {
+                extra_headers.insert(API_KEY_HEADER, api_key_header(api_key)?);
+                let session = FirebaseAnonymous::new(
+                    api_key.clone(),
+                    identity_endpoint,
+                    token_endpoint,
+                    ca_pem.as_deref(),
+                )?;
+                renewed = session.renewed();
+                let credentials = session.credentials();
+                anonymous_session = Some(session);
+                credentials
             }
         };
         Ok(Connector {
             endpoint,
+            tls,
             auth: Arc::new(GoogleAuthHeaders::from(credentials)),
             extra_headers,
+            renewed,
+            _anonymous: anonymous_session,
         })
     }
 
     /// The endpoint URL.
     pub(crate) fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// A receiver that changes each time the credentials were renewed ahead of their expiry.
+    pub(crate) fn renewed(&self) -> watch::Receiver<u64> {
+        self.renewed.clone()
     }
 
     /// Opens a new HTTP/2 connection to the endpoint for `project`'s (default) database.
@@ -112,31 +199,139 @@ impl Connector {
         let mut layer = GoogleAuthMiddlewareLayer::new(Arc::clone(&self.auth), Some(prefix))
             .with_context(|| format!("invalid project id '{project}' for a request header"))?;
         layer.set_additional_headers(self.extra_headers.clone());
-        let api =
-            GoogleApi::from_function_with_middleware(FirestoreClient::new, &self.endpoint, layer)
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!("could not connect to Firestore at {}: {e}", self.endpoint)
-                })?;
-        Ok(api.get())
+        // The channel settings of gcloud-sdk's own channel, plus our TLS roots.
+        let mut channel = Channel::from_shared(self.endpoint.clone())
+            .with_context(|| format!("the Firestore endpoint '{}' is not a URL", self.endpoint))?
+            .connect_timeout(Duration::from_secs(30))
+            .tcp_keepalive(Some(Duration::from_secs(60)))
+            .keep_alive_timeout(Duration::from_secs(60))
+            .http2_keep_alive_interval(Duration::from_secs(60))
+            .keep_alive_while_idle(true);
+        if let Some(tls) = &self.tls {
+            channel = channel.tls_config(tls.clone()).map_err(|e| {
+                anyhow::anyhow!("bad TLS settings for Firestore at {}: {e}", self.endpoint)
+            })?;
+        }
+        let channel = channel.connect().await.map_err(|e| {
+            let source = std::error::Error::source(&e)
+                .map(|source| format!(": {source}"))
+                .unwrap_or_default();
+            anyhow::anyhow!(
+                "could not connect to Firestore at {}: {e}{source}",
+                self.endpoint
+            )
+        })?;
+        Ok(FirestoreClient::new(layer.layer(channel)))
     }
 }
 
+/// Reads `[firestore] ca_file`.
+fn read_ca(ca_file: Option<&Path>) -> anyhow::Result<Option<Vec<u8>>> {
+    ca_file
+        .map(|path| {
+            crate::settings::read_ca_file(path).map_err(|problem| {
+                crate::settings::SettingsError(format!("'firestore.ca_file': {problem}")).into()
+            })
+        })
+        .transpose()
+}
+
+/// TLS for an `https://` endpoint: the built-in web PKI roots, plus the extra CA certificates.
+fn tls_config(endpoint: &str, ca_pem: Option<&[u8]>) -> anyhow::Result<Option<ClientTlsConfig>> {
+    let uri: Uri = endpoint.parse().context("endpoint")?;
+    if uri.scheme_str() != Some("https") {
+        return Ok(None);
+    }
+    let host = uri.host().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let mut tls = ClientTlsConfig::new()
+        .with_webpki_roots()
+        .domain_name(host.to_owned());
+    if let Some(pem) = ca_pem {
+        tls = tls.ca_certificate(Certificate::from_pem(pem));
+    }
+    Ok(Some(tls))
+}
+
+fn api_key_header(key: &Secret) -> anyhow::Result<HeaderValue> {
+    let mut value = HeaderValue::from_str(key.expose().trim()).map_err(|_| {
+        crate::settings::SettingsError(
+            "'firestore.api_key' contains characters not allowed in an HTTP header".into(),
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+fn application_default() -> anyhow::Result<credentials::Credentials> {
+    credentials::Builder::default()
+        .with_scopes(SCOPES)
+        .build()
+        .map_err(|e| {
+            crate::settings::SettingsError(format!(
+                "firestore auth 'application-default': could not load the Google Application \
+                 Default Credentials (GOOGLE_APPLICATION_CREDENTIALS, gcloud's \
+                 application_default_credentials.json, then the metadata server): {e}\n\n\
+                 set GOOGLE_APPLICATION_CREDENTIALS, or choose another 'firestore.auth'"
+            ))
+            .into()
+        })
+}
+
 /// Checks Firestore credentials for `paywatch check-config`: loads them (offline) and, with
-/// `online`, obtains one access token. Returns what was checked, for the report.
+/// `online`, obtains one token (or signs in anonymously). Returns what was checked, for the
+/// report, naming the auth mode.
 ///
 /// # Errors
 /// The credentials cannot be loaded, or no token could be obtained.
 pub async fn check_credentials(
     endpoint: &str,
     auth: &FirestoreAuth,
+    ca_file: Option<&Path>,
     online: bool,
 ) -> anyhow::Result<String> {
     validate_endpoint(endpoint)?;
+    let ca_pem = read_ca(ca_file)?;
+    let mode = auth.mode();
     let (credentials, described) = match auth {
-        FirestoreAuth::None => {
+        FirestoreAuth::None { api_key } => {
+            let key = match api_key {
+                Some(key) => format!(", with the Web API key {}", key.hint()),
+                None => String::new(),
+            };
+            let owner = if endpoint.starts_with("http://") {
+                " (Bearer owner to this loopback emulator)"
+            } else {
+                ""
+            };
             return Ok(format!(
-                "needs no credentials for the loopback endpoint {endpoint}"
+                "auth {mode}: sends no credentials to {endpoint}{key}{owner}; the project's \
+                 security rules decide"
+            ));
+        }
+        FirestoreAuth::FirebaseAnonymous {
+            api_key,
+            identity_endpoint,
+            token_endpoint,
+        } => {
+            if !online {
+                return Ok(format!(
+                    "auth {mode}: signs in anonymously at {identity_endpoint} with the Web API \
+                     key {}; check it with --online",
+                    api_key.hint()
+                ));
+            }
+            let session = FirebaseAnonymous::new(
+                api_key.clone(),
+                identity_endpoint,
+                token_endpoint,
+                ca_pem.as_deref(),
+            )?;
+            let lifetime = session.sign_in_once().await?;
+            return Ok(format!(
+                "auth {mode}: signed in anonymously at {identity_endpoint}; the ID token lasts \
+                 {}",
+                humantime::format_duration(lifetime)
             ));
         }
         FirestoreAuth::ServiceAccountFile(path) => {
@@ -152,20 +347,19 @@ pub async fn check_credentials(
                 .unwrap_or_else(|| "unknown account".into());
             (
                 credentials,
-                format!("uses service account {email} from '{}'", path.display()),
+                format!(
+                    "auth {mode}: uses service account {email} from '{}'",
+                    path.display()
+                ),
             )
         }
-        FirestoreAuth::ApplicationDefault => {
-            let credentials = credentials::Builder::default()
-                .with_scopes(SCOPES)
-                .build()
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "could not load the Google Application Default Credentials: {e}"
-                    )
-                })?;
-            (credentials, "has no service-account file; Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS, gcloud, or the metadata server)".to_owned())
-        }
+        FirestoreAuth::ApplicationDefault => (
+            application_default()?,
+            format!(
+                "auth {mode}: Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS, \
+                 gcloud, or the metadata server)"
+            ),
+        ),
     };
     if online {
         let headers = credentials
@@ -189,38 +383,41 @@ pub async fn check_credentials(
 }
 
 fn service_account_file(path: &std::path::Path) -> anyhow::Result<credentials::Credentials> {
-    let text = std::fs::read_to_string(path).with_context(|| {
-        format!(
-            "could not read the service-account file '{}'\n\ncheck [firestore] credentials and \
-             the file's permissions",
+    let config_error = |text: String| -> anyhow::Error {
+        crate::settings::SettingsError(format!("firestore auth 'service-account': {text}")).into()
+    };
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        config_error(format!(
+            "could not read the service-account file '{}': {error}\n\ncheck [firestore] \
+             credentials and the file's permissions",
             path.display()
-        )
+        ))
     })?;
     // Never include the file's text in an error: it holds a private key.
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-        anyhow::anyhow!(
+        config_error(format!(
             "the service-account file '{}' is not JSON (line {}, column {})\n\ndownload a key \
              with `gcloud iam service-accounts keys create`",
             path.display(),
             e.line(),
             e.column()
-        )
+        ))
     })?;
     if json.get("type").and_then(|t| t.as_str()) != Some("service_account") {
-        bail!(
+        return Err(config_error(format!(
             "the file '{}' is not a service-account key (its \"type\" is not \"service_account\")\
              \n\nuse a key file of a service account that may read the Firestore databases",
             path.display()
-        );
+        )));
     }
     credentials::service_account::Builder::new(json)
         .with_access_specifier(AccessSpecifier::from_scopes(SCOPES))
         .build()
         .map_err(|e| {
-            anyhow::anyhow!(
+            config_error(format!(
                 "the service-account file '{}' is not a usable key: {e}",
                 path.display()
-            )
+            ))
         })
 }
 
@@ -279,6 +476,7 @@ mod tests {
         let error = Connector::new(
             "https://firestore.googleapis.com",
             &FirestoreAuth::ServiceAccountFile(missing.clone()),
+            None,
         )
         .expect_err("missing file");
         assert!(format!("{error:#}").contains("missing.json"), "{error:#}");
@@ -288,6 +486,7 @@ mod tests {
         let error = Connector::new(
             "https://firestore.googleapis.com",
             &FirestoreAuth::ServiceAccountFile(garbage),
+            None,
         )
         .expect_err("not json");
         let text = format!("{error:#}");
@@ -305,6 +504,7 @@ mod tests {
         let error = Connector::new(
             "https://firestore.googleapis.com",
             &FirestoreAuth::ServiceAccountFile(user),
+            None,
         )
         .expect_err("wrong type");
         let text = format!("{error:#}");

@@ -53,7 +53,8 @@ impl Listener {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             anyhow::anyhow!("the Firestore listener must be started inside a Tokio runtime")
         })?;
-        let connector = Connector::new(&options.endpoint, &options.auth)?;
+        let connector =
+            Connector::new(&options.endpoint, &options.auth, options.ca_file.as_deref())?;
         tracing::info!(endpoint = %connector.endpoint(), mode = ?options.mode, "firestore listener started");
         Ok(ListenerHandle {
             shared: Arc::new(Shared {

@@ -246,6 +246,10 @@ impl Session<'_> {
         // (the daemon busy, flow control holding the server back) never loses targets.
         let mut progress = Instant::now();
         let mut actions = Vec::new();
+        // Renewed credentials (firebase-anonymous): Firestore checks a stream's token when it
+        // opens and ends a stream that outlives it, so reopen on the new token (resuming).
+        let mut renewed = shared.connector.renewed();
+        renewed.borrow_and_update();
         loop {
             let ack_deadline = if multiplexed {
                 state
@@ -319,6 +323,11 @@ impl Session<'_> {
                              {ack_timeout:?}; watching them on a fresh stream");
                         shared.relocate(project, self.key, moved);
                     }
+                }
+                Ok(()) = renewed.changed() => {
+                    tracing::info!(project = %project, stream = self.key,
+                        "the Firebase ID token was renewed; reopening the listen stream on it");
+                    return SessionEnd::Retry(Duration::ZERO, "the credentials were renewed".into());
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     let unacknowledged = state.unacknowledged();
