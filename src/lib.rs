@@ -22,6 +22,7 @@
 //! - [`sandbox`]: a local stand-in for paymennt's API and Firestore's Listen.
 //! - [`cli`]: the command line; the only module that prints to stdout.
 //! - [`logging`]: text, journald and JSON log output.
+//! - [`metrics`]: the daemon's figures in the Prometheus text format, for `/metrics`.
 
 pub mod cli;
 pub mod daemon;
@@ -30,6 +31,7 @@ pub mod hooks;
 pub mod http;
 pub mod ledger;
 pub mod logging;
+pub mod metrics;
 pub mod paymennt;
 pub mod sandbox;
 pub mod settings;

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::{CheckoutId, Source, format_money, printable};
 use crate::ledger::{ApplyOutcome, Ledger, NotFoundOutcome};
+use crate::metrics::Metrics;
 use crate::paymennt::{Client, VerifiedCheckout};
 use crate::settings::HookSettings;
 use crate::sources::Nudge;
@@ -198,6 +199,7 @@ pub struct Verifier {
     ledger_changed: watch::Sender<u64>,
     watch_set_changed: watch::Sender<u64>,
     stats: watch::Sender<VerifierStats>,
+    metrics: Metrics,
 }
 
 impl Verifier {
@@ -216,7 +218,13 @@ impl Verifier {
             ledger_changed: signals.ledger_changed,
             watch_set_changed: signals.watch_set_changed,
             stats: watch::channel(VerifierStats::default()).0,
+            metrics: Metrics::disabled(),
         }
+    }
+
+    /// The same verifier, counting verifications and transitions in `metrics`.
+    pub fn with_metrics(self, metrics: Metrics) -> Verifier {
+        Verifier { metrics, ..self }
     }
 
     /// Figures, updated as the verifier works.
@@ -367,6 +375,7 @@ impl Verifier {
     /// One verification. Returns the nudge if it should be retried.
     async fn verify(&self, nudge: Nudge) -> Option<Nudge> {
         self.stats.send_modify(|stats| stats.calls += 1);
+        self.metrics.verification(nudge.source);
         let client = self.config.borrow().client.clone();
         // The ticket orders this answer against every other (never a clock).
         let ticketer = self.ledger.clone();
@@ -443,6 +452,7 @@ impl Verifier {
                     elapsed,
                     deliveries.len(),
                 );
+                self.metrics.transition(verified.status(), source);
                 self.stats.send_modify(|stats| {
                     stats.transitions += 1;
                     if verified.status() == &crate::domain::CheckoutStatus::Paid {

@@ -634,6 +634,7 @@ async fn a_second_daemon_on_the_same_ledger_is_refused() {
         status: None,
         notifier: paywatch::daemon::notify::Notifier::disabled(),
         http_addr: None,
+        metrics: paywatch::metrics::Metrics::new(),
     };
     let second = tokio::time::timeout(
         DEADLINE,
@@ -668,6 +669,7 @@ async fn a_task_that_dies_stops_the_daemon_with_an_error_naming_it() {
         status: None,
         notifier: paywatch::daemon::notify::Notifier::disabled(),
         http_addr: None,
+        metrics: paywatch::metrics::Metrics::new(),
     };
     let ended = tokio::time::timeout(DEADLINE, paywatch::daemon::run(settings, receiver, options))
         .await
@@ -706,6 +708,7 @@ async fn a_daemon_refused_the_lock_never_opens_or_migrates_the_ledger() {
         status: None,
         notifier: paywatch::daemon::notify::Notifier::disabled(),
         http_addr: None,
+        metrics: paywatch::metrics::Metrics::new(),
     };
     let refused =
         tokio::time::timeout(DEADLINE, paywatch::daemon::run(settings, receiver, options))

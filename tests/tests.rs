@@ -12,6 +12,7 @@ mod hooks;
 mod http;
 mod interop;
 mod logging;
+mod metrics;
 mod misconfigured;
 mod properties;
 mod sandbox;

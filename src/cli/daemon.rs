@@ -27,6 +27,7 @@ pub async fn run(settings: Settings, log: LogHandle) -> anyhow::Result<()> {
         status: None,
         notifier: daemon::notify::Notifier::from_env(),
         http_addr: None,
+        metrics: crate::metrics::Metrics::new(),
     };
     daemon::run(settings, control_receiver, options).await
 }
@@ -83,6 +84,7 @@ pub async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         status: Some(status_sender),
         notifier: daemon::notify::Notifier::disabled(),
         http_addr: None,
+        metrics: crate::metrics::Metrics::new(),
     };
     let daemon = tokio::spawn(daemon::run(settings.clone(), control_receiver, options));
     status

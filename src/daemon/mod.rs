@@ -29,6 +29,7 @@ use crate::hooks::dispatcher::{Dispatcher, DispatcherHandle};
 use crate::http::{HttpContext, NewlyTracked};
 use crate::ledger::Ledger;
 use crate::logging::LogHandle;
+use crate::metrics::Metrics;
 use crate::paymennt::Client;
 use crate::settings::Settings;
 use crate::sources::Nudge;
@@ -75,6 +76,8 @@ pub struct RunOptions {
     pub notifier: notify::Notifier,
     /// Where to publish the HTTP listener's bound address (`[http] listen` may give port 0).
     pub http_addr: Option<watch::Sender<Option<std::net::SocketAddr>>>,
+    /// Where this daemon's figures are counted (served at `/metrics`; see [`crate::metrics`]).
+    pub metrics: Metrics,
 }
 
 /// How often the systemd STATUS= line is refreshed.
@@ -141,7 +144,8 @@ pub async fn run(
     let ledger = blocking(move || Ledger::open(&path)).await?;
 
     // 2. paymennt, and the hook commands (resolved now, so a missing program stops startup).
-    let client = Client::from_settings(&settings.paymennt)?;
+    let metrics = options.metrics.clone();
+    let client = Client::from_settings(&settings.paymennt)?.with_metrics(metrics.clone());
     let hooks = HookSet::from_settings(&settings)?;
 
     // 3. Firestore (unless turned off): start the listener and subscribe to every watched
@@ -150,7 +154,10 @@ pub async fn run(
     let (listen_events, listen_receiver) = mpsc::channel::<ListenEvent>(4096);
     // With Firestore off its options are not even built: no Firestore credentials are needed.
     let firestore_options = if settings.firestore.enabled {
-        Some(listener_options(&settings)?)
+        Some(ListenerOptions {
+            metrics: metrics.clone(),
+            ..listener_options(&settings)?
+        })
     } else {
         None
     };
@@ -209,7 +216,8 @@ pub async fn run(
             ledger_changed: ledger_changed.clone(),
             watch_set_changed: watch_set_changed.clone(),
         },
-    );
+    )
+    .with_metrics(metrics.clone());
     let verifier_stats = verifier.stats();
     let verifier_abort = CancellationToken::new();
     let verifier_task = tokio::spawn(supervisor.supervise(
@@ -232,6 +240,7 @@ pub async fn run(
             nudge_sender.clone(),
             health.clone(),
             sources.clone(),
+            metrics.clone(),
         ),
     ));
     if let Some(listener) = &listener {
@@ -267,6 +276,7 @@ pub async fn run(
                 nudge_sender.clone(),
                 newly_tracked.clone(),
                 health.clone(),
+                metrics.clone(),
             )?;
             let bound = crate::http::bind(addr).await?;
             let local = bound.local_addr().context("the HTTP listener's address")?;
@@ -302,6 +312,7 @@ pub async fn run(
             settings.reconcile.page_size,
             watch_set_changed.clone(),
             sources.clone(),
+            metrics.clone(),
         ),
     ));
     let discovery_enabled = settings.discovery.is_enabled(&settings.paymennt);
@@ -331,7 +342,8 @@ pub async fn run(
     drop(nudge_sender);
 
     // 6. The hook dispatcher: delivers the outbox, woken after each transition.
-    let dispatcher = Dispatcher::new(ledger.clone(), hooks, settings.hooks_concurrency);
+    let dispatcher = Dispatcher::new(ledger.clone(), hooks, settings.hooks_concurrency)
+        .with_metrics(metrics.clone());
     let dispatcher_handle = dispatcher.handle();
     let dispatcher_stop = CancellationToken::new();
     let dispatcher_kill = CancellationToken::new();
@@ -536,7 +548,7 @@ fn reload(
     let loaded = Settings::load(options.config_path.as_deref()).and_then(|fresh| {
         let hooks = HookSet::from_settings(&fresh)?;
         // Rebuilt, so rotated API credentials (a new secret file) take effect now.
-        let client = Client::from_settings(&fresh.paymennt)?;
+        let client = Client::from_settings(&fresh.paymennt)?.with_metrics(options.metrics.clone());
         Ok((fresh, hooks, client))
     });
     let (fresh, hooks, client) = match loaded {
@@ -664,6 +676,7 @@ async fn consume_listen_events(
     nudges: mpsc::Sender<Nudge>,
     health: Health,
     cancel: CancellationToken,
+    metrics: Metrics,
 ) {
     let mut batch = Vec::with_capacity(512);
     let mut unnoted: HashSet<CheckoutId> = HashSet::new();
@@ -775,6 +788,7 @@ async fn consume_listen_events(
                     let retry_text =
                         humantime::format_duration(Duration::from_secs(retry_in.as_secs()));
                     if refusals == 1 {
+                        metrics.listen_target_refused();
                         tracing::warn!(checkout = %checkout_id, document = %document, code,
                             "Firestore refuses to watch this checkout's document: {code}: {message}; \
                              the other checkouts are unaffected, the reconciler still checks this one \
@@ -813,6 +827,7 @@ async fn consume_listen_events(
                     }
                 }
                 ListenEvent::PermanentFailure { project, message } => {
+                    metrics.listen_project_refused(&project);
                     tracing::error!(project = %project, "Firestore refuses us: {message}");
                 }
                 ListenEvent::Connected {
@@ -828,6 +843,7 @@ async fn consume_listen_events(
                     reason,
                     retry_in,
                 } => {
+                    metrics.listen_reconnect(&project);
                     tracing::warn!(project = %project, stream, retry_in_ms = retry_in.as_millis() as u64, "Firestore stream disconnected: {reason}");
                 }
             }

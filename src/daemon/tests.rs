@@ -111,6 +111,7 @@ async fn a_change_that_could_not_be_noted_keeps_its_own_retry_and_blocks_only_it
         nudges,
         health,
         cancel.clone(),
+        crate::metrics::Metrics::disabled(),
     ));
     let drain = tokio::spawn(async move { while nudged.recv().await.is_some() {} });
 

@@ -69,6 +69,7 @@ use crate::hooks::event::HookEvent;
 use crate::hooks::retry::RetryPolicy;
 use crate::hooks::runner::{self, HookOutcome};
 use crate::ledger::{Delivery, DeliveryUpdate, Ledger};
+use crate::metrics::Metrics;
 
 /// How often the dispatcher looks for due deliveries when nothing wakes it.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -130,6 +131,8 @@ pub struct Dispatcher {
     concurrency: usize,
     /// The idle poll interval.
     poll: Duration,
+    /// Where attempts are counted and timed.
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -191,7 +194,14 @@ impl Dispatcher {
             }),
             concurrency: concurrency.max(1),
             poll: POLL_INTERVAL,
+            metrics: Metrics::disabled(),
         }
+    }
+
+    /// The same dispatcher, counting and timing attempts in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Dispatcher {
+        self.metrics = metrics;
+        self
     }
 
     /// The same dispatcher with another idle poll interval (tests; at least 1 ms).
@@ -230,6 +240,7 @@ impl Dispatcher {
             shared,
             concurrency,
             poll,
+            metrics,
         } = self;
         let slots = Arc::new(Semaphore::new(concurrency));
         let tasks = TaskTracker::new();
@@ -289,6 +300,7 @@ impl Dispatcher {
                                 delivery,
                                 kill.clone(),
                                 permit,
+                                metrics.clone(),
                             ));
                         }
                         if count < free {
@@ -388,11 +400,13 @@ async fn attempt(
     delivery: Delivery,
     kill: CancellationToken,
     permit: OwnedSemaphorePermit,
+    metrics: Metrics,
 ) {
     let update = match prepare(&delivery, spec) {
         Ok((spec, event)) => {
             let outcome = runner::run(&spec.command, &event, &kill).await;
             let update = decide(&spec.policy, &delivery, &outcome);
+            metrics.hook_attempt(&delivery.hook, &update, Some(outcome.duration));
             log_outcome(&delivery, &outcome, &update);
             update
         }
@@ -407,10 +421,12 @@ async fn attempt(
                 "hook delivery dead; once fixed, run: paywatch hooks retry {}",
                 delivery.event_id
             );
-            DeliveryUpdate::Dead {
+            let update = DeliveryUpdate::Dead {
                 exit_code: None,
                 error,
-            }
+            };
+            metrics.hook_attempt(&delivery.hook, &update, None);
+            update
         }
     };
     record(&ledger, &shared, delivery, update).await;

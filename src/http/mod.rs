@@ -1,5 +1,5 @@
 //! The optional HTTP listener (`[http] listen`): webhook intake, the track endpoint for
-//! backends, and the health checks.
+//! backends, the health checks, and `/metrics`.
 //!
 //! Owns: binding the address, serving the routes of [`routes`] with the source address of each
 //! connection, and stopping gracefully (no new connections; requests in flight finish).
@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::daemon::health::Health;
 use crate::domain::{CheckoutId, FirestoreLocation};
 use crate::ledger::Ledger;
+use crate::metrics::Metrics;
 use crate::settings::{HttpSettings, Secret, SettingsError, is_loopback_host};
 use crate::sources::Nudge;
 use crate::sources::webhook::WebhookIntake;
@@ -57,6 +58,10 @@ pub struct HttpContext {
     pub max_body_bytes: usize,
     /// The webhook signature header.
     pub signature_header: http::HeaderName,
+    /// The daemon's figures, served at `/metrics`.
+    pub metrics: Metrics,
+    /// The ledger the scrape-time gauges are read from.
+    pub ledger: Ledger,
 }
 
 impl HttpContext {
@@ -71,11 +76,12 @@ impl HttpContext {
         nudges: mpsc::Sender<Nudge>,
         watch: mpsc::Sender<NewlyTracked>,
         health: Health,
+        metrics: Metrics,
     ) -> Result<HttpContext, SettingsError> {
         let intake = WebhookIntake::new(settings, ledger.clone(), nudges.clone())?;
         let track = settings.token()?.map(|token| TrackEndpoint {
             token,
-            ledger,
+            ledger: ledger.clone(),
             watch,
             nudges,
         });
@@ -91,6 +97,8 @@ impl HttpContext {
             health,
             max_body_bytes: settings.max_body_bytes,
             signature_header,
+            metrics,
+            ledger,
         })
     }
 }

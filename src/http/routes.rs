@@ -11,7 +11,7 @@
 //! | `GET /healthz` | 200 / 503 `{ok, problems}` |
 //! | `GET /readyz` | 200 / 503 `{ready, problems, streams, streams_connected}` |
 //!
-//! New routes (e.g. `/metrics`) are one `.route(...)` line in [`router`].
+//! A new route is one `.route(...)` line in [`router`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,6 +42,7 @@ pub fn router(context: Arc<HttpContext>) -> Router {
         .route("/v1/checkouts", post(track))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -248,6 +249,12 @@ async fn healthz(State(context): State<Arc<HttpContext>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(liveness)).into_response()
+}
+
+/// The Prometheus text exposition (see [`crate::metrics`]); 503 naming the problem when the
+/// ledger gauges cannot be read.
+async fn metrics(State(context): State<Arc<HttpContext>>) -> Response {
+    context.metrics.response(&context.ledger).await
 }
 
 async fn readyz(State(context): State<Arc<HttpContext>>) -> Response {

@@ -8,6 +8,7 @@
 //! The connection sits behind a std `Mutex`: every call is short and synchronous. Async code
 //! calls the ledger from `spawn_blocking` so the runtime's threads never wait on the disk.
 
+mod gauges;
 mod migrate;
 mod outbox;
 
@@ -24,6 +25,7 @@ use crate::paymennt::VerifiedCheckout;
 use crate::paymennt::wire::CheckoutFacts;
 use crate::settings::HookSettings;
 
+pub use gauges::{LedgerGauges, UndeliveredCount};
 pub use migrate::SCHEMA_VERSION;
 pub use outbox::{Delivery, DeliveryFilter, DeliveryState, DeliveryUpdate};
 

@@ -24,6 +24,7 @@ use super::wire::{
     Checkout, CheckoutFacts, CheckoutPage, CheckoutShapeError, LinkRequest, Webhook, WebhookId,
 };
 use crate::domain::{CheckoutId, CheckoutStatus, VerifyTicket, printable};
+use crate::metrics::{Metrics, PaymenntCall};
 use crate::settings::{ApiCredentials, PaymenntSettings, SettingsError, is_loopback_host};
 
 /// The largest answer body read; reading stops (and the call fails) past it. A checkout is a
@@ -297,6 +298,7 @@ pub struct Client {
     base: Url,
     request_timeout: Duration,
     retry: RetryPolicy,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for Client {
@@ -408,7 +410,13 @@ impl Client {
             base,
             request_timeout,
             retry,
+            metrics: Metrics::disabled(),
         })
+    }
+
+    /// The same client, timing its Get Checkout and Search calls in `metrics`.
+    pub fn with_metrics(self, metrics: Metrics) -> Client {
+        Client { metrics, ..self }
     }
 
     /// The base URL in use.
@@ -422,6 +430,18 @@ impl Client {
     ///
     /// The last attempt's [`Error`].
     pub async fn get_checkout(
+        &self,
+        id: &CheckoutId,
+        ticket: VerifyTicket,
+    ) -> Result<VerifiedCheckout, Error> {
+        let started = std::time::Instant::now();
+        let result = self.fetch_checkout(id, ticket).await;
+        self.metrics
+            .paymennt_call(PaymenntCall::GetCheckout, &result, started.elapsed());
+        result
+    }
+
+    async fn fetch_checkout(
         &self,
         id: &CheckoutId,
         ticket: VerifyTicket,
@@ -467,6 +487,14 @@ impl Client {
     ///
     /// The last attempt's [`Error`].
     pub async fn search(&self, query: &SearchQuery) -> Result<CheckoutPage, Error> {
+        let started = std::time::Instant::now();
+        let result = self.search_once(query).await;
+        self.metrics
+            .paymennt_call(PaymenntCall::Search, &result, started.elapsed());
+        result
+    }
+
+    async fn search_once(&self, query: &SearchQuery) -> Result<CheckoutPage, Error> {
         let mut pairs: Vec<(&str, String)> = Vec::new();
         if let Some(kind) = &query.kind {
             pairs.push(("type", kind.clone()));

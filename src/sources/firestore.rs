@@ -122,6 +122,8 @@ pub struct ListenerOptions {
     /// A target whose only news is a heartbeat token is checkpointed at most this often
     /// (changes are checkpointed at the next snapshot whatever this says).
     pub checkpoint_interval: Duration,
+    /// Where streams are counted (open streams, the age of each stream's last message).
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Default for ListenerOptions {
@@ -140,6 +142,7 @@ impl Default for ListenerOptions {
             refused_retry_initial: Duration::from_secs(5 * 60),
             refused_retry_max: Duration::from_secs(60 * 60),
             checkpoint_interval: Duration::from_secs(300),
+            metrics: crate::metrics::Metrics::disabled(),
         }
     }
 }

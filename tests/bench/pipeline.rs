@@ -116,6 +116,7 @@ async fn latency_and_throughput(mode: &str, payments: usize) {
         status: Some(sender),
         notifier: Notifier::disabled(),
         http_addr: None,
+        metrics: paywatch::metrics::Metrics::new(),
     };
     let started = Instant::now();
     let task = tokio::spawn(daemon::run(settings, receiver, options));

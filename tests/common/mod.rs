@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod exposition;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,6 +12,7 @@ use paywatch::daemon::{self, Control, DaemonStatus, RunOptions};
 use paywatch::domain::CheckoutId;
 use paywatch::ledger::{Ledger, TrackedVia};
 use paywatch::logging::LogHandle;
+use paywatch::metrics::Metrics;
 use paywatch::paymennt::wire::{JsonDecimal, LinkRequest};
 use paywatch::sandbox::{Sandbox, SandboxOptions};
 use paywatch::settings::Settings;
@@ -111,6 +114,8 @@ pub struct Daemon {
     pub status: watch::Receiver<DaemonStatus>,
     /// The HTTP listener's address, once bound (`[http] listen`).
     pub http: watch::Receiver<Option<std::net::SocketAddr>>,
+    /// The daemon's metrics (what `/metrics` serves).
+    pub metrics: Metrics,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -120,12 +125,14 @@ impl Daemon {
         let (controls, receiver) = mpsc::channel(8);
         let (sender, mut status) = watch::channel(DaemonStatus::default());
         let (http_sender, http) = watch::channel(None);
+        let metrics = Metrics::new();
         let options = RunOptions {
             config_path: Some(config_path.to_path_buf()),
             log: LogHandle::detached(),
             status: Some(sender),
             notifier: paywatch::daemon::notify::Notifier::disabled(),
             http_addr: Some(http_sender),
+            metrics: metrics.clone(),
         };
         let task = tokio::spawn(daemon::run(settings.clone(), receiver, options));
         tokio::time::timeout(DEADLINE, status.wait_for(|s| s.ready))
@@ -136,6 +143,7 @@ impl Daemon {
             controls,
             status,
             http,
+            metrics,
             task,
         }
     }
