@@ -256,8 +256,10 @@ pub async fn run(
         "watch-set sync",
         sync_watch_set(
             ledger.clone(),
-            listener.clone(),
-            database,
+            Listening {
+                listener: listener.clone(),
+                database,
+            },
             watched,
             watch_set_changed.subscribe(),
             newly_tracked_receiver,
@@ -863,6 +865,13 @@ fn in_database(location: FirestoreLocation, database: &str) -> FirestoreLocation
     }
 }
 
+/// Where watched checkouts are listened to: the listener (none with `[firestore] enabled =
+/// false`) and the database every checkout's location is put in (`[firestore] database`).
+struct Listening {
+    listener: Option<ListenerHandle>,
+    database: String,
+}
+
 /// Keeps the listener's targets equal to the ledger's watched checkouts: new ones (tracked by
 /// `paywatch track` in another process, or first seen by a verification) are added, finished
 /// ones removed. Checkouts tracked through the HTTP track endpoint arrive on `newly_tracked`
@@ -870,8 +879,7 @@ fn in_database(location: FirestoreLocation, database: &str) -> FirestoreLocation
 /// (`listener` None) only the count is kept.
 async fn sync_watch_set(
     ledger: Ledger,
-    listener: Option<ListenerHandle>,
-    database: String,
+    listening: Listening,
     mut watched: HashMap<CheckoutId, FirestoreLocation>,
     mut watch_set_changed: watch::Receiver<u64>,
     mut newly_tracked: mpsc::Receiver<NewlyTracked>,
@@ -890,13 +898,13 @@ async fn sync_watch_set(
             tracked = newly_tracked.recv(), if newly_open => {
                 let tracked = tracked.map(|tracked| NewlyTracked {
                     checkout_id: tracked.checkout_id,
-                    location: in_database(tracked.location, &database),
+                    location: in_database(tracked.location, &listening.database),
                 });
                 match tracked {
                     Some(tracked) if watched.get(&tracked.checkout_id) != Some(&tracked.location) => {
                         tracing::info!(checkout = %tracked.checkout_id, document = %tracked.location.document_name(), "now watching");
                         watched.insert(tracked.checkout_id.clone(), tracked.location.clone());
-                        if let Some(listener) = &listener {
+                        if let Some(listener) = &listening.listener {
                             listener.watch(WatchTarget {
                                 checkout_id: tracked.checkout_id,
                                 location: tracked.location,
@@ -941,7 +949,7 @@ async fn sync_watch_set(
             .collect();
         for id in gone {
             tracing::info!(checkout = %id, "no longer watched");
-            if let Some(listener) = &listener {
+            if let Some(listener) = &listening.listener {
                 listener.unwatch(&id);
             }
             watched.remove(&id);
@@ -952,11 +960,11 @@ async fn sync_watch_set(
             }
         }
         for (id, entry) in desired.drain() {
-            let location = in_database(entry.location, &database);
+            let location = in_database(entry.location, &listening.database);
             if watched.get(&id) != Some(&location) {
                 tracing::info!(checkout = %id, document = %location.document_name(), "now watching");
                 watched.insert(id.clone(), location.clone());
-                if let Some(listener) = &listener {
+                if let Some(listener) = &listening.listener {
                     listener.watch(WatchTarget {
                         checkout_id: id,
                         location,
