@@ -38,7 +38,8 @@
 //! In both modes no HTTP/2 connection carries more than `streams_per_connection` streams:
 //! Google's front end allows about 100 and tonic queues the next stream silently.
 //!
-//! See `/work/shared/notes/firestore-listen.md` for the protocol and `docs/firestore-interop.md`
+//! The protocol is Google's `google.firestore.v1.Firestore/Listen` (its protos, and the official
+//! server SDKs' watch code); `docs/firestore-interop.md`
 //! for what the emulators do differently.
 
 mod backoff;
