@@ -393,6 +393,9 @@ where
 
 /// One attempt of one claimed delivery: run, decide, log, record, then free the slot and wake
 /// the loop (in that order, so the next event of this checkout is claimable when it looks).
+/// How long after paywatch itself failed during an attempt (a panic) the delivery runs again.
+const PANIC_RETRY: Duration = Duration::from_secs(30);
+
 async fn attempt(
     ledger: Ledger,
     shared: Arc<Shared>,
@@ -404,11 +407,45 @@ async fn attempt(
 ) {
     let update = match prepare(&delivery, spec) {
         Ok((spec, event)) => {
-            let outcome = runner::run(&spec.command, &event, &kill).await;
-            let update = decide(&spec.policy, &delivery, &outcome);
-            metrics.hook_attempt(&delivery.hook, &update, Some(outcome.duration));
-            log_outcome(&delivery, &outcome, &update);
-            update
+            // A panic here (a bug in paywatch, not the hook's failure) must not leave the row
+            // `running` until the next start: it is caught and the delivery retried.
+            let run = async {
+                #[cfg(test)]
+                if delivery.hook == tests::PANICKING_HOOK {
+                    panic!("a test asked this attempt to panic");
+                }
+                let outcome = runner::run(&spec.command, &event, &kill).await;
+                let update = decide(&spec.policy, &delivery, &outcome);
+                metrics.hook_attempt(&delivery.hook, &update, Some(outcome.duration));
+                log_outcome(&delivery, &outcome, &update);
+                update
+            };
+            match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(run)).await {
+                Ok(update) => update,
+                Err(panic) => {
+                    let reason = panic
+                        .downcast_ref::<&str>()
+                        .map(|text| (*text).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a non-text panic".to_owned());
+                    tracing::error!(
+                        event_id = %delivery.event_id,
+                        hook = %delivery.hook,
+                        checkout = %delivery.checkout_id,
+                        attempt = delivery.attempts,
+                        "paywatch failed while running this hook (a bug; please report it): \
+                         {reason}; the delivery runs again in {}s",
+                        PANIC_RETRY.as_secs()
+                    );
+                    DeliveryUpdate::Retry {
+                        next_attempt_at: Utc::now()
+                            + chrono::Duration::from_std(PANIC_RETRY)
+                                .unwrap_or_else(|_| chrono::Duration::seconds(30)),
+                        exit_code: None,
+                        error: format!("paywatch failed while running the hook: {reason}"),
+                    }
+                }
+            }
         }
         Err(error) => {
             tracing::error!(
