@@ -237,7 +237,9 @@ async fn tail_hook_log(path: PathBuf) {
     let mut printed = 0;
     loop {
         if let Ok(text) = tokio::fs::read_to_string(&path).await {
-            for line in text.lines().skip(printed) {
+            // Only whole lines: a hook may be halfway through writing the last one.
+            let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+            for line in complete.lines().skip(printed) {
                 let _ = output::write_out(&format!("  hook> {line}"));
                 printed += 1;
             }
@@ -311,6 +313,9 @@ pub fn demo_hook(args: &DemoHookArgs) -> anyhow::Result<()> {
         .append(true)
         .open(&args.append_to)
         .with_context(|| format!("opening {}", args.append_to.display()))?;
-    writeln!(file, "{line}").with_context(|| format!("writing {}", args.append_to.display()))?;
+    // One write of the whole line: hooks run concurrently and append to the same file, and a
+    // single O_APPEND write of a short line is not interleaved with another's.
+    file.write_all(format!("{line}\n").as_bytes())
+        .with_context(|| format!("writing {}", args.append_to.display()))?;
     Ok(())
 }
