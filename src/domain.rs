@@ -406,6 +406,8 @@ pub enum Source {
     Reconcile,
     /// A person: `paywatch link create`, `paywatch track`.
     Manual,
+    /// A webhook notification from paymennt (`POST /webhooks/paymennt`): a nudge only.
+    Webhook,
 }
 
 impl Source {
@@ -415,6 +417,7 @@ impl Source {
             Source::Firestore => "firestore",
             Source::Reconcile => "reconcile",
             Source::Manual => "manual",
+            Source::Webhook => "webhook",
         }
     }
 }
@@ -426,10 +429,11 @@ impl FromStr for Source {
             "firestore" => Ok(Source::Firestore),
             "reconcile" => Ok(Source::Reconcile),
             "manual" => Ok(Source::Manual),
+            "webhook" => Ok(Source::Webhook),
             other => Err(InvalidValue::new(
                 "source",
                 other,
-                "expected firestore, reconcile or manual",
+                "expected firestore, reconcile, manual or webhook",
             )),
         }
     }

@@ -5,7 +5,7 @@
 //! Data flows one way:
 //!
 //! ```text
-//! sources (firestore listener, reconciler) --Nudge--> verifier --Verified--> ledger --outbox--> hooks
+//! sources (firestore listener, reconciler, webhooks) --Nudge--> verifier --Verified--> ledger --outbox--> hooks
 //! ```
 //!
 //! - [`domain`]: checkout ids, statuses, money, Firestore coordinates. No I/O.
@@ -17,17 +17,21 @@
 //! - [`ledger`]: the SQLite ledger: checkouts, verified transitions, the hook outbox, resume
 //!   tokens. All SQL lives here.
 //! - [`hooks`]: the outbox dispatcher and the runner of the merchant's commands.
+//! - [`http`]: the optional HTTP listener: webhook intake, the track endpoint, health checks.
 //! - [`daemon`]: startup, reload, drain, signals, systemd notifications.
 //! - [`sandbox`]: a local stand-in for paymennt's API and Firestore's Listen.
 //! - [`cli`]: the command line; the only module that prints to stdout.
 //! - [`logging`]: text, journald and JSON log output.
+//! - [`metrics`]: the daemon's figures in the Prometheus text format, for `/metrics`.
 
 pub mod cli;
 pub mod daemon;
 pub mod domain;
 pub mod hooks;
+pub mod http;
 pub mod ledger;
 pub mod logging;
+pub mod metrics;
 pub mod paymennt;
 pub mod sandbox;
 pub mod settings;

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::{CheckoutId, Source, format_money, printable};
 use crate::ledger::{ApplyOutcome, Ledger, NotFoundOutcome};
+use crate::metrics::Metrics;
 use crate::paymennt::{Client, VerifiedCheckout};
 use crate::settings::HookSettings;
 use crate::sources::Nudge;
@@ -60,6 +61,9 @@ pub struct VerifierStats {
     pub failures: u64,
     /// When the last PAID was recorded.
     pub last_payment: Option<DateTime<Utc>>,
+    /// Since when Get Checkout has been failing (network, 5xx, 429, refused credentials) with
+    /// no success in between; `None` while it works. "Not found" answers are not failures.
+    pub failing_since: Option<DateTime<Utc>>,
 }
 
 /// Where the verifier says what it changed, so the stages after it can follow.
@@ -195,6 +199,7 @@ pub struct Verifier {
     ledger_changed: watch::Sender<u64>,
     watch_set_changed: watch::Sender<u64>,
     stats: watch::Sender<VerifierStats>,
+    metrics: Metrics,
 }
 
 impl Verifier {
@@ -213,7 +218,13 @@ impl Verifier {
             ledger_changed: signals.ledger_changed,
             watch_set_changed: signals.watch_set_changed,
             stats: watch::channel(VerifierStats::default()).0,
+            metrics: Metrics::disabled(),
         }
+    }
+
+    /// The same verifier, counting verifications and transitions in `metrics`.
+    pub fn with_metrics(self, metrics: Metrics) -> Verifier {
+        Verifier { metrics, ..self }
     }
 
     /// Figures, updated as the verifier works.
@@ -364,6 +375,7 @@ impl Verifier {
     /// One verification. Returns the nudge if it should be retried.
     async fn verify(&self, nudge: Nudge) -> Option<Nudge> {
         self.stats.send_modify(|stats| stats.calls += 1);
+        self.metrics.verification(nudge.source);
         let client = self.config.borrow().client.clone();
         // The ticket orders this answer against every other (never a clock).
         let ticketer = self.ledger.clone();
@@ -379,9 +391,21 @@ impl Verifier {
             }
         };
         let verified = match client.get_checkout(&nudge.checkout_id, ticket).await {
-            Ok(verified) => verified,
+            Ok(verified) => {
+                self.stats
+                    .send_if_modified(|stats| stats.failing_since.take().is_some());
+                verified
+            }
             Err(error) => {
-                self.stats.send_modify(|stats| stats.failures += 1);
+                let answered = error.is_not_found();
+                self.stats.send_modify(|stats| {
+                    stats.failures += 1;
+                    if answered {
+                        stats.failing_since = None;
+                    } else if stats.failing_since.is_none() {
+                        stats.failing_since = Some(Utc::now());
+                    }
+                });
                 if error.is_retryable() && error.is_configuration_problem() {
                     tracing::error!(checkout = %nudge.checkout_id, source = %nudge.source, base_url = %client.base_url(), %error, "Get Checkout failed; will try again");
                     return Some(nudge);
@@ -428,6 +452,7 @@ impl Verifier {
                     elapsed,
                     deliveries.len(),
                 );
+                self.metrics.transition(verified.status(), source);
                 self.stats.send_modify(|stats| {
                     stats.transitions += 1;
                     if verified.status() == &crate::domain::CheckoutStatus::Paid {
@@ -500,6 +525,7 @@ fn payment_line(
         ),
         (Source::Reconcile, _) => "found by the reconciler".to_owned(),
         (Source::Manual, _) => "recorded by hand".to_owned(),
+        (Source::Webhook, _) => format!("verified {} ms after the webhook", since_seen.as_millis()),
     };
     let mut line = format!(
         "{status} checkout={} order={order} {} {} (was {was}; {timing})",

@@ -643,3 +643,85 @@ async fn an_impossible_document_in_paymennts_answer_is_a_usage_error() {
     );
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_register_list_test_disable_keep_the_hmac_key_out_of_output_unless_asked() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, config) = common::settings(dir.path(), &sandbox, "multiplexed", "");
+    let run = |args: Vec<String>| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            paywatch(&config, &args, None)
+        })
+    };
+    let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let refused = run(args(&["webhooks", "register", "http://shop.example/hook"]))
+        .await
+        .expect("ran");
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("https"), "{}", stderr(&refused));
+
+    let registered = run(args(&[
+        "webhooks",
+        "register",
+        "http://127.0.0.1:9/webhooks/paymennt",
+        "--json",
+    ]))
+    .await
+    .expect("ran");
+    assert!(registered.status.success(), "{}", stderr(&registered));
+    let hook = sandbox
+        .state()
+        .webhooks()
+        .pop()
+        .expect("registered in paymennt");
+    let json: Value = serde_json::from_slice(&registered.stdout).expect("JSON");
+    assert_eq!(json["id"], hook.id);
+    assert_eq!(json["enabled"], true);
+    assert!(json.get("hmacKey").is_none(), "{json}");
+    assert!(!stdout(&registered).contains(&hook.hmac_key));
+    assert!(!stderr(&registered).contains(&hook.hmac_key));
+    let listed = run(args(&["webhooks", "list"])).await.expect("ran");
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    assert!(stdout(&listed).contains(&hook.id), "{}", stdout(&listed));
+    assert!(!stdout(&listed).contains(&hook.hmac_key));
+    let shown = run(args(&["webhooks", "list", "--show-hmac-key"]))
+        .await
+        .expect("ran");
+    assert!(
+        stdout(&shown).contains(&hook.hmac_key),
+        "{}",
+        stdout(&shown)
+    );
+
+    let tested = run(args(&["webhooks", "test", &hook.id]))
+        .await
+        .expect("ran");
+    assert!(tested.status.success(), "{}", stderr(&tested));
+    common::wait_for("the test call", common::DEADLINE, || async {
+        (!sandbox.state().webhook_attempts().is_empty()).then_some(())
+    })
+    .await;
+    let disabled = run(args(&["webhooks", "disable", &hook.id, "--json"]))
+        .await
+        .expect("ran");
+    assert!(disabled.status.success(), "{}", stderr(&disabled));
+    let json: Value = serde_json::from_slice(&disabled.stdout).expect("JSON");
+    assert_eq!(json["enabled"], false);
+    let unknown = run(args(&["webhooks", "disable", "424242"]))
+        .await
+        .expect("ran");
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        stderr(&unknown).contains("Webhook not found"),
+        "{}",
+        stderr(&unknown)
+    );
+    let bad = run(args(&["webhooks", "test", "../checkout"]))
+        .await
+        .expect("ran");
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    sandbox.shutdown().await;
+}

@@ -633,6 +633,8 @@ async fn a_second_daemon_on_the_same_ledger_is_refused() {
         log: paywatch::logging::LogHandle::detached(),
         status: None,
         notifier: paywatch::daemon::notify::Notifier::disabled(),
+        http_addr: None,
+        metrics: paywatch::metrics::Metrics::new(),
     };
     let second = tokio::time::timeout(
         DEADLINE,
@@ -666,6 +668,8 @@ async fn a_task_that_dies_stops_the_daemon_with_an_error_naming_it() {
         log: paywatch::logging::LogHandle::detached(),
         status: None,
         notifier: paywatch::daemon::notify::Notifier::disabled(),
+        http_addr: None,
+        metrics: paywatch::metrics::Metrics::new(),
     };
     let ended = tokio::time::timeout(DEADLINE, paywatch::daemon::run(settings, receiver, options))
         .await
@@ -703,6 +707,8 @@ async fn a_daemon_refused_the_lock_never_opens_or_migrates_the_ledger() {
         log: paywatch::logging::LogHandle::detached(),
         status: None,
         notifier: paywatch::daemon::notify::Notifier::disabled(),
+        http_addr: None,
+        metrics: paywatch::metrics::Metrics::new(),
     };
     let refused =
         tokio::time::timeout(DEADLINE, paywatch::daemon::run(settings, receiver, options))

@@ -450,7 +450,11 @@ async fn sandbox_rest_webhooks_are_registered_and_listed() {
     let list = rest.client.get(format!("{}webhooks", rest.base));
     let (status, _, json) = rest.send(rest.authed(list)).await;
     assert_eq!(status, 200);
-    assert_eq!(json["result"].as_array().map(Vec::len), Some(1));
+    // paymennt's spec: `GET /webhooks` answers an array of `WebhookResponseWrapper`.
+    let listed = json.as_array().expect("an array of wrappers");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["success"], true);
+    assert_eq!(listed[0]["result"]["address"], "https://shop.example/hook");
     let missing = rest
         .client
         .post(format!("{}webhooks", rest.base))

@@ -1,8 +1,10 @@
-//! The secrets sweep: with recognisable credentials, run paywatch's whole flow (link create,
-//! the daemon in text and JSON log formats at debug level, payments, API errors and retries,
-//! refunds, hooks, every read command with `--json`, check-config online) and assert that no
-//! secret appears in any log line, error message, output, ledger byte, hook environment or hook
-//! stdin.
+//! The secrets sweep: with recognisable credentials (paymennt API key and secret, a
+//! service-account private key checked by the sandbox as IAM would, the HTTP track token and the
+//! webhook HMAC key), run paywatch's whole flow (link create, the daemon in text and JSON log
+//! formats at debug level, payments, API errors and retries, refunds, hooks, the HTTP endpoints
+//! and `/metrics`, every read command with `--json`, check-config online) and assert that no
+//! secret appears in any log line, error message, output, response, ledger byte, hook environment
+//! or hook stdin.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use paywatch::ledger::{DeliveryFilter, DeliveryState, Ledger};
-use paywatch::sandbox::{Sandbox, SandboxOptions};
+use paywatch::sandbox::{FirestoreAuthCheck, Sandbox, SandboxOptions, TestServiceAccount};
 
 use crate::common::{self, DEADLINE};
 
@@ -19,6 +21,10 @@ use crate::common::{self, DEADLINE};
 const API_KEY: &str = "pk_SWEEPKEY_7f3a9c";
 /// The paymennt API secret: read from a file, sent to paymennt, nowhere else.
 const API_SECRET: &str = "sk_SWEEPSECRET_2e8b41";
+/// The bearer token of `POST /v1/checkouts`: read from a file, compared, never shown.
+const HTTP_TOKEN: &str = "tok_SWEEPHTTP_c0ffee99";
+/// The webhook signature key.
+const HMAC_KEY: &str = "hk_SWEEPHMAC_5a5a17";
 
 /// Everything the sweep collected, by where it came from.
 #[derive(Default)]
@@ -122,10 +128,12 @@ async fn wait_delivered(ledger: &Ledger, count: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
+    let account = TestServiceAccount::generate("paywatch-sandbox").expect("test key");
     let sandbox = Sandbox::start(SandboxOptions {
         api_key: API_KEY.into(),
         api_secret: API_SECRET.into(),
         heartbeat_interval: Duration::from_secs(2),
+        firestore_auth: FirestoreAuthCheck::Iam(account.iam.clone()),
         ..SandboxOptions::default()
     })
     .await
@@ -133,6 +141,20 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let secret_file = dir.path().join("api-secret");
     std::fs::write(&secret_file, format!("{API_SECRET}\n")).expect("secret file");
+    let key_file = dir.path().join("service-account.json");
+    std::fs::write(&key_file, &account.key_json).expect("key file");
+    let token_file = dir.path().join("http-token");
+    std::fs::write(&token_file, format!("{HTTP_TOKEN}\n")).expect("token file");
+    // The private key's body: any one line of it in a log would be a leak.
+    let key: serde_json::Value = serde_json::from_str(&account.key_json).expect("key json");
+    let private_key_lines: Vec<String> = key["private_key"]
+        .as_str()
+        .expect("private_key")
+        .lines()
+        .filter(|line| !line.starts_with("-----") && line.len() > 40)
+        .map(str::to_owned)
+        .collect();
+    assert!(private_key_lines.len() > 10);
     let hook_dir = dir.path().join("hook-seen");
     std::fs::create_dir_all(&hook_dir).expect("mkdir");
     let hook = dir.path().join("hook.sh");
@@ -150,7 +172,8 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
         format!(
             "[ledger]\npath = \"{ledger}\"\n\n\
              [paymennt]\nbase_url = \"{base}\"\napi_key = \"{API_KEY}\"\napi_secret_file = \"{secret}\"\nmax_retries = 5\n\n\
-             [firestore]\nendpoint = \"{endpoint}\"\n\n\
+             [firestore]\nendpoint = \"{endpoint}\"\nauth = \"service-account\"\ncredentials = \"{key}\"\n\n\
+             [http]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{token}\"\nwebhook_hmac_key = \"{HMAC_KEY}\"\n\n\
              [reconcile]\ninterval = \"2s\"\n\n\
              [log]\nlevel = \"debug\"\n\n\
              [[hooks]]\nname = \"record\"\ncommand = [\"/bin/sh\", \"{hook}\"]\n",
@@ -158,6 +181,8 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
             base = sandbox.api_base_url(),
             secret = secret_file.display(),
             endpoint = sandbox.firestore_endpoint(),
+            key = key_file.display(),
+            token = token_file.display(),
             hook = hook.display(),
         ),
     )
@@ -203,6 +228,7 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
         .expect("refund");
     common::wait_status(&ledger, &ids[0], "PARTIALLY_REFUNDED").await;
     wait_delivered(&ledger, 3).await;
+    sweep_http(&text_log, &sandbox, &mut places).await;
     tokio::task::block_in_place(|| stop(daemon));
 
     // Again with JSON logs, throttled answers this time.
@@ -211,7 +237,8 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
     sandbox.faults().throttle_next_api_requests(2, 1);
     sandbox.state().pay(&ids[1]).await.expect("pay");
     common::wait_status(&ledger, &ids[1], "PAID").await;
-    wait_delivered(&ledger, 5).await;
+    // Five for the two links, one for the checkout tracked over HTTP.
+    wait_delivered(&ledger, 6).await;
     tokio::task::block_in_place(|| stop(daemon));
     places.add_file("daemon log (text)", &text_log);
     places.add_file("daemon log (json)", &json_log);
@@ -261,7 +288,7 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
             .text_of("daemon log (json)")
             .contains("PAID checkout=")
     );
-    assert_eq!(hook_files, 10, "env and stdin of five deliveries");
+    assert_eq!(hook_files, 12, "env and stdin of six deliveries");
     assert!(places.text_of("hook").contains("PAYWATCH_EVENT_ID="));
     assert!(
         places
@@ -269,7 +296,14 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
             .contains("SWEEP-1")
     );
 
-    for secret in [API_KEY, API_SECRET] {
+    assert!(
+        places
+            .text_of("http")
+            .contains("paywatch_transitions_total")
+    );
+    let mut secrets: Vec<&str> = vec![API_KEY, API_SECRET, HTTP_TOKEN, HMAC_KEY, "Bearer ey"];
+    secrets.extend(private_key_lines.iter().map(String::as_str));
+    for secret in secrets {
         for (place, bytes) in &places.0 {
             assert!(
                 !contains(bytes, secret.as_bytes()),
@@ -278,4 +312,80 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
         }
     }
     sandbox.shutdown().await;
+}
+
+/// Calls every HTTP endpoint of the daemon whose log is `log` (it logs its bound address), with
+/// the right token, a wrong one and none, and keeps every answer.
+async fn sweep_http(log: &Path, sandbox: &Sandbox, places: &mut Places) {
+    let addr = common::wait_for("the HTTP listener's address", DEADLINE, || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let addr = text.split_whitespace().find_map(|word| {
+            word.strip_prefix("listen=")
+                .map(|addr| addr.trim_matches('"').to_owned())
+        });
+        async move { addr }
+    })
+    .await;
+    let base = format!("http://{addr}");
+    let http = reqwest::Client::new();
+    let created = sandbox
+        .state()
+        .create_link(&common::link_request("SWEEP-HTTP", "7.00"))
+        .await
+        .expect("link");
+    let body = serde_json::json!({ "success": true, "elapsed": 1, "result": created }).to_string();
+    for (name, token) in [
+        ("right token", Some(HTTP_TOKEN)),
+        ("wrong token", Some("tok_wrong")),
+        ("no token", None),
+    ] {
+        let mut request = http
+            .post(format!("{base}/v1/checkouts"))
+            .header("content-type", "application/json")
+            .body(body.clone());
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("POST /v1/checkouts");
+        let status = response.status();
+        let text = response.text().await.expect("body");
+        if name == "right token" {
+            assert!(status.is_success(), "{status}: {text}");
+        } else {
+            assert_eq!(status, 401, "{name}: {text}");
+        }
+        places.add(format!("http POST /v1/checkouts ({name})"), text);
+    }
+    let bad = http
+        .post(format!("{base}/v1/checkouts"))
+        .bearer_auth(HTTP_TOKEN)
+        .body("{not json")
+        .send()
+        .await
+        .expect("POST");
+    places.add(
+        "http POST /v1/checkouts (bad body)",
+        bad.text().await.expect("body"),
+    );
+    let webhook = http
+        .post(format!("{base}/webhooks/paymennt"))
+        .header("content-type", "application/json")
+        .body(format!(
+            "{{\"checkoutId\":\"{}\"}}",
+            created.id.as_ref().map(|id| id.0.as_str()).unwrap_or("1")
+        ))
+        .send()
+        .await
+        .expect("POST webhook");
+    places.add(
+        "http POST /webhooks/paymennt",
+        webhook.text().await.expect("body"),
+    );
+    for path in ["/metrics", "/healthz", "/readyz", "/nope"] {
+        let response = http.get(format!("{base}{path}")).send().await.expect("GET");
+        places.add(
+            format!("http GET {path}"),
+            response.text().await.expect("body"),
+        );
+    }
 }

@@ -295,6 +295,9 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
 
     let listener = listener_options(&settings);
     let firestore = match &listener {
+        Ok(_) if !settings.firestore.enabled => {
+            Ok("off ([firestore] enabled = false): no credentials needed".to_owned())
+        }
         Ok(options) => {
             crate::sources::firestore::check_credentials(
                 &options.endpoint,
@@ -310,6 +313,48 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
         Ok(text) => check(true, format!("firestore {text}")),
         Err(error) => check(false, format!("firestore credentials: {error:#}")),
     });
+
+    if let Some(addr) = settings.http.listen {
+        let loopback = addr.ip().is_loopback();
+        checks.push(check(
+            true,
+            if loopback {
+                format!("HTTP listener on {addr}")
+            } else {
+                format!("HTTP listener on {addr} (not loopback: put it behind TLS and a firewall)")
+            },
+        ));
+        checks.push(match settings.http.token() {
+            Ok(Some(token)) => check(
+                true,
+                format!("track endpoint on (bearer token {})", token.hint()),
+            ),
+            Ok(None) => check(
+                true,
+                "track endpoint off (no [http] token, token_file or credential paywatch-http-token)",
+            ),
+            Err(error) => check(false, format!("track endpoint: {error}")),
+        });
+        checks.push(match settings.http.webhook_hmac_key() {
+            Ok(Some(_)) => check(
+                true,
+                format!(
+                    "webhook signatures in {} are checked",
+                    settings.http.webhook_signature_header
+                ),
+            ),
+            Ok(None) => check(
+                true,
+                "webhook signatures are not checked (no [http] webhook_hmac_key); notifications are verified with Get Checkout anyway",
+            ),
+            Err(error) => check(false, format!("webhook key: {error}")),
+        });
+    } else if !settings.firestore.enabled {
+        checks.push(check(
+            false,
+            "[firestore] enabled = false and no [http] listen: only the reconciler (and discovery) will notice changes\n      set [http] listen and register it with paywatch webhooks register",
+        ));
+    }
 
     // Resolved exactly as the daemon does: on the hook's own env.PATH when it sets one.
     let path_var = std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
@@ -384,7 +429,11 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
                 checks.push(check(false, format!("paymennt: not called: {error}")));
             }
         }
-        if let Ok(options) = &listener {
+        if let Some(options) = listener
+            .as_ref()
+            .ok()
+            .filter(|_| settings.firestore.enabled)
+        {
             let result = crate::sources::firestore::check_credentials(
                 &options.endpoint,
                 &options.auth,

@@ -9,7 +9,10 @@ use serde::Serialize;
 use super::{UsageError, output};
 use crate::domain::{Amount, CheckoutId, Currency, Source, printable};
 use crate::ledger::{ApplyOutcome, Ledger, ListFilter, TrackOutcome, TrackedVia};
-use crate::paymennt::wire::{Address, Checkout, Customer, Envelope, JsonDecimal, LinkRequest};
+use crate::paymennt::wire::{
+    Address, Checkout, CheckoutFacts, CheckoutShapeError, Customer, Envelope, JsonDecimal,
+    LinkRequest,
+};
 use crate::paymennt::{Client, VerifiedCheckout};
 use crate::settings::Settings;
 
@@ -299,7 +302,15 @@ pub struct TrackArgs {
 
 /// Reads a response and returns the checkout inside it, naming what is wrong if anything is.
 pub fn parse_response(text: &str, origin: &str) -> Result<Checkout, UsageError> {
-    let usage = |message: String| UsageError(format!("{origin}: {message}"));
+    read_response(text, origin).map_err(|rejected| UsageError(rejected.message))
+}
+
+/// [`parse_response`], keeping the field at fault apart.
+fn read_response(text: &str, origin: &str) -> Result<Checkout, RejectedInput> {
+    let usage = |message: String| RejectedInput {
+        message: format!("{origin}: {message}"),
+        field: None,
+    };
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| usage(format!("not valid JSON: {e}")))?;
     let object = value
@@ -330,11 +341,45 @@ pub fn parse_response(text: &str, origin: &str) -> Result<Checkout, UsageError> 
         if field == "." {
             usage(format!("the checkout cannot be read: {inner}"))
         } else {
-            usage(format!(
-                "the checkout cannot be read: field '{field}': {inner}"
-            ))
+            RejectedInput {
+                field: Some(field.clone()),
+                ..usage(format!(
+                    "the checkout cannot be read: field '{field}': {inner}"
+                ))
+            }
         }
     })
+}
+
+/// Why a create-link or Get Checkout response cannot be tracked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedInput {
+    /// What is wrong, starting with where the input came from.
+    pub message: String,
+    /// The field at fault, when one is (`firebaseDocument`, `amount`, ...).
+    pub field: Option<String>,
+}
+
+/// Reads what `paywatch track FILE` and `POST /v1/checkouts` take (a create-link or Get Checkout
+/// response, the wrapper or the bare result) and checks it: the same rules and messages for both.
+///
+/// # Errors
+///
+/// A [`RejectedInput`] naming the origin, the problem and, where there is one, the field.
+pub fn track_input(text: &str, origin: &str) -> Result<CheckoutFacts, RejectedInput> {
+    let checkout = read_response(text, origin)?;
+    let facts = checkout.facts().map_err(|error| RejectedInput {
+        message: format!("{origin}: {error}"),
+        field: Some(match &error {
+            CheckoutShapeError::Missing(name) => (*name).to_owned(),
+            CheckoutShapeError::Invalid(invalid) => invalid.what.to_owned(),
+        }),
+    })?;
+    Amount::new(facts.amount).map_err(|error| RejectedInput {
+        message: format!("{origin}: {error}"),
+        field: Some("amount".into()),
+    })?;
+    Ok(facts)
 }
 
 /// `paywatch track`.
@@ -384,11 +429,7 @@ pub async fn track(settings: &Settings, args: &TrackArgs) -> anyhow::Result<()> 
             (text, path.display().to_string())
         }
     };
-    let checkout = parse_response(&text, &origin)?;
-    let facts = checkout
-        .facts()
-        .map_err(|e| UsageError(format!("{origin}: {e}")))?;
-    Amount::new(facts.amount).map_err(|e| UsageError(format!("{origin}: {e}")))?;
+    let facts = track_input(&text, &origin).map_err(|rejected| UsageError(rejected.message))?;
     let ledger = open_ledger(settings)?;
     let outcome = ledger.track(&facts, TrackedVia::Track)?;
     let note = match outcome {

@@ -26,6 +26,8 @@ pub async fn run(settings: Settings, log: LogHandle) -> anyhow::Result<()> {
         log,
         status: None,
         notifier: daemon::notify::Notifier::from_env(),
+        http_addr: None,
+        metrics: crate::metrics::Metrics::new(),
     };
     daemon::run(settings, control_receiver, options).await
 }
@@ -81,6 +83,8 @@ pub async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
         log: LogHandle::detached(),
         status: Some(status_sender),
         notifier: daemon::notify::Notifier::disabled(),
+        http_addr: None,
+        metrics: crate::metrics::Metrics::new(),
     };
     let daemon = tokio::spawn(daemon::run(settings.clone(), control_receiver, options));
     status
@@ -233,7 +237,9 @@ async fn tail_hook_log(path: PathBuf) {
     let mut printed = 0;
     loop {
         if let Ok(text) = tokio::fs::read_to_string(&path).await {
-            for line in text.lines().skip(printed) {
+            // Only whole lines: a hook may be halfway through writing the last one.
+            let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+            for line in complete.lines().skip(printed) {
                 let _ = output::write_out(&format!("  hook> {line}"));
                 printed += 1;
             }
@@ -307,6 +313,9 @@ pub fn demo_hook(args: &DemoHookArgs) -> anyhow::Result<()> {
         .append(true)
         .open(&args.append_to)
         .with_context(|| format!("opening {}", args.append_to.display()))?;
-    writeln!(file, "{line}").with_context(|| format!("writing {}", args.append_to.display()))?;
+    // One write of the whole line: hooks run concurrently and append to the same file, and a
+    // single O_APPEND write of a short line is not interleaved with another's.
+    file.write_all(format!("{line}\n").as_bytes())
+        .with_context(|| format!("writing {}", args.append_to.display()))?;
     Ok(())
 }

@@ -11,6 +11,7 @@ pub mod generate;
 pub mod hooks;
 pub mod output;
 pub mod sandbox;
+pub mod webhooks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -87,6 +88,9 @@ pub enum Command {
     /// Write the man pages into a directory (used when packaging).
     #[command(hide = true)]
     Man(generate::ManArgs),
+    /// paymennt webhooks: register paywatch's address, list, test, disable.
+    #[command(subcommand)]
+    Webhooks(webhooks::WebhooksCommand),
     /// The demo's hook (used by `paywatch demo`).
     #[command(hide = true)]
     DemoHook(daemon::DemoHookArgs),
@@ -139,5 +143,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events(ref args) => checkouts::events(&load_settings(&cli)?, args),
         Command::Sandbox(args) => sandbox::run(args).await,
         Command::Hooks(ref command) => hooks::run(&load_settings(&cli)?, command).await,
+        Command::Webhooks(ref command) => webhooks::run(&load_settings(&cli)?, command).await,
     }
 }

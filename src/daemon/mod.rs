@@ -7,6 +7,7 @@
 //!
 //! [`run`] reads top to bottom as the startup order, and its end is the shutdown order.
 
+pub mod health;
 pub mod notify;
 pub mod signals;
 pub mod supervisor;
@@ -21,11 +22,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::daemon::health::Health;
 use crate::domain::{CheckoutId, FirestoreLocation};
 use crate::hooks::config::HookSet;
 use crate::hooks::dispatcher::{Dispatcher, DispatcherHandle};
+use crate::http::{HttpContext, NewlyTracked};
 use crate::ledger::Ledger;
 use crate::logging::LogHandle;
+use crate::metrics::Metrics;
 use crate::paymennt::Client;
 use crate::settings::Settings;
 use crate::sources::Nudge;
@@ -70,6 +74,10 @@ pub struct RunOptions {
     pub status: Option<watch::Sender<DaemonStatus>>,
     /// systemd notifications (READY, STATUS, WATCHDOG, RELOADING, STOPPING).
     pub notifier: notify::Notifier,
+    /// Where to publish the HTTP listener's bound address (`[http] listen` may give port 0).
+    pub http_addr: Option<watch::Sender<Option<std::net::SocketAddr>>>,
+    /// Where this daemon's figures are counted (served at `/metrics`; see [`crate::metrics`]).
+    pub metrics: Metrics,
 }
 
 /// How often the systemd STATUS= line is refreshed.
@@ -136,19 +144,41 @@ pub async fn run(
     let ledger = blocking(move || Ledger::open(&path)).await?;
 
     // 2. paymennt, and the hook commands (resolved now, so a missing program stops startup).
-    let client = Client::from_settings(&settings.paymennt)?;
+    let metrics = options.metrics.clone();
+    let client = Client::from_settings(&settings.paymennt)?.with_metrics(metrics.clone());
     let hooks = HookSet::from_settings(&settings)?;
 
-    // 3. Firestore: start the listener and subscribe to every watched checkout.
+    // 3. Firestore (unless turned off): start the listener and subscribe to every watched
+    //    checkout.
     let sources = CancellationToken::new();
     let (listen_events, listen_receiver) = mpsc::channel::<ListenEvent>(4096);
-    let listener_options = listener_options(&settings)?;
-    let listener = Listener::start(
-        listener_options.clone(),
-        listen_events,
-        sources.child_token(),
-    )
-    .context("starting the Firestore listener")?;
+    // With Firestore off its options are not even built: no Firestore credentials are needed.
+    let firestore_options = if settings.firestore.enabled {
+        Some(ListenerOptions {
+            metrics: metrics.clone(),
+            ..listener_options(&settings)?
+        })
+    } else {
+        None
+    };
+    let firestore_endpoint = firestore_options
+        .as_ref()
+        .map_or_else(|| "off".to_owned(), |found| found.endpoint.clone());
+    let mut idle_listen_events = None;
+    let listener = if let Some(found) = firestore_options {
+        Some(
+            Listener::start(found, listen_events, sources.child_token())
+                .context("starting the Firestore listener")?,
+        )
+    } else {
+        // Kept open (never sent on) so the supervised event task runs until shutdown.
+        idle_listen_events = Some(listen_events);
+        tracing::warn!(
+            "[firestore] enabled = false: changes arrive only through webhooks ([http]) and the reconciler every {:?}",
+            settings.reconcile.interval
+        );
+        None
+    };
     // Refusals noted by an earlier run are asked about afresh (and noted again if refused).
     let clearer = ledger.clone();
     blocking(move || clearer.clear_listen_refusals()).await?;
@@ -160,11 +190,13 @@ pub async fn run(
     for entry in initial {
         let location = in_database(entry.location, &database);
         watched.insert(entry.checkout_id.clone(), location.clone());
-        listener.watch(WatchTarget {
-            checkout_id: entry.checkout_id,
-            location,
-            resume_token: entry.resume_token,
-        });
+        if let Some(listener) = &listener {
+            listener.watch(WatchTarget {
+                checkout_id: entry.checkout_id,
+                location,
+                resume_token: entry.resume_token,
+            });
+        }
     }
 
     // 4. The verifier, fed by the listener's events and the reconciler.
@@ -184,13 +216,20 @@ pub async fn run(
             ledger_changed: ledger_changed.clone(),
             watch_set_changed: watch_set_changed.clone(),
         },
-    );
+    )
+    .with_metrics(metrics.clone());
     let verifier_stats = verifier.stats();
     let verifier_abort = CancellationToken::new();
     let verifier_task = tokio::spawn(supervisor.supervise(
         "verifier",
         verifier.run(nudge_receiver, sweep_receiver, verifier_abort.clone()),
     ));
+    let health = Health::new(
+        ledger.clone(),
+        listener.clone(),
+        verifier_stats.clone(),
+        settings.http.verify_failing_after,
+    );
 
     let mut tasks = JoinSet::new();
     tasks.spawn(supervisor.supervise(
@@ -199,27 +238,67 @@ pub async fn run(
             listen_receiver,
             ledger.clone(),
             nudge_sender.clone(),
+            health.clone(),
             sources.clone(),
+            metrics.clone(),
         ),
     ));
-    tasks.spawn(watch_listener(
-        listener.clone(),
-        supervisor.reporter(),
-        sources.clone(),
-    ));
+    if let Some(listener) = &listener {
+        tasks.spawn(watch_listener(
+            listener.clone(),
+            supervisor.reporter(),
+            sources.clone(),
+        ));
+    }
     let watched_count = Arc::new(std::sync::atomic::AtomicUsize::new(watched.len()));
+    let (newly_tracked, newly_tracked_receiver) = mpsc::channel::<NewlyTracked>(256);
     tasks.spawn(supervisor.supervise(
         "watch-set sync",
         sync_watch_set(
             ledger.clone(),
-            listener.clone(),
-            database,
+            Listening {
+                listener: listener.clone(),
+                database,
+            },
             watched,
             watch_set_changed.subscribe(),
+            newly_tracked_receiver,
             watched_count.clone(),
             sources.clone(),
         ),
     ));
+
+    // The HTTP listener, if configured: webhooks nudge the verifier like Firestore changes do.
+    let http_stop = CancellationToken::new();
+    let http_task = match settings.http.listen {
+        Some(addr) => {
+            let context = HttpContext::new(
+                &settings.http,
+                ledger.clone(),
+                nudge_sender.clone(),
+                newly_tracked.clone(),
+                health.clone(),
+                metrics.clone(),
+            )?;
+            let bound = crate::http::bind(addr).await?;
+            let local = bound.local_addr().context("the HTTP listener's address")?;
+            tracing::info!(
+                listen = %local,
+                track_endpoint = context.track.is_some(),
+                webhook_signatures = context.intake.checks_signatures(),
+                "HTTP listener on {local}"
+            );
+            if let Some(sender) = &options.http_addr {
+                sender.send_replace(Some(local));
+            }
+            Some(tokio::spawn(supervisor.supervise(
+                "HTTP listener",
+                crate::http::serve(bound, Arc::new(context), http_stop.clone()),
+            )))
+        }
+        None => None,
+    };
+    drop(newly_tracked);
 
     // 5. The reconciler: at start for checkouts that need it, then every interval; and
     //    discovery, which tracks checkouts created anywhere.
@@ -235,6 +314,7 @@ pub async fn run(
             settings.reconcile.page_size,
             watch_set_changed.clone(),
             sources.clone(),
+            metrics.clone(),
         ),
     ));
     let discovery_enabled = settings.discovery.is_enabled(&settings.paymennt);
@@ -264,7 +344,8 @@ pub async fn run(
     drop(nudge_sender);
 
     // 6. The hook dispatcher: delivers the outbox, woken after each transition.
-    let dispatcher = Dispatcher::new(ledger.clone(), hooks, settings.hooks_concurrency);
+    let dispatcher = Dispatcher::new(ledger.clone(), hooks, settings.hooks_concurrency)
+        .with_metrics(metrics.clone());
     let dispatcher_handle = dispatcher.handle();
     let dispatcher_stop = CancellationToken::new();
     let dispatcher_kill = CancellationToken::new();
@@ -281,11 +362,12 @@ pub async fn run(
         ),
     ));
 
+    health.set_started(true);
     tracing::info!(
         checkouts = watched_count.load(std::sync::atomic::Ordering::Relaxed),
         need_verification = needing,
         stream_mode = settings.firestore.stream_mode.as_str(),
-        firestore = %listener_options.endpoint,
+        firestore = %firestore_endpoint,
         paymennt = %client.base_url(),
         ledger = %ledger.path().display(),
         startup_ms = started.elapsed().as_millis() as u64,
@@ -374,6 +456,17 @@ pub async fn run(
     let drain = settings.daemon.drain_timeout;
     tracing::info!(drain_timeout = ?drain, "shutting down: finishing in-flight verifications and running hooks");
     let deadline = tokio::time::Instant::now() + drain;
+    health.set_started(false);
+    // The HTTP listener first: no new webhooks or tracks; requests in flight finish.
+    http_stop.cancel();
+    if let Some(mut http_task) = http_task
+        && tokio::time::timeout_at(deadline, &mut http_task)
+            .await
+            .is_err()
+    {
+        tracing::warn!("drain timeout reached; closing HTTP requests still open");
+        http_task.abort();
+    }
     sources.cancel();
     while tasks.join_next().await.is_some() {}
     let mut verifier_task = verifier_task;
@@ -401,7 +494,10 @@ pub async fn run(
         dispatcher_kill.cancel();
         let _ = dispatcher_task.await;
     }
-    listener.closed().await;
+    if let Some(listener) = listener {
+        listener.closed().await;
+    }
+    drop(idle_listen_events);
     // Last: systemd enforces the watchdog until the process exits.
     watchdog_cancel.cancel();
     let _ = watchdog.await;
@@ -454,7 +550,7 @@ fn reload(
     let loaded = Settings::load(options.config_path.as_deref()).and_then(|fresh| {
         let hooks = HookSet::from_settings(&fresh)?;
         // Rebuilt, so rotated API credentials (a new secret file) take effect now.
-        let client = Client::from_settings(&fresh.paymennt)?;
+        let client = Client::from_settings(&fresh.paymennt)?.with_metrics(options.metrics.clone());
         Ok((fresh, hooks, client))
     });
     let (fresh, hooks, client) = match loaded {
@@ -490,8 +586,13 @@ fn reload(
         restart_needed.push("[discovery]");
     }
     // The listener keeps its connections and credentials; compare what it was built from.
-    if listener_options_key(settings) != listener_options_key(&fresh) {
+    if listener_options_key(settings) != listener_options_key(&fresh)
+        || settings.firestore.enabled != fresh.firestore.enabled
+    {
         restart_needed.push("[firestore]");
+    }
+    if format!("{:?}", settings.http) != format!("{:?}", fresh.http) {
+        restart_needed.push("[http]");
     }
     if !restart_needed.is_empty() {
         tracing::warn!(
@@ -575,7 +676,9 @@ async fn consume_listen_events(
     mut events: mpsc::Receiver<ListenEvent>,
     ledger: Ledger,
     nudges: mpsc::Sender<Nudge>,
+    health: Health,
     cancel: CancellationToken,
+    metrics: Metrics,
 ) {
     let mut batch = Vec::with_capacity(512);
     let mut unnoted: HashSet<CheckoutId> = HashSet::new();
@@ -652,6 +755,7 @@ async fn consume_listen_events(
             }
         }
         for event in batch.drain(..) {
+            health.note(&event);
             match event {
                 ListenEvent::Changed(_) => {}
                 ListenEvent::Checkpoint { tokens, read_time } => {
@@ -686,6 +790,7 @@ async fn consume_listen_events(
                     let retry_text =
                         humantime::format_duration(Duration::from_secs(retry_in.as_secs()));
                     if refusals == 1 {
+                        metrics.listen_target_refused();
                         tracing::warn!(checkout = %checkout_id, document = %document, code,
                             "Firestore refuses to watch this checkout's document: {code}: {message}; \
                              the other checkouts are unaffected, the reconciler still checks this one \
@@ -724,6 +829,7 @@ async fn consume_listen_events(
                     }
                 }
                 ListenEvent::PermanentFailure { project, message } => {
+                    metrics.listen_project_refused(&project);
                     tracing::error!(project = %project, "Firestore refuses us: {message}");
                 }
                 ListenEvent::Connected {
@@ -739,6 +845,7 @@ async fn consume_listen_events(
                     reason,
                     retry_in,
                 } => {
+                    metrics.listen_reconnect(&project);
                     tracing::warn!(project = %project, stream, retry_in_ms = retry_in.as_millis() as u64, "Firestore stream disconnected: {reason}");
                 }
             }
@@ -758,15 +865,24 @@ fn in_database(location: FirestoreLocation, database: &str) -> FirestoreLocation
     }
 }
 
+/// Where watched checkouts are listened to: the listener (none with `[firestore] enabled =
+/// false`) and the database every checkout's location is put in (`[firestore] database`).
+struct Listening {
+    listener: Option<ListenerHandle>,
+    database: String,
+}
+
 /// Keeps the listener's targets equal to the ledger's watched checkouts: new ones (tracked by
 /// `paywatch track` in another process, or first seen by a verification) are added, finished
-/// ones removed.
+/// ones removed. Checkouts tracked through the HTTP track endpoint arrive on `newly_tracked`
+/// and are watched at once, without waiting for the ledger poll. With Firestore off
+/// (`listener` None) only the count is kept.
 async fn sync_watch_set(
     ledger: Ledger,
-    listener: ListenerHandle,
-    database: String,
+    listening: Listening,
     mut watched: HashMap<CheckoutId, FirestoreLocation>,
     mut watch_set_changed: watch::Receiver<u64>,
+    mut newly_tracked: mpsc::Receiver<NewlyTracked>,
     watched_count: Arc<std::sync::atomic::AtomicUsize>,
     cancel: CancellationToken,
 ) {
@@ -774,10 +890,34 @@ async fn sync_watch_set(
     let mut last_version = blocking(move || reader.data_version()).await.unwrap_or(0);
     let mut poll = tokio::time::interval(WATCH_SYNC_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut newly_open = true;
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
             changed = watch_set_changed.changed() => if changed.is_err() { return },
+            tracked = newly_tracked.recv(), if newly_open => {
+                let tracked = tracked.map(|tracked| NewlyTracked {
+                    checkout_id: tracked.checkout_id,
+                    location: in_database(tracked.location, &listening.database),
+                });
+                match tracked {
+                    Some(tracked) if watched.get(&tracked.checkout_id) != Some(&tracked.location) => {
+                        tracing::info!(checkout = %tracked.checkout_id, document = %tracked.location.document_name(), "now watching");
+                        watched.insert(tracked.checkout_id.clone(), tracked.location.clone());
+                        if let Some(listener) = &listening.listener {
+                            listener.watch(WatchTarget {
+                                checkout_id: tracked.checkout_id,
+                                location: tracked.location,
+                                resume_token: None,
+                            });
+                        }
+                        watched_count.store(watched.len(), std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Some(_) => {}
+                    None => newly_open = false,
+                }
+                continue;
+            }
             _ = poll.tick() => {
                 let reader = ledger.clone();
                 match blocking(move || reader.data_version()).await {
@@ -809,7 +949,9 @@ async fn sync_watch_set(
             .collect();
         for id in gone {
             tracing::info!(checkout = %id, "no longer watched");
-            listener.unwatch(&id);
+            if let Some(listener) = &listening.listener {
+                listener.unwatch(&id);
+            }
             watched.remove(&id);
             // A refusal of a document no longer watched is no longer news for `status`.
             let clearer = ledger.clone();
@@ -818,15 +960,17 @@ async fn sync_watch_set(
             }
         }
         for (id, entry) in desired.drain() {
-            let location = in_database(entry.location, &database);
+            let location = in_database(entry.location, &listening.database);
             if watched.get(&id) != Some(&location) {
                 tracing::info!(checkout = %id, document = %location.document_name(), "now watching");
                 watched.insert(id.clone(), location.clone());
-                listener.watch(WatchTarget {
-                    checkout_id: id,
-                    location,
-                    resume_token: entry.resume_token,
-                });
+                if let Some(listener) = &listening.listener {
+                    listener.watch(WatchTarget {
+                        checkout_id: id,
+                        location,
+                        resume_token: entry.resume_token,
+                    });
+                }
             }
         }
         watched_count.store(watched.len(), std::sync::atomic::Ordering::Relaxed);

@@ -99,11 +99,19 @@ async fn a_change_that_could_not_be_noted_keeps_its_own_retry_and_blocks_only_it
     let (events, receiver) = mpsc::channel(64);
     let (nudges, mut nudged) = mpsc::channel(64);
     let cancel = CancellationToken::new();
+    let health = Health::new(
+        ledger.clone(),
+        None,
+        tokio::sync::watch::channel(crate::verifier::VerifierStats::default()).1,
+        Duration::from_secs(60),
+    );
     let task = tokio::spawn(consume_listen_events(
         receiver,
         ledger.clone(),
         nudges,
+        health,
         cancel.clone(),
+        crate::metrics::Metrics::disabled(),
     ));
     let drain = tokio::spawn(async move { while nudged.recv().await.is_some() {} });
 

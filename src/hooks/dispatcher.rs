@@ -69,6 +69,7 @@ use crate::hooks::event::HookEvent;
 use crate::hooks::retry::RetryPolicy;
 use crate::hooks::runner::{self, HookOutcome};
 use crate::ledger::{Delivery, DeliveryUpdate, Ledger};
+use crate::metrics::Metrics;
 
 /// How often the dispatcher looks for due deliveries when nothing wakes it.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -130,6 +131,8 @@ pub struct Dispatcher {
     concurrency: usize,
     /// The idle poll interval.
     poll: Duration,
+    /// Where attempts are counted and timed.
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -191,7 +194,14 @@ impl Dispatcher {
             }),
             concurrency: concurrency.max(1),
             poll: POLL_INTERVAL,
+            metrics: Metrics::disabled(),
         }
+    }
+
+    /// The same dispatcher, counting and timing attempts in `metrics`.
+    pub fn with_metrics(mut self, metrics: Metrics) -> Dispatcher {
+        self.metrics = metrics;
+        self
     }
 
     /// The same dispatcher with another idle poll interval (tests; at least 1 ms).
@@ -230,6 +240,7 @@ impl Dispatcher {
             shared,
             concurrency,
             poll,
+            metrics,
         } = self;
         let slots = Arc::new(Semaphore::new(concurrency));
         let tasks = TaskTracker::new();
@@ -289,6 +300,7 @@ impl Dispatcher {
                                 delivery,
                                 kill.clone(),
                                 permit,
+                                metrics.clone(),
                             ));
                         }
                         if count < free {
@@ -381,6 +393,9 @@ where
 
 /// One attempt of one claimed delivery: run, decide, log, record, then free the slot and wake
 /// the loop (in that order, so the next event of this checkout is claimable when it looks).
+/// How long after paywatch itself failed during an attempt (a panic) the delivery runs again.
+const PANIC_RETRY: Duration = Duration::from_secs(30);
+
 async fn attempt(
     ledger: Ledger,
     shared: Arc<Shared>,
@@ -388,13 +403,49 @@ async fn attempt(
     delivery: Delivery,
     kill: CancellationToken,
     permit: OwnedSemaphorePermit,
+    metrics: Metrics,
 ) {
     let update = match prepare(&delivery, spec) {
         Ok((spec, event)) => {
-            let outcome = runner::run(&spec.command, &event, &kill).await;
-            let update = decide(&spec.policy, &delivery, &outcome);
-            log_outcome(&delivery, &outcome, &update);
-            update
+            // A panic here (a bug in paywatch, not the hook's failure) must not leave the row
+            // `running` until the next start: it is caught and the delivery retried.
+            let run = async {
+                #[cfg(test)]
+                if delivery.hook == tests::PANICKING_HOOK {
+                    panic!("a test asked this attempt to panic");
+                }
+                let outcome = runner::run(&spec.command, &event, &kill).await;
+                let update = decide(&spec.policy, &delivery, &outcome);
+                metrics.hook_attempt(&delivery.hook, &update, Some(outcome.duration));
+                log_outcome(&delivery, &outcome, &update);
+                update
+            };
+            match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(run)).await {
+                Ok(update) => update,
+                Err(panic) => {
+                    let reason = panic
+                        .downcast_ref::<&str>()
+                        .map(|text| (*text).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a non-text panic".to_owned());
+                    tracing::error!(
+                        event_id = %delivery.event_id,
+                        hook = %delivery.hook,
+                        checkout = %delivery.checkout_id,
+                        attempt = delivery.attempts,
+                        "paywatch failed while running this hook (a bug; please report it): \
+                         {reason}; the delivery runs again in {}s",
+                        PANIC_RETRY.as_secs()
+                    );
+                    DeliveryUpdate::Retry {
+                        next_attempt_at: Utc::now()
+                            + chrono::Duration::from_std(PANIC_RETRY)
+                                .unwrap_or_else(|_| chrono::Duration::seconds(30)),
+                        exit_code: None,
+                        error: format!("paywatch failed while running the hook: {reason}"),
+                    }
+                }
+            }
         }
         Err(error) => {
             tracing::error!(
@@ -407,10 +458,12 @@ async fn attempt(
                 "hook delivery dead; once fixed, run: paywatch hooks retry {}",
                 delivery.event_id
             );
-            DeliveryUpdate::Dead {
+            let update = DeliveryUpdate::Dead {
                 exit_code: None,
                 error,
-            }
+            };
+            metrics.hook_attempt(&delivery.hook, &update, None);
+            update
         }
     };
     record(&ledger, &shared, delivery, update).await;

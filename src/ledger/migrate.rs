@@ -12,6 +12,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0003_verify_tickets.sql"),
     include_str!("migrations/0004_discovery.sql"),
     include_str!("migrations/0005_listen_refusals.sql"),
+    include_str!("migrations/0006_webhook_source.sql"),
 ];
 
 /// The schema version this build writes.
@@ -41,6 +42,27 @@ pub fn migrate(connection: &mut Connection) -> Result<i64, String> {
         transaction
             .execute_batch(sql)
             .map_err(|error| format!("migration {version} failed: {error}"))?;
+        // A migration that edits the schema text must make every connection re-read it.
+        if sql.contains("writable_schema") {
+            let schema: i64 = transaction
+                .query_row("PRAGMA schema_version", [], |row| row.get(0))
+                .map_err(|error| {
+                    format!("migration {version}: cannot read schema_version: {error}")
+                })?;
+            transaction
+                .pragma_update(None, "schema_version", schema + 1)
+                .map_err(|error| {
+                    format!("migration {version}: cannot bump schema_version: {error}")
+                })?;
+            let check: String = transaction
+                .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+                .map_err(|error| format!("migration {version}: integrity check failed: {error}"))?;
+            if check != "ok" {
+                return Err(format!(
+                    "migration {version}: integrity check says: {check}"
+                ));
+            }
+        }
         transaction
             .pragma_update(None, "user_version", version)
             .map_err(|error| format!("migration {version}: cannot set user_version: {error}"))?;

@@ -8,6 +8,7 @@
 //! The connection sits behind a std `Mutex`: every call is short and synchronous. Async code
 //! calls the ledger from `spawn_blocking` so the runtime's threads never wait on the disk.
 
+mod gauges;
 mod migrate;
 mod outbox;
 
@@ -24,6 +25,7 @@ use crate::paymennt::VerifiedCheckout;
 use crate::paymennt::wire::CheckoutFacts;
 use crate::settings::HookSettings;
 
+pub use gauges::{LedgerGauges, UndeliveredCount};
 pub use migrate::SCHEMA_VERSION;
 pub use outbox::{Delivery, DeliveryFilter, DeliveryState, DeliveryUpdate};
 
@@ -1149,6 +1151,18 @@ impl Ledger {
         self.lock()
             .query_row("PRAGMA data_version", [], |row| row.get(0))
             .map_err(|e| self.error("data_version", e))
+    }
+
+    /// Takes the write lock and releases it without writing: proof that a write would go
+    /// through (the health check).
+    ///
+    /// # Errors
+    ///
+    /// The file is read-only, locked by another writer past the busy timeout, or gone bad.
+    pub fn check_writable(&self) -> Result<()> {
+        self.lock()
+            .execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
+            .map_err(|e| self.error("write check", e))
     }
 }
 

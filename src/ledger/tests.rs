@@ -1176,3 +1176,52 @@ fn probe_documents_picks_one_checkout_per_project_read_only() {
     );
     assert!(Ledger::open_read_only(&dir.path().join("missing.db")).is_err());
 }
+
+#[test]
+fn a_ledger_from_before_webhooks_accepts_webhook_transitions_after_migrating() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("paywatch.db");
+    // A ledger as the release before webhooks left it: schema version 2, one transition.
+    {
+        let connection = Connection::open(&path).expect("raw open");
+        connection
+            .execute_batch(include_str!("migrations/0001_init.sql"))
+            .expect("0001");
+        connection
+            .execute_batch(include_str!("migrations/0002_verification_times.sql"))
+            .expect("0002");
+        connection
+            .pragma_update(None, "user_version", 2)
+            .expect("version");
+    }
+    let ledger = Ledger::open(&path).expect("migrates");
+    ledger
+        .apply(&verified("1", "PENDING"), Source::Manual, None, &[], WATCH)
+        .expect("manual");
+    ledger
+        .apply(&verified("1", "PAID"), Source::Webhook, None, &[], WATCH)
+        .expect("a webhook-led transition is recorded");
+    let sources: Vec<String> = ledger
+        .transitions(&"1".parse().expect("id"))
+        .expect("transitions")
+        .into_iter()
+        .map(|t| t.source)
+        .collect();
+    assert_eq!(sources, ["manual", "webhook"]);
+    // The check still refuses what no source is, and the append-only triggers still hold.
+    let connection = ledger.lock();
+    let refused = connection.execute(
+        "INSERT INTO transitions (checkout_id, to_status, source, verified_at, verified_json) \
+         VALUES ('1', 'PAID', 'bogus', 'x', '{}')",
+        [],
+    );
+    assert!(refused.is_err(), "an unknown source is refused");
+    assert!(
+        connection.execute("DELETE FROM transitions", []).is_err(),
+        "transitions stay append-only"
+    );
+    let check: String = connection
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .expect("check");
+    assert_eq!(check, "ok");
+}

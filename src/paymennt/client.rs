@@ -20,8 +20,11 @@ use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::wire::{Checkout, CheckoutFacts, CheckoutPage, CheckoutShapeError, LinkRequest};
+use super::wire::{
+    Checkout, CheckoutFacts, CheckoutPage, CheckoutShapeError, LinkRequest, Webhook, WebhookId,
+};
 use crate::domain::{CheckoutId, CheckoutStatus, VerifyTicket, printable};
+use crate::metrics::{Metrics, PaymenntCall};
 use crate::settings::{ApiCredentials, PaymenntSettings, SettingsError, is_loopback_host};
 
 /// The largest answer body read; reading stops (and the call fails) past it. A checkout is a
@@ -295,6 +298,7 @@ pub struct Client {
     base: Url,
     request_timeout: Duration,
     retry: RetryPolicy,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for Client {
@@ -406,7 +410,13 @@ impl Client {
             base,
             request_timeout,
             retry,
+            metrics: Metrics::disabled(),
         })
+    }
+
+    /// The same client, timing its Get Checkout and Search calls in `metrics`.
+    pub fn with_metrics(self, metrics: Metrics) -> Client {
+        Client { metrics, ..self }
     }
 
     /// The base URL in use.
@@ -420,6 +430,18 @@ impl Client {
     ///
     /// The last attempt's [`Error`].
     pub async fn get_checkout(
+        &self,
+        id: &CheckoutId,
+        ticket: VerifyTicket,
+    ) -> Result<VerifiedCheckout, Error> {
+        let started = std::time::Instant::now();
+        let result = self.fetch_checkout(id, ticket).await;
+        self.metrics
+            .paymennt_call(PaymenntCall::GetCheckout, &result, started.elapsed());
+        result
+    }
+
+    async fn fetch_checkout(
         &self,
         id: &CheckoutId,
         ticket: VerifyTicket,
@@ -465,6 +487,14 @@ impl Client {
     ///
     /// The last attempt's [`Error`].
     pub async fn search(&self, query: &SearchQuery) -> Result<CheckoutPage, Error> {
+        let started = std::time::Instant::now();
+        let result = self.search_once(query).await;
+        self.metrics
+            .paymennt_call(PaymenntCall::Search, &result, started.elapsed());
+        result
+    }
+
+    async fn search_once(&self, query: &SearchQuery) -> Result<CheckoutPage, Error> {
         let mut pairs: Vec<(&str, String)> = Vec::new();
         if let Some(kind) = &query.kind {
             pairs.push(("type", kind.clone()));
@@ -499,6 +529,92 @@ impl Client {
             .await?;
         serde_json::from_str(&raw)
             .map_err(|error| Error::Malformed(format!("checkout page: {error}")))
+    }
+
+    /// Create new webhook: `POST /webhooks` with `{"address": …}`. The answer holds the
+    /// webhook's `hmacKey`.
+    ///
+    /// # Errors
+    ///
+    /// The last attempt's [`Error`].
+    pub async fn create_webhook(&self, address: &str) -> Result<Webhook, Error> {
+        let body = serde_json::json!({ "address": address });
+        let raw = self
+            .call(|| self.http.post(self.url("webhooks")).json(&body))
+            .await?;
+        webhook_of(&raw)
+    }
+
+    /// List webhooks: `GET /webhooks`. paymennt's spec answers an array of wrappers; a wrapper
+    /// whose `result` is an array of webhooks is read too.
+    ///
+    /// # Errors
+    ///
+    /// The last attempt's [`Error`].
+    pub async fn list_webhooks(&self) -> Result<Vec<Webhook>, Error> {
+        let raw = self
+            .call(|| {
+                self.http
+                    .get(self.url("webhooks"))
+                    .query(&[("page", "0"), ("size", "1000")])
+            })
+            .await?;
+        let items: Vec<serde_json::Value> = serde_json::from_str(&raw)
+            .map_err(|error| Error::Malformed(format!("webhooks: {error}")))?;
+        items
+            .into_iter()
+            .map(|item| {
+                let webhook = match item.get("success") {
+                    Some(serde_json::Value::Bool(true)) | None => {
+                        item.get("result").cloned().unwrap_or(item)
+                    }
+                    Some(_) => {
+                        return Err(Error::Rejected {
+                            status: 200,
+                            message: item
+                                .get("error")
+                                .and_then(serde_json::Value::as_str)
+                                .map(printable)
+                                .unwrap_or_else(|| "a webhook entry says success: false".into()),
+                        });
+                    }
+                };
+                serde_json::from_value(webhook)
+                    .map_err(|error| Error::Malformed(format!("webhook: {error}")))
+            })
+            .collect()
+    }
+
+    /// `POST /webhooks/{id}/{action}` for `test` (a test call to its address), `disable`,
+    /// `enable`, `delete`; and `GET /webhooks/{id}` for `get`.
+    ///
+    /// # Errors
+    ///
+    /// The last attempt's [`Error`]; an unknown action is refused before any call.
+    pub async fn webhook_action(&self, id: &WebhookId, action: &str) -> Result<Webhook, Error> {
+        let raw = match action {
+            "get" => {
+                self.call(|| {
+                    self.http
+                        .get(self.url(&format!("webhooks/{}", id.as_str())))
+                })
+                .await?
+            }
+            "test" | "disable" | "enable" | "delete" => {
+                self.call(|| {
+                    self.http
+                        .post(self.url(&format!("webhooks/{}/{action}", id.as_str())))
+                })
+                .await?
+            }
+            other => {
+                return Err(Error::Rejected {
+                    status: 0,
+                    message: format!("unknown webhook action '{}'", printable(other)),
+                });
+            }
+        };
+        webhook_of(&raw)
     }
 
     fn url(&self, path: &str) -> Url {
@@ -549,6 +665,15 @@ impl Client {
         let body = self.read_body(response).await?;
         if status == StatusCode::TOO_MANY_REQUESTS {
             return Err(Error::RateLimited { retry_after });
+        }
+        // `GET /webhooks` answers a bare array of wrappers (paymennt's spec): the array is the
+        // result, read by the caller.
+        if status.is_success()
+            && is_json(&content_type)
+            && body.trim_ascii_start().first() == Some(&b'[')
+        {
+            return String::from_utf8(body)
+                .map_err(|_| Error::Malformed("the answer is not UTF-8".into()));
         }
         // paymennt's own answer: JSON (its spec: "Content type for responses will always be
         // application/json") in its wrapper, which always says `success`.
@@ -657,6 +782,10 @@ fn is_json(content_type: &str) -> bool {
         .trim()
         .to_ascii_lowercase();
     essence == "application/json" || essence.ends_with("+json")
+}
+
+fn webhook_of(raw: &str) -> Result<Webhook, Error> {
+    serde_json::from_str(raw).map_err(|error| Error::Malformed(format!("webhook: {error}")))
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is rare for APIs; it is treated as absent).

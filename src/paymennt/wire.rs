@@ -450,9 +450,6 @@ pub struct Address {
     pub country: String,
 }
 
-/// A webhook registration (`GET/POST /webhooks`), kept loose: paywatch only lists them.
-pub type Webhook = serde_json::Value;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,5 +500,59 @@ mod tests {
         let checkout: Checkout =
             serde_json::from_str(r#"{"status":"Partially refunded"}"#).expect("parses");
         assert_eq!(checkout.status, Some(CheckoutStatus::PartiallyRefunded));
+    }
+}
+
+/// A webhook as paymennt describes it (`WebhookResponse`). The `hmacKey` is a [`Secret`]: it
+/// never shows in Debug output or logs.
+///
+/// [`Secret`]: crate::settings::Secret
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Webhook {
+    /// Its id.
+    #[serde(default)]
+    pub id: Option<WireId>,
+    /// The key paymennt signs notifications with.
+    #[serde(default)]
+    pub hmac_key: Option<crate::settings::Secret>,
+    /// The endpoint notifications go to.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Whether the last notification failed.
+    #[serde(default)]
+    pub failed: Option<bool>,
+    /// Whether notifications are sent.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+}
+
+/// A webhook id as typed by a user: letters, digits, `-` and `_` only (it goes into a URL path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookId(String);
+
+impl WebhookId {
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for WebhookId {
+    type Err = InvalidValue;
+    fn from_str(text: &str) -> Result<WebhookId, InvalidValue> {
+        let valid = (1..=64).contains(&text.len())
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if valid {
+            Ok(WebhookId(text.to_owned()))
+        } else {
+            Err(InvalidValue {
+                what: "webhook id",
+                value: crate::domain::printable(text),
+                reason: "expected the id paymennt gave the webhook (letters, digits, - and _)",
+            })
+        }
     }
 }

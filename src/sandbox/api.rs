@@ -4,7 +4,8 @@
 //! Owns: routes, request parsing, paymennt's `{success, elapsed, error, result}` wrapper, the API
 //! key check, and applying injected API faults (latency, 500, 429) and the Get Checkout counter.
 //! Must never: change a checkout except through [`SandboxState`], or answer with anything but the
-//! wrapper on the Merchant API (no plain-text rejections, not even for malformed JSON).
+//! wrapper on the Merchant API (no plain-text rejections, not even for malformed JSON; `GET
+//! /webhooks` answers an array of wrappers, as paymennt's spec says).
 //!
 //! # Admin endpoints (no authentication: the sandbox is a loopback tool; never expose it)
 //!
@@ -92,6 +93,8 @@ pub fn router(context: ApiContext) -> Router {
         .route("/checkout/{checkout_id}/cancel", post(cancel_checkout))
         .route("/checkout/{checkout_id}/refund", post(refund_checkout))
         .route("/webhooks", get(list_webhooks).post(create_webhook))
+        .route("/webhooks/{webhook_id}", get(get_webhook))
+        .route("/webhooks/{webhook_id}/{action}", post(webhook_action))
         .fallback(merchant_not_found)
         .method_not_allowed_fallback(merchant_method_not_allowed)
         .layer(middleware::from_fn_with_state(
@@ -493,23 +496,73 @@ struct WebhookOut {
     enabled: bool,
 }
 
+impl From<crate::sandbox::state::WebhookRecord> for WebhookOut {
+    fn from(hook: crate::sandbox::state::WebhookRecord) -> WebhookOut {
+        WebhookOut {
+            id: hook.id,
+            hmac_key: hook.hmac_key,
+            address: hook.address,
+            failed: hook.failed,
+            enabled: hook.enabled,
+        }
+    }
+}
+
+/// paymennt's answer for an unknown webhook id (HTTP 400, as the spec's `GetWebhookErrorResponse`).
+fn webhook_not_found(start: RequestStart) -> Response {
+    failure(
+        start,
+        StatusCode::BAD_REQUEST,
+        "Webhook not found for API merchant",
+    )
+}
+
+/// `GET /webhooks`: the spec answers a bare array of wrappers, one per webhook.
 async fn list_webhooks(
     State(context): State<ApiContext>,
     Extension(start): Extension<RequestStart>,
 ) -> Response {
-    let webhooks: Vec<WebhookOut> = context
+    let webhooks: Vec<EnvelopeOut<WebhookOut>> = context
         .state
         .webhooks()
         .into_iter()
-        .map(|hook| WebhookOut {
-            id: hook.id,
-            hmac_key: hook.hmac_key,
-            address: hook.address,
-            failed: false,
-            enabled: true,
+        .map(|hook| EnvelopeOut {
+            success: true,
+            elapsed: start.elapsed_ms(),
+            error: None,
+            result: Some(WebhookOut::from(hook)),
         })
         .collect();
-    success(start, webhooks)
+    (StatusCode::OK, Json(webhooks)).into_response()
+}
+
+async fn get_webhook(
+    State(context): State<ApiContext>,
+    Extension(start): Extension<RequestStart>,
+    Path(id): Path<String>,
+) -> Response {
+    match context.state.webhook(&id) {
+        Some(hook) => success(start, WebhookOut::from(hook)),
+        None => webhook_not_found(start),
+    }
+}
+
+async fn webhook_action(
+    State(context): State<ApiContext>,
+    Extension(start): Extension<RequestStart>,
+    Path((id, action)): Path<(String, String)>,
+) -> Response {
+    let hook = match action.as_str() {
+        "test" => context.state.test_webhook(&id),
+        "disable" => context.state.set_webhook_enabled(&id, false),
+        "enable" => context.state.set_webhook_enabled(&id, true),
+        "delete" => context.state.delete_webhook(&id),
+        _ => return failure(start, StatusCode::NOT_FOUND, "No such endpoint"),
+    };
+    match hook {
+        Some(hook) => success(start, WebhookOut::from(hook)),
+        None => webhook_not_found(start),
+    }
 }
 
 async fn create_webhook(
@@ -532,19 +585,7 @@ async fn create_webhook(
                 .ok_or_else(|| "address is required".to_owned())
         });
     match address {
-        Ok(address) => {
-            let hook = context.state.add_webhook(&address);
-            success(
-                start,
-                WebhookOut {
-                    id: hook.id,
-                    hmac_key: hook.hmac_key,
-                    address: hook.address,
-                    failed: false,
-                    enabled: true,
-                },
-            )
-        }
+        Ok(address) => success(start, WebhookOut::from(context.state.add_webhook(&address))),
         Err(message) => failure(start, StatusCode::BAD_REQUEST, &message),
     }
 }

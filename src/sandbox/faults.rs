@@ -37,6 +37,9 @@ pub struct FaultSettings {
     pub api_latency_ms: u64,
     /// How long after a checkout changes its Firestore document is written.
     pub document_write_delay_ms: u64,
+    /// New Listen calls are refused with UNAVAILABLE while set (with `close_listen_streams`:
+    /// Firestore is down until this is cleared).
+    pub refuse_listen: bool,
     /// Search Checkouts is answered with HTTP 403 (an API key without that permission).
     pub refuse_search: bool,
     /// Listen refuses targets naming these documents (full names, or the last path segment,
@@ -64,6 +67,8 @@ pub struct FaultUpdate {
     pub api_latency_ms: Option<u64>,
     /// See [`FaultSettings::document_write_delay_ms`].
     pub document_write_delay_ms: Option<u64>,
+    /// See [`FaultSettings::refuse_listen`].
+    pub refuse_listen: Option<bool>,
     /// See [`FaultSettings::refuse_search`].
     pub refuse_search: Option<bool>,
     /// See [`FaultSettings::refuse_listen_documents`] (replaces the list).
@@ -155,10 +160,14 @@ impl Faults {
                 retry_after_seconds,
                 api_latency_ms,
                 document_write_delay_ms,
+                refuse_listen,
                 refuse_search,
                 refuse_listen_documents,
                 close_listen_streams: _,
             } = update;
+            if let Some(v) = refuse_listen {
+                settings.refuse_listen = v;
+            }
             if let Some(v) = refuse_search {
                 settings.refuse_search = v;
             }
@@ -226,6 +235,16 @@ impl Faults {
     /// Checkout documents are written `delay` after the checkout changes.
     pub fn set_document_write_delay(&self, delay: Duration) {
         self.settings_lock().document_write_delay_ms = millis(delay);
+    }
+
+    /// Refuses new Listen calls (UNAVAILABLE) while `refuse` is true.
+    pub fn set_refuse_listen(&self, refuse: bool) {
+        self.settings_lock().refuse_listen = refuse;
+    }
+
+    /// Whether new Listen calls are refused.
+    pub fn refuse_listen(&self) -> bool {
+        self.settings_lock().refuse_listen
     }
 
     /// The added API latency.

@@ -10,7 +10,8 @@
 //!
 //! # Behaviour, and the choices where production is not documented
 //!
-//! See `shared/notes/firestore-listen.md`, section 5. For each `AddTarget` of a documents target:
+//! As the official server SDKs' watch code expects the service to answer; for each `AddTarget` of
+//! a documents target:
 //! `TargetChange{ADD,[id]}`, a `DocumentChange` per existing document, `TargetChange{CURRENT,[id],
 //! token, read_time}`, then a global `TargetChange{NO_CHANGE,[], token, read_time}`. A missing
 //! document sends nothing (no `DocumentDelete`). After a commit: `DocumentChange` (or
@@ -255,6 +256,11 @@ impl StreamingService<ListenRequest> for ListenMethod {
             inner
                 .headers
                 .record(seen_headers("Listen", request.metadata()));
+            if inner.faults.refuse_listen() {
+                return Err(Status::unavailable(
+                    "the sandbox refuses Listen calls (injected fault)",
+                ));
+            }
             let admitted = inner.caller.admit(request.metadata())?;
             let (out, receiver) = mpsc::channel(STREAM_BUFFER);
             let stream_id = inner.next_stream.fetch_add(1, Ordering::Relaxed);

@@ -1,8 +1,9 @@
 //! The sandbox's one shared state: checkouts, their lifecycle, and their Firestore documents.
 //!
 //! Owns: every checkout the sandbox has issued, the rules for moving between statuses (with
-//! paymennt-style errors for impossible moves), expiry timers, registered webhooks, and writing
-//! each checkout's document through the [`DocumentSink`] after every change.
+//! paymennt-style errors for impossible moves), expiry timers, registered webhooks and their
+//! notifications (signed, retried), and writing each checkout's document through the
+//! [`DocumentSink`] after every change.
 //! Must never: speak HTTP or gRPC (the API and Listen layers do), or let a document write run
 //! ahead of the checkout change it reports.
 //!
@@ -130,6 +131,10 @@ struct StateInner {
     checkouts: Mutex<Checkouts>,
     /// Webhooks registered through `POST /webhooks`.
     webhooks: Mutex<Vec<WebhookRecord>>,
+    /// Every notification attempt, oldest first.
+    webhook_attempts: Mutex<Vec<WebhookAttempt>>,
+    /// Sends notifications.
+    webhook_client: reqwest::Client,
     /// Stops expiry timers and delayed writes at shutdown.
     shutdown: CancellationToken,
     /// Expiry timers and delayed writes, so shutdown can wait for them.
@@ -147,15 +152,55 @@ struct Checkouts {
     display_ids: HashSet<String>,
 }
 
-/// A registered webhook (never called by the sandbox).
-#[derive(Debug, Clone)]
+/// A registered webhook: called with every checkout change while enabled.
+#[derive(Clone)]
 pub struct WebhookRecord {
     /// Its id.
     pub id: String,
-    /// The HMAC key paymennt would sign with.
+    /// The HMAC key each notification is signed with (hex HMAC-SHA256 of the body in
+    /// [`WEBHOOK_SIGNATURE_HEADER`]).
     pub hmac_key: String,
     /// The endpoint.
     pub address: String,
+    /// Whether notifications are sent.
+    pub enabled: bool,
+    /// Whether the last notification failed after every retry.
+    pub failed: bool,
+}
+
+impl std::fmt::Debug for WebhookRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookRecord")
+            .field("id", &self.id)
+            .field("address", &self.address)
+            .field("enabled", &self.enabled)
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The header carrying a notification's signature. paymennt's spec does not document one; this
+/// is the sandbox's choice, and paywatch's default `[http] webhook_signature_header`.
+pub const WEBHOOK_SIGNATURE_HEADER: &str = "X-Paymennt-Signature";
+
+/// Delays before each retry of a notification that was not answered with 2xx.
+const WEBHOOK_RETRY_DELAYS: [Duration; 5] = [
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+    Duration::from_millis(800),
+    Duration::from_millis(1600),
+];
+
+/// One attempt to deliver a notification, for tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookAttempt {
+    /// The webhook.
+    pub webhook_id: String,
+    /// The checkout the notification was about (None: a test call).
+    pub checkout_id: Option<CheckoutId>,
+    /// The HTTP status answered, or None if the request failed.
+    pub status: Option<u16>,
 }
 
 struct CheckoutRecord {
@@ -231,6 +276,11 @@ impl SandboxState {
                 faults,
                 checkouts: Mutex::new(Checkouts::default()),
                 webhooks: Mutex::new(Vec::new()),
+                webhook_attempts: Mutex::new(Vec::new()),
+                webhook_client: reqwest::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .unwrap_or_default(),
                 shutdown,
                 tasks: TaskTracker::new(),
             }),
@@ -439,7 +489,117 @@ impl SandboxState {
             "sandbox: checkout status changed"
         );
         self.dispatch(write).await?;
+        self.notify_webhooks(&checkout);
         Ok(checkout)
+    }
+
+    /// Sends a `checkout.updated` notification about `checkout` to every enabled webhook.
+    fn notify_webhooks(&self, checkout: &Checkout) {
+        let id = checkout.id.as_ref().and_then(|id| id.0.parse().ok());
+        let body = serde_json::json!({ "event": "checkout.updated", "checkout": checkout });
+        for hook in self.webhooks().into_iter().filter(|hook| hook.enabled) {
+            self.deliver(hook, id.clone(), body.to_string());
+        }
+    }
+
+    /// Delivers one notification in the background, retrying until a 2xx or the retries run
+    /// out (then the webhook is marked failed, as paymennt's `failed` flag says).
+    fn deliver(&self, hook: WebhookRecord, checkout_id: Option<CheckoutId>, body: String) {
+        let state = self.clone();
+        let shutdown = self.inner.shutdown.clone();
+        self.inner.tasks.spawn(async move {
+            let signature = sign_notification(&hook.hmac_key, body.as_bytes());
+            let mut delays = WEBHOOK_RETRY_DELAYS.iter();
+            loop {
+                let sent = state
+                    .inner
+                    .webhook_client
+                    .post(&hook.address)
+                    .header("content-type", "application/json")
+                    .header(WEBHOOK_SIGNATURE_HEADER, &signature)
+                    .body(body.clone())
+                    .send();
+                let status = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    sent = sent => sent.ok().map(|response| response.status().as_u16()),
+                };
+                state
+                    .inner
+                    .webhook_attempts
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .push(WebhookAttempt {
+                        webhook_id: hook.id.clone(),
+                        checkout_id: checkout_id.clone(),
+                        status,
+                    });
+                let delivered = status.is_some_and(|code| (200..300).contains(&code));
+                let Some(delay) = delays.next().filter(|_| !delivered) else {
+                    state.update_webhook(&hook.id, |record| record.failed = !delivered);
+                    if !delivered {
+                        tracing::warn!(webhook = %hook.id, address = %hook.address, ?status, "sandbox: webhook notification failed after every retry");
+                    }
+                    return;
+                };
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(*delay) => {}
+                }
+            }
+        });
+    }
+
+    fn update_webhook(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut WebhookRecord),
+    ) -> Option<WebhookRecord> {
+        let mut hooks = self
+            .inner
+            .webhooks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let hook = hooks.iter_mut().find(|hook| hook.id == id)?;
+        change(hook);
+        Some(hook.clone())
+    }
+
+    /// One webhook.
+    pub fn webhook(&self, id: &str) -> Option<WebhookRecord> {
+        self.update_webhook(id, |_| {})
+    }
+
+    /// Enables or disables a webhook.
+    pub fn set_webhook_enabled(&self, id: &str, enabled: bool) -> Option<WebhookRecord> {
+        self.update_webhook(id, |record| record.enabled = enabled)
+    }
+
+    /// Deletes a webhook; returns it as it was.
+    pub fn delete_webhook(&self, id: &str) -> Option<WebhookRecord> {
+        let mut hooks = self
+            .inner
+            .webhooks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let index = hooks.iter().position(|hook| hook.id == id)?;
+        Some(hooks.remove(index))
+    }
+
+    /// Sends a test notification (`{"event": "test", "webhookId": …}`) to a webhook.
+    pub fn test_webhook(&self, id: &str) -> Option<WebhookRecord> {
+        let hook = self.webhook(id)?;
+        let body = serde_json::json!({ "event": "test", "webhookId": id }).to_string();
+        self.deliver(hook.clone(), None, body);
+        Some(hook)
+    }
+
+    /// Every notification attempt so far, oldest first.
+    pub fn webhook_attempts(&self) -> Vec<WebhookAttempt> {
+        self.inner
+            .webhook_attempts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// PENDING or AUTHORIZED → PAID. See [`SandboxState::apply`].
@@ -551,12 +711,14 @@ impl SandboxState {
         self.dispatch(write).await
     }
 
-    /// Registers a webhook (`POST /webhooks`). The sandbox never calls it.
+    /// Registers a webhook (`POST /webhooks`): every checkout change is sent to it from now on.
     pub fn add_webhook(&self, address: &str) -> WebhookRecord {
         let record = WebhookRecord {
             id: unique_numeric_id(Utc::now()),
             hmac_key: hex::encode(rand::random::<[u8; 16]>()),
             address: address.to_owned(),
+            enabled: true,
+            failed: false,
         };
         self.inner
             .webhooks
@@ -843,6 +1005,19 @@ fn transition(record: &mut CheckoutRecord, action: CheckoutAction) -> Result<(),
         }
     }
     Ok(())
+}
+
+/// The hex HMAC-SHA256 of a notification body under the webhook's key.
+fn sign_notification(key: &str, body: &[u8]) -> String {
+    use hmac::{KeyInit, Mac};
+    match hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()) {
+        Ok(mut mac) => {
+            mac.update(body);
+            hex::encode(mac.finalize().into_bytes())
+        }
+        // HMAC accepts keys of any length.
+        Err(_) => String::new(),
+    }
 }
 
 /// Zero with the same number of decimals as `like` (`0.00` next to `100.00`).

@@ -27,6 +27,11 @@ pub const CREDENTIAL_API_KEY: &str = "paymennt-api-key";
 /// The systemd credential name of the Google service-account file.
 pub const CREDENTIAL_FIRESTORE: &str = "firestore-service-account";
 
+/// The systemd credential name of the HTTP listener's bearer token (`POST /v1/checkouts`).
+pub const CREDENTIAL_HTTP_TOKEN: &str = "paywatch-http-token";
+/// The systemd credential name of the webhook HMAC key (the `hmacKey` paymennt returned).
+pub const CREDENTIAL_WEBHOOK_HMAC_KEY: &str = "paywatch-webhook-hmac-key";
+
 /// The longest duration any setting accepts (ten years).
 pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
 
@@ -73,6 +78,11 @@ pub const DURATION_BOUNDS: &[(&str, Duration, Duration)] = &[
         Duration::from_secs(1),
         Duration::from_secs(366 * 24 * 3600),
     ),
+    (
+        "http.verify_failing_after",
+        Duration::from_secs(1),
+        Duration::from_secs(24 * 3600),
+    ),
 ];
 
 /// The accepted range of each numeric setting (`hooks[N].x` as `hooks.x`), lowest first.
@@ -83,6 +93,9 @@ pub const COUNT_BOUNDS: &[(&str, u64, u64)] = &[
     ("firestore.streams_per_connection", 1, 1000),
     ("hooks_concurrency", 1, 256),
     ("hooks.max_attempts", 1, 1000),
+    ("http.max_body_bytes", 1024, 10 * 1024 * 1024),
+    ("http.webhook_rate_per_address", 1, 1_000_000),
+    ("http.webhook_rate_per_checkout", 1, 1_000_000),
 ];
 
 /// The key as the bound tables spell it: `hooks[3].timeout` is `hooks.timeout`.
@@ -148,6 +161,9 @@ pub struct Settings {
     /// `[log]`.
     #[serde(default)]
     pub log: LogSettings,
+    /// `[http]`.
+    #[serde(default)]
+    pub http: HttpSettings,
     /// How many hook commands may run at once, over all hooks.
     #[serde(default = "default_hooks_concurrency")]
     pub hooks_concurrency: usize,
@@ -393,6 +409,14 @@ pub struct FirestoreSettings {
     /// endpoints), in addition to the built-in roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Whether to listen to Firestore at all. `false`: changes arrive only through webhooks
+    /// (`[http]`), the reconciler and discovery.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// `[firestore] auth`: who paywatch is to Firestore.
@@ -481,6 +505,7 @@ impl Default for FirestoreSettings {
             identity_endpoint: None,
             token_endpoint: None,
             ca_file: None,
+            enabled: true,
         }
     }
 }
@@ -724,6 +749,120 @@ impl Default for DaemonSettings {
     }
 }
 
+/// `[http]`: the optional HTTP listener (webhook intake, track endpoint, health checks).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Address to listen on, e.g. `127.0.0.1:8788`. Unset: no listener.
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Bearer token of `POST /v1/checkouts`. Unset (and no file or credential): that endpoint is
+    /// off.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    /// A file holding the bearer token.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// The `hmacKey` paymennt returned for the webhook: signatures are checked with it.
+    #[serde(default)]
+    pub webhook_hmac_key: Option<Secret>,
+    /// A file holding the webhook HMAC key.
+    #[serde(default)]
+    pub webhook_hmac_key_file: Option<PathBuf>,
+    /// The request header carrying a webhook's HMAC-SHA256 signature.
+    #[serde(default = "default_signature_header")]
+    pub webhook_signature_header: String,
+    /// The largest request body accepted, in bytes.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Webhook notifications accepted per minute from one source address.
+    #[serde(default = "default_webhook_rate_per_address")]
+    pub webhook_rate_per_address: u32,
+    /// Webhook notifications accepted per minute for one checkout.
+    #[serde(default = "default_webhook_rate_per_checkout")]
+    pub webhook_rate_per_checkout: u32,
+    /// `/readyz` fails once Get Checkout has failed without a success for this long.
+    #[serde(default = "default_verify_failing_after", with = "humantime_serde")]
+    pub verify_failing_after: Duration,
+}
+
+fn default_signature_header() -> String {
+    "X-Paymennt-Signature".into()
+}
+fn default_max_body_bytes() -> usize {
+    64 * 1024
+}
+fn default_webhook_rate_per_address() -> u32 {
+    120
+}
+fn default_webhook_rate_per_checkout() -> u32 {
+    10
+}
+fn default_verify_failing_after() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            listen: None,
+            token: None,
+            token_file: None,
+            webhook_hmac_key: None,
+            webhook_hmac_key_file: None,
+            webhook_signature_header: default_signature_header(),
+            max_body_bytes: default_max_body_bytes(),
+            webhook_rate_per_address: default_webhook_rate_per_address(),
+            webhook_rate_per_checkout: default_webhook_rate_per_checkout(),
+            verify_failing_after: default_verify_failing_after(),
+        }
+    }
+}
+
+impl HttpSettings {
+    /// The bearer token of the track endpoint: `token`, else `token_file`, else the systemd
+    /// credential `paywatch-http-token`; `None` when none is configured (the endpoint is off).
+    ///
+    /// # Errors
+    ///
+    /// An empty value or an unreadable file, named (never the value).
+    pub fn token(&self) -> Result<Option<Secret>, SettingsError> {
+        resolve_optional_secret(
+            "http.token",
+            self.token.as_ref(),
+            self.token_file.as_deref(),
+            CREDENTIAL_HTTP_TOKEN,
+        )
+    }
+
+    /// The webhook HMAC key: `webhook_hmac_key`, else its file, else the systemd credential
+    /// `paywatch-webhook-hmac-key`; `None` when none is configured.
+    ///
+    /// # Errors
+    ///
+    /// An empty value or an unreadable file, named (never the value).
+    pub fn webhook_hmac_key(&self) -> Result<Option<Secret>, SettingsError> {
+        resolve_optional_secret(
+            "http.webhook_hmac_key",
+            self.webhook_hmac_key.as_ref(),
+            self.webhook_hmac_key_file.as_deref(),
+            CREDENTIAL_WEBHOOK_HMAC_KEY,
+        )
+    }
+}
+
+fn resolve_optional_secret(
+    key: &str,
+    value: Option<&Secret>,
+    file: Option<&Path>,
+    credential: &str,
+) -> Result<Option<Secret>, SettingsError> {
+    if value.is_none() && file.is_none() && secret::systemd_credential(credential).is_none() {
+        return Ok(None);
+    }
+    resolve_secret(key, value, file, credential).map(Some)
+}
+
 /// Log output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -915,6 +1054,7 @@ const KNOWN_KEYS: &[&str] = &[
     "firestore.identity_endpoint",
     "firestore.token_endpoint",
     "firestore.ca_file",
+    "firestore.enabled",
     "reconcile.interval",
     "reconcile.page_size",
     "discovery.enabled",
@@ -925,6 +1065,16 @@ const KNOWN_KEYS: &[&str] = &[
     "daemon.drain_timeout",
     "log.level",
     "log.format",
+    "http.listen",
+    "http.token",
+    "http.token_file",
+    "http.webhook_hmac_key",
+    "http.webhook_hmac_key_file",
+    "http.webhook_signature_header",
+    "http.max_body_bytes",
+    "http.webhook_rate_per_address",
+    "http.webhook_rate_per_checkout",
+    "http.verify_failing_after",
     "hooks_concurrency",
 ];
 
@@ -1170,6 +1320,10 @@ impl Settings {
             ),
             ("reconcile.interval".to_owned(), self.reconcile.interval),
             ("daemon.drain_timeout".to_owned(), self.daemon.drain_timeout),
+            (
+                "http.verify_failing_after".to_owned(),
+                self.http.verify_failing_after,
+            ),
         ];
         let mut counts = vec![
             (
@@ -1191,6 +1345,18 @@ impl Settings {
             (
                 "hooks_concurrency".to_owned(),
                 self.hooks_concurrency as u64,
+            ),
+            (
+                "http.max_body_bytes".to_owned(),
+                self.http.max_body_bytes as u64,
+            ),
+            (
+                "http.webhook_rate_per_address".to_owned(),
+                u64::from(self.http.webhook_rate_per_address),
+            ),
+            (
+                "http.webhook_rate_per_checkout".to_owned(),
+                u64::from(self.http.webhook_rate_per_checkout),
             ),
         ];
         for (index, hook) in self.hooks.iter().enumerate() {
@@ -1293,6 +1459,12 @@ impl Settings {
                     crate::paymennt::wire::CHECKOUT_TYPES.join(", ")
                 )));
             }
+        }
+        if http::HeaderName::from_bytes(self.http.webhook_signature_header.as_bytes()).is_err() {
+            return Err(err(format!(
+                "{origin}: 'http.webhook_signature_header' value '{}' is not a valid HTTP header name",
+                crate::domain::printable(&self.http.webhook_signature_header)
+            )));
         }
         if let Some(url) = &self.paymennt.base_url {
             check_url(origin, "paymennt.base_url", url)?;

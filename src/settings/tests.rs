@@ -583,3 +583,72 @@ fn firestore_database_defaults_and_is_checked() {
         "{text}"
     );
 }
+
+#[test]
+fn the_http_listener_is_off_by_default_and_on_loopback_in_the_shipped_config() {
+    let settings = load("", &[]).expect("defaults");
+    assert_eq!(settings.http.listen, None);
+    assert!(settings.firestore.enabled);
+    assert_eq!(settings.http.token().expect("no token"), None);
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/paywatch.toml");
+    let text = std::fs::read_to_string(example).expect("config/paywatch.toml exists");
+    let shipped = load(&text, &[]).expect("example config is valid");
+    let listen = shipped.http.listen.expect("the example listens");
+    assert!(listen.ip().is_loopback(), "{listen}");
+}
+
+#[test]
+fn http_settings_are_bounded_and_named() {
+    for (text, key) in [
+        ("[http]\nmax_body_bytes = 10\n", "http.max_body_bytes"),
+        (
+            "[http]\nwebhook_rate_per_checkout = 0\n",
+            "http.webhook_rate_per_checkout",
+        ),
+        (
+            "[http]\nwebhook_rate_per_address = 0\n",
+            "http.webhook_rate_per_address",
+        ),
+        (
+            "[http]\nwebhook_signature_header = \"bad header\"\n",
+            "http.webhook_signature_header",
+        ),
+        (
+            "[http]\nverify_failing_after = \"0s\"\n",
+            "http.verify_failing_after",
+        ),
+        ("[http]\nlisten = \"not an address\"\n", "listen"),
+        ("[http]\nlisten_on = \"127.0.0.1:1\"\n", "http.listen_on"),
+    ] {
+        let error = load(text, &[]).expect_err(text).to_string();
+        assert!(error.contains(key), "{text}: {error}");
+    }
+}
+
+#[test]
+fn the_http_token_comes_from_the_config_a_file_or_the_environment_and_is_never_shown() {
+    let settings = load("[http]\ntoken = \"t0ken-value\"\n", &[]).expect("valid");
+    let token = settings.http.token().expect("resolves").expect("set");
+    assert_eq!(token.expose(), "t0ken-value");
+    assert!(!format!("{settings:?}").contains("t0ken-value"));
+    let settings = load("", &[("PAYWATCH_HTTP__TOKEN", "from-env")]).expect("valid");
+    assert_eq!(
+        settings
+            .http
+            .token()
+            .expect("resolves")
+            .expect("set")
+            .expose(),
+        "from-env"
+    );
+    let settings = load("[http]\ntoken_file = \"/nonexistent/token\"\n", &[]).expect("valid");
+    let error = settings.http.token().expect_err("missing file").to_string();
+    assert!(error.contains("http.token_file"), "{error}");
+    let settings = load("[http]\nwebhook_hmac_key = \"\"\n", &[]).expect("valid");
+    let error = settings
+        .http
+        .webhook_hmac_key()
+        .expect_err("empty")
+        .to_string();
+    assert!(error.contains("http.webhook_hmac_key"), "{error}");
+}

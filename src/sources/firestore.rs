@@ -38,7 +38,8 @@
 //! In both modes no HTTP/2 connection carries more than `streams_per_connection` streams:
 //! Google's front end allows about 100 and tonic queues the next stream silently.
 //!
-//! See `/work/shared/notes/firestore-listen.md` for the protocol and `docs/firestore-interop.md`
+//! The protocol is Google's `google.firestore.v1.Firestore/Listen` (its protos, and the official
+//! server SDKs' watch code); `docs/firestore-interop.md`
 //! for what the emulators do differently.
 
 mod backoff;
@@ -122,6 +123,8 @@ pub struct ListenerOptions {
     /// A target whose only news is a heartbeat token is checkpointed at most this often
     /// (changes are checkpointed at the next snapshot whatever this says).
     pub checkpoint_interval: Duration,
+    /// Where streams are counted (open streams, the age of each stream's last message).
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Default for ListenerOptions {
@@ -140,6 +143,7 @@ impl Default for ListenerOptions {
             refused_retry_initial: Duration::from_secs(5 * 60),
             refused_retry_max: Duration::from_secs(60 * 60),
             checkpoint_interval: Duration::from_secs(300),
+            metrics: crate::metrics::Metrics::disabled(),
         }
     }
 }

@@ -1,12 +1,14 @@
 //! Sources of nudges: things that say "this checkout may have changed, go and verify it".
 //!
-//! Owns: the Firestore listener, the reconciler and discovery.
+//! Owns: the Firestore listener, the reconciler, discovery and the webhook intake.
 //! Must never: decide a checkout's status. A nudge carries no status; only the verifier,
 //! through Get Checkout, learns one.
 
 pub mod discovery;
 pub mod firestore;
 pub mod reconcile;
+
+pub mod webhook;
 
 use std::time::Instant;
 

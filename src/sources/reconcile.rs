@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::{CheckoutId, CheckoutStatus, Source};
 use crate::ledger::{Ledger, OpenCheckout};
+use crate::metrics::{Metrics, SweepKind};
 use crate::paymennt::{Client, SearchQuery};
 use crate::sources::Nudge;
 
@@ -32,7 +33,10 @@ use crate::sources::Nudge;
 /// unchanged checkout. Later sweeps, every `interval`, compare every open checkout with Search
 /// Checkouts ([`sweep`]), `page_size` per page.
 ///
-/// `watch_set_changed` is bumped when refund watches end, so the watch set is updated.
+/// `watch_set_changed` is bumped when refund watches end, so the watch set is updated. Sweeps
+/// and the checkouts they nudge are counted in `metrics`.
+// Each argument is a distinct handle or channel of the daemon's wiring.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     ledger: Ledger,
     client: watch::Receiver<Client>,
@@ -41,8 +45,9 @@ pub async fn run(
     page_size: u32,
     watch_set_changed: watch::Sender<u64>,
     cancel: CancellationToken,
+    metrics: Metrics,
 ) {
-    startup_sweep(&ledger, &nudges, &cancel).await;
+    startup_sweep(&ledger, &nudges, &cancel, &metrics).await;
     let mut health = SearchHealth::default();
     loop {
         let period = *interval.borrow_and_update();
@@ -61,7 +66,8 @@ pub async fn run(
                 _ = ticker.tick() => {
                     end_refund_watch(&ledger, &watch_set_changed).await;
                     let current = client.borrow().clone();
-                    sweep(&ledger, &current, &nudges, page_size, &mut health, &cancel).await;
+                    let report = sweep(&ledger, &current, &nudges, page_size, &mut health, &cancel).await;
+                    metrics.reconcile_sweep(SweepKind::Periodic, report.nudged());
                 }
             }
         }
@@ -299,7 +305,12 @@ async fn open_checkouts(ledger: &Ledger) -> Option<Vec<OpenCheckout>> {
 }
 
 /// The first sweep: nudges checkouts never verified or changed without a verification.
-async fn startup_sweep(ledger: &Ledger, nudges: &mpsc::Sender<Nudge>, cancel: &CancellationToken) {
+async fn startup_sweep(
+    ledger: &Ledger,
+    nudges: &mpsc::Sender<Nudge>,
+    cancel: &CancellationToken,
+    metrics: &Metrics,
+) {
     let Some(open) = open_checkouts(ledger).await else {
         return;
     };
@@ -308,6 +319,7 @@ async fn startup_sweep(ledger: &Ledger, nudges: &mpsc::Sender<Nudge>, cancel: &C
         .filter(|checkout| checkout.needs_verify)
         .map(|checkout| checkout.checkout_id)
         .collect();
+    metrics.reconcile_sweep(SweepKind::Startup, chosen.len());
     tracing::info!(
         checkouts = chosen.len(),
         kind = "startup",

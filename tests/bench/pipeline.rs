@@ -826,6 +826,8 @@ async fn start_in_process(config: &Path) -> InProcess {
         log: LogHandle::detached(),
         status: Some(sender),
         notifier: Notifier::disabled(),
+        http_addr: None,
+        metrics: paywatch::metrics::Metrics::new(),
     };
     let task = tokio::spawn(daemon::run(settings, receiver, options));
     tokio::time::timeout(PHASE_LIMIT, status.wait_for(|s| s.ready))

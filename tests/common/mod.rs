@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod exposition;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,6 +12,7 @@ use paywatch::daemon::{self, Control, DaemonStatus, RunOptions};
 use paywatch::domain::CheckoutId;
 use paywatch::ledger::{Ledger, TrackedVia};
 use paywatch::logging::LogHandle;
+use paywatch::metrics::Metrics;
 use paywatch::paymennt::wire::{JsonDecimal, LinkRequest};
 use paywatch::sandbox::{Sandbox, SandboxOptions};
 use paywatch::settings::Settings;
@@ -109,6 +112,10 @@ pub struct Daemon {
     controls: mpsc::Sender<Control>,
     /// The daemon's published status.
     pub status: watch::Receiver<DaemonStatus>,
+    /// The HTTP listener's address, once bound (`[http] listen`).
+    pub http: watch::Receiver<Option<std::net::SocketAddr>>,
+    /// The daemon's metrics (what `/metrics` serves).
+    pub metrics: Metrics,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -117,11 +124,15 @@ impl Daemon {
     pub async fn start(settings: &Settings, config_path: &Path) -> Daemon {
         let (controls, receiver) = mpsc::channel(8);
         let (sender, mut status) = watch::channel(DaemonStatus::default());
+        let (http_sender, http) = watch::channel(None);
+        let metrics = Metrics::new();
         let options = RunOptions {
             config_path: Some(config_path.to_path_buf()),
             log: LogHandle::detached(),
             status: Some(sender),
             notifier: paywatch::daemon::notify::Notifier::disabled(),
+            http_addr: Some(http_sender),
+            metrics: metrics.clone(),
         };
         let task = tokio::spawn(daemon::run(settings.clone(), receiver, options));
         tokio::time::timeout(DEADLINE, status.wait_for(|s| s.ready))
@@ -131,8 +142,16 @@ impl Daemon {
         Daemon {
             controls,
             status,
+            http,
+            metrics,
             task,
         }
+    }
+
+    /// The base URL of the daemon's HTTP listener (`http://127.0.0.1:PORT`).
+    pub fn http_url(&self) -> String {
+        let addr = (*self.http.borrow()).expect("the daemon has an HTTP listener ([http] listen)");
+        format!("http://{addr}")
     }
 
     /// Sends a control.

@@ -853,3 +853,38 @@ fn the_next_due_time_ignores_events_queued_behind_a_retrying_one() {
         "the PENDING retry, not the PAID behind it"
     );
 }
+
+/// A hook by this name makes its attempt panic (only in unit tests), as a bug in paywatch would.
+pub(super) const PANICKING_HOOK: &str = "panics-in-tests";
+
+#[tokio::test]
+async fn a_panic_during_an_attempt_is_recorded_as_a_retry_and_the_dispatcher_goes_on() {
+    let fx = Fixture::new();
+    let panicking = hook(fx.path(), PANICKING_HOOK, "exit 0\n");
+    let fine = hook(fx.path(), "fine", "exit 0\n");
+    let events = fx.transition("91", "PAID", "ORD-91", &[PANICKING_HOOK, "fine"]);
+    let running = fx.start(vec![panicking, fine], 2);
+    let deadline = Instant::now() + DEADLINE;
+    let retried = loop {
+        let delivery = fx.delivery(&events[0]);
+        if delivery.state == DeliveryState::Pending && delivery.attempts == 1 {
+            break delivery;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the panicked attempt stayed {:?}",
+            delivery.state
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        retried
+            .last_error
+            .as_deref()
+            .is_some_and(|error| error.contains("paywatch failed while running the hook")),
+        "{retried:?}"
+    );
+    fx.until_state(&events[1], DeliveryState::Delivered).await;
+    assert!(!running.task.is_finished(), "the dispatcher goes on");
+    running.stop().await;
+}

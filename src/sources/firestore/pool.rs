@@ -128,6 +128,20 @@ impl ListenerHandle {
         self.shared.context.open_streams.load(Ordering::SeqCst)
     }
 
+    /// The stream tasks that exist now, as (project, stream number): open, opening or waiting
+    /// to reconnect. A stream whose last checkout was unwatched is gone from this list.
+    pub fn streams(&self) -> Vec<(String, u64)> {
+        self.shared
+            .registry()
+            .projects
+            .values()
+            .flat_map(|pool| {
+                let project = &pool.shared.project;
+                pool.streams.keys().map(move |key| (project.clone(), *key))
+            })
+            .collect()
+    }
+
     /// How many HTTP/2 connections the pools hold (for tests and the status line).
     pub fn connections(&self) -> usize {
         self.shared

@@ -4,7 +4,9 @@
 //! scripted [`ListenResponse`] sequences and check every event. The stream task in `stream.rs`
 //! owns one [`StreamState`] per Listen stream and carries out its [`Action`]s in order.
 //!
-//! The rules follow `/work/shared/notes/firestore-listen.md` sections 1.5, 1.6 and 4:
+//! The rules follow the Listen wire sequences for a documents target and when a resume token may
+//! be persisted, as Google's `google/firestore/v1` protos and the official server SDKs' watch code
+//! (`@google-cloud/firestore`'s `watch.ts`) show them:
 //! - a document event (change, delete, remove) for a target is a [`ListenEvent::Changed`] at once;
 //! - a target added without a resume token, or RESET, is verified once it is CURRENT even when no
 //!   document came (a missing document produces no event in production);

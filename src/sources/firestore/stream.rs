@@ -109,6 +109,10 @@ impl StreamTask {
             relocate,
         } = self;
         let _lease = ConnectionLease(Arc::clone(&connection));
+        let _clock = context
+            .options
+            .metrics
+            .listen_stream(&database.project, key);
         let options = &context.options;
         let mut state = StreamState::new(
             database.database.clone(),
@@ -244,6 +248,7 @@ impl Session<'_> {
         };
         shared.open_streams.fetch_add(1, Ordering::SeqCst);
         let _open = OpenGuard(shared);
+        let _open_metric = shared.options.metrics.listen_stream_open(project);
         tracing::info!(project = %project, stream = self.key, connection = self.connection.index,
             targets, "listen stream open");
         if !self
@@ -305,6 +310,7 @@ impl Session<'_> {
                         }
                         Err(status) => return self.on_status(status, state, backoff, auth_retries).await,
                     };
+                    shared.options.metrics.listen_message(self.key);
                     tracing::debug!(project = %project, stream = self.key, "listen response: {}", summary(&response));
                     if self.database.failed.swap(false, Ordering::SeqCst) {
                         tracing::info!(database = %self.database.database, "Firestore accepts this database again");

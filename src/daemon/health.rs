@@ -1,0 +1,248 @@
+//! Liveness and readiness: what `/healthz` and `/readyz` answer.
+//!
+//! Owns: the record of startup, of each Listen stream's last reported state (fed from the
+//! listener's events by the daemon) and the checks that turn them, the verifier's figures and the
+//! ledger into a verdict with reasons.
+//! Must never: change anything it inspects (the ledger check takes the write lock and rolls
+//! back), or name a checkout or a secret in a reason.
+//!
+//! A Listen stream silent for `idle_timeout` is reopened by the listener itself, which reports it
+//! disconnected: that is how "silent past `idle_timeout`" reaches readiness.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::ledger::Ledger;
+use crate::sources::firestore::{ListenEvent, ListenerHandle};
+use crate::verifier::VerifierStats;
+
+/// How long `/healthz` waits for the ledger's write lock.
+pub const LEDGER_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A stream's last reported state.
+#[derive(Debug, Clone)]
+enum StreamState {
+    Connected,
+    Disconnected { reason: String, since: Instant },
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    started: bool,
+    /// By (project, stream number).
+    streams: HashMap<(String, u64), StreamState>,
+    /// Projects whose database refuses us, with what it said.
+    refused: HashMap<String, String>,
+}
+
+/// The daemon's health, shared by the daemon (which feeds it) and the HTTP handlers.
+#[derive(Clone)]
+pub struct Health {
+    seen: Arc<Mutex<Seen>>,
+    ledger: Ledger,
+    listener: Option<ListenerHandle>,
+    verifier: watch::Receiver<VerifierStats>,
+    verify_failing_after: Duration,
+}
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health").finish_non_exhaustive()
+    }
+}
+
+/// `/readyz`'s answer.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Readiness {
+    /// Whether paywatch is ready: the HTTP status is 200 if so, else 503.
+    pub ready: bool,
+    /// What is wrong, one sentence each (empty when ready).
+    pub problems: Vec<String>,
+    /// Listen streams that exist and are connected, of all that exist (`null` with Firestore
+    /// off).
+    pub streams_connected: Option<usize>,
+    /// Listen streams that exist.
+    pub streams: Option<usize>,
+}
+
+/// `/healthz`'s answer.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Liveness {
+    /// Whether the process is healthy (200) or not (503).
+    pub ok: bool,
+    /// What is wrong, if anything.
+    pub problems: Vec<String>,
+}
+
+impl Health {
+    /// Health of a daemon recording into `ledger`, with `listener` (None: Firestore off).
+    pub fn new(
+        ledger: Ledger,
+        listener: Option<ListenerHandle>,
+        verifier: watch::Receiver<VerifierStats>,
+        verify_failing_after: Duration,
+    ) -> Health {
+        Health {
+            seen: Arc::new(Mutex::new(Seen::default())),
+            ledger,
+            listener,
+            verifier,
+            verify_failing_after,
+        }
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.seen.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Startup finished (the pipeline runs).
+    pub fn set_started(&self, started: bool) {
+        self.seen().started = started;
+    }
+
+    /// Notes a listener event (stream and project states; other events are ignored).
+    pub fn note(&self, event: &ListenEvent) {
+        let mut seen = self.seen();
+        match event {
+            ListenEvent::Connected {
+                project, stream, ..
+            } => {
+                seen.streams
+                    .insert((project.clone(), *stream), StreamState::Connected);
+                seen.refused.remove(project);
+            }
+            ListenEvent::Disconnected {
+                project,
+                stream,
+                reason,
+                ..
+            } => {
+                let key = (project.clone(), *stream);
+                let since = match seen.streams.get(&key) {
+                    Some(StreamState::Disconnected { since, .. }) => *since,
+                    _ => Instant::now(),
+                };
+                seen.streams.insert(
+                    key,
+                    StreamState::Disconnected {
+                        reason: reason.clone(),
+                        since,
+                    },
+                );
+            }
+            ListenEvent::PermanentFailure { project, message } => {
+                seen.refused.insert(project.clone(), message.clone());
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the daemon is ready, and if not why.
+    pub fn readiness(&self) -> Readiness {
+        let mut problems = Vec::new();
+        let (mut streams, mut connected) = (None, None);
+        {
+            let mut seen = self.seen();
+            if !seen.started {
+                problems.push("startup has not finished".to_owned());
+            }
+            if let Some(listener) = &self.listener {
+                let existing = listener.streams();
+                // Forget streams that no longer exist (their last checkout was unwatched).
+                seen.streams.retain(|key, _| existing.contains(key));
+                let mut up = 0;
+                for key in &existing {
+                    match seen.streams.get(key) {
+                        Some(StreamState::Connected) => up += 1,
+                        Some(StreamState::Disconnected { reason, since }) => problems.push(format!(
+                            "Firestore stream {} of project '{}' is disconnected (for {} s): {reason}",
+                            key.1,
+                            key.0,
+                            since.elapsed().as_secs()
+                        )),
+                        None => problems.push(format!(
+                            "Firestore stream {} of project '{}' has not connected yet",
+                            key.1, key.0
+                        )),
+                    }
+                }
+                for (project, message) in &seen.refused {
+                    problems.push(format!(
+                        "Firestore project '{project}' refuses paywatch: {message}"
+                    ));
+                }
+                streams = Some(existing.len());
+                connected = Some(up);
+            }
+        }
+        if let Some(since) = self.verifier.borrow().failing_since {
+            let failing = (chrono::Utc::now() - since).to_std().unwrap_or_default();
+            if failing > self.verify_failing_after {
+                problems.push(format!(
+                    "Get Checkout has been failing for {} s (more than [http] verify_failing_after); check paymennt's status, the network and the API credentials",
+                    failing.as_secs()
+                ));
+            }
+        }
+        Readiness {
+            ready: problems.is_empty(),
+            problems,
+            streams_connected: connected,
+            streams,
+        }
+    }
+
+    /// Whether the process is healthy: the ledger takes a write lock within
+    /// [`LEDGER_CHECK_TIMEOUT`].
+    pub async fn liveness(&self) -> Liveness {
+        let ledger = self.ledger.clone();
+        let check = tokio::task::spawn_blocking(move || ledger.check_writable());
+        let problems = match tokio::time::timeout(LEDGER_CHECK_TIMEOUT, check).await {
+            Ok(Ok(Ok(()))) => Vec::new(),
+            Ok(Ok(Err(error))) => vec![format!("the ledger is not writable: {error}")],
+            Ok(Err(error)) => vec![format!("the ledger check failed: {error}")],
+            Err(_) => vec![format!(
+                "the ledger did not take a write lock within {} s",
+                LEDGER_CHECK_TIMEOUT.as_secs()
+            )],
+        };
+        Liveness {
+            ok: problems.is_empty(),
+            problems,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn readiness_names_startup_and_a_verifier_failing_past_the_threshold() {
+        let ledger = Ledger::open_in_memory().expect("ledger");
+        let (stats, receiver) = watch::channel(VerifierStats::default());
+        let health = Health::new(ledger, None, receiver, Duration::from_secs(60));
+        let before = health.readiness();
+        assert!(!before.ready);
+        assert_eq!(before.problems, ["startup has not finished"]);
+        assert_eq!(before.streams, None, "Firestore off: no streams to count");
+        health.set_started(true);
+        assert!(health.readiness().ready);
+        // Failing for less than the threshold is not yet a problem; longer is.
+        stats.send_modify(|s| s.failing_since = Some(chrono::Utc::now()));
+        assert!(health.readiness().ready);
+        stats.send_modify(|s| {
+            s.failing_since = Some(chrono::Utc::now() - chrono::Duration::seconds(61))
+        });
+        let failing = health.readiness();
+        assert!(!failing.ready);
+        assert!(failing.problems[0].contains("Get Checkout has been failing"));
+        stats.send_modify(|s| s.failing_since = None);
+        assert!(health.readiness().ready);
+        assert!(health.liveness().await.ok);
+    }
+}

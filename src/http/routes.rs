@@ -1,0 +1,268 @@
+//! The HTTP routes: one handler per endpoint, answering JSON.
+//!
+//! Owns: mapping requests to the webhook intake, the track code shared with `paywatch track`,
+//! and the health checks, and their outcomes to status codes and small JSON bodies.
+//! Must never: trust a webhook body's status, or compare the bearer token in variable time.
+//!
+//! | route | answers |
+//! | --- | --- |
+//! | `POST /webhooks/paymennt` | 202 (verifying, or ignored: not tracked / no checkout id), 400 malformed, 401 bad signature, 413 too large, 429 rate limited |
+//! | `POST /v1/checkouts` | 201 tracked, 200 already tracked (the `--json` shape), 400 naming the field, 401 bad token, 404 off (no token configured) |
+//! | `GET /healthz` | 200 / 503 `{ok, problems}` |
+//! | `GET /readyz` | 200 / 503 `{ready, problems, streams, streams_connected}` |
+//!
+//! A new route is one `.route(...)` line in [`router`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use super::{HttpContext, NewlyTracked, TrackEndpoint};
+use crate::domain::Source;
+use crate::ledger::TrackOutcome;
+use crate::sources::Nudge;
+use crate::sources::webhook::Intake;
+
+/// The listener's routes over `context`.
+pub fn router(context: Arc<HttpContext>) -> Router {
+    let limit = context.max_body_bytes;
+    Router::new()
+        .route("/webhooks/paymennt", post(webhook))
+        .route("/v1/checkouts", post(track))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(context)
+}
+
+/// `{"error": message}` with `status`.
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+async fn not_found() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "no such endpoint: paywatch serves POST /webhooks/paymennt, POST /v1/checkouts, GET /healthz and GET /readyz",
+    )
+}
+
+async fn method_not_allowed() -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed: webhooks and checkouts take POST, /healthz and /readyz take GET",
+    )
+}
+
+/// A body that could not be read: too large (413) or cut off (400).
+fn body_rejected(rejection: &BytesRejection, limit: usize) -> Response {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("the body is larger than {limit} bytes ([http] max_body_bytes)"),
+        )
+    } else {
+        error(
+            StatusCode::BAD_REQUEST,
+            &format!("the body cannot be read: {rejection}"),
+        )
+    }
+}
+
+async fn webhook(
+    State(context): State<Arc<HttpContext>>,
+    ConnectInfo(from): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return body_rejected(&rejection, context.max_body_bytes),
+    };
+    let signature = headers
+        .get(&context.signature_header)
+        .map(HeaderValue::as_bytes);
+    match context.intake.receive(from.ip(), signature, &body).await {
+        Intake::Nudged(id) => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "checkout_id": id.as_str(), "action": "verifying with Get Checkout" })),
+        )
+            .into_response(),
+        Intake::Unknown(id) => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "checkout_id": id.as_str(), "action": "ignored: not tracked" })),
+        )
+            .into_response(),
+        Intake::NoCheckout => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "action": "ignored: the notification names no checkout" })),
+        )
+            .into_response(),
+        Intake::Malformed(message) => error(StatusCode::BAD_REQUEST, &message),
+        Intake::BadSignature => error(
+            StatusCode::UNAUTHORIZED,
+            &format!(
+                "the {} signature does not match the configured key",
+                context.signature_header
+            ),
+        ),
+        Intake::RateLimited { scope, retry_after } => {
+            let seconds = retry_after.as_secs().max(1);
+            let mut response = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!("too many notifications for this {scope}; retry in {seconds} s"),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            response
+        }
+        Intake::Unavailable(message) => error(StatusCode::SERVICE_UNAVAILABLE, &message),
+    }
+}
+
+/// Whether the request's `Authorization: Bearer` token is `endpoint`'s (constant-time).
+fn authorized(headers: &HeaderMap, endpoint: &TrackEndpoint) -> bool {
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "))
+    else {
+        return false;
+    };
+    bool::from(given.trim_ascii().ct_eq(endpoint.token.expose().as_bytes()))
+}
+
+async fn track(
+    State(context): State<Arc<HttpContext>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Some(endpoint) = &context.track else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "the track endpoint is off: set [http] token (or token_file, or the systemd credential paywatch-http-token) to turn it on",
+        );
+    };
+    if !authorized(&headers, endpoint) {
+        let mut response = error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token: send 'Authorization: Bearer <[http] token>'",
+        );
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return body_rejected(&rejection, context.max_body_bytes),
+    };
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return error(StatusCode::BAD_REQUEST, "request body: not UTF-8 text");
+    };
+    let facts = match crate::cli::checkouts::track_input(text, "request body") {
+        Ok(facts) => facts,
+        Err(rejected) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({ "error": rejected.message, "field": rejected.field })),
+            )
+                .into_response();
+        }
+    };
+    let seen_at = Instant::now();
+    let ledger = endpoint.ledger.clone();
+    let recorded = facts.clone();
+    let tracked = tokio::task::spawn_blocking(move || {
+        let outcome = ledger.track(&recorded, crate::ledger::TrackedVia::Track)?;
+        let record = ledger.checkout(&recorded.id)?;
+        Ok::<_, crate::ledger::LedgerError>((outcome, record))
+    })
+    .await;
+    let (outcome, record) = match tracked {
+        Ok(Ok((outcome, Some(record)))) => (outcome, record),
+        Ok(Ok((_, None))) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the checkout vanished from the ledger",
+            );
+        }
+        Ok(Err(problem)) => {
+            tracing::error!(checkout = %facts.id, error = %problem, "track endpoint: cannot record the checkout");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the checkout cannot be recorded in the ledger; see paywatch's log",
+            );
+        }
+        Err(problem) => {
+            tracing::error!(checkout = %facts.id, error = %problem, "track endpoint: ledger task failed");
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "the ledger task failed");
+        }
+    };
+    let status = match outcome {
+        TrackOutcome::Added => {
+            tracing::info!(checkout = %facts.id, "tracked through the HTTP track endpoint");
+            if let Some(location) = facts.location.clone() {
+                let _ = endpoint
+                    .watch
+                    .send(NewlyTracked {
+                        checkout_id: facts.id.clone(),
+                        location,
+                    })
+                    .await;
+            }
+            let _ = endpoint
+                .nudges
+                .send(Nudge {
+                    checkout_id: facts.id.clone(),
+                    source: Source::Manual,
+                    seen_at,
+                    changed_at: None,
+                })
+                .await;
+            StatusCode::CREATED
+        }
+        TrackOutcome::AlreadyTracked => StatusCode::OK,
+    };
+    (status, Json(record)).into_response()
+}
+
+async fn healthz(State(context): State<Arc<HttpContext>>) -> Response {
+    let liveness = context.health.liveness().await;
+    let status = if liveness.ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(liveness)).into_response()
+}
+
+/// The Prometheus text exposition (see [`crate::metrics`]); 503 naming the problem when the
+/// ledger gauges cannot be read.
+async fn metrics(State(context): State<Arc<HttpContext>>) -> Response {
+    context.metrics.response(&context.ledger).await
+}
+
+async fn readyz(State(context): State<Arc<HttpContext>>) -> Response {
+    let readiness = context.health.readiness();
+    let status = if readiness.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(readiness)).into_response()
+}

@@ -1,0 +1,547 @@
+//! The HTTP listener end to end against the in-process sandbox (loopback only): webhook-only
+//! payments, forged and malformed notifications, rate limits, the track endpoint, readiness.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use paywatch::domain::CheckoutId;
+use paywatch::ledger::Ledger;
+use paywatch::paymennt::Client;
+use paywatch::sandbox::Sandbox;
+use paywatch::settings::Settings;
+use serde_json::{Value, json};
+
+use crate::common::{
+    self, DEADLINE, Daemon, create_and_track, history, status_of, wait_for, wait_status,
+};
+
+/// A config for a daemon pointed at `sandbox`, with `firestore_extra` lines in `[firestore]`
+/// and `http` lines in `[http]`.
+fn config(dir: &Path, sandbox: &Sandbox, firestore_extra: &str, http: &str) -> (Settings, PathBuf) {
+    let path = dir.join("paywatch.toml");
+    let text = common::config_text(
+        dir,
+        &sandbox.api_base_url(),
+        &sandbox.firestore_endpoint(),
+        sandbox.api_key(),
+        sandbox.api_secret(),
+        "multiplexed",
+        &format!("[http]\n{http}\n"),
+    )
+    .replace(
+        "[firestore]\n",
+        &format!("[firestore]\n{firestore_extra}\n"),
+    );
+    std::fs::write(&path, text).expect("write config");
+    let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("test config is valid");
+    (settings, path)
+}
+
+/// A free loopback port, for a webhook address that must be known before the daemon starts.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn client(settings: &Settings) -> Client {
+    Client::from_settings(&settings.paymennt).expect("client")
+}
+
+async fn post(url: &str, body: impl Into<reqwest::Body>, headers: &[(&str, &str)]) -> (u16, Value) {
+    let mut request = reqwest::Client::new().post(url).body(body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    let json = response.json().await.unwrap_or(Value::Null);
+    (status, json)
+}
+
+async fn get(url: &str) -> (u16, Value) {
+    let response = reqwest::get(url).await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("a JSON body"))
+}
+
+fn calls(sandbox: &Sandbox, id: &CheckoutId) -> u64 {
+    sandbox.state().get_checkout_calls(id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_firestore_off_payments_still_arrive_through_signed_webhooks() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    // Register first (through paywatch's client), so the daemon can be given the hmacKey.
+    let (plain, _) = config(dir.path(), &sandbox, "enabled = false", "");
+    let webhook = client(&plain)
+        .create_webhook(&format!("http://127.0.0.1:{port}/webhooks/paymennt"))
+        .await
+        .expect("registered");
+    let key = webhook.hmac_key.expect("paymennt returns an hmacKey");
+    let (settings, path) = config(
+        dir.path(),
+        &sandbox,
+        "enabled = false",
+        &format!(
+            "listen = \"127.0.0.1:{port}\"\nwebhook_hmac_key = \"{}\"",
+            key.expose()
+        ),
+    );
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let id = create_and_track(&sandbox, &ledger, "ORD-WH").await;
+    let daemon = Daemon::start(&settings, &path).await;
+    assert_eq!(daemon.http_url(), format!("http://127.0.0.1:{port}"));
+    // The startup sweep verifies it; no Listen call is ever made.
+    wait_status(&ledger, &id, "PENDING").await;
+    let paid_at = std::time::Instant::now();
+    sandbox.state().pay(&id).await.expect("pay");
+    wait_status(&ledger, &id, "PAID").await;
+    eprintln!(
+        "webhook only: PAID recorded {:?} after the payment (signed notification, Get Checkout, ledger)",
+        paid_at.elapsed()
+    );
+    let paid = ledger
+        .transitions(&id)
+        .expect("transitions")
+        .pop()
+        .expect("paid");
+    assert_eq!(paid.source, "webhook");
+    assert!(
+        sandbox.listen_headers_seen().is_empty(),
+        "Firestore is off: no Listen call"
+    );
+    let attempts = sandbox.state().webhook_attempts();
+    assert!(
+        attempts
+            .iter()
+            .any(|a| a.checkout_id.as_ref() == Some(&id) && a.status == Some(202)),
+        "{attempts:?}"
+    );
+    // A refund arrives the same way.
+    sandbox.state().refund(&id, None).await.expect("refund");
+    wait_status(&ledger, &id, "REFUNDED").await;
+    assert_eq!(history(&ledger, &id), ["PENDING", "PAID", "REFUNDED"]);
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_retries_a_notification_and_marks_the_webhook_failed() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, _) = config(dir.path(), &sandbox, "", "");
+    let paymennt = client(&settings);
+    // Nothing listens on this port: every attempt fails.
+    let webhook = paymennt
+        .create_webhook(&format!("http://127.0.0.1:{}/hook", free_port()))
+        .await
+        .expect("registered");
+    let webhook_id: paywatch::paymennt::wire::WebhookId =
+        webhook.id.as_ref().expect("id").0.parse().expect("id");
+    let checkout = sandbox
+        .state()
+        .create_link(&common::link_request("ORD-R", "5"))
+        .await
+        .expect("link");
+    let id: CheckoutId = checkout.id.expect("id").0.parse().expect("id");
+    sandbox.state().pay(&id).await.expect("pay");
+    let listed = wait_for("the webhook marked failed", DEADLINE, || async {
+        let listed = paymennt.list_webhooks().await.expect("list");
+        (listed.first()?.failed == Some(true)).then_some(listed)
+    })
+    .await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        sandbox.state().webhook_attempts().len(),
+        6,
+        "one attempt and five retries"
+    );
+    let disabled = paymennt
+        .webhook_action(&webhook_id, "disable")
+        .await
+        .expect("disable");
+    assert_eq!(disabled.enabled, Some(false));
+    sandbox.state().refund(&id, None).await.expect("refund");
+    assert_eq!(
+        sandbox.state().webhook_attempts().len(),
+        6,
+        "a disabled webhook is not called"
+    );
+    sandbox.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_paid_notification_records_nothing_and_costs_one_get_checkout() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, path) = config(
+        dir.path(),
+        &sandbox,
+        "enabled = false",
+        "listen = \"127.0.0.1:0\"",
+    );
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let id = create_and_track(&sandbox, &ledger, "ORD-F").await;
+    let daemon = Daemon::start(&settings, &path).await;
+    wait_status(&ledger, &id, "PENDING").await;
+    let mut status = daemon.status.clone();
+    tokio::time::timeout(DEADLINE, status.wait_for(|s| s.verifier.calls == 1))
+        .await
+        .expect("startup verification done")
+        .expect("status");
+    assert_eq!(calls(&sandbox, &id), 1);
+    let url = format!("{}/webhooks/paymennt", daemon.http_url());
+    let forged = json!({ "event": "checkout.updated", "checkout": { "id": id.as_str(), "status": "PAID", "amount": 100 } });
+    let (code, body) = post(&url, forged.to_string(), &[]).await;
+    assert_eq!(code, 202, "{body}");
+    tokio::time::timeout(DEADLINE, status.wait_for(|s| s.verifier.calls == 2))
+        .await
+        .expect("the nudge was verified")
+        .expect("status");
+    assert_eq!(calls(&sandbox, &id), 2, "exactly one Get Checkout");
+    assert_eq!(status_of(&ledger, &id).as_deref(), Some("PENDING"));
+    assert_eq!(history(&ledger, &id), ["PENDING"], "nothing recorded");
+    // An unknown checkout: 202, and no call at all (decided before the answer).
+    let unknown: CheckoutId = "1234567890123456789".parse().expect("id");
+    let (code, body) = post(
+        &url,
+        json!({ "checkoutId": unknown.as_str(), "status": "PAID" }).to_string(),
+        &[],
+    )
+    .await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["action"], "ignored: not tracked");
+    assert_eq!(calls(&sandbox, &unknown), 0);
+    assert_eq!(daemon.status.borrow().verifier.calls, 2);
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_malformed_and_badly_signed_notifications_are_refused() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, path) = config(
+        dir.path(),
+        &sandbox,
+        "enabled = false",
+        "listen = \"127.0.0.1:0\"\nmax_body_bytes = 1024\nwebhook_hmac_key = \"the-configured-key\"",
+    );
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let id = create_and_track(&sandbox, &ledger, "ORD-M").await;
+    let daemon = Daemon::start(&settings, &path).await;
+    let url = format!("{}/webhooks/paymennt", daemon.http_url());
+    let big = format!(r#"{{"checkoutId":"{}","pad":"{}"}}"#, id, "x".repeat(2000));
+    let (code, body) = post(&url, big, &[]).await;
+    assert_eq!(code, 413, "{body}");
+    assert!(body["error"].as_str().expect("message").contains("1024"));
+    let (code, body) = post(&url, "{not json", &[]).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .expect("message")
+            .contains("not JSON")
+    );
+    let (code, body) = post(&url, r#"{"checkoutId":"12; DROP TABLE"}"#, &[]).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .expect("message")
+            .contains("checkoutId")
+    );
+    let (code, body) = post(&url, r#"{"event":"test","webhookId":"1"}"#, &[]).await;
+    assert_eq!(code, 202, "a test call is answered: {body}");
+    // Signed with another key: refused before anything is read; signed right: accepted.
+    let payload = json!({ "checkoutId": id.as_str() }).to_string();
+    let wrong = paywatch::sources::webhook::sign("another-key", payload.as_bytes());
+    let (code, body) = post(
+        &url,
+        payload.clone(),
+        &[("X-Paymennt-Signature", wrong.as_str())],
+    )
+    .await;
+    assert_eq!(code, 401, "{body}");
+    let right = paywatch::sources::webhook::sign("the-configured-key", payload.as_bytes());
+    let (code, body) = post(
+        &url,
+        payload.clone(),
+        &[("X-Paymennt-Signature", &format!("sha256={right}"))],
+    )
+    .await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["action"], "verifying with Get Checkout");
+    let (code, body) = get(&format!("{}/nothing", daemon.http_url())).await;
+    assert_eq!(code, 404, "{body}");
+    let (code, body) = get(&url).await;
+    assert_eq!(code, 405, "{body}");
+    assert!(body["error"].as_str().expect("message").contains("POST"));
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_are_rate_limited_per_checkout_and_per_address() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, path) = config(
+        dir.path(),
+        &sandbox,
+        "enabled = false",
+        "listen = \"127.0.0.1:0\"\nwebhook_rate_per_checkout = 2\nwebhook_rate_per_address = 5",
+    );
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let id = create_and_track(&sandbox, &ledger, "ORD-RL").await;
+    let daemon = Daemon::start(&settings, &path).await;
+    let url = format!("{}/webhooks/paymennt", daemon.http_url());
+    let about = |id: &str| json!({ "checkoutId": id }).to_string();
+    for _ in 0..2 {
+        let (code, body) = post(&url, about(id.as_str()), &[]).await;
+        assert_eq!(code, 202, "{body}");
+    }
+    let (code, body) = post(&url, about(id.as_str()), &[]).await;
+    assert_eq!(
+        code, 429,
+        "a third for one checkout within the minute: {body}"
+    );
+    assert!(
+        body["error"]
+            .as_str()
+            .expect("message")
+            .contains("checkout")
+    );
+    // Two more (other ids) reach the address's five; the sixth is refused whatever it names.
+    for n in 0..2 {
+        let (code, body) = post(&url, about(&format!("99{n}")), &[]).await;
+        assert_eq!(code, 202, "{body}");
+    }
+    let response = reqwest::Client::new()
+        .post(&url)
+        .body(about("995"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status().as_u16(), 429);
+    let retry_after: u64 = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let body: Value = response.json().await.expect("json");
+    assert!(body["error"].as_str().expect("message").contains("address"));
+    // Three notifications got through for the tracked checkout's two: at most two more calls.
+    let mut status = daemon.status.clone();
+    tokio::time::timeout(DEADLINE, status.wait_for(|s| s.verifier.calls >= 2))
+        .await
+        .expect("verified")
+        .expect("status");
+    assert!(calls(&sandbox, &id) <= 3, "{}", calls(&sandbox, &id));
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_track_endpoint_records_and_watches_at_once_with_the_right_token_only() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, path) = config(
+        dir.path(),
+        &sandbox,
+        "",
+        "listen = \"127.0.0.1:0\"\ntoken = \"backend-token-0123456789\"",
+    );
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let daemon = Daemon::start(&settings, &path).await;
+    let url = format!("{}/v1/checkouts", daemon.http_url());
+    let checkout = sandbox
+        .state()
+        .create_link(&common::link_request("ORD-T", "42.50"))
+        .await
+        .expect("link");
+    // Built as text: a serde_json::Value would turn 42.50 into the float 42.5.
+    let response = format!(
+        r#"{{"success":true,"elapsed":3,"result":{}}}"#,
+        serde_json::to_string(&checkout).expect("json")
+    );
+    let auth = ("Authorization", "Bearer backend-token-0123456789");
+    let (code, body) = post(&url, response.clone(), &[]).await;
+    assert_eq!(code, 401, "no token: {body}");
+    let (code, body) = post(
+        &url,
+        response.clone(),
+        &[("Authorization", "Bearer backend-token-0123456780")],
+    )
+    .await;
+    assert_eq!(code, 401, "wrong token: {body}");
+    let (code, body) = post(&url, "{\"id\": ", &[auth]).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .expect("message")
+            .contains("not valid JSON")
+    );
+    let mut incomplete = serde_json::to_value(&checkout).expect("json");
+    incomplete
+        .as_object_mut()
+        .expect("object")
+        .remove("firebaseDocument");
+    let (code, body) = post(&url, incomplete.to_string(), &[auth]).await;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["field"], "firebaseDocument");
+    assert!(
+        body["error"]
+            .as_str()
+            .expect("message")
+            .contains("firebaseDocument")
+    );
+    // The same input and message as `paywatch track -`.
+    let cli = paywatch::cli::checkouts::track_input(&incomplete.to_string(), "request body")
+        .expect_err("rejected");
+    assert_eq!(body["error"], cli.message);
+
+    let (code, body) = post(&url, response.clone(), &[auth]).await;
+    assert_eq!(code, 201, "{body}");
+    let id: CheckoutId = checkout.id.expect("id").0.parse().expect("id");
+    let record = ledger.checkout(&id).expect("read").expect("tracked");
+    assert_eq!(
+        body,
+        serde_json::to_value(&record).expect("json"),
+        "the --json shape"
+    );
+    assert_eq!(body["amount"], "42.50");
+    // Watched at once: verified (no Listen needed for that) and its payment arrives.
+    wait_status(&ledger, &id, "PENDING").await;
+    let mut status = daemon.status.clone();
+    tokio::time::timeout(DEADLINE, status.wait_for(|s| s.watched == 1))
+        .await
+        .expect("watched")
+        .expect("status");
+    sandbox.state().pay(&id).await.expect("pay");
+    wait_status(&ledger, &id, "PAID").await;
+    let (code, body) = post(&url, response, &[auth]).await;
+    assert_eq!(code, 200, "already tracked: {body}");
+    assert_eq!(body["status"], "PAID");
+    daemon.stop().await;
+
+    // Without a token configured the endpoint is off.
+    let (settings, path) = config(dir.path(), &sandbox, "", "listen = \"127.0.0.1:0\"");
+    let daemon = Daemon::start(&settings, &path).await;
+    let (code, body) = post(
+        &format!("{}/v1/checkouts", daemon.http_url()),
+        "{}",
+        &[auth],
+    )
+    .await;
+    assert_eq!(code, 404, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .expect("message")
+            .contains("[http] token")
+    );
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_flips_when_every_stream_drops_and_back_after_reconnect() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, path) = config(dir.path(), &sandbox, "", "listen = \"127.0.0.1:0\"");
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let id = create_and_track(&sandbox, &ledger, "ORD-READY").await;
+    let daemon = Daemon::start(&settings, &path).await;
+    let base = daemon.http_url();
+    let (code, body) = get(&format!("{base}/healthz")).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["ok"], true);
+    let ready = wait_for("ready", DEADLINE, || async {
+        let (code, body) = get(&format!("{base}/readyz")).await;
+        (code == 200).then_some(body)
+    })
+    .await;
+    assert_eq!(ready["streams_connected"], ready["streams"]);
+    assert_eq!(ready["problems"], json!([]));
+
+    sandbox.faults().set_refuse_listen(true);
+    sandbox.faults().close_listen_streams();
+    let down = wait_for("not ready", DEADLINE, || async {
+        let (code, body) = get(&format!("{base}/readyz")).await;
+        (code == 503).then_some(body)
+    })
+    .await;
+    assert_eq!(down["ready"], false);
+    let problems = down["problems"].to_string();
+    assert!(problems.contains("disconnected"), "{problems}");
+    assert!(
+        !problems.contains(id.as_str()),
+        "no checkout ids: {problems}"
+    );
+    // Liveness is not readiness: the process and ledger are fine.
+    assert_eq!(get(&format!("{base}/healthz")).await.0, 200);
+
+    sandbox.faults().set_refuse_listen(false);
+    wait_for("ready again", Duration::from_secs(30), || async {
+        let (code, _) = get(&format!("{base}/readyz")).await;
+        (code == 200).then_some(())
+    })
+    .await;
+    // And changes flow again.
+    sandbox.state().pay(&id).await.expect("pay");
+    wait_status(&ledger, &id, "PAID").await;
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_tracked_over_http_is_verified_at_once_even_with_firestore_off() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Firestore off and the reconciler an hour away: only the endpoint's own nudge can verify.
+    let token_file = dir.path().join("http-token");
+    std::fs::write(&token_file, "file-token-abcdef\n").expect("token file");
+    let (settings, path) = config(
+        dir.path(),
+        &sandbox,
+        "enabled = false",
+        &format!(
+            "listen = \"127.0.0.1:0\"\ntoken_file = \"{}\"",
+            token_file.display()
+        ),
+    );
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let daemon = Daemon::start(&settings, &path).await;
+    let checkout = sandbox
+        .state()
+        .create_link(&common::link_request("ORD-NOW", "10.00"))
+        .await
+        .expect("link");
+    let id: CheckoutId = checkout.id.clone().expect("id").0.parse().expect("id");
+    let bare = serde_json::to_string(&checkout).expect("json");
+    let (code, body) = post(
+        &format!("{}/v1/checkouts", daemon.http_url()),
+        bare,
+        &[("Authorization", "Bearer file-token-abcdef")],
+    )
+    .await;
+    assert_eq!(code, 201, "the bare result and a token from a file: {body}");
+    assert_eq!(body["status"], Value::Null, "a claim is not a status");
+    wait_status(&ledger, &id, "PENDING").await;
+    let mut status = daemon.status.clone();
+    tokio::time::timeout(DEADLINE, status.wait_for(|s| s.watched == 1))
+        .await
+        .expect("in the watch set")
+        .expect("status");
+    assert_eq!(calls(&sandbox, &id), 1);
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}
