@@ -388,6 +388,9 @@ struct Hook {
     command: Vec<String>,
 }
 
+/// The daemon's config for one phase. Discovery is off: every phase shares one sandbox, and a
+/// daemon discovering would track (and watch) the other phases' checkouts too, measuring
+/// something else than the phase's own set. Its cost is one search per interval.
 fn write_config(
     dir: &Path,
     ledger: &Path,
@@ -398,7 +401,8 @@ fn write_config(
     let path = dir.join("paywatch.toml");
     let mut text = format!(
         "[ledger]\npath = \"{}\"\n[paymennt]\nbase_url = \"{}\"\napi_key = \"{}\"\napi_secret = \"{}\"\nconcurrency = 16\n\
-         [firestore]\nendpoint = \"{}\"\nstream_mode = \"{mode}\"\n[reconcile]\ninterval = \"1h\"\n[log]\nlevel = \"warn\"\n",
+         [firestore]\nendpoint = \"{}\"\nstream_mode = \"{mode}\"\n[reconcile]\ninterval = \"1h\"\n[log]\nlevel = \"warn\"\n\
+         [discovery]\nenabled = false\n",
         ledger.display(),
         sandbox.api_base_url(),
         sandbox.api_key(),
