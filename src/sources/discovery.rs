@@ -9,14 +9,14 @@
 //! the verifier, for a checkout without Firebase coordinates) leads to the Get Checkout that
 //! records one.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{CheckoutId, Source};
+use crate::domain::CheckoutId;
 use crate::ledger::{Ledger, TrackOutcome};
 use crate::paymennt::wire::CheckoutFacts;
 use crate::paymennt::{Client, SearchQuery};
@@ -114,17 +114,8 @@ pub async fn run(
         if report.added.len() > report.reconcile_only.len() {
             watch_set_changed.send_modify(|generation| *generation += 1);
         }
-        for checkout_id in report.reconcile_only {
-            let nudge = Nudge {
-                checkout_id,
-                source: Source::Reconcile,
-                seen_at: Instant::now(),
-                changed_at: None,
-            };
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                sent = nudges.send(nudge) => if sent.is_err() { return },
-            }
+        if !crate::sources::send_reconcile_nudges(&nudges, report.reconcile_only, &cancel).await {
+            return;
         }
     }
 }

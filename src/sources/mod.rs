@@ -14,6 +14,9 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
 use crate::domain::{CheckoutId, Source};
 
 /// "Checkout X may have changed": the only thing a source sends to the verifier.
@@ -27,4 +30,27 @@ pub struct Nudge {
     pub seen_at: Instant,
     /// When the change happened upstream, if known (a Firestore document's update_time).
     pub changed_at: Option<DateTime<Utc>>,
+}
+
+/// Sends a reconcile nudge for each checkout. Sending waits while the verifier is busy, which
+/// paces a sweep to the verifier's concurrency. Returns false if `cancel` fired or the verifier
+/// is gone (the caller stops).
+pub(crate) async fn send_reconcile_nudges(
+    nudges: &mpsc::Sender<Nudge>,
+    checkouts: impl IntoIterator<Item = CheckoutId>,
+    cancel: &CancellationToken,
+) -> bool {
+    for checkout_id in checkouts {
+        let nudge = Nudge {
+            checkout_id,
+            source: Source::Reconcile,
+            seen_at: Instant::now(),
+            changed_at: None,
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return false,
+            sent = nudges.send(nudge) => if sent.is_err() { return false },
+        }
+    }
+    true
 }

@@ -11,7 +11,7 @@
 //! recorded.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::Utc;
 use rust_decimal::Decimal;
@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{CheckoutId, CheckoutStatus, Source};
+use crate::domain::{CheckoutId, CheckoutStatus};
 use crate::ledger::{Ledger, OpenCheckout};
 use crate::metrics::{Metrics, SweepKind};
 use crate::paymennt::{Client, SearchQuery};
@@ -198,7 +198,7 @@ pub async fn sweep(
         report.nudged(),
         report.open
     );
-    send(nudges, chosen, cancel).await;
+    crate::sources::send_reconcile_nudges(nudges, chosen, cancel).await;
     report
 }
 
@@ -325,22 +325,5 @@ async fn startup_sweep(
         kind = "startup",
         "reconciling open checkouts with Get Checkout"
     );
-    send(nudges, chosen, cancel).await;
-}
-
-/// Sends a sweep nudge for each checkout. Sending waits when the verifier is busy, which bounds
-/// the sweep's pace to the verifier's concurrency.
-async fn send(nudges: &mpsc::Sender<Nudge>, chosen: Vec<CheckoutId>, cancel: &CancellationToken) {
-    for checkout_id in chosen {
-        let nudge = Nudge {
-            checkout_id,
-            source: Source::Reconcile,
-            seen_at: Instant::now(),
-            changed_at: None,
-        };
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            sent = nudges.send(nudge) => if sent.is_err() { return },
-        }
-    }
+    crate::sources::send_reconcile_nudges(nudges, chosen, cancel).await;
 }
