@@ -45,6 +45,11 @@ const PROJECT: &str = "paywatch-interop";
 /// How long any single expected thing may take.
 const DEADLINE: Duration = Duration::from_secs(15);
 
+/// For the 200-stream tests: a single-threaded emulator answering 200 Listen calls on a busy
+/// 2-core machine can leave one unanswered, which the listener abandons and reopens after
+/// its open timeout (10 s); this leaves room for that.
+const HEAVY_DEADLINE: Duration = Duration::from_secs(40);
+
 /// Held by the tests that open 200 streams, so two of them never share the 2 CPUs of a small CI
 /// machine with each other (each has its own emulator, a single-threaded Node process).
 static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -175,13 +180,23 @@ impl Running {
         });
     }
 
-    /// Receives events until `done` says so; returns them all. Panics at the deadline.
+    /// Receives events until `done` says so; returns them all. Panics after [`DEADLINE`].
     async fn until(
         &mut self,
         what: &str,
+        done: impl FnMut(&ListenEvent) -> bool,
+    ) -> Vec<ListenEvent> {
+        self.until_within(what, DEADLINE, done).await
+    }
+
+    /// [`Running::until`] with its own deadline.
+    async fn until_within(
+        &mut self,
+        what: &str,
+        within: Duration,
         mut done: impl FnMut(&ListenEvent) -> bool,
     ) -> Vec<ListenEvent> {
-        let deadline = Instant::now() + DEADLINE;
+        let deadline = Instant::now() + within;
         let mut seen = Vec::new();
         loop {
             let event = tokio::time::timeout_at(deadline, self.events.recv())
@@ -341,12 +356,16 @@ async fn two_hundred_documents_per_document_mode_all_report() {
     }
     let mut waiting: HashSet<CheckoutId> = documents.iter().map(|d| checkout(d)).collect();
     listener
-        .until("a first Changed for each of 200 documents", |e| {
-            if let ListenEvent::Changed(n) = e {
-                waiting.remove(&n.checkout_id);
-            }
-            waiting.is_empty()
-        })
+        .until_within(
+            "a first Changed for each of 200 documents",
+            HEAVY_DEADLINE,
+            |e| {
+                if let ListenEvent::Changed(n) = e {
+                    waiting.remove(&n.checkout_id);
+                }
+                waiting.is_empty()
+            },
+        )
         .await;
     assert_eq!(listener.handle.watched(), 200);
     assert_eq!(listener.handle.open_streams(), 200);
@@ -433,12 +452,16 @@ async fn multiplexed_mode_falls_back_to_one_target_per_stream() {
     }
     let mut waiting: HashSet<CheckoutId> = documents[1..].iter().map(|d| checkout(d)).collect();
     listener
-        .until("a first Changed for each live-added document", |e| {
-            if let ListenEvent::Changed(n) = e {
-                waiting.remove(&n.checkout_id);
-            }
-            waiting.is_empty()
-        })
+        .until_within(
+            "a first Changed for each live-added document",
+            HEAVY_DEADLINE,
+            |e| {
+                if let ListenEvent::Changed(n) = e {
+                    waiting.remove(&n.checkout_id);
+                }
+                waiting.is_empty()
+            },
+        )
         .await;
     assert!(
         started.elapsed() >= Duration::from_millis(500),

@@ -40,6 +40,12 @@ use super::state::{
 use super::{ListenEvent, StreamMode, WatchTarget};
 use crate::domain::{CheckoutId, printable};
 
+/// How long a Listen call may go without its response headers before it is abandoned and opened
+/// again (at most `idle_timeout`). Firestore answers at once; a call left unanswered (a half-open
+/// connection, an overloaded emulator) must not hold its checkouts unwatched for a whole idle
+/// timeout.
+const LISTEN_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Hands targets a stream took off (never acknowledged by the server) back to whoever placed
 /// them: `(database, stream key, targets)`. Given by the pool, so this module needs no pool.
 pub(crate) type Relocate = Arc<dyn Fn(&str, u64, Vec<WatchTarget>) + Send + Sync>;
@@ -234,13 +240,14 @@ impl Session<'_> {
         let opened = tokio::select! {
             biased;
             _ = shared.cancel.cancelled() => return SessionEnd::Stop,
-            opened = tokio::time::timeout(idle, client.listen(UnboundedReceiverStream::new(outgoing))) => opened,
+            opened = tokio::time::timeout(idle.min(LISTEN_OPEN_TIMEOUT), client.listen(UnboundedReceiverStream::new(outgoing))) => opened,
         };
         let mut responses = match opened {
             Err(_) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(project = %project, stream = self.key, retry_in = ?delay,
-                    "Firestore did not answer the listen call within {idle:?}");
+                    "Firestore did not answer the listen call within {:?}; opening it again",
+                    idle.min(LISTEN_OPEN_TIMEOUT));
                 return SessionEnd::Retry(delay, "no answer to the listen call".into());
             }
             Ok(Err(status)) => return self.on_status(status, state, backoff, auth_retries).await,
