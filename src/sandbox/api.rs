@@ -761,7 +761,7 @@ async fn admin_update_faults(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::sandbox::documents::DocumentStore;
     use crate::sandbox::faults::Faults;
@@ -771,7 +771,8 @@ mod tests {
     use tokio_util::sync::CancellationToken;
     use tower::ServiceExt;
 
-    fn app() -> (Router, SandboxState) {
+    /// The sandbox's router over a fresh state, for tests that call it without a socket.
+    pub(crate) fn app() -> (Router, SandboxState) {
         let state = SandboxState::new(
             StateConfig {
                 project_id: "paywatch-sandbox".into(),

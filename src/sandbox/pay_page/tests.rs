@@ -1,44 +1,15 @@
 //! The payment page through the sandbox's router (no socket): the documented test card pays,
 //! the declined card fails, Cancel cancels, bad input is explained, and nothing is unescaped.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
-use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use super::*;
 use crate::paymennt::wire::{JsonDecimal, LinkRequest};
-use crate::sandbox::api::{ApiCredentials, router};
-use crate::sandbox::documents::DocumentStore;
-use crate::sandbox::faults::{FaultSettings, Faults};
-use crate::sandbox::state::{SandboxState, StateConfig, StatusSpelling};
-
-fn app() -> (Router, SandboxState) {
-    let state = SandboxState::new(
-        StateConfig {
-            project_id: "paywatch-sandbox".into(),
-            collection: "checkouts".into(),
-            status_spelling: StatusSpelling::Upper,
-            expiry_minute: Duration::from_secs(60),
-            public_base_url: "http://127.0.0.1:1".into(),
-        },
-        Arc::new(DocumentStore::new()),
-        Faults::new(FaultSettings::default()),
-        CancellationToken::new(),
-    );
-    let context = ApiContext {
-        state: state.clone(),
-        credentials: Arc::new(ApiCredentials {
-            api_key: "k".into(),
-            api_secret: "s".into(),
-        }),
-    };
-    (router(context), state)
-}
+use crate::sandbox::api::tests::app;
+use crate::sandbox::state::SandboxState;
 
 /// Creates a link; returns its checkout id and key.
 async fn link(
