@@ -31,9 +31,10 @@ fn paywatch() -> Command {
     command
 }
 
-/// Starts `command`, waits until `output` shows the daemon's start line, stops it with SIGTERM
-/// and returns what it wrote.
-fn run_until_started(mut command: Command, output: &Path) -> String {
+/// Starts `command`, waits until `output` shows the daemon's start line, stops it with SIGTERM,
+/// checks that the daemon let go of `ledger`'s lock (no daemon left behind) and returns what it
+/// wrote.
+fn run_until_started(mut command: Command, output: &Path, ledger: &Path) -> String {
     let mut child: Child = command.stdin(Stdio::null()).spawn().expect("starts");
     let deadline = Instant::now() + common::DEADLINE;
     let text = loop {
@@ -54,21 +55,33 @@ fn run_until_started(mut command: Command, output: &Path) -> String {
         assert!(Instant::now() < deadline, "did not stop after SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     }
+    let lock = std::fs::File::open(ledger.with_extension("db.lock")).expect("the daemon's lock");
+    while let Err(error) = lock.try_lock() {
+        assert!(
+            Instant::now() < deadline,
+            "a daemon still holds the ledger's lock after its parent stopped: {error:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     text
 }
 
 /// `paywatch run` on a pseudo-terminal: `script` copies what the terminal showed into a file.
-fn on_a_terminal(config: &Path, output: &Path, no_color: bool) -> String {
+/// The shell `script` starts execs the daemon, so the SIGTERM `script` forwards to its child
+/// reaches the daemon itself (a shell that forked would die and leave the daemon behind,
+/// holding the ledger).
+fn on_a_terminal(config: &Path, output: &Path, ledger: &Path, no_color: bool) -> String {
     let quote = |path: &Path| format!("'{}'", path.display().to_string().replace('\'', r"'\''"));
     let mut command = Command::new("script");
     command.args(["--quiet", "--flush", "--return", "--command"]);
     command.arg(format!(
-        "{} --config {} run",
+        "exec {} --config {} run",
         quote(Path::new(env!("CARGO_BIN_EXE_paywatch"))),
         quote(config)
     ));
     command
         .arg(output)
+        .env("SHELL", "/bin/sh")
         .env_remove("RUST_LOG")
         .env_remove("JOURNAL_STREAM");
     if no_color {
@@ -77,7 +90,7 @@ fn on_a_terminal(config: &Path, output: &Path, no_color: bool) -> String {
         command.env_remove("NO_COLOR");
     }
     command.stdout(Stdio::null()).stderr(Stdio::null());
-    run_until_started(command, output)
+    run_until_started(command, output, ledger)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,6 +98,7 @@ async fn daemon_log_lines_suit_a_terminal_the_journal_and_a_file() {
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (_, config) = common::settings(dir.path(), &sandbox, "multiplexed", "");
+    let ledger = dir.path().join("paywatch.db");
 
     // A file (or a pipe): plain text.
     let file = dir.path().join("plain.log");
@@ -93,7 +107,7 @@ async fn daemon_log_lines_suit_a_terminal_the_journal_and_a_file() {
     command
         .stderr(std::fs::File::create(&file).expect("log file"))
         .stdout(Stdio::null());
-    let plain = run_until_started(command, &file);
+    let plain = run_until_started(command, &file, &ledger);
     assert!(
         !plain.contains(ESCAPE),
         "ANSI escapes in a file:\n{plain:?}"
@@ -110,7 +124,7 @@ async fn daemon_log_lines_suit_a_terminal_the_journal_and_a_file() {
         .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
         .stderr(stderr)
         .stdout(Stdio::null());
-    let journal = run_until_started(command, &journal_file);
+    let journal = run_until_started(command, &journal_file, &ledger);
     assert!(
         !journal.contains(ESCAPE),
         "ANSI escapes in the journal:\n{journal:?}"
@@ -132,12 +146,12 @@ async fn daemon_log_lines_suit_a_terminal_the_journal_and_a_file() {
         );
         eprintln!("terminal case skipped: util-linux `script` is not installed");
     } else {
-        let coloured = on_a_terminal(&config, &dir.path().join("tty.log"), false);
+        let coloured = on_a_terminal(&config, &dir.path().join("tty.log"), &ledger, false);
         assert!(
             coloured.contains(ESCAPE),
             "no colours on a terminal:\n{coloured:?}"
         );
-        let no_color = on_a_terminal(&config, &dir.path().join("tty-nc.log"), true);
+        let no_color = on_a_terminal(&config, &dir.path().join("tty-nc.log"), &ledger, true);
         assert!(
             !no_color.contains(ESCAPE),
             "colours despite NO_COLOR:\n{no_color:?}"
