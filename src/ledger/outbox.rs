@@ -303,6 +303,16 @@ impl Ledger {
     /// the caller to write again. When fewer than `limit` are claimed, also says when the next
     /// delivery is due ([`Ledger::next_delivery_due`]), so the caller needs no second call.
     ///
+    /// This commit skips its fsync (synchronous NORMAL), so a hook's start waits for no disk
+    /// flush. That keeps every promise of the outbox: the commit is in the log before any
+    /// claimed process starts, so a killed daemon (SIGKILL, a panic) loses nothing of it; only a
+    /// power loss or OS crash can lose it, together with every later commit (the log is
+    /// replayed in order up to the last flushed frame), and then the rows are back as they were
+    /// before it: an outcome not recorded or a claim not made, so the delivery runs again with
+    /// the same event id, which at-least-once allows. The next fsync'd commit (the verifier's
+    /// next transition) makes it durable too. Transitions and queued deliveries are always
+    /// flushed.
+    ///
     /// # Errors
     ///
     /// SQL failures of the transaction itself (begin, claim, commit): nothing was written.
@@ -313,7 +323,24 @@ impl Ledger {
         limit: usize,
     ) -> Result<RecordAndClaim> {
         let mut connection = self.lock();
-        let transaction = self.write(&mut connection, "claim")?;
+        connection
+            .pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| self.error("claim", e))?;
+        let round = self.record_and_claim_in(&mut connection, outcomes, now_time, limit);
+        connection
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| self.error("claim", e))?;
+        round
+    }
+
+    fn record_and_claim_in(
+        &self,
+        connection: &mut Connection,
+        outcomes: &[(String, DeliveryUpdate)],
+        now_time: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<RecordAndClaim> {
+        let transaction = self.write(connection, "claim")?;
         let time = now();
         let mut refused = Vec::new();
         for (index, (event_id, update)) in outcomes.iter().enumerate() {

@@ -1322,4 +1322,10 @@ fn record_and_claim_writes_outcomes_and_claims_the_events_they_free_in_one_call(
     assert_eq!(third.claimed.len(), 1);
     assert_eq!(third.claimed[0].checkout_id, "3");
     assert_eq!(third.claimed[0].status, "PAID");
+    // Its own commit skips the fsync; every other commit still flushes (FULL = 2).
+    let synchronous: i64 = ledger
+        .lock()
+        .query_row("PRAGMA synchronous", [], |row| row.get(0))
+        .expect("pragma");
+    assert_eq!(synchronous, 2);
 }
