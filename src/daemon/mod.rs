@@ -716,9 +716,13 @@ async fn consume_listen_events(
                 if !unnoted.contains(&nudge.checkout_id) {
                     changed.push(nudge.checkout_id.clone());
                 }
+                let nudge = Nudge {
+                    seen_after,
+                    ..nudge.clone()
+                };
                 tokio::select! {
                     () = cancel.cancelled() => return,
-                    sent = nudges.send(nudge.clone()) => if sent.is_err() { return },
+                    sent = nudges.send(nudge) => if sent.is_err() { return },
                 }
             }
         }

@@ -198,7 +198,8 @@ pub async fn sweep(
         report.nudged(),
         report.open
     );
-    crate::sources::send_reconcile_nudges(nudges, chosen, cancel).await;
+    let seen_after = last_ticket(ledger).await;
+    crate::sources::send_reconcile_nudges(nudges, chosen, seen_after, cancel).await;
     report
 }
 
@@ -325,5 +326,24 @@ async fn startup_sweep(
         kind = "startup",
         "reconciling open checkouts with Get Checkout"
     );
-    crate::sources::send_reconcile_nudges(nudges, chosen, cancel).await;
+    let seen_after = last_ticket(ledger).await;
+    crate::sources::send_reconcile_nudges(nudges, chosen, seen_after, cancel).await;
+}
+
+/// The ticket counter, read once the sweep has looked at the ledger (and the search): a
+/// checkout verified with a later ticket before its nudge is reached needs no second call.
+/// `None` if it cannot be read (every nudge is then verified).
+async fn last_ticket(ledger: &Ledger) -> Option<crate::domain::VerifyTicket> {
+    let reader = ledger.clone();
+    match tokio::task::spawn_blocking(move || reader.last_ticket()).await {
+        Ok(Ok(ticket)) => Some(ticket),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "reconciler cannot read the ticket counter; every checkout of this sweep is verified");
+            None
+        }
+        Err(error) => {
+            tracing::warn!(%error, "reconciler task failed");
+            None
+        }
+    }
 }
