@@ -421,6 +421,7 @@ impl Verifier {
             Ok(Ok(None)) => {
                 tracing::debug!(checkout = %nudge.checkout_id, source = %nudge.source, "verified after this change was seen; no call needed");
                 self.stats.send_modify(|stats| stats.covered += 1);
+                self.metrics.verification_skipped(nudge.source);
                 return None;
             }
             Ok(Err(error)) => {

@@ -319,6 +319,11 @@ pub struct OpenCheckout {
     pub needs_verify: bool,
     /// Whether it has a Firestore document to listen to (discovered checkouts may not).
     pub listened: bool,
+    /// Whether a resume token is saved for it: Firestore then reports only changes after the
+    /// token, not its current state.
+    pub resumable: bool,
+    /// Whether Firestore refused to watch its document at the last try.
+    pub refused: bool,
 }
 
 /// What [`Ledger::record_discovered`] did with one checkout.
@@ -677,7 +682,9 @@ impl Ledger {
         let connection = self.lock();
         let mut statement = connection
             .prepare_cached(
-                "SELECT id, status, total_refunded, needs_verify, firebase_database <> ''
+                "SELECT id, status, total_refunded, needs_verify, firebase_database <> '',
+                        EXISTS (SELECT 1 FROM listen_targets t WHERE t.checkout_id = checkouts.id),
+                        EXISTS (SELECT 1 FROM listen_refusals r WHERE r.checkout_id = checkouts.id)
                  FROM checkouts WHERE watched = 1 ORDER BY id",
             )
             .map_err(|e| self.error("open checkouts", e))?;
@@ -689,12 +696,14 @@ impl Ledger {
                     row.get::<_, Option<String>>(2)?,
                     row.get::<_, bool>(3)?,
                     row.get::<_, bool>(4)?,
+                    row.get::<_, bool>(5)?,
+                    row.get::<_, bool>(6)?,
                 ))
             })
             .map_err(|e| self.error("open checkouts", e))?;
         let mut open = Vec::new();
         for row in rows {
-            let (id, status, refunded, needs_verify, listened) =
+            let (id, status, refunded, needs_verify, listened, resumable, refused) =
                 row.map_err(|e| self.error("open checkouts", e))?;
             let Ok(checkout_id) = id.parse::<CheckoutId>() else {
                 tracing::warn!(checkout = %crate::domain::printable(&id), "skipping a ledger row with an invalid id");
@@ -706,6 +715,8 @@ impl Ledger {
                 status: status.as_deref().map(CheckoutStatus::parse),
                 total_refunded: refunded_total(refunded.as_deref()),
                 listened,
+                resumable,
+                refused,
             });
         }
         Ok(open)
