@@ -10,7 +10,7 @@
 //! Must never: decide a status: a search result is a hint; only the verifier's Get Checkout is
 //! recorded.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -310,11 +310,11 @@ async fn open_checkouts(ledger: &Ledger) -> Option<Vec<OpenCheckout>> {
 /// The first sweep: nudges checkouts never verified or changed without a verification.
 ///
 /// Those the listener reports anyway (listened to, no resume token, not refused: Firestore
-/// sends their current state as the first snapshot) wait up to `snapshot_grace` first, and
-/// are then nudged with the ticket counter read at the start: each one the snapshot's nudge
-/// verified meanwhile is skipped by the verifier, so a start verifies each checkout once.
-/// If the listener cannot deliver (Firestore refuses, is unreachable or off), they are
-/// verified after the grace.
+/// sends their current state as the first snapshot) wait `snapshot_grace` first; then only
+/// those not verified by a request sent since the sweep read the ledger are nudged (with the
+/// counter read then, so the verifier skips any verified meanwhile too), and a start verifies
+/// each checkout once. If the listener cannot deliver (Firestore refuses, is unreachable or
+/// off), they are verified after the grace.
 async fn startup_sweep(
     ledger: &Ledger,
     nudges: &mpsc::Sender<Nudge>,
@@ -332,7 +332,7 @@ async fn startup_sweep(
         .partition(|checkout| {
             snapshot_grace.is_zero() || !checkout.listened || checkout.resumable || checkout.refused
         });
-    metrics.reconcile_sweep(SweepKind::Startup, now.len() + after_grace.len());
+    metrics.reconcile_sweep(SweepKind::Startup, now.len());
     tracing::info!(
         checkouts = now.len() + after_grace.len(),
         after_first_snapshot = after_grace.len(),
@@ -352,7 +352,29 @@ async fn startup_sweep(
         () = cancel.cancelled() => return,
         () = tokio::time::sleep(snapshot_grace) => {}
     }
-    crate::sources::send_reconcile_nudges(nudges, ids(after_grace), seen_after, cancel).await;
+    // Only those still unanswered since the sweep read the ledger (the snapshot's nudges
+    // answered the others), so the verifier is not handed thousands of nudges to skip.
+    let Some(open) = open_checkouts(ledger).await else {
+        return;
+    };
+    let deferred: HashSet<CheckoutId> = ids(after_grace).collect();
+    let answered_since = |checkout: &OpenCheckout| match (checkout.verified_with, seen_after) {
+        (Some(verified_with), Some(seen_after)) => verified_with > seen_after,
+        _ => false,
+    };
+    let unanswered: Vec<CheckoutId> = open
+        .into_iter()
+        .filter(|checkout| deferred.contains(&checkout.checkout_id) && !answered_since(checkout))
+        .map(|checkout| checkout.checkout_id)
+        .collect();
+    metrics.reconcile_sweep(SweepKind::AfterSnapshot, unanswered.len());
+    tracing::info!(
+        checkouts = unanswered.len(),
+        answered = deferred.len().saturating_sub(unanswered.len()),
+        kind = "startup",
+        "reconciling the open checkouts the listener's first snapshot did not answer"
+    );
+    crate::sources::send_reconcile_nudges(nudges, unanswered, seen_after, cancel).await;
 }
 
 /// The ticket counter, read once the sweep has looked at the ledger (and the search): a
