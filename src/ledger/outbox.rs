@@ -144,12 +144,13 @@ pub(super) fn queue_in(
 ) -> rusqlite::Result<String> {
     let event_id = format!("evt_{}", uuid::Uuid::now_v7().simple());
     let time = now();
-    transaction.execute(
-        "INSERT INTO hook_deliveries (event_id, transition_id, checkout_id, hook, state, attempts,
+    transaction
+        .prepare_cached(
+            "INSERT INTO hook_deliveries (event_id, transition_id, checkout_id, hook, state, attempts,
                 next_attempt_at, replay, created_at, updated_at)
          VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5, ?6, ?5, ?5)",
-        params![event_id, transition_id, checkout_id, hook, time, replay],
-    )?;
+        )?
+        .execute(params![event_id, transition_id, checkout_id, hook, time, replay])?;
     Ok(event_id)
 }
 
@@ -172,11 +173,12 @@ fn finish_in(
     time: &str,
 ) -> rusqlite::Result<()> {
     match update {
-        DeliveryUpdate::Delivered => connection.execute(
-            "UPDATE hook_deliveries SET state = 'delivered', delivered_at = ?2, updated_at = ?2,
-                    last_exit_code = 0, last_error = NULL WHERE event_id = ?1",
-            params![event_id, time],
-        ),
+        DeliveryUpdate::Delivered => connection
+            .prepare_cached(
+                "UPDATE hook_deliveries SET state = 'delivered', delivered_at = ?2, updated_at = ?2,
+                        last_exit_code = 0, last_error = NULL WHERE event_id = ?1",
+            )?
+            .execute(params![event_id, time]),
         DeliveryUpdate::Retry {
             next_attempt_at,
             exit_code,
@@ -322,80 +324,57 @@ impl Ledger {
         now_time: DateTime<Utc>,
         limit: usize,
     ) -> Result<RecordAndClaim> {
-        let mut connection = self.lock();
-        connection
-            .pragma_update(None, "synchronous", "NORMAL")
-            .map_err(|e| self.error("claim", e))?;
-        let round = self.record_and_claim_in(&mut connection, outcomes, now_time, limit);
-        connection
-            .pragma_update(None, "synchronous", "FULL")
-            .map_err(|e| self.error("claim", e))?;
-        round
-    }
-
-    fn record_and_claim_in(
-        &self,
-        connection: &mut Connection,
-        outcomes: &[(String, DeliveryUpdate)],
-        now_time: DateTime<Utc>,
-        limit: usize,
-    ) -> Result<RecordAndClaim> {
-        let transaction = self.write(connection, "claim")?;
-        let time = now();
-        let mut refused = Vec::new();
-        for (index, (event_id, update)) in outcomes.iter().enumerate() {
-            if let Err(error) = finish_in(&transaction, event_id, update, &time) {
-                if transaction.is_autocommit() {
-                    // SQLite rolled the whole transaction back (a full disk, an I/O error):
-                    // nothing of this round stands.
-                    return Err(self.error("finish delivery", error));
+        self.write_without_fsync("claim", |transaction| {
+            let time = now();
+            let mut refused = Vec::new();
+            for (index, (event_id, update)) in outcomes.iter().enumerate() {
+                if let Err(error) = finish_in(transaction, event_id, update, &time) {
+                    if transaction.is_autocommit() {
+                        // SQLite rolled the whole transaction back (a full disk, an I/O
+                        // error): nothing of this round stands.
+                        return Err(error);
+                    }
+                    refused.push((index, self.error("finish delivery", error).to_string()));
                 }
-                refused.push((index, self.error("finish delivery", error).to_string()));
             }
-        }
-        let due: Vec<Delivery> = if limit == 0 {
-            Vec::new()
-        } else {
-            let mut statement = transaction
-                .prepare_cached(&format!(
-                    "{DELIVERY_COLUMNS}
-                     WHERE d.state = 'pending' AND d.next_attempt_at <= ?1
-                       AND {HEAD_OF_QUEUE}
-                     ORDER BY d.next_attempt_at, d.rowid LIMIT ?2"
-                ))
-                .map_err(|e| self.error("claim", e))?;
-            let rows = statement
-                .query_map(
-                    params![timestamp(now_time), limit as i64],
-                    delivery_from_row,
-                )
-                .map_err(|e| self.error("claim", e))?;
-            rows.collect::<std::result::Result<_, _>>()
-                .map_err(|e| self.error("claim", e))?
-        };
-        let mut claimed = Vec::with_capacity(due.len());
-        for mut delivery in due {
-            transaction
-                .execute(
-                    "UPDATE hook_deliveries SET state = 'running', attempts = attempts + 1, updated_at = ?2
-                     WHERE event_id = ?1",
-                    params![delivery.event_id, time],
-                )
-                .map_err(|e| self.error("claim", e))?;
-            delivery.state = DeliveryState::Running;
-            delivery.attempts += 1;
-            claimed.push(delivery);
-        }
-        let next_due = if claimed.len() < limit {
-            next_due_in(&transaction).map_err(|e| self.error("next due", e))?
-        } else {
-            None
-        };
-        transaction.commit().map_err(|e| self.error("claim", e))?;
-        Ok(RecordAndClaim {
-            claimed,
-            refused,
-            next_due,
+            let due: Vec<Delivery> = if limit == 0 {
+                Vec::new()
+            } else {
+                transaction
+                    .prepare_cached(&format!(
+                        "{DELIVERY_COLUMNS}
+                         WHERE d.state = 'pending' AND d.next_attempt_at <= ?1
+                           AND {HEAD_OF_QUEUE}
+                         ORDER BY d.next_attempt_at, d.rowid LIMIT ?2"
+                    ))?
+                    .query_map(
+                        params![timestamp(now_time), limit as i64],
+                        delivery_from_row,
+                    )?
+                    .collect::<rusqlite::Result<_>>()?
+            };
+            let mut claimed = Vec::with_capacity(due.len());
+            for mut delivery in due {
+                transaction
+                    .prepare_cached(
+                        "UPDATE hook_deliveries SET state = 'running', attempts = attempts + 1, updated_at = ?2
+                         WHERE event_id = ?1",
+                    )?
+                    .execute(params![delivery.event_id, time])?;
+                delivery.state = DeliveryState::Running;
+                delivery.attempts += 1;
+                claimed.push(delivery);
+            }
+            let next_due = if claimed.len() < limit {
+                next_due_in(transaction)?
+            } else {
+                None
+            };
+            Ok(RecordAndClaim {
+                claimed,
+                refused,
+                next_due,
+            })
         })
     }
 
