@@ -34,7 +34,7 @@ use gcloud_sdk::google::firestore::v1::{
 use tonic::Code;
 
 use super::{ListenEvent, WatchTarget};
-use crate::domain::{CheckoutId, FirestoreLocation, Source, printable};
+use crate::domain::{CheckoutId, CollectionPaths, Source, WatchedDocument, printable};
 use crate::sources::Nudge;
 
 /// Something the stream task must do, in this order, after feeding the state machine.
@@ -217,10 +217,8 @@ struct Session {
 struct TargetEntry {
     /// The checkout this target watches.
     checkout_id: CheckoutId,
-    /// The document's full resource name.
-    document: String,
-    /// The document's location (handed back when the target moves to another stream).
-    location: FirestoreLocation,
+    /// The document (its full resource name is built when a request needs it).
+    document: WatchedDocument,
     /// The token to resume with on the next session; adopted only at a snapshot while CURRENT.
     resume_token: Option<Vec<u8>>,
     /// Whether the document exists, as far as this process has seen (None: not known).
@@ -276,6 +274,8 @@ pub(crate) struct StreamState {
     awaiting_ack: VecDeque<(Instant, i32)>,
     /// Checkouts Firestore refused, parked until their retry time (they hold no target id).
     refused: HashMap<CheckoutId, RefusedTarget>,
+    /// The collections of this stream's documents, each held once.
+    paths: CollectionPaths,
     /// The first and the longest delay before a refused target is asked for again.
     refused_retry: (Duration, Duration),
 }
@@ -303,6 +303,7 @@ impl StreamState {
             unstamped: Vec::new(),
             awaiting_ack: VecDeque::new(),
             refused: HashMap::new(),
+            paths: CollectionPaths::default(),
             refused_retry,
         }
     }
@@ -388,8 +389,7 @@ impl StreamState {
         let id = self.allocate_id();
         let entry = TargetEntry {
             checkout_id: target.checkout_id.clone(),
-            document: target.location.document_name(),
-            location: target.location,
+            document: self.paths.document(&target.location),
             resume_token: target.resume_token.filter(|t| !t.is_empty()),
             exists: None,
             last_checkpoint: None,
@@ -523,7 +523,7 @@ impl StreamState {
             self.by_checkout.remove(&entry.checkout_id);
             moved.push(WatchTarget {
                 checkout_id: entry.checkout_id.clone(),
-                location: entry.location.clone(),
+                location: entry.document.location(),
                 resume_token: entry.resume_token.clone(),
             });
             requests.push(self.request(listen_request::TargetChange::RemoveTarget(id)));
@@ -626,7 +626,7 @@ impl StreamState {
         let ids: Vec<i32> = self
             .targets
             .iter()
-            .filter(|(_, t)| t.document == name)
+            .filter(|(_, t)| t.document.is_named(name))
             .map(|(id, _)| *id)
             .collect();
         if ids.is_empty() {
@@ -656,7 +656,7 @@ impl StreamState {
         if target.removing {
             return;
         }
-        if !name.is_empty() && name != target.document {
+        if !name.is_empty() && !target.document.is_named(name) {
             // Not expected for a one-document target; verify anyway, it costs one Get Checkout.
             tracing::debug!(target_id = id, document = %printable(name), "document event names another document");
         }
@@ -970,7 +970,7 @@ impl StreamState {
         let retry_in = initial.saturating_mul(1 << doublings).min(max);
         out.push(Action::Emit(ListenEvent::TargetRefused {
             checkout_id: entry.checkout_id.clone(),
-            document: entry.document.clone(),
+            document: entry.document.document_name(),
             code: code_name(code),
             message: printable(message),
             refusals: entry.refusals,
@@ -1012,7 +1012,7 @@ impl StreamState {
                 });
                 self.session_adds += 1;
                 self.unstamped.push(id);
-                (target.document.clone(), target.resume_token.clone())
+                (target.document.document_name(), target.resume_token.clone())
             }
             None => (String::new(), None),
         };
