@@ -142,6 +142,10 @@ pub async fn run(
     let _daemon_lock = lock_ledger(&settings.ledger.path)?;
     let path = settings.ledger.path.clone();
     let ledger = blocking(move || Ledger::open(&path)).await?;
+    // Where the ticket counter stands before any source runs: every request sent from now on
+    // covers whatever happened while the daemon was stopped (the start-up sweep's concern).
+    let reader = ledger.clone();
+    let counter_at_start = blocking(move || reader.last_ticket()).await?;
 
     // 2. paymennt, and the hook commands (resolved now, so a missing program stops startup).
     let metrics = options.metrics.clone();
@@ -313,10 +317,13 @@ pub async fn run(
             interval_receiver,
             settings.reconcile.page_size,
             watch_set_changed.clone(),
-            if settings.firestore.enabled {
-                settings.reconcile.startup_grace
-            } else {
-                Duration::ZERO
+            crate::sources::reconcile::StartupSweep {
+                counter_at_start,
+                snapshot_grace: if settings.firestore.enabled {
+                    settings.reconcile.startup_grace
+                } else {
+                    Duration::ZERO
+                },
             },
             sources.clone(),
             metrics.clone(),

@@ -19,19 +19,30 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{CheckoutId, CheckoutStatus};
+use crate::domain::{CheckoutId, CheckoutStatus, VerifyTicket};
 use crate::ledger::{Ledger, OpenCheckout};
 use crate::metrics::{Metrics, SweepKind};
 use crate::paymennt::{Client, SearchQuery};
 use crate::sources::Nudge;
+
+/// How the first sweep runs (see [`startup_sweep`]).
+#[derive(Debug, Clone, Copy)]
+pub struct StartupSweep {
+    /// The ticket counter when the daemon started, before any source ran: a checkout answered
+    /// by a later request needs nothing from this sweep.
+    pub counter_at_start: VerifyTicket,
+    /// How long checkouts the listener's first snapshot reports are left to it (zero when
+    /// Firestore is off).
+    pub snapshot_grace: Duration,
+}
 
 /// Runs the reconciler until `cancel`.
 ///
 /// The first sweep, at start, nudges only checkouts that need it: never verified, or changed
 /// without a verification recorded (the daemon stopped in between). Checkouts with a resume
 /// token and nothing pending are left to Firestore, so a restart does not re-verify every
-/// unchanged checkout; those the listener's first snapshot reports wait `snapshot_grace` for it
-/// (zero when Firestore is off; see [`startup_sweep`]). Later sweeps, every `interval`, compare
+/// unchanged checkout; those the listener's first snapshot reports wait for it (`startup`; see
+/// [`startup_sweep`]). Later sweeps, every `interval`, compare
 /// every open checkout with Search Checkouts ([`sweep`]), `page_size` per page.
 ///
 /// `watch_set_changed` is bumped when refund watches end, so the watch set is updated. Sweeps
@@ -45,11 +56,11 @@ pub async fn run(
     mut interval: watch::Receiver<Duration>,
     page_size: u32,
     watch_set_changed: watch::Sender<u64>,
-    snapshot_grace: Duration,
+    startup: StartupSweep,
     cancel: CancellationToken,
     metrics: Metrics,
 ) {
-    startup_sweep(&ledger, &nudges, snapshot_grace, &cancel, &metrics).await;
+    startup_sweep(&ledger, &nudges, startup, &cancel, &metrics).await;
     let mut health = SearchHealth::default();
     loop {
         let period = *interval.borrow_and_update();
@@ -311,21 +322,25 @@ async fn open_checkouts(ledger: &Ledger) -> Option<Vec<OpenCheckout>> {
 ///
 /// Those the listener reports anyway (listened to, no resume token, not refused: Firestore
 /// sends their current state as the first snapshot) wait `snapshot_grace` first; then only
-/// those not verified by a request sent since the sweep read the ledger are nudged (with the
-/// counter read then, so the verifier skips any verified meanwhile too), and a start verifies
-/// each checkout once. If the listener cannot deliver (Firestore refuses, is unreachable or
+/// those not answered by a request sent since the daemon started are nudged, and a start
+/// verifies each checkout once. Every nudge carries the counter at start, so the verifier
+/// skips any checkout answered since. If the listener cannot deliver (Firestore refuses, is unreachable or
 /// off), they are verified after the grace.
 async fn startup_sweep(
     ledger: &Ledger,
     nudges: &mpsc::Sender<Nudge>,
-    snapshot_grace: Duration,
+    startup: StartupSweep,
     cancel: &CancellationToken,
     metrics: &Metrics,
 ) {
+    let StartupSweep {
+        counter_at_start,
+        snapshot_grace,
+    } = startup;
+    let seen_after = Some(counter_at_start);
     let Some(open) = open_checkouts(ledger).await else {
         return;
     };
-    let seen_after = last_ticket(ledger).await;
     let (now, after_grace): (Vec<OpenCheckout>, Vec<OpenCheckout>) = open
         .into_iter()
         .filter(|checkout| checkout.needs_verify)
@@ -352,8 +367,8 @@ async fn startup_sweep(
         () = cancel.cancelled() => return,
         () = tokio::time::sleep(snapshot_grace) => {}
     }
-    // Only those still unanswered since the sweep read the ledger (the snapshot's nudges
-    // answered the others), so the verifier is not handed thousands of nudges to skip.
+    // Only those still unanswered since the daemon started (the snapshot's nudges answered
+    // the others), so the verifier is not handed thousands of nudges to skip.
     let Some(open) = open_checkouts(ledger).await else {
         return;
     };
@@ -466,15 +481,12 @@ mod tests {
         let cancel = CancellationToken::new();
         let sweep = {
             let (ledger, cancel) = (ledger.clone(), cancel.clone());
+            let startup = StartupSweep {
+                counter_at_start: ledger.last_ticket().expect("counter"),
+                snapshot_grace: Duration::from_secs(3600),
+            };
             tokio::spawn(async move {
-                startup_sweep(
-                    &ledger,
-                    &sender,
-                    Duration::from_secs(3600),
-                    &cancel,
-                    &Metrics::disabled(),
-                )
-                .await;
+                startup_sweep(&ledger, &sender, startup, &cancel, &Metrics::disabled()).await;
             })
         };
         // Checkout 1 has the lowest id: had it been nudged now, it would have come first.
@@ -503,8 +515,12 @@ mod tests {
             let started = Instant::now();
             let sweep = {
                 let ledger = ledger.clone();
+                let startup = StartupSweep {
+                    counter_at_start: before,
+                    snapshot_grace: grace,
+                };
                 tokio::spawn(async move {
-                    startup_sweep(&ledger, &sender, grace, &cancel, &Metrics::disabled()).await;
+                    startup_sweep(&ledger, &sender, startup, &cancel, &Metrics::disabled()).await;
                 })
             };
             assert_eq!(received(&mut nudges, 3).await, [id("2"), id("3"), id("4")]);
