@@ -240,7 +240,7 @@ struct TargetEntry {
 #[derive(Debug, Clone)]
 struct RefusedTarget {
     /// The target, with its token.
-    entry: TargetEntry,
+    entry: Box<TargetEntry>,
     /// When to send its AddTarget again.
     retry_at: Instant,
 }
@@ -251,7 +251,8 @@ pub(crate) struct StreamState {
     /// `projects/{p}/databases/(default)`, sent on every request.
     database: String,
     /// Targets by the id we chose. Removed targets stay until the server's REMOVE (or reconnect).
-    targets: BTreeMap<i32, TargetEntry>,
+    /// Boxed: a map node has room for 11 entries, and a per-document stream has one.
+    targets: BTreeMap<i32, Box<TargetEntry>>,
     /// The live (not removing) target of each checkout.
     by_checkout: HashMap<CheckoutId, i32>,
     /// The next id to try; ids are never 0 and never reused while in use.
@@ -386,7 +387,7 @@ impl StreamState {
             return None;
         }
         let id = self.allocate_id();
-        let entry = TargetEntry {
+        let entry = Box::new(TargetEntry {
             checkout_id: target.checkout_id.clone(),
             document: target.location.document_name(),
             location: target.location,
@@ -396,7 +397,7 @@ impl StreamState {
             session: None,
             removing: false,
             refusals: 0,
-        };
+        });
         self.by_checkout.insert(target.checkout_id, id);
         self.targets.insert(id, entry);
         if self.connected {
