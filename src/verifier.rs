@@ -13,19 +13,26 @@
 //! waits behind a sweep of thousands of open checkouts. Sweep nudges are taken only while few
 //! are queued, which makes the reconciler wait: its pace is the verifier's. At most
 //! `concurrency` calls run at once; a checkout waiting in a queue is queued once however many
-//! nudges name it.
+//! nudges name it. A nudge whose checkout was verified by a request sent after the nudge's
+//! change was seen ([`Nudge::seen_after`]) makes no call at all.
+//!
+//! # Recording
+//!
+//! Answers are recorded by one recorder task, which writes all the answers waiting for it in
+//! one ledger transaction (group commit): one fsync covers a burst of transitions, and an
+//! answer never waits for more than the commit in progress plus its own.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{CheckoutId, Source, format_money, printable};
-use crate::ledger::{ApplyOutcome, Ledger, NotFoundOutcome};
+use crate::ledger::{ApplyOutcome, ApplyRequest, Ledger, LedgerError, NotFoundOutcome};
 use crate::metrics::Metrics;
 use crate::paymennt::{Client, VerifiedCheckout};
 use crate::settings::HookSettings;
@@ -50,11 +57,23 @@ const RETRY_DELAYS: [Duration; 3] = [
     Duration::from_secs(120),
 ];
 
+/// At most this many answers are recorded in one transaction.
+const MAX_GROUP: usize = 256;
+
+/// A verified answer on its way to the recorder, and where its outcome goes.
+struct Recording {
+    request: ApplyRequest,
+    outcome: oneshot::Sender<Result<ApplyOutcome, LedgerError>>,
+}
+
 /// Running figures, for the status line and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VerifierStats {
     /// Get Checkout calls made.
     pub calls: u64,
+    /// Nudges that needed no call: the checkout was verified by a request sent after the
+    /// nudge's change was seen.
+    pub covered: u64,
     /// Transitions recorded.
     pub transitions: u64,
     /// Verifications that failed after retries.
@@ -242,6 +261,12 @@ impl Verifier {
         abort: CancellationToken,
     ) {
         let this = Arc::new(self);
+        let (recordings, waiting) = mpsc::channel(this.concurrency);
+        let recorder = tokio::spawn(record_answers(
+            this.ledger.clone(),
+            this.config.clone(),
+            waiting,
+        ));
         let mut schedule = Schedule {
             slots: HashMap::new(),
             urgent: VecDeque::new(),
@@ -267,10 +292,11 @@ impl Verifier {
                 let owner = nudge.checkout_id.clone();
                 let task = Arc::clone(&this);
                 let abort = abort.clone();
+                let recordings = recordings.clone();
                 let handle = calls.spawn(async move {
                     let checkout_id = nudge.checkout_id.clone();
                     let retry = tokio::select! {
-                        retry = task.verify(nudge) => retry,
+                        retry = task.verify(nudge, &recordings) => retry,
                         () = abort.cancelled() => None,
                     };
                     Finished { checkout_id, retry }
@@ -278,6 +304,11 @@ impl Verifier {
                 call_owners.insert(handle.id(), owner);
             }
             if draining && calls.is_empty() {
+                // Every answer is recorded before the verifier says it is done.
+                drop(recordings);
+                if let Err(error) = recorder.await {
+                    tracing::error!(%error, "the recorder task failed");
+                }
                 return;
             }
             tokio::select! {
@@ -326,6 +357,7 @@ impl Verifier {
                 }
                 () = abort.cancelled() => {
                     calls.abort_all();
+                    recorder.abort();
                     return;
                 }
             }
@@ -373,14 +405,25 @@ impl Verifier {
     }
 
     /// One verification. Returns the nudge if it should be retried.
-    async fn verify(&self, nudge: Nudge) -> Option<Nudge> {
-        self.stats.send_modify(|stats| stats.calls += 1);
-        self.metrics.verification(nudge.source);
+    async fn verify(&self, nudge: Nudge, recordings: &mpsc::Sender<Recording>) -> Option<Nudge> {
         let client = self.config.borrow().client.clone();
-        // The ticket orders this answer against every other (never a clock).
+        // The ticket orders this answer against every other (never a clock). None: a request
+        // sent after this nudge's change was seen has answered already.
         let ticketer = self.ledger.clone();
-        let ticket = match tokio::task::spawn_blocking(move || ticketer.issue_ticket()).await {
-            Ok(Ok(ticket)) => ticket,
+        let (id, seen_after) = (nudge.checkout_id.clone(), nudge.seen_after);
+        let issued = tokio::task::spawn_blocking(move || match seen_after {
+            Some(seen_after) => ticketer.issue_ticket_unless_covered(&id, seen_after),
+            None => ticketer.issue_ticket().map(Some),
+        })
+        .await;
+        let ticket = match issued {
+            Ok(Ok(Some(ticket))) => ticket,
+            Ok(Ok(None)) => {
+                tracing::debug!(checkout = %nudge.checkout_id, source = %nudge.source, "verified after this change was seen; no call needed");
+                self.stats.send_modify(|stats| stats.covered += 1);
+                self.metrics.verification_skipped(nudge.source);
+                return None;
+            }
             Ok(Err(error)) => {
                 tracing::error!(checkout = %nudge.checkout_id, %error, "cannot take a verification ticket; will try again");
                 return Some(nudge);
@@ -390,6 +433,8 @@ impl Verifier {
                 return Some(nudge);
             }
         };
+        self.stats.send_modify(|stats| stats.calls += 1);
+        self.metrics.verification(nudge.source);
         let verified = match client.get_checkout(&nudge.checkout_id, ticket).await {
             Ok(verified) => {
                 self.stats
@@ -422,22 +467,21 @@ impl Verifier {
                 return None;
             }
         };
-        let config = self.config.borrow().clone();
-        let ledger = self.ledger.clone();
         let source = nudge.source;
-        let changed_at = nudge.changed_at;
-        let for_ledger = verified.clone();
-        let applied = tokio::task::spawn_blocking(move || {
-            ledger.apply(
-                &for_ledger,
+        let (outcome, recorded) = oneshot::channel();
+        let recording = Recording {
+            request: ApplyRequest {
+                verified: verified.clone(),
                 source,
-                changed_at,
-                &config.hooks,
-                config.refund_watch,
-            )
-        })
-        .await;
-        match applied {
+                changed_at: nudge.changed_at,
+            },
+            outcome,
+        };
+        if recordings.send(recording).await.is_err() {
+            tracing::error!(checkout = %nudge.checkout_id, "the recorder is gone; will try again");
+            return Some(nudge);
+        }
+        match recorded.await {
             Ok(Ok(ApplyOutcome::Transition {
                 transition,
                 deliveries,
@@ -479,11 +523,45 @@ impl Verifier {
                 tracing::error!(checkout = %nudge.checkout_id, %error, "cannot record the verified status; will try again");
                 return Some(nudge);
             }
-            Err(join) => {
-                tracing::error!(checkout = %nudge.checkout_id, error = %join, "ledger task failed");
+            Err(_) => {
+                tracing::error!(checkout = %nudge.checkout_id, "the recorder failed before recording this answer; will try again");
+                return Some(nudge);
             }
         }
         None
+    }
+}
+
+/// The recorder: takes every answer waiting (at least one, at most [`MAX_GROUP`]) and records
+/// them in one ledger transaction, with the hooks and refund watch configured at that moment;
+/// answers that arrive meanwhile form the next group. Ends when every sender is gone.
+async fn record_answers(
+    ledger: Ledger,
+    config: watch::Receiver<VerifierConfig>,
+    mut recordings: mpsc::Receiver<Recording>,
+) {
+    let mut group = Vec::with_capacity(MAX_GROUP);
+    while recordings.recv_many(&mut group, MAX_GROUP).await > 0 {
+        let (requests, outcomes): (Vec<ApplyRequest>, Vec<_>) = group
+            .drain(..)
+            .map(|recording| (recording.request, recording.outcome))
+            .unzip();
+        let current = config.borrow().clone();
+        let writer = ledger.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            writer.apply_all(&requests, &current.hooks, current.refund_watch)
+        })
+        .await;
+        match applied {
+            Ok(results) => {
+                for (outcome, result) in outcomes.into_iter().zip(results) {
+                    // The verification may have been cancelled meanwhile: nothing waits.
+                    let _ = outcome.send(result);
+                }
+            }
+            // The senders are dropped: each waiting verification retries.
+            Err(error) => tracing::error!(%error, "recording a group of answers failed"),
+        }
     }
 }
 
@@ -553,7 +631,19 @@ mod tests {
             source,
             seen_at: Instant::now(),
             changed_at: None,
+            seen_after: None,
         }
+    }
+
+    /// A recorder for `verifier`'s answers, as [`Verifier::run`] starts one.
+    fn recorder(verifier: &Verifier) -> mpsc::Sender<Recording> {
+        let (recordings, waiting) = mpsc::channel(1);
+        tokio::spawn(record_answers(
+            verifier.ledger.clone(),
+            verifier.config.clone(),
+            waiting,
+        ));
+        recordings
     }
 
     fn schedule() -> Schedule {
@@ -724,7 +814,9 @@ mod tests {
                 .expect("mark");
         };
         let verifier = verifier_answering(&ledger, PAID, meanwhile).await;
-        let retry = verifier.verify(nudge("5", Source::Firestore)).await;
+        let retry = verifier
+            .verify(nudge("5", Source::Firestore), &recorder(&verifier))
+            .await;
         assert!(retry.is_some(), "a stale answer is retried");
         let entry = ledger.watch_set().expect("set");
         assert_eq!(entry[0].checkout_id, id);
@@ -740,6 +832,55 @@ mod tests {
                 .as_deref(),
             Some("PENDING"),
             "the stale PAID was not recorded; the retry will ask again"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_nudge_answered_by_a_later_request_makes_no_call() {
+        const PENDING: &str = r#"{"id":"5","orderId":"ORD-5","currency":"AED","amount":5,"status":"PENDING","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d5"}"#;
+        const PAID: &str = r#"{"success":true,"result":{"id":"5","orderId":"ORD-5","currency":"AED","amount":5,"status":"PAID","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d5"}}"#;
+        let ledger = Ledger::open_in_memory().expect("ledger");
+        let id: CheckoutId = "5".parse().expect("id");
+        // A change is seen, then a request sent after it is answered and recorded.
+        let seen = ledger.last_ticket().expect("counter");
+        let ticket = ledger.issue_ticket().expect("ticket");
+        ledger
+            .apply(
+                &VerifiedCheckout::for_tests_with(PENDING, ticket, Utc::now()),
+                Source::Reconcile,
+                None,
+                &[],
+                Duration::from_secs(3600),
+            )
+            .expect("apply");
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&calls);
+        let verifier = verifier_answering(&ledger, PAID, move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })
+        .await;
+        let recordings = recorder(&verifier);
+        let covered = Nudge {
+            seen_after: Some(seen),
+            ..nudge("5", Source::Firestore)
+        };
+        assert!(verifier.verify(covered, &recordings).await.is_none());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(verifier.stats().borrow().covered, 1);
+        // A change seen after that request was sent is verified.
+        let later = Nudge {
+            seen_after: Some(ledger.last_ticket().expect("counter")),
+            ..nudge("5", Source::Firestore)
+        };
+        assert!(verifier.verify(later, &recordings).await.is_none());
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(
+            ledger
+                .checkout(&id)
+                .expect("read")
+                .and_then(|c| c.status)
+                .as_deref(),
+            Some("PAID")
         );
     }
 

@@ -103,6 +103,7 @@ async fn open_checkouts(
                 source: paywatch::domain::Source::Manual,
                 seen_at: std::time::Instant::now(),
                 changed_at: None,
+                seen_after: None,
             })
             .await
             .expect("verifier running");

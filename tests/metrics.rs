@@ -251,3 +251,49 @@ async fn streams_the_server_drops_are_counted_as_reconnects_and_reopen() {
     daemon.stop().await;
     sandbox.shutdown().await;
 }
+
+/// A first start with checkouts never verified: the listener's first snapshot reports each,
+/// and the reconciler's start-up sweep, which waits for that snapshot, finds each already
+/// answered by a later request. One Get Checkout per checkout, not two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_start_verifies_each_checkout_once() {
+    const CHECKOUTS: usize = 20;
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let mut ids = Vec::new();
+    for n in 0..CHECKOUTS {
+        ids.push(create_and_track(&sandbox, &ledger, &format!("ORD-ONCE-{n}")).await);
+    }
+    let daemon = Daemon::start(&settings, &path).await;
+    for id in &ids {
+        wait_status(&ledger, id, "PENDING").await;
+    }
+    // The start-up sweep's nudges come after its grace; each is skipped, not verified.
+    let skipped = [("source", "reconcile")];
+    let exposition = wait_for(
+        "the start-up sweep's nudges to be skipped",
+        DEADLINE,
+        || async {
+            let exposition = scrape(&daemon, &ledger, &[]).await;
+            (exposition.value("paywatch_verifications_skipped_total", &skipped)
+                == Some(CHECKOUTS as f64))
+            .then_some(exposition)
+        },
+    )
+    .await;
+    assert_eq!(
+        exposition.value("paywatch_verifications_total", &[("source", "reconcile")]),
+        Some(0.0)
+    );
+    for id in &ids {
+        assert_eq!(
+            sandbox.state().faults().get_checkout_calls(id.as_str()),
+            1,
+            "Get Checkout calls for checkout {id}"
+        );
+    }
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}

@@ -30,6 +30,7 @@ fn changed(text: &str) -> ListenEvent {
         source: Source::Firestore,
         seen_at: Instant::now(),
         changed_at: None,
+        seen_after: None,
     })
 }
 

@@ -232,6 +232,7 @@ async fn track(
                     source: Source::Manual,
                     seen_at,
                     changed_at: None,
+                    seen_after: None,
                 })
                 .await;
             StatusCode::CREATED

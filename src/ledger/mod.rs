@@ -319,6 +319,11 @@ pub struct OpenCheckout {
     pub needs_verify: bool,
     /// Whether it has a Firestore document to listen to (discovered checkouts may not).
     pub listened: bool,
+    /// Whether a resume token is saved for it: Firestore then reports only changes after the
+    /// token, not its current state.
+    pub resumable: bool,
+    /// Whether Firestore refused to watch its document at the last try.
+    pub refused: bool,
 }
 
 /// What [`Ledger::record_discovered`] did with one checkout.
@@ -360,6 +365,21 @@ pub struct LedgerCounts {
 
 /// How many "checkout not found" answers in a row stop a checkout being watched.
 pub const NOT_FOUND_LIMIT: u32 = 3;
+
+/// Prepared statements kept per connection (rusqlite's default, 16, is fewer than the
+/// statements the daemon reuses).
+const STATEMENT_CACHE: usize = 64;
+
+/// A verified answer to record with [`Ledger::apply_all`].
+#[derive(Debug, Clone)]
+pub struct ApplyRequest {
+    /// What Get Checkout said.
+    pub verified: VerifiedCheckout,
+    /// What noticed the change.
+    pub source: Source,
+    /// When the change happened upstream, if known.
+    pub changed_at: Option<DateTime<Utc>>,
+}
 
 /// Formats a time the way the ledger stores it: RFC 3339, UTC, milliseconds.
 pub fn timestamp(time: DateTime<Utc>) -> String {
@@ -452,6 +472,9 @@ impl Ledger {
             )
             .map_err(|error| fail(format!("cannot configure: {error}{}", next_step(&error))))?;
         migrate::migrate(&mut connection).map_err(fail)?;
+        // Every statement of the hot paths (apply, tickets, notes, the outbox) is prepared once
+        // and reused: parsing SQL cost about a fifth of the daemon's CPU per transition.
+        connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(Ledger {
             connection: Arc::new(Mutex::new(connection)),
             path: path.into(),
@@ -540,6 +563,59 @@ impl Ledger {
         Ok(outcome)
     }
 
+    /// Records several verified answers in one transaction, so one fsync covers them all
+    /// (group commit): each is applied exactly as [`Ledger::apply`] would, in order, and the
+    /// outcomes come back in the same order. If any of them fails, none of the group is
+    /// written and each is applied again in a transaction of its own, so one failing answer
+    /// fails alone.
+    pub fn apply_all(
+        &self,
+        requests: &[ApplyRequest],
+        hooks: &[HookSettings],
+        refund_watch: Duration,
+    ) -> Vec<Result<ApplyOutcome>> {
+        let apply_one = |request: &ApplyRequest| {
+            self.apply(
+                &request.verified,
+                request.source,
+                request.changed_at,
+                hooks,
+                refund_watch,
+            )
+        };
+        if requests.len() <= 1 {
+            return requests.iter().map(apply_one).collect();
+        }
+        let together = {
+            let mut connection = self.lock();
+            (|| {
+                let transaction = self.write(&mut connection, "apply")?;
+                let mut outcomes = Vec::with_capacity(requests.len());
+                for request in requests {
+                    let outcome = apply_in(
+                        &transaction,
+                        &request.verified,
+                        request.source,
+                        request.changed_at,
+                        hooks,
+                        refund_watch,
+                    )
+                    .map_err(|e| self.error("apply", e))?;
+                    outcomes.push(outcome);
+                }
+                transaction.commit().map_err(|e| self.error("apply", e))?;
+                Ok::<_, LedgerError>(outcomes)
+            })()
+        };
+        match together {
+            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+            Err(error) => {
+                tracing::debug!(%error, answers = requests.len(), "a group of answers failed together; recording each on its own");
+                requests.iter().map(apply_one).collect()
+            }
+        }
+    }
+
     /// Discovery's cursor for one checkout type: the highest checkout id it has handled
     /// (`afterId` of its next search).
     ///
@@ -606,7 +682,9 @@ impl Ledger {
         let connection = self.lock();
         let mut statement = connection
             .prepare_cached(
-                "SELECT id, status, total_refunded, needs_verify, firebase_database <> ''
+                "SELECT id, status, total_refunded, needs_verify, firebase_database <> '',
+                        EXISTS (SELECT 1 FROM listen_targets t WHERE t.checkout_id = checkouts.id),
+                        EXISTS (SELECT 1 FROM listen_refusals r WHERE r.checkout_id = checkouts.id)
                  FROM checkouts WHERE watched = 1 ORDER BY id",
             )
             .map_err(|e| self.error("open checkouts", e))?;
@@ -618,12 +696,14 @@ impl Ledger {
                     row.get::<_, Option<String>>(2)?,
                     row.get::<_, bool>(3)?,
                     row.get::<_, bool>(4)?,
+                    row.get::<_, bool>(5)?,
+                    row.get::<_, bool>(6)?,
                 ))
             })
             .map_err(|e| self.error("open checkouts", e))?;
         let mut open = Vec::new();
         for row in rows {
-            let (id, status, refunded, needs_verify, listened) =
+            let (id, status, refunded, needs_verify, listened, resumable, refused) =
                 row.map_err(|e| self.error("open checkouts", e))?;
             let Ok(checkout_id) = id.parse::<CheckoutId>() else {
                 tracing::warn!(checkout = %crate::domain::printable(&id), "skipping a ledger row with an invalid id");
@@ -635,6 +715,8 @@ impl Ledger {
                 status: status.as_deref().map(CheckoutStatus::parse),
                 total_refunded: refunded_total(refunded.as_deref()),
                 listened,
+                resumable,
+                refused,
             });
         }
         Ok(open)
@@ -648,30 +730,59 @@ impl Ledger {
     ///
     /// SQL failures.
     pub fn issue_ticket(&self) -> Result<VerifyTicket> {
+        self.write_without_fsync("ticket", next_ticket_in)
+    }
+
+    /// Like [`Ledger::issue_ticket`], unless checkout `id` was already verified by a request
+    /// with a ticket issued after `seen_after` (the counter read after its change was seen):
+    /// that answer reflects the change, so no new request is needed and `None` comes back.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn issue_ticket_unless_covered(
+        &self,
+        id: &CheckoutId,
+        seen_after: VerifyTicket,
+    ) -> Result<Option<VerifyTicket>> {
+        self.write_without_fsync("ticket", |transaction| {
+            let requested: Option<i64> = transaction
+                .prepare_cached("SELECT verify_requested_ticket FROM checkouts WHERE id = ?1")?
+                .query_row([id.as_str()], |row| row.get(0))
+                .optional()?
+                .flatten();
+            if requested.is_some_and(|requested| requested > seen_after.number()) {
+                return Ok(None);
+            }
+            next_ticket_in(transaction).map(Some)
+        })
+    }
+
+    /// Runs `write` in one write transaction whose commit skips its fsync (synchronous
+    /// NORMAL). Only for writes that matter once a later fsync'd commit follows them (a
+    /// verification, a resume token): in WAL mode that commit's fsync makes every earlier frame
+    /// durable too; a write lost in a crash before such a commit was not needed yet.
+    fn write_without_fsync<T>(
+        &self,
+        context: &str,
+        write: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T> {
         let mut connection = self.lock();
-        // This commit skips its fsync (synchronous NORMAL). That is safe: a ticket matters only
-        // once a later commit stores it (a verification, a change note), and in WAL mode that
-        // commit's fsync makes every earlier frame durable, this one included. A ticket lost in
-        // a crash was stored nowhere, so handing it out again is harmless.
-        connection
-            .pragma_update(None, "synchronous", "NORMAL")
-            .map_err(|e| self.error("ticket", e))?;
-        let issued = (|| {
-            let transaction = self.write(&mut connection, "ticket")?;
-            let last: i64 = transaction
-                .query_row(
-                    "UPDATE verify_tickets SET last = last + 1 WHERE id = 1 RETURNING last",
-                    [],
-                    |row| row.get(0),
-                )
-                .map_err(|e| self.error("ticket", e))?;
-            transaction.commit().map_err(|e| self.error("ticket", e))?;
-            Ok(VerifyTicket::new(last))
+        let synchronous = |connection: &Connection, level: &str| {
+            connection
+                .prepare_cached(&format!("PRAGMA synchronous = {level}"))
+                .and_then(|mut statement| statement.execute([]))
+                .map_err(|e| self.error(context, e))
+        };
+        synchronous(&connection, "NORMAL")?;
+        let written = (|| {
+            let transaction = self.write(&mut connection, context)?;
+            let value = write(&transaction).map_err(|e| self.error(context, e))?;
+            transaction.commit().map_err(|e| self.error(context, e))?;
+            Ok(value)
         })();
-        connection
-            .pragma_update(None, "synchronous", "FULL")
-            .map_err(|e| self.error("ticket", e))?;
-        issued
+        synchronous(&connection, "FULL")?;
+        written
     }
 
     /// The last ticket handed out: every ticket issued after this call is greater. Read when a
@@ -701,24 +812,21 @@ impl Ledger {
     ///
     /// SQL failures.
     pub fn mark_needs_verify(&self, ids: &[CheckoutId], seen_after: VerifyTicket) -> Result<()> {
-        let mut connection = self.lock();
-        let transaction = self.write(&mut connection, "mark")?;
-        {
-            let mut statement = transaction
-                .prepare_cached(
-                    "UPDATE checkouts SET needs_verify = 1,
-                            needs_verify_after = coalesce(needs_verify_after, ?2)
-                     WHERE id = ?1
-                       AND (verify_requested_ticket IS NULL OR verify_requested_ticket <= ?2)",
-                )
-                .map_err(|e| self.error("mark", e))?;
+        // No fsync of its own: the note matters only once the resume token that would let a
+        // restart skip the change is saved, and that commit's fsync makes this one durable too.
+        // Until then a restart hears of the change from Firestore again.
+        self.write_without_fsync("mark", |transaction| {
+            let mut statement = transaction.prepare_cached(
+                "UPDATE checkouts SET needs_verify = 1,
+                        needs_verify_after = coalesce(needs_verify_after, ?2)
+                 WHERE id = ?1
+                   AND (verify_requested_ticket IS NULL OR verify_requested_ticket <= ?2)",
+            )?;
             for id in ids {
-                statement
-                    .execute(params![id.as_str(), seen_after.number()])
-                    .map_err(|e| self.error("mark", e))?;
+                statement.execute(params![id.as_str(), seen_after.number()])?;
             }
-        }
-        transaction.commit().map_err(|e| self.error("mark", e))
+            Ok(())
+        })
     }
 
     /// Counts paymennt's answer that the checkout does not exist. After [`NOT_FOUND_LIMIT`] in a
@@ -1269,13 +1377,15 @@ fn track_in(
         }
     };
     let time = now();
-    let inserted = transaction.execute(
-        "INSERT INTO checkouts (id, order_id, request_id, display_id, amount, currency, status,
+    let inserted = transaction
+        .prepare_cached(
+            "INSERT INTO checkouts (id, order_id, request_id, display_id, amount, currency, status,
                 total_refunded, redirect_url, firebase_database, firebase_collection,
                 firebase_document, watched, needs_verify, tracked_via, created_at, updated_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7, ?8, ?9, ?10, ?11, 1, 1, ?12, ?13, ?13)
          ON CONFLICT (id) DO NOTHING",
-        params![
+        )?
+        .execute(params![
             facts.id.as_str(),
             facts.order_id,
             facts.request_id,
@@ -1289,13 +1399,20 @@ fn track_in(
             document,
             via.as_str(),
             time,
-        ],
-    )?;
+        ])?;
     Ok(if inserted == 1 {
         TrackOutcome::Added
     } else {
         TrackOutcome::AlreadyTracked
     })
+}
+
+/// Takes the next verification ticket from the counter.
+fn next_ticket_in(transaction: &rusqlite::Transaction<'_>) -> rusqlite::Result<VerifyTicket> {
+    transaction
+        .prepare_cached("UPDATE verify_tickets SET last = last + 1 WHERE id = 1 RETURNING last")?
+        .query_row([], |row| row.get(0))
+        .map(VerifyTicket::new)
 }
 
 fn apply_in(
@@ -1311,11 +1428,10 @@ fn apply_in(
     let id = facts.id.as_str();
     let ticket = verified.ticket().number();
     let existing: Option<(Option<String>, Option<i64>, Option<String>)> = transaction
-        .query_row(
+        .prepare_cached(
             "SELECT status, verify_requested_ticket, total_refunded FROM checkouts WHERE id = ?1",
-            [id],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-        )
+        )?
+        .query_row([id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
         .optional()?;
     let (previous, previous_refunded) = match existing {
         None => {
@@ -1341,8 +1457,9 @@ fn apply_in(
     // What paymennt said about the order replaces what a tracked response claimed; the change
     // flag clears only if this request's ticket was issued after the earliest change not yet
     // verified was seen.
-    transaction.execute(
-        "UPDATE checkouts SET
+    transaction
+        .prepare_cached(
+            "UPDATE checkouts SET
                 order_id = coalesce(?2, order_id), request_id = coalesce(?3, request_id),
                 display_id = coalesce(?4, display_id), amount = ?5, currency = ?6,
                 total_refunded = ?7, redirect_url = coalesce(?8, redirect_url),
@@ -1353,7 +1470,8 @@ fn apply_in(
                                     THEN NULL ELSE needs_verify_after END,
                 updated_at = ?9
          WHERE id = ?1",
-        params![
+        )?
+        .execute(params![
             id,
             facts.order_id,
             facts.request_id,
@@ -1364,8 +1482,7 @@ fn apply_in(
             facts.redirect_url,
             verified_text,
             ticket,
-        ],
-    )?;
+        ])?;
     let previous_status = previous.as_deref().map(CheckoutStatus::parse);
     let status_changed = previous_status.as_ref() != Some(status);
     if !status_changed && !refund_changed {
@@ -1400,12 +1517,15 @@ fn apply_in(
     } else {
         (true, None)
     };
-    transaction.execute(
-        "UPDATE checkouts SET status = ?2, watched = ?3, watch_until = ?4 WHERE id = ?1",
-        params![id, status.as_str(), watched, watch_until],
-    )?;
+    transaction
+        .prepare_cached(
+            "UPDATE checkouts SET status = ?2, watched = ?3, watch_until = ?4 WHERE id = ?1",
+        )?
+        .execute(params![id, status.as_str(), watched, watch_until])?;
     if !watched {
-        transaction.execute("DELETE FROM listen_targets WHERE checkout_id = ?1", [id])?;
+        transaction
+            .prepare_cached("DELETE FROM listen_targets WHERE checkout_id = ?1")?
+            .execute([id])?;
     }
     record_entry(
         transaction,
@@ -1434,11 +1554,13 @@ fn record_entry<'h>(
     let id = verified.id().as_str();
     let verified_at = verified.verified_at();
     let latency_ms = changed_at.map(|changed| (verified_at - changed).num_milliseconds().max(0));
-    transaction.execute(
-        "INSERT INTO transitions (checkout_id, from_status, to_status, source, changed_at,
+    transaction
+        .prepare_cached(
+            "INSERT INTO transitions (checkout_id, from_status, to_status, source, changed_at,
                 verified_at, latency_ms, verified_json, refunded_from, refunded_to)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        params![
+        )?
+        .execute(params![
             id,
             previous,
             verified.status().as_str(),
@@ -1449,8 +1571,7 @@ fn record_entry<'h>(
             verified.raw_json(),
             refunded_from,
             refunded_to,
-        ],
-    )?;
+        ])?;
     let transition_id = transaction.last_insert_rowid();
     let mut deliveries = Vec::new();
     for hook in hooks {
@@ -1462,11 +1583,9 @@ fn record_entry<'h>(
             false,
         )?);
     }
-    let transition = transaction.query_row(
-        &format!("{TRANSITION_COLUMNS} WHERE id = ?1"),
-        [transition_id],
-        transition_from_row,
-    )?;
+    let transition = transaction
+        .prepare_cached(&format!("{TRANSITION_COLUMNS} WHERE id = ?1"))?
+        .query_row([transition_id], transition_from_row)?;
     Ok(ApplyOutcome::Transition {
         transition: Box::new(transition),
         deliveries,

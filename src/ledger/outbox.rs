@@ -144,12 +144,13 @@ pub(super) fn queue_in(
 ) -> rusqlite::Result<String> {
     let event_id = format!("evt_{}", uuid::Uuid::now_v7().simple());
     let time = now();
-    transaction.execute(
-        "INSERT INTO hook_deliveries (event_id, transition_id, checkout_id, hook, state, attempts,
+    transaction
+        .prepare_cached(
+            "INSERT INTO hook_deliveries (event_id, transition_id, checkout_id, hook, state, attempts,
                 next_attempt_at, replay, created_at, updated_at)
          VALUES (?1, ?2, ?3, ?4, 'pending', 0, ?5, ?6, ?5, ?5)",
-        params![event_id, transition_id, checkout_id, hook, time, replay],
-    )?;
+        )?
+        .execute(params![event_id, transition_id, checkout_id, hook, time, replay])?;
     Ok(event_id)
 }
 

@@ -1225,3 +1225,132 @@ fn a_ledger_from_before_webhooks_accepts_webhook_transitions_after_migrating() {
         .expect("check");
     assert_eq!(check, "ok");
 }
+
+/// A verified answer with no Firebase coordinates, for a checkout the ledger does not track:
+/// applying it fails (nothing says where to watch it).
+fn untrackable(id: &str) -> VerifiedCheckout {
+    VerifiedCheckout::for_tests(&format!(
+        r#"{{"id":"{id}","orderId":"ORD-{id}","currency":"AED","amount":1,"status":"PAID"}}"#
+    ))
+}
+
+fn request(verified: VerifiedCheckout) -> ApplyRequest {
+    ApplyRequest {
+        verified,
+        source: Source::Firestore,
+        changed_at: None,
+    }
+}
+
+#[test]
+fn a_group_of_answers_is_recorded_as_each_would_be_alone() {
+    let hooks = [hook("notify", &["PAID"])];
+    let grouped = Ledger::open_in_memory().expect("ledger");
+    let alone = Ledger::open_in_memory().expect("ledger");
+    for ledger in [&grouped, &alone] {
+        ledger.track(&facts("2"), TrackedVia::Track).expect("track");
+    }
+    let answers = [
+        verified("1", "PENDING"),
+        verified("2", "PAID"),
+        verified("3", "CANCELLED"),
+    ];
+    let requests: Vec<ApplyRequest> = answers.iter().cloned().map(request).collect();
+    let outcomes: Vec<ApplyOutcome> = grouped
+        .apply_all(&requests, &hooks, WATCH)
+        .into_iter()
+        .map(|outcome| outcome.expect("recorded"))
+        .collect();
+    for (answer, outcome) in answers.iter().zip(&outcomes) {
+        let single = alone
+            .apply(answer, Source::Firestore, None, &hooks, WATCH)
+            .expect("recorded");
+        match (outcome, single) {
+            (
+                ApplyOutcome::Transition {
+                    transition,
+                    deliveries,
+                    watched,
+                },
+                ApplyOutcome::Transition {
+                    transition: expected,
+                    deliveries: expected_deliveries,
+                    watched: expected_watched,
+                },
+            ) => {
+                assert_eq!(transition.to, expected.to);
+                assert_eq!(transition.from, expected.from);
+                assert_eq!(deliveries.len(), expected_deliveries.len());
+                assert_eq!(*watched, expected_watched);
+            }
+            (grouped, single) => panic!("grouped {grouped:?} but alone {single:?}"),
+        }
+    }
+    for id in ["1", "2", "3"] {
+        assert_eq!(history(&grouped, id), history(&alone, id), "checkout {id}");
+    }
+    assert_eq!(history(&grouped, "2"), ["PAID"]);
+}
+
+#[test]
+fn one_failing_answer_in_a_group_fails_alone() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let requests = [
+        request(verified("1", "PAID")),
+        request(untrackable("2")),
+        request(verified("3", "PAID")),
+    ];
+    let outcomes = ledger.apply_all(&requests, &[], WATCH);
+    assert!(matches!(outcomes[0], Ok(ApplyOutcome::Transition { .. })));
+    assert!(outcomes[1].is_err(), "{:?}", outcomes[1]);
+    assert!(matches!(outcomes[2], Ok(ApplyOutcome::Transition { .. })));
+    assert_eq!(history(&ledger, "1"), ["PAID"]);
+    assert_eq!(history(&ledger, "3"), ["PAID"]);
+    assert_eq!(
+        ledger.checkout(&"2".parse().expect("id")).expect("read"),
+        None
+    );
+}
+
+#[test]
+fn a_ticket_is_not_needed_once_a_later_request_answered() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let id: CheckoutId = "1".parse().expect("id");
+    ledger.track(&facts("1"), TrackedVia::Track).expect("track");
+    // Never verified: a ticket is issued.
+    let seen = ledger.last_ticket().expect("counter");
+    let first = ledger
+        .issue_ticket_unless_covered(&id, seen)
+        .expect("ticket")
+        .expect("never verified: a request is needed");
+    assert!(first > seen);
+    ledger
+        .apply(
+            &answer("1", "PENDING", first, Utc::now()),
+            Source::Firestore,
+            None,
+            &[],
+            WATCH,
+        )
+        .expect("apply");
+    // A change seen before that request was sent is covered by its answer ...
+    assert_eq!(
+        ledger.issue_ticket_unless_covered(&id, seen).expect("read"),
+        None
+    );
+    // ... one seen after it was sent is not.
+    let later = ledger.last_ticket().expect("counter");
+    let second = ledger
+        .issue_ticket_unless_covered(&id, later)
+        .expect("ticket")
+        .expect("a change after the last request needs a new one");
+    assert!(second > first);
+    // An untracked checkout always needs a request.
+    let other: CheckoutId = "9".parse().expect("id");
+    assert!(
+        ledger
+            .issue_ticket_unless_covered(&other, later)
+            .expect("ticket")
+            .is_some()
+    );
+}

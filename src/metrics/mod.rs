@@ -20,7 +20,7 @@
 //!
 //! # What is measured where
 //!
-//! - Counted as it happens: verifications by source, transitions by status and source (the
+//! - Counted as it happens: verifications by source (and nudges that needed none), transitions by status and source (the
 //!   verifier); Get Checkout and Search calls with their latency by outcome (the paymennt
 //!   client; one observation per call, retries included); Listen streams open, reconnects,
 //!   refusals, and the last message of each stream (the listener and the daemon's event loop);
@@ -200,6 +200,7 @@ struct Inner {
 
     checkouts_watched: Family<StatusLabel, Gauge>,
     verifications: Family<SourceLabel, Counter>,
+    verifications_skipped: Family<SourceLabel, Counter>,
     transitions: Family<TransitionLabels, Counter>,
     paymennt_duration: Family<PaymenntLabels, Histogram, fn() -> Histogram>,
     reconcile_sweeps: Family<KindLabel, Counter>,
@@ -246,6 +247,7 @@ impl Metrics {
             stream_clocks: Mutex::new(HashMap::new()),
             checkouts_watched: Family::default(),
             verifications: Family::default(),
+            verifications_skipped: Family::default(),
             transitions: Family::default(),
             paymennt_duration: Family::new_with_constructor(paymennt_histogram),
             reconcile_sweeps: Family::default(),
@@ -277,6 +279,11 @@ impl Metrics {
             "verifications",
             "Verifications started (one Get Checkout call each), by what nudged them",
             inner.verifications.clone(),
+        );
+        inner.registry.register(
+            "verifications_skipped",
+            "Nudges that needed no Get Checkout call (a request sent after their change was seen had answered), by what nudged them",
+            inner.verifications_skipped.clone(),
         );
         inner.registry.register(
             "transitions",
@@ -355,9 +362,11 @@ impl Metrics {
         );
         // Series that exist before their first event, so rate() and absent() work from the start.
         for source in [Source::Firestore, Source::Reconcile, Source::Manual] {
-            let _ = inner.verifications.get_or_create(&SourceLabel {
+            let label = SourceLabel {
                 source: source.as_str(),
-            });
+            };
+            let _ = inner.verifications.get_or_create(&label);
+            let _ = inner.verifications_skipped.get_or_create(&label);
         }
         for kind in [SweepKind::Startup, SweepKind::Periodic] {
             let label = KindLabel {
@@ -386,6 +395,19 @@ impl Metrics {
         if let Some(inner) = &self.inner {
             inner
                 .verifications
+                .get_or_create(&SourceLabel {
+                    source: source.as_str(),
+                })
+                .inc();
+        }
+    }
+
+    /// The verifier skipped a nudge from `source`: a request sent after its change was seen had
+    /// answered already.
+    pub fn verification_skipped(&self, source: Source) {
+        if let Some(inner) = &self.inner {
+            inner
+                .verifications_skipped
                 .get_or_create(&SourceLabel {
                     source: source.as_str(),
                 })

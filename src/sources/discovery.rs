@@ -114,7 +114,9 @@ pub async fn run(
         if report.added.len() > report.reconcile_only.len() {
             watch_set_changed.send_modify(|generation| *generation += 1);
         }
-        if !crate::sources::send_reconcile_nudges(&nudges, report.reconcile_only, &cancel).await {
+        if !crate::sources::send_reconcile_nudges(&nudges, report.reconcile_only, None, &cancel)
+            .await
+        {
             return;
         }
     }

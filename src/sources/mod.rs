@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{CheckoutId, Source};
+use crate::domain::{CheckoutId, Source, VerifyTicket};
 
 /// "Checkout X may have changed": the only thing a source sends to the verifier.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,14 +30,21 @@ pub struct Nudge {
     pub seen_at: Instant,
     /// When the change happened upstream, if known (a Firestore document's update_time).
     pub changed_at: Option<DateTime<Utc>>,
+    /// The ledger's verification ticket counter, read after the change was seen. A
+    /// verification requested with a later ticket already reflects the change, so the
+    /// verifier skips this nudge if one was recorded meanwhile (a burst of nudges, a sweep
+    /// behind a Firestore change). `None`: always verify.
+    pub seen_after: Option<VerifyTicket>,
 }
 
-/// Sends a reconcile nudge for each checkout. Sending waits while the verifier is busy, which
-/// paces a sweep to the verifier's concurrency. Returns false if `cancel` fired or the verifier
-/// is gone (the caller stops).
+/// Sends a reconcile nudge for each checkout, with `seen_after` (the ticket counter read after
+/// the sweep looked at the ledger and the search, see [`Nudge::seen_after`]). Sending waits
+/// while the verifier is busy, which paces a sweep to the verifier's concurrency. Returns
+/// false if `cancel` fired or the verifier is gone (the caller stops).
 pub(crate) async fn send_reconcile_nudges(
     nudges: &mpsc::Sender<Nudge>,
     checkouts: impl IntoIterator<Item = CheckoutId>,
+    seen_after: Option<VerifyTicket>,
     cancel: &CancellationToken,
 ) -> bool {
     for checkout_id in checkouts {
@@ -46,6 +53,7 @@ pub(crate) async fn send_reconcile_nudges(
             source: Source::Reconcile,
             seen_at: Instant::now(),
             changed_at: None,
+            seen_after,
         };
         tokio::select! {
             () = cancel.cancelled() => return false,

@@ -30,8 +30,9 @@ use crate::sources::Nudge;
 /// The first sweep, at start, nudges only checkouts that need it: never verified, or changed
 /// without a verification recorded (the daemon stopped in between). Checkouts with a resume
 /// token and nothing pending are left to Firestore, so a restart does not re-verify every
-/// unchanged checkout. Later sweeps, every `interval`, compare every open checkout with Search
-/// Checkouts ([`sweep`]), `page_size` per page.
+/// unchanged checkout; those the listener's first snapshot reports wait `snapshot_grace` for it
+/// (zero when Firestore is off; see [`startup_sweep`]). Later sweeps, every `interval`, compare
+/// every open checkout with Search Checkouts ([`sweep`]), `page_size` per page.
 ///
 /// `watch_set_changed` is bumped when refund watches end, so the watch set is updated. Sweeps
 /// and the checkouts they nudge are counted in `metrics`.
@@ -44,10 +45,11 @@ pub async fn run(
     mut interval: watch::Receiver<Duration>,
     page_size: u32,
     watch_set_changed: watch::Sender<u64>,
+    snapshot_grace: Duration,
     cancel: CancellationToken,
     metrics: Metrics,
 ) {
-    startup_sweep(&ledger, &nudges, &cancel, &metrics).await;
+    startup_sweep(&ledger, &nudges, snapshot_grace, &cancel, &metrics).await;
     let mut health = SearchHealth::default();
     loop {
         let period = *interval.borrow_and_update();
@@ -198,7 +200,8 @@ pub async fn sweep(
         report.nudged(),
         report.open
     );
-    crate::sources::send_reconcile_nudges(nudges, chosen, cancel).await;
+    let seen_after = last_ticket(ledger).await;
+    crate::sources::send_reconcile_nudges(nudges, chosen, seen_after, cancel).await;
     report
 }
 
@@ -305,25 +308,67 @@ async fn open_checkouts(ledger: &Ledger) -> Option<Vec<OpenCheckout>> {
 }
 
 /// The first sweep: nudges checkouts never verified or changed without a verification.
+///
+/// Those the listener reports anyway (listened to, no resume token, not refused: Firestore
+/// sends their current state as the first snapshot) wait up to `snapshot_grace` first, and
+/// are then nudged with the ticket counter read at the start: each one the snapshot's nudge
+/// verified meanwhile is skipped by the verifier, so a start verifies each checkout once.
+/// If the listener cannot deliver (Firestore refuses, is unreachable or off), they are
+/// verified after the grace.
 async fn startup_sweep(
     ledger: &Ledger,
     nudges: &mpsc::Sender<Nudge>,
+    snapshot_grace: Duration,
     cancel: &CancellationToken,
     metrics: &Metrics,
 ) {
     let Some(open) = open_checkouts(ledger).await else {
         return;
     };
-    let chosen: Vec<CheckoutId> = open
+    let seen_after = last_ticket(ledger).await;
+    let (now, after_grace): (Vec<OpenCheckout>, Vec<OpenCheckout>) = open
         .into_iter()
         .filter(|checkout| checkout.needs_verify)
-        .map(|checkout| checkout.checkout_id)
-        .collect();
-    metrics.reconcile_sweep(SweepKind::Startup, chosen.len());
+        .partition(|checkout| {
+            snapshot_grace.is_zero() || !checkout.listened || checkout.resumable || checkout.refused
+        });
+    metrics.reconcile_sweep(SweepKind::Startup, now.len() + after_grace.len());
     tracing::info!(
-        checkouts = chosen.len(),
+        checkouts = now.len() + after_grace.len(),
+        after_first_snapshot = after_grace.len(),
         kind = "startup",
-        "reconciling open checkouts with Get Checkout"
+        "reconciling open checkouts with Get Checkout ({} now; {} once the listener's first snapshot had {} to report them)",
+        now.len(),
+        after_grace.len(),
+        humantime::format_duration(snapshot_grace),
     );
-    crate::sources::send_reconcile_nudges(nudges, chosen, cancel).await;
+    let ids = |checkouts: Vec<OpenCheckout>| checkouts.into_iter().map(|c| c.checkout_id);
+    if !crate::sources::send_reconcile_nudges(nudges, ids(now), seen_after, cancel).await
+        || after_grace.is_empty()
+    {
+        return;
+    }
+    tokio::select! {
+        () = cancel.cancelled() => return,
+        () = tokio::time::sleep(snapshot_grace) => {}
+    }
+    crate::sources::send_reconcile_nudges(nudges, ids(after_grace), seen_after, cancel).await;
+}
+
+/// The ticket counter, read once the sweep has looked at the ledger (and the search): a
+/// checkout verified with a later ticket before its nudge is reached needs no second call.
+/// `None` if it cannot be read (every nudge is then verified).
+async fn last_ticket(ledger: &Ledger) -> Option<crate::domain::VerifyTicket> {
+    let reader = ledger.clone();
+    match tokio::task::spawn_blocking(move || reader.last_ticket()).await {
+        Ok(Ok(ticket)) => Some(ticket),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "reconciler cannot read the ticket counter; every checkout of this sweep is verified");
+            None
+        }
+        Err(error) => {
+            tracing::warn!(%error, "reconciler task failed");
+            None
+        }
+    }
 }

@@ -214,6 +214,7 @@ impl WebhookIntake {
             source: Source::Webhook,
             seen_at,
             changed_at: None,
+            seen_after: None,
         };
         if self.nudges.send(nudge).await.is_err() {
             return Intake::Unavailable("paywatch is shutting down".into());

@@ -1044,6 +1044,7 @@ fn changed(checkout_id: &CheckoutId, now: Instant, changed_at: Option<DateTime<U
         source: Source::Firestore,
         seen_at: now,
         changed_at,
+        seen_after: None,
     }))
 }
 
