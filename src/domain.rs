@@ -4,8 +4,12 @@
 //! edge, so the rest of the crate can trust them.
 //! Must never: do I/O, or import another module of this crate.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
+
+use compact_str::CompactString;
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -48,10 +52,12 @@ pub fn printable(value: &str) -> String {
 /// A paymennt checkout id, such as `1653241101733169556`.
 ///
 /// paymennt's ids are long decimal numbers sent as strings. We accept ASCII letters, digits, `-`
-/// and `_` (1 to 64 of them) so the id is always safe in a URL path and a log line.
+/// and `_` (1 to 64 of them) so the id is always safe in a URL path and a log line. Ids of up to
+/// 24 bytes (paymennt's are 19) are held inline, with no allocation: the daemon keeps one per
+/// watched checkout in each of its maps.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct CheckoutId(String);
+pub struct CheckoutId(CompactString);
 
 impl CheckoutId {
     /// The id as paymennt wrote it.
@@ -70,7 +76,7 @@ impl FromStr for CheckoutId {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if ok {
-            Ok(CheckoutId(value.to_owned()))
+            Ok(CheckoutId(CompactString::from(value)))
         } else {
             Err(InvalidValue::new(
                 "checkout id",
@@ -90,7 +96,7 @@ impl TryFrom<String> for CheckoutId {
 
 impl From<CheckoutId> for String {
     fn from(id: CheckoutId) -> String {
-        id.0
+        id.0.into_string()
     }
 }
 
@@ -581,6 +587,129 @@ impl FirestoreLocation {
     }
 }
 
+/// What the documents of one collection share: the project, database and collection, and the
+/// prefix of their names. Held once per collection ([`CollectionPaths`]) and pointed at by every
+/// [`WatchedDocument`] in it.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct CollectionPath {
+    /// `projects/{project}/databases/{database}/documents/{collection}`: says everything else.
+    prefix: String,
+    project: String,
+    database: String,
+    collection: String,
+    /// The length of `projects/{project}/databases/{database}` in `prefix`.
+    database_name_len: usize,
+}
+
+/// A watched checkout's document, as the daemon and the Firestore listener keep it for as long
+/// as the checkout is watched: its [`CollectionPath`] shared with the other checkouts of the
+/// collection, and its own document id (inline up to 24 bytes; Firestore's generated ids have 20).
+/// [`FirestoreLocation`] is the same place with every part its own string, as it is parsed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WatchedDocument {
+    collection: Arc<CollectionPath>,
+    document: CompactString,
+}
+
+impl WatchedDocument {
+    /// The project id.
+    pub fn project(&self) -> &str {
+        &self.collection.project
+    }
+
+    /// `projects/{project}/databases/{database}`, as [`FirestoreLocation::database_name`].
+    pub fn database_name(&self) -> &str {
+        &self.collection.prefix[..self.collection.database_name_len]
+    }
+
+    /// The document's full resource name, as [`FirestoreLocation::document_name`].
+    pub fn document_name(&self) -> String {
+        let mut name =
+            String::with_capacity(self.collection.prefix.len() + 1 + self.document.len());
+        name.push_str(&self.collection.prefix);
+        name.push('/');
+        name.push_str(&self.document);
+        name
+    }
+
+    /// Whether `name` is this document's full resource name (without building it).
+    pub fn is_named(&self, name: &str) -> bool {
+        name.strip_prefix(self.collection.prefix.as_str())
+            .and_then(|rest| rest.strip_prefix('/'))
+            .is_some_and(|document| document == self.document)
+    }
+
+    /// Whether `location` is this document.
+    pub fn is_at(&self, location: &FirestoreLocation) -> bool {
+        self.document == location.document
+            && self.collection.collection == location.collection
+            && self.collection.project == location.project
+            && self.collection.database == location.database
+    }
+
+    /// The same place with every part its own string.
+    pub fn location(&self) -> FirestoreLocation {
+        FirestoreLocation {
+            project: self.collection.project.clone(),
+            database: self.collection.database.clone(),
+            collection: self.collection.collection.clone(),
+            document: self.document.as_str().to_owned(),
+        }
+    }
+}
+
+/// Hands out [`WatchedDocument`]s, one shared [`CollectionPath`] per collection. Paths no
+/// document points at any more are dropped as new ones come, so it holds about as many as are
+/// in use.
+#[derive(Debug, Default)]
+pub struct CollectionPaths {
+    /// By prefix.
+    known: HashMap<String, Arc<CollectionPath>>,
+    /// How many were known after the last clean-up.
+    kept: usize,
+}
+
+impl CollectionPaths {
+    /// `location`, with its collection's shared path.
+    pub fn document(&mut self, location: &FirestoreLocation) -> WatchedDocument {
+        let database_name = location.database_name();
+        let prefix = format!("{database_name}/documents/{}", location.collection);
+        let collection = match self.known.get(&prefix) {
+            Some(known) => Arc::clone(known),
+            None => {
+                if self.known.len() >= 2 * self.kept + 16 {
+                    // Only the map points at it: no document of that collection is held.
+                    self.known.retain(|_, path| Arc::strong_count(path) > 1);
+                    self.kept = self.known.len();
+                }
+                let path = Arc::new(CollectionPath {
+                    prefix: prefix.clone(),
+                    project: location.project.clone(),
+                    database: location.database.clone(),
+                    collection: location.collection.clone(),
+                    database_name_len: database_name.len(),
+                });
+                self.known.insert(prefix, Arc::clone(&path));
+                path
+            }
+        };
+        WatchedDocument {
+            collection,
+            document: CompactString::from(location.document.as_str()),
+        }
+    }
+
+    /// How many paths are held.
+    pub fn len(&self) -> usize {
+        self.known.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.known.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -651,6 +780,75 @@ mod tests {
             "0.01".parse::<Amount>().map(|a| a.to_string()),
             Ok("0.01".into())
         );
+    }
+
+    #[test]
+    fn watched_documents_share_their_collection_and_name_the_same_place() {
+        let mut paths = CollectionPaths::default();
+        let a = FirestoreLocation::new("pc-test-734bc", "checkouts", "Ab3dEf6hIj9kLm2nOp5q")
+            .expect("valid")
+            .with_database("payments")
+            .expect("valid database");
+        let b = FirestoreLocation::new("pc-test-734bc", "checkouts", "other")
+            .expect("valid")
+            .with_database("payments")
+            .expect("valid database");
+        let (watched_a, watched_b) = (paths.document(&a), paths.document(&b));
+        assert_eq!(paths.len(), 1, "one path for one collection");
+        assert!(Arc::ptr_eq(&watched_a.collection, &watched_b.collection));
+        assert_eq!(watched_a.location(), a);
+        assert_eq!(watched_a.document_name(), a.document_name());
+        assert_eq!(watched_a.database_name(), a.database_name());
+        assert_eq!(watched_a.project(), "pc-test-734bc");
+        assert!(watched_a.is_at(&a) && !watched_a.is_at(&b));
+        assert!(watched_a.is_named(&a.document_name()));
+        assert!(!watched_a.is_named(&b.document_name()));
+        assert!(!watched_a.is_named(&format!("{}x", a.document_name())));
+        assert!(!watched_a.is_named("Ab3dEf6hIj9kLm2nOp5q"));
+        assert_ne!(watched_a, watched_b);
+        assert_eq!(watched_a, paths.document(&a));
+        // The same document in another database or collection is another place.
+        let elsewhere = a.clone().with_database("(default)").expect("valid");
+        assert!(!watched_a.is_at(&elsewhere));
+        assert_ne!(paths.document(&elsewhere), watched_a);
+        let other_collection =
+            FirestoreLocation::new("pc-test-734bc", "links", "Ab3dEf6hIj9kLm2nOp5q")
+                .expect("valid")
+                .with_database("payments")
+                .expect("valid database");
+        assert!(!watched_a.is_at(&other_collection));
+        assert!(!watched_a.is_named(&other_collection.document_name()));
+    }
+
+    #[test]
+    fn collection_paths_no_document_uses_are_dropped() {
+        let mut paths = CollectionPaths::default();
+        let held = paths.document(&FirestoreLocation::new("kept", "c", "d").expect("valid"));
+        for n in 0..1000 {
+            let location = FirestoreLocation::new(&format!("p{n}"), "c", "d").expect("valid");
+            drop(paths.document(&location));
+            assert!(paths.len() <= 40, "{} paths held after {n}", paths.len());
+        }
+        // The one still in use was kept and is shared again.
+        let again = paths.document(&FirestoreLocation::new("kept", "c", "e").expect("valid"));
+        assert!(Arc::ptr_eq(&held.collection, &again.collection));
+    }
+
+    #[test]
+    fn checkout_id_round_trips_through_string() {
+        let long = "a".repeat(64);
+        for text in ["1653241101733169556", long.as_str()] {
+            let id: CheckoutId = text.parse().expect("valid");
+            assert_eq!(id.as_str(), text);
+            assert_eq!(String::from(id.clone()), text);
+            assert_eq!(id.to_string(), text);
+            let json = serde_json::to_string(&id).expect("serialises");
+            assert_eq!(json, format!("\"{text}\""));
+            assert_eq!(
+                serde_json::from_str::<CheckoutId>(&json).expect("parses"),
+                id
+            );
+        }
     }
 
     #[test]

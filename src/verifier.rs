@@ -12,7 +12,10 @@
 //! taken at once and verified before any *sweep* nudge (the reconciler), so a payment never
 //! waits behind a sweep of thousands of open checkouts. Sweep nudges are taken only while few
 //! are queued, which makes the reconciler wait: its pace is the verifier's. At most
-//! `concurrency` calls run at once; a checkout waiting in a queue is queued once however many
+//! `concurrency` Get Checkout calls run at once (a verification waiting for its ticket or for
+//! its answer to be recorded holds no call, so a slow disk does not idle the API connection;
+//! up to [`IN_FLIGHT_PER_CALL`] times as many verifications are under way, sweep ones only
+//! within the first `concurrency`); a checkout waiting in a queue is queued once however many
 //! nudges name it. A nudge whose checkout was verified by a request sent after the nudge's
 //! change was seen ([`Nudge::seen_after`]) makes no call at all.
 //!
@@ -56,6 +59,10 @@ const RETRY_DELAYS: [Duration; 3] = [
     Duration::from_secs(30),
     Duration::from_secs(120),
 ];
+
+/// Verifications under way at once, per Get Checkout call allowed at once: the others wait for
+/// a ticket or for their answer to be recorded, both behind the ledger's fsync.
+const IN_FLIGHT_PER_CALL: usize = 4;
 
 /// At most this many answers are recorded in one transaction.
 const MAX_GROUP: usize = 256;
@@ -215,6 +222,8 @@ pub struct Verifier {
     ledger: Ledger,
     config: watch::Receiver<VerifierConfig>,
     concurrency: usize,
+    /// One permit per Get Checkout call allowed at once.
+    calls_allowed: tokio::sync::Semaphore,
     ledger_changed: watch::Sender<u64>,
     watch_set_changed: watch::Sender<u64>,
     stats: watch::Sender<VerifierStats>,
@@ -234,6 +243,7 @@ impl Verifier {
             ledger,
             config,
             concurrency: concurrency.max(1),
+            calls_allowed: tokio::sync::Semaphore::new(concurrency.max(1)),
             ledger_changed: signals.ledger_changed,
             watch_set_changed: signals.watch_set_changed,
             stats: watch::channel(VerifierStats::default()).0,
@@ -261,7 +271,7 @@ impl Verifier {
         abort: CancellationToken,
     ) {
         let this = Arc::new(self);
-        let (recordings, waiting) = mpsc::channel(this.concurrency);
+        let (recordings, waiting) = mpsc::channel(this.concurrency * IN_FLIGHT_PER_CALL);
         let recorder = tokio::spawn(record_answers(
             this.ledger.clone(),
             this.config.clone(),
@@ -285,8 +295,10 @@ impl Verifier {
                 retries.abort_all();
                 schedule.drop_sweeps();
             }
-            while calls.len() < concurrency {
-                let Some(nudge) = schedule.next(!draining) else {
+            while calls.len() < concurrency * IN_FLIGHT_PER_CALL {
+                // Sweep work never takes more than `concurrency` places, so an urgent nudge
+                // waits for a call behind at most that many sweep verifications.
+                let Some(nudge) = schedule.next(!draining && calls.len() < concurrency) else {
                     break;
                 };
                 let owner = nudge.checkout_id.clone();
@@ -435,7 +447,13 @@ impl Verifier {
         };
         self.stats.send_modify(|stats| stats.calls += 1);
         self.metrics.verification(nudge.source);
-        let verified = match client.get_checkout(&nudge.checkout_id, ticket).await {
+        let answer = {
+            let Ok(_call) = self.calls_allowed.acquire().await else {
+                return Some(nudge);
+            };
+            client.get_checkout(&nudge.checkout_id, ticket).await
+        };
+        let verified = match answer {
             Ok(verified) => {
                 self.stats
                     .send_if_modified(|stats| stats.failing_since.take().is_some());

@@ -253,8 +253,8 @@ async fn streams_the_server_drops_are_counted_as_reconnects_and_reopen() {
 }
 
 /// A first start with checkouts never verified: the listener's first snapshot reports each,
-/// and the reconciler's start-up sweep, which waits for that snapshot, finds each already
-/// answered by a later request. One Get Checkout per checkout, not two.
+/// and the reconciler's start-up sweep, which leaves them to that snapshot for a grace, finds
+/// each answered since. One Get Checkout per checkout, not two.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_start_verifies_each_checkout_once() {
     const CHECKOUTS: usize = 20;
@@ -270,19 +270,22 @@ async fn a_first_start_verifies_each_checkout_once() {
     for id in &ids {
         wait_status(&ledger, id, "PENDING").await;
     }
-    // The start-up sweep's nudges come after its grace; each is skipped, not verified.
-    let skipped = [("source", "reconcile")];
-    let exposition = wait_for(
-        "the start-up sweep's nudges to be skipped",
-        DEADLINE,
-        || async {
-            let exposition = scrape(&daemon, &ledger, &[]).await;
-            (exposition.value("paywatch_verifications_skipped_total", &skipped)
-                == Some(CHECKOUTS as f64))
+    // The start-up sweep's second part, after its grace, finds every one answered.
+    let after_snapshot = [("kind", "startup_after_snapshot")];
+    let exposition = wait_for("the start-up sweep's second part", DEADLINE, || async {
+        let exposition = scrape(&daemon, &ledger, &[]).await;
+        (exposition.value("paywatch_reconcile_sweeps_total", &after_snapshot) == Some(1.0))
             .then_some(exposition)
-        },
-    )
+    })
     .await;
+    assert_eq!(
+        exposition.value("paywatch_reconcile_nudges_total", &after_snapshot),
+        Some(0.0)
+    );
+    assert_eq!(
+        exposition.value("paywatch_reconcile_nudges_total", &[("kind", "startup")]),
+        Some(0.0)
+    );
     assert_eq!(
         exposition.value("paywatch_verifications_total", &[("source", "reconcile")]),
         Some(0.0)

@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::daemon::health::Health;
-use crate::domain::{CheckoutId, FirestoreLocation};
+use crate::domain::{CheckoutId, CollectionPaths, FirestoreLocation, WatchedDocument};
 use crate::hooks::config::HookSet;
 use crate::hooks::dispatcher::{Dispatcher, DispatcherHandle};
 use crate::http::{HttpContext, NewlyTracked};
@@ -185,11 +185,11 @@ pub async fn run(
     let database = settings.firestore.database.clone();
     let reader = ledger.clone();
     let initial = blocking(move || reader.watch_set()).await?;
-    let mut watched: HashMap<CheckoutId, FirestoreLocation> = HashMap::new();
+    let mut watched = Watched::default();
     let needing = initial.iter().filter(|entry| entry.needs_verify).count();
     for entry in initial {
         let location = in_database(entry.location, &database);
-        watched.insert(entry.checkout_id.clone(), location.clone());
+        watched.insert(entry.checkout_id.clone(), &location);
         if let Some(listener) = &listener {
             listener.watch(WatchTarget {
                 checkout_id: entry.checkout_id,
@@ -888,6 +888,32 @@ struct Listening {
     database: String,
 }
 
+/// The checkouts the daemon watches, and where: compact, since there may be tens of thousands
+/// (each document's collection is held once, see [`CollectionPaths`]).
+#[derive(Default)]
+struct Watched {
+    documents: HashMap<CheckoutId, WatchedDocument>,
+    paths: CollectionPaths,
+}
+
+impl Watched {
+    /// Whether `id` is watched at `location`.
+    fn is_watched_at(&self, id: &CheckoutId, location: &FirestoreLocation) -> bool {
+        self.documents
+            .get(id)
+            .is_some_and(|document| document.is_at(location))
+    }
+
+    fn insert(&mut self, id: CheckoutId, location: &FirestoreLocation) {
+        let document = self.paths.document(location);
+        self.documents.insert(id, document);
+    }
+
+    fn len(&self) -> usize {
+        self.documents.len()
+    }
+}
+
 /// Keeps the listener's targets equal to the ledger's watched checkouts: new ones (tracked by
 /// `paywatch track` in another process, or first seen by a verification) are added, finished
 /// ones removed. Checkouts tracked through the HTTP track endpoint arrive on `newly_tracked`
@@ -896,7 +922,7 @@ struct Listening {
 async fn sync_watch_set(
     ledger: Ledger,
     listening: Listening,
-    mut watched: HashMap<CheckoutId, FirestoreLocation>,
+    mut watched: Watched,
     mut watch_set_changed: watch::Receiver<u64>,
     mut newly_tracked: mpsc::Receiver<NewlyTracked>,
     watched_count: Arc<std::sync::atomic::AtomicUsize>,
@@ -917,9 +943,9 @@ async fn sync_watch_set(
                     location: in_database(tracked.location, &listening.database),
                 });
                 match tracked {
-                    Some(tracked) if watched.get(&tracked.checkout_id) != Some(&tracked.location) => {
+                    Some(tracked) if !watched.is_watched_at(&tracked.checkout_id, &tracked.location) => {
                         tracing::info!(checkout = %tracked.checkout_id, document = %tracked.location.document_name(), "now watching");
-                        watched.insert(tracked.checkout_id.clone(), tracked.location.clone());
+                        watched.insert(tracked.checkout_id.clone(), &tracked.location);
                         if let Some(listener) = &listening.listener {
                             listener.watch(WatchTarget {
                                 checkout_id: tracked.checkout_id,
@@ -959,6 +985,7 @@ async fn sync_watch_set(
             .map(|entry| (entry.checkout_id.clone(), entry))
             .collect();
         let gone: Vec<CheckoutId> = watched
+            .documents
             .keys()
             .filter(|id| !desired.contains_key(*id))
             .cloned()
@@ -968,7 +995,7 @@ async fn sync_watch_set(
             if let Some(listener) = &listening.listener {
                 listener.unwatch(&id);
             }
-            watched.remove(&id);
+            watched.documents.remove(&id);
             // A refusal of a document no longer watched is no longer news for `status`.
             let clearer = ledger.clone();
             if let Err(error) = blocking(move || clearer.clear_listen_refusal(&id)).await {
@@ -977,9 +1004,9 @@ async fn sync_watch_set(
         }
         for (id, entry) in desired.drain() {
             let location = in_database(entry.location, &listening.database);
-            if watched.get(&id) != Some(&location) {
+            if !watched.is_watched_at(&id, &location) {
                 tracing::info!(checkout = %id, document = %location.document_name(), "now watching");
-                watched.insert(id.clone(), location.clone());
+                watched.insert(id.clone(), &location);
                 if let Some(listener) = &listening.listener {
                     listener.watch(WatchTarget {
                         checkout_id: id,

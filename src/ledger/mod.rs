@@ -324,6 +324,8 @@ pub struct OpenCheckout {
     pub resumable: bool,
     /// Whether Firestore refused to watch its document at the last try.
     pub refused: bool,
+    /// The ticket of the request whose answer was recorded last, if any.
+    pub verified_with: Option<VerifyTicket>,
 }
 
 /// What [`Ledger::record_discovered`] did with one checkout.
@@ -684,7 +686,8 @@ impl Ledger {
             .prepare_cached(
                 "SELECT id, status, total_refunded, needs_verify, firebase_database <> '',
                         EXISTS (SELECT 1 FROM listen_targets t WHERE t.checkout_id = checkouts.id),
-                        EXISTS (SELECT 1 FROM listen_refusals r WHERE r.checkout_id = checkouts.id)
+                        EXISTS (SELECT 1 FROM listen_refusals r WHERE r.checkout_id = checkouts.id),
+                        verify_requested_ticket
                  FROM checkouts WHERE watched = 1 ORDER BY id",
             )
             .map_err(|e| self.error("open checkouts", e))?;
@@ -698,12 +701,13 @@ impl Ledger {
                     row.get::<_, bool>(4)?,
                     row.get::<_, bool>(5)?,
                     row.get::<_, bool>(6)?,
+                    row.get::<_, Option<i64>>(7)?,
                 ))
             })
             .map_err(|e| self.error("open checkouts", e))?;
         let mut open = Vec::new();
         for row in rows {
-            let (id, status, refunded, needs_verify, listened, resumable, refused) =
+            let (id, status, refunded, needs_verify, listened, resumable, refused, verified_with) =
                 row.map_err(|e| self.error("open checkouts", e))?;
             let Ok(checkout_id) = id.parse::<CheckoutId>() else {
                 tracing::warn!(checkout = %crate::domain::printable(&id), "skipping a ledger row with an invalid id");
@@ -717,6 +721,7 @@ impl Ledger {
                 listened,
                 resumable,
                 refused,
+                verified_with: verified_with.map(VerifyTicket::new),
             });
         }
         Ok(open)

@@ -110,6 +110,9 @@ impl PaymenntCall {
 pub enum SweepKind {
     /// The sweep at start, over checkouts that need it.
     Startup,
+    /// The start-up sweep's second part, a grace after the first: over checkouts the
+    /// listener's first snapshot was expected to answer and did not.
+    AfterSnapshot,
     /// The sweep every interval, over every watched checkout.
     Periodic,
 }
@@ -118,6 +121,7 @@ impl SweepKind {
     fn as_str(self) -> &'static str {
         match self {
             SweepKind::Startup => "startup",
+            SweepKind::AfterSnapshot => "startup_after_snapshot",
             SweepKind::Periodic => "periodic",
         }
     }
@@ -368,7 +372,11 @@ impl Metrics {
             let _ = inner.verifications.get_or_create(&label);
             let _ = inner.verifications_skipped.get_or_create(&label);
         }
-        for kind in [SweepKind::Startup, SweepKind::Periodic] {
+        for kind in [
+            SweepKind::Startup,
+            SweepKind::AfterSnapshot,
+            SweepKind::Periodic,
+        ] {
             let label = KindLabel {
                 kind: kind.as_str(),
             };

@@ -10,7 +10,7 @@
 //! Must never: decide a status: a search result is a hint; only the verifier's Get Checkout is
 //! recorded.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -310,11 +310,11 @@ async fn open_checkouts(ledger: &Ledger) -> Option<Vec<OpenCheckout>> {
 /// The first sweep: nudges checkouts never verified or changed without a verification.
 ///
 /// Those the listener reports anyway (listened to, no resume token, not refused: Firestore
-/// sends their current state as the first snapshot) wait up to `snapshot_grace` first, and
-/// are then nudged with the ticket counter read at the start: each one the snapshot's nudge
-/// verified meanwhile is skipped by the verifier, so a start verifies each checkout once.
-/// If the listener cannot deliver (Firestore refuses, is unreachable or off), they are
-/// verified after the grace.
+/// sends their current state as the first snapshot) wait `snapshot_grace` first; then only
+/// those not verified by a request sent since the sweep read the ledger are nudged (with the
+/// counter read then, so the verifier skips any verified meanwhile too), and a start verifies
+/// each checkout once. If the listener cannot deliver (Firestore refuses, is unreachable or
+/// off), they are verified after the grace.
 async fn startup_sweep(
     ledger: &Ledger,
     nudges: &mpsc::Sender<Nudge>,
@@ -332,7 +332,7 @@ async fn startup_sweep(
         .partition(|checkout| {
             snapshot_grace.is_zero() || !checkout.listened || checkout.resumable || checkout.refused
         });
-    metrics.reconcile_sweep(SweepKind::Startup, now.len() + after_grace.len());
+    metrics.reconcile_sweep(SweepKind::Startup, now.len());
     tracing::info!(
         checkouts = now.len() + after_grace.len(),
         after_first_snapshot = after_grace.len(),
@@ -352,7 +352,29 @@ async fn startup_sweep(
         () = cancel.cancelled() => return,
         () = tokio::time::sleep(snapshot_grace) => {}
     }
-    crate::sources::send_reconcile_nudges(nudges, ids(after_grace), seen_after, cancel).await;
+    // Only those still unanswered since the sweep read the ledger (the snapshot's nudges
+    // answered the others), so the verifier is not handed thousands of nudges to skip.
+    let Some(open) = open_checkouts(ledger).await else {
+        return;
+    };
+    let deferred: HashSet<CheckoutId> = ids(after_grace).collect();
+    let answered_since = |checkout: &OpenCheckout| match (checkout.verified_with, seen_after) {
+        (Some(verified_with), Some(seen_after)) => verified_with > seen_after,
+        _ => false,
+    };
+    let unanswered: Vec<CheckoutId> = open
+        .into_iter()
+        .filter(|checkout| deferred.contains(&checkout.checkout_id) && !answered_since(checkout))
+        .map(|checkout| checkout.checkout_id)
+        .collect();
+    metrics.reconcile_sweep(SweepKind::AfterSnapshot, unanswered.len());
+    tracing::info!(
+        checkouts = unanswered.len(),
+        answered = deferred.len().saturating_sub(unanswered.len()),
+        kind = "startup",
+        "reconciling the open checkouts the listener's first snapshot did not answer"
+    );
+    crate::sources::send_reconcile_nudges(nudges, unanswered, seen_after, cancel).await;
 }
 
 /// The ticket counter, read once the sweep has looked at the ledger (and the search): a
@@ -369,6 +391,155 @@ async fn last_ticket(ledger: &Ledger) -> Option<crate::domain::VerifyTicket> {
         Err(error) => {
             tracing::warn!(%error, "reconciler task failed");
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::ledger::TrackedVia;
+    use crate::paymennt::wire::{Checkout, CheckoutFacts};
+
+    fn facts(id: &str, listened: bool) -> CheckoutFacts {
+        let location = if listened {
+            format!(
+                r#","firebaseDatabase":"p","firebaseCollection":"checkouts","firebaseDocument":"d{id}""#
+            )
+        } else {
+            String::new()
+        };
+        let json = format!(
+            r#"{{"id":"{id}","orderId":"ORD-{id}","currency":"AED","amount":1,"status":"PENDING"{location}}}"#
+        );
+        let wire: Checkout = serde_json::from_str(&json).expect("json");
+        // An answer's facts may lack a document (as discovery's search results may).
+        wire.answer_facts().expect("facts")
+    }
+
+    fn id(text: &str) -> CheckoutId {
+        text.parse().expect("id")
+    }
+
+    /// Checkouts 1 (the listener's first snapshot reports it), 2 (resumes with a token),
+    /// 3 (Firestore refused its document) and 4 (no document: discovery found it without one),
+    /// none verified yet.
+    fn ledger() -> Ledger {
+        let ledger = Ledger::open_in_memory().expect("ledger");
+        for n in ["1", "2", "3"] {
+            ledger
+                .track(&facts(n, true), TrackedVia::Track)
+                .expect("track");
+        }
+        ledger
+            .record_discovered(&[facts("4", false)], "LINK", "4")
+            .expect("discovered");
+        ledger
+            .save_resume_tokens(&[(id("2"), vec![1, 2, 3])], None)
+            .expect("token");
+        ledger
+            .note_listen_refusal(&id("3"), "PERMISSION_DENIED", "no", "d3", None)
+            .expect("refusal");
+        ledger
+    }
+
+    async fn received(nudges: &mut mpsc::Receiver<Nudge>, count: usize) -> Vec<CheckoutId> {
+        let mut ids = Vec::new();
+        while ids.len() < count {
+            let nudge = tokio::time::timeout(Duration::from_secs(10), nudges.recv())
+                .await
+                .expect("a nudge in time")
+                .expect("the sweep is running");
+            assert_eq!(nudge.source, crate::domain::Source::Reconcile);
+            assert!(nudge.seen_after.is_some(), "nudges carry the counter");
+            ids.push(nudge.checkout_id);
+        }
+        ids
+    }
+
+    #[tokio::test]
+    async fn the_start_up_sweep_leaves_to_the_first_snapshot_only_what_it_reports() {
+        let ledger = ledger();
+        let (sender, mut nudges) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let sweep = {
+            let (ledger, cancel) = (ledger.clone(), cancel.clone());
+            tokio::spawn(async move {
+                startup_sweep(
+                    &ledger,
+                    &sender,
+                    Duration::from_secs(3600),
+                    &cancel,
+                    &Metrics::disabled(),
+                )
+                .await;
+            })
+        };
+        // Checkout 1 has the lowest id: had it been nudged now, it would have come first.
+        assert_eq!(received(&mut nudges, 3).await, [id("2"), id("3"), id("4")]);
+        assert!(matches!(
+            nudges.try_recv(),
+            Err(mpsc::error::TryRecvError::Empty)
+        ));
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(10), sweep)
+            .await
+            .expect("the sweep ends when cancelled")
+            .expect("no panic");
+        assert!(nudges.recv().await.is_none(), "and nudged nothing more");
+    }
+
+    #[tokio::test]
+    async fn after_the_grace_only_checkouts_the_snapshot_did_not_answer_are_nudged() {
+        for answered in [false, true] {
+            let ledger = ledger();
+            let (sender, mut nudges) = mpsc::channel(16);
+            let cancel = CancellationToken::new();
+            // Checkout 1's first snapshot is answered (or not) before the grace ends.
+            let before = ledger.last_ticket().expect("counter");
+            let grace = Duration::from_millis(200);
+            let started = Instant::now();
+            let sweep = {
+                let ledger = ledger.clone();
+                tokio::spawn(async move {
+                    startup_sweep(&ledger, &sender, grace, &cancel, &Metrics::disabled()).await;
+                })
+            };
+            assert_eq!(received(&mut nudges, 3).await, [id("2"), id("3"), id("4")]);
+            if answered {
+                let ticket = ledger.issue_ticket().expect("ticket");
+                assert!(ticket > before);
+                let json = r#"{"id":"1","orderId":"ORD-1","currency":"AED","amount":1,"status":"PENDING","firebaseDatabase":"p","firebaseCollection":"checkouts","firebaseDocument":"d1"}"#;
+                let answer = crate::paymennt::VerifiedCheckout::for_tests_with(
+                    json,
+                    ticket,
+                    chrono::Utc::now(),
+                );
+                ledger
+                    .apply(
+                        &answer,
+                        crate::domain::Source::Firestore,
+                        None,
+                        &[],
+                        Duration::from_secs(60),
+                    )
+                    .expect("apply");
+            }
+            tokio::time::timeout(Duration::from_secs(10), sweep)
+                .await
+                .expect("the sweep ends after its grace")
+                .expect("no panic");
+            let rest: Vec<CheckoutId> = std::iter::from_fn(|| nudges.try_recv().ok())
+                .map(|nudge| nudge.checkout_id)
+                .collect();
+            if answered {
+                assert_eq!(rest, Vec::<CheckoutId>::new());
+            } else {
+                assert_eq!(rest, [id("1")]);
+                assert!(started.elapsed() >= grace, "not before the grace");
+            }
         }
     }
 }

@@ -15,7 +15,9 @@
 //! - `PAYWATCH_BENCH_FLOOR_SAMPLES` [300]: samples per floor;
 //! - `PAYWATCH_BENCH_DIR` [the temp dir]: where ledgers whose commits are timed live (a real
 //!   disk: commit latency is part of the figures); `PAYWATCH_BENCH_SCRATCH` [/dev/shm if present]:
-//!   where ledgers are built and where the memory runs keep theirs.
+//!   where ledgers are built and where the memory runs keep theirs;
+//! - `PAYWATCH_BENCH_HEAPTRACK` [unset]: a directory; the memory runs' daemons record their heap
+//!   there with heaptrack (`<label>.raw`, see [`measure_daemon`]); their RSS is then heaptrack's too.
 //!
 //! Everything runs on loopback against the in-process sandbox; every loop is bounded in count
 //! and time. Latency runs use a daemon in this process (a tracing layer observes each PAID
@@ -1023,11 +1025,30 @@ struct ChildDaemon {
 }
 
 fn spawn_daemon(config: &Path) -> ChildDaemon {
+    spawn_daemon_profiled(config, None)
+}
+
+/// Where `PAYWATCH_BENCH_HEAPTRACK` asks the memory runs' heap to be recorded, if it does.
+fn heaptrack_dir() -> Option<PathBuf> {
+    std::env::var_os("PAYWATCH_BENCH_HEAPTRACK").map(PathBuf::from)
+}
+
+/// `heaptrack`'s preload library: it records every allocation of the child into `output` (raw;
+/// `heaptrack_interpret < output | gzip > x.gz`, then `heaptrack_print --print-leaks`).
+const HEAPTRACK_PRELOAD: &str = "/usr/lib/heaptrack/libheaptrack_preload.so";
+
+fn spawn_daemon_profiled(config: &Path, heaptrack_output: Option<&Path>) -> ChildDaemon {
     let socket_dir = tempfile::tempdir().expect("dir");
     let socket_path = socket_dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&socket_path).expect("notify socket");
     let spawned = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_paywatch"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_paywatch"));
+    if let Some(output) = heaptrack_output {
+        command
+            .env("LD_PRELOAD", HEAPTRACK_PRELOAD)
+            .env("DUMP_HEAPTRACK_OUTPUT", output);
+    }
+    let child = command
         .arg("--config")
         .arg(config)
         .arg("run")
@@ -1234,13 +1255,18 @@ struct MemoryPoint {
 
 /// Runs `paywatch run` on `config` until READY and every id verified, lets the first-snapshot
 /// burst settle, and reads its resident memory.
+/// With `PAYWATCH_BENCH_HEAPTRACK=<dir>` the child runs under heaptrack's preload library, its
+/// record written to `<dir>/<label>.raw`, and is killed (not drained) once its RSS is read, so
+/// the record ends with the heap as it was then: `heaptrack_print --print-leaks` shows it.
 async fn measure_daemon(
     sandbox: &Sandbox,
     config: &Path,
     ledger: &Ledger,
     ids: &[CheckoutId],
+    label: &str,
 ) -> (u64, Duration, Duration) {
-    let mut daemon = spawn_daemon(config);
+    let heaptrack_output = heaptrack_dir().map(|dir| dir.join(format!("{label}.raw")));
+    let mut daemon = spawn_daemon_profiled(config, heaptrack_output.as_deref());
     let ready = daemon.ready().await;
     wait_each("all checkouts verified", ids, PHASE_LIMIT, |id| {
         status_of(ledger, id).is_some()
@@ -1249,7 +1275,13 @@ async fn measure_daemon(
     let verified = daemon.spawned.elapsed();
     settle(sandbox, ids).await;
     let rss = daemon.rss_kib();
-    daemon.stop().await;
+    if heaptrack_output.is_some() {
+        // heaptrack flushes its record every few milliseconds; let the last of it out.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(daemon);
+    } else {
+        daemon.stop().await;
+    }
     (rss, ready, verified)
 }
 
@@ -1264,7 +1296,8 @@ async fn memory(sandbox: &Sandbox, sizes: &Sizes, scratch: &Path, report: &mut R
     let idle_db = idle_dir.path().join("paywatch.db");
     let idle_ledger = Ledger::open(&idle_db).expect("ledger");
     let idle_config = write_config(idle_dir.path(), &idle_db, sandbox, "multiplexed", None);
-    let (idle, ready, verified) = measure_daemon(sandbox, &idle_config, &idle_ledger, &[]).await;
+    let (idle, ready, verified) =
+        measure_daemon(sandbox, &idle_config, &idle_ledger, &[], "idle").await;
     report.add(
         "RSS idle (no checkout)",
         idle as f64 / 1024.0,
@@ -1304,8 +1337,14 @@ async fn memory(sandbox: &Sandbox, sizes: &Sizes, scratch: &Path, report: &mut R
             "multiplexed",
             None,
         );
-        let (rss, ready, verified) =
-            measure_daemon(sandbox, &config, &multiplexed_ledger, &all[..size]).await;
+        let (rss, ready, verified) = measure_daemon(
+            sandbox,
+            &config,
+            &multiplexed_ledger,
+            &all[..size],
+            &format!("multiplexed-{size}"),
+        )
+        .await;
         points.push(MemoryPoint {
             mode: "multiplexed",
             checkouts: size,
@@ -1357,8 +1396,14 @@ async fn memory(sandbox: &Sandbox, sizes: &Sizes, scratch: &Path, report: &mut R
             "per-document",
             None,
         );
-        let (rss, ready, verified) =
-            measure_daemon(sandbox, &config, &per_document_ledger, &all[..size]).await;
+        let (rss, ready, verified) = measure_daemon(
+            sandbox,
+            &config,
+            &per_document_ledger,
+            &all[..size],
+            &format!("per-document-{size}"),
+        )
+        .await;
         points.push(MemoryPoint {
             mode: "per-document",
             checkouts: size,

@@ -32,7 +32,7 @@ use super::connect::Connector;
 use super::shared::{Connection, Context, DatabaseShared};
 use super::stream::{Relocate, StreamCommand, StreamTask};
 use super::{ListenEvent, ListenerOptions, StreamMode, WatchTarget};
-use crate::domain::{CheckoutId, FirestoreLocation};
+use crate::domain::{CheckoutId, CollectionPaths, WatchedDocument};
 
 /// The Firestore listener. See the module documentation of [`crate::sources::firestore`].
 pub struct Listener;
@@ -105,7 +105,7 @@ impl ListenerHandle {
         }
         let mut registry = shared.registry();
         if let Some(placement) = registry.checkouts.get(&target.checkout_id) {
-            if placement.location == target.location {
+            if placement.document.is_at(&target.location) {
                 return;
             }
             registry.unwatch(&target.checkout_id);
@@ -284,13 +284,13 @@ impl Shared {
         };
         slot.targets += 1;
         let checkout_id = target.checkout_id.clone();
-        let location = target.location.clone();
+        let document = registry.paths.document(&target.location);
         // The task lives until Close or cancellation; a failed send means it is gone already.
         let _ = slot.commands.send(StreamCommand::Add(Box::new(target)));
         registry.checkouts.insert(
             checkout_id,
             Placement {
-                location,
+                document,
                 stream: key,
             },
         );
@@ -316,7 +316,7 @@ impl Shared {
                 registry
                     .checkouts
                     .get(&t.checkout_id)
-                    .is_some_and(|p| p.stream == from && p.location == t.location)
+                    .is_some_and(|p| p.stream == from && p.document.is_at(&t.location))
             })
             .collect();
         let Some(pool) = registry.projects.get_mut(database) else {
@@ -367,6 +367,8 @@ struct Registry {
     projects: HashMap<String, DatabasePool>,
     /// Where each watched checkout is.
     checkouts: HashMap<CheckoutId, Placement>,
+    /// The collections of the watched documents, each held once.
+    paths: CollectionPaths,
     /// The next stream number.
     next_stream: u64,
 }
@@ -376,7 +378,7 @@ impl Registry {
         let Some(placement) = self.checkouts.remove(checkout_id) else {
             return;
         };
-        let Some(pool) = self.projects.get_mut(&placement.location.database_name()) else {
+        let Some(pool) = self.projects.get_mut(placement.document.database_name()) else {
             return;
         };
         let Some(slot) = pool.streams.get_mut(&placement.stream) else {
@@ -396,7 +398,7 @@ impl Registry {
 
 struct Placement {
     /// The document watched.
-    location: FirestoreLocation,
+    document: WatchedDocument,
     /// The stream carrying it.
     stream: u64,
 }

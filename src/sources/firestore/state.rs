@@ -23,7 +23,8 @@
 //!   for the pool to place on a fresh stream: some servers (the npm emulator) read only the first
 //!   request of a stream. Its id stays reserved until a `REMOVE` or the next session.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -34,7 +35,7 @@ use gcloud_sdk::google::firestore::v1::{
 use tonic::Code;
 
 use super::{ListenEvent, WatchTarget};
-use crate::domain::{CheckoutId, FirestoreLocation, Source, printable};
+use crate::domain::{CheckoutId, CollectionPaths, Source, WatchedDocument, printable};
 use crate::sources::Nudge;
 
 /// Something the stream task must do, in this order, after feeding the state machine.
@@ -189,6 +190,10 @@ pub(crate) fn permanent_message(
     )
 }
 
+/// A resume token. A global snapshot's token applies to every target of the stream: they share
+/// one copy of it.
+type Token = Arc<[u8]>;
+
 /// A target's progress on the current stream session.
 #[derive(Debug, Clone, Default)]
 struct Session {
@@ -206,7 +211,7 @@ struct Session {
     /// (added without a token, or RESET).
     verify_at_current: bool,
     /// A token that applies to this target, not yet adopted (adoption waits for a snapshot).
-    pending_token: Option<Vec<u8>>,
+    pending_token: Option<Token>,
     /// Something happened since the last checkpoint (document event, CURRENT, RESET): the next
     /// snapshot checkpoints this target whatever the interval.
     dirty: bool,
@@ -217,12 +222,10 @@ struct Session {
 struct TargetEntry {
     /// The checkout this target watches.
     checkout_id: CheckoutId,
-    /// The document's full resource name.
-    document: String,
-    /// The document's location (handed back when the target moves to another stream).
-    location: FirestoreLocation,
+    /// The document (its full resource name is built when a request needs it).
+    document: WatchedDocument,
     /// The token to resume with on the next session; adopted only at a snapshot while CURRENT.
-    resume_token: Option<Vec<u8>>,
+    resume_token: Option<Token>,
     /// Whether the document exists, as far as this process has seen (None: not known).
     exists: Option<bool>,
     /// When this target's token was last offered in a Checkpoint.
@@ -236,11 +239,91 @@ struct TargetEntry {
     refusals: u32,
 }
 
+/// A stream's targets by id, in id order. A sorted vector: ids are handed out in increasing
+/// order, so adding one is a push, and the entries stay packed (a `BTreeMap` filled in order
+/// leaves its nodes about half full, which doubled the listener's memory per checkout).
+/// Removal shifts the entries after it: at most `targets_per_stream` (10,000).
+#[derive(Debug, Default)]
+struct Targets(Vec<(i32, TargetEntry)>);
+
+impl Targets {
+    fn position(&self, id: i32) -> Result<usize, usize> {
+        self.0.binary_search_by_key(&id, |(key, _)| *key)
+    }
+
+    fn get(&self, id: &i32) -> Option<&TargetEntry> {
+        let at = self.position(*id).ok()?;
+        self.0.get(at).map(|(_, entry)| entry)
+    }
+
+    fn get_mut(&mut self, id: &i32) -> Option<&mut TargetEntry> {
+        let at = self.position(*id).ok()?;
+        self.0.get_mut(at).map(|(_, entry)| entry)
+    }
+
+    fn contains_key(&self, id: &i32) -> bool {
+        self.position(*id).is_ok()
+    }
+
+    /// Adds or replaces the target `id`; returns the entry it replaced.
+    fn insert(&mut self, id: i32, entry: TargetEntry) -> Option<TargetEntry> {
+        match self.position(id) {
+            Ok(at) => self
+                .0
+                .get_mut(at)
+                .map(|(_, old)| std::mem::replace(old, entry)),
+            Err(at) => {
+                // A per-document stream holds one target: room for one, not Vec's first four.
+                if self.0.is_empty() {
+                    self.0.reserve_exact(1);
+                }
+                self.0.insert(at, (id, entry));
+                None
+            }
+        }
+    }
+
+    fn remove(&mut self, id: &i32) -> Option<TargetEntry> {
+        let at = self.position(*id).ok()?;
+        let (_, entry) = self.0.remove(at);
+        self.shrink();
+        Some(entry)
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&i32, &mut TargetEntry) -> bool) {
+        self.0.retain_mut(|(id, entry)| keep(id, entry));
+        self.shrink();
+    }
+
+    /// Gives back most of the room a stream that lost most of its targets no longer needs.
+    fn shrink(&mut self) {
+        if self.0.capacity() > 16 && self.0.len() * 4 < self.0.capacity() {
+            self.0.shrink_to(self.0.len() * 2);
+        }
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &i32> {
+        self.0.iter().map(|(id, _)| id)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &TargetEntry> {
+        self.0.iter().map(|(_, entry)| entry)
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut TargetEntry> {
+        self.0.iter_mut().map(|(_, entry)| entry)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&i32, &TargetEntry)> {
+        self.0.iter().map(|(id, entry)| (id, entry))
+    }
+}
+
 /// A checkout whose target Firestore removed with a cause: parked until `retry_at`.
 #[derive(Debug, Clone)]
 struct RefusedTarget {
     /// The target, with its token.
-    entry: Box<TargetEntry>,
+    entry: TargetEntry,
     /// When to send its AddTarget again.
     retry_at: Instant,
 }
@@ -251,8 +334,7 @@ pub(crate) struct StreamState {
     /// `projects/{p}/databases/(default)`, sent on every request.
     database: String,
     /// Targets by the id we chose. Removed targets stay until the server's REMOVE (or reconnect).
-    /// Boxed: a map node has room for 11 entries, and a per-document stream has one.
-    targets: BTreeMap<i32, Box<TargetEntry>>,
+    targets: Targets,
     /// The live (not removing) target of each checkout.
     by_checkout: HashMap<CheckoutId, i32>,
     /// The next id to try; ids are never 0 and never reused while in use.
@@ -277,6 +359,8 @@ pub(crate) struct StreamState {
     awaiting_ack: VecDeque<(Instant, i32)>,
     /// Checkouts Firestore refused, parked until their retry time (they hold no target id).
     refused: HashMap<CheckoutId, RefusedTarget>,
+    /// The collections of this stream's documents, each held once.
+    paths: CollectionPaths,
     /// The first and the longest delay before a refused target is asked for again.
     refused_retry: (Duration, Duration),
 }
@@ -291,7 +375,7 @@ impl StreamState {
     ) -> StreamState {
         StreamState {
             database,
-            targets: BTreeMap::new(),
+            targets: Targets::default(),
             by_checkout: HashMap::new(),
             next_id: 1,
             connected: false,
@@ -304,6 +388,7 @@ impl StreamState {
             unstamped: Vec::new(),
             awaiting_ack: VecDeque::new(),
             refused: HashMap::new(),
+            paths: CollectionPaths::default(),
             refused_retry,
         }
     }
@@ -387,17 +472,19 @@ impl StreamState {
             return None;
         }
         let id = self.allocate_id();
-        let entry = Box::new(TargetEntry {
+        let entry = TargetEntry {
             checkout_id: target.checkout_id.clone(),
-            document: target.location.document_name(),
-            location: target.location,
-            resume_token: target.resume_token.filter(|t| !t.is_empty()),
+            document: self.paths.document(&target.location),
+            resume_token: target
+                .resume_token
+                .filter(|t| !t.is_empty())
+                .map(Token::from),
             exists: None,
             last_checkpoint: None,
             session: None,
             removing: false,
             refusals: 0,
-        });
+        };
         self.by_checkout.insert(target.checkout_id, id);
         self.targets.insert(id, entry);
         if self.connected {
@@ -524,8 +611,8 @@ impl StreamState {
             self.by_checkout.remove(&entry.checkout_id);
             moved.push(WatchTarget {
                 checkout_id: entry.checkout_id.clone(),
-                location: entry.location.clone(),
-                resume_token: entry.resume_token.clone(),
+                location: entry.document.location(),
+                resume_token: entry.resume_token.as_deref().map(<[u8]>::to_vec),
             });
             requests.push(self.request(listen_request::TargetChange::RemoveTarget(id)));
         }
@@ -627,7 +714,7 @@ impl StreamState {
         let ids: Vec<i32> = self
             .targets
             .iter()
-            .filter(|(_, t)| t.document == name)
+            .filter(|(_, t)| t.document.is_named(name))
             .map(|(id, _)| *id)
             .collect();
         if ids.is_empty() {
@@ -657,7 +744,7 @@ impl StreamState {
         if target.removing {
             return;
         }
-        if !name.is_empty() && name != target.document {
+        if !name.is_empty() && !target.document.is_named(name) {
             // Not expected for a one-document target; verify anyway, it costs one Get Checkout.
             tracing::debug!(target_id = id, document = %printable(name), "document event names another document");
         }
@@ -712,7 +799,8 @@ impl StreamState {
         out: &mut Vec<Action>,
     ) -> Result<(), Fault> {
         let kind = TargetChangeType::try_from(change.target_change_type);
-        let token = (!change.resume_token.is_empty()).then_some(change.resume_token);
+        // One allocation per response, shared by every target it applies to.
+        let token = (!change.resume_token.is_empty()).then(|| Token::from(change.resume_token));
         match kind {
             Ok(TargetChangeType::NoChange) => {
                 if change.target_ids.is_empty() {
@@ -723,7 +811,7 @@ impl StreamState {
                         if let (Some(session), Some(token)) = (target.session.as_mut(), &token)
                             && session.acked
                         {
-                            session.pending_token = Some(token.clone());
+                            session.pending_token = Some(Token::clone(token));
                         }
                     }
                     if let Some(read_time) = change.read_time.as_ref() {
@@ -832,12 +920,12 @@ impl StreamState {
     }
 
     /// A token sent for explicit targets: kept until the next snapshot adopts it.
-    fn apply_token(&mut self, ids: &[i32], token: Option<Vec<u8>>, out: &mut Vec<Action>) {
+    fn apply_token(&mut self, ids: &[i32], token: Option<Token>, out: &mut Vec<Action>) {
         let Some(token) = token else { return };
         let mut applied = false;
         for id in ids {
             if let Some(session) = self.targets.get_mut(id).and_then(|t| t.session.as_mut()) {
-                session.pending_token = Some(token.clone());
+                session.pending_token = Some(Token::clone(&token));
                 applied = true;
             }
         }
@@ -875,7 +963,6 @@ impl StreamState {
             let Some(token) = session.pending_token.take() else {
                 continue;
             };
-            target.resume_token = Some(token.clone());
             let due = session.dirty
                 || target
                     .last_checkpoint
@@ -883,8 +970,9 @@ impl StreamState {
             if due {
                 session.dirty = false;
                 target.last_checkpoint = Some(now);
-                tokens.push((target.checkout_id.clone(), token));
+                tokens.push((target.checkout_id.clone(), token.to_vec()));
             }
+            target.resume_token = Some(token);
         }
         // A healthy snapshot: INVALID_ARGUMENT from now on is a new problem.
         self.retried_without_tokens = false;
@@ -971,7 +1059,7 @@ impl StreamState {
         let retry_in = initial.saturating_mul(1 << doublings).min(max);
         out.push(Action::Emit(ListenEvent::TargetRefused {
             checkout_id: entry.checkout_id.clone(),
-            document: entry.document.clone(),
+            document: entry.document.document_name(),
             code: code_name(code),
             message: printable(message),
             refusals: entry.refusals,
@@ -1013,7 +1101,10 @@ impl StreamState {
                 });
                 self.session_adds += 1;
                 self.unstamped.push(id);
-                (target.document.clone(), target.resume_token.clone())
+                (
+                    target.document.document_name(),
+                    target.resume_token.as_deref().map(<[u8]>::to_vec),
+                )
             }
             None => (String::new(), None),
         };
@@ -1250,6 +1341,18 @@ pub(super) mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// A per-document stream's one target takes room for one entry, not Vec's first four;
+    /// a multiplexed stream's grow as usual.
+    #[test]
+    fn a_single_target_takes_room_for_one() {
+        let mut state = Harness::new().state;
+        state.add(watch("1", None));
+        assert_eq!(state.targets.0.capacity(), 1);
+        state.add(watch("2", None));
+        state.add(watch("3", None));
+        assert_eq!(state.targets.0.len(), 3);
     }
 
     struct Harness {
@@ -1919,6 +2022,85 @@ pub(super) mod tests {
         );
         let seen = h.feed(vec![tc(Add, &[1], b"", None), tc(Current, &[], b"", None)]);
         assert_eq!(seen, vec![Seen::Changed("a".into(), None)]);
+    }
+
+    #[test]
+    fn targets_stay_in_id_order_whatever_the_order_of_changes() {
+        let entry = |n: &str| TargetEntry {
+            checkout_id: id(n),
+            document: CollectionPaths::default()
+                .document(&FirestoreLocation::new("p", "checkouts", n).expect("valid location")),
+            resume_token: None,
+            exists: None,
+            last_checkpoint: None,
+            session: None,
+            removing: false,
+            refusals: 0,
+        };
+        let mut targets = Targets::default();
+        for key in [5, 1, 9, 3, 7] {
+            assert!(targets.insert(key, entry(&format!("c{key}"))).is_none());
+        }
+        assert_eq!(targets.keys().copied().collect::<Vec<_>>(), [1, 3, 5, 7, 9]);
+        let replaced = targets.insert(3, entry("other"));
+        assert_eq!(replaced.map(|e| e.checkout_id), Some(id("c3")));
+        assert_eq!(
+            targets.get(&3).map(|e| e.checkout_id.clone()),
+            Some(id("other"))
+        );
+        assert!(targets.get(&4).is_none() && !targets.contains_key(&4));
+        assert_eq!(targets.remove(&5).map(|e| e.checkout_id), Some(id("c5")));
+        assert!(targets.remove(&5).is_none());
+        if let Some(entry) = targets.get_mut(&9) {
+            entry.removing = true;
+        }
+        targets.retain(|_, t| !t.removing);
+        assert_eq!(
+            targets
+                .iter()
+                .map(|(k, e)| (*k, e.checkout_id.clone()))
+                .collect::<Vec<_>>(),
+            [(1, id("c1")), (3, id("other")), (7, id("c7"))]
+        );
+        // A stream that lost most of its targets gives the room back.
+        for key in 10..1000 {
+            targets.insert(key, entry("bulk"));
+        }
+        let full = targets.0.capacity();
+        targets.retain(|key, _| *key < 20);
+        assert!(
+            targets.0.capacity() < full / 4,
+            "{} of {full}",
+            targets.0.capacity()
+        );
+        assert_eq!(targets.values().count(), 13);
+    }
+
+    #[test]
+    fn a_global_snapshot_token_is_shared_by_the_targets_it_applies_to() {
+        let mut h = Harness::new();
+        for n in ["a", "b", "c"] {
+            h.state.add(watch(n, None));
+        }
+        h.connect();
+        h.feed(vec![
+            tc(Add, &[1, 2, 3], b"", None),
+            tc(Current, &[], b"", None),
+        ]);
+        let seen = h.feed(vec![tc(NoChange, &[], b"shared", Some(100))]);
+        assert!(matches!(&seen[..], [Seen::Checkpoint(tokens)] if tokens.len() == 3));
+        let tokens: Vec<&Token> = h
+            .state
+            .targets
+            .values()
+            .filter_map(|t| t.resume_token.as_ref())
+            .collect();
+        assert_eq!(tokens.len(), 3, "every CURRENT target adopted the token");
+        assert!(
+            tokens
+                .iter()
+                .all(|t| Arc::ptr_eq(t, tokens[0]) && &***t == b"shared")
+        );
     }
 
     #[test]
