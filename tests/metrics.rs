@@ -5,6 +5,8 @@
 use paywatch::domain::CheckoutId;
 use paywatch::ledger::{DeliveryState, Ledger};
 use paywatch::metrics::{HOOK_BUCKETS, PAYMENNT_BUCKETS};
+use paywatch::settings::Settings;
+use std::time::Duration;
 
 use crate::common::exposition::{self, Exposition};
 use crate::common::{self, DEADLINE, Daemon, create_and_track, wait_for, wait_status};
@@ -260,7 +262,21 @@ async fn a_first_start_verifies_each_checkout_once() {
     const CHECKOUTS: usize = 20;
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
+    // A grace well past the first snapshot's verification, even on a loaded machine.
+    let text = common::config_text(
+        dir.path(),
+        &sandbox.api_base_url(),
+        &sandbox.firestore_endpoint(),
+        sandbox.api_key(),
+        sandbox.api_secret(),
+        "multiplexed",
+        "",
+    )
+    .replace("[reconcile]\n", "[reconcile]\nstartup_grace = \"15s\"\n");
+    let path = dir.path().join("paywatch.toml");
+    std::fs::write(&path, text).expect("write config");
+    let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("valid");
+    assert_eq!(settings.reconcile.startup_grace, Duration::from_secs(15));
     let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
     let mut ids = Vec::new();
     for n in 0..CHECKOUTS {
@@ -272,7 +288,7 @@ async fn a_first_start_verifies_each_checkout_once() {
     }
     // The start-up sweep's second part, after its grace, finds every one answered.
     let after_snapshot = [("kind", "startup_after_snapshot")];
-    let exposition = wait_for("the start-up sweep's second part", DEADLINE, || async {
+    let exposition = wait_for("the start-up sweep's second part", 2 * DEADLINE, || async {
         let exposition = scrape(&daemon, &ledger, &[]).await;
         (exposition.value("paywatch_reconcile_sweeps_total", &after_snapshot) == Some(1.0))
             .then_some(exposition)

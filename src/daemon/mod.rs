@@ -314,7 +314,7 @@ pub async fn run(
             settings.reconcile.page_size,
             watch_set_changed.clone(),
             if settings.firestore.enabled {
-                STARTUP_SNAPSHOT_GRACE
+                settings.reconcile.startup_grace
             } else {
                 Duration::ZERO
             },
@@ -664,13 +664,6 @@ async fn wake_dispatcher(
 /// How often changes that could not be noted (the ledger was busy) are noted again when no
 /// new event comes.
 const NOTE_RETRY: Duration = Duration::from_secs(1);
-
-/// How long the start-up sweep leaves a checkout the listener reports in its first snapshot
-/// (never verified or changed while stopped, no resume token) to that snapshot before
-/// verifying it itself: a start then verifies each checkout once, and a listener that cannot
-/// deliver delays those checkouts by this much. Snapshots of 50,000 documents arrive within
-/// a few seconds on loopback (BENCHMARKS.md).
-const STARTUP_SNAPSHOT_GRACE: Duration = Duration::from_secs(5);
 
 /// Turns the listener's events into nudges and persisted resume state, in order.
 ///

@@ -12,8 +12,9 @@
 //! # Delivery
 //!
 //! At-least-once. A delivery is marked `running` (and its attempt counted) in the same ledger
-//! transaction that claims it, and its outcome is written before the next event of the same
-//! checkout and hook can be claimed, so one checkout's events reach a hook one at a time, in
+//! transaction that claims it, committed before its process starts, and its outcome is written
+//! before (or in the same transaction as) the claim of the next event of the same checkout and
+//! hook, so one checkout's events reach a hook one at a time, in
 //! transition order ([`Ledger::claim_due_deliveries`] enforces it); different checkouts run in
 //! parallel up to the concurrency limit. A delivery that was `running` when the daemon died is
 //! put back to `pending` by [`Dispatcher::run`] before its first claim, and runs again with
@@ -21,12 +22,18 @@
 //!
 //! # The loop
 //!
-//! Claim as many due deliveries as there are free slots, start each, then sleep until the first
-//! of: a [`DispatcherHandle::wake`] (the verifier recorded a transition, a hook finished, a
-//! reload), the next delivery's due time, the poll interval ([`POLL_INTERVAL`], so deliveries
-//! queued by another process, such as `paywatch hooks retry` or `track --checkout-id`, start
-//! within a second), or shutdown. A ledger failure is logged and the loop backs off (up to
-//! 30 s); it never ends the dispatcher.
+//! Each round is one ledger transaction ([`Ledger::record_and_claim`]): write the outcomes of
+//! the attempts that ended since the last round, and claim as many due deliveries as there
+//! are free slots; then start each claimed one. A finished attempt only queues its outcome,
+//! frees its slot and wakes the loop, so the outcomes of several attempts and the next claims
+//! share one commit. Then the loop sleeps until the first of: a [`DispatcherHandle::wake`] (the
+//! verifier recorded a transition, a hook finished, a reload), the next delivery's due time,
+//! the poll interval ([`POLL_INTERVAL`], so deliveries queued by another process, such as
+//! `paywatch hooks retry` or `track --checkout-id`, start within a second), or shutdown. It
+//! does not sleep while a delivery is due and a slot is free. A ledger failure is logged and
+//! the loop backs off (up to 30 s); it never ends the dispatcher. An outcome the ledger refuses
+//! stays queued, its row `running` (which holds back only its own checkout and hook's later
+//! events), and is written again with backoff.
 //!
 //! # Hooks removed from the configuration
 //!
@@ -92,9 +99,9 @@ struct Shared {
     /// The hooks deliveries are looked up in. Read once per claim; replaced by a reload.
     /// A std lock: held only to clone or swap the `Arc`, never across an await.
     hooks: RwLock<Arc<HookSet>>,
-    /// Outcomes an attempt could not write (the ledger failing): the loop writes them as soon
-    /// as the ledger takes them, so no delivery stays `running` until the next start. A std
-    /// lock, never held across an await.
+    /// Outcomes of ended attempts not written yet: the loop writes them in its next round
+    /// (with its claims, one commit), and again with backoff while the ledger refuses them, so
+    /// no delivery stays `running` until the next start. A std lock, never held across an await.
     unrecorded: Mutex<Vec<Unrecorded>>,
 }
 
@@ -102,7 +109,11 @@ struct Shared {
 #[derive(Debug, Clone)]
 struct Unrecorded {
     delivery: Delivery,
-    update: Arc<DeliveryUpdate>,
+    update: DeliveryUpdate,
+    /// How many times the ledger refused it.
+    refusals: u32,
+    /// After a refusal: not written again before this (backoff, as for other ledger failures).
+    retry_at: Option<tokio::time::Instant>,
 }
 
 impl Shared {
@@ -246,18 +257,12 @@ impl Dispatcher {
         let tasks = TaskTracker::new();
         let mut recovered = false;
         let mut backoff = Backoff::default();
-        let mut record_backoff = Backoff::default();
         tracing::debug!(concurrency, "hook dispatcher started");
         loop {
             if shutdown.is_cancelled() || kill.is_cancelled() {
                 break;
             }
             let mut wait = poll;
-            if !write_unrecorded(&ledger, &shared).await {
-                wait = wait.min(record_backoff.next());
-            } else {
-                record_backoff.reset();
-            }
             if !recovered {
                 match blocking(&ledger, Ledger::recover_running_deliveries).await {
                     Ok(count) => {
@@ -277,15 +282,28 @@ impl Dispatcher {
                     }
                 }
             }
-            let free = slots.available_permits();
-            if recovered && free > 0 {
+            // Outcomes first, then the free slots: an attempt frees its slot before it queues
+            // its outcome, so each outcome taken here comes with its slot, and the next event of
+            // its checkout and hook can be claimed in the same round.
+            let outcomes = take_unrecorded(&shared);
+            let free = if recovered {
+                slots.available_permits()
+            } else {
+                0
+            };
+            if free > 0 || !outcomes.is_empty() {
                 let now = Utc::now();
-                match blocking(&ledger, move |l| l.claim_due_deliveries(now, free)).await {
-                    Ok(claimed) => {
+                let written: Vec<(String, DeliveryUpdate)> = outcomes
+                    .iter()
+                    .map(|o| (o.delivery.event_id.clone(), o.update.clone()))
+                    .collect();
+                match blocking(&ledger, move |l| l.record_and_claim(&written, now, free)).await {
+                    Ok(round) => {
                         backoff.reset();
-                        let count = claimed.len();
+                        requeue_refused(&shared, outcomes, &round.refused);
+                        let count = round.claimed.len();
                         let hooks = shared.hooks();
-                        for delivery in claimed {
+                        for delivery in round.claimed {
                             // Only this loop takes permits, so `free` of them are there.
                             let permit = slots
                                 .clone()
@@ -294,7 +312,6 @@ impl Dispatcher {
                                 .expect("the dispatcher never closes its semaphore");
                             let spec = hooks.get(&delivery.hook);
                             tasks.spawn(attempt(
-                                ledger.clone(),
                                 shared.clone(),
                                 spec,
                                 delivery,
@@ -304,15 +321,20 @@ impl Dispatcher {
                             ));
                         }
                         if count < free {
-                            wait = wait.min(next_due_wait(&ledger, poll, count == 0).await);
+                            wait = wait.min(due_wait(round.next_due, poll, count == 0));
                         }
                     }
                     Err(error) => {
                         wait = backoff.next();
                         tracing::error!(%error, retry_in_ms = wait.as_millis() as u64,
-                            "cannot claim hook deliveries");
+                            outcomes = outcomes.len(),
+                            "cannot record hook outcomes or claim hook deliveries (check the ledger's disk); trying again");
+                        put_back(&shared, outcomes);
                     }
                 }
+            }
+            if let Some(outcome_wait) = unrecorded_wait(&shared) {
+                wait = wait.min(outcome_wait);
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -340,10 +362,11 @@ impl Dispatcher {
     }
 }
 
-/// How long to sleep until the next delivery is due, at most `poll`.
-async fn next_due_wait(ledger: &Ledger, poll: Duration, claimed_none: bool) -> Duration {
-    match blocking(ledger, Ledger::next_delivery_due).await {
-        Ok(Some(due)) => {
+/// How long to sleep until the next delivery is due (`next_due`), at most `poll`; at least
+/// [`MIN_WAIT`] when the claim found none though one looked due (never spin).
+fn due_wait(next_due: Option<DateTime<Utc>>, poll: Duration, claimed_none: bool) -> Duration {
+    match next_due {
+        Some(due) => {
             let wait = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
             let wait = if claimed_none {
                 wait.max(MIN_WAIT)
@@ -352,11 +375,7 @@ async fn next_due_wait(ledger: &Ledger, poll: Duration, claimed_none: bool) -> D
             };
             wait.min(poll)
         }
-        Ok(None) => poll,
-        Err(error) => {
-            tracing::warn!(%error, "cannot read when the next hook delivery is due");
-            poll
-        }
+        None => poll,
     }
 }
 
@@ -391,13 +410,13 @@ where
     }
 }
 
-/// One attempt of one claimed delivery: run, decide, log, record, then free the slot and wake
-/// the loop (in that order, so the next event of this checkout is claimable when it looks).
 /// How long after paywatch itself failed during an attempt (a panic) the delivery runs again.
 const PANIC_RETRY: Duration = Duration::from_secs(30);
 
+/// One attempt of one claimed delivery: run, decide, log, queue the outcome for the loop to
+/// write, then free the slot and wake the loop. The row stays `running` until the loop has
+/// written the outcome, so the next event of this checkout and hook is not claimed before.
 async fn attempt(
-    ledger: Ledger,
     shared: Arc<Shared>,
     spec: Option<Arc<HookSpec>>,
     delivery: Delivery,
@@ -466,8 +485,15 @@ async fn attempt(
             update
         }
     };
-    record(&ledger, &shared, delivery, update).await;
+    // The process has ended: free the slot, then queue the outcome (in that order, see the
+    // loop) for the loop to write in its next round, with other outcomes and its next claims.
     drop(permit);
+    shared.unrecorded().push(Unrecorded {
+        delivery,
+        update,
+        refusals: 0,
+        retry_at: None,
+    });
     shared.wake.notify_one();
 }
 
@@ -626,65 +652,106 @@ fn log_tail(text: &str) -> &str {
     &text[start..]
 }
 
-/// How often an attempt tries to write its outcome before handing it to the loop.
+/// How often the loop tries to write the outcomes left at shutdown.
 const RECORD_TRIES: u32 = 3;
 
-/// Writes an attempt's outcome, trying a few times; if the ledger still refuses, hands it to
-/// the dispatcher loop ([`write_unrecorded`]), which keeps trying with backoff. Until it is
-/// written the row stays `running`, which holds back its checkout's later events for this
-/// hook (their order must hold), but never until the next start.
-async fn record(ledger: &Ledger, shared: &Shared, delivery: Delivery, update: DeliveryUpdate) {
-    let mut backoff = Backoff::default();
-    let update = Arc::new(update);
-    for _ in 0..RECORD_TRIES {
-        let (event_id, written) = (delivery.event_id.clone(), update.clone());
-        match blocking(ledger, move |l| l.finish_delivery(&event_id, &written)).await {
-            Ok(()) => return,
-            Err(error) => {
-                let wait = backoff.next();
-                tracing::warn!(event_id = %delivery.event_id, %error, "cannot record a hook outcome; trying again");
-                tokio::time::sleep(wait).await;
-            }
-        }
-    }
-    tracing::error!(
-        event_id = %delivery.event_id,
-        hook = %delivery.hook,
-        checkout = %delivery.checkout_id,
-        "cannot record a hook outcome; the dispatcher keeps trying (check the ledger's disk); \
-         until then this checkout's later events for this hook wait"
-    );
-    shared.unrecorded().push(Unrecorded { delivery, update });
-    shared.wake.notify_one();
+/// The queued outcomes to write this round: all but those refused lately and still in their
+/// backoff.
+fn take_unrecorded(shared: &Shared) -> Vec<Unrecorded> {
+    let now = tokio::time::Instant::now();
+    let mut queue = shared.unrecorded();
+    let (due, later): (Vec<Unrecorded>, Vec<Unrecorded>) = std::mem::take(&mut *queue)
+        .into_iter()
+        .partition(|o| o.retry_at.is_none_or(|at| at <= now));
+    *queue = later;
+    due
 }
 
-/// Writes the outcomes attempts could not. Returns whether none is left.
-async fn write_unrecorded(ledger: &Ledger, shared: &Shared) -> bool {
-    let pending: Vec<Unrecorded> = shared.unrecorded().clone();
-    if pending.is_empty() {
-        return true;
+/// How long until the first outcome in backoff may be written again, if any waits.
+fn unrecorded_wait(shared: &Shared) -> Option<Duration> {
+    let now = tokio::time::Instant::now();
+    shared
+        .unrecorded()
+        .iter()
+        .filter_map(|o| o.retry_at)
+        .min()
+        .map(|at| at.saturating_duration_since(now))
+}
+
+/// Puts outcomes that were not written back in the queue.
+fn put_back(shared: &Shared, outcomes: Vec<Unrecorded>) {
+    if outcomes.is_empty() {
+        return;
     }
-    let mut written = Vec::new();
-    for stranded in pending {
-        let (event_id, update) = (stranded.delivery.event_id.clone(), stranded.update.clone());
-        match blocking(ledger, move |l| l.finish_delivery(&event_id, &update)).await {
-            Ok(()) => {
+    let mut queue = shared.unrecorded();
+    let later = std::mem::replace(&mut *queue, outcomes);
+    queue.extend(later);
+}
+
+/// After a round: logs and queues again the outcomes the ledger refused (by index in
+/// `outcomes`); the others are written.
+fn requeue_refused(shared: &Shared, outcomes: Vec<Unrecorded>, refused: &[(usize, String)]) {
+    let mut again = Vec::new();
+    for (index, mut outcome) in outcomes.into_iter().enumerate() {
+        let Some((_, error)) = refused.iter().find(|(i, _)| *i == index) else {
+            if outcome.refusals > 0 {
                 tracing::info!(
-                    event_id = %stranded.delivery.event_id,
-                    hook = %stranded.delivery.hook,
-                    checkout = %stranded.delivery.checkout_id,
+                    event_id = %outcome.delivery.event_id,
+                    hook = %outcome.delivery.hook,
+                    checkout = %outcome.delivery.checkout_id,
                     "hook outcome recorded after the ledger recovered"
                 );
-                written.push(stranded.delivery.event_id);
             }
+            continue;
+        };
+        outcome.refusals = outcome.refusals.saturating_add(1);
+        let delay = Backoff {
+            failures: outcome.refusals - 1,
+        }
+        .next();
+        outcome.retry_at = Some(tokio::time::Instant::now() + delay);
+        if outcome.refusals == 1 {
+            tracing::error!(
+                event_id = %outcome.delivery.event_id,
+                hook = %outcome.delivery.hook,
+                checkout = %outcome.delivery.checkout_id,
+                %error,
+                "cannot record a hook outcome; the dispatcher keeps trying (check the ledger's disk); \
+                 until then this checkout's later events for this hook wait"
+            );
+        } else {
+            tracing::warn!(event_id = %outcome.delivery.event_id, %error, "still cannot record a hook outcome");
+        }
+        again.push(outcome);
+    }
+    put_back(shared, again);
+}
+
+/// Writes the queued outcomes at shutdown, trying a few times with backoff. Returns whether
+/// none is left.
+async fn write_unrecorded(ledger: &Ledger, shared: &Shared) -> bool {
+    let mut backoff = Backoff::default();
+    for tried in 1..=RECORD_TRIES {
+        let outcomes = std::mem::take(&mut *shared.unrecorded());
+        if outcomes.is_empty() {
+            return true;
+        }
+        let written: Vec<(String, DeliveryUpdate)> = outcomes
+            .iter()
+            .map(|o| (o.delivery.event_id.clone(), o.update.clone()))
+            .collect();
+        match blocking(ledger, move |l| l.record_and_claim(&written, Utc::now(), 0)).await {
+            Ok(round) => requeue_refused(shared, outcomes, &round.refused),
             Err(error) => {
-                tracing::warn!(event_id = %stranded.delivery.event_id, %error, "still cannot record a hook outcome");
+                tracing::warn!(%error, outcomes = outcomes.len(), "cannot record hook outcomes before stopping; trying again");
+                put_back(shared, outcomes);
             }
         }
+        if tried < RECORD_TRIES && !shared.unrecorded().is_empty() {
+            tokio::time::sleep(backoff.next()).await;
+        }
     }
-    let mut unrecorded = shared.unrecorded();
-    unrecorded.retain(|stranded| !written.contains(&stranded.delivery.event_id));
-    unrecorded.is_empty()
+    shared.unrecorded().is_empty()
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use crate::settings::HookSettings;
 
 pub use gauges::{LedgerGauges, UndeliveredCount};
 pub use migrate::SCHEMA_VERSION;
-pub use outbox::{Delivery, DeliveryFilter, DeliveryState, DeliveryUpdate};
+pub use outbox::{Delivery, DeliveryFilter, DeliveryState, DeliveryUpdate, RecordAndClaim};
 
 /// A ledger failure. The message names the database file.
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,7 @@
 //! Must never: change a transition, or hand out two deliveries of one checkout and hook at once.
 
 use chrono::{DateTime, Utc};
-use rusqlite::{OptionalExtension, Row, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use serde::Serialize;
 
 use super::{Ledger, Result, now, timestamp};
@@ -154,6 +154,64 @@ pub(super) fn queue_in(
     Ok(event_id)
 }
 
+/// What [`Ledger::record_and_claim`] did.
+#[derive(Debug, Default)]
+pub struct RecordAndClaim {
+    /// The deliveries claimed (now `running`, attempt counted), in claim order.
+    pub claimed: Vec<Delivery>,
+    /// Outcomes not written, as (index into the outcomes given, why): their rows stay `running`.
+    pub refused: Vec<(usize, String)>,
+    /// When fewer than the limit were claimed: when the next delivery is due, if any is pending.
+    pub next_due: Option<DateTime<Utc>>,
+}
+
+/// Writes one attempt's outcome in the caller's connection or transaction.
+fn finish_in(
+    connection: &Connection,
+    event_id: &str,
+    update: &DeliveryUpdate,
+    time: &str,
+) -> rusqlite::Result<()> {
+    match update {
+        DeliveryUpdate::Delivered => connection
+            .prepare_cached(
+                "UPDATE hook_deliveries SET state = 'delivered', delivered_at = ?2, updated_at = ?2,
+                        last_exit_code = 0, last_error = NULL WHERE event_id = ?1",
+            )?
+            .execute(params![event_id, time]),
+        DeliveryUpdate::Retry {
+            next_attempt_at,
+            exit_code,
+            error,
+        } => connection.execute(
+            "UPDATE hook_deliveries SET state = 'pending', next_attempt_at = ?2, last_exit_code = ?3,
+                    last_error = ?4, updated_at = ?5 WHERE event_id = ?1",
+            params![event_id, timestamp(*next_attempt_at), exit_code, error, time],
+        ),
+        DeliveryUpdate::Dead { exit_code, error } => connection.execute(
+            "UPDATE hook_deliveries SET state = 'dead', last_exit_code = ?2, last_error = ?3,
+                    updated_at = ?4 WHERE event_id = ?1",
+            params![event_id, exit_code, error, time],
+        ),
+    }
+    .map(|_| ())
+}
+
+/// The earliest time a pending delivery at the head of its queue can be claimed.
+fn next_due_in(connection: &Connection) -> rusqlite::Result<Option<DateTime<Utc>>> {
+    let next: Option<String> = connection.query_row(
+        &format!(
+            "SELECT min(d.next_attempt_at) FROM hook_deliveries d
+             WHERE d.state = 'pending' AND {HEAD_OF_QUEUE}"
+        ),
+        [],
+        |row| row.get(0),
+    )?;
+    Ok(next
+        .and_then(|text| DateTime::parse_from_rfc3339(&text).ok())
+        .map(|t| t.with_timezone(&Utc)))
+}
+
 /// A pending delivery `d` may run: no other delivery of its checkout and hook is running (a
 /// revived older one must not overlap a later one already started), and none queued before it
 /// is still pending (so a revived older delivery goes before later ones not yet delivered).
@@ -219,7 +277,8 @@ impl Ledger {
             .map_err(|e| self.error("recover deliveries", e))
     }
 
-    /// Claims up to `limit` due deliveries, marking them `running` and counting the attempt.
+    /// Claims up to `limit` due deliveries, marking them `running` and counting the attempt,
+    /// all in one transaction (one commit however many it claims).
     ///
     /// A delivery is due when its time has come, no other delivery of the same checkout and
     /// hook is running, and no earlier one is still pending: one checkout's events reach a hook
@@ -233,42 +292,90 @@ impl Ledger {
         now_time: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<Delivery>> {
-        let mut connection = self.lock();
-        let transaction = self.write(&mut connection, "claim")?;
-        let due: Vec<Delivery> = {
-            let mut statement = transaction
-                .prepare_cached(&format!(
-                    "{DELIVERY_COLUMNS}
-                     WHERE d.state = 'pending' AND d.next_attempt_at <= ?1
-                       AND {HEAD_OF_QUEUE}
-                     ORDER BY d.next_attempt_at, d.rowid LIMIT ?2"
-                ))
-                .map_err(|e| self.error("claim", e))?;
-            let rows = statement
-                .query_map(
-                    params![timestamp(now_time), limit as i64],
-                    delivery_from_row,
-                )
-                .map_err(|e| self.error("claim", e))?;
-            rows.collect::<std::result::Result<_, _>>()
-                .map_err(|e| self.error("claim", e))?
-        };
-        let time = now();
-        let mut claimed = Vec::with_capacity(due.len());
-        for mut delivery in due {
-            transaction
-                .execute(
-                    "UPDATE hook_deliveries SET state = 'running', attempts = attempts + 1, updated_at = ?2
-                     WHERE event_id = ?1",
-                    params![delivery.event_id, time],
-                )
-                .map_err(|e| self.error("claim", e))?;
-            delivery.state = DeliveryState::Running;
-            delivery.attempts += 1;
-            claimed.push(delivery);
-        }
-        transaction.commit().map_err(|e| self.error("claim", e))?;
-        Ok(claimed)
+        Ok(self.record_and_claim(&[], now_time, limit)?.claimed)
+    }
+
+    /// The dispatcher's one commit per round: writes the outcomes of finished attempts, then
+    /// claims up to `limit` due deliveries (as [`Ledger::claim_due_deliveries`]), in one
+    /// transaction. An outcome written here frees its checkout and hook's next event for the
+    /// claim of the same transaction, so order holds.
+    ///
+    /// An outcome the ledger refuses (its statement fails) does not stop the others or the
+    /// claim: it is handed back in [`RecordAndClaim::refused`], its row still `running`, for
+    /// the caller to write again. When fewer than `limit` are claimed, also says when the next
+    /// delivery is due ([`Ledger::next_delivery_due`]), so the caller needs no second call.
+    ///
+    /// This commit skips its fsync (synchronous NORMAL), so a hook's start waits for no disk
+    /// flush. That keeps every promise of the outbox: the commit is in the log before any
+    /// claimed process starts, so a killed daemon (SIGKILL, a panic) loses nothing of it; only a
+    /// power loss or OS crash can lose it, together with every later commit (the log is
+    /// replayed in order up to the last flushed frame), and then the rows are back as they were
+    /// before it: an outcome not recorded or a claim not made, so the delivery runs again with
+    /// the same event id, which at-least-once allows. The next fsync'd commit (the verifier's
+    /// next transition) makes it durable too. Transitions and queued deliveries are always
+    /// flushed.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures of the transaction itself (begin, claim, commit): nothing was written.
+    pub fn record_and_claim(
+        &self,
+        outcomes: &[(String, DeliveryUpdate)],
+        now_time: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<RecordAndClaim> {
+        self.write_without_fsync("claim", |transaction| {
+            let time = now();
+            let mut refused = Vec::new();
+            for (index, (event_id, update)) in outcomes.iter().enumerate() {
+                if let Err(error) = finish_in(transaction, event_id, update, &time) {
+                    if transaction.is_autocommit() {
+                        // SQLite rolled the whole transaction back (a full disk, an I/O
+                        // error): nothing of this round stands.
+                        return Err(error);
+                    }
+                    refused.push((index, self.error("finish delivery", error).to_string()));
+                }
+            }
+            let due: Vec<Delivery> = if limit == 0 {
+                Vec::new()
+            } else {
+                transaction
+                    .prepare_cached(&format!(
+                        "{DELIVERY_COLUMNS}
+                         WHERE d.state = 'pending' AND d.next_attempt_at <= ?1
+                           AND {HEAD_OF_QUEUE}
+                         ORDER BY d.next_attempt_at, d.rowid LIMIT ?2"
+                    ))?
+                    .query_map(
+                        params![timestamp(now_time), limit as i64],
+                        delivery_from_row,
+                    )?
+                    .collect::<rusqlite::Result<_>>()?
+            };
+            let mut claimed = Vec::with_capacity(due.len());
+            for mut delivery in due {
+                transaction
+                    .prepare_cached(
+                        "UPDATE hook_deliveries SET state = 'running', attempts = attempts + 1, updated_at = ?2
+                         WHERE event_id = ?1",
+                    )?
+                    .execute(params![delivery.event_id, time])?;
+                delivery.state = DeliveryState::Running;
+                delivery.attempts += 1;
+                claimed.push(delivery);
+            }
+            let next_due = if claimed.len() < limit {
+                next_due_in(transaction)?
+            } else {
+                None
+            };
+            Ok(RecordAndClaim {
+                claimed,
+                refused,
+                next_due,
+            })
+        })
     }
 
     /// Records how an attempt ended.
@@ -278,26 +385,7 @@ impl Ledger {
     /// SQL failures.
     pub fn finish_delivery(&self, event_id: &str, update: &DeliveryUpdate) -> Result<()> {
         let time = now();
-        let connection = self.lock();
-        let result = match update {
-            DeliveryUpdate::Delivered => connection.execute(
-                "UPDATE hook_deliveries SET state = 'delivered', delivered_at = ?2, updated_at = ?2,
-                        last_exit_code = 0, last_error = NULL WHERE event_id = ?1",
-                params![event_id, time],
-            ),
-            DeliveryUpdate::Retry { next_attempt_at, exit_code, error } => connection.execute(
-                "UPDATE hook_deliveries SET state = 'pending', next_attempt_at = ?2, last_exit_code = ?3,
-                        last_error = ?4, updated_at = ?5 WHERE event_id = ?1",
-                params![event_id, timestamp(*next_attempt_at), exit_code, error, time],
-            ),
-            DeliveryUpdate::Dead { exit_code, error } => connection.execute(
-                "UPDATE hook_deliveries SET state = 'dead', last_exit_code = ?2, last_error = ?3,
-                        updated_at = ?4 WHERE event_id = ?1",
-                params![event_id, exit_code, error, time],
-            ),
-        };
-        result
-            .map(|_| ())
+        finish_in(&self.lock(), event_id, update, &time)
             .map_err(|e| self.error("finish delivery", e))
     }
 
@@ -433,20 +521,7 @@ impl Ledger {
     ///
     /// SQL failures.
     pub fn next_delivery_due(&self) -> Result<Option<DateTime<Utc>>> {
-        let next: Option<String> = self
-            .lock()
-            .query_row(
-                &format!(
-                    "SELECT min(d.next_attempt_at) FROM hook_deliveries d
-                     WHERE d.state = 'pending' AND {HEAD_OF_QUEUE}"
-                ),
-                [],
-                |row| row.get(0),
-            )
-            .map_err(|e| self.error("next due", e))?;
-        Ok(next
-            .and_then(|text| DateTime::parse_from_rfc3339(&text).ok())
-            .map(|t| t.with_timezone(&Utc)))
+        next_due_in(&self.lock()).map_err(|e| self.error("next due", e))
     }
 
     /// Transitions of one checkout as deliveries would see them, for `events`.

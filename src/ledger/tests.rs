@@ -1226,6 +1226,110 @@ fn a_ledger_from_before_webhooks_accepts_webhook_transitions_after_migrating() {
     assert_eq!(check, "ok");
 }
 
+#[test]
+fn record_and_claim_writes_outcomes_and_claims_the_events_they_free_in_one_call() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let hooks = [hook("h", &[])];
+    for id in ["1", "2", "3"] {
+        for status in ["PENDING", "PAID"] {
+            ledger
+                .apply(
+                    &verified(id, status),
+                    Source::Firestore,
+                    None,
+                    &hooks,
+                    WATCH,
+                )
+                .expect("apply");
+        }
+    }
+    let later = Utc::now() + chrono::Duration::seconds(1);
+    let first = ledger.record_and_claim(&[], later, 10).expect("claim");
+    assert_eq!(
+        first.claimed.len(),
+        3,
+        "one batch claims every due delivery"
+    );
+    assert!(first.claimed.iter().all(|d| d.status == "PENDING"));
+    assert_eq!(
+        first.next_due, None,
+        "the PAIDs wait behind running PENDINGs"
+    );
+
+    // Checkout 3's outcome is refused (a failing statement); the others are written and the
+    // PAIDs they free are claimed in the same call, checkout 3's PAID not.
+    ledger
+        .lock()
+        .execute_batch(
+            "CREATE TEMP TRIGGER refuse_outcome BEFORE UPDATE OF state ON hook_deliveries
+             WHEN OLD.checkout_id = '3' AND NEW.state <> 'running'
+             BEGIN SELECT RAISE(ABORT, 'refused (test)'); END;",
+        )
+        .expect("trigger");
+    let outcomes: Vec<(String, DeliveryUpdate)> = first
+        .claimed
+        .iter()
+        .map(|d| (d.event_id.clone(), DeliveryUpdate::Delivered))
+        .collect();
+    let second = ledger
+        .record_and_claim(&outcomes, later, 10)
+        .expect("round");
+    let refused_index = first
+        .claimed
+        .iter()
+        .position(|d| d.checkout_id == "3")
+        .expect("3 claimed");
+    assert_eq!(second.refused.len(), 1);
+    assert_eq!(second.refused[0].0, refused_index);
+    assert!(
+        second.refused[0].1.contains("refused (test)"),
+        "{:?}",
+        second.refused
+    );
+    let mut freed: Vec<(String, String)> = second
+        .claimed
+        .iter()
+        .map(|d| (d.checkout_id.clone(), d.status.clone()))
+        .collect();
+    freed.sort();
+    assert_eq!(
+        freed,
+        [("1".into(), "PAID".into()), ("2".into(), "PAID".into())]
+    );
+    for delivery in &first.claimed {
+        let state = ledger
+            .delivery(&delivery.event_id)
+            .expect("read")
+            .expect("exists")
+            .state;
+        let expected = if delivery.checkout_id == "3" {
+            DeliveryState::Running
+        } else {
+            DeliveryState::Delivered
+        };
+        assert_eq!(state, expected, "checkout {}", delivery.checkout_id);
+    }
+
+    // Written again once the ledger takes it: checkout 3's PAID follows in the same call.
+    ledger
+        .lock()
+        .execute_batch("DROP TRIGGER refuse_outcome")
+        .expect("drop trigger");
+    let third = ledger
+        .record_and_claim(&outcomes[refused_index..=refused_index], later, 10)
+        .expect("round");
+    assert!(third.refused.is_empty());
+    assert_eq!(third.claimed.len(), 1);
+    assert_eq!(third.claimed[0].checkout_id, "3");
+    assert_eq!(third.claimed[0].status, "PAID");
+    // Its own commit skips the fsync; every other commit still flushes (FULL = 2).
+    let synchronous: i64 = ledger
+        .lock()
+        .query_row("PRAGMA synchronous", [], |row| row.get(0))
+        .expect("pragma");
+    assert_eq!(synchronous, 2);
+}
+
 /// A verified answer with no Firebase coordinates, for a checkout the ledger does not track:
 /// applying it fails (nothing says where to watch it).
 fn untrackable(id: &str) -> VerifiedCheckout {

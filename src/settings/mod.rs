@@ -64,6 +64,11 @@ pub const DURATION_BOUNDS: &[(&str, Duration, Duration)] = &[
         Duration::from_secs(24 * 3600),
     ),
     (
+        "reconcile.startup_grace",
+        Duration::ZERO,
+        Duration::from_secs(600),
+    ),
+    (
         "daemon.drain_timeout",
         Duration::ZERO,
         Duration::from_secs(3600),
@@ -653,6 +658,14 @@ pub struct ReconcileSettings {
     /// Checkouts per Search Checkouts page in a sweep.
     #[serde(default = "default_page_size")]
     pub page_size: u32,
+    /// How long the start-up sweep leaves the checkouts the listener's first snapshot reports
+    /// to that snapshot, before verifying those it did not answer itself.
+    #[serde(default = "default_startup_grace", with = "humantime_serde")]
+    pub startup_grace: Duration,
+}
+
+fn default_startup_grace() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_page_size() -> u32 {
@@ -724,6 +737,7 @@ impl Default for ReconcileSettings {
         ReconcileSettings {
             interval: default_reconcile_interval(),
             page_size: default_page_size(),
+            startup_grace: default_startup_grace(),
         }
     }
 }
@@ -1057,6 +1071,7 @@ const KNOWN_KEYS: &[&str] = &[
     "firestore.enabled",
     "reconcile.interval",
     "reconcile.page_size",
+    "reconcile.startup_grace",
     "discovery.enabled",
     "discovery.types",
     "discovery.interval",
@@ -1319,6 +1334,10 @@ impl Settings {
                 self.firestore.refund_watch,
             ),
             ("reconcile.interval".to_owned(), self.reconcile.interval),
+            (
+                "reconcile.startup_grace".to_owned(),
+                self.reconcile.startup_grace,
+            ),
             ("daemon.drain_timeout".to_owned(), self.daemon.drain_timeout),
             (
                 "http.verify_failing_after".to_owned(),

@@ -432,6 +432,12 @@ fn every_number_and_duration_is_bounded_and_the_error_names_key_value_and_bound(
             "at most 1day",
         ),
         (
+            "[reconcile]\nstartup_grace = \"1h\"\n",
+            "reconcile.startup_grace",
+            "1h",
+            "at most 10m",
+        ),
+        (
             "[daemon]\ndrain_timeout = \"1day\"\n",
             "daemon.drain_timeout",
             "1day",
