@@ -7,6 +7,10 @@
 //! connection per [`Connector::client`] call, with the `google-cloud-resource-prefix` header of
 //! the project's database on every call.
 //!
+//! The Listen call is made here ([`Client::listen`]) rather than through gcloud-sdk's generated
+//! client: the same method path, headers and auth middleware, but a codec whose buffers fit
+//! Listen's small messages (the generated client's start at 8 KiB each way, per stream).
+//!
 //! Must never: send `authorization: Bearer owner` anywhere but to a plaintext loopback
 //! endpoint in `none` mode, or put a key, token or API key in a log line or error.
 
@@ -16,14 +20,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use gcloud_sdk::google::firestore::v1::firestore_client::FirestoreClient;
+use gcloud_sdk::google::firestore::v1::{ListenRequest, ListenResponse};
 use gcloud_sdk::google_cloud_auth::credentials::{
     self, anonymous, service_account::AccessSpecifier,
 };
 use gcloud_sdk::{GoogleAuthHeaders, GoogleAuthMiddleware, GoogleAuthMiddlewareLayer};
 use http::{HeaderMap, HeaderValue, Uri};
 use tokio::sync::watch;
+use tonic::codec::{BufferSettings, Codec, Streaming};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+use tonic_prost::{ProstDecoder, ProstEncoder};
 use tower_layer::Layer as _;
 
 use super::firebase_auth::FirebaseAnonymous;
@@ -38,8 +44,100 @@ const SCOPES: [&str; 2] = [
 /// The header the Firebase SDKs carry the Web API key in.
 pub(crate) const API_KEY_HEADER: &str = "x-goog-api-key";
 
+/// The gRPC method of a Listen call, as Firestore's API defines it.
+const LISTEN_PATH: &str = "/google.firestore.v1.Firestore/Listen";
+
+/// Initial size of a Listen call's encode buffer. A request is one AddTarget or RemoveTarget
+/// (a document name and a resume token: a few hundred bytes); the buffer grows when a larger
+/// batch is encoded (a multiplexed stream's first requests), up to the yield threshold.
+const LISTEN_ENCODE_BUFFER: usize = 512;
+
+/// Initial size of a Listen call's decode buffer. Responses are target changes (tens of bytes)
+/// and checkout documents (under a kilobyte); the buffer grows to the largest message seen.
+const LISTEN_DECODE_BUFFER: usize = 1024;
+
+/// Encoded bytes are handed to HTTP/2 once this many are ready (tonic's default).
+const LISTEN_YIELD_THRESHOLD: usize = 32 * 1024;
+
+/// The protobuf codec of the Listen call, with buffers sized for its messages.
+///
+/// gcloud-sdk's generated client uses tonic's default (8 KiB each way, allocated per call):
+/// about 16 KiB per open stream, most of what a per-document stream cost.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ListenCodec;
+
+impl ListenCodec {
+    /// The encode buffer's settings.
+    fn encode_settings() -> BufferSettings {
+        BufferSettings::new(LISTEN_ENCODE_BUFFER, LISTEN_YIELD_THRESHOLD)
+    }
+
+    /// The decode buffer's settings.
+    fn decode_settings() -> BufferSettings {
+        BufferSettings::new(LISTEN_DECODE_BUFFER, LISTEN_YIELD_THRESHOLD)
+    }
+}
+
+impl Codec for ListenCodec {
+    type Encode = ListenRequest;
+    type Decode = ListenResponse;
+    type Encoder = ProstEncoder<ListenRequest>;
+    type Decoder = ProstDecoder<ListenResponse>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::new(Self::encode_settings())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstDecoder::new(Self::decode_settings())
+    }
+}
+
 /// A Firestore client over one HTTP/2 connection, with authentication and routing headers.
-pub(crate) type Client = FirestoreClient<GoogleAuthMiddleware>;
+/// Cheap to clone: clones share the connection.
+#[derive(Clone)]
+pub(crate) struct Client {
+    grpc: tonic::client::Grpc<GoogleAuthMiddleware>,
+}
+
+impl Client {
+    /// A client over `service` (a channel wrapped in the auth middleware).
+    fn new(service: GoogleAuthMiddleware) -> Client {
+        Client {
+            grpc: tonic::client::Grpc::new(service),
+        }
+    }
+
+    /// Opens a Listen stream sending `requests`: `google.firestore.v1.Firestore/Listen`, as
+    /// gcloud-sdk's generated `FirestoreClient::listen` makes it, with [`ListenCodec`].
+    ///
+    /// # Errors
+    /// The status Firestore (or the connection) answered the call with.
+    pub(crate) async fn listen<S>(
+        &mut self,
+        requests: S,
+    ) -> Result<tonic::Response<Streaming<ListenResponse>>, tonic::Status>
+    where
+        S: tokio_stream::Stream<Item = ListenRequest> + Send + 'static,
+    {
+        self.grpc
+            .ready()
+            .await
+            .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {e}")))?;
+        let mut request = tonic::Request::new(requests);
+        request.extensions_mut().insert(tonic::GrpcMethod::new(
+            "google.firestore.v1.Firestore",
+            "Listen",
+        ));
+        self.grpc
+            .streaming(
+                request,
+                http::uri::PathAndQuery::from_static(LISTEN_PATH),
+                ListenCodec,
+            )
+            .await
+    }
+}
 
 /// How the listener authenticates to Firestore (`[firestore] auth`, resolved by
 /// [`crate::settings::FirestoreSettings::resolve_auth`]).
@@ -222,7 +320,7 @@ impl Connector {
                 self.endpoint
             )
         })?;
-        Ok(FirestoreClient::new(layer.layer(channel)))
+        Ok(Client::new(layer.layer(channel)))
     }
 }
 
@@ -456,6 +554,18 @@ pub(crate) fn is_loopback(host: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The Listen call's codec starts with buffers sized for Listen's messages, not tonic's
+    /// 8 KiB each way (per stream, for as long as it is open).
+    #[test]
+    fn the_listen_codec_has_small_buffers() {
+        use tonic::codec::{Decoder as _, Encoder as _};
+        let mut codec = ListenCodec;
+        let encode = format!("{:?}", codec.encoder().buffer_settings());
+        let decode = format!("{:?}", codec.decoder().buffer_settings());
+        assert!(encode.contains("buffer_size: 512,"), "{encode}");
+        assert!(decode.contains("buffer_size: 1024,"), "{decode}");
+    }
 
     #[test]
     fn plaintext_only_on_loopback() {

@@ -286,7 +286,7 @@ impl Shared {
         let checkout_id = target.checkout_id.clone();
         let document = registry.paths.document(&target.location);
         // The task lives until Close or cancellation; a failed send means it is gone already.
-        let _ = slot.commands.send(StreamCommand::Add(target));
+        let _ = slot.commands.send(StreamCommand::Add(Box::new(target)));
         registry.checkouts.insert(
             checkout_id,
             Placement {

@@ -273,6 +273,10 @@ impl Targets {
                 .get_mut(at)
                 .map(|(_, old)| std::mem::replace(old, entry)),
             Err(at) => {
+                // A per-document stream holds one target: room for one, not Vec's first four.
+                if self.0.is_empty() {
+                    self.0.reserve_exact(1);
+                }
                 self.0.insert(at, (id, entry));
                 None
             }
@@ -1337,6 +1341,18 @@ pub(super) mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// A per-document stream's one target takes room for one entry, not Vec's first four;
+    /// a multiplexed stream's grow as usual.
+    #[test]
+    fn a_single_target_takes_room_for_one() {
+        let mut state = Harness::new().state;
+        state.add(watch("1", None));
+        assert_eq!(state.targets.0.capacity(), 1);
+        state.add(watch("2", None));
+        state.add(watch("3", None));
+        assert_eq!(state.targets.0.len(), 3);
     }
 
     struct Harness {
