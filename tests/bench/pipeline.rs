@@ -51,6 +51,7 @@ use paywatch::settings::Settings;
 use tokio::net::UnixDatagram;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tracing_subscriber::Layer;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -303,27 +304,12 @@ fn paid_seen() -> &'static Mutex<HashMap<String, Instant>> {
 
 /// A tracing layer that listens only to the verifier's operator line (`paywatch::payment`),
 /// which is logged right after the ledger commit of a transition returns, and notes when each
-/// `PAID checkout=…` line arrived. Every other callsite is disabled, so it costs nothing else.
+/// `PAID checkout=…` line arrived. Its filter (in `main`) lets only that target through.
 struct PaidObserver;
 
 const PAYMENT_TARGET: &str = "paywatch::payment";
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PaidObserver {
-    fn register_callsite(
-        &self,
-        metadata: &'static tracing::Metadata<'static>,
-    ) -> tracing::subscriber::Interest {
-        if metadata.target() == PAYMENT_TARGET {
-            tracing::subscriber::Interest::always()
-        } else {
-            tracing::subscriber::Interest::never()
-        }
-    }
-
-    fn enabled(&self, metadata: &tracing::Metadata<'_>, _: Context<'_, S>) -> bool {
-        metadata.target() == PAYMENT_TARGET
-    }
-
     fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
         let at = Instant::now();
         struct Message(String);
@@ -489,11 +475,21 @@ async fn ledger_on_disk(
 /// Waits until the sandbox has answered no Get Checkout for any of `ids` for 500 ms: the start-up
 /// sweep and the re-verifications the first Listen snapshots cause are over. Returns the time.
 async fn settle(sandbox: &Sandbox, ids: &[CheckoutId]) -> Duration {
+    settle_ledger(sandbox, ids, None).await
+}
+
+/// [`settle`], and also no commit to `ledger` for 500 ms: a daemon restarted with resume
+/// tokens makes no Get Checkout, but its streams are still catching up (each stream's targets
+/// CURRENT, their tokens saved) for a while, and a change made meanwhile measures that.
+async fn settle_ledger(sandbox: &Sandbox, ids: &[CheckoutId], ledger: Option<&Ledger>) -> Duration {
     let started = Instant::now();
     let total = || {
-        ids.iter()
+        let calls = ids
+            .iter()
             .map(|id| sandbox.state().get_checkout_calls(id))
-            .sum::<u64>()
+            .sum::<u64>();
+        let version = ledger.map(|ledger| ledger.data_version().expect("data_version"));
+        (calls, version)
     };
     let mut last = total();
     loop {
@@ -957,9 +953,9 @@ async fn latency(
         status_of(&ledger, id).is_some()
     })
     .await;
-    let quiet = settle(sandbox, &ids).await;
+    let quiet = settle_ledger(sandbox, &ids, Some(&ledger)).await;
     println!(
-        "  no Get Checkout for 500 ms after {:.1} s: start-up work done",
+        "  no Get Checkout and no ledger commit for 500 ms after {:.1} s: start-up work done",
         quiet.as_secs_f64()
     );
     let floor = floors.change_to_ledger();
@@ -979,7 +975,7 @@ async fn latency(
             floor,
             targets,
         );
-        settle(sandbox, &ids).await;
+        settle_ledger(sandbox, &ids, Some(&ledger)).await;
     }
     running.stop().await;
 
@@ -995,7 +991,11 @@ async fn latency(
     };
     let config = write_config(dir.path(), &db, sandbox, "multiplexed", Some(&hook));
     let running = start_in_process(&config).await;
-    settle(sandbox, &ids).await;
+    let quiet = settle_ledger(sandbox, &ids, Some(&ledger)).await;
+    println!(
+        "  restarted with a hook: no Get Checkout and no ledger commit for 500 ms after {:.1} s",
+        quiet.as_secs_f64()
+    );
     let paced = paced(sandbox, with_hook, 100.0).await;
     let to_ledger = ledger_latencies(with_hook, &paced).await;
     let to_hook = hook_latencies(&stamps, with_hook, &paced).await;
@@ -1549,7 +1549,18 @@ async fn startup(
 
 fn main() {
     hook_stamp_mode();
-    tracing_subscriber::registry().with(PaidObserver).init();
+    // The observer sees only the payment line (a per-layer filter, so the optional log layer
+    // can see more); `PAYWATCH_BENCH_LOG` (e.g. `paywatch=info`) prints the in-process daemons'
+    // logs on stderr, for finding where a tail comes from.
+    let paid = PaidObserver.with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
+        metadata.target() == PAYMENT_TARGET
+    }));
+    let log = std::env::var("PAYWATCH_BENCH_LOG").ok().map(|directives| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(tracing_subscriber::EnvFilter::new(directives))
+    });
+    tracing_subscriber::registry().with(paid).with(log).init();
     let (sizes, smoke) = Sizes::from_env();
     let disk = std::env::var_os("PAYWATCH_BENCH_DIR")
         .map(PathBuf::from)
