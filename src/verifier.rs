@@ -653,6 +653,10 @@ mod tests {
         }
     }
 
+    /// Checkout 5, PENDING (a Get Checkout result) and PAID (its whole answer).
+    const PENDING: &str = r#"{"id":"5","orderId":"ORD-5","currency":"AED","amount":5,"status":"PENDING","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d5"}"#;
+    const PAID: &str = r#"{"success":true,"result":{"id":"5","orderId":"ORD-5","currency":"AED","amount":5,"status":"PAID","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d5"}}"#;
+
     /// A recorder for `verifier`'s answers, as [`Verifier::run`] starts one.
     fn recorder(verifier: &Verifier) -> mpsc::Sender<Recording> {
         let (recordings, waiting) = mpsc::channel(1);
@@ -807,8 +811,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_stale_answer_keeps_the_checkout_marked_and_is_retried() {
-        const CHECKOUT: &str = r#"{"id":"5","orderId":"ORD-5","currency":"AED","amount":5,"status":"PENDING","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d5"}"#;
-        const PAID: &str = r#"{"success":true,"result":{"id":"5","orderId":"ORD-5","currency":"AED","amount":5,"status":"PAID","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d5"}}"#;
         let ledger = Ledger::open_in_memory().expect("ledger");
         let id: CheckoutId = "5".parse().expect("id");
         // While our request is in flight, another process verifies the checkout with a later
@@ -816,7 +818,7 @@ mod tests {
         let other = ledger.clone();
         let meanwhile = move || {
             let ticket = other.issue_ticket().expect("ticket");
-            let answer = VerifiedCheckout::for_tests_with(CHECKOUT, ticket, Utc::now());
+            let answer = VerifiedCheckout::for_tests_with(PENDING, ticket, Utc::now());
             other
                 .apply(
                     &answer,
@@ -855,8 +857,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_nudge_answered_by_a_later_request_makes_no_call() {
-        const PENDING: &str = r#"{"id":"5","orderId":"ORD-5","currency":"AED","amount":5,"status":"PENDING","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d5"}"#;
-        const PAID: &str = r#"{"success":true,"result":{"id":"5","orderId":"ORD-5","currency":"AED","amount":5,"status":"PAID","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d5"}}"#;
         let ledger = Ledger::open_in_memory().expect("ledger");
         let id: CheckoutId = "5".parse().expect("id");
         // A change is seen, then a request sent after it is answered and recorded.

@@ -304,15 +304,24 @@ async fn search_pages(
 }
 
 async fn open_checkouts(ledger: &Ledger) -> Option<Vec<OpenCheckout>> {
+    read_ledger(ledger, "open checkouts", Ledger::open_checkouts).await
+}
+
+/// Runs `read` on the blocking pool; a failure is logged (naming `what`) and gives `None`.
+async fn read_ledger<T: Send + 'static>(
+    ledger: &Ledger,
+    what: &str,
+    read: fn(&Ledger) -> crate::ledger::Result<T>,
+) -> Option<T> {
     let reader = ledger.clone();
-    match tokio::task::spawn_blocking(move || reader.open_checkouts()).await {
-        Ok(Ok(open)) => Some(open),
+    match tokio::task::spawn_blocking(move || read(&reader)).await {
+        Ok(Ok(value)) => Some(value),
         Ok(Err(error)) => {
-            tracing::error!(%error, "reconciler cannot read open checkouts");
+            tracing::error!(%error, "reconciler cannot read {what}");
             None
         }
         Err(error) => {
-            tracing::error!(%error, "reconciler task failed");
+            tracing::error!(%error, "reconciler task failed reading {what}");
             None
         }
     }
@@ -394,20 +403,9 @@ async fn startup_sweep(
 
 /// The ticket counter, read once the sweep has looked at the ledger (and the search): a
 /// checkout verified with a later ticket before its nudge is reached needs no second call.
-/// `None` if it cannot be read (every nudge is then verified).
-async fn last_ticket(ledger: &Ledger) -> Option<crate::domain::VerifyTicket> {
-    let reader = ledger.clone();
-    match tokio::task::spawn_blocking(move || reader.last_ticket()).await {
-        Ok(Ok(ticket)) => Some(ticket),
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "reconciler cannot read the ticket counter; every checkout of this sweep is verified");
-            None
-        }
-        Err(error) => {
-            tracing::warn!(%error, "reconciler task failed");
-            None
-        }
-    }
+/// `None` if it cannot be read (every nudge of the sweep is then verified).
+async fn last_ticket(ledger: &Ledger) -> Option<VerifyTicket> {
+    read_ledger(ledger, "the ticket counter", Ledger::last_ticket).await
 }
 
 #[cfg(test)]
