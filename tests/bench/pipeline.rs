@@ -1285,6 +1285,56 @@ async fn measure_daemon(
     (rss, ready, verified)
 }
 
+/// One memory run's ledger and stream mode.
+struct MemoryRun<'a> {
+    dir: &'a Path,
+    db: &'a Path,
+    ledger: &'a Ledger,
+    mode: &'static str,
+}
+
+impl MemoryRun<'_> {
+    /// Runs the daemon over `ids`, prints its RSS and bytes per checkout over `idle` (KiB), and
+    /// adds the bytes per checkout to `report` with `target` (KiB) when one is given.
+    async fn measure(
+        &self,
+        sandbox: &Sandbox,
+        ids: &[CheckoutId],
+        idle: u64,
+        target: Option<f64>,
+        report: &mut Report,
+    ) -> MemoryPoint {
+        let size = ids.len();
+        let config = write_config(self.dir, self.db, sandbox, self.mode, None);
+        let label = format!("{}-{size}", self.mode);
+        let (rss, ready, verified) =
+            measure_daemon(sandbox, &config, self.ledger, ids, &label).await;
+        let per = (rss.saturating_sub(idle) * 1024) as f64 / size as f64;
+        println!(
+            "  {} {size}: RSS {:.1} MiB, {per:.0} bytes per checkout",
+            self.mode,
+            rss as f64 / 1024.0
+        );
+        if target.is_some() {
+            report.add(
+                format!("bytes per watched checkout, {} ({size})", self.mode),
+                per / 1024.0,
+                "KiB",
+                Better::Lower,
+                None,
+                target,
+            );
+        }
+        MemoryPoint {
+            mode: self.mode,
+            checkouts: size,
+            rss_kib: rss,
+            ready,
+            verified,
+        }
+    }
+}
+
 /// 4. Memory: idle, then growing numbers of watched checkouts in both stream modes.
 async fn memory(sandbox: &Sandbox, sizes: &Sizes, scratch: &Path, report: &mut Report) {
     println!(
@@ -1330,43 +1380,17 @@ async fn memory(sandbox: &Sandbox, sizes: &Sizes, scratch: &Path, report: &mut R
             .await;
             all.extend(more);
         }
-        let config = write_config(
-            multiplexed_dir.path(),
-            &multiplexed_db,
-            sandbox,
-            "multiplexed",
-            None,
-        );
-        let (rss, ready, verified) = measure_daemon(
-            sandbox,
-            &config,
-            &multiplexed_ledger,
-            &all[..size],
-            &format!("multiplexed-{size}"),
-        )
-        .await;
-        points.push(MemoryPoint {
+        let target = (size == largest_multiplexed).then_some(2.0);
+        let point = MemoryRun {
+            dir: multiplexed_dir.path(),
+            db: &multiplexed_db,
+            ledger: &multiplexed_ledger,
             mode: "multiplexed",
-            checkouts: size,
-            rss_kib: rss,
-            ready,
-            verified,
-        });
-        let per = (rss.saturating_sub(idle) * 1024) as f64 / size as f64;
-        println!(
-            "  multiplexed {size}: RSS {:.1} MiB, {per:.0} bytes per checkout",
-            rss as f64 / 1024.0
-        );
-        if size == largest_multiplexed {
-            report.add(
-                format!("bytes per watched checkout, multiplexed ({size})"),
-                per / 1024.0,
-                "KiB",
-                Better::Lower,
-                None,
-                Some(2.0),
-            );
-        }
+        };
+        let measured = point
+            .measure(sandbox, &all[..size], idle, target, report)
+            .await;
+        points.push(measured);
     }
 
     let per_document_dir = tempfile::tempdir_in(scratch).expect("dir");
@@ -1389,43 +1413,17 @@ async fn memory(sandbox: &Sandbox, sizes: &Sizes, scratch: &Path, report: &mut R
             track_existing(sandbox, &per_document_ledger, &all[tracked..size]);
             tracked = size;
         }
-        let config = write_config(
-            per_document_dir.path(),
-            &per_document_db,
-            sandbox,
-            "per-document",
-            None,
-        );
-        let (rss, ready, verified) = measure_daemon(
-            sandbox,
-            &config,
-            &per_document_ledger,
-            &all[..size],
-            &format!("per-document-{size}"),
-        )
-        .await;
-        points.push(MemoryPoint {
+        let target = (size == largest_per_document).then_some(8.0);
+        let point = MemoryRun {
+            dir: per_document_dir.path(),
+            db: &per_document_db,
+            ledger: &per_document_ledger,
             mode: "per-document",
-            checkouts: size,
-            rss_kib: rss,
-            ready,
-            verified,
-        });
-        let per = (rss.saturating_sub(idle) * 1024) as f64 / size as f64;
-        println!(
-            "  per-document {size}: RSS {:.1} MiB, {per:.0} bytes per checkout",
-            rss as f64 / 1024.0
-        );
-        if size == largest_per_document {
-            report.add(
-                format!("bytes per watched checkout, per-document ({size})"),
-                per / 1024.0,
-                "KiB",
-                Better::Lower,
-                None,
-                Some(8.0),
-            );
-        }
+        };
+        let measured = point
+            .measure(sandbox, &all[..size], idle, target, report)
+            .await;
+        points.push(measured);
     }
 
     println!(
