@@ -13,6 +13,7 @@
 //! - `PAYWATCH_BENCH_PER_DOCUMENT` [1000,5000]: the same in per-document mode;
 //! - `PAYWATCH_BENCH_STARTUP` [10000]: checkouts for start-up and the reconcile sweep;
 //! - `PAYWATCH_BENCH_FLOOR_SAMPLES` [300]: samples per floor;
+//! - `PAYWATCH_BENCH_PHASES` [all]: which of latency, throughput, startup, memory to run;
 //! - `PAYWATCH_BENCH_DIR` [the temp dir]: where ledgers whose commits are timed live (a real
 //!   disk: commit latency is part of the figures); `PAYWATCH_BENCH_SCRATCH` [/dev/shm if present]:
 //!   where ledgers are built and where the memory runs keep theirs;
@@ -125,6 +126,39 @@ impl Sizes {
             floor_samples: env_usize("PAYWATCH_BENCH_FLOOR_SAMPLES", d(300, 30)).max(2),
         };
         (sizes, smoke)
+    }
+}
+
+/// The phases `PAYWATCH_BENCH_PHASES` asks for (all when unset): for studying one figure
+/// without waiting for the others. The floors are always measured.
+struct Phases(Option<Vec<String>>);
+
+impl Phases {
+    const ALL: [&'static str; 4] = ["latency", "throughput", "startup", "memory"];
+
+    fn from_env() -> Phases {
+        let Ok(text) = std::env::var("PAYWATCH_BENCH_PHASES") else {
+            return Phases(None);
+        };
+        let names: Vec<String> = text
+            .split(',')
+            .map(|name| name.trim().to_owned())
+            .filter(|name| !name.is_empty())
+            .collect();
+        for name in &names {
+            assert!(
+                Phases::ALL.contains(&name.as_str()),
+                "PAYWATCH_BENCH_PHASES: '{name}' is not one of {}",
+                Phases::ALL.join(", ")
+            );
+        }
+        Phases(Some(names))
+    }
+
+    fn runs(&self, phase: &str) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|name| name == phase))
     }
 }
 
@@ -1560,6 +1594,7 @@ fn main() {
     });
     tracing_subscriber::registry().with(paid).with(log).init();
     let (sizes, smoke) = Sizes::from_env();
+    let phases = Phases::from_env();
     let disk = std::env::var_os("PAYWATCH_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
@@ -1590,10 +1625,18 @@ fn main() {
             .expect("sandbox");
         let mut report = Report::default();
         let floors = floors(&sandbox, &disk, sizes.floor_samples).await;
-        latency(&sandbox, &sizes, &disk, &scratch, &floors, &mut report).await;
-        throughput(&sandbox, &sizes, &disk, &scratch, &floors, &mut report).await;
-        startup(&sandbox, &sizes, &disk, &scratch, &floors, &mut report).await;
-        memory(&sandbox, &sizes, &scratch, &mut report).await;
+        if phases.runs("latency") {
+            latency(&sandbox, &sizes, &disk, &scratch, &floors, &mut report).await;
+        }
+        if phases.runs("throughput") {
+            throughput(&sandbox, &sizes, &disk, &scratch, &floors, &mut report).await;
+        }
+        if phases.runs("startup") {
+            startup(&sandbox, &sizes, &disk, &scratch, &floors, &mut report).await;
+        }
+        if phases.runs("memory") {
+            memory(&sandbox, &sizes, &scratch, &mut report).await;
+        }
         report.print_table();
         println!(
             "\nfloors: change→ledger = Listen message + HTTP round trip + commit one every 10 ms (p50s) = {:.3} ms; \
