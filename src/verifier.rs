@@ -19,11 +19,13 @@
 //! nudges name it. A nudge whose checkout was verified by a request sent after the nudge's
 //! change was seen ([`Nudge::seen_after`]) makes no call at all.
 //!
-//! # Recording
+//! # Tickets and recording
 //!
-//! Answers are recorded by one recorder task, which writes all the answers waiting for it in
-//! one ledger transaction (group commit): one fsync covers a burst of transitions, and an
-//! answer never waits for more than the commit in progress plus its own.
+//! The ledger is written by two tasks, each taking everything waiting for it in one
+//! transaction: a ticketer hands out the verification tickets (a burst of nudges, such as a
+//! start-up's thousands, costs a few transactions instead of one each), and a recorder writes
+//! the answers (group commit: one fsync covers a burst of transitions, and an answer never
+//! waits for more than the commit in progress plus its own).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -34,7 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{CheckoutId, Source, format_money, printable};
+use crate::domain::{CheckoutId, Source, VerifyTicket, format_money, printable};
 use crate::ledger::{ApplyOutcome, ApplyRequest, Ledger, LedgerError, NotFoundOutcome};
 use crate::metrics::Metrics;
 use crate::paymennt::{Client, VerifiedCheckout};
@@ -66,6 +68,40 @@ const IN_FLIGHT_PER_CALL: usize = 4;
 
 /// At most this many answers are recorded in one transaction.
 const MAX_GROUP: usize = 256;
+
+/// A verification's request for its ticket, and where the ticket goes: `None` when a request
+/// sent after `seen_after` has answered already.
+struct TicketRequest {
+    checkout_id: CheckoutId,
+    seen_after: Option<VerifyTicket>,
+    ticket: oneshot::Sender<Result<Option<VerifyTicket>, LedgerError>>,
+}
+
+/// The verification tasks' way to the ticketer and the recorder.
+struct LedgerQueues {
+    tickets: mpsc::Sender<TicketRequest>,
+    recordings: mpsc::Sender<Recording>,
+}
+
+impl LedgerQueues {
+    /// Starts the ticketer and the recorder writing into `ledger`, each queue holding up to
+    /// `capacity`; both tasks end once every clone of the queues is dropped.
+    fn start(
+        ledger: &Ledger,
+        config: &watch::Receiver<VerifierConfig>,
+        capacity: usize,
+    ) -> (LedgerQueues, [tokio::task::JoinHandle<()>; 2]) {
+        let (tickets, ticket_requests) = mpsc::channel(capacity);
+        let ticketer = tokio::spawn(issue_tickets(ledger.clone(), ticket_requests));
+        let (recordings, waiting) = mpsc::channel(capacity);
+        let recorder = tokio::spawn(record_answers(ledger.clone(), config.clone(), waiting));
+        let queues = LedgerQueues {
+            tickets,
+            recordings,
+        };
+        (queues, [ticketer, recorder])
+    }
+}
 
 /// A verified answer on its way to the recorder, and where its outcome goes.
 struct Recording {
@@ -271,12 +307,12 @@ impl Verifier {
         abort: CancellationToken,
     ) {
         let this = Arc::new(self);
-        let (recordings, waiting) = mpsc::channel(this.concurrency * IN_FLIGHT_PER_CALL);
-        let recorder = tokio::spawn(record_answers(
-            this.ledger.clone(),
-            this.config.clone(),
-            waiting,
-        ));
+        let (queues, writers) = LedgerQueues::start(
+            &this.ledger,
+            &this.config,
+            this.concurrency * IN_FLIGHT_PER_CALL,
+        );
+        let queues = Arc::new(queues);
         let mut schedule = Schedule {
             slots: HashMap::new(),
             urgent: VecDeque::new(),
@@ -304,11 +340,11 @@ impl Verifier {
                 let owner = nudge.checkout_id.clone();
                 let task = Arc::clone(&this);
                 let abort = abort.clone();
-                let recordings = recordings.clone();
+                let queues = Arc::clone(&queues);
                 let handle = calls.spawn(async move {
                     let checkout_id = nudge.checkout_id.clone();
                     let retry = tokio::select! {
-                        retry = task.verify(nudge, &recordings) => retry,
+                        retry = task.verify(nudge, &queues) => retry,
                         () = abort.cancelled() => None,
                     };
                     Finished { checkout_id, retry }
@@ -317,9 +353,11 @@ impl Verifier {
             }
             if draining && calls.is_empty() {
                 // Every answer is recorded before the verifier says it is done.
-                drop(recordings);
-                if let Err(error) = recorder.await {
-                    tracing::error!(%error, "the recorder task failed");
+                drop(queues);
+                for writer in writers {
+                    if let Err(error) = writer.await {
+                        tracing::error!(%error, "the verifier's ticketer or recorder task failed");
+                    }
                 }
                 return;
             }
@@ -369,7 +407,9 @@ impl Verifier {
                 }
                 () = abort.cancelled() => {
                     calls.abort_all();
-                    recorder.abort();
+                    for writer in &writers {
+                        writer.abort();
+                    }
                     return;
                 }
             }
@@ -417,18 +457,21 @@ impl Verifier {
     }
 
     /// One verification. Returns the nudge if it should be retried.
-    async fn verify(&self, nudge: Nudge, recordings: &mpsc::Sender<Recording>) -> Option<Nudge> {
+    async fn verify(&self, nudge: Nudge, queues: &LedgerQueues) -> Option<Nudge> {
         let client = self.config.borrow().client.clone();
         // The ticket orders this answer against every other (never a clock). None: a request
         // sent after this nudge's change was seen has answered already.
-        let ticketer = self.ledger.clone();
-        let (id, seen_after) = (nudge.checkout_id.clone(), nudge.seen_after);
-        let issued = tokio::task::spawn_blocking(move || match seen_after {
-            Some(seen_after) => ticketer.issue_ticket_unless_covered(&id, seen_after),
-            None => ticketer.issue_ticket().map(Some),
-        })
-        .await;
-        let ticket = match issued {
+        let (ticket, issued) = oneshot::channel();
+        let request = TicketRequest {
+            checkout_id: nudge.checkout_id.clone(),
+            seen_after: nudge.seen_after,
+            ticket,
+        };
+        if queues.tickets.send(request).await.is_err() {
+            tracing::error!(checkout = %nudge.checkout_id, "the ticketer is gone; will try again");
+            return Some(nudge);
+        }
+        let ticket = match issued.await {
             Ok(Ok(Some(ticket))) => ticket,
             Ok(Ok(None)) => {
                 tracing::debug!(checkout = %nudge.checkout_id, source = %nudge.source, "verified after this change was seen; no call needed");
@@ -440,8 +483,8 @@ impl Verifier {
                 tracing::error!(checkout = %nudge.checkout_id, %error, "cannot take a verification ticket; will try again");
                 return Some(nudge);
             }
-            Err(error) => {
-                tracing::error!(checkout = %nudge.checkout_id, %error, "ledger task failed; will try again");
+            Err(_) => {
+                tracing::error!(checkout = %nudge.checkout_id, "the ticketer failed before issuing this ticket; will try again");
                 return Some(nudge);
             }
         };
@@ -495,7 +538,7 @@ impl Verifier {
             },
             outcome,
         };
-        if recordings.send(recording).await.is_err() {
+        if queues.recordings.send(recording).await.is_err() {
             tracing::error!(checkout = %nudge.checkout_id, "the recorder is gone; will try again");
             return Some(nudge);
         }
@@ -547,6 +590,38 @@ impl Verifier {
             }
         }
         None
+    }
+}
+
+/// The ticketer: takes every ticket request waiting (at least one, at most [`MAX_GROUP`]) and
+/// issues their tickets in one ledger transaction; requests that arrive meanwhile form the next
+/// group. Ends when every sender is gone.
+async fn issue_tickets(ledger: Ledger, mut requests: mpsc::Receiver<TicketRequest>) {
+    let mut group = Vec::with_capacity(MAX_GROUP);
+    while requests.recv_many(&mut group, MAX_GROUP).await > 0 {
+        let (wanted, replies): (Vec<_>, Vec<_>) = group
+            .drain(..)
+            .map(|request| ((request.checkout_id, request.seen_after), request.ticket))
+            .unzip();
+        let issuer = ledger.clone();
+        match tokio::task::spawn_blocking(move || issuer.issue_tickets(&wanted)).await {
+            Ok(Ok(tickets)) => {
+                for (reply, ticket) in replies.into_iter().zip(tickets) {
+                    // The verification may have been cancelled meanwhile: nothing waits.
+                    let _ = reply.send(Ok(ticket));
+                }
+            }
+            Ok(Err(error)) => {
+                for reply in replies {
+                    let _ = reply.send(Err(LedgerError {
+                        path: error.path.clone(),
+                        message: error.message.clone(),
+                    }));
+                }
+            }
+            // The senders are dropped: each waiting verification retries.
+            Err(error) => tracing::error!(%error, "issuing a group of tickets failed"),
+        }
     }
 }
 
@@ -657,15 +732,9 @@ mod tests {
     const PENDING: &str = r#"{"id":"5","orderId":"ORD-5","currency":"AED","amount":5,"status":"PENDING","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d5"}"#;
     const PAID: &str = r#"{"success":true,"result":{"id":"5","orderId":"ORD-5","currency":"AED","amount":5,"status":"PAID","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d5"}}"#;
 
-    /// A recorder for `verifier`'s answers, as [`Verifier::run`] starts one.
-    fn recorder(verifier: &Verifier) -> mpsc::Sender<Recording> {
-        let (recordings, waiting) = mpsc::channel(1);
-        tokio::spawn(record_answers(
-            verifier.ledger.clone(),
-            verifier.config.clone(),
-            waiting,
-        ));
-        recordings
+    /// A ticketer and a recorder for `verifier`, as [`Verifier::run`] starts them.
+    fn queues(verifier: &Verifier) -> LedgerQueues {
+        LedgerQueues::start(&verifier.ledger, &verifier.config, 1).0
     }
 
     fn schedule() -> Schedule {
@@ -835,7 +904,7 @@ mod tests {
         };
         let verifier = verifier_answering(&ledger, PAID, meanwhile).await;
         let retry = verifier
-            .verify(nudge("5", Source::Firestore), &recorder(&verifier))
+            .verify(nudge("5", Source::Firestore), &queues(&verifier))
             .await;
         assert!(retry.is_some(), "a stale answer is retried");
         let entry = ledger.watch_set().expect("set");
@@ -853,6 +922,44 @@ mod tests {
             Some("PENDING"),
             "the stale PAID was not recorded; the retry will ask again"
         );
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_verifications_takes_its_tickets_in_one_transaction() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+        let verifier = verifier_answering(&ledger, PAID, || {}).await;
+        let (queues, _writers) = LedgerQueues::start(&ledger, &verifier.config, 64);
+        let before = crate::ledger::testing::wal_commits(&ledger);
+        // A current-thread runtime: the ticketer runs only once this test awaits, so all 20
+        // requests are waiting for it, as a start-up's burst of nudges is.
+        let mut replies = Vec::new();
+        for id in 1..=20 {
+            let (ticket, issued) = oneshot::channel();
+            let request = TicketRequest {
+                checkout_id: id.to_string().parse().expect("id"),
+                seen_after: None,
+                ticket,
+            };
+            queues.tickets.send(request).await.expect("ticketer");
+            replies.push(issued);
+        }
+        let mut tickets = Vec::new();
+        for issued in replies {
+            tickets.push(
+                issued
+                    .await
+                    .expect("issued")
+                    .expect("ticket")
+                    .expect("asked"),
+            );
+        }
+        assert!(
+            tickets.windows(2).all(|pair| pair[0] < pair[1]),
+            "{tickets:?}"
+        );
+        let commits = crate::ledger::testing::wal_commits(&ledger) - before;
+        assert_eq!(commits, 1, "{commits} ledger commits for 20 tickets");
     }
 
     #[tokio::test]
@@ -877,12 +984,12 @@ mod tests {
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         })
         .await;
-        let recordings = recorder(&verifier);
+        let queues = queues(&verifier);
         let covered = Nudge {
             seen_after: Some(seen),
             ..nudge("5", Source::Firestore)
         };
-        assert!(verifier.verify(covered, &recordings).await.is_none());
+        assert!(verifier.verify(covered, &queues).await.is_none());
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
         assert_eq!(verifier.stats().borrow().covered, 1);
         // A change seen after that request was sent is verified.
@@ -890,7 +997,7 @@ mod tests {
             seen_after: Some(ledger.last_ticket().expect("counter")),
             ..nudge("5", Source::Firestore)
         };
-        assert!(verifier.verify(later, &recordings).await.is_none());
+        assert!(verifier.verify(later, &queues).await.is_none());
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(
             ledger

@@ -1082,17 +1082,21 @@ fn spawn_daemon_profiled(config: &Path, heaptrack_output: Option<&Path>) -> Chil
             .env("LD_PRELOAD", HEAPTRACK_PRELOAD)
             .env("DUMP_HEAPTRACK_OUTPUT", output);
     }
+    // `PAYWATCH_BENCH_LOG` shows the child daemons' logs too (their timestamps give a phase's
+    // timeline).
+    match std::env::var("PAYWATCH_BENCH_LOG") {
+        Ok(directives) => command.env("RUST_LOG", directives).stderr(Stdio::inherit()),
+        Err(_) => command.env_remove("RUST_LOG").stderr(Stdio::null()),
+    };
     let child = command
         .arg("--config")
         .arg(config)
         .arg("run")
-        .env_remove("RUST_LOG")
         .env_remove("WATCHDOG_USEC")
         .env_remove("WATCHDOG_PID")
         .env("NOTIFY_SOCKET", &socket_path)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
         .spawn()
         .expect("paywatch run");
     ChildDaemon {
@@ -1513,10 +1517,12 @@ async fn startup(
     })
     .await;
     let verified = daemon.spawned.elapsed();
+    let cpu = daemon.cpu();
     println!(
-        "  READY after {:.0} ms; all {count} subscribed and verified after {:.0} ms",
+        "  READY after {:.0} ms; all {count} subscribed and verified after {:.0} ms; daemon CPU {:.0} ms",
         ready.as_secs_f64() * 1e3,
-        verified.as_secs_f64() * 1e3
+        verified.as_secs_f64() * 1e3,
+        cpu.as_secs_f64() * 1e3
     );
     report.add(
         format!("process start → {count} subscribed and verified"),
