@@ -84,22 +84,32 @@ struct LedgerQueues {
 }
 
 impl LedgerQueues {
-    /// Starts the ticketer and the recorder writing into `ledger`, each queue holding up to
-    /// `capacity`; both tasks end once every clone of the queues is dropped.
+    /// Starts the ticketer and the recorder threads writing into `ledger`, each queue holding
+    /// up to `capacity`; both end once every clone of the queues is dropped.
+    ///
+    /// # Errors
+    ///
+    /// A thread could not be started.
     fn start(
         ledger: &Ledger,
         config: &watch::Receiver<VerifierConfig>,
         capacity: usize,
-    ) -> (LedgerQueues, [tokio::task::JoinHandle<()>; 2]) {
+    ) -> std::io::Result<(LedgerQueues, [GroupWriter; 2])> {
         let (tickets, ticket_requests) = mpsc::channel(capacity);
-        let ticketer = tokio::spawn(issue_tickets(ledger.clone(), ticket_requests));
+        let issuer = ledger.clone();
+        let ticketer = GroupWriter::spawn("paywatch-tickets", ticket_requests, move |group| {
+            issue_tickets(&issuer, group);
+        })?;
         let (recordings, waiting) = mpsc::channel(capacity);
-        let recorder = tokio::spawn(record_answers(ledger.clone(), config.clone(), waiting));
+        let (writer, config) = (ledger.clone(), config.clone());
+        let recorder = GroupWriter::spawn("paywatch-recorder", waiting, move |group| {
+            record_answers(&writer, &config, group);
+        })?;
         let queues = LedgerQueues {
             tickets,
             recordings,
         };
-        (queues, [ticketer, recorder])
+        Ok((queues, [ticketer, recorder]))
     }
 }
 
@@ -307,11 +317,18 @@ impl Verifier {
         abort: CancellationToken,
     ) {
         let this = Arc::new(self);
-        let (queues, writers) = LedgerQueues::start(
+        let (queues, writers) = match LedgerQueues::start(
             &this.ledger,
             &this.config,
             this.concurrency * IN_FLIGHT_PER_CALL,
-        );
+        ) {
+            Ok(started) => started,
+            Err(error) => {
+                // The verifier ends: its supervisor stops the daemon, naming it.
+                tracing::error!(%error, "cannot start the verifier's ledger threads; nothing can be verified");
+                return;
+            }
+        };
         let queues = Arc::new(queues);
         let mut schedule = Schedule {
             slots: HashMap::new(),
@@ -355,9 +372,7 @@ impl Verifier {
                 // Every answer is recorded before the verifier says it is done.
                 drop(queues);
                 for writer in writers {
-                    if let Err(error) = writer.await {
-                        tracing::error!(%error, "the verifier's ticketer or recorder task failed");
-                    }
+                    writer.ended().await;
                 }
                 return;
             }
@@ -406,10 +421,8 @@ impl Verifier {
                     schedule.finish(&finished.checkout_id);
                 }
                 () = abort.cancelled() => {
+                    // The writer threads end once the aborted calls have dropped their queues.
                     calls.abort_all();
-                    for writer in &writers {
-                        writer.abort();
-                    }
                     return;
                 }
             }
@@ -593,68 +606,97 @@ impl Verifier {
     }
 }
 
-/// The ticketer: takes every ticket request waiting (at least one, at most [`MAX_GROUP`]) and
-/// issues their tickets in one ledger transaction; requests that arrive meanwhile form the next
-/// group. Ends when every sender is gone.
-async fn issue_tickets(ledger: Ledger, mut requests: mpsc::Receiver<TicketRequest>) {
-    let mut group = Vec::with_capacity(MAX_GROUP);
-    while requests.recv_many(&mut group, MAX_GROUP).await > 0 {
-        let (wanted, replies): (Vec<_>, Vec<_>) = group
-            .drain(..)
-            .map(|request| ((request.checkout_id, request.seen_after), request.ticket))
-            .unzip();
-        let issuer = ledger.clone();
-        match tokio::task::spawn_blocking(move || issuer.issue_tickets(&wanted)).await {
-            Ok(Ok(tickets)) => {
-                for (reply, ticket) in replies.into_iter().zip(tickets) {
-                    // The verification may have been cancelled meanwhile: nothing waits.
-                    let _ = reply.send(Ok(ticket));
+/// A thread that writes groups of queued items to the ledger (the ticketer, the recorder).
+/// Blocking on its queue, it answers a lone item in two thread wake-ups (the queue's, the
+/// reply's), where a task handing each group to the blocking pool took four.
+struct GroupWriter {
+    /// Closed (the sender dropped) when the thread ends, however it ends.
+    ended: oneshot::Receiver<()>,
+}
+
+impl GroupWriter {
+    /// Starts thread `name`: it takes every item waiting on `queue` (at least one, at most
+    /// [`MAX_GROUP`]) and hands them to `write` as one group; items that arrive meanwhile form
+    /// the next group. It ends when every sender of `queue` is gone. A `write` that panics
+    /// drops its group (each waiting verification sees its reply dropped and retries) and is
+    /// logged; the thread goes on with the next group.
+    fn spawn<T: Send + 'static>(
+        name: &str,
+        mut queue: mpsc::Receiver<T>,
+        mut write: impl FnMut(Vec<T>) + Send + 'static,
+    ) -> std::io::Result<GroupWriter> {
+        let (alive, ended) = oneshot::channel::<()>();
+        let thread = name.to_owned();
+        std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                let _alive = alive;
+                while let Some(first) = queue.blocking_recv() {
+                    let mut group = Vec::with_capacity(MAX_GROUP.min(queue.len() + 1));
+                    group.push(first);
+                    while group.len() < MAX_GROUP {
+                        match queue.try_recv() {
+                            Ok(item) => group.push(item),
+                            Err(_) => break,
+                        }
+                    }
+                    let written =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(group)));
+                    if written.is_err() {
+                        tracing::error!(thread = %thread, "writing a group to the ledger panicked; its verifications are retried");
+                    }
                 }
+            })?;
+        Ok(GroupWriter { ended })
+    }
+
+    /// Waits for the thread to end (its queue's senders must be gone by then).
+    async fn ended(self) {
+        let _ = self.ended.await;
+    }
+}
+
+/// The ticketer's work for one group: their tickets in one ledger transaction, each sent to
+/// the verification that asked.
+fn issue_tickets(ledger: &Ledger, group: Vec<TicketRequest>) {
+    let (wanted, replies): (Vec<_>, Vec<_>) = group
+        .into_iter()
+        .map(|request| ((request.checkout_id, request.seen_after), request.ticket))
+        .unzip();
+    match ledger.issue_tickets(&wanted) {
+        Ok(tickets) => {
+            for (reply, ticket) in replies.into_iter().zip(tickets) {
+                // The verification may have been cancelled meanwhile: nothing waits.
+                let _ = reply.send(Ok(ticket));
             }
-            Ok(Err(error)) => {
-                for reply in replies {
-                    let _ = reply.send(Err(LedgerError {
-                        path: error.path.clone(),
-                        message: error.message.clone(),
-                    }));
-                }
+        }
+        Err(error) => {
+            for reply in replies {
+                let _ = reply.send(Err(LedgerError {
+                    path: error.path.clone(),
+                    message: error.message.clone(),
+                }));
             }
-            // The senders are dropped: each waiting verification retries.
-            Err(error) => tracing::error!(%error, "issuing a group of tickets failed"),
         }
     }
 }
 
-/// The recorder: takes every answer waiting (at least one, at most [`MAX_GROUP`]) and records
-/// them in one ledger transaction, with the hooks and refund watch configured at that moment;
-/// answers that arrive meanwhile form the next group. Ends when every sender is gone.
-async fn record_answers(
-    ledger: Ledger,
-    config: watch::Receiver<VerifierConfig>,
-    mut recordings: mpsc::Receiver<Recording>,
+/// The recorder's work for one group: the answers in one ledger transaction, with the hooks and
+/// refund watch configured at that moment, each outcome sent to the verification that waits.
+fn record_answers(
+    ledger: &Ledger,
+    config: &watch::Receiver<VerifierConfig>,
+    group: Vec<Recording>,
 ) {
-    let mut group = Vec::with_capacity(MAX_GROUP);
-    while recordings.recv_many(&mut group, MAX_GROUP).await > 0 {
-        let (requests, outcomes): (Vec<ApplyRequest>, Vec<_>) = group
-            .drain(..)
-            .map(|recording| (recording.request, recording.outcome))
-            .unzip();
-        let current = config.borrow().clone();
-        let writer = ledger.clone();
-        let applied = tokio::task::spawn_blocking(move || {
-            writer.apply_all(&requests, &current.hooks, current.refund_watch)
-        })
-        .await;
-        match applied {
-            Ok(results) => {
-                for (outcome, result) in outcomes.into_iter().zip(results) {
-                    // The verification may have been cancelled meanwhile: nothing waits.
-                    let _ = outcome.send(result);
-                }
-            }
-            // The senders are dropped: each waiting verification retries.
-            Err(error) => tracing::error!(%error, "recording a group of answers failed"),
-        }
+    let (requests, outcomes): (Vec<ApplyRequest>, Vec<_>) = group
+        .into_iter()
+        .map(|recording| (recording.request, recording.outcome))
+        .unzip();
+    let current = config.borrow().clone();
+    let results = ledger.apply_all(&requests, &current.hooks, current.refund_watch);
+    for (outcome, result) in outcomes.into_iter().zip(results) {
+        // The verification may have been cancelled meanwhile: nothing waits.
+        let _ = outcome.send(result);
     }
 }
 
@@ -734,7 +776,9 @@ mod tests {
 
     /// A ticketer and a recorder for `verifier`, as [`Verifier::run`] starts them.
     fn queues(verifier: &Verifier) -> LedgerQueues {
-        LedgerQueues::start(&verifier.ledger, &verifier.config, 1).0
+        LedgerQueues::start(&verifier.ledger, &verifier.config, 1)
+            .expect("threads")
+            .0
     }
 
     fn schedule() -> Schedule {
@@ -928,11 +972,10 @@ mod tests {
     async fn a_burst_of_verifications_takes_its_tickets_in_one_transaction() {
         let dir = tempfile::tempdir().expect("dir");
         let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
-        let verifier = verifier_answering(&ledger, PAID, || {}).await;
-        let (queues, _writers) = LedgerQueues::start(&ledger, &verifier.config, 64);
         let before = crate::ledger::testing::wal_commits(&ledger);
-        // A current-thread runtime: the ticketer runs only once this test awaits, so all 20
-        // requests are waiting for it, as a start-up's burst of nudges is.
+        // All 20 requests wait before the ticketer starts, as a start-up's burst of nudges
+        // waits for the ticketer's commit in progress.
+        let (tickets, requests) = mpsc::channel(64);
         let mut replies = Vec::new();
         for id in 1..=20 {
             let (ticket, issued) = oneshot::channel();
@@ -941,12 +984,18 @@ mod tests {
                 seen_after: None,
                 ticket,
             };
-            queues.tickets.send(request).await.expect("ticketer");
+            tickets.try_send(request).expect("room");
             replies.push(issued);
         }
-        let mut tickets = Vec::new();
+        drop(tickets);
+        let issuer = ledger.clone();
+        let ticketer = GroupWriter::spawn("test-tickets", requests, move |group| {
+            issue_tickets(&issuer, group);
+        })
+        .expect("thread");
+        let mut issued_tickets = Vec::new();
         for issued in replies {
-            tickets.push(
+            issued_tickets.push(
                 issued
                     .await
                     .expect("issued")
@@ -954,12 +1003,40 @@ mod tests {
                     .expect("asked"),
             );
         }
+        ticketer.ended().await;
         assert!(
-            tickets.windows(2).all(|pair| pair[0] < pair[1]),
-            "{tickets:?}"
+            issued_tickets.windows(2).all(|pair| pair[0] < pair[1]),
+            "{issued_tickets:?}"
         );
         let commits = crate::ledger::testing::wal_commits(&ledger) - before;
         assert_eq!(commits, 1, "{commits} ledger commits for 20 tickets");
+    }
+
+    #[tokio::test]
+    async fn a_writer_thread_that_panics_drops_its_group_and_goes_on() {
+        let (queue, waiting) = mpsc::channel(4);
+        let writer = GroupWriter::spawn(
+            "test-writer",
+            waiting,
+            |group: Vec<(u32, oneshot::Sender<u32>)>| {
+                for (value, reply) in group {
+                    assert_ne!(value, 13, "unlucky");
+                    let _ = reply.send(value * 2);
+                }
+            },
+        )
+        .expect("thread");
+        let (reply, panicked) = oneshot::channel();
+        queue.send((13, reply)).await.expect("queued");
+        assert!(
+            panicked.await.is_err(),
+            "the panicking group's reply is dropped"
+        );
+        let (reply, answered) = oneshot::channel();
+        queue.send((4, reply)).await.expect("the thread goes on");
+        assert_eq!(answered.await.expect("answered"), 8);
+        drop(queue);
+        writer.ended().await;
     }
 
     #[tokio::test]
