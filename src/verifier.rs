@@ -141,8 +141,9 @@ pub struct VerifierStats {
 /// Where the verifier says what it changed, so the stages after it can follow.
 #[derive(Debug, Clone)]
 pub struct VerifierSignals {
-    /// Bumped after every transition (the hook dispatcher wakes on it).
-    pub ledger_changed: watch::Sender<u64>,
+    /// Bumped after every transition that queued hook deliveries (the hook dispatcher wakes
+    /// on it; a transition with none has nothing for it to do).
+    pub deliveries_queued: watch::Sender<u64>,
     /// Bumped when a transition ended a checkout's watch (the listener drops its target).
     pub watch_set_changed: watch::Sender<u64>,
 }
@@ -270,7 +271,7 @@ pub struct Verifier {
     concurrency: usize,
     /// One permit per Get Checkout call allowed at once.
     calls_allowed: tokio::sync::Semaphore,
-    ledger_changed: watch::Sender<u64>,
+    deliveries_queued: watch::Sender<u64>,
     watch_set_changed: watch::Sender<u64>,
     stats: watch::Sender<VerifierStats>,
     metrics: Metrics,
@@ -290,7 +291,7 @@ impl Verifier {
             config,
             concurrency: concurrency.max(1),
             calls_allowed: tokio::sync::Semaphore::new(concurrency.max(1)),
-            ledger_changed: signals.ledger_changed,
+            deliveries_queued: signals.deliveries_queued,
             watch_set_changed: signals.watch_set_changed,
             stats: watch::channel(VerifierStats::default()).0,
             metrics: Metrics::disabled(),
@@ -577,8 +578,10 @@ impl Verifier {
                         stats.last_payment = Some(Utc::now());
                     }
                 });
-                self.ledger_changed
-                    .send_modify(|generation| *generation += 1);
+                if !deliveries.is_empty() {
+                    self.deliveries_queued
+                        .send_modify(|generation| *generation += 1);
+                }
                 if !watched {
                     self.watch_set_changed
                         .send_modify(|generation| *generation += 1);
@@ -916,10 +919,40 @@ mod tests {
             receiver,
             1,
             VerifierSignals {
-                ledger_changed: watch::channel(0).0,
+                deliveries_queued: watch::channel(0).0,
                 watch_set_changed: watch::channel(0).0,
             },
         )
+    }
+
+    #[tokio::test]
+    async fn only_a_transition_that_queued_deliveries_wakes_the_dispatcher() {
+        let notify_paid = HookSettings::for_tests("notify", &["PAID"]);
+        for (hooks, wakes) in [(Vec::new(), 0), (vec![notify_paid], 1)] {
+            let ledger = Ledger::open_in_memory().expect("ledger");
+            let verifier = verifier_answering(&ledger, PAID, || {}).await;
+            let client = verifier.config.borrow().client.clone();
+            let (_config, config) = watch::channel(VerifierConfig {
+                client,
+                hooks: Arc::new(hooks),
+                refund_watch: Duration::from_secs(3600),
+            });
+            let deliveries_queued = watch::channel(0u64).0;
+            let verifier = Verifier {
+                config,
+                deliveries_queued: deliveries_queued.clone(),
+                ..verifier
+            };
+            let queues = queues(&verifier);
+            assert!(
+                verifier
+                    .verify(nudge("5", Source::Firestore), &queues)
+                    .await
+                    .is_none()
+            );
+            assert_eq!(verifier.stats().borrow().transitions, 1);
+            assert_eq!(*deliveries_queued.borrow(), wakes);
+        }
     }
 
     #[tokio::test]
