@@ -14,6 +14,7 @@
 //! - `PAYWATCH_BENCH_STARTUP` [10000]: checkouts for start-up and the reconcile sweep;
 //! - `PAYWATCH_BENCH_FLOOR_SAMPLES` [300]: samples per floor;
 //! - `PAYWATCH_BENCH_PHASES` [all]: which of latency, throughput, startup, memory to run;
+//! - `PAYWATCH_BENCH_BIN` [this build's]: the `paywatch` executable the child phases run;
 //! - `PAYWATCH_BENCH_DIR` [the temp dir]: where ledgers whose commits are timed live (a real
 //!   disk: commit latency is part of the figures); `PAYWATCH_BENCH_SCRATCH` [/dev/shm if present]:
 //!   where ledgers are built and where the memory runs keep theirs;
@@ -1076,7 +1077,11 @@ fn spawn_daemon_profiled(config: &Path, heaptrack_output: Option<&Path>) -> Chil
     let socket_path = socket_dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&socket_path).expect("notify socket");
     let spawned = Instant::now();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_paywatch"));
+    // `PAYWATCH_BENCH_BIN` runs another build of paywatch as the child (comparing two builds
+    // in one sitting, on the same machine state).
+    let program = std::env::var_os("PAYWATCH_BENCH_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_paywatch").into());
+    let mut command = Command::new(program);
     if let Some(output) = heaptrack_output {
         command
             .env("LD_PRELOAD", HEAPTRACK_PRELOAD)
