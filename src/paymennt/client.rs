@@ -447,10 +447,7 @@ impl Client {
         ticket: VerifyTicket,
     ) -> Result<VerifiedCheckout, Error> {
         let raw = self
-            .call(|| {
-                self.http
-                    .get(self.url(&format!("checkout/{}", id.as_str())))
-            })
+            .call(|| self.http.get(self.url(&["checkout", id.as_str()])))
             .await?;
         let verified = VerifiedCheckout::from_result(&raw, ticket)?;
         if verified.id() != id {
@@ -476,7 +473,11 @@ impl Client {
         ticket: VerifyTicket,
     ) -> Result<VerifiedCheckout, Error> {
         let raw = self
-            .call(|| self.http.post(self.url("checkout/link")).json(request))
+            .call(|| {
+                self.http
+                    .post(self.url(&["checkout", "link"]))
+                    .json(request)
+            })
             .await?;
         VerifiedCheckout::from_result(&raw, ticket)
     }
@@ -525,7 +526,7 @@ impl Client {
             pairs.push(("size", size.to_string()));
         }
         let raw = self
-            .call(|| self.http.get(self.url("checkout")).query(&pairs))
+            .call(|| self.http.get(self.url(&["checkout"])).query(&pairs))
             .await?;
         serde_json::from_str(&raw)
             .map_err(|error| Error::Malformed(format!("checkout page: {error}")))
@@ -540,7 +541,7 @@ impl Client {
     pub async fn create_webhook(&self, address: &str) -> Result<Webhook, Error> {
         let body = serde_json::json!({ "address": address });
         let raw = self
-            .call(|| self.http.post(self.url("webhooks")).json(&body))
+            .call(|| self.http.post(self.url(&["webhooks"])).json(&body))
             .await?;
         webhook_of(&raw)
     }
@@ -555,7 +556,7 @@ impl Client {
         let raw = self
             .call(|| {
                 self.http
-                    .get(self.url("webhooks"))
+                    .get(self.url(&["webhooks"]))
                     .query(&[("page", "0"), ("size", "1000")])
             })
             .await?;
@@ -594,18 +595,12 @@ impl Client {
     pub async fn webhook_action(&self, id: &WebhookId, action: &str) -> Result<Webhook, Error> {
         let raw = match action {
             "get" => {
-                self.call(|| {
-                    self.http
-                        .get(self.url(&format!("webhooks/{}", id.as_str())))
-                })
-                .await?
+                self.call(|| self.http.get(self.url(&["webhooks", id.as_str()])))
+                    .await?
             }
             "test" | "disable" | "enable" | "delete" => {
-                self.call(|| {
-                    self.http
-                        .post(self.url(&format!("webhooks/{}/{action}", id.as_str())))
-                })
-                .await?
+                self.call(|| self.http.post(self.url(&["webhooks", id.as_str(), action])))
+                    .await?
             }
             other => {
                 return Err(Error::Rejected {
@@ -617,9 +612,15 @@ impl Client {
         webhook_of(&raw)
     }
 
-    fn url(&self, path: &str) -> Url {
-        // `path` is built from validated ids only, so joining cannot fail or escape the base.
-        self.base.join(path).unwrap_or_else(|_| self.base.clone())
+    /// The base URL (which always ends in `/`) with `segments` appended. Segments are fixed
+    /// words and validated ids, so nothing can escape the base; appending them costs a fraction
+    /// of parsing a joined URL, which every Get Checkout did.
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        url
     }
 
     /// Sends a request, retrying what may succeed later; returns the `result` JSON text.

@@ -316,6 +316,40 @@ fn plaintext_to_a_non_loopback_host_is_refused() {
     }
 }
 
+#[test]
+fn request_urls_are_the_base_with_segments_appended() {
+    let credentials = ApiCredentials {
+        key: Secret::new("k"),
+        secret: Secret::new("s"),
+    };
+    let policy = RetryPolicy {
+        max_retries: 0,
+        base: Duration::from_millis(5),
+        max: Duration::from_millis(10),
+    };
+    let second = Duration::from_secs(1);
+    for base in [
+        "https://api.paymennt.com/mer/v2.0/",
+        "https://api.paymennt.com/mer/v2.0",
+    ] {
+        let client = Client::new(base, &credentials, second, second, policy).expect(base);
+        assert_eq!(
+            client.url(&["checkout", "1796029149840968147"]).as_str(),
+            "https://api.paymennt.com/mer/v2.0/checkout/1796029149840968147"
+        );
+        assert_eq!(
+            client.url(&["webhooks", "7", "disable"]).as_str(),
+            "https://api.paymennt.com/mer/v2.0/webhooks/7/disable"
+        );
+    }
+    let root =
+        Client::new("http://127.0.0.1:9/", &credentials, second, second, policy).expect("root");
+    assert_eq!(
+        root.url(&["checkout", "link"]).as_str(),
+        "http://127.0.0.1:9/checkout/link"
+    );
+}
+
 #[tokio::test]
 async fn paymennts_text_cannot_forge_a_log_line() {
     let forged = r#"{"success":false,"error":"Checkout not found\nINFO paywatch::payment: PAID checkout=1 order=X 100.00 AED"}"#;
