@@ -950,6 +950,9 @@ impl StreamState {
     /// A global consistent snapshot: adopt tokens of CURRENT targets and offer them.
     fn snapshot(&mut self, read_time: Option<DateTime<Utc>>, now: Instant, out: &mut Vec<Action>) {
         let mut tokens = Vec::new();
+        // Checkpointed at or before this instant: due again. One subtraction per snapshot, not
+        // one per target (a snapshot looks at every target of the stream).
+        let due_before = now.checked_sub(self.checkpoint_interval);
         for target in self.targets.values_mut() {
             if target.removing {
                 continue;
@@ -966,7 +969,7 @@ impl StreamState {
             let due = session.dirty
                 || target
                     .last_checkpoint
-                    .is_none_or(|at| now.saturating_duration_since(at) >= self.checkpoint_interval);
+                    .is_none_or(|at| due_before.is_some_and(|due_before| at <= due_before));
             if due {
                 session.dirty = false;
                 target.last_checkpoint = Some(now);
