@@ -854,10 +854,14 @@ impl Ledger {
         self.write_without_fsync("note changes", |transaction| {
             let seen_after = last_ticket_in(transaction)?;
             mark_in(transaction, ids, seen_after)?;
-            let tickets = ids
-                .iter()
-                .map(|_| next_ticket_in(transaction))
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+            // The batch's tickets in one statement: the counter moves past all of them.
+            let count = i64::try_from(ids.len()).unwrap_or(i64::MAX);
+            let last: i64 = transaction
+                .prepare_cached(
+                    "UPDATE verify_tickets SET last = last + ?1 WHERE id = 1 RETURNING last",
+                )?
+                .query_row([count], |row| row.get(0))?;
+            let tickets = (last - count + 1..=last).map(VerifyTicket::new).collect();
             Ok(NotedChanges {
                 seen_after,
                 tickets,
