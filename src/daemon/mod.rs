@@ -27,7 +27,7 @@ use crate::domain::{CheckoutId, CollectionPaths, FirestoreLocation, WatchedDocum
 use crate::hooks::config::HookSet;
 use crate::hooks::dispatcher::{Dispatcher, DispatcherHandle};
 use crate::http::{HttpContext, NewlyTracked};
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, ResumePoint};
 use crate::logging::LogHandle;
 use crate::metrics::Metrics;
 use crate::paymennt::Client;
@@ -761,26 +761,28 @@ async fn consume_listen_events(
                 sent = nudges.send(nudge) => if sent.is_err() { return },
             }
         }
+        // The batch's checkpoints are saved together (a start-up's thousands of first
+        // snapshots in a few writes, not one each), in order: before a token is forgotten,
+        // and at the end of the batch.
+        let mut checkpoints: Vec<ResumePoint> = Vec::new();
         for event in batch.drain(..) {
             health.note(&event);
             match event {
                 ListenEvent::Changed(_) => {}
                 ListenEvent::Checkpoint { tokens, read_time } => {
-                    let tokens: Vec<(CheckoutId, Vec<u8>)> = tokens
-                        .into_iter()
-                        .filter(|(id, _)| !unnoted.contains(id))
-                        .collect();
-                    if tokens.is_empty() {
-                        continue;
-                    }
-                    let saver = ledger.clone();
-                    if let Err(error) =
-                        blocking(move || saver.save_resume_tokens(&tokens, read_time)).await
-                    {
-                        tracing::error!("cannot save resume tokens: {error:#}");
-                    }
+                    checkpoints.extend(
+                        tokens
+                            .into_iter()
+                            .filter(|(id, _)| !unnoted.contains(id))
+                            .map(|(checkout_id, token)| ResumePoint {
+                                checkout_id,
+                                token,
+                                read_time,
+                            }),
+                    );
                 }
                 ListenEvent::ForgetToken(id) => {
+                    save_checkpoints(&ledger, &mut checkpoints).await;
                     let forgetter = ledger.clone();
                     if let Err(error) = blocking(move || forgetter.forget_resume_token(&id)).await {
                         tracing::error!("cannot forget a resume token: {error:#}");
@@ -857,6 +859,20 @@ async fn consume_listen_events(
                 }
             }
         }
+        save_checkpoints(&ledger, &mut checkpoints).await;
+    }
+}
+
+/// Saves (and empties) the resume tokens gathered from a batch's checkpoints, in one ledger
+/// write. A failure is logged; the tokens are dropped (the next checkpoints carry newer ones,
+/// and a restart without them only hears of changes again).
+async fn save_checkpoints(ledger: &Ledger, checkpoints: &mut Vec<ResumePoint>) {
+    if checkpoints.is_empty() {
+        return;
+    }
+    let (saver, points) = (ledger.clone(), std::mem::take(checkpoints));
+    if let Err(error) = blocking(move || saver.save_resume_points(&points)).await {
+        tracing::error!("cannot save resume tokens: {error:#}");
     }
 }
 

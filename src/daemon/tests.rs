@@ -156,3 +156,70 @@ async fn a_change_that_could_not_be_noted_keeps_its_own_retry_and_blocks_only_it
     task.await.expect("the loop ends");
     drain.await.expect("drained");
 }
+
+#[tokio::test]
+async fn a_batch_of_checkpoints_is_saved_in_one_write_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+    let ids: Vec<String> = (1..=20).map(|n| n.to_string()).collect();
+    for checkout in &ids {
+        ledger
+            .apply(
+                &verified(&ledger, checkout),
+                Source::Reconcile,
+                None,
+                &[],
+                Duration::from_secs(3600),
+            )
+            .expect("verified once");
+    }
+    // One batch, as a start-up's first snapshots arrive: twenty checkpoints, a later token for
+    // checkout 1, checkout 2's token forgotten (a RESET), then a checkpoint of checkout 3.
+    let (events, receiver) = mpsc::channel(64);
+    for checkout in &ids {
+        events
+            .send(checkpoint(&[checkout.as_str()], &format!("a-{checkout}")))
+            .await
+            .expect("send");
+    }
+    events.send(checkpoint(&["1"], "b-1")).await.expect("send");
+    events
+        .send(ListenEvent::ForgetToken(id("2")))
+        .await
+        .expect("send");
+    events.send(checkpoint(&["3"], "c-3")).await.expect("send");
+    let before = crate::ledger::testing::wal_commits(&ledger);
+    let (nudges, _nudged) = mpsc::channel(64);
+    let cancel = CancellationToken::new();
+    let health = Health::new(
+        ledger.clone(),
+        None,
+        tokio::sync::watch::channel(crate::verifier::VerifierStats::default()).1,
+        Duration::from_secs(60),
+    );
+    let task = tokio::spawn(consume_listen_events(
+        receiver,
+        ledger.clone(),
+        nudges,
+        health,
+        cancel.clone(),
+        crate::metrics::Metrics::disabled(),
+    ));
+    until("checkout 3's last token", || {
+        state(&ledger, "3").0.as_deref() == Some("c-3")
+    })
+    .await;
+    assert_eq!(
+        state(&ledger, "1").0.as_deref(),
+        Some("b-1"),
+        "the later token wins"
+    );
+    assert_eq!(state(&ledger, "2").0, None, "forgotten after it was saved");
+    assert_eq!(state(&ledger, "20").0.as_deref(), Some("a-20"));
+    // The checkpoints before the forget in one write, the forget, the last checkpoint: three
+    // commits where one per checkpoint took 22.
+    let commits = crate::ledger::testing::wal_commits(&ledger) - before;
+    assert_eq!(commits, 3, "{commits} commits for one batch");
+    cancel.cancel();
+    task.await.expect("the loop ends");
+}

@@ -372,6 +372,17 @@ pub const NOT_FOUND_LIMIT: u32 = 3;
 /// statements the daemon reuses).
 const STATEMENT_CACHE: usize = 64;
 
+/// A Listen resume token to save with [`Ledger::save_resume_points`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumePoint {
+    /// The checkout whose target the token resumes.
+    pub checkout_id: CheckoutId,
+    /// Firestore's opaque resume token.
+    pub token: Vec<u8>,
+    /// The read time of the snapshot the token came with.
+    pub read_time: Option<DateTime<Utc>>,
+}
+
 /// What [`Ledger::note_changes`] wrote: where the ticket counter stood when the changes were
 /// seen, and a ticket for each change's verification, in the order of the ids given.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -950,20 +961,30 @@ impl Ledger {
         read_time: Option<DateTime<Utc>>,
     ) -> Result<()> {
         self.write_without_fsync("save tokens", |transaction| {
-            let mut statement = transaction.prepare_cached(
-                "INSERT INTO listen_targets (checkout_id, resume_token, read_time, updated_at)
-                 SELECT id, ?2, ?3, ?4 FROM checkouts WHERE id = ?1 AND watched = 1
-                 ON CONFLICT (checkout_id) DO UPDATE SET
-                    resume_token = excluded.resume_token,
-                    read_time = excluded.read_time,
-                    updated_at = excluded.updated_at",
-            )?;
-            let read_time = read_time.map(timestamp);
-            let updated = now();
-            for (id, token) in tokens {
-                statement.execute(params![id.as_str(), token, read_time, updated])?;
-            }
-            Ok(())
+            save_tokens_in(
+                transaction,
+                tokens
+                    .iter()
+                    .map(|(id, token)| (id, token.as_slice(), read_time)),
+            )
+        })
+    }
+
+    /// Like [`Ledger::save_resume_tokens`] for the checkpoints of several snapshots at once
+    /// (the listener's batch of events), in one transaction: each token with the read time of
+    /// its own snapshot, in order, so a checkout's later token replaces its earlier one.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures (then none of them is saved).
+    pub fn save_resume_points(&self, points: &[ResumePoint]) -> Result<()> {
+        self.write_without_fsync("save tokens", |transaction| {
+            save_tokens_in(
+                transaction,
+                points
+                    .iter()
+                    .map(|point| (&point.checkout_id, point.token.as_slice(), point.read_time)),
+            )
         })
     }
 
@@ -1447,6 +1468,31 @@ fn track_in(
 }
 
 /// Takes the next verification ticket from the counter.
+/// Saves each `(checkout, token, read time)` of a still-watched checkout, in order.
+fn save_tokens_in<'t>(
+    transaction: &rusqlite::Transaction<'_>,
+    tokens: impl Iterator<Item = (&'t CheckoutId, &'t [u8], Option<DateTime<Utc>>)>,
+) -> rusqlite::Result<()> {
+    let mut statement = transaction.prepare_cached(
+        "INSERT INTO listen_targets (checkout_id, resume_token, read_time, updated_at)
+         SELECT id, ?2, ?3, ?4 FROM checkouts WHERE id = ?1 AND watched = 1
+         ON CONFLICT (checkout_id) DO UPDATE SET
+            resume_token = excluded.resume_token,
+            read_time = excluded.read_time,
+            updated_at = excluded.updated_at",
+    )?;
+    let updated = now();
+    for (id, token, read_time) in tokens {
+        statement.execute(params![
+            id.as_str(),
+            token,
+            read_time.map(timestamp),
+            updated
+        ])?;
+    }
+    Ok(())
+}
+
 fn last_ticket_in(connection: &Connection) -> rusqlite::Result<VerifyTicket> {
     connection
         .prepare_cached("SELECT last FROM verify_tickets WHERE id = 1")?
