@@ -19,11 +19,13 @@
 //! nudges name it. A nudge whose checkout was verified by a request sent after the nudge's
 //! change was seen ([`Nudge::seen_after`]) makes no call at all.
 //!
-//! # Recording
+//! # Tickets and recording
 //!
-//! Answers are recorded by one recorder task, which writes all the answers waiting for it in
-//! one ledger transaction (group commit): one fsync covers a burst of transitions, and an
-//! answer never waits for more than the commit in progress plus its own.
+//! The ledger is written by two tasks, each taking everything waiting for it in one
+//! transaction: a ticketer hands out the verification tickets (a burst of nudges, such as a
+//! start-up's thousands, costs a few transactions instead of one each), and a recorder writes
+//! the answers (group commit: one fsync covers a burst of transitions, and an answer never
+//! waits for more than the commit in progress plus its own).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -34,7 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{CheckoutId, Source, format_money, printable};
+use crate::domain::{CheckoutId, Source, VerifyTicket, format_money, printable};
 use crate::ledger::{ApplyOutcome, ApplyRequest, Ledger, LedgerError, NotFoundOutcome};
 use crate::metrics::Metrics;
 use crate::paymennt::{Client, VerifiedCheckout};
@@ -67,6 +69,50 @@ const IN_FLIGHT_PER_CALL: usize = 4;
 /// At most this many answers are recorded in one transaction.
 const MAX_GROUP: usize = 256;
 
+/// A verification's request for its ticket, and where the ticket goes: `None` when a request
+/// sent after `seen_after` has answered already.
+struct TicketRequest {
+    checkout_id: CheckoutId,
+    seen_after: Option<VerifyTicket>,
+    ticket: oneshot::Sender<Result<Option<VerifyTicket>, LedgerError>>,
+}
+
+/// The verification tasks' way to the ticketer and the recorder.
+struct LedgerQueues {
+    tickets: mpsc::Sender<TicketRequest>,
+    recordings: mpsc::Sender<Recording>,
+}
+
+impl LedgerQueues {
+    /// Starts the ticketer and the recorder threads writing into `ledger`, each queue holding
+    /// up to `capacity`; both end once every clone of the queues is dropped.
+    ///
+    /// # Errors
+    ///
+    /// A thread could not be started.
+    fn start(
+        ledger: &Ledger,
+        config: &watch::Receiver<VerifierConfig>,
+        capacity: usize,
+    ) -> std::io::Result<(LedgerQueues, [GroupWriter; 2])> {
+        let (tickets, ticket_requests) = mpsc::channel(capacity);
+        let issuer = ledger.clone();
+        let ticketer = GroupWriter::spawn("paywatch-tickets", ticket_requests, move |group| {
+            issue_tickets(&issuer, group);
+        })?;
+        let (recordings, waiting) = mpsc::channel(capacity);
+        let (writer, config) = (ledger.clone(), config.clone());
+        let recorder = GroupWriter::spawn("paywatch-recorder", waiting, move |group| {
+            record_answers(&writer, &config, group);
+        })?;
+        let queues = LedgerQueues {
+            tickets,
+            recordings,
+        };
+        Ok((queues, [ticketer, recorder]))
+    }
+}
+
 /// A verified answer on its way to the recorder, and where its outcome goes.
 struct Recording {
     request: ApplyRequest,
@@ -95,8 +141,9 @@ pub struct VerifierStats {
 /// Where the verifier says what it changed, so the stages after it can follow.
 #[derive(Debug, Clone)]
 pub struct VerifierSignals {
-    /// Bumped after every transition (the hook dispatcher wakes on it).
-    pub ledger_changed: watch::Sender<u64>,
+    /// Bumped after every transition that queued hook deliveries (the hook dispatcher wakes
+    /// on it; a transition with none has nothing for it to do).
+    pub deliveries_queued: watch::Sender<u64>,
     /// Bumped when a transition ended a checkout's watch (the listener drops its target).
     pub watch_set_changed: watch::Sender<u64>,
 }
@@ -224,7 +271,7 @@ pub struct Verifier {
     concurrency: usize,
     /// One permit per Get Checkout call allowed at once.
     calls_allowed: tokio::sync::Semaphore,
-    ledger_changed: watch::Sender<u64>,
+    deliveries_queued: watch::Sender<u64>,
     watch_set_changed: watch::Sender<u64>,
     stats: watch::Sender<VerifierStats>,
     metrics: Metrics,
@@ -244,7 +291,7 @@ impl Verifier {
             config,
             concurrency: concurrency.max(1),
             calls_allowed: tokio::sync::Semaphore::new(concurrency.max(1)),
-            ledger_changed: signals.ledger_changed,
+            deliveries_queued: signals.deliveries_queued,
             watch_set_changed: signals.watch_set_changed,
             stats: watch::channel(VerifierStats::default()).0,
             metrics: Metrics::disabled(),
@@ -271,12 +318,19 @@ impl Verifier {
         abort: CancellationToken,
     ) {
         let this = Arc::new(self);
-        let (recordings, waiting) = mpsc::channel(this.concurrency * IN_FLIGHT_PER_CALL);
-        let recorder = tokio::spawn(record_answers(
-            this.ledger.clone(),
-            this.config.clone(),
-            waiting,
-        ));
+        let (queues, writers) = match LedgerQueues::start(
+            &this.ledger,
+            &this.config,
+            this.concurrency * IN_FLIGHT_PER_CALL,
+        ) {
+            Ok(started) => started,
+            Err(error) => {
+                // The verifier ends: its supervisor stops the daemon, naming it.
+                tracing::error!(%error, "cannot start the verifier's ledger threads; nothing can be verified");
+                return;
+            }
+        };
+        let queues = Arc::new(queues);
         let mut schedule = Schedule {
             slots: HashMap::new(),
             urgent: VecDeque::new(),
@@ -304,11 +358,11 @@ impl Verifier {
                 let owner = nudge.checkout_id.clone();
                 let task = Arc::clone(&this);
                 let abort = abort.clone();
-                let recordings = recordings.clone();
+                let queues = Arc::clone(&queues);
                 let handle = calls.spawn(async move {
                     let checkout_id = nudge.checkout_id.clone();
                     let retry = tokio::select! {
-                        retry = task.verify(nudge, &recordings) => retry,
+                        retry = task.verify(nudge, &queues) => retry,
                         () = abort.cancelled() => None,
                     };
                     Finished { checkout_id, retry }
@@ -317,9 +371,9 @@ impl Verifier {
             }
             if draining && calls.is_empty() {
                 // Every answer is recorded before the verifier says it is done.
-                drop(recordings);
-                if let Err(error) = recorder.await {
-                    tracing::error!(%error, "the recorder task failed");
+                drop(queues);
+                for writer in writers {
+                    writer.ended().await;
                 }
                 return;
             }
@@ -368,8 +422,8 @@ impl Verifier {
                     schedule.finish(&finished.checkout_id);
                 }
                 () = abort.cancelled() => {
+                    // The writer threads end once the aborted calls have dropped their queues.
                     calls.abort_all();
-                    recorder.abort();
                     return;
                 }
             }
@@ -417,18 +471,21 @@ impl Verifier {
     }
 
     /// One verification. Returns the nudge if it should be retried.
-    async fn verify(&self, nudge: Nudge, recordings: &mpsc::Sender<Recording>) -> Option<Nudge> {
+    async fn verify(&self, nudge: Nudge, queues: &LedgerQueues) -> Option<Nudge> {
         let client = self.config.borrow().client.clone();
         // The ticket orders this answer against every other (never a clock). None: a request
         // sent after this nudge's change was seen has answered already.
-        let ticketer = self.ledger.clone();
-        let (id, seen_after) = (nudge.checkout_id.clone(), nudge.seen_after);
-        let issued = tokio::task::spawn_blocking(move || match seen_after {
-            Some(seen_after) => ticketer.issue_ticket_unless_covered(&id, seen_after),
-            None => ticketer.issue_ticket().map(Some),
-        })
-        .await;
-        let ticket = match issued {
+        let (ticket, issued) = oneshot::channel();
+        let request = TicketRequest {
+            checkout_id: nudge.checkout_id.clone(),
+            seen_after: nudge.seen_after,
+            ticket,
+        };
+        if queues.tickets.send(request).await.is_err() {
+            tracing::error!(checkout = %nudge.checkout_id, "the ticketer is gone; will try again");
+            return Some(nudge);
+        }
+        let ticket = match issued.await {
             Ok(Ok(Some(ticket))) => ticket,
             Ok(Ok(None)) => {
                 tracing::debug!(checkout = %nudge.checkout_id, source = %nudge.source, "verified after this change was seen; no call needed");
@@ -440,8 +497,8 @@ impl Verifier {
                 tracing::error!(checkout = %nudge.checkout_id, %error, "cannot take a verification ticket; will try again");
                 return Some(nudge);
             }
-            Err(error) => {
-                tracing::error!(checkout = %nudge.checkout_id, %error, "ledger task failed; will try again");
+            Err(_) => {
+                tracing::error!(checkout = %nudge.checkout_id, "the ticketer failed before issuing this ticket; will try again");
                 return Some(nudge);
             }
         };
@@ -495,7 +552,7 @@ impl Verifier {
             },
             outcome,
         };
-        if recordings.send(recording).await.is_err() {
+        if queues.recordings.send(recording).await.is_err() {
             tracing::error!(checkout = %nudge.checkout_id, "the recorder is gone; will try again");
             return Some(nudge);
         }
@@ -521,8 +578,10 @@ impl Verifier {
                         stats.last_payment = Some(Utc::now());
                     }
                 });
-                self.ledger_changed
-                    .send_modify(|generation| *generation += 1);
+                if !deliveries.is_empty() {
+                    self.deliveries_queued
+                        .send_modify(|generation| *generation += 1);
+                }
                 if !watched {
                     self.watch_set_changed
                         .send_modify(|generation| *generation += 1);
@@ -550,36 +609,97 @@ impl Verifier {
     }
 }
 
-/// The recorder: takes every answer waiting (at least one, at most [`MAX_GROUP`]) and records
-/// them in one ledger transaction, with the hooks and refund watch configured at that moment;
-/// answers that arrive meanwhile form the next group. Ends when every sender is gone.
-async fn record_answers(
-    ledger: Ledger,
-    config: watch::Receiver<VerifierConfig>,
-    mut recordings: mpsc::Receiver<Recording>,
-) {
-    let mut group = Vec::with_capacity(MAX_GROUP);
-    while recordings.recv_many(&mut group, MAX_GROUP).await > 0 {
-        let (requests, outcomes): (Vec<ApplyRequest>, Vec<_>) = group
-            .drain(..)
-            .map(|recording| (recording.request, recording.outcome))
-            .unzip();
-        let current = config.borrow().clone();
-        let writer = ledger.clone();
-        let applied = tokio::task::spawn_blocking(move || {
-            writer.apply_all(&requests, &current.hooks, current.refund_watch)
-        })
-        .await;
-        match applied {
-            Ok(results) => {
-                for (outcome, result) in outcomes.into_iter().zip(results) {
-                    // The verification may have been cancelled meanwhile: nothing waits.
-                    let _ = outcome.send(result);
+/// A thread that writes groups of queued items to the ledger (the ticketer, the recorder).
+/// Blocking on its queue, it answers a lone item in two thread wake-ups (the queue's, the
+/// reply's), where a task handing each group to the blocking pool took four.
+struct GroupWriter {
+    /// Closed (the sender dropped) when the thread ends, however it ends.
+    ended: oneshot::Receiver<()>,
+}
+
+impl GroupWriter {
+    /// Starts thread `name`: it takes every item waiting on `queue` (at least one, at most
+    /// [`MAX_GROUP`]) and hands them to `write` as one group; items that arrive meanwhile form
+    /// the next group. It ends when every sender of `queue` is gone. A `write` that panics
+    /// drops its group (each waiting verification sees its reply dropped and retries) and is
+    /// logged; the thread goes on with the next group.
+    fn spawn<T: Send + 'static>(
+        name: &str,
+        mut queue: mpsc::Receiver<T>,
+        mut write: impl FnMut(Vec<T>) + Send + 'static,
+    ) -> std::io::Result<GroupWriter> {
+        let (alive, ended) = oneshot::channel::<()>();
+        let thread = name.to_owned();
+        std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                let _alive = alive;
+                while let Some(first) = queue.blocking_recv() {
+                    let mut group = Vec::with_capacity(MAX_GROUP.min(queue.len() + 1));
+                    group.push(first);
+                    while group.len() < MAX_GROUP {
+                        match queue.try_recv() {
+                            Ok(item) => group.push(item),
+                            Err(_) => break,
+                        }
+                    }
+                    let written =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write(group)));
+                    if written.is_err() {
+                        tracing::error!(thread = %thread, "writing a group to the ledger panicked; its verifications are retried");
+                    }
                 }
+            })?;
+        Ok(GroupWriter { ended })
+    }
+
+    /// Waits for the thread to end (its queue's senders must be gone by then).
+    async fn ended(self) {
+        let _ = self.ended.await;
+    }
+}
+
+/// The ticketer's work for one group: their tickets in one ledger transaction, each sent to
+/// the verification that asked.
+fn issue_tickets(ledger: &Ledger, group: Vec<TicketRequest>) {
+    let (wanted, replies): (Vec<_>, Vec<_>) = group
+        .into_iter()
+        .map(|request| ((request.checkout_id, request.seen_after), request.ticket))
+        .unzip();
+    match ledger.issue_tickets(&wanted) {
+        Ok(tickets) => {
+            for (reply, ticket) in replies.into_iter().zip(tickets) {
+                // The verification may have been cancelled meanwhile: nothing waits.
+                let _ = reply.send(Ok(ticket));
             }
-            // The senders are dropped: each waiting verification retries.
-            Err(error) => tracing::error!(%error, "recording a group of answers failed"),
         }
+        Err(error) => {
+            for reply in replies {
+                let _ = reply.send(Err(LedgerError {
+                    path: error.path.clone(),
+                    message: error.message.clone(),
+                }));
+            }
+        }
+    }
+}
+
+/// The recorder's work for one group: the answers in one ledger transaction, with the hooks and
+/// refund watch configured at that moment, each outcome sent to the verification that waits.
+fn record_answers(
+    ledger: &Ledger,
+    config: &watch::Receiver<VerifierConfig>,
+    group: Vec<Recording>,
+) {
+    let (requests, outcomes): (Vec<ApplyRequest>, Vec<_>) = group
+        .into_iter()
+        .map(|recording| (recording.request, recording.outcome))
+        .unzip();
+    let current = config.borrow().clone();
+    let results = ledger.apply_all(&requests, &current.hooks, current.refund_watch);
+    for (outcome, result) in outcomes.into_iter().zip(results) {
+        // The verification may have been cancelled meanwhile: nothing waits.
+        let _ = outcome.send(result);
     }
 }
 
@@ -657,15 +777,11 @@ mod tests {
     const PENDING: &str = r#"{"id":"5","orderId":"ORD-5","currency":"AED","amount":5,"status":"PENDING","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d5"}"#;
     const PAID: &str = r#"{"success":true,"result":{"id":"5","orderId":"ORD-5","currency":"AED","amount":5,"status":"PAID","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d5"}}"#;
 
-    /// A recorder for `verifier`'s answers, as [`Verifier::run`] starts one.
-    fn recorder(verifier: &Verifier) -> mpsc::Sender<Recording> {
-        let (recordings, waiting) = mpsc::channel(1);
-        tokio::spawn(record_answers(
-            verifier.ledger.clone(),
-            verifier.config.clone(),
-            waiting,
-        ));
-        recordings
+    /// A ticketer and a recorder for `verifier`, as [`Verifier::run`] starts them.
+    fn queues(verifier: &Verifier) -> LedgerQueues {
+        LedgerQueues::start(&verifier.ledger, &verifier.config, 1)
+            .expect("threads")
+            .0
     }
 
     fn schedule() -> Schedule {
@@ -803,10 +919,40 @@ mod tests {
             receiver,
             1,
             VerifierSignals {
-                ledger_changed: watch::channel(0).0,
+                deliveries_queued: watch::channel(0).0,
                 watch_set_changed: watch::channel(0).0,
             },
         )
+    }
+
+    #[tokio::test]
+    async fn only_a_transition_that_queued_deliveries_wakes_the_dispatcher() {
+        let notify_paid = HookSettings::for_tests("notify", &["PAID"]);
+        for (hooks, wakes) in [(Vec::new(), 0), (vec![notify_paid], 1)] {
+            let ledger = Ledger::open_in_memory().expect("ledger");
+            let verifier = verifier_answering(&ledger, PAID, || {}).await;
+            let client = verifier.config.borrow().client.clone();
+            let (_config, config) = watch::channel(VerifierConfig {
+                client,
+                hooks: Arc::new(hooks),
+                refund_watch: Duration::from_secs(3600),
+            });
+            let deliveries_queued = watch::channel(0u64).0;
+            let verifier = Verifier {
+                config,
+                deliveries_queued: deliveries_queued.clone(),
+                ..verifier
+            };
+            let queues = queues(&verifier);
+            assert!(
+                verifier
+                    .verify(nudge("5", Source::Firestore), &queues)
+                    .await
+                    .is_none()
+            );
+            assert_eq!(verifier.stats().borrow().transitions, 1);
+            assert_eq!(*deliveries_queued.borrow(), wakes);
+        }
     }
 
     #[tokio::test]
@@ -835,7 +981,7 @@ mod tests {
         };
         let verifier = verifier_answering(&ledger, PAID, meanwhile).await;
         let retry = verifier
-            .verify(nudge("5", Source::Firestore), &recorder(&verifier))
+            .verify(nudge("5", Source::Firestore), &queues(&verifier))
             .await;
         assert!(retry.is_some(), "a stale answer is retried");
         let entry = ledger.watch_set().expect("set");
@@ -853,6 +999,77 @@ mod tests {
             Some("PENDING"),
             "the stale PAID was not recorded; the retry will ask again"
         );
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_verifications_takes_its_tickets_in_one_transaction() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+        let before = crate::ledger::testing::wal_commits(&ledger);
+        // All 20 requests wait before the ticketer starts, as a start-up's burst of nudges
+        // waits for the ticketer's commit in progress.
+        let (tickets, requests) = mpsc::channel(64);
+        let mut replies = Vec::new();
+        for id in 1..=20 {
+            let (ticket, issued) = oneshot::channel();
+            let request = TicketRequest {
+                checkout_id: id.to_string().parse().expect("id"),
+                seen_after: None,
+                ticket,
+            };
+            tickets.try_send(request).expect("room");
+            replies.push(issued);
+        }
+        drop(tickets);
+        let issuer = ledger.clone();
+        let ticketer = GroupWriter::spawn("test-tickets", requests, move |group| {
+            issue_tickets(&issuer, group);
+        })
+        .expect("thread");
+        let mut issued_tickets = Vec::new();
+        for issued in replies {
+            issued_tickets.push(
+                issued
+                    .await
+                    .expect("issued")
+                    .expect("ticket")
+                    .expect("asked"),
+            );
+        }
+        ticketer.ended().await;
+        assert!(
+            issued_tickets.windows(2).all(|pair| pair[0] < pair[1]),
+            "{issued_tickets:?}"
+        );
+        let commits = crate::ledger::testing::wal_commits(&ledger) - before;
+        assert_eq!(commits, 1, "{commits} ledger commits for 20 tickets");
+    }
+
+    #[tokio::test]
+    async fn a_writer_thread_that_panics_drops_its_group_and_goes_on() {
+        let (queue, waiting) = mpsc::channel(4);
+        let writer = GroupWriter::spawn(
+            "test-writer",
+            waiting,
+            |group: Vec<(u32, oneshot::Sender<u32>)>| {
+                for (value, reply) in group {
+                    assert_ne!(value, 13, "unlucky");
+                    let _ = reply.send(value * 2);
+                }
+            },
+        )
+        .expect("thread");
+        let (reply, panicked) = oneshot::channel();
+        queue.send((13, reply)).await.expect("queued");
+        assert!(
+            panicked.await.is_err(),
+            "the panicking group's reply is dropped"
+        );
+        let (reply, answered) = oneshot::channel();
+        queue.send((4, reply)).await.expect("the thread goes on");
+        assert_eq!(answered.await.expect("answered"), 8);
+        drop(queue);
+        writer.ended().await;
     }
 
     #[tokio::test]
@@ -877,12 +1094,12 @@ mod tests {
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         })
         .await;
-        let recordings = recorder(&verifier);
+        let queues = queues(&verifier);
         let covered = Nudge {
             seen_after: Some(seen),
             ..nudge("5", Source::Firestore)
         };
-        assert!(verifier.verify(covered, &recordings).await.is_none());
+        assert!(verifier.verify(covered, &queues).await.is_none());
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 0);
         assert_eq!(verifier.stats().borrow().covered, 1);
         // A change seen after that request was sent is verified.
@@ -890,7 +1107,7 @@ mod tests {
             seen_after: Some(ledger.last_ticket().expect("counter")),
             ..nudge("5", Source::Firestore)
         };
-        assert!(verifier.verify(later, &recordings).await.is_none());
+        assert!(verifier.verify(later, &queues).await.is_none());
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(
             ledger

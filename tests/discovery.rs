@@ -65,7 +65,7 @@ fn verifier(
         config,
         16,
         VerifierSignals {
-            ledger_changed: watch::channel(0).0,
+            deliveries_queued: watch::channel(0).0,
             watch_set_changed: watch::channel(0).0,
         },
     );

@@ -206,7 +206,7 @@ pub async fn run(
     // 4. The verifier, fed by the listener's events and the reconciler.
     let (config_sender, config_receiver) =
         watch::channel(verifier_config(&settings, client.clone()));
-    let (ledger_changed, _) = watch::channel(0u64);
+    let (deliveries_queued, _) = watch::channel(0u64);
     let (watch_set_changed, _) = watch::channel(0u64);
     // Urgent nudges (Firestore changes) and sweep nudges (the reconciler) travel apart, so a
     // payment never queues behind a sweep.
@@ -217,7 +217,7 @@ pub async fn run(
         config_receiver,
         settings.paymennt.concurrency,
         VerifierSignals {
-            ledger_changed: ledger_changed.clone(),
+            deliveries_queued: deliveries_queued.clone(),
             watch_set_changed: watch_set_changed.clone(),
         },
     )
@@ -368,7 +368,7 @@ pub async fn run(
     tasks.spawn(supervisor.supervise(
         "hook dispatcher wake-up",
         wake_dispatcher(
-            ledger_changed.subscribe(),
+            deliveries_queued.subscribe(),
             dispatcher_handle.clone(),
             sources.clone(),
         ),
@@ -651,16 +651,16 @@ fn lock_ledger(ledger: &std::path::Path) -> anyhow::Result<std::fs::File> {
     }
 }
 
-/// Wakes the dispatcher whenever the verifier records a transition.
+/// Wakes the dispatcher whenever the verifier records a transition that queued hook deliveries.
 async fn wake_dispatcher(
-    mut ledger_changed: watch::Receiver<u64>,
+    mut deliveries_queued: watch::Receiver<u64>,
     dispatcher: DispatcherHandle,
     cancel: CancellationToken,
 ) {
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
-            changed = ledger_changed.changed() => match changed {
+            changed = deliveries_queued.changed() => match changed {
                 Ok(()) => dispatcher.wake(),
                 Err(_) => return,
             },

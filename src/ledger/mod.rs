@@ -751,15 +751,27 @@ impl Ledger {
         seen_after: VerifyTicket,
     ) -> Result<Option<VerifyTicket>> {
         self.write_without_fsync("ticket", |transaction| {
-            let requested: Option<i64> = transaction
-                .prepare_cached("SELECT verify_requested_ticket FROM checkouts WHERE id = ?1")?
-                .query_row([id.as_str()], |row| row.get(0))
-                .optional()?
-                .flatten();
-            if requested.is_some_and(|requested| requested > seen_after.number()) {
-                return Ok(None);
-            }
-            next_ticket_in(transaction).map(Some)
+            ticket_unless_covered_in(transaction, id, Some(seen_after))
+        })
+    }
+
+    /// Tickets for several verifications in one transaction (the verifier's group of waiting
+    /// requests): for each `(checkout, seen_after)`, in order, what
+    /// [`Ledger::issue_ticket_unless_covered`] would give, or [`Ledger::issue_ticket`]'s when
+    /// `seen_after` is `None`. Every ticket is distinct and greater than any issued before.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures (then no ticket of the group was issued).
+    pub fn issue_tickets(
+        &self,
+        wanted: &[(CheckoutId, Option<VerifyTicket>)],
+    ) -> Result<Vec<Option<VerifyTicket>>> {
+        self.write_without_fsync("ticket", |transaction| {
+            wanted
+                .iter()
+                .map(|(id, seen_after)| ticket_unless_covered_in(transaction, id, *seen_after))
+                .collect()
         })
     }
 
@@ -818,8 +830,9 @@ impl Ledger {
     /// SQL failures.
     pub fn mark_needs_verify(&self, ids: &[CheckoutId], seen_after: VerifyTicket) -> Result<()> {
         // No fsync of its own: the note matters only once the resume token that would let a
-        // restart skip the change is saved, and that commit's fsync makes this one durable too.
-        // Until then a restart hears of the change from Firestore again.
+        // restart skip the change is durable, and in WAL mode that token cannot be durable
+        // without this earlier commit. Until then a restart hears of the change from Firestore
+        // again.
         self.write_without_fsync("mark", |transaction| {
             let mut statement = transaction.prepare_cached(
                 "UPDATE checkouts SET needs_verify = 1,
@@ -899,6 +912,13 @@ impl Ledger {
 
     /// Persists resume tokens after a consistent snapshot (only for still-watched checkouts).
     ///
+    /// No fsync of its own: a token lost in a crash only makes Firestore resend changes the
+    /// daemon may already have verified (verifying again changes nothing), and a token that
+    /// survives always has the change notes written before it ([`Ledger::mark_needs_verify`]):
+    /// in WAL mode a commit becomes durable only with every commit before it. The next fsync'd
+    /// commit (a verification) makes it durable. Skipping the fsync keeps a change's own
+    /// checkpoint from sitting between its answer and the ledger.
+    ///
     /// # Errors
     ///
     /// SQL failures.
@@ -907,30 +927,22 @@ impl Ledger {
         tokens: &[(CheckoutId, Vec<u8>)],
         read_time: Option<DateTime<Utc>>,
     ) -> Result<()> {
-        let mut connection = self.lock();
-        let transaction = self.write(&mut connection, "save tokens")?;
-        {
-            let mut statement = transaction
-                .prepare_cached(
-                    "INSERT INTO listen_targets (checkout_id, resume_token, read_time, updated_at)
-                     SELECT id, ?2, ?3, ?4 FROM checkouts WHERE id = ?1 AND watched = 1
-                     ON CONFLICT (checkout_id) DO UPDATE SET
-                        resume_token = excluded.resume_token,
-                        read_time = excluded.read_time,
-                        updated_at = excluded.updated_at",
-                )
-                .map_err(|e| self.error("save tokens", e))?;
+        self.write_without_fsync("save tokens", |transaction| {
+            let mut statement = transaction.prepare_cached(
+                "INSERT INTO listen_targets (checkout_id, resume_token, read_time, updated_at)
+                 SELECT id, ?2, ?3, ?4 FROM checkouts WHERE id = ?1 AND watched = 1
+                 ON CONFLICT (checkout_id) DO UPDATE SET
+                    resume_token = excluded.resume_token,
+                    read_time = excluded.read_time,
+                    updated_at = excluded.updated_at",
+            )?;
             let read_time = read_time.map(timestamp);
             let updated = now();
             for (id, token) in tokens {
-                statement
-                    .execute(params![id.as_str(), token, read_time, updated])
-                    .map_err(|e| self.error("save tokens", e))?;
+                statement.execute(params![id.as_str(), token, read_time, updated])?;
             }
-        }
-        transaction
-            .commit()
-            .map_err(|e| self.error("save tokens", e))
+            Ok(())
+        })
     }
 
     /// Drops a checkout's resume token (after a RESET or an existence-filter mismatch).
@@ -1413,6 +1425,26 @@ fn track_in(
 }
 
 /// Takes the next verification ticket from the counter.
+/// The next ticket, unless `seen_after` is given and checkout `id` was already verified by a
+/// request with a later ticket.
+fn ticket_unless_covered_in(
+    transaction: &rusqlite::Transaction<'_>,
+    id: &CheckoutId,
+    seen_after: Option<VerifyTicket>,
+) -> rusqlite::Result<Option<VerifyTicket>> {
+    if let Some(seen_after) = seen_after {
+        let requested: Option<i64> = transaction
+            .prepare_cached("SELECT verify_requested_ticket FROM checkouts WHERE id = ?1")?
+            .query_row([id.as_str()], |row| row.get(0))
+            .optional()?
+            .flatten();
+        if requested.is_some_and(|requested| requested > seen_after.number()) {
+            return Ok(None);
+        }
+    }
+    next_ticket_in(transaction).map(Some)
+}
+
 fn next_ticket_in(transaction: &rusqlite::Transaction<'_>) -> rusqlite::Result<VerifyTicket> {
     transaction
         .prepare_cached("UPDATE verify_tickets SET last = last + 1 WHERE id = 1 RETURNING last")?
@@ -1662,6 +1694,41 @@ fn transition_from_row(row: &Row<'_>) -> rusqlite::Result<TransitionRecord> {
         refunded_from: row.get(9)?,
         refunded_to: row.get(10)?,
     })
+}
+
+/// Helpers for tests elsewhere in the crate that look at what the ledger wrote.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::Ledger;
+
+    /// How many transactions have been committed to the ledger's write-ahead log so far: the
+    /// frames of the current WAL generation that end a transaction (a commit frame carries the
+    /// database size; others carry 0). Valid while no checkpoint restarts the log (a small test).
+    pub(crate) fn wal_commits(ledger: &Ledger) -> usize {
+        let mut wal = ledger.path().into_os_string();
+        wal.push("-wal");
+        let bytes = std::fs::read(&wal).unwrap_or_default();
+        if bytes.len() < 32 {
+            return 0;
+        }
+        let word = |at: usize| {
+            u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        };
+        let page_size = word(8) as usize;
+        let salts = &bytes[16..24];
+        let mut commits = 0;
+        let mut at = 32;
+        while at + 24 + page_size <= bytes.len() {
+            if &bytes[at + 8..at + 16] != salts {
+                break;
+            }
+            if word(at + 4) != 0 {
+                commits += 1;
+            }
+            at += 24 + page_size;
+        }
+        commits
+    }
 }
 
 #[cfg(test)]

@@ -1417,6 +1417,57 @@ fn one_failing_answer_in_a_group_fails_alone() {
 }
 
 #[test]
+fn a_group_of_tickets_is_what_each_request_would_get_alone() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let (covered, open, untracked): (CheckoutId, CheckoutId, CheckoutId) = (
+        "1".parse().expect("id"),
+        "2".parse().expect("id"),
+        "9".parse().expect("id"),
+    );
+    for id in ["1", "2"] {
+        ledger.track(&facts(id), TrackedVia::Track).expect("track");
+    }
+    let seen = ledger.last_ticket().expect("counter");
+    let asked = ledger.issue_ticket().expect("ticket");
+    ledger
+        .apply(
+            &answer("1", "PENDING", asked, Utc::now()),
+            Source::Firestore,
+            None,
+            &[],
+            WATCH,
+        )
+        .expect("apply");
+    let tickets = ledger
+        .issue_tickets(&[
+            (covered.clone(), Some(seen)),
+            (open.clone(), Some(seen)),
+            (untracked, Some(seen)),
+            (covered, None),
+        ])
+        .expect("tickets");
+    // Checkout 1 was answered by a request sent after `seen`: no ticket; the others get
+    // distinct ones, in order, after every ticket before; `None` always asks.
+    assert_eq!(tickets.len(), 4);
+    assert_eq!(tickets[0], None);
+    let issued: Vec<VerifyTicket> = tickets[1..].iter().flatten().copied().collect();
+    assert_eq!(issued.len(), 3, "{tickets:?}");
+    assert!(issued[0] > asked);
+    assert!(
+        issued.windows(2).all(|pair| pair[0] < pair[1]),
+        "{issued:?}"
+    );
+    assert!(ledger.issue_ticket().expect("ticket") > issued[2]);
+    // The open checkout's ticket is what it would have got alone: a request is needed.
+    assert!(
+        ledger
+            .issue_ticket_unless_covered(&open, seen)
+            .expect("ticket")
+            .is_some()
+    );
+}
+
+#[test]
 fn a_ticket_is_not_needed_once_a_later_request_answered() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let id: CheckoutId = "1".parse().expect("id");

@@ -14,6 +14,7 @@
 //! - `PAYWATCH_BENCH_STARTUP` [10000]: checkouts for start-up and the reconcile sweep;
 //! - `PAYWATCH_BENCH_FLOOR_SAMPLES` [300]: samples per floor;
 //! - `PAYWATCH_BENCH_PHASES` [all]: which of latency, throughput, startup, memory to run;
+//! - `PAYWATCH_BENCH_BIN` [this build's]: the `paywatch` executable the child phases run;
 //! - `PAYWATCH_BENCH_DIR` [the temp dir]: where ledgers whose commits are timed live (a real
 //!   disk: commit latency is part of the figures); `PAYWATCH_BENCH_SCRATCH` [/dev/shm if present]:
 //!   where ledgers are built and where the memory runs keep theirs;
@@ -1076,23 +1077,31 @@ fn spawn_daemon_profiled(config: &Path, heaptrack_output: Option<&Path>) -> Chil
     let socket_path = socket_dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&socket_path).expect("notify socket");
     let spawned = Instant::now();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_paywatch"));
+    // `PAYWATCH_BENCH_BIN` runs another build of paywatch as the child (comparing two builds
+    // in one sitting, on the same machine state).
+    let program = std::env::var_os("PAYWATCH_BENCH_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_paywatch").into());
+    let mut command = Command::new(program);
     if let Some(output) = heaptrack_output {
         command
             .env("LD_PRELOAD", HEAPTRACK_PRELOAD)
             .env("DUMP_HEAPTRACK_OUTPUT", output);
     }
+    // `PAYWATCH_BENCH_LOG` shows the child daemons' logs too (their timestamps give a phase's
+    // timeline).
+    match std::env::var("PAYWATCH_BENCH_LOG") {
+        Ok(directives) => command.env("RUST_LOG", directives).stderr(Stdio::inherit()),
+        Err(_) => command.env_remove("RUST_LOG").stderr(Stdio::null()),
+    };
     let child = command
         .arg("--config")
         .arg(config)
         .arg("run")
-        .env_remove("RUST_LOG")
         .env_remove("WATCHDOG_USEC")
         .env_remove("WATCHDOG_PID")
         .env("NOTIFY_SOCKET", &socket_path)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
         .spawn()
         .expect("paywatch run");
     ChildDaemon {
@@ -1513,10 +1522,12 @@ async fn startup(
     })
     .await;
     let verified = daemon.spawned.elapsed();
+    let cpu = daemon.cpu();
     println!(
-        "  READY after {:.0} ms; all {count} subscribed and verified after {:.0} ms",
+        "  READY after {:.0} ms; all {count} subscribed and verified after {:.0} ms; daemon CPU {:.0} ms",
         ready.as_secs_f64() * 1e3,
-        verified.as_secs_f64() * 1e3
+        verified.as_secs_f64() * 1e3,
+        cpu.as_secs_f64() * 1e3
     );
     report.add(
         format!("process start → {count} subscribed and verified"),

@@ -12,6 +12,7 @@ use crate::domain::Source;
 use crate::hooks::retry::RetrySchedule;
 use crate::hooks::runner::HookCommand;
 use crate::hooks::runner::tests::is_running;
+use crate::ledger::testing::wal_commits;
 use crate::ledger::{DeliveryFilter, DeliveryState};
 use crate::paymennt::VerifiedCheckout;
 use crate::settings::HookSettings;
@@ -887,34 +888,6 @@ async fn a_panic_during_an_attempt_is_recorded_as_a_retry_and_the_dispatcher_goe
     fx.until_state(&events[1], DeliveryState::Delivered).await;
     assert!(!running.task.is_finished(), "the dispatcher goes on");
     running.stop().await;
-}
-
-/// How many transactions have been committed to the ledger's write-ahead log so far: the
-/// frames of the current WAL generation that end a transaction (a commit frame carries the
-/// database size; others carry 0). Valid while no checkpoint restarts the log (a small test).
-fn wal_commits(ledger: &Ledger) -> usize {
-    let mut wal = ledger.path().into_os_string();
-    wal.push("-wal");
-    let bytes = std::fs::read(&wal).unwrap_or_default();
-    if bytes.len() < 32 {
-        return 0;
-    }
-    let word =
-        |at: usize| u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
-    let page_size = word(8) as usize;
-    let salts = &bytes[16..24];
-    let mut commits = 0;
-    let mut at = 32;
-    while at + 24 + page_size <= bytes.len() {
-        if &bytes[at + 8..at + 16] != salts {
-            break;
-        }
-        if word(at + 4) != 0 {
-            commits += 1;
-        }
-        at += 24 + page_size;
-    }
-    commits
 }
 
 #[tokio::test]
