@@ -470,11 +470,14 @@ impl Verifier {
         }
     }
 
-    /// One verification. Returns the nudge if it should be retried.
-    async fn verify(&self, nudge: Nudge, queues: &LedgerQueues) -> Option<Nudge> {
-        let client = self.config.borrow().client.clone();
-        // The ticket orders this answer against every other (never a clock). None: a request
-        // sent after this nudge's change was seen has answered already.
+    /// A ticket from the ticketer for `nudge`: `None` when a request sent after its change
+    /// was seen has answered already (counted as covered), `Err` when none could be had (the
+    /// nudge is retried).
+    async fn take_ticket(
+        &self,
+        nudge: &Nudge,
+        queues: &LedgerQueues,
+    ) -> Result<Option<VerifyTicket>, ()> {
         let (ticket, issued) = oneshot::channel();
         let request = TicketRequest {
             checkout_id: nudge.checkout_id.clone(),
@@ -483,24 +486,41 @@ impl Verifier {
         };
         if queues.tickets.send(request).await.is_err() {
             tracing::error!(checkout = %nudge.checkout_id, "the ticketer is gone; will try again");
-            return Some(nudge);
+            return Err(());
         }
-        let ticket = match issued.await {
-            Ok(Ok(Some(ticket))) => ticket,
+        match issued.await {
+            Ok(Ok(Some(ticket))) => Ok(Some(ticket)),
             Ok(Ok(None)) => {
                 tracing::debug!(checkout = %nudge.checkout_id, source = %nudge.source, "verified after this change was seen; no call needed");
                 self.stats.send_modify(|stats| stats.covered += 1);
                 self.metrics.verification_skipped(nudge.source);
-                return None;
+                Ok(None)
             }
             Ok(Err(error)) => {
                 tracing::error!(checkout = %nudge.checkout_id, %error, "cannot take a verification ticket; will try again");
-                return Some(nudge);
+                Err(())
             }
             Err(_) => {
                 tracing::error!(checkout = %nudge.checkout_id, "the ticketer failed before issuing this ticket; will try again");
-                return Some(nudge);
+                Err(())
             }
+        }
+    }
+
+    /// One verification. Returns the nudge if it should be retried.
+    async fn verify(&self, mut nudge: Nudge, queues: &LedgerQueues) -> Option<Nudge> {
+        let client = self.config.borrow().client.clone();
+        // The ticket orders this answer against every other (never a clock): the one issued
+        // when the change was noted, or one from the ticketer, which says None when a request
+        // sent after this nudge's change was seen has answered already. Taken out of the
+        // nudge, so a retry asks for a new one.
+        let ticket = match nudge.ticket.take() {
+            Some(ticket) => ticket,
+            None => match self.take_ticket(&nudge, queues).await {
+                Ok(Some(ticket)) => ticket,
+                Ok(None) => return None,
+                Err(()) => return Some(nudge),
+            },
         };
         self.stats.send_modify(|stats| stats.calls += 1);
         self.metrics.verification(nudge.source);
@@ -770,6 +790,7 @@ mod tests {
             seen_at: Instant::now(),
             changed_at: None,
             seen_after: None,
+            ticket: None,
         }
     }
 
@@ -998,6 +1019,63 @@ mod tests {
                 .as_deref(),
             Some("PENDING"),
             "the stale PAID was not recorded; the retry will ask again"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_nudge_is_verified_with_the_ticket_it_carries_and_a_retry_asks_for_a_new_one() {
+        let ledger = Ledger::open_in_memory().expect("ledger");
+        let id: CheckoutId = "5".parse().expect("id");
+        let noted = ledger
+            .note_changes(std::slice::from_ref(&id))
+            .expect("noted");
+        // While our request is in flight, another process verifies the checkout with a later
+        // ticket: our answer, ordered by the ticket the nudge carries, is stale.
+        let other = ledger.clone();
+        let meanwhile = move || {
+            let ticket = other.issue_ticket().expect("ticket");
+            let answer = VerifiedCheckout::for_tests_with(PENDING, ticket, Utc::now());
+            other
+                .apply(
+                    &answer,
+                    Source::Manual,
+                    None,
+                    &[],
+                    Duration::from_secs(3600),
+                )
+                .expect("apply");
+        };
+        let verifier = verifier_answering(&ledger, PAID, meanwhile).await;
+        // No ticketer: a nudge that carries its ticket needs none.
+        let (tickets, no_ticketer) = mpsc::channel(1);
+        drop(no_ticketer);
+        let (recordings, waiting) = mpsc::channel(1);
+        let (writer, config) = (ledger.clone(), verifier.config.clone());
+        let _recorder = GroupWriter::spawn("test-recorder", waiting, move |group| {
+            record_answers(&writer, &config, group);
+        })
+        .expect("thread");
+        let queues = LedgerQueues {
+            tickets,
+            recordings,
+        };
+        let carrying = Nudge {
+            seen_after: Some(noted.seen_after),
+            ticket: Some(noted.tickets[0]),
+            ..nudge("5", Source::Firestore)
+        };
+        let retry = verifier.verify(carrying, &queues).await;
+        assert_eq!(verifier.stats().borrow().calls, 1, "the call was made");
+        let retry = retry.expect("a stale answer is retried");
+        assert_eq!(retry.ticket, None, "a retry never reuses the ticket");
+        assert_eq!(
+            ledger
+                .checkout(&id)
+                .expect("read")
+                .and_then(|c| c.status)
+                .as_deref(),
+            Some("PENDING"),
+            "the answer to the older ticket was not recorded"
         );
     }
 

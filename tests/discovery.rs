@@ -104,6 +104,7 @@ async fn open_checkouts(
                 seen_at: std::time::Instant::now(),
                 changed_at: None,
                 seen_after: None,
+                ticket: None,
             })
             .await
             .expect("verifier running");

@@ -674,11 +674,12 @@ const NOTE_RETRY: Duration = Duration::from_secs(1);
 
 /// Turns the listener's events into nudges and persisted resume state, in order.
 ///
-/// Changed checkouts are nudged at once, then marked `needs_verify` in the ledger before any
-/// later checkpoint is saved: if the daemon dies after a token is saved but before the
-/// verification, the reconciler's startup sweep still verifies them. (A verification that
-/// finished before the mark is not undone by it: the mark applies only to checkouts last
-/// verified before the change was seen.)
+/// Each batch of changed checkouts is marked `needs_verify` in the ledger, in the write that
+/// also issues their verifications' tickets, then nudged, all before any checkpoint of the
+/// batch is saved: if the daemon dies after a token is saved but before the verification, the
+/// reconciler's startup sweep still verifies them. (A verification that finished before the
+/// mark is not undone by it: the mark applies only to checkouts last verified before the
+/// change was seen.)
 ///
 /// A checkout whose change could not be noted (the ledger busy or failing) keeps its own
 /// retry: it is noted again with every later batch and every [`NOTE_RETRY`] until that works,
@@ -703,55 +704,27 @@ async fn consume_listen_events(
             received = events.recv_many(&mut batch, 512) => if received == 0 { return },
             _ = retry.tick(), if !unnoted.is_empty() => {}
         }
-        // Where the ticket counter stands before any nudge of this batch goes out: every
-        // verification the nudges cause gets a later ticket, and only such a one clears the note.
-        // Changes retried from earlier batches take this (later) ticket too: that can only
-        // mark more, never less.
-        let seen_after =
-            if !unnoted.is_empty() || batch.iter().any(|e| matches!(e, ListenEvent::Changed(_))) {
-                let reader = ledger.clone();
-                match blocking(move || reader.last_ticket()).await {
-                    Ok(ticket) => Some(ticket),
-                    Err(error) => {
-                        tracing::error!("cannot read the verification ticket counter: {error:#}");
-                        None
-                    }
-                }
-            } else {
-                None
-            };
-        // Nudges go out first: verification starts at once, whatever the disk is doing.
-        let mut changed = Vec::new();
-        for event in &batch {
-            if let ListenEvent::Changed(nudge) = event {
-                tracing::debug!(checkout = %nudge.checkout_id, changed_at = ?nudge.changed_at, "document changed");
-                if !unnoted.contains(&nudge.checkout_id) {
-                    changed.push(nudge.checkout_id.clone());
-                }
-                let nudge = Nudge {
-                    seen_after,
-                    ..nudge.clone()
-                };
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    sent = nudges.send(nudge) => if sent.is_err() { return },
-                }
-            }
-        }
-        // Then, before any checkpoint of this batch is saved, the changes are noted durably,
-        // with those that earlier notes failed to record.
-        changed.extend(unnoted.iter().cloned());
-        if !changed.is_empty() {
+        // Before any nudge of this batch goes out, one ledger write (no fsync) notes the
+        // changes, with those that earlier notes failed to record, and issues the tickets of
+        // the verifications they ask for: every checkpoint of this batch is saved after it.
+        let changes: Vec<&Nudge> = batch
+            .iter()
+            .filter_map(|event| match event {
+                ListenEvent::Changed(nudge) => Some(nudge),
+                _ => None,
+            })
+            .collect();
+        let mut noting: Vec<CheckoutId> = changes
+            .iter()
+            .map(|nudge| nudge.checkout_id.clone())
+            .collect();
+        noting.extend(unnoted.iter().cloned());
+        let noted = if noting.is_empty() {
+            None
+        } else {
             let marker = ledger.clone();
-            let noting = changed.clone();
-            let noted = match seen_after {
-                Some(seen_after) => {
-                    blocking(move || marker.mark_needs_verify(&noting, seen_after)).await
-                }
-                None => Err(anyhow::anyhow!("the ticket counter could not be read")),
-            };
-            match noted {
-                Ok(()) => {
+            match blocking(move || marker.note_changes(&noting)).await {
+                Ok(noted) => {
                     if !unnoted.is_empty() {
                         tracing::info!(
                             checkouts = unnoted.len(),
@@ -759,15 +732,33 @@ async fn consume_listen_events(
                         );
                     }
                     unnoted.clear();
+                    Some(noted)
                 }
                 Err(error) => {
-                    unnoted.extend(changed);
+                    unnoted.extend(changes.iter().map(|nudge| nudge.checkout_id.clone()));
                     tracing::error!(
                         checkouts = unnoted.len(),
                         "cannot note pending verifications; retrying every {}s, and their resume tokens are not saved until it works: {error:#}",
                         NOTE_RETRY.as_secs()
                     );
+                    None
                 }
+            }
+        };
+        // Then the nudges, each with its ticket (without one, when the note failed, the
+        // verifier takes one itself).
+        for (index, nudge) in changes.into_iter().enumerate() {
+            tracing::debug!(checkout = %nudge.checkout_id, changed_at = ?nudge.changed_at, "document changed");
+            let nudge = Nudge {
+                seen_after: noted.as_ref().map(|noted| noted.seen_after),
+                ticket: noted
+                    .as_ref()
+                    .and_then(|noted| noted.tickets.get(index).copied()),
+                ..nudge.clone()
+            };
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                sent = nudges.send(nudge) => if sent.is_err() { return },
             }
         }
         for event in batch.drain(..) {

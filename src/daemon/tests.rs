@@ -31,6 +31,7 @@ fn changed(text: &str) -> ListenEvent {
         seen_at: Instant::now(),
         changed_at: None,
         seen_after: None,
+        ticket: None,
     })
 }
 

@@ -233,6 +233,7 @@ async fn track(
                     seen_at,
                     changed_at: None,
                     seen_after: None,
+                    ticket: None,
                 })
                 .await;
             StatusCode::CREATED

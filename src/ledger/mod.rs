@@ -372,6 +372,16 @@ pub const NOT_FOUND_LIMIT: u32 = 3;
 /// statements the daemon reuses).
 const STATEMENT_CACHE: usize = 64;
 
+/// What [`Ledger::note_changes`] wrote: where the ticket counter stood when the changes were
+/// seen, and a ticket for each change's verification, in the order of the ids given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotedChanges {
+    /// The counter before this batch's tickets: every later ticket clears the notes.
+    pub seen_after: VerifyTicket,
+    /// One ticket per id, each later than `seen_after` and than the one before it.
+    pub tickets: Vec<VerifyTicket>,
+}
+
 /// A verified answer to record with [`Ledger::apply_all`].
 #[derive(Debug, Clone)]
 pub struct ApplyRequest {
@@ -809,12 +819,7 @@ impl Ledger {
     ///
     /// SQL failures.
     pub fn last_ticket(&self) -> Result<VerifyTicket> {
-        self.lock()
-            .query_row("SELECT last FROM verify_tickets WHERE id = 1", [], |row| {
-                row.get(0)
-            })
-            .map(VerifyTicket::new)
-            .map_err(|e| self.error("ticket", e))
+        last_ticket_in(&self.lock()).map_err(|e| self.error("ticket", e))
     }
 
     /// Notes that a change was seen on these checkouts, when the ticket counter stood at
@@ -833,17 +838,30 @@ impl Ledger {
         // restart skip the change is durable, and in WAL mode that token cannot be durable
         // without this earlier commit. Until then a restart hears of the change from Firestore
         // again.
-        self.write_without_fsync("mark", |transaction| {
-            let mut statement = transaction.prepare_cached(
-                "UPDATE checkouts SET needs_verify = 1,
-                        needs_verify_after = coalesce(needs_verify_after, ?2)
-                 WHERE id = ?1
-                   AND (verify_requested_ticket IS NULL OR verify_requested_ticket <= ?2)",
-            )?;
-            for id in ids {
-                statement.execute(params![id.as_str(), seen_after.number()])?;
-            }
-            Ok(())
+        self.write_without_fsync("mark", |transaction| mark_in(transaction, ids, seen_after))
+    }
+
+    /// What the listener does with each batch of changes, in one transaction without fsync (as
+    /// [`Ledger::mark_needs_verify`]): reads the ticket counter (`seen_after`), notes the
+    /// change on each of `ids` with it, and issues one ticket per id, in order, for the
+    /// verification the change asks for ([`crate::sources::Nudge::ticket`]). Each ticket is
+    /// later than `seen_after`, so its answer clears the note.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures (then nothing is noted and no ticket issued).
+    pub fn note_changes(&self, ids: &[CheckoutId]) -> Result<NotedChanges> {
+        self.write_without_fsync("note changes", |transaction| {
+            let seen_after = last_ticket_in(transaction)?;
+            mark_in(transaction, ids, seen_after)?;
+            let tickets = ids
+                .iter()
+                .map(|_| next_ticket_in(transaction))
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(NotedChanges {
+                seen_after,
+                tickets,
+            })
         })
     }
 
@@ -1425,6 +1443,32 @@ fn track_in(
 }
 
 /// Takes the next verification ticket from the counter.
+fn last_ticket_in(connection: &Connection) -> rusqlite::Result<VerifyTicket> {
+    connection
+        .prepare_cached("SELECT last FROM verify_tickets WHERE id = 1")?
+        .query_row([], |row| row.get(0))
+        .map(VerifyTicket::new)
+}
+
+/// Notes a change on each of `ids`, seen when the ticket counter stood at `seen_after`
+/// (see [`Ledger::mark_needs_verify`]).
+fn mark_in(
+    transaction: &rusqlite::Transaction<'_>,
+    ids: &[CheckoutId],
+    seen_after: VerifyTicket,
+) -> rusqlite::Result<()> {
+    let mut statement = transaction.prepare_cached(
+        "UPDATE checkouts SET needs_verify = 1,
+                needs_verify_after = coalesce(needs_verify_after, ?2)
+         WHERE id = ?1
+           AND (verify_requested_ticket IS NULL OR verify_requested_ticket <= ?2)",
+    )?;
+    for id in ids {
+        statement.execute(params![id.as_str(), seen_after.number()])?;
+    }
+    Ok(())
+}
+
 /// The next ticket, unless `seen_after` is given and checkout `id` was already verified by a
 /// request with a later ticket.
 fn ticket_unless_covered_in(

@@ -633,6 +633,63 @@ fn tickets_keep_growing_across_restarts() {
 }
 
 #[test]
+fn noted_changes_carry_tickets_whose_answers_clear_the_notes() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    for id in ["1", "2"] {
+        ledger.track(&facts(id), TrackedVia::Track).expect("track");
+    }
+    let asked = ledger.issue_ticket().expect("ticket");
+    for id in ["1", "2"] {
+        ledger
+            .apply(
+                &answer(id, "PENDING", asked, Utc::now()),
+                Source::Firestore,
+                None,
+                &[],
+                WATCH,
+            )
+            .expect("apply");
+    }
+    let before = ledger.last_ticket().expect("counter");
+    let ids: Vec<CheckoutId> = ["1", "2"]
+        .iter()
+        .map(|id| id.parse().expect("id"))
+        .collect();
+    let noted = ledger.note_changes(&ids).expect("noted");
+    assert_eq!(noted.seen_after, before);
+    assert_eq!(noted.tickets.len(), 2);
+    assert!(noted.tickets[0] > before && noted.tickets[1] > noted.tickets[0]);
+    assert!(needs_verify(&ledger, "1") && needs_verify(&ledger, "2"));
+    // An answer to a request sent before the change was seen clears nothing ...
+    ledger
+        .apply(
+            &answer("1", "PENDING", before, Utc::now()),
+            Source::Manual,
+            None,
+            &[],
+            WATCH,
+        )
+        .expect("apply");
+    assert!(needs_verify(&ledger, "1"));
+    // ... the answer to the ticket issued with the note does.
+    ledger
+        .apply(
+            &answer("1", "PAID", noted.tickets[0], Utc::now()),
+            Source::Firestore,
+            None,
+            &[],
+            WATCH,
+        )
+        .expect("apply");
+    assert!(!needs_verify(&ledger, "1"));
+    assert!(
+        needs_verify(&ledger, "2"),
+        "checkout 2's verification is still to come"
+    );
+    assert!(ledger.issue_ticket().expect("ticket") > noted.tickets[1]);
+}
+
+#[test]
 fn a_stale_answer_keeps_the_checkout_marked_for_verification() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let id: CheckoutId = "3".parse().expect("id");

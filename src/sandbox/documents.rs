@@ -1,8 +1,8 @@
 //! The built-in Firestore's documents: a versioned in-memory store that Listen streams follow.
 //!
 //! Owns: every document the built-in Listen server serves, the commit sequence (one number per
-//! write, the basis of resume tokens), commit times, the recent-commit log, and the signal that
-//! wakes Listen streams after a commit.
+//! write, the basis of resume tokens), commit times, the recent-commit log, and which Listen
+//! streams watch each document (a commit wakes only those).
 //! Must never: know about checkouts or statuses (it stores whatever fields the state writes), or
 //! hold its lock across an await.
 //!
@@ -16,11 +16,11 @@
 //! for a stale token).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use gcloud_sdk::google::firestore::v1::{Document, Value};
 use prost_types::Timestamp;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::domain::FirestoreLocation;
 use crate::sandbox::sink::DocumentSink;
@@ -44,8 +44,6 @@ pub struct DocumentStore {
     /// Documents, tombstones and the commit log. A std mutex: every critical section is a few map
     /// operations with no await, and the Listen streams take it only to copy out what changed.
     inner: Mutex<StoreInner>,
-    /// Carries the latest commit sequence; Listen streams wait on it.
-    commits: watch::Sender<u64>,
 }
 
 struct StoreInner {
@@ -58,6 +56,9 @@ struct StoreInner {
     docs: HashMap<String, DocEntry>,
     /// `(seq, name)` of recent commits, oldest first.
     log: VecDeque<(u64, String)>,
+    /// Document name → the Listen streams watching it, each woken by a commit of it (as a
+    /// server wakes only the listeners of what changed, not every stream).
+    interest: HashMap<String, Vec<(u64, Arc<Notify>)>>,
 }
 
 /// One document name's latest state.
@@ -113,7 +114,6 @@ impl Default for DocumentStore {
 impl DocumentStore {
     /// An empty store with a fresh epoch.
     pub fn new() -> DocumentStore {
-        let (commits, _) = watch::channel(0);
         DocumentStore {
             epoch: rand::random(),
             inner: Mutex::new(StoreInner {
@@ -121,8 +121,8 @@ impl DocumentStore {
                 last_micros: 0,
                 docs: HashMap::new(),
                 log: VecDeque::new(),
+                interest: HashMap::new(),
             }),
-            commits,
         }
     }
 
@@ -177,10 +177,9 @@ impl DocumentStore {
                 update_time: Some(commit_time),
             };
             inner.record(name, Some(document), seq, micros);
-            seq
+            (seq, inner.watching(name))
         };
-        self.commits.send_replace(seq);
-        seq
+        wake(seq)
     }
 
     /// Deletes `name`; returns the commit sequence, or `None` if it did not exist (no commit).
@@ -196,15 +195,20 @@ impl DocumentStore {
             }
             let (seq, micros) = inner.next_commit();
             inner.record(name, None, seq, micros);
-            seq
+            (seq, inner.watching(name))
         };
-        self.commits.send_replace(seq);
-        Some(seq)
+        Some(wake(seq))
     }
 
-    /// A receiver of the latest commit sequence, for a Listen stream to wait on.
-    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
-        self.commits.subscribe()
+    /// Stream `stream` no longer watches `name` (its `wake` stops hearing of its commits).
+    pub(crate) fn unwatch(&self, name: &str, stream: u64) {
+        let mut inner = self.lock();
+        if let Some(streams) = inner.interest.get_mut(name) {
+            streams.retain(|(watching, _)| *watching != stream);
+            if streams.is_empty() {
+                inner.interest.remove(name);
+            }
+        }
     }
 
     /// Runs `read` on a consistent view of the store.
@@ -254,6 +258,14 @@ impl StoreInner {
         (self.seq, micros)
     }
 
+    /// The wake-ups of the streams watching `name`.
+    fn watching(&self, name: &str) -> Vec<Arc<Notify>> {
+        self.interest
+            .get(name)
+            .map(|streams| streams.iter().map(|(_, wake)| Arc::clone(wake)).collect())
+            .unwrap_or_default()
+    }
+
     fn record(&mut self, name: &str, document: Option<Document>, seq: u64, micros: i64) {
         self.docs.insert(
             name.to_owned(),
@@ -270,12 +282,30 @@ impl StoreInner {
     }
 }
 
+/// Wakes the streams watching a committed document; returns the commit's sequence.
+fn wake((seq, watching): (u64, Vec<Arc<Notify>>)) -> u64 {
+    for stream in watching {
+        stream.notify_one();
+    }
+    seq
+}
+
 /// A locked view of the store, for a Listen stream to work out what to send.
 pub(crate) struct StoreView<'a> {
     inner: &'a mut StoreInner,
 }
 
 impl StoreView<'_> {
+    /// Stream `stream` watches `name` from now on: every later commit of it wakes `wake` (a
+    /// permit is kept if the stream is busy, so none is missed). Register before reading a
+    /// target's state in the same view, so no commit falls between the two.
+    pub(crate) fn watch(&mut self, name: &str, stream: u64, wake: &Arc<Notify>) {
+        let streams = self.inner.interest.entry(name.to_owned()).or_default();
+        if !streams.iter().any(|(watching, _)| *watching == stream) {
+            streams.push((stream, Arc::clone(wake)));
+        }
+    }
+
     /// The latest commit sequence and a read time for it (≥ every commit time so far, and every
     /// later commit gets a later time).
     pub(crate) fn snapshot(&mut self) -> (u64, i64) {
@@ -418,6 +448,28 @@ mod tests {
             assert_eq!(seq, 3);
             assert!(read_micros >= changed_micros);
         });
+    }
+
+    #[test]
+    fn a_commit_wakes_only_the_streams_watching_its_document() {
+        use futures::FutureExt;
+        let store = DocumentStore::new();
+        let (first, second) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        store.read(|view| {
+            view.watch("a", 1, &first);
+            view.watch("b", 2, &second);
+            view.watch("b", 2, &second);
+        });
+        let woken = |wake: &Arc<Notify>| wake.notified().now_or_never().is_some();
+        store.put_document("a", &fields("PAID"));
+        assert!(woken(&first), "the stream watching 'a' is woken");
+        assert!(!woken(&second), "the stream watching only 'b' is not");
+        assert!(store.delete_document("b").is_none(), "'b' never existed: no commit");
+        store.put_document("b", &fields("PENDING"));
+        assert!(woken(&second) && !woken(&first));
+        store.unwatch("b", 2);
+        store.put_document("b", &fields("PAID"));
+        assert!(!woken(&second), "a stream that let go of 'b' is not woken by it");
     }
 
     #[test]

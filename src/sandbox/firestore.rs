@@ -61,7 +61,7 @@ use gcloud_sdk::google::firestore::v1::{
     Target, TargetChange,
 };
 use gcloud_sdk::google::rpc::Status as RpcStatus;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -386,6 +386,8 @@ struct ListenSession {
     targets: BTreeMap<i32, Vec<String>>,
     /// Document name → the active targets watching it.
     watchers: HashMap<String, BTreeSet<i32>>,
+    /// Woken by a commit of a document this stream watches (registered with the store).
+    commits: Arc<Notify>,
     /// Every commit up to this sequence has been delivered for the active targets.
     position: u64,
     /// The last read time sent, so read times never go back on this stream.
@@ -394,6 +396,15 @@ struct ListenSession {
     server_assigns_ids: bool,
     /// Who opened the stream: whether rules apply, and when its token expires.
     admitted: Admitted,
+}
+
+impl Drop for ListenSession {
+    /// The store stops waking this stream for its documents.
+    fn drop(&mut self) {
+        for name in self.watchers.keys() {
+            self.inner.store.unwatch(name, self.stream_id);
+        }
+    }
 }
 
 impl ListenSession {
@@ -410,6 +421,7 @@ impl ListenSession {
             out,
             targets: BTreeMap::new(),
             watchers: HashMap::new(),
+            commits: Arc::new(Notify::new()),
             position,
             last_read_micros: 0,
             server_assigns_ids: false,
@@ -422,7 +434,7 @@ impl ListenSession {
             stream = self.stream_id,
             "sandbox firestore: Listen stream opened"
         );
-        let mut commits = self.inner.store.subscribe();
+        let commits = Arc::clone(&self.commits);
         let mut close = self.inner.faults.close_streams_signal();
         let shutdown = self.inner.shutdown.clone();
         let period = self.inner.heartbeat_interval.max(Duration::from_millis(1));
@@ -445,7 +457,7 @@ impl ListenSession {
                     }
                     Err(_) => Err(Stop::Gone),
                 },
-                Ok(()) = commits.changed() => self.deliver(false).await,
+                () = commits.notified() => self.deliver(false).await,
                 _ = heartbeat.tick() => self.deliver(true).await,
                 () = sleep_until_or_never(token_expires) => {
                     self.inner.caller.expired_streams.fetch_add(1, Ordering::SeqCst);
@@ -592,6 +604,9 @@ impl ListenSession {
         // One consistent view: bring existing targets up to date and take the new target's
         // state at the same commit, so one marker covers both.
         let (catch_up, initial, seq, read_micros) = self.inner.store.read(|view| {
+            for name in &names {
+                view.watch(name, self.stream_id, &self.commits);
+            }
             let (seq, read_micros) = view.snapshot();
             let catch_up = self.changes_since_position(view);
             let initial: Vec<ListenResponse> = names
@@ -612,6 +627,11 @@ impl ListenSession {
             (catch_up, initial, seq, read_micros)
         });
         self.position = seq;
+        // Recorded at once (the store already wakes this stream for them), so a stream that
+        // ends while sending below still lets go of every document it registered.
+        for name in &names {
+            self.watchers.entry(name.clone()).or_default().insert(id);
+        }
         for response in catch_up {
             self.send(response).await?;
         }
@@ -627,9 +647,6 @@ impl ListenSession {
             resumed = resume.is_some(),
             "sandbox firestore: target added"
         );
-        for name in &names {
-            self.watchers.entry(name.clone()).or_default().insert(id);
-        }
         self.targets.insert(id, names);
         let read_micros = self.next_read_micros(read_micros);
         let token = self.inner.store.token(seq);
@@ -694,6 +711,7 @@ impl ListenSession {
                     watching.remove(&target_id);
                     if watching.is_empty() {
                         self.watchers.remove(&name);
+                        self.inner.store.unwatch(&name, self.stream_id);
                     }
                 }
             }

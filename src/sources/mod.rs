@@ -35,6 +35,12 @@ pub struct Nudge {
     /// verifier skips this nudge if one was recorded meanwhile (a burst of nudges, a sweep
     /// behind a Firestore change). `None`: always verify.
     pub seen_after: Option<VerifyTicket>,
+    /// A ticket already issued for this verification, in the same ledger transaction that
+    /// noted the change ([`crate::ledger::Ledger::note_changes`]): the verifier sends its
+    /// request with it instead of asking for one (and does not look for a later answer
+    /// covering the change: one issued after the change was seen and answered before this
+    /// nudge is verified is rare). A retried nudge never reuses it.
+    pub ticket: Option<VerifyTicket>,
 }
 
 /// Sends a reconcile nudge for each checkout, with `seen_after` (the ticket counter read after
@@ -54,6 +60,7 @@ pub(crate) async fn send_reconcile_nudges(
             seen_at: Instant::now(),
             changed_at: None,
             seen_after,
+            ticket: None,
         };
         tokio::select! {
             () = cancel.cancelled() => return false,

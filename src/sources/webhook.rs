@@ -215,6 +215,7 @@ impl WebhookIntake {
             seen_at,
             changed_at: None,
             seen_after: None,
+            ticket: None,
         };
         if self.nudges.send(nudge).await.is_err() {
             return Intake::Unavailable("paywatch is shutting down".into());

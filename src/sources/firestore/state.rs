@@ -1155,6 +1155,7 @@ fn changed(checkout_id: &CheckoutId, now: Instant, changed_at: Option<DateTime<U
         seen_at: now,
         changed_at,
         seen_after: None,
+        ticket: None,
     }))
 }
 
