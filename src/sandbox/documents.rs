@@ -464,12 +464,18 @@ mod tests {
         store.put_document("a", &fields("PAID"));
         assert!(woken(&first), "the stream watching 'a' is woken");
         assert!(!woken(&second), "the stream watching only 'b' is not");
-        assert!(store.delete_document("b").is_none(), "'b' never existed: no commit");
+        assert!(
+            store.delete_document("b").is_none(),
+            "'b' never existed: no commit"
+        );
         store.put_document("b", &fields("PENDING"));
         assert!(woken(&second) && !woken(&first));
         store.unwatch("b", 2);
         store.put_document("b", &fields("PAID"));
-        assert!(!woken(&second), "a stream that let go of 'b' is not woken by it");
+        assert!(
+            !woken(&second),
+            "a stream that let go of 'b' is not woken by it"
+        );
     }
 
     #[test]
