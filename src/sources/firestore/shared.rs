@@ -37,6 +37,7 @@ pub(crate) struct Context {
 /// 2 KiB per checkout stayed resident after such a start-up. A few at a time, each call's blocks
 /// are reused by the next. A call is answered within a round trip, so 5,000 streams open in
 /// 5,000 / 32 round trips; multiplexed mode opens one stream per `targets_per_stream` checkouts.
+/// A change made while a stream waits for its turn is not lost: its first snapshot has it.
 pub(crate) const OPENS_AT_ONCE: usize = 32;
 
 /// Per-database state the stream tasks share.
