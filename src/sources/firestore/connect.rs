@@ -48,9 +48,10 @@ pub(crate) const API_KEY_HEADER: &str = "x-goog-api-key";
 const LISTEN_PATH: &str = "/google.firestore.v1.Firestore/Listen";
 
 /// Initial size of a Listen call's encode buffer. A request is one AddTarget or RemoveTarget
-/// (a document name and a resume token: a few hundred bytes); the buffer grows when a larger
-/// batch is encoded (a multiplexed stream's first requests), up to the yield threshold.
-const LISTEN_ENCODE_BUFFER: usize = 512;
+/// (a document name and a resume token: one to two hundred bytes); the buffer grows when a
+/// larger one or a batch is encoded (a multiplexed stream's first requests), up to the yield
+/// threshold. It lives as long as the call: in per-document mode, one per watched checkout.
+const LISTEN_ENCODE_BUFFER: usize = 256;
 
 /// Initial size of a Listen call's decode buffer. Responses are target changes (tens of bytes)
 /// and checkout documents (under a kilobyte); the buffer grows to the largest message seen.
@@ -563,7 +564,7 @@ mod tests {
         let mut codec = ListenCodec;
         let encode = format!("{:?}", codec.encoder().buffer_settings());
         let decode = format!("{:?}", codec.decoder().buffer_settings());
-        assert!(encode.contains("buffer_size: 512,"), "{encode}");
+        assert!(encode.contains("buffer_size: 256,"), "{encode}");
         assert!(decode.contains("buffer_size: 1024,"), "{decode}");
     }
 

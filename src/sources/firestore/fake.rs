@@ -29,9 +29,18 @@ struct Call {
     headers: tonic::metadata::MetadataMap,
     requests: Streaming<ListenRequest>,
     responses: mpsc::Sender<Result<ListenResponse, Status>>,
+    /// Sends the call's response headers, on a fake that holds them ([`Fake::holding_headers`]).
+    answer: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Call {
+    /// Sends the response headers of a call held by [`Fake::holding_headers`].
+    fn answer_headers(&mut self) {
+        if let Some(answer) = self.answer.take() {
+            let _ = answer.send(());
+        }
+    }
+
     async fn request(&mut self) -> ListenRequest {
         timeout(DEADLINE, self.requests.message())
             .await
@@ -113,6 +122,8 @@ fn doc(name: &str, id: i32) -> ListenResponse {
 #[derive(Clone)]
 struct FakeFirestore {
     calls: mpsc::UnboundedSender<Call>,
+    /// Answer a call's headers only when the test says so ([`Call::answer_headers`]).
+    hold_headers: bool,
 }
 
 impl tonic::server::NamedService for FakeFirestore {
@@ -133,6 +144,7 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for FakeFirestore
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let listen = Listen {
             calls: self.calls.clone(),
+            hold_headers: self.hold_headers,
         };
         Box::pin(async move {
             if request.uri().path() != "/google.firestore.v1.Firestore/Listen" {
@@ -148,6 +160,7 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for FakeFirestore
 
 struct Listen {
     calls: mpsc::UnboundedSender<Call>,
+    hold_headers: bool,
 }
 
 impl tonic::server::StreamingService<ListenRequest> for Listen {
@@ -158,14 +171,22 @@ impl tonic::server::StreamingService<ListenRequest> for Listen {
     fn call(&mut self, request: Request<Streaming<ListenRequest>>) -> Self::Future {
         let (responses, stream) = mpsc::channel(64);
         let headers = request.metadata().clone();
+        let (answer, answered) = tokio::sync::oneshot::channel();
         let call = Call {
             headers,
             requests: request.into_inner(),
             responses,
+            answer: Some(answer),
         };
         let sent = self.calls.send(call);
+        let hold_headers = self.hold_headers;
         Box::pin(async move {
             sent.map_err(|_| Status::unavailable("fake: test gone"))?;
+            if hold_headers {
+                answered
+                    .await
+                    .map_err(|_| Status::unavailable("fake: call dropped"))?;
+            }
             Ok(Response::new(ReceiverStream::new(stream)))
         })
     }
@@ -186,6 +207,15 @@ impl Drop for Fake {
 
 impl Fake {
     async fn start() -> Fake {
+        Fake::start_with(false).await
+    }
+
+    /// A fake that sends a call's response headers only on [`Call::answer_headers`].
+    async fn holding_headers() -> Fake {
+        Fake::start_with(true).await
+    }
+
+    async fn start_with(hold_headers: bool) -> Fake {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
@@ -196,7 +226,10 @@ impl Fake {
         tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
             let _ = tonic::transport::Server::builder()
-                .add_service(FakeFirestore { calls: sender })
+                .add_service(FakeFirestore {
+                    calls: sender,
+                    hold_headers,
+                })
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
                 .await;
         });
@@ -839,5 +872,35 @@ async fn a_named_database_is_used_in_every_name_and_header() {
         docs.documents,
         ["projects/p/databases/payments-eu/documents/checkouts/a"]
     );
+    listener.stop().await;
+}
+
+/// Listen calls are opened `OPENS_AT_ONCE` at a time: a call waiting for its response headers
+/// holds its permit, and the next call goes out as soon as one is answered. Without the bound,
+/// every checkout's call goes out at once (per-document mode, one call per checkout).
+#[tokio::test]
+async fn listen_calls_are_opened_a_few_at_a_time() {
+    use super::shared::OPENS_AT_ONCE;
+    let mut fake = Fake::holding_headers().await;
+    let listener = Running::start(&fake.endpoint, |_| {});
+    for n in 0..OPENS_AT_ONCE + 3 {
+        listener.watch(&format!("c{n}"), None);
+    }
+    let mut held = Vec::new();
+    for _ in 0..OPENS_AT_ONCE {
+        held.push(fake.call().await);
+    }
+    let beyond = timeout(Duration::from_millis(300), fake.calls.recv()).await;
+    assert!(
+        beyond.is_err(),
+        "a call beyond the first {OPENS_AT_ONCE} went out before any was answered"
+    );
+    for call in held.iter_mut().take(2) {
+        call.answer_headers();
+    }
+    let mut next = vec![fake.call().await, fake.call().await];
+    for call in &mut next {
+        call.answer_headers();
+    }
     listener.stop().await;
 }

@@ -24,13 +24,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::connect::Connector;
-use super::shared::{Connection, Context, DatabaseShared};
-use super::stream::{Relocate, StreamCommand, StreamTask};
+use super::shared::{Connection, Context, DatabaseShared, OPENS_AT_ONCE};
+use super::stream::{Relocate, StreamCommand, StreamTask, command_channel};
 use super::{ListenEvent, ListenerOptions, StreamMode, WatchTarget};
 use crate::domain::{CheckoutId, CollectionPaths, WatchedDocument};
 
@@ -69,6 +69,7 @@ impl Listener {
                     events,
                     cancel,
                     open_streams: AtomicUsize::new(0),
+                    opening: Semaphore::new(OPENS_AT_ONCE),
                 }),
                 tracker: TaskTracker::new(),
                 failure: tokio::sync::watch::Sender::new(None),
@@ -230,7 +231,7 @@ impl Shared {
             Some(key) => key,
             None => {
                 let connection = pool.connection(options.streams_per_connection);
-                let (commands, receiver) = mpsc::unbounded_channel();
+                let (commands, receiver) = command_channel();
                 let pool_shared = Arc::clone(self);
                 let relocate: Relocate = Arc::new(move |database, from, targets| {
                     pool_shared.relocate(database, from, targets);
@@ -286,7 +287,9 @@ impl Shared {
         let checkout_id = target.checkout_id.clone();
         let document = registry.paths.document(&target.location);
         // The task lives until Close or cancellation; a failed send means it is gone already.
-        let _ = slot.commands.send(StreamCommand::Add(Box::new(target)));
+        let _ = slot
+            .commands
+            .unbounded_send(StreamCommand::Add(Box::new((target, document.clone()))));
         registry.checkouts.insert(
             checkout_id,
             Placement {
@@ -346,7 +349,7 @@ impl Shared {
         {
             slot.targets = slot.targets.saturating_sub(targets.len());
             if slot.targets == 0 {
-                let _ = slot.commands.send(StreamCommand::Close);
+                let _ = slot.commands.unbounded_send(StreamCommand::Close);
                 pool.streams.remove(&from);
             }
         }
@@ -386,12 +389,12 @@ impl Registry {
         };
         slot.targets = slot.targets.saturating_sub(1);
         if slot.targets == 0 {
-            let _ = slot.commands.send(StreamCommand::Close);
+            let _ = slot.commands.unbounded_send(StreamCommand::Close);
             pool.streams.remove(&placement.stream);
         } else {
             let _ = slot
                 .commands
-                .send(StreamCommand::Remove(checkout_id.clone()));
+                .unbounded_send(StreamCommand::Remove(checkout_id.clone()));
         }
     }
 }
@@ -440,7 +443,7 @@ impl DatabasePool {
 
 struct StreamSlot {
     /// Commands to the stream task.
-    commands: mpsc::UnboundedSender<StreamCommand>,
+    commands: futures::channel::mpsc::UnboundedSender<StreamCommand>,
     /// Checkouts assigned to it.
     targets: usize,
 }

@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::connect::{Client, Connector};
@@ -24,7 +24,21 @@ pub(crate) struct Context {
     pub(crate) cancel: CancellationToken,
     /// Open Listen streams.
     pub(crate) open_streams: AtomicUsize,
+    /// Permits to open a Listen call, [`OPENS_AT_ONCE`] of them.
+    pub(crate) opening: Semaphore,
 }
+
+/// How many Listen calls a listener opens at once (connecting, and waiting for the call's
+/// response headers).
+///
+/// Opening a call allocates much that lives only until it is answered. Opened all at once (a
+/// per-document start-up: one call per checkout, 5,000 at once), those short-lived blocks sit
+/// between the long-lived ones of every stream, and the allocator cannot give their room back:
+/// 2 KiB per checkout stayed resident after such a start-up. A few at a time, each call's blocks
+/// are reused by the next. A call is answered within a round trip, so 5,000 streams open in
+/// 5,000 / 32 round trips; multiplexed mode opens one stream per `targets_per_stream` checkouts.
+/// A change made while a stream waits for its turn is not lost: its first snapshot has it.
+pub(crate) const OPENS_AT_ONCE: usize = 32;
 
 /// Per-database state the stream tasks share.
 pub(crate) struct DatabaseShared {

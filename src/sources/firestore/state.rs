@@ -35,7 +35,9 @@ use gcloud_sdk::google::firestore::v1::{
 use tonic::Code;
 
 use super::{ListenEvent, WatchTarget};
-use crate::domain::{CheckoutId, CollectionPaths, Source, WatchedDocument, printable};
+#[cfg(test)]
+use crate::domain::CollectionPaths;
+use crate::domain::{CheckoutId, Source, WatchedDocument, printable};
 use crate::sources::Nudge;
 
 /// Something the stream task must do, in this order, after feeding the state machine.
@@ -359,7 +361,9 @@ pub(crate) struct StreamState {
     awaiting_ack: VecDeque<(Instant, i32)>,
     /// Checkouts Firestore refused, parked until their retry time (they hold no target id).
     refused: HashMap<CheckoutId, RefusedTarget>,
-    /// The collections of this stream's documents, each held once.
+    /// The collections of the documents of targets added by [`StreamState::add`] (tests): the
+    /// pool makes the documents of its streams ([`StreamState::add_document`]).
+    #[cfg(test)]
     paths: CollectionPaths,
     /// The first and the longest delay before a refused target is asked for again.
     refused_retry: (Duration, Duration),
@@ -388,6 +392,7 @@ impl StreamState {
             unstamped: Vec::new(),
             awaiting_ack: VecDeque::new(),
             refused: HashMap::new(),
+            #[cfg(test)]
             paths: CollectionPaths::default(),
             refused_retry,
         }
@@ -465,7 +470,21 @@ impl StreamState {
 
     /// Starts watching a checkout. Returns the AddTarget to send if a stream is open.
     /// A checkout already watched here is left as it is.
+    #[cfg(test)]
     pub(crate) fn add(&mut self, target: WatchTarget) -> Option<ListenRequest> {
+        let document = self.paths.document(&target.location);
+        self.add_document(target, document)
+    }
+
+    /// [`StreamState::add`] with the target's document already made (at `target.location`), its
+    /// collection path shared with the pool's: a stream of one checkout would otherwise hold a
+    /// collection path of its own.
+    pub(crate) fn add_document(
+        &mut self,
+        target: WatchTarget,
+        document: WatchedDocument,
+    ) -> Option<ListenRequest> {
+        debug_assert!(document.is_at(&target.location));
         if self.by_checkout.contains_key(&target.checkout_id)
             || self.refused.contains_key(&target.checkout_id)
         {
@@ -474,7 +493,7 @@ impl StreamState {
         let id = self.allocate_id();
         let entry = TargetEntry {
             checkout_id: target.checkout_id.clone(),
-            document: self.paths.document(&target.location),
+            document,
             resume_token: target
                 .resume_token
                 .filter(|t| !t.is_empty())
