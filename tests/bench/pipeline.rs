@@ -1138,13 +1138,18 @@ impl ChildDaemon {
     }
 
     fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS")
+    }
+
+    /// A `kB` field of /proc/<pid>/status (`VmRSS`, `RssAnon`, `RssFile`).
+    fn status_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
             .expect("process status");
         status
             .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS")
+            .unwrap_or_else(|| panic!("{field} in /proc/<pid>/status"))
     }
 
     /// User + system CPU time so far (from /proc/<pid>/stat, in USER_HZ = 100 ticks per s).
@@ -1318,6 +1323,16 @@ async fn measure_daemon(
     let verified = daemon.spawned.elapsed();
     settle(sandbox, ids).await;
     let rss = daemon.rss_kib();
+    if ids.is_empty() {
+        // The file-backed part is the binary's and libraries' pages the kernel mapped in, which
+        // varies with what the page cache holds (fault-around maps cached neighbours too).
+        println!(
+            "  {label}: RSS {:.1} MiB = anonymous {:.1} MiB + file-backed {:.1} MiB",
+            rss as f64 / 1024.0,
+            daemon.status_kib("RssAnon") as f64 / 1024.0,
+            daemon.status_kib("RssFile") as f64 / 1024.0
+        );
+    }
     if heaptrack_output.is_some() {
         // heaptrack flushes its record every few milliseconds; let the last of it out.
         tokio::time::sleep(Duration::from_millis(200)).await;
