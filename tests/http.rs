@@ -412,10 +412,17 @@ async fn the_track_endpoint_records_and_watches_at_once_with_the_right_token_onl
     assert_eq!(code, 201, "{body}");
     let id: CheckoutId = checkout.id.expect("id").0.parse().expect("id");
     let record = ledger.checkout(&id).expect("read").expect("tracked");
-    assert_eq!(
-        body,
-        serde_json::to_value(&record).expect("json"),
-        "the --json shape"
+    // The --json shape of the record as tracked. The daemon verifies a tracked checkout at
+    // once, so by the time the ledger is read here the verification may have moved these on.
+    let mut expected = serde_json::to_value(&record).expect("json");
+    let status_now = expected["status"].clone();
+    for moved in ["status", "verified_at", "updated_at"] {
+        expected[moved] = body[moved].clone();
+    }
+    assert_eq!(body, expected, "the --json shape");
+    assert!(
+        body["status"].is_null() || body["status"] == status_now,
+        "answered {body}, the ledger says {status_now}"
     );
     assert_eq!(body["amount"], "42.50");
     // Watched at once: verified (no Listen needed for that) and its payment arrives.
