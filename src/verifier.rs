@@ -798,6 +798,26 @@ mod tests {
     const PENDING: &str = r#"{"id":"5","orderId":"ORD-5","currency":"AED","amount":5,"status":"PENDING","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d5"}"#;
     const PAID: &str = r#"{"success":true,"result":{"id":"5","orderId":"ORD-5","currency":"AED","amount":5,"status":"PAID","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d5"}}"#;
 
+    /// The status the ledger holds for checkout `id`.
+    fn status(ledger: &Ledger, id: &CheckoutId) -> Option<String> {
+        ledger.checkout(id).expect("read").and_then(|c| c.status)
+    }
+
+    /// Another process verifies checkout 5 (PENDING) with the ledger's next ticket.
+    fn verified_elsewhere(ledger: &Ledger) {
+        let ticket = ledger.issue_ticket().expect("ticket");
+        let answer = VerifiedCheckout::for_tests_with(PENDING, ticket, Utc::now());
+        ledger
+            .apply(
+                &answer,
+                Source::Manual,
+                None,
+                &[],
+                Duration::from_secs(3600),
+            )
+            .expect("apply");
+    }
+
     /// A ticketer and a recorder for `verifier`, as [`Verifier::run`] starts them.
     fn queues(verifier: &Verifier) -> LedgerQueues {
         LedgerQueues::start(&verifier.ledger, &verifier.config, 1)
@@ -984,17 +1004,7 @@ mod tests {
         // ticket, and then a change is seen: our answer is stale and must clear nothing.
         let other = ledger.clone();
         let meanwhile = move || {
-            let ticket = other.issue_ticket().expect("ticket");
-            let answer = VerifiedCheckout::for_tests_with(PENDING, ticket, Utc::now());
-            other
-                .apply(
-                    &answer,
-                    Source::Manual,
-                    None,
-                    &[],
-                    Duration::from_secs(3600),
-                )
-                .expect("apply");
+            verified_elsewhere(&other);
             let seen = other.last_ticket().expect("counter");
             other
                 .mark_needs_verify(&["5".parse().expect("id")], seen)
@@ -1012,11 +1022,7 @@ mod tests {
             "the checkout stays marked for verification"
         );
         assert_eq!(
-            ledger
-                .checkout(&id)
-                .expect("read")
-                .and_then(|c| c.status)
-                .as_deref(),
+            status(&ledger, &id).as_deref(),
             Some("PENDING"),
             "the stale PAID was not recorded; the retry will ask again"
         );
@@ -1032,19 +1038,7 @@ mod tests {
         // While our request is in flight, another process verifies the checkout with a later
         // ticket: our answer, ordered by the ticket the nudge carries, is stale.
         let other = ledger.clone();
-        let meanwhile = move || {
-            let ticket = other.issue_ticket().expect("ticket");
-            let answer = VerifiedCheckout::for_tests_with(PENDING, ticket, Utc::now());
-            other
-                .apply(
-                    &answer,
-                    Source::Manual,
-                    None,
-                    &[],
-                    Duration::from_secs(3600),
-                )
-                .expect("apply");
-        };
+        let meanwhile = move || verified_elsewhere(&other);
         let verifier = verifier_answering(&ledger, PAID, meanwhile).await;
         // No ticketer: a nudge that carries its ticket needs none.
         let (tickets, no_ticketer) = mpsc::channel(1);
@@ -1069,11 +1063,7 @@ mod tests {
         let retry = retry.expect("a stale answer is retried");
         assert_eq!(retry.ticket, None, "a retry never reuses the ticket");
         assert_eq!(
-            ledger
-                .checkout(&id)
-                .expect("read")
-                .and_then(|c| c.status)
-                .as_deref(),
+            status(&ledger, &id).as_deref(),
             Some("PENDING"),
             "the answer to the older ticket was not recorded"
         );
@@ -1187,14 +1177,7 @@ mod tests {
         };
         assert!(verifier.verify(later, &queues).await.is_none());
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
-        assert_eq!(
-            ledger
-                .checkout(&id)
-                .expect("read")
-                .and_then(|c| c.status)
-                .as_deref(),
-            Some("PAID")
-        );
+        assert_eq!(status(&ledger, &id).as_deref(), Some("PAID"));
     }
 
     #[test]

@@ -20,6 +20,19 @@ fn verified(ledger: &Ledger, id: &str) -> VerifiedCheckout {
     )
 }
 
+/// Records checkout `id` as verified PENDING (watched, no change pending).
+fn verify_once(ledger: &Ledger, id: &str) {
+    ledger
+        .apply(
+            &verified(ledger, id),
+            Source::Reconcile,
+            None,
+            &[],
+            Duration::from_secs(3600),
+        )
+        .expect("verified once");
+}
+
 fn id(text: &str) -> CheckoutId {
     text.parse().expect("checkout id")
 }
@@ -61,6 +74,32 @@ fn state(ledger: &Ledger, text: &str) -> (Option<String>, bool) {
     )
 }
 
+/// Runs the daemon's listener loop over `events` into `ledger` (its nudges are drained);
+/// cancel it with the token.
+fn consume(
+    ledger: &Ledger,
+    events: mpsc::Receiver<ListenEvent>,
+) -> (tokio::task::JoinHandle<()>, CancellationToken) {
+    let (nudges, mut nudged) = mpsc::channel(64);
+    tokio::spawn(async move { while nudged.recv().await.is_some() {} });
+    let cancel = CancellationToken::new();
+    let health = Health::new(
+        ledger.clone(),
+        None,
+        tokio::sync::watch::channel(crate::verifier::VerifierStats::default()).1,
+        Duration::from_secs(60),
+    );
+    let task = tokio::spawn(consume_listen_events(
+        events,
+        ledger.clone(),
+        nudges,
+        health,
+        cancel.clone(),
+        crate::metrics::Metrics::disabled(),
+    ));
+    (task, cancel)
+}
+
 async fn until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while !condition() {
@@ -78,15 +117,7 @@ async fn a_change_that_could_not_be_noted_keeps_its_own_retry_and_blocks_only_it
     let path = dir.path().join("paywatch.db");
     let ledger = Ledger::open(&path).expect("ledger");
     for checkout in ["1", "2", "3"] {
-        ledger
-            .apply(
-                &verified(&ledger, checkout),
-                Source::Reconcile,
-                None,
-                &[],
-                Duration::from_secs(3600),
-            )
-            .expect("verified once");
+        verify_once(&ledger, checkout);
         assert_eq!(state(&ledger, checkout), (None, false));
     }
     // The ledger refuses to note checkout 1 (as a busy or failing disk would).
@@ -99,23 +130,7 @@ async fn a_change_that_could_not_be_noted_keeps_its_own_retry_and_blocks_only_it
         .expect("trigger");
 
     let (events, receiver) = mpsc::channel(64);
-    let (nudges, mut nudged) = mpsc::channel(64);
-    let cancel = CancellationToken::new();
-    let health = Health::new(
-        ledger.clone(),
-        None,
-        tokio::sync::watch::channel(crate::verifier::VerifierStats::default()).1,
-        Duration::from_secs(60),
-    );
-    let task = tokio::spawn(consume_listen_events(
-        receiver,
-        ledger.clone(),
-        nudges,
-        health,
-        cancel.clone(),
-        crate::metrics::Metrics::disabled(),
-    ));
-    let drain = tokio::spawn(async move { while nudged.recv().await.is_some() {} });
+    let (task, cancel) = consume(&ledger, receiver);
 
     // Checkout 1 changes; noting it fails, so its token is not saved.
     events.send(changed("1")).await.expect("send");
@@ -154,7 +169,6 @@ async fn a_change_that_could_not_be_noted_keeps_its_own_retry_and_blocks_only_it
 
     cancel.cancel();
     task.await.expect("the loop ends");
-    drain.await.expect("drained");
 }
 
 #[tokio::test]
@@ -163,15 +177,7 @@ async fn a_batch_of_checkpoints_is_saved_in_one_write_in_order() {
     let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
     let ids: Vec<String> = (1..=20).map(|n| n.to_string()).collect();
     for checkout in &ids {
-        ledger
-            .apply(
-                &verified(&ledger, checkout),
-                Source::Reconcile,
-                None,
-                &[],
-                Duration::from_secs(3600),
-            )
-            .expect("verified once");
+        verify_once(&ledger, checkout);
     }
     // One batch, as a start-up's first snapshots arrive: twenty checkpoints, a later token for
     // checkout 1, checkout 2's token forgotten (a RESET), then a checkpoint of checkout 3.
@@ -189,22 +195,7 @@ async fn a_batch_of_checkpoints_is_saved_in_one_write_in_order() {
         .expect("send");
     events.send(checkpoint(&["3"], "c-3")).await.expect("send");
     let before = crate::ledger::testing::wal_commits(&ledger);
-    let (nudges, _nudged) = mpsc::channel(64);
-    let cancel = CancellationToken::new();
-    let health = Health::new(
-        ledger.clone(),
-        None,
-        tokio::sync::watch::channel(crate::verifier::VerifierStats::default()).1,
-        Duration::from_secs(60),
-    );
-    let task = tokio::spawn(consume_listen_events(
-        receiver,
-        ledger.clone(),
-        nudges,
-        health,
-        cancel.clone(),
-        crate::metrics::Metrics::disabled(),
-    ));
+    let (task, cancel) = consume(&ledger, receiver);
     until("checkout 3's last token", || {
         state(&ledger, "3").0.as_deref() == Some("c-3")
     })

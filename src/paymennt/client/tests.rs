@@ -286,8 +286,8 @@ async fn an_oversized_body_is_refused_while_it_is_read() {
     assert!(matches!(error, Error::TooLarge { .. }), "{error:?}");
 }
 
-#[test]
-fn plaintext_to_a_non_loopback_host_is_refused() {
+/// A client for `base` with made-up credentials, no retries and 1 s timeouts.
+fn client_for(base: &str) -> Result<Client, crate::settings::SettingsError> {
     let credentials = ApiCredentials {
         key: Secret::new("k"),
         secret: Secret::new("s"),
@@ -298,12 +298,17 @@ fn plaintext_to_a_non_loopback_host_is_refused() {
         max: Duration::from_millis(10),
     };
     let second = Duration::from_secs(1);
+    Client::new(base, &credentials, second, second, policy)
+}
+
+#[test]
+fn plaintext_to_a_non_loopback_host_is_refused() {
     for url in [
         "http://api.paymennt.com/mer/v2.0/",
         "http://10.0.0.1/mer/v2.0/",
         "ftp://127.0.0.1/",
     ] {
-        let error = Client::new(url, &credentials, second, second, policy).expect_err(url);
+        let error = client_for(url).expect_err(url);
         assert!(error.to_string().contains(url), "{error}");
     }
     for url in [
@@ -312,27 +317,17 @@ fn plaintext_to_a_non_loopback_host_is_refused() {
         "http://[::1]:9/",
         "http://localhost:9/",
     ] {
-        Client::new(url, &credentials, second, second, policy).expect(url);
+        client_for(url).expect(url);
     }
 }
 
 #[test]
 fn request_urls_are_the_base_with_segments_appended() {
-    let credentials = ApiCredentials {
-        key: Secret::new("k"),
-        secret: Secret::new("s"),
-    };
-    let policy = RetryPolicy {
-        max_retries: 0,
-        base: Duration::from_millis(5),
-        max: Duration::from_millis(10),
-    };
-    let second = Duration::from_secs(1);
     for base in [
         "https://api.paymennt.com/mer/v2.0/",
         "https://api.paymennt.com/mer/v2.0",
     ] {
-        let client = Client::new(base, &credentials, second, second, policy).expect(base);
+        let client = client_for(base).expect(base);
         assert_eq!(
             client.url(&["checkout", "1796029149840968147"]).as_str(),
             "https://api.paymennt.com/mer/v2.0/checkout/1796029149840968147"
@@ -342,8 +337,7 @@ fn request_urls_are_the_base_with_segments_appended() {
             "https://api.paymennt.com/mer/v2.0/webhooks/7/disable"
         );
     }
-    let root =
-        Client::new("http://127.0.0.1:9/", &credentials, second, second, policy).expect("root");
+    let root = client_for("http://127.0.0.1:9/").expect("root");
     assert_eq!(
         root.url(&["checkout", "link"]).as_str(),
         "http://127.0.0.1:9/checkout/link"
