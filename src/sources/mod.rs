@@ -32,8 +32,8 @@ pub struct Nudge {
     pub changed_at: Option<DateTime<Utc>>,
     /// The ledger's verification ticket counter, read after the change was seen. A
     /// verification requested with a later ticket already reflects the change, so the
-    /// verifier skips this nudge if one was recorded meanwhile (a burst of nudges, a sweep
-    /// behind a Firestore change). `None`: always verify.
+    /// verifier skips this nudge if one was recorded meanwhile (a sweep behind a Firestore
+    /// change), unless it carries a [`Nudge::ticket`]. `None`: always verify.
     pub seen_after: Option<VerifyTicket>,
     /// A ticket already issued for this verification, in the same ledger transaction that
     /// noted the change ([`crate::ledger::Ledger::note_changes`]): the verifier sends its
