@@ -21,11 +21,12 @@
 //!
 //! # Tickets and recording
 //!
-//! The ledger is written by two tasks, each taking everything waiting for it in one
-//! transaction: a ticketer hands out the verification tickets (a burst of nudges, such as a
-//! start-up's thousands, costs a few transactions instead of one each), and a recorder writes
-//! the answers (group commit: one fsync covers a burst of transitions, and an answer never
-//! waits for more than the commit in progress plus its own).
+//! The ledger is written by two threads of the verifier's, each taking everything waiting for
+//! it in one transaction: a ticketer hands out the tickets of nudges that carry none (the
+//! listener's come with one, issued when their change was noted; a burst of sweep nudges costs
+//! a few transactions instead of one each), and a recorder writes the answers (group commit:
+//! one fsync covers a burst of transitions, and an answer never waits for more than the commit
+//! in progress plus its own).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
