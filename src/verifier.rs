@@ -14,7 +14,7 @@
 //! are queued, which makes the reconciler wait: its pace is the verifier's. At most
 //! `concurrency` Get Checkout calls run at once (a verification waiting for its ticket or for
 //! its answer to be recorded holds no call, so a slow disk does not idle the API connection;
-//! up to [`IN_FLIGHT_PER_CALL`] times as many verifications are under way, sweep ones only
+//! up to `IN_FLIGHT_PER_CALL` times as many verifications are under way, sweep ones only
 //! within the first `concurrency`); a checkout waiting in a queue is queued once however many
 //! nudges name it. A nudge whose checkout was verified by a request sent after the nudge's
 //! change was seen ([`Nudge::seen_after`]) makes no call at all.

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 pub struct TaskFailure {
     /// The task's name, as in the log line.
     pub task: &'static str,
-    /// How it ended: "ended" or "panicked: <message>".
+    /// How it ended: `ended` or `panicked: <message>`.
     pub how: String,
 }
 

@@ -3,7 +3,7 @@
 //! way paymennt's "Test the Integration" steps describe their own page.
 //!
 //! Owns: the page's HTML, the card form's checks and the sandbox's test cards.
-//! Must never: change a checkout except through [`SandboxState`], put any text into the page
+//! Must never: change a checkout except through [`SandboxState`](crate::sandbox::state::SandboxState), put any text into the page
 //! without escaping it, or echo a card number or CVV back.
 //!
 //! Plain HTML forms, no JavaScript: a browser and a test with an HTTP client see the same page.

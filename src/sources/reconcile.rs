@@ -25,7 +25,7 @@ use crate::metrics::{Metrics, SweepKind};
 use crate::paymennt::{Client, SearchQuery};
 use crate::sources::Nudge;
 
-/// How the first sweep runs (see [`startup_sweep`]).
+/// How the first sweep runs (see `startup_sweep`).
 #[derive(Debug, Clone, Copy)]
 pub struct StartupSweep {
     /// The ticket counter when the daemon started, before any source ran: a checkout answered
@@ -42,7 +42,7 @@ pub struct StartupSweep {
 /// without a verification recorded (the daemon stopped in between). Checkouts with a resume
 /// token and nothing pending are left to Firestore, so a restart does not re-verify every
 /// unchanged checkout; those the listener's first snapshot reports wait for it (`startup`; see
-/// [`startup_sweep`]). Later sweeps, every `interval`, compare
+/// `startup_sweep`). Later sweeps, every `interval`, compare
 /// every open checkout with Search Checkouts ([`sweep`]), `page_size` per page.
 ///
 /// `watch_set_changed` is bumped when refund watches end, so the watch set is updated. Sweeps
