@@ -904,3 +904,30 @@ async fn listen_calls_are_opened_a_few_at_a_time() {
     }
     listener.stop().await;
 }
+
+/// A Listen call the server never answers (no response headers) is given up after the open
+/// timeout (the idle timeout when shorter), reported as a disconnection naming it, and opened
+/// again; the reopened call serves the target.
+#[tokio::test]
+async fn a_listen_call_that_never_answers_is_reported_and_opened_again() {
+    let mut fake = Fake::holding_headers().await;
+    let mut listener = Running::start(&fake.endpoint, |options| {
+        options.idle_timeout = Duration::from_millis(300);
+    });
+    listener.watch("a", None);
+    let _unanswered = fake.call().await;
+    match listener.next().await {
+        ListenEvent::Disconnected { reason, .. } => {
+            assert!(reason.contains("no answer to the listen call"), "{reason}");
+        }
+        other => panic!("expected the unanswered call to be reported, got {other:?}"),
+    }
+    let mut reopened = fake.call().await;
+    reopened.answer_headers();
+    let (_, document, _) = reopened.add().await;
+    assert_eq!(
+        document,
+        "projects/p/databases/(default)/documents/checkouts/a"
+    );
+    listener.stop().await;
+}
