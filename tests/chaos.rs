@@ -235,20 +235,12 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
         hook.display()
     );
     let config = dir.path().join("paywatch.toml");
-    let text = common::config_text(
-        dir.path(),
-        &sandbox.api_base_url(),
-        &sandbox.firestore_endpoint(),
-        sandbox.api_key(),
-        sandbox.api_secret(),
-        "multiplexed",
-        &extra,
-    )
-    .replace("interval = \"1h\"", "interval = \"5s\"")
-    .replace(
-        "max_retries = 5",
-        "max_retries = 5\nrequest_timeout = \"1s\"\nconnect_timeout = \"1s\"",
-    );
+    let text = common::sandbox_config_text(dir.path(), &sandbox, "multiplexed", &extra)
+        .replace("interval = \"1h\"", "interval = \"5s\"")
+        .replace(
+            "max_retries = 5",
+            "max_retries = 5\nrequest_timeout = \"1s\"\nconnect_timeout = \"1s\"",
+        );
     std::fs::write(&config, text).expect("config");
     let settings =
         paywatch::settings::Settings::load_with_env(Some(&config), Vec::new()).expect("config ok");

@@ -34,17 +34,9 @@ fn auth_settings(
     paymennt: &str,
 ) -> (Settings, PathBuf) {
     let path = dir.join("paywatch.toml");
-    let text = common::config_text(
-        dir,
-        &sandbox.api_base_url(),
-        &sandbox.firestore_endpoint(),
-        sandbox.api_key(),
-        sandbox.api_secret(),
-        "multiplexed",
-        "",
-    )
-    .replacen("[firestore]\n", &format!("[firestore]\n{firestore}"), 1)
-    .replacen("[paymennt]\n", &format!("[paymennt]\n{paymennt}"), 1);
+    let text = common::sandbox_config_text(dir, sandbox, "multiplexed", "")
+        .replacen("[firestore]\n", &format!("[firestore]\n{firestore}"), 1)
+        .replacen("[paymennt]\n", &format!("[paymennt]\n{paymennt}"), 1);
     std::fs::write(&path, text).expect("write config");
     let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("test config is valid");
     (settings, path)

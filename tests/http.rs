@@ -19,19 +19,12 @@ use crate::common::{
 /// and `http` lines in `[http]`.
 fn config(dir: &Path, sandbox: &Sandbox, firestore_extra: &str, http: &str) -> (Settings, PathBuf) {
     let path = dir.join("paywatch.toml");
-    let text = common::config_text(
-        dir,
-        &sandbox.api_base_url(),
-        &sandbox.firestore_endpoint(),
-        sandbox.api_key(),
-        sandbox.api_secret(),
-        "multiplexed",
-        &format!("[http]\n{http}\n"),
-    )
-    .replace(
-        "[firestore]\n",
-        &format!("[firestore]\n{firestore_extra}\n"),
-    );
+    let text =
+        common::sandbox_config_text(dir, sandbox, "multiplexed", &format!("[http]\n{http}\n"))
+            .replace(
+                "[firestore]\n",
+                &format!("[firestore]\n{firestore_extra}\n"),
+            );
     std::fs::write(&path, text).expect("write config");
     let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("test config is valid");
     (settings, path)

@@ -263,16 +263,8 @@ async fn a_first_start_verifies_each_checkout_once() {
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
     // A grace well past the first snapshot's verification, even on a loaded machine.
-    let text = common::config_text(
-        dir.path(),
-        &sandbox.api_base_url(),
-        &sandbox.firestore_endpoint(),
-        sandbox.api_key(),
-        sandbox.api_secret(),
-        "multiplexed",
-        "",
-    )
-    .replace("[reconcile]\n", "[reconcile]\nstartup_grace = \"15s\"\n");
+    let text = common::sandbox_config_text(dir.path(), &sandbox, "multiplexed", "")
+        .replace("[reconcile]\n", "[reconcile]\nstartup_grace = \"15s\"\n");
     let path = dir.path().join("paywatch.toml");
     std::fs::write(&path, text).expect("write config");
     let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("valid");

@@ -759,27 +759,12 @@ impl Ledger {
         self.write_without_fsync("ticket", next_ticket_in)
     }
 
-    /// Like [`Ledger::issue_ticket`], unless checkout `id` was already verified by a request
-    /// with a ticket issued after `seen_after` (the counter read after its change was seen):
-    /// that answer reflects the change, so no new request is needed and `None` comes back.
-    ///
-    /// # Errors
-    ///
-    /// SQL failures.
-    pub fn issue_ticket_unless_covered(
-        &self,
-        id: &CheckoutId,
-        seen_after: VerifyTicket,
-    ) -> Result<Option<VerifyTicket>> {
-        self.write_without_fsync("ticket", |transaction| {
-            ticket_unless_covered_in(transaction, id, Some(seen_after))
-        })
-    }
-
     /// Tickets for several verifications in one transaction (the verifier's group of waiting
-    /// requests): for each `(checkout, seen_after)`, in order, what
-    /// [`Ledger::issue_ticket_unless_covered`] would give, or [`Ledger::issue_ticket`]'s when
-    /// `seen_after` is `None`. Every ticket is distinct and greater than any issued before.
+    /// requests): for each `(checkout, seen_after)`, in order, the next ticket, unless
+    /// `seen_after` is given and the checkout was already verified by a request with a ticket
+    /// issued after it (the counter read after its change was seen): that answer reflects the
+    /// change, so no new request is needed and `None` comes back. Every ticket is distinct and
+    /// greater than any issued before.
     ///
     /// # Errors
     ///
@@ -943,7 +928,10 @@ impl Ledger {
         looking_gone_in(&self.lock()).map_err(|e| self.error("looking gone", e))
     }
 
-    /// Persists resume tokens after a consistent snapshot (only for still-watched checkouts).
+    /// Persists resume tokens (only for still-watched checkouts): the checkpoints of one or
+    /// several snapshots (the listener's batch of events), in one transaction, each token with
+    /// the read time of its own snapshot, in order, so a checkout's later token replaces its
+    /// earlier one.
     ///
     /// No fsync of its own: a token lost in a crash only makes Firestore resend changes the
     /// daemon may already have verified (verifying again changes nothing), and a token that
@@ -954,37 +942,27 @@ impl Ledger {
     ///
     /// # Errors
     ///
-    /// SQL failures.
-    pub fn save_resume_tokens(
-        &self,
-        tokens: &[(CheckoutId, Vec<u8>)],
-        read_time: Option<DateTime<Utc>>,
-    ) -> Result<()> {
-        self.write_without_fsync("save tokens", |transaction| {
-            save_tokens_in(
-                transaction,
-                tokens
-                    .iter()
-                    .map(|(id, token)| (id, token.as_slice(), read_time)),
-            )
-        })
-    }
-
-    /// Like [`Ledger::save_resume_tokens`] for the checkpoints of several snapshots at once
-    /// (the listener's batch of events), in one transaction: each token with the read time of
-    /// its own snapshot, in order, so a checkout's later token replaces its earlier one.
-    ///
-    /// # Errors
-    ///
     /// SQL failures (then none of them is saved).
     pub fn save_resume_points(&self, points: &[ResumePoint]) -> Result<()> {
         self.write_without_fsync("save tokens", |transaction| {
-            save_tokens_in(
-                transaction,
-                points
-                    .iter()
-                    .map(|point| (&point.checkout_id, point.token.as_slice(), point.read_time)),
-            )
+            let mut statement = transaction.prepare_cached(
+                "INSERT INTO listen_targets (checkout_id, resume_token, read_time, updated_at)
+                 SELECT id, ?2, ?3, ?4 FROM checkouts WHERE id = ?1 AND watched = 1
+                 ON CONFLICT (checkout_id) DO UPDATE SET
+                    resume_token = excluded.resume_token,
+                    read_time = excluded.read_time,
+                    updated_at = excluded.updated_at",
+            )?;
+            let updated = now();
+            for point in points {
+                statement.execute(params![
+                    point.checkout_id.as_str(),
+                    point.token,
+                    point.read_time.map(timestamp),
+                    updated
+                ])?;
+            }
+            Ok(())
         })
     }
 
@@ -1468,31 +1446,6 @@ fn track_in(
 }
 
 /// Takes the next verification ticket from the counter.
-/// Saves each `(checkout, token, read time)` of a still-watched checkout, in order.
-fn save_tokens_in<'t>(
-    transaction: &rusqlite::Transaction<'_>,
-    tokens: impl Iterator<Item = (&'t CheckoutId, &'t [u8], Option<DateTime<Utc>>)>,
-) -> rusqlite::Result<()> {
-    let mut statement = transaction.prepare_cached(
-        "INSERT INTO listen_targets (checkout_id, resume_token, read_time, updated_at)
-         SELECT id, ?2, ?3, ?4 FROM checkouts WHERE id = ?1 AND watched = 1
-         ON CONFLICT (checkout_id) DO UPDATE SET
-            resume_token = excluded.resume_token,
-            read_time = excluded.read_time,
-            updated_at = excluded.updated_at",
-    )?;
-    let updated = now();
-    for (id, token, read_time) in tokens {
-        statement.execute(params![
-            id.as_str(),
-            token,
-            read_time.map(timestamp),
-            updated
-        ])?;
-    }
-    Ok(())
-}
-
 fn last_ticket_in(connection: &Connection) -> rusqlite::Result<VerifyTicket> {
     connection
         .prepare_cached("SELECT last FROM verify_tickets WHERE id = 1")?

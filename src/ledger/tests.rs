@@ -201,21 +201,17 @@ fn final_status_stops_watching_and_drops_the_token() {
     let id: CheckoutId = "9".parse().expect("id");
     ledger.track(&facts("9"), TrackedVia::Track).expect("track");
     ledger
-        .save_resume_tokens(&[(id.clone(), vec![1, 2, 3])], None)
+        .save_resume_points(&[ResumePoint {
+            checkout_id: id.clone(),
+            token: vec![1, 2, 3],
+            read_time: None,
+        }])
         .expect("save");
     assert_eq!(
         ledger.watch_set().expect("set")[0].resume_token,
         Some(vec![1, 2, 3])
     );
-    ledger
-        .apply(
-            &verified("9", "FAILED"),
-            Source::Firestore,
-            None,
-            &[],
-            WATCH,
-        )
-        .expect("apply");
+    record(&ledger, &verified("9", "FAILED"), &[]);
     assert!(ledger.watch_set().expect("set").is_empty());
     let tokens: i64 = ledger
         .lock()
@@ -322,24 +318,8 @@ fn deliveries_are_claimed_in_order_per_checkout_and_hook() {
             WATCH,
         )
         .expect("apply");
-    ledger
-        .apply(
-            &verified("1", "PAID"),
-            Source::Firestore,
-            None,
-            &hooks,
-            WATCH,
-        )
-        .expect("apply");
-    ledger
-        .apply(
-            &verified("2", "PAID"),
-            Source::Firestore,
-            None,
-            &hooks,
-            WATCH,
-        )
-        .expect("apply");
+    record(&ledger, &verified("1", "PAID"), &hooks);
+    record(&ledger, &verified("2", "PAID"), &hooks);
     let later = Utc::now() + chrono::Duration::seconds(1);
     let first = ledger.claim_due_deliveries(later, 10).expect("claim");
     // Checkout 1's PAID waits behind its PENDING; checkout 2 runs in parallel.
@@ -534,6 +514,28 @@ fn answer(id: &str, status: &str, ticket: VerifyTicket, clock: DateTime<Utc>) ->
     VerifiedCheckout::for_tests_with(&checkout_json(id, status), ticket, clock)
 }
 
+/// Records `answer` as a verification nudged by Firestore would (no change time, the test's
+/// refund watch), with `hooks` configured.
+fn record(ledger: &Ledger, answer: &VerifiedCheckout, hooks: &[HookSettings]) {
+    ledger
+        .apply(answer, Source::Firestore, None, hooks, WATCH)
+        .expect("apply");
+}
+
+/// A ticket for checkout `id` unless a request sent after `seen` has answered it already.
+fn ticket_unless_covered(
+    ledger: &Ledger,
+    id: &CheckoutId,
+    seen: VerifyTicket,
+) -> Option<VerifyTicket> {
+    ledger
+        .issue_tickets(&[(id.clone(), Some(seen))])
+        .expect("ticket")
+        .into_iter()
+        .next()
+        .flatten()
+}
+
 fn needs_verify(ledger: &Ledger, id: &str) -> bool {
     ledger
         .lock()
@@ -552,15 +554,7 @@ fn an_answer_to_an_older_request_is_ignored() {
     let second = ledger.issue_ticket().expect("ticket");
     assert!(second > first);
     let now = Utc::now();
-    ledger
-        .apply(
-            &answer("1", "PAID", second, now),
-            Source::Firestore,
-            None,
-            &[],
-            WATCH,
-        )
-        .expect("apply");
+    record(&ledger, &answer("1", "PAID", second, now), &[]);
     assert_eq!(
         ledger
             .apply(
@@ -640,15 +634,7 @@ fn noted_changes_carry_tickets_whose_answers_clear_the_notes() {
     }
     let asked = ledger.issue_ticket().expect("ticket");
     for id in ["1", "2"] {
-        ledger
-            .apply(
-                &answer(id, "PENDING", asked, Utc::now()),
-                Source::Firestore,
-                None,
-                &[],
-                WATCH,
-            )
-            .expect("apply");
+        record(&ledger, &answer(id, "PENDING", asked, Utc::now()), &[]);
     }
     let before = ledger.last_ticket().expect("counter");
     let ids: Vec<CheckoutId> = ["1", "2"]
@@ -672,15 +658,11 @@ fn noted_changes_carry_tickets_whose_answers_clear_the_notes() {
         .expect("apply");
     assert!(needs_verify(&ledger, "1"));
     // ... the answer to the ticket issued with the note does.
-    ledger
-        .apply(
-            &answer("1", "PAID", noted.tickets[0], Utc::now()),
-            Source::Firestore,
-            None,
-            &[],
-            WATCH,
-        )
-        .expect("apply");
+    record(
+        &ledger,
+        &answer("1", "PAID", noted.tickets[0], Utc::now()),
+        &[],
+    );
     assert!(!needs_verify(&ledger, "1"));
     assert!(
         needs_verify(&ledger, "2"),
@@ -725,15 +707,7 @@ fn a_stale_answer_keeps_the_checkout_marked_for_verification() {
     assert!(ledger.watch_set().expect("set")[0].needs_verify);
     // The retry, with a fresh ticket, is recorded and clears the mark.
     let retry = ledger.issue_ticket().expect("ticket");
-    ledger
-        .apply(
-            &answer("3", "PAID", retry, now),
-            Source::Firestore,
-            None,
-            &[],
-            WATCH,
-        )
-        .expect("apply");
+    record(&ledger, &answer("3", "PAID", retry, now), &[]);
     assert_eq!(history(&ledger, "3"), ["PENDING", "PAID"]);
     assert!(!needs_verify(&ledger, "3"));
 }
@@ -768,30 +742,14 @@ fn a_verification_requested_before_a_change_does_not_clear_it() {
     ledger
         .mark_needs_verify(std::slice::from_ref(&id), change_seen)
         .expect("mark");
-    ledger
-        .apply(
-            &answer("4", "PENDING", in_flight, now),
-            Source::Firestore,
-            None,
-            &[],
-            WATCH,
-        )
-        .expect("apply");
+    record(&ledger, &answer("4", "PENDING", in_flight, now), &[]);
     assert!(
         ledger.watch_set().expect("set")[0].needs_verify,
         "the change is still unverified"
     );
     // The verification the change asked for clears it.
     let asked = ledger.issue_ticket().expect("ticket");
-    ledger
-        .apply(
-            &answer("4", "PAID", asked, now),
-            Source::Firestore,
-            None,
-            &[],
-            WATCH,
-        )
-        .expect("apply");
+    record(&ledger, &answer("4", "PAID", asked, now), &[]);
     assert!(!ledger.watch_set().expect("set")[0].needs_verify);
     // A mark arriving after the verification that covered it changes nothing.
     ledger
@@ -1289,15 +1247,7 @@ fn record_and_claim_writes_outcomes_and_claims_the_events_they_free_in_one_call(
     let hooks = [hook("h", &[])];
     for id in ["1", "2", "3"] {
         for status in ["PENDING", "PAID"] {
-            ledger
-                .apply(
-                    &verified(id, status),
-                    Source::Firestore,
-                    None,
-                    &hooks,
-                    WATCH,
-                )
-                .expect("apply");
+            record(&ledger, &verified(id, status), &hooks);
         }
     }
     let later = Utc::now() + chrono::Duration::seconds(1);
@@ -1486,15 +1436,7 @@ fn a_group_of_tickets_is_what_each_request_would_get_alone() {
     }
     let seen = ledger.last_ticket().expect("counter");
     let asked = ledger.issue_ticket().expect("ticket");
-    ledger
-        .apply(
-            &answer("1", "PENDING", asked, Utc::now()),
-            Source::Firestore,
-            None,
-            &[],
-            WATCH,
-        )
-        .expect("apply");
+    record(&ledger, &answer("1", "PENDING", asked, Utc::now()), &[]);
     let tickets = ledger
         .issue_tickets(&[
             (covered.clone(), Some(seen)),
@@ -1516,12 +1458,7 @@ fn a_group_of_tickets_is_what_each_request_would_get_alone() {
     );
     assert!(ledger.issue_ticket().expect("ticket") > issued[2]);
     // The open checkout's ticket is what it would have got alone: a request is needed.
-    assert!(
-        ledger
-            .issue_ticket_unless_covered(&open, seen)
-            .expect("ticket")
-            .is_some()
-    );
+    assert!(ticket_unless_covered(&ledger, &open, seen).is_some());
 }
 
 #[test]
@@ -1531,38 +1468,18 @@ fn a_ticket_is_not_needed_once_a_later_request_answered() {
     ledger.track(&facts("1"), TrackedVia::Track).expect("track");
     // Never verified: a ticket is issued.
     let seen = ledger.last_ticket().expect("counter");
-    let first = ledger
-        .issue_ticket_unless_covered(&id, seen)
-        .expect("ticket")
-        .expect("never verified: a request is needed");
+    let first =
+        ticket_unless_covered(&ledger, &id, seen).expect("never verified: a request is needed");
     assert!(first > seen);
-    ledger
-        .apply(
-            &answer("1", "PENDING", first, Utc::now()),
-            Source::Firestore,
-            None,
-            &[],
-            WATCH,
-        )
-        .expect("apply");
+    record(&ledger, &answer("1", "PENDING", first, Utc::now()), &[]);
     // A change seen before that request was sent is covered by its answer ...
-    assert_eq!(
-        ledger.issue_ticket_unless_covered(&id, seen).expect("read"),
-        None
-    );
+    assert_eq!(ticket_unless_covered(&ledger, &id, seen), None);
     // ... one seen after it was sent is not.
     let later = ledger.last_ticket().expect("counter");
-    let second = ledger
-        .issue_ticket_unless_covered(&id, later)
-        .expect("ticket")
+    let second = ticket_unless_covered(&ledger, &id, later)
         .expect("a change after the last request needs a new one");
     assert!(second > first);
     // An untracked checkout always needs a request.
     let other: CheckoutId = "9".parse().expect("id");
-    assert!(
-        ledger
-            .issue_ticket_unless_covered(&other, later)
-            .expect("ticket")
-            .is_some()
-    );
+    assert!(ticket_unless_covered(&ledger, &other, later).is_some());
 }

@@ -143,7 +143,11 @@ fn ages_are_measured_from_the_oldest_row_at_scrape_time() {
     apply(&ledger, "chk-1", "PENDING", &hooks);
     apply(&ledger, "chk-2", "PAID", &hooks);
     ledger
-        .save_resume_tokens(&[("chk-1".parse().expect("id"), vec![1, 2, 3])], None)
+        .save_resume_points(&[crate::ledger::ResumePoint {
+            checkout_id: "chk-1".parse().expect("id"),
+            token: vec![1, 2, 3],
+            read_time: None,
+        }])
         .expect("token");
     let metrics = Metrics::new();
     let later = Utc::now() + chrono::Duration::seconds(90);

@@ -450,7 +450,11 @@ mod tests {
             .record_discovered(&[facts("4", false)], "LINK", "4")
             .expect("discovered");
         ledger
-            .save_resume_tokens(&[(id("2"), vec![1, 2, 3])], None)
+            .save_resume_points(&[crate::ledger::ResumePoint {
+                checkout_id: id("2"),
+                token: vec![1, 2, 3],
+                read_time: None,
+            }])
             .expect("token");
         ledger
             .note_listen_refusal(&id("3"), "PERMISSION_DENIED", "no", "d3", None)

@@ -61,7 +61,20 @@ pub fn settings(
     extra: &str,
 ) -> (Settings, PathBuf) {
     let path = dir.join("paywatch.toml");
-    let text = config_text(
+    let text = sandbox_config_text(dir, sandbox, stream_mode, extra);
+    std::fs::write(&path, text).expect("write config");
+    let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("test config is valid");
+    (settings, path)
+}
+
+/// The config text of [`settings`], for a test that changes it before writing it.
+pub fn sandbox_config_text(
+    dir: &Path,
+    sandbox: &Sandbox,
+    stream_mode: &str,
+    extra: &str,
+) -> String {
+    config_text(
         dir,
         &sandbox.api_base_url(),
         &sandbox.firestore_endpoint(),
@@ -69,13 +82,10 @@ pub fn settings(
         sandbox.api_secret(),
         stream_mode,
         extra,
-    );
-    std::fs::write(&path, text).expect("write config");
-    let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("test config is valid");
-    (settings, path)
+    )
 }
 
-/// The config text used by [`settings`].
+/// The config text used by [`settings`], for any paymennt and Firestore.
 pub fn config_text(
     dir: &Path,
     base_url: &str,
