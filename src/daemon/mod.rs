@@ -274,9 +274,11 @@ pub async fn run(
 
     // The HTTP listener, if configured: webhooks nudge the verifier like Firestore changes do.
     let http_stop = CancellationToken::new();
+    let discovery_enabled = settings.discovery.is_enabled(&settings.paymennt);
+    let discovery_wake = Arc::new(tokio::sync::Notify::new());
     let http_task = match settings.http.listen {
         Some(addr) => {
-            let context = HttpContext::new(
+            let mut context = HttpContext::new(
                 &settings.http,
                 ledger.clone(),
                 nudge_sender.clone(),
@@ -284,6 +286,9 @@ pub async fn run(
                 health.clone(),
                 metrics.clone(),
             )?;
+            if discovery_enabled {
+                context.intake.set_discovery_wake(discovery_wake.clone());
+            }
             let bound = crate::http::bind(addr).await?;
             let local = bound.local_addr().context("the HTTP listener's address")?;
             tracing::info!(
@@ -329,7 +334,6 @@ pub async fn run(
             metrics.clone(),
         ),
     ));
-    let discovery_enabled = settings.discovery.is_enabled(&settings.paymennt);
     if discovery_enabled {
         tasks.spawn(supervisor.supervise(
             "discovery",
@@ -340,10 +344,12 @@ pub async fn run(
                     types: settings.discovery.types.clone(),
                     interval: settings.discovery.interval,
                     lookback: settings.discovery.lookback,
+                    overlap: settings.discovery.overlap,
                     page_size: settings.discovery.page_size,
                 },
                 sweep_sender,
                 watch_set_changed.clone(),
+                discovery_wake,
                 sources.clone(),
             ),
         ));

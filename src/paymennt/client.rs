@@ -228,6 +228,11 @@ impl VerifiedCheckout {
         &self.raw_json
     }
 
+    /// When paymennt created the checkout, if its answer says so readably.
+    pub fn created_at(&self) -> Option<DateTime<Utc>> {
+        self.wire.created_at()
+    }
+
     /// When the answer arrived.
     pub fn verified_at(&self) -> DateTime<Utc> {
         self.verified_at

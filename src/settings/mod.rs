@@ -682,15 +682,23 @@ pub struct DiscoverySettings {
     /// On or off; unset means on when paymennt credentials are configured.
     #[serde(default)]
     pub enabled: Option<bool>,
-    /// Checkout types to track (paymennt's `type`: QR, WEB, MOBILE, LINK, TERMINAL).
-    #[serde(default = "default_discovery_types")]
+    /// Checkout types to track (paymennt's `type`: QR, WEB, MOBILE, LINK, TERMINAL): a TOML
+    /// array, or comma-separated text (as an environment variable gives it).
+    #[serde(
+        default = "default_discovery_types",
+        deserialize_with = "list_or_comma_separated"
+    )]
     pub types: Vec<String>,
     /// Time between searches.
     #[serde(default = "default_discovery_interval", with = "humantime_serde")]
     pub interval: Duration,
-    /// How far back a first start (no stored cursor) looks.
+    /// How far back a first round (no complete round stored) looks.
     #[serde(default = "default_discovery_lookback", with = "humantime_serde")]
     pub lookback: Duration,
+    /// How far before the last complete round's start the next round searches again, for
+    /// checkouts that became visible late and for clocks that disagree.
+    #[serde(default = "default_discovery_overlap", with = "humantime_serde")]
+    pub overlap: Duration,
     /// Checkouts per Search Checkouts page.
     #[serde(default = "default_page_size")]
     pub page_size: u32,
@@ -708,6 +716,33 @@ fn default_discovery_lookback() -> Duration {
     Duration::from_secs(7 * 24 * 3600)
 }
 
+fn default_discovery_overlap() -> Duration {
+    Duration::from_secs(10 * 60)
+}
+
+/// A list of strings given as an array, or as one comma-separated string (the form an
+/// environment variable has); blanks around items and empty items are dropped.
+fn list_or_comma_separated<'de, D>(deserializer: D) -> Result<Vec<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrText {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match ListOrText::deserialize(deserializer)? {
+        ListOrText::List(items) => items,
+        ListOrText::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
 impl Default for DiscoverySettings {
     fn default() -> Self {
         DiscoverySettings {
@@ -715,6 +750,7 @@ impl Default for DiscoverySettings {
             types: default_discovery_types(),
             interval: default_discovery_interval(),
             lookback: default_discovery_lookback(),
+            overlap: default_discovery_overlap(),
             page_size: default_page_size(),
         }
     }
@@ -1076,6 +1112,7 @@ const KNOWN_KEYS: &[&str] = &[
     "discovery.types",
     "discovery.interval",
     "discovery.lookback",
+    "discovery.overlap",
     "discovery.page_size",
     "daemon.drain_timeout",
     "log.level",
@@ -1442,6 +1479,12 @@ impl Settings {
                 self.discovery.lookback,
                 Duration::ZERO,
                 Duration::from_secs(366 * 24 * 3600),
+            ),
+            (
+                "discovery.overlap",
+                self.discovery.overlap,
+                Duration::ZERO,
+                Duration::from_secs(24 * 3600),
             ),
         ];
         for (key, value, low, high) in ranges {

@@ -447,7 +447,7 @@ mod tests {
                 .expect("track");
         }
         ledger
-            .record_discovered(&[facts("4", false)], "LINK", "4")
+            .record_discovered(&[facts("4", false)])
             .expect("discovered");
         ledger
             .save_resume_points(&[crate::ledger::ResumePoint {
