@@ -265,6 +265,26 @@ fn a_numeric_looking_secret_from_the_environment_stays_verbatim() {
 }
 
 #[test]
+fn discovery_types_and_overlap_can_be_set_from_the_environment() {
+    let settings = load(
+        "",
+        &[
+            ("PAYWATCH_DISCOVERY__TYPES", "LINK, WEB,"),
+            ("PAYWATCH_DISCOVERY__OVERLAP", "2m"),
+        ],
+    )
+    .expect("valid");
+    assert_eq!(settings.discovery.types, ["LINK", "WEB"]);
+    assert_eq!(settings.discovery.overlap, Duration::from_secs(120));
+    let single = load("", &[("PAYWATCH_DISCOVERY__TYPES", "QR")]).expect("valid");
+    assert_eq!(single.discovery.types, ["QR"]);
+    let error = load("", &[("PAYWATCH_DISCOVERY__TYPES", "LINK,SHOP")]).expect_err("unknown");
+    assert!(error.to_string().contains("unknown type 'SHOP'"), "{error}");
+    let error = load("[discovery]\noverlap = \"2days\"\n", &[]).expect_err("bounded");
+    assert!(error.to_string().contains("'discovery.overlap'"), "{error}");
+}
+
+#[test]
 fn discovery_defaults_follow_the_credentials_and_every_number_is_bounded() {
     let settings = load("", &[]).expect("valid");
     assert_eq!(settings.discovery.types, ["LINK"]);
