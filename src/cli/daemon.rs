@@ -50,11 +50,8 @@ const DEMO_MINUTE: Duration = Duration::from_millis(600);
 const STEP: Duration = Duration::from_millis(700);
 
 /// `paywatch demo`.
-pub async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
-    crate::logging::init(
-        "info,paywatch::sandbox=warn,paywatch::sources=warn",
-        crate::settings::LogFormat::Text,
-    );
+pub async fn demo(args: &DemoArgs, format: crate::settings::LogFormat) -> anyhow::Result<()> {
+    crate::logging::init("info,paywatch::sandbox=warn,paywatch::sources=warn", format);
     let sandbox = Sandbox::start(SandboxOptions {
         expiry_minute: DEMO_MINUTE,
         ..SandboxOptions::default()

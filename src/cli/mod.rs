@@ -129,7 +129,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let log = crate::logging::init(&settings.log.level, format);
             daemon::run(settings, log).await
         }
-        Command::Demo(ref args) => daemon::demo(args).await,
+        Command::Demo(ref args) => {
+            daemon::demo(args, cli.log_format.unwrap_or(LogFormat::Text)).await
+        }
         Command::DemoHook(ref args) => daemon::demo_hook(args),
         Command::Completions(ref args) => generate::print_completions(args),
         Command::Man(ref args) => generate::man(args),
@@ -141,7 +143,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(ref args) => checkouts::status(&load_settings(&cli)?, args),
         Command::List(ref args) => checkouts::list(&load_settings(&cli)?, args),
         Command::Events(ref args) => checkouts::events(&load_settings(&cli)?, args),
-        Command::Sandbox(args) => sandbox::run(args).await,
+        Command::Sandbox(args) => {
+            sandbox::run(args, cli.log_format.unwrap_or(LogFormat::Text)).await
+        }
         Command::Hooks(ref command) => hooks::run(&load_settings(&cli)?, command).await,
         Command::Webhooks(ref command) => webhooks::run(&load_settings(&cli)?, command).await,
     }

@@ -178,9 +178,9 @@ pub struct RefundArgs {
 ///
 /// A [`UsageError`] for a bad id, amount or URL, or an action the checkout's status does not
 /// allow; a runtime error if the sandbox cannot bind its addresses or cannot be reached.
-pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
+pub async fn run(args: SandboxArgs, format: crate::settings::LogFormat) -> anyhow::Result<()> {
     match args.action {
-        None => serve(args.serve).await,
+        None => serve(args.serve, format).await,
         Some(command) => {
             let line = drive(&command).await?;
             writeln!(std::io::stdout().lock(), "{line}").context("cannot write to stdout")?;
@@ -190,16 +190,11 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
 }
 
 /// Runs the sandbox until Ctrl-C or SIGTERM.
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    // The daemon's logging may already be set up; the sandbox's own logs are its user interface.
-    // Logs go to stderr: stdout carries only the config snippet, so it can be redirected.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+async fn serve(args: ServeArgs, format: crate::settings::LogFormat) -> anyhow::Result<()> {
+    // The sandbox's own logs are its user interface, under the same rules as the daemon's
+    // (`--log-format`, no ANSI escapes but on a terminal, one record per line). Logs go to
+    // stderr: stdout carries only the config snippet, so it can be redirected.
+    crate::logging::init("info", format);
     if args.token_lifetime < Duration::from_secs(1)
         || args.token_lifetime > Duration::from_secs(24 * 3600)
     {
