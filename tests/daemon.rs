@@ -401,13 +401,18 @@ async fn sighup_reloads_and_a_bad_config_is_rejected_then_sigterm_drains() {
     });
     wait_status(&ledger, &id, "PENDING").await;
 
+    // Unchanged: reloaded, and nothing claimed to have changed.
+    tokio::task::block_in_place(|| {
+        process.signal(Signal::SIGHUP);
+        process.expect_line("config reloaded: nothing changed");
+    });
     let good = std::fs::read_to_string(&path)
         .expect("config")
         .replace("interval = \"1h\"", "interval = \"2h\"");
     std::fs::write(&path, &good).expect("rewrite config");
     tokio::task::block_in_place(|| {
         process.signal(Signal::SIGHUP);
-        process.expect_line("config reloaded");
+        process.expect_line("config reloaded: reconcile.interval changed");
     });
 
     std::fs::write(&path, format!("{good}\n[bogus]\nkey = 1\n")).expect("break config");

@@ -586,7 +586,25 @@ fn reload(
     }
     client_sender.send_replace(client.clone());
     config.send_replace(verifier_config(&fresh, client));
-    interval.send_replace(fresh.reconcile.interval);
+    // Only what changed is applied and named, so an unchanged reload is quiet.
+    interval.send_if_modified(|current| {
+        let changed = *current != fresh.reconcile.interval;
+        *current = fresh.reconcile.interval;
+        changed
+    });
+    let mut applied = Vec::new();
+    if format!("{:?}", fresh.hooks) != format!("{:?}", settings.hooks) {
+        applied.push("[[hooks]]");
+    }
+    if fresh.log.level != settings.log.level {
+        applied.push("log.level");
+    }
+    if fresh.reconcile.interval != settings.reconcile.interval {
+        applied.push("reconcile.interval");
+    }
+    if format!("{:?}", fresh.paymennt) != format!("{:?}", settings.paymennt) {
+        applied.push("[paymennt]");
+    }
     let mut restart_needed = Vec::new();
     if fresh.ledger.path != settings.ledger.path {
         restart_needed.push("[ledger]");
@@ -618,7 +636,17 @@ fn reload(
             restart_needed.join(", ")
         );
     }
-    tracing::info!(hooks = fresh.hooks.len(), reconcile_interval = ?fresh.reconcile.interval, level = %fresh.log.level, "config reloaded");
+    if applied.is_empty() && restart_needed.is_empty() {
+        tracing::info!("config reloaded: nothing changed (secret and credential files re-read)");
+    } else if !applied.is_empty() {
+        tracing::info!(
+            hooks = fresh.hooks.len(),
+            reconcile_interval = ?fresh.reconcile.interval,
+            level = %fresh.log.level,
+            "config reloaded: {} changed",
+            applied.join(", ")
+        );
+    }
     *settings = fresh;
 }
 

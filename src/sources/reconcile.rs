@@ -73,7 +73,8 @@ pub async fn run(
                 () = cancel.cancelled() => return,
                 changed = interval.changed() => {
                     if changed.is_err() { return; }
-                    tracing::info!(interval = ?*interval.borrow(), "reconcile interval changed");
+                    // The reload names what changed; this is only its effect.
+                    tracing::debug!(interval = ?*interval.borrow(), "reconcile interval changed");
                     break;
                 }
                 _ = ticker.tick() => {
