@@ -887,9 +887,15 @@ async fn consume_listen_events(
                     stream,
                     reason,
                     retry_in,
+                    planned,
                 } => {
-                    metrics.listen_reconnect(&project);
-                    tracing::warn!(project = %project, stream, retry_in_ms = retry_in.as_millis() as u64, "Firestore stream disconnected: {reason}");
+                    if planned {
+                        // Normal operation (hourly with firebase-anonymous): not a warning.
+                        tracing::info!(project = %project, stream, "Firestore stream reopened as planned: {reason}");
+                    } else {
+                        metrics.listen_reconnect(&project);
+                        tracing::warn!(project = %project, stream, retry_in_ms = retry_in.as_millis() as u64, "Firestore stream disconnected: {reason}");
+                    }
                 }
             }
         }
