@@ -755,6 +755,7 @@ fn payment_line(
         .as_deref()
         .map(printable)
         .unwrap_or_else(|| "-".into());
+    // The same spelling as the CLI's `events` and `status` ("untracked").
     let was = previous.map_or_else(|| "untracked".to_owned(), printable);
     let timing = match (source, latency_ms) {
         (Source::Firestore, Some(ms)) => format!("verified {ms} ms after the change"),

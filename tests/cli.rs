@@ -287,8 +287,21 @@ fn config_errors_exit_2_and_runtime_failures_exit_1() {
             .status
             .success()
     );
+    // An id that names nothing paywatch holds is an input error, for every command.
+    for args in [
+        &["status", "42"][..],
+        &["events", "42"][..],
+        &["hooks", "retry", "evt_nothing"][..],
+    ] {
+        let unknown = paywatch(&good, args, None);
+        assert_eq!(
+            unknown.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&unknown)
+        );
+    }
     let unknown = paywatch(&good, &["status", "42"], None);
-    assert_eq!(unknown.status.code(), Some(1));
     assert!(
         stderr(&unknown).contains("not tracked"),
         "{}",
@@ -418,11 +431,19 @@ async fn link_create_track_and_events_against_the_sandbox() {
             &["events", &id_for_blocking, "--json"],
             None,
         );
+        let events_text = paywatch(&config_for_blocking, &["events", &id_for_blocking], None);
         let check = paywatch(&config_for_blocking, &["check-config", "--online"], None);
-        (track, events, check)
+        (track, (events, events_text), check)
     })
     .await
     .expect("join");
+    let (events, events_text) = events;
+    // "No previous status" has one spelling: the payment log line's.
+    assert!(
+        stdout(&events_text).contains(" untracked -> PENDING "),
+        "{}",
+        stdout(&events_text)
+    );
     assert!(track.status.success(), "{}", stderr(&track));
     assert!(stdout(&track).contains("PAID"), "{}", stdout(&track));
     let json: Value = serde_json::from_slice(&events.stdout).expect("events --json");

@@ -302,7 +302,7 @@ pub fn demo_hook(args: &DemoHookArgs) -> anyhow::Result<()> {
         event
             .get("previous_status")
             .and_then(|v| v.as_str())
-            .unwrap_or("none"),
+            .unwrap_or(crate::cli::output::NO_PREVIOUS_STATUS),
         event.get("attempt").and_then(|v| v.as_u64()).unwrap_or(0),
     );
     let mut file = std::fs::OpenOptions::new()

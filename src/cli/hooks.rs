@@ -154,9 +154,11 @@ fn retry(ledger: &Ledger, args: &RetryArgs) -> anyhow::Result<String> {
     };
     let event = printable(event_id);
     let Some(delivery) = ledger.delivery(event_id)? else {
-        anyhow::bail!(
+        // An id the ledger does not have is an input error, as everywhere (exit 2).
+        return Err(UsageError(format!(
             "no hook delivery with event id '{event}'\n\nlist them with: paywatch hooks list"
-        );
+        ))
+        .into());
     };
     match delivery.state {
         DeliveryState::Delivered => anyhow::bail!(
