@@ -103,7 +103,7 @@ pub struct TestArgs {
 ///
 /// # Errors
 ///
-/// Usage errors (unknown hook, bad time or status) exit 2; a missing event, a failed test
+/// Usage errors (unknown hook, bad time or status, an unknown event id) exit 2; a failed test
 /// run or a ledger failure exits 1.
 pub async fn run(settings: &Settings, command: &HooksCommand) -> anyhow::Result<()> {
     match command {
@@ -488,7 +488,8 @@ mod tests {
         );
         assert_eq!(
             crate::cli::exit_code(&error),
-            std::process::ExitCode::from(1)
+            std::process::ExitCode::from(2),
+            "an id the ledger does not have is an input error"
         );
 
         let claimed = ledger.claim_due_deliveries(Utc::now(), 10).expect("claim");
