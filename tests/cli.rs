@@ -746,3 +746,35 @@ async fn webhooks_register_list_test_disable_keep_the_hmac_key_out_of_output_unl
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
     sandbox.shutdown().await;
 }
+
+/// The two `api_key`s of the config file (paymennt's and the Firebase Web API key) cannot be
+/// confused silently: check-config names the Firebase one by its last four characters and
+/// fails when it is paymennt's.
+#[test]
+fn check_config_names_the_firebase_key_and_refuses_paymennts_in_its_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = |firebase_key: &str| {
+        let path = dir.path().join("paywatch.toml");
+        let text = format!(
+            "[ledger]\npath = \"{}\"\n[paymennt]\nbase_url = \"http://127.0.0.1:9/mer/v2.0/\"\n\
+             api_key = \"paymennt-key-0123456789\"\napi_secret = \"s\"\n\
+             [firestore]\nendpoint = \"http://127.0.0.1:9\"\nauth = \"none\"\napi_key = \"{firebase_key}\"\n",
+            dir.path().join("paywatch.db").display()
+        );
+        std::fs::write(&path, text).expect("config written");
+        path
+    };
+    let good = paywatch(&config("AIzaSyFirebase-key-WXYZ"), &["check-config"], None);
+    assert!(
+        stdout(&good).contains("Firebase Web API key …WXYZ loaded"),
+        "{}",
+        stdout(&good)
+    );
+    let mixed = paywatch(&config("paymennt-key-0123456789"), &["check-config"], None);
+    assert!(!mixed.status.success(), "{}", stdout(&mixed));
+    assert!(
+        stdout(&mixed).contains("is paymennt's API key"),
+        "{}",
+        stdout(&mixed)
+    );
+}

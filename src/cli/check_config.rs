@@ -313,6 +313,31 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
         Ok(text) => check(true, format!("firestore {text}")),
         Err(error) => check(false, format!("firestore credentials: {error:#}")),
     });
+    if let Some(key) = &settings.firestore.api_key {
+        // Named by its end, so a paymennt key pasted here by mistake is seen at once.
+        let same_as_paymennt = settings
+            .paymennt
+            .credentials()
+            .is_ok_and(|found| found.key.expose() == key.expose());
+        checks.push(if same_as_paymennt {
+            check(
+                false,
+                format!(
+                    "[firestore] api_key {} is paymennt's API key ([paymennt] api_key): the Firebase Web API key \
+                     is another key, from paymennt's payment page or Firebase project",
+                    key.hint()
+                ),
+            )
+        } else {
+            check(
+                true,
+                format!(
+                    "Firebase Web API key {} loaded ([firestore] api_key, not paymennt's)",
+                    key.hint()
+                ),
+            )
+        });
+    }
 
     if let Some(addr) = settings.http.listen {
         let loopback = addr.ip().is_loopback();

@@ -1142,7 +1142,40 @@ const HOOK_KEYS: &[&str] = &[
 ];
 
 /// Reports keys no setting has, with the closest known key as a suggestion.
-fn check_keys(table: &toml::Table, origin: &str) -> Result<(), SettingsError> {
+/// The line of the key at `path` in TOML `text` (`["discovery", "lokback"]`, or
+/// `["hooks", "0", "comand"]` for an entry of an array of tables), for error messages.
+fn key_line(text: &str, path: &[&str]) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let parsed = DeTable::parse(text).ok()?;
+    let mut value: Option<&DeValue<'_>> = None;
+    let mut table: &DeTable<'_> = parsed.get_ref();
+    let mut span = None;
+    for part in path {
+        if let Some(DeValue::Array(entries)) = value {
+            let entry = entries.get(part.parse::<usize>().ok()?)?;
+            let DeValue::Table(inner) = entry.get_ref() else {
+                return None;
+            };
+            table = inner;
+            value = None;
+            continue;
+        }
+        if let Some(DeValue::Table(inner)) = value {
+            table = inner;
+        }
+        let (key, found) = table.iter().find(|(key, _)| key.get_ref() == part)?;
+        span = Some(key.span());
+        value = Some(found.get_ref());
+    }
+    span.map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1)
+}
+
+fn check_keys(table: &toml::Table, origin: &str, text: &str) -> Result<(), SettingsError> {
+    // The file's name and the key's line, where it can be found.
+    let at = |path: &[&str]| match key_line(text, path) {
+        Some(line) => format!("{origin} (line {line})"),
+        None => origin.to_owned(),
+    };
     for (section, value) in table {
         match (section.as_str(), value) {
             ("hooks", toml::Value::Array(hooks)) => {
@@ -1156,7 +1189,7 @@ fn check_keys(table: &toml::Table, origin: &str) -> Result<(), SettingsError> {
                     for key in hook.keys() {
                         if !HOOK_KEYS.contains(&key.as_str()) {
                             return Err(unknown_key(
-                                origin,
+                                &at(&["hooks", &index.to_string(), key]),
                                 &format!("hooks[{index}].{key}"),
                                 key,
                                 HOOK_KEYS,
@@ -1169,13 +1202,13 @@ fn check_keys(table: &toml::Table, origin: &str) -> Result<(), SettingsError> {
                 for key in keys.keys() {
                     let full = format!("{section}.{key}");
                     if !KNOWN_KEYS.contains(&full.as_str()) {
-                        return Err(unknown_key(origin, &full, &full, KNOWN_KEYS));
+                        return Err(unknown_key(&at(&[section, key]), &full, &full, KNOWN_KEYS));
                     }
                 }
             }
             (key, _) => {
                 if !KNOWN_KEYS.contains(&key) {
-                    return Err(unknown_key(origin, key, key, KNOWN_KEYS));
+                    return Err(unknown_key(&at(&[key]), key, key, KNOWN_KEYS));
                 }
             }
         }
@@ -1292,7 +1325,7 @@ impl Settings {
                             + &line_hint(&text, error.span()),
                     )
                 })?;
-                check_keys(&table, &origin)?;
+                check_keys(&table, &origin, &text)?;
                 builder =
                     builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
                 origin
