@@ -307,6 +307,14 @@ fn config_errors_exit_2_and_runtime_failures_exit_1() {
         "{}",
         stderr(&unknown)
     );
+    // check-config --online against an unreachable paymennt names that, not Search Checkouts.
+    let online = paywatch(&good, &["check-config", "--online"], None);
+    assert!(!online.status.success());
+    assert!(
+        !stdout(&online).contains("Search Checkouts is what"),
+        "{}",
+        stdout(&online)
+    );
     // paymennt unreachable: a runtime failure, and the secret is not in the message.
     let fetch = paywatch(&good, &["track", "--checkout-id", "42"], None);
     assert_eq!(fetch.status.code(), Some(1), "{}", stderr(&fetch));

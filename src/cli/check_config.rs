@@ -436,11 +436,20 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
                             "paymennt at {}: this address does not answer as paymennt's API: {error}",
                             client.base_url()
                         ),
-                        Err(error) => format!(
-                            "paymennt at {}: {error}\n\nSearch Checkouts is what discovery and reconcile sweeps use; \
+                        Err(error) if error.refuses_credentials() => format!(
+                            "paymennt at {} refuses the API credentials: {error}\n      \
+                             check [paymennt] api_key and api_secret and [paymennt] environment \
+                             (test keys work only against test, live keys only against live)",
+                            client.base_url()
+                        ),
+                        // paymennt answered and refused the search itself: a key without that
+                        // permission.
+                        Err(error @ crate::paymennt::Error::Rejected { .. }) => format!(
+                            "paymennt at {}: {error}\n      Search Checkouts is what discovery and reconcile sweeps use; \
                              without it discovery finds nothing and sweeps fall back to one Get Checkout per open checkout",
                             client.base_url()
                         ),
+                        Err(error) => format!("paymennt at {}: {error}", client.base_url()),
                     },
                 ));
                 if ok && ledger_path.exists() {

@@ -228,12 +228,14 @@ pub async fn run(
         "verifier",
         verifier.run(nudge_receiver, sweep_receiver, verifier_abort.clone()),
     ));
+    let credential_status = client.credential_status().clone();
     let health = Health::new(
         ledger.clone(),
         listener.clone(),
         verifier_stats.clone(),
         settings.http.verify_failing_after,
-    );
+    )
+    .with_paymennt_credentials(credential_status.clone());
 
     let mut tasks = JoinSet::new();
     tasks.spawn(supervisor.supervise(
@@ -437,6 +439,7 @@ pub async fn run(
     let mut status_tick = tokio::time::interval(Duration::from_millis(200));
     let mut status_line_tick = tokio::time::interval(STATUS_LINE_EVERY);
     let mut failure = None;
+    let mut refused_at_start = None;
     loop {
         tokio::select! {
             failed = supervisor.failed() => {
@@ -451,7 +454,18 @@ pub async fn run(
                 }
                 Some(Control::Shutdown) | None => break,
             },
-            _ = status_tick.tick() => publish(true),
+            _ = status_tick.tick() => {
+                publish(true);
+                // A key paymennt refused before it ever accepted one is a configuration
+                // problem, not an outage: say so with exit 2 rather than run blind.
+                if !settings.daemon.wait_for_api
+                    && !credential_status.ever_accepted()
+                    && let Some(refusal) = credential_status.refused()
+                {
+                    refused_at_start = Some(refusal);
+                    break;
+                }
+            }
             _ = status_line_tick.tick(), if notifier.is_enabled() => {
                 let counts = ledger.clone();
                 let hooks_pending = blocking(move || counts.counts()).await.map(|c| c.hooks_pending).unwrap_or(0);
@@ -520,6 +534,16 @@ pub async fn run(
     watchdog_cancel.cancel();
     let _ = watchdog.await;
     publish(false);
+    if let Some(refusal) = refused_at_start {
+        tracing::error!("paywatch stopped: paymennt refused the API credentials at start");
+        return Err(crate::settings::SettingsError(format!(
+            "paymennt refused the API credentials at start: {refusal}\n\n\
+             check [paymennt] api_key and api_secret (or their files or systemd credentials) and \
+             [paymennt] environment; to keep running until they are accepted instead, set \
+             [daemon] wait_for_api = true"
+        ))
+        .into());
+    }
     if let Some(failure) = failure.or_else(|| supervisor.failure()) {
         tracing::error!("paywatch stopped because {failure}");
         anyhow::bail!("{failure}; paywatch stopped so that its service manager restarts it");
@@ -568,7 +592,9 @@ fn reload(
     let loaded = Settings::load(options.config_path.as_deref()).and_then(|fresh| {
         let hooks = HookSet::from_settings(&fresh)?;
         // Rebuilt, so rotated API credentials (a new secret file) take effect now.
-        let client = Client::from_settings(&fresh.paymennt)?.with_metrics(options.metrics.clone());
+        let client = Client::from_settings(&fresh.paymennt)?
+            .with_metrics(options.metrics.clone())
+            .with_credential_status(client_sender.borrow().credential_status().clone());
         Ok((fresh, hooks, client))
     });
     let (fresh, hooks, client) = match loaded {

@@ -785,6 +785,11 @@ pub struct DaemonSettings {
     /// On SIGTERM, how long in-flight verifications and hooks may take before exit.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// When paymennt refuses the API credentials before it ever accepted them: `false` stops
+    /// the daemon with exit 2 (a configuration problem); `true` keeps it running, not ready,
+    /// until they are accepted.
+    #[serde(default)]
+    pub wait_for_api: bool,
 }
 
 fn default_drain_timeout() -> Duration {
@@ -795,6 +800,7 @@ impl Default for DaemonSettings {
     fn default() -> Self {
         DaemonSettings {
             drain_timeout: default_drain_timeout(),
+            wait_for_api: false,
         }
     }
 }
@@ -1115,6 +1121,7 @@ const KNOWN_KEYS: &[&str] = &[
     "discovery.overlap",
     "discovery.page_size",
     "daemon.drain_timeout",
+    "daemon.wait_for_api",
     "log.level",
     "log.format",
     "http.listen",
