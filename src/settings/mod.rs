@@ -1083,7 +1083,7 @@ fn environment_overrides(
 }
 
 /// Every key the file or the environment may set, for the unknown-key check.
-const KNOWN_KEYS: &[&str] = &[
+pub const KNOWN_KEYS: &[&str] = &[
     "ledger.path",
     "paymennt.environment",
     "paymennt.base_url",
