@@ -53,8 +53,10 @@ fn forms(value: &str) -> Vec<String> {
         .strip_prefix('"')
         .and_then(|json| json.strip_suffix('"'))
         .unwrap_or_default();
+    // Some encoders (PHP's, say) also escape `/` in JSON strings.
+    let json_slashes = json.replace('/', "\\/");
     let encoded = percent_encoded(value);
-    for form in [json.to_owned(), encoded] {
+    for form in [json.to_owned(), json_slashes, encoded] {
         if !form.is_empty() && !forms.contains(&form) {
             forms.push(form);
         }

@@ -746,10 +746,18 @@ mod tests {
             length: Duration::from_secs(1),
             open: Mutex::new(HashMap::new()),
         });
-        let (nudges, mut received) = mpsc::channel(1024);
+        let (nudges, mut received) = mpsc::channel::<Nudge>(1024);
         let stop = CancellationToken::new();
         let id: CheckoutId = "42".parse().expect("id");
         let start = tokio::time::Instant::now();
+        let collector = tokio::spawn(async move {
+            let mut sent = Vec::new();
+            while let Some(nudge) = received.recv().await {
+                assert_eq!(nudge.source, Source::Webhook);
+                sent.push(tokio::time::Instant::now() - start);
+            }
+            sent
+        });
         let mut notified = Vec::new();
         // A notification every 10 ms for 3.5 s.
         while start.elapsed() < Duration::from_millis(3500) {
@@ -769,11 +777,7 @@ mod tests {
         drop(nudges);
         tokio::time::sleep(Duration::from_secs(5)).await;
         stop.cancel();
-        let mut sent = Vec::new();
-        while let Some(nudge) = received.recv().await {
-            sent.push(tokio::time::Instant::now() - start);
-            assert_eq!(nudge.source, Source::Webhook);
-        }
+        let sent = collector.await.expect("collector");
         // One at once, then one at the end of each of the windows the flood reached.
         assert_eq!(sent.len(), 5, "{sent:?}");
         for pair in sent.windows(2) {
