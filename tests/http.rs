@@ -238,7 +238,15 @@ async fn oversized_malformed_and_badly_signed_notifications_are_refused() {
     let (code, body) = post(&url, big, &[]).await;
     assert_eq!(code, 413, "{body}");
     assert!(body["error"].as_str().expect("message").contains("1024"));
-    let (code, body) = post(&url, "{not json", &[]).await;
+    // Signed right but malformed: 400 naming what is wrong.
+    let signed =
+        |body: &str| paywatch::sources::webhook::sign("the-configured-key", body.as_bytes());
+    let (code, body) = post(
+        &url,
+        "{not json",
+        &[("X-Paymennt-Signature", &signed("{not json"))],
+    )
+    .await;
     assert_eq!(code, 400, "{body}");
     assert!(
         body["error"]
@@ -246,7 +254,13 @@ async fn oversized_malformed_and_badly_signed_notifications_are_refused() {
             .expect("message")
             .contains("not JSON")
     );
-    let (code, body) = post(&url, r#"{"checkoutId":"12; DROP TABLE"}"#, &[]).await;
+    let drop_table = r#"{"checkoutId":"12; DROP TABLE"}"#;
+    let (code, body) = post(
+        &url,
+        drop_table,
+        &[("X-Paymennt-Signature", &signed(drop_table))],
+    )
+    .await;
     assert_eq!(code, 400, "{body}");
     assert!(
         body["error"]
@@ -262,11 +276,16 @@ async fn oversized_malformed_and_badly_signed_notifications_are_refused() {
         body["error"]
             .as_str()
             .expect("message")
-            .contains("X-Paymennt-Signature"),
+            .to_ascii_lowercase()
+            .contains("x-paymennt-signature"),
         "{body}"
     );
-    let signed = paywatch::sources::webhook::sign("the-configured-key", test_call.as_bytes());
-    let (code, body) = post(&url, test_call, &[("X-Paymennt-Signature", &signed)]).await;
+    let (code, body) = post(
+        &url,
+        test_call,
+        &[("X-Paymennt-Signature", &signed(test_call))],
+    )
+    .await;
     assert_eq!(code, 202, "a signed test call is answered: {body}");
     // Signed with another key: refused before anything is read; signed right: accepted.
     let payload = json!({ "checkoutId": id.as_str() }).to_string();
@@ -667,5 +686,96 @@ async fn a_checkout_tracked_over_http_is_verified_at_once_even_with_firestore_of
         .expect("status");
     assert_eq!(calls(&sandbox, &id), 1);
     daemon.stop().await;
+    sandbox.shutdown().await;
+}
+
+/// Issue 21 §2: 10,000 notifications for unknown checkouts once wrote 10,001 log lines. Now
+/// they are counted: a line at once, then the counts about once a minute (and at the drain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_for_unknown_checkouts_are_logged_as_counts_not_a_line_each() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let (_, path) = config(
+        dir.path(),
+        &sandbox,
+        "enabled = false",
+        &format!("listen = \"127.0.0.1:{port}\"\nwebhook_rate_per_address = 1000000"),
+    );
+    let log = dir.path().join("daemon.log");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_paywatch"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("PAYWATCH_") {
+            command.env_remove(name);
+        }
+    }
+    let mut child = command
+        .arg("--config")
+        .arg(&path)
+        .args(["--log-format", "text", "run"])
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("daemon starts");
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    wait_for("the HTTP listener", DEADLINE, || async {
+        http.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let posts = 500u64;
+    for n in 0..posts {
+        let response = http
+            .post(format!("{base}/webhooks/paymennt"))
+            .body(json!({ "checkoutId": format!("5{n:05}") }).to_string())
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(response.status().as_u16(), 202);
+    }
+    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    wait_for("the daemon to stop", DEADLINE, || {
+        let exited = child.try_wait().expect("wait").is_some();
+        async move { exited.then_some(()) }
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).expect("log");
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("not tracked"))
+        .collect();
+    eprintln!(
+        "{posts} unknown-id notifications: {} log lines",
+        lines.len()
+    );
+    assert!(
+        (1..=2).contains(&lines.len()),
+        "{} lines for {posts} notifications:\n{text}",
+        lines.len()
+    );
+    let counted: Vec<u64> = lines
+        .iter()
+        .filter_map(|line| {
+            let before = line.split(" for checkouts that are not tracked").next()?;
+            before.rsplit(' ').next()?.parse().ok()
+        })
+        .collect();
+    assert_eq!(
+        counted.first(),
+        Some(&1),
+        "the first is logged at once: {lines:?}"
+    );
+    assert!(counted.iter().sum::<u64>() <= posts, "{lines:?}");
     sandbox.shutdown().await;
 }
