@@ -390,7 +390,13 @@ async fn unsigned_notifications_cannot_lock_out_the_signed_one() {
             &sandbox,
             "enabled = false",
             &format!(
-                "listen = \"127.0.0.1:0\"\nwebhook_hmac_key = \"the-key\"\nwebhook_require_signature = {require_signature}"
+                "listen = \"127.0.0.1:0\"\nwebhook_hmac_key = \"the-key\"{}",
+                // Required by default.
+                if require_signature {
+                    ""
+                } else {
+                    "\nwebhook_require_signature = false"
+                }
             ),
         );
         let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
