@@ -526,6 +526,10 @@ async fn no_secret_an_echoing_upstream_quotes_reaches_check_config_or_error_line
         }
     }
     // The secrets were quoted (so the sweep tested something), and scrubbed.
+    assert!(
+        report.contains("signUp?key=[redacted]"),
+        "Firebase Auth's refusal quoted the key, scrubbed: {report}"
+    );
     for line in [&report, &verifier_line, &discovery_line] {
         assert!(
             line.contains(REDACTED_MARK),
