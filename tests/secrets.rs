@@ -497,23 +497,24 @@ async fn no_secret_an_echoing_upstream_quotes_reaches_check_config_or_error_line
     };
     let log = setup.path("daemon.log");
     let daemon = daemon_setup.start_daemon("text", &log);
-    let (verifier_line, discovery_line) = common::wait_for(
-        "the verifier's and discovery's error lines",
-        DEADLINE,
-        || {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let verifier = text
-                .lines()
-                .find(|line| line.contains("Get Checkout failed") && line.contains(id.as_str()))
-                .map(str::to_owned);
-            let discovery = text
-                .lines()
-                .find(|line| line.contains("discovery cannot search checkouts"))
-                .map(str::to_owned);
-            async move { verifier.zip(discovery) }
-        },
-    )
-    .await;
+    let until = Instant::now() + DEADLINE;
+    let (verifier_line, discovery_line) = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let verifier = text
+            .lines()
+            .find(|line| line.contains("Get Checkout failed") && line.contains(id.as_str()));
+        let discovery = text
+            .lines()
+            .find(|line| line.contains("discovery cannot "));
+        if let (Some(verifier), Some(discovery)) = (verifier, discovery) {
+            break (verifier.to_owned(), discovery.to_owned());
+        }
+        assert!(
+            Instant::now() < until,
+            "no error line from the verifier and discovery in time; the log:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     tokio::task::block_in_place(|| stop(daemon));
     places.add_file("daemon log", &log);
     for secret in [API_KEY, API_SECRET, FIREBASE_KEY] {
