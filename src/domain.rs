@@ -14,6 +14,11 @@ use compact_str::CompactString;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+mod scrub;
+pub use scrub::{
+    REDACTED, register_rotating_secret, register_secret, scrub_secrets, scrubbed_excerpt,
+};
+
 /// Why a value could not become a domain type. The message names the value and what was wanted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{what} '{value}' is invalid: {reason}")]
@@ -36,8 +41,11 @@ impl InvalidValue {
     }
 }
 
-/// Renders untrusted text for a message: at most 80 characters, control characters escaped.
+/// Renders untrusted text for a message: every registered secret replaced by `[redacted]`
+/// ([`scrub_secrets`], before shortening, so no part of one survives the cut), then at most 80
+/// characters, control characters escaped.
 pub fn printable(value: &str) -> String {
+    let value = scrub_secrets(value);
     let mut out: String = value
         .chars()
         .take(80)

@@ -48,10 +48,14 @@ struct Check {
     skipped: bool,
 }
 
+/// A line of the report. Online checks quote what other hosts answered (a Firestore status
+/// message, a Firebase Auth reason, a paymennt error), so every line is scrubbed of secrets
+/// here, whatever built it.
 fn check(ok: bool, what: impl Into<String>) -> Check {
+    let what = what.into();
     Check {
         ok,
-        what: what.into(),
+        what: crate::domain::scrub_secrets(&what).into_owned(),
         skipped: false,
     }
 }

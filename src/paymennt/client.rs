@@ -4,7 +4,9 @@
 //! [`VerifiedCheckout`]: a checkout status counts as verified only when it came from here.
 //! Must never: retry a 4xx other than 429, put a credential in an error or log, send one to
 //! another host (redirects are not followed; plaintext only to loopback), read an unbounded
-//! body, or hold money in a float. Text paymennt sends is escaped before it reaches an error.
+//! body, or hold money in a float. Text paymennt sends is escaped, and scrubbed of every
+//! configured secret (an upstream that echoes our request quotes the credential headers), before
+//! it reaches an error.
 //!
 //! Only paymennt's own JSON answer (`{success: false, error}` on a JSON response) counts as
 //! paymennt refusing a request; anything else (an HTML 404 page, a proxy, a maintenance page,
@@ -172,8 +174,8 @@ pub struct VerifiedCheckout {
 
 impl VerifiedCheckout {
     fn from_result(raw_json: &str, ticket: VerifyTicket) -> Result<VerifiedCheckout, Error> {
-        let wire: Checkout = serde_json::from_str(raw_json)
-            .map_err(|error| Error::Malformed(format!("checkout: {error}")))?;
+        let wire: Checkout =
+            serde_json::from_str(raw_json).map_err(|error| malformed("checkout", &error))?;
         let facts = wire.answer_facts()?;
         let status = facts
             .status
@@ -612,8 +614,7 @@ impl Client {
         let raw = self
             .call(|| self.http.get(self.url(&["checkout"])).query(&pairs))
             .await?;
-        serde_json::from_str(&raw)
-            .map_err(|error| Error::Malformed(format!("checkout page: {error}")))
+        serde_json::from_str(&raw).map_err(|error| malformed("checkout page", &error))
     }
 
     /// Create new webhook: `POST /webhooks` with `{"address": …}`. The answer holds the
@@ -644,8 +645,8 @@ impl Client {
                     .query(&[("page", "0"), ("size", "1000")])
             })
             .await?;
-        let items: Vec<serde_json::Value> = serde_json::from_str(&raw)
-            .map_err(|error| Error::Malformed(format!("webhooks: {error}")))?;
+        let items: Vec<serde_json::Value> =
+            serde_json::from_str(&raw).map_err(|error| malformed("webhooks", &error))?;
         items
             .into_iter()
             .map(|item| {
@@ -664,8 +665,7 @@ impl Client {
                         });
                     }
                 };
-                serde_json::from_value(webhook)
-                    .map_err(|error| Error::Malformed(format!("webhook: {error}")))
+                serde_json::from_value(webhook).map_err(|error| malformed("webhook", &error))
             })
             .collect()
     }
@@ -843,7 +843,7 @@ impl Client {
                 text.push_str(&cause.to_string());
                 source = cause.source();
             }
-            Error::Network(text)
+            Error::Network(crate::domain::scrub_secrets(&text).into_owned())
         }
     }
 }
@@ -870,7 +870,7 @@ fn is_json(content_type: &str) -> bool {
 }
 
 fn webhook_of(raw: &str) -> Result<Webhook, Error> {
-    serde_json::from_str(raw).map_err(|error| Error::Malformed(format!("webhook: {error}")))
+    serde_json::from_str(raw).map_err(|error| malformed("webhook", &error))
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is rare for APIs; it is treated as absent).
@@ -879,14 +879,24 @@ fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
-/// The start of a body for an error message, printable.
+/// The start of a body for an error message: every registered secret scrubbed from it before it
+/// is cut (an upstream that echoes our request quotes the credential headers), then printable.
 fn body_excerpt(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
+    let text = crate::domain::scrubbed_excerpt(body, 200);
     if text.trim().is_empty() {
         "(empty body)".into()
     } else {
         crate::domain::printable(text.trim())
     }
+}
+
+/// An answer that could not be decoded as `what`. serde's message can quote values from the
+/// answer, so it is scrubbed of secrets like any excerpt.
+fn malformed(what: &str, error: &serde_json::Error) -> Error {
+    Error::Malformed(format!(
+        "{what}: {}",
+        crate::domain::scrub_secrets(&error.to_string())
+    ))
 }
 
 /// The HTTP client builder with the API credentials as default headers and the timeouts.

@@ -828,13 +828,19 @@ pub struct HttpSettings {
     /// The request header carrying a webhook's HMAC-SHA256 signature.
     #[serde(default = "default_signature_header")]
     pub webhook_signature_header: String,
+    /// With a key configured, whether a notification without a signature is refused (401).
+    /// `false` accepts unsigned ones too (still only a nudge, verified with Get Checkout).
+    #[serde(default = "default_true")]
+    pub webhook_require_signature: bool,
     /// The largest request body accepted, in bytes.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
     /// Webhook notifications accepted per minute from one source address.
     #[serde(default = "default_webhook_rate_per_address")]
     pub webhook_rate_per_address: u32,
-    /// Webhook notifications accepted per minute for one checkout.
+    /// Get Checkout calls per minute for one checkout caused by webhook notifications: the
+    /// length of its notification window is a minute divided by this (more notifications are
+    /// folded into the window's end, never refused).
     #[serde(default = "default_webhook_rate_per_checkout")]
     pub webhook_rate_per_checkout: u32,
     /// `/readyz` fails once Get Checkout has failed without a success for this long.
@@ -867,6 +873,7 @@ impl Default for HttpSettings {
             webhook_hmac_key: None,
             webhook_hmac_key_file: None,
             webhook_signature_header: default_signature_header(),
+            webhook_require_signature: true,
             max_body_bytes: default_max_body_bytes(),
             webhook_rate_per_address: default_webhook_rate_per_address(),
             webhook_rate_per_checkout: default_webhook_rate_per_checkout(),
@@ -1130,6 +1137,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "http.webhook_hmac_key",
     "http.webhook_hmac_key_file",
     "http.webhook_signature_header",
+    "http.webhook_require_signature",
     "http.max_body_bytes",
     "http.webhook_rate_per_address",
     "http.webhook_rate_per_checkout",

@@ -8,7 +8,8 @@
 //! that outlives it (UNAUTHENTICATED "Missing or invalid authentication"; the Firebase web SDK
 //! re-establishes its streams when its token is renewed), so open streams are reopened, with
 //! their resume tokens, on the fresh token.
-//! Must never: log or return the API key, an ID token or a refresh token.
+//! Must never: log or return the API key, an ID token or a refresh token (each is registered
+//! for scrubbing, and every excerpt of Firebase Auth's answers goes through the scrub).
 //!
 //! Wire format (Firebase Auth REST API): `POST {identity}/accounts:signUp?key=KEY` with
 //! `{"returnSecureToken":true}` answers `{idToken, refreshToken, expiresIn, localId}`;
@@ -327,11 +328,20 @@ async fn read_answer<T: serde::de::DeserializeOwned>(
         };
         anyhow::bail!("{what} at {endpoint} was refused: HTTP {status}: {reason}{hint}");
     }
-    serde_json::from_slice(&body)
-        .map_err(|error| anyhow::anyhow!("{what} at {endpoint} gave an unexpected answer: {error}"))
+    // serde's message can quote the answer: scrubbed like any excerpt (`printable` does it for
+    // the refusal's reason above).
+    serde_json::from_slice(&body).map_err(|error| {
+        anyhow::anyhow!(
+            "{what} at {endpoint} gave an unexpected answer: {}",
+            crate::domain::scrub_secrets(&error.to_string())
+        )
+    })
 }
 
 fn id_token(id_token: String, refresh_token: String, expires_in: &str) -> anyhow::Result<IdToken> {
+    // From now on an upstream that echoes a request carrying them sees them scrubbed.
+    crate::domain::register_rotating_secret(&id_token);
+    crate::domain::register_rotating_secret(&refresh_token);
     let seconds: u64 = expires_in
         .trim()
         .parse()
