@@ -57,14 +57,14 @@ fn error(status: StatusCode, message: &str) -> Response {
 async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
-        "no such endpoint: paywatch serves POST /webhooks/paymennt, POST /v1/checkouts, GET /healthz and GET /readyz",
+        "no such endpoint: paywatch serves POST /webhooks/paymennt, POST /v1/checkouts, GET /healthz, GET /readyz and GET /metrics",
     )
 }
 
 async fn method_not_allowed() -> Response {
     error(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method not allowed: webhooks and checkouts take POST, /healthz and /readyz take GET",
+        "method not allowed: webhooks and checkouts take POST, /healthz, /readyz and /metrics take GET",
     )
 }
 
