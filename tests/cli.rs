@@ -671,6 +671,44 @@ async fn a_create_that_could_not_connect_is_sent_again() {
     sandbox.shutdown().await;
 }
 
+/// `webhooks register` is sent once too: paymennt registers the address but answers after the
+/// timeout; the new webhook is found in the list (not the one registered before for the same
+/// address) and printed as recovered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_webhook_register_leaves_one_new_webhook_which_is_recovered() {
+    let sandbox = common::sandbox().await;
+    let address = "http://127.0.0.1:8788/webhooks/paymennt";
+    let old = sandbox.state().add_webhook(address);
+    sandbox
+        .faults()
+        .set_create_answer_delay(std::time::Duration::from_millis(700));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_with_timeout(dir.path(), &sandbox, "300ms");
+    let output = tokio::task::spawn_blocking(move || {
+        paywatch(&config, &["webhooks", "register", address, "--json"], None)
+    })
+    .await
+    .expect("join");
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(text.contains("recovered"), "{text}");
+    let registered: Vec<_> = sandbox
+        .state()
+        .webhooks()
+        .into_iter()
+        .filter(|w| w.address == address)
+        .collect();
+    assert_eq!(
+        registered.len(),
+        2,
+        "the old one and exactly one new: {text}"
+    );
+    let printed: Value = serde_json::from_slice(&output.stdout).expect("--json");
+    assert_ne!(printed["id"], old.id.as_str(), "not the old webhook");
+    assert_eq!(printed["id"], registered[1].id.as_str());
+    sandbox.shutdown().await;
+}
+
 /// `check-config --online` proves Firestore access by opening a Listen on a tracked checkout's
 /// document: CURRENT in so many ms, or the exact refusal with a next step for the auth mode and
 /// a non-zero exit. Nothing is written to the ledger.

@@ -1,7 +1,7 @@
 //! Injected faults: API errors and latency, throttling, dropped Listen streams, Listen targets
 //! refused per document, slow document writes, a refused Search Checkouts, a Create payment link
-//! answered late (after the link exists), and the Get Checkout and Search call counters tests
-//! assert on.
+//! or Create new webhook answered late (after the link or webhook exists), and the Get Checkout
+//! and Search call counters tests assert on.
 //!
 //! Owns: the fault settings (set at start through [`FaultSettings`], changed at run time through
 //! [`Faults`] or `POST /_sandbox/faults`) and the per-checkout Get Checkout counters.
@@ -43,8 +43,9 @@ pub struct FaultSettings {
     pub refuse_listen: bool,
     /// Search Checkouts is answered with HTTP 403 (an API key without that permission).
     pub refuse_search: bool,
-    /// Create payment link makes the link, then waits this long before answering: a paymennt
-    /// slower than the client's timeout, whose link exists although the client saw no answer.
+    /// Create payment link (and Create new webhook) makes the link (webhook), then waits this
+    /// long before answering: a paymennt slower than the client's timeout, whose link exists
+    /// although the client saw no answer.
     pub create_answer_delay_ms: u64,
     /// Listen refuses targets naming these documents (full names, or the last path segment,
     /// i.e. the document id) with a `REMOVE` carrying PERMISSION_DENIED, as a project whose
@@ -267,7 +268,8 @@ impl Faults {
         self.settings_lock().create_answer_delay_ms = millis(delay);
     }
 
-    /// How long Create payment link waits, after making the link, before answering.
+    /// How long Create payment link (and Create new webhook) waits, after making the link
+    /// (webhook), before answering.
     pub fn create_answer_delay(&self) -> Duration {
         Duration::from_millis(self.settings_lock().create_answer_delay_ms)
     }
