@@ -841,12 +841,14 @@ async fn find_link_searches_the_orders_links_and_matches_the_request_id() {
         .expect("search and get")
         .expect("found");
     assert_eq!(found.id(), &id());
-    let seen = script.seen.lock().expect("lock");
-    assert_eq!(
-        seen[0].0,
-        "/mer/v2.0/checkout?type=LINK&afterTimestamp=2026-01-02+03%3A04%3A05&orderId=ORD-1234&requestId=ORD-1234-r1&page=0&size=100"
-    );
-    assert_eq!(seen[1].0, "/mer/v2.0/checkout/1653241101733169556");
+    {
+        let seen = script.seen.lock().expect("lock");
+        assert_eq!(
+            seen[0].0,
+            "/mer/v2.0/checkout?type=LINK&afterTimestamp=2026-01-02+03%3A04%3A05&orderId=ORD-1234&requestId=ORD-1234-r1&page=0&size=100"
+        );
+        assert_eq!(seen[1].0, "/mer/v2.0/checkout/1653241101733169556");
+    }
 
     let empty = r#"{"success":true,"result":{"page":0,"size":100,"totalPages":0,"totalElements":0,"content":[]}}"#;
     let (client, _script) = start(vec![answer(200, empty)]).await;
@@ -857,4 +859,21 @@ async fn find_link_searches_the_orders_links_and_matches_the_request_id() {
             .expect("search")
             .is_none()
     );
+}
+
+#[tokio::test]
+async fn a_webhook_registration_whose_answer_is_lost_is_not_sent_again() {
+    let webhook =
+        r#"{"success":true,"result":{"id":"7","address":"https://a.example/","enabled":true}}"#;
+    let (client, script) = start(vec![
+        answer(502, r#"{"success":false,"error":"bad gateway"}"#),
+        answer(200, webhook),
+    ])
+    .await;
+    let error = client
+        .create_webhook("https://a.example/")
+        .await
+        .expect_err("the first answer is a 502");
+    assert_eq!(error.reached(), Reached::Maybe);
+    assert_eq!(script.seen.lock().expect("lock").len(), 1, "sent once");
 }
