@@ -287,12 +287,33 @@ fn config_errors_exit_2_and_runtime_failures_exit_1() {
             .status
             .success()
     );
+    // An id that names nothing paywatch holds is an input error, for every command.
+    for args in [
+        &["status", "42"][..],
+        &["events", "42"][..],
+        &["hooks", "retry", "evt_nothing"][..],
+    ] {
+        let unknown = paywatch(&good, args, None);
+        assert_eq!(
+            unknown.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&unknown)
+        );
+    }
     let unknown = paywatch(&good, &["status", "42"], None);
-    assert_eq!(unknown.status.code(), Some(1));
     assert!(
         stderr(&unknown).contains("not tracked"),
         "{}",
         stderr(&unknown)
+    );
+    // check-config --online against an unreachable paymennt names that, not Search Checkouts.
+    let online = paywatch(&good, &["check-config", "--online"], None);
+    assert!(!online.status.success());
+    assert!(
+        !stdout(&online).contains("Search Checkouts is what"),
+        "{}",
+        stdout(&online)
     );
     // paymennt unreachable: a runtime failure, and the secret is not in the message.
     let fetch = paywatch(&good, &["track", "--checkout-id", "42"], None);
@@ -418,11 +439,19 @@ async fn link_create_track_and_events_against_the_sandbox() {
             &["events", &id_for_blocking, "--json"],
             None,
         );
+        let events_text = paywatch(&config_for_blocking, &["events", &id_for_blocking], None);
         let check = paywatch(&config_for_blocking, &["check-config", "--online"], None);
-        (track, events, check)
+        (track, (events, events_text), check)
     })
     .await
     .expect("join");
+    let (events, events_text) = events;
+    // "No previous status" has one spelling: the payment log line's.
+    assert!(
+        stdout(&events_text).contains(" untracked -> PENDING "),
+        "{}",
+        stdout(&events_text)
+    );
     assert!(track.status.success(), "{}", stderr(&track));
     assert!(stdout(&track).contains("PAID"), "{}", stdout(&track));
     let json: Value = serde_json::from_slice(&events.stdout).expect("events --json");
@@ -977,4 +1006,36 @@ async fn webhooks_register_list_test_disable_keep_the_hmac_key_out_of_output_unl
         .expect("ran");
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
     sandbox.shutdown().await;
+}
+
+/// The two `api_key`s of the config file (paymennt's and the Firebase Web API key) cannot be
+/// confused silently: check-config names the Firebase one by its last four characters and
+/// fails when it is paymennt's.
+#[test]
+fn check_config_names_the_firebase_key_and_refuses_paymennts_in_its_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = |firebase_key: &str| {
+        let path = dir.path().join("paywatch.toml");
+        let text = format!(
+            "[ledger]\npath = \"{}\"\n[paymennt]\nbase_url = \"http://127.0.0.1:9/mer/v2.0/\"\n\
+             api_key = \"paymennt-key-0123456789\"\napi_secret = \"s\"\n\
+             [firestore]\nendpoint = \"http://127.0.0.1:9\"\nauth = \"none\"\napi_key = \"{firebase_key}\"\n",
+            dir.path().join("paywatch.db").display()
+        );
+        std::fs::write(&path, text).expect("config written");
+        path
+    };
+    let good = paywatch(&config("AIzaSyFirebase-key-WXYZ"), &["check-config"], None);
+    assert!(
+        stdout(&good).contains("Firebase Web API key …WXYZ loaded"),
+        "{}",
+        stdout(&good)
+    );
+    let mixed = paywatch(&config("paymennt-key-0123456789"), &["check-config"], None);
+    assert!(!mixed.status.success(), "{}", stdout(&mixed));
+    assert!(
+        stdout(&mixed).contains("is paymennt's API key"),
+        "{}",
+        stdout(&mixed)
+    );
 }

@@ -556,10 +556,13 @@ fn parse_id(text: &str) -> Result<CheckoutId, UsageError> {
     text.parse().map_err(|e| UsageError(format!("{e}")))
 }
 
+/// An id the ledger does not have is an input error (exit 2), as everywhere: see the README's
+/// exit codes.
 fn not_tracked(id: &CheckoutId) -> anyhow::Error {
-    anyhow::anyhow!(
+    UsageError(format!(
         "checkout {id} is not tracked\n\ntrack it with: paywatch track --checkout-id {id}"
-    )
+    ))
+    .into()
 }
 
 /// `paywatch status`.

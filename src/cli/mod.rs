@@ -41,8 +41,9 @@ pub const EXIT_OUTCOME_UNKNOWN: u8 = 3;
 const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0  success
-  1  runtime failure (paymennt unreachable, checkout not tracked, ledger error, ...)
-  2  usage or input error (bad arguments, bad config, malformed response file); nothing was changed
+  1  runtime failure (paymennt unreachable or refusing a request, ledger error, ...)
+  2  usage or input error (bad arguments, bad config, malformed input, an id that names nothing
+     paywatch holds); nothing was changed
   3  outcome unknown: `link create` or `webhooks register` may have created the link or webhook
      at paymennt, and looking for it found nothing; check paymennt for the order and requestId
      (or address) named in the message before trying again";
@@ -161,7 +162,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let log = crate::logging::init(&settings.log.level, format);
             daemon::run(settings, log).await
         }
-        Command::Demo(ref args) => daemon::demo(args).await,
+        Command::Demo(ref args) => {
+            daemon::demo(args, cli.log_format.unwrap_or(LogFormat::Text)).await
+        }
         Command::DemoHook(ref args) => daemon::demo_hook(args),
         Command::Completions(ref args) => generate::print_completions(args),
         Command::Man(ref args) => generate::man(args),
@@ -173,7 +176,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(ref args) => checkouts::status(&load_settings(&cli)?, args),
         Command::List(ref args) => checkouts::list(&load_settings(&cli)?, args),
         Command::Events(ref args) => checkouts::events(&load_settings(&cli)?, args),
-        Command::Sandbox(args) => sandbox::run(args).await,
+        Command::Sandbox(args) => {
+            sandbox::run(args, cli.log_format.unwrap_or(LogFormat::Text)).await
+        }
         Command::Hooks(ref command) => hooks::run(&load_settings(&cli)?, command).await,
         Command::Webhooks(ref command) => webhooks::run(&load_settings(&cli)?, command).await,
     }

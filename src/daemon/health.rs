@@ -47,6 +47,7 @@ pub struct Health {
     listener: Option<ListenerHandle>,
     verifier: watch::Receiver<VerifierStats>,
     verify_failing_after: Duration,
+    paymennt: crate::paymennt::CredentialStatus,
 }
 
 impl std::fmt::Debug for Health {
@@ -92,6 +93,18 @@ impl Health {
             listener,
             verifier,
             verify_failing_after,
+            paymennt: crate::paymennt::CredentialStatus::default(),
+        }
+    }
+
+    /// Readiness also fails while paymennt refuses the API credentials, as `credentials` says.
+    pub fn with_paymennt_credentials(
+        self,
+        credentials: crate::paymennt::CredentialStatus,
+    ) -> Health {
+        Health {
+            paymennt: credentials,
+            ..self
         }
     }
 
@@ -178,6 +191,11 @@ impl Health {
                 streams = Some(existing.len());
                 connected = Some(up);
             }
+        }
+        if let Some(refusal) = self.paymennt.refused() {
+            problems.push(format!(
+                "paymennt refuses the API credentials ({refusal}): check [paymennt] api_key, api_secret and environment"
+            ));
         }
         if let Some(since) = self.verifier.borrow().failing_since {
             let failing = (chrono::Utc::now() - since).to_std().unwrap_or_default();

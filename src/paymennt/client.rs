@@ -25,6 +25,7 @@
 //! a wrong path in `base_url`) is [`Error::NotPaymennt`], a failure to retry that names the base
 //! URL, never "this checkout does not exist".
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -195,6 +196,12 @@ impl Error {
         }
     }
 
+    /// Whether paymennt refused the API credentials themselves (HTTP 401), rather than one
+    /// request.
+    pub fn refuses_credentials(&self) -> bool {
+        matches!(self, Error::Rejected { status: 401, .. })
+    }
+
     /// Whether paymennt itself said the checkout does not exist: its JSON wrapper with
     /// `success: false` and its not-found error (paymennt's OpenAPI spec: "Checkout not found
     /// for API merchant"). Nothing else counts: an HTML 404 page is [`Error::NotPaymennt`].
@@ -293,6 +300,11 @@ impl VerifiedCheckout {
         &self.raw_json
     }
 
+    /// When paymennt created the checkout, if its answer says so readably.
+    pub fn created_at(&self) -> Option<DateTime<Utc>> {
+        self.wire.created_at()
+    }
+
     /// When the answer arrived.
     pub fn verified_at(&self) -> DateTime<Utc> {
         self.verified_at
@@ -363,6 +375,60 @@ impl RetryPolicy {
     }
 }
 
+/// Whether paymennt refuses the API credentials, as the latest Get Checkout or Search
+/// Checkouts answer said: shared by every clone of a client, and handed on to the client a
+/// config reload builds, so readiness sees it whichever client made the call.
+#[derive(Debug, Clone, Default)]
+pub struct CredentialStatus {
+    refused: Arc<Mutex<Option<String>>>,
+    accepted: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CredentialStatus {
+    /// Whether paymennt accepted the credentials at least once.
+    pub fn ever_accepted(&self) -> bool {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// What paymennt said when it refused the credentials, while it does.
+    pub fn refused(&self) -> Option<String> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Notes one answer: a refusal of the credentials is logged at error once (until an answer
+    /// is accepted again), with the keys to check.
+    fn note<T>(&self, base_url: &str, result: &Result<T, Error>) {
+        match result {
+            Ok(_) => {
+                self.accepted
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                if self.lock().take().is_some() {
+                    tracing::info!("paymennt accepts the API credentials again");
+                }
+            }
+            Err(error) if error.refuses_credentials() => {
+                let first = self.lock().replace(error.to_string()).is_none();
+                if first {
+                    tracing::error!(
+                        base_url,
+                        "paymennt refuses the API credentials: {error}; no checkout can be verified until this is fixed: \
+                         check [paymennt] api_key and api_secret (or api_key_file / api_secret_file, or the systemd \
+                         credentials paymennt-api-key and paymennt-api-secret) and [paymennt] environment (test keys \
+                         work only against test, live keys only against live)"
+                    );
+                }
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// A paymennt API client. Cheap to clone; clones share the connection pool.
 #[derive(Clone)]
 pub struct Client {
@@ -371,6 +437,7 @@ pub struct Client {
     request_timeout: Duration,
     retry: RetryPolicy,
     metrics: Metrics,
+    credentials: CredentialStatus,
 }
 
 impl std::fmt::Debug for Client {
@@ -483,12 +550,27 @@ impl Client {
             request_timeout,
             retry,
             metrics: Metrics::disabled(),
+            credentials: CredentialStatus::default(),
         })
     }
 
     /// The same client, timing its Get Checkout and Search calls in `metrics`.
     pub fn with_metrics(self, metrics: Metrics) -> Client {
         Client { metrics, ..self }
+    }
+
+    /// The same client, noting whether paymennt refuses the credentials in `credentials`
+    /// (shared with an earlier client, so a reload keeps what was seen).
+    pub fn with_credential_status(self, credentials: CredentialStatus) -> Client {
+        Client {
+            credentials,
+            ..self
+        }
+    }
+
+    /// Whether paymennt refuses this client's credentials, as far as its calls have seen.
+    pub fn credential_status(&self) -> &CredentialStatus {
+        &self.credentials
     }
 
     /// The base URL in use.
@@ -510,6 +592,7 @@ impl Client {
         let result = self.fetch_checkout(id, ticket).await;
         self.metrics
             .paymennt_call(PaymenntCall::GetCheckout, &result, started.elapsed());
+        self.credentials.note(self.base.as_str(), &result);
         result
     }
 
@@ -628,6 +711,7 @@ impl Client {
         let result = self.search_once(query).await;
         self.metrics
             .paymennt_call(PaymenntCall::Search, &result, started.elapsed());
+        self.credentials.note(self.base.as_str(), &result);
         result
     }
 

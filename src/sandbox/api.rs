@@ -796,6 +796,7 @@ pub(crate) mod tests {
                 status_spelling: StatusSpelling::Upper,
                 expiry_minute: Duration::from_secs(60),
                 public_base_url: "http://127.0.0.1:1".into(),
+                search: Default::default(),
             },
             Arc::new(DocumentStore::new()),
             Faults::new(FaultSettings::default()),

@@ -76,6 +76,9 @@ pub struct WebhookIntake {
     /// Refusals (rate limits, bad signatures) are warned about at most once a minute, so a
     /// flood of them cannot flood the log.
     refusals: std::sync::Mutex<Refusals>,
+    /// Wakes a discovery round when a notification names a checkout the ledger does not know
+    /// (discovery coalesces and spaces the wake-ups); `None` with discovery off.
+    discovery_wake: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 /// Refusals since the last warning.
@@ -118,7 +121,14 @@ impl WebhookIntake {
             per_address: RateLimiter::keyed(per_minute(settings.webhook_rate_per_address)),
             per_checkout: RateLimiter::keyed(per_minute(settings.webhook_rate_per_checkout)),
             refusals: std::sync::Mutex::new(Refusals::default()),
+            discovery_wake: None,
         })
+    }
+
+    /// Makes a notification for a checkout the ledger does not know wake a discovery round
+    /// through `wake`, so a link created elsewhere is watched within seconds.
+    pub fn set_discovery_wake(&mut self, wake: std::sync::Arc<tokio::sync::Notify>) {
+        self.discovery_wake = Some(wake);
     }
 
     /// Warns about a refusal, or counts it if a warning went out within the last minute.
@@ -202,10 +212,12 @@ impl WebhookIntake {
             }
         };
         if !tracked {
-            // The seam for discovery (`crate::sources::discovery`): with discovery on, this is
-            // where an early discovery round would be woken (coalesced, and spaced so a flood of
-            // forged ids cannot turn into a flood of searches). Not wired yet: nothing is done
-            // and nothing is called, so an unknown id costs no paymennt call at all.
+            // With discovery on, an early discovery round is woken: discovery coalesces the
+            // wake-ups and spaces its rounds, so a flood of forged ids cannot become a flood of
+            // searches; nothing else is called, so an unknown id costs no Get Checkout.
+            if let Some(wake) = &self.discovery_wake {
+                wake.notify_one();
+            }
             tracing::info!(checkout = %id, %from, "webhook notification for a checkout that is not tracked; ignored");
             return Intake::Unknown(id);
         }
