@@ -103,8 +103,9 @@ A usage, input or configuration error (bad arguments or config, an id that names
 paywatch holds, API credentials paymennt refused at start); nothing was changed.
 .TP
 \fB3\fR
-\fBlink create\fR: the outcome is unknown (paymennt may have created the link); check the
-order named in the message before trying again.
+\fBlink create\fR or \fBwebhooks register\fR: the outcome is unknown (paymennt may have
+created the link or webhook, and looking for it found nothing); check the order and requestId
+(or the address) named in the message before trying again.
 .SH SIGNALS
 .TP
 \fBSIGTERM\fR, \fBSIGINT\fR

@@ -847,7 +847,7 @@ fn paymennt_outcome<T>(result: &Result<T, crate::paymennt::Error>) -> &'static s
         Err(Error::Server { .. }) => "server_error",
         Err(Error::RateLimited { .. }) => "rate_limited",
         Err(Error::Timeout(_)) => "timeout",
-        Err(Error::Network(_)) => "network",
+        Err(Error::Connect(_) | Error::Network(_)) => "network",
         Err(Error::Malformed(_) | Error::Shape(_)) => "malformed",
         // Something other than paymennt answered: a configuration problem, not a checkout's.
         Err(Error::NotPaymennt { .. } | Error::Redirected { .. } | Error::TooLarge { .. }) => {

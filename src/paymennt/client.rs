@@ -2,11 +2,24 @@
 //!
 //! Owns: requests to paymennt (auth headers, timeouts, retries) and the only constructor of
 //! [`VerifiedCheckout`]: a checkout status counts as verified only when it came from here.
-//! Must never: retry a 4xx other than 429, put a credential in an error or log, send one to
-//! another host (redirects are not followed; plaintext only to loopback), read an unbounded
-//! body, or hold money in a float. Text paymennt sends is escaped, and scrubbed of every
-//! configured secret (an upstream that echoes our request quotes the credential headers), before
-//! it reaches an error.
+//! Must never: retry a 4xx other than 429, send a call that creates something (Create payment
+//! link, Create new webhook) a second time unless the first provably never reached paymennt,
+//! put a credential in an error or log, send one to another host (redirects are not followed;
+//! plaintext only to loopback), read an unbounded body, or hold money in a float. Text paymennt
+//! sends is escaped, and scrubbed of every configured secret (an upstream that echoes our request
+//! quotes the credential headers), before it reaches an error.
+//!
+//! # Calls that create something are sent once
+//!
+//! Reads (Get Checkout, Search Checkouts, list webhooks) are retried on any failure that may go
+//! away ([`Error::is_retryable`]). A call that creates something is not: paymennt's spec says
+//! nothing of rejecting a repeated `requestId`, so a second Create payment link after a timeout
+//! makes a second link (and, with `sendSms`/`sendEmail`, a second message to the customer). Such
+//! a call is sent again only when [`Error::may_send_again`] holds: the connection was never
+//! made (connect refused, DNS failure, connect timeout), or paymennt answered 429 with
+//! `Retry-After`. Any other failure is returned; [`Error::reached`] tells the caller whether
+//! paymennt may have acted on it, and [`Client::find_link`] looks for the link such a call may
+//! have made.
 //!
 //! Only paymennt's own JSON answer (`{success: false, error}` on a JSON response) counts as
 //! paymennt refusing a request; anything else (an HTML 404 page, a proxy, a maintenance page,
@@ -101,7 +114,12 @@ pub enum Error {
     /// The request timed out.
     #[error("paymennt did not answer within {0:?}")]
     Timeout(Duration),
-    /// The connection failed (DNS, connect, TLS, reset).
+    /// No connection could be made (DNS failure, connect refused or timed out, TLS handshake):
+    /// the request was never sent.
+    #[error("cannot connect to paymennt: {0}")]
+    Connect(String),
+    /// The connection failed after it was made (reset, closed mid-answer): the request may
+    /// have been sent.
     #[error("cannot reach paymennt: {0}")]
     Network(String),
     /// The answer was not the JSON paymennt documents.
@@ -121,9 +139,44 @@ impl Error {
             Error::Server { .. }
                 | Error::RateLimited { .. }
                 | Error::Timeout(_)
+                | Error::Connect(_)
                 | Error::Network(_)
                 | Error::NotPaymennt { .. }
         )
+    }
+
+    /// Whether paymennt may have received, and acted on, the request that failed this way.
+    pub fn reached(&self) -> Reached {
+        match self {
+            Error::Connect(_) => Reached::No,
+            // Read in full, and what it says is known: paymennt's refusal, its 429, a redirect
+            // (not followed), a 4xx page from something else, or a checkout lacking a field
+            // (paymennt did act: the answer says so).
+            Error::Rejected { .. }
+            | Error::RateLimited { .. }
+            | Error::Redirected { .. }
+            | Error::Shape(_) => Reached::Answered,
+            Error::NotPaymennt { status, .. } if (400..500).contains(status) => Reached::Answered,
+            // Sent, and no readable answer: a timeout or a reset after sending, a 5xx, a 2xx
+            // whose body could not be read or is not paymennt's.
+            Error::Timeout(_)
+            | Error::Network(_)
+            | Error::Server { .. }
+            | Error::NotPaymennt { .. }
+            | Error::TooLarge { .. }
+            | Error::Malformed(_) => Reached::Maybe,
+        }
+    }
+
+    /// Whether a call that creates something (Create payment link, Create new webhook) may be
+    /// sent again after this error: only when it provably never reached paymennt (no connection
+    /// was made) or paymennt asked for it to be sent later (429 with `Retry-After`).
+    pub fn may_send_again(&self) -> bool {
+        match self {
+            Error::Connect(_) => true,
+            Error::RateLimited { retry_after } => retry_after.is_some(),
+            _ => false,
+        }
     }
 
     /// Whether the answer points at the configuration rather than at one checkout: something
@@ -156,6 +209,17 @@ impl Error {
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::Rejected { message, .. } if message.to_ascii_lowercase().contains("checkout not found"))
     }
+}
+
+/// Whether a failed request may have reached paymennt and been acted on ([`Error::reached`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reached {
+    /// No connection was made: the request was never sent, nothing happened at paymennt.
+    No,
+    /// An answer was read in full, and it says what happened (a refusal: nothing was done).
+    Answered,
+    /// The request may have reached paymennt and been acted on; only asking paymennt tells.
+    Maybe,
 }
 
 /// A checkout as Get Checkout (or Create payment link) returned it: the only kind of status
@@ -275,6 +339,13 @@ pub struct SearchQuery {
     /// Page size.
     pub size: Option<u32>,
 }
+
+/// How far before the send [`Client::find_link`] searches from: paymennt's clock (which sets a
+/// checkout's creation time) may be behind ours.
+pub const FIND_LINK_MARGIN: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
+
+/// The most search pages (of 100) [`Client::find_link`] reads for one order.
+const FIND_LINK_MAX_PAGES: u32 = 10;
 
 /// `afterTimestamp`'s format in paymennt's spec (`yyyy-mm-dd HH:MM:SS`).
 pub const AFTER_TIMESTAMP_FORMAT: &str = "%Y-%m-%d %H:%M:%S";
@@ -546,25 +617,89 @@ impl Client {
 
     /// Create payment link: `POST /checkout/link`.
     ///
-    /// Retried only on errors that cannot have created a link (connect failures, 429, 503);
-    /// paymennt rejects a repeated `requestId`, so a blind retry could not double-charge anyway.
+    /// Sent once: again only when [`Error::may_send_again`] holds (no connection was made, or a
+    /// 429 with `Retry-After`). Nothing in paymennt's spec says a repeated `requestId` is
+    /// refused, so a second send after a timeout would make a second link.
     ///
     /// # Errors
     ///
-    /// The last attempt's [`Error`].
+    /// The last attempt's [`Error`]; when its [`Error::reached`] is [`Reached::Maybe`] the link
+    /// may exist: look for it with [`Client::find_link`], never by sending the request again.
     pub async fn create_link(
         &self,
         request: &LinkRequest,
         ticket: VerifyTicket,
     ) -> Result<VerifiedCheckout, Error> {
         let raw = self
-            .call(|| {
+            .call_once(|| {
                 self.http
                     .post(self.url(&["checkout", "link"]))
                     .json(request)
             })
             .await?;
         VerifiedCheckout::from_result(&raw, ticket)
+    }
+
+    /// Looks for the payment link a Create payment link with `request` made, after a failure
+    /// that leaves it unknown: Search Checkouts for the order's LINK checkouts created since
+    /// `since` (paymennt's `afterTimestamp`, minus [`FIND_LINK_MARGIN`] for clock skew), the
+    /// one whose `requestId` is the request's, then Get Checkout for it.
+    ///
+    /// # Returns
+    ///
+    /// The link, verified; `None` if no checkout with that `requestId` is found.
+    ///
+    /// # Errors
+    ///
+    /// The [`Error`] of a search or Get Checkout that failed (each retried as reads are).
+    pub async fn find_link(
+        &self,
+        request: &LinkRequest,
+        since: DateTime<Utc>,
+        ticket: VerifyTicket,
+    ) -> Result<Option<VerifiedCheckout>, Error> {
+        let mut query = SearchQuery {
+            kind: Some("LINK".into()),
+            order_id: Some(request.order_id.clone()),
+            request_id: Some(request.request_id.clone()),
+            after_timestamp: Some(since - FIND_LINK_MARGIN),
+            page: Some(0),
+            size: Some(100),
+            ..SearchQuery::default()
+        };
+        let mut found: Vec<CheckoutId> = Vec::new();
+        for page in 0..FIND_LINK_MAX_PAGES {
+            query.page = Some(page);
+            let result = self.search(&query).await?;
+            // Matched here too: the filters narrow the search, the requestId decides.
+            for checkout in &result.content {
+                if checkout.request_id.as_deref() == Some(request.request_id.as_str())
+                    && let Some(id) = checkout
+                        .id
+                        .as_ref()
+                        .and_then(|id| id.0.parse::<CheckoutId>().ok())
+                    && !found.contains(&id)
+                {
+                    found.push(id);
+                }
+            }
+            if i64::from(page) + 1 >= result.total_pages || result.content.is_empty() {
+                break;
+            }
+        }
+        found.sort_by_key(|id: &CheckoutId| id.as_str().parse::<u128>().unwrap_or(u128::MAX));
+        let Some(first) = found.first() else {
+            return Ok(None);
+        };
+        if found.len() > 1 {
+            tracing::warn!(
+                request_id = %printable(&request.request_id),
+                order = %printable(&request.order_id),
+                links = ?found.iter().map(CheckoutId::as_str).collect::<Vec<_>>(),
+                "paymennt holds more than one link with this requestId; the oldest is used; check the others at paymennt"
+            );
+        }
+        self.get_checkout(first, ticket).await.map(Some)
     }
 
     /// Search checkouts: `GET /checkout`.
@@ -620,13 +755,17 @@ impl Client {
     /// Create new webhook: `POST /webhooks` with `{"address": …}`. The answer holds the
     /// webhook's `hmacKey`.
     ///
+    /// Sent once, as [`Client::create_link`] is: a second send could register the address
+    /// twice (and paymennt would then call it twice per change).
+    ///
     /// # Errors
     ///
-    /// The last attempt's [`Error`].
+    /// The last attempt's [`Error`]; when its [`Error::reached`] is [`Reached::Maybe`] the
+    /// webhook may exist: look for it with [`Client::list_webhooks`].
     pub async fn create_webhook(&self, address: &str) -> Result<Webhook, Error> {
         let body = serde_json::json!({ "address": address });
         let raw = self
-            .call(|| self.http.post(self.url(&["webhooks"])).json(&body))
+            .call_once(|| self.http.post(self.url(&["webhooks"])).json(&body))
             .await?;
         webhook_of(&raw)
     }
@@ -716,6 +855,27 @@ impl Client {
                 Err(error) if error.is_retryable() && retry < self.retry.max_retries => {
                     let delay = self.retry.delay(retry, &error);
                     tracing::debug!(%error, retry = retry + 1, delay_ms = delay.as_millis() as u64, "retrying paymennt call");
+                    tokio::time::sleep(delay).await;
+                    retry += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Sends a request that creates something: again only when [`Error::may_send_again`]
+    /// holds (no connection was made, or paymennt's 429 with `Retry-After`).
+    async fn call_once(
+        &self,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<String, Error> {
+        let mut retry = 0;
+        loop {
+            match self.attempt(build()).await {
+                Ok(result) => return Ok(result),
+                Err(error) if error.may_send_again() && retry < self.retry.max_retries => {
+                    let delay = self.retry.delay(retry, &error);
+                    tracing::debug!(%error, retry = retry + 1, delay_ms = delay.as_millis() as u64, "sending again: the request never reached paymennt, or it asked us to wait");
                     tokio::time::sleep(delay).await;
                     retry += 1;
                 }
@@ -831,7 +991,9 @@ impl Client {
     }
 
     fn transport_error(&self, error: reqwest::Error) -> Error {
-        if error.is_timeout() {
+        // A connect error first: a connect timeout is also a timeout, but no request was sent.
+        let connect = error.is_connect();
+        if error.is_timeout() && !connect {
             Error::Timeout(self.request_timeout)
         } else {
             // Without the URL: it is ours and shown elsewhere; the cause chain says what failed.
@@ -843,7 +1005,12 @@ impl Client {
                 text.push_str(&cause.to_string());
                 source = cause.source();
             }
-            Error::Network(crate::domain::scrub_secrets(&text).into_owned())
+            let text = crate::domain::scrub_secrets(&text).into_owned();
+            if connect {
+                Error::Connect(text)
+            } else {
+                Error::Network(text)
+            }
         }
     }
 }
