@@ -816,17 +816,17 @@ pub struct HttpSettings {
     pub verify_failing_after: Duration,
     /// A request's line and headers must arrive within this, counted from the connection's
     /// opening or, on a kept-alive connection, from the end of the previous response.
-    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    #[serde(default = "default_http_header_timeout", with = "humantime_serde")]
     pub header_timeout: Duration,
     /// A request, its body and its answer included, must be done within this (408 otherwise).
-    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    #[serde(default = "default_http_request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
     /// A kept-alive connection with no request for this long is closed.
-    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    #[serde(default = "default_http_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// At most this many connections are open at once; at the cap, accepting pauses (new
     /// connections wait in the kernel's backlog, holding none of the daemon's descriptors).
-    #[serde(default = "default_max_connections")]
+    #[serde(default = "default_http_max_connections")]
     pub max_connections: usize,
 }
 
@@ -845,16 +845,16 @@ fn default_webhook_rate_per_checkout() -> u32 {
 fn default_verify_failing_after() -> Duration {
     Duration::from_secs(300)
 }
-fn default_header_timeout() -> Duration {
+fn default_http_header_timeout() -> Duration {
     Duration::from_secs(10)
 }
-fn default_request_timeout() -> Duration {
+fn default_http_request_timeout() -> Duration {
     Duration::from_secs(30)
 }
-fn default_idle_timeout() -> Duration {
+fn default_http_idle_timeout() -> Duration {
     Duration::from_secs(5)
 }
-fn default_max_connections() -> usize {
+fn default_http_max_connections() -> usize {
     256
 }
 
@@ -871,10 +871,10 @@ impl Default for HttpSettings {
             webhook_rate_per_address: default_webhook_rate_per_address(),
             webhook_rate_per_checkout: default_webhook_rate_per_checkout(),
             verify_failing_after: default_verify_failing_after(),
-            header_timeout: default_header_timeout(),
-            request_timeout: default_request_timeout(),
-            idle_timeout: default_idle_timeout(),
-            max_connections: default_max_connections(),
+            header_timeout: default_http_header_timeout(),
+            request_timeout: default_http_request_timeout(),
+            idle_timeout: default_http_idle_timeout(),
+            max_connections: default_http_max_connections(),
         }
     }
 }
