@@ -136,13 +136,31 @@ impl HttpContext {
 ///
 /// The address cannot be bound (in use, not local, no permission), named.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    let listener = TcpListener::bind(addr).await.with_context(|| {
+    let listener = listen(addr).with_context(|| {
         format!("cannot listen on {addr} for [http] listen; is another process using it?")
     })?;
     if !is_loopback_host(&addr.ip().to_string()) {
         tracing::warn!(%addr, "the HTTP listener is on a non-loopback address: webhook intake and health checks are reachable from the network (the track endpoint needs its token); put it behind TLS and a firewall");
     }
     Ok(listener)
+}
+
+/// The listen backlog: connections the kernel completes and queues while the listener is at
+/// its cap (or busy), costing the daemon no descriptor. The kernel caps it at
+/// `net.core.somaxconn`. Tokio's default (128) would make clients beyond it retry their
+/// handshake for seconds.
+const BACKLOG: u32 = 1024;
+
+/// A listening socket on `addr` with [`BACKLOG`] (and `SO_REUSEADDR`, as tokio's `bind` sets).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// The longest the listener's drain takes at shutdown (less if `[daemon] drain_timeout` is
