@@ -268,7 +268,9 @@ fn a_hook_with_run_as_runs_as_that_user_or_is_refused_when_not_root() {
         assert_exit(&output, 2);
         let shown = stderr(&output);
         assert!(
-            shown.contains("hook 'mark-paid': 'run_as' value 'nobody' needs paywatch to run as root"),
+            shown.contains(
+                "hook 'mark-paid': 'run_as' value 'nobody' needs paywatch to run as root"
+            ),
             "{shown}"
         );
         return;
@@ -283,5 +285,8 @@ fn a_hook_with_run_as_runs_as_that_user_or_is_refused_when_not_root() {
         uid = nobody.uid.as_raw(),
         gid = nobody.gid.as_raw()
     );
-    assert_eq!(ids, expected, "uid, gid, and no supplementary group of root's");
+    assert_eq!(
+        ids, expected,
+        "uid, gid, and no supplementary group of root's"
+    );
 }

@@ -603,14 +603,16 @@ pub fn open_files_needed(settings: &Settings) -> u64 {
     } else {
         0
     };
+    // Saturating: settings built in code (tests, embedding) skip validation's bounds.
     connections
-        + RESERVED_FDS
-        + 4 * settings.hooks_concurrency as u64
-        + settings.paymennt.concurrency as u64
+        .saturating_add(RESERVED_FDS)
+        .saturating_add((settings.hooks_concurrency as u64).saturating_mul(4))
+        .saturating_add(settings.paymennt.concurrency as u64)
 }
 
-/// Refuses to start when the open-file `limit` leaves no room for the connection cap plus the
-/// daemon's own work: clients would otherwise take the descriptors hooks need.
+/// Refuses to start when the open-file `limit` leaves no room for the HTTP listener's
+/// connection cap plus the daemon's own work: clients would otherwise take the descriptors
+/// hooks need. Without a listener there is nothing to check.
 ///
 /// # Errors
 ///
@@ -619,6 +621,10 @@ pub fn check_open_file_limit(
     settings: &Settings,
     limit: u64,
 ) -> Result<(), crate::settings::SettingsError> {
+    // Without a listener there is no cap to fit; the daemon's own share is small.
+    if settings.http.listen.is_none() {
+        return Ok(());
+    }
     let needed = open_files_needed(settings);
     if limit >= needed {
         return Ok(());
@@ -628,7 +634,7 @@ pub fn check_open_file_limit(
          (the connections plus {} for the ledger, Firestore, paymennt and hooks)\n\n\
          raise the limit (LimitNOFILE= in the unit, ulimit -n), or lower http.max_connections",
         settings.http.max_connections,
-        needed - settings.http.max_connections as u64,
+        needed.saturating_sub(settings.http.max_connections as u64),
     )))
 }
 
