@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks the Debian package the way issue 16 asks: build it with cargo-deb, install it with
 # dpkg, run the installed binary and its pre-flight against the installed config, verify the
-# installed unit, and remove it cleanly.
+# installed unit, remove it, and purge it: the config and the paywatch group go, the ledger stays
+# (and the purge says where).
 #
 # Usage:  .ci/check-deb.sh        (as root, on Debian; CI runs it after `cargo test`)
 #   PROFILE=release   package a release build instead of the debug binary `cargo test` built
@@ -67,7 +68,25 @@ PAYWATCH_BIN=/usr/bin/paywatch .ci/check-systemd.sh "$unit"
 dpkg -r paywatch
 [ ! -e /usr/bin/paywatch ] || fail "/usr/bin/paywatch is still there after dpkg -r"
 [ ! -e "$unit" ] || fail "$unit is still there after dpkg -r"
-dpkg -P paywatch
+getent group paywatch >/dev/null || fail "dpkg -r removed the paywatch group (only a purge may)"
+
+# A purge removes the config and the group but keeps the ledger (payment records), and says
+# where it is. The service never ran here, so a stand-in ledger plays the one it would leave.
+state=/var/lib/paywatch
+made_state=
+if [ ! -e "$state" ]; then
+    mkdir -p "$state"
+    made_state=yes
+fi
+printf 'stand-in ledger\n' >"$state/paywatch.db"
+purge_out=$(dpkg -P paywatch 2>&1)
+printf '%s\n' "$purge_out"
 [ ! -e "$config" ] || fail "$config is still there after dpkg -P"
+! getent group paywatch >/dev/null || fail "the paywatch group is still there after dpkg -P"
+[ -f "$state/paywatch.db" ] || fail "dpkg -P removed the ledger $state/paywatch.db"
+printf '%s\n' "$purge_out" | grep -q "ledger.* kept in.*$state" \
+    || fail "dpkg -P did not say where the ledger is kept"
+rm -f "$state/paywatch.db"
+[ -z "$made_state" ] || rmdir "$state"
 trap - EXIT
 echo "check-deb: ok"

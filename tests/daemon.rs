@@ -300,7 +300,7 @@ impl Process {
     }
 
     /// Starts `LAUNCHER... paywatch GLOBAL_ARGS --config CONFIG run` with `env` added.
-    fn start_with(
+    pub(crate) fn start_with(
         config: &std::path::Path,
         global_args: &[&str],
         env: &[(&str, &str)],

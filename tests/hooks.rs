@@ -249,3 +249,45 @@ fn bad_hooks_arguments_are_usage_errors() {
         assert!(!stderr(&output).is_empty(), "{args:?} explains itself");
     }
 }
+
+/// Issue 21: a hook with `run_as` runs as that user and group, supplementary groups cleared,
+/// when paywatch is root (CI runs the tests as root); otherwise `run_as` is refused with exit 2
+/// naming the hook.
+#[test]
+fn a_hook_with_run_as_runs_as_that_user_or_is_refused_when_not_root() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let merchant = Merchant::new(
+        "id -u > \"$1/ids\"\nid -g >> \"$1/ids\"\nid -G >> \"$1/ids\"\n",
+        "run_as = \"nobody\"",
+    );
+    // The hook, as nobody, writes into the test's directory.
+    std::fs::set_permissions(merchant.path(), std::fs::Permissions::from_mode(0o777))
+        .expect("chmod");
+    let output = merchant.paywatch(&["hooks", "test", "mark-paid", "--status", "paid"]);
+    let root = std::fs::metadata("/proc/self").expect("proc").uid() == 0;
+    if !root {
+        assert_exit(&output, 2);
+        let shown = stderr(&output);
+        assert!(
+            shown.contains(
+                "hook 'mark-paid': 'run_as' value 'nobody' needs paywatch to run as root"
+            ),
+            "{shown}"
+        );
+        return;
+    }
+    assert_exit(&output, 0);
+    let nobody = nix::unistd::User::from_name("nobody")
+        .expect("passwd")
+        .expect("a nobody user");
+    let ids = std::fs::read_to_string(merchant.file("ids")).expect("the hook ran");
+    let expected = format!(
+        "{uid}\n{gid}\n{gid}\n",
+        uid = nobody.uid.as_raw(),
+        gid = nobody.gid.as_raw()
+    );
+    assert_eq!(
+        ids, expected,
+        "uid, gid, and no supplementary group of root's"
+    );
+}

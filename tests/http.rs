@@ -785,3 +785,313 @@ async fn notifications_for_unknown_checkouts_are_logged_as_counts_not_a_line_eac
     assert!(counted.iter().sum::<u64>() <= posts, "{lines:?}");
     sandbox.shutdown().await;
 }
+
+/// Reads from `stream` until the server closes it (or errors); returns what it sent, or
+/// `None` if it was still open after `within`.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    tokio::time::timeout(within, async {
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buffer[..n]),
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|()| String::from_utf8_lossy(&seen).into_owned())
+}
+
+/// Issue 21: a half-sent request line was held open for 80 s. Now the header timeout cuts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_request_line_is_cut_off_within_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, path) = config(
+        dir.path(),
+        &sandbox,
+        "",
+        "listen = \"127.0.0.1:0\"\nheader_timeout = \"1s\"",
+    );
+    let daemon = Daemon::start(&settings, &path).await;
+    let addr = (*daemon.http.borrow()).expect("bound");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(b"GET /healthz HTT").await.expect("write");
+    let started = std::time::Instant::now();
+    let answer = read_until_closed(&mut stream, DEADLINE).await;
+    let cut = started.elapsed();
+    assert!(
+        answer.is_some(),
+        "a half-sent request line was held {DEADLINE:?}"
+    );
+    eprintln!("figure: a half-sent request line was cut off after {cut:.2?} (header_timeout 1s)");
+    assert!(cut < Duration::from_secs(4), "cut off only after {cut:?}");
+    // The listener still serves.
+    assert_eq!(get(&format!("{}/healthz", daemon.http_url())).await.0, 200);
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}
+
+/// Issue 21: a body sent at one byte per 10 s was held 70 s. Now the request timeout answers 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_dripped_a_byte_at_a_time_is_cut_off_by_the_request_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, path) = config(
+        dir.path(),
+        &sandbox,
+        "",
+        "listen = \"127.0.0.1:0\"\nrequest_timeout = \"1s\"",
+    );
+    let daemon = Daemon::start(&settings, &path).await;
+    let addr = (*daemon.http.borrow()).expect("bound");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(
+            b"POST /webhooks/paymennt HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+        )
+        .await
+        .expect("write");
+    let started = std::time::Instant::now();
+    let (mut reader, mut writer) = stream.into_split();
+    // One byte every 200 ms: the whole body would take 20 s.
+    let drip = tokio::spawn(async move {
+        for _ in 0..99 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if writer.write_all(b" ").await.is_err() {
+                return;
+            }
+        }
+    });
+    let answer = tokio::time::timeout(DEADLINE, async {
+        use tokio::io::AsyncReadExt;
+        let mut seen = Vec::new();
+        let mut buffer = [0u8; 1024];
+        loop {
+            match reader.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    seen.extend_from_slice(&buffer[..n]);
+                    if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    })
+    .await
+    .expect("answered before the deadline");
+    let cut = started.elapsed();
+    drip.abort();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(cut < Duration::from_secs(4), "answered only after {cut:?}");
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}
+
+/// Issue 21: one half-sent request made SIGTERM wait the whole drain_timeout and abandon the
+/// work in flight. Now the listener drains on its own short deadline, and a hook running at
+/// shutdown still has the daemon's drain time to finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_not_held_up_by_a_half_sent_request_and_hooks_keep_their_drain() {
+    use tokio::io::AsyncWriteExt;
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marks = dir.path().join("marks");
+    let script = dir.path().join("hook.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "echo started >> '{marks}'\nsleep 3\necho finished >> '{marks}'\n",
+            marks = marks.display()
+        ),
+    )
+    .expect("hook script");
+    let http = format!(
+        "listen = \"127.0.0.1:0\"\nheader_timeout = \"60s\"\n\n\
+         [[hooks]]\nname = \"slow\"\ncommand = [\"/bin/sh\", \"{}\"]\nstatuses = [\"PAID\"]\n",
+        script.display()
+    );
+    let path = dir.path().join("paywatch.toml");
+    let text = common::sandbox_config_text(
+        dir.path(),
+        &sandbox,
+        "multiplexed",
+        &format!("[http]\n{http}\n"),
+    )
+    .replace("drain_timeout = \"5s\"", "drain_timeout = \"15s\"");
+    std::fs::write(&path, text).expect("write config");
+    let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("valid");
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let id = create_and_track(&sandbox, &ledger, "ORD-DRAIN").await;
+    let daemon = Daemon::start(&settings, &path).await;
+    wait_status(&ledger, &id, "PENDING").await;
+    sandbox.state().pay(&id).await.expect("pay");
+    wait_for("the hook to start", DEADLINE, || async {
+        std::fs::read_to_string(&marks)
+            .unwrap_or_default()
+            .contains("started")
+            .then_some(())
+    })
+    .await;
+    let addr = (*daemon.http.borrow()).expect("bound");
+    let mut half = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    half.write_all(b"POST /webhooks/paymennt HTT")
+        .await
+        .expect("write");
+    // The request reaches the server before the stop does.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopping = std::time::Instant::now();
+    daemon.stop().await;
+    let took = stopping.elapsed();
+    let marks = std::fs::read_to_string(&marks).unwrap_or_default();
+    assert_eq!(
+        marks, "started\nfinished\n",
+        "the running hook finished within the daemon's drain"
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "stopping took {took:?}: the half-sent request held the drain (15 s)"
+    );
+    eprintln!("shutdown with a half-sent request and a 3 s hook running took {took:.2?}");
+    drop(half);
+    sandbox.shutdown().await;
+}
+
+/// Issue 21: with the daemon's open-file limit at 256, 1,000 idle connections held while a
+/// payment arrives: the listener stops accepting at `max_connections` (the rest wait in the
+/// kernel's backlog), so the PAID hook starts at once; and once the idle connections close,
+/// /healthz answers. Through the binary under `prlimit`, so the limit is the daemon's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_beyond_the_cap_neither_starve_a_hook_nor_stop_healthz() {
+    const IDLE: usize = 1000;
+    if std::process::Command::new("prlimit")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: no prlimit (util-linux)");
+        return;
+    }
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runs = dir.path().join("runs");
+    let script = dir.path().join("hook.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "echo \"$PAYWATCH_STATUS $PAYWATCH_ATTEMPT\" >> '{}'\n",
+            runs.display()
+        ),
+    )
+    .expect("hook script");
+    let port = free_port();
+    let (settings, path) = config(
+        dir.path(),
+        &sandbox,
+        "",
+        &format!(
+            "listen = \"127.0.0.1:{port}\"\nmax_connections = 16\nheader_timeout = \"60s\"\n\n\
+             [[hooks]]\nname = \"mark-paid\"\ncommand = [\"/bin/sh\", \"{}\"]\nstatuses = [\"PAID\"]\n",
+            script.display()
+        ),
+    );
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let id = create_and_track(&sandbox, &ledger, "ORD-IDLE").await;
+    let mut process = tokio::task::block_in_place(|| {
+        let mut process = crate::daemon::Process::start_with(
+            &path,
+            &[],
+            &[],
+            &["prlimit", "--nofile=256:256", "--"],
+        );
+        process.expect_line("paywatch is running");
+        process
+    });
+    wait_status(&ledger, &id, "PENDING").await;
+    let mut idle = Vec::with_capacity(IDLE);
+    for _ in 0..IDLE {
+        idle.push(
+            tokio::time::timeout(
+                DEADLINE,
+                tokio::net::TcpStream::connect(("127.0.0.1", port)),
+            )
+            .await
+            .expect("connected in time (the backlog holds them)")
+            .expect("connect"),
+        );
+    }
+    let paid_at = std::time::Instant::now();
+    sandbox.state().pay(&id).await.expect("pay");
+    let hooked = wait_for("the PAID hook", DEADLINE, || async {
+        let text = std::fs::read_to_string(&runs).unwrap_or_default();
+        (!text.is_empty()).then(|| (paid_at.elapsed(), text))
+    })
+    .await;
+    eprintln!(
+        "figure: {IDLE} idle connections open (cap 16, fd limit 256); the PAID hook ran {:?} after the payment",
+        hooked.0
+    );
+    assert_eq!(hooked.1, "PAID 1\n", "first attempt, no spawn failure");
+    assert!(
+        hooked.0 < Duration::from_secs(3),
+        "the hook waited {:?}",
+        hooked.0
+    );
+    // Once the idle connections close, /healthz answers again.
+    drop(idle);
+    let health = wait_for("/healthz to answer", DEADLINE, || async {
+        let response = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{port}/healthz"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        Some(response.status().as_u16())
+    })
+    .await;
+    assert_eq!(health, 200);
+    tokio::task::block_in_place(|| {
+        process.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = process.wait_exit();
+        assert!(status.success(), "{status:?}");
+    });
+    sandbox.shutdown().await;
+}
+
+/// Issue 21: the connection cap must fit the open-file limit with room for the daemon's own
+/// work; a limit too low stops the start with exit 2, naming both numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_file_limit_too_low_for_the_connection_cap_stops_the_start() {
+    if std::process::Command::new("prlimit")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: no prlimit (util-linux)");
+        return;
+    }
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, path) = config(dir.path(), &sandbox, "", "listen = \"127.0.0.1:0\"");
+    tokio::task::block_in_place(|| {
+        let mut process = crate::daemon::Process::start_with(
+            &path,
+            &[],
+            &[],
+            &["prlimit", "--nofile=200:200", "--"],
+        );
+        process.expect_line(
+            "the open-file limit is 200, but [http] max_connections = 256 needs at least",
+        );
+        let status = process.wait_exit();
+        assert_eq!(status.code(), Some(2), "{status:?}");
+    });
+    sandbox.shutdown().await;
+}

@@ -46,6 +46,8 @@ struct Check {
     what: String,
     /// Neither passed nor failed: nothing could be checked.
     skipped: bool,
+    /// Passed, but worth the operator's attention (printed as `warn`).
+    warning: bool,
 }
 
 /// A line of the report. Online checks quote what other hosts answered (a Firestore status
@@ -57,7 +59,93 @@ fn check(ok: bool, what: impl Into<String>) -> Check {
         ok,
         what: crate::domain::scrub_secrets(&what).into_owned(),
         skipped: false,
+        warning: false,
     }
+}
+
+fn warning(what: impl Into<String>) -> Check {
+    Check {
+        ok: true,
+        what: what.into(),
+        skipped: false,
+        warning: true,
+    }
+}
+
+/// The inline secrets a config file can hold, as `section.key`.
+const INLINE_SECRETS: &[(&str, &str)] = &[
+    ("paymennt", "api_key"),
+    ("paymennt", "api_secret"),
+    ("http", "token"),
+    ("http", "webhook_hmac_key"),
+];
+
+/// Who besides the owner may read a file of this mode, if anyone.
+fn readable_by_others(mode: u32) -> Option<&'static str> {
+    match (mode & 0o040 != 0, mode & 0o004 != 0) {
+        (true, true) => Some("group- and world-readable"),
+        (false, true) => Some("world-readable"),
+        (true, false) => Some("group-readable"),
+        (false, false) => None,
+    }
+}
+
+/// Warnings for files holding a secret that users other than the owner can read: the config
+/// file when it holds an inline secret, and each secret file it names.
+fn secret_file_warnings(settings: &Settings) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut files: Vec<(std::path::PathBuf, String)> = Vec::new();
+    if let Some(origin) = &settings.origin {
+        let inline: Vec<String> = std::fs::read_to_string(origin)
+            .ok()
+            .and_then(|text| text.parse::<toml::Table>().ok())
+            .map(|table| {
+                INLINE_SECRETS
+                    .iter()
+                    .filter(|(section, key)| {
+                        table
+                            .get(*section)
+                            .and_then(|value| value.get(*key))
+                            .is_some()
+                    })
+                    .map(|(section, key)| format!("{section}.{key}"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !inline.is_empty() {
+            files.push((origin.clone(), format!("holds {}", inline.join(", "))));
+        }
+    }
+    for (key, file) in [
+        ("paymennt.api_key_file", &settings.paymennt.api_key_file),
+        (
+            "paymennt.api_secret_file",
+            &settings.paymennt.api_secret_file,
+        ),
+        ("http.token_file", &settings.http.token_file),
+        (
+            "http.webhook_hmac_key_file",
+            &settings.http.webhook_hmac_key_file,
+        ),
+        ("firestore.credentials", &settings.firestore.credentials),
+    ] {
+        if let Some(file) = file {
+            files.push((file.clone(), format!("is {key}")));
+        }
+    }
+    files
+        .into_iter()
+        .filter_map(|(file, what)| {
+            let mode = std::fs::metadata(&file).ok()?.mode();
+            let who = readable_by_others(mode)?;
+            Some(format!(
+                "'{}' {what} and is {who} (mode {:03o})\n\nmake it readable by its owner only \
+                 (chmod 600), or move the secret to a systemd credential (LoadCredential=)",
+                file.display(),
+                mode & 0o777
+            ))
+        })
+        .collect()
 }
 
 /// The `[firestore] auth` mode (its config spelling) that `auth` was built for.
@@ -162,6 +250,7 @@ fn skipped(what: &str) -> Check {
         ok: true,
         what: what.to_owned(),
         skipped: true,
+        warning: false,
     }
 }
 
@@ -283,6 +372,8 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
             },
         ));
     }
+
+    checks.extend(secret_file_warnings(&settings).into_iter().map(warning));
 
     let credentials = settings.paymennt.credentials();
     match &credentials {
@@ -503,10 +594,11 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
         .map(|c| {
             format!(
                 "{} {}",
-                match (c.ok, c.skipped) {
-                    (_, true) => "skip",
-                    (true, false) => "ok  ",
-                    (false, false) => "FAIL",
+                match (c.ok, c.skipped, c.warning) {
+                    (_, true, _) => "skip",
+                    (true, false, true) => "warn",
+                    (true, false, false) => "ok  ",
+                    (false, false, _) => "FAIL",
                 },
                 c.what.replace("\n\n", "; ").replace('\n', " ")
             )
@@ -520,4 +612,82 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
         anyhow::bail!("{online_failures} online check(s) failed");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn chmod(path: &Path, mode: u32) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    /// Issue 21: a config file holding an inline secret is reported when others can read it.
+    #[test]
+    fn a_readable_file_holding_a_secret_is_warned_about() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("paywatch.toml");
+        let secret_file = dir.path().join("hmac");
+        std::fs::write(&secret_file, "k").expect("write");
+        std::fs::write(
+            &config,
+            format!(
+                "[ledger]\npath = \"{}\"\n[paymennt]\napi_key = \"pk_1\"\napi_secret = \"sk_1\"\n\
+                 [http]\nwebhook_hmac_key_file = \"{}\"\n",
+                dir.path().join("l.db").display(),
+                secret_file.display()
+            ),
+        )
+        .expect("write");
+        let settings = Settings::load_with_env(Some(&config), Vec::new()).expect("loads");
+
+        chmod(&config, 0o644);
+        chmod(&secret_file, 0o600);
+        let warnings = secret_file_warnings(&settings);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with(&format!(
+                "'{}' holds paymennt.api_key, paymennt.api_secret and is group- and world-readable (mode 644)",
+                config.display()
+            )),
+            "{warnings:?}"
+        );
+        assert!(!warnings[0].contains("sk_1"), "never the secret itself");
+
+        chmod(&config, 0o640);
+        chmod(&secret_file, 0o604);
+        let warnings = secret_file_warnings(&settings);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].contains("is group-readable (mode 640)"),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings[1].contains("is http.webhook_hmac_key_file and is world-readable (mode 604)"),
+            "{warnings:?}"
+        );
+
+        chmod(&config, 0o600);
+        chmod(&secret_file, 0o600);
+        assert!(secret_file_warnings(&settings).is_empty());
+    }
+
+    #[test]
+    fn a_readable_config_without_inline_secrets_is_fine() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("paywatch.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[ledger]\npath = \"{}\"\n# api_secret = \"commented out\"\n",
+                dir.path().join("l.db").display()
+            ),
+        )
+        .expect("write");
+        chmod(&config, 0o644);
+        let settings = Settings::load_with_env(Some(&config), Vec::new()).expect("loads");
+        assert!(secret_file_warnings(&settings).is_empty());
+    }
 }

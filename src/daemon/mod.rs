@@ -134,6 +134,10 @@ pub async fn run(
     let started = Instant::now();
     let mut settings = settings;
     keep_memory_private();
+    // Descriptors for the daemon's own work (ledger, streams, hooks) whatever HTTP clients do.
+    if let Some(limit) = raise_open_file_limit() {
+        check_open_file_limit(&settings, limit)?;
+    }
     // Every long-lived task runs under it: one that ends or panics stops the daemon (exit 1).
     let mut supervisor = supervisor::Supervisor::new();
 
@@ -151,6 +155,9 @@ pub async fn run(
     let metrics = options.metrics.clone();
     let client = Client::from_settings(&settings.paymennt)?.with_metrics(metrics.clone());
     let hooks = HookSet::from_settings(&settings)?;
+    if let Some(warning) = root_warning(nix::unistd::geteuid().is_root(), &settings.hooks) {
+        tracing::warn!("{warning}");
+    }
 
     // 3. Firestore (unless turned off): start the listener and subscribe to every watched
     //    checkout.
@@ -302,9 +309,13 @@ pub async fn run(
             if let Some(sender) = &options.http_addr {
                 sender.send_replace(Some(local));
             }
+            let limits = crate::http::ServeLimits::new(
+                &settings.http,
+                crate::http::HTTP_DRAIN.min(settings.daemon.drain_timeout),
+            );
             Some(tokio::spawn(supervisor.supervise(
                 "HTTP listener",
-                crate::http::serve(bound, Arc::new(context), http_stop.clone()),
+                crate::http::serve(bound, Arc::new(context), limits, http_stop.clone()),
             )))
         }
         None => None,
@@ -489,7 +500,9 @@ pub async fn run(
     tracing::info!(drain_timeout = ?drain, "shutting down: finishing in-flight verifications and running hooks");
     let deadline = tokio::time::Instant::now() + drain;
     health.set_started(false);
-    // The HTTP listener first: no new webhooks or tracks; requests in flight finish.
+    // The HTTP listener first: no new webhooks or tracks; requests in flight finish within the
+    // listener's own short drain (crate::http::HTTP_DRAIN), which closes what is left, so a
+    // half-sent request cannot spend the drain time verifications and hooks need.
     http_stop.cancel();
     if let Some(mut http_task) = http_task
         && tokio::time::timeout_at(deadline, &mut http_task)
@@ -577,6 +590,112 @@ fn keep_memory_private() {
              its environment and memory; run hooks under another user (docs/running-as-a-service.md)"
         ),
     }
+}
+
+/// Descriptors the daemon keeps for itself besides HTTP connections: the ledger and its lock,
+/// Firestore and paymennt connections, logging, signals and the runtime.
+pub const RESERVED_FDS: u64 = 128;
+
+/// Raises this process's soft limit on open files to its hard limit (the soft limit is often
+/// 1024 while the hard one is far higher) and returns the limit now in force; `None` if it
+/// cannot be read. A refusal (a seccomp filter without `@resources`, as in the packaged unit,
+/// which sets `LimitNOFILE=` instead) is logged and the soft limit kept.
+fn raise_open_file_limit() -> Option<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the open-file limit (RLIMIT_NOFILE)");
+            return None;
+        }
+    };
+    if soft >= hard {
+        return Some(soft);
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => {
+            tracing::debug!(from = soft, to = hard, "raised the open-file limit");
+            Some(hard)
+        }
+        Err(error) => {
+            tracing::warn!(%error, soft, hard, "cannot raise the open-file limit to its hard limit; keeping {soft}");
+            Some(soft)
+        }
+    }
+}
+
+/// Descriptors the daemon may need with `settings`: every HTTP connection the cap allows, and
+/// room to spare for its own work ([`RESERVED_FDS`], up to four per running hook for its pipes,
+/// one per paymennt request in flight).
+pub fn open_files_needed(settings: &Settings) -> u64 {
+    let connections = if settings.http.listen.is_some() {
+        settings.http.max_connections as u64
+    } else {
+        0
+    };
+    // Saturating: settings built in code (tests, embedding) skip validation's bounds.
+    connections
+        .saturating_add(RESERVED_FDS)
+        .saturating_add((settings.hooks_concurrency as u64).saturating_mul(4))
+        .saturating_add(settings.paymennt.concurrency as u64)
+}
+
+/// Refuses to start when the open-file `limit` leaves no room for the HTTP listener's
+/// connection cap plus the daemon's own work: clients would otherwise take the descriptors
+/// hooks need. Without a listener there is nothing to check.
+///
+/// # Errors
+///
+/// A [`SettingsError`](crate::settings::SettingsError) (exit code 2) naming both numbers.
+pub fn check_open_file_limit(
+    settings: &Settings,
+    limit: u64,
+) -> Result<(), crate::settings::SettingsError> {
+    // Without a listener there is no cap to fit; the daemon's own share is small.
+    if settings.http.listen.is_none() {
+        return Ok(());
+    }
+    let needed = open_files_needed(settings);
+    if limit >= needed {
+        return Ok(());
+    }
+    Err(crate::settings::SettingsError(format!(
+        "the open-file limit is {limit}, but [http] max_connections = {} needs at least {needed} \
+         (the connections plus {} for the ledger, Firestore, paymennt and hooks)\n\n\
+         raise the limit (LimitNOFILE= in the unit, ulimit -n), or lower http.max_connections",
+        settings.http.max_connections,
+        needed.saturating_sub(settings.http.max_connections as u64),
+    )))
+}
+
+/// The warning for a daemon running as root with hooks that would run as root too: such a
+/// hook can read the daemon's environment and memory (root keeps CAP_SYS_PTRACE, so being
+/// non-dumpable does not stop it). `None` when not root, or every hook has a `run_as`.
+pub fn root_warning(
+    running_as_root: bool,
+    hooks: &[crate::settings::HookSettings],
+) -> Option<String> {
+    if !running_as_root {
+        return None;
+    }
+    let as_root: Vec<&str> = hooks
+        .iter()
+        .filter(|hook| hook.run_as.is_none())
+        .map(|hook| hook.name.as_str())
+        .collect();
+    if as_root.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "paywatch is running as root, so hook(s) {} run as root and can read its environment and \
+         memory (the paymennt API secret); set run_as = \"user\" on each hook, or run paywatch as \
+         its own user (the packaged unit does: docs/running-as-a-service.md)",
+        as_root
+            .iter()
+            .map(|name| format!("'{}'", crate::domain::printable(name)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
 }
 
 /// Applies a re-read config: hooks, log level and reconcile interval change at once; other

@@ -11,7 +11,7 @@ use std::ffi::{OsStr, OsString};
 use std::sync::Arc;
 
 use crate::hooks::retry::{DEFAULT_MAX_ATTEMPTS, RetryPolicy, RetrySchedule};
-use crate::hooks::runner::{HookCommand, resolve_program, validate_env_name};
+use crate::hooks::runner::{HookCommand, resolve_program, resolve_run_as, validate_env_name};
 use crate::settings::{HookSettings, Settings, SettingsError};
 
 /// One hook: what to run and how to retry it.
@@ -31,6 +31,20 @@ impl HookSpec {
     ///
     /// A lowercase message naming the hook and what is wrong with it (without the config origin).
     pub fn resolve(settings: &HookSettings, path_var: Option<&OsStr>) -> Result<HookSpec, String> {
+        HookSpec::resolve_with(settings, path_var, nix::unistd::geteuid().is_root())
+    }
+
+    /// [`HookSpec::resolve`] for a daemon that is (`running_as_root`) or is not root, which
+    /// decides whether a `run_as` can be honoured.
+    ///
+    /// # Errors
+    ///
+    /// As [`HookSpec::resolve`]; a `run_as` error carries its own next step.
+    pub fn resolve_with(
+        settings: &HookSettings,
+        path_var: Option<&OsStr>,
+        running_as_root: bool,
+    ) -> Result<HookSpec, String> {
         let name = &settings.name;
         let argv0 = settings.command.first().map(String::as_str).unwrap_or("");
         let hook_path = settings.env.get("PATH").map(OsString::from);
@@ -50,6 +64,12 @@ impl HookSpec {
         command.args = settings.command.iter().skip(1).cloned().collect();
         command.env = settings.env.clone();
         command.timeout = settings.timeout;
+        command.run_as = settings
+            .run_as
+            .as_deref()
+            .map(|spec| resolve_run_as(spec, running_as_root))
+            .transpose()
+            .map_err(|error| format!("hook '{name}': {error}"))?;
         Ok(HookSpec {
             command,
             policy: RetryPolicy {
@@ -93,12 +113,31 @@ impl HookSet {
         path_var: Option<&OsStr>,
         origin: &str,
     ) -> Result<HookSet, SettingsError> {
+        HookSet::resolve_with(hooks, path_var, origin, nix::unistd::geteuid().is_root())
+    }
+
+    /// [`HookSet::resolve`] for a daemon that is (`running_as_root`) or is not root.
+    ///
+    /// # Errors
+    ///
+    /// As [`HookSet::from_settings`].
+    pub fn resolve_with(
+        hooks: &[HookSettings],
+        path_var: Option<&OsStr>,
+        origin: &str,
+        running_as_root: bool,
+    ) -> Result<HookSet, SettingsError> {
         let mut set = HookSet::default();
         for (index, hook) in hooks.iter().enumerate() {
-            let spec = HookSpec::resolve(hook, path_var).map_err(|message| {
-                SettingsError(format!(
-                    "{origin}: {message}\n\nfix 'hooks[{index}].command' (an absolute path, or a program on PATH)"
-                ))
+            let spec = HookSpec::resolve_with(hook, path_var, running_as_root).map_err(|message| {
+                if message.contains("\n\n") {
+                    // It names its own next step (a run_as problem).
+                    SettingsError(format!("{origin}: {message}"))
+                } else {
+                    SettingsError(format!(
+                        "{origin}: {message}\n\nfix 'hooks[{index}].command' (an absolute path, or a program on PATH)"
+                    ))
+                }
             })?;
             set.hooks.insert(hook.name.clone(), Arc::new(spec));
         }
@@ -163,6 +202,7 @@ mod tests {
             max_age: None,
             env: Default::default(),
             permanent_exit_codes: vec![],
+            run_as: None,
         }
     }
 
@@ -241,6 +281,71 @@ mod tests {
 
         let error = HookSet::resolve(&[hook("r", &["bin/x"])], None, "t").expect_err("relative");
         assert!(error.to_string().contains("relative path"), "{error}");
+    }
+
+    /// Issue 21: `run_as` is honoured only by a daemon running as root; otherwise it is
+    /// refused at validation, naming the hook and the fix.
+    #[test]
+    fn run_as_is_refused_unless_root_and_resolved_to_ids_when_root() {
+        let mut switched = hook("mark-paid", &["/bin/sh"]);
+        switched.run_as = Some("root".into());
+        let error = HookSet::resolve_with(
+            &[switched.clone()],
+            None,
+            "/etc/paywatch/paywatch.toml",
+            false,
+        )
+        .expect_err("not root");
+        let text = error.to_string();
+        assert!(
+            text.starts_with(
+                "/etc/paywatch/paywatch.toml: hook 'mark-paid': 'run_as' value 'root' needs paywatch to run as root"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("remove run_as"), "{text}");
+        assert!(
+            !text.contains("hooks[0].command"),
+            "not the command's hint: {text}"
+        );
+
+        let set = HookSet::resolve_with(&[switched.clone()], None, "t", true).expect("root");
+        let run_as = set.get("mark-paid").expect("hook").command.run_as.clone();
+        assert_eq!(
+            run_as,
+            Some(crate::hooks::runner::RunAs {
+                spec: "root".into(),
+                uid: 0,
+                gid: 0
+            })
+        );
+        switched.run_as = Some("12345:54321".into());
+        let set = HookSet::resolve_with(&[switched.clone()], None, "t", true).expect("ids");
+        let run_as = set.get("mark-paid").expect("hook").command.run_as.clone();
+        assert_eq!(run_as.map(|r| (r.uid, r.gid)), Some((12345, 54321)));
+
+        for (value, problem) in [
+            ("", "is not \"user\" or \"user:group\""),
+            (":wheel", "is not \"user\" or \"user:group\""),
+            ("shop:", "is not \"user\" or \"user:group\""),
+            ("a:b:c", "is not \"user\" or \"user:group\""),
+            (
+                "no-such-user-paywatch",
+                "user 'no-such-user-paywatch' does not exist",
+            ),
+            (
+                "root:no-such-group-paywatch",
+                "group 'no-such-group-paywatch' does not exist",
+            ),
+            ("12345", "uid 12345 has no account"),
+        ] {
+            switched.run_as = Some(value.into());
+            let error = HookSet::resolve_with(&[switched.clone()], None, "t", true)
+                .expect_err(value)
+                .to_string();
+            assert!(error.contains("hook 'mark-paid'"), "{value}: {error}");
+            assert!(error.contains(problem), "{value}: {error}");
+        }
     }
 
     #[test]

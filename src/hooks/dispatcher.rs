@@ -103,6 +103,9 @@ struct Shared {
     /// (with its claims, one commit), and again with backoff while the ledger refuses them, so
     /// no delivery stays `running` until the next start. A std lock, never held across an await.
     unrecorded: Mutex<Vec<Unrecorded>>,
+    /// paywatch could not start a hook for lack of descriptors or processes, and no hook has
+    /// started since: the condition is logged at error once when it begins, not per attempt.
+    starved: std::sync::atomic::AtomicBool,
 }
 
 /// An attempt's outcome still to be written.
@@ -202,6 +205,7 @@ impl Dispatcher {
                 wake: Notify::new(),
                 hooks: RwLock::new(Arc::new(hooks)),
                 unrecorded: Mutex::new(Vec::new()),
+                starved: std::sync::atomic::AtomicBool::new(false),
             }),
             concurrency: concurrency.max(1),
             poll: POLL_INTERVAL,
@@ -433,9 +437,22 @@ async fn attempt(
                 if delivery.hook == tests::PANICKING_HOOK {
                     panic!("a test asked this attempt to panic");
                 }
+                #[cfg(test)]
+                let outcome = match tests::injected_spawn_error(&delivery.hook) {
+                    Some(error) => HookOutcome {
+                        ending: runner::spawn_failure(&spec.command, &error),
+                        duration: Duration::ZERO,
+                        stdout_tail: String::new(),
+                        stderr_tail: String::new(),
+                        pid: None,
+                    },
+                    None => runner::run(&spec.command, &event, &kill).await,
+                };
+                #[cfg(not(test))]
                 let outcome = runner::run(&spec.command, &event, &kill).await;
                 let update = decide(&spec.policy, &delivery, &outcome);
                 metrics.hook_attempt(&delivery.hook, &update, Some(outcome.duration));
+                note_starvation(&shared, &delivery, &update);
                 log_outcome(&delivery, &outcome, &update);
                 update
             };
@@ -495,6 +512,33 @@ async fn attempt(
         retry_at: None,
     });
     shared.wake.notify_one();
+}
+
+/// Logs, once per episode, that paywatch cannot start hooks for lack of descriptors or
+/// processes (the postponed attempts themselves log at debug), and when hooks start again.
+fn note_starvation(shared: &Shared, delivery: &Delivery, update: &DeliveryUpdate) {
+    use std::sync::atomic::Ordering;
+    match update {
+        DeliveryUpdate::Postponed { error, .. } => {
+            if !shared.starved.swap(true, Ordering::AcqRel) {
+                tracing::error!(
+                    event_id = %delivery.event_id,
+                    hook = %delivery.hook,
+                    checkout = %delivery.checkout_id,
+                    %error,
+                    "paywatch cannot start hooks: it is out of file descriptors or processes; \
+                     deliveries are postponed (no attempt counted) and tried again every {}s; \
+                     check LimitNOFILE=, TasksMax= and [http] max_connections",
+                    crate::hooks::retry::NO_RESOURCES_RETRY.as_secs()
+                );
+            }
+        }
+        _ => {
+            if shared.starved.swap(false, Ordering::AcqRel) {
+                tracing::info!(hook = %delivery.hook, "paywatch can start hooks again");
+            }
+        }
+    }
 }
 
 /// The hook and the event of a claimed delivery, or why it cannot run at all.
@@ -637,6 +681,12 @@ fn log_outcome(delivery: &Delivery, outcome: &HookOutcome, update: &DeliveryUpda
                 );
             }
         }
+        // Logged at error once per episode by `note_starvation`.
+        DeliveryUpdate::Postponed { error, .. } => tracing::debug!(
+            %event_id, %hook, %checkout, %status, attempt,
+            outcome = %error,
+            "hook not started (paywatch is out of descriptors or processes); postponed"
+        ),
         DeliveryUpdate::Dead { error, .. } => tracing::error!(
             %event_id, %hook, %checkout, %status, attempt, exit_code, duration_ms,
             outcome = %error,

@@ -10,6 +10,8 @@
 //! - An exit code in `permanent_exit_codes`: dead at once (the hook said "never retry this").
 //! - Stopped by shutdown (or not started because paywatch was stopping): pending again, due
 //!   at once, never dead. It was paywatch that stopped, not the hook that failed.
+//! - Not started because paywatch was out of descriptors or processes ([`Ending::NoResources`]):
+//!   postponed by [`NO_RESOURCES_RETRY`] without counting the attempt, never dead (issue 21).
 //! - Anything else (another exit code, a signal, a timeout, a spawn or wait failure): dead if
 //!   this was attempt `max_attempts`, or if the delivery was queued more than `max_age` ago;
 //!   otherwise retried after the schedule's delay for this attempt, with jitter.
@@ -24,6 +26,10 @@ use crate::ledger::DeliveryUpdate;
 /// Attempts before a delivery is dead when a hook sets no `max_attempts`: with the standard
 /// schedule, the last one runs about 20 hours after the first.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 25;
+
+/// How soon a hook paywatch could not start for lack of descriptors or processes is tried
+/// again (its attempt not counted).
+pub const NO_RESOURCES_RETRY: Duration = Duration::from_secs(1);
 
 /// The standard jitter: each delay is moved by up to ±20%, so hooks that failed together
 /// (a merchant's server was down) do not all retry in the same second.
@@ -149,6 +155,14 @@ impl RetryPolicy {
         }
         let exit_code = outcome.exit_code();
         let described = outcome.describe();
+        if matches!(outcome.ending, Ending::NoResources(_)) {
+            return DeliveryUpdate::Postponed {
+                next_attempt_at: now
+                    + chrono::Duration::from_std(NO_RESOURCES_RETRY)
+                        .unwrap_or(chrono::Duration::seconds(1)),
+                error: described,
+            };
+        }
         if matches!(outcome.ending, Ending::Stopped(_)) {
             return DeliveryUpdate::Retry {
                 next_attempt_at: now,
@@ -381,5 +395,25 @@ mod tests {
             };
             assert_eq!(next_attempt_at, at(100), "due at once (at the next start)");
         }
+    }
+
+    /// Issue 21: a hook paywatch could not start for lack of descriptors is the daemon's
+    /// problem: tried again soon, its attempt not counted, never dead (not even on the last
+    /// attempt or past max_age).
+    #[test]
+    fn a_spawn_without_descriptors_is_postponed_not_counted() {
+        let policy = RetryPolicy {
+            max_age: Some(Duration::from_secs(1)),
+            ..policy()
+        };
+        let ending = Ending::NoResources("could not start '/x': Too many open files".into());
+        let update = policy.decide(&outcome(ending), 5, at(0), at(100));
+        assert_eq!(
+            update,
+            DeliveryUpdate::Postponed {
+                next_attempt_at: at(100) + chrono::Duration::seconds(1),
+                error: "not started: could not start '/x': Too many open files".into()
+            }
+        );
     }
 }

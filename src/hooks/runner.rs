@@ -18,6 +18,9 @@
 //!   An environment cannot hold a NUL byte, so each NUL in a value becomes U+FFFD.
 //! - **Working directory**: [`HookCommand::working_dir`], `/` unless configured, so a hook never
 //!   depends on where the daemon was started. Hooks should use absolute paths.
+//! - **Identity**: the daemon's, unless the hook has a `run_as` ([`RunAs`]): then the child
+//!   switches to that group and user before `exec` (supplementary groups cleared), which only a
+//!   daemon running as root can do ([`resolve_run_as`] refuses it otherwise).
 //! - **stdin**: the event JSON ([`HookEvent::to_json`]), then end of file. A hook that does not
 //!   read it is fine: a broken pipe is ignored.
 //! - **stdout, stderr**: read concurrently to end of file, so a noisy hook never blocks on a full
@@ -95,6 +98,90 @@ pub struct HookCommand {
     pub timeout: Duration,
     /// How long after SIGTERM the hook may take to exit before SIGKILL.
     pub kill_grace: Duration,
+    /// The identity the hook runs under (`run_as`); `None`: the daemon's.
+    pub run_as: Option<RunAs>,
+}
+
+/// A hook's `run_as`, resolved to numbers when the settings are loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    /// As configured: `user` or `user:group`.
+    pub spec: String,
+    /// The user id the child switches to.
+    pub uid: u32,
+    /// The group id the child switches to (the user's primary group unless one is given).
+    pub gid: u32,
+}
+
+/// Resolves a `run_as` value (`user` or `user:group`, names or numeric ids) for a daemon that
+/// is (`running_as_root`) or is not root.
+///
+/// # Errors
+///
+/// A lowercase message with a next step: the value is malformed, the daemon is not root (only
+/// root can switch a child to another user), or the user or group does not exist.
+pub fn resolve_run_as(spec: &str, running_as_root: bool) -> Result<RunAs, String> {
+    let shown = crate::domain::printable(spec);
+    let (user, group) = match spec.split_once(':') {
+        Some((user, group)) => (user, Some(group)),
+        None => (spec, None),
+    };
+    if user.is_empty() || group.is_some_and(|g| g.is_empty() || g.contains(':')) {
+        return Err(format!(
+            "'run_as' value '{shown}' is not \"user\" or \"user:group\"\n\ngive a user name (or uid), optionally with a group: run_as = \"shop\" or \"shop:www-data\""
+        ));
+    }
+    if !running_as_root {
+        return Err(format!(
+            "'run_as' value '{shown}' needs paywatch to run as root to switch the hook to that user, \
+             and it does not\n\nremove run_as (the hook then runs as paywatch's own user), or run paywatch as root"
+        ));
+    }
+    let found_user = match user.parse::<u32>() {
+        Ok(uid) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(|found| (uid, Some(found.gid.as_raw())))
+            .or(Some((uid, None))),
+        Err(_) => nix::unistd::User::from_name(user)
+            .ok()
+            .flatten()
+            .map(|found| (found.uid.as_raw(), Some(found.gid.as_raw()))),
+    };
+    let Some((uid, primary_gid)) = found_user else {
+        return Err(format!(
+            "'run_as' user '{}' does not exist\n\ncreate it (adduser --system {}) or name an existing user",
+            crate::domain::printable(user),
+            crate::domain::printable(user)
+        ));
+    };
+    let gid = match group {
+        Some(group) => {
+            let gid = match group.parse::<u32>() {
+                Ok(gid) => Some(gid),
+                Err(_) => nix::unistd::Group::from_name(group)
+                    .ok()
+                    .flatten()
+                    .map(|found| found.gid.as_raw()),
+            };
+            gid.ok_or_else(|| {
+                format!(
+                    "'run_as' group '{}' does not exist\n\nname an existing group, or give only the user",
+                    crate::domain::printable(group)
+                )
+            })?
+        }
+        None => primary_gid.ok_or_else(|| {
+            format!(
+                "'run_as' uid {uid} has no account, so it has no primary group\n\ngive the group too: run_as = \"{uid}:GROUP\""
+            )
+        })?,
+    };
+    Ok(RunAs {
+        spec: spec.to_owned(),
+        uid,
+        gid,
+    })
 }
 
 impl HookCommand {
@@ -109,6 +196,7 @@ impl HookCommand {
             working_dir: PathBuf::from("/"),
             timeout: DEFAULT_TIMEOUT,
             kill_grace: DEFAULT_KILL_GRACE,
+            run_as: None,
         }
     }
 }
@@ -123,6 +211,7 @@ impl fmt::Debug for HookCommand {
             .field("working_dir", &self.working_dir)
             .field("timeout", &self.timeout)
             .field("kill_grace", &self.kill_grace)
+            .field("run_as", &self.run_as)
             .finish()
     }
 }
@@ -267,6 +356,9 @@ pub enum Ending {
     Stopped(Option<Termination>),
     /// The program could not be started; the message names it.
     SpawnFailed(String),
+    /// paywatch could not start the program for lack of file descriptors, processes or memory
+    /// (EMFILE, ENFILE, EAGAIN, ENOMEM): the daemon's condition, not the hook's failure.
+    NoResources(String),
     /// Waiting for the hook failed; its result is unknown (treat as not delivered).
     WaitFailed(String),
 }
@@ -353,6 +445,7 @@ impl HookOutcome {
             ),
             Ending::Stopped(None) => "not started: shutting down".to_owned(),
             Ending::SpawnFailed(message) => format!("spawn failed: {message}"),
+            Ending::NoResources(message) => format!("not started: {message}"),
             Ending::WaitFailed(message) => format!("wait failed: {message}"),
         }
     }
@@ -386,13 +479,7 @@ pub async fn run(
     let spawned_at = Instant::now();
     let mut child = match process.spawn() {
         Ok(child) => child,
-        Err(error) => {
-            return HookOutcome::not_started(Ending::SpawnFailed(format!(
-                "could not start '{}' in '{}': {error}",
-                command.program.display(),
-                command.working_dir.display()
-            )));
-        }
+        Err(error) => return HookOutcome::not_started(spawn_failure(command, &error)),
     };
     let Some(pid) = child.id() else {
         // Only a reaped child has no id, and nothing has waited for this one yet.
@@ -516,6 +603,34 @@ pub async fn run(
     outcome
 }
 
+/// How a failed spawn ends: [`Ending::NoResources`] when paywatch itself is out of descriptors,
+/// processes or memory (the hook is not to blame and is tried again without counting an
+/// attempt), else [`Ending::SpawnFailed`].
+pub fn spawn_failure(command: &HookCommand, error: &io::Error) -> Ending {
+    let shortage = error
+        .raw_os_error()
+        .map(Errno::from_raw)
+        .is_some_and(|errno| {
+            matches!(
+                errno,
+                Errno::EMFILE | Errno::ENFILE | Errno::EAGAIN | Errno::ENOMEM
+            )
+        });
+    if shortage {
+        Ending::NoResources(format!(
+            "paywatch could not start '{}': {error} (paywatch is out of file descriptors or processes; \
+             check LimitNOFILE=, TasksMax= and what holds them)",
+            command.program.display()
+        ))
+    } else {
+        Ending::SpawnFailed(format!(
+            "could not start '{}' in '{}': {error}",
+            command.program.display(),
+            command.working_dir.display()
+        ))
+    }
+}
+
 /// Waits for the hook's main process until `deadline`, keeping the pipes moving; `None` if it
 /// is still running then.
 async fn reap_by(
@@ -563,6 +678,11 @@ fn build_command(command: &HookCommand, event: &HookEvent) -> Result<Command, St
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if let Some(run_as) = &command.run_as {
+        // Applied in the child before exec: setgid, then (std clears the supplementary groups
+        // when root switches the user) setuid.
+        process.gid(run_as.gid).uid(run_as.uid);
+    }
     for (key, value) in environment(command, event)? {
         process.env(key, value);
     }

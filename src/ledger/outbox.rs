@@ -116,6 +116,14 @@ pub enum DeliveryUpdate {
         /// What happened.
         error: String,
     },
+    /// The attempt never happened (paywatch could not start the hook: out of descriptors or
+    /// processes): try again at `next_attempt_at`, and its attempt is not counted.
+    Postponed {
+        /// When to try again.
+        next_attempt_at: DateTime<Utc>,
+        /// Why it could not start.
+        error: String,
+    },
     /// Failed for good.
     Dead {
         /// Exit code, if it exited.
@@ -189,6 +197,15 @@ fn finish_in(
             "UPDATE hook_deliveries SET state = 'pending', next_attempt_at = ?2, last_exit_code = ?3,
                     last_error = ?4, updated_at = ?5 WHERE event_id = ?1",
             params![event_id, timestamp(*next_attempt_at), exit_code, error, time],
+        ),
+        DeliveryUpdate::Postponed {
+            next_attempt_at,
+            error,
+        } => connection.execute(
+            "UPDATE hook_deliveries SET state = 'pending', next_attempt_at = ?2,
+                    attempts = max(attempts - 1, 0), last_exit_code = NULL, last_error = ?3,
+                    updated_at = ?4 WHERE event_id = ?1",
+            params![event_id, timestamp(*next_attempt_at), error, time],
         ),
         DeliveryUpdate::Dead { exit_code, error } => connection.execute(
             "UPDATE hook_deliveries SET state = 'dead', last_exit_code = ?2, last_error = ?3,

@@ -572,6 +572,7 @@ impl Metrics {
             let outcome = match update {
                 DeliveryUpdate::Delivered => "delivered",
                 DeliveryUpdate::Retry { .. } => "retry",
+                DeliveryUpdate::Postponed { .. } => "postponed",
                 DeliveryUpdate::Dead { .. } => "dead",
             };
             inner

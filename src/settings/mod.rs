@@ -88,6 +88,21 @@ pub const DURATION_BOUNDS: &[(&str, Duration, Duration)] = &[
         Duration::from_secs(1),
         Duration::from_secs(24 * 3600),
     ),
+    (
+        "http.header_timeout",
+        Duration::from_millis(100),
+        Duration::from_secs(600),
+    ),
+    (
+        "http.request_timeout",
+        Duration::from_millis(100),
+        Duration::from_secs(3600),
+    ),
+    (
+        "http.idle_timeout",
+        Duration::from_millis(100),
+        Duration::from_secs(3600),
+    ),
 ];
 
 /// The accepted range of each numeric setting (`hooks[N].x` as `hooks.x`), lowest first.
@@ -101,6 +116,7 @@ pub const COUNT_BOUNDS: &[(&str, u64, u64)] = &[
     ("http.max_body_bytes", 1024, 10 * 1024 * 1024),
     ("http.webhook_rate_per_address", 1, 1_000_000),
     ("http.webhook_rate_per_checkout", 1, 1_000_000),
+    ("http.max_connections", 1, 16_384),
 ];
 
 /// The key as the bound tables spell it: `hooks[3].timeout` is `hooks.timeout`.
@@ -846,6 +862,20 @@ pub struct HttpSettings {
     /// `/readyz` fails once Get Checkout has failed without a success for this long.
     #[serde(default = "default_verify_failing_after", with = "humantime_serde")]
     pub verify_failing_after: Duration,
+    /// A request's line and headers must arrive within this, counted from the connection's
+    /// opening or, on a kept-alive connection, from the end of the previous response.
+    #[serde(default = "default_http_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A request, its body and its answer included, must be done within this (408 otherwise).
+    #[serde(default = "default_http_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// A kept-alive connection with no request for this long is closed.
+    #[serde(default = "default_http_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// At most this many connections are open at once; at the cap, accepting pauses (new
+    /// connections wait in the kernel's backlog, holding none of the daemon's descriptors).
+    #[serde(default = "default_http_max_connections")]
+    pub max_connections: usize,
 }
 
 fn default_signature_header() -> String {
@@ -863,6 +893,18 @@ fn default_webhook_rate_per_checkout() -> u32 {
 fn default_verify_failing_after() -> Duration {
     Duration::from_secs(300)
 }
+fn default_http_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_http_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_http_idle_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_http_max_connections() -> usize {
+    256
+}
 
 impl Default for HttpSettings {
     fn default() -> Self {
@@ -878,6 +920,10 @@ impl Default for HttpSettings {
             webhook_rate_per_address: default_webhook_rate_per_address(),
             webhook_rate_per_checkout: default_webhook_rate_per_checkout(),
             verify_failing_after: default_verify_failing_after(),
+            header_timeout: default_http_header_timeout(),
+            request_timeout: default_http_request_timeout(),
+            idle_timeout: default_http_idle_timeout(),
+            max_connections: default_http_max_connections(),
         }
     }
 }
@@ -992,6 +1038,10 @@ pub struct HookSettings {
     /// Exit codes that mean "do not retry".
     #[serde(default)]
     pub permanent_exit_codes: Vec<i32>,
+    /// `user` or `user:group`: the hook runs under this identity (the daemon must be root to
+    /// switch to it; refused otherwise).
+    #[serde(default)]
+    pub run_as: Option<String>,
 }
 
 impl std::fmt::Debug for HookSettings {
@@ -1005,6 +1055,7 @@ impl std::fmt::Debug for HookSettings {
             .field("max_age", &self.max_age)
             .field("env", &self.env.keys().collect::<Vec<_>>())
             .field("permanent_exit_codes", &self.permanent_exit_codes)
+            .field("run_as", &self.run_as)
             .finish()
     }
 }
@@ -1026,6 +1077,7 @@ impl HookSettings {
             max_age: None,
             env: BTreeMap::new(),
             permanent_exit_codes: vec![],
+            run_as: None,
         }
     }
 
@@ -1142,6 +1194,10 @@ pub const KNOWN_KEYS: &[&str] = &[
     "http.webhook_rate_per_address",
     "http.webhook_rate_per_checkout",
     "http.verify_failing_after",
+    "http.header_timeout",
+    "http.request_timeout",
+    "http.idle_timeout",
+    "http.max_connections",
     "hooks_concurrency",
 ];
 
@@ -1154,6 +1210,7 @@ const HOOK_KEYS: &[&str] = &[
     "max_age",
     "env",
     "permanent_exit_codes",
+    "run_as",
 ];
 
 /// Reports keys no setting has, with the closest known key as a suggestion.
@@ -1428,6 +1485,9 @@ impl Settings {
                 "http.verify_failing_after".to_owned(),
                 self.http.verify_failing_after,
             ),
+            ("http.header_timeout".to_owned(), self.http.header_timeout),
+            ("http.request_timeout".to_owned(), self.http.request_timeout),
+            ("http.idle_timeout".to_owned(), self.http.idle_timeout),
         ];
         let mut counts = vec![
             (
@@ -1461,6 +1521,10 @@ impl Settings {
             (
                 "http.webhook_rate_per_checkout".to_owned(),
                 u64::from(self.http.webhook_rate_per_checkout),
+            ),
+            (
+                "http.max_connections".to_owned(),
+                self.http.max_connections as u64,
             ),
         ];
         for (index, hook) in self.hooks.iter().enumerate() {

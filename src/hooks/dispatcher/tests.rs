@@ -49,6 +49,7 @@ fn settings(name: &str) -> HookSettings {
         max_age: None,
         env: Default::default(),
         permanent_exit_codes: vec![],
+        run_as: None,
     }
 }
 
@@ -928,5 +929,63 @@ async fn an_outcome_and_the_claim_it_frees_share_one_commit_and_no_poll_is_waite
         events.len() + 1,
         "{commits} commits for {} deliveries",
         events.len()
+    );
+}
+
+/// A hook by this name fails to spawn with EMFILE (only in unit tests) while
+/// [`EMFILE_FAILURES`] is above zero, as when paywatch is out of descriptors.
+pub(super) const EMFILE_HOOK: &str = "emfile-in-tests";
+
+/// How many more spawns of [`EMFILE_HOOK`] fail.
+static EMFILE_FAILURES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// The spawn error injected for `hook`, if any (see [`EMFILE_HOOK`]).
+pub(super) fn injected_spawn_error(hook: &str) -> Option<std::io::Error> {
+    use std::sync::atomic::Ordering;
+    if hook != EMFILE_HOOK {
+        return None;
+    }
+    EMFILE_FAILURES
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+            left.checked_sub(1)
+        })
+        .ok()
+        .map(|_| std::io::Error::from_raw_os_error(nix::errno::Errno::EMFILE as i32))
+}
+
+/// Issue 21: a hook paywatch cannot start for lack of descriptors (EMFILE) is retried soon
+/// without using up an attempt: with max_attempts = 1 and two failed spawns it is still
+/// delivered, as attempt 1.
+#[tokio::test]
+async fn a_spawn_failing_with_emfile_is_retried_without_counting_an_attempt() {
+    use std::sync::atomic::Ordering;
+    let fx = Fixture::new();
+    let mut spec = hook(
+        fx.path(),
+        EMFILE_HOOK,
+        "echo \"$PAYWATCH_ATTEMPT\" >> \"$1/attempts\"\n",
+    );
+    spec.policy.max_attempts = 1;
+    EMFILE_FAILURES.store(2, Ordering::Release);
+    let events = fx.transition("77", "PAID", "ORD-77", &[EMFILE_HOOK]);
+    let started = Instant::now();
+    let running = fx.start(vec![spec], 1);
+    let delivered = fx.until_state(&events[0], DeliveryState::Delivered).await;
+    running.stop().await;
+    assert_eq!(
+        EMFILE_FAILURES.load(Ordering::Acquire),
+        0,
+        "both injected failures were hit"
+    );
+    assert_eq!(delivered.attempts, 1, "{delivered:?}");
+    assert_eq!(
+        fx.lines("attempts"),
+        ["1"],
+        "the hook ran once, as attempt 1"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(10),
+        "retried soon, not after the hook's backoff: {waited:?}"
     );
 }
