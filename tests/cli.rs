@@ -566,6 +566,14 @@ async fn a_slow_create_leaves_one_link_which_is_recovered() {
         .clone()
         .expect("the link has a payment page");
     assert_eq!(stdout(&output).trim(), url, "the link is printed");
+    assert!(
+        stderr(&output).contains(&format!(
+            "checkout {} (order ORD-SLOW) created and tracked",
+            link.id.as_ref().expect("id").0
+        )),
+        "the checkout id the next command needs: {}",
+        stderr(&output)
+    );
     let id = link.id.clone().expect("id").0;
     let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
     let record = ledger

@@ -304,7 +304,18 @@ pub async fn link_create(settings: &Settings, args: &LinkCreateArgs) -> anyhow::
         output::json(&value)
     } else {
         let url = verified.facts().redirect_url.clone().unwrap_or_default();
+        // stdout stays the URL alone (`url=$(paywatch link create ...)`); the id the next
+        // commands take goes to stderr, for the person at the terminal.
         output::write_out(&url)?;
+        {
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "checkout {id} (order {order}) created and tracked; see it with: paywatch status {id}",
+                id = verified.id(),
+                order = printable(&request.order_id)
+            );
+        }
         tracing::info!(checkout = %verified.id(), order = %printable(&request.order_id), "payment link created and tracked");
         Ok(())
     }
