@@ -37,6 +37,11 @@ struct Seen {
     streams: HashMap<(String, u64), StreamState>,
     /// Projects whose database refuses us, with what it said.
     refused: HashMap<String, String>,
+    /// Checkouts whose document Firestore refuses to watch (a target REMOVE with a cause):
+    /// the project, the code and Firestore's message.
+    refused_documents: HashMap<crate::domain::CheckoutId, (String, &'static str, String)>,
+    /// `[firestore] auth`, for the next step in a refusal's reason.
+    auth_mode: Option<&'static str>,
 }
 
 /// The daemon's health, shared by the daemon (which feeds it) and the HTTP handlers.
@@ -99,6 +104,11 @@ impl Health {
         self.seen.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The Firestore auth mode in force (`[firestore] auth`), named in refusals' next steps.
+    pub fn set_firestore_auth(&self, mode: &'static str) {
+        self.seen().auth_mode = Some(mode);
+    }
+
     /// Startup finished (the pipeline runs).
     pub fn set_started(&self, started: bool) {
         self.seen().started = started;
@@ -137,6 +147,24 @@ impl Health {
             ListenEvent::PermanentFailure { project, message } => {
                 seen.refused.insert(project.clone(), message.clone());
             }
+            ListenEvent::TargetRefused {
+                checkout_id,
+                document,
+                code,
+                message,
+                ..
+            } => {
+                let project = document
+                    .strip_prefix("projects/")
+                    .and_then(|rest| rest.split('/').next())
+                    .unwrap_or("?")
+                    .to_owned();
+                seen.refused_documents
+                    .insert(checkout_id.clone(), (project, code, message.clone()));
+            }
+            ListenEvent::TargetRecovered { checkout_id } => {
+                seen.refused_documents.remove(checkout_id);
+            }
             _ => {}
         }
     }
@@ -173,6 +201,22 @@ impl Health {
                 for (project, message) in &seen.refused {
                     problems.push(format!(
                         "Firestore project '{project}' refuses paywatch: {message}"
+                    ));
+                }
+                // Per project and cause: how many documents, what Firestore said, what to try.
+                let mut documents: std::collections::BTreeMap<(&str, &str, &str), usize> =
+                    std::collections::BTreeMap::new();
+                for (project, code, message) in seen.refused_documents.values() {
+                    *documents
+                        .entry((project.as_str(), *code, message.as_str()))
+                        .or_default() += 1;
+                }
+                let mode = seen.auth_mode.unwrap_or("?");
+                for ((project, code, message), count) in documents {
+                    problems.push(format!(
+                        "Firestore refuses to watch {count} checkout document(s) of project \
+                         '{project}' ({code}: {message}); the reconciler still checks them. {}",
+                        crate::sources::firestore::access_hint(mode, code)
                     ));
                 }
                 streams = Some(existing.len());

@@ -90,7 +90,11 @@ const STATUS_LINE_EVERY: Duration = Duration::from_secs(5);
 /// The auth mode's credentials are missing or unreadable (a [`crate::settings::SettingsError`],
 /// exit code 2).
 pub fn listener_options(settings: &Settings) -> anyhow::Result<ListenerOptions> {
-    let auth = settings.firestore.resolve_auth()?;
+    // firebase-anonymous keeps its identity next to the ledger, so a restart reuses it.
+    let auth = settings
+        .firestore
+        .resolve_auth()?
+        .with_identity_file(settings.ledger.firebase_identity_path(), false);
     Ok(ListenerOptions {
         endpoint: settings.firestore.endpoint(),
         auth,
@@ -199,6 +203,7 @@ pub async fn run(
                 checkout_id: entry.checkout_id,
                 location,
                 resume_token: entry.resume_token,
+                resume_read_time: entry.resume_read_time,
             });
         }
     }
@@ -234,6 +239,8 @@ pub async fn run(
         verifier_stats.clone(),
         settings.http.verify_failing_after,
     );
+    let auth_mode = settings.firestore.auth_mode().as_str();
+    health.set_firestore_auth(auth_mode);
 
     let mut tasks = JoinSet::new();
     tasks.spawn(supervisor.supervise(
@@ -245,6 +252,7 @@ pub async fn run(
             health.clone(),
             sources.clone(),
             metrics.clone(),
+            auth_mode,
         ),
     ));
     if let Some(listener) = &listener {
@@ -692,6 +700,7 @@ async fn consume_listen_events(
     health: Health,
     cancel: CancellationToken,
     metrics: Metrics,
+    auth_mode: &'static str,
 ) {
     let mut batch = Vec::with_capacity(512);
     let mut unnoted: HashSet<CheckoutId> = HashSet::new();
@@ -800,11 +809,12 @@ async fn consume_listen_events(
                         humantime::format_duration(Duration::from_secs(retry_in.as_secs()));
                     if refusals == 1 {
                         metrics.listen_target_refused();
+                        let hint = crate::sources::firestore::access_hint(auth_mode, code);
                         tracing::warn!(checkout = %checkout_id, document = %document, code,
                             "Firestore refuses to watch this checkout's document: {code}: {message}; \
                              the other checkouts are unaffected, the reconciler still checks this one \
-                             every interval, and paywatch asks Firestore again in {retry_text} \
-                             (check the project's security rules or IAM for this document)");
+                             every interval, and paywatch asks Firestore again in {retry_text}. \
+                             What to check: {hint}");
                     } else {
                         tracing::debug!(checkout = %checkout_id, code, refusals, "Firestore still refuses this checkout's document: {message}");
                     }
@@ -958,6 +968,7 @@ async fn sync_watch_set(
                                 checkout_id: tracked.checkout_id,
                                 location: tracked.location,
                                 resume_token: None,
+                                resume_read_time: None,
                             });
                         }
                         watched_count.store(watched.len(), std::sync::atomic::Ordering::Relaxed);
@@ -1019,6 +1030,7 @@ async fn sync_watch_set(
                         checkout_id: id,
                         location,
                         resume_token: entry.resume_token,
+                        resume_read_time: entry.resume_read_time,
                     });
                 }
             }

@@ -18,6 +18,7 @@
 //! | `DELETE /_sandbox/documents/{id}` | deletes the document upstream; the checkout stays |
 //! | `GET /_sandbox/faults` | fault settings and Get Checkout counts |
 //! | `POST /_sandbox/faults` body [`FaultUpdate`] | changes faults; `{"close_listen_streams": true}` drops Listen streams; `{"refuse_listen_documents": ["doc-id"]}` refuses those documents' Listen targets (PERMISSION_DENIED) |
+//! | `GET /_sandbox/firebase-auth` | Firebase Auth counters: sign-ups, refreshes, refused sign-ups, the hourly sign-up limit (served by [`crate::sandbox::auth`]) |
 //!
 //! Admin answers use the same wrapper; an unknown checkout is HTTP 404 there.
 

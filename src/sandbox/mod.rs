@@ -401,6 +401,12 @@ impl Sandbox {
         &self.firebase_auth
     }
 
+    /// Listen targets whose resume token was older than the `resume_token_max_age_ms` fault
+    /// and got their full state again.
+    pub fn listen_full_resends(&self) -> u64 {
+        self.firestore.full_resends()
+    }
+
     /// Counters of Firebase Auth and of the built-in Firestore's caller checks.
     pub fn auth_counts(&self) -> AuthCounts {
         self.caller.counts()
