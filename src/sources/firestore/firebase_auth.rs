@@ -129,6 +129,15 @@ struct IdToken {
     tag: EntityTag,
 }
 
+impl std::fmt::Debug for IdToken {
+    /// Never the tokens.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdToken")
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
 impl IdToken {
     /// Still usable for a call that starts now (a small margin for clock and transit).
     fn usable(&self) -> bool {
