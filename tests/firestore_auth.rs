@@ -418,6 +418,8 @@ async fn a_wrong_web_api_key_is_named_without_its_value() {
         api_key: paywatch::settings::Secret::new("wrong-key-value"),
         identity_endpoint: sandbox.identity_endpoint(),
         token_endpoint: sandbox.token_endpoint(),
+        send_api_key: false,
+        identity_file: None,
     };
     let error = paywatch::sources::firestore::check_credentials(
         &sandbox.firestore_endpoint(),

@@ -232,6 +232,7 @@ impl DocumentStore {
     }
 
     /// Decodes a token written by [`DocumentStore::token`] of this store.
+    #[cfg(test)]
     pub(crate) fn decode_token(&self, token: &[u8]) -> Result<u64, TokenError> {
         self.decode_token_with_age(token).map(|(seq, _)| seq)
     }
