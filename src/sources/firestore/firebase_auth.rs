@@ -101,6 +101,11 @@ struct Inner {
     owner: IdentityOwner,
     /// Failed sign-ups in a row, and when the next may be tried.
     sign_up_backoff: std::sync::Mutex<(u32, Option<Instant>)>,
+    /// The refresh token to write to `identity_file` next (the latest wins), written by
+    /// [`Inner::flush_identity`] once the new ID token is in use: a slow disk never delays it.
+    to_save: std::sync::Mutex<Option<String>>,
+    /// Held while the identity file is written, so writes never interleave.
+    writing: Mutex<()>,
 }
 
 /// What a stored identity belongs to: a refresh token is sent only to the token endpoint and
@@ -233,6 +238,8 @@ impl FirebaseAnonymous {
             stored: Mutex::new(stored),
             owner,
             sign_up_backoff: std::sync::Mutex::new((0, None)),
+            to_save: std::sync::Mutex::new(None),
+            writing: Mutex::new(()),
         });
         tokio::spawn(renew_ahead(Arc::downgrade(&inner), inner.due.subscribe()));
         Ok(FirebaseAnonymous { inner })
@@ -285,6 +292,7 @@ impl CredentialsProvider for AnonymousCredentials {
         extensions: Extensions,
     ) -> Result<CacheableResource<HeaderMap>, CredentialsError> {
         let mut token = self.inner.token.lock().await;
+        let mut renewed = false;
         if !token.as_ref().is_some_and(IdToken::usable) {
             let fresh = self
                 .inner
@@ -293,17 +301,24 @@ impl CredentialsProvider for AnonymousCredentials {
                 .map_err(|error| CredentialsError::from_msg(true, format!("{error:#}")))?;
             self.inner.due.send_replace(Some(fresh.renew_at()));
             *token = Some(fresh);
+            renewed = true;
         }
-        let Some(token) = token.as_ref() else {
-            return Err(CredentialsError::from_msg(true, "no Firebase ID token"));
+        let answer = match token.as_ref() {
+            None => Err(CredentialsError::from_msg(true, "no Firebase ID token")),
+            Some(token) if extensions.get::<EntityTag>() == Some(&token.tag) => {
+                Ok(CacheableResource::NotModified)
+            }
+            Some(token) => Ok(CacheableResource::New {
+                entity_tag: token.tag.clone(),
+                data: token.headers.clone(),
+            }),
         };
-        if extensions.get::<EntityTag>() == Some(&token.tag) {
-            return Ok(CacheableResource::NotModified);
+        drop(token);
+        if renewed {
+            // Before the first call on the new identity goes out: kept before it is used.
+            self.inner.flush_identity().await;
         }
-        Ok(CacheableResource::New {
-            entity_tag: token.tag.clone(),
-            data: token.headers.clone(),
-        })
+        answer
     }
 
     async fn universe_domain(&self) -> Option<String> {
@@ -324,7 +339,7 @@ impl Inner {
                 Ok(token) => {
                     self.stored.lock().await.take();
                     if token.refresh_token != refresh_token || current.is_none() {
-                        self.save(&token.refresh_token).await;
+                        self.keep(&token.refresh_token);
                     }
                     return Ok(token);
                 }
@@ -349,7 +364,7 @@ impl Inner {
             }
         }
         let token = self.sign_up_with_backoff().await?;
-        self.save(&token.refresh_token).await;
+        self.keep(&token.refresh_token);
         Ok(token)
     }
 
@@ -389,16 +404,28 @@ impl Inner {
         result
     }
 
-    /// Keeps `refresh_token` in the identity file (unless there is none, or it is read-only).
-    /// A failure is logged: the daemon carries on, but its next start signs up again.
-    async fn save(&self, refresh_token: &str) {
+    /// Notes `refresh_token` as the identity to keep; [`Inner::flush_identity`] writes it.
+    fn keep(&self, refresh_token: &str) {
+        if self.identity_file.as_ref().is_some_and(|file| !file.read_only) {
+            *lock(&self.to_save) = Some(refresh_token.to_owned());
+        }
+    }
+
+    /// Writes the identity noted by [`Inner::keep`], if any, to the identity file. A failure
+    /// is logged: the daemon carries on, but its next start signs up again.
+    async fn flush_identity(&self) {
         let Some(file) = self.identity_file.as_ref().filter(|file| !file.read_only) else {
+            return;
+        };
+        let _writing = self.writing.lock().await;
+        // Taken under the write lock: of two flushes, the later writes the latest identity.
+        let Some(refresh_token) = lock(&self.to_save).take() else {
             return;
         };
         let path = file.path.clone();
         let identity = StoredIdentity {
             owner: self.owner.clone(),
-            refresh_token: refresh_token.to_owned(),
+            refresh_token,
         };
         let written = tokio::task::spawn_blocking(move || write_identity(&path, &identity)).await;
         match written {
@@ -725,6 +752,7 @@ async fn renew_ahead(session: Weak<Inner>, mut due: watch::Receiver<Option<Insta
                 *token = Some(fresh);
                 drop(token);
                 inner.renewed.send_modify(|count| *count += 1);
+                inner.flush_identity().await;
             }
             Err(error) => {
                 let expired = !token.as_ref().is_some_and(IdToken::usable);
@@ -875,6 +903,7 @@ mod tests {
         for _ in 0..10 {
             let restarted = session(&auth, &file);
             restarted.inner.renew(None).await.expect("signed in");
+            restarted.inner.flush_identity().await;
         }
         assert_eq!(auth.sign_ups.load(Ordering::SeqCst), 1);
         assert_eq!(auth.refreshes.load(Ordering::SeqCst), 9);
@@ -883,7 +912,9 @@ mod tests {
 
         // Firebase Auth forgets the user: one new sign-up, then that one is reused.
         lock(&auth.valid).clear();
-        session(&auth, &file).inner.renew(None).await.expect("signed up again");
+        let replaced = session(&auth, &file);
+        replaced.inner.renew(None).await.expect("signed up again");
+        replaced.inner.flush_identity().await;
         assert_eq!(auth.sign_ups.load(Ordering::SeqCst), 2);
         session(&auth, &file).inner.renew(None).await.expect("reused");
         assert_eq!(auth.sign_ups.load(Ordering::SeqCst), 2);
