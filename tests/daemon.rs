@@ -904,15 +904,21 @@ async fn a_full_resend_costs_get_checkout_only_for_changed_documents() {
             .filter_map(|entry| Some((entry.checkout_id, entry.resume_token?)))
             .collect::<std::collections::HashMap<_, _>>()
     };
-    let before = wait_for("every checkout verified and checkpointed", Duration::from_secs(90), || async {
-        let tokens = checkpointed();
-        (tokens.len() == CHECKOUTS).then_some(tokens)
-    })
+    let before = wait_for(
+        "every checkout verified and checkpointed",
+        Duration::from_secs(90),
+        || async {
+            let tokens = checkpointed();
+            (tokens.len() == CHECKOUTS).then_some(tokens)
+        },
+    )
     .await;
     let calls_before = sandbox.faults().total_get_checkout_calls();
 
     // Firestore goes away; one checkout is paid meanwhile; tokens expire.
-    sandbox.faults().set_resume_token_max_age(Some(Duration::from_millis(1)));
+    sandbox
+        .faults()
+        .set_resume_token_max_age(Some(Duration::from_millis(1)));
     sandbox.faults().set_refuse_listen(true);
     sandbox.faults().close_listen_streams();
     let paid = ids[CHECKOUTS / 2].clone();
@@ -920,13 +926,19 @@ async fn a_full_resend_costs_get_checkout_only_for_changed_documents() {
     sandbox.faults().set_refuse_listen(false);
 
     // Every target comes back in full, and is checkpointed again after it.
-    wait_for("every target resent and checkpointed again", Duration::from_secs(90), || async {
-        let tokens = checkpointed();
-        (sandbox.listen_full_resends() >= CHECKOUTS as u64
-            && tokens.len() == CHECKOUTS
-            && tokens.iter().all(|(id, token)| before.get(id) != Some(token)))
-        .then_some(())
-    })
+    wait_for(
+        "every target resent and checkpointed again",
+        Duration::from_secs(90),
+        || async {
+            let tokens = checkpointed();
+            (sandbox.listen_full_resends() >= CHECKOUTS as u64
+                && tokens.len() == CHECKOUTS
+                && tokens
+                    .iter()
+                    .all(|(id, token)| before.get(id) != Some(token)))
+            .then_some(())
+        },
+    )
     .await;
     wait_status(&ledger, &paid, "PAID").await;
     let calls = sandbox.faults().total_get_checkout_calls() - calls_before;

@@ -602,16 +602,25 @@ async fn ten_restarts_sign_up_once_and_a_refused_identity_once_more() {
     );
     logs.push(refused);
     logs.push(run_once(11).await);
-    assert_eq!(sandbox.auth_counts().sign_ups, 2, "the new identity is kept");
+    assert_eq!(
+        sandbox.auth_counts().sign_ups,
+        2,
+        "the new identity is kept"
+    );
 
     let kept: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&identity).expect("identity"))
-            .expect("JSON");
+        serde_json::from_str(&std::fs::read_to_string(&identity).expect("identity")).expect("JSON");
     let token = kept["refresh_token"].as_str().expect("a refresh token");
     assert!(token.starts_with("sandbox-refresh-"), "{kept}");
     for log in &logs {
-        assert!(!log.contains("sandbox-refresh-"), "a refresh token in a log:\n{log}");
-        assert!(!log.contains(sandbox.firebase_auth().web_api_key()), "{log}");
+        assert!(
+            !log.contains("sandbox-refresh-"),
+            "a refresh token in a log:\n{log}"
+        );
+        assert!(
+            !log.contains(sandbox.firebase_auth().web_api_key()),
+            "{log}"
+        );
     }
     sandbox.shutdown().await;
 }
@@ -677,7 +686,10 @@ async fn sign_in_required_refuses_each_target_and_readiness_says_what_to_try() {
         "{problems}"
     );
     assert!(
-        sandbox.listen_headers_seen().iter().all(|h| h.api_key.is_none()),
+        sandbox
+            .listen_headers_seen()
+            .iter()
+            .all(|h| h.api_key.is_none()),
         "no API key to Firestore"
     );
     daemon.stop().await;
@@ -693,7 +705,8 @@ async fn sign_in_required_refuses_each_target_and_readiness_says_what_to_try() {
         + &String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{report}");
     assert!(
-        report.contains("PERMISSION_DENIED with auth=none") && report.contains("firebase-anonymous"),
+        report.contains("PERMISSION_DENIED with auth=none")
+            && report.contains("firebase-anonymous"),
         "{report}"
     );
     sandbox.shutdown().await;

@@ -725,7 +725,9 @@ mod tests {
             firebase.clone(),
         );
         // Firestore lets the call in and refuses its targets: the rules say who is signed in.
-        let none = signed.admit(&metadata(None)).expect("the call itself is let in");
+        let none = signed
+            .admit(&metadata(None))
+            .expect("the call itself is let in");
         assert!(none.rules && !none.signed_in);
         let (id_token, _, _) = firebase.issue("u");
         let admitted = signed

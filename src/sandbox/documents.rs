@@ -252,7 +252,9 @@ impl DocumentStore {
         seq.copy_from_slice(&token[9..17]);
         let mut issued = [0u8; 8];
         issued.copy_from_slice(&token[17..25]);
-        let age_micros = now_micros().saturating_sub(i64::from_be_bytes(issued)).max(0);
+        let age_micros = now_micros()
+            .saturating_sub(i64::from_be_bytes(issued))
+            .max(0);
         let age = std::time::Duration::from_micros(u64::try_from(age_micros).unwrap_or(0));
         if u32::from_be_bytes(epoch) != self.epoch {
             return Err(TokenError::OtherEpoch);

@@ -32,8 +32,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tonic_prost::{ProstDecoder, ProstEncoder};
 use tower_layer::Layer as _;
 
-pub use super::firebase_auth::IdentityFile;
 use super::firebase_auth::FirebaseAnonymous;
+pub use super::firebase_auth::IdentityFile;
 use crate::settings::{FirestoreAuthMode, Secret};
 
 /// The OAuth scopes Firestore accepts (the Node SDK asks for both).

@@ -406,7 +406,11 @@ impl Inner {
 
     /// Notes `refresh_token` as the identity to keep; [`Inner::flush_identity`] writes it.
     fn keep(&self, refresh_token: &str) {
-        if self.identity_file.as_ref().is_some_and(|file| !file.read_only) {
+        if self
+            .identity_file
+            .as_ref()
+            .is_some_and(|file| !file.read_only)
+        {
             *lock(&self.to_save) = Some(refresh_token.to_owned());
         }
     }
@@ -590,17 +594,18 @@ struct AuthRefusal {
 impl AuthRefusal {
     /// The reason's code: `TOKEN_EXPIRED` of `TOKEN_EXPIRED : ...`.
     fn code(&self) -> &str {
-        self.reason
-            .split([' ', ':'])
-            .next()
-            .unwrap_or_default()
+        self.reason.split([' ', ':']).next().unwrap_or_default()
     }
 
     /// Firebase said: too many requests (the per-IP sign-up quota, or throttling).
     fn too_many(&self) -> bool {
         self.status == reqwest::StatusCode::TOO_MANY_REQUESTS
-            || ["TOO_MANY_ATTEMPTS_TRY_LATER", "QUOTA_EXCEEDED", "RESOURCE_EXHAUSTED"]
-                .contains(&self.code())
+            || [
+                "TOO_MANY_ATTEMPTS_TRY_LATER",
+                "QUOTA_EXCEEDED",
+                "RESOURCE_EXHAUSTED",
+            ]
+            .contains(&self.code())
     }
 }
 
@@ -916,7 +921,11 @@ mod tests {
         replaced.inner.renew(None).await.expect("signed up again");
         replaced.inner.flush_identity().await;
         assert_eq!(auth.sign_ups.load(Ordering::SeqCst), 2);
-        session(&auth, &file).inner.renew(None).await.expect("reused");
+        session(&auth, &file)
+            .inner
+            .renew(None)
+            .await
+            .expect("reused");
         assert_eq!(auth.sign_ups.load(Ordering::SeqCst), 2);
 
         // Another API key's identity is not sent (and not used).
@@ -986,7 +995,10 @@ mod tests {
         let error = down.inner.renew(None).await.expect_err("503");
         assert!(format!("{error:#}").contains("503"), "{error:#}");
         assert_eq!(sign_up_hits.load(Ordering::SeqCst), 0);
-        assert!(down.inner.stored.lock().await.is_some(), "kept for the next try");
+        assert!(
+            down.inner.stored.lock().await.is_some(),
+            "kept for the next try"
+        );
 
         // Sign-ups refused: the error names the limit, and the next try waits.
         let refusing = serve(axum::Router::new().route(
@@ -1012,11 +1024,15 @@ mod tests {
         let first = limited.inner.renew(None).await.expect_err("refused");
         let text = format!("{first:#}");
         assert!(
-            text.contains("TOO_MANY_ATTEMPTS_TRY_LATER") && text.contains("100 anonymous sign-ups per hour per IP"),
+            text.contains("TOO_MANY_ATTEMPTS_TRY_LATER")
+                && text.contains("100 anonymous sign-ups per hour per IP"),
             "{text}"
         );
         let second = limited.inner.renew(None).await.expect_err("backing off");
-        assert!(format!("{second:#}").contains("not signing up"), "{second:#}");
+        assert!(
+            format!("{second:#}").contains("not signing up"),
+            "{second:#}"
+        );
         assert_eq!(auth.sign_ups.load(Ordering::SeqCst), 0);
     }
 
@@ -1072,12 +1088,19 @@ mod tests {
         let error = redirected.inner.renew(None).await.expect_err("redirected");
         let text = format!("{error:#}");
         assert!(text.contains("redirect"), "{text}");
-        assert!(!text.contains("kept-refresh-token") && !text.contains("web-key"), "{text}");
+        assert!(
+            !text.contains("kept-refresh-token") && !text.contains("web-key"),
+            "{text}"
+        );
         let error = redirected.inner.sign_up().await.expect_err("redirected");
         assert!(format!("{error:#}").contains("redirect"), "{error:#}");
         assert_eq!(elsewhere_hits.load(Ordering::SeqCst), 0);
         // The identity was not refused, so it is still there to use.
-        assert!(std::fs::read_to_string(&file).expect("kept").contains("kept-refresh-token"));
+        assert!(
+            std::fs::read_to_string(&file)
+                .expect("kept")
+                .contains("kept-refresh-token")
+        );
     }
 
     #[test]

@@ -787,7 +787,10 @@ impl StreamState {
             // Resent, not changed: this version was reported before the snapshot this target
             // was last CURRENT in (a full resend after the token expired costs no Get
             // Checkout for the documents that did not change).
-            tracing::trace!(target_id = id, "document resent unchanged; not verified again");
+            tracing::trace!(
+                target_id = id,
+                "document resent unchanged; not verified again"
+            );
             return;
         }
         out.push(changed(&target.checkout_id, now, changed_at));
