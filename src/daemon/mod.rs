@@ -271,6 +271,7 @@ pub async fn run(
             Listening {
                 listener: listener.clone(),
                 database,
+                health: health.clone(),
             },
             watched,
             watch_set_changed.subscribe(),
@@ -903,6 +904,8 @@ fn in_database(location: FirestoreLocation, database: &str) -> FirestoreLocation
 struct Listening {
     listener: Option<ListenerHandle>,
     database: String,
+    /// Told when a checkout stops being watched (its refusal is no longer a problem).
+    health: Health,
 }
 
 /// The checkouts the daemon watches, and where: compact, since there may be tens of thousands
@@ -1014,6 +1017,7 @@ async fn sync_watch_set(
                 listener.unwatch(&id);
             }
             watched.documents.remove(&id);
+            listening.health.forget_refusal(&id);
             // A refusal of a document no longer watched is no longer news for `status`.
             let clearer = ledger.clone();
             if let Err(error) = blocking(move || clearer.clear_listen_refusal(&id)).await {

@@ -698,6 +698,69 @@ mod tests {
         assert_eq!(check.counts().refused_calls, 6);
     }
 
+    /// Issue 21: the sandbox's Firebase Auth is no kinder than Firebase: beyond the hourly
+    /// sign-up limit it answers `TOO_MANY_ATTEMPTS_TRY_LATER`, and it counts sign-ups (also at
+    /// `GET /_sandbox/firebase-auth`); a revoked refresh token is `INVALID_REFRESH_TOKEN`.
+    #[tokio::test]
+    async fn sign_ups_are_limited_per_hour_counted_and_revocable() {
+        use tower::ServiceExt as _;
+        let auth = FirebaseAuth::new("k".into(), "p".into(), Duration::from_secs(60));
+        auth.set_sign_up_limit_per_hour(2);
+        let post = |uri: String, body: String| {
+            axum::http::Request::post(uri)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(axum::body::Body::from(body))
+                .expect("request")
+        };
+        let sign_up = format!("{IDENTITY_PATH}/accounts:signUp?key=k");
+        let mut statuses = Vec::new();
+        let mut refresh_token = String::new();
+        for _ in 0..3 {
+            let response = auth
+                .router()
+                .oneshot(post(sign_up.clone(), String::new()))
+                .await
+                .expect("answer");
+            statuses.push(response.status().as_u16());
+            let body = axum::body::to_bytes(response.into_body(), 4096)
+                .await
+                .expect("body");
+            let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+            if let Some(token) = json["refreshToken"].as_str() {
+                refresh_token = token.to_owned();
+            } else {
+                assert_eq!(json["error"]["message"], "TOO_MANY_ATTEMPTS_TRY_LATER");
+            }
+        }
+        assert_eq!(statuses, [200, 200, 400]);
+        assert_eq!(auth.counts().0, 2);
+        assert_eq!(auth.refused_sign_ups(), 1);
+        let counters = auth
+            .router()
+            .oneshot(
+                axum::http::Request::get("/_sandbox/firebase-auth")
+                    .body(axum::body::Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("answer");
+        let body = axum::body::to_bytes(counters.into_body(), 4096)
+            .await
+            .expect("body");
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(json["sign_ups"], 2);
+        assert_eq!(json["refused_sign_ups"], 1);
+
+        auth.revoke_refresh_tokens();
+        let form = format!("grant_type=refresh_token&refresh_token={refresh_token}");
+        let response = auth
+            .router()
+            .oneshot(post(format!("{TOKEN_PATH}?key=k"), form))
+            .await
+            .expect("answer");
+        assert_eq!(response.status().as_u16(), 400);
+    }
+
     #[tokio::test]
     async fn rules_admit_no_header_or_a_live_id_token_only() {
         let firebase = FirebaseAuth::new("k".into(), "p".into(), Duration::from_secs(60));
