@@ -467,12 +467,10 @@ impl Sandbox {
     pub fn daemon_config_toml(&self) -> String {
         let auth = match &self.firestore_auth {
             FirestoreAuthCheck::Open => String::new(),
+            // No API key: Firestore needs none (the Firebase SDKs send none).
             FirestoreAuthCheck::Rules {
                 require_sign_in: false,
-            } => format!(
-                "auth = \"none\"\napi_key = \"{}\"\n",
-                toml_escape(self.firebase_auth.web_api_key())
-            ),
+            } => "auth = \"none\"\n".to_owned(),
             FirestoreAuthCheck::Rules {
                 require_sign_in: true,
             } => format!(
