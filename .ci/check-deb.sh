@@ -42,6 +42,7 @@ grep -qx "$config" /var/lib/dpkg/info/paywatch.conffiles || fail "$config is not
 for page in paywatch paywatch-run paywatch-check-config; do
     [ -f "/usr/share/man/man1/$page.1.gz" ] || fail "no man page $page.1.gz"
 done
+[ -f /usr/share/man/man5/paywatch.toml.5.gz ] || fail "no man page paywatch.toml.5.gz"
 [ -s /usr/share/bash-completion/completions/paywatch ] || fail "no bash completions"
 [ -s /usr/share/zsh/vendor-completions/_paywatch ] || fail "no zsh completions"
 [ -s /usr/share/fish/vendor_completions.d/paywatch.fish ] || fail "no fish completions"

@@ -14,6 +14,11 @@ use compact_str::CompactString;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+mod scrub;
+pub use scrub::{
+    REDACTED, register_rotating_secret, register_secret, scrub_secrets, scrubbed_excerpt,
+};
+
 /// Why a value could not become a domain type. The message names the value and what was wanted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{what} '{value}' is invalid: {reason}")]
@@ -36,8 +41,11 @@ impl InvalidValue {
     }
 }
 
-/// Renders untrusted text for a message: at most 80 characters, control characters escaped.
+/// Renders untrusted text for a message: every registered secret replaced by `[redacted]`
+/// ([`scrub_secrets`], before shortening, so no part of one survives the cut), then at most 80
+/// characters, control characters escaped.
 pub fn printable(value: &str) -> String {
+    let value = scrub_secrets(value);
     let mut out: String = value
         .chars()
         .take(80)
@@ -227,6 +235,13 @@ impl CheckoutStatus {
         )
     }
 
+    /// A status in which nothing has happened yet that a merchant acts on: a new or an
+    /// authorized checkout. Discovery records a checkout first seen in any other status, created
+    /// before discovery began, as a baseline rather than news.
+    pub fn is_open(&self) -> bool {
+        matches!(self, CheckoutStatus::Pending | CheckoutStatus::Authorized)
+    }
+
     /// A status that is watched only for the refund-watch period (money has moved).
     pub fn is_settled(&self) -> bool {
         matches!(
@@ -414,6 +429,10 @@ pub enum Source {
     Manual,
     /// A webhook notification from paymennt (`POST /webhooks/paymennt`): a nudge only.
     Webhook,
+    /// A status discovery found a checkout already in, reached before paywatch could have seen
+    /// it (a baseline): recorded, but no hook is told. Never the source of a nudge.
+    #[serde(rename = "discovery-import")]
+    DiscoveryImport,
 }
 
 impl Source {
@@ -424,6 +443,7 @@ impl Source {
             Source::Reconcile => "reconcile",
             Source::Manual => "manual",
             Source::Webhook => "webhook",
+            Source::DiscoveryImport => "discovery-import",
         }
     }
 }
@@ -436,16 +456,66 @@ impl FromStr for Source {
             "reconcile" => Ok(Source::Reconcile),
             "manual" => Ok(Source::Manual),
             "webhook" => Ok(Source::Webhook),
+            "discovery-import" => Ok(Source::DiscoveryImport),
             other => Err(InvalidValue::new(
                 "source",
                 other,
-                "expected firestore, reconcile, manual or webhook",
+                "expected firestore, reconcile, manual, webhook or discovery-import",
             )),
         }
     }
 }
 
 impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a checkout came to be tracked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrackedVia {
+    /// `paywatch link create`.
+    LinkCreate,
+    /// `paywatch track FILE` (or `POST /v1/checkouts` with a create-link response).
+    Track,
+    /// `paywatch track --checkout-id` (or a verified answer for an unknown checkout).
+    TrackFetch,
+    /// Found by discovery (Search Checkouts).
+    Discovery,
+}
+
+impl TrackedVia {
+    /// The name stored in the ledger and given to hooks.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrackedVia::LinkCreate => "link-create",
+            TrackedVia::Track => "track",
+            TrackedVia::TrackFetch => "track-fetch",
+            TrackedVia::Discovery => "discovery",
+        }
+    }
+}
+
+impl FromStr for TrackedVia {
+    type Err = InvalidValue;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "link-create" => Ok(TrackedVia::LinkCreate),
+            "track" => Ok(TrackedVia::Track),
+            "track-fetch" => Ok(TrackedVia::TrackFetch),
+            "discovery" => Ok(TrackedVia::Discovery),
+            other => Err(InvalidValue::new(
+                "tracked_via",
+                other,
+                "expected link-create, track, track-fetch or discovery",
+            )),
+        }
+    }
+}
+
+impl fmt::Display for TrackedVia {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }

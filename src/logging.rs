@@ -1,8 +1,10 @@
 //! Log output fit for where it goes: coloured text on a terminal, syslog-prioritised lines under
 //! journald, plain text into a file or pipe, or JSON.
 //!
-//! Owns: the tracing subscriber, the choice of text style ([`TextStyle::choose`]) and the filter
-//! handle used to change the level on reload.
+//! Owns: the tracing subscriber, the choice of text style ([`TextStyle::choose`]), the filter
+//! handle used to change the level on reload, and keeping every record on one line (a message
+//! with a hint after a blank line is joined with `; `, so no line of a log file or the journal
+//! lacks its time and level).
 //! Must never: print secrets (callers never log them; nothing here adds any), or write ANSI
 //! escapes anywhere but a terminal.
 
@@ -149,7 +151,7 @@ pub fn init(level: &str, format: LogFormat) -> LogHandle {
                         Format::default().without_time().with_ansi(false),
                     ))
                     .with_ansi(false)
-                    .with_writer(std::io::stderr),
+                    .with_writer(one_line_stderr),
             )
             .try_init(),
         LogFormat::Text => tracing_subscriber::registry()
@@ -157,7 +159,7 @@ pub fn init(level: &str, format: LogFormat) -> LogHandle {
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_ansi(style == TextStyle::Colour)
-                    .with_writer(std::io::stderr),
+                    .with_writer(one_line_stderr),
             )
             .try_init(),
     };
@@ -168,6 +170,47 @@ pub fn init(level: &str, format: LogFormat) -> LogHandle {
         // Already initialised (tests, or a library user): leave theirs in place.
         Err(_) => LogHandle::detached(),
     }
+}
+
+/// stderr, one record per line (see [`OneLine`]).
+fn one_line_stderr() -> OneLine<std::io::Stderr> {
+    OneLine(std::io::stderr())
+}
+
+/// A writer that keeps each record it is given on one line: the text formatter hands it a whole
+/// record per write (tracing-subscriber formats a record into a buffer, then writes it at once);
+/// a blank line inside (a message and its hint) becomes `; `, any other newline inside `; ` too,
+/// and the record ends with exactly one newline. JSON needs none of this: it escapes newlines.
+pub struct OneLine<W>(pub W);
+
+impl<W: std::io::Write> std::io::Write for OneLine<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write_all(&one_line(buf))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// `record` with its inner newlines joined as `; ` and one final newline.
+pub fn one_line(record: &[u8]) -> Vec<u8> {
+    let body = record.strip_suffix(b"\n").unwrap_or(record);
+    let mut joined = Vec::with_capacity(body.len() + 1);
+    let mut lines = body
+        .split(|byte| *byte == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+        .peekable();
+    while let Some(line) = lines.next() {
+        joined.extend_from_slice(line);
+        if lines.peek().is_some() {
+            joined.extend_from_slice(b"; ");
+        }
+    }
+    joined.push(b'\n');
+    joined
 }
 
 /// The syslog priority journald reads from a `<N>` line prefix (sd-daemon(3)).
@@ -202,6 +245,62 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_with_a_hint_is_one_line() {
+        let joined = |text: &str| String::from_utf8(one_line(text.as_bytes())).expect("utf-8");
+        assert_eq!(
+            joined("<3> ERROR paywatch: unknown key 'lokback'\n\ndid you mean 'lookback'?\n"),
+            "<3> ERROR paywatch: unknown key 'lokback'; did you mean 'lookback'?\n"
+        );
+        assert_eq!(joined("a\nb\r\nc"), "a; b; c\n");
+        assert_eq!(joined("plain\n"), "plain\n");
+    }
+
+    #[test]
+    fn every_text_log_line_carries_its_level() {
+        use std::io::Write;
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Captured(Arc<Mutex<Vec<u8>>>);
+        impl Write for Captured {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("lock").extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        for journal in [false, true] {
+            let captured = Captured::default();
+            let writer = captured.clone();
+            let layer = tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(move || OneLine(writer.clone()));
+            let subscriber: Box<dyn Subscriber + Send + Sync> =
+                if journal {
+                    Box::new(tracing_subscriber::registry().with(layer.event_format(
+                        JournalFormat(Format::default().without_time().with_ansi(false)),
+                    )))
+                } else {
+                    Box::new(tracing_subscriber::registry().with(layer))
+                };
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::error!("the config has an unknown key\n\ndid you mean 'lookback'?");
+                tracing::warn!(key = "x", "two\nlines");
+            });
+            let text = String::from_utf8(captured.0.lock().expect("lock").clone()).expect("utf-8");
+            let lines: Vec<&str> = text.lines().collect();
+            assert_eq!(lines.len(), 2, "journal {journal}: {text}");
+            for line in lines {
+                assert!(
+                    line.contains("ERROR") || line.contains("WARN"),
+                    "an orphan line without its level (journal {journal}): {line}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn priorities_match_syslog() {

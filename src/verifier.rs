@@ -584,15 +584,17 @@ impl Verifier {
                 watched,
             })) => {
                 let elapsed = nudge.seen_at.elapsed();
+                // The ledger may record another source than the nudge's: a baseline is an import.
+                let recorded_source = transition.source.parse().unwrap_or(source);
                 log_transition(
                     &verified,
                     transition.from.as_deref(),
-                    source,
+                    recorded_source,
                     transition.latency_ms,
                     elapsed,
                     deliveries.len(),
                 );
-                self.metrics.transition(verified.status(), source);
+                self.metrics.transition(verified.status(), recorded_source);
                 self.stats.send_modify(|stats| {
                     stats.transitions += 1;
                     if verified.status() == &crate::domain::CheckoutStatus::Paid {
@@ -753,6 +755,7 @@ fn payment_line(
         .as_deref()
         .map(printable)
         .unwrap_or_else(|| "-".into());
+    // The same spelling as the CLI's `events` and `status` ("untracked").
     let was = previous.map_or_else(|| "untracked".to_owned(), printable);
     let timing = match (source, latency_ms) {
         (Source::Firestore, Some(ms)) => format!("verified {ms} ms after the change"),
@@ -763,6 +766,9 @@ fn payment_line(
         (Source::Reconcile, _) => "found by the reconciler".to_owned(),
         (Source::Manual, _) => "recorded by hand".to_owned(),
         (Source::Webhook, _) => format!("verified {} ms after the webhook", since_seen.as_millis()),
+        (Source::DiscoveryImport, _) => {
+            "imported by discovery: reached before paywatch watched it; no hook run".to_owned()
+        }
     };
     let mut line = format!(
         "{status} checkout={} order={order} {} {} (was {was}; {timing})",

@@ -287,12 +287,33 @@ fn config_errors_exit_2_and_runtime_failures_exit_1() {
             .status
             .success()
     );
+    // An id that names nothing paywatch holds is an input error, for every command.
+    for args in [
+        &["status", "42"][..],
+        &["events", "42"][..],
+        &["hooks", "retry", "evt_nothing"][..],
+    ] {
+        let unknown = paywatch(&good, args, None);
+        assert_eq!(
+            unknown.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&unknown)
+        );
+    }
     let unknown = paywatch(&good, &["status", "42"], None);
-    assert_eq!(unknown.status.code(), Some(1));
     assert!(
         stderr(&unknown).contains("not tracked"),
         "{}",
         stderr(&unknown)
+    );
+    // check-config --online against an unreachable paymennt names that, not Search Checkouts.
+    let online = paywatch(&good, &["check-config", "--online"], None);
+    assert!(!online.status.success());
+    assert!(
+        !stdout(&online).contains("Search Checkouts is what"),
+        "{}",
+        stdout(&online)
     );
     // paymennt unreachable: a runtime failure, and the secret is not in the message.
     let fetch = paywatch(&good, &["track", "--checkout-id", "42"], None);
@@ -418,11 +439,19 @@ async fn link_create_track_and_events_against_the_sandbox() {
             &["events", &id_for_blocking, "--json"],
             None,
         );
+        let events_text = paywatch(&config_for_blocking, &["events", &id_for_blocking], None);
         let check = paywatch(&config_for_blocking, &["check-config", "--online"], None);
-        (track, events, check)
+        (track, (events, events_text), check)
     })
     .await
     .expect("join");
+    let (events, events_text) = events;
+    // "No previous status" has one spelling: the payment log line's.
+    assert!(
+        stdout(&events_text).contains(" untracked -> PENDING "),
+        "{}",
+        stdout(&events_text)
+    );
     assert!(track.status.success(), "{}", stderr(&track));
     assert!(stdout(&track).contains("PAID"), "{}", stdout(&track));
     let json: Value = serde_json::from_slice(&events.stdout).expect("events --json");
@@ -453,6 +482,259 @@ async fn link_create_track_and_events_against_the_sandbox() {
         "check-config says whether discovery runs: {}",
         stdout(&check)
     );
+    sandbox.shutdown().await;
+}
+
+/// The links the sandbox holds for `order_id` (its Search Checkouts by order id).
+fn links_for(sandbox: &paywatch::sandbox::Sandbox, order_id: &str) -> usize {
+    sandbox
+        .state()
+        .search(&paywatch::sandbox::state::SearchFilter {
+            order_id: Some(order_id.to_owned()),
+            kind: Some("LINK".into()),
+            ..Default::default()
+        })
+        .len()
+}
+
+/// A config for `sandbox` whose paymennt calls time out after `request_timeout`.
+fn config_with_timeout(
+    dir: &Path,
+    sandbox: &paywatch::sandbox::Sandbox,
+    request_timeout: &str,
+) -> PathBuf {
+    let text = common::sandbox_config_text(dir, sandbox, "multiplexed", "").replace(
+        "max_retries = 5\n",
+        &format!("max_retries = 5\nrequest_timeout = \"{request_timeout}\"\n"),
+    );
+    assert!(
+        text.contains("request_timeout"),
+        "the config has the timeout"
+    );
+    let path = dir.join("paywatch.toml");
+    std::fs::write(&path, text).expect("config written");
+    path
+}
+
+fn link_create_args<'a>(order_id: &'a str, request_id: &'a str) -> Vec<&'a str> {
+    vec![
+        "link",
+        "create",
+        "--order",
+        order_id,
+        "--amount",
+        "25.00",
+        "--currency",
+        "AED",
+        "--request-id",
+        request_id,
+    ]
+}
+
+/// Issue 20 §3 ("One `link create` made five links"): paymennt makes the link but answers
+/// after the client's timeout. The create is not sent again; the link is found by its
+/// requestId, printed, tracked, and reported as recovered: one link for the order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_create_leaves_one_link_which_is_recovered() {
+    let sandbox = paywatch::sandbox::Sandbox::start(paywatch::sandbox::SandboxOptions {
+        faults: paywatch::sandbox::FaultSettings {
+            create_answer_delay_ms: 700,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .expect("sandbox starts");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_with_timeout(dir.path(), &sandbox, "300ms");
+    let output = tokio::task::spawn_blocking(move || {
+        paywatch(&config, &link_create_args("ORD-SLOW", "ORD-SLOW-r1"), None)
+    })
+    .await
+    .expect("join");
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(text.contains("recovered"), "says it was recovered: {text}");
+    assert_eq!(
+        links_for(&sandbox, "ORD-SLOW"),
+        1,
+        "exactly one link: {text}"
+    );
+    let link = &sandbox.state().search(&Default::default())[0];
+    let url = link
+        .redirect_url
+        .clone()
+        .expect("the link has a payment page");
+    assert_eq!(stdout(&output).trim(), url, "the link is printed");
+    let id = link.id.clone().expect("id").0;
+    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+    let record = ledger
+        .checkout(&id.parse().expect("id"))
+        .expect("read")
+        .expect("tracked as link create would");
+    assert_eq!(record.tracked_via, "link-create");
+    assert_eq!(record.status.as_deref(), Some("PENDING"));
+    sandbox.shutdown().await;
+}
+
+/// A create whose answer is lost and whose link cannot be found: the outcome is unknown (exit
+/// 3), the message names the order and the requestId to check, and no second link is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_create_that_cannot_be_found_is_an_unknown_outcome_never_a_second_link() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_with_timeout(dir.path(), &sandbox, "300ms");
+    let run = |args: Vec<&'static str>| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || paywatch(&config, &args, None))
+    };
+
+    // paymennt fails the create with a 500 without making a link: nothing to find.
+    sandbox.faults().fail_next_api_requests(1);
+    let output = run(link_create_args("ORD-LOST", "ORD-LOST-r1"))
+        .await
+        .expect("join");
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(3), "{text}");
+    assert!(text.contains("outcome"), "{text}");
+    assert!(text.contains("unknown"), "{text}");
+    assert!(text.contains("'ORD-LOST'"), "names the order: {text}");
+    assert!(
+        text.contains("'ORD-LOST-r1'"),
+        "names the requestId: {text}"
+    );
+    assert!(stdout(&output).is_empty(), "no link printed");
+    assert_eq!(links_for(&sandbox, "ORD-LOST"), 0, "not sent again: {text}");
+
+    // paymennt makes the link and answers late, and searching is refused: the link exists
+    // but cannot be found. Still one link, and exit 3. (Set at run time, as an operator would.)
+    let admin = sandbox.admin_url();
+    let http = reqwest::Client::new();
+    let answer = http
+        .post(format!("{admin}faults"))
+        .json(&serde_json::json!({"create_answer_delay_ms": 700, "refuse_search": true}))
+        .send()
+        .await
+        .expect("faults set");
+    assert!(answer.status().is_success());
+    let output = run(link_create_args("ORD-HIDDEN", "ORD-HIDDEN-r1"))
+        .await
+        .expect("join");
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(3), "{text}");
+    assert!(text.contains("'ORD-HIDDEN-r1'"), "{text}");
+    assert!(
+        text.contains("may not search"),
+        "says why looking failed: {text}"
+    );
+    assert_eq!(
+        links_for(&sandbox, "ORD-HIDDEN"),
+        1,
+        "one link, never two: {text}"
+    );
+    sandbox.shutdown().await;
+}
+
+/// No connection could be made: the create never left, so it is sent again, and succeeds once
+/// paymennt is there; one link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_that_could_not_connect_is_sent_again() {
+    use std::io::BufRead;
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = reserved.local_addr().expect("addr");
+    drop(reserved);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("paywatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[ledger]\npath = \"{}\"\n[paymennt]\nbase_url = \"http://{addr}/mer/v2.0/\"\napi_key = \"{}\"\napi_secret = \"{}\"\nmax_retries = 8\n",
+            dir.path().join("paywatch.db").display(),
+            paywatch::sandbox::DEFAULT_API_KEY,
+            paywatch::sandbox::DEFAULT_API_SECRET,
+        ),
+    )
+    .expect("config written");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_paywatch"))
+        .arg("--config")
+        .arg(&config)
+        .args(link_create_args("ORD-CONN", "ORD-CONN-r1"))
+        .env("RUST_LOG", "paywatch=debug")
+        .env_remove("PAYWATCH_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("paywatch starts");
+    let stderr_pipe = child.stderr.take().expect("stderr");
+    let (refused_tx, refused_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stderr_pipe).lines() {
+            let Ok(line) = line else { break };
+            if line.contains("sending again") {
+                let _ = refused_tx.send(());
+            }
+            lines.push(line);
+        }
+        lines.join("\n")
+    });
+    // Wait for the first refused attempt, then bring paymennt up on that address.
+    tokio::task::spawn_blocking(move || refused_rx.recv_timeout(common::DEADLINE))
+        .await
+        .expect("join")
+        .expect("a refused attempt is reported and sent again");
+    let sandbox = paywatch::sandbox::Sandbox::start(paywatch::sandbox::SandboxOptions {
+        api_listen: addr,
+        ..Default::default()
+    })
+    .await
+    .expect("sandbox starts on the address");
+    let status = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("paywatch finishes");
+    let text = reader.join().expect("reader");
+    assert_eq!(status.status.code(), Some(0), "{text}");
+    assert_eq!(links_for(&sandbox, "ORD-CONN"), 1, "{text}");
+    sandbox.shutdown().await;
+}
+
+/// `webhooks register` is sent once too: paymennt registers the address but answers after the
+/// timeout; the new webhook is found in the list (not the one registered before for the same
+/// address) and printed as recovered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_webhook_register_leaves_one_new_webhook_which_is_recovered() {
+    let sandbox = common::sandbox().await;
+    let address = "http://127.0.0.1:8788/webhooks/paymennt";
+    let old = sandbox.state().add_webhook(address);
+    sandbox
+        .faults()
+        .set_create_answer_delay(std::time::Duration::from_millis(700));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_with_timeout(dir.path(), &sandbox, "300ms");
+    let output = tokio::task::spawn_blocking(move || {
+        paywatch(&config, &["webhooks", "register", address, "--json"], None)
+    })
+    .await
+    .expect("join");
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert!(text.contains("recovered"), "{text}");
+    let registered: Vec<_> = sandbox
+        .state()
+        .webhooks()
+        .into_iter()
+        .filter(|w| w.address == address)
+        .collect();
+    assert_eq!(
+        registered.len(),
+        2,
+        "the old one and exactly one new: {text}"
+    );
+    let printed: Value = serde_json::from_slice(&output.stdout).expect("--json");
+    assert_ne!(printed["id"], old.id.as_str(), "not the old webhook");
+    assert_eq!(printed["id"], registered[1].id.as_str());
     sandbox.shutdown().await;
 }
 
@@ -724,4 +1006,36 @@ async fn webhooks_register_list_test_disable_keep_the_hmac_key_out_of_output_unl
         .expect("ran");
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
     sandbox.shutdown().await;
+}
+
+/// The two `api_key`s of the config file (paymennt's and the Firebase Web API key) cannot be
+/// confused silently: check-config names the Firebase one by its last four characters and
+/// fails when it is paymennt's.
+#[test]
+fn check_config_names_the_firebase_key_and_refuses_paymennts_in_its_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = |firebase_key: &str| {
+        let path = dir.path().join("paywatch.toml");
+        let text = format!(
+            "[ledger]\npath = \"{}\"\n[paymennt]\nbase_url = \"http://127.0.0.1:9/mer/v2.0/\"\n\
+             api_key = \"paymennt-key-0123456789\"\napi_secret = \"s\"\n\
+             [firestore]\nendpoint = \"http://127.0.0.1:9\"\nauth = \"none\"\napi_key = \"{firebase_key}\"\n",
+            dir.path().join("paywatch.db").display()
+        );
+        std::fs::write(&path, text).expect("config written");
+        path
+    };
+    let good = paywatch(&config("AIzaSyFirebase-key-WXYZ"), &["check-config"], None);
+    assert!(
+        stdout(&good).contains("Firebase Web API key …WXYZ loaded"),
+        "{}",
+        stdout(&good)
+    );
+    let mixed = paywatch(&config("paymennt-key-0123456789"), &["check-config"], None);
+    assert!(!mixed.status.success(), "{}", stdout(&mixed));
+    assert!(
+        stdout(&mixed).contains("is paymennt's API key"),
+        "{}",
+        stdout(&mixed)
+    );
 }

@@ -401,13 +401,18 @@ async fn sighup_reloads_and_a_bad_config_is_rejected_then_sigterm_drains() {
     });
     wait_status(&ledger, &id, "PENDING").await;
 
+    // Unchanged: reloaded, and nothing claimed to have changed.
+    tokio::task::block_in_place(|| {
+        process.signal(Signal::SIGHUP);
+        process.expect_line("config reloaded: nothing changed");
+    });
     let good = std::fs::read_to_string(&path)
         .expect("config")
         .replace("interval = \"1h\"", "interval = \"2h\"");
     std::fs::write(&path, &good).expect("rewrite config");
     tokio::task::block_in_place(|| {
         process.signal(Signal::SIGHUP);
-        process.expect_line("config reloaded");
+        process.expect_line("config reloaded: reconcile.interval changed");
     });
 
     std::fs::write(&path, format!("{good}\n[bogus]\nkey = 1\n")).expect("break config");
@@ -947,6 +952,78 @@ async fn a_full_resend_costs_get_checkout_only_for_changed_documents() {
         CHECKOUTS - 1
     );
     assert_eq!(calls, 1, "only the paid checkout is verified again");
+/// The config of `settings` with paymennt's API secret replaced by a wrong one.
+fn with_wrong_secret(
+    dir: &std::path::Path,
+    sandbox: &paywatch::sandbox::Sandbox,
+    extra: &str,
+) -> std::path::PathBuf {
+    let (_, path) = common::settings(dir, sandbox, "multiplexed", extra);
+    let text = std::fs::read_to_string(&path)
+        .expect("config")
+        .replace(sandbox.api_secret(), "not-the-secret");
+    assert!(
+        text.contains("not-the-secret"),
+        "the secret is in the config: {text}"
+    );
+    std::fs::write(&path, text).expect("config written");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_credentials_paymennt_refuses_exits_2_naming_the_keys() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Discovery's first search is the first API call.
+    let path = with_wrong_secret(dir.path(), &sandbox, "[discovery]\nenabled = true\n");
+    let (mut process, status) = tokio::task::block_in_place(|| {
+        let mut process = Process::start(&path);
+        process.expect_line("paymennt refuses the API credentials");
+        let status = process.wait_exit();
+        (process, status)
+    });
+    assert_eq!(status.code(), Some(2), "{}", process.seen.join("\n"));
+    let refusal = process
+        .seen
+        .iter()
+        .find(|line| line.contains("paymennt refuses the API credentials"))
+        .expect("the refusal line");
+    assert!(refusal.contains("ERROR"), "{refusal}");
+    assert!(
+        refusal.contains("[paymennt] api_key and api_secret"),
+        "{refusal}"
+    );
+    tokio::task::block_in_place(|| process.expect_line("wait_for_api"));
+    sandbox.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_wait_for_api_a_refused_key_keeps_running_and_readyz_says_why() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = with_wrong_secret(
+        dir.path(),
+        &sandbox,
+        "[discovery]\nenabled = true\n\n[http]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let settings = paywatch::settings::Settings::load_with_env(
+        Some(&path),
+        vec![("PAYWATCH_DAEMON__WAIT_FOR_API".into(), "true".into())],
+    )
+    .expect("config");
+    let daemon = Daemon::start(&settings, &path).await;
+    let url = format!("{}/readyz", daemon.http_url());
+    let body = wait_for("readyz naming the refused credentials", DEADLINE, || {
+        let url = url.clone();
+        async move {
+            let response = reqwest::get(&url).await.ok()?;
+            let code = response.status().as_u16();
+            let body = response.text().await.ok()?;
+            (code == 503 && body.contains("paymennt refuses the API credentials")).then_some(body)
+        }
+    })
+    .await;
+    assert!(!body.contains("not-the-secret"), "{body}");
     daemon.stop().await;
     sandbox.shutdown().await;
 }

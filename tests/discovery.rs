@@ -1,5 +1,7 @@
 //! Discovery and search-based reconciliation against the in-process sandbox: links created
-//! anywhere are watched, a restart resumes from the stored cursor, a sweep costs pages rather
+//! anywhere are watched whatever order Search Checkouts answers in and whether or not ids grow,
+//! a restart resumes from the last complete round, what was settled before discovery began is
+//! imported without hooks, a sweep costs pages rather
 //! than one call per checkout (asserted from the sandbox's own call counts), a refused search
 //! falls back to Get Checkout, and refunds that keep the status reach hooks.
 
@@ -10,7 +12,7 @@ use paywatch::domain::CheckoutId;
 use paywatch::domain::VerifyTicket;
 use paywatch::ledger::{Ledger, TrackedVia};
 use paywatch::paymennt::{Client, RetryPolicy};
-use paywatch::sandbox::Sandbox;
+use paywatch::sandbox::{CheckoutIds, Sandbox, SandboxOptions, SearchBehaviour, SearchOrder};
 use paywatch::settings::ApiCredentials;
 use paywatch::settings::Secret;
 use paywatch::sources::Nudge;
@@ -46,8 +48,54 @@ fn discovery_config(page_size: u32) -> DiscoveryConfig {
         types: vec!["LINK".into()],
         interval: Duration::from_secs(1),
         lookback: Duration::from_secs(3600),
+        overlap: Duration::ZERO,
         page_size,
     }
+}
+
+/// A sandbox whose Search Checkouts behaves as `search` says.
+async fn sandbox_searching(search: SearchBehaviour) -> Sandbox {
+    Sandbox::start(SandboxOptions {
+        heartbeat_interval: Duration::from_secs(2),
+        search,
+        ..SandboxOptions::default()
+    })
+    .await
+    .expect("sandbox starts")
+}
+
+/// Every combination of search order and id growth the sandbox offers.
+fn every_search_behaviour() -> Vec<SearchBehaviour> {
+    let mut behaviours = Vec::new();
+    for order in [SearchOrder::Asc, SearchOrder::Desc, SearchOrder::Random] {
+        for ids in [CheckoutIds::Growing, CheckoutIds::Random] {
+            behaviours.push(SearchBehaviour {
+                order,
+                ids,
+                visibility_delay: Duration::ZERO,
+            });
+        }
+    }
+    behaviours
+}
+
+/// Creates a link per order id straight at the API (as a merchant's backend would).
+async fn create_links(client: &Client, orders: &[String]) -> Vec<CheckoutId> {
+    let mut created = Vec::new();
+    for order in orders {
+        let checkout = client
+            .create_link(&link_request(order, "10.00"), VerifyTicket::new(0))
+            .await
+            .expect("link");
+        created.push(checkout.id().clone());
+    }
+    created
+}
+
+fn sorted(ids: &[CheckoutId]) -> Vec<CheckoutId> {
+    let mut ids = ids.to_vec();
+    ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    ids
 }
 
 /// A verifier recording into `ledger`, fed by the returned sweep sender.
@@ -256,64 +304,116 @@ async fn a_refused_search_falls_back_to_one_get_checkout_per_open_checkout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn discovery_resumes_from_its_stored_cursor_missing_and_repeating_nothing() {
-    let sandbox = common::sandbox().await;
+async fn discovery_finds_every_link_whatever_the_search_order_and_id_growth() {
+    for behaviour in every_search_behaviour() {
+        let sandbox = sandbox_searching(behaviour).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("paywatch.db");
+        let client = client(&sandbox);
+        let config = discovery_config(2);
+        let orders: Vec<String> = (0..7).map(|index| format!("ORD-A{index}")).collect();
+        let mut created = create_links(&client, &orders).await;
+
+        let ledger = Ledger::open(&path).expect("ledger");
+        let (first, failure) =
+            discovery::round(&ledger, &client, &config, &mut Lookback::default()).await;
+        assert_eq!(failure, None, "{behaviour:?}");
+        assert_eq!(
+            sorted(&first.added),
+            sorted(&created),
+            "{behaviour:?}: all seven"
+        );
+        assert_eq!(
+            first.searches, 4,
+            "{behaviour:?}: pages of 2: 2 + 2 + 2 + 1"
+        );
+        drop(ledger);
+
+        // Down for a while: three more links are created meanwhile.
+        let orders: Vec<String> = (0..3).map(|index| format!("ORD-B{index}")).collect();
+        let later = create_links(&client, &orders).await;
+        created.extend(later.iter().cloned());
+        // A restart: a new ledger handle and no memory but the ledger's.
+        let ledger = Ledger::open(&path).expect("ledger reopened");
+        let (second, failure) =
+            discovery::round(&ledger, &client, &config, &mut Lookback::default()).await;
+        assert_eq!(failure, None, "{behaviour:?}");
+        assert_eq!(
+            sorted(&second.added),
+            sorted(&later),
+            "{behaviour:?}: nothing missed"
+        );
+        for id in &created {
+            let record = ledger.checkout(id).expect("read").expect("tracked");
+            assert_eq!(record.tracked_via, "discovery");
+            assert!(record.watched);
+        }
+        let (third, failure) =
+            discovery::round(&ledger, &client, &config, &mut Lookback::default()).await;
+        assert_eq!(failure, None, "{behaviour:?}");
+        assert!(third.added.is_empty(), "{behaviour:?}: nothing twice");
+        sandbox.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_visible_late_with_a_lower_id_and_an_earlier_creation_time_is_found() {
+    const LAG: Duration = Duration::from_secs(2);
+    let sandbox = sandbox_searching(SearchBehaviour {
+        order: SearchOrder::Desc,
+        ids: CheckoutIds::Random,
+        visibility_delay: LAG,
+    })
+    .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("paywatch.db");
+    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
     let client = client(&sandbox);
-    let config = discovery_config(2);
-    let mut created = Vec::new();
-    for index in 0..5 {
-        let checkout = client
-            .create_link(
-                &link_request(&format!("ORD-A{index}"), "10.00"),
-                VerifyTicket::new(0),
-            )
-            .await
-            .expect("link");
-        created.push(checkout.id().clone());
+    let config = DiscoveryConfig {
+        overlap: Duration::from_secs(30),
+        ..discovery_config(10)
+    };
+    let mut lookback = Lookback::default();
+    let first = create_links(&client, &["ORD-FIRST".to_owned()]).await;
+    let first_number: u128 = first[0].as_str().parse().expect("numeric");
+    // A second link whose id is lower than the first's (ids do not grow here), created while
+    // the first is still invisible to searches.
+    let mut late = Vec::new();
+    for attempt in 0..40 {
+        let candidate = create_links(&client, &[format!("ORD-LATE{attempt}")]).await;
+        if candidate[0].as_str().parse::<u128>().expect("numeric") < first_number {
+            late = candidate;
+            break;
+        }
     }
-
-    let ledger = Ledger::open(&path).expect("ledger");
-    let (first, failure) =
-        discovery::round(&ledger, &client, &config, &mut Lookback::default()).await;
+    assert!(!late.is_empty(), "random ids: one in 40 is lower");
+    // A round once the first is visible and the late one may not be yet.
+    wait_for("the first link searchable", DEADLINE, || {
+        let visible = sandbox
+            .state()
+            .search(&paywatch::sandbox::SearchFilter::default())
+            .iter()
+            .any(|checkout| {
+                checkout.id.as_ref().map(|id| id.0.as_str()) == Some(first[0].as_str())
+            });
+        async move { visible.then_some(()) }
+    })
+    .await;
+    let (round_one, failure) = discovery::round(&ledger, &client, &config, &mut lookback).await;
     assert_eq!(failure, None);
-    assert_eq!(first.added, created, "all five, in id order");
-    assert_eq!(first.searches, 3, "pages of 2: 2 + 2 + 1");
-    drop(ledger);
-
-    // Down for a while: two more links are created meanwhile.
-    for index in 0..2 {
-        let checkout = client
-            .create_link(
-                &link_request(&format!("ORD-B{index}"), "10.00"),
-                VerifyTicket::new(0),
-            )
-            .await
-            .expect("link");
-        created.push(checkout.id().clone());
-    }
-    // A restart: a new ledger handle and no memory but the ledger's.
-    let ledger = Ledger::open(&path).expect("ledger reopened");
-    let (second, failure) =
-        discovery::round(&ledger, &client, &config, &mut Lookback::default()).await;
-    assert_eq!(failure, None);
-    assert_eq!(
-        second.found, 2,
-        "the search starts after the stored cursor: nothing seen before is returned again"
-    );
-    assert_eq!(second.added, created[5..].to_vec(), "nothing missed");
-    for id in &created {
-        let record = ledger.checkout(id).expect("read").expect("tracked");
-        assert_eq!(record.tracked_via, "discovery");
-        assert!(record.watched);
-    }
-    assert_eq!(
-        ledger.discovery_cursor("LINK").expect("read").as_deref(),
-        Some(created[6].as_str())
-    );
-    let (third, _) = discovery::round(&ledger, &client, &config, &mut Lookback::default()).await;
-    assert_eq!((third.found, third.added.len(), third.searches), (0, 0, 1));
+    assert!(round_one.added.contains(&first[0]), "{round_one:?}");
+    // Later rounds find the late one, whose creation time is before round one's start.
+    wait_for("the late link tracked", DEADLINE, || {
+        let ledger = ledger.clone();
+        let client = client.clone();
+        let config = config.clone();
+        let mut lookback = lookback.clone();
+        let late = late[0].clone();
+        async move {
+            let _ = discovery::round(&ledger, &client, &config, &mut lookback).await;
+            ledger.checkout(&late).expect("read").map(|_| ())
+        }
+    })
+    .await;
     sandbox.shutdown().await;
 }
 
@@ -589,10 +689,151 @@ async fn a_restarted_daemon_discovers_what_was_created_while_it_was_down() {
             "verified once, never re-imported: {id}"
         );
     }
-    assert_eq!(
-        ledger.discovery_cursor("LINK").expect("read").as_deref(),
-        Some(created[3].as_str())
+    assert!(
+        ledger.last_discovery_round("LINK").expect("read").is_some(),
+        "a complete round is remembered"
     );
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}
+
+/// A hook script appending `ID STATUS SOURCE TRACKED_VIA` to `events`.
+fn recording_hook(dir: &std::path::Path, events: &std::path::Path) -> std::path::PathBuf {
+    let script = dir.join("hook.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "echo \"$PAYWATCH_CHECKOUT_ID $PAYWATCH_STATUS $PAYWATCH_SOURCE $PAYWATCH_TRACKED_VIA\" >> '{}'\n",
+            events.display()
+        ),
+    )
+    .expect("hook script");
+    script
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_start_imports_what_was_settled_before_as_baselines_and_runs_no_hook_for_it() {
+    const SETTLED: usize = 800;
+    const OPEN: usize = 200;
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let events = dir.path().join("events");
+    let script = recording_hook(dir.path(), &events);
+    // Links made and settled before paywatch was installed: paid, failed, cancelled.
+    let mut settled = Vec::new();
+    let mut open = Vec::new();
+    for index in 0..SETTLED + OPEN {
+        let checkout = sandbox
+            .state()
+            .create_link(&link_request(&format!("ORD-OLD{index}"), "10.00"))
+            .await
+            .expect("link");
+        let id = checkout.facts().expect("complete").id;
+        if index < OPEN {
+            open.push(id);
+            continue;
+        }
+        match index % 3 {
+            0 => sandbox.state().pay(&id).await.expect("pay"),
+            1 => sandbox.state().fail(&id).await.expect("fail"),
+            _ => sandbox.state().cancel(&id).await.expect("cancel"),
+        };
+        settled.push(id);
+    }
+    let extra = format!(
+        "[discovery]\ninterval = \"1s\"\n\n\
+         [[hooks]]\nname = \"fulfil\"\ncommand = [\"/bin/sh\", \"{}\"]\nstatuses = [\"PAID\", \"FAILED\", \"CANCELLED\"]\n",
+        script.display()
+    );
+    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", &extra);
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let searches_before = sandbox.faults().search_calls();
+    let started = std::time::Instant::now();
+    let daemon = Daemon::start(&settings, &path).await;
+    wait_for("every old link recorded", Duration::from_secs(120), || {
+        let recorded = ledger
+            .list(&paywatch::ledger::ListFilter::default())
+            .expect("list")
+            .iter()
+            .filter(|record| record.status.is_some())
+            .count();
+        async move { (recorded == SETTLED + OPEN).then_some(()) }
+    })
+    .await;
+    let imported_in = started.elapsed();
+    // A payment after tracking began is news, whenever its link was created.
+    sandbox.state().pay(&open[0]).await.expect("pay");
+    let line = format!("{} PAID firestore discovery", open[0]);
+    wait_for("the live payment hooked", DEADLINE, || {
+        let text = std::fs::read_to_string(&events).unwrap_or_default();
+        let line = line.clone();
+        async move { text.lines().any(|l| l == line).then_some(()) }
+    })
+    .await;
+    let deliveries = ledger
+        .deliveries(&paywatch::ledger::DeliveryFilter::default())
+        .expect("deliveries");
+    assert_eq!(
+        deliveries.len(),
+        1,
+        "no hook for the {SETTLED} settled before: {:?}",
+        deliveries
+            .iter()
+            .map(|d| &d.checkout_id)
+            .collect::<Vec<_>>()
+    );
+    for id in &settled {
+        let history = ledger.transitions(id).expect("history");
+        assert_eq!(history.len(), 1, "{id}");
+        assert_eq!(history[0].source, "discovery-import", "{id}");
+        assert!(
+            !history[0].verified_json.is_empty(),
+            "paymennt's answer is kept"
+        );
+    }
+    let get_checkout: u64 = settled
+        .iter()
+        .chain(&open)
+        .map(|id| sandbox.faults().get_checkout_calls(id.as_str()))
+        .sum();
+    eprintln!(
+        "first start against {} links ({SETTLED} settled): hooks for them 0, {} Get Checkout and {} Search Checkouts calls, all recorded in {imported_in:.1?}",
+        SETTLED + OPEN,
+        get_checkout,
+        sandbox.faults().search_calls() - searches_before
+    );
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_for_an_unknown_checkout_wakes_discovery_at_once() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, path) = common::settings(
+        dir.path(),
+        &sandbox,
+        "multiplexed",
+        "[discovery]\ninterval = \"1h\"\n\n[http]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let daemon = Daemon::start(&settings, &path).await;
+    wait_for("the first discovery round", DEADLINE, || {
+        let done = ledger.last_discovery_round("LINK").expect("read").is_some();
+        async move { done.then_some(()) }
+    })
+    .await;
+    // Created elsewhere after the first round; the next scheduled round is an hour away.
+    let created = create_links(&client(&sandbox), &["ORD-HOOKED".to_owned()]).await;
+    let response = reqwest::Client::new()
+        .post(format!("{}/webhooks/paymennt", daemon.http_url()))
+        .header("content-type", "application/json")
+        .body(serde_json::json!({ "checkoutId": created[0].as_str() }).to_string())
+        .send()
+        .await
+        .expect("posted");
+    assert_eq!(response.status().as_u16(), 202);
+    wait_status(&ledger, &created[0], "PENDING").await;
     daemon.stop().await;
     sandbox.shutdown().await;
 }

@@ -322,6 +322,19 @@ async fn firebase_anonymous_mode_renews_its_token_and_the_stream_survives() {
     .await;
     sandbox.state().pay(&id).await.expect("paid");
     wait_status(&ledger, &id, "PAID").await;
+    // A reopen on a renewed token is planned, not a reconnect after a failure.
+    let text = daemon
+        .metrics
+        .exposition(&ledger)
+        .await
+        .expect("the ledger is readable");
+    let exposition = crate::common::exposition::parse(&text).expect("exposition");
+    let reconnects: f64 = exposition
+        .named("paywatch_listen_reconnects_total")
+        .map(|sample| sample.value)
+        .sum();
+    assert!(text.contains("paywatch_listen_reconnects"), "{text}");
+    assert_eq!(reconnects, 0.0, "{text}");
     daemon.stop().await;
     let counts = sandbox.auth_counts();
     assert_eq!(counts.sign_ups, 1, "{counts:?}");

@@ -208,7 +208,8 @@ fn hooks_list_retry_and_replay_on_an_empty_ledger() {
     assert_eq!(stdout(&output), "[]\n");
 
     let output = merchant.paywatch(&["hooks", "retry", "evt_0000"]);
-    assert_exit(&output, 1);
+    // An id that names nothing the ledger holds is an input error.
+    assert_exit(&output, 2);
     assert_eq!(
         stderr(&output),
         "paywatch: no hook delivery with event id 'evt_0000'\n\nlist them with: paywatch hooks list\n"

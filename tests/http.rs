@@ -190,8 +190,8 @@ async fn a_forged_paid_notification_records_nothing_and_costs_one_get_checkout()
     assert_eq!(calls(&sandbox, &id), 1);
     let url = format!("{}/webhooks/paymennt", daemon.http_url());
     let forged = json!({ "event": "checkout.updated", "checkout": { "id": id.as_str(), "status": "PAID", "amount": 100 } });
-    let (code, body) = post(&url, forged.to_string(), &[]).await;
-    assert_eq!(code, 202, "{body}");
+    let (code, tracked_body) = post(&url, forged.to_string(), &[]).await;
+    assert_eq!(code, 202, "{tracked_body}");
     tokio::time::timeout(DEADLINE, status.wait_for(|s| s.verifier.calls == 2))
         .await
         .expect("the nudge was verified")
@@ -199,7 +199,9 @@ async fn a_forged_paid_notification_records_nothing_and_costs_one_get_checkout()
     assert_eq!(calls(&sandbox, &id), 2, "exactly one Get Checkout");
     assert_eq!(status_of(&ledger, &id).as_deref(), Some("PENDING"));
     assert_eq!(history(&ledger, &id), ["PENDING"], "nothing recorded");
-    // An unknown checkout: 202, and no call at all (decided before the answer).
+    // An unknown checkout: 202, and no call at all (decided before the answer). Issue 21 §2:
+    // the answer is the tracked one's, byte for byte, so it tells nobody what is tracked; so
+    // is a notification naming no checkout.
     let unknown: CheckoutId = "1234567890123456789".parse().expect("id");
     let (code, body) = post(
         &url,
@@ -208,7 +210,10 @@ async fn a_forged_paid_notification_records_nothing_and_costs_one_get_checkout()
     )
     .await;
     assert_eq!(code, 202, "{body}");
-    assert_eq!(body["action"], "ignored: not tracked");
+    assert_eq!(body, tracked_body, "tracked and untracked answered alike");
+    let (code, body) = post(&url, json!({ "event": "test" }).to_string(), &[]).await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body, tracked_body, "an id-less test call answered alike");
     assert_eq!(calls(&sandbox, &unknown), 0);
     assert_eq!(daemon.status.borrow().verifier.calls, 2);
     daemon.stop().await;
@@ -233,7 +238,15 @@ async fn oversized_malformed_and_badly_signed_notifications_are_refused() {
     let (code, body) = post(&url, big, &[]).await;
     assert_eq!(code, 413, "{body}");
     assert!(body["error"].as_str().expect("message").contains("1024"));
-    let (code, body) = post(&url, "{not json", &[]).await;
+    // Signed right but malformed: 400 naming what is wrong.
+    let signed =
+        |body: &str| paywatch::sources::webhook::sign("the-configured-key", body.as_bytes());
+    let (code, body) = post(
+        &url,
+        "{not json",
+        &[("X-Paymennt-Signature", &signed("{not json"))],
+    )
+    .await;
     assert_eq!(code, 400, "{body}");
     assert!(
         body["error"]
@@ -241,7 +254,13 @@ async fn oversized_malformed_and_badly_signed_notifications_are_refused() {
             .expect("message")
             .contains("not JSON")
     );
-    let (code, body) = post(&url, r#"{"checkoutId":"12; DROP TABLE"}"#, &[]).await;
+    let drop_table = r#"{"checkoutId":"12; DROP TABLE"}"#;
+    let (code, body) = post(
+        &url,
+        drop_table,
+        &[("X-Paymennt-Signature", &signed(drop_table))],
+    )
+    .await;
     assert_eq!(code, 400, "{body}");
     assert!(
         body["error"]
@@ -249,8 +268,25 @@ async fn oversized_malformed_and_badly_signed_notifications_are_refused() {
             .expect("message")
             .contains("checkoutId")
     );
-    let (code, body) = post(&url, r#"{"event":"test","webhookId":"1"}"#, &[]).await;
-    assert_eq!(code, 202, "a test call is answered: {body}");
+    // A key is configured: an unsigned notification is refused (issue 21 §2), a test call too.
+    let test_call = r#"{"event":"test","webhookId":"1"}"#;
+    let (code, body) = post(&url, test_call, &[]).await;
+    assert_eq!(code, 401, "unsigned: {body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .expect("message")
+            .to_ascii_lowercase()
+            .contains("x-paymennt-signature"),
+        "{body}"
+    );
+    let (code, body) = post(
+        &url,
+        test_call,
+        &[("X-Paymennt-Signature", &signed(test_call))],
+    )
+    .await;
+    assert_eq!(code, 202, "a signed test call is answered: {body}");
     // Signed with another key: refused before anything is read; signed right: accepted.
     let payload = json!({ "checkoutId": id.as_str() }).to_string();
     let wrong = paywatch::sources::webhook::sign("another-key", payload.as_bytes());
@@ -269,7 +305,7 @@ async fn oversized_malformed_and_badly_signed_notifications_are_refused() {
     )
     .await;
     assert_eq!(code, 202, "{body}");
-    assert_eq!(body["action"], "verifying with Get Checkout");
+    assert_eq!(body, json!({ "accepted": true }));
     let (code, body) = get(&format!("{}/nothing", daemon.http_url())).await;
     assert_eq!(code, 404, "{body}");
     let (code, body) = get(&url).await;
@@ -280,35 +316,31 @@ async fn oversized_malformed_and_badly_signed_notifications_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn notifications_are_rate_limited_per_checkout_and_per_address() {
+async fn notifications_coalesce_per_checkout_and_are_rate_limited_per_address() {
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
+    // A one-second window per checkout; five a minute per address.
     let (settings, path) = config(
         dir.path(),
         &sandbox,
         "enabled = false",
-        "listen = \"127.0.0.1:0\"\nwebhook_rate_per_checkout = 2\nwebhook_rate_per_address = 5",
+        "listen = \"127.0.0.1:0\"\nwebhook_rate_per_checkout = 60\nwebhook_rate_per_address = 5",
     );
     let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-RL").await;
     let daemon = Daemon::start(&settings, &path).await;
+    let mut status = daemon.status.clone();
+    tokio::time::timeout(DEADLINE, status.wait_for(|s| s.verifier.calls == 1))
+        .await
+        .expect("startup verification done")
+        .expect("status");
     let url = format!("{}/webhooks/paymennt", daemon.http_url());
     let about = |id: &str| json!({ "checkoutId": id }).to_string();
-    for _ in 0..2 {
+    // Three for one checkout: none refused; the first verified at once, the others folded.
+    for _ in 0..3 {
         let (code, body) = post(&url, about(id.as_str()), &[]).await;
         assert_eq!(code, 202, "{body}");
     }
-    let (code, body) = post(&url, about(id.as_str()), &[]).await;
-    assert_eq!(
-        code, 429,
-        "a third for one checkout within the minute: {body}"
-    );
-    assert!(
-        body["error"]
-            .as_str()
-            .expect("message")
-            .contains("checkout")
-    );
     // Two more (other ids) reach the address's five; the sixth is refused whatever it names.
     for n in 0..2 {
         let (code, body) = post(&url, about(&format!("99{n}")), &[]).await;
@@ -330,13 +362,130 @@ async fn notifications_are_rate_limited_per_checkout_and_per_address() {
     assert!((1..=60).contains(&retry_after), "{retry_after}");
     let body: Value = response.json().await.expect("json");
     assert!(body["error"].as_str().expect("message").contains("address"));
-    // Three notifications got through for the tracked checkout's two: at most two more calls.
-    let mut status = daemon.status.clone();
-    tokio::time::timeout(DEADLINE, status.wait_for(|s| s.verifier.calls >= 2))
+    // Three notifications in one window: one call at once, one when the window ends.
+    tokio::time::timeout(DEADLINE, status.wait_for(|s| s.verifier.calls == 3))
         .await
-        .expect("verified")
+        .expect("the folded ones verified when the window ended")
         .expect("status");
-    assert!(calls(&sandbox, &id) <= 3, "{}", calls(&sandbox, &id));
+    // The next window folded nothing: no more calls.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        calls(&sandbox, &id),
+        3,
+        "startup, the first, the window's end"
+    );
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}
+
+/// Issue 21 §2: ten unsigned notifications (forgeries, from anyone) before the genuine signed
+/// one once made it 429, and with Firestore off the payment waited for the reconciler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsigned_notifications_cannot_lock_out_the_signed_one() {
+    for require_signature in [true, false] {
+        let sandbox = common::sandbox().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (settings, path) = config(
+            dir.path(),
+            &sandbox,
+            "enabled = false",
+            &format!(
+                "listen = \"127.0.0.1:0\"\nwebhook_hmac_key = \"the-key\"{}",
+                // Required by default.
+                if require_signature {
+                    ""
+                } else {
+                    "\nwebhook_require_signature = false"
+                }
+            ),
+        );
+        let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+        let id = create_and_track(&sandbox, &ledger, "ORD-LOCK").await;
+        let daemon = Daemon::start(&settings, &path).await;
+        wait_status(&ledger, &id, "PENDING").await;
+        let url = format!("{}/webhooks/paymennt", daemon.http_url());
+        let payload = json!({ "checkoutId": id.as_str() }).to_string();
+        for _ in 0..10 {
+            let (code, body) = post(&url, payload.clone(), &[]).await;
+            let expected = if require_signature { 401 } else { 202 };
+            assert_eq!(
+                code, expected,
+                "unsigned, require_signature = {require_signature}: {body}"
+            );
+        }
+        sandbox.state().pay(&id).await.expect("pay");
+        let signature = paywatch::sources::webhook::sign("the-key", payload.as_bytes());
+        let (code, body) = post(&url, payload, &[("X-Paymennt-Signature", &signature)]).await;
+        assert_eq!(
+            code, 202,
+            "the signed one, require_signature = {require_signature}: {body}"
+        );
+        // Verified by the signed notification (at once, or when its window ends: 6 s by
+        // default), not by the reconciler an hour away.
+        wait_status(&ledger, &id, "PAID").await;
+        let paid = ledger
+            .transitions(&id)
+            .expect("transitions")
+            .pop()
+            .expect("paid");
+        assert_eq!(paid.source, "webhook");
+        daemon.stop().await;
+        sandbox.shutdown().await;
+    }
+}
+
+/// Issue 21 §2: during an API outage ten forgeries once caused 45 Get Checkout calls in 45 s.
+/// Now a flood costs one call per window (here one second), however many notifications.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_flood_during_an_outage_costs_one_get_checkout_per_window() {
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("paywatch.toml");
+    let text = common::sandbox_config_text(
+        dir.path(),
+        &sandbox,
+        "multiplexed",
+        "[http]\nlisten = \"127.0.0.1:0\"\nwebhook_rate_per_checkout = 60\nwebhook_rate_per_address = 100000\n",
+    )
+    .replace("[firestore]\n", "[firestore]\nenabled = false\n")
+    .replace("max_retries = 5", "max_retries = 0");
+    std::fs::write(&path, text).expect("write config");
+    let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("config");
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let id = create_and_track(&sandbox, &ledger, "ORD-OUTAGE").await;
+    let daemon = Daemon::start(&settings, &path).await;
+    wait_status(&ledger, &id, "PENDING").await;
+    let url = format!("{}/webhooks/paymennt", daemon.http_url());
+    let forged = json!({ "checkoutId": id.as_str(), "status": "PAID" }).to_string();
+    sandbox.faults().set_api_error_rate(1.0);
+    let before = calls(&sandbox, &id);
+    let flood = Duration::from_secs(3);
+    let started = std::time::Instant::now();
+    let http = reqwest::Client::new();
+    let mut posted = 0;
+    while started.elapsed() < flood {
+        let response = http
+            .post(&url)
+            .body(forged.clone())
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(response.status().as_u16(), 202);
+        posted += 1;
+    }
+    // The window the flood ended in ends within a second; its nudge is the last.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let made = calls(&sandbox, &id) - before;
+    let windows = flood.as_secs() + 1;
+    eprintln!(
+        "{posted} forged notifications in {flood:?} during an outage: {made} Get Checkout calls"
+    );
+    assert!(posted > 20, "a flood: {posted}");
+    assert!(
+        (1..=windows + 1).contains(&made),
+        "{made} calls for {posted} notifications in {windows} windows"
+    );
+    sandbox.faults().set_api_error_rate(0.0);
     daemon.stop().await;
     sandbox.shutdown().await;
 }
@@ -543,5 +692,96 @@ async fn a_checkout_tracked_over_http_is_verified_at_once_even_with_firestore_of
         .expect("status");
     assert_eq!(calls(&sandbox, &id), 1);
     daemon.stop().await;
+    sandbox.shutdown().await;
+}
+
+/// Issue 21 §2: 10,000 notifications for unknown checkouts once wrote 10,001 log lines. Now
+/// they are counted: a line at once, then the counts about once a minute (and at the drain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_for_unknown_checkouts_are_logged_as_counts_not_a_line_each() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let (_, path) = config(
+        dir.path(),
+        &sandbox,
+        "enabled = false",
+        &format!("listen = \"127.0.0.1:{port}\"\nwebhook_rate_per_address = 1000000"),
+    );
+    let log = dir.path().join("daemon.log");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_paywatch"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("PAYWATCH_") {
+            command.env_remove(name);
+        }
+    }
+    let mut child = command
+        .arg("--config")
+        .arg(&path)
+        .args(["--log-format", "text", "run"])
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("daemon starts");
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    wait_for("the HTTP listener", DEADLINE, || async {
+        http.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let posts = 500u64;
+    for n in 0..posts {
+        let response = http
+            .post(format!("{base}/webhooks/paymennt"))
+            .body(json!({ "checkoutId": format!("5{n:05}") }).to_string())
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(response.status().as_u16(), 202);
+    }
+    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    wait_for("the daemon to stop", DEADLINE, || {
+        let exited = child.try_wait().expect("wait").is_some();
+        async move { exited.then_some(()) }
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).expect("log");
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("not tracked"))
+        .collect();
+    eprintln!(
+        "{posts} unknown-id notifications: {} log lines",
+        lines.len()
+    );
+    assert!(
+        (1..=2).contains(&lines.len()),
+        "{} lines for {posts} notifications:\n{text}",
+        lines.len()
+    );
+    let counted: Vec<u64> = lines
+        .iter()
+        .filter_map(|line| {
+            let before = line.split(" for checkouts that are not tracked").next()?;
+            before.rsplit(' ').next()?.parse().ok()
+        })
+        .collect();
+    assert_eq!(
+        counted.first(),
+        Some(&1),
+        "the first is logged at once: {lines:?}"
+    );
+    assert!(counted.iter().sum::<u64>() <= posts, "{lines:?}");
     sandbox.shutdown().await;
 }

@@ -182,3 +182,48 @@ fn the_demo_through_pipes_is_plain_readable_text() {
     assert!(stdout.contains("ledger summary"), "{stdout}");
     assert!(stderr.contains("PAID checkout="), "{stderr}");
 }
+
+#[test]
+fn the_sandbox_follows_log_format_json_and_writes_no_escapes_into_a_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("sandbox.log");
+    let mut command = paywatch();
+    command
+        .args([
+            "--log-format",
+            "json",
+            "sandbox",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--firestore-listen",
+            "127.0.0.1:0",
+        ])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"));
+    let mut child: Child = command.stdin(Stdio::null()).spawn().expect("starts");
+    let deadline = Instant::now() + common::DEADLINE;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("sandbox: started")
+    {
+        if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+            let _ = child.kill();
+            panic!(
+                "the sandbox did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    kill(pid, Signal::SIGTERM).expect("SIGTERM sent");
+    child.wait().expect("stopped");
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(!text.contains(ESCAPE), "ANSI escapes in a file: {text}");
+    for line in text.lines().filter(|line| !line.trim().is_empty()) {
+        let record: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|error| panic!("not a JSON record ({error}): {line}"));
+        assert!(record["level"].is_string(), "{line}");
+    }
+}

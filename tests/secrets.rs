@@ -389,3 +389,156 @@ async fn sweep_http(log: &Path, sandbox: &Sandbox, places: &mut Places) {
         );
     }
 }
+
+/// The Firebase Web API key (sent to Firebase Auth in `?key=`).
+const FIREBASE_KEY: &str = "AIzaSWEEPFIREBASE_9d1e77";
+
+/// An upstream that echoes every request back, as a misrouted `base_url` or a debugging proxy
+/// may: the credential headers first, then the others and the request line. Firebase Auth paths
+/// get it as Firebase's JSON refusal (`error.message`, request line first, so the `?key=` is
+/// quoted), anything else as a 200 text page (not paymennt's API).
+async fn start_echoing_upstream() -> String {
+    use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+    use axum::response::IntoResponse;
+    async fn echo(method: Method, uri: Uri, headers: HeaderMap) -> axum::response::Response {
+        let mut named: Vec<(String, String)> = headers
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_owned(),
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        // x-paymennt-api-secret, then x-paymennt-api-key, then the rest.
+        named.sort_by_key(|(name, _)| {
+            (
+                !name.starts_with("x-paymennt"),
+                std::cmp::Reverse(name.clone()),
+            )
+        });
+        let headers: Vec<String> = named
+            .iter()
+            .map(|(name, value)| format!("{name}: {value}"))
+            .collect();
+        let request = format!("{method} {uri}");
+        if uri.path().contains("accounts:signUp") || uri.path().ends_with("/token") {
+            let message = format!("{request}\n{}", headers.join("\n"));
+            let body = serde_json::json!({ "error": { "code": 400, "message": message } });
+            (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+        } else {
+            let text = format!("{}\n{request}", headers.join("\n"));
+            (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], text).into_response()
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the echo");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new().fallback(echo);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}")
+}
+
+/// Issue 21 §4: an upstream echoing request headers made `check-config --online` print the API
+/// secret, and the verifier's and discovery's error lines quote the same excerpt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_an_echoing_upstream_quotes_reaches_check_config_or_error_lines() {
+    let sandbox = common::sandbox().await;
+    let echo = start_echoing_upstream().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger_path = dir.path().join("paywatch.db");
+    let ledger = Ledger::open(&ledger_path).expect("ledger");
+    let id = common::create_and_track(&sandbox, &ledger, "ECHO-1").await;
+    drop(ledger);
+    let paymennt = format!(
+        "[paymennt]\nbase_url = \"{echo}/mer/v2.0/\"\napi_key = \"{API_KEY}\"\napi_secret = \"{API_SECRET}\"\nmax_retries = 0\n\n"
+    );
+    let common_text = format!(
+        "[ledger]\npath = \"{}\"\n\n{paymennt}[reconcile]\ninterval = \"1h\"\n\n[log]\nlevel = \"info\"\n\n",
+        ledger_path.display()
+    );
+    // check-config --online, with Firebase Auth at the echo too.
+    let online = dir.path().join("online.toml");
+    std::fs::write(
+        &online,
+        format!(
+            "{common_text}[firestore]\nendpoint = \"{firestore}\"\nauth = \"firebase-anonymous\"\napi_key = \"{FIREBASE_KEY}\"\nidentity_endpoint = \"{echo}/v1\"\ntoken_endpoint = \"{echo}/v1/token\"\n\n[discovery]\nenabled = true\n",
+            firestore = sandbox.firestore_endpoint()
+        ),
+    )
+    .expect("config");
+    let setup = Setup {
+        dir,
+        config: online,
+    };
+    let mut places = Places::default();
+    let output = setup.paywatch(&["check-config", "--online"]);
+    assert!(
+        !output.status.success(),
+        "the echo is not paymennt: {output:?}"
+    );
+    places.add_output("check-config --online", &output);
+    let report = places.text_of("check-config");
+    assert!(report.contains("not paymennt's API"), "{report}");
+
+    // The daemon: the verifier's Get Checkout and discovery's search both fail on the echo.
+    let daemon_config = setup.path("daemon.toml");
+    std::fs::write(
+        &daemon_config,
+        format!("{common_text}[firestore]\nenabled = false\n\n[discovery]\nenabled = true\n"),
+    )
+    .expect("config");
+    let daemon_setup = Setup {
+        dir: tempfile::tempdir().expect("tempdir"),
+        config: daemon_config,
+    };
+    let log = setup.path("daemon.log");
+    let daemon = daemon_setup.start_daemon("text", &log);
+    let until = Instant::now() + DEADLINE;
+    let (verifier_line, discovery_line) = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let verifier = text
+            .lines()
+            .find(|line| line.contains("Get Checkout failed") && line.contains(id.as_str()));
+        let discovery = text
+            .lines()
+            .find(|line| line.contains("discovery cannot "));
+        if let (Some(verifier), Some(discovery)) = (verifier, discovery) {
+            break (verifier.to_owned(), discovery.to_owned());
+        }
+        assert!(
+            Instant::now() < until,
+            "no error line from the verifier and discovery in time; the log:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::task::block_in_place(|| stop(daemon));
+    places.add_file("daemon log", &log);
+    for secret in [API_KEY, API_SECRET, FIREBASE_KEY] {
+        for (place, bytes) in &places.0 {
+            assert!(
+                !contains(bytes, secret.as_bytes()),
+                "the secret {secret} leaked into {place}:\n{}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
+    // The secrets were quoted (so the sweep tested something), and scrubbed.
+    assert!(
+        report.contains("signUp?key=[redacted]"),
+        "Firebase Auth's refusal quoted the key, scrubbed: {report}"
+    );
+    for line in [&report, &verifier_line, &discovery_line] {
+        assert!(
+            line.contains(REDACTED_MARK),
+            "the echo was quoted, scrubbed: {line}"
+        );
+    }
+    sandbox.shutdown().await;
+}
+
+/// What a scrubbed secret reads as.
+const REDACTED_MARK: &str = "[redacted]";

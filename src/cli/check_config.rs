@@ -48,10 +48,14 @@ struct Check {
     skipped: bool,
 }
 
+/// A line of the report. Online checks quote what other hosts answered (a Firestore status
+/// message, a Firebase Auth reason, a paymennt error), so every line is scrubbed of secrets
+/// here, whatever built it.
 fn check(ok: bool, what: impl Into<String>) -> Check {
+    let what = what.into();
     Check {
         ok,
-        what: what.into(),
+        what: crate::domain::scrub_secrets(&what).into_owned(),
         skipped: false,
     }
 }
@@ -319,6 +323,31 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
         Ok(text) => check(true, format!("firestore {text}")),
         Err(error) => check(false, format!("firestore credentials: {error:#}")),
     });
+    if let Some(key) = &settings.firestore.api_key {
+        // Named by its end, so a paymennt key pasted here by mistake is seen at once.
+        let same_as_paymennt = settings
+            .paymennt
+            .credentials()
+            .is_ok_and(|found| found.key.expose() == key.expose());
+        checks.push(if same_as_paymennt {
+            check(
+                false,
+                format!(
+                    "[firestore] api_key {} is paymennt's API key ([paymennt] api_key): the Firebase Web API key \
+                     is another key, from paymennt's payment page or Firebase project",
+                    key.hint()
+                ),
+            )
+        } else {
+            check(
+                true,
+                format!(
+                    "Firebase Web API key {} loaded ([firestore] api_key, not paymennt's)",
+                    key.hint()
+                ),
+            )
+        });
+    }
 
     if let Some(addr) = settings.http.listen {
         let loopback = addr.ip().is_loopback();
@@ -417,11 +446,20 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
                             "paymennt at {}: this address does not answer as paymennt's API: {error}",
                             client.base_url()
                         ),
-                        Err(error) => format!(
-                            "paymennt at {}: {error}\n\nSearch Checkouts is what discovery and reconcile sweeps use; \
+                        Err(error) if error.refuses_credentials() => format!(
+                            "paymennt at {} refuses the API credentials: {error}\n      \
+                             check [paymennt] api_key and api_secret and [paymennt] environment \
+                             (test keys work only against test, live keys only against live)",
+                            client.base_url()
+                        ),
+                        // paymennt answered and refused the search itself: a key without that
+                        // permission.
+                        Err(error @ crate::paymennt::Error::Rejected { .. }) => format!(
+                            "paymennt at {}: {error}\n      Search Checkouts is what discovery and reconcile sweeps use; \
                              without it discovery finds nothing and sweeps fall back to one Get Checkout per open checkout",
                             client.base_url()
                         ),
+                        Err(error) => format!("paymennt at {}: {error}", client.base_url()),
                     },
                 ));
                 if ok && ledger_path.exists() {

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use anyhow::Context;
 use serde::Serialize;
 
-use super::{UsageError, output};
+use super::{OutcomeUnknown, UsageError, output};
 use crate::domain::{Amount, CheckoutId, Currency, Source, printable};
 use crate::ledger::{ApplyOutcome, Ledger, ListFilter, TrackOutcome, TrackedVia};
+use crate::paymennt::client::Reached;
 use crate::paymennt::wire::{
     Address, Checkout, CheckoutFacts, CheckoutShapeError, Customer, Envelope, JsonDecimal,
     LinkRequest,
@@ -250,18 +251,41 @@ fn impossible_name(error: crate::paymennt::Error, origin: &str) -> anyhow::Error
     }
 }
 
+/// The pauses before each search for a link whose create answer was lost: paymennt may still be
+/// making it when the first search arrives. About 3 s in all.
+const FIND_LINK_PAUSES: [std::time::Duration; 3] = [
+    std::time::Duration::ZERO,
+    std::time::Duration::from_secs(1),
+    std::time::Duration::from_secs(2),
+];
+
 /// `paywatch link create`.
+///
+/// The create is sent once ([`Client::create_link`]). When its answer is lost in a way that
+/// may have left a link at paymennt (a timeout or reset after sending, a 5xx, an unreadable
+/// 2xx), the link is looked for ([`find_lost_link`]) before anything else: found, it is
+/// recorded and printed as if the answer had arrived; not found, the outcome is unknown
+/// ([`OutcomeUnknown`], exit 3). Never a second create.
 pub async fn link_create(settings: &Settings, args: &LinkCreateArgs) -> anyhow::Result<()> {
     let request = args.to_request()?;
     let client = Client::from_settings(&settings.paymennt)?;
     // Open the ledger first: a ledger we cannot write must stop us before a link exists.
     let ledger = open_ledger(settings)?;
     let ticket = ledger.issue_ticket()?;
-    let verified = client
-        .create_link(&request, ticket)
-        .await
-        .map_err(|error| impossible_name(error, "paymennt created the link, but its response"))
-        .context("creating the payment link")?;
+    let sent_at = chrono::Utc::now();
+    let verified = match client.create_link(&request, ticket).await {
+        Ok(verified) => verified,
+        Err(error) if error.reached() == Reached::Maybe => {
+            find_lost_link(&client, &ledger, &request, sent_at, error).await?
+        }
+        Err(error) => {
+            return Err(impossible_name(
+                error,
+                "paymennt created the link, but its response",
+            ))
+            .context("creating the payment link");
+        }
+    };
     // Tracked first, so the ledger says how it came (`link-create`); the answer is then
     // recorded as a person's verification, as `track` does.
     let recorded = ledger
@@ -284,6 +308,69 @@ pub async fn link_create(settings: &Settings, args: &LinkCreateArgs) -> anyhow::
         tracing::info!(checkout = %verified.id(), order = %printable(&request.order_id), "payment link created and tracked");
         Ok(())
     }
+}
+
+/// After a create whose answer was lost (`lost`), looks for the link at paymennt by order id
+/// and `requestId`, a few times over about 3 s ([`FIND_LINK_PAUSES`]).
+///
+/// # Errors
+///
+/// [`OutcomeUnknown`] naming the order and `requestId` when no link is found (or looking
+/// failed); the ledger's error if a ticket cannot be issued.
+async fn find_lost_link(
+    client: &Client,
+    ledger: &Ledger,
+    request: &LinkRequest,
+    sent_at: chrono::DateTime<chrono::Utc>,
+    lost: crate::paymennt::Error,
+) -> anyhow::Result<VerifiedCheckout> {
+    let order = printable(&request.order_id);
+    let request_id = printable(&request.request_id);
+    tracing::warn!(
+        %order,
+        request_id = %request_id,
+        error = %lost,
+        "the answer to Create payment link was lost and the link may exist; looking for it at paymennt (it is not sent again)"
+    );
+    let mut search_error = None;
+    let mut searches = 0;
+    for pause in FIND_LINK_PAUSES {
+        tokio::time::sleep(pause).await;
+        searches += 1;
+        // A ticket per look: the answer reflects what paymennt had committed before it.
+        let ticket = ledger.issue_ticket()?;
+        match client.find_link(request, sent_at, ticket).await {
+            Ok(Some(verified)) => {
+                tracing::warn!(
+                    checkout = %verified.id(),
+                    %order,
+                    request_id = %request_id,
+                    "payment link recovered: paymennt made it, its answer was lost ({lost}); found by its requestId and recorded, nothing was sent twice"
+                );
+                return Ok(verified);
+            }
+            Ok(None) => search_error = None,
+            Err(error) if error.is_retryable() => search_error = Some(error),
+            Err(error) => {
+                search_error = Some(error);
+                break;
+            }
+        }
+    }
+    let looked = match &search_error {
+        None => format!(
+            "no link with this requestId was found at paymennt ({searches} searches over {} s)",
+            FIND_LINK_PAUSES.iter().map(|p| p.as_secs()).sum::<u64>()
+        ),
+        Some(error) => format!("looking for the link at paymennt failed: {error}"),
+    };
+    Err(OutcomeUnknown(format!(
+        "the outcome of creating the payment link for order '{order}' (requestId '{request_id}') is unknown: {lost}; {looked}\n\n\
+         the link may exist at paymennt, and it was not sent again: check paymennt for order '{order}' and requestId '{request_id}' \
+         (the dashboard, or Search Checkouts with orderId and requestId); if a link is there, record it with \
+         `paywatch track --checkout-id ID`; create a link again only once you know there is none"
+    ))
+    .into())
 }
 
 /// Arguments of `paywatch track`.
@@ -469,10 +556,13 @@ fn parse_id(text: &str) -> Result<CheckoutId, UsageError> {
     text.parse().map_err(|e| UsageError(format!("{e}")))
 }
 
+/// An id the ledger does not have is an input error (exit 2), as everywhere: see the README's
+/// exit codes.
 fn not_tracked(id: &CheckoutId) -> anyhow::Error {
-    anyhow::anyhow!(
+    UsageError(format!(
         "checkout {id} is not tracked\n\ntrack it with: paywatch track --checkout-id {id}"
-    )
+    ))
+    .into()
 }
 
 /// `paywatch status`.

@@ -50,11 +50,8 @@ const DEMO_MINUTE: Duration = Duration::from_millis(600);
 const STEP: Duration = Duration::from_millis(700);
 
 /// `paywatch demo`.
-pub async fn demo(args: &DemoArgs) -> anyhow::Result<()> {
-    crate::logging::init(
-        "info,paywatch::sandbox=warn,paywatch::sources=warn",
-        crate::settings::LogFormat::Text,
-    );
+pub async fn demo(args: &DemoArgs, format: crate::settings::LogFormat) -> anyhow::Result<()> {
+    crate::logging::init("info,paywatch::sandbox=warn,paywatch::sources=warn", format);
     let sandbox = Sandbox::start(SandboxOptions {
         expiry_minute: DEMO_MINUTE,
         ..SandboxOptions::default()
@@ -305,7 +302,7 @@ pub fn demo_hook(args: &DemoHookArgs) -> anyhow::Result<()> {
         event
             .get("previous_status")
             .and_then(|v| v.as_str())
-            .unwrap_or("none"),
+            .unwrap_or(crate::cli::output::NO_PREVIOUS_STATUS),
         event.get("attempt").and_then(|v| v.as_u64()).unwrap_or(0),
     );
     let mut file = std::fs::OpenOptions::new()

@@ -27,10 +27,27 @@ pub struct ManArgs {
     pub out_dir: PathBuf,
 }
 
+/// The command line as a person sees it: [`Cli`] without its hidden subcommands (`man`,
+/// `demo-hook`), which clap's generators would otherwise offer.
+fn visible_command() -> clap::Command {
+    let full = Cli::command();
+    let mut visible = clap::Command::new("paywatch")
+        .args(full.get_arguments().cloned())
+        .subcommands(
+            full.get_subcommands()
+                .filter(|sub| !sub.is_hide_set())
+                .cloned(),
+        );
+    if let Some(about) = full.get_about() {
+        visible = visible.about(about.clone());
+    }
+    visible.version(env!("CARGO_PKG_VERSION"))
+}
+
 /// The completion script for `shell`.
 pub fn completions(shell: clap_complete::Shell) -> Vec<u8> {
     let mut script = Vec::new();
-    clap_complete::generate(shell, &mut Cli::command(), "paywatch", &mut script);
+    clap_complete::generate(shell, &mut visible_command(), "paywatch", &mut script);
     script
 }
 
@@ -44,7 +61,92 @@ pub fn print_completions(args: &CompletionsArgs) -> anyhow::Result<()> {
         .context("writing the completion script to stdout")
 }
 
-/// Writes the man pages (section 1) into `dir`; returns their paths, `paywatch.1` first.
+/// The sections of `paywatch(1)` that clap knows nothing of, in roff.
+const MAIN_PAGE_SECTIONS: &str = r#".SH FILES
+.TP
+\fI/etc/paywatch/paywatch.toml\fR
+The configuration file (see \fBpaywatch.toml\fR(5)); \fB\-\-config\fR or \fBPAYWATCH_CONFIG\fR names another.
+.TP
+\fI/var/lib/paywatch/paywatch.db\fR
+The ledger ([ledger] path): checkouts, verified history, the hook outbox and Listen resume
+state, with its \fI\-wal\fR, \fI\-shm\fR and \fI.lock\fR companions.
+.TP
+\fI/usr/share/doc/paywatch/running\-as\-a\-service.md\fR
+The service guide: credentials, auth modes, operating and upgrading.
+.SH ENVIRONMENT
+.TP
+\fBPAYWATCH_CONFIG\fR
+The configuration file, as \fB\-\-config\fR.
+.TP
+\fBPAYWATCH_\fISECTION\fB__\fIKEY\fR
+Overrides one setting, e.g. \fBPAYWATCH_PAYMENNT__BASE_URL\fR, \fBPAYWATCH_LEDGER__PATH\fR.
+.TP
+\fBCREDENTIALS_DIRECTORY\fR
+systemd credentials: paymennt\-api\-key, paymennt\-api\-secret, firestore\-service\-account.
+.TP
+\fBRUST_LOG\fR
+A log filter that wins over [log] level.
+.TP
+\fBNO_COLOR\fR
+No colours on a terminal.
+.SH EXIT STATUS
+.TP
+\fB0\fR
+Success.
+.TP
+\fB1\fR
+A runtime failure: paymennt unreachable or refusing a request, a ledger error, a daemon task
+that ended.
+.TP
+\fB2\fR
+A usage, input or configuration error (bad arguments or config, an id that names nothing
+paywatch holds, API credentials paymennt refused at start); nothing was changed.
+.TP
+\fB3\fR
+\fBlink create\fR or \fBwebhooks register\fR: the outcome is unknown (paymennt may have
+created the link or webhook, and looking for it found nothing); check the order and requestId
+(or the address) named in the message before trying again.
+.SH SIGNALS
+.TP
+\fBSIGTERM\fR, \fBSIGINT\fR
+Stop taking new work, let verifications and hooks finish within [daemon] drain_timeout, exit.
+.TP
+\fBSIGHUP\fR
+Re-read the configuration: hooks, log level, reconcile interval and paymennt credentials take
+effect at once; the log names what changed and what needs a restart.
+.SH SEE ALSO
+\fBpaywatch.toml\fR(5), \fBsystemctl\fR(1), \fBjournalctl\fR(1)
+"#;
+
+/// `paywatch.toml(5)`: the shipped, commented example file is the description of every key,
+/// so the page cannot drift from it.
+fn config_page() -> String {
+    let example = include_str!("../../config/paywatch.toml");
+    let mut page = format!(
+        ".TH paywatch.toml 5 \"\" \"paywatch {}\"\n\
+         .SH NAME\npaywatch.toml \\- configuration file of paywatch(1)\n\
+         .SH DESCRIPTION\n\
+         paywatch reads \\fI/etc/paywatch/paywatch.toml\\fR (or the file \\fB\\-\\-config\\fR names): TOML, \
+         one table per section. Every key is optional; an unknown key is an error naming its line. \
+         Each numeric setting has bounds, stated beside it. Any key can be overridden by an \
+         environment variable \\fBPAYWATCH_\\fISECTION\\fB__\\fIKEY\\fR.\n\
+         .SH KEYS\nThe shipped example, every key with its default and meaning:\n.PP\n.nf\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    for line in example.lines() {
+        let escaped = line.replace('\\', "\\e");
+        if escaped.starts_with('.') || escaped.starts_with('\'') {
+            page.push_str("\\&");
+        }
+        page.push_str(&escaped);
+        page.push('\n');
+    }
+    page.push_str(".fi\n.SH SEE ALSO\n\\fBpaywatch\\fR(1)\n");
+    page
+}
+
+/// Writes the man pages into `dir`: `paywatch.1`, one section-1 page per visible subcommand
+/// and `paywatch.toml.5`. Returns the section-1 paths, `paywatch.1` first.
 ///
 /// # Errors
 ///
@@ -54,6 +156,24 @@ pub fn write_man_pages(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .with_context(|| format!("cannot create the directory '{}'", dir.display()))?;
     clap_mangen::generate_to(Cli::command(), dir)
         .with_context(|| format!("cannot write man pages into '{}'", dir.display()))?;
+    let man = clap_mangen::Man::new(visible_command());
+    let mut main = Vec::new();
+    man.render_title(&mut main)
+        .and_then(|()| man.render_name_section(&mut main))
+        .and_then(|()| man.render_synopsis_section(&mut main))
+        .and_then(|()| man.render_description_section(&mut main))
+        .and_then(|()| man.render_options_section(&mut main))
+        .and_then(|()| man.render_subcommands_section(&mut main))
+        .context("rendering paywatch.1")?;
+    main.extend_from_slice(MAIN_PAGE_SECTIONS.as_bytes());
+    man.render_version_section(&mut main)
+        .context("rendering paywatch.1")?;
+    let write = |name: &str, content: &[u8]| {
+        let path = dir.join(name);
+        std::fs::write(&path, content).with_context(|| format!("cannot write '{}'", path.display()))
+    };
+    write("paywatch.1", &main)?;
+    write("paywatch.toml.5", config_page().as_bytes())?;
     let mut pages: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot list '{}'", dir.display()))?
         .filter_map(|entry| entry.ok().map(|entry| entry.path()))
@@ -103,6 +223,12 @@ mod tests {
                     "{shell} completions do not name '{subcommand}'"
                 );
             }
+            for hidden in ["demo-hook", "out-dir"] {
+                assert!(
+                    !script.contains(hidden),
+                    "{shell} completions offer the hidden '{hidden}'"
+                );
+            }
         }
     }
 
@@ -123,5 +249,37 @@ mod tests {
         let main = std::fs::read_to_string(&pages[0]).expect("page read");
         assert!(main.contains(".TH paywatch 1"), "no title header");
         assert!(main.contains("check\\-config"), "subcommands not listed");
+        for section in [
+            "NAME",
+            "SYNOPSIS",
+            "DESCRIPTION",
+            "OPTIONS",
+            "FILES",
+            "ENVIRONMENT",
+            "EXIT STATUS",
+            "SIGNALS",
+            "SEE ALSO",
+        ] {
+            assert!(
+                main.contains(&format!(".SH {section}")),
+                "paywatch.1 has no {section} section"
+            );
+        }
+        assert!(
+            !main.contains("demo\\-hook"),
+            "a hidden command in paywatch.1"
+        );
+        let config =
+            std::fs::read_to_string(dir.path().join("man1/paywatch.toml.5")).expect("section 5");
+        assert!(config.contains(".TH paywatch.toml 5"));
+        for key in crate::settings::KNOWN_KEYS {
+            let described = match key.split_once('.') {
+                Some((section, name)) => {
+                    config.contains(&format!("[{section}]")) && config.contains(name)
+                }
+                None => config.contains(key),
+            };
+            assert!(described, "paywatch.toml(5) does not describe '{key}'");
+        }
     }
 }

@@ -79,6 +79,11 @@ pub struct ReplayArgs {
     /// the statuses it is configured for.
     #[arg(long = "hook", value_name = "NAME")]
     pub hooks: Vec<String>,
+    /// Also the statuses discovery imported as baselines (reached before paywatch could see
+    /// them; recorded with source `discovery-import` and never delivered): for a merchant who
+    /// does want hooks told of payments made before paywatch was installed.
+    #[arg(long)]
+    pub include_imported: bool,
     /// Print the queued event ids as JSON.
     #[arg(long)]
     pub json: bool,
@@ -98,7 +103,7 @@ pub struct TestArgs {
 ///
 /// # Errors
 ///
-/// Usage errors (unknown hook, bad time or status) exit 2; a missing event, a failed test
+/// Usage errors (unknown hook, bad time or status, an unknown event id) exit 2; a failed test
 /// run or a ledger failure exits 1.
 pub async fn run(settings: &Settings, command: &HooksCommand) -> anyhow::Result<()> {
     match command {
@@ -149,9 +154,11 @@ fn retry(ledger: &Ledger, args: &RetryArgs) -> anyhow::Result<String> {
     };
     let event = printable(event_id);
     let Some(delivery) = ledger.delivery(event_id)? else {
-        anyhow::bail!(
+        // An id the ledger does not have is an input error, as everywhere (exit 2).
+        return Err(UsageError(format!(
             "no hook delivery with event id '{event}'\n\nlist them with: paywatch hooks list"
-        );
+        ))
+        .into());
     };
     match delivery.state {
         DeliveryState::Delivered => anyhow::bail!(
@@ -245,8 +252,12 @@ fn replay(
             (hook.name.clone(), statuses)
         })
         .collect();
-    let queued =
-        ledger.replay_deliveries(since, status.as_ref().map(CheckoutStatus::as_str), &hooks)?;
+    let queued = ledger.replay_deliveries(
+        since,
+        status.as_ref().map(CheckoutStatus::as_str),
+        &hooks,
+        args.include_imported,
+    )?;
     Ok(ReplayReport {
         since: crate::ledger::timestamp(since),
         queued,
@@ -477,7 +488,8 @@ mod tests {
         );
         assert_eq!(
             crate::cli::exit_code(&error),
-            std::process::ExitCode::from(1)
+            std::process::ExitCode::from(2),
+            "an id the ledger does not have is an input error"
         );
 
         let claimed = ledger.claim_due_deliveries(Utc::now(), 10).expect("claim");
@@ -531,6 +543,7 @@ mod tests {
             since: since.into(),
             status: status.map(str::to_owned),
             hooks: hooks.iter().map(|s| s.to_string()).collect(),
+            include_imported: false,
             json: false,
         };
 
@@ -575,6 +588,54 @@ mod tests {
             error.to_string().contains("known statuses: PENDING"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn replay_leaves_imported_baselines_out_unless_asked() {
+        let ledger = Ledger::open_in_memory().expect("ledger");
+        let settings = settings(vec![hook("paid", &["paid"])]);
+        ledger
+            .begin_discovery_epoch(Utc::now())
+            .expect("discovery epoch");
+        let imported = r#"{"id":"1","orderId":"O-1","currency":"AED","amount":1,"status":"PAID","timestamp":"2020-01-01T00:00:00.000+0000","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d1"}"#;
+        let wire: crate::paymennt::wire::Checkout = serde_json::from_str(imported).expect("json");
+        ledger
+            .record_discovered(&[wire.facts().expect("facts")])
+            .expect("discovered");
+        ledger
+            .apply(
+                &VerifiedCheckout::for_tests(imported),
+                Source::Firestore,
+                None,
+                &settings.hooks,
+                Duration::from_secs(60),
+            )
+            .expect("apply");
+        transition(&ledger, "2", "PAID", &[]);
+        let args = |include_imported| ReplayArgs {
+            since: "1h".into(),
+            status: None,
+            hooks: Vec::new(),
+            include_imported,
+            json: false,
+        };
+        let now = Utc::now();
+        let report = replay(&ledger, &settings, &args(false), now).expect("replay");
+        assert_eq!(report.queued.len(), 1, "only the live payment");
+        let report = replay(&ledger, &settings, &args(true), now).expect("replay");
+        assert_eq!(report.queued.len(), 2, "the baseline too, when asked");
+        let sources: Vec<String> = report
+            .queued
+            .iter()
+            .map(|event| {
+                ledger
+                    .delivery(event)
+                    .expect("read")
+                    .expect("exists")
+                    .source
+            })
+            .collect();
+        assert_eq!(sources, ["discovery-import", "reconcile"]);
     }
 
     #[test]

@@ -27,8 +27,40 @@ use crate::settings::{LogFormat, Settings};
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-/// Exit code for an error: 2 if any cause in its chain is a usage or config error, else 1.
+/// A call that creates something at paymennt (a payment link, a webhook) may or may not have
+/// done so, and looking for the result found nothing: exit code [`EXIT_OUTCOME_UNKNOWN`]. The
+/// message names what to check at paymennt; the call is never sent a second time.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct OutcomeUnknown(pub String);
+
+/// The exit code of [`OutcomeUnknown`]: check paymennt before doing it again.
+pub const EXIT_OUTCOME_UNKNOWN: u8 = 3;
+
+/// The exit codes, as `--help` shows them (the README's table says the same).
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success
+  1  runtime failure (paymennt unreachable or refusing a request, ledger error, ...)
+  2  usage or input error (bad arguments, bad config, malformed input, an id that names nothing
+     paywatch holds); nothing was changed
+  3  outcome unknown: `link create` or `webhooks register` may have created the link or webhook
+     at paymennt, and looking for it found nothing; check paymennt for the order and requestId
+     (or address) named in the message before trying again";
+
+/// What `link create --help` adds about a lost answer.
+const LINK_CREATE_HELP: &str = "\
+The create is sent once (again only if no connection was made, or on paymennt's 429 with
+Retry-After). If its answer is lost (a timeout, a reset, a 5xx), paywatch looks for the link
+at paymennt by order id and requestId: found, it is printed and tracked (exit 0, logged as
+recovered); not found, the outcome is unknown: exit 3, naming the order and requestId to check.";
+
+/// Exit code for an error: 3 if the outcome of a create is unknown ([`OutcomeUnknown`]), 2 if
+/// any cause in its chain is a usage or config error, else 1.
 pub fn exit_code(error: &anyhow::Error) -> ExitCode {
+    if error.chain().any(|cause| cause.is::<OutcomeUnknown>()) {
+        return ExitCode::from(EXIT_OUTCOME_UNKNOWN);
+    }
     let usage = error
         .chain()
         .any(|cause| cause.is::<UsageError>() || cause.is::<crate::settings::SettingsError>());
@@ -41,7 +73,7 @@ pub fn exit_code(error: &anyhow::Error) -> ExitCode {
 
 /// paywatch: watch paymennt payment links and act on verified payments.
 #[derive(Debug, Parser)]
-#[command(name = "paywatch", version, about, long_about = None)]
+#[command(name = "paywatch", version, about, long_about = None, after_help = EXIT_CODES_HELP)]
 pub struct Cli {
     /// Config file (default /etc/paywatch/paywatch.toml, if it exists).
     #[arg(long, global = true, env = "PAYWATCH_CONFIG", value_name = "PATH")]
@@ -100,6 +132,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum LinkCommand {
     /// Create a payment link, record it, print its payment page URL.
+    #[command(after_help = LINK_CREATE_HELP)]
     Create(Box<checkouts::LinkCreateArgs>),
 }
 
@@ -129,7 +162,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let log = crate::logging::init(&settings.log.level, format);
             daemon::run(settings, log).await
         }
-        Command::Demo(ref args) => daemon::demo(args).await,
+        Command::Demo(ref args) => {
+            daemon::demo(args, cli.log_format.unwrap_or(LogFormat::Text)).await
+        }
         Command::DemoHook(ref args) => daemon::demo_hook(args),
         Command::Completions(ref args) => generate::print_completions(args),
         Command::Man(ref args) => generate::man(args),
@@ -141,7 +176,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(ref args) => checkouts::status(&load_settings(&cli)?, args),
         Command::List(ref args) => checkouts::list(&load_settings(&cli)?, args),
         Command::Events(ref args) => checkouts::events(&load_settings(&cli)?, args),
-        Command::Sandbox(args) => sandbox::run(args).await,
+        Command::Sandbox(args) => {
+            sandbox::run(args, cli.log_format.unwrap_or(LogFormat::Text)).await
+        }
         Command::Hooks(ref command) => hooks::run(&load_settings(&cli)?, command).await,
         Command::Webhooks(ref command) => webhooks::run(&load_settings(&cli)?, command).await,
     }

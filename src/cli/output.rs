@@ -32,6 +32,17 @@ fn money(amount: &str) -> String {
         .unwrap_or_else(|| amount.to_owned())
 }
 
+/// The spelling of "no previous status", everywhere (the payment log line, `events`, `status`,
+/// the demo's hook).
+pub const NO_PREVIOUS_STATUS: &str = "untracked";
+
+/// A transition's `from` side: its status, or [`NO_PREVIOUS_STATUS`] for the first one.
+fn previous_text(status: Option<&str>) -> String {
+    status
+        .map(|s| CheckoutStatus::parse(s).to_string())
+        .unwrap_or_else(|| NO_PREVIOUS_STATUS.into())
+}
+
 fn status_text(status: Option<&str>) -> String {
     status
         .map(|s| CheckoutStatus::parse(s).to_string())
@@ -113,7 +124,7 @@ pub fn checkout_detail(
     if let Some(last) = transitions.last() {
         lines.push(format!(
             "last change  {} -> {} at {} ({})",
-            status_text(last.from.as_deref()),
+            previous_text(last.from.as_deref()),
             last.to,
             last.verified_at,
             last.source
@@ -168,7 +179,7 @@ pub fn transition_lines(transitions: &[TransitionRecord], deliveries: &[Delivery
             "#{:<6} {}  {} -> {}{refunded}  (source {}{latency})",
             transition.id,
             transition.verified_at,
-            status_text(transition.from.as_deref()),
+            previous_text(transition.from.as_deref()),
             transition.to,
             transition.source
         ));

@@ -16,8 +16,8 @@ use crate::cli::UsageError;
 use crate::domain::{Amount, CheckoutId, format_money};
 use crate::paymennt::wire::{Checkout, Envelope};
 use crate::sandbox::{
-    DEFAULT_API_KEY, DEFAULT_API_SECRET, DEFAULT_PROJECT_ID, FirestoreAuthCheck, Sandbox,
-    SandboxOptions, StatusSpelling, TestServiceAccount,
+    CheckoutIds, DEFAULT_API_KEY, DEFAULT_API_SECRET, DEFAULT_PROJECT_ID, FirestoreAuthCheck,
+    Sandbox, SandboxOptions, SearchBehaviour, SearchOrder, StatusSpelling, TestServiceAccount,
 };
 
 /// The address `paywatch sandbox` serves its HTTP side on, and the subcommands' default target.
@@ -87,6 +87,21 @@ pub struct ServeArgs {
     /// How long the sandbox's Firebase ID tokens last (e.g. 1h, 30s).
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
     pub token_lifetime: Duration,
+
+    /// The order Search Checkouts answers in (paymennt's spec promises none): asc, desc, or
+    /// random (a shuffle that stays the same while the sandbox runs).
+    #[arg(long, value_enum, default_value_t = SearchOrder::Asc)]
+    pub search_order: SearchOrder,
+
+    /// How checkout ids are handed out: growing with creation, or random (paymennt's spec
+    /// promises no growth).
+    #[arg(long, value_enum, default_value_t = CheckoutIds::Growing)]
+    pub checkout_ids: CheckoutIds,
+
+    /// How long after its creation a checkout becomes visible to Search Checkouts (e.g. 2s):
+    /// a search index that lags behind.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub search_visibility_delay: Duration,
 
     /// With --firestore-auth iam: where to write the generated test service-account key.
     #[arg(
@@ -163,9 +178,9 @@ pub struct RefundArgs {
 ///
 /// A [`UsageError`] for a bad id, amount or URL, or an action the checkout's status does not
 /// allow; a runtime error if the sandbox cannot bind its addresses or cannot be reached.
-pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
+pub async fn run(args: SandboxArgs, format: crate::settings::LogFormat) -> anyhow::Result<()> {
     match args.action {
-        None => serve(args.serve).await,
+        None => serve(args.serve, format).await,
         Some(command) => {
             let line = drive(&command).await?;
             writeln!(std::io::stdout().lock(), "{line}").context("cannot write to stdout")?;
@@ -175,16 +190,11 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
 }
 
 /// Runs the sandbox until Ctrl-C or SIGTERM.
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    // The daemon's logging may already be set up; the sandbox's own logs are its user interface.
-    // Logs go to stderr: stdout carries only the config snippet, so it can be redirected.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+async fn serve(args: ServeArgs, format: crate::settings::LogFormat) -> anyhow::Result<()> {
+    // The sandbox's own logs are its user interface, under the same rules as the daemon's
+    // (`--log-format`, no ANSI escapes but on a terminal, one record per line). Logs go to
+    // stderr: stdout carries only the config snippet, so it can be redirected.
+    crate::logging::init("info", format);
     if args.token_lifetime < Duration::from_secs(1)
         || args.token_lifetime > Duration::from_secs(24 * 3600)
     {
@@ -220,6 +230,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             SpellingArg::Spec => StatusSpelling::Spec,
         },
         heartbeat_interval: args.heartbeat,
+        search: SearchBehaviour {
+            order: args.search_order,
+            ids: args.checkout_ids,
+            visibility_delay: args.search_visibility_delay,
+        },
         ..SandboxOptions::default()
     };
     if !options.api_listen.ip().is_loopback() {

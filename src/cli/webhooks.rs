@@ -2,12 +2,18 @@
 //!
 //! A webhook's `hmacKey` is printed only with `--show-hmac-key`: it is the key paywatch checks
 //! signatures with (`[http] webhook_hmac_key`), so it is handled like a password.
+//!
+//! `register` is sent once: when its answer is lost in a way that may have registered the
+//! address (a timeout, a reset, a 5xx), the webhooks are listed and a new one for the address
+//! is taken as the answer (recovered); if there is none the outcome is unknown (exit 3). It is
+//! never sent a second time.
 
 use serde::Serialize;
 
-use super::{UsageError, output};
+use super::{OutcomeUnknown, UsageError, output};
 use crate::paymennt::Client;
-use crate::paymennt::wire::{Webhook, WebhookId};
+use crate::paymennt::client::Reached;
+use crate::paymennt::wire::{Webhook, WebhookId, WireId};
 use crate::settings::{Settings, is_loopback_host};
 
 /// `paywatch webhooks ...`.
@@ -137,6 +143,56 @@ fn check_address(url: &str) -> Result<(), UsageError> {
     }
 }
 
+/// Registers `address` with one Create new webhook. If the answer is lost in a way that may
+/// have registered it, the webhooks are listed and one for `address` that was not there before
+/// is taken as the answer.
+///
+/// # Errors
+///
+/// paymennt's error when it refused; [`OutcomeUnknown`] naming the address when the answer was
+/// lost and no new webhook for it is listed (or listing failed).
+async fn register_once(client: &Client, address: &str) -> anyhow::Result<Webhook> {
+    // The ids already registered for this address, so a lost answer is not mistaken for an
+    // old webhook. Not knowing them (listing failed) only makes that check looser.
+    let before: Option<Vec<WireId>> = client.list_webhooks().await.ok().map(|webhooks| {
+        webhooks
+            .into_iter()
+            .filter(|w| w.address.as_deref() == Some(address))
+            .filter_map(|w| w.id)
+            .collect()
+    });
+    let lost = match client.create_webhook(address).await {
+        Ok(webhook) => return Ok(webhook),
+        Err(error) if error.reached() == Reached::Maybe => error,
+        Err(error) => return Err(error.into()),
+    };
+    let shown = crate::domain::printable(address);
+    tracing::warn!(address = %shown, error = %lost, "the answer to Create new webhook was lost and the webhook may exist; looking for it at paymennt (it is not sent again)");
+    let looked = match client.list_webhooks().await {
+        Ok(webhooks) => {
+            let found = webhooks.into_iter().rev().find(|w| {
+                w.address.as_deref() == Some(address)
+                    && match (&before, &w.id) {
+                        (Some(before), Some(id)) => !before.contains(id),
+                        _ => true,
+                    }
+            });
+            if let Some(webhook) = found {
+                tracing::warn!(webhook = ?webhook.id, address = %shown, "webhook recovered: paymennt registered it, its answer was lost ({lost}); found in the list, nothing was sent twice");
+                return Ok(webhook);
+            }
+            "no new webhook for this address is listed at paymennt".to_owned()
+        }
+        Err(error) => format!("listing the webhooks failed: {error}"),
+    };
+    Err(OutcomeUnknown(format!(
+        "the outcome of registering webhook address '{shown}' is unknown: {lost}; {looked}\n\n\
+         it was not sent again: check with `paywatch webhooks list` (or paymennt's dashboard) whether \
+         '{shown}' is registered before registering it again"
+    ))
+    .into())
+}
+
 /// Runs a `webhooks` command.
 pub async fn run(settings: &Settings, command: &WebhooksCommand) -> anyhow::Result<()> {
     let client = Client::from_settings(&settings.paymennt)?;
@@ -146,7 +202,7 @@ pub async fn run(settings: &Settings, command: &WebhooksCommand) -> anyhow::Resu
     match command {
         WebhooksCommand::Register(args) => {
             check_address(&args.url)?;
-            let webhook = client.create_webhook(&args.url).await?;
+            let webhook = register_once(&client, &args.url).await?;
             tracing::info!(webhook = ?webhook.id, "webhook registered");
             print(&webhook, args.show_hmac_key, args.json)?;
             if !args.json && !args.show_hmac_key && webhook.hmac_key.is_some() {

@@ -52,6 +52,7 @@ pub struct Health {
     listener: Option<ListenerHandle>,
     verifier: watch::Receiver<VerifierStats>,
     verify_failing_after: Duration,
+    paymennt: crate::paymennt::CredentialStatus,
 }
 
 impl std::fmt::Debug for Health {
@@ -97,6 +98,18 @@ impl Health {
             listener,
             verifier,
             verify_failing_after,
+            paymennt: crate::paymennt::CredentialStatus::default(),
+        }
+    }
+
+    /// Readiness also fails while paymennt refuses the API credentials, as `credentials` says.
+    pub fn with_paymennt_credentials(
+        self,
+        credentials: crate::paymennt::CredentialStatus,
+    ) -> Health {
+        Health {
+            paymennt: credentials,
+            ..self
         }
     }
 
@@ -228,6 +241,11 @@ impl Health {
                     crate::sources::firestore::access_hint(mode, code)
                 ));
             }
+        }
+        if let Some(refusal) = self.paymennt.refused() {
+            problems.push(format!(
+                "paymennt refuses the API credentials ({refusal}): check [paymennt] api_key, api_secret and environment"
+            ));
         }
         if let Some(since) = self.verifier.borrow().failing_since {
             let failing = (chrono::Utc::now() - since).to_std().unwrap_or_default();

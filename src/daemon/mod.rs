@@ -233,12 +233,14 @@ pub async fn run(
         "verifier",
         verifier.run(nudge_receiver, sweep_receiver, verifier_abort.clone()),
     ));
+    let credential_status = client.credential_status().clone();
     let health = Health::new(
         ledger.clone(),
         listener.clone(),
         verifier_stats.clone(),
         settings.http.verify_failing_after,
-    );
+    )
+    .with_paymennt_credentials(credential_status.clone());
     let auth_mode = settings.firestore.auth_mode().as_str();
     health.set_firestore_auth(auth_mode);
 
@@ -283,9 +285,11 @@ pub async fn run(
 
     // The HTTP listener, if configured: webhooks nudge the verifier like Firestore changes do.
     let http_stop = CancellationToken::new();
+    let discovery_enabled = settings.discovery.is_enabled(&settings.paymennt);
+    let discovery_wake = Arc::new(tokio::sync::Notify::new());
     let http_task = match settings.http.listen {
         Some(addr) => {
-            let context = HttpContext::new(
+            let mut context = HttpContext::new(
                 &settings.http,
                 ledger.clone(),
                 nudge_sender.clone(),
@@ -293,6 +297,9 @@ pub async fn run(
                 health.clone(),
                 metrics.clone(),
             )?;
+            if discovery_enabled {
+                context.intake.set_discovery_wake(discovery_wake.clone());
+            }
             let bound = crate::http::bind(addr).await?;
             let local = bound.local_addr().context("the HTTP listener's address")?;
             tracing::info!(
@@ -338,7 +345,6 @@ pub async fn run(
             metrics.clone(),
         ),
     ));
-    let discovery_enabled = settings.discovery.is_enabled(&settings.paymennt);
     if discovery_enabled {
         tasks.spawn(supervisor.supervise(
             "discovery",
@@ -349,10 +355,12 @@ pub async fn run(
                     types: settings.discovery.types.clone(),
                     interval: settings.discovery.interval,
                     lookback: settings.discovery.lookback,
+                    overlap: settings.discovery.overlap,
                     page_size: settings.discovery.page_size,
                 },
                 sweep_sender,
                 watch_set_changed.clone(),
+                discovery_wake,
                 sources.clone(),
             ),
         ));
@@ -440,6 +448,7 @@ pub async fn run(
     let mut status_tick = tokio::time::interval(Duration::from_millis(200));
     let mut status_line_tick = tokio::time::interval(STATUS_LINE_EVERY);
     let mut failure = None;
+    let mut refused_at_start = None;
     loop {
         tokio::select! {
             failed = supervisor.failed() => {
@@ -454,7 +463,18 @@ pub async fn run(
                 }
                 Some(Control::Shutdown) | None => break,
             },
-            _ = status_tick.tick() => publish(true),
+            _ = status_tick.tick() => {
+                publish(true);
+                // A key paymennt refused before it ever accepted one is a configuration
+                // problem, not an outage: say so with exit 2 rather than run blind.
+                if !settings.daemon.wait_for_api
+                    && !credential_status.ever_accepted()
+                    && let Some(refusal) = credential_status.refused()
+                {
+                    refused_at_start = Some(refusal);
+                    break;
+                }
+            }
             _ = status_line_tick.tick(), if notifier.is_enabled() => {
                 let counts = ledger.clone();
                 let hooks_pending = blocking(move || counts.counts()).await.map(|c| c.hooks_pending).unwrap_or(0);
@@ -523,6 +543,16 @@ pub async fn run(
     watchdog_cancel.cancel();
     let _ = watchdog.await;
     publish(false);
+    if let Some(refusal) = refused_at_start {
+        tracing::error!("paywatch stopped: paymennt refused the API credentials at start");
+        return Err(crate::settings::SettingsError(format!(
+            "paymennt refused the API credentials at start: {refusal}\n\n\
+             check [paymennt] api_key and api_secret (or their files or systemd credentials) and \
+             [paymennt] environment; to keep running until they are accepted instead, set \
+             [daemon] wait_for_api = true"
+        ))
+        .into());
+    }
     if let Some(failure) = failure.or_else(|| supervisor.failure()) {
         tracing::error!("paywatch stopped because {failure}");
         anyhow::bail!("{failure}; paywatch stopped so that its service manager restarts it");
@@ -571,7 +601,9 @@ fn reload(
     let loaded = Settings::load(options.config_path.as_deref()).and_then(|fresh| {
         let hooks = HookSet::from_settings(&fresh)?;
         // Rebuilt, so rotated API credentials (a new secret file) take effect now.
-        let client = Client::from_settings(&fresh.paymennt)?.with_metrics(options.metrics.clone());
+        let client = Client::from_settings(&fresh.paymennt)?
+            .with_metrics(options.metrics.clone())
+            .with_credential_status(client_sender.borrow().credential_status().clone());
         Ok((fresh, hooks, client))
     });
     let (fresh, hooks, client) = match loaded {
@@ -589,7 +621,25 @@ fn reload(
     }
     client_sender.send_replace(client.clone());
     config.send_replace(verifier_config(&fresh, client));
-    interval.send_replace(fresh.reconcile.interval);
+    // Only what changed is applied and named, so an unchanged reload is quiet.
+    interval.send_if_modified(|current| {
+        let changed = *current != fresh.reconcile.interval;
+        *current = fresh.reconcile.interval;
+        changed
+    });
+    let mut applied = Vec::new();
+    if format!("{:?}", fresh.hooks) != format!("{:?}", settings.hooks) {
+        applied.push("[[hooks]]");
+    }
+    if fresh.log.level != settings.log.level {
+        applied.push("log.level");
+    }
+    if fresh.reconcile.interval != settings.reconcile.interval {
+        applied.push("reconcile.interval");
+    }
+    if format!("{:?}", fresh.paymennt) != format!("{:?}", settings.paymennt) {
+        applied.push("[paymennt]");
+    }
     let mut restart_needed = Vec::new();
     if fresh.ledger.path != settings.ledger.path {
         restart_needed.push("[ledger]");
@@ -621,7 +671,17 @@ fn reload(
             restart_needed.join(", ")
         );
     }
-    tracing::info!(hooks = fresh.hooks.len(), reconcile_interval = ?fresh.reconcile.interval, level = %fresh.log.level, "config reloaded");
+    if applied.is_empty() && restart_needed.is_empty() {
+        tracing::info!("config reloaded: nothing changed (secret and credential files re-read)");
+    } else if !applied.is_empty() {
+        tracing::info!(
+            hooks = fresh.hooks.len(),
+            reconcile_interval = ?fresh.reconcile.interval,
+            level = %fresh.log.level,
+            "config reloaded: {} changed",
+            applied.join(", ")
+        );
+    }
     *settings = fresh;
 }
 
@@ -864,9 +924,15 @@ async fn consume_listen_events(
                     stream,
                     reason,
                     retry_in,
+                    planned,
                 } => {
-                    metrics.listen_reconnect(&project);
-                    tracing::warn!(project = %project, stream, retry_in_ms = retry_in.as_millis() as u64, "Firestore stream disconnected: {reason}");
+                    if planned {
+                        // Normal operation (hourly with firebase-anonymous): not a warning.
+                        tracing::info!(project = %project, stream, "Firestore stream reopened as planned: {reason}");
+                    } else {
+                        metrics.listen_reconnect(&project);
+                        tracing::warn!(project = %project, stream, retry_in_ms = retry_in.as_millis() as u64, "Firestore stream disconnected: {reason}");
+                    }
                 }
             }
         }

@@ -569,6 +569,10 @@ pub fn event_for(delivery: &Delivery) -> Result<HookEvent, String> {
             .source
             .parse()
             .map_err(|error| format!("{error}"))?,
+        tracked_via: delivery
+            .tracked_via
+            .parse()
+            .map_err(|error| format!("{error}"))?,
         verified_at: time("verified_at", &delivery.verified_at)?,
         attempt: delivery.attempts,
         test: false,

@@ -27,7 +27,10 @@
 //! | `currency`        | ISO 4217 code (`"AED"`)                                                |
 //! | `total_refunded`  | the refunded total Get Checkout gave (`"25.00"`), or `null`            |
 //! | `refund_amount`   | what this entry added to the refunded total (`"10.00"`), or `null`     |
-//! | `source`          | what led to the verification: `firestore`, `reconcile` or `manual`     |
+//! | `source`          | what led to the verification: `firestore`, `reconcile`, `webhook` or   |
+//! |                   | `manual` (`discovery-import` only in a replay of an imported baseline) |
+//! | `tracked_via`     | how paywatch came to watch the checkout: `link-create`, `track`,       |
+//! |                   | `track-fetch` or `discovery`                                           |
 //! | `verified_at`     | when Get Checkout returned this status, RFC 3339 UTC with milliseconds |
 //! | `attempt`         | 1 for the first delivery, 2 for the first retry, ...                   |
 //! | `checkout`        | the Get Checkout `result` object exactly as paymennt returned it       |
@@ -37,7 +40,7 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::domain::{CheckoutId, CheckoutStatus, Currency, Source, format_money};
+use crate::domain::{CheckoutId, CheckoutStatus, Currency, Source, TrackedVia, format_money};
 use crate::paymennt::wire::{Checkout, JsonDecimal, WireId};
 
 /// The version written in the `version` key of every event.
@@ -75,6 +78,8 @@ pub struct HookEvent {
     pub refund_amount: Option<Decimal>,
     /// What led to the verification.
     pub source: Source,
+    /// How paywatch came to watch the checkout.
+    pub tracked_via: TrackedVia,
     /// When Get Checkout returned the status.
     pub verified_at: DateTime<Utc>,
     /// Which delivery attempt this is, from 1.
@@ -103,6 +108,7 @@ struct Document<'a> {
     total_refunded: Option<String>,
     refund_amount: Option<String>,
     source: &'a str,
+    tracked_via: &'a str,
     verified_at: String,
     attempt: u32,
     checkout: &'a RawValue,
@@ -126,6 +132,7 @@ impl HookEvent {
             total_refunded: self.total_refunded.map(format_money),
             refund_amount: self.refund_amount.map(format_money),
             source: self.source.as_str(),
+            tracked_via: self.tracked_via.as_str(),
             verified_at: self
                 .verified_at
                 .to_rfc3339_opts(SecondsFormat::Millis, true),
@@ -144,13 +151,15 @@ impl HookEvent {
     /// `PAYWATCH_EVENT_ID`, `PAYWATCH_HOOK`, `PAYWATCH_CHECKOUT_ID`, `PAYWATCH_ORDER_ID`,
     /// `PAYWATCH_REQUEST_ID`, `PAYWATCH_STATUS`, `PAYWATCH_PREVIOUS_STATUS`, `PAYWATCH_AMOUNT`
     /// (exact decimal text, as in the JSON), `PAYWATCH_CURRENCY`, `PAYWATCH_TOTAL_REFUNDED`,
-    /// `PAYWATCH_REFUND_AMOUNT` (as the JSON's `total_refunded`, `refund_amount`), `PAYWATCH_ATTEMPT` and
+    /// `PAYWATCH_REFUND_AMOUNT` (as the JSON's `total_refunded`, `refund_amount`),
+    /// `PAYWATCH_SOURCE`, `PAYWATCH_TRACKED_VIA` (as the JSON's `source`, `tracked_via`),
+    /// `PAYWATCH_ATTEMPT` and
     /// `PAYWATCH_TEST` (`1` for a `hooks test` event, else `0`). An absent value is the empty
     /// string. Values are the merchant's text unchanged; the runner replaces a NUL byte (which an
     /// environment cannot hold) with U+FFFD, and the JSON on stdin keeps it exactly.
     pub fn env_vars(&self) -> Vec<(String, String)> {
         let money = |value: Option<Decimal>| value.map(format_money).unwrap_or_default();
-        let vars: [(&str, String); 13] = [
+        let vars: [(&str, String); 15] = [
             ("PAYWATCH_EVENT_ID", self.event_id.clone()),
             ("PAYWATCH_HOOK", self.hook.clone()),
             ("PAYWATCH_CHECKOUT_ID", self.checkout_id.to_string()),
@@ -174,6 +183,8 @@ impl HookEvent {
             ("PAYWATCH_CURRENCY", self.currency.to_string()),
             ("PAYWATCH_TOTAL_REFUNDED", money(self.total_refunded)),
             ("PAYWATCH_REFUND_AMOUNT", money(self.refund_amount)),
+            ("PAYWATCH_SOURCE", self.source.as_str().to_owned()),
+            ("PAYWATCH_TRACKED_VIA", self.tracked_via.as_str().to_owned()),
             ("PAYWATCH_ATTEMPT", self.attempt.to_string()),
             (
                 "PAYWATCH_TEST",
@@ -281,6 +292,7 @@ impl HookEvent {
             total_refunded: Some(refunded),
             refund_amount: refund.then_some(refunded),
             source: Source::Manual,
+            tracked_via: TrackedVia::LinkCreate,
             verified_at,
             attempt: 1,
             test: true,
@@ -312,6 +324,7 @@ mod tests {
             total_refunded: Some(Decimal::new(500, 2)),
             refund_amount: Some(Decimal::new(5, 0)),
             source: Source::Firestore,
+            tracked_via: TrackedVia::Discovery,
             verified_at: DateTime::parse_from_rfc3339("2025-01-02T03:04:05.678Z")
                 .expect("valid time")
                 .with_timezone(&Utc),
@@ -352,6 +365,7 @@ mod tests {
             "total_refunded",
             "refund_amount",
             "source",
+            "tracked_via",
             "verified_at",
             "attempt",
             "checkout",
@@ -379,6 +393,7 @@ mod tests {
         assert_eq!(value["total_refunded"], "5.00");
         assert_eq!(value["refund_amount"], "5.00");
         assert_eq!(value["source"], "firestore");
+        assert_eq!(value["tracked_via"], "discovery");
         assert_eq!(value["verified_at"], "2025-01-02T03:04:05.678Z");
         assert_eq!(value["attempt"], 2);
     }
@@ -410,6 +425,8 @@ mod tests {
             ("PAYWATCH_CURRENCY", "AED"),
             ("PAYWATCH_TOTAL_REFUNDED", "5.00"),
             ("PAYWATCH_REFUND_AMOUNT", "5.00"),
+            ("PAYWATCH_SOURCE", "firestore"),
+            ("PAYWATCH_TRACKED_VIA", "discovery"),
             ("PAYWATCH_ATTEMPT", "2"),
             ("PAYWATCH_TEST", "0"),
         ];

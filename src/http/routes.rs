@@ -6,7 +6,7 @@
 //!
 //! | route | answers |
 //! | --- | --- |
-//! | `POST /webhooks/paymennt` | 202 (verifying, or ignored: not tracked / no checkout id), 400 malformed, 401 bad signature, 413 too large, 429 rate limited |
+//! | `POST /webhooks/paymennt` | 202 `{"accepted": true}` (the same for tracked, untracked and id-less notifications), 400 malformed, 401 bad or missing signature, 413 too large, 429 too many from the address |
 //! | `POST /v1/checkouts` | 201 tracked, 200 already tracked (the `--json` shape), 400 naming the field, 401 bad token, 404 off (no token configured) |
 //! | `GET /healthz` | 200 / 503 `{ok, problems}` |
 //! | `GET /readyz` | 200 / 503 `{ready, problems, streams, streams_connected}` |
@@ -57,14 +57,14 @@ fn error(status: StatusCode, message: &str) -> Response {
 async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
-        "no such endpoint: paywatch serves POST /webhooks/paymennt, POST /v1/checkouts, GET /healthz and GET /readyz",
+        "no such endpoint: paywatch serves POST /webhooks/paymennt, POST /v1/checkouts, GET /healthz, GET /readyz and GET /metrics",
     )
 }
 
 async fn method_not_allowed() -> Response {
     error(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method not allowed: webhooks and checkouts take POST, /healthz and /readyz take GET",
+        "method not allowed: webhooks and checkouts take POST, /healthz, /readyz and /metrics take GET",
     )
 }
 
@@ -97,21 +97,10 @@ async fn webhook(
         .get(&context.signature_header)
         .map(HeaderValue::as_bytes);
     match context.intake.receive(from.ip(), signature, &body).await {
-        Intake::Nudged(id) => (
-            StatusCode::ACCEPTED,
-            Json(json!({ "checkout_id": id.as_str(), "action": "verifying with Get Checkout" })),
-        )
-            .into_response(),
-        Intake::Unknown(id) => (
-            StatusCode::ACCEPTED,
-            Json(json!({ "checkout_id": id.as_str(), "action": "ignored: not tracked" })),
-        )
-            .into_response(),
-        Intake::NoCheckout => (
-            StatusCode::ACCEPTED,
-            Json(json!({ "action": "ignored: the notification names no checkout" })),
-        )
-            .into_response(),
+        // One body for every accepted notification: tracked, untracked or naming none.
+        Intake::Accepted => {
+            (StatusCode::ACCEPTED, Json(json!({ "accepted": true }))).into_response()
+        }
         Intake::Malformed(message) => error(StatusCode::BAD_REQUEST, &message),
         Intake::BadSignature => error(
             StatusCode::UNAUTHORIZED,
@@ -120,11 +109,18 @@ async fn webhook(
                 context.signature_header
             ),
         ),
-        Intake::RateLimited { scope, retry_after } => {
+        Intake::Unsigned => error(
+            StatusCode::UNAUTHORIZED,
+            &format!(
+                "the notification carries no {} signature, and this listener requires one",
+                context.signature_header
+            ),
+        ),
+        Intake::RateLimited { retry_after } => {
             let seconds = retry_after.as_secs().max(1);
             let mut response = error(
                 StatusCode::TOO_MANY_REQUESTS,
-                &format!("too many notifications for this {scope}; retry in {seconds} s"),
+                &format!("too many notifications from this address; retry in {seconds} s"),
             );
             response
                 .headers_mut()

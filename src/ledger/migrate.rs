@@ -13,7 +13,14 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0004_discovery.sql"),
     include_str!("migrations/0005_listen_refusals.sql"),
     include_str!("migrations/0006_webhook_source.sql"),
+    include_str!("migrations/0007_discovery_baselines.sql"),
 ];
+
+/// Migration `version` (1-based), to build a ledger as an older paywatch left it.
+#[cfg(test)]
+pub(crate) fn migration_for_tests(version: usize) -> &'static str {
+    MIGRATIONS[version - 1]
+}
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -20,6 +20,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 
+pub use crate::domain::TrackedVia;
 use crate::domain::{CheckoutId, CheckoutStatus, FirestoreLocation, Source, VerifyTicket};
 use crate::paymennt::VerifiedCheckout;
 use crate::paymennt::wire::CheckoutFacts;
@@ -83,30 +84,6 @@ pub struct Ledger {
 impl std::fmt::Debug for Ledger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ledger").field("path", &self.path).finish()
-    }
-}
-
-/// How a checkout came to be tracked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TrackedVia {
-    /// `paywatch link create`.
-    LinkCreate,
-    /// `paywatch track FILE`.
-    Track,
-    /// `paywatch track --checkout-id`.
-    TrackFetch,
-    /// Found by discovery (Search Checkouts).
-    Discovery,
-}
-
-impl TrackedVia {
-    fn as_str(self) -> &'static str {
-        match self {
-            TrackedVia::LinkCreate => "link-create",
-            TrackedVia::Track => "track",
-            TrackedVia::TrackFetch => "track-fetch",
-            TrackedVia::Discovery => "discovery",
-        }
     }
 }
 
@@ -335,10 +312,20 @@ pub struct OpenCheckout {
 pub struct Discovered {
     /// The checkout.
     pub checkout_id: CheckoutId,
-    /// Added, or already tracked.
-    pub outcome: TrackOutcome,
+    /// What discovery changed.
+    pub outcome: DiscoveredOutcome,
     /// Whether it has Firebase coordinates (else it is checked by the reconciler only).
     pub listened: bool,
+}
+
+/// What [`Ledger::record_discovered`] changed for one checkout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscoveredOutcome {
+    /// The checkout is new to the ledger.
+    Added,
+    /// The checkout was tracked without Firebase coordinates (checked by the reconciler only)
+    /// and now has them: it is moved onto the listener.
+    Located,
 }
 
 /// Filters for [`Ledger::list`].
@@ -641,57 +628,145 @@ impl Ledger {
         }
     }
 
-    /// Discovery's cursor for one checkout type: the highest checkout id it has handled
-    /// (`afterId` of its next search).
+    /// When discovery first ran on this ledger (its epoch), setting it to `now` if it never
+    /// ran. A checkout created before the epoch and first verified in a status that is not
+    /// open is recorded as a baseline (see [`Source::DiscoveryImport`]).
     ///
     /// # Errors
     ///
     /// SQL failures.
-    pub fn discovery_cursor(&self, kind: &str) -> Result<Option<String>> {
-        self.lock()
+    pub fn begin_discovery_epoch(&self, now_time: DateTime<Utc>) -> Result<DateTime<Utc>> {
+        let mut connection = self.lock();
+        let transaction = self.write(&mut connection, "discovery epoch")?;
+        let epoch: String = (|| {
+            transaction.execute(
+                "INSERT INTO discovery_epoch (id, epoch) VALUES (1, ?1) ON CONFLICT (id) DO NOTHING",
+                [timestamp(now_time)],
+            )?;
+            transaction.query_row("SELECT epoch FROM discovery_epoch WHERE id = 1", [], |row| {
+                row.get(0)
+            })
+        })()
+        .map_err(|e| self.error("discovery epoch", e))?;
+        transaction
+            .commit()
+            .map_err(|e| self.error("discovery epoch", e))?;
+        Ok(parse_time(&epoch).unwrap_or(now_time))
+    }
+
+    /// When the last complete discovery round for checkout type `kind` started, if one did.
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn last_discovery_round(&self, kind: &str) -> Result<Option<DateTime<Utc>>> {
+        let started: Option<String> = self
+            .lock()
             .query_row(
-                "SELECT after_id FROM discovery_cursor WHERE kind = ?1",
+                "SELECT started_at FROM discovery_rounds WHERE kind = ?1",
                 [kind],
                 |row| row.get(0),
             )
             .optional()
-            .map_err(|e| self.error("discovery cursor", e))
+            .map_err(|e| self.error("discovery round", e))?;
+        Ok(started.as_deref().and_then(parse_time))
     }
 
-    /// Tracks checkouts found by discovery (`tracked_via = "discovery"`) and moves the cursor of
-    /// checkout type `kind` to `cursor`, in one transaction: a crash leaves both or neither, so a restart neither misses
-    /// nor repeats one. A checkout without Firebase coordinates is tracked with empty ones: the
-    /// reconciler checks it, the listener cannot. Already tracked checkouts are left as they are.
+    /// Records that a discovery round for checkout type `kind`, started at `started_at`, saw
+    /// every page of its search: the next round searches from there (minus the overlap).
+    ///
+    /// # Errors
+    ///
+    /// SQL failures.
+    pub fn finish_discovery_round(&self, kind: &str, started_at: DateTime<Utc>) -> Result<()> {
+        let mut connection = self.lock();
+        let transaction = self.write(&mut connection, "discovery round")?;
+        transaction
+            .execute(
+                "INSERT INTO discovery_rounds (kind, started_at, finished_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (kind) DO UPDATE SET started_at = excluded.started_at,
+                    finished_at = excluded.finished_at",
+                params![kind, timestamp(started_at), now()],
+            )
+            .map_err(|e| self.error("discovery round", e))?;
+        transaction
+            .commit()
+            .map_err(|e| self.error("discovery round", e))
+    }
+
+    /// Tracks the checkouts discovery found that the ledger does not have yet
+    /// (`tracked_via = "discovery"`), and gives Firebase coordinates to tracked checkouts that
+    /// had none (discovered earlier without them), which moves them onto the listener.
+    ///
+    /// One read finds which of `found` are new; only when something is new is anything
+    /// written (one transaction), so a round over checkouts already tracked costs no write. A
+    /// checkout without Firebase coordinates is tracked with empty ones: the reconciler checks
+    /// it, the listener cannot. The result lists only what changed.
     ///
     /// # Errors
     ///
     /// SQL failures; nothing is written then.
-    pub fn record_discovered(
-        &self,
-        found: &[CheckoutFacts],
-        kind: &str,
-        cursor: &str,
-    ) -> Result<Vec<Discovered>> {
+    pub fn record_discovered(&self, found: &[CheckoutFacts]) -> Result<Vec<Discovered>> {
+        if found.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = serde_json::Value::from(
+            found
+                .iter()
+                .map(|facts| facts.id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .to_string();
+        let known: std::collections::HashMap<String, bool> = {
+            let connection = self.lock();
+            let mut statement = connection
+                .prepare_cached(
+                    "SELECT id, firebase_database <> '' FROM checkouts
+                     WHERE id IN (SELECT value FROM json_each(?1))",
+                )
+                .map_err(|e| self.error("discovery", e))?;
+            let rows = statement
+                .query_map([&ids], |row| Ok((row.get(0)?, row.get(1)?)))
+                .map_err(|e| self.error("discovery", e))?;
+            rows.collect::<rusqlite::Result<_>>()
+                .map_err(|e| self.error("discovery", e))?
+        };
+        let mut seen = std::collections::HashSet::new();
+        let changes: Vec<(&CheckoutFacts, DiscoveredOutcome)> = found
+            .iter()
+            .filter(|facts| seen.insert(facts.id.as_str()))
+            .filter_map(|facts| match known.get(facts.id.as_str()) {
+                None => Some((facts, DiscoveredOutcome::Added)),
+                Some(false) if facts.location.is_some() => {
+                    Some((facts, DiscoveredOutcome::Located))
+                }
+                Some(_) => None,
+            })
+            .collect();
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut connection = self.lock();
         let transaction = self.write(&mut connection, "discovery")?;
-        let mut recorded = Vec::with_capacity(found.len());
-        for facts in found {
-            let outcome = track_in(&transaction, facts, TrackedVia::Discovery, true)
-                .map_err(|e| self.error("discovery", e))?;
+        let mut recorded = Vec::with_capacity(changes.len());
+        for (facts, outcome) in changes {
+            let changed = match outcome {
+                DiscoveredOutcome::Added => {
+                    track_in(&transaction, facts, TrackedVia::Discovery, true)
+                        .map(|tracked| tracked == TrackOutcome::Added)
+                }
+                DiscoveredOutcome::Located => locate_in(&transaction, facts),
+            }
+            .map_err(|e| self.error("discovery", e))?;
+            if !changed {
+                continue;
+            }
             recorded.push(Discovered {
                 checkout_id: facts.id.clone(),
                 outcome,
                 listened: facts.location.is_some(),
             });
         }
-        transaction
-            .execute(
-                "INSERT INTO discovery_cursor (kind, after_id, updated_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (kind) DO UPDATE SET after_id = excluded.after_id,
-                    updated_at = excluded.updated_at",
-                params![kind, cursor, now()],
-            )
-            .map_err(|e| self.error("discovery", e))?;
         transaction
             .commit()
             .map_err(|e| self.error("discovery", e))?;
@@ -1453,6 +1528,37 @@ fn track_in(
     })
 }
 
+/// Gives a checkout tracked without Firebase coordinates the ones in `facts`.
+fn locate_in(
+    transaction: &rusqlite::Transaction<'_>,
+    facts: &CheckoutFacts,
+) -> rusqlite::Result<bool> {
+    let Some(location) = &facts.location else {
+        return Ok(false);
+    };
+    let changed = transaction
+        .prepare_cached(
+            "UPDATE checkouts SET firebase_database = ?2, firebase_collection = ?3,
+                firebase_document = ?4, updated_at = ?5
+             WHERE id = ?1 AND firebase_database = ''",
+        )?
+        .execute(params![
+            facts.id.as_str(),
+            location.project,
+            location.collection,
+            location.document,
+            now(),
+        ])?;
+    Ok(changed == 1)
+}
+
+/// Reads a time the ledger stored (RFC 3339).
+fn parse_time(text: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|time| time.with_timezone(&Utc))
+}
+
 /// Takes the next verification ticket from the counter.
 fn last_ticket_in(connection: &Connection) -> rusqlite::Result<VerifyTicket> {
     connection
@@ -1519,25 +1625,37 @@ fn apply_in(
     let status = verified.status();
     let id = facts.id.as_str();
     let ticket = verified.ticket().number();
-    let existing: Option<(Option<String>, Option<i64>, Option<String>)> = transaction
+    type Existing = (Option<String>, Option<i64>, Option<String>, String);
+    let existing: Option<Existing> = transaction
         .prepare_cached(
-            "SELECT status, verify_requested_ticket, total_refunded FROM checkouts WHERE id = ?1",
+            "SELECT status, verify_requested_ticket, total_refunded, tracked_via
+             FROM checkouts WHERE id = ?1",
         )?
-        .query_row([id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .query_row([id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })
         .optional()?;
-    let (previous, previous_refunded) = match existing {
+    let (previous, previous_refunded, tracked_via) = match existing {
         None => {
             let via = match source {
                 Source::Manual => TrackedVia::TrackFetch,
                 _ => TrackedVia::Track,
             };
             track_in(transaction, facts, via, false)?;
-            (None, None)
+            (None, None, via.as_str().to_owned())
         }
         // An answer to a request sent before the one already applied says nothing newer, and
         // could say something older: it is ignored.
-        Some((_, Some(applied), _)) if applied > ticket => return Ok(ApplyOutcome::Stale),
-        Some((status, _, refunded)) => (status, refunded),
+        Some((_, Some(applied), _, _)) if applied > ticket => return Ok(ApplyOutcome::Stale),
+        Some((status, _, refunded, via)) => (status, refunded, via),
+    };
+    let source = if previous.is_none()
+        && tracked_via == TrackedVia::Discovery.as_str()
+        && is_baseline_in(transaction, verified)?
+    {
+        Source::DiscoveryImport
+    } else {
+        source
     };
     // A change of the refunded total counts only once a status was verified: before that, the
     // recorded total is a tracked claim, not history.
@@ -1619,6 +1737,8 @@ fn apply_in(
             .prepare_cached("DELETE FROM listen_targets WHERE checkout_id = ?1")?
             .execute([id])?;
     }
+    // A baseline is history, not news: no hook is told of it.
+    let told = source != Source::DiscoveryImport;
     record_entry(
         transaction,
         verified,
@@ -1626,9 +1746,35 @@ fn apply_in(
         changed_at,
         previous.as_deref(),
         (refunded_from, refunded_to),
-        hooks.iter().filter(|hook| hook.fires_on(status)),
+        hooks.iter().filter(|hook| told && hook.fires_on(status)),
         watched,
     )
+}
+
+/// Whether the first verified status of a checkout discovery found is a baseline: a status it
+/// reached before paywatch could have seen it. That is a status that is not open, of a checkout
+/// paymennt created before discovery's epoch (when discovery first ran on this ledger). A
+/// checkout created after the epoch is new business, whatever status it is first seen in; one
+/// whose answer carries no readable creation time is treated as new business too (a hook told
+/// twice can deduplicate on the order; a hook never told cannot act).
+fn is_baseline_in(
+    transaction: &rusqlite::Transaction<'_>,
+    verified: &VerifiedCheckout,
+) -> rusqlite::Result<bool> {
+    if verified.status().is_open() {
+        return Ok(false);
+    }
+    let Some(created) = verified.created_at() else {
+        return Ok(false);
+    };
+    let epoch: Option<String> = transaction
+        .prepare_cached("SELECT epoch FROM discovery_epoch WHERE id = 1")?
+        .query_row([], |row| row.get(0))
+        .optional()?;
+    Ok(epoch
+        .as_deref()
+        .and_then(parse_time)
+        .is_some_and(|epoch| created < epoch))
 }
 
 /// Appends one history entry and queues a delivery for each of `hooks`.

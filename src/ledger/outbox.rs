@@ -98,6 +98,8 @@ pub struct Delivery {
     /// The verified checkout JSON, verbatim.
     #[serde(skip)]
     pub verified_json: String,
+    /// How the checkout came to be tracked (`link-create`, `track`, `track-fetch`, `discovery`).
+    pub tracked_via: String,
 }
 
 /// How an attempt ended, as the dispatcher decided.
@@ -224,7 +226,8 @@ const HEAD_OF_QUEUE: &str = "NOT EXISTS (
 const DELIVERY_COLUMNS: &str = "SELECT d.event_id, d.hook, d.checkout_id, c.order_id, c.request_id,
         d.transition_id, t.from_status, t.to_status, t.source, t.verified_at, c.amount, c.currency,
         d.state, d.attempts, d.next_attempt_at, d.last_exit_code, d.last_error, d.replay,
-        d.created_at, d.delivered_at, t.verified_json, t.refunded_from, t.refunded_to
+        d.created_at, d.delivered_at, t.verified_json, t.refunded_from, t.refunded_to,
+        c.tracked_via
     FROM hook_deliveries d
     JOIN transitions t ON t.id = d.transition_id
     JOIN checkouts c ON c.id = d.checkout_id";
@@ -255,6 +258,7 @@ fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<Delivery> {
         verified_json: row.get(20)?,
         refunded_from: row.get(21)?,
         refunded_to: row.get(22)?,
+        tracked_via: row.get(23)?,
     })
 }
 
@@ -429,11 +433,15 @@ impl Ledger {
     /// # Errors
     ///
     /// SQL failures.
+    ///
+    /// Imported baselines (source `discovery-import`: statuses a checkout reached before
+    /// paywatch could see it) are left out unless `include_imported`.
     pub fn replay_deliveries(
         &self,
         since: DateTime<Utc>,
         status: Option<&str>,
         hooks: &[(String, Vec<String>)],
+        include_imported: bool,
     ) -> Result<Vec<String>> {
         let mut connection = self.lock();
         let transaction = self.write(&mut connection, "replay")?;
@@ -441,11 +449,13 @@ impl Ledger {
             let mut statement = transaction
                 .prepare(
                     "SELECT id, checkout_id, to_status FROM transitions
-                     WHERE verified_at >= ?1 AND (?2 IS NULL OR to_status = ?2) ORDER BY id",
+                     WHERE verified_at >= ?1 AND (?2 IS NULL OR to_status = ?2)
+                       AND (?3 OR source <> 'discovery-import')
+                     ORDER BY id",
                 )
                 .map_err(|e| self.error("replay", e))?;
             let rows = statement
-                .query_map(params![timestamp(since), status], |row| {
+                .query_map(params![timestamp(since), status, include_imported], |row| {
                     Ok((row.get(0)?, row.get(1)?, row.get(2)?))
                 })
                 .map_err(|e| self.error("replay", e))?;

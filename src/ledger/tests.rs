@@ -501,7 +501,7 @@ fn replay_queues_new_events_for_past_transitions() {
         .expect("apply");
     let since = Utc::now() - chrono::Duration::hours(1);
     let events = ledger
-        .replay_deliveries(since, Some("PAID"), &[("h".into(), vec![])])
+        .replay_deliveries(since, Some("PAID"), &[("h".into(), vec![])], false)
         .expect("replay");
     assert_eq!(events.len(), 1);
     let delivery = ledger.delivery(&events[0]).expect("read").expect("exists");
@@ -1031,15 +1031,14 @@ fn a_refund_that_keeps_the_status_is_an_entry_for_partially_refunded_hooks() {
 }
 
 #[test]
-fn discovered_checkouts_move_the_cursor_with_them_and_without_coordinates_are_not_listened_to() {
+fn discovered_checkouts_are_tracked_once_and_without_coordinates_are_not_listened_to() {
     let ledger = Ledger::open_in_memory().expect("ledger");
-    assert_eq!(ledger.discovery_cursor("LINK").expect("read"), None);
     let wire: Checkout =
         serde_json::from_str(r#"{"id":"7","currency":"AED","amount":5,"status":"PENDING"}"#)
             .expect("json");
     let bare = wire.answer_facts().expect("facts without coordinates");
     let found = ledger
-        .record_discovered(&[facts("5"), bare], "LINK", "7")
+        .record_discovered(&[facts("5"), bare.clone(), facts("5")])
         .expect("record");
     assert_eq!(
         found
@@ -1047,26 +1046,20 @@ fn discovered_checkouts_move_the_cursor_with_them_and_without_coordinates_are_no
             .map(|d| (d.checkout_id.as_str(), d.outcome, d.listened))
             .collect::<Vec<_>>(),
         [
-            ("5", TrackOutcome::Added, true),
-            ("7", TrackOutcome::Added, false)
-        ]
+            ("5", DiscoveredOutcome::Added, true),
+            ("7", DiscoveredOutcome::Added, false)
+        ],
+        "a duplicate within a page counts once"
     );
-    assert_eq!(
-        ledger.discovery_cursor("LINK").expect("read").as_deref(),
-        Some("7")
-    );
-    assert_eq!(
-        ledger.discovery_cursor("WEB").expect("read"),
-        None,
-        "per type"
-    );
+    let before = ledger.data_version().expect("version");
     let again = ledger
-        .record_discovered(&[facts("5")], "LINK", "9")
+        .record_discovered(&[facts("5"), bare])
         .expect("record");
-    assert_eq!(again[0].outcome, TrackOutcome::AlreadyTracked);
+    assert!(again.is_empty(), "nothing new: {again:?}");
     assert_eq!(
-        ledger.discovery_cursor("LINK").expect("read").as_deref(),
-        Some("9")
+        ledger.data_version().expect("version"),
+        before,
+        "checkouts already tracked cost no write"
     );
     let watched: Vec<String> = ledger
         .watch_set()
@@ -1085,6 +1078,195 @@ fn discovered_checkouts_move_the_cursor_with_them_and_without_coordinates_are_no
             .expect("tracked")
             .tracked_via,
         "discovery"
+    );
+}
+
+#[test]
+fn a_reconcile_only_checkout_that_gains_coordinates_moves_onto_the_listener() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let wire: Checkout =
+        serde_json::from_str(r#"{"id":"7","currency":"AED","amount":5,"status":"PENDING"}"#)
+            .expect("json");
+    ledger
+        .record_discovered(&[wire.answer_facts().expect("facts")])
+        .expect("record");
+    assert!(ledger.watch_set().expect("watch set").is_empty());
+    let found = ledger.record_discovered(&[facts("7")]).expect("record");
+    assert_eq!(
+        found
+            .iter()
+            .map(|d| (d.checkout_id.as_str(), d.outcome, d.listened))
+            .collect::<Vec<_>>(),
+        [("7", DiscoveredOutcome::Located, true)]
+    );
+    let watched: Vec<String> = ledger
+        .watch_set()
+        .expect("watch set")
+        .into_iter()
+        .map(|entry| entry.checkout_id.to_string())
+        .collect();
+    assert_eq!(watched, ["7"]);
+    assert!(
+        ledger
+            .record_discovered(&[facts("7")])
+            .expect("record")
+            .is_empty(),
+        "located once"
+    );
+}
+
+#[test]
+fn discovery_rounds_and_the_epoch_are_remembered() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    assert_eq!(ledger.last_discovery_round("LINK").expect("read"), None);
+    let first = Utc::now() - chrono::Duration::hours(1);
+    let epoch = ledger.begin_discovery_epoch(first).expect("epoch");
+    assert_eq!(timestamp(epoch), timestamp(first));
+    let later = ledger.begin_discovery_epoch(Utc::now()).expect("epoch");
+    assert_eq!(later, epoch, "the epoch is set once");
+    let started = Utc::now();
+    ledger
+        .finish_discovery_round("LINK", started)
+        .expect("finish");
+    assert_eq!(
+        ledger
+            .last_discovery_round("LINK")
+            .expect("read")
+            .map(timestamp),
+        Some(timestamp(started))
+    );
+    assert_eq!(
+        ledger.last_discovery_round("WEB").expect("read"),
+        None,
+        "per type"
+    );
+}
+
+/// A checkout as Get Checkout answers it, created at `created`.
+fn verified_created(id: &str, status: &str, created: DateTime<Utc>) -> VerifiedCheckout {
+    let mut value: serde_json::Value =
+        serde_json::from_str(&checkout_json(id, status)).expect("json");
+    value["timestamp"] = timestamp(created).into();
+    VerifiedCheckout::for_tests(&value.to_string())
+}
+
+#[test]
+fn a_discovered_checkout_settled_before_the_epoch_is_a_baseline_without_hooks() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let hooks = vec![hook("all", &[])];
+    let epoch = ledger.begin_discovery_epoch(Utc::now()).expect("epoch");
+    let before = epoch - chrono::Duration::days(2);
+    let after = epoch + chrono::Duration::seconds(1);
+    ledger
+        .record_discovered(&[facts("1"), facts("2"), facts("3"), facts("4")])
+        .expect("discovered");
+    ledger.track(&facts("5"), TrackedVia::Track).expect("track");
+    let apply = |verified: VerifiedCheckout| match ledger
+        .apply(&verified, Source::Firestore, None, &hooks, WATCH)
+        .expect("apply")
+    {
+        ApplyOutcome::Transition {
+            transition,
+            deliveries,
+            ..
+        } => (transition.source, deliveries.len()),
+        other => panic!("expected a transition, got {other:?}"),
+    };
+    // Paid before discovery began: history, not news.
+    assert_eq!(
+        apply(verified_created("1", "PAID", before)),
+        ("discovery-import".to_owned(), 0)
+    );
+    // Still open when first seen: tracked as usual, and its payment later is news.
+    assert_eq!(
+        apply(verified_created("2", "PENDING", before)),
+        ("firestore".to_owned(), 1)
+    );
+    assert_eq!(
+        apply(verified_created("2", "PAID", before)),
+        ("firestore".to_owned(), 1)
+    );
+    // Created after the epoch and paid before a round found it: new business.
+    assert_eq!(
+        apply(verified_created("3", "PAID", after)),
+        ("firestore".to_owned(), 1)
+    );
+    // A refund of a baseline, after tracking began, is news.
+    assert_eq!(
+        apply(verified_created("1", "REFUNDED", before)),
+        ("firestore".to_owned(), 1)
+    );
+    // No readable creation time: new business (a hook told twice can deduplicate).
+    assert_eq!(apply(verified("4", "PAID")), ("firestore".to_owned(), 1));
+    // Tracked by hand: never a baseline.
+    assert_eq!(
+        apply(verified_created("5", "PAID", before)),
+        ("firestore".to_owned(), 1)
+    );
+    let history = ledger
+        .transitions(&"1".parse().expect("id"))
+        .expect("history");
+    assert_eq!(history[0].to, "PAID");
+    assert!(
+        history[0].verified_json.contains("\"PAID\""),
+        "the raw answer is kept"
+    );
+}
+
+#[test]
+fn without_an_epoch_nothing_is_a_baseline() {
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    ledger.record_discovered(&[facts("1")]).expect("discovered");
+    let outcome = ledger
+        .apply(
+            &verified_created("1", "PAID", Utc::now() - chrono::Duration::days(1)),
+            Source::Reconcile,
+            None,
+            &[hook("all", &[])],
+            WATCH,
+        )
+        .expect("apply");
+    assert!(
+        matches!(&outcome, ApplyOutcome::Transition { transition, deliveries, .. }
+            if transition.source == "reconcile" && deliveries.len() == 1),
+        "{outcome:?}"
+    );
+}
+
+#[test]
+fn an_upgraded_ledger_takes_its_oldest_discovery_cursor_as_the_epoch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("paywatch.db");
+    {
+        let connection = Connection::open(&path).expect("open");
+        for version in 1..=6 {
+            let sql = migrate::migration_for_tests(version);
+            connection.execute_batch(sql).expect("migration");
+        }
+        connection
+            .pragma_update(None, "user_version", 6)
+            .expect("version");
+        connection
+            .execute(
+                "INSERT INTO discovery_cursor (kind, after_id, updated_at)
+                 VALUES ('LINK', '9', '2024-05-01T10:00:00.000Z'),
+                        ('WEB', '3', '2024-06-01T10:00:00.000Z')",
+                [],
+            )
+            .expect("cursor");
+    }
+    let ledger = Ledger::open(&path).expect("migrated");
+    assert_eq!(
+        timestamp(ledger.begin_discovery_epoch(Utc::now()).expect("epoch")),
+        "2024-05-01T10:00:00.000Z"
+    );
+    assert_eq!(
+        ledger
+            .last_discovery_round("WEB")
+            .expect("read")
+            .map(timestamp)
+            .as_deref(),
+        Some("2024-06-01T10:00:00.000Z")
     );
 }
 

@@ -139,6 +139,11 @@ struct TransitionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceLabel {
     source: &'static str,
 }
@@ -196,6 +201,9 @@ fn hook_histogram() -> Histogram {
 /// Every metric of one daemon, registered in its registry.
 struct Inner {
     registry: Registry,
+    /// The process's own figures, under the names every Prometheus exporter uses
+    /// (`process_*`, no prefix), set at scrape time from `/proc/self`.
+    process: ProcessGauges,
     /// Held while the scrape-time gauges are set and the registry encoded, so two scrapes at
     /// once never interleave a clear with an encode.
     scrape: Mutex<()>,
@@ -247,6 +255,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut inner = Inner {
             registry: Registry::with_prefix("paywatch"),
+            process: ProcessGauges::default(),
             scrape: Mutex::new(()),
             stream_clocks: Mutex::new(HashMap::new()),
             checkouts_watched: Family::default(),
@@ -363,6 +372,17 @@ impl Metrics {
             "paid_checkouts_hooks_undelivered",
             "Checkouts verified PAID whose hook deliveries for it are not all delivered",
             inner.paid_hooks_undelivered.clone(),
+        );
+        let build_info = Family::<VersionLabel, Gauge>::default();
+        build_info
+            .get_or_create(&VersionLabel {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        inner.registry.register(
+            "build_info",
+            "Always 1, labelled with the version of paywatch that is running",
+            build_info,
         );
         // Series that exist before their first event, so rate() and absent() work from the start.
         for source in [Source::Firestore, Source::Reconcile, Source::Manual] {
@@ -686,7 +706,97 @@ impl Inner {
 
         let mut text = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)?;
+        self.process.read();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &self.process.registry)?;
         Ok(text)
+    }
+}
+
+/// The `process_*` figures of the Prometheus client libraries, and `paywatch_build_info`'s
+/// sibling registry. Read from `/proc/self` (the `procfs` crate) at each scrape; a figure that
+/// cannot be read keeps its last value.
+struct ProcessGauges {
+    registry: Registry,
+    cpu_seconds: Gauge<f64, AtomicU64>,
+    resident_memory: Gauge,
+    virtual_memory: Gauge,
+    open_fds: Gauge,
+    max_fds: Gauge,
+    start_time: Gauge<f64, AtomicU64>,
+}
+
+impl Default for ProcessGauges {
+    fn default() -> Self {
+        let mut gauges = ProcessGauges {
+            registry: Registry::default(),
+            cpu_seconds: Gauge::default(),
+            resident_memory: Gauge::default(),
+            virtual_memory: Gauge::default(),
+            open_fds: Gauge::default(),
+            max_fds: Gauge::default(),
+            start_time: Gauge::default(),
+        };
+        // Counters by meaning; gauges here because they are set from /proc, not counted.
+        gauges.registry.register(
+            "process_cpu_seconds_total",
+            "Total user and system CPU time spent in seconds",
+            gauges.cpu_seconds.clone(),
+        );
+        gauges.registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            gauges.resident_memory.clone(),
+        );
+        gauges.registry.register(
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes",
+            gauges.virtual_memory.clone(),
+        );
+        gauges.registry.register(
+            "process_open_fds",
+            "Number of open file descriptors",
+            gauges.open_fds.clone(),
+        );
+        gauges.registry.register(
+            "process_max_fds",
+            "Maximum number of open file descriptors (the soft limit)",
+            gauges.max_fds.clone(),
+        );
+        gauges.registry.register(
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch in seconds",
+            gauges.start_time.clone(),
+        );
+        gauges
+    }
+}
+
+impl ProcessGauges {
+    fn read(&self) {
+        let Ok(process) = procfs::process::Process::myself() else {
+            return;
+        };
+        let as_i64 = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        if let Ok(stat) = process.stat() {
+            let ticks = procfs::ticks_per_second().max(1) as f64;
+            self.cpu_seconds
+                .set((stat.utime + stat.stime) as f64 / ticks);
+            self.resident_memory
+                .set(as_i64(stat.rss.saturating_mul(procfs::page_size())));
+            self.virtual_memory.set(as_i64(stat.vsize));
+            if let Ok(boot) = procfs::boot_time_secs() {
+                self.start_time
+                    .set(boot as f64 + stat.starttime as f64 / ticks);
+            }
+        }
+        if let Ok(count) = process.fd_count() {
+            self.open_fds.set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        if let Ok(limits) = process.limits()
+            && let procfs::process::LimitValue::Value(soft) = limits.max_open_files.soft_limit
+        {
+            self.max_fds.set(as_i64(soft));
+        }
     }
 }
 
@@ -737,7 +847,7 @@ fn paymennt_outcome<T>(result: &Result<T, crate::paymennt::Error>) -> &'static s
         Err(Error::Server { .. }) => "server_error",
         Err(Error::RateLimited { .. }) => "rate_limited",
         Err(Error::Timeout(_)) => "timeout",
-        Err(Error::Network(_)) => "network",
+        Err(Error::Connect(_) | Error::Network(_)) => "network",
         Err(Error::Malformed(_) | Error::Shape(_)) => "malformed",
         // Something other than paymennt answered: a configuration problem, not a checkout's.
         Err(Error::NotPaymennt { .. } | Error::Redirected { .. } | Error::TooLarge { .. }) => {

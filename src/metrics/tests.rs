@@ -419,3 +419,36 @@ async fn the_http_answer_is_the_text_format_or_a_503_naming_the_problem() {
         "{text}"
     );
 }
+
+#[test]
+fn process_figures_and_the_build_are_exported_as_prometheus_exporters_do() {
+    let metrics = Metrics::new();
+    let ledger = Ledger::open_in_memory().expect("ledger");
+    let text = render(&metrics, &ledger, Utc::now(), Instant::now());
+    assert_eq!(
+        sample(
+            &text,
+            &format!(
+                "paywatch_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    let figure = |name: &str| sample(&text, name).unwrap_or_else(|| panic!("no {name}: {text}"));
+    assert!(figure("process_resident_memory_bytes") > 1_000_000.0);
+    assert!(figure("process_virtual_memory_bytes") > 1_000_000.0);
+    assert!(
+        figure("process_open_fds") >= 3.0,
+        "stdin, stdout, stderr at least"
+    );
+    assert!(figure("process_max_fds") >= figure("process_open_fds"));
+    assert!(figure("process_cpu_seconds_total") >= 0.0);
+    let started = figure("process_start_time_seconds");
+    let now = Utc::now().timestamp() as f64;
+    assert!(
+        started > now - 86_400.0 && started <= now + 1.0,
+        "{started} vs {now}"
+    );
+}

@@ -2,15 +2,31 @@
 //!
 //! Owns: requests to paymennt (auth headers, timeouts, retries) and the only constructor of
 //! [`VerifiedCheckout`]: a checkout status counts as verified only when it came from here.
-//! Must never: retry a 4xx other than 429, put a credential in an error or log, send one to
-//! another host (redirects are not followed; plaintext only to loopback), read an unbounded
-//! body, or hold money in a float. Text paymennt sends is escaped before it reaches an error.
+//! Must never: retry a 4xx other than 429, send a call that creates something (Create payment
+//! link, Create new webhook) a second time unless the first provably never reached paymennt,
+//! put a credential in an error or log, send one to another host (redirects are not followed;
+//! plaintext only to loopback), read an unbounded body, or hold money in a float. Text paymennt
+//! sends is escaped, and scrubbed of every configured secret (an upstream that echoes our request
+//! quotes the credential headers), before it reaches an error.
+//!
+//! # Calls that create something are sent once
+//!
+//! Reads (Get Checkout, Search Checkouts, list webhooks) are retried on any failure that may go
+//! away ([`Error::is_retryable`]). A call that creates something is not: paymennt's spec says
+//! nothing of rejecting a repeated `requestId`, so a second Create payment link after a timeout
+//! makes a second link (and, with `sendSms`/`sendEmail`, a second message to the customer). Such
+//! a call is sent again only when [`Error::may_send_again`] holds: the connection was never
+//! made (connect refused, DNS failure, connect timeout), or paymennt answered 429 with
+//! `Retry-After`. Any other failure is returned; [`Error::reached`] tells the caller whether
+//! paymennt may have acted on it, and [`Client::find_link`] looks for the link such a call may
+//! have made.
 //!
 //! Only paymennt's own JSON answer (`{success: false, error}` on a JSON response) counts as
 //! paymennt refusing a request; anything else (an HTML 404 page, a proxy, a maintenance page,
 //! a wrong path in `base_url`) is [`Error::NotPaymennt`], a failure to retry that names the base
 //! URL, never "this checkout does not exist".
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -98,7 +114,12 @@ pub enum Error {
     /// The request timed out.
     #[error("paymennt did not answer within {0:?}")]
     Timeout(Duration),
-    /// The connection failed (DNS, connect, TLS, reset).
+    /// No connection could be made (DNS failure, connect refused or timed out, TLS handshake):
+    /// the request was never sent.
+    #[error("cannot connect to paymennt: {0}")]
+    Connect(String),
+    /// The connection failed after it was made (reset, closed mid-answer): the request may
+    /// have been sent.
     #[error("cannot reach paymennt: {0}")]
     Network(String),
     /// The answer was not the JSON paymennt documents.
@@ -118,9 +139,44 @@ impl Error {
             Error::Server { .. }
                 | Error::RateLimited { .. }
                 | Error::Timeout(_)
+                | Error::Connect(_)
                 | Error::Network(_)
                 | Error::NotPaymennt { .. }
         )
+    }
+
+    /// Whether paymennt may have received, and acted on, the request that failed this way.
+    pub fn reached(&self) -> Reached {
+        match self {
+            Error::Connect(_) => Reached::No,
+            // Read in full, and what it says is known: paymennt's refusal, its 429, a redirect
+            // (not followed), a 4xx page from something else, or a checkout lacking a field
+            // (paymennt did act: the answer says so).
+            Error::Rejected { .. }
+            | Error::RateLimited { .. }
+            | Error::Redirected { .. }
+            | Error::Shape(_) => Reached::Answered,
+            Error::NotPaymennt { status, .. } if (400..500).contains(status) => Reached::Answered,
+            // Sent, and no readable answer: a timeout or a reset after sending, a 5xx, a 2xx
+            // whose body could not be read or is not paymennt's.
+            Error::Timeout(_)
+            | Error::Network(_)
+            | Error::Server { .. }
+            | Error::NotPaymennt { .. }
+            | Error::TooLarge { .. }
+            | Error::Malformed(_) => Reached::Maybe,
+        }
+    }
+
+    /// Whether a call that creates something (Create payment link, Create new webhook) may be
+    /// sent again after this error: only when it provably never reached paymennt (no connection
+    /// was made) or paymennt asked for it to be sent later (429 with `Retry-After`).
+    pub fn may_send_again(&self) -> bool {
+        match self {
+            Error::Connect(_) => true,
+            Error::RateLimited { retry_after } => retry_after.is_some(),
+            _ => false,
+        }
     }
 
     /// Whether the answer points at the configuration rather than at one checkout: something
@@ -141,12 +197,29 @@ impl Error {
         }
     }
 
+    /// Whether paymennt refused the API credentials themselves (HTTP 401), rather than one
+    /// request.
+    pub fn refuses_credentials(&self) -> bool {
+        matches!(self, Error::Rejected { status: 401, .. })
+    }
+
     /// Whether paymennt itself said the checkout does not exist: its JSON wrapper with
     /// `success: false` and its not-found error (paymennt's OpenAPI spec: "Checkout not found
     /// for API merchant"). Nothing else counts: an HTML 404 page is [`Error::NotPaymennt`].
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::Rejected { message, .. } if message.to_ascii_lowercase().contains("checkout not found"))
     }
+}
+
+/// Whether a failed request may have reached paymennt and been acted on ([`Error::reached`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reached {
+    /// No connection was made: the request was never sent, nothing happened at paymennt.
+    No,
+    /// An answer was read in full, and it says what happened (a refusal: nothing was done).
+    Answered,
+    /// The request may have reached paymennt and been acted on; only asking paymennt tells.
+    Maybe,
 }
 
 /// A checkout as Get Checkout (or Create payment link) returned it: the only kind of status
@@ -165,8 +238,8 @@ pub struct VerifiedCheckout {
 
 impl VerifiedCheckout {
     fn from_result(raw_json: &str, ticket: VerifyTicket) -> Result<VerifiedCheckout, Error> {
-        let wire: Checkout = serde_json::from_str(raw_json)
-            .map_err(|error| Error::Malformed(format!("checkout: {error}")))?;
+        let wire: Checkout =
+            serde_json::from_str(raw_json).map_err(|error| malformed("checkout", &error))?;
         let facts = wire.answer_facts()?;
         let status = facts
             .status
@@ -228,6 +301,11 @@ impl VerifiedCheckout {
         &self.raw_json
     }
 
+    /// When paymennt created the checkout, if its answer says so readably.
+    pub fn created_at(&self) -> Option<DateTime<Utc>> {
+        self.wire.created_at()
+    }
+
     /// When the answer arrived.
     pub fn verified_at(&self) -> DateTime<Utc> {
         self.verified_at
@@ -262,6 +340,13 @@ pub struct SearchQuery {
     pub size: Option<u32>,
 }
 
+/// How far before the send [`Client::find_link`] searches from: paymennt's clock (which sets a
+/// checkout's creation time) may be behind ours.
+pub const FIND_LINK_MARGIN: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
+
+/// The most search pages (of 100) [`Client::find_link`] reads for one order.
+const FIND_LINK_MAX_PAGES: u32 = 10;
+
 /// `afterTimestamp`'s format in paymennt's spec (`yyyy-mm-dd HH:MM:SS`).
 pub const AFTER_TIMESTAMP_FORMAT: &str = "%Y-%m-%d %H:%M:%S";
 
@@ -291,6 +376,60 @@ impl RetryPolicy {
     }
 }
 
+/// Whether paymennt refuses the API credentials, as the latest Get Checkout or Search
+/// Checkouts answer said: shared by every clone of a client, and handed on to the client a
+/// config reload builds, so readiness sees it whichever client made the call.
+#[derive(Debug, Clone, Default)]
+pub struct CredentialStatus {
+    refused: Arc<Mutex<Option<String>>>,
+    accepted: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CredentialStatus {
+    /// Whether paymennt accepted the credentials at least once.
+    pub fn ever_accepted(&self) -> bool {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// What paymennt said when it refused the credentials, while it does.
+    pub fn refused(&self) -> Option<String> {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Notes one answer: a refusal of the credentials is logged at error once (until an answer
+    /// is accepted again), with the keys to check.
+    fn note<T>(&self, base_url: &str, result: &Result<T, Error>) {
+        match result {
+            Ok(_) => {
+                self.accepted
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                if self.lock().take().is_some() {
+                    tracing::info!("paymennt accepts the API credentials again");
+                }
+            }
+            Err(error) if error.refuses_credentials() => {
+                let first = self.lock().replace(error.to_string()).is_none();
+                if first {
+                    tracing::error!(
+                        base_url,
+                        "paymennt refuses the API credentials: {error}; no checkout can be verified until this is fixed: \
+                         check [paymennt] api_key and api_secret (or api_key_file / api_secret_file, or the systemd \
+                         credentials paymennt-api-key and paymennt-api-secret) and [paymennt] environment (test keys \
+                         work only against test, live keys only against live)"
+                    );
+                }
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// A paymennt API client. Cheap to clone; clones share the connection pool.
 #[derive(Clone)]
 pub struct Client {
@@ -299,6 +438,7 @@ pub struct Client {
     request_timeout: Duration,
     retry: RetryPolicy,
     metrics: Metrics,
+    credentials: CredentialStatus,
 }
 
 impl std::fmt::Debug for Client {
@@ -411,12 +551,27 @@ impl Client {
             request_timeout,
             retry,
             metrics: Metrics::disabled(),
+            credentials: CredentialStatus::default(),
         })
     }
 
     /// The same client, timing its Get Checkout and Search calls in `metrics`.
     pub fn with_metrics(self, metrics: Metrics) -> Client {
         Client { metrics, ..self }
+    }
+
+    /// The same client, noting whether paymennt refuses the credentials in `credentials`
+    /// (shared with an earlier client, so a reload keeps what was seen).
+    pub fn with_credential_status(self, credentials: CredentialStatus) -> Client {
+        Client {
+            credentials,
+            ..self
+        }
+    }
+
+    /// Whether paymennt refuses this client's credentials, as far as its calls have seen.
+    pub fn credential_status(&self) -> &CredentialStatus {
+        &self.credentials
     }
 
     /// The base URL in use.
@@ -438,6 +593,7 @@ impl Client {
         let result = self.fetch_checkout(id, ticket).await;
         self.metrics
             .paymennt_call(PaymenntCall::GetCheckout, &result, started.elapsed());
+        self.credentials.note(self.base.as_str(), &result);
         result
     }
 
@@ -461,25 +617,89 @@ impl Client {
 
     /// Create payment link: `POST /checkout/link`.
     ///
-    /// Retried only on errors that cannot have created a link (connect failures, 429, 503);
-    /// paymennt rejects a repeated `requestId`, so a blind retry could not double-charge anyway.
+    /// Sent once: again only when [`Error::may_send_again`] holds (no connection was made, or a
+    /// 429 with `Retry-After`). Nothing in paymennt's spec says a repeated `requestId` is
+    /// refused, so a second send after a timeout would make a second link.
     ///
     /// # Errors
     ///
-    /// The last attempt's [`Error`].
+    /// The last attempt's [`Error`]; when its [`Error::reached`] is [`Reached::Maybe`] the link
+    /// may exist: look for it with [`Client::find_link`], never by sending the request again.
     pub async fn create_link(
         &self,
         request: &LinkRequest,
         ticket: VerifyTicket,
     ) -> Result<VerifiedCheckout, Error> {
         let raw = self
-            .call(|| {
+            .call_once(|| {
                 self.http
                     .post(self.url(&["checkout", "link"]))
                     .json(request)
             })
             .await?;
         VerifiedCheckout::from_result(&raw, ticket)
+    }
+
+    /// Looks for the payment link a Create payment link with `request` made, after a failure
+    /// that leaves it unknown: Search Checkouts for the order's LINK checkouts created since
+    /// `since` (paymennt's `afterTimestamp`, minus [`FIND_LINK_MARGIN`] for clock skew), the
+    /// one whose `requestId` is the request's, then Get Checkout for it.
+    ///
+    /// # Returns
+    ///
+    /// The link, verified; `None` if no checkout with that `requestId` is found.
+    ///
+    /// # Errors
+    ///
+    /// The [`Error`] of a search or Get Checkout that failed (each retried as reads are).
+    pub async fn find_link(
+        &self,
+        request: &LinkRequest,
+        since: DateTime<Utc>,
+        ticket: VerifyTicket,
+    ) -> Result<Option<VerifiedCheckout>, Error> {
+        let mut query = SearchQuery {
+            kind: Some("LINK".into()),
+            order_id: Some(request.order_id.clone()),
+            request_id: Some(request.request_id.clone()),
+            after_timestamp: Some(since - FIND_LINK_MARGIN),
+            page: Some(0),
+            size: Some(100),
+            ..SearchQuery::default()
+        };
+        let mut found: Vec<CheckoutId> = Vec::new();
+        for page in 0..FIND_LINK_MAX_PAGES {
+            query.page = Some(page);
+            let result = self.search(&query).await?;
+            // Matched here too: the filters narrow the search, the requestId decides.
+            for checkout in &result.content {
+                if checkout.request_id.as_deref() == Some(request.request_id.as_str())
+                    && let Some(id) = checkout
+                        .id
+                        .as_ref()
+                        .and_then(|id| id.0.parse::<CheckoutId>().ok())
+                    && !found.contains(&id)
+                {
+                    found.push(id);
+                }
+            }
+            if i64::from(page) + 1 >= result.total_pages || result.content.is_empty() {
+                break;
+            }
+        }
+        found.sort_by_key(|id: &CheckoutId| id.as_str().parse::<u128>().unwrap_or(u128::MAX));
+        let Some(first) = found.first() else {
+            return Ok(None);
+        };
+        if found.len() > 1 {
+            tracing::warn!(
+                request_id = %printable(&request.request_id),
+                order = %printable(&request.order_id),
+                links = ?found.iter().map(CheckoutId::as_str).collect::<Vec<_>>(),
+                "paymennt holds more than one link with this requestId; the oldest is used; check the others at paymennt"
+            );
+        }
+        self.get_checkout(first, ticket).await.map(Some)
     }
 
     /// Search checkouts: `GET /checkout`.
@@ -492,6 +712,7 @@ impl Client {
         let result = self.search_once(query).await;
         self.metrics
             .paymennt_call(PaymenntCall::Search, &result, started.elapsed());
+        self.credentials.note(self.base.as_str(), &result);
         result
     }
 
@@ -528,20 +749,23 @@ impl Client {
         let raw = self
             .call(|| self.http.get(self.url(&["checkout"])).query(&pairs))
             .await?;
-        serde_json::from_str(&raw)
-            .map_err(|error| Error::Malformed(format!("checkout page: {error}")))
+        serde_json::from_str(&raw).map_err(|error| malformed("checkout page", &error))
     }
 
     /// Create new webhook: `POST /webhooks` with `{"address": …}`. The answer holds the
     /// webhook's `hmacKey`.
     ///
+    /// Sent once, as [`Client::create_link`] is: a second send could register the address
+    /// twice (and paymennt would then call it twice per change).
+    ///
     /// # Errors
     ///
-    /// The last attempt's [`Error`].
+    /// The last attempt's [`Error`]; when its [`Error::reached`] is [`Reached::Maybe`] the
+    /// webhook may exist: look for it with [`Client::list_webhooks`].
     pub async fn create_webhook(&self, address: &str) -> Result<Webhook, Error> {
         let body = serde_json::json!({ "address": address });
         let raw = self
-            .call(|| self.http.post(self.url(&["webhooks"])).json(&body))
+            .call_once(|| self.http.post(self.url(&["webhooks"])).json(&body))
             .await?;
         webhook_of(&raw)
     }
@@ -560,8 +784,8 @@ impl Client {
                     .query(&[("page", "0"), ("size", "1000")])
             })
             .await?;
-        let items: Vec<serde_json::Value> = serde_json::from_str(&raw)
-            .map_err(|error| Error::Malformed(format!("webhooks: {error}")))?;
+        let items: Vec<serde_json::Value> =
+            serde_json::from_str(&raw).map_err(|error| malformed("webhooks", &error))?;
         items
             .into_iter()
             .map(|item| {
@@ -580,8 +804,7 @@ impl Client {
                         });
                     }
                 };
-                serde_json::from_value(webhook)
-                    .map_err(|error| Error::Malformed(format!("webhook: {error}")))
+                serde_json::from_value(webhook).map_err(|error| malformed("webhook", &error))
             })
             .collect()
     }
@@ -632,6 +855,27 @@ impl Client {
                 Err(error) if error.is_retryable() && retry < self.retry.max_retries => {
                     let delay = self.retry.delay(retry, &error);
                     tracing::debug!(%error, retry = retry + 1, delay_ms = delay.as_millis() as u64, "retrying paymennt call");
+                    tokio::time::sleep(delay).await;
+                    retry += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Sends a request that creates something: again only when [`Error::may_send_again`]
+    /// holds (no connection was made, or paymennt's 429 with `Retry-After`).
+    async fn call_once(
+        &self,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<String, Error> {
+        let mut retry = 0;
+        loop {
+            match self.attempt(build()).await {
+                Ok(result) => return Ok(result),
+                Err(error) if error.may_send_again() && retry < self.retry.max_retries => {
+                    let delay = self.retry.delay(retry, &error);
+                    tracing::debug!(%error, retry = retry + 1, delay_ms = delay.as_millis() as u64, "sending again: the request never reached paymennt, or it asked us to wait");
                     tokio::time::sleep(delay).await;
                     retry += 1;
                 }
@@ -747,7 +991,9 @@ impl Client {
     }
 
     fn transport_error(&self, error: reqwest::Error) -> Error {
-        if error.is_timeout() {
+        // A connect error first: a connect timeout is also a timeout, but no request was sent.
+        let connect = error.is_connect();
+        if error.is_timeout() && !connect {
             Error::Timeout(self.request_timeout)
         } else {
             // Without the URL: it is ours and shown elsewhere; the cause chain says what failed.
@@ -759,7 +1005,12 @@ impl Client {
                 text.push_str(&cause.to_string());
                 source = cause.source();
             }
-            Error::Network(text)
+            let text = crate::domain::scrub_secrets(&text).into_owned();
+            if connect {
+                Error::Connect(text)
+            } else {
+                Error::Network(text)
+            }
         }
     }
 }
@@ -786,7 +1037,7 @@ fn is_json(content_type: &str) -> bool {
 }
 
 fn webhook_of(raw: &str) -> Result<Webhook, Error> {
-    serde_json::from_str(raw).map_err(|error| Error::Malformed(format!("webhook: {error}")))
+    serde_json::from_str(raw).map_err(|error| malformed("webhook", &error))
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is rare for APIs; it is treated as absent).
@@ -795,14 +1046,24 @@ fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
-/// The start of a body for an error message, printable.
+/// The start of a body for an error message: every registered secret scrubbed from it before it
+/// is cut (an upstream that echoes our request quotes the credential headers), then printable.
 fn body_excerpt(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
+    let text = crate::domain::scrubbed_excerpt(body, 200);
     if text.trim().is_empty() {
         "(empty body)".into()
     } else {
         crate::domain::printable(text.trim())
     }
+}
+
+/// An answer that could not be decoded as `what`. serde's message can quote values from the
+/// answer, so it is scrubbed of secrets like any excerpt.
+fn malformed(what: &str, error: &serde_json::Error) -> Error {
+    Error::Malformed(format!(
+        "{what}: {}",
+        crate::domain::scrub_secrets(&error.to_string())
+    ))
 }
 
 /// The HTTP client builder with the API credentials as default headers and the timeouts.

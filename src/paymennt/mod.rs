@@ -6,4 +6,4 @@
 pub mod client;
 pub mod wire;
 
-pub use client::{Client, Error, RetryPolicy, SearchQuery, VerifiedCheckout};
+pub use client::{Client, CredentialStatus, Error, RetryPolicy, SearchQuery, VerifiedCheckout};

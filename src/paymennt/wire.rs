@@ -225,6 +225,17 @@ pub struct CheckoutFacts {
 }
 
 impl Checkout {
+    /// When paymennt created the checkout (`timestamp`), if the answer says so in a form that
+    /// can be read: ISO 8601 with an offset, `+04:00` or `+0400` (the spec's
+    /// `yyyy-MM-ddTHH:mm:ss.SSSZZ`), or `Z`.
+    pub fn created_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        let text = self.timestamp.as_deref()?.trim();
+        chrono::DateTime::parse_from_rfc3339(text)
+            .or_else(|_| chrono::DateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f%z"))
+            .ok()
+            .map(|time| time.with_timezone(&chrono::Utc))
+    }
+
     /// Checks the fields paywatch needs to track a checkout, the Firebase coordinates included,
     /// naming the first one that is missing or invalid.
     pub fn facts(&self) -> Result<CheckoutFacts, CheckoutShapeError> {
@@ -474,6 +485,23 @@ mod tests {
         );
         let written = serde_json::to_string(&JsonDecimal(Decimal::new(1999, 2))).expect("writes");
         assert_eq!(written, "19.99");
+    }
+
+    #[test]
+    fn creation_times_in_every_documented_offset_form() {
+        let created = |timestamp: &str| {
+            let checkout: Checkout =
+                serde_json::from_value(serde_json::json!({ "timestamp": timestamp }))
+                    .expect("parses");
+            checkout.created_at().map(|time| time.to_rfc3339())
+        };
+        let expected = Some("2024-05-01T06:00:00+00:00".to_owned());
+        assert_eq!(created("2024-05-01T10:00:00.000+04:00"), expected);
+        assert_eq!(created("2024-05-01T10:00:00.000+0400"), expected);
+        assert_eq!(created("2024-05-01T06:00:00Z"), expected);
+        assert_eq!(created("yesterday"), None);
+        let without: Checkout = serde_json::from_str("{}").expect("parses");
+        assert_eq!(without.created_at(), None);
     }
 
     #[test]

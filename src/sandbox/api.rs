@@ -2,7 +2,8 @@
 //! `/_sandbox/`, and the payment page under `/pay/` ([`crate::sandbox::pay_page`]).
 //!
 //! Owns: routes, request parsing, paymennt's `{success, elapsed, error, result}` wrapper, the API
-//! key check, and applying injected API faults (latency, 500, 429) and the Get Checkout counter.
+//! key check, and applying injected API faults (latency, 500, 429, a create answered late) and
+//! the Get Checkout counter.
 //! Must never: change a checkout except through [`SandboxState`], or answer with anything but the
 //! wrapper on the Merchant API (no plain-text rejections, not even for malformed JSON; `GET
 //! /webhooks` answers an array of wrappers, as paymennt's spec says).
@@ -17,7 +18,7 @@
 //! | `POST /_sandbox/documents/{id}` body `{"status": "PAID"}` | sets the document's status, not the checkout's (a lying document) |
 //! | `DELETE /_sandbox/documents/{id}` | deletes the document upstream; the checkout stays |
 //! | `GET /_sandbox/faults` | fault settings and Get Checkout counts |
-//! | `POST /_sandbox/faults` body [`FaultUpdate`] | changes faults; `{"close_listen_streams": true}` drops Listen streams; `{"refuse_listen_documents": ["doc-id"]}` refuses those documents' Listen targets (PERMISSION_DENIED); `{"resume_token_max_age_ms": 1000}` makes older resume tokens get the full state (0: never) |
+//! | `POST /_sandbox/faults` body [`FaultUpdate`] | changes faults; `{"close_listen_streams": true}` drops Listen streams; `{"refuse_listen_documents": ["doc-id"]}` refuses those documents' Listen targets (PERMISSION_DENIED); `{"create_answer_delay_ms": 700}` answers Create payment link and Create new webhook that long after making the link or webhook; `{"resume_token_max_age_ms": 1000}` makes older resume tokens get the full state (0: never) |
 //! | `GET /_sandbox/firebase-auth` | Firebase Auth counters: sign-ups, refreshes, refused sign-ups, the hourly sign-up limit (served by [`crate::sandbox::auth`]) |
 //!
 //! Admin answers use the same wrapper; an unknown checkout is HTTP 404 there.
@@ -283,7 +284,14 @@ async fn create_link(
         Err(message) => return failure(start, StatusCode::BAD_REQUEST, &message),
     };
     match context.state.create_link(&request).await {
-        Ok(checkout) => success(start, checkout),
+        Ok(checkout) => {
+            // The link exists from here on; a slow answer does not undo it.
+            let delay = context.state.faults().create_answer_delay();
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            success(start, checkout)
+        }
         Err(error) => merchant_failure(start, &error),
     }
 }
@@ -586,7 +594,15 @@ async fn create_webhook(
                 .ok_or_else(|| "address is required".to_owned())
         });
     match address {
-        Ok(address) => success(start, WebhookOut::from(context.state.add_webhook(&address))),
+        Ok(address) => {
+            let webhook = WebhookOut::from(context.state.add_webhook(&address));
+            // Registered from here on; a slow answer does not undo it.
+            let delay = context.state.faults().create_answer_delay();
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            success(start, webhook)
+        }
         Err(message) => failure(start, StatusCode::BAD_REQUEST, &message),
     }
 }
@@ -781,6 +797,7 @@ pub(crate) mod tests {
                 status_spelling: StatusSpelling::Upper,
                 expiry_minute: Duration::from_secs(60),
                 public_base_url: "http://127.0.0.1:1".into(),
+                search: Default::default(),
             },
             Arc::new(DocumentStore::new()),
             Faults::new(FaultSettings::default()),

@@ -1,5 +1,6 @@
 //! Injected faults: API errors and latency, throttling, dropped Listen streams, Listen targets
-//! refused per document, slow document writes, a refused Search Checkouts, and the Get Checkout
+//! refused per document, slow document writes, a refused Search Checkouts, a Create payment link
+//! or Create new webhook answered late (after the link or webhook exists), and the Get Checkout
 //! and Search call counters tests assert on.
 //!
 //! Owns: the fault settings (set at start through [`FaultSettings`], changed at run time through
@@ -42,6 +43,10 @@ pub struct FaultSettings {
     pub refuse_listen: bool,
     /// Search Checkouts is answered with HTTP 403 (an API key without that permission).
     pub refuse_search: bool,
+    /// Create payment link (and Create new webhook) makes the link (webhook), then waits this
+    /// long before answering: a paymennt slower than the client's timeout, whose link exists
+    /// although the client saw no answer.
+    pub create_answer_delay_ms: u64,
     /// Listen refuses targets naming these documents (full names, or the last path segment,
     /// i.e. the document id) with a `REMOVE` carrying PERMISSION_DENIED, as a project whose
     /// security rules deny that one document would; the stream and its other targets go on.
@@ -75,6 +80,8 @@ pub struct FaultUpdate {
     pub refuse_listen: Option<bool>,
     /// See [`FaultSettings::refuse_search`].
     pub refuse_search: Option<bool>,
+    /// See [`FaultSettings::create_answer_delay_ms`].
+    pub create_answer_delay_ms: Option<u64>,
     /// See [`FaultSettings::refuse_listen_documents`] (replaces the list).
     pub refuse_listen_documents: Option<Vec<String>>,
     /// See [`FaultSettings::resume_token_max_age_ms`]; `0` means "never expire".
@@ -168,12 +175,16 @@ impl Faults {
                 document_write_delay_ms,
                 refuse_listen,
                 refuse_search,
+                create_answer_delay_ms,
                 refuse_listen_documents,
                 resume_token_max_age_ms,
                 close_listen_streams: _,
             } = update;
             if let Some(v) = resume_token_max_age_ms {
                 settings.resume_token_max_age_ms = (v > 0).then_some(v);
+            }
+            if let Some(v) = create_answer_delay_ms {
+                settings.create_answer_delay_ms = v;
             }
             if let Some(v) = refuse_listen {
                 settings.refuse_listen = v;
@@ -274,6 +285,17 @@ impl Faults {
     /// The added API latency.
     pub fn api_latency(&self) -> Duration {
         Duration::from_millis(self.settings_lock().api_latency_ms)
+    }
+
+    /// Create payment link answers `delay` after the link is made.
+    pub fn set_create_answer_delay(&self, delay: Duration) {
+        self.settings_lock().create_answer_delay_ms = millis(delay);
+    }
+
+    /// How long Create payment link (and Create new webhook) waits, after making the link
+    /// (webhook), before answering.
+    pub fn create_answer_delay(&self) -> Duration {
+        Duration::from_millis(self.settings_lock().create_answer_delay_ms)
     }
 
     /// The document write delay.
@@ -450,6 +472,15 @@ mod tests {
             })
             .expect("valid update");
         assert_eq!(settings.api_latency_ms, 5);
+        assert_eq!(settings.fail_next_api_requests, 3);
+        let settings = faults
+            .update(FaultUpdate {
+                create_answer_delay_ms: Some(700),
+                ..FaultUpdate::default()
+            })
+            .expect("valid update");
+        assert_eq!(settings.create_answer_delay_ms, 700);
+        assert_eq!(faults.create_answer_delay(), Duration::from_millis(700));
         assert_eq!(settings.fail_next_api_requests, 3);
         let error = faults
             .update(FaultUpdate {

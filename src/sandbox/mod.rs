@@ -56,7 +56,10 @@ pub use crate::sandbox::documents::DocumentStore;
 pub use crate::sandbox::faults::{FaultSettings, FaultUpdate, Faults};
 pub use crate::sandbox::firestore::SeenHeaders;
 pub use crate::sandbox::sink::DocumentSink;
-pub use crate::sandbox::state::{CheckoutAction, SandboxError, SandboxState, StatusSpelling};
+pub use crate::sandbox::state::{
+    CheckoutAction, CheckoutIds, SandboxError, SandboxState, SearchBehaviour, SearchFilter,
+    SearchOrder, StatusSpelling,
+};
 
 use crate::sandbox::api::{ApiContext, ApiCredentials};
 use crate::sandbox::auth::CallerCheck;
@@ -112,6 +115,9 @@ pub struct SandboxOptions {
     /// Serve the HTTP side over TLS with this certificate (its URLs become
     /// `https://localhost:PORT/...`).
     pub api_tls: Option<ServerTls>,
+    /// How Search Checkouts orders its results, which ids it hands out, and how late a new
+    /// checkout becomes visible to it.
+    pub search: SearchBehaviour,
 }
 
 /// A server certificate and key (PEM), e.g. from [`TestCertificates`].
@@ -152,6 +158,7 @@ impl Default for SandboxOptions {
             firebase_token_lifetime: Duration::from_secs(3600),
             firestore_tls: None,
             api_tls: None,
+            search: SearchBehaviour::default(),
         }
     }
 }
@@ -173,6 +180,7 @@ impl std::fmt::Debug for SandboxOptions {
             .field("firestore_auth", &self.firestore_auth)
             .field("firebase_token_lifetime", &self.firebase_token_lifetime)
             .field("firestore_tls", &self.firestore_tls.is_some())
+            .field("search", &self.search)
             .field("api_tls", &self.api_tls.is_some())
             .finish_non_exhaustive()
     }
@@ -244,6 +252,7 @@ impl Sandbox {
                 status_spelling: options.status_spelling,
                 expiry_minute: options.expiry_minute,
                 public_base_url: format!("http://{api_addr}"),
+                search: options.search,
             },
             sink,
             faults.clone(),

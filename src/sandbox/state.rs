@@ -100,6 +100,42 @@ pub enum SandboxError {
     DocumentWrite(String),
 }
 
+/// The order Search Checkouts answers in. paymennt's spec promises none, so discovery must be
+/// correct under each.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SearchOrder {
+    /// Oldest id first.
+    #[default]
+    Asc,
+    /// Newest id first.
+    Desc,
+    /// A shuffled order, the same for every request of one sandbox (so pages do not overlap),
+    /// as an order by some internal key would be.
+    Random,
+}
+
+/// How the sandbox hands out checkout ids. paymennt's spec says nothing of their growth.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckoutIds {
+    /// Each id greater than every earlier one.
+    #[default]
+    Growing,
+    /// Random 19-digit ids, unrelated to creation time.
+    Random,
+}
+
+/// How Search Checkouts behaves: its order, the ids it sees, and how long a new checkout takes
+/// to become visible to it (an index that lags behind commits).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SearchBehaviour {
+    /// The order of results.
+    pub order: SearchOrder,
+    /// How ids are handed out.
+    pub ids: CheckoutIds,
+    /// A checkout is found by searches only this long after its creation.
+    pub visibility_delay: Duration,
+}
+
 /// Settings of the state that do not change while the sandbox runs.
 #[derive(Debug, Clone)]
 pub struct StateConfig {
@@ -113,6 +149,8 @@ pub struct StateConfig {
     pub expiry_minute: Duration,
     /// Base of the redirect URL, e.g. `http://127.0.0.1:8790` (no trailing slash).
     pub public_base_url: String,
+    /// How Search Checkouts orders, sees and lags.
+    pub search: SearchBehaviour,
 }
 
 /// The shared state. Cheap to clone; every clone sees the same checkouts.
@@ -137,6 +175,8 @@ struct StateInner {
     webhook_client: reqwest::Client,
     /// Stops expiry timers and delayed writes at shutdown.
     shutdown: CancellationToken,
+    /// Keys the shuffle of [`SearchOrder::Random`].
+    search_seed: u64,
     /// Expiry timers and delayed writes, so shutdown can wait for them.
     tasks: TaskTracker,
 }
@@ -282,6 +322,7 @@ impl SandboxState {
                     .build()
                     .unwrap_or_default(),
                 shutdown,
+                search_seed: rand::random(),
                 tasks: TaskTracker::new(),
             }),
         }
@@ -318,7 +359,10 @@ impl SandboxState {
         let now = Utc::now();
         let (checkout, write, expires_in) = {
             let mut checkouts = self.checkouts();
-            let id = unique_checkout_id(&checkouts, now);
+            let id = match self.inner.config.search.ids {
+                CheckoutIds::Growing => unique_checkout_id(&checkouts, now),
+                CheckoutIds::Random => random_checkout_id(&checkouts),
+            };
             let display_id = unique_display_id(&checkouts);
             let checkout_key = hex::encode(rand::random::<[u8; 24]>());
             let location = FirestoreLocation::new(
@@ -428,8 +472,14 @@ impl SandboxState {
         self.inner.faults.get_checkout_calls(id.as_str())
     }
 
-    /// Checkouts matching `filter`, by id (ids grow with creation, as paymennt's do).
+    /// Checkouts matching `filter`, in the configured [`SearchOrder`], without those created
+    /// less than the configured visibility delay ago.
     pub fn search(&self, filter: &SearchFilter) -> Vec<Checkout> {
+        let behaviour = self.inner.config.search;
+        let visible_before = chrono::Duration::from_std(behaviour.visibility_delay)
+            .ok()
+            .and_then(|delay| Utc::now().checked_sub_signed(delay))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
         let checkouts = self.checkouts();
         let mut found: Vec<&CheckoutRecord> = checkouts
             .order
@@ -452,9 +502,24 @@ impl SandboxState {
                     && filter
                         .after_timestamp
                         .is_none_or(|after| record.created_at > after)
+                    && record.created_at <= visible_before
             })
             .collect();
-        found.sort_by_key(|record| numeric_id(&record.id));
+        match behaviour.order {
+            SearchOrder::Asc => found.sort_by_key(|record| numeric_id(&record.id)),
+            SearchOrder::Desc => {
+                found.sort_by_key(|record| std::cmp::Reverse(numeric_id(&record.id)))
+            }
+            SearchOrder::Random => {
+                let seed = self.inner.search_seed;
+                found.sort_by_key(|record| {
+                    use std::hash::{Hash, Hasher};
+                    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                    (seed, record.id.as_str()).hash(&mut hasher);
+                    hasher.finish()
+                })
+            }
+        }
         found.into_iter().map(|record| self.wire(record)).collect()
     }
 
@@ -1057,6 +1122,18 @@ fn unique_checkout_id(checkouts: &Checkouts, now: DateTime<Utc>) -> CheckoutId {
     }
 }
 
+/// A fresh random 19-digit id, unrelated to creation time.
+fn random_checkout_id(checkouts: &Checkouts) -> CheckoutId {
+    loop {
+        let number: u64 = rand::rng().random_range(1_000_000_000_000_000_000..u64::MAX);
+        if let Ok(id) = number.to_string().parse::<CheckoutId>()
+            && !checkouts.by_id.contains_key(&id)
+        {
+            return id;
+        }
+    }
+}
+
 /// Six upper-case letters and digits, unused so far.
 fn unique_display_id(checkouts: &Checkouts) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
@@ -1108,6 +1185,13 @@ mod tests {
     use crate::sandbox::faults::FaultSettings;
 
     fn state_with(spelling: StatusSpelling) -> (SandboxState, Arc<DocumentStore>) {
+        state_searching(spelling, SearchBehaviour::default())
+    }
+
+    fn state_searching(
+        spelling: StatusSpelling,
+        search: SearchBehaviour,
+    ) -> (SandboxState, Arc<DocumentStore>) {
         let store = Arc::new(DocumentStore::new());
         let state = SandboxState::new(
             StateConfig {
@@ -1116,6 +1200,7 @@ mod tests {
                 status_spelling: spelling,
                 expiry_minute: Duration::from_millis(1),
                 public_base_url: "http://127.0.0.1:1".into(),
+                search,
             },
             store.clone(),
             Faults::new(FaultSettings::default()),
@@ -1143,6 +1228,85 @@ mod tests {
             .0
             .parse()
             .expect("valid id")
+    }
+
+    /// The ids a search returns, in its order.
+    fn searched(state: &SandboxState) -> Vec<u128> {
+        state
+            .search(&SearchFilter::default())
+            .iter()
+            .filter_map(|checkout| checkout.id.as_ref()?.0.parse().ok())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn searches_answer_in_the_configured_order_with_the_configured_ids() {
+        for (order, ids) in [
+            (SearchOrder::Asc, CheckoutIds::Growing),
+            (SearchOrder::Desc, CheckoutIds::Growing),
+            (SearchOrder::Random, CheckoutIds::Random),
+        ] {
+            let behaviour = SearchBehaviour {
+                order,
+                ids,
+                visibility_delay: Duration::ZERO,
+            };
+            let (state, _) = state_searching(StatusSpelling::Upper, behaviour);
+            let mut created = Vec::new();
+            for index in 0..20 {
+                let checkout = state
+                    .create_link(&LinkRequest {
+                        order_id: format!("ORD-{index}"),
+                        ..link("1.00")
+                    })
+                    .await
+                    .expect("created");
+                let id: u128 = checkout.id.expect("id").0.parse().expect("numeric");
+                created.push(id);
+            }
+            let found = searched(&state);
+            assert_eq!(
+                found,
+                searched(&state),
+                "{order:?}: the same order every time"
+            );
+            let mut ascending = created.clone();
+            ascending.sort_unstable();
+            match order {
+                SearchOrder::Asc => assert_eq!(found, ascending),
+                SearchOrder::Desc => {
+                    ascending.reverse();
+                    assert_eq!(found, ascending);
+                }
+                SearchOrder::Random => {
+                    assert_ne!(found, ascending, "shuffled");
+                    let mut sorted = found.clone();
+                    sorted.sort_unstable();
+                    assert_eq!(sorted, ascending, "every checkout once");
+                }
+            }
+            if ids == CheckoutIds::Random {
+                assert_ne!(created, ascending, "random ids do not grow with creation");
+            } else {
+                assert!(created.windows(2).all(|pair| pair[0] < pair[1]));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_new_checkout_is_searchable_only_after_the_visibility_delay() {
+        let behaviour = SearchBehaviour {
+            visibility_delay: Duration::from_secs(3600),
+            ..SearchBehaviour::default()
+        };
+        let (state, _) = state_searching(StatusSpelling::Upper, behaviour);
+        let checkout = state.create_link(&link("1.00")).await.expect("created");
+        assert!(searched(&state).is_empty(), "not visible yet");
+        let id = id_of(&checkout);
+        assert!(
+            state.checkout(&id).is_some(),
+            "Get Checkout sees it at once"
+        );
     }
 
     #[tokio::test]

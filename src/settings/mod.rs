@@ -716,15 +716,23 @@ pub struct DiscoverySettings {
     /// On or off; unset means on when paymennt credentials are configured.
     #[serde(default)]
     pub enabled: Option<bool>,
-    /// Checkout types to track (paymennt's `type`: QR, WEB, MOBILE, LINK, TERMINAL).
-    #[serde(default = "default_discovery_types")]
+    /// Checkout types to track (paymennt's `type`: QR, WEB, MOBILE, LINK, TERMINAL): a TOML
+    /// array, or comma-separated text (as an environment variable gives it).
+    #[serde(
+        default = "default_discovery_types",
+        deserialize_with = "list_or_comma_separated"
+    )]
     pub types: Vec<String>,
     /// Time between searches.
     #[serde(default = "default_discovery_interval", with = "humantime_serde")]
     pub interval: Duration,
-    /// How far back a first start (no stored cursor) looks.
+    /// How far back a first round (no complete round stored) looks.
     #[serde(default = "default_discovery_lookback", with = "humantime_serde")]
     pub lookback: Duration,
+    /// How far before the last complete round's start the next round searches again, for
+    /// checkouts that became visible late and for clocks that disagree.
+    #[serde(default = "default_discovery_overlap", with = "humantime_serde")]
+    pub overlap: Duration,
     /// Checkouts per Search Checkouts page.
     #[serde(default = "default_page_size")]
     pub page_size: u32,
@@ -742,6 +750,33 @@ fn default_discovery_lookback() -> Duration {
     Duration::from_secs(7 * 24 * 3600)
 }
 
+fn default_discovery_overlap() -> Duration {
+    Duration::from_secs(10 * 60)
+}
+
+/// A list of strings given as an array, or as one comma-separated string (the form an
+/// environment variable has); blanks around items and empty items are dropped.
+fn list_or_comma_separated<'de, D>(deserializer: D) -> Result<Vec<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrText {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match ListOrText::deserialize(deserializer)? {
+        ListOrText::List(items) => items,
+        ListOrText::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
 impl Default for DiscoverySettings {
     fn default() -> Self {
         DiscoverySettings {
@@ -749,6 +784,7 @@ impl Default for DiscoverySettings {
             types: default_discovery_types(),
             interval: default_discovery_interval(),
             lookback: default_discovery_lookback(),
+            overlap: default_discovery_overlap(),
             page_size: default_page_size(),
         }
     }
@@ -783,6 +819,11 @@ pub struct DaemonSettings {
     /// On SIGTERM, how long in-flight verifications and hooks may take before exit.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// When paymennt refuses the API credentials before it ever accepted them: `false` stops
+    /// the daemon with exit 2 (a configuration problem); `true` keeps it running, not ready,
+    /// until they are accepted.
+    #[serde(default)]
+    pub wait_for_api: bool,
 }
 
 fn default_drain_timeout() -> Duration {
@@ -793,6 +834,7 @@ impl Default for DaemonSettings {
     fn default() -> Self {
         DaemonSettings {
             drain_timeout: default_drain_timeout(),
+            wait_for_api: false,
         }
     }
 }
@@ -820,13 +862,19 @@ pub struct HttpSettings {
     /// The request header carrying a webhook's HMAC-SHA256 signature.
     #[serde(default = "default_signature_header")]
     pub webhook_signature_header: String,
+    /// With a key configured, whether a notification without a signature is refused (401).
+    /// `false` accepts unsigned ones too (still only a nudge, verified with Get Checkout).
+    #[serde(default = "default_true")]
+    pub webhook_require_signature: bool,
     /// The largest request body accepted, in bytes.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
     /// Webhook notifications accepted per minute from one source address.
     #[serde(default = "default_webhook_rate_per_address")]
     pub webhook_rate_per_address: u32,
-    /// Webhook notifications accepted per minute for one checkout.
+    /// Get Checkout calls per minute for one checkout caused by webhook notifications: the
+    /// length of its notification window is a minute divided by this (more notifications are
+    /// folded into the window's end, never refused).
     #[serde(default = "default_webhook_rate_per_checkout")]
     pub webhook_rate_per_checkout: u32,
     /// `/readyz` fails once Get Checkout has failed without a success for this long.
@@ -859,6 +907,7 @@ impl Default for HttpSettings {
             webhook_hmac_key: None,
             webhook_hmac_key_file: None,
             webhook_signature_header: default_signature_header(),
+            webhook_require_signature: true,
             max_body_bytes: default_max_body_bytes(),
             webhook_rate_per_address: default_webhook_rate_per_address(),
             webhook_rate_per_checkout: default_webhook_rate_per_checkout(),
@@ -1075,7 +1124,7 @@ fn environment_overrides(
 }
 
 /// Every key the file or the environment may set, for the unknown-key check.
-const KNOWN_KEYS: &[&str] = &[
+pub const KNOWN_KEYS: &[&str] = &[
     "ledger.path",
     "paymennt.environment",
     "paymennt.base_url",
@@ -1111,8 +1160,10 @@ const KNOWN_KEYS: &[&str] = &[
     "discovery.types",
     "discovery.interval",
     "discovery.lookback",
+    "discovery.overlap",
     "discovery.page_size",
     "daemon.drain_timeout",
+    "daemon.wait_for_api",
     "log.level",
     "log.format",
     "http.listen",
@@ -1121,6 +1172,7 @@ const KNOWN_KEYS: &[&str] = &[
     "http.webhook_hmac_key",
     "http.webhook_hmac_key_file",
     "http.webhook_signature_header",
+    "http.webhook_require_signature",
     "http.max_body_bytes",
     "http.webhook_rate_per_address",
     "http.webhook_rate_per_checkout",
@@ -1140,7 +1192,40 @@ const HOOK_KEYS: &[&str] = &[
 ];
 
 /// Reports keys no setting has, with the closest known key as a suggestion.
-fn check_keys(table: &toml::Table, origin: &str) -> Result<(), SettingsError> {
+/// The line of the key at `path` in TOML `text` (`["discovery", "lokback"]`, or
+/// `["hooks", "0", "comand"]` for an entry of an array of tables), for error messages.
+fn key_line(text: &str, path: &[&str]) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let parsed = DeTable::parse(text).ok()?;
+    let mut value: Option<&DeValue<'_>> = None;
+    let mut table: &DeTable<'_> = parsed.get_ref();
+    let mut span = None;
+    for part in path {
+        if let Some(DeValue::Array(entries)) = value {
+            let entry = entries.get(part.parse::<usize>().ok()?)?;
+            let DeValue::Table(inner) = entry.get_ref() else {
+                return None;
+            };
+            table = inner;
+            value = None;
+            continue;
+        }
+        if let Some(DeValue::Table(inner)) = value {
+            table = inner;
+        }
+        let (key, found) = table.iter().find(|(key, _)| key.get_ref() == part)?;
+        span = Some(key.span());
+        value = Some(found.get_ref());
+    }
+    span.map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1)
+}
+
+fn check_keys(table: &toml::Table, origin: &str, text: &str) -> Result<(), SettingsError> {
+    // The file's name and the key's line, where it can be found.
+    let at = |path: &[&str]| match key_line(text, path) {
+        Some(line) => format!("{origin} (line {line})"),
+        None => origin.to_owned(),
+    };
     for (section, value) in table {
         match (section.as_str(), value) {
             ("hooks", toml::Value::Array(hooks)) => {
@@ -1154,7 +1239,7 @@ fn check_keys(table: &toml::Table, origin: &str) -> Result<(), SettingsError> {
                     for key in hook.keys() {
                         if !HOOK_KEYS.contains(&key.as_str()) {
                             return Err(unknown_key(
-                                origin,
+                                &at(&["hooks", &index.to_string(), key]),
                                 &format!("hooks[{index}].{key}"),
                                 key,
                                 HOOK_KEYS,
@@ -1167,13 +1252,13 @@ fn check_keys(table: &toml::Table, origin: &str) -> Result<(), SettingsError> {
                 for key in keys.keys() {
                     let full = format!("{section}.{key}");
                     if !KNOWN_KEYS.contains(&full.as_str()) {
-                        return Err(unknown_key(origin, &full, &full, KNOWN_KEYS));
+                        return Err(unknown_key(&at(&[section, key]), &full, &full, KNOWN_KEYS));
                     }
                 }
             }
             (key, _) => {
                 if !KNOWN_KEYS.contains(&key) {
-                    return Err(unknown_key(origin, key, key, KNOWN_KEYS));
+                    return Err(unknown_key(&at(&[key]), key, key, KNOWN_KEYS));
                 }
             }
         }
@@ -1290,7 +1375,7 @@ impl Settings {
                             + &line_hint(&text, error.span()),
                     )
                 })?;
-                check_keys(&table, &origin)?;
+                check_keys(&table, &origin, &text)?;
                 builder =
                     builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
                 origin
@@ -1477,6 +1562,12 @@ impl Settings {
                 self.discovery.lookback,
                 Duration::ZERO,
                 Duration::from_secs(366 * 24 * 3600),
+            ),
+            (
+                "discovery.overlap",
+                self.discovery.overlap,
+                Duration::ZERO,
+                Duration::from_secs(24 * 3600),
             ),
         ];
         for (key, value, low, high) in ranges {

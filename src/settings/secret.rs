@@ -14,9 +14,13 @@ use serde::de::{self, Deserializer, Visitor};
 pub struct Secret(String);
 
 impl Secret {
-    /// Wraps a value.
+    /// Wraps a value, and registers it to be scrubbed from every excerpt of a foreign answer
+    /// ([`crate::domain::scrub_secrets`]): an upstream that echoes a request can quote any of
+    /// them.
     pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
+        let value = value.into();
+        crate::domain::register_secret(&value);
+        Secret(value)
     }
 
     /// The value. Call it only where the secret is sent to paymennt.

@@ -78,10 +78,13 @@ fn environment_overrides_the_file() {
 
 #[test]
 fn unknown_key_is_an_error_naming_file_and_key() {
-    let (_dir, path) = write_config("[paymennt]\napi_scret = \"x\"\n");
+    let (_dir, path) = write_config("# paymennt\n\n[paymennt]\napi_scret = \"x\"\n");
     let error = Settings::load_with_env(Some(&path), Vec::new()).expect_err("unknown key");
     let text = error.to_string();
-    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(
+        text.contains(&format!("{} (line 4)", path.display())),
+        "names the file and the line: {text}"
+    );
     assert!(text.contains("paymennt.api_scret"), "{text}");
     assert!(
         text.contains("did you mean 'paymennt.api_secret'"),
@@ -94,6 +97,9 @@ fn unknown_key_is_an_error_naming_file_and_key() {
     )
     .expect_err("unknown hook key");
     assert!(error.to_string().contains("hooks[0].timout"), "{error}");
+    assert!(error.to_string().contains("(line 4)"), "{error}");
+    let error = load("ledgr = 1\n", &[]).expect_err("unknown top-level key");
+    assert!(error.to_string().contains("(line 1)"), "{error}");
 
     let error = load("", &[("PAYWATCH_LEDGER__PAHT", "/x")]).expect_err("unknown env key");
     assert!(
@@ -262,6 +268,26 @@ fn a_numeric_looking_secret_from_the_environment_stays_verbatim() {
     let credentials = settings.paymennt.credentials().expect("resolves");
     assert_eq!(credentials.secret.expose(), "00123");
     assert_eq!(credentials.key.expose(), "1e5");
+}
+
+#[test]
+fn discovery_types_and_overlap_can_be_set_from_the_environment() {
+    let settings = load(
+        "",
+        &[
+            ("PAYWATCH_DISCOVERY__TYPES", "LINK, WEB,"),
+            ("PAYWATCH_DISCOVERY__OVERLAP", "2m"),
+        ],
+    )
+    .expect("valid");
+    assert_eq!(settings.discovery.types, ["LINK", "WEB"]);
+    assert_eq!(settings.discovery.overlap, Duration::from_secs(120));
+    let single = load("", &[("PAYWATCH_DISCOVERY__TYPES", "QR")]).expect("valid");
+    assert_eq!(single.discovery.types, ["QR"]);
+    let error = load("", &[("PAYWATCH_DISCOVERY__TYPES", "LINK,SHOP")]).expect_err("unknown");
+    assert!(error.to_string().contains("unknown type 'SHOP'"), "{error}");
+    let error = load("[discovery]\noverlap = \"2days\"\n", &[]).expect_err("bounded");
+    assert!(error.to_string().contains("'discovery.overlap'"), "{error}");
 }
 
 #[test]

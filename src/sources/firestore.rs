@@ -252,6 +252,8 @@ pub enum ListenEvent {
         reason: String,
         /// When it is reopened.
         retry_in: Duration,
+        /// A planned reopen (renewed credentials), not a failure.
+        planned: bool,
     },
 }
 

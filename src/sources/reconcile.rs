@@ -73,7 +73,8 @@ pub async fn run(
                 () = cancel.cancelled() => return,
                 changed = interval.changed() => {
                     if changed.is_err() { return; }
-                    tracing::info!(interval = ?*interval.borrow(), "reconcile interval changed");
+                    // The reload names what changed; this is only its effect.
+                    tracing::debug!(interval = ?*interval.borrow(), "reconcile interval changed");
                     break;
                 }
                 _ = ticker.tick() => {
@@ -447,7 +448,7 @@ mod tests {
                 .expect("track");
         }
         ledger
-            .record_discovered(&[facts("4", false)], "LINK", "4")
+            .record_discovered(&[facts("4", false)])
             .expect("discovered");
         ledger
             .save_resume_points(&[crate::ledger::ResumePoint {

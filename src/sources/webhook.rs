@@ -1,10 +1,12 @@
 //! Webhook intake: a notification from paymennt (`POST /webhooks/paymennt`) becomes a nudge.
 //!
-//! Owns: reading the checkout id out of a notification, the optional HMAC-SHA256 signature
-//! check, rate limits per source address and per checkout, and sending the nudge (source
-//! `webhook`) for a tracked checkout.
-//! Must never: read a status, amount or anything else from the body as a fact. A notification
-//! only says "verify checkout X"; a forged one costs at most one Get Checkout.
+//! Owns: reading the checkout id out of a notification, the HMAC-SHA256 signature check, the
+//! per-address rate limit, the per-checkout notification windows (coalescing), and sending the
+//! nudge (source `webhook`) for a tracked checkout.
+//! Must never: read a status, amount or anything else from the body as a fact (a notification
+//! only says "verify checkout X"), refuse or drop a notification because of what *other*
+//! notifications did for the same checkout, answer differently for tracked and untracked
+//! checkouts, or write a log line per notification not acted on.
 //!
 //! # What is checked (and what is not)
 //!
@@ -14,17 +16,38 @@
 //! - The body must be a JSON object of at most `[http] max_body_bytes`; the checkout id is taken
 //!   from the first of `checkoutId`, `checkout_id`, `checkout.id`, `data.checkoutId`, `data.id`,
 //!   `result.id`, `id` that is present. Nothing else in it is read.
-//! - Signature: when the request carries the `[http] webhook_signature_header` header (default
-//!   `X-Paymennt-Signature`) AND a key is configured (`[http] webhook_hmac_key`), the header must
-//!   be the hex HMAC-SHA256 of the raw body keyed with the key's text (an optional `sha256=`
-//!   prefix is accepted); a mismatch is refused with 401. Unsigned notifications are accepted, as
-//!   are signed ones when no key is configured (the signature is then not checked): either way
-//!   the checkout is verified with Get Checkout before anything is recorded.
-//! - Not checked: the sender's address (rate limits only), timestamps or replay (a replayed
-//!   notification is one more nudge, and nudges are idempotent).
+//! - Signature: with a key configured (`[http] webhook_hmac_key`), the `[http]
+//!   webhook_signature_header` header (default `X-Paymennt-Signature`) must be the hex
+//!   HMAC-SHA256 of the raw body keyed with the key's text (an optional `sha256=` prefix is
+//!   accepted); a mismatch is refused with 401, and so is a notification without the header
+//!   unless `[http] webhook_require_signature = false`. Without a key, nothing is checked:
+//!   either way the checkout is verified with Get Checkout before anything is recorded.
+//! - Per source address (an IPv6 address counted by its /64, which one host usually holds
+//!   whole): at most `[http] webhook_rate_per_address` a minute, then 429.
+//! - Not checked: timestamps or replay (a replayed notification is one more nudge, and nudges
+//!   are idempotent).
+//!
+//! # Windows: notifications coalesce, never refused per checkout
+//!
+//! Per checkout, a notification opens a window of `60 s / [http] webhook_rate_per_checkout`
+//! and is verified at once; the others arriving within it are folded into one nudge sent when
+//! the window ends (which opens the next window). So a checkout costs at most one Get Checkout
+//! per window however many notifications name it (forged ones included), and every accepted
+//! notification is followed by a verification that starts after it arrived: a flood can delay
+//! a genuine notification by one window, never lose it.
+//!
+//! # One answer, counted logs
+//!
+//! Every accepted notification gets the same 202 body, whether its checkout is tracked or not
+//! (or it names none), so the answer tells nobody which checkouts paywatch watches. What was
+//! not acted on (untracked ids, id-less test calls, refusals) is counted and logged at most a
+//! line a minute or so (one at once after a quiet minute, then the minute's counts), never a
+//! line each.
 
-use std::net::IpAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
@@ -32,37 +55,40 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::domain::{CheckoutId, Source, printable};
 use crate::ledger::Ledger;
 use crate::settings::{HttpSettings, Secret, SettingsError};
 use crate::sources::Nudge;
 
-/// Keys a rate limiter may hold before the idle ones are dropped (bounds memory under a flood
-/// of distinct addresses or ids).
+/// Keys the address rate limiter may hold before the idle ones are dropped (bounds memory
+/// under a flood of distinct addresses).
 const RATE_LIMIT_KEYS: usize = 10_000;
+
+/// How often the counts of notifications not acted on are logged.
+const SUMMARY_EVERY: Duration = Duration::from_secs(60);
 
 /// What became of a notification; the HTTP layer turns it into a status code.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Intake {
-    /// The checkout is tracked: the verifier was nudged.
-    Nudged(CheckoutId),
-    /// The checkout is not tracked: nothing was done.
-    Unknown(CheckoutId),
-    /// A well-formed notification naming no checkout (paymennt's "test webhook" call, say).
-    NoCheckout,
+    /// Accepted. Deliberately one outcome whether the checkout is tracked (it will be
+    /// verified, at once or when its window ends), untracked (nothing is done) or the
+    /// notification names none (paymennt's "test webhook" call, say): the answer must not
+    /// tell which checkouts are tracked.
+    Accepted,
     /// Not a notification: the message says what is wrong.
     Malformed(String),
     /// A signature was present and did not match the configured key.
     BadSignature,
-    /// Too many notifications from this address or for this checkout.
+    /// A key is configured, signatures are required, and this notification carries none.
+    Unsigned,
+    /// Too many notifications from this address (or its IPv6 /64).
     RateLimited {
-        /// "address" or "checkout".
-        scope: &'static str,
         /// When one more would be accepted.
         retry_after: Duration,
     },
-    /// The daemon is shutting down or the ledger cannot be read: try again later.
+    /// The ledger cannot be read: try again later.
     Unavailable(String),
 }
 
@@ -71,33 +97,54 @@ pub struct WebhookIntake {
     ledger: Ledger,
     nudges: mpsc::Sender<Nudge>,
     hmac_key: Option<Secret>,
+    /// Whether a notification without a signature is refused when a key is configured.
+    require_signature: bool,
     per_address: DefaultKeyedRateLimiter<IpAddr>,
-    per_checkout: DefaultKeyedRateLimiter<CheckoutId>,
-    /// Refusals (rate limits, bad signatures) are warned about at most once a minute, so a
-    /// flood of them cannot flood the log.
-    refusals: std::sync::Mutex<Refusals>,
+    /// The per-checkout windows (shared with their tasks).
+    windows: Arc<Windows>,
+    /// Notifications not acted on, logged as counts (shared with the summary task).
+    tally: Arc<Tally>,
+    /// Whether the summary task runs (started with the first notification, inside the runtime).
+    summary_started: std::sync::Once,
+    /// Cancelled when the intake is dropped (the HTTP listener stopped): window tasks send what
+    /// they hold at once and end, so the verifier's channel closes for the drain.
+    stop: CancellationToken,
+    _stop_on_drop: DropGuard,
+    /// Wakes a discovery round when a notification names a checkout the ledger does not know
+    /// (discovery coalesces and spaces the wake-ups); `None` with discovery off.
+    discovery_wake: Option<Arc<tokio::sync::Notify>>,
 }
-
-/// Refusals since the last warning.
-#[derive(Default)]
-struct Refusals {
-    last_warning: Option<Instant>,
-    unreported: u64,
-}
-
-/// How often refused notifications are warned about.
-const REFUSAL_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for WebhookIntake {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhookIntake")
             .field("signature_key_configured", &self.hmac_key.is_some())
+            .field("require_signature", &self.require_signature)
+            .field("window", &self.windows.length)
             .finish_non_exhaustive()
     }
 }
 
 fn per_minute(count: u32) -> Quota {
     Quota::per_minute(NonZeroU32::new(count).unwrap_or(NonZeroU32::MIN))
+}
+
+/// The length of a checkout's notification window for `[http] webhook_rate_per_checkout`.
+pub fn window_length(rate_per_checkout: u32) -> Duration {
+    Duration::from_secs(60) / rate_per_checkout.max(1)
+}
+
+/// The key an address is rate limited under: an IPv4 address (or an IPv4-mapped IPv6 one) as
+/// itself, any other IPv6 address by its /64, since one host usually holds a whole /64 and
+/// could otherwise take a fresh address for every notification.
+pub fn address_key(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u64::MAX as u128))),
+        },
+    }
 }
 
 impl WebhookIntake {
@@ -111,33 +158,29 @@ impl WebhookIntake {
         ledger: Ledger,
         nudges: mpsc::Sender<Nudge>,
     ) -> Result<WebhookIntake, SettingsError> {
+        let stop = CancellationToken::new();
         Ok(WebhookIntake {
             ledger,
             nudges,
             hmac_key: settings.webhook_hmac_key()?,
+            require_signature: settings.webhook_require_signature,
             per_address: RateLimiter::keyed(per_minute(settings.webhook_rate_per_address)),
-            per_checkout: RateLimiter::keyed(per_minute(settings.webhook_rate_per_checkout)),
-            refusals: std::sync::Mutex::new(Refusals::default()),
+            windows: Arc::new(Windows {
+                length: window_length(settings.webhook_rate_per_checkout),
+                open: Mutex::new(HashMap::new()),
+            }),
+            tally: Arc::new(Tally::new(settings.webhook_signature_header.clone())),
+            summary_started: std::sync::Once::new(),
+            _stop_on_drop: stop.clone().drop_guard(),
+            stop,
+            discovery_wake: None,
         })
     }
 
-    /// Warns about a refusal, or counts it if a warning went out within the last minute.
-    fn refused(&self, from: IpAddr, what: &str) {
-        let mut refusals = self
-            .refusals
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let due = refusals
-            .last_warning
-            .is_none_or(|at| at.elapsed() >= REFUSAL_WARNING_EVERY);
-        if due {
-            let earlier = std::mem::take(&mut refusals.unreported);
-            refusals.last_warning = Some(Instant::now());
-            tracing::warn!(%from, refused_since_last_warning = earlier, "webhook notification refused: {what}");
-        } else {
-            refusals.unreported += 1;
-            tracing::debug!(%from, "webhook notification refused: {what}");
-        }
+    /// Makes a notification for a checkout the ledger does not know wake a discovery round
+    /// through `wake`, so a link created elsewhere is watched within seconds.
+    pub fn set_discovery_wake(&mut self, wake: Arc<tokio::sync::Notify>) {
+        self.discovery_wake = Some(wake);
     }
 
     /// Whether signatures are checked (a key is configured).
@@ -145,49 +188,61 @@ impl WebhookIntake {
         self.hmac_key.is_some()
     }
 
+    /// Counts a notification not acted on; logs the counts if no line went out lately.
+    fn not_acted(&self, what: NotActed, from: IpAddr) {
+        self.summary_started.call_once(|| {
+            let (tally, stop) = (Arc::clone(&self.tally), self.stop.clone());
+            tokio::spawn(log_summaries(tally, stop));
+        });
+        if let Some(summary) = self.tally.note(what, from, Instant::now()) {
+            summary.log();
+        }
+    }
+
+    /// The one place where a notification names a checkout that is not tracked. It is counted
+    /// (no log line of its own) and, with discovery on, wakes an early discovery round:
+    /// discovery coalesces the wake-ups and spaces its rounds, so a flood of forged ids cannot
+    /// become a flood of searches; nothing else is called, so an unknown id costs no Get
+    /// Checkout.
+    fn not_tracked(&self, id: &CheckoutId, from: IpAddr) {
+        tracing::trace!(checkout = %id, %from, "webhook notification for a checkout that is not tracked");
+        if let Some(wake) = &self.discovery_wake {
+            wake.notify_one();
+        }
+        self.not_acted(NotActed::NotTracked, from);
+    }
+
     /// Handles one notification from `from`, with the signature header's value if present.
     pub async fn receive(&self, from: IpAddr, signature: Option<&[u8]>, body: &[u8]) -> Intake {
         let seen_at = Instant::now();
-        if let Err(retry_after) = check(&self.per_address, &from) {
-            self.refused(
-                from,
-                "too many from this address ([http] webhook_rate_per_address)",
-            );
-            return Intake::RateLimited {
-                scope: "address",
-                retry_after,
-            };
+        if let Err(retry_after) = check(&self.per_address, &address_key(from)) {
+            self.not_acted(NotActed::RateLimited, from);
+            return Intake::RateLimited { retry_after };
         }
         match (signature, &self.hmac_key) {
             (Some(signature), Some(key)) => {
                 if !signature_matches(key, signature, body) {
-                    self.refused(from, "its signature does not match [http] webhook_hmac_key (check that the key is the hmacKey paymennt returned for this webhook: paywatch webhooks list --show-hmac-key)");
+                    self.not_acted(NotActed::BadSignature, from);
                     return Intake::BadSignature;
                 }
             }
+            (None, Some(_)) if self.require_signature => {
+                self.not_acted(NotActed::Unsigned, from);
+                return Intake::Unsigned;
+            }
             (Some(_), None) => {
-                tracing::debug!(%from, "webhook notification is signed but no [http] webhook_hmac_key is configured; signature not checked");
+                tracing::trace!(%from, "webhook notification is signed but no [http] webhook_hmac_key is configured; signature not checked");
             }
             (None, _) => {}
         }
         let id = match checkout_id_of(body) {
             Ok(Some(id)) => id,
             Ok(None) => {
-                tracing::info!(%from, "webhook notification names no checkout; nothing to verify");
-                return Intake::NoCheckout;
+                self.not_acted(NotActed::NoCheckout, from);
+                return Intake::Accepted;
             }
             Err(message) => return Intake::Malformed(message),
         };
-        if let Err(retry_after) = check(&self.per_checkout, &id) {
-            self.refused(
-                from,
-                &format!("too many for checkout {id} ([http] webhook_rate_per_checkout)"),
-            );
-            return Intake::RateLimited {
-                scope: "checkout",
-                retry_after,
-            };
-        }
         let ledger = self.ledger.clone();
         let lookup = id.clone();
         let tracked = match tokio::task::spawn_blocking(move || ledger.checkout(&lookup)).await {
@@ -202,26 +257,313 @@ impl WebhookIntake {
             }
         };
         if !tracked {
-            // The seam for discovery (`crate::sources::discovery`): with discovery on, this is
-            // where an early discovery round would be woken (coalesced, and spaced so a flood of
-            // forged ids cannot turn into a flood of searches). Not wired yet: nothing is done
-            // and nothing is called, so an unknown id costs no paymennt call at all.
-            tracing::info!(checkout = %id, %from, "webhook notification for a checkout that is not tracked; ignored");
-            return Intake::Unknown(id);
+            self.not_tracked(&id, from);
+            return Intake::Accepted;
         }
-        let nudge = Nudge {
-            checkout_id: id.clone(),
-            source: Source::Webhook,
-            seen_at,
-            changed_at: None,
-            seen_after: None,
-            ticket: None,
+        // From here on nothing awaits: the window's task (not this request, which its client
+        // may abandon) sends the nudges, so an open window always ends in a verification.
+        match self.windows.note(&id, seen_at) {
+            Noted::Opened => {
+                tracing::debug!(checkout = %id, %from, "webhook notification: verifying");
+                tokio::spawn(run_window(
+                    Arc::clone(&self.windows),
+                    id,
+                    seen_at,
+                    self.nudges.clone(),
+                    self.stop.clone(),
+                ));
+            }
+            Noted::Folded => {
+                tracing::trace!(checkout = %id, %from, "webhook notification folded into its checkout's window");
+            }
+        }
+        Intake::Accepted
+    }
+}
+
+/// A webhook nudge for `checkout_id`, first noticed at `seen_at`.
+fn webhook_nudge(checkout_id: CheckoutId, seen_at: Instant) -> Nudge {
+    Nudge {
+        checkout_id,
+        source: Source::Webhook,
+        seen_at,
+        changed_at: None,
+        seen_after: None,
+        ticket: None,
+    }
+}
+
+/// The checkouts with a notification window open.
+struct Windows {
+    /// How long a window lasts.
+    length: Duration,
+    /// Each open window, with when the first notification folded into it arrived (`None`:
+    /// none yet, so the window ends without a nudge).
+    open: Mutex<HashMap<CheckoutId, Option<Instant>>>,
+}
+
+/// What [`Windows::note`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum Noted {
+    /// No window was open: this one opens it (and is verified at once).
+    Opened,
+    /// Folded into the open window: verified when it ends.
+    Folded,
+}
+
+impl Windows {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CheckoutId, Option<Instant>>> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Notes a notification for `id` that arrived `at`.
+    fn note(&self, id: &CheckoutId, at: Instant) -> Noted {
+        let mut open = self.lock();
+        match open.get_mut(id) {
+            Some(folded) => {
+                folded.get_or_insert(at);
+                Noted::Folded
+            }
+            None => {
+                open.insert(id.clone(), None);
+                Noted::Opened
+            }
+        }
+    }
+
+    /// `id`'s window ended: when the first notification folded into it arrived (the next
+    /// window opens, empty), or `None` when none was (the window closes: the next notification
+    /// opens a new one). One step under the lock, so no notification falls between the two.
+    fn end(&self, id: &CheckoutId) -> Option<Instant> {
+        let mut open = self.lock();
+        match open.get_mut(id) {
+            Some(folded @ Some(_)) => folded.take(),
+            Some(None) | None => {
+                open.remove(id);
+                None
+            }
+        }
+    }
+
+    /// Closes `id`'s window, returning when its first folded notification arrived, if any.
+    fn close(&self, id: &CheckoutId) -> Option<Instant> {
+        self.lock().remove(id).flatten()
+    }
+}
+
+/// One checkout's windows: nudges at once for the notification that opened it, then at the end
+/// of each window that folded any, until one ends empty. When `stop` fires (the HTTP listener
+/// is gone) what the window holds is nudged at once.
+async fn run_window(
+    windows: Arc<Windows>,
+    id: CheckoutId,
+    seen_at: Instant,
+    nudges: mpsc::Sender<Nudge>,
+    stop: CancellationToken,
+) {
+    let mut next = Some(seen_at);
+    loop {
+        if let Some(seen_at) = next
+            && nudges
+                .send(webhook_nudge(id.clone(), seen_at))
+                .await
+                .is_err()
+        {
+            // The verifier is gone (shutting down); the next start's reconciler verifies it.
+            windows.close(&id);
+            return;
+        }
+        let stopping = tokio::select! {
+            () = tokio::time::sleep(windows.length) => false,
+            () = stop.cancelled() => true,
         };
-        if self.nudges.send(nudge).await.is_err() {
-            return Intake::Unavailable("paywatch is shutting down".into());
+        if stopping {
+            if let Some(seen_at) = windows.close(&id) {
+                let _ = nudges.send(webhook_nudge(id.clone(), seen_at)).await;
+            }
+            return;
         }
-        tracing::debug!(checkout = %id, %from, "webhook notification: verifying");
-        Intake::Nudged(id)
+        next = windows.end(&id);
+        if next.is_none() {
+            return;
+        }
+    }
+}
+
+/// Why a notification was not turned into a verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NotActed {
+    /// It names a checkout that is not tracked.
+    NotTracked,
+    /// It names no checkout (a test call).
+    NoCheckout,
+    /// Refused: no signature while one is required.
+    Unsigned,
+    /// Refused: the signature does not match the key.
+    BadSignature,
+    /// Refused: too many from its address.
+    RateLimited,
+}
+
+impl NotActed {
+    const ALL: [NotActed; 5] = [
+        NotActed::NotTracked,
+        NotActed::NoCheckout,
+        NotActed::Unsigned,
+        NotActed::BadSignature,
+        NotActed::RateLimited,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn is_refusal(self) -> bool {
+        matches!(
+            self,
+            NotActed::Unsigned | NotActed::BadSignature | NotActed::RateLimited
+        )
+    }
+}
+
+/// Counts of notifications not acted on since the last line about them.
+struct Tally {
+    /// The signature header's name, for the hint.
+    signature_header: String,
+    state: Mutex<TallyState>,
+}
+
+#[derive(Default)]
+struct TallyState {
+    counts: [u64; NotActed::ALL.len()],
+    /// The address of the latest one counted.
+    last_from: Option<IpAddr>,
+    /// When the last line went out.
+    last_line: Option<Instant>,
+}
+
+/// One line's worth of counts.
+#[derive(Debug, PartialEq, Eq)]
+struct Summary {
+    counts: [u64; NotActed::ALL.len()],
+    last_from: Option<IpAddr>,
+    signature_header: String,
+}
+
+impl Tally {
+    fn new(signature_header: String) -> Tally {
+        Tally {
+            signature_header,
+            state: Mutex::new(TallyState::default()),
+        }
+    }
+
+    /// Counts one from `from` at `now`: the summary to log now (this one included) when no
+    /// line went out within the last [`SUMMARY_EVERY`], so the first after a quiet spell is
+    /// seen at once; else `None` (the counts wait for [`Tally::take`]).
+    fn note(&self, what: NotActed, from: IpAddr, now: Instant) -> Option<Summary> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.counts[what.index()] += 1;
+        state.last_from = Some(from);
+        let due = state
+            .last_line
+            .is_none_or(|at| now.saturating_duration_since(at) >= SUMMARY_EVERY);
+        due.then(|| self.summary(&mut state, now))
+    }
+
+    /// The counts since the last line, if any, as a summary to log at `now`.
+    fn take(&self, now: Instant) -> Option<Summary> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        (state.counts.iter().any(|count| *count > 0)).then(|| self.summary(&mut state, now))
+    }
+
+    fn summary(&self, state: &mut TallyState, now: Instant) -> Summary {
+        state.last_line = Some(now);
+        Summary {
+            counts: std::mem::take(&mut state.counts),
+            last_from: state.last_from.take(),
+            signature_header: self.signature_header.clone(),
+        }
+    }
+}
+
+impl Summary {
+    fn count(&self, what: NotActed) -> u64 {
+        self.counts[what.index()]
+    }
+
+    /// Logs it: a warning when anything was refused (the operator may need to act), else info.
+    fn log(&self) {
+        let refused = NotActed::ALL
+            .iter()
+            .any(|what| what.is_refusal() && self.count(*what) > 0);
+        let last_from = self
+            .last_from
+            .map(|from| from.to_string())
+            .unwrap_or_default();
+        if refused {
+            tracing::warn!(%last_from, "{self}");
+        } else {
+            tracing::info!(%last_from, "{self}");
+        }
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("webhook notifications not acted on lately:")?;
+        let mut first = true;
+        for what in NotActed::ALL {
+            let count = self.count(what);
+            if count == 0 {
+                continue;
+            }
+            f.write_str(if first { " " } else { "; " })?;
+            first = false;
+            match what {
+                NotActed::NotTracked => {
+                    write!(f, "{count} for checkouts that are not tracked (ignored)")
+                }
+                NotActed::NoCheckout => {
+                    write!(f, "{count} naming no checkout (a test call; ignored)")
+                }
+                NotActed::Unsigned => write!(
+                    f,
+                    "{count} refused without a {} signature ([http] webhook_hmac_key is set; if paymennt's notifications carry none, set [http] webhook_require_signature = false)",
+                    self.signature_header
+                ),
+                NotActed::BadSignature => write!(
+                    f,
+                    "{count} refused with a signature that does not match [http] webhook_hmac_key (check it is the hmacKey paymennt returned: paywatch webhooks list --show-hmac-key)"
+                ),
+                NotActed::RateLimited => write!(
+                    f,
+                    "{count} refused over [http] webhook_rate_per_address (behind a reverse proxy every notification comes from the proxy: raise it)"
+                ),
+            }?;
+        }
+        Ok(())
+    }
+}
+
+/// Logs the tally's counts once every [`SUMMARY_EVERY`] while there are any, until `stop`.
+async fn log_summaries(tally: Arc<Tally>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(SUMMARY_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => {
+                if let Some(summary) = tally.take(Instant::now()) {
+                    summary.log();
+                }
+                return;
+            }
+        }
+        if let Some(summary) = tally.take(Instant::now()) {
+            summary.log();
+        }
     }
 }
 
@@ -354,6 +696,158 @@ mod tests {
         assert!(error.contains("checkout.id"), "{error}");
         let error = checkout_id_of(br#"{"checkoutId":[1]}"#).expect_err("array id");
         assert!(error.contains("checkoutId"), "{error}");
+    }
+
+    #[test]
+    fn ipv6_addresses_are_limited_per_64_and_mapped_ipv4_as_ipv4() {
+        let key = |text: &str| address_key(text.parse().expect("address"));
+        assert_eq!(key("192.0.2.7"), key("192.0.2.7"));
+        assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:ffff:1:2:3"));
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2::"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+    }
+
+    #[test]
+    fn the_window_is_a_minute_divided_by_the_rate() {
+        assert_eq!(window_length(10), Duration::from_secs(6));
+        assert_eq!(window_length(1), Duration::from_secs(60));
+        assert_eq!(window_length(60), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_window_folds_what_arrives_in_it_and_ends_in_one_nudge() {
+        let windows = Windows {
+            length: Duration::from_secs(1),
+            open: Mutex::new(HashMap::new()),
+        };
+        let id: CheckoutId = "77".parse().expect("id");
+        let t0 = Instant::now();
+        assert_eq!(windows.note(&id, t0), Noted::Opened);
+        let t1 = t0 + Duration::from_millis(10);
+        for n in 0..100 {
+            assert_eq!(
+                windows.note(&id, t1 + Duration::from_millis(n)),
+                Noted::Folded
+            );
+        }
+        // The window ends with one nudge, seen when the first folded one arrived.
+        assert_eq!(windows.end(&id), Some(t1));
+        // The next window folded nothing: it closes, and the next notification opens one.
+        assert_eq!(windows.end(&id), None);
+        assert_eq!(windows.note(&id, t1), Noted::Opened);
+        assert_eq!(windows.close(&id), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_notification_is_followed_by_a_nudge_and_a_flood_costs_one_per_window() {
+        let windows = Arc::new(Windows {
+            length: Duration::from_secs(1),
+            open: Mutex::new(HashMap::new()),
+        });
+        let (nudges, mut received) = mpsc::channel::<Nudge>(1024);
+        let stop = CancellationToken::new();
+        let id: CheckoutId = "42".parse().expect("id");
+        let start = tokio::time::Instant::now();
+        let collector = tokio::spawn(async move {
+            let mut sent = Vec::new();
+            while let Some(nudge) = received.recv().await {
+                assert_eq!(nudge.source, Source::Webhook);
+                sent.push(tokio::time::Instant::now() - start);
+            }
+            sent
+        });
+        let mut notified = Vec::new();
+        // A notification every 10 ms for 3.5 s.
+        while start.elapsed() < Duration::from_millis(3500) {
+            let now = Instant::now();
+            notified.push(tokio::time::Instant::now() - start);
+            if windows.note(&id, now) == Noted::Opened {
+                tokio::spawn(run_window(
+                    Arc::clone(&windows),
+                    id.clone(),
+                    now,
+                    nudges.clone(),
+                    stop.clone(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(nudges);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        stop.cancel();
+        let sent = collector.await.expect("collector");
+        // One at once, then one at the end of each of the windows the flood reached.
+        assert_eq!(sent.len(), 5, "{sent:?}");
+        for pair in sent.windows(2) {
+            assert!(pair[1] - pair[0] >= Duration::from_secs(1), "{sent:?}");
+        }
+        // The last notification was followed by a nudge sent after it arrived.
+        let last = *notified.last().expect("notified");
+        assert!(*sent.last().expect("sent") >= last, "{sent:?} {last:?}");
+        assert!(windows.lock().is_empty(), "the last window closed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_window_stopped_early_sends_what_it_holds_at_once() {
+        let windows = Arc::new(Windows {
+            length: Duration::from_secs(60),
+            open: Mutex::new(HashMap::new()),
+        });
+        let (nudges, mut received) = mpsc::channel(8);
+        let stop = CancellationToken::new();
+        let id: CheckoutId = "43".parse().expect("id");
+        let t0 = Instant::now();
+        assert_eq!(windows.note(&id, t0), Noted::Opened);
+        let task = tokio::spawn(run_window(
+            Arc::clone(&windows),
+            id.clone(),
+            t0,
+            nudges,
+            stop.clone(),
+        ));
+        received.recv().await.expect("the opening nudge");
+        assert_eq!(windows.note(&id, Instant::now()), Noted::Folded);
+        stop.cancel();
+        task.await.expect("window task");
+        received.recv().await.expect("the folded one, at once");
+        assert!(received.recv().await.is_none(), "and nothing more");
+    }
+
+    #[test]
+    fn what_is_not_acted_on_is_logged_as_counts_a_line_a_minute_at_most() {
+        let tally = Tally::new("X-Paymennt-Signature".into());
+        let from: IpAddr = "192.0.2.1".parse().expect("address");
+        let t0 = Instant::now();
+        let mut lines = Vec::new();
+        // 10,000 unknown ids over two minutes, with the summary task's tick each minute.
+        for n in 0..10_000u64 {
+            let now = t0 + Duration::from_millis(n * 12);
+            if let Some(summary) = tally.note(NotActed::NotTracked, from, now) {
+                lines.push(summary);
+            }
+            if n % 5_000 == 4_999
+                && let Some(summary) = tally.take(now)
+            {
+                lines.push(summary);
+            }
+        }
+        assert!(lines.len() <= 4, "{} lines", lines.len());
+        let counted: u64 = lines.iter().map(|s| s.count(NotActed::NotTracked)).sum();
+        assert_eq!(counted, 10_000, "every one counted");
+        assert_eq!(
+            lines[0].count(NotActed::NotTracked),
+            1,
+            "the first is seen at once"
+        );
+        // Refusals name what to check.
+        tally.note(NotActed::Unsigned, from, t0);
+        tally.note(NotActed::BadSignature, from, t0);
+        let text = tally.take(t0).expect("counts").to_string();
+        assert!(text.contains("webhook_require_signature = false"), "{text}");
+        assert!(text.contains("--show-hmac-key"), "{text}");
+        assert!(tally.take(t0).is_none(), "taken");
     }
 
     #[test]

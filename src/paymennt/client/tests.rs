@@ -467,8 +467,10 @@ async fn connection_refused_is_a_retryable_network_error() {
         .get_checkout(&id(), ticket())
         .await
         .expect_err("refused");
-    assert!(matches!(error, Error::Network(_)), "{error:?}");
+    assert!(matches!(error, Error::Connect(_)), "{error:?}");
     assert!(error.is_retryable());
+    assert_eq!(error.reached(), Reached::No, "no connection: never sent");
+    assert!(error.may_send_again());
     assert!(!error.to_string().contains('s') || !error.to_string().contains("secret"));
 }
 
@@ -543,4 +545,335 @@ fn backoff_grows_and_is_capped() {
         retry_after: Some(Duration::from_secs(120)),
     };
     assert_eq!(policy.delay(0, &limited), Duration::from_secs(1));
+}
+
+fn link_request(order_id: &str, request_id: &str) -> LinkRequest {
+    LinkRequest {
+        request_id: request_id.to_owned(),
+        order_id: order_id.to_owned(),
+        ..LinkRequest::default()
+    }
+}
+
+/// Issue 20 §3: one `link create` made five links. A create whose answer is late is not sent
+/// again: paymennt may have made the link.
+#[tokio::test]
+async fn a_create_that_times_out_is_not_sent_again() {
+    let slow = Answer {
+        delay: Duration::from_secs(2),
+        ..answer(200, CHECKOUT)
+    };
+    let (client, script) = start(vec![slow, answer(200, CHECKOUT)]).await;
+    let error = client
+        .create_link(&link_request("ORD-1234", "ORD-1234-r1"), ticket())
+        .await
+        .expect_err("the answer came after the timeout");
+    assert!(matches!(error, Error::Timeout(_)), "{error:?}");
+    assert_eq!(error.reached(), Reached::Maybe);
+    assert_eq!(script.seen.lock().expect("lock").len(), 1, "sent once");
+}
+
+#[tokio::test]
+async fn a_create_answered_with_a_5xx_or_an_unreadable_2xx_is_not_sent_again() {
+    for first in [
+        answer(500, r#"{"success":false,"error":"internal"}"#),
+        answer(503, "<html>maintenance</html>"),
+        answer(200, r#"{"success":true,"result":{"id":"#),
+        Answer {
+            content_type: "text/html",
+            ..answer(200, "<html>hello</html>")
+        },
+    ] {
+        let status = first.status;
+        let (client, script) = start(vec![first, answer(200, CHECKOUT)]).await;
+        let error = client
+            .create_link(&link_request("ORD-1234", "ORD-1234-r1"), ticket())
+            .await
+            .expect_err("first answer is a failure");
+        assert_eq!(error.reached(), Reached::Maybe, "{status}: {error:?}");
+        assert!(!error.may_send_again(), "{status}: {error:?}");
+        assert_eq!(
+            script.seen.lock().expect("lock").len(),
+            1,
+            "{status}: sent once"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_create_is_sent_again_after_a_429_with_retry_after_only() {
+    let limited = Answer {
+        retry_after: Some("0"),
+        ..answer(429, r#"{"success":false,"error":"slow down"}"#)
+    };
+    let (client, script) = start(vec![limited, answer(200, CHECKOUT)]).await;
+    client
+        .create_link(&link_request("ORD-1234", "ORD-1234-r1"), ticket())
+        .await
+        .expect("sent again after paymennt's Retry-After");
+    assert_eq!(script.seen.lock().expect("lock").len(), 2);
+
+    let bare = answer(429, r#"{"success":false,"error":"slow down"}"#);
+    let (client, script) = start(vec![bare, answer(200, CHECKOUT)]).await;
+    let error = client
+        .create_link(&link_request("ORD-1234", "ORD-1234-r1"), ticket())
+        .await
+        .expect_err("a 429 without Retry-After is not sent again");
+    assert_eq!(error.reached(), Reached::Answered);
+    assert_eq!(script.seen.lock().expect("lock").len(), 1);
+}
+
+#[tokio::test]
+async fn a_create_refused_by_paymennt_is_answered_not_unknown() {
+    let (client, script) = start(vec![answer(
+        400,
+        r#"{"success":false,"error":"Invalid amount"}"#,
+    )])
+    .await;
+    let error = client
+        .create_link(&link_request("ORD-1234", "ORD-1234-r1"), ticket())
+        .await
+        .expect_err("refused");
+    assert_eq!(error.reached(), Reached::Answered);
+    assert_eq!(script.seen.lock().expect("lock").len(), 1);
+}
+
+/// A connection reset after the request was sent: paymennt may have it.
+#[tokio::test]
+async fn a_create_whose_connection_is_reset_after_sending_is_not_sent_again() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        while let Ok((mut socket, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // Read the whole request (headers and body), then close without an answer.
+            let mut buffer = vec![0u8; 64 * 1024];
+            let mut read = Vec::new();
+            while let Ok(n) = socket.read(&mut buffer).await {
+                if n == 0 {
+                    break;
+                }
+                read.extend_from_slice(&buffer[..n]);
+                if read.windows(4).any(|w| w == b"\r\n\r\n") && read.ends_with(b"}") {
+                    break;
+                }
+            }
+            drop(socket);
+        }
+    });
+    let client = Client::new(
+        &format!("http://{addr}/mer/v2.0/"),
+        &ApiCredentials {
+            key: Secret::new("k"),
+            secret: Secret::new("s"),
+        },
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+        RetryPolicy {
+            max_retries: 3,
+            base: Duration::from_millis(5),
+            max: Duration::from_millis(10),
+        },
+    )
+    .expect("client");
+    let error = client
+        .create_link(&link_request("ORD-1234", "ORD-1234-r1"), ticket())
+        .await
+        .expect_err("closed without an answer");
+    assert!(matches!(error, Error::Network(_)), "{error:?}");
+    assert_eq!(error.reached(), Reached::Maybe);
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one connection, one request"
+    );
+}
+
+/// Connect refused: the request never left, so it is sent again once paymennt is there.
+#[tokio::test]
+async fn a_create_is_sent_again_when_no_connection_could_be_made() {
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = reserved.local_addr().expect("addr");
+    drop(reserved);
+    let script = Arc::new(Script {
+        answers: Mutex::new(vec![answer(200, CHECKOUT)].into()),
+        ..Script::default()
+    });
+    let client = Client::new(
+        &format!("http://{addr}/mer/v2.0/"),
+        &ApiCredentials {
+            key: Secret::new("k"),
+            secret: Secret::new("s"),
+        },
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+        RetryPolicy {
+            max_retries: 20,
+            base: Duration::from_millis(100),
+            max: Duration::from_millis(200),
+        },
+    )
+    .expect("client");
+    let create = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .create_link(&link_request("ORD-1234", "ORD-1234-r1"), ticket())
+                .await
+        }
+    });
+    // The first attempt is refused (nothing listens); paymennt then comes up on the address.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(!create.is_finished(), "still trying");
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind");
+    let app = Router::new()
+        .fallback(any(serve))
+        .with_state(script.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let created = create.await.expect("join").expect("sent again and created");
+    assert_eq!(created.id(), &id());
+    assert_eq!(
+        script.seen.lock().expect("lock").len(),
+        1,
+        "one request arrived"
+    );
+}
+
+#[test]
+fn only_a_call_that_never_left_or_a_429_with_retry_after_may_be_sent_again() {
+    let cases: Vec<(Error, Reached, bool)> = vec![
+        (Error::Connect("refused".into()), Reached::No, true),
+        (Error::Network("reset".into()), Reached::Maybe, false),
+        (
+            Error::Timeout(Duration::from_secs(1)),
+            Reached::Maybe,
+            false,
+        ),
+        (
+            Error::Server {
+                status: 502,
+                message: "x".into(),
+            },
+            Reached::Maybe,
+            false,
+        ),
+        (Error::Malformed("x".into()), Reached::Maybe, false),
+        (
+            Error::TooLarge {
+                base_url: "b".into(),
+                limit: 1,
+            },
+            Reached::Maybe,
+            false,
+        ),
+        (
+            Error::NotPaymennt {
+                base_url: "b".into(),
+                status: 200,
+                content_type: "text/html".into(),
+                excerpt: "x".into(),
+            },
+            Reached::Maybe,
+            false,
+        ),
+        (
+            Error::NotPaymennt {
+                base_url: "b".into(),
+                status: 404,
+                content_type: "text/html".into(),
+                excerpt: "x".into(),
+            },
+            Reached::Answered,
+            false,
+        ),
+        (
+            Error::RateLimited {
+                retry_after: Some(Duration::from_secs(1)),
+            },
+            Reached::Answered,
+            true,
+        ),
+        (
+            Error::RateLimited { retry_after: None },
+            Reached::Answered,
+            false,
+        ),
+        (
+            Error::Rejected {
+                status: 400,
+                message: "x".into(),
+            },
+            Reached::Answered,
+            false,
+        ),
+        (
+            Error::Redirected {
+                status: 302,
+                location: "x".into(),
+            },
+            Reached::Answered,
+            false,
+        ),
+    ];
+    for (error, reached, again) in cases {
+        assert_eq!(error.reached(), reached, "{error:?}");
+        assert_eq!(error.may_send_again(), again, "{error:?}");
+    }
+}
+
+#[tokio::test]
+async fn find_link_searches_the_orders_links_and_matches_the_request_id() {
+    let page = r#"{"success":true,"result":{"page":0,"size":100,"totalPages":1,"totalElements":2,"content":[
+        {"id":"1653241101733169555","requestId":"ORD-1234-other","orderId":"ORD-1234"},
+        {"id":"1653241101733169556","requestId":"ORD-1234-r1","orderId":"ORD-1234"}]}}"#;
+    let (client, script) = start(vec![answer(200, page), answer(200, CHECKOUT)]).await;
+    let since = chrono::DateTime::parse_from_rfc3339("2026-01-02T03:14:05Z")
+        .expect("time")
+        .with_timezone(&Utc);
+    let found = client
+        .find_link(&link_request("ORD-1234", "ORD-1234-r1"), since, ticket())
+        .await
+        .expect("search and get")
+        .expect("found");
+    assert_eq!(found.id(), &id());
+    {
+        let seen = script.seen.lock().expect("lock");
+        assert_eq!(
+            seen[0].0,
+            "/mer/v2.0/checkout?type=LINK&afterTimestamp=2026-01-02+03%3A04%3A05&orderId=ORD-1234&requestId=ORD-1234-r1&page=0&size=100"
+        );
+        assert_eq!(seen[1].0, "/mer/v2.0/checkout/1653241101733169556");
+    }
+
+    let empty = r#"{"success":true,"result":{"page":0,"size":100,"totalPages":0,"totalElements":0,"content":[]}}"#;
+    let (client, _script) = start(vec![answer(200, empty)]).await;
+    assert!(
+        client
+            .find_link(&link_request("ORD-1234", "ORD-1234-r1"), since, ticket())
+            .await
+            .expect("search")
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn a_webhook_registration_whose_answer_is_lost_is_not_sent_again() {
+    let webhook =
+        r#"{"success":true,"result":{"id":"7","address":"https://a.example/","enabled":true}}"#;
+    let (client, script) = start(vec![
+        answer(502, r#"{"success":false,"error":"bad gateway"}"#),
+        answer(200, webhook),
+    ])
+    .await;
+    let error = client
+        .create_webhook("https://a.example/")
+        .await
+        .expect_err("the first answer is a 502");
+    assert_eq!(error.reached(), Reached::Maybe);
+    assert_eq!(script.seen.lock().expect("lock").len(), 1, "sent once");
 }

@@ -562,6 +562,15 @@ fn service_account_file(path: &std::path::Path) -> anyhow::Result<credentials::C
             e.column()
         ))
     })?;
+    // The key's id and body are secrets: scrubbed from any excerpt of an answer that echoes them.
+    if let Some(key_id) = json.get("private_key_id").and_then(|id| id.as_str()) {
+        crate::domain::register_secret(key_id);
+    }
+    if let Some(key) = json.get("private_key").and_then(|key| key.as_str()) {
+        key.lines()
+            .filter(|line| !line.starts_with("-----"))
+            .for_each(|line| crate::domain::register_secret(line.trim()));
+    }
     if json.get("type").and_then(|t| t.as_str()) != Some("service_account") {
         return Err(config_error(format!(
             "the file '{}' is not a service-account key (its \"type\" is not \"service_account\")\

@@ -16,8 +16,9 @@
 //! a refresh that fails for any other reason (network, 5xx, a redirect) is retried with the same
 //! identity. Failed sign-ups back off (5 s doubling to 15 min). The HTTP client follows no
 //! redirects: a 3xx must not carry the refresh token or the API key to another address.
-//! Must never: log or return the API key, an ID token or a refresh token, or write the
-//! identity file with any mode but 0600.
+//! Must never: log or return the API key, an ID token or a refresh token (each is registered
+//! for scrubbing, and every excerpt of Firebase Auth's answers goes through the scrub), or
+//! write the identity file with any mode but 0600.
 //!
 //! Wire format (Firebase Auth REST API): `POST {identity}/accounts:signUp?key=KEY` with
 //! `{"returnSecureToken":true}` answers `{idToken, refreshToken, expiresIn, localId}`;
@@ -537,6 +538,8 @@ fn load_identity(path: &Path, owner: &IdentityOwner) -> Option<String> {
         tracing::info!(path = %path.display(), "the stored Firebase identity belongs to another Web API key or token endpoint; it is not sent, and a new anonymous user is signed up");
         return None;
     }
+    // Scrubbed from excerpts like a freshly issued one.
+    crate::domain::register_rotating_secret(&stored.refresh_token);
     Some(stored.refresh_token)
 }
 
@@ -676,11 +679,20 @@ async fn read_answer<T: serde::de::DeserializeOwned>(
         };
         return Err(refusal.into());
     }
-    serde_json::from_slice(&body)
-        .map_err(|error| anyhow::anyhow!("{what} at {endpoint} gave an unexpected answer: {error}"))
+    // serde's message can quote the answer: scrubbed like any excerpt (`printable` does it for
+    // the refusal's reason above).
+    serde_json::from_slice(&body).map_err(|error| {
+        anyhow::anyhow!(
+            "{what} at {endpoint} gave an unexpected answer: {}",
+            crate::domain::scrub_secrets(&error.to_string())
+        )
+    })
 }
 
 fn id_token(id_token: String, refresh_token: String, expires_in: &str) -> anyhow::Result<IdToken> {
+    // From now on an upstream that echoes a request carrying them sees them scrubbed.
+    crate::domain::register_rotating_secret(&id_token);
+    crate::domain::register_rotating_secret(&refresh_token);
     let seconds: u64 = expires_in
         .trim()
         .parse()

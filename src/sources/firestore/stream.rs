@@ -74,8 +74,10 @@ pub(crate) enum StreamCommand {
 
 /// How a session (one opened stream) ended.
 enum SessionEnd {
-    /// Reopen after this delay.
+    /// Reopen after this delay (something went wrong).
     Retry(Duration, String),
+    /// Reopen at once, as planned (new credentials): nothing went wrong.
+    Reopen(String),
     /// End the task (cancelled, closed, or the daemon dropped the event receiver).
     Stop,
 }
@@ -155,14 +157,20 @@ impl StreamTask {
                 .await
             {
                 SessionEnd::Stop => break,
-                SessionEnd::Retry(next, reason) => {
+                end @ (SessionEnd::Retry(..) | SessionEnd::Reopen(_)) => {
+                    let (next, reason, planned) = match end {
+                        SessionEnd::Retry(next, reason) => (next, reason, false),
+                        SessionEnd::Reopen(reason) => (Duration::ZERO, reason, true),
+                        SessionEnd::Stop => unreachable!("matched above"),
+                    };
                     state.disconnect();
                     delay = next;
                     let event = ListenEvent::Disconnected {
                         project: database.project.clone(),
                         stream: key,
-                        reason: reason.clone(),
+                        reason,
                         retry_in: next,
+                        planned,
                     };
                     if !session.emit(event).await {
                         break;
@@ -422,9 +430,9 @@ impl Session<'_> {
                     deadline = progress + idle;
                 }
                 Ok(()) = renewed.changed() => {
-                    tracing::info!(project = %project, stream = self.key,
+                    tracing::debug!(project = %project, stream = self.key,
                         "the Firebase ID token was renewed; reopening the listen stream on it");
-                    return SessionEnd::Retry(Duration::ZERO, "the credentials were renewed".into());
+                    return SessionEnd::Reopen("the Firebase ID token was renewed".into());
                 }
                 _ = tokio::time::sleep_until(wake_at) => {
                     let now = Instant::now();
