@@ -952,6 +952,10 @@ async fn a_full_resend_costs_get_checkout_only_for_changed_documents() {
         CHECKOUTS - 1
     );
     assert_eq!(calls, 1, "only the paid checkout is verified again");
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}
+
 /// The config of `settings` with paymennt's API secret replaced by a wrong one.
 fn with_wrong_secret(
     dir: &std::path::Path,
