@@ -885,6 +885,77 @@ async fn one_refused_document_leaves_the_other_checkouts_of_its_stream_alone() {
     sandbox.shutdown().await;
 }
 
+/// Issue 21, section 6: a resume token too old to resume from (the sandbox's
+/// `resume_token_max_age` fault, as after a long disconnect) gets every document again. The
+/// daemon verifies only the documents that changed since the snapshot it last saw (by their
+/// update time): a full resend of 1,000 unchanged documents costs no Get Checkout, and the one
+/// paid while the daemon was disconnected costs one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_resend_costs_get_checkout_only_for_changed_documents() {
+    const CHECKOUTS: usize = 1000;
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let mut ids = Vec::with_capacity(CHECKOUTS);
+    for n in 0..CHECKOUTS {
+        ids.push(create_and_track(&sandbox, &ledger, &format!("RESEND-{n}")).await);
+    }
+    let daemon = Daemon::start(&settings, &path).await;
+    let checkpointed = || {
+        let set = ledger.watch_set().expect("watch set");
+        set.into_iter()
+            .filter(|entry| !entry.needs_verify)
+            .filter_map(|entry| Some((entry.checkout_id, entry.resume_token?)))
+            .collect::<std::collections::HashMap<_, _>>()
+    };
+    let before = wait_for(
+        "every checkout verified and checkpointed",
+        Duration::from_secs(90),
+        || async {
+            let tokens = checkpointed();
+            (tokens.len() == CHECKOUTS).then_some(tokens)
+        },
+    )
+    .await;
+    let calls_before = sandbox.faults().total_get_checkout_calls();
+
+    // Firestore goes away; one checkout is paid meanwhile; tokens expire.
+    sandbox
+        .faults()
+        .set_resume_token_max_age(Some(Duration::from_millis(1)));
+    sandbox.faults().set_refuse_listen(true);
+    sandbox.faults().close_listen_streams();
+    let paid = ids[CHECKOUTS / 2].clone();
+    sandbox.state().pay(&paid).await.expect("pay");
+    sandbox.faults().set_refuse_listen(false);
+
+    // Every target comes back in full, and is checkpointed again after it.
+    wait_for(
+        "every target resent and checkpointed again",
+        Duration::from_secs(90),
+        || async {
+            let tokens = checkpointed();
+            (sandbox.listen_full_resends() >= CHECKOUTS as u64
+                && tokens.len() == CHECKOUTS
+                && tokens
+                    .iter()
+                    .all(|(id, token)| before.get(id) != Some(token)))
+            .then_some(())
+        },
+    )
+    .await;
+    wait_status(&ledger, &paid, "PAID").await;
+    let calls = sandbox.faults().total_get_checkout_calls() - calls_before;
+    eprintln!(
+        "figure: Get Checkout calls after a full resend of {} unchanged documents (and 1 changed) = {calls}",
+        CHECKOUTS - 1
+    );
+    assert_eq!(calls, 1, "only the paid checkout is verified again");
+    daemon.stop().await;
+    sandbox.shutdown().await;
+}
+
 /// The config of `settings` with paymennt's API secret replaced by a wrong one.
 fn with_wrong_secret(
     dir: &std::path::Path,

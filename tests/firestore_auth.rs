@@ -133,6 +133,7 @@ async fn a_wrong_service_account_key_is_refused_and_reported_as_rejected_credent
         checkout_id: "1".parse().expect("id"),
         location,
         resume_token: None,
+        resume_read_time: None,
     });
     let message = tokio::time::timeout(DEADLINE, async {
         loop {
@@ -248,10 +249,12 @@ async fn none_mode_over_tls_pays_through_a_rules_sandbox_without_an_authorizatio
         &format!("ca_file = \"{}\"\n", ca.display()),
     );
     pays_through_listen(&sandbox, dir.path(), &settings, &config).await;
+    // Issue 21: no `x-goog-api-key` to Firestore (the Firebase SDKs send none) although
+    // `api_key` is set: only `send_api_key_to_firestore = true` sends it.
     let seen = sandbox.listen_headers_seen();
     assert!(
         seen.iter().all(|h| h.authorization.is_none()
-            && h.api_key.as_deref() == Some(sandbox.firebase_auth().web_api_key())
+            && h.api_key.is_none()
             && h.resource_prefix.as_deref()
                 == Some("projects/paywatch-sandbox/databases/(default)")),
         "{seen:?}"
@@ -428,6 +431,8 @@ async fn a_wrong_web_api_key_is_named_without_its_value() {
         api_key: paywatch::settings::Secret::new("wrong-key-value"),
         identity_endpoint: sandbox.identity_endpoint(),
         token_endpoint: sandbox.token_endpoint(),
+        send_api_key: false,
+        identity_file: None,
     };
     let error = paywatch::sources::firestore::check_credentials(
         &sandbox.firestore_endpoint(),
@@ -488,5 +493,234 @@ async fn application_default_mode_uses_google_application_credentials() {
             .as_deref()
             .is_some_and(|a| a.starts_with("Bearer ey"))
     }));
+    sandbox.shutdown().await;
+}
+
+/// The `[firestore]` lines of `firebase-anonymous` against `sandbox`.
+fn anonymous_lines(sandbox: &Sandbox) -> String {
+    format!(
+        "auth = \"firebase-anonymous\"\napi_key = \"{}\"\nidentity_endpoint = \"{}\"\ntoken_endpoint = \"{}\"\n",
+        sandbox.firebase_auth().web_api_key(),
+        sandbox.identity_endpoint(),
+        sandbox.token_endpoint()
+    )
+}
+
+/// Starts `paywatch run` (the release path: a process of its own), its log in `log`.
+fn start_binary(config: &Path, log: &Path) -> std::process::Child {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_paywatch"));
+    command
+        .arg("--config")
+        .arg(config)
+        .arg("run")
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .env("NO_COLOR", "1");
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("PAYWATCH_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("paywatch starts")
+}
+
+/// SIGTERM, then waits for the process to end.
+async fn stop_binary(mut child: std::process::Child) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    wait_for("the daemon to stop", DEADLINE, || {
+        let ended = child.try_wait().expect("wait").is_some();
+        async move { ended.then_some(()) }
+    })
+    .await;
+}
+
+/// Issue 21, section 3: the anonymous identity is kept next to the ledger (mode 0600) and
+/// reused: ten starts of the daemon sign up one Firebase user. When Firebase Auth refuses the
+/// stored identity, one new user is signed up, with a warning, and that one is kept. No log
+/// line carries a refresh token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_restarts_sign_up_once_and_a_refused_identity_once_more() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let sandbox = sandbox_with(SandboxOptions {
+        firestore_auth: FirestoreAuthCheck::Rules {
+            require_sign_in: true,
+        },
+        ..SandboxOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (settings, config) = auth_settings(dir.path(), &sandbox, &anonymous_lines(&sandbox), "");
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    create_and_track(&sandbox, &ledger, "restart-1").await;
+    let mut logs = Vec::new();
+    // One start: wait for a Listen call carrying an ID token (obtained, and kept, before it).
+    let run_once = |run: usize| {
+        let log = dir.path().join(format!("daemon-{run}.log"));
+        let config = config.clone();
+        let sandbox = &sandbox;
+        async move {
+            let seen_before = sandbox
+                .listen_headers_seen()
+                .iter()
+                .filter(|h| h.authorization.is_some())
+                .count();
+            let child = start_binary(&config, &log);
+            wait_for("a Listen call with an ID token", DEADLINE, || async {
+                (sandbox
+                    .listen_headers_seen()
+                    .iter()
+                    .filter(|h| h.authorization.is_some())
+                    .count()
+                    > seen_before)
+                    .then_some(())
+            })
+            .await;
+            stop_binary(child).await;
+            std::fs::read_to_string(&log).expect("log")
+        }
+    };
+    for run in 0..10 {
+        logs.push(run_once(run).await);
+    }
+    let counts = sandbox.auth_counts();
+    eprintln!(
+        "figure: sign-ups over 10 starts of the daemon = {} (refreshes {})",
+        counts.sign_ups, counts.refreshes
+    );
+    assert_eq!(counts.sign_ups, 1, "{counts:?}");
+    let identity = settings.ledger.firebase_identity_path();
+    let mode = std::fs::metadata(&identity)
+        .expect("the identity is kept")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+
+    // Firebase Auth no longer knows the user: one new sign-up, logged at warn, then kept.
+    sandbox.firebase_auth().revoke_refresh_tokens();
+    let refused = run_once(10).await;
+    assert_eq!(sandbox.auth_counts().sign_ups, 2);
+    let warning = refused
+        .lines()
+        .find(|line| line.contains("refused the stored anonymous identity"))
+        .unwrap_or_else(|| panic!("no warning:\n{refused}"));
+    assert!(
+        warning.contains("WARN") && warning.contains("INVALID_REFRESH_TOKEN"),
+        "{warning}"
+    );
+    logs.push(refused);
+    logs.push(run_once(11).await);
+    assert_eq!(
+        sandbox.auth_counts().sign_ups,
+        2,
+        "the new identity is kept"
+    );
+
+    let kept: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&identity).expect("identity")).expect("JSON");
+    let token = kept["refresh_token"].as_str().expect("a refresh token");
+    assert!(token.starts_with("sandbox-refresh-"), "{kept}");
+    for log in &logs {
+        assert!(
+            !log.contains("sandbox-refresh-"),
+            "a refresh token in a log:\n{log}"
+        );
+        assert!(
+            !log.contains(sandbox.firebase_auth().web_api_key()),
+            "{log}"
+        );
+    }
+    sandbox.shutdown().await;
+}
+
+/// Issue 21, section 6: with sign-in required and `auth = "none"`, Firestore (and now the
+/// sandbox) lets the Listen call in and removes each target with PERMISSION_DENIED. The daemon
+/// notes each refusal, warns, and `/readyz` says how many documents are refused and what to
+/// try (`firebase-anonymous`); `check-config --online` says the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_required_refuses_each_target_and_readiness_says_what_to_try() {
+    let sandbox = sandbox_with(SandboxOptions {
+        firestore_auth: FirestoreAuthCheck::Rules {
+            require_sign_in: true,
+        },
+        ..SandboxOptions::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("paywatch.toml");
+    let text = common::sandbox_config_text(
+        dir.path(),
+        &sandbox,
+        "multiplexed",
+        "[http]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .replacen(
+        "[firestore]\n",
+        &format!(
+            "[firestore]\nauth = \"none\"\napi_key = \"{}\"\n",
+            sandbox.firebase_auth().web_api_key()
+        ),
+        1,
+    );
+    std::fs::write(&path, text).expect("write config");
+    let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("valid");
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let first = create_and_track(&sandbox, &ledger, "signin-1").await;
+    let second = create_and_track(&sandbox, &ledger, "signin-2").await;
+    let daemon = Daemon::start(&settings, &path).await;
+    for id in [&first, &second] {
+        let refusal = wait_for("the refusal to be noted", DEADLINE, || async {
+            ledger
+                .checkout(id)
+                .expect("read")
+                .and_then(|record| record.listen_refused)
+        })
+        .await;
+        assert_eq!(refusal.code, "PERMISSION_DENIED", "{refusal:?}");
+    }
+    let counts = sandbox.auth_counts();
+    assert_eq!(counts.refused_calls, 0, "the calls are let in: {counts:?}");
+    assert!(counts.denied_targets >= 2, "{counts:?}");
+    let response = reqwest::get(format!("{}/readyz", daemon.http_url()))
+        .await
+        .expect("readyz");
+    assert_eq!(response.status().as_u16(), 503);
+    let body: serde_json::Value = response.json().await.expect("JSON");
+    let problems = body["problems"].to_string();
+    assert!(
+        problems.contains("refuses to watch 2 checkout document(s)")
+            && problems.contains("PERMISSION_DENIED with auth=none")
+            && problems.contains("firebase-anonymous"),
+        "{problems}"
+    );
+    assert!(
+        sandbox
+            .listen_headers_seen()
+            .iter()
+            .all(|h| h.api_key.is_none()),
+        "no API key to Firestore"
+    );
+    daemon.stop().await;
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_paywatch"))
+        .arg("--config")
+        .arg(&path)
+        .args(["check-config", "--online"])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("check-config runs");
+    let report = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{report}");
+    assert!(
+        report.contains("PERMISSION_DENIED with auth=none")
+            && report.contains("firebase-anonymous"),
+        "{report}"
+    );
     sandbox.shutdown().await;
 }

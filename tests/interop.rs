@@ -177,6 +177,7 @@ impl Running {
             checkout_id: checkout(document),
             location: location(document),
             resume_token,
+            resume_read_time: None,
         });
     }
 

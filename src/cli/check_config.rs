@@ -388,7 +388,13 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
         Err(error) => checks.push(check(false, format!("paymennt credentials: {error}"))),
     }
 
-    let listener = listener_options(&settings);
+    // Read-only: check-config may run as another user, and the daemon owns the identity file.
+    let listener = listener_options(&settings).map(|mut options| {
+        options.auth = options
+            .auth
+            .with_identity_file(settings.ledger.firebase_identity_path(), true);
+        options
+    });
     let firestore = match &listener {
         Ok(_) if !settings.firestore.enabled => {
             Ok("off ([firestore] enabled = false): no credentials needed".to_owned())

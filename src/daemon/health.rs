@@ -1,7 +1,7 @@
 //! Liveness and readiness: what `/healthz` and `/readyz` answer.
 //!
-//! Owns: the record of startup, of each Listen stream's last reported state (fed from the
-//! listener's events by the daemon) and the checks that turn them, the verifier's figures and the
+//! Owns: the record of startup, of each Listen stream's last reported state and of the
+//! documents Firestore refuses to watch (fed from the listener's events by the daemon) and the checks that turn them, the verifier's figures and the
 //! ledger into a verdict with reasons.
 //! Must never: change anything it inspects (the ledger check takes the write lock and rolls
 //! back), or name a checkout or a secret in a reason.
@@ -37,6 +37,11 @@ struct Seen {
     streams: HashMap<(String, u64), StreamState>,
     /// Projects whose database refuses us, with what it said.
     refused: HashMap<String, String>,
+    /// Checkouts whose document Firestore refuses to watch (a target REMOVE with a cause):
+    /// the project, the code and Firestore's message.
+    refused_documents: HashMap<crate::domain::CheckoutId, (String, &'static str, String)>,
+    /// `[firestore] auth`, for the next step in a refusal's reason.
+    auth_mode: Option<&'static str>,
 }
 
 /// The daemon's health, shared by the daemon (which feeds it) and the HTTP handlers.
@@ -112,6 +117,17 @@ impl Health {
         self.seen.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The Firestore auth mode in force (`[firestore] auth`), named in refusals' next steps.
+    pub fn set_firestore_auth(&self, mode: &'static str) {
+        self.seen().auth_mode = Some(mode);
+    }
+
+    /// A checkout is no longer watched: Firestore's refusal of its document is no longer a
+    /// problem.
+    pub fn forget_refusal(&self, checkout_id: &crate::domain::CheckoutId) {
+        self.seen().refused_documents.remove(checkout_id);
+    }
+
     /// Startup finished (the pipeline runs).
     pub fn set_started(&self, started: bool) {
         self.seen().started = started;
@@ -149,6 +165,24 @@ impl Health {
             }
             ListenEvent::PermanentFailure { project, message } => {
                 seen.refused.insert(project.clone(), message.clone());
+            }
+            ListenEvent::TargetRefused {
+                checkout_id,
+                document,
+                code,
+                message,
+                ..
+            } => {
+                let project = document
+                    .strip_prefix("projects/")
+                    .and_then(|rest| rest.split('/').next())
+                    .unwrap_or("?")
+                    .to_owned();
+                seen.refused_documents
+                    .insert(checkout_id.clone(), (project, code, message.clone()));
+            }
+            ListenEvent::TargetRecovered { checkout_id } => {
+                seen.refused_documents.remove(checkout_id);
             }
             _ => {}
         }
@@ -190,6 +224,22 @@ impl Health {
                 }
                 streams = Some(existing.len());
                 connected = Some(up);
+            }
+            // Per project and cause: how many documents, what Firestore said, what to try.
+            let mut documents: std::collections::BTreeMap<(&str, &str, &str), usize> =
+                std::collections::BTreeMap::new();
+            for (project, code, message) in seen.refused_documents.values() {
+                *documents
+                    .entry((project.as_str(), *code, message.as_str()))
+                    .or_default() += 1;
+            }
+            let mode = seen.auth_mode.unwrap_or("?");
+            for ((project, code, message), count) in documents {
+                problems.push(format!(
+                    "Firestore refuses to watch {count} checkout document(s) of project \
+                     '{project}' ({code}: {message}); the reconciler still checks them. {}",
+                    crate::sources::firestore::access_hint(mode, code)
+                ));
             }
         }
         if let Some(refusal) = self.paymennt.refused() {
@@ -262,5 +312,43 @@ mod tests {
         stats.send_modify(|s| s.failing_since = None);
         assert!(health.readiness().ready);
         assert!(health.liveness().await.ok);
+    }
+
+    /// Issue 21: documents Firestore refuses to watch are a readiness problem, counted per
+    /// project and cause with the next step for the auth mode, until they are watched again or
+    /// no longer watched.
+    #[tokio::test]
+    async fn refused_documents_are_counted_with_what_to_try_until_recovered_or_unwatched() {
+        let ledger = Ledger::open_in_memory().expect("ledger");
+        let (_stats, receiver) = watch::channel(VerifierStats::default());
+        let health = Health::new(ledger, None, receiver, Duration::from_secs(60));
+        health.set_started(true);
+        health.set_firestore_auth("none");
+        let refused = |n: &str| ListenEvent::TargetRefused {
+            checkout_id: n.parse().expect("id"),
+            document: format!("projects/p/databases/(default)/documents/checkouts/{n}"),
+            code: "PERMISSION_DENIED",
+            message: "Missing or insufficient permissions.".into(),
+            refusals: 1,
+            retry_in: Duration::from_secs(300),
+        };
+        health.note(&refused("1"));
+        health.note(&refused("2"));
+        let readiness = health.readiness();
+        assert!(!readiness.ready);
+        assert_eq!(readiness.problems.len(), 1, "{:?}", readiness.problems);
+        let problem = &readiness.problems[0];
+        assert!(
+            problem.contains("2 checkout document(s) of project 'p'")
+                && problem.contains("PERMISSION_DENIED with auth=none")
+                && problem.contains("firebase-anonymous"),
+            "{problem}"
+        );
+        health.note(&ListenEvent::TargetRecovered {
+            checkout_id: "1".parse().expect("id"),
+        });
+        assert!(health.readiness().problems[0].contains("1 checkout document(s)"));
+        health.forget_refusal(&"2".parse().expect("id"));
+        assert!(health.readiness().ready);
     }
 }

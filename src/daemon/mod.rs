@@ -90,7 +90,11 @@ const STATUS_LINE_EVERY: Duration = Duration::from_secs(5);
 /// The auth mode's credentials are missing or unreadable (a [`crate::settings::SettingsError`],
 /// exit code 2).
 pub fn listener_options(settings: &Settings) -> anyhow::Result<ListenerOptions> {
-    let auth = settings.firestore.resolve_auth()?;
+    // firebase-anonymous keeps its identity next to the ledger, so a restart reuses it.
+    let auth = settings
+        .firestore
+        .resolve_auth()?
+        .with_identity_file(settings.ledger.firebase_identity_path(), false);
     Ok(ListenerOptions {
         endpoint: settings.firestore.endpoint(),
         auth,
@@ -206,6 +210,7 @@ pub async fn run(
                 checkout_id: entry.checkout_id,
                 location,
                 resume_token: entry.resume_token,
+                resume_read_time: entry.resume_read_time,
             });
         }
     }
@@ -243,6 +248,8 @@ pub async fn run(
         settings.http.verify_failing_after,
     )
     .with_paymennt_credentials(credential_status.clone());
+    let auth_mode = settings.firestore.auth_mode().as_str();
+    health.set_firestore_auth(auth_mode);
 
     let mut tasks = JoinSet::new();
     tasks.spawn(supervisor.supervise(
@@ -254,6 +261,7 @@ pub async fn run(
             health.clone(),
             sources.clone(),
             metrics.clone(),
+            auth_mode,
         ),
     ));
     if let Some(listener) = &listener {
@@ -272,6 +280,7 @@ pub async fn run(
             Listening {
                 listener: listener.clone(),
                 database,
+                health: health.clone(),
             },
             watched,
             watch_set_changed.subscribe(),
@@ -871,6 +880,7 @@ async fn consume_listen_events(
     health: Health,
     cancel: CancellationToken,
     metrics: Metrics,
+    auth_mode: &'static str,
 ) {
     let mut batch = Vec::with_capacity(512);
     let mut unnoted: HashSet<CheckoutId> = HashSet::new();
@@ -979,11 +989,12 @@ async fn consume_listen_events(
                         humantime::format_duration(Duration::from_secs(retry_in.as_secs()));
                     if refusals == 1 {
                         metrics.listen_target_refused();
+                        let hint = crate::sources::firestore::access_hint(auth_mode, code);
                         tracing::warn!(checkout = %checkout_id, document = %document, code,
                             "Firestore refuses to watch this checkout's document: {code}: {message}; \
                              the other checkouts are unaffected, the reconciler still checks this one \
-                             every interval, and paywatch asks Firestore again in {retry_text} \
-                             (check the project's security rules or IAM for this document)");
+                             every interval, and paywatch asks Firestore again in {retry_text}. \
+                             What to check: {hint}");
                     } else {
                         tracing::debug!(checkout = %checkout_id, code, refusals, "Firestore still refuses this checkout's document: {message}");
                     }
@@ -1078,6 +1089,8 @@ fn in_database(location: FirestoreLocation, database: &str) -> FirestoreLocation
 struct Listening {
     listener: Option<ListenerHandle>,
     database: String,
+    /// Told when a checkout stops being watched (its refusal is no longer a problem).
+    health: Health,
 }
 
 /// The checkouts the daemon watches, and where: compact, since there may be tens of thousands
@@ -1143,6 +1156,7 @@ async fn sync_watch_set(
                                 checkout_id: tracked.checkout_id,
                                 location: tracked.location,
                                 resume_token: None,
+                                resume_read_time: None,
                             });
                         }
                         watched_count.store(watched.len(), std::sync::atomic::Ordering::Relaxed);
@@ -1188,6 +1202,7 @@ async fn sync_watch_set(
                 listener.unwatch(&id);
             }
             watched.documents.remove(&id);
+            listening.health.forget_refusal(&id);
             // A refusal of a document no longer watched is no longer news for `status`.
             let clearer = ledger.clone();
             if let Err(error) = blocking(move || clearer.clear_listen_refusal(&id)).await {
@@ -1204,6 +1219,7 @@ async fn sync_watch_set(
                         checkout_id: id,
                         location,
                         resume_token: entry.resume_token,
+                        resume_read_time: entry.resume_read_time,
                     });
                 }
             }

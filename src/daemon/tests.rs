@@ -96,6 +96,7 @@ fn consume(
         health,
         cancel.clone(),
         crate::metrics::Metrics::disabled(),
+        "none",
     ));
     (task, cancel)
 }

@@ -278,6 +278,8 @@ pub struct WatchEntry {
     pub location: FirestoreLocation,
     /// The last persisted resume token, if any.
     pub resume_token: Option<Vec<u8>>,
+    /// The read time the token came with (stored to the millisecond, rounded down).
+    pub resume_read_time: Option<DateTime<Utc>>,
     /// Whether a change was seen but not yet verified, or no status is recorded yet.
     pub needs_verify: bool,
 }
@@ -1181,7 +1183,7 @@ impl Ledger {
         let mut statement = connection
             .prepare_cached(
                 "SELECT c.id, c.firebase_database, c.firebase_collection, c.firebase_document,
-                        t.resume_token, c.needs_verify, c.status
+                        t.resume_token, c.needs_verify, c.status, t.read_time
                  FROM checkouts c LEFT JOIN listen_targets t ON t.checkout_id = c.id
                  WHERE c.watched = 1 AND c.firebase_database <> '' ORDER BY c.created_at, c.id",
             )
@@ -1196,13 +1198,18 @@ impl Ledger {
                     row.get::<_, Option<Vec<u8>>>(4)?,
                     row.get::<_, bool>(5)?,
                     row.get::<_, Option<String>>(6)?,
+                    row.get::<_, Option<String>>(7)?,
                 ))
             })
             .map_err(|e| self.error("watch set", e))?;
         let mut entries = Vec::new();
         for row in rows {
-            let (id, database, collection, document, token, needs_verify, status) =
+            let (id, database, collection, document, token, needs_verify, status, read_time) =
                 row.map_err(|e| self.error("watch set", e))?;
+            // Unparsable: unknown, which only costs verifications (never skips one).
+            let resume_read_time = read_time
+                .and_then(|text| DateTime::parse_from_rfc3339(&text).ok())
+                .map(|time| time.with_timezone(&Utc));
             // Rows were validated on the way in; a row edited by hand into garbage is skipped
             // with a warning rather than stopping the daemon.
             let (Ok(checkout_id), Ok(location)) = (
@@ -1216,6 +1223,7 @@ impl Ledger {
                 checkout_id,
                 location,
                 resume_token: token,
+                resume_read_time,
                 needs_verify: needs_verify || status.is_none(),
             });
         }

@@ -18,7 +18,8 @@
 //! | `POST /_sandbox/documents/{id}` body `{"status": "PAID"}` | sets the document's status, not the checkout's (a lying document) |
 //! | `DELETE /_sandbox/documents/{id}` | deletes the document upstream; the checkout stays |
 //! | `GET /_sandbox/faults` | fault settings and Get Checkout counts |
-//! | `POST /_sandbox/faults` body [`FaultUpdate`] | changes faults; `{"close_listen_streams": true}` drops Listen streams; `{"refuse_listen_documents": ["doc-id"]}` refuses those documents' Listen targets (PERMISSION_DENIED); `{"create_answer_delay_ms": 700}` answers Create payment link and Create new webhook that long after making the link or webhook |
+//! | `POST /_sandbox/faults` body [`FaultUpdate`] | changes faults; `{"close_listen_streams": true}` drops Listen streams; `{"refuse_listen_documents": ["doc-id"]}` refuses those documents' Listen targets (PERMISSION_DENIED); `{"create_answer_delay_ms": 700}` answers Create payment link and Create new webhook that long after making the link or webhook; `{"resume_token_max_age_ms": 1000}` makes older resume tokens get the full state (0: never) |
+//! | `GET /_sandbox/firebase-auth` | Firebase Auth counters: sign-ups, refreshes, refused sign-ups, the hourly sign-up limit (served by [`crate::sandbox::auth`]) |
 //!
 //! Admin answers use the same wrapper; an unknown checkout is HTTP 404 there.
 

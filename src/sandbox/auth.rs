@@ -16,7 +16,8 @@
 //!   target or any other document is removed with a PERMISSION_DENIED cause (GetDocument
 //!   answers PERMISSION_DENIED). An `authorization` header that is not a valid, unexpired ID
 //!   token issued here is UNAUTHENTICATED "Missing or invalid authentication.". With
-//!   `require_sign_in`, no token is PERMISSION_DENIED. `Bearer owner` (what paywatch sends to
+//!   `require_sign_in` and no token, the Listen call opens and every target is removed with
+//!   PERMISSION_DENIED (GetDocument is PERMISSION_DENIED). `Bearer owner` (what paywatch sends to
 //!   a plaintext loopback endpoint in `none` mode, the emulators' admin convention) counts as
 //!   no token: the rules still apply.
 //! - `iam`: only a bearer that verifies as a self-signed service-account JWT (what
@@ -200,7 +201,16 @@ struct FirebaseInner {
     refuse_sign_up: AtomicBool,
     sign_ups: AtomicU64,
     refreshes: AtomicU64,
+    /// Sign-ups refused (for any reason).
+    refused_sign_ups: AtomicU64,
+    /// The most sign-ups allowed in any hour (Firebase: about 100 per IP address).
+    sign_up_limit: Mutex<u32>,
+    /// When the sign-ups of the last hour were made.
+    recent_sign_ups: Mutex<std::collections::VecDeque<Instant>>,
 }
+
+/// Firebase's per-IP limit on new accounts: about 100 an hour.
+pub const DEFAULT_SIGN_UP_LIMIT_PER_HOUR: u32 = 100;
 
 /// Counters of the sandbox's Firebase Auth and of refused Firestore callers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -209,6 +219,8 @@ pub struct AuthCounts {
     pub sign_ups: u64,
     /// Successful token refreshes.
     pub refreshes: u64,
+    /// Refused `accounts:signUp` calls (switched off, wrong key, over the hourly limit).
+    pub refused_sign_ups: u64,
     /// Firestore calls refused UNAUTHENTICATED or PERMISSION_DENIED before they started.
     pub refused_calls: u64,
     /// Listen targets removed with PERMISSION_DENIED by the rules.
@@ -230,8 +242,45 @@ impl FirebaseAuth {
                 refuse_sign_up: AtomicBool::new(false),
                 sign_ups: AtomicU64::new(0),
                 refreshes: AtomicU64::new(0),
+                refused_sign_ups: AtomicU64::new(0),
+                sign_up_limit: Mutex::new(DEFAULT_SIGN_UP_LIMIT_PER_HOUR),
+                recent_sign_ups: Mutex::new(std::collections::VecDeque::new()),
             }),
         }
+    }
+
+    /// Sets the most sign-ups allowed in any hour (Firebase's per-IP limit is about 100).
+    pub fn set_sign_up_limit_per_hour(&self, limit: u32) {
+        *lock(&self.inner.sign_up_limit) = limit;
+    }
+
+    /// Forgets every refresh token issued so far: refreshing one answers
+    /// `INVALID_REFRESH_TOKEN`, as for a deleted anonymous user (a new sign-up works).
+    pub fn revoke_refresh_tokens(&self) {
+        lock(&self.inner.refresh_tokens).clear();
+    }
+
+    /// Refused sign-ups so far.
+    pub fn refused_sign_ups(&self) -> u64 {
+        self.inner.refused_sign_ups.load(Ordering::SeqCst)
+    }
+
+    /// Whether one more sign-up fits in the hourly limit (and counts it if so).
+    fn take_sign_up_slot(&self) -> bool {
+        let limit = *lock(&self.inner.sign_up_limit);
+        let mut recent = lock(&self.inner.recent_sign_ups);
+        let now = Instant::now();
+        while recent
+            .front()
+            .is_some_and(|at| now.duration_since(*at) >= Duration::from_secs(3600))
+        {
+            recent.pop_front();
+        }
+        if recent.len() >= limit as usize {
+            return false;
+        }
+        recent.push_back(now);
+        true
     }
 
     /// The Web API key accepted.
@@ -288,11 +337,13 @@ impl FirebaseAuth {
         (id_token, refresh_token, lifetime.as_secs().max(1))
     }
 
-    /// The two Firebase Auth routes, for the sandbox's HTTP side.
+    /// The two Firebase Auth routes, and `GET /_sandbox/firebase-auth` (the counters), for the
+    /// sandbox's HTTP side.
     pub(crate) fn router(&self) -> Router {
         Router::new()
             .route(&format!("{IDENTITY_PATH}/accounts:signUp"), post(sign_up))
             .route(TOKEN_PATH, post(refresh))
+            .route("/_sandbox/firebase-auth", axum::routing::get(counters))
             .with_state(self.clone())
     }
 }
@@ -328,12 +379,35 @@ fn key_refused(auth: &FirebaseAuth, query: &KeyQuery) -> Option<Response> {
     })
 }
 
+/// `GET /_sandbox/firebase-auth`: sign-ups, refreshes and refused sign-ups so far.
+async fn counters(State(auth): State<FirebaseAuth>) -> Response {
+    let (sign_ups, refreshes) = auth.counts();
+    Json(serde_json::json!({
+        "sign_ups": sign_ups,
+        "refreshes": refreshes,
+        "refused_sign_ups": auth.refused_sign_ups(),
+        "sign_up_limit_per_hour": *lock(&auth.inner.sign_up_limit),
+    }))
+    .into_response()
+}
+
 async fn sign_up(State(auth): State<FirebaseAuth>, Query(query): Query<KeyQuery>) -> Response {
-    if let Some(refused) = key_refused(&auth, &query) {
-        return refused;
+    let refused = |response: Response| {
+        auth.inner.refused_sign_ups.fetch_add(1, Ordering::SeqCst);
+        response
+    };
+    if let Some(response) = key_refused(&auth, &query) {
+        return refused(response);
     }
     if auth.inner.refuse_sign_up.load(Ordering::SeqCst) {
-        return auth_error(StatusCode::BAD_REQUEST, "OPERATION_NOT_ALLOWED");
+        return refused(auth_error(StatusCode::BAD_REQUEST, "OPERATION_NOT_ALLOWED"));
+    }
+    if !auth.take_sign_up_slot() {
+        // What Identity Toolkit answers beyond its per-IP account-creation quota.
+        return refused(auth_error(
+            StatusCode::BAD_REQUEST,
+            "TOO_MANY_ATTEMPTS_TRY_LATER",
+        ));
     }
     let user = hex::encode(rand::random::<[u8; 14]>());
     let (id_token, refresh_token, seconds) = auth.issue(&user);
@@ -386,6 +460,9 @@ async fn refresh(
 pub(crate) struct Admitted {
     /// The security rules apply (documents by exact name only).
     pub(crate) rules: bool,
+    /// The rules see a signed-in user (or the rules do not require one): with `rules` and
+    /// not signed in, every Listen target is removed with PERMISSION_DENIED.
+    pub(crate) signed_in: bool,
     /// When the caller's token expires: a stream lasting longer is ended UNAUTHENTICATED.
     pub(crate) expires_at: Option<Instant>,
 }
@@ -427,6 +504,7 @@ impl CallerCheck {
         AuthCounts {
             sign_ups,
             refreshes,
+            refused_sign_ups: self.firebase.refused_sign_ups(),
             refused_calls: self.refused_calls.load(Ordering::SeqCst),
             denied_targets: self.denied_targets.load(Ordering::SeqCst),
             expired_streams: self.expired_streams.load(Ordering::SeqCst),
@@ -458,6 +536,7 @@ impl CallerCheck {
         match &self.check {
             FirestoreAuthCheck::Open => Ok(Admitted {
                 rules: false,
+                signed_in: true,
                 expires_at: None,
             }),
             // `Bearer owner` (the emulators' admin convention, which paywatch sends only to a
@@ -465,16 +544,17 @@ impl CallerCheck {
             // rules still apply, as they would to that caller in production.
             FirestoreAuthCheck::Rules { require_sign_in } => match bearer.filter(|t| *t != "owner")
             {
-                None if *require_sign_in => {
-                    Err(Status::permission_denied(PERMISSION_DENIED_MESSAGE))
-                }
+                // The call goes through; the rules then refuse what it asks for (each Listen
+                // target is removed with PERMISSION_DENIED, GetDocument is refused).
                 None => Ok(Admitted {
                     rules: true,
+                    signed_in: !*require_sign_in,
                     expires_at: None,
                 }),
                 Some(token) => match self.firebase.id_token_expiry(token) {
                     Some(expires_at) => Ok(Admitted {
                         rules: true,
+                        signed_in: true,
                         expires_at: Some(expires_at),
                     }),
                     None => Err(Status::unauthenticated(UNAUTHENTICATED_MESSAGE)),
@@ -496,6 +576,7 @@ impl CallerCheck {
                 })?;
                 Ok(Admitted {
                     rules: false,
+                    signed_in: true,
                     expires_at: Some(expires_at),
                 })
             }
@@ -617,6 +698,69 @@ mod tests {
         assert_eq!(check.counts().refused_calls, 6);
     }
 
+    /// Issue 21: the sandbox's Firebase Auth is no kinder than Firebase: beyond the hourly
+    /// sign-up limit it answers `TOO_MANY_ATTEMPTS_TRY_LATER`, and it counts sign-ups (also at
+    /// `GET /_sandbox/firebase-auth`); a revoked refresh token is `INVALID_REFRESH_TOKEN`.
+    #[tokio::test]
+    async fn sign_ups_are_limited_per_hour_counted_and_revocable() {
+        use tower::ServiceExt as _;
+        let auth = FirebaseAuth::new("k".into(), "p".into(), Duration::from_secs(60));
+        auth.set_sign_up_limit_per_hour(2);
+        let post = |uri: String, body: String| {
+            axum::http::Request::post(uri)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(axum::body::Body::from(body))
+                .expect("request")
+        };
+        let sign_up = format!("{IDENTITY_PATH}/accounts:signUp?key=k");
+        let mut statuses = Vec::new();
+        let mut refresh_token = String::new();
+        for _ in 0..3 {
+            let response = auth
+                .router()
+                .oneshot(post(sign_up.clone(), String::new()))
+                .await
+                .expect("answer");
+            statuses.push(response.status().as_u16());
+            let body = axum::body::to_bytes(response.into_body(), 4096)
+                .await
+                .expect("body");
+            let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+            if let Some(token) = json["refreshToken"].as_str() {
+                refresh_token = token.to_owned();
+            } else {
+                assert_eq!(json["error"]["message"], "TOO_MANY_ATTEMPTS_TRY_LATER");
+            }
+        }
+        assert_eq!(statuses, [200, 200, 400]);
+        assert_eq!(auth.counts().0, 2);
+        assert_eq!(auth.refused_sign_ups(), 1);
+        let counters = auth
+            .router()
+            .oneshot(
+                axum::http::Request::get("/_sandbox/firebase-auth")
+                    .body(axum::body::Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("answer");
+        let body = axum::body::to_bytes(counters.into_body(), 4096)
+            .await
+            .expect("body");
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(json["sign_ups"], 2);
+        assert_eq!(json["refused_sign_ups"], 1);
+
+        auth.revoke_refresh_tokens();
+        let form = format!("grant_type=refresh_token&refresh_token={refresh_token}");
+        let response = auth
+            .router()
+            .oneshot(post(format!("{TOKEN_PATH}?key=k"), form))
+            .await
+            .expect("answer");
+        assert_eq!(response.status().as_u16(), 400);
+    }
+
     #[tokio::test]
     async fn rules_admit_no_header_or_a_live_id_token_only() {
         let firebase = FirebaseAuth::new("k".into(), "p".into(), Duration::from_secs(60));
@@ -643,8 +787,11 @@ mod tests {
             },
             firebase.clone(),
         );
-        let none = signed.admit(&metadata(None)).expect_err("sign-in required");
-        assert_eq!(none.code(), tonic::Code::PermissionDenied);
+        // Firestore lets the call in and refuses its targets: the rules say who is signed in.
+        let none = signed
+            .admit(&metadata(None))
+            .expect("the call itself is let in");
+        assert!(none.rules && !none.signed_in);
         let (id_token, _, _) = firebase.issue("u");
         let admitted = signed
             .admit(&metadata(Some(&format!("Bearer {id_token}"))))

@@ -8,8 +8,10 @@
 //!
 //! # Resume tokens
 //!
-//! A token is 17 opaque bytes: `b"PWSB"`, a format version (1), this store's random epoch
-//! (u32, big-endian) and a commit sequence number (u64, big-endian). The sequence means "every
+//! A token is 25 opaque bytes: `b"PWSB"`, a format version (2), this store's random epoch
+//! (u32, big-endian), a commit sequence number (u64, big-endian) and when the token was issued
+//! (µs since the Unix epoch, i64, big-endian; the Listen server can make old tokens expire).
+//! The sequence means "every
 //! commit up to and including this one has been delivered". A token is valid on any stream of the
 //! same sandbox; a token from another sandbox run (another epoch), from the future, or of another
 //! shape is refused (the Listen server answers INVALID_ARGUMENT, as the `firestore` crate expects
@@ -32,9 +34,9 @@ const COMMIT_LOG_CAPACITY: usize = 65_536;
 /// The magic prefix of a resume token.
 const TOKEN_MAGIC: &[u8; 4] = b"PWSB";
 /// The resume token format version.
-const TOKEN_VERSION: u8 = 1;
+const TOKEN_VERSION: u8 = 2;
 /// The length of a resume token in bytes.
-const TOKEN_LEN: usize = 4 + 1 + 4 + 8;
+const TOKEN_LEN: usize = 4 + 1 + 4 + 8 + 8;
 
 /// The documents of the built-in Firestore, shared by the state (which writes) and the Listen
 /// server (which reads).
@@ -225,11 +227,22 @@ impl DocumentStore {
         token.push(TOKEN_VERSION);
         token.extend_from_slice(&self.epoch.to_be_bytes());
         token.extend_from_slice(&seq.to_be_bytes());
+        token.extend_from_slice(&now_micros().to_be_bytes());
         token
     }
 
     /// Decodes a token written by [`DocumentStore::token`] of this store.
+    #[cfg(test)]
     pub(crate) fn decode_token(&self, token: &[u8]) -> Result<u64, TokenError> {
+        self.decode_token_with_age(token).map(|(seq, _)| seq)
+    }
+
+    /// Decodes a token written by [`DocumentStore::token`] of this store: its sequence, and how
+    /// long ago it was issued.
+    pub(crate) fn decode_token_with_age(
+        &self,
+        token: &[u8],
+    ) -> Result<(u64, std::time::Duration), TokenError> {
         if token.len() != TOKEN_LEN || &token[..4] != TOKEN_MAGIC || token[4] != TOKEN_VERSION {
             return Err(TokenError::Malformed);
         }
@@ -237,6 +250,12 @@ impl DocumentStore {
         epoch.copy_from_slice(&token[5..9]);
         let mut seq = [0u8; 8];
         seq.copy_from_slice(&token[9..17]);
+        let mut issued = [0u8; 8];
+        issued.copy_from_slice(&token[17..25]);
+        let age_micros = now_micros()
+            .saturating_sub(i64::from_be_bytes(issued))
+            .max(0);
+        let age = std::time::Duration::from_micros(u64::try_from(age_micros).unwrap_or(0));
         if u32::from_be_bytes(epoch) != self.epoch {
             return Err(TokenError::OtherEpoch);
         }
@@ -245,7 +264,7 @@ impl DocumentStore {
         if seq > current {
             return Err(TokenError::Future(seq));
         }
-        Ok(seq)
+        Ok((seq, age))
     }
 }
 

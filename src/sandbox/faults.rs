@@ -51,6 +51,10 @@ pub struct FaultSettings {
     /// i.e. the document id) with a `REMOVE` carrying PERMISSION_DENIED, as a project whose
     /// security rules deny that one document would; the stream and its other targets go on.
     pub refuse_listen_documents: Vec<String>,
+    /// A resume token older than this (ms since the sandbox issued it) no longer resumes: the
+    /// target gets its full state again, as Firestore sends after a long disconnect. `None`:
+    /// tokens never expire.
+    pub resume_token_max_age_ms: Option<u64>,
 }
 
 /// A partial update of [`FaultSettings`]: the body of `POST /_sandbox/faults`.
@@ -80,6 +84,8 @@ pub struct FaultUpdate {
     pub create_answer_delay_ms: Option<u64>,
     /// See [`FaultSettings::refuse_listen_documents`] (replaces the list).
     pub refuse_listen_documents: Option<Vec<String>>,
+    /// See [`FaultSettings::resume_token_max_age_ms`]; `0` means "never expire".
+    pub resume_token_max_age_ms: Option<u64>,
     /// Drop every open Listen stream with UNAVAILABLE now.
     pub close_listen_streams: bool,
 }
@@ -171,8 +177,12 @@ impl Faults {
                 refuse_search,
                 create_answer_delay_ms,
                 refuse_listen_documents,
+                resume_token_max_age_ms,
                 close_listen_streams: _,
             } = update;
+            if let Some(v) = resume_token_max_age_ms {
+                settings.resume_token_max_age_ms = (v > 0).then_some(v);
+            }
             if let Some(v) = create_answer_delay_ms {
                 settings.create_answer_delay_ms = v;
             }
@@ -256,6 +266,20 @@ impl Faults {
     /// Whether new Listen calls are refused.
     pub fn refuse_listen(&self) -> bool {
         self.settings_lock().refuse_listen
+    }
+
+    /// Resume tokens older than `age` get a full resend instead of the changes (`None`: they
+    /// never expire).
+    pub fn set_resume_token_max_age(&self, age: Option<Duration>) {
+        self.settings_lock().resume_token_max_age_ms =
+            age.map(|age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
+    }
+
+    /// How old a resume token may be and still resume.
+    pub(crate) fn resume_token_max_age(&self) -> Option<Duration> {
+        self.settings_lock()
+            .resume_token_max_age_ms
+            .map(Duration::from_millis)
     }
 
     /// The added API latency.

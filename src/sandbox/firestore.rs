@@ -34,6 +34,14 @@
 //!   INVALID_ARGUMENT (the `firestore` crate then drops its tokens and retries once).
 //! - shutdown, or [`crate::sandbox::faults::Faults::close_listen_streams`]: UNAVAILABLE.
 //!
+//! A resume token older than the `resume_token_max_age_ms` fault resumes nothing: the target
+//! gets its full state, as a fresh target would (Firestore's answer to a token from before a
+//! long disconnect); [`FirestoreService::full_resends`] counts them.
+//!
+//! With `rules` requiring sign-in, a caller without an ID token gets its Listen stream, and
+//! every target it adds is removed with a PERMISSION_DENIED cause (as Firestore does); only
+//! GetDocument, a single call, is refused outright.
+//!
 //! A target naming a document listed in the `refuse_listen_documents` fault is answered with
 //! `REMOVE` carrying PERMISSION_DENIED ("Missing or insufficient permissions.", Firestore's
 //! words for a security-rules denial); the stream and its other targets carry on.
@@ -160,6 +168,8 @@ struct ServiceInner {
     tasks: TaskTracker,
     /// Numbers streams in the logs.
     next_stream: AtomicU64,
+    /// Targets whose resume token was too old, answered with their full state.
+    full_resends: AtomicU64,
 }
 
 impl FirestoreService {
@@ -185,8 +195,15 @@ impl FirestoreService {
                 shutdown,
                 tasks: TaskTracker::new(),
                 next_stream: AtomicU64::new(1),
+                full_resends: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Targets added with a resume token older than the `resume_token_max_age_ms` fault, which
+    /// got their full state instead of the changes.
+    pub fn full_resends(&self) -> u64 {
+        self.inner.full_resends.load(Ordering::SeqCst)
     }
 
     /// Waits for every stream task to end (after the shutdown token fired).
@@ -285,7 +302,7 @@ impl UnaryService<GetDocumentRequest> for GetDocumentMethod {
                 .record(seen_headers("GetDocument", request.metadata()));
             let admitted = inner.caller.admit(request.metadata())?;
             let name = request.into_inner().name;
-            if admitted.rules && !inner.readable_by_rules(&name) {
+            if admitted.rules && (!admitted.signed_in || !inner.readable_by_rules(&name)) {
                 return Err(Status::permission_denied(PERMISSION_DENIED_MESSAGE));
             }
             match check_document_name(&inner.database, &name) {
@@ -525,6 +542,11 @@ impl ListenSession {
                 "target_id {target_id} is already active on this stream"
             )));
         }
+        if self.admitted.rules && !self.admitted.signed_in {
+            // The rules require a signed-in user: Firestore opens the stream and removes each
+            // target with PERMISSION_DENIED; it does not refuse the Listen call itself.
+            return self.deny_target(target_id).await;
+        }
         let documents = match target_type {
             Some(TargetType::Query(_)) if self.admitted.rules => {
                 return self.deny_target(target_id).await;
@@ -582,12 +604,22 @@ impl ListenSession {
         let resume = match resume_type {
             None => None,
             Some(ResumeType::ResumeToken(token)) if token.is_empty() => None,
-            Some(ResumeType::ResumeToken(token)) => Some(ResumePoint::Seq(
-                self.inner
+            Some(ResumeType::ResumeToken(token)) => {
+                let (seq, age) = self
+                    .inner
                     .store
-                    .decode_token(&token)
-                    .map_err(|error| fail_invalid(error.to_string()))?,
-            )),
+                    .decode_token_with_age(&token)
+                    .map_err(|error| fail_invalid(error.to_string()))?;
+                match self.inner.faults.resume_token_max_age() {
+                    // Too old to resume from: the whole state again, as after a long
+                    // disconnect (no RESET: the target is new on this stream).
+                    Some(max_age) if age > max_age => {
+                        self.inner.full_resends.fetch_add(1, Ordering::SeqCst);
+                        None
+                    }
+                    _ => Some(ResumePoint::Seq(seq)),
+                }
+            }
             Some(ResumeType::ReadTime(read_time)) => {
                 Some(ResumePoint::Micros(micros_from_timestamp(&read_time)))
             }

@@ -206,6 +206,21 @@ pub struct LedgerSettings {
     pub path: PathBuf,
 }
 
+impl LedgerSettings {
+    /// The file next to the ledger where `firebase-anonymous` keeps its Firebase identity (the
+    /// refresh token, mode 0600), so a restart does not sign up a new anonymous user:
+    /// `<ledger file name>.firebase-identity`.
+    pub fn firebase_identity_path(&self) -> PathBuf {
+        let mut name = self
+            .path
+            .file_name()
+            .map(std::ffi::OsStr::to_os_string)
+            .unwrap_or_else(|| "paywatch.db".into());
+        name.push(".firebase-identity");
+        self.path.with_file_name(name)
+    }
+}
+
 fn default_ledger_path() -> PathBuf {
     PathBuf::from("/var/lib/paywatch/paywatch.db")
 }
@@ -416,10 +431,15 @@ pub struct FirestoreSettings {
     /// default.
     #[serde(default)]
     pub auth: Option<FirestoreAuthMode>,
-    /// The Firebase Web API key of the project holding the checkout documents: sent as
-    /// `x-goog-api-key` in `none` mode, and used to sign in for `firebase-anonymous`.
+    /// The Firebase Web API key of the project holding the checkout documents: used to sign in
+    /// for `firebase-anonymous` (Firebase Auth). Sent to Firestore only with
+    /// `send_api_key_to_firestore`.
     #[serde(default)]
     pub api_key: Option<Secret>,
+    /// Also send `api_key` to Firestore itself (`x-goog-api-key`). The Firebase SDKs do not:
+    /// Firestore does not need it, and a key restricted to other APIs is refused there.
+    #[serde(default)]
+    pub send_api_key_to_firestore: bool,
     /// Firebase Auth's Identity Toolkit base URL (`accounts:signUp`), for `firebase-anonymous`.
     #[serde(default)]
     pub identity_endpoint: Option<String>,
@@ -523,6 +543,7 @@ impl Default for FirestoreSettings {
             refund_watch: default_refund_watch(),
             auth: None,
             api_key: None,
+            send_api_key_to_firestore: false,
             identity_endpoint: None,
             token_endpoint: None,
             ca_file: None,
@@ -592,6 +613,14 @@ impl FirestoreSettings {
             }
             other => other.clone(),
         };
+        let send_api_key = self.send_api_key_to_firestore;
+        if send_api_key && api_key.is_none() {
+            return Err(err(
+                "'firestore.send_api_key_to_firestore' is true but 'firestore.api_key' is not \
+                 set\n\nset the Firebase Web API key, or remove send_api_key_to_firestore (the \
+                 Firebase SDKs send no API key to Firestore)",
+            ));
+        }
         match mode {
             FirestoreAuthMode::ServiceAccount => {
                 let Some(path) = self.credentials_file() else {
@@ -632,7 +661,10 @@ impl FirestoreSettings {
                 }
                 Ok(FirestoreAuth::ApplicationDefault)
             }
-            FirestoreAuthMode::None => Ok(FirestoreAuth::None { api_key }),
+            FirestoreAuthMode::None => Ok(FirestoreAuth::None {
+                api_key,
+                send_api_key,
+            }),
             FirestoreAuthMode::FirebaseAnonymous => {
                 let Some(api_key) = api_key else {
                     return Err(err(
@@ -647,6 +679,8 @@ impl FirestoreSettings {
                     api_key,
                     identity_endpoint: self.identity_endpoint(),
                     token_endpoint: self.token_endpoint(),
+                    send_api_key,
+                    identity_file: None,
                 })
             }
         }
@@ -1166,6 +1200,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "firestore.refund_watch",
     "firestore.auth",
     "firestore.api_key",
+    "firestore.send_api_key_to_firestore",
     "firestore.identity_endpoint",
     "firestore.token_endpoint",
     "firestore.ca_file",

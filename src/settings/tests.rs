@@ -602,6 +602,51 @@ fn the_firebase_api_key_is_a_secret_and_new_urls_and_ca_files_are_checked() {
     assert!(error.to_string().contains("no PEM certificate"), "{error}");
 }
 
+/// Issue 21: the API key goes to Firestore only when asked; asking without a key is an error;
+/// the identity file sits next to the ledger.
+#[test]
+fn the_api_key_reaches_firestore_only_when_asked_and_the_identity_sits_by_the_ledger() {
+    use crate::sources::firestore::FirestoreAuth;
+    let settings = load("[firestore]\nauth = \"none\"\napi_key = \"k\"\n", &[]).expect("valid");
+    assert!(!settings.firestore.send_api_key_to_firestore);
+    assert!(matches!(
+        settings.firestore.resolve_auth(),
+        Ok(FirestoreAuth::None {
+            send_api_key: false,
+            ..
+        })
+    ));
+    let asked = load(
+        "[firestore]\nauth = \"none\"\napi_key = \"k\"\nsend_api_key_to_firestore = true\n",
+        &[],
+    )
+    .expect("valid");
+    assert!(matches!(
+        asked.firestore.resolve_auth(),
+        Ok(FirestoreAuth::None {
+            send_api_key: true,
+            ..
+        })
+    ));
+    let no_key = load(
+        "[firestore]\nauth = \"none\"\nsend_api_key_to_firestore = true\n",
+        &[],
+    )
+    .expect("loads");
+    let error = no_key.firestore.resolve_auth().expect_err("no key to send");
+    assert!(
+        error.to_string().contains("send_api_key_to_firestore"),
+        "{error}"
+    );
+    let ledger = LedgerSettings {
+        path: std::path::PathBuf::from("/var/lib/paywatch/paywatch.db"),
+    };
+    assert_eq!(
+        ledger.firebase_identity_path(),
+        std::path::PathBuf::from("/var/lib/paywatch/paywatch.db.firebase-identity")
+    );
+}
+
 #[test]
 fn firestore_database_defaults_and_is_checked() {
     let settings = load("", &[]).expect("valid");

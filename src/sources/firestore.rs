@@ -178,6 +178,10 @@ pub struct WatchTarget {
     /// The token from its last [`ListenEvent::Checkpoint`], if any: only changes after it are
     /// reported. Without one, the first snapshot is reported as a change.
     pub resume_token: Option<Vec<u8>>,
+    /// The read time that token came with (its [`ListenEvent::Checkpoint`]'s): a document
+    /// Firestore sends again with an update time not after it (a full resend, when the token
+    /// is too old to resume from) was already reported and is not reported again.
+    pub resume_read_time: Option<DateTime<Utc>>,
 }
 
 /// What the listener tells the daemon.

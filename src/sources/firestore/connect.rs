@@ -33,6 +33,7 @@ use tonic_prost::{ProstDecoder, ProstEncoder};
 use tower_layer::Layer as _;
 
 use super::firebase_auth::FirebaseAnonymous;
+pub use super::firebase_auth::IdentityFile;
 use crate::settings::{FirestoreAuthMode, Secret};
 
 /// The OAuth scopes Firestore accepts (the Node SDK asks for both).
@@ -41,7 +42,9 @@ const SCOPES: [&str; 2] = [
     "https://www.googleapis.com/auth/datastore",
 ];
 
-/// The header the Firebase SDKs carry the Web API key in.
+/// The header Google APIs take an API key in. The Firebase SDKs send the Web API key to
+/// Firebase Auth, not to Firestore: paywatch sends it to Firestore only with
+/// `[firestore] send_api_key_to_firestore = true`.
 pub(crate) const API_KEY_HEADER: &str = "x-goog-api-key";
 
 /// The gRPC method of a Listen call, as Firestore's API defines it.
@@ -150,22 +153,30 @@ pub enum FirestoreAuth {
     /// well-known file, then the metadata server.
     ApplicationDefault,
     /// No `authorization` header: the project's security rules see an unauthenticated caller.
-    /// With `api_key`, it goes in `x-goog-api-key` as the Firebase SDKs send it. To a
-    /// plaintext loopback endpoint (an emulator) `authorization: Bearer owner` is sent, the
-    /// emulators' convention.
+    /// The Firebase SDKs send Firestore no API key; `api_key` goes in `x-goog-api-key` only
+    /// with `send_api_key`. To a plaintext loopback endpoint (an emulator)
+    /// `authorization: Bearer owner` is sent, the emulators' convention.
     None {
         /// The Firebase Web API key.
         api_key: Option<Secret>,
+        /// Send `api_key` to Firestore (`[firestore] send_api_key_to_firestore`).
+        send_api_key: bool,
     },
-    /// An anonymous Firebase Auth user: `accounts:signUp`, then the ID token as the bearer,
-    /// refreshed before it expires.
+    /// An anonymous Firebase Auth user: `accounts:signUp` once, then the ID token as the
+    /// bearer, refreshed before it expires; the refresh token is kept in `identity_file` and
+    /// reused after a restart.
     FirebaseAnonymous {
-        /// The Firebase Web API key.
+        /// The Firebase Web API key (for Firebase Auth).
         api_key: Secret,
         /// Identity Toolkit base URL (`.../v1`).
         identity_endpoint: String,
         /// Secure Token endpoint (`.../v1/token`).
         token_endpoint: String,
+        /// Also send `api_key` to Firestore (`[firestore] send_api_key_to_firestore`).
+        send_api_key: bool,
+        /// Where the anonymous identity is kept across restarts (mode 0600, next to the
+        /// ledger); `None`: in memory only (a new user at every start).
+        identity_file: Option<IdentityFile>,
     },
 }
 
@@ -182,7 +193,32 @@ impl FirestoreAuth {
 
     /// No credentials and no API key (the sandbox, emulators).
     pub fn none() -> FirestoreAuth {
-        FirestoreAuth::None { api_key: None }
+        FirestoreAuth::None {
+            api_key: None,
+            send_api_key: false,
+        }
+    }
+
+    /// Keeps a `firebase-anonymous` identity in `path`, or with `read_only` only reads it
+    /// (other modes are returned unchanged).
+    #[must_use]
+    pub fn with_identity_file(self, path: PathBuf, read_only: bool) -> FirestoreAuth {
+        match self {
+            FirestoreAuth::FirebaseAnonymous {
+                api_key,
+                identity_endpoint,
+                token_endpoint,
+                send_api_key,
+                identity_file: _,
+            } => FirestoreAuth::FirebaseAnonymous {
+                api_key,
+                identity_endpoint,
+                token_endpoint,
+                send_api_key,
+                identity_file: Some(IdentityFile { path, read_only }),
+            },
+            other => other,
+        }
     }
 }
 
@@ -238,8 +274,11 @@ impl Connector {
         let credentials = match auth {
             FirestoreAuth::ServiceAccountFile(path) => service_account_file(path)?,
             FirestoreAuth::ApplicationDefault => application_default()?,
-            FirestoreAuth::None { api_key } => {
-                if let Some(key) = api_key {
+            FirestoreAuth::None {
+                api_key,
+                send_api_key,
+            } => {
+                if let Some(key) = api_key.as_ref().filter(|_| *send_api_key) {
                     extra_headers.insert(API_KEY_HEADER, api_key_header(key)?);
                 }
                 if endpoint.starts_with("http://") {
@@ -255,13 +294,18 @@ impl Connector {
                 api_key,
                 identity_endpoint,
                 token_endpoint,
+                send_api_key,
+                identity_file,
             } => {
-                extra_headers.insert(API_KEY_HEADER, api_key_header(api_key)?);
+                if *send_api_key {
+                    extra_headers.insert(API_KEY_HEADER, api_key_header(api_key)?);
+                }
                 let session = FirebaseAnonymous::new(
                     api_key.clone(),
                     identity_endpoint,
                     token_endpoint,
                     ca_pem.as_deref(),
+                    identity_file.clone(),
                 )?;
                 renewed = session.renewed();
                 let credentials = session.credentials();
@@ -394,10 +438,13 @@ pub async fn check_credentials(
     let ca_pem = read_ca(ca_file)?;
     let mode = auth.mode();
     let (credentials, described) = match auth {
-        FirestoreAuth::None { api_key } => {
+        FirestoreAuth::None {
+            api_key,
+            send_api_key,
+        } => {
             let key = match api_key {
-                Some(key) => format!(", with the Web API key {}", key.hint()),
-                None => String::new(),
+                Some(key) if *send_api_key => format!(", with the Web API key {}", key.hint()),
+                _ => String::new(),
             };
             let owner = if endpoint.starts_with("http://") {
                 " (Bearer owner to this loopback emulator)"
@@ -413,6 +460,8 @@ pub async fn check_credentials(
             api_key,
             identity_endpoint,
             token_endpoint,
+            identity_file,
+            ..
         } => {
             if !online {
                 return Ok(format!(
@@ -421,16 +470,26 @@ pub async fn check_credentials(
                     api_key.hint()
                 ));
             }
+            // Read-only: the daemon owns the identity file.
+            let identity_file = identity_file.clone().map(|file| IdentityFile {
+                read_only: true,
+                ..file
+            });
             let session = FirebaseAnonymous::new(
                 api_key.clone(),
                 identity_endpoint,
                 token_endpoint,
                 ca_pem.as_deref(),
+                identity_file,
             )?;
-            let lifetime = session.sign_in_once().await?;
+            let (lifetime, stored) = session.sign_in_once().await?;
+            let how = if stored {
+                "refreshed the daemon's stored anonymous identity"
+            } else {
+                "signed up a new anonymous user (there is no stored identity yet)"
+            };
             return Ok(format!(
-                "auth {mode}: signed in anonymously at {identity_endpoint}; the ID token lasts \
-                 {}",
+                "auth {mode}: {how} at {identity_endpoint}; the ID token lasts {}",
                 humantime::format_duration(lifetime)
             ));
         }
@@ -588,6 +647,41 @@ mod tests {
         assert!(validate_endpoint("ftp://127.0.0.1").is_err());
         assert!(validate_endpoint("127.0.0.1:8080").is_err());
         assert!(validate_endpoint("not a url").is_err());
+    }
+
+    /// Issue 21: the Firebase SDKs send no API key to Firestore; paywatch sends it only when
+    /// asked to (`send_api_key_to_firestore`), in `none` and `firebase-anonymous` mode alike.
+    #[tokio::test]
+    async fn the_api_key_goes_to_firestore_only_when_asked() {
+        let key = Some(Secret::new("web-key"));
+        for (send_api_key, expected) in [(false, false), (true, true)] {
+            let none = Connector::new(
+                "https://firestore.googleapis.com",
+                &FirestoreAuth::None {
+                    api_key: key.clone(),
+                    send_api_key,
+                },
+                None,
+            )
+            .expect("connector");
+            assert_eq!(none.extra_headers.contains_key(API_KEY_HEADER), expected);
+            let anonymous = Connector::new(
+                "https://firestore.googleapis.com",
+                &FirestoreAuth::FirebaseAnonymous {
+                    api_key: Secret::new("web-key"),
+                    identity_endpoint: "http://127.0.0.1:9/v1".into(),
+                    token_endpoint: "http://127.0.0.1:9/v1/token".into(),
+                    send_api_key,
+                    identity_file: None,
+                },
+                None,
+            )
+            .expect("connector");
+            assert_eq!(
+                anonymous.extra_headers.contains_key(API_KEY_HEADER),
+                expected
+            );
+        }
     }
 
     #[tokio::test]

@@ -275,6 +275,7 @@ impl Running {
             checkout_id: id(name),
             location: FirestoreLocation::new("p", "checkouts", name).expect("location"),
             resume_token: token.map(<[u8]>::to_vec),
+            resume_read_time: None,
         });
     }
 
@@ -658,6 +659,7 @@ async fn checkouts_of_two_projects_are_watched_at_once_each_with_its_database() 
             checkout_id: id(name),
             location: FirestoreLocation::new(project, "checkouts", name).expect("location"),
             resume_token: None,
+            resume_read_time: None,
         });
     }
     let mut seen = Vec::new();
@@ -852,6 +854,7 @@ async fn a_named_database_is_used_in_every_name_and_header() {
         checkout_id: id("a"),
         location,
         resume_token: None,
+        resume_read_time: None,
     });
     let mut call = fake.call().await;
     assert_eq!(

@@ -2,20 +2,30 @@
 //! token is the bearer of every Firestore call.
 //!
 //! Owns: the Identity Toolkit `accounts:signUp` call, the Secure Token refresh, the current
-//! ID token, and a background task that renews it before it expires (at a quarter of its
+//! ID token, the identity file (the refresh token, kept next to the ledger with mode 0600 and
+//! reused after a restart: Firebase allows about 100 sign-ups per hour per IP address, so a
+//! restart loop or a fleet behind one NAT must not sign up a user each time), and a background
+//! task that renews the token before it expires (at a quarter of its
 //! lifetime before expiry, at most five minutes before). Each renewal bumps a counter the
 //! listener watches: Firestore checks a stream's token when the stream opens and ends a stream
 //! that outlives it (UNAUTHENTICATED "Missing or invalid authentication"; the Firebase web SDK
 //! re-establishes its streams when its token is renewed), so open streams are reopened, with
 //! their resume tokens, on the fresh token.
+//! A new anonymous user is signed up only when there is no stored identity or Firebase Auth
+//! refuses it (`TOKEN_EXPIRED`, `USER_DISABLED`, `INVALID_REFRESH_TOKEN`, ...: logged at warn);
+//! a refresh that fails for any other reason (network, 5xx, a redirect) is retried with the same
+//! identity. Failed sign-ups back off (5 s doubling to 15 min). The HTTP client follows no
+//! redirects: a 3xx must not carry the refresh token or the API key to another address.
 //! Must never: log or return the API key, an ID token or a refresh token (each is registered
-//! for scrubbing, and every excerpt of Firebase Auth's answers goes through the scrub).
+//! for scrubbing, and every excerpt of Firebase Auth's answers goes through the scrub), or
+//! write the identity file with any mode but 0600.
 //!
 //! Wire format (Firebase Auth REST API): `POST {identity}/accounts:signUp?key=KEY` with
 //! `{"returnSecureToken":true}` answers `{idToken, refreshToken, expiresIn, localId}`;
 //! `POST {token}?key=KEY` with the form `grant_type=refresh_token&refresh_token=...` answers
 //! `{id_token, refresh_token, expires_in, user_id}`. `expiresIn` is a string of seconds.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -37,6 +47,32 @@ const MAX_RENEW_AHEAD: Duration = Duration::from_secs(300);
 const MAX_RETRY: Duration = Duration::from_secs(60);
 /// Timeout of one Firebase Auth call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+/// The wait after the first failed sign-up; it doubles with each failure in a row.
+const SIGN_UP_BACKOFF_INITIAL: Duration = Duration::from_secs(5);
+/// The longest wait between two sign-up attempts (also the wait after Firebase said too many).
+const SIGN_UP_BACKOFF_MAX: Duration = Duration::from_secs(15 * 60);
+/// What the per-IP sign-up limit is, for messages.
+pub(crate) const SIGN_UP_LIMIT_TEXT: &str = "Firebase allows about 100 anonymous sign-ups per hour per IP address (a restart \
+     loop or many daemons behind one NAT use them up)";
+/// Secure Token refusals that mean the stored identity itself is no good (a new sign-up is
+/// the only way on). Any other failure is retried with the same identity.
+const IDENTITY_REFUSED: [&str; 6] = [
+    "TOKEN_EXPIRED",
+    "USER_DISABLED",
+    "USER_NOT_FOUND",
+    "INVALID_REFRESH_TOKEN",
+    "MISSING_REFRESH_TOKEN",
+    "PROJECT_NUMBER_MISMATCH",
+];
+
+/// Where a `firebase-anonymous` identity is kept across restarts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityFile {
+    /// The file (mode 0600; next to the ledger).
+    pub path: PathBuf,
+    /// Read it but never write it (`check-config`: the daemon owns the file).
+    pub read_only: bool,
+}
 
 /// An anonymous Firebase Auth session; clones share it. Dropping the last clone stops the
 /// renewal task.
@@ -58,6 +94,37 @@ struct Inner {
     due: watch::Sender<Option<Instant>>,
     /// Bumped after each renewal ahead of expiry.
     renewed: watch::Sender<u64>,
+    /// Where the identity is kept, if anywhere.
+    identity_file: Option<IdentityFile>,
+    /// The refresh token of the identity read from `identity_file` at start, until it is used.
+    stored: Mutex<Option<String>>,
+    /// Key fingerprint and token endpoint an identity file must name to be used.
+    owner: IdentityOwner,
+    /// Failed sign-ups in a row, and when the next may be tried.
+    sign_up_backoff: std::sync::Mutex<(u32, Option<Instant>)>,
+    /// The refresh token to write to `identity_file` next (the latest wins), written by
+    /// [`Inner::flush_identity`] once the new ID token is in use: a slow disk never delays it.
+    to_save: std::sync::Mutex<Option<String>>,
+    /// Held while the identity file is written, so writes never interleave.
+    writing: Mutex<()>,
+}
+
+/// What a stored identity belongs to: a refresh token is sent only to the token endpoint and
+/// with the API key it was issued for.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+struct IdentityOwner {
+    /// The first 16 hex digits of the SHA-256 of the Web API key (never the key).
+    api_key_sha256: String,
+    /// The token endpoint.
+    token_endpoint: String,
+}
+
+/// The identity file's contents.
+#[derive(serde::Serialize, Deserialize)]
+struct StoredIdentity {
+    #[serde(flatten)]
+    owner: IdentityOwner,
+    refresh_token: String,
 }
 
 struct IdToken {
@@ -66,6 +133,15 @@ struct IdToken {
     lifetime: Duration,
     headers: HeaderMap,
     tag: EntityTag,
+}
+
+impl std::fmt::Debug for IdToken {
+    /// Never the tokens.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdToken")
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
 }
 
 impl IdToken {
@@ -109,8 +185,8 @@ struct RefreshAnswer {
 }
 
 impl FirebaseAnonymous {
-    /// A session that signs in on first use. Must run inside a Tokio runtime (it spawns the
-    /// renewal task).
+    /// A session that signs in on first use, with the identity stored in `identity_file` if
+    /// there is a usable one. Must run inside a Tokio runtime (it spawns the renewal task).
     ///
     /// # Errors
     /// An endpoint that is not `https://` (or `http://` to loopback), or a bad CA file.
@@ -119,6 +195,7 @@ impl FirebaseAnonymous {
         identity_endpoint: &str,
         token_endpoint: &str,
         ca_pem: Option<&[u8]>,
+        identity_file: Option<IdentityFile>,
     ) -> anyhow::Result<FirebaseAnonymous> {
         for (key, url) in [
             ("firestore.identity_endpoint", identity_endpoint),
@@ -126,7 +203,10 @@ impl FirebaseAnonymous {
         ] {
             check_endpoint(key, url)?;
         }
+        // No redirects: a 3xx from an endpoint must not make paywatch post the refresh token
+        // or the API key to another address (which `check_endpoint` never saw).
         let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(CALL_TIMEOUT)
             .user_agent(concat!("paywatch/", env!("CARGO_PKG_VERSION")));
         if let Some(pem) = ca_pem {
@@ -138,6 +218,13 @@ impl FirebaseAnonymous {
         let identity_endpoint = identity_endpoint.trim_end_matches('/').to_owned();
         let (due, _) = watch::channel(None);
         let (renewed, _) = watch::channel(0);
+        let owner = IdentityOwner {
+            api_key_sha256: key_fingerprint(&api_key),
+            token_endpoint: token_endpoint.to_owned(),
+        };
+        let stored = identity_file
+            .as_ref()
+            .and_then(|file| load_identity(&file.path, &owner));
         let inner = Arc::new(Inner {
             http,
             api_key,
@@ -148,6 +235,12 @@ impl FirebaseAnonymous {
             token: Mutex::new(None),
             due,
             renewed,
+            identity_file,
+            stored: Mutex::new(stored),
+            owner,
+            sign_up_backoff: std::sync::Mutex::new((0, None)),
+            to_save: std::sync::Mutex::new(None),
+            writing: Mutex::new(()),
         });
         tokio::spawn(renew_ahead(Arc::downgrade(&inner), inner.due.subscribe()));
         Ok(FirebaseAnonymous { inner })
@@ -165,13 +258,20 @@ impl FirebaseAnonymous {
         })
     }
 
-    /// Signs in once (for `check-config --online`) and says how long the token lasts.
+    /// Signs in once (for `check-config --online`): with the stored identity if there is one,
+    /// else as a new anonymous user. Says how long the token lasts and whether the stored
+    /// identity was used.
     ///
     /// # Errors
     /// What Firebase Auth answered, naming the endpoint.
-    pub(crate) async fn sign_in_once(&self) -> anyhow::Result<Duration> {
+    pub(crate) async fn sign_in_once(&self) -> anyhow::Result<(Duration, bool)> {
+        let stored = self.inner.stored.lock().await.clone();
+        if let Some(refresh_token) = stored {
+            let token = self.inner.refresh(&refresh_token).await?;
+            return Ok((token.lifetime, true));
+        }
         let token = self.inner.sign_up().await?;
-        Ok(token.lifetime)
+        Ok((token.lifetime, false))
     }
 }
 
@@ -193,6 +293,7 @@ impl CredentialsProvider for AnonymousCredentials {
         extensions: Extensions,
     ) -> Result<CacheableResource<HeaderMap>, CredentialsError> {
         let mut token = self.inner.token.lock().await;
+        let mut renewed = false;
         if !token.as_ref().is_some_and(IdToken::usable) {
             let fresh = self
                 .inner
@@ -201,17 +302,24 @@ impl CredentialsProvider for AnonymousCredentials {
                 .map_err(|error| CredentialsError::from_msg(true, format!("{error:#}")))?;
             self.inner.due.send_replace(Some(fresh.renew_at()));
             *token = Some(fresh);
+            renewed = true;
         }
-        let Some(token) = token.as_ref() else {
-            return Err(CredentialsError::from_msg(true, "no Firebase ID token"));
+        let answer = match token.as_ref() {
+            None => Err(CredentialsError::from_msg(true, "no Firebase ID token")),
+            Some(token) if extensions.get::<EntityTag>() == Some(&token.tag) => {
+                Ok(CacheableResource::NotModified)
+            }
+            Some(token) => Ok(CacheableResource::New {
+                entity_tag: token.tag.clone(),
+                data: token.headers.clone(),
+            }),
         };
-        if extensions.get::<EntityTag>() == Some(&token.tag) {
-            return Ok(CacheableResource::NotModified);
+        drop(token);
+        if renewed {
+            // Before the first call on the new identity goes out: kept before it is used.
+            self.inner.flush_identity().await;
         }
-        Ok(CacheableResource::New {
-            entity_tag: token.tag.clone(),
-            data: token.headers.clone(),
-        })
+        answer
     }
 
     async fn universe_domain(&self) -> Option<String> {
@@ -220,22 +328,121 @@ impl CredentialsProvider for AnonymousCredentials {
 }
 
 impl Inner {
-    /// A fresh token: refreshes `current` if there is one, else (or if the refresh is
-    /// refused) signs up a new anonymous user.
+    /// A fresh token: refreshes the current identity (or the stored one) if there is one, else
+    /// (or if Firebase Auth refuses that identity) signs up a new anonymous user.
     async fn renew(&self, current: Option<&IdToken>) -> anyhow::Result<IdToken> {
-        if let Some(current) = current {
-            match self.refresh(&current.refresh_token).await {
-                Ok(token) => return Ok(token),
+        let known = match current {
+            Some(current) => Some(current.refresh_token.clone()),
+            None => self.stored.lock().await.clone(),
+        };
+        if let Some(refresh_token) = known {
+            match self.refresh(&refresh_token).await {
+                Ok(token) => {
+                    self.stored.lock().await.take();
+                    if token.refresh_token != refresh_token || current.is_none() {
+                        self.keep(&token.refresh_token);
+                    }
+                    return Ok(token);
+                }
                 Err(error) => {
+                    let refused = error
+                        .downcast_ref::<AuthRefusal>()
+                        .is_some_and(|refusal| IDENTITY_REFUSED.contains(&refusal.code()));
+                    if !refused {
+                        // Not about the identity (network, 5xx, a redirect, the API key): a
+                        // new user would not help, and would use up the sign-up quota.
+                        return Err(error);
+                    }
+                    self.stored.lock().await.take();
                     tracing::warn!(
                         endpoint = %self.token_endpoint,
-                        "could not refresh the Firebase ID token ({error:#}); signing in \
-                         anonymously again"
+                        "Firebase Auth refused the stored anonymous identity ({error:#}); signing \
+                         up a new anonymous user. {SIGN_UP_LIMIT_TEXT}: if this repeats, check \
+                         that the project still allows anonymous users and that nothing deletes \
+                         them"
                     );
                 }
             }
         }
-        self.sign_up().await
+        let token = self.sign_up_with_backoff().await?;
+        self.keep(&token.refresh_token);
+        Ok(token)
+    }
+
+    /// Signs up, unless a failed sign-up was too recent (the backoff).
+    async fn sign_up_with_backoff(&self) -> anyhow::Result<IdToken> {
+        let now = Instant::now();
+        {
+            let backoff = lock(&self.sign_up_backoff);
+            if let (failures, Some(not_before)) = *backoff
+                && now < not_before
+            {
+                anyhow::bail!(
+                    "not signing up to Firebase Auth again for {} s after {failures} failed \
+                     sign-up(s) in a row ({SIGN_UP_LIMIT_TEXT})",
+                    (not_before - now).as_secs().max(1)
+                );
+            }
+        }
+        let result = self.sign_up().await;
+        let mut backoff = lock(&self.sign_up_backoff);
+        match &result {
+            Ok(_) => *backoff = (0, None),
+            Err(error) => {
+                let failures = backoff.0.saturating_add(1);
+                let mut wait = SIGN_UP_BACKOFF_INITIAL
+                    .saturating_mul(1 << failures.saturating_sub(1).min(16))
+                    .min(SIGN_UP_BACKOFF_MAX);
+                if error
+                    .downcast_ref::<AuthRefusal>()
+                    .is_some_and(AuthRefusal::too_many)
+                {
+                    wait = SIGN_UP_BACKOFF_MAX;
+                }
+                *backoff = (failures, Some(Instant::now() + wait));
+            }
+        }
+        result
+    }
+
+    /// Notes `refresh_token` as the identity to keep; [`Inner::flush_identity`] writes it.
+    fn keep(&self, refresh_token: &str) {
+        if self
+            .identity_file
+            .as_ref()
+            .is_some_and(|file| !file.read_only)
+        {
+            *lock(&self.to_save) = Some(refresh_token.to_owned());
+        }
+    }
+
+    /// Writes the identity noted by [`Inner::keep`], if any, to the identity file. A failure
+    /// is logged: the daemon carries on, but its next start signs up again.
+    async fn flush_identity(&self) {
+        let Some(file) = self.identity_file.as_ref().filter(|file| !file.read_only) else {
+            return;
+        };
+        let _writing = self.writing.lock().await;
+        // Taken under the write lock: of two flushes, the later writes the latest identity.
+        let Some(refresh_token) = lock(&self.to_save).take() else {
+            return;
+        };
+        let path = file.path.clone();
+        let identity = StoredIdentity {
+            owner: self.owner.clone(),
+            refresh_token,
+        };
+        let written = tokio::task::spawn_blocking(move || write_identity(&path, &identity)).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(
+                path = %file.path.display(),
+                "cannot keep the Firebase identity ({error}); the next start will sign up a new \
+                 anonymous user ({SIGN_UP_LIMIT_TEXT}): check that paywatch may write the \
+                 ledger's directory"
+            ),
+            Err(error) => tracing::warn!("cannot keep the Firebase identity: {error}"),
+        }
     }
 
     async fn sign_up(&self) -> anyhow::Result<IdToken> {
@@ -259,7 +466,8 @@ impl Inner {
         tracing::info!(
             endpoint = %self.identity_endpoint,
             lifetime = %humantime::format_duration(token.lifetime),
-            "signed in to Firebase Auth anonymously"
+            kept_in = ?self.identity_file.as_ref().filter(|f| !f.read_only).map(|f| f.path.display().to_string()),
+            "signed up a new anonymous Firebase user"
         );
         Ok(token)
     }
@@ -292,6 +500,126 @@ impl Inner {
     }
 }
 
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The first 16 hex digits of the key's SHA-256: enough to tell keys apart, useless to recover
+/// one.
+fn key_fingerprint(api_key: &Secret) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(api_key.expose().trim().as_bytes());
+    hex::encode(&digest[..8])
+}
+
+/// Reads the identity file: the refresh token, if the file exists, is readable, and belongs to
+/// `owner`. Problems are logged (never the file's contents) and mean "no stored identity".
+fn load_identity(path: &Path, owner: &IdentityOwner) -> Option<String> {
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(error) => {
+            tracing::warn!(path = %path.display(), "cannot read the stored Firebase identity ({error}); signing up a new anonymous user instead");
+            return None;
+        }
+    };
+    tighten_mode(path);
+    // The parse error's position only: its message could quote the token.
+    let stored: StoredIdentity = match serde_json::from_slice(&text) {
+        Ok(stored) => stored,
+        Err(error) => {
+            tracing::warn!(path = %path.display(), line = error.line(), column = error.column(), "the stored Firebase identity is not valid; signing up a new anonymous user instead");
+            return None;
+        }
+    };
+    if stored.owner != *owner || stored.refresh_token.is_empty() {
+        tracing::info!(path = %path.display(), "the stored Firebase identity belongs to another Web API key or token endpoint; it is not sent, and a new anonymous user is signed up");
+        return None;
+    }
+    // Scrubbed from excerpts like a freshly issued one.
+    crate::domain::register_rotating_secret(&stored.refresh_token);
+    Some(stored.refresh_token)
+}
+
+/// Makes a group- or world-readable identity file private again (warning about it).
+#[cfg(unix)]
+fn tighten_mode(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(path = %path.display(), "the Firebase identity file was readable by others; setting its mode to 0600");
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+}
+
+#[cfg(not(unix))]
+fn tighten_mode(_path: &Path) {}
+
+/// Writes the identity file atomically (a 0600 temporary file renamed over it).
+///
+/// # Errors
+/// The I/O error (it names no secret).
+fn write_identity(path: &Path, identity: &StoredIdentity) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let text = serde_json::to_vec(identity).map_err(std::io::Error::other)?;
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = PathBuf::from(temporary);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&temporary)?;
+    tighten_mode(&temporary);
+    file.write_all(&text)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&temporary, path)
+}
+
+/// Firebase Auth answered with an error status.
+#[derive(Debug)]
+struct AuthRefusal {
+    /// The full message (what, where, status, reason, hint).
+    text: String,
+    /// The HTTP status.
+    status: reqwest::StatusCode,
+    /// Firebase's `error.message` (printable), or "no reason given".
+    reason: String,
+}
+
+impl AuthRefusal {
+    /// The reason's code: `TOKEN_EXPIRED` of `TOKEN_EXPIRED : ...`.
+    fn code(&self) -> &str {
+        self.reason.split([' ', ':']).next().unwrap_or_default()
+    }
+
+    /// Firebase said: too many requests (the per-IP sign-up quota, or throttling).
+    fn too_many(&self) -> bool {
+        self.status == reqwest::StatusCode::TOO_MANY_REQUESTS
+            || [
+                "TOO_MANY_ATTEMPTS_TRY_LATER",
+                "QUOTA_EXCEEDED",
+                "RESOURCE_EXHAUSTED",
+            ]
+            .contains(&self.code())
+    }
+}
+
+impl std::fmt::Display for AuthRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::error::Error for AuthRefusal {}
+
 /// A reqwest error with its causes, without its URL (the URL carries the API key).
 fn without_url(error: reqwest::Error) -> String {
     format!("{:#}", anyhow::Error::from(error.without_url()))
@@ -305,6 +633,17 @@ async fn read_answer<T: serde::de::DeserializeOwned>(
     endpoint: &str,
 ) -> anyhow::Result<T> {
     let status = response.status();
+    if status.is_redirection() {
+        let refusal = AuthRefusal {
+            text: format!(
+                "{what} at {endpoint} was redirected (HTTP {status}); redirects are not followed, \
+                 so nothing was sent elsewhere: check the endpoint setting"
+            ),
+            status,
+            reason: "redirect".to_owned(),
+        };
+        return Err(refusal.into());
+    }
     let body = response.bytes().await.unwrap_or_default();
     if !status.is_success() {
         let reason = serde_json::from_slice::<serde_json::Value>(&body)
@@ -324,9 +663,21 @@ async fn read_answer<T: serde::de::DeserializeOwned>(
             {
                 "; the project does not allow anonymous sign-in: try auth = \"none\""
             }
+            _ if what == "anonymous sign-in" => {
+                // Whatever the reason, the per-IP quota is the likeliest cause of a sudden
+                // refusal, and the one the operator cannot see anywhere else.
+                "; note: Firebase allows about 100 anonymous sign-ups per hour per IP address \
+                 (a restart loop or many daemons behind one NAT use them up); paywatch keeps \
+                 its identity next to the ledger so restarts do not sign up again"
+            }
             _ => "",
         };
-        anyhow::bail!("{what} at {endpoint} was refused: HTTP {status}: {reason}{hint}");
+        let refusal = AuthRefusal {
+            text: format!("{what} at {endpoint} was refused: HTTP {status}: {reason}{hint}"),
+            status,
+            reason,
+        };
+        return Err(refusal.into());
     }
     // serde's message can quote the answer: scrubbed like any excerpt (`printable` does it for
     // the refusal's reason above).
@@ -418,6 +769,7 @@ async fn renew_ahead(session: Weak<Inner>, mut due: watch::Receiver<Option<Insta
                 *token = Some(fresh);
                 drop(token);
                 inner.renewed.send_modify(|count| *count += 1);
+                inner.flush_identity().await;
             }
             Err(error) => {
                 let expired = !token.as_ref().is_some_and(IdToken::usable);
@@ -458,6 +810,309 @@ mod tests {
         for bad in ["0", "-5", "abc", "99999999"] {
             assert!(id_token("t".into(), "r".into(), bad).is_err(), "{bad}");
         }
+    }
+
+    /// A tiny Firebase Auth on loopback: sign-ups issue `refresh-N`, refreshes accept only
+    /// tokens it issued; every other path answers 307 to `elsewhere` (when set).
+    struct FakeAuth {
+        base: String,
+        sign_ups: Arc<std::sync::atomic::AtomicU64>,
+        refreshes: Arc<std::sync::atomic::AtomicU64>,
+        valid: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    async fn serve(router: axum::Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        format!("http://{addr}")
+    }
+
+    async fn fake_auth() -> FakeAuth {
+        use std::sync::atomic::Ordering;
+        let sign_ups = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let refreshes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let valid = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let (s, r, v1, v2) = (
+            sign_ups.clone(),
+            refreshes.clone(),
+            valid.clone(),
+            valid.clone(),
+        );
+        let router = axum::Router::new()
+            .route(
+                "/v1/accounts:signUp",
+                axum::routing::post(move || {
+                    let n = s.fetch_add(1, Ordering::SeqCst) + 1;
+                    let token = format!("refresh-{n}");
+                    lock(&v1).push(token.clone());
+                    async move {
+                        axum::Json(serde_json::json!({
+                            "idToken": format!("id-{n}"), "refreshToken": token, "expiresIn": "3600"
+                        }))
+                    }
+                }),
+            )
+            .route(
+                "/v1/token",
+                axum::routing::post(
+                    move |axum::Form(form): axum::Form<std::collections::HashMap<String, String>>| {
+                        let token = form.get("refresh_token").cloned().unwrap_or_default();
+                        let known = lock(&v2).contains(&token);
+                        if known {
+                            r.fetch_add(1, Ordering::SeqCst);
+                        }
+                        async move {
+                            if known {
+                                (
+                                    http::StatusCode::OK,
+                                    axum::Json(serde_json::json!({
+                                        "id_token": "id-r", "refresh_token": token, "expires_in": "3600"
+                                    })),
+                                )
+                            } else {
+                                (
+                                    http::StatusCode::BAD_REQUEST,
+                                    axum::Json(serde_json::json!({
+                                        "error": {"code": 400, "message": "INVALID_REFRESH_TOKEN"}
+                                    })),
+                                )
+                            }
+                        }
+                    },
+                ),
+            );
+        FakeAuth {
+            base: serve(router).await,
+            sign_ups,
+            refreshes,
+            valid,
+        }
+    }
+
+    fn session(auth: &FakeAuth, file: &Path) -> FirebaseAnonymous {
+        FirebaseAnonymous::new(
+            Secret::new("web-key"),
+            &format!("{}/v1", auth.base),
+            &format!("{}/v1/token", auth.base),
+            None,
+            Some(IdentityFile {
+                path: file.to_owned(),
+                read_only: false,
+            }),
+        )
+        .expect("session")
+    }
+
+    /// Issue 21: the identity survives a restart (one sign-up for any number of sessions), is
+    /// kept 0600, and a refused one is replaced by exactly one new sign-up.
+    #[tokio::test]
+    async fn the_identity_is_kept_and_a_refused_one_is_replaced_once() {
+        use std::os::unix::fs::PermissionsExt as _;
+        use std::sync::atomic::Ordering;
+        let auth = fake_auth().await;
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("paywatch.db.firebase-identity");
+        for _ in 0..10 {
+            let restarted = session(&auth, &file);
+            restarted.inner.renew(None).await.expect("signed in");
+            restarted.inner.flush_identity().await;
+        }
+        assert_eq!(auth.sign_ups.load(Ordering::SeqCst), 1);
+        assert_eq!(auth.refreshes.load(Ordering::SeqCst), 9);
+        let mode = std::fs::metadata(&file).expect("kept").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // Firebase Auth forgets the user: one new sign-up, then that one is reused.
+        lock(&auth.valid).clear();
+        let replaced = session(&auth, &file);
+        replaced.inner.renew(None).await.expect("signed up again");
+        replaced.inner.flush_identity().await;
+        assert_eq!(auth.sign_ups.load(Ordering::SeqCst), 2);
+        session(&auth, &file)
+            .inner
+            .renew(None)
+            .await
+            .expect("reused");
+        assert_eq!(auth.sign_ups.load(Ordering::SeqCst), 2);
+
+        // Another API key's identity is not sent (and not used).
+        let other = FirebaseAnonymous::new(
+            Secret::new("another-key"),
+            &format!("{}/v1", auth.base),
+            &format!("{}/v1/token", auth.base),
+            None,
+            Some(IdentityFile {
+                path: file.clone(),
+                read_only: false,
+            }),
+        )
+        .expect("session");
+        assert!(other.inner.stored.lock().await.is_none());
+    }
+
+    /// Issue 21: a refresh that fails for a reason other than the identity (here: nothing
+    /// listening) signs nobody up; failed sign-ups back off; a refused sign-up names the
+    /// per-IP limit.
+    #[tokio::test]
+    async fn only_a_refused_identity_signs_up_and_failed_sign_ups_back_off() {
+        use std::sync::atomic::Ordering;
+        let auth = fake_auth().await;
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("identity");
+        // The token endpoint fails (503): the stored identity is kept, nobody is signed up.
+        let sign_up_hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let hits = sign_up_hits.clone();
+        let failing = serve(
+            axum::Router::new()
+                .route(
+                    "/v1/accounts:signUp",
+                    axum::routing::post(move || {
+                        hits.fetch_add(1, Ordering::SeqCst);
+                        async { http::StatusCode::INTERNAL_SERVER_ERROR }
+                    }),
+                )
+                .route(
+                    "/v1/token",
+                    axum::routing::post(|| async { http::StatusCode::SERVICE_UNAVAILABLE }),
+                ),
+        )
+        .await;
+        write_identity(
+            &file,
+            &StoredIdentity {
+                owner: IdentityOwner {
+                    api_key_sha256: key_fingerprint(&Secret::new("web-key")),
+                    token_endpoint: format!("{failing}/v1/token"),
+                },
+                refresh_token: "kept".into(),
+            },
+        )
+        .expect("write");
+        let down = FirebaseAnonymous::new(
+            Secret::new("web-key"),
+            &format!("{failing}/v1"),
+            &format!("{failing}/v1/token"),
+            None,
+            Some(IdentityFile {
+                path: file.clone(),
+                read_only: false,
+            }),
+        )
+        .expect("session");
+        let error = down.inner.renew(None).await.expect_err("503");
+        assert!(format!("{error:#}").contains("503"), "{error:#}");
+        assert_eq!(sign_up_hits.load(Ordering::SeqCst), 0);
+        assert!(
+            down.inner.stored.lock().await.is_some(),
+            "kept for the next try"
+        );
+
+        // Sign-ups refused: the error names the limit, and the next try waits.
+        let refusing = serve(axum::Router::new().route(
+            "/v1/accounts:signUp",
+            axum::routing::post(|| async {
+                (
+                    http::StatusCode::BAD_REQUEST,
+                    axum::Json(serde_json::json!({
+                        "error": {"code": 400, "message": "TOO_MANY_ATTEMPTS_TRY_LATER"}
+                    })),
+                )
+            }),
+        ))
+        .await;
+        let limited = FirebaseAnonymous::new(
+            Secret::new("web-key"),
+            &format!("{refusing}/v1"),
+            &format!("{refusing}/v1/token"),
+            None,
+            None,
+        )
+        .expect("session");
+        let first = limited.inner.renew(None).await.expect_err("refused");
+        let text = format!("{first:#}");
+        assert!(
+            text.contains("TOO_MANY_ATTEMPTS_TRY_LATER")
+                && text.contains("100 anonymous sign-ups per hour per IP"),
+            "{text}"
+        );
+        let second = limited.inner.renew(None).await.expect_err("backing off");
+        assert!(
+            format!("{second:#}").contains("not signing up"),
+            "{second:#}"
+        );
+        assert_eq!(auth.sign_ups.load(Ordering::SeqCst), 0);
+    }
+
+    /// Issue 21: a 307 from the token endpoint (or the sign-up endpoint) is not followed: the
+    /// refresh token and the API key reach nothing but the configured endpoint, and a
+    /// redirected refresh does not sign a new user up.
+    #[tokio::test]
+    async fn redirects_are_not_followed() {
+        use std::sync::atomic::Ordering;
+        let elsewhere_hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let hits = elsewhere_hits.clone();
+        let elsewhere = serve(axum::Router::new().fallback(move || {
+            hits.fetch_add(1, Ordering::SeqCst);
+            async { "stolen" }
+        }))
+        .await;
+        let target = format!("{elsewhere}/collect");
+        let redirecting = serve(axum::Router::new().fallback(move || {
+            let target = target.clone();
+            async move {
+                (
+                    http::StatusCode::TEMPORARY_REDIRECT,
+                    [(http::header::LOCATION, target)],
+                )
+            }
+        }))
+        .await;
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("identity");
+        let owner = IdentityOwner {
+            api_key_sha256: key_fingerprint(&Secret::new("web-key")),
+            token_endpoint: format!("{redirecting}/v1/token"),
+        };
+        write_identity(
+            &file,
+            &StoredIdentity {
+                owner,
+                refresh_token: "kept-refresh-token".into(),
+            },
+        )
+        .expect("write");
+        let redirected = FirebaseAnonymous::new(
+            Secret::new("web-key"),
+            &format!("{redirecting}/v1"),
+            &format!("{redirecting}/v1/token"),
+            None,
+            Some(IdentityFile {
+                path: file.clone(),
+                read_only: false,
+            }),
+        )
+        .expect("session");
+        let error = redirected.inner.renew(None).await.expect_err("redirected");
+        let text = format!("{error:#}");
+        assert!(text.contains("redirect"), "{text}");
+        assert!(
+            !text.contains("kept-refresh-token") && !text.contains("web-key"),
+            "{text}"
+        );
+        let error = redirected.inner.sign_up().await.expect_err("redirected");
+        assert!(format!("{error:#}").contains("redirect"), "{error:#}");
+        assert_eq!(elsewhere_hits.load(Ordering::SeqCst), 0);
+        // The identity was not refused, so it is still there to use.
+        assert!(
+            std::fs::read_to_string(&file)
+                .expect("kept")
+                .contains("kept-refresh-token")
+        );
     }
 
     #[test]

@@ -230,6 +230,11 @@ struct TargetEntry {
     resume_token: Option<Token>,
     /// Whether the document exists, as far as this process has seen (None: not known).
     exists: Option<bool>,
+    /// The read time of the last consistent snapshot this target was CURRENT in (from the
+    /// ledger at start: the persisted token's read time). Every document version up to it has
+    /// been reported: a resent document whose update time is not after it (a full resend after
+    /// a token expired, a RESET) is not reported again.
+    seen_through: Option<DateTime<Utc>>,
     /// When this target's token was last offered in a Checkpoint.
     last_checkpoint: Option<Instant>,
     /// Progress on the open session; None while disconnected or not yet sent.
@@ -499,6 +504,7 @@ impl StreamState {
                 .filter(|t| !t.is_empty())
                 .map(Token::from),
             exists: None,
+            seen_through: target.resume_read_time,
             last_checkpoint: None,
             session: None,
             removing: false,
@@ -632,6 +638,7 @@ impl StreamState {
                 checkout_id: entry.checkout_id.clone(),
                 location: entry.document.location(),
                 resume_token: entry.resume_token.as_deref().map(<[u8]>::to_vec),
+                resume_read_time: entry.seen_through,
             });
             requests.push(self.request(listen_request::TargetChange::RemoveTarget(id)));
         }
@@ -767,10 +774,24 @@ impl StreamState {
             // Not expected for a one-document target; verify anyway, it costs one Get Checkout.
             tracing::debug!(target_id = id, document = %printable(name), "document event names another document");
         }
+        let already_seen = exists == Some(true)
+            && target.exists != Some(false)
+            && changed_at.is_some()
+            && changed_at <= target.seen_through;
         target.exists = exists;
         if let Some(session) = target.session.as_mut() {
             session.verify_at_current = false;
             session.dirty = true;
+        }
+        if already_seen {
+            // Resent, not changed: this version was reported before the snapshot this target
+            // was last CURRENT in (a full resend after the token expired costs no Get
+            // Checkout for the documents that did not change).
+            tracing::trace!(
+                target_id = id,
+                "document resent unchanged; not verified again"
+            );
+            return;
         }
         out.push(changed(&target.checkout_id, now, changed_at));
     }
@@ -995,6 +1016,9 @@ impl StreamState {
                 tokens.push((target.checkout_id.clone(), token.to_vec()));
             }
             target.resume_token = Some(token);
+            if read_time.is_some() {
+                target.seen_through = read_time;
+            }
         }
         // A healthy snapshot: INVALID_ARGUMENT from now on is a new problem.
         self.retried_without_tokens = false;
@@ -1226,6 +1250,7 @@ pub(super) mod tests {
             checkout_id: id(n),
             location: FirestoreLocation::new("p", "checkouts", n).expect("valid location"),
             resume_token: token.map(<[u8]>::to_vec),
+            resume_read_time: None,
         }
     }
 
@@ -1482,6 +1507,45 @@ pub(super) mod tests {
             tc(Current, &[1], b"t5", Some(200)),
         ]);
         assert_eq!(seen, vec![Seen::Changed("a".into(), Some(150))]);
+    }
+
+    /// Issue 21: a token too old to resume from gets the whole state again; a document not
+    /// updated after the read time of the token's snapshot was reported already and costs no
+    /// Get Checkout, one updated after it does. The same holds after a reconnect in-process
+    /// (the snapshot's read time is remembered).
+    #[test]
+    fn a_full_resend_reports_only_documents_updated_since_the_last_snapshot() {
+        let mut h = Harness::new();
+        let mut old = watch("a", Some(b"old"));
+        old.resume_read_time = chrono::DateTime::from_timestamp(200, 0);
+        h.state.add(old);
+        let mut fresh = watch("b", Some(b"old"));
+        fresh.resume_read_time = chrono::DateTime::from_timestamp(200, 0);
+        h.state.add(fresh);
+        h.connect();
+        let seen = h.feed(vec![
+            tc(Add, &[1, 2], b"", None),
+            change("a", &[1], 150),
+            change("b", &[2], 250),
+            tc(Current, &[1, 2], b"t5", Some(300)),
+            tc(NoChange, &[], b"t6", Some(300)),
+        ]);
+        assert_eq!(
+            seen[0],
+            Seen::Changed("b".into(), Some(250)),
+            "only b changed: {seen:?}"
+        );
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        // Disconnected long enough for the token to expire: everything again, nothing new.
+        h.state.disconnect();
+        h.connect();
+        let seen = h.feed(vec![
+            tc(Add, &[1, 2], b"", None),
+            change("a", &[1], 150),
+            change("b", &[2], 250),
+            tc(Current, &[1, 2], b"t7", Some(400)),
+        ]);
+        assert_eq!(seen, vec![], "nothing changed since the snapshot at 300");
     }
 
     #[test]
@@ -2055,6 +2119,7 @@ pub(super) mod tests {
                 .document(&FirestoreLocation::new("p", "checkouts", n).expect("valid location")),
             resume_token: None,
             exists: None,
+            seen_through: None,
             last_checkpoint: None,
             session: None,
             removing: false,

@@ -694,6 +694,7 @@ mod tests {
             checkout_id: "c1".parse().expect("checkout id"),
             location: location.clone(),
             resume_token: None,
+            resume_read_time: None,
         };
         let document = CollectionPaths::default().document(&location);
         let new_state = || {
