@@ -503,9 +503,7 @@ async fn no_secret_an_echoing_upstream_quotes_reaches_check_config_or_error_line
         let verifier = text
             .lines()
             .find(|line| line.contains("Get Checkout failed") && line.contains(id.as_str()));
-        let discovery = text
-            .lines()
-            .find(|line| line.contains("discovery cannot "));
+        let discovery = text.lines().find(|line| line.contains("discovery cannot "));
         if let (Some(verifier), Some(discovery)) = (verifier, discovery) {
             break (verifier.to_owned(), discovery.to_owned());
         }
