@@ -574,7 +574,7 @@ async fn two_partial_refunds_are_two_hook_deliveries_with_their_totals() {
     sandbox.shutdown().await;
 }
 
-/// The figures in README's "API calls" section: one sweep over 10,000 open checkouts with
+/// The figures in docs/design.md's "API calls" section: one sweep over 10,000 open checkouts with
 /// nothing changed, by search (default page size) and with search refused (one Get Checkout
 /// each, as every sweep was before search). Slow (10,000 verifications to set up), so ignored:
 /// `cargo test --test integration discovery::sweep_cost_figures -- --ignored --nocapture`.
