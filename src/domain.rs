@@ -472,6 +472,9 @@ impl fmt::Display for Source {
     }
 }
 
+/// The checkout types of paymennt's spec (`type` of Search Checkouts).
+pub const CHECKOUT_TYPES: [&str; 5] = ["QR", "WEB", "MOBILE", "LINK", "TERMINAL"];
+
 /// How a checkout came to be tracked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

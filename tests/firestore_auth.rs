@@ -323,9 +323,7 @@ async fn firebase_anonymous_mode_renews_its_token_and_the_stream_survives() {
     sandbox.state().pay(&id).await.expect("paid");
     wait_status(&ledger, &id, "PAID").await;
     // A reopen on a renewed token is planned, not a reconnect after a failure.
-    let text = daemon
-        .metrics
-        .exposition(&ledger)
+    let text = paywatch::http::metrics_exposition(&daemon.metrics, &ledger)
         .await
         .expect("the ledger is readable");
     let exposition = crate::common::exposition::parse(&text).expect("exposition");
@@ -400,7 +398,8 @@ async fn a_failing_token_refresh_is_refused_then_recovers_and_the_payment_arrive
         "no token, no Listen"
     );
     // What check-config --online says about it.
-    let auth = settings.firestore.resolve_auth().expect("auth");
+    let auth = paywatch::sources::firestore::FirestoreAuth::from_settings(&settings.firestore)
+        .expect("auth");
     let error = paywatch::sources::firestore::check_credentials(
         &settings.firestore.endpoint(),
         &auth,

@@ -32,9 +32,7 @@ async fn scrape(daemon: &Daemon, ledger: &Ledger, secrets: &[&str]) -> Expositio
             );
             response.text().await.expect("body")
         }
-        None => daemon
-            .metrics
-            .exposition(ledger)
+        None => paywatch::http::metrics_exposition(&daemon.metrics, ledger)
             .await
             .expect("the ledger is readable"),
     };

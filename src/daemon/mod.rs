@@ -91,9 +91,7 @@ const STATUS_LINE_EVERY: Duration = Duration::from_secs(5);
 /// exit code 2).
 pub fn listener_options(settings: &Settings) -> anyhow::Result<ListenerOptions> {
     // firebase-anonymous keeps its identity next to the ledger, so a restart reuses it.
-    let auth = settings
-        .firestore
-        .resolve_auth()?
+    let auth = crate::sources::firestore::FirestoreAuth::from_settings(&settings.firestore)?
         .with_identity_file(settings.ledger.firebase_identity_path(), false);
     Ok(ListenerOptions {
         endpoint: settings.firestore.endpoint(),

@@ -451,7 +451,7 @@ async fn attempt(
                 #[cfg(not(test))]
                 let outcome = runner::run(&spec.command, &event, &kill).await;
                 let update = decide(&spec.policy, &delivery, &outcome);
-                metrics.hook_attempt(&delivery.hook, &update, Some(outcome.duration));
+                metrics.hook_attempt(&delivery.hook, update.label(), Some(outcome.duration));
                 note_starvation(&shared, &delivery, &update);
                 log_outcome(&delivery, &outcome, &update);
                 update
@@ -498,7 +498,7 @@ async fn attempt(
                 exit_code: None,
                 error,
             };
-            metrics.hook_attempt(&delivery.hook, &update, None);
+            metrics.hook_attempt(&delivery.hook, update.label(), None);
             update
         }
     };

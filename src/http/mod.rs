@@ -130,6 +130,25 @@ impl HttpContext {
     }
 }
 
+/// The `/metrics` exposition of `metrics`, with the ledger-derived gauges read from `ledger`
+/// now (one read-only ledger call, off the async threads).
+///
+/// # Errors
+///
+/// The ledger cannot be read (then nothing is served: stale-looking gauges would hide it).
+pub async fn metrics_exposition(
+    metrics: &crate::metrics::Metrics,
+    ledger: &Ledger,
+) -> Result<String, crate::metrics::MetricsError> {
+    use crate::metrics::MetricsError;
+    let reader = ledger.clone();
+    let figures = tokio::task::spawn_blocking(move || reader.gauges())
+        .await
+        .map_err(|error| MetricsError::Ledger(error.to_string()))?
+        .map_err(|error| MetricsError::Ledger(error.to_string()))?;
+    metrics.render(&figures)
+}
+
 /// Binds `addr`; a non-loopback address is allowed but logged.
 ///
 /// # Errors

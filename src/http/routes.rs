@@ -252,7 +252,26 @@ async fn healthz(State(context): State<Arc<HttpContext>>) -> Response {
 /// The Prometheus text exposition (see [`crate::metrics`]); 503 naming the problem when the
 /// ledger gauges cannot be read.
 async fn metrics(State(context): State<Arc<HttpContext>>) -> Response {
-    context.metrics.response(&context.ledger).await
+    metrics_response(&context.metrics, &context.ledger).await
+}
+
+/// `/metrics`' answer: 200 with the text, or 503 naming the error (logged at warn).
+pub(super) async fn metrics_response(
+    metrics: &crate::metrics::Metrics,
+    ledger: &crate::ledger::Ledger,
+) -> Response {
+    match super::metrics_exposition(metrics, ledger).await {
+        Ok(text) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response(),
+        Err(error) => {
+            tracing::warn!("/metrics: {error}; check the ledger file and its disk");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                format!("{error}\n"),
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn readyz(State(context): State<Arc<HttpContext>>) -> Response {
@@ -263,4 +282,68 @@ async fn readyz(State(context): State<Arc<HttpContext>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(readiness)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::Ledger;
+    use crate::metrics::Metrics;
+
+    #[tokio::test]
+    async fn the_http_answer_is_the_text_format_or_a_503_naming_the_problem() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("paywatch.db");
+        let ledger = Ledger::open(&path).expect("ledger");
+        let verified = crate::paymennt::VerifiedCheckout::for_tests(
+            r#"{"id":"1","currency":"AED","amount":1,"status":"PENDING","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d1"}"#,
+        );
+        ledger
+            .apply(
+                &verified,
+                Source::Reconcile,
+                None,
+                &[],
+                std::time::Duration::from_secs(60),
+            )
+            .expect("recorded");
+        let metrics = Metrics::new();
+
+        let response = metrics_response(&metrics, &ledger).await;
+        assert_eq!(response.status(), http::StatusCode::OK);
+        assert_eq!(
+            response.headers().get(http::header::CONTENT_TYPE),
+            Some(&http::HeaderValue::from_static(
+                crate::metrics::CONTENT_TYPE
+            ))
+        );
+        assert_eq!(
+            crate::metrics::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let text = String::from_utf8(body.to_vec()).expect("utf-8");
+        assert!(
+            text.contains("# TYPE paywatch_checkouts_watched gauge\n"),
+            "{text}"
+        );
+
+        // A row edited by hand into garbage: the scrape fails loudly instead of serving zeros.
+        let raw = rusqlite::Connection::open(&path).expect("raw open");
+        raw.execute("UPDATE checkouts SET created_at = 'yesterday'", [])
+            .expect("corrupt");
+        let response = metrics_response(&metrics, &ledger).await;
+        assert_eq!(response.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let text = String::from_utf8(body.to_vec()).expect("utf-8");
+        assert!(
+            text.contains("cannot read the ledger for /metrics")
+                && text.contains("checkouts.created_at 'yesterday'"),
+            "{text}"
+        );
+    }
 }

@@ -16,33 +16,7 @@ use rusqlite::{Connection, OpenFlags};
 
 use super::{Ledger, Result};
 
-/// What the ledger holds right now, as counts and oldest times (one consistent snapshot).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LedgerGauges {
-    /// Watched checkouts per verified status (`None`: not verified yet).
-    pub watched_by_status: Vec<(Option<String>, i64)>,
-    /// Deliveries not delivered (`pending`, `running`, `dead`) per hook and state.
-    pub undelivered_by_hook: Vec<UndeliveredCount>,
-    /// When the oldest delivery still to be tried (`pending` or `running`) was queued.
-    pub oldest_undelivered: Option<DateTime<Utc>>,
-    /// Checkouts whose transition to PAID has hook deliveries not all delivered.
-    pub paid_with_undelivered_hooks: i64,
-    /// When the oldest watched checkout whose verified status is PENDING was tracked.
-    pub oldest_pending: Option<DateTime<Utc>>,
-    /// When the least recently saved resume token of a watched checkout was saved.
-    pub oldest_resume_token: Option<DateTime<Utc>>,
-}
-
-/// Undelivered deliveries of one hook in one state.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UndeliveredCount {
-    /// The hook's name.
-    pub hook: String,
-    /// `pending`, `running` or `dead`.
-    pub state: String,
-    /// How many.
-    pub count: i64,
-}
+pub use crate::metrics::{LedgerGauges, UndeliveredCount};
 
 impl Ledger {
     /// The figures behind the ledger-derived gauges, read in one read transaction.

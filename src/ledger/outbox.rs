@@ -133,6 +133,18 @@ pub enum DeliveryUpdate {
     },
 }
 
+impl DeliveryUpdate {
+    /// How the attempt ended, as the metrics label (`delivered`, `retry`, `postponed`, `dead`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            DeliveryUpdate::Delivered => "delivered",
+            DeliveryUpdate::Retry { .. } => "retry",
+            DeliveryUpdate::Postponed { .. } => "postponed",
+            DeliveryUpdate::Dead { .. } => "dead",
+        }
+    }
+}
+
 /// Filters for [`Ledger::deliveries`].
 #[derive(Debug, Clone, Default)]
 pub struct DeliveryFilter {

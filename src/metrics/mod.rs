@@ -2,8 +2,8 @@
 //!
 //! Owns: the metric registry, the name, help text, labels and histogram buckets of every
 //! metric, the instrumentation calls the pipeline makes (one line at each place that moves a
-//! figure), and the exposition ([`Metrics::exposition`]), which also reads the ledger-derived
-//! gauges with one read-only ledger call ([`Ledger::gauges`]).
+//! figure), the process figures, and the exposition ([`Metrics::render`]), given the
+//! ledger-derived figures ([`LedgerGauges`]) that whoever serves `/metrics` reads at scrape time.
 //! Must never: put a checkout id (or anything else that grows with the number of checkouts) in
 //! a label, block a pipeline stage (every call is an atomic add or a short std lock), or change
 //! what the pipeline does.
@@ -12,7 +12,7 @@
 //!
 //! A [`Metrics`] belongs to one daemon: the caller makes one with [`Metrics::new`], passes it in
 //! [`crate::daemon::RunOptions`], and the daemon hands clones to each stage; the HTTP listener
-//! serves [`Metrics::exposition`] of the same handle. There is no process-wide registry: the
+//! serves [`Metrics::render`] of the same handle. There is no process-wide registry: the
 //! tests run several daemons in one process, and each must count only its own work (a global
 //! would mix them, and a test could only ever assert "at least"). Code built outside a daemon
 //! (the CLI's paymennt client, unit tests) uses [`Metrics::disabled`], the `Default`, whose calls
@@ -51,9 +51,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::domain::{CheckoutStatus, Source};
-use crate::ledger::{DeliveryUpdate, Ledger, LedgerError, LedgerGauges};
 
-/// The `Content-Type` of [`Metrics::exposition`]: the Prometheus text format, version 0.0.4.
+/// The `Content-Type` of [`Metrics::render`]: the Prometheus text format, version 0.0.4.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Bucket bounds (seconds) of `paywatch_paymennt_request_duration_seconds`. A call includes the
@@ -76,15 +75,42 @@ const UNKNOWN_STATUS: &str = "UNKNOWN";
 /// Why a scrape failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
-    /// The ledger-derived gauges could not be read.
+    /// The ledger-derived gauges could not be read (or the task reading them did not finish).
     #[error("cannot read the ledger for /metrics: {0}")]
-    Ledger(#[from] LedgerError),
-    /// The ledger task did not finish (it panicked or the runtime is shutting down).
-    #[error("cannot read the ledger for /metrics: {0}")]
-    Task(String),
+    Ledger(String),
     /// The registry could not be written as text (only a bug in the encoder could).
     #[error("cannot encode the metrics: {0}")]
     Encode(#[from] std::fmt::Error),
+}
+
+/// What the ledger holds right now, as counts and oldest times (one consistent snapshot): the
+/// figures behind the ledger-derived gauges. The ledger fills it (`Ledger::gauges`); whoever
+/// serves `/metrics` hands it to [`Metrics::render`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LedgerGauges {
+    /// Watched checkouts per verified status (`None`: not verified yet).
+    pub watched_by_status: Vec<(Option<String>, i64)>,
+    /// Deliveries not delivered (`pending`, `running`, `dead`) per hook and state.
+    pub undelivered_by_hook: Vec<UndeliveredCount>,
+    /// When the oldest delivery still to be tried (`pending` or `running`) was queued.
+    pub oldest_undelivered: Option<DateTime<Utc>>,
+    /// Checkouts whose transition to PAID has hook deliveries not all delivered.
+    pub paid_with_undelivered_hooks: i64,
+    /// When the oldest watched checkout whose verified status is PENDING was tracked.
+    pub oldest_pending: Option<DateTime<Utc>>,
+    /// When the least recently saved resume token of a watched checkout was saved.
+    pub oldest_resume_token: Option<DateTime<Utc>>,
+}
+
+/// Undelivered deliveries of one hook in one state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UndeliveredCount {
+    /// The hook's name.
+    pub hook: String,
+    /// `pending`, `running` or `dead`.
+    pub state: String,
+    /// How many.
+    pub count: i64,
 }
 
 /// Which paymennt call a latency belongs to.
@@ -456,19 +482,15 @@ impl Metrics {
         }
     }
 
-    /// A paymennt call ended with `result` after `elapsed` (retries included).
-    pub fn paymennt_call<T>(
-        &self,
-        call: PaymenntCall,
-        result: &Result<T, crate::paymennt::Error>,
-        elapsed: Duration,
-    ) {
+    /// A paymennt call ended after `elapsed` (retries included); `outcome` is its label as the
+    /// paymennt client names it (`ok`, `not_found`, `timeout`, ...).
+    pub fn paymennt_call(&self, call: PaymenntCall, outcome: &'static str, elapsed: Duration) {
         if let Some(inner) = &self.inner {
             inner
                 .paymennt_duration
                 .get_or_create(&PaymenntLabels {
                     call: call.as_str(),
-                    outcome: paymennt_outcome(result),
+                    outcome,
                 })
                 .observe(elapsed.as_secs_f64());
         }
@@ -566,15 +588,10 @@ impl Metrics {
         OpenStreamGuard { gauge }
     }
 
-    /// A hook attempt ended as `update` says, after `duration` (None: it could not start).
-    pub fn hook_attempt(&self, hook: &str, update: &DeliveryUpdate, duration: Option<Duration>) {
+    /// A hook attempt ended as `outcome` says (`delivered`, `retry`, `postponed`, `dead`), after
+    /// `duration` (None: it could not start).
+    pub fn hook_attempt(&self, hook: &str, outcome: &'static str, duration: Option<Duration>) {
         if let Some(inner) = &self.inner {
-            let outcome = match update {
-                DeliveryUpdate::Delivered => "delivered",
-                DeliveryUpdate::Retry { .. } => "retry",
-                DeliveryUpdate::Postponed { .. } => "postponed",
-                DeliveryUpdate::Dead { .. } => "dead",
-            };
             inner
                 .hook_attempts
                 .get_or_create(&HookOutcomeLabels {
@@ -594,38 +611,17 @@ impl Metrics {
     }
 
     /// The exposition in the Prometheus text format ([`CONTENT_TYPE`]), with the ledger-derived
-    /// gauges read from `ledger` now. A disabled handle gives an empty exposition.
+    /// gauges set from `figures` (read by the caller at scrape time). A disabled handle gives an
+    /// empty exposition.
     ///
     /// # Errors
     ///
-    /// The ledger cannot be read (then nothing is served: stale-looking gauges would hide it).
-    pub async fn exposition(&self, ledger: &Ledger) -> Result<String, MetricsError> {
+    /// The registry cannot be encoded (only a bug in the encoder could do that).
+    pub fn render(&self, figures: &LedgerGauges) -> Result<String, MetricsError> {
         let Some(inner) = &self.inner else {
             return Ok(String::new());
         };
-        let reader = ledger.clone();
-        let gauges = tokio::task::spawn_blocking(move || reader.gauges())
-            .await
-            .map_err(|error| MetricsError::Task(error.to_string()))??;
-        inner.render(&gauges, Utc::now(), Instant::now())
-    }
-
-    /// [`Metrics::exposition`] as an HTTP answer: 200 with the text, or 503 naming the error
-    /// (logged at warn). Mount it as `get(move || async move { metrics.response(&ledger).await })`.
-    pub async fn response(&self, ledger: &Ledger) -> axum::response::Response {
-        use axum::response::IntoResponse;
-        match self.exposition(ledger).await {
-            Ok(text) => ([(http::header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
-            Err(error) => {
-                tracing::warn!("/metrics: {error}; check the ledger file and its disk");
-                (
-                    http::StatusCode::SERVICE_UNAVAILABLE,
-                    [(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-                    format!("{error}\n"),
-                )
-                    .into_response()
-            }
-        }
+        inner.render(figures, Utc::now(), Instant::now())
     }
 }
 
@@ -835,25 +831,6 @@ fn status_label(status: &CheckoutStatus) -> String {
     match status {
         CheckoutStatus::Unknown(_) => UNKNOWN_STATUS.to_owned(),
         known => known.as_str().to_owned(),
-    }
-}
-
-/// How a paymennt call ended, as a label.
-fn paymennt_outcome<T>(result: &Result<T, crate::paymennt::Error>) -> &'static str {
-    use crate::paymennt::Error;
-    match result {
-        Ok(_) => "ok",
-        Err(error) if error.is_not_found() => "not_found",
-        Err(Error::Rejected { .. }) => "rejected",
-        Err(Error::Server { .. }) => "server_error",
-        Err(Error::RateLimited { .. }) => "rate_limited",
-        Err(Error::Timeout(_)) => "timeout",
-        Err(Error::Connect(_) | Error::Network(_)) => "network",
-        Err(Error::Malformed(_) | Error::Shape(_)) => "malformed",
-        // Something other than paymennt answered: a configuration problem, not a checkout's.
-        Err(Error::NotPaymennt { .. } | Error::Redirected { .. } | Error::TooLarge { .. }) => {
-            "not_paymennt"
-        }
     }
 }
 

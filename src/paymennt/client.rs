@@ -591,8 +591,11 @@ impl Client {
     ) -> Result<VerifiedCheckout, Error> {
         let started = std::time::Instant::now();
         let result = self.fetch_checkout(id, ticket).await;
-        self.metrics
-            .paymennt_call(PaymenntCall::GetCheckout, &result, started.elapsed());
+        self.metrics.paymennt_call(
+            PaymenntCall::GetCheckout,
+            outcome_label(&result),
+            started.elapsed(),
+        );
         self.credentials.note(self.base.as_str(), &result);
         result
     }
@@ -710,8 +713,11 @@ impl Client {
     pub async fn search(&self, query: &SearchQuery) -> Result<CheckoutPage, Error> {
         let started = std::time::Instant::now();
         let result = self.search_once(query).await;
-        self.metrics
-            .paymennt_call(PaymenntCall::Search, &result, started.elapsed());
+        self.metrics.paymennt_call(
+            PaymenntCall::Search,
+            outcome_label(&result),
+            started.elapsed(),
+        );
         self.credentials.note(self.base.as_str(), &result);
         result
     }
@@ -1093,6 +1099,25 @@ fn http_builder(
         // names. A 3xx is an error naming its Location.
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("paywatch/", env!("CARGO_PKG_VERSION"))))
+}
+
+/// How a paymennt call ended, as the metrics label
+/// (`paywatch_paymennt_request_duration_seconds{outcome}`).
+pub fn outcome_label<T>(result: &Result<T, Error>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(error) if error.is_not_found() => "not_found",
+        Err(Error::Rejected { .. }) => "rejected",
+        Err(Error::Server { .. }) => "server_error",
+        Err(Error::RateLimited { .. }) => "rate_limited",
+        Err(Error::Timeout(_)) => "timeout",
+        Err(Error::Connect(_) | Error::Network(_)) => "network",
+        Err(Error::Malformed(_) | Error::Shape(_)) => "malformed",
+        // Something other than paymennt answered: a configuration problem, not a checkout's.
+        Err(Error::NotPaymennt { .. } | Error::Redirected { .. } | Error::TooLarge { .. }) => {
+            "not_paymennt"
+        }
+    }
 }
 
 #[cfg(test)]

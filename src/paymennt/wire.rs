@@ -294,8 +294,7 @@ impl Checkout {
     }
 }
 
-/// The checkout types of paymennt's spec (`type` of Search Checkouts).
-pub const CHECKOUT_TYPES: [&str; 5] = ["QR", "WEB", "MOBILE", "LINK", "TERMINAL"];
+pub use crate::domain::CHECKOUT_TYPES;
 
 /// A page of checkouts (`PageResponseCheckoutResponse`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -14,8 +14,28 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::domain::CheckoutStatus;
-pub use crate::sources::firestore::StreamMode;
 pub use secret::Secret;
+
+/// How checkouts are spread over Listen streams (`[firestore] stream_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StreamMode {
+    /// Many targets per stream, added and removed on the live stream (for thousands of checkouts).
+    #[default]
+    Multiplexed,
+    /// One stream per checkout, target id 1 (for emulators that support only that).
+    PerDocument,
+}
+
+impl StreamMode {
+    /// The config spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StreamMode::Multiplexed => "multiplexed",
+            StreamMode::PerDocument => "per-document",
+        }
+    }
+}
 
 /// Where the config file is looked for when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/paywatch/paywatch.toml";
@@ -596,98 +616,8 @@ impl FirestoreSettings {
             .unwrap_or_else(|| DEFAULT_TOKEN_ENDPOINT.to_owned())
     }
 
-    /// Resolves `auth` into what the listener needs, checking that the mode's credentials
-    /// exist and can be read (their contents are checked when the listener starts).
-    ///
-    /// # Errors
-    ///
-    /// Names the mode, what was looked for and where; never a secret's value.
-    pub fn resolve_auth(&self) -> Result<crate::sources::firestore::FirestoreAuth, SettingsError> {
-        use crate::sources::firestore::FirestoreAuth;
-        let mode = self.auth_mode();
-        let api_key = match &self.api_key {
-            Some(key) if key.expose().trim().is_empty() => {
-                return Err(err(
-                    "'firestore.api_key' is empty\n\nset the Firebase Web API key of the project holding the checkout documents, or remove the key",
-                ));
-            }
-            other => other.clone(),
-        };
-        let send_api_key = self.send_api_key_to_firestore;
-        if send_api_key && api_key.is_none() {
-            return Err(err(
-                "'firestore.send_api_key_to_firestore' is true but 'firestore.api_key' is not \
-                 set\n\nset the Firebase Web API key, or remove send_api_key_to_firestore (the \
-                 Firebase SDKs send no API key to Firestore)",
-            ));
-        }
-        match mode {
-            FirestoreAuthMode::ServiceAccount => {
-                let Some(path) = self.credentials_file() else {
-                    return Err(err(
-                        "firestore auth 'service-account' needs a key file, and none was found: \
-                         looked for 'firestore.credentials', the systemd credential \
-                         'firestore-service-account' and GOOGLE_APPLICATION_CREDENTIALS\n\n\
-                         set one of them, or choose another 'firestore.auth' (see \
-                         docs/running-as-a-service.md, \"Which Firestore auth mode do I need?\")",
-                    ));
-                };
-                if let Err(error) = std::fs::metadata(&path).and_then(|meta| {
-                    if meta.is_file() {
-                        std::fs::File::open(&path).map(drop)
-                    } else {
-                        Err(std::io::Error::other("not a regular file"))
-                    }
-                }) {
-                    return Err(err(format!(
-                        "firestore auth 'service-account': cannot read the key file '{}' ({}): \
-                         {error}\n\ncheck the path and that the paywatch user may read it",
-                        path.display(),
-                        self.credentials_source(&path)
-                    )));
-                }
-                Ok(FirestoreAuth::ServiceAccountFile(path))
-            }
-            FirestoreAuthMode::ApplicationDefault => {
-                if let Some(path) = std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS") {
-                    let path = PathBuf::from(path);
-                    if let Err(error) = std::fs::File::open(&path) {
-                        return Err(err(format!(
-                            "firestore auth 'application-default': cannot read '{}' named by \
-                             GOOGLE_APPLICATION_CREDENTIALS: {error}\n\nfix or unset the variable",
-                            path.display()
-                        )));
-                    }
-                }
-                Ok(FirestoreAuth::ApplicationDefault)
-            }
-            FirestoreAuthMode::None => Ok(FirestoreAuth::None {
-                api_key,
-                send_api_key,
-            }),
-            FirestoreAuthMode::FirebaseAnonymous => {
-                let Some(api_key) = api_key else {
-                    return Err(err(
-                        "firestore auth 'firebase-anonymous' needs 'firestore.api_key' (the \
-                         Firebase Web API key of the project holding the checkout documents), \
-                         and it is not set\n\nset it in the config file or in \
-                         PAYWATCH_FIRESTORE__API_KEY; paymennt's payment page carries it in its \
-                         Firebase configuration",
-                    ));
-                };
-                Ok(FirestoreAuth::FirebaseAnonymous {
-                    api_key,
-                    identity_endpoint: self.identity_endpoint(),
-                    token_endpoint: self.token_endpoint(),
-                    send_api_key,
-                    identity_file: None,
-                })
-            }
-        }
-    }
-
     /// Where a key file path came from, for messages.
-    fn credentials_source(&self, path: &Path) -> &'static str {
+    pub fn credentials_source(&self, path: &Path) -> &'static str {
         if self.credentials.as_deref() == Some(path) {
             "from 'firestore.credentials'"
         } else if secret::systemd_credential(CREDENTIAL_FIRESTORE).as_deref() == Some(path) {
@@ -1657,15 +1587,15 @@ impl Settings {
         if self.discovery.types.is_empty() {
             return Err(err(format!(
                 "{origin}: 'discovery.types' is empty\n\nlist at least one of {}, or set discovery.enabled = false",
-                crate::paymennt::wire::CHECKOUT_TYPES.join(", ")
+                crate::domain::CHECKOUT_TYPES.join(", ")
             )));
         }
         for kind in &self.discovery.types {
-            if !crate::paymennt::wire::CHECKOUT_TYPES.contains(&kind.as_str()) {
+            if !crate::domain::CHECKOUT_TYPES.contains(&kind.as_str()) {
                 return Err(err(format!(
                     "{origin}: 'discovery.types' has unknown type '{}'\n\nknown types: {}",
                     crate::domain::printable(kind),
-                    crate::paymennt::wire::CHECKOUT_TYPES.join(", ")
+                    crate::domain::CHECKOUT_TYPES.join(", ")
                 )));
             }
         }

@@ -610,7 +610,7 @@ fn the_api_key_reaches_firestore_only_when_asked_and_the_identity_sits_by_the_le
     let settings = load("[firestore]\nauth = \"none\"\napi_key = \"k\"\n", &[]).expect("valid");
     assert!(!settings.firestore.send_api_key_to_firestore);
     assert!(matches!(
-        settings.firestore.resolve_auth(),
+        crate::sources::firestore::FirestoreAuth::from_settings(&settings.firestore),
         Ok(FirestoreAuth::None {
             send_api_key: false,
             ..
@@ -622,7 +622,7 @@ fn the_api_key_reaches_firestore_only_when_asked_and_the_identity_sits_by_the_le
     )
     .expect("valid");
     assert!(matches!(
-        asked.firestore.resolve_auth(),
+        crate::sources::firestore::FirestoreAuth::from_settings(&asked.firestore),
         Ok(FirestoreAuth::None {
             send_api_key: true,
             ..
@@ -633,7 +633,8 @@ fn the_api_key_reaches_firestore_only_when_asked_and_the_identity_sits_by_the_le
         &[],
     )
     .expect("loads");
-    let error = no_key.firestore.resolve_auth().expect_err("no key to send");
+    let error = crate::sources::firestore::FirestoreAuth::from_settings(&no_key.firestore)
+        .expect_err("no key to send");
     assert!(
         error.to_string().contains("send_api_key_to_firestore"),
         "{error}"

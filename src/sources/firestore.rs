@@ -56,7 +56,6 @@ mod stream;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 
 pub use connect::{FirestoreAuth, check_credentials};
 pub use pool::{Listener, ListenerHandle};
@@ -65,26 +64,7 @@ pub use probe::{AccessFailure, AccessProof, access_hint, prove_access};
 use crate::domain::{CheckoutId, FirestoreLocation};
 use crate::sources::Nudge;
 
-/// How checkouts are spread over Listen streams (`[firestore] stream_mode`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum StreamMode {
-    /// Many targets per stream, added and removed on the live stream (for thousands of checkouts).
-    #[default]
-    Multiplexed,
-    /// One stream per checkout, target id 1 (for emulators that support only that).
-    PerDocument,
-}
-
-impl StreamMode {
-    /// The config spelling.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            StreamMode::Multiplexed => "multiplexed",
-            StreamMode::PerDocument => "per-document",
-        }
-    }
-}
+pub use crate::settings::StreamMode;
 
 /// What the listener needs to know to run. `Default` gives the production values.
 #[derive(Debug, Clone)]

@@ -34,7 +34,7 @@ use tower_layer::Layer as _;
 
 use super::firebase_auth::FirebaseAnonymous;
 pub use super::firebase_auth::IdentityFile;
-use crate::settings::{FirestoreAuthMode, Secret};
+use crate::settings::{FirestoreAuthMode, FirestoreSettings, Secret, SettingsError};
 
 /// The OAuth scopes Firestore accepts (the Node SDK asks for both).
 const SCOPES: [&str; 2] = [
@@ -144,7 +144,7 @@ impl Client {
 }
 
 /// How the listener authenticates to Firestore (`[firestore] auth`, resolved by
-/// [`crate::settings::FirestoreSettings::resolve_auth`]).
+/// [`FirestoreAuth::from_settings`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FirestoreAuth {
     /// A service-account key file: a self-signed JWT per hour, checked by IAM.
@@ -181,6 +181,96 @@ pub enum FirestoreAuth {
 }
 
 impl FirestoreAuth {
+    /// Resolves `[firestore] auth` into what the listener needs, checking that the mode's credentials
+    /// exist and can be read (their contents are checked when the listener starts).
+    ///
+    /// # Errors
+    ///
+    /// Names the mode, what was looked for and where; never a secret's value.
+    pub fn from_settings(settings: &FirestoreSettings) -> Result<FirestoreAuth, SettingsError> {
+        let err = |message: &str| SettingsError(message.to_owned());
+        let mode = settings.auth_mode();
+        let api_key = match &settings.api_key {
+            Some(key) if key.expose().trim().is_empty() => {
+                return Err(err(
+                    "'firestore.api_key' is empty\n\nset the Firebase Web API key of the project holding the checkout documents, or remove the key",
+                ));
+            }
+            other => other.clone(),
+        };
+        let send_api_key = settings.send_api_key_to_firestore;
+        if send_api_key && api_key.is_none() {
+            return Err(err(
+                "'firestore.send_api_key_to_firestore' is true but 'firestore.api_key' is not \
+                 set\n\nset the Firebase Web API key, or remove send_api_key_to_firestore (the \
+                 Firebase SDKs send no API key to Firestore)",
+            ));
+        }
+        match mode {
+            FirestoreAuthMode::ServiceAccount => {
+                let Some(path) = settings.credentials_file() else {
+                    return Err(err(
+                        "firestore auth 'service-account' needs a key file, and none was found: \
+                         looked for 'firestore.credentials', the systemd credential \
+                         'firestore-service-account' and GOOGLE_APPLICATION_CREDENTIALS\n\n\
+                         set one of them, or choose another 'firestore.auth' (see \
+                         docs/running-as-a-service.md, \"Which Firestore auth mode do I need?\")",
+                    ));
+                };
+                if let Err(error) = std::fs::metadata(&path).and_then(|meta| {
+                    if meta.is_file() {
+                        std::fs::File::open(&path).map(drop)
+                    } else {
+                        Err(std::io::Error::other("not a regular file"))
+                    }
+                }) {
+                    return Err(SettingsError(format!(
+                        "firestore auth 'service-account': cannot read the key file '{}' ({}): \
+                         {error}\n\ncheck the path and that the paywatch user may read it",
+                        path.display(),
+                        settings.credentials_source(&path)
+                    )));
+                }
+                Ok(FirestoreAuth::ServiceAccountFile(path))
+            }
+            FirestoreAuthMode::ApplicationDefault => {
+                if let Some(path) = std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS") {
+                    let path = PathBuf::from(path);
+                    if let Err(error) = std::fs::File::open(&path) {
+                        return Err(SettingsError(format!(
+                            "firestore auth 'application-default': cannot read '{}' named by \
+                             GOOGLE_APPLICATION_CREDENTIALS: {error}\n\nfix or unset the variable",
+                            path.display()
+                        )));
+                    }
+                }
+                Ok(FirestoreAuth::ApplicationDefault)
+            }
+            FirestoreAuthMode::None => Ok(FirestoreAuth::None {
+                api_key,
+                send_api_key,
+            }),
+            FirestoreAuthMode::FirebaseAnonymous => {
+                let Some(api_key) = api_key else {
+                    return Err(err(
+                        "firestore auth 'firebase-anonymous' needs 'firestore.api_key' (the \
+                         Firebase Web API key of the project holding the checkout documents), \
+                         and it is not set\n\nset it in the config file or in \
+                         PAYWATCH_FIRESTORE__API_KEY; paymennt's payment page carries it in its \
+                         Firebase configuration",
+                    ));
+                };
+                Ok(FirestoreAuth::FirebaseAnonymous {
+                    api_key,
+                    identity_endpoint: settings.identity_endpoint(),
+                    token_endpoint: settings.token_endpoint(),
+                    send_api_key,
+                    identity_file: None,
+                })
+            }
+        }
+    }
+
     /// The config spelling of this mode.
     pub fn mode(&self) -> FirestoreAuthMode {
         match self {
