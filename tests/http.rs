@@ -546,7 +546,7 @@ async fn the_track_endpoint_records_and_watches_at_once_with_the_right_token_onl
             .contains("firebaseDocument")
     );
     // The same input and message as `paywatch track -`.
-    let cli = paywatch::cli::checkouts::track_input(&incomplete.to_string(), "request body")
+    let cli = paywatch::paymennt::intake::track_input(&incomplete.to_string(), "request body")
         .expect_err("rejected");
     assert_eq!(body["error"], cli.message);
 

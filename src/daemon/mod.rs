@@ -7,7 +7,6 @@
 //!
 //! [`run`] reads top to bottom as the startup order, and its end is the shutdown order.
 
-pub mod health;
 pub mod notify;
 pub mod signals;
 pub mod supervisor;
@@ -22,10 +21,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::health::Health;
 use crate::domain::{CheckoutId, CollectionPaths, FirestoreLocation, WatchedDocument};
 use crate::hooks::config::HookSet;
 use crate::hooks::dispatcher::{Dispatcher, DispatcherHandle};
+use crate::http::health::Health;
 use crate::http::{HttpContext, NewlyTracked};
 use crate::ledger::{Ledger, ResumePoint};
 use crate::logging::LogHandle;

@@ -24,6 +24,7 @@
 //!   [`ServeLimits::drain`] to finish; what is left then is closed, so a half-sent request never
 //!   holds up the daemon's shutdown or eats the drain time of verifications and hooks.
 
+pub mod health;
 pub mod routes;
 
 use std::net::SocketAddr;
@@ -44,13 +45,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
-use crate::daemon::health::Health;
 use crate::domain::{CheckoutId, FirestoreLocation};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::settings::{HttpSettings, Secret, SettingsError, is_loopback_host};
 use crate::sources::Nudge;
 use crate::sources::webhook::WebhookIntake;
+use health::Health;
 
 /// A checkout the track endpoint just recorded: the daemon watches it at once.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -170,7 +170,7 @@ async fn track(
     let Ok(text) = std::str::from_utf8(&body) else {
         return error(StatusCode::BAD_REQUEST, "request body: not UTF-8 text");
     };
-    let facts = match crate::cli::checkouts::track_input(text, "request body") {
+    let facts = match crate::paymennt::intake::track_input(text, "request body") {
         Ok(facts) => facts,
         Err(rejected) => {
             return (

@@ -4,6 +4,7 @@
 //! Must never: touch the ledger, or log a credential.
 
 pub mod client;
+pub mod intake;
 pub mod wire;
 
 pub use client::{Client, CredentialStatus, Error, RetryPolicy, SearchQuery, VerifiedCheckout};
