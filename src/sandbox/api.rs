@@ -59,6 +59,13 @@ pub struct ApiContext {
     pub credentials: Arc<ApiCredentials>,
 }
 
+/// The payment page needs only the state.
+impl axum::extract::FromRef<ApiContext> for SandboxState {
+    fn from_ref(context: &ApiContext) -> SandboxState {
+        context.state.clone()
+    }
+}
+
 /// The one key pair the sandbox accepts.
 pub struct ApiCredentials {
     /// `X-Paymennt-Api-Key`.

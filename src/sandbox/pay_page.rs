@@ -27,8 +27,7 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 
 use crate::domain::{CheckoutId, CheckoutStatus, format_money};
-use crate::sandbox::api::ApiContext;
-use crate::sandbox::state::CheckoutAction;
+use crate::sandbox::state::{CheckoutAction, SandboxState};
 
 /// paymennt's documented test card: it pays.
 pub const PAYING_CARD: &str = "4242424242424242";
@@ -162,8 +161,8 @@ fn expiry_well_formed(text: &str) -> bool {
 }
 
 /// `GET /pay/{key}`: the page.
-pub async fn show(State(context): State<ApiContext>, Path(key): Path<String>) -> Response {
-    match page_for(&context, &key, &[], "") {
+pub async fn show(State(state): State<SandboxState>, Path(key): Path<String>) -> Response {
+    match page_for(&state, &key, &[], "") {
         Some(page) => Html(page).into_response(),
         None => not_found(),
     }
@@ -171,53 +170,53 @@ pub async fn show(State(context): State<ApiContext>, Path(key): Path<String>) ->
 
 /// `POST /pay/{key}`: the card form.
 pub async fn pay(
-    State(context): State<ApiContext>,
+    State(state): State<SandboxState>,
     Path(key): Path<String>,
     form: Result<Form<HashMap<String, String>>, FormRejection>,
 ) -> Response {
-    let Some(id) = context.state.id_for_key(&key) else {
+    let Some(id) = state.id_for_key(&key) else {
         return not_found();
     };
     let fields = form.map(|Form(fields)| fields).unwrap_or_default();
     let card = CardForm::from_fields(&fields);
     let outcome = match check_card(&card) {
         Ok(outcome) => outcome,
-        Err(problems) => return refused(&context, &key, &problems, &card.name),
+        Err(problems) => return refused(&state, &key, &problems, &card.name),
     };
     let action = match outcome {
         CardOutcome::Pays => CheckoutAction::Pay,
         CardOutcome::Declined => CheckoutAction::Fail,
     };
-    finish(&context, &key, &id, action, &card.name).await
+    finish(&state, &key, &id, action, &card.name).await
 }
 
 /// `POST /pay/{key}/cancel`: the customer cancels and goes back to the merchant.
-pub async fn cancel(State(context): State<ApiContext>, Path(key): Path<String>) -> Response {
-    let Some(id) = context.state.id_for_key(&key) else {
+pub async fn cancel(State(state): State<SandboxState>, Path(key): Path<String>) -> Response {
+    let Some(id) = state.id_for_key(&key) else {
         return not_found();
     };
-    finish(&context, &key, &id, CheckoutAction::Cancel, "").await
+    finish(&state, &key, &id, CheckoutAction::Cancel, "").await
 }
 
 /// Applies `action`, then sends the customer to the `returnUrl` or back to the page.
 async fn finish(
-    context: &ApiContext,
+    state: &SandboxState,
     key: &str,
     id: &CheckoutId,
     action: CheckoutAction,
     name: &str,
 ) -> Response {
-    if let Err(error) = context.state.apply(id, action).await {
-        return refused(context, key, &[error.to_string()], name);
+    if let Err(error) = state.apply(id, action).await {
+        return refused(state, key, &[error.to_string()], name);
     }
-    match context.state.return_url(id) {
+    match state.return_url(id) {
         Some(url) => Redirect::to(&url).into_response(),
         None => Redirect::to(&format!("/pay/{}", url_path_segment(key))).into_response(),
     }
 }
 
-fn refused(context: &ApiContext, key: &str, problems: &[String], name: &str) -> Response {
-    match page_for(context, key, problems, name) {
+fn refused(state: &SandboxState, key: &str, problems: &[String], name: &str) -> Response {
+    match page_for(state, key, problems, name) {
         Some(page) => (StatusCode::UNPROCESSABLE_ENTITY, Html(page)).into_response(),
         None => not_found(),
     }
@@ -232,10 +231,10 @@ fn not_found() -> Response {
 }
 
 /// The page for the checkout behind `key`, with `problems` above the form.
-fn page_for(context: &ApiContext, key: &str, problems: &[String], name: &str) -> Option<String> {
-    let id = context.state.id_for_key(key)?;
-    let checkout = context.state.checkout(&id)?;
-    let status = context.state.status(&id)?;
+fn page_for(state: &SandboxState, key: &str, problems: &[String], name: &str) -> Option<String> {
+    let id = state.id_for_key(key)?;
+    let checkout = state.checkout(&id)?;
+    let status = state.status(&id)?;
     let amount = checkout
         .amount
         .map(|a| format_money(a.0))

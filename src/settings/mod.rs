@@ -1734,7 +1734,7 @@ pub fn read_ca_file(path: &Path) -> Result<Vec<u8>, String> {
 /// Whether `host` is a loopback name or address.
 pub fn is_loopback_host(host: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    host == "localhost"
+    host.eq_ignore_ascii_case("localhost")
         || host
             .parse::<std::net::IpAddr>()
             .map(|ip| ip.is_loopback())

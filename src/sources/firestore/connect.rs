@@ -14,7 +14,6 @@
 //! Must never: send `authorization: Bearer owner` anywhere but to a plaintext loopback
 //! endpoint in `none` mode, or put a key, token or API key in a log line or error.
 
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -691,7 +690,7 @@ fn validate_endpoint(endpoint: &str) -> anyhow::Result<String> {
     }
     match uri.scheme_str() {
         Some("https") => Ok(endpoint.to_owned()),
-        Some("http") if is_loopback(host) => Ok(endpoint.to_owned()),
+        Some("http") if crate::settings::is_loopback_host(host) => Ok(endpoint.to_owned()),
         Some("http") => bail!(
             "refusing plaintext http to the non-loopback Firestore endpoint '{endpoint}'\n\n\
              use https://, or an emulator or sandbox on 127.0.0.1, ::1 or localhost"
@@ -701,13 +700,6 @@ fn validate_endpoint(endpoint: &str) -> anyhow::Result<String> {
              loopback emulator)"
         ),
     }
-}
-
-/// `localhost`, 127.0.0.0/8 or ::1.
-pub(crate) fn is_loopback(host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 #[cfg(test)]

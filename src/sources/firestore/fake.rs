@@ -19,8 +19,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{ListenEvent, Listener, ListenerHandle, ListenerOptions, StreamMode, WatchTarget};
+use super::listen::{ListenEvent, ListenerOptions, WatchTarget};
+use super::{Listener, ListenerHandle};
 use crate::domain::{CheckoutId, FirestoreLocation};
+use crate::settings::StreamMode;
 
 const DEADLINE: Duration = Duration::from_secs(10);
 

@@ -726,7 +726,13 @@ fn check_endpoint(key: &str, url: &str) -> anyhow::Result<()> {
     })?;
     match parsed.scheme() {
         "https" => Ok(()),
-        "http" if parsed.host_str().is_some_and(super::connect::is_loopback) => Ok(()),
+        "http"
+            if parsed
+                .host_str()
+                .is_some_and(crate::settings::is_loopback_host) =>
+        {
+            Ok(())
+        }
         _ => Err(crate::settings::SettingsError(format!(
             "'{key}' value '{url}' must be https:// (plaintext http only to a loopback host)"
         ))

@@ -29,10 +29,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::connect::Connector;
+use super::listen::{ListenEvent, ListenerOptions, WatchTarget};
 use super::shared::{Connection, Context, DatabaseShared, OPENS_AT_ONCE};
 use super::stream::{Relocate, StreamCommand, StreamTask, command_channel};
-use super::{ListenEvent, ListenerOptions, StreamMode, WatchTarget};
 use crate::domain::{CheckoutId, CollectionPaths, WatchedDocument};
+use crate::settings::StreamMode;
 
 /// The Firestore listener. See the module documentation of [`crate::sources::firestore`].
 pub struct Listener;

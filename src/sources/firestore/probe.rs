@@ -12,8 +12,8 @@ use gcloud_sdk::google::firestore::v1::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
-use super::FirestoreAuth;
 use super::connect::Connector;
+use super::connect::FirestoreAuth;
 use super::state::code_name;
 use crate::domain::{FirestoreLocation, printable};
 

@@ -10,7 +10,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::connect::{Client, Connector};
-use super::{ListenEvent, ListenerOptions};
+use super::listen::{ListenEvent, ListenerOptions};
 
 /// What every stream task of a listener needs.
 pub(crate) struct Context {

@@ -34,7 +34,7 @@ use gcloud_sdk::google::firestore::v1::{
 };
 use tonic::Code;
 
-use super::{ListenEvent, WatchTarget};
+use super::listen::{ListenEvent, WatchTarget};
 #[cfg(test)]
 use crate::domain::CollectionPaths;
 use crate::domain::{CheckoutId, Source, WatchedDocument, printable};

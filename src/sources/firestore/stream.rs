@@ -40,13 +40,14 @@ use tokio_stream::StreamExt as _;
 use tonic::{Code, Status};
 
 use super::backoff::Backoff;
+use super::listen::{ListenEvent, WatchTarget};
 use super::shared::{Connection, Context, DatabaseShared};
 use super::state::{
     AUTH_RETRIES, Action, Disposition, Fault, StreamHistory, StreamState, classify, code_name,
     permanent_message, summary,
 };
-use super::{ListenEvent, StreamMode, WatchTarget};
 use crate::domain::{CheckoutId, WatchedDocument, printable};
+use crate::settings::StreamMode;
 
 /// How long a Listen call may go without its response headers before it is abandoned and opened
 /// again (at most `idle_timeout`). Firestore answers at once; a call left unanswered (a half-open
