@@ -51,6 +51,9 @@ rm -rf "$out"
 mkdir -p "$out/man" "$out/completions" "$out/systemd"
 
 "$bin" man --out-dir "$out/man" >/dev/null
+# Compressed here, not by cargo-deb: it compresses man pages only from the source tree, never
+# from the target directory (-n: no name or time stamp, so the package is reproducible).
+gzip -9n "$out"/man/*
 "$bin" completions bash >"$out/completions/paywatch"
 "$bin" completions zsh >"$out/completions/_paywatch"
 "$bin" completions fish >"$out/completions/paywatch.fish"
