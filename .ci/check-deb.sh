@@ -39,7 +39,20 @@ echo "check-deb: built $deb"
 [ ! -e /etc/paywatch/credentials ] \
     || fail "/etc/paywatch/credentials exists; this check installs and purges paywatch: run it on a host without it"
 dpkg -i "$deb"
-trap 'dpkg -P paywatch >/dev/null 2>&1 || true; rm -f /etc/paywatch/ca.pem; rmdir /etc/paywatch 2>/dev/null || true' EXIT
+# On a failure, leave no package, stand-in files or directories behind for the next run.
+state=/var/lib/paywatch
+made_state=
+cleanup() {
+    dpkg -P paywatch >/dev/null 2>&1 || true
+    rm -rf /etc/paywatch/credentials
+    rm -f /etc/paywatch/ca.pem
+    rmdir /etc/paywatch 2>/dev/null || true
+    if [ -n "$made_state" ]; then
+        rm -f "$state/paywatch.db"
+        rmdir "$state" 2>/dev/null || true
+    fi
+}
+trap cleanup EXIT
 
 [ -x /usr/bin/paywatch ] || fail "/usr/bin/paywatch is not installed"
 /usr/bin/paywatch --version | grep -qx "paywatch $version" || fail "paywatch --version is not 'paywatch $version'"
@@ -122,8 +135,6 @@ getent group paywatch >/dev/null || fail "dpkg -r removed the paywatch group (on
 
 # A purge removes the config, the credentials and the group but keeps the ledger (payment
 # records) and the operator's own files in /etc/paywatch, and says so. The service never ran here, so a stand-in ledger plays the one it would leave.
-state=/var/lib/paywatch
-made_state=
 if [ ! -e "$state" ]; then
     mkdir -p "$state"
     made_state=yes
