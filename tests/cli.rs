@@ -1103,7 +1103,10 @@ fn run_reading_stderr(config: &Path, args: &[&str], limit: std::time::Duration) 
     let pipe = child.stderr.take().expect("stderr piped");
     let (lines, received) = std::sync::mpsc::channel::<(String, std::time::Duration)>();
     let reader = std::thread::spawn(move || {
-        for line in std::io::BufReader::new(pipe).split(b'\n').map_while(Result::ok) {
+        for line in std::io::BufReader::new(pipe)
+            .split(b'\n')
+            .map_while(Result::ok)
+        {
             let line = String::from_utf8_lossy(&line).into_owned();
             if lines.send((line, started.elapsed())).is_err() {
                 break;
@@ -1191,7 +1194,10 @@ async fn link_create_against_a_silent_paymennt_says_it_retries_and_stops_at_the_
     assert_eq!(waited.code, Some(3), "{text}");
     assert!(text.contains("--timeout 4s"), "names the deadline: {text}");
     assert!(text.contains(&base_url), "names paymennt's address: {text}");
-    assert!(text.contains("'ORD-SILENT-r1'"), "names the requestId: {text}");
+    assert!(
+        text.contains("'ORD-SILENT-r1'"),
+        "names the requestId: {text}"
+    );
     assert!(
         waited.took < std::time::Duration::from_secs(8),
         "the deadline held: {:?}",
@@ -1203,8 +1209,7 @@ async fn link_create_against_a_silent_paymennt_says_it_retries_and_stops_at_the_
 /// Issue 22: `check-config --online` against a silent paymennt says it retries, and
 /// `--timeout` ends it with exit 1 naming paymennt's address and what to check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_config_online_against_a_silent_paymennt_says_it_retries_and_stops_at_the_timeout()
-{
+async fn check_config_online_against_a_silent_paymennt_says_it_retries_and_stops_at_the_timeout() {
     let (base_url, server) = silent_paymennt().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = silent_config(dir.path(), &base_url);
@@ -1250,7 +1255,11 @@ fn timeout_is_bounded_and_stated_in_help() {
         "{}",
         stdout(&help)
     );
-    assert!(stdout(&help).contains("[default: 60s]"), "{}", stdout(&help));
+    assert!(
+        stdout(&help).contains("[default: 60s]"),
+        "{}",
+        stdout(&help)
+    );
     let out_of_bounds = paywatch(&config, &["--timeout", "2h", "check-config"], None);
     assert_eq!(out_of_bounds.status.code(), Some(2));
     assert!(

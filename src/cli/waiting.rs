@@ -150,7 +150,12 @@ fn observer(base_url: &str) -> CallObserver {
 }
 
 /// `paymennt did not answer within 15s; retrying (2/5) in 2s`.
-fn retry_line(error: &crate::paymennt::Error, attempt: u32, attempts: u32, delay: Duration) -> String {
+fn retry_line(
+    error: &crate::paymennt::Error,
+    attempt: u32,
+    attempts: u32,
+    delay: Duration,
+) -> String {
     // Whole seconds from 1 s up; tenths below (the first pauses are a fraction of a second).
     let pause = if delay >= Duration::from_secs(1) {
         format!("{}s", delay.as_secs_f64().round())

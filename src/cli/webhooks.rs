@@ -193,9 +193,7 @@ async fn register_once(
     };
     tracing::warn!(address = %shown, error = %lost, "the answer to Create new webhook was lost and the webhook may exist; looking for it at paymennt (it is not sent again)");
     let Some(listed) = deadline.run(client.list_webhooks()).await else {
-        return Err(cut_short(&format!(
-            "{lost}; looking for it was not done"
-        )));
+        return Err(cut_short(&format!("{lost}; looking for it was not done")));
     };
     let looked = match listed {
         Ok(webhooks) => {
@@ -260,8 +258,7 @@ pub async fn run(
         }
         WebhooksCommand::Disable(args) => {
             let id = parse_id(&args.id)?;
-            let webhook =
-                within(deadline, &client, client.webhook_action(&id, "disable")).await?;
+            let webhook = within(deadline, &client, client.webhook_action(&id, "disable")).await?;
             print(&webhook, args.show_hmac_key, args.json)
         }
     }

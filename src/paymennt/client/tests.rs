@@ -911,12 +911,7 @@ async fn the_retry_observer_sees_each_retry_of_a_read_and_none_of_a_lost_create(
         .expect("third attempt succeeds");
     assert_eq!(
         *seen.lock().expect("lock"),
-        [
-            "sending",
-            "retry 2/4: true",
-            "retry 3/4: true",
-            "finished"
-        ]
+        ["sending", "retry 2/4: true", "retry 3/4: true", "finished"]
     );
     seen.lock().expect("lock").clear();
     client
