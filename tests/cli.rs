@@ -1047,3 +1047,224 @@ fn check_config_names_the_firebase_key_and_refuses_paymennts_in_its_place() {
         stdout(&mixed)
     );
 }
+
+/// A paymennt on loopback that accepts connections and never answers (issue 22, "Silence
+/// while waiting"). Returns its base URL; the connections are held until the task is aborted.
+async fn silent_paymennt() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let address = listener.local_addr().expect("address");
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    (format!("http://{address}/mer/v2.0/"), server)
+}
+
+/// A config whose paymennt is `base_url`, each call timing out after 500 ms, retried twice.
+fn silent_config(dir: &Path, base_url: &str) -> PathBuf {
+    let path = dir.join("paywatch.toml");
+    let text = format!(
+        "[ledger]\npath = \"{}\"\n[paymennt]\nbase_url = \"{base_url}\"\napi_key = \"k\"\napi_secret = \"s\"\nmax_retries = 2\nrequest_timeout = \"500ms\"\n",
+        dir.join("paywatch.db").display()
+    );
+    std::fs::write(&path, text).expect("config written");
+    path
+}
+
+/// What a command against a silent paymennt wrote on stderr (a pipe), when its first retry
+/// line came, and how it ended.
+struct Waited {
+    code: Option<i32>,
+    stderr: String,
+    first_retry: Option<std::time::Duration>,
+    took: std::time::Duration,
+}
+
+/// Runs paywatch with stderr read line by line as it comes; gives up (killing it) after
+/// `limit`.
+fn run_reading_stderr(config: &Path, args: &[&str], limit: std::time::Duration) -> Waited {
+    use std::io::BufRead as _;
+    let started = std::time::Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_paywatch"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("PAYWATCH_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("paywatch starts");
+    let pipe = child.stderr.take().expect("stderr piped");
+    let (lines, received) = std::sync::mpsc::channel::<(String, std::time::Duration)>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe)
+            .split(b'\n')
+            .map_while(Result::ok)
+        {
+            let line = String::from_utf8_lossy(&line).into_owned();
+            if lines.send((line, started.elapsed())).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stderr = String::new();
+    let mut first_retry = None;
+    let code = loop {
+        match received.recv_timeout(std::time::Duration::from_millis(50)) {
+            Ok((line, at)) => {
+                if first_retry.is_none() && line.contains("; retrying (") {
+                    first_retry = Some(at);
+                }
+                stderr.push_str(&line);
+                stderr.push('\n');
+                continue;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {}
+        }
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status.code();
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+    };
+    let took = started.elapsed();
+    let _ = reader.join();
+    while let Ok((line, _)) = received.try_recv() {
+        stderr.push_str(&line);
+        stderr.push('\n');
+    }
+    Waited {
+        code,
+        stderr,
+        first_retry,
+        took,
+    }
+}
+
+/// Plain text only: no escape sequence, carriage return or spinner glyph (indicatif's
+/// spinners are braille patterns) in a stderr that is a pipe.
+fn assert_plain(text: &str) {
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\r'),
+        "escapes in piped stderr: {text:?}"
+    );
+    assert!(
+        !text.chars().any(|c| ('\u{2800}'..='\u{28ff}').contains(&c)),
+        "a spinner in piped stderr: {text:?}"
+    );
+}
+
+/// Issue 22: `link create` against a paymennt that never answers says on stderr that it
+/// retries (within seconds, not after 78 s of silence), and `--timeout` ends it; the create
+/// may have been sent, so the outcome is unknown (exit 3) naming the order, the requestId,
+/// the deadline and paymennt's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_create_against_a_silent_paymennt_says_it_retries_and_stops_at_the_timeout() {
+    let (base_url, server) = silent_paymennt().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = silent_config(dir.path(), &base_url);
+    let mut args = vec!["--timeout", "4s"];
+    args.extend(link_create_args("ORD-SILENT", "ORD-SILENT-r1"));
+    let waited = tokio::task::spawn_blocking(move || {
+        run_reading_stderr(&config, &args, std::time::Duration::from_secs(30))
+    })
+    .await
+    .expect("join");
+    server.abort();
+    let text = &waited.stderr;
+    let first_retry = waited.first_retry.expect("a retry line");
+    assert!(
+        first_retry < std::time::Duration::from_secs(4),
+        "the first retry line came after {first_retry:?}: {text}"
+    );
+    assert!(
+        text.contains("paymennt did not answer within 500ms; retrying (2/3) in "),
+        "{text}"
+    );
+    assert_eq!(waited.code, Some(3), "{text}");
+    assert!(text.contains("--timeout 4s"), "names the deadline: {text}");
+    assert!(text.contains(&base_url), "names paymennt's address: {text}");
+    assert!(
+        text.contains("'ORD-SILENT-r1'"),
+        "names the requestId: {text}"
+    );
+    assert!(
+        waited.took < std::time::Duration::from_secs(8),
+        "the deadline held: {:?}",
+        waited.took
+    );
+    assert_plain(text);
+}
+
+/// Issue 22: `check-config --online` against a silent paymennt says it retries, and
+/// `--timeout` ends it with exit 1 naming paymennt's address and what to check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_online_against_a_silent_paymennt_says_it_retries_and_stops_at_the_timeout() {
+    let (base_url, server) = silent_paymennt().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = silent_config(dir.path(), &base_url);
+    let waited = tokio::task::spawn_blocking(move || {
+        run_reading_stderr(
+            &config,
+            &["check-config", "--online", "--timeout", "2s"],
+            std::time::Duration::from_secs(30),
+        )
+    })
+    .await
+    .expect("join");
+    server.abort();
+    let text = &waited.stderr;
+    let first_retry = waited.first_retry.expect("a retry line");
+    assert!(
+        first_retry < std::time::Duration::from_secs(2),
+        "the first retry line came after {first_retry:?}: {text}"
+    );
+    assert_eq!(waited.code, Some(1), "{text}");
+    assert!(
+        text.contains(&format!(
+            "paymennt at {base_url} did not answer within --timeout 2s"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("check that paymennt is reachable"), "{text}");
+    assert!(
+        waited.took < std::time::Duration::from_secs(6),
+        "the deadline held: {:?}",
+        waited.took
+    );
+    assert_plain(text);
+}
+
+#[test]
+fn timeout_is_bounded_and_stated_in_help() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = offline_config(dir.path());
+    let help = paywatch(&config, &["link", "create", "--help"], None);
+    assert!(
+        stdout(&help).contains("--timeout <DURATION>"),
+        "{}",
+        stdout(&help)
+    );
+    assert!(
+        stdout(&help).contains("[default: 60s]"),
+        "{}",
+        stdout(&help)
+    );
+    let out_of_bounds = paywatch(&config, &["--timeout", "2h", "check-config"], None);
+    assert_eq!(out_of_bounds.status.code(), Some(2));
+    assert!(
+        stderr(&out_of_bounds).contains("from 1s to 1h"),
+        "{}",
+        stderr(&out_of_bounds)
+    );
+}

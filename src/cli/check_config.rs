@@ -515,7 +515,7 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
     let offline_failures = checks.iter().filter(|c| !c.ok).count();
     let mut online_failures = 0;
     if args.online {
-        match Client::from_settings(&settings.paymennt) {
+        match super::waiting::client(&settings.paymennt) {
             Ok(client) => {
                 let started = Instant::now();
                 let query = SearchQuery {

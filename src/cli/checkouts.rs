@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use serde::Serialize;
 
+use super::waiting::Deadline;
 use super::{OutcomeUnknown, UsageError, output};
 use crate::domain::{Amount, CheckoutId, Currency, Source, printable};
 use crate::ledger::{ApplyOutcome, Ledger, ListFilter, TrackOutcome, TrackedVia};
@@ -264,17 +265,47 @@ const FIND_LINK_PAUSES: [std::time::Duration; 3] = [
 /// 2xx), the link is looked for ([`find_lost_link`]) before anything else: found, it is
 /// recorded and printed as if the answer had arrived; not found, the outcome is unknown
 /// ([`OutcomeUnknown`], exit 3). Never a second create.
-pub async fn link_create(settings: &Settings, args: &LinkCreateArgs) -> anyhow::Result<()> {
+///
+/// `deadline` (`--timeout`) bounds the create and the look: once the create may have been
+/// sent, the deadline passing leaves the outcome unknown (exit 3), as a lost answer does.
+pub async fn link_create(
+    settings: &Settings,
+    args: &LinkCreateArgs,
+    deadline: Deadline,
+) -> anyhow::Result<()> {
     let request = args.to_request()?;
-    let client = Client::from_settings(&settings.paymennt)?;
+    let client = super::waiting::client(&settings.paymennt)?;
     // Open the ledger first: a ledger we cannot write must stop us before a link exists.
     let ledger = open_ledger(settings)?;
     let ticket = ledger.issue_ticket()?;
     let sent_at = chrono::Utc::now();
-    let verified = match client.create_link(&request, ticket).await {
+    let cut_short = |what: String| -> anyhow::Error {
+        unknown_outcome(
+            &request,
+            &format!(
+                "{what} within --timeout {} (paymennt at {})",
+                humantime::format_duration(deadline.total()),
+                client.base_url()
+            ),
+        )
+    };
+    let Some(created) = deadline.run(client.create_link(&request, ticket)).await else {
+        return Err(cut_short(
+            "paymennt did not answer Create payment link".to_owned(),
+        ));
+    };
+    let verified = match created {
         Ok(verified) => verified,
         Err(error) if error.reached() == Reached::Maybe => {
-            find_lost_link(&client, &ledger, &request, sent_at, error).await?
+            let looked = deadline.run(find_lost_link(&client, &ledger, &request, sent_at, &error));
+            match looked.await {
+                Some(found) => found?,
+                None => {
+                    return Err(cut_short(format!(
+                        "{error}; looking for the link at paymennt did not finish"
+                    )));
+                }
+            }
         }
         Err(error) => {
             return Err(impossible_name(
@@ -331,7 +362,7 @@ async fn find_lost_link(
     ledger: &Ledger,
     request: &LinkRequest,
     sent_at: chrono::DateTime<chrono::Utc>,
-    lost: crate::paymennt::Error,
+    lost: &crate::paymennt::Error,
 ) -> anyhow::Result<VerifiedCheckout> {
     let order = printable(&request.order_id);
     let request_id = printable(&request.request_id);
@@ -373,13 +404,21 @@ async fn find_lost_link(
         ),
         Some(error) => format!("looking for the link at paymennt failed: {error}"),
     };
-    Err(OutcomeUnknown(format!(
-        "the outcome of creating the payment link for order '{order}' (requestId '{request_id}') is unknown: {lost}; {looked}\n\n\
+    Err(unknown_outcome(request, &format!("{lost}; {looked}")))
+}
+
+/// [`OutcomeUnknown`] for the link `request` asks for: `why` says what happened; the message
+/// names the order and `requestId` to check at paymennt.
+fn unknown_outcome(request: &LinkRequest, why: &str) -> anyhow::Error {
+    let order = printable(&request.order_id);
+    let request_id = printable(&request.request_id);
+    OutcomeUnknown(format!(
+        "the outcome of creating the payment link for order '{order}' (requestId '{request_id}') is unknown: {why}\n\n\
          the link may exist at paymennt, and it was not sent again: check paymennt for order '{order}' and requestId '{request_id}' \
          (the dashboard, or Search Checkouts with orderId and requestId); if a link is there, record it with \
          `paywatch track --checkout-id ID`; create a link again only once you know there is none"
     ))
-    .into())
+    .into()
 }
 
 /// Arguments of `paywatch track`.
@@ -408,7 +447,7 @@ pub async fn track(settings: &Settings, args: &TrackArgs) -> anyhow::Result<()> 
         let id: CheckoutId = id
             .parse()
             .map_err(|e| UsageError(format!("--checkout-id: {e}")))?;
-        let client = Client::from_settings(&settings.paymennt)?;
+        let client = super::waiting::client(&settings.paymennt)?;
         let ledger = open_ledger(settings)?;
         let ticket = ledger.issue_ticket()?;
         let verified = client

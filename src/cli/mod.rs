@@ -11,6 +11,7 @@ pub mod generate;
 pub mod hooks;
 pub mod output;
 pub mod sandbox;
+pub mod waiting;
 pub mod webhooks;
 
 use std::path::PathBuf;
@@ -41,7 +42,8 @@ pub const EXIT_OUTCOME_UNKNOWN: u8 = 3;
 const EXIT_CODES_HELP: &str = "\
 Exit codes:
   0  success
-  1  runtime failure (paymennt unreachable or refusing a request, ledger error, ...)
+  1  runtime failure (paymennt unreachable or refusing a request, --timeout passed, ledger
+     error, ...)
   2  usage or input error (bad arguments, bad config, malformed input, an id that names nothing
      paywatch holds); nothing was changed
   3  outcome unknown: `link create` or `webhooks register` may have created the link or webhook
@@ -82,6 +84,13 @@ pub struct Cli {
     /// Log format (overrides `format` in the config's `[log]` section).
     #[arg(long, global = true, value_enum)]
     pub log_format: Option<LogFormat>,
+
+    /// How long a command that calls paymennt (link create, track --checkout-id, check-config
+    /// --online, webhooks) waits for it in all, retries included, from 1s to 1h. Past it the
+    /// command ends with exit 1, naming paymennt's address (link create: exit 3, the link may
+    /// exist). Each retry is told on stderr.
+    #[arg(long, global = true, value_name = "DURATION", default_value = waiting::DEFAULT_TIMEOUT, value_parser = waiting::parse_timeout)]
+    pub timeout: std::time::Duration,
 
     /// What to do.
     #[command(subcommand)]
@@ -168,11 +177,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::DemoHook(ref args) => daemon::demo_hook(args),
         Command::Completions(ref args) => generate::print_completions(args),
         Command::Man(ref args) => generate::man(args),
-        Command::CheckConfig(ref args) => check_config::run(cli.config.as_deref(), args).await,
-        Command::Link(LinkCommand::Create(ref args)) => {
-            checkouts::link_create(&load_settings(&cli)?, args).await
+        Command::CheckConfig(ref args) => {
+            let deadline = waiting::Deadline::after(cli.timeout);
+            match deadline
+                .run(check_config::run(cli.config.as_deref(), args))
+                .await
+            {
+                Some(result) => result,
+                None => {
+                    let base_url = Settings::load(cli.config.as_deref())
+                        .ok()
+                        .map(|settings| settings.paymennt.base_url());
+                    Err(deadline.passed(base_url.as_deref()))
+                }
+            }
         }
-        Command::Track(ref args) => checkouts::track(&load_settings(&cli)?, args).await,
+        Command::Link(LinkCommand::Create(ref args)) => {
+            let deadline = waiting::Deadline::after(cli.timeout);
+            checkouts::link_create(&load_settings(&cli)?, args, deadline).await
+        }
+        Command::Track(ref args) => {
+            let deadline = waiting::Deadline::after(cli.timeout);
+            let settings = load_settings(&cli)?;
+            match deadline.run(checkouts::track(&settings, args)).await {
+                Some(result) => result,
+                None => Err(deadline.passed(Some(&settings.paymennt.base_url()))),
+            }
+        }
         Command::Status(ref args) => checkouts::status(&load_settings(&cli)?, args),
         Command::List(ref args) => checkouts::list(&load_settings(&cli)?, args),
         Command::Events(ref args) => checkouts::events(&load_settings(&cli)?, args),
@@ -180,6 +211,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             sandbox::run(args, cli.log_format.unwrap_or(LogFormat::Text)).await
         }
         Command::Hooks(ref command) => hooks::run(&load_settings(&cli)?, command).await,
-        Command::Webhooks(ref command) => webhooks::run(&load_settings(&cli)?, command).await,
+        Command::Webhooks(ref command) => {
+            let deadline = waiting::Deadline::after(cli.timeout);
+            webhooks::run(&load_settings(&cli)?, command, deadline).await
+        }
     }
 }

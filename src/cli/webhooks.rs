@@ -10,6 +10,7 @@
 
 use serde::Serialize;
 
+use super::waiting::Deadline;
 use super::{OutcomeUnknown, UsageError, output};
 use crate::paymennt::Client;
 use crate::paymennt::client::Reached;
@@ -151,24 +152,50 @@ fn check_address(url: &str) -> Result<(), UsageError> {
 ///
 /// paymennt's error when it refused; [`OutcomeUnknown`] naming the address when the answer was
 /// lost and no new webhook for it is listed (or listing failed).
-async fn register_once(client: &Client, address: &str) -> anyhow::Result<Webhook> {
+///
+/// The deadline cutting the create or the look short leaves the outcome unknown too.
+async fn register_once(
+    client: &Client,
+    address: &str,
+    deadline: Deadline,
+) -> anyhow::Result<Webhook> {
+    let shown = crate::domain::printable(address);
+    let cut_short = |what: &str| -> anyhow::Error {
+        OutcomeUnknown(format!(
+            "the outcome of registering webhook address '{shown}' is unknown: {what} within --timeout {} (paymennt at {})\n\n\
+             it was not sent again: check with `paywatch webhooks list` (or paymennt's dashboard) whether \
+             '{shown}' is registered before registering it again",
+            humantime::format_duration(deadline.total()),
+            client.base_url()
+        ))
+        .into()
+    };
     // The ids already registered for this address, so a lost answer is not mistaken for an
     // old webhook. Not knowing them (listing failed) only makes that check looser.
-    let before: Option<Vec<WireId>> = client.list_webhooks().await.ok().map(|webhooks| {
+    let Some(listed) = deadline.run(client.list_webhooks()).await else {
+        // Nothing was sent that creates anything yet.
+        return Err(deadline.passed(Some(client.base_url())));
+    };
+    let before: Option<Vec<WireId>> = listed.ok().map(|webhooks| {
         webhooks
             .into_iter()
             .filter(|w| w.address.as_deref() == Some(address))
             .filter_map(|w| w.id)
             .collect()
     });
-    let lost = match client.create_webhook(address).await {
+    let Some(created) = deadline.run(client.create_webhook(address)).await else {
+        return Err(cut_short("paymennt did not answer Create new webhook"));
+    };
+    let lost = match created {
         Ok(webhook) => return Ok(webhook),
         Err(error) if error.reached() == Reached::Maybe => error,
         Err(error) => return Err(error.into()),
     };
-    let shown = crate::domain::printable(address);
     tracing::warn!(address = %shown, error = %lost, "the answer to Create new webhook was lost and the webhook may exist; looking for it at paymennt (it is not sent again)");
-    let looked = match client.list_webhooks().await {
+    let Some(listed) = deadline.run(client.list_webhooks()).await else {
+        return Err(cut_short(&format!("{lost}; looking for it was not done")));
+    };
+    let looked = match listed {
         Ok(webhooks) => {
             let found = webhooks.into_iter().rev().find(|w| {
                 w.address.as_deref() == Some(address)
@@ -193,27 +220,21 @@ async fn register_once(client: &Client, address: &str) -> anyhow::Result<Webhook
     .into())
 }
 
-/// Runs a `webhooks` command.
-pub async fn run(settings: &Settings, command: &WebhooksCommand) -> anyhow::Result<()> {
-    let client = Client::from_settings(&settings.paymennt)?;
+/// Runs a `webhooks` command, within `deadline` (`--timeout`): past it, exit 1 naming
+/// paymennt's address (`register`: exit 3 once the create may have been sent).
+pub async fn run(
+    settings: &Settings,
+    command: &WebhooksCommand,
+    deadline: Deadline,
+) -> anyhow::Result<()> {
+    let client = super::waiting::client(&settings.paymennt)?;
     let parse_id = |id: &str| -> Result<WebhookId, UsageError> {
         id.parse().map_err(|error| UsageError(format!("{error}")))
     };
     match command {
-        WebhooksCommand::Register(args) => {
-            check_address(&args.url)?;
-            let webhook = register_once(&client, &args.url).await?;
-            tracing::info!(webhook = ?webhook.id, "webhook registered");
-            print(&webhook, args.show_hmac_key, args.json)?;
-            if !args.json && !args.show_hmac_key && webhook.hmac_key.is_some() {
-                output::write_out(
-                    "to check notification signatures, run `paywatch webhooks list --show-hmac-key` and set [http] webhook_hmac_key (or its file or credential)",
-                )?;
-            }
-            Ok(())
-        }
+        WebhooksCommand::Register(args) => register(&client, args, deadline).await,
         WebhooksCommand::List(args) => {
-            let webhooks = client.list_webhooks().await?;
+            let webhooks = within(deadline, &client, client.list_webhooks()).await?;
             if args.json {
                 let out: Vec<_> = webhooks
                     .iter()
@@ -231,16 +252,43 @@ pub async fn run(settings: &Settings, command: &WebhooksCommand) -> anyhow::Resu
             }
         }
         WebhooksCommand::Test(args) => {
-            let webhook = client.webhook_action(&parse_id(&args.id)?, "test").await?;
+            let id = parse_id(&args.id)?;
+            let webhook = within(deadline, &client, client.webhook_action(&id, "test")).await?;
             print(&webhook, args.show_hmac_key, args.json)
         }
         WebhooksCommand::Disable(args) => {
-            let webhook = client
-                .webhook_action(&parse_id(&args.id)?, "disable")
-                .await?;
+            let id = parse_id(&args.id)?;
+            let webhook = within(deadline, &client, client.webhook_action(&id, "disable")).await?;
             print(&webhook, args.show_hmac_key, args.json)
         }
     }
+}
+
+/// `call`'s answer, or the deadline's error (exit 1) if it passes first. Each call is bounded
+/// on its own, so a create the deadline cuts short is an unknown outcome (exit 3), never this.
+async fn within<T>(
+    deadline: Deadline,
+    client: &Client,
+    call: impl Future<Output = Result<T, crate::paymennt::Error>>,
+) -> anyhow::Result<T> {
+    match deadline.run(call).await {
+        Some(result) => Ok(result?),
+        None => Err(deadline.passed(Some(client.base_url()))),
+    }
+}
+
+/// `webhooks register`.
+async fn register(client: &Client, args: &RegisterArgs, deadline: Deadline) -> anyhow::Result<()> {
+    check_address(&args.url)?;
+    let webhook = register_once(client, &args.url, deadline).await?;
+    tracing::info!(webhook = ?webhook.id, "webhook registered");
+    print(&webhook, args.show_hmac_key, args.json)?;
+    if !args.json && !args.show_hmac_key && webhook.hmac_key.is_some() {
+        output::write_out(
+            "to check notification signatures, run `paywatch webhooks list --show-hmac-key` and set [http] webhook_hmac_key (or its file or credential)",
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -430,6 +430,31 @@ impl CredentialStatus {
     }
 }
 
+/// A step of one call to paymennt, as a [`CallObserver`] sees it.
+#[derive(Debug)]
+pub enum CallEvent<'a> {
+    /// The call's first attempt is about to be sent.
+    Sending,
+    /// An attempt failed with `error`; attempt number `attempt` (from 1) of at most `attempts`
+    /// is sent after `delay`.
+    Retrying {
+        /// Why the last attempt failed.
+        error: &'a Error,
+        /// The number of the attempt about to be sent (2 for the first retry).
+        attempt: u32,
+        /// The most attempts this call makes.
+        attempts: u32,
+        /// The pause before it.
+        delay: Duration,
+    },
+    /// The call is over (answered, or failed for good).
+    Finished,
+}
+
+/// Told of each [`CallEvent`] of a [`Client`]'s calls ([`Client::with_retry_notice`]). Called
+/// inline: it must not block.
+pub type CallObserver = Arc<dyn Fn(&CallEvent<'_>) + Send + Sync>;
+
 /// A paymennt API client. Cheap to clone; clones share the connection pool.
 #[derive(Clone)]
 pub struct Client {
@@ -439,6 +464,7 @@ pub struct Client {
     retry: RetryPolicy,
     metrics: Metrics,
     credentials: CredentialStatus,
+    observer: Option<CallObserver>,
 }
 
 impl std::fmt::Debug for Client {
@@ -552,6 +578,7 @@ impl Client {
             retry,
             metrics: Metrics::disabled(),
             credentials: CredentialStatus::default(),
+            observer: None,
         })
     }
 
@@ -565,6 +592,16 @@ impl Client {
     pub fn with_credential_status(self, credentials: CredentialStatus) -> Client {
         Client {
             credentials,
+            ..self
+        }
+    }
+
+    /// The same client, telling `observer` when a call is sent, sent again and done: what the
+    /// interactive commands show a person waiting (a line per retry, a spinner). The daemon
+    /// sets none; its retries are debug logs.
+    pub fn with_retry_notice(self, observer: CallObserver) -> Client {
+        Client {
+            observer: Some(observer),
             ..self
         }
     }
@@ -854,19 +891,8 @@ impl Client {
 
     /// Sends a request, retrying what may succeed later; returns the `result` JSON text.
     async fn call(&self, build: impl Fn() -> reqwest::RequestBuilder) -> Result<String, Error> {
-        let mut retry = 0;
-        loop {
-            match self.attempt(build()).await {
-                Ok(result) => return Ok(result),
-                Err(error) if error.is_retryable() && retry < self.retry.max_retries => {
-                    let delay = self.retry.delay(retry, &error);
-                    tracing::debug!(%error, retry = retry + 1, delay_ms = delay.as_millis() as u64, "retrying paymennt call");
-                    tokio::time::sleep(delay).await;
-                    retry += 1;
-                }
-                Err(error) => return Err(error),
-            }
-        }
+        self.send(build, Error::is_retryable, "retrying paymennt call")
+            .await
     }
 
     /// Sends a request that creates something: again only when [`Error::may_send_again`]
@@ -875,18 +901,49 @@ impl Client {
         &self,
         build: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<String, Error> {
+        self.send(
+            build,
+            Error::may_send_again,
+            "sending again: the request never reached paymennt, or it asked us to wait",
+        )
+        .await
+    }
+
+    /// Sends a request, again (up to the policy's retries) while `send_again` holds for its
+    /// error, telling the observer ([`Client::with_retry_notice`]) each step.
+    async fn send(
+        &self,
+        build: impl Fn() -> reqwest::RequestBuilder,
+        send_again: fn(&Error) -> bool,
+        log_message: &'static str,
+    ) -> Result<String, Error> {
+        self.notify(&CallEvent::Sending);
         let mut retry = 0;
-        loop {
+        let result = loop {
             match self.attempt(build()).await {
-                Ok(result) => return Ok(result),
-                Err(error) if error.may_send_again() && retry < self.retry.max_retries => {
+                Ok(result) => break Ok(result),
+                Err(error) if send_again(&error) && retry < self.retry.max_retries => {
                     let delay = self.retry.delay(retry, &error);
-                    tracing::debug!(%error, retry = retry + 1, delay_ms = delay.as_millis() as u64, "sending again: the request never reached paymennt, or it asked us to wait");
+                    tracing::debug!(%error, retry = retry + 1, delay_ms = delay.as_millis() as u64, "{log_message}");
+                    self.notify(&CallEvent::Retrying {
+                        error: &error,
+                        attempt: retry + 2,
+                        attempts: self.retry.max_retries.saturating_add(1),
+                        delay,
+                    });
                     tokio::time::sleep(delay).await;
                     retry += 1;
                 }
-                Err(error) => return Err(error),
+                Err(error) => break Err(error),
             }
+        };
+        self.notify(&CallEvent::Finished);
+        result
+    }
+
+    fn notify(&self, event: &CallEvent<'_>) {
+        if let Some(observer) = &self.observer {
+            observer(event);
         }
     }
 

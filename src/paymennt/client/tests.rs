@@ -877,3 +877,46 @@ async fn a_webhook_registration_whose_answer_is_lost_is_not_sent_again() {
     assert_eq!(error.reached(), Reached::Maybe);
     assert_eq!(script.seen.lock().expect("lock").len(), 1, "sent once");
 }
+
+/// Issue 22: the interactive commands are told of each retry (a line on stderr); a create
+/// whose answer is lost is not retried, so its observer sees no retry.
+#[tokio::test]
+async fn the_retry_observer_sees_each_retry_of_a_read_and_none_of_a_lost_create() {
+    let failure = r#"{"success":false,"error":"internal"}"#;
+    let (client, _script) = start(vec![
+        answer(500, failure),
+        answer(502, "oops"),
+        answer(200, CHECKOUT),
+        answer(500, failure),
+    ])
+    .await;
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = seen.clone();
+    let client = client.with_retry_notice(Arc::new(move |event: &CallEvent<'_>| {
+        let line = match event {
+            CallEvent::Sending => "sending".to_owned(),
+            CallEvent::Retrying {
+                error,
+                attempt,
+                attempts,
+                ..
+            } => format!("retry {attempt}/{attempts}: {}", error.is_retryable()),
+            CallEvent::Finished => "finished".to_owned(),
+        };
+        log.lock().expect("lock").push(line);
+    }));
+    client
+        .get_checkout(&id(), ticket())
+        .await
+        .expect("third attempt succeeds");
+    assert_eq!(
+        *seen.lock().expect("lock"),
+        ["sending", "retry 2/4: true", "retry 3/4: true", "finished"]
+    );
+    seen.lock().expect("lock").clear();
+    client
+        .create_link(&link_request("ORD-1", "ORD-1-r1"), ticket())
+        .await
+        .expect_err("a 5xx");
+    assert_eq!(*seen.lock().expect("lock"), ["sending", "finished"]);
+}
