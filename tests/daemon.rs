@@ -507,7 +507,7 @@ async fn kill_9_while_a_hook_runs_then_restart_delivers_it_exactly_once_as_deliv
     });
     wait_for(
         "the delivery to complete after restart",
-        DEADLINE,
+        2 * DEADLINE,
         || async {
             let delivery = ledger.delivery(&event_id).expect("read")?;
             (delivery.state == paywatch::ledger::DeliveryState::Delivered).then_some(())

@@ -291,7 +291,8 @@ async fn a_first_start_verifies_each_checkout_once() {
     }
     // The start-up sweep's second part, after its grace, finds every one answered.
     let after_snapshot = [("kind", "startup_after_snapshot")];
-    let exposition = wait_for("the start-up sweep's second part", 2 * DEADLINE, || async {
+    // Its grace is 15 s; the whole suite on two cores can stretch that a good deal further.
+    let exposition = wait_for("the start-up sweep's second part", 4 * DEADLINE, || async {
         let exposition = scrape(&daemon, &ledger, &[]).await;
         (exposition.value("paywatch_reconcile_sweeps_total", &after_snapshot) == Some(1.0))
             .then_some(exposition)
