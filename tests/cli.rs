@@ -1064,11 +1064,12 @@ async fn silent_paymennt() -> (String, tokio::task::JoinHandle<()>) {
     (format!("http://{address}/mer/v2.0/"), server)
 }
 
-/// A config whose paymennt is `base_url`, each call timing out after 500 ms, retried twice.
-fn silent_config(dir: &Path, base_url: &str) -> PathBuf {
+/// A config whose paymennt is `base_url`, each call timing out after 500 ms, retried
+/// `max_retries` times.
+fn silent_config(dir: &Path, base_url: &str, max_retries: u32) -> PathBuf {
     let path = dir.join("paywatch.toml");
     let text = format!(
-        "[ledger]\npath = \"{}\"\n[paymennt]\nbase_url = \"{base_url}\"\napi_key = \"k\"\napi_secret = \"s\"\nmax_retries = 2\nrequest_timeout = \"500ms\"\n",
+        "[ledger]\npath = \"{}\"\n[paymennt]\nbase_url = \"{base_url}\"\napi_key = \"k\"\napi_secret = \"s\"\nmax_retries = {max_retries}\nrequest_timeout = \"500ms\"\n",
         dir.join("paywatch.db").display()
     );
     std::fs::write(&path, text).expect("config written");
@@ -1172,7 +1173,7 @@ fn assert_plain(text: &str) {
 async fn link_create_against_a_silent_paymennt_says_it_retries_and_stops_at_the_timeout() {
     let (base_url, server) = silent_paymennt().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = silent_config(dir.path(), &base_url);
+    let config = silent_config(dir.path(), &base_url, 2);
     let mut args = vec!["--timeout", "4s"];
     args.extend(link_create_args("ORD-SILENT", "ORD-SILENT-r1"));
     let waited = tokio::task::spawn_blocking(move || {
@@ -1212,7 +1213,9 @@ async fn link_create_against_a_silent_paymennt_says_it_retries_and_stops_at_the_
 async fn check_config_online_against_a_silent_paymennt_says_it_retries_and_stops_at_the_timeout() {
     let (base_url, server) = silent_paymennt().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = silent_config(dir.path(), &base_url);
+    // Six attempts of 500 ms each cannot end before the 2 s deadline: the deadline, not the
+    // last attempt, ends the command however the machine is loaded.
+    let config = silent_config(dir.path(), &base_url, 5);
     let waited = tokio::task::spawn_blocking(move || {
         run_reading_stderr(
             &config,
