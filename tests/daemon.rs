@@ -23,15 +23,20 @@ async fn track_then_pay_records_paid_with_its_history_in_both_modes() {
         let sandbox = common::sandbox().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let (settings, path) = common::settings(dir.path(), &sandbox, mode, "");
-        let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+        let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
         let id = create_and_track(&sandbox, &ledger, "ORD-1").await;
         let daemon = Daemon::start(&settings, &path).await;
         wait_status(&ledger, &id, "PENDING").await;
         sandbox.state().pay(&id).await.expect("pay");
         wait_status(&ledger, &id, "PAID").await;
-        assert_eq!(history(&ledger, &id), ["PENDING", "PAID"], "mode {mode}");
+        assert_eq!(
+            history(&ledger, &id).await,
+            ["PENDING", "PAID"],
+            "mode {mode}"
+        );
         let paid = ledger
             .transitions(&id)
+            .await
             .expect("transitions")
             .pop()
             .expect("paid transition");
@@ -56,7 +61,7 @@ async fn a_thousand_checkouts_are_watched_and_all_payments_arrive_in_both_modes(
         let sandbox = common::sandbox().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let (settings, path) = common::settings(dir.path(), &sandbox, mode, "");
-        let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+        let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
         let mut ids = Vec::with_capacity(CHECKOUTS);
         for n in 0..CHECKOUTS {
             ids.push(create_and_track(&sandbox, &ledger, &format!("ORD-{n}")).await);
@@ -77,6 +82,7 @@ async fn a_thousand_checkouts_are_watched_and_all_payments_arrive_in_both_modes(
                         statuses: vec!["UNVERIFIED".into()],
                         ..Default::default()
                     })
+                    .await
                     .expect("list");
                 unverified.is_empty().then_some(())
             },
@@ -94,6 +100,7 @@ async fn a_thousand_checkouts_are_watched_and_all_payments_arrive_in_both_modes(
                         statuses: vec!["PAID".into()],
                         ..Default::default()
                     })
+                    .await
                     .expect("list");
                 (paid.len() == CHECKOUTS).then_some(())
             },
@@ -115,7 +122,7 @@ async fn a_checkout_tracked_while_running_is_watched_without_a_restart() {
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
     let daemon = Daemon::start(&settings, &path).await;
     // Another connection to the ledger file, as `paywatch track` in another process would be.
-    let cli_ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let cli_ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let tracked_at = Instant::now();
     let id = create_and_track(&sandbox, &cli_ledger, "ORD-LATE").await;
     let mut status = daemon.status.clone();
@@ -139,7 +146,7 @@ async fn a_restart_resumes_without_reverifying_and_catches_changes_made_while_do
         let sandbox = common::sandbox().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let (settings, path) = common::settings(dir.path(), &sandbox, mode, "");
-        let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+        let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
         let mut ids = Vec::new();
         for n in 0..5 {
             ids.push(create_and_track(&sandbox, &ledger, &format!("ORD-{n}")).await);
@@ -149,7 +156,7 @@ async fn a_restart_resumes_without_reverifying_and_catches_changes_made_while_do
             wait_status(&ledger, id, "PENDING").await;
         }
         wait_for("resume tokens persisted", DEADLINE, || async {
-            let set = ledger.watch_set().expect("watch set");
+            let set = ledger.watch_set().await.expect("watch set");
             set.iter()
                 .all(|entry| entry.resume_token.is_some() && !entry.needs_verify)
                 .then_some(())
@@ -183,7 +190,7 @@ async fn a_restart_resumes_without_reverifying_and_catches_changes_made_while_do
             calls_before[1..],
             "mode {mode}: unchanged checkouts were not re-verified"
         );
-        assert_eq!(history(&ledger, &ids[0]), ["PENDING", "PAID"]);
+        assert_eq!(history(&ledger, &ids[0]).await, ["PENDING", "PAID"]);
         sandbox.shutdown().await;
     }
 }
@@ -194,7 +201,7 @@ async fn streams_closed_by_the_server_reconnect_and_catch_up() {
         let sandbox = common::sandbox().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let (settings, path) = common::settings(dir.path(), &sandbox, mode, "");
-        let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+        let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
         let first = create_and_track(&sandbox, &ledger, "ORD-A").await;
         let second = create_and_track(&sandbox, &ledger, "ORD-B").await;
         let daemon = Daemon::start(&settings, &path).await;
@@ -217,7 +224,7 @@ async fn api_errors_are_retried_and_never_produce_an_unverified_record() {
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-500").await;
     let daemon = Daemon::start(&settings, &path).await;
     wait_status(&ledger, &id, "PENDING").await;
@@ -229,7 +236,7 @@ async fn api_errors_are_retried_and_never_produce_an_unverified_record() {
         sandbox.state().get_checkout_calls(&id) >= calls + 4,
         "three 500s, then the answer"
     );
-    assert_eq!(history(&ledger, &id), ["PENDING", "PAID"]);
+    assert_eq!(history(&ledger, &id).await, ["PENDING", "PAID"]);
     daemon.stop().await;
     sandbox.shutdown().await;
 }
@@ -239,7 +246,7 @@ async fn a_document_claiming_paid_while_the_api_says_pending_records_nothing() {
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-LIE").await;
     let daemon = Daemon::start(&settings, &path).await;
     wait_status(&ledger, &id, "PENDING").await;
@@ -257,8 +264,8 @@ async fn a_document_claiming_paid_while_the_api_says_pending_records_nothing() {
     )
     .await;
     daemon.stop().await;
-    assert_eq!(status_of(&ledger, &id).as_deref(), Some("PENDING"));
-    assert_eq!(history(&ledger, &id), ["PENDING"]);
+    assert_eq!(status_of(&ledger, &id).await.as_deref(), Some("PENDING"));
+    assert_eq!(history(&ledger, &id).await, ["PENDING"]);
     sandbox.shutdown().await;
 }
 
@@ -267,7 +274,7 @@ async fn a_burst_of_changes_costs_at_most_one_extra_call() {
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-BURST").await;
     let daemon = Daemon::start(&settings, &path).await;
     wait_status(&ledger, &id, "PENDING").await;
@@ -394,7 +401,7 @@ async fn sighup_reloads_and_a_bad_config_is_rejected_then_sigterm_drains() {
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-SIG").await;
     let mut process = tokio::task::block_in_place(|| {
         let mut process = Process::start(&path);
@@ -457,7 +464,7 @@ async fn kill_9_while_a_hook_runs_then_restart_delivers_it_exactly_once_as_deliv
         script.display()
     );
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", &hooks);
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-KILL").await;
 
     let mut process = tokio::task::block_in_place(|| {
@@ -491,7 +498,7 @@ async fn kill_9_while_a_hook_runs_then_restart_delivers_it_exactly_once_as_deliv
         .expect("hook pid");
     let _ = kill(Pid::from_raw(-orphan), Signal::SIGKILL);
 
-    let deliveries = ledger.deliveries_of(&id).expect("deliveries");
+    let deliveries = ledger.deliveries_of(&id).await.expect("deliveries");
     assert_eq!(deliveries.len(), 1);
     assert_eq!(
         deliveries[0].state,
@@ -509,7 +516,7 @@ async fn kill_9_while_a_hook_runs_then_restart_delivers_it_exactly_once_as_deliv
         "the delivery to complete after restart",
         2 * DEADLINE,
         || async {
-            let delivery = ledger.delivery(&event_id).expect("read")?;
+            let delivery = ledger.delivery(&event_id).await.expect("read")?;
             (delivery.state == paywatch::ledger::DeliveryState::Delivered).then_some(())
         },
     )
@@ -532,11 +539,11 @@ async fn kill_9_while_a_hook_runs_then_restart_delivers_it_exactly_once_as_deliv
             .all(|line| line.starts_with(&format!("{event_id} PAID"))),
         "same event id each time: {lines:?}"
     );
-    let deliveries = ledger.deliveries_of(&id).expect("deliveries");
+    let deliveries = ledger.deliveries_of(&id).await.expect("deliveries");
     assert_eq!(deliveries.len(), 1, "recorded once");
     assert_eq!(deliveries[0].attempts, 2);
     assert_eq!(
-        history(&ledger, &id),
+        history(&ledger, &id).await,
         ["PENDING", "PAID"],
         "the verified transition survived the kill"
     );
@@ -564,7 +571,7 @@ async fn a_hook_cannot_read_the_daemons_environment_or_memory() {
         script.display()
     );
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", &hooks);
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-NOSY").await;
     // Root (with CAP_SYS_PTRACE) may read any process, so as root the daemon and its hook run
     // as an unprivileged user, as in production; otherwise as this test's own user.
@@ -737,7 +744,7 @@ async fn json_log_format_writes_one_object_per_line_with_the_payment_line() {
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-JSON").await;
     let mut process = tokio::task::block_in_place(|| {
         let mut process = Process::start_with(&path, &["--log-format", "json"], &[], &[]);
@@ -799,11 +806,12 @@ async fn one_refused_document_leaves_the_other_checkouts_of_its_stream_alone() {
     // The reconciler stays an hour away until the stream's part is proven (a sweep racing the
     // stream could record the open checkout's payment first); a reload then brings it to 2 s.
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let open = create_and_track(&sandbox, &ledger, "ORD-OPEN").await;
     let refused = create_and_track(&sandbox, &ledger, "ORD-REFUSED").await;
     let document = ledger
         .checkout(&refused)
+        .await
         .expect("read")
         .expect("tracked")
         .firebase
@@ -815,6 +823,7 @@ async fn one_refused_document_leaves_the_other_checkouts_of_its_stream_alone() {
     let refusal = wait_for("the refusal to be noted", DEADLINE, || async {
         ledger
             .checkout(&refused)
+            .await
             .expect("read")
             .and_then(|record| record.listen_refused)
     })
@@ -829,7 +838,11 @@ async fn one_refused_document_leaves_the_other_checkouts_of_its_stream_alone() {
         "{refusal:?}"
     );
     wait_status(&ledger, &open, "PENDING").await;
-    let record = ledger.checkout(&open).expect("read").expect("tracked");
+    let record = ledger
+        .checkout(&open)
+        .await
+        .expect("read")
+        .expect("tracked");
     assert!(record.listen_refused.is_none());
 
     // The other checkout is paid through its (still open) Firestore stream.
@@ -837,6 +850,7 @@ async fn one_refused_document_leaves_the_other_checkouts_of_its_stream_alone() {
     wait_status(&ledger, &open, "PAID").await;
     let paid = ledger
         .transitions(&open)
+        .await
         .expect("transitions")
         .pop()
         .expect("paid");
@@ -879,6 +893,7 @@ async fn one_refused_document_leaves_the_other_checkouts_of_its_stream_alone() {
     wait_status(&ledger, &refused, "PAID").await;
     let paid = ledger
         .transitions(&refused)
+        .await
         .expect("transitions")
         .pop()
         .expect("paid");
@@ -898,14 +913,14 @@ async fn a_full_resend_costs_get_checkout_only_for_changed_documents() {
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let mut ids = Vec::with_capacity(CHECKOUTS);
     for n in 0..CHECKOUTS {
         ids.push(create_and_track(&sandbox, &ledger, &format!("RESEND-{n}")).await);
     }
     let daemon = Daemon::start(&settings, &path).await;
-    let checkpointed = || {
-        let set = ledger.watch_set().expect("watch set");
+    let checkpointed = async || {
+        let set = ledger.watch_set().await.expect("watch set");
         set.into_iter()
             .filter(|entry| !entry.needs_verify)
             .filter_map(|entry| Some((entry.checkout_id, entry.resume_token?)))
@@ -915,7 +930,7 @@ async fn a_full_resend_costs_get_checkout_only_for_changed_documents() {
         "every checkout verified and checkpointed",
         Duration::from_secs(90),
         || async {
-            let tokens = checkpointed();
+            let tokens = checkpointed().await;
             (tokens.len() == CHECKOUTS).then_some(tokens)
         },
     )
@@ -937,7 +952,7 @@ async fn a_full_resend_costs_get_checkout_only_for_changed_documents() {
         "every target resent and checkpointed again",
         Duration::from_secs(90),
         || async {
-            let tokens = checkpointed();
+            let tokens = checkpointed().await;
             (sandbox.listen_full_resends() >= CHECKOUTS as u64
                 && tokens.len() == CHECKOUTS
                 && tokens

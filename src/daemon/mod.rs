@@ -113,14 +113,6 @@ fn verifier_config(settings: &Settings, client: Client) -> VerifierConfig {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    task: impl FnOnce() -> crate::ledger::Result<T> + Send + 'static,
-) -> anyhow::Result<T> {
-    Ok(tokio::task::spawn_blocking(task)
-        .await
-        .context("ledger task panicked")??)
-}
-
 /// Runs the daemon until [`Control::Shutdown`] (or the control channel closes), then drains.
 ///
 /// # Errors
@@ -145,12 +137,10 @@ pub async fn run(
     // 1. The ledger, held by this daemon alone (two would run each other's hooks twice). The
     // lock comes first: a second daemon must not migrate a ledger another one is using.
     let _daemon_lock = lock_ledger(&settings.ledger.path)?;
-    let path = settings.ledger.path.clone();
-    let ledger = blocking(move || Ledger::open(&path)).await?;
+    let ledger = Ledger::open(&settings.ledger.path).await?;
     // Where the ticket counter stands before any source runs: every request sent from now on
     // covers whatever happened while the daemon was stopped (the start-up sweep's concern).
-    let reader = ledger.clone();
-    let counter_at_start = blocking(move || reader.last_ticket()).await?;
+    let counter_at_start = ledger.last_ticket().await?;
 
     // 2. paymennt, and the hook commands (resolved now, so a missing program stops startup).
     let metrics = options.metrics.clone();
@@ -192,11 +182,9 @@ pub async fn run(
         None
     };
     // Refusals noted by an earlier run are asked about afresh (and noted again if refused).
-    let clearer = ledger.clone();
-    blocking(move || clearer.clear_listen_refusals()).await?;
+    ledger.clear_listen_refusals().await?;
     let database = settings.firestore.database.clone();
-    let reader = ledger.clone();
-    let initial = blocking(move || reader.watch_set()).await?;
+    let initial = ledger.watch_set().await?;
     let mut watched = Watched::default();
     let needing = initial.iter().filter(|entry| entry.needs_verify).count();
     for entry in initial {
@@ -435,13 +423,7 @@ pub async fn run(
             // wedge): one failed task and systemd hears no more pings.
             let ledger = liveness_ledger.clone();
             let healthy = healthy.clone();
-            async move {
-                healthy()
-                    && matches!(
-                        tokio::task::spawn_blocking(move || ledger.data_version()).await,
-                        Ok(Ok(_))
-                    )
-            }
+            async move { healthy() && ledger.data_version().await.is_ok() }
         },
         watchdog_cancel.clone(),
     );
@@ -484,8 +466,7 @@ pub async fn run(
                 }
             }
             _ = status_line_tick.tick(), if notifier.is_enabled() => {
-                let counts = ledger.clone();
-                let hooks_pending = blocking(move || counts.counts()).await.map(|c| c.hooks_pending).unwrap_or(0);
+                let hooks_pending = ledger.counts().await.map(|c| c.hooks_pending).unwrap_or(0);
                 let last_payment = verifier_stats
                     .borrow()
                     .last_payment
@@ -908,8 +889,7 @@ async fn consume_listen_events(
         let noted = if noting.is_empty() {
             None
         } else {
-            let marker = ledger.clone();
-            match blocking(move || marker.note_changes(&noting)).await {
+            match ledger.note_changes(&noting).await {
                 Ok(noted) => {
                     if !unnoted.is_empty() {
                         tracing::info!(
@@ -969,8 +949,7 @@ async fn consume_listen_events(
                 }
                 ListenEvent::ForgetToken(id) => {
                     save_checkpoints(&ledger, &mut checkpoints).await;
-                    let forgetter = ledger.clone();
-                    if let Err(error) = blocking(move || forgetter.forget_resume_token(&id)).await {
+                    if let Err(error) = ledger.forget_resume_token(&id).await {
                         tracing::error!("cannot forget a resume token: {error:#}");
                     }
                 }
@@ -998,27 +977,16 @@ async fn consume_listen_events(
                     let next_retry_at = chrono::Duration::from_std(retry_in)
                         .ok()
                         .and_then(|delay| chrono::Utc::now().checked_add_signed(delay));
-                    let noter = ledger.clone();
-                    if let Err(error) = blocking(move || {
-                        noter.note_listen_refusal(
-                            &checkout_id,
-                            code,
-                            &message,
-                            &document,
-                            next_retry_at,
-                        )
-                    })
-                    .await
+                    if let Err(error) = ledger
+                        .note_listen_refusal(&checkout_id, code, &message, &document, next_retry_at)
+                        .await
                     {
                         tracing::error!("cannot note a Firestore refusal in the ledger: {error:#}");
                     }
                 }
                 ListenEvent::TargetRecovered { checkout_id } => {
                     tracing::info!(checkout = %checkout_id, "Firestore watches this checkout's document again");
-                    let clearer = ledger.clone();
-                    if let Err(error) =
-                        blocking(move || clearer.clear_listen_refusal(&checkout_id)).await
-                    {
+                    if let Err(error) = ledger.clear_listen_refusal(&checkout_id).await {
                         tracing::error!(
                             "cannot clear a Firestore refusal in the ledger: {error:#}"
                         );
@@ -1063,8 +1031,8 @@ async fn save_checkpoints(ledger: &Ledger, checkpoints: &mut Vec<ResumePoint>) {
     if checkpoints.is_empty() {
         return;
     }
-    let (saver, points) = (ledger.clone(), std::mem::take(checkpoints));
-    if let Err(error) = blocking(move || saver.save_resume_points(&points)).await {
+    let points = std::mem::take(checkpoints);
+    if let Err(error) = ledger.save_resume_points(&points).await {
         tracing::error!("cannot save resume tokens: {error:#}");
     }
 }
@@ -1130,8 +1098,7 @@ async fn sync_watch_set(
     watched_count: Arc<std::sync::atomic::AtomicUsize>,
     cancel: CancellationToken,
 ) {
-    let reader = ledger.clone();
-    let mut last_version = blocking(move || reader.data_version()).await.unwrap_or(0);
+    let mut last_version = ledger.data_version().await.unwrap_or(0);
     let mut poll = tokio::time::interval(WATCH_SYNC_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut newly_open = true;
@@ -1164,8 +1131,7 @@ async fn sync_watch_set(
                 continue;
             }
             _ = poll.tick() => {
-                let reader = ledger.clone();
-                match blocking(move || reader.data_version()).await {
+                match ledger.data_version().await {
                     Ok(version) if version != last_version => last_version = version,
                     Ok(_) => continue,
                     Err(error) => {
@@ -1175,8 +1141,7 @@ async fn sync_watch_set(
                 }
             }
         }
-        let reader = ledger.clone();
-        let entries = match blocking(move || reader.watch_set()).await {
+        let entries = match ledger.watch_set().await {
             Ok(entries) => entries,
             Err(error) => {
                 tracing::error!("cannot read the watch set: {error:#}");
@@ -1201,8 +1166,7 @@ async fn sync_watch_set(
             watched.documents.remove(&id);
             listening.health.forget_refusal(&id);
             // A refusal of a document no longer watched is no longer news for `status`.
-            let clearer = ledger.clone();
-            if let Err(error) = blocking(move || clearer.clear_listen_refusal(&id)).await {
+            if let Err(error) = ledger.clear_listen_refusal(&id).await {
                 tracing::error!("cannot clear a Firestore refusal in the ledger: {error:#}");
             }
         }

@@ -8,7 +8,8 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use serde::Serialize;
 
-use super::{Ledger, Result, now, timestamp};
+use super::sqlite::{Sqlite, now};
+use super::{Result, timestamp};
 use crate::domain::CheckoutId;
 
 /// A delivery's state.
@@ -291,14 +292,14 @@ fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<Delivery> {
     })
 }
 
-impl Ledger {
+impl Sqlite {
     /// Puts deliveries left `running` by a daemon that died back to `pending`, due now.
     /// Returns how many.
     ///
     /// # Errors
     ///
     /// SQL failures.
-    pub fn recover_running_deliveries(&self) -> Result<usize> {
+    pub(super) fn recover_running_deliveries(&self) -> Result<usize> {
         let time = now();
         self.lock()
             .execute(
@@ -320,7 +321,8 @@ impl Ledger {
     /// # Errors
     ///
     /// SQL failures.
-    pub fn claim_due_deliveries(
+    #[cfg(test)]
+    pub(super) fn claim_due_deliveries(
         &self,
         now_time: DateTime<Utc>,
         limit: usize,
@@ -351,7 +353,7 @@ impl Ledger {
     /// # Errors
     ///
     /// SQL failures of the transaction itself (begin, claim, commit): nothing was written.
-    pub fn record_and_claim(
+    pub(super) fn record_and_claim(
         &self,
         outcomes: &[(String, DeliveryUpdate)],
         now_time: DateTime<Utc>,
@@ -416,7 +418,8 @@ impl Ledger {
     /// # Errors
     ///
     /// SQL failures.
-    pub fn finish_delivery(&self, event_id: &str, update: &DeliveryUpdate) -> Result<()> {
+    #[cfg(test)]
+    pub(super) fn finish_delivery(&self, event_id: &str, update: &DeliveryUpdate) -> Result<()> {
         let time = now();
         finish_in(&self.lock(), event_id, update, &time)
             .map_err(|e| self.error("finish delivery", e))
@@ -428,7 +431,7 @@ impl Ledger {
     /// # Errors
     ///
     /// SQL failures.
-    pub fn retry_delivery(&self, event_id: &str) -> Result<bool> {
+    pub(super) fn retry_delivery(&self, event_id: &str) -> Result<bool> {
         let time = now();
         self.lock()
             .execute(
@@ -445,7 +448,7 @@ impl Ledger {
     /// # Errors
     ///
     /// SQL failures.
-    pub fn retry_dead_deliveries(&self) -> Result<usize> {
+    pub(super) fn retry_dead_deliveries(&self) -> Result<usize> {
         let time = now();
         self.lock()
             .execute(
@@ -465,7 +468,7 @@ impl Ledger {
     ///
     /// Imported baselines (source `discovery-import`: statuses a checkout reached before
     /// paywatch could see it) are left out unless `include_imported`.
-    pub fn replay_deliveries(
+    pub(super) fn replay_deliveries(
         &self,
         since: DateTime<Utc>,
         status: Option<&str>,
@@ -511,7 +514,7 @@ impl Ledger {
     /// # Errors
     ///
     /// SQL failures.
-    pub fn deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<Delivery>> {
+    pub(super) fn deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<Delivery>> {
         let connection = self.lock();
         let limit = filter.limit.map(|l| l as i64).unwrap_or(-1);
         let mut statement = connection
@@ -539,7 +542,7 @@ impl Ledger {
     /// # Errors
     ///
     /// SQL failures.
-    pub fn delivery(&self, event_id: &str) -> Result<Option<Delivery>> {
+    pub(super) fn delivery(&self, event_id: &str) -> Result<Option<Delivery>> {
         self.lock()
             .query_row(
                 &format!("{DELIVERY_COLUMNS} WHERE d.event_id = ?1"),
@@ -559,7 +562,8 @@ impl Ledger {
     /// # Errors
     ///
     /// SQL failures.
-    pub fn next_delivery_due(&self) -> Result<Option<DateTime<Utc>>> {
+    #[cfg(test)]
+    pub(super) fn next_delivery_due(&self) -> Result<Option<DateTime<Utc>>> {
         next_due_in(&self.lock()).map_err(|e| self.error("next due", e))
     }
 
@@ -568,7 +572,7 @@ impl Ledger {
     /// # Errors
     ///
     /// SQL failures.
-    pub fn deliveries_of(&self, checkout_id: &CheckoutId) -> Result<Vec<Delivery>> {
+    pub(super) fn deliveries_of(&self, checkout_id: &CheckoutId) -> Result<Vec<Delivery>> {
         self.deliveries(&DeliveryFilter {
             checkout_id: Some(checkout_id.to_string()),
             ..DeliveryFilter::default()

@@ -200,14 +200,18 @@ pub async fn create_and_track(sandbox: &Sandbox, ledger: &Ledger, order_id: &str
         .await
         .expect("link created");
     let facts = checkout.facts().expect("sandbox checkouts are complete");
-    ledger.track(&facts, TrackedVia::Track).expect("tracked");
+    ledger
+        .track(&facts, TrackedVia::Track)
+        .await
+        .expect("tracked");
     facts.id
 }
 
 /// The ledger's status for a checkout.
-pub fn status_of(ledger: &Ledger, id: &CheckoutId) -> Option<String> {
+pub async fn status_of(ledger: &Ledger, id: &CheckoutId) -> Option<String> {
     ledger
         .checkout(id)
+        .await
         .expect("ledger read")
         .and_then(|record| record.status)
 }
@@ -217,15 +221,16 @@ pub async fn wait_status(ledger: &Ledger, id: &CheckoutId, status: &str) {
     wait_for(
         &format!("checkout {id} to be {status}"),
         DEADLINE,
-        || async { (status_of(ledger, id).as_deref() == Some(status)).then_some(()) },
+        || async { (status_of(ledger, id).await.as_deref() == Some(status)).then_some(()) },
     )
     .await;
 }
 
 /// The statuses in a checkout's verified history.
-pub fn history(ledger: &Ledger, id: &CheckoutId) -> Vec<String> {
+pub async fn history(ledger: &Ledger, id: &CheckoutId) -> Vec<String> {
     ledger
         .transitions(id)
+        .await
         .expect("ledger read")
         .into_iter()
         .map(|t| t.to)
