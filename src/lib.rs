@@ -14,8 +14,8 @@
 //!   place a [`paymennt::VerifiedCheckout`] can be built.
 //! - [`sources`]: what nudges the verifier: the Firestore listener and the reconciler.
 //! - [`verifier`]: Get Checkout for each nudge, one call per checkout at a time.
-//! - [`ledger`]: the SQLite ledger: checkouts, verified transitions, the hook outbox, resume
-//!   tokens. All SQL lives here.
+//! - [`ledger`]: the ledger: checkouts, verified transitions, the hook outbox, resume tokens,
+//!   behind one async interface (`ledger::Backend`; SQLite today). All SQL lives here.
 //! - [`hooks`]: the outbox dispatcher and the runner of the merchant's commands.
 //! - [`http`]: the optional HTTP listener: webhook intake, the track endpoint, health checks.
 //! - [`daemon`]: startup, reload, drain, signals, systemd notifications.

@@ -70,7 +70,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::domain::{CheckoutStatus, parse_decimal};
+use crate::domain::parse_decimal;
 use crate::hooks::config::{HookSet, HookSpec};
 use crate::hooks::event::HookEvent;
 use crate::hooks::retry::RetryPolicy;
@@ -573,11 +573,8 @@ pub fn event_for(delivery: &Delivery) -> Result<HookEvent, String> {
             .map_err(|error| format!("{error}"))?,
         order_id: delivery.order_id.clone(),
         request_id: delivery.request_id.clone(),
-        status: CheckoutStatus::parse(&delivery.status),
-        previous_status: delivery
-            .previous_status
-            .as_deref()
-            .map(CheckoutStatus::parse),
+        status: delivery.status.clone(),
+        previous_status: delivery.previous_status.clone(),
         amount: parse_decimal(&delivery.amount).ok_or_else(|| {
             format!(
                 "amount '{}' is not a decimal",

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::sqlite::{Sqlite, now};
 use super::{Result, timestamp};
-use crate::domain::CheckoutId;
+use crate::domain::{CheckoutId, CheckoutStatus};
 
 /// A delivery's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -65,9 +65,9 @@ pub struct Delivery {
     /// The transition.
     pub transition_id: i64,
     /// Status before.
-    pub previous_status: Option<String>,
+    pub previous_status: Option<CheckoutStatus>,
     /// Status after.
-    pub status: String,
+    pub status: CheckoutStatus,
     /// What led to the verification.
     pub source: String,
     /// When it was verified.
@@ -271,8 +271,11 @@ fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<Delivery> {
         order_id: row.get(3)?,
         request_id: row.get(4)?,
         transition_id: row.get(5)?,
-        previous_status: row.get(6)?,
-        status: row.get(7)?,
+        previous_status: row
+            .get::<_, Option<String>>(6)?
+            .as_deref()
+            .map(CheckoutStatus::parse),
+        status: CheckoutStatus::parse(&row.get::<_, String>(7)?),
         source: row.get(8)?,
         verified_at: row.get(9)?,
         amount: row.get(10)?,

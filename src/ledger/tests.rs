@@ -366,7 +366,7 @@ async fn deliveries_are_claimed_in_order_per_checkout_and_hook() {
     // Checkout 1's PAID waits behind its PENDING; checkout 2 runs in parallel.
     let mut claimed: Vec<(String, String)> = first
         .iter()
-        .map(|d| (d.checkout_id.clone(), d.status.clone()))
+        .map(|d| (d.checkout_id.clone(), d.status.to_string()))
         .collect();
     claimed.sort();
     assert_eq!(
@@ -389,8 +389,11 @@ async fn deliveries_are_claimed_in_order_per_checkout_and_hook() {
         .expect("finish");
     let second = ledger.claim_due_deliveries(later, 10).expect("claim");
     assert_eq!(second.len(), 1);
-    assert_eq!(second[0].status, "PAID");
-    assert_eq!(second[0].previous_status.as_deref(), Some("PENDING"));
+    assert_eq!(second[0].status.as_str(), "PAID");
+    assert_eq!(
+        second[0].previous_status.as_ref().map(|s| s.as_str()),
+        Some("PENDING")
+    );
     assert_eq!(second[0].attempts, 1);
 }
 
@@ -465,7 +468,7 @@ async fn claimed_statuses(ledger: &Ledger) -> Vec<String> {
         .claim_due_deliveries(later, 10)
         .expect("claim")
         .into_iter()
-        .map(|d| d.status)
+        .map(|d| d.status.to_string())
         .collect()
 }
 
@@ -1617,7 +1620,7 @@ async fn record_and_claim_writes_outcomes_and_claims_the_events_they_free_in_one
         3,
         "one batch claims every due delivery"
     );
-    assert!(first.claimed.iter().all(|d| d.status == "PENDING"));
+    assert!(first.claimed.iter().all(|d| d.status.as_str() == "PENDING"));
     assert_eq!(
         first.next_due, None,
         "the PAIDs wait behind running PENDINGs"
@@ -1657,7 +1660,7 @@ async fn record_and_claim_writes_outcomes_and_claims_the_events_they_free_in_one
     let mut freed: Vec<(String, String)> = second
         .claimed
         .iter()
-        .map(|d| (d.checkout_id.clone(), d.status.clone()))
+        .map(|d| (d.checkout_id.clone(), d.status.to_string()))
         .collect();
     freed.sort();
     assert_eq!(
@@ -1691,7 +1694,7 @@ async fn record_and_claim_writes_outcomes_and_claims_the_events_they_free_in_one
     assert!(third.refused.is_empty());
     assert_eq!(third.claimed.len(), 1);
     assert_eq!(third.claimed[0].checkout_id, "3");
-    assert_eq!(third.claimed[0].status, "PAID");
+    assert_eq!(third.claimed[0].status.as_str(), "PAID");
     // Its own commit skips the fsync; every other commit still flushes (FULL = 2).
     let synchronous: i64 = ledger
         .lock()
