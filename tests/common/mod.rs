@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod exposition;
+pub mod postgres;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

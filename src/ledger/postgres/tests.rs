@@ -1,0 +1,413 @@
+//! The lease, the fence and the migrations against a throwaway cluster (see `cluster.rs`;
+//! skipped without PostgreSQL, failing under `CI=true`).
+
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+
+use super::cluster;
+use super::*;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A fresh migrated database: its target, an operator pool and the database's name.
+async fn ledger_database() -> Option<(Target, Pool, String)> {
+    let url = cluster::database()?;
+    let name = url.rsplit('/').next().unwrap_or_default().to_owned();
+    let target = Target::parse(&url, None, None).expect("test URL parses");
+    let pool = target.pool(Session::Operator, 4).expect("pool");
+    migrate(&pool, &target).await.expect("migrate");
+    Some((target, pool, name))
+}
+
+fn daemon_pool(target: &Target, idle_limit: Duration) -> Pool {
+    target
+        .pool(Session::Daemon { idle_limit }, 4)
+        .expect("daemon pool")
+}
+
+fn lease(target: &Target, pool: &Pool, name: &str, ttl: Duration) -> Lease {
+    Lease::new(pool.clone(), target.clone(), name.to_owned(), ttl)
+}
+
+/// Waits until `check` holds, failing after [`DEADLINE`].
+async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Ends the lease now by the database's clock (an operator's UPDATE: the local clock of no
+/// daemon is involved).
+fn expire_now(name: &str) {
+    let cluster = cluster::cluster().expect("cluster runs");
+    cluster.psql(
+        name,
+        "UPDATE lease SET expires_at = clock_timestamp() - INTERVAL '1 millisecond'",
+    );
+}
+
+/// A fenced write at `epoch`: notes a discovery round.
+async fn fenced_write(pool: &Pool, target: &Target, epoch: i64) -> Result<(), PgError> {
+    let mut client = pool.get().await.expect("connection");
+    let transaction = client.transaction().await.expect("begin");
+    fence(&transaction, target, epoch).await?;
+    transaction
+        .execute(
+            "INSERT INTO discovery_rounds (kind, started_at, finished_at)
+             VALUES ('test', now(), now())
+             ON CONFLICT (kind) DO UPDATE SET finished_at = now()",
+            &[],
+        )
+        .await
+        .map_err(|error| PgError::from_db(target, &error))?;
+    transaction
+        .commit()
+        .await
+        .map_err(|error| PgError::from_db(target, &error))
+}
+
+#[tokio::test]
+async fn the_first_candidate_wins_epoch_one_and_the_next_waits() {
+    let Some((target, pool, _)) = ledger_database().await else {
+        return;
+    };
+    let ttl = Duration::from_secs(60);
+    let first = lease(&target, &pool, "first", ttl);
+    let second = lease(&target, &pool, "second", ttl);
+    assert_eq!(first.current().await.expect("read"), None);
+    assert_eq!(first.elect().await.expect("elect"), Some(1));
+    assert_eq!(second.elect().await.expect("elect"), None);
+    // Winning again while held is not possible either, even for the holder.
+    assert_eq!(first.elect().await.expect("elect"), None);
+    let row = second.current().await.expect("read").expect("a lease row");
+    assert_eq!((row.holder.as_str(), row.epoch, row.live), ("first", 1, true));
+}
+
+#[tokio::test]
+async fn only_the_holder_renews_and_renewal_moves_the_expiry() {
+    let Some((target, pool, _)) = ledger_database().await else {
+        return;
+    };
+    let ttl = Duration::from_secs(30);
+    let holder = lease(&target, &pool, "holder", ttl);
+    let other = lease(&target, &pool, "other", ttl);
+    let epoch = holder.elect().await.expect("elect").expect("won");
+    let before = holder.current().await.expect("read").expect("row");
+    wait_until("the database's clock to move", || async {
+        holder.renew(epoch).await.expect("renew");
+        holder.current().await.expect("read").expect("row").expires_at > before.expires_at
+    })
+    .await;
+    assert!(!other.renew(epoch).await.expect("renew"), "a non-holder renewed");
+    assert!(
+        !holder.renew(epoch + 1).await.expect("renew"),
+        "renewed an epoch that was never won"
+    );
+}
+
+#[tokio::test]
+async fn the_lease_expires_by_the_database_clock_and_is_never_renewed_after() {
+    let Some((target, pool, name)) = ledger_database().await else {
+        return;
+    };
+    // A long lease by the local clock: only the database's clock can end it here.
+    let ttl = Duration::from_secs(300);
+    let holder = lease(&target, &pool, "holder", ttl);
+    let epoch = holder.elect().await.expect("elect").expect("won");
+    expire_now(&name);
+    let row = holder.current().await.expect("read").expect("row");
+    assert!(!row.live, "the lease is still live after its expiry: {row:?}");
+    assert!(
+        !holder.renew(epoch).await.expect("renew"),
+        "an expired lease was renewed"
+    );
+    // A lease also runs out by itself.
+    let short = lease(&target, &pool, "short", Duration::from_millis(300));
+    let short_epoch = short.elect().await.expect("elect").expect("won");
+    assert_eq!(short_epoch, epoch + 1);
+    wait_until("the short lease to expire", || async {
+        !short.current().await.expect("read").expect("row").live
+    })
+    .await;
+    assert!(!short.renew(short_epoch).await.expect("renew"));
+}
+
+#[tokio::test]
+async fn a_takeover_gets_the_next_epoch_and_the_old_holder_cannot_renew() {
+    let Some((target, pool, name)) = ledger_database().await else {
+        return;
+    };
+    let ttl = Duration::from_secs(60);
+    let old = lease(&target, &pool, "old", ttl);
+    let new = lease(&target, &pool, "new", ttl);
+    let old_epoch = old.elect().await.expect("elect").expect("won");
+    expire_now(&name);
+    let new_epoch = new.elect().await.expect("elect").expect("won");
+    assert_eq!(new_epoch, old_epoch + 1);
+    assert!(!old.renew(old_epoch).await.expect("renew"));
+    assert!(!old.resign(old_epoch).await.expect("resign"));
+    // The old holder wins again only with yet another epoch.
+    expire_now(&name);
+    assert_eq!(old.elect().await.expect("elect"), Some(new_epoch + 1));
+}
+
+#[tokio::test]
+async fn a_stale_epoch_cannot_write_and_a_daemon_cannot_write_unfenced() {
+    let Some((target, pool, name)) = ledger_database().await else {
+        return;
+    };
+    let daemon = daemon_pool(&target, Duration::from_secs(10));
+    let ttl = Duration::from_secs(60);
+    let old = lease(&target, &pool, "old", ttl);
+    let new = lease(&target, &pool, "new", ttl);
+    let old_epoch = old.elect().await.expect("elect").expect("won");
+    fenced_write(&daemon, &target, old_epoch)
+        .await
+        .expect("the holder writes");
+
+    expire_now(&name);
+    let refused = fenced_write(&daemon, &target, old_epoch)
+        .await
+        .expect_err("an expired epoch wrote");
+    assert!(refused.is_fenced(), "{refused}");
+    let new_epoch = new.elect().await.expect("elect").expect("won");
+    let refused = fenced_write(&daemon, &target, old_epoch)
+        .await
+        .expect_err("a superseded epoch wrote");
+    assert!(refused.is_fenced(), "{refused}");
+    assert!(refused.to_string().contains("not current"), "{refused}");
+    fenced_write(&daemon, &target, new_epoch)
+        .await
+        .expect("the new holder writes");
+
+    // A daemon's connection cannot write without the fence; an operator's can.
+    let client = daemon.get().await.expect("connection");
+    let error = client
+        .execute("DELETE FROM discovery_rounds", &[])
+        .await
+        .expect_err("an unfenced daemon write");
+    assert!(PgError::from_db(&target, &error).is_fenced(), "{error}");
+    let client = pool.get().await.expect("connection");
+    client
+        .execute("DELETE FROM discovery_rounds", &[])
+        .await
+        .expect("an operator writes without the lease");
+}
+
+#[tokio::test]
+async fn an_election_waits_for_the_fenced_writes_under_way() {
+    let Some((target, pool, name)) = ledger_database().await else {
+        return;
+    };
+    let daemon = daemon_pool(&target, Duration::from_secs(60));
+    let ttl = Duration::from_secs(60);
+    let old = lease(&target, &pool, "old", ttl);
+    let old_epoch = old.elect().await.expect("elect").expect("won");
+
+    let mut client = daemon.get().await.expect("connection");
+    let transaction = client.transaction().await.expect("begin");
+    fence(&transaction, &target, old_epoch)
+        .await
+        .expect("fenced");
+    expire_now(&name);
+    let new = lease(&target, &pool, "new", ttl);
+    let election = tokio::spawn(async move { new.elect().await });
+    let cluster = cluster::cluster().expect("cluster runs");
+    wait_until("the election to wait for the write's lock", || async {
+        cluster.psql(
+            &name,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        ) == "1"
+    })
+    .await;
+    assert!(!election.is_finished());
+    // The write begun under the old epoch commits before the new epoch exists.
+    transaction
+        .execute(
+            "INSERT INTO discovery_rounds (kind, started_at, finished_at) VALUES ('w', now(), now())",
+            &[],
+        )
+        .await
+        .expect("write");
+    transaction.commit().await.expect("commit");
+    let won = election.await.expect("join").expect("elect");
+    assert_eq!(won, Some(old_epoch + 1));
+}
+
+#[tokio::test]
+async fn a_paused_writer_cannot_hold_off_an_election_past_its_idle_limit() {
+    let Some((target, pool, name)) = ledger_database().await else {
+        return;
+    };
+    let daemon = daemon_pool(&target, Duration::from_millis(500));
+    let ttl = Duration::from_secs(60);
+    let old = lease(&target, &pool, "old", ttl);
+    let old_epoch = old.elect().await.expect("elect").expect("won");
+    let mut client = daemon.get().await.expect("connection");
+    let transaction = client.transaction().await.expect("begin");
+    fence(&transaction, &target, old_epoch)
+        .await
+        .expect("fenced");
+    // The "paused" writer does nothing more; the server ends its transaction.
+    expire_now(&name);
+    let new = lease(&target, &pool, "new", ttl);
+    let won = tokio::time::timeout(DEADLINE, new.elect())
+        .await
+        .expect("the election finishes")
+        .expect("elect");
+    assert_eq!(won, Some(old_epoch + 1));
+    let late = transaction
+        .execute(
+            "INSERT INTO discovery_rounds (kind, started_at, finished_at) VALUES ('w', now(), now())",
+            &[],
+        )
+        .await;
+    assert!(late.is_err(), "the paused writer's transaction survived");
+}
+
+#[tokio::test]
+async fn resigning_wakes_a_standby_which_takes_over_at_once() {
+    let Some((target, pool, _)) = ledger_database().await else {
+        return;
+    };
+    let ttl = Duration::from_secs(300);
+    let active = lease(&target, &pool, "active", ttl);
+    let standby = lease(&target, &pool, "standby", ttl);
+    let (_listening, mut notifications) = target
+        .listener(Session::Operator)
+        .await
+        .expect("listen");
+    let epoch = active.elect().await.expect("elect").expect("won");
+    assert_eq!(
+        tokio::time::timeout(DEADLINE, notifications.recv())
+            .await
+            .expect("notified"),
+        Some(format!("elected {epoch}"))
+    );
+    assert_eq!(standby.elect().await.expect("elect"), None);
+    assert!(active.resign(epoch).await.expect("resign"));
+    assert_eq!(
+        tokio::time::timeout(DEADLINE, notifications.recv())
+            .await
+            .expect("woken well before the 300 s lease ends"),
+        Some(format!("resigned {epoch}"))
+    );
+    assert_eq!(standby.elect().await.expect("elect"), Some(epoch + 1));
+}
+
+#[tokio::test]
+async fn two_daemons_starting_at_once_migrate_once() {
+    let Some(url) = cluster::database() else {
+        return;
+    };
+    let target = Target::parse(&url, None, None).expect("parse");
+    let pool = target.pool(Session::Operator, 4).expect("pool");
+    let (first, second) = tokio::join!(migrate(&pool, &target), migrate(&pool, &target));
+    assert_eq!(first.expect("first"), SCHEMA_VERSION);
+    assert_eq!(second.expect("second"), SCHEMA_VERSION);
+    assert_eq!(migrate(&pool, &target).await.expect("again"), SCHEMA_VERSION);
+}
+
+#[tokio::test]
+async fn a_schema_from_a_newer_paywatch_is_refused_naming_both_versions() {
+    let Some((target, pool, name)) = ledger_database().await else {
+        return;
+    };
+    let cluster = cluster::cluster().expect("cluster runs");
+    let newer = SCHEMA_VERSION + 5;
+    cluster.psql(&name, &format!("UPDATE paywatch_schema SET version = {newer}"));
+    let error = migrate(&pool, &target).await.expect_err("a newer schema");
+    assert!(matches!(error, PgError::NewerSchema { .. }), "{error:?}");
+    let text = error.to_string();
+    assert!(
+        text.contains(&format!("schema version {newer}"))
+            && text.contains(&format!("only up to {SCHEMA_VERSION}")),
+        "{text}"
+    );
+}
+
+#[test]
+fn urls_keep_their_password_out_of_messages_and_honour_sslmode() {
+    let password = "s3cret-in-url";
+    let target = Target::parse(
+        &format!("postgresql://paywatch:{password}@db.example:6432/ledger?sslmode=verify-full"),
+        None,
+        None,
+    )
+    .expect("parse");
+    assert_eq!(target.tls_mode(), TlsMode::Require);
+    assert_eq!(target.describe(), "db.example:6432/ledger");
+    assert!(!format!("{target:?}").contains(password));
+    assert_eq!(
+        Target::parse("postgresql://u@h/d?sslmode=disable", None, None)
+            .expect("parse")
+            .tls_mode(),
+        TlsMode::Disable
+    );
+    assert_eq!(
+        Target::parse("postgres://u@h/d", None, None)
+            .expect("parse")
+            .tls_mode(),
+        TlsMode::Prefer
+    );
+    let bad = Target::parse(&format!("postgresql://u:{password}@h/d?sslmode=maybe"), None, None)
+        .expect_err("bad sslmode");
+    assert!(bad.contains("sslmode 'maybe'") && !bad.contains(password), "{bad}");
+    let both = Target::parse(
+        &format!("postgresql://u:{password}@h/d"),
+        Some(&crate::settings::Secret::new("from-a-file")),
+        None,
+    )
+    .expect_err("two passwords");
+    assert!(!both.contains(password), "{both}");
+    assert!(
+        crate::domain::scrub_secrets(&format!("echo {password}")).contains("[redacted]"),
+        "the URL's password is not registered with the scrubber"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_password_names_the_password_key_and_not_the_password() {
+    let Some((_, _, name)) = ledger_database().await else {
+        return;
+    };
+    let cluster = cluster::cluster().expect("cluster runs");
+    let user = format!("checked_{name}");
+    cluster.psql(
+        &name,
+        &format!("CREATE ROLE {user} LOGIN PASSWORD 'right-password-123'"),
+    );
+    cluster.require_password_for(&user);
+    let url = format!("postgresql://{user}@127.0.0.1:{}/{name}", cluster.port());
+    let connect = |password: &str| {
+        let target = Target::parse(&url, Some(&crate::settings::Secret::new(password)), None)
+            .expect("parse");
+        async move {
+            let pool = target.pool(Session::Operator, 1).expect("pool");
+            pool.get()
+                .await
+                .map(drop)
+                .map_err(|error| PgError::from_pool(&target, &error))
+        }
+    };
+    let wrong = "wrong-password-xyz";
+    let error = connect(wrong).await.expect_err("a wrong password");
+    let text = error.to_string();
+    assert!(
+        matches!(error, PgError::Refused { key: "ledger.password_file", .. }),
+        "{error:?}"
+    );
+    assert!(!text.contains(wrong), "{text}");
+    assert!(text.contains(&format!("127.0.0.1:{}/{name}", cluster.port())), "{text}");
+    connect("right-password-123").await.expect("the right password");
+}
