@@ -5,4 +5,5 @@
 #[path = "../../src/ledger/postgres/cluster.rs"]
 mod cluster;
 
+#[allow(unused_imports)]
 pub use cluster::{Cluster, cluster, database};

@@ -11,6 +11,7 @@
 //! Used by the ledger's unit tests and, through `tests/common/postgres.rs`, by the end-to-end
 //! tests; it uses only the standard library so both can include it as it is.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -62,7 +63,12 @@ pub fn cluster() -> Option<&'static Cluster> {
                 if std::env::var("CI").is_ok_and(|value| value == "true") {
                     panic!("PostgreSQL tests cannot run under CI=true: {why}");
                 }
-                eprintln!("skipped: PostgreSQL tests need a local PostgreSQL ({why})");
+                // Straight to the process's stderr, past the test harness's capture: the
+                // skip must show in a plain `cargo test` run. Printed once per test binary.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "skipped: the PostgreSQL tests of this binary need a local PostgreSQL ({why})"
+                );
                 None
             }
         })
@@ -151,7 +157,7 @@ impl Cluster {
                 .ok()
                 .flatten()
                 .ok_or("running as root, but there is no 'postgres' user to run PostgreSQL as")?;
-            nix::unistd::chown(&dir, Some(user.uid), Some(user.gid))
+            std::os::unix::fs::chown(&dir, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
                 .map_err(|error| format!("cannot give {} to postgres: {error}", dir.display()))?;
         }
         let initdb = command_as(&bin, "initdb", as_postgres)
@@ -207,9 +213,8 @@ fn watch_parent(bin: &Path, dir: &Path, as_postgres: bool) {
     } else {
         format!("'{}' -D \"$1\" stop -m immediate", path_text(&pg_ctl))
     };
-    let script = format!(
-        "while [ -d /proc/$2 ]; do sleep 0.5; done; {stop} >/dev/null 2>&1; rm -rf \"$1\""
-    );
+    let script =
+        format!("while [ -d /proc/$2 ]; do sleep 0.5; done; {stop} >/dev/null 2>&1; rm -rf \"$1\"");
     let spawned = Command::new("sh")
         .args(["-c", &script, "paywatch-pg-watchdog"])
         .arg(dir)
@@ -260,7 +265,8 @@ fn find_bin() -> Option<PathBuf> {
         return Some(bin);
     }
     std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path).find(|dir| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file())
+        std::env::split_paths(&path)
+            .find(|dir| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file())
     })
 }
 

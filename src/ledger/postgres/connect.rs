@@ -127,13 +127,14 @@ impl Target {
         } else {
             format!("{base}?{}", kept.join("&"))
         };
-        let mut config: tokio_postgres::Config = rest.parse().map_err(|error| {
-            format!(
-                "is not a PostgreSQL URL ({}); the form is \
+        let mut config: tokio_postgres::Config =
+            rest.parse().map_err(|error: tokio_postgres::Error| {
+                format!(
+                    "is not a PostgreSQL URL ({}); the form is \
                  postgresql://user@host:port/database",
-                scrub_secrets(&error.to_string())
-            )
-        })?;
+                    scrub_secrets(&error.to_string())
+                )
+            })?;
         if let Some(url_password) = config.get_password() {
             let url_password = String::from_utf8_lossy(url_password).into_owned();
             // Registered even when refused below: it must not show up anywhere.
@@ -251,7 +252,9 @@ impl Target {
             .wait_timeout(Some(Duration::from_secs(30)))
             .create_timeout(Some(Duration::from_secs(15)))
             .build()
-            .map_err(|error| PgError::Settings(format!("cannot build the connection pool: {error}")))
+            .map_err(|error| {
+                PgError::Settings(format!("cannot build the connection pool: {error}"))
+            })
     }
 
     /// One connection outside the pool, with its connection task, for LISTEN: the returned
@@ -281,10 +284,10 @@ impl Target {
         tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(Ok(message)) = messages.next().await {
-                if let tokio_postgres::AsyncMessage::Notification(notification) = message {
-                    if sender.send(notification.payload().to_owned()).is_err() {
-                        break;
-                    }
+                if let tokio_postgres::AsyncMessage::Notification(notification) = message
+                    && sender.send(notification.payload().to_owned()).is_err()
+                {
+                    break;
                 }
             }
         });

@@ -101,7 +101,10 @@ impl Lease {
             .await
             .map_err(db)?;
         let won = match transaction
-            .query_one("SELECT paywatch_elect($1, $2)", &[&self.holder, &self.ttl_ms()])
+            .query_one(
+                "SELECT paywatch_elect($1, $2)",
+                &[&self.holder, &self.ttl_ms()],
+            )
             .await
         {
             Ok(row) => row.get::<_, Option<i64>>(0),

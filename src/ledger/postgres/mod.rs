@@ -141,13 +141,13 @@ impl PgError {
 
     /// Classifies a failure of a statement: the fence's refusal is [`PgError::Fenced`].
     pub fn from_db(target: &Target, error: &tokio_postgres::Error) -> PgError {
-        if let Some(db) = error.as_db_error() {
-            if db.code().code() == FENCED_SQLSTATE {
-                return PgError::Fenced {
-                    target: target.describe().to_owned(),
-                    detail: crate::domain::scrub_secrets(db.message()).into_owned(),
-                };
-            }
+        if let Some(db) = error.as_db_error()
+            && db.code().code() == FENCED_SQLSTATE
+        {
+            return PgError::Fenced {
+                target: target.describe().to_owned(),
+                detail: crate::domain::scrub_secrets(db.message()).into_owned(),
+            };
         }
         if error.is_closed() || error.as_db_error().is_none() && is_io(error) {
             return PgError::Unreachable {
@@ -206,13 +206,12 @@ fn is_tls_error(error: &tokio_postgres::Error) -> bool {
         if cause.is::<tokio_rustls::rustls::Error>() {
             return true;
         }
-        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            if io
+        if let Some(io) = cause.downcast_ref::<std::io::Error>()
+            && io
                 .get_ref()
                 .is_some_and(|inner| inner.is::<tokio_rustls::rustls::Error>())
-            {
-                return true;
-            }
+        {
+            return true;
         }
         source = cause.source();
     }

@@ -90,7 +90,10 @@ async fn the_first_candidate_wins_epoch_one_and_the_next_waits() {
     // Winning again while held is not possible either, even for the holder.
     assert_eq!(first.elect().await.expect("elect"), None);
     let row = second.current().await.expect("read").expect("a lease row");
-    assert_eq!((row.holder.as_str(), row.epoch, row.live), ("first", 1, true));
+    assert_eq!(
+        (row.holder.as_str(), row.epoch, row.live),
+        ("first", 1, true)
+    );
 }
 
 #[tokio::test]
@@ -105,10 +108,19 @@ async fn only_the_holder_renews_and_renewal_moves_the_expiry() {
     let before = holder.current().await.expect("read").expect("row");
     wait_until("the database's clock to move", || async {
         holder.renew(epoch).await.expect("renew");
-        holder.current().await.expect("read").expect("row").expires_at > before.expires_at
+        holder
+            .current()
+            .await
+            .expect("read")
+            .expect("row")
+            .expires_at
+            > before.expires_at
     })
     .await;
-    assert!(!other.renew(epoch).await.expect("renew"), "a non-holder renewed");
+    assert!(
+        !other.renew(epoch).await.expect("renew"),
+        "a non-holder renewed"
+    );
     assert!(
         !holder.renew(epoch + 1).await.expect("renew"),
         "renewed an epoch that was never won"
@@ -126,7 +138,10 @@ async fn the_lease_expires_by_the_database_clock_and_is_never_renewed_after() {
     let epoch = holder.elect().await.expect("elect").expect("won");
     expire_now(&name);
     let row = holder.current().await.expect("read").expect("row");
-    assert!(!row.live, "the lease is still live after its expiry: {row:?}");
+    assert!(
+        !row.live,
+        "the lease is still live after its expiry: {row:?}"
+    );
     assert!(
         !holder.renew(epoch).await.expect("renew"),
         "an expired lease was renewed"
@@ -283,10 +298,7 @@ async fn resigning_wakes_a_standby_which_takes_over_at_once() {
     let ttl = Duration::from_secs(300);
     let active = lease(&target, &pool, "active", ttl);
     let standby = lease(&target, &pool, "standby", ttl);
-    let (_listening, mut notifications) = target
-        .listener(Session::Operator)
-        .await
-        .expect("listen");
+    let (_listening, mut notifications) = target.listener(Session::Operator).await.expect("listen");
     let epoch = active.elect().await.expect("elect").expect("won");
     assert_eq!(
         tokio::time::timeout(DEADLINE, notifications.recv())
@@ -315,7 +327,10 @@ async fn two_daemons_starting_at_once_migrate_once() {
     let (first, second) = tokio::join!(migrate(&pool, &target), migrate(&pool, &target));
     assert_eq!(first.expect("first"), SCHEMA_VERSION);
     assert_eq!(second.expect("second"), SCHEMA_VERSION);
-    assert_eq!(migrate(&pool, &target).await.expect("again"), SCHEMA_VERSION);
+    assert_eq!(
+        migrate(&pool, &target).await.expect("again"),
+        SCHEMA_VERSION
+    );
 }
 
 #[tokio::test]
@@ -325,7 +340,10 @@ async fn a_schema_from_a_newer_paywatch_is_refused_naming_both_versions() {
     };
     let cluster = cluster::cluster().expect("cluster runs");
     let newer = SCHEMA_VERSION + 5;
-    cluster.psql(&name, &format!("UPDATE paywatch_schema SET version = {newer}"));
+    cluster.psql(
+        &name,
+        &format!("UPDATE paywatch_schema SET version = {newer}"),
+    );
     let error = migrate(&pool, &target).await.expect_err("a newer schema");
     assert!(matches!(error, PgError::NewerSchema { .. }), "{error:?}");
     let text = error.to_string();
@@ -360,9 +378,16 @@ fn urls_keep_their_password_out_of_messages_and_honour_sslmode() {
             .tls_mode(),
         TlsMode::Prefer
     );
-    let bad = Target::parse(&format!("postgresql://u:{password}@h/d?sslmode=maybe"), None, None)
-        .expect_err("bad sslmode");
-    assert!(bad.contains("sslmode 'maybe'") && !bad.contains(password), "{bad}");
+    let bad = Target::parse(
+        &format!("postgresql://u:{password}@h/d?sslmode=maybe"),
+        None,
+        None,
+    )
+    .expect_err("bad sslmode");
+    assert!(
+        bad.contains("sslmode 'maybe'") && !bad.contains(password),
+        "{bad}"
+    );
     let both = Target::parse(
         &format!("postgresql://u:{password}@h/d"),
         Some(&crate::settings::Secret::new("from-a-file")),
@@ -404,10 +429,21 @@ async fn a_refused_password_names_the_password_key_and_not_the_password() {
     let error = connect(wrong).await.expect_err("a wrong password");
     let text = error.to_string();
     assert!(
-        matches!(error, PgError::Refused { key: "ledger.password_file", .. }),
+        matches!(
+            error,
+            PgError::Refused {
+                key: "ledger.password_file",
+                ..
+            }
+        ),
         "{error:?}"
     );
     assert!(!text.contains(wrong), "{text}");
-    assert!(text.contains(&format!("127.0.0.1:{}/{name}", cluster.port())), "{text}");
-    connect("right-password-123").await.expect("the right password");
+    assert!(
+        text.contains(&format!("127.0.0.1:{}/{name}", cluster.port())),
+        "{text}"
+    );
+    connect("right-password-123")
+        .await
+        .expect("the right password");
 }
