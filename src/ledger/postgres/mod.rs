@@ -16,6 +16,7 @@
 //! commits before epoch `n + 1` is elected, or is refused.
 
 mod connect;
+pub mod keeper;
 mod lease;
 mod migrate;
 
@@ -25,6 +26,7 @@ pub(crate) mod cluster;
 mod tests;
 
 pub use connect::{Session, Target, TlsMode, is_postgres_url};
+pub use keeper::Role;
 pub use lease::{Lease, LeaseRow, fence, read_lease};
 pub use migrate::{SCHEMA_VERSION, migrate};
 

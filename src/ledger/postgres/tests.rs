@@ -447,3 +447,184 @@ async fn a_refused_password_names_the_password_key_and_not_the_password() {
         .await
         .expect("the right password");
 }
+
+/// A loopback TCP proxy in front of the cluster that a test can cut (every connection dropped,
+/// new ones closed at once: the database "lost") and restore.
+struct Proxy {
+    port: u16,
+    down: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    async fn start(upstream: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let (down, _) = tokio::sync::watch::channel(false);
+        let state = down.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if *state.borrow() {
+                    continue;
+                }
+                let mut cut = state.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.wait_for(|down| *down) => {}
+                    }
+                });
+            }
+        });
+        Proxy { port, down }
+    }
+
+    fn cut(&self) {
+        self.down.send_replace(true);
+    }
+
+    fn restore(&self) {
+        self.down.send_replace(false);
+    }
+}
+
+/// Waits until the role satisfies `wanted`, failing after [`DEADLINE`].
+async fn wait_for_role(
+    roles: &mut tokio::sync::watch::Receiver<Role>,
+    what: &str,
+    wanted: impl FnMut(&Role) -> bool,
+) -> Role {
+    tokio::time::timeout(DEADLINE, roles.wait_for(wanted))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .expect("the keeper runs")
+        .clone()
+}
+
+#[tokio::test]
+async fn a_standby_keeper_takes_over_at_once_when_the_active_one_shuts_down() {
+    let Some((target, pool, _)) = ledger_database().await else {
+        return;
+    };
+    // A lease far longer than the deadline: only the resignation's notification can do it.
+    let ttl = Duration::from_secs(120);
+    let one = tokio_util::sync::CancellationToken::new();
+    let (mut first, first_task) = keeper::spawn(
+        lease(&target, &pool, "one", ttl),
+        target.clone(),
+        one.clone(),
+    );
+    wait_for_role(&mut first, "the first keeper to be active", |role| {
+        *role == Role::Active { epoch: 1 }
+    })
+    .await;
+    let two = tokio_util::sync::CancellationToken::new();
+    let (mut second, second_task) = keeper::spawn(
+        lease(&target, &pool, "two", ttl),
+        target.clone(),
+        two.clone(),
+    );
+    wait_for_role(&mut second, "the second keeper to see the holder", |role| {
+        *role
+            == Role::Standby {
+                holder: Some(("one".to_owned(), 1)),
+            }
+    })
+    .await;
+    one.cancel();
+    first_task.await.expect("the first keeper stops");
+    assert_eq!(first.borrow().epoch(), None);
+    wait_for_role(&mut second, "the standby to take over", |role| {
+        *role == Role::Active { epoch: 2 }
+    })
+    .await;
+    two.cancel();
+    second_task.await.expect("the second keeper stops");
+}
+
+#[tokio::test]
+async fn a_killed_active_keeper_is_replaced_when_its_lease_runs_out() {
+    let Some((target, pool, _)) = ledger_database().await else {
+        return;
+    };
+    let ttl = Duration::from_secs(2);
+    let (mut first, first_task) = keeper::spawn(
+        lease(&target, &pool, "one", ttl),
+        target.clone(),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    wait_for_role(&mut first, "the first keeper to be active", |role| {
+        role.epoch().is_some()
+    })
+    .await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (mut second, _second_task) = keeper::spawn(
+        lease(&target, &pool, "two", ttl),
+        target.clone(),
+        cancel.clone(),
+    );
+    wait_for_role(&mut second, "the second keeper to stand by", |role| {
+        matches!(role, Role::Standby { holder: Some(_) })
+    })
+    .await;
+    // As SIGKILL: no resignation, no more renewals.
+    let killed = tokio::time::Instant::now();
+    first_task.abort();
+    wait_for_role(&mut second, "the standby to take over", |role| {
+        *role == Role::Active { epoch: 2 }
+    })
+    .await;
+    let took = killed.elapsed();
+    assert!(
+        took >= ttl / 3,
+        "took over after {took:?}, before the {ttl:?} lease could have run out"
+    );
+    eprintln!("takeover after a killed keeper with a {ttl:?} lease: {took:?}");
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn losing_the_database_stops_the_active_keeper_which_retakes_the_lease_later() {
+    let Some((_, _, name)) = ledger_database().await else {
+        return;
+    };
+    let cluster = cluster::cluster().expect("cluster runs");
+    let proxy = Proxy::start(cluster.port()).await;
+    let url = format!("postgresql://postgres@127.0.0.1:{}/{name}", proxy.port);
+    let target = Target::parse(&url, None, None).expect("parse");
+    let pool = target.pool(Session::Operator, 2).expect("pool");
+    let ttl = Duration::from_secs(2);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (mut roles, _task) = keeper::spawn(
+        lease(&target, &pool, "one", ttl),
+        target.clone(),
+        cancel.clone(),
+    );
+    wait_for_role(&mut roles, "the keeper to be active", |role| {
+        *role == Role::Active { epoch: 1 }
+    })
+    .await;
+    proxy.cut();
+    let cut = tokio::time::Instant::now();
+    wait_for_role(&mut roles, "the keeper to stop acting", |role| {
+        role.epoch().is_none()
+    })
+    .await;
+    assert!(
+        cut.elapsed() <= ttl + Duration::from_secs(1),
+        "still active {:?} after the database was lost, with a {ttl:?} lease",
+        cut.elapsed()
+    );
+    proxy.restore();
+    wait_for_role(&mut roles, "the keeper to take the lease again", |role| {
+        *role == Role::Active { epoch: 2 }
+    })
+    .await;
+    cancel.cancel();
+}
