@@ -7,8 +7,8 @@ use std::process::{Output, Stdio};
 use paywatch::ledger::Ledger;
 use serde_json::Value;
 
+use crate::common;
 use crate::common::process::{paywatch, run, run_with_stdin, stderr, stdout};
-use crate::common::{self, Setup};
 
 /// A config with a ledger in `dir` and a paymennt base URL that nothing listens on.
 fn offline_config(dir: &Path) -> PathBuf {
@@ -691,13 +691,7 @@ async fn a_slow_webhook_register_leaves_one_new_webhook_which_is_recovered() {
 /// a non-zero exit. Nothing is written to the ledger.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_config_online_proves_firestore_access_or_names_the_refusal() {
-    let Setup {
-        sandbox,
-        dir: _dir,
-        settings,
-        config,
-        ledger,
-    } = Setup::new("multiplexed", "").await;
+    let (sandbox, _dir, settings, config, ledger) = common::setup("multiplexed", "").await;
     let first = common::create_and_track(&sandbox, &ledger, "ORD-C1").await;
     let second = common::create_and_track(&sandbox, &ledger, "ORD-C2").await;
     let document_of = |id| {

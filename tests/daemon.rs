@@ -10,7 +10,7 @@ use paywatch::ledger::Ledger;
 
 use crate::common::process::{self, paywatch};
 use crate::common::{
-    self, DEADLINE, Daemon, Setup, create_and_track, history, status_of, wait_for, wait_status,
+    self, DEADLINE, Daemon, create_and_track, history, status_of, wait_for, wait_status,
 };
 
 const MODES: [&str; 2] = ["multiplexed", "per-document"];
@@ -18,13 +18,7 @@ const MODES: [&str; 2] = ["multiplexed", "per-document"];
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn track_then_pay_records_paid_with_its_history_in_both_modes() {
     for mode in MODES {
-        let Setup {
-            sandbox,
-            dir: _dir,
-            settings,
-            config: path,
-            ledger,
-        } = Setup::new(mode, "").await;
+        let (sandbox, _dir, settings, path, ledger) = common::setup(mode, "").await;
         let id = create_and_track(&sandbox, &ledger, "ORD-1").await;
         let daemon = Daemon::start(&settings, &path).await;
         wait_status(&ledger, &id, "PENDING").await;
@@ -54,13 +48,7 @@ async fn track_then_pay_records_paid_with_its_history_in_both_modes() {
 async fn a_thousand_checkouts_are_watched_and_all_payments_arrive_in_both_modes() {
     const CHECKOUTS: usize = 1000;
     for mode in MODES {
-        let Setup {
-            sandbox,
-            dir: _dir,
-            settings,
-            config: path,
-            ledger,
-        } = Setup::new(mode, "").await;
+        let (sandbox, _dir, settings, path, ledger) = common::setup(mode, "").await;
         let mut ids = Vec::with_capacity(CHECKOUTS);
         for n in 0..CHECKOUTS {
             ids.push(create_and_track(&sandbox, &ledger, &format!("ORD-{n}")).await);
@@ -140,13 +128,7 @@ async fn a_checkout_tracked_while_running_is_watched_without_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_resumes_without_reverifying_and_catches_changes_made_while_down() {
     for mode in MODES {
-        let Setup {
-            sandbox,
-            dir: _dir,
-            settings,
-            config: path,
-            ledger,
-        } = Setup::new(mode, "").await;
+        let (sandbox, _dir, settings, path, ledger) = common::setup(mode, "").await;
         let mut ids = Vec::new();
         for n in 0..5 {
             ids.push(create_and_track(&sandbox, &ledger, &format!("ORD-{n}")).await);
@@ -198,13 +180,7 @@ async fn a_restart_resumes_without_reverifying_and_catches_changes_made_while_do
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_closed_by_the_server_reconnect_and_catch_up() {
     for mode in MODES {
-        let Setup {
-            sandbox,
-            dir: _dir,
-            settings,
-            config: path,
-            ledger,
-        } = Setup::new(mode, "").await;
+        let (sandbox, _dir, settings, path, ledger) = common::setup(mode, "").await;
         let first = create_and_track(&sandbox, &ledger, "ORD-A").await;
         let second = create_and_track(&sandbox, &ledger, "ORD-B").await;
         let daemon = Daemon::start(&settings, &path).await;
@@ -224,13 +200,7 @@ async fn streams_closed_by_the_server_reconnect_and_catch_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_errors_are_retried_and_never_produce_an_unverified_record() {
-    let Setup {
-        sandbox,
-        dir: _dir,
-        settings,
-        config: path,
-        ledger,
-    } = Setup::new("multiplexed", "").await;
+    let (sandbox, _dir, settings, path, ledger) = common::setup("multiplexed", "").await;
     let id = create_and_track(&sandbox, &ledger, "ORD-500").await;
     let daemon = Daemon::start(&settings, &path).await;
     wait_status(&ledger, &id, "PENDING").await;
@@ -249,13 +219,7 @@ async fn api_errors_are_retried_and_never_produce_an_unverified_record() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_document_claiming_paid_while_the_api_says_pending_records_nothing() {
-    let Setup {
-        sandbox,
-        dir: _dir,
-        settings,
-        config: path,
-        ledger,
-    } = Setup::new("multiplexed", "").await;
+    let (sandbox, _dir, settings, path, ledger) = common::setup("multiplexed", "").await;
     let id = create_and_track(&sandbox, &ledger, "ORD-LIE").await;
     let daemon = Daemon::start(&settings, &path).await;
     wait_status(&ledger, &id, "PENDING").await;
@@ -280,13 +244,7 @@ async fn a_document_claiming_paid_while_the_api_says_pending_records_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_changes_costs_at_most_one_extra_call() {
-    let Setup {
-        sandbox,
-        dir: _dir,
-        settings,
-        config: path,
-        ledger,
-    } = Setup::new("multiplexed", "").await;
+    let (sandbox, _dir, settings, path, ledger) = common::setup("multiplexed", "").await;
     let id = create_and_track(&sandbox, &ledger, "ORD-BURST").await;
     let daemon = Daemon::start(&settings, &path).await;
     wait_status(&ledger, &id, "PENDING").await;
@@ -310,13 +268,7 @@ async fn a_burst_of_changes_costs_at_most_one_extra_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_and_a_bad_config_is_rejected_then_sigterm_drains() {
-    let Setup {
-        sandbox,
-        dir: _dir,
-        settings: _,
-        config: path,
-        ledger,
-    } = Setup::new("multiplexed", "").await;
+    let (sandbox, _dir, _, path, ledger) = common::setup("multiplexed", "").await;
     let id = create_and_track(&sandbox, &ledger, "ORD-SIG").await;
     let mut process = paywatch().config(&path).run();
     process.expect_line("paywatch is running").await;
@@ -623,13 +575,7 @@ async fn a_daemon_refused_the_lock_never_opens_or_migrates_the_ledger() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_log_format_writes_one_object_per_line_with_the_payment_line() {
-    let Setup {
-        sandbox,
-        dir: _dir,
-        settings: _,
-        config: path,
-        ledger,
-    } = Setup::new("multiplexed", "").await;
+    let (sandbox, _dir, _, path, ledger) = common::setup("multiplexed", "").await;
     let id = create_and_track(&sandbox, &ledger, "ORD-JSON").await;
     let mut process = paywatch()
         .args(["--log-format", "json"])
@@ -772,13 +718,7 @@ async fn one_refused_document_leaves_the_other_checkouts_of_its_stream_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_resend_costs_get_checkout_only_for_changed_documents() {
     const CHECKOUTS: usize = 1000;
-    let Setup {
-        sandbox,
-        dir: _dir,
-        settings,
-        config: path,
-        ledger,
-    } = Setup::new("multiplexed", "").await;
+    let (sandbox, _dir, settings, path, ledger) = common::setup("multiplexed", "").await;
     let mut ids = Vec::with_capacity(CHECKOUTS);
     for n in 0..CHECKOUTS {
         ids.push(create_and_track(&sandbox, &ledger, &format!("RESEND-{n}")).await);

@@ -9,7 +9,7 @@ use paywatch::settings::Settings;
 use std::time::Duration;
 
 use crate::common::exposition::{self, Exposition};
-use crate::common::{self, DEADLINE, Daemon, Setup, create_and_track, wait_for, wait_status};
+use crate::common::{self, DEADLINE, Daemon, create_and_track, wait_for, wait_status};
 
 /// Scrapes the daemon's metrics, parses them strictly, and checks that no checkout id, order
 /// id or document name leaked into the text.
@@ -230,13 +230,7 @@ async fn the_exposition_parses_and_moves_with_a_payment() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_the_server_drops_are_counted_as_reconnects_and_reopen() {
-    let Setup {
-        sandbox,
-        dir: _dir,
-        settings,
-        config: path,
-        ledger,
-    } = Setup::new("multiplexed", "").await;
+    let (sandbox, _dir, settings, path, ledger) = common::setup("multiplexed", "").await;
     let id = create_and_track(&sandbox, &ledger, "ORD-METRICS-2").await;
     let project = sandbox.project_id().to_owned();
     let daemon = Daemon::start(&settings, &path).await;

@@ -153,45 +153,24 @@ pub fn shell_hook(dir: &Path, name: &str, statuses: &[&str], body: &str) -> Stri
     table
 }
 
-/// The start of most end-to-end tests: a sandbox (quick timers), a temporary directory, a config
-/// for a daemon pointed at the sandbox (written and loaded as [`settings`] does) and its ledger.
-///
-/// Take it apart with every field named, `dir` included (dropping the directory deletes the
-/// config and the ledger):
+/// The start of most end-to-end tests: a [`sandbox`], a temporary directory, a config for a
+/// daemon pointed at the sandbox (in `stream_mode`, `extra` appended: see [`settings`]) and its
+/// ledger. Keep the directory bound (`_dir`, not `_`): dropping it deletes config and ledger.
 ///
 /// ```ignore
-/// let Setup { sandbox, dir, settings, config, ledger } = Setup::new("multiplexed", "").await;
+/// let (sandbox, _dir, settings, config, ledger) = common::setup("multiplexed", "").await;
 /// let id = create_and_track(&sandbox, &ledger, "ORD-1").await;
 /// let daemon = Daemon::start(&settings, &config).await; // or process::paywatch()...run()
 /// ```
-pub struct Setup {
-    pub sandbox: Sandbox,
-    pub dir: tempfile::TempDir,
-    pub settings: Settings,
-    /// The config file.
-    pub config: PathBuf,
-    pub ledger: Ledger,
-}
-
-impl Setup {
-    /// A new [`sandbox`] and a config for it in `stream_mode`, with `extra` appended.
-    pub async fn new(stream_mode: &str, extra: &str) -> Setup {
-        Setup::with_sandbox(sandbox().await, stream_mode, extra)
-    }
-
-    /// The same with a sandbox of the test's own.
-    pub fn with_sandbox(sandbox: Sandbox, stream_mode: &str, extra: &str) -> Setup {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (settings, config) = settings(dir.path(), &sandbox, stream_mode, extra);
-        let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
-        Setup {
-            sandbox,
-            dir,
-            settings,
-            config,
-            ledger,
-        }
-    }
+pub async fn setup(
+    stream_mode: &str,
+    extra: &str,
+) -> (Sandbox, tempfile::TempDir, Settings, PathBuf, Ledger) {
+    let sandbox = sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, config) = settings(dir.path(), &sandbox, stream_mode, extra);
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    (sandbox, dir, settings, config, ledger)
 }
 
 /// A daemon running in this process.
