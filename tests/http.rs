@@ -28,6 +28,16 @@ fn config(dir: &Path, sandbox: &Sandbox, firestore_extra: &str, http: &str) -> (
     common::load_config(dir, &text)
 }
 
+/// [`common::setup`] with the config of [`config`].
+async fn setup(
+    firestore_extra: &str,
+    http: &str,
+) -> (Sandbox, tempfile::TempDir, Settings, PathBuf, Ledger) {
+    common::setup_with(common::sandbox().await, |dir, sandbox| {
+        config(dir, sandbox, firestore_extra, http)
+    })
+}
+
 /// A free loopback port, for a webhook address that must be known before the daemon starts.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -168,15 +178,8 @@ async fn the_sandbox_retries_a_notification_and_marks_the_webhook_failed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_paid_notification_records_nothing_and_costs_one_get_checkout() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, path) = config(
-        dir.path(),
-        &sandbox,
-        "enabled = false",
-        "listen = \"127.0.0.1:0\"",
-    );
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let (sandbox, _dir, settings, path, ledger) =
+        setup("enabled = false", "listen = \"127.0.0.1:0\"").await;
     let id = create_and_track(&sandbox, &ledger, "ORD-F").await;
     let daemon = Daemon::start(&settings, &path).await;
     wait_status(&ledger, &id, "PENDING").await;
@@ -220,15 +223,11 @@ async fn a_forged_paid_notification_records_nothing_and_costs_one_get_checkout()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_malformed_and_badly_signed_notifications_are_refused() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, path) = config(
-        dir.path(),
-        &sandbox,
+    let (sandbox, _dir, settings, path, ledger) = setup(
         "enabled = false",
         "listen = \"127.0.0.1:0\"\nmax_body_bytes = 1024\nwebhook_hmac_key = \"the-configured-key\"",
-    );
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    )
+    .await;
     let id = create_and_track(&sandbox, &ledger, "ORD-M").await;
     let daemon = Daemon::start(&settings, &path).await;
     let url = format!("{}/webhooks/paymennt", daemon.http_url());
@@ -315,16 +314,12 @@ async fn oversized_malformed_and_badly_signed_notifications_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifications_coalesce_per_checkout_and_are_rate_limited_per_address() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
     // A one-second window per checkout; five a minute per address.
-    let (settings, path) = config(
-        dir.path(),
-        &sandbox,
+    let (sandbox, _dir, settings, path, ledger) = setup(
         "enabled = false",
         "listen = \"127.0.0.1:0\"\nwebhook_rate_per_checkout = 60\nwebhook_rate_per_address = 5",
-    );
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    )
+    .await;
     let id = create_and_track(&sandbox, &ledger, "ORD-RL").await;
     let daemon = Daemon::start(&settings, &path).await;
     let mut status = daemon.status.clone();
@@ -381,11 +376,7 @@ async fn notifications_coalesce_per_checkout_and_are_rate_limited_per_address() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsigned_notifications_cannot_lock_out_the_signed_one() {
     for require_signature in [true, false] {
-        let sandbox = common::sandbox().await;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (settings, path) = config(
-            dir.path(),
-            &sandbox,
+        let (sandbox, _dir, settings, path, ledger) = setup(
             "enabled = false",
             &format!(
                 "listen = \"127.0.0.1:0\"\nwebhook_hmac_key = \"the-key\"{}",
@@ -396,8 +387,8 @@ async fn unsigned_notifications_cannot_lock_out_the_signed_one() {
                     "\nwebhook_require_signature = false"
                 }
             ),
-        );
-        let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+        )
+        .await;
         let id = create_and_track(&sandbox, &ledger, "ORD-LOCK").await;
         let daemon = Daemon::start(&settings, &path).await;
         wait_status(&ledger, &id, "PENDING").await;
@@ -490,15 +481,11 @@ async fn a_forged_flood_during_an_outage_costs_one_get_checkout_per_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_track_endpoint_records_and_watches_at_once_with_the_right_token_only() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, path) = config(
-        dir.path(),
-        &sandbox,
+    let (sandbox, dir, settings, path, ledger) = setup(
         "",
         "listen = \"127.0.0.1:0\"\ntoken = \"backend-token-0123456789\"",
-    );
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    )
+    .await;
     let daemon = Daemon::start(&settings, &path).await;
     let url = format!("{}/v1/checkouts", daemon.http_url());
     let checkout = sandbox
@@ -601,10 +588,7 @@ async fn the_track_endpoint_records_and_watches_at_once_with_the_right_token_onl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_flips_when_every_stream_drops_and_back_after_reconnect() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, path) = config(dir.path(), &sandbox, "", "listen = \"127.0.0.1:0\"");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let (sandbox, _dir, settings, path, ledger) = setup("", "listen = \"127.0.0.1:0\"").await;
     let id = create_and_track(&sandbox, &ledger, "ORD-READY").await;
     let daemon = Daemon::start(&settings, &path).await;
     let base = daemon.http_url();

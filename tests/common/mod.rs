@@ -166,9 +166,19 @@ pub async fn setup(
     stream_mode: &str,
     extra: &str,
 ) -> (Sandbox, tempfile::TempDir, Settings, PathBuf, Ledger) {
-    let sandbox = sandbox().await;
+    setup_with(sandbox().await, |dir, sandbox| {
+        settings(dir, sandbox, stream_mode, extra)
+    })
+}
+
+/// [`setup`] with a sandbox of the test's own and a config written and loaded by `config`
+/// (given the directory and the sandbox).
+pub fn setup_with(
+    sandbox: Sandbox,
+    config: impl FnOnce(&Path, &Sandbox) -> (Settings, PathBuf),
+) -> (Sandbox, tempfile::TempDir, Settings, PathBuf, Ledger) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, config) = settings(dir.path(), &sandbox, stream_mode, extra);
+    let (settings, config) = config(dir.path(), &sandbox);
     let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
     (sandbox, dir, settings, config, ledger)
 }
