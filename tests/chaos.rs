@@ -18,7 +18,7 @@
 //! `cargo test --test integration chaos -- --nocapture` to see them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;

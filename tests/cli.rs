@@ -2,7 +2,7 @@
 //! leaves the ledger untouched.
 
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 
 use paywatch::ledger::Ledger;
 use serde_json::Value;

@@ -2,7 +2,7 @@
 //! the ledger verified, restarts resume, faults are survived, lies are not recorded, signals
 //! drain and reload.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
