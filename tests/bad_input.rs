@@ -214,7 +214,7 @@ fn each_bad_input_gets_a_clear_error_and_its_exit_code_and_changes_nothing() {
     let tracked = run_with_stdin(
         &base,
         &["track", "-"],
-        &response("1000", "100.00", "PENDING", "ORD-0"),
+        response("1000", "100.00", "PENDING", "ORD-0"),
     );
     assert!(tracked.status.success(), "{tracked:?}");
     let ledger_path = dir.path().join("paywatch.db");
@@ -283,7 +283,7 @@ fn a_ledger_that_is_not_a_database_is_named_and_left_as_it_was() {
         let output = run_with_stdin(
             &config,
             &args,
-            &response("3000", "1.00", "PENDING", "ORD-L"),
+            response("3000", "1.00", "PENDING", "ORD-L"),
         );
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
@@ -313,7 +313,7 @@ fn a_ledger_locked_by_another_process_is_a_clear_runtime_failure() {
     let output = run_with_stdin(
         &config,
         &["track", "-"],
-        &response("3001", "1.00", "PENDING", "ORD-B"),
+        response("3001", "1.00", "PENDING", "ORD-B"),
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
@@ -322,7 +322,7 @@ fn a_ledger_locked_by_another_process_is_a_clear_runtime_failure() {
     let retried = run_with_stdin(
         &config,
         &["track", "-"],
-        &response("3001", "1.00", "PENDING", "ORD-B"),
+        response("3001", "1.00", "PENDING", "ORD-B"),
     );
     assert!(retried.status.success(), "works once the lock is gone");
 }
@@ -356,7 +356,7 @@ fn a_read_only_ledger_is_a_clear_runtime_failure() {
     let output = run_with_stdin(
         &config,
         &["track", "-"],
-        &response("3002", "1.00", "PENDING", "ORD-R"),
+        response("3002", "1.00", "PENDING", "ORD-R"),
     );
     if as_root {
         let _ = Command::new("chattr").arg("-i").arg(&ledger_path).status();

@@ -57,7 +57,10 @@ use tracing_subscriber::Layer;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 
+// The end-to-end tests' helpers (the child daemon is `common::process`). Their unit tests do not
+// run in a bench without the test harness, so what only they use looks unused here.
 #[path = "../common/mod.rs"]
+#[allow(unused_imports)]
 mod common;
 
 use common::process::{self, Process, paywatch};
