@@ -280,11 +280,7 @@ fn a_ledger_that_is_not_a_database_is_named_and_left_as_it_was() {
     let garbage: Vec<u8> = (0..4096u32).map(|n| (n * 7919 % 251) as u8).collect();
     std::fs::write(&ledger_path, &garbage).expect("write");
     for args in [vec!["list"], vec!["track", "-"]] {
-        let output = run_with_stdin(
-            &config,
-            &args,
-            response("3000", "1.00", "PENDING", "ORD-L"),
-        );
+        let output = run_with_stdin(&config, &args, response("3000", "1.00", "PENDING", "ORD-L"));
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(
