@@ -32,6 +32,11 @@
 //!     .run();
 //! ```
 //!
+//! One-shot commands block ([`Paywatch::output`]): a tokio test whose own tasks must run
+//! meanwhile (a sandbox it drives) calls them in `spawn_blocking` or `block_in_place`. A started
+//! [`Process`]'s waits are async. A wrapper that writes the log itself (util-linux `script`)
+//! goes through [`Paywatch::command`] and [`Process::watching`].
+//!
 //! Waiting for something else (a ledger row, a file) is [`super::wait_for`]; a test that wants
 //! the in-process daemon (status, metrics, controls) uses [`super::Daemon`] instead.
 
@@ -50,7 +55,7 @@ use super::{DEADLINE, poll_until};
 
 /// Variables of the test's environment that change what paywatch does; a child never inherits
 /// them (nor any `PAYWATCH_*`). A test that wants one sets it with [`Paywatch::env`].
-const UNINHERITED: [&str; 7] = [
+const UNINHERITED: [&str; 8] = [
     "RUST_LOG",
     "NO_COLOR",
     "JOURNAL_STREAM",
@@ -58,6 +63,7 @@ const UNINHERITED: [&str; 7] = [
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
     "GOOGLE_APPLICATION_CREDENTIALS",
+    "CREDENTIALS_DIRECTORY",
 ];
 
 /// How often a wait on a child looks again.
@@ -500,5 +506,35 @@ impl Drop for Process {
             let tail = &lines[lines.len().saturating_sub(100)..];
             eprintln!("--- paywatch's log (last lines) ---\n{}", tail.join("\n"));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{paywatch, write_config};
+
+    /// A config `run` refuses (exit 2), naming the misspelt key on stderr.
+    fn refused_config(dir: &std::path::Path) -> std::path::PathBuf {
+        write_config(dir, "[ledger]\npaht = \"x.db\"\n")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_child_that_exits_leaves_its_whole_log_and_exit_code() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut process = paywatch().config(&refused_config(dir.path())).run();
+        let line = process.expect_line("ledger.paht").await;
+        assert!(line.contains("unknown key"), "{line}");
+        // The next match comes after the previous one.
+        process.expect_line("did you mean 'ledger.path'").await;
+        let status = process.wait_exit().await;
+        assert_eq!(status.code(), Some(2), "{}", process.log());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[should_panic(expected = "paywatch exited without a log line containing")]
+    async fn waiting_for_a_line_a_finished_child_never_wrote_fails_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut process = paywatch().config(&refused_config(dir.path())).run();
+        process.expect_line("paywatch is running").await;
     }
 }
