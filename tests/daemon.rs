@@ -616,12 +616,9 @@ async fn json_log_format_writes_one_object_per_line_with_the_payment_line() {
 /// reconciler.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_refused_document_leaves_the_other_checkouts_of_its_stream_alone() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
     // The reconciler stays an hour away until the stream's part is proven (a sweep racing the
     // stream could record the open checkout's payment first); a reload then brings it to 2 s.
-    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let (sandbox, _dir, settings, path, ledger) = common::setup("multiplexed", "").await;
     let open = create_and_track(&sandbox, &ledger, "ORD-OPEN").await;
     let refused = create_and_track(&sandbox, &ledger, "ORD-REFUSED").await;
     let document = ledger

@@ -628,15 +628,11 @@ async fn sweep_cost_figures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_daemon_discovers_what_was_created_while_it_was_down() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, path) = common::settings(
-        dir.path(),
-        &sandbox,
+    let (sandbox, _dir, settings, path, ledger) = common::setup(
         "multiplexed",
         "[discovery]\ninterval = \"1s\"\npage_size = 1\n",
-    );
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    )
+    .await;
     let api = client(&sandbox);
     let mut created = Vec::new();
     let daemon = Daemon::start(&settings, &path).await;
@@ -801,15 +797,11 @@ async fn a_first_start_imports_what_was_settled_before_as_baselines_and_runs_no_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_for_an_unknown_checkout_wakes_discovery_at_once() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, path) = common::settings(
-        dir.path(),
-        &sandbox,
+    let (sandbox, _dir, settings, path, ledger) = common::setup(
         "multiplexed",
         "[discovery]\ninterval = \"1h\"\n\n[http]\nlisten = \"127.0.0.1:0\"\n",
-    );
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    )
+    .await;
     let daemon = Daemon::start(&settings, &path).await;
     wait_for("the first discovery round", DEADLINE, || {
         let done = ledger.last_discovery_round("LINK").expect("read").is_some();
