@@ -76,9 +76,49 @@ pub fn cluster() -> Option<&'static Cluster> {
 }
 
 impl Cluster {
-    /// The URL of database `name` as the superuser `postgres`.
+    /// The URL of database `name` as the superuser `postgres`, without TLS (a test may turn
+    /// TLS on for the cluster: see [`Cluster::enable_tls`]).
     pub fn url(&self, name: &str) -> String {
-        format!("postgresql://postgres@127.0.0.1:{}/{name}", self.port)
+        format!(
+            "postgresql://postgres@127.0.0.1:{}/{name}?sslmode=disable",
+            self.port
+        )
+    }
+
+    /// Turns TLS on with this server certificate and key (PEM), for connections made from
+    /// now on; the URLs of [`Cluster::url`] keep `sslmode=disable`.
+    ///
+    /// # Panics
+    ///
+    /// When the files cannot be written or the configuration not reloaded.
+    pub fn enable_tls(&self, cert_pem: &str, key_pem: &str) {
+        let cert = self.dir.join("server.crt");
+        let key = self.dir.join("server.key");
+        std::fs::write(&cert, cert_pem).expect("write server.crt");
+        std::fs::write(&key, key_pem).expect("write server.key");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod server.key");
+        }
+        if self.as_postgres {
+            let user = nix::unistd::User::from_name("postgres")
+                .ok()
+                .flatten()
+                .expect("the postgres user");
+            for file in [&cert, &key] {
+                std::os::unix::fs::chown(file, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+                    .expect("chown");
+            }
+        }
+        for setting in [
+            format!("ALTER SYSTEM SET ssl_cert_file = '{}'", path_text(&cert)),
+            format!("ALTER SYSTEM SET ssl_key_file = '{}'", path_text(&key)),
+            "ALTER SYSTEM SET ssl = on".to_owned(),
+            "SELECT pg_reload_conf()".to_owned(),
+        ] {
+            self.psql("postgres", &setting);
+        }
     }
 
     /// The TCP port on 127.0.0.1.

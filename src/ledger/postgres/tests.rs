@@ -13,7 +13,12 @@ const DEADLINE: Duration = Duration::from_secs(20);
 /// A fresh migrated database: its target, an operator pool and the database's name.
 async fn ledger_database() -> Option<(Target, Pool, String)> {
     let url = cluster::database()?;
-    let name = url.rsplit('/').next().unwrap_or_default().to_owned();
+    let name = url
+        .rsplit('/')
+        .next()
+        .and_then(|last| last.split('?').next())
+        .unwrap_or_default()
+        .to_owned();
     let target = Target::parse(&url, None, None).expect("test URL parses");
     let pool = target.pool(Session::Operator, 4).expect("pool");
     migrate(&pool, &target).await.expect("migrate");
@@ -413,7 +418,10 @@ async fn a_refused_password_names_the_password_key_and_not_the_password() {
         &format!("CREATE ROLE {user} LOGIN PASSWORD 'right-password-123'"),
     );
     cluster.require_password_for(&user);
-    let url = format!("postgresql://{user}@127.0.0.1:{}/{name}", cluster.port());
+    let url = format!(
+        "postgresql://{user}@127.0.0.1:{}/{name}?sslmode=disable",
+        cluster.port()
+    );
     let connect = |password: &str| {
         let target = Target::parse(&url, Some(&crate::settings::Secret::new(password)), None)
             .expect("parse");
@@ -596,7 +604,10 @@ async fn losing_the_database_stops_the_active_keeper_which_retakes_the_lease_lat
     };
     let cluster = cluster::cluster().expect("cluster runs");
     let proxy = Proxy::start(cluster.port()).await;
-    let url = format!("postgresql://postgres@127.0.0.1:{}/{name}", proxy.port);
+    let url = format!(
+        "postgresql://postgres@127.0.0.1:{}/{name}?sslmode=disable",
+        proxy.port
+    );
     let target = Target::parse(&url, None, None).expect("parse");
     let pool = target.pool(Session::Operator, 2).expect("pool");
     let ttl = Duration::from_secs(2);
@@ -627,4 +638,58 @@ async fn losing_the_database_stops_the_active_keeper_which_retakes_the_lease_lat
     })
     .await;
     cancel.cancel();
+}
+
+#[tokio::test]
+async fn tls_checks_the_server_against_ca_file_and_a_failure_names_the_key() {
+    let Some((_, _, name)) = ledger_database().await else {
+        return;
+    };
+    let cluster = cluster::cluster().expect("cluster runs");
+    let certificates = crate::sandbox::TestCertificates::generate().expect("certificates");
+    cluster.enable_tls(&certificates.server_cert_pem, &certificates.server_key_pem);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = dir.path().join("db-ca.pem");
+    std::fs::write(&ca_file, &certificates.ca_pem).expect("write CA");
+    let url = |mode: &str| {
+        format!(
+            "postgresql://postgres@127.0.0.1:{}/{name}?sslmode={mode}",
+            cluster.port()
+        )
+    };
+    // The server's certificate checked against ca_file, and its name (127.0.0.1).
+    let target = Target::parse(&url("verify-full"), None, Some(&ca_file)).expect("parse");
+    let pool = target.pool(Session::Operator, 1).expect("pool");
+    let client = pool.get().await.expect("a TLS connection");
+    let encrypted: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("query")
+        .get(0);
+    assert!(encrypted, "the connection is not encrypted");
+    // Without ca_file the test CA is unknown: refused, naming the key to check.
+    for mode in ["require", "prefer"] {
+        let target = Target::parse(&url(mode), None, None).expect("parse");
+        let error = target
+            .pool(Session::Operator, 1)
+            .expect("pool")
+            .get()
+            .await
+            .map(drop)
+            .map_err(|error| PgError::from_pool(&target, &error))
+            .expect_err("an unknown CA");
+        assert!(
+            matches!(
+                error,
+                PgError::Refused {
+                    key: "ledger.ca_file",
+                    ..
+                }
+            ),
+            "{mode}: {error:?}"
+        );
+    }
 }
