@@ -69,6 +69,7 @@ async fn keep(lease: Lease, target: Target, role: watch::Sender<Role>, cancel: C
         }
         match active {
             None => {
+                let mut wait = standby_poll;
                 // Listen before trying, so a resignation right after a lost election wakes us.
                 wake.listen(standby_poll).await;
                 let sent = Instant::now();
@@ -87,13 +88,12 @@ async fn keep(lease: Lease, target: Target, role: watch::Sender<Role>, cancel: C
                     }
                     Ok(None) => {
                         unreachable_logged = false;
-                        let holder = lease
-                            .current()
-                            .await
-                            .ok()
-                            .flatten()
-                            .filter(|row| row.live)
-                            .map(|row| (row.holder, row.epoch));
+                        let row = lease.current().await.ok().flatten().filter(|row| row.live);
+                        // Try again just after the lease would run out, by the database's clock.
+                        wait = row.as_ref().map_or(standby_poll, |row| {
+                            standby_poll.min(row.remaining + Duration::from_millis(50))
+                        });
+                        let holder = row.map(|row| (row.holder, row.epoch));
                         role.send_if_modified(|current| {
                             let next = Role::Standby { holder };
                             if *current == next {
@@ -118,7 +118,7 @@ async fn keep(lease: Lease, target: Target, role: watch::Sender<Role>, cancel: C
                 }
                 tokio::select! {
                     () = cancel.cancelled() => break,
-                    () = wake.next(standby_poll) => {}
+                    () = wake.next(wait) => {}
                 }
             }
             Some((epoch, deadline)) => {

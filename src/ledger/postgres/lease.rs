@@ -27,6 +27,9 @@ pub struct LeaseRow {
     pub expires_at: Option<DateTime<Utc>>,
     /// Whether it is held now, by the database's clock.
     pub live: bool,
+    /// How long until it expires unless renewed, by the database's clock (zero once expired):
+    /// a standby tries again then, whatever the offset between its clock and the database's.
+    pub remaining: Duration,
 }
 
 /// One daemon's side of the lease: its instance name and lease length.
@@ -187,7 +190,10 @@ pub async fn read_lease(pool: &Pool, target: &Target) -> Result<Option<LeaseRow>
         .query_opt(
             "SELECT holder, epoch, elected_at,
                     CASE WHEN isfinite(expires_at) THEN expires_at END,
-                    expires_at > clock_timestamp()
+                    expires_at > clock_timestamp(),
+                    CASE WHEN expires_at > clock_timestamp()
+                         THEN (extract(epoch FROM expires_at - clock_timestamp()) * 1000)::BIGINT
+                         ELSE 0 END
                FROM lease WHERE id = 1",
             &[],
         )
@@ -199,6 +205,7 @@ pub async fn read_lease(pool: &Pool, target: &Target) -> Result<Option<LeaseRow>
         elected_at: row.get(2),
         expires_at: row.get(3),
         live: row.get(4),
+        remaining: Duration::from_millis(u64::try_from(row.get::<_, i64>(5)).unwrap_or(0)),
     }))
 }
 
