@@ -19,6 +19,7 @@ mod connect;
 pub mod keeper;
 mod lease;
 mod migrate;
+mod store;
 
 #[cfg(test)]
 pub(crate) mod cluster;
@@ -29,6 +30,7 @@ pub use connect::{Session, Target, TlsMode, is_postgres_url};
 pub use keeper::Role;
 pub use lease::{Lease, LeaseRow, fence, read_lease};
 pub use migrate::{SCHEMA_VERSION, migrate};
+pub use store::PgStore;
 
 /// The SQLSTATE the fence raises: the write's epoch is not the current lease.
 pub const FENCED_SQLSTATE: &str = "PW001";

@@ -693,3 +693,50 @@ async fn tls_checks_the_server_against_ca_file_and_a_failure_names_the_key() {
         );
     }
 }
+
+fn ledger_settings(url: &str) -> crate::settings::LedgerSettings {
+    crate::settings::LedgerSettings {
+        url: Some(crate::settings::Secret::new(url)),
+        ..crate::settings::LedgerSettings::default()
+    }
+}
+
+#[tokio::test]
+async fn opening_migrates_and_failures_name_the_key_or_the_host() {
+    let Some(url) = cluster::database() else {
+        return;
+    };
+    let store = PgStore::open(&ledger_settings(&url), Session::Operator)
+        .await
+        .expect("open");
+    let lease = store.lease(&crate::settings::HaSettings::default());
+    assert_eq!(lease.ttl(), Duration::from_secs(10));
+    assert_eq!(lease.elect().await.expect("elect"), Some(1));
+
+    let bad = PgStore::open(
+        &ledger_settings("postgresql://u:pw-not-shown@h/d?sslmode=sometimes"),
+        Session::Operator,
+    )
+    .await
+    .expect_err("a bad sslmode");
+    assert_eq!(bad.exit_code(), 2);
+    let text = bad.to_string();
+    assert!(
+        text.contains("'ledger.url'") && !text.contains("pw-not-shown"),
+        "{text}"
+    );
+
+    // Nothing listens on port 9 of the loopback.
+    let away = PgStore::open(
+        &ledger_settings("postgresql://u:pw-not-shown@127.0.0.1:9/d?sslmode=disable"),
+        Session::Operator,
+    )
+    .await
+    .expect_err("no server");
+    assert_eq!(away.exit_code(), 1, "{away:?}");
+    let text = away.to_string();
+    assert!(
+        text.contains("127.0.0.1:9/d") && !text.contains("pw-not-shown"),
+        "{text}"
+    );
+}
