@@ -19,6 +19,7 @@ mod connect;
 pub mod keeper;
 mod lease;
 mod migrate;
+mod ops;
 mod store;
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 
 use deadpool_postgres::Pool;
 
-use super::{Lease, PgError, Session, Target, migrate};
+use super::{Lease, PgError, Role, Session, Target, migrate};
 use crate::settings::{HaSettings, LedgerSettings};
 
 /// Pooled connections beyond this are not needed: the daemon's writes are short transactions.
@@ -18,6 +18,9 @@ const POOL_SIZE: usize = 16;
 pub struct PgStore {
     pool: Pool,
     target: Target,
+    /// A daemon's role, from its lease keeper: its writes are fenced at the role's epoch and
+    /// refused while standing by. `None` for an operator's command.
+    role: Option<tokio::sync::watch::Receiver<Role>>,
 }
 
 impl PgStore {
@@ -42,7 +45,23 @@ impl PgStore {
             .map_err(|problem| PgError::Settings(format!("'ledger.url' {problem}")))?;
         let pool = target.pool(session, POOL_SIZE)?;
         migrate(&pool, &target).await?;
-        Ok(PgStore { pool, target })
+        Ok(PgStore {
+            pool,
+            target,
+            role: None,
+        })
+    }
+
+    /// This store for a daemon whose lease keeper publishes `role`: every write from now on is
+    /// fenced at the role's epoch.
+    pub fn with_role(mut self, role: tokio::sync::watch::Receiver<Role>) -> PgStore {
+        self.role = Some(role);
+        self
+    }
+
+    /// The daemon's role, if this is a daemon's store.
+    pub fn role(&self) -> Option<&tokio::sync::watch::Receiver<Role>> {
+        self.role.as_ref()
     }
 
     /// The pool.

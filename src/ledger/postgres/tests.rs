@@ -740,3 +740,122 @@ async fn opening_migrates_and_failures_name_the_key_or_the_host() {
         "{text}"
     );
 }
+
+fn facts(id: &str) -> crate::paymennt::wire::CheckoutFacts {
+    crate::paymennt::wire::CheckoutFacts {
+        id: id.parse::<crate::domain::CheckoutId>().expect("id"),
+        order_id: Some(format!("order-{id}")),
+        request_id: None,
+        display_id: None,
+        amount: "12.50".parse().expect("amount"),
+        currency: "AED".parse().expect("currency"),
+        status: None,
+        total_refunded: None,
+        redirect_url: None,
+        location: Some(crate::domain::FirestoreLocation {
+            project: "pc-test".into(),
+            database: "(default)".into(),
+            collection: "checkouts".into(),
+            document: format!("doc-{id}"),
+        }),
+    }
+}
+
+#[tokio::test]
+async fn a_daemon_store_writes_only_while_active_and_only_at_the_current_epoch() {
+    let Some(url) = cluster::database() else {
+        return;
+    };
+    let session = Session::Daemon {
+        idle_limit: Duration::from_secs(10),
+    };
+    let operator = PgStore::open(&ledger_settings(&url), Session::Operator)
+        .await
+        .expect("open");
+    let lease = lease(
+        operator.target(),
+        operator.pool(),
+        "daemon",
+        Duration::from_secs(60),
+    );
+    let (role, roles) = tokio::sync::watch::channel(Role::Standby { holder: None });
+    let daemon = PgStore::open(&ledger_settings(&url), session)
+        .await
+        .expect("open")
+        .with_role(roles);
+    let point = |id: &str, token: &[u8]| crate::ledger::ResumePoint {
+        checkout_id: id.parse::<crate::domain::CheckoutId>().expect("id"),
+        token: token.to_vec(),
+        read_time: None,
+    };
+
+    // Standing by: nothing is written.
+    let refused = daemon
+        .track(&facts("1001"), crate::domain::TrackedVia::Track)
+        .await
+        .expect_err("a standby tracked");
+    assert!(refused.is_fenced(), "{refused}");
+
+    // Active: tracking and moving a cursor work.
+    let epoch = lease.elect().await.expect("elect").expect("won");
+    role.send_replace(Role::Active { epoch });
+    assert_eq!(
+        daemon
+            .track(&facts("1001"), crate::domain::TrackedVia::Track)
+            .await
+            .expect("track"),
+        crate::ledger::TrackOutcome::Added
+    );
+    assert_eq!(
+        daemon
+            .track(&facts("1001"), crate::domain::TrackedVia::Track)
+            .await
+            .expect("track"),
+        crate::ledger::TrackOutcome::AlreadyTracked
+    );
+    daemon
+        .save_resume_points(&[point("1001", b"first")])
+        .await
+        .expect("save");
+
+    // Paused past the lease: the role still says active (the keeper did not run), but the
+    // database refuses the epoch, and the cursor stays where it was.
+    let cluster = cluster::cluster().expect("cluster runs");
+    let name = url
+        .rsplit('/')
+        .next()
+        .and_then(|last| last.split('?').next())
+        .unwrap_or_default()
+        .to_owned();
+    expire_now(&name);
+    let refused = daemon
+        .save_resume_points(&[point("1001", b"stale")])
+        .await
+        .expect_err("a stale cursor moved");
+    assert!(refused.is_fenced(), "{refused}");
+    let refused = daemon
+        .track(&facts("1002"), crate::domain::TrackedVia::Track)
+        .await
+        .expect_err("a stale epoch tracked");
+    assert!(refused.is_fenced(), "{refused}");
+    assert_eq!(
+        cluster.psql(
+            &name,
+            "SELECT encode(resume_token, 'escape') FROM listen_targets"
+        ),
+        "first"
+    );
+    assert_eq!(cluster.psql(&name, "SELECT count(*) FROM checkouts"), "1");
+    assert_eq!(
+        cluster.psql(&name, "SELECT amount::TEXT FROM checkouts"),
+        "12.50"
+    );
+    // An operator's command needs no lease.
+    assert_eq!(
+        operator
+            .track(&facts("1003"), crate::domain::TrackedVia::Track)
+            .await
+            .expect("track"),
+        crate::ledger::TrackOutcome::Added
+    );
+}
