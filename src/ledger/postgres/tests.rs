@@ -457,10 +457,12 @@ async fn a_refused_password_names_the_password_key_and_not_the_password() {
 }
 
 /// A loopback TCP proxy in front of the cluster that a test can cut (every connection dropped,
-/// new ones closed at once: the database "lost") and restore.
+/// new ones closed at once: the database "lost"), freeze (connections held open, nothing
+/// forwarded: a partition) and restore.
 struct Proxy {
     port: u16,
     down: tokio::sync::watch::Sender<bool>,
+    frozen: tokio::sync::watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -470,27 +472,43 @@ impl Proxy {
             .expect("bind");
         let port = listener.local_addr().expect("address").port();
         let (down, _) = tokio::sync::watch::channel(false);
+        let (frozen, _) = tokio::sync::watch::channel(false);
         let state = down.clone();
+        let freeze = frozen.clone();
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 if *state.borrow() {
                     continue;
                 }
                 let mut cut = state.subscribe();
+                let mut frozen = freeze.subscribe();
                 tokio::spawn(async move {
                     let Ok(mut server) =
                         tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
                     else {
                         return;
                     };
+                    let cut_off = async {
+                        let _ = cut.wait_for(|down| *down).await;
+                    };
+                    // Frozen: stop forwarding, keep both sockets open.
+                    let freeze = async {
+                        let _ = frozen.wait_for(|frozen| *frozen).await;
+                    };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = cut.wait_for(|down| *down) => {}
+                        () = cut_off => return,
+                        () = freeze => {}
                     }
+                    let _ = cut.wait_for(|down| *down).await.map(|_| ());
                 });
             }
         });
-        Proxy { port, down }
+        Proxy { port, down, frozen }
+    }
+
+    fn freeze(&self) {
+        self.frozen.send_replace(true);
     }
 
     fn cut(&self) {
@@ -858,4 +876,44 @@ async fn a_daemon_store_writes_only_while_active_and_only_at_the_current_epoch()
             .expect("track"),
         crate::ledger::TrackOutcome::Added
     );
+}
+
+#[tokio::test]
+async fn an_active_keeper_whose_database_stops_answering_stops_acting_by_its_deadline() {
+    let Some((_, _, name)) = ledger_database().await else {
+        return;
+    };
+    let cluster = cluster::cluster().expect("cluster runs");
+    let proxy = Proxy::start(cluster.port()).await;
+    let url = format!(
+        "postgresql://postgres@127.0.0.1:{}/{name}?sslmode=disable",
+        proxy.port
+    );
+    let target = Target::parse(&url, None, None).expect("parse");
+    let pool = target.pool(Session::Operator, 2).expect("pool");
+    let ttl = Duration::from_secs(2);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (mut roles, _task) = keeper::spawn(
+        lease(&target, &pool, "one", ttl),
+        target.clone(),
+        cancel.clone(),
+    );
+    wait_for_role(&mut roles, "the keeper to be active", |role| {
+        role.epoch().is_some()
+    })
+    .await;
+    // A partition: the renewal is sent and never answered, and no error comes back either.
+    proxy.freeze();
+    let frozen = tokio::time::Instant::now();
+    wait_for_role(&mut roles, "the keeper to stop acting", |role| {
+        role.epoch().is_none()
+    })
+    .await;
+    assert!(
+        frozen.elapsed() <= ttl + Duration::from_secs(1),
+        "still active {:?} into a partition, with a {ttl:?} lease",
+        frozen.elapsed()
+    );
+    proxy.cut();
+    cancel.cancel();
 }
