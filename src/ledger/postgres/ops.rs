@@ -1,7 +1,7 @@
 //! The ledger's operations on PostgreSQL, each one transaction, every daemon write fenced.
 //!
-//! Owns: the SQL of each operation ported so far (tracking a checkout, saving Listen resume
-//! points), and [`PgStore::begin_write`], the one way a write transaction starts: on a daemon's
+//! Owns: the SQL of each operation ported so far (tracking a checkout, Listen resume points,
+//! listen refusals, verification tickets, discovery's epoch and rounds), and [`PgStore::begin_write`], the one way a write transaction starts: on a daemon's
 //! store it passes the fence with the epoch of the role the keeper publishes, and a standby's
 //! write is refused before it reaches the database.
 //! Must never: write from a daemon's store without the fence (the schema refuses that too), or
@@ -9,10 +9,11 @@
 //!
 //! Money crosses as exact decimal text (`CAST($n::TEXT AS NUMERIC)`), never as a float.
 
+use chrono::{DateTime, Utc};
 use deadpool_postgres::{Object, Transaction};
 
 use super::{PgError, PgStore, fence};
-use crate::domain::TrackedVia;
+use crate::domain::{CheckoutId, TrackedVia, VerifyTicket};
 use crate::ledger::{ResumePoint, TrackOutcome};
 use crate::paymennt::wire::CheckoutFacts;
 
@@ -148,5 +149,152 @@ impl PgStore {
                 .map_err(|error| self.db(&error))?;
         }
         transaction.commit().await.map_err(|error| self.db(&error))
+    }
+
+    /// Drops a checkout's resume token (after a RESET or an existence-filter mismatch).
+    ///
+    /// # Errors
+    ///
+    /// As [`PgStore::begin_write`]; database failures.
+    pub async fn forget_resume_token(&self, id: &CheckoutId) -> Result<(), PgError> {
+        self.write_one(
+            "DELETE FROM listen_targets WHERE checkout_id = $1",
+            &[&id.as_str()],
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Forgets every listen refusal (at daemon start).
+    ///
+    /// # Errors
+    ///
+    /// As [`PgStore::begin_write`]; database failures.
+    pub async fn clear_listen_refusals(&self) -> Result<(), PgError> {
+        self.write_one("DELETE FROM listen_refusals", &[])
+            .await
+            .map(drop)
+    }
+
+    /// Hands out the next verification ticket (the counter only grows).
+    ///
+    /// # Errors
+    ///
+    /// As [`PgStore::begin_write`]; database failures.
+    pub async fn issue_ticket(&self) -> Result<VerifyTicket, PgError> {
+        let mut client = self.client().await?;
+        let transaction = self.begin_write(&mut client).await?;
+        let row = transaction
+            .query_one(
+                "UPDATE verify_tickets SET last = last + 1 WHERE id = 1 RETURNING last",
+                &[],
+            )
+            .await
+            .map_err(|error| self.db(&error))?;
+        transaction
+            .commit()
+            .await
+            .map_err(|error| self.db(&error))?;
+        Ok(VerifyTicket::new(row.get(0)))
+    }
+
+    /// The last ticket handed out: every ticket issued after this call is greater.
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    pub async fn last_ticket(&self) -> Result<VerifyTicket, PgError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT last FROM verify_tickets WHERE id = 1", &[])
+            .await
+            .map_err(|error| self.db(&error))?;
+        Ok(VerifyTicket::new(row.get(0)))
+    }
+
+    /// When discovery first ran on this ledger, setting it to `now_time` if it never ran.
+    ///
+    /// # Errors
+    ///
+    /// As [`PgStore::begin_write`]; database failures.
+    pub async fn begin_discovery_epoch(
+        &self,
+        now_time: DateTime<Utc>,
+    ) -> Result<DateTime<Utc>, PgError> {
+        let mut client = self.client().await?;
+        let transaction = self.begin_write(&mut client).await?;
+        let row = transaction
+            .query_one(
+                "WITH inserted AS (
+                     INSERT INTO discovery_epoch (id, epoch) VALUES (1, $1)
+                     ON CONFLICT (id) DO NOTHING RETURNING epoch)
+                 SELECT epoch FROM inserted
+                 UNION ALL SELECT epoch FROM discovery_epoch WHERE id = 1
+                 LIMIT 1",
+                &[&now_time],
+            )
+            .await
+            .map_err(|error| self.db(&error))?;
+        transaction
+            .commit()
+            .await
+            .map_err(|error| self.db(&error))?;
+        Ok(row.get(0))
+    }
+
+    /// When the last complete discovery round for checkout type `kind` started, if one did.
+    ///
+    /// # Errors
+    ///
+    /// Database failures.
+    pub async fn last_discovery_round(&self, kind: &str) -> Result<Option<DateTime<Utc>>, PgError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT started_at FROM discovery_rounds WHERE kind = $1",
+                &[&kind],
+            )
+            .await
+            .map_err(|error| self.db(&error))?;
+        Ok(row.map(|row| row.get(0)))
+    }
+
+    /// Records that a discovery round for `kind`, started at `started_at`, saw every page.
+    ///
+    /// # Errors
+    ///
+    /// As [`PgStore::begin_write`]; database failures.
+    pub async fn finish_discovery_round(
+        &self,
+        kind: &str,
+        started_at: DateTime<Utc>,
+    ) -> Result<(), PgError> {
+        self.write_one(
+            "INSERT INTO discovery_rounds (kind, started_at, finished_at) VALUES ($1, $2, now())
+             ON CONFLICT (kind) DO UPDATE SET started_at = excluded.started_at,
+                finished_at = excluded.finished_at",
+            &[&kind, &started_at],
+        )
+        .await
+        .map(drop)
+    }
+
+    /// One statement in a write transaction of its own; the rows it touched.
+    async fn write_one(
+        &self,
+        sql: &str,
+        parameters: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64, PgError> {
+        let mut client = self.client().await?;
+        let transaction = self.begin_write(&mut client).await?;
+        let touched = transaction
+            .execute(sql, parameters)
+            .await
+            .map_err(|error| self.db(&error))?;
+        transaction
+            .commit()
+            .await
+            .map_err(|error| self.db(&error))?;
+        Ok(touched)
     }
 }

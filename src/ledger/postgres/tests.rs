@@ -917,3 +917,70 @@ async fn an_active_keeper_whose_database_stops_answering_stops_acting_by_its_dea
     proxy.cut();
     cancel.cancel();
 }
+
+#[tokio::test]
+async fn tickets_discovery_rounds_and_tokens_behave_as_on_sqlite() {
+    let Some(url) = cluster::database() else {
+        return;
+    };
+    let store = PgStore::open(&ledger_settings(&url), Session::Operator)
+        .await
+        .expect("open");
+    let last = store.last_ticket().await.expect("last");
+    let first = store.issue_ticket().await.expect("issue");
+    let second = store.issue_ticket().await.expect("issue");
+    assert!(last.number() < first.number() && first.number() < second.number());
+    assert_eq!(store.last_ticket().await.expect("last"), second);
+
+    let start = chrono::DateTime::parse_from_rfc3339("2026-01-02T03:04:05.678Z")
+        .expect("time")
+        .with_timezone(&chrono::Utc);
+    let epoch = store.begin_discovery_epoch(start).await.expect("epoch");
+    assert_eq!(epoch, start);
+    let later = start + chrono::Duration::hours(1);
+    assert_eq!(
+        store.begin_discovery_epoch(later).await.expect("epoch"),
+        start,
+        "the epoch is set once"
+    );
+    assert_eq!(
+        store.last_discovery_round("LINK").await.expect("round"),
+        None
+    );
+    store
+        .finish_discovery_round("LINK", later)
+        .await
+        .expect("finish");
+    assert_eq!(
+        store.last_discovery_round("LINK").await.expect("round"),
+        Some(later)
+    );
+
+    store
+        .track(&facts("2001"), crate::domain::TrackedVia::Track)
+        .await
+        .expect("track");
+    let id: crate::domain::CheckoutId = "2001".parse().expect("id");
+    store
+        .save_resume_points(&[crate::ledger::ResumePoint {
+            checkout_id: id.clone(),
+            token: b"t".to_vec(),
+            read_time: Some(later),
+        }])
+        .await
+        .expect("save");
+    store.forget_resume_token(&id).await.expect("forget");
+    store.clear_listen_refusals().await.expect("clear");
+    let name = url
+        .rsplit('/')
+        .next()
+        .and_then(|last| last.split('?').next())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(
+        cluster::cluster()
+            .expect("cluster runs")
+            .psql(&name, "SELECT count(*) FROM listen_targets"),
+        "0"
+    );
+}
