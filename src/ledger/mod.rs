@@ -123,6 +123,14 @@ impl Ledger {
         Sqlite::open_in_memory().map(Ledger::sqlite)
     }
 
+    /// The ledger on an open PostgreSQL store (see [`postgres::PgStore::open`]); a daemon's
+    /// store ([`postgres::PgStore::with_role`]) writes only while it holds the lease.
+    pub fn postgres(store: postgres::PgStore) -> Ledger {
+        Ledger {
+            backend: Arc::new(store),
+        }
+    }
+
     fn sqlite(store: Sqlite) -> Ledger {
         Ledger {
             backend: Arc::new(store),

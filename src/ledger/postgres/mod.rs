@@ -15,11 +15,15 @@
 //! transaction ends and then checks its epoch against the row, so every write of epoch `n`
 //! commits before epoch `n + 1` is elected, or is refused.
 
+mod apply;
+mod backend;
 mod connect;
 pub mod keeper;
 mod lease;
 mod migrate;
 mod ops;
+mod outbox;
+mod reads;
 mod store;
 
 #[cfg(test)]
