@@ -22,6 +22,7 @@ mod gauges;
 mod listen_state;
 mod migrate;
 mod outbox;
+pub mod postgres;
 mod queries;
 mod sqlite;
 mod tickets;
