@@ -11,7 +11,6 @@ pub mod notify;
 pub mod signals;
 pub mod supervisor;
 
-use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,12 +20,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{CheckoutId, CollectionPaths, FirestoreLocation, WatchedDocument};
 use crate::hooks::config::HookSet;
 use crate::hooks::dispatcher::{Dispatcher, DispatcherHandle};
 use crate::http::health::Health;
 use crate::http::{HttpContext, NewlyTracked};
-use crate::ledger::{Ledger, ResumePoint};
+use crate::ledger::Ledger;
 use crate::logging::LogHandle;
 use crate::metrics::Metrics;
 use crate::paymennt::Client;
@@ -34,7 +32,8 @@ use crate::settings::Settings;
 use crate::sources::Nudge;
 use crate::sources::discovery::DiscoveryConfig;
 use crate::sources::firestore::{
-    ListenEvent, Listener, ListenerHandle, ListenerOptions, WatchTarget,
+    ListenEvent, Listener, ListenerHandle, ListenerOptions, Listening, consume_listen_events,
+    sync_watch_set, watch_at_start,
 };
 use crate::verifier::{Verifier, VerifierConfig, VerifierSignals, VerifierStats};
 
@@ -46,10 +45,6 @@ pub enum Control {
     /// Re-read the config file (SIGHUP).
     Reload,
 }
-
-/// How often the watch set is compared with the ledger when nothing told us it changed
-/// (a `paywatch track` in another process commits to the ledger file).
-const WATCH_SYNC_POLL: Duration = Duration::from_millis(250);
 
 /// Figures the daemon publishes while it runs (status line, tests).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -191,31 +186,16 @@ pub async fn run(
         );
         None
     };
-    // Refusals noted by an earlier run are asked about afresh (and noted again if refused).
-    let clearer = ledger.clone();
-    blocking(move || clearer.clear_listen_refusals()).await?;
     let database = settings.firestore.database.clone();
-    let reader = ledger.clone();
-    let initial = blocking(move || reader.watch_set()).await?;
-    let mut watched = Watched::default();
-    let needing = initial.iter().filter(|entry| entry.needs_verify).count();
-    for entry in initial {
-        let location = in_database(entry.location, &database);
-        watched.insert(entry.checkout_id.clone(), &location);
-        if let Some(listener) = &listener {
-            listener.watch(WatchTarget {
-                checkout_id: entry.checkout_id,
-                location,
-                resume_token: entry.resume_token,
-                resume_read_time: entry.resume_read_time,
-            });
-        }
-    }
+    let (watched, needing) = watch_at_start(&ledger, listener.as_ref(), &database).await?;
 
-    // 4. The verifier, fed by the listener's events and the reconciler.
+    // 4. The verifier, fed by the listener's events and the reconciler; it wakes the hook
+    //    dispatcher (built here, started in step 6) after each transition that queued deliveries.
+    let dispatcher = Dispatcher::new(ledger.clone(), hooks, settings.hooks_concurrency)
+        .with_metrics(metrics.clone());
+    let dispatcher_handle = dispatcher.handle();
     let (config_sender, config_receiver) =
         watch::channel(verifier_config(&settings, client.clone()));
-    let (deliveries_queued, _) = watch::channel(0u64);
     let (watch_set_changed, _) = watch::channel(0u64);
     // Urgent nudges (Firestore changes) and sweep nudges (the reconciler) travel apart, so a
     // payment never queues behind a sweep.
@@ -226,7 +206,7 @@ pub async fn run(
         config_receiver,
         settings.paymennt.concurrency,
         VerifierSignals {
-            deliveries_queued: deliveries_queued.clone(),
+            dispatcher: dispatcher.wake_handle(),
             watch_set_changed: watch_set_changed.clone(),
         },
     )
@@ -268,7 +248,7 @@ pub async fn run(
             sources.clone(),
         ));
     }
-    let watched_count = Arc::new(std::sync::atomic::AtomicUsize::new(watched.len()));
+    let watched_count = Arc::new(std::sync::atomic::AtomicUsize::new(watched.count()));
     let (newly_tracked, newly_tracked_receiver) = mpsc::channel::<NewlyTracked>(256);
     tasks.spawn(supervisor.supervise(
         "watch-set sync",
@@ -380,23 +360,12 @@ pub async fn run(
     }
     drop(nudge_sender);
 
-    // 6. The hook dispatcher: delivers the outbox, woken after each transition.
-    let dispatcher = Dispatcher::new(ledger.clone(), hooks, settings.hooks_concurrency)
-        .with_metrics(metrics.clone());
-    let dispatcher_handle = dispatcher.handle();
+    // 6. The hook dispatcher: delivers the outbox, woken by the verifier after each transition.
     let dispatcher_stop = CancellationToken::new();
     let dispatcher_kill = CancellationToken::new();
     let dispatcher_task = tokio::spawn(supervisor.supervise(
         "hook dispatcher",
         dispatcher.run(dispatcher_stop.clone(), dispatcher_kill.clone()),
-    ));
-    tasks.spawn(supervisor.supervise(
-        "hook dispatcher wake-up",
-        wake_dispatcher(
-            deliveries_queued.subscribe(),
-            dispatcher_handle.clone(),
-            sources.clone(),
-        ),
     ));
 
     health.set_started(true);
@@ -833,395 +802,6 @@ fn lock_ledger(ledger: &std::path::Path) -> anyhow::Result<std::fs::File> {
         Err(std::fs::TryLockError::Error(error)) => {
             Err(error).with_context(|| format!("cannot lock '{}'", path.display()))
         }
-    }
-}
-
-/// Wakes the dispatcher whenever the verifier records a transition that queued hook deliveries.
-async fn wake_dispatcher(
-    mut deliveries_queued: watch::Receiver<u64>,
-    dispatcher: DispatcherHandle,
-    cancel: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            changed = deliveries_queued.changed() => match changed {
-                Ok(()) => dispatcher.wake(),
-                Err(_) => return,
-            },
-        }
-    }
-}
-
-/// How often changes that could not be noted (the ledger was busy) are noted again when no
-/// new event comes.
-const NOTE_RETRY: Duration = Duration::from_secs(1);
-
-/// Turns the listener's events into nudges and persisted resume state, in order.
-///
-/// Each batch of changed checkouts is marked `needs_verify` in the ledger, in the write that
-/// also issues their verifications' tickets, then nudged, all before any checkpoint of the
-/// batch is saved: if the daemon dies after a token is saved but before the verification, the
-/// reconciler's startup sweep still verifies them. (A verification that finished before the
-/// mark is not undone by it: the mark applies only to checkouts last verified before the
-/// change was seen.)
-///
-/// A checkout whose change could not be noted (the ledger busy or failing) keeps its own
-/// retry: it is noted again with every later batch and every [`NOTE_RETRY`] until that works,
-/// and until then no resume token of that checkout is saved (the token would let a restart
-/// skip the change). Other checkouts' tokens are saved as usual.
-async fn consume_listen_events(
-    mut events: mpsc::Receiver<ListenEvent>,
-    ledger: Ledger,
-    nudges: mpsc::Sender<Nudge>,
-    health: Health,
-    cancel: CancellationToken,
-    metrics: Metrics,
-    auth_mode: &'static str,
-) {
-    let mut batch = Vec::with_capacity(512);
-    let mut unnoted: HashSet<CheckoutId> = HashSet::new();
-    let mut retry = tokio::time::interval(NOTE_RETRY);
-    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        batch.clear();
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            received = events.recv_many(&mut batch, 512) => if received == 0 { return },
-            _ = retry.tick(), if !unnoted.is_empty() => {}
-        }
-        // Before any nudge of this batch goes out, one ledger write (no fsync) notes the
-        // changes, with those that earlier notes failed to record, and issues the tickets of
-        // the verifications they ask for: every checkpoint of this batch is saved after it.
-        let changes: Vec<&Nudge> = batch
-            .iter()
-            .filter_map(|event| match event {
-                ListenEvent::Changed(nudge) => Some(nudge),
-                _ => None,
-            })
-            .collect();
-        let mut noting: Vec<CheckoutId> = changes
-            .iter()
-            .map(|nudge| nudge.checkout_id.clone())
-            .collect();
-        noting.extend(unnoted.iter().cloned());
-        let noted = if noting.is_empty() {
-            None
-        } else {
-            let marker = ledger.clone();
-            match blocking(move || marker.note_changes(&noting)).await {
-                Ok(noted) => {
-                    if !unnoted.is_empty() {
-                        tracing::info!(
-                            checkouts = unnoted.len(),
-                            "pending verifications noted after an earlier failure"
-                        );
-                    }
-                    unnoted.clear();
-                    Some(noted)
-                }
-                Err(error) => {
-                    unnoted.extend(changes.iter().map(|nudge| nudge.checkout_id.clone()));
-                    tracing::error!(
-                        checkouts = unnoted.len(),
-                        "cannot note pending verifications; retrying every {}s, and their resume tokens are not saved until it works: {error:#}",
-                        NOTE_RETRY.as_secs()
-                    );
-                    None
-                }
-            }
-        };
-        // Then the nudges, each with its ticket (without one, when the note failed, the
-        // verifier takes one itself).
-        for (index, nudge) in changes.into_iter().enumerate() {
-            tracing::debug!(checkout = %nudge.checkout_id, changed_at = ?nudge.changed_at, "document changed");
-            let nudge = Nudge {
-                seen_after: noted.as_ref().map(|noted| noted.seen_after),
-                ticket: noted
-                    .as_ref()
-                    .and_then(|noted| noted.tickets.get(index).copied()),
-                ..nudge.clone()
-            };
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                sent = nudges.send(nudge) => if sent.is_err() { return },
-            }
-        }
-        // The batch's checkpoints are saved together (a start-up's thousands of first
-        // snapshots in a few writes, not one each), in order: before a token is forgotten,
-        // and at the end of the batch.
-        let mut checkpoints: Vec<ResumePoint> = Vec::new();
-        for event in batch.drain(..) {
-            health.note(&event);
-            match event {
-                ListenEvent::Changed(_) => {}
-                ListenEvent::Checkpoint { tokens, read_time } => {
-                    checkpoints.extend(
-                        tokens
-                            .into_iter()
-                            .filter(|(id, _)| !unnoted.contains(id))
-                            .map(|(checkout_id, token)| ResumePoint {
-                                checkout_id,
-                                token,
-                                read_time,
-                            }),
-                    );
-                }
-                ListenEvent::ForgetToken(id) => {
-                    save_checkpoints(&ledger, &mut checkpoints).await;
-                    let forgetter = ledger.clone();
-                    if let Err(error) = blocking(move || forgetter.forget_resume_token(&id)).await {
-                        tracing::error!("cannot forget a resume token: {error:#}");
-                    }
-                }
-                ListenEvent::TargetRefused {
-                    checkout_id,
-                    document,
-                    code,
-                    message,
-                    refusals,
-                    retry_in,
-                } => {
-                    let retry_text =
-                        humantime::format_duration(Duration::from_secs(retry_in.as_secs()));
-                    if refusals == 1 {
-                        metrics.listen_target_refused();
-                        let hint = crate::sources::firestore::access_hint(auth_mode, code);
-                        tracing::warn!(checkout = %checkout_id, document = %document, code,
-                            "Firestore refuses to watch this checkout's document: {code}: {message}; \
-                             the other checkouts are unaffected, the reconciler still checks this one \
-                             every interval, and paywatch asks Firestore again in {retry_text}. \
-                             What to check: {hint}");
-                    } else {
-                        tracing::debug!(checkout = %checkout_id, code, refusals, "Firestore still refuses this checkout's document: {message}");
-                    }
-                    let next_retry_at = chrono::Duration::from_std(retry_in)
-                        .ok()
-                        .and_then(|delay| chrono::Utc::now().checked_add_signed(delay));
-                    let noter = ledger.clone();
-                    if let Err(error) = blocking(move || {
-                        noter.note_listen_refusal(
-                            &checkout_id,
-                            code,
-                            &message,
-                            &document,
-                            next_retry_at,
-                        )
-                    })
-                    .await
-                    {
-                        tracing::error!("cannot note a Firestore refusal in the ledger: {error:#}");
-                    }
-                }
-                ListenEvent::TargetRecovered { checkout_id } => {
-                    tracing::info!(checkout = %checkout_id, "Firestore watches this checkout's document again");
-                    let clearer = ledger.clone();
-                    if let Err(error) =
-                        blocking(move || clearer.clear_listen_refusal(&checkout_id)).await
-                    {
-                        tracing::error!(
-                            "cannot clear a Firestore refusal in the ledger: {error:#}"
-                        );
-                    }
-                }
-                ListenEvent::PermanentFailure { project, message } => {
-                    metrics.listen_project_refused(&project);
-                    tracing::error!(project = %project, "Firestore refuses us: {message}");
-                }
-                ListenEvent::Connected {
-                    project,
-                    stream,
-                    targets,
-                } => {
-                    tracing::info!(project = %project, stream, targets, "Firestore stream connected");
-                }
-                ListenEvent::Disconnected {
-                    project,
-                    stream,
-                    reason,
-                    retry_in,
-                    planned,
-                } => {
-                    if planned {
-                        // Normal operation (hourly with firebase-anonymous): not a warning.
-                        tracing::info!(project = %project, stream, "Firestore stream reopened as planned: {reason}");
-                    } else {
-                        metrics.listen_reconnect(&project);
-                        tracing::warn!(project = %project, stream, retry_in_ms = retry_in.as_millis() as u64, "Firestore stream disconnected: {reason}");
-                    }
-                }
-            }
-        }
-        save_checkpoints(&ledger, &mut checkpoints).await;
-    }
-}
-
-/// Saves (and empties) the resume tokens gathered from a batch's checkpoints, in one ledger
-/// write. A failure is logged; the tokens are dropped (the next checkpoints carry newer ones,
-/// and a restart without them only hears of changes again).
-async fn save_checkpoints(ledger: &Ledger, checkpoints: &mut Vec<ResumePoint>) {
-    if checkpoints.is_empty() {
-        return;
-    }
-    let (saver, points) = (ledger.clone(), std::mem::take(checkpoints));
-    if let Err(error) = blocking(move || saver.save_resume_points(&points)).await {
-        tracing::error!("cannot save resume tokens: {error:#}");
-    }
-}
-
-/// A checkout's location in the configured database (`[firestore] database`, validated when
-/// the settings were loaded; paymennt's responses name no database).
-fn in_database(location: FirestoreLocation, database: &str) -> FirestoreLocation {
-    match location.clone().with_database(database) {
-        Ok(located) => located,
-        Err(error) => {
-            tracing::error!("{error}; watching the (default) database instead");
-            location
-        }
-    }
-}
-
-/// Where watched checkouts are listened to: the listener (none with `[firestore] enabled =
-/// false`) and the database every checkout's location is put in (`[firestore] database`).
-struct Listening {
-    listener: Option<ListenerHandle>,
-    database: String,
-    /// Told when a checkout stops being watched (its refusal is no longer a problem).
-    health: Health,
-}
-
-/// The checkouts the daemon watches, and where: compact, since there may be tens of thousands
-/// (each document's collection is held once, see [`CollectionPaths`]).
-#[derive(Default)]
-struct Watched {
-    documents: HashMap<CheckoutId, WatchedDocument>,
-    paths: CollectionPaths,
-}
-
-impl Watched {
-    /// Whether `id` is watched at `location`.
-    fn is_watched_at(&self, id: &CheckoutId, location: &FirestoreLocation) -> bool {
-        self.documents
-            .get(id)
-            .is_some_and(|document| document.is_at(location))
-    }
-
-    fn insert(&mut self, id: CheckoutId, location: &FirestoreLocation) {
-        let document = self.paths.document(location);
-        self.documents.insert(id, document);
-    }
-
-    fn len(&self) -> usize {
-        self.documents.len()
-    }
-}
-
-/// Keeps the listener's targets equal to the ledger's watched checkouts: new ones (tracked by
-/// `paywatch track` in another process, or first seen by a verification) are added, finished
-/// ones removed. Checkouts tracked through the HTTP track endpoint arrive on `newly_tracked`
-/// and are watched at once, without waiting for the ledger poll. With Firestore off
-/// (`listener` None) only the count is kept.
-async fn sync_watch_set(
-    ledger: Ledger,
-    listening: Listening,
-    mut watched: Watched,
-    mut watch_set_changed: watch::Receiver<u64>,
-    mut newly_tracked: mpsc::Receiver<NewlyTracked>,
-    watched_count: Arc<std::sync::atomic::AtomicUsize>,
-    cancel: CancellationToken,
-) {
-    let reader = ledger.clone();
-    let mut last_version = blocking(move || reader.data_version()).await.unwrap_or(0);
-    let mut poll = tokio::time::interval(WATCH_SYNC_POLL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut newly_open = true;
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            changed = watch_set_changed.changed() => if changed.is_err() { return },
-            tracked = newly_tracked.recv(), if newly_open => {
-                let tracked = tracked.map(|tracked| NewlyTracked {
-                    checkout_id: tracked.checkout_id,
-                    location: in_database(tracked.location, &listening.database),
-                });
-                match tracked {
-                    Some(tracked) if !watched.is_watched_at(&tracked.checkout_id, &tracked.location) => {
-                        tracing::info!(checkout = %tracked.checkout_id, document = %tracked.location.document_name(), "now watching");
-                        watched.insert(tracked.checkout_id.clone(), &tracked.location);
-                        if let Some(listener) = &listening.listener {
-                            listener.watch(WatchTarget {
-                                checkout_id: tracked.checkout_id,
-                                location: tracked.location,
-                                resume_token: None,
-                                resume_read_time: None,
-                            });
-                        }
-                        watched_count.store(watched.len(), std::sync::atomic::Ordering::Relaxed);
-                    }
-                    Some(_) => {}
-                    None => newly_open = false,
-                }
-                continue;
-            }
-            _ = poll.tick() => {
-                let reader = ledger.clone();
-                match blocking(move || reader.data_version()).await {
-                    Ok(version) if version != last_version => last_version = version,
-                    Ok(_) => continue,
-                    Err(error) => {
-                        tracing::error!("cannot check the ledger for new checkouts: {error:#}");
-                        continue;
-                    }
-                }
-            }
-        }
-        let reader = ledger.clone();
-        let entries = match blocking(move || reader.watch_set()).await {
-            Ok(entries) => entries,
-            Err(error) => {
-                tracing::error!("cannot read the watch set: {error:#}");
-                continue;
-            }
-        };
-        let mut desired: HashMap<CheckoutId, _> = entries
-            .into_iter()
-            .map(|entry| (entry.checkout_id.clone(), entry))
-            .collect();
-        let gone: Vec<CheckoutId> = watched
-            .documents
-            .keys()
-            .filter(|id| !desired.contains_key(*id))
-            .cloned()
-            .collect();
-        for id in gone {
-            tracing::info!(checkout = %id, "no longer watched");
-            if let Some(listener) = &listening.listener {
-                listener.unwatch(&id);
-            }
-            watched.documents.remove(&id);
-            listening.health.forget_refusal(&id);
-            // A refusal of a document no longer watched is no longer news for `status`.
-            let clearer = ledger.clone();
-            if let Err(error) = blocking(move || clearer.clear_listen_refusal(&id)).await {
-                tracing::error!("cannot clear a Firestore refusal in the ledger: {error:#}");
-            }
-        }
-        for (id, entry) in desired.drain() {
-            let location = in_database(entry.location, &listening.database);
-            if !watched.is_watched_at(&id, &location) {
-                tracing::info!(checkout = %id, document = %location.document_name(), "now watching");
-                watched.insert(id.clone(), &location);
-                if let Some(listener) = &listening.listener {
-                    listener.watch(WatchTarget {
-                        checkout_id: id,
-                        location,
-                        resume_token: entry.resume_token,
-                        resume_read_time: entry.resume_read_time,
-                    });
-                }
-            }
-        }
-        watched_count.store(watched.len(), std::sync::atomic::Ordering::Relaxed);
     }
 }
 

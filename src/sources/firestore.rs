@@ -47,17 +47,21 @@ mod connect;
 #[cfg(test)]
 mod fake;
 mod firebase_auth;
+mod journal;
 mod listen;
 mod pool;
 mod probe;
 mod shared;
 mod state;
 mod stream;
+mod watch_set;
 
 pub use connect::{FirestoreAuth, check_credentials};
+pub use journal::{ListenObserver, consume_listen_events};
 pub use listen::{DEFAULT_ENDPOINT, ListenEvent, ListenerOptions, WatchTarget};
 pub use pool::{Listener, ListenerHandle};
 pub use probe::{AccessFailure, AccessProof, access_hint, prove_access};
+pub use watch_set::{Listening, NewlyTracked, Watched, sync_watch_set, watch_at_start};
 
 pub use crate::settings::StreamMode;
 
