@@ -8,8 +8,13 @@
 //! [`run`] reads top to bottom as the startup order, and its end is the shutdown order.
 
 pub mod notify;
+mod process;
+mod reload;
 pub mod signals;
 pub mod supervisor;
+
+pub use process::{RESERVED_FDS, check_open_file_limit, open_files_needed, root_warning};
+pub use reload::listener_options;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,7 +26,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::hooks::config::HookSet;
-use crate::hooks::dispatcher::{Dispatcher, DispatcherHandle};
+use crate::hooks::dispatcher::Dispatcher;
 use crate::http::health::Health;
 use crate::http::{HttpContext, NewlyTracked};
 use crate::ledger::Ledger;
@@ -35,7 +40,7 @@ use crate::sources::firestore::{
     ListenEvent, Listener, ListenerHandle, ListenerOptions, Listening, consume_listen_events,
     sync_watch_set, watch_at_start,
 };
-use crate::verifier::{Verifier, VerifierConfig, VerifierSignals, VerifierStats};
+use crate::verifier::{Verifier, VerifierSignals, VerifierStats};
 
 /// What the outside world asks of a running daemon (signals, tests, the demo).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,37 +82,6 @@ pub struct RunOptions {
 /// How often the systemd STATUS= line is refreshed.
 const STATUS_LINE_EVERY: Duration = Duration::from_secs(5);
 
-/// Builds the listener's options from settings.
-///
-/// # Errors
-///
-/// The auth mode's credentials are missing or unreadable (a [`crate::settings::SettingsError`],
-/// exit code 2).
-pub fn listener_options(settings: &Settings) -> anyhow::Result<ListenerOptions> {
-    // firebase-anonymous keeps its identity next to the ledger, so a restart reuses it.
-    let auth = crate::sources::firestore::FirestoreAuth::from_settings(&settings.firestore)?
-        .with_identity_file(settings.ledger.firebase_identity_path(), false);
-    Ok(ListenerOptions {
-        endpoint: settings.firestore.endpoint(),
-        auth,
-        ca_file: settings.firestore.ca_file.clone(),
-        mode: settings.firestore.stream_mode,
-        targets_per_stream: settings.firestore.targets_per_stream,
-        streams_per_connection: settings.firestore.streams_per_connection,
-        idle_timeout: settings.firestore.idle_timeout,
-        add_ack_timeout: settings.firestore.add_ack_timeout,
-        ..ListenerOptions::default()
-    })
-}
-
-fn verifier_config(settings: &Settings, client: Client) -> VerifierConfig {
-    VerifierConfig {
-        client,
-        hooks: Arc::new(settings.hooks.clone()),
-        refund_watch: settings.firestore.refund_watch,
-    }
-}
-
 async fn blocking<T: Send + 'static>(
     task: impl FnOnce() -> crate::ledger::Result<T> + Send + 'static,
 ) -> anyhow::Result<T> {
@@ -129,9 +103,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut settings = settings;
-    keep_memory_private();
+    process::keep_memory_private();
     // Descriptors for the daemon's own work (ledger, streams, hooks) whatever HTTP clients do.
-    if let Some(limit) = raise_open_file_limit() {
+    if let Some(limit) = process::raise_open_file_limit() {
         check_open_file_limit(&settings, limit)?;
     }
     // Every long-lived task runs under it: one that ends or panics stops the daemon (exit 1).
@@ -139,7 +113,7 @@ pub async fn run(
 
     // 1. The ledger, held by this daemon alone (two would run each other's hooks twice). The
     // lock comes first: a second daemon must not migrate a ledger another one is using.
-    let _daemon_lock = lock_ledger(&settings.ledger.path)?;
+    let _daemon_lock = process::lock_ledger(&settings.ledger.path)?;
     let path = settings.ledger.path.clone();
     let ledger = blocking(move || Ledger::open(&path)).await?;
     // Where the ticket counter stands before any source runs: every request sent from now on
@@ -195,7 +169,7 @@ pub async fn run(
         .with_metrics(metrics.clone());
     let dispatcher_handle = dispatcher.handle();
     let (config_sender, config_receiver) =
-        watch::channel(verifier_config(&settings, client.clone()));
+        watch::channel(reload::verifier_config(&settings, client.clone()));
     let (watch_set_changed, _) = watch::channel(0u64);
     // Urgent nudges (Firestore changes) and sweep nudges (the reconciler) travel apart, so a
     // payment never queues behind a sweep.
@@ -421,6 +395,16 @@ pub async fn run(
         tokio::spawn(watchdog_loop)
     };
 
+    let reload_targets = reload::ReloadTargets {
+        config_path: options.config_path.clone(),
+        log: options.log.clone(),
+        metrics: metrics.clone(),
+        verifier: config_sender,
+        interval: interval_sender,
+        client: client_sender,
+        dispatcher: dispatcher_handle,
+    };
+
     // 7. Run until told to stop.
     let mut status_tick = tokio::time::interval(Duration::from_millis(200));
     let mut status_line_tick = tokio::time::interval(STATUS_LINE_EVERY);
@@ -435,7 +419,7 @@ pub async fn run(
             command = control.recv() => match command {
                 Some(Control::Reload) => {
                     notifier.reloading();
-                    reload(&mut settings, &options, &config_sender, &interval_sender, &client_sender, &dispatcher_handle);
+                    reload::reload(&mut settings, &reload_targets);
                     notifier.ready();
                 }
                 Some(Control::Shutdown) | None => break,
@@ -552,258 +536,3 @@ async fn watch_listener(
         how = listener.failed() => reporter.report("listener", how),
     }
 }
-
-/// Makes this process non-dumpable (`PR_SET_DUMPABLE` 0): processes of the same user, hooks
-/// included, can then no longer read `/proc/<pid>/environ`, `/proc/<pid>/mem` or attach a
-/// debugger, so the API secret in our environment or memory stays ours. It also turns off core
-/// dumps, which would hold the same secrets. Hooks themselves are dumpable again after `exec`.
-fn keep_memory_private() {
-    match nix::sys::prctl::set_dumpable(false) {
-        Ok(()) => tracing::debug!("process memory and environment are private (non-dumpable)"),
-        Err(error) => tracing::warn!(
-            "cannot make paywatch non-dumpable ({error}): hooks running as this user could read \
-             its environment and memory; run hooks under another user (docs/running-as-a-service.md)"
-        ),
-    }
-}
-
-/// Descriptors the daemon keeps for itself besides HTTP connections: the ledger and its lock,
-/// Firestore and paymennt connections, logging, signals and the runtime.
-pub const RESERVED_FDS: u64 = 128;
-
-/// Raises this process's soft limit on open files to its hard limit (the soft limit is often
-/// 1024 while the hard one is far higher) and returns the limit now in force; `None` if it
-/// cannot be read. A refusal (a seccomp filter without `@resources`, as in the packaged unit,
-/// which sets `LimitNOFILE=` instead) is logged and the soft limit kept.
-fn raise_open_file_limit() -> Option<u64> {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok(limits) => limits,
-        Err(error) => {
-            tracing::warn!(%error, "cannot read the open-file limit (RLIMIT_NOFILE)");
-            return None;
-        }
-    };
-    if soft >= hard {
-        return Some(soft);
-    }
-    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-        Ok(()) => {
-            tracing::debug!(from = soft, to = hard, "raised the open-file limit");
-            Some(hard)
-        }
-        Err(error) => {
-            tracing::warn!(%error, soft, hard, "cannot raise the open-file limit to its hard limit; keeping {soft}");
-            Some(soft)
-        }
-    }
-}
-
-/// Descriptors the daemon may need with `settings`: every HTTP connection the cap allows, and
-/// room to spare for its own work ([`RESERVED_FDS`], up to four per running hook for its pipes,
-/// one per paymennt request in flight).
-pub fn open_files_needed(settings: &Settings) -> u64 {
-    let connections = if settings.http.listen.is_some() {
-        settings.http.max_connections as u64
-    } else {
-        0
-    };
-    // Saturating: settings built in code (tests, embedding) skip validation's bounds.
-    connections
-        .saturating_add(RESERVED_FDS)
-        .saturating_add((settings.hooks_concurrency as u64).saturating_mul(4))
-        .saturating_add(settings.paymennt.concurrency as u64)
-}
-
-/// Refuses to start when the open-file `limit` leaves no room for the HTTP listener's
-/// connection cap plus the daemon's own work: clients would otherwise take the descriptors
-/// hooks need. Without a listener there is nothing to check.
-///
-/// # Errors
-///
-/// A [`SettingsError`](crate::settings::SettingsError) (exit code 2) naming both numbers.
-pub fn check_open_file_limit(
-    settings: &Settings,
-    limit: u64,
-) -> Result<(), crate::settings::SettingsError> {
-    // Without a listener there is no cap to fit; the daemon's own share is small.
-    if settings.http.listen.is_none() {
-        return Ok(());
-    }
-    let needed = open_files_needed(settings);
-    if limit >= needed {
-        return Ok(());
-    }
-    Err(crate::settings::SettingsError(format!(
-        "the open-file limit is {limit}, but [http] max_connections = {} needs at least {needed} \
-         (the connections plus {} for the ledger, Firestore, paymennt and hooks)\n\n\
-         raise the limit (LimitNOFILE= in the unit, ulimit -n), or lower http.max_connections",
-        settings.http.max_connections,
-        needed.saturating_sub(settings.http.max_connections as u64),
-    )))
-}
-
-/// The warning for a daemon running as root with hooks that would run as root too: such a
-/// hook can read the daemon's environment and memory (root keeps CAP_SYS_PTRACE, so being
-/// non-dumpable does not stop it). `None` when not root, or every hook has a `run_as`.
-pub fn root_warning(
-    running_as_root: bool,
-    hooks: &[crate::settings::HookSettings],
-) -> Option<String> {
-    if !running_as_root {
-        return None;
-    }
-    let as_root: Vec<&str> = hooks
-        .iter()
-        .filter(|hook| hook.run_as.is_none())
-        .map(|hook| hook.name.as_str())
-        .collect();
-    if as_root.is_empty() {
-        return None;
-    }
-    Some(format!(
-        "paywatch is running as root, so hook(s) {} run as root and can read its environment and \
-         memory (the paymennt API secret); set run_as = \"user\" on each hook, or run paywatch as \
-         its own user (the packaged unit does: docs/running-as-a-service.md)",
-        as_root
-            .iter()
-            .map(|name| format!("'{}'", crate::domain::printable(name)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    ))
-}
-
-/// Applies a re-read config: hooks, log level and reconcile interval change at once; other
-/// sections need a restart, which is said in the log.
-fn reload(
-    settings: &mut Settings,
-    options: &RunOptions,
-    config: &watch::Sender<VerifierConfig>,
-    interval: &watch::Sender<Duration>,
-    client_sender: &watch::Sender<Client>,
-    dispatcher: &DispatcherHandle,
-) {
-    let loaded = Settings::load(options.config_path.as_deref()).and_then(|fresh| {
-        let hooks = HookSet::from_settings(&fresh)?;
-        // Rebuilt, so rotated API credentials (a new secret file) take effect now.
-        let client = Client::from_settings(&fresh.paymennt)?
-            .with_metrics(options.metrics.clone())
-            .with_credential_status(client_sender.borrow().credential_status().clone());
-        Ok((fresh, hooks, client))
-    });
-    let (fresh, hooks, client) = match loaded {
-        Ok(loaded) => loaded,
-        Err(error) => {
-            tracing::error!("config reload failed; keeping the running config: {error}");
-            return;
-        }
-    };
-    // The verifier's hook list (which deliveries are queued) and the dispatcher's (how they
-    // run) change together.
-    dispatcher.reload(hooks);
-    if let Err(error) = options.log.set_level(&fresh.log.level) {
-        tracing::error!("config reload: {error}; keeping the log level");
-    }
-    client_sender.send_replace(client.clone());
-    config.send_replace(verifier_config(&fresh, client));
-    // Only what changed is applied and named, so an unchanged reload is quiet.
-    interval.send_if_modified(|current| {
-        let changed = *current != fresh.reconcile.interval;
-        *current = fresh.reconcile.interval;
-        changed
-    });
-    let mut applied = Vec::new();
-    if format!("{:?}", fresh.hooks) != format!("{:?}", settings.hooks) {
-        applied.push("[[hooks]]");
-    }
-    if fresh.log.level != settings.log.level {
-        applied.push("log.level");
-    }
-    if fresh.reconcile.interval != settings.reconcile.interval {
-        applied.push("reconcile.interval");
-    }
-    if format!("{:?}", fresh.paymennt) != format!("{:?}", settings.paymennt) {
-        applied.push("[paymennt]");
-    }
-    let mut restart_needed = Vec::new();
-    if fresh.ledger.path != settings.ledger.path {
-        restart_needed.push("[ledger]");
-    }
-    if fresh.paymennt.concurrency != settings.paymennt.concurrency {
-        restart_needed.push("paymennt.concurrency");
-    }
-    if fresh.hooks_concurrency != settings.hooks_concurrency {
-        restart_needed.push("hooks_concurrency");
-    }
-    if fresh.reconcile.page_size != settings.reconcile.page_size {
-        restart_needed.push("reconcile.page_size");
-    }
-    if format!("{:?}", fresh.discovery) != format!("{:?}", settings.discovery) {
-        restart_needed.push("[discovery]");
-    }
-    // The listener keeps its connections and credentials; compare what it was built from.
-    if listener_options_key(settings) != listener_options_key(&fresh)
-        || settings.firestore.enabled != fresh.firestore.enabled
-    {
-        restart_needed.push("[firestore]");
-    }
-    if format!("{:?}", settings.http) != format!("{:?}", fresh.http) {
-        restart_needed.push("[http]");
-    }
-    if !restart_needed.is_empty() {
-        tracing::warn!(
-            "config reload: changes to {} take effect only after a restart",
-            restart_needed.join(", ")
-        );
-    }
-    if applied.is_empty() && restart_needed.is_empty() {
-        tracing::info!("config reloaded: nothing changed (secret and credential files re-read)");
-    } else if !applied.is_empty() {
-        tracing::info!(
-            hooks = fresh.hooks.len(),
-            reconcile_interval = ?fresh.reconcile.interval,
-            level = %fresh.log.level,
-            "config reloaded: {} changed",
-            applied.join(", ")
-        );
-    }
-    *settings = fresh;
-}
-
-/// What the listener was built from, comparable across reloads (credentials by file path).
-fn listener_options_key(settings: &Settings) -> String {
-    format!("{:?}", listener_options(settings).ok())
-}
-
-/// Takes an exclusive lock on `<ledger>.lock` for the daemon's lifetime (released when the
-/// returned file is dropped or the process dies). CLI commands do not take it: they may run
-/// beside the daemon.
-fn lock_ledger(ledger: &std::path::Path) -> anyhow::Result<std::fs::File> {
-    let mut name = ledger.as_os_str().to_owned();
-    name.push(".lock");
-    let path = PathBuf::from(name);
-    if let Some(parent) = ledger.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create directory '{}'", parent.display()))?;
-    }
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("cannot open the daemon lock '{}'", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "another paywatch daemon is already running on the ledger '{}' (it holds '{}')\n\nstop it first, or give this one its own [ledger] path",
-            ledger.display(),
-            path.display()
-        ),
-        Err(std::fs::TryLockError::Error(error)) => {
-            Err(error).with_context(|| format!("cannot lock '{}'", path.display()))
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests;
