@@ -11,35 +11,36 @@ pub mod notify;
 mod process;
 mod reload;
 pub mod signals;
+mod stages;
 pub mod supervisor;
 
 pub use process::{RESERVED_FDS, check_open_file_limit, open_files_needed, root_warning};
 pub use reload::listener_options;
+use stages::{
+    Listened, Running, Wiring, blocking, open_ledger, serve_http, spawn_discovery,
+    spawn_firestore_tasks, spawn_reconciler, start_firestore, start_watchdog,
+};
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::hooks::config::HookSet;
 use crate::hooks::dispatcher::Dispatcher;
+use crate::http::HttpContext;
 use crate::http::health::Health;
-use crate::http::{HttpContext, NewlyTracked};
 use crate::ledger::Ledger;
 use crate::logging::LogHandle;
 use crate::metrics::Metrics;
 use crate::paymennt::Client;
 use crate::settings::Settings;
 use crate::sources::Nudge;
-use crate::sources::discovery::DiscoveryConfig;
-use crate::sources::firestore::{
-    ListenEvent, Listener, ListenerHandle, ListenerOptions, Listening, consume_listen_events,
-    sync_watch_set, watch_at_start,
-};
+use crate::sources::firestore::watch_at_start;
 use crate::verifier::{Verifier, VerifierSignals, VerifierStats};
 
 /// What the outside world asks of a running daemon (signals, tests, the demo).
@@ -82,14 +83,6 @@ pub struct RunOptions {
 /// How often the systemd STATUS= line is refreshed.
 const STATUS_LINE_EVERY: Duration = Duration::from_secs(5);
 
-async fn blocking<T: Send + 'static>(
-    task: impl FnOnce() -> crate::ledger::Result<T> + Send + 'static,
-) -> anyhow::Result<T> {
-    Ok(tokio::task::spawn_blocking(task)
-        .await
-        .context("ledger task panicked")??)
-}
-
 /// Runs the daemon until [`Control::Shutdown`] (or the control channel closes), then drains.
 ///
 /// # Errors
@@ -114,12 +107,7 @@ pub async fn run(
     // 1. The ledger, held by this daemon alone (two would run each other's hooks twice). The
     // lock comes first: a second daemon must not migrate a ledger another one is using.
     let _daemon_lock = process::lock_ledger(&settings.ledger.path)?;
-    let path = settings.ledger.path.clone();
-    let ledger = blocking(move || Ledger::open(&path)).await?;
-    // Where the ticket counter stands before any source runs: every request sent from now on
-    // covers whatever happened while the daemon was stopped (the start-up sweep's concern).
-    let reader = ledger.clone();
-    let counter_at_start = blocking(move || reader.last_ticket()).await?;
+    let (ledger, counter_at_start) = open_ledger(&settings).await?;
 
     // 2. paymennt, and the hook commands (resolved now, so a missing program stops startup).
     let metrics = options.metrics.clone();
@@ -132,36 +120,10 @@ pub async fn run(
     // 3. Firestore (unless turned off): start the listener and subscribe to every watched
     //    checkout.
     let sources = CancellationToken::new();
-    let (listen_events, listen_receiver) = mpsc::channel::<ListenEvent>(4096);
-    // With Firestore off its options are not even built: no Firestore credentials are needed.
-    let firestore_options = if settings.firestore.enabled {
-        Some(ListenerOptions {
-            metrics: metrics.clone(),
-            ..listener_options(&settings)?
-        })
-    } else {
-        None
-    };
-    let firestore_endpoint = firestore_options
-        .as_ref()
-        .map_or_else(|| "off".to_owned(), |found| found.endpoint.clone());
-    let mut idle_listen_events = None;
-    let listener = if let Some(found) = firestore_options {
-        Some(
-            Listener::start(found, listen_events, sources.child_token())
-                .context("starting the Firestore listener")?,
-        )
-    } else {
-        // Kept open (never sent on) so the supervised event task runs until shutdown.
-        idle_listen_events = Some(listen_events);
-        tracing::warn!(
-            "[firestore] enabled = false: changes arrive only through webhooks ([http]) and the reconciler every {:?}",
-            settings.reconcile.interval
-        );
-        None
-    };
+    let (firestore, listen_receiver) = start_firestore(&settings, &metrics, &sources)?;
     let database = settings.firestore.database.clone();
-    let (watched, needing) = watch_at_start(&ledger, listener.as_ref(), &database).await?;
+    let (watched, needing) =
+        watch_at_start(&ledger, firestore.listener.as_ref(), &database).await?;
 
     // 4. The verifier, fed by the listener's events and the reconciler; it wakes the hook
     //    dispatcher (built here, started in step 6) after each transition that queued deliveries.
@@ -194,52 +156,36 @@ pub async fn run(
     let credential_status = client.credential_status().clone();
     let health = Health::new(
         ledger.clone(),
-        listener.clone(),
+        firestore.listener.clone(),
         verifier_stats.clone(),
         settings.http.verify_failing_after,
     )
     .with_paymennt_credentials(credential_status.clone());
-    let auth_mode = settings.firestore.auth_mode().as_str();
-    health.set_firestore_auth(auth_mode);
+    health.set_firestore_auth(settings.firestore.auth_mode().as_str());
 
+    // The Firestore source's tasks: its events become notes, tickets and nudges; its watch set
+    // follows the ledger's.
+    let wiring = Wiring {
+        settings: &settings,
+        ledger: &ledger,
+        metrics: &metrics,
+        supervisor: &supervisor,
+        sources: &sources,
+    };
     let mut tasks = JoinSet::new();
-    tasks.spawn(supervisor.supervise(
-        "listener events",
-        consume_listen_events(
-            listen_receiver,
-            ledger.clone(),
-            nudge_sender.clone(),
-            health.clone(),
-            sources.clone(),
-            metrics.clone(),
-            auth_mode,
-        ),
-    ));
-    if let Some(listener) = &listener {
-        tasks.spawn(watch_listener(
-            listener.clone(),
-            supervisor.reporter(),
-            sources.clone(),
-        ));
-    }
-    let watched_count = Arc::new(std::sync::atomic::AtomicUsize::new(watched.count()));
-    let (newly_tracked, newly_tracked_receiver) = mpsc::channel::<NewlyTracked>(256);
-    tasks.spawn(supervisor.supervise(
-        "watch-set sync",
-        sync_watch_set(
-            ledger.clone(),
-            Listening {
-                listener: listener.clone(),
-                database,
-                health: health.clone(),
-            },
+    let (watched_count, newly_tracked) = spawn_firestore_tasks(
+        &wiring,
+        &mut tasks,
+        &firestore,
+        listen_receiver,
+        &health,
+        &nudge_sender,
+        Listened {
+            database,
             watched,
-            watch_set_changed.subscribe(),
-            newly_tracked_receiver,
-            watched_count.clone(),
-            sources.clone(),
-        ),
-    ));
+            watch_set_changed: watch_set_changed.subscribe(),
+        },
+    );
 
     // The HTTP listener, if configured: webhooks nudge the verifier like Firestore changes do.
     let http_stop = CancellationToken::new();
@@ -258,25 +204,8 @@ pub async fn run(
             if discovery_enabled {
                 context.intake.set_discovery_wake(discovery_wake.clone());
             }
-            let bound = crate::http::bind(addr).await?;
-            let local = bound.local_addr().context("the HTTP listener's address")?;
-            tracing::info!(
-                listen = %local,
-                track_endpoint = context.track.is_some(),
-                webhook_signatures = context.intake.checks_signatures(),
-                "HTTP listener on {local}"
-            );
-            if let Some(sender) = &options.http_addr {
-                sender.send_replace(Some(local));
-            }
-            let limits = crate::http::ServeLimits::new(
-                &settings.http,
-                crate::http::HTTP_DRAIN.min(settings.daemon.drain_timeout),
-            );
-            Some(tokio::spawn(supervisor.supervise(
-                "HTTP listener",
-                crate::http::serve(bound, Arc::new(context), limits, http_stop.clone()),
-            )))
+            let published = options.http_addr.as_ref();
+            Some(serve_http(&wiring, addr, context, published, &http_stop).await?)
         }
         None => None,
     };
@@ -286,46 +215,24 @@ pub async fn run(
     //    discovery, which tracks checkouts created anywhere.
     let (interval_sender, interval_receiver) = watch::channel(settings.reconcile.interval);
     let (client_sender, client_receiver) = watch::channel(client.clone());
-    tasks.spawn(supervisor.supervise(
-        "reconciler",
-        crate::sources::reconcile::run(
-            ledger.clone(),
-            client_receiver.clone(),
-            sweep_sender.clone(),
-            interval_receiver,
-            settings.reconcile.page_size,
-            watch_set_changed.clone(),
-            crate::sources::reconcile::StartupSweep {
-                counter_at_start,
-                snapshot_grace: if settings.firestore.enabled {
-                    settings.reconcile.startup_grace
-                } else {
-                    Duration::ZERO
-                },
-            },
-            sources.clone(),
-            metrics.clone(),
-        ),
-    ));
+    spawn_reconciler(
+        &wiring,
+        &mut tasks,
+        client_receiver.clone(),
+        sweep_sender.clone(),
+        interval_receiver,
+        watch_set_changed.clone(),
+        counter_at_start,
+    );
     if discovery_enabled {
-        tasks.spawn(supervisor.supervise(
-            "discovery",
-            crate::sources::discovery::run(
-                ledger.clone(),
-                client_receiver,
-                DiscoveryConfig {
-                    types: settings.discovery.types.clone(),
-                    interval: settings.discovery.interval,
-                    lookback: settings.discovery.lookback,
-                    overlap: settings.discovery.overlap,
-                    page_size: settings.discovery.page_size,
-                },
-                sweep_sender,
-                watch_set_changed.clone(),
-                discovery_wake,
-                sources.clone(),
-            ),
-        ));
+        spawn_discovery(
+            &wiring,
+            &mut tasks,
+            client_receiver,
+            sweep_sender,
+            watch_set_changed.clone(),
+            discovery_wake,
+        );
     } else {
         drop(sweep_sender);
         tracing::info!(
@@ -347,7 +254,7 @@ pub async fn run(
         checkouts = watched_count.load(std::sync::atomic::Ordering::Relaxed),
         need_verification = needing,
         stream_mode = settings.firestore.stream_mode.as_str(),
-        firestore = %firestore_endpoint,
+        firestore = %firestore.endpoint,
         paymennt = %client.base_url(),
         ledger = %ledger.path().display(),
         startup_ms = started.elapsed().as_millis() as u64,
@@ -356,45 +263,18 @@ pub async fn run(
         settings.firestore.stream_mode.as_str(),
         client.base_url()
     );
-    let publish = |ready: bool| {
-        if let Some(status) = &options.status {
-            status.send_replace(DaemonStatus {
-                watched: watched_count.load(std::sync::atomic::Ordering::Relaxed),
-                ready,
-                verifier: verifier_stats.borrow().clone(),
-            });
-        }
+    let outside = Outside {
+        status: options.status.clone(),
+        notifier: options.notifier.clone(),
+        watched: watched_count,
+        verifier: verifier_stats,
+        ledger: ledger.clone(),
     };
-    publish(true);
-    let notifier = options.notifier.clone();
-    notifier.ready();
-    let watchdog_cancel = CancellationToken::new();
-    let liveness_ledger = ledger.clone();
-    let healthy = supervisor.health();
-    let watchdog_loop = notify::watchdog_loop(
-        notifier.clone(),
-        move || {
-            // Every supervised task alive, and the ledger thread answering (it is what can
-            // wedge): one failed task and systemd hears no more pings.
-            let ledger = liveness_ledger.clone();
-            let healthy = healthy.clone();
-            async move {
-                healthy()
-                    && matches!(
-                        tokio::task::spawn_blocking(move || ledger.data_version()).await,
-                        Ok(Ok(_))
-                    )
-            }
-        },
-        watchdog_cancel.clone(),
-    );
-    // Without a systemd watchdog the loop returns at once, which is no failure.
-    let watchdog = if notifier.watchdog_interval().is_some() {
-        tokio::spawn(supervisor.supervise("watchdog", watchdog_loop))
-    } else {
-        tokio::spawn(watchdog_loop)
-    };
+    outside.publish(true);
+    outside.notifier.ready();
+    let (watchdog_cancel, watchdog) = start_watchdog(&ledger, &outside.notifier, &supervisor);
 
+    // 7. Run until told to stop.
     let reload_targets = reload::ReloadTargets {
         config_path: options.config_path.clone(),
         log: options.log.clone(),
@@ -404,118 +284,54 @@ pub async fn run(
         client: client_sender,
         dispatcher: dispatcher_handle,
     };
-
-    // 7. Run until told to stop.
-    let mut status_tick = tokio::time::interval(Duration::from_millis(200));
-    let mut status_line_tick = tokio::time::interval(STATUS_LINE_EVERY);
-    let mut failure = None;
-    let mut refused_at_start = None;
-    loop {
-        tokio::select! {
-            failed = supervisor.failed() => {
-                failure = Some(failed);
-                break;
-            }
-            command = control.recv() => match command {
-                Some(Control::Reload) => {
-                    notifier.reloading();
-                    reload::reload(&mut settings, &reload_targets);
-                    notifier.ready();
-                }
-                Some(Control::Shutdown) | None => break,
-            },
-            _ = status_tick.tick() => {
-                publish(true);
-                // A key paymennt refused before it ever accepted one is a configuration
-                // problem, not an outage: say so with exit 2 rather than run blind.
-                if !settings.daemon.wait_for_api
-                    && !credential_status.ever_accepted()
-                    && let Some(refusal) = credential_status.refused()
-                {
-                    refused_at_start = Some(refusal);
-                    break;
-                }
-            }
-            _ = status_line_tick.tick(), if notifier.is_enabled() => {
-                let counts = ledger.clone();
-                let hooks_pending = blocking(move || counts.counts()).await.map(|c| c.hooks_pending).unwrap_or(0);
-                let last_payment = verifier_stats
-                    .borrow()
-                    .last_payment
-                    .and_then(|at| (chrono::Utc::now() - at).to_std().ok());
-                notifier.status(&notify::StatusSummary {
-                    watching: watched_count.load(std::sync::atomic::Ordering::Relaxed),
-                    last_payment,
-                    hooks_pending: usize::try_from(hooks_pending).unwrap_or(0),
-                }.to_string());
-            }
-        }
-    }
+    let stopped = run_until_stopped(
+        &mut supervisor,
+        &mut control,
+        &mut settings,
+        &reload_targets,
+        &outside,
+        &credential_status,
+    )
+    .await;
 
     // 8. Drain: stop taking new work, let verifications and running hooks finish, then stop.
-    notifier.stopping();
+    outside.notifier.stopping();
     supervisor.stopping();
     let drain = settings.daemon.drain_timeout;
     tracing::info!(drain_timeout = ?drain, "shutting down: finishing in-flight verifications and running hooks");
     let deadline = tokio::time::Instant::now() + drain;
     health.set_started(false);
-    // The HTTP listener first: no new webhooks or tracks; requests in flight finish within the
-    // listener's own short drain (crate::http::HTTP_DRAIN), which closes what is left, so a
-    // half-sent request cannot spend the drain time verifications and hooks need.
-    http_stop.cancel();
-    if let Some(mut http_task) = http_task
-        && tokio::time::timeout_at(deadline, &mut http_task)
-            .await
-            .is_err()
-    {
-        tracing::warn!("drain timeout reached; closing HTTP requests still open");
-        http_task.abort();
+    Running {
+        http_stop,
+        http_task,
+        sources,
+        tasks,
+        verifier_task,
+        verifier_abort,
+        dispatcher_stop,
+        dispatcher_kill,
+        dispatcher_task,
+        firestore,
+        watchdog_cancel,
+        watchdog,
     }
-    sources.cancel();
-    while tasks.join_next().await.is_some() {}
-    let mut verifier_task = verifier_task;
-    if tokio::time::timeout_at(deadline, &mut verifier_task)
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "drain timeout reached; abandoning verifications still in flight (the reconciler redoes them at next start)"
-        );
-        verifier_abort.cancel();
-        let _ = verifier_task.await;
-    }
-    // Only now does the dispatcher stop claiming: while verifications drain, the deliveries
-    // they queue can still start (on its poll tick) and finish within the same deadline.
-    dispatcher_stop.cancel();
-    let mut dispatcher_task = dispatcher_task;
-    if tokio::time::timeout_at(deadline, &mut dispatcher_task)
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "drain timeout reached; stopping running hooks (they run again at next start)"
-        );
-        dispatcher_kill.cancel();
-        let _ = dispatcher_task.await;
-    }
-    if let Some(listener) = listener {
-        listener.closed().await;
-    }
-    drop(idle_listen_events);
-    // Last: systemd enforces the watchdog until the process exits.
-    watchdog_cancel.cancel();
-    let _ = watchdog.await;
-    publish(false);
-    if let Some(refusal) = refused_at_start {
-        tracing::error!("paywatch stopped: paymennt refused the API credentials at start");
-        return Err(crate::settings::SettingsError(format!(
-            "paymennt refused the API credentials at start: {refusal}\n\n\
-             check [paymennt] api_key and api_secret (or their files or systemd credentials) and \
-             [paymennt] environment; to keep running until they are accepted instead, set \
-             [daemon] wait_for_api = true"
-        ))
-        .into());
-    }
+    .drain(deadline)
+    .await;
+    outside.publish(false);
+    let failure = match stopped {
+        Stopped::Told => None,
+        Stopped::Failed(failure) => Some(failure),
+        Stopped::RefusedAtStart(refusal) => {
+            tracing::error!("paywatch stopped: paymennt refused the API credentials at start");
+            return Err(crate::settings::SettingsError(format!(
+                "paymennt refused the API credentials at start: {refusal}\n\n\
+                 check [paymennt] api_key and api_secret (or their files or systemd credentials) and \
+                 [paymennt] environment; to keep running until they are accepted instead, set \
+                 [daemon] wait_for_api = true"
+            ))
+            .into());
+        }
+    };
     if let Some(failure) = failure.or_else(|| supervisor.failure()) {
         tracing::error!("paywatch stopped because {failure}");
         anyhow::bail!("{failure}; paywatch stopped so that its service manager restarts it");
@@ -524,15 +340,107 @@ pub async fn run(
     Ok(())
 }
 
-/// Reports the listener as failed when one of its stream tasks panics (the checkouts on that
-/// stream would never be watched again).
-async fn watch_listener(
-    listener: ListenerHandle,
-    reporter: supervisor::FailureReporter,
-    cancel: CancellationToken,
-) {
-    tokio::select! {
-        () = cancel.cancelled() => {}
-        how = listener.failed() => reporter.report("listener", how),
+/// What the daemon tells the outside world while it runs: [`DaemonStatus`] (tests, the demo)
+/// and systemd's notifications.
+struct Outside {
+    /// Where [`DaemonStatus`] is published, if anywhere.
+    status: Option<watch::Sender<DaemonStatus>>,
+    /// systemd notifications.
+    notifier: notify::Notifier,
+    /// Checkouts watched now (kept by the watch-set sync).
+    watched: Arc<AtomicUsize>,
+    /// The verifier's figures.
+    verifier: watch::Receiver<VerifierStats>,
+    /// For the hooks pending in the STATUS= line.
+    ledger: Ledger,
+}
+
+impl Outside {
+    fn watched(&self) -> usize {
+        self.watched.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Publishes the figures, `ready` or not.
+    fn publish(&self, ready: bool) {
+        if let Some(status) = &self.status {
+            status.send_replace(DaemonStatus {
+                watched: self.watched(),
+                ready,
+                verifier: self.verifier.borrow().clone(),
+            });
+        }
+    }
+
+    /// Refreshes systemd's STATUS= line.
+    async fn status_line(&self) {
+        let counts = self.ledger.clone();
+        let hooks_pending = blocking(move || counts.counts())
+            .await
+            .map(|c| c.hooks_pending)
+            .unwrap_or(0);
+        let last_payment = self
+            .verifier
+            .borrow()
+            .last_payment
+            .and_then(|at| (chrono::Utc::now() - at).to_std().ok());
+        self.notifier.status(
+            &notify::StatusSummary {
+                watching: self.watched(),
+                last_payment,
+                hooks_pending: usize::try_from(hooks_pending).unwrap_or(0),
+            }
+            .to_string(),
+        );
+    }
+}
+
+/// Why the daemon stopped running.
+enum Stopped {
+    /// [`Control::Shutdown`], or the control channel closed.
+    Told,
+    /// A supervised task ended or panicked.
+    Failed(supervisor::TaskFailure),
+    /// paymennt refused the API credentials before it ever accepted them (and `[daemon]
+    /// wait_for_api` is off): what it said.
+    RefusedAtStart(String),
+}
+
+/// The running daemon: reloads on [`Control::Reload`], publishes its figures, and returns
+/// when told to stop, when a task fails, or when paymennt refuses the credentials at start.
+async fn run_until_stopped(
+    supervisor: &mut supervisor::Supervisor,
+    control: &mut mpsc::Receiver<Control>,
+    settings: &mut Settings,
+    reload_targets: &reload::ReloadTargets,
+    outside: &Outside,
+    credential_status: &crate::paymennt::CredentialStatus,
+) -> Stopped {
+    let notifier = &outside.notifier;
+    let mut status_tick = tokio::time::interval(Duration::from_millis(200));
+    let mut status_line_tick = tokio::time::interval(STATUS_LINE_EVERY);
+    loop {
+        tokio::select! {
+            failed = supervisor.failed() => return Stopped::Failed(failed),
+            command = control.recv() => match command {
+                Some(Control::Reload) => {
+                    notifier.reloading();
+                    reload::reload(settings, reload_targets);
+                    notifier.ready();
+                }
+                Some(Control::Shutdown) | None => return Stopped::Told,
+            },
+            _ = status_tick.tick() => {
+                outside.publish(true);
+                // A key paymennt refused before it ever accepted one is a configuration
+                // problem, not an outage: say so with exit 2 rather than run blind.
+                if !settings.daemon.wait_for_api
+                    && !credential_status.ever_accepted()
+                    && let Some(refusal) = credential_status.refused()
+                {
+                    return Stopped::RefusedAtStart(refusal);
+                }
+            }
+            _ = status_line_tick.tick(), if notifier.is_enabled() => outside.status_line().await,
+        }
     }
 }
