@@ -1,9 +1,15 @@
-//! The daemon: startup in order, the running pipeline, reload, and the drain on shutdown.
+//! The daemon: wiring and lifecycle only. Startup in order, the running loop, reload, and the
+//! drain on shutdown.
 //!
-//! Owns: wiring sources -> verifier -> ledger -> hooks, the watch set kept in step with the
-//! ledger, the listener's events (nudges, resume tokens), and the process lifecycle.
-//! Must never: decide a status (the verifier does, through Get Checkout), or exit without
-//! letting in-flight verifications and hooks finish within the drain timeout.
+//! Owns: wiring sources -> verifier -> ledger -> hooks (each stage gets its channels and
+//! handles here: the verifier the hook dispatcher's wake handle, the Firestore source the
+//! health record), and the process lifecycle: its guards (`process.rs`), starting and
+//! draining the stages (`stages.rs`), reload (`reload.rs`), signals, supervision and systemd
+//! notifications.
+//! Must never: do a stage's work (a Listen event's meaning and the watch set are the Firestore
+//! source's, in [`crate::sources::firestore`]; waking the hooks is the verifier's), decide a
+//! status (the verifier does, through Get Checkout), or exit without letting in-flight
+//! verifications and hooks finish within the drain timeout.
 //!
 //! [`run`] reads top to bottom as the startup order, and its end is the shutdown order.
 

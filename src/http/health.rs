@@ -45,7 +45,8 @@ struct Seen {
     auth_mode: Option<&'static str>,
 }
 
-/// The daemon's health, shared by the daemon (which feeds it) and the HTTP handlers.
+/// The daemon's health, shared by the daemon and the Firestore source (which feed it) and the
+/// HTTP handlers.
 #[derive(Clone)]
 pub struct Health {
     seen: Arc<Mutex<Seen>>,

@@ -60,7 +60,7 @@ pub struct TrackEndpoint {
     pub token: Secret,
     /// Where checkouts are recorded.
     pub ledger: Ledger,
-    /// The daemon's watch set.
+    /// The Firestore source's watch set (see [`NewlyTracked`]).
     pub watch: mpsc::Sender<NewlyTracked>,
     /// The verifier (a newly tracked checkout is verified at once).
     pub nudges: mpsc::Sender<Nudge>,
