@@ -12,13 +12,17 @@
 //! - [`settings`]: the TOML config, `PAYWATCH_*` overrides, secrets.
 //! - [`paymennt`]: the HTTP client for paymennt's Merchant API and its wire types; the only
 //!   place a [`paymennt::VerifiedCheckout`] can be built.
-//! - [`sources`]: what nudges the verifier: the Firestore listener and the reconciler.
-//! - [`verifier`]: Get Checkout for each nudge, one call per checkout at a time.
+//! - [`sources`]: what nudges the verifier: the Firestore listener (with its journal, which
+//!   turns Listen events into notes, tickets and nudges, and its watch set, kept equal to the
+//!   ledger's), the reconciler, discovery and the webhook intake.
+//! - [`verifier`]: Get Checkout for each nudge, one call per checkout at a time; it wakes the
+//!   hook dispatcher after each transition that queued deliveries.
 //! - [`ledger`]: the SQLite ledger: checkouts, verified transitions, the hook outbox, resume
 //!   tokens. All SQL lives here.
 //! - [`hooks`]: the outbox dispatcher and the runner of the merchant's commands.
 //! - [`http`]: the optional HTTP listener: webhook intake, the track endpoint, health checks.
-//! - [`daemon`]: startup, reload, drain, signals, systemd notifications.
+//! - [`daemon`]: wiring and lifecycle only: startup, reload, drain, signals, supervision,
+//!   systemd notifications.
 //! - [`sandbox`]: a local stand-in for paymennt's API and Firestore's Listen.
 //! - [`cli`]: the command line; the only module that prints to stdout.
 //! - [`logging`]: text, journald and JSON log output.

@@ -38,6 +38,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{CheckoutId, Source, VerifyTicket, format_money, printable};
+use crate::hooks::DispatcherWake;
 use crate::ledger::{ApplyOutcome, ApplyRequest, Ledger, LedgerError, NotFoundOutcome};
 use crate::metrics::Metrics;
 use crate::paymennt::{Client, VerifiedCheckout};
@@ -142,9 +143,9 @@ pub struct VerifierStats {
 /// Where the verifier says what it changed, so the stages after it can follow.
 #[derive(Debug, Clone)]
 pub struct VerifierSignals {
-    /// Bumped after every transition that queued hook deliveries (the hook dispatcher wakes
-    /// on it; a transition with none has nothing for it to do).
-    pub deliveries_queued: watch::Sender<u64>,
+    /// Woken after every transition that queued hook deliveries (a transition with none has
+    /// nothing for the dispatcher to do).
+    pub dispatcher: DispatcherWake,
     /// Bumped when a transition ended a checkout's watch (the listener drops its target).
     pub watch_set_changed: watch::Sender<u64>,
 }
@@ -272,7 +273,8 @@ pub struct Verifier {
     concurrency: usize,
     /// One permit per Get Checkout call allowed at once.
     calls_allowed: tokio::sync::Semaphore,
-    deliveries_queued: watch::Sender<u64>,
+    /// The hook dispatcher, woken when a transition queued deliveries.
+    dispatcher: DispatcherWake,
     watch_set_changed: watch::Sender<u64>,
     stats: watch::Sender<VerifierStats>,
     metrics: Metrics,
@@ -292,7 +294,7 @@ impl Verifier {
             config,
             concurrency: concurrency.max(1),
             calls_allowed: tokio::sync::Semaphore::new(concurrency.max(1)),
-            deliveries_queued: signals.deliveries_queued,
+            dispatcher: signals.dispatcher,
             watch_set_changed: signals.watch_set_changed,
             stats: watch::channel(VerifierStats::default()).0,
             metrics: Metrics::disabled(),
@@ -602,8 +604,7 @@ impl Verifier {
                     }
                 });
                 if !deliveries.is_empty() {
-                    self.deliveries_queued
-                        .send_modify(|generation| *generation += 1);
+                    self.dispatcher.wake();
                 }
                 if !watched {
                     self.watch_set_changed
@@ -967,10 +968,20 @@ mod tests {
             receiver,
             1,
             VerifierSignals {
-                deliveries_queued: watch::channel(0).0,
+                dispatcher: idle_dispatcher(ledger),
                 watch_set_changed: watch::channel(0).0,
             },
         )
+    }
+
+    /// The wake handle of a dispatcher that never runs (its wake-ups can be taken by a test).
+    fn idle_dispatcher(ledger: &Ledger) -> crate::hooks::DispatcherWake {
+        crate::hooks::Dispatcher::new(
+            ledger.clone(),
+            crate::hooks::config::HookSet::new(Vec::new()),
+            1,
+        )
+        .wake_handle()
     }
 
     #[tokio::test]
@@ -985,10 +996,10 @@ mod tests {
                 hooks: Arc::new(hooks),
                 refund_watch: Duration::from_secs(3600),
             });
-            let deliveries_queued = watch::channel(0u64).0;
+            let dispatcher = idle_dispatcher(&ledger);
             let verifier = Verifier {
                 config,
-                deliveries_queued: deliveries_queued.clone(),
+                dispatcher: dispatcher.clone(),
                 ..verifier
             };
             let queues = queues(&verifier);
@@ -999,7 +1010,7 @@ mod tests {
                     .is_none()
             );
             assert_eq!(verifier.stats().borrow().transitions, 1);
-            assert_eq!(*deliveries_queued.borrow(), wakes);
+            assert_eq!(u64::from(dispatcher.take_pending().await), wakes);
         }
     }
 

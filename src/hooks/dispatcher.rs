@@ -48,7 +48,8 @@
 //! # async fn daemon(dispatcher: paywatch::hooks::Dispatcher, drain: std::time::Duration) {
 //! use tokio_util::sync::CancellationToken;
 //! let (shutdown, kill) = (CancellationToken::new(), CancellationToken::new());
-//! let handle = dispatcher.handle(); // give to the verifier: handle.wake() after each transition
+//! let handle = dispatcher.handle();
+//! let wake = dispatcher.wake_handle(); // give to the verifier: wake.wake() after each transition
 //! let mut task = tokio::spawn(dispatcher.run(shutdown.clone(), kill.clone()));
 //! // ... SIGHUP: handle.reload(HookSet::from_settings(&new_settings)?)
 //! // SIGTERM: stop claiming; running hooks may finish until the drain timeout, then are stopped
@@ -159,6 +160,34 @@ impl std::fmt::Debug for Dispatcher {
     }
 }
 
+/// A cheap, cloneable handle that can only wake a dispatcher: what the verifier is given at
+/// wiring, to say "a transition queued deliveries" (it cannot reload hooks).
+#[derive(Clone)]
+pub struct DispatcherWake {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for DispatcherWake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DispatcherWake").finish_non_exhaustive()
+    }
+}
+
+impl DispatcherWake {
+    /// Asks the dispatcher to look for due deliveries now; see [`DispatcherHandle::wake`].
+    pub fn wake(&self) {
+        self.shared.wake.notify_one();
+    }
+
+    /// Whether a wake-up is pending (and takes it): for tests of what wakes the dispatcher.
+    #[cfg(test)]
+    pub(crate) async fn take_pending(&self) -> bool {
+        tokio::time::timeout(Duration::ZERO, self.shared.wake.notified())
+            .await
+            .is_ok()
+    }
+}
+
 /// A cheap, cloneable handle on a dispatcher: wake it, or give it new hooks.
 #[derive(Clone)]
 pub struct DispatcherHandle {
@@ -228,6 +257,13 @@ impl Dispatcher {
     /// A handle to wake the dispatcher and reload its hooks, usable while it runs.
     pub fn handle(&self) -> DispatcherHandle {
         DispatcherHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// A handle that only wakes the dispatcher (the verifier's, given at wiring).
+    pub fn wake_handle(&self) -> DispatcherWake {
+        DispatcherWake {
             shared: self.shared.clone(),
         }
     }

@@ -17,7 +17,7 @@ pub mod retry;
 pub mod runner;
 
 pub use config::{HookSet, HookSpec};
-pub use dispatcher::{Dispatcher, DispatcherHandle};
+pub use dispatcher::{Dispatcher, DispatcherHandle, DispatcherWake};
 pub use event::HookEvent;
 pub use retry::{RetryPolicy, RetrySchedule};
 pub use runner::{HookCommand, HookOutcome};
