@@ -17,8 +17,8 @@
 //!   ledger's), the reconciler, discovery and the webhook intake.
 //! - [`verifier`]: Get Checkout for each nudge, one call per checkout at a time; it wakes the
 //!   hook dispatcher after each transition that queued deliveries.
-//! - [`ledger`]: the SQLite ledger: checkouts, verified transitions, the hook outbox, resume
-//!   tokens. All SQL lives here.
+//! - [`ledger`]: the ledger: checkouts, verified transitions, the hook outbox, resume tokens,
+//!   behind one async interface (`ledger::Backend`; SQLite today). All SQL lives here.
 //! - [`hooks`]: the outbox dispatcher and the runner of the merchant's commands.
 //! - [`http`]: the optional HTTP listener: webhook intake, the track endpoint, health checks.
 //! - [`daemon`]: wiring and lifecycle only: startup, reload, drain, signals, supervision,

@@ -87,7 +87,8 @@ struct LedgerQueues {
 
 impl LedgerQueues {
     /// Starts the ticketer and the recorder threads writing into `ledger`, each queue holding
-    /// up to `capacity`; both end once every clone of the queues is dropped.
+    /// up to `capacity`; both end once every clone of the queues is dropped. Must be called
+    /// within the runtime: the threads wait on the ledger's calls through it.
     ///
     /// # Errors
     ///
@@ -98,14 +99,15 @@ impl LedgerQueues {
         capacity: usize,
     ) -> std::io::Result<(LedgerQueues, [GroupWriter; 2])> {
         let (tickets, ticket_requests) = mpsc::channel(capacity);
-        let issuer = ledger.clone();
+        let runtime = tokio::runtime::Handle::current();
+        let (issuer, issuing) = (ledger.clone(), runtime.clone());
         let ticketer = GroupWriter::spawn("paywatch-tickets", ticket_requests, move |group| {
-            issue_tickets(&issuer, group);
+            issuing.block_on(issue_tickets(&issuer, group));
         })?;
         let (recordings, waiting) = mpsc::channel(capacity);
         let (writer, config) = (ledger.clone(), config.clone());
         let recorder = GroupWriter::spawn("paywatch-recorder", waiting, move |group| {
-            record_answers(&writer, &config, group);
+            runtime.block_on(record_answers(&writer, &config, group));
         })?;
         let queues = LedgerQueues {
             tickets,
@@ -441,10 +443,8 @@ impl Verifier {
         client: &Client,
         error: &crate::paymennt::Error,
     ) {
-        let ledger = self.ledger.clone();
-        let for_ledger = id.clone();
-        match tokio::task::spawn_blocking(move || ledger.note_not_found(&for_ledger)).await {
-            Ok(Ok(NotFoundOutcome::Unwatched { count })) => {
+        match self.ledger.note_not_found(id).await {
+            Ok(NotFoundOutcome::Unwatched { count }) => {
                 tracing::error!(
                     checkout = %id,
                     "paymennt said {count} times in a row that this checkout does not exist; it is no longer watched\n\n\
@@ -453,7 +453,7 @@ impl Verifier {
                 self.watch_set_changed
                     .send_modify(|generation| *generation += 1);
             }
-            Ok(Ok(NotFoundOutcome::ManyLookGone(gone))) => {
+            Ok(NotFoundOutcome::ManyLookGone(gone)) => {
                 tracing::error!(
                     checkout = %id,
                     base_url = %client.base_url(),
@@ -465,11 +465,10 @@ impl Verifier {
                     client.base_url(),
                 );
             }
-            Ok(Ok(NotFoundOutcome::Counted { .. })) => {}
-            Ok(Err(error)) => {
+            Ok(NotFoundOutcome::Counted { .. }) => {}
+            Err(error) => {
                 tracing::error!(checkout = %id, %error, "cannot count a not-found answer")
             }
-            Err(error) => tracing::error!(checkout = %id, %error, "ledger task failed"),
         }
     }
 
@@ -634,8 +633,9 @@ impl Verifier {
 }
 
 /// A thread that writes groups of queued items to the ledger (the ticketer, the recorder).
-/// Blocking on its queue, it answers a lone item in two thread wake-ups (the queue's, the
-/// reply's), where a task handing each group to the blocking pool took four.
+/// Blocking on its queue, and on the ledger's call for each group (SQLite runs it on the
+/// blocking pool), it answers a lone item in three thread wake-ups (the queue's, the ledger's,
+/// the reply's), where a task doing the same took four.
 struct GroupWriter {
     /// Closed (the sender dropped) when the thread ends, however it ends.
     ended: oneshot::Receiver<()>,
@@ -685,12 +685,12 @@ impl GroupWriter {
 
 /// The ticketer's work for one group: their tickets in one ledger transaction, each sent to
 /// the verification that asked.
-fn issue_tickets(ledger: &Ledger, group: Vec<TicketRequest>) {
+async fn issue_tickets(ledger: &Ledger, group: Vec<TicketRequest>) {
     let (wanted, replies): (Vec<_>, Vec<_>) = group
         .into_iter()
         .map(|request| ((request.checkout_id, request.seen_after), request.ticket))
         .unzip();
-    match ledger.issue_tickets(&wanted) {
+    match ledger.issue_tickets(&wanted).await {
         Ok(tickets) => {
             for (reply, ticket) in replies.into_iter().zip(tickets) {
                 // The verification may have been cancelled meanwhile: nothing waits.
@@ -710,7 +710,7 @@ fn issue_tickets(ledger: &Ledger, group: Vec<TicketRequest>) {
 
 /// The recorder's work for one group: the answers in one ledger transaction, with the hooks and
 /// refund watch configured at that moment, each outcome sent to the verification that waits.
-fn record_answers(
+async fn record_answers(
     ledger: &Ledger,
     config: &watch::Receiver<VerifierConfig>,
     group: Vec<Recording>,
@@ -720,7 +720,9 @@ fn record_answers(
         .map(|recording| (recording.request, recording.outcome))
         .unzip();
     let current = config.borrow().clone();
-    let results = ledger.apply_all(&requests, &current.hooks, current.refund_watch);
+    let results = ledger
+        .apply_all(requests, &current.hooks, current.refund_watch)
+        .await;
     for (outcome, result) in outcomes.into_iter().zip(results) {
         // The verification may have been cancelled meanwhile: nothing waits.
         let _ = outcome.send(result);
@@ -807,13 +809,17 @@ mod tests {
     const PAID: &str = r#"{"success":true,"result":{"id":"5","orderId":"ORD-5","currency":"AED","amount":5,"status":"PAID","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d5"}}"#;
 
     /// The status the ledger holds for checkout `id`.
-    fn status(ledger: &Ledger, id: &CheckoutId) -> Option<String> {
-        ledger.checkout(id).expect("read").and_then(|c| c.status)
+    async fn status(ledger: &Ledger, id: &CheckoutId) -> Option<String> {
+        ledger
+            .checkout(id)
+            .await
+            .expect("read")
+            .and_then(|c| c.status)
     }
 
     /// Another process verifies checkout 5 (PENDING) with the ledger's next ticket.
-    fn verified_elsewhere(ledger: &Ledger) {
-        let ticket = ledger.issue_ticket().expect("ticket");
+    async fn verified_elsewhere(ledger: &Ledger) {
+        let ticket = ledger.issue_ticket().await.expect("ticket");
         let answer = VerifiedCheckout::for_tests_with(PENDING, ticket, Utc::now());
         ledger
             .apply(
@@ -823,6 +829,7 @@ mod tests {
                 &[],
                 Duration::from_secs(3600),
             )
+            .await
             .expect("apply");
     }
 
@@ -923,15 +930,18 @@ mod tests {
     }
 
     /// A verifier whose paymennt runs `meanwhile`, then answers with `body` (HTTP 200, JSON).
-    async fn verifier_answering(
+    async fn verifier_answering<F>(
         ledger: &Ledger,
         body: &'static str,
-        meanwhile: impl Fn() + Clone + Send + Sync + 'static,
-    ) -> Verifier {
+        meanwhile: impl Fn() -> F + Clone + Send + Sync + 'static,
+    ) -> Verifier
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
         let app = axum::Router::new().fallback(move || {
             let meanwhile = meanwhile.clone();
             async move {
-                meanwhile();
+                meanwhile().await;
                 ([("content-type", "application/json")], body)
             }
         });
@@ -989,7 +999,7 @@ mod tests {
         let notify_paid = HookSettings::for_tests("notify", &["PAID"]);
         for (hooks, wakes) in [(Vec::new(), 0), (vec![notify_paid], 1)] {
             let ledger = Ledger::open_in_memory().expect("ledger");
-            let verifier = verifier_answering(&ledger, PAID, || {}).await;
+            let verifier = verifier_answering(&ledger, PAID, || async {}).await;
             let client = verifier.config.borrow().client.clone();
             let (_config, config) = watch::channel(VerifierConfig {
                 client,
@@ -1022,25 +1032,28 @@ mod tests {
         // ticket, and then a change is seen: our answer is stale and must clear nothing.
         let other = ledger.clone();
         let meanwhile = move || {
-            verified_elsewhere(&other);
-            let seen = other.last_ticket().expect("counter");
-            other
-                .mark_needs_verify(&["5".parse().expect("id")], seen)
-                .expect("mark");
+            let other = other.clone();
+            async move {
+                verified_elsewhere(&other).await;
+                let seen = other.last_ticket().await.expect("counter");
+                other
+                    .mark_needs_verify(&["5".parse().expect("id")], seen)
+                    .expect("mark");
+            }
         };
         let verifier = verifier_answering(&ledger, PAID, meanwhile).await;
         let retry = verifier
             .verify(nudge("5", Source::Firestore), &queues(&verifier))
             .await;
         assert!(retry.is_some(), "a stale answer is retried");
-        let entry = ledger.watch_set().expect("set");
+        let entry = ledger.watch_set().await.expect("set");
         assert_eq!(entry[0].checkout_id, id);
         assert!(
             entry[0].needs_verify,
             "the checkout stays marked for verification"
         );
         assert_eq!(
-            status(&ledger, &id).as_deref(),
+            status(&ledger, &id).await.as_deref(),
             Some("PENDING"),
             "the stale PAID was not recorded; the retry will ask again"
         );
@@ -1052,19 +1065,24 @@ mod tests {
         let id: CheckoutId = "5".parse().expect("id");
         let noted = ledger
             .note_changes(std::slice::from_ref(&id))
+            .await
             .expect("noted");
         // While our request is in flight, another process verifies the checkout with a later
         // ticket: our answer, ordered by the ticket the nudge carries, is stale.
         let other = ledger.clone();
-        let meanwhile = move || verified_elsewhere(&other);
+        let meanwhile = move || {
+            let other = other.clone();
+            async move { verified_elsewhere(&other).await }
+        };
         let verifier = verifier_answering(&ledger, PAID, meanwhile).await;
         // No ticketer: a nudge that carries its ticket needs none.
         let (tickets, no_ticketer) = mpsc::channel(1);
         drop(no_ticketer);
         let (recordings, waiting) = mpsc::channel(1);
         let (writer, config) = (ledger.clone(), verifier.config.clone());
+        let runtime = tokio::runtime::Handle::current();
         let _recorder = GroupWriter::spawn("test-recorder", waiting, move |group| {
-            record_answers(&writer, &config, group);
+            runtime.block_on(record_answers(&writer, &config, group));
         })
         .expect("thread");
         let queues = LedgerQueues {
@@ -1081,7 +1099,7 @@ mod tests {
         let retry = retry.expect("a stale answer is retried");
         assert_eq!(retry.ticket, None, "a retry never reuses the ticket");
         assert_eq!(
-            status(&ledger, &id).as_deref(),
+            status(&ledger, &id).await.as_deref(),
             Some("PENDING"),
             "the answer to the older ticket was not recorded"
         );
@@ -1090,7 +1108,9 @@ mod tests {
     #[tokio::test]
     async fn a_burst_of_verifications_takes_its_tickets_in_one_transaction() {
         let dir = tempfile::tempdir().expect("dir");
-        let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+        let ledger = Ledger::open(&dir.path().join("paywatch.db"))
+            .await
+            .expect("ledger");
         let before = crate::ledger::testing::wal_commits(&ledger);
         // All 20 requests wait before the ticketer starts, as a start-up's burst of nudges
         // waits for the ticketer's commit in progress.
@@ -1108,8 +1128,9 @@ mod tests {
         }
         drop(tickets);
         let issuer = ledger.clone();
+        let runtime = tokio::runtime::Handle::current();
         let ticketer = GroupWriter::spawn("test-tickets", requests, move |group| {
-            issue_tickets(&issuer, group);
+            runtime.block_on(issue_tickets(&issuer, group));
         })
         .expect("thread");
         let mut issued_tickets = Vec::new();
@@ -1163,8 +1184,8 @@ mod tests {
         let ledger = Ledger::open_in_memory().expect("ledger");
         let id: CheckoutId = "5".parse().expect("id");
         // A change is seen, then a request sent after it is answered and recorded.
-        let seen = ledger.last_ticket().expect("counter");
-        let ticket = ledger.issue_ticket().expect("ticket");
+        let seen = ledger.last_ticket().await.expect("counter");
+        let ticket = ledger.issue_ticket().await.expect("ticket");
         ledger
             .apply(
                 &VerifiedCheckout::for_tests_with(PENDING, ticket, Utc::now()),
@@ -1173,11 +1194,13 @@ mod tests {
                 &[],
                 Duration::from_secs(3600),
             )
+            .await
             .expect("apply");
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = Arc::clone(&calls);
         let verifier = verifier_answering(&ledger, PAID, move || {
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async {}
         })
         .await;
         let queues = queues(&verifier);
@@ -1190,12 +1213,12 @@ mod tests {
         assert_eq!(verifier.stats().borrow().covered, 1);
         // A change seen after that request was sent is verified.
         let later = Nudge {
-            seen_after: Some(ledger.last_ticket().expect("counter")),
+            seen_after: Some(ledger.last_ticket().await.expect("counter")),
             ..nudge("5", Source::Firestore)
         };
         assert!(verifier.verify(later, &queues).await.is_none());
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1);
-        assert_eq!(status(&ledger, &id).as_deref(), Some("PAID"));
+        assert_eq!(status(&ledger, &id).await.as_deref(), Some("PAID"));
     }
 
     #[test]

@@ -206,8 +206,8 @@ fn cases(dir: &Path) -> Vec<Case> {
     ]
 }
 
-#[test]
-fn each_bad_input_gets_a_clear_error_and_its_exit_code_and_changes_nothing() {
+#[tokio::test]
+async fn each_bad_input_gets_a_clear_error_and_its_exit_code_and_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Something already recorded, which no bad input may change.
     let base = config(dir.path(), "base.toml", "");
@@ -219,8 +219,10 @@ fn each_bad_input_gets_a_clear_error_and_its_exit_code_and_changes_nothing() {
     assert!(tracked.status.success(), "{tracked:?}");
     let ledger_path = dir.path().join("paywatch.db");
     let before = Ledger::open(&ledger_path)
+        .await
         .expect("ledger")
         .checkout(&"1000".parse().expect("id"))
+        .await
         .expect("read");
 
     for (n, case) in cases(dir.path()).into_iter().enumerate() {
@@ -252,12 +254,16 @@ fn each_bad_input_gets_a_clear_error_and_its_exit_code_and_changes_nothing() {
         );
     }
 
-    let ledger = Ledger::open(&ledger_path).expect("ledger");
-    let after = ledger.checkout(&"1000".parse().expect("id")).expect("read");
+    let ledger = Ledger::open(&ledger_path).await.expect("ledger");
+    let after = ledger
+        .checkout(&"1000".parse().expect("id"))
+        .await
+        .expect("read");
     assert_eq!(before, after, "what was recorded before is unchanged");
     // The hostile order id is data: stored as given, and shown escaped in a list.
     let hostile = ledger
         .checkout(&"2009".parse().expect("id"))
+        .await
         .expect("read")
         .expect("tracked");
     assert_eq!(
@@ -295,12 +301,12 @@ fn a_ledger_that_is_not_a_database_is_named_and_left_as_it_was() {
     );
 }
 
-#[test]
-fn a_ledger_locked_by_another_process_is_a_clear_runtime_failure() {
+#[tokio::test]
+async fn a_ledger_locked_by_another_process_is_a_clear_runtime_failure() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(dir.path(), "paywatch.toml", "");
     let ledger_path = dir.path().join("paywatch.db");
-    drop(Ledger::open(&ledger_path).expect("ledger"));
+    drop(Ledger::open(&ledger_path).await.expect("ledger"));
     // Another process (here: this test) holds the write lock, as a backup tool might.
     let holder = rusqlite::Connection::open(&ledger_path).expect("open");
     holder
@@ -323,12 +329,12 @@ fn a_ledger_locked_by_another_process_is_a_clear_runtime_failure() {
     assert!(retried.status.success(), "works once the lock is gone");
 }
 
-#[test]
-fn a_read_only_ledger_is_a_clear_runtime_failure() {
+#[tokio::test]
+async fn a_read_only_ledger_is_a_clear_runtime_failure() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config(dir.path(), "paywatch.toml", "");
     let ledger_path = dir.path().join("paywatch.db");
-    drop(Ledger::open(&ledger_path).expect("ledger"));
+    drop(Ledger::open(&ledger_path).await.expect("ledger"));
     // Root ignores file modes, so as root the file is made immutable instead.
     // A file this process just created is owned by its effective user.
     let as_root = {

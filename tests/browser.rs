@@ -121,7 +121,10 @@ async fn link(
         .await
         .expect("link created");
     let facts = checkout.facts().expect("complete");
-    ledger.track(&facts, TrackedVia::Track).expect("tracked");
+    ledger
+        .track(&facts, TrackedVia::Track)
+        .await
+        .expect("tracked");
     let url = facts.redirect_url.clone().expect("a redirect URL");
     (facts.id, url)
 }
@@ -184,7 +187,7 @@ async fn the_test_card_pays_in_chromium_and_the_daemon_records_paid_and_runs_the
         log = toml::Value::String(hook_log.display().to_string()),
     );
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", &hooks);
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let daemon = common::Daemon::start(&settings, &path).await;
     let client = browser(&driver).await;
 
@@ -198,7 +201,7 @@ async fn the_test_card_pays_in_chromium_and_the_daemon_records_paid_and_runs_the
     fill(&client, "4242 4242 4242 4241", true).await;
     submit(&client, "pay", "problems", "card number is not valid").await;
     assert_eq!(
-        common::status_of(&ledger, &paid).as_deref(),
+        common::status_of(&ledger, &paid).await.as_deref(),
         Some("PENDING")
     );
     fill(&client, "4242 4242 4242 4242", true).await;

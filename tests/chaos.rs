@@ -190,7 +190,7 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
     std::fs::write(&config, text).expect("config");
     let settings =
         paywatch::settings::Settings::load_with_env(Some(&config), Vec::new()).expect("config ok");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
 
     // The checkouts, tracked as `paywatch track` would, and what the sandbox gave each.
     let mut ids: Vec<CheckoutId> = Vec::with_capacity(profile.checkouts);
@@ -283,12 +283,14 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
                     state: Some(DeliveryState::Running),
                     ..DeliveryFilter::default()
                 })
+                .await
                 .expect("read deliveries");
             let pending = ledger
                 .deliveries(&DeliveryFilter {
                     state: Some(DeliveryState::Pending),
                     ..DeliveryFilter::default()
                 })
+                .await
                 .expect("read deliveries");
             if !running.is_empty() {
                 figures.kills_while_hooks_ran += 1;
@@ -313,18 +315,22 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
     faults.fail_next_api_requests(0);
     faults.throttle_next_api_requests(0, 1);
 
-    let consistent =
-        common::poll_until(profile.settle_deadline, Duration::from_millis(200), || {
-            let mismatch = first_mismatch(&sandbox, &ledger, &ids, &runs);
-            let result = match mismatch {
+    let consistent = common::poll_until(
+        profile.settle_deadline,
+        Duration::from_millis(200),
+        || async {
+            let mismatch = first_mismatch(&sandbox, &ledger, &ids, &runs).await;
+            match mismatch {
                 None => Some(()),
                 Some(_) => None,
-            };
-            async move { result }
-        })
-        .await;
+            }
+        },
+    )
+    .await;
     if consistent.is_none() {
-        let why = first_mismatch(&sandbox, &ledger, &ids, &runs).unwrap_or_default();
+        let why = first_mismatch(&sandbox, &ledger, &ids, &runs)
+            .await
+            .unwrap_or_default();
         let log = std::fs::read_to_string(&daemon_log).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(60).collect();
         panic!(
@@ -343,7 +349,7 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
     let mut transitions = 0usize;
     let mut refund_entries = 0usize;
     for id in &ids {
-        let history = ledger.transitions(id).expect("transitions");
+        let history = ledger.transitions(id).await.expect("transitions");
         let mut previous: Option<String> = None;
         for (n, transition) in history.iter().enumerate() {
             assert_eq!(
@@ -384,8 +390,8 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
     }
     let mut deliveries = 0usize;
     for id in &ids {
-        let history = ledger.transitions(id).expect("transitions");
-        let of_checkout = ledger.deliveries_of(id).expect("deliveries");
+        let history = ledger.transitions(id).await.expect("transitions");
+        let of_checkout = ledger.deliveries_of(id).await.expect("deliveries");
         for transition in &history {
             let matching: Vec<_> = of_checkout
                 .iter()
@@ -457,7 +463,7 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
 }
 
 /// The first way the ledger (or the hook's record) disagrees with the sandbox, if any.
-fn first_mismatch(
+async fn first_mismatch(
     sandbox: &Sandbox,
     ledger: &Ledger,
     ids: &[CheckoutId],
@@ -465,7 +471,7 @@ fn first_mismatch(
 ) -> Option<String> {
     for id in ids {
         let truth = sandbox.state().checkout(id)?;
-        let record = match ledger.checkout(id) {
+        let record = match ledger.checkout(id).await {
             Ok(Some(record)) => record,
             other => return Some(format!("checkout {id}: ledger read gave {other:?}")),
         };
@@ -486,6 +492,7 @@ fn first_mismatch(
     }
     let undelivered = ledger
         .deliveries(&DeliveryFilter::default())
+        .await
         .ok()?
         .into_iter()
         .find(|d| d.state != DeliveryState::Delivered);
@@ -504,7 +511,7 @@ fn first_mismatch(
         .filter(|run| run.ok)
         .map(|run| run.event_id)
         .collect();
-    let delivered = ledger.deliveries(&DeliveryFilter::default()).ok()?;
+    let delivered = ledger.deliveries(&DeliveryFilter::default()).await.ok()?;
     delivered
         .iter()
         .find(|d| !completed.contains(&d.event_id))
@@ -540,7 +547,7 @@ async fn a_kill_during_a_burst_never_splits_a_transition_from_its_deliveries() {
     let runs = dir.path().join("runs");
     let hook = write_hook(dir.path(), &runs);
     let (settings, config) = common::settings(dir.path(), &sandbox, "multiplexed", &hook);
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let mut ids = Vec::new();
     for n in 0..240 {
         ids.push(common::create_and_track(&sandbox, &ledger, &format!("ORD-BURST-{n}")).await);
@@ -591,19 +598,28 @@ async fn a_kill_during_a_burst_never_splits_a_transition_from_its_deliveries() {
     for id in &ids {
         common::wait_status(&ledger, id, "PAID").await;
     }
-    common::wait_for("every delivery to be delivered", common::DEADLINE, || {
-        let undelivered = ledger
-            .deliveries(&DeliveryFilter::default())
-            .expect("deliveries")
-            .into_iter()
-            .filter(|d| d.state != DeliveryState::Delivered)
-            .count();
-        async move { (undelivered == 0).then_some(()) }
-    })
+    common::wait_for(
+        "every delivery to be delivered",
+        common::DEADLINE,
+        || async {
+            let undelivered = ledger
+                .deliveries(&DeliveryFilter::default())
+                .await
+                .expect("deliveries")
+                .into_iter()
+                .filter(|d| d.state != DeliveryState::Delivered)
+                .count();
+            (undelivered == 0).then_some(())
+        },
+    )
     .await;
     stop_daemon(process).await;
     for id in &ids {
-        assert_eq!(common::history(&ledger, id), ["PENDING", "PAID"], "{id}");
+        assert_eq!(
+            common::history(&ledger, id).await,
+            ["PENDING", "PAID"],
+            "{id}"
+        );
     }
     let (transitions, without_delivery, without_transition) = orphans(&settings.ledger.path);
     assert_eq!(transitions, 480);

@@ -111,8 +111,8 @@ const BAD_RESPONSES: &[(&str, &str, &str)] = &[
     ("not an object", r#"[1,2,3]"#, "JSON object"),
 ];
 
-#[test]
-fn bad_responses_exit_2_with_a_clear_message_and_leave_the_ledger_untouched() {
+#[tokio::test]
+async fn bad_responses_exit_2_with_a_clear_message_and_leave_the_ledger_untouched() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = offline_config(dir.path());
     assert!(
@@ -122,8 +122,10 @@ fn bad_responses_exit_2_with_a_clear_message_and_leave_the_ledger_untouched() {
     );
     let ledger_path = dir.path().join("paywatch.db");
     let before = Ledger::open(&ledger_path)
+        .await
         .expect("ledger")
         .list(&Default::default())
+        .await
         .expect("list");
     for (what, input, expected) in BAD_RESPONSES {
         let output = run_with_stdin(&config, &["track", "-"], input);
@@ -139,8 +141,10 @@ fn bad_responses_exit_2_with_a_clear_message_and_leave_the_ledger_untouched() {
         );
     }
     let after = Ledger::open(&ledger_path)
+        .await
         .expect("ledger")
         .list(&Default::default())
+        .await
         .expect("list");
     assert_eq!(before, after, "nothing recorded was changed");
 
@@ -377,9 +381,12 @@ async fn link_create_track_and_events_against_the_sandbox() {
     let id = response["id"].as_str().expect("id").to_owned();
     assert_eq!(response["amount"].to_string(), "19.99");
     assert_eq!(response["currency"], "AED");
-    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+    let ledger = Ledger::open(&dir.path().join("paywatch.db"))
+        .await
+        .expect("ledger");
     let record = ledger
         .checkout(&id.parse().expect("id"))
+        .await
         .expect("read")
         .expect("tracked");
     assert_eq!(record.tracked_via, "link-create");
@@ -538,9 +545,12 @@ async fn a_slow_create_leaves_one_link_which_is_recovered() {
         stderr(&output)
     );
     let id = link.id.clone().expect("id").0;
-    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+    let ledger = Ledger::open(&dir.path().join("paywatch.db"))
+        .await
+        .expect("ledger");
     let record = ledger
         .checkout(&id.parse().expect("id"))
+        .await
         .expect("read")
         .expect("tracked as link create would");
     assert_eq!(record.tracked_via, "link-create");
@@ -694,15 +704,16 @@ async fn check_config_online_proves_firestore_access_or_names_the_refusal() {
     let (sandbox, _dir, settings, config, ledger) = common::setup("multiplexed", "").await;
     let first = common::create_and_track(&sandbox, &ledger, "ORD-C1").await;
     let second = common::create_and_track(&sandbox, &ledger, "ORD-C2").await;
-    let document_of = |id| {
+    let document_of = async |id| {
         ledger
             .checkout(id)
+            .await
             .expect("read")
             .expect("tracked")
             .firebase
             .document
     };
-    let (first_document, second_document) = (document_of(&first), document_of(&second));
+    let (first_document, second_document) = (document_of(&first).await, document_of(&second).await);
     drop(ledger);
     let ledger_bytes = || std::fs::read(&settings.ledger.path).expect("ledger file");
     let before = ledger_bytes();
@@ -863,9 +874,15 @@ async fn an_impossible_document_in_paymennts_answer_is_a_usage_error() {
             "{args_shown}: {text}"
         );
     }
-    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+    let ledger = Ledger::open(&dir.path().join("paywatch.db"))
+        .await
+        .expect("ledger");
     assert!(
-        ledger.list(&Default::default()).expect("list").is_empty(),
+        ledger
+            .list(&Default::default())
+            .await
+            .expect("list")
+            .is_empty(),
         "nothing recorded"
     );
     server.abort();

@@ -24,9 +24,14 @@ async fn track_then_pay_records_paid_with_its_history_in_both_modes() {
         wait_status(&ledger, &id, "PENDING").await;
         sandbox.state().pay(&id).await.expect("pay");
         wait_status(&ledger, &id, "PAID").await;
-        assert_eq!(history(&ledger, &id), ["PENDING", "PAID"], "mode {mode}");
+        assert_eq!(
+            history(&ledger, &id).await,
+            ["PENDING", "PAID"],
+            "mode {mode}"
+        );
         let paid = ledger
             .transitions(&id)
+            .await
             .expect("transitions")
             .pop()
             .expect("paid transition");
@@ -69,6 +74,7 @@ async fn a_thousand_checkouts_are_watched_and_all_payments_arrive_in_both_modes(
                         statuses: vec!["UNVERIFIED".into()],
                         ..Default::default()
                     })
+                    .await
                     .expect("list");
                 unverified.is_empty().then_some(())
             },
@@ -86,6 +92,7 @@ async fn a_thousand_checkouts_are_watched_and_all_payments_arrive_in_both_modes(
                         statuses: vec!["PAID".into()],
                         ..Default::default()
                     })
+                    .await
                     .expect("list");
                 (paid.len() == CHECKOUTS).then_some(())
             },
@@ -107,7 +114,7 @@ async fn a_checkout_tracked_while_running_is_watched_without_a_restart() {
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
     let daemon = Daemon::start(&settings, &path).await;
     // Another connection to the ledger file, as `paywatch track` in another process would be.
-    let cli_ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let cli_ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let tracked_at = Instant::now();
     let id = create_and_track(&sandbox, &cli_ledger, "ORD-LATE").await;
     let mut status = daemon.status.clone();
@@ -138,7 +145,7 @@ async fn a_restart_resumes_without_reverifying_and_catches_changes_made_while_do
             wait_status(&ledger, id, "PENDING").await;
         }
         wait_for("resume tokens persisted", DEADLINE, || async {
-            let set = ledger.watch_set().expect("watch set");
+            let set = ledger.watch_set().await.expect("watch set");
             set.iter()
                 .all(|entry| entry.resume_token.is_some() && !entry.needs_verify)
                 .then_some(())
@@ -172,7 +179,7 @@ async fn a_restart_resumes_without_reverifying_and_catches_changes_made_while_do
             calls_before[1..],
             "mode {mode}: unchanged checkouts were not re-verified"
         );
-        assert_eq!(history(&ledger, &ids[0]), ["PENDING", "PAID"]);
+        assert_eq!(history(&ledger, &ids[0]).await, ["PENDING", "PAID"]);
         sandbox.shutdown().await;
     }
 }
@@ -212,7 +219,7 @@ async fn api_errors_are_retried_and_never_produce_an_unverified_record() {
         sandbox.state().get_checkout_calls(&id) >= calls + 4,
         "three 500s, then the answer"
     );
-    assert_eq!(history(&ledger, &id), ["PENDING", "PAID"]);
+    assert_eq!(history(&ledger, &id).await, ["PENDING", "PAID"]);
     daemon.stop().await;
     sandbox.shutdown().await;
 }
@@ -237,8 +244,8 @@ async fn a_document_claiming_paid_while_the_api_says_pending_records_nothing() {
     )
     .await;
     daemon.stop().await;
-    assert_eq!(status_of(&ledger, &id).as_deref(), Some("PENDING"));
-    assert_eq!(history(&ledger, &id), ["PENDING"]);
+    assert_eq!(status_of(&ledger, &id).await.as_deref(), Some("PENDING"));
+    assert_eq!(history(&ledger, &id).await, ["PENDING"]);
     sandbox.shutdown().await;
 }
 
@@ -321,7 +328,7 @@ async fn kill_9_while_a_hook_runs_then_restart_delivers_it_exactly_once_as_deliv
     );
     let hooks = format!("{hook}timeout = \"120s\"\n");
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", &hooks);
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-KILL").await;
 
     let mut process = paywatch().config(&path).run();
@@ -350,7 +357,7 @@ async fn kill_9_while_a_hook_runs_then_restart_delivers_it_exactly_once_as_deliv
         .expect("hook pid");
     let _ = kill(Pid::from_raw(-orphan), Signal::SIGKILL);
 
-    let deliveries = ledger.deliveries_of(&id).expect("deliveries");
+    let deliveries = ledger.deliveries_of(&id).await.expect("deliveries");
     assert_eq!(deliveries.len(), 1);
     assert_eq!(
         deliveries[0].state,
@@ -365,7 +372,7 @@ async fn kill_9_while_a_hook_runs_then_restart_delivers_it_exactly_once_as_deliv
         "the delivery to complete after restart",
         2 * DEADLINE,
         || async {
-            let delivery = ledger.delivery(&event_id).expect("read")?;
+            let delivery = ledger.delivery(&event_id).await.expect("read")?;
             (delivery.state == paywatch::ledger::DeliveryState::Delivered).then_some(())
         },
     )
@@ -386,11 +393,11 @@ async fn kill_9_while_a_hook_runs_then_restart_delivers_it_exactly_once_as_deliv
             .all(|line| line.starts_with(&format!("{event_id} PAID"))),
         "same event id each time: {lines:?}"
     );
-    let deliveries = ledger.deliveries_of(&id).expect("deliveries");
+    let deliveries = ledger.deliveries_of(&id).await.expect("deliveries");
     assert_eq!(deliveries.len(), 1, "recorded once");
     assert_eq!(deliveries[0].attempts, 2);
     assert_eq!(
-        history(&ledger, &id),
+        history(&ledger, &id).await,
         ["PENDING", "PAID"],
         "the verified transition survived the kill"
     );
@@ -414,7 +421,7 @@ async fn a_hook_cannot_read_the_daemons_environment_or_memory() {
         ),
     );
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", &hook);
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-NOSY").await;
     // Root (with CAP_SYS_PTRACE) may read any process, so as root the daemon and its hook run
     // as an unprivileged user, as in production; otherwise as this test's own user.
@@ -623,6 +630,7 @@ async fn one_refused_document_leaves_the_other_checkouts_of_its_stream_alone() {
     let refused = create_and_track(&sandbox, &ledger, "ORD-REFUSED").await;
     let document = ledger
         .checkout(&refused)
+        .await
         .expect("read")
         .expect("tracked")
         .firebase
@@ -634,6 +642,7 @@ async fn one_refused_document_leaves_the_other_checkouts_of_its_stream_alone() {
     let refusal = wait_for("the refusal to be noted", DEADLINE, || async {
         ledger
             .checkout(&refused)
+            .await
             .expect("read")
             .and_then(|record| record.listen_refused)
     })
@@ -648,7 +657,11 @@ async fn one_refused_document_leaves_the_other_checkouts_of_its_stream_alone() {
         "{refusal:?}"
     );
     wait_status(&ledger, &open, "PENDING").await;
-    let record = ledger.checkout(&open).expect("read").expect("tracked");
+    let record = ledger
+        .checkout(&open)
+        .await
+        .expect("read")
+        .expect("tracked");
     assert!(record.listen_refused.is_none());
 
     // The other checkout is paid through its (still open) Firestore stream.
@@ -656,6 +669,7 @@ async fn one_refused_document_leaves_the_other_checkouts_of_its_stream_alone() {
     wait_status(&ledger, &open, "PAID").await;
     let paid = ledger
         .transitions(&open)
+        .await
         .expect("transitions")
         .pop()
         .expect("paid");
@@ -699,6 +713,7 @@ async fn one_refused_document_leaves_the_other_checkouts_of_its_stream_alone() {
     wait_status(&ledger, &refused, "PAID").await;
     let paid = ledger
         .transitions(&refused)
+        .await
         .expect("transitions")
         .pop()
         .expect("paid");
@@ -721,8 +736,8 @@ async fn a_full_resend_costs_get_checkout_only_for_changed_documents() {
         ids.push(create_and_track(&sandbox, &ledger, &format!("RESEND-{n}")).await);
     }
     let daemon = Daemon::start(&settings, &path).await;
-    let checkpointed = || {
-        let set = ledger.watch_set().expect("watch set");
+    let checkpointed = async || {
+        let set = ledger.watch_set().await.expect("watch set");
         set.into_iter()
             .filter(|entry| !entry.needs_verify)
             .filter_map(|entry| Some((entry.checkout_id, entry.resume_token?)))
@@ -732,7 +747,7 @@ async fn a_full_resend_costs_get_checkout_only_for_changed_documents() {
         "every checkout verified and checkpointed",
         Duration::from_secs(90),
         || async {
-            let tokens = checkpointed();
+            let tokens = checkpointed().await;
             (tokens.len() == CHECKOUTS).then_some(tokens)
         },
     )
@@ -754,7 +769,7 @@ async fn a_full_resend_costs_get_checkout_only_for_changed_documents() {
         "every target resent and checkpointed again",
         Duration::from_secs(90),
         || async {
-            let tokens = checkpointed();
+            let tokens = checkpointed().await;
             (sandbox.listen_full_resends() >= CHECKOUTS as u64
                 && tokens.len() == CHECKOUTS
                 && tokens

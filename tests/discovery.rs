@@ -141,7 +141,10 @@ async fn open_checkouts(
             .await
             .expect("link created");
         let facts = checkout.facts().expect("complete");
-        ledger.track(&facts, TrackedVia::Track).expect("tracked");
+        ledger
+            .track(&facts, TrackedVia::Track)
+            .await
+            .expect("tracked");
         ids.push(facts.id);
     }
     let (urgent, _sweep, abort) = verifier(ledger, client);
@@ -158,10 +161,14 @@ async fn open_checkouts(
             .await
             .expect("verifier running");
     }
-    wait_for("every checkout verified", Duration::from_secs(120), || {
-        let open = ledger.open_checkouts().expect("read");
-        async move { open.iter().all(|c| !c.needs_verify).then_some(()) }
-    })
+    wait_for(
+        "every checkout verified",
+        Duration::from_secs(120),
+        || async {
+            let open = ledger.open_checkouts().await.expect("read");
+            open.iter().all(|c| !c.needs_verify).then_some(())
+        },
+    )
     .await;
     abort.cancel();
     ids
@@ -173,7 +180,9 @@ async fn a_sweep_over_2000_open_checkouts_makes_a_search_per_page_and_a_call_per
     const PAGE: u32 = 100;
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+    let ledger = Ledger::open(&dir.path().join("paywatch.db"))
+        .await
+        .expect("ledger");
     let client = client(&sandbox);
     let ids = open_checkouts(&sandbox, &ledger, &client, OPEN).await;
     // Ten change while paywatch is not looking: five paid (still open, returned with another
@@ -231,7 +240,9 @@ async fn a_refused_search_falls_back_to_one_get_checkout_per_open_checkout() {
     const OPEN: usize = 30;
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+    let ledger = Ledger::open(&dir.path().join("paywatch.db"))
+        .await
+        .expect("ledger");
     let client = client(&sandbox);
     let ids = open_checkouts(&sandbox, &ledger, &client, OPEN).await;
     sandbox.state().pay(&ids[3]).await.expect("pay");
@@ -315,7 +326,7 @@ async fn discovery_finds_every_link_whatever_the_search_order_and_id_growth() {
         let orders: Vec<String> = (0..7).map(|index| format!("ORD-A{index}")).collect();
         let mut created = create_links(&client, &orders).await;
 
-        let ledger = Ledger::open(&path).expect("ledger");
+        let ledger = Ledger::open(&path).await.expect("ledger");
         let (first, failure) =
             discovery::round(&ledger, &client, &config, &mut Lookback::default()).await;
         assert_eq!(failure, None, "{behaviour:?}");
@@ -335,7 +346,7 @@ async fn discovery_finds_every_link_whatever_the_search_order_and_id_growth() {
         let later = create_links(&client, &orders).await;
         created.extend(later.iter().cloned());
         // A restart: a new ledger handle and no memory but the ledger's.
-        let ledger = Ledger::open(&path).expect("ledger reopened");
+        let ledger = Ledger::open(&path).await.expect("ledger reopened");
         let (second, failure) =
             discovery::round(&ledger, &client, &config, &mut Lookback::default()).await;
         assert_eq!(failure, None, "{behaviour:?}");
@@ -345,7 +356,7 @@ async fn discovery_finds_every_link_whatever_the_search_order_and_id_growth() {
             "{behaviour:?}: nothing missed"
         );
         for id in &created {
-            let record = ledger.checkout(id).expect("read").expect("tracked");
+            let record = ledger.checkout(id).await.expect("read").expect("tracked");
             assert_eq!(record.tracked_via, "discovery");
             assert!(record.watched);
         }
@@ -367,7 +378,9 @@ async fn a_link_visible_late_with_a_lower_id_and_an_earlier_creation_time_is_fou
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+    let ledger = Ledger::open(&dir.path().join("paywatch.db"))
+        .await
+        .expect("ledger");
     let client = client(&sandbox);
     let config = DiscoveryConfig {
         overlap: Duration::from_secs(30),
@@ -411,7 +424,7 @@ async fn a_link_visible_late_with_a_lower_id_and_an_earlier_creation_time_is_fou
         let late = late[0].clone();
         async move {
             let _ = discovery::round(&ledger, &client, &config, &mut lookback).await;
-            ledger.checkout(&late).expect("read").map(|_| ())
+            ledger.checkout(&late).await.expect("read").map(|_| ())
         }
     })
     .await;
@@ -422,7 +435,9 @@ async fn a_link_visible_late_with_a_lower_id_and_an_earlier_creation_time_is_fou
 async fn discovery_looks_back_only_the_configured_window_on_a_first_start() {
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+    let ledger = Ledger::open(&dir.path().join("paywatch.db"))
+        .await
+        .expect("ledger");
     let client = client(&sandbox);
     let old = client
         .create_link(&link_request("ORD-OLD", "10.00"), VerifyTicket::new(0))
@@ -443,7 +458,7 @@ async fn discovery_looks_back_only_the_configured_window_on_a_first_start() {
         .expect("link");
     let (second, _) = discovery::round(&ledger, &client, &config, &mut lookback).await;
     assert_eq!(second.added, vec![new.id().clone()]);
-    assert!(ledger.checkout(old.id()).expect("read").is_none());
+    assert!(ledger.checkout(old.id()).await.expect("read").is_none());
     sandbox.shutdown().await;
 }
 
@@ -467,7 +482,7 @@ async fn a_link_created_at_the_api_and_never_tracked_is_watched_and_its_payment_
     );
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", &extra);
     assert!(settings.discovery.is_enabled(&settings.paymennt));
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let daemon = Daemon::start(&settings, &path).await;
 
     // Created by "the merchant's backend", straight at the API; nobody runs paywatch track.
@@ -480,7 +495,7 @@ async fn a_link_created_at_the_api_and_never_tracked_is_watched_and_its_payment_
         .expect("link");
     let id = checkout.id().clone();
     wait_status(&ledger, &id, "PENDING").await;
-    let record = ledger.checkout(&id).expect("read").expect("tracked");
+    let record = ledger.checkout(&id).await.expect("read").expect("tracked");
     assert_eq!(record.tracked_via, "discovery");
     let mut status = daemon.status.clone();
     tokio::time::timeout(DEADLINE, status.wait_for(|s| s.watched == 1))
@@ -492,6 +507,7 @@ async fn a_link_created_at_the_api_and_never_tracked_is_watched_and_its_payment_
     wait_status(&ledger, &id, "PAID").await;
     let paid = ledger
         .transitions(&id)
+        .await
         .expect("transitions")
         .pop()
         .expect("paid");
@@ -502,7 +518,7 @@ async fn a_link_created_at_the_api_and_never_tracked_is_watched_and_its_payment_
             .filter(|text| text.contains(&format!("{id} PAID")))
     })
     .await;
-    assert_eq!(status_of(&ledger, &id).as_deref(), Some("PAID"));
+    assert_eq!(status_of(&ledger, &id).await.as_deref(), Some("PAID"));
     daemon.stop().await;
     sandbox.shutdown().await;
 }
@@ -522,7 +538,7 @@ async fn two_partial_refunds_are_two_hook_deliveries_with_their_totals() {
         ),
     );
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", &hook);
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let id = common::create_and_track(&sandbox, &ledger, "ORD-REFUNDS").await;
     let daemon = Daemon::start(&settings, &path).await;
     wait_status(&ledger, &id, "PENDING").await;
@@ -556,7 +572,7 @@ async fn two_partial_refunds_are_two_hook_deliveries_with_their_totals() {
             "PARTIALLY_REFUNDED PARTIALLY_REFUNDED 25.50 15.50"
         ]
     );
-    let history = ledger.transitions(&id).expect("transitions");
+    let history = ledger.transitions(&id).await.expect("transitions");
     let refund = history.last().expect("the second refund");
     assert!(refund.is_refund_only(), "{refund:?}");
     assert_eq!(
@@ -584,7 +600,9 @@ async fn sweep_cost_figures() {
         .unwrap_or(100);
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+    let ledger = Ledger::open(&dir.path().join("paywatch.db"))
+        .await
+        .expect("ledger");
     let client = client(&sandbox);
     open_checkouts(&sandbox, &ledger, &client, OPEN).await;
     let (_urgent, sweep, abort) = verifier(&ledger, &client);
@@ -667,6 +685,7 @@ async fn a_restarted_daemon_discovers_what_was_created_while_it_was_down() {
     }
     let tracked = ledger
         .list(&paywatch::ledger::ListFilter::default())
+        .await
         .expect("list");
     assert_eq!(tracked.len(), 4, "each checkout once");
     assert!(
@@ -676,13 +695,17 @@ async fn a_restarted_daemon_discovers_what_was_created_while_it_was_down() {
     );
     for id in &created {
         assert_eq!(
-            ledger.transitions(id).expect("history").len(),
+            ledger.transitions(id).await.expect("history").len(),
             1,
             "verified once, never re-imported: {id}"
         );
     }
     assert!(
-        ledger.last_discovery_round("LINK").expect("read").is_some(),
+        ledger
+            .last_discovery_round("LINK")
+            .await
+            .expect("read")
+            .is_some(),
         "a complete round is remembered"
     );
     daemon.stop().await;
@@ -736,19 +759,24 @@ async fn a_first_start_imports_what_was_settled_before_as_baselines_and_runs_no_
          {hook}"
     );
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", &extra);
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let searches_before = sandbox.faults().search_calls();
     let started = std::time::Instant::now();
     let daemon = Daemon::start(&settings, &path).await;
-    wait_for("every old link recorded", Duration::from_secs(120), || {
-        let recorded = ledger
-            .list(&paywatch::ledger::ListFilter::default())
-            .expect("list")
-            .iter()
-            .filter(|record| record.status.is_some())
-            .count();
-        async move { (recorded == SETTLED + OPEN).then_some(()) }
-    })
+    wait_for(
+        "every old link recorded",
+        Duration::from_secs(120),
+        || async {
+            let recorded = ledger
+                .list(&paywatch::ledger::ListFilter::default())
+                .await
+                .expect("list")
+                .iter()
+                .filter(|record| record.status.is_some())
+                .count();
+            (recorded == SETTLED + OPEN).then_some(())
+        },
+    )
     .await;
     let imported_in = started.elapsed();
     // A payment after tracking began is news, whenever its link was created.
@@ -762,6 +790,7 @@ async fn a_first_start_imports_what_was_settled_before_as_baselines_and_runs_no_
     .await;
     let deliveries = ledger
         .deliveries(&paywatch::ledger::DeliveryFilter::default())
+        .await
         .expect("deliveries");
     assert_eq!(
         deliveries.len(),
@@ -773,7 +802,7 @@ async fn a_first_start_imports_what_was_settled_before_as_baselines_and_runs_no_
             .collect::<Vec<_>>()
     );
     for id in &settled {
-        let history = ledger.transitions(id).expect("history");
+        let history = ledger.transitions(id).await.expect("history");
         assert_eq!(history.len(), 1, "{id}");
         assert_eq!(history[0].source, "discovery-import", "{id}");
         assert!(
@@ -804,9 +833,13 @@ async fn a_webhook_for_an_unknown_checkout_wakes_discovery_at_once() {
     )
     .await;
     let daemon = Daemon::start(&settings, &path).await;
-    wait_for("the first discovery round", DEADLINE, || {
-        let done = ledger.last_discovery_round("LINK").expect("read").is_some();
-        async move { done.then_some(()) }
+    wait_for("the first discovery round", DEADLINE, || async {
+        let done = ledger
+            .last_discovery_round("LINK")
+            .await
+            .expect("read")
+            .is_some();
+        done.then_some(())
     })
     .await;
     // Created elsewhere after the first round; the next scheduled round is an hour away.

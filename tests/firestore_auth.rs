@@ -43,7 +43,7 @@ fn auth_settings(
 /// Tracks a checkout, starts the daemon, pays, and waits for PAID (the reconciler runs hourly
 /// in these configs, so PAID comes through the Listen stream).
 async fn pays_through_listen(sandbox: &Sandbox, dir: &Path, settings: &Settings, config: &Path) {
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let id = create_and_track(sandbox, &ledger, "auth-1").await;
     let daemon = Daemon::start(settings, config).await;
     wait_for("a Listen call", DEADLINE, || async {
@@ -300,7 +300,7 @@ async fn firebase_anonymous_mode_renews_its_token_and_the_stream_survives() {
     .await;
     let dir = tempfile::tempdir().expect("temp dir");
     let (settings, config) = auth_settings(dir.path(), &sandbox, &anonymous_lines(&sandbox), "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "anon-1").await;
     let daemon = Daemon::start(&settings, &config).await;
     // Several token lifetimes pass: each token is renewed ahead of its expiry.
@@ -353,7 +353,7 @@ async fn a_failing_token_refresh_is_refused_then_recovers_and_the_payment_arrive
     .await;
     let dir = tempfile::tempdir().expect("temp dir");
     let (settings, config) = auth_settings(dir.path(), &sandbox, &anonymous_lines(&sandbox), "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "anon-2").await;
     let daemon = Daemon::start(&settings, &config).await;
     wait_for("the first sign-in", DEADLINE, || async {
@@ -371,7 +371,7 @@ async fn a_failing_token_refresh_is_refused_then_recovers_and_the_payment_arrive
     sandbox.state().pay(&id).await.expect("paid");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_ne!(
-        common::status_of(&ledger, &id).as_deref(),
+        common::status_of(&ledger, &id).await.as_deref(),
         Some("PAID"),
         "no token, no Listen"
     );
@@ -441,7 +441,7 @@ async fn application_default_mode_uses_google_application_credentials() {
     let key = write(dir.path(), "adc.json", &account.key_json);
     let (settings, config) =
         auth_settings(dir.path(), &sandbox, "auth = \"application-default\"\n", "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "adc-1").await;
     // The variable is process-wide: give it to a child daemon only.
     let child = paywatch()
@@ -500,7 +500,7 @@ async fn ten_restarts_sign_up_once_and_a_refused_identity_once_more() {
     .await;
     let dir = tempfile::tempdir().expect("temp dir");
     let (settings, config) = auth_settings(dir.path(), &sandbox, &anonymous_lines(&sandbox), "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     create_and_track(&sandbox, &ledger, "restart-1").await;
     let mut logs = Vec::new();
     // One start: wait for a Listen call carrying an ID token (obtained, and kept, before it).
@@ -613,7 +613,7 @@ async fn sign_in_required_refuses_each_target_and_readiness_says_what_to_try() {
     );
     std::fs::write(&path, text).expect("write config");
     let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("valid");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let first = create_and_track(&sandbox, &ledger, "signin-1").await;
     let second = create_and_track(&sandbox, &ledger, "signin-2").await;
     let daemon = Daemon::start(&settings, &path).await;
@@ -621,6 +621,7 @@ async fn sign_in_required_refuses_each_target_and_readiness_says_what_to_try() {
         let refusal = wait_for("the refusal to be noted", DEADLINE, || async {
             ledger
                 .checkout(id)
+                .await
                 .expect("read")
                 .and_then(|record| record.listen_refused)
         })

@@ -51,8 +51,10 @@ env = {{ SHOP_ENV = "staging" }}
     }
 
     /// Creates the (empty) ledger, as a first `track` would.
-    fn create_ledger(&self) {
-        Ledger::open(&self.file("ledger/paywatch.db")).expect("create the ledger");
+    async fn create_ledger(&self) {
+        Ledger::open(&self.file("ledger/paywatch.db"))
+            .await
+            .expect("create the ledger");
     }
 
     /// Runs `paywatch --config CONFIG ARGS`, with a daemon secret in its environment.
@@ -182,14 +184,14 @@ fn hooks_test_names_what_is_wrong_with_exit_2() {
     );
 }
 
-#[test]
-fn hooks_list_retry_and_replay_on_an_empty_ledger() {
+#[tokio::test]
+async fn hooks_list_retry_and_replay_on_an_empty_ledger() {
     let merchant = Merchant::new("exit 0\n", "");
     let output = merchant.run(&["hooks", "list"]);
     assert_exit(&output, 1);
     assert!(stderr(&output).starts_with("paywatch: no ledger at "));
 
-    merchant.create_ledger();
+    merchant.create_ledger().await;
     let output = merchant.run(&["hooks", "list"]);
     assert_exit(&output, 0);
     assert_eq!(stdout(&output), "no deliveries\n");
@@ -222,10 +224,10 @@ fn hooks_list_retry_and_replay_on_an_empty_ledger() {
     assert_eq!(report["hooks"], serde_json::json!(["mark-paid"]));
 }
 
-#[test]
-fn bad_hooks_arguments_are_usage_errors() {
+#[tokio::test]
+async fn bad_hooks_arguments_are_usage_errors() {
     let merchant = Merchant::new("exit 0\n", "");
-    merchant.create_ledger();
+    merchant.create_ledger().await;
     for args in [
         &["hooks", "list", "--state", "stuck"][..],
         &["hooks", "retry"],

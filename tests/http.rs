@@ -36,6 +36,7 @@ async fn setup(
     common::setup_with(common::sandbox().await, |dir, sandbox| {
         config(dir, sandbox, firestore_extra, http)
     })
+    .await
 }
 
 /// A free loopback port, for a webhook address that must be known before the daemon starts.
@@ -93,7 +94,7 @@ async fn with_firestore_off_payments_still_arrive_through_signed_webhooks() {
             key.expose()
         ),
     );
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-WH").await;
     let daemon = Daemon::start(&settings, &path).await;
     assert_eq!(daemon.http_url(), format!("http://127.0.0.1:{port}"));
@@ -108,6 +109,7 @@ async fn with_firestore_off_payments_still_arrive_through_signed_webhooks() {
     );
     let paid = ledger
         .transitions(&id)
+        .await
         .expect("transitions")
         .pop()
         .expect("paid");
@@ -126,7 +128,7 @@ async fn with_firestore_off_payments_still_arrive_through_signed_webhooks() {
     // A refund arrives the same way.
     sandbox.state().refund(&id, None).await.expect("refund");
     wait_status(&ledger, &id, "REFUNDED").await;
-    assert_eq!(history(&ledger, &id), ["PENDING", "PAID", "REFUNDED"]);
+    assert_eq!(history(&ledger, &id).await, ["PENDING", "PAID", "REFUNDED"]);
     daemon.stop().await;
     sandbox.shutdown().await;
 }
@@ -198,8 +200,8 @@ async fn a_forged_paid_notification_records_nothing_and_costs_one_get_checkout()
         .expect("the nudge was verified")
         .expect("status");
     assert_eq!(calls(&sandbox, &id), 2, "exactly one Get Checkout");
-    assert_eq!(status_of(&ledger, &id).as_deref(), Some("PENDING"));
-    assert_eq!(history(&ledger, &id), ["PENDING"], "nothing recorded");
+    assert_eq!(status_of(&ledger, &id).await.as_deref(), Some("PENDING"));
+    assert_eq!(history(&ledger, &id).await, ["PENDING"], "nothing recorded");
     // An unknown checkout: 202, and no call at all (decided before the answer). Issue 21 §2:
     // the answer is the tracked one's, byte for byte, so it tells nobody what is tracked; so
     // is a notification naming no checkout.
@@ -414,6 +416,7 @@ async fn unsigned_notifications_cannot_lock_out_the_signed_one() {
         wait_status(&ledger, &id, "PAID").await;
         let paid = ledger
             .transitions(&id)
+            .await
             .expect("transitions")
             .pop()
             .expect("paid");
@@ -440,7 +443,7 @@ async fn a_forged_flood_during_an_outage_costs_one_get_checkout_per_window() {
     .replace("max_retries = 5", "max_retries = 0");
     std::fs::write(&path, text).expect("write config");
     let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("config");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-OUTAGE").await;
     let daemon = Daemon::start(&settings, &path).await;
     wait_status(&ledger, &id, "PENDING").await;
@@ -538,7 +541,7 @@ async fn the_track_endpoint_records_and_watches_at_once_with_the_right_token_onl
     let (code, body) = post(&url, response.clone(), &[auth]).await;
     assert_eq!(code, 201, "{body}");
     let id: CheckoutId = checkout.id.expect("id").0.parse().expect("id");
-    let record = ledger.checkout(&id).expect("read").expect("tracked");
+    let record = ledger.checkout(&id).await.expect("read").expect("tracked");
     // The --json shape of the record as tracked. The daemon verifies a tracked checkout at
     // once, so by the time the ledger is read here the verification may have moved these on.
     let mut expected = serde_json::to_value(&record).expect("json");
@@ -649,7 +652,7 @@ async fn a_checkout_tracked_over_http_is_verified_at_once_even_with_firestore_of
             token_file.display()
         ),
     );
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let daemon = Daemon::start(&settings, &path).await;
     let checkout = sandbox
         .state()
@@ -888,7 +891,7 @@ async fn shutdown_is_not_held_up_by_a_half_sent_request_and_hooks_keep_their_dra
     .replace("drain_timeout = \"5s\"", "drain_timeout = \"15s\"");
     std::fs::write(&path, text).expect("write config");
     let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("valid");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-DRAIN").await;
     let daemon = Daemon::start(&settings, &path).await;
     wait_status(&ledger, &id, "PENDING").await;
@@ -961,7 +964,7 @@ async fn idle_connections_beyond_the_cap_neither_starve_a_hook_nor_stop_healthz(
              {hook}"
         ),
     );
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-IDLE").await;
     let mut process = paywatch()
         .launcher(&["prlimit", "--nofile=256:256", "--"])

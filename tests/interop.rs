@@ -658,7 +658,7 @@ impl Stack {
         let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("valid config");
         assert_eq!(settings.firestore.endpoint(), emulator.endpoint);
         assert_eq!(settings.firestore.add_ack_timeout, Duration::from_secs(1));
-        let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+        let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
         Some(Stack {
             _emulator: emulator,
             sandbox,
@@ -692,6 +692,7 @@ impl Stack {
         let facts = checkout.facts().expect("complete");
         self.ledger
             .track(&facts, TrackedVia::Track)
+            .await
             .expect("tracked");
         facts.id
     }
@@ -701,9 +702,10 @@ impl Stack {
     }
 
     /// The source of the transition to `status`.
-    fn source_of(&self, id: &CheckoutId, status: &str) -> String {
+    async fn source_of(&self, id: &CheckoutId, status: &str) -> String {
         self.ledger
             .transitions(id)
+            .await
             .expect("transitions")
             .into_iter()
             .find(|t| t.to == status)
@@ -711,12 +713,13 @@ impl Stack {
             .source
     }
 
-    fn count(&self, status: &str) -> usize {
+    async fn count(&self, status: &str) -> usize {
         self.ledger
             .list(&ListFilter {
                 statuses: vec![status.into()],
                 ..Default::default()
             })
+            .await
             .expect("list")
             .len()
     }
@@ -759,7 +762,9 @@ async fn interop_daemon_records_every_lifecycle_in_both_modes() {
         }
 
         // A link created while the daemon runs: its document is watched (first snapshot).
-        let cli_ledger = Ledger::open(&stack.settings.ledger.path).expect("ledger");
+        let cli_ledger = Ledger::open(&stack.settings.ledger.path)
+            .await
+            .expect("ledger");
         let late = common::create_and_track(&stack.sandbox, &cli_ledger, "ORD-LATE").await;
         wait_watched(&daemon, 5).await;
         wait_status(&stack.ledger, &late, "PENDING").await;
@@ -783,13 +788,13 @@ async fn interop_daemon_records_every_lifecycle_in_both_modes() {
             .expect("refund");
         wait_status(&stack.ledger, &paid, "REFUNDED").await;
         assert_eq!(
-            history(&stack.ledger, &paid),
+            history(&stack.ledger, &paid).await,
             ["PENDING", "PAID", "PARTIALLY_REFUNDED", "REFUNDED"],
             "{mode}"
         );
         for status in ["PAID", "PARTIALLY_REFUNDED", "REFUNDED"] {
             assert_eq!(
-                stack.source_of(&paid, status),
+                stack.source_of(&paid, status).await,
                 "firestore",
                 "{mode} {status}"
             );
@@ -798,7 +803,7 @@ async fn interop_daemon_records_every_lifecycle_in_both_modes() {
         stack.sandbox.state().fail(&failed).await.expect("fail");
         wait_status(&stack.ledger, &failed, "FAILED").await;
         assert_eq!(
-            history(&stack.ledger, &failed),
+            history(&stack.ledger, &failed).await,
             ["PENDING", "FAILED"],
             "{mode}"
         );
@@ -817,26 +822,26 @@ async fn interop_daemon_records_every_lifecycle_in_both_modes() {
         })
         .await;
         assert_eq!(
-            common::status_of(&stack.ledger, &deleted).as_deref(),
+            common::status_of(&stack.ledger, &deleted).await.as_deref(),
             Some("PENDING")
         );
         stack.sandbox.state().pay(&deleted).await.expect("pay");
         wait_status(&stack.ledger, &deleted, "PAID").await;
         assert_eq!(
-            history(&stack.ledger, &deleted),
+            history(&stack.ledger, &deleted).await,
             ["PENDING", "PAID"],
             "{mode}"
         );
-        assert_eq!(stack.source_of(&deleted, "PAID"), "firestore");
+        assert_eq!(stack.source_of(&deleted, "PAID").await, "firestore");
 
         // The sandbox's timer expires the link; the document change brings EXPIRED.
         wait_status(&stack.ledger, &expiring, "EXPIRED").await;
         assert_eq!(
-            history(&stack.ledger, &expiring),
+            history(&stack.ledger, &expiring).await,
             ["PENDING", "EXPIRED"],
             "{mode}"
         );
-        assert_eq!(stack.source_of(&expiring, "EXPIRED"), "firestore");
+        assert_eq!(stack.source_of(&expiring, "EXPIRED").await, "firestore");
 
         // Still watched: PAID (late), PAID (deleted); the final ones were dropped.
         wait_watched(&daemon, 2).await;
@@ -867,14 +872,14 @@ async fn interop_daemon_restart_resumes_by_the_full_resend_in_both_modes() {
         // start-up sweep waits for that snapshot and then needs no call). Stop once every one
         // is verified and nothing is pending.
         common::wait_for("first snapshots verified", common::DEADLINE, || async {
-            let set = stack.ledger.watch_set().expect("watch set");
+            let set = stack.ledger.watch_set().await.expect("watch set");
             let done =
                 ids.iter().all(|id| stack.calls(id) >= 1) && set.iter().all(|e| !e.needs_verify);
             done.then_some(())
         })
         .await;
         daemon.stop().await;
-        let set = stack.ledger.watch_set().expect("watch set");
+        let set = stack.ledger.watch_set().await.expect("watch set");
         assert_eq!(set.len(), 4);
         assert!(
             set.iter()
@@ -892,7 +897,7 @@ async fn interop_daemon_restart_resumes_by_the_full_resend_in_both_modes() {
         let daemon = stack.daemon().await;
         wait_status(&stack.ledger, &ids[0], "PAID").await;
         assert_eq!(
-            history(&stack.ledger, &ids[0]),
+            history(&stack.ledger, &ids[0]).await,
             ["PENDING", "PAID"],
             "{mode}"
         );
@@ -907,7 +912,7 @@ async fn interop_daemon_restart_resumes_by_the_full_resend_in_both_modes() {
                 || async { (stack.calls(id) > before).then_some(()) },
             )
             .await;
-            assert_eq!(history(&stack.ledger, id), ["PENDING"], "{mode}");
+            assert_eq!(history(&stack.ledger, id).await, ["PENDING"], "{mode}");
         }
         daemon.stop().await;
         stack.stop().await;
@@ -935,7 +940,7 @@ async fn interop_daemon_two_hundred_checkouts_all_complete_in_both_modes() {
         common::wait_for(
             "every checkout verified PENDING",
             common::DEADLINE,
-            || async { (stack.count("PENDING") == CHECKOUTS).then_some(()) },
+            || async { (stack.count("PENDING").await == CHECKOUTS).then_some(()) },
         )
         .await;
         let verified = started.elapsed();
@@ -943,13 +948,17 @@ async fn interop_daemon_two_hundred_checkouts_all_complete_in_both_modes() {
             stack.sandbox.state().pay(id).await.expect("pay");
         }
         common::wait_for("every payment recorded", common::DEADLINE, || async {
-            (stack.count("PAID") == CHECKOUTS).then_some(())
+            (stack.count("PAID").await == CHECKOUTS).then_some(())
         })
         .await;
         for id in &ids {
-            assert_eq!(history(&stack.ledger, id), ["PENDING", "PAID"], "{mode}");
+            assert_eq!(
+                history(&stack.ledger, id).await,
+                ["PENDING", "PAID"],
+                "{mode}"
+            );
             // Each payment came through the emulator's Listen (the reconciler ran only at start).
-            assert_eq!(stack.source_of(id, "PAID"), "firestore", "{mode}");
+            assert_eq!(stack.source_of(id, "PAID").await, "firestore", "{mode}");
         }
         eprintln!(
             "{mode}: {CHECKOUTS} checkouts verified after {verified:?}, all paid after {:?}",

@@ -45,9 +45,10 @@ async fn scrape(daemon: &Daemon, ledger: &Ledger, secrets: &[&str]) -> Expositio
     exposition::parse(&text).unwrap_or_else(|error| panic!("{error}\n{text}"))
 }
 
-fn delivered(ledger: &Ledger, id: &CheckoutId) -> bool {
+async fn delivered(ledger: &Ledger, id: &CheckoutId) -> bool {
     ledger
         .deliveries_of(id)
+        .await
         .expect("ledger read")
         .iter()
         .any(|delivery| delivery.state == DeliveryState::Delivered)
@@ -59,9 +60,9 @@ async fn the_exposition_parses_and_moves_with_a_payment() {
     let dir = tempfile::tempdir().expect("tempdir");
     let hook = "\n[http]\nlisten = \"127.0.0.1:0\"\n\n[[hooks]]\nname = \"notify\"\ncommand = [\"/bin/true\"]\nstatuses = [\"PAID\"]\n";
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", hook);
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-METRICS-1").await;
-    let record = ledger.checkout(&id).expect("read").expect("tracked");
+    let record = ledger.checkout(&id).await.expect("read").expect("tracked");
     let project = record.firebase.database.clone();
     let secrets = [
         id.as_str(),
@@ -99,7 +100,7 @@ async fn the_exposition_parses_and_moves_with_a_payment() {
     sandbox.state().pay(&id).await.expect("pay");
     wait_status(&ledger, &id, "PAID").await;
     wait_for("the PAID hook to be delivered", DEADLINE, || async {
-        delivered(&ledger, &id).then_some(())
+        delivered(&ledger, &id).await.then_some(())
     })
     .await;
 
@@ -277,7 +278,7 @@ async fn a_first_start_verifies_each_checkout_once() {
     std::fs::write(&path, text).expect("write config");
     let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("valid");
     assert_eq!(settings.reconcile.startup_grace, Duration::from_secs(15));
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     let mut ids = Vec::new();
     for n in 0..CHECKOUTS {
         ids.push(create_and_track(&sandbox, &ledger, &format!("ORD-ONCE-{n}")).await);

@@ -67,8 +67,8 @@ async fn track_several(sandbox: &Sandbox, ledger: &Ledger) -> Vec<CheckoutId> {
     ids
 }
 
-fn watched(ledger: &Ledger) -> usize {
-    ledger.watch_set().expect("watch set").len()
+async fn watched(ledger: &Ledger) -> usize {
+    ledger.watch_set().await.expect("watch set").len()
 }
 
 /// Points the config back at the right paymennt and reloads.
@@ -85,7 +85,9 @@ async fn an_html_404_base_url_unwatches_nothing_and_a_payment_after_the_fix_is_r
     let (wrong, hits) = html_404_server().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), &sandbox, &wrong);
-    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+    let ledger = Ledger::open(&dir.path().join("paywatch.db"))
+        .await
+        .expect("ledger");
     let ids = track_several(&sandbox, &ledger).await;
     let mut process = paywatch().config(&config).run();
     process.expect_line("paywatch is running").await;
@@ -96,13 +98,14 @@ async fn an_html_404_base_url_unwatches_nothing_and_a_payment_after_the_fix_is_r
     })
     .await;
     assert_eq!(
-        watched(&ledger),
+        watched(&ledger).await,
         CHECKOUTS,
         "every checkout is still watched"
     );
     assert!(
         ledger
             .watch_set()
+            .await
             .expect("set")
             .iter()
             .all(|e| e.needs_verify),
@@ -111,7 +114,7 @@ async fn an_html_404_base_url_unwatches_nothing_and_a_payment_after_the_fix_is_r
     fix_and_reload(&mut process, &config, &wrong, &sandbox.api_base_url()).await;
     sandbox.state().pay(&ids[0]).await.expect("pay");
     wait_status(&ledger, &ids[0], "PAID").await;
-    assert_eq!(watched(&ledger), CHECKOUTS);
+    assert_eq!(watched(&ledger).await, CHECKOUTS);
     drop(process);
     sandbox.shutdown().await;
 }
@@ -125,7 +128,9 @@ async fn many_checkouts_paymennt_says_do_not_exist_stay_watched_and_check_config
     let dir = tempfile::tempdir().expect("tempdir");
     let wrong = elsewhere.api_base_url();
     let config = write_config(dir.path(), &sandbox, &wrong);
-    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+    let ledger = Ledger::open(&dir.path().join("paywatch.db"))
+        .await
+        .expect("ledger");
     let ids = track_several(&sandbox, &ledger).await;
     let mut process = paywatch().config(&config).run();
     process.expect_line("paywatch is running").await;
@@ -139,7 +144,7 @@ async fn many_checkouts_paymennt_says_do_not_exist_stay_watched_and_check_config
     })
     .await;
     assert_eq!(
-        watched(&ledger),
+        watched(&ledger).await,
         CHECKOUTS,
         "every checkout is still watched"
     );
@@ -155,7 +160,7 @@ async fn many_checkouts_paymennt_says_do_not_exist_stay_watched_and_check_config
     fix_and_reload(&mut process, &config, &wrong, &sandbox.api_base_url()).await;
     sandbox.state().pay(&ids[0]).await.expect("pay");
     wait_status(&ledger, &ids[0], "PAID").await;
-    assert_eq!(watched(&ledger), CHECKOUTS);
+    assert_eq!(watched(&ledger).await, CHECKOUTS);
     drop(process);
     sandbox.shutdown().await;
     elsewhere.shutdown().await;
@@ -194,7 +199,9 @@ async fn a_plaintext_base_url_off_loopback_is_refused_at_start_and_on_reload() {
     // Started right, then reloaded with the plaintext URL: refused, the old config kept.
     let right = sandbox.api_base_url();
     write_config(dir.path(), &sandbox, &right);
-    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+    let ledger = Ledger::open(&dir.path().join("paywatch.db"))
+        .await
+        .expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-PLAIN").await;
     let mut process = paywatch().config(&config).run();
     process.expect_line("paywatch is running").await;

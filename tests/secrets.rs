@@ -86,15 +86,16 @@ impl Setup {
 }
 
 async fn wait_delivered(ledger: &Ledger, count: usize) {
-    common::wait_for("hook deliveries", DEADLINE, || {
+    common::wait_for("hook deliveries", DEADLINE, || async {
         let delivered = ledger
             .deliveries(&DeliveryFilter {
                 state: Some(DeliveryState::Delivered),
                 ..DeliveryFilter::default()
             })
+            .await
             .map(|d| d.len())
             .unwrap_or(0);
-        async move { (delivered >= count).then_some(()) }
+        (delivered >= count).then_some(())
     })
     .await;
 }
@@ -179,8 +180,10 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
         assert!(output.status.success(), "{output:?}");
         places.add_output(&format!("link create {order}"), &output);
     }
-    let ledger = Ledger::open(&setup.path("paywatch.db")).expect("ledger");
-    for record in ledger.list(&Default::default()).expect("list") {
+    let ledger = Ledger::open(&setup.path("paywatch.db"))
+        .await
+        .expect("ledger");
+    for record in ledger.list(&Default::default()).await.expect("list") {
         ids.push(record.id.parse().expect("id"));
     }
     assert_eq!(ids.len(), 2);
@@ -423,7 +426,7 @@ async fn no_secret_an_echoing_upstream_quotes_reaches_check_config_or_error_line
     let echo = start_echoing_upstream().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let ledger_path = dir.path().join("paywatch.db");
-    let ledger = Ledger::open(&ledger_path).expect("ledger");
+    let ledger = Ledger::open(&ledger_path).await.expect("ledger");
     let id = common::create_and_track(&sandbox, &ledger, "ECHO-1").await;
     drop(ledger);
     let paymennt = format!(

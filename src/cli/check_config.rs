@@ -179,9 +179,11 @@ async fn access_checks(
              check-config --online again",
         )]);
     }
-    let documents = Ledger::open_read_only(path)
-        .and_then(|ledger| ledger.probe_documents(only))
-        .map_err(|error| UsageError(format!("cannot read the tracked checkouts: {error}")))?;
+    let documents = match Ledger::open_read_only(path).await {
+        Ok(ledger) => ledger.probe_documents(only).await,
+        Err(error) => Err(error),
+    }
+    .map_err(|error| UsageError(format!("cannot read the tracked checkouts: {error}")))?;
     if documents.is_empty() {
         if let Some(id) = only {
             return Err(UsageError(format!(
@@ -284,15 +286,16 @@ fn directory_writable(dir: &Path) -> Result<String, String> {
 /// (another environment or merchant), not at vanished checkouts.
 async fn check_watched(client: &Client, ledger_path: &Path) -> Vec<Check> {
     let mut checks = Vec::new();
-    let path = ledger_path.to_owned();
-    let read = tokio::task::spawn_blocking(move || {
-        let ledger = Ledger::open_read_only(&path)?;
-        Ok::<_, crate::ledger::LedgerError>((ledger.looking_gone()?, ledger.watch_set()?))
-    })
+    let read = async {
+        let ledger = Ledger::open_read_only(ledger_path).await?;
+        Ok::<_, crate::ledger::LedgerError>((
+            ledger.looking_gone().await?,
+            ledger.watch_set().await?,
+        ))
+    }
     .await;
     let (gone, watched) = match read {
-        Ok(Ok(read)) => read,
-        Ok(Err(error)) => return vec![check(false, format!("watched checkouts: {error}"))],
+        Ok(read) => read,
         Err(error) => return vec![check(false, format!("watched checkouts: {error}"))],
     };
     if gone.is_configuration_problem() {

@@ -199,12 +199,12 @@ impl LinkCreateArgs {
 }
 
 /// Opens the ledger named by the settings, with the path in any error.
-pub fn open_ledger(settings: &Settings) -> anyhow::Result<Ledger> {
-    Ok(Ledger::open(&settings.ledger.path)?)
+pub async fn open_ledger(settings: &Settings) -> anyhow::Result<Ledger> {
+    Ok(Ledger::open(&settings.ledger.path).await?)
 }
 
 /// Opens the ledger for reading; a missing file is explained rather than created.
-pub(super) fn open_existing_ledger(settings: &Settings) -> anyhow::Result<Ledger> {
+pub(super) async fn open_existing_ledger(settings: &Settings) -> anyhow::Result<Ledger> {
     let path = &settings.ledger.path;
     if !path.exists() {
         anyhow::bail!(
@@ -213,22 +213,24 @@ pub(super) fn open_existing_ledger(settings: &Settings) -> anyhow::Result<Ledger
             settings.origin_name()
         );
     }
-    open_ledger(settings)
+    open_ledger(settings).await
 }
 
 /// Records a verified checkout in the ledger, as a person's action.
-fn record_verified(
+async fn record_verified(
     settings: &Settings,
     ledger: &Ledger,
     verified: &VerifiedCheckout,
 ) -> anyhow::Result<ApplyOutcome> {
-    Ok(ledger.apply(
-        verified,
-        Source::Manual,
-        None,
-        &settings.hooks,
-        settings.firestore.refund_watch,
-    )?)
+    Ok(ledger
+        .apply(
+            verified,
+            Source::Manual,
+            None,
+            &settings.hooks,
+            settings.firestore.refund_watch,
+        )
+        .await?)
 }
 
 /// A paymennt answer naming a Firestore document that cannot exist (a reserved `__...__` id, a
@@ -276,8 +278,8 @@ pub async fn link_create(
     let request = args.to_request()?;
     let client = super::waiting::client(&settings.paymennt)?;
     // Open the ledger first: a ledger we cannot write must stop us before a link exists.
-    let ledger = open_ledger(settings)?;
-    let ticket = ledger.issue_ticket()?;
+    let ledger = open_ledger(settings).await?;
+    let ticket = ledger.issue_ticket().await?;
     let sent_at = chrono::Utc::now();
     let cut_short = |what: String| -> anyhow::Error {
         unknown_outcome(
@@ -317,10 +319,10 @@ pub async fn link_create(
     };
     // Tracked first, so the ledger says how it came (`link-create`); the answer is then
     // recorded as a person's verification, as `track` does.
-    let recorded = ledger
-        .track(verified.facts(), TrackedVia::LinkCreate)
-        .map_err(anyhow::Error::from)
-        .and_then(|_| record_verified(settings, &ledger, &verified));
+    let recorded = match ledger.track(verified.facts(), TrackedVia::LinkCreate).await {
+        Ok(_) => record_verified(settings, &ledger, &verified).await,
+        Err(error) => Err(error.into()),
+    };
     if let Err(error) = recorded {
         anyhow::bail!(
             "payment link {} was created but could not be recorded: {error:#}\n\nrecord it with: paywatch track --checkout-id {}",
@@ -378,7 +380,7 @@ async fn find_lost_link(
         tokio::time::sleep(pause).await;
         searches += 1;
         // A ticket per look: the answer reflects what paymennt had committed before it.
-        let ticket = ledger.issue_ticket()?;
+        let ticket = ledger.issue_ticket().await?;
         match client.find_link(request, sent_at, ticket).await {
             Ok(Some(verified)) => {
                 tracing::warn!(
@@ -448,14 +450,14 @@ pub async fn track(settings: &Settings, args: &TrackArgs) -> anyhow::Result<()> 
             .parse()
             .map_err(|e| UsageError(format!("--checkout-id: {e}")))?;
         let client = super::waiting::client(&settings.paymennt)?;
-        let ledger = open_ledger(settings)?;
-        let ticket = ledger.issue_ticket()?;
+        let ledger = open_ledger(settings).await?;
+        let ticket = ledger.issue_ticket().await?;
         let verified = client
             .get_checkout(&id, ticket)
             .await
             .map_err(|error| impossible_name(error, &format!("Get Checkout {id}")))
             .with_context(|| format!("fetching checkout {id}"))?;
-        let outcome = record_verified(settings, &ledger, &verified)?;
+        let outcome = record_verified(settings, &ledger, &verified).await?;
         let note = match outcome {
             ApplyOutcome::Transition { .. } => "recorded",
             ApplyOutcome::Unchanged => "unchanged",
@@ -466,7 +468,8 @@ pub async fn track(settings: &Settings, args: &TrackArgs) -> anyhow::Result<()> 
             &id,
             args.json,
             &format!("tracking checkout {id}: {} ({note})", verified.status()),
-        );
+        )
+        .await;
     }
     let (text, origin) = match args.file.as_deref() {
         None => {
@@ -489,8 +492,8 @@ pub async fn track(settings: &Settings, args: &TrackArgs) -> anyhow::Result<()> 
         }
     };
     let facts = track_input(&text, &origin).map_err(|rejected| UsageError(rejected.message))?;
-    let ledger = open_ledger(settings)?;
-    let outcome = ledger.track(&facts, TrackedVia::Track)?;
+    let ledger = open_ledger(settings).await?;
+    let outcome = ledger.track(&facts, TrackedVia::Track).await?;
     let note = match outcome {
         TrackOutcome::Added => "now watched; its status will be verified with Get Checkout",
         TrackOutcome::AlreadyTracked => "already tracked",
@@ -501,12 +504,19 @@ pub async fn track(settings: &Settings, args: &TrackArgs) -> anyhow::Result<()> 
         args.json,
         &format!("tracking checkout {}: {note}", facts.id),
     )
+    .await
 }
 
-fn finish_track(ledger: &Ledger, id: &CheckoutId, json: bool, message: &str) -> anyhow::Result<()> {
+async fn finish_track(
+    ledger: &Ledger,
+    id: &CheckoutId,
+    json: bool,
+    message: &str,
+) -> anyhow::Result<()> {
     if json {
         let record = ledger
-            .checkout(id)?
+            .checkout(id)
+            .await?
             .with_context(|| format!("checkout {id} vanished from the ledger"))?;
         output::json(&record)
     } else {
@@ -538,14 +548,17 @@ fn not_tracked(id: &CheckoutId) -> anyhow::Error {
 }
 
 /// `paywatch status`.
-pub fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
+pub async fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
     let id = parse_id(&args.checkout_id)?;
-    let ledger = open_existing_ledger(settings)?;
-    let record = ledger.checkout(&id)?.ok_or_else(|| not_tracked(&id))?;
+    let ledger = open_existing_ledger(settings).await?;
+    let record = ledger
+        .checkout(&id)
+        .await?
+        .ok_or_else(|| not_tracked(&id))?;
     if args.json {
         output::json(&record)
     } else {
-        let transitions = ledger.transitions(&id)?;
+        let transitions = ledger.transitions(&id).await?;
         output::write_out(&output::checkout_detail(
             &record,
             &transitions,
@@ -575,7 +588,7 @@ pub struct ListArgs {
 }
 
 /// `paywatch list`.
-pub fn list(settings: &Settings, args: &ListArgs) -> anyhow::Result<()> {
+pub async fn list(settings: &Settings, args: &ListArgs) -> anyhow::Result<()> {
     for status in &args.statuses {
         if !status.eq_ignore_ascii_case("UNVERIFIED")
             && matches!(
@@ -595,14 +608,14 @@ pub fn list(settings: &Settings, args: &ListArgs) -> anyhow::Result<()> {
             .into());
         }
     }
-    let ledger = open_existing_ledger(settings)?;
+    let ledger = open_existing_ledger(settings).await?;
     let filter = ListFilter {
         statuses: args.statuses.clone(),
         order_id: args.order_id.clone(),
         watched_only: args.open,
         limit: args.limit,
     };
-    let records = ledger.list(&filter)?;
+    let records = ledger.list(&filter).await?;
     if args.json {
         output::json(&records)
     } else {
@@ -628,14 +641,14 @@ struct EventsJson<'a> {
 }
 
 /// `paywatch events`.
-pub fn events(settings: &Settings, args: &EventsArgs) -> anyhow::Result<()> {
+pub async fn events(settings: &Settings, args: &EventsArgs) -> anyhow::Result<()> {
     let id = parse_id(&args.checkout_id)?;
-    let ledger = open_existing_ledger(settings)?;
-    if ledger.checkout(&id)?.is_none() {
+    let ledger = open_existing_ledger(settings).await?;
+    if ledger.checkout(&id).await?.is_none() {
         return Err(not_tracked(&id));
     }
-    let transitions = ledger.transitions(&id)?;
-    let deliveries = ledger.deliveries_of(&id)?;
+    let transitions = ledger.transitions(&id).await?;
+    let deliveries = ledger.deliveries_of(&id).await?;
     if args.json {
         let mut items = Vec::new();
         for record in &transitions {

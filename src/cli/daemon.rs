@@ -106,7 +106,7 @@ pub async fn demo(args: &DemoArgs, format: crate::settings::LogFormat) -> anyhow
     let summary = summary(&settings);
     sandbox.shutdown().await;
     outcome?;
-    output::write_out(&summary?)?;
+    output::write_out(&summary.await?)?;
     Ok(())
 }
 
@@ -143,7 +143,7 @@ fn write_demo_config(
 /// The scripted merchant day: five links, then pay, fail, cancel, refund and expire.
 async fn script(settings: &Settings, sandbox: &Sandbox) -> anyhow::Result<()> {
     let client = Client::from_settings(&settings.paymennt)?;
-    let ledger = Ledger::open(&settings.ledger.path)?;
+    let ledger = Ledger::open(&settings.ledger.path).await?;
     let orders = [
         ("ORD-1001", "100.00"),
         ("ORD-1002", "49.90"),
@@ -163,18 +163,20 @@ async fn script(settings: &Settings, sandbox: &Sandbox) -> anyhow::Result<()> {
             expires_in: (index == orders.len() - 1).then_some(15),
             ..LinkRequest::default()
         };
-        let ticket = ledger.issue_ticket()?;
+        let ticket = ledger.issue_ticket().await?;
         let verified = client
             .create_link(&request, ticket)
             .await
             .context("creating a demo link")?;
-        ledger.apply(
-            &verified,
-            crate::domain::Source::Manual,
-            None,
-            &settings.hooks,
-            settings.firestore.refund_watch,
-        )?;
+        ledger
+            .apply(
+                &verified,
+                crate::domain::Source::Manual,
+                None,
+                &settings.hooks,
+                settings.firestore.refund_watch,
+            )
+            .await?;
         output::write_out(&format!(
             "created link for {order} ({amount} AED): {}",
             verified.facts().redirect_url.clone().unwrap_or_default()
@@ -215,7 +217,7 @@ async fn script(settings: &Settings, sandbox: &Sandbox) -> anyhow::Result<()> {
 async fn wait_for(ledger: &Ledger, id: &CheckoutId, status: &CheckoutStatus) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let current = ledger.checkout(id)?.and_then(|record| record.status);
+        let current = ledger.checkout(id).await?.and_then(|record| record.status);
         if current.as_deref() == Some(status.as_str()) {
             tokio::time::sleep(STEP).await;
             return Ok(());
@@ -245,14 +247,16 @@ async fn tail_hook_log(path: PathBuf) {
     }
 }
 
-fn summary(settings: &Settings) -> anyhow::Result<String> {
-    let ledger = Ledger::open(&settings.ledger.path)?;
-    let records = ledger.list(&ListFilter::default())?;
-    let counts = ledger.counts()?;
-    let delivered = ledger.deliveries(&crate::ledger::DeliveryFilter {
-        state: Some(crate::ledger::DeliveryState::Delivered),
-        ..Default::default()
-    })?;
+async fn summary(settings: &Settings) -> anyhow::Result<String> {
+    let ledger = Ledger::open(&settings.ledger.path).await?;
+    let records = ledger.list(&ListFilter::default()).await?;
+    let counts = ledger.counts().await?;
+    let delivered = ledger
+        .deliveries(&crate::ledger::DeliveryFilter {
+            state: Some(crate::ledger::DeliveryState::Delivered),
+            ..Default::default()
+        })
+        .await?;
     let mut text = String::from("\nledger summary\n");
     text.push_str(&output::checkout_table(&records));
     text.push_str(&format!(

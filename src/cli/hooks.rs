@@ -107,14 +107,14 @@ pub struct TestArgs {
 /// run or a ledger failure exits 1.
 pub async fn run(settings: &Settings, command: &HooksCommand) -> anyhow::Result<()> {
     match command {
-        HooksCommand::List(args) => list(settings, args),
+        HooksCommand::List(args) => list(settings, args).await,
         HooksCommand::Retry(args) => {
-            let ledger = checkouts::open_existing_ledger(settings)?;
-            output::write_out(&retry(&ledger, args)?)
+            let ledger = checkouts::open_existing_ledger(settings).await?;
+            output::write_out(&retry(&ledger, args).await?)
         }
         HooksCommand::Replay(args) => {
-            let ledger = checkouts::open_existing_ledger(settings)?;
-            let report = replay(&ledger, settings, args, Utc::now())?;
+            let ledger = checkouts::open_existing_ledger(settings).await?;
+            let report = replay(&ledger, settings, args, Utc::now()).await?;
             if args.json {
                 output::json(&report)
             } else {
@@ -125,13 +125,15 @@ pub async fn run(settings: &Settings, command: &HooksCommand) -> anyhow::Result<
     }
 }
 
-fn list(settings: &Settings, args: &ListArgs) -> anyhow::Result<()> {
-    let ledger = checkouts::open_existing_ledger(settings)?;
-    let deliveries = ledger.deliveries(&DeliveryFilter {
-        state: args.state.as_deref().and_then(DeliveryState::parse),
-        checkout_id: args.checkout.clone(),
-        limit: (args.limit > 0).then_some(args.limit),
-    })?;
+async fn list(settings: &Settings, args: &ListArgs) -> anyhow::Result<()> {
+    let ledger = checkouts::open_existing_ledger(settings).await?;
+    let deliveries = ledger
+        .deliveries(&DeliveryFilter {
+            state: args.state.as_deref().and_then(DeliveryState::parse),
+            checkout_id: args.checkout.clone(),
+            limit: (args.limit > 0).then_some(args.limit),
+        })
+        .await?;
     if args.json {
         output::json(&deliveries)
     } else {
@@ -140,9 +142,9 @@ fn list(settings: &Settings, args: &ListArgs) -> anyhow::Result<()> {
 }
 
 /// `hooks retry`: revives and returns what to print.
-fn retry(ledger: &Ledger, args: &RetryArgs) -> anyhow::Result<String> {
+async fn retry(ledger: &Ledger, args: &RetryArgs) -> anyhow::Result<String> {
     let Some(event_id) = &args.event_id else {
-        let count = ledger.retry_dead_deliveries()?;
+        let count = ledger.retry_dead_deliveries().await?;
         return Ok(if count == 0 {
             "no dead deliveries".to_owned()
         } else {
@@ -153,7 +155,7 @@ fn retry(ledger: &Ledger, args: &RetryArgs) -> anyhow::Result<String> {
         });
     };
     let event = printable(event_id);
-    let Some(delivery) = ledger.delivery(event_id)? else {
+    let Some(delivery) = ledger.delivery(event_id).await? else {
         // An id the ledger does not have is an input error, as everywhere (exit 2).
         return Err(UsageError(format!(
             "no hook delivery with event id '{event}'\n\nlist them with: paywatch hooks list"
@@ -176,7 +178,7 @@ fn retry(ledger: &Ledger, args: &RetryArgs) -> anyhow::Result<String> {
         ),
         DeliveryState::Pending | DeliveryState::Dead => {}
     }
-    if !ledger.retry_delivery(event_id)? {
+    if !ledger.retry_delivery(event_id).await? {
         anyhow::bail!(
             "event '{event}' changed while being retried (a daemon just ran it)\n\nsee it with: paywatch hooks list --checkout {}",
             delivery.checkout_id
@@ -219,7 +221,7 @@ impl ReplayReport {
 }
 
 /// `hooks replay`: queues new deliveries.
-fn replay(
+async fn replay(
     ledger: &Ledger,
     settings: &Settings,
     args: &ReplayArgs,
@@ -252,12 +254,14 @@ fn replay(
             (hook.name.clone(), statuses)
         })
         .collect();
-    let queued = ledger.replay_deliveries(
-        since,
-        status.as_ref().map(CheckoutStatus::as_str),
-        &hooks,
-        args.include_imported,
-    )?;
+    let queued = ledger
+        .replay_deliveries(
+            since,
+            status.as_ref().map(CheckoutStatus::as_str),
+            &hooks,
+            args.include_imported,
+        )
+        .await?;
     Ok(ReplayReport {
         since: crate::ledger::timestamp(since),
         queued,
@@ -426,7 +430,12 @@ mod tests {
         settings
     }
 
-    fn transition(ledger: &Ledger, id: &str, status: &str, hooks: &[HookSettings]) -> Vec<String> {
+    async fn transition(
+        ledger: &Ledger,
+        id: &str,
+        status: &str,
+        hooks: &[HookSettings],
+    ) -> Vec<String> {
         let json = format!(
             r#"{{"id":"{id}","orderId":"O-{id}","currency":"AED","amount":1,"status":"{status}","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d{id}"}}"#
         );
@@ -438,6 +447,7 @@ mod tests {
                 hooks,
                 Duration::from_secs(60),
             )
+            .await
             .expect("apply");
         let ApplyOutcome::Transition { deliveries, .. } = outcome else {
             panic!("no change");
@@ -468,20 +478,28 @@ mod tests {
         HookSettings::for_tests(name, statuses)
     }
 
-    #[test]
-    fn retry_revives_a_dead_delivery_and_explains_every_other_case() {
+    #[tokio::test]
+    async fn retry_revives_a_dead_delivery_and_explains_every_other_case() {
         let ledger = Ledger::open_in_memory().expect("ledger");
         let hooks = [hook("h", &[])];
-        let event = transition(&ledger, "1", "PAID", &hooks).remove(0);
+        let event = transition(&ledger, "1", "PAID", &hooks).await.remove(0);
         kill(&ledger, &event);
 
-        let message = retry(&ledger, &retry_args(Some(&event))).expect("revived");
+        let message = retry(&ledger, &retry_args(Some(&event)))
+            .await
+            .expect("revived");
         assert!(message.starts_with(&format!("queued {event} again (hook h, checkout 1, PAID)")));
-        let revived = ledger.delivery(&event).expect("read").expect("exists");
+        let revived = ledger
+            .delivery(&event)
+            .await
+            .expect("read")
+            .expect("exists");
         assert_eq!(revived.state, DeliveryState::Pending);
         assert_eq!(revived.attempts, 0);
 
-        let error = retry(&ledger, &retry_args(Some("evt_nope"))).expect_err("unknown");
+        let error = retry(&ledger, &retry_args(Some("evt_nope")))
+            .await
+            .expect_err("unknown");
         assert_eq!(
             error.to_string(),
             "no hook delivery with event id 'evt_nope'\n\nlist them with: paywatch hooks list"
@@ -494,13 +512,17 @@ mod tests {
 
         let claimed = ledger.claim_due_deliveries(Utc::now(), 10).expect("claim");
         assert_eq!(claimed.len(), 1);
-        let error = retry(&ledger, &retry_args(Some(&event))).expect_err("running");
+        let error = retry(&ledger, &retry_args(Some(&event)))
+            .await
+            .expect_err("running");
         assert!(error.to_string().contains("is running now"), "{error}");
 
         ledger
             .finish_delivery(&event, &DeliveryUpdate::Delivered)
             .expect("delivered");
-        let error = retry(&ledger, &retry_args(Some(&event))).expect_err("delivered");
+        let error = retry(&ledger, &retry_args(Some(&event)))
+            .await
+            .expect_err("delivered");
         assert!(
             error.to_string().contains("was already delivered at 20"),
             "{error}"
@@ -511,32 +533,32 @@ mod tests {
         );
     }
 
-    #[test]
-    fn retry_all_dead_counts() {
+    #[tokio::test]
+    async fn retry_all_dead_counts() {
         let ledger = Ledger::open_in_memory().expect("ledger");
         let hooks = [hook("a", &[]), hook("b", &[])];
         assert_eq!(
-            retry(&ledger, &retry_args(None)).expect("none"),
+            retry(&ledger, &retry_args(None)).await.expect("none"),
             "no dead deliveries"
         );
-        for event in transition(&ledger, "1", "PAID", &hooks) {
+        for event in transition(&ledger, "1", "PAID", &hooks).await {
             kill(&ledger, &event);
         }
-        let message = retry(&ledger, &retry_args(None)).expect("two");
+        let message = retry(&ledger, &retry_args(None)).await.expect("two");
         assert!(
             message.starts_with("queued 2 dead deliveries again"),
             "{message}"
         );
-        assert_eq!(ledger.counts().expect("counts").hooks_dead, 0);
+        assert_eq!(ledger.counts().await.expect("counts").hooks_dead, 0);
     }
 
-    #[test]
-    fn replay_queues_new_events_per_hook_status_filter() {
+    #[tokio::test]
+    async fn replay_queues_new_events_per_hook_status_filter() {
         let ledger = Ledger::open_in_memory().expect("ledger");
         let hooks = vec![hook("all", &[]), hook("paid", &["paid"])];
-        transition(&ledger, "1", "PENDING", &[]);
-        transition(&ledger, "1", "PAID", &[]);
-        transition(&ledger, "2", "FAILED", &[]);
+        transition(&ledger, "1", "PENDING", &[]).await;
+        transition(&ledger, "1", "PAID", &[]).await;
+        transition(&ledger, "2", "FAILED", &[]).await;
         let settings = settings(hooks);
         let now = Utc::now();
         let args = |since: &str, status: Option<&str>, hooks: &[&str]| ReplayArgs {
@@ -547,11 +569,14 @@ mod tests {
             json: false,
         };
 
-        let report = replay(&ledger, &settings, &args("1h", None, &[]), now).expect("replay");
+        let report = replay(&ledger, &settings, &args("1h", None, &[]), now)
+            .await
+            .expect("replay");
         assert_eq!(report.queued.len(), 4, "3 changes to 'all', PAID to 'paid'");
         assert!(report.describe().starts_with("queued 4 deliveries"));
         let delivery = ledger
             .delivery(&report.queued[0])
+            .await
             .expect("read")
             .expect("exists");
         assert!(delivery.replay);
@@ -563,16 +588,20 @@ mod tests {
             &args("1h", Some("paid"), &["paid"]),
             now,
         )
+        .await
         .expect("replay");
         assert_eq!(report.queued.len(), 1);
         assert_eq!(report.hooks, ["paid"]);
 
         let future = (now + chrono::Duration::hours(1)).to_rfc3339();
-        let report = replay(&ledger, &settings, &args(&future, None, &[]), now).expect("replay");
+        let report = replay(&ledger, &settings, &args(&future, None, &[]), now)
+            .await
+            .expect("replay");
         assert!(report.queued.is_empty());
         assert!(report.describe().contains("nothing queued"));
 
         let error = replay(&ledger, &settings, &args("1h", None, &["nope"]), now)
+            .await
             .expect_err("unknown hook");
         assert_eq!(
             error.to_string(),
@@ -582,25 +611,28 @@ mod tests {
             crate::cli::exit_code(&error),
             std::process::ExitCode::from(2)
         );
-        let error =
-            replay(&ledger, &settings, &args("1h", Some("SHIPPED"), &[]), now).expect_err("status");
+        let error = replay(&ledger, &settings, &args("1h", Some("SHIPPED"), &[]), now)
+            .await
+            .expect_err("status");
         assert!(
             error.to_string().contains("known statuses: PENDING"),
             "{error}"
         );
     }
 
-    #[test]
-    fn replay_leaves_imported_baselines_out_unless_asked() {
+    #[tokio::test]
+    async fn replay_leaves_imported_baselines_out_unless_asked() {
         let ledger = Ledger::open_in_memory().expect("ledger");
         let settings = settings(vec![hook("paid", &["paid"])]);
         ledger
             .begin_discovery_epoch(Utc::now())
+            .await
             .expect("discovery epoch");
         let imported = r#"{"id":"1","orderId":"O-1","currency":"AED","amount":1,"status":"PAID","timestamp":"2020-01-01T00:00:00.000+0000","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d1"}"#;
         let wire: crate::paymennt::wire::Checkout = serde_json::from_str(imported).expect("json");
         ledger
             .record_discovered(&[wire.facts().expect("facts")])
+            .await
             .expect("discovered");
         ledger
             .apply(
@@ -610,8 +642,9 @@ mod tests {
                 &settings.hooks,
                 Duration::from_secs(60),
             )
+            .await
             .expect("apply");
-        transition(&ledger, "2", "PAID", &[]);
+        transition(&ledger, "2", "PAID", &[]).await;
         let args = |include_imported| ReplayArgs {
             since: "1h".into(),
             status: None,
@@ -620,21 +653,19 @@ mod tests {
             json: false,
         };
         let now = Utc::now();
-        let report = replay(&ledger, &settings, &args(false), now).expect("replay");
+        let report = replay(&ledger, &settings, &args(false), now)
+            .await
+            .expect("replay");
         assert_eq!(report.queued.len(), 1, "only the live payment");
-        let report = replay(&ledger, &settings, &args(true), now).expect("replay");
+        let report = replay(&ledger, &settings, &args(true), now)
+            .await
+            .expect("replay");
         assert_eq!(report.queued.len(), 2, "the baseline too, when asked");
-        let sources: Vec<String> = report
-            .queued
-            .iter()
-            .map(|event| {
-                ledger
-                    .delivery(event)
-                    .expect("read")
-                    .expect("exists")
-                    .source
-            })
-            .collect();
+        let mut sources: Vec<String> = Vec::new();
+        for event in &report.queued {
+            let delivery = ledger.delivery(event).await.expect("read");
+            sources.push(delivery.expect("exists").source);
+        }
         assert_eq!(sources, ["discovery-import", "reconcile"]);
     }
 

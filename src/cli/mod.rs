@@ -222,9 +222,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 None => Err(deadline.passed(Some(&settings.paymennt.base_url()))),
             }
         }
-        Command::Status(ref args) => checkouts::status(&load_settings(&cli)?, args),
-        Command::List(ref args) => checkouts::list(&load_settings(&cli)?, args),
-        Command::Events(ref args) => checkouts::events(&load_settings(&cli)?, args),
+        Command::Status(ref args) => checkouts::status(&load_settings(&cli)?, args).await,
+        Command::List(ref args) => checkouts::list(&load_settings(&cli)?, args).await,
+        Command::Events(ref args) => checkouts::events(&load_settings(&cli)?, args).await,
         Command::Sandbox(args) => {
             sandbox::run(args, cli.log_format.unwrap_or(LogFormat::Text)).await
         }

@@ -23,8 +23,8 @@ pub mod supervisor;
 pub use process::{RESERVED_FDS, check_open_file_limit, open_files_needed, root_warning};
 pub use reload::listener_options;
 use stages::{
-    Listened, Running, Wiring, blocking, open_ledger, serve_http, spawn_discovery,
-    spawn_firestore_tasks, spawn_reconciler, start_firestore, start_watchdog,
+    Listened, Running, Wiring, open_ledger, serve_http, spawn_discovery, spawn_firestore_tasks,
+    spawn_reconciler, start_firestore, start_watchdog,
 };
 
 use std::path::PathBuf;
@@ -380,10 +380,7 @@ impl Outside {
     /// Refreshes systemd's STATUS= line.
     async fn status_line(&self) {
         let counts = self.ledger.clone();
-        let hooks_pending = blocking(move || counts.counts())
-            .await
-            .map(|c| c.hooks_pending)
-            .unwrap_or(0);
+        let hooks_pending = counts.counts().await.map(|c| c.hooks_pending).unwrap_or(0);
         let last_payment = self
             .verifier
             .borrow()

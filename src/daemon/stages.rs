@@ -33,23 +33,14 @@ use crate::sources::firestore::{
     consume_listen_events, sync_watch_set,
 };
 
-/// Runs a ledger call on the blocking pool.
-pub(super) async fn blocking<T: Send + 'static>(
-    task: impl FnOnce() -> crate::ledger::Result<T> + Send + 'static,
-) -> anyhow::Result<T> {
-    Ok(tokio::task::spawn_blocking(task)
-        .await
-        .context("ledger task panicked")??)
-}
-
 /// Opens the ledger and reads where the ticket counter stands before any source runs: every
 /// request sent from now on covers whatever happened while the daemon was stopped (the
 /// start-up sweep's concern).
 pub(super) async fn open_ledger(settings: &Settings) -> anyhow::Result<(Ledger, VerifyTicket)> {
     let path = settings.ledger.path.clone();
-    let ledger = blocking(move || Ledger::open(&path)).await?;
+    let ledger = Ledger::open(&path).await?;
     let reader = ledger.clone();
-    let counter_at_start = blocking(move || reader.last_ticket()).await?;
+    let counter_at_start = reader.last_ticket().await?;
     Ok((ledger, counter_at_start))
 }
 
@@ -295,13 +286,7 @@ pub(super) fn start_watchdog(
             // wedge): one failed task and systemd hears no more pings.
             let ledger = liveness_ledger.clone();
             let healthy = healthy.clone();
-            async move {
-                healthy()
-                    && matches!(
-                        tokio::task::spawn_blocking(move || ledger.data_version()).await,
-                        Ok(Ok(_))
-                    )
-            }
+            async move { healthy() && ledger.data_version().await.is_ok() }
         },
         watchdog_cancel.clone(),
     );

@@ -71,7 +71,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::domain::{CheckoutStatus, parse_decimal};
+use crate::domain::parse_decimal;
 use crate::hooks::config::{HookSet, HookSpec};
 use crate::hooks::event::HookEvent;
 use crate::hooks::retry::RetryPolicy;
@@ -304,7 +304,7 @@ impl Dispatcher {
             }
             let mut wait = poll;
             if !recovered {
-                match blocking(&ledger, Ledger::recover_running_deliveries).await {
+                match ledger.recover_running_deliveries().await {
                     Ok(count) => {
                         recovered = true;
                         backoff.reset();
@@ -337,7 +337,7 @@ impl Dispatcher {
                     .iter()
                     .map(|o| (o.delivery.event_id.clone(), o.update.clone()))
                     .collect();
-                match blocking(&ledger, move |l| l.record_and_claim(&written, now, free)).await {
+                match ledger.record_and_claim(&written, now, free).await {
                     Ok(round) => {
                         backoff.reset();
                         requeue_refused(&shared, outcomes, &round.refused);
@@ -434,19 +434,6 @@ impl Backoff {
 
     fn reset(&mut self) {
         self.failures = 0;
-    }
-}
-
-/// Runs a ledger call on the blocking pool (the ledger is synchronous SQLite).
-async fn blocking<T, F>(ledger: &Ledger, call: F) -> Result<T, String>
-where
-    T: Send + 'static,
-    F: FnOnce(&Ledger) -> crate::ledger::Result<T> + Send + 'static,
-{
-    let ledger = ledger.clone();
-    match tokio::task::spawn_blocking(move || call(&ledger)).await {
-        Ok(result) => result.map_err(|error| error.to_string()),
-        Err(error) => Err(format!("the ledger call did not finish: {error}")),
     }
 }
 
@@ -622,11 +609,8 @@ pub fn event_for(delivery: &Delivery) -> Result<HookEvent, String> {
             .map_err(|error| format!("{error}"))?,
         order_id: delivery.order_id.clone(),
         request_id: delivery.request_id.clone(),
-        status: CheckoutStatus::parse(&delivery.status),
-        previous_status: delivery
-            .previous_status
-            .as_deref()
-            .map(CheckoutStatus::parse),
+        status: delivery.status.clone(),
+        previous_status: delivery.previous_status.clone(),
         amount: parse_decimal(&delivery.amount).ok_or_else(|| {
             format!(
                 "amount '{}' is not a decimal",
@@ -830,7 +814,7 @@ async fn write_unrecorded(ledger: &Ledger, shared: &Shared) -> bool {
             .iter()
             .map(|o| (o.delivery.event_id.clone(), o.update.clone()))
             .collect();
-        match blocking(ledger, move |l| l.record_and_claim(&written, Utc::now(), 0)).await {
+        match ledger.record_and_claim(&written, Utc::now(), 0).await {
             Ok(round) => requeue_refused(shared, outcomes, &round.refused),
             Err(error) => {
                 tracing::warn!(%error, outcomes = outcomes.len(), "cannot record hook outcomes before stopping; trying again");

@@ -134,10 +134,9 @@ pub async fn metrics_exposition(
     ledger: &Ledger,
 ) -> Result<String, crate::metrics::MetricsError> {
     use crate::metrics::MetricsError;
-    let reader = ledger.clone();
-    let figures = tokio::task::spawn_blocking(move || reader.gauges())
+    let figures = ledger
+        .gauges()
         .await
-        .map_err(|error| MetricsError::Ledger(error.to_string()))?
         .map_err(|error| MetricsError::Ledger(error.to_string()))?;
     metrics.render(&figures)
 }

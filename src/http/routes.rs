@@ -181,32 +181,29 @@ async fn track(
         }
     };
     let seen_at = Instant::now();
-    let ledger = endpoint.ledger.clone();
-    let recorded = facts.clone();
-    let tracked = tokio::task::spawn_blocking(move || {
-        let outcome = ledger.track(&recorded, crate::ledger::TrackedVia::Track)?;
-        let record = ledger.checkout(&recorded.id)?;
+    let ledger = &endpoint.ledger;
+    let tracked = async {
+        let outcome = ledger
+            .track(&facts, crate::ledger::TrackedVia::Track)
+            .await?;
+        let record = ledger.checkout(&facts.id).await?;
         Ok::<_, crate::ledger::LedgerError>((outcome, record))
-    })
+    }
     .await;
     let (outcome, record) = match tracked {
-        Ok(Ok((outcome, Some(record)))) => (outcome, record),
-        Ok(Ok((_, None))) => {
+        Ok((outcome, Some(record))) => (outcome, record),
+        Ok((_, None)) => {
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the checkout vanished from the ledger",
             );
         }
-        Ok(Err(problem)) => {
+        Err(problem) => {
             tracing::error!(checkout = %facts.id, error = %problem, "track endpoint: cannot record the checkout");
             return error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the checkout cannot be recorded in the ledger; see paywatch's log",
             );
-        }
-        Err(problem) => {
-            tracing::error!(checkout = %facts.id, error = %problem, "track endpoint: ledger task failed");
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "the ledger task failed");
         }
     };
     let status = match outcome {
@@ -294,7 +291,7 @@ mod tests {
     async fn the_http_answer_is_the_text_format_or_a_503_naming_the_problem() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("paywatch.db");
-        let ledger = Ledger::open(&path).expect("ledger");
+        let ledger = Ledger::open(&path).await.expect("ledger");
         let verified = crate::paymennt::VerifiedCheckout::for_tests(
             r#"{"id":"1","currency":"AED","amount":1,"status":"PENDING","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d1"}"#,
         );
@@ -306,6 +303,7 @@ mod tests {
                 &[],
                 std::time::Duration::from_secs(60),
             )
+            .await
             .expect("recorded");
         let metrics = Metrics::new();
 

@@ -14,11 +14,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags};
 
-use super::{Ledger, Result};
+use super::Result;
+use super::sqlite::Sqlite;
 
 pub use crate::metrics::{LedgerGauges, UndeliveredCount};
 
-impl Ledger {
+impl Sqlite {
     /// The figures behind the ledger-derived gauges, read in one read transaction.
     ///
     /// A file ledger is read on a connection of its own, opened for this call with
@@ -29,7 +30,7 @@ impl Ledger {
     /// # Errors
     ///
     /// SQL failures, or a stored time that is not RFC 3339 (only a hand-edited ledger has one).
-    pub fn gauges(&self) -> Result<LedgerGauges> {
+    pub(super) fn gauges(&self) -> Result<LedgerGauges> {
         if &*self.path == ":memory:" {
             return self.read_gauges(&mut self.lock());
         }
@@ -149,13 +150,15 @@ impl Ledger {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_file_ledger_is_read_without_waiting_for_the_daemons_connection() {
+    #[tokio::test]
+    async fn a_file_ledger_is_read_without_waiting_for_the_daemons_connection() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+        let ledger = crate::ledger::Ledger::open(&dir.path().join("paywatch.db"))
+            .await
+            .expect("ledger");
         // The daemon's connection is busy (a long write, a slow disk): a scrape still answers.
         let busy = ledger.lock();
-        let reader = ledger.clone();
+        let reader = ledger.store().clone();
         let (sender, receiver) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let _ = sender.send(reader.gauges());

@@ -8,8 +8,9 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use serde::Serialize;
 
-use super::{Ledger, Result, now, timestamp};
-use crate::domain::CheckoutId;
+use super::sqlite::{Sqlite, now};
+use super::{Result, timestamp};
+use crate::domain::{CheckoutId, CheckoutStatus};
 
 /// A delivery's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -64,9 +65,9 @@ pub struct Delivery {
     /// The transition.
     pub transition_id: i64,
     /// Status before.
-    pub previous_status: Option<String>,
+    pub previous_status: Option<CheckoutStatus>,
     /// Status after.
-    pub status: String,
+    pub status: CheckoutStatus,
     /// What led to the verification.
     pub source: String,
     /// When it was verified.
@@ -270,8 +271,11 @@ fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<Delivery> {
         order_id: row.get(3)?,
         request_id: row.get(4)?,
         transition_id: row.get(5)?,
-        previous_status: row.get(6)?,
-        status: row.get(7)?,
+        previous_status: row
+            .get::<_, Option<String>>(6)?
+            .as_deref()
+            .map(CheckoutStatus::parse),
+        status: CheckoutStatus::parse(&row.get::<_, String>(7)?),
         source: row.get(8)?,
         verified_at: row.get(9)?,
         amount: row.get(10)?,
@@ -291,14 +295,14 @@ fn delivery_from_row(row: &Row<'_>) -> rusqlite::Result<Delivery> {
     })
 }
 
-impl Ledger {
+impl Sqlite {
     /// Puts deliveries left `running` by a daemon that died back to `pending`, due now.
     /// Returns how many.
     ///
     /// # Errors
     ///
     /// SQL failures.
-    pub fn recover_running_deliveries(&self) -> Result<usize> {
+    pub(super) fn recover_running_deliveries(&self) -> Result<usize> {
         let time = now();
         self.lock()
             .execute(
@@ -320,7 +324,8 @@ impl Ledger {
     /// # Errors
     ///
     /// SQL failures.
-    pub fn claim_due_deliveries(
+    #[cfg(test)]
+    pub(super) fn claim_due_deliveries(
         &self,
         now_time: DateTime<Utc>,
         limit: usize,
@@ -351,7 +356,7 @@ impl Ledger {
     /// # Errors
     ///
     /// SQL failures of the transaction itself (begin, claim, commit): nothing was written.
-    pub fn record_and_claim(
+    pub(super) fn record_and_claim(
         &self,
         outcomes: &[(String, DeliveryUpdate)],
         now_time: DateTime<Utc>,
@@ -416,7 +421,8 @@ impl Ledger {
     /// # Errors
     ///
     /// SQL failures.
-    pub fn finish_delivery(&self, event_id: &str, update: &DeliveryUpdate) -> Result<()> {
+    #[cfg(test)]
+    pub(super) fn finish_delivery(&self, event_id: &str, update: &DeliveryUpdate) -> Result<()> {
         let time = now();
         finish_in(&self.lock(), event_id, update, &time)
             .map_err(|e| self.error("finish delivery", e))
@@ -428,7 +434,7 @@ impl Ledger {
     /// # Errors
     ///
     /// SQL failures.
-    pub fn retry_delivery(&self, event_id: &str) -> Result<bool> {
+    pub(super) fn retry_delivery(&self, event_id: &str) -> Result<bool> {
         let time = now();
         self.lock()
             .execute(
@@ -445,7 +451,7 @@ impl Ledger {
     /// # Errors
     ///
     /// SQL failures.
-    pub fn retry_dead_deliveries(&self) -> Result<usize> {
+    pub(super) fn retry_dead_deliveries(&self) -> Result<usize> {
         let time = now();
         self.lock()
             .execute(
@@ -465,7 +471,7 @@ impl Ledger {
     ///
     /// Imported baselines (source `discovery-import`: statuses a checkout reached before
     /// paywatch could see it) are left out unless `include_imported`.
-    pub fn replay_deliveries(
+    pub(super) fn replay_deliveries(
         &self,
         since: DateTime<Utc>,
         status: Option<&str>,
@@ -511,7 +517,7 @@ impl Ledger {
     /// # Errors
     ///
     /// SQL failures.
-    pub fn deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<Delivery>> {
+    pub(super) fn deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<Delivery>> {
         let connection = self.lock();
         let limit = filter.limit.map(|l| l as i64).unwrap_or(-1);
         let mut statement = connection
@@ -539,7 +545,7 @@ impl Ledger {
     /// # Errors
     ///
     /// SQL failures.
-    pub fn delivery(&self, event_id: &str) -> Result<Option<Delivery>> {
+    pub(super) fn delivery(&self, event_id: &str) -> Result<Option<Delivery>> {
         self.lock()
             .query_row(
                 &format!("{DELIVERY_COLUMNS} WHERE d.event_id = ?1"),
@@ -559,7 +565,8 @@ impl Ledger {
     /// # Errors
     ///
     /// SQL failures.
-    pub fn next_delivery_due(&self) -> Result<Option<DateTime<Utc>>> {
+    #[cfg(test)]
+    pub(super) fn next_delivery_due(&self) -> Result<Option<DateTime<Utc>>> {
         next_due_in(&self.lock()).map_err(|e| self.error("next due", e))
     }
 
@@ -568,7 +575,7 @@ impl Ledger {
     /// # Errors
     ///
     /// SQL failures.
-    pub fn deliveries_of(&self, checkout_id: &CheckoutId) -> Result<Vec<Delivery>> {
+    pub(super) fn deliveries_of(&self, checkout_id: &CheckoutId) -> Result<Vec<Delivery>> {
         self.deliveries(&DeliveryFilter {
             checkout_id: Some(checkout_id.to_string()),
             ..DeliveryFilter::default()

@@ -2,8 +2,16 @@
 
 use std::os::unix::fs::PermissionsExt;
 
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rusqlite::Connection;
+
 use super::*;
-use crate::paymennt::wire::Checkout;
+use crate::domain::{CheckoutId, Source, VerifyTicket};
+use crate::paymennt::VerifiedCheckout;
+use crate::paymennt::wire::{Checkout, CheckoutFacts};
+use crate::settings::HookSettings;
 
 fn checkout_json(id: &str, status: &str) -> String {
     format!(
@@ -26,12 +34,15 @@ fn hook(name: &str, statuses: &[&str]) -> HookSettings {
     HookSettings::for_tests(name, statuses)
 }
 
-#[test]
-fn open_creates_a_private_file_and_migrates_once() {
+#[tokio::test]
+async fn open_creates_a_private_file_and_migrates_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("sub/dir/paywatch.db");
-    let ledger = Ledger::open(&path).expect("open");
-    ledger.track(&facts("1"), TrackedVia::Track).expect("track");
+    let ledger = Ledger::open(&path).await.expect("open");
+    ledger
+        .track(&facts("1"), TrackedVia::Track)
+        .await
+        .expect("track");
     drop(ledger);
     let mode = std::fs::metadata(&path)
         .expect("exists")
@@ -40,8 +51,8 @@ fn open_creates_a_private_file_and_migrates_once() {
         & 0o777;
     assert_eq!(mode, 0o600);
     // Reopening keeps the data and does not re-run migrations.
-    let ledger = Ledger::open(&path).expect("reopen");
-    assert_eq!(ledger.counts().expect("counts").checkouts, 1);
+    let ledger = Ledger::open(&path).await.expect("reopen");
+    assert_eq!(ledger.counts().await.expect("counts").checkouts, 1);
     let version: i64 = ledger
         .lock()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
@@ -54,12 +65,15 @@ fn open_creates_a_private_file_and_migrates_once() {
     assert_eq!(journal, "wal");
 }
 
-#[test]
-fn an_existing_ledger_and_its_wal_and_shm_are_made_private_on_open() {
+#[tokio::test]
+async fn an_existing_ledger_and_its_wal_and_shm_are_made_private_on_open() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("paywatch.db");
-    let ledger = Ledger::open(&path).expect("open");
-    ledger.track(&facts("1"), TrackedVia::Track).expect("track");
+    let ledger = Ledger::open(&path).await.expect("open");
+    ledger
+        .track(&facts("1"), TrackedVia::Track)
+        .await
+        .expect("track");
     let companions: Vec<std::path::PathBuf> = ["", "-wal", "-shm"]
         .iter()
         .map(|suffix| dir.path().join(format!("paywatch.db{suffix}")))
@@ -69,7 +83,7 @@ fn an_existing_ledger_and_its_wal_and_shm_are_made_private_on_open() {
         assert!(file.exists(), "{} exists while open", file.display());
         std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
     }
-    let again = Ledger::open(&path).expect("reopen");
+    let again = Ledger::open(&path).await.expect("reopen");
     for file in &companions {
         let mode = std::fs::metadata(file)
             .expect("exists")
@@ -81,33 +95,40 @@ fn an_existing_ledger_and_its_wal_and_shm_are_made_private_on_open() {
     drop((ledger, again));
 }
 
-#[test]
-fn a_newer_schema_is_refused() {
+#[tokio::test]
+async fn a_newer_schema_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("paywatch.db");
-    drop(Ledger::open(&path).expect("open"));
+    drop(Ledger::open(&path).await.expect("open"));
     let connection = Connection::open(&path).expect("raw open");
     connection
         .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
         .expect("bump");
     drop(connection);
-    let error = Ledger::open(&path).expect_err("newer schema");
+    let error = Ledger::open(&path).await.expect_err("newer schema");
     assert!(error.to_string().contains("newer paywatch"), "{error}");
 }
 
-#[test]
-fn tracking_twice_is_not_an_error_and_records_no_status() {
+#[tokio::test]
+async fn tracking_twice_is_not_an_error_and_records_no_status() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     assert_eq!(
-        ledger.track(&facts("1"), TrackedVia::Track).expect("track"),
+        ledger
+            .track(&facts("1"), TrackedVia::Track)
+            .await
+            .expect("track"),
         TrackOutcome::Added
     );
     assert_eq!(
-        ledger.track(&facts("1"), TrackedVia::Track).expect("track"),
+        ledger
+            .track(&facts("1"), TrackedVia::Track)
+            .await
+            .expect("track"),
         TrackOutcome::AlreadyTracked
     );
     let record = ledger
         .checkout(&"1".parse().expect("id"))
+        .await
         .expect("read")
         .expect("exists");
     assert_eq!(
@@ -119,13 +140,14 @@ fn tracking_twice_is_not_an_error_and_records_no_status() {
     assert_eq!(
         ledger
             .transitions(&"1".parse().expect("id"))
+            .await
             .expect("transitions"),
         vec![]
     );
 }
 
-#[test]
-fn apply_records_transitions_only_on_change_and_queues_matching_hooks() {
+#[tokio::test]
+async fn apply_records_transitions_only_on_change_and_queues_matching_hooks() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let hooks = [hook("all", &[]), hook("paid-only", &["PAID"])];
     let id: CheckoutId = "7".parse().expect("id");
@@ -137,6 +159,7 @@ fn apply_records_transitions_only_on_change_and_queues_matching_hooks() {
             &hooks,
             WATCH,
         )
+        .await
         .expect("apply");
     let ApplyOutcome::Transition { deliveries, .. } = first else {
         panic!("first status is a transition")
@@ -155,6 +178,7 @@ fn apply_records_transitions_only_on_change_and_queues_matching_hooks() {
                 &hooks,
                 WATCH
             )
+            .await
             .expect("apply"),
         ApplyOutcome::Unchanged
     );
@@ -167,6 +191,7 @@ fn apply_records_transitions_only_on_change_and_queues_matching_hooks() {
             &hooks,
             WATCH,
         )
+        .await
         .expect("apply");
     let ApplyOutcome::Transition {
         transition,
@@ -182,7 +207,7 @@ fn apply_records_transitions_only_on_change_and_queues_matching_hooks() {
     assert_eq!(transition.to, "PAID");
     assert_eq!(transition.source, "firestore");
     assert!(transition.latency_ms.is_some_and(|ms| ms >= 150));
-    let history = ledger.transitions(&id).expect("history");
+    let history = ledger.transitions(&id).await.expect("history");
     assert_eq!(
         history.iter().map(|t| t.to.as_str()).collect::<Vec<_>>(),
         ["PENDING", "PAID"]
@@ -191,28 +216,32 @@ fn apply_records_transitions_only_on_change_and_queues_matching_hooks() {
         history[1].verified_json.contains("\"Paid\""),
         "the raw verified JSON is kept verbatim"
     );
-    let record = ledger.checkout(&id).expect("read").expect("exists");
+    let record = ledger.checkout(&id).await.expect("read").expect("exists");
     assert!(record.watch_until.is_some());
 }
 
-#[test]
-fn final_status_stops_watching_and_drops_the_token() {
+#[tokio::test]
+async fn final_status_stops_watching_and_drops_the_token() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let id: CheckoutId = "9".parse().expect("id");
-    ledger.track(&facts("9"), TrackedVia::Track).expect("track");
+    ledger
+        .track(&facts("9"), TrackedVia::Track)
+        .await
+        .expect("track");
     ledger
         .save_resume_points(&[ResumePoint {
             checkout_id: id.clone(),
             token: vec![1, 2, 3],
             read_time: None,
         }])
+        .await
         .expect("save");
     assert_eq!(
-        ledger.watch_set().expect("set")[0].resume_token,
+        ledger.watch_set().await.expect("set")[0].resume_token,
         Some(vec![1, 2, 3])
     );
-    record(&ledger, &verified("9", "FAILED"), &[]);
-    assert!(ledger.watch_set().expect("set").is_empty());
+    record(&ledger, &verified("9", "FAILED"), &[]).await;
+    assert!(ledger.watch_set().await.expect("set").is_empty());
     let tokens: i64 = ledger
         .lock()
         .query_row("SELECT count(*) FROM listen_targets", [], |r| r.get(0))
@@ -220,11 +249,12 @@ fn final_status_stops_watching_and_drops_the_token() {
     assert_eq!(tokens, 0);
 }
 
-#[test]
-fn transitions_are_append_only() {
+#[tokio::test]
+async fn transitions_are_append_only() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     ledger
         .apply(&verified("1", "PAID"), Source::Manual, None, &[], WATCH)
+        .await
         .expect("apply");
     let update = ledger
         .lock()
@@ -234,8 +264,8 @@ fn transitions_are_append_only() {
     assert!(delete.is_err());
 }
 
-#[test]
-fn refund_watch_expires() {
+#[tokio::test]
+async fn refund_watch_expires() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     ledger
         .apply(
@@ -245,26 +275,29 @@ fn refund_watch_expires() {
             &[],
             Duration::from_secs(60),
         )
+        .await
         .expect("apply");
     assert!(
         ledger
             .expire_refund_watch(Utc::now())
+            .await
             .expect("expire")
             .is_empty()
     );
     let later = Utc::now() + chrono::Duration::seconds(61);
     assert_eq!(
-        ledger.expire_refund_watch(later).expect("expire"),
+        ledger.expire_refund_watch(later).await.expect("expire"),
         vec!["5".parse::<CheckoutId>().expect("id")]
     );
-    assert!(ledger.watch_set().expect("set").is_empty());
+    assert!(ledger.watch_set().await.expect("set").is_empty());
 }
 
-#[test]
-fn list_filters_by_status_and_order() {
+#[tokio::test]
+async fn list_filters_by_status_and_order() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     ledger
         .apply(&verified("1", "PAID"), Source::Reconcile, None, &[], WATCH)
+        .await
         .expect("apply");
     ledger
         .apply(
@@ -274,13 +307,18 @@ fn list_filters_by_status_and_order() {
             &[],
             WATCH,
         )
+        .await
         .expect("apply");
-    ledger.track(&facts("3"), TrackedVia::Track).expect("track");
+    ledger
+        .track(&facts("3"), TrackedVia::Track)
+        .await
+        .expect("track");
     let paid = ledger
         .list(&ListFilter {
             statuses: vec!["paid".into()],
             ..ListFilter::default()
         })
+        .await
         .expect("list");
     assert_eq!(
         paid.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
@@ -291,6 +329,7 @@ fn list_filters_by_status_and_order() {
             statuses: vec!["UNVERIFIED".into()],
             ..ListFilter::default()
         })
+        .await
         .expect("list");
     assert_eq!(
         unverified.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
@@ -301,12 +340,13 @@ fn list_filters_by_status_and_order() {
             order_id: Some("ORD-2".into()),
             ..ListFilter::default()
         })
+        .await
         .expect("list");
     assert_eq!(by_order.len(), 1);
 }
 
-#[test]
-fn deliveries_are_claimed_in_order_per_checkout_and_hook() {
+#[tokio::test]
+async fn deliveries_are_claimed_in_order_per_checkout_and_hook() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let hooks = [hook("h", &[])];
     ledger
@@ -317,15 +357,16 @@ fn deliveries_are_claimed_in_order_per_checkout_and_hook() {
             &hooks,
             WATCH,
         )
+        .await
         .expect("apply");
-    record(&ledger, &verified("1", "PAID"), &hooks);
-    record(&ledger, &verified("2", "PAID"), &hooks);
+    record(&ledger, &verified("1", "PAID"), &hooks).await;
+    record(&ledger, &verified("2", "PAID"), &hooks).await;
     let later = Utc::now() + chrono::Duration::seconds(1);
     let first = ledger.claim_due_deliveries(later, 10).expect("claim");
     // Checkout 1's PAID waits behind its PENDING; checkout 2 runs in parallel.
     let mut claimed: Vec<(String, String)> = first
         .iter()
-        .map(|d| (d.checkout_id.clone(), d.status.clone()))
+        .map(|d| (d.checkout_id.clone(), d.status.to_string()))
         .collect();
     claimed.sort();
     assert_eq!(
@@ -348,13 +389,16 @@ fn deliveries_are_claimed_in_order_per_checkout_and_hook() {
         .expect("finish");
     let second = ledger.claim_due_deliveries(later, 10).expect("claim");
     assert_eq!(second.len(), 1);
-    assert_eq!(second[0].status, "PAID");
-    assert_eq!(second[0].previous_status.as_deref(), Some("PENDING"));
+    assert_eq!(second[0].status.as_str(), "PAID");
+    assert_eq!(
+        second[0].previous_status.as_ref().map(|s| s.as_str()),
+        Some("PENDING")
+    );
     assert_eq!(second[0].attempts, 1);
 }
 
-#[test]
-fn running_deliveries_are_recovered_and_dead_ones_revived() {
+#[tokio::test]
+async fn running_deliveries_are_recovered_and_dead_ones_revived() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     ledger
         .apply(
@@ -364,11 +408,15 @@ fn running_deliveries_are_recovered_and_dead_ones_revived() {
             &[hook("h", &[])],
             WATCH,
         )
+        .await
         .expect("apply");
     let later = Utc::now() + chrono::Duration::seconds(1);
     let claimed = ledger.claim_due_deliveries(later, 10).expect("claim");
     let event_id = claimed[0].event_id.clone();
-    assert_eq!(ledger.recover_running_deliveries().expect("recover"), 1);
+    assert_eq!(
+        ledger.recover_running_deliveries().await.expect("recover"),
+        1
+    );
     let again = ledger.claim_due_deliveries(later, 10).expect("claim");
     assert_eq!(
         again[0].event_id, event_id,
@@ -384,16 +432,20 @@ fn running_deliveries_are_recovered_and_dead_ones_revived() {
             },
         )
         .expect("dead");
-    assert_eq!(ledger.counts().expect("counts").hooks_dead, 1);
-    assert!(ledger.retry_delivery(&event_id).expect("retry"));
-    let revived = ledger.delivery(&event_id).expect("read").expect("exists");
+    assert_eq!(ledger.counts().await.expect("counts").hooks_dead, 1);
+    assert!(ledger.retry_delivery(&event_id).await.expect("retry"));
+    let revived = ledger
+        .delivery(&event_id)
+        .await
+        .expect("read")
+        .expect("exists");
     assert_eq!(revived.state, DeliveryState::Pending);
     assert_eq!(revived.attempts, 0);
-    assert!(!ledger.retry_delivery("evt_missing").expect("retry"));
+    assert!(!ledger.retry_delivery("evt_missing").await.expect("retry"));
 }
 
 /// Records `status` for checkout 1 with hook "h" and returns its event id.
-fn queue_one(ledger: &Ledger, status: &str) -> String {
+async fn queue_one(ledger: &Ledger, status: &str) -> String {
     match ledger
         .apply(
             &verified("1", status),
@@ -402,6 +454,7 @@ fn queue_one(ledger: &Ledger, status: &str) -> String {
             &[hook("h", &[])],
             WATCH,
         )
+        .await
         .expect("apply")
     {
         ApplyOutcome::Transition { deliveries, .. } => deliveries[0].clone(),
@@ -409,17 +462,17 @@ fn queue_one(ledger: &Ledger, status: &str) -> String {
     }
 }
 
-fn claimed_statuses(ledger: &Ledger) -> Vec<String> {
+async fn claimed_statuses(ledger: &Ledger) -> Vec<String> {
     let later = Utc::now() + chrono::Duration::seconds(1);
     ledger
         .claim_due_deliveries(later, 10)
         .expect("claim")
         .into_iter()
-        .map(|d| d.status)
+        .map(|d| d.status.to_string())
         .collect()
 }
 
-fn dead(ledger: &Ledger, event_id: &str) {
+async fn dead(ledger: &Ledger, event_id: &str) {
     ledger
         .finish_delivery(
             event_id,
@@ -431,40 +484,40 @@ fn dead(ledger: &Ledger, event_id: &str) {
         .expect("dead");
 }
 
-#[test]
-fn a_revived_older_delivery_never_runs_beside_a_later_running_one() {
+#[tokio::test]
+async fn a_revived_older_delivery_never_runs_beside_a_later_running_one() {
     let ledger = Ledger::open_in_memory().expect("ledger");
-    let paid = queue_one(&ledger, "PAID");
-    assert_eq!(claimed_statuses(&ledger), ["PAID"]);
-    dead(&ledger, &paid);
-    let refunded = queue_one(&ledger, "REFUNDED");
+    let paid = queue_one(&ledger, "PAID").await;
+    assert_eq!(claimed_statuses(&ledger).await, ["PAID"]);
+    dead(&ledger, &paid).await;
+    let refunded = queue_one(&ledger, "REFUNDED").await;
     assert_eq!(
-        claimed_statuses(&ledger),
+        claimed_statuses(&ledger).await,
         ["REFUNDED"],
         "REFUNDED is running"
     );
     // `hooks retry` on the dead PAID while REFUNDED runs: PAID must wait.
-    assert!(ledger.retry_delivery(&paid).expect("retry"));
+    assert!(ledger.retry_delivery(&paid).await.expect("retry"));
     assert!(
-        claimed_statuses(&ledger).is_empty(),
+        claimed_statuses(&ledger).await.is_empty(),
         "never two deliveries of one checkout and hook at once"
     );
     assert_eq!(ledger.next_delivery_due().expect("next due"), None);
     ledger
         .finish_delivery(&refunded, &DeliveryUpdate::Delivered)
         .expect("finish");
-    assert_eq!(claimed_statuses(&ledger), ["PAID"]);
+    assert_eq!(claimed_statuses(&ledger).await, ["PAID"]);
 }
 
-#[test]
-fn a_revived_older_delivery_runs_before_a_later_pending_one() {
+#[tokio::test]
+async fn a_revived_older_delivery_runs_before_a_later_pending_one() {
     let ledger = Ledger::open_in_memory().expect("ledger");
-    let paid = queue_one(&ledger, "PAID");
-    assert_eq!(claimed_statuses(&ledger), ["PAID"]);
-    dead(&ledger, &paid);
-    let refunded = queue_one(&ledger, "REFUNDED");
+    let paid = queue_one(&ledger, "PAID").await;
+    assert_eq!(claimed_statuses(&ledger).await, ["PAID"]);
+    dead(&ledger, &paid).await;
+    let refunded = queue_one(&ledger, "REFUNDED").await;
     // REFUNDED failed once and waits for its retry; PAID is revived meanwhile.
-    assert_eq!(claimed_statuses(&ledger), ["REFUNDED"]);
+    assert_eq!(claimed_statuses(&ledger).await, ["REFUNDED"]);
     ledger
         .finish_delivery(
             &refunded,
@@ -475,20 +528,21 @@ fn a_revived_older_delivery_runs_before_a_later_pending_one() {
             },
         )
         .expect("retry later");
-    assert!(ledger.retry_delivery(&paid).expect("retry"));
-    assert_eq!(claimed_statuses(&ledger), ["PAID"], "PAID first");
-    assert!(claimed_statuses(&ledger).is_empty(), "REFUNDED waits");
+    assert!(ledger.retry_delivery(&paid).await.expect("retry"));
+    assert_eq!(claimed_statuses(&ledger).await, ["PAID"], "PAID first");
+    assert!(claimed_statuses(&ledger).await.is_empty(), "REFUNDED waits");
     ledger
         .finish_delivery(&paid, &DeliveryUpdate::Delivered)
         .expect("finish");
-    assert_eq!(claimed_statuses(&ledger), ["REFUNDED"]);
+    assert_eq!(claimed_statuses(&ledger).await, ["REFUNDED"]);
 }
 
-#[test]
-fn replay_queues_new_events_for_past_transitions() {
+#[tokio::test]
+async fn replay_queues_new_events_for_past_transitions() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     ledger
         .apply(&verified("1", "PAID"), Source::Reconcile, None, &[], WATCH)
+        .await
         .expect("apply");
     ledger
         .apply(
@@ -498,13 +552,19 @@ fn replay_queues_new_events_for_past_transitions() {
             &[],
             WATCH,
         )
+        .await
         .expect("apply");
     let since = Utc::now() - chrono::Duration::hours(1);
     let events = ledger
         .replay_deliveries(since, Some("PAID"), &[("h".into(), vec![])], false)
+        .await
         .expect("replay");
     assert_eq!(events.len(), 1);
-    let delivery = ledger.delivery(&events[0]).expect("read").expect("exists");
+    let delivery = ledger
+        .delivery(&events[0])
+        .await
+        .expect("read")
+        .expect("exists");
     assert!(delivery.replay);
     assert_eq!(delivery.checkout_id, "1");
 }
@@ -516,27 +576,29 @@ fn answer(id: &str, status: &str, ticket: VerifyTicket, clock: DateTime<Utc>) ->
 
 /// Records `answer` as a verification nudged by Firestore would (no change time, the test's
 /// refund watch), with `hooks` configured.
-fn record(ledger: &Ledger, answer: &VerifiedCheckout, hooks: &[HookSettings]) {
+async fn record(ledger: &Ledger, answer: &VerifiedCheckout, hooks: &[HookSettings]) {
     ledger
         .apply(answer, Source::Firestore, None, hooks, WATCH)
+        .await
         .expect("apply");
 }
 
 /// A ticket for checkout `id` unless a request sent after `seen` has answered it already.
-fn ticket_unless_covered(
+async fn ticket_unless_covered(
     ledger: &Ledger,
     id: &CheckoutId,
     seen: VerifyTicket,
 ) -> Option<VerifyTicket> {
     ledger
         .issue_tickets(&[(id.clone(), Some(seen))])
+        .await
         .expect("ticket")
         .into_iter()
         .next()
         .flatten()
 }
 
-fn needs_verify(ledger: &Ledger, id: &str) -> bool {
+async fn needs_verify(ledger: &Ledger, id: &str) -> bool {
     ledger
         .lock()
         .query_row(
@@ -547,14 +609,14 @@ fn needs_verify(ledger: &Ledger, id: &str) -> bool {
         .expect("row")
 }
 
-#[test]
-fn an_answer_to_an_older_request_is_ignored() {
+#[tokio::test]
+async fn an_answer_to_an_older_request_is_ignored() {
     let ledger = Ledger::open_in_memory().expect("ledger");
-    let first = ledger.issue_ticket().expect("ticket");
-    let second = ledger.issue_ticket().expect("ticket");
+    let first = ledger.issue_ticket().await.expect("ticket");
+    let second = ledger.issue_ticket().await.expect("ticket");
     assert!(second > first);
     let now = Utc::now();
-    record(&ledger, &answer("1", "PAID", second, now), &[]);
+    record(&ledger, &answer("1", "PAID", second, now), &[]).await;
     assert_eq!(
         ledger
             .apply(
@@ -564,17 +626,18 @@ fn an_answer_to_an_older_request_is_ignored() {
                 &[],
                 WATCH
             )
+            .await
             .expect("apply"),
         ApplyOutcome::Stale
     );
-    assert_eq!(history(&ledger, "1"), ["PAID"]);
+    assert_eq!(history(&ledger, "1").await, ["PAID"]);
 }
 
-#[test]
-fn a_clock_stepped_back_does_not_make_a_paid_answer_stale() {
+#[tokio::test]
+async fn a_clock_stepped_back_does_not_make_a_paid_answer_stale() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let before_step = Utc::now();
-    let pending = ledger.issue_ticket().expect("ticket");
+    let pending = ledger.issue_ticket().await.expect("ticket");
     ledger
         .apply(
             &answer("1", "PENDING", pending, before_step),
@@ -583,14 +646,15 @@ fn a_clock_stepped_back_does_not_make_a_paid_answer_stale() {
             &[],
             WATCH,
         )
+        .await
         .expect("apply");
     // NTP (or a VM restore) steps the clock back an hour; the customer pays.
     let after_step = before_step - chrono::Duration::hours(1);
-    let change_seen = ledger.last_ticket().expect("counter");
+    let change_seen = ledger.last_ticket().await.expect("counter");
     ledger
         .mark_needs_verify(&["1".parse().expect("id")], change_seen)
         .expect("mark");
-    let paid = ledger.issue_ticket().expect("ticket");
+    let paid = ledger.issue_ticket().await.expect("ticket");
     let outcome = ledger
         .apply(
             &answer("1", "PAID", paid, after_step),
@@ -599,53 +663,60 @@ fn a_clock_stepped_back_does_not_make_a_paid_answer_stale() {
             &[],
             WATCH,
         )
+        .await
         .expect("apply");
     assert!(
         matches!(outcome, ApplyOutcome::Transition { .. }),
         "{outcome:?}"
     );
-    assert_eq!(history(&ledger, "1"), ["PENDING", "PAID"]);
-    assert!(!needs_verify(&ledger, "1"), "the change is verified");
+    assert_eq!(history(&ledger, "1").await, ["PENDING", "PAID"]);
+    assert!(!needs_verify(&ledger, "1").await, "the change is verified");
 }
 
-#[test]
-fn tickets_keep_growing_across_restarts() {
+#[tokio::test]
+async fn tickets_keep_growing_across_restarts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("paywatch.db");
-    let ledger = Ledger::open(&path).expect("open");
-    ledger.issue_ticket().expect("ticket");
-    let before = ledger.issue_ticket().expect("ticket");
+    let ledger = Ledger::open(&path).await.expect("open");
+    ledger.issue_ticket().await.expect("ticket");
+    let before = ledger.issue_ticket().await.expect("ticket");
     // A change note stores a ticket, durably.
-    ledger.track(&facts("1"), TrackedVia::Track).expect("track");
+    ledger
+        .track(&facts("1"), TrackedVia::Track)
+        .await
+        .expect("track");
     ledger
         .mark_needs_verify(&["1".parse().expect("id")], before)
         .expect("mark");
     drop(ledger);
-    let reopened = Ledger::open(&path).expect("reopen");
-    assert_eq!(reopened.last_ticket().expect("counter"), before);
-    assert!(reopened.issue_ticket().expect("ticket") > before);
+    let reopened = Ledger::open(&path).await.expect("reopen");
+    assert_eq!(reopened.last_ticket().await.expect("counter"), before);
+    assert!(reopened.issue_ticket().await.expect("ticket") > before);
 }
 
-#[test]
-fn noted_changes_carry_tickets_whose_answers_clear_the_notes() {
+#[tokio::test]
+async fn noted_changes_carry_tickets_whose_answers_clear_the_notes() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     for id in ["1", "2"] {
-        ledger.track(&facts(id), TrackedVia::Track).expect("track");
+        ledger
+            .track(&facts(id), TrackedVia::Track)
+            .await
+            .expect("track");
     }
-    let asked = ledger.issue_ticket().expect("ticket");
+    let asked = ledger.issue_ticket().await.expect("ticket");
     for id in ["1", "2"] {
-        record(&ledger, &answer(id, "PENDING", asked, Utc::now()), &[]);
+        record(&ledger, &answer(id, "PENDING", asked, Utc::now()), &[]).await;
     }
-    let before = ledger.last_ticket().expect("counter");
+    let before = ledger.last_ticket().await.expect("counter");
     let ids: Vec<CheckoutId> = ["1", "2"]
         .iter()
         .map(|id| id.parse().expect("id"))
         .collect();
-    let noted = ledger.note_changes(&ids).expect("noted");
+    let noted = ledger.note_changes(&ids).await.expect("noted");
     assert_eq!(noted.seen_after, before);
     assert_eq!(noted.tickets.len(), 2);
     assert!(noted.tickets[0] > before && noted.tickets[1] > noted.tickets[0]);
-    assert!(needs_verify(&ledger, "1") && needs_verify(&ledger, "2"));
+    assert!(needs_verify(&ledger, "1").await && needs_verify(&ledger, "2").await);
     // An answer to a request sent before the change was seen clears nothing ...
     ledger
         .apply(
@@ -655,29 +726,31 @@ fn noted_changes_carry_tickets_whose_answers_clear_the_notes() {
             &[],
             WATCH,
         )
+        .await
         .expect("apply");
-    assert!(needs_verify(&ledger, "1"));
+    assert!(needs_verify(&ledger, "1").await);
     // ... the answer to the ticket issued with the note does.
     record(
         &ledger,
         &answer("1", "PAID", noted.tickets[0], Utc::now()),
         &[],
-    );
-    assert!(!needs_verify(&ledger, "1"));
+    )
+    .await;
+    assert!(!needs_verify(&ledger, "1").await);
     assert!(
-        needs_verify(&ledger, "2"),
+        needs_verify(&ledger, "2").await,
         "checkout 2's verification is still to come"
     );
-    assert!(ledger.issue_ticket().expect("ticket") > noted.tickets[1]);
+    assert!(ledger.issue_ticket().await.expect("ticket") > noted.tickets[1]);
 }
 
-#[test]
-fn a_stale_answer_keeps_the_checkout_marked_for_verification() {
+#[tokio::test]
+async fn a_stale_answer_keeps_the_checkout_marked_for_verification() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let id: CheckoutId = "3".parse().expect("id");
     let now = Utc::now();
-    let early = ledger.issue_ticket().expect("ticket");
-    let late = ledger.issue_ticket().expect("ticket");
+    let early = ledger.issue_ticket().await.expect("ticket");
+    let late = ledger.issue_ticket().await.expect("ticket");
     ledger
         .apply(
             &answer("3", "PENDING", late, now),
@@ -686,8 +759,9 @@ fn a_stale_answer_keeps_the_checkout_marked_for_verification() {
             &[],
             WATCH,
         )
+        .await
         .expect("apply");
-    let seen = ledger.last_ticket().expect("counter");
+    let seen = ledger.last_ticket().await.expect("counter");
     ledger
         .mark_needs_verify(std::slice::from_ref(&id), seen)
         .expect("mark");
@@ -700,33 +774,38 @@ fn a_stale_answer_keeps_the_checkout_marked_for_verification() {
                 &[],
                 WATCH
             )
+            .await
             .expect("apply"),
         ApplyOutcome::Stale
     );
-    assert!(needs_verify(&ledger, "3"), "a stale answer clears nothing");
-    assert!(ledger.watch_set().expect("set")[0].needs_verify);
+    assert!(
+        needs_verify(&ledger, "3").await,
+        "a stale answer clears nothing"
+    );
+    assert!(ledger.watch_set().await.expect("set")[0].needs_verify);
     // The retry, with a fresh ticket, is recorded and clears the mark.
-    let retry = ledger.issue_ticket().expect("ticket");
-    record(&ledger, &answer("3", "PAID", retry, now), &[]);
-    assert_eq!(history(&ledger, "3"), ["PENDING", "PAID"]);
-    assert!(!needs_verify(&ledger, "3"));
+    let retry = ledger.issue_ticket().await.expect("ticket");
+    record(&ledger, &answer("3", "PAID", retry, now), &[]).await;
+    assert_eq!(history(&ledger, "3").await, ["PENDING", "PAID"]);
+    assert!(!needs_verify(&ledger, "3").await);
 }
 
-fn history(ledger: &Ledger, id: &str) -> Vec<String> {
+async fn history(ledger: &Ledger, id: &str) -> Vec<String> {
     ledger
         .transitions(&id.parse().expect("id"))
+        .await
         .expect("transitions")
         .into_iter()
         .map(|t| t.to)
         .collect()
 }
 
-#[test]
-fn a_verification_requested_before_a_change_does_not_clear_it() {
+#[tokio::test]
+async fn a_verification_requested_before_a_change_does_not_clear_it() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let id: CheckoutId = "4".parse().expect("id");
     let now = Utc::now();
-    let first = ledger.issue_ticket().expect("ticket");
+    let first = ledger.issue_ticket().await.expect("ticket");
     ledger
         .apply(
             &answer("4", "PENDING", first, now),
@@ -735,31 +814,32 @@ fn a_verification_requested_before_a_change_does_not_clear_it() {
             &[],
             WATCH,
         )
+        .await
         .expect("apply");
     // A call goes out, then the document changes, then the call answers (old status).
-    let in_flight = ledger.issue_ticket().expect("ticket");
-    let change_seen = ledger.last_ticket().expect("counter");
+    let in_flight = ledger.issue_ticket().await.expect("ticket");
+    let change_seen = ledger.last_ticket().await.expect("counter");
     ledger
         .mark_needs_verify(std::slice::from_ref(&id), change_seen)
         .expect("mark");
-    record(&ledger, &answer("4", "PENDING", in_flight, now), &[]);
+    record(&ledger, &answer("4", "PENDING", in_flight, now), &[]).await;
     assert!(
-        ledger.watch_set().expect("set")[0].needs_verify,
+        ledger.watch_set().await.expect("set")[0].needs_verify,
         "the change is still unverified"
     );
     // The verification the change asked for clears it.
-    let asked = ledger.issue_ticket().expect("ticket");
-    record(&ledger, &answer("4", "PAID", asked, now), &[]);
-    assert!(!ledger.watch_set().expect("set")[0].needs_verify);
+    let asked = ledger.issue_ticket().await.expect("ticket");
+    record(&ledger, &answer("4", "PAID", asked, now), &[]).await;
+    assert!(!ledger.watch_set().await.expect("set")[0].needs_verify);
     // A mark arriving after the verification that covered it changes nothing.
     ledger
         .mark_needs_verify(std::slice::from_ref(&id), change_seen)
         .expect("mark");
-    assert!(!ledger.watch_set().expect("set")[0].needs_verify);
+    assert!(!ledger.watch_set().await.expect("set")[0].needs_verify);
 }
 
-#[test]
-fn verified_facts_replace_what_a_tracked_response_claimed() {
+#[tokio::test]
+async fn verified_facts_replace_what_a_tracked_response_claimed() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let claimed: Checkout = serde_json::from_str(
         r#"{"id":"8","orderId":"ORD-FAKE","amount":1.00,"currency":"USD","firebaseDatabase":"p","firebaseCollection":"c","firebaseDocument":"d"}"#,
@@ -767,6 +847,7 @@ fn verified_facts_replace_what_a_tracked_response_claimed() {
     .expect("json");
     ledger
         .track(&claimed.facts().expect("facts"), TrackedVia::Track)
+        .await
         .expect("track");
     ledger
         .apply(
@@ -776,9 +857,11 @@ fn verified_facts_replace_what_a_tracked_response_claimed() {
             &[hook("h", &[])],
             WATCH,
         )
+        .await
         .expect("apply");
     let record = ledger
         .checkout(&"8".parse().expect("id"))
+        .await
         .expect("read")
         .expect("exists");
     assert_eq!(
@@ -800,33 +883,39 @@ fn verified_facts_replace_what_a_tracked_response_claimed() {
     );
 }
 
-#[test]
-fn repeated_not_found_stops_watching_but_keeps_a_pending_verification() {
+#[tokio::test]
+async fn repeated_not_found_stops_watching_but_keeps_a_pending_verification() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let id: CheckoutId = "6".parse().expect("id");
-    ledger.track(&facts("6"), TrackedVia::Track).expect("track");
-    assert!(needs_verify(&ledger, "6"), "tracked, not yet verified");
+    ledger
+        .track(&facts("6"), TrackedVia::Track)
+        .await
+        .expect("track");
+    assert!(
+        needs_verify(&ledger, "6").await,
+        "tracked, not yet verified"
+    );
     for count in 1..NOT_FOUND_LIMIT {
         assert_eq!(
-            ledger.note_not_found(&id).expect("note"),
+            ledger.note_not_found(&id).await.expect("note"),
             NotFoundOutcome::Counted { count }
         );
     }
     assert_eq!(
-        ledger.note_not_found(&id).expect("note"),
+        ledger.note_not_found(&id).await.expect("note"),
         NotFoundOutcome::Unwatched {
             count: NOT_FOUND_LIMIT
         }
     );
-    assert!(ledger.watch_set().expect("set").is_empty());
+    assert!(ledger.watch_set().await.expect("set").is_empty());
     assert!(
-        needs_verify(&ledger, "6"),
+        needs_verify(&ledger, "6").await,
         "unwatching never clears a pending verification"
     );
 }
 
-#[test]
-fn many_checkouts_looking_gone_at_once_stay_watched() {
+#[tokio::test]
+async fn many_checkouts_looking_gone_at_once_stay_watched() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let ids: Vec<CheckoutId> = (1..=6)
         .map(|n| n.to_string().parse().expect("id"))
@@ -834,16 +923,21 @@ fn many_checkouts_looking_gone_at_once_stay_watched() {
     for id in &ids {
         ledger
             .track(&facts(id.as_str()), TrackedVia::Track)
+            .await
             .expect("track");
     }
     // Three sweeps in which paymennt says every one of them does not exist.
     let mut outcomes = Vec::new();
     for _ in 0..NOT_FOUND_LIMIT + 1 {
         for id in &ids {
-            outcomes.push(ledger.note_not_found(id).expect("note"));
+            outcomes.push(ledger.note_not_found(id).await.expect("note"));
         }
     }
-    assert_eq!(ledger.watch_set().expect("set").len(), 6, "{outcomes:?}");
+    assert_eq!(
+        ledger.watch_set().await.expect("set").len(),
+        6,
+        "{outcomes:?}"
+    );
     assert!(
         !outcomes
             .iter()
@@ -860,6 +954,7 @@ fn many_checkouts_looking_gone_at_once_stay_watched() {
     assert!(
         ledger
             .looking_gone()
+            .await
             .expect("read")
             .is_configuration_problem()
     );
@@ -872,12 +967,13 @@ fn many_checkouts_looking_gone_at_once_stay_watched() {
             &[],
             WATCH,
         )
+        .await
         .expect("apply");
-    assert_eq!(ledger.looking_gone().expect("read").checkouts, 5);
+    assert_eq!(ledger.looking_gone().await.expect("read").checkouts, 5);
 }
 
-#[test]
-fn one_missing_checkout_among_many_is_not_a_configuration_problem() {
+#[tokio::test]
+async fn one_missing_checkout_among_many_is_not_a_configuration_problem() {
     let cases = [
         (1, 1, false),
         (1, 30, false),
@@ -895,11 +991,11 @@ fn one_missing_checkout_among_many_is_not_a_configuration_problem() {
     }
 }
 
-#[test]
-fn a_refund_watch_does_not_end_while_a_change_is_unverified() {
+#[tokio::test]
+async fn a_refund_watch_does_not_end_while_a_change_is_unverified() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let id: CheckoutId = "5".parse().expect("id");
-    let paid = ledger.issue_ticket().expect("ticket");
+    let paid = ledger.issue_ticket().await.expect("ticket");
     ledger
         .apply(
             &answer("5", "PAID", paid, Utc::now()),
@@ -908,9 +1004,10 @@ fn a_refund_watch_does_not_end_while_a_change_is_unverified() {
             &[],
             Duration::from_secs(60),
         )
+        .await
         .expect("apply");
     // The document changes (a refund?) just before the watch ends.
-    let seen = ledger.last_ticket().expect("counter");
+    let seen = ledger.last_ticket().await.expect("counter");
     ledger
         .mark_needs_verify(std::slice::from_ref(&id), seen)
         .expect("mark");
@@ -918,15 +1015,16 @@ fn a_refund_watch_does_not_end_while_a_change_is_unverified() {
     assert!(
         ledger
             .expire_refund_watch(later)
+            .await
             .expect("expire")
             .is_empty()
     );
     assert!(
-        ledger.watch_set().expect("set")[0].needs_verify,
+        ledger.watch_set().await.expect("set")[0].needs_verify,
         "still watched and pending"
     );
     // Once verified, the watch ends.
-    let verified_again = ledger.issue_ticket().expect("ticket");
+    let verified_again = ledger.issue_ticket().await.expect("ticket");
     ledger
         .apply(
             &answer("5", "PAID", verified_again, Utc::now()),
@@ -935,13 +1033,17 @@ fn a_refund_watch_does_not_end_while_a_change_is_unverified() {
             &[],
             Duration::from_secs(60),
         )
+        .await
         .expect("apply");
-    assert_eq!(ledger.expire_refund_watch(later).expect("expire"), vec![id]);
-    assert!(ledger.watch_set().expect("set").is_empty());
+    assert_eq!(
+        ledger.expire_refund_watch(later).await.expect("expire"),
+        vec![id]
+    );
+    assert!(ledger.watch_set().await.expect("set").is_empty());
 }
 
-#[test]
-fn an_answer_without_coordinates_updates_a_tracked_checkout_but_cannot_add_one() {
+#[tokio::test]
+async fn an_answer_without_coordinates_updates_a_tracked_checkout_but_cannot_add_one() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let bare = r#"{"id":"9","amount":100.00,"currency":"AED","status":"PAID"}"#;
     let error = ledger
@@ -952,12 +1054,16 @@ fn an_answer_without_coordinates_updates_a_tracked_checkout_but_cannot_add_one()
             &[],
             WATCH,
         )
+        .await
         .expect_err("nowhere to watch it");
     assert!(
         error.to_string().contains("no Firebase coordinates"),
         "{error}"
     );
-    ledger.track(&facts("9"), TrackedVia::Track).expect("track");
+    ledger
+        .track(&facts("9"), TrackedVia::Track)
+        .await
+        .expect("track");
     ledger
         .apply(
             &VerifiedCheckout::for_tests(bare),
@@ -966,8 +1072,9 @@ fn an_answer_without_coordinates_updates_a_tracked_checkout_but_cannot_add_one()
             &[],
             WATCH,
         )
+        .await
         .expect("apply");
-    assert_eq!(history(&ledger, "9"), ["PAID"]);
+    assert_eq!(history(&ledger, "9").await, ["PAID"]);
 }
 
 fn refunded(id: &str, status: &str, total: &str) -> VerifiedCheckout {
@@ -977,25 +1084,26 @@ fn refunded(id: &str, status: &str, total: &str) -> VerifiedCheckout {
     ))
 }
 
-#[test]
-fn a_refund_that_keeps_the_status_is_an_entry_for_partially_refunded_hooks() {
+#[tokio::test]
+async fn a_refund_that_keeps_the_status_is_an_entry_for_partially_refunded_hooks() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let hooks = [
         hook("refunds", &["PARTIALLY_REFUNDED"]),
         hook("paid", &["PAID"]),
     ];
-    let apply = |checkout: &VerifiedCheckout| {
+    let apply = async |checkout: &VerifiedCheckout| {
         ledger
             .apply(checkout, Source::Firestore, None, &hooks, WATCH)
+            .await
             .expect("apply")
     };
-    apply(&verified("1", "PAID"));
-    let first = apply(&refunded("1", "PARTIALLY_REFUNDED", "10.00"));
+    apply(&verified("1", "PAID")).await;
+    let first = apply(&refunded("1", "PARTIALLY_REFUNDED", "10.00")).await;
     let ApplyOutcome::Transition { deliveries, .. } = &first else {
         panic!("a status change: {first:?}");
     };
     assert_eq!(deliveries.len(), 1);
-    let second = apply(&refunded("1", "PARTIALLY_REFUNDED", "25.50"));
+    let second = apply(&refunded("1", "PARTIALLY_REFUNDED", "25.50")).await;
     let ApplyOutcome::Transition {
         transition,
         deliveries,
@@ -1011,6 +1119,7 @@ fn a_refund_that_keeps_the_status_is_an_entry_for_partially_refunded_hooks() {
     assert!(watched);
     let delivery = ledger
         .delivery(&deliveries[0])
+        .await
         .expect("read")
         .expect("queued");
     assert_eq!(delivery.hook, "refunds");
@@ -1022,16 +1131,16 @@ fn a_refund_that_keeps_the_status_is_an_entry_for_partially_refunded_hooks() {
         (Some("10.00"), Some("25.50"))
     );
     assert_eq!(
-        apply(&refunded("1", "PARTIALLY_REFUNDED", "25.50")),
+        apply(&refunded("1", "PARTIALLY_REFUNDED", "25.50")).await,
         ApplyOutcome::Unchanged,
         "the same total again is nothing new"
     );
     let id: CheckoutId = "1".parse().expect("id");
-    assert_eq!(ledger.transitions(&id).expect("history").len(), 3);
+    assert_eq!(ledger.transitions(&id).await.expect("history").len(), 3);
 }
 
-#[test]
-fn discovered_checkouts_are_tracked_once_and_without_coordinates_are_not_listened_to() {
+#[tokio::test]
+async fn discovered_checkouts_are_tracked_once_and_without_coordinates_are_not_listened_to() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let wire: Checkout =
         serde_json::from_str(r#"{"id":"7","currency":"AED","amount":5,"status":"PENDING"}"#)
@@ -1039,6 +1148,7 @@ fn discovered_checkouts_are_tracked_once_and_without_coordinates_are_not_listene
     let bare = wire.answer_facts().expect("facts without coordinates");
     let found = ledger
         .record_discovered(&[facts("5"), bare.clone(), facts("5")])
+        .await
         .expect("record");
     assert_eq!(
         found
@@ -1051,29 +1161,32 @@ fn discovered_checkouts_are_tracked_once_and_without_coordinates_are_not_listene
         ],
         "a duplicate within a page counts once"
     );
-    let before = ledger.data_version().expect("version");
+    let before = ledger.data_version().await.expect("version");
     let again = ledger
         .record_discovered(&[facts("5"), bare])
+        .await
         .expect("record");
     assert!(again.is_empty(), "nothing new: {again:?}");
     assert_eq!(
-        ledger.data_version().expect("version"),
+        ledger.data_version().await.expect("version"),
         before,
         "checkouts already tracked cost no write"
     );
     let watched: Vec<String> = ledger
         .watch_set()
+        .await
         .expect("watch set")
         .into_iter()
         .map(|entry| entry.checkout_id.to_string())
         .collect();
     assert_eq!(watched, ["5"], "no document to listen to for 7");
-    let open = ledger.open_checkouts().expect("open");
+    let open = ledger.open_checkouts().await.expect("open");
     assert_eq!(open.len(), 2, "the reconciler checks both");
     assert!(open.iter().all(|checkout| checkout.needs_verify));
     assert_eq!(
         ledger
             .checkout(&"7".parse().expect("id"))
+            .await
             .expect("read")
             .expect("tracked")
             .tracked_via,
@@ -1081,17 +1194,21 @@ fn discovered_checkouts_are_tracked_once_and_without_coordinates_are_not_listene
     );
 }
 
-#[test]
-fn a_reconcile_only_checkout_that_gains_coordinates_moves_onto_the_listener() {
+#[tokio::test]
+async fn a_reconcile_only_checkout_that_gains_coordinates_moves_onto_the_listener() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let wire: Checkout =
         serde_json::from_str(r#"{"id":"7","currency":"AED","amount":5,"status":"PENDING"}"#)
             .expect("json");
     ledger
         .record_discovered(&[wire.answer_facts().expect("facts")])
+        .await
         .expect("record");
-    assert!(ledger.watch_set().expect("watch set").is_empty());
-    let found = ledger.record_discovered(&[facts("7")]).expect("record");
+    assert!(ledger.watch_set().await.expect("watch set").is_empty());
+    let found = ledger
+        .record_discovered(&[facts("7")])
+        .await
+        .expect("record");
     assert_eq!(
         found
             .iter()
@@ -1101,6 +1218,7 @@ fn a_reconcile_only_checkout_that_gains_coordinates_moves_onto_the_listener() {
     );
     let watched: Vec<String> = ledger
         .watch_set()
+        .await
         .expect("watch set")
         .into_iter()
         .map(|entry| entry.checkout_id.to_string())
@@ -1109,34 +1227,43 @@ fn a_reconcile_only_checkout_that_gains_coordinates_moves_onto_the_listener() {
     assert!(
         ledger
             .record_discovered(&[facts("7")])
+            .await
             .expect("record")
             .is_empty(),
         "located once"
     );
 }
 
-#[test]
-fn discovery_rounds_and_the_epoch_are_remembered() {
+#[tokio::test]
+async fn discovery_rounds_and_the_epoch_are_remembered() {
     let ledger = Ledger::open_in_memory().expect("ledger");
-    assert_eq!(ledger.last_discovery_round("LINK").expect("read"), None);
+    assert_eq!(
+        ledger.last_discovery_round("LINK").await.expect("read"),
+        None
+    );
     let first = Utc::now() - chrono::Duration::hours(1);
-    let epoch = ledger.begin_discovery_epoch(first).expect("epoch");
+    let epoch = ledger.begin_discovery_epoch(first).await.expect("epoch");
     assert_eq!(timestamp(epoch), timestamp(first));
-    let later = ledger.begin_discovery_epoch(Utc::now()).expect("epoch");
+    let later = ledger
+        .begin_discovery_epoch(Utc::now())
+        .await
+        .expect("epoch");
     assert_eq!(later, epoch, "the epoch is set once");
     let started = Utc::now();
     ledger
         .finish_discovery_round("LINK", started)
+        .await
         .expect("finish");
     assert_eq!(
         ledger
             .last_discovery_round("LINK")
+            .await
             .expect("read")
             .map(timestamp),
         Some(timestamp(started))
     );
     assert_eq!(
-        ledger.last_discovery_round("WEB").expect("read"),
+        ledger.last_discovery_round("WEB").await.expect("read"),
         None,
         "per type"
     );
@@ -1150,19 +1277,27 @@ fn verified_created(id: &str, status: &str, created: DateTime<Utc>) -> VerifiedC
     VerifiedCheckout::for_tests(&value.to_string())
 }
 
-#[test]
-fn a_discovered_checkout_settled_before_the_epoch_is_a_baseline_without_hooks() {
+#[tokio::test]
+async fn a_discovered_checkout_settled_before_the_epoch_is_a_baseline_without_hooks() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let hooks = vec![hook("all", &[])];
-    let epoch = ledger.begin_discovery_epoch(Utc::now()).expect("epoch");
+    let epoch = ledger
+        .begin_discovery_epoch(Utc::now())
+        .await
+        .expect("epoch");
     let before = epoch - chrono::Duration::days(2);
     let after = epoch + chrono::Duration::seconds(1);
     ledger
         .record_discovered(&[facts("1"), facts("2"), facts("3"), facts("4")])
+        .await
         .expect("discovered");
-    ledger.track(&facts("5"), TrackedVia::Track).expect("track");
-    let apply = |verified: VerifiedCheckout| match ledger
+    ledger
+        .track(&facts("5"), TrackedVia::Track)
+        .await
+        .expect("track");
+    let apply = async |verified: VerifiedCheckout| match ledger
         .apply(&verified, Source::Firestore, None, &hooks, WATCH)
+        .await
         .expect("apply")
     {
         ApplyOutcome::Transition {
@@ -1174,37 +1309,41 @@ fn a_discovered_checkout_settled_before_the_epoch_is_a_baseline_without_hooks() 
     };
     // Paid before discovery began: history, not news.
     assert_eq!(
-        apply(verified_created("1", "PAID", before)),
+        apply(verified_created("1", "PAID", before)).await,
         ("discovery-import".to_owned(), 0)
     );
     // Still open when first seen: tracked as usual, and its payment later is news.
     assert_eq!(
-        apply(verified_created("2", "PENDING", before)),
+        apply(verified_created("2", "PENDING", before)).await,
         ("firestore".to_owned(), 1)
     );
     assert_eq!(
-        apply(verified_created("2", "PAID", before)),
+        apply(verified_created("2", "PAID", before)).await,
         ("firestore".to_owned(), 1)
     );
     // Created after the epoch and paid before a round found it: new business.
     assert_eq!(
-        apply(verified_created("3", "PAID", after)),
+        apply(verified_created("3", "PAID", after)).await,
         ("firestore".to_owned(), 1)
     );
     // A refund of a baseline, after tracking began, is news.
     assert_eq!(
-        apply(verified_created("1", "REFUNDED", before)),
+        apply(verified_created("1", "REFUNDED", before)).await,
         ("firestore".to_owned(), 1)
     );
     // No readable creation time: new business (a hook told twice can deduplicate).
-    assert_eq!(apply(verified("4", "PAID")), ("firestore".to_owned(), 1));
+    assert_eq!(
+        apply(verified("4", "PAID")).await,
+        ("firestore".to_owned(), 1)
+    );
     // Tracked by hand: never a baseline.
     assert_eq!(
-        apply(verified_created("5", "PAID", before)),
+        apply(verified_created("5", "PAID", before)).await,
         ("firestore".to_owned(), 1)
     );
     let history = ledger
         .transitions(&"1".parse().expect("id"))
+        .await
         .expect("history");
     assert_eq!(history[0].to, "PAID");
     assert!(
@@ -1213,10 +1352,13 @@ fn a_discovered_checkout_settled_before_the_epoch_is_a_baseline_without_hooks() 
     );
 }
 
-#[test]
-fn without_an_epoch_nothing_is_a_baseline() {
+#[tokio::test]
+async fn without_an_epoch_nothing_is_a_baseline() {
     let ledger = Ledger::open_in_memory().expect("ledger");
-    ledger.record_discovered(&[facts("1")]).expect("discovered");
+    ledger
+        .record_discovered(&[facts("1")])
+        .await
+        .expect("discovered");
     let outcome = ledger
         .apply(
             &verified_created("1", "PAID", Utc::now() - chrono::Duration::days(1)),
@@ -1225,6 +1367,7 @@ fn without_an_epoch_nothing_is_a_baseline() {
             &[hook("all", &[])],
             WATCH,
         )
+        .await
         .expect("apply");
     assert!(
         matches!(&outcome, ApplyOutcome::Transition { transition, deliveries, .. }
@@ -1233,8 +1376,8 @@ fn without_an_epoch_nothing_is_a_baseline() {
     );
 }
 
-#[test]
-fn an_upgraded_ledger_takes_its_oldest_discovery_cursor_as_the_epoch() {
+#[tokio::test]
+async fn an_upgraded_ledger_takes_its_oldest_discovery_cursor_as_the_epoch() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("paywatch.db");
     {
@@ -1255,14 +1398,20 @@ fn an_upgraded_ledger_takes_its_oldest_discovery_cursor_as_the_epoch() {
             )
             .expect("cursor");
     }
-    let ledger = Ledger::open(&path).expect("migrated");
+    let ledger = Ledger::open(&path).await.expect("migrated");
     assert_eq!(
-        timestamp(ledger.begin_discovery_epoch(Utc::now()).expect("epoch")),
+        timestamp(
+            ledger
+                .begin_discovery_epoch(Utc::now())
+                .await
+                .expect("epoch")
+        ),
         "2024-05-01T10:00:00.000Z"
     );
     assert_eq!(
         ledger
             .last_discovery_round("WEB")
+            .await
             .expect("read")
             .map(timestamp)
             .as_deref(),
@@ -1270,16 +1419,25 @@ fn an_upgraded_ledger_takes_its_oldest_discovery_cursor_as_the_epoch() {
     );
 }
 
-#[test]
-fn listen_refusals_are_noted_counted_shown_and_cleared() {
+#[tokio::test]
+async fn listen_refusals_are_noted_counted_shown_and_cleared() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("open");
-    ledger.track(&facts("1"), TrackedVia::Track).expect("track");
-    ledger.track(&facts("2"), TrackedVia::Track).expect("track");
+    let ledger = Ledger::open(&dir.path().join("paywatch.db"))
+        .await
+        .expect("open");
+    ledger
+        .track(&facts("1"), TrackedVia::Track)
+        .await
+        .expect("track");
+    ledger
+        .track(&facts("2"), TrackedVia::Track)
+        .await
+        .expect("track");
     let id: CheckoutId = "1".parse().expect("id");
     let document = "projects/pc-test-734bc/databases/(default)/documents/checkouts/doc-1";
     ledger
         .note_listen_refusal(&id, "PERMISSION_DENIED", "denied", document, None)
+        .await
         .expect("note");
     ledger
         .note_listen_refusal(
@@ -1289,14 +1447,16 @@ fn listen_refusals_are_noted_counted_shown_and_cleared() {
             document,
             Some(Utc::now()),
         )
+        .await
         .expect("note again");
     // A checkout the ledger does not have is ignored, not an error.
     let unknown: CheckoutId = "9".parse().expect("id");
     ledger
         .note_listen_refusal(&unknown, "NOT_FOUND", "x", document, None)
+        .await
         .expect("unknown id");
 
-    let record = ledger.checkout(&id).expect("read").expect("tracked");
+    let record = ledger.checkout(&id).await.expect("read").expect("tracked");
     let refusal = record.listen_refused.expect("refusal shown");
     assert_eq!(refusal.code, "PERMISSION_DENIED");
     assert_eq!(refusal.message, "still denied");
@@ -1309,6 +1469,7 @@ fn listen_refusals_are_noted_counted_shown_and_cleared() {
             watched_only: true,
             ..ListFilter::default()
         })
+        .await
         .expect("list");
     assert_eq!(listed.len(), 2);
     let other = listed.iter().find(|r| r.id == "2").expect("listed");
@@ -1316,34 +1477,43 @@ fn listen_refusals_are_noted_counted_shown_and_cleared() {
     let json = serde_json::to_value(other).expect("json");
     assert!(json.get("listen_refused").is_none(), "{json}");
 
-    ledger.clear_listen_refusal(&id).expect("clear");
-    let record = ledger.checkout(&id).expect("read").expect("tracked");
+    ledger.clear_listen_refusal(&id).await.expect("clear");
+    let record = ledger.checkout(&id).await.expect("read").expect("tracked");
     assert!(record.listen_refused.is_none());
     ledger
         .note_listen_refusal(&id, "NOT_FOUND", "gone", document, None)
+        .await
         .expect("note");
-    ledger.clear_listen_refusals().expect("clear all");
-    let record = ledger.checkout(&id).expect("read").expect("tracked");
+    ledger.clear_listen_refusals().await.expect("clear all");
+    let record = ledger.checkout(&id).await.expect("read").expect("tracked");
     assert!(record.listen_refused.is_none());
 }
 
-#[test]
-fn probe_documents_picks_one_checkout_per_project_read_only() {
+#[tokio::test]
+async fn probe_documents_picks_one_checkout_per_project_read_only() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("paywatch.db");
-    let ledger = Ledger::open(&path).expect("open");
-    ledger.track(&facts("1"), TrackedVia::Track).expect("track");
-    ledger.track(&facts("2"), TrackedVia::Track).expect("track");
+    let ledger = Ledger::open(&path).await.expect("open");
+    ledger
+        .track(&facts("1"), TrackedVia::Track)
+        .await
+        .expect("track");
+    ledger
+        .track(&facts("2"), TrackedVia::Track)
+        .await
+        .expect("track");
     let other = checkout_json("3", "PENDING").replace("pc-test-734bc", "other-project");
     let wire: Checkout = serde_json::from_str(&other).expect("json");
     ledger
         .track(&wire.facts().expect("facts"), TrackedVia::Track)
+        .await
         .expect("track");
     drop(ledger);
     let modified = std::fs::metadata(&path).expect("file").modified().ok();
-    let reader = Ledger::open_read_only(&path).expect("read only");
+    let reader = Ledger::open_read_only(&path).await.expect("read only");
     let mut probes: Vec<(String, String)> = reader
         .probe_documents(None)
+        .await
         .expect("probe")
         .into_iter()
         .map(|(id, location)| (location.project, id.to_string()))
@@ -1353,29 +1523,34 @@ fn probe_documents_picks_one_checkout_per_project_read_only() {
     assert_eq!(probes[0].0, "other-project");
     assert_eq!(probes[1].0, "pc-test-734bc");
     let only: CheckoutId = "2".parse().expect("id");
-    let probes = reader.probe_documents(Some(&only)).expect("probe");
+    let probes = reader.probe_documents(Some(&only)).await.expect("probe");
     assert_eq!(probes.len(), 1);
     assert_eq!(probes[0].0, only);
     let unknown: CheckoutId = "404".parse().expect("id");
     assert!(
         reader
             .probe_documents(Some(&unknown))
+            .await
             .expect("probe")
             .is_empty()
     );
     assert!(
-        reader.track(&facts("4"), TrackedVia::Track).is_err(),
+        reader.track(&facts("4"), TrackedVia::Track).await.is_err(),
         "read only"
     );
     assert_eq!(
         std::fs::metadata(&path).expect("file").modified().ok(),
         modified
     );
-    assert!(Ledger::open_read_only(&dir.path().join("missing.db")).is_err());
+    assert!(
+        Ledger::open_read_only(&dir.path().join("missing.db"))
+            .await
+            .is_err()
+    );
 }
 
-#[test]
-fn a_ledger_from_before_webhooks_accepts_webhook_transitions_after_migrating() {
+#[tokio::test]
+async fn a_ledger_from_before_webhooks_accepts_webhook_transitions_after_migrating() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("paywatch.db");
     // A ledger as the release before webhooks left it: schema version 2, one transition.
@@ -1391,15 +1566,18 @@ fn a_ledger_from_before_webhooks_accepts_webhook_transitions_after_migrating() {
             .pragma_update(None, "user_version", 2)
             .expect("version");
     }
-    let ledger = Ledger::open(&path).expect("migrates");
+    let ledger = Ledger::open(&path).await.expect("migrates");
     ledger
         .apply(&verified("1", "PENDING"), Source::Manual, None, &[], WATCH)
+        .await
         .expect("manual");
     ledger
         .apply(&verified("1", "PAID"), Source::Webhook, None, &[], WATCH)
+        .await
         .expect("a webhook-led transition is recorded");
     let sources: Vec<String> = ledger
         .transitions(&"1".parse().expect("id"))
+        .await
         .expect("transitions")
         .into_iter()
         .map(|t| t.source)
@@ -1423,23 +1601,26 @@ fn a_ledger_from_before_webhooks_accepts_webhook_transitions_after_migrating() {
     assert_eq!(check, "ok");
 }
 
-#[test]
-fn record_and_claim_writes_outcomes_and_claims_the_events_they_free_in_one_call() {
+#[tokio::test]
+async fn record_and_claim_writes_outcomes_and_claims_the_events_they_free_in_one_call() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let hooks = [hook("h", &[])];
     for id in ["1", "2", "3"] {
         for status in ["PENDING", "PAID"] {
-            record(&ledger, &verified(id, status), &hooks);
+            record(&ledger, &verified(id, status), &hooks).await;
         }
     }
     let later = Utc::now() + chrono::Duration::seconds(1);
-    let first = ledger.record_and_claim(&[], later, 10).expect("claim");
+    let first = ledger
+        .record_and_claim(&[], later, 10)
+        .await
+        .expect("claim");
     assert_eq!(
         first.claimed.len(),
         3,
         "one batch claims every due delivery"
     );
-    assert!(first.claimed.iter().all(|d| d.status == "PENDING"));
+    assert!(first.claimed.iter().all(|d| d.status.as_str() == "PENDING"));
     assert_eq!(
         first.next_due, None,
         "the PAIDs wait behind running PENDINGs"
@@ -1462,6 +1643,7 @@ fn record_and_claim_writes_outcomes_and_claims_the_events_they_free_in_one_call(
         .collect();
     let second = ledger
         .record_and_claim(&outcomes, later, 10)
+        .await
         .expect("round");
     let refused_index = first
         .claimed
@@ -1478,7 +1660,7 @@ fn record_and_claim_writes_outcomes_and_claims_the_events_they_free_in_one_call(
     let mut freed: Vec<(String, String)> = second
         .claimed
         .iter()
-        .map(|d| (d.checkout_id.clone(), d.status.clone()))
+        .map(|d| (d.checkout_id.clone(), d.status.to_string()))
         .collect();
     freed.sort();
     assert_eq!(
@@ -1488,6 +1670,7 @@ fn record_and_claim_writes_outcomes_and_claims_the_events_they_free_in_one_call(
     for delivery in &first.claimed {
         let state = ledger
             .delivery(&delivery.event_id)
+            .await
             .expect("read")
             .expect("exists")
             .state;
@@ -1506,11 +1689,12 @@ fn record_and_claim_writes_outcomes_and_claims_the_events_they_free_in_one_call(
         .expect("drop trigger");
     let third = ledger
         .record_and_claim(&outcomes[refused_index..=refused_index], later, 10)
+        .await
         .expect("round");
     assert!(third.refused.is_empty());
     assert_eq!(third.claimed.len(), 1);
     assert_eq!(third.claimed[0].checkout_id, "3");
-    assert_eq!(third.claimed[0].status, "PAID");
+    assert_eq!(third.claimed[0].status.as_str(), "PAID");
     // Its own commit skips the fsync; every other commit still flushes (FULL = 2).
     let synchronous: i64 = ledger
         .lock()
@@ -1535,13 +1719,16 @@ fn request(verified: VerifiedCheckout) -> ApplyRequest {
     }
 }
 
-#[test]
-fn a_group_of_answers_is_recorded_as_each_would_be_alone() {
+#[tokio::test]
+async fn a_group_of_answers_is_recorded_as_each_would_be_alone() {
     let hooks = [hook("notify", &["PAID"])];
     let grouped = Ledger::open_in_memory().expect("ledger");
     let alone = Ledger::open_in_memory().expect("ledger");
     for ledger in [&grouped, &alone] {
-        ledger.track(&facts("2"), TrackedVia::Track).expect("track");
+        ledger
+            .track(&facts("2"), TrackedVia::Track)
+            .await
+            .expect("track");
     }
     let answers = [
         verified("1", "PENDING"),
@@ -1550,13 +1737,15 @@ fn a_group_of_answers_is_recorded_as_each_would_be_alone() {
     ];
     let requests: Vec<ApplyRequest> = answers.iter().cloned().map(request).collect();
     let outcomes: Vec<ApplyOutcome> = grouped
-        .apply_all(&requests, &hooks, WATCH)
+        .apply_all(requests.to_vec(), &hooks, WATCH)
+        .await
         .into_iter()
         .map(|outcome| outcome.expect("recorded"))
         .collect();
     for (answer, outcome) in answers.iter().zip(&outcomes) {
         let single = alone
             .apply(answer, Source::Firestore, None, &hooks, WATCH)
+            .await
             .expect("recorded");
         match (outcome, single) {
             (
@@ -1580,33 +1769,40 @@ fn a_group_of_answers_is_recorded_as_each_would_be_alone() {
         }
     }
     for id in ["1", "2", "3"] {
-        assert_eq!(history(&grouped, id), history(&alone, id), "checkout {id}");
+        assert_eq!(
+            history(&grouped, id).await,
+            history(&alone, id).await,
+            "checkout {id}"
+        );
     }
-    assert_eq!(history(&grouped, "2"), ["PAID"]);
+    assert_eq!(history(&grouped, "2").await, ["PAID"]);
 }
 
-#[test]
-fn one_failing_answer_in_a_group_fails_alone() {
+#[tokio::test]
+async fn one_failing_answer_in_a_group_fails_alone() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let requests = [
         request(verified("1", "PAID")),
         request(untrackable("2")),
         request(verified("3", "PAID")),
     ];
-    let outcomes = ledger.apply_all(&requests, &[], WATCH);
+    let outcomes = ledger.apply_all(requests.to_vec(), &[], WATCH).await;
     assert!(matches!(outcomes[0], Ok(ApplyOutcome::Transition { .. })));
     assert!(outcomes[1].is_err(), "{:?}", outcomes[1]);
     assert!(matches!(outcomes[2], Ok(ApplyOutcome::Transition { .. })));
-    assert_eq!(history(&ledger, "1"), ["PAID"]);
-    assert_eq!(history(&ledger, "3"), ["PAID"]);
+    assert_eq!(history(&ledger, "1").await, ["PAID"]);
+    assert_eq!(history(&ledger, "3").await, ["PAID"]);
     assert_eq!(
-        ledger.checkout(&"2".parse().expect("id")).expect("read"),
+        ledger
+            .checkout(&"2".parse().expect("id"))
+            .await
+            .expect("read"),
         None
     );
 }
 
-#[test]
-fn a_group_of_tickets_is_what_each_request_would_get_alone() {
+#[tokio::test]
+async fn a_group_of_tickets_is_what_each_request_would_get_alone() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let (covered, open, untracked): (CheckoutId, CheckoutId, CheckoutId) = (
         "1".parse().expect("id"),
@@ -1614,11 +1810,14 @@ fn a_group_of_tickets_is_what_each_request_would_get_alone() {
         "9".parse().expect("id"),
     );
     for id in ["1", "2"] {
-        ledger.track(&facts(id), TrackedVia::Track).expect("track");
+        ledger
+            .track(&facts(id), TrackedVia::Track)
+            .await
+            .expect("track");
     }
-    let seen = ledger.last_ticket().expect("counter");
-    let asked = ledger.issue_ticket().expect("ticket");
-    record(&ledger, &answer("1", "PENDING", asked, Utc::now()), &[]);
+    let seen = ledger.last_ticket().await.expect("counter");
+    let asked = ledger.issue_ticket().await.expect("ticket");
+    record(&ledger, &answer("1", "PENDING", asked, Utc::now()), &[]).await;
     let tickets = ledger
         .issue_tickets(&[
             (covered.clone(), Some(seen)),
@@ -1626,6 +1825,7 @@ fn a_group_of_tickets_is_what_each_request_would_get_alone() {
             (untracked, Some(seen)),
             (covered, None),
         ])
+        .await
         .expect("tickets");
     // Checkout 1 was answered by a request sent after `seen`: no ticket; the others get
     // distinct ones, in order, after every ticket before; `None` always asks.
@@ -1638,30 +1838,39 @@ fn a_group_of_tickets_is_what_each_request_would_get_alone() {
         issued.windows(2).all(|pair| pair[0] < pair[1]),
         "{issued:?}"
     );
-    assert!(ledger.issue_ticket().expect("ticket") > issued[2]);
+    assert!(ledger.issue_ticket().await.expect("ticket") > issued[2]);
     // The open checkout's ticket is what it would have got alone: a request is needed.
-    assert!(ticket_unless_covered(&ledger, &open, seen).is_some());
+    assert!(ticket_unless_covered(&ledger, &open, seen).await.is_some());
 }
 
-#[test]
-fn a_ticket_is_not_needed_once_a_later_request_answered() {
+#[tokio::test]
+async fn a_ticket_is_not_needed_once_a_later_request_answered() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let id: CheckoutId = "1".parse().expect("id");
-    ledger.track(&facts("1"), TrackedVia::Track).expect("track");
+    ledger
+        .track(&facts("1"), TrackedVia::Track)
+        .await
+        .expect("track");
     // Never verified: a ticket is issued.
-    let seen = ledger.last_ticket().expect("counter");
-    let first =
-        ticket_unless_covered(&ledger, &id, seen).expect("never verified: a request is needed");
+    let seen = ledger.last_ticket().await.expect("counter");
+    let first = ticket_unless_covered(&ledger, &id, seen)
+        .await
+        .expect("never verified: a request is needed");
     assert!(first > seen);
-    record(&ledger, &answer("1", "PENDING", first, Utc::now()), &[]);
+    record(&ledger, &answer("1", "PENDING", first, Utc::now()), &[]).await;
     // A change seen before that request was sent is covered by its answer ...
-    assert_eq!(ticket_unless_covered(&ledger, &id, seen), None);
+    assert_eq!(ticket_unless_covered(&ledger, &id, seen).await, None);
     // ... one seen after it was sent is not.
-    let later = ledger.last_ticket().expect("counter");
+    let later = ledger.last_ticket().await.expect("counter");
     let second = ticket_unless_covered(&ledger, &id, later)
+        .await
         .expect("a change after the last request needs a new one");
     assert!(second > first);
     // An untracked checkout always needs a request.
     let other: CheckoutId = "9".parse().expect("id");
-    assert!(ticket_unless_covered(&ledger, &other, later).is_some());
+    assert!(
+        ticket_unless_covered(&ledger, &other, later)
+            .await
+            .is_some()
+    );
 }

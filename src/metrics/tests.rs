@@ -14,17 +14,19 @@ fn checkout_json(id: &str, status: &str) -> String {
     )
 }
 
-fn apply(ledger: &Ledger, id: &str, status: &str, hooks: &[HookSettings]) {
+async fn apply(ledger: &Ledger, id: &str, status: &str, hooks: &[HookSettings]) {
     let verified = VerifiedCheckout::for_tests(&checkout_json(id, status));
     ledger
         .apply(&verified, Source::Firestore, None, hooks, WATCH)
+        .await
         .expect("apply");
 }
 
-fn track(ledger: &Ledger, id: &str) {
+async fn track(ledger: &Ledger, id: &str) {
     let wire: Checkout = serde_json::from_str(&checkout_json(id, "PENDING")).expect("json");
     ledger
         .track(&wire.facts().expect("facts"), TrackedVia::Track)
+        .await
         .expect("track");
 }
 
@@ -36,8 +38,13 @@ fn sample(text: &str, series: &str) -> Option<f64> {
     })
 }
 
-fn render(metrics: &Metrics, ledger: &Ledger, now: DateTime<Utc>, instant: Instant) -> String {
-    let gauges = ledger.gauges().expect("gauges");
+async fn render(
+    metrics: &Metrics,
+    ledger: &Ledger,
+    now: DateTime<Utc>,
+    instant: Instant,
+) -> String {
+    let gauges = ledger.gauges().await.expect("gauges");
     metrics
         .inner
         .as_ref()
@@ -50,16 +57,16 @@ fn render(metrics: &Metrics, ledger: &Ledger, now: DateTime<Utc>, instant: Insta
 async fn ledger_gauges_count_watched_checkouts_and_paid_ones_with_undelivered_hooks() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let hooks = [HookSettings::for_tests("crm", &["PAID"])];
-    track(&ledger, "chk-unverified-1");
-    apply(&ledger, "chk-pending-1", "PENDING", &hooks);
-    apply(&ledger, "chk-pending-2", "PENDING", &hooks);
-    apply(&ledger, "chk-paid-1", "PENDING", &hooks);
-    apply(&ledger, "chk-paid-1", "PAID", &hooks);
-    apply(&ledger, "chk-failed-1", "FAILED", &hooks);
+    track(&ledger, "chk-unverified-1").await;
+    apply(&ledger, "chk-pending-1", "PENDING", &hooks).await;
+    apply(&ledger, "chk-pending-2", "PENDING", &hooks).await;
+    apply(&ledger, "chk-paid-1", "PENDING", &hooks).await;
+    apply(&ledger, "chk-paid-1", "PAID", &hooks).await;
+    apply(&ledger, "chk-failed-1", "FAILED", &hooks).await;
     let metrics = Metrics::new();
 
     let text = metrics
-        .render(&ledger.gauges().expect("gauges"))
+        .render(&ledger.gauges().await.expect("gauges"))
         .expect("exposition");
     let watched = |status: &str| {
         sample(
@@ -92,6 +99,7 @@ async fn ledger_gauges_count_watched_checkouts_and_paid_ones_with_undelivered_ho
             state: Some(DeliveryState::Pending),
             ..DeliveryFilter::default()
         })
+        .await
         .expect("deliveries")
         .pop()
         .expect("one pending delivery");
@@ -99,7 +107,7 @@ async fn ledger_gauges_count_watched_checkouts_and_paid_ones_with_undelivered_ho
         .finish_delivery(&delivery.event_id, &DeliveryUpdate::Delivered)
         .expect("finish");
     let text = metrics
-        .render(&ledger.gauges().expect("gauges"))
+        .render(&ledger.gauges().await.expect("gauges"))
         .expect("exposition");
     assert_eq!(
         sample(&text, "paywatch_paid_checkouts_hooks_undelivered"),
@@ -127,7 +135,7 @@ async fn ledger_gauges_count_watched_checkouts_and_paid_ones_with_undelivered_ho
         )
         .expect("finish");
     let text = metrics
-        .render(&ledger.gauges().expect("gauges"))
+        .render(&ledger.gauges().await.expect("gauges"))
         .expect("exposition");
     assert_eq!(
         sample(&text, "paywatch_paid_checkouts_hooks_undelivered"),
@@ -142,22 +150,23 @@ async fn ledger_gauges_count_watched_checkouts_and_paid_ones_with_undelivered_ho
     );
 }
 
-#[test]
-fn ages_are_measured_from_the_oldest_row_at_scrape_time() {
+#[tokio::test]
+async fn ages_are_measured_from_the_oldest_row_at_scrape_time() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let hooks = [HookSettings::for_tests("crm", &["PAID"])];
-    apply(&ledger, "chk-1", "PENDING", &hooks);
-    apply(&ledger, "chk-2", "PAID", &hooks);
+    apply(&ledger, "chk-1", "PENDING", &hooks).await;
+    apply(&ledger, "chk-2", "PAID", &hooks).await;
     ledger
         .save_resume_points(&[crate::ledger::ResumePoint {
             checkout_id: "chk-1".parse().expect("id"),
             token: vec![1, 2, 3],
             read_time: None,
         }])
+        .await
         .expect("token");
     let metrics = Metrics::new();
     let later = Utc::now() + chrono::Duration::seconds(90);
-    let text = render(&metrics, &ledger, later, Instant::now());
+    let text = render(&metrics, &ledger, later, Instant::now()).await;
     for name in [
         "paywatch_checkout_pending_oldest_age_seconds",
         "paywatch_hook_oldest_undelivered_age_seconds",
@@ -169,7 +178,7 @@ fn ages_are_measured_from_the_oldest_row_at_scrape_time() {
 
     // Nothing to measure: 0, never a stale age.
     let empty = Ledger::open_in_memory().expect("ledger");
-    let text = render(&metrics, &empty, later, Instant::now());
+    let text = render(&metrics, &empty, later, Instant::now()).await;
     for name in [
         "paywatch_checkout_pending_oldest_age_seconds",
         "paywatch_hook_oldest_undelivered_age_seconds",
@@ -180,8 +189,8 @@ fn ages_are_measured_from_the_oldest_row_at_scrape_time() {
     }
 }
 
-#[test]
-fn a_stream_reports_its_last_message_age_until_it_ends() {
+#[tokio::test]
+async fn a_stream_reports_its_last_message_age_until_it_ends() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let metrics = Metrics::new();
     let clock = metrics.listen_stream("pc-test-734bc", 7);
@@ -192,7 +201,8 @@ fn a_stream_reports_its_last_message_age_until_it_ends() {
         &ledger,
         Utc::now(),
         Instant::now() + Duration::from_secs(40),
-    );
+    )
+    .await;
     let age = sample(&text, series).unwrap_or_else(|| panic!("missing: {text}"));
     assert!((40.0..45.0).contains(&age), "age {age}");
     assert_eq!(
@@ -204,13 +214,13 @@ fn a_stream_reports_its_last_message_age_until_it_ends() {
     );
 
     metrics.listen_message(7);
-    let text = render(&metrics, &ledger, Utc::now(), Instant::now());
+    let text = render(&metrics, &ledger, Utc::now(), Instant::now()).await;
     let age = sample(&text, series).expect("still there");
     assert!(age < 5.0, "a message resets the age: {age}");
 
     drop(open);
     drop(clock);
-    let text = render(&metrics, &ledger, Utc::now(), Instant::now());
+    let text = render(&metrics, &ledger, Utc::now(), Instant::now()).await;
     assert_eq!(
         sample(&text, series),
         None,
@@ -244,8 +254,8 @@ fn declared(buckets: &[f64]) -> Vec<f64> {
     buckets.iter().copied().chain([f64::INFINITY]).collect()
 }
 
-#[test]
-fn histograms_have_the_declared_buckets_and_count_each_outcome() {
+#[tokio::test]
+async fn histograms_have_the_declared_buckets_and_count_each_outcome() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let metrics = Metrics::new();
     let ok: Result<(), crate::paymennt::Error> = Ok(());
@@ -290,7 +300,7 @@ fn histograms_have_the_declared_buckets_and_count_each_outcome() {
         .label(),
         None,
     );
-    let text = render(&metrics, &ledger, Utc::now(), Instant::now());
+    let text = render(&metrics, &ledger, Utc::now(), Instant::now()).await;
 
     let get_ok =
         "paywatch_paymennt_request_duration_seconds_bucket{call=\"get_checkout\",outcome=\"ok\",";
@@ -355,8 +365,8 @@ fn histograms_have_the_declared_buckets_and_count_each_outcome() {
     );
 }
 
-#[test]
-fn an_unknown_status_is_one_label_whatever_paymennt_sent() {
+#[tokio::test]
+async fn an_unknown_status_is_one_label_whatever_paymennt_sent() {
     assert_eq!(
         status_label(&CheckoutStatus::parse("ON_HOLD_chk-123")),
         UNKNOWN_STATUS
@@ -369,7 +379,8 @@ fn an_unknown_status_is_one_label_whatever_paymennt_sent() {
         &Ledger::open_in_memory().expect("ledger"),
         Utc::now(),
         Instant::now(),
-    );
+    )
+    .await;
     assert!(!text.contains("chk-42"), "{text}");
     assert_eq!(
         sample(
@@ -389,7 +400,7 @@ async fn disabled_metrics_count_nothing_and_expose_nothing() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     assert_eq!(
         metrics
-            .render(&ledger.gauges().expect("gauges"))
+            .render(&ledger.gauges().await.expect("gauges"))
             .expect("empty"),
         ""
     );
@@ -403,20 +414,20 @@ async fn two_registries_do_not_share_counts() {
     let ledger = Ledger::open_in_memory().expect("ledger");
     let series = "paywatch_transitions_total{status=\"PAID\",source=\"firestore\"}";
     let first_text = first
-        .render(&ledger.gauges().expect("gauges"))
+        .render(&ledger.gauges().await.expect("gauges"))
         .expect("first");
     let second_text = second
-        .render(&ledger.gauges().expect("gauges"))
+        .render(&ledger.gauges().await.expect("gauges"))
         .expect("second");
     assert_eq!(sample(&first_text, series), Some(1.0));
     assert_eq!(sample(&second_text, series), None);
 }
 
-#[test]
-fn process_figures_and_the_build_are_exported_as_prometheus_exporters_do() {
+#[tokio::test]
+async fn process_figures_and_the_build_are_exported_as_prometheus_exporters_do() {
     let metrics = Metrics::new();
     let ledger = Ledger::open_in_memory().expect("ledger");
-    let text = render(&metrics, &ledger, Utc::now(), Instant::now());
+    let text = render(&metrics, &ledger, Utc::now(), Instant::now()).await;
     assert_eq!(
         sample(
             &text,

@@ -170,10 +170,9 @@ pub async fn round(
     let mut report = RoundReport::default();
     if lookback.epoch.is_none() {
         // Before the first search: a checkout created while this round runs is new business.
-        let writer = ledger.clone();
-        match blocking(move || writer.begin_discovery_epoch(Utc::now())).await {
+        match ledger.begin_discovery_epoch(Utc::now()).await {
             Ok(epoch) => lookback.epoch = Some(epoch),
-            Err(error) => return (report, Some(error)),
+            Err(error) => return (report, Some(error.to_string())),
         }
     }
     let mut failure = None;
@@ -209,9 +208,10 @@ async fn discover_type(
     report: &mut RoundReport,
 ) -> Result<(), String> {
     let started = Utc::now();
-    let reader = ledger.clone();
-    let owned_kind = kind.to_owned();
-    let last = blocking(move || reader.last_discovery_round(&owned_kind)).await?;
+    let last = ledger
+        .last_discovery_round(kind)
+        .await
+        .map_err(|error| error.to_string())?;
     let since = match last {
         Some(last) => chrono::Duration::from_std(config.overlap)
             .ok()
@@ -251,9 +251,10 @@ async fn discover_type(
     .await;
     report.found += seen.len();
     outcome?;
-    let writer = ledger.clone();
-    let owned_kind = kind.to_owned();
-    blocking(move || writer.finish_discovery_round(&owned_kind, started)).await
+    ledger
+        .finish_discovery_round(kind, started)
+        .await
+        .map_err(|error| error.to_string())
 }
 
 /// Reads every page of one search and tracks what is new. Returns how many checkouts paymennt
@@ -329,8 +330,10 @@ async fn record(
     if found.is_empty() {
         return Ok(());
     }
-    let recorder = ledger.clone();
-    let recorded = blocking(move || recorder.record_discovered(&found)).await?;
+    let recorded = ledger
+        .record_discovered(&found)
+        .await
+        .map_err(|error| error.to_string())?;
     for discovered in recorded {
         match discovered.outcome {
             DiscoveredOutcome::Located => {
@@ -363,14 +366,4 @@ fn trackable(
     checkout: &crate::paymennt::wire::Checkout,
 ) -> Result<CheckoutFacts, crate::paymennt::wire::CheckoutShapeError> {
     checkout.facts().or_else(|_| checkout.answer_facts())
-}
-
-async fn blocking<T: Send + 'static>(
-    task: impl FnOnce() -> crate::ledger::Result<T> + Send + 'static,
-) -> Result<T, String> {
-    match tokio::task::spawn_blocking(task).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(error.to_string()),
-        Err(error) => Err(format!("ledger task failed: {error}")),
-    }
 }

@@ -89,17 +89,15 @@ pub async fn run(
 }
 
 async fn end_refund_watch(ledger: &Ledger, watch_set_changed: &watch::Sender<u64>) {
-    let ledger = ledger.clone();
-    match tokio::task::spawn_blocking(move || ledger.expire_refund_watch(Utc::now())).await {
-        Ok(Ok(ended)) if !ended.is_empty() => {
+    match ledger.expire_refund_watch(Utc::now()).await {
+        Ok(ended) if !ended.is_empty() => {
             for id in &ended {
                 tracing::info!(checkout = %id, "refund watch ended; no longer watched");
             }
             watch_set_changed.send_modify(|generation| *generation += 1);
         }
-        Ok(Ok(_)) => {}
-        Ok(Err(error)) => tracing::error!(%error, "cannot end refund watches"),
-        Err(error) => tracing::error!(%error, "refund watch task failed"),
+        Ok(_) => {}
+        Err(error) => tracing::error!(%error, "cannot end refund watches"),
     }
 }
 
@@ -305,24 +303,15 @@ async fn search_pages(
 }
 
 async fn open_checkouts(ledger: &Ledger) -> Option<Vec<OpenCheckout>> {
-    read_ledger(ledger, "open checkouts", Ledger::open_checkouts).await
+    read_ledger("open checkouts", ledger.open_checkouts().await)
 }
 
-/// Runs `read` on the blocking pool; a failure is logged (naming `what`) and gives `None`.
-async fn read_ledger<T: Send + 'static>(
-    ledger: &Ledger,
-    what: &str,
-    read: fn(&Ledger) -> crate::ledger::Result<T>,
-) -> Option<T> {
-    let reader = ledger.clone();
-    match tokio::task::spawn_blocking(move || read(&reader)).await {
-        Ok(Ok(value)) => Some(value),
-        Ok(Err(error)) => {
-            tracing::error!(%error, "reconciler cannot read {what}");
-            None
-        }
+/// What the ledger gave for `what`; a failure is logged (naming `what`) and gives `None`.
+fn read_ledger<T>(what: &str, read: crate::ledger::Result<T>) -> Option<T> {
+    match read {
+        Ok(value) => Some(value),
         Err(error) => {
-            tracing::error!(%error, "reconciler task failed reading {what}");
+            tracing::error!(%error, "reconciler cannot read {what}");
             None
         }
     }
@@ -406,7 +395,7 @@ async fn startup_sweep(
 /// checkout verified with a later ticket before its nudge is reached needs no second call.
 /// `None` if it cannot be read (every nudge of the sweep is then verified).
 async fn last_ticket(ledger: &Ledger) -> Option<VerifyTicket> {
-    read_ledger(ledger, "the ticket counter", Ledger::last_ticket).await
+    read_ledger("the ticket counter", ledger.last_ticket().await)
 }
 
 #[cfg(test)]
@@ -440,15 +429,17 @@ mod tests {
     /// Checkouts 1 (the listener's first snapshot reports it), 2 (resumes with a token),
     /// 3 (Firestore refused its document) and 4 (no document: discovery found it without one),
     /// none verified yet.
-    fn ledger() -> Ledger {
+    async fn ledger() -> Ledger {
         let ledger = Ledger::open_in_memory().expect("ledger");
         for n in ["1", "2", "3"] {
             ledger
                 .track(&facts(n, true), TrackedVia::Track)
+                .await
                 .expect("track");
         }
         ledger
             .record_discovered(&[facts("4", false)])
+            .await
             .expect("discovered");
         ledger
             .save_resume_points(&[crate::ledger::ResumePoint {
@@ -456,9 +447,11 @@ mod tests {
                 token: vec![1, 2, 3],
                 read_time: None,
             }])
+            .await
             .expect("token");
         ledger
             .note_listen_refusal(&id("3"), "PERMISSION_DENIED", "no", "d3", None)
+            .await
             .expect("refusal");
         ledger
     }
@@ -479,13 +472,13 @@ mod tests {
 
     #[tokio::test]
     async fn the_start_up_sweep_leaves_to_the_first_snapshot_only_what_it_reports() {
-        let ledger = ledger();
+        let ledger = ledger().await;
         let (sender, mut nudges) = mpsc::channel(16);
         let cancel = CancellationToken::new();
         let sweep = {
             let (ledger, cancel) = (ledger.clone(), cancel.clone());
             let startup = StartupSweep {
-                counter_at_start: ledger.last_ticket().expect("counter"),
+                counter_at_start: ledger.last_ticket().await.expect("counter"),
                 snapshot_grace: Duration::from_secs(3600),
             };
             tokio::spawn(async move {
@@ -509,11 +502,11 @@ mod tests {
     #[tokio::test]
     async fn after_the_grace_only_checkouts_the_snapshot_did_not_answer_are_nudged() {
         for answered in [false, true] {
-            let ledger = ledger();
+            let ledger = ledger().await;
             let (sender, mut nudges) = mpsc::channel(16);
             let cancel = CancellationToken::new();
             // Checkout 1's first snapshot is answered (or not) before the grace ends.
-            let before = ledger.last_ticket().expect("counter");
+            let before = ledger.last_ticket().await.expect("counter");
             let grace = Duration::from_millis(200);
             let started = Instant::now();
             let sweep = {
@@ -528,7 +521,7 @@ mod tests {
             };
             assert_eq!(received(&mut nudges, 3).await, [id("2"), id("3"), id("4")]);
             if answered {
-                let ticket = ledger.issue_ticket().expect("ticket");
+                let ticket = ledger.issue_ticket().await.expect("ticket");
                 assert!(ticket > before);
                 let json = r#"{"id":"1","orderId":"ORD-1","currency":"AED","amount":1,"status":"PENDING","firebaseDatabase":"p","firebaseCollection":"checkouts","firebaseDocument":"d1"}"#;
                 let answer = crate::paymennt::VerifiedCheckout::for_tests_with(
@@ -544,6 +537,7 @@ mod tests {
                         &[],
                         Duration::from_secs(60),
                     )
+                    .await
                     .expect("apply");
             }
             tokio::time::timeout(Duration::from_secs(10), sweep)

@@ -243,16 +243,10 @@ impl WebhookIntake {
             }
             Err(message) => return Intake::Malformed(message),
         };
-        let ledger = self.ledger.clone();
-        let lookup = id.clone();
-        let tracked = match tokio::task::spawn_blocking(move || ledger.checkout(&lookup)).await {
-            Ok(Ok(record)) => record.is_some(),
-            Ok(Err(error)) => {
-                tracing::error!(checkout = %id, %error, "webhook: cannot read the ledger");
-                return Intake::Unavailable("the ledger cannot be read".into());
-            }
+        let tracked = match self.ledger.checkout(&id).await {
+            Ok(record) => record.is_some(),
             Err(error) => {
-                tracing::error!(checkout = %id, %error, "webhook: ledger task failed");
+                tracing::error!(checkout = %id, %error, "webhook: cannot read the ledger");
                 return Intake::Unavailable("the ledger cannot be read".into());
             }
         };

@@ -468,14 +468,17 @@ async fn create_tracked(
         };
         let checkout = sandbox.state().create_link(&request).await.expect("link");
         let facts = checkout.facts().expect("facts");
-        ledger.track(&facts, TrackedVia::Track).expect("track");
+        ledger
+            .track(&facts, TrackedVia::Track)
+            .await
+            .expect("track");
         ids.push(facts.id);
     }
     ids
 }
 
 /// Tracks checkouts the sandbox already has in `ledger`.
-fn track_existing(sandbox: &Sandbox, ledger: &Ledger, ids: &[CheckoutId]) {
+async fn track_existing(sandbox: &Sandbox, ledger: &Ledger, ids: &[CheckoutId]) {
     for id in ids {
         let facts = sandbox
             .state()
@@ -483,7 +486,10 @@ fn track_existing(sandbox: &Sandbox, ledger: &Ledger, ids: &[CheckoutId]) {
             .expect("sandbox checkout")
             .facts()
             .expect("facts");
-        ledger.track(&facts, TrackedVia::Track).expect("track");
+        ledger
+            .track(&facts, TrackedVia::Track)
+            .await
+            .expect("track");
     }
 }
 
@@ -499,7 +505,7 @@ async fn ledger_on_disk(
     let build = tempfile::tempdir_in(scratch).expect("scratch dir");
     let built = build.path().join("paywatch.db");
     let ids = {
-        let ledger = Ledger::open(&built).expect("scratch ledger");
+        let ledger = Ledger::open(&built).await.expect("scratch ledger");
         create_tracked(sandbox, &ledger, first, count).await
     };
     // The last connection closed: SQLite has checkpointed the WAL into the file.
@@ -524,18 +530,21 @@ async fn settle(sandbox: &Sandbox, ids: &[CheckoutId]) -> Duration {
 /// CURRENT, their tokens saved) for a while, and a change made meanwhile measures that.
 async fn settle_ledger(sandbox: &Sandbox, ids: &[CheckoutId], ledger: Option<&Ledger>) -> Duration {
     let started = Instant::now();
-    let total = || {
+    let total = async || {
         let calls = ids
             .iter()
             .map(|id| sandbox.state().get_checkout_calls(id))
             .sum::<u64>();
-        let version = ledger.map(|ledger| ledger.data_version().expect("data_version"));
+        let version = match ledger {
+            Some(ledger) => Some(ledger.data_version().await.expect("data_version")),
+            None => None,
+        };
         (calls, version)
     };
-    let mut last = total();
+    let mut last = total().await;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = total();
+        let now = total().await;
         if now == last {
             return started.elapsed();
         }
@@ -553,12 +562,12 @@ async fn wait_each(
     what: &str,
     ids: &[CheckoutId],
     limit: Duration,
-    mut done: impl FnMut(&CheckoutId) -> bool,
+    mut done: impl AsyncFnMut(&CheckoutId) -> bool,
 ) -> Duration {
     let started = Instant::now();
     let mut next = 0;
     while next < ids.len() {
-        if done(&ids[next]) {
+        if done(&ids[next]).await {
             next += 1;
             continue;
         }
@@ -573,8 +582,13 @@ async fn wait_each(
     started.elapsed()
 }
 
-fn status_of(ledger: &Ledger, id: &CheckoutId) -> Option<String> {
-    ledger.checkout(id).ok().flatten().and_then(|c| c.status)
+async fn status_of(ledger: &Ledger, id: &CheckoutId) -> Option<String> {
+    ledger
+        .checkout(id)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|c| c.status)
 }
 
 fn find_program(name: &str) -> String {
@@ -692,7 +706,9 @@ async fn floors(sandbox: &Sandbox, disk: &Path, samples: usize) -> Floors {
     let commit_paced = spread(&paced_commits);
     print_floor("SQLite commit, one every 10 ms", commit_paced);
     // For comparison, not a floor: the ledger's own commit of one tracked checkout.
-    let ledger = Ledger::open(&file.path().join("ledger.db")).expect("ledger");
+    let ledger = Ledger::open(&file.path().join("ledger.db"))
+        .await
+        .expect("ledger");
     let mut tracks = Vec::with_capacity(samples);
     for n in 0..samples {
         let request = LinkRequest {
@@ -706,7 +722,10 @@ async fn floors(sandbox: &Sandbox, disk: &Path, samples: usize) -> Floors {
         let checkout = sandbox.state().create_link(&request).await.expect("link");
         let facts = checkout.facts().expect("facts");
         let started = Instant::now();
-        ledger.track(&facts, TrackedVia::Track).expect("track");
+        ledger
+            .track(&facts, TrackedVia::Track)
+            .await
+            .expect("track");
         tracks.push(started.elapsed());
     }
     print_floor("(not a floor) Ledger::track, one commit", spread(&tracks));
@@ -984,14 +1003,14 @@ async fn latency(
     let dir = tempfile::tempdir_in(disk).expect("dir");
     let db = dir.path().join("paywatch.db");
     let ids = ledger_on_disk(sandbox, scratch, &db, 0, total).await;
-    let ledger = Ledger::open(&db).expect("ledger");
+    let ledger = Ledger::open(&db).await.expect("ledger");
     let (at_100, rest) = ids.split_at(sizes.at_100);
     let (at_1000, with_hook) = rest.split_at(sizes.at_1000);
 
     let config = write_config(dir.path(), &db, sandbox, "multiplexed", None);
     let running = start_in_process(&config).await;
-    wait_each("initial verification", &ids, PHASE_LIMIT, |id| {
-        status_of(&ledger, id).is_some()
+    wait_each("initial verification", &ids, PHASE_LIMIT, async |id| {
+        status_of(&ledger, id).await.is_some()
     })
     .await;
     let quiet = settle_ledger(sandbox, &ids, Some(&ledger)).await;
@@ -1196,12 +1215,12 @@ async fn throughput(
         let db = dir.path().join("paywatch.db");
         let ids = ledger_on_disk(sandbox, scratch, &db, first, count).await;
         first += count;
-        let ledger = Ledger::open(&db).expect("ledger");
+        let ledger = Ledger::open(&db).await.expect("ledger");
         let config = write_config(dir.path(), &db, sandbox, "multiplexed", hook.as_ref());
         let mut daemon = spawn_daemon(&config);
         daemon.ready().await;
-        wait_each("initial verification", &ids, PHASE_LIMIT, |id| {
-            status_of(&ledger, id).is_some()
+        wait_each("initial verification", &ids, PHASE_LIMIT, async |id| {
+            status_of(&ledger, id).await.is_some()
         })
         .await;
         settle(sandbox, &ids).await;
@@ -1211,15 +1230,15 @@ async fn throughput(
             sandbox.state().pay(id).await.expect("pay");
         }
         let paid_in = started.elapsed();
-        wait_each("burst recorded", &ids, PHASE_LIMIT, |id| {
-            status_of(&ledger, id).as_deref() == Some("PAID")
+        wait_each("burst recorded", &ids, PHASE_LIMIT, async |id| {
+            status_of(&ledger, id).await.as_deref() == Some("PAID")
         })
         .await;
         let mut elapsed = started.elapsed();
         if hook.is_some() {
             let limit = Instant::now() + PHASE_LIMIT;
             loop {
-                let counts = ledger.counts().expect("counts");
+                let counts = ledger.counts().await.expect("counts");
                 if counts.hooks_pending == 0 {
                     assert_eq!(counts.hooks_dead, 0, "hook deliveries died");
                     break;
@@ -1299,8 +1318,8 @@ async fn measure_daemon(
     let heaptrack_output = heaptrack_dir().map(|dir| dir.join(format!("{label}.raw")));
     let mut daemon = spawn_daemon_profiled(config, heaptrack_output.as_deref());
     let ready = daemon.ready().await;
-    wait_each("all checkouts verified", ids, PHASE_LIMIT, |id| {
-        status_of(ledger, id).is_some()
+    wait_each("all checkouts verified", ids, PHASE_LIMIT, async |id| {
+        status_of(ledger, id).await.is_some()
     })
     .await;
     let verified = daemon.spawned.elapsed();
@@ -1385,7 +1404,7 @@ async fn memory(sandbox: &Sandbox, sizes: &Sizes, scratch: &Path, report: &mut R
     let mut points = Vec::new();
     let idle_dir = tempfile::tempdir_in(scratch).expect("dir");
     let idle_db = idle_dir.path().join("paywatch.db");
-    let idle_ledger = Ledger::open(&idle_db).expect("ledger");
+    let idle_ledger = Ledger::open(&idle_db).await.expect("ledger");
     let idle_config = write_config(idle_dir.path(), &idle_db, sandbox, "multiplexed", None);
     let (idle, ready, verified) =
         measure_daemon(sandbox, &idle_config, &idle_ledger, &[], "idle").await;
@@ -1408,7 +1427,7 @@ async fn memory(sandbox: &Sandbox, sizes: &Sizes, scratch: &Path, report: &mut R
     let mut all: Vec<CheckoutId> = Vec::new();
     let multiplexed_dir = tempfile::tempdir_in(scratch).expect("dir");
     let multiplexed_db = multiplexed_dir.path().join("paywatch.db");
-    let multiplexed_ledger = Ledger::open(&multiplexed_db).expect("ledger");
+    let multiplexed_ledger = Ledger::open(&multiplexed_db).await.expect("ledger");
     let largest_multiplexed = sizes.multiplexed.iter().copied().max().unwrap_or(0);
     for &size in &sizes.multiplexed {
         if size > all.len() {
@@ -1436,7 +1455,7 @@ async fn memory(sandbox: &Sandbox, sizes: &Sizes, scratch: &Path, report: &mut R
 
     let per_document_dir = tempfile::tempdir_in(scratch).expect("dir");
     let per_document_db = per_document_dir.path().join("paywatch.db");
-    let per_document_ledger = Ledger::open(&per_document_db).expect("ledger");
+    let per_document_ledger = Ledger::open(&per_document_db).await.expect("ledger");
     let mut tracked = 0;
     let largest_per_document = sizes.per_document.iter().copied().max().unwrap_or(0);
     for &size in &sizes.per_document {
@@ -1451,7 +1470,7 @@ async fn memory(sandbox: &Sandbox, sizes: &Sizes, scratch: &Path, report: &mut R
             all.extend(more);
         }
         if size > tracked {
-            track_existing(sandbox, &per_document_ledger, &all[tracked..size]);
+            track_existing(sandbox, &per_document_ledger, &all[tracked..size]).await;
             tracked = size;
         }
         let target = (size == largest_per_document).then_some(8.0);
@@ -1510,13 +1529,13 @@ async fn startup(
     let dir = tempfile::tempdir_in(disk).expect("dir");
     let db = dir.path().join("paywatch.db");
     let ids = ledger_on_disk(sandbox, scratch, &db, 3_000_000, count).await;
-    let ledger = Ledger::open(&db).expect("ledger");
+    let ledger = Ledger::open(&db).await.expect("ledger");
     let config = write_config(dir.path(), &db, sandbox, "multiplexed", None);
 
     let mut daemon = spawn_daemon(&config);
     let ready = daemon.ready().await;
-    wait_each("all checkouts verified", &ids, PHASE_LIMIT, |id| {
-        status_of(&ledger, id).is_some()
+    wait_each("all checkouts verified", &ids, PHASE_LIMIT, async |id| {
+        status_of(&ledger, id).await.is_some()
     })
     .await;
     let verified = daemon.spawned.elapsed();
@@ -1551,14 +1570,12 @@ async fn startup(
         .iter()
         .map(|id| sandbox.state().get_checkout_calls(id))
         .collect();
-    ledger
-        .mark_needs_verify(&ids, ledger.last_ticket().expect("ticket"))
-        .expect("marked");
+    ledger.note_changes(&ids).await.expect("marked");
     let mut daemon = spawn_daemon(&config);
     daemon.ready().await;
     let swept_from = Instant::now();
     let mut index = 0;
-    wait_each("reconcile sweep", &ids, PHASE_LIMIT, |id| {
+    wait_each("reconcile sweep", &ids, PHASE_LIMIT, async |id| {
         let done = sandbox.state().get_checkout_calls(id) > calls_before[index];
         if done {
             index += 1;

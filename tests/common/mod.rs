@@ -170,17 +170,18 @@ pub async fn setup(
     setup_with(sandbox().await, |dir, sandbox| {
         settings(dir, sandbox, stream_mode, extra)
     })
+    .await
 }
 
 /// [`setup`] with a sandbox of the test's own and a config written and loaded by `config`
 /// (given the directory and the sandbox).
-pub fn setup_with(
+pub async fn setup_with(
     sandbox: Sandbox,
     config: impl FnOnce(&Path, &Sandbox) -> (Settings, PathBuf),
 ) -> (Sandbox, tempfile::TempDir, Settings, PathBuf, Ledger) {
     let dir = tempfile::tempdir().expect("tempdir");
     let (settings, config) = config(dir.path(), &sandbox);
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
     (sandbox, dir, settings, config, ledger)
 }
 
@@ -267,14 +268,18 @@ pub async fn create_and_track(sandbox: &Sandbox, ledger: &Ledger, order_id: &str
         .await
         .expect("link created");
     let facts = checkout.facts().expect("sandbox checkouts are complete");
-    ledger.track(&facts, TrackedVia::Track).expect("tracked");
+    ledger
+        .track(&facts, TrackedVia::Track)
+        .await
+        .expect("tracked");
     facts.id
 }
 
 /// The ledger's status for a checkout.
-pub fn status_of(ledger: &Ledger, id: &CheckoutId) -> Option<String> {
+pub async fn status_of(ledger: &Ledger, id: &CheckoutId) -> Option<String> {
     ledger
         .checkout(id)
+        .await
         .expect("ledger read")
         .and_then(|record| record.status)
 }
@@ -284,15 +289,16 @@ pub async fn wait_status(ledger: &Ledger, id: &CheckoutId, status: &str) {
     wait_for(
         &format!("checkout {id} to be {status}"),
         DEADLINE,
-        || async { (status_of(ledger, id).as_deref() == Some(status)).then_some(()) },
+        || async { (status_of(ledger, id).await.as_deref() == Some(status)).then_some(()) },
     )
     .await;
 }
 
 /// The statuses in a checkout's verified history.
-pub fn history(ledger: &Ledger, id: &CheckoutId) -> Vec<String> {
+pub async fn history(ledger: &Ledger, id: &CheckoutId) -> Vec<String> {
     ledger
         .transitions(id)
+        .await
         .expect("ledger read")
         .into_iter()
         .map(|t| t.to)

@@ -88,9 +88,11 @@ struct Fixture {
 }
 
 impl Fixture {
-    fn new() -> Fixture {
+    async fn new() -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ledger = Ledger::open(&dir.path().join("ledger/paywatch.db")).expect("ledger");
+        let ledger = Ledger::open(&dir.path().join("ledger/paywatch.db"))
+            .await
+            .expect("ledger");
         Fixture { dir, ledger }
     }
 
@@ -103,7 +105,13 @@ impl Fixture {
     }
 
     /// Records a transition and returns the event ids queued for it.
-    fn transition(&self, id: &str, status: &str, order_id: &str, hooks: &[&str]) -> Vec<String> {
+    async fn transition(
+        &self,
+        id: &str,
+        status: &str,
+        order_id: &str,
+        hooks: &[&str],
+    ) -> Vec<String> {
         let hooks: Vec<HookSettings> = hooks.iter().map(|name| settings(name)).collect();
         match self
             .ledger
@@ -114,6 +122,7 @@ impl Fixture {
                 &hooks,
                 WATCH,
             )
+            .await
             .expect("apply")
         {
             crate::ledger::ApplyOutcome::Transition { deliveries, .. } => deliveries,
@@ -121,9 +130,10 @@ impl Fixture {
         }
     }
 
-    fn delivery(&self, event_id: &str) -> Delivery {
+    async fn delivery(&self, event_id: &str) -> Delivery {
         self.ledger
             .delivery(event_id)
+            .await
             .expect("read")
             .expect("exists")
     }
@@ -146,7 +156,7 @@ impl Fixture {
     async fn until_state(&self, event_id: &str, state: DeliveryState) -> Delivery {
         let deadline = Instant::now() + DEADLINE;
         loop {
-            let delivery = self.delivery(event_id);
+            let delivery = self.delivery(event_id).await;
             if delivery.state == state {
                 return delivery;
             }
@@ -185,9 +195,9 @@ impl Running {
     }
 }
 
-async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+async fn eventually(what: &str, mut condition: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + DEADLINE;
-    while !condition() {
+    while !condition().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -195,7 +205,7 @@ async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn a_hook_failing_twice_is_delivered_on_attempt_three_and_order_holds() {
-    let fx = Fixture::new();
+    let fx = Fixture::new().await;
     let spec = hook(
         fx.path(),
         "flaky",
@@ -207,8 +217,8 @@ if [ "$PAYWATCH_STATUS" = PENDING ] && [ "$PAYWATCH_ATTEMPT" -lt 3 ]; then
 fi
 "#,
     );
-    let pending = fx.transition("1", "PENDING", "ORD-1", &["flaky"]);
-    let paid = fx.transition("1", "PAID", "ORD-1", &["flaky"]);
+    let pending = fx.transition("1", "PENDING", "ORD-1", &["flaky"]).await;
+    let paid = fx.transition("1", "PAID", "ORD-1", &["flaky"]).await;
     let running = fx.start(vec![spec], 4);
 
     let first = fx.until_state(&pending[0], DeliveryState::Delivered).await;
@@ -238,7 +248,7 @@ fi
 
 #[tokio::test]
 async fn a_hanging_hook_is_killed_at_its_timeout_with_its_children_and_retried() {
-    let fx = Fixture::new();
+    let fx = Fixture::new().await;
     let mut spec = hook(
         fx.path(),
         "hang",
@@ -251,7 +261,7 @@ fi
 "#,
     );
     spec.command.timeout = Duration::from_millis(300);
-    let event = fx.transition("1", "PAID", "ORD-1", &["hang"]);
+    let event = fx.transition("1", "PAID", "ORD-1", &["hang"]).await;
     let started = Instant::now();
     let running = fx.start(vec![spec], 2);
 
@@ -266,12 +276,15 @@ fi
     );
     assert_eq!(fx.lines("calls"), ["1", "2"]);
     let child: u32 = fx.lines("child.pid")[0].parse().expect("a pid");
-    eventually("the hook's background child to die", || !is_running(child)).await;
+    eventually("the hook's background child to die", async || {
+        !is_running(child)
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_permanent_exit_code_is_dead_at_once_and_later_events_go_on() {
-    let fx = Fixture::new();
+    let fx = Fixture::new().await;
     let mut spec = hook(
         fx.path(),
         "picky",
@@ -280,8 +293,8 @@ async fn a_permanent_exit_code_is_dead_at_once_and_later_events_go_on() {
 "#,
     );
     spec.policy.permanent_exit_codes = vec![64];
-    let pending = fx.transition("1", "PENDING", "ORD-1", &["picky"]);
-    let paid = fx.transition("1", "PAID", "ORD-1", &["picky"]);
+    let pending = fx.transition("1", "PENDING", "ORD-1", &["picky"]).await;
+    let paid = fx.transition("1", "PAID", "ORD-1", &["picky"]).await;
     let running = fx.start(vec![spec], 1);
 
     let dead = fx.until_state(&pending[0], DeliveryState::Dead).await;
@@ -298,7 +311,7 @@ async fn a_permanent_exit_code_is_dead_at_once_and_later_events_go_on() {
 
 #[tokio::test]
 async fn a_delivery_dead_after_max_attempts_is_revived_by_retry() {
-    let fx = Fixture::new();
+    let fx = Fixture::new().await;
     let mut spec = hook(
         fx.path(),
         "down",
@@ -307,7 +320,7 @@ async fn a_delivery_dead_after_max_attempts_is_revived_by_retry() {
 "#,
     );
     spec.policy.max_attempts = 3;
-    let event = fx.transition("1", "PAID", "ORD-1", &["down"]);
+    let event = fx.transition("1", "PAID", "ORD-1", &["down"]).await;
     let running = fx.start(vec![spec], 2);
 
     let dead = fx.until_state(&event[0], DeliveryState::Dead).await;
@@ -319,7 +332,7 @@ async fn a_delivery_dead_after_max_attempts_is_revived_by_retry() {
     );
 
     std::fs::write(fx.file("fixed"), "").expect("fix the merchant's system");
-    assert!(fx.ledger.retry_delivery(&event[0]).expect("retry"));
+    assert!(fx.ledger.retry_delivery(&event[0]).await.expect("retry"));
     // No wake: another process (the CLI) did this; the poll interval finds it.
     let delivered = fx.until_state(&event[0], DeliveryState::Delivered).await;
     running.stop().await;
@@ -330,7 +343,7 @@ async fn a_delivery_dead_after_max_attempts_is_revived_by_retry() {
 
 #[tokio::test]
 async fn one_checkouts_events_run_in_order_while_checkouts_run_in_parallel() {
-    let fx = Fixture::new();
+    let fx = Fixture::new().await;
     let spec = hook(
         fx.path(),
         "ordered",
@@ -345,7 +358,7 @@ echo "$PAYWATCH_CHECKOUT_ID $PAYWATCH_STATUS end $(date +%s%N)" >> "$1/log"
     let mut events = Vec::new();
     for status in statuses {
         for checkout in &checkouts {
-            events.extend(fx.transition(checkout, status, "ORD", &["ordered"]));
+            events.extend(fx.transition(checkout, status, "ORD", &["ordered"]).await);
             running.handle.wake();
         }
     }
@@ -393,7 +406,7 @@ echo "$PAYWATCH_CHECKOUT_ID $PAYWATCH_STATUS end $(date +%s%N)" >> "$1/log"
 
 #[tokio::test]
 async fn hostile_order_ids_reach_the_hook_as_inert_data() {
-    let fx = Fixture::new();
+    let fx = Fixture::new().await;
     let spec = hook(
         fx.path(),
         "inert",
@@ -402,7 +415,7 @@ cat > "$1/event.json"
 "#,
     );
     let hostile = "$(touch pwned) `touch pwned2` \"; touch pwned3; '\n\u{0}\u{7}\\xff Ã© \u{FFFD}";
-    let event = fx.transition("1", "PAID", hostile, &["inert"]);
+    let event = fx.transition("1", "PAID", hostile, &["inert"]).await;
     let running = fx.start(vec![spec], 1);
     fx.until_state(&event[0], DeliveryState::Delivered).await;
     running.stop().await;
@@ -429,9 +442,9 @@ cat > "$1/event.json"
 
 #[tokio::test]
 async fn the_daemons_environment_is_not_the_hooks() {
-    let fx = Fixture::new();
+    let fx = Fixture::new().await;
     let spec = hook(fx.path(), "env", "cat /proc/$$/environ > \"$1/environ\"\n");
-    let event = fx.transition("1", "PAID", "ORD-1", &["env"]);
+    let event = fx.transition("1", "PAID", "ORD-1", &["env"]).await;
     let running = fx.start(vec![spec], 1);
     fx.until_state(&event[0], DeliveryState::Delivered).await;
     running.stop().await;
@@ -463,20 +476,20 @@ async fn the_daemons_environment_is_not_the_hooks() {
 
 #[tokio::test]
 async fn a_delivery_interrupted_by_a_crash_runs_again_at_start_and_is_delivered_once() {
-    let fx = Fixture::new();
+    let fx = Fixture::new().await;
     let spec = hook(
         fx.path(),
         "resume",
         "echo \"$PAYWATCH_EVENT_ID $PAYWATCH_ATTEMPT\" >> \"$1/calls\"\n",
     );
-    let event = fx.transition("1", "PAID", "ORD-1", &["resume"]);
+    let event = fx.transition("1", "PAID", "ORD-1", &["resume"]).await;
     // A daemon claimed it and died: the row is running, attempt 1 counted.
     let claimed = fx
         .ledger
         .claim_due_deliveries(Utc::now(), 10)
         .expect("claim");
     assert_eq!(claimed.len(), 1);
-    assert_eq!(fx.delivery(&event[0]).state, DeliveryState::Running);
+    assert_eq!(fx.delivery(&event[0]).await.state, DeliveryState::Running);
 
     let running = fx.start(vec![spec], 1);
     let delivered = fx.until_state(&event[0], DeliveryState::Delivered).await;
@@ -486,20 +499,21 @@ async fn a_delivery_interrupted_by_a_crash_runs_again_at_start_and_is_delivered_
     let all = fx
         .ledger
         .deliveries(&DeliveryFilter::default())
+        .await
         .expect("list");
     assert_eq!(all.len(), 1, "recorded once");
 }
 
 #[tokio::test]
 async fn an_outcome_the_ledger_refused_is_recorded_by_the_running_dispatcher() {
-    let fx = Fixture::new();
+    let fx = Fixture::new().await;
     let spec = hook(
         fx.path(),
         "note",
         "echo \"$PAYWATCH_CHECKOUT_ID $PAYWATCH_ATTEMPT\" >> \"$1/calls\"\n",
     );
-    let first = fx.transition("1", "PAID", "ORD-1", &["note"]);
-    let second = fx.transition("2", "PAID", "ORD-2", &["note"]);
+    let first = fx.transition("1", "PAID", "ORD-1", &["note"]).await;
+    let second = fx.transition("2", "PAID", "ORD-2", &["note"]).await;
     // The ledger refuses to record checkout 1's outcome (a full or failing disk).
     let other = rusqlite::Connection::open(fx.ledger.path()).expect("second connection");
     other
@@ -513,7 +527,7 @@ async fn an_outcome_the_ledger_refused_is_recorded_by_the_running_dispatcher() {
     // writing its outcome and freed the slot.
     let running = fx.start(vec![spec], 1);
     fx.until_state(&second[0], DeliveryState::Delivered).await;
-    assert_eq!(fx.delivery(&first[0]).state, DeliveryState::Running);
+    assert_eq!(fx.delivery(&first[0]).await.state, DeliveryState::Running);
 
     // The ledger recovers: the running dispatcher writes the outcome, no restart needed.
     other
@@ -527,7 +541,7 @@ async fn an_outcome_the_ledger_refused_is_recorded_by_the_running_dispatcher() {
 
 #[tokio::test]
 async fn a_revived_older_delivery_waits_for_the_later_one_running_and_never_overlaps_it() {
-    let fx = Fixture::new();
+    let fx = Fixture::new().await;
     // REFUNDED blocks until released; every run notes its start and end.
     let spec = hook(
         fx.path(),
@@ -539,8 +553,8 @@ fi
 echo "end $PAYWATCH_STATUS" >> "$1/calls"
 "#,
     );
-    let paid = fx.transition("1", "PAID", "ORD-1", &["order"]);
-    let refunded = fx.transition("1", "REFUNDED", "ORD-1", &["order"]);
+    let paid = fx.transition("1", "PAID", "ORD-1", &["order"]).await;
+    let refunded = fx.transition("1", "REFUNDED", "ORD-1", &["order"]).await;
     // PAID went dead earlier (say the merchant's system was down for days).
     let claimed = fx
         .ledger
@@ -558,19 +572,19 @@ echo "end $PAYWATCH_STATUS" >> "$1/calls"
         .expect("dead");
     let running = fx.start(vec![spec], 4);
     fx.until_state(&refunded[0], DeliveryState::Running).await;
-    eventually("REFUNDED to start", || {
+    eventually("REFUNDED to start", async || {
         fx.lines("calls") == ["start REFUNDED"]
     })
     .await;
 
     // `paywatch hooks retry` on PAID while REFUNDED runs.
-    assert!(fx.ledger.retry_delivery(&paid[0]).expect("retry"));
+    assert!(fx.ledger.retry_delivery(&paid[0]).await.expect("retry"));
     running.handle.wake();
     // For ten poll intervals PAID must stay pending (it used to start at once, beside REFUNDED).
     let until = Instant::now() + Duration::from_millis(500);
     while Instant::now() < until {
         assert_eq!(
-            fx.delivery(&paid[0]).state,
+            fx.delivery(&paid[0]).await.state,
             DeliveryState::Pending,
             "PAID started while REFUNDED was running: {:?}",
             fx.lines("calls")
@@ -590,39 +604,39 @@ echo "end $PAYWATCH_STATUS" >> "$1/calls"
 
 #[tokio::test]
 async fn shutdown_lets_a_running_hook_finish() {
-    let fx = Fixture::new();
+    let fx = Fixture::new().await;
     let spec = hook(
         fx.path(),
         "slow",
         "touch \"$1/started\"\nsleep 0.3\ntouch \"$1/finished\"\n",
     );
-    let event = fx.transition("1", "PAID", "ORD-1", &["slow"]);
+    let event = fx.transition("1", "PAID", "ORD-1", &["slow"]).await;
     let running = fx.start(vec![spec], 1);
-    eventually("the hook to start", || fx.file("started").exists()).await;
+    eventually("the hook to start", async || fx.file("started").exists()).await;
     // Queued after shutdown began: must not start.
-    let later = fx.transition("2", "PAID", "ORD-2", &["slow"]);
+    let later = fx.transition("2", "PAID", "ORD-2", &["slow"]).await;
     running.stop().await;
 
     assert!(fx.file("finished").exists(), "the hook ran to its end");
-    let delivery = fx.delivery(&event[0]);
+    let delivery = fx.delivery(&event[0]).await;
     assert_eq!(delivery.state, DeliveryState::Delivered);
-    let untouched = fx.delivery(&later[0]);
+    let untouched = fx.delivery(&later[0]).await;
     assert_eq!(untouched.state, DeliveryState::Pending);
     assert_eq!(untouched.attempts, 0);
 }
 
 #[tokio::test]
 async fn the_kill_token_stops_a_hook_past_the_drain_and_it_stays_pending() {
-    let fx = Fixture::new();
+    let fx = Fixture::new().await;
     let spec = hook(fx.path(), "stuck", "touch \"$1/started\"\nsleep 1000\n");
-    let event = fx.transition("1", "PAID", "ORD-1", &["stuck"]);
+    let event = fx.transition("1", "PAID", "ORD-1", &["stuck"]).await;
     let Running {
         shutdown,
         kill,
         mut task,
         ..
     } = fx.start(vec![spec], 1);
-    eventually("the hook to start", || fx.file("started").exists()).await;
+    eventually("the hook to start", async || fx.file("started").exists()).await;
     shutdown.cancel();
     assert!(
         tokio::time::timeout(Duration::from_millis(200), &mut task)
@@ -636,7 +650,7 @@ async fn the_kill_token_stops_a_hook_past_the_drain_and_it_stays_pending() {
         .expect("stopped after the kill")
         .expect("no panic");
 
-    let delivery = fx.delivery(&event[0]);
+    let delivery = fx.delivery(&event[0]).await;
     assert_eq!(
         delivery.state,
         DeliveryState::Pending,
@@ -651,8 +665,8 @@ async fn the_kill_token_stops_a_hook_past_the_drain_and_it_stays_pending() {
 
 #[tokio::test]
 async fn a_delivery_for_a_removed_hook_is_dead_and_a_reload_plus_retry_delivers_it() {
-    let fx = Fixture::new();
-    let event = fx.transition("1", "PAID", "ORD-1", &["gone"]);
+    let fx = Fixture::new().await;
+    let event = fx.transition("1", "PAID", "ORD-1", &["gone"]).await;
     let running = fx.start(vec![hook(fx.path(), "other", "exit 0\n")], 1);
     let dead = fx.until_state(&event[0], DeliveryState::Dead).await;
     assert_eq!(
@@ -664,7 +678,7 @@ async fn a_delivery_for_a_removed_hook_is_dead_and_a_reload_plus_retry_delivers_
         .handle
         .reload(HookSet::new([hook(fx.path(), "gone", "exit 0\n")]));
     assert!(running.handle.hooks().get("gone").is_some());
-    assert!(fx.ledger.retry_delivery(&event[0]).expect("retry"));
+    assert!(fx.ledger.retry_delivery(&event[0]).await.expect("retry"));
     running.handle.wake();
     fx.until_state(&event[0], DeliveryState::Delivered).await;
     running.stop().await;
@@ -756,7 +770,7 @@ impl Captured {
 async fn each_attempt_logs_one_line_and_a_dead_one_says_how_to_retry() {
     let captured = Captured::this_thread();
 
-    let fx = Fixture::new();
+    let fx = Fixture::new().await;
     let mut spec = hook(
         fx.path(),
         "logged",
@@ -767,8 +781,8 @@ exit 64
 "#,
     );
     spec.policy.permanent_exit_codes = vec![64];
-    let pending = fx.transition("77", "PENDING", "ORD-77", &["logged"]);
-    let paid = fx.transition("77", "PAID", "ORD-77", &["logged"]);
+    let pending = fx.transition("77", "PENDING", "ORD-77", &["logged"]).await;
+    let paid = fx.transition("77", "PAID", "ORD-77", &["logged"]).await;
     let running = fx.start(vec![spec], 1);
     fx.until_state(&pending[0], DeliveryState::Dead).await;
     fx.until_state(&paid[0], DeliveryState::Delivered).await;
@@ -822,11 +836,11 @@ exit 64
     );
 }
 
-#[test]
-fn the_next_due_time_ignores_events_queued_behind_a_retrying_one() {
-    let fx = Fixture::new();
-    let first = fx.transition("1", "PENDING", "ORD-1", &["h"]);
-    fx.transition("1", "PAID", "ORD-1", &["h"]);
+#[tokio::test]
+async fn the_next_due_time_ignores_events_queued_behind_a_retrying_one() {
+    let fx = Fixture::new().await;
+    let first = fx.transition("1", "PENDING", "ORD-1", &["h"]).await;
+    fx.transition("1", "PAID", "ORD-1", &["h"]).await;
     let claimed = fx
         .ledger
         .claim_due_deliveries(Utc::now(), 10)
@@ -861,14 +875,16 @@ pub(super) const PANICKING_HOOK: &str = "panics-in-tests";
 
 #[tokio::test]
 async fn a_panic_during_an_attempt_is_recorded_as_a_retry_and_the_dispatcher_goes_on() {
-    let fx = Fixture::new();
+    let fx = Fixture::new().await;
     let panicking = hook(fx.path(), PANICKING_HOOK, "exit 0\n");
     let fine = hook(fx.path(), "fine", "exit 0\n");
-    let events = fx.transition("91", "PAID", "ORD-91", &[PANICKING_HOOK, "fine"]);
+    let events = fx
+        .transition("91", "PAID", "ORD-91", &[PANICKING_HOOK, "fine"])
+        .await;
     let running = fx.start(vec![panicking, fine], 2);
     let deadline = Instant::now() + DEADLINE;
     let retried = loop {
-        let delivery = fx.delivery(&events[0]);
+        let delivery = fx.delivery(&events[0]).await;
         if delivery.state == DeliveryState::Pending && delivery.attempts == 1 {
             break delivery;
         }
@@ -893,7 +909,7 @@ async fn a_panic_during_an_attempt_is_recorded_as_a_retry_and_the_dispatcher_goe
 
 #[tokio::test]
 async fn an_outcome_and_the_claim_it_frees_share_one_commit_and_no_poll_is_waited() {
-    let fx = Fixture::new();
+    let fx = Fixture::new().await;
     let spec = hook(
         fx.path(),
         "serial",
@@ -902,7 +918,7 @@ async fn an_outcome_and_the_claim_it_frees_share_one_commit_and_no_poll_is_waite
     let statuses = ["PENDING", "PAID", "REFUNDED"];
     let mut events = Vec::new();
     for status in statuses {
-        events.extend(fx.transition("1", status, "ORD-1", &["serial"]));
+        events.extend(fx.transition("1", status, "ORD-1", &["serial"]).await);
     }
     let before = wal_commits(&fx.ledger);
     // A poll interval far beyond the deadline: every claim must come from a wake.
@@ -959,7 +975,7 @@ pub(super) fn injected_spawn_error(hook: &str) -> Option<std::io::Error> {
 #[tokio::test]
 async fn a_spawn_failing_with_emfile_is_retried_without_counting_an_attempt() {
     use std::sync::atomic::Ordering;
-    let fx = Fixture::new();
+    let fx = Fixture::new().await;
     let mut spec = hook(
         fx.path(),
         EMFILE_HOOK,
@@ -967,7 +983,7 @@ async fn a_spawn_failing_with_emfile_is_retried_without_counting_an_attempt() {
     );
     spec.policy.max_attempts = 1;
     EMFILE_FAILURES.store(2, Ordering::Release);
-    let events = fx.transition("77", "PAID", "ORD-77", &[EMFILE_HOOK]);
+    let events = fx.transition("77", "PAID", "ORD-77", &[EMFILE_HOOK]).await;
     let started = Instant::now();
     let running = fx.start(vec![spec], 1);
     let delivered = fx.until_state(&events[0], DeliveryState::Delivered).await;

@@ -11,7 +11,6 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -28,14 +27,6 @@ pub trait ListenObserver: Send + Sync + 'static {
     fn note(&self, event: &ListenEvent);
     /// A checkout is no longer watched: Firestore's refusal of its document is no longer news.
     fn forget_refusal(&self, checkout_id: &CheckoutId);
-}
-
-pub(super) async fn blocking<T: Send + 'static>(
-    task: impl FnOnce() -> crate::ledger::Result<T> + Send + 'static,
-) -> anyhow::Result<T> {
-    Ok(tokio::task::spawn_blocking(task)
-        .await
-        .context("ledger task panicked")??)
 }
 
 /// How often changes that could not be noted (the ledger was busy) are noted again when no
@@ -94,7 +85,7 @@ pub async fn consume_listen_events(
             None
         } else {
             let marker = ledger.clone();
-            match blocking(move || marker.note_changes(&noting)).await {
+            match marker.note_changes(&noting).await {
                 Ok(noted) => {
                     if !unnoted.is_empty() {
                         tracing::info!(
@@ -155,7 +146,7 @@ pub async fn consume_listen_events(
                 ListenEvent::ForgetToken(id) => {
                     save_checkpoints(&ledger, &mut checkpoints).await;
                     let forgetter = ledger.clone();
-                    if let Err(error) = blocking(move || forgetter.forget_resume_token(&id)).await {
+                    if let Err(error) = forgetter.forget_resume_token(&id).await {
                         tracing::error!("cannot forget a resume token: {error:#}");
                     }
                 }
@@ -184,7 +175,7 @@ pub async fn consume_listen_events(
                         .ok()
                         .and_then(|delay| chrono::Utc::now().checked_add_signed(delay));
                     let noter = ledger.clone();
-                    if let Err(error) = blocking(move || {
+                    if let Err(error) = {
                         noter.note_listen_refusal(
                             &checkout_id,
                             code,
@@ -192,7 +183,7 @@ pub async fn consume_listen_events(
                             &document,
                             next_retry_at,
                         )
-                    })
+                    }
                     .await
                     {
                         tracing::error!("cannot note a Firestore refusal in the ledger: {error:#}");
@@ -201,9 +192,7 @@ pub async fn consume_listen_events(
                 ListenEvent::TargetRecovered { checkout_id } => {
                     tracing::info!(checkout = %checkout_id, "Firestore watches this checkout's document again");
                     let clearer = ledger.clone();
-                    if let Err(error) =
-                        blocking(move || clearer.clear_listen_refusal(&checkout_id)).await
-                    {
+                    if let Err(error) = clearer.clear_listen_refusal(&checkout_id).await {
                         tracing::error!(
                             "cannot clear a Firestore refusal in the ledger: {error:#}"
                         );
@@ -249,7 +238,7 @@ async fn save_checkpoints(ledger: &Ledger, checkpoints: &mut Vec<ResumePoint>) {
         return;
     }
     let (saver, points) = (ledger.clone(), std::mem::take(checkpoints));
-    if let Err(error) = blocking(move || saver.save_resume_points(&points)).await {
+    if let Err(error) = saver.save_resume_points(&points).await {
         tracing::error!("cannot save resume tokens: {error:#}");
     }
 }

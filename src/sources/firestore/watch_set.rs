@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::journal::{ListenObserver, blocking};
+use super::journal::ListenObserver;
 use super::listen::WatchTarget;
 use super::pool::ListenerHandle;
 use crate::domain::{CheckoutId, CollectionPaths, FirestoreLocation, WatchedDocument};
@@ -48,9 +48,9 @@ pub async fn watch_at_start(
     database: &str,
 ) -> anyhow::Result<(Watched, usize)> {
     let clearer = ledger.clone();
-    blocking(move || clearer.clear_listen_refusals()).await?;
+    clearer.clear_listen_refusals().await?;
     let reader = ledger.clone();
-    let initial = blocking(move || reader.watch_set()).await?;
+    let initial = reader.watch_set().await?;
     let mut watched = Watched::default();
     let needing = initial.iter().filter(|entry| entry.needs_verify).count();
     for entry in initial {
@@ -133,7 +133,7 @@ pub async fn sync_watch_set(
     cancel: CancellationToken,
 ) {
     let reader = ledger.clone();
-    let mut last_version = blocking(move || reader.data_version()).await.unwrap_or(0);
+    let mut last_version = reader.data_version().await.unwrap_or(0);
     let mut poll = tokio::time::interval(WATCH_SYNC_POLL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut newly_open = true;
@@ -167,7 +167,7 @@ pub async fn sync_watch_set(
             }
             _ = poll.tick() => {
                 let reader = ledger.clone();
-                match blocking(move || reader.data_version()).await {
+                match reader.data_version().await {
                     Ok(version) if version != last_version => last_version = version,
                     Ok(_) => continue,
                     Err(error) => {
@@ -178,7 +178,7 @@ pub async fn sync_watch_set(
             }
         }
         let reader = ledger.clone();
-        let entries = match blocking(move || reader.watch_set()).await {
+        let entries = match reader.watch_set().await {
             Ok(entries) => entries,
             Err(error) => {
                 tracing::error!("cannot read the watch set: {error:#}");
@@ -204,7 +204,7 @@ pub async fn sync_watch_set(
             listening.health.forget_refusal(&id);
             // A refusal of a document no longer watched is no longer news for `status`.
             let clearer = ledger.clone();
-            if let Err(error) = blocking(move || clearer.clear_listen_refusal(&id)).await {
+            if let Err(error) = clearer.clear_listen_refusal(&id).await {
                 tracing::error!("cannot clear a Firestore refusal in the ledger: {error:#}");
             }
         }

@@ -9,8 +9,8 @@ use crate::paymennt::VerifiedCheckout;
 const DEADLINE: Duration = Duration::from_secs(20);
 
 /// A verified checkout whose request took the ledger's next ticket (as the verifier's do).
-fn verified(ledger: &Ledger, id: &str) -> VerifiedCheckout {
-    let ticket = ledger.issue_ticket().expect("ticket");
+async fn verified(ledger: &Ledger, id: &str) -> VerifiedCheckout {
+    let ticket = ledger.issue_ticket().await.expect("ticket");
     VerifiedCheckout::for_tests_with(
         &format!(
             r#"{{"id":"{id}","orderId":"ORD-{id}","requestId":"REQ-{id}","currency":"AED","amount":10.00,"status":"PENDING","totalRefunded":0,"firebaseDatabase":"pc-test-734bc","firebaseCollection":"checkouts","firebaseDocument":"doc-{id}"}}"#
@@ -21,15 +21,16 @@ fn verified(ledger: &Ledger, id: &str) -> VerifiedCheckout {
 }
 
 /// Records checkout `id` as verified PENDING (watched, no change pending).
-fn verify_once(ledger: &Ledger, id: &str) {
+async fn verify_once(ledger: &Ledger, id: &str) {
     ledger
         .apply(
-            &verified(ledger, id),
+            &verified(ledger, id).await,
             Source::Reconcile,
             None,
             &[],
             Duration::from_secs(3600),
         )
+        .await
         .expect("verified once");
 }
 
@@ -59,9 +60,10 @@ fn checkpoint(ids: &[&str], token: &str) -> ListenEvent {
 }
 
 /// (resume token, needs_verify) of a watched checkout.
-fn state(ledger: &Ledger, text: &str) -> (Option<String>, bool) {
+async fn state(ledger: &Ledger, text: &str) -> (Option<String>, bool) {
     let entry = ledger
         .watch_set()
+        .await
         .expect("watch set")
         .into_iter()
         .find(|entry| entry.checkout_id == id(text))
@@ -104,9 +106,9 @@ fn consume(
     (task, cancel)
 }
 
-async fn until(what: &str, mut condition: impl FnMut() -> bool) {
+async fn until(what: &str, mut condition: impl AsyncFnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !condition() {
+    while !condition().await {
         assert!(
             tokio::time::Instant::now() < deadline,
             "timed out waiting for {what}"
@@ -119,10 +121,10 @@ async fn until(what: &str, mut condition: impl FnMut() -> bool) {
 async fn a_change_that_could_not_be_noted_keeps_its_own_retry_and_blocks_only_its_token() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("paywatch.db");
-    let ledger = Ledger::open(&path).expect("ledger");
+    let ledger = Ledger::open(&path).await.expect("ledger");
     for checkout in ["1", "2", "3"] {
-        verify_once(&ledger, checkout);
-        assert_eq!(state(&ledger, checkout), (None, false));
+        verify_once(&ledger, checkout).await;
+        assert_eq!(state(&ledger, checkout).await, (None, false));
     }
     // The ledger refuses to note checkout 1 (as a busy or failing disk would).
     let other = rusqlite::Connection::open(&path).expect("second connection");
@@ -148,9 +150,12 @@ async fn a_change_that_could_not_be_noted_keeps_its_own_retry_and_blocks_only_it
         .expect("send");
     // A checkpoint of an unrelated checkout is saved: it shows the batches above are done.
     events.send(checkpoint(&["3"], "t3")).await.expect("send");
-    until("checkout 3's token", || state(&ledger, "3").0.is_some()).await;
+    until("checkout 3's token", async || {
+        state(&ledger, "3").await.0.is_some()
+    })
+    .await;
     assert_eq!(
-        state(&ledger, "1"),
+        state(&ledger, "1").await,
         (None, false),
         "no token saved past checkout 1's unnoted change"
     );
@@ -159,15 +164,21 @@ async fn a_change_that_could_not_be_noted_keeps_its_own_retry_and_blocks_only_it
     other
         .execute_batch("DROP TRIGGER refuse_one")
         .expect("drop trigger");
-    until("checkout 1 to be noted", || state(&ledger, "1").1).await;
-    assert!(state(&ledger, "2").1, "checkout 2's change is noted too");
+    until("checkout 1 to be noted", async || {
+        state(&ledger, "1").await.1
+    })
+    .await;
+    assert!(
+        state(&ledger, "2").await.1,
+        "checkout 2's change is noted too"
+    );
     // From then on its tokens are saved again.
     events
         .send(checkpoint(&["1", "2"], "t4"))
         .await
         .expect("send");
-    until("checkout 1's token", || {
-        state(&ledger, "1").0.as_deref() == Some("t4")
+    until("checkout 1's token", async || {
+        state(&ledger, "1").await.0.as_deref() == Some("t4")
     })
     .await;
 
@@ -178,10 +189,12 @@ async fn a_change_that_could_not_be_noted_keeps_its_own_retry_and_blocks_only_it
 #[tokio::test]
 async fn a_batch_of_checkpoints_is_saved_in_one_write_in_order() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
+    let ledger = Ledger::open(&dir.path().join("paywatch.db"))
+        .await
+        .expect("ledger");
     let ids: Vec<String> = (1..=20).map(|n| n.to_string()).collect();
     for checkout in &ids {
-        verify_once(&ledger, checkout);
+        verify_once(&ledger, checkout).await;
     }
     // One batch, as a start-up's first snapshots arrive: twenty checkpoints, a later token for
     // checkout 1, checkout 2's token forgotten (a RESET), then a checkpoint of checkout 3.
@@ -200,17 +213,21 @@ async fn a_batch_of_checkpoints_is_saved_in_one_write_in_order() {
     events.send(checkpoint(&["3"], "c-3")).await.expect("send");
     let before = crate::ledger::testing::wal_commits(&ledger);
     let (task, cancel) = consume(&ledger, receiver);
-    until("checkout 3's last token", || {
-        state(&ledger, "3").0.as_deref() == Some("c-3")
+    until("checkout 3's last token", async || {
+        state(&ledger, "3").await.0.as_deref() == Some("c-3")
     })
     .await;
     assert_eq!(
-        state(&ledger, "1").0.as_deref(),
+        state(&ledger, "1").await.0.as_deref(),
         Some("b-1"),
         "the later token wins"
     );
-    assert_eq!(state(&ledger, "2").0, None, "forgotten after it was saved");
-    assert_eq!(state(&ledger, "20").0.as_deref(), Some("a-20"));
+    assert_eq!(
+        state(&ledger, "2").await.0,
+        None,
+        "forgotten after it was saved"
+    );
+    assert_eq!(state(&ledger, "20").await.0.as_deref(), Some("a-20"));
     // The checkpoints before the forget in one write, the forget, the last checkpoint: three
     // commits where one per checkpoint took 22.
     let commits = crate::ledger::testing::wal_commits(&ledger) - before;
