@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
+use super::{SettingsError, err};
+
 /// A secret string. Debug and Display print `[redacted]`; only [`Secret::expose`] gives the value.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -136,6 +138,44 @@ pub fn systemd_credential(name: &str) -> Option<PathBuf> {
     let directory = std::env::var_os("CREDENTIALS_DIRECTORY")?;
     let path = Path::new(&directory).join(name);
     path.exists().then_some(path)
+}
+
+pub(super) fn resolve_secret(
+    key: &str,
+    value: Option<&Secret>,
+    file: Option<&Path>,
+    credential: &str,
+) -> Result<Secret, SettingsError> {
+    if let Some(value) = value {
+        if value.expose().is_empty() {
+            return Err(err(format!("'{key}' is empty")));
+        }
+        return Ok(value.clone());
+    }
+    if let Some(file) = file {
+        return read_secret_file(file).map_err(|problem| err(format!("{key}_file: {problem}")));
+    }
+    if let Some(path) = systemd_credential(credential) {
+        return read_secret_file(&path)
+            .map_err(|problem| err(format!("systemd credential '{credential}': {problem}")));
+    }
+    let env = format!("PAYWATCH_{}", key.to_uppercase().replace('.', "__"));
+    Err(err(format!(
+        "'{key}' is not set\n\nset it in the config file, as '{key}_file', in {env}, \
+         or as the systemd credential '{credential}'"
+    )))
+}
+
+pub(super) fn resolve_optional_secret(
+    key: &str,
+    value: Option<&Secret>,
+    file: Option<&Path>,
+    credential: &str,
+) -> Result<Option<Secret>, SettingsError> {
+    if value.is_none() && file.is_none() && systemd_credential(credential).is_none() {
+        return Ok(None);
+    }
+    resolve_secret(key, value, file, credential).map(Some)
 }
 
 #[cfg(test)]
