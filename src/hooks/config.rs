@@ -86,7 +86,8 @@ impl HookSpec {
             if settings.timeout.is_zero() {
                 return Err(format!("hook '{name}': 'timeout' must be greater than 0"));
             }
-            let hook = UrlHook::resolve(settings).map_err(|error| format!("hook '{name}': {error}"))?;
+            let hook =
+                UrlHook::resolve(settings).map_err(|error| format!("hook '{name}': {error}"))?;
             return Ok(HookSpec {
                 target: HookTarget::Url(hook),
                 policy,
@@ -276,10 +277,7 @@ mod tests {
         assert_eq!(command.program, program);
         assert_eq!(command.args, ["--db", "shop $(x)"]);
         assert_eq!(command.timeout, Duration::from_secs(7));
-        assert_eq!(
-            command.env.get("SHOP").map(String::as_str),
-            Some("prod")
-        );
+        assert_eq!(command.env.get("SHOP").map(String::as_str), Some("prod"));
         assert_eq!(spec.policy.max_attempts, 3);
         assert_eq!(spec.policy.max_age, Some(Duration::from_secs(60)));
         assert_eq!(spec.policy.permanent_exit_codes, [64]);

@@ -199,7 +199,10 @@ impl UrlHook {
     }
 }
 
-fn build_client(timeout: Duration, ca_file: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
+fn build_client(
+    timeout: Duration,
+    ca_file: Option<&std::path::Path>,
+) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder()
         // Never follow a redirect: a 3xx is a failure naming its Location.
         .redirect(reqwest::redirect::Policy::none())
@@ -208,9 +211,13 @@ fn build_client(timeout: Duration, ca_file: Option<&std::path::Path>) -> Result<
         .pool_idle_timeout(POOL_IDLE)
         .tcp_nodelay(true);
     if let Some(path) = ca_file {
-        let pem = crate::settings::read_ca_file(path).map_err(|problem| format!("'ca_file': {problem}"))?;
+        let pem = crate::settings::read_ca_file(path)
+            .map_err(|problem| format!("'ca_file': {problem}"))?;
         let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|error| {
-            format!("'ca_file': the CA file '{}' is not valid PEM: {error}", path.display())
+            format!(
+                "'ca_file': the CA file '{}' is not valid PEM: {error}",
+                path.display()
+            )
         })?;
         builder = builder.tls_certs_merge(certificates);
     }
@@ -233,7 +240,10 @@ pub fn sign(keys: &[SigningKey], id: &str, timestamp: i64, body: &[u8]) -> Strin
             mac.update(b".");
             mac.update(body);
             let digest = mac.finalize().into_bytes();
-            format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(digest))
+            format!(
+                "v1,{}",
+                base64::engine::general_purpose::STANDARD.encode(digest)
+            )
         })
         .collect::<Vec<_>>()
         .join(" ")

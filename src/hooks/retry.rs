@@ -455,7 +455,10 @@ mod tests {
             assert!(error.contains(&format!("HTTP {status}")), "{error}");
         }
         let update = policy().decide(&answered(500, None), 5, at(0), at(0));
-        assert!(matches!(update, DeliveryUpdate::Dead { .. }), "max_attempts: {update:?}");
+        assert!(
+            matches!(update, DeliveryUpdate::Dead { .. }),
+            "max_attempts: {update:?}"
+        );
         let failed = outcome(Ending::RequestFailed("cannot connect".into()));
         let update = policy().decide(&failed, 1, at(0), at(0));
         assert!(matches!(update, DeliveryUpdate::Retry { .. }), "{update:?}");

@@ -140,7 +140,11 @@ impl HookSettings {
     /// The systemd credential holding a URL hook's secret: `paywatch-hook-NAME-secret`
     /// (`previous` = true: `paywatch-hook-NAME-previous-secret`).
     pub fn secret_credential(&self, previous: bool) -> String {
-        let which = if previous { "previous-secret" } else { "secret" };
+        let which = if previous {
+            "previous-secret"
+        } else {
+            "secret"
+        };
         format!("paywatch-hook-{}-{which}", self.name)
     }
 
@@ -267,7 +271,10 @@ fn check_hook_kind(origin: &str, at: &str, hook: &HookSettings) -> Result<(), Se
     for (key, set) in [
         ("env", !hook.env.is_empty()),
         ("run_as", hook.run_as.is_some()),
-        ("permanent_exit_codes", !hook.permanent_exit_codes.is_empty()),
+        (
+            "permanent_exit_codes",
+            !hook.permanent_exit_codes.is_empty(),
+        ),
     ] {
         if set {
             return Err(err(format!(
@@ -316,11 +323,11 @@ fn check_hook_kind(origin: &str, at: &str, hook: &HookSettings) -> Result<(), Se
         }
     }
     if let Some(file) = &hook.ca_file {
-        read_ca_file(file).map_err(|problem| err(format!("{origin}: '{at}.ca_file': {problem}")))?;
+        read_ca_file(file)
+            .map_err(|problem| err(format!("{origin}: '{at}.ca_file': {problem}")))?;
     }
     Ok(())
 }
-
 
 /// Checks the hooks' names (present, unique), commands, statuses and env names.
 pub(super) fn check(hooks: &[HookSettings], origin: &str) -> Result<(), SettingsError> {

@@ -124,10 +124,7 @@ pub fn signing_key(value: &str) -> Result<Vec<u8>, String> {
         .decode(encoded)
         .map_err(|_| format!("the part after '{SIGNING_SECRET_PREFIX}' is not base64"))?;
     if !(24..=64).contains(&key.len()) {
-        return Err(format!(
-            "it decodes to {} bytes, not 24 to 64",
-            key.len()
-        ));
+        return Err(format!("it decodes to {} bytes, not 24 to 64", key.len()));
     }
     Ok(key)
 }
@@ -205,17 +202,27 @@ mod tests {
                 "whsec_dGhpcyBpcyBhIHRlc3Qga2V5IG9mIDI1IGJ5dGVzIQ",
                 "is not base64",
             ),
-            ("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "does not start with 'whsec_'"),
+            (
+                "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                "does not start with 'whsec_'",
+            ),
             ("whsec_not*base64*at*all*really!!", "is not base64"),
             ("whsec_c2hvcnQ=", "decodes to 5 bytes, not 24 to 64"),
             ("whsec_", "decodes to 0 bytes"),
         ] {
             let error = signing_key(value).expect_err(value);
             assert!(error.contains(problem), "{value}: {error}");
-            assert!(!error.contains("MfKQ9r8") && !error.contains("c2hvcnQ"), "{error}");
+            assert!(
+                !error.contains("MfKQ9r8") && !error.contains("c2hvcnQ"),
+                "{error}"
+            );
         }
         let long = format!("whsec_{}", "A".repeat(88));
-        assert!(signing_key(&long).expect_err("66 bytes").contains("66 bytes"));
+        assert!(
+            signing_key(&long)
+                .expect_err("66 bytes")
+                .contains("66 bytes")
+        );
     }
 
     #[test]

@@ -77,7 +77,11 @@ async fn serve(State(script): State<Arc<Script>>, request: axum::extract::Reques
         .pop_front()
         .unwrap_or_else(|| answer(204, ""));
     tokio::time::sleep(next.delay).await;
-    let mut response = (StatusCode::from_u16(next.status).expect("status"), next.body).into_response();
+    let mut response = (
+        StatusCode::from_u16(next.status).expect("status"),
+        next.body,
+    )
+        .into_response();
     for (name, value) in next.headers {
         response
             .headers_mut()
@@ -160,7 +164,11 @@ async fn a_delivery_posts_the_event_json_with_the_standard_webhooks_headers() {
     let seen = script.seen();
     let seen = &seen[0];
     assert_eq!(seen.path, "/paywatch");
-    assert_eq!(seen.body, event.to_json(), "the command hook's stdin, exactly");
+    assert_eq!(
+        seen.body,
+        event.to_json(),
+        "the command hook's stdin, exactly"
+    );
     assert_eq!(header(seen, "content-type"), "application/json");
     assert_eq!(header(seen, "user-agent"), USER_AGENT);
     assert!(USER_AGENT.starts_with("paywatch/"));
@@ -183,7 +191,9 @@ async fn a_rotation_signs_with_both_secrets_current_first() {
     assert!(outcome.delivered(), "204: {}", outcome.describe());
     let seen = script.seen();
     let signature = header(&seen[0], "webhook-signature");
-    let timestamp: i64 = header(&seen[0], "webhook-timestamp").parse().expect("seconds");
+    let timestamp: i64 = header(&seen[0], "webhook-timestamp")
+        .parse()
+        .expect("seconds");
     let id = header(&seen[0], "webhook-id");
     let current = sign(
         &[SigningKey::from_secret(NEXT_SECRET).expect("key")],
@@ -224,7 +234,11 @@ async fn connections_are_kept_alive_and_reused() {
         assert!(outcome.delivered(), "{}", outcome.describe());
     }
     assert_eq!(script.seen().len(), 20);
-    assert_eq!(script.connections.load(Ordering::SeqCst), 1, "one pooled connection");
+    assert_eq!(
+        script.connections.load(Ordering::SeqCst),
+        1,
+        "one pooled connection"
+    );
 }
 
 #[tokio::test]
@@ -264,14 +278,29 @@ async fn failures_are_described_with_a_scrubbed_capped_excerpt() {
     };
     assert_eq!(answer.status, 422);
     assert!(answer.is_permanent());
-    assert!(!answer.excerpt.contains("sk_live_echoed"), "{}", answer.excerpt);
-    assert!(answer.excerpt.starts_with("refused: "), "{}", answer.excerpt);
+    assert!(
+        !answer.excerpt.contains("sk_live_echoed"),
+        "{}",
+        answer.excerpt
+    );
+    assert!(
+        answer.excerpt.starts_with("refused: "),
+        "{}",
+        answer.excerpt
+    );
     assert!(answer.excerpt.chars().count() <= EXCERPT_CHARS + 1);
-    assert!(outcome.describe().starts_with("HTTP 422 Unprocessable Entity: refused: "));
+    assert!(
+        outcome
+            .describe()
+            .starts_with("HTTP 422 Unprocessable Entity: refused: ")
+    );
 
     let outcome = deliver(&hook, &event(), &CancellationToken::new()).await;
     let text = outcome.describe();
-    assert!(text.contains("HTTP 410 Gone (the endpoint says it is gone for good"), "{text}");
+    assert!(
+        text.contains("HTTP 410 Gone (the endpoint says it is gone for good"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -321,8 +350,8 @@ async fn no_answer_is_a_request_failure_without_the_url() {
     let addr = listener.local_addr().expect("addr");
     drop(listener);
     let url = reqwest::Url::parse(&format!("http://{addr}/in?token=sekrit")).expect("url");
-    let hook = UrlHook::new("shop", url, &[SECRET], Duration::from_secs(5)).expect("hook");
-    let outcome = deliver(&hook, &event(), &CancellationToken::new()).await;
+    let refused = UrlHook::new("shop", url, &[SECRET], Duration::from_secs(5)).expect("hook");
+    let outcome = deliver(&refused, &event(), &CancellationToken::new()).await;
     let Ending::RequestFailed(text) = &outcome.ending else {
         panic!("{outcome:?}");
     };
@@ -340,7 +369,11 @@ async fn no_answer_is_a_request_failure_without_the_url() {
         outcome.ending,
         Ending::RequestFailed("timed out after 300ms".into())
     );
-    assert!(outcome.duration < Duration::from_secs(5), "{:?}", outcome.duration);
+    assert!(
+        outcome.duration < Duration::from_secs(5),
+        "{:?}",
+        outcome.duration
+    );
 }
 
 #[tokio::test]
@@ -358,7 +391,10 @@ async fn shutdown_abandons_the_request_and_a_stopped_hook_sends_nothing() {
         cancel.cancel();
     });
     let outcome = deliver(&hook, &event(), &stop).await;
-    assert!(matches!(outcome.ending, Ending::Interrupted(_)), "{outcome:?}");
+    assert!(
+        matches!(outcome.ending, Ending::Interrupted(_)),
+        "{outcome:?}"
+    );
     let seen = script.seen().len();
     let outcome = deliver(&hook, &event(), &stop).await;
     assert_eq!(outcome.ending, Ending::Stopped(None));
