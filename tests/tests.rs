@@ -18,3 +18,4 @@ mod properties;
 mod sandbox;
 mod secrets;
 mod service;
+mod url_hooks;
