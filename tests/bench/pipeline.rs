@@ -1160,8 +1160,8 @@ async fn latency(
         "  restarted with a URL hook: no Get Checkout and no ledger commit for 500 ms after {:.1} s",
         quiet.as_secs_f64()
     );
-    let paced = paced(sandbox, with_url, 100.0).await;
-    let to_url = receiver.latencies(with_url, &paced).await;
+    let url_paced = self::paced(sandbox, with_url, 100.0).await;
+    let to_url = receiver.latencies(with_url, &url_paced).await;
     report.latency(
         "change→URL hook arrival @100/s",
         spread(&to_url),
