@@ -3,9 +3,11 @@
 //! the same exit codes; [`the_readme_table_matches_these_cases`] keeps the two in step.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 
 use paywatch::ledger::Ledger;
+
+use crate::common::process::{self, run_with_stdin};
 
 /// A response paymennt could have sent, with `{amount}`, `{status}` and `{order}` to fill.
 const TEMPLATE: &str = r#"{"success":true,"elapsed":3,"result":{"id":"{id}","orderId":"{order}","requestId":"r1","currency":"AED","amount":{amount},"status":"{status}","firebaseDatabase":"pc-test-734bc","firebaseCollection":"checkouts","firebaseDocument":"doc-{id}"}}"#;
@@ -19,43 +21,17 @@ fn response(id: &str, amount: &str, status: &str, order: &str) -> Vec<u8> {
         .into_bytes()
 }
 
-/// Runs `paywatch --config CONFIG ARGS` with `stdin`, with no `PAYWATCH_*` from the test's
-/// environment.
-fn paywatch(config: &Path, args: &[&str], stdin: &[u8]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_paywatch"));
-    command.arg("--config").arg(config).args(args);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("PAYWATCH_") || name == "RUST_LOG" {
-            command.env_remove(name);
-        }
-    }
-    command.env_remove("GOOGLE_APPLICATION_CREDENTIALS");
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("paywatch starts");
-    if let Some(mut pipe) = child.stdin.take() {
-        use std::io::Write;
-        pipe.write_all(stdin).expect("stdin written");
-    }
-    child.wait_with_output().expect("paywatch finishes")
-}
-
 /// A config with a ledger in `dir`, an unreachable paymennt, and `extra` appended.
 fn config(dir: &Path, name: &str, extra: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(
-        &path,
-        format!(
+    process::write_config_named(
+        dir,
+        name,
+        &format!(
             "[ledger]\npath = \"{}\"\n\n[paymennt]\nbase_url = \"http://127.0.0.1:9/\"\n\
              api_key = \"key\"\napi_secret = \"secret\"\n\n{extra}",
             dir.join("paywatch.db").display()
         ),
     )
-    .expect("write config");
-    path
 }
 
 /// One bad input: its name (as in the README table), the command, and what must come of it.
@@ -235,10 +211,10 @@ fn each_bad_input_gets_a_clear_error_and_its_exit_code_and_changes_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Something already recorded, which no bad input may change.
     let base = config(dir.path(), "base.toml", "");
-    let tracked = paywatch(
+    let tracked = run_with_stdin(
         &base,
         &["track", "-"],
-        &response("1000", "100.00", "PENDING", "ORD-0"),
+        response("1000", "100.00", "PENDING", "ORD-0"),
     );
     assert!(tracked.status.success(), "{tracked:?}");
     let ledger_path = dir.path().join("paywatch.db");
@@ -249,7 +225,7 @@ fn each_bad_input_gets_a_clear_error_and_its_exit_code_and_changes_nothing() {
 
     for (n, case) in cases(dir.path()).into_iter().enumerate() {
         let config = config(dir.path(), &format!("case-{n}.toml"), &case.config);
-        let output = paywatch(&config, &case.args, &case.stdin);
+        let output = run_with_stdin(&config, &case.args, &case.stdin);
         let stderr = String::from_utf8_lossy(&output.stderr);
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert_eq!(
@@ -288,7 +264,7 @@ fn each_bad_input_gets_a_clear_error_and_its_exit_code_and_changes_nothing() {
         hostile.order_id.as_deref(),
         Some("ORD\n$(rm -rf ~)\u{1b}[31m")
     );
-    let list = paywatch(&base, &["list"], b"");
+    let list = process::run(&base, &["list"]);
     let shown = String::from_utf8_lossy(&list.stdout);
     assert!(
         !shown.contains('\u{1b}') && shown.contains(r"ORD\n$(rm -rf ~)"),
@@ -304,11 +280,7 @@ fn a_ledger_that_is_not_a_database_is_named_and_left_as_it_was() {
     let garbage: Vec<u8> = (0..4096u32).map(|n| (n * 7919 % 251) as u8).collect();
     std::fs::write(&ledger_path, &garbage).expect("write");
     for args in [vec!["list"], vec!["track", "-"]] {
-        let output = paywatch(
-            &config,
-            &args,
-            &response("3000", "1.00", "PENDING", "ORD-L"),
-        );
+        let output = run_with_stdin(&config, &args, response("3000", "1.00", "PENDING", "ORD-L"));
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(
@@ -334,19 +306,19 @@ fn a_ledger_locked_by_another_process_is_a_clear_runtime_failure() {
     holder
         .execute_batch("BEGIN EXCLUSIVE")
         .expect("take the write lock");
-    let output = paywatch(
+    let output = run_with_stdin(
         &config,
         &["track", "-"],
-        &response("3001", "1.00", "PENDING", "ORD-B"),
+        response("3001", "1.00", "PENDING", "ORD-B"),
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("write lock"), "{stderr}");
     holder.execute_batch("ROLLBACK").expect("release");
-    let retried = paywatch(
+    let retried = run_with_stdin(
         &config,
         &["track", "-"],
-        &response("3001", "1.00", "PENDING", "ORD-B"),
+        response("3001", "1.00", "PENDING", "ORD-B"),
     );
     assert!(retried.status.success(), "works once the lock is gone");
 }
@@ -377,10 +349,10 @@ fn a_read_only_ledger_is_a_clear_runtime_failure() {
         eprintln!("skipped: cannot make the ledger read-only here (chattr +i failed as root)");
         return;
     }
-    let output = paywatch(
+    let output = run_with_stdin(
         &config,
         &["track", "-"],
-        &response("3002", "1.00", "PENDING", "ORD-R"),
+        response("3002", "1.00", "PENDING", "ORD-R"),
     );
     if as_root {
         let _ = Command::new("chattr").arg("-i").arg(&ledger_path).status();

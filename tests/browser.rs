@@ -180,7 +180,7 @@ async fn the_test_card_pays_in_chromium_and_the_daemon_records_paid_and_runs_the
     let hook_log = dir.path().join("hook.log");
     let hooks = format!(
         "[[hooks]]\nname = \"record\"\ncommand = [{exe}, \"demo-hook\", \"--append-to\", {log}]\ntimeout = \"30s\"\n",
-        exe = toml::Value::String(env!("CARGO_BIN_EXE_paywatch").into()),
+        exe = toml::Value::String(common::process::binary().into()),
         log = toml::Value::String(hook_log.display().to_string()),
     );
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", &hooks);

@@ -20,13 +20,9 @@
 //! `cargo test --test integration chaos -- --nocapture` to see them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::OpenOptions;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
@@ -38,6 +34,7 @@ use paywatch::sandbox::faults::FaultUpdate;
 use paywatch::sandbox::{Sandbox, SandboxOptions};
 
 use crate::common;
+use crate::common::process::{Process, paywatch};
 
 /// How big one run is.
 #[derive(Debug, Clone, Copy)]
@@ -90,72 +87,26 @@ struct Figures {
     stream_drops: usize,
 }
 
-/// A `paywatch run` child process; killed (SIGKILL) on drop.
-struct DaemonProcess {
-    child: Child,
+/// `paywatch run` as a child process, appending its log to `log` (one file across restarts).
+fn start_daemon(config: &Path, log: &Path) -> Process {
+    paywatch().config(config).log_to(log).run()
 }
 
-impl DaemonProcess {
-    fn start(config: &Path, log: &Path) -> DaemonProcess {
-        let stderr = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("daemon log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_paywatch"))
-            .arg("--config")
-            .arg(config)
-            .arg("run")
-            .env_remove("RUST_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("paywatch starts");
-        DaemonProcess { child }
-    }
-
-    fn pid(&self) -> Pid {
-        Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits"))
-    }
-
-    /// SIGKILL, then reap.
-    fn kill_9(mut self) {
-        let _ = kill(self.pid(), Signal::SIGKILL);
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, then wait for a clean exit.
-    fn stop(mut self) {
-        kill(self.pid(), Signal::SIGTERM).expect("SIGTERM sent");
-        let until = Instant::now() + common::DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                assert!(status.success(), "paywatch exited with {status} on SIGTERM");
-                return;
-            }
-            assert!(Instant::now() < until, "paywatch did not drain in time");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for DaemonProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// SIGTERM, then a clean exit.
+async fn stop_daemon(process: Process) {
+    let status = process.stop().await;
+    assert!(status.success(), "paywatch exited with {status} on SIGTERM");
 }
 
 /// The hook: records each run as `EVENT CHECKOUT STATUS ATTEMPT ok|fail`, sometimes lingers
-/// (so kills land while hooks run), and fails about one first attempt in seven.
-fn write_hook(dir: &Path, runs: &Path) -> PathBuf {
-    let script = dir.join("hook.sh");
-    std::fs::write(
-        &script,
-        format!(
+/// (so kills land while hooks run), and fails about one first attempt in seven; its
+/// `[[hooks]]` table, named `record`, for every status.
+fn write_hook(dir: &Path, runs: &Path) -> String {
+    common::shell_hook(
+        dir,
+        "record",
+        &[],
+        &format!(
             "r=$(od -An -N1 -tu1 /dev/urandom | tr -d ' ')\n\
              outcome=ok\n\
              if [ \"$PAYWATCH_ATTEMPT\" = 1 ] && [ \"$r\" -lt 36 ]; then outcome=fail; fi\n\
@@ -165,8 +116,6 @@ fn write_hook(dir: &Path, runs: &Path) -> PathBuf {
             runs = runs.display()
         ),
     )
-    .expect("hook script");
-    script
 }
 
 /// The URL hook's secret (issue 24).
@@ -340,9 +289,8 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
     let hook = write_hook(dir.path(), &runs);
     let endpoint = UrlEndpoint::start(&runs).await;
     let extra = format!(
-        "[[hooks]]\nname = \"record\"\ncommand = [\"/bin/sh\", \"{}\"]\ntimeout = \"30s\"\n\n\
+        "{hook}timeout = \"30s\"\n\n\
          [[hooks]]\nname = \"post\"\nurl = \"{}\"\nsecret = \"{URL_HOOK_SECRET}\"\ntimeout = \"30s\"\n",
-        hook.display(),
         endpoint.url,
     );
     let config = dir.path().join("paywatch.toml");
@@ -372,7 +320,7 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
 
     let mut figures = Figures::default();
     let started = Instant::now();
-    let mut daemon = Some(DaemonProcess::start(&config, &daemon_log));
+    let mut daemon = Some(start_daemon(&config, &daemon_log));
 
     for _ in 0..profile.actions {
         // One action on a random checkout that still has a move left.
@@ -463,7 +411,7 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
             }
             // Down for a moment: changes made meanwhile must be caught on restart.
             tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
-            daemon = Some(DaemonProcess::start(&config, &daemon_log));
+            daemon = Some(start_daemon(&config, &daemon_log));
         }
 
         let pause = rng.random_range(0..=2 * profile.pace.as_millis() as u64);
@@ -478,14 +426,16 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
     faults.fail_next_api_requests(0);
     faults.throttle_next_api_requests(0, 1);
 
-    let consistent = common_wait(profile.settle_deadline, || {
-        let mismatch = first_mismatch(&sandbox, &ledger, &ids, &runs);
-        match mismatch {
-            None => Some(()),
-            Some(_) => None,
-        }
-    })
-    .await;
+    let consistent =
+        common::poll_until(profile.settle_deadline, Duration::from_millis(200), || {
+            let mismatch = first_mismatch(&sandbox, &ledger, &ids, &runs);
+            let result = match mismatch {
+                None => Some(()),
+                Some(_) => None,
+            };
+            async move { result }
+        })
+        .await;
     if consistent.is_none() {
         let why = first_mismatch(&sandbox, &ledger, &ids, &runs).unwrap_or_default();
         let log = std::fs::read_to_string(&daemon_log).unwrap_or_default();
@@ -499,7 +449,7 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
     }
     let settle_time = last_change.elapsed();
     if let Some(process) = daemon.take() {
-        tokio::task::block_in_place(|| process.stop());
+        stop_daemon(process).await;
     }
 
     // The history: one unbroken chain per checkout, only statuses the sandbox gave it.
@@ -639,20 +589,6 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
     sandbox.shutdown().await;
 }
 
-/// Polls `check` every 200 ms until it returns `Some` or `deadline` passes.
-async fn common_wait<T>(deadline: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let until = Instant::now() + deadline;
-    loop {
-        if let Some(value) = check() {
-            return Some(value);
-        }
-        if Instant::now() >= until {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// The first way the ledger (or the hook's record) disagrees with the sandbox, if any.
 fn first_mismatch(
     sandbox: &Sandbox,
@@ -736,18 +672,14 @@ async fn a_kill_during_a_burst_never_splits_a_transition_from_its_deliveries() {
     let dir = tempfile::tempdir().expect("tempdir");
     let runs = dir.path().join("runs");
     let hook = write_hook(dir.path(), &runs);
-    let extra = format!(
-        "[[hooks]]\nname = \"record\"\ncommand = [\"/bin/sh\", \"{}\"]\n",
-        hook.display()
-    );
-    let (settings, config) = common::settings(dir.path(), &sandbox, "multiplexed", &extra);
+    let (settings, config) = common::settings(dir.path(), &sandbox, "multiplexed", &hook);
     let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
     let mut ids = Vec::new();
     for n in 0..240 {
         ids.push(common::create_and_track(&sandbox, &ledger, &format!("ORD-BURST-{n}")).await);
     }
     let daemon_log = dir.path().join("daemon.log");
-    let mut process = DaemonProcess::start(&config, &daemon_log);
+    let mut process = start_daemon(&config, &daemon_log);
     for id in &ids {
         common::wait_status(&ledger, id, "PENDING").await;
     }
@@ -785,7 +717,7 @@ async fn a_kill_during_a_burst_never_splits_a_transition_from_its_deliveries() {
             cut_mid_burst += 1;
         }
         payments.await.expect("payments made");
-        process = DaemonProcess::start(&config, &daemon_log);
+        process = start_daemon(&config, &daemon_log);
     }
     eprintln!("durability: {cut_mid_burst} of 3 kills landed mid-burst");
     // The last restart finishes the job: every payment recorded once, every delivery delivered.
@@ -802,7 +734,7 @@ async fn a_kill_during_a_burst_never_splits_a_transition_from_its_deliveries() {
         async move { (undelivered == 0).then_some(()) }
     })
     .await;
-    tokio::task::block_in_place(|| process.stop());
+    stop_daemon(process).await;
     for id in &ids {
         assert_eq!(common::history(&ledger, id), ["PENDING", "PAID"], "{id}");
     }

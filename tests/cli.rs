@@ -2,47 +2,13 @@
 //! leaves the ledger untouched.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 
 use paywatch::ledger::Ledger;
 use serde_json::Value;
 
 use crate::common;
-
-/// Runs `paywatch --config CONFIG ARGS...` with a clean environment, feeding `stdin`.
-fn paywatch(config: &Path, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_paywatch"));
-    command
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("PAYWATCH_CONFIG");
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("PAYWATCH_") {
-            command.env_remove(name);
-        }
-    }
-    command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = command.spawn().expect("paywatch starts");
-    if let Some(mut pipe) = child.stdin.take() {
-        use std::io::Write;
-        pipe.write_all(stdin.unwrap_or_default().as_bytes())
-            .expect("stdin written");
-    }
-    child.wait_with_output().expect("paywatch finishes")
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
+use crate::common::process::{paywatch, run, run_with_stdin, stderr, stdout};
 
 /// A config with a ledger in `dir` and a paymennt base URL that nothing listens on.
 fn offline_config(dir: &Path) -> PathBuf {
@@ -61,14 +27,14 @@ const RESPONSE: &str = r#"{"success":true,"elapsed":12,"result":{"id":"165324110
 fn track_records_a_response_once_and_is_idempotent() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = offline_config(dir.path());
-    let first = paywatch(&config, &["track", "-"], Some(RESPONSE));
+    let first = run_with_stdin(&config, &["track", "-"], RESPONSE);
     assert!(first.status.success(), "{}", stderr(&first));
     assert!(stdout(&first).contains("now watched"), "{}", stdout(&first));
-    let second = paywatch(&config, &["track", "-"], Some(RESPONSE));
+    let second = run_with_stdin(&config, &["track", "-"], RESPONSE);
     assert!(second.status.success(), "{}", stderr(&second));
     assert!(stdout(&second).contains("already tracked"));
 
-    let status = paywatch(&config, &["status", "1653241101733169556", "--json"], None);
+    let status = run(&config, &["status", "1653241101733169556", "--json"]);
     assert!(status.status.success(), "{}", stderr(&status));
     let json: Value = serde_json::from_slice(&status.stdout).expect("status --json is JSON");
     assert_eq!(json["id"], "1653241101733169556");
@@ -88,10 +54,10 @@ fn track_records_a_response_once_and_is_idempotent() {
     assert!(json["updated_at"].is_string());
     assert_eq!(json["watched"], true);
 
-    let list = paywatch(&config, &["list", "--json"], None);
+    let list = run(&config, &["list", "--json"]);
     let json: Value = serde_json::from_slice(&list.stdout).expect("list --json is JSON");
     assert_eq!(json.as_array().map(Vec::len), Some(1));
-    let unverified = paywatch(&config, &["list", "--status", "UNVERIFIED"], None);
+    let unverified = run(&config, &["list", "--status", "UNVERIFIED"]);
     assert!(stdout(&unverified).contains("1653241101733169556"));
 }
 
@@ -150,7 +116,7 @@ fn bad_responses_exit_2_with_a_clear_message_and_leave_the_ledger_untouched() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = offline_config(dir.path());
     assert!(
-        paywatch(&config, &["track", "-"], Some(RESPONSE))
+        run_with_stdin(&config, &["track", "-"], RESPONSE)
             .status
             .success()
     );
@@ -160,7 +126,7 @@ fn bad_responses_exit_2_with_a_clear_message_and_leave_the_ledger_untouched() {
         .list(&Default::default())
         .expect("list");
     for (what, input, expected) in BAD_RESPONSES {
-        let output = paywatch(&config, &["track", "-"], Some(input));
+        let output = run_with_stdin(&config, &["track", "-"], input);
         assert_eq!(output.status.code(), Some(2), "{what}: {}", stderr(&output));
         assert!(
             stderr(&output).contains(expected),
@@ -178,7 +144,7 @@ fn bad_responses_exit_2_with_a_clear_message_and_leave_the_ledger_untouched() {
         .expect("list");
     assert_eq!(before, after, "nothing recorded was changed");
 
-    let missing_file = paywatch(&config, &["track", "/nonexistent/response.json"], None);
+    let missing_file = run(&config, &["track", "/nonexistent/response.json"]);
     assert_eq!(missing_file.status.code(), Some(2));
     assert!(stderr(&missing_file).contains("/nonexistent/response.json"));
 }
@@ -244,7 +210,7 @@ fn link_create_validates_before_calling() {
         ),
     ];
     for (args, expected) in cases {
-        let output = paywatch(&config, args, None);
+        let output = run(&config, args);
         assert_eq!(
             output.status.code(),
             Some(2),
@@ -268,7 +234,7 @@ fn config_errors_exit_2_and_runtime_failures_exit_1() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, "[ledger]\npaht = \"/tmp/x.db\"\n").expect("write");
-    let output = paywatch(&config, &["list"], None);
+    let output = run(&config, &["list"]);
     assert_eq!(output.status.code(), Some(2));
     assert!(
         stderr(&output).contains("ledger.paht"),
@@ -283,7 +249,7 @@ fn config_errors_exit_2_and_runtime_failures_exit_1() {
 
     let good = offline_config(dir.path());
     assert!(
-        paywatch(&good, &["track", "-"], Some(RESPONSE))
+        run_with_stdin(&good, &["track", "-"], RESPONSE)
             .status
             .success()
     );
@@ -293,7 +259,7 @@ fn config_errors_exit_2_and_runtime_failures_exit_1() {
         &["events", "42"][..],
         &["hooks", "retry", "evt_nothing"][..],
     ] {
-        let unknown = paywatch(&good, args, None);
+        let unknown = run(&good, args);
         assert_eq!(
             unknown.status.code(),
             Some(2),
@@ -301,14 +267,14 @@ fn config_errors_exit_2_and_runtime_failures_exit_1() {
             stderr(&unknown)
         );
     }
-    let unknown = paywatch(&good, &["status", "42"], None);
+    let unknown = run(&good, &["status", "42"]);
     assert!(
         stderr(&unknown).contains("not tracked"),
         "{}",
         stderr(&unknown)
     );
     // check-config --online against an unreachable paymennt names that, not Search Checkouts.
-    let online = paywatch(&good, &["check-config", "--online"], None);
+    let online = run(&good, &["check-config", "--online"]);
     assert!(!online.status.success());
     assert!(
         !stdout(&online).contains("Search Checkouts is what"),
@@ -316,7 +282,7 @@ fn config_errors_exit_2_and_runtime_failures_exit_1() {
         stdout(&online)
     );
     // paymennt unreachable: a runtime failure, and the secret is not in the message.
-    let fetch = paywatch(&good, &["track", "--checkout-id", "42"], None);
+    let fetch = run(&good, &["track", "--checkout-id", "42"]);
     assert_eq!(fetch.status.code(), Some(1), "{}", stderr(&fetch));
     assert!(
         !stderr(&fetch).contains("api_secret = "),
@@ -341,7 +307,7 @@ fn check_config_finds_a_hook_program_on_the_hooks_own_path() {
         bin.display()
     ));
     std::fs::write(&config, text).expect("write");
-    let check = paywatch(&config, &["check-config"], None);
+    let check = run(&config, &["check-config"]);
     let expected = format!("ok   hook 'mine' runs {}", program.display());
     assert!(
         stdout(&check).contains(&expected),
@@ -364,7 +330,7 @@ fn an_out_of_range_setting_exits_2_naming_key_value_and_bound() {
     )
     .expect("write");
     for args in [&["check-config"][..], &["run"][..]] {
-        let output = paywatch(&config, args, None);
+        let output = run(&config, args);
         assert_eq!(
             output.status.code(),
             Some(2),
@@ -388,7 +354,7 @@ async fn link_create_track_and_events_against_the_sandbox() {
     let (_settings, config) = common::settings(dir.path(), &sandbox, "multiplexed", "");
     let config_for_blocking = config.clone();
     let created = tokio::task::spawn_blocking(move || {
-        paywatch(
+        run(
             &config_for_blocking,
             &[
                 "link",
@@ -401,7 +367,6 @@ async fn link_create_track_and_events_against_the_sandbox() {
                 "aed",
                 "--json",
             ],
-            None,
         )
     })
     .await
@@ -429,18 +394,16 @@ async fn link_create_track_and_events_against_the_sandbox() {
     let config_for_blocking = config.clone();
     let id_for_blocking = id.clone();
     let (track, events, check) = tokio::task::spawn_blocking(move || {
-        let track = paywatch(
+        let track = run(
             &config_for_blocking,
             &["track", "--checkout-id", &id_for_blocking],
-            None,
         );
-        let events = paywatch(
+        let events = run(
             &config_for_blocking,
             &["events", &id_for_blocking, "--json"],
-            None,
         );
-        let events_text = paywatch(&config_for_blocking, &["events", &id_for_blocking], None);
-        let check = paywatch(&config_for_blocking, &["check-config", "--online"], None);
+        let events_text = run(&config_for_blocking, &["events", &id_for_blocking]);
+        let check = run(&config_for_blocking, &["check-config", "--online"]);
         (track, (events, events_text), check)
     })
     .await
@@ -548,7 +511,7 @@ async fn a_slow_create_leaves_one_link_which_is_recovered() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config_with_timeout(dir.path(), &sandbox, "300ms");
     let output = tokio::task::spawn_blocking(move || {
-        paywatch(&config, &link_create_args("ORD-SLOW", "ORD-SLOW-r1"), None)
+        run(&config, &link_create_args("ORD-SLOW", "ORD-SLOW-r1"))
     })
     .await
     .expect("join");
@@ -592,14 +555,14 @@ async fn a_lost_create_that_cannot_be_found_is_an_unknown_outcome_never_a_second
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config_with_timeout(dir.path(), &sandbox, "300ms");
-    let run = |args: Vec<&'static str>| {
+    let run_blocking = |args: Vec<&'static str>| {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || paywatch(&config, &args, None))
+        tokio::task::spawn_blocking(move || run(&config, &args))
     };
 
     // paymennt fails the create with a 500 without making a link: nothing to find.
     sandbox.faults().fail_next_api_requests(1);
-    let output = run(link_create_args("ORD-LOST", "ORD-LOST-r1"))
+    let output = run_blocking(link_create_args("ORD-LOST", "ORD-LOST-r1"))
         .await
         .expect("join");
     let text = stderr(&output);
@@ -625,7 +588,7 @@ async fn a_lost_create_that_cannot_be_found_is_an_unknown_outcome_never_a_second
         .await
         .expect("faults set");
     assert!(answer.status().is_success());
-    let output = run(link_create_args("ORD-HIDDEN", "ORD-HIDDEN-r1"))
+    let output = run_blocking(link_create_args("ORD-HIDDEN", "ORD-HIDDEN-r1"))
         .await
         .expect("join");
     let text = stderr(&output);
@@ -647,7 +610,6 @@ async fn a_lost_create_that_cannot_be_found_is_an_unknown_outcome_never_a_second
 /// paymennt is there; one link.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_create_that_could_not_connect_is_sent_again() {
-    use std::io::BufRead;
     let reserved = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = reserved.local_addr().expect("addr");
     drop(reserved);
@@ -663,47 +625,25 @@ async fn a_create_that_could_not_connect_is_sent_again() {
         ),
     )
     .expect("config written");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_paywatch"))
-        .arg("--config")
-        .arg(&config)
+    let mut process = paywatch()
+        .config(&config)
         .args(link_create_args("ORD-CONN", "ORD-CONN-r1"))
         .env("RUST_LOG", "paywatch=debug")
-        .env_remove("PAYWATCH_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("paywatch starts");
-    let stderr_pipe = child.stderr.take().expect("stderr");
-    let (refused_tx, refused_rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in std::io::BufReader::new(stderr_pipe).lines() {
-            let Ok(line) = line else { break };
-            if line.contains("sending again") {
-                let _ = refused_tx.send(());
-            }
-            lines.push(line);
-        }
-        lines.join("\n")
-    });
+        .start();
     // Wait for the first refused attempt, then bring paymennt up on that address.
-    tokio::task::spawn_blocking(move || refused_rx.recv_timeout(common::DEADLINE))
-        .await
-        .expect("join")
-        .expect("a refused attempt is reported and sent again");
+    process.expect_line("sending again").await;
     let sandbox = paywatch::sandbox::Sandbox::start(paywatch::sandbox::SandboxOptions {
         api_listen: addr,
         ..Default::default()
     })
     .await
     .expect("sandbox starts on the address");
-    let status = tokio::task::spawn_blocking(move || child.wait_with_output())
+    let status = process
+        .wait_exit_within(3 * common::DEADLINE)
         .await
-        .expect("join")
         .expect("paywatch finishes");
-    let text = reader.join().expect("reader");
-    assert_eq!(status.status.code(), Some(0), "{text}");
+    let text = process.log();
+    assert_eq!(status.code(), Some(0), "{text}");
     assert_eq!(links_for(&sandbox, "ORD-CONN"), 1, "{text}");
     sandbox.shutdown().await;
 }
@@ -722,7 +662,7 @@ async fn a_slow_webhook_register_leaves_one_new_webhook_which_is_recovered() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = config_with_timeout(dir.path(), &sandbox, "300ms");
     let output = tokio::task::spawn_blocking(move || {
-        paywatch(&config, &["webhooks", "register", address, "--json"], None)
+        run(&config, &["webhooks", "register", address, "--json"])
     })
     .await
     .expect("join");
@@ -751,10 +691,7 @@ async fn a_slow_webhook_register_leaves_one_new_webhook_which_is_recovered() {
 /// a non-zero exit. Nothing is written to the ledger.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_config_online_proves_firestore_access_or_names_the_refusal() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, config) = common::settings(dir.path(), &sandbox, "multiplexed", "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let (sandbox, _dir, settings, config, ledger) = common::setup("multiplexed", "").await;
     let first = common::create_and_track(&sandbox, &ledger, "ORD-C1").await;
     let second = common::create_and_track(&sandbox, &ledger, "ORD-C2").await;
     let document_of = |id| {
@@ -769,16 +706,16 @@ async fn check_config_online_proves_firestore_access_or_names_the_refusal() {
     drop(ledger);
     let ledger_bytes = || std::fs::read(&settings.ledger.path).expect("ledger file");
     let before = ledger_bytes();
-    let run = |args: Vec<String>| {
+    let run_blocking = |args: Vec<String>| {
         let config = config.clone();
         tokio::task::spawn_blocking(move || {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            paywatch(&config, &args, None)
+            run(&config, &args)
         })
     };
 
     // Access: one Listen for the project, CURRENT in some milliseconds.
-    let output = run(vec!["check-config".into(), "--online".into()])
+    let output = run_blocking(vec!["check-config".into(), "--online".into()])
         .await
         .expect("join");
     assert!(
@@ -808,7 +745,7 @@ async fn check_config_online_proves_firestore_access_or_names_the_refusal() {
 
     // Refused: the exact code and message, the next step for auth=none, a non-zero exit.
     sandbox.faults().refuse_listen_document(&first_document);
-    let output = run(vec![
+    let output = run_blocking(vec![
         "check-config".into(),
         "--online".into(),
         "--checkout-id".into(),
@@ -834,7 +771,7 @@ async fn check_config_online_proves_firestore_access_or_names_the_refusal() {
 
     // --checkout-id picks the document: the other one is readable.
     assert_ne!(first_document, second_document);
-    let output = run(vec![
+    let output = run_blocking(vec![
         "check-config".into(),
         "--online".into(),
         "--checkout-id".into(),
@@ -846,7 +783,7 @@ async fn check_config_online_proves_firestore_access_or_names_the_refusal() {
     assert!(stdout(&output).contains(&format!("Listen on checkout {second}'s document")));
 
     // An untracked id is a usage error.
-    let output = run(vec![
+    let output = run_blocking(vec![
         "check-config".into(),
         "--online".into(),
         "--checkout-id".into(),
@@ -914,7 +851,7 @@ async fn an_impossible_document_in_paymennts_answer_is_a_usage_error() {
     ] {
         let config = config.clone();
         let args_shown = args.join(" ");
-        let output = tokio::task::spawn_blocking(move || paywatch(&config, &args, None))
+        let output = tokio::task::spawn_blocking(move || run(&config, &args))
             .await
             .expect("join");
         let text = stderr(&output);
@@ -939,21 +876,21 @@ async fn webhooks_register_list_test_disable_keep_the_hmac_key_out_of_output_unl
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (_, config) = common::settings(dir.path(), &sandbox, "multiplexed", "");
-    let run = |args: Vec<String>| {
+    let run_blocking = |args: Vec<String>| {
         let config = config.clone();
         tokio::task::spawn_blocking(move || {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            paywatch(&config, &args, None)
+            run(&config, &args)
         })
     };
     let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let refused = run(args(&["webhooks", "register", "http://shop.example/hook"]))
+    let refused = run_blocking(args(&["webhooks", "register", "http://shop.example/hook"]))
         .await
         .expect("ran");
     assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
     assert!(stderr(&refused).contains("https"), "{}", stderr(&refused));
 
-    let registered = run(args(&[
+    let registered = run_blocking(args(&[
         "webhooks",
         "register",
         "http://127.0.0.1:9/webhooks/paymennt",
@@ -973,11 +910,13 @@ async fn webhooks_register_list_test_disable_keep_the_hmac_key_out_of_output_unl
     assert!(json.get("hmacKey").is_none(), "{json}");
     assert!(!stdout(&registered).contains(&hook.hmac_key));
     assert!(!stderr(&registered).contains(&hook.hmac_key));
-    let listed = run(args(&["webhooks", "list"])).await.expect("ran");
+    let listed = run_blocking(args(&["webhooks", "list"]))
+        .await
+        .expect("ran");
     assert!(listed.status.success(), "{}", stderr(&listed));
     assert!(stdout(&listed).contains(&hook.id), "{}", stdout(&listed));
     assert!(!stdout(&listed).contains(&hook.hmac_key));
-    let shown = run(args(&["webhooks", "list", "--show-hmac-key"]))
+    let shown = run_blocking(args(&["webhooks", "list", "--show-hmac-key"]))
         .await
         .expect("ran");
     assert!(
@@ -986,7 +925,7 @@ async fn webhooks_register_list_test_disable_keep_the_hmac_key_out_of_output_unl
         stdout(&shown)
     );
 
-    let tested = run(args(&["webhooks", "test", &hook.id]))
+    let tested = run_blocking(args(&["webhooks", "test", &hook.id]))
         .await
         .expect("ran");
     assert!(tested.status.success(), "{}", stderr(&tested));
@@ -994,13 +933,13 @@ async fn webhooks_register_list_test_disable_keep_the_hmac_key_out_of_output_unl
         (!sandbox.state().webhook_attempts().is_empty()).then_some(())
     })
     .await;
-    let disabled = run(args(&["webhooks", "disable", &hook.id, "--json"]))
+    let disabled = run_blocking(args(&["webhooks", "disable", &hook.id, "--json"]))
         .await
         .expect("ran");
     assert!(disabled.status.success(), "{}", stderr(&disabled));
     let json: Value = serde_json::from_slice(&disabled.stdout).expect("JSON");
     assert_eq!(json["enabled"], false);
-    let unknown = run(args(&["webhooks", "disable", "424242"]))
+    let unknown = run_blocking(args(&["webhooks", "disable", "424242"]))
         .await
         .expect("ran");
     assert_eq!(unknown.status.code(), Some(1));
@@ -1009,7 +948,7 @@ async fn webhooks_register_list_test_disable_keep_the_hmac_key_out_of_output_unl
         "{}",
         stderr(&unknown)
     );
-    let bad = run(args(&["webhooks", "test", "../checkout"]))
+    let bad = run_blocking(args(&["webhooks", "test", "../checkout"]))
         .await
         .expect("ran");
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
@@ -1033,13 +972,13 @@ fn check_config_names_the_firebase_key_and_refuses_paymennts_in_its_place() {
         std::fs::write(&path, text).expect("config written");
         path
     };
-    let good = paywatch(&config("AIzaSyFirebase-key-WXYZ"), &["check-config"], None);
+    let good = run(&config("AIzaSyFirebase-key-WXYZ"), &["check-config"]);
     assert!(
         stdout(&good).contains("Firebase Web API key …WXYZ loaded"),
         "{}",
         stdout(&good)
     );
-    let mixed = paywatch(&config("paymennt-key-0123456789"), &["check-config"], None);
+    let mixed = run(&config("paymennt-key-0123456789"), &["check-config"]);
     assert!(!mixed.status.success(), "{}", stdout(&mixed));
     assert!(
         stdout(&mixed).contains("is paymennt's API key"),
@@ -1090,12 +1029,10 @@ struct Waited {
 fn run_reading_stderr(config: &Path, args: &[&str], limit: std::time::Duration) -> Waited {
     use std::io::BufRead as _;
     let started = std::time::Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_paywatch"))
-        .arg("--config")
-        .arg(config)
+    let mut child = paywatch()
+        .config(config)
         .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("PAYWATCH_CONFIG")
+        .command()
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1252,7 +1189,7 @@ async fn check_config_online_against_a_silent_paymennt_says_it_retries_and_stops
 fn timeout_is_bounded_and_stated_in_help() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = offline_config(dir.path());
-    let help = paywatch(&config, &["link", "create", "--help"], None);
+    let help = run(&config, &["link", "create", "--help"]);
     assert!(
         stdout(&help).contains("--timeout <DURATION>"),
         "{}",
@@ -1263,7 +1200,7 @@ fn timeout_is_bounded_and_stated_in_help() {
         "{}",
         stdout(&help)
     );
-    let out_of_bounds = paywatch(&config, &["--timeout", "2h", "check-config"], None);
+    let out_of_bounds = run(&config, &["--timeout", "2h", "check-config"]);
     assert_eq!(out_of_bounds.status.code(), Some(2));
     assert!(
         stderr(&out_of_bounds).contains("from 1s to 1h"),

@@ -2,15 +2,13 @@
 //! the ledger verified, restarts resume, faults are survived, lies are not recorded, signals
 //! drain and reload.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use paywatch::ledger::Ledger;
 
+use crate::common::process::{self, paywatch};
 use crate::common::{
     self, DEADLINE, Daemon, create_and_track, history, status_of, wait_for, wait_status,
 };
@@ -20,10 +18,7 @@ const MODES: [&str; 2] = ["multiplexed", "per-document"];
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn track_then_pay_records_paid_with_its_history_in_both_modes() {
     for mode in MODES {
-        let sandbox = common::sandbox().await;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (settings, path) = common::settings(dir.path(), &sandbox, mode, "");
-        let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+        let (sandbox, _dir, settings, path, ledger) = common::setup(mode, "").await;
         let id = create_and_track(&sandbox, &ledger, "ORD-1").await;
         let daemon = Daemon::start(&settings, &path).await;
         wait_status(&ledger, &id, "PENDING").await;
@@ -53,10 +48,7 @@ async fn track_then_pay_records_paid_with_its_history_in_both_modes() {
 async fn a_thousand_checkouts_are_watched_and_all_payments_arrive_in_both_modes() {
     const CHECKOUTS: usize = 1000;
     for mode in MODES {
-        let sandbox = common::sandbox().await;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (settings, path) = common::settings(dir.path(), &sandbox, mode, "");
-        let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+        let (sandbox, _dir, settings, path, ledger) = common::setup(mode, "").await;
         let mut ids = Vec::with_capacity(CHECKOUTS);
         for n in 0..CHECKOUTS {
             ids.push(create_and_track(&sandbox, &ledger, &format!("ORD-{n}")).await);
@@ -136,10 +128,7 @@ async fn a_checkout_tracked_while_running_is_watched_without_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_resumes_without_reverifying_and_catches_changes_made_while_down() {
     for mode in MODES {
-        let sandbox = common::sandbox().await;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (settings, path) = common::settings(dir.path(), &sandbox, mode, "");
-        let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+        let (sandbox, _dir, settings, path, ledger) = common::setup(mode, "").await;
         let mut ids = Vec::new();
         for n in 0..5 {
             ids.push(create_and_track(&sandbox, &ledger, &format!("ORD-{n}")).await);
@@ -191,10 +180,7 @@ async fn a_restart_resumes_without_reverifying_and_catches_changes_made_while_do
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_closed_by_the_server_reconnect_and_catch_up() {
     for mode in MODES {
-        let sandbox = common::sandbox().await;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (settings, path) = common::settings(dir.path(), &sandbox, mode, "");
-        let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+        let (sandbox, _dir, settings, path, ledger) = common::setup(mode, "").await;
         let first = create_and_track(&sandbox, &ledger, "ORD-A").await;
         let second = create_and_track(&sandbox, &ledger, "ORD-B").await;
         let daemon = Daemon::start(&settings, &path).await;
@@ -214,10 +200,7 @@ async fn streams_closed_by_the_server_reconnect_and_catch_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_errors_are_retried_and_never_produce_an_unverified_record() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let (sandbox, _dir, settings, path, ledger) = common::setup("multiplexed", "").await;
     let id = create_and_track(&sandbox, &ledger, "ORD-500").await;
     let daemon = Daemon::start(&settings, &path).await;
     wait_status(&ledger, &id, "PENDING").await;
@@ -236,10 +219,7 @@ async fn api_errors_are_retried_and_never_produce_an_unverified_record() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_document_claiming_paid_while_the_api_says_pending_records_nothing() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let (sandbox, _dir, settings, path, ledger) = common::setup("multiplexed", "").await;
     let id = create_and_track(&sandbox, &ledger, "ORD-LIE").await;
     let daemon = Daemon::start(&settings, &path).await;
     wait_status(&ledger, &id, "PENDING").await;
@@ -264,10 +244,7 @@ async fn a_document_claiming_paid_while_the_api_says_pending_records_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_changes_costs_at_most_one_extra_call() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let (sandbox, _dir, settings, path, ledger) = common::setup("multiplexed", "").await;
     let id = create_and_track(&sandbox, &ledger, "ORD-BURST").await;
     let daemon = Daemon::start(&settings, &path).await;
     wait_status(&ledger, &id, "PENDING").await;
@@ -289,148 +266,38 @@ async fn a_burst_of_changes_costs_at_most_one_extra_call() {
     sandbox.shutdown().await;
 }
 
-/// A `paywatch run` child process with its stderr lines collected.
-pub(crate) struct Process {
-    child: Child,
-    lines: std_mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Process {
-    pub(crate) fn start(config: &std::path::Path) -> Process {
-        Process::start_with(config, &[], &[], &[])
-    }
-
-    /// Starts `LAUNCHER... paywatch GLOBAL_ARGS --config CONFIG run` with `env` added.
-    pub(crate) fn start_with(
-        config: &std::path::Path,
-        global_args: &[&str],
-        env: &[(&str, &str)],
-        launcher: &[&str],
-    ) -> Process {
-        let binary = env!("CARGO_BIN_EXE_paywatch");
-        let mut command = match launcher.split_first() {
-            Some((program, args)) => {
-                let mut command = Command::new(program);
-                command.args(args).arg(binary);
-                command
-            }
-            None => Command::new(binary),
-        };
-        let mut child = command
-            .envs(env.iter().copied())
-            .args(global_args)
-            .arg("--config")
-            .arg(config)
-            .arg("run")
-            .env_remove("RUST_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("paywatch starts");
-        let stderr = child.stderr.take().expect("stderr piped");
-        let (sender, lines) = std_mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if sender.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Process {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a log line containing `text`.
-    pub(crate) fn expect_line(&mut self, text: &str) {
-        let until = Instant::now() + DEADLINE;
-        while Instant::now() < until {
-            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
-                let found = line.contains(text);
-                self.seen.push(line);
-                if found {
-                    return;
-                }
-            }
-        }
-        panic!(
-            "no log line containing {text:?}; saw:\n{}",
-            self.seen.join("\n")
-        );
-    }
-
-    pub(crate) fn signal(&self, signal: Signal) {
-        let pid = Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits"));
-        kill(pid, signal).expect("signal sent");
-    }
-
-    pub(crate) fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let until = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(Instant::now() < until, "paywatch did not exit in time");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_and_a_bad_config_is_rejected_then_sigterm_drains() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let (sandbox, _dir, _, path, ledger) = common::setup("multiplexed", "").await;
     let id = create_and_track(&sandbox, &ledger, "ORD-SIG").await;
-    let mut process = tokio::task::block_in_place(|| {
-        let mut process = Process::start(&path);
-        process.expect_line("paywatch is running");
-        process
-    });
+    let mut process = paywatch().config(&path).run();
+    process.expect_line("paywatch is running").await;
     wait_status(&ledger, &id, "PENDING").await;
 
     // Unchanged: reloaded, and nothing claimed to have changed.
-    tokio::task::block_in_place(|| {
-        process.signal(Signal::SIGHUP);
-        process.expect_line("config reloaded: nothing changed");
-    });
+    process.signal(Signal::SIGHUP);
+    process
+        .expect_line("config reloaded: nothing changed")
+        .await;
     let good = std::fs::read_to_string(&path)
         .expect("config")
         .replace("interval = \"1h\"", "interval = \"2h\"");
     std::fs::write(&path, &good).expect("rewrite config");
-    tokio::task::block_in_place(|| {
-        process.signal(Signal::SIGHUP);
-        process.expect_line("config reloaded: reconcile.interval changed");
-    });
+    process.signal(Signal::SIGHUP);
+    process
+        .expect_line("config reloaded: reconcile.interval changed")
+        .await;
 
     std::fs::write(&path, format!("{good}\n[bogus]\nkey = 1\n")).expect("break config");
-    tokio::task::block_in_place(|| {
-        process.signal(Signal::SIGHUP);
-        process.expect_line("config reload failed");
-    });
+    process.signal(Signal::SIGHUP);
+    process.expect_line("config reload failed").await;
     // Still running on the old config: a payment is recorded.
     sandbox.state().pay(&id).await.expect("pay");
     wait_status(&ledger, &id, "PAID").await;
 
-    let status = tokio::task::block_in_place(|| {
-        process.signal(Signal::SIGTERM);
-        process.expect_line("paywatch stopped");
-        process.wait_exit()
-    });
+    process.signal(Signal::SIGTERM);
+    process.expect_line("paywatch stopped").await;
+    let status = process.wait_exit().await;
     assert!(status.success(), "exit status {status:?}");
     sandbox.shutdown().await;
 }
@@ -441,30 +308,24 @@ async fn kill_9_while_a_hook_runs_then_restart_delivers_it_exactly_once_as_deliv
     let dir = tempfile::tempdir().expect("tempdir");
     let runs = dir.path().join("runs");
     let first = dir.path().join("first");
-    let script = dir.path().join("hook.sh");
     // First run: note itself and block (as if the merchant's system hung). Later runs: succeed.
-    std::fs::write(
-        &script,
-        format!(
+    let hook = common::shell_hook(
+        dir.path(),
+        "mark-paid",
+        &["PAID"],
+        &format!(
             "echo \"$PAYWATCH_EVENT_ID $PAYWATCH_STATUS $$\" >> '{runs}'\nif [ ! -e '{first}' ]; then touch '{first}'; exec sleep 60; fi\nexit 0\n",
             runs = runs.display(),
             first = first.display()
         ),
-    )
-    .expect("hook script");
-    let hooks = format!(
-        "[[hooks]]\nname = \"mark-paid\"\ncommand = [\"/bin/sh\", \"{}\"]\nstatuses = [\"PAID\"]\ntimeout = \"120s\"\n",
-        script.display()
     );
+    let hooks = format!("{hook}timeout = \"120s\"\n");
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", &hooks);
     let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-KILL").await;
 
-    let mut process = tokio::task::block_in_place(|| {
-        let mut process = Process::start(&path);
-        process.expect_line("paywatch is running");
-        process
-    });
+    let mut process = paywatch().config(&path).run();
+    process.expect_line("paywatch is running").await;
     wait_status(&ledger, &id, "PENDING").await;
     sandbox.state().pay(&id).await.expect("pay");
     let run_lines = || {
@@ -479,10 +340,8 @@ async fn kill_9_while_a_hook_runs_then_restart_delivers_it_exactly_once_as_deliv
     })
     .await;
 
-    tokio::task::block_in_place(|| {
-        process.signal(Signal::SIGKILL);
-        process.wait_exit();
-    });
+    process.signal(Signal::SIGKILL);
+    process.wait_exit().await;
     // The orphaned hook (its own process group) is ended, as a reboot would.
     let orphan: i32 = run_lines()[0]
         .split_whitespace()
@@ -500,11 +359,8 @@ async fn kill_9_while_a_hook_runs_then_restart_delivers_it_exactly_once_as_deliv
     );
     let event_id = deliveries[0].event_id.clone();
 
-    let mut process = tokio::task::block_in_place(|| {
-        let mut process = Process::start(&path);
-        process.expect_line("paywatch is running");
-        process
-    });
+    let mut process = paywatch().config(&path).run();
+    process.expect_line("paywatch is running").await;
     wait_for(
         "the delivery to complete after restart",
         2 * DEADLINE,
@@ -514,10 +370,8 @@ async fn kill_9_while_a_hook_runs_then_restart_delivers_it_exactly_once_as_deliv
         },
     )
     .await;
-    let status = tokio::task::block_in_place(|| {
-        process.signal(Signal::SIGTERM);
-        process.wait_exit()
-    });
+    process.signal(Signal::SIGTERM);
+    let status = process.wait_exit().await;
     assert!(status.success());
 
     let lines = run_lines();
@@ -549,21 +403,17 @@ async fn a_hook_cannot_read_the_daemons_environment_or_memory() {
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("out");
-    let script = dir.path().join("hook.sh");
     // The hook tries the daemon (its parent) the ways a same-user process could.
-    std::fs::write(
-        &script,
-        format!(
+    let hook = common::shell_hook(
+        dir.path(),
+        "nosy",
+        &["PAID"],
+        &format!(
             "for f in environ mem cmdline; do\n  if cat /proc/$PPID/$f > '{out}.$f' 2>> '{out}.err'; then echo \"$f readable\" >> '{out}'; else echo \"$f denied\" >> '{out}'; fi\ndone\n",
             out = out.display()
         ),
-    )
-    .expect("hook script");
-    let hooks = format!(
-        "[[hooks]]\nname = \"nosy\"\ncommand = [\"/bin/sh\", \"{}\"]\nstatuses = [\"PAID\"]\n",
-        script.display()
     );
-    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", &hooks);
+    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", &hook);
     let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-NOSY").await;
     // Root (with CAP_SYS_PTRACE) may read any process, so as root the daemon and its hook run
@@ -587,16 +437,12 @@ async fn a_hook_cannot_read_the_daemons_environment_or_memory() {
         &[]
     };
     let secret = sandbox.api_secret().to_owned();
-    let mut process = tokio::task::block_in_place(|| {
-        let mut process = Process::start_with(
-            &path,
-            &[],
-            &[("PAYWATCH_PAYMENNT__API_SECRET", secret.as_str())],
-            launcher,
-        );
-        process.expect_line("paywatch is running");
-        process
-    });
+    let mut process = paywatch()
+        .launcher(launcher)
+        .env("PAYWATCH_PAYMENNT__API_SECRET", &secret)
+        .config(&path)
+        .run();
+    process.expect_line("paywatch is running").await;
     wait_status(&ledger, &id, "PENDING").await;
     sandbox.state().pay(&id).await.expect("pay");
     let report = wait_for("the hook to run", DEADLINE, || async {
@@ -604,10 +450,8 @@ async fn a_hook_cannot_read_the_daemons_environment_or_memory() {
         (text.lines().count() == 3).then_some(text)
     })
     .await;
-    tokio::task::block_in_place(|| {
-        process.signal(Signal::SIGTERM);
-        process.wait_exit();
-    });
+    process.signal(Signal::SIGTERM);
+    process.wait_exit().await;
     assert_eq!(
         report, "environ denied\nmem denied\ncmdline readable\n",
         "cmdline is public; environ and memory are not"
@@ -701,10 +545,7 @@ async fn a_daemon_refused_the_lock_never_opens_or_migrates_the_ledger() {
         "multiplexed",
         "",
     );
-    let path = dir.path().join("paywatch.toml");
-    std::fs::write(&path, text).expect("write config");
-    let settings =
-        paywatch::settings::Settings::load_with_env(Some(&path), Vec::new()).expect("valid");
+    let (settings, path) = common::load_config(dir.path(), &text);
     // Another daemon holds the lock (here: this test).
     let lock = std::fs::File::create(dir.path().join("paywatch.db.lock")).expect("lock file");
     lock.try_lock().expect("locked");
@@ -734,25 +575,20 @@ async fn a_daemon_refused_the_lock_never_opens_or_migrates_the_ledger() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_log_format_writes_one_object_per_line_with_the_payment_line() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let (sandbox, _dir, _, path, ledger) = common::setup("multiplexed", "").await;
     let id = create_and_track(&sandbox, &ledger, "ORD-JSON").await;
-    let mut process = tokio::task::block_in_place(|| {
-        let mut process = Process::start_with(&path, &["--log-format", "json"], &[], &[]);
-        process.expect_line("paywatch is running");
-        process
-    });
+    let mut process = paywatch()
+        .args(["--log-format", "json"])
+        .config(&path)
+        .run();
+    process.expect_line("paywatch is running").await;
     wait_status(&ledger, &id, "PENDING").await;
     sandbox.state().pay(&id).await.expect("pay");
-    tokio::task::block_in_place(|| {
-        process.expect_line("PAID checkout=");
-        process.signal(Signal::SIGTERM);
-        process.expect_line("paywatch stopped");
-    });
-    let paid = process
-        .seen
+    process.expect_line("PAID checkout=").await;
+    process.signal(Signal::SIGTERM);
+    process.expect_line("paywatch stopped").await;
+    let seen = process.lines();
+    let paid = seen
         .iter()
         .find(|line| line.contains("PAID checkout="))
         .expect("payment line");
@@ -767,25 +603,11 @@ async fn json_log_format_writes_one_object_per_line_with_the_payment_line() {
     );
     assert_eq!(object["level"], "INFO");
     assert_eq!(object["source"], "firestore");
-    for line in &process.seen {
+    for line in &seen {
         serde_json::from_str::<serde_json::Value>(line)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
     }
     sandbox.shutdown().await;
-}
-
-/// `paywatch --config CONFIG status ID [--json]`, run as the operator would.
-fn status_command(config: &std::path::Path, id: &str, json: bool) -> std::process::Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_paywatch"));
-    command
-        .arg("--config")
-        .arg(config)
-        .args(["status", id])
-        .env_remove("RUST_LOG");
-    if json {
-        command.arg("--json");
-    }
-    command.output().expect("paywatch status runs")
 }
 
 /// Firestore refuses one document (as a project's security rules can): only that checkout is
@@ -794,12 +616,9 @@ fn status_command(config: &std::path::Path, id: &str, json: bool) -> std::proces
 /// reconciler.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_refused_document_leaves_the_other_checkouts_of_its_stream_alone() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
     // The reconciler stays an hour away until the stream's part is proven (a sweep racing the
     // stream could record the open checkout's payment first); a reload then brings it to 2 s.
-    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let (sandbox, _dir, settings, path, ledger) = common::setup("multiplexed", "").await;
     let open = create_and_track(&sandbox, &ledger, "ORD-OPEN").await;
     let refused = create_and_track(&sandbox, &ledger, "ORD-REFUSED").await;
     let document = ledger
@@ -847,7 +666,7 @@ async fn one_refused_document_leaves_the_other_checkouts_of_its_stream_alone() {
 
     // `status` shows the refusal, as text and JSON.
     let (config, id) = (path.clone(), refused.to_string());
-    let text = tokio::task::spawn_blocking(move || status_command(&config, &id, false))
+    let text = tokio::task::spawn_blocking(move || process::run(&config, &["status", &id]))
         .await
         .expect("join");
     assert!(
@@ -861,9 +680,10 @@ async fn one_refused_document_leaves_the_other_checkouts_of_its_stream_alone() {
         "{text}"
     );
     let (config, id) = (path.clone(), refused.to_string());
-    let json = tokio::task::spawn_blocking(move || status_command(&config, &id, true))
-        .await
-        .expect("join");
+    let json =
+        tokio::task::spawn_blocking(move || process::run(&config, &["status", &id, "--json"]))
+            .await
+            .expect("join");
     let json: serde_json::Value = serde_json::from_slice(&json.stdout).expect("status --json");
     assert_eq!(json["listen_refused"]["code"], "PERMISSION_DENIED");
 
@@ -895,10 +715,7 @@ async fn one_refused_document_leaves_the_other_checkouts_of_its_stream_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_resend_costs_get_checkout_only_for_changed_documents() {
     const CHECKOUTS: usize = 1000;
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let (sandbox, _dir, settings, path, ledger) = common::setup("multiplexed", "").await;
     let mut ids = Vec::with_capacity(CHECKOUTS);
     for n in 0..CHECKOUTS {
         ids.push(create_and_track(&sandbox, &ledger, &format!("RESEND-{n}")).await);
@@ -982,15 +799,14 @@ async fn a_start_whose_credentials_paymennt_refuses_exits_2_naming_the_keys() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Discovery's first search is the first API call.
     let path = with_wrong_secret(dir.path(), &sandbox, "[discovery]\nenabled = true\n");
-    let (mut process, status) = tokio::task::block_in_place(|| {
-        let mut process = Process::start(&path);
-        process.expect_line("paymennt refuses the API credentials");
-        let status = process.wait_exit();
-        (process, status)
-    });
-    assert_eq!(status.code(), Some(2), "{}", process.seen.join("\n"));
-    let refusal = process
-        .seen
+    let mut process = paywatch().config(&path).run();
+    process
+        .expect_line("paymennt refuses the API credentials")
+        .await;
+    let status = process.wait_exit().await;
+    let seen = process.lines();
+    assert_eq!(status.code(), Some(2), "{}", seen.join("\n"));
+    let refusal = seen
         .iter()
         .find(|line| line.contains("paymennt refuses the API credentials"))
         .expect("the refusal line");
@@ -999,7 +815,7 @@ async fn a_start_whose_credentials_paymennt_refuses_exits_2_naming_the_keys() {
         refusal.contains("[paymennt] api_key and api_secret"),
         "{refusal}"
     );
-    tokio::task::block_in_place(|| process.expect_line("wait_for_api"));
+    process.expect_line("wait_for_api").await;
     sandbox.shutdown().await;
 }
 

@@ -451,19 +451,18 @@ async fn a_link_created_at_the_api_and_never_tracked_is_watched_and_its_payment_
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let events = dir.path().join("events");
-    let script = dir.path().join("hook.sh");
-    std::fs::write(
-        &script,
-        format!(
+    let hook = common::shell_hook(
+        dir.path(),
+        "mark-paid",
+        &["PAID"],
+        &format!(
             "echo \"$PAYWATCH_CHECKOUT_ID $PAYWATCH_STATUS\" >> '{}'\n",
             events.display()
         ),
-    )
-    .expect("hook script");
+    );
     let extra = format!(
         "[discovery]\ninterval = \"1s\"\n\n\
-         [[hooks]]\nname = \"mark-paid\"\ncommand = [\"/bin/sh\", \"{}\"]\nstatuses = [\"PAID\"]\n",
-        script.display()
+         {hook}"
     );
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", &extra);
     assert!(settings.discovery.is_enabled(&settings.paymennt));
@@ -512,20 +511,16 @@ async fn two_partial_refunds_are_two_hook_deliveries_with_their_totals() {
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let events = dir.path().join("events");
-    let script = dir.path().join("hook.sh");
-    std::fs::write(
-        &script,
-        format!(
+    let hook = common::shell_hook(
+        dir.path(),
+        "refunds",
+        &["PARTIALLY_REFUNDED"],
+        &format!(
             "echo \"$PAYWATCH_STATUS $PAYWATCH_PREVIOUS_STATUS $PAYWATCH_TOTAL_REFUNDED $PAYWATCH_REFUND_AMOUNT\" >> '{}'\n",
             events.display()
         ),
-    )
-    .expect("hook script");
-    let extra = format!(
-        "[[hooks]]\nname = \"refunds\"\ncommand = [\"/bin/sh\", \"{}\"]\nstatuses = [\"PARTIALLY_REFUNDED\"]\n",
-        script.display()
     );
-    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", &extra);
+    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", &hook);
     let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
     let id = common::create_and_track(&sandbox, &ledger, "ORD-REFUNDS").await;
     let daemon = Daemon::start(&settings, &path).await;
@@ -633,15 +628,11 @@ async fn sweep_cost_figures() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_daemon_discovers_what_was_created_while_it_was_down() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, path) = common::settings(
-        dir.path(),
-        &sandbox,
+    let (sandbox, _dir, settings, path, ledger) = common::setup(
         "multiplexed",
         "[discovery]\ninterval = \"1s\"\npage_size = 1\n",
-    );
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    )
+    .await;
     let api = client(&sandbox);
     let mut created = Vec::new();
     let daemon = Daemon::start(&settings, &path).await;
@@ -698,17 +689,11 @@ async fn a_restarted_daemon_discovers_what_was_created_while_it_was_down() {
 }
 
 /// A hook script appending `ID STATUS SOURCE TRACKED_VIA` to `events`.
-fn recording_hook(dir: &std::path::Path, events: &std::path::Path) -> std::path::PathBuf {
-    let script = dir.join("hook.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "echo \"$PAYWATCH_CHECKOUT_ID $PAYWATCH_STATUS $PAYWATCH_SOURCE $PAYWATCH_TRACKED_VIA\" >> '{}'\n",
-            events.display()
-        ),
+fn recording_hook(events: &std::path::Path) -> String {
+    format!(
+        "echo \"$PAYWATCH_CHECKOUT_ID $PAYWATCH_STATUS $PAYWATCH_SOURCE $PAYWATCH_TRACKED_VIA\" >> '{}'\n",
+        events.display()
     )
-    .expect("hook script");
-    script
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -718,7 +703,12 @@ async fn a_first_start_imports_what_was_settled_before_as_baselines_and_runs_no_
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let events = dir.path().join("events");
-    let script = recording_hook(dir.path(), &events);
+    let hook = common::shell_hook(
+        dir.path(),
+        "fulfil",
+        &["PAID", "FAILED", "CANCELLED"],
+        &recording_hook(&events),
+    );
     // Links made and settled before paywatch was installed: paid, failed, cancelled.
     let mut settled = Vec::new();
     let mut open = Vec::new();
@@ -742,8 +732,7 @@ async fn a_first_start_imports_what_was_settled_before_as_baselines_and_runs_no_
     }
     let extra = format!(
         "[discovery]\ninterval = \"1s\"\n\n\
-         [[hooks]]\nname = \"fulfil\"\ncommand = [\"/bin/sh\", \"{}\"]\nstatuses = [\"PAID\", \"FAILED\", \"CANCELLED\"]\n",
-        script.display()
+         {hook}"
     );
     let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", &extra);
     let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
@@ -808,15 +797,11 @@ async fn a_first_start_imports_what_was_settled_before_as_baselines_and_runs_no_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_for_an_unknown_checkout_wakes_discovery_at_once() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, path) = common::settings(
-        dir.path(),
-        &sandbox,
+    let (sandbox, _dir, settings, path, ledger) = common::setup(
         "multiplexed",
         "[discovery]\ninterval = \"1h\"\n\n[http]\nlisten = \"127.0.0.1:0\"\n",
-    );
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    )
+    .await;
     let daemon = Daemon::start(&settings, &path).await;
     wait_for("the first discovery round", DEADLINE, || {
         let done = ledger.last_discovery_round("LINK").expect("read").is_some();

@@ -13,6 +13,7 @@ use paywatch::settings::{FirestoreAuthMode, Settings, SettingsError};
 use paywatch::sources::firestore::{ListenEvent, Listener, WatchTarget};
 use tokio_util::sync::CancellationToken;
 
+use crate::common::process::{self, Process, paywatch};
 use crate::common::{self, DEADLINE, Daemon, create_and_track, wait_for, wait_status};
 
 async fn sandbox_with(options: SandboxOptions) -> Sandbox {
@@ -33,13 +34,10 @@ fn auth_settings(
     firestore: &str,
     paymennt: &str,
 ) -> (Settings, PathBuf) {
-    let path = dir.join("paywatch.toml");
     let text = common::sandbox_config_text(dir, sandbox, "multiplexed", "")
         .replacen("[firestore]\n", &format!("[firestore]\n{firestore}"), 1)
         .replacen("[paymennt]\n", &format!("[paymennt]\n{paymennt}"), 1);
-    std::fs::write(&path, text).expect("write config");
-    let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("test config is valid");
-    (settings, path)
+    common::load_config(dir, &text)
 }
 
 /// Tracks a checkout, starts the daemon, pays, and waits for PAID (the reconciler runs hourly
@@ -301,17 +299,7 @@ async fn firebase_anonymous_mode_renews_its_token_and_the_stream_survives() {
     })
     .await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let (settings, config) = auth_settings(
-        dir.path(),
-        &sandbox,
-        &format!(
-            "auth = \"firebase-anonymous\"\napi_key = \"{}\"\nidentity_endpoint = \"{}\"\ntoken_endpoint = \"{}\"\n",
-            sandbox.firebase_auth().web_api_key(),
-            sandbox.identity_endpoint(),
-            sandbox.token_endpoint()
-        ),
-        "",
-    );
+    let (settings, config) = auth_settings(dir.path(), &sandbox, &anonymous_lines(&sandbox), "");
     let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "anon-1").await;
     let daemon = Daemon::start(&settings, &config).await;
@@ -364,17 +352,7 @@ async fn a_failing_token_refresh_is_refused_then_recovers_and_the_payment_arrive
     })
     .await;
     let dir = tempfile::tempdir().expect("temp dir");
-    let (settings, config) = auth_settings(
-        dir.path(),
-        &sandbox,
-        &format!(
-            "auth = \"firebase-anonymous\"\napi_key = \"{}\"\nidentity_endpoint = \"{}\"\ntoken_endpoint = \"{}\"\n",
-            sandbox.firebase_auth().web_api_key(),
-            sandbox.identity_endpoint(),
-            sandbox.token_endpoint()
-        ),
-        "",
-    );
+    let (settings, config) = auth_settings(dir.path(), &sandbox, &anonymous_lines(&sandbox), "");
     let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "anon-2").await;
     let daemon = Daemon::start(&settings, &config).await;
@@ -466,26 +444,18 @@ async fn application_default_mode_uses_google_application_credentials() {
     let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "adc-1").await;
     // The variable is process-wide: give it to a child daemon only.
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_paywatch"))
-        .arg("--config")
-        .arg(&config)
-        .arg("run")
+    let child = paywatch()
+        .config(&config)
         .env("GOOGLE_APPLICATION_CREDENTIALS", &key)
-        .env_remove("RUST_LOG")
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("paywatch starts");
+        .log_discarded()
+        .run();
     wait_for("a Listen call", DEADLINE, || async {
         (!sandbox.listen_headers_seen().is_empty()).then_some(())
     })
     .await;
     sandbox.state().pay(&id).await.expect("paid");
     wait_status(&ledger, &id, "PAID").await;
-    let _ = child.kill();
-    let _ = child.wait();
+    child.kill_9();
     assert_eq!(sandbox.auth_counts().refused_calls, 0);
     assert!(sandbox.listen_headers_seen().iter().all(|h| {
         h.authorization
@@ -506,37 +476,12 @@ fn anonymous_lines(sandbox: &Sandbox) -> String {
 }
 
 /// Starts `paywatch run` (the release path: a process of its own), its log in `log`.
-fn start_binary(config: &Path, log: &Path) -> std::process::Child {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_paywatch"));
-    command
-        .arg("--config")
-        .arg(config)
-        .arg("run")
-        .env_remove("RUST_LOG")
-        .env_remove("JOURNAL_STREAM")
-        .env("NO_COLOR", "1");
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("PAYWATCH_") {
-            command.env_remove(name);
-        }
-    }
-    command
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log file"))
-        .spawn()
-        .expect("paywatch starts")
-}
-
-/// SIGTERM, then waits for the process to end.
-async fn stop_binary(mut child: std::process::Child) {
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    wait_for("the daemon to stop", DEADLINE, || {
-        let ended = child.try_wait().expect("wait").is_some();
-        async move { ended.then_some(()) }
-    })
-    .await;
+fn start_binary(config: &Path, log: &Path) -> Process {
+    paywatch()
+        .config(config)
+        .env("NO_COLOR", "1")
+        .log_to(log)
+        .run()
 }
 
 /// Issue 21, section 3: the anonymous identity is kept next to the ledger (mode 0600) and
@@ -580,7 +525,7 @@ async fn ten_restarts_sign_up_once_and_a_refused_identity_once_more() {
                     .then_some(())
             })
             .await;
-            stop_binary(child).await;
+            child.stop().await;
             std::fs::read_to_string(&log).expect("log")
         }
     };
@@ -706,13 +651,7 @@ async fn sign_in_required_refuses_each_target_and_readiness_says_what_to_try() {
     );
     daemon.stop().await;
 
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_paywatch"))
-        .arg("--config")
-        .arg(&path)
-        .args(["check-config", "--online"])
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("check-config runs");
+    let output = process::run(&path, &["check-config", "--online"]);
     let report = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{report}");

@@ -5,9 +5,11 @@
 //! inside the crate (`src/hooks/dispatcher/tests.rs`), where transitions can be recorded.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use paywatch::ledger::Ledger;
+
+use crate::common::process::{self, paywatch, stderr, stdout};
 
 /// A secret the daemon's environment may hold; no hook may see it.
 const SECRET: &str = "sk_live_do_not_leak_0123456789";
@@ -36,7 +38,7 @@ env = {{ SHOP_ENV = "staging" }}
 {extra}
 "#
         );
-        std::fs::write(dir.path().join("paywatch.toml"), config).expect("write the config");
+        process::write_config(dir.path(), &config);
         Merchant { dir }
     }
 
@@ -54,27 +56,15 @@ env = {{ SHOP_ENV = "staging" }}
     }
 
     /// Runs `paywatch --config CONFIG ARGS`, with a daemon secret in its environment.
-    fn paywatch(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_paywatch"))
-            .arg("--config")
-            .arg(self.file("paywatch.toml"))
+    fn run(&self, args: &[&str]) -> Output {
+        paywatch()
+            .config(&self.file("paywatch.toml"))
             .args(args)
             .env("PAYWATCH_PAYMENNT__API_SECRET", SECRET)
             .env("AWS_SECRET_ACCESS_KEY", SECRET)
-            .env_remove("RUST_LOG")
-            .env_remove("PAYWATCH_CONFIG")
             .current_dir(self.path())
             .output()
-            .expect("run paywatch")
     }
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 fn assert_exit(output: &Output, code: i32) {
@@ -97,7 +87,7 @@ echo "a note" >&2
 "#,
         "",
     );
-    let output = merchant.paywatch(&["hooks", "test", "mark-paid", "--status", "paid"]);
+    let output = merchant.run(&["hooks", "test", "mark-paid", "--status", "paid"]);
     assert_exit(&output, 0);
     let shown = stdout(&output);
     assert!(shown.contains("hook     mark-paid\n"), "{shown}");
@@ -146,7 +136,7 @@ echo "a note" >&2
 #[test]
 fn hooks_test_fails_with_exit_1_showing_what_the_hook_said() {
     let merchant = Merchant::new("echo 'no such order' >&2\nexit 64\n", "");
-    let output = merchant.paywatch(&["hooks", "test", "mark-paid"]);
+    let output = merchant.run(&["hooks", "test", "mark-paid"]);
     assert_exit(&output, 1);
     assert!(stdout(&output).contains("result   NOT delivered: exit 64"));
     assert!(stdout(&output).contains("stderr:\n  no such order"));
@@ -156,7 +146,7 @@ fn hooks_test_fails_with_exit_1_showing_what_the_hook_said() {
     );
 
     let merchant = Merchant::new("exit 1\n", "");
-    let output = merchant.paywatch(&["hooks", "test", "mark-paid"]);
+    let output = merchant.run(&["hooks", "test", "mark-paid"]);
     assert_exit(&output, 1);
     assert!(stderr(&output).ends_with(": exit 1 (a real delivery would be retried)\n"));
 }
@@ -164,7 +154,7 @@ fn hooks_test_fails_with_exit_1_showing_what_the_hook_said() {
 #[test]
 fn hooks_test_names_what_is_wrong_with_exit_2() {
     let merchant = Merchant::new("exit 0\n", "");
-    let output = merchant.paywatch(&["hooks", "test", "mark-payed"]);
+    let output = merchant.run(&["hooks", "test", "mark-payed"]);
     assert_exit(&output, 2);
     let config = merchant.file("paywatch.toml");
     assert_eq!(
@@ -175,7 +165,7 @@ fn hooks_test_names_what_is_wrong_with_exit_2() {
         )
     );
 
-    let output = merchant.paywatch(&["hooks", "test", "mark-paid", "--status", "SHIPPED"]);
+    let output = merchant.run(&["hooks", "test", "mark-paid", "--status", "SHIPPED"]);
     assert_exit(&output, 2);
     assert!(stderr(&output).contains("--status 'SHIPPED' is not a checkout status"));
 
@@ -183,7 +173,7 @@ fn hooks_test_names_what_is_wrong_with_exit_2() {
         "exit 0\n",
         "\n[[hooks]]\nname = \"crm\"\ncommand = [\"crm-notify-missing\", \"--x\"]\n",
     );
-    let output = merchant.paywatch(&["hooks", "test", "crm"]);
+    let output = merchant.run(&["hooks", "test", "crm"]);
     assert_exit(&output, 2);
     let message = stderr(&output);
     assert!(
@@ -195,37 +185,37 @@ fn hooks_test_names_what_is_wrong_with_exit_2() {
 #[test]
 fn hooks_list_retry_and_replay_on_an_empty_ledger() {
     let merchant = Merchant::new("exit 0\n", "");
-    let output = merchant.paywatch(&["hooks", "list"]);
+    let output = merchant.run(&["hooks", "list"]);
     assert_exit(&output, 1);
     assert!(stderr(&output).starts_with("paywatch: no ledger at "));
 
     merchant.create_ledger();
-    let output = merchant.paywatch(&["hooks", "list"]);
+    let output = merchant.run(&["hooks", "list"]);
     assert_exit(&output, 0);
     assert_eq!(stdout(&output), "no deliveries\n");
-    let output = merchant.paywatch(&["hooks", "list", "--state", "dead", "--json"]);
+    let output = merchant.run(&["hooks", "list", "--state", "dead", "--json"]);
     assert_exit(&output, 0);
     assert_eq!(stdout(&output), "[]\n");
 
-    let output = merchant.paywatch(&["hooks", "retry", "evt_0000"]);
+    let output = merchant.run(&["hooks", "retry", "evt_0000"]);
     // An id that names nothing the ledger holds is an input error.
     assert_exit(&output, 2);
     assert_eq!(
         stderr(&output),
         "paywatch: no hook delivery with event id 'evt_0000'\n\nlist them with: paywatch hooks list\n"
     );
-    let output = merchant.paywatch(&["hooks", "retry", "--all-dead"]);
+    let output = merchant.run(&["hooks", "retry", "--all-dead"]);
     assert_exit(&output, 0);
     assert_eq!(stdout(&output), "no dead deliveries\n");
 
-    let output = merchant.paywatch(&["hooks", "replay", "--since", "2h", "--hook", "mark-paid"]);
+    let output = merchant.run(&["hooks", "replay", "--since", "2h", "--hook", "mark-paid"]);
     assert_exit(&output, 0);
     assert!(
         stdout(&output).contains("nothing queued"),
         "{}",
         stdout(&output)
     );
-    let output = merchant.paywatch(&["hooks", "replay", "--since", "2h", "--json"]);
+    let output = merchant.run(&["hooks", "replay", "--since", "2h", "--json"]);
     assert_exit(&output, 0);
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
     assert_eq!(report["queued"], serde_json::json!([]));
@@ -244,7 +234,7 @@ fn bad_hooks_arguments_are_usage_errors() {
         &["hooks", "replay", "--since", "last tuesday"],
         &["hooks", "replay", "--since", "1h", "--hook", "nope"],
     ] {
-        let output = merchant.paywatch(args);
+        let output = merchant.run(args);
         assert_exit(&output, 2);
         assert!(!stderr(&output).is_empty(), "{args:?} explains itself");
     }
@@ -263,7 +253,7 @@ fn a_hook_with_run_as_runs_as_that_user_or_is_refused_when_not_root() {
     // The hook, as nobody, writes into the test's directory.
     std::fs::set_permissions(merchant.path(), std::fs::Permissions::from_mode(0o777))
         .expect("chmod");
-    let output = merchant.paywatch(&["hooks", "test", "mark-paid", "--status", "paid"]);
+    let output = merchant.run(&["hooks", "test", "mark-paid", "--status", "paid"]);
     let root = std::fs::metadata("/proc/self").expect("proc").uid() == 0;
     if !root {
         assert_exit(&output, 2);

@@ -11,6 +11,7 @@ use paywatch::sandbox::Sandbox;
 use paywatch::settings::Settings;
 use serde_json::{Value, json};
 
+use crate::common::process::paywatch;
 use crate::common::{
     self, DEADLINE, Daemon, create_and_track, history, status_of, wait_for, wait_status,
 };
@@ -18,16 +19,23 @@ use crate::common::{
 /// A config for a daemon pointed at `sandbox`, with `firestore_extra` lines in `[firestore]`
 /// and `http` lines in `[http]`.
 fn config(dir: &Path, sandbox: &Sandbox, firestore_extra: &str, http: &str) -> (Settings, PathBuf) {
-    let path = dir.join("paywatch.toml");
     let text =
         common::sandbox_config_text(dir, sandbox, "multiplexed", &format!("[http]\n{http}\n"))
             .replace(
                 "[firestore]\n",
                 &format!("[firestore]\n{firestore_extra}\n"),
             );
-    std::fs::write(&path, text).expect("write config");
-    let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("test config is valid");
-    (settings, path)
+    common::load_config(dir, &text)
+}
+
+/// [`common::setup`] with the config of [`config`].
+async fn setup(
+    firestore_extra: &str,
+    http: &str,
+) -> (Sandbox, tempfile::TempDir, Settings, PathBuf, Ledger) {
+    common::setup_with(common::sandbox().await, |dir, sandbox| {
+        config(dir, sandbox, firestore_extra, http)
+    })
 }
 
 /// A free loopback port, for a webhook address that must be known before the daemon starts.
@@ -170,15 +178,8 @@ async fn the_sandbox_retries_a_notification_and_marks_the_webhook_failed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_paid_notification_records_nothing_and_costs_one_get_checkout() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, path) = config(
-        dir.path(),
-        &sandbox,
-        "enabled = false",
-        "listen = \"127.0.0.1:0\"",
-    );
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let (sandbox, _dir, settings, path, ledger) =
+        setup("enabled = false", "listen = \"127.0.0.1:0\"").await;
     let id = create_and_track(&sandbox, &ledger, "ORD-F").await;
     let daemon = Daemon::start(&settings, &path).await;
     wait_status(&ledger, &id, "PENDING").await;
@@ -222,15 +223,11 @@ async fn a_forged_paid_notification_records_nothing_and_costs_one_get_checkout()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_malformed_and_badly_signed_notifications_are_refused() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, path) = config(
-        dir.path(),
-        &sandbox,
+    let (sandbox, _dir, settings, path, ledger) = setup(
         "enabled = false",
         "listen = \"127.0.0.1:0\"\nmax_body_bytes = 1024\nwebhook_hmac_key = \"the-configured-key\"",
-    );
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    )
+    .await;
     let id = create_and_track(&sandbox, &ledger, "ORD-M").await;
     let daemon = Daemon::start(&settings, &path).await;
     let url = format!("{}/webhooks/paymennt", daemon.http_url());
@@ -317,16 +314,12 @@ async fn oversized_malformed_and_badly_signed_notifications_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifications_coalesce_per_checkout_and_are_rate_limited_per_address() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
     // A one-second window per checkout; five a minute per address.
-    let (settings, path) = config(
-        dir.path(),
-        &sandbox,
+    let (sandbox, _dir, settings, path, ledger) = setup(
         "enabled = false",
         "listen = \"127.0.0.1:0\"\nwebhook_rate_per_checkout = 60\nwebhook_rate_per_address = 5",
-    );
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    )
+    .await;
     let id = create_and_track(&sandbox, &ledger, "ORD-RL").await;
     let daemon = Daemon::start(&settings, &path).await;
     let mut status = daemon.status.clone();
@@ -383,11 +376,7 @@ async fn notifications_coalesce_per_checkout_and_are_rate_limited_per_address() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsigned_notifications_cannot_lock_out_the_signed_one() {
     for require_signature in [true, false] {
-        let sandbox = common::sandbox().await;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (settings, path) = config(
-            dir.path(),
-            &sandbox,
+        let (sandbox, _dir, settings, path, ledger) = setup(
             "enabled = false",
             &format!(
                 "listen = \"127.0.0.1:0\"\nwebhook_hmac_key = \"the-key\"{}",
@@ -398,8 +387,8 @@ async fn unsigned_notifications_cannot_lock_out_the_signed_one() {
                     "\nwebhook_require_signature = false"
                 }
             ),
-        );
-        let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+        )
+        .await;
         let id = create_and_track(&sandbox, &ledger, "ORD-LOCK").await;
         let daemon = Daemon::start(&settings, &path).await;
         wait_status(&ledger, &id, "PENDING").await;
@@ -492,15 +481,11 @@ async fn a_forged_flood_during_an_outage_costs_one_get_checkout_per_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_track_endpoint_records_and_watches_at_once_with_the_right_token_only() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, path) = config(
-        dir.path(),
-        &sandbox,
+    let (sandbox, dir, settings, path, ledger) = setup(
         "",
         "listen = \"127.0.0.1:0\"\ntoken = \"backend-token-0123456789\"",
-    );
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    )
+    .await;
     let daemon = Daemon::start(&settings, &path).await;
     let url = format!("{}/v1/checkouts", daemon.http_url());
     let checkout = sandbox
@@ -603,10 +588,7 @@ async fn the_track_endpoint_records_and_watches_at_once_with_the_right_token_onl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_flips_when_every_stream_drops_and_back_after_reconnect() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, path) = config(dir.path(), &sandbox, "", "listen = \"127.0.0.1:0\"");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let (sandbox, _dir, settings, path, ledger) = setup("", "listen = \"127.0.0.1:0\"").await;
     let id = create_and_track(&sandbox, &ledger, "ORD-READY").await;
     let daemon = Daemon::start(&settings, &path).await;
     let base = daemon.http_url();
@@ -699,8 +681,6 @@ async fn a_checkout_tracked_over_http_is_verified_at_once_even_with_firestore_of
 /// they are counted: a line at once, then the counts about once a minute (and at the drain).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifications_for_unknown_checkouts_are_logged_as_counts_not_a_line_each() {
-    use nix::sys::signal::{Signal, kill};
-    use nix::unistd::Pid;
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
@@ -711,24 +691,11 @@ async fn notifications_for_unknown_checkouts_are_logged_as_counts_not_a_line_eac
         &format!("listen = \"127.0.0.1:{port}\"\nwebhook_rate_per_address = 1000000"),
     );
     let log = dir.path().join("daemon.log");
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_paywatch"));
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("PAYWATCH_") {
-            command.env_remove(name);
-        }
-    }
-    let mut child = command
-        .arg("--config")
-        .arg(&path)
-        .args(["--log-format", "text", "run"])
-        .env_remove("RUST_LOG")
-        .env_remove("JOURNAL_STREAM")
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("daemon starts");
+    let daemon = paywatch()
+        .config(&path)
+        .args(["--log-format", "text"])
+        .log_to(&log)
+        .run();
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     wait_for("the HTTP listener", DEADLINE, || async {
@@ -749,13 +716,7 @@ async fn notifications_for_unknown_checkouts_are_logged_as_counts_not_a_line_eac
             .expect("post");
         assert_eq!(response.status().as_u16(), 202);
     }
-    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
-    kill(pid, Signal::SIGTERM).expect("SIGTERM");
-    wait_for("the daemon to stop", DEADLINE, || {
-        let exited = child.try_wait().expect("wait").is_some();
-        async move { exited.then_some(()) }
-    })
-    .await;
+    daemon.stop().await;
     let text = std::fs::read_to_string(&log).expect("log");
     let lines: Vec<&str> = text
         .lines()
@@ -904,19 +865,18 @@ async fn shutdown_is_not_held_up_by_a_half_sent_request_and_hooks_keep_their_dra
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let marks = dir.path().join("marks");
-    let script = dir.path().join("hook.sh");
-    std::fs::write(
-        &script,
-        format!(
+    let hook = common::shell_hook(
+        dir.path(),
+        "slow",
+        &["PAID"],
+        &format!(
             "echo started >> '{marks}'\nsleep 3\necho finished >> '{marks}'\n",
             marks = marks.display()
         ),
-    )
-    .expect("hook script");
+    );
     let http = format!(
         "listen = \"127.0.0.1:0\"\nheader_timeout = \"60s\"\n\n\
-         [[hooks]]\nname = \"slow\"\ncommand = [\"/bin/sh\", \"{}\"]\nstatuses = [\"PAID\"]\n",
-        script.display()
+         {hook}"
     );
     let path = dir.path().join("paywatch.toml");
     let text = common::sandbox_config_text(
@@ -982,15 +942,15 @@ async fn idle_connections_beyond_the_cap_neither_starve_a_hook_nor_stop_healthz(
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let runs = dir.path().join("runs");
-    let script = dir.path().join("hook.sh");
-    std::fs::write(
-        &script,
-        format!(
+    let hook = common::shell_hook(
+        dir.path(),
+        "mark-paid",
+        &["PAID"],
+        &format!(
             "echo \"$PAYWATCH_STATUS $PAYWATCH_ATTEMPT\" >> '{}'\n",
             runs.display()
         ),
-    )
-    .expect("hook script");
+    );
     let port = free_port();
     let (settings, path) = config(
         dir.path(),
@@ -998,22 +958,16 @@ async fn idle_connections_beyond_the_cap_neither_starve_a_hook_nor_stop_healthz(
         "",
         &format!(
             "listen = \"127.0.0.1:{port}\"\nmax_connections = 16\nheader_timeout = \"60s\"\n\n\
-             [[hooks]]\nname = \"mark-paid\"\ncommand = [\"/bin/sh\", \"{}\"]\nstatuses = [\"PAID\"]\n",
-            script.display()
+             {hook}"
         ),
     );
     let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-IDLE").await;
-    let mut process = tokio::task::block_in_place(|| {
-        let mut process = crate::daemon::Process::start_with(
-            &path,
-            &[],
-            &[],
-            &["prlimit", "--nofile=256:256", "--"],
-        );
-        process.expect_line("paywatch is running");
-        process
-    });
+    let mut process = paywatch()
+        .launcher(&["prlimit", "--nofile=256:256", "--"])
+        .config(&path)
+        .run();
+    process.expect_line("paywatch is running").await;
     wait_status(&ledger, &id, "PENDING").await;
     let mut idle = Vec::with_capacity(IDLE);
     for _ in 0..IDLE {
@@ -1057,11 +1011,9 @@ async fn idle_connections_beyond_the_cap_neither_starve_a_hook_nor_stop_healthz(
     })
     .await;
     assert_eq!(health, 200);
-    tokio::task::block_in_place(|| {
-        process.signal(nix::sys::signal::Signal::SIGTERM);
-        let status = process.wait_exit();
-        assert!(status.success(), "{status:?}");
-    });
+    process.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = process.wait_exit().await;
+    assert!(status.success(), "{status:?}");
     sandbox.shutdown().await;
 }
 
@@ -1080,18 +1032,14 @@ async fn an_open_file_limit_too_low_for_the_connection_cap_stops_the_start() {
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (_, path) = config(dir.path(), &sandbox, "", "listen = \"127.0.0.1:0\"");
-    tokio::task::block_in_place(|| {
-        let mut process = crate::daemon::Process::start_with(
-            &path,
-            &[],
-            &[],
-            &["prlimit", "--nofile=200:200", "--"],
-        );
-        process.expect_line(
-            "the open-file limit is 200, but [http] max_connections = 256 needs at least",
-        );
-        let status = process.wait_exit();
-        assert_eq!(status.code(), Some(2), "{status:?}");
-    });
+    let mut process = paywatch()
+        .launcher(&["prlimit", "--nofile=200:200", "--"])
+        .config(&path)
+        .run();
+    process
+        .expect_line("the open-file limit is 200, but [http] max_connections = 256 needs at least")
+        .await;
+    let status = process.wait_exit().await;
+    assert_eq!(status.code(), Some(2), "{status:?}");
     sandbox.shutdown().await;
 }

@@ -5,64 +5,33 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-
-use crate::common;
+use crate::common::process::{self, Process, paywatch};
+use crate::common::{self, DEADLINE, wait_for};
 
 const ESCAPE: &str = "\x1b[";
 const RUNNING: &str = "paywatch is running";
 
-/// `paywatch` with none of the variables that change its output.
-fn paywatch() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_paywatch"));
-    command
-        .env_remove("RUST_LOG")
-        .env_remove("NO_COLOR")
-        .env_remove("JOURNAL_STREAM");
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("PAYWATCH_") {
-            command.env_remove(name);
-        }
-    }
-    command
-}
-
 /// Starts `command`, waits until `output` shows the daemon's start line, stops it with SIGTERM,
 /// checks that the daemon let go of `ledger`'s lock (no daemon left behind) and returns what it
-/// wrote.
-fn run_until_started(mut command: Command, output: &Path, ledger: &Path) -> String {
-    let mut child: Child = command.stdin(Stdio::null()).spawn().expect("starts");
-    let deadline = Instant::now() + common::DEADLINE;
-    let text = loop {
-        let text = std::fs::read_to_string(output).unwrap_or_default();
-        if text.contains(RUNNING) {
-            break text;
-        }
-        if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
-            let _ = child.kill();
-            panic!("no '{RUNNING}' line in time; output so far:\n{text}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
-    kill(pid, Signal::SIGTERM).expect("SIGTERM sent");
-    let deadline = Instant::now() + common::DEADLINE;
-    while child.try_wait().expect("wait").is_none() {
-        assert!(Instant::now() < deadline, "did not stop after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// wrote up to then.
+async fn run_until_started(mut command: Command, output: &Path, ledger: &Path) -> String {
+    command.stdin(Stdio::null());
+    let mut process = Process::watching(command, output);
+    process.expect_line(RUNNING).await;
+    let text = process.log();
+    process.stop().await;
     let lock = std::fs::File::open(ledger.with_extension("db.lock")).expect("the daemon's lock");
-    while let Err(error) = lock.try_lock() {
-        assert!(
-            Instant::now() < deadline,
-            "a daemon still holds the ledger's lock after its parent stopped: {error:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        "the daemon to let go of the ledger's lock after its parent stopped",
+        DEADLINE,
+        || {
+            let free = lock.try_lock().is_ok();
+            async move { free.then_some(()) }
+        },
+    )
+    .await;
     text
 }
 
@@ -70,13 +39,13 @@ fn run_until_started(mut command: Command, output: &Path, ledger: &Path) -> Stri
 /// The shell `script` starts execs the daemon, so the SIGTERM `script` forwards to its child
 /// reaches the daemon itself (a shell that forked would die and leave the daemon behind,
 /// holding the ledger).
-fn on_a_terminal(config: &Path, output: &Path, ledger: &Path, no_color: bool) -> String {
+async fn on_a_terminal(config: &Path, output: &Path, ledger: &Path, no_color: bool) -> String {
     let quote = |path: &Path| format!("'{}'", path.display().to_string().replace('\'', r"'\''"));
     let mut command = Command::new("script");
     command.args(["--quiet", "--flush", "--return", "--command"]);
     command.arg(format!(
         "exec {} --config {} run",
-        quote(Path::new(env!("CARGO_BIN_EXE_paywatch"))),
+        quote(Path::new(process::binary())),
         quote(config)
     ));
     command
@@ -90,7 +59,7 @@ fn on_a_terminal(config: &Path, output: &Path, ledger: &Path, no_color: bool) ->
         command.env_remove("NO_COLOR");
     }
     command.stdout(Stdio::null()).stderr(Stdio::null());
-    run_until_started(command, output, ledger)
+    run_until_started(command, output, ledger).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,12 +71,11 @@ async fn daemon_log_lines_suit_a_terminal_the_journal_and_a_file() {
 
     // A file (or a pipe): plain text.
     let file = dir.path().join("plain.log");
-    let mut command = paywatch();
-    command.args(["--config"]).arg(&config).arg("run");
+    let mut command = paywatch().config(&config).arg("run").command();
     command
         .stderr(std::fs::File::create(&file).expect("log file"))
         .stdout(Stdio::null());
-    let plain = run_until_started(command, &file, &ledger);
+    let plain = run_until_started(command, &file, &ledger).await;
     assert!(
         !plain.contains(ESCAPE),
         "ANSI escapes in a file:\n{plain:?}"
@@ -118,13 +86,13 @@ async fn daemon_log_lines_suit_a_terminal_the_journal_and_a_file() {
     let journal_file = dir.path().join("journal.log");
     let stderr = std::fs::File::create(&journal_file).expect("journal file");
     let meta = stderr.metadata().expect("metadata");
-    let mut command = paywatch();
-    command.args(["--config"]).arg(&config).arg("run");
-    command
+    let mut command = paywatch()
+        .config(&config)
+        .arg("run")
         .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
-        .stderr(stderr)
-        .stdout(Stdio::null());
-    let journal = run_until_started(command, &journal_file, &ledger);
+        .command();
+    command.stderr(stderr).stdout(Stdio::null());
+    let journal = run_until_started(command, &journal_file, &ledger).await;
     assert!(
         !journal.contains(ESCAPE),
         "ANSI escapes in the journal:\n{journal:?}"
@@ -146,12 +114,12 @@ async fn daemon_log_lines_suit_a_terminal_the_journal_and_a_file() {
         );
         eprintln!("terminal case skipped: util-linux `script` is not installed");
     } else {
-        let coloured = on_a_terminal(&config, &dir.path().join("tty.log"), &ledger, false);
+        let coloured = on_a_terminal(&config, &dir.path().join("tty.log"), &ledger, false).await;
         assert!(
             coloured.contains(ESCAPE),
             "no colours on a terminal:\n{coloured:?}"
         );
-        let no_color = on_a_terminal(&config, &dir.path().join("tty-nc.log"), &ledger, true);
+        let no_color = on_a_terminal(&config, &dir.path().join("tty-nc.log"), &ledger, true).await;
         assert!(
             !no_color.contains(ESCAPE),
             "colours despite NO_COLOR:\n{no_color:?}"
@@ -162,11 +130,7 @@ async fn daemon_log_lines_suit_a_terminal_the_journal_and_a_file() {
 
 #[test]
 fn the_demo_through_pipes_is_plain_readable_text() {
-    let output = paywatch()
-        .arg("demo")
-        .stdin(Stdio::null())
-        .output()
-        .expect("the demo runs");
+    let output = paywatch().arg("demo").output();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "demo failed:\n{stdout}\n{stderr}");
@@ -183,12 +147,11 @@ fn the_demo_through_pipes_is_plain_readable_text() {
     assert!(stderr.contains("PAID checkout="), "{stderr}");
 }
 
-#[test]
-fn the_sandbox_follows_log_format_json_and_writes_no_escapes_into_a_file() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_follows_log_format_json_and_writes_no_escapes_into_a_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("sandbox.log");
-    let mut command = paywatch();
-    command
+    let mut sandbox = paywatch()
         .args([
             "--log-format",
             "json",
@@ -199,26 +162,10 @@ fn the_sandbox_follows_log_format_json_and_writes_no_escapes_into_a_file() {
             "127.0.0.1:0",
         ])
         .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"));
-    let mut child: Child = command.stdin(Stdio::null()).spawn().expect("starts");
-    let deadline = Instant::now() + common::DEADLINE;
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("sandbox: started")
-    {
-        if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
-            let _ = child.kill();
-            panic!(
-                "the sandbox did not start: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
-    kill(pid, Signal::SIGTERM).expect("SIGTERM sent");
-    child.wait().expect("stopped");
+        .log_to(&log)
+        .start();
+    sandbox.expect_line("sandbox: started").await;
+    sandbox.stop().await;
     let text = std::fs::read_to_string(&log).expect("log");
     assert!(!text.contains(ESCAPE), "ANSI escapes in a file: {text}");
     for line in text.lines().filter(|line| !line.trim().is_empty()) {

@@ -230,10 +230,7 @@ async fn the_exposition_parses_and_moves_with_a_payment() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_the_server_drops_are_counted_as_reconnects_and_reopen() {
-    let sandbox = common::sandbox().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (settings, path) = common::settings(dir.path(), &sandbox, "multiplexed", "");
-    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    let (sandbox, _dir, settings, path, ledger) = common::setup("multiplexed", "").await;
     let id = create_and_track(&sandbox, &ledger, "ORD-METRICS-2").await;
     let project = sandbox.project_id().to_owned();
     let daemon = Daemon::start(&settings, &path).await;

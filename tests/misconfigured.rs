@@ -3,7 +3,6 @@
 //! plaintext or foreign host. After the fix, payments arrive.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -12,8 +11,8 @@ use paywatch::domain::CheckoutId;
 use paywatch::ledger::Ledger;
 use paywatch::sandbox::Sandbox;
 
+use crate::common::process::{self, Process, paywatch};
 use crate::common::{self, DEADLINE, create_and_track, wait_for, wait_status};
-use crate::daemon::Process;
 
 /// Checkouts tracked in each test: more than the "many at once" threshold of five.
 const CHECKOUTS: usize = 6;
@@ -21,7 +20,6 @@ const CHECKOUTS: usize = 6;
 /// A config whose paymennt is `base_url` (no client retries, a sweep every second) and whose
 /// Firestore is `sandbox`'s.
 fn write_config(dir: &Path, sandbox: &Sandbox, base_url: &str) -> PathBuf {
-    let path = dir.join("paywatch.toml");
     let text = format!(
         "[ledger]\npath = \"{ledger}\"\n\n\
          [paymennt]\nbase_url = \"{base_url}\"\napi_key = \"{key}\"\napi_secret = \"{secret}\"\nmax_retries = 0\n\n\
@@ -34,8 +32,7 @@ fn write_config(dir: &Path, sandbox: &Sandbox, base_url: &str) -> PathBuf {
         secret = sandbox.api_secret(),
         endpoint = sandbox.firestore_endpoint(),
     );
-    std::fs::write(&path, text).expect("write config");
-    path
+    process::write_config(dir, &text)
 }
 
 /// A loopback server answering every request with a proxy's HTML 404 page, counting them.
@@ -75,11 +72,11 @@ fn watched(ledger: &Ledger) -> usize {
 }
 
 /// Points the config back at the right paymennt and reloads.
-fn fix_and_reload(process: &mut Process, config: &Path, wrong: &str, right: &str) {
+async fn fix_and_reload(process: &mut Process, config: &Path, wrong: &str, right: &str) {
     let text = std::fs::read_to_string(config).expect("config");
     std::fs::write(config, text.replace(wrong, right)).expect("fix config");
     process.signal(Signal::SIGHUP);
-    process.expect_line("config reloaded");
+    process.expect_line("config reloaded").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,12 +87,9 @@ async fn an_html_404_base_url_unwatches_nothing_and_a_payment_after_the_fix_is_r
     let config = write_config(dir.path(), &sandbox, &wrong);
     let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
     let ids = track_several(&sandbox, &ledger).await;
-    let mut process = tokio::task::block_in_place(|| {
-        let mut process = Process::start(&config);
-        process.expect_line("paywatch is running");
-        process.expect_line("is not paymennt's API");
-        process
-    });
+    let mut process = paywatch().config(&config).run();
+    process.expect_line("paywatch is running").await;
+    process.expect_line("is not paymennt's API").await;
     // Several sweeps' worth of HTML 404s (the old code unwatched everything after three).
     wait_for("four sweeps of HTML 404s", DEADLINE, || async {
         (hits.load(Ordering::SeqCst) >= 4 * CHECKOUTS).then_some(())
@@ -114,9 +108,7 @@ async fn an_html_404_base_url_unwatches_nothing_and_a_payment_after_the_fix_is_r
             .all(|e| e.needs_verify),
         "nothing was verified, so every checkout still needs it"
     );
-    tokio::task::block_in_place(|| {
-        fix_and_reload(&mut process, &config, &wrong, &sandbox.api_base_url())
-    });
+    fix_and_reload(&mut process, &config, &wrong, &sandbox.api_base_url()).await;
     sandbox.state().pay(&ids[0]).await.expect("pay");
     wait_status(&ledger, &ids[0], "PAID").await;
     assert_eq!(watched(&ledger), CHECKOUTS);
@@ -135,12 +127,9 @@ async fn many_checkouts_paymennt_says_do_not_exist_stay_watched_and_check_config
     let config = write_config(dir.path(), &sandbox, &wrong);
     let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
     let ids = track_several(&sandbox, &ledger).await;
-    let mut process = tokio::task::block_in_place(|| {
-        let mut process = Process::start(&config);
-        process.expect_line("paywatch is running");
-        process.expect_line("look gone at once");
-        process
-    });
+    let mut process = paywatch().config(&config).run();
+    process.expect_line("paywatch is running").await;
+    process.expect_line("look gone at once").await;
     wait_for("four sweeps of not-found answers", DEADLINE, || async {
         let asked: u64 = ids
             .iter()
@@ -155,24 +144,15 @@ async fn many_checkouts_paymennt_says_do_not_exist_stay_watched_and_check_config
         "every checkout is still watched"
     );
 
-    let check = tokio::task::block_in_place(|| {
-        Command::new(env!("CARGO_BIN_EXE_paywatch"))
-            .arg("--config")
-            .arg(&config)
-            .args(["check-config", "--online"])
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("check-config runs")
-    });
+    let check =
+        tokio::task::block_in_place(|| process::run(&config, &["check-config", "--online"]));
     let out = String::from_utf8_lossy(&check.stdout);
     assert_eq!(check.status.code(), Some(1), "{out}");
     assert!(out.contains("look gone"), "{out}");
     assert!(out.contains(&wrong), "names the base URL: {out}");
     assert!(out.contains("does not exist"), "{out}");
 
-    tokio::task::block_in_place(|| {
-        fix_and_reload(&mut process, &config, &wrong, &sandbox.api_base_url())
-    });
+    fix_and_reload(&mut process, &config, &wrong, &sandbox.api_base_url()).await;
     sandbox.state().pay(&ids[0]).await.expect("pay");
     wait_status(&ledger, &ids[0], "PAID").await;
     assert_eq!(watched(&ledger), CHECKOUTS);
@@ -187,15 +167,8 @@ async fn check_config_names_an_address_that_is_not_paymennt() {
     let (wrong, _hits) = html_404_server().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), &sandbox, &wrong);
-    let check = tokio::task::block_in_place(|| {
-        Command::new(env!("CARGO_BIN_EXE_paywatch"))
-            .arg("--config")
-            .arg(&config)
-            .args(["check-config", "--online"])
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("check-config runs")
-    });
+    let check =
+        tokio::task::block_in_place(|| process::run(&config, &["check-config", "--online"]));
     let out = String::from_utf8_lossy(&check.stdout);
     assert_eq!(check.status.code(), Some(1), "{out}");
     assert!(out.contains("does not answer as paymennt's API"), "{out}");
@@ -210,15 +183,7 @@ async fn a_plaintext_base_url_off_loopback_is_refused_at_start_and_on_reload() {
     let dir = tempfile::tempdir().expect("tempdir");
     let plaintext = "http://api.paymennt.com/mer/v2.0/";
     let config = write_config(dir.path(), &sandbox, plaintext);
-    let run = tokio::task::block_in_place(|| {
-        Command::new(env!("CARGO_BIN_EXE_paywatch"))
-            .arg("--config")
-            .arg(&config)
-            .arg("run")
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("paywatch runs")
-    });
+    let run = tokio::task::block_in_place(|| process::run(&config, &["run"]));
     let err = String::from_utf8_lossy(&run.stderr);
     assert_eq!(run.status.code(), Some(2), "{err}");
     assert!(
@@ -231,18 +196,13 @@ async fn a_plaintext_base_url_off_loopback_is_refused_at_start_and_on_reload() {
     write_config(dir.path(), &sandbox, &right);
     let ledger = Ledger::open(&dir.path().join("paywatch.db")).expect("ledger");
     let id = create_and_track(&sandbox, &ledger, "ORD-PLAIN").await;
-    let mut process = tokio::task::block_in_place(|| {
-        let mut process = Process::start(&config);
-        process.expect_line("paywatch is running");
-        process
-    });
+    let mut process = paywatch().config(&config).run();
+    process.expect_line("paywatch is running").await;
     wait_status(&ledger, &id, "PENDING").await;
-    tokio::task::block_in_place(|| {
-        let text = std::fs::read_to_string(&config).expect("config");
-        std::fs::write(&config, text.replace(&right, plaintext)).expect("break config");
-        process.signal(Signal::SIGHUP);
-        process.expect_line("config reload failed");
-    });
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(&config, text.replace(&right, plaintext)).expect("break config");
+    process.signal(Signal::SIGHUP);
+    process.expect_line("config reload failed").await;
     sandbox.state().pay(&id).await.expect("pay");
     wait_status(&ledger, &id, "PAID").await;
     drop(process);

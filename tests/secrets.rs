@@ -7,14 +7,13 @@
 //! hook stdin or URL hook request.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
+use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use paywatch::ledger::{DeliveryFilter, DeliveryState, Ledger};
 use paywatch::sandbox::{FirestoreAuthCheck, Sandbox, SandboxOptions, TestServiceAccount};
 
+use crate::common::process::{self, Process, paywatch};
 use crate::common::{self, DEADLINE};
 
 /// The paymennt API key: sent to paymennt, nowhere else.
@@ -96,48 +95,22 @@ struct Setup {
 }
 
 impl Setup {
-    fn paywatch(&self, args: &[&str]) -> Output {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_paywatch"));
-        command.arg("--config").arg(&self.config).args(args);
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("PAYWATCH_") || name == "RUST_LOG" {
-                command.env_remove(name);
-            }
-        }
-        command
-            .stdin(Stdio::null())
-            .output()
-            .expect("paywatch runs")
+    /// `paywatch --config CONFIG ARGS...`, to completion.
+    fn run(&self, args: &[&str]) -> Output {
+        process::run(&self.config, args)
     }
 
-    fn start_daemon(&self, log_format: &str, log: &Path) -> Child {
-        let stderr = std::fs::File::create(log).expect("log file");
-        Command::new(env!("CARGO_BIN_EXE_paywatch"))
-            .arg("--config")
-            .arg(&self.config)
-            .args(["--log-format", log_format, "run"])
-            .env_remove("RUST_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .expect("daemon starts")
+    /// `paywatch run`, its log in `log`.
+    fn start_daemon(&self, log_format: &str, log: &Path) -> Process {
+        paywatch()
+            .config(&self.config)
+            .args(["--log-format", log_format])
+            .log_to(log)
+            .run()
     }
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
-    }
-}
-
-fn stop(mut child: Child) {
-    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
-    kill(pid, Signal::SIGTERM).expect("SIGTERM");
-    let until = Instant::now() + DEADLINE;
-    while child.try_wait().expect("wait").is_none() {
-        assert!(Instant::now() < until, "daemon did not stop");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -227,7 +200,7 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
     // Links made by paywatch itself, and a bad request paymennt refuses.
     let mut ids = Vec::new();
     for order in ["SWEEP-1", "SWEEP-2"] {
-        let output = setup.paywatch(&[
+        let output = setup.run(&[
             "link",
             "create",
             "--order",
@@ -245,7 +218,7 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
         ids.push(record.id.parse().expect("id"));
     }
     assert_eq!(ids.len(), 2);
-    let refused = setup.paywatch(&["track", "--checkout-id", "999999999"]);
+    let refused = setup.run(&["track", "--checkout-id", "999999999"]);
     places.add_output("track unknown id", &refused);
 
     // The daemon, text logs at debug: a payment through API errors and retries, a refund.
@@ -264,7 +237,7 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
     // Three for the command hook, three for the URL hook.
     wait_delivered(&ledger, 6).await;
     sweep_http(&text_log, &sandbox, &mut places).await;
-    tokio::task::block_in_place(|| stop(daemon));
+    daemon.stop().await;
 
     // Again with JSON logs, throttled answers this time.
     let json_log = setup.path("daemon-json.log");
@@ -274,7 +247,7 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
     common::wait_status(&ledger, &ids[1], "PAID").await;
     // Five for the two links, one for the checkout tracked over HTTP; for each of two hooks.
     wait_delivered(&ledger, 12).await;
-    tokio::task::block_in_place(|| stop(daemon));
+    daemon.stop().await;
     places.add_file("daemon log (text)", &text_log);
     places.add_file("daemon log (json)", &json_log);
 
@@ -286,7 +259,7 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
             vec!["status", id.as_str(), "--json"],
             vec!["events", id.as_str(), "--json"],
         ] {
-            let output = setup.paywatch(&args);
+            let output = setup.run(&args);
             assert!(output.status.success(), "{args:?}: {output:?}");
             places.add_output(&args.join(" "), &output);
         }
@@ -298,7 +271,7 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
         vec!["check-config"],
         vec!["check-config", "--online"],
     ] {
-        let output = setup.paywatch(&args);
+        let output = setup.run(&args);
         places.add_output(&args.join(" "), &output);
     }
 
@@ -539,7 +512,7 @@ async fn no_secret_an_echoing_upstream_quotes_reaches_check_config_or_error_line
         config: online,
     };
     let mut places = Places::default();
-    let output = setup.paywatch(&["check-config", "--online"]);
+    let output = setup.run(&["check-config", "--online"]);
     assert!(
         !output.status.success(),
         "the echo is not paymennt: {output:?}"
@@ -561,23 +534,23 @@ async fn no_secret_an_echoing_upstream_quotes_reaches_check_config_or_error_line
     };
     let log = setup.path("daemon.log");
     let daemon = daemon_setup.start_daemon("text", &log);
-    let until = Instant::now() + DEADLINE;
-    let (verifier_line, discovery_line) = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let verifier = text
-            .lines()
+    let lines = common::poll_until(DEADLINE, Duration::from_millis(20), || {
+        let lines = daemon.lines();
+        let verifier = lines
+            .iter()
             .find(|line| line.contains("Get Checkout failed") && line.contains(id.as_str()));
-        let discovery = text.lines().find(|line| line.contains("discovery cannot "));
-        if let (Some(verifier), Some(discovery)) = (verifier, discovery) {
-            break (verifier.to_owned(), discovery.to_owned());
-        }
-        assert!(
-            Instant::now() < until,
-            "no error line from the verifier and discovery in time; the log:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    tokio::task::block_in_place(|| stop(daemon));
+        let discovery = lines.iter().find(|line| line.contains("discovery cannot "));
+        let found = verifier.cloned().zip(discovery.cloned());
+        async move { found }
+    })
+    .await;
+    let (verifier_line, discovery_line) = lines.unwrap_or_else(|| {
+        panic!(
+            "no error line from the verifier and discovery in time; the log:\n{}",
+            daemon.log()
+        )
+    });
+    daemon.stop().await;
     places.add_file("daemon log", &log);
     for secret in [API_KEY, API_SECRET, FIREBASE_KEY] {
         for (place, bytes) in &places.0 {

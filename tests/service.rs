@@ -11,12 +11,12 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-/// How long any single expected thing may take.
-const DEADLINE: Duration = Duration::from_secs(20);
+use crate::common::DEADLINE;
+use crate::common::process::{Paywatch, Process, paywatch};
 
 /// A checkout id of the shape paymennt uses.
 const CHECKOUT: &str = "1653241101733169556";
@@ -112,36 +112,17 @@ impl Setup {
 
     /// `paywatch --config <file> ARGS` with a cleared environment and the settings every test
     /// needs; `extra` is added last.
-    fn command(&self, args: &[&str], fake: &FakePaymennt, extra: &[(&str, OsString)]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_paywatch"));
-        command
-            .arg("--config")
-            .arg(self.path("paywatch.toml"))
+    fn command(&self, args: &[&str], fake: &FakePaymennt, extra: &[(&str, OsString)]) -> Paywatch {
+        let mut command = paywatch()
+            .config(&self.path("paywatch.toml"))
             .args(args)
             .env_clear()
             .env("PAYWATCH_LEDGER__PATH", self.path("paywatch.db"))
-            .env("PAYWATCH_PAYMENNT__BASE_URL", fake.base_url())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+            .env("PAYWATCH_PAYMENNT__BASE_URL", fake.base_url());
         for (name, value) in extra {
-            command.env(name, value);
+            command = command.env(name, value);
         }
         command
-    }
-}
-
-/// Waits for `child` with a deadline, killing it if the deadline passes.
-fn wait_with_deadline(child: &mut Child, deadline: Duration) -> ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        if start.elapsed() > deadline {
-            let _ = child.kill();
-            panic!("paywatch did not exit within {deadline:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -149,8 +130,8 @@ fn wait_with_deadline(child: &mut Child, deadline: Duration) -> ExitStatus {
 ///
 /// A file (rather than a pipe) because `JOURNAL_STREAM` names stderr by device and inode,
 /// which a test can know for a file before the child starts.
-fn run_with_stderr_file(
-    mut command: Command,
+async fn run_with_stderr_file(
+    mut command: Paywatch,
     stderr: &Path,
     journal_stream: JournalStream,
 ) -> (ExitStatus, String) {
@@ -159,21 +140,19 @@ fn run_with_stderr_file(
     match journal_stream {
         JournalStream::Unset => {}
         JournalStream::ThisStderr => {
-            command.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+            command = command.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
         }
         JournalStream::Elsewhere => {
             // Inherited from a unit whose output a wrapper redirected: not our stderr.
-            command.env(
+            command = command.env(
                 "JOURNAL_STREAM",
                 format!("{}:{}", meta.dev(), meta.ino() + 1),
             );
         }
     }
-    let mut child = command
-        .stderr(Stdio::from(file))
-        .spawn()
-        .expect("spawn paywatch");
-    let status = wait_with_deadline(&mut child, DEADLINE);
+    drop(file);
+    // Appended to the file just created: the inode JOURNAL_STREAM names.
+    let status = command.log_to(stderr).start().wait_exit().await;
     let text = std::fs::read_to_string(stderr).expect("read stderr");
     (status, text)
 }
@@ -203,8 +182,8 @@ fn strip_ansi(text: &str) -> String {
     out
 }
 
-#[test]
-fn secrets_are_read_from_credentials_directory() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_read_from_credentials_directory() {
     let fake = FakePaymennt::start("404 Not Found");
     let setup = Setup::new();
     let creds = setup.credentials();
@@ -215,7 +194,8 @@ fn secrets_are_read_from_credentials_directory() {
         command,
         &setup.path("stderr-none.txt"),
         JournalStream::Unset,
-    );
+    )
+    .await;
     assert_eq!(status.code(), Some(2), "stderr: {stderr}");
     assert!(
         stderr.contains("paymennt-api-"),
@@ -234,7 +214,7 @@ fn secrets_are_read_from_credentials_directory() {
         &[("CREDENTIALS_DIRECTORY", creds.into_os_string())],
     );
     let (status, stderr) =
-        run_with_stderr_file(command, &setup.path("stderr.txt"), JournalStream::Unset);
+        run_with_stderr_file(command, &setup.path("stderr.txt"), JournalStream::Unset).await;
     assert_eq!(status.code(), Some(1), "stderr: {stderr}");
     let requests = fake.requests();
     assert_eq!(requests.len(), 1, "one Get Checkout, a 404 is not retried");
@@ -254,13 +234,13 @@ fn secrets_are_read_from_credentials_directory() {
     assert!(!stderr.contains(API_SECRET), "the secret is never printed");
 }
 
-#[test]
-fn journal_stream_changes_the_log_format() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_stream_changes_the_log_format() {
     // A 503 is retried once, and the retry is logged at debug: one log line per run.
     let fake = FakePaymennt::start("503 Service Unavailable");
     let setup = Setup::new();
     let creds = setup.credentials();
-    let run = |journal: JournalStream, name: &str| {
+    let run = async |journal: JournalStream, name: &str| {
         let command = setup.command(
             &["track", "--checkout-id", CHECKOUT],
             &fake,
@@ -270,7 +250,7 @@ fn journal_stream_changes_the_log_format() {
                 ("RUST_LOG", "paywatch=debug".into()),
             ],
         );
-        let (status, stderr) = run_with_stderr_file(command, &setup.path(name), journal);
+        let (status, stderr) = run_with_stderr_file(command, &setup.path(name), journal).await;
         assert_eq!(status.code(), Some(1), "stderr: {stderr}");
         let line = strip_ansi(&stderr)
             .lines()
@@ -285,12 +265,12 @@ fn journal_stream_changes_the_log_format() {
     };
 
     // On a terminal or in a file: our own timestamp first, no priority prefix.
-    let (_, plain) = run(JournalStream::Unset, "stderr-plain.txt");
+    let (_, plain) = run(JournalStream::Unset, "stderr-plain.txt").await;
     assert!(starts_with_timestamp(&plain), "{plain:?}");
     assert!(!plain.starts_with('<'), "{plain:?}");
 
     // Under journald: "<7>" (debug) first, and no timestamp (journald adds its own).
-    let (raw, journal) = run(JournalStream::ThisStderr, "stderr-journal.txt");
+    let (raw, journal) = run(JournalStream::ThisStderr, "stderr-journal.txt").await;
     let rest = journal
         .strip_prefix("<7>")
         .unwrap_or_else(|| panic!("expected a <7> prefix: {journal:?}"));
@@ -302,7 +282,7 @@ fn journal_stream_changes_the_log_format() {
     );
 
     // JOURNAL_STREAM naming some other stream (stderr was redirected): plain again.
-    let (_, elsewhere) = run(JournalStream::Elsewhere, "stderr-elsewhere.txt");
+    let (_, elsewhere) = run(JournalStream::Elsewhere, "stderr-elsewhere.txt").await;
     assert!(starts_with_timestamp(&elsewhere), "{elsewhere:?}");
 }
 
@@ -312,7 +292,7 @@ struct NotifySocket {
     path: PathBuf,
     /// Every assignment ("READY=1", "STATUS=...") in arrival order, split from datagrams.
     seen: Vec<String>,
-    /// [`NotifySocket::wait_for`] looks at `seen[cursor..]` only, so successive waits check
+    /// [`NotifySocket::expect`] looks at `seen[cursor..]` only, so successive waits check
     /// the order of arrival.
     cursor: usize,
 }
@@ -331,7 +311,7 @@ impl NotifySocket {
 
     /// Waits for the next assignment starting with `prefix` after the previous match;
     /// returns its index in `seen`. Panics after [`DEADLINE`], showing what did arrive.
-    fn wait_for(&mut self, prefix: &str) -> usize {
+    fn expect(&mut self, prefix: &str) -> usize {
         let start = Instant::now();
         let mut buffer = [0u8; 4096];
         loop {
@@ -374,42 +354,12 @@ impl NotifySocket {
     }
 }
 
-/// A running `paywatch run`; killed on drop, and its stderr shown if the test failed.
-struct Daemon {
-    child: Child,
-    stderr: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-            eprintln!("--- paywatch run stderr ---\n{text}");
-        }
-    }
-}
-
-impl Daemon {
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits"));
-        nix::sys::signal::kill(pid, signal).expect("signal the daemon");
-    }
-
-    fn wait(&mut self) -> ExitStatus {
-        wait_with_deadline(&mut self.child, DEADLINE)
-    }
-}
-
 /// Starts `paywatch run` as systemd would with `Type=notify` and `WatchdogSec=1s`.
 ///
 /// `WATCHDOG_PID` is left unset (as sd_watchdog_enabled(3) allows): the test cannot know the
 /// child's pid before it starts.
-fn start_daemon(setup: &Setup, fake: &FakePaymennt, notify: &NotifySocket) -> Daemon {
-    let stderr = setup.path("daemon-stderr.txt");
-    let file = std::fs::File::create(&stderr).expect("create stderr file");
-    let child = setup
+fn start_daemon(setup: &Setup, fake: &FakePaymennt, notify: &NotifySocket) -> Process {
+    setup
         .command(
             &["run"],
             fake,
@@ -425,30 +375,28 @@ fn start_daemon(setup: &Setup, fake: &FakePaymennt, notify: &NotifySocket) -> Da
                 ("PAYWATCH_DAEMON__DRAIN_TIMEOUT", "5s".into()),
             ],
         )
-        .stderr(Stdio::from(file))
-        .spawn()
-        .expect("spawn paywatch run");
-    Daemon { child, stderr }
+        .log_to(&setup.path("daemon-stderr.txt"))
+        .start()
 }
 
-#[test]
-fn daemon_notifies_ready_status_watchdog_then_stopping() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_notifies_ready_status_watchdog_then_stopping() {
     let fake = FakePaymennt::start("404 Not Found");
     let setup = Setup::new();
     let mut notify = NotifySocket::bind(setup.dir.path());
     let mut daemon = start_daemon(&setup, &fake, &notify);
 
     // In this order (each wait looks only after the previous match).
-    let ready = notify.wait_for("READY=1");
-    let status = notify.wait_for("STATUS=");
+    let ready = notify.expect("READY=1");
+    let status = notify.expect("STATUS=");
     assert!(
         notify.seen[status].contains("watching 0 checkouts"),
         "a live summary: {:?}",
         notify.seen[status]
     );
-    notify.wait_for("WATCHDOG=1");
+    notify.expect("WATCHDOG=1");
     // The watchdog keeps coming (every 0.5s, half of WATCHDOG_USEC), not just once.
-    let watchdog = notify.wait_for("WATCHDOG=1");
+    let watchdog = notify.expect("WATCHDOG=1");
     assert!(
         !notify.seen[..=watchdog].iter().any(|l| l == "STOPPING=1"),
         "no STOPPING=1 before SIGTERM: {:?}",
@@ -456,8 +404,8 @@ fn daemon_notifies_ready_status_watchdog_then_stopping() {
     );
 
     daemon.signal(nix::sys::signal::Signal::SIGTERM);
-    let stopping = notify.wait_for("STOPPING=1");
-    let exit = daemon.wait();
+    let stopping = notify.expect("STOPPING=1");
+    let exit = daemon.wait_exit().await;
     assert!(exit.success(), "a drained daemon exits 0, got {exit}");
     notify.drain();
     assert!(ready < status && status < watchdog && watchdog < stopping);
@@ -468,22 +416,22 @@ fn daemon_notifies_ready_status_watchdog_then_stopping() {
     );
 }
 
-#[test]
-fn sighup_reports_reloading_then_ready() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reports_reloading_then_ready() {
     let fake = FakePaymennt::start("404 Not Found");
     let setup = Setup::new();
     let mut notify = NotifySocket::bind(setup.dir.path());
     let mut daemon = start_daemon(&setup, &fake, &notify);
-    notify.wait_for("READY=1");
+    notify.expect("READY=1");
 
     daemon.signal(nix::sys::signal::Signal::SIGHUP);
-    let reloading = notify.wait_for("RELOADING=1");
-    let monotonic = notify.wait_for("MONOTONIC_USEC=");
+    let reloading = notify.expect("RELOADING=1");
+    let monotonic = notify.expect("MONOTONIC_USEC=");
     assert_eq!(monotonic, reloading + 1, "sent with RELOADING=1");
-    notify.wait_for("READY=1");
+    notify.expect("READY=1");
 
     daemon.signal(nix::sys::signal::Signal::SIGTERM);
-    notify.wait_for("STOPPING=1");
-    let exit = daemon.wait();
+    notify.expect("STOPPING=1");
+    let exit = daemon.wait_exit().await;
     assert!(exit.success(), "exit {exit}");
 }

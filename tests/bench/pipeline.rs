@@ -33,7 +33,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -58,6 +58,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
+
+// The end-to-end tests' helpers (the child daemon is `common::process`). Their unit tests do not
+// run in a bench without the test harness, so what only they use looks unused here.
+#[path = "../common/mod.rs"]
+#[allow(unused_imports)]
+mod common;
+
+use common::process::{self, Process, paywatch};
 
 /// No single phase may take longer than this.
 const PHASE_LIMIT: Duration = Duration::from_secs(300);
@@ -511,7 +519,6 @@ fn write_config(
     mode: &str,
     hook: Option<&Hook>,
 ) -> PathBuf {
-    let path = dir.join("paywatch.toml");
     let mut text = format!(
         "[ledger]\npath = \"{}\"\n[paymennt]\nbase_url = \"{}\"\napi_key = \"{}\"\napi_secret = \"{}\"\nconcurrency = 16\n\
          [firestore]\nendpoint = \"{}\"\nstream_mode = \"{mode}\"\n[reconcile]\ninterval = \"1h\"\n[log]\nlevel = \"warn\"\n\
@@ -533,8 +540,7 @@ fn write_config(
             argv.join(", ")
         ));
     }
-    std::fs::write(&path, text).expect("config written");
-    path
+    process::write_config(dir, &text)
 }
 
 /// Creates `count` new payment links in the sandbox and tracks them in `ledger`.
@@ -1175,7 +1181,7 @@ async fn latency(
 // Child daemons: throughput, memory, start-up
 
 struct ChildDaemon {
-    child: Child,
+    process: Process,
     notify: UnixDatagram,
     spawned: Instant,
     _socket_dir: tempfile::TempDir,
@@ -1201,33 +1207,27 @@ fn spawn_daemon_profiled(config: &Path, heaptrack_output: Option<&Path>) -> Chil
     let spawned = Instant::now();
     // `PAYWATCH_BENCH_BIN` runs another build of paywatch as the child (comparing two builds
     // in one sitting, on the same machine state).
-    let program = std::env::var_os("PAYWATCH_BENCH_BIN")
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_paywatch").into());
-    let mut command = Command::new(program);
+    let mut command = paywatch();
+    if let Some(program) = std::env::var_os("PAYWATCH_BENCH_BIN") {
+        command = command.program(program);
+    }
     if let Some(output) = heaptrack_output {
-        command
+        command = command
             .env("LD_PRELOAD", HEAPTRACK_PRELOAD)
             .env("DUMP_HEAPTRACK_OUTPUT", output);
     }
     // `PAYWATCH_BENCH_LOG` shows the child daemons' logs too (their timestamps give a phase's
     // timeline).
-    match std::env::var("PAYWATCH_BENCH_LOG") {
-        Ok(directives) => command.env("RUST_LOG", directives).stderr(Stdio::inherit()),
-        Err(_) => command.env_remove("RUST_LOG").stderr(Stdio::null()),
+    command = match std::env::var("PAYWATCH_BENCH_LOG") {
+        Ok(directives) => command.env("RUST_LOG", directives).log_inherited(),
+        Err(_) => command.log_discarded(),
     };
-    let child = command
-        .arg("--config")
-        .arg(config)
-        .arg("run")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
+    let process = command
+        .config(config)
         .env("NOTIFY_SOCKET", &socket_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("paywatch run");
+        .run();
     ChildDaemon {
-        child,
+        process,
         notify,
         spawned,
         _socket_dir: socket_dir,
@@ -1235,8 +1235,8 @@ fn spawn_daemon_profiled(config: &Path, heaptrack_output: Option<&Path>) -> Chil
 }
 
 impl ChildDaemon {
-    fn pid(&self) -> u32 {
-        self.child.id()
+    fn pid(&self) -> nix::unistd::Pid {
+        self.process.pid()
     }
 
     /// Waits for READY=1 on the notify socket; returns the time since spawn.
@@ -1253,7 +1253,7 @@ impl ChildDaemon {
             if text.lines().any(|line| line == "READY=1") {
                 return self.spawned.elapsed();
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Some(status) = self.process.try_wait() {
                 panic!("paywatch run exited before READY: {status}");
             }
         }
@@ -1287,26 +1287,9 @@ impl ChildDaemon {
 
     /// SIGTERM, then waits for it to drain and exit (SIGKILL after the phase limit).
     async fn stop(mut self) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.pid()).expect("pid"));
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let started = Instant::now();
-        while started.elapsed() < PHASE_LIMIT {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ChildDaemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        let _ = nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM);
+        // Still running after the limit: killed as the process is dropped.
+        let _ = self.process.wait_exit_within(PHASE_LIMIT).await;
     }
 }
 

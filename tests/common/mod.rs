@@ -1,8 +1,13 @@
 //! Shared test helpers: a sandbox, a daemon on a temporary ledger, and waiting with deadlines.
+//!
+//! The built binary as a child process (one-shot commands, `paywatch run`, config files) is
+//! [`process`]; the daemon in this process is [`Daemon`]; every wait is [`wait_for`] (or
+//! [`poll_until`], for a test that says itself what went wrong).
 
 #![allow(dead_code)]
 
 pub mod exposition;
+pub mod process;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -23,7 +28,19 @@ use tokio::task::JoinHandle;
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
 /// Polls `check` until it returns `Some`, failing the test with `what` after `deadline`.
-pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    poll_until(deadline, Duration::from_millis(10), check)
+        .await
+        .unwrap_or_else(|| panic!("timed out after {deadline:?} waiting for {what}"))
+}
+
+/// Polls `check` every `every` until it returns `Some`; `None` once `deadline` has passed (the
+/// caller panics with what it knows). [`wait_for`] for a test that explains a timeout itself.
+pub async fn poll_until<T, F, Fut>(deadline: Duration, every: Duration, mut check: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -31,13 +48,12 @@ where
     let until = tokio::time::Instant::now() + deadline;
     loop {
         if let Some(value) = check().await {
-            return value;
+            return Some(value);
         }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        if tokio::time::Instant::now() >= until {
+            return None;
+        }
+        tokio::time::sleep(every).await;
     }
 }
 
@@ -60,9 +76,12 @@ pub fn settings(
     stream_mode: &str,
     extra: &str,
 ) -> (Settings, PathBuf) {
-    let path = dir.join("paywatch.toml");
-    let text = sandbox_config_text(dir, sandbox, stream_mode, extra);
-    std::fs::write(&path, text).expect("write config");
+    load_config(dir, &sandbox_config_text(dir, sandbox, stream_mode, extra))
+}
+
+/// Writes `text` as `dir/paywatch.toml` and loads it without the process environment.
+pub fn load_config(dir: &Path, text: &str) -> (Settings, PathBuf) {
+    let path = process::write_config(dir, text);
     let settings = Settings::load_with_env(Some(&path), Vec::new()).expect("test config is valid");
     (settings, path)
 }
@@ -115,6 +134,53 @@ fn discovery_default(extra: &str) -> &'static str {
     } else {
         "[discovery]\nenabled = false\n\n"
     }
+}
+
+/// Writes `body` as the shell script `dir/NAME.sh` and returns the `[[hooks]]` table that runs
+/// it (`/bin/sh SCRIPT`) for `statuses` (every status when empty). Further keys of the table
+/// (`timeout = "30s"`) may follow it; it goes last in `extra` of [`settings`].
+pub fn shell_hook(dir: &Path, name: &str, statuses: &[&str], body: &str) -> String {
+    let script = dir.join(format!("{name}.sh"));
+    std::fs::write(&script, body).expect("hook script");
+    let mut table = format!(
+        "[[hooks]]\nname = \"{name}\"\ncommand = [\"/bin/sh\", \"{}\"]\n",
+        script.display()
+    );
+    if !statuses.is_empty() {
+        let quoted: Vec<String> = statuses.iter().map(|s| format!("\"{s}\"")).collect();
+        table.push_str(&format!("statuses = [{}]\n", quoted.join(", ")));
+    }
+    table
+}
+
+/// The start of most end-to-end tests: a [`sandbox`], a temporary directory, a config for a
+/// daemon pointed at the sandbox (in `stream_mode`, `extra` appended: see [`settings`]) and its
+/// ledger. Keep the directory bound (`_dir`, not `_`): dropping it deletes config and ledger.
+///
+/// ```ignore
+/// let (sandbox, _dir, settings, config, ledger) = common::setup("multiplexed", "").await;
+/// let id = create_and_track(&sandbox, &ledger, "ORD-1").await;
+/// let daemon = Daemon::start(&settings, &config).await; // or process::paywatch()...run()
+/// ```
+pub async fn setup(
+    stream_mode: &str,
+    extra: &str,
+) -> (Sandbox, tempfile::TempDir, Settings, PathBuf, Ledger) {
+    setup_with(sandbox().await, |dir, sandbox| {
+        settings(dir, sandbox, stream_mode, extra)
+    })
+}
+
+/// [`setup`] with a sandbox of the test's own and a config written and loaded by `config`
+/// (given the directory and the sandbox).
+pub fn setup_with(
+    sandbox: Sandbox,
+    config: impl FnOnce(&Path, &Sandbox) -> (Settings, PathBuf),
+) -> (Sandbox, tempfile::TempDir, Settings, PathBuf, Ledger) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (settings, config) = config(dir.path(), &sandbox);
+    let ledger = Ledger::open(&settings.ledger.path).expect("ledger");
+    (sandbox, dir, settings, config, ledger)
 }
 
 /// A daemon running in this process.
