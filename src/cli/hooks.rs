@@ -32,7 +32,8 @@ pub enum HooksCommand {
     /// merchant whose system lost data.
     Replay(ReplayArgs),
     /// Run a hook once with a realistic synthetic event marked as a test (`"test": true`,
-    /// PAYWATCH_TEST=1), to check a script before going live. The ledger is not touched.
+    /// PAYWATCH_TEST=1), to check a script before going live; a URL hook gets the signed
+    /// POST, and the answer's status and time are printed. The ledger is not touched.
     Test(TestArgs),
 }
 
@@ -322,7 +323,8 @@ fn unknown_hook(settings: &Settings, name: &str) -> UsageError {
     UsageError(format!("no hook named '{}'\n\n{known}", printable(name)))
 }
 
-/// `hooks test`: runs the hook once with a synthetic event; fails unless it exits 0.
+/// `hooks test`: runs the hook once with a synthetic event (or POSTs it to a URL hook); fails
+/// unless it exits 0 (or the endpoint answers 2xx).
 async fn test(settings: &Settings, args: &TestArgs) -> anyhow::Result<()> {
     let status = parse_status(&args.status)?;
     let hook = settings
