@@ -1208,3 +1208,37 @@ fn timeout_is_bounded_and_stated_in_help() {
         stderr(&out_of_bounds)
     );
 }
+
+/// Issue 25: `[ledger] url` is accepted by the settings, but until the daemon and the commands
+/// run on PostgreSQL every command refuses it (exit 2, naming the key, never the URL's
+/// password) rather than silently use the SQLite `path`; both keys set is exit 2 naming both.
+#[test]
+fn a_postgresql_ledger_url_is_refused_naming_the_key_and_not_the_password() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("paywatch.toml");
+    let url = "postgresql://paywatch:hunter2-in-url@127.0.0.1:9/paywatch";
+    std::fs::write(&config, format!("[ledger]\nurl = \"{url}\"\n")).expect("write");
+    for args in [&["status", "abc"][..], &["check-config"][..]] {
+        let output = run(&config, args);
+        let text = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {text}");
+        assert!(text.contains("'ledger.url'"), "{args:?}: {text}");
+        assert!(!text.contains("hunter2-in-url"), "{args:?}: {text}");
+    }
+    std::fs::write(
+        &config,
+        format!(
+            "[ledger]\npath = \"{}\"\nurl = \"{url}\"\n",
+            dir.path().join("x.db").display()
+        ),
+    )
+    .expect("write");
+    let output = run(&config, &["status", "abc"]);
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("'ledger.path'") && text.contains("'ledger.url'"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2-in-url"), "{text}");
+}

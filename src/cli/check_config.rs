@@ -345,6 +345,7 @@ async fn check_watched(client: &Client, ledger_path: &Path) -> Vec<Check> {
 /// `paywatch check-config`.
 pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Result<()> {
     let settings = Settings::load(config)?;
+    super::refuse_postgres_ledger(&settings)?;
     let mut checks = vec![check(
         true,
         format!("config {} parsed", settings.origin_name()),

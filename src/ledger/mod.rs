@@ -11,6 +11,7 @@
 mod gauges;
 mod migrate;
 mod outbox;
+pub mod postgres;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -13,6 +13,7 @@ pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
 
 /// The accepted range of each duration setting (`hooks[N].x` as `hooks.x`), lowest first.
 pub const DURATION_BOUNDS: &[(&str, Duration, Duration)] = &[
+    ("ha.lease", Duration::from_secs(2), Duration::from_secs(300)),
     (
         "paymennt.connect_timeout",
         Duration::from_millis(100),
@@ -129,6 +130,7 @@ pub(super) fn check(
     from: &dyn Fn(&str) -> String,
 ) -> Result<(), SettingsError> {
     let mut durations = vec![
+        ("ha.lease".to_owned(), settings.ha.lease),
         (
             "paymennt.connect_timeout".to_owned(),
             settings.paymennt.connect_timeout,

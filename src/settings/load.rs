@@ -63,6 +63,10 @@ pub(super) fn environment_overrides(
 /// Every key the file or the environment may set, for the unknown-key check.
 pub const KNOWN_KEYS: &[&str] = &[
     "ledger.path",
+    "ledger.url",
+    "ledger.password_file",
+    "ledger.ca_file",
+    "ha.lease",
     "paymennt.environment",
     "paymennt.base_url",
     "paymennt.api_key",

@@ -10,6 +10,7 @@ mod bounds;
 mod daemon;
 mod discovery;
 mod firestore;
+mod ha;
 mod hooks;
 mod http;
 mod ledger;
@@ -31,9 +32,10 @@ pub use firestore::{
     CREDENTIAL_FIRESTORE, DEFAULT_IDENTITY_ENDPOINT, DEFAULT_TOKEN_ENDPOINT, FirestoreAuthMode,
     FirestoreSettings, StreamMode,
 };
+pub use ha::HaSettings;
 pub use hooks::{HookSettings, RESERVED_HOOK_HEADERS, shown_url};
 pub use http::{CREDENTIAL_HTTP_TOKEN, CREDENTIAL_WEBHOOK_HMAC_KEY, HttpSettings};
-pub use ledger::LedgerSettings;
+pub use ledger::{CREDENTIAL_LEDGER_PASSWORD, LedgerSettings};
 pub use load::{DEFAULT_CONFIG_PATH, KNOWN_KEYS};
 use load::{
     check_keys, choose_file, describe_config_error, environment_overrides, line_hint, unknown_key,
@@ -90,6 +92,9 @@ pub struct Settings {
     /// `[http]`.
     #[serde(default)]
     pub http: HttpSettings,
+    /// `[ha]`.
+    #[serde(default)]
+    pub ha: HaSettings,
     /// How many hook commands may run at once, over all hooks.
     #[serde(default = "default_hooks_concurrency")]
     pub hooks_concurrency: usize,
@@ -124,6 +129,7 @@ impl Settings {
         variables: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
     ) -> Result<Settings, SettingsError> {
         let file = choose_file(explicit)?;
+        let mut path_in_file = false;
         let mut builder = config::Config::builder();
         let origin = match &file {
             Some(path) => {
@@ -141,6 +147,10 @@ impl Settings {
                     )
                 })?;
                 check_keys(&table, &origin, &text)?;
+                path_in_file = table
+                    .get("ledger")
+                    .and_then(|ledger| ledger.get("path"))
+                    .is_some();
                 builder =
                     builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
                 origin
@@ -178,6 +188,7 @@ impl Settings {
             .try_deserialize()
             .map_err(|error| describe_config_error(error, &origin, &overrides))?;
         settings.origin = file;
+        settings.ledger.path_set = path_in_file || overrides.contains_key("ledger.path");
         settings.validate(&origin, &overrides)?;
         Ok(settings)
     }
@@ -198,6 +209,7 @@ impl Settings {
             None => origin.to_owned(),
         };
         bounds::check(self, origin, &from)?;
+        self.ledger.check(&from("ledger.url"))?;
         self.reconcile.check(origin)?;
         self.discovery.check(origin)?;
         self.http.check(origin)?;

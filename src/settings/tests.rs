@@ -642,6 +642,7 @@ fn the_api_key_reaches_firestore_only_when_asked_and_the_identity_sits_by_the_le
     );
     let ledger = LedgerSettings {
         path: std::path::PathBuf::from("/var/lib/paywatch/paywatch.db"),
+        ..LedgerSettings::default()
     };
     assert_eq!(
         ledger.firebase_identity_path(),
@@ -864,4 +865,82 @@ fn url_hook_secrets_come_from_a_file_or_the_credential() {
         secrets[0].expose(),
         "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
     );
+}
+
+#[test]
+fn a_postgresql_ledger_url_excludes_path_and_hides_its_password() {
+    let url = "postgresql://paywatch:pw-in-the-url@db.internal:5432/paywatch";
+    let settings = load(&format!("[ledger]\nurl = \"{url}\"\n"), &[]).expect("valid");
+    let shown = format!("{settings:?}");
+    assert!(!shown.contains("pw-in-the-url"), "{shown}");
+    assert_eq!(settings.ha.lease, std::time::Duration::from_secs(10));
+    let both = load(
+        &format!("[ledger]\npath = \"/tmp/x.db\"\nurl = \"{url}\"\n"),
+        &[],
+    )
+    .expect_err("path and url");
+    let text = both.to_string();
+    assert!(
+        text.contains("'ledger.path'") && text.contains("'ledger.url'"),
+        "{text}"
+    );
+    assert!(!text.contains("pw-in-the-url"), "{text}");
+    let both = load(
+        "[ledger]\npath = \"/tmp/x.db\"\n",
+        &[("PAYWATCH_LEDGER__URL", url)],
+    )
+    .expect_err("path in the file, url in the environment");
+    assert!(both.to_string().contains("both"), "{both}");
+    let not_pg = load("[ledger]\nurl = \"mysql://u:hidden-pw@h/d\"\n", &[]).expect_err("mysql");
+    let text = not_pg.to_string();
+    assert!(
+        text.contains("postgresql://") && !text.contains("hidden-pw"),
+        "{text}"
+    );
+    let stray = load("[ledger]\nca_file = \"/etc/hosts\"\n", &[]).expect_err("ca without url");
+    assert!(stray.to_string().contains("'ledger.url'"), "{stray}");
+}
+
+#[test]
+fn the_ledger_password_comes_from_its_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("db-password");
+    std::fs::write(&file, "from-the-file\n").expect("write");
+    let settings = load(
+        &format!(
+            "[ledger]\nurl = \"postgresql://paywatch@db/paywatch\"\npassword_file = \"{}\"\n",
+            file.display()
+        ),
+        &[],
+    )
+    .expect("valid");
+    let password = settings
+        .ledger
+        .password()
+        .expect("read")
+        .expect("a password");
+    assert_eq!(password.expose(), "from-the-file");
+    let missing = load(
+        "[ledger]\nurl = \"postgresql://paywatch@db/paywatch\"\npassword_file = \"/nonexistent/pw\"\n",
+        &[],
+    )
+    .expect_err("missing file");
+    assert!(
+        missing.to_string().contains("'ledger.password_file'"),
+        "{missing}"
+    );
+}
+
+#[test]
+fn the_lease_is_bounded() {
+    for (value, bound) in [("1s", "2s"), ("6m", "5m")] {
+        let error = load(&format!("[ha]\nlease = \"{value}\"\n"), &[]).expect_err(value);
+        let text = error.to_string();
+        assert!(
+            text.contains("'ha.lease'") && text.contains(value) && text.contains(bound),
+            "{text}"
+        );
+    }
+    let settings = load("", &[("PAYWATCH_HA__LEASE", "30s")]).expect("valid");
+    assert_eq!(settings.ha.lease, std::time::Duration::from_secs(30));
 }

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod exposition;
+pub mod postgres;
 pub mod process;
 
 use std::future::Future;

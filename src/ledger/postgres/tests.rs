@@ -1,0 +1,986 @@
+//! The lease, the fence and the migrations against a throwaway cluster (see `cluster.rs`;
+//! skipped without PostgreSQL, failing under `CI=true`).
+
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+
+use super::cluster;
+use super::*;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A fresh migrated database: its target, an operator pool and the database's name.
+async fn ledger_database() -> Option<(Target, Pool, String)> {
+    let url = cluster::database()?;
+    let name = url
+        .rsplit('/')
+        .next()
+        .and_then(|last| last.split('?').next())
+        .unwrap_or_default()
+        .to_owned();
+    let target = Target::parse(&url, None, None).expect("test URL parses");
+    let pool = target.pool(Session::Operator, 4).expect("pool");
+    migrate(&pool, &target).await.expect("migrate");
+    Some((target, pool, name))
+}
+
+fn daemon_pool(target: &Target, idle_limit: Duration) -> Pool {
+    target
+        .pool(Session::Daemon { idle_limit }, 4)
+        .expect("daemon pool")
+}
+
+fn lease(target: &Target, pool: &Pool, name: &str, ttl: Duration) -> Lease {
+    Lease::new(pool.clone(), target.clone(), name.to_owned(), ttl)
+}
+
+/// Waits until `check` holds, failing after [`DEADLINE`].
+async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Ends the lease now by the database's clock (an operator's UPDATE: the local clock of no
+/// daemon is involved).
+fn expire_now(name: &str) {
+    let cluster = cluster::cluster().expect("cluster runs");
+    cluster.psql(
+        name,
+        "UPDATE lease SET expires_at = clock_timestamp() - INTERVAL '1 millisecond'",
+    );
+}
+
+/// A fenced write at `epoch`: notes a discovery round.
+async fn fenced_write(pool: &Pool, target: &Target, epoch: i64) -> Result<(), PgError> {
+    let mut client = pool.get().await.expect("connection");
+    let transaction = client.transaction().await.expect("begin");
+    fence(&transaction, target, epoch).await?;
+    transaction
+        .execute(
+            "INSERT INTO discovery_rounds (kind, started_at, finished_at)
+             VALUES ('test', now(), now())
+             ON CONFLICT (kind) DO UPDATE SET finished_at = now()",
+            &[],
+        )
+        .await
+        .map_err(|error| PgError::from_db(target, &error))?;
+    transaction
+        .commit()
+        .await
+        .map_err(|error| PgError::from_db(target, &error))
+}
+
+#[tokio::test]
+async fn the_first_candidate_wins_epoch_one_and_the_next_waits() {
+    let Some((target, pool, _)) = ledger_database().await else {
+        return;
+    };
+    let ttl = Duration::from_secs(60);
+    let first = lease(&target, &pool, "first", ttl);
+    let second = lease(&target, &pool, "second", ttl);
+    assert_eq!(first.current().await.expect("read"), None);
+    assert_eq!(first.elect().await.expect("elect"), Some(1));
+    assert_eq!(second.elect().await.expect("elect"), None);
+    // Winning again while held is not possible either, even for the holder.
+    assert_eq!(first.elect().await.expect("elect"), None);
+    let row = second.current().await.expect("read").expect("a lease row");
+    assert_eq!(
+        (row.holder.as_str(), row.epoch, row.live),
+        ("first", 1, true)
+    );
+}
+
+#[tokio::test]
+async fn only_the_holder_renews_and_renewal_moves_the_expiry() {
+    let Some((target, pool, _)) = ledger_database().await else {
+        return;
+    };
+    let ttl = Duration::from_secs(30);
+    let holder = lease(&target, &pool, "holder", ttl);
+    let other = lease(&target, &pool, "other", ttl);
+    let epoch = holder.elect().await.expect("elect").expect("won");
+    let before = holder.current().await.expect("read").expect("row");
+    wait_until("the database's clock to move", || async {
+        holder.renew(epoch).await.expect("renew");
+        holder
+            .current()
+            .await
+            .expect("read")
+            .expect("row")
+            .expires_at
+            > before.expires_at
+    })
+    .await;
+    assert!(
+        !other.renew(epoch).await.expect("renew"),
+        "a non-holder renewed"
+    );
+    assert!(
+        !holder.renew(epoch + 1).await.expect("renew"),
+        "renewed an epoch that was never won"
+    );
+}
+
+#[tokio::test]
+async fn the_lease_expires_by_the_database_clock_and_is_never_renewed_after() {
+    let Some((target, pool, name)) = ledger_database().await else {
+        return;
+    };
+    // A long lease by the local clock: only the database's clock can end it here.
+    let ttl = Duration::from_secs(300);
+    let holder = lease(&target, &pool, "holder", ttl);
+    let epoch = holder.elect().await.expect("elect").expect("won");
+    expire_now(&name);
+    let row = holder.current().await.expect("read").expect("row");
+    assert!(
+        !row.live,
+        "the lease is still live after its expiry: {row:?}"
+    );
+    assert!(
+        !holder.renew(epoch).await.expect("renew"),
+        "an expired lease was renewed"
+    );
+    // A lease also runs out by itself.
+    let short = lease(&target, &pool, "short", Duration::from_millis(300));
+    let short_epoch = short.elect().await.expect("elect").expect("won");
+    assert_eq!(short_epoch, epoch + 1);
+    wait_until("the short lease to expire", || async {
+        !short.current().await.expect("read").expect("row").live
+    })
+    .await;
+    assert!(!short.renew(short_epoch).await.expect("renew"));
+}
+
+#[tokio::test]
+async fn a_takeover_gets_the_next_epoch_and_the_old_holder_cannot_renew() {
+    let Some((target, pool, name)) = ledger_database().await else {
+        return;
+    };
+    let ttl = Duration::from_secs(60);
+    let old = lease(&target, &pool, "old", ttl);
+    let new = lease(&target, &pool, "new", ttl);
+    let old_epoch = old.elect().await.expect("elect").expect("won");
+    expire_now(&name);
+    let new_epoch = new.elect().await.expect("elect").expect("won");
+    assert_eq!(new_epoch, old_epoch + 1);
+    assert!(!old.renew(old_epoch).await.expect("renew"));
+    assert!(!old.resign(old_epoch).await.expect("resign"));
+    // The old holder wins again only with yet another epoch.
+    expire_now(&name);
+    assert_eq!(old.elect().await.expect("elect"), Some(new_epoch + 1));
+}
+
+#[tokio::test]
+async fn a_stale_epoch_cannot_write_and_a_daemon_cannot_write_unfenced() {
+    let Some((target, pool, name)) = ledger_database().await else {
+        return;
+    };
+    let daemon = daemon_pool(&target, Duration::from_secs(10));
+    let ttl = Duration::from_secs(60);
+    let old = lease(&target, &pool, "old", ttl);
+    let new = lease(&target, &pool, "new", ttl);
+    let old_epoch = old.elect().await.expect("elect").expect("won");
+    fenced_write(&daemon, &target, old_epoch)
+        .await
+        .expect("the holder writes");
+
+    expire_now(&name);
+    let refused = fenced_write(&daemon, &target, old_epoch)
+        .await
+        .expect_err("an expired epoch wrote");
+    assert!(refused.is_fenced(), "{refused}");
+    let new_epoch = new.elect().await.expect("elect").expect("won");
+    let refused = fenced_write(&daemon, &target, old_epoch)
+        .await
+        .expect_err("a superseded epoch wrote");
+    assert!(refused.is_fenced(), "{refused}");
+    assert!(refused.to_string().contains("not current"), "{refused}");
+    fenced_write(&daemon, &target, new_epoch)
+        .await
+        .expect("the new holder writes");
+
+    // A daemon's connection cannot write without the fence; an operator's can.
+    let client = daemon.get().await.expect("connection");
+    let error = client
+        .execute("DELETE FROM discovery_rounds", &[])
+        .await
+        .expect_err("an unfenced daemon write");
+    assert!(PgError::from_db(&target, &error).is_fenced(), "{error}");
+    let client = pool.get().await.expect("connection");
+    client
+        .execute("DELETE FROM discovery_rounds", &[])
+        .await
+        .expect("an operator writes without the lease");
+}
+
+#[tokio::test]
+async fn an_election_waits_for_the_fenced_writes_under_way() {
+    let Some((target, pool, name)) = ledger_database().await else {
+        return;
+    };
+    let daemon = daemon_pool(&target, Duration::from_secs(60));
+    let ttl = Duration::from_secs(60);
+    let old = lease(&target, &pool, "old", ttl);
+    let old_epoch = old.elect().await.expect("elect").expect("won");
+
+    let mut client = daemon.get().await.expect("connection");
+    let transaction = client.transaction().await.expect("begin");
+    fence(&transaction, &target, old_epoch)
+        .await
+        .expect("fenced");
+    expire_now(&name);
+    let new = lease(&target, &pool, "new", ttl);
+    let election = tokio::spawn(async move { new.elect().await });
+    let cluster = cluster::cluster().expect("cluster runs");
+    wait_until("the election to wait for the write's lock", || async {
+        cluster.psql(
+            &name,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        ) == "1"
+    })
+    .await;
+    assert!(!election.is_finished());
+    // The write begun under the old epoch commits before the new epoch exists.
+    transaction
+        .execute(
+            "INSERT INTO discovery_rounds (kind, started_at, finished_at) VALUES ('w', now(), now())",
+            &[],
+        )
+        .await
+        .expect("write");
+    transaction.commit().await.expect("commit");
+    let won = election.await.expect("join").expect("elect");
+    assert_eq!(won, Some(old_epoch + 1));
+}
+
+#[tokio::test]
+async fn a_paused_writer_cannot_hold_off_an_election_past_its_idle_limit() {
+    let Some((target, pool, name)) = ledger_database().await else {
+        return;
+    };
+    let daemon = daemon_pool(&target, Duration::from_millis(500));
+    let ttl = Duration::from_secs(60);
+    let old = lease(&target, &pool, "old", ttl);
+    let old_epoch = old.elect().await.expect("elect").expect("won");
+    let mut client = daemon.get().await.expect("connection");
+    let transaction = client.transaction().await.expect("begin");
+    fence(&transaction, &target, old_epoch)
+        .await
+        .expect("fenced");
+    // The "paused" writer does nothing more; the server ends its transaction.
+    expire_now(&name);
+    let new = lease(&target, &pool, "new", ttl);
+    let won = tokio::time::timeout(DEADLINE, new.elect())
+        .await
+        .expect("the election finishes")
+        .expect("elect");
+    assert_eq!(won, Some(old_epoch + 1));
+    let late = transaction
+        .execute(
+            "INSERT INTO discovery_rounds (kind, started_at, finished_at) VALUES ('w', now(), now())",
+            &[],
+        )
+        .await;
+    assert!(late.is_err(), "the paused writer's transaction survived");
+}
+
+#[tokio::test]
+async fn resigning_wakes_a_standby_which_takes_over_at_once() {
+    let Some((target, pool, _)) = ledger_database().await else {
+        return;
+    };
+    let ttl = Duration::from_secs(300);
+    let active = lease(&target, &pool, "active", ttl);
+    let standby = lease(&target, &pool, "standby", ttl);
+    let (_listening, mut notifications) = target.listener(Session::Operator).await.expect("listen");
+    let epoch = active.elect().await.expect("elect").expect("won");
+    assert_eq!(
+        tokio::time::timeout(DEADLINE, notifications.recv())
+            .await
+            .expect("notified"),
+        Some(format!("elected {epoch}"))
+    );
+    assert_eq!(standby.elect().await.expect("elect"), None);
+    assert!(active.resign(epoch).await.expect("resign"));
+    assert_eq!(
+        tokio::time::timeout(DEADLINE, notifications.recv())
+            .await
+            .expect("woken well before the 300 s lease ends"),
+        Some(format!("resigned {epoch}"))
+    );
+    assert_eq!(standby.elect().await.expect("elect"), Some(epoch + 1));
+}
+
+#[tokio::test]
+async fn two_daemons_starting_at_once_migrate_once() {
+    let Some(url) = cluster::database() else {
+        return;
+    };
+    let target = Target::parse(&url, None, None).expect("parse");
+    let pool = target.pool(Session::Operator, 4).expect("pool");
+    let (first, second) = tokio::join!(migrate(&pool, &target), migrate(&pool, &target));
+    assert_eq!(first.expect("first"), SCHEMA_VERSION);
+    assert_eq!(second.expect("second"), SCHEMA_VERSION);
+    assert_eq!(
+        migrate(&pool, &target).await.expect("again"),
+        SCHEMA_VERSION
+    );
+}
+
+#[tokio::test]
+async fn a_schema_from_a_newer_paywatch_is_refused_naming_both_versions() {
+    let Some((target, pool, name)) = ledger_database().await else {
+        return;
+    };
+    let cluster = cluster::cluster().expect("cluster runs");
+    let newer = SCHEMA_VERSION + 5;
+    cluster.psql(
+        &name,
+        &format!("UPDATE paywatch_schema SET version = {newer}"),
+    );
+    let error = migrate(&pool, &target).await.expect_err("a newer schema");
+    assert!(matches!(error, PgError::NewerSchema { .. }), "{error:?}");
+    let text = error.to_string();
+    assert!(
+        text.contains(&format!("schema version {newer}"))
+            && text.contains(&format!("only up to {SCHEMA_VERSION}")),
+        "{text}"
+    );
+}
+
+#[test]
+fn urls_keep_their_password_out_of_messages_and_honour_sslmode() {
+    let password = "s3cret-in-url";
+    let target = Target::parse(
+        &format!("postgresql://paywatch:{password}@db.example:6432/ledger?sslmode=verify-full"),
+        None,
+        None,
+    )
+    .expect("parse");
+    assert_eq!(target.tls_mode(), TlsMode::Require);
+    assert_eq!(target.describe(), "db.example:6432/ledger");
+    assert!(!format!("{target:?}").contains(password));
+    assert_eq!(
+        Target::parse("postgresql://u@h/d?sslmode=disable", None, None)
+            .expect("parse")
+            .tls_mode(),
+        TlsMode::Disable
+    );
+    assert_eq!(
+        Target::parse("postgres://u@h/d", None, None)
+            .expect("parse")
+            .tls_mode(),
+        TlsMode::Prefer
+    );
+    let bad = Target::parse(
+        &format!("postgresql://u:{password}@h/d?sslmode=maybe"),
+        None,
+        None,
+    )
+    .expect_err("bad sslmode");
+    assert!(
+        bad.contains("sslmode 'maybe'") && !bad.contains(password),
+        "{bad}"
+    );
+    let both = Target::parse(
+        &format!("postgresql://u:{password}@h/d"),
+        Some(&crate::settings::Secret::new("from-a-file")),
+        None,
+    )
+    .expect_err("two passwords");
+    assert!(!both.contains(password), "{both}");
+    assert!(
+        crate::domain::scrub_secrets(&format!("echo {password}")).contains("[redacted]"),
+        "the URL's password is not registered with the scrubber"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_password_names_the_password_key_and_not_the_password() {
+    let Some((_, _, name)) = ledger_database().await else {
+        return;
+    };
+    let cluster = cluster::cluster().expect("cluster runs");
+    let user = format!("checked_{name}");
+    cluster.psql(
+        &name,
+        &format!("CREATE ROLE {user} LOGIN PASSWORD 'right-password-123'"),
+    );
+    cluster.require_password_for(&user);
+    let url = format!(
+        "postgresql://{user}@127.0.0.1:{}/{name}?sslmode=disable",
+        cluster.port()
+    );
+    let connect = |password: &str| {
+        let target = Target::parse(&url, Some(&crate::settings::Secret::new(password)), None)
+            .expect("parse");
+        async move {
+            let pool = target.pool(Session::Operator, 1).expect("pool");
+            pool.get()
+                .await
+                .map(drop)
+                .map_err(|error| PgError::from_pool(&target, &error))
+        }
+    };
+    let wrong = "wrong-password-xyz";
+    let error = connect(wrong).await.expect_err("a wrong password");
+    let text = error.to_string();
+    assert!(
+        matches!(
+            error,
+            PgError::Refused {
+                key: "ledger.password_file",
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(!text.contains(wrong), "{text}");
+    assert!(
+        text.contains(&format!("127.0.0.1:{}/{name}", cluster.port())),
+        "{text}"
+    );
+    connect("right-password-123")
+        .await
+        .expect("the right password");
+}
+
+/// A loopback TCP proxy in front of the cluster that a test can cut (every connection dropped,
+/// new ones closed at once: the database "lost"), freeze (connections held open, nothing
+/// forwarded: a partition) and restore.
+struct Proxy {
+    port: u16,
+    down: tokio::sync::watch::Sender<bool>,
+    frozen: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    async fn start(upstream: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let (down, _) = tokio::sync::watch::channel(false);
+        let (frozen, _) = tokio::sync::watch::channel(false);
+        let state = down.clone();
+        let freeze = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if *state.borrow() {
+                    continue;
+                }
+                let mut cut = state.subscribe();
+                let mut frozen = freeze.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let cut_off = async {
+                        let _ = cut.wait_for(|down| *down).await;
+                    };
+                    // Frozen: stop forwarding, keep both sockets open.
+                    let freeze = async {
+                        let _ = frozen.wait_for(|frozen| *frozen).await;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        () = cut_off => return,
+                        () = freeze => {}
+                    }
+                    let _ = cut.wait_for(|down| *down).await.map(|_| ());
+                });
+            }
+        });
+        Proxy { port, down, frozen }
+    }
+
+    fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    fn cut(&self) {
+        self.down.send_replace(true);
+    }
+
+    fn restore(&self) {
+        self.down.send_replace(false);
+    }
+}
+
+/// Waits until the role satisfies `wanted`, failing after [`DEADLINE`].
+async fn wait_for_role(
+    roles: &mut tokio::sync::watch::Receiver<Role>,
+    what: &str,
+    wanted: impl FnMut(&Role) -> bool,
+) -> Role {
+    tokio::time::timeout(DEADLINE, roles.wait_for(wanted))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .expect("the keeper runs")
+        .clone()
+}
+
+#[tokio::test]
+async fn a_standby_keeper_takes_over_at_once_when_the_active_one_shuts_down() {
+    let Some((target, pool, _)) = ledger_database().await else {
+        return;
+    };
+    // A lease far longer than the deadline: only the resignation's notification can do it.
+    let ttl = Duration::from_secs(120);
+    let one = tokio_util::sync::CancellationToken::new();
+    let (mut first, first_task) = keeper::spawn(
+        lease(&target, &pool, "one", ttl),
+        target.clone(),
+        one.clone(),
+    );
+    wait_for_role(&mut first, "the first keeper to be active", |role| {
+        *role == Role::Active { epoch: 1 }
+    })
+    .await;
+    let two = tokio_util::sync::CancellationToken::new();
+    let (mut second, second_task) = keeper::spawn(
+        lease(&target, &pool, "two", ttl),
+        target.clone(),
+        two.clone(),
+    );
+    wait_for_role(&mut second, "the second keeper to see the holder", |role| {
+        *role
+            == Role::Standby {
+                holder: Some(("one".to_owned(), 1)),
+            }
+    })
+    .await;
+    one.cancel();
+    first_task.await.expect("the first keeper stops");
+    assert_eq!(first.borrow().epoch(), None);
+    wait_for_role(&mut second, "the standby to take over", |role| {
+        *role == Role::Active { epoch: 2 }
+    })
+    .await;
+    two.cancel();
+    second_task.await.expect("the second keeper stops");
+}
+
+#[tokio::test]
+async fn a_killed_active_keeper_is_replaced_when_its_lease_runs_out() {
+    let Some((target, pool, _)) = ledger_database().await else {
+        return;
+    };
+    let ttl = Duration::from_secs(2);
+    let (mut first, first_task) = keeper::spawn(
+        lease(&target, &pool, "one", ttl),
+        target.clone(),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    wait_for_role(&mut first, "the first keeper to be active", |role| {
+        role.epoch().is_some()
+    })
+    .await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (mut second, _second_task) = keeper::spawn(
+        lease(&target, &pool, "two", ttl),
+        target.clone(),
+        cancel.clone(),
+    );
+    wait_for_role(&mut second, "the second keeper to stand by", |role| {
+        matches!(role, Role::Standby { holder: Some(_) })
+    })
+    .await;
+    // As SIGKILL: no resignation, no more renewals.
+    let killed = tokio::time::Instant::now();
+    first_task.abort();
+    wait_for_role(&mut second, "the standby to take over", |role| {
+        *role == Role::Active { epoch: 2 }
+    })
+    .await;
+    let took = killed.elapsed();
+    assert!(
+        took >= ttl / 3,
+        "took over after {took:?}, before the {ttl:?} lease could have run out"
+    );
+    eprintln!("takeover after a killed keeper with a {ttl:?} lease: {took:?}");
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn losing_the_database_stops_the_active_keeper_which_retakes_the_lease_later() {
+    let Some((_, _, name)) = ledger_database().await else {
+        return;
+    };
+    let cluster = cluster::cluster().expect("cluster runs");
+    let proxy = Proxy::start(cluster.port()).await;
+    let url = format!(
+        "postgresql://postgres@127.0.0.1:{}/{name}?sslmode=disable",
+        proxy.port
+    );
+    let target = Target::parse(&url, None, None).expect("parse");
+    let pool = target.pool(Session::Operator, 2).expect("pool");
+    let ttl = Duration::from_secs(2);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (mut roles, _task) = keeper::spawn(
+        lease(&target, &pool, "one", ttl),
+        target.clone(),
+        cancel.clone(),
+    );
+    wait_for_role(&mut roles, "the keeper to be active", |role| {
+        *role == Role::Active { epoch: 1 }
+    })
+    .await;
+    proxy.cut();
+    let cut = tokio::time::Instant::now();
+    wait_for_role(&mut roles, "the keeper to stop acting", |role| {
+        role.epoch().is_none()
+    })
+    .await;
+    assert!(
+        cut.elapsed() <= ttl + Duration::from_secs(1),
+        "still active {:?} after the database was lost, with a {ttl:?} lease",
+        cut.elapsed()
+    );
+    proxy.restore();
+    wait_for_role(&mut roles, "the keeper to take the lease again", |role| {
+        *role == Role::Active { epoch: 2 }
+    })
+    .await;
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn tls_checks_the_server_against_ca_file_and_a_failure_names_the_key() {
+    let Some((_, _, name)) = ledger_database().await else {
+        return;
+    };
+    let cluster = cluster::cluster().expect("cluster runs");
+    let certificates = crate::sandbox::TestCertificates::generate().expect("certificates");
+    cluster.enable_tls(&certificates.server_cert_pem, &certificates.server_key_pem);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = dir.path().join("db-ca.pem");
+    std::fs::write(&ca_file, &certificates.ca_pem).expect("write CA");
+    let url = |mode: &str| {
+        format!(
+            "postgresql://postgres@127.0.0.1:{}/{name}?sslmode={mode}",
+            cluster.port()
+        )
+    };
+    // The server's certificate checked against ca_file, and its name (127.0.0.1).
+    let target = Target::parse(&url("verify-full"), None, Some(&ca_file)).expect("parse");
+    let pool = target.pool(Session::Operator, 1).expect("pool");
+    let client = pool.get().await.expect("a TLS connection");
+    let encrypted: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("query")
+        .get(0);
+    assert!(encrypted, "the connection is not encrypted");
+    // Without ca_file the test CA is unknown: refused, naming the key to check.
+    for mode in ["require", "prefer"] {
+        let target = Target::parse(&url(mode), None, None).expect("parse");
+        let error = target
+            .pool(Session::Operator, 1)
+            .expect("pool")
+            .get()
+            .await
+            .map(drop)
+            .map_err(|error| PgError::from_pool(&target, &error))
+            .expect_err("an unknown CA");
+        assert!(
+            matches!(
+                error,
+                PgError::Refused {
+                    key: "ledger.ca_file",
+                    ..
+                }
+            ),
+            "{mode}: {error:?}"
+        );
+    }
+}
+
+fn ledger_settings(url: &str) -> crate::settings::LedgerSettings {
+    crate::settings::LedgerSettings {
+        url: Some(crate::settings::Secret::new(url)),
+        ..crate::settings::LedgerSettings::default()
+    }
+}
+
+#[tokio::test]
+async fn opening_migrates_and_failures_name_the_key_or_the_host() {
+    let Some(url) = cluster::database() else {
+        return;
+    };
+    let store = PgStore::open(&ledger_settings(&url), Session::Operator)
+        .await
+        .expect("open");
+    let lease = store.lease(&crate::settings::HaSettings::default());
+    assert_eq!(lease.ttl(), Duration::from_secs(10));
+    assert_eq!(lease.elect().await.expect("elect"), Some(1));
+
+    let bad = PgStore::open(
+        &ledger_settings("postgresql://u:pw-not-shown@h/d?sslmode=sometimes"),
+        Session::Operator,
+    )
+    .await
+    .expect_err("a bad sslmode");
+    assert_eq!(bad.exit_code(), 2);
+    let text = bad.to_string();
+    assert!(
+        text.contains("'ledger.url'") && !text.contains("pw-not-shown"),
+        "{text}"
+    );
+
+    // Nothing listens on port 9 of the loopback.
+    let away = PgStore::open(
+        &ledger_settings("postgresql://u:pw-not-shown@127.0.0.1:9/d?sslmode=disable"),
+        Session::Operator,
+    )
+    .await
+    .expect_err("no server");
+    assert_eq!(away.exit_code(), 1, "{away:?}");
+    let text = away.to_string();
+    assert!(
+        text.contains("127.0.0.1:9/d") && !text.contains("pw-not-shown"),
+        "{text}"
+    );
+}
+
+fn facts(id: &str) -> crate::paymennt::wire::CheckoutFacts {
+    crate::paymennt::wire::CheckoutFacts {
+        id: id.parse::<crate::domain::CheckoutId>().expect("id"),
+        order_id: Some(format!("order-{id}")),
+        request_id: None,
+        display_id: None,
+        amount: "12.50".parse().expect("amount"),
+        currency: "AED".parse().expect("currency"),
+        status: None,
+        total_refunded: None,
+        redirect_url: None,
+        location: Some(crate::domain::FirestoreLocation {
+            project: "pc-test".into(),
+            database: "(default)".into(),
+            collection: "checkouts".into(),
+            document: format!("doc-{id}"),
+        }),
+    }
+}
+
+#[tokio::test]
+async fn a_daemon_store_writes_only_while_active_and_only_at_the_current_epoch() {
+    let Some(url) = cluster::database() else {
+        return;
+    };
+    let session = Session::Daemon {
+        idle_limit: Duration::from_secs(10),
+    };
+    let operator = PgStore::open(&ledger_settings(&url), Session::Operator)
+        .await
+        .expect("open");
+    let lease = lease(
+        operator.target(),
+        operator.pool(),
+        "daemon",
+        Duration::from_secs(60),
+    );
+    let (role, roles) = tokio::sync::watch::channel(Role::Standby { holder: None });
+    let daemon = PgStore::open(&ledger_settings(&url), session)
+        .await
+        .expect("open")
+        .with_role(roles);
+    let point = |id: &str, token: &[u8]| crate::ledger::ResumePoint {
+        checkout_id: id.parse::<crate::domain::CheckoutId>().expect("id"),
+        token: token.to_vec(),
+        read_time: None,
+    };
+
+    // Standing by: nothing is written.
+    let refused = daemon
+        .track(&facts("1001"), crate::domain::TrackedVia::Track)
+        .await
+        .expect_err("a standby tracked");
+    assert!(refused.is_fenced(), "{refused}");
+
+    // Active: tracking and moving a cursor work.
+    let epoch = lease.elect().await.expect("elect").expect("won");
+    role.send_replace(Role::Active { epoch });
+    assert_eq!(
+        daemon
+            .track(&facts("1001"), crate::domain::TrackedVia::Track)
+            .await
+            .expect("track"),
+        crate::ledger::TrackOutcome::Added
+    );
+    assert_eq!(
+        daemon
+            .track(&facts("1001"), crate::domain::TrackedVia::Track)
+            .await
+            .expect("track"),
+        crate::ledger::TrackOutcome::AlreadyTracked
+    );
+    daemon
+        .save_resume_points(&[point("1001", b"first")])
+        .await
+        .expect("save");
+
+    // Paused past the lease: the role still says active (the keeper did not run), but the
+    // database refuses the epoch, and the cursor stays where it was.
+    let cluster = cluster::cluster().expect("cluster runs");
+    let name = url
+        .rsplit('/')
+        .next()
+        .and_then(|last| last.split('?').next())
+        .unwrap_or_default()
+        .to_owned();
+    expire_now(&name);
+    let refused = daemon
+        .save_resume_points(&[point("1001", b"stale")])
+        .await
+        .expect_err("a stale cursor moved");
+    assert!(refused.is_fenced(), "{refused}");
+    let refused = daemon
+        .track(&facts("1002"), crate::domain::TrackedVia::Track)
+        .await
+        .expect_err("a stale epoch tracked");
+    assert!(refused.is_fenced(), "{refused}");
+    assert_eq!(
+        cluster.psql(
+            &name,
+            "SELECT encode(resume_token, 'escape') FROM listen_targets"
+        ),
+        "first"
+    );
+    assert_eq!(cluster.psql(&name, "SELECT count(*) FROM checkouts"), "1");
+    assert_eq!(
+        cluster.psql(&name, "SELECT amount::TEXT FROM checkouts"),
+        "12.50"
+    );
+    // An operator's command needs no lease.
+    assert_eq!(
+        operator
+            .track(&facts("1003"), crate::domain::TrackedVia::Track)
+            .await
+            .expect("track"),
+        crate::ledger::TrackOutcome::Added
+    );
+}
+
+#[tokio::test]
+async fn an_active_keeper_whose_database_stops_answering_stops_acting_by_its_deadline() {
+    let Some((_, _, name)) = ledger_database().await else {
+        return;
+    };
+    let cluster = cluster::cluster().expect("cluster runs");
+    let proxy = Proxy::start(cluster.port()).await;
+    let url = format!(
+        "postgresql://postgres@127.0.0.1:{}/{name}?sslmode=disable",
+        proxy.port
+    );
+    let target = Target::parse(&url, None, None).expect("parse");
+    let pool = target.pool(Session::Operator, 2).expect("pool");
+    let ttl = Duration::from_secs(2);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let (mut roles, _task) = keeper::spawn(
+        lease(&target, &pool, "one", ttl),
+        target.clone(),
+        cancel.clone(),
+    );
+    wait_for_role(&mut roles, "the keeper to be active", |role| {
+        role.epoch().is_some()
+    })
+    .await;
+    // A partition: the renewal is sent and never answered, and no error comes back either.
+    proxy.freeze();
+    let frozen = tokio::time::Instant::now();
+    wait_for_role(&mut roles, "the keeper to stop acting", |role| {
+        role.epoch().is_none()
+    })
+    .await;
+    assert!(
+        frozen.elapsed() <= ttl + Duration::from_secs(1),
+        "still active {:?} into a partition, with a {ttl:?} lease",
+        frozen.elapsed()
+    );
+    proxy.cut();
+    cancel.cancel();
+}
+
+#[tokio::test]
+async fn tickets_discovery_rounds_and_tokens_behave_as_on_sqlite() {
+    let Some(url) = cluster::database() else {
+        return;
+    };
+    let store = PgStore::open(&ledger_settings(&url), Session::Operator)
+        .await
+        .expect("open");
+    let last = store.last_ticket().await.expect("last");
+    let first = store.issue_ticket().await.expect("issue");
+    let second = store.issue_ticket().await.expect("issue");
+    assert!(last.number() < first.number() && first.number() < second.number());
+    assert_eq!(store.last_ticket().await.expect("last"), second);
+
+    let start = chrono::DateTime::parse_from_rfc3339("2026-01-02T03:04:05.678Z")
+        .expect("time")
+        .with_timezone(&chrono::Utc);
+    let epoch = store.begin_discovery_epoch(start).await.expect("epoch");
+    assert_eq!(epoch, start);
+    let later = start + chrono::Duration::hours(1);
+    assert_eq!(
+        store.begin_discovery_epoch(later).await.expect("epoch"),
+        start,
+        "the epoch is set once"
+    );
+    assert_eq!(
+        store.last_discovery_round("LINK").await.expect("round"),
+        None
+    );
+    store
+        .finish_discovery_round("LINK", later)
+        .await
+        .expect("finish");
+    assert_eq!(
+        store.last_discovery_round("LINK").await.expect("round"),
+        Some(later)
+    );
+
+    store
+        .track(&facts("2001"), crate::domain::TrackedVia::Track)
+        .await
+        .expect("track");
+    let id: crate::domain::CheckoutId = "2001".parse().expect("id");
+    store
+        .save_resume_points(&[crate::ledger::ResumePoint {
+            checkout_id: id.clone(),
+            token: b"t".to_vec(),
+            read_time: Some(later),
+        }])
+        .await
+        .expect("save");
+    store.forget_resume_token(&id).await.expect("forget");
+    store.clear_listen_refusals().await.expect("clear");
+    let name = url
+        .rsplit('/')
+        .next()
+        .and_then(|last| last.split('?').next())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(
+        cluster::cluster()
+            .expect("cluster runs")
+            .psql(&name, "SELECT count(*) FROM listen_targets"),
+        "0"
+    );
+}
