@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::{UsageError, checkouts, output};
 use crate::domain::{CheckoutStatus, printable};
 use crate::hooks::runner::{self, Ending};
-use crate::hooks::{HookEvent, HookSpec};
+use crate::hooks::{HookEvent, HookSpec, HookTarget, post};
 use crate::ledger::{DeliveryFilter, DeliveryState, Ledger};
 use crate::settings::{Settings, SettingsError};
 
@@ -32,7 +32,8 @@ pub enum HooksCommand {
     /// merchant whose system lost data.
     Replay(ReplayArgs),
     /// Run a hook once with a realistic synthetic event marked as a test (`"test": true`,
-    /// PAYWATCH_TEST=1), to check a script before going live. The ledger is not touched.
+    /// PAYWATCH_TEST=1), to check a script before going live; a URL hook gets the signed
+    /// POST, and the answer's status and time are printed. The ledger is not touched.
     Test(TestArgs),
 }
 
@@ -326,7 +327,8 @@ fn unknown_hook(settings: &Settings, name: &str) -> UsageError {
     UsageError(format!("no hook named '{}'\n\n{known}", printable(name)))
 }
 
-/// `hooks test`: runs the hook once with a synthetic event; fails unless it exits 0.
+/// `hooks test`: runs the hook once with a synthetic event (or POSTs it to a URL hook); fails
+/// unless it exits 0 (or the endpoint answers 2xx).
 async fn test(settings: &Settings, args: &TestArgs) -> anyhow::Result<()> {
     let status = parse_status(&args.status)?;
     let hook = settings
@@ -351,16 +353,22 @@ async fn test(settings: &Settings, args: &TestArgs) -> anyhow::Result<()> {
             }
         })
     };
-    let outcome = runner::run(&spec.command, &event, &stop).await;
+    let outcome = match &spec.target {
+        HookTarget::Command(command) => runner::run(command, &event, &stop).await,
+        HookTarget::Url(url) => post::deliver(url, &event, &stop).await,
+    };
     ctrl_c.abort();
     output::write_out(&test_report(&spec, &event, &outcome))?;
     if outcome.delivered() {
         return Ok(());
     }
     let consequence = match (&outcome.ending, outcome.exit_code()) {
-        (Ending::Stopped(_), _) => "",
+        (Ending::Stopped(_) | Ending::Interrupted(_), _) => "",
         (_, Some(code)) if spec.policy.permanent_exit_codes.contains(&code) => {
             " (a permanent exit code: a real delivery would be dead at once)"
+        }
+        (Ending::Answered(answer), _) if answer.is_permanent() => {
+            " (a permanent answer: a real delivery would be dead at once)"
         }
         _ => " (a real delivery would be retried)",
     };
@@ -372,17 +380,25 @@ async fn test(settings: &Settings, args: &TestArgs) -> anyhow::Result<()> {
 }
 
 fn test_report(spec: &HookSpec, event: &HookEvent, outcome: &runner::HookOutcome) -> String {
-    let command = &spec.command;
-    let mut argv = vec![command.program.display().to_string()];
-    argv.extend(command.args.iter().map(|arg| printable(arg)));
+    let what = match &spec.target {
+        HookTarget::Command(command) => {
+            let mut argv = vec![command.program.display().to_string()];
+            argv.extend(command.args.iter().map(|arg| printable(arg)));
+            format!("command  {}", argv.join(" "))
+        }
+        HookTarget::Url(url) => format!(
+            "url      POST {}",
+            crate::settings::shown_url(url.url.as_str())
+        ),
+    };
     let verdict = if outcome.delivered() {
         "delivered"
     } else {
         "NOT delivered"
     };
     let mut lines = vec![
-        format!("hook     {}", command.name),
-        format!("command  {}", argv.join(" ")),
+        format!("hook     {}", spec.name()),
+        what,
         format!(
             "event    {} (test) {} -> {}, order {}",
             event.event_id,
@@ -400,6 +416,19 @@ fn test_report(spec: &HookSpec, event: &HookEvent, outcome: &runner::HookOutcome
             outcome.duration.as_millis()
         ),
     ];
+    if let Ending::Answered(answer) = &outcome.ending {
+        // A URL hook has no output; its answer's start is what the endpoint said.
+        lines.push(format!("status   {}", answer.status));
+        if answer.excerpt.is_empty() {
+            lines.push("answer   (empty)".to_owned());
+        } else {
+            lines.push(format!("answer   {}", answer.excerpt));
+        }
+        return lines.join("\n");
+    }
+    if matches!(spec.target, HookTarget::Url(_)) {
+        return lines.join("\n");
+    }
     for (name, tail) in [
         ("stdout", &outcome.stdout_tail),
         ("stderr", &outcome.stderr_tail),

@@ -103,7 +103,7 @@ pub fn check_open_file_limit(
 
 /// The warning for a daemon running as root with hooks that would run as root too: such a
 /// hook can read the daemon's environment and memory (root keeps CAP_SYS_PTRACE, so being
-/// non-dumpable does not stop it). `None` when not root, or every hook has a `run_as`.
+/// non-dumpable does not stop it). `None` when not root, or every command hook has a `run_as`.
 pub fn root_warning(
     running_as_root: bool,
     hooks: &[crate::settings::HookSettings],
@@ -113,7 +113,8 @@ pub fn root_warning(
     }
     let as_root: Vec<&str> = hooks
         .iter()
-        .filter(|hook| hook.run_as.is_none())
+        // A URL hook runs no process (and cannot have a run_as).
+        .filter(|hook| hook.run_as.is_none() && hook.url.is_none())
         .map(|hook| hook.name.as_str())
         .collect();
     if as_root.is_empty() {

@@ -1,15 +1,18 @@
-//! Hooks ready to run: `[[hooks]]` settings turned into resolved commands and retry policies.
+//! Hooks ready to run: `[[hooks]]` settings turned into resolved commands or URL hooks, and
+//! retry policies.
 //!
 //! Owns: the settings-time checks a hook needs before it can run (its program exists and is
 //! executable, found once now rather than at every run; its environment names are valid; its
-//! timeout is positive) and the [`HookSet`] the dispatcher looks hooks up in.
-//! Must never: run anything, or resolve a program again later (a hook runs the file that was
-//! checked when the settings were loaded; SIGHUP reloads resolve again).
+//! timeout is positive; a URL hook's secrets are read and checked and its client built) and
+//! the [`HookSet`] the dispatcher looks hooks up in.
+//! Must never: run anything, or resolve a program or read a secret again later (a hook runs
+//! what was checked when the settings were loaded; SIGHUP reloads resolve again).
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::sync::Arc;
 
+use crate::hooks::post::UrlHook;
 use crate::hooks::retry::{DEFAULT_MAX_ATTEMPTS, RetryPolicy, RetrySchedule};
 use crate::hooks::runner::{HookCommand, resolve_program, resolve_run_as, validate_env_name};
 use crate::settings::{HookSettings, Settings, SettingsError};
@@ -17,10 +20,37 @@ use crate::settings::{HookSettings, Settings, SettingsError};
 /// One hook: what to run and how to retry it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HookSpec {
-    /// The command, its program an absolute path.
-    pub command: HookCommand,
+    /// The command to run or the URL to POST to.
+    pub target: HookTarget,
     /// How failed deliveries are retried and given up.
     pub policy: RetryPolicy,
+}
+
+/// What a hook is: a command or a URL (exactly one of the settings' `command` and `url`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum HookTarget {
+    /// A command, its program an absolute path.
+    Command(HookCommand),
+    /// An endpoint POSTed to, signed per Standard Webhooks.
+    Url(UrlHook),
+}
+
+impl HookSpec {
+    /// A command hook with the default retry policy.
+    pub fn command(command: HookCommand) -> HookSpec {
+        HookSpec {
+            target: HookTarget::Command(command),
+            policy: RetryPolicy::default(),
+        }
+    }
+
+    /// The hook's configured name.
+    pub fn name(&self) -> &str {
+        match &self.target {
+            HookTarget::Command(command) => &command.name,
+            HookTarget::Url(url) => &url.name,
+        }
+    }
 }
 
 impl HookSpec {
@@ -46,6 +76,23 @@ impl HookSpec {
         running_as_root: bool,
     ) -> Result<HookSpec, String> {
         let name = &settings.name;
+        let policy = RetryPolicy {
+            max_attempts: settings.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+            max_age: settings.max_age,
+            permanent_exit_codes: settings.permanent_exit_codes.clone(),
+            schedule: RetrySchedule::standard(),
+        };
+        if settings.url.is_some() {
+            if settings.timeout.is_zero() {
+                return Err(format!("hook '{name}': 'timeout' must be greater than 0"));
+            }
+            let hook =
+                UrlHook::resolve(settings).map_err(|error| format!("hook '{name}': {error}"))?;
+            return Ok(HookSpec {
+                target: HookTarget::Url(hook),
+                policy,
+            });
+        }
         let argv0 = settings.command.first().map(String::as_str).unwrap_or("");
         let hook_path = settings.env.get("PATH").map(OsString::from);
         let path_var = hook_path.as_deref().or(path_var);
@@ -71,13 +118,8 @@ impl HookSpec {
             .transpose()
             .map_err(|error| format!("hook '{name}': {error}"))?;
         Ok(HookSpec {
-            command,
-            policy: RetryPolicy {
-                max_attempts: settings.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
-                max_age: settings.max_age,
-                permanent_exit_codes: settings.permanent_exit_codes.clone(),
-                schedule: RetrySchedule::standard(),
-            },
+            target: HookTarget::Command(command),
+            policy,
         })
     }
 }
@@ -130,8 +172,9 @@ impl HookSet {
         let mut set = HookSet::default();
         for (index, hook) in hooks.iter().enumerate() {
             let spec = HookSpec::resolve_with(hook, path_var, running_as_root).map_err(|message| {
-                if message.contains("\n\n") {
-                    // It names its own next step (a run_as problem).
+                if message.contains("\n\n") || hook.url.is_some() {
+                    // It names its own next step (a run_as or secret problem), or it is a URL
+                    // hook's (its message names the key).
                     SettingsError(format!("{origin}: {message}"))
                 } else {
                     SettingsError(format!(
@@ -150,7 +193,7 @@ impl HookSet {
         HookSet {
             hooks: specs
                 .into_iter()
-                .map(|spec| (spec.command.name.clone(), Arc::new(spec)))
+                .map(|spec| (spec.name().to_owned(), Arc::new(spec)))
                 .collect(),
         }
     }
@@ -203,6 +246,14 @@ mod tests {
             env: Default::default(),
             permanent_exit_codes: vec![],
             run_as: None,
+            ..HookSettings::for_tests(name, &[])
+        }
+    }
+
+    fn command_of(set: &HookSet, name: &str) -> HookCommand {
+        match &set.get(name).expect("hook").target {
+            HookTarget::Command(command) => command.clone(),
+            HookTarget::Url(_) => panic!("a command hook"),
         }
     }
 
@@ -220,13 +271,13 @@ mod tests {
         let set = HookSet::resolve(&[settings], Some(dir.path().as_os_str()), "test.toml")
             .expect("resolves");
         let spec = set.get("mark").expect("by name");
-        assert_eq!(spec.command.program, program);
-        assert_eq!(spec.command.args, ["--db", "shop $(x)"]);
-        assert_eq!(spec.command.timeout, Duration::from_secs(7));
-        assert_eq!(
-            spec.command.env.get("SHOP").map(String::as_str),
-            Some("prod")
-        );
+        let HookTarget::Command(command) = &spec.target else {
+            panic!("a command hook");
+        };
+        assert_eq!(command.program, program);
+        assert_eq!(command.args, ["--db", "shop $(x)"]);
+        assert_eq!(command.timeout, Duration::from_secs(7));
+        assert_eq!(command.env.get("SHOP").map(String::as_str), Some("prod"));
         assert_eq!(spec.policy.max_attempts, 3);
         assert_eq!(spec.policy.max_age, Some(Duration::from_secs(60)));
         assert_eq!(spec.policy.permanent_exit_codes, [64]);
@@ -246,7 +297,7 @@ mod tests {
         let set = HookSet::resolve(&[settings], Some(OsStr::new("/nonexistent")), "t")
             .expect("found on the hook's PATH");
         let spec = set.get("n").expect("by name");
-        assert_eq!(spec.command.program, program);
+        assert!(matches!(&spec.target, HookTarget::Command(c) if c.program == program));
         assert_eq!(spec.policy.max_attempts, DEFAULT_MAX_ATTEMPTS);
         assert_eq!(spec.policy.schedule, RetrySchedule::standard());
     }
@@ -310,7 +361,7 @@ mod tests {
         );
 
         let set = HookSet::resolve_with(&[switched.clone()], None, "t", true).expect("root");
-        let run_as = set.get("mark-paid").expect("hook").command.run_as.clone();
+        let run_as = command_of(&set, "mark-paid").run_as;
         assert_eq!(
             run_as,
             Some(crate::hooks::runner::RunAs {
@@ -321,7 +372,7 @@ mod tests {
         );
         switched.run_as = Some("12345:54321".into());
         let set = HookSet::resolve_with(&[switched.clone()], None, "t", true).expect("ids");
-        let run_as = set.get("mark-paid").expect("hook").command.run_as.clone();
+        let run_as = command_of(&set, "mark-paid").run_as;
         assert_eq!(run_as.map(|r| (r.uid, r.gid)), Some((12345, 54321)));
 
         for (value, problem) in [

@@ -72,8 +72,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::domain::parse_decimal;
-use crate::hooks::config::{HookSet, HookSpec};
+use crate::hooks::config::{HookSet, HookSpec, HookTarget};
 use crate::hooks::event::HookEvent;
+use crate::hooks::post;
 use crate::hooks::retry::RetryPolicy;
 use crate::hooks::runner::{self, HookOutcome};
 use crate::ledger::{Delivery, DeliveryUpdate, Ledger};
@@ -461,18 +462,18 @@ async fn attempt(
                     panic!("a test asked this attempt to panic");
                 }
                 #[cfg(test)]
-                let outcome = match tests::injected_spawn_error(&delivery.hook) {
-                    Some(error) => HookOutcome {
-                        ending: runner::spawn_failure(&spec.command, &error),
+                let outcome = match (tests::injected_spawn_error(&delivery.hook), &spec.target) {
+                    (Some(error), HookTarget::Command(command)) => HookOutcome {
+                        ending: runner::spawn_failure(command, &error),
                         duration: Duration::ZERO,
                         stdout_tail: String::new(),
                         stderr_tail: String::new(),
                         pid: None,
                     },
-                    None => runner::run(&spec.command, &event, &kill).await,
+                    _ => run_hook(&spec.target, &event, &kill).await,
                 };
                 #[cfg(not(test))]
-                let outcome = runner::run(&spec.command, &event, &kill).await;
+                let outcome = run_hook(&spec.target, &event, &kill).await;
                 let update = decide(&spec.policy, &delivery, &outcome);
                 metrics.hook_attempt(&delivery.hook, update.label(), Some(outcome.duration));
                 note_starvation(&shared, &delivery, &update);
@@ -535,6 +536,14 @@ async fn attempt(
         retry_at: None,
     });
     shared.wake.notify_one();
+}
+
+/// Runs a command hook, or POSTs to a URL hook: one attempt, to an exact outcome.
+async fn run_hook(target: &HookTarget, event: &HookEvent, kill: &CancellationToken) -> HookOutcome {
+    match target {
+        HookTarget::Command(command) => runner::run(command, event, kill).await,
+        HookTarget::Url(hook) => post::deliver(hook, event, kill).await,
+    }
 }
 
 /// Logs, once per episode, that paywatch cannot start hooks for lack of descriptors or
@@ -685,7 +694,10 @@ fn log_outcome(delivery: &Delivery, outcome: &HookOutcome, update: &DeliveryUpda
                 .to_std()
                 .unwrap_or(Duration::ZERO);
             let retry_in = humantime::format_duration(Duration::from_secs(retry_in.as_secs()));
-            if matches!(outcome.ending, runner::Ending::Stopped(_)) {
+            if matches!(
+                outcome.ending,
+                runner::Ending::Stopped(_) | runner::Ending::Interrupted(_)
+            ) {
                 tracing::warn!(
                     %event_id, %hook, %checkout, %status, attempt, duration_ms,
                     outcome = %error,

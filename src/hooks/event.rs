@@ -1,5 +1,5 @@
 //! The hook event: what a hook is told about one verified status change, on stdin and in its
-//! environment.
+//! environment, or as the body of a URL hook's POST (the same document: one schema for both).
 //!
 //! Owns: the JSON document written to a hook's stdin ([`HookEvent::to_json`]), the `PAYWATCH_*`
 //! variables ([`HookEvent::env_vars`]) and the synthetic event of `paywatch hooks test`

@@ -6,15 +6,20 @@
 //!
 //! # Rules
 //!
-//! - Exit 0: delivered.
+//! - Exit 0, or a 2xx answer of a URL hook: delivered.
 //! - An exit code in `permanent_exit_codes`: dead at once (the hook said "never retry this").
-//! - Stopped by shutdown (or not started because paywatch was stopping): pending again, due
-//!   at once, never dead. It was paywatch that stopped, not the hook that failed.
+//! - A 4xx answer other than 408 and 429: dead at once (the endpoint refuses this event).
+//! - A 429 or 503 with `Retry-After`: retried no sooner than it asks (at most
+//!   [`crate::hooks::answer::MAX_RETRY_AFTER`]) and no sooner than the schedule says.
+//! - Stopped by shutdown (a URL hook's request abandoned too), or not started because paywatch
+//!   was stopping: pending again, due at once, never dead. It was paywatch that stopped, not
+//!   the hook that failed.
 //! - Not started because paywatch was out of descriptors or processes ([`Ending::NoResources`]):
 //!   postponed by [`NO_RESOURCES_RETRY`] without counting the attempt, never dead (issue 21).
-//! - Anything else (another exit code, a signal, a timeout, a spawn or wait failure): dead if
-//!   this was attempt `max_attempts`, or if the delivery was queued more than `max_age` ago;
-//!   otherwise retried after the schedule's delay for this attempt, with jitter.
+//! - Anything else (another exit code, a signal, a timeout, a spawn or wait failure, a 3xx,
+//!   408, 429 or 5xx answer, no answer at all): dead if this was attempt `max_attempts`, or if
+//!   the delivery was queued more than `max_age` ago; otherwise retried after the schedule's
+//!   delay for this attempt, with jitter.
 
 use std::time::Duration;
 
@@ -163,7 +168,7 @@ impl RetryPolicy {
                 error: described,
             };
         }
-        if matches!(outcome.ending, Ending::Stopped(_)) {
+        if matches!(outcome.ending, Ending::Stopped(_) | Ending::Interrupted(_)) {
             return DeliveryUpdate::Retry {
                 next_attempt_at: now,
                 exit_code,
@@ -176,6 +181,14 @@ impl RetryPolicy {
             return DeliveryUpdate::Dead {
                 exit_code,
                 error: format!("{described}: a permanent exit code, not retried"),
+            };
+        }
+        if let Ending::Answered(answer) = &outcome.ending
+            && answer.is_permanent()
+        {
+            return DeliveryUpdate::Dead {
+                exit_code,
+                error: format!("{described}: a permanent answer (4xx), not retried"),
             };
         }
         if attempt >= self.max_attempts {
@@ -197,7 +210,13 @@ impl RetryPolicy {
                 };
             }
         }
-        let delay = self.schedule.delay(attempt, unit);
+        let mut delay = self.schedule.delay(attempt, unit);
+        if let Ending::Answered(answer) = &outcome.ending
+            && let Some(asked) = answer.asked_wait()
+        {
+            // Retry-After is honoured (never sooner than asked), within its bound.
+            delay = delay.max(asked);
+        }
         let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1));
         DeliveryUpdate::Retry {
             next_attempt_at: now + delay,
@@ -395,6 +414,86 @@ mod tests {
             };
             assert_eq!(next_attempt_at, at(100), "due at once (at the next start)");
         }
+    }
+
+    fn answered(status: u16, retry_after: Option<u64>) -> HookOutcome {
+        outcome(Ending::Answered(crate::hooks::answer::HttpAnswer {
+            status,
+            retry_after: retry_after.map(Duration::from_secs),
+            location: None,
+            excerpt: "no".into(),
+        }))
+    }
+
+    /// Issue 24: a URL hook's 2xx is delivered; 408, 429, 5xx and 3xx are retried on the
+    /// schedule; another 4xx is dead at once, even with attempts left.
+    #[test]
+    fn http_answers_are_delivered_retried_or_dead_by_status() {
+        for status in [200, 201, 204, 299] {
+            let update = policy().decide(&answered(status, None), 1, at(0), at(0));
+            assert_eq!(update, DeliveryUpdate::Delivered, "{status}");
+        }
+        for status in [301, 302, 307, 408, 429, 500, 502, 503, 599] {
+            let update = policy().decide(&answered(status, None), 1, at(0), at(10));
+            let DeliveryUpdate::Retry {
+                next_attempt_at,
+                exit_code,
+                ..
+            } = update
+            else {
+                panic!("{status} is retried, got {update:?}");
+            };
+            assert_eq!(next_attempt_at, at(15), "{status}: the schedule's step");
+            assert_eq!(exit_code, None);
+        }
+        for status in [400, 401, 403, 404, 410, 422] {
+            let update = policy().decide(&answered(status, None), 1, at(0), at(0));
+            let DeliveryUpdate::Dead { error, .. } = &update else {
+                panic!("{status} is permanent, got {update:?}");
+            };
+            assert!(error.contains("a permanent answer"), "{error}");
+            assert!(error.contains(&format!("HTTP {status}")), "{error}");
+        }
+        let update = policy().decide(&answered(500, None), 5, at(0), at(0));
+        assert!(
+            matches!(update, DeliveryUpdate::Dead { .. }),
+            "max_attempts: {update:?}"
+        );
+        let failed = outcome(Ending::RequestFailed("cannot connect".into()));
+        let update = policy().decide(&failed, 1, at(0), at(0));
+        assert!(matches!(update, DeliveryUpdate::Retry { .. }), "{update:?}");
+        let interrupted = outcome(Ending::Interrupted(Duration::from_secs(1)));
+        let update = policy().decide(&interrupted, 5, at(0), at(100));
+        assert!(
+            matches!(update, DeliveryUpdate::Retry { next_attempt_at, .. } if next_attempt_at == at(100)),
+            "shutdown is never a failure: {update:?}"
+        );
+    }
+
+    /// Issue 24: Retry-After (429, 503) is honoured: never sooner than asked, at most an hour;
+    /// a shorter one than the schedule's step does not hurry the retry.
+    #[test]
+    fn retry_after_is_honoured_within_its_bound() {
+        let update = policy().decide(&answered(429, Some(120)), 1, at(0), at(0));
+        assert!(
+            matches!(update, DeliveryUpdate::Retry { next_attempt_at, .. } if next_attempt_at == at(120)),
+            "{update:?}"
+        );
+        let update = policy().decide(&answered(503, Some(1)), 1, at(0), at(0));
+        assert!(
+            matches!(update, DeliveryUpdate::Retry { next_attempt_at, .. } if next_attempt_at == at(5)),
+            "{update:?}"
+        );
+        let update = policy().decide(&answered(429, Some(999_999)), 1, at(0), at(0));
+        assert!(
+            matches!(update, DeliveryUpdate::Retry { next_attempt_at, .. } if next_attempt_at == at(3600)),
+            "{update:?}"
+        );
+        let update = policy().decide(&answered(500, Some(120)), 1, at(0), at(0));
+        assert!(
+            matches!(update, DeliveryUpdate::Retry { next_attempt_at, .. } if next_attempt_at == at(5)),
+            "only 429 and 503 ask for a wait: {update:?}"
+        );
     }
 
     /// Issue 21: a hook paywatch could not start for lack of descriptors is the daemon's

@@ -54,6 +54,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
+use crate::hooks::answer::HttpAnswer;
 use crate::hooks::event::HookEvent;
 
 /// How much of each of stdout and stderr is kept: the last 8 KiB.
@@ -361,6 +362,13 @@ pub enum Ending {
     NoResources(String),
     /// Waiting for the hook failed; its result is unknown (treat as not delivered).
     WaitFailed(String),
+    /// A URL hook's endpoint answered (2xx = delivered).
+    Answered(HttpAnswer),
+    /// A URL hook's request got no answer: a timeout, a refused connection, a TLS failure.
+    RequestFailed(String),
+    /// A URL hook's request was abandoned at shutdown after this long (like `Stopped`: the
+    /// delivery runs again, its outcome unknown).
+    Interrupted(Duration),
 }
 
 /// How paywatch ended a hook it had to stop.
@@ -415,7 +423,11 @@ impl HookOutcome {
 
     /// Exit 0: the hook took the event. Anything else is for the dispatcher to retry or bury.
     pub fn delivered(&self) -> bool {
-        self.ending == Ending::Exited(0)
+        match &self.ending {
+            Ending::Exited(code) => *code == 0,
+            Ending::Answered(answer) => answer.is_success(),
+            _ => false,
+        }
     }
 
     /// The exit code if the hook exited by itself (to match `permanent_exit_codes`).
@@ -447,6 +459,12 @@ impl HookOutcome {
             Ending::SpawnFailed(message) => format!("spawn failed: {message}"),
             Ending::NoResources(message) => format!("not started: {message}"),
             Ending::WaitFailed(message) => format!("wait failed: {message}"),
+            Ending::Answered(answer) => answer.describe(),
+            Ending::RequestFailed(message) => message.clone(),
+            Ending::Interrupted(after) => format!(
+                "stopped by shutdown after {}; the request was abandoned",
+                humantime::format_duration(Duration::from_millis(after.as_millis() as u64))
+            ),
         }
     }
 }

@@ -19,10 +19,13 @@ fn root_with_hooks_running_as_root_is_warned_about() {
     assert_eq!(root_warning(false, &[plain.clone()]), None, "not root");
     assert_eq!(root_warning(true, &[]), None, "no hooks");
     plain.run_as = Some("shop:shop".into());
+    let mut posted = crate::settings::HookSettings::for_tests("shop", &[]);
+    posted.command.clear();
+    posted.url = Some("https://shop.example/paywatch".into());
     assert_eq!(
-        root_warning(true, &[plain, switched]),
+        root_warning(true, &[plain, switched, posted]),
         None,
-        "every hook switches user"
+        "every command hook switches user; a URL hook (issue 24) runs no process"
     );
 }
 
