@@ -1,4 +1,6 @@
-//! The chaos run: PRODUCT.md's promises under kills, API faults, dropped streams and a flaky hook.
+//! The chaos run: PRODUCT.md's promises under kills, API faults, dropped streams and flaky hooks
+//! (a command, and a URL hook signed per Standard Webhooks whose endpoint fails a share of first
+//! attempts with a 500: every retry must carry its first attempt's webhook-id).
 //!
 //! A seeded schedule (the seed is printed; set `PAYWATCH_CHAOS_SEED` to replay one) authorizes,
 //! pays, fails, cancels, expires and refunds (in full and in part) several hundred sandbox
@@ -18,7 +20,8 @@
 //! `cargo test --test integration chaos -- --nocapture` to see them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -116,6 +119,112 @@ fn write_hook(dir: &Path, runs: &Path) -> String {
     )
 }
 
+/// The URL hook's secret (issue 24).
+const URL_HOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// What the URL hook's endpoint saw.
+#[derive(Debug, Default, Clone)]
+struct UrlFigures {
+    requests: usize,
+    bad_signatures: usize,
+    id_mismatches: usize,
+    /// Event ids that arrived more than once, each time under the same webhook-id.
+    retried_ids: usize,
+}
+
+/// The URL hook's endpoint, in this process (it outlives every kill of the daemon): it checks
+/// each request's signature and that its webhook-id is its event's id, fails about one first
+/// attempt in seven with a 500, and appends each request to the runs file in the command
+/// hook's format (`EVENT CHECKOUT STATUS ATTEMPT ok|fail`).
+struct UrlEndpoint {
+    url: String,
+    state: std::sync::Arc<std::sync::Mutex<(UrlFigures, HashMap<String, usize>)>>,
+}
+
+impl UrlEndpoint {
+    async fn start(runs: &Path) -> UrlEndpoint {
+        use axum::extract::State;
+        type Shared = (
+            std::sync::Arc<std::sync::Mutex<(UrlFigures, HashMap<String, usize>)>>,
+            PathBuf,
+        );
+        async fn receive(
+            State((state, runs)): State<Shared>,
+            headers: axum::http::HeaderMap,
+            body: axum::body::Bytes,
+        ) -> axum::http::StatusCode {
+            use std::io::Write;
+            let header = |name: &str| {
+                headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let (id, timestamp) = (header("webhook-id"), header("webhook-timestamp"));
+            let key = paywatch::hooks::post::SigningKey::from_secret(URL_HOOK_SECRET).expect("key");
+            let expected = paywatch::hooks::post::sign(
+                &[key],
+                &id,
+                timestamp.parse().unwrap_or_default(),
+                &body,
+            );
+            let event: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let mut guard = state.lock().expect("lock");
+            let (figures, seen) = &mut *guard;
+            figures.requests += 1;
+            if header("webhook-signature") != expected {
+                figures.bad_signatures += 1;
+                return axum::http::StatusCode::BAD_REQUEST;
+            }
+            if event["event_id"] != id.as_str() {
+                figures.id_mismatches += 1;
+            }
+            let times = seen.entry(id.clone()).or_default();
+            *times += 1;
+            if *times == 2 {
+                figures.retried_ids += 1;
+            }
+            let attempt = event["attempt"].as_u64().unwrap_or_default();
+            let fail = attempt == 1 && rand::random::<u8>() < 36;
+            let line = format!(
+                "{id} {} {} {attempt} {}\n",
+                event["checkout_id"].as_str().unwrap_or("-"),
+                event["status"].as_str().unwrap_or("-"),
+                if fail { "fail" } else { "ok" }
+            );
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&runs)
+                .and_then(|mut file| file.write_all(line.as_bytes()))
+                .expect("append to the runs file");
+            if fail {
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }
+        let state = std::sync::Arc::default();
+        let app = axum::Router::new()
+            .fallback(axum::routing::post(receive))
+            .with_state((std::sync::Arc::clone(&state), runs.to_path_buf()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        UrlEndpoint {
+            url: format!("http://{addr}/paywatch"),
+            state,
+        }
+    }
+
+    fn figures(&self) -> UrlFigures {
+        self.state.lock().expect("lock").0.clone()
+    }
+}
+
 /// One line of the hook's record.
 struct HookRun {
     event_id: String,
@@ -179,7 +288,12 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
     let runs = dir.path().join("runs");
     let daemon_log = dir.path().join("daemon.log");
     let hook = write_hook(dir.path(), &runs);
-    let extra = format!("{hook}timeout = \"30s\"\n");
+    let endpoint = UrlEndpoint::start(&runs).await;
+    let extra = format!(
+        "{hook}timeout = \"30s\"\n\n\
+         [[hooks]]\nname = \"post\"\nurl = \"{}\"\nsecret = \"{URL_HOOK_SECRET}\"\ntimeout = \"30s\"\n",
+        endpoint.url,
+    );
     let config = dir.path().join("paywatch.toml");
     let text = common::sandbox_config_text(dir.path(), &sandbox, "multiplexed", &extra)
         .replace("interval = \"1h\"", "interval = \"5s\"")
@@ -393,29 +507,32 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
         let history = ledger.transitions(id).await.expect("transitions");
         let of_checkout = ledger.deliveries_of(id).await.expect("deliveries");
         for transition in &history {
-            let matching: Vec<_> = of_checkout
-                .iter()
-                .filter(|d| d.transition_id == transition.id && !d.replay)
-                .collect();
-            assert_eq!(
-                matching.len(),
-                1,
-                "seed {seed}: checkout {id}: transition {} has {} deliveries",
-                transition.id,
-                matching.len()
-            );
-            let delivery = matching[0];
-            assert_eq!(delivery.state, DeliveryState::Delivered, "seed {seed}");
-            assert!(
-                ok_runs.contains_key(delivery.event_id.as_str()),
-                "seed {seed}: the hook never completed {} ({id} {})",
-                delivery.event_id,
-                transition.to
-            );
+            // One delivery per hook: the command and the URL hook.
+            for hook in ["record", "post"] {
+                let matching: Vec<_> = of_checkout
+                    .iter()
+                    .filter(|d| d.transition_id == transition.id && !d.replay && d.hook == hook)
+                    .collect();
+                assert_eq!(
+                    matching.len(),
+                    1,
+                    "seed {seed}: checkout {id}: transition {} has {} deliveries to {hook}",
+                    transition.id,
+                    matching.len()
+                );
+                let delivery = matching[0];
+                assert_eq!(delivery.state, DeliveryState::Delivered, "seed {seed}");
+                assert!(
+                    ok_runs.contains_key(delivery.event_id.as_str()),
+                    "seed {seed}: the hook {hook} never completed {} ({id} {})",
+                    delivery.event_id,
+                    transition.to
+                );
+            }
         }
         assert_eq!(
             of_checkout.len(),
-            history.len(),
+            2 * history.len(),
             "seed {seed}: checkout {id}: a delivery without its transition"
         );
         deliveries += of_checkout.len();
@@ -428,6 +545,19 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
         .query_row("PRAGMA integrity_check", [], |row| row.get(0))
         .expect("integrity_check");
     assert_eq!(integrity, "ok", "seed {seed}");
+    let url = endpoint.figures();
+    assert_eq!(
+        url.bad_signatures, 0,
+        "seed {seed}: a URL delivery did not verify"
+    );
+    assert_eq!(
+        url.id_mismatches, 0,
+        "seed {seed}: a webhook-id differed from its event's id"
+    );
+    assert!(
+        url.retried_ids > 0,
+        "seed {seed}: no URL delivery was retried"
+    );
 
     let paid = ids.iter().filter(|id| given[*id].contains("PAID")).count();
     eprintln!(
@@ -437,7 +567,8 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
          \x20 daemon kills (SIGKILL) {}: with a committed transition whose hook had not started {}, while a hook ran {}\n\
          \x20 API faults: 500 bursts {}, 429 bursts {}, timeout windows {}, plus a 5% random 500 rate half the time\n\
          \x20 Listen stream drops {}\n\
-         \x20 hook runs {}: failed first attempts {hook_failures}, duplicate successful deliveries {duplicates}\n\
+         \x20 hook runs {} (both hooks): failed first attempts {hook_failures}, duplicate successful deliveries {duplicates}\n\
+         \x20 URL hook: {} requests, {} event ids retried (each retry with its first attempt's webhook-id), bad signatures {}\n\
          \x20 last change to a fully consistent ledger: {} ms\n\
          \x20 integrity_check: {integrity}",
         profile.name,
@@ -452,6 +583,9 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
         figures.slow_api_windows,
         figures.stream_drops,
         runs_seen.len(),
+        url.requests,
+        url.retried_ids,
+        url.bad_signatures,
         settle_time.as_millis(),
     );
     assert!(

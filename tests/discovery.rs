@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use paywatch::domain::CheckoutId;
 use paywatch::domain::VerifyTicket;
+use paywatch::hooks::{Dispatcher, HookSet};
 use paywatch::ledger::{Ledger, TrackedVia};
 use paywatch::paymennt::{Client, RetryPolicy};
 use paywatch::sandbox::{CheckoutIds, Sandbox, SandboxOptions, SearchBehaviour, SearchOrder};
@@ -113,7 +114,7 @@ fn verifier(
         config,
         16,
         VerifierSignals {
-            deliveries_queued: watch::channel(0).0,
+            dispatcher: Dispatcher::new(ledger.clone(), HookSet::new(Vec::new()), 1).wake_handle(),
             watch_set_changed: watch::channel(0).0,
         },
     );

@@ -1,10 +1,10 @@
 //! The secrets sweep: with recognisable credentials (paymennt API key and secret, a
 //! service-account private key checked by the sandbox as IAM would, the HTTP track token and the
-//! webhook HMAC key), run paywatch's whole flow (link create, the daemon in text and JSON log
+//! webhook HMAC key, a URL hook's signing secret), run paywatch's whole flow (link create, the daemon in text and JSON log
 //! formats at debug level, payments, API errors and retries, refunds, hooks, the HTTP endpoints
 //! and `/metrics`, every read command with `--json`, check-config online) and assert that no
-//! secret appears in any log line, error message, output, response, ledger byte, hook environment
-//! or hook stdin.
+//! secret appears in any log line, error message, output, response, ledger byte, hook environment,
+//! hook stdin or URL hook request.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -24,6 +24,35 @@ const API_SECRET: &str = "sk_SWEEPSECRET_2e8b41";
 const HTTP_TOKEN: &str = "tok_SWEEPHTTP_c0ffee99";
 /// The webhook signature key.
 const HMAC_KEY: &str = "hk_SWEEPHMAC_5a5a17";
+/// A URL hook's signing secret (issue 24): read from a file, used as an HMAC key, never sent.
+const HOOK_SECRET: &str = "whsec_U1dFRVBIT09LU0VDUkVUXzAxMjM0NTY3ODlhYg==";
+/// Its key, base64-decoded.
+const HOOK_KEY: &str = "SWEEPHOOKSECRET_0123456789ab";
+
+/// A URL hook's endpoint on loopback: answers 200 and keeps every request (headers and body).
+async fn start_recording_endpoint() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    use axum::extract::State;
+    type Seen = std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
+    async fn record(State(seen): State<Seen>, request: axum::extract::Request) -> &'static str {
+        let mut kept = format!("{:?}\n", request.headers()).into_bytes();
+        let body = axum::body::to_bytes(request.into_body(), 1 << 20)
+            .await
+            .unwrap_or_default();
+        kept.extend_from_slice(&body);
+        seen.lock().expect("lock").push(kept);
+        "ok"
+    }
+    let seen = Seen::default();
+    let app = axum::Router::new()
+        .fallback(axum::routing::any(record))
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/paywatch"), seen)
+}
 
 /// Everything the sweep collected, by where it came from.
 #[derive(Default)]
@@ -140,6 +169,9 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
         ),
     )
     .expect("hook");
+    let (endpoint_url, endpoint_seen) = start_recording_endpoint().await;
+    let hook_secret_file = dir.path().join("hook.whsec");
+    std::fs::write(&hook_secret_file, format!("{HOOK_SECRET}\n")).expect("hook secret file");
     let config = dir.path().join("paywatch.toml");
     std::fs::write(
         &config,
@@ -150,7 +182,8 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
              [http]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{token}\"\nwebhook_hmac_key = \"{HMAC_KEY}\"\n\n\
              [reconcile]\ninterval = \"2s\"\n\n\
              [log]\nlevel = \"debug\"\n\n\
-             [[hooks]]\nname = \"record\"\ncommand = [\"/bin/sh\", \"{hook}\"]\n",
+             [[hooks]]\nname = \"record\"\ncommand = [\"/bin/sh\", \"{hook}\"]\n\n\
+             [[hooks]]\nname = \"post\"\nurl = \"{endpoint_url}\"\nsecret_file = \"{hook_secret}\"\n",
             ledger = dir.path().join("paywatch.db").display(),
             base = sandbox.api_base_url(),
             secret = secret_file.display(),
@@ -158,6 +191,7 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
             key = key_file.display(),
             token = token_file.display(),
             hook = hook.display(),
+            hook_secret = hook_secret_file.display(),
         ),
     )
     .expect("config");
@@ -203,7 +237,8 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
         .await
         .expect("refund");
     common::wait_status(&ledger, &ids[0], "PARTIALLY_REFUNDED").await;
-    wait_delivered(&ledger, 3).await;
+    // Three for the command hook, three for the URL hook.
+    wait_delivered(&ledger, 6).await;
     sweep_http(&text_log, &sandbox, &mut places).await;
     daemon.stop().await;
 
@@ -213,8 +248,8 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
     sandbox.faults().throttle_next_api_requests(2, 1);
     sandbox.state().pay(&ids[1]).await.expect("pay");
     common::wait_status(&ledger, &ids[1], "PAID").await;
-    // Five for the two links, one for the checkout tracked over HTTP.
-    wait_delivered(&ledger, 6).await;
+    // Five for the two links, one for the checkout tracked over HTTP; for each of two hooks.
+    wait_delivered(&ledger, 12).await;
     daemon.stop().await;
     places.add_file("daemon log (text)", &text_log);
     places.add_file("daemon log (json)", &json_log);
@@ -235,6 +270,7 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
     for args in [
         vec!["list", "--json"],
         vec!["hooks", "list", "--json"],
+        vec!["hooks", "test", "post"],
         vec!["check-config"],
         vec!["check-config", "--online"],
     ] {
@@ -248,6 +284,15 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
         let path = entry.expect("entry").path();
         places.add_file(&format!("hook {}", path.display()), &path);
         hook_files += 1;
+    }
+    let requests = endpoint_seen.lock().expect("lock").clone();
+    assert!(
+        requests.len() >= 7,
+        "six deliveries and a test: {}",
+        requests.len()
+    );
+    for (n, request) in requests.into_iter().enumerate() {
+        places.add(format!("url hook request {n}"), request);
     }
     for suffix in ["", "-wal", "-shm"] {
         places.add_file(
@@ -277,7 +322,26 @@ async fn no_secret_reaches_logs_outputs_the_ledger_or_hooks() {
             .text_of("http")
             .contains("paywatch_transitions_total")
     );
-    let mut secrets: Vec<&str> = vec![API_KEY, API_SECRET, HTTP_TOKEN, HMAC_KEY, "Bearer ey"];
+    assert!(
+        places
+            .text_of("url hook request")
+            .contains("webhook-signature")
+    );
+    assert!(
+        places
+            .text_of("check-config")
+            .contains("hook 'post' posts to http://127.0.0.1")
+    );
+    let mut secrets: Vec<&str> = vec![
+        API_KEY,
+        API_SECRET,
+        HTTP_TOKEN,
+        HMAC_KEY,
+        "Bearer ey",
+        HOOK_SECRET,
+        &HOOK_SECRET[6..],
+        HOOK_KEY,
+    ];
     secrets.extend(private_key_lines.iter().map(String::as_str));
     for secret in secrets {
         for (place, bytes) in &places.0 {

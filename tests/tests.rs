@@ -23,3 +23,4 @@ mod properties;
 mod sandbox;
 mod secrets;
 mod service;
+mod url_hooks;

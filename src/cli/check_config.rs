@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::{UsageError, output};
 use crate::daemon::listener_options;
 use crate::domain::CheckoutId;
-use crate::hooks::config::HookSpec;
+use crate::hooks::config::{HookSpec, HookTarget};
 use crate::hooks::runner::DEFAULT_PATH;
 use crate::ledger::Ledger;
 use crate::paymennt::{Client, SearchQuery};
@@ -492,11 +492,22 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
         checks.push(match HookSpec::resolve(hook, Some(&path_var)) {
             Ok(spec) => check(
                 true,
-                format!(
-                    "hook '{}' runs {}",
-                    hook.name,
-                    spec.command.program.display()
-                ),
+                match &spec.target {
+                    HookTarget::Command(command) => {
+                        format!("hook '{}' runs {}", hook.name, command.program.display())
+                    }
+                    // Never a secret, nor a hint of one: only how many sign.
+                    HookTarget::Url(url) => format!(
+                        "hook '{}' posts to {}, signed with {}",
+                        hook.name,
+                        crate::settings::shown_url(url.url.as_str()),
+                        if url.key_count() > 1 {
+                            "the secret and the previous one (a rotation)"
+                        } else {
+                            "its secret"
+                        }
+                    ),
+                },
             ),
             Err(error) => check(false, error),
         });

@@ -1,15 +1,18 @@
-//! Hooks ready to run: `[[hooks]]` settings turned into resolved commands and retry policies.
+//! Hooks ready to run: `[[hooks]]` settings turned into resolved commands or URL hooks, and
+//! retry policies.
 //!
 //! Owns: the settings-time checks a hook needs before it can run (its program exists and is
 //! executable, found once now rather than at every run; its environment names are valid; its
-//! timeout is positive) and the [`HookSet`] the dispatcher looks hooks up in.
-//! Must never: run anything, or resolve a program again later (a hook runs the file that was
-//! checked when the settings were loaded; SIGHUP reloads resolve again).
+//! timeout is positive; a URL hook's secrets are read and checked and its client built) and
+//! the [`HookSet`] the dispatcher looks hooks up in.
+//! Must never: run anything, or resolve a program or read a secret again later (a hook runs
+//! what was checked when the settings were loaded; SIGHUP reloads resolve again).
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::sync::Arc;
 
+use crate::hooks::post::UrlHook;
 use crate::hooks::retry::{DEFAULT_MAX_ATTEMPTS, RetryPolicy, RetrySchedule};
 use crate::hooks::runner::{HookCommand, resolve_program, resolve_run_as, validate_env_name};
 use crate::settings::{HookSettings, Settings, SettingsError};
@@ -17,10 +20,37 @@ use crate::settings::{HookSettings, Settings, SettingsError};
 /// One hook: what to run and how to retry it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HookSpec {
-    /// The command, its program an absolute path.
-    pub command: HookCommand,
+    /// The command to run or the URL to POST to.
+    pub target: HookTarget,
     /// How failed deliveries are retried and given up.
     pub policy: RetryPolicy,
+}
+
+/// What a hook is: a command or a URL (exactly one of the settings' `command` and `url`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum HookTarget {
+    /// A command, its program an absolute path.
+    Command(HookCommand),
+    /// An endpoint POSTed to, signed per Standard Webhooks.
+    Url(UrlHook),
+}
+
+impl HookSpec {
+    /// A command hook with the default retry policy.
+    pub fn command(command: HookCommand) -> HookSpec {
+        HookSpec {
+            target: HookTarget::Command(command),
+            policy: RetryPolicy::default(),
+        }
+    }
+
+    /// The hook's configured name.
+    pub fn name(&self) -> &str {
+        match &self.target {
+            HookTarget::Command(command) => &command.name,
+            HookTarget::Url(url) => &url.name,
+        }
+    }
 }
 
 impl HookSpec {
@@ -46,6 +76,23 @@ impl HookSpec {
         running_as_root: bool,
     ) -> Result<HookSpec, String> {
         let name = &settings.name;
+        let policy = RetryPolicy {
+            max_attempts: settings.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+            max_age: settings.max_age,
+            permanent_exit_codes: settings.permanent_exit_codes.clone(),
+            schedule: RetrySchedule::standard(),
+        };
+        if settings.url.is_some() {
+            if settings.timeout.is_zero() {
+                return Err(format!("hook '{name}': 'timeout' must be greater than 0"));
+            }
+            let hook =
+                UrlHook::resolve(settings).map_err(|error| format!("hook '{name}': {error}"))?;
+            return Ok(HookSpec {
+                target: HookTarget::Url(hook),
+                policy,
+            });
+        }
         let argv0 = settings.command.first().map(String::as_str).unwrap_or("");
         let hook_path = settings.env.get("PATH").map(OsString::from);
         let path_var = hook_path.as_deref().or(path_var);
@@ -71,13 +118,8 @@ impl HookSpec {
             .transpose()
             .map_err(|error| format!("hook '{name}': {error}"))?;
         Ok(HookSpec {
-            command,
-            policy: RetryPolicy {
-                max_attempts: settings.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
-                max_age: settings.max_age,
-                permanent_exit_codes: settings.permanent_exit_codes.clone(),
-                schedule: RetrySchedule::standard(),
-            },
+            target: HookTarget::Command(command),
+            policy,
         })
     }
 }
@@ -130,8 +172,9 @@ impl HookSet {
         let mut set = HookSet::default();
         for (index, hook) in hooks.iter().enumerate() {
             let spec = HookSpec::resolve_with(hook, path_var, running_as_root).map_err(|message| {
-                if message.contains("\n\n") {
-                    // It names its own next step (a run_as problem).
+                if message.contains("\n\n") || hook.url.is_some() {
+                    // It names its own next step (a run_as or secret problem), or it is a URL
+                    // hook's (its message names the key).
                     SettingsError(format!("{origin}: {message}"))
                 } else {
                     SettingsError(format!(
@@ -150,7 +193,7 @@ impl HookSet {
         HookSet {
             hooks: specs
                 .into_iter()
-                .map(|spec| (spec.command.name.clone(), Arc::new(spec)))
+                .map(|spec| (spec.name().to_owned(), Arc::new(spec)))
                 .collect(),
         }
     }
@@ -186,183 +229,4 @@ impl HookSet {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::os::unix::fs::PermissionsExt;
-    use std::time::Duration;
-
-    use super::*;
-
-    fn hook(name: &str, command: &[&str]) -> HookSettings {
-        HookSettings {
-            name: name.into(),
-            command: command.iter().map(|s| s.to_string()).collect(),
-            statuses: vec![],
-            timeout: Duration::from_secs(7),
-            max_attempts: None,
-            max_age: None,
-            env: Default::default(),
-            permanent_exit_codes: vec![],
-            run_as: None,
-        }
-    }
-
-    #[test]
-    fn a_bare_name_is_resolved_on_path_once() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let program = dir.path().join("mark-paid");
-        std::fs::write(&program, "#!/bin/sh\n").expect("write");
-        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let mut settings = hook("mark", &["mark-paid", "--db", "shop $(x)"]);
-        settings.max_attempts = Some(3);
-        settings.max_age = Some(Duration::from_secs(60));
-        settings.permanent_exit_codes = vec![64];
-        settings.env.insert("SHOP".into(), "prod".into());
-        let set = HookSet::resolve(&[settings], Some(dir.path().as_os_str()), "test.toml")
-            .expect("resolves");
-        let spec = set.get("mark").expect("by name");
-        assert_eq!(spec.command.program, program);
-        assert_eq!(spec.command.args, ["--db", "shop $(x)"]);
-        assert_eq!(spec.command.timeout, Duration::from_secs(7));
-        assert_eq!(
-            spec.command.env.get("SHOP").map(String::as_str),
-            Some("prod")
-        );
-        assert_eq!(spec.policy.max_attempts, 3);
-        assert_eq!(spec.policy.max_age, Some(Duration::from_secs(60)));
-        assert_eq!(spec.policy.permanent_exit_codes, [64]);
-        assert_eq!(set.names().collect::<Vec<_>>(), ["mark"]);
-    }
-
-    #[test]
-    fn defaults_apply_and_the_hooks_own_path_wins() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let program = dir.path().join("notify");
-        std::fs::write(&program, "#!/bin/sh\n").expect("write");
-        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let mut settings = hook("n", &["notify"]);
-        settings
-            .env
-            .insert("PATH".into(), dir.path().display().to_string());
-        let set = HookSet::resolve(&[settings], Some(OsStr::new("/nonexistent")), "t")
-            .expect("found on the hook's PATH");
-        let spec = set.get("n").expect("by name");
-        assert_eq!(spec.command.program, program);
-        assert_eq!(spec.policy.max_attempts, DEFAULT_MAX_ATTEMPTS);
-        assert_eq!(spec.policy.schedule, RetrySchedule::standard());
-    }
-
-    #[test]
-    fn errors_name_the_config_the_hook_and_the_fix() {
-        let error = HookSet::resolve(
-            &[hook("ok", &["/bin/sh"]), hook("typo", &["mark-piad", "x"])],
-            Some(OsStr::new("/usr/bin:/bin")),
-            "/etc/paywatch/paywatch.toml",
-        )
-        .expect_err("not on PATH");
-        assert_eq!(
-            error.to_string(),
-            "/etc/paywatch/paywatch.toml: hook 'typo': hook program 'mark-piad' was not found on PATH (/usr/bin:/bin)\n\nfix 'hooks[1].command' (an absolute path, or a program on PATH)"
-        );
-
-        let mut zero = hook("z", &["/bin/sh"]);
-        zero.timeout = Duration::ZERO;
-        let error = HookSet::resolve(&[zero], None, "t").expect_err("zero timeout");
-        assert!(
-            error
-                .to_string()
-                .contains("'timeout' must be greater than 0"),
-            "{error}"
-        );
-
-        let mut env = hook("e", &["/bin/sh"]);
-        env.env.insert("A=B".into(), "x".into());
-        let error = HookSet::resolve(&[env], None, "t").expect_err("bad env name");
-        assert!(error.to_string().contains("'A=B' is invalid"), "{error}");
-
-        let error = HookSet::resolve(&[hook("r", &["bin/x"])], None, "t").expect_err("relative");
-        assert!(error.to_string().contains("relative path"), "{error}");
-    }
-
-    /// Issue 21: `run_as` is honoured only by a daemon running as root; otherwise it is
-    /// refused at validation, naming the hook and the fix.
-    #[test]
-    fn run_as_is_refused_unless_root_and_resolved_to_ids_when_root() {
-        let mut switched = hook("mark-paid", &["/bin/sh"]);
-        switched.run_as = Some("root".into());
-        let error = HookSet::resolve_with(
-            &[switched.clone()],
-            None,
-            "/etc/paywatch/paywatch.toml",
-            false,
-        )
-        .expect_err("not root");
-        let text = error.to_string();
-        assert!(
-            text.starts_with(
-                "/etc/paywatch/paywatch.toml: hook 'mark-paid': 'run_as' value 'root' needs paywatch to run as root"
-            ),
-            "{text}"
-        );
-        assert!(text.contains("remove run_as"), "{text}");
-        assert!(
-            !text.contains("hooks[0].command"),
-            "not the command's hint: {text}"
-        );
-
-        let set = HookSet::resolve_with(&[switched.clone()], None, "t", true).expect("root");
-        let run_as = set.get("mark-paid").expect("hook").command.run_as.clone();
-        assert_eq!(
-            run_as,
-            Some(crate::hooks::runner::RunAs {
-                spec: "root".into(),
-                uid: 0,
-                gid: 0
-            })
-        );
-        switched.run_as = Some("12345:54321".into());
-        let set = HookSet::resolve_with(&[switched.clone()], None, "t", true).expect("ids");
-        let run_as = set.get("mark-paid").expect("hook").command.run_as.clone();
-        assert_eq!(run_as.map(|r| (r.uid, r.gid)), Some((12345, 54321)));
-
-        for (value, problem) in [
-            ("", "is not \"user\" or \"user:group\""),
-            (":wheel", "is not \"user\" or \"user:group\""),
-            ("shop:", "is not \"user\" or \"user:group\""),
-            ("a:b:c", "is not \"user\" or \"user:group\""),
-            (
-                "no-such-user-paywatch",
-                "user 'no-such-user-paywatch' does not exist",
-            ),
-            (
-                "root:no-such-group-paywatch",
-                "group 'no-such-group-paywatch' does not exist",
-            ),
-            ("12345", "uid 12345 has no account"),
-        ] {
-            switched.run_as = Some(value.into());
-            let error = HookSet::resolve_with(&[switched.clone()], None, "t", true)
-                .expect_err(value)
-                .to_string();
-            assert!(error.contains("hook 'mark-paid'"), "{value}: {error}");
-            assert!(error.contains(problem), "{value}: {error}");
-        }
-    }
-
-    #[test]
-    fn a_schedule_can_be_injected() {
-        let schedule = RetrySchedule::new(vec![Duration::from_millis(1)], 0.0);
-        let set = HookSet::resolve(
-            &[hook("a", &["/bin/sh"]), hook("b", &["/bin/sh"])],
-            None,
-            "t",
-        )
-        .expect("resolves")
-        .with_schedule(schedule.clone());
-        assert_eq!(set.len(), 2);
-        for name in ["a", "b"] {
-            assert_eq!(set.get(name).expect("hook").policy.schedule, schedule);
-        }
-        assert!(set.get("c").is_none());
-        assert!(HookSet::default().is_empty());
-    }
-}
+mod tests;

@@ -48,7 +48,8 @@
 //! # async fn daemon(dispatcher: paywatch::hooks::Dispatcher, drain: std::time::Duration) {
 //! use tokio_util::sync::CancellationToken;
 //! let (shutdown, kill) = (CancellationToken::new(), CancellationToken::new());
-//! let handle = dispatcher.handle(); // give to the verifier: handle.wake() after each transition
+//! let handle = dispatcher.handle();
+//! let wake = dispatcher.wake_handle(); // give to the verifier: wake.wake() after each transition
 //! let mut task = tokio::spawn(dispatcher.run(shutdown.clone(), kill.clone()));
 //! // ... SIGHUP: handle.reload(HookSet::from_settings(&new_settings)?)
 //! // SIGTERM: stop claiming; running hooks may finish until the drain timeout, then are stopped
@@ -71,8 +72,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::domain::parse_decimal;
-use crate::hooks::config::{HookSet, HookSpec};
+use crate::hooks::config::{HookSet, HookSpec, HookTarget};
 use crate::hooks::event::HookEvent;
+use crate::hooks::post;
 use crate::hooks::retry::RetryPolicy;
 use crate::hooks::runner::{self, HookOutcome};
 use crate::ledger::{Delivery, DeliveryUpdate, Ledger};
@@ -159,6 +161,34 @@ impl std::fmt::Debug for Dispatcher {
     }
 }
 
+/// A cheap, cloneable handle that can only wake a dispatcher: what the verifier is given at
+/// wiring, to say "a transition queued deliveries" (it cannot reload hooks).
+#[derive(Clone)]
+pub struct DispatcherWake {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for DispatcherWake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DispatcherWake").finish_non_exhaustive()
+    }
+}
+
+impl DispatcherWake {
+    /// Asks the dispatcher to look for due deliveries now; see [`DispatcherHandle::wake`].
+    pub fn wake(&self) {
+        self.shared.wake.notify_one();
+    }
+
+    /// Whether a wake-up is pending (and takes it): for tests of what wakes the dispatcher.
+    #[cfg(test)]
+    pub(crate) async fn take_pending(&self) -> bool {
+        tokio::time::timeout(Duration::ZERO, self.shared.wake.notified())
+            .await
+            .is_ok()
+    }
+}
+
 /// A cheap, cloneable handle on a dispatcher: wake it, or give it new hooks.
 #[derive(Clone)]
 pub struct DispatcherHandle {
@@ -228,6 +258,13 @@ impl Dispatcher {
     /// A handle to wake the dispatcher and reload its hooks, usable while it runs.
     pub fn handle(&self) -> DispatcherHandle {
         DispatcherHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// A handle that only wakes the dispatcher (the verifier's, given at wiring).
+    pub fn wake_handle(&self) -> DispatcherWake {
+        DispatcherWake {
             shared: self.shared.clone(),
         }
     }
@@ -425,18 +462,18 @@ async fn attempt(
                     panic!("a test asked this attempt to panic");
                 }
                 #[cfg(test)]
-                let outcome = match tests::injected_spawn_error(&delivery.hook) {
-                    Some(error) => HookOutcome {
-                        ending: runner::spawn_failure(&spec.command, &error),
+                let outcome = match (tests::injected_spawn_error(&delivery.hook), &spec.target) {
+                    (Some(error), HookTarget::Command(command)) => HookOutcome {
+                        ending: runner::spawn_failure(command, &error),
                         duration: Duration::ZERO,
                         stdout_tail: String::new(),
                         stderr_tail: String::new(),
                         pid: None,
                     },
-                    None => runner::run(&spec.command, &event, &kill).await,
+                    _ => run_hook(&spec.target, &event, &kill).await,
                 };
                 #[cfg(not(test))]
-                let outcome = runner::run(&spec.command, &event, &kill).await;
+                let outcome = run_hook(&spec.target, &event, &kill).await;
                 let update = decide(&spec.policy, &delivery, &outcome);
                 metrics.hook_attempt(&delivery.hook, update.label(), Some(outcome.duration));
                 note_starvation(&shared, &delivery, &update);
@@ -499,6 +536,14 @@ async fn attempt(
         retry_at: None,
     });
     shared.wake.notify_one();
+}
+
+/// Runs a command hook, or POSTs to a URL hook: one attempt, to an exact outcome.
+async fn run_hook(target: &HookTarget, event: &HookEvent, kill: &CancellationToken) -> HookOutcome {
+    match target {
+        HookTarget::Command(command) => runner::run(command, event, kill).await,
+        HookTarget::Url(hook) => post::deliver(hook, event, kill).await,
+    }
 }
 
 /// Logs, once per episode, that paywatch cannot start hooks for lack of descriptors or
@@ -649,7 +694,10 @@ fn log_outcome(delivery: &Delivery, outcome: &HookOutcome, update: &DeliveryUpda
                 .to_std()
                 .unwrap_or(Duration::ZERO);
             let retry_in = humantime::format_duration(Duration::from_secs(retry_in.as_secs()));
-            if matches!(outcome.ending, runner::Ending::Stopped(_)) {
+            if matches!(
+                outcome.ending,
+                runner::Ending::Stopped(_) | runner::Ending::Interrupted(_)
+            ) {
                 tracing::warn!(
                     %event_id, %hook, %checkout, %status, attempt, duration_ms,
                     outcome = %error,

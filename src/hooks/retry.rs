@@ -6,15 +6,20 @@
 //!
 //! # Rules
 //!
-//! - Exit 0: delivered.
+//! - Exit 0, or a 2xx answer of a URL hook: delivered.
 //! - An exit code in `permanent_exit_codes`: dead at once (the hook said "never retry this").
-//! - Stopped by shutdown (or not started because paywatch was stopping): pending again, due
-//!   at once, never dead. It was paywatch that stopped, not the hook that failed.
+//! - A 4xx answer other than 408 and 429: dead at once (the endpoint refuses this event).
+//! - A 429 or 503 with `Retry-After`: retried no sooner than it asks (at most
+//!   [`crate::hooks::answer::MAX_RETRY_AFTER`]) and no sooner than the schedule says.
+//! - Stopped by shutdown (a URL hook's request abandoned too), or not started because paywatch
+//!   was stopping: pending again, due at once, never dead. It was paywatch that stopped, not
+//!   the hook that failed.
 //! - Not started because paywatch was out of descriptors or processes ([`Ending::NoResources`]):
 //!   postponed by [`NO_RESOURCES_RETRY`] without counting the attempt, never dead (issue 21).
-//! - Anything else (another exit code, a signal, a timeout, a spawn or wait failure): dead if
-//!   this was attempt `max_attempts`, or if the delivery was queued more than `max_age` ago;
-//!   otherwise retried after the schedule's delay for this attempt, with jitter.
+//! - Anything else (another exit code, a signal, a timeout, a spawn or wait failure, a 3xx,
+//!   408, 429 or 5xx answer, no answer at all): dead if this was attempt `max_attempts`, or if
+//!   the delivery was queued more than `max_age` ago; otherwise retried after the schedule's
+//!   delay for this attempt, with jitter.
 
 use std::time::Duration;
 
@@ -163,7 +168,7 @@ impl RetryPolicy {
                 error: described,
             };
         }
-        if matches!(outcome.ending, Ending::Stopped(_)) {
+        if matches!(outcome.ending, Ending::Stopped(_) | Ending::Interrupted(_)) {
             return DeliveryUpdate::Retry {
                 next_attempt_at: now,
                 exit_code,
@@ -176,6 +181,14 @@ impl RetryPolicy {
             return DeliveryUpdate::Dead {
                 exit_code,
                 error: format!("{described}: a permanent exit code, not retried"),
+            };
+        }
+        if let Ending::Answered(answer) = &outcome.ending
+            && answer.is_permanent()
+        {
+            return DeliveryUpdate::Dead {
+                exit_code,
+                error: format!("{described}: a permanent answer (4xx), not retried"),
             };
         }
         if attempt >= self.max_attempts {
@@ -197,7 +210,13 @@ impl RetryPolicy {
                 };
             }
         }
-        let delay = self.schedule.delay(attempt, unit);
+        let mut delay = self.schedule.delay(attempt, unit);
+        if let Ending::Answered(answer) = &outcome.ending
+            && let Some(asked) = answer.asked_wait()
+        {
+            // Retry-After is honoured (never sooner than asked), within its bound.
+            delay = delay.max(asked);
+        }
         let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1));
         DeliveryUpdate::Retry {
             next_attempt_at: now + delay,
@@ -212,208 +231,4 @@ fn whole_seconds(duration: Duration) -> Duration {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::hooks::runner::Termination;
-
-    fn outcome(ending: Ending) -> HookOutcome {
-        HookOutcome {
-            ending,
-            duration: Duration::from_millis(12),
-            stdout_tail: String::new(),
-            stderr_tail: String::new(),
-            pid: Some(1),
-        }
-    }
-
-    fn policy() -> RetryPolicy {
-        RetryPolicy {
-            max_attempts: 5,
-            max_age: None,
-            permanent_exit_codes: vec![64],
-            schedule: RetrySchedule::new(
-                vec![Duration::from_secs(5), Duration::from_secs(30)],
-                0.0,
-            ),
-        }
-    }
-
-    fn at(seconds: i64) -> DateTime<Utc> {
-        DateTime::from_timestamp(1_700_000_000 + seconds, 0).expect("a valid time")
-    }
-
-    #[test]
-    fn the_standard_schedule_is_the_documented_one_then_hourly() {
-        let schedule = RetrySchedule::standard();
-        let minutes: Vec<u64> = (1..=9)
-            .map(|attempt| schedule.base_delay(attempt).as_secs())
-            .collect();
-        assert_eq!(
-            minutes,
-            [5, 30, 120, 600, 1800, 3600, 3600, 3600, 3600],
-            "5s, 30s, 2m, 10m, 30m, 1h, then hourly"
-        );
-        assert_eq!(schedule.base_delay(0), Duration::from_secs(5));
-        assert_eq!(schedule.base_delay(u32::MAX), Duration::from_secs(3600));
-    }
-
-    #[test]
-    fn jitter_stays_within_twenty_percent() {
-        let schedule = RetrySchedule::standard();
-        assert_eq!(schedule.delay(2, 0.5), Duration::from_secs(30));
-        assert_eq!(schedule.delay(2, 0.0), Duration::from_secs(24));
-        assert!(schedule.delay(2, 0.999_999) <= Duration::from_secs(36));
-        for _ in 0..1000 {
-            let delay = schedule.delay(1, rand::random::<f64>());
-            assert!(
-                (Duration::from_secs(4)..=Duration::from_secs(6)).contains(&delay),
-                "{delay:?}"
-            );
-        }
-        assert_eq!(schedule.delay(1, f64::NAN), Duration::from_secs(5));
-        assert_eq!(
-            RetrySchedule::new(vec![], 0.2).delay(3, 0.9),
-            Duration::ZERO,
-            "an empty schedule retries at once"
-        );
-    }
-
-    #[test]
-    fn exit_zero_is_delivered_even_on_the_last_attempt() {
-        let update = policy().decide(&outcome(Ending::Exited(0)), 5, at(0), at(10));
-        assert_eq!(update, DeliveryUpdate::Delivered);
-    }
-
-    #[test]
-    fn a_failure_is_retried_after_the_step_of_its_attempt() {
-        let update = policy().decide(&outcome(Ending::Exited(1)), 1, at(0), at(10));
-        assert_eq!(
-            update,
-            DeliveryUpdate::Retry {
-                next_attempt_at: at(15),
-                exit_code: Some(1),
-                error: "exit 1".into()
-            }
-        );
-        let update = policy().decide(&outcome(Ending::Exited(1)), 3, at(0), at(100));
-        let DeliveryUpdate::Retry {
-            next_attempt_at, ..
-        } = update
-        else {
-            panic!("expected a retry, got {update:?}");
-        };
-        assert_eq!(next_attempt_at, at(130), "the last step repeats");
-    }
-
-    #[test]
-    fn timeouts_signals_and_spawn_failures_are_retried_without_an_exit_code() {
-        let termination = Termination {
-            after: Duration::from_secs(30),
-            killed: true,
-            grace: Duration::from_secs(5),
-        };
-        for ending in [
-            Ending::TimedOut(termination),
-            Ending::Signalled(9),
-            Ending::SpawnFailed("could not start '/x': No such file".into()),
-            Ending::WaitFailed("boom".into()),
-        ] {
-            let update = policy().decide(&outcome(ending.clone()), 1, at(0), at(0));
-            let DeliveryUpdate::Retry {
-                exit_code, error, ..
-            } = update
-            else {
-                panic!("{ending:?} should be retried, got {update:?}");
-            };
-            assert_eq!(exit_code, None);
-            assert!(!error.is_empty());
-        }
-    }
-
-    #[test]
-    fn a_permanent_exit_code_is_dead_at_once() {
-        let update = policy().decide(&outcome(Ending::Exited(64)), 1, at(0), at(0));
-        assert_eq!(
-            update,
-            DeliveryUpdate::Dead {
-                exit_code: Some(64),
-                error: "exit 64: a permanent exit code, not retried".into()
-            }
-        );
-    }
-
-    #[test]
-    fn the_last_attempt_makes_it_dead() {
-        let update = policy().decide(&outcome(Ending::Exited(3)), 4, at(0), at(0));
-        assert!(matches!(update, DeliveryUpdate::Retry { .. }), "{update:?}");
-        let update = policy().decide(&outcome(Ending::Exited(3)), 5, at(0), at(0));
-        assert_eq!(
-            update,
-            DeliveryUpdate::Dead {
-                exit_code: Some(3),
-                error: "exit 3: gave up after 5 attempts (max_attempts)".into()
-            }
-        );
-    }
-
-    #[test]
-    fn an_old_delivery_is_dead_after_max_age() {
-        let policy = RetryPolicy {
-            max_age: Some(Duration::from_secs(3600)),
-            ..policy()
-        };
-        let young = policy.decide(&outcome(Ending::Exited(1)), 2, at(0), at(3599));
-        assert!(matches!(young, DeliveryUpdate::Retry { .. }), "{young:?}");
-        let old = policy.decide(&outcome(Ending::Exited(1)), 2, at(0), at(3600));
-        assert_eq!(
-            old,
-            DeliveryUpdate::Dead {
-                exit_code: Some(1),
-                error: "exit 1: gave up after 2 attempts, queued 1h ago (max_age 1h)".into()
-            }
-        );
-    }
-
-    #[test]
-    fn a_shutdown_is_never_a_failure() {
-        let termination = Termination {
-            after: Duration::from_secs(1),
-            killed: false,
-            grace: Duration::from_secs(5),
-        };
-        let policy = RetryPolicy {
-            max_age: Some(Duration::from_secs(1)),
-            ..policy()
-        };
-        for ending in [Ending::Stopped(Some(termination)), Ending::Stopped(None)] {
-            let update = policy.decide(&outcome(ending), 5, at(0), at(100));
-            let DeliveryUpdate::Retry {
-                next_attempt_at, ..
-            } = update
-            else {
-                panic!("a stopped hook runs again, got {update:?}");
-            };
-            assert_eq!(next_attempt_at, at(100), "due at once (at the next start)");
-        }
-    }
-
-    /// Issue 21: a hook paywatch could not start for lack of descriptors is the daemon's
-    /// problem: tried again soon, its attempt not counted, never dead (not even on the last
-    /// attempt or past max_age).
-    #[test]
-    fn a_spawn_without_descriptors_is_postponed_not_counted() {
-        let policy = RetryPolicy {
-            max_age: Some(Duration::from_secs(1)),
-            ..policy()
-        };
-        let ending = Ending::NoResources("could not start '/x': Too many open files".into());
-        let update = policy.decide(&outcome(ending), 5, at(0), at(100));
-        assert_eq!(
-            update,
-            DeliveryUpdate::Postponed {
-                next_attempt_at: at(100) + chrono::Duration::seconds(1),
-                error: "not started: could not start '/x': Too many open files".into()
-            }
-        );
-    }
-}
+mod tests;

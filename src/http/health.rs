@@ -1,8 +1,9 @@
 //! Liveness and readiness: what `/healthz` and `/readyz` answer.
 //!
 //! Owns: the record of startup, of each Listen stream's last reported state and of the
-//! documents Firestore refuses to watch (fed from the listener's events by the daemon) and the checks that turn them, the verifier's figures and the
-//! ledger into a verdict with reasons.
+//! documents Firestore refuses to watch (fed from the listener's events by the Firestore
+//! source's journal, through [`ListenObserver`]) and the checks that turn them, the verifier's
+//! figures and the ledger into a verdict with reasons.
 //! Must never: change anything it inspects (the ledger check takes the write lock and rolls
 //! back), or name a checkout or a secret in a reason.
 //!
@@ -17,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::ledger::Ledger;
-use crate::sources::firestore::{ListenEvent, ListenerHandle};
+use crate::sources::firestore::{ListenEvent, ListenObserver, ListenerHandle};
 use crate::verifier::VerifierStats;
 
 /// How long `/healthz` waits for the ledger's write lock.
@@ -44,7 +45,8 @@ struct Seen {
     auth_mode: Option<&'static str>,
 }
 
-/// The daemon's health, shared by the daemon (which feeds it) and the HTTP handlers.
+/// The daemon's health, shared by the daemon and the Firestore source (which feed it) and the
+/// HTTP handlers.
 #[derive(Clone)]
 pub struct Health {
     seen: Arc<Mutex<Seen>>,
@@ -280,6 +282,17 @@ impl Health {
             ok: problems.is_empty(),
             problems,
         }
+    }
+}
+
+/// The Firestore source's journal and watch-set sync tell the health record what they hear.
+impl ListenObserver for Health {
+    fn note(&self, event: &ListenEvent) {
+        Health::note(self, event);
+    }
+
+    fn forget_refusal(&self, checkout_id: &crate::domain::CheckoutId) {
+        Health::forget_refusal(self, checkout_id);
     }
 }
 

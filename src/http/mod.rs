@@ -45,7 +45,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
-use crate::domain::{CheckoutId, FirestoreLocation};
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::settings::{HttpSettings, Secret, SettingsError, is_loopback_host};
@@ -53,14 +52,7 @@ use crate::sources::Nudge;
 use crate::sources::webhook::WebhookIntake;
 use health::Health;
 
-/// A checkout the track endpoint just recorded: the daemon watches it at once.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewlyTracked {
-    /// The checkout.
-    pub checkout_id: CheckoutId,
-    /// Its document.
-    pub location: FirestoreLocation,
-}
+pub use crate::sources::firestore::NewlyTracked;
 
 /// What `POST /v1/checkouts` needs (absent: the endpoint is off).
 pub struct TrackEndpoint {
@@ -68,7 +60,7 @@ pub struct TrackEndpoint {
     pub token: Secret,
     /// Where checkouts are recorded.
     pub ledger: Ledger,
-    /// The daemon's watch set.
+    /// The Firestore source's watch set (see [`NewlyTracked`]).
     pub watch: mpsc::Sender<NewlyTracked>,
     /// The verifier (a newly tracked checkout is verified at once).
     pub nudges: mpsc::Sender<Nudge>,

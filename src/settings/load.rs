@@ -135,6 +135,13 @@ const HOOK_KEYS: &[&str] = &[
     "env",
     "permanent_exit_codes",
     "run_as",
+    "url",
+    "secret",
+    "secret_file",
+    "previous_secret",
+    "previous_secret_file",
+    "headers",
+    "ca_file",
 ];
 
 /// Reports keys no setting has, with the closest known key as a suggestion.

@@ -33,7 +33,7 @@ pub use firestore::{
     FirestoreSettings, StreamMode,
 };
 pub use ha::HaSettings;
-pub use hooks::HookSettings;
+pub use hooks::{HookSettings, RESERVED_HOOK_HEADERS, shown_url};
 pub use http::{CREDENTIAL_HTTP_TOKEN, CREDENTIAL_WEBHOOK_HMAC_KEY, HttpSettings};
 pub use ledger::{CREDENTIAL_LEDGER_PASSWORD, LedgerSettings};
 pub use load::{DEFAULT_CONFIG_PATH, KNOWN_KEYS};

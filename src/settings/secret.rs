@@ -105,6 +105,30 @@ pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
     Ok(Secret::new(trimmed))
 }
 
+/// The prefix of a Standard Webhooks signing secret.
+pub const SIGNING_SECRET_PREFIX: &str = "whsec_";
+
+/// The key bytes of a Standard Webhooks signing secret: `whsec_` + standard base64 (padded, as
+/// every reference library decodes it) of 24 to 64 bytes, the range the specification
+/// recommends.
+///
+/// # Errors
+///
+/// What is wrong with it, never the value.
+pub fn signing_key(value: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine as _;
+    let Some(encoded) = value.strip_prefix(SIGNING_SECRET_PREFIX) else {
+        return Err(format!("it does not start with '{SIGNING_SECRET_PREFIX}'"));
+    };
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| format!("the part after '{SIGNING_SECRET_PREFIX}' is not base64"))?;
+    if !(24..=64).contains(&key.len()) {
+        return Err(format!("it decodes to {} bytes, not 24 to 64", key.len()));
+    }
+    Ok(key)
+}
+
 /// The path of a systemd credential (`LoadCredential=NAME:...`), if `$CREDENTIALS_DIRECTORY` is
 /// set and the credential exists.
 pub fn systemd_credential(name: &str) -> Option<PathBuf> {
@@ -161,6 +185,44 @@ mod tests {
         assert_eq!(format!("{secret:?}"), "[redacted]");
         assert_eq!(format!("{secret}"), "[redacted]");
         assert!(!secret.hint().contains("very"));
+    }
+
+    #[test]
+    fn a_signing_secret_is_whsec_and_base64_of_24_to_64_bytes() {
+        // The example of the Standard Webhooks specification: 24 bytes.
+        let key = signing_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").expect("valid");
+        assert_eq!(key.len(), 24);
+        assert_eq!(
+            signing_key("whsec_dGhpcyBpcyBhIHRlc3Qga2V5IG9mIDI1IGJ5dGVzIQ==").map(|k| k.len()),
+            Ok(31),
+            "padded"
+        );
+        for (value, problem) in [
+            (
+                "whsec_dGhpcyBpcyBhIHRlc3Qga2V5IG9mIDI1IGJ5dGVzIQ",
+                "is not base64",
+            ),
+            (
+                "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                "does not start with 'whsec_'",
+            ),
+            ("whsec_not*base64*at*all*really!!", "is not base64"),
+            ("whsec_c2hvcnQ=", "decodes to 5 bytes, not 24 to 64"),
+            ("whsec_", "decodes to 0 bytes"),
+        ] {
+            let error = signing_key(value).expect_err(value);
+            assert!(error.contains(problem), "{value}: {error}");
+            assert!(
+                !error.contains("MfKQ9r8") && !error.contains("c2hvcnQ"),
+                "{error}"
+            );
+        }
+        let long = format!("whsec_{}", "A".repeat(88));
+        assert!(
+            signing_key(&long)
+                .expect_err("66 bytes")
+                .contains("66 bytes")
+        );
     }
 
     #[test]

@@ -733,6 +733,140 @@ fn the_http_token_comes_from_the_config_a_file_or_the_environment_and_is_never_s
     assert!(error.contains("http.webhook_hmac_key"), "{error}");
 }
 
+/// Issue 24: a URL hook's keys, each refusal naming the hook and key, never a secret.
+#[test]
+fn url_hooks_are_checked_naming_the_key_never_the_secret() {
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let hook = |keys: &str| format!("[[hooks]]\nname = \"shop\"\n{keys}\n");
+    let settings = load(
+        &hook(&format!(
+            "url = \"https://shop.example/paywatch?token=t0k3n\"\nsecret = \"{SECRET}\"\n\
+             headers = {{ \"X-Shop\" = \"eu-1\" }}\nstatuses = [\"PAID\"]"
+        )),
+        &[],
+    )
+    .expect("a url hook");
+    let shop = settings.hook("shop").expect("hook");
+    assert!(shop.command.is_empty());
+    assert_eq!(shop.signing_secrets().expect("secret").len(), 1);
+    let debug = format!("{shop:?}");
+    assert!(
+        !debug.contains("MfKQ9r8") && !debug.contains("t0k3n") && !debug.contains("eu-1"),
+        "{debug}"
+    );
+    assert_eq!(
+        shown_url("https://u:p@shop.example:8443/in?token=t0k3n"),
+        "https://…@shop.example:8443/in?…"
+    );
+    assert!(
+        load(
+            &hook(&format!(
+                "url = \"http://127.0.0.1:9/in\"\nsecret = \"{SECRET}\""
+            )),
+            &[]
+        )
+        .is_ok(),
+        "plain http to loopback"
+    );
+
+    for (keys, expected) in [
+        (
+            format!(
+                "url = \"https://a.example/\"\ncommand = [\"/bin/true\"]\nsecret = \"{SECRET}\""
+            ),
+            "hook 'shop' has both 'command' and 'url'",
+        ),
+        (
+            "statuses = [\"PAID\"]".to_owned(),
+            "'hooks[0].command' of hook 'shop' is empty",
+        ),
+        (
+            format!("url = \"http://shop.example/in?token=t0k3n\"\nsecret = \"{SECRET}\""),
+            "'hooks[0].url' value 'http://shop.example/in?…' uses plaintext http to a non-loopback host",
+        ),
+        (
+            "url = \"https://a.example/\"\nsecret = \"whsec_bm90IGxvbmcgZW5vdWdo\"".to_owned(),
+            "'hooks[0].secret' of hook 'shop' is not a Standard Webhooks secret: it decodes to 15 bytes",
+        ),
+        (
+            "url = \"https://a.example/\"\nsecret = \"hunter2-hunter2-hunter2\"".to_owned(),
+            "'hooks[0].secret' of hook 'shop' is not a Standard Webhooks secret: it does not start with 'whsec_'",
+        ),
+        (
+            format!(
+                "url = \"https://a.example/\"\nsecret = \"{SECRET}\"\nprevious_secret = \"whsec_!!\""
+            ),
+            "'hooks[0].previous_secret' of hook 'shop' is not a Standard Webhooks secret",
+        ),
+        (
+            format!(
+                "url = \"https://a.example/\"\nsecret = \"{SECRET}\"\nheaders = {{ \"webhook-id\" = \"x\" }}"
+            ),
+            "sets 'webhook-id', which paywatch writes itself",
+        ),
+        (
+            format!(
+                "url = \"https://a.example/\"\nsecret = \"{SECRET}\"\nheaders = {{ \"bad name\" = \"x\" }}"
+            ),
+            "has invalid header name 'bad name'",
+        ),
+        (
+            format!(
+                "url = \"https://a.example/\"\nsecret = \"{SECRET}\"\nheaders = {{ \"X-A\" = \"a\\nb\" }}"
+            ),
+            "the value of 'X-A' has characters an HTTP header cannot hold",
+        ),
+        (
+            format!("url = \"https://a.example/\"\nsecret = \"{SECRET}\"\nenv = {{ A = \"b\" }}"),
+            "'hooks[0].env' of hook 'shop' applies only to a command hook",
+        ),
+        (
+            format!("command = [\"/bin/true\"]\nsecret = \"{SECRET}\""),
+            "'hooks[0].secret' of hook 'shop' applies only to a url hook",
+        ),
+        (
+            format!(
+                "url = \"https://a.example/\"\nsecret = \"{SECRET}\"\nca_file = \"/nonexistent/ca.pem\""
+            ),
+            "'hooks[0].ca_file': cannot read the CA file '/nonexistent/ca.pem'",
+        ),
+    ] {
+        let error = load(&hook(&keys), &[]).expect_err(&keys).to_string();
+        assert!(error.contains(expected), "{keys}:\n{error}");
+        assert!(
+            !error.contains("MfKQ9r8") && !error.contains("hunter2") && !error.contains("t0k3n"),
+            "{error}"
+        );
+    }
+}
+
+/// Issue 24: a URL hook's secret from a file or the systemd credential, checked when the hook
+/// is resolved; a missing or malformed one names where it came from, never the value.
+#[test]
+fn url_hook_secrets_come_from_a_file_or_the_credential() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut hook = HookSettings::for_tests("shop", &[]);
+    hook.command.clear();
+    hook.url = Some("https://a.example/".into());
+    let error = hook.signing_secrets().expect_err("none");
+    assert!(error.contains("paywatch-hook-shop-secret"), "{error}");
+    let file = dir.path().join("secret");
+    std::fs::write(&file, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n").expect("write");
+    hook.secret_file = Some(file.clone());
+    let previous = dir.path().join("previous");
+    std::fs::write(&previous, "not-a-whsec-value-at-all").expect("write");
+    hook.previous_secret_file = Some(previous);
+    let error = hook.signing_secrets().expect_err("bad previous");
+    assert!(error.starts_with("'previous_secret_file' ("), "{error}");
+    assert!(!error.contains("not-a-whsec"), "{error}");
+    hook.previous_secret_file = None;
+    let secrets = hook.signing_secrets().expect("from the file");
+    assert_eq!(
+        secrets[0].expose(),
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    );
+}
+
 #[test]
 fn a_postgresql_ledger_url_excludes_path_and_hides_its_password() {
     let url = "postgresql://paywatch:pw-in-the-url@db.internal:5432/paywatch";

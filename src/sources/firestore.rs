@@ -8,13 +8,16 @@
 //! resume tokens in memory, reconnects with exponential backoff and jitter, and an idle watchdog
 //! that reopens streams that went silent.
 //!
-//! Must never: decide a checkout's status, read a document's fields as a status, or touch the
-//! ledger. It only emits [`ListenEvent`]s on a channel: "verify this checkout"
+//! Must never: decide a checkout's status, read a document's fields as a status, or (the
+//! listener's streams) touch the ledger: only the journal and the watch set do, and never to
+//! record a status. The listener only emits [`ListenEvent`]s on a channel: "verify this checkout"
 //! ([`ListenEvent::Changed`]), "these resume tokens are safe to persist"
 //! ([`ListenEvent::Checkpoint`]), "discard this token" ([`ListenEvent::ForgetToken`]),
 //! "Firestore refuses this one document" ([`ListenEvent::TargetRefused`], retried with a long
 //! backoff while the stream's other checkouts carry on; [`ListenEvent::TargetRecovered`]) and
-//! health reports. The daemon persists tokens and passes them back in [`WatchTarget`].
+//! health reports. Its journal (`journal.rs`) turns those events into notes, tickets, nudges
+//! and persisted tokens; its watch set (`watch_set.rs`) keeps the listener's targets equal to
+//! the ledger's watched checkouts and passes the tokens back in [`WatchTarget`].
 //!
 //! # Ordering
 //! Events of one checkout come from one stream task and keep their order on the channel. A
@@ -47,17 +50,21 @@ mod connect;
 #[cfg(test)]
 mod fake;
 mod firebase_auth;
+mod journal;
 mod listen;
 mod pool;
 mod probe;
 mod shared;
 mod state;
 mod stream;
+mod watch_set;
 
 pub use connect::{FirestoreAuth, check_credentials};
+pub use journal::{ListenObserver, consume_listen_events};
 pub use listen::{DEFAULT_ENDPOINT, ListenEvent, ListenerOptions, WatchTarget};
 pub use pool::{Listener, ListenerHandle};
 pub use probe::{AccessFailure, AccessProof, access_hint, prove_access};
+pub use watch_set::{Listening, NewlyTracked, Watched, sync_watch_set, watch_at_start};
 
 pub use crate::settings::StreamMode;
 

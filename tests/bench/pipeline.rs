@@ -6,9 +6,11 @@
 //!
 //! - `PAYWATCH_BENCH_AT_100` [1000]: changes paced at 100/s (change-to-ledger);
 //! - `PAYWATCH_BENCH_AT_1000` [5000]: changes paced at 1,000/s;
-//! - `PAYWATCH_BENCH_HOOK_CHANGES` [500]: changes paced at 100/s with a time-stamping hook;
+//! - `PAYWATCH_BENCH_HOOK_CHANGES` [500]: changes paced at 100/s with a time-stamping hook, and
+//!   as many with a URL hook (its receiver stamps arrivals);
 //! - `PAYWATCH_BENCH_THROUGHPUT` [5000]: payments in the hooks-off burst;
-//! - `PAYWATCH_BENCH_HOOK_DELIVERIES` [2000]: payments in the burst with a trivial hook;
+//! - `PAYWATCH_BENCH_HOOK_DELIVERIES` [2000]: payments in the burst with a trivial hook, and
+//!   in the burst with a URL hook to a loopback keep-alive receiver;
 //! - `PAYWATCH_BENCH_MULTIPLEXED` [1000,10000,50000]: watched checkouts, memory runs;
 //! - `PAYWATCH_BENCH_PER_DOCUMENT` [1000,5000]: the same in per-document mode;
 //! - `PAYWATCH_BENCH_STARTUP` [10000]: checkouts for start-up and the reconcile sweep;
@@ -417,6 +419,94 @@ fn realtime_nanos(at: SystemTime) -> i128 {
 
 struct Hook {
     command: Vec<String>,
+    /// A URL hook instead (issue 24): POST to this loopback receiver, signed.
+    url: Option<String>,
+}
+
+/// The URL hooks' signing secret (any valid one: the receiver does not check it).
+const BENCH_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// A URL hook's receiver on loopback, in this process: HTTP/1.1 keep-alive (axum), answers
+/// 204, and notes when each checkout's event arrived (realtime, like the command hook's stamp).
+struct Receiver {
+    url: String,
+    /// checkout id -> realtime nanos of the first request for it.
+    arrived: std::sync::Arc<Mutex<HashMap<String, i128>>>,
+    /// Requests received.
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Receiver {
+    async fn start() -> Receiver {
+        type Shared = (
+            std::sync::Arc<Mutex<HashMap<String, i128>>>,
+            std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        );
+        async fn receive(
+            axum::extract::State((arrived, count)): axum::extract::State<Shared>,
+            body: axum::body::Bytes,
+        ) -> axum::http::StatusCode {
+            let at = realtime_nanos(SystemTime::now());
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Ok(event) = serde_json::from_slice::<serde_json::Value>(&body)
+                && let Some(id) = event["checkout_id"].as_str()
+            {
+                arrived
+                    .lock()
+                    .expect("receiver lock")
+                    .entry(id.to_owned())
+                    .or_insert(at);
+            }
+            axum::http::StatusCode::NO_CONTENT
+        }
+        let arrived = std::sync::Arc::new(Mutex::new(HashMap::new()));
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let app = axum::Router::new()
+            .fallback(axum::routing::post(receive))
+            .with_state((arrived.clone(), count.clone()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Receiver {
+            url: format!("http://{addr}/paywatch"),
+            arrived,
+            count,
+        }
+    }
+
+    fn hook(&self) -> Hook {
+        Hook {
+            command: Vec::new(),
+            url: Some(self.url.clone()),
+        }
+    }
+
+    /// Waits until every id's event arrived; returns change-to-arrival latencies.
+    async fn latencies(&self, ids: &[CheckoutId], paced: &Paced) -> Vec<Duration> {
+        let started = Instant::now();
+        loop {
+            let arrived = self.arrived.lock().expect("receiver lock").clone();
+            if ids.iter().all(|id| arrived.contains_key(id.as_str())) {
+                return ids
+                    .iter()
+                    .zip(&paced.changed)
+                    .map(|(id, (_, at))| {
+                        let nanos = (arrived[id.as_str()] - realtime_nanos(*at)).max(0);
+                        Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+                    })
+                    .collect();
+            }
+            assert!(
+                started.elapsed() < STRAGGLER_LIMIT,
+                "{} of {} URL hook events arrived after {STRAGGLER_LIMIT:?}",
+                arrived.len(),
+                ids.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 /// The daemon's config for one phase. Discovery is off: every phase shares one sandbox, and a
@@ -439,7 +529,11 @@ fn write_config(
         sandbox.api_secret(),
         sandbox.firestore_endpoint()
     );
-    if let Some(hook) = hook {
+    if let Some(Hook { url: Some(url), .. }) = hook {
+        text.push_str(&format!(
+            "[[hooks]]\nname = \"bench\"\nurl = \"{url}\"\nsecret = \"{BENCH_SECRET}\"\nstatuses = [\"PAID\"]\n"
+        ));
+    } else if let Some(hook) = hook {
         let argv: Vec<String> = hook.command.iter().map(|a| format!("{a:?}")).collect();
         text.push_str(&format!(
             "[[hooks]]\nname = \"bench\"\ncommand = [{}]\nstatuses = [\"PAID\"]\n",
@@ -996,7 +1090,7 @@ async fn latency(
     floors: &Floors,
     report: &mut Report,
 ) {
-    let total = sizes.at_100 + sizes.at_1000 + sizes.hook_changes;
+    let total = sizes.at_100 + sizes.at_1000 + 2 * sizes.hook_changes;
     println!(
         "\n## change-to-ledger and change-to-hook (daemon in this process, ledger on disk, {total} checkouts watched, multiplexed)"
     );
@@ -1005,7 +1099,8 @@ async fn latency(
     let ids = ledger_on_disk(sandbox, scratch, &db, 0, total).await;
     let ledger = Ledger::open(&db).await.expect("ledger");
     let (at_100, rest) = ids.split_at(sizes.at_100);
-    let (at_1000, with_hook) = rest.split_at(sizes.at_1000);
+    let (at_1000, rest) = rest.split_at(sizes.at_1000);
+    let (with_hook, with_url) = rest.split_at(sizes.hook_changes);
 
     let config = write_config(dir.path(), &db, sandbox, "multiplexed", None);
     let running = start_in_process(&config).await;
@@ -1048,6 +1143,7 @@ async fn latency(
             "--hook-stamp".into(),
             stamps.display().to_string(),
         ],
+        url: None,
     };
     let config = write_config(dir.path(), &db, sandbox, "multiplexed", Some(&hook));
     let running = start_in_process(&config).await;
@@ -1070,6 +1166,32 @@ async fn latency(
         spread(&to_hook),
         floor + floors.spawn.p50,
         [None, Some(6.0), None],
+    );
+    running.stop().await;
+
+    // Again with a URL hook (issue 24): change to the signed POST's arrival at a loopback
+    // keep-alive receiver. Checkouts of their own, paid at 100/s.
+    let receiver = Receiver::start().await;
+    let config = write_config(
+        dir.path(),
+        &db,
+        sandbox,
+        "multiplexed",
+        Some(&receiver.hook()),
+    );
+    let running = start_in_process(&config).await;
+    let quiet = settle_ledger(sandbox, &ids, Some(&ledger)).await;
+    println!(
+        "  restarted with a URL hook: no Get Checkout and no ledger commit for 500 ms after {:.1} s",
+        quiet.as_secs_f64()
+    );
+    let url_paced = self::paced(sandbox, with_url, 100.0).await;
+    let to_url = receiver.latencies(with_url, &url_paced).await;
+    report.latency(
+        "change→URL hook arrival @100/s",
+        spread(&to_url),
+        floor + floors.http.p50,
+        [None, Some(5.0), None],
     );
     running.stop().await;
 }
@@ -1201,6 +1323,7 @@ async fn throughput(
 ) {
     println!("\n## sustained throughput (paywatch run as a child process, ledger on disk)");
     let true_program = find_program("true");
+    let receiver = Receiver::start().await;
     let mut first = 1_000_000;
     for (count, hook) in [
         (sizes.throughput, None),
@@ -1208,9 +1331,13 @@ async fn throughput(
             sizes.hook_deliveries,
             Some(Hook {
                 command: vec![true_program.clone()],
+                url: None,
             }),
         ),
+        (sizes.hook_deliveries, Some(receiver.hook())),
     ] {
+        let url_hook = hook.as_ref().is_some_and(|h| h.url.is_some());
+        let received_before = receiver.count.load(std::sync::atomic::Ordering::Relaxed);
         let dir = tempfile::tempdir_in(disk).expect("dir");
         let db = dir.path().join("paywatch.db");
         let ids = ledger_on_disk(sandbox, scratch, &db, first, count).await;
@@ -1267,6 +1394,29 @@ async fn throughput(
             );
             report.add(
                 "CPU per 1,000 transitions, hooks off",
+                cpu.as_secs_f64() * 1e3 * 1000.0 / count as f64,
+                "ms",
+                Better::Lower,
+                None,
+                None,
+            );
+        } else if url_hook {
+            let received =
+                receiver.count.load(std::sync::atomic::Ordering::Relaxed) - received_before;
+            assert!(
+                received >= count,
+                "{received} of {count} URL deliveries arrived"
+            );
+            report.add(
+                format!("URL hook deliveries/s, loopback keep-alive receiver (n={count})"),
+                rate,
+                "/s",
+                Better::Higher,
+                Some(1e3 / floors.http.p50),
+                Some(3000.0),
+            );
+            report.add(
+                "CPU per 1,000 transitions + URL deliveries",
                 cpu.as_secs_f64() * 1e3 * 1000.0 / count as f64,
                 "ms",
                 Better::Lower,

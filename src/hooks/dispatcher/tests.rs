@@ -50,6 +50,7 @@ fn settings(name: &str) -> HookSettings {
         env: Default::default(),
         permanent_exit_codes: vec![],
         run_as: None,
+        ..HookSettings::for_tests(name, &[])
     }
 }
 
@@ -65,7 +66,7 @@ fn hook(dir: &Path, name: &str, body: &str) -> HookSpec {
     command.timeout = Duration::from_secs(10);
     command.kill_grace = Duration::from_millis(200);
     HookSpec {
-        command,
+        target: HookTarget::Command(command),
         policy: RetryPolicy {
             max_attempts: 10,
             max_age: None,
@@ -260,7 +261,9 @@ if [ "$PAYWATCH_ATTEMPT" = 1 ]; then
 fi
 "#,
     );
-    spec.command.timeout = Duration::from_millis(300);
+    if let HookTarget::Command(command) = &mut spec.target {
+        command.timeout = Duration::from_millis(300);
+    }
     let event = fx.transition("1", "PAID", "ORD-1", &["hang"]).await;
     let started = Instant::now();
     let running = fx.start(vec![spec], 2);

@@ -1,5 +1,5 @@
 //! The listener's vocabulary: what it is told ([`ListenerOptions`], the [`WatchTarget`]s) and
-//! what it reports ([`ListenEvent`]). Shared by every part of the listener and by the daemon.
+//! what it reports ([`ListenEvent`]). Shared by every part of the listener, its journal and the daemon.
 //!
 //! Owns: these types and their defaults.
 //! Must never: do I/O.

@@ -1,4 +1,4 @@
-//! The daemon's own loops against an on-disk ledger: noting changes before resume tokens.
+//! The journal against an on-disk ledger: noting changes before resume tokens.
 
 use std::time::{Duration, Instant};
 
@@ -76,7 +76,15 @@ async fn state(ledger: &Ledger, text: &str) -> (Option<String>, bool) {
     )
 }
 
-/// Runs the daemon's listener loop over `events` into `ledger` (its nudges are drained);
+/// Health is not what these tests look at.
+struct Unobserved;
+
+impl ListenObserver for Unobserved {
+    fn note(&self, _event: &ListenEvent) {}
+    fn forget_refusal(&self, _checkout_id: &CheckoutId) {}
+}
+
+/// Runs the journal over `events` into `ledger` (its nudges are drained);
 /// cancel it with the token.
 fn consume(
     ledger: &Ledger,
@@ -85,12 +93,7 @@ fn consume(
     let (nudges, mut nudged) = mpsc::channel(64);
     tokio::spawn(async move { while nudged.recv().await.is_some() {} });
     let cancel = CancellationToken::new();
-    let health = Health::new(
-        ledger.clone(),
-        None,
-        tokio::sync::watch::channel(crate::verifier::VerifierStats::default()).1,
-        Duration::from_secs(60),
-    );
+    let health = Unobserved;
     let task = tokio::spawn(consume_listen_events(
         events,
         ledger.clone(),
@@ -231,57 +234,4 @@ async fn a_batch_of_checkpoints_is_saved_in_one_write_in_order() {
     assert_eq!(commits, 3, "{commits} commits for one batch");
     cancel.cancel();
     task.await.expect("the loop ends");
-}
-
-/// Issue 21: running as root with a hook that would run as root is warned about, naming the
-/// hook; not as another user, and not when every hook has its own `run_as`.
-#[test]
-fn root_with_hooks_running_as_root_is_warned_about() {
-    let mut plain = crate::settings::HookSettings::for_tests("mark-paid", &[]);
-    let mut switched = crate::settings::HookSettings::for_tests("notify", &[]);
-    switched.run_as = Some("shop".into());
-    let warning = root_warning(true, &[plain.clone(), switched.clone()]).expect("a warning");
-    assert!(
-        warning.contains("hook(s) 'mark-paid' run as root"),
-        "{warning}"
-    );
-    assert!(!warning.contains("notify"), "{warning}");
-    assert!(warning.contains("run_as"), "names the fix: {warning}");
-    assert_eq!(root_warning(false, &[plain.clone()]), None, "not root");
-    assert_eq!(root_warning(true, &[]), None, "no hooks");
-    plain.run_as = Some("shop:shop".into());
-    assert_eq!(
-        root_warning(true, &[plain, switched]),
-        None,
-        "every hook switches user"
-    );
-}
-
-/// Issue 21: the open-file limit must hold the connection cap plus the daemon's own share;
-/// the refusal names both numbers.
-#[test]
-fn an_open_file_limit_too_low_for_the_connection_cap_is_refused_naming_both() {
-    let mut settings = Settings::load_with_env(None, Vec::new()).expect("the defaults load");
-    settings.http.listen = Some("127.0.0.1:0".parse().expect("addr"));
-    settings.http.max_connections = 256;
-    let needed = open_files_needed(&settings);
-    assert_eq!(
-        needed,
-        256 + RESERVED_FDS
-            + 4 * settings.hooks_concurrency as u64
-            + settings.paymennt.concurrency as u64
-    );
-    assert!(check_open_file_limit(&settings, needed).is_ok());
-    let error = check_open_file_limit(&settings, 300).expect_err("too low");
-    let text = error.to_string();
-    assert!(
-        text.starts_with(&format!(
-            "the open-file limit is 300, but [http] max_connections = 256 needs at least {needed}"
-        )),
-        "{text}"
-    );
-    assert!(text.contains("LimitNOFILE="), "{text}");
-    // Without a listener the cap costs nothing.
-    settings.http.listen = None;
-    assert!(check_open_file_limit(&settings, 300).is_ok());
 }
