@@ -17,6 +17,7 @@
 //! `migrate.rs` (the schema).
 
 mod backend;
+mod copy;
 mod discovery;
 mod gauges;
 mod listen_state;
@@ -35,6 +36,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 
 pub use crate::domain::TrackedVia;
 pub use backend::Backend;
+pub use copy::{CopyCounts, CopyError, copy_to_postgres};
 pub use discovery::{Discovered, DiscoveredOutcome, OpenCheckout};
 pub use gauges::{LedgerGauges, UndeliveredCount};
 pub use listen_state::{ResumePoint, WatchEntry};
