@@ -7,9 +7,9 @@
 //! Must never: record a status that did not come from Get Checkout. [`Backend::apply`] takes a
 //! [`VerifiedCheckout`](crate::paymennt::VerifiedCheckout), which only the paymennt client can build.
 //!
-//! Layout: [`Backend`] is the interface a store implements; today the only one is SQLite
-//! (`sqlite.rs`: opening, the connection, and how its synchronous calls reach the blocking
-//! pool). Its SQL is split by job: `transitions.rs` (track, apply, the outbox fan-out),
+//! Layout: [`Backend`] is the interface a store implements: SQLite (`sqlite.rs`: opening, the
+//! connection, and how its synchronous calls reach the blocking pool) and PostgreSQL
+//! ([`postgres`], [`Ledger::postgres`]); `copy.rs` copies the one into the other. Its SQL is split by job: `transitions.rs` (track, apply, the outbox fan-out),
 //! `tickets.rs` (verification tickets, noted changes, "not found" counts), `listen_state.rs`
 //! (resume points, Listen refusals, probes, the watch set, the refund watch), `discovery.rs`
 //! (epoch, rounds, discovered checkouts, open checkouts), `queries.rs` (what the CLI and

@@ -1,9 +1,10 @@
 //! The ledger's operations on PostgreSQL, each one transaction, every daemon write fenced.
 //!
-//! Owns: the SQL of each operation ported so far (tracking a checkout, Listen resume points,
-//! listen refusals, verification tickets, discovery's epoch and rounds), and [`PgStore::begin_write`], the one way a write transaction starts: on a daemon's
-//! store it passes the fence with the epoch of the role the keeper publishes, and a standby's
-//! write is refused before it reaches the database.
+//! Owns: [`PgStore::begin_write`], the one way a write transaction starts (on a daemon's store
+//! it passes the fence with the epoch of the role the keeper publishes, and a standby's write is
+//! refused before it reaches the database), pooled connections, and the SQL of tracking a
+//! checkout, Listen resume points, clearing listen refusals, single tickets and discovery's
+//! epoch and rounds. The rest is in `apply.rs`, `outbox.rs` and `reads.rs`.
 //! Must never: write from a daemon's store without the fence (the schema refuses that too), or
 //! record a status that did not come from Get Checkout (tracking records none).
 //!
