@@ -2006,3 +2006,67 @@ async fn a_ticket_is_not_needed_once_a_later_request_answered(ledger: Ledger) {
             .is_some()
     );
 }
+
+/// Figures, not assertions (run with `--ignored --nocapture`): verified transitions/s through
+/// `apply_all` in groups of 64, and one `apply`'s latency, on an SQLite file (fsync on) and on
+/// the throwaway PostgreSQL cluster (which runs with fsync off: a lower bound for a real server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "figures; run with --ignored --nocapture"]
+#[allow(clippy::print_stdout)]
+async fn figures_transitions_per_second_on_both_backends() {
+    const CHECKOUTS: usize = 2000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sqlite = Ledger::open(&dir.path().join("paywatch.db"))
+        .await
+        .expect("ledger");
+    let mut ledgers = vec![("sqlite (file, fsync on)", sqlite)];
+    if let Some(ledger) = postgres_ledger().await {
+        ledgers.push(("postgresql (test cluster, fsync off)", ledger));
+    }
+    for (name, ledger) in ledgers {
+        let ids: Vec<String> = (0..CHECKOUTS).map(|n| format!("{}", 100_000 + n)).collect();
+        for id in &ids {
+            ledger
+                .track(&facts(id), TrackedVia::Track)
+                .await
+                .expect("track");
+        }
+        let started = std::time::Instant::now();
+        for chunk in ids.chunks(64) {
+            let requests: Vec<ApplyRequest> = chunk
+                .iter()
+                .map(|id| request(verified(id, "PENDING")))
+                .collect();
+            for outcome in ledger
+                .apply_all(requests, &[hook("h", &["PAID"])], WATCH)
+                .await
+            {
+                outcome.expect("applied");
+            }
+        }
+        let grouped = CHECKOUTS as f64 / started.elapsed().as_secs_f64();
+        let mut latencies = Vec::new();
+        for id in ids.iter().take(300) {
+            let started = std::time::Instant::now();
+            ledger
+                .apply(
+                    &verified(id, "PAID"),
+                    Source::Firestore,
+                    None,
+                    &[hook("h", &["PAID"])],
+                    WATCH,
+                )
+                .await
+                .expect("apply");
+            latencies.push(started.elapsed());
+        }
+        latencies.sort();
+        let at =
+            |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+        println!(
+            "{name}: {grouped:.0} transitions/s grouped by 64; one apply with a hook p50 {:?} p99 {:?}",
+            at(0.5),
+            at(0.99)
+        );
+    }
+}

@@ -17,6 +17,7 @@ use std::time::Duration;
 use chrono::{DateTime, SubsecRound, Utc};
 use deadpool_postgres::Transaction;
 use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 
 use super::{PgError, PgStore};
 use crate::domain::{CheckoutId, CheckoutStatus, Source, TrackedVia, VerifyTicket};
@@ -43,6 +44,24 @@ pub(super) fn now_ms() -> DateTime<Utc> {
 /// The columns of a transition, in the order [`transition_from_row`] reads them.
 pub(super) const TRANSITION_COLUMNS: &str = "id, checkout_id, from_status, to_status, source, \
      changed_at, verified_at, latency_ms, verified_json, refunded_from::TEXT, refunded_to::TEXT";
+
+/// A checkout's new watch: whether it is watched, and until when (a settled checkout).
+type Watch = (bool, Option<DateTime<Utc>>);
+
+/// Writes a verified answer's facts on its checkout ($1 the id, $2..$8 the facts, $9 the
+/// verification time, $10 the request's ticket); a caller may add conditions.
+const UPDATE_VERIFIED: &str = "UPDATE checkouts SET
+        order_id = coalesce($2, order_id), request_id = coalesce($3, request_id),
+        display_id = coalesce($4, display_id), amount = CAST($5::TEXT AS NUMERIC),
+        currency = $6, total_refunded = CAST($7::TEXT AS NUMERIC),
+        redirect_url = coalesce($8, redirect_url),
+        verified_at = $9, verify_requested_ticket = $10, not_found_count = 0,
+        needs_verify = CASE WHEN needs_verify_after IS NULL OR needs_verify_after < $10
+                            THEN FALSE ELSE needs_verify END,
+        needs_verify_after = CASE WHEN needs_verify_after < $10
+                            THEN NULL ELSE needs_verify_after END,
+        updated_at = $9
+     WHERE id = $1";
 
 pub(super) fn transition_from_row(row: &Row) -> Result<TransitionRecord, tokio_postgres::Error> {
     Ok(TransitionRecord {
@@ -238,15 +257,40 @@ impl PgStore {
         let status = verified.status();
         let id = facts.id.as_str();
         let ticket = verified.ticket().number();
+        let verified_at = millis(verified.verified_at());
+        let amount = facts.amount.to_string();
+        let refunded_text = facts.total_refunded.map(|total| total.to_string());
+        let update: [&(dyn ToSql + Sync); 10] = [
+            &id,
+            &facts.order_id,
+            &facts.request_id,
+            &facts.display_id,
+            &amount,
+            &facts.currency.as_str(),
+            &refunded_text,
+            &facts.redirect_url,
+            &verified_at,
+            &ticket,
+        ];
+        // One round trip: the recorded row, locked (two answers for one checkout apply one
+        // after the other), and the verified facts written unless this answer is stale. What
+        // paymennt said about the order replaces what a tracked response claimed; the change
+        // flag clears only if this request's ticket was issued after the earliest change not
+        // yet verified was seen.
         let statement = transaction
-            .prepare_cached(
-                "SELECT status, verify_requested_ticket, total_refunded::TEXT, tracked_via
-                 FROM checkouts WHERE id = $1 FOR UPDATE",
-            )
+            .prepare_cached(&format!(
+                "WITH old AS (
+                     SELECT status, verify_requested_ticket, total_refunded::TEXT, tracked_via
+                     FROM checkouts WHERE id = $1 FOR UPDATE),
+                 updated AS ({UPDATE_VERIFIED}
+                     AND (verify_requested_ticket IS NULL OR verify_requested_ticket <= $10)
+                     RETURNING 1)
+                 SELECT * FROM old"
+            ))
             .await
             .map_err(db)?;
         let existing = transaction
-            .query_opt(&statement, &[&id])
+            .query_opt(&statement, &update)
             .await
             .map_err(db)?;
         let (previous, previous_refunded, tracked_via): (Option<String>, Option<String>, String) =
@@ -257,12 +301,17 @@ impl PgStore {
                         _ => TrackedVia::Track,
                     };
                     self.track_in(transaction, facts, via, false).await?;
+                    let statement = transaction
+                        .prepare_cached(UPDATE_VERIFIED)
+                        .await
+                        .map_err(db)?;
+                    transaction.execute(&statement, &update).await.map_err(db)?;
                     (None, None, via.as_str().to_owned())
                 }
                 Some(row) => {
                     let applied: Option<i64> = row.try_get(1).map_err(db)?;
                     // An answer to a request sent before the one already applied says nothing
-                    // newer, and could say something older: it is ignored.
+                    // newer, and could say something older: it was ignored (not written).
                     if applied.is_some_and(|applied| applied > ticket) {
                         return Ok(ApplyOutcome::Stale);
                     }
@@ -281,48 +330,14 @@ impl PgStore {
         } else {
             source
         };
+        // A change of the refunded total counts only once a status was verified: before that,
+        // the recorded total is a tracked claim, not history.
         let refunded_now = facts.total_refunded.unwrap_or(rust_decimal::Decimal::ZERO);
         let refunded_before = previous_refunded
             .as_deref()
             .and_then(crate::domain::parse_decimal)
             .unwrap_or(rust_decimal::Decimal::ZERO);
         let refund_changed = previous.is_some() && refunded_now != refunded_before;
-        let verified_at = millis(verified.verified_at());
-        let statement = transaction
-            .prepare_cached(
-                "UPDATE checkouts SET
-                    order_id = coalesce($2, order_id), request_id = coalesce($3, request_id),
-                    display_id = coalesce($4, display_id), amount = CAST($5::TEXT AS NUMERIC),
-                    currency = $6, total_refunded = CAST($7::TEXT AS NUMERIC),
-                    redirect_url = coalesce($8, redirect_url),
-                    verified_at = $9, verify_requested_ticket = $10, not_found_count = 0,
-                    needs_verify = CASE WHEN needs_verify_after IS NULL OR needs_verify_after < $10
-                                        THEN FALSE ELSE needs_verify END,
-                    needs_verify_after = CASE WHEN needs_verify_after < $10
-                                        THEN NULL ELSE needs_verify_after END,
-                    updated_at = $9
-                 WHERE id = $1",
-            )
-            .await
-            .map_err(db)?;
-        transaction
-            .execute(
-                &statement,
-                &[
-                    &id,
-                    &facts.order_id,
-                    &facts.request_id,
-                    &facts.display_id,
-                    &facts.amount.to_string(),
-                    &facts.currency.as_str(),
-                    &facts.total_refunded.map(|total| total.to_string()),
-                    &facts.redirect_url,
-                    &verified_at,
-                    &ticket,
-                ],
-            )
-            .await
-            .map_err(db)?;
         let previous_status = previous.as_deref().map(CheckoutStatus::parse);
         let status_changed = previous_status.as_ref() != Some(status);
         if !status_changed && !refund_changed {
@@ -330,7 +345,7 @@ impl PgStore {
         }
         let refunded = (
             refund_changed.then(|| refunded_before.to_string()),
-            facts.total_refunded.map(|total| total.to_string()),
+            refunded_text,
         );
         if !status_changed {
             // A refund that left the status as it was: its own entry, for the hooks of
@@ -347,11 +362,11 @@ impl PgStore {
                     previous.as_deref(),
                     refunded,
                     &hooks,
-                    true,
+                    (true, None),
                 )
                 .await;
         }
-        let (watched, watch_until) = if status.is_final() {
+        let watch = if status.is_final() {
             (false, None)
         } else if status.is_settled() {
             let until = chrono::Duration::from_std(refund_watch)
@@ -362,23 +377,6 @@ impl PgStore {
         } else {
             (true, None)
         };
-        let statement = transaction
-            .prepare_cached(
-                "UPDATE checkouts SET status = $2, watched = $3, watch_until = $4 WHERE id = $1",
-            )
-            .await
-            .map_err(db)?;
-        transaction
-            .execute(&statement, &[&id, &status.as_str(), &watched, &watch_until])
-            .await
-            .map_err(db)?;
-        if !watched {
-            let statement = transaction
-                .prepare_cached("DELETE FROM listen_targets WHERE checkout_id = $1")
-                .await
-                .map_err(db)?;
-            transaction.execute(&statement, &[&id]).await.map_err(db)?;
-        }
         // A baseline is history, not news: no hook is told of it.
         let told = source != Source::DiscoveryImport;
         let hooks: Vec<&HookSettings> = hooks
@@ -392,7 +390,7 @@ impl PgStore {
             previous.as_deref(),
             refunded,
             &hooks,
-            watched,
+            (watch.0, Some(watch)),
         )
         .await
     }
@@ -418,7 +416,10 @@ impl PgStore {
         Ok(epoch.is_some_and(|epoch| created < epoch))
     }
 
-    /// Appends one history entry and queues a delivery for each of `hooks`.
+    /// Appends one history entry and queues a delivery for each of `hooks`. With a new watch
+    /// (`Some((watched, watch_until))`: the status changed), the checkout's status and watch are
+    /// written in the same statement, and its resume token dropped when it is no longer
+    /// watched.
     #[allow(clippy::too_many_arguments)]
     async fn record_entry(
         &self,
@@ -428,7 +429,7 @@ impl PgStore {
         previous: Option<&str>,
         (refunded_from, refunded_to): (Option<String>, Option<String>),
         hooks: &[&HookSettings],
-        watched: bool,
+        (watched, new_watch): (bool, Option<Watch>),
     ) -> Result<ApplyOutcome, PgError> {
         let db = |error: tokio_postgres::Error| self.db(&error);
         let id = verified.id().as_str();
@@ -436,42 +437,55 @@ impl PgStore {
         let changed_at = changed_at.map(millis);
         let latency_ms =
             changed_at.map(|changed| (verified_at - changed).num_milliseconds().max(0));
-        let statement = transaction
-            .prepare_cached(&format!(
-                "INSERT INTO transitions (checkout_id, from_status, to_status, source, changed_at,
-                    verified_at, latency_ms, verified_json, refunded_from, refunded_to)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, CAST($9::TEXT AS NUMERIC),
-                    CAST($10::TEXT AS NUMERIC))
-                 RETURNING {TRANSITION_COLUMNS}"
-            ))
-            .await
-            .map_err(db)?;
+        let status = verified.status().as_str();
+        let source = source.as_str();
+        let raw = verified.raw_json();
+        let mut parameters: Vec<&(dyn ToSql + Sync)> = vec![
+            &id,
+            &previous,
+            &status,
+            &source,
+            &changed_at,
+            &verified_at,
+            &latency_ms,
+            &raw,
+            &refunded_from,
+            &refunded_to,
+        ];
+        let insert = format!(
+            "INSERT INTO transitions (checkout_id, from_status, to_status, source, changed_at,
+                verified_at, latency_ms, verified_json, refunded_from, refunded_to)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, CAST($9::TEXT AS NUMERIC),
+                CAST($10::TEXT AS NUMERIC))
+             RETURNING {TRANSITION_COLUMNS}"
+        );
+        let watch_until;
+        let sql = match &new_watch {
+            None => insert,
+            Some((still_watched, until)) => {
+                watch_until = *until;
+                parameters.push(still_watched);
+                parameters.push(&watch_until);
+                format!(
+                    "WITH moved AS (
+                         UPDATE checkouts SET status = $3, watched = $11, watch_until = $12
+                         WHERE id = $1),
+                     dropped AS (
+                         DELETE FROM listen_targets WHERE checkout_id = $1 AND NOT $11)
+                     {insert}"
+                )
+            }
+        };
+        let statement = transaction.prepare_cached(&sql).await.map_err(db)?;
         let row = transaction
-            .query_one(
-                &statement,
-                &[
-                    &id,
-                    &previous,
-                    &verified.status().as_str(),
-                    &source.as_str(),
-                    &changed_at,
-                    &verified_at,
-                    &latency_ms,
-                    &verified.raw_json(),
-                    &refunded_from,
-                    &refunded_to,
-                ],
-            )
+            .query_one(&statement, &parameters)
             .await
             .map_err(db)?;
         let transition = transition_from_row(&row).map_err(db)?;
-        let mut deliveries = Vec::with_capacity(hooks.len());
-        for hook in hooks {
-            deliveries.push(
-                self.queue_in(transaction, transition.id, id, &hook.name, false)
-                    .await?,
-            );
-        }
+        let names: Vec<&str> = hooks.iter().map(|hook| hook.name.as_str()).collect();
+        let deliveries = self
+            .queue_all_in(transaction, transition.id, id, &names, false)
+            .await?;
         Ok(ApplyOutcome::Transition {
             transition: Box::new(transition),
             deliveries,

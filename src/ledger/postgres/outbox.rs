@@ -105,6 +105,57 @@ impl PgStore {
         Ok(event_id)
     }
 
+    /// Queues one delivery per hook of `hooks`, in that order, in one statement of the caller's
+    /// transaction; returns their event ids.
+    pub(super) async fn queue_all_in(
+        &self,
+        transaction: &Transaction<'_>,
+        transition_id: i64,
+        checkout_id: &str,
+        hooks: &[&str],
+        replay: bool,
+    ) -> Result<Vec<String>, PgError> {
+        match hooks {
+            [] => return Ok(Vec::new()),
+            [hook] => {
+                return Ok(vec![
+                    self.queue_in(transaction, transition_id, checkout_id, hook, replay)
+                        .await?,
+                ]);
+            }
+            _ => {}
+        }
+        let event_ids: Vec<String> = hooks
+            .iter()
+            .map(|_| format!("evt_{}", uuid::Uuid::now_v7().simple()))
+            .collect();
+        let statement = transaction
+            .prepare_cached(
+                "INSERT INTO hook_deliveries (event_id, transition_id, checkout_id, hook, state,
+                    attempts, next_attempt_at, replay, created_at, updated_at)
+                 SELECT event_id, $3, $4, hook, 'pending', 0, $5, $6, $5, $5
+                 FROM unnest($1::TEXT[], $2::TEXT[]) WITH ORDINALITY AS q (event_id, hook, n)
+                 ORDER BY n",
+            )
+            .await
+            .map_err(|error| self.db(&error))?;
+        transaction
+            .execute(
+                &statement,
+                &[
+                    &event_ids,
+                    &hooks,
+                    &transition_id,
+                    &checkout_id,
+                    &now_ms(),
+                    &replay,
+                ],
+            )
+            .await
+            .map_err(|error| self.db(&error))?;
+        Ok(event_ids)
+    }
+
     /// Puts deliveries left `running` (by a daemon that died, or one that lost the lease) back
     /// to `pending`, due now; returns how many.
     ///
