@@ -686,6 +686,7 @@ pub struct WatchedDocument {
 
 impl WatchedDocument {
     /// The project id.
+    #[cfg(test)]
     pub fn project(&self) -> &str {
         &self.collection.project
     }
@@ -773,11 +774,13 @@ impl CollectionPaths {
     }
 
     /// How many paths are held.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.known.len()
     }
 
     /// Whether none is held.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.known.is_empty()
     }

@@ -589,7 +589,10 @@ impl Verifier {
                 let recorded_source = transition.source.parse().unwrap_or(source);
                 log_transition(
                     &verified,
-                    transition.from.as_deref(),
+                    transition
+                        .from
+                        .as_ref()
+                        .map(crate::domain::CheckoutStatus::as_str),
                     recorded_source,
                     transition.latency_ms,
                     elapsed,

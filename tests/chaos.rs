@@ -464,21 +464,22 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
     let mut refund_entries = 0usize;
     for id in &ids {
         let history = ledger.transitions(id).await.expect("transitions");
-        let mut previous: Option<String> = None;
+        let mut previous: Option<CheckoutStatus> = None;
         for (n, transition) in history.iter().enumerate() {
             assert_eq!(
                 transition.from, previous,
                 "seed {seed}: checkout {id}: transition {n} does not follow the one before: {history:?}"
             );
             assert!(
-                given[id].contains(&transition.to),
+                given[id].contains(transition.to.as_str()),
                 "seed {seed}: checkout {id}: {} was never the sandbox's status (it gave {:?})",
                 transition.to,
                 given[id]
             );
-            if transition.from.as_deref() == Some(transition.to.as_str()) {
+            if transition.from.as_ref() == Some(&transition.to) {
                 assert_eq!(
-                    transition.to, "PARTIALLY_REFUNDED",
+                    transition.to.as_str(),
+                    "PARTIALLY_REFUNDED",
                     "seed {seed}: checkout {id}: a repeated status: {history:?}"
                 );
                 refund_entries += 1;
@@ -487,7 +488,7 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
         }
         let repeats = history
             .iter()
-            .filter(|t| t.from.as_deref() == Some(t.to.as_str()))
+            .filter(|t| t.from.as_ref() == Some(&t.to))
             .count();
         assert!(
             repeats <= partial_refunds.get(id).copied().unwrap_or(0),
@@ -610,7 +611,7 @@ async fn first_mismatch(
             other => return Some(format!("checkout {id}: ledger read gave {other:?}")),
         };
         let want_status = truth.status.as_ref().map(|s| s.as_str().to_owned());
-        if record.status != want_status {
+        if record.status.as_ref().map(|s| s.as_str().to_owned()) != want_status {
             return Some(format!(
                 "checkout {id}: ledger {:?}, sandbox {want_status:?}",
                 record.status

@@ -390,7 +390,7 @@ async fn link_create_track_and_events_against_the_sandbox() {
         .expect("read")
         .expect("tracked");
     assert_eq!(record.tracked_via, "link-create");
-    assert_eq!(record.status.as_deref(), Some("PENDING"));
+    assert_eq!(record.status.as_ref().map(|s| s.as_str()), Some("PENDING"));
     drop(ledger);
 
     sandbox
@@ -554,7 +554,7 @@ async fn a_slow_create_leaves_one_link_which_is_recovered() {
         .expect("read")
         .expect("tracked as link create would");
     assert_eq!(record.tracked_via, "link-create");
-    assert_eq!(record.status.as_deref(), Some("PENDING"));
+    assert_eq!(record.status.as_ref().map(|s| s.as_str()), Some("PENDING"));
     sandbox.shutdown().await;
 }
 

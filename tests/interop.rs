@@ -708,7 +708,7 @@ impl Stack {
             .await
             .expect("transitions")
             .into_iter()
-            .find(|t| t.to == status)
+            .find(|t| t.to.as_str() == status)
             .unwrap_or_else(|| panic!("{id} has a transition to {status}"))
             .source
     }

@@ -218,7 +218,7 @@ async fn wait_for(ledger: &Ledger, id: &CheckoutId, status: &CheckoutStatus) -> 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         let current = ledger.checkout(id).await?.and_then(|record| record.status);
-        if current.as_deref() == Some(status.as_str()) {
+        if current.as_ref() == Some(status) {
             tokio::time::sleep(STEP).await;
             return Ok(());
         }

@@ -4,16 +4,16 @@
 //! Must never: choose the process exit code (main does, from [`exit_code`]).
 #![allow(clippy::print_stdout)]
 
-pub mod check_config;
+mod check_config;
 pub mod checkouts;
-pub mod daemon;
-pub mod generate;
-pub mod hooks;
-pub mod ledger;
-pub mod output;
-pub mod sandbox;
-pub mod waiting;
-pub mod webhooks;
+mod daemon;
+mod generate;
+mod hooks;
+mod ledger;
+mod output;
+mod sandbox;
+mod waiting;
+mod webhooks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

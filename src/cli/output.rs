@@ -37,15 +37,15 @@ fn money(amount: &str) -> String {
 pub const NO_PREVIOUS_STATUS: &str = "untracked";
 
 /// A transition's `from` side: its status, or [`NO_PREVIOUS_STATUS`] for the first one.
-fn previous_text(status: Option<&str>) -> String {
+fn previous_text(status: Option<&CheckoutStatus>) -> String {
     status
-        .map(|s| CheckoutStatus::parse(s).to_string())
+        .map(CheckoutStatus::to_string)
         .unwrap_or_else(|| NO_PREVIOUS_STATUS.into())
 }
 
-fn status_text(status: Option<&str>) -> String {
+fn status_text(status: Option<&CheckoutStatus>) -> String {
     status
-        .map(|s| CheckoutStatus::parse(s).to_string())
+        .map(CheckoutStatus::to_string)
         .unwrap_or_else(|| "UNVERIFIED".into())
 }
 
@@ -57,7 +57,7 @@ pub fn checkout_detail(
 ) -> String {
     let mut lines = vec![
         format!("checkout     {}", record.id),
-        format!("status       {}", status_text(record.status.as_deref())),
+        format!("status       {}", status_text(record.status.as_ref())),
         format!(
             "order        {}",
             record
@@ -124,7 +124,7 @@ pub fn checkout_detail(
     if let Some(last) = transitions.last() {
         lines.push(format!(
             "last change  {} -> {} at {} ({})",
-            previous_text(last.from.as_deref()),
+            previous_text(last.from.as_ref()),
             last.to,
             last.verified_at,
             last.source
@@ -146,7 +146,7 @@ pub fn checkout_table(records: &[CheckoutRecord]) -> String {
         lines.push(format!(
             "{:<20} {:<18} {:>14} {:<4} {:<24} {}",
             record.id,
-            status_text(record.status.as_deref()),
+            status_text(record.status.as_ref()),
             money(&record.amount),
             record.currency,
             record.updated_at,
@@ -179,7 +179,7 @@ pub fn transition_lines(transitions: &[TransitionRecord], deliveries: &[Delivery
             "#{:<6} {}  {} -> {}{refunded}  (source {}{latency})",
             transition.id,
             transition.verified_at,
-            previous_text(transition.from.as_deref()),
+            previous_text(transition.from.as_ref()),
             transition.to,
             transition.source
         ));

@@ -18,7 +18,7 @@ mod process;
 mod reload;
 pub mod signals;
 mod stages;
-pub mod supervisor;
+mod supervisor;
 
 pub use process::{RESERVED_FDS, check_open_file_limit, open_files_needed, root_warning};
 pub use reload::listener_options;

@@ -127,11 +127,12 @@ impl Supervisor {
     }
 
     /// Whether no supervised task has failed (the watchdog pings only while this holds).
+    #[cfg(test)]
     pub fn healthy(&self) -> bool {
         self.shared.healthy.load(Ordering::SeqCst)
     }
 
-    /// A cheap probe of [`Supervisor::healthy`] for other tasks.
+    /// A cheap probe, for other tasks, of whether no supervised task has failed.
     pub fn health(&self) -> impl Fn() -> bool + Send + Sync + Clone + 'static {
         let shared = self.shared.clone();
         move || shared.healthy.load(Ordering::SeqCst)

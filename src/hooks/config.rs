@@ -36,14 +36,6 @@ pub enum HookTarget {
 }
 
 impl HookSpec {
-    /// A command hook with the default retry policy.
-    pub fn command(command: HookCommand) -> HookSpec {
-        HookSpec {
-            target: HookTarget::Command(command),
-            policy: RetryPolicy::default(),
-        }
-    }
-
     /// The hook's configured name.
     pub fn name(&self) -> &str {
         match &self.target {

@@ -221,6 +221,7 @@ impl DispatcherHandle {
     }
 
     /// The hooks in use now.
+    #[cfg(test)]
     pub fn hooks(&self) -> Arc<HookSet> {
         self.shared.hooks()
     }
@@ -250,6 +251,7 @@ impl Dispatcher {
     }
 
     /// The same dispatcher with another idle poll interval (tests; at least 1 ms).
+    #[cfg(test)]
     pub fn with_poll_interval(mut self, poll: Duration) -> Dispatcher {
         self.poll = poll.max(Duration::from_millis(1));
         self
@@ -270,6 +272,7 @@ impl Dispatcher {
     }
 
     /// Replaces the hooks; see [`DispatcherHandle::reload`].
+    #[cfg(test)]
     pub fn reload(&self, hooks: HookSet) {
         self.handle().reload(hooks);
     }

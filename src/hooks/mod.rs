@@ -12,12 +12,12 @@
 //! for a verified transition (or `paywatch hooks test`'s synthetic event), follow a redirect of
 //! a URL hook, or log a checkout above debug level.
 
-pub mod answer;
+mod answer;
 pub mod config;
 pub mod dispatcher;
-pub mod event;
+mod event;
 pub mod post;
-pub mod retry;
+mod retry;
 pub mod runner;
 
 pub use config::{HookSet, HookSpec, HookTarget};

@@ -168,11 +168,12 @@ impl UrlHook {
         })
     }
 
-    /// A hook with these parts (tests, benchmarks): no extra headers, no CA file.
+    /// A hook with these parts (tests): no extra headers, no CA file.
     ///
     /// # Errors
     ///
     /// A secret that is not `whsec_` + base64, or a client that cannot be built.
+    #[cfg(test)]
     pub fn new(
         name: &str,
         url: reqwest::Url,

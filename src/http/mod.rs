@@ -25,7 +25,7 @@
 //!   holds up the daemon's shutdown or eats the drain time of verifications and hooks.
 
 pub mod health;
-pub mod routes;
+mod routes;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

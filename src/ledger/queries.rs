@@ -23,7 +23,7 @@ pub struct CheckoutRecord {
     /// paymennt's short display id.
     pub display_id: Option<String>,
     /// The last verified status; `None` until verified.
-    pub status: Option<String>,
+    pub status: Option<CheckoutStatus>,
     /// The amount, exact decimal text.
     pub amount: String,
     /// ISO 4217 currency.
@@ -101,9 +101,9 @@ pub struct TransitionRecord {
     /// The checkout.
     pub checkout_id: String,
     /// Status before; `None` for the first verified status.
-    pub from: Option<String>,
+    pub from: Option<CheckoutStatus>,
     /// Status after.
-    pub to: String,
+    pub to: CheckoutStatus,
     /// What led to the verification.
     pub source: String,
     /// When the change happened upstream, if known.
@@ -124,7 +124,7 @@ pub struct TransitionRecord {
 impl TransitionRecord {
     /// Whether this entry is a refund that left the status unchanged.
     pub fn is_refund_only(&self) -> bool {
-        self.from.as_deref() == Some(self.to.as_str()) && self.refunded_from.is_some()
+        self.from.as_ref() == Some(&self.to) && self.refunded_from.is_some()
     }
 }
 
@@ -297,7 +297,9 @@ pub(super) fn checkout_from_row(row: &Row<'_>) -> rusqlite::Result<CheckoutRecor
         order_id: row.get(1)?,
         request_id: row.get(2)?,
         display_id: row.get(3)?,
-        status: row.get(4)?,
+        status: row
+            .get::<_, Option<String>>(4)?
+            .map(|text| CheckoutStatus::parse(&text)),
         amount: row.get(5)?,
         currency: row.get(6)?,
         total_refunded: row.get(7)?,
@@ -336,8 +338,10 @@ pub(super) fn transition_from_row(row: &Row<'_>) -> rusqlite::Result<TransitionR
     Ok(TransitionRecord {
         id: row.get(0)?,
         checkout_id: row.get(1)?,
-        from: row.get(2)?,
-        to: row.get(3)?,
+        from: row
+            .get::<_, Option<String>>(2)?
+            .map(|text| CheckoutStatus::parse(&text)),
+        to: CheckoutStatus::parse(&row.get::<_, String>(3)?),
         source: row.get(4)?,
         changed_at: row.get(5)?,
         verified_at: row.get(6)?,

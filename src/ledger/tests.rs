@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 
 use super::*;
-use crate::domain::{CheckoutId, Source, VerifyTicket};
+use crate::domain::{CheckoutId, CheckoutStatus, Source, VerifyTicket};
 use crate::paymennt::VerifiedCheckout;
 use crate::paymennt::wire::{Checkout, CheckoutFacts};
 use crate::settings::HookSettings;
@@ -375,8 +375,11 @@ async fn apply_records_transitions_only_on_change_and_queues_matching_hooks(ledg
     };
     assert_eq!(deliveries.len(), 2);
     assert!(watched, "PAID stays watched for refunds");
-    assert_eq!(transition.from.as_deref(), Some("PENDING"));
-    assert_eq!(transition.to, "PAID");
+    assert_eq!(
+        transition.from.as_ref().map(CheckoutStatus::as_str),
+        Some("PENDING")
+    );
+    assert_eq!(transition.to.as_str(), "PAID");
     assert_eq!(transition.source, "firestore");
     assert!(transition.latency_ms.is_some_and(|ms| ms >= 150));
     let history = ledger.transitions(&id).await.expect("history");
@@ -945,7 +948,7 @@ async fn history(ledger: &Ledger, id: &str) -> Vec<String> {
         .await
         .expect("transitions")
         .into_iter()
-        .map(|t| t.to)
+        .map(|t| t.to.as_str().to_owned())
         .collect()
 }
 
@@ -1482,7 +1485,7 @@ async fn a_discovered_checkout_settled_before_the_epoch_is_a_baseline_without_ho
         .transitions(&"1".parse().expect("id"))
         .await
         .expect("history");
-    assert_eq!(history[0].to, "PAID");
+    assert_eq!(history[0].to.as_str(), "PAID");
     assert!(
         history[0].verified_json.contains("\"PAID\""),
         "the raw answer is kept"

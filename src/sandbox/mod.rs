@@ -28,13 +28,13 @@
 //! # Ok(()) }
 //! ```
 
-pub mod api;
+mod api;
 pub mod auth;
-pub mod documents;
+mod documents;
 pub mod external;
 pub mod faults;
-pub mod firestore;
-pub mod pay_page;
+mod firestore;
+mod pay_page;
 pub mod sink;
 pub mod state;
 

@@ -24,6 +24,7 @@ async fn status(ledger: &Ledger, id: &CheckoutId) -> Option<String> {
         .await
         .expect("read")
         .and_then(|c| c.status)
+        .map(|status| status.as_str().to_owned())
 }
 
 /// Another process verifies checkout 5 (PENDING) with the ledger's next ticket.

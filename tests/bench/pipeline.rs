@@ -683,6 +683,7 @@ async fn status_of(ledger: &Ledger, id: &CheckoutId) -> Option<String> {
         .ok()
         .flatten()
         .and_then(|c| c.status)
+        .map(|status| status.as_str().to_owned())
 }
 
 fn find_program(name: &str) -> String {

@@ -282,6 +282,7 @@ pub async fn status_of(ledger: &Ledger, id: &CheckoutId) -> Option<String> {
         .await
         .expect("ledger read")
         .and_then(|record| record.status)
+        .map(|status| status.as_str().to_owned())
 }
 
 /// Waits until the ledger shows `status` for `id`.
@@ -301,6 +302,6 @@ pub async fn history(ledger: &Ledger, id: &CheckoutId) -> Vec<String> {
         .await
         .expect("ledger read")
         .into_iter()
-        .map(|t| t.to)
+        .map(|t| t.to.as_str().to_owned())
         .collect()
 }

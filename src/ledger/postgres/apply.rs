@@ -67,8 +67,11 @@ pub(super) fn transition_from_row(row: &Row) -> Result<TransitionRecord, tokio_p
     Ok(TransitionRecord {
         id: row.try_get(0)?,
         checkout_id: row.try_get(1)?,
-        from: row.try_get(2)?,
-        to: row.try_get(3)?,
+        from: row
+            .try_get::<_, Option<String>>(2)?
+            .as_deref()
+            .map(CheckoutStatus::parse),
+        to: CheckoutStatus::parse(row.try_get(3)?),
         source: row.try_get(4)?,
         changed_at: row.try_get::<_, Option<DateTime<Utc>>>(5)?.map(timestamp),
         verified_at: timestamp(row.try_get(6)?),

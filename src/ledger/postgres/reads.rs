@@ -35,7 +35,10 @@ fn checkout_from_row(row: &Row) -> Result<CheckoutRecord, tokio_postgres::Error>
         order_id: row.try_get(1)?,
         request_id: row.try_get(2)?,
         display_id: row.try_get(3)?,
-        status: row.try_get(4)?,
+        status: row
+            .try_get::<_, Option<String>>(4)?
+            .as_deref()
+            .map(CheckoutStatus::parse),
         amount: row.try_get(5)?,
         currency: row.try_get(6)?,
         total_refunded: row.try_get(7)?,
