@@ -36,6 +36,7 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    gauges_read_the_same_as_on_sqlite,
     listen_refusals_are_noted_counted_shown_and_cleared,
     a_group_of_answers_is_recorded_as_each_would_be_alone,
     tracking_twice_is_not_an_error_and_records_no_status,
@@ -2072,4 +2073,54 @@ async fn figures_transitions_per_second_on_both_backends() {
             at(0.99)
         );
     }
+}
+
+/// The gauges' figures after the same operations, on `ledger` and on SQLite (times only
+/// compared for presence: the two ledgers are written a moment apart).
+async fn gauges_read_the_same_as_on_sqlite(ledger: Ledger) {
+    let sqlite = Ledger::open_in_memory().expect("ledger");
+    let hooks = [hook("crm", &["PAID"]), hook("audit", &[])];
+    let mut figures = Vec::new();
+    for ledger in [&ledger, &sqlite] {
+        ledger
+            .track(&facts("10"), TrackedVia::Track)
+            .await
+            .expect("track");
+        record(ledger, &verified("11", "PENDING"), &[]).await;
+        record(ledger, &verified("12", "PENDING"), &hooks).await;
+        record(ledger, &verified("12", "PAID"), &hooks).await;
+        record(ledger, &verified("13", "FAILED"), &hooks).await;
+        ledger
+            .save_resume_points(&[ResumePoint {
+                checkout_id: "11".parse().expect("id"),
+                token: vec![7],
+                read_time: None,
+            }])
+            .await
+            .expect("save");
+        let later = Utc::now() + chrono::Duration::seconds(1);
+        let claimed = ledger.claim_due(later, 2).await.expect("claim");
+        ledger
+            .finish(
+                &claimed[0].event_id,
+                &DeliveryUpdate::Dead {
+                    exit_code: Some(1),
+                    error: "no".into(),
+                },
+            )
+            .await
+            .expect("finish");
+        let gauges = ledger.gauges().await.expect("gauges");
+        figures.push((
+            gauges.watched_by_status,
+            gauges.undelivered_by_hook,
+            gauges.paid_with_undelivered_hooks,
+            gauges.oldest_undelivered.is_some(),
+            gauges.oldest_pending.is_some(),
+            gauges.oldest_resume_token.is_some(),
+            ledger.counts().await.expect("counts"),
+        ));
+    }
+    assert_eq!(figures[0], figures[1]);
+    assert_eq!(figures[0].2, 1, "one PAID checkout with undelivered hooks");
 }
