@@ -36,6 +36,7 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    concurrent_first_answers_for_one_checkout_are_recorded_one_after_the_other,
     gauges_read_the_same_as_on_sqlite,
     listen_refusals_are_noted_counted_shown_and_cleared,
     a_group_of_answers_is_recorded_as_each_would_be_alone,
@@ -2123,4 +2124,32 @@ async fn gauges_read_the_same_as_on_sqlite(ledger: Ledger) {
     }
     assert_eq!(figures[0], figures[1]);
     assert_eq!(figures[0].2, 1, "one PAID checkout with undelivered hooks");
+}
+
+/// Two answers for one checkout new to the ledger, recorded at the same time (a later request's
+/// PAID and an earlier request's PENDING), over and over: the history never starts twice and
+/// never goes back from PAID, whichever transaction runs first (PostgreSQL's writers run
+/// concurrently; SQLite's one at a time).
+async fn concurrent_first_answers_for_one_checkout_are_recorded_one_after_the_other(
+    ledger: Ledger,
+) {
+    let clock = Utc::now();
+    for n in 0..40 {
+        let id = format!("{}", 500 + n);
+        let earlier = ledger.issue_ticket().await.expect("ticket");
+        let later = ledger.issue_ticket().await.expect("ticket");
+        let pending = answer(&id, "PENDING", earlier, clock);
+        let paid = answer(&id, "PAID", later, clock);
+        let (first, second) = tokio::join!(
+            ledger.apply(&paid, Source::Firestore, None, &[], WATCH),
+            ledger.apply(&pending, Source::Firestore, None, &[], WATCH),
+        );
+        first.expect("paid");
+        second.expect("pending");
+        let history = history(&ledger, &id).await;
+        assert!(
+            history == ["PAID"] || history == ["PENDING", "PAID"],
+            "checkout {id}: {history:?}"
+        );
+    }
 }

@@ -292,39 +292,39 @@ impl PgStore {
             ))
             .await
             .map_err(db)?;
-        let existing = transaction
+        let mut existing = transaction
             .query_opt(&statement, &update)
             .await
             .map_err(db)?;
-        let (previous, previous_refunded, tracked_via): (Option<String>, Option<String>, String) =
-            match existing {
-                None => {
-                    let via = match source {
-                        Source::Manual => TrackedVia::TrackFetch,
-                        _ => TrackedVia::Track,
-                    };
-                    self.track_in(transaction, facts, via, false).await?;
-                    let statement = transaction
-                        .prepare_cached(UPDATE_VERIFIED)
-                        .await
-                        .map_err(db)?;
-                    transaction.execute(&statement, &update).await.map_err(db)?;
-                    (None, None, via.as_str().to_owned())
-                }
-                Some(row) => {
-                    let applied: Option<i64> = row.try_get(1).map_err(db)?;
-                    // An answer to a request sent before the one already applied says nothing
-                    // newer, and could say something older: it was ignored (not written).
-                    if applied.is_some_and(|applied| applied > ticket) {
-                        return Ok(ApplyOutcome::Stale);
-                    }
-                    (
-                        row.try_get(0).map_err(db)?,
-                        row.try_get(2).map_err(db)?,
-                        row.try_get(3).map_err(db)?,
-                    )
-                }
+        if existing.is_none() {
+            // New to the ledger: insert it (a concurrent answer for the same checkout waits on
+            // the insert, or this one on its), then read it locked and write the facts as for
+            // any tracked checkout, so of two first answers one follows the other.
+            let via = match source {
+                Source::Manual => TrackedVia::TrackFetch,
+                _ => TrackedVia::Track,
             };
+            self.track_in(transaction, facts, via, false).await?;
+            existing = transaction
+                .query_opt(&statement, &update)
+                .await
+                .map_err(db)?;
+        }
+        let Some(row) = existing else {
+            return Err(PgError::Database {
+                target: self.target().describe().to_owned(),
+                detail: format!("checkout {id} vanished while its answer was recorded"),
+            });
+        };
+        let applied: Option<i64> = row.try_get(1).map_err(db)?;
+        // An answer to a request sent before the one already applied says nothing newer, and
+        // could say something older: it was ignored (not written).
+        if applied.is_some_and(|applied| applied > ticket) {
+            return Ok(ApplyOutcome::Stale);
+        }
+        let previous: Option<String> = row.try_get(0).map_err(db)?;
+        let previous_refunded: Option<String> = row.try_get(2).map_err(db)?;
+        let tracked_via: String = row.try_get(3).map_err(db)?;
         let source = if previous.is_none()
             && tracked_via == TrackedVia::Discovery.as_str()
             && self.is_baseline_in(transaction, verified).await?
