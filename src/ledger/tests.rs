@@ -36,6 +36,7 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    concurrent_claims_never_hand_out_a_delivery_twice,
     concurrent_first_answers_for_one_checkout_are_recorded_one_after_the_other,
     gauges_read_the_same_as_on_sqlite,
     listen_refusals_are_noted_counted_shown_and_cleared,
@@ -2152,4 +2153,48 @@ async fn concurrent_first_answers_for_one_checkout_are_recorded_one_after_the_ot
             "checkout {id}: {history:?}"
         );
     }
+}
+
+/// Two claimers at once (on PostgreSQL, two connections) never hand out one delivery twice,
+/// nor two deliveries of one checkout and hook together.
+async fn concurrent_claims_never_hand_out_a_delivery_twice(ledger: Ledger) {
+    let hooks = [hook("h", &[])];
+    for n in 0..10 {
+        let id = format!("{}", 700 + n);
+        record(&ledger, &verified(&id, "PENDING"), &hooks).await;
+        record(&ledger, &verified(&id, "PAID"), &hooks).await;
+    }
+    let later = Utc::now() + chrono::Duration::seconds(1);
+    let mut handed_out = Vec::new();
+    for _ in 0..5 {
+        let (first, second) = tokio::join!(
+            ledger.record_and_claim(&[], later, 3),
+            ledger.record_and_claim(&[], later, 3),
+        );
+        let claimed: Vec<Delivery> = first
+            .expect("claim")
+            .claimed
+            .into_iter()
+            .chain(second.expect("claim").claimed)
+            .collect();
+        let mut checkouts: Vec<&str> = claimed.iter().map(|d| d.checkout_id.as_str()).collect();
+        checkouts.sort_unstable();
+        let before = checkouts.len();
+        checkouts.dedup();
+        assert_eq!(before, checkouts.len(), "one checkout's two events at once");
+        let outcomes: Vec<(String, DeliveryUpdate)> = claimed
+            .iter()
+            .map(|d| (d.event_id.clone(), DeliveryUpdate::Delivered))
+            .collect();
+        ledger
+            .record_and_claim(&outcomes, later, 0)
+            .await
+            .expect("record");
+        handed_out.extend(claimed.into_iter().map(|d| d.event_id));
+    }
+    let total = handed_out.len();
+    handed_out.sort();
+    handed_out.dedup();
+    assert_eq!(total, handed_out.len(), "a delivery handed out twice");
+    assert_eq!(total, 20, "every delivery handed out once");
 }

@@ -18,6 +18,13 @@ use crate::ledger::{
     Delivery, DeliveryFilter, DeliveryState, DeliveryUpdate, RecordAndClaim, timestamp,
 };
 
+/// The claim lock (an advisory lock, key "paywoutb" in ASCII): `record_and_claim` holds it until
+/// its transaction ends, so two claimers (a daemon's dispatcher and, during a failover, no
+/// other: the fence refuses a stale one, but a second process must not race it either) claim
+/// one after the other, as SQLite's single writer does, and never hand out one delivery, or two
+/// of one checkout and hook, twice.
+const CLAIM_LOCK: i64 = 8_097_887_158_866_900_066;
+
 /// A pending delivery `d` may run: no other delivery of its checkout and hook is running, and
 /// none queued before it is still pending (SQLite's `HEAD_OF_QUEUE`).
 const HEAD_OF_QUEUE: &str = "NOT EXISTS (
@@ -191,6 +198,10 @@ impl PgStore {
         let db = |error: tokio_postgres::Error| self.db(&error);
         let mut client = self.client().await?;
         let mut transaction = self.begin_write(&mut client).await?;
+        transaction
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&CLAIM_LOCK])
+            .await
+            .map_err(db)?;
         let time = now_ms();
         let mut refused = Vec::new();
         for (index, (event_id, update)) in outcomes.iter().enumerate() {
