@@ -315,14 +315,7 @@ fn merchant_config(dir: &Path, url: &str, keys: &str) -> PathBuf {
 }
 
 fn hooks_test(config: &Path) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_paywatch"))
-        .arg("--config")
-        .arg(config)
-        .args(["hooks", "test", "shop", "--status", "paid"])
-        .env_remove("RUST_LOG")
-        .env_remove("PAYWATCH_CONFIG")
-        .output()
-        .expect("run paywatch")
+    common::process::run(config, &["hooks", "test", "shop", "--status", "paid"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
