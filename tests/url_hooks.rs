@@ -315,14 +315,7 @@ fn merchant_config(dir: &Path, url: &str, keys: &str) -> PathBuf {
 }
 
 fn hooks_test(config: &Path) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_paywatch"))
-        .arg("--config")
-        .arg(config)
-        .args(["hooks", "test", "shop", "--status", "paid"])
-        .env_remove("RUST_LOG")
-        .env_remove("PAYWATCH_CONFIG")
-        .output()
-        .expect("run paywatch")
+    common::process::run(config, &["hooks", "test", "shop", "--status", "paid"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,6 +364,44 @@ async fn hooks_test_posts_a_signed_test_event_and_a_rotation_signs_with_both_sec
         let body: Value =
             serde_json::from_str(record["body"].as_str().expect("body")).expect("JSON");
         assert_eq!(body["test"], true);
+    }
+}
+
+/// The hook's secret from the systemd credential `paywatch-hook-shop-secret` (no `secret` in the
+/// config): the delivery verifies with it, and the secret appears nowhere in the output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_secret_from_the_systemd_credential_signs_the_delivery() {
+    for library in LIBRARIES {
+        let Some(receiver) = Receiver::start(library, &[SECRET], "", "").await else {
+            continue;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let credentials = dir.path().join("credentials");
+        std::fs::create_dir(&credentials).expect("credentials directory");
+        std::fs::write(
+            credentials.join("paywatch-hook-shop-secret"),
+            format!("{SECRET}\n"),
+        )
+        .expect("write the credential");
+        let config = merchant_config(dir.path(), &receiver.url(), "");
+        let output = tokio::task::spawn_blocking(move || {
+            common::process::paywatch()
+                .config(&config)
+                .env("CREDENTIALS_DIRECTORY", &credentials)
+                .args(["hooks", "test", "shop", "--status", "paid"])
+                .output()
+        })
+        .await
+        .expect("join");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{stdout}\n{stderr}");
+        assert!(
+            !stdout.contains(SECRET) && !stderr.contains(SECRET),
+            "the secret is shown: {stdout}\n{stderr}"
+        );
+        let seen = receiver.wait_for(1, DEADLINE).await;
+        assert_verifies(library, &seen[0], 1);
     }
 }
 
