@@ -204,19 +204,33 @@ impl PgStore {
         Ok(row.get(0))
     }
 
-    /// Proof that a write would go through: a write transaction begun (fenced on a daemon's
-    /// store, so a standby fails it) and rolled back.
+    /// Proof that a write would go through, for the health check: the server answers and
+    /// accepts writes (not a read-only replica, not `default_transaction_read_only`). Not
+    /// fenced: a standby daemon is healthy too (its role is `/readyz`'s business).
     ///
     /// # Errors
     ///
-    /// As [`PgStore::begin_write`]; database failures.
+    /// The server unreachable or read-only; database failures.
     pub async fn check_writable(&self) -> Result<(), PgError> {
-        let mut client = self.client().await?;
-        let transaction = self.begin_write(&mut client).await?;
-        transaction
-            .rollback()
+        let client = self.client().await?;
+        let read_only: bool = client
+            .query_one(
+                "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only')::BOOLEAN",
+                &[],
+            )
             .await
-            .map_err(|error| self.db(&error))
+            .map_err(|error| self.db(&error))?
+            .get(0);
+        if read_only {
+            return Err(PgError::Database {
+                target: self.target().describe().to_owned(),
+                detail: "the server accepts no writes (a read-only replica, or \
+                         default_transaction_read_only); check that 'ledger.url' names the \
+                         primary"
+                    .to_owned(),
+            });
+        }
+        Ok(())
     }
 
     /// One checkout per Firebase project (a watched one first, else the newest), or just

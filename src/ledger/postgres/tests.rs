@@ -1139,3 +1139,54 @@ async fn a_daemon_that_lost_the_lease_cannot_record_claim_or_note_and_its_claims
     assert_eq!(again[0].event_id, claimed[0].event_id);
     assert_eq!(again[0].attempts, 2);
 }
+
+#[tokio::test]
+async fn the_write_check_passes_on_a_standby_daemon_and_fails_on_a_read_only_server() {
+    use crate::ledger::Ledger;
+
+    let Some(url) = cluster::database() else {
+        return;
+    };
+    let session = Session::Daemon {
+        idle_limit: Duration::from_secs(10),
+    };
+    let (_role, roles) = tokio::sync::watch::channel(Role::Standby { holder: None });
+    let standby = Ledger::postgres(
+        PgStore::open(&ledger_settings(&url), session)
+            .await
+            .expect("open")
+            .with_role(roles),
+    );
+    standby
+        .check_writable()
+        .await
+        .expect("a standby daemon's database is healthy");
+
+    // Opened (and migrated) first: a read-only database cannot be migrated.
+    let read_only = Ledger::postgres(
+        PgStore::open(&ledger_settings(&url), Session::Operator)
+            .await
+            .expect("open"),
+    );
+    let database = url.rsplit('/').next().unwrap_or_default();
+    let database = database.split('?').next().unwrap_or_default();
+    // New connections start read-only; the pooled ones are ended, so the pool opens new ones.
+    cluster::cluster().expect("cluster runs").psql(
+        database,
+        &format!(
+            "ALTER DATABASE {database} SET default_transaction_read_only = on;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = '{database}' AND pid <> pg_backend_pid()"
+        ),
+    );
+    wait_until(
+        "the write check to fail on the read-only server",
+        || async {
+            read_only
+                .check_writable()
+                .await
+                .is_err_and(|refused| refused.message.contains("accepts no writes"))
+        },
+    )
+    .await;
+}
