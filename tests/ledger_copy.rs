@@ -138,5 +138,35 @@ async fn a_copied_ledger_reads_back_the_same_and_a_second_copy_is_refused() {
         .output();
     assert_eq!(wrong.status.code(), Some(2), "{}", stderr(&wrong));
     assert!(!stderr(&wrong).contains("hunter2"), "{}", stderr(&wrong));
+    // Nothing listens there: exit 1, naming the host and port.
+    let away = paywatch()
+        .config(&config)
+        .args([
+            "ledger",
+            "copy",
+            "--to",
+            "postgresql://postgres@127.0.0.1:1/paywatch",
+        ])
+        .output();
+    assert_eq!(away.status.code(), Some(1), "{}", stderr(&away));
+    assert!(stderr(&away).contains("127.0.0.1:1"), "{}", stderr(&away));
+    // A password file that is not there: exit 2, naming the flag.
+    let missing = paywatch()
+        .config(&config)
+        .args([
+            "ledger",
+            "copy",
+            "--to",
+            &url,
+            "--password-file",
+            "/nonexistent/pw",
+        ])
+        .output();
+    assert_eq!(missing.status.code(), Some(2), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("--password-file"),
+        "{}",
+        stderr(&missing)
+    );
     sandbox.shutdown().await;
 }
