@@ -223,7 +223,33 @@ impl PgStore {
             .map_err(db)?;
         let time = now_ms();
         let mut refused = Vec::new();
+        if !savepoints {
+            // The common outcome in one statement: every delivered one at once.
+            let delivered: Vec<&str> = outcomes
+                .iter()
+                .filter(|(_, update)| *update == DeliveryUpdate::Delivered)
+                .map(|(event_id, _)| event_id.as_str())
+                .collect();
+            if !delivered.is_empty() {
+                let statement = transaction
+                    .prepare_cached(
+                        "UPDATE hook_deliveries SET state = 'delivered', delivered_at = $2,
+                            updated_at = $2, last_exit_code = 0, last_error = NULL
+                         WHERE event_id = ANY($1)",
+                    )
+                    .await
+                    .map_err(db)?;
+                match transaction.execute(&statement, &[&delivered, &time]).await {
+                    Ok(_) => {}
+                    Err(error) if error.is_closed() => return Err(db(error)),
+                    Err(_) => return Ok(None),
+                }
+            }
+        }
         for (index, (event_id, update)) in outcomes.iter().enumerate() {
+            if !savepoints && *update == DeliveryUpdate::Delivered {
+                continue;
+            }
             if !savepoints {
                 match finish_in(&transaction, event_id, update, time).await {
                     Ok(()) => continue,
