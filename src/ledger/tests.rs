@@ -36,6 +36,7 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
+    probes_pick_one_checkout_per_project,
     concurrent_claims_never_hand_out_a_delivery_twice,
     concurrent_first_answers_for_one_checkout_are_recorded_one_after_the_other,
     gauges_read_the_same_as_on_sqlite,
@@ -2219,4 +2220,67 @@ async fn concurrent_claims_never_hand_out_a_delivery_twice(ledger: Ledger) {
     handed_out.dedup();
     assert_eq!(total, handed_out.len(), "a delivery handed out twice");
     assert_eq!(total, 20, "every delivery handed out once");
+}
+
+/// `probe_documents` on either backend (the SQLite-only test above also checks it reads a file
+/// without writing it).
+async fn probes_pick_one_checkout_per_project(ledger: Ledger) {
+    for id in ["1", "2"] {
+        ledger
+            .track(&facts(id), TrackedVia::Track)
+            .await
+            .expect("track");
+    }
+    let other = checkout_json("3", "PENDING").replace("pc-test-734bc", "other-project");
+    let wire: Checkout = serde_json::from_str(&other).expect("json");
+    ledger
+        .track(&wire.facts().expect("facts"), TrackedVia::Track)
+        .await
+        .expect("track");
+    let mut probes: Vec<String> = ledger
+        .probe_documents(None)
+        .await
+        .expect("probe")
+        .into_iter()
+        .map(|(_, location)| location.project)
+        .collect();
+    probes.sort();
+    assert_eq!(probes, ["other-project", "pc-test-734bc"]);
+    let only: CheckoutId = "2".parse().expect("id");
+    let probes = ledger.probe_documents(Some(&only)).await.expect("probe");
+    assert_eq!(probes.len(), 1);
+    assert_eq!(probes[0].0, only);
+    let unknown: CheckoutId = "404".parse().expect("id");
+    assert!(
+        ledger
+            .probe_documents(Some(&unknown))
+            .await
+            .expect("probe")
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn postgres_tickets_keep_growing_across_processes() {
+    let Some(first) = postgres_ledger().await else {
+        return;
+    };
+    let issued = first.issue_ticket().await.expect("ticket");
+    let store = pg(&first).expect("PostgreSQL");
+    let settings = crate::settings::LedgerSettings {
+        url: Some(crate::settings::Secret::new(format!(
+            "postgresql://postgres@{}?sslmode=disable",
+            store.target().describe()
+        ))),
+        ..crate::settings::LedgerSettings::default()
+    };
+    // Another process on the same database (an operator's command).
+    let second = Ledger::postgres(
+        postgres::PgStore::open(&settings, postgres::Session::Operator)
+            .await
+            .expect("open again"),
+    );
+    assert_eq!(second.last_ticket().await.expect("last"), issued);
+    assert!(second.issue_ticket().await.expect("ticket") > issued);
+    assert!(first.issue_ticket().await.expect("ticket") > issued);
 }
