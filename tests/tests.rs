@@ -16,6 +16,7 @@ mod firestore_auth;
 mod hooks;
 mod http;
 mod interop;
+mod ledger_copy;
 mod logging;
 mod metrics;
 mod misconfigured;

@@ -9,6 +9,7 @@ pub mod checkouts;
 mod daemon;
 mod generate;
 mod hooks;
+mod ledger;
 mod output;
 mod sandbox;
 mod waiting;
@@ -129,6 +130,9 @@ pub enum Command {
     /// Write the man pages into a directory (used when packaging).
     #[command(hide = true)]
     Man(generate::ManArgs),
+    /// The ledger itself: copy an SQLite ledger into an empty PostgreSQL one.
+    #[command(subcommand)]
+    Ledger(ledger::LedgerCommand),
     /// paymennt webhooks: register paywatch's address, list, test, disable.
     #[command(subcommand)]
     Webhooks(webhooks::WebhooksCommand),
@@ -229,6 +233,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             sandbox::run(args, cli.log_format.unwrap_or(LogFormat::Text)).await
         }
         Command::Hooks(ref command) => hooks::run(&load_settings(&cli)?, command).await,
+        Command::Ledger(ref command) => ledger::run(&load_settings(&cli)?, command).await,
         Command::Webhooks(ref command) => {
             let deadline = waiting::Deadline::after(cli.timeout);
             webhooks::run(&load_settings(&cli)?, command, deadline).await

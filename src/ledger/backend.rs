@@ -1,8 +1,8 @@
 //! The ledger's interface: what a store must do, as async methods.
 //!
 //! Owns: the [`Backend`] trait, the one interface through which the rest of paywatch reads and
-//! writes the ledger (through [`Ledger`](super::Ledger), which derefs to it). A store (SQLite
-//! today; PostgreSQL in issue 25) implements every method; each is one transaction.
+//! writes the ledger (through [`Ledger`](super::Ledger), which derefs to it). A store (SQLite,
+//! or PostgreSQL: `postgres::PgStore`) implements every method; each is one transaction.
 //! Must never: hold SQL, or let a caller record a status not verified with Get Checkout (only
 //! [`VerifiedCheckout`] reaches [`Backend::apply`]).
 

@@ -7,9 +7,9 @@
 //! Must never: record a status that did not come from Get Checkout. [`Backend::apply`] takes a
 //! [`VerifiedCheckout`](crate::paymennt::VerifiedCheckout), which only the paymennt client can build.
 //!
-//! Layout: [`Backend`] is the interface a store implements; today the only one is SQLite
-//! (`sqlite.rs`: opening, the connection, and how its synchronous calls reach the blocking
-//! pool). Its SQL is split by job: `transitions.rs` (track, apply, the outbox fan-out),
+//! Layout: [`Backend`] is the interface a store implements: SQLite (`sqlite.rs`: opening, the
+//! connection, and how its synchronous calls reach the blocking pool) and PostgreSQL
+//! ([`postgres`], [`Ledger::postgres`]); `copy.rs` copies the one into the other. Its SQL is split by job: `transitions.rs` (track, apply, the outbox fan-out),
 //! `tickets.rs` (verification tickets, noted changes, "not found" counts), `listen_state.rs`
 //! (resume points, Listen refusals, probes, the watch set, the refund watch), `discovery.rs`
 //! (epoch, rounds, discovered checkouts, open checkouts), `queries.rs` (what the CLI and
@@ -17,6 +17,7 @@
 //! `migrate.rs` (the schema).
 
 mod backend;
+mod copy;
 mod discovery;
 mod gauges;
 mod listen_state;
@@ -35,6 +36,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 
 pub use crate::domain::TrackedVia;
 pub use backend::Backend;
+pub use copy::{CopyCounts, CopyError, copy_to_postgres};
 pub use discovery::{Discovered, DiscoveredOutcome, OpenCheckout};
 pub use gauges::{LedgerGauges, UndeliveredCount};
 pub use listen_state::{ResumePoint, WatchEntry};
@@ -121,6 +123,14 @@ impl Ledger {
     /// Only if SQLite itself fails.
     pub fn open_in_memory() -> Result<Ledger> {
         Sqlite::open_in_memory().map(Ledger::sqlite)
+    }
+
+    /// The ledger on an open PostgreSQL store (see [`postgres::PgStore::open`]); a daemon's
+    /// store ([`postgres::PgStore::with_role`]) writes only while it holds the lease.
+    pub fn postgres(store: postgres::PgStore) -> Ledger {
+        Ledger {
+            backend: Arc::new(store),
+        }
     }
 
     fn sqlite(store: Sqlite) -> Ledger {

@@ -2,7 +2,10 @@
 //! which one, the lease holder, acts.
 //!
 //! Owns: connecting ([`Target`]), the PostgreSQL schema and its migrations ([`migrate()`]), the
-//! lease and the epoch fence ([`Lease`]), and every SQL statement sent to PostgreSQL.
+//! lease and the epoch fence ([`Lease`]), every SQL statement sent to PostgreSQL, and
+//! [`PgStore`]'s implementation of the ledger's `Backend` (`backend.rs`; the operations in
+//! `ops.rs`, `apply.rs`, `outbox.rs` and `reads.rs`, with the semantics of their SQLite
+//! counterparts).
 //! Must never: write from a daemon without the fence (the schema refuses it: a daemon's
 //! connections carry `paywatch.role = 'daemon'`, and a trigger on every table refuses a write
 //! whose transaction did not pass `paywatch_fence(epoch)`), or show a password.
@@ -15,11 +18,15 @@
 //! transaction ends and then checks its epoch against the row, so every write of epoch `n`
 //! commits before epoch `n + 1` is elected, or is refused.
 
+mod apply;
+mod backend;
 mod connect;
 pub mod keeper;
 mod lease;
 mod migrate;
 mod ops;
+mod outbox;
+mod reads;
 mod store;
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
 //! The ledger's operations on PostgreSQL, each one transaction, every daemon write fenced.
 //!
-//! Owns: the SQL of each operation ported so far (tracking a checkout, Listen resume points,
-//! listen refusals, verification tickets, discovery's epoch and rounds), and [`PgStore::begin_write`], the one way a write transaction starts: on a daemon's
-//! store it passes the fence with the epoch of the role the keeper publishes, and a standby's
-//! write is refused before it reaches the database.
+//! Owns: [`PgStore::begin_write`], the one way a write transaction starts (on a daemon's store
+//! it passes the fence with the epoch of the role the keeper publishes, and a standby's write is
+//! refused before it reaches the database), pooled connections, and the SQL of tracking a
+//! checkout, Listen resume points, clearing listen refusals, single tickets and discovery's
+//! epoch and rounds. The rest is in `apply.rs`, `outbox.rs` and `reads.rs`.
 //! Must never: write from a daemon's store without the fence (the schema refuses that too), or
 //! record a status that did not come from Get Checkout (tracking records none).
 //!
@@ -19,7 +20,7 @@ use crate::paymennt::wire::CheckoutFacts;
 
 impl PgStore {
     /// A pooled connection.
-    async fn client(&self) -> Result<Object, PgError> {
+    pub(super) async fn client(&self) -> Result<Object, PgError> {
         self.pool()
             .get()
             .await
@@ -55,7 +56,7 @@ impl PgStore {
         Ok(transaction)
     }
 
-    fn db(&self, error: &tokio_postgres::Error) -> PgError {
+    pub(super) fn db(&self, error: &tokio_postgres::Error) -> PgError {
         PgError::from_db(self.target(), error)
     }
 
@@ -71,51 +72,14 @@ impl PgStore {
         facts: &CheckoutFacts,
         via: TrackedVia,
     ) -> Result<TrackOutcome, PgError> {
-        let Some(location) = &facts.location else {
-            return Err(PgError::Database {
-                target: self.target().describe().to_owned(),
-                detail: format!(
-                    "checkout {} has no Firebase coordinates to watch",
-                    facts.id.as_str()
-                ),
-            });
-        };
         let mut client = self.client().await?;
         let transaction = self.begin_write(&mut client).await?;
-        let inserted = transaction
-            .execute(
-                "INSERT INTO checkouts (id, order_id, request_id, display_id, amount, currency,
-                    status, total_refunded, redirect_url, firebase_database, firebase_collection,
-                    firebase_document, watched, needs_verify, tracked_via, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, CAST($5::TEXT AS NUMERIC), $6, NULL,
-                    CAST($7::TEXT AS NUMERIC), $8, $9, $10, $11, TRUE, TRUE, $12, now(), now())
-                 ON CONFLICT (id) DO NOTHING",
-                &[
-                    &facts.id.as_str(),
-                    &facts.order_id,
-                    &facts.request_id,
-                    &facts.display_id,
-                    &facts.amount.to_string(),
-                    &facts.currency.as_str(),
-                    &facts.total_refunded.map(|total| total.to_string()),
-                    &facts.redirect_url,
-                    &location.project.as_str(),
-                    &location.collection.as_str(),
-                    &location.document.as_str(),
-                    &via.as_str(),
-                ],
-            )
-            .await
-            .map_err(|error| self.db(&error))?;
+        let outcome = self.track_in(&transaction, facts, via, false).await?;
         transaction
             .commit()
             .await
             .map_err(|error| self.db(&error))?;
-        Ok(if inserted == 1 {
-            TrackOutcome::Added
-        } else {
-            TrackOutcome::AlreadyTracked
-        })
+        Ok(outcome)
     }
 
     /// Saves Listen resume tokens, for still-watched checkouts only, in one transaction, in
@@ -131,7 +95,7 @@ impl PgStore {
         let statement = transaction
             .prepare_cached(
                 "INSERT INTO listen_targets (checkout_id, resume_token, read_time, updated_at)
-                 SELECT id, $2, $3, now() FROM checkouts WHERE id = $1 AND watched
+                 SELECT id, $2, $3, $4 FROM checkouts WHERE id = $1 AND watched
                  ON CONFLICT (checkout_id) DO UPDATE SET
                     resume_token = excluded.resume_token,
                     read_time = excluded.read_time,
@@ -139,11 +103,17 @@ impl PgStore {
             )
             .await
             .map_err(|error| self.db(&error))?;
+        let updated = super::apply::now_ms();
         for point in points {
             transaction
                 .execute(
                     &statement,
-                    &[&point.checkout_id.as_str(), &point.token, &point.read_time],
+                    &[
+                        &point.checkout_id.as_str(),
+                        &point.token,
+                        &point.read_time.map(super::apply::millis),
+                        &updated,
+                    ],
                 )
                 .await
                 .map_err(|error| self.db(&error))?;
@@ -231,7 +201,7 @@ impl PgStore {
                  SELECT epoch FROM inserted
                  UNION ALL SELECT epoch FROM discovery_epoch WHERE id = 1
                  LIMIT 1",
-                &[&now_time],
+                &[&super::apply::millis(now_time)],
             )
             .await
             .map_err(|error| self.db(&error))?;
@@ -270,17 +240,21 @@ impl PgStore {
         started_at: DateTime<Utc>,
     ) -> Result<(), PgError> {
         self.write_one(
-            "INSERT INTO discovery_rounds (kind, started_at, finished_at) VALUES ($1, $2, now())
+            "INSERT INTO discovery_rounds (kind, started_at, finished_at) VALUES ($1, $2, $3)
              ON CONFLICT (kind) DO UPDATE SET started_at = excluded.started_at,
                 finished_at = excluded.finished_at",
-            &[&kind, &started_at],
+            &[
+                &kind,
+                &super::apply::millis(started_at),
+                &super::apply::now_ms(),
+            ],
         )
         .await
         .map(drop)
     }
 
     /// One statement in a write transaction of its own; the rows it touched.
-    async fn write_one(
+    pub(super) async fn write_one(
         &self,
         sql: &str,
         parameters: &[&(dyn tokio_postgres::types::ToSql + Sync)],

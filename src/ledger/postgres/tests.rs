@@ -984,3 +984,209 @@ async fn tickets_discovery_rounds_and_tokens_behave_as_on_sqlite() {
         "0"
     );
 }
+
+/// A verified answer for checkout `id` in `status` (with Firebase coordinates).
+fn verified(id: &str, status: &str) -> crate::paymennt::VerifiedCheckout {
+    crate::paymennt::VerifiedCheckout::for_tests(&format!(
+        r#"{{"id":"{id}","orderId":"ORD-{id}","currency":"AED","amount":100.00,"status":"{status}","totalRefunded":0,"firebaseDatabase":"pc-test-734bc","firebaseCollection":"checkouts","firebaseDocument":"doc-{id}"}}"#
+    ))
+}
+
+#[tokio::test]
+async fn a_daemon_that_lost_the_lease_cannot_record_claim_or_note_and_its_claims_are_reclaimed() {
+    use crate::domain::Source;
+    use crate::ledger::{ApplyOutcome, DeliveryState, Ledger};
+
+    let Some(url) = cluster::database() else {
+        return;
+    };
+    let session = Session::Daemon {
+        idle_limit: Duration::from_secs(10),
+    };
+    let open = || async {
+        PgStore::open(&ledger_settings(&url), session)
+            .await
+            .expect("open")
+    };
+    let first_store = open().await;
+    let name = first_store.target().describe().to_owned();
+    let ttl = Duration::from_secs(60);
+    let first_lease = lease(first_store.target(), first_store.pool(), "first", ttl);
+    let second_lease = lease(first_store.target(), first_store.pool(), "second", ttl);
+    let first_epoch = first_lease.elect().await.expect("elect").expect("won");
+    let (_first_role, roles) = tokio::sync::watch::channel(Role::Active { epoch: first_epoch });
+    let first = Ledger::postgres(first_store.with_role(roles));
+    let hooks = [crate::settings::HookSettings::for_tests("h", &[])];
+    let watch = Duration::from_secs(3600);
+
+    // The holder records a payment and claims its delivery.
+    let ApplyOutcome::Transition { deliveries, .. } = first
+        .apply(
+            &verified("1", "PAID"),
+            Source::Firestore,
+            None,
+            &hooks,
+            watch,
+        )
+        .await
+        .expect("the holder records")
+    else {
+        panic!("no transition");
+    };
+    let later = chrono::Utc::now() + chrono::Duration::seconds(1);
+    let claimed = first
+        .record_and_claim(&[], later, 10)
+        .await
+        .expect("claim")
+        .claimed;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].event_id, deliveries[0]);
+
+    // Paused past its lease; another daemon takes over.
+    let database = url.rsplit('/').next().unwrap_or_default();
+    let database = database.split('?').next().unwrap_or_default();
+    expire_now(database);
+    let second_epoch = second_lease.elect().await.expect("elect").expect("won");
+    assert!(second_epoch > first_epoch);
+    let (_second_role, roles) = tokio::sync::watch::channel(Role::Active {
+        epoch: second_epoch,
+    });
+    let second = Ledger::postgres(open().await.with_role(roles));
+
+    // The old holder wakes up believing it is active: every write is refused in its
+    // transaction, nothing is written.
+    let refused = first
+        .apply(
+            &verified("2", "PAID"),
+            Source::Firestore,
+            None,
+            &hooks,
+            watch,
+        )
+        .await
+        .expect_err("a stale epoch recorded a payment");
+    assert!(refused.message.contains("not current"), "{refused}");
+    assert_eq!(refused.path, name, "the error names host:port/database");
+    let outcome = [(
+        claimed[0].event_id.clone(),
+        crate::ledger::DeliveryUpdate::Delivered,
+    )];
+    assert!(
+        first.record_and_claim(&outcome, later, 10).await.is_err(),
+        "a stale epoch wrote a delivery's outcome"
+    );
+    assert!(
+        first
+            .note_changes(&["1".parse().expect("id")])
+            .await
+            .is_err()
+    );
+    assert!(
+        first
+            .issue_tickets(&[("1".parse().expect("id"), None)])
+            .await
+            .is_err()
+    );
+    assert!(first.recover_running_deliveries().await.is_err());
+    let grouped = first
+        .apply_all(
+            vec![crate::ledger::ApplyRequest {
+                verified: verified("3", "PAID"),
+                source: Source::Firestore,
+                changed_at: None,
+            }],
+            &hooks,
+            watch,
+        )
+        .await;
+    assert!(grouped[0].is_err());
+    assert!(
+        second
+            .checkout(&"2".parse().expect("id"))
+            .await
+            .expect("read")
+            .is_none()
+    );
+    assert!(
+        second
+            .checkout(&"3".parse().expect("id"))
+            .await
+            .expect("read")
+            .is_none()
+    );
+    let delivery = second
+        .delivery(&claimed[0].event_id)
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(
+        delivery.state,
+        DeliveryState::Running,
+        "the outcome was not written"
+    );
+
+    // The new holder reclaims the old holder's claim: the same event id runs again.
+    assert_eq!(
+        second.recover_running_deliveries().await.expect("recover"),
+        1
+    );
+    let again = second
+        .record_and_claim(&[], later, 10)
+        .await
+        .expect("claim")
+        .claimed;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].event_id, claimed[0].event_id);
+    assert_eq!(again[0].attempts, 2);
+}
+
+#[tokio::test]
+async fn the_write_check_passes_on_a_standby_daemon_and_fails_on_a_read_only_server() {
+    use crate::ledger::Ledger;
+
+    let Some(url) = cluster::database() else {
+        return;
+    };
+    let session = Session::Daemon {
+        idle_limit: Duration::from_secs(10),
+    };
+    let (_role, roles) = tokio::sync::watch::channel(Role::Standby { holder: None });
+    let standby = Ledger::postgres(
+        PgStore::open(&ledger_settings(&url), session)
+            .await
+            .expect("open")
+            .with_role(roles),
+    );
+    standby
+        .check_writable()
+        .await
+        .expect("a standby daemon's database is healthy");
+
+    // Opened (and migrated) first: a read-only database cannot be migrated.
+    let read_only = Ledger::postgres(
+        PgStore::open(&ledger_settings(&url), Session::Operator)
+            .await
+            .expect("open"),
+    );
+    let database = url.rsplit('/').next().unwrap_or_default();
+    let database = database.split('?').next().unwrap_or_default();
+    // New connections start read-only; the pooled ones are ended, so the pool opens new ones.
+    cluster::cluster().expect("cluster runs").psql(
+        database,
+        &format!(
+            "ALTER DATABASE {database} SET default_transaction_read_only = on;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = '{database}' AND pid <> pg_backend_pid()"
+        ),
+    );
+    wait_until(
+        "the write check to fail on the read-only server",
+        || async {
+            read_only
+                .check_writable()
+                .await
+                .is_err_and(|refused| refused.message.contains("accepts no writes"))
+        },
+    )
+    .await;
+}
