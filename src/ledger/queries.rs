@@ -177,27 +177,8 @@ impl Sqlite {
     ///
     /// SQL failures.
     pub(super) fn list(&self, filter: &ListFilter) -> Result<Vec<CheckoutRecord>> {
-        let mut sql = format!("{CHECKOUT_COLUMNS} WHERE 1 = 1");
-        let mut values: Vec<String> = Vec::new();
-        if !filter.statuses.is_empty() {
-            let mut parts = Vec::new();
-            for status in &filter.statuses {
-                if status.eq_ignore_ascii_case("UNVERIFIED") {
-                    parts.push("status IS NULL".to_owned());
-                } else {
-                    values.push(CheckoutStatus::parse(status).as_str().to_owned());
-                    parts.push(format!("status = ?{}", values.len()));
-                }
-            }
-            sql.push_str(&format!(" AND ({})", parts.join(" OR ")));
-        }
-        if let Some(order_id) = &filter.order_id {
-            values.push(order_id.clone());
-            sql.push_str(&format!(" AND order_id = ?{}", values.len()));
-        }
-        if filter.watched_only {
-            sql.push_str(" AND watched = 1");
-        }
+        let (conditions, values) = list_conditions(filter, |n| format!("?{n}"), "watched = 1");
+        let mut sql = format!("{CHECKOUT_COLUMNS} WHERE 1 = 1{conditions}");
         sql.push_str(" ORDER BY created_at DESC, id DESC");
         if let Some(limit) = filter.limit {
             sql.push_str(&format!(" LIMIT {limit}"));
@@ -280,6 +261,38 @@ impl Sqlite {
             .execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
             .map_err(|e| self.error("write check", e))
     }
+}
+
+/// The conditions of a [`ListFilter`] (each ` AND …`, to follow a `WHERE`) and the values of
+/// their placeholders, numbered from 1 and written by `placeholder` (`?1` for SQLite, `$1` for
+/// PostgreSQL); `watched` is the backend's spelling of "is watched".
+pub(super) fn list_conditions(
+    filter: &ListFilter,
+    placeholder: impl Fn(usize) -> String,
+    watched: &str,
+) -> (String, Vec<String>) {
+    let mut conditions = String::new();
+    let mut values: Vec<String> = Vec::new();
+    if !filter.statuses.is_empty() {
+        let mut parts = Vec::new();
+        for status in &filter.statuses {
+            if status.eq_ignore_ascii_case("UNVERIFIED") {
+                parts.push("status IS NULL".to_owned());
+            } else {
+                values.push(CheckoutStatus::parse(status).as_str().to_owned());
+                parts.push(format!("status = {}", placeholder(values.len())));
+            }
+        }
+        conditions.push_str(&format!(" AND ({})", parts.join(" OR ")));
+    }
+    if let Some(order_id) = &filter.order_id {
+        values.push(order_id.clone());
+        conditions.push_str(&format!(" AND order_id = {}", placeholder(values.len())));
+    }
+    if filter.watched_only {
+        conditions.push_str(&format!(" AND {watched}"));
+    }
+    (conditions, values)
 }
 
 // The refusal columns have names of their own, so the filters of `list` stay unambiguous.

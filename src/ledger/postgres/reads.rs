@@ -95,27 +95,9 @@ impl PgStore {
     /// Database failures.
     pub async fn list(&self, filter: &ListFilter) -> Result<Vec<CheckoutRecord>, PgError> {
         let db = |error: tokio_postgres::Error| self.db(&error);
-        let mut sql = format!("{CHECKOUT_COLUMNS} WHERE TRUE");
-        let mut values: Vec<String> = Vec::new();
-        if !filter.statuses.is_empty() {
-            let mut parts = Vec::new();
-            for status in &filter.statuses {
-                if status.eq_ignore_ascii_case("UNVERIFIED") {
-                    parts.push("status IS NULL".to_owned());
-                } else {
-                    values.push(CheckoutStatus::parse(status).as_str().to_owned());
-                    parts.push(format!("status = ${}", values.len()));
-                }
-            }
-            sql.push_str(&format!(" AND ({})", parts.join(" OR ")));
-        }
-        if let Some(order_id) = &filter.order_id {
-            values.push(order_id.clone());
-            sql.push_str(&format!(" AND order_id = ${}", values.len()));
-        }
-        if filter.watched_only {
-            sql.push_str(" AND watched");
-        }
+        let (conditions, values) =
+            crate::ledger::queries::list_conditions(filter, |n| format!("${n}"), "watched");
+        let mut sql = format!("{CHECKOUT_COLUMNS} WHERE TRUE{conditions}");
         sql.push_str(" ORDER BY created_at DESC, id COLLATE \"C\" DESC");
         if let Some(limit) = filter.limit {
             sql.push_str(&format!(" LIMIT {limit}"));
