@@ -166,7 +166,7 @@ async fn access_checks(
     only: Option<&CheckoutId>,
 ) -> Result<Vec<Check>, UsageError> {
     let path = &settings.ledger.path;
-    if !path.exists() {
+    if settings.ledger.url.is_none() && !path.exists() {
         if let Some(id) = only {
             return Err(UsageError(format!(
                 "--checkout-id {id}: no ledger at '{}', so nothing is tracked; track it first \
@@ -179,17 +179,20 @@ async fn access_checks(
              check-config --online again",
         )]);
     }
-    let documents = match Ledger::open_read_only(path).await {
-        Ok(ledger) => ledger.probe_documents(only).await,
+    let documents = match read_ledger(settings).await {
+        Ok(ledger) => ledger
+            .probe_documents(only)
+            .await
+            .map_err(anyhow::Error::from),
         Err(error) => Err(error),
     }
-    .map_err(|error| UsageError(format!("cannot read the tracked checkouts: {error}")))?;
+    .map_err(|error| UsageError(format!("cannot read the tracked checkouts: {error:#}")))?;
     if documents.is_empty() {
         if let Some(id) = only {
             return Err(UsageError(format!(
                 "--checkout-id {id}: not tracked in '{}'; track it first (paywatch track \
                  --checkout-id {id})",
-                path.display()
+                ledger_name(settings)
             )));
         }
         return Ok(vec![skipped(
@@ -284,19 +287,16 @@ fn directory_writable(dir: &Path) -> Result<String, String> {
 /// Whether paymennt knows the checkouts the ledger watches: many that look gone at once (the
 /// daemon's count), or one that paymennt says does not exist now, point at the configuration
 /// (another environment or merchant), not at vanished checkouts.
-async fn check_watched(client: &Client, ledger_path: &Path) -> Vec<Check> {
+async fn check_watched(client: &Client, settings: &crate::settings::Settings) -> Vec<Check> {
     let mut checks = Vec::new();
     let read = async {
-        let ledger = Ledger::open_read_only(ledger_path).await?;
-        Ok::<_, crate::ledger::LedgerError>((
-            ledger.looking_gone().await?,
-            ledger.watch_set().await?,
-        ))
+        let ledger = read_ledger(settings).await?;
+        Ok::<_, anyhow::Error>((ledger.looking_gone().await?, ledger.watch_set().await?))
     }
     .await;
     let (gone, watched) = match read {
         Ok(read) => read,
-        Err(error) => return vec![check(false, format!("watched checkouts: {error}"))],
+        Err(error) => return vec![check(false, format!("watched checkouts: {error:#}"))],
     };
     if gone.is_configuration_problem() {
         checks.push(check(
@@ -345,20 +345,9 @@ async fn check_watched(client: &Client, ledger_path: &Path) -> Vec<Check> {
     checks
 }
 
-/// `paywatch check-config`.
-pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Result<()> {
-    let settings = Settings::load(config)?;
-    super::refuse_postgres_ledger(&settings)?;
-    let mut checks = vec![check(
-        true,
-        format!("config {} parsed", settings.origin_name()),
-    )];
-
-    let ledger_path = &settings.ledger.path;
-    let ledger_dir = ledger_path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+/// The SQLite ledger's checks: its directory is writable, its file (if any) readable.
+fn sqlite_checks(ledger_path: &Path, ledger_dir: &Path) -> Vec<Check> {
+    let mut checks = Vec::new();
     match directory_writable(ledger_dir) {
         Ok(text) => checks.push(check(true, format!("ledger directory {text}"))),
         Err(text) => checks.push(check(false, format!("ledger directory {text}\n      check [ledger] path, or the service's StateDirectory"))),
@@ -375,6 +364,83 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
                 ),
             },
         ));
+    }
+
+    checks
+}
+
+/// The PostgreSQL ledger's checks: it can be reached with the configured password and TLS,
+/// its schema is one this paywatch knows (migrating it if older), and who holds the lease.
+async fn postgres_checks(settings: &crate::settings::Settings) -> Vec<Check> {
+    let store = match super::checkouts::open_postgres_store(settings).await {
+        Ok(store) => store,
+        Err(error) => return vec![check(false, format!("{error:#}"))],
+    };
+    let at = store.target().describe().to_owned();
+    let mut checks = vec![check(
+        true,
+        format!(
+            "ledger {at} (PostgreSQL) reached, schema version {}",
+            crate::ledger::postgres::SCHEMA_VERSION
+        ),
+    )];
+    checks.push(
+        match crate::ledger::postgres::read_lease(store.pool(), store.target()).await {
+            Ok(Some(lease)) if lease.live => check(
+                true,
+                format!(
+                    "lease held by {} at epoch {}: that daemon is active",
+                    lease.holder, lease.epoch
+                ),
+            ),
+            Ok(Some(lease)) => warning(format!(
+                "lease not held (last held by {} at epoch {}): no daemon is active on this ledger",
+                lease.holder, lease.epoch
+            )),
+            Ok(None) => warning("lease never held: no daemon has been active on this ledger yet"),
+            Err(error) => check(false, format!("lease: {error}")),
+        },
+    );
+    checks
+}
+
+/// The ledger as messages name it: the SQLite file, or PostgreSQL's `host:port/database`.
+fn ledger_name(settings: &crate::settings::Settings) -> String {
+    match &settings.ledger.url {
+        Some(url) => crate::ledger::postgres::Target::parse(url.expose(), None, None).map_or_else(
+            |_| "the PostgreSQL ledger".to_owned(),
+            |target| target.describe().to_owned(),
+        ),
+        None => settings.ledger.path.display().to_string(),
+    }
+}
+
+/// Opens the ledger for the online checks: an SQLite file read-only (a daemon may be running
+/// on it), PostgreSQL as an operator.
+async fn read_ledger(settings: &crate::settings::Settings) -> anyhow::Result<Ledger> {
+    if settings.ledger.url.is_some() {
+        return super::checkouts::open_postgres_ledger(settings).await;
+    }
+    Ok(Ledger::open_read_only(&settings.ledger.path).await?)
+}
+
+/// `paywatch check-config`.
+pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Result<()> {
+    let settings = Settings::load(config)?;
+    let mut checks = vec![check(
+        true,
+        format!("config {} parsed", settings.origin_name()),
+    )];
+
+    let ledger_path = &settings.ledger.path;
+    let ledger_dir = ledger_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if settings.ledger.url.is_some() {
+        checks.extend(postgres_checks(&settings).await);
+    } else {
+        checks.extend(sqlite_checks(ledger_path, ledger_dir));
     }
 
     checks.extend(secret_file_warnings(&settings).into_iter().map(warning));
@@ -568,8 +634,8 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
                         Err(error) => format!("paymennt at {}: {error}", client.base_url()),
                     },
                 ));
-                if ok && ledger_path.exists() {
-                    let watched = check_watched(&client, ledger_path).await;
+                if ok && (settings.ledger.url.is_some() || ledger_path.exists()) {
+                    let watched = check_watched(&client, &settings).await;
                     online_failures += watched.iter().filter(|c| !c.ok).count();
                     checks.extend(watched);
                 }

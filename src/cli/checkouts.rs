@@ -2,6 +2,7 @@
 
 use std::io::Read;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
@@ -198,13 +199,41 @@ impl LinkCreateArgs {
     }
 }
 
-/// Opens the ledger named by the settings, with the path in any error.
+/// Opens the ledger named by the settings (`[ledger] path`, or `url` for PostgreSQL), with
+/// the path or `host:port/database` in any error.
 pub async fn open_ledger(settings: &Settings) -> anyhow::Result<Ledger> {
+    if settings.ledger.url.is_some() {
+        return open_postgres_ledger(settings).await;
+    }
     Ok(Ledger::open(&settings.ledger.path).await?)
 }
 
-/// Opens the ledger for reading; a missing file is explained rather than created.
+/// Opens the PostgreSQL ledger `[ledger] url` names, as an operator's command (no lease
+/// needed): a setting to fix (password, TLS, a newer schema) is exit 2 naming the key, a
+/// database that cannot be reached exit 1 naming where it is.
+pub(crate) async fn open_postgres_ledger(settings: &Settings) -> anyhow::Result<Ledger> {
+    Ok(Ledger::postgres(open_postgres_store(settings).await?))
+}
+
+/// The store behind [`open_postgres_ledger`], for what only PostgreSQL has (the lease).
+pub(crate) async fn open_postgres_store(
+    settings: &Settings,
+) -> anyhow::Result<crate::ledger::postgres::PgStore> {
+    use crate::ledger::postgres::{PgStore, Session};
+    match PgStore::open(&settings.ledger, Session::Operator).await {
+        Ok(store) => Ok(store),
+        Err(error) if error.exit_code() == 2 => {
+            Err(crate::settings::SettingsError(error.to_string()).into())
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Opens the ledger for reading; a missing SQLite file is explained rather than created.
 pub(super) async fn open_existing_ledger(settings: &Settings) -> anyhow::Result<Ledger> {
+    if settings.ledger.url.is_some() {
+        return open_postgres_ledger(settings).await;
+    }
     let path = &settings.ledger.path;
     if !path.exists() {
         anyhow::bail!(
@@ -527,8 +556,9 @@ async fn finish_track(
 /// Arguments of `paywatch status`.
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
-    /// The checkout id.
-    pub checkout_id: String,
+    /// The checkout id; without it, the ledger's summary: where it is, its counts and, on
+    /// PostgreSQL, which daemon holds the lease (the active one) and at which epoch.
+    pub checkout_id: Option<String>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -549,7 +579,10 @@ fn not_tracked(id: &CheckoutId) -> anyhow::Error {
 
 /// `paywatch status`.
 pub async fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()> {
-    let id = parse_id(&args.checkout_id)?;
+    let Some(id) = &args.checkout_id else {
+        return ledger_status(settings, args.json).await;
+    };
+    let id = parse_id(id)?;
     let ledger = open_existing_ledger(settings).await?;
     let record = ledger
         .checkout(&id)
@@ -565,6 +598,90 @@ pub async fn status(settings: &Settings, args: &StatusArgs) -> anyhow::Result<()
             &settings.firestore.database,
         ))
     }
+}
+
+/// What `paywatch status` without a checkout id prints.
+#[derive(Serialize)]
+struct LedgerStatus {
+    /// `sqlite` or `postgresql`.
+    backend: &'static str,
+    /// The file, or `host:port/database`.
+    at: String,
+    /// On PostgreSQL: the lease (None before any daemon was ever active).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease: Option<LeaseStatus>,
+    checkouts: i64,
+    watched: i64,
+    hooks_pending: i64,
+    hooks_dead: i64,
+}
+
+/// The lease as `paywatch status` shows it.
+#[derive(Serialize)]
+struct LeaseStatus {
+    /// The daemon that holds (or last held) it: `host:pid`.
+    holder: String,
+    /// Its epoch.
+    epoch: i64,
+    /// Whether it is held now, by the database's clock: the holder is the active daemon.
+    live: bool,
+    /// Until it runs out unless renewed.
+    expires_in_ms: u64,
+}
+
+/// `paywatch status` without a checkout id: where the ledger is, its counts, and on
+/// PostgreSQL which daemon is active.
+async fn ledger_status(settings: &Settings, json: bool) -> anyhow::Result<()> {
+    let (ledger, backend, at, lease) = if settings.ledger.url.is_some() {
+        let store = open_postgres_store(settings).await?;
+        let row = crate::ledger::postgres::read_lease(store.pool(), store.target()).await?;
+        let at = store.target().describe().to_owned();
+        let lease = row.map(|row| LeaseStatus {
+            holder: row.holder,
+            epoch: row.epoch,
+            live: row.live,
+            expires_in_ms: u64::try_from(row.remaining.as_millis()).unwrap_or(u64::MAX),
+        });
+        (Ledger::postgres(store), "postgresql", at, lease)
+    } else {
+        let ledger = open_existing_ledger(settings).await?;
+        let at = settings.ledger.path.display().to_string();
+        (ledger, "sqlite", at, None)
+    };
+    let counts = ledger.counts().await?;
+    let summary = LedgerStatus {
+        backend,
+        at,
+        lease,
+        checkouts: counts.checkouts,
+        watched: counts.watched,
+        hooks_pending: counts.hooks_pending,
+        hooks_dead: counts.hooks_dead,
+    };
+    if json {
+        return output::json(&summary);
+    }
+    let mut text = format!("ledger:   {} ({})\n", summary.at, summary.backend);
+    text.push_str(&match (&summary.lease, summary.backend) {
+        (_, "sqlite") => "role:     one daemon (an SQLite ledger has no lease)\n".to_owned(),
+        (None, _) => "lease:    never held: no daemon has been active on this ledger\n".to_owned(),
+        (Some(lease), _) if lease.live => format!(
+            "lease:    held by {} at epoch {} (the active daemon), {:.1?} left unless renewed\n",
+            lease.holder,
+            lease.epoch,
+            Duration::from_millis(lease.expires_in_ms)
+        ),
+        (Some(lease), _) => format!(
+            "lease:    not held: last held by {} at epoch {}; no daemon is active (a standby \
+             takes it within its poll)\n",
+            lease.holder, lease.epoch
+        ),
+    });
+    text.push_str(&format!(
+        "checkouts: {} ({} watched)\nhooks:    {} pending, {} dead\n",
+        summary.checkouts, summary.watched, summary.hooks_pending, summary.hooks_dead
+    ));
+    output::write_out(text.trim_end())
 }
 
 /// Arguments of `paywatch list`.

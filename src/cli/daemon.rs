@@ -143,7 +143,7 @@ fn write_demo_config(
 /// The scripted merchant day: five links, then pay, fail, cancel, refund and expire.
 async fn script(settings: &Settings, sandbox: &Sandbox) -> anyhow::Result<()> {
     let client = Client::from_settings(&settings.paymennt)?;
-    let ledger = Ledger::open(&settings.ledger.path).await?;
+    let ledger = super::checkouts::open_ledger(settings).await?;
     let orders = [
         ("ORD-1001", "100.00"),
         ("ORD-1002", "49.90"),
@@ -248,7 +248,7 @@ async fn tail_hook_log(path: PathBuf) {
 }
 
 async fn summary(settings: &Settings) -> anyhow::Result<String> {
-    let ledger = Ledger::open(&settings.ledger.path).await?;
+    let ledger = super::checkouts::open_ledger(settings).await?;
     let records = ledger.list(&ListFilter::default()).await?;
     let counts = ledger.counts().await?;
     let delivered = ledger

@@ -150,25 +150,7 @@ pub enum LinkCommand {
 }
 
 fn load_settings(cli: &Cli) -> anyhow::Result<Settings> {
-    let settings = Settings::load(cli.config.as_deref())?;
-    refuse_postgres_ledger(&settings)?;
-    Ok(settings)
-}
-
-/// Refuses `[ledger] url` until the daemon and the commands run on the PostgreSQL ledger
-/// (issue 25): its schema, lease and fence exist (`ledger::postgres`), the operations behind
-/// the ledger's interface do not yet, and silently using the SQLite `path` instead would split
-/// the records. Exit 2, naming the key.
-pub(crate) fn refuse_postgres_ledger(settings: &Settings) -> anyhow::Result<()> {
-    if settings.ledger.url.is_some() {
-        return Err(crate::settings::SettingsError(format!(
-            "{}: 'ledger.url' (a PostgreSQL ledger) is not usable by this build's daemon and \
-             commands yet\n\nuse an SQLite ledger ('ledger.path') for now",
-            settings.origin_name()
-        ))
-        .into());
-    }
-    Ok(())
+    Ok(Settings::load(cli.config.as_deref())?)
 }
 
 /// Logging for short commands: warnings only unless RUST_LOG says otherwise.

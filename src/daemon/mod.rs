@@ -18,6 +18,7 @@ mod process;
 mod reload;
 pub mod signals;
 mod stages;
+mod standby;
 mod supervisor;
 
 pub use process::{RESERVED_FDS, check_open_file_limit, open_files_needed, root_warning};
@@ -41,6 +42,7 @@ use crate::hooks::dispatcher::Dispatcher;
 use crate::http::HttpContext;
 use crate::http::health::Health;
 use crate::ledger::Ledger;
+use crate::ledger::postgres::Role;
 use crate::logging::LogHandle;
 use crate::metrics::Metrics;
 use crate::paymennt::Client;
@@ -100,25 +102,86 @@ pub async fn run(
     mut control: mpsc::Receiver<Control>,
     options: RunOptions,
 ) -> anyhow::Result<()> {
-    let started = Instant::now();
     let mut settings = settings;
     process::keep_memory_private();
     // Descriptors for the daemon's own work (ledger, streams, hooks) whatever HTTP clients do.
     if let Some(limit) = process::raise_open_file_limit() {
         check_open_file_limit(&settings, limit)?;
     }
+
+    // 1. The ledger: an SQLite file this daemon holds alone, or a PostgreSQL ledger shared with
+    //    standbys, on which it acts only while it holds the lease.
+    let opened = open_ledger(&settings).await?;
+    let outcome = loop {
+        let epoch = match &opened.lease {
+            None => None,
+            Some(lease) => {
+                match standby::stand_by(
+                    &mut settings,
+                    lease,
+                    &opened.ledger,
+                    &mut control,
+                    &options,
+                )
+                .await
+                {
+                    Ok(standby::Waited::Active(epoch)) => Some(epoch),
+                    Ok(standby::Waited::Told) => break Ok(()),
+                    Err(error) => break Err(error),
+                }
+            }
+        };
+        match act(&mut settings, &opened, epoch, &mut control, &options).await {
+            Ok(Term::LostLease) => {}
+            Ok(Term::Stopped) => break Ok(()),
+            Err(error) => break Err(error),
+        }
+    };
+    // A standby takes over at once rather than when the lease runs out.
+    if let Some(lease) = opened.lease {
+        lease.resign().await;
+    }
+    if outcome.is_ok() {
+        tracing::info!("paywatch stopped");
+    }
+    outcome
+}
+
+/// How an active term ended.
+enum Term {
+    /// Told to stop (or the control channel closed): the daemon exits.
+    Stopped,
+    /// The lease was lost (not renewed in time, or taken over): stand by again.
+    LostLease,
+}
+
+/// One active term: steps 2 to 8, from starting the stages to draining them. On an SQLite
+/// ledger there is one term, the daemon's whole run; on PostgreSQL one per lease won (`epoch`).
+///
+/// # Errors
+///
+/// Startup failures (credentials, listener); a supervised task that failed; paymennt refusing
+/// the API credentials at start.
+async fn act(
+    settings: &mut Settings,
+    opened: &stages::OpenedLedger,
+    epoch: Option<i64>,
+    control: &mut mpsc::Receiver<Control>,
+    options: &RunOptions,
+) -> anyhow::Result<Term> {
+    let started = Instant::now();
     // Every long-lived task runs under it: one that ends or panics stops the daemon (exit 1).
     let mut supervisor = supervisor::Supervisor::new();
-
-    // 1. The ledger, held by this daemon alone (two would run each other's hooks twice). The
-    // lock comes first: a second daemon must not migrate a ledger another one is using.
-    let _daemon_lock = process::lock_ledger(&settings.ledger.path)?;
-    let (ledger, counter_at_start) = open_ledger(&settings).await?;
+    let ledger = opened.ledger.clone();
+    // Where the ticket counter stands before any source runs: every request sent from now on
+    // covers whatever happened while no daemon acted (the start-up sweep's concern).
+    let counter_at_start = ledger.last_ticket().await?;
+    options.metrics.set_active(true);
 
     // 2. paymennt, and the hook commands (resolved now, so a missing program stops startup).
     let metrics = options.metrics.clone();
     let client = Client::from_settings(&settings.paymennt)?.with_metrics(metrics.clone());
-    let hooks = HookSet::from_settings(&settings)?;
+    let hooks = HookSet::from_settings(settings)?;
     if let Some(warning) = root_warning(nix::unistd::geteuid().is_root(), &settings.hooks) {
         tracing::warn!("{warning}");
     }
@@ -126,7 +189,7 @@ pub async fn run(
     // 3. Firestore (unless turned off): start the listener and subscribe to every watched
     //    checkout.
     let sources = CancellationToken::new();
-    let (firestore, listen_receiver) = start_firestore(&settings, &metrics, &sources)?;
+    let (firestore, listen_receiver) = start_firestore(settings, &metrics, &sources)?;
     let database = settings.firestore.database.clone();
     let (watched, needing) =
         watch_at_start(&ledger, firestore.listener.as_ref(), &database).await?;
@@ -137,7 +200,7 @@ pub async fn run(
         .with_metrics(metrics.clone());
     let dispatcher_handle = dispatcher.handle();
     let (config_sender, config_receiver) =
-        watch::channel(reload::verifier_config(&settings, client.clone()));
+        watch::channel(reload::verifier_config(settings, client.clone()));
     let (watch_set_changed, _) = watch::channel(0u64);
     // Urgent nudges (Firestore changes) and sweep nudges (the reconciler) travel apart, so a
     // payment never queues behind a sweep.
@@ -172,7 +235,7 @@ pub async fn run(
     // The Firestore source's tasks: its events become notes, tickets and nudges; its watch set
     // follows the ledger's.
     let wiring = Wiring {
-        settings: &settings,
+        settings,
         ledger: &ledger,
         metrics: &metrics,
         supervisor: &supervisor,
@@ -263,6 +326,7 @@ pub async fn run(
         firestore = %firestore.endpoint,
         paymennt = %client.base_url(),
         ledger = %ledger.path().display(),
+        lease_epoch = epoch,
         startup_ms = started.elapsed().as_millis() as u64,
         "paywatch is running: watching {} checkouts over Firestore ({}), verifying with {}",
         watched_count.load(std::sync::atomic::Ordering::Relaxed),
@@ -278,9 +342,10 @@ pub async fn run(
     };
     outside.publish(true);
     outside.notifier.ready();
-    let (watchdog_cancel, watchdog) = start_watchdog(&ledger, &outside.notifier, &supervisor);
+    let (watchdog_cancel, watchdog) =
+        start_watchdog(&ledger, &outside.notifier, &supervisor, epoch.is_none());
 
-    // 7. Run until told to stop.
+    // 7. Run until told to stop (or, on PostgreSQL, until the lease is lost).
     let reload_targets = reload::ReloadTargets {
         config_path: options.config_path.clone(),
         log: options.log.clone(),
@@ -290,21 +355,29 @@ pub async fn run(
         client: client_sender,
         dispatcher: dispatcher_handle,
     };
+    let lease = opened.lease.as_ref().map(|lease| lease.role()).zip(epoch);
     let stopped = run_until_stopped(
         &mut supervisor,
-        &mut control,
-        &mut settings,
+        control,
+        settings,
         &reload_targets,
         &outside,
         &credential_status,
+        lease,
     )
     .await;
 
     // 8. Drain: stop taking new work, let verifications and running hooks finish, then stop.
-    outside.notifier.stopping();
+    // After a lost lease the fence already refuses this daemon's writes: what is in flight
+    // fails to record and the new holder redoes it (a hook may run twice, with one event id).
     supervisor.stopping();
     let drain = settings.daemon.drain_timeout;
-    tracing::info!(drain_timeout = ?drain, "shutting down: finishing in-flight verifications and running hooks");
+    if matches!(stopped, Stopped::LostLease) {
+        tracing::warn!(drain_timeout = ?drain, "stopped acting: the lease was lost; standing by once in-flight work has ended");
+    } else {
+        outside.notifier.stopping();
+        tracing::info!(drain_timeout = ?drain, "shutting down: finishing in-flight verifications and running hooks");
+    }
     let deadline = tokio::time::Instant::now() + drain;
     health.set_started(false);
     Running {
@@ -324,7 +397,9 @@ pub async fn run(
     .drain(deadline)
     .await;
     outside.publish(false);
+    options.metrics.set_active(false);
     let failure = match stopped {
+        Stopped::LostLease => return Ok(Term::LostLease),
         Stopped::Told => None,
         Stopped::Failed(failure) => Some(failure),
         Stopped::RefusedAtStart(refusal) => {
@@ -342,8 +417,7 @@ pub async fn run(
         tracing::error!("paywatch stopped because {failure}");
         anyhow::bail!("{failure}; paywatch stopped so that its service manager restarts it");
     }
-    tracing::info!("paywatch stopped");
-    Ok(())
+    Ok(Term::Stopped)
 }
 
 /// What the daemon tells the outside world while it runs: [`DaemonStatus`] (tests, the demo)
@@ -406,6 +480,8 @@ enum Stopped {
     /// paymennt refused the API credentials before it ever accepted them (and `[daemon]
     /// wait_for_api` is off): what it said.
     RefusedAtStart(String),
+    /// The lease this term was started with is no longer held (PostgreSQL).
+    LostLease,
 }
 
 /// The running daemon: reloads on [`Control::Reload`], publishes its figures, and returns
@@ -417,13 +493,19 @@ async fn run_until_stopped(
     reload_targets: &reload::ReloadTargets,
     outside: &Outside,
     credential_status: &crate::paymennt::CredentialStatus,
+    lease: Option<(watch::Receiver<Role>, i64)>,
 ) -> Stopped {
+    let (mut role, epoch) = match lease {
+        Some((role, epoch)) => (Some(role), Some(epoch)),
+        None => (None, None),
+    };
     let notifier = &outside.notifier;
     let mut status_tick = tokio::time::interval(Duration::from_millis(200));
     let mut status_line_tick = tokio::time::interval(STATUS_LINE_EVERY);
     loop {
         tokio::select! {
             failed = supervisor.failed() => return Stopped::Failed(failed),
+            () = lease_lost(role.as_mut(), epoch) => return Stopped::LostLease,
             command = control.recv() => match command {
                 Some(Control::Reload) => {
                     notifier.reloading();
@@ -444,6 +526,22 @@ async fn run_until_stopped(
                 }
             }
             _ = status_line_tick.tick(), if notifier.is_enabled() => outside.status_line().await,
+        }
+    }
+}
+
+/// Returns once `role` no longer holds the lease at `epoch` (another epoch counts as lost: a
+/// term never spans two leases), or the keeper is gone; never without a role (SQLite).
+async fn lease_lost(role: Option<&mut watch::Receiver<Role>>, epoch: Option<i64>) {
+    let Some(role) = role else {
+        return std::future::pending().await;
+    };
+    loop {
+        if role.borrow_and_update().epoch() != epoch {
+            return;
+        }
+        if role.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -18,11 +18,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::notify;
 use super::reload::listener_options;
+use super::standby::LeaseKeeper;
 use super::supervisor;
 use crate::domain::VerifyTicket;
 use crate::http::health::Health;
 use crate::http::{HttpContext, NewlyTracked};
 use crate::ledger::Ledger;
+use crate::ledger::postgres::{PgStore, Session};
 use crate::metrics::Metrics;
 use crate::paymennt::Client;
 use crate::settings::Settings;
@@ -33,15 +35,53 @@ use crate::sources::firestore::{
     consume_listen_events, sync_watch_set,
 };
 
-/// Opens the ledger and reads where the ticket counter stands before any source runs: every
-/// request sent from now on covers whatever happened while the daemon was stopped (the
-/// start-up sweep's concern).
-pub(super) async fn open_ledger(settings: &Settings) -> anyhow::Result<(Ledger, VerifyTicket)> {
-    let path = settings.ledger.path.clone();
-    let ledger = Ledger::open(&path).await?;
-    let reader = ledger.clone();
-    let counter_at_start = reader.last_ticket().await?;
-    Ok((ledger, counter_at_start))
+/// The ledger as the daemon opened it.
+pub(super) struct OpenedLedger {
+    /// The ledger every stage records into.
+    pub(super) ledger: Ledger,
+    /// An SQLite ledger's daemon lock (held for the daemon's lifetime).
+    pub(super) _lock: Option<std::fs::File>,
+    /// A PostgreSQL ledger's lease keeper: the daemon acts only while it holds the lease.
+    pub(super) lease: Option<LeaseKeeper>,
+}
+
+/// Opens the ledger: an SQLite file held by this daemon alone (two would run each other's
+/// hooks twice; the lock comes first, so a second daemon never migrates a ledger another one
+/// is using), or a PostgreSQL ledger shared with standbys, whose writes are fenced by the
+/// lease this daemon's keeper holds (see [`super::standby`]).
+///
+/// # Errors
+///
+/// The ledger cannot be opened: a setting to fix is a [`crate::settings::SettingsError`] (exit
+/// 2, naming the key); a database that cannot be reached exit 1, naming where it is.
+pub(super) async fn open_ledger(settings: &Settings) -> anyhow::Result<OpenedLedger> {
+    if settings.ledger.url.is_none() {
+        let lock = super::process::lock_ledger(&settings.ledger.path)?;
+        return Ok(OpenedLedger {
+            ledger: Ledger::open(&settings.ledger.path).await?,
+            _lock: Some(lock),
+            lease: None,
+        });
+    }
+    // A daemon's transaction left idle this long is ended by the server, so a paused daemon
+    // cannot hold off the next election past half a lease.
+    let session = Session::Daemon {
+        idle_limit: (settings.ha.lease / 2).max(Duration::from_secs(1)),
+    };
+    let store = match PgStore::open(&settings.ledger, session).await {
+        Ok(store) => store,
+        Err(error) if error.exit_code() == 2 => {
+            return Err(crate::settings::SettingsError(error.to_string()).into());
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let lease = LeaseKeeper::start(&store, settings);
+    let ledger = Ledger::postgres(store.with_role(lease.role()));
+    Ok(OpenedLedger {
+        ledger,
+        _lock: None,
+        lease: Some(lease),
+    })
 }
 
 /// What the stages are started with: the settings, the ledger, the figures, the supervisor
@@ -271,10 +311,16 @@ pub(super) fn spawn_discovery(
 }
 
 /// Starts the systemd watchdog's pings; returns the token that stops them and their task.
+///
+/// With `check_ledger`, a ping also needs the ledger to answer (an SQLite ledger's thread is
+/// what can wedge the process). Not on PostgreSQL: a database away is an outage the lease
+/// keeper handles (the daemon stands by and takes the lease again when it answers), not a
+/// wedged process for systemd to kill.
 pub(super) fn start_watchdog(
     ledger: &Ledger,
     notifier: &notify::Notifier,
     supervisor: &supervisor::Supervisor,
+    check_ledger: bool,
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let watchdog_cancel = CancellationToken::new();
     let liveness_ledger = ledger.clone();
@@ -286,7 +332,7 @@ pub(super) fn start_watchdog(
             // wedge): one failed task and systemd hears no more pings.
             let ledger = liveness_ledger.clone();
             let healthy = healthy.clone();
-            async move { healthy() && ledger.data_version().await.is_ok() }
+            async move { healthy() && (!check_ledger || ledger.data_version().await.is_ok()) }
         },
         watchdog_cancel.clone(),
     );

@@ -43,6 +43,9 @@ struct Seen {
     refused_documents: HashMap<crate::domain::CheckoutId, (String, &'static str, String)>,
     /// `[firestore] auth`, for the next step in a refusal's reason.
     auth_mode: Option<&'static str>,
+    /// On a shared PostgreSQL ledger while another daemon holds the lease: why this one stands
+    /// by (who holds it).
+    standby: Option<String>,
 }
 
 /// The daemon's health, shared by the daemon and the Firestore source (which feed it) and the
@@ -135,6 +138,17 @@ impl Health {
         self.seen().started = started;
     }
 
+    /// Marks this daemon as standing by (`Some(why)`) or acting (`None`): a standby is alive
+    /// but never ready, and refuses webhooks and tracking (the active daemon takes them).
+    pub fn set_standby(&self, why: Option<String>) {
+        self.seen().standby = why;
+    }
+
+    /// Why this daemon stands by, if it does.
+    pub fn standby(&self) -> Option<String> {
+        self.seen().standby.clone()
+    }
+
     /// Notes a listener event (stream and project states; other events are ignored).
     pub fn note(&self, event: &ListenEvent) {
         let mut seen = self.seen();
@@ -196,7 +210,9 @@ impl Health {
         let (mut streams, mut connected) = (None, None);
         {
             let mut seen = self.seen();
-            if !seen.started {
+            if let Some(why) = &seen.standby {
+                problems.push(why.clone());
+            } else if !seen.started {
                 problems.push("startup has not finished".to_owned());
             }
             if let Some(listener) = &self.listener {

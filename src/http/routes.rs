@@ -8,8 +8,9 @@
 //! | --- | --- |
 //! | `POST /webhooks/paymennt` | 202 `{"accepted": true}` (the same for tracked, untracked and id-less notifications), 400 malformed, 401 bad or missing signature, 413 too large, 429 too many from the address |
 //! | `POST /v1/checkouts` | 201 tracked, 200 already tracked (the `--json` shape), 400 naming the field, 401 bad token, 404 off (no token configured) |
+//! | (both above, on a standby daemon) | 503 `{"error": "standby: ..."}` |
 //! | `GET /healthz` | 200 / 503 `{ok, problems}` |
-//! | `GET /readyz` | 200 / 503 `{ready, problems, streams, streams_connected}` |
+//! | `GET /readyz` | 200 / 503 `{ready, problems, streams, streams_connected}` (a standby: 503, its problem "standby: ...") |
 //!
 //! A new route is one `.route(...)` line in [`router`].
 
@@ -54,6 +55,17 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
+/// A standby daemon takes no webhook and no checkout: 503 naming why, so a load balancer
+/// (which follows `/readyz`) or the sender tries the active daemon.
+fn refused_on_standby(context: &HttpContext) -> Option<Response> {
+    context.health.standby().map(|why| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("{why}; send this to the active daemon"),
+        )
+    })
+}
+
 async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
@@ -89,6 +101,9 @@ async fn webhook(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    if let Some(refused) = refused_on_standby(&context) {
+        return refused;
+    }
     let body = match body {
         Ok(body) => body,
         Err(rejection) => return body_rejected(&rejection, context.max_body_bytes),
@@ -147,6 +162,9 @@ async fn track(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    if let Some(refused) = refused_on_standby(&context) {
+        return refused;
+    }
     let Some(endpoint) = &context.track else {
         return error(
             StatusCode::NOT_FOUND,

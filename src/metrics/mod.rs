@@ -255,6 +255,7 @@ struct Inner {
     hook_oldest_undelivered_age: Seconds,
     paid_hooks_undelivered: Gauge,
     pending_oldest_age: Seconds,
+    active: Gauge,
 }
 
 struct StreamClock {
@@ -303,7 +304,14 @@ impl Metrics {
             hook_oldest_undelivered_age: Seconds::default(),
             paid_hooks_undelivered: Gauge::default(),
             pending_oldest_age: Seconds::default(),
+            active: Gauge::default(),
         };
+        inner.registry.register(
+            "active",
+            "1 while this daemon acts (listens, verifies, runs hooks): always on an SQLite ledger, \
+             while it holds the lease on a PostgreSQL one; 0 while it stands by",
+            inner.active.clone(),
+        );
         inner.registry.register(
             "checkouts_watched",
             "Checkouts watched now, by verified status (UNVERIFIED: none yet)",
@@ -431,6 +439,13 @@ impl Metrics {
         }
         Metrics {
             inner: Some(Arc::new(inner)),
+        }
+    }
+
+    /// Whether this daemon acts now (`paywatch_active`): see [`crate::daemon`]'s roles.
+    pub fn set_active(&self, active: bool) {
+        if let Some(inner) = &self.inner {
+            inner.active.set(i64::from(active));
         }
     }
 
