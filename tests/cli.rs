@@ -148,6 +148,25 @@ async fn bad_responses_exit_2_with_a_clear_message_and_leave_the_ledger_untouche
         .expect("list");
     assert_eq!(before, after, "nothing recorded was changed");
 
+    // Without an id: where the ledger is and its counts (an SQLite ledger has no lease).
+    let summary = run(&config, &["status"]);
+    assert!(summary.status.success(), "{}", stderr(&summary));
+    assert!(
+        stdout(&summary).contains("(sqlite)"),
+        "{}",
+        stdout(&summary)
+    );
+    assert!(
+        stdout(&summary).contains("1 watched"),
+        "{}",
+        stdout(&summary)
+    );
+    assert!(
+        stdout(&summary).contains("has no lease"),
+        "{}",
+        stdout(&summary)
+    );
+
     let missing_file = run(&config, &["track", "/nonexistent/response.json"]);
     assert_eq!(missing_file.status.code(), Some(2));
     assert!(stderr(&missing_file).contains("/nonexistent/response.json"));

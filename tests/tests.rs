@@ -12,6 +12,7 @@ mod cli;
 mod common;
 mod daemon;
 mod discovery;
+mod failover;
 mod firestore_auth;
 mod hooks;
 mod http;

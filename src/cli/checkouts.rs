@@ -661,24 +661,24 @@ async fn ledger_status(settings: &Settings, json: bool) -> anyhow::Result<()> {
     if json {
         return output::json(&summary);
     }
-    let mut text = format!("ledger:   {} ({})\n", summary.at, summary.backend);
+    let mut text = format!("ledger:    {} ({})\n", summary.at, summary.backend);
     text.push_str(&match (&summary.lease, summary.backend) {
-        (_, "sqlite") => "role:     one daemon (an SQLite ledger has no lease)\n".to_owned(),
-        (None, _) => "lease:    never held: no daemon has been active on this ledger\n".to_owned(),
+        (_, "sqlite") => "role:      one daemon (an SQLite ledger has no lease)\n".to_owned(),
+        (None, _) => "lease:     never held: no daemon has been active on this ledger\n".to_owned(),
         (Some(lease), _) if lease.live => format!(
-            "lease:    held by {} at epoch {} (the active daemon), {:.1?} left unless renewed\n",
+            "lease:     held by {} at epoch {} (the active daemon), {:.1?} left unless renewed\n",
             lease.holder,
             lease.epoch,
             Duration::from_millis(lease.expires_in_ms)
         ),
         (Some(lease), _) => format!(
-            "lease:    not held: last held by {} at epoch {}; no daemon is active (a standby \
+            "lease:     not held: last held by {} at epoch {}; no daemon is active (a standby \
              takes it within its poll)\n",
             lease.holder, lease.epoch
         ),
     });
     text.push_str(&format!(
-        "checkouts: {} ({} watched)\nhooks:    {} pending, {} dead\n",
+        "checkouts: {} ({} watched)\nhooks:     {} pending, {} dead\n",
         summary.checkouts, summary.watched, summary.hooks_pending, summary.hooks_dead
     ));
     output::write_out(text.trim_end())

@@ -169,6 +169,7 @@ pub(super) async fn stand_by(
                 }
                 let text = standby_text(&now);
                 if text != why {
+                    tracing::info!("{text}");
                     why = text;
                     health.set_standby(Some(why.clone()));
                     options.notifier.status(&why);

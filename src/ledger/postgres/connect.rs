@@ -187,12 +187,16 @@ impl Target {
     fn session_config(&self, session: Session) -> tokio_postgres::Config {
         let mut config = self.config.clone();
         config.application_name("paywatch");
-        if let Session::Daemon { idle_limit } = session {
-            config.options(format!(
-                "-c paywatch.role=daemon -c idle_in_transaction_session_timeout={}",
+        // The server's notices ("relation already exists, skipping" from the migrations' IF
+        // NOT EXISTS) are not the operator's business; its warnings are.
+        let quiet = "-c client_min_messages=warning";
+        match session {
+            Session::Daemon { idle_limit } => config.options(format!(
+                "{quiet} -c paywatch.role=daemon -c idle_in_transaction_session_timeout={}",
                 idle_limit.as_millis().max(1)
-            ));
-        }
+            )),
+            Session::Operator => config.options(quiet),
+        };
         config
     }
 
