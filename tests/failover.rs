@@ -258,7 +258,7 @@ async fn a_pair_fails_over_on_sigkill_and_sigstop_and_every_payment_is_recorded_
     }
     let reruns: usize = hooked.values().map(|runs| runs.len() - 1).sum();
 
-    println!(
+    eprintln!(
         "failover at a {} lease: SIGKILL to the standby active in {:.1} s; SIGSTOP to the \
          standby active in {:.1} s; {} payments, {} hook reruns",
         lease(),
