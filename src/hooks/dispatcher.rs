@@ -372,7 +372,7 @@ impl Dispatcher {
                         wait = backoff.next();
                         tracing::error!(%error, retry_in_ms = wait.as_millis() as u64,
                             outcomes = outcomes.len(),
-                            "cannot record hook outcomes or claim hook deliveries (check the ledger's disk); trying again");
+                            "cannot record hook outcomes or claim hook deliveries (check the ledger's disk, or its database); trying again");
                         put_back(&shared, outcomes);
                     }
                 }
@@ -805,7 +805,7 @@ fn requeue_refused(shared: &Shared, outcomes: Vec<Unrecorded>, refused: &[(usize
                 hook = %outcome.delivery.hook,
                 checkout = %outcome.delivery.checkout_id,
                 %error,
-                "cannot record a hook outcome; the dispatcher keeps trying (check the ledger's disk); \
+                "cannot record a hook outcome; the dispatcher keeps trying (check the ledger's disk, or its database); \
                  until then this checkout's later events for this hook wait"
             );
         } else {

@@ -132,6 +132,7 @@ pub async fn sync_watch_set(
     watched_count: Arc<std::sync::atomic::AtomicUsize>,
     cancel: CancellationToken,
 ) {
+    let mut unreadable = Outage::default();
     let reader = ledger.clone();
     let mut last_version = reader.data_version().await.unwrap_or(0);
     let mut poll = tokio::time::interval(WATCH_SYNC_POLL);
@@ -167,11 +168,20 @@ pub async fn sync_watch_set(
             }
             _ = poll.tick() => {
                 let reader = ledger.clone();
-                match reader.data_version().await {
+                let version = reader.data_version().await;
+                if version.is_ok() && unreadable.recovered() {
+                    tracing::info!("the ledger answers again; watching its checkouts");
+                }
+                match version {
                     Ok(version) if version != last_version => last_version = version,
                     Ok(_) => continue,
                     Err(error) => {
-                        tracing::error!("cannot check the ledger for new checkouts: {error:#}");
+                        if unreadable.failed() {
+                            tracing::error!(
+                                failing_for_s = unreadable.failing_for().as_secs(),
+                                "cannot check the ledger for new checkouts (said again each minute while it lasts): {error:#}"
+                            );
+                        }
                         continue;
                     }
                 }
@@ -224,5 +234,73 @@ pub async fn sync_watch_set(
             }
         }
         watched_count.store(watched.count(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A ledger that cannot be read, polled every 250 ms: said at the first failure and then once a
+/// minute while it lasts (a database away would otherwise fill the log), and its end once.
+#[derive(Debug, Default)]
+struct Outage {
+    /// When the failures began, and when one was last said.
+    failing: Option<(std::time::Instant, std::time::Instant)>,
+}
+
+impl Outage {
+    /// How often a lasting outage is said again.
+    const REPEAT: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// Notes a failure: whether to say it now.
+    fn failed(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        match &mut self.failing {
+            None => {
+                self.failing = Some((now, now));
+                true
+            }
+            Some((_, said)) if now.duration_since(*said) >= Outage::REPEAT => {
+                *said = now;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// How long the failures have lasted.
+    fn failing_for(&self) -> std::time::Duration {
+        self.failing
+            .map(|(since, _)| since.elapsed())
+            .unwrap_or_default()
+    }
+
+    /// Notes a success: whether it ends an outage.
+    fn recovered(&mut self) -> bool {
+        self.failing.take().is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Outage;
+
+    #[test]
+    fn an_outage_is_said_once_then_again_only_after_a_minute_and_its_end_once() {
+        let mut outage = Outage::default();
+        assert!(!outage.recovered(), "no outage yet");
+        assert!(outage.failed(), "the first failure is said");
+        for _ in 0..100 {
+            assert!(!outage.failed(), "the next ones within a minute are not");
+        }
+        let earlier = std::time::Instant::now()
+            .checked_sub(Outage::REPEAT)
+            .expect("the clock has run for a minute");
+        if let Some((since, said)) = &mut outage.failing {
+            *since = earlier;
+            *said = earlier;
+        }
+        assert!(outage.failed(), "said again a minute later");
+        assert!(outage.failing_for() >= Outage::REPEAT);
+        assert!(outage.recovered(), "its end is said");
+        assert!(!outage.recovered(), "once");
+        assert!(outage.failed(), "a new outage is said at once");
     }
 }
