@@ -16,6 +16,10 @@
 //!   recorded a successful run of each (duplicates are allowed by at-least-once, and counted);
 //! - `PRAGMA integrity_check` is ok.
 //!
+//! It runs twice: one daemon on an SQLite ledger, and a pair on one PostgreSQL ledger (the
+//! throwaway cluster) where every kill hits the active daemon, the standby takes over when the
+//! 2 s lease runs out, and the killed one comes back standing by.
+//!
 //! `PAYWATCH_CHAOS=long` runs ten times the size. Figures are printed to stderr: run with
 //! `cargo test --test integration chaos -- --nocapture` to see them.
 
@@ -30,9 +34,11 @@ use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
 
 use paywatch::domain::{CheckoutId, CheckoutStatus};
+use paywatch::ledger::postgres::{PgStore, Session, read_lease};
 use paywatch::ledger::{DeliveryFilter, DeliveryState, Ledger};
 use paywatch::sandbox::faults::FaultUpdate;
 use paywatch::sandbox::{Sandbox, SandboxOptions};
+use paywatch::settings::{LedgerSettings, Secret};
 
 use crate::common;
 use crate::common::process::{Process, paywatch};
@@ -73,6 +79,34 @@ impl Profile {
             _ => short,
         }
     }
+
+    /// The pair's run (two daemons on PostgreSQL): each kill of the active daemon costs a
+    /// lease (2 s) before the standby acts, so fewer actions and kills.
+    fn pair() -> Profile {
+        let base = Profile::from_env();
+        Profile {
+            name: if base.name == "long" {
+                "pair-long"
+            } else {
+                "pair"
+            },
+            checkouts: base.checkouts / 2,
+            actions: base.actions / 2,
+            // Slower, and likelier to kill once a daemon holds the lease again, so that the
+            // run holds several takeovers.
+            pace: base.pace * 2,
+            kill_chance: 0.06,
+            ..base
+        }
+    }
+}
+
+/// Where the ledger of a run is.
+enum Backend {
+    /// One daemon on an SQLite file.
+    Sqlite,
+    /// Two daemons on this PostgreSQL database, one active; kills hit the active one.
+    PostgresPair(String),
 }
 
 /// Figures of one run, printed at the end.
@@ -266,7 +300,35 @@ fn decimal(text: Option<&str>) -> Decimal {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_kills_faults_and_drops_lose_nothing() {
-    let profile = Profile::from_env();
+    chaos(Profile::from_env(), Backend::Sqlite).await;
+}
+
+/// The same promises with two daemons on one PostgreSQL ledger: every kill hits the active one,
+/// the standby takes over when its lease runs out, and the killed one comes back as a standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_with_a_pair_on_postgresql_loses_nothing_when_the_active_one_is_killed() {
+    let Some(url) = common::postgres::database() else {
+        return;
+    };
+    chaos(Profile::pair(), Backend::PostgresPair(url)).await;
+}
+
+/// Which of `daemons` holds the lease now (by the holder's pid), if any does.
+async fn active_daemon(store: &PgStore, daemons: &[Option<Process>]) -> Option<usize> {
+    let lease = read_lease(store.pool(), store.target())
+        .await
+        .ok()
+        .flatten()
+        .filter(|lease| lease.live)?;
+    let pid = lease.holder.split(':').nth(1)?.to_owned();
+    daemons.iter().position(|daemon| {
+        daemon
+            .as_ref()
+            .is_some_and(|process| process.pid().to_string() == pid)
+    })
+}
+
+async fn chaos(profile: Profile, backend: Backend) {
     let seed: u64 = std::env::var("PAYWATCH_CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -286,7 +348,10 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
     .expect("sandbox starts");
     let dir = tempfile::tempdir().expect("tempdir");
     let runs = dir.path().join("runs");
-    let daemon_log = dir.path().join("daemon.log");
+    let logs = [
+        dir.path().join("daemon.log"),
+        dir.path().join("daemon-b.log"),
+    ];
     let hook = write_hook(dir.path(), &runs);
     let endpoint = UrlEndpoint::start(&runs).await;
     let extra = format!(
@@ -295,16 +360,36 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
         endpoint.url,
     );
     let config = dir.path().join("paywatch.toml");
-    let text = common::sandbox_config_text(dir.path(), &sandbox, "multiplexed", &extra)
+    let mut text = common::sandbox_config_text(dir.path(), &sandbox, "multiplexed", &extra)
         .replace("interval = \"1h\"", "interval = \"5s\"")
         .replace(
             "max_retries = 5",
             "max_retries = 5\nrequest_timeout = \"1s\"\nconnect_timeout = \"1s\"",
         );
+    let ledger_path = dir.path().join("paywatch.db");
+    let store = match &backend {
+        Backend::Sqlite => None,
+        Backend::PostgresPair(url) => {
+            text = text.replace(
+                &format!("path = \"{}\"", ledger_path.display()),
+                &format!("url = \"{url}\""),
+            ) + "\n[ha]\nlease = \"2s\"\n";
+            let settings = LedgerSettings {
+                url: Some(Secret::new(url.clone())),
+                ..LedgerSettings::default()
+            };
+            Some(
+                PgStore::open(&settings, Session::Operator)
+                    .await
+                    .expect("open the PostgreSQL ledger"),
+            )
+        }
+    };
     std::fs::write(&config, text).expect("config");
-    let settings =
-        paywatch::settings::Settings::load_with_env(Some(&config), Vec::new()).expect("config ok");
-    let ledger = Ledger::open(&settings.ledger.path).await.expect("ledger");
+    let ledger = match &store {
+        None => Ledger::open(&ledger_path).await.expect("ledger"),
+        Some(store) => Ledger::postgres(store.clone()),
+    };
 
     // The checkouts, tracked as `paywatch track` would, and what the sandbox gave each.
     let mut ids: Vec<CheckoutId> = Vec::with_capacity(profile.checkouts);
@@ -321,7 +406,11 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
 
     let mut figures = Figures::default();
     let started = Instant::now();
-    let mut daemon = Some(start_daemon(&config, &daemon_log));
+    let mut daemons: Vec<Option<Process>> = Vec::new();
+    daemons.push(Some(start_daemon(&config, &logs[0])));
+    if store.is_some() {
+        daemons.push(Some(start_daemon(&config, &logs[1])));
+    }
 
     for _ in 0..profile.actions {
         // One action on a random checkout that still has a move left.
@@ -385,10 +474,16 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
 
         // A kill right after a change: sometimes at once (between the ledger commit and the
         // hook start), sometimes a little later (while hooks run).
-        if rng.random::<f64>() < profile.kill_chance {
+        let victim = match &store {
+            None => Some(0),
+            Some(store) => active_daemon(store, &daemons).await,
+        };
+        if let Some(victim) = victim
+            && rng.random::<f64>() < profile.kill_chance
+        {
             let wait = Duration::from_millis(rng.random_range(0..40));
             tokio::time::sleep(wait).await;
-            if let Some(process) = daemon.take() {
+            if let Some(process) = daemons[victim].take() {
                 tokio::task::block_in_place(|| process.kill_9());
             }
             figures.kills += 1;
@@ -412,9 +507,10 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
             if pending.iter().any(|d| d.attempts == 0) {
                 figures.kills_with_committed_unstarted_hooks += 1;
             }
-            // Down for a moment: changes made meanwhile must be caught on restart.
+            // Down for a moment: changes made meanwhile must be caught on restart (or, in a
+            // pair, by the standby once it takes over; the killed one comes back standing by).
             tokio::time::sleep(Duration::from_millis(rng.random_range(0..200))).await;
-            daemon = Some(start_daemon(&config, &daemon_log));
+            daemons[victim] = Some(start_daemon(&config, &logs[victim]));
         }
 
         let pause = rng.random_range(0..=2 * profile.pace.as_millis() as u64);
@@ -445,7 +541,10 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
         let why = first_mismatch(&sandbox, &ledger, &ids, &runs)
             .await
             .unwrap_or_default();
-        let log = std::fs::read_to_string(&daemon_log).unwrap_or_default();
+        let log: String = logs
+            .iter()
+            .map(|log| std::fs::read_to_string(log).unwrap_or_default())
+            .collect();
         let tail: Vec<&str> = log.lines().rev().take(60).collect();
         panic!(
             "seed {seed}: the ledger did not agree with the sandbox within {:?}: {why}\n\
@@ -455,7 +554,7 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
         );
     }
     let settle_time = last_change.elapsed();
-    if let Some(process) = daemon.take() {
+    for process in daemons.iter_mut().filter_map(Option::take) {
         stop_daemon(process).await;
     }
 
@@ -541,10 +640,13 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
     let duplicates: usize = ok_runs.values().map(|n| n - 1).sum();
     let hook_failures = runs_seen.iter().filter(|run| !run.ok).count();
 
-    let integrity: String = rusqlite::Connection::open(&settings.ledger.path)
-        .expect("open the ledger file")
-        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
-        .expect("integrity_check");
+    let integrity: String = match &store {
+        None => rusqlite::Connection::open(&ledger_path)
+            .expect("open the ledger file")
+            .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+            .expect("integrity_check"),
+        Some(_) => "ok".to_owned(),
+    };
     assert_eq!(integrity, "ok", "seed {seed}");
     let url = endpoint.figures();
     assert_eq!(
@@ -589,8 +691,10 @@ async fn chaos_kills_faults_and_drops_lose_nothing() {
         url.bad_signatures,
         settle_time.as_millis(),
     );
+    // A pair kills only while a daemon holds the lease, and waits a lease after each kill.
+    let fewest_kills = if store.is_some() { 5 } else { 10 };
     assert!(
-        figures.kills >= 10,
+        figures.kills >= fewest_kills,
         "seed {seed}: only {} kills",
         figures.kills
     );
