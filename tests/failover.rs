@@ -175,6 +175,28 @@ async fn a_pair_fails_over_on_sigkill_and_sigstop_and_every_payment_is_recorded_
         .await
         .expect("webhook answered");
     assert_eq!(webhook.status().as_u16(), 503, "a standby refuses webhooks");
+    for (port, role, active) in [(port_a, "active", 1.0), (port_b, "standby", 0.0)] {
+        let healthz = reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+            .await
+            .expect("healthz answers");
+        assert_eq!(
+            healthz.status().as_u16(),
+            200,
+            "the {role} daemon is healthy"
+        );
+        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .expect("metrics answer")
+            .text()
+            .await
+            .expect("metrics text");
+        let exposition = common::exposition::parse(&text).expect("the exposition parses");
+        assert_eq!(
+            exposition.value("paywatch_active", &[]),
+            Some(active),
+            "paywatch_active on the {role} daemon"
+        );
+    }
     let status =
         tokio::task::block_in_place(|| paywatch().config(&config_b).arg("status").output());
     let printed = stdout(&status);
@@ -351,14 +373,17 @@ fn the_commands_work_on_a_postgresql_ledger_and_status_names_the_lease() {
         "away.toml",
         "[ledger]\nurl = \"postgresql://paywatch:hunter2@127.0.0.1:1/paywatch\"\n",
     );
-    let output = paywatch().config(&away).args(["status"]).output();
-    assert_eq!(
-        output.status.code(),
-        Some(1),
-        "{}",
-        common::process::stderr(&output)
-    );
-    let said = common::process::stderr(&output);
-    assert!(said.contains("127.0.0.1:1/paywatch"), "{said}");
-    assert!(!said.contains("hunter2"), "{said}");
+    for command in ["status", "run"] {
+        let output = paywatch().config(&away).arg(command).output();
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "paywatch {command}: {}",
+            common::process::stderr(&output)
+        );
+        let said = common::process::stderr(&output);
+        assert!(said.contains("127.0.0.1:1/paywatch"), "{said}");
+        assert!(said.contains("check that PostgreSQL runs there"), "{said}");
+        assert!(!said.contains("hunter2"), "{said}");
+    }
 }
