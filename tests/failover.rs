@@ -387,3 +387,81 @@ fn the_commands_work_on_a_postgresql_ledger_and_status_names_the_lease() {
         assert!(!said.contains("hunter2"), "{said}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_loses_its_database_stops_acting_and_acts_again_when_it_returns() {
+    let Some(url) = postgres::database() else {
+        return;
+    };
+    let Some(cluster) = postgres::cluster() else {
+        return;
+    };
+    // The daemon reaches the database through a proxy the test cuts and restores.
+    let proxy = postgres::Proxy::start(cluster.port()).await;
+    let proxied = url.replace(
+        &format!("127.0.0.1:{}/", cluster.port()),
+        &format!("127.0.0.1:{}/", proxy.port),
+    );
+    let sandbox = common::sandbox().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runs = dir.path().join("runs.txt");
+    let hook = common::shell_hook(
+        dir.path(),
+        "record",
+        &["PAID"],
+        &format!(
+            "echo \"$PAYWATCH_EVENT_ID $PAYWATCH_CHECKOUT_ID $PAYWATCH_STATUS\" >> '{}'\n",
+            runs.display()
+        ),
+    );
+    let (config, port) = write_config(dir.path(), "lost", &sandbox, &proxied, &hook);
+    let text = std::fs::read_to_string(&config)
+        .expect("config")
+        .replace(&format!("lease = \"{}\"", lease()), "lease = \"2s\"");
+    std::fs::write(&config, text).expect("config");
+    let ledger = Ledger::postgres(
+        PgStore::open(
+            &LedgerSettings {
+                url: Some(Secret::new(url.clone())),
+                ..LedgerSettings::default()
+            },
+            Session::Operator,
+        )
+        .await
+        .expect("open the ledger as an operator"),
+    );
+    let before = pay_some(&sandbox, &ledger, "BEFORE", 1).await;
+    let mut daemon = start(&config, dir.path(), "lost");
+    daemon.expect_line("role: active").await;
+    wait_status(&ledger, &before[0], "PAID").await;
+
+    // The database goes away: within the lease the daemon stops acting, says so at error, and
+    // stands by (alive, not ready), without exiting.
+    proxy.cut();
+    let said = daemon
+        .expect_line("the ledger was unreachable for the whole lease")
+        .await;
+    assert!(said.contains("ERROR"), "{said}");
+    wait_ready(port, 503).await;
+    let during = pay_some(&sandbox, &ledger, "DURING", 2).await;
+    assert!(daemon.try_wait().is_none(), "the daemon keeps running");
+
+    // It returns: the daemon takes the lease again with a new epoch and catches up.
+    proxy.restore();
+    let won = daemon.expect_line("role: active").await;
+    assert!(won.contains("epoch=2"), "{won}");
+    for id in &during {
+        wait_status(&ledger, id, "PAID").await;
+    }
+    wait_ready(port, 200).await;
+    wait_for("the PAID hooks delivered", common::DEADLINE, || async {
+        let hooked = hook_runs(&runs);
+        during
+            .iter()
+            .chain(&before)
+            .all(|id| hooked.contains_key(&id.to_string()))
+            .then_some(())
+    })
+    .await;
+    assert!(daemon.stop().await.success());
+}

@@ -6,4 +6,4 @@
 mod cluster;
 
 #[allow(unused_imports)]
-pub use cluster::{Cluster, cluster, database};
+pub use cluster::{Cluster, Proxy, cluster, database};

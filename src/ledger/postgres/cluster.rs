@@ -320,3 +320,76 @@ fn free_port() -> Result<u16, String> {
 fn path_text(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
+
+/// A loopback TCP proxy in front of the cluster that a test can cut (every connection dropped,
+/// new ones closed at once: the database "lost"), freeze (connections held open, nothing
+/// forwarded: a partition) and restore.
+pub struct Proxy {
+    /// The loopback port to connect to instead of the cluster's.
+    pub port: u16,
+    down: tokio::sync::watch::Sender<bool>,
+    frozen: tokio::sync::watch::Sender<bool>,
+}
+
+impl Proxy {
+    /// Starts forwarding 127.0.0.1:`port` (a free one) to `upstream`.
+    ///
+    /// # Panics
+    ///
+    /// When no loopback port can be bound.
+    pub async fn start(upstream: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let (down, _) = tokio::sync::watch::channel(false);
+        let (frozen, _) = tokio::sync::watch::channel(false);
+        let state = down.clone();
+        let freeze = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if *state.borrow() {
+                    continue;
+                }
+                let mut cut = state.subscribe();
+                let mut frozen = freeze.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let cut_off = async {
+                        let _ = cut.wait_for(|down| *down).await;
+                    };
+                    // Frozen: stop forwarding, keep both sockets open.
+                    let freeze = async {
+                        let _ = frozen.wait_for(|frozen| *frozen).await;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        () = cut_off => return,
+                        () = freeze => {}
+                    }
+                    let _ = cut.wait_for(|down| *down).await.map(|_| ());
+                });
+            }
+        });
+        Proxy { port, down, frozen }
+    }
+
+    /// Stops forwarding; connections stay open (a partition).
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// Drops every connection and closes new ones at once (the database lost).
+    pub fn cut(&self) {
+        self.down.send_replace(true);
+    }
+
+    /// Forwards new connections again.
+    pub fn restore(&self) {
+        self.down.send_replace(false);
+    }
+}

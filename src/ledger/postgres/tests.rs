@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 
-use super::cluster;
+use super::cluster::{self, Proxy};
 use super::*;
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -454,70 +454,6 @@ async fn a_refused_password_names_the_password_key_and_not_the_password() {
     connect("right-password-123")
         .await
         .expect("the right password");
-}
-
-/// A loopback TCP proxy in front of the cluster that a test can cut (every connection dropped,
-/// new ones closed at once: the database "lost"), freeze (connections held open, nothing
-/// forwarded: a partition) and restore.
-struct Proxy {
-    port: u16,
-    down: tokio::sync::watch::Sender<bool>,
-    frozen: tokio::sync::watch::Sender<bool>,
-}
-
-impl Proxy {
-    async fn start(upstream: u16) -> Proxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let port = listener.local_addr().expect("address").port();
-        let (down, _) = tokio::sync::watch::channel(false);
-        let (frozen, _) = tokio::sync::watch::channel(false);
-        let state = down.clone();
-        let freeze = frozen.clone();
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if *state.borrow() {
-                    continue;
-                }
-                let mut cut = state.subscribe();
-                let mut frozen = freeze.subscribe();
-                tokio::spawn(async move {
-                    let Ok(mut server) =
-                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
-                    else {
-                        return;
-                    };
-                    let cut_off = async {
-                        let _ = cut.wait_for(|down| *down).await;
-                    };
-                    // Frozen: stop forwarding, keep both sockets open.
-                    let freeze = async {
-                        let _ = frozen.wait_for(|frozen| *frozen).await;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        () = cut_off => return,
-                        () = freeze => {}
-                    }
-                    let _ = cut.wait_for(|down| *down).await.map(|_| ());
-                });
-            }
-        });
-        Proxy { port, down, frozen }
-    }
-
-    fn freeze(&self) {
-        self.frozen.send_replace(true);
-    }
-
-    fn cut(&self) {
-        self.down.send_replace(true);
-    }
-
-    fn restore(&self) {
-        self.down.send_replace(false);
-    }
 }
 
 /// Waits until the role satisfies `wanted`, failing after [`DEADLINE`].
