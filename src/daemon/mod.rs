@@ -11,8 +11,14 @@
 //! status (the verifier does, through Get Checkout), or exit without letting in-flight
 //! verifications and hooks finish within the drain timeout.
 //!
-//! [`run`] reads top to bottom as the startup order, and its end is the shutdown order.
+//! On a PostgreSQL ledger the daemon alternates between standing by (`standby.rs`, while
+//! another daemon holds the lease; `lease.rs` keeps this one's side of it) and acting: one term
+//! of the whole pipeline per lease won ([`act`]), ended by a shutdown or by the lease being
+//! lost. On SQLite there is one term.
+//!
+//! [`act`] reads top to bottom as the startup order, and its end is the shutdown order.
 
+mod lease;
 pub mod notify;
 mod process;
 mod reload;

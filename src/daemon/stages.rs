@@ -16,9 +16,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::lease::LeaseKeeper;
 use super::notify;
 use super::reload::listener_options;
-use super::standby::LeaseKeeper;
 use super::supervisor;
 use crate::domain::VerifyTicket;
 use crate::http::health::Health;

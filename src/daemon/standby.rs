@@ -1,8 +1,7 @@
 //! The daemon's role on a shared PostgreSQL ledger: keeping the lease, and standing by while
 //! another daemon holds it.
 //!
-//! Owns: [`LeaseKeeper`] (the lease keeper's task, the role it publishes, resigning at
-//! shutdown) and [`stand_by`]: what a daemon without the lease does until it wins it (answers
+//! Owns: [`stand_by`]: what a daemon without the lease does until it wins it (answers
 //! `/healthz`, `/readyz` 503 "standby", `/metrics` with `paywatch_active 0`; refuses webhooks
 //! and tracking; tells systemd it is up and standing by; keeps the watchdog fed; applies a
 //! reload to the settings the next active term starts with).
@@ -14,45 +13,15 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::lease::LeaseKeeper;
 use super::stages::{Wiring, serve_http, start_watchdog};
 use super::{Control, DaemonStatus, RunOptions, supervisor};
 use crate::http::HttpContext;
 use crate::http::health::Health;
 use crate::ledger::Ledger;
-use crate::ledger::postgres::{PgStore, Role, keeper};
+use crate::ledger::postgres::Role;
 use crate::settings::Settings;
 use crate::verifier::VerifierStats;
-
-/// This daemon's side of the lease: the keeper's task and the role it publishes.
-pub(super) struct LeaseKeeper {
-    role: watch::Receiver<Role>,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl LeaseKeeper {
-    /// Starts keeping the lease of `store` for `[ha] lease`: standby at first, active once won.
-    pub(super) fn start(store: &PgStore, settings: &Settings) -> LeaseKeeper {
-        let stop = CancellationToken::new();
-        let (role, task) = keeper::spawn(
-            store.lease(&settings.ha),
-            store.target().clone(),
-            stop.clone(),
-        );
-        LeaseKeeper { role, stop, task }
-    }
-
-    /// The role channel (what the store fences its writes with, and what the daemon follows).
-    pub(super) fn role(&self) -> watch::Receiver<Role> {
-        self.role.clone()
-    }
-
-    /// Stops keeping the lease, resigning it if held (a standby takes over at once).
-    pub(super) async fn resign(self) {
-        self.stop.cancel();
-        let _ = self.task.await;
-    }
-}
 
 /// How a standby's wait ended.
 pub(super) enum Waited {
