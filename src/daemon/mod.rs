@@ -13,10 +13,10 @@
 //!
 //! On a PostgreSQL ledger the daemon alternates between standing by (`standby.rs`, while
 //! another daemon holds the lease; `lease.rs` keeps this one's side of it) and acting: one term
-//! of the whole pipeline per lease won ([`act`]), ended by a shutdown or by the lease being
+//! of the whole pipeline per lease won (`act`), ended by a shutdown or by the lease being
 //! lost. On SQLite there is one term.
 //!
-//! [`act`] reads top to bottom as the startup order, and its end is the shutdown order.
+//! `act` reads top to bottom as the startup order, and its end is the shutdown order.
 
 mod lease;
 pub mod notify;
