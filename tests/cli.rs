@@ -1245,20 +1245,24 @@ fn timeout_is_bounded_and_stated_in_help() {
     );
 }
 
-/// Issue 25: `[ledger] url` is accepted by the settings, but until the daemon and the commands
-/// run on PostgreSQL every command refuses it (exit 2, naming the key, never the URL's
-/// password) rather than silently use the SQLite `path`; both keys set is exit 2 naming both.
+/// Issue 25: a `[ledger] url` nothing answers at is named (`host:port/database`, what to
+/// check) with exit 1, never with the URL's password; both keys set is exit 2 naming both.
 #[test]
-fn a_postgresql_ledger_url_is_refused_naming_the_key_and_not_the_password() {
+fn a_postgresql_ledger_url_is_named_without_its_password() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("paywatch.toml");
     let url = "postgresql://paywatch:hunter2-in-url@127.0.0.1:9/paywatch";
     std::fs::write(&config, format!("[ledger]\nurl = \"{url}\"\n")).expect("write");
-    for args in [&["status", "abc"][..], &["check-config"][..]] {
+    // A command cannot run (exit 1); check-config reports it as a failed check (exit 2).
+    for (args, code) in [(&["status", "abc"][..], 1), (&["check-config"][..], 2)] {
         let output = run(&config, args);
-        let text = stderr(&output);
-        assert_eq!(output.status.code(), Some(2), "{args:?}: {text}");
-        assert!(text.contains("'ledger.url'"), "{args:?}: {text}");
+        let text = format!("{}{}", stdout(&output), stderr(&output));
+        assert_eq!(output.status.code(), Some(code), "{args:?}: {text}");
+        assert!(text.contains("127.0.0.1:9/paywatch"), "{args:?}: {text}");
+        assert!(
+            text.contains("check that PostgreSQL runs there"),
+            "{args:?}: {text}"
+        );
         assert!(!text.contains("hunter2-in-url"), "{args:?}: {text}");
     }
     std::fs::write(
