@@ -205,6 +205,26 @@ async fn a_pair_fails_over_on_sigkill_and_sigstop_and_every_payment_is_recorded_
         "status names the holder (A) and its epoch:\n{printed}"
     );
 
+    // A third daemon whose config it could never act on (a hook program that is not there)
+    // fails at its start, exit 2, rather than stand by until its takeover.
+    let broken = std::fs::read_to_string(&config_b)
+        .expect("config")
+        .replace("\"/bin/sh\"", "\"/nonexistent/sh\"");
+    let broken = common::process::write_config_named(dir.path(), "broken.toml", &broken);
+    let output = tokio::task::block_in_place(|| paywatch().config(&broken).arg("run").output());
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{}",
+        common::process::stderr(&output)
+    );
+    assert!(common::process::stderr(&output).contains("/nonexistent/sh"));
+
+    // A reload while standing by re-reads the config for the next term.
+    b.signal(Signal::SIGHUP);
+    b.expect_line("config reloaded; it applies when this daemon becomes active")
+        .await;
+
     let mut paid = pay_some(&sandbox, &ledger, "A", 4).await;
     for id in &paid {
         wait_status(&ledger, id, "PAID").await;
@@ -371,7 +391,8 @@ fn the_commands_work_on_a_postgresql_ledger_and_status_names_the_lease() {
     let away = common::process::write_config_named(
         dir.path(),
         "away.toml",
-        "[ledger]\nurl = \"postgresql://paywatch:hunter2@127.0.0.1:1/paywatch\"\n",
+        "[ledger]\nurl = \"postgresql://paywatch:hunter2@127.0.0.1:1/paywatch\"\n\
+         [paymennt]\napi_key = \"k\"\napi_secret = \"s\"\n[firestore]\nenabled = false\n",
     );
     for command in ["status", "run"] {
         let output = paywatch().config(&away).arg(command).output();

@@ -115,6 +115,15 @@ pub async fn run(
         check_open_file_limit(&settings, limit)?;
     }
 
+    // What every term builds from the settings is checked now, so a standby whose config it
+    // could never act on (a missing hook program, unreadable credentials) fails at its start
+    // (exit 2), not at its takeover.
+    Client::from_settings(&settings.paymennt)?;
+    HookSet::from_settings(&settings)?;
+    if settings.firestore.enabled {
+        listener_options(&settings)?;
+    }
+
     // 1. The ledger: an SQLite file this daemon holds alone, or a PostgreSQL ledger shared with
     //    standbys, on which it acts only while it holds the lease.
     let opened = open_ledger(&settings).await?;
