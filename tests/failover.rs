@@ -387,6 +387,65 @@ fn the_commands_work_on_a_postgresql_ledger_and_status_names_the_lease() {
         "the URL is never printed: {printed}"
     );
 
+    // A role that owns its database, as the service guide sets it up, with a wrong password
+    // (from password_file): the daemon exits 2 naming the key, never the password; with the
+    // right one the commands work (and migrate the empty database).
+    let cluster = postgres::cluster().expect("the cluster runs");
+    let own_url = postgres::database().expect("a second database");
+    let database = own_url
+        .rsplit('/')
+        .next()
+        .and_then(|tail| tail.split('?').next())
+        .expect("a database name")
+        .to_owned();
+    let user = format!("pw_{database}");
+    cluster.psql(
+        &database,
+        &format!(
+            "CREATE ROLE {user} LOGIN PASSWORD 'right-password-123'; \
+             ALTER DATABASE {database} OWNER TO {user}"
+        ),
+    );
+    cluster.require_password_for(&user);
+    let password_file = dir.path().join("db-password");
+    let guarded = common::process::write_config_named(
+        dir.path(),
+        "guarded.toml",
+        &format!(
+            "[ledger]\nurl = \"postgresql://{user}@127.0.0.1:{port}/{database}?sslmode=disable\"\n\
+             password_file = \"{file}\"\n[paymennt]\napi_key = \"k\"\napi_secret = \"s\"\n\
+             [firestore]\nenabled = false\n",
+            port = cluster.port(),
+            file = password_file.display()
+        ),
+    );
+    std::fs::write(&password_file, "wrong-password-xyz\n").expect("password file");
+    let output = paywatch().config(&guarded).arg("run").output();
+    let said = common::process::stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{said}");
+    assert!(said.contains("ledger.password_file"), "{said}");
+    assert!(!said.contains("wrong-password-xyz"), "{said}");
+    std::fs::write(&password_file, "right-password-123\n").expect("password file");
+    let output = paywatch().config(&guarded).arg("status").output();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        common::process::stderr(&output)
+    );
+    // And a daemon as that role (no superuser) takes the lease and writes through the fence.
+    let mut daemon = paywatch()
+        .config(&guarded)
+        .log_to(&dir.path().join("guarded.log"))
+        .run();
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(async {
+            daemon.expect_line("role: active").await;
+            daemon.expect_line("paywatch is running").await;
+            assert!(daemon.stop().await.success());
+        });
+
     // A database that cannot be reached: exit 1 naming where it is, never the URL.
     let away = common::process::write_config_named(
         dir.path(),
