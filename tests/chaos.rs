@@ -34,11 +34,10 @@ use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive;
 
 use paywatch::domain::{CheckoutId, CheckoutStatus};
-use paywatch::ledger::postgres::{PgStore, Session, read_lease};
+use paywatch::ledger::postgres::{PgStore, read_lease};
 use paywatch::ledger::{DeliveryFilter, DeliveryState, Ledger};
 use paywatch::sandbox::faults::FaultUpdate;
 use paywatch::sandbox::{Sandbox, SandboxOptions};
-use paywatch::settings::{LedgerSettings, Secret};
 
 use crate::common;
 use crate::common::process::{Process, paywatch};
@@ -374,15 +373,7 @@ async fn chaos(profile: Profile, backend: Backend) {
                 &format!("path = \"{}\"", ledger_path.display()),
                 &format!("url = \"{url}\""),
             ) + "\n[ha]\nlease = \"2s\"\n";
-            let settings = LedgerSettings {
-                url: Some(Secret::new(url.clone())),
-                ..LedgerSettings::default()
-            };
-            Some(
-                PgStore::open(&settings, Session::Operator)
-                    .await
-                    .expect("open the PostgreSQL ledger"),
-            )
+            Some(common::postgres::operator_store(url).await)
         }
     };
     std::fs::write(&config, text).expect("config");

@@ -13,10 +13,8 @@ use std::time::Instant;
 
 use nix::sys::signal::Signal;
 use paywatch::domain::CheckoutId;
-use paywatch::ledger::postgres::{PgStore, Session};
 use paywatch::ledger::{DeliveryState, Ledger};
 use paywatch::sandbox::Sandbox;
-use paywatch::settings::{LedgerSettings, Secret};
 
 use crate::common::process::{Process, paywatch, stdout};
 use crate::common::{self, create_and_track, history, postgres, wait_for, wait_status};
@@ -35,13 +33,14 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A config for one daemon of the pair: the shared ledger at `url`, its own HTTP port, the
-/// hook that records each run in `runs`.
+/// A config for one daemon of the pair: the shared ledger at `url` with `lease`, its own HTTP
+/// port, and `hook`.
 fn write_config(
     dir: &Path,
     name: &str,
     sandbox: &Sandbox,
     url: &str,
+    lease: &str,
     hook: &str,
 ) -> (std::path::PathBuf, u16) {
     let port = free_port();
@@ -49,10 +48,7 @@ fn write_config(
         dir,
         sandbox,
         "multiplexed",
-        &format!(
-            "[ha]\nlease = \"{lease}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n{hook}",
-            lease = lease()
-        ),
+        &format!("[ha]\nlease = \"{lease}\"\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n\n{hook}"),
     );
     let path_line = format!("path = \"{}\"", dir.join("paywatch.db").display());
     let text = text.replace(&path_line, &format!("url = \"{url}\""));
@@ -88,7 +84,23 @@ async fn wait_ready(port: u16, code: u16) -> String {
     .await
 }
 
-/// Hook runs recorded by the shell hook: checkout -> (event id, status) of each run.
+/// A PAID hook that appends `EVENT CHECKOUT STATUS` to `dir/runs.txt` at each run: its
+/// `[[hooks]]` table and the file.
+fn recording_hook(dir: &Path) -> (String, std::path::PathBuf) {
+    let runs = dir.join("runs.txt");
+    let hook = common::shell_hook(
+        dir,
+        "record",
+        &["PAID"],
+        &format!(
+            "echo \"$PAYWATCH_EVENT_ID $PAYWATCH_CHECKOUT_ID $PAYWATCH_STATUS\" >> '{}'\n",
+            runs.display()
+        ),
+    );
+    (hook, runs)
+}
+
+/// Hook runs recorded by [`recording_hook`]: checkout -> (event id, status) of each run.
 fn hook_runs(runs: &Path) -> BTreeMap<String, Vec<(String, String)>> {
     let mut seen: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
     for line in std::fs::read_to_string(runs).unwrap_or_default().lines() {
@@ -133,29 +145,10 @@ async fn a_pair_fails_over_on_sigkill_and_sigstop_and_every_payment_is_recorded_
     };
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let runs = dir.path().join("runs.txt");
-    let hook = common::shell_hook(
-        dir.path(),
-        "record",
-        &["PAID"],
-        &format!(
-            "echo \"$PAYWATCH_EVENT_ID $PAYWATCH_CHECKOUT_ID $PAYWATCH_STATUS\" >> '{}'\n",
-            runs.display()
-        ),
-    );
-    let (config_a, port_a) = write_config(dir.path(), "a", &sandbox, &url, &hook);
-    let (config_b, port_b) = write_config(dir.path(), "b", &sandbox, &url, &hook);
-    let ledger = Ledger::postgres(
-        PgStore::open(
-            &LedgerSettings {
-                url: Some(Secret::new(url.clone())),
-                ..LedgerSettings::default()
-            },
-            Session::Operator,
-        )
-        .await
-        .expect("open the ledger as an operator"),
-    );
+    let (hook, runs) = recording_hook(dir.path());
+    let (config_a, port_a) = write_config(dir.path(), "a", &sandbox, &url, &lease(), &hook);
+    let (config_b, port_b) = write_config(dir.path(), "b", &sandbox, &url, &lease(), &hook);
+    let ledger = postgres::operator_ledger(&url).await;
 
     // A wins the lease; B stands by, says so, and takes no webhook.
     let mut a = start(&config_a, dir.path(), "a");
@@ -484,32 +477,9 @@ async fn a_daemon_that_loses_its_database_stops_acting_and_acts_again_when_it_re
     );
     let sandbox = common::sandbox().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let runs = dir.path().join("runs.txt");
-    let hook = common::shell_hook(
-        dir.path(),
-        "record",
-        &["PAID"],
-        &format!(
-            "echo \"$PAYWATCH_EVENT_ID $PAYWATCH_CHECKOUT_ID $PAYWATCH_STATUS\" >> '{}'\n",
-            runs.display()
-        ),
-    );
-    let (config, port) = write_config(dir.path(), "lost", &sandbox, &proxied, &hook);
-    let text = std::fs::read_to_string(&config)
-        .expect("config")
-        .replace(&format!("lease = \"{}\"", lease()), "lease = \"2s\"");
-    std::fs::write(&config, text).expect("config");
-    let ledger = Ledger::postgres(
-        PgStore::open(
-            &LedgerSettings {
-                url: Some(Secret::new(url.clone())),
-                ..LedgerSettings::default()
-            },
-            Session::Operator,
-        )
-        .await
-        .expect("open the ledger as an operator"),
-    );
+    let (hook, runs) = recording_hook(dir.path());
+    let (config, port) = write_config(dir.path(), "lost", &sandbox, &proxied, "2s", &hook);
+    let ledger = postgres::operator_ledger(&url).await;
     let before = pay_some(&sandbox, &ledger, "BEFORE", 1).await;
     let mut daemon = start(&config, dir.path(), "lost");
     daemon.expect_line("role: active").await;

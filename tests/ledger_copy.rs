@@ -7,9 +7,7 @@
 use std::collections::BTreeMap;
 
 use paywatch::domain::CheckoutId;
-use paywatch::ledger::postgres::{PgStore, Session};
 use paywatch::ledger::{DeliveryFilter, Ledger, ListFilter};
-use paywatch::settings::{LedgerSettings, Secret};
 
 use crate::common::process::{paywatch, stderr, stdout};
 use crate::common::{self, Daemon, create_and_track, postgres, wait_status};
@@ -95,15 +93,7 @@ async fn a_copied_ledger_reads_back_the_same_and_a_second_copy_is_refused() {
     assert!(printed.contains("transitions: 3"), "{printed}");
     assert!(printed.contains("hook_deliveries: 1"), "{printed}");
 
-    let target = LedgerSettings {
-        url: Some(Secret::new(url.clone())),
-        ..LedgerSettings::default()
-    };
-    let copied = Ledger::postgres(
-        PgStore::open(&target, Session::Operator)
-            .await
-            .expect("open the copy"),
-    );
+    let copied = postgres::operator_ledger(&url).await;
     let after = everything(&copied, &ids).await;
     assert_eq!(before, after, "the copy reads back differently");
     assert!(
