@@ -1879,18 +1879,22 @@ impl PgLedger {
         checkouts.wrapping_add(row.get::<_, i64>(0))
     }
 
-    /// How many watched checkouts have a resume token saved.
-    async fn resumable(&self) -> i64 {
+    /// The order ids of the watched checkouts that have no resume token saved (a daemon taking
+    /// over adds their targets afresh, and Firestore's first snapshot of each is verified).
+    async fn without_token(&self) -> Vec<String> {
         let client = self.store.pool().get().await.expect("a connection");
         client
-            .query_one(
-                "SELECT count(*) FROM listen_targets t JOIN checkouts c ON c.id = t.checkout_id
-                 WHERE c.watched AND t.resume_token IS NOT NULL",
+            .query(
+                "SELECT c.order_id FROM checkouts c
+                 LEFT JOIN listen_targets t ON t.checkout_id = c.id
+                 WHERE c.watched AND t.checkout_id IS NULL ORDER BY c.order_id",
                 &[],
             )
             .await
             .expect("listen_targets read")
-            .get(0)
+            .iter()
+            .map(|row| row.get::<_, Option<String>>(0).unwrap_or_default())
+            .collect()
     }
 }
 
@@ -2109,6 +2113,37 @@ fn logged(daemon: &ChildDaemon, text: &str) -> Option<String> {
         .find(|line| line.contains(text))
 }
 
+/// Prints the ERROR lines `daemon` logged, and for a deadlock PostgreSQL detected, the server
+/// log's report of it (which statements waited on which).
+fn print_errors(who: &str, daemon: &ChildDaemon) {
+    let errors: Vec<String> = daemon
+        .process
+        .lines()
+        .into_iter()
+        .filter(|line| line.contains("ERROR"))
+        .collect();
+    for line in &errors {
+        println!("  {who} logged: {line}");
+    }
+    if !errors.iter().any(|line| line.contains("deadlock detected")) {
+        return;
+    }
+    let Some(cluster) = common::postgres::cluster() else {
+        return;
+    };
+    // The server log is `log` in the cluster's data directory (see cluster.rs).
+    let log =
+        tokio::task::block_in_place(|| cluster.psql("postgres", "SELECT pg_read_file('log')"));
+    let lines: Vec<&str> = log.lines().collect();
+    for (index, line) in lines.iter().enumerate() {
+        if line.contains("ERROR:  deadlock detected") {
+            for context in &lines[index..(index + 12).min(lines.len())] {
+                println!("  server log: {context}");
+            }
+        }
+    }
+}
+
 /// Waits until `daemon` has logged a line containing `text`, within [`PHASE_LIMIT`].
 async fn wait_logged(daemon: &mut ChildDaemon, text: &str) -> String {
     let started = Instant::now();
@@ -2159,14 +2194,27 @@ async fn failover(sandbox: &Sandbox, sizes: &Sizes, report: &mut Report) {
     wait_logged(&mut standby, "standby: the ledger's lease is held by").await;
     let quiet = settle_with(sandbox, &ids, async || pg.version().await).await;
     let first_calls = sandbox.faults().total_get_checkout_calls() - calls_at_start;
-    let resumable = pg.resumable().await;
+    let without_token = pg.without_token().await;
     println!(
         "  the active daemon verified all {count} in {:.1} s ({first_calls} Get Checkout calls); \
-         quiet {:.1} s later; {resumable} of {count} have a resume token saved",
+         quiet {:.1} s later; {} of {count} have a resume token saved",
         verified.as_secs_f64(),
-        quiet.as_secs_f64()
+        quiet.as_secs_f64(),
+        count - without_token.len()
     );
+    if !without_token.is_empty() {
+        println!(
+            "  without a token at the kill: {}{}",
+            without_token[..without_token.len().min(10)].join(", "),
+            if without_token.len() > 10 {
+                ", ..."
+            } else {
+                ""
+            }
+        );
+    }
 
+    print_errors("the active daemon", &active);
     let paid_id = &ids[0];
     let calls_before = sandbox.faults().total_get_checkout_calls();
     let killed = Instant::now();
@@ -2215,6 +2263,7 @@ async fn failover(sandbox: &Sandbox, sizes: &Sizes, report: &mut Report) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    print_errors("the new active daemon", &standby);
     let calls = last_calls - calls_before;
     let at = |when: Option<Duration>| when.unwrap_or_default().as_secs_f64();
     if let Some(line) = logged(&standby, "reconciling open checkouts") {
