@@ -2137,7 +2137,7 @@ fn print_errors(who: &str, daemon: &ChildDaemon) {
     let lines: Vec<&str> = log.lines().collect();
     for (index, line) in lines.iter().enumerate() {
         if line.contains("ERROR:  deadlock detected") {
-            for context in &lines[index..(index + 12).min(lines.len())] {
+            for context in &lines[index..(index + 24).min(lines.len())] {
                 println!("  server log: {context}");
             }
         }
