@@ -2144,8 +2144,9 @@ fn logged(daemon: &ChildDaemon, text: &str) -> Option<String> {
         .find(|line| line.contains(text))
 }
 
-/// Prints the ERROR lines `daemon` logged, and for a deadlock PostgreSQL detected, the server
-/// log's report of it (which statements waited on which).
+/// Prints the lines `daemon` logged that mention an ERROR (its errors, and warnings quoting a
+/// database error, such as a deadlock it retried), and for a deadlock PostgreSQL detected, the
+/// server log's report of it (which statements waited on which).
 fn print_errors(who: &str, daemon: &ChildDaemon) {
     let errors: Vec<String> = daemon
         .process
