@@ -15,7 +15,10 @@
 //! - `PAYWATCH_BENCH_PER_DOCUMENT` [1000,5000]: the same in per-document mode;
 //! - `PAYWATCH_BENCH_STARTUP` [10000]: checkouts for start-up and the reconcile sweep;
 //! - `PAYWATCH_BENCH_FLOOR_SAMPLES` [300]: samples per floor;
-//! - `PAYWATCH_BENCH_PHASES` [all]: which of latency, throughput, startup, memory to run;
+//! - `PAYWATCH_BENCH_FAILOVER` [10000]: watched checkouts in the PostgreSQL failover run;
+//! - `PAYWATCH_BENCH_LEASE` [10s; smoke: 2s]: the failover pair's `[ha] lease`;
+//! - `PAYWATCH_BENCH_PHASES` [all]: which of latency, throughput, startup, memory, postgres to
+//!   run;
 //! - `PAYWATCH_BENCH_BIN` [this build's]: the `paywatch` executable the child phases run;
 //! - `PAYWATCH_BENCH_DIR` [the temp dir]: where ledgers whose commits are timed live (a real
 //!   disk: commit latency is part of the figures); `PAYWATCH_BENCH_SCRATCH` [/dev/shm if present]:
@@ -27,6 +30,14 @@
 //! and time. Latency runs use a daemon in this process (a tracing layer observes each PAID
 //! line, logged right after its ledger commit returns); throughput, memory and start-up run
 //! `paywatch run` as a child, so its CPU time and memory are its own.
+//!
+//! The postgres phase runs on a throwaway PostgreSQL cluster (`src/ledger/postgres/cluster.rs`:
+//! loopback, fsync off; a skip line when PostgreSQL is not installed), a fresh database per
+//! run: change-to-ledger at 100/s (`PAYWATCH_BENCH_AT_100` changes) and the hooks-off burst
+//! (`PAYWATCH_BENCH_THROUGHPUT` payments) as above, printed beside the SQLite figures of the
+//! same run, then a failover: an active and a standby `paywatch run` on one database, the active
+//! one SIGKILLed once quiet, timed until the standby is active, running and quiet again, with
+//! the Get Checkout calls that cost and a payment made at the kill.
 
 #![allow(clippy::print_stdout)]
 
@@ -46,12 +57,13 @@ use gcloud_sdk::google::firestore::v1::{ListenRequest, Target, Value};
 use paywatch::daemon::notify::Notifier;
 use paywatch::daemon::{self, Control, DaemonStatus, RunOptions};
 use paywatch::domain::{CheckoutId, VerifyTicket};
+use paywatch::ledger::postgres::{PgStore, Session};
 use paywatch::ledger::{Ledger, TrackedVia};
 use paywatch::logging::LogHandle;
 use paywatch::paymennt::Client;
 use paywatch::paymennt::wire::{JsonDecimal, LinkRequest};
 use paywatch::sandbox::{Sandbox, SandboxOptions};
-use paywatch::settings::Settings;
+use paywatch::settings::{LedgerSettings, Secret, Settings};
 use tokio::net::UnixDatagram;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -85,6 +97,9 @@ struct Sizes {
     per_document: Vec<usize>,
     startup: usize,
     floor_samples: usize,
+    failover: usize,
+    /// `[ha] lease` of the failover's pair (humantime).
+    lease: String,
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -135,6 +150,9 @@ impl Sizes {
             ),
             startup: env_usize("PAYWATCH_BENCH_STARTUP", d(10_000, 200)),
             floor_samples: env_usize("PAYWATCH_BENCH_FLOOR_SAMPLES", d(300, 30)).max(2),
+            failover: env_usize("PAYWATCH_BENCH_FAILOVER", d(10_000, 50)),
+            lease: std::env::var("PAYWATCH_BENCH_LEASE")
+                .unwrap_or_else(|_| if smoke { "2s" } else { "10s" }.to_owned()),
         };
         (sizes, smoke)
     }
@@ -145,7 +163,7 @@ impl Sizes {
 struct Phases(Option<Vec<String>>);
 
 impl Phases {
-    const ALL: [&'static str; 4] = ["latency", "throughput", "startup", "memory"];
+    const ALL: [&'static str; 5] = ["latency", "throughput", "startup", "memory", "postgres"];
 
     fn from_env() -> Phases {
         let Ok(text) = std::env::var("PAYWATCH_BENCH_PHASES") else {
@@ -509,9 +527,7 @@ impl Receiver {
     }
 }
 
-/// The daemon's config for one phase. Discovery is off: every phase shares one sandbox, and a
-/// daemon discovering would track (and watch) the other phases' checkouts too, measuring
-/// something else than the phase's own set. Its cost is one search per interval.
+/// The daemon's config for one phase, its ledger the SQLite file `ledger`, logging warnings.
 fn write_config(
     dir: &Path,
     ledger: &Path,
@@ -519,11 +535,47 @@ fn write_config(
     mode: &str,
     hook: Option<&Hook>,
 ) -> PathBuf {
+    let ledger_section = format!("[ledger]\npath = \"{}\"\n", ledger.display());
+    process::write_config(
+        dir,
+        &config_text(&ledger_section, sandbox, mode, hook, "warn"),
+    )
+}
+
+/// The config of a daemon whose ledger is the PostgreSQL database at `url`, holding the
+/// ledger's lease for `lease` per renewal, multiplexed, no hook, logging at `level`; written
+/// as `dir/name`.
+fn write_pg_config(
+    dir: &Path,
+    name: &str,
+    url: &str,
+    lease: &str,
+    sandbox: &Sandbox,
+    level: &str,
+) -> PathBuf {
+    let ledger_section = format!("[ledger]\nurl = \"{url}\"\n[ha]\nlease = \"{lease}\"\n");
+    process::write_config_named(
+        dir,
+        name,
+        &config_text(&ledger_section, sandbox, "multiplexed", None, level),
+    )
+}
+
+/// A phase's config text after `ledger_section` (`[ledger]`, and `[ha]` on PostgreSQL).
+/// Discovery is off: every phase shares one sandbox, and a daemon discovering would track (and
+/// watch) the other phases' checkouts too, measuring something else than the phase's own set.
+/// Its cost is one search per interval.
+fn config_text(
+    ledger_section: &str,
+    sandbox: &Sandbox,
+    mode: &str,
+    hook: Option<&Hook>,
+    level: &str,
+) -> String {
     let mut text = format!(
-        "[ledger]\npath = \"{}\"\n[paymennt]\nbase_url = \"{}\"\napi_key = \"{}\"\napi_secret = \"{}\"\nconcurrency = 16\n\
-         [firestore]\nendpoint = \"{}\"\nstream_mode = \"{mode}\"\n[reconcile]\ninterval = \"1h\"\n[log]\nlevel = \"warn\"\n\
+        "{ledger_section}[paymennt]\nbase_url = \"{}\"\napi_key = \"{}\"\napi_secret = \"{}\"\nconcurrency = 16\n\
+         [firestore]\nendpoint = \"{}\"\nstream_mode = \"{mode}\"\n[reconcile]\ninterval = \"1h\"\n[log]\nlevel = \"{level}\"\n\
          [discovery]\nenabled = false\n",
-        ledger.display(),
         sandbox.api_base_url(),
         sandbox.api_key(),
         sandbox.api_secret(),
@@ -540,7 +592,7 @@ fn write_config(
             argv.join(", ")
         ));
     }
-    process::write_config(dir, &text)
+    text
 }
 
 /// Creates `count` new payment links in the sandbox and tracks them in `ledger`.
@@ -623,22 +675,30 @@ async fn settle(sandbox: &Sandbox, ids: &[CheckoutId]) -> Duration {
 /// tokens makes no Get Checkout, but its streams are still catching up (each stream's targets
 /// CURRENT, their tokens saved) for a while, and a change made meanwhile measures that.
 async fn settle_ledger(sandbox: &Sandbox, ids: &[CheckoutId], ledger: Option<&Ledger>) -> Duration {
+    settle_with(sandbox, ids, async || match ledger {
+        Some(ledger) => ledger.data_version().await.expect("data_version"),
+        None => 0,
+    })
+    .await
+}
+
+/// [`settle`], and also `version` (a number that changes with the ledger's writes) unchanged
+/// for 500 ms. Returns the time taken.
+async fn settle_with(
+    sandbox: &Sandbox,
+    ids: &[CheckoutId],
+    mut version: impl AsyncFnMut() -> i64,
+) -> Duration {
     let started = Instant::now();
-    let total = async || {
-        let calls = ids
-            .iter()
+    let calls = || {
+        ids.iter()
             .map(|id| sandbox.state().get_checkout_calls(id))
-            .sum::<u64>();
-        let version = match ledger {
-            Some(ledger) => Some(ledger.data_version().await.expect("data_version")),
-            None => None,
-        };
-        (calls, version)
+            .sum::<u64>()
     };
-    let mut last = total().await;
+    let mut last = (calls(), version().await);
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = total().await;
+        let now = (calls(), version().await);
         if now == last {
             return started.elapsed();
         }
@@ -1208,7 +1268,12 @@ struct ChildDaemon {
 }
 
 fn spawn_daemon(config: &Path) -> ChildDaemon {
-    spawn_daemon_profiled(config, None)
+    spawn_child(config, None, false)
+}
+
+/// [`spawn_daemon`], its log (stderr) kept for [`Process::lines`].
+fn spawn_daemon_logged(config: &Path) -> ChildDaemon {
+    spawn_child(config, None, true)
 }
 
 /// Where `PAYWATCH_BENCH_HEAPTRACK` asks the memory runs' heap to be recorded, if it does.
@@ -1221,6 +1286,13 @@ fn heaptrack_dir() -> Option<PathBuf> {
 const HEAPTRACK_PRELOAD: &str = "/usr/lib/heaptrack/libheaptrack_preload.so";
 
 fn spawn_daemon_profiled(config: &Path, heaptrack_output: Option<&Path>) -> ChildDaemon {
+    spawn_child(config, heaptrack_output, false)
+}
+
+/// Starts `paywatch run` on `config` with a notify socket of its own; under heaptrack when
+/// `heaptrack_output` is given; its log kept when `keep_log` (else shown with
+/// `PAYWATCH_BENCH_LOG`, or discarded).
+fn spawn_child(config: &Path, heaptrack_output: Option<&Path>, keep_log: bool) -> ChildDaemon {
     let socket_dir = tempfile::tempdir().expect("dir");
     let socket_path = socket_dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&socket_path).expect("notify socket");
@@ -1237,8 +1309,9 @@ fn spawn_daemon_profiled(config: &Path, heaptrack_output: Option<&Path>) -> Chil
             .env("DUMP_HEAPTRACK_OUTPUT", output);
     }
     // `PAYWATCH_BENCH_LOG` shows the child daemons' logs too (their timestamps give a phase's
-    // timeline).
+    // timeline), except those whose log the bench reads.
     command = match std::env::var("PAYWATCH_BENCH_LOG") {
+        _ if keep_log => command,
         Ok(directives) => command.env("RUST_LOG", directives).log_inherited(),
         Err(_) => command.log_discarded(),
     };
@@ -1756,6 +1829,530 @@ async fn startup(
     daemon.stop().await;
 }
 
+// ---------------------------------------------------------------------------------------------
+// 7. PostgreSQL: change-to-ledger and throughput beside SQLite's, and what a failover costs
+
+/// A fresh database on this process's throwaway PostgreSQL cluster, opened as an operator's
+/// command opens it (no lease needed): the bench tracks checkouts and reads statuses through
+/// [`PgLedger::ledger`], and reads what the daemon wrote through [`PgLedger::store`].
+struct PgLedger {
+    /// The database's URL, for the daemons' configs.
+    url: String,
+    /// The same store as `ledger`'s, for queries of its own.
+    store: PgStore,
+    ledger: Ledger,
+}
+
+impl PgLedger {
+    /// A new, empty database (migrated), or `None` after a skip line when PostgreSQL is not
+    /// installed (`CI=true` fails instead: see `cluster.rs`).
+    async fn create() -> Option<PgLedger> {
+        let url = tokio::task::block_in_place(common::postgres::database)?;
+        let settings = LedgerSettings {
+            url: Some(Secret::new(url.clone())),
+            ..LedgerSettings::default()
+        };
+        let store = PgStore::open(&settings, Session::Operator)
+            .await
+            .expect("the bench's database opens");
+        Some(PgLedger {
+            url,
+            ledger: Ledger::postgres(store.clone()),
+            store,
+        })
+    }
+
+    /// A number that changes with every write a daemon makes while settling: the checkouts'
+    /// (the ledger's `data_version`) and the saved resume tokens' (which that leaves out).
+    async fn version(&self) -> i64 {
+        let checkouts = self.ledger.data_version().await.expect("data_version");
+        let client = self.store.pool().get().await.expect("a connection");
+        let row = client
+            .query_one(
+                "SELECT count(*) * 1000003
+                        + coalesce(sum((extract(epoch FROM updated_at) * 1000)::BIGINT), 0)::BIGINT
+                 FROM listen_targets",
+                &[],
+            )
+            .await
+            .expect("listen_targets read");
+        checkouts.wrapping_add(row.get::<_, i64>(0))
+    }
+
+    /// The order ids of the watched checkouts that have no resume token saved (a daemon taking
+    /// over adds their targets afresh, and Firestore's first snapshot of each is verified).
+    async fn without_token(&self) -> Vec<String> {
+        let client = self.store.pool().get().await.expect("a connection");
+        client
+            .query(
+                "SELECT c.order_id FROM checkouts c
+                 LEFT JOIN listen_targets t ON t.checkout_id = c.id
+                 WHERE c.watched AND t.checkout_id IS NULL ORDER BY c.order_id",
+                &[],
+            )
+            .await
+            .expect("listen_targets read")
+            .iter()
+            .map(|row| row.get::<_, Option<String>>(0).unwrap_or_default())
+            .collect()
+    }
+}
+
+/// The least a one-row commit to PostgreSQL costs here: a round trip on loopback and the
+/// server's commit (this cluster runs with fsync off: no flush), one every 10 ms as a change at
+/// 100/s meets it.
+async fn pg_commit_floor(pg: &PgLedger, samples: usize) -> Spread {
+    let client = pg.store.pool().get().await.expect("a connection");
+    client
+        .batch_execute("CREATE TABLE bench_floor (id BIGSERIAL PRIMARY KEY, body TEXT NOT NULL)")
+        .await
+        .expect("floor table");
+    let insert = client
+        .prepare("INSERT INTO bench_floor (body) VALUES ($1)")
+        .await
+        .expect("prepared insert");
+    let mut commits = Vec::with_capacity(samples);
+    for n in 0..samples + 5 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let body = format!("row {n} of the floor");
+        let started = Instant::now();
+        client.execute(&insert, &[&body]).await.expect("insert");
+        if n >= 5 {
+            commits.push(started.elapsed());
+        }
+    }
+    spread(&commits)
+}
+
+/// User + system CPU time so far of every PostgreSQL server process on this machine (the
+/// throwaway cluster's postmaster and backends: `comm` is `postgres`), from /proc.
+fn postgres_server_cpu() -> Duration {
+    let mut ticks = 0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        if !head.ends_with("(postgres") {
+            continue;
+        }
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // Fields 14 and 15 (utime, stime); the slice starts at field 3.
+        for index in [11, 12] {
+            ticks += fields
+                .get(index)
+                .and_then(|field| field.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Duration::from_millis(ticks * 10)
+}
+
+/// The SQLite and PostgreSQL figures of one run side by side (the SQLite ones from the
+/// latency and throughput phases, when they ran).
+fn print_side_by_side(report: &Report, rows: &[(&str, &str, &str)]) {
+    println!("\nSQLite and PostgreSQL in this run:\n");
+    println!("| figure | SQLite | PostgreSQL |");
+    println!("|---|---:|---:|");
+    for (label, sqlite, postgres) in rows {
+        let value = |prefix: &str| {
+            report
+                .rows
+                .iter()
+                .find(|row| row.figure.starts_with(prefix))
+                .map_or_else(
+                    || "— (phase not run)".to_owned(),
+                    |row| format!("{} {}", number(row.value), row.unit),
+                )
+        };
+        println!("| {label} | {} | {} |", value(sqlite), value(postgres));
+    }
+}
+
+/// PostgreSQL (phase 7): change-to-ledger at 100/s (daemon in this process) and the hooks-off burst
+/// (`paywatch run` as a child), each on a fresh database of the throwaway cluster, then a
+/// failover of an active/standby pair. Skipped, with a line saying so, without PostgreSQL.
+async fn postgres(sandbox: &Sandbox, sizes: &Sizes, floors: &Floors, report: &mut Report) {
+    println!(
+        "\n## PostgreSQL ledger (a throwaway cluster on loopback, fsync=off, full_page_writes=off)"
+    );
+    let Some(pg) = PgLedger::create().await else {
+        println!("  skipped: PostgreSQL is not installed (no initdb found)");
+        return;
+    };
+    let commit = pg_commit_floor(&pg, sizes.floor_samples).await;
+    print_floor(
+        "PostgreSQL commit of one row, one every 10 ms (loopback, fsync=off)",
+        commit,
+    );
+    drop(pg);
+    pg_latency(sandbox, sizes, floors, commit, report).await;
+    pg_throughput(sandbox, sizes, floors, report).await;
+    print_side_by_side(
+        report,
+        &[
+            (
+                "change→ledger @100/s p50",
+                "change→ledger @100/s p50",
+                "change→ledger @100/s on PostgreSQL p50",
+            ),
+            (
+                "change→ledger @100/s p99",
+                "change→ledger @100/s p99",
+                "change→ledger @100/s on PostgreSQL p99",
+            ),
+            (
+                "verified transitions/s, hooks off",
+                "verified transitions/s, hooks off",
+                "verified transitions/s on PostgreSQL",
+            ),
+            (
+                "CPU per 1,000 transitions (daemon)",
+                "CPU per 1,000 transitions, hooks off",
+                "CPU per 1,000 transitions on PostgreSQL",
+            ),
+        ],
+    );
+    failover(sandbox, sizes, report).await;
+}
+
+/// Change-to-ledger at 100/s with the daemon in this process on a fresh PostgreSQL database:
+/// the latency phase's method (the PAID observer) on `sizes.at_100` checkouts of its own.
+async fn pg_latency(
+    sandbox: &Sandbox,
+    sizes: &Sizes,
+    floors: &Floors,
+    commit: Spread,
+    report: &mut Report,
+) {
+    let Some(pg) = PgLedger::create().await else {
+        return;
+    };
+    let count = sizes.at_100;
+    println!(
+        "\n  change→ledger at 100/s (daemon in this process, {count} checkouts watched, multiplexed)"
+    );
+    let ids = create_tracked(sandbox, &pg.ledger, 6_000_000, count).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write_pg_config(dir.path(), "paywatch.toml", &pg.url, "10s", sandbox, "warn");
+    let running = start_in_process(&config).await;
+    wait_each("initial verification", &ids, PHASE_LIMIT, async |id| {
+        status_of(&pg.ledger, id).await.is_some()
+    })
+    .await;
+    let quiet = settle_with(sandbox, &ids, async || pg.version().await).await;
+    println!(
+        "  no Get Checkout and no ledger write for 500 ms after {:.1} s: start-up work done",
+        quiet.as_secs_f64()
+    );
+    let paced = paced(sandbox, &ids, 100.0).await;
+    let latencies = ledger_latencies(&ids, &paced).await;
+    println!(
+        "  at 100/s: schedule lag max {:.2} ms",
+        paced.max_lag.as_secs_f64() * 1e3
+    );
+    report.latency(
+        "change→ledger @100/s on PostgreSQL",
+        spread(&latencies),
+        floors.listen.p50 + floors.http.p50 + commit.p50,
+        [None, Some(10.0), None],
+    );
+    running.stop().await;
+}
+
+/// The hooks-off burst with `paywatch run` as a child on a fresh PostgreSQL database: the
+/// throughput phase's method on `sizes.throughput` checkouts of its own.
+async fn pg_throughput(sandbox: &Sandbox, sizes: &Sizes, floors: &Floors, report: &mut Report) {
+    let Some(pg) = PgLedger::create().await else {
+        return;
+    };
+    let count = sizes.throughput;
+    println!("\n  burst of {count} payments, hooks off (paywatch run as a child)");
+    let ids = create_tracked(sandbox, &pg.ledger, 7_000_000, count).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write_pg_config(dir.path(), "paywatch.toml", &pg.url, "10s", sandbox, "warn");
+    let mut daemon = spawn_daemon(&config);
+    daemon.ready().await;
+    wait_each("initial verification", &ids, PHASE_LIMIT, async |id| {
+        status_of(&pg.ledger, id).await.is_some()
+    })
+    .await;
+    settle_with(sandbox, &ids, async || pg.version().await).await;
+    let cpu_before = daemon.cpu();
+    let server_before = postgres_server_cpu();
+    let started = Instant::now();
+    for id in &ids {
+        sandbox.state().pay(id).await.expect("pay");
+    }
+    let paid_in = started.elapsed();
+    wait_each("burst recorded", &ids, PHASE_LIMIT, async |id| {
+        status_of(&pg.ledger, id).await.as_deref() == Some("PAID")
+    })
+    .await;
+    let elapsed = started.elapsed();
+    let cpu = daemon.cpu().saturating_sub(cpu_before);
+    // The bench's own polling of the ledger (one read per checkout until PAID) is in it too.
+    let server = postgres_server_cpu().saturating_sub(server_before);
+    println!(
+        "  {count} payments made in {:.0} ms; all PAID in the ledger in {:.0} ms; daemon CPU {:.0} ms; \
+         PostgreSQL server CPU {:.0} ms (with the bench's polling reads)",
+        paid_in.as_secs_f64() * 1e3,
+        elapsed.as_secs_f64() * 1e3,
+        cpu.as_secs_f64() * 1e3,
+        server.as_secs_f64() * 1e3
+    );
+    report.add(
+        format!("verified transitions/s on PostgreSQL, hooks off (n={count})"),
+        count as f64 / elapsed.as_secs_f64(),
+        "/s",
+        Better::Higher,
+        Some(1e3 / floors.http.p50),
+        Some(2000.0),
+    );
+    report.add(
+        "CPU per 1,000 transitions on PostgreSQL, hooks off",
+        cpu.as_secs_f64() * 1e3 * 1000.0 / count as f64,
+        "ms",
+        Better::Lower,
+        None,
+        None,
+    );
+    daemon.stop().await;
+}
+
+/// When each thing a failover is made of was first seen, counted from the SIGKILL.
+#[derive(Default)]
+struct Takeover {
+    /// The standby logged `role: active`.
+    active: Option<Duration>,
+    /// It logged `paywatch is running`.
+    running: Option<Duration>,
+    /// The payment made right after the kill was PAID in the ledger.
+    paid: Option<Duration>,
+    /// The last Get Checkout the sandbox answered before the quiet.
+    last_call: Option<Duration>,
+}
+
+/// The first log line of `daemon` containing `text`, if it has been written.
+fn logged(daemon: &ChildDaemon, text: &str) -> Option<String> {
+    daemon
+        .process
+        .lines()
+        .into_iter()
+        .find(|line| line.contains(text))
+}
+
+/// Prints the lines `daemon` logged that mention an ERROR (its errors, and warnings quoting a
+/// database error, such as a deadlock it retried), and for a deadlock PostgreSQL detected, the
+/// server log's report of it (which statements waited on which).
+fn print_errors(who: &str, daemon: &ChildDaemon) {
+    let errors: Vec<String> = daemon
+        .process
+        .lines()
+        .into_iter()
+        .filter(|line| line.contains("ERROR"))
+        .collect();
+    for line in &errors {
+        println!("  {who} logged: {line}");
+    }
+    if !errors.iter().any(|line| line.contains("deadlock detected")) {
+        return;
+    }
+    let Some(cluster) = common::postgres::cluster() else {
+        return;
+    };
+    // The server log is `log` in the cluster's data directory (see cluster.rs).
+    let log =
+        tokio::task::block_in_place(|| cluster.psql("postgres", "SELECT pg_read_file('log')"));
+    let lines: Vec<&str> = log.lines().collect();
+    for (index, line) in lines.iter().enumerate() {
+        if line.contains("ERROR:  deadlock detected") {
+            for context in &lines[index..(index + 24).min(lines.len())] {
+                println!("  server log: {context}");
+            }
+        }
+    }
+}
+
+/// Waits until `daemon` has logged a line containing `text`, within [`PHASE_LIMIT`].
+async fn wait_logged(daemon: &mut ChildDaemon, text: &str) -> String {
+    let started = Instant::now();
+    loop {
+        if let Some(line) = logged(daemon, text) {
+            return line;
+        }
+        if let Some(status) = daemon.process.try_wait() {
+            panic!(
+                "paywatch exited ({status}) before logging {text:?}; its log:\n{}",
+                daemon.process.log()
+            );
+        }
+        assert!(
+            started.elapsed() < PHASE_LIMIT,
+            "no log line containing {text:?} after {PHASE_LIMIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Failover cost: `sizes.failover` watched checkouts verified by an active `paywatch run`
+/// child with a standby child on one PostgreSQL database, both at `sizes.lease`; once quiet
+/// the active one is SIGKILLed and one checkout paid at once. Measures, from the kill, when
+/// the standby logs `role: active` and `paywatch is running`, when that payment is PAID, and
+/// the Get Checkout calls made until quiet again (none for 500 ms).
+async fn failover(sandbox: &Sandbox, sizes: &Sizes, report: &mut Report) {
+    let Some(pg) = PgLedger::create().await else {
+        return;
+    };
+    let count = sizes.failover.max(1);
+    let lease = sizes.lease.as_str();
+    println!(
+        "\n  failover: {count} watched checkouts, an active and a standby paywatch run, lease {lease}"
+    );
+    let ids = create_tracked(sandbox, &pg.ledger, 8_000_000, count).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = write_pg_config(dir.path(), "paywatch.toml", &pg.url, lease, sandbox, "info");
+    let mut active = spawn_daemon_logged(&config);
+    wait_logged(&mut active, "role: active").await;
+    wait_logged(&mut active, "paywatch is running").await;
+    let calls_at_start = sandbox.faults().total_get_checkout_calls();
+    let verified = wait_each("initial verification", &ids, PHASE_LIMIT, async |id| {
+        status_of(&pg.ledger, id).await.is_some()
+    })
+    .await;
+    let mut standby = spawn_daemon_logged(&config);
+    wait_logged(&mut standby, "standby: the ledger's lease is held by").await;
+    let quiet = settle_with(sandbox, &ids, async || pg.version().await).await;
+    let first_calls = sandbox.faults().total_get_checkout_calls() - calls_at_start;
+    let without_token = pg.without_token().await;
+    println!(
+        "  the active daemon verified all {count} in {:.1} s ({first_calls} Get Checkout calls); \
+         quiet {:.1} s later; {} of {count} have a resume token saved",
+        verified.as_secs_f64(),
+        quiet.as_secs_f64(),
+        count - without_token.len()
+    );
+    if !without_token.is_empty() {
+        println!(
+            "  without a token at the kill: {}{}",
+            without_token[..without_token.len().min(10)].join(", "),
+            if without_token.len() > 10 {
+                ", ..."
+            } else {
+                ""
+            }
+        );
+    }
+
+    print_errors("the active daemon", &active);
+    let paid_id = &ids[0];
+    let calls_before = sandbox.faults().total_get_checkout_calls();
+    let killed = Instant::now();
+    let ChildDaemon { process, .. } = active;
+    tokio::task::block_in_place(|| process.kill_9());
+    sandbox.state().pay(paid_id).await.expect("pay");
+    let mut seen = Takeover::default();
+    let mut last_calls = calls_before;
+    let mut last_change = killed;
+    loop {
+        if seen.active.is_none() && logged(&standby, "role: active").is_some() {
+            seen.active = Some(killed.elapsed());
+        }
+        if seen.running.is_none() && logged(&standby, "paywatch is running").is_some() {
+            seen.running = Some(killed.elapsed());
+        }
+        if seen.paid.is_none() && status_of(&pg.ledger, paid_id).await.as_deref() == Some("PAID") {
+            seen.paid = Some(killed.elapsed());
+        }
+        let calls = sandbox.faults().total_get_checkout_calls();
+        if calls != last_calls {
+            last_calls = calls;
+            last_change = Instant::now();
+            seen.last_call = Some(killed.elapsed());
+        }
+        let quiet_since = last_change.elapsed().min(
+            seen.running
+                .map_or(Duration::ZERO, |running| killed.elapsed() - running),
+        );
+        if seen.running.is_some()
+            && seen.paid.is_some()
+            && quiet_since >= Duration::from_millis(500)
+        {
+            break;
+        }
+        if let Some(status) = standby.process.try_wait() {
+            panic!(
+                "the standby exited ({status}) during the takeover; its log:\n{}",
+                standby.process.log()
+            );
+        }
+        assert!(
+            killed.elapsed() < PHASE_LIMIT,
+            "the takeover was not over after {PHASE_LIMIT:?}; the standby's log:\n{}",
+            standby.process.log()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    print_errors("the new active daemon", &standby);
+    let calls = last_calls - calls_before;
+    let at = |when: Option<Duration>| when.unwrap_or_default().as_secs_f64();
+    if let Some(line) = logged(&standby, "reconciling open checkouts") {
+        println!("  the new active daemon's start-up sweep: {line}");
+    }
+    println!(
+        "  after the SIGKILL: role: active at {:.2} s, paywatch is running at {:.2} s, \
+         the payment made right after the kill PAID at {:.2} s, last Get Checkout at {:.2} s; \
+         {calls} Get Checkout calls for {count} watched checkouts (one is the payment's)",
+        at(seen.active),
+        at(seen.running),
+        at(seen.paid),
+        at(seen.last_call)
+    );
+    report.add(
+        format!("failover ({count} watched, lease {lease}): SIGKILL → standby role: active"),
+        at(seen.active),
+        "s",
+        Better::Lower,
+        None,
+        None,
+    );
+    report.add(
+        format!("failover: SIGKILL → paywatch is running (lease {lease})"),
+        at(seen.running),
+        "s",
+        Better::Lower,
+        None,
+        None,
+    );
+    report.add(
+        "failover: payment made at the SIGKILL → PAID",
+        at(seen.paid),
+        "s",
+        Better::Lower,
+        None,
+        None,
+    );
+    report.add(
+        "failover: SIGKILL → last Get Checkout before 500 ms quiet",
+        at(seen.last_call.or(seen.running)),
+        "s",
+        Better::Lower,
+        None,
+        None,
+    );
+    report.add(
+        format!("failover: Get Checkout calls, kill to quiet ({count} watched)"),
+        calls as f64,
+        "calls",
+        Better::Lower,
+        None,
+        None,
+    );
+    standby.stop().await;
+}
+
 fn main() {
     hook_stamp_mode();
     // The observer sees only the payment line (a per-layer filter, so the optional log layer
@@ -1813,6 +2410,9 @@ fn main() {
         }
         if phases.runs("memory") {
             memory(&sandbox, &sizes, &scratch, &mut report).await;
+        }
+        if phases.runs("postgres") {
+            postgres(&sandbox, &sizes, &floors, &mut report).await;
         }
         report.print_table();
         println!(

@@ -18,6 +18,16 @@ use crate::domain::{CheckoutId, TrackedVia, VerifyTicket};
 use crate::ledger::{ResumePoint, TrackOutcome};
 use crate::paymennt::wire::CheckoutFacts;
 
+/// How many times a save of resume tokens is tried when it deadlocks.
+const SAVE_ATTEMPTS: u32 = 3;
+
+/// Why an attempt to save resume tokens failed: a deadlock PostgreSQL broke by aborting it
+/// (worth another attempt), or anything else.
+enum SaveFailure {
+    Deadlock(PgError),
+    Other(PgError),
+}
+
 impl PgStore {
     /// A pooled connection.
     pub(super) async fn client(&self) -> Result<Object, PgError> {
@@ -85,13 +95,52 @@ impl PgStore {
     /// Saves Listen resume tokens, for still-watched checkouts only, in one transaction, in
     /// order (a checkout's later token replaces its earlier one).
     ///
+    /// Each token's row shares its checkout's row (the foreign key), while a group of answers
+    /// locks its checkouts' rows in its own order (`apply_all`): the two can deadlock, and when
+    /// PostgreSQL aborts this save, it is made again (up to [`SAVE_ATTEMPTS`] times). Tokens
+    /// dropped here would stay unsaved until the target's next checkpoint, and a daemon taking
+    /// over meanwhile would verify those checkouts again.
+    ///
     /// # Errors
     ///
     /// As [`PgStore::begin_write`] (a paused daemon cannot move a cursor); database failures
     /// (then none of them is saved).
     pub async fn save_resume_points(&self, points: &[ResumePoint]) -> Result<(), PgError> {
-        let mut client = self.client().await?;
-        let transaction = self.begin_write(&mut client).await?;
+        let mut attempt = 1;
+        loop {
+            match self.save_resume_points_once(points).await {
+                Err(SaveFailure::Deadlock(error)) if attempt < SAVE_ATTEMPTS => {
+                    tracing::warn!(
+                        attempt,
+                        "saving resume tokens deadlocked with another write; saving them again: {error}"
+                    );
+                    attempt += 1;
+                }
+                Err(SaveFailure::Deadlock(error) | SaveFailure::Other(error)) => {
+                    return Err(error);
+                }
+                Ok(()) => return Ok(()),
+            }
+        }
+    }
+
+    /// One attempt of [`PgStore::save_resume_points`].
+    async fn save_resume_points_once(&self, points: &[ResumePoint]) -> Result<(), SaveFailure> {
+        let failure = |error: tokio_postgres::Error| {
+            let deadlock =
+                error.code() == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED);
+            let error = self.db(&error);
+            if deadlock {
+                SaveFailure::Deadlock(error)
+            } else {
+                SaveFailure::Other(error)
+            }
+        };
+        let mut client = self.client().await.map_err(SaveFailure::Other)?;
+        let transaction = self
+            .begin_write(&mut client)
+            .await
+            .map_err(SaveFailure::Other)?;
         let statement = transaction
             .prepare_cached(
                 "INSERT INTO listen_targets (checkout_id, resume_token, read_time, updated_at)
@@ -102,7 +151,7 @@ impl PgStore {
                     updated_at = excluded.updated_at",
             )
             .await
-            .map_err(|error| self.db(&error))?;
+            .map_err(failure)?;
         let updated = super::apply::now_ms();
         for point in points {
             transaction
@@ -116,9 +165,9 @@ impl PgStore {
                     ],
                 )
                 .await
-                .map_err(|error| self.db(&error))?;
+                .map_err(failure)?;
         }
-        transaction.commit().await.map_err(|error| self.db(&error))
+        transaction.commit().await.map_err(failure)
     }
 
     /// Drops a checkout's resume token (after a RESET or an existence-filter mismatch).

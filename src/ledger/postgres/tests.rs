@@ -921,6 +921,70 @@ async fn tickets_discovery_rounds_and_tokens_behave_as_on_sqlite() {
     );
 }
 
+/// A group of answers locks its checkouts `FOR UPDATE` in its own order while a save of resume
+/// tokens shares each token's checkout (the foreign key) in the tokens' order: the two can
+/// deadlock. PostgreSQL aborts one; when it is the save, it is made again, and no token is lost
+/// (a lost one makes a daemon taking over verify that checkout again).
+#[tokio::test]
+async fn a_save_of_resume_tokens_aborted_by_a_deadlock_is_made_again() {
+    let Some(url) = cluster::database() else {
+        return;
+    };
+    let store = PgStore::open(&ledger_settings(&url), Session::Operator)
+        .await
+        .expect("open");
+    for id in ["3001", "3002"] {
+        store
+            .track(&facts(id), crate::domain::TrackedVia::Track)
+            .await
+            .expect("track");
+    }
+    let point = |id: &str| crate::ledger::ResumePoint {
+        checkout_id: id.parse().expect("id"),
+        token: id.as_bytes().to_vec(),
+        read_time: None,
+    };
+    let points = [point("3001"), point("3002")];
+
+    // The "group": holds 3002, then (once the save holds 3001 and waits for 3002) asks for 3001.
+    let mut group = store.pool().get().await.expect("connection");
+    let transaction = group.transaction().await.expect("begin");
+    let lock = "SELECT id FROM checkouts WHERE id = $1 FOR UPDATE";
+    transaction
+        .query(lock, &[&"3002"])
+        .await
+        .expect("lock 3002");
+    let saver = store.clone();
+    let save = tokio::spawn(async move { saver.save_resume_points(&points).await });
+    // The save's first row shares 3001; its second waits for 3002. PostgreSQL looks for a
+    // cycle a second (deadlock_timeout) after each wait began, so the save, waiting first,
+    // finds it and is aborted.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    transaction
+        .query(lock, &[&"3001"])
+        .await
+        .expect("lock 3001");
+    transaction.commit().await.expect("the group commits");
+
+    tokio::time::timeout(Duration::from_secs(20), save)
+        .await
+        .expect("the save ends")
+        .expect("the save's task")
+        .expect("the save is made again and succeeds");
+    let name = url
+        .rsplit('/')
+        .next()
+        .and_then(|last| last.split('?').next())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(
+        cluster::cluster()
+            .expect("cluster runs")
+            .psql(&name, "SELECT count(*) FROM listen_targets"),
+        "2"
+    );
+}
+
 /// A verified answer for checkout `id` in `status` (with Firebase coordinates).
 fn verified(id: &str, status: &str) -> crate::paymennt::VerifiedCheckout {
     crate::paymennt::VerifiedCheckout::for_tests(&format!(
