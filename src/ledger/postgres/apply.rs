@@ -225,6 +225,17 @@ impl PgStore {
     ) -> Result<Vec<ApplyOutcome>, PgError> {
         let mut client = self.client().await?;
         let transaction = self.begin_write(&mut client).await?;
+        // Every checkout of the group locked first, in id order (the answers are then applied
+        // in the caller's order): see `lock_in_order`.
+        let mut ids: Vec<&str> = requests
+            .iter()
+            .map(|request| request.verified.facts().id.as_str())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        lock_in_order(&transaction, &ids, "FOR UPDATE")
+            .await
+            .map_err(|error| self.db(&error))?;
         let mut outcomes = Vec::with_capacity(requests.len());
         for request in requests {
             outcomes.push(
@@ -918,4 +929,32 @@ async fn looking_gone_in(
         checkouts: row.get(0),
         watched: row.get(1),
     })
+}
+
+/// Locks the rows of `ids` (sorted ascending) in `checkouts` with `mode` (`FOR UPDATE`, `FOR
+/// KEY SHARE`), in that order. Every write that locks several checkouts takes them this way
+/// first, so two such writes wait for each other rather than deadlock: a group of answers
+/// (each answer's row `FOR UPDATE`) and a save of resume tokens (each token's checkout shared
+/// by its foreign key) did, before, when their orders crossed, and PostgreSQL aborted one of
+/// them after a second's wait. Rows are locked in the `ORDER BY`'s order (the locking step runs
+/// above the sort). New checkouts, not yet in the table, are not locked here.
+///
+/// # Errors
+///
+/// Database failures.
+pub(super) async fn lock_in_order(
+    transaction: &Transaction<'_>,
+    ids: &[&str],
+    mode: &'static str,
+) -> Result<(), tokio_postgres::Error> {
+    if ids.len() < 2 {
+        return Ok(());
+    }
+    transaction
+        .execute(
+            &format!("SELECT 1 FROM checkouts WHERE id = ANY($1) ORDER BY id {mode}"),
+            &[&ids],
+        )
+        .await
+        .map(drop)
 }

@@ -141,6 +141,18 @@ impl PgStore {
             .begin_write(&mut client)
             .await
             .map_err(SaveFailure::Other)?;
+        // The checkouts first, shared, in the one order every writer of several checkouts
+        // locks them in (their ids ascending; see `lock_in_order`), so this save and a group of
+        // answers wait for each other rather than deadlock.
+        let mut ordered: Vec<&ResumePoint> = points.iter().collect();
+        ordered.sort_by(|a, b| a.checkout_id.as_str().cmp(b.checkout_id.as_str()));
+        let ids: Vec<&str> = ordered
+            .iter()
+            .map(|point| point.checkout_id.as_str())
+            .collect();
+        super::apply::lock_in_order(&transaction, &ids, "FOR KEY SHARE")
+            .await
+            .map_err(failure)?;
         let statement = transaction
             .prepare_cached(
                 "INSERT INTO listen_targets (checkout_id, resume_token, read_time, updated_at)
@@ -153,7 +165,8 @@ impl PgStore {
             .await
             .map_err(failure)?;
         let updated = super::apply::now_ms();
-        for point in points {
+        // A stable sort: a checkout's later token still replaces its earlier one.
+        for point in ordered {
             transaction
                 .execute(
                     &statement,

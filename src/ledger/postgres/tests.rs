@@ -985,6 +985,102 @@ async fn a_save_of_resume_tokens_aborted_by_a_deadlock_is_made_again() {
     );
 }
 
+/// Two checkouts tracked in a fresh ledger, and a connection of the test's own in a
+/// transaction that PostgreSQL makes the victim of any deadlock it joins (its
+/// `deadlock_timeout` is shorter than the store's), holding `first_lock` on checkout 4001.
+async fn crossing_writers(first_lock: &str) -> Option<(PgStore, deadpool_postgres::Object)> {
+    let url = cluster::database()?;
+    let store = PgStore::open(&ledger_settings(&url), Session::Operator)
+        .await
+        .expect("open");
+    for id in ["4001", "4002"] {
+        store
+            .track(&facts(id), crate::domain::TrackedVia::Track)
+            .await
+            .expect("track");
+    }
+    let other = store.pool().get().await.expect("connection");
+    other
+        .batch_execute("BEGIN; SET LOCAL deadlock_timeout = '100ms'")
+        .await
+        .expect("begin");
+    other
+        .execute(
+            &format!("SELECT 1 FROM checkouts WHERE id = '4001' {first_lock}"),
+            &[],
+        )
+        .await
+        .expect("lock 4001");
+    Some((store, other))
+}
+
+/// The test's writer, holding 4001 and waiting long enough for the store's write to wait too,
+/// then takes 4002 with `second_lock`: a deadlock aborts it (a store writing out of order would
+/// hold 4002 while it waits for 4001).
+async fn take_the_second(other: &deadpool_postgres::Object, second_lock: &str) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    other
+        .execute(
+            &format!("SELECT 1 FROM checkouts WHERE id = '4002' {second_lock}"),
+            &[],
+        )
+        .await
+        .expect("4002 is free: the store waits for 4001 before it locks 4002 (no deadlock)");
+    other.batch_execute("COMMIT").await.expect("commit");
+}
+
+#[tokio::test]
+async fn a_save_of_resume_tokens_locks_its_checkouts_in_id_order() {
+    let Some((store, other)) = crossing_writers("FOR UPDATE").await else {
+        return;
+    };
+    let point = |id: &str| crate::ledger::ResumePoint {
+        checkout_id: id.parse().expect("id"),
+        token: id.as_bytes().to_vec(),
+        read_time: None,
+    };
+    // Given in the other order: 4002's token first.
+    let points = [point("4002"), point("4001")];
+    let saver = store.clone();
+    let save = tokio::spawn(async move { saver.save_resume_points(&points).await });
+    take_the_second(&other, "FOR UPDATE").await;
+    tokio::time::timeout(Duration::from_secs(20), save)
+        .await
+        .expect("the save ends")
+        .expect("the save's task")
+        .expect("the save succeeds");
+}
+
+#[tokio::test]
+async fn a_group_of_answers_locks_its_checkouts_in_id_order() {
+    let Some((store, other)) = crossing_writers("FOR KEY SHARE").await else {
+        return;
+    };
+    // Given in the other order: 4002's answer first.
+    let requests = ["4002", "4001"]
+        .map(|id| crate::ledger::ApplyRequest {
+            verified: verified(id, "PAID"),
+            source: crate::domain::Source::Firestore,
+            changed_at: None,
+        })
+        .to_vec();
+    let applier = store.clone();
+    let group = tokio::spawn(async move {
+        applier
+            .apply_all(&requests, &[], Duration::from_secs(60))
+            .await
+    });
+    take_the_second(&other, "FOR KEY SHARE").await;
+    let outcomes = tokio::time::timeout(Duration::from_secs(20), group)
+        .await
+        .expect("the group ends")
+        .expect("the group's task");
+    assert!(
+        outcomes.iter().all(Result::is_ok),
+        "every answer recorded: {outcomes:?}"
+    );
+}
+
 /// A verified answer for checkout `id` in `status` (with Firebase coordinates).
 fn verified(id: &str, status: &str) -> crate::paymennt::VerifiedCheckout {
     crate::paymennt::VerifiedCheckout::for_tests(&format!(
