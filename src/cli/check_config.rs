@@ -346,7 +346,11 @@ async fn check_watched(client: &Client, settings: &crate::settings::Settings) ->
 }
 
 /// The SQLite ledger's checks: its directory is writable, its file (if any) readable.
-fn sqlite_checks(ledger_path: &Path, ledger_dir: &Path) -> Vec<Check> {
+fn sqlite_checks(ledger_path: &Path) -> Vec<Check> {
+    let ledger_dir = ledger_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let mut checks = Vec::new();
     match directory_writable(ledger_dir) {
         Ok(text) => checks.push(check(true, format!("ledger directory {text}"))),
@@ -433,14 +437,10 @@ pub async fn run(config: Option<&Path>, args: &CheckConfigArgs) -> anyhow::Resul
     )];
 
     let ledger_path = &settings.ledger.path;
-    let ledger_dir = ledger_path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
     if settings.ledger.url.is_some() {
         checks.extend(postgres_checks(&settings).await);
     } else {
-        checks.extend(sqlite_checks(ledger_path, ledger_dir));
+        checks.extend(sqlite_checks(ledger_path));
     }
 
     checks.extend(secret_file_warnings(&settings).into_iter().map(warning));

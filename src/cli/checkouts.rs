@@ -220,13 +220,9 @@ pub(crate) async fn open_postgres_store(
     settings: &Settings,
 ) -> anyhow::Result<crate::ledger::postgres::PgStore> {
     use crate::ledger::postgres::{PgStore, Session};
-    match PgStore::open(&settings.ledger, Session::Operator).await {
-        Ok(store) => Ok(store),
-        Err(error) if error.exit_code() == 2 => {
-            Err(crate::settings::SettingsError(error.to_string()).into())
-        }
-        Err(error) => Err(error.into()),
-    }
+    PgStore::open(&settings.ledger, Session::Operator)
+        .await
+        .map_err(crate::ledger::postgres::PgError::into_exit_error)
 }
 
 /// Opens the ledger for reading; a missing SQLite file is explained rather than created.

@@ -81,11 +81,9 @@ async fn copy(settings: &Settings, args: &CopyArgs) -> anyhow::Result<()> {
         ca_file: args.ca_file.clone(),
         ..LedgerSettings::default()
     };
-    let store = match PgStore::open(&target_settings, Session::Operator).await {
-        Ok(store) => store,
-        Err(error) if error.exit_code() == 2 => return Err(UsageError(error.to_string()).into()),
-        Err(error) => return Err(error.into()),
-    };
+    let store = PgStore::open(&target_settings, Session::Operator)
+        .await
+        .map_err(crate::ledger::postgres::PgError::into_exit_error)?;
     let counts = match copy_to_postgres(&settings.ledger.path, &store).await {
         Ok(counts) => counts,
         Err(error @ CopyError::NotEmpty { .. }) => {

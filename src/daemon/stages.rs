@@ -68,13 +68,9 @@ pub(super) async fn open_ledger(settings: &Settings) -> anyhow::Result<OpenedLed
     let session = Session::Daemon {
         idle_limit: (settings.ha.lease / 2).max(Duration::from_secs(1)),
     };
-    let store = match PgStore::open(&settings.ledger, session).await {
-        Ok(store) => store,
-        Err(error) if error.exit_code() == 2 => {
-            return Err(crate::settings::SettingsError(error.to_string()).into());
-        }
-        Err(error) => return Err(error.into()),
-    };
+    let store = PgStore::open(&settings.ledger, session)
+        .await
+        .map_err(crate::ledger::postgres::PgError::into_exit_error)?;
     let lease = LeaseKeeper::start(&store, settings);
     let ledger = Ledger::postgres(store.with_role(lease.role()));
     Ok(OpenedLedger {

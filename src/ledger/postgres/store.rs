@@ -94,4 +94,15 @@ impl PgError {
             PgError::Unreachable { .. } | PgError::Fenced { .. } | PgError::Database { .. } => 1,
         }
     }
+
+    /// This failure as a command or the daemon reports it at start: a
+    /// [`SettingsError`](crate::settings::SettingsError) (exit 2) for what the operator's
+    /// settings must fix, itself (exit 1) for the database being away or failing.
+    pub fn into_exit_error(self) -> anyhow::Error {
+        if self.exit_code() == 2 {
+            crate::settings::SettingsError(self.to_string()).into()
+        } else {
+            self.into()
+        }
+    }
 }
